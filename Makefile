@@ -1,0 +1,44 @@
+# meshpost: `make demo` and `make test` work on a fresh machine; each creates .venv itself.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
+
+.PHONY: demo test test-fast lint bench install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(BENCH_STAMP): $(TEST_STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/meshpost demo
+
+test: $(TEST_STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(TEST_STAMP)
+	$(PY) -m pytest -q -m "not faults"
+
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+
+bench: $(BENCH_STAMP)
+	$(VENV)/bin/meshpost bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -1,0 +1,187 @@
+"""Time: the wall clock, the hybrid logical clock, and per-peer offset/RTT estimates.
+
+Rule: time is injected. Everything here takes a `Clock` (or explicit timestamps), so tests run
+in virtual time; only `SystemClock` reads the real clocks.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Protocol
+
+#: HLC timestamps pack milliseconds of physical time above a 16-bit logical counter into one
+#: 64-bit integer, so they sort and compare as plain integers (SQLite INTEGER, msgpack uint).
+HLC_LOGICAL_BITS = 16
+HLC_LOGICAL_MASK = (1 << HLC_LOGICAL_BITS) - 1
+#: A remote HLC further ahead of our wall clock than this is not trusted to drag our clock
+#: forward (a peer with a wildly wrong clock must not poison everyone's timestamps).
+HLC_MAX_FORWARD_DRIFT_MS = 60_000
+
+
+class Clock(Protocol):
+    """Source of time: wall clock (ns since the epoch, UTC) and a monotonic clock (s)."""
+
+    def wall_ns(self) -> int: ...
+
+    def monotonic(self) -> float: ...
+
+
+class SystemClock:
+    """The machine's clocks."""
+
+    def wall_ns(self) -> int:
+        return time.time_ns()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def __repr__(self) -> str:
+        return "SystemClock()"
+
+
+@dataclasses.dataclass
+class FakeClock:
+    """A clock tests move by hand; `skew_ns` models a wall clock that is wrong by that much."""
+
+    wall: int = 1_700_000_000_000_000_000
+    mono: float = 1000.0
+    skew_ns: int = 0
+
+    def wall_ns(self) -> int:
+        return self.wall + self.skew_ns
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.wall += int(seconds * 1e9)
+        self.mono += seconds
+
+
+def hlc_pack(physical_ms: int, logical: int) -> int:
+    return (physical_ms << HLC_LOGICAL_BITS) | logical
+
+
+def hlc_unpack(hlc: int) -> tuple[int, int]:
+    """Split an HLC timestamp into (physical milliseconds, logical counter)."""
+    return hlc >> HLC_LOGICAL_BITS, hlc & HLC_LOGICAL_MASK
+
+
+class HybridLogicalClock:
+    """Kulkarni et al.'s hybrid logical clock.
+
+    `now()` stamps a local or send event; `observe(remote)` merges a received timestamp. The
+    result never goes backwards, exceeds every timestamp observed, and stays close to the
+    physical clock.
+    """
+
+    __slots__ = ("_clock", "_last")
+
+    def __init__(self, clock: Clock, last: int = 0) -> None:
+        self._clock = clock
+        self._last = last
+
+    @property
+    def last(self) -> int:
+        return self._last
+
+    def _physical_ms(self) -> int:
+        return self._clock.wall_ns() // 1_000_000
+
+    def now(self) -> int:
+        pt = self._physical_ms()
+        l_ms, c = hlc_unpack(self._last)
+        self._last = hlc_pack(pt, 0) if pt > l_ms else self._bump(l_ms, c)
+        return self._last
+
+    def observe(self, remote: int) -> int:
+        """Merge a timestamp received from a peer; return the new local timestamp."""
+        pt = self._physical_ms()
+        r_ms, r_c = hlc_unpack(remote)
+        if r_ms > pt + HLC_MAX_FORWARD_DRIFT_MS:
+            # Ignore the physical part of an absurd remote clock, but still order after it
+            # logically within our own time line.
+            return self.now()
+        l_ms, l_c = hlc_unpack(self._last)
+        top = max(pt, l_ms, r_ms)
+        if top == l_ms == r_ms:
+            self._last = self._bump(top, max(l_c, r_c))
+        elif top == l_ms:
+            self._last = self._bump(top, l_c)
+        elif top == r_ms:
+            self._last = self._bump(top, r_c)
+        else:
+            self._last = hlc_pack(top, 0)
+        return self._last
+
+    @staticmethod
+    def _bump(ms: int, counter: int) -> int:
+        if counter >= HLC_LOGICAL_MASK:
+            # Counter exhausted within one millisecond: borrow the next millisecond.
+            return hlc_pack(ms + 1, 0)
+        return hlc_pack(ms, counter + 1)
+
+    def __repr__(self) -> str:
+        ms, c = hlc_unpack(self._last)
+        return f"HybridLogicalClock(last={ms}ms+{c})"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OffsetSample:
+    """One NTP-style exchange: offset of the peer's clock from ours and the round-trip delay."""
+
+    offset_ns: int
+    delay_ns: int
+
+
+def ntp_sample(t1: int, t2: int, t3: int, t4: int) -> OffsetSample:
+    """NTP's formula: t1 we sent, t2 peer received, t3 peer replied, t4 we received.
+
+    offset = ((t2 - t1) + (t3 - t4)) / 2 is how far the peer's clock is ahead of ours;
+    delay = (t4 - t1) - (t3 - t2) is the time spent on the network, both ways.
+    """
+    return OffsetSample(offset_ns=((t2 - t1) + (t3 - t4)) // 2, delay_ns=(t4 - t1) - (t3 - t2))
+
+
+class OffsetEstimator:
+    """Per-peer clock offset and round-trip estimate with a minimum-delay filter.
+
+    Of the last `window` samples the one with the smallest delay wins: queueing only ever adds
+    delay, and asymmetric queueing is what corrupts the offset, so the fastest exchange is the
+    most trustworthy (NTP's clock filter does the same).
+    """
+
+    #: Eight samples as in NTP's clock filter.
+    DEFAULT_WINDOW = 8
+
+    __slots__ = ("_samples",)
+
+    def __init__(self, window: int = DEFAULT_WINDOW) -> None:
+        self._samples: collections.deque[OffsetSample] = collections.deque(maxlen=window)
+
+    def add(self, t1: int, t2: int, t3: int, t4: int) -> None:
+        sample = ntp_sample(t1, t2, t3, t4)
+        if sample.delay_ns < 0:
+            # Impossible unless a clock jumped mid-exchange; such a sample is noise.
+            return
+        self._samples.append(sample)
+
+    def best(self) -> OffsetSample | None:
+        if not self._samples:
+            return None
+        return min(self._samples, key=lambda s: s.delay_ns)
+
+    @property
+    def offset_ns(self) -> int | None:
+        b = self.best()
+        return None if b is None else b.offset_ns
+
+    @property
+    def rtt_ns(self) -> int | None:
+        b = self.best()
+        return None if b is None else b.delay_ns
+
+    def __repr__(self) -> str:
+        return f"OffsetEstimator(offset_ns={self.offset_ns}, rtt_ns={self.rtt_ns})"

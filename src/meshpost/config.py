@@ -1,0 +1,244 @@
+"""Configuration: TOML files and command-line flags become one frozen, validated object.
+
+Rule: nothing else in meshpost reads files or environment variables to configure a node; the
+node receives a `NodeConfig` and trusts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from meshpost.errors import ConfigError, InvalidEndpoint, InvalidName
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+#: Names that mean something else on the console and the CLI.
+RESERVED_NAMES = frozenset({"all", "me", "*"})
+
+#: 64 KiB: large enough for any typed text, small enough that a batch of them fits in memory.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
+#: Hard ceiling for the configurable limit; ZeroMQ frames above this are refused outright.
+MAX_MESSAGE_BYTES_CEILING = 16 * 1024 * 1024
+
+SyncLevel = Literal["full", "normal"]
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if it can name a node, else raise `InvalidName`."""
+    if name.lower() in RESERVED_NAMES:
+        raise InvalidName(name, "reserved word")
+    if not NAME_PATTERN.match(name):
+        raise InvalidName(
+            name, "use 1-63 letters, digits, '_', '.', '-', starting with a letter or digit"
+        )
+    return name
+
+
+def validate_endpoint(endpoint: str, *, for_bind: bool) -> str:
+    """Check a ZeroMQ endpoint we support (`tcp://host:port`, `ipc://path`)."""
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://") :]
+        if not path:
+            raise InvalidEndpoint(endpoint, "ipc endpoint needs a path")
+        # Linux unix sockets hold at most 107 bytes of path.
+        if len(path.encode()) > 107:
+            raise InvalidEndpoint(endpoint, "ipc path is longer than 107 bytes")
+        return endpoint
+    if endpoint.startswith("tcp://"):
+        rest = endpoint[len("tcp://") :]
+        host, sep, port = rest.rpartition(":")
+        if not sep or not host:
+            raise InvalidEndpoint(endpoint, "expected tcp://HOST:PORT")
+        if port == "*" and for_bind:
+            return endpoint
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidEndpoint(endpoint, f"port {port!r} is not a number from 1 to 65535")
+        if not for_bind and host in ("*", "0.0.0.0", "[::]"):
+            raise InvalidEndpoint(endpoint, "cannot connect to a wildcard address")
+        return endpoint
+    raise InvalidEndpoint(endpoint, "supported transports are tcp:// and ipc://")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """A peer this node talks to: its name and the endpoint it listens on."""
+
+    name: str
+    endpoint: str
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        validate_endpoint(self.endpoint, for_bind=False)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    """Everything one node needs to run. Build it with `MeshConfig.node()` or directly."""
+
+    name: str
+    bind: tuple[str, ...]
+    peers: tuple[PeerConfig, ...] = ()
+    data_dir: Path
+    groups: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    sync: SyncLevel = "full"
+    #: Messages in flight per peer before waiting for receipts (bounded memory per peer).
+    window: int = 4096
+    #: First retransmission delay; doubles per silent round up to `retransmit_max_s`.
+    retransmit_initial_s: float = 0.5
+    retransmit_max_s: float = 5.0
+    #: Application ping period and the silence after which a peer counts as gone.
+    ping_interval_s: float = 1.0
+    peer_timeout_s: float = 4.0
+    secure: bool = False
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if not self.bind:
+            raise ConfigError(f"node {self.name!r} needs at least one --bind endpoint")
+        for endpoint in self.bind:
+            validate_endpoint(endpoint, for_bind=True)
+        names = [p.name for p in self.peers]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"node {self.name!r} lists a peer twice: {sorted(names)}")
+        if self.name in names:
+            raise ConfigError(f"node {self.name!r} lists itself as a peer")
+        if not 0 < self.max_message_bytes <= MAX_MESSAGE_BYTES_CEILING:
+            raise ConfigError(
+                f"max_message_bytes must be between 1 and {MAX_MESSAGE_BYTES_CEILING}"
+            )
+        if self.sync not in ("full", "normal"):
+            raise ConfigError(f"sync must be 'full' or 'normal', not {self.sync!r}")
+        if self.window < 1:
+            raise ConfigError("window must be at least 1")
+        for group, members in self.groups.items():
+            validate_name(group)
+            unknown = [m for m in members if m not in names and m != self.name]
+            if unknown:
+                raise ConfigError(f"group {group!r} names unknown nodes {unknown}")
+
+    @property
+    def peer_names(self) -> list[str]:
+        return [p.name for p in self.peers]
+
+    def peer(self, name: str) -> PeerConfig | None:
+        for p in self.peers:
+            if p.name == name:
+                return p
+        return None
+
+
+def default_data_dir(name: str) -> Path:
+    """Per-node data folder under the user's data directory (honours XDG_DATA_HOME)."""
+    import platformdirs
+
+    base = os.environ.get("XDG_DATA_HOME")
+    root = Path(base) / "meshpost" if base else Path(platformdirs.user_data_dir("meshpost"))
+    return root / name
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MeshNodeEntry:
+    name: str
+    bind: tuple[str, ...]
+    connect: str
+    data_dir: Path | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """A whole mesh as described by a TOML file: every node, its endpoints, groups, options."""
+
+    nodes: tuple[MeshNodeEntry, ...]
+    groups: Mapping[str, tuple[str, ...]]
+    options: Mapping[str, Any]
+
+    @classmethod
+    def load(cls, path: Path) -> MeshConfig:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"mesh config {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read mesh config {path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"mesh config {path} is not valid TOML: {exc}") from None
+        return cls.from_dict(raw, base_dir=path.parent)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], *, base_dir: Path) -> MeshConfig:
+        nodes_raw = raw.get("nodes")
+        if not isinstance(nodes_raw, Mapping) or not nodes_raw:
+            raise ConfigError("mesh config needs a [nodes.NAME] table for every node")
+        nodes: list[MeshNodeEntry] = []
+        for name, entry in nodes_raw.items():
+            validate_name(name)
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"[nodes.{name}] must be a table")
+            bind = entry.get("bind")
+            if isinstance(bind, str):
+                bind = [bind]
+            if not isinstance(bind, list) or not bind or not all(isinstance(b, str) for b in bind):
+                raise ConfigError(f"[nodes.{name}] needs bind = [\"tcp://HOST:PORT\", ...]")
+            connect = entry.get("connect", bind[0])
+            if not isinstance(connect, str):
+                raise ConfigError(f"[nodes.{name}] connect must be a string endpoint")
+            data = entry.get("data")
+            data_dir = (base_dir / data) if isinstance(data, str) else None
+            nodes.append(MeshNodeEntry(name, tuple(bind), connect, data_dir))
+        groups_raw = raw.get("groups", {})
+        if not isinstance(groups_raw, Mapping):
+            raise ConfigError("[groups] must map a group name to a list of node names")
+        groups = {g: tuple(members) for g, members in groups_raw.items()}
+        options = dict(raw.get("mesh", {}))
+        return cls(tuple(nodes), groups, options)
+
+    def node(self, name: str, *, data_dir: Path | None = None, **overrides: Any) -> NodeConfig:
+        """The `NodeConfig` for node `name`: every other node in the file is its peer."""
+        me = next((n for n in self.nodes if n.name == name), None)
+        if me is None:
+            raise ConfigError(
+                f"node {name!r} is not in the mesh config (it lists "
+                f"{', '.join(n.name for n in self.nodes)})"
+            )
+        options = {**self.options, **overrides}
+        allowed = {f.name for f in dataclasses.fields(NodeConfig)} - {
+            "name", "bind", "peers", "data_dir", "groups"
+        }
+        unknown = set(options) - allowed
+        if unknown:
+            raise ConfigError(f"unknown mesh options {sorted(unknown)}; known: {sorted(allowed)}")
+        return NodeConfig(
+            name=name,
+            bind=me.bind,
+            peers=tuple(PeerConfig(n.name, n.connect) for n in self.nodes if n.name != name),
+            data_dir=data_dir or me.data_dir or default_data_dir(name),
+            groups=dict(self.groups),
+            **options,
+        )
+
+
+def parse_peer_flag(value: str) -> PeerConfig:
+    """Parse `NAME=ENDPOINT` from `--peer`."""
+    name, sep, endpoint = value.partition("=")
+    if not sep:
+        raise ConfigError(f"--peer expects NAME=ENDPOINT, got {value!r}")
+    return PeerConfig(name.strip(), endpoint.strip())
+
+
+def parse_group_flag(value: str) -> tuple[str, tuple[str, ...]]:
+    """Parse `GROUP=A,B,C` from `--group`."""
+    name, sep, members = value.partition("=")
+    if not sep or not members:
+        raise ConfigError(f"--group expects GROUP=NODE,NODE,..., got {value!r}")
+    return name.strip(), tuple(m.strip() for m in members.split(",") if m.strip())
+
+
+def unique(items: Sequence[str]) -> list[str]:
+    """Items in order, each once."""
+    return list(dict.fromkeys(items))

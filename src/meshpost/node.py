@@ -1,0 +1,746 @@
+"""A node: the composition of clock, protocol, store and transport under one event loop.
+
+Rule: decide, then perform. Protocol objects decide what to send and what happened; this
+module performs it (sockets, group commit) and never acknowledges a message before the store
+has committed it. Lower layers never import this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import itertools
+import logging
+import os
+import secrets
+from collections.abc import Iterable
+
+from meshpost.clock import Clock, HybridLogicalClock, SystemClock
+from meshpost.config import NodeConfig
+from meshpost.errors import (
+    EmptyMessage,
+    MeshpostError,
+    MessageRejected,
+    MessageTooLarge,
+    NodeClosed,
+    ProtocolError,
+    ReceiptTimeout,
+    UnknownPeer,
+)
+from meshpost.protocol import (
+    DialerLink,
+    Envelope,
+    Event,
+    Frame,
+    LinkRefused,
+    Listener,
+    MessagesArrived,
+    MessagesDelivered,
+    MessagesRejected,
+    PeerConnected,
+    PeerLost,
+    ViolationDetected,
+    decode,
+    encode,
+)
+from meshpost.store import Delivery, GroupCommitWriter, IncomingResult, Rejection, Store
+from meshpost.transport import ZmqTransport
+
+log = logging.getLogger(__name__)
+
+#: Timer loop granularity bounds: never spin faster, never sleep longer.
+_MIN_TICK_S = 0.002
+_MAX_TICK_S = 0.25
+#: Subscriber queues (console, control tail) drop their oldest events past this many.
+SUBSCRIBER_QUEUE = 10_000
+#: How long `close()` waits for the last batch to commit.
+CLOSE_FLUSH_TIMEOUT_S = 10.0
+
+
+class CrashPoint(enum.Enum):
+    """Protocol steps at which a debug build can be told to die (`os._exit`), for fault tests."""
+
+    AFTER_SENDER_STORE = "after-sender-store"
+    AFTER_TRANSMIT = "after-transmit"
+    AFTER_RECEIVER_COMMIT = "after-receiver-commit"
+    BEFORE_ACK_SEND = "before-ack-send"
+    AFTER_ACK_RECEIVE = "after-ack-receive"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Receipt:
+    """Proof that `to` committed message `message_id` to its store."""
+
+    message_id: str
+    to: str
+    seq: int
+    sent_at_ns: int
+    #: Receiver's clock when it committed the message.
+    delivered_at_ns: int
+    #: Receiver's clock when the message arrived.
+    received_at_ns: int
+    #: Our clock when the receipt arrived.
+    recorded_at_ns: int
+    #: The receiver's durability level: "full" or "normal".
+    sync: str
+
+
+@dataclasses.dataclass(slots=True)
+class Outgoing:
+    """A message accepted into the durable outbox. Await `receipt` for its delivery."""
+
+    id: str
+    to: str
+    seq: int
+    body: str
+    sent_at_ns: int
+    hlc: int
+    receipt: asyncio.Future[Receipt]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerStatus:
+    name: str
+    endpoint: str
+    connected: bool
+    state: str
+    last_seen_ns: int | None
+    rtt_ns: int | None
+    offset_ns: int | None
+    unacknowledged: int
+    refusal: str | None
+
+
+# -- events for subscribers (console, control tail) ----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MessageReceived:
+    message: Envelope
+    stored_at_ns: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeliveryRecorded:
+    peer: str
+    seqs: list[int]
+    delivered_at_ns: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerChanged:
+    peer: str
+    connected: bool
+    detail: str
+
+
+NodeEvent = MessageReceived | DeliveryRecorded | PeerChanged
+
+
+@dataclasses.dataclass(slots=True)
+class NodeStats:
+    """Counters a node keeps; `meshpost status` and the console show them."""
+
+    sent: int = 0
+    delivered: int = 0
+    received: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    rejected: int = 0
+    violations: int = 0
+    undecodable: int = 0
+    dropped_sends: int = 0
+    retransmissions: int = 0
+    store_errors: int = 0
+    store_commits: int = 0
+
+
+class _IdFactory:
+    """Message ids: 12 hex digits of milliseconds, then a per-process random counter.
+
+    Time-ordered (index appends, not random inserts), unique without coordination (64 random
+    bits per process start), and cheap: no syscall per id.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._counter = itertools.count(secrets.randbits(63))
+
+    def __call__(self, wall_ns: int) -> str:
+        return f"{wall_ns // 1_000_000:012x}{next(self._counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
+class Node:
+    """One meshpost node. Use as `async with Node(config) as node:`."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        clock: Clock | None = None,
+        crash_at: CrashPoint | None = None,
+        curve_keys: tuple[bytes, bytes] | None = None,
+        peer_public_keys: dict[str, bytes] | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.clock: Clock = clock or SystemClock()
+        self.hlc = HybridLogicalClock(self.clock)
+        self.stats = NodeStats()
+        self._crash_at = crash_at
+        self._curve_keys = curve_keys
+        self._peer_public_keys = peer_public_keys
+        self._new_id = _IdFactory(self.clock)
+        self._store: Store | None = None
+        self._writer: GroupCommitWriter | None = None
+        self._transport: ZmqTransport | None = None
+        self._listener: Listener | None = None
+        self._links: dict[str, DialerLink] = {}
+        self._next_seq: dict[str, int] = {}
+        self._waiters: dict[tuple[str, int], Outgoing] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._feed_wakeup = asyncio.Event()
+        self._backlog_epoch: dict[str, int] = {}
+        self._subscribers: list[asyncio.Queue[NodeEvent]] = []
+        self._delivered_changed = asyncio.Event()
+        self._closed = False
+        self._started = False
+        self.endpoints: list[str] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        assert self._store is not None, "node not started"
+        return self._store.node_id
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Open the store, bind, connect to peers and start serving. Raises on bad setup."""
+        cfg = self.config
+        self._store = await asyncio.to_thread(Store.open, cfg.data_dir, name=cfg.name,
+                                              sync=cfg.sync)
+        try:
+            self._writer = GroupCommitWriter(self._store, self.clock, node=self.name)
+            self._next_seq = await self._writer.call(self._store.last_seqs)
+            self._listener = Listener(
+                local_name=cfg.name,
+                local_node_id=self._store.node_id,
+                known_peers=cfg.peer_names,
+                max_message_bytes=cfg.max_message_bytes,
+                sync=cfg.sync,
+            )
+            secret, public = self._curve_keys or (None, None)
+            self._transport = ZmqTransport(
+                name=cfg.name,
+                max_frame_bytes=self._listener.max_frame_bytes,
+                curve_secret_key=secret,
+                curve_public_key=public,
+                peer_public_keys=self._peer_public_keys,
+            )
+            self.endpoints = self._transport.bind(cfg.bind)
+            for peer in cfg.peers:
+                self._transport.add_peer(peer.name, peer.endpoint)
+                self._links[peer.name] = DialerLink(
+                    local_name=cfg.name,
+                    local_node_id=self._store.node_id,
+                    peer=peer.name,
+                    window=cfg.window,
+                    retransmit_initial_s=cfg.retransmit_initial_s,
+                    retransmit_max_s=cfg.retransmit_max_s,
+                    ping_interval_s=cfg.ping_interval_s,
+                    peer_timeout_s=cfg.peer_timeout_s,
+                )
+                self._backlog_epoch[peer.name] = 0
+        except BaseException:
+            await self._teardown()
+            raise
+        self._tasks = [
+            asyncio.create_task(self._writer.run(), name=f"{self.name}-writer"),
+            asyncio.create_task(self._inbound_loop(), name=f"{self.name}-inbound"),
+            asyncio.create_task(self._timer_loop(), name=f"{self.name}-timers"),
+            asyncio.create_task(self._feed_loop(), name=f"{self.name}-feeder"),
+        ]
+        for peer_name in self._links:
+            self._tasks.append(
+                asyncio.create_task(self._dialer_loop(peer_name), name=f"{self.name}->{peer_name}")
+            )
+        for task in self._tasks:
+            task.add_done_callback(self._task_died)
+        self._started = True
+        self._feed_wakeup.set()
+        log.info("[%s] node %s listening on %s", self.name, self.node_id, ", ".join(self.endpoints))
+
+    def _task_died(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._closed:
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("[%s] internal task %s failed: %r", self.name, task.get_name(), exc,
+                      exc_info=exc)
+
+    async def close(self) -> None:
+        """Commit what is pending, close sockets and the store. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None and self._started:
+            try:
+                await asyncio.wait_for(self._writer.flush(), CLOSE_FLUSH_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("[%s] last batch did not commit in time; it is not acknowledged",
+                            self.name)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for waiter in self._waiters.values():
+            if not waiter.receipt.done():
+                waiter.receipt.set_exception(NodeClosed(self.name))
+                waiter.receipt.exception()  # nobody may be awaiting it: mark as retrieved
+        self._waiters.clear()
+        await self._teardown()
+        log.info("[%s] node closed", self.name)
+
+    async def _teardown(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.close)
+            self._writer = None
+        elif self._store is not None:
+            await asyncio.to_thread(self._store.close)
+        self._store = None
+
+    # -- public API -----------------------------------------------------------------------
+
+    def resolve(self, target: str) -> list[str]:
+        """Peer names a target means: a peer, a group, or `all`."""
+        if target.lower() == "all":
+            return self.config.peer_names
+        if target in self._links:
+            return [target]
+        group = self.config.groups.get(target)
+        if group is not None:
+            return [m for m in group if m != self.name]
+        raise UnknownPeer(target, [*self.config.peer_names, *self.config.groups, "all"])
+
+    def validate_body(self, body: str) -> None:
+        if not body or not body.strip():
+            raise EmptyMessage()
+        size = len(body.encode("utf-8", "surrogatepass"))
+        if size > self.config.max_message_bytes:
+            raise MessageTooLarge(size, self.config.max_message_bytes)
+        try:
+            body.encode("utf-8")
+        except UnicodeEncodeError:
+            from meshpost.errors import InvalidMessage
+
+            raise InvalidMessage("message body is not valid Unicode text (lone surrogate)") from None
+
+    async def post(self, target: str, body: str) -> list[Outgoing]:
+        """Accept `body` for every peer `target` names; return once it is durably stored.
+
+        The returned handles' `receipt` futures complete when each receiver has committed it.
+        """
+        self._check_open()
+        peers = self.resolve(target)
+        self.validate_body(body)
+        writer = self._writer
+        assert writer is not None
+        await writer.wait_for_room()
+        self._check_open()
+        wall = self.clock.wall_ns()
+        loop = asyncio.get_running_loop()
+        handles: list[Outgoing] = []
+        envelopes: list[Envelope] = []
+        for peer in peers:
+            seq = self._next_seq.get(peer, 0) + 1
+            self._next_seq[peer] = seq
+            envelope = Envelope(
+                id=self._new_id(wall), seq=seq, sender=self.name, recipient=peer, body=body,
+                sent_at_ns=wall, hlc=self.hlc.now(),
+            )
+            handle = Outgoing(envelope.id, peer, seq, body, wall, envelope.hlc,
+                              loop.create_future())
+            self._waiters[(peer, seq)] = handle
+            envelopes.append(envelope)
+            handles.append(handle)
+        stored: asyncio.Future[int] = loop.create_future()
+        writer.add_outgoing(envelopes, lambda at: self._outgoing_stored(envelopes, stored, at))
+        await stored
+        return handles
+
+    async def post_many(self, peer: str, bodies: Iterable[str]) -> int:
+        """Accept many messages for one peer without receipt futures (bulk and benchmarks).
+
+        Returns the number accepted; they are committed with the next batch. Follow
+        `stats.delivered` or `wait_delivered()` for receipts.
+        """
+        self._check_open()
+        if peer not in self._links:
+            raise UnknownPeer(peer, self.config.peer_names)
+        writer = self._writer
+        assert writer is not None
+        await writer.wait_for_room()
+        wall = self.clock.wall_ns()
+        seq = self._next_seq.get(peer, 0)
+        new_id, hlc_now, me = self._new_id, self.hlc.now, self.name
+        limit = self.config.max_message_bytes
+        envelopes = []
+        for body in bodies:
+            if not body or len(body) * 4 > limit:
+                self.validate_body(body)
+            seq += 1
+            envelopes.append(Envelope(new_id(wall), seq, me, peer, body, wall, hlc_now()))
+        self._next_seq[peer] = seq
+        writer.add_outgoing(envelopes, lambda at: self._outgoing_stored(envelopes, None, at))
+        return len(envelopes)
+
+    async def send(self, to: str, body: str, *, timeout_s: float | None = None) -> Receipt:
+        """Send `body` to one peer and wait for its receipt.
+
+        On timeout raises `ReceiptTimeout`; the message stays queued and is still delivered.
+        """
+        if to.lower() == "all" or to in self.config.groups:
+            raise UnknownPeer(to, self.config.peer_names)
+        (handle,) = await self.post(to, body)
+        return await self.wait_receipt(handle, timeout_s)
+
+    async def wait_receipt(self, handle: Outgoing, timeout_s: float | None) -> Receipt:
+        try:
+            return await asyncio.wait_for(asyncio.shield(handle.receipt), timeout_s)
+        except TimeoutError:
+            raise ReceiptTimeout(handle.id, handle.to, timeout_s or 0.0) from None
+
+    async def wait_delivered(self, count: int, timeout_s: float) -> bool:
+        """Wait until `stats.delivered >= count`; False on timeout."""
+        async def _wait() -> None:
+            while self.stats.delivered < count:
+                self._delivered_changed.clear()
+                await self._delivered_changed.wait()
+
+        try:
+            await asyncio.wait_for(_wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def flush(self) -> None:
+        """Wait until everything handed to the store so far is committed."""
+        assert self._writer is not None
+        await self._writer.flush()
+
+    def subscribe(self) -> asyncio.Queue[NodeEvent]:
+        """A queue of `NodeEvent`s from now on; slow readers lose the oldest events."""
+        queue: asyncio.Queue[NodeEvent] = asyncio.Queue(SUBSCRIBER_QUEUE)
+        self._subscribers.append(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[NodeEvent]) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(queue)
+
+    def peers(self) -> list[PeerStatus]:
+        """Status of every configured peer."""
+        now = self.clock.monotonic()
+        wall = self.clock.wall_ns()
+        result = []
+        for peer in self.config.peers:
+            link = self._links.get(peer.name)
+            if link is None:
+                continue
+            last_seen = None
+            if link.last_heard is not None:
+                last_seen = wall - int((now - link.last_heard) * 1e9)
+            result.append(
+                PeerStatus(
+                    name=peer.name,
+                    endpoint=peer.endpoint,
+                    connected=link.reachable,
+                    state=link.state.value,
+                    last_seen_ns=last_seen,
+                    rtt_ns=link.offset.rtt_ns,
+                    offset_ns=link.offset.offset_ns,
+                    unacknowledged=link.unacknowledged,
+                    refusal=link.refusal,
+                )
+            )
+        return result
+
+    def snapshot_stats(self) -> NodeStats:
+        if self._writer is not None:
+            self.stats.store_errors = self._writer.errors
+            self.stats.store_commits = self._writer.commits
+        if self._transport is not None:
+            self.stats.dropped_sends = self._transport.dropped_sends
+        self.stats.retransmissions = sum(link.retransmissions for link in self._links.values())
+        return dataclasses.replace(self.stats)
+
+    async def pending_count(self) -> int:
+        """Messages in the durable outbox still waiting for a receipt."""
+        assert self._writer is not None and self._store is not None
+        return await self._writer.call(self._store.pending_count, None)
+
+    def _check_open(self) -> None:
+        if self._closed or not self._started:
+            raise NodeClosed(self.name)
+
+    def _crash(self, point: CrashPoint) -> None:
+        if self._crash_at is point:
+            log.critical("[%s] crash hook %s: exiting now", self.name, point.value)
+            os._exit(99)
+
+    # -- outgoing path --------------------------------------------------------------------
+
+    def _outgoing_stored(
+        self, envelopes: list[Envelope], stored: asyncio.Future[int] | None, at: int
+    ) -> None:
+        self.stats.sent += len(envelopes)
+        if stored is not None and not stored.done():
+            stored.set_result(at)
+        self._crash(CrashPoint.AFTER_SENDER_STORE)
+        by_peer: dict[str, list[Envelope]] = {}
+        for e in envelopes:
+            by_peer.setdefault(e.recipient, []).append(e)
+        for peer, group in by_peer.items():
+            link = self._links[peer]
+            if not link.disk_backlog and link.capacity >= len(group):
+                link.enqueue(group)
+                self._perform(link)
+            else:
+                # Memory is full or older messages wait on disk: keep order, load from disk.
+                link.disk_backlog = True
+                self._backlog_epoch[peer] += 1
+                self._feed_wakeup.set()
+
+    async def _feed_loop(self) -> None:
+        """Load outbox backlog from disk into links that have room."""
+        assert self._writer is not None and self._store is not None
+        writer, store = self._writer, self._store
+        while True:
+            await self._feed_wakeup.wait()
+            self._feed_wakeup.clear()
+            for peer, link in self._links.items():
+                # Refill only when a quarter of the window is free: fewer, larger reads.
+                if not link.disk_backlog or link.capacity < max(1, link.window // 4):
+                    continue
+                epoch = self._backlog_epoch[peer]
+                limit = link.capacity
+                rows = await writer.call(store.load_pending, peer, link.highest_enqueued_seq,
+                                         limit)
+                link.enqueue(rows)
+                if len(rows) < limit and epoch == self._backlog_epoch[peer]:
+                    link.disk_backlog = False
+                elif len(rows) == limit:
+                    self._feed_wakeup.set()
+                self._perform(link)
+
+    # -- I/O loops ------------------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        clock = self.clock
+        while True:
+            now = clock.monotonic()
+            wall = clock.wall_ns()
+            hlc = self.hlc.now()
+            deadline = now + _MAX_TICK_S
+            for link in self._links.values():
+                link.poll(now, wall, hlc)
+                self._perform(link)
+                deadline = min(deadline, link.next_timer())
+            await asyncio.sleep(min(max(deadline - clock.monotonic(), _MIN_TICK_S), _MAX_TICK_S))
+
+    async def _dialer_loop(self, peer: str) -> None:
+        transport, link, clock = self._transport, self._links[peer], self.clock
+        assert transport is not None and self._listener is not None
+        max_bytes = self._listener.max_frame_bytes
+        while True:
+            data = await transport.recv_from_peer(peer)
+            try:
+                frame = decode(data, max_bytes=max_bytes)
+            except ProtocolError as exc:
+                self.stats.undecodable += 1
+                log.warning("[%s] bad frame from %s: %s", self.name, peer, exc)
+                continue
+            link.receive(frame, clock.monotonic(), clock.wall_ns(), self.hlc.last)
+            self._perform(link)
+
+    async def _inbound_loop(self) -> None:
+        transport, listener, writer = self._transport, self._listener, self._writer
+        assert transport is not None and listener is not None and writer is not None
+        clock = self.clock
+        while True:
+            identity, data, user_id = await transport.recv_inbound()
+            who = user_id or identity.decode("utf-8", "replace")
+            replies = listener.receive(who, data, clock.wall_ns(), self.hlc.last)
+            for frame in replies:
+                transport.reply(identity, encode(frame))
+            for event in listener.events():
+                if isinstance(event, MessagesArrived):
+                    self._store_incoming(identity, event)
+                    await writer.wait_for_room()
+                else:
+                    self._on_event(event)
+
+    def _store_incoming(self, identity: bytes, arrived: MessagesArrived) -> None:
+        assert self._writer is not None
+        self.hlc.observe(max(m.hlc for m in arrived.messages))
+
+        def done(result: IncomingResult, stored_at: int) -> None:
+            self._incoming_stored(identity, arrived, result, stored_at)
+
+        self._writer.add_incoming(arrived.messages, done)
+
+    def _incoming_stored(
+        self, identity: bytes, arrived: MessagesArrived, result: IncomingResult, stored_at: int
+    ) -> None:
+        self._crash(CrashPoint.AFTER_RECEIVER_COMMIT)
+        listener, transport = self._listener, self._transport
+        if listener is None or transport is None:
+            return
+        new = len(result.committed)
+        if result.conflicts:
+            self.stats.conflicts += len(result.conflicts)
+            log.warning("[%s] %d message(s) from %s reuse a stored id with other content",
+                        self.name, len(result.conflicts), arrived.peer)
+        frames = listener.stored(
+            arrived,
+            committed=result.committed,
+            conflicts=result.conflicts,
+            stored_at_ns=stored_at,
+            replied_at_ns=self.clock.wall_ns(),
+            hlc=self.hlc.now(),
+        )
+        self._crash(CrashPoint.BEFORE_ACK_SEND)
+        for frame in frames:
+            transport.reply(identity, encode(frame))
+        self.stats.received += new
+        if self._subscribers:
+            committed = set(result.committed)
+            for m in arrived.messages:
+                if m.seq in committed:
+                    self._publish(MessageReceived(m, stored_at))
+
+    # -- performing what the protocol decided -----------------------------------------------
+
+    def _perform(self, link: DialerLink) -> None:
+        frames = link.frames_to_send()
+        if frames:
+            self._transmit(link.peer, frames)
+        for event in link.events():
+            self._on_event(event)
+
+    def _transmit(self, peer: str, frames: list[Frame]) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        for frame in frames:
+            transport.send_to_peer(peer, encode(frame))
+        self._crash(CrashPoint.AFTER_TRANSMIT)
+
+    def _on_event(self, event: Event) -> None:
+        match event:
+            case MessagesDelivered():
+                self._record_delivery(event)
+            case MessagesRejected(peer=peer, seqs=seqs, code=code, detail=detail):
+                self._record_rejection(peer, seqs, code, detail)
+            case PeerConnected(peer=peer, node_id=node_id):
+                log.info("[%s] connected to %s (node %s)", self.name, peer, node_id)
+                self._publish(PeerChanged(peer, True, "connected"))
+            case PeerLost(peer=peer, silent_for_s=silent):
+                log.warning("[%s] lost %s: silent for %.1fs", self.name, peer, silent)
+                self._publish(PeerChanged(peer, False, f"silent for {silent:.1f}s"))
+            case LinkRefused(peer=peer, code=code, detail=detail):
+                log.error("[%s] %s refused us (%s): %s", self.name, peer, code, detail)
+                self._publish(PeerChanged(peer, False, f"refused: {detail}"))
+            case ViolationDetected(who=who, error=error):
+                self.stats.violations += 1
+                log.warning("[%s] protocol violation by %s: %s", self.name, who, error)
+            case MessagesArrived():  # pragma: no cover - handled by the inbound loop
+                pass
+
+    def _record_delivery(self, event: MessagesDelivered) -> None:
+        assert self._writer is not None
+        self._crash(CrashPoint.AFTER_ACK_RECEIVE)
+        delivery = Delivery(event.peer, event.seqs, event.receipt, event.arrived_at_ns)
+        self._writer.add_delivery(delivery, lambda: self._delivery_stored(delivery))
+
+    def _delivery_stored(self, delivery: Delivery) -> None:
+        peer, r = delivery.peer, delivery.receipt
+        self.stats.delivered += len(delivery.seqs)
+        self._delivered_changed.set()
+        if self._waiters:
+            for seq in delivery.seqs:
+                handle = self._waiters.pop((peer, seq), None)
+                if handle is not None and not handle.receipt.done():
+                    handle.receipt.set_result(
+                        Receipt(
+                            message_id=handle.id, to=peer, seq=seq, sent_at_ns=handle.sent_at_ns,
+                            delivered_at_ns=r.stored_at_ns, received_at_ns=r.received_at_ns,
+                            recorded_at_ns=delivery.arrived_at_ns, sync=r.sync,
+                        )
+                    )
+        link = self._links.get(peer)
+        if link is not None and link.disk_backlog:
+            self._feed_wakeup.set()
+        if self._subscribers:
+            self._publish(DeliveryRecorded(peer, delivery.seqs, r.stored_at_ns))
+
+    def _record_rejection(self, peer: str, seqs: list[int], code: str, detail: str) -> None:
+        assert self._writer is not None
+        self.stats.rejected += len(seqs)
+        log.warning("[%s] %s rejected %d message(s) (%s): %s", self.name, peer, len(seqs), code,
+                    detail)
+
+        def done() -> None:
+            for seq in seqs:
+                handle = self._waiters.pop((peer, seq), None)
+                if handle is not None and not handle.receipt.done():
+                    handle.receipt.set_exception(MessageRejected(handle.id, peer, code, detail))
+
+        self._writer.add_rejection(Rejection(peer, seqs, f"{code}: {detail}"), done)
+
+    def _publish(self, event: NodeEvent) -> None:
+        for queue in self._subscribers:
+            if queue.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+            queue.put_nowait(event)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("running" if self._started else "new")
+        return f"Node({self.name!r}, {state}, endpoints={self.endpoints}, peers={list(self._links)})"
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a user: meshpost errors speak for themselves, others get their type."""
+    if isinstance(exc, MeshpostError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+__all__ = [
+    "CrashPoint",
+    "DeliveryRecorded",
+    "MessageReceived",
+    "Node",
+    "NodeEvent",
+    "NodeStats",
+    "Outgoing",
+    "PeerChanged",
+    "PeerStatus",
+    "Receipt",
+    "describe_error",
+]
+

@@ -1,0 +1,64 @@
+"""The sans-IO wire protocol: frames, codec, and per-peer state machines.
+
+Rule: no I/O here. No asyncio, zmq, sqlite3, socket or time imports: inputs are bytes, frames
+and timestamps handed in by the caller; outputs are frames to send and events.
+"""
+
+from meshpost.protocol.codec import decode, encode
+from meshpost.protocol.dialer import DialerLink, LinkState
+from meshpost.protocol.events import (
+    Event,
+    LinkRefused,
+    MessagesArrived,
+    MessagesDelivered,
+    MessagesRejected,
+    PeerConnected,
+    PeerLost,
+    ViolationDetected,
+)
+from meshpost.protocol.frames import (
+    PROTOCOL_VERSION,
+    Batch,
+    Envelope,
+    Frame,
+    Hello,
+    Ping,
+    Pong,
+    Receipt,
+    Refuse,
+    RefuseCode,
+    Reject,
+    RejectCode,
+    Welcome,
+)
+from meshpost.protocol.listener import Listener, to_ranges
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Batch",
+    "DialerLink",
+    "Envelope",
+    "Event",
+    "Frame",
+    "Hello",
+    "LinkRefused",
+    "LinkState",
+    "Listener",
+    "MessagesArrived",
+    "MessagesDelivered",
+    "MessagesRejected",
+    "PeerConnected",
+    "PeerLost",
+    "Ping",
+    "Pong",
+    "Receipt",
+    "Refuse",
+    "RefuseCode",
+    "Reject",
+    "RejectCode",
+    "ViolationDetected",
+    "Welcome",
+    "decode",
+    "encode",
+    "to_ranges",
+]

@@ -1,0 +1,47 @@
+"""Encode and decode frames; every decoding failure is a `ProtocolError`, never `None`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from meshpost.errors import MalformedFrame, UnsupportedVersion
+from meshpost.protocol.frames import PROTOCOL_VERSION, Frame
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Frame)
+_loose_decoder = msgspec.msgpack.Decoder(list[Any])
+
+#: A Hello of another version is decoded loosely to tell the peer why it was refused; only
+#: small frames get that courtesy, so a hostile frame cannot make us parse megabytes twice.
+_LOOSE_DECODE_LIMIT = 4096
+
+
+def encode(frame: Frame) -> bytes:
+    return _encoder.encode(frame)
+
+
+def decode(data: bytes, *, max_bytes: int) -> Frame:
+    """Decode one frame of at most `max_bytes`; raise `MalformedFrame` or `UnsupportedVersion`."""
+    if len(data) > max_bytes:
+        raise MalformedFrame(f"frame of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        return _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        _raise_if_other_version(data)
+        raise MalformedFrame(f"cannot decode frame: {exc}") from None
+    except RecursionError:
+        raise MalformedFrame("frame nests too deeply") from None
+
+
+def _raise_if_other_version(data: bytes) -> None:
+    if len(data) > _LOOSE_DECODE_LIMIT:
+        return
+    try:
+        loose = _loose_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return
+    if len(loose) >= 2 and loose[0] == "hello" and isinstance(loose[1], int):
+        if loose[1] != PROTOCOL_VERSION:
+            raise UnsupportedVersion(loose[1], PROTOCOL_VERSION)

@@ -1,0 +1,300 @@
+"""The dialer's side of one link (this node -> one peer): handshake, windowed transmission,
+retransmission with backoff, receipts, liveness and clock samples.
+
+Rule: pure state. Inputs are frames, committed messages and the current time (`now` is a
+monotonic reading in seconds, `wall_ns` the wall clock); outputs are `frames_to_send()`,
+`events()` and `next_timer()`. It never waits, sleeps, logs or touches a socket.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from collections.abc import Iterable
+
+from meshpost.clock import OffsetEstimator
+from meshpost.protocol.events import (
+    Event,
+    LinkRefused,
+    MessagesDelivered,
+    MessagesRejected,
+    PeerConnected,
+    PeerLost,
+)
+from meshpost.protocol.frames import (
+    PROTOCOL_VERSION,
+    Batch,
+    Envelope,
+    Frame,
+    Hello,
+    Ping,
+    Pong,
+    Receipt,
+    Refuse,
+    RefuseCode,
+    Reject,
+    Welcome,
+)
+
+#: A batch frame carries at most this many messages / body bytes: big enough to amortise
+#: per-frame costs, small enough that a lost frame costs little to resend.
+MAX_BATCH_MESSAGES = 512
+MAX_BATCH_BODY_BYTES = 256 * 1024
+#: After a refusal for a reason only an operator can fix, ask again this rarely.
+REFUSED_RETRY_S = 10.0
+
+
+class LinkState(enum.Enum):
+    CONNECTING = "connecting"  # Hello sent, no Welcome yet
+    READY = "ready"  # handshake done; data flows
+    REFUSED = "refused"  # the peer refused us; retry rarely
+
+
+#: Which frames the dialer accepts in which state; anything else is ignored as stale.
+_ACCEPTS: dict[LinkState, frozenset[type]] = {
+    LinkState.CONNECTING: frozenset({Welcome, Refuse, Receipt, Reject, Pong}),
+    LinkState.READY: frozenset({Welcome, Refuse, Receipt, Reject, Pong}),
+    LinkState.REFUSED: frozenset({Welcome, Refuse}),
+}
+
+
+class DialerLink:
+    """Protocol state for messages this node sends to one peer."""
+
+    def __init__(
+        self,
+        *,
+        local_name: str,
+        local_node_id: str,
+        peer: str,
+        window: int,
+        retransmit_initial_s: float,
+        retransmit_max_s: float,
+        ping_interval_s: float,
+        peer_timeout_s: float,
+    ) -> None:
+        self.local_name = local_name
+        self.local_node_id = local_node_id
+        self.peer = peer
+        self.window = window
+        self._rto_initial = retransmit_initial_s
+        self._rto_max = retransmit_max_s
+        self._ping_interval = ping_interval_s
+        self._peer_timeout = peer_timeout_s
+
+        self.state = LinkState.CONNECTING
+        self.reachable = False
+        self.peer_node_id: str | None = None
+        self.offset = OffsetEstimator()
+        self.last_heard: float | None = None
+        self.last_heard_wall_ns: int | None = None
+        self.refusal: str | None = None
+        #: Highest seq ever handed to `enqueue`; the node loads disk backlog above it.
+        self.highest_enqueued_seq = 0
+        #: True while committed messages for this peer wait on disk, not in memory.
+        self.disk_backlog = True
+        self.retransmissions = 0
+
+        self._queue: collections.deque[Envelope] = collections.deque()
+        self._inflight: dict[int, Envelope] = {}
+        self._rto = retransmit_initial_s
+        self._rto_deadline: float | None = None
+        self._next_hello_at = 0.0
+        self._next_ping_at = 0.0
+        self._frames: list[Frame] = []
+        self._events: list[Event] = []
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """How many more committed messages this link can hold in memory right now."""
+        return self.window - len(self._queue) - len(self._inflight)
+
+    @property
+    def unacknowledged(self) -> int:
+        return len(self._queue) + len(self._inflight)
+
+    def enqueue(self, messages: Iterable[Envelope]) -> None:
+        """Hand over messages already committed to the local store, in seq order."""
+        for message in messages:
+            if message.seq <= self.highest_enqueued_seq:
+                continue  # already in memory (or delivered): loading twice is harmless
+            self._queue.append(message)
+            self.highest_enqueued_seq = message.seq
+
+    def poll(self, now: float, wall_ns: int, hlc: int) -> None:
+        """Run timers: handshake retries, pings, liveness, retransmission, transmission."""
+        if self.state is not LinkState.READY:
+            if now >= self._next_hello_at:
+                self._send_hello(now, wall_ns, hlc)
+        else:
+            if now >= self._next_ping_at:
+                self._frames.append(Ping(sent_at_ns=wall_ns))
+                self._next_ping_at = now + self._ping_interval
+        if (
+            self.reachable
+            and self.last_heard is not None
+            and now - self.last_heard > self._peer_timeout
+        ):
+            self.reachable = False
+            self.state = LinkState.CONNECTING
+            self._next_hello_at = now
+            self._rto_deadline = None
+            self._events.append(PeerLost(self.peer, now - self.last_heard))
+            self._send_hello(now, wall_ns, hlc)
+        if (
+            self.state is LinkState.READY
+            and self._rto_deadline is not None
+            and now >= self._rto_deadline
+            and self._inflight
+        ):
+            self.retransmissions += len(self._inflight)
+            self._emit_batches(list(self._inflight.values()), wall_ns)
+            self._rto = min(self._rto * 2, self._rto_max)
+            self._rto_deadline = now + self._rto
+        self._pump(now, wall_ns)
+
+    def receive(self, frame: Frame, now: float, wall_ns: int, hlc: int) -> None:
+        """Take one frame the peer sent on this link."""
+        if type(frame) not in _ACCEPTS[self.state]:
+            return
+        self.last_heard = now
+        self.last_heard_wall_ns = wall_ns
+        match frame:
+            case Welcome():
+                self._on_welcome(frame, now, wall_ns)
+            case Refuse(code=code, detail=detail):
+                self._on_refuse(code, detail, now, wall_ns, hlc)
+            case Receipt():
+                self._on_receipt(frame, now, wall_ns)
+            case Reject(seqs=seqs, code=code, detail=detail):
+                settled = [s for s in seqs if self._inflight.pop(s, None) is not None]
+                if settled:
+                    self._events.append(MessagesRejected(self.peer, settled, code, detail))
+            case Pong(echo_sent_at_ns=t1, received_at_ns=t2, replied_at_ns=t3):
+                self.offset.add(t1, t2, t3, wall_ns)
+            case _:  # pragma: no cover - _ACCEPTS filters the rest
+                pass
+        self._pump(now, wall_ns)
+
+    # -- outputs --------------------------------------------------------------------------
+
+    def frames_to_send(self) -> list[Frame]:
+        frames, self._frames = self._frames, []
+        return frames
+
+    def events(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+    def next_timer(self) -> float:
+        """Monotonic time at which `poll` next has work to do."""
+        if self.state is not LinkState.READY:
+            deadline = self._next_hello_at
+        else:
+            deadline = self._next_ping_at
+            if self._rto_deadline is not None and self._inflight:
+                deadline = min(deadline, self._rto_deadline)
+        if self.reachable and self.last_heard is not None:
+            deadline = min(deadline, self.last_heard + self._peer_timeout)
+        return deadline
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _send_hello(self, now: float, wall_ns: int, hlc: int) -> None:
+        self._frames.append(
+            Hello(
+                version=PROTOCOL_VERSION,
+                node_id=self.local_node_id,
+                name=self.local_name,
+                sent_at_ns=wall_ns,
+                hlc=hlc,
+            )
+        )
+        retry = REFUSED_RETRY_S if self.state is LinkState.REFUSED else self._ping_interval
+        self._next_hello_at = now + retry
+
+    def _on_welcome(self, frame: Welcome, now: float, wall_ns: int) -> None:
+        was_ready = self.state is LinkState.READY and self.reachable
+        self.state = LinkState.READY
+        self.reachable = True
+        self.refusal = None
+        self.peer_node_id = frame.node_id
+        self._next_ping_at = now
+        if not was_ready:
+            self._events.append(PeerConnected(self.peer, frame.node_id))
+        if self._inflight:
+            # Whatever was in flight may have died with the old connection: resend now.
+            self.retransmissions += len(self._inflight)
+            self._emit_batches(list(self._inflight.values()), wall_ns)
+        self._rto = self._rto_initial
+        self._rto_deadline = now + self._rto if self._inflight else None
+
+    def _on_refuse(self, code: str, detail: str, now: float, wall_ns: int, hlc: int) -> None:
+        if code == RefuseCode.HELLO_REQUIRED:
+            # The peer restarted or lost our session: handshake again, then resend.
+            self.state = LinkState.CONNECTING
+            self._send_hello(now, wall_ns, hlc)
+            return
+        self.state = LinkState.REFUSED
+        self.reachable = False
+        self.refusal = f"{code}: {detail}"
+        self._next_hello_at = now + REFUSED_RETRY_S
+        self._events.append(LinkRefused(self.peer, code, detail))
+
+    def _on_receipt(self, receipt: Receipt, now: float, wall_ns: int) -> None:
+        settled: list[int] = []
+        inflight = self._inflight
+        for lo, hi in receipt.ranges:
+            if hi < lo:
+                continue
+            if hi - lo + 1 <= len(inflight):
+                settled.extend(s for s in range(lo, hi + 1) if inflight.pop(s, None) is not None)
+            else:
+                # A wide range (or a hostile one): walk what we have instead of the range.
+                hits = [s for s in inflight if lo <= s <= hi]
+                for s in hits:
+                    del inflight[s]
+                settled.extend(hits)
+        self.offset.add(receipt.echo_tx_at_ns, receipt.received_at_ns, receipt.replied_at_ns,
+                        wall_ns)
+        if settled:
+            settled.sort()
+            self._events.append(MessagesDelivered(self.peer, settled, receipt, wall_ns))
+            self._rto = self._rto_initial
+            self._rto_deadline = now + self._rto if inflight else None
+
+    def _pump(self, now: float, wall_ns: int) -> None:
+        """Move queued messages into flight while the handshake is done and the window allows."""
+        if self.state is not LinkState.READY or not self._queue:
+            return
+        fresh: list[Envelope] = []
+        queue, inflight = self._queue, self._inflight
+        while queue:
+            message = queue.popleft()
+            inflight[message.seq] = message
+            fresh.append(message)
+        if self._rto_deadline is None:
+            self._rto_deadline = now + self._rto
+        self._emit_batches(fresh, wall_ns)
+
+    def _emit_batches(self, messages: list[Envelope], wall_ns: int) -> None:
+        batch: list[Envelope] = []
+        size = 0
+        for message in messages:
+            body_len = len(message.body)
+            if batch and (len(batch) >= MAX_BATCH_MESSAGES or size + body_len > MAX_BATCH_BODY_BYTES):
+                self._frames.append(Batch(tx_at_ns=wall_ns, messages=batch))
+                batch, size = [], 0
+            batch.append(message)
+            size += body_len
+        if batch:
+            self._frames.append(Batch(tx_at_ns=wall_ns, messages=batch))
+
+    def __repr__(self) -> str:
+        return (
+            f"DialerLink({self.local_name}->{self.peer}, {self.state.value}, "
+            f"reachable={self.reachable}, queued={len(self._queue)}, "
+            f"inflight={len(self._inflight)})"
+        )

@@ -1,0 +1,76 @@
+"""Events the protocol state machines report to the node, in the past tense."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from meshpost.errors import ProtocolError
+from meshpost.protocol.frames import Envelope, Receipt
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerConnected:
+    peer: str
+    node_id: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerLost:
+    peer: str
+    silent_for_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LinkRefused:
+    """The peer refused our handshake (wrong version, unknown to it, ...)."""
+
+    peer: str
+    code: str
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MessagesDelivered:
+    """The peer committed these seqs (all of which we had in flight)."""
+
+    peer: str
+    seqs: list[int]
+    receipt: Receipt
+    arrived_at_ns: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MessagesRejected:
+    peer: str
+    seqs: list[int]
+    code: str
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MessagesArrived:
+    """Valid messages from `peer`; store them, then call `Listener.stored()`."""
+
+    peer: str
+    messages: list[Envelope]
+    echo_tx_at_ns: int
+    received_at_ns: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ViolationDetected:
+    """A peer (or an unknown connection) sent something invalid; it was rejected and counted."""
+
+    who: str
+    error: ProtocolError
+
+
+Event = (
+    PeerConnected
+    | PeerLost
+    | LinkRefused
+    | MessagesDelivered
+    | MessagesRejected
+    | MessagesArrived
+    | ViolationDetected
+)

@@ -1,0 +1,225 @@
+"""The listener's side of every inbound link: handshakes, validation of incoming messages,
+receipts after storage, pings.
+
+Rule: pure state. `receive()` takes raw bytes from a connection identity and the current wall
+time; it returns the frames to send back and records events. The node stores what arrived and
+then calls `stored()`, which builds the receipt: a receipt never precedes the commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Iterable
+
+from meshpost.errors import IdentityMismatch, MalformedFrame, ProtocolError, UnsupportedVersion
+from meshpost.protocol.codec import decode
+from meshpost.protocol.events import Event, MessagesArrived, ViolationDetected
+from meshpost.protocol.frames import (
+    DIALER_FRAMES,
+    PROTOCOL_VERSION,
+    Batch,
+    Envelope,
+    Frame,
+    Hello,
+    Ping,
+    Pong,
+    Receipt,
+    Refuse,
+    RefuseCode,
+    Reject,
+    RejectCode,
+    Welcome,
+)
+
+#: Message ids are opaque strings of this many characters at most.
+MAX_ID_LENGTH = 64
+#: Frame overhead beyond message bodies that a batch may carry (ids, names, numbers).
+_PER_MESSAGE_OVERHEAD = 256
+
+
+def to_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """Collapse seqs into sorted inclusive ranges: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    ranges: list[tuple[int, int]] = []
+    for s in sorted(set(seqs)):
+        if ranges and s == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], s)
+        else:
+            ranges.append((s, s))
+    return ranges
+
+
+@dataclasses.dataclass(slots=True)
+class _Session:
+    peer: str
+    node_id: str
+
+
+class Listener:
+    """Protocol state for everything peers send to this node."""
+
+    def __init__(
+        self,
+        *,
+        local_name: str,
+        local_node_id: str,
+        known_peers: Collection[str],
+        max_message_bytes: int,
+        sync: str,
+    ) -> None:
+        self.local_name = local_name
+        self.local_node_id = local_node_id
+        self.known_peers = frozenset(known_peers)
+        self.max_message_bytes = max_message_bytes
+        self.sync = sync
+        #: Largest frame accepted: a full batch of maximal messages plus overhead.
+        self.max_frame_bytes = 512 * (max_message_bytes + _PER_MESSAGE_OVERHEAD) + 4096
+        self._sessions: dict[str, _Session] = {}
+        self._events: list[Event] = []
+
+    def events(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+    def session_peer(self, identity: str) -> str | None:
+        session = self._sessions.get(identity)
+        return session.peer if session else None
+
+    def forget(self, identity: str) -> None:
+        self._sessions.pop(identity, None)
+
+    def receive(self, identity: str, data: bytes, wall_ns: int, hlc: int) -> list[Frame]:
+        """Handle one frame from connection `identity`; return the frames to send back."""
+        try:
+            frame = decode(data, max_bytes=self.max_frame_bytes)
+        except UnsupportedVersion as exc:
+            self._violation(identity, exc)
+            return [Refuse(RefuseCode.VERSION, str(exc))]
+        except ProtocolError as exc:
+            self._violation(identity, exc)
+            return [Refuse(RefuseCode.MALFORMED, str(exc))]
+        if not isinstance(frame, DIALER_FRAMES):
+            self._violation(identity, MalformedFrame(f"{type(frame).__name__} is not for me"))
+            return [Refuse(RefuseCode.MALFORMED, "frame type not accepted by a listener")]
+        match frame:
+            case Hello():
+                return self._on_hello(identity, frame, wall_ns, hlc)
+            case Batch():
+                return self._on_batch(identity, frame, wall_ns)
+            case Ping(sent_at_ns=t1):
+                if identity not in self._sessions:
+                    return [Refuse(RefuseCode.HELLO_REQUIRED, "send Hello first")]
+                return [Pong(echo_sent_at_ns=t1, received_at_ns=wall_ns, replied_at_ns=wall_ns)]
+            case _:  # pragma: no cover - DIALER_FRAMES filters the rest
+                return []
+
+    def stored(
+        self,
+        arrived: MessagesArrived,
+        *,
+        committed: list[int],
+        conflicts: list[int],
+        stored_at_ns: int,
+        replied_at_ns: int,
+        hlc: int,
+    ) -> list[Frame]:
+        """Frames answering `arrived` once `committed` seqs are durably stored."""
+        frames: list[Frame] = []
+        if committed:
+            frames.append(
+                Receipt(
+                    ranges=to_ranges(committed),
+                    echo_tx_at_ns=arrived.echo_tx_at_ns,
+                    received_at_ns=arrived.received_at_ns,
+                    stored_at_ns=stored_at_ns,
+                    replied_at_ns=replied_at_ns,
+                    hlc=hlc,
+                    sync=self.sync,
+                )
+            )
+        if conflicts:
+            frames.append(
+                Reject(
+                    sorted(conflicts),
+                    RejectCode.CONFLICT,
+                    "a different message with this id is already stored",
+                )
+            )
+        return frames
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _violation(self, who: str, error: ProtocolError) -> None:
+        self._events.append(ViolationDetected(who, error))
+
+    def _on_hello(self, identity: str, hello: Hello, wall_ns: int, hlc: int) -> list[Frame]:
+        if hello.version != PROTOCOL_VERSION:
+            error = UnsupportedVersion(hello.version, PROTOCOL_VERSION)
+            self._violation(identity, error)
+            return [Refuse(RefuseCode.VERSION, str(error))]
+        if hello.name != identity:
+            error = IdentityMismatch(
+                f"connection authenticated as {identity!r} claims to be {hello.name!r}"
+            )
+            self._violation(identity, error)
+            return [Refuse(RefuseCode.IDENTITY, str(error))]
+        if hello.name not in self.known_peers:
+            error = IdentityMismatch(f"{hello.name!r} is not a peer of {self.local_name!r}")
+            self._violation(identity, error)
+            return [Refuse(RefuseCode.UNKNOWN_PEER, str(error))]
+        self._sessions[identity] = _Session(peer=hello.name, node_id=hello.node_id)
+        return [
+            Welcome(
+                version=PROTOCOL_VERSION,
+                node_id=self.local_node_id,
+                name=self.local_name,
+                sent_at_ns=wall_ns,
+                hlc=hlc,
+                sync=self.sync,
+            )
+        ]
+
+    def _on_batch(self, identity: str, batch: Batch, wall_ns: int) -> list[Frame]:
+        session = self._sessions.get(identity)
+        if session is None:
+            return [Refuse(RefuseCode.HELLO_REQUIRED, "send Hello first")]
+        good: list[Envelope] = []
+        rejected: dict[str, list[int]] = {}
+        details: dict[str, str] = {}
+        for message in batch.messages:
+            code, detail = self._check(session.peer, message)
+            if code is None:
+                good.append(message)
+            else:
+                rejected.setdefault(code, []).append(message.seq)
+                details.setdefault(code, detail)
+        frames: list[Frame] = []
+        for code, seqs in rejected.items():
+            self._violation(session.peer, MalformedFrame(f"{len(seqs)} message(s): {details[code]}"))
+            frames.append(Reject(seqs, code, details[code]))
+        if good:
+            self._events.append(MessagesArrived(session.peer, good, batch.tx_at_ns, wall_ns))
+        return frames
+
+    def _check(self, peer: str, message: Envelope) -> tuple[str | None, str]:
+        if message.sender != peer:
+            return RejectCode.INVALID, f"sender {message.sender!r} is not the connection's {peer!r}"
+        if message.recipient != self.local_name:
+            return RejectCode.INVALID, f"recipient {message.recipient!r} is not {self.local_name!r}"
+        if message.seq < 1:
+            return RejectCode.INVALID, "seq must be positive"
+        if not 0 < len(message.id) <= MAX_ID_LENGTH:
+            return RejectCode.INVALID, f"message id must be 1-{MAX_ID_LENGTH} characters"
+        if not message.body:
+            return RejectCode.INVALID, "empty body"
+        # Character count bounds the UTF-8 size from below and 4x from above: encode only when
+        # the cheap check cannot decide.
+        if len(message.body) * 4 > self.max_message_bytes:
+            size = len(message.body.encode("utf-8", "surrogatepass"))
+            if size > self.max_message_bytes:
+                return RejectCode.TOO_LARGE, (
+                    f"body of {size} bytes exceeds the {self.max_message_bytes}-byte limit"
+                )
+        return None, ""
+
+    def __repr__(self) -> str:
+        return f"Listener({self.local_name}, sessions={sorted(self._sessions)})"

@@ -1,0 +1,25 @@
+"""Durable storage: SQLite in WAL mode, schema migrations, group commit."""
+
+from meshpost.store.sqlite import (
+    DB_FILENAME,
+    Delivery,
+    IncomingResult,
+    Rejection,
+    Store,
+    StoredMessage,
+    StoreReader,
+    WriteBatch,
+)
+from meshpost.store.writer import GroupCommitWriter
+
+__all__ = [
+    "DB_FILENAME",
+    "Delivery",
+    "GroupCommitWriter",
+    "IncomingResult",
+    "Rejection",
+    "Store",
+    "StoreReader",
+    "StoredMessage",
+    "WriteBatch",
+]

@@ -1,0 +1,45 @@
+"""The database schema and its migrations, numbered from day one.
+
+Rule: `PRAGMA user_version` holds the schema version; `MIGRATIONS[i]` takes a database from
+version i to i + 1 inside the caller's transaction. Never edit a released migration; append.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    # 0 -> 1: messages in both directions, metadata.
+    """
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+
+    CREATE TABLE messages (
+        id              TEXT    NOT NULL PRIMARY KEY,
+        direction       TEXT    NOT NULL CHECK (direction IN ('out', 'in')),
+        peer            TEXT    NOT NULL,
+        sender          TEXT    NOT NULL,
+        recipient       TEXT    NOT NULL,
+        seq             INTEGER NOT NULL,
+        body            TEXT    NOT NULL,
+        sent_at_ns      INTEGER NOT NULL,
+        hlc             INTEGER NOT NULL,
+        state           TEXT    NOT NULL
+                        CHECK (state IN ('pending', 'delivered', 'rejected', 'received')),
+        stored_at_ns    INTEGER NOT NULL,
+        receipt_stored_at_ns   INTEGER,
+        receipt_received_at_ns INTEGER,
+        receipt_arrived_at_ns  INTEGER,
+        receipt_sync    TEXT,
+        receipt_hlc     INTEGER,
+        reject_reason   TEXT
+    );
+
+    CREATE UNIQUE INDEX messages_out_link ON messages (peer, seq) WHERE direction = 'out';
+    CREATE INDEX messages_pending ON messages (peer, seq) WHERE state = 'pending';
+    CREATE INDEX messages_peer_hlc ON messages (peer, hlc);
+    CREATE INDEX messages_hlc ON messages (hlc);
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,419 @@
+"""SQLite storage: the only SQL in meshpost.
+
+Rule: one `Store` per data dir, owned by one writer thread; every write goes through `apply()`,
+which runs a whole group of operations in one `BEGIN IMMEDIATE` transaction. Readers
+(`StoreReader`) open their own read-only connections; WAL lets them run beside the writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import os
+import secrets
+import sqlite3
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from meshpost.errors import (
+    DataDirNotWritable,
+    SchemaTooNew,
+    StoreCorrupt,
+    StoreError,
+    StoreFull,
+    StoreLocked,
+)
+from meshpost.protocol import Envelope, Receipt, to_ranges
+from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
+
+DB_FILENAME = "meshpost.db"
+LOCK_FILENAME = "node.lock"
+#: How long a write waits for another process's lock before the batch is retried later.
+BUSY_TIMEOUT_MS = 1000
+
+_INSERT_OUT = (
+    "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns, hlc,"
+    " state, stored_at_ns) VALUES (?, 'out', ?, ?, ?, ?, ?, ?, ?, 'pending', ?)"
+)
+_INSERT_IN = (
+    "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns, hlc,"
+    " state, stored_at_ns) VALUES (?, 'in', ?, ?, ?, ?, ?, ?, ?, 'received', ?)"
+    " ON CONFLICT (id) DO NOTHING"
+)
+_MARK_DELIVERED = (
+    "UPDATE messages SET state = 'delivered', receipt_stored_at_ns = ?,"
+    " receipt_received_at_ns = ?, receipt_arrived_at_ns = ?, receipt_sync = ?, receipt_hlc = ?"
+    " WHERE direction = 'out' AND peer = ? AND seq BETWEEN ? AND ? AND state = 'pending'"
+)
+_MARK_REJECTED = (
+    "UPDATE messages SET state = 'rejected', reject_reason = ?"
+    " WHERE direction = 'out' AND peer = ? AND seq = ? AND state = 'pending'"
+)
+
+
+def translate(exc: sqlite3.Error, path: Path) -> StoreError:
+    """Map a sqlite3 error to the meshpost error a user can act on."""
+    text = str(exc).lower()
+    code = getattr(exc, "sqlite_errorcode", None)
+    if "locked" in text or "busy" in text or code in (5, 6):
+        return StoreLocked(str(path))
+    if "full" in text or code == 13:
+        return StoreFull(str(path))
+    if "readonly" in text or "read-only" in text or code == 8:
+        return DataDirNotWritable(str(path), "the database is read-only")
+    if "malformed" in text or "not a database" in text or code in (11, 26):
+        return StoreCorrupt(str(path), str(exc))
+    return StoreError(f"database {path}: {exc}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Delivery:
+    peer: str
+    seqs: list[int]
+    receipt: Receipt
+    arrived_at_ns: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rejection:
+    peer: str
+    seqs: list[int]
+    reason: str
+
+
+@dataclasses.dataclass(slots=True)
+class WriteBatch:
+    """Everything one transaction writes: the unit of group commit."""
+
+    outgoing: list[Envelope] = dataclasses.field(default_factory=list)
+    incoming: list[list[Envelope]] = dataclasses.field(default_factory=list)
+    deliveries: list[Delivery] = dataclasses.field(default_factory=list)
+    rejections: list[Rejection] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.outgoing or self.incoming or self.deliveries or self.rejections)
+
+
+@dataclasses.dataclass(slots=True)
+class IncomingResult:
+    """Per incoming group: seqs now committed (new or already there) and conflicting seqs."""
+
+    committed: list[int]
+    conflicts: list[int]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """One row of history, as `meshpost history --json` prints it."""
+
+    id: str
+    direction: str
+    peer: str
+    sender: str
+    recipient: str
+    seq: int
+    body: str
+    sent_at_ns: int
+    hlc: int
+    state: str
+    stored_at_ns: int
+    receipt_stored_at_ns: int | None
+    receipt_received_at_ns: int | None
+    receipt_arrived_at_ns: int | None
+    receipt_sync: str | None
+    receipt_hlc: int | None
+    reject_reason: str | None
+
+
+_COLUMNS = ", ".join(f.name for f in dataclasses.fields(StoredMessage))
+
+
+def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
+    uri = f"file:{path}?mode=ro" if read_only else f"file:{path}?mode=rwc"
+    # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return conn
+
+
+@contextlib.contextmanager
+def _translated(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise translate(exc, path) from exc
+
+
+class Store:
+    """The writable store of one node. Not thread-safe: one writer thread owns it."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock: IO[bytes], sync: str) -> None:
+        self.path = path
+        self.sync = sync
+        self._conn = conn
+        self._lock = lock
+        self.node_id = self._meta("node_id")
+
+    @classmethod
+    def open(cls, data_dir: Path, *, name: str, sync: str = "full") -> Store:
+        """Open (creating if needed) the store in `data_dir`; lock it against other nodes."""
+        lock = _lock_data_dir(data_dir)
+        path = data_dir / DB_FILENAME
+        try:
+            with _translated(path):
+                conn = _connect(path, read_only=False)
+                try:
+                    _check_integrity(conn, path)
+                    conn.execute("PRAGMA journal_mode = WAL")
+                    conn.execute(f"PRAGMA synchronous = {sync.upper()}")
+                    migrate(conn, path)
+                    _init_meta(conn, name)
+                except BaseException:
+                    conn.close()
+                    raise
+        except BaseException:
+            lock.close()
+            raise
+        return cls(path, conn, lock, sync)
+
+    def _meta(self, key: str) -> str:
+        with _translated(self.path):
+            row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise StoreCorrupt(str(self.path), f"meta key {key!r} missing")
+        return str(row[0])
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            # Checkpoint so the main file is self-contained for readers after we exit.
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._conn.close()
+        self._lock.close()
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def apply(self, batch: WriteBatch, stored_at_ns: int) -> list[IncomingResult]:
+        """Write `batch` in one transaction; results for `batch.incoming`, in order."""
+        conn = self._conn
+        with _translated(self.path):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if batch.outgoing:
+                    conn.executemany(
+                        _INSERT_OUT,
+                        [
+                            (m.id, m.recipient, m.sender, m.recipient, m.seq, m.body,
+                             m.sent_at_ns, m.hlc, stored_at_ns)
+                            for m in batch.outgoing
+                        ],
+                    )
+                results = [self._insert_incoming(group, stored_at_ns) for group in batch.incoming]
+                for d in batch.deliveries:
+                    r = d.receipt
+                    conn.executemany(
+                        _MARK_DELIVERED,
+                        [
+                            (r.stored_at_ns, r.received_at_ns, d.arrived_at_ns, r.sync, r.hlc,
+                             d.peer, lo, hi)
+                            for lo, hi in to_ranges(d.seqs)
+                        ],
+                    )
+                for rej in batch.rejections:
+                    conn.executemany(
+                        _MARK_REJECTED, [(rej.reason, rej.peer, s) for s in rej.seqs]
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+        return results
+
+    def _insert_incoming(self, group: Sequence[Envelope], stored_at_ns: int) -> IncomingResult:
+        conn = self._conn
+        before = conn.total_changes
+        conn.executemany(
+            _INSERT_IN,
+            [
+                (m.id, m.sender, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc,
+                 stored_at_ns)
+                for m in group
+            ],
+        )
+        if conn.total_changes - before == len(group):
+            return IncomingResult([m.seq for m in group], [])
+        # Some ids were there already: a retransmission (same content, receipt again) or a
+        # conflict (same id, other content: never overwrite, reject).
+        committed: list[int] = []
+        conflicts: list[int] = []
+        for m in group:
+            row = conn.execute(
+                "SELECT direction, sender, recipient, body, sent_at_ns FROM messages WHERE id = ?",
+                (m.id,),
+            ).fetchone()
+            if row == ("in", m.sender, m.recipient, m.body, m.sent_at_ns):
+                committed.append(m.seq)
+            else:
+                conflicts.append(m.seq)
+        return IncomingResult(committed, conflicts)
+
+    # -- reads the writer needs -----------------------------------------------------------
+
+    def last_seqs(self) -> dict[str, int]:
+        """Highest outgoing seq per peer, so numbering continues after a restart."""
+        with _translated(self.path):
+            rows = self._conn.execute(
+                "SELECT peer, MAX(seq) FROM messages WHERE direction = 'out' GROUP BY peer"
+            ).fetchall()
+        return {peer: int(seq) for peer, seq in rows}
+
+    def load_pending(self, peer: str, after_seq: int, limit: int) -> list[Envelope]:
+        """Up to `limit` undelivered messages to `peer` with seq above `after_seq`, in order."""
+        with _translated(self.path):
+            rows = self._conn.execute(
+                "SELECT id, seq, sender, recipient, body, sent_at_ns, hlc FROM messages"
+                " WHERE state = 'pending' AND peer = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (peer, after_seq, limit),
+            ).fetchall()
+        return [Envelope(*row) for row in rows]
+
+    def pending_count(self, peer: str | None = None) -> int:
+        with _translated(self.path):
+            if peer is None:
+                row = self._conn.execute(
+                    "SELECT COUNT(*) FROM messages WHERE state = 'pending'"
+                ).fetchone()
+            else:
+                row = self._conn.execute(
+                    "SELECT COUNT(*) FROM messages WHERE state = 'pending' AND peer = ?", (peer,)
+                ).fetchone()
+        return int(row[0])
+
+    def execute_raw(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Run one statement (tests and fault injection only)."""
+        with _translated(self.path):
+            return self._conn.execute(sql, params).fetchall()
+
+    def __repr__(self) -> str:
+        return f"Store({self.path}, sync={self.sync})"
+
+
+class StoreReader:
+    """Read-only access to a node's store; safe while the node runs."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.exists():
+            raise StoreError(f"no meshpost database at {path}; has this node ever run?")
+        self.path = path
+        with _translated(path):
+            self._conn = _connect(path, read_only=True)
+
+    @classmethod
+    def for_data_dir(cls, data_dir: Path) -> StoreReader:
+        return cls(data_dir / DB_FILENAME)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> StoreReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def node_name(self) -> str | None:
+        with _translated(self.path):
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'name'").fetchone()
+        return None if row is None else str(row[0])
+
+    def history(
+        self, *, peer: str | None = None, limit: int | None = None, direction: str | None = None
+    ) -> list[StoredMessage]:
+        """Messages in causal (HLC) order; with `limit`, the most recent ones."""
+        where, params = [], []
+        if peer is not None:
+            where.append("peer = ?")
+            params.append(peer)
+        if direction is not None:
+            where.append("direction = ?")
+            params.append(direction)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        sql = f"SELECT {_COLUMNS} FROM messages {clause} ORDER BY hlc DESC, id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(str(limit))
+        with _translated(self.path):
+            rows = self._conn.execute(sql, params).fetchall()
+        return [StoredMessage(*row) for row in reversed(rows)]
+
+    def counts(self) -> dict[str, int]:
+        """Rows per (direction, state), e.g. {'out/delivered': 10, 'in/received': 7}."""
+        with _translated(self.path):
+            rows = self._conn.execute(
+                "SELECT direction, state, COUNT(*) FROM messages GROUP BY direction, state"
+            ).fetchall()
+        return {f"{d}/{s}": int(n) for d, s, n in rows}
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the schema to `SCHEMA_VERSION`, one numbered migration at a time."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(str(path), version, SCHEMA_VERSION)
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[target - 1].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _init_meta(conn: sqlite3.Connection, name: str) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('node_id', ?)", (secrets.token_hex(8),)
+    )
+    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('name', ?)", (name,))
+    stored = conn.execute("SELECT value FROM meta WHERE key = 'name'").fetchone()[0]
+    conn.execute("COMMIT")
+    if stored != name:
+        raise StoreError(
+            f"this data directory belongs to node {stored!r}, not {name!r}; "
+            "give each node its own --data directory"
+        )
+
+
+def _check_integrity(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        rows = conn.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.DatabaseError as exc:
+        raise StoreCorrupt(str(path), str(exc)) from exc
+    if rows != [("ok",)]:
+        raise StoreCorrupt(str(path), "; ".join(str(r[0]) for r in rows[:3]))
+
+
+def _lock_data_dir(data_dir: Path) -> IO[bytes]:
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(data_dir / LOCK_FILENAME, "ab")  # noqa: SIM115 - held for the node's life
+    except OSError as exc:
+        raise DataDirNotWritable(str(data_dir), exc.strerror or str(exc)) from None
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        lock.close()
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise StoreLocked(str(data_dir / DB_FILENAME)) from None
+        raise DataDirNotWritable(str(data_dir), exc.strerror or str(exc)) from None
+    if not os.access(data_dir, os.W_OK):
+        lock.close()
+        raise DataDirNotWritable(str(data_dir), "permission denied")
+    return lock
