@@ -1,0 +1,405 @@
+"""The `meshpost` command line: arguments, logging, exit codes. No business logic here.
+
+Exit codes: 0 success; 1 internal error; 2 usage or configuration error; 3 no receipt in time
+(the message stays queued and is delivered later); 4 node not running; 5 message rejected by
+the receiver; 6 storage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from meshpost.config import (
+    MeshConfig,
+    NodeConfig,
+    default_data_dir,
+    parse_group_flag,
+    parse_peer_flag,
+)
+from meshpost.errors import (
+    ConfigError,
+    ControlUnavailable,
+    InvalidMessage,
+    MeshpostError,
+    StoreError,
+    UnknownPeer,
+)
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+EXIT_NOT_RUNNING = 4
+EXIT_REJECTED = 5
+EXIT_STORE = 6
+
+#: Environment variable naming a `CrashPoint` for fault-injection tests (never set it in
+#: production: the node exits with code 99 at that protocol step).
+CRASH_ENV = "MESHPOST_DEBUG_CRASH_AT"
+
+log = logging.getLogger("meshpost")
+
+
+def _exit_code(exc: MeshpostError) -> int:
+    if isinstance(exc, ControlUnavailable):
+        return EXIT_NOT_RUNNING
+    if isinstance(exc, ConfigError | UnknownPeer | InvalidMessage):
+        return EXIT_USAGE
+    if isinstance(exc, StoreError):
+        return EXIT_STORE
+    return EXIT_INTERNAL
+
+
+def setup_logging(level: str, node: str | None = None) -> None:
+    fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt,
+                        stream=sys.stderr, force=True)
+
+
+# -- node ---------------------------------------------------------------------------------
+
+
+def build_node_config(args: argparse.Namespace) -> NodeConfig:
+    overrides: dict[str, Any] = {}
+    if args.sync:
+        overrides["sync"] = args.sync
+    if args.max_message_bytes:
+        overrides["max_message_bytes"] = args.max_message_bytes
+    if args.secure:
+        overrides["secure"] = True
+    data_dir = Path(args.data) if args.data else None
+    if args.config:
+        mesh = MeshConfig.load(Path(args.config))
+        cfg = mesh.node(args.name, data_dir=data_dir, **overrides)
+        if args.bind:
+            from dataclasses import replace
+
+            cfg = replace(cfg, bind=tuple(args.bind))
+        return cfg
+    if not args.bind:
+        raise ConfigError("give --bind ENDPOINT (and --peer NAME=ENDPOINT ...) or --config FILE")
+    return NodeConfig(
+        name=args.name,
+        bind=tuple(args.bind),
+        peers=tuple(parse_peer_flag(p) for p in args.peer),
+        data_dir=data_dir or default_data_dir(args.name),
+        groups=dict(parse_group_flag(g) for g in args.group),
+        **overrides,
+    )
+
+
+async def _run_node(cfg: NodeConfig, *, interactive: bool) -> None:
+    from meshpost.control import ControlServer
+    from meshpost.node import CrashPoint, Node
+
+    crash = os.environ.get(CRASH_ENV)
+    crash_at = CrashPoint(crash) if crash else None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Node(cfg, crash_at=crash_at) as node, ControlServer(node):
+        if interactive:
+            from meshpost.console import run_console
+
+            console = asyncio.create_task(run_console(node))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({console, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (console, stopper):
+                task.cancel()
+            await asyncio.gather(console, stopper, return_exceptions=True)
+        else:
+            await stop.wait()
+            log.info("[%s] shutting down", cfg.name)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    cfg = build_node_config(args)
+    interactive = not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
+    setup_logging(args.log_level if not interactive else "warning")
+    asyncio.run(_run_node(cfg, interactive=interactive))
+    return EXIT_OK
+
+
+# -- send / peers / status ------------------------------------------------------------------
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data) if args.data else default_data_dir(args.node)
+
+
+def _fmt_time(ns: int | None) -> str:
+    if ns is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9)) + f".{ns // 1_000_000 % 1000:03d}"
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from meshpost.control import ControlClient, SendRequest
+
+    body = " ".join(args.text)
+    with ControlClient(_data_dir(args), name=args.node) as client:
+        reply = client.request(SendRequest(args.to, body, args.timeout),
+                               timeout_s=args.timeout + 10)
+    if not reply.ok:
+        print(f"meshpost send: {reply.error}", file=sys.stderr)
+        return EXIT_USAGE if reply.error_kind in (
+            "UnknownPeer", "EmptyMessage", "MessageTooLarge", "InvalidMessage", "usage"
+        ) else EXIT_INTERNAL
+    code = EXIT_OK
+    for r in reply.sent:
+        if r.delivered:
+            print(f"✓ delivered to {r.to} at {_fmt_time(r.delivered_at_ns)} "
+                  f"(id {r.id}, sync={r.sync})")
+        elif r.error:
+            print(f"✗ {r.to}: {r.error}", file=sys.stderr)
+            code = max(code, EXIT_REJECTED)
+        else:
+            print(f"… no receipt from {r.to} within {args.timeout:g}s; message {r.id} stays "
+                  "queued and will be delivered when the peer is reachable", file=sys.stderr)
+            code = max(code, EXIT_TIMEOUT)
+    return code
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from meshpost.control import ControlClient, StatusRequest
+
+    with ControlClient(_data_dir(args), name=args.node) as client:
+        reply = client.request(StatusRequest(), timeout_s=5)
+    if args.json:
+        print(json.dumps({"status": reply.status,
+                          "peers": [_struct_dict(p) for p in reply.peers]}, indent=2))
+        return EXIT_OK
+    table = Table(title=f"{reply.status.get('name')} — peers")
+    for col in ("peer", "endpoint", "connected", "last seen", "rtt ms", "offset ms", "unacked"):
+        table.add_column(col)
+    for p in reply.peers:
+        table.add_row(
+            p.name, p.endpoint, "yes" if p.connected else ("refused" if p.refusal else "no"),
+            _fmt_time(p.last_seen_ns),
+            "-" if p.rtt_ns is None else f"{p.rtt_ns / 1e6:.3f}",
+            "-" if p.offset_ns is None else f"{p.offset_ns / 1e6:+.3f}",
+            str(p.unacknowledged),
+        )
+    console = Console()
+    console.print(table)
+    console.print(f"pending in outbox: {reply.status.get('pending')}   "
+                  f"stats: {reply.status.get('stats')}")
+    return EXIT_OK
+
+
+def _struct_dict(obj: Any) -> dict[str, Any]:
+    import msgspec
+
+    result = msgspec.to_builtins(obj)
+    assert isinstance(result, dict)
+    return result
+
+
+# -- history --------------------------------------------------------------------------------
+
+HISTORY_FIELDS = (
+    "id", "from", "to", "body", "sent_at_ns", "hlc", "direction", "state", "stored_at_ns",
+    "delivered_at_ns", "receipt_received_at_ns", "receipt_recorded_at_ns", "receipt_sync",
+)
+
+
+def history_record(m: Any) -> dict[str, Any]:
+    """One message as the stable `history --json` schema (see README)."""
+    return {
+        "id": m.id,
+        "from": m.sender,
+        "to": m.recipient,
+        "body": m.body,
+        "sent_at_ns": m.sent_at_ns,
+        "hlc": m.hlc,
+        "direction": m.direction,
+        "state": m.state,
+        "stored_at_ns": m.stored_at_ns,
+        "delivered_at_ns": m.receipt_stored_at_ns,
+        "receipt_received_at_ns": m.receipt_received_at_ns,
+        "receipt_recorded_at_ns": m.receipt_arrived_at_ns,
+        "receipt_sync": m.receipt_sync,
+    }
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from meshpost.store import StoreReader
+
+    with StoreReader.for_data_dir(_data_dir(args)) as reader:
+        rows = reader.history(peer=args.peer, limit=args.n)
+    records = [history_record(m) for m in rows]
+    if args.json:
+        json.dump(records, sys.stdout, ensure_ascii=False, indent=1)
+        print()
+    elif args.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(records)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"history of {args.node}" + (f" with {args.peer}" if args.peer else ""))
+        for col in ("sender clock", "from → to", "body", "state", "delivered (receiver clock)"):
+            table.add_column(col, overflow="fold")
+        for r in records:
+            table.add_row(_fmt_time(r["sent_at_ns"]), f"{r['from']} → {r['to']}", r["body"],
+                          r["state"], _fmt_time(r["delivered_at_ns"]))
+        Console().print(table)
+    return EXIT_OK
+
+
+# -- cluster ----------------------------------------------------------------------------
+
+
+def _cluster_root(args: argparse.Namespace) -> Path:
+    if args.data:
+        return Path(args.data)
+    return default_data_dir("cluster").parent
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from meshpost.cluster import LocalCluster, stop_from_state
+
+    root = _cluster_root(args)
+    if args.action == "up":
+        options = {"sync": args.sync} if args.sync else {}
+        extra = ["--secure"] if args.secure else []
+        cluster = LocalCluster.create(root, args.count, base_port=args.base_port,
+                                      transport=args.transport, options=options,
+                                      extra_args=extra)
+        if args.secure:
+            from meshpost.keys import generate_mesh_keys
+
+            generate_mesh_keys({n: cluster.data_dir(n) for n in cluster.names})
+        cluster.start()
+        state = cluster.save_state()
+        print(f"started {len(cluster.names)} nodes; config {cluster.config_path}; state {state}")
+        for name in cluster.names:
+            data = cluster.data_dir(name)
+            print(f"  {name}  {cluster.endpoints[name]}  pid {cluster.nodes[name].pid}")
+            print(f"      send:    meshpost send --node {name} --data {data} --to all 'hello'")
+            print(f"      attach:  meshpost attach --node {name} --data {data}")
+            print(f"      history: meshpost history --node {name} --data {data}")
+        print(f"stop with: meshpost cluster down --data {root}")
+        return EXIT_OK
+    outcome = stop_from_state(root)
+    for name, what in outcome.items():
+        print(f"  {name}: {what}")
+    return EXIT_OK
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from meshpost.remote import attach
+
+    return asyncio.run(attach(_data_dir(args), name=args.node))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from meshpost.demo import run_demo
+
+    return run_demo(nodes=args.nodes, messages=args.messages,
+                    root=Path(args.data) if args.data else None, secure=args.secure)
+
+
+# -- parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshpost",
+        description="Brokerless messaging mesh: receipted, stored on both ends, clock-stamped.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("node", help="run one node (console on a terminal, headless otherwise)")
+    p.add_argument("name")
+    p.add_argument("--bind", action="append", default=[], help="endpoint to listen on (repeat)")
+    p.add_argument("--peer", action="append", default=[], help="NAME=ENDPOINT (repeat)")
+    p.add_argument("--group", action="append", default=[], help="GROUP=A,B,C (repeat)")
+    p.add_argument("--config", help="TOML mesh config listing every node")
+    p.add_argument("--data", help="data directory (default: per-name user data dir)")
+    p.add_argument("--sync", choices=["full", "normal"], help="SQLite synchronous level")
+    p.add_argument("--max-message-bytes", type=int)
+    p.add_argument("--secure", action="store_true", help="CURVE encryption + authentication")
+    p.add_argument("--headless", action="store_true", help="no console even on a terminal")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("send", help="send through a running node and wait for the receipt")
+    p.add_argument("--node", required=True)
+    p.add_argument("--to", required=True, help="peer name, group name, or 'all'")
+    p.add_argument("--data")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for receipts")
+    p.add_argument("text", nargs="+")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("peers", help="peers of a running node: connected, RTT, clock offset")
+    p.add_argument("--node", required=True)
+    p.add_argument("--data")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_peers)
+
+    p = sub.add_parser("history", help="messages stored by a node (works while it runs)")
+    p.add_argument("--node", required=True)
+    p.add_argument("--peer")
+    p.add_argument("--data")
+    p.add_argument("-n", type=int, default=None, help="only the last N messages")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("attach", help="console for a running (headless) node")
+    p.add_argument("--node", required=True)
+    p.add_argument("--data")
+    p.set_defaults(func=cmd_attach)
+
+    p = sub.add_parser("cluster", help="start or stop N local node processes")
+    csub = p.add_subparsers(dest="action", required=True)
+    up = csub.add_parser("up")
+    up.add_argument("count", type=int)
+    up.add_argument("--base-port", type=int)
+    up.add_argument("--transport", choices=["tcp", "ipc"], default="tcp")
+    up.add_argument("--data", help="folder for the cluster (default: user data dir)")
+    up.add_argument("--sync", choices=["full", "normal"])
+    up.add_argument("--secure", action="store_true")
+    down = csub.add_parser("down")
+    down.add_argument("--data")
+    p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("demo", help="run a local mesh, send, verify both stores, exit")
+    p.add_argument("--nodes", type=int, default=5)
+    p.add_argument("--messages", type=int, default=20)
+    p.add_argument("--data", help="keep the demo's files here (default: a temp dir)")
+    p.add_argument("--secure", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except MeshpostError as exc:
+        print(f"meshpost {args.command}: {exc}", file=sys.stderr)
+        return _exit_code(exc)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,305 @@
+"""Start and stop node processes: the `meshpost cluster` command, the demo, tests, benchmarks.
+
+Rule: readiness is observed, never assumed: a node counts as started when its control endpoint
+answers a status request; stopping is terminate, bounded wait, then kill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from meshpost.control import ControlClient, StatusRequest
+from meshpost.errors import ControlUnavailable, MeshpostError
+
+STATE_FILE = "cluster.json"
+CONFIG_FILE = "mesh.toml"
+#: How long a node may take from spawn to answering its control endpoint.
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+class ClusterError(MeshpostError):
+    pass
+
+
+def free_tcp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the kernel says are free now (bind to port 0, read, release)."""
+    sockets, ports = [], []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            sockets.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in sockets:
+            s.close()
+    return ports
+
+
+def node_names(count: int) -> list[str]:
+    """Default names: A..Z for small meshes, n001.. for large ones."""
+    if count <= 26:
+        return [chr(ord("A") + i) for i in range(count)]
+    width = len(str(count))
+    return [f"n{i:0{width}d}" for i in range(1, count + 1)]
+
+
+def write_mesh_config(
+    path: Path,
+    endpoints: Mapping[str, str],
+    *,
+    data_dirs: Mapping[str, Path] | None = None,
+    groups: Mapping[str, Sequence[str]] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a TOML mesh config: one [nodes.NAME] table per node."""
+    lines: list[str] = []
+    if options:
+        lines.append("[mesh]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in options.items()]
+        lines.append("")
+    for name, endpoint in endpoints.items():
+        lines.append(f"[nodes.{name}]")
+        lines.append(f"bind = [{json.dumps(endpoint)}]")
+        if data_dirs and name in data_dirs:
+            lines.append(f"data = {json.dumps(str(data_dirs[name]))}")
+        lines.append("")
+    if groups:
+        lines.append("[groups]")
+        lines += [f"{g} = {json.dumps(list(m))}" for g, m in groups.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def tcp_endpoints(names: Iterable[str], *, base_port: int | None = None) -> dict[str, str]:
+    names = list(names)
+    ports = (
+        free_tcp_ports(len(names)) if base_port is None
+        else [base_port + i for i in range(len(names))]
+    )
+    return {n: f"tcp://127.0.0.1:{p}" for n, p in zip(names, ports, strict=True)}
+
+
+@dataclasses.dataclass
+class NodeProcess:
+    """One `meshpost node` child process."""
+
+    name: str
+    config: Path
+    data_dir: Path
+    log_path: Path
+    extra_args: Sequence[str] = ()
+    env: Mapping[str, str] | None = None
+    process: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "meshpost", "node", self.name,
+            "--config", str(self.config), "--data", str(self.data_dir), "--headless",
+            *self.extra_args,
+        ]
+
+    def start(self) -> NodeProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, **(self.env or {})}
+        self.process = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+            env=env, start_new_session=True,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Block until the node answers on its control endpoint (or fail with its log)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise ClusterError(f"node {self.name} exited early:\n{self.log_tail()}")
+            with contextlib.suppress(ControlUnavailable):
+                with ControlClient(self.data_dir, name=self.name) as client:
+                    if client.request(StatusRequest(), timeout_s=1.0).ok:
+                        return
+            time.sleep(0.05)
+        raise ClusterError(f"node {self.name} not ready after {timeout_s}s:\n{self.log_tail()}")
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM, wait, then SIGKILL. Returns the exit code."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    code = self.process.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    code = self.process.wait(timeout_s)
+            else:
+                code = self.process.returncode
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
+
+    def kill(self) -> None:
+        """kill -9: no cleanup at all, as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(STOP_TIMEOUT_S)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@dataclasses.dataclass
+class LocalCluster:
+    """N node processes on this machine sharing one generated mesh config."""
+
+    root: Path
+    names: list[str]
+    endpoints: dict[str, str]
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    groups: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+    extra_args: Sequence[str] = ()
+    env: Mapping[str, str] | None = None
+    nodes: dict[str, NodeProcess] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def create(
+        cls,
+        root: Path,
+        count: int,
+        *,
+        transport: str = "tcp",
+        base_port: int | None = None,
+        options: Mapping[str, Any] | None = None,
+        names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> LocalCluster:
+        names = list(names) if names else node_names(count)
+        root.mkdir(parents=True, exist_ok=True)
+        if transport == "ipc":
+            endpoints = {n: f"ipc://{root.resolve()}/{n}.sock" for n in names}
+        else:
+            endpoints = tcp_endpoints(names, base_port=base_port)
+        cluster = cls(root, names, endpoints, dict(options or {}), **kwargs)
+        cluster.write_config()
+        return cluster
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    def data_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def write_config(self) -> None:
+        write_mesh_config(
+            self.config_path, self.endpoints,
+            data_dirs={n: self.data_dir(n) for n in self.names},
+            groups=self.groups, options=self.options,
+        )
+
+    def process(self, name: str) -> NodeProcess:
+        node = self.nodes.get(name)
+        if node is None or not node.alive():
+            node = NodeProcess(
+                name, self.config_path, self.data_dir(name), self.root / "logs" / f"{name}.log",
+                extra_args=self.extra_args, env=self.env,
+            )
+            self.nodes[name] = node
+        return node
+
+    def start(self, names: Iterable[str] | None = None, *, wait: bool = True) -> None:
+        started = [self.process(n).start() for n in (names or self.names)]
+        if wait:
+            for node in started:
+                node.wait_ready()
+
+    def restart(self, name: str) -> NodeProcess:
+        old = self.nodes.pop(name, None)
+        if old is not None:
+            old.stop()
+        node = self.process(name).start()
+        node.wait_ready()
+        return node
+
+    def stop(self, names: Iterable[str] | None = None) -> dict[str, int | None]:
+        codes = {}
+        for name in list(names or self.nodes):
+            node = self.nodes.get(name)
+            if node is not None:
+                codes[name] = node.stop()
+        return codes
+
+    def save_state(self) -> Path:
+        state = {
+            "config": str(self.config_path),
+            "nodes": {n: {"pid": p.pid, "endpoint": self.endpoints[n],
+                          "data": str(self.data_dir(n)), "log": str(p.log_path)}
+                      for n, p in self.nodes.items()},
+        }
+        path = self.root / STATE_FILE
+        path.write_text(json.dumps(state, indent=2), encoding="utf-8")
+        return path
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def stop_from_state(root: Path, timeout_s: float = STOP_TIMEOUT_S) -> dict[str, str]:
+    """Stop the nodes `cluster up` recorded in `root`; return what happened to each."""
+    path = root / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ClusterError(f"no cluster is recorded in {root} (nothing to stop)") from None
+    outcome = {}
+    for name, info in state["nodes"].items():
+        outcome[name] = _stop_pid(int(info["pid"]), timeout_s)
+    path.unlink()
+    return outcome
+
+
+def _stop_pid(pid: int, timeout_s: float) -> str:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return "not running"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "stopped"
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return "killed"
