@@ -100,11 +100,12 @@ class HybridLogicalClock:
         """Merge a timestamp received from a peer; return the new local timestamp."""
         pt = self._physical_ms()
         r_ms, r_c = hlc_unpack(remote)
-        if r_ms > pt + HLC_MAX_FORWARD_DRIFT_MS:
-            # Ignore the physical part of an absurd remote clock, but still order after it
-            # logically within our own time line.
-            return self.now()
         l_ms, l_c = hlc_unpack(self._last)
+        if r_ms > max(pt + HLC_MAX_FORWARD_DRIFT_MS, l_ms):
+            # Ignore the physical part of an absurd remote clock, but still order after it
+            # logically within our own time line. (A remote no later than our own last stamp
+            # drags nothing forward, so it is merged even if our wall clock fell far behind.)
+            return self.now()
         top = max(pt, l_ms, r_ms)
         if top == l_ms == r_ms:
             self._last = self._bump(top, max(l_c, r_c))

@@ -1,0 +1,111 @@
+"""kill -9 and restart, on both sides of a stream: every message ends up stored exactly once on
+both ends, and every one is delivered."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from meshpost.cluster import LocalCluster
+from meshpost.config import MeshConfig
+from meshpost.control import ControlClient, SendRequest
+from meshpost.errors import ControlUnavailable
+from meshpost.node import Node
+from meshpost.verify import verify_stores
+
+from tests.integration.conftest import store_counts, wait_until
+
+pytestmark = pytest.mark.integration
+
+FAST = {"ping_interval_s": 0.2, "peer_timeout_s": 1.0, "retransmit_initial_s": 0.2,
+        "retransmit_max_s": 1.0}
+STREAM = 2000
+
+
+def test_receiver_killed_mid_stream_then_restarted_gets_every_message_once(
+    short_tmp: Path,
+) -> None:
+    cluster = LocalCluster.create(short_tmp, 2, transport="ipc", options=FAST)
+    sender_cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
+
+    async def scenario() -> None:
+        async with Node(sender_cfg) as a:
+            cluster.start(["B"])
+            for i in range(0, STREAM, 100):
+                await a.post_many("B", [f"message {j}" for j in range(i, i + 100)])
+                await asyncio.sleep(0.005)
+                if i == 800:
+                    # Wait until B has stored part of the stream, then kill it mid-flight.
+                    await asyncio.wait_for(_until(lambda: a.stats.delivered >= 300), 30)
+                    cluster.nodes["B"].kill()
+            await a.flush()
+            assert a.stats.delivered < STREAM, "the kill happened mid-stream"
+            cluster.restart("B")
+            assert await a.wait_delivered(STREAM, timeout_s=60), a.snapshot_stats()
+            assert await a.pending_count() == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()
+    report = verify_stores({"A": cluster.data_dir("A"), "B": cluster.data_dir("B")})
+    assert report.ok, report.problems
+    assert (report.sent, report.delivered, report.received) == (STREAM, STREAM, STREAM)
+    assert store_counts(cluster.data_dir("B")) == {"in/received": STREAM}
+
+
+def test_sender_killed_with_messages_pending_delivers_them_after_restart(
+    short_tmp: Path,
+) -> None:
+    cluster = LocalCluster.create(short_tmp, 2, transport="ipc", options=FAST)
+    try:
+        cluster.start(["A"])  # B is down: everything A accepts stays pending
+        with ControlClient(cluster.data_dir("A"), name="A") as client:
+            for i in range(200):
+                reply = client.request(SendRequest("B", f"queued {i}", 0.0), timeout_s=10)
+                assert reply.ok and not reply.sent[0].delivered
+        assert store_counts(cluster.data_dir("A")) == {"out/pending": 200}
+        cluster.nodes["A"].kill()
+        cluster.start(["B"])
+        cluster.restart("A")
+        wait_until(lambda: store_counts(cluster.data_dir("A")) == {"out/delivered": 200}, 60,
+                   "A to deliver its backlog after restart")
+    finally:
+        cluster.stop()
+    report = verify_stores({"A": cluster.data_dir("A"), "B": cluster.data_dir("B")})
+    assert report.ok and report.delivered == report.received == 200, report.summary()
+
+
+def test_sender_killed_right_after_storing_resends_on_restart(short_tmp: Path) -> None:
+    """The CrashPoint hook kills A between commit and first transmit."""
+    cluster = LocalCluster.create(short_tmp, 2, transport="ipc", options=FAST,
+                                  env={"MESHPOST_DEBUG_CRASH_AT": "after-sender-store"})
+    try:
+        cluster.start()
+        with (
+            ControlClient(cluster.data_dir("A"), name="A") as client,
+            pytest.raises(ControlUnavailable),
+        ):
+            client.request(SendRequest("B", "crash me", 5.0), timeout_s=5.0)
+        wait_until(lambda: not cluster.nodes["A"].alive(), 20, "A to hit its crash point")
+        assert cluster.nodes["A"].process is not None
+        assert cluster.nodes["A"].process.returncode == 99
+        assert store_counts(cluster.data_dir("A")) == {"out/pending": 1}
+        cluster.env = None
+        cluster.restart("A")
+        wait_until(lambda: store_counts(cluster.data_dir("A")) == {"out/delivered": 1}, 30,
+                   "the stored message to be delivered after restart")
+    finally:
+        cluster.stop()
+    report = verify_stores({"A": cluster.data_dir("A"), "B": cluster.data_dir("B")})
+    assert report.ok and report.received == 1, report.summary()
+
+
+async def _until(predicate: object) -> None:
+    assert callable(predicate)
+    while not predicate():
+        await asyncio.sleep(0.01)
+
+

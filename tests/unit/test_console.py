@@ -1,0 +1,583 @@
+"""The console: command parsing, pure rendering, and a session driven through a pipe."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import re
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prompt_toolkit.input import PipeInput, create_pipe_input
+from prompt_toolkit.output import DummyOutput
+
+from meshpost.clock import FakeClock
+from meshpost.config import NodeConfig, PeerConfig
+from meshpost.console import (
+    DEFAULT_HISTORY_LIMIT,
+    HELP_TEXT,
+    Command,
+    CommandError,
+    EmptyCommand,
+    HelpCommand,
+    HistoryCommand,
+    PeersCommand,
+    QuitCommand,
+    SendCommand,
+    StatsCommand,
+    clean,
+    format_clock,
+    format_incoming,
+    format_peer_change,
+    format_pending,
+    format_queued,
+    format_receipt,
+    parse_command,
+    render_history,
+    render_peers_table,
+    render_stats,
+    run_console,
+)
+from meshpost.errors import EmptyMessage, MessageRejected, UnknownPeer
+from meshpost.node import (
+    MessageReceived,
+    NodeEvent,
+    NodeStats,
+    Outgoing,
+    PeerChanged,
+    PeerStatus,
+    Receipt,
+)
+from meshpost.protocol import Envelope
+from meshpost.store import Store, StoredMessage, WriteBatch
+
+UTC = datetime.UTC
+#: 2023-11-14 22:13:20 UTC
+T0 = 1_700_000_000_000_000_000
+MS = 1_000_000
+STEP_TIMEOUT_S = 5.0
+
+
+# -- parse_command ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("", EmptyCommand()),
+        ("   \t ", EmptyCommand()),
+        ("@B hello there", SendCommand("B", "hello there")),
+        ("  @B   hello   there  ", SendCommand("B", "hello   there")),
+        ("@B\thi", SendCommand("B", "hi")),
+        ("@all everyone", SendCommand("all", "everyone")),
+        ("@ops /not a command", SendCommand("ops", "/not a command")),
+        ("hello again", SendCommand(None, "hello again")),
+        ("/peers", PeersCommand()),
+        ("/PEERS", PeersCommand()),
+        ("/stats", StatsCommand()),
+        ("/help", HelpCommand()),
+        ("/?", HelpCommand()),
+        ("/quit", QuitCommand()),
+        ("/exit", QuitCommand()),
+        ("/q", QuitCommand()),
+        ("/history", HistoryCommand(None, DEFAULT_HISTORY_LIMIT)),
+        ("/history B", HistoryCommand("B", DEFAULT_HISTORY_LIMIT)),
+        ("/history -n 5", HistoryCommand(None, 5)),
+        ("/history B -n 5", HistoryCommand("B", 5)),
+        ("/history -n 7 B", HistoryCommand("B", 7)),
+        ("/history -n3", HistoryCommand(None, 3)),
+        ("/history -n=3 C", HistoryCommand("C", 3)),
+    ],
+)
+def test_parse_command(line: str, expected: Command) -> None:
+    assert parse_command(line) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ("@B", "type the text after the recipient"),
+        ("@B    ", "`@B hello`"),
+        ("@", "recipient right after '@'"),
+        ("@ hello", "recipient right after '@'"),
+        ("/history -n abc", "not 'abc'"),
+        ("/history -n", "-n needs a number"),
+        ("/history -n 0", "from 1 to"),
+        ("/history -n ١٢", "whole number"),
+        ("/history -n 1_000", "whole number"),
+        ("/history -x", "unknown option '-x'"),
+        ("/history B C", "one peer"),
+        ("/foo", "unknown command `/foo`"),
+        ("/", "unknown command `/`"),
+        ("/peers now", "/peers takes no arguments"),
+        ("/quit please", "takes no arguments"),
+    ],
+)
+def test_parse_errors_say_what_to_do(line: str, fragment: str) -> None:
+    with pytest.raises(CommandError) as info:
+        parse_command(line)
+    assert fragment in str(info.value)
+
+
+@given(st.one_of(
+    st.text(),
+    st.text().map(lambda s: "@" + s),
+    st.text().map(lambda s: "/" + s),
+    st.text().map(lambda s: "/history " + s),
+    st.text().map(lambda s: "/history -n " + s),
+))
+def test_parse_raises_nothing_but_command_error(line: str) -> None:
+    try:
+        command = parse_command(line)
+    except CommandError as exc:
+        assert str(exc)
+    else:
+        assert isinstance(command, (SendCommand, PeersCommand, HistoryCommand, StatsCommand,
+                                    HelpCommand, QuitCommand, EmptyCommand))
+
+
+@given(
+    st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,20}\Z"),
+    st.text(min_size=1).filter(lambda s: s == s.strip() and s != ""),
+)
+def test_send_keeps_target_and_body(name: str, body: str) -> None:
+    assert parse_command(f"@{name} {body}") == SendCommand(name, body)
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def test_format_clock() -> None:
+    assert format_clock(T0 + 123_456_789, tz=UTC) == "22:13:20.123"
+    assert format_clock(T0 + 999 * MS, tz=UTC, date=True) == "2023-11-14 22:13:20.999"
+    assert format_clock(-1, tz=UTC) == "23:59:59.999"
+
+
+@given(st.integers(min_value=-(2**80), max_value=2**80))
+def test_format_clock_never_raises(ns: int) -> None:
+    assert format_clock(ns, tz=UTC)
+
+
+def test_clean_escapes_terminal_controls() -> None:
+    assert clean("a\x1b[2Jb\u202ec\n") == "a\\u001b[2Jb\\u202ec\n"
+    assert clean("héllo 👋\tok") == "héllo 👋\tok"
+
+
+def envelope(body: str = "hi", *, sender: str = "B", sent_at_ns: int = T0 + 5 * MS) -> Envelope:
+    return Envelope(id="m1", seq=1, sender=sender, recipient="A", body=body,
+                    sent_at_ns=sent_at_ns, hlc=1)
+
+
+def test_format_incoming_uses_the_sender_clock() -> None:
+    line = format_incoming(envelope("hello there"), tz=UTC)
+    assert line == "[22:13:20.005 sender-clock] B → me: hello there"
+
+
+def test_format_incoming_indents_lines_and_escapes_controls() -> None:
+    line = format_incoming(envelope("one\ntwo\x07"), tz=UTC)
+    assert line.endswith("B → me: one\n    two\\u0007")
+
+
+def outgoing(to: str = "B", body: str = "hi", *, seq: int = 1) -> Outgoing:
+    loop = asyncio.new_event_loop()
+    try:
+        future: asyncio.Future[Receipt] = loop.create_future()
+    finally:
+        loop.close()
+    return Outgoing(id=f"id-{to}-{seq}", to=to, seq=seq, body=body, sent_at_ns=T0, hlc=1,
+                    receipt=future)
+
+
+def test_format_pending_names_every_recipient() -> None:
+    assert format_pending("A", [outgoing("B", "hello there")]) == "… A → B: hello there (pending)"
+    assert format_pending("A", [outgoing("B"), outgoing("C")]) == "… A → B, C: hi (pending)"
+    assert format_pending("A", []) == "… nobody to send to"
+
+
+def receipt(to: str = "B", *, delivered_at_ns: int = T0 + 250 * MS) -> Receipt:
+    return Receipt(message_id="m1", to=to, seq=1, sent_at_ns=T0, delivered_at_ns=delivered_at_ns,
+                   received_at_ns=delivered_at_ns - MS, recorded_at_ns=T0 + 3 * MS, sync="full")
+
+
+def test_format_receipt_shows_the_receiver_clock() -> None:
+    assert format_receipt(receipt(), tz=UTC) == (
+        "✓ delivered to B at 22:13:20.250 B-clock (3.0 ms after sending)"
+    )
+
+
+def test_format_queued() -> None:
+    assert format_queued("B").startswith("… queued, B unreachable (not connected)")
+    assert "no receipt within 2.5s" in format_queued("B", waited_s=2.5)
+
+
+@pytest.mark.parametrize(
+    ("event", "line"),
+    [
+        (PeerChanged("B", True, "connected"), "● B connected"),
+        (PeerChanged("B", False, "silent for 4.0s"), "○ B lost (silent for 4.0s)"),
+        (PeerChanged("B", False, "refused: wrong mesh"), "✗ B refused: wrong mesh"),
+    ],
+)
+def test_format_peer_change(event: PeerChanged, line: str) -> None:
+    assert format_peer_change(event) == line
+
+
+def peer_status(name: str = "B", *, connected: bool = True, **kw: object) -> PeerStatus:
+    fields: dict[str, object] = {
+        "name": name, "endpoint": f"tcp://127.0.0.1:{5000 + ord(name[0])}",
+        "connected": connected, "state": "ready" if connected else "connecting",
+        "last_seen_ns": T0 - 1500 * MS, "rtt_ns": 1_500_000, "offset_ns": 2_250_000,
+        "unacknowledged": 3, "refusal": None,
+    }
+    fields.update(kw)
+    return PeerStatus(**fields)  # type: ignore[arg-type]
+
+
+def test_render_peers_table() -> None:
+    text = render_peers_table(
+        [peer_status("B"), peer_status("C", connected=False, last_seen_ns=None, rtt_ns=None,
+                                      offset_ns=None, unacknowledged=0),
+         peer_status("D", connected=False, refusal="mesh: other mesh")],
+        now_ns=T0,
+    )
+    b_row = next(line for line in text.splitlines() if " B " in line)
+    assert "tcp://127.0.0.1:5066" in b_row
+    assert "connected" in b_row
+    assert "1.5s ago" in b_row
+    assert "1.50" in b_row
+    assert "+2.25" in b_row
+    assert re.search(r"\b3\b", b_row)
+    c_row = next(line for line in text.splitlines() if " C " in line)
+    assert "unreachable (connecting)" in c_row
+    assert "never" in c_row
+    assert "refused (mesh: other mesh)" in text
+    for header in ("peer", "endpoint", "state", "last seen", "rtt ms", "offset ms", "unacked"):
+        assert header in text
+    assert render_peers_table([], now_ns=T0) == "no peers configured"
+
+
+def stored(
+    direction: str, state: str, body: str, *, sent: int, at: int, receipt_at: int | None = None,
+    reason: str | None = None,
+) -> StoredMessage:
+    peer = "B"
+    sender, recipient = ("A", peer) if direction == "out" else (peer, "A")
+    return StoredMessage(
+        id=f"{direction}-{sent}", direction=direction, peer=peer, sender=sender,
+        recipient=recipient, seq=1, body=body, sent_at_ns=sent, hlc=sent, state=state,
+        stored_at_ns=at, receipt_stored_at_ns=receipt_at, receipt_received_at_ns=receipt_at,
+        receipt_arrived_at_ns=receipt_at, receipt_sync="full" if receipt_at else None,
+        receipt_hlc=None, reject_reason=reason,
+    )
+
+
+def test_render_history_shows_both_clocks_direction_and_state() -> None:
+    rows = [
+        stored("out", "delivered", "first", sent=T0, at=T0 + 1 * MS, receipt_at=T0 + 40 * MS),
+        stored("in", "received", "[bold]reply[/bold] :smile:", sent=T0 + 100 * MS,
+               at=T0 + 900 * MS),
+        stored("out", "pending", "waiting", sent=T0 + 2000 * MS, at=T0 + 2001 * MS),
+        stored("out", "rejected", "bad", sent=T0 + 3000 * MS, at=T0 + 3001 * MS,
+               reason="conflict: reused id"),
+    ]
+    text = render_history(rows, me="A", tz=UTC, width=140)
+    assert "2023-11-14" in text
+    first = next(line for line in text.splitlines() if "first" in line)
+    assert "22:13:20.000" in first
+    assert "22:13:20.001" in first
+    assert "me → B" in first
+    assert "✓ 22:13:20.040 B-clock" in first
+    reply = next(line for line in text.splitlines() if "reply" in line)
+    assert "[bold]reply[/bold] :smile:" in reply  # bodies are text, never markup
+    assert "22:13:20.100" in reply
+    assert "22:13:20.900" in reply
+    assert "B → me" in reply
+    assert "received" in reply
+    assert "… pending" in next(line for line in text.splitlines() if "waiting" in line)
+    assert "✗ rejected: conflict: reused id" in text
+    assert render_history([], me="A") == "no messages yet"
+
+
+def test_render_stats() -> None:
+    text = render_stats(NodeStats(sent=4, delivered=3))
+    assert re.search(r"^sent\s+4$", text, re.M)
+    assert re.search(r"^delivered\s+3$", text, re.M)
+    assert "retransmissions" in text
+
+
+# -- the console, driven through a pipe ------------------------------------------------------
+
+
+class FakeNode:
+    """The slice of `Node` the console uses; posts are recorded and receipts resolved by hand."""
+
+    def __init__(self, data_dir: Path, *, connected: tuple[str, ...] = ("B", "C")) -> None:
+        self.config = NodeConfig(
+            name="A",
+            bind=("tcp://127.0.0.1:7001",),
+            peers=(PeerConfig("B", "tcp://127.0.0.1:7002"),
+                   PeerConfig("C", "tcp://127.0.0.1:7003")),
+            data_dir=data_dir,
+            groups={"team": ("A", "B", "C")},
+        )
+        self.name = "A"
+        self.clock = FakeClock(wall=T0)
+        self.connected = set(connected)
+        self.posted: list[tuple[str, str]] = []
+        self.handles: list[Outgoing] = []
+        self.queues: list[asyncio.Queue[NodeEvent]] = []
+        self.seq = 0
+
+    async def post(self, target: str, body: str) -> list[Outgoing]:
+        peers = self.resolve(target)
+        self.validate_body(body)
+        self.posted.append((target, body))
+        loop = asyncio.get_running_loop()
+        handles = []
+        for peer in peers:
+            self.seq += 1
+            handles.append(Outgoing(f"id{self.seq}", peer, self.seq, body, T0, self.seq,
+                                    loop.create_future()))
+        self.handles.extend(handles)
+        return handles
+
+    def resolve(self, target: str) -> list[str]:
+        if target.lower() == "all":
+            return self.config.peer_names
+        if target in self.config.peer_names:
+            return [target]
+        if target in self.config.groups:
+            return [m for m in self.config.groups[target] if m != self.name]
+        raise UnknownPeer(target, [*self.config.peer_names, "all"])
+
+    def validate_body(self, body: str) -> None:
+        if not body.strip():
+            raise EmptyMessage()
+
+    def peers(self) -> list[PeerStatus]:
+        return [peer_status(p, connected=p in self.connected) for p in self.config.peer_names]
+
+    def subscribe(self) -> asyncio.Queue[NodeEvent]:
+        queue: asyncio.Queue[NodeEvent] = asyncio.Queue()
+        self.queues.append(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[NodeEvent]) -> None:
+        self.queues.remove(queue)
+
+    def publish(self, event: NodeEvent) -> None:
+        for queue in self.queues:
+            queue.put_nowait(event)
+
+    def snapshot_stats(self) -> NodeStats:
+        return NodeStats(sent=self.seq)
+
+    def deliver(self, handle: Outgoing) -> None:
+        handle.receipt.set_result(receipt(handle.to))
+
+
+class Driver:
+    """A console session under test: type lines, wait for printed output."""
+
+    def __init__(self, node: FakeNode, pipe: PipeInput) -> None:
+        self.node = node
+        self.pipe = pipe
+        self.lines: list[str] = []
+
+    def type(self, text: str) -> None:
+        self.pipe.send_text(text)
+
+    async def until(self, what: Callable[[], bool], describe: str) -> None:
+        async def poll() -> None:
+            while not what():
+                await asyncio.sleep(0.005)
+
+        try:
+            await asyncio.wait_for(poll(), STEP_TIMEOUT_S)
+        except TimeoutError:
+            pytest.fail(f"timed out waiting for {describe}; printed so far: {self.lines}")
+
+    async def printed(self, pattern: str) -> str:
+        """Wait for a printed line matching `pattern`; return it."""
+        def found() -> bool:
+            return any(re.search(pattern, line) for line in self.lines)
+
+        await self.until(found, repr(pattern))
+        return next(line for line in self.lines if re.search(pattern, line))
+
+
+Scenario = Callable[[Driver], Awaitable[None]]
+
+
+def drive(node: FakeNode, scenario: Scenario, *, receipt_wait_s: float = 5.0) -> Driver:
+    """Run the console with a pipe as keyboard while `scenario` types and checks."""
+    async def main(pipe: PipeInput) -> None:
+        driver.pipe = pipe
+        console = asyncio.create_task(run_console(
+            node, input=pipe, output=DummyOutput(), printer=driver.lines.append,
+            receipt_wait_s=receipt_wait_s,
+        ))
+        try:
+            await asyncio.wait_for(scenario(driver), STEP_TIMEOUT_S * 4)
+            await asyncio.wait_for(console, STEP_TIMEOUT_S)
+        finally:
+            console.cancel()
+
+    with create_pipe_input() as pipe:
+        driver = Driver(node, pipe)
+        asyncio.run(main(pipe))
+    assert node.queues == [], "the console must unsubscribe when it ends"
+    return driver
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[FakeNode]:
+    yield FakeNode(tmp_path)
+
+
+def test_send_shows_pending_then_delivered(node: FakeNode) -> None:
+    async def scenario(d: Driver) -> None:
+        d.type("@B hi\n")
+        assert await d.printed("pending") == "… A → B: hi (pending)"
+        assert node.posted == [("B", "hi")]
+        node.deliver(node.handles[0])
+        assert (await d.printed("✓")).startswith("✓ delivered to B at ")
+        d.type("/quit\n")
+
+    d = drive(node, scenario)
+    assert not any("queued" in line for line in d.lines)
+
+
+def test_incoming_and_peer_events_print_while_prompting(node: FakeNode) -> None:
+    async def scenario(d: Driver) -> None:
+        await d.printed("/help for commands")
+        node.publish(MessageReceived(envelope("hello from B", sent_at_ns=T0), T0 + MS))
+        line = await d.printed("hello from B")
+        assert re.fullmatch(r"\[\d\d:\d\d:\d\d\.000 sender-clock\] B → me: hello from B", line)
+        node.publish(PeerChanged("C", False, "silent for 4.0s"))
+        await d.printed(r"○ C lost \(silent for 4\.0s\)")
+        d.type("/quit\n")
+
+    drive(node, scenario)
+
+
+def test_unreachable_peer_is_queued_and_delivered_later(node: FakeNode) -> None:
+    node.connected = {"B"}
+
+    async def scenario(d: Driver) -> None:
+        d.type("@all hello everyone\n")
+        await d.printed(r"… A → B, C: hello everyone \(pending\)")
+        await d.printed(r"… queued, C unreachable \(not connected\)")
+        assert [h.to for h in node.handles] == ["B", "C"]
+        node.deliver(node.handles[1])
+        await d.printed("✓ delivered to C")
+        node.deliver(node.handles[0])
+        await d.printed("✓ delivered to B")
+        d.type("/quit\n")
+
+    d = drive(node, scenario)
+    assert not any("queued, B" in line for line in d.lines)
+
+
+def test_slow_receipt_is_reported_queued_then_delivered(node: FakeNode) -> None:
+    async def scenario(d: Driver) -> None:
+        d.type("@team slow\n")
+        await d.printed(r"… A → B, C: slow \(pending\)")
+        await d.printed(r"… queued, B unreachable \(no receipt within 0.05s\)")
+        await d.printed(r"… queued, C unreachable")
+        for handle in node.handles:
+            node.deliver(handle)
+        await d.printed("✓ delivered to B")
+        await d.printed("✓ delivered to C")
+        d.type("/quit\n")
+
+    drive(node, scenario, receipt_wait_s=0.05)
+
+
+def test_rejection_is_shown(node: FakeNode) -> None:
+    async def scenario(d: Driver) -> None:
+        d.type("@B nope\n")
+        await d.printed("pending")
+        node.handles[0].receipt.set_exception(MessageRejected("id1", "B", "conflict", "reused"))
+        await d.printed(r"✗ 'B' rejected message id1 \(conflict\): reused")
+        d.type("/quit\n")
+
+    drive(node, scenario)
+
+
+def test_last_recipient_hints_and_errors(node: FakeNode) -> None:
+    async def scenario(d: Driver) -> None:
+        d.type("hello?\n")
+        await d.printed("start with a recipient")
+        d.type("@Z hi\n")
+        await d.printed(r"✗ unknown peer 'Z'; known peers: B, C, all")
+        d.type("@B\n")
+        await d.printed("✗ nothing to send")
+        d.type("/history -n abc\n")
+        await d.printed("✗ -n wants a whole number")
+        d.type("/frobnicate\n")
+        await d.printed(r"✗ unknown command `/frobnicate`")
+        d.type("@C first\n")
+        await d.printed("A → C: first")
+        d.type("second\n")
+        await d.printed("A → C: second")
+        d.type("/quit\n")
+
+    drive(node, scenario)
+    assert node.posted == [("C", "first"), ("C", "second")]
+
+
+def test_peers_stats_help_and_history(node: FakeNode, tmp_path: Path) -> None:
+    store = Store.open(tmp_path, name="A")
+    store.apply(WriteBatch(outgoing=[
+        Envelope("m1", 1, "A", "B", "stored for B", T0, T0),
+        Envelope("m2", 1, "A", "C", "stored for C", T0 + MS, T0 + MS),
+    ]), T0 + 2 * MS)
+    store.close()
+
+    async def scenario(d: Driver) -> None:
+        d.type("/peers\n")
+        await d.printed(r"offset ms")
+        d.type("/stats\n")
+        await d.printed(r"^sent\s+0")
+        d.type("/help\n")
+        await d.printed(re.escape(HELP_TEXT.splitlines()[0]))
+        d.type("/history B -n 5\n")
+        table = await d.printed("stored for B")
+        assert "stored for C" not in table
+        assert "me → B" in table
+        assert "… pending" in table
+        d.type("/history nobody\n")
+        await d.printed("no messages with nobody")
+        d.type("/quit\n")
+
+    drive(node, scenario)
+
+
+def test_history_without_a_store_says_so(node: FakeNode) -> None:
+    async def scenario(d: Driver) -> None:
+        d.type("/history\n")
+        await d.printed("✗ no meshpost database at .*has this node ever run")
+        d.type("/quit\n")
+
+    drive(node, scenario)
+
+
+def test_end_of_input_ends_the_console(node: FakeNode) -> None:
+    async def scenario(d: Driver) -> None:
+        await d.printed("/help for commands")
+        d.pipe.close()
+
+    drive(node, scenario)
+
+
+@pytest.mark.parametrize("key", ["\x04", "\x03"], ids=["ctrl-d", "ctrl-c"])
+def test_ctrl_d_and_ctrl_c_quit(node: FakeNode, key: str) -> None:
+    async def scenario(d: Driver) -> None:
+        await d.printed("/help for commands")
+        d.type(key)
+
+    drive(node, scenario)
