@@ -280,7 +280,7 @@ def _render(renderable: Table, width: int) -> str:
         highlight=False, legacy_windows=False, no_color=True,
     )
     console.print(renderable)
-    return out.getvalue().rstrip("\n")
+    return "\n".join(line.rstrip() for line in out.getvalue().rstrip("\n").splitlines())
 
 
 def _ago(now_ns: int, then_ns: int | None) -> str:
@@ -347,7 +347,7 @@ def render_history(
     table.add_column("sent (sender clock)", no_wrap=True)
     table.add_column("stored (local)", no_wrap=True)
     table.add_column("route", no_wrap=True)
-    table.add_column("message", ratio=1, overflow="fold")
+    table.add_column("message", overflow="fold")
     table.add_column("state", overflow="fold")
     day = ""
     for row in rows:

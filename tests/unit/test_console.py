@@ -241,7 +241,7 @@ def test_render_peers_table() -> None:
         [peer_status("B"), peer_status("C", connected=False, last_seen_ns=None, rtt_ns=None,
                                       offset_ns=None, unacknowledged=0),
          peer_status("D", connected=False, refusal="mesh: other mesh")],
-        now_ns=T0,
+        now_ns=T0, width=140,
     )
     b_row = next(line for line in text.splitlines() if " B " in line)
     assert "tcp://127.0.0.1:5066" in b_row
@@ -276,7 +276,7 @@ def stored(
 
 def test_render_history_shows_both_clocks_direction_and_state() -> None:
     rows = [
-        stored("out", "delivered", "first", sent=T0, at=T0 + 1 * MS, receipt_at=T0 + 40 * MS),
+        stored("out", "delivered", "greeting", sent=T0, at=T0 + 1 * MS, receipt_at=T0 + 40 * MS),
         stored("in", "received", "[bold]reply[/bold] :smile:", sent=T0 + 100 * MS,
                at=T0 + 900 * MS),
         stored("out", "pending", "waiting", sent=T0 + 2000 * MS, at=T0 + 2001 * MS),
@@ -285,7 +285,7 @@ def test_render_history_shows_both_clocks_direction_and_state() -> None:
     ]
     text = render_history(rows, me="A", tz=UTC, width=140)
     assert "2023-11-14" in text
-    first = next(line for line in text.splitlines() if "first" in line)
+    first = next(line for line in text.splitlines() if "greeting" in line)
     assert "22:13:20.000" in first
     assert "22:13:20.001" in first
     assert "me → B" in first

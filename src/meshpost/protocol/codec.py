@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 
 from meshpost.errors import MalformedFrame, UnsupportedVersion
-from meshpost.protocol.frames import PROTOCOL_VERSION, Frame
+from meshpost.protocol.frames import PROTOCOL_VERSION, Frame, Hello
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)
@@ -16,6 +16,8 @@ _loose_decoder = msgspec.msgpack.Decoder(list[Any])
 #: A Hello of another version is decoded loosely to tell the peer why it was refused; only
 #: small frames get that courtesy, so a hostile frame cannot make us parse megabytes twice.
 _LOOSE_DECODE_LIMIT = 4096
+#: Everything msgspec raises for bad input (invalid UTF-8 in a str is a UnicodeDecodeError).
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError)
 
 
 def encode(frame: Frame) -> bytes:
@@ -27,12 +29,16 @@ def decode(data: bytes, *, max_bytes: int) -> Frame:
     if len(data) > max_bytes:
         raise MalformedFrame(f"frame of {len(data)} bytes exceeds the {max_bytes}-byte limit")
     try:
-        return _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        frame: Frame = _decoder.decode(data)
+    except _DECODE_ERRORS as exc:
         _raise_if_other_version(data)
         raise MalformedFrame(f"cannot decode frame: {exc}") from None
     except RecursionError:
         raise MalformedFrame("frame nests too deeply") from None
+    if isinstance(frame, Hello) and frame.version != PROTOCOL_VERSION:
+        # Extra trailing fields decode fine, so a newer Hello may look like ours.
+        raise UnsupportedVersion(frame.version, PROTOCOL_VERSION)
+    return frame
 
 
 def _raise_if_other_version(data: bytes) -> None:
@@ -40,8 +46,9 @@ def _raise_if_other_version(data: bytes) -> None:
         return
     try:
         loose = _loose_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except (*_DECODE_ERRORS, RecursionError):
         return
-    if len(loose) >= 2 and loose[0] == "hello" and isinstance(loose[1], int):
-        if loose[1] != PROTOCOL_VERSION:
-            raise UnsupportedVersion(loose[1], PROTOCOL_VERSION)
+    version = loose[1] if len(loose) >= 2 and loose[0] == "hello" else None
+    if isinstance(version, int) and not isinstance(version, bool):
+        if version != PROTOCOL_VERSION:
+            raise UnsupportedVersion(version, PROTOCOL_VERSION)

@@ -1,0 +1,140 @@
+"""The command line against real node processes: exit codes and messages a user can act on."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshpost.cluster import LocalCluster
+
+pytestmark = pytest.mark.integration
+
+CLI_TIMEOUT_S = 60
+
+
+def meshpost(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshpost", *args], capture_output=True, text=True,
+        timeout=CLI_TIMEOUT_S, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def pair(short_tmp: Path):  # type: ignore[no-untyped-def]
+    cluster = LocalCluster.create(short_tmp, 2, transport="ipc",
+                                  options={"ping_interval_s": 0.2, "peer_timeout_s": 1.0})
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_send_prints_the_receipt_and_history_json_has_the_documented_schema(
+    pair: LocalCluster,
+) -> None:
+    data_a = str(pair.data_dir("A"))
+    done = meshpost("send", "--node", "A", "--data", data_a, "--to", "B", "hola", "B")
+    assert done.returncode == 0, done.stderr
+    assert "✓ delivered to B" in done.stdout
+    for node in ("A", "B"):
+        out = meshpost("history", "--node", node, "--data", str(pair.data_dir(node)), "--json")
+        assert out.returncode == 0, out.stderr
+        (record,) = json.loads(out.stdout)
+        assert {"id", "from", "to", "body", "sent_at_ns", "hlc", "direction", "state",
+                "delivered_at_ns", "receipt_received_at_ns", "receipt_sync"} <= set(record)
+        assert (record["from"], record["to"], record["body"]) == ("A", "B", "hola B")
+        assert record["state"] == ("delivered" if node == "A" else "received")
+    csv_out = meshpost("history", "--node", "A", "--data", data_a, "--csv")
+    assert csv_out.stdout.splitlines()[0].startswith("id,from,to,body,sent_at_ns")
+
+
+def test_send_to_unknown_peer_or_empty_or_oversized_message_is_a_usage_error(
+    pair: LocalCluster,
+) -> None:
+    data_a = str(pair.data_dir("A"))
+    unknown = meshpost("send", "--node", "A", "--data", data_a, "--to", "Z", "hi")
+    assert unknown.returncode == 2 and "unknown peer 'Z'" in unknown.stderr
+    empty = meshpost("send", "--node", "A", "--data", data_a, "--to", "B", " ")
+    assert empty.returncode == 2 and "empty" in empty.stderr
+    big = meshpost("send", "--node", "A", "--data", data_a, "--to", "B", "x" * 70_000)
+    assert big.returncode == 2 and "over the 65536-byte limit" in big.stderr
+    status = meshpost("peers", "--node", "A", "--data", data_a, "--json")
+    assert json.loads(status.stdout)["status"]["pending"] == 0, "nothing bad was stored"
+
+
+def test_send_while_receiver_is_down_times_out_with_exit_3_and_delivers_later(
+    pair: LocalCluster,
+) -> None:
+    pair.nodes["B"].stop()
+    data_a = str(pair.data_dir("A"))
+    late = meshpost("send", "--node", "A", "--data", data_a, "--to", "B", "--timeout", "0.5",
+                    "later")
+    assert late.returncode == 3 and "stays queued" in late.stderr
+    pair.start(["B"])
+    again = meshpost("send", "--node", "A", "--data", data_a, "--to", "B", "now")
+    assert again.returncode == 0
+    out = meshpost("history", "--node", "B", "--data", str(pair.data_dir("B")), "--json")
+    assert [r["body"] for r in json.loads(out.stdout)] == ["later", "now"]
+
+
+def test_send_through_a_node_that_is_not_running_exits_4(tmp_path: Path) -> None:
+    done = meshpost("send", "--node", "ghost", "--data", str(tmp_path), "--to", "B", "hi")
+    assert done.returncode == 4 and "not running" in done.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = meshpost("node", "A", "--bind", f"tcp://127.0.0.1:{port}", "--data",
+                        str(tmp_path / "A"), "--headless")
+    assert done.returncode == 2 or done.returncode == 1
+    assert "cannot bind" in done.stderr and "in use" in done.stderr.lower()
+
+
+def test_second_node_on_the_same_data_dir_is_refused(pair: LocalCluster) -> None:
+    done = meshpost("node", "A", "--config", str(pair.config_path), "--data",
+                    str(pair.data_dir("A")), "--bind", "ipc:///tmp/mp-other.sock", "--headless")
+    assert done.returncode == 6 and "locked by another process" in done.stderr
+
+
+def test_data_dir_that_is_not_writable_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    done = meshpost("node", "A", "--bind", "ipc:///tmp/mp-unwritable.sock", "--data",
+                    str(blocker / "A"), "--headless")
+    assert done.returncode == 6 and "not writable" in done.stderr
+
+
+def test_bad_config_and_bad_endpoints_are_usage_errors(tmp_path: Path) -> None:
+    bad = meshpost("node", "all", "--bind", "tcp://127.0.0.1:1", "--headless")
+    assert bad.returncode == 2 and "reserved" in bad.stderr
+    endpoint = meshpost("node", "A", "--bind", "udp://x:1", "--headless")
+    assert endpoint.returncode == 2 and "tcp:// and ipc://" in endpoint.stderr
+    cfg = tmp_path / "mesh.toml"
+    cfg.write_text("[nodes.A\n")
+    toml = meshpost("node", "A", "--config", str(cfg), "--headless")
+    assert toml.returncode == 2 and "not valid TOML" in toml.stderr
+
+
+def test_cluster_up_and_down(short_tmp: Path) -> None:
+    up = meshpost("cluster", "up", "3", "--transport", "ipc", "--data", str(short_tmp))
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "meshpost send --node A" in up.stdout
+        sent = meshpost("send", "--node", "A", "--data", str(short_tmp / "A"), "--to", "all",
+                        "hello cluster")
+        assert sent.returncode == 0, sent.stderr
+        assert sent.stdout.count("✓ delivered") == 2
+    finally:
+        down = meshpost("cluster", "down", "--data", str(short_tmp))
+    assert down.returncode == 0
+    assert down.stdout.count("stopped") == 3
