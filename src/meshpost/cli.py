@@ -109,7 +109,14 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Node(cfg, crash_at=crash_at) as node, ControlServer(node):
+    curve_keys = peer_keys = None
+    if cfg.secure:
+        from meshpost import keys
+
+        curve_keys = keys.load_own(cfg.data_dir)
+        peer_keys = keys.load_authorized(cfg.data_dir)
+    node = Node(cfg, crash_at=crash_at, curve_keys=curve_keys, peer_public_keys=peer_keys)
+    async with node, ControlServer(node):
         if interactive:
             from meshpost.console import run_console
 
@@ -310,6 +317,18 @@ def cmd_attach(args: argparse.Namespace) -> int:
     return asyncio.run(attach(_data_dir(args), name=args.node))
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from meshpost import keys
+
+    data_dir = _data_dir(args)
+    public = keys.generate(data_dir, overwrite=args.force)
+    public_file, secret_file = keys.key_paths(data_dir)
+    print(f"{args.node} {public.decode('ascii')}")
+    print(f"public key: {public_file}\nsecret key: {secret_file} (mode 0600)", file=sys.stderr)
+    print(f"add the first line to every peer's {keys.AUTHORIZED_KEYS} file", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from meshpost.demo import run_demo
 
@@ -382,6 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
     down = csub.add_parser("down")
     down.add_argument("--data")
     p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("keys", help="CURVE keys for --secure")
+    ksub = p.add_subparsers(dest="action", required=True)
+    gen = ksub.add_parser("generate", help="create this node's key pair in its data dir")
+    gen.add_argument("--node", required=True)
+    gen.add_argument("--data")
+    gen.add_argument("--force", action="store_true", help="replace an existing key pair")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("demo", help="run a local mesh, send, verify both stores, exit")
     p.add_argument("--nodes", type=int, default=5)

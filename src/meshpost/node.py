@@ -20,7 +20,9 @@ from collections.abc import Iterable
 from meshpost.clock import Clock, HybridLogicalClock, SystemClock
 from meshpost.config import NodeConfig
 from meshpost.errors import (
+    ConfigError,
     EmptyMessage,
+    IdentityMismatch,
     MeshpostError,
     MessageRejected,
     MessageTooLarge,
@@ -238,7 +240,12 @@ class Node:
                 max_message_bytes=cfg.max_message_bytes,
                 sync=cfg.sync,
             )
-            secret, public = self._curve_keys or (None, None)
+            if cfg.secure and (self._curve_keys is None or self._peer_public_keys is None):
+                raise ConfigError(
+                    f"node {cfg.name!r} is secure but has no CURVE keys; run "
+                    "`meshpost keys generate` and list peers in authorized_keys"
+                )
+            secret, public = self._curve_keys if cfg.secure and self._curve_keys else (None, None)
             self._transport = ZmqTransport(
                 name=cfg.name,
                 max_frame_bytes=self._listener.max_frame_bytes,
@@ -517,6 +524,7 @@ class Node:
             link = self._links[peer]
             if not link.disk_backlog and link.capacity >= len(group):
                 link.enqueue(group)
+                link.pump(self.clock.monotonic(), self.clock.wall_ns())
                 self._perform(link)
             else:
                 # Memory is full or older messages wait on disk: keep order, load from disk.
@@ -540,6 +548,7 @@ class Node:
                 rows = await writer.call(store.load_pending, peer, link.highest_enqueued_seq,
                                          limit)
                 link.enqueue(rows)
+                link.pump(self.clock.monotonic(), self.clock.wall_ns())
                 if len(rows) < limit and epoch == self._backlog_epoch[peer]:
                     link.disk_backlog = False
                 elif len(rows) == limit:
@@ -582,7 +591,13 @@ class Node:
         clock = self.clock
         while True:
             identity, data, user_id = await transport.recv_inbound()
-            who = user_id or identity.decode("utf-8", "replace")
+            who = identity.decode("utf-8", "replace")
+            if transport.secure and user_id != who:
+                # The routing id is chosen by the peer; only the CURVE key is proof. A peer
+                # whose key says A but whose routing id says B is impersonating B.
+                self._on_event(ViolationDetected(who, IdentityMismatch(
+                    f"connection authenticated as {user_id!r} uses routing id {who!r}")))
+                continue
             replies = listener.receive(who, data, clock.wall_ns(), self.hlc.last)
             for frame in replies:
                 transport.reply(identity, encode(frame))

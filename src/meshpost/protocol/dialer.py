@@ -123,6 +123,11 @@ class DialerLink:
             self._queue.append(message)
             self.highest_enqueued_seq = message.seq
 
+    def pump(self, now: float, wall_ns: int) -> None:
+        """Put what `enqueue` queued in flight now (if the handshake is done), not at the
+        next timer tick: call it after `enqueue`, then collect `frames_to_send()`."""
+        self._pump(now, wall_ns)
+
     def poll(self, now: float, wall_ns: int, hlc: int) -> None:
         """Run timers: handshake retries, pings, liveness, retransmission, transmission."""
         if self.state is not LinkState.READY:
@@ -135,7 +140,8 @@ class DialerLink:
         if (
             self.reachable
             and self.last_heard is not None
-            and now - self.last_heard > self._peer_timeout
+            # Same expression as in next_timer(): polling at that time must make progress.
+            and now >= self.last_heard + self._peer_timeout
         ):
             self.reachable = False
             self.state = LinkState.CONNECTING
@@ -224,8 +230,10 @@ class DialerLink:
         self._next_ping_at = now
         if not was_ready:
             self._events.append(PeerConnected(self.peer, frame.node_id))
-        if self._inflight:
-            # Whatever was in flight may have died with the old connection: resend now.
+        if self._inflight and not was_ready:
+            # Whatever was in flight may have died with the old connection: resend now. (A
+            # Welcome while ready answers a duplicate Hello; resending again would only
+            # multiply traffic.)
             self.retransmissions += len(self._inflight)
             self._emit_batches(list(self._inflight.values()), wall_ns)
         self._rto = self._rto_initial
@@ -233,9 +241,11 @@ class DialerLink:
 
     def _on_refuse(self, code: str, detail: str, now: float, wall_ns: int, hlc: int) -> None:
         if code == RefuseCode.HELLO_REQUIRED:
-            # The peer restarted or lost our session: handshake again, then resend.
-            self.state = LinkState.CONNECTING
-            self._send_hello(now, wall_ns, hlc)
+            # The peer restarted or lost our session: handshake again, then resend. Every
+            # frame sent meanwhile is refused too; one Hello (and its retry timer) answers all.
+            if self.state is not LinkState.CONNECTING:
+                self.state = LinkState.CONNECTING
+                self._send_hello(now, wall_ns, hlc)
             return
         self.state = LinkState.REFUSED
         self.reachable = False

@@ -25,6 +25,7 @@ import zmq
 import zmq.asyncio
 
 from meshpost.errors import EndpointInUse, InvalidEndpoint, TransportError
+from meshpost.transport.security import ZAP_DOMAIN, MeshAuthenticator
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,16 @@ class ZmqTransport:
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+        self._authenticator: MeshAuthenticator | None = None
         if self.secure:
+            # Authenticator first, then CURVE on the socket, and ZAP_ENFORCE_DOMAIN so that a
+            # missing or dead authenticator means no traffic at all (fail closed).
+            self._authenticator = MeshAuthenticator(self.context, self._peer_keys)
+            self._authenticator.start()
+            self._router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
             self._router.setsockopt(zmq.CURVE_SERVER, 1)
             self._router.setsockopt(zmq.CURVE_SECRETKEY, curve_secret_key)
-            self._router.setsockopt(zmq.ZAP_DOMAIN, b"meshpost")
+            self._router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
         self._dealers: dict[str, zmq.asyncio.Socket] = {}
         self.bound: list[str] = []
         self.dropped_sends = 0
@@ -169,7 +176,13 @@ class ZmqTransport:
         log.warning("[%s] send failed: %s", self.name, exc)
         return False
 
+    @property
+    def denied_connections(self) -> int:
+        return self._authenticator.allowlist.denied if self._authenticator else 0
+
     def close(self) -> None:
+        if self._authenticator is not None:
+            self._authenticator.stop()
         for sock in self._dealers.values():
             sock.close(LINGER_MS)
         self._router.close(LINGER_MS)

@@ -1,0 +1,88 @@
+"""CURVE key files: a node's key pair in its data dir and the mesh's authorized keys.
+
+Rule: the secret key never leaves its data dir and is written with mode 0600; peers are known
+by public key only, one `NAME Z85KEY` line each in `authorized_keys`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+from meshpost.config import validate_name
+from meshpost.errors import ConfigError
+
+KEYS_DIR = "keys"
+AUTHORIZED_KEYS = "authorized_keys"
+
+
+def key_paths(data_dir: Path) -> tuple[Path, Path]:
+    """(public key file, secret key file) of the node in `data_dir`."""
+    folder = data_dir / KEYS_DIR
+    return folder / "node.key", folder / "node.key_secret"
+
+
+def generate(data_dir: Path, *, overwrite: bool = False) -> bytes:
+    """Create the node's CURVE key pair; return its public key (Z85)."""
+    public_file, secret_file = key_paths(data_dir)
+    if secret_file.exists() and not overwrite:
+        raise ConfigError(f"{secret_file} already exists; pass --force to replace it")
+    folder = public_file.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    zmq.auth.create_certificates(folder, "node")
+    os.chmod(secret_file, 0o600)
+    public, _ = zmq.auth.load_certificate(public_file)
+    return public
+
+
+def load_own(data_dir: Path) -> tuple[bytes, bytes]:
+    """(secret, public) key of the node in `data_dir`."""
+    _, secret_file = key_paths(data_dir)
+    if not secret_file.exists():
+        raise ConfigError(
+            f"no CURVE key in {secret_file.parent}; run `meshpost keys generate --node NAME`"
+        )
+    public, secret = zmq.auth.load_certificate(secret_file)
+    if secret is None:
+        raise ConfigError(f"{secret_file} holds no secret key")
+    return secret, public
+
+
+def load_authorized(data_dir: Path) -> dict[str, bytes]:
+    """Peers' public keys from `authorized_keys` (lines: NAME Z85KEY; lines starting with # are comments)."""
+    path = data_dir / AUTHORIZED_KEYS
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"secure mode needs {path} listing each peer's public key") from None
+    keys: dict[str, bytes] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()  # Z85 keys may contain '#': only whole-line comments
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2 or len(parts[1]) != 40:
+            raise ConfigError(f"{path}:{number}: expected 'NAME Z85KEY' (40-character key)")
+        keys[validate_name(parts[0])] = parts[1].encode("ascii")
+    return keys
+
+
+def write_authorized(data_dir: Path, keys: Mapping[str, bytes]) -> Path:
+    path = data_dir / AUTHORIZED_KEYS
+    lines = ["# meshpost authorized keys: NAME Z85-PUBLIC-KEY"]
+    lines += [f"{name} {key.decode('ascii')}" for name, key in sorted(keys.items())]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def generate_mesh_keys(data_dirs: Mapping[str, Path]) -> dict[str, bytes]:
+    """Key pairs for every node of a local mesh, each trusting all the others."""
+    publics = {name: generate(path, overwrite=True) for name, path in data_dirs.items()}
+    for name, path in data_dirs.items():
+        write_authorized(path, {n: k for n, k in publics.items() if n != name})
+    return publics

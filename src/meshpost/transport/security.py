@@ -1,0 +1,46 @@
+"""CURVE authentication: ZAP through pyzmq's asyncio authenticator, failing closed.
+
+Rule: only keys on the allowlist get in, and each key maps to exactly one node name, which
+becomes the connection's `User-Id`; the node then checks that every frame's claimed sender is
+that name. Without a running authenticator no connection is accepted (`ZAP_ENFORCE_DOMAIN`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import zmq
+import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils import z85
+
+log = logging.getLogger(__name__)
+
+ZAP_DOMAIN = "meshpost"
+
+
+class _Allowlist:
+    def __init__(self, names_by_key: Mapping[bytes, str]) -> None:
+        self.names_by_key = dict(names_by_key)
+        self.denied = 0
+
+    def callback(self, domain: str, z85_key: bytes) -> bool:
+        allowed = z85_key in self.names_by_key
+        if not allowed:
+            self.denied += 1
+            log.warning("CURVE client with unknown key %s denied", z85_key.decode("ascii"))
+        return allowed
+
+
+class MeshAuthenticator(AsyncioAuthenticator):
+    """ZAP handler that admits the mesh's peers and names each connection after its key."""
+
+    def __init__(self, context: zmq.asyncio.Context, peer_keys: Mapping[str, bytes]) -> None:
+        super().__init__(context)
+        # Keys arrive Z85-encoded (as in key files); ZAP hands the callback Z85 too.
+        self.allowlist = _Allowlist({key: name for name, key in peer_keys.items()})
+        self.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self.allowlist)
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.allowlist.names_by_key[z85.encode(client_public_key)]
