@@ -301,7 +301,6 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             data = cluster.data_dir(name)
             print(f"  {name}  {cluster.endpoints[name]}  pid {cluster.nodes[name].pid}")
             print(f"      send:    meshpost send --node {name} --data {data} --to all 'hello'")
-            print(f"      attach:  meshpost attach --node {name} --data {data}")
             print(f"      history: meshpost history --node {name} --data {data}")
         print(f"stop with: meshpost cluster down --data {root}")
         return EXIT_OK
@@ -309,12 +308,6 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     for name, what in outcome.items():
         print(f"  {name}: {what}")
     return EXIT_OK
-
-
-def cmd_attach(args: argparse.Namespace) -> int:
-    from meshpost.remote import attach
-
-    return asyncio.run(attach(_data_dir(args), name=args.node))
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -383,11 +376,6 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
     p.set_defaults(func=cmd_history)
-
-    p = sub.add_parser("attach", help="console for a running (headless) node")
-    p.add_argument("--node", required=True)
-    p.add_argument("--data")
-    p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("cluster", help="start or stop N local node processes")
     csub = p.add_subparsers(dest="action", required=True)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import functools
 import io
 import logging
 import re
@@ -18,13 +19,15 @@ from pathlib import Path
 from typing import Any, Protocol, assert_never
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.application import run_in_terminal
 from prompt_toolkit.application.current import create_app_session, get_app_session
 from prompt_toolkit.completion import WordCompleter
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.input import Input
 from prompt_toolkit.output import Output
 from prompt_toolkit.patch_stdout import patch_stdout
-from prompt_toolkit.shortcuts import print_formatted_text
+from prompt_toolkit.renderer import print_formatted_text as render_formatted_text
+from prompt_toolkit.styles import Style
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -56,6 +59,8 @@ DEFAULT_HISTORY_LIMIT = 20
 MAX_HISTORY_LIMIT = 100_000
 #: Rendered tables are never narrower than this, whatever the terminal reports.
 MIN_WIDTH = 60
+#: On exit, how long the console waits for its last lines to reach the terminal.
+PRINT_DRAIN_S = 2.0
 
 
 class CommandError(MeshpostError):
@@ -125,7 +130,7 @@ _SIMPLE_COMMANDS: dict[str, Command] = {
     "exit": QuitCommand(),
     "q": QuitCommand(),
 }
-_NUMBER = re.compile(r"[0-9]+")
+_NUMBER = re.compile(r"[0-9]{1,9}")
 
 HELP_TEXT = """\
 @NAME text        send text to peer NAME (a group name or `all` sends to each member)
@@ -182,20 +187,23 @@ def _parse_history(args: Sequence[str]) -> HistoryCommand:
     rest = list(args)
     while rest:
         arg = rest.pop(0)
-        if arg == "-n" or arg.startswith("-n"):
-            value = arg[2:].removeprefix("=") if arg != "-n" else (rest.pop(0) if rest else "")
+        if arg.startswith("-n"):
+            value = arg[2:].removeprefix("=") or (rest.pop(0) if rest else "")
             if not value:
                 raise CommandError(f"-n needs a number of messages; {usage}")
             if not _NUMBER.fullmatch(value) or not 1 <= int(value) <= MAX_HISTORY_LIMIT:
+                shown = value if len(value) <= 20 else f"{value[:20]}…"
                 raise CommandError(
-                    f"-n wants a whole number from 1 to {MAX_HISTORY_LIMIT}, not {value!r}; "
+                    f"-n wants a whole number from 1 to {MAX_HISTORY_LIMIT}, not {shown!r}; "
                     f"{usage}"
                 )
             limit = int(value)
         elif arg.startswith("-"):
             raise CommandError(f"unknown option {arg!r}; {usage}")
         elif peer is None:
-            peer = arg
+            peer = arg.removeprefix("@")
+            if not peer:
+                raise CommandError(f"put the peer's name right after '@'; {usage}")
         else:
             raise CommandError(f"/history takes one peer, got {peer!r} and {arg!r}; {usage}")
     return HistoryCommand(peer, limit)
@@ -406,11 +414,51 @@ class ConsoleNode(Protocol):
 Printer = Callable[[str], None]
 
 
-def terminal_printer(text: str) -> None:
-    """Print above the prompt of the current prompt_toolkit session, colored by its mark."""
-    style = {"✓": "ansigreen", "✗": "ansired", "…": "ansiyellow", "●": "ansigreen",
-             "○": "ansiyellow", "[": "ansicyan"}.get(text[:1], "")
-    print_formatted_text(FormattedText([(style, text)]))
+#: Colors for console lines by their first character; everything else is printed plain.
+_MARK_STYLES = {"✓": "ansigreen", "✗": "ansired", "…": "ansiyellow", "●": "ansigreen",
+                "○": "ansiyellow", "[": "ansicyan"}
+
+
+class TerminalPrinter:
+    """The default printer: lines go above the prompt, strictly in the order given.
+
+    `print_formatted_text` prints at once when no prompt is shown but defers while one is,
+    so lines could overtake each other; one task printing a queue cannot reorder them.
+    """
+
+    def __init__(self) -> None:
+        self._lines: asyncio.Queue[str] = asyncio.Queue()
+        self._style = Style([])
+
+    def __call__(self, text: str) -> None:
+        self._lines.put_nowait(text)
+
+    async def run(self) -> None:
+        """Print queued lines until cancelled, batching bursts into one redraw."""
+        while True:
+            batch = [await self._lines.get()]
+            while not self._lines.empty():
+                batch.append(self._lines.get_nowait())
+            try:
+                await run_in_terminal(functools.partial(self._write, batch))
+            except Exception:
+                log.exception("console could not print %d line(s)", len(batch))
+            finally:
+                for _ in batch:
+                    self._lines.task_done()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (at most `timeout_s`) until every queued line is printed."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._lines.join(), timeout_s)
+
+    def _write(self, batch: list[str]) -> None:
+        output = get_app_session().output
+        fragments: list[tuple[str, str]] = []
+        for text in batch:
+            fragments += [(_MARK_STYLES.get(text[:1], ""), text), ("", "\n")]
+        render_formatted_text(output, FormattedText(fragments), self._style)
+        output.flush()
 
 
 def read_history(data_dir: Path, peer: str | None, limit: int) -> list[StoredMessage]:
@@ -557,13 +605,17 @@ async def run_console(
     receives every line the console shows. The node keeps running afterwards.
     """
     with create_app_session(input=input, output=output):
-        console = _Console(node, printer or terminal_printer, receipt_wait_s)
+        terminal = TerminalPrinter()
+        console = _Console(node, printer or terminal, receipt_wait_s)
+        printing: asyncio.Task[None] | None = None
         events = node.subscribe()
-        console.spawn(console.watch(events))
-        session: PromptSession[str] = PromptSession(
-            completer=console.completer(), complete_while_typing=False
-        )
         try:
+            if printer is None:
+                printing = asyncio.create_task(terminal.run(), name="console-printer")
+            console.spawn(console.watch(events))
+            session: PromptSession[str] = PromptSession(
+                completer=console.completer(), complete_while_typing=False
+            )
             with patch_stdout(raw=True):
                 console.print(f"meshpost console of {node.name}; /help for commands")
                 while True:
@@ -582,6 +634,11 @@ async def run_console(
         finally:
             node.unsubscribe(events)
             await console.close()
+            if printing is not None:
+                await terminal.drain(PRINT_DRAIN_S)
+                printing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await printing
 
 
 __all__ = [
@@ -599,6 +656,7 @@ __all__ = [
     "QuitCommand",
     "SendCommand",
     "StatsCommand",
+    "TerminalPrinter",
     "clean",
     "format_clock",
     "format_failure",
@@ -613,5 +671,4 @@ __all__ = [
     "render_peers_table",
     "render_stats",
     "run_console",
-    "terminal_printer",
 ]

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import io
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from prompt_toolkit.data_structures import Size
 from prompt_toolkit.input import PipeInput, create_pipe_input
-from prompt_toolkit.output import DummyOutput
+from prompt_toolkit.output import DummyOutput, Output
+from prompt_toolkit.output.vt100 import Vt100_Output
 
 from meshpost.clock import FakeClock
 from meshpost.config import NodeConfig, PeerConfig
@@ -90,6 +93,7 @@ STEP_TIMEOUT_S = 5.0
         ("/history -n 7 B", HistoryCommand("B", 7)),
         ("/history -n3", HistoryCommand(None, 3)),
         ("/history -n=3 C", HistoryCommand("C", 3)),
+        ("/history @B", HistoryCommand("B", DEFAULT_HISTORY_LIMIT)),
     ],
 )
 def test_parse_command(line: str, expected: Command) -> None:
@@ -108,6 +112,8 @@ def test_parse_command(line: str, expected: Command) -> None:
         ("/history -n 0", "from 1 to"),
         ("/history -n ١٢", "whole number"),
         ("/history -n 1_000", "whole number"),
+        ("/history -n " + "9" * 5000, "whole number"),
+        ("/history @", "peer's name right after '@'"),
         ("/history -x", "unknown option '-x'"),
         ("/history B C", "one peer"),
         ("/foo", "unknown command `/foo`"),
@@ -130,10 +136,13 @@ def test_parse_errors_say_what_to_do(line: str, fragment: str) -> None:
     st.text().map(lambda s: "/history -n " + s),
 ))
 def test_parse_raises_nothing_but_command_error(line: str) -> None:
+    command: Command | None = None
     try:
         command = parse_command(line)
     except CommandError as exc:
-        assert str(exc)
+        message = str(exc)
+    if command is None:
+        assert message
     else:
         assert isinstance(command, (SendCommand, PeersCommand, HistoryCommand, StatsCommand,
                                     HelpCommand, QuitCommand, EmptyCommand))
@@ -386,6 +395,12 @@ class Driver:
         self.node = node
         self.pipe = pipe
         self.lines: list[str] = []
+        self.printed_more = asyncio.Event()
+
+    def print(self, line: str) -> None:
+        """The console's printer."""
+        self.lines.append(line)
+        self.printed_more.set()
 
     def type(self, text: str) -> None:
         self.pipe.send_text(text)
@@ -393,7 +408,8 @@ class Driver:
     async def until(self, what: Callable[[], bool], describe: str) -> None:
         async def poll() -> None:
             while not what():
-                await asyncio.sleep(0.005)
+                self.printed_more.clear()
+                await self.printed_more.wait()
 
         try:
             await asyncio.wait_for(poll(), STEP_TIMEOUT_S)
@@ -412,13 +428,19 @@ class Driver:
 Scenario = Callable[[Driver], Awaitable[None]]
 
 
-def drive(node: FakeNode, scenario: Scenario, *, receipt_wait_s: float = 5.0) -> Driver:
-    """Run the console with a pipe as keyboard while `scenario` types and checks."""
+def drive(
+    node: FakeNode, scenario: Scenario, *, receipt_wait_s: float = 5.0,
+    terminal: Output | None = None,
+) -> Driver:
+    """Run the console with a pipe as keyboard while `scenario` types and checks.
+
+    Printed lines are collected by the driver, or with `terminal`, go there the default way.
+    """
     async def main(pipe: PipeInput) -> None:
         driver.pipe = pipe
         console = asyncio.create_task(run_console(
-            node, input=pipe, output=DummyOutput(), printer=driver.lines.append,
-            receipt_wait_s=receipt_wait_s,
+            node, input=pipe, output=terminal or DummyOutput(),
+            printer=None if terminal else driver.print, receipt_wait_s=receipt_wait_s,
         ))
         try:
             await asyncio.wait_for(scenario(driver), STEP_TIMEOUT_S * 4)
@@ -434,8 +456,8 @@ def drive(node: FakeNode, scenario: Scenario, *, receipt_wait_s: float = 5.0) ->
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[FakeNode]:
-    yield FakeNode(tmp_path)
+def node(tmp_path: Path) -> FakeNode:
+    return FakeNode(tmp_path)
 
 
 def test_send_shows_pending_then_delivered(node: FakeNode) -> None:
@@ -581,3 +603,34 @@ def test_ctrl_d_and_ctrl_c_quit(node: FakeNode, key: str) -> None:
         d.type(key)
 
     drive(node, scenario)
+
+
+def test_default_printer_writes_above_the_prompt_in_order(node: FakeNode) -> None:
+    screen = io.StringIO()
+    terminal = Vt100_Output(screen, lambda: Size(rows=24, columns=100), enable_cpr=False)
+
+    def shown() -> str:
+        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+
+    async def on_screen(text: str) -> None:
+        for _ in range(int(STEP_TIMEOUT_S / 0.01)):
+            if text in shown():
+                return
+            await asyncio.sleep(0.01)
+        pytest.fail(f"{text!r} never reached the terminal: {shown()!r}")
+
+    async def scenario(d: Driver) -> None:
+        d.type("@B hi\n")
+        await on_screen("(pending)")
+        node.deliver(node.handles[0])
+        await on_screen("✓ delivered to B")
+        node.publish(MessageReceived(envelope("news"), T0))
+        await on_screen("B → me: news")
+        d.type("/quit\n")
+
+    drive(node, scenario, terminal=terminal)
+    text = shown()
+    order = ["/help for commands", "A → B: hi (pending)", "✓ delivered to B", "B → me: news"]
+    positions = [text.index(line) for line in order]
+    assert positions == sorted(positions), text
+    assert re.search(r"\x1b\[[0-9;]*32m✓ delivered", screen.getvalue()), "receipts are green"
