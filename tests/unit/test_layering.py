@@ -1,0 +1,230 @@
+"""The layering of src/meshpost, checked from the source: lower layers never import higher ones.
+
+Every `import` and `from ... import` in every module is read with `ast` (including imports
+inside functions and under `if TYPE_CHECKING:`, which are dependencies all the same), so the
+rules hold for the code as written, not only for what a test happens to execute.
+
+The layers, top to bottom (docs/architecture.md draws them):
+
+    cli, __main__
+    demo, bench
+    cluster, console, remote
+    control, verify, keys
+    node                      (the `meshpost` package facade re-exports it)
+    store, transport
+    protocol
+    clock, config
+    errors
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+PACKAGE = SRC / "meshpost"
+
+#: Rank of every component (first name below `meshpost`); an import must go to a strictly
+#: lower rank or stay inside its own component. "" is the package itself (`meshpost/__init__`).
+#: A module that is not listed here fails `test_every_module_has_a_layer`: give it one.
+RANKS: dict[str, int] = {
+    "errors": 0,
+    "clock": 1,
+    "config": 1,
+    "protocol": 2,
+    "store": 3,
+    "transport": 3,
+    "node": 4,
+    "": 5,  # the public facade: `from meshpost import Node, NodeConfig, ...`
+    "control": 6,
+    "verify": 6,
+    "keys": 6,
+    "cluster": 7,
+    "console": 7,
+    "remote": 7,
+    "demo": 8,
+    "bench": 8,
+    "cli": 9,
+    "__main__": 10,
+}
+
+#: Standard-library and third-party modules that mean I/O, threads or real time.
+IO_MODULES = frozenset(
+    {"asyncio", "zmq", "sqlite3", "socket", "time", "threading", "selectors", "subprocess",
+     "concurrent"}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Import:
+    module: str  # the importing module, e.g. "meshpost.protocol.codec"
+    target: str  # the imported module, e.g. "meshpost.errors" or "msgspec"
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.module} imports {self.target} (line {self.line})"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def module_paths() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _resolve_relative(module: str, is_package: bool, level: int, name: str | None) -> str:
+    base = module.split(".")
+    if not is_package:
+        base = base[:-1]
+    if level > 1:
+        base = base[: len(base) - (level - 1)]
+    return ".".join([*base, name] if name else base)
+
+
+def imports_of(path: Path) -> Iterator[Import]:
+    module = module_name(path)
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield Import(module, alias.name, node.lineno)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = _resolve_relative(module, path.name == "__init__.py", node.level,
+                                         node.module)
+            else:
+                base = node.module or ""
+            yield Import(module, base, node.lineno)
+            if base == "meshpost":
+                # `from meshpost import node` imports the module meshpost.node; `from meshpost
+                # import Node` goes through the facade. Count both the facade and the name.
+                for alias in node.names:
+                    yield Import(module, f"meshpost.{alias.name}", node.lineno)
+
+
+ALL_IMPORTS: list[Import] = [imp for path in module_paths() for imp in imports_of(path)]
+
+
+def component(module: str) -> str:
+    """`meshpost.protocol.codec` -> `protocol`; `meshpost` -> `""`."""
+    parts = module.split(".")
+    assert parts[0] == "meshpost", module
+    return parts[1] if len(parts) > 1 else ""
+
+
+def internal(imp: Import) -> bool:
+    return imp.target == "meshpost" or imp.target.startswith("meshpost.")
+
+
+def top_level(target: str) -> str:
+    return target.split(".")[0]
+
+
+def imports_from(comp: str) -> list[Import]:
+    return [imp for imp in ALL_IMPORTS if component(imp.module) == comp]
+
+
+def meshpost_targets(comp: str) -> set[str]:
+    return {component(imp.target) for imp in imports_from(comp) if internal(imp)}
+
+
+def existing_components() -> set[str]:
+    return {component(module_name(p)) for p in module_paths()}
+
+
+# -- the parser itself --------------------------------------------------------------------
+
+
+def test_the_import_parser_sees_known_dependencies() -> None:
+    """Guard against a parser that finds nothing and so passes every rule vacuously."""
+    assert {"transport", "store", "protocol", "clock", "config", "errors"} <= meshpost_targets(
+        "node"
+    )
+    assert "errors" in meshpost_targets("protocol")
+    assert "zmq" in {top_level(i.target) for i in imports_from("transport")}
+    # cli imports most of its commands lazily, inside functions: those count too.
+    assert {"control", "node", "store"} <= meshpost_targets("cli")
+
+
+def test_relative_imports_resolve_like_python() -> None:
+    assert _resolve_relative("meshpost.protocol.codec", False, 1, "frames") == (
+        "meshpost.protocol.frames"
+    )
+    assert _resolve_relative("meshpost.protocol", True, 1, "codec") == "meshpost.protocol.codec"
+    assert _resolve_relative("meshpost.store.writer", False, 2, "errors") == "meshpost.errors"
+
+
+def test_every_module_has_a_layer() -> None:
+    unlisted = existing_components() - set(RANKS)
+    assert not unlisted, (
+        f"modules {sorted(unlisted)} have no layer: add them to RANKS here and to the diagram "
+        "in docs/architecture.md"
+    )
+
+
+# -- the general rule ---------------------------------------------------------------------
+
+
+def test_imports_only_point_down_the_layers() -> None:
+    upward = []
+    for imp in ALL_IMPORTS:
+        if not internal(imp):
+            continue
+        src, dst = component(imp.module), component(imp.target)
+        if src == dst or dst not in RANKS:
+            # Inside one package is fine; a target with no rank does not exist yet (an
+            # import of a missing module fails at import time, not here).
+            continue
+        if RANKS[dst] >= RANKS[src]:
+            upward.append(f"{imp}: {src or 'meshpost'} (layer {RANKS[src]}) may not import "
+                          f"{dst or 'the meshpost facade'} (layer {RANKS[dst]})")
+    assert not upward, "\n".join(upward)
+
+
+# -- the specific rules -------------------------------------------------------------------
+
+
+def test_protocol_is_sans_io() -> None:
+    bad = [str(imp) for imp in imports_from("protocol") if top_level(imp.target) in IO_MODULES]
+    assert not bad, "the wire protocol must not do I/O:\n" + "\n".join(bad)
+
+
+def test_protocol_imports_only_errors_clock_and_itself() -> None:
+    bad = [
+        str(imp) for imp in imports_from("protocol")
+        if internal(imp) and component(imp.target) not in {"errors", "clock", "protocol"}
+    ]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize(
+    ("comp", "forbidden"),
+    [
+        ("store", {"transport", "node", "cli", "console", "control", "cluster", "demo", "bench",
+                   "remote", "verify", "keys", ""}),
+        ("transport", {"store", "node", "cli", "protocol", "console", "control", "cluster",
+                       "demo", "bench", "remote", "verify", ""}),
+        ("node", {"cli", "console", "control", "cluster", "demo", "bench", "remote", "verify",
+                  ""}),
+        ("clock", {"config", "protocol", "store", "transport", "node", "cli", ""}),
+        ("config", {"clock", "protocol", "store", "transport", "node", "cli", ""}),
+    ],
+)
+def test_component_does_not_import(comp: str, forbidden: set[str]) -> None:
+    bad = [str(imp) for imp in imports_from(comp)
+           if internal(imp) and component(imp.target) in forbidden]
+    assert not bad, "\n".join(bad)
+
+
+def test_errors_imports_nothing_from_meshpost() -> None:
+    bad = [str(imp) for imp in imports_from("errors") if internal(imp)]
+    assert not bad, "\n".join(bad)
