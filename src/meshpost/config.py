@@ -32,7 +32,7 @@ def validate_name(name: str) -> str:
     """Return `name` if it can name a node, else raise `InvalidName`."""
     if name.lower() in RESERVED_NAMES:
         raise InvalidName(name, "reserved word")
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):  # `match` would let "name\n" through `$`
         raise InvalidName(
             name, "use 1-63 letters, digits, '_', '.', '-', starting with a letter or digit"
         )
@@ -56,7 +56,8 @@ def validate_endpoint(endpoint: str, *, for_bind: bool) -> str:
             raise InvalidEndpoint(endpoint, "expected tcp://HOST:PORT")
         if port == "*" and for_bind:
             return endpoint
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        # isascii: str.isdigit() also accepts digits int() refuses ("²") or zmq would ("٣").
+        if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise InvalidEndpoint(endpoint, f"port {port!r} is not a number from 1 to 65535")
         if not for_bind and host in ("*", "0.0.0.0", "[::]"):
             raise InvalidEndpoint(endpoint, "cannot connect to a wildcard address")
@@ -99,6 +100,7 @@ class NodeConfig:
 
     def __post_init__(self) -> None:
         validate_name(self.name)
+        _check_types(self)
         if not self.bind:
             raise ConfigError(f"node {self.name!r} needs at least one --bind endpoint")
         for endpoint in self.bind:
@@ -131,6 +133,24 @@ class NodeConfig:
             if p.name == name:
                 return p
         return None
+
+
+_WHOLE_NUMBERS = ("max_message_bytes", "window")
+_DURATIONS = ("retransmit_initial_s", "retransmit_max_s", "ping_interval_s", "peer_timeout_s")
+
+
+def _check_types(cfg: NodeConfig) -> None:
+    """Options may come from TOML or flags: a wrong type is a `ConfigError`, not a crash."""
+    for field in _WHOLE_NUMBERS:
+        value = getattr(cfg, field)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{field} must be a whole number, not {value!r}")
+    for field in _DURATIONS:
+        value = getattr(cfg, field)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigError(f"{field} must be a positive number of seconds, not {value!r}")
+    if not isinstance(cfg.secure, bool):
+        raise ConfigError(f"secure must be true or false, not {cfg.secure!r}")
 
 
 def default_data_dir(name: str) -> Path:
@@ -180,6 +200,11 @@ class MeshConfig:
             validate_name(name)
             if not isinstance(entry, Mapping):
                 raise ConfigError(f"[nodes.{name}] must be a table")
+            unknown = sorted(set(entry) - {"bind", "connect", "data"})
+            if unknown:
+                raise ConfigError(
+                    f"[nodes.{name}] has unknown keys {unknown}; known: bind, connect, data"
+                )
             bind = entry.get("bind")
             if isinstance(bind, str):
                 bind = [bind]
@@ -189,13 +214,23 @@ class MeshConfig:
             if not isinstance(connect, str):
                 raise ConfigError(f"[nodes.{name}] connect must be a string endpoint")
             data = entry.get("data")
+            if data is not None and not isinstance(data, str):
+                raise ConfigError(f"[nodes.{name}] data must be a directory path string")
             data_dir = (base_dir / data) if isinstance(data, str) else None
             nodes.append(MeshNodeEntry(name, tuple(bind), connect, data_dir))
         groups_raw = raw.get("groups", {})
         if not isinstance(groups_raw, Mapping):
             raise ConfigError("[groups] must map a group name to a list of node names")
-        groups = {g: tuple(members) for g, members in groups_raw.items()}
-        options = dict(raw.get("mesh", {}))
+        groups: dict[str, tuple[str, ...]] = {}
+        for group, members in groups_raw.items():
+            validate_name(group)
+            if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+                raise ConfigError(f"group {group!r} must be a list of node names")
+            groups[group] = tuple(members)
+        options_raw = raw.get("mesh", {})
+        if not isinstance(options_raw, Mapping):
+            raise ConfigError("[mesh] must be a table of options")
+        options = dict(options_raw)
         return cls(tuple(nodes), groups, options)
 
     def node(self, name: str, *, data_dir: Path | None = None, **overrides: Any) -> NodeConfig:

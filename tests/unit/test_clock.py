@@ -274,7 +274,8 @@ def test_offset_estimate_recovers_a_known_skew_despite_asymmetric_queueing() -> 
     for forward, backward in delays:
         clocks.exchange(estimator, forward, backward)
         naive.append(((forward - backward) // 2) + skew)
-    assert estimator.offset_ns is not None and estimator.rtt_ns is not None
+    assert estimator.offset_ns is not None
+    assert estimator.rtt_ns is not None
     assert abs(estimator.offset_ns - skew) < 3 * MS
     # Averaging every sample would be badly biased by the asymmetric queueing.
     assert abs(statistics.mean(naive) - skew) > 5 * MS
@@ -290,7 +291,8 @@ def test_offset_error_is_bounded_by_half_the_best_round_trip(seed: int, skew: in
     estimator = OffsetEstimator()
     for forward, backward in queueing_delays(random.Random(seed), 12):
         clocks.exchange(estimator, forward, backward)
-    assert estimator.offset_ns is not None and estimator.rtt_ns is not None
+    assert estimator.offset_ns is not None
+    assert estimator.rtt_ns is not None
     assert abs(estimator.offset_ns - skew) <= estimator.rtt_ns // 2 + 1
 
 

@@ -49,6 +49,9 @@ def _raise_if_other_version(data: bytes) -> None:
     except (*_DECODE_ERRORS, RecursionError):
         return
     version = loose[1] if len(loose) >= 2 and loose[0] == "hello" else None
-    if isinstance(version, int) and not isinstance(version, bool):
-        if version != PROTOCOL_VERSION:
-            raise UnsupportedVersion(version, PROTOCOL_VERSION)
+    if (
+        isinstance(version, int)
+        and not isinstance(version, bool)
+        and version != PROTOCOL_VERSION
+    ):
+        raise UnsupportedVersion(version, PROTOCOL_VERSION)

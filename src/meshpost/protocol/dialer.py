@@ -294,7 +294,8 @@ class DialerLink:
         size = 0
         for message in messages:
             body_len = len(message.body)
-            if batch and (len(batch) >= MAX_BATCH_MESSAGES or size + body_len > MAX_BATCH_BODY_BYTES):
+            full = len(batch) >= MAX_BATCH_MESSAGES or size + body_len > MAX_BATCH_BODY_BYTES
+            if batch and full:
                 self._frames.append(Batch(tx_at_ns=wall_ns, messages=batch))
                 batch, size = [], 0
             batch.append(message)

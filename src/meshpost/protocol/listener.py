@@ -33,6 +33,9 @@ from meshpost.protocol.frames import (
 
 #: Message ids are opaque strings of this many characters at most.
 MAX_ID_LENGTH = 64
+#: SQLite INTEGER is a signed 64-bit number; msgpack also carries unsigned ones up to 2**64 - 1,
+#: which the store could not bind (an OverflowError that is not a store error at all).
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 #: Frame overhead beyond message bodies that a batch may carry (ids, names, numbers).
 _PER_MESSAGE_OVERHEAD = 256
 
@@ -152,6 +155,7 @@ class Listener:
         self._events.append(ViolationDetected(who, error))
 
     def _on_hello(self, identity: str, hello: Hello, wall_ns: int, hlc: int) -> list[Frame]:
+        error: ProtocolError
         if hello.version != PROTOCOL_VERSION:
             error = UnsupportedVersion(hello.version, PROTOCOL_VERSION)
             self._violation(identity, error)
@@ -194,7 +198,8 @@ class Listener:
                 details.setdefault(code, detail)
         frames: list[Frame] = []
         for code, seqs in rejected.items():
-            self._violation(session.peer, MalformedFrame(f"{len(seqs)} message(s): {details[code]}"))
+            error = MalformedFrame(f"{len(seqs)} message(s): {details[code]}")
+            self._violation(session.peer, error)
             frames.append(Reject(seqs, code, details[code]))
         if good:
             self._events.append(MessagesArrived(session.peer, good, batch.tx_at_ns, wall_ns))
@@ -207,6 +212,12 @@ class Listener:
             return RejectCode.INVALID, f"recipient {message.recipient!r} is not {self.local_name!r}"
         if message.seq < 1:
             return RejectCode.INVALID, "seq must be positive"
+        if not (
+            message.seq <= _INT64_MAX
+            and _INT64_MIN <= message.sent_at_ns <= _INT64_MAX
+            and _INT64_MIN <= message.hlc <= _INT64_MAX
+        ):
+            return RejectCode.INVALID, "seq, sent_at_ns and hlc must be signed 64-bit integers"
         if not 0 < len(message.id) <= MAX_ID_LENGTH:
             return RejectCode.INVALID, f"message id must be 1-{MAX_ID_LENGTH} characters"
         if not message.body:

@@ -1,0 +1,608 @@
+"""DialerLink in virtual time, wired in memory to a real Listener and a dict as its store."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable
+from typing import TypeVar
+
+import pytest
+
+from meshpost.protocol import (
+    PROTOCOL_VERSION,
+    Batch,
+    DialerLink,
+    Envelope,
+    Event,
+    Frame,
+    Hello,
+    LinkRefused,
+    LinkState,
+    Listener,
+    MessagesArrived,
+    MessagesDelivered,
+    MessagesRejected,
+    PeerConnected,
+    PeerLost,
+    Ping,
+    Pong,
+    Receipt,
+    Refuse,
+    RefuseCode,
+    Reject,
+    RejectCode,
+    Welcome,
+    decode,
+    encode,
+)
+from meshpost.protocol.dialer import MAX_BATCH_BODY_BYTES, MAX_BATCH_MESSAGES, REFUSED_RETRY_S
+
+T0_WALL = 1_700_000_000_000_000_000
+RTO_INITIAL = 0.5
+RTO_MAX = 5.0
+PING_INTERVAL = 1.0
+PEER_TIMEOUT = 4.0
+
+E = TypeVar("E")
+
+
+def msg(
+    seq: int, body: str = "hello", *, sender: str = "alice", recipient: str = "bob"
+) -> Envelope:
+    return Envelope(f"id-{sender}-{seq}", seq, sender, recipient, body, T0_WALL + seq, seq)
+
+
+def msgs(seqs: Iterable[int], body: str = "hello") -> list[Envelope]:
+    return [msg(s, body) for s in seqs]
+
+
+def batches(frames: Iterable[Frame]) -> list[Batch]:
+    return [f for f in frames if isinstance(f, Batch)]
+
+
+def batched_seqs(frames: Iterable[Frame]) -> list[int]:
+    return [m.seq for b in batches(frames) for m in b.messages]
+
+
+def state(wire: Wire) -> LinkState:
+    """The link state, read afresh (each call may have changed it)."""
+    return wire.dialer.state
+
+
+def receipt(ranges: list[tuple[int, int]], sync: str = "full") -> Receipt:
+    return Receipt(ranges, T0_WALL, T0_WALL, T0_WALL, T0_WALL, 0, sync)
+
+
+class Wire:
+    """alice's DialerLink to bob, bob's Listener and bob's store, in one virtual time line.
+
+    Frames cross the wire encoded and decoded, as they would over a socket. Nothing happens
+    unless a test says so: frames are handed over explicitly, time moves only by `advance`.
+    """
+
+    def __init__(
+        self,
+        *,
+        window: int = 4096,
+        peer_timeout_s: float = PEER_TIMEOUT,
+        max_message_bytes: int = 64 * 1024,
+        bob_skew_ns: int = 0,
+    ) -> None:
+        self.now = 0.0
+        self.wall = T0_WALL
+        self.bob_skew_ns = bob_skew_ns
+        self.dialer = DialerLink(
+            local_name="alice", local_node_id="node-a", peer="bob", window=window,
+            retransmit_initial_s=RTO_INITIAL, retransmit_max_s=RTO_MAX,
+            ping_interval_s=PING_INTERVAL, peer_timeout_s=peer_timeout_s,
+        )
+        self.max_message_bytes = max_message_bytes
+        self.listener = self.new_listener()
+        self.store: dict[str, Envelope] = {}
+        self.events: list[Event] = []
+        self.listener_events: list[Event] = []
+
+    def new_listener(self) -> Listener:
+        return Listener(
+            local_name="bob", local_node_id="node-b", known_peers={"alice", "carol"},
+            max_message_bytes=self.max_message_bytes, sync="full",
+        )
+
+    @property
+    def bob_wall(self) -> int:
+        return self.wall + self.bob_skew_ns
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.wall += round(seconds * 1e9)
+
+    def advance_to(self, now: float) -> None:
+        assert now >= self.now
+        self.wall += round((now - self.now) * 1e9)
+        self.now = now
+
+    def take(self) -> list[Frame]:
+        """Frames the dialer wants to send; its events accumulate in `self.events`."""
+        self.events.extend(self.dialer.events())
+        return self.dialer.frames_to_send()
+
+    def poll(self) -> list[Frame]:
+        self.dialer.poll(self.now, self.wall, 0)
+        return self.take()
+
+    def to_listener(self, frames: Iterable[Frame], *, commit: bool = True) -> list[Frame]:
+        replies: list[Frame] = []
+        for frame in frames:
+            replies += self.listener.receive("alice", encode(frame), self.bob_wall, 0)
+            for event in self.listener.events():
+                self.listener_events.append(event)
+                if commit and isinstance(event, MessagesArrived):
+                    replies += self.commit(event)
+        return replies
+
+    def commit(self, arrived: MessagesArrived) -> list[Frame]:
+        committed: list[int] = []
+        conflicts: list[int] = []
+        for m in arrived.messages:
+            stored = self.store.setdefault(m.id, m)
+            (committed if stored == m else conflicts).append(m.seq)
+        return self.listener.stored(
+            arrived, committed=committed, conflicts=conflicts, stored_at_ns=self.bob_wall,
+            replied_at_ns=self.bob_wall, hlc=0,
+        )
+
+    def to_dialer(self, frames: Iterable[Frame]) -> list[Frame]:
+        for frame in frames:
+            decoded = decode(encode(frame), max_bytes=self.listener.max_frame_bytes)
+            self.dialer.receive(decoded, self.now, self.wall, 0)
+        return self.take()
+
+    def exchange(self, frames: list[Frame]) -> None:
+        """Deliver frames both ways until the wire falls quiet (a perfect network)."""
+        for _ in range(100):
+            if not frames:
+                return
+            frames = self.to_dialer(self.to_listener(frames))
+        raise AssertionError("the wire never fell quiet")
+
+    def connect(self) -> None:
+        self.exchange(self.poll())
+        assert self.dialer.state is LinkState.READY
+        self.events.clear()
+
+    def of_type(self, kind: type[E]) -> list[E]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+# -- handshake --------------------------------------------------------------------------------
+
+
+def test_a_new_link_says_hello_first() -> None:
+    wire = Wire()
+    assert state(wire) is LinkState.CONNECTING
+    assert not wire.dialer.reachable
+    [hello] = wire.poll()
+    assert isinstance(hello, Hello)
+    assert (hello.name, hello.node_id, hello.sent_at_ns) == ("alice", "node-a", T0_WALL)
+
+
+def test_the_handshake_makes_the_link_ready_and_reports_the_peer() -> None:
+    wire = Wire()
+    [welcome] = wire.to_listener(wire.poll())
+    assert isinstance(welcome, Welcome)
+    assert (welcome.name, welcome.node_id, welcome.sync) == ("bob", "node-b", "full")
+    assert wire.listener.session_peer("alice") == "alice"
+    wire.to_dialer([welcome])
+    assert state(wire) is LinkState.READY
+    assert wire.dialer.reachable
+    assert wire.dialer.peer_node_id == "node-b"
+    assert wire.events == [PeerConnected("bob", "node-b")]
+
+
+def test_hello_is_retried_every_ping_interval_until_welcomed() -> None:
+    wire = Wire()
+    assert isinstance(wire.poll()[0], Hello)
+    assert wire.dialer.next_timer() == PING_INTERVAL
+    wire.advance(PING_INTERVAL / 2)
+    assert wire.poll() == []
+    wire.advance(PING_INTERVAL / 2)
+    assert [type(f) for f in wire.poll()] == [Hello]
+
+
+def test_a_duplicate_welcome_does_not_report_the_peer_twice() -> None:
+    wire = Wire()
+    [welcome] = wire.to_listener(wire.poll())
+    wire.to_dialer([welcome, welcome])
+    assert wire.of_type(PeerConnected) == [PeerConnected("bob", "node-b")]
+
+
+def test_welcomes_answering_retried_hellos_resend_what_is_in_flight_only_once() -> None:
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([1, 2]))
+    wire.poll()  # lost
+    drive_silently(wire, until=PEER_TIMEOUT + 3 * PING_INTERVAL)  # peer lost, hellos retried
+    hellos = [Hello(PROTOCOL_VERSION, "node-a", "alice", T0_WALL, 0)] * 3
+    welcomes = wire.to_listener(hellos)
+    assert len(welcomes) >= 3
+    resent = wire.to_dialer(welcomes)
+    assert batched_seqs(resent) == [1, 2]
+
+
+# -- sending ----------------------------------------------------------------------------------
+
+
+def test_messages_flow_only_after_welcome() -> None:
+    wire = Wire()
+    wire.dialer.enqueue(msgs(range(1, 4)))
+    hello_only = wire.poll()
+    assert [type(f) for f in hello_only] == [Hello]
+    wire.advance(3 * PING_INTERVAL)
+    assert batches(wire.poll()) == []
+    sent = wire.to_dialer(wire.to_listener(hello_only))
+    assert batched_seqs(sent) == [1, 2, 3]
+
+
+def test_pump_sends_enqueued_messages_at_once_but_only_when_ready() -> None:
+    wire = Wire()
+    wire.dialer.enqueue(msgs([1]))
+    wire.dialer.pump(wire.now, wire.wall)
+    assert wire.take() == []
+    wire.connect()  # the Welcome already pumped seq 1
+    wire.dialer.enqueue(msgs([2, 3]))
+    wire.dialer.pump(wire.now, wire.wall)
+    assert batched_seqs(wire.take()) == [2, 3]
+    wire.dialer.pump(wire.now, wire.wall)
+    assert wire.take() == []
+
+
+def test_enqueue_ignores_messages_it_already_holds() -> None:
+    wire = Wire()
+    wire.dialer.enqueue(msgs([1, 2, 3]))
+    wire.dialer.enqueue(msgs([2, 3, 4]))
+    assert wire.dialer.unacknowledged == 4
+    assert wire.dialer.highest_enqueued_seq == 4
+    assert wire.dialer.capacity == 4096 - 4
+
+
+def test_large_backlogs_go_out_in_batches_of_at_most_max_batch_messages() -> None:
+    wire = Wire()
+    wire.connect()
+    n = 2 * MAX_BATCH_MESSAGES + 7
+    wire.dialer.enqueue(msgs(range(1, n + 1), "x"))
+    sent = batches(wire.poll())
+    assert [len(b.messages) for b in sent] == [MAX_BATCH_MESSAGES, MAX_BATCH_MESSAGES, 7]
+    assert batched_seqs(sent) == list(range(1, n + 1))
+    assert all(b.tx_at_ns == wire.wall for b in sent)
+
+
+def test_batches_respect_the_body_byte_budget() -> None:
+    wire = Wire(max_message_bytes=128 * 1024)
+    wire.connect()
+    big = "b" * (MAX_BATCH_BODY_BYTES // 2 - 10)
+    huge = "h" * (MAX_BATCH_BODY_BYTES + 1)
+    wire.dialer.enqueue([msg(1, big), msg(2, big), msg(3, big), msg(4, huge), msg(5, "small")])
+    sent = batches(wire.poll())
+    assert [[m.seq for m in b.messages] for b in sent] == [[1, 2], [3], [4], [5]]
+
+
+def test_a_receipt_settles_the_messages_and_reports_them_delivered() -> None:
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs(range(1, 6)))
+    wire.exchange(wire.poll())
+    assert sorted(m.seq for m in wire.store.values()) == [1, 2, 3, 4, 5]
+    [delivered] = wire.of_type(MessagesDelivered)
+    assert delivered.peer == "bob"
+    assert delivered.seqs == [1, 2, 3, 4, 5]
+    assert delivered.receipt.ranges == [(1, 5)]
+    assert delivered.arrived_at_ns == wire.wall
+    assert wire.dialer.unacknowledged == 0
+    assert wire.dialer.capacity == wire.dialer.window
+
+
+def test_nothing_is_retransmitted_once_receipted() -> None:
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([1]))
+    wire.exchange(wire.poll())
+    for _ in range(20):
+        wire.advance_to(wire.dialer.next_timer())
+        frames = wire.poll()
+        assert batches(frames) == []
+        wire.exchange(frames)  # pings and pongs keep the link alive
+    assert wire.dialer.retransmissions == 0
+
+
+def test_a_receipt_feeds_the_clock_offset_estimate() -> None:
+    wire = Wire(bob_skew_ns=250_000_000)
+    wire.connect()
+    wire.dialer.enqueue(msgs([1]))
+    wire.exchange(wire.poll())
+    assert wire.dialer.offset.offset_ns == 250_000_000
+    assert wire.dialer.offset.rtt_ns == 0
+
+
+def test_pongs_feed_the_clock_offset_estimate() -> None:
+    wire = Wire(bob_skew_ns=-40_000_000)
+    wire.connect()
+    [ping] = wire.poll()
+    assert isinstance(ping, Ping)
+    [pong] = wire.to_listener([ping])
+    assert isinstance(pong, Pong)
+    assert pong.echo_sent_at_ns == ping.sent_at_ns
+    wire.advance(0.002)
+    wire.to_dialer([pong])
+    assert wire.dialer.offset.offset_ns == -40_000_000 - 1_000_000
+    assert wire.dialer.offset.rtt_ns == 2_000_000
+    assert wire.dialer.last_heard == wire.now
+    assert wire.dialer.last_heard_wall_ns == wire.wall
+
+
+# -- retransmission -----------------------------------------------------------------------------
+
+
+def test_unreceipted_messages_are_retransmitted_with_exponential_backoff_up_to_the_max() -> None:
+    wire = Wire(peer_timeout_s=1_000.0)
+    wire.connect()
+    wire.dialer.enqueue(msgs([1, 2]))
+    sent_at: list[float] = []
+    frames = wire.poll()
+    while wire.now < 30:
+        if batches(frames):
+            assert batched_seqs(frames) == [1, 2]
+            sent_at.append(wire.now)
+        # bob answers pings but every batch is lost
+        wire.to_dialer(wire.to_listener([f for f in frames if isinstance(f, Ping)]))
+        wire.advance_to(wire.dialer.next_timer())
+        frames = wire.poll()
+    gaps = [b - a for a, b in itertools.pairwise(sent_at)]
+    assert gaps == pytest.approx([0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0])
+    assert wire.dialer.retransmissions == 2 * (len(sent_at) - 1)
+
+
+def test_a_receipt_resets_the_backoff() -> None:
+    wire = Wire(peer_timeout_s=1_000.0)
+    wire.connect()
+    wire.dialer.enqueue(msgs([1]))
+    wire.poll()
+    while wire.dialer.retransmissions < 4:  # lose the batch four times: the RTO grows to 5 s
+        wire.advance_to(wire.dialer.next_timer())
+        wire.poll()
+    wire.dialer.enqueue(msgs([2]))
+    assert batched_seqs(wire.poll()) == [2]
+    wire.to_dialer([receipt([(1, 1)])])
+    assert wire.of_type(MessagesDelivered)[0].seqs == [1]
+    frames: list[Frame] = []
+    start = wire.now
+    # seq 2 is still in flight; its next resend comes after the initial RTO again.
+    while not batches(frames := wire.poll()):
+        wire.advance_to(wire.dialer.next_timer())
+    assert batched_seqs(frames) == [2]
+    assert wire.now - start == pytest.approx(RTO_INITIAL)
+
+
+def test_retransmitted_duplicates_are_stored_once_and_receipted_again() -> None:
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([1, 2]))
+    first = wire.poll()
+    receipts_lost = wire.to_listener(first)  # stored, but the receipt never arrives
+    assert [type(f) for f in receipts_lost] == [Pong, Receipt]
+    wire.advance(RTO_INITIAL)
+    resent = batches(wire.poll())
+    assert batched_seqs(resent) == [1, 2]
+    replies = wire.to_listener(resent)
+    assert [r.ranges for r in replies if isinstance(r, Receipt)] == [[(1, 2)]]
+    wire.to_dialer(replies)
+    assert len(wire.store) == 2
+    assert wire.of_type(MessagesDelivered)[0].seqs == [1, 2]
+
+
+# -- liveness ---------------------------------------------------------------------------------
+
+
+def drive_silently(wire: Wire, until: float) -> list[list[Frame]]:
+    """Poll at every timer the dialer asks for; bob answers nothing."""
+    sent: list[list[Frame]] = []
+    for _ in range(1_000):
+        deadline = wire.dialer.next_timer()
+        if deadline > until:
+            return sent
+        wire.advance_to(max(deadline, wire.now))
+        sent.append(wire.poll())
+        assert wire.dialer.next_timer() > wire.now, "polling at next_timer() made no progress"
+    raise AssertionError("timers never reached the horizon")
+
+
+def test_the_peer_is_lost_after_peer_timeout_of_silence_and_hello_is_sent_again() -> None:
+    wire = Wire()
+    wire.connect()
+    connected_at = wire.now
+    sent = drive_silently(wire, until=connected_at + PEER_TIMEOUT)
+    [lost] = wire.of_type(PeerLost)
+    assert lost.peer == "bob"
+    assert lost.silent_for_s == pytest.approx(PEER_TIMEOUT)
+    assert wire.now == pytest.approx(connected_at + PEER_TIMEOUT)
+    assert state(wire) is LinkState.CONNECTING
+    assert not wire.dialer.reachable
+    assert isinstance(sent[-1][-1], Hello)
+
+
+def test_polling_at_next_timer_always_makes_progress() -> None:
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([1, 2, 3]))
+    drive_silently(wire, until=60.0)
+    assert len(wire.of_type(PeerLost)) == 1
+
+
+def test_a_lost_peer_that_comes_back_gets_everything_in_flight() -> None:
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([1, 2, 3]))
+    wire.poll()  # lost on the wire
+    sent = drive_silently(wire, until=PEER_TIMEOUT)
+    assert wire.of_type(PeerLost)
+    wire.exchange([f for f in sent[-1] if isinstance(f, Hello)])
+    assert state(wire) is LinkState.READY
+    assert wire.of_type(PeerConnected) == [PeerConnected("bob", "node-b")]
+    assert sorted(m.seq for m in wire.store.values()) == [1, 2, 3]
+    assert wire.of_type(MessagesDelivered)[0].seqs == [1, 2, 3]
+
+
+def test_no_retransmission_while_the_peer_is_lost() -> None:
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([1]))
+    wire.poll()
+    sent = drive_silently(wire, until=PEER_TIMEOUT)
+    after_loss = sent[sent.index(next(s for s in sent if any(isinstance(f, Hello) for f in s))):]
+    later = drive_silently(wire, until=PEER_TIMEOUT + 20)
+    assert batches(f for s in after_loss[1:] + later for f in s) == []
+    assert all(isinstance(f, Hello) for s in later for f in s)
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+def test_a_restarted_listener_demands_hello_and_then_gets_everything_resent() -> None:
+    wire = Wire()
+    wire.connect()
+    wire.listener = wire.new_listener()  # bob restarted: no sessions
+    wire.dialer.enqueue(msgs([1, 2]))
+    frames = wire.poll()
+    replies = wire.to_listener(frames)
+    assert Refuse(RefuseCode.HELLO_REQUIRED, "send Hello first") in replies
+    assert wire.store == {}
+    again = wire.to_dialer(replies)
+    assert state(wire) is LinkState.CONNECTING
+    assert [type(f) for f in again] == [Hello]
+    wire.exchange(again)
+    assert state(wire) is LinkState.READY
+    assert sorted(m.seq for m in wire.store.values()) == [1, 2]
+    assert wire.of_type(MessagesDelivered)[0].seqs == [1, 2]
+    assert wire.of_type(LinkRefused) == []
+
+
+def test_a_version_refusal_stops_the_link_and_retries_only_rarely() -> None:
+    wire = Wire()
+    wire.dialer.enqueue(msgs([1]))
+    wire.poll()
+    refusal = wire.listener.receive(
+        "alice", encode(Hello(99, "node-a", "alice", T0_WALL, 0)), T0_WALL, 0
+    )
+    assert [type(f) for f in refusal] == [Refuse]
+    assert isinstance(refusal[0], Refuse)
+    assert refusal[0].code == RefuseCode.VERSION
+    wire.to_dialer(refusal)
+    assert state(wire) is LinkState.REFUSED
+    assert not wire.dialer.reachable
+    [refused] = wire.of_type(LinkRefused)
+    assert refused.code == RefuseCode.VERSION
+    assert wire.dialer.refusal is not None
+    assert "version" in wire.dialer.refusal
+    assert wire.dialer.next_timer() == pytest.approx(wire.now + REFUSED_RETRY_S)
+    wire.advance(REFUSED_RETRY_S - 0.1)
+    assert wire.poll() == []
+    wire.advance(0.1)
+    assert [type(f) for f in wire.poll()] == [Hello]
+    assert wire.dialer.next_timer() == pytest.approx(wire.now + REFUSED_RETRY_S)
+
+
+def test_a_refused_link_ignores_stale_receipts_and_pongs() -> None:
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([1]))
+    wire.poll()
+    wire.to_dialer([Refuse(RefuseCode.UNKNOWN_PEER, "who are you")])
+    heard = wire.dialer.last_heard
+    wire.advance(1)
+    wire.to_dialer([receipt([(1, 1)]), Pong(0, 0, 0)])
+    assert wire.of_type(MessagesDelivered) == []
+    assert wire.dialer.unacknowledged == 1
+    assert wire.dialer.last_heard == heard
+
+
+def test_a_welcome_after_a_refusal_restores_the_link() -> None:
+    wire = Wire()
+    wire.dialer.enqueue(msgs([1]))
+    wire.poll()
+    wire.to_dialer([Refuse(RefuseCode.IDENTITY, "no")])
+    assert state(wire) is LinkState.REFUSED
+    wire.advance(REFUSED_RETRY_S)
+    wire.exchange(wire.poll())
+    assert state(wire) is LinkState.READY
+    assert wire.dialer.refusal is None
+    assert [m.seq for m in wire.store.values()] == [1]
+
+
+# -- receipts the dialer did not ask for ----------------------------------------------------
+
+
+def test_receipts_only_settle_seqs_that_are_in_flight() -> None:
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([3, 4, 5]))
+    wire.poll()
+    wire.to_dialer([receipt([(1, 4), (9, 12)])])
+    [delivered] = wire.of_type(MessagesDelivered)
+    assert delivered.seqs == [3, 4]
+    assert wire.dialer.unacknowledged == 1
+
+
+def test_a_receipt_for_nothing_in_flight_reports_nothing() -> None:
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([1]))
+    wire.poll()
+    wire.to_dialer([receipt([(2, 100), (5, 3), (-10, 0)])])
+    assert wire.of_type(MessagesDelivered) == []
+    wire.to_dialer([receipt([(1, 1)]), receipt([(1, 1)])])
+    assert len(wire.of_type(MessagesDelivered)) == 1
+
+
+def test_hostile_huge_receipt_ranges_are_handled_fast() -> None:
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs(range(1, 1001)))
+    wire.poll()
+    hostile = receipt(
+        [(-(2**63), 2**64 - 1)] * 2_000 + [(0, 2**63)] * 2_000 + [(2**64 - 1, 0)] * 2_000
+    )
+    started = time.perf_counter()
+    wire.to_dialer([hostile])
+    elapsed = time.perf_counter() - started
+    assert elapsed < 1.0
+    [delivered] = wire.of_type(MessagesDelivered)
+    assert delivered.seqs == list(range(1, 1001))
+
+
+def test_a_reject_settles_the_seqs_and_reports_them() -> None:
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([1, 2, 3]))
+    wire.poll()
+    wire.to_dialer([Reject([2, 3, 77], RejectCode.CONFLICT, "taken")])
+    assert wire.of_type(MessagesRejected) == [
+        MessagesRejected("bob", [2, 3], RejectCode.CONFLICT, "taken")
+    ]
+    assert wire.dialer.unacknowledged == 1
+    wire.to_dialer([Reject([2, 3], RejectCode.CONFLICT, "taken")])
+    assert len(wire.of_type(MessagesRejected)) == 1
+
+
+def test_messages_the_listener_refuses_come_back_as_rejections() -> None:
+    wire = Wire(max_message_bytes=16)
+    wire.connect()
+    wire.dialer.enqueue([msg(1, "fine"), msg(2, "x" * 17), msg(3, "")])
+    wire.exchange(wire.poll())
+    rejected = {e.code: e.seqs for e in wire.of_type(MessagesRejected)}
+    assert rejected == {RejectCode.TOO_LARGE: [2], RejectCode.INVALID: [3]}
+    assert wire.of_type(MessagesDelivered)[0].seqs == [1]
+    assert wire.dialer.unacknowledged == 0
+
+
+def test_the_repr_names_both_ends() -> None:
+    assert "alice->bob" in repr(Wire().dialer)

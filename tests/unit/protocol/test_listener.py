@@ -1,0 +1,370 @@
+"""The Listener: handshakes, validation of what arrives, receipts only after storage."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshpost.errors import IdentityMismatch, MalformedFrame, UnsupportedVersion
+from meshpost.protocol import (
+    PROTOCOL_VERSION,
+    Batch,
+    Envelope,
+    Frame,
+    Hello,
+    Listener,
+    MessagesArrived,
+    Ping,
+    Pong,
+    Receipt,
+    Refuse,
+    RefuseCode,
+    Reject,
+    RejectCode,
+    ViolationDetected,
+    Welcome,
+    encode,
+    to_ranges,
+)
+from meshpost.protocol.listener import MAX_ID_LENGTH
+
+WALL = 1_700_000_000_000_000_000
+LIMIT = 512
+
+
+def make_listener(max_message_bytes: int = LIMIT) -> Listener:
+    return Listener(
+        local_name="bob", local_node_id="node-b", known_peers=["alice", "carol"],
+        max_message_bytes=max_message_bytes, sync="normal",
+    )
+
+
+def hello(name: str = "alice", version: int = PROTOCOL_VERSION) -> Hello:
+    return Hello(version=version, node_id=f"node-{name}", name=name, sent_at_ns=WALL, hlc=1)
+
+
+def msg(
+    seq: int, body: str = "hi", *, sender: str = "alice", recipient: str = "bob",
+    id: str | None = None,
+) -> Envelope:
+    return Envelope(id if id is not None else f"m{seq}", seq, sender, recipient, body, WALL, seq)
+
+
+def send(listener: Listener, frame: Frame, identity: str = "alice") -> list[Frame]:
+    return listener.receive(identity, encode(frame), WALL + 5, 77)
+
+
+def connected(max_message_bytes: int = LIMIT) -> Listener:
+    listener = make_listener(max_message_bytes)
+    [welcome] = send(listener, hello())
+    assert isinstance(welcome, Welcome)
+    assert listener.events() == []
+    return listener
+
+
+def refusal(frames: list[Frame]) -> Refuse:
+    [frame] = frames
+    assert isinstance(frame, Refuse)
+    return frame
+
+
+def violations(listener: Listener) -> list[ViolationDetected]:
+    return [e for e in listener.events() if isinstance(e, ViolationDetected)]
+
+
+def arrivals(listener: Listener) -> list[MessagesArrived]:
+    return [e for e in listener.events() if isinstance(e, MessagesArrived)]
+
+
+# -- handshake --------------------------------------------------------------------------------
+
+
+def test_a_known_peer_is_welcomed() -> None:
+    listener = make_listener()
+    [welcome] = send(listener, hello())
+    assert welcome == Welcome(PROTOCOL_VERSION, "node-b", "bob", WALL + 5, 77, "normal")
+    assert listener.session_peer("alice") == "alice"
+
+
+def test_an_unknown_peer_is_refused_and_counted() -> None:
+    listener = make_listener()
+    refused = refusal(send(listener, hello("mallory"), identity="mallory"))
+    assert refused.code == RefuseCode.UNKNOWN_PEER
+    [violation] = violations(listener)
+    assert violation.who == "mallory"
+    assert isinstance(violation.error, IdentityMismatch)
+    assert listener.session_peer("mallory") is None
+
+
+def test_a_hello_claiming_another_identity_is_refused() -> None:
+    listener = make_listener()
+    refused = refusal(send(listener, hello("carol"), identity="alice"))
+    assert refused.code == RefuseCode.IDENTITY
+    assert "claims to be 'carol'" in refused.detail
+    assert isinstance(violations(listener)[0].error, IdentityMismatch)
+    assert listener.session_peer("alice") is None
+
+
+@pytest.mark.parametrize("version", [0, PROTOCOL_VERSION + 1])
+def test_a_hello_of_another_version_is_refused_with_the_version_code(version: int) -> None:
+    listener = make_listener()
+    refused = refusal(send(listener, hello(version=version)))
+    assert refused.code == RefuseCode.VERSION
+    assert f"version {version}" in refused.detail
+    assert isinstance(violations(listener)[0].error, UnsupportedVersion)
+    assert listener.session_peer("alice") is None
+
+
+def test_a_second_hello_replaces_the_session() -> None:
+    listener = connected()
+    [welcome] = send(listener, Hello(PROTOCOL_VERSION, "node-alice-2", "alice", WALL, 1))
+    assert isinstance(welcome, Welcome)
+    assert listener.session_peer("alice") == "alice"
+
+
+def test_a_batch_before_hello_is_refused_with_hello_required() -> None:
+    listener = make_listener()
+    refused = refusal(send(listener, Batch(WALL, [msg(1)])))
+    assert refused.code == RefuseCode.HELLO_REQUIRED
+    assert listener.events() == []
+
+
+def test_a_forgotten_connection_must_say_hello_again() -> None:
+    listener = connected()
+    listener.forget("alice")
+    listener.forget("never-seen")
+    assert listener.session_peer("alice") is None
+    assert refusal(send(listener, Batch(WALL, [msg(1)]))).code == RefuseCode.HELLO_REQUIRED
+
+
+# -- pings ------------------------------------------------------------------------------------
+
+
+def test_a_ping_is_answered_with_a_pong_carrying_both_clocks() -> None:
+    listener = connected()
+    [pong] = send(listener, Ping(sent_at_ns=123))
+    assert pong == Pong(echo_sent_at_ns=123, received_at_ns=WALL + 5, replied_at_ns=WALL + 5)
+
+
+def test_a_ping_before_hello_is_refused_with_hello_required() -> None:
+    assert refusal(send(make_listener(), Ping(1))).code == RefuseCode.HELLO_REQUIRED
+
+
+# -- malformed input --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1\xc1", b"\x92\xa5hello\x01", b"\x91" * 5000])
+def test_undecodable_bytes_are_refused_as_malformed(data: bytes) -> None:
+    listener = connected()
+    assert refusal(listener.receive("alice", data, WALL, 0)).code == RefuseCode.MALFORMED
+    [violation] = violations(listener)
+    assert isinstance(violation.error, MalformedFrame)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        Welcome(PROTOCOL_VERSION, "n", "alice", 0, 0, "full"),
+        Refuse("x", "y"),
+        Receipt([(1, 1)], 0, 0, 0, 0, 0, "full"),
+        Reject([1], "c", "d"),
+        Pong(1, 2, 3),
+    ],
+    ids=lambda f: type(f).__name__,
+)
+def test_frames_meant_for_a_dialer_are_refused(frame: Frame) -> None:
+    listener = connected()
+    assert refusal(send(listener, frame)).code == RefuseCode.MALFORMED
+    assert len(violations(listener)) == 1
+
+
+def test_a_frame_over_the_size_limit_is_refused_without_decoding() -> None:
+    listener = connected(max_message_bytes=16)
+    data = b"\xc1" * (listener.max_frame_bytes + 1)
+    refused = refusal(listener.receive("alice", data, WALL, 0))
+    assert refused.code == RefuseCode.MALFORMED
+    assert "exceeds" in refused.detail
+
+
+def test_the_frame_limit_fits_a_full_batch_of_maximal_messages() -> None:
+    listener = connected(max_message_bytes=1_000)
+    big = [msg(s, "é" * 500, id="x" * MAX_ID_LENGTH) for s in range(1, 513)]
+    assert send(listener, Batch(WALL, big)) == []
+    [arrived] = arrivals(listener)
+    assert len(arrived.messages) == 512
+
+
+# -- validating messages ----------------------------------------------------------------------
+
+
+def test_valid_messages_arrive_with_the_batch_timestamps() -> None:
+    listener = connected()
+    assert send(listener, Batch(WALL - 3, [msg(1), msg(2)])) == []
+    [arrived] = arrivals(listener)
+    assert arrived == MessagesArrived("alice", [msg(1), msg(2)], WALL - 3, WALL + 5)
+
+
+def test_an_empty_batch_is_harmless() -> None:
+    listener = connected()
+    assert send(listener, Batch(WALL, [])) == []
+    assert listener.events() == []
+
+
+@pytest.mark.parametrize(
+    ("bad", "code", "why"),
+    [
+        (msg(1, sender="carol"), RejectCode.INVALID, "sender"),
+        (msg(1, recipient="dave"), RejectCode.INVALID, "recipient"),
+        (msg(1, ""), RejectCode.INVALID, "empty body"),
+        (msg(0), RejectCode.INVALID, "seq must be positive"),
+        (msg(-5), RejectCode.INVALID, "seq must be positive"),
+        (msg(1, id=""), RejectCode.INVALID, "message id"),
+        (msg(1, id="x" * (MAX_ID_LENGTH + 1)), RejectCode.INVALID, "message id"),
+        (msg(1, "x" * (LIMIT + 1)), RejectCode.TOO_LARGE, "exceeds"),
+        (msg(1, "é" * (LIMIT // 2 + 1)), RejectCode.TOO_LARGE, "exceeds"),
+        (msg(1, "😀" * (LIMIT // 4 + 1)), RejectCode.TOO_LARGE, "exceeds"),
+    ],
+    ids=[
+        "impersonated-sender", "wrong-recipient", "empty-body", "zero-seq", "negative-seq",
+        "empty-id", "long-id", "ascii-too-large", "two-byte-too-large", "four-byte-too-large",
+    ],
+)
+def test_invalid_messages_are_rejected_and_never_arrive(
+    bad: Envelope, code: str, why: str
+) -> None:
+    listener = connected()
+    [reject] = send(listener, Batch(WALL, [bad]))
+    assert isinstance(reject, Reject)
+    assert (reject.seqs, reject.code) == ([bad.seq], code)
+    assert why in reject.detail
+    events = listener.events()
+    assert [type(e) for e in events] == [ViolationDetected]
+    assert events[0].who == "alice"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        Envelope("m1", 2**63, "alice", "bob", "hi", WALL, 1),
+        Envelope("m1", 1, "alice", "bob", "hi", 2**63, 1),
+        Envelope("m1", 1, "alice", "bob", "hi", 2**64 - 1, 1),
+        Envelope("m1", 1, "alice", "bob", "hi", WALL, 2**64 - 1),
+    ],
+    ids=["seq", "sent-at", "max-unsigned-sent-at", "hlc"],
+)
+def test_numbers_a_database_cannot_hold_are_rejected(bad: Envelope) -> None:
+    listener = connected()
+    [reject] = send(listener, Batch(WALL, [bad]))
+    assert isinstance(reject, Reject)
+    assert (reject.seqs, reject.code) == ([bad.seq], RejectCode.INVALID)
+    assert "64-bit" in reject.detail
+    assert arrivals(listener) == []
+
+
+def test_the_extremes_of_64_bit_numbers_are_accepted() -> None:
+    listener = connected()
+    edge = Envelope("m1", 2**63 - 1, "alice", "bob", "hi", -(2**63), 2**63 - 1)
+    assert send(listener, Batch(WALL, [edge])) == []
+    assert arrivals(listener)[0].messages == [edge]
+
+
+@pytest.mark.parametrize("body", ["x" * LIMIT, "é" * (LIMIT // 2), "😀" * (LIMIT // 4), "€" * 170])
+def test_bodies_up_to_the_byte_limit_are_accepted(body: str) -> None:
+    listener = connected()
+    assert send(listener, Batch(WALL, [msg(1, body)])) == []
+    assert arrivals(listener)[0].messages == [msg(1, body)]
+
+
+def test_a_mixed_batch_delivers_the_good_and_groups_rejections_by_code() -> None:
+    listener = connected()
+    batch = Batch(
+        WALL,
+        [msg(1), msg(2, sender="carol"), msg(3), msg(4, "x" * 600), msg(5, ""), msg(6, "y" * 999)],
+    )
+    replies = send(listener, batch)
+    rejects = {r.code: r.seqs for r in replies if isinstance(r, Reject)}
+    assert rejects == {RejectCode.INVALID: [2, 5], RejectCode.TOO_LARGE: [4, 6]}
+    [arrived] = arrivals(listener)
+    assert [m.seq for m in arrived.messages] == [1, 3]
+
+
+def test_a_mixed_batch_reports_the_good_messages_as_arrived() -> None:
+    listener = connected()
+    send(listener, Batch(WALL, [msg(1), msg(2, sender="carol"), msg(3)]))
+    events = listener.events()
+    assert [type(e) for e in events] == [ViolationDetected, MessagesArrived]
+    arrived = events[1]
+    assert isinstance(arrived, MessagesArrived)
+    assert [m.seq for m in arrived.messages] == [1, 3]
+
+
+def test_sessions_are_per_connection() -> None:
+    listener = connected()
+    send(listener, hello("carol"), identity="carol")
+    listener.events()
+    [reject] = send(listener, Batch(WALL, [msg(1, sender="alice")]), identity="carol")
+    assert isinstance(reject, Reject)
+    assert reject.code == RejectCode.INVALID
+    send(listener, Batch(WALL, [msg(1, sender="carol")]), identity="carol")
+    assert arrivals(listener)[0].peer == "carol"
+
+
+# -- receipts ---------------------------------------------------------------------------------
+
+
+def arrived_batch(*seqs: int) -> MessagesArrived:
+    return MessagesArrived("alice", [msg(s) for s in seqs], echo_tx_at_ns=11, received_at_ns=22)
+
+
+def test_stored_builds_a_receipt_with_ranges_and_all_four_timestamps() -> None:
+    listener = connected()
+    frames = listener.stored(
+        arrived_batch(1, 2, 3, 7), committed=[7, 1, 3, 2], conflicts=[],
+        stored_at_ns=33, replied_at_ns=44, hlc=55,
+    )
+    assert frames == [Receipt([(1, 3), (7, 7)], 11, 22, 33, 44, 55, "normal")]
+
+
+def test_stored_rejects_conflicts_and_receipts_the_rest() -> None:
+    listener = connected()
+    frames = listener.stored(
+        arrived_batch(1, 2, 3, 4), committed=[1, 4], conflicts=[3, 2],
+        stored_at_ns=33, replied_at_ns=44, hlc=55,
+    )
+    assert len(frames) == 2
+    assert isinstance(frames[0], Receipt)
+    assert frames[0].ranges == [(1, 1), (4, 4)]
+    assert isinstance(frames[1], Reject)
+    assert (frames[1].seqs, frames[1].code) == ([2, 3], RejectCode.CONFLICT)
+
+
+def test_stored_with_nothing_committed_sends_nothing() -> None:
+    listener = connected()
+    assert listener.stored(
+        arrived_batch(1), committed=[], conflicts=[], stored_at_ns=1, replied_at_ns=2, hlc=3
+    ) == []
+
+
+def test_to_ranges_collapses_runs() -> None:
+    assert to_ranges([]) == []
+    assert to_ranges([5]) == [(5, 5)]
+    assert to_ranges([1, 2, 3, 7]) == [(1, 3), (7, 7)]
+    assert to_ranges([9, 8, 1, 9, 2, 10]) == [(1, 2), (8, 10)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-1_000, 1_000), max_size=200))
+def test_to_ranges_covers_exactly_the_seqs_in_sorted_disjoint_runs(seqs: list[int]) -> None:
+    ranges = to_ranges(seqs)
+    covered = [s for lo, hi in ranges for s in range(lo, hi + 1)]
+    assert covered == sorted(set(seqs))
+    assert all(lo <= hi for lo, hi in ranges)
+    # Runs are maximal: a gap of at least one seq separates neighbours.
+    assert all(a[1] + 1 < b[0] for a, b in itertools.pairwise(ranges))
+
+
+def test_the_repr_lists_sessions() -> None:
+    assert "alice" in repr(connected())

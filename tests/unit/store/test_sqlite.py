@@ -1,0 +1,391 @@
+"""The SQLite store: opening, migrations, idempotent writes, reads, and every failure mode."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshpost.errors import (
+    DataDirNotWritable,
+    SchemaTooNew,
+    StoreCorrupt,
+    StoreError,
+    StoreFull,
+    StoreLocked,
+)
+from meshpost.protocol import Envelope, Receipt
+from meshpost.store import (
+    DB_FILENAME,
+    Delivery,
+    Rejection,
+    Store,
+    StoreReader,
+    WriteBatch,
+)
+from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
+from meshpost.store.sqlite import migrate, translate
+
+T = 1_700_000_000_000_000_000
+
+
+def out(seq: int, to: str = "bob", body: str = "hi", hlc: int | None = None) -> Envelope:
+    return Envelope(f"out-{to}-{seq}", seq, "alice", to, body, T + seq, seq if hlc is None else hlc)
+
+
+def incoming(seq: int, frm: str = "bob", body: str = "yo", msg_id: str | None = None) -> Envelope:
+    return Envelope(msg_id or f"in-{frm}-{seq}", seq, frm, "alice", body, T + seq, 1000 + seq)
+
+
+def receipt(stored_at: int = 5, sync: str = "full") -> Receipt:
+    return Receipt([(0, 0)], 1, 2, stored_at, 4, 99, sync)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "alice"
+
+
+@pytest.fixture
+def store(data_dir: Path) -> Iterator[Store]:
+    s = Store.open(data_dir, name="alice")
+    yield s
+    s.close()
+
+
+def states(store: Store, peer: str = "bob") -> dict[int, str]:
+    rows = store.execute_raw(
+        "SELECT seq, state FROM messages WHERE direction = 'out' AND peer = ?", (peer,)
+    )
+    return dict(rows)
+
+
+# -- opening ----------------------------------------------------------------------------------
+
+
+def test_open_creates_a_wal_database_at_the_current_schema_version(store: Store) -> None:
+    assert store.path.name == DB_FILENAME
+    assert store.path.exists()
+    assert store.execute_raw("PRAGMA journal_mode") == [("wal",)]
+    assert store.execute_raw("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert len(MIGRATIONS) == SCHEMA_VERSION
+    assert len(store.node_id) == 16
+
+
+def test_synchronous_follows_the_sync_level(tmp_path: Path) -> None:
+    for sync, level in (("full", 2), ("normal", 1)):
+        s = Store.open(tmp_path / sync, name="alice", sync=sync)
+        try:
+            assert s.execute_raw("PRAGMA synchronous") == [(level,)]
+        finally:
+            s.close()
+
+
+def test_reopening_keeps_data_and_identity_and_does_not_migrate_again(data_dir: Path) -> None:
+    first = Store.open(data_dir, name="alice")
+    node_id = first.node_id
+    first.apply(WriteBatch(outgoing=[out(1)]), T)
+    first.close()
+    second = Store.open(data_dir, name="alice")
+    try:
+        assert second.node_id == node_id
+        assert second.execute_raw("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        assert second.load_pending("bob", 0, 10) == [out(1)]
+    finally:
+        second.close()
+
+
+def test_migrating_an_up_to_date_database_is_a_no_op(store: Store) -> None:
+    store.apply(WriteBatch(outgoing=[out(1)]), T)
+    conn = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        migrate(conn, store.path)
+        migrate(conn, store.path)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute("SELECT COUNT(*) FROM messages").fetchone() == (1,)
+    finally:
+        conn.close()
+
+
+def test_an_interrupted_migration_leaves_the_previous_version(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
+    conn.execute("CREATE TABLE meta (key TEXT)")  # the first migration will collide with this
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="already exists"):
+            migrate(conn, tmp_path / "x.db")
+        assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert tables == {"meta"}
+    finally:
+        conn.close()
+
+
+def test_a_data_dir_belongs_to_one_node_name(data_dir: Path) -> None:
+    Store.open(data_dir, name="alice").close()
+    with pytest.raises(StoreError, match="belongs to node 'alice'"):
+        Store.open(data_dir, name="mallory")
+    # The failed open released its lock.
+    Store.open(data_dir, name="alice").close()
+
+
+def test_a_database_from_a_newer_meshpost_is_refused(data_dir: Path) -> None:
+    data_dir.mkdir()
+    conn = sqlite3.connect(data_dir / DB_FILENAME)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(SchemaTooNew, match=f"schema version {SCHEMA_VERSION + 1}"):
+        Store.open(data_dir, name="alice")
+    with pytest.raises(SchemaTooNew):  # and the lock was released
+        Store.open(data_dir, name="alice")
+
+
+def test_a_second_open_of_the_same_data_dir_is_locked(store: Store, data_dir: Path) -> None:
+    with pytest.raises(StoreLocked, match="another node running"):
+        Store.open(data_dir, name="alice")
+    store.apply(WriteBatch(outgoing=[out(1)]), T)  # the first store is unaffected
+
+
+def test_the_lock_is_released_on_close(data_dir: Path) -> None:
+    Store.open(data_dir, name="alice").close()
+    Store.open(data_dir, name="alice").close()
+
+
+def test_a_data_dir_that_cannot_be_created_is_not_writable(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(DataDirNotWritable, match="not writable"):
+        Store.open(blocker / "alice", name="alice")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to read-only directories")
+def test_a_read_only_data_dir_is_not_writable(tmp_path: Path) -> None:
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(DataDirNotWritable):
+            Store.open(locked, name="alice")
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.parametrize("offset", [0, 16, 40])
+def test_garbage_over_the_database_header_is_corrupt(data_dir: Path, offset: int) -> None:
+    s = Store.open(data_dir, name="alice")
+    s.apply(WriteBatch(outgoing=[out(i) for i in range(1, 50)]), T)
+    s.close()
+    with open(data_dir / DB_FILENAME, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xde\xad\xbe\xef garbage garbage garbage \xff" * 3)
+    with pytest.raises(StoreCorrupt, match="corrupt"):
+        Store.open(data_dir, name="alice")
+    with pytest.raises(StoreCorrupt):  # the lock was released; still corrupt
+        Store.open(data_dir, name="alice")
+
+
+def test_a_database_file_of_pure_garbage_is_corrupt(data_dir: Path) -> None:
+    data_dir.mkdir()
+    (data_dir / DB_FILENAME).write_bytes(os.urandom(8192))
+    with pytest.raises(StoreCorrupt):
+        Store.open(data_dir, name="alice")
+
+
+# -- incoming -------------------------------------------------------------------------------
+
+
+def test_an_incoming_message_is_committed_once_however_often_it_arrives(store: Store) -> None:
+    m = incoming(1)
+    [first] = store.apply(WriteBatch(incoming=[[m]]), T)
+    [again] = store.apply(WriteBatch(incoming=[[m]]), T + 10)
+    [twice_in_one] = store.apply(WriteBatch(incoming=[[m, m]]), T + 20)
+    assert first.committed == again.committed == [1]
+    assert twice_in_one.committed == [1, 1]
+    assert first.conflicts == again.conflicts == twice_in_one.conflicts == []
+    assert store.execute_raw("SELECT COUNT(*), MIN(stored_at_ns) FROM messages") == [(1, T)]
+
+
+def test_the_same_id_with_a_different_body_is_a_conflict_and_the_original_is_kept(
+    store: Store,
+) -> None:
+    store.apply(WriteBatch(incoming=[[incoming(1, body="original")]]), T)
+    forged = incoming(1, body="forged")
+    retimed = Envelope(forged.id, 1, "bob", "alice", "original", T + 999, 1001)
+    [result] = store.apply(WriteBatch(incoming=[[incoming(2), forged, retimed]]), T)
+    assert result.committed == [2]
+    assert result.conflicts == [1, 1]
+    assert store.execute_raw("SELECT body FROM messages WHERE id = ?", (forged.id,)) == [
+        ("original",)
+    ]
+
+
+def test_an_incoming_id_equal_to_an_outgoing_id_is_a_conflict(store: Store) -> None:
+    mine = out(1)
+    store.apply(WriteBatch(outgoing=[mine]), T)
+    clash = Envelope(mine.id, 1, "bob", "alice", mine.body, mine.sent_at_ns, mine.hlc)
+    [result] = store.apply(WriteBatch(incoming=[[clash]]), T)
+    assert result.conflicts == [1]
+
+
+def test_results_come_back_per_incoming_group_in_order(store: Store) -> None:
+    store.apply(WriteBatch(incoming=[[incoming(1, body="a")]]), T)
+    results = store.apply(
+        WriteBatch(
+            incoming=[[incoming(2)], [incoming(1, body="b"), incoming(3)], [incoming(1, "carol")]]
+        ),
+        T,
+    )
+    assert [(r.committed, r.conflicts) for r in results] == [([2], []), ([3], [1]), ([1], [])]
+
+
+def test_the_extremes_of_64_bit_numbers_round_trip(store: Store) -> None:
+    edge = Envelope("edge", 2**63 - 1, "bob", "alice", "b", -(2**63), 2**63 - 1)
+    [result] = store.apply(WriteBatch(incoming=[[edge]]), T)
+    assert result.committed == [2**63 - 1]
+    with StoreReader(store.path) as reader:
+        [row] = reader.history()
+    assert (row.seq, row.sent_at_ns, row.hlc) == (2**63 - 1, -(2**63), 2**63 - 1)
+
+
+# -- outgoing, deliveries, rejections ----------------------------------------------------------
+
+
+def test_deliveries_update_only_pending_rows_in_range_for_that_peer(store: Store) -> None:
+    store.apply(
+        WriteBatch(outgoing=[out(s) for s in range(1, 7)] + [out(s, "carol") for s in (1, 2)]), T
+    )
+    store.apply(WriteBatch(rejections=[Rejection("bob", [3], "conflict: taken")]), T)
+    store.apply(WriteBatch(deliveries=[Delivery("bob", [1, 2, 3, 4], receipt(stored_at=7), 8)]), T)
+    assert states(store) == {
+        1: "delivered", 2: "delivered", 3: "rejected", 4: "delivered", 5: "pending", 6: "pending"
+    }
+    assert states(store, "carol") == {1: "pending", 2: "pending"}
+    rows = store.execute_raw(
+        "SELECT receipt_stored_at_ns, receipt_received_at_ns, receipt_arrived_at_ns,"
+        " receipt_sync, receipt_hlc FROM messages WHERE peer = 'bob' AND seq = 1"
+    )
+    assert rows == [(7, 2, 8, "full", 99)]
+    # A second receipt for the same rows changes nothing.
+    store.apply(WriteBatch(deliveries=[Delivery("bob", [1], receipt(stored_at=70), 80)]), T)
+    assert store.execute_raw(
+        "SELECT receipt_stored_at_ns FROM messages WHERE peer = 'bob' AND seq = 1"
+    ) == [(7,)]
+    assert store.execute_raw("SELECT reject_reason FROM messages WHERE seq = 3 AND peer = 'bob'") \
+        == [("conflict: taken",)]
+
+
+def test_deliveries_with_gaps_touch_only_the_listed_seqs(store: Store) -> None:
+    store.apply(WriteBatch(outgoing=[out(s) for s in range(1, 11)]), T)
+    store.apply(WriteBatch(deliveries=[Delivery("bob", [2, 3, 7, 9], receipt(), 1)]), T)
+    assert sorted(s for s, state in states(store).items() if state == "delivered") == [2, 3, 7, 9]
+
+
+def test_a_failed_batch_writes_nothing(store: Store) -> None:
+    store.apply(WriteBatch(outgoing=[out(1)]), T)
+    doomed = WriteBatch(outgoing=[out(2), out(1)], incoming=[[incoming(1)]])
+    with pytest.raises(StoreError, match="UNIQUE"):
+        store.apply(doomed, T)
+    assert store.execute_raw("SELECT COUNT(*) FROM messages") == [(1,)]
+    store.apply(WriteBatch(outgoing=[out(2)]), T)  # and the connection still works
+
+
+def test_load_pending_returns_undelivered_rows_in_seq_order(store: Store) -> None:
+    store.apply(WriteBatch(outgoing=[out(s) for s in (5, 1, 4, 2, 3, 6)] + [out(1, "carol")]), T)
+    store.apply(WriteBatch(deliveries=[Delivery("bob", [2], receipt(), 1)]), T)
+    store.apply(WriteBatch(rejections=[Rejection("bob", [4], "no")]), T)
+    assert [m.seq for m in store.load_pending("bob", 0, 100)] == [1, 3, 5, 6]
+    assert [m.seq for m in store.load_pending("bob", 0, 2)] == [1, 3]
+    assert [m.seq for m in store.load_pending("bob", 3, 100)] == [5, 6]
+    assert store.load_pending("bob", 6, 100) == []
+    assert store.load_pending("dave", 0, 100) == []
+    assert store.load_pending("bob", 0, 100)[0] == out(1)
+
+
+def test_last_seqs_and_pending_count_per_peer(store: Store) -> None:
+    assert store.last_seqs() == {}
+    store.apply(WriteBatch(outgoing=[out(s) for s in (1, 2, 9)] + [out(4, "carol")]), T)
+    store.apply(WriteBatch(incoming=[[incoming(50)]]), T)
+    store.apply(WriteBatch(deliveries=[Delivery("bob", [9], receipt(), 1)]), T)
+    assert store.last_seqs() == {"bob": 9, "carol": 4}
+    assert store.pending_count() == 3
+    assert store.pending_count("bob") == 2
+    assert store.pending_count("dave") == 0
+
+
+def test_an_empty_batch_is_falsy_and_harmless(store: Store) -> None:
+    assert not WriteBatch()
+    assert WriteBatch(outgoing=[out(1)])
+    assert store.apply(WriteBatch(), T) == []
+
+
+# -- readers ----------------------------------------------------------------------------------
+
+
+def test_a_reader_sees_committed_rows_while_the_store_is_open(store: Store) -> None:
+    with StoreReader.for_data_dir(store.path.parent) as reader:
+        assert reader.history() == []
+        store.apply(WriteBatch(outgoing=[out(1)], incoming=[[incoming(1)]]), T)
+        assert [m.id for m in reader.history()] == ["out-bob-1", "in-bob-1"]
+        assert reader.node_name() == "alice"
+        assert reader.counts() == {"out/pending": 1, "in/received": 1}
+
+
+def test_a_reader_cannot_write(store: Store) -> None:
+    with StoreReader.for_data_dir(store.path.parent) as reader, pytest.raises(sqlite3.Error):
+        reader._conn.execute("DELETE FROM messages")
+
+
+def test_a_reader_of_a_missing_database_says_so(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="has this node ever run"):
+        StoreReader.for_data_dir(tmp_path / "nobody")
+
+
+def test_history_is_in_hlc_order_and_limit_keeps_the_most_recent(store: Store) -> None:
+    store.apply(
+        WriteBatch(
+            outgoing=[out(1, hlc=30), out(2, hlc=10), out(1, "carol", hlc=20)],
+            incoming=[[incoming(1)]],  # hlc 1001
+        ),
+        T,
+    )
+    with StoreReader(store.path) as reader:
+        everything = reader.history()
+        assert [m.hlc for m in everything] == [10, 20, 30, 1001]
+        assert [m.hlc for m in reader.history(limit=2)] == [30, 1001]
+        assert [m.hlc for m in reader.history(peer="bob")] == [10, 30, 1001]
+        assert [m.hlc for m in reader.history(peer="bob", direction="out", limit=1)] == [30]
+        assert [m.id for m in reader.history(direction="in")] == ["in-bob-1"]
+        row = everything[0]
+        assert (row.direction, row.peer, row.state, row.stored_at_ns) == ("out", "bob",
+                                                                          "pending", T)
+
+
+def test_history_breaks_hlc_ties_by_id(store: Store) -> None:
+    store.apply(WriteBatch(outgoing=[out(s, hlc=5) for s in (3, 1, 2)]), T)
+    with StoreReader(store.path) as reader:
+        assert [m.id for m in reader.history()] == ["out-bob-1", "out-bob-2", "out-bob-3"]
+
+
+# -- error translation --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("database is locked", StoreLocked),
+        ("database table is locked", StoreLocked),
+        ("database or disk is full", StoreFull),
+        ("attempt to write a readonly database", DataDirNotWritable),
+        ("database disk image is malformed", StoreCorrupt),
+        ("file is not a database", StoreCorrupt),
+        ("no such table: nope", StoreError),
+    ],
+)
+def test_sqlite_errors_become_errors_a_user_can_act_on(
+    tmp_path: Path, message: str, expected: type[StoreError]
+) -> None:
+    error = translate(sqlite3.OperationalError(message), tmp_path / DB_FILENAME)
+    assert type(error) is expected
+    assert str(tmp_path) in str(error)

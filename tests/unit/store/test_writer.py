@@ -1,0 +1,256 @@
+"""GroupCommitWriter: batching into few transactions, callbacks after commit, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshpost.clock import FakeClock
+from meshpost.errors import StoreLocked
+from meshpost.protocol import Envelope, Receipt
+from meshpost.store import (
+    Delivery,
+    GroupCommitWriter,
+    IncomingResult,
+    Rejection,
+    Store,
+    StoreReader,
+    WriteBatch,
+)
+from meshpost.store import writer as writer_module
+
+T = 1_700_000_000_000_000_000
+#: Upper bound for any wait in these tests; reaching it means a bug, not a slow machine.
+PATIENCE_S = 10.0
+
+
+def out(seq: int, to: str = "bob") -> Envelope:
+    return Envelope(f"out-{to}-{seq}", seq, "alice", to, f"body {seq}", T, seq)
+
+
+def incoming(seq: int, body: str = "yo") -> Envelope:
+    return Envelope(f"in-{seq}", seq, "bob", "alice", body, T, seq)
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), PATIENCE_S))
+
+
+@contextlib.asynccontextmanager
+async def running_writer(
+    data_dir: Path, clock: FakeClock | None = None
+) -> AsyncIterator[GroupCommitWriter]:
+    store = Store.open(data_dir, name="alice")
+    writer = GroupCommitWriter(store, clock or FakeClock(), node="alice")
+    task = asyncio.create_task(writer.run())
+    try:
+        yield writer
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        writer.close()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until `condition` holds (bounded by the scenario's timeout)."""
+    while not condition():  # noqa: ASYNC110 - the writer exposes counters, not events
+        await asyncio.sleep(0.005)
+
+
+def rows(data_dir: Path) -> dict[str, str]:
+    with StoreReader.for_data_dir(data_dir) as reader:
+        return {m.id: m.state for m in reader.history()}
+
+
+def test_many_adds_commit_in_one_transaction(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_writer(tmp_path) as writer:
+            stored_at: list[int] = []
+            for seq in range(1, 1001):
+                writer.add_outgoing([out(seq)], stored_at.append)
+            await writer.flush()
+            assert writer.commits == 1
+            assert writer.rows_committed == 1000
+            assert stored_at == [FakeClock().wall_ns()] * 1000
+            assert len(rows(tmp_path)) == 1000
+
+    run(scenario)
+
+
+def test_adds_made_while_a_commit_runs_share_the_next_transaction(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_writer(tmp_path) as writer:
+            done: list[int] = []
+            writer.add_outgoing([out(1)], done.append)
+            await asyncio.sleep(0)  # the writer takes the first batch
+            for seq in range(2, 502):
+                writer.add_outgoing([out(seq)], done.append)
+            await writer.flush()
+            assert len(done) == 501
+            assert writer.commits <= 2
+
+    run(scenario)
+
+
+def test_callbacks_run_after_commit_with_their_own_results(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_writer(tmp_path) as writer:
+            seen: list[tuple[str, object]] = []
+            await writer.call(
+                writer.store.apply,
+                WriteBatch(incoming=[[incoming(9, "original")]]),
+                T,
+            )
+
+            def visible(msg_id: str) -> bool:
+                return msg_id in rows(tmp_path)
+
+            def on_out(stored_at: int) -> None:
+                assert visible("out-bob-1"), "callback ran before the commit"
+                seen.append(("out", stored_at))
+
+            def on_in(tag: str) -> Callable[[IncomingResult, int], None]:
+                def done(result: IncomingResult, stored_at: int) -> None:
+                    assert visible("in-1")
+                    seen.append((tag, (result.committed, result.conflicts)))
+
+                return done
+
+            writer.add_outgoing([out(1)], on_out)
+            writer.add_incoming([incoming(1), incoming(2)], on_in("first"))
+            writer.add_incoming([incoming(9, "forged"), incoming(3)], on_in("second"))
+            await writer.flush()
+            assert seen == [
+                ("out", T),
+                ("first", ([1, 2], [])),
+                ("second", ([3], [9])),
+            ]
+
+    run(scenario)
+
+
+def test_deliveries_and_rejections_are_committed_before_their_callbacks(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_writer(tmp_path) as writer:
+            writer.add_outgoing([out(s) for s in (1, 2, 3)], lambda _at: None)
+            await writer.flush()
+            states: list[dict[str, str]] = []
+            receipt = Receipt([(1, 2)], 1, 2, 3, 4, 5, "full")
+            writer.add_delivery(Delivery("bob", [1, 2], receipt, 6),
+                                lambda: states.append(rows(tmp_path)))
+            writer.add_rejection(Rejection("bob", [3], "conflict"),
+                                 lambda: states.append(rows(tmp_path)))
+            await writer.flush()
+            expected = {"out-bob-1": "delivered", "out-bob-2": "delivered",
+                        "out-bob-3": "rejected"}
+            assert states == [expected, expected]
+
+    run(scenario)
+
+
+def test_a_failing_callback_does_not_stop_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with running_writer(tmp_path) as writer:
+            done: list[int] = []
+
+            def boom(_at: int) -> None:
+                raise RuntimeError("callback bug")
+
+            writer.add_outgoing([out(1)], boom)
+            writer.add_outgoing([out(2)], done.append)
+            await writer.flush()
+            assert done == [T]
+            writer.add_outgoing([out(3)], done.append)  # the writer still runs
+            await writer.flush()
+            assert len(done) == 2
+
+    with caplog.at_level(logging.ERROR, logger="meshpost.store.writer"):
+        run(scenario)
+    assert "completion callback failed" in caplog.text
+
+
+def test_a_transient_lock_is_retried_and_nothing_is_lost(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_writer(tmp_path) as writer:
+            # Fail fast instead of waiting out the busy timeout on every attempt.
+            await writer.call(writer.store.execute_raw, "PRAGMA busy_timeout = 0")
+            blocker = sqlite3.connect(writer.store.path, isolation_level=None)
+            try:
+                blocker.execute("BEGIN IMMEDIATE")
+                done: list[int] = []
+                for seq in range(1, 101):
+                    writer.add_outgoing([out(seq)], done.append)
+                await until(lambda: writer.errors >= 2)
+                assert done == []
+                assert isinstance(writer.last_error, StoreLocked)
+                blocker.execute("COMMIT")
+            finally:
+                blocker.close()
+            await writer.flush()
+            assert len(done) == 100
+            assert len(rows(tmp_path)) == 100
+            assert writer.commits == 1
+
+    run(scenario)
+
+
+def test_flush_waits_for_everything_added_so_far(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_writer(tmp_path) as writer:
+            await writer.flush()  # nothing pending: returns at once
+            done: list[int] = []
+            writer.add_outgoing([out(1)], done.append)
+            await writer.flush()
+            assert done == [T]
+            assert "out-bob-1" in rows(tmp_path)
+
+    run(scenario)
+
+
+def test_a_full_batch_makes_producers_wait_for_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer_module, "MAX_PENDING_ROWS", 10)
+
+    async def scenario() -> None:
+        store = Store.open(tmp_path, name="alice")
+        writer = GroupCommitWriter(store, FakeClock(), node="alice")
+        try:
+            await writer.wait_for_room()
+            writer.add_outgoing([out(s) for s in range(1, 11)], lambda _at: None)
+            waiting = asyncio.create_task(writer.wait_for_room())
+            await asyncio.sleep(0)
+            assert not waiting.done()  # no writer is running: the batch cannot drain
+            task = asyncio.create_task(writer.run())
+            await waiting
+            await writer.flush()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            writer.close()
+        assert len(rows(tmp_path)) == 10
+
+    run(scenario)
+
+
+def test_call_runs_on_the_writer_thread(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_writer(tmp_path) as writer:
+            writer.add_outgoing([out(1), out(7, "carol")], lambda _at: None)
+            await writer.flush()
+            last: Awaitable[dict[str, int]] = writer.call(writer.store.last_seqs)
+            assert await last == {"bob": 1, "carol": 7}
+            assert "commits=1" in repr(writer)
+
+    run(scenario)
