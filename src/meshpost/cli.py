@@ -149,7 +149,8 @@ def _data_dir(args: argparse.Namespace) -> Path:
 def _fmt_time(ns: int | None) -> str:
     if ns is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9)) + f".{ns // 1_000_000 % 1000:03d}"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
+    return f"{stamp}.{ns // 1_000_000 % 1000:03d}"
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -301,6 +302,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             data = cluster.data_dir(name)
             print(f"  {name}  {cluster.endpoints[name]}  pid {cluster.nodes[name].pid}")
             print(f"      send:    meshpost send --node {name} --data {data} --to all 'hello'")
+            print(f"      attach:  meshpost attach --node {name} --data {data}")
             print(f"      history: meshpost history --node {name} --data {data}")
         print(f"stop with: meshpost cluster down --data {root}")
         return EXIT_OK
@@ -320,6 +322,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
     print(f"public key: {public_file}\nsecret key: {secret_file} (mode 0600)", file=sys.stderr)
     print(f"add the first line to every peer's {keys.AUTHORIZED_KEYS} file", file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from meshpost.remote import attach
+
+    setup_logging("warning")
+    return asyncio.run(attach(_data_dir(args), name=args.node))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -376,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
     p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("attach", help="console for a running (e.g. headless) node")
+    p.add_argument("--node", required=True)
+    p.add_argument("--data")
+    p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("cluster", help="start or stop N local node processes")
     csub = p.add_subparsers(dest="action", required=True)

@@ -137,10 +137,12 @@ class NodeProcess:
         while time.monotonic() < deadline:
             if not self.alive():
                 raise ClusterError(f"node {self.name} exited early:\n{self.log_tail()}")
-            with contextlib.suppress(ControlUnavailable):
-                with ControlClient(self.data_dir, name=self.name) as client:
-                    if client.request(StatusRequest(), timeout_s=1.0).ok:
-                        return
+            with (
+                contextlib.suppress(ControlUnavailable),
+                ControlClient(self.data_dir, name=self.name) as client,
+            ):
+                if client.request(StatusRequest(), timeout_s=1.0).ok:
+                    return
             time.sleep(0.05)
         raise ClusterError(f"node {self.name} not ready after {timeout_s}s:\n{self.log_tail()}")
 

@@ -100,6 +100,12 @@ class PeerChangeInfo(msgspec.Struct, frozen=True):
     detail: str
 
 
+class DeliveryInfo(msgspec.Struct, frozen=True):
+    peer: str
+    seqs: list[int]
+    delivered_at_ns: int
+
+
 class Reply(msgspec.Struct, frozen=True):
     ok: bool
     error: str | None = None
@@ -109,6 +115,7 @@ class Reply(msgspec.Struct, frozen=True):
     status: dict[str, Any] = {}
     incoming: list[IncomingInfo] = []
     peer_changes: list[PeerChangeInfo] = []
+    deliveries: list[DeliveryInfo] = []
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -213,6 +220,9 @@ class ControlServer:
                         "pid": os.getpid(),
                         "pending": await node.pending_count(),
                         "stats": stats,
+                        "groups": {g: list(m) for g, m in node.config.groups.items()},
+                        "max_message_bytes": node.config.max_message_bytes,
+                        "data_dir": str(node.config.data_dir),
                     },
                     peers=peer_info(node),
                 )
@@ -243,6 +253,7 @@ class ControlServer:
             self._subscriptions[identity] = queue
         incoming: list[IncomingInfo] = []
         changes: list[PeerChangeInfo] = []
+        deliveries: list[DeliveryInfo] = []
         with contextlib.suppress(TimeoutError):
             first = await asyncio.wait_for(queue.get(), wait_s)
             events = [first]
@@ -255,9 +266,9 @@ class ControlServer:
                                                      stored_at))
                     case PeerChanged(peer=peer, connected=connected, detail=detail):
                         changes.append(PeerChangeInfo(peer, connected, detail))
-                    case DeliveryRecorded():
-                        pass
-        return Reply(ok=True, incoming=incoming, peer_changes=changes)
+                    case DeliveryRecorded(peer=peer, seqs=seqs, delivered_at_ns=at):
+                        deliveries.append(DeliveryInfo(peer, seqs, at))
+        return Reply(ok=True, incoming=incoming, peer_changes=changes, deliveries=deliveries)
 
 
 class ControlClient:

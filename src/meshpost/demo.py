@@ -78,7 +78,8 @@ def run_demo(*, nodes: int = 5, messages: int = 20, root: Path | None = None,
                     results.append((sender, body, r))
                     if r.delivered:
                         console.print(
-                            f"  [green]✓[/] {sender} → {r.to}  {body!r}  sent {_fmt_ns(r.sent_at_ns)}"
+                            f"  [green]✓[/] {sender} → {r.to}  {body!r}  "
+                            f"sent {_fmt_ns(r.sent_at_ns)}"
                             f" (sender clock), stored by {r.to} at {_fmt_ns(r.delivered_at_ns)}"
                             f" (its clock, sync={r.sync})"
                         )

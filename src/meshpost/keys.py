@@ -54,7 +54,7 @@ def load_own(data_dir: Path) -> tuple[bytes, bytes]:
 
 
 def load_authorized(data_dir: Path) -> dict[str, bytes]:
-    """Peers' public keys from `authorized_keys` (lines: NAME Z85KEY; lines starting with # are comments)."""
+    """Peers' public keys from `authorized_keys`: `NAME Z85KEY` lines, `#` comment lines."""
     path = data_dir / AUTHORIZED_KEYS
     try:
         text = path.read_text(encoding="utf-8")

@@ -60,11 +60,14 @@ def test_send_to_unknown_peer_or_empty_or_oversized_message_is_a_usage_error(
 ) -> None:
     data_a = str(pair.data_dir("A"))
     unknown = meshpost("send", "--node", "A", "--data", data_a, "--to", "Z", "hi")
-    assert unknown.returncode == 2 and "unknown peer 'Z'" in unknown.stderr
+    assert unknown.returncode == 2
+    assert "unknown peer 'Z'" in unknown.stderr
     empty = meshpost("send", "--node", "A", "--data", data_a, "--to", "B", " ")
-    assert empty.returncode == 2 and "empty" in empty.stderr
+    assert empty.returncode == 2
+    assert "empty" in empty.stderr
     big = meshpost("send", "--node", "A", "--data", data_a, "--to", "B", "x" * 70_000)
-    assert big.returncode == 2 and "over the 65536-byte limit" in big.stderr
+    assert big.returncode == 2
+    assert "over the 65536-byte limit" in big.stderr
     status = meshpost("peers", "--node", "A", "--data", data_a, "--json")
     assert json.loads(status.stdout)["status"]["pending"] == 0, "nothing bad was stored"
 
@@ -76,7 +79,8 @@ def test_send_while_receiver_is_down_times_out_with_exit_3_and_delivers_later(
     data_a = str(pair.data_dir("A"))
     late = meshpost("send", "--node", "A", "--data", data_a, "--to", "B", "--timeout", "0.5",
                     "later")
-    assert late.returncode == 3 and "stays queued" in late.stderr
+    assert late.returncode == 3
+    assert "stays queued" in late.stderr
     pair.start(["B"])
     again = meshpost("send", "--node", "A", "--data", data_a, "--to", "B", "now")
     assert again.returncode == 0
@@ -86,7 +90,8 @@ def test_send_while_receiver_is_down_times_out_with_exit_3_and_delivers_later(
 
 def test_send_through_a_node_that_is_not_running_exits_4(tmp_path: Path) -> None:
     done = meshpost("send", "--node", "ghost", "--data", str(tmp_path), "--to", "B", "hi")
-    assert done.returncode == 4 and "not running" in done.stderr
+    assert done.returncode == 4
+    assert "not running" in done.stderr
 
 
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
@@ -97,13 +102,15 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         done = meshpost("node", "A", "--bind", f"tcp://127.0.0.1:{port}", "--data",
                         str(tmp_path / "A"), "--headless")
     assert done.returncode == 2 or done.returncode == 1
-    assert "cannot bind" in done.stderr and "in use" in done.stderr.lower()
+    assert "cannot bind" in done.stderr
+    assert "in use" in done.stderr.lower()
 
 
 def test_second_node_on_the_same_data_dir_is_refused(pair: LocalCluster) -> None:
     done = meshpost("node", "A", "--config", str(pair.config_path), "--data",
                     str(pair.data_dir("A")), "--bind", "ipc:///tmp/mp-other.sock", "--headless")
-    assert done.returncode == 6 and "locked by another process" in done.stderr
+    assert done.returncode == 6
+    assert "locked by another process" in done.stderr
 
 
 def test_data_dir_that_is_not_writable_is_a_clear_error(tmp_path: Path) -> None:
@@ -111,18 +118,22 @@ def test_data_dir_that_is_not_writable_is_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     done = meshpost("node", "A", "--bind", "ipc:///tmp/mp-unwritable.sock", "--data",
                     str(blocker / "A"), "--headless")
-    assert done.returncode == 6 and "not writable" in done.stderr
+    assert done.returncode == 6
+    assert "not writable" in done.stderr
 
 
 def test_bad_config_and_bad_endpoints_are_usage_errors(tmp_path: Path) -> None:
     bad = meshpost("node", "all", "--bind", "tcp://127.0.0.1:1", "--headless")
-    assert bad.returncode == 2 and "reserved" in bad.stderr
+    assert bad.returncode == 2
+    assert "reserved" in bad.stderr
     endpoint = meshpost("node", "A", "--bind", "udp://x:1", "--headless")
-    assert endpoint.returncode == 2 and "tcp:// and ipc://" in endpoint.stderr
+    assert endpoint.returncode == 2
+    assert "tcp:// and ipc://" in endpoint.stderr
     cfg = tmp_path / "mesh.toml"
     cfg.write_text("[nodes.A\n")
     toml = meshpost("node", "A", "--config", str(cfg), "--headless")
-    assert toml.returncode == 2 and "not valid TOML" in toml.stderr
+    assert toml.returncode == 2
+    assert "not valid TOML" in toml.stderr
 
 
 def test_cluster_up_and_down(short_tmp: Path) -> None:

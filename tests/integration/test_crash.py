@@ -14,7 +14,6 @@ from meshpost.control import ControlClient, SendRequest
 from meshpost.errors import ControlUnavailable
 from meshpost.node import Node
 from meshpost.verify import verify_stores
-
 from tests.integration.conftest import store_counts, wait_until
 
 pytestmark = pytest.mark.integration
@@ -65,7 +64,8 @@ def test_sender_killed_with_messages_pending_delivers_them_after_restart(
         with ControlClient(cluster.data_dir("A"), name="A") as client:
             for i in range(200):
                 reply = client.request(SendRequest("B", f"queued {i}", 0.0), timeout_s=10)
-                assert reply.ok and not reply.sent[0].delivered
+                assert reply.ok
+                assert not reply.sent[0].delivered
         assert store_counts(cluster.data_dir("A")) == {"out/pending": 200}
         cluster.nodes["A"].kill()
         cluster.start(["B"])

@@ -41,7 +41,8 @@ def test_five_node_mesh_stores_every_message_once_on_both_ends(
     for (sender, _target, body), results in replies:
         for r in results:
             assert r.delivered, f"{sender}->{r.to} not receipted: {r.error}"
-            assert r.delivered_at_ns is not None and r.received_at_ns is not None
+            assert r.delivered_at_ns is not None
+            assert r.received_at_ns is not None
             assert r.delivered_at_ns >= r.received_at_ns, "receipt time is after arrival"
             sent[r.id] = (sender, r.to, body, r.sent_at_ns)
     assert len(sent) == 5 * 4 * 2
@@ -53,8 +54,11 @@ def test_five_node_mesh_stores_every_message_once_on_both_ends(
     for mid, (sender, receiver, body, sent_at) in sent.items():
         out = [m for m in rows[sender] if m.id == mid]
         inc = [m for m in rows[receiver] if m.id == mid]
-        assert len(out) == 1 and out[0].direction == "out" and out[0].state == "delivered"
-        assert len(inc) == 1 and inc[0].direction == "in"
+        assert len(out) == 1
+        assert out[0].direction == "out"
+        assert out[0].state == "delivered"
+        assert len(inc) == 1
+        assert inc[0].direction == "in"
         assert (out[0].body, out[0].sent_at_ns) == (body, sent_at)
         assert (inc[0].body, inc[0].sent_at_ns, inc[0].hlc) == (body, sent_at, out[0].hlc)
         assert out[0].receipt_stored_at_ns is not None

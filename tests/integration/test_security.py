@@ -84,7 +84,7 @@ def test_secure_mesh_delivers_and_refuses_every_hostile_client(
     assert reply.ok and reply.sent[0].delivered, "the legitimate peer gets through"
     assert stored_at_b(cluster) == 1
 
-    b_secret, b_public = keys.load_own(cluster.data_dir("B"))
+    _b_secret, b_public = keys.load_own(cluster.data_dir("B"))
     a_secret, a_public = keys.load_own(cluster.data_dir("A"))
     stranger_public, stranger_secret = zmq.curve_keypair()
     wrong_server, _ = zmq.curve_keypair()
@@ -113,7 +113,7 @@ def test_a_legitimate_resend_is_stored_once_and_receipted_again(
     secure_pair: LocalCluster,
 ) -> None:
     cluster = secure_pair
-    b_secret, b_public = keys.load_own(cluster.data_dir("B"))
+    _b_secret, b_public = keys.load_own(cluster.data_dir("B"))
     a_secret, a_public = keys.load_own(cluster.data_dir("A"))
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -156,8 +156,8 @@ def test_no_authenticator_means_no_traffic(tmp_path: Path) -> None:
             curve_public_key=server_public, peer_public_keys={"A": client_public},
         )
         try:
-            assert transport._authenticator is not None  # noqa: SLF001
-            transport._authenticator.stop()  # noqa: SLF001 - simulate a dead authenticator
+            assert transport._authenticator is not None
+            transport._authenticator.stop()
             (endpoint,) = transport.bind(["tcp://127.0.0.1:*"])
             ctx = zmq.Context()
             sock = ctx.socket(zmq.DEALER)
