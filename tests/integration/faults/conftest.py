@@ -1,0 +1,56 @@
+"""Fixtures of the fault battery: short working folders, meshes that are always torn down."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .checker import RESULTS, Mesh
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A short folder under /tmp (ipc:// paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="mpf-"))
+    try:
+        yield path
+    finally:
+        if os.environ.get("MESHPOST_FAULTS_KEEP"):
+            print(f"kept {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+MeshFactory = Callable[..., Mesh]
+
+
+@pytest.fixture
+def mesh_factory(workdir: Path, request: pytest.FixtureRequest) -> Iterator[MeshFactory]:
+    """`mesh_factory(names, real=..., ...)` builds a `Mesh`; every process is stopped after."""
+    meshes: list[Mesh] = []
+
+    def make(names: Sequence[str], **kwargs: Any) -> Mesh:
+        test = request.node.name.removeprefix("test_")
+        root = workdir / f"m{len(meshes)}"
+        mesh = Mesh(root, test, names, **kwargs)
+        meshes.append(mesh)
+        return mesh
+
+    try:
+        yield make
+    finally:
+        for mesh in meshes:
+            mesh.teardown()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if RESULTS:
+        terminalreporter.section("fault battery counts")
+        for line in RESULTS:
+            terminalreporter.write_line(line)

@@ -1,0 +1,76 @@
+"""8. kill -9 in the middle of group-commit batches, on both ends: `PRAGMA integrity_check`
+passes and no batch is partly stored.
+
+The sender is a helper process embedding a Node: each `post_many()` chunk of 3,000 messages of
+400 bytes is one transaction (flushed before the next), so a chunk is either entirely in the
+outbox or not at all. The receiver (a real node) is killed twice while it commits incoming
+batches; every stored row must be whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from .checker import Helper, Mesh, integrity, read_rows, sleep_random
+from .conftest import MeshFactory
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
+
+CHUNKS = 30
+CHUNK = 3000
+SIZE = 400
+
+
+def _check_sender_chunks(mesh: Mesh, accepted: set[int]) -> dict[int, int]:
+    per_chunk: dict[int, int] = {}
+    for r in read_rows(mesh.data_dir("A"), "WHERE direction = 'out'"):
+        k = int(r.body.split("/")[1][1:])
+        per_chunk[k] = per_chunk.get(k, 0) + 1
+    partial = {k: n for k, n in per_chunk.items() if n != CHUNK}
+    assert not partial, f"partly stored chunks (chunk: rows): {partial}"
+    assert accepted <= set(per_chunk), "a chunk acknowledged as flushed is not in the outbox"
+    return per_chunk
+
+
+def _check_receiver_rows(mesh: Mesh) -> int:
+    rows = read_rows(mesh.data_dir("B"), "WHERE direction = 'in'")
+    broken = [r.id for r in rows if len(r.body) != SIZE or not r.body.startswith("mid/c")]
+    assert not broken, f"partial rows at B: {broken[:5]}"
+    return len(rows)
+
+
+def test_kill_mid_batch(mesh_factory: MeshFactory) -> None:
+    mesh = mesh_factory(["A", "B"], seed=8)
+
+    async def scenario() -> None:
+        await asyncio.to_thread(mesh.start_real, ["B"])
+        helper = Helper(mesh, "A", ["flood", "--to", "B", "--chunks", str(CHUNKS),
+                                    "--chunk-size", str(CHUNK), "--tag", "mid",
+                                    "--size", str(SIZE), "--flush-each", "--wait-connected"])
+        for n in (2, 5):
+            await asyncio.to_thread(helper.wait_event, "chunk-accepted", 60, n)
+            await sleep_random(mesh.rng, 0.0, 0.15)
+            assert await asyncio.to_thread(mesh.kill, "B") == -9
+            assert integrity(mesh.db("B")) == ["ok"]
+            mesh.extra[f"B_rows_at_kill{n}"] = _check_receiver_rows(mesh)
+            mesh.assert_no_receipt_without_commit("after kill -9 of B")
+            await asyncio.to_thread(mesh.start_real, ["B"])
+        await asyncio.to_thread(helper.wait_event, "chunk-accepted", 60, 8)
+        await sleep_random(mesh.rng, 0.0, 0.1)
+        assert await asyncio.to_thread(helper.kill) == -9
+        events = helper.events()
+        assert not any(e["ev"] == "done" for e in events), "the flood ended before the kill"
+        assert integrity(mesh.db("A")) == ["ok"]
+        accepted = {e["k"] for e in events if e["ev"] == "chunk-accepted"}
+        per_chunk = _check_sender_chunks(mesh, accepted)
+        mesh.extra["chunks_acked"] = len(accepted)
+        mesh.extra["chunks_in_outbox"] = len(per_chunk)
+        mesh.extra.update(helper.ingest_chunks("B", "mid", CHUNK, SIZE))
+        mesh.assert_no_receipt_without_commit("after kill -9 of A")
+        counts = await mesh.finish()  # A restarts as a real node on the same store
+        assert integrity(mesh.db("A")) == ["ok"] and integrity(mesh.db("B")) == ["ok"]
+        assert counts.accepted == len(accepted) * CHUNK
+
+    mesh.run(scenario)
