@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test test-fast lint bench install clean
+.PHONY: demo test test-fast lint bench bench-brokers install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,15 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
 
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) bench-brokers
 	$(VENV)/bin/meshpost bench
+
+# Mosquitto (Debian) for the broker-anchors scenario; without it that scenario is skipped.
+bench-brokers:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
+	  { apt-get install -y -q mosquitto >/dev/null 2>&1 || \
+	    (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q mosquitto >/dev/null 2>&1) || \
+	    echo "mosquitto not installed: broker-anchors will skip it"; }
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
