@@ -324,11 +324,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_attach(args: argparse.Namespace) -> int:
-    from meshpost.remote import attach
+async def _attach(data_dir: Path, name: str) -> None:
+    from meshpost.console import run_console
+    from meshpost.remote import RemoteNode
 
+    async with RemoteNode(data_dir, name=name) as remote:
+        await run_console(remote)
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
     setup_logging("warning")
-    return asyncio.run(attach(_data_dir(args), name=args.node))
+    asyncio.run(_attach(_data_dir(args), args.node))
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

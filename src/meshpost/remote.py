@@ -197,12 +197,3 @@ class RemoteNode:
         stats = self._status.get("stats", {})
         known = NodeStats.__dataclass_fields__
         return NodeStats(**{k: v for k, v in stats.items() if k in known})
-
-
-async def attach(data_dir: Path, *, name: str, **console_options: Any) -> int:
-    """Open the console on the node running in `data_dir` until the user quits."""
-    from meshpost.console import run_console
-
-    async with RemoteNode(data_dir, name=name) as remote:
-        await run_console(remote, **console_options)
-    return 0
