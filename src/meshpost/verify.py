@@ -105,8 +105,8 @@ def verify_stores(data_dirs: Mapping[str, Path], *, max_problems: int = 20) -> V
                 ):
                     report.receipt_before_arrival += 1
                     problem(f"{m.id}: receipt time precedes arrival")
-    for name, incoming in inbox.items():
-        for mid, m in incoming.items():
+    for name, by_id in inbox.items():
+        for mid, m in by_id.items():
             if m.sender in rows and mid not in outbox_ids.get(name, set()):
                 report.phantom += 1
                 problem(f"{mid} {m.sender}->{name}: stored but never sent")

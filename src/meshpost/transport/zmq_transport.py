@@ -14,12 +14,13 @@ Socket choices (the ZeroMQ traps the protocol designs around):
 
 from __future__ import annotations
 
-
+import asyncio
 import contextlib
 import errno
 import logging
 import os
 from collections.abc import Sequence
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -73,6 +74,7 @@ class ZmqTransport:
             self._authenticator.start()
             self._router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
             self._router.setsockopt(zmq.CURVE_SERVER, 1)
+            assert curve_secret_key is not None
             self._router.setsockopt(zmq.CURVE_SECRETKEY, curve_secret_key)
             self._router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
         self._dealers: dict[str, zmq.asyncio.Socket] = {}
@@ -122,7 +124,8 @@ class ZmqTransport:
             user_id: str | None = None
             if self.secure:
                 with contextlib.suppress(zmq.ZMQError):
-                    user_id = parts[1].get("User-Id")
+                    value = parts[1].get("User-Id")
+                    user_id = value if isinstance(value, str) else None
             return parts[0].bytes, parts[1].bytes, user_id
 
     def reply(self, identity: bytes, payload: bytes) -> bool:
@@ -143,6 +146,8 @@ class ZmqTransport:
             if server_key is None:
                 sock.close(0)
                 raise TransportError(f"no public key for peer {peer!r}; cannot connect securely")
+            assert self._curve_public is not None
+            assert self._curve_secret is not None
             sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
             sock.setsockopt(zmq.CURVE_PUBLICKEY, self._curve_public)
             sock.setsockopt(zmq.CURVE_SECRETKEY, self._curve_secret)
@@ -166,7 +171,10 @@ class ZmqTransport:
     def _send_now(self, sock: zmq.asyncio.Socket, parts: list[bytes]) -> bool:
         # With DONTWAIT pyzmq's asyncio socket sends synchronously and hands back a finished
         # future; its exception must be read here or asyncio reports it as never retrieved.
-        future = sock.send_multipart(parts, flags=zmq.DONTWAIT, copy=len(parts[-1]) < 65536)
+        future = cast(
+            "asyncio.Future[Any]",
+            sock.send_multipart(parts, flags=zmq.DONTWAIT, copy=len(parts[-1]) < 65536),
+        )
         exc = future.exception() if future.done() else None
         if exc is None:
             return True

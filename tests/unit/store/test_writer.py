@@ -61,7 +61,7 @@ async def running_writer(
 
 async def until(condition: Callable[[], bool]) -> None:
     """Yield to the loop until `condition` holds (bounded by the scenario's timeout)."""
-    while not condition():  # noqa: ASYNC110 - the writer exposes counters, not events
+    while not condition():
         await asyncio.sleep(0.005)
 
 
