@@ -61,10 +61,16 @@ def _exit_code(exc: MeshpostError) -> int:
     return EXIT_INTERNAL
 
 
-def setup_logging(level: str, node: str | None = None) -> None:
+def setup_logging(level: str, *, log_file: Path | None = None) -> None:
+    """Log to stderr, or to `log_file` (the console owns the terminal: a log line printed
+    there would tear the line being typed)."""
     fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    target: dict[str, Any] = {"stream": sys.stderr}
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        target = {"filename": str(log_file), "encoding": "utf-8"}
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt,
-                        stream=sys.stderr, force=True)
+                        force=True, **target)
 
 
 # -- node ---------------------------------------------------------------------------------
@@ -134,7 +140,7 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool) -> None:
 def cmd_node(args: argparse.Namespace) -> int:
     cfg = build_node_config(args)
     interactive = not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
-    setup_logging(args.log_level if not interactive else "warning")
+    setup_logging(args.log_level, log_file=cfg.data_dir / "node.log" if interactive else None)
     asyncio.run(_run_node(cfg, interactive=interactive))
     return EXIT_OK
 
