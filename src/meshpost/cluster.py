@@ -159,9 +159,7 @@ class NodeProcess:
                     code = self.process.wait(timeout_s)
             else:
                 code = self.process.returncode
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self._close_log()
         return code
 
     def kill(self) -> None:
@@ -169,6 +167,12 @@ class NodeProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(STOP_TIMEOUT_S)
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -229,6 +233,8 @@ class LocalCluster:
     def process(self, name: str) -> NodeProcess:
         node = self.nodes.get(name)
         if node is None or not node.alive():
+            if node is not None:
+                node.stop()  # it died (killed or crashed): reap it and close its log
             node = NodeProcess(
                 name, self.config_path, self.data_dir(name), self.root / "logs" / f"{name}.log",
                 extra_args=self.extra_args, env=self.env,

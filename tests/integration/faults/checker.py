@@ -429,6 +429,11 @@ class Mesh:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.counts: Counts | None = None
         self.helpers: list[Helper] = []
+        #: Nodes the test itself killed, stopped or let exit; any other exit is a crash.
+        self.expected_down: set[str] = set()
+        #: Unexpected exits seen: "NAME exit CODE: last log line".
+        self.crashes: list[str] = []
+        self._seen_exits: set[int] = set()
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -476,6 +481,10 @@ class Mesh:
                            self.root / "logs" / f"{name}.log", env=env)
         self.cluster.nodes[name] = node
         self.stopped.discard(name)
+        if crash_at is None:
+            self.expected_down.discard(name)
+        else:
+            self.expected_down.add(name)  # it is meant to die at the hook
         return node.start()
 
     def start_real(self, names: Iterable[str] | None = None, *,
@@ -488,12 +497,16 @@ class Mesh:
     def kill(self, name: str) -> int | None:
         """kill -9, reaped; returns the exit code."""
         node = self.proc(name)
+        self.check_crashes()
+        self.expected_down.add(name)
         if name in self.stopped:
             self.stopped.discard(name)  # SIGKILL works on a stopped process too
         node.kill()
         return node.stop()
 
     def terminate(self, name: str) -> int | None:
+        self.check_crashes()
+        self.expected_down.add(name)
         if name in self.stopped:
             self.sigcont(name)
         return self.proc(name).stop()
@@ -502,6 +515,7 @@ class Mesh:
         """Wait for a node to exit by itself (crash hook, start-up failure)."""
         node = self.proc(name)
         assert node.process is not None
+        self.expected_down.add(name)
         try:
             code = node.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -509,6 +523,23 @@ class Mesh:
                                  f"{self.log_tail(name)}") from None
         node.stop()
         return code
+
+    def check_crashes(self) -> list[str]:
+        """Record real nodes that exited although the test did not end them."""
+        for name, node in self.cluster.nodes.items():
+            process = node.process
+            if process is None or name in self.expected_down or process.pid in self._seen_exits:
+                continue
+            code = process.poll()
+            if code is None:
+                continue
+            self._seen_exits.add(process.pid)
+            last = self.log_tail(name, 12).splitlines()
+            hint = next((line for line in reversed(last)
+                         if "Assertion" in line or "Error" in line or "Traceback" in line),
+                        last[-1] if last else "")
+            self.crashes.append(f"{name} exit {code}: {hint.strip()}")
+        return self.crashes
 
     def sigstop(self, name: str) -> None:
         os.kill(self.proc(name).pid, signal.SIGSTOP)
@@ -715,6 +746,7 @@ class Mesh:
         if self._tasks:
             _done, not_done = await asyncio.wait(self._tasks, timeout=timeout_s)
             assert not not_done, f"sends still running after {timeout_s}s"
+        self.check_crashes()
         dead = [n for n in self.real if not self.alive(n)]
         if dead:
             await asyncio.to_thread(self.start_real, dead)
@@ -744,6 +776,9 @@ class Mesh:
         counts = evaluate(self.test, self.ledger, self.stores(),
                           foreign_senders=self.foreign_senders)
         counts.extra.update(self.extra)
+        if self.crashes:
+            counts.extra["crashes"] = len(self.crashes)
+            counts.problems.extend(f"crash: {c}" for c in self.crashes)
         unclean_exit = {n: c for n, c in codes.items() if c != 0}
         if unclean_exit:
             counts.problem(f"nodes did not stop cleanly on SIGTERM: {unclean_exit}")
@@ -753,6 +788,7 @@ class Mesh:
             assert counts.clean, counts.line() + "\n" + "\n".join(counts.problems)
             assert counts.verify == "ok", "\n".join(counts.problems)
             assert not unclean_exit, f"unclean exits {unclean_exit}"
+            assert not self.crashes, "nodes crashed:\n" + "\n".join(self.crashes)
         return counts
 
     # -- running a scenario ------------------------------------------------------------------

@@ -1,5 +1,13 @@
-"""4. SIGSTOP a peer past the retransmission, peer and ZeroMQ heartbeat timeouts, then SIGCONT:
-nothing lost; while the peer shows as gone the sender keeps its outbox."""
+"""4. SIGSTOP a peer past the timeouts, then SIGCONT: nothing lost; while the peer shows as
+gone the sender keeps its outbox.
+
+Two lengths of stop:
+- 2.5 s: past the protocol's peer timeout (1.5 s) and its largest retransmission interval
+  (1.0 s), below ZeroMQ's own heartbeat timeout (3 s): the connection survives;
+- 6 s with small frames queued meanwhile, over TCP: past ZeroMQ's heartbeat timeout too, so
+  the sender's side closes the connection while the stopped receiver's input pipe is full.
+  This aborts the receiver inside libzmq (see the xfail reason and docs/reliability.md).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +16,44 @@ import time
 
 import pytest
 
-from .checker import FAST_OPTIONS, make_body
+from .checker import FAST_OPTIONS, Mesh, make_body
 from .conftest import MeshFactory
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
-#: Longer than peer_timeout_s (1.5), retransmit_max_s (1.0) and ZeroMQ's 3 s heartbeat timeout.
-STOP_S = 4.0
+
+async def _stop_round(mesh: Mesh, round_: int, stop_s: float, *, flood: bool) -> None:
+    sender = mesh.inproc["S"]
+    deadline = time.monotonic() + 20
+    while not all(p.connected for p in sender.peers()):
+        assert time.monotonic() < deadline, "S not connected to R before the stop"
+        await asyncio.sleep(0.02)
+    mesh.sigstop("R")
+    stopped_at = time.monotonic()
+    await mesh.stream("S", "R", 20, tag=f"S>R-stopped{round_}")
+    # R's own sends hang while it is stopped; they complete after SIGCONT.
+    for i in range(3):
+        mesh.spawn_task(mesh.send("R", "S", make_body(mesh.rng, f"R>S{round_}", i),
+                                  receipt_timeout_s=20.0))
+    gone_after = None
+    n = 0
+    while time.monotonic() - stopped_at < stop_s:
+        if gone_after is None and not any(p.connected for p in sender.peers()):
+            gone_after = time.monotonic() - stopped_at
+        if flood:  # one small frame per post, as fast as the sender goes
+            await mesh.send("S", "R", f"flood{round_}#{n}")
+            n += 1
+            await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(0.05)
+    assert gone_after is not None, "S never noticed that R went silent"
+    assert gone_after >= FAST_OPTIONS["peer_timeout_s"] * 0.9
+    pending = await sender.pending_count()
+    assert pending > 0, "outbox emptied while the receiver was stopped"
+    mesh.extra[f"stop{round_}_gone_after_s"] = round(gone_after, 2)
+    mesh.extra[f"stop{round_}_pending"] = pending
+    mesh.assert_no_receipt_without_commit("while R is stopped")
+    mesh.sigcont("R")
 
 
 def test_sigstop_receiver(mesh_factory: MeshFactory) -> None:
@@ -22,39 +61,44 @@ def test_sigstop_receiver(mesh_factory: MeshFactory) -> None:
 
     async def scenario() -> None:
         await mesh.start()
-        sender = mesh.inproc["S"]
         stream = mesh.spawn_task(
-            mesh.stream("S", "R", 1000, tag="S>R", concurrency=10, pause_s=0.08)
+            mesh.stream("S", "R", 600, tag="S>R", concurrency=10, pause_s=0.08)
         )
         for round_ in range(2):
             await asyncio.sleep(0.4)
-            mesh.sigstop("R")
-            stopped_at = time.monotonic()
-            await mesh.stream("S", "R", 20, tag=f"S>R-stopped{round_}")
-            # R's own sends hang while it is stopped; they complete after SIGCONT.
-            for i in range(3):
-                mesh.spawn_task(mesh.send("R", "S", make_body(mesh.rng, f"R>S{round_}", i),
-                                          receipt_timeout_s=20.0))
-            gone_after = None
-            while time.monotonic() - stopped_at < STOP_S:
-                if gone_after is None and not any(p.connected for p in sender.peers()):
-                    gone_after = time.monotonic() - stopped_at
-                await asyncio.sleep(0.05)
-            assert gone_after is not None, "S never noticed that R went silent"
-            assert gone_after >= FAST_OPTIONS["peer_timeout_s"] * 0.9
-            pending = await sender.pending_count()
-            assert pending > 0, "outbox emptied while the receiver was stopped"
-            mesh.extra[f"stop{round_}_gone_after_s"] = round(gone_after, 2)
-            mesh.extra[f"stop{round_}_pending"] = pending
-            mesh.assert_no_receipt_without_commit("while R is stopped")
-            mesh.sigcont("R")
+            await _stop_round(mesh, round_, 2.5, flood=False)
         await stream
         counts = await mesh.finish()
         unsure = {a.error for a in mesh.ledger.attempts.values() if a.outcome != "accepted"}
-        # A control request to the stopped node may time out on the observer's side (its
-        # outcome is then "uncertain"); the drain and the five zero counts decide loss.
-        assert counts.refused == 0 and counts.attempted == 1046, unsure
-        assert counts.accepted + counts.uncertain == counts.attempted, unsure
-        assert counts.receipted >= counts.accepted
+        assert counts.accepted == counts.attempted == 646, unsure
+        assert counts.receipted == counts.attempted  # every send's receipt seen in the end
+
+    mesh.run(scenario)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG (transport, libzmq 4.3.5): the node aborts with 'Assertion failed: !_io_error "
+    "(src/stream_engine_base.cpp:310)' after a SIGSTOP longer than ZeroMQ's heartbeat timeout "
+    "(3 s) while frames queued for it: its ROUTER's input pipe is full (RCVHWM 256) when the "
+    "peer's heartbeat closes the connection, and its own HEARTBEAT_IVL timer then writes to "
+    "the dead engine (libzmq issues 4364, 4767). Nothing is lost (the restart drains), but the "
+    "node dies. Fix idea: HEARTBEAT_IVL=0 on the ROUTER (or all sockets)."
+))
+def test_sigstop_receiver_past_zmq_heartbeat(mesh_factory: MeshFactory) -> None:
+    mesh = mesh_factory(["S", "R"], real=["R"], transport="tcp", seed=44)
+
+    async def scenario() -> None:
+        await mesh.start()
+        survived = 0
+        for round_ in range(3):
+            await _stop_round(mesh, round_, 6.0, flood=True)
+            await asyncio.sleep(1.5)
+            if mesh.check_crashes():
+                break
+            survived += 1
+        mesh.extra["stops_survived"] = survived
+        counts = await mesh.finish(assert_clean=False)
+        assert counts.clean, counts.line()  # the crash must not lose anything
+        assert not mesh.crashes, "R aborted after SIGCONT: " + "; ".join(mesh.crashes)
 
     mesh.run(scenario)

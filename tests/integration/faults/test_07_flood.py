@@ -17,7 +17,7 @@ import pytest
 from .checker import Helper
 from .conftest import MeshFactory
 
-pytestmark = [pytest.mark.faults, pytest.mark.integration]
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(300)]
 
 CHUNKS = 10
 CHUNK = 6000
@@ -28,7 +28,8 @@ RSS_BOUND = 200 * 1024 * 1024
 
 
 def test_flood_into_stopped_receiver(mesh_factory: MeshFactory) -> None:
-    mesh = mesh_factory(["A", "B"], seed=7)
+    # The default peer timeout: the drain of 60,000 messages must not depend on a 1.5 s one.
+    mesh = mesh_factory(["A", "B"], seed=7, options={"peer_timeout_s": 4.0})
 
     async def scenario() -> None:
         await asyncio.to_thread(mesh.start_real, ["B"])

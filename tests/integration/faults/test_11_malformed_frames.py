@@ -28,7 +28,7 @@ from .conftest import MeshFactory
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
-EXAMPLES = 400
+EXAMPLES = 500
 IDENTITIES: dict[str, bytes | None] = {"K": b"K", "Zed": b"Zed", "anonymous": None}
 
 _enc = msgspec.msgpack.encode

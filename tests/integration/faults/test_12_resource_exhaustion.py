@@ -24,7 +24,7 @@ from meshpost.config import DEFAULT_MAX_MESSAGE_BYTES
 
 from .conftest import MeshFactory
 
-pytestmark = [pytest.mark.faults, pytest.mark.integration]
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(300)]
 
 IDLE = 200
 SLOW = 50
