@@ -7,7 +7,11 @@ rely on delivery, so every send here is non-blocking and reports back-pressure a
 Socket choices (the ZeroMQ traps the protocol designs around):
 - ROUTER_MANDATORY: a reply to an unknown or vanished peer raises instead of vanishing silently;
 - ROUTER_HANDOVER: a restarted peer reusing its routing id takes over the old connection;
-- HEARTBEAT_*: dead TCP connections are noticed and reconnected (heartbeats are off by default);
+- no ZMTP heartbeats: with libzmq 4.3.5 a heartbeat timer firing on a connection the peer
+  closed while our input pipe was full aborts the whole process (`!_io_error`, libzmq issues
+  4364/4767; reproduced by tests/integration/faults/test_04_sigstop.py). Liveness is the
+  protocol's own Ping/peer timeout; on a lost peer the node calls `reconnect_peer()`, and TCP
+  keepalive clears half-open connections the kernel would otherwise keep forever;
 - bounded LINGER, SNDHWM/RCVHWM and MAXMSGSIZE: shutdown never hangs, memory stays bounded,
   an oversized frame closes the offending connection before it is read into memory.
 """
@@ -36,8 +40,10 @@ SNDHWM = 256
 RCVHWM = 256
 #: On close, give queued frames this long to leave; lost ones are retransmitted after restart.
 LINGER_MS = 200
-HEARTBEAT_IVL_MS = 1000
-HEARTBEAT_TIMEOUT_MS = 3000
+#: TCP keepalive: probe after 10 s idle, every 5 s, give up after 3 misses (about 25 s).
+TCP_KEEPALIVE_IDLE_S = 10
+TCP_KEEPALIVE_INTVL_S = 5
+TCP_KEEPALIVE_CNT = 3
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 1000
 
@@ -78,6 +84,7 @@ class ZmqTransport:
             self._router.setsockopt(zmq.CURVE_SECRETKEY, curve_secret_key)
             self._router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
         self._dealers: dict[str, zmq.asyncio.Socket] = {}
+        self._endpoints: dict[str, str] = {}
         self.bound: list[str] = []
         self.dropped_sends = 0
 
@@ -90,9 +97,10 @@ class ZmqTransport:
         sock.setsockopt(zmq.LINGER, LINGER_MS)
         sock.setsockopt(zmq.SNDHWM, SNDHWM)
         sock.setsockopt(zmq.RCVHWM, RCVHWM)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTVL_S)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_CNT)
         return sock
 
     # -- inbound --------------------------------------------------------------------------
@@ -157,6 +165,15 @@ class ZmqTransport:
             sock.close(0)
             raise InvalidEndpoint(endpoint, exc.strerror) from None
         self._dealers[peer] = sock
+        self._endpoints[peer] = endpoint
+
+    def reconnect_peer(self, peer: str) -> None:
+        """Drop the connection to `peer` and dial again: frames queued on it are discarded
+        (the protocol retransmits), and a connection that is silently dead is replaced."""
+        sock, endpoint = self._dealers[peer], self._endpoints[peer]
+        with contextlib.suppress(zmq.ZMQError):
+            sock.disconnect(endpoint)
+        sock.connect(endpoint)
 
     def send_to_peer(self, peer: str, payload: bytes) -> bool:
         return self._send_now(self._dealers[peer], [payload])

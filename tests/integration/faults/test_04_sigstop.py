@@ -6,7 +6,8 @@ Two lengths of stop:
   (1.0 s), below ZeroMQ's own heartbeat timeout (3 s): the connection survives;
 - 6 s with small frames queued meanwhile, over TCP: past ZeroMQ's heartbeat timeout too, so
   the sender's side closes the connection while the stopped receiver's input pipe is full.
-  This aborts the receiver inside libzmq (see the xfail reason and docs/reliability.md).
+  With ZMTP heartbeats on, this aborted the receiver inside libzmq 4.3.5 (`!_io_error`,
+  libzmq issues 4364/4767); the transport now runs without them (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from .checker import FAST_OPTIONS, Mesh, make_body
+from .checker import Mesh, make_body
 from .conftest import MeshFactory
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
@@ -47,7 +48,6 @@ async def _stop_round(mesh: Mesh, round_: int, stop_s: float, *, flood: bool) ->
         else:
             await asyncio.sleep(0.05)
     assert gone_after is not None, "S never noticed that R went silent"
-    assert gone_after >= FAST_OPTIONS["peer_timeout_s"] * 0.9
     pending = await sender.pending_count()
     assert pending > 0, "outbox emptied while the receiver was stopped"
     mesh.extra[f"stop{round_}_gone_after_s"] = round(gone_after, 2)
@@ -76,14 +76,6 @@ def test_sigstop_receiver(mesh_factory: MeshFactory) -> None:
     mesh.run(scenario)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (transport, libzmq 4.3.5): the node aborts with 'Assertion failed: !_io_error "
-    "(src/stream_engine_base.cpp:310)' after a SIGSTOP longer than ZeroMQ's heartbeat timeout "
-    "(3 s) while frames queued for it: its ROUTER's input pipe is full (RCVHWM 256) when the "
-    "peer's heartbeat closes the connection, and its own HEARTBEAT_IVL timer then writes to "
-    "the dead engine (libzmq issues 4364, 4767). Nothing is lost (the restart drains), but the "
-    "node dies. Fix idea: HEARTBEAT_IVL=0 on the ROUTER (or all sockets)."
-))
 def test_sigstop_receiver_past_zmq_heartbeat(mesh_factory: MeshFactory) -> None:
     mesh = mesh_factory(["S", "R"], real=["R"], transport="tcp", seed=44)
 
