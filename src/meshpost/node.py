@@ -675,9 +675,6 @@ class Node:
                 self._publish(PeerChanged(peer, True, "connected"))
             case PeerLost(peer=peer, silent_for_s=silent):
                 log.warning("[%s] lost %s: silent for %.1fs", self.name, peer, silent)
-                if self._transport is not None:
-                    # Dial afresh: the old connection may be half-open and hold stale frames.
-                    self._transport.reconnect_peer(peer)
                 self._publish(PeerChanged(peer, False, f"silent for {silent:.1f}s"))
             case LinkRefused(peer=peer, code=code, detail=detail):
                 log.error("[%s] %s refused us (%s): %s", self.name, peer, code, detail)

@@ -10,8 +10,10 @@ Socket choices (the ZeroMQ traps the protocol designs around):
 - no ZMTP heartbeats: with libzmq 4.3.5 a heartbeat timer firing on a connection the peer
   closed while our input pipe was full aborts the whole process (`!_io_error`, libzmq issues
   4364/4767; reproduced by tests/integration/faults/test_04_sigstop.py). Liveness is the
-  protocol's own Ping/peer timeout; on a lost peer the node calls `reconnect_peer()`, and TCP
-  keepalive clears half-open connections the kernel would otherwise keep forever;
+  protocol's own Ping/peer timeout, and TCP keepalive clears half-open connections the kernel
+  would otherwise keep forever (ZeroMQ then reconnects by itself). Redialling on a lost peer
+  was tried and dropped: `disconnect()` + `connect()` to the same endpoint races in libzmq and
+  can leave the socket with no connection at all;
 - bounded LINGER, SNDHWM/RCVHWM and MAXMSGSIZE: shutdown never hangs, memory stays bounded,
   an oversized frame closes the offending connection before it is read into memory.
 """
@@ -84,7 +86,6 @@ class ZmqTransport:
             self._router.setsockopt(zmq.CURVE_SECRETKEY, curve_secret_key)
             self._router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
         self._dealers: dict[str, zmq.asyncio.Socket] = {}
-        self._endpoints: dict[str, str] = {}
         self.bound: list[str] = []
         self.dropped_sends = 0
 
@@ -165,15 +166,7 @@ class ZmqTransport:
             sock.close(0)
             raise InvalidEndpoint(endpoint, exc.strerror) from None
         self._dealers[peer] = sock
-        self._endpoints[peer] = endpoint
 
-    def reconnect_peer(self, peer: str) -> None:
-        """Drop the connection to `peer` and dial again: frames queued on it are discarded
-        (the protocol retransmits), and a connection that is silently dead is replaced."""
-        sock, endpoint = self._dealers[peer], self._endpoints[peer]
-        with contextlib.suppress(zmq.ZMQError):
-            sock.disconnect(endpoint)
-        sock.connect(endpoint)
 
     def send_to_peer(self, peer: str, payload: bytes) -> bool:
         return self._send_now(self._dealers[peer], [payload])
