@@ -344,6 +344,12 @@ def cmd_attach(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from meshpost.bench import options_from_args, run
+
+    return run(options_from_args(args))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from meshpost.demo import run_demo
 
@@ -431,6 +437,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="keep the demo's files here (default: a temp dir)")
     p.add_argument("--secure", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmark against raw pyzmq (and brokers); see --help")
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                   help="ceiling pair-throughput pair-latency mesh offline-backlog "
+                        "broker-anchors (default: all)")
+    p.add_argument("--messages", type=int, default=200_000, help="throughput messages")
+    p.add_argument("--size", type=int, default=100, help="body size in bytes")
+    p.add_argument("--nodes", type=int, default=20, help="mesh nodes")
+    p.add_argument("--mesh-messages", type=int, default=2_000, help="messages per mesh node")
+    p.add_argument("--latency-messages", type=int, default=20_000)
+    p.add_argument("--backlog-messages", type=int, default=1_000_000)
+    p.add_argument("--sync", choices=["full", "normal"], default="full")
+    p.add_argument("--transport", choices=["tcp", "ipc"], default="tcp")
+    p.add_argument("--json", metavar="FILE", help="JSON results (default: OUT/latest.json)")
+    p.add_argument("--plot", metavar="DIR", help="PNG plots (default: OUT)")
+    p.add_argument("--out", default="benchmarks/results", help="results folder")
+    p.add_argument("--uvloop", action="store_true", help="uvloop for in-process/driver nodes")
+    p.add_argument("--window", type=int, help="NodeConfig.window for the pair scenarios")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs of ceiling and pair-throughput; the best of each counts")
+    p.add_argument("--keep", action="store_true", help="keep the nodes' work files")
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import itertools
 from collections.abc import Iterable
 
 from meshpost.clock import OffsetEstimator
@@ -260,7 +261,13 @@ class DialerLink:
             if hi < lo:
                 continue
             if hi - lo + 1 <= len(inflight):
-                settled.extend(s for s in range(lo, hi + 1) if inflight.pop(s, None) is not None)
+                before = len(inflight)
+                popped = list(map(inflight.pop, range(lo, hi + 1), itertools.repeat(None)))
+                if before - len(inflight) == hi - lo + 1:
+                    settled.extend(range(lo, hi + 1))  # all of them were in flight
+                else:
+                    settled.extend(s for s, m in zip(range(lo, hi + 1), popped, strict=True)
+                                   if m is not None)
             else:
                 # A wide range (or a hostile one): walk what we have instead of the range.
                 hits = [s for s in inflight if lo <= s <= hi]

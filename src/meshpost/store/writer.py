@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Operations allowed to wait for the next commit before producers are made to wait.
-MAX_PENDING_ROWS = 50_000
+MAX_PENDING_ROWS = 8_192
 #: Retry delays for transient store errors (locked, full, read-only): the batch waits, the
 #: node keeps running, nothing is acknowledged until it commits.
 RETRY_INITIAL_S = 0.05

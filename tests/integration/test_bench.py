@@ -1,0 +1,49 @@
+"""`meshpost bench` runs end to end with tiny counts and its own verification passes.
+
+No timing thresholds here: the figures are checked by reading the report, never in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> None:
+    out = short_tmp / "results"
+    result_file = out / "run.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshpost", "bench",
+         "ceiling", "pair-throughput", "pair-latency", "mesh", "offline-backlog",
+         "--messages", "2000", "--latency-messages", "100", "--nodes", "3",
+         "--mesh-messages", "300", "--backlog-messages", "5000", "--repeat", "1",
+         "--out", str(out), "--json", str(result_file)],
+        capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(result_file.read_text(encoding="utf-8"))
+    scenarios = doc["scenarios"]
+    assert set(scenarios) == {"ceiling", "pair-throughput", "pair-latency", "mesh",
+                              "offline-backlog"}
+    for name, scenario in scenarios.items():
+        assert scenario["status"] == "ok", (name, scenario)
+    for name in ("pair-throughput", "pair-latency", "mesh", "offline-backlog"):
+        assert scenarios[name]["verify"].startswith("verified:"), scenarios[name]
+        assert "lost=0 duplicated=0 phantom=0 mismatched=0" in scenarios[name]["verify"]
+    pair = scenarios["pair-throughput"]["figures"]
+    assert pair["messages"] == 2000 and pair["msgs_per_s"] > 0 and pair["ratio_to_ceiling"] > 0
+    latency = scenarios["pair-latency"]["figures"]
+    assert set(latency["meshpost_full_us"]) >= {"p50", "p90", "p99", "p99.9"}
+    assert "meshpost_normal_us" in latency and "raw_pingpong_us" in latency
+    mesh = scenarios["mesh"]["figures"]
+    assert mesh["nodes"] == 3 and mesh["messages"] == 900
+    backlog = scenarios["offline-backlog"]["figures"]
+    assert backlog["messages"] == 5000 and backlog["queued_pending"] == 5000
+    assert backlog["rss_before_mb"] > 0 and backlog["drain_seconds"] > 0
+    assert (out / "latest.md").read_text(encoding="utf-8").startswith("# meshpost bench")
