@@ -40,6 +40,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_peer_hlc ON messages (peer, hlc);
     CREATE INDEX messages_hlc ON messages (hlc);
     """,
+    # 1 -> 2: a CRC-32 of each row's content, so a bit flip that leaves SQLite's page
+    # structure intact (PRAGMA quick_check passes) is still caught at start-up.
+    # `mp_checksum` is registered on the writer's connection (store/sqlite.py).
+    """
+    ALTER TABLE messages ADD COLUMN checksum INTEGER;
+    UPDATE messages SET checksum = mp_checksum(id, sender, recipient, seq, body, sent_at_ns, hlc);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

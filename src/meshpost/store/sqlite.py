@@ -14,6 +14,7 @@ import fcntl
 import os
 import secrets
 import sqlite3
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -38,14 +39,15 @@ BUSY_TIMEOUT_MS = 1000
 
 _INSERT_OUT = (
     "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns, hlc,"
-    " state, stored_at_ns) VALUES (?, 'out', ?, ?, ?, ?, ?, ?, ?, 'pending', ?)"
+    " state, stored_at_ns, checksum) VALUES (?, 'out', ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)"
 )
 _INSERT_IN = (
     "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns, hlc,"
-    " state, stored_at_ns) VALUES (?, 'in', ?, ?, ?, ?, ?, ?, ?, 'received', ?)"
+    " state, stored_at_ns, checksum) VALUES (?, 'in', ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)"
     " ON CONFLICT (id) DO NOTHING"
 )
-#: Bulk forms of the two inserts: the rows travel as one JSON array of `Envelope` arrays, so a
+#: Bulk forms of the two inserts: the rows travel as one JSON array of `Envelope` arrays (plus
+#: each row's content checksum as an eighth element), so a
 #: whole group is one statement (one `sqlite3_step`, the GIL released once) instead of a
 #: Python bind and a GIL hand-off per row, which the event loop thread turns into a convoy.
 #: JSON text cannot carry U+0000, so a group whose bodies hold one uses the per-row form.
@@ -54,15 +56,18 @@ if Envelope.__struct_fields__ != _ENVELOPE_COLUMNS:  # pragma: no cover - guards
     raise ImportError(f"Envelope fields changed: {Envelope.__struct_fields__}")
 _JSON_ROWS = (
     " SELECT value ->> 0, {direction}, value ->> {peer}, value ->> 2, value ->> 3, value ->> 1,"
-    " value ->> 4, value ->> 5, value ->> 6, {state}, ?2 FROM json_each(?1) WHERE true"
+    " value ->> 4, value ->> 5, value ->> 6, {state}, ?2, value ->> 7 FROM json_each(?1)"
+    " WHERE true"
 )
 _INSERT_OUT_JSON = (
     "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns, hlc,"
-    " state, stored_at_ns)" + _JSON_ROWS.format(direction="'out'", peer=3, state="'pending'")
+    " state, stored_at_ns, checksum)"
+    + _JSON_ROWS.format(direction="'out'", peer=3, state="'pending'")
 )
 _INSERT_IN_JSON = (
     "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns, hlc,"
-    " state, stored_at_ns)" + _JSON_ROWS.format(direction="'in'", peer=2, state="'received'")
+    " state, stored_at_ns, checksum)"
+    + _JSON_ROWS.format(direction="'in'", peer=2, state="'received'")
     + " ON CONFLICT (id) DO NOTHING"
 )
 _json_rows = msgspec.json.Encoder()
@@ -76,6 +81,25 @@ _MARK_REJECTED = (
     "UPDATE messages SET state = 'rejected', reject_reason = ?"
     " WHERE direction = 'out' AND peer = ? AND seq = ? AND state = 'pending'"
 )
+
+
+def content_checksum(
+    id: str, sender: str, recipient: str, seq: int, body: str, sent_at_ns: int, hlc: int
+) -> int:
+    """CRC-32 of a message's content, stored beside it and checked when the store opens."""
+    text = f"{id}\x1f{sender}\x1f{recipient}\x1f{seq}\x1f{sent_at_ns}\x1f{hlc}\x1f{body}"
+    return zlib.crc32(text.encode("utf-8", "surrogatepass"))
+
+
+def envelope_checksum(m: Envelope) -> int:
+    return content_checksum(m.id, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc)
+
+
+def _with_checksums(messages: Sequence[Envelope]) -> list[tuple[Any, ...]]:
+    return [
+        (m.id, m.seq, m.sender, m.recipient, m.body, m.sent_at_ns, m.hlc, envelope_checksum(m))
+        for m in messages
+    ]
 
 
 def translate(exc: sqlite3.Error, path: Path) -> StoreError:
@@ -198,7 +222,10 @@ class Store:
                     # as SQL literals, so on this connection they can never fail. Readers and
                     # other tools still see (and the file still carries) the constraints.
                     conn.execute("PRAGMA ignore_check_constraints = ON")
+                    conn.create_function("mp_checksum", 7, content_checksum,
+                                         deterministic=True)
                     migrate(conn, path)
+                    _check_checksums(conn, path)
                     _init_meta(conn, name)
                 except BaseException:
                     conn.close()
@@ -231,7 +258,7 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 if batch.outgoing:
-                    rows = _json_rows.encode(batch.outgoing)
+                    rows = _json_rows.encode(_with_checksums(batch.outgoing))
                     if _JSON_NUL not in rows:
                         conn.execute(_INSERT_OUT_JSON, (rows, stored_at_ns))
                     else:
@@ -239,7 +266,7 @@ class Store:
                             _INSERT_OUT,
                             [
                                 (m.id, m.recipient, m.sender, m.recipient, m.seq, m.body,
-                                 m.sent_at_ns, m.hlc, stored_at_ns)
+                                 m.sent_at_ns, m.hlc, stored_at_ns, envelope_checksum(m))
                                 for m in batch.outgoing
                             ],
                         )
@@ -268,7 +295,7 @@ class Store:
     def _insert_incoming(self, group: Sequence[Envelope], stored_at_ns: int) -> IncomingResult:
         conn = self._conn
         before = conn.total_changes
-        rows = _json_rows.encode(group)
+        rows = _json_rows.encode(_with_checksums(group))
         if _JSON_NUL not in rows:
             conn.execute(_INSERT_IN_JSON, (rows, stored_at_ns))
         else:
@@ -276,7 +303,7 @@ class Store:
                 _INSERT_IN,
                 [
                     (m.id, m.sender, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc,
-                     stored_at_ns)
+                     stored_at_ns, envelope_checksum(m))
                     for m in group
                 ],
             )
@@ -435,6 +462,21 @@ def _check_integrity(conn: sqlite3.Connection, path: Path) -> None:
         raise StoreCorrupt(str(path), str(exc)) from exc
     if rows != [("ok",)]:
         raise StoreCorrupt(str(path), "; ".join(str(r[0]) for r in rows[:3]))
+
+
+def _check_checksums(conn: sqlite3.Connection, path: Path) -> None:
+    """Recompute every row's content checksum: a flipped bit inside a record passes
+    `quick_check` (which checks structure) but not this."""
+    try:
+        bad = conn.execute(
+            "SELECT id FROM messages WHERE checksum IS NOT"
+            " mp_checksum(id, sender, recipient, seq, body, sent_at_ns, hlc) LIMIT 3"
+        ).fetchall()
+    except sqlite3.DatabaseError as exc:  # e.g. text that no longer decodes as UTF-8
+        raise StoreCorrupt(str(path), f"unreadable message row: {exc}") from exc
+    if bad:
+        ids = ", ".join(str(row[0]) for row in bad)
+        raise StoreCorrupt(str(path), f"message rows fail their content checksum (ids {ids})")
 
 
 def _lock_data_dir(data_dir: Path) -> IO[bytes]:

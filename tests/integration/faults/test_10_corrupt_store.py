@@ -121,11 +121,6 @@ def test_corrupt_store_refused_at_start(mesh_factory: MeshFactory, kind: str) ->
     mesh.run(scenario)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (store): a bit flip inside a stored message body passes `PRAGMA quick_check` (it "
-    "checks b-tree structure, not content); the node starts and serves the altered text. "
-    "Needs per-row checksums or a checksum VFS (see docs/reliability.md)."
-))
 def test_corrupt_message_body_detected(mesh_factory: MeshFactory) -> None:
     mesh = mesh_factory(["S", "R"], real=["R"], seed=10)
 

@@ -27,7 +27,7 @@ from meshpost.store import (
     WriteBatch,
 )
 from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
-from meshpost.store.sqlite import migrate, translate
+from meshpost.store.sqlite import content_checksum, migrate, translate
 
 T = 1_700_000_000_000_000_000
 
@@ -389,3 +389,34 @@ def test_sqlite_errors_become_errors_a_user_can_act_on(
     error = translate(sqlite3.OperationalError(message), tmp_path / DB_FILENAME)
     assert type(error) is expected
     assert str(tmp_path) in str(error)
+
+
+def test_a_version_1_database_gets_content_checksums_when_migrated(data_dir: Path) -> None:
+    data_dir.mkdir(parents=True)
+    conn = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
+    conn.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    conn.execute(
+        "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns,"
+        " hlc, state, stored_at_ns) VALUES ('m1', 'in', 'bob', 'bob', 'alice', 1, 'old', 1, 2,"
+        " 'received', 3)"
+    )
+    conn.close()
+    store = Store.open(data_dir, name="alice")
+    try:
+        assert store.execute_raw("SELECT checksum FROM messages") == [
+            (content_checksum("m1", "bob", "alice", 1, "old", 1, 2),)
+        ]
+    finally:
+        store.close()
+
+
+def test_a_changed_message_body_is_caught_by_its_checksum_at_open(data_dir: Path) -> None:
+    store = Store.open(data_dir, name="alice")
+    store.apply(WriteBatch(outgoing=[out(1, body="the original text")]), T)
+    store.close()
+    # What a flipped bit inside the record does: the page stays well-formed, the text changes.
+    conn = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
+    conn.execute("UPDATE messages SET body = 'the originaL text'")
+    conn.close()
+    with pytest.raises(StoreCorrupt, match="fail their content checksum"):
+        Store.open(data_dir, name="alice")
