@@ -434,6 +434,12 @@ class Node:
             for body in bodies:
                 if not body or len(body) * 4 > limit:
                     self.validate_body(body)
+        try:
+            # Lone surrogates cannot be stored or sent; one join finds them for the batch.
+            "".join(bodies).encode("utf-8")
+        except UnicodeEncodeError:
+            for body in bodies:
+                self.validate_body(body)
         wall = self.clock.wall_ns()
         seq = self._next_seq.get(peer, 0)
         # No per-message Python loop: ids, seqs, stamps and envelopes are built by map().

@@ -83,21 +83,25 @@ _MARK_REJECTED = (
 )
 
 
-def content_checksum(
-    id: str, sender: str, recipient: str, seq: int, body: str, sent_at_ns: int, hlc: int
-) -> int:
-    """CRC-32 of a message's content, stored beside it and checked when the store opens."""
-    text = f"{id}\x1f{sender}\x1f{recipient}\x1f{seq}\x1f{sent_at_ns}\x1f{hlc}\x1f{body}"
-    return zlib.crc32(text.encode("utf-8", "surrogatepass"))
+_envelope_bytes = msgspec.msgpack.Encoder().encode
 
 
 def envelope_checksum(m: Envelope) -> int:
-    return content_checksum(m.id, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc)
+    """CRC-32 of the message's msgpack `Envelope` encoding (deterministic, and C-fast)."""
+    return zlib.crc32(_envelope_bytes(m))
+
+
+def content_checksum(
+    id: str, sender: str, recipient: str, seq: int, body: str, sent_at_ns: int, hlc: int
+) -> int:
+    """`envelope_checksum` from a row's columns: stored beside the row, checked at open."""
+    return envelope_checksum(Envelope(id, seq, sender, recipient, body, sent_at_ns, hlc))
 
 
 def _with_checksums(messages: Sequence[Envelope]) -> list[tuple[Any, ...]]:
+    crc, encode = zlib.crc32, _envelope_bytes
     return [
-        (m.id, m.seq, m.sender, m.recipient, m.body, m.sent_at_ns, m.hlc, envelope_checksum(m))
+        (m.id, m.seq, m.sender, m.recipient, m.body, m.sent_at_ns, m.hlc, crc(encode(m)))
         for m in messages
     ]
 
