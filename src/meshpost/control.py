@@ -27,6 +27,7 @@ from meshpost.node import (
     MessageReceived,
     Node,
     PeerChanged,
+    PeerStatus,
     describe_error,
 )
 
@@ -73,18 +74,6 @@ class SendResult(msgspec.Struct, frozen=True):
     error: str | None = None
 
 
-class PeerInfo(msgspec.Struct, frozen=True):
-    name: str
-    endpoint: str
-    connected: bool
-    state: str
-    last_seen_ns: int | None
-    rtt_ns: int | None
-    offset_ns: int | None
-    unacknowledged: int
-    refusal: str | None
-
-
 class IncomingInfo(msgspec.Struct, frozen=True):
     id: str
     sender: str
@@ -111,7 +100,7 @@ class Reply(msgspec.Struct, frozen=True):
     error: str | None = None
     error_kind: str | None = None
     sent: list[SendResult] = []
-    peers: list[PeerInfo] = []
+    peers: list[PeerStatus] = []
     status: dict[str, Any] = {}
     incoming: list[IncomingInfo] = []
     peer_changes: list[PeerChangeInfo] = []
@@ -133,8 +122,8 @@ def control_endpoint_for(data_dir: Path) -> str:
     return f"ipc://{tempfile.gettempdir()}/meshpost-{digest}.sock"
 
 
-def peer_info(node: Node) -> list[PeerInfo]:
-    return [PeerInfo(**dataclasses.asdict(p)) for p in node.peers()]
+def peer_info(node: Node) -> list[PeerStatus]:
+    return node.peers()
 
 
 class ControlServer:

@@ -17,6 +17,8 @@ import os
 import secrets
 from collections.abc import Iterable
 
+import msgspec
+
 from meshpost.clock import HLC_LOGICAL_MASK, Clock, HybridLogicalClock, SystemClock
 from meshpost.config import NodeConfig
 from meshpost.errors import (
@@ -102,8 +104,9 @@ class Outgoing:
     receipt: asyncio.Future[Receipt]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PeerStatus:
+class PeerStatus(msgspec.Struct, frozen=True):
+    """One peer as `/peers` and `meshpost peers` show it (also sent over the control socket)."""
+
     name: str
     endpoint: str
     connected: bool

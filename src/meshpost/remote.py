@@ -119,7 +119,7 @@ class RemoteNode:
     async def _refresh(self) -> None:
         reply = await self._commands.request(StatusRequest(), REQUEST_TIMEOUT_S)
         self._status = reply.status
-        self._peers = [PeerStatus(**msgspec.structs.asdict(p)) for p in reply.peers]
+        self._peers = list(reply.peers)
 
     async def _poll_status(self) -> None:
         while True:
