@@ -39,12 +39,11 @@ def stored_at_b(cluster: LocalCluster) -> int:
         return reader.counts().get("in/received", 0)
 
 
-def hostile_exchange(
-    endpoint: str, *, routing_id: str, name: str, sender: str, curve: tuple[bytes, bytes,
-                                                                            bytes] | None,
-) -> list[object]:
-    """Connect like a peer would, say Hello and send one message; return decoded replies."""
-    ctx = zmq.Context()
+def dealer(
+    ctx: zmq.Context[zmq.Socket[bytes]], routing_id: str,
+    curve: tuple[bytes, bytes, bytes] | None,
+) -> zmq.Socket[bytes]:
+    """A DEALER that presents itself as `routing_id`, with CURVE (server, public, secret) keys."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, routing_id.encode())
@@ -53,6 +52,16 @@ def hostile_exchange(
         sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
         sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    return sock
+
+
+def hostile_exchange(
+    endpoint: str, *, routing_id: str, name: str, sender: str, curve: tuple[bytes, bytes,
+                                                                            bytes] | None,
+) -> list[object]:
+    """Connect like a peer would, say Hello and send one message; return decoded replies."""
+    ctx = zmq.Context()
+    sock = dealer(ctx, routing_id, curve)
     # A failed handshake leaves no connection to queue on: sends must not block forever.
     sock.setsockopt(zmq.SNDTIMEO, REPLY_WAIT_MS)
     sock.connect(endpoint)
@@ -116,12 +125,7 @@ def test_a_legitimate_resend_is_stored_once_and_receipted_again(
     _b_secret, b_public = keys.load_own(cluster.data_dir("B"))
     a_secret, a_public = keys.load_own(cluster.data_dir("A"))
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.ROUTING_ID, b"A")
-    sock.setsockopt(zmq.CURVE_SERVERKEY, b_public)
-    sock.setsockopt(zmq.CURVE_PUBLICKEY, a_public)
-    sock.setsockopt(zmq.CURVE_SECRETKEY, a_secret)
+    sock = dealer(ctx, "A", (b_public, a_public, a_secret))
     sock.connect(cluster.endpoints["B"])
     now = time.time_ns()
     frame = encode(Batch(now, [Envelope(f"{now:x}again", 424242, "A", "B", "twice", now, 1)]))
@@ -160,12 +164,7 @@ def test_no_authenticator_means_no_traffic(tmp_path: Path) -> None:
             transport._authenticator.stop()
             (endpoint,) = transport.bind(["tcp://127.0.0.1:*"])
             ctx = zmq.Context()
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.ROUTING_ID, b"A")
-            sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
-            sock.setsockopt(zmq.CURVE_PUBLICKEY, client_public)
-            sock.setsockopt(zmq.CURVE_SECRETKEY, client_secret)
+            sock = dealer(ctx, "A", (server_public, client_public, client_secret))
             sock.connect(endpoint)
             sock.send(b"anything", zmq.DONTWAIT) if sock.poll(100, zmq.POLLOUT) else None
             received = 0
