@@ -697,7 +697,8 @@ class Node:
         listener, transport = self._listener, self._transport
         if listener is None or transport is None:
             return
-        new = len(result.committed)
+        new = len(result.committed) - len(result.duplicates)
+        self.stats.duplicates += len(result.duplicates)
         if result.conflicts:
             self.stats.conflicts += len(result.conflicts)
             log.warning("[%s] %d message(s) from %s reuse a stored id with other content",
@@ -715,9 +716,10 @@ class Node:
             transport.reply(identity, encode(frame))
         self.stats.received += new
         if self._subscribers:
-            committed = set(result.committed)
+            # A retransmission is receipted again but was shown when it first arrived.
+            fresh = set(result.committed).difference(result.duplicates)
             for m in arrived.messages:
-                if m.seq in committed:
+                if m.seq in fresh:
                     self._publish(MessageReceived(m, stored_at))
 
     # -- performing what the protocol decided -----------------------------------------------

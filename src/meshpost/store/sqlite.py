@@ -151,10 +151,12 @@ class WriteBatch:
 
 @dataclasses.dataclass(slots=True)
 class IncomingResult:
-    """Per incoming group: seqs now committed (new or already there) and conflicting seqs."""
+    """Per incoming group: seqs now committed (new or already there), conflicting seqs, and
+    which of the committed ones were already stored before (retransmissions)."""
 
     committed: list[int]
     conflicts: list[int]
+    duplicates: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -317,16 +319,21 @@ class Store:
         # conflict (same id, other content: never overwrite, reject).
         committed: list[int] = []
         conflicts: list[int] = []
+        duplicates: list[int] = []
         for m in group:
             row = conn.execute(
-                "SELECT direction, sender, recipient, body, sent_at_ns FROM messages WHERE id = ?",
+                "SELECT direction, sender, recipient, body, sent_at_ns, stored_at_ns"
+                " FROM messages WHERE id = ?",
                 (m.id,),
             ).fetchone()
-            if row == ("in", m.sender, m.recipient, m.body, m.sent_at_ns):
+            if row is not None and row[:5] == ("in", m.sender, m.recipient, m.body, m.sent_at_ns):
                 committed.append(m.seq)
+                # Rows of this transaction carry its timestamp; older ones are retransmissions.
+                if row[5] != stored_at_ns:
+                    duplicates.append(m.seq)
             else:
                 conflicts.append(m.seq)
-        return IncomingResult(committed, conflicts)
+        return IncomingResult(committed, conflicts, duplicates)
 
     # -- reads the writer needs -----------------------------------------------------------
 

@@ -420,3 +420,10 @@ def test_a_changed_message_body_is_caught_by_its_checksum_at_open(data_dir: Path
     conn.close()
     with pytest.raises(StoreCorrupt, match="fail their content checksum"):
         Store.open(data_dir, name="alice")
+
+
+def test_a_retransmission_is_committed_again_and_reported_as_a_duplicate(store: Store) -> None:
+    first = store.apply(WriteBatch(incoming=[[incoming(1), incoming(2)]]), T)
+    again = store.apply(WriteBatch(incoming=[[incoming(2), incoming(3)]]), T + 1)
+    assert (first[0].committed, first[0].duplicates) == ([1, 2], [])
+    assert (again[0].committed, again[0].duplicates, again[0].conflicts) == ([2, 3], [2], [])
