@@ -136,8 +136,10 @@ def test_bad_config_and_bad_endpoints_are_usage_errors(tmp_path: Path) -> None:
     assert "not valid TOML" in toml.stderr
 
 
-def test_cluster_up_and_down(short_tmp: Path) -> None:
-    up = meshpost("cluster", "up", "3", "--transport", "ipc", "--data", str(short_tmp))
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "curve"])
+def test_cluster_up_and_down(short_tmp: Path, secure: bool) -> None:
+    up = meshpost("cluster", "up", "3", "--transport", "ipc", "--data", str(short_tmp),
+                  *(["--secure"] if secure else []))
     try:
         assert up.returncode == 0, up.stderr
         assert "meshpost send --node A" in up.stdout
