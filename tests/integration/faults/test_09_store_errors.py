@@ -70,11 +70,12 @@ def _disk_full(mesh: Mesh) -> Fault:
     filler = mesh.data_dir("R") / "filler"
 
     def inject() -> None:
-        with open(filler, "wb") as f:
+        # Unbuffered: with a buffer, the failed tail would be flushed again (and fail again)
+        # when the file closes.
+        with open(filler, "wb", buffering=0) as f:
             try:
                 while True:
                     f.write(b"\0" * 65536)
-                    f.flush()
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
