@@ -710,6 +710,20 @@ class Mesh:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def keep_streaming(self, sender: str, receiver: str, done: asyncio.Event,
+                       pause_s: float) -> asyncio.Task[Any]:
+        """A good pair that keeps exchanging (rounds of 10) until `done` is set."""
+
+        async def good_pair() -> None:
+            round_ = 0
+            while not done.is_set():
+                await self.stream(sender, receiver, 10, tag=f"good{round_}", concurrency=10,
+                                  pause_s=0)
+                round_ += 1
+                await asyncio.sleep(pause_s)
+
+        return self.spawn_task(good_pair())
+
     # -- observation while running -----------------------------------------------------------
 
     def stores(self) -> dict[str, Path]:

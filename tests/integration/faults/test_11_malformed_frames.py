@@ -147,14 +147,7 @@ def test_malformed_frames_from_raw_peers(mesh_factory: MeshFactory) -> None:
         await mesh.start()
         done = asyncio.Event()
 
-        async def good_pair() -> None:
-            round_ = 0
-            while not done.is_set():
-                await mesh.stream("S", "R", 10, tag=f"good{round_}", concurrency=10, pause_s=0)
-                round_ += 1
-                await asyncio.sleep(0.05)
-
-        good = mesh.spawn_task(good_pair())
+        good = mesh.keep_streaming("S", "R", done, pause_s=0.05)
         try:
             sent = await asyncio.to_thread(_fuzz, mesh.endpoint("R"))
         finally:

@@ -136,14 +136,7 @@ def test_resource_exhaustion(mesh_factory: MeshFactory) -> None:
         mesh.cleanups.append(raw.close)
         done = asyncio.Event()
 
-        async def good_pair() -> None:
-            round_ = 0
-            while not done.is_set():
-                await mesh.stream("S", "R", 10, tag=f"good{round_}", concurrency=10, pause_s=0)
-                round_ += 1
-                await asyncio.sleep(0.1)
-
-        good = mesh.spawn_task(good_pair())
+        good = mesh.keep_streaming("S", "R", done, pause_s=0.1)
         opened_at = time.monotonic()
         await asyncio.to_thread(raw.open, "idle", IDLE)
         await asyncio.to_thread(raw.open, "slow", SLOW)
