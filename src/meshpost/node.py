@@ -234,6 +234,7 @@ class Node:
         self._backlog_epoch: dict[str, int] = {}
         self._subscribers: list[asyncio.Queue[NodeEvent]] = []
         self._delivered_changed = asyncio.Event()
+        self._inbound_paused = False
         self._closed = False
         self._started = False
         self.endpoints: list[str] = []
@@ -299,14 +300,11 @@ class Node:
             raise
         self._tasks = [
             asyncio.create_task(self._writer.run(), name=f"{self.name}-writer"),
-            asyncio.create_task(self._inbound_loop(), name=f"{self.name}-inbound"),
             asyncio.create_task(self._timer_loop(), name=f"{self.name}-timers"),
             asyncio.create_task(self._feed_loop(), name=f"{self.name}-feeder"),
         ]
-        for peer_name in self._links:
-            self._tasks.append(
-                asyncio.create_task(self._dialer_loop(peer_name), name=f"{self.name}->{peer_name}")
-            )
+        self._transport.start(self._on_inbound_frame, self._on_peer_frame,
+                              self._writer.submit_now)
         for task in self._tasks:
             task.add_done_callback(self._task_died)
         self._started = True
@@ -640,46 +638,58 @@ class Node:
             sleep = min(deadline - clock.monotonic(), next_scan - loop.time())
             await asyncio.sleep(min(max(sleep, _MIN_TICK_S), _MAX_TICK_S))
 
-    async def _dialer_loop(self, peer: str) -> None:
-        transport, link, clock = self._transport, self._links[peer], self.clock
-        assert transport is not None
+    def _on_peer_frame(self, peer: str, data: bytes) -> None:
+        """A frame a peer sent back on our link to it (called from the transport)."""
         assert self._listener is not None
-        max_bytes = self._listener.max_frame_bytes
-        while True:
-            data = await transport.recv_from_peer(peer)
-            try:
-                frame = decode(data, max_bytes=max_bytes)
-            except ProtocolError as exc:
-                self.stats.undecodable += 1
-                log.warning("[%s] bad frame from %s: %s", self.name, peer, exc)
-                continue
-            link.receive(frame, clock.monotonic(), clock.wall_ns(), self.hlc.last)
-            self._perform(link)
+        link, clock = self._links[peer], self.clock
+        try:
+            frame = decode(data, max_bytes=self._listener.max_frame_bytes)
+        except ProtocolError as exc:
+            self.stats.undecodable += 1
+            log.warning("[%s] bad frame from %s: %s", self.name, peer, exc)
+            return
+        link.receive(frame, clock.monotonic(), clock.wall_ns(), self.hlc.last)
+        self._perform(link)
 
-    async def _inbound_loop(self) -> None:
+    def _on_inbound_frame(self, identity: bytes, data: bytes, user_id: str | None) -> None:
+        """A frame sent to our ROUTER (called from the transport)."""
         transport, listener, writer = self._transport, self._listener, self._writer
         assert transport is not None
         assert listener is not None
         assert writer is not None
-        clock = self.clock
-        while True:
-            identity, data, user_id = await transport.recv_inbound()
-            who = identity.decode("utf-8", "replace")
-            if transport.secure and user_id != who:
-                # The routing id is chosen by the peer; only the CURVE key is proof. A peer
-                # whose key says A but whose routing id says B is impersonating B.
-                self._on_event(ViolationDetected(who, IdentityMismatch(
-                    f"connection authenticated as {user_id!r} uses routing id {who!r}")))
-                continue
-            replies = listener.receive(who, data, clock.wall_ns(), self.hlc.last)
-            for frame in replies:
-                transport.reply(identity, encode(frame))
-            for event in listener.events():
-                if isinstance(event, MessagesArrived):
-                    self._store_incoming(identity, event)
-                    await writer.wait_for_room()
-                else:
-                    self._on_event(event)
+        who = identity.decode("utf-8", "replace")
+        if transport.secure and user_id != who:
+            # The routing id is chosen by the peer; only the CURVE key is proof. A peer
+            # whose key says A but whose routing id says B is impersonating B.
+            self._on_event(ViolationDetected(who, IdentityMismatch(
+                f"connection authenticated as {user_id!r} uses routing id {who!r}")))
+            return
+        replies = listener.receive(who, data, self.clock.wall_ns(), self.hlc.last)
+        for frame in replies:
+            transport.reply(identity, encode(frame))
+        for event in listener.events():
+            if isinstance(event, MessagesArrived):
+                self._store_incoming(identity, event)
+            else:
+                self._on_event(event)
+        if not writer.has_room and not self._inbound_paused:
+            # Back-pressure: stop reading until the store catches up; ZeroMQ (and, past its
+            # high-water mark, the senders' windows) hold the rest.
+            self._inbound_paused = True
+            transport.pause_inbound()
+            self._tasks.append(asyncio.create_task(self._resume_inbound_when_room(),
+                                                   name=f"{self.name}-inbound-room"))
+
+    async def _resume_inbound_when_room(self) -> None:
+        assert self._writer is not None
+        await self._writer.wait_for_room()
+        self._inbound_paused = False
+        if self._transport is not None:
+            self._transport.resume_inbound()
+        with contextlib.suppress(ValueError):
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks.remove(task)
 
     def _store_incoming(self, identity: bytes, arrived: MessagesArrived) -> None:
         assert self._writer is not None

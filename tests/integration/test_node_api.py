@@ -36,3 +36,44 @@ def test_bad_bodies_and_unknown_peers_are_refused_and_nothing_is_stored(short_tm
             return await node.pending_count()
 
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) == 0
+
+
+def test_a_receiver_whose_store_lags_pauses_reading_and_loses_nothing(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meshpost.store import writer as writer_module
+    from meshpost.verify import verify_stores
+
+    # A tiny pending limit makes the receiver's store fall behind on every burst.
+    monkeypatch.setattr(writer_module, "MAX_PENDING_ROWS", 16)
+    endpoints = {n: f"ipc://{short_tmp}/{n.lower()}.sock" for n in "AB"}
+
+    def config(name: str, peer: str) -> NodeConfig:
+        return NodeConfig(name=name, bind=(endpoints[name],),
+                          peers=(PeerConfig(peer, endpoints[peer]),),
+                          data_dir=short_tmp / name)
+
+    count = 3000
+    pauses: list[bool] = []
+
+    async def scenario() -> None:
+        async with Node(config("A", "B")) as a, Node(config("B", "A")) as b:
+            real_pause = b._transport.pause_inbound  # type: ignore[union-attr]
+
+            def pause() -> None:
+                pauses.append(True)
+                real_pause()
+
+            b._transport.pause_inbound = pause  # type: ignore[union-attr,method-assign]
+            sent = 0
+            while sent < count:
+                sent += await a.post_many("B", [f"m{i}" for i in range(sent, sent + 500)])
+            assert await a.wait_delivered(count, 60)
+            await b.flush()
+            assert b.stats.received == count
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+    assert pauses, "the receiver never paused: the test did not exercise back-pressure"
+    report = verify_stores({"A": short_tmp / "A", "B": short_tmp / "B"})
+    assert report.ok, report.summary()
+    assert report.delivered == count

@@ -209,6 +209,7 @@ class Store:
         self.sync = sync
         self._conn = conn
         self._lock = lock
+        self._waits_for_lock = True
         self.node_id = self._meta("node_id")
 
     @classmethod
@@ -223,6 +224,10 @@ class Store:
                     _check_integrity(conn, path)
                     conn.execute("PRAGMA journal_mode = WAL")
                     conn.execute(f"PRAGMA synchronous = {sync.upper()}")
+                    # Checkpoints fsync even at synchronous=NORMAL; the writer runs them on
+                    # its thread (`checkpoint`) so that a commit made on the event loop
+                    # never turns into one.
+                    conn.execute("PRAGMA wal_autocheckpoint = 0")
                     # The schema's CHECK (... IN (...)) constraints cost SQLite 3.40 about a
                     # third of every insert; every write below names its direction and state
                     # as SQL literals, so on this connection they can never fail. Readers and
@@ -257,10 +262,19 @@ class Store:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def apply(self, batch: WriteBatch, stored_at_ns: int) -> list[IncomingResult]:
-        """Write `batch` in one transaction; results for `batch.incoming`, in order."""
+    def apply(
+        self, batch: WriteBatch, stored_at_ns: int, *, wait_for_lock: bool = True
+    ) -> list[IncomingResult]:
+        """Write `batch` in one transaction; results for `batch.incoming`, in order.
+
+        With `wait_for_lock=False` a lock held by another process raises `StoreLocked` at
+        once instead of waiting up to `BUSY_TIMEOUT_MS` (for callers that must not block).
+        """
         conn = self._conn
         with _translated(self.path):
+            if wait_for_lock is not self._waits_for_lock:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS if wait_for_lock else 0}")
+                self._waits_for_lock = wait_for_lock
             conn.execute("BEGIN IMMEDIATE")
             try:
                 if batch.outgoing:
@@ -334,6 +348,11 @@ class Store:
             else:
                 conflicts.append(m.seq)
         return IncomingResult(committed, conflicts, duplicates)
+
+    def checkpoint(self) -> None:
+        """Copy committed WAL pages into the database file (PASSIVE: never waits)."""
+        with _translated(self.path):
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     # -- reads the writer needs -----------------------------------------------------------
 

@@ -1,8 +1,14 @@
-"""pyzmq asyncio sockets with the options a reliable mesh needs.
+"""pyzmq sockets on the asyncio loop, with the options a reliable mesh needs.
 
 Rule: bytes in, bytes out. This module knows endpoints, identities and socket options, nothing
 about frames or storage. A successful send only means *queued*: the protocol above must never
 rely on delivery, so every send here is non-blocking and reports back-pressure as `False`.
+
+Frames are handed to the node's handlers straight from the event loop's reader callback on the
+socket's ZMQ_FD, drained until the socket is empty: no future, no task wake-up per frame. (That
+is what `zmq.asyncio` does per `recv`, and on a 2-core machine its extra trips round the loop
+cost about 50 us per hop.) ZMQ_FD is edge-triggered and any send may consume the edge, so every
+send schedules one more look at ZMQ_EVENTS.
 
 Socket choices (the ZeroMQ traps the protocol designs around):
 - ROUTER_MANDATORY: a reply to an unknown or vanished peer raises instead of vanishing silently;
@@ -25,8 +31,8 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import zmq
 import zmq.asyncio
@@ -48,6 +54,25 @@ TCP_KEEPALIVE_INTVL_S = 5
 TCP_KEEPALIVE_CNT = 3
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 1000
+#: Frames handled per reader callback before other callbacks get a turn (timers, other peers).
+DRAIN_BUDGET = 64
+
+#: (routing identity, payload, CURVE user id or None) of a frame sent to our ROUTER.
+InboundHandler = Callable[[bytes, bytes, "str | None"], None]
+#: (peer name, payload) of a frame a peer sent back on our DEALER to it.
+PeerFrameHandler = Callable[[str, bytes], None]
+#: Called after a reader callback handled its frames: work they started can begin now,
+#: instead of at the next trip round the loop.
+DrainedHandler = Callable[[], None]
+
+
+# Plain ints: pyzmq's constants are enum flags, and enum arithmetic costs microseconds per
+# call on the per-frame path.
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+
+
+def _readable(sock: zmq.Socket[bytes]) -> bool:
+    return bool(cast("int", sock.getsockopt(_EVENTS)) & _POLLIN)
 
 
 class ZmqTransport:
@@ -85,16 +110,25 @@ class ZmqTransport:
             assert curve_secret_key is not None
             self._router.setsockopt(zmq.CURVE_SECRETKEY, curve_secret_key)
             self._router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
-        self._dealers: dict[str, zmq.asyncio.Socket] = {}
+        self._dealers: dict[str, zmq.Socket[bytes]] = {}
         self.bound: list[str] = []
         self.dropped_sends = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_inbound: InboundHandler | None = None
+        self._on_peer_frame: PeerFrameHandler | None = None
+        self._on_drained: DrainedHandler | None = None
+        self._inbound_paused = False
+        #: Sockets with a drain already scheduled by `call_soon` (keyed by id of the socket).
+        self._drain_scheduled: set[int] = set()
+        self._readers: list[int] = []
 
     @property
     def secure(self) -> bool:
         return self._curve_secret is not None
 
-    def _socket(self, kind: int) -> zmq.asyncio.Socket:
-        sock = self.context.socket(kind)
+    def _socket(self, kind: int) -> zmq.Socket[bytes]:
+        # A plain socket on the shared context: the loop watches its ZMQ_FD (see module doc).
+        sock: zmq.Socket[bytes] = zmq.Socket(self.context, kind)
         sock.setsockopt(zmq.LINGER, LINGER_MS)
         sock.setsockopt(zmq.SNDHWM, SNDHWM)
         sock.setsockopt(zmq.RCVHWM, RCVHWM)
@@ -122,10 +156,61 @@ class ZmqTransport:
             self.bound.append(actual.decode())
         return list(self.bound)
 
-    async def recv_inbound(self) -> tuple[bytes, bytes, str | None]:
-        """Next frame sent to us: (routing identity, payload, CURVE user id or None)."""
-        while True:
-            parts = await self._router.recv_multipart(copy=False)
+    def start(
+        self,
+        on_inbound: InboundHandler,
+        on_peer_frame: PeerFrameHandler,
+        on_drained: DrainedHandler | None = None,
+    ) -> None:
+        """Deliver every frame from now on to the handlers, from the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._on_inbound = on_inbound
+        self._on_peer_frame = on_peer_frame
+        self._on_drained = on_drained
+        self._watch(self._router, self._drain_router)
+        for peer, sock in self._dealers.items():
+            self._watch_dealer(peer, sock)
+
+    def pause_inbound(self) -> None:
+        """Stop reading frames sent to us (back-pressure); ZeroMQ queues them meanwhile."""
+        self._inbound_paused = True
+
+    def resume_inbound(self) -> None:
+        self._inbound_paused = False
+        self._schedule_drain(self._router, self._drain_router)
+
+    def _watch(self, sock: zmq.Socket[bytes], drain: Callable[[], None]) -> None:
+        assert self._loop is not None
+        fd = cast("int", sock.getsockopt(zmq.FD))
+        self._loop.add_reader(fd, drain)
+        self._readers.append(fd)
+        # Frames may have arrived before the loop watched the descriptor: look once now.
+        self._schedule_drain(sock, drain)
+
+    def _watch_dealer(self, peer: str, sock: zmq.Socket[bytes]) -> None:
+        self._watch(sock, lambda: self._drain_dealer(peer, sock))
+
+    def _schedule_drain(self, sock: zmq.Socket[bytes], drain: Callable[[], None]) -> None:
+        if self._loop is None or id(sock) in self._drain_scheduled:
+            return
+        self._drain_scheduled.add(id(sock))
+
+        def run() -> None:
+            self._drain_scheduled.discard(id(sock))
+            drain()
+
+        self._loop.call_soon(run)
+
+    def _drain_router(self) -> None:
+        sock, handler = self._router, self._on_inbound
+        if handler is None or sock.closed:
+            return
+        for handled in range(DRAIN_BUDGET):
+            if self._inbound_paused or not _readable(sock):
+                if handled and self._on_drained is not None:
+                    self._on_drained()
+                return
+            parts = sock.recv_multipart(_NOBLOCK, copy=False)
             if len(parts) != 2:
                 # A ROUTER frame is [identity, payload]; anything else is not ours to parse.
                 log.warning("[%s] dropped a %d-part message", self.name, len(parts))
@@ -135,11 +220,30 @@ class ZmqTransport:
                 with contextlib.suppress(zmq.ZMQError):
                     value = parts[1].get("User-Id")
                     user_id = value if isinstance(value, str) else None
-            return parts[0].bytes, parts[1].bytes, user_id
+            handler(parts[0].bytes, parts[1].bytes, user_id)
+        if self._on_drained is not None:
+            self._on_drained()
+        self._schedule_drain(sock, self._drain_router)  # more may wait: after others' turn
+
+    def _drain_dealer(self, peer: str, sock: zmq.Socket[bytes]) -> None:
+        handler = self._on_peer_frame
+        if handler is None or sock.closed:
+            return
+        for handled in range(DRAIN_BUDGET):
+            if not _readable(sock):
+                if handled and self._on_drained is not None:
+                    self._on_drained()
+                return
+            handler(peer, sock.recv(_NOBLOCK))
+        if self._on_drained is not None:
+            self._on_drained()
+        self._schedule_drain(sock, lambda: self._drain_dealer(peer, sock))
 
     def reply(self, identity: bytes, payload: bytes) -> bool:
         """Queue `payload` for the connection `identity`; False if it is gone or full."""
-        return self._send_now(self._router, [identity, payload])
+        sent = self._send_now(self._router, [identity, payload])
+        self._schedule_drain(self._router, self._drain_router)
+        return sent
 
     # -- outbound -------------------------------------------------------------------------
 
@@ -166,39 +270,37 @@ class ZmqTransport:
             sock.close(0)
             raise InvalidEndpoint(endpoint, exc.strerror) from None
         self._dealers[peer] = sock
-
+        if self._loop is not None:
+            self._watch_dealer(peer, sock)
 
     def send_to_peer(self, peer: str, payload: bytes) -> bool:
-        return self._send_now(self._dealers[peer], [payload])
-
-    async def recv_from_peer(self, peer: str) -> bytes:
-        data = await self._dealers[peer].recv(copy=True)
-        assert isinstance(data, bytes)
-        return data
+        sock = self._dealers[peer]
+        sent = self._send_now(sock, [payload])
+        self._schedule_drain(sock, lambda: self._drain_dealer(peer, sock))
+        return sent
 
     # -- shared ---------------------------------------------------------------------------
 
-    def _send_now(self, sock: zmq.asyncio.Socket, parts: list[bytes]) -> bool:
-        # With DONTWAIT pyzmq's asyncio socket sends synchronously and hands back a finished
-        # future; its exception must be read here or asyncio reports it as never retrieved.
-        future = cast(
-            "asyncio.Future[Any]",
-            sock.send_multipart(parts, flags=zmq.DONTWAIT, copy=len(parts[-1]) < 65536),
-        )
-        exc = future.exception() if future.done() else None
-        if exc is None:
-            return True
-        self.dropped_sends += 1
-        if isinstance(exc, zmq.ZMQError) and exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN):
+    def _send_now(self, sock: zmq.Socket[bytes], parts: list[bytes]) -> bool:
+        try:
+            sock.send_multipart(parts, flags=_NOBLOCK, copy=len(parts[-1]) < 65536)
+        except zmq.ZMQError as exc:
+            self.dropped_sends += 1
+            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                log.warning("[%s] send failed: %s", self.name, exc)
             return False
-        log.warning("[%s] send failed: %s", self.name, exc)
-        return False
+        return True
 
     @property
     def denied_connections(self) -> int:
         return self._authenticator.allowlist.denied if self._authenticator else 0
 
     def close(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            for fd in self._readers:
+                self._loop.remove_reader(fd)
+        self._readers.clear()
+        self._on_inbound = self._on_peer_frame = None
         if self._authenticator is not None:
             self._authenticator.stop()
         for sock in self._dealers.values():

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,9 @@ def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 @contextlib.asynccontextmanager
 async def running_writer(
-    data_dir: Path, clock: FakeClock | None = None
+    data_dir: Path, clock: FakeClock | None = None, sync: str = "full"
 ) -> AsyncIterator[GroupCommitWriter]:
-    store = Store.open(data_dir, name="alice")
+    store = Store.open(data_dir, name="alice", sync=sync)
     writer = GroupCommitWriter(store, clock or FakeClock(), node="alice")
     task = asyncio.create_task(writer.run())
     try:
@@ -254,3 +255,101 @@ def test_call_runs_on_the_writer_thread(tmp_path: Path) -> None:
             assert "commits=1" in repr(writer)
 
     run(scenario)
+
+
+def test_small_batches_commit_on_the_loop_at_sync_normal(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_writer(tmp_path, sync="normal") as writer:
+            done: list[int] = []
+            writer.add_outgoing([out(1)], done.append)
+            await writer.flush()
+            assert done == [T]
+            assert writer.inline_commits == 1
+            # Too many rows for the loop: the thread commits them.
+            writer.add_outgoing([out(s) for s in range(2, 3 + writer_module.INLINE_MAX_ROWS)],
+                                done.append)
+            await writer.flush()
+            assert writer.inline_commits == 1
+            assert writer.commits == 2
+            assert len(rows(tmp_path)) == 2 + writer_module.INLINE_MAX_ROWS
+
+    run(scenario)
+
+
+def test_sync_full_always_commits_on_the_thread(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_writer(tmp_path, sync="full") as writer:
+            for seq in (1, 2, 3):
+                writer.add_outgoing([out(seq)], lambda _at: None)
+                await writer.flush()
+            assert writer.commits == 3
+            assert writer.inline_commits == 0
+
+    run(scenario)
+
+
+def test_a_lock_never_makes_the_loop_wait_and_the_thread_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[bool, str]] = []
+
+    async def scenario() -> None:
+        async with running_writer(tmp_path, sync="normal") as writer:
+            real_apply = writer.store.apply
+
+            def apply(batch: WriteBatch, stored_at: int, *, wait_for_lock: bool = True) -> Any:
+                calls.append((wait_for_lock, threading.current_thread().name))
+                return real_apply(batch, stored_at, wait_for_lock=wait_for_lock)
+
+            monkeypatch.setattr(writer.store, "apply", apply)
+            monkeypatch.setattr(writer_module, "RETRY_INITIAL_S", 0.01)
+            blocker = sqlite3.connect(writer.store.path, isolation_level=None)
+            try:
+                blocker.execute("BEGIN IMMEDIATE")
+                done: list[int] = []
+                writer.add_outgoing([out(1)], done.append)
+                await until(lambda: writer.errors >= 1)
+                assert done == []
+                assert isinstance(writer.last_error, StoreLocked)
+                blocker.execute("COMMIT")
+            finally:
+                blocker.close()
+            await writer.flush()
+            assert done == [T]
+            writer.add_outgoing([out(2)], done.append)  # just after an error: thread only
+            await writer.flush()
+            assert len(rows(tmp_path)) == 2
+        loop_thread = threading.main_thread().name
+        # First try on the loop without waiting; every retry (and the next batch) on the
+        # writer thread, where waiting for the lock is harmless.
+        assert calls[0] == (False, loop_thread)
+        assert all(wait and name != loop_thread for wait, name in calls[1:])
+        assert len(calls) >= 3
+
+    run(scenario)
+
+
+def test_wal_checkpoints_run_on_the_writer_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer_module, "CHECKPOINT_PAGES", 20)
+    threads: list[str] = []
+
+    async def scenario() -> None:
+        async with running_writer(tmp_path, sync="normal") as writer:
+            real = writer.store.checkpoint
+
+            def checkpoint() -> None:
+                threads.append(threading.current_thread().name)
+                real()
+
+            monkeypatch.setattr(writer.store, "checkpoint", checkpoint)
+            for seq in range(1, 11):
+                writer.add_outgoing([out(seq)], lambda _at: None)
+                await writer.flush()
+            assert len(rows(tmp_path)) == 10
+            assert 0 < writer.inline_commits < 10
+
+    run(scenario)
+    assert threads
+    assert all(name.startswith("meshpost-store-alice") for name in threads)
