@@ -225,8 +225,8 @@ class Store:
                     conn.execute("PRAGMA journal_mode = WAL")
                     conn.execute(f"PRAGMA synchronous = {sync.upper()}")
                     # Checkpoints fsync even at synchronous=NORMAL; the writer runs them on
-                    # its thread (`checkpoint`) so that a commit made on the event loop
-                    # never turns into one.
+                    # a connection and thread of their own (`open_checkpointer`), so that no
+                    # commit, on the loop or on the writer thread, ever waits for one.
                     conn.execute("PRAGMA wal_autocheckpoint = 0")
                     # The schema's CHECK (... IN (...)) constraints cost SQLite 3.40 about a
                     # third of every insert; every write below names its direction and state
@@ -349,10 +349,13 @@ class Store:
                 conflicts.append(m.seq)
         return IncomingResult(committed, conflicts, duplicates)
 
-    def checkpoint(self) -> None:
-        """Copy committed WAL pages into the database file (PASSIVE: never waits)."""
+    def open_checkpointer(self) -> Checkpointer:
+        """A second connection that copies the WAL into the database file while this one
+        goes on committing (WAL lets a PASSIVE checkpoint run beside a writer)."""
         with _translated(self.path):
-            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            conn = _connect(self.path, read_only=False)
+            conn.execute(f"PRAGMA synchronous = {self.sync.upper()}")
+        return Checkpointer(self.path, conn)
 
     # -- reads the writer needs -----------------------------------------------------------
 
@@ -393,6 +396,22 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.path}, sync={self.sync})"
+
+
+class Checkpointer:
+    """Runs WAL checkpoints on its own connection, for one thread at a time."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self._conn = conn
+
+    def checkpoint(self) -> None:
+        """Copy committed WAL pages into the database file (PASSIVE: never blocks writers)."""
+        with _translated(self.path):
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def close(self) -> None:
+        self._conn.close()
 
 
 class StoreReader:

@@ -42,8 +42,9 @@ INLINE_MAX_ROWS = 32
 INLINE_SYNC_LEVELS = frozenset({"normal", "off"})
 #: After a failed write, commit on the thread only (where waiting is harmless) for this long.
 INLINE_QUIET_AFTER_ERROR_S = 5.0
-#: Run a WAL checkpoint (on the thread) after about this many WAL pages, as SQLite's own
-#: autocheckpoint would; estimated per commit because sqlite3 does not expose the WAL hook.
+#: Start a WAL checkpoint (on its own thread and connection) after about this many WAL pages,
+#: as SQLite's own autocheckpoint would; estimated per commit because sqlite3 does not expose
+#: the WAL hook.
 CHECKPOINT_PAGES = 1000
 _TRANSIENT = (StoreLocked, StoreFull, DataDirNotWritable)
 
@@ -79,7 +80,13 @@ class GroupCommitWriter:
         self._inline = store.sync in INLINE_SYNC_LEVELS
         self._inline_after = 0.0
         self._wal_pages = 0
+        self._checkpointer = store.open_checkpointer()
+        self._checkpoint_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"meshpost-checkpoint-{node}"
+        )
+        self._checkpoint: concurrent.futures.Future[None] | None = None
         self.inline_commits = 0
+        self.checkpoints = 0
         self._room = asyncio.Event()
         self._room.set()
         self._idle = asyncio.Event()
@@ -178,7 +185,6 @@ class GroupCommitWriter:
             self._inline
             and rows <= INLINE_MAX_ROWS
             and self._thread_jobs == 0
-            and self._wal_pages < CHECKPOINT_PAGES
             and self._loop.time() >= self._inline_after
         ):
             self._commit_inline(batch, callbacks)
@@ -278,18 +284,25 @@ class GroupCommitWriter:
         # A small commit rewrites one leaf page per B-tree (the table and its indexes); a
         # large one about a page per 16 rows.
         self._wal_pages += 8 + rows // 16
-        if wait_for_lock and self._wal_pages >= CHECKPOINT_PAGES:
-            # On the thread only (wait_for_lock is False on the loop): checkpoints fsync.
+        if self._wal_pages >= CHECKPOINT_PAGES and (
+            self._checkpoint is None or self._checkpoint.done()
+        ):
             self._wal_pages = 0
-            try:
-                self.store.checkpoint()
-            except StoreError as exc:  # the commit stands; the next checkpoint catches up
-                log.warning("[%s] WAL checkpoint failed: %s", self._node, exc)
+            self._checkpoint = self._checkpoint_executor.submit(self._run_checkpoint)
         return results, stored_at
 
-    def close(self) -> None:
-        """Close the store on the writer thread, then stop the thread."""
+    def _run_checkpoint(self) -> None:
         try:
+            self._checkpointer.checkpoint()
+            self.checkpoints += 1
+        except StoreError as exc:  # the commits stand; the next checkpoint catches up
+            log.warning("[%s] WAL checkpoint failed: %s", self._node, exc)
+
+    def close(self) -> None:
+        """Stop checkpointing, close the store on the writer thread, then stop the thread."""
+        try:
+            self._checkpoint_executor.shutdown(wait=True)
+            self._checkpointer.close()
             self._executor.submit(self.store.close).result(timeout=10)
         finally:
             self._executor.shutdown(wait=True)

@@ -329,7 +329,7 @@ def test_a_lock_never_makes_the_loop_wait_and_the_thread_retries(
     run(scenario)
 
 
-def test_wal_checkpoints_run_on_the_writer_thread(
+def test_wal_checkpoints_run_beside_commits_on_their_own_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(writer_module, "CHECKPOINT_PAGES", 20)
@@ -337,19 +337,22 @@ def test_wal_checkpoints_run_on_the_writer_thread(
 
     async def scenario() -> None:
         async with running_writer(tmp_path, sync="normal") as writer:
-            real = writer.store.checkpoint
+            real = writer._checkpointer.checkpoint
 
             def checkpoint() -> None:
                 threads.append(threading.current_thread().name)
                 real()
 
-            monkeypatch.setattr(writer.store, "checkpoint", checkpoint)
+            monkeypatch.setattr(writer._checkpointer, "checkpoint", checkpoint)
             for seq in range(1, 11):
                 writer.add_outgoing([out(seq)], lambda _at: None)
                 await writer.flush()
             assert len(rows(tmp_path)) == 10
-            assert 0 < writer.inline_commits < 10
+            assert writer.inline_commits == 10  # no commit was sent to a thread for it
+            await until(lambda: writer.checkpoints >= 1)
 
     run(scenario)
     assert threads
-    assert all(name.startswith("meshpost-store-alice") for name in threads)
+    assert all(name.startswith("meshpost-checkpoint-alice") for name in threads)
+    wal = tmp_path / "meshpost.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0  # closing checkpoints what is left
