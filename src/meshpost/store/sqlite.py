@@ -11,6 +11,8 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
+import itertools
 import os
 import secrets
 import sqlite3
@@ -37,41 +39,50 @@ LOCK_FILENAME = "node.lock"
 #: How long a write waits for another process's lock before the batch is retried later.
 BUSY_TIMEOUT_MS = 1000
 
-_INSERT_OUT = (
+#: Rows are inserted many per statement: `INSERT ... VALUES (...), (...), ...` binds every
+#: value in C and runs one `sqlite3_step` (the GIL released once) per statement. Measured on
+#: 100,000 rows in batches of 4,096 at synchronous=FULL: about 220k rows/s, against 119k/s
+#: for the same rows as one JSON array through `json_each` and 117k/s with `executemany`.
+#: Statements hold a power of two of rows, so a handful of them, prepared once, serve every
+#: batch size from SQLite's statement cache.
+_INSERT_HEAD = (
     "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns, hlc,"
-    " state, stored_at_ns, checksum) VALUES (?, 'out', ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)"
+    " state, stored_at_ns, checksum) VALUES "
 )
-_INSERT_IN = (
-    "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns, hlc,"
-    " state, stored_at_ns, checksum) VALUES (?, 'in', ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)"
-    " ON CONFLICT (id) DO NOTHING"
-)
-#: Bulk forms of the two inserts: the rows travel as one JSON array of `Envelope` arrays (plus
-#: each row's content checksum as an eighth element), so a
-#: whole group is one statement (one `sqlite3_step`, the GIL released once) instead of a
-#: Python bind and a GIL hand-off per row, which the event loop thread turns into a convoy.
-#: JSON text cannot carry U+0000, so a group whose bodies hold one uses the per-row form.
-_ENVELOPE_COLUMNS = ("id", "seq", "sender", "recipient", "body", "sent_at_ns", "hlc")
-if Envelope.__struct_fields__ != _ENVELOPE_COLUMNS:  # pragma: no cover - guards the SQL below
-    raise ImportError(f"Envelope fields changed: {Envelope.__struct_fields__}")
-_JSON_ROWS = (
-    " SELECT value ->> 0, {direction}, value ->> {peer}, value ->> 2, value ->> 3, value ->> 1,"
-    " value ->> 4, value ->> 5, value ->> 6, {state}, ?2, value ->> 7 FROM json_each(?1)"
-    " WHERE true"
-)
-_INSERT_OUT_JSON = (
-    "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns, hlc,"
-    " state, stored_at_ns, checksum)"
-    + _JSON_ROWS.format(direction="'out'", peer=3, state="'pending'")
-)
-_INSERT_IN_JSON = (
-    "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns, hlc,"
-    " state, stored_at_ns, checksum)"
-    + _JSON_ROWS.format(direction="'in'", peer=2, state="'received'")
-    + " ON CONFLICT (id) DO NOTHING"
-)
-_json_rows = msgspec.json.Encoder()
-_JSON_NUL = b"\\u0000"
+_ROW_OUT = "(?, 'out', ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)"
+_ROW_IN = "(?, 'in', ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)"
+_VALUES_PER_ROW = 10
+#: Most rows per statement (a power of two), whatever the SQLite build allows above it.
+MAX_ROWS_PER_STATEMENT = 2048
+
+
+def rows_per_statement(max_variables: int) -> int:
+    """Rows per INSERT: a power of two whose values fit the build's variable limit (999
+    before SQLite 3.32, 32766 since)."""
+    fit = max(1, max_variables // _VALUES_PER_ROW)
+    return min(MAX_ROWS_PER_STATEMENT, 1 << (fit.bit_length() - 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_sql(row: str, rows: int, on_conflict: bool) -> str:
+    tail = " ON CONFLICT (id) DO NOTHING" if on_conflict else ""
+    return _INSERT_HEAD + ", ".join(itertools.repeat(row, rows)) + tail
+
+
+def _chunks(count: int, largest: int) -> Iterator[tuple[int, int]]:
+    """(start, size) pieces of `count` rows, each a power of two no larger than `largest`."""
+    start = 0
+    while count - start >= largest:
+        yield start, largest
+        start += largest
+    size = largest
+    while start < count:
+        size >>= 1
+        if count - start >= size:
+            yield start, size
+            start += size
+
+
 _MARK_DELIVERED = (
     "UPDATE messages SET state = 'delivered', receipt_stored_at_ns = ?,"
     " receipt_received_at_ns = ?, receipt_arrived_at_ns = ?, receipt_sync = ?, receipt_hlc = ?"
@@ -98,12 +109,22 @@ def content_checksum(
     return envelope_checksum(Envelope(id, seq, sender, recipient, body, sent_at_ns, hlc))
 
 
-def _with_checksums(messages: Sequence[Envelope]) -> list[tuple[Any, ...]]:
+def _row_values(
+    messages: Sequence[Envelope], direction: str, stored_at_ns: int
+) -> list[Any]:
+    """The bound values of `messages`' rows, flat, in `_ROW_OUT`/`_ROW_IN` order."""
     crc, encode = zlib.crc32, _envelope_bytes
-    return [
-        (m.id, m.seq, m.sender, m.recipient, m.body, m.sent_at_ns, m.hlc, crc(encode(m)))
-        for m in messages
-    ]
+    values: list[Any] = []
+    add = values.extend
+    if direction == "out":
+        for m in messages:
+            add((m.id, m.recipient, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc,
+                 stored_at_ns, crc(encode(m))))
+    else:
+        for m in messages:
+            add((m.id, m.sender, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc,
+                 stored_at_ns, crc(encode(m))))
+    return values
 
 
 def translate(exc: sqlite3.Error, path: Path) -> StoreError:
@@ -210,6 +231,9 @@ class Store:
         self._conn = conn
         self._lock = lock
         self._waits_for_lock = True
+        self._max_rows_per_statement = rows_per_statement(
+            conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        )
         self.node_id = self._meta("node_id")
 
     @classmethod
@@ -278,18 +302,7 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 if batch.outgoing:
-                    rows = _json_rows.encode(_with_checksums(batch.outgoing))
-                    if _JSON_NUL not in rows:
-                        conn.execute(_INSERT_OUT_JSON, (rows, stored_at_ns))
-                    else:
-                        conn.executemany(
-                            _INSERT_OUT,
-                            [
-                                (m.id, m.recipient, m.sender, m.recipient, m.seq, m.body,
-                                 m.sent_at_ns, m.hlc, stored_at_ns, envelope_checksum(m))
-                                for m in batch.outgoing
-                            ],
-                        )
+                    self._insert(batch.outgoing, "out", stored_at_ns)
                 results = [self._insert_incoming(group, stored_at_ns) for group in batch.incoming]
                 for d in batch.deliveries:
                     r = d.receipt
@@ -312,21 +325,20 @@ class Store:
                 raise
         return results
 
+    def _insert(self, messages: Sequence[Envelope], direction: str, stored_at_ns: int) -> None:
+        """Insert rows; incoming ones whose id is already stored are skipped (the caller
+        tells retransmissions from conflicts)."""
+        values = _row_values(messages, direction, stored_at_ns)
+        row, incoming = (_ROW_IN, True) if direction == "in" else (_ROW_OUT, False)
+        execute, width = self._conn.execute, _VALUES_PER_ROW
+        for start, size in _chunks(len(messages), self._max_rows_per_statement):
+            execute(_insert_sql(row, size, incoming),
+                    values[start * width:(start + size) * width])
+
     def _insert_incoming(self, group: Sequence[Envelope], stored_at_ns: int) -> IncomingResult:
         conn = self._conn
         before = conn.total_changes
-        rows = _json_rows.encode(_with_checksums(group))
-        if _JSON_NUL not in rows:
-            conn.execute(_INSERT_IN_JSON, (rows, stored_at_ns))
-        else:
-            conn.executemany(
-                _INSERT_IN,
-                [
-                    (m.id, m.sender, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc,
-                     stored_at_ns, envelope_checksum(m))
-                    for m in group
-                ],
-            )
+        self._insert(group, "in", stored_at_ns)
         if conn.total_changes - before == len(group):
             return IncomingResult([m.seq for m in group], [])
         # Some ids were there already: a retransmission (same content, receipt again) or a

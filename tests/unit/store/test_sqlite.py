@@ -427,3 +427,39 @@ def test_a_retransmission_is_committed_again_and_reported_as_a_duplicate(store: 
     again = store.apply(WriteBatch(incoming=[[incoming(2), incoming(3)]]), T + 1)
     assert (first[0].committed, first[0].duplicates) == ([1, 2], [])
     assert (again[0].committed, again[0].duplicates, again[0].conflicts) == ([2, 3], [2], [])
+
+
+@pytest.mark.parametrize("count", [1, 3, 7, 2048, 2049, 4096 + 5])
+def test_batches_of_any_size_store_every_row_with_its_columns(store: Store, count: int) -> None:
+    outgoing = [out(s, body=f"o{s}", hlc=10_000 + s) for s in range(1, count + 1)]
+    arriving = [incoming(s, body=f"i{s}") for s in range(1, count + 1)]
+    [result] = store.apply(WriteBatch(outgoing=outgoing, incoming=[arriving]), T)
+    assert result.committed == list(range(1, count + 1))
+    rows = store.execute_raw(
+        "SELECT direction, peer, sender, recipient, seq, body, hlc, state, stored_at_ns,"
+        " checksum FROM messages ORDER BY direction, seq"
+    )
+    assert len(rows) == 2 * count
+    expected_in = [("in", "bob", "bob", "alice", m.seq, m.body, m.hlc, "received", T,
+                    content_checksum(m.id, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns,
+                                     m.hlc)) for m in arriving]
+    expected_out = [("out", "bob", "alice", "bob", m.seq, m.body, m.hlc, "pending", T,
+                     content_checksum(m.id, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns,
+                                      m.hlc)) for m in outgoing]
+    assert rows == expected_in + expected_out
+
+
+def test_bodies_with_nul_and_any_unicode_round_trip(store: Store) -> None:
+    bodies = ["a\x00b", "\x00", "naïve ☃ 𝄞", "tab\tnew\nline", "\\u0000 is not NUL"]
+    store.apply(WriteBatch(outgoing=[out(s, body=b) for s, b in enumerate(bodies, 1)],
+                           incoming=[[incoming(s, body=b) for s, b in enumerate(bodies, 1)]]), T)
+    got = store.execute_raw("SELECT direction, body FROM messages ORDER BY direction, seq")
+    assert got == [("in", b) for b in bodies] + [("out", b) for b in bodies]
+
+
+def test_rows_per_statement_fit_the_sqlite_variable_limit() -> None:
+    from meshpost.store.sqlite import rows_per_statement
+
+    assert rows_per_statement(32766) == 2048  # SQLite >= 3.32, capped
+    assert rows_per_statement(999) == 64  # older builds: 640 values
+    assert rows_per_statement(5) == 1
