@@ -444,6 +444,42 @@ async def _driver(config: Path, name: str, data_dir: Path) -> None:
     _emit({"stopped": True})
 
 
+async def _loop_pingpong(
+    dealer: Any, payload: bytes, m: int, progress: Callable[[int], None]
+) -> list[float]:
+    """Ping-pong with replies read from the event loop's reader callback on ZMQ_FD, drained
+    until empty: how meshpost's transport reads (no zmq.asyncio future per frame)."""
+    import zmq
+
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] | None = None
+
+    def readable() -> None:
+        while dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            dealer.recv(zmq.NOBLOCK)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    fd = dealer.getsockopt(zmq.FD)
+    loop.add_reader(fd, readable)
+    clock = time.perf_counter_ns
+    samples: list[float] = []
+    try:
+        for i in range(LATENCY_WARMUP + m):
+            waiter = loop.create_future()
+            t = clock()
+            dealer.send(payload, zmq.NOBLOCK)
+            readable()  # the send may have consumed the descriptor's edge
+            await waiter
+            if i >= LATENCY_WARMUP:
+                samples.append((clock() - t) / 1000)
+                if i % 500 == 0:
+                    progress(i - LATENCY_WARMUP)
+    finally:
+        loop.remove_reader(fd)
+    return samples
+
+
 async def _wait_connected(node: Node, timeout_s: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -712,10 +748,18 @@ class Bench:
         m = self.o.latency_messages
         levels = [self.o.sync] + (["normal"] if self.o.sync == "full" else [])
         result = ScenarioResult("pair-latency")
-        raw = self._raw_pingpong(m)
+        raw, loop = self._raw_pingpong(m)
         result.samples["raw pyzmq ping-pong"] = raw
-        raw_p = percentiles(raw)
+        result.samples["pyzmq ping-pong on an asyncio loop"] = loop
+        raw_p, loop_p = percentiles(raw), percentiles(loop)
         result.figures["raw_pingpong_us"] = _round(raw_p)
+        # The floor of any asyncio design (meshpost's included): the same ping-pong with the
+        # client reading through the event loop, as meshpost's transport does. Reported beside
+        # the ratios so that the share owed to the loop itself is visible.
+        result.figures["loop_pingpong_us"] = _round(loop_p)
+        result.figures["ratio_loop"] = {
+            k: round(loop_p[k] / raw_p[k], 2) for k in ("p50", "p90", "p99", "p99.9")
+        }
         checks = []
         for sync in levels:
             samples, report = self._meshpost_latency(m, sync)
@@ -731,10 +775,11 @@ class Bench:
         result.verify = "verified: " + " / ".join(checks)
         return result
 
-    def _raw_pingpong(self, m: int) -> list[float]:
+    def _raw_pingpong(self, m: int) -> tuple[list[float], list[float]]:
+        """Blocking pyzmq ping-pong (the ceiling), then the same through an asyncio loop."""
         import zmq
 
-        task = self._task("pair-latency: raw pyzmq ping-pong", m)
+        task = self._task("pair-latency: raw pyzmq ping-pong (blocking, then asyncio)", 2 * m)
         echo = self._child("pair-latency", ["raw-echo", _endpoint(self.o.transport, self.root,
                                                                   "echo")], "echo")
         ctx = zmq.Context()
@@ -755,13 +800,18 @@ class Bench:
                 samples.append((clock() - t) / 1000)
                 if i % 500 == 0:
                     self.progress.update(task, completed=i)
-            self.progress.update(task, completed=m)
+            loop_samples = _run_async(
+                _loop_pingpong(dealer, payload, m,
+                               lambda i: self.progress.update(task, completed=m + i)),
+                self.o.use_uvloop,
+            )
+            self.progress.update(task, completed=2 * m)
             dealer.send(b"")
             dealer.close(0)
         finally:
             echo.stop()
             ctx.term()
-        return samples
+        return samples, loop_samples
 
     def _meshpost_latency(self, m: int, sync: str) -> tuple[list[float], VerifyReport]:
         cluster = self._cluster(f"pair-latency-{sync}", 2, sync, self._window_option())
@@ -1241,6 +1291,11 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
         elif name == "pair-latency":
             rows.append(("pair-latency raw", _fmt_lat(f["raw_pingpong_us"]) + " µs",
                          "pyzmq ping-pong p50/p90/p99/p99.9"))
+            if "loop_pingpong_us" in f:
+                ratio = f["ratio_loop"]
+                rows.append(("pair-latency loop", _fmt_lat(f["loop_pingpong_us"]) + " µs",
+                             " / ".join(f"{ratio[k]:.1f}×" for k in ratio)
+                             + " raw: the same ping-pong on an asyncio loop"))
             for key, value in f.items():
                 if key.startswith("meshpost_"):
                     sync = key.split("_")[1]

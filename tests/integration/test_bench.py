@@ -41,6 +41,8 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
     latency = scenarios["pair-latency"]["figures"]
     assert set(latency["meshpost_full_us"]) >= {"p50", "p90", "p99", "p99.9"}
     assert "meshpost_normal_us" in latency and "raw_pingpong_us" in latency
+    assert set(latency["loop_pingpong_us"]) >= {"p50", "p99"}
+    assert latency["ratio_loop"]["p50"] > 0
     mesh = scenarios["mesh"]["figures"]
     assert mesh["nodes"] == 3 and mesh["messages"] == 900
     backlog = scenarios["offline-backlog"]["figures"]
