@@ -261,6 +261,12 @@ class Node:
         try:
             self._writer = GroupCommitWriter(self._store, self.clock, node=self.name)
             self._next_seq = await self._writer.call(self._store.last_seqs)
+            # Start the HLC above every stamp already stored, since the wall clock may have
+            # gone back while the node was down: our own stamps as they are, our peers'
+            # through `observe`, which ignores an absurdly early clock as it did on arrival.
+            own = await self._writer.call(self._store.max_hlc, "out")
+            self.hlc = HybridLogicalClock(self.clock, last=own)
+            self.hlc.observe(await self._writer.call(self._store.max_hlc, "in"))
             self._listener = Listener(
                 local_name=cfg.name,
                 local_node_id=self._store.node_id,

@@ -77,3 +77,26 @@ def test_a_receiver_whose_store_lags_pauses_reading_and_loses_nothing(
     report = verify_stores({"A": short_tmp / "A", "B": short_tmp / "B"})
     assert report.ok, report.summary()
     assert report.delivered == count
+
+
+def test_the_hlc_restarts_above_every_stored_stamp_even_if_the_wall_clock_went_back(
+    short_tmp: Path,
+) -> None:
+    from meshpost.clock import FakeClock, hlc_unpack
+
+    config = NodeConfig(
+        name="A", bind=(f"ipc://{short_tmp}/a.sock",),
+        peers=(PeerConfig("B", f"ipc://{short_tmp}/b.sock"),), data_dir=short_tmp / "A",
+    )
+    hour_ns = 3600 * 10**9
+
+    async def post_once(clock: FakeClock) -> int:
+        async with Node(config, clock=clock) as node:
+            (handle,) = await node.post("B", "tick")
+            return handle.hlc
+
+    before = asyncio.run(asyncio.wait_for(post_once(FakeClock(skew_ns=hour_ns)), 30))
+    # The wall clock is corrected an hour back while the node is down.
+    after = asyncio.run(asyncio.wait_for(post_once(FakeClock()), 30))
+    assert after > before
+    assert hlc_unpack(after)[0] == hlc_unpack(before)[0]  # same millisecond, next counter

@@ -379,6 +379,18 @@ class Store:
             ).fetchall()
         return {peer: int(seq) for peer, seq in rows}
 
+    def max_hlc(self, direction: str) -> int:
+        """The highest HLC stamp stored on rows of `direction` ('out': stamps this node
+        issued; 'in': its peers'), 0 if none."""
+        with _translated(self.path):
+            row = self._conn.execute(
+                # Walk the hlc index from the top: stops at the first row of that direction.
+                "SELECT hlc FROM messages INDEXED BY messages_hlc WHERE direction = ?"
+                " ORDER BY hlc DESC LIMIT 1",
+                (direction,),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
     def load_pending(self, peer: str, after_seq: int, limit: int) -> list[Envelope]:
         """Up to `limit` undelivered messages to `peer` with seq above `after_seq`, in order."""
         with _translated(self.path):

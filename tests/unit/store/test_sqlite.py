@@ -463,3 +463,11 @@ def test_rows_per_statement_fit_the_sqlite_variable_limit() -> None:
     assert rows_per_statement(32766) == 2048  # SQLite >= 3.32, capped
     assert rows_per_statement(999) == 64  # older builds: 640 values
     assert rows_per_statement(5) == 1
+
+
+def test_max_hlc_per_direction(store: Store) -> None:
+    assert store.max_hlc("out") == store.max_hlc("in") == 0
+    store.apply(WriteBatch(outgoing=[out(1, hlc=50), out(2, hlc=70)],
+                           incoming=[[incoming(1), incoming(2)]]), T)  # in: hlc 1001, 1002
+    assert store.max_hlc("out") == 70
+    assert store.max_hlc("in") == 1002
