@@ -43,6 +43,10 @@ MAX_BATCH_MESSAGES = 512
 MAX_BATCH_BODY_BYTES = 256 * 1024
 #: After a refusal for a reason only an operator can fix, ask again this rarely.
 REFUSED_RETRY_S = 10.0
+#: Smoothing of round-trip samples for the retransmission timeout (RFC 6298's alpha, beta, K).
+RTT_ALPHA = 0.125
+RTT_BETA = 0.25
+RTT_K = 4.0
 
 
 class LinkState(enum.Enum):
@@ -99,6 +103,10 @@ class DialerLink:
         self._queue: collections.deque[Envelope] = collections.deque()
         self._inflight: dict[int, Envelope] = {}
         self._rto = retransmit_initial_s
+        #: Smoothed round trip (batch sent -> its receipt back, which includes the peer's
+        #: commit) and its mean deviation, from receipts; None until the first sample.
+        self.srtt_s: float | None = None
+        self._rttvar_s = 0.0
         self._rto_deadline: float | None = None
         self._next_hello_at = 0.0
         self._next_ping_at = 0.0
@@ -237,8 +245,30 @@ class DialerLink:
             # multiply traffic.)
             self.retransmissions += len(self._inflight)
             self._emit_batches(list(self._inflight.values()), wall_ns)
-        self._rto = self._rto_initial
+        self._rto = self.base_rto
         self._rto_deadline = now + self._rto if self._inflight else None
+
+    @property
+    def base_rto(self) -> float:
+        """The retransmission timeout before backoff: `retransmit_initial_s`, or more when
+        receipts take longer (a busy peer committing big batches is slow, not gone), as
+        SRTT + 4 * RTTVAR (RFC 6298), never above `retransmit_max_s`."""
+        if self.srtt_s is None:
+            return self._rto_initial
+        adaptive = self.srtt_s + RTT_K * self._rttvar_s
+        return min(self._rto_max, max(self._rto_initial, adaptive))
+
+    def _add_rtt_sample(self, sample_s: float) -> None:
+        # A receipt echoes the tx time of the very transmission it answers, so a sample is
+        # unambiguous even for a retransmitted batch (like TCP timestamps; no Karn's rule).
+        # Beyond the longest timeout it says more about a stall than about the path.
+        if not 0.0 <= sample_s <= self._rto_max:
+            return
+        if self.srtt_s is None:
+            self.srtt_s, self._rttvar_s = sample_s, sample_s / 2
+        else:
+            self._rttvar_s += RTT_BETA * (abs(self.srtt_s - sample_s) - self._rttvar_s)
+            self.srtt_s += RTT_ALPHA * (sample_s - self.srtt_s)
 
     def _on_refuse(self, code: str, detail: str, now: float, wall_ns: int, hlc: int) -> None:
         if code == RefuseCode.HELLO_REQUIRED:
@@ -279,7 +309,8 @@ class DialerLink:
         if settled:
             settled.sort()
             self._events.append(MessagesDelivered(self.peer, settled, receipt, wall_ns))
-            self._rto = self._rto_initial
+            self._add_rtt_sample((wall_ns - receipt.echo_tx_at_ns) / 1e9)
+            self._rto = self.base_rto
             self._rto_deadline = now + self._rto if inflight else None
 
     def _pump(self, now: float, wall_ns: int) -> None:

@@ -99,6 +99,12 @@ async def flood(node: Node, out: Out, args: argparse.Namespace) -> None:
             else:
                 out(ev="accepted-invalid", body=body[:20], why=why)
     for k in range(args.chunks):
+        if args.gate and k == args.gate_before:
+            # The test decides when the rest may go: its kill must land mid-flood however
+            # fast this machine commits.
+            out(ev="gate-waiting", k=k)
+            while not Path(args.gate).exists():
+                await asyncio.sleep(0.01)
         bodies = [flood_body(args.tag, k, i, args.size) for i in range(args.chunk_size)]
         out(ev="chunk-attempt", k=k)
         try:
@@ -152,6 +158,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     f.add_argument("--invalid", action="store_true")
     f.add_argument("--wait-connected", action="store_true")
     f.add_argument("--delay", type=float, default=0.0, help="seconds between connected and flood")
+    f.add_argument("--gate", help="before chunk --gate-before, wait until this file exists")
+    f.add_argument("--gate-before", type=int, default=0)
     return p.parse_args(argv)
 
 

@@ -20,6 +20,8 @@ from .conftest import MeshFactory
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(300)]
 
 CHUNKS = 20
+#: The flood pauses before this chunk until B is back (see the test).
+GATE_BEFORE = 2
 CHUNK = 3000
 SIZE = 400
 
@@ -62,11 +64,15 @@ def test_kill_mid_batch(mesh_factory: MeshFactory) -> None:
 
     async def scenario() -> None:
         await asyncio.to_thread(mesh.start_real, ["B"])
+        gate = mesh.root / "A-flood-gate"
         helper = Helper(mesh, "A", ["flood", "--to", "B", "--chunks", str(CHUNKS),
                                     "--chunk-size", str(CHUNK), "--tag", "mid",
-                                    "--size", str(SIZE), "--flush-each", "--wait-connected"])
+                                    "--size", str(SIZE), "--flush-each", "--wait-connected",
+                                    "--gate", str(gate), "--gate-before", str(GATE_BEFORE)])
         await asyncio.to_thread(helper.wait_event, "chunk-accepted", 60, 1)
         await _kill_b_while_receiving(mesh, "kill1")
+        # The flood waited for B's restart, so most of it is still ahead when A is killed.
+        gate.touch()
         # The sender, between or inside its one-transaction-per-chunk commits.
         await asyncio.to_thread(helper.wait_event, "chunk-accepted", 60, 4)
         await sleep_random(mesh.rng, 0.0, 0.1)

@@ -606,3 +606,53 @@ def test_messages_the_listener_refuses_come_back_as_rejections() -> None:
 
 def test_the_repr_names_both_ends() -> None:
     assert "alice->bob" in repr(Wire().dialer)
+
+
+# -- adaptive retransmission timeout ----------------------------------------------------------
+
+
+def round_trip(wire: Wire, seq: int, delay_s: float) -> None:
+    """Send message `seq`; its receipt comes back `delay_s` later (nothing is polled meanwhile)."""
+    wire.dialer.enqueue(msgs([seq]))
+    replies = wire.to_listener(batches(wire.poll()))
+    wire.advance(delay_s)
+    wire.to_dialer(replies)
+    assert wire.of_type(MessagesDelivered)[-1].seqs == [seq]
+
+
+def test_slow_receipts_stretch_the_retransmission_timeout() -> None:
+    wire = Wire(peer_timeout_s=1_000.0)
+    wire.connect()
+    for seq in range(1, 9):
+        round_trip(wire, seq, 2.0)  # the peer takes 2 s to commit and answer
+    assert wire.dialer.srtt_s == pytest.approx(2.0)
+    assert wire.dialer.base_rto > 2.0
+    # The next message is not resent while its receipt is merely as slow as usual.
+    wire.dialer.enqueue(msgs([9]))
+    assert batched_seqs(wire.poll()) == [9]
+    wire.advance(2.0)
+    assert batches(wire.poll()) == []
+    assert wire.dialer.retransmissions == 0
+
+
+def test_fast_receipts_keep_the_configured_initial_timeout() -> None:
+    wire = Wire(peer_timeout_s=1_000.0)
+    wire.connect()
+    for seq in range(1, 6):
+        round_trip(wire, seq, 0.001)
+    assert wire.dialer.srtt_s == pytest.approx(0.001)
+    assert wire.dialer.base_rto == RTO_INITIAL
+
+
+def test_timeouts_never_exceed_the_max_and_absurd_samples_are_ignored() -> None:
+    wire = Wire(peer_timeout_s=1_000.0)
+    wire.connect()
+    round_trip(wire, 1, RTO_MAX + 1)  # a stall, not a path: ignored
+    assert wire.dialer.srtt_s is None
+    wire.dialer.enqueue(msgs([2]))
+    wire.poll()
+    wire.to_dialer([Receipt([(2, 2)], wire.wall + 10**9, T0_WALL, T0_WALL, T0_WALL, 0, "full")])
+    assert wire.dialer.srtt_s is None  # an echo from the future (clock stepped back): ignored
+    for seq in range(3, 6):
+        round_trip(wire, seq, RTO_MAX * 0.9)
+    assert wire.dialer.base_rto == RTO_MAX
