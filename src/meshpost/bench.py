@@ -661,13 +661,14 @@ class Bench:
             verify=f"{rate:,.0f} msgs/s one-way (best of {len(rates)}), no receipts, no storage",
         )
 
-    def _ceiling_once(self, index: int) -> float:
+    def _ceiling_once(self, index: int, label: str = "") -> float:
         import zmq
 
         n = self.o.messages
-        task = self._task(f"ceiling: raw pyzmq DEALER→ROUTER one-way, run {index}", n)
+        task = self._task(f"ceiling: raw pyzmq DEALER→ROUTER one-way, {label}run {index}", n)
+        tag = f"{'paired-' if label else ''}{index}"
         sink = self._child("ceiling", ["raw-sink", _endpoint(self.o.transport, self.root,
-                                                             f"ceiling{index}")], f"sink{index}")
+                                                             f"ceiling{tag}")], f"sink{tag}")
         ctx = zmq.Context()
         try:
             endpoint = sink.reply(30)["ready"]
@@ -699,14 +700,27 @@ class Bench:
 
     def pair_throughput(self) -> ScenarioResult:
         n = self.o.messages
-        runs = [self._pair_once(index) for index in range(1, self.o.repeat + 1)]
+        # A ceiling run before each pair run: on this kind of machine the raw one-way rate is
+        # bimodal (about 150k or 270k msgs/s on the same 2-core VM, by where the scheduler puts
+        # the four busy threads), so the ceiling is the best of every ceiling run made, and
+        # more runs make hitting the upper mode likelier. Pair runs vary far less.
+        extra_ceilings: list[float] = []
+        runs = []
+        for index in range(1, self.o.repeat + 1):
+            extra_ceilings.append(self._ceiling_once(index, label="before pair-throughput "))
+            runs.append(self._pair_once(index))
         rate, extra, report = max(runs, key=lambda r: r[0])
         figures: dict[str, Any] = {"msgs_per_s": round(rate), "messages": n, "size": self.o.size,
                                    "sync": self.o.sync, **extra,
                                    "runs_msgs_per_s": [round(r[0]) for r in runs]}
         ceiling = self.results.get("ceiling")
         if ceiling is not None and ceiling.status == "ok":
-            figures["ratio_to_ceiling"] = round(rate / ceiling.figures["msgs_per_s"], 3)
+            all_runs = [*ceiling.figures["runs_msgs_per_s"], *map(round, extra_ceilings)]
+            ceiling.figures["runs_msgs_per_s"] = all_runs
+            ceiling.figures["msgs_per_s"] = max(all_runs)
+            ceiling.verify = (f"{max(all_runs):,.0f} msgs/s one-way (best of {len(all_runs)}: "
+                              f"{', '.join(f'{r:,}' for r in all_runs)}), no receipts, no storage")
+            figures["ratio_to_ceiling"] = round(rate / max(all_runs), 3)
         return ScenarioResult(
             "pair-throughput", figures=figures,
             verify=f"verified: {report.summary()} ({len(runs)} run(s), each verified)",

@@ -38,6 +38,8 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
         assert "lost=0 duplicated=0 phantom=0 mismatched=0" in scenarios[name]["verify"]
     pair = scenarios["pair-throughput"]["figures"]
     assert pair["messages"] == 2000 and pair["msgs_per_s"] > 0 and pair["ratio_to_ceiling"] > 0
+    ceiling_runs = scenarios["ceiling"]["figures"]["runs_msgs_per_s"]
+    assert len(ceiling_runs) == 2 * len(pair["runs_msgs_per_s"])  # one more before each pair run
     latency = scenarios["pair-latency"]["figures"]
     assert set(latency["meshpost_full_us"]) >= {"p50", "p90", "p99", "p99.9"}
     assert "meshpost_normal_us" in latency and "raw_pingpong_us" in latency

@@ -103,7 +103,7 @@ async def flood(node: Node, out: Out, args: argparse.Namespace) -> None:
             # The test decides when the rest may go: its kill must land mid-flood however
             # fast this machine commits.
             out(ev="gate-waiting", k=k)
-            while not Path(args.gate).exists():
+            while not await asyncio.to_thread(os.path.exists, args.gate):
                 await asyncio.sleep(0.01)
         bodies = [flood_body(args.tag, k, i, args.size) for i in range(args.chunk_size)]
         out(ev="chunk-attempt", k=k)
