@@ -47,6 +47,13 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE messages ADD COLUMN checksum INTEGER;
     UPDATE messages SET checksum = mp_checksum(id, sender, recipient, seq, body, sent_at_ns, hlc);
     """,
+    # 2 -> 3: no index of pending rows. Keeping it cost every outgoing message an index
+    # insert and its delivery an index delete: 19% of the sender's store instructions
+    # (callgrind, 20,480 rows). The outbox is read through messages_out_link (peer, seq)
+    # instead, above the highest seq already loaded, where rows are pending anyway.
+    """
+    DROP INDEX messages_pending;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -392,24 +392,34 @@ class Store:
         return int(row[0]) if row else 0
 
     def load_pending(self, peer: str, after_seq: int, limit: int) -> list[Envelope]:
-        """Up to `limit` undelivered messages to `peer` with seq above `after_seq`, in order."""
+        """Up to `limit` undelivered messages to `peer` with seq above `after_seq`, in order.
+
+        Walks `messages_out_link` from `after_seq`: settled rows met on the way are skipped,
+        which costs a scan only the first time after a start (`after_seq` 0); later calls
+        start above everything already loaded, where every row is still pending.
+        """
         with _translated(self.path):
             rows = self._conn.execute(
-                "SELECT id, seq, sender, recipient, body, sent_at_ns, hlc FROM messages"
-                " WHERE state = 'pending' AND peer = ? AND seq > ? ORDER BY seq LIMIT ?",
+                "SELECT id, seq, sender, recipient, body, sent_at_ns, hlc"
+                " FROM messages INDEXED BY messages_out_link"
+                " WHERE direction = 'out' AND peer = ? AND seq > ? AND state = 'pending'"
+                " ORDER BY seq LIMIT ?",
                 (peer, after_seq, limit),
             ).fetchall()
         return [Envelope(*row) for row in rows]
 
     def pending_count(self, peer: str | None = None) -> int:
+        """Outgoing messages still waiting for a receipt (a scan of the outbox)."""
         with _translated(self.path):
             if peer is None:
                 row = self._conn.execute(
-                    "SELECT COUNT(*) FROM messages WHERE state = 'pending'"
+                    "SELECT COUNT(*) FROM messages INDEXED BY messages_out_link"
+                    " WHERE direction = 'out' AND state = 'pending'"
                 ).fetchone()
             else:
                 row = self._conn.execute(
-                    "SELECT COUNT(*) FROM messages WHERE state = 'pending' AND peer = ?", (peer,)
+                    "SELECT COUNT(*) FROM messages INDEXED BY messages_out_link"
+                    " WHERE direction = 'out' AND peer = ? AND state = 'pending'", (peer,)
                 ).fetchone()
         return int(row[0])
 

@@ -471,3 +471,32 @@ def test_max_hlc_per_direction(store: Store) -> None:
                            incoming=[[incoming(1), incoming(2)]]), T)  # in: hlc 1001, 1002
     assert store.max_hlc("out") == 70
     assert store.max_hlc("in") == 1002
+
+
+def test_a_version_2_database_loses_its_pending_index_and_keeps_its_outbox(
+    data_dir: Path,
+) -> None:
+    data_dir.mkdir(parents=True)
+    conn = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
+    conn.create_function("mp_checksum", 7, content_checksum, deterministic=True)
+    conn.executescript(MIGRATIONS[0] + MIGRATIONS[1] + "; PRAGMA user_version = 2;")
+    for seq, state in ((1, "delivered"), (2, "pending"), (3, "pending")):
+        m = out(seq)
+        conn.execute(
+            "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns,"
+            " hlc, state, stored_at_ns, checksum) VALUES (?, 'out', 'bob', 'alice', 'bob', ?, ?,"
+            " ?, ?, ?, 1, ?)",
+            (m.id, seq, m.body, m.sent_at_ns, m.hlc, state,
+             content_checksum(m.id, m.sender, m.recipient, seq, m.body, m.sent_at_ns, m.hlc)),
+        )
+    conn.close()
+    store = Store.open(data_dir, name="alice")
+    try:
+        indexes = {r[0] for r in store.execute_raw(
+            "SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "messages_pending" not in indexes
+        assert store.execute_raw("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        assert [m.seq for m in store.load_pending("bob", 0, 10)] == [2, 3]
+        assert store.pending_count() == store.pending_count("bob") == 2
+    finally:
+        store.close()
