@@ -4,15 +4,41 @@ order, across drain budgets, and back-pressure holds them until resumed."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from meshpost.transport import ZmqTransport
 from meshpost.transport import zmq_transport as transport_module
+from meshpost.transport.zmq_transport import InboundHandler, PeerFrameHandler
 
 pytestmark = pytest.mark.integration
 PATIENCE_S = 10.0
+
+
+@contextlib.contextmanager
+def linked(
+    on_inbound: InboundHandler, on_reply: PeerFrameHandler,
+    on_drained: Callable[[], None] | None = None,
+) -> Iterator[tuple[ZmqTransport, ZmqTransport]]:
+    """(server B, client A), started, A's DEALER connected to B's ROUTER; closed afterwards."""
+    server = ZmqTransport(name="B", max_frame_bytes=1 << 16)
+    client = ZmqTransport(name="A", max_frame_bytes=1 << 16)
+    try:
+        (endpoint,) = server.bind(["tcp://127.0.0.1:*"])
+        server.start(on_inbound, lambda _p, _d: None, on_drained)
+        client.add_peer("B", endpoint)
+        client.start(lambda _i, _d, _u: None, on_reply)
+        yield server, client
+    finally:
+        client.close()
+        server.close()
+
+
+async def send_when_connected(client: ZmqTransport, payload: bytes) -> None:
+    while not client.send_to_peer("B", payload):  # the connection may take a moment
+        await asyncio.sleep(0.01)
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -23,53 +49,37 @@ async def until(condition: Callable[[], bool]) -> None:
 
 def test_frames_arrive_in_order_and_replies_come_back() -> None:
     async def scenario() -> None:
-        server = ZmqTransport(name="B", max_frame_bytes=1 << 16)
-        client = ZmqTransport(name="A", max_frame_bytes=1 << 16)
         inbound: list[tuple[bytes, bytes]] = []
         replies: list[tuple[str, bytes]] = []
         drained: list[int] = []
+        servers: list[ZmqTransport] = []
 
         def on_inbound(identity: bytes, data: bytes, user_id: str | None) -> None:
             assert user_id is None  # not secure
             inbound.append((identity, data))
-            server.reply(identity, b"re:" + data)
+            servers[0].reply(identity, b"re:" + data)
 
-        try:
-            (endpoint,) = server.bind(["tcp://127.0.0.1:*"])
-            server.start(on_inbound, lambda _p, _d: None, lambda: drained.append(1))
-            client.add_peer("B", endpoint)
-            client.start(lambda _i, _d, _u: None, lambda peer, data: replies.append((peer, data)))
+        with linked(on_inbound, lambda peer, data: replies.append((peer, data)),
+                    lambda: drained.append(1)) as (server, client):
+            servers.append(server)
             count = 3 * transport_module.DRAIN_BUDGET + 5  # more than one drain's budget
-            sent = 0
-            while sent < count:  # the connection may take a moment: retry refused sends
-                if client.send_to_peer("B", b"%d" % sent):
-                    sent += 1
-                else:
-                    await asyncio.sleep(0.01)
+            for i in range(count):
+                await send_when_connected(client, b"%d" % i)
             await until(lambda: len(replies) == count)
             assert [data for _id, data in inbound] == [b"%d" % i for i in range(count)]
             assert {identity for identity, _d in inbound} == {b"A"}
             assert replies == [("B", b"re:%d" % i) for i in range(count)]
             assert drained  # the drained hook ran after handling frames
-        finally:
-            client.close()
-            server.close()
 
     asyncio.run(scenario())
 
 
 def test_paused_inbound_holds_frames_until_resumed() -> None:
     async def scenario() -> None:
-        server = ZmqTransport(name="B", max_frame_bytes=1 << 16)
-        client = ZmqTransport(name="A", max_frame_bytes=1 << 16)
         inbound: list[bytes] = []
-        try:
-            (endpoint,) = server.bind(["tcp://127.0.0.1:*"])
-            server.start(lambda _i, data, _u: inbound.append(data), lambda _p, _d: None)
-            client.add_peer("B", endpoint)
-            client.start(lambda _i, _d, _u: None, lambda _p, _d: None)
-            while not client.send_to_peer("B", b"first"):
-                await asyncio.sleep(0.01)
+        with linked(lambda _i, data, _u: inbound.append(data),
+                    lambda _p, _d: None) as (server, client):
+            await send_when_connected(client, b"first")
             await until(lambda: inbound == [b"first"])
             server.pause_inbound()
             for i in range(10):
@@ -79,9 +89,6 @@ def test_paused_inbound_holds_frames_until_resumed() -> None:
             server.resume_inbound()
             await until(lambda: len(inbound) == 11)
             assert inbound[1:] == [b"%d" % i for i in range(10)]
-        finally:
-            client.close()
-            server.close()
 
     asyncio.run(scenario())
 

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,18 @@ async def running_writer(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         writer.close()
+
+
+@contextlib.contextmanager
+def write_locked(path: Path) -> Iterator[None]:
+    """Another connection holds the write lock for the body of the `with`."""
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        yield
+        blocker.execute("COMMIT")
+    finally:
+        blocker.close()
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -185,18 +197,13 @@ def test_a_transient_lock_is_retried_and_nothing_is_lost(tmp_path: Path) -> None
         async with running_writer(tmp_path) as writer:
             # Fail fast instead of waiting out the busy timeout on every attempt.
             await writer.call(writer.store.execute_raw, "PRAGMA busy_timeout = 0")
-            blocker = sqlite3.connect(writer.store.path, isolation_level=None)
-            try:
-                blocker.execute("BEGIN IMMEDIATE")
-                done: list[int] = []
+            done: list[int] = []
+            with write_locked(writer.store.path):
                 for seq in range(1, 101):
                     writer.add_outgoing([out(seq)], done.append)
                 await until(lambda: writer.errors >= 2)
                 assert done == []
                 assert isinstance(writer.last_error, StoreLocked)
-                blocker.execute("COMMIT")
-            finally:
-                blocker.close()
             await writer.flush()
             assert len(done) == 100
             assert len(rows(tmp_path)) == 100
@@ -303,17 +310,12 @@ def test_a_lock_never_makes_the_loop_wait_and_the_thread_retries(
 
             monkeypatch.setattr(writer.store, "apply", apply)
             monkeypatch.setattr(writer_module, "RETRY_INITIAL_S", 0.01)
-            blocker = sqlite3.connect(writer.store.path, isolation_level=None)
-            try:
-                blocker.execute("BEGIN IMMEDIATE")
-                done: list[int] = []
+            done: list[int] = []
+            with write_locked(writer.store.path):
                 writer.add_outgoing([out(1)], done.append)
                 await until(lambda: writer.errors >= 1)
                 assert done == []
                 assert isinstance(writer.last_error, StoreLocked)
-                blocker.execute("COMMIT")
-            finally:
-                blocker.close()
             await writer.flush()
             assert done == [T]
             writer.add_outgoing([out(2)], done.append)  # just after an error: thread only
