@@ -773,7 +773,7 @@ class Node:
             case ViolationDetected(who=who, error=error):
                 self.stats.violations += 1
                 log.warning("[%s] protocol violation by %s: %s", self.name, who, error)
-            case MessagesArrived():  # pragma: no cover - handled by the inbound loop
+            case MessagesArrived():  # pragma: no cover - handled by _on_inbound_frame
                 pass
 
     def _record_delivery(self, event: MessagesDelivered) -> None:

@@ -1,8 +1,11 @@
 """Group commit: one writer thread, one transaction per batch of operations.
 
-Rule: the event loop never blocks on SQLite. Operations accumulate in a `WriteBatch` while the
-previous batch commits in the writer thread; when it finishes, the whole accumulated batch is
-committed at once, so fsync cost is shared by every message that arrived meanwhile.
+Rule: the event loop never waits on SQLite: never for an fsync, a lock or a big batch.
+Operations accumulate in a `WriteBatch` while the previous batch commits in the writer thread;
+when it finishes, the whole accumulated batch is committed at once, so fsync cost is shared by
+every message that arrived meanwhile. The one exception is bounded: at `synchronous=NORMAL` (no
+fsync on commit) a batch of at most `INLINE_MAX_ROWS` rows is committed on the loop, without
+waiting for locks, because the two thread hand-offs would cost more than the commit.
 
 Latency matters as much as batching: an idle writer submits a new batch at the end of the
 current loop iteration (everything added in that iteration shares it), and the writer thread

@@ -111,6 +111,7 @@ class ZmqTransport:
             self._router.setsockopt(zmq.CURVE_SECRETKEY, curve_secret_key)
             self._router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
+        self._dealer_drains: dict[str, Callable[[], None]] = {}
         self.bound: list[str] = []
         self.dropped_sends = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -188,7 +189,15 @@ class ZmqTransport:
         self._schedule_drain(sock, drain)
 
     def _watch_dealer(self, peer: str, sock: zmq.Socket[bytes]) -> None:
-        self._watch(sock, lambda: self._drain_dealer(peer, sock))
+        self._watch(sock, self._dealer_drain(peer))
+
+    def _dealer_drain(self, peer: str) -> Callable[[], None]:
+        """The drain callback of `peer`'s DEALER, made once (sends schedule it often)."""
+        drain = self._dealer_drains.get(peer)
+        if drain is None:
+            sock = self._dealers[peer]
+            drain = self._dealer_drains[peer] = lambda: self._drain_dealer(peer, sock)
+        return drain
 
     def _schedule_drain(self, sock: zmq.Socket[bytes], drain: Callable[[], None]) -> None:
         if self._loop is None or id(sock) in self._drain_scheduled:
@@ -237,7 +246,7 @@ class ZmqTransport:
             handler(peer, sock.recv(_NOBLOCK))
         if self._on_drained is not None:
             self._on_drained()
-        self._schedule_drain(sock, lambda: self._drain_dealer(peer, sock))
+        self._schedule_drain(sock, self._dealer_drain(peer))
 
     def reply(self, identity: bytes, payload: bytes) -> bool:
         """Queue `payload` for the connection `identity`; False if it is gone or full."""
@@ -276,7 +285,7 @@ class ZmqTransport:
     def send_to_peer(self, peer: str, payload: bytes) -> bool:
         sock = self._dealers[peer]
         sent = self._send_now(sock, [payload])
-        self._schedule_drain(sock, lambda: self._drain_dealer(peer, sock))
+        self._schedule_drain(sock, self._dealer_drain(peer))
         return sent
 
     # -- shared ---------------------------------------------------------------------------
