@@ -277,6 +277,8 @@ def format_peer_change(event: PeerChanged) -> str:
         return f"● {event.peer} connected"
     if event.detail.startswith("refused"):
         return f"✗ {event.peer} {clean(event.detail)}"
+    if event.detail.startswith("left"):
+        return f"○ {event.peer} left ({clean(event.detail.removeprefix('left: '))})"
     return f"○ {event.peer} lost ({clean(event.detail)})"
 
 

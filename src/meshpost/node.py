@@ -34,6 +34,7 @@ from meshpost.errors import (
     UnknownPeer,
 )
 from meshpost.protocol import (
+    Bye,
     DialerLink,
     Envelope,
     Event,
@@ -44,6 +45,8 @@ from meshpost.protocol import (
     MessagesDelivered,
     MessagesRejected,
     PeerConnected,
+    PeerDeparted,
+    PeerLeft,
     PeerLost,
     ViolationDetected,
     decode,
@@ -336,6 +339,7 @@ class Node:
             except TimeoutError:
                 log.warning("[%s] last batch did not commit in time; it is not acknowledged",
                             self.name)
+        self._say_goodbye()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -348,6 +352,17 @@ class Node:
         self._waiters.clear()
         await self._teardown()
         log.info("[%s] node closed", self.name)
+
+    def _say_goodbye(self) -> None:
+        """Tell every reachable peer we are leaving, so it shows us gone now rather than after
+        `peer_timeout_s` of silence. (The sockets' LINGER lets these frames leave.)"""
+        transport = self._transport
+        if transport is None:
+            return
+        bye = encode(Bye("shutting down"))
+        for peer, link in self._links.items():
+            if link.reachable:
+                transport.send_to_peer(peer, bye)
 
     async def _teardown(self) -> None:
         if self._transport is not None:
@@ -764,6 +779,14 @@ class Node:
             case PeerConnected(peer=peer, node_id=node_id):
                 log.info("[%s] connected to %s (node %s)", self.name, peer, node_id)
                 self._publish(PeerChanged(peer, True, "connected"))
+            case PeerDeparted(peer=peer, reason=reason):
+                link = self._links.get(peer)
+                if link is not None:
+                    link.peer_left(self.clock.monotonic(), reason)
+                    self._perform(link)
+            case PeerLeft(peer=peer, reason=reason):
+                log.info("[%s] %s left: %s", self.name, peer, reason)
+                self._publish(PeerChanged(peer, False, f"left: {reason}"))
             case PeerLost(peer=peer, silent_for_s=silent):
                 log.warning("[%s] lost %s: silent for %.1fs", self.name, peer, silent)
                 self._publish(PeerChanged(peer, False, f"silent for {silent:.1f}s"))

@@ -100,3 +100,38 @@ def test_the_hlc_restarts_above_every_stored_stamp_even_if_the_wall_clock_went_b
     after = asyncio.run(asyncio.wait_for(post_once(FakeClock()), 30))
     assert after > before
     assert hlc_unpack(after)[0] == hlc_unpack(before)[0]  # same millisecond, next counter
+
+
+def test_a_node_that_shuts_down_cleanly_is_shown_gone_at_once(short_tmp: Path) -> None:
+    from meshpost.node import PeerChanged
+
+    endpoints = {n: f"ipc://{short_tmp}/{n.lower()}.sock" for n in "AB"}
+
+    def config(name: str, peer: str) -> NodeConfig:
+        # Silence alone would take a minute to notice: only the Bye can explain a quick change.
+        return NodeConfig(name=name, bind=(endpoints[name],),
+                          peers=(PeerConfig(peer, endpoints[peer]),),
+                          data_dir=short_tmp / name, peer_timeout_s=60.0)
+
+    async def scenario() -> list[PeerChanged]:
+        async with Node(config("A", "B")) as a:
+            events = a.subscribe()
+            b = Node(config("B", "A"))
+            await b.start()
+            try:
+                await a.send("B", "hello", timeout_s=20)
+                while not all(p.connected for p in b.peers()):  # B's own link to A is up
+                    await asyncio.sleep(0.01)
+            finally:
+                await b.close()
+            seen: list[PeerChanged] = []
+            async with asyncio.timeout(10):
+                while not any(not e.connected for e in seen):
+                    event = await events.get()
+                    if isinstance(event, PeerChanged):
+                        seen.append(event)
+            assert [p.connected for p in a.peers()] == [False]
+            return seen
+
+    seen = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert seen[-1] == PeerChanged("B", False, "left: shutting down")

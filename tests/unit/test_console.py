@@ -227,6 +227,7 @@ def test_format_queued() -> None:
     [
         (PeerChanged("B", True, "connected"), "● B connected"),
         (PeerChanged("B", False, "silent for 4.0s"), "○ B lost (silent for 4.0s)"),
+        (PeerChanged("B", False, "left: shutting down"), "○ B left (shutting down)"),
         (PeerChanged("B", False, "refused: wrong mesh"), "✗ B refused: wrong mesh"),
     ],
 )

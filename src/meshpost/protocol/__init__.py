@@ -13,12 +13,15 @@ from meshpost.protocol.events import (
     MessagesDelivered,
     MessagesRejected,
     PeerConnected,
+    PeerDeparted,
+    PeerLeft,
     PeerLost,
     ViolationDetected,
 )
 from meshpost.protocol.frames import (
     PROTOCOL_VERSION,
     Batch,
+    Bye,
     Envelope,
     Frame,
     Hello,
@@ -36,6 +39,7 @@ from meshpost.protocol.listener import Listener, to_ranges
 __all__ = [
     "PROTOCOL_VERSION",
     "Batch",
+    "Bye",
     "DialerLink",
     "Envelope",
     "Event",
@@ -48,6 +52,8 @@ __all__ = [
     "MessagesDelivered",
     "MessagesRejected",
     "PeerConnected",
+    "PeerDeparted",
+    "PeerLeft",
     "PeerLost",
     "Ping",
     "Pong",

@@ -20,6 +20,7 @@ from meshpost.protocol.events import (
     MessagesDelivered,
     MessagesRejected,
     PeerConnected,
+    PeerLeft,
     PeerLost,
 )
 from meshpost.protocol.frames import (
@@ -169,6 +170,19 @@ class DialerLink:
             self._rto = min(self._rto * 2, self._rto_max)
             self._rto_deadline = now + self._rto
         self._pump(now, wall_ns)
+
+    def peer_left(self, now: float, reason: str) -> None:
+        """The peer said it is shutting down (its Bye reached our listener): count it as gone
+        now, send nothing until it welcomes us again, and say Hello at the usual pace."""
+        if self.state is LinkState.REFUSED:
+            return
+        was_reachable = self.reachable
+        self.reachable = False
+        self.state = LinkState.CONNECTING
+        self._rto_deadline = None
+        self._next_hello_at = now + self._ping_interval
+        if was_reachable:
+            self._events.append(PeerLeft(self.peer, reason))
 
     def receive(self, frame: Frame, now: float, wall_ns: int, hlc: int) -> None:
         """Take one frame the peer sent on this link."""

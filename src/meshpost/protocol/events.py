@@ -21,6 +21,22 @@ class PeerLost:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PeerDeparted:
+    """Listener: a peer with a session said Bye (it is shutting down cleanly)."""
+
+    peer: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerLeft:
+    """Dialer: the link's peer said it is shutting down; nothing is sent until it is back."""
+
+    peer: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class LinkRefused:
     """The peer refused our handshake (wrong version, unknown to it, ...)."""
 
@@ -68,6 +84,8 @@ class ViolationDetected:
 Event = (
     PeerConnected
     | PeerLost
+    | PeerLeft
+    | PeerDeparted
     | LinkRefused
     | MessagesDelivered
     | MessagesRejected

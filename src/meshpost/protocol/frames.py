@@ -98,10 +98,17 @@ class Pong(msgspec.Struct, tag="pong", array_like=True, frozen=True):
     replied_at_ns: int
 
 
-Frame = Hello | Welcome | Refuse | Batch | Receipt | Reject | Ping | Pong
+class Bye(msgspec.Struct, tag="bye", array_like=True, frozen=True):
+    """Dialer -> listener: this node is shutting down cleanly; count it as gone now rather
+    than after `peer_timeout_s` of silence. No reply."""
+
+    reason: str
+
+
+Frame = Hello | Welcome | Refuse | Batch | Receipt | Reject | Ping | Pong | Bye
 
 #: Frames a listener (ROUTER side) accepts, and frames a dialer (DEALER side) accepts.
-DIALER_FRAMES = (Hello, Batch, Ping)
+DIALER_FRAMES = (Hello, Batch, Ping, Bye)
 LISTENER_FRAMES = (Welcome, Refuse, Receipt, Reject, Pong)
 
 

@@ -14,11 +14,12 @@ from collections.abc import Collection, Iterable
 
 from meshpost.errors import IdentityMismatch, MalformedFrame, ProtocolError, UnsupportedVersion
 from meshpost.protocol.codec import decode
-from meshpost.protocol.events import Event, MessagesArrived, ViolationDetected
+from meshpost.protocol.events import Event, MessagesArrived, PeerDeparted, ViolationDetected
 from meshpost.protocol.frames import (
     DIALER_FRAMES,
     PROTOCOL_VERSION,
     Batch,
+    Bye,
     Envelope,
     Frame,
     Hello,
@@ -122,6 +123,12 @@ class Listener:
                 if identity not in self._sessions:
                     return [Refuse(RefuseCode.HELLO_REQUIRED, "send Hello first")]
                 return [Pong(echo_sent_at_ns=t1, received_at_ns=wall_ns, replied_at_ns=wall_ns)]
+            case Bye(reason=reason):
+                # The session ends here; after a restart the peer says Hello again anyway.
+                session = self._sessions.pop(identity, None)
+                if session is not None:
+                    self._events.append(PeerDeparted(session.peer, reason))
+                return []
             case _:  # pragma: no cover - DIALER_FRAMES filters the rest
                 return []
 

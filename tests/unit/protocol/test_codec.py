@@ -15,6 +15,7 @@ from meshpost.errors import MalformedFrame, ProtocolError, UnsupportedVersion
 from meshpost.protocol import (
     PROTOCOL_VERSION,
     Batch,
+    Bye,
     Envelope,
     Frame,
     Hello,
@@ -52,6 +53,7 @@ frames: st.SearchStrategy[Frame] = st.one_of(
     st.builds(Reject, seqs=st.lists(ints, max_size=5), code=texts, detail=texts),
     st.builds(Ping, sent_at_ns=ints),
     st.builds(Pong, echo_sent_at_ns=ints, received_at_ns=ints, replied_at_ns=ints),
+    st.builds(Bye, reason=texts),
 )
 
 
@@ -84,6 +86,7 @@ def test_every_frame_type_survives_a_round_trip(frame: Frame) -> None:
         Reject([1, 2], "conflict", "different"),
         Ping(8),
         Pong(8, 9, 10),
+        Bye("shutting down"),
     ],
     ids=lambda f: type(f).__name__,
 )
@@ -110,7 +113,9 @@ def test_random_bytes_decode_to_a_frame_or_raise_a_protocol_error(data: bytes) -
         frame = decode(data, max_bytes=LIMIT)
     except ProtocolError:
         return
-    assert isinstance(frame, Hello | Welcome | Refuse | Batch | Receipt | Reject | Ping | Pong)
+    assert isinstance(
+        frame, Hello | Welcome | Refuse | Batch | Receipt | Reject | Ping | Pong | Bye
+    )
 
 
 @FAST

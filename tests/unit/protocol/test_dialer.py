@@ -24,6 +24,7 @@ from meshpost.protocol import (
     MessagesDelivered,
     MessagesRejected,
     PeerConnected,
+    PeerLeft,
     PeerLost,
     Ping,
     Pong,
@@ -656,3 +657,34 @@ def test_timeouts_never_exceed_the_max_and_absurd_samples_are_ignored() -> None:
     for seq in range(3, 6):
         round_trip(wire, seq, RTO_MAX * 0.9)
     assert wire.dialer.base_rto == RTO_MAX
+
+
+# -- a peer that says goodbye -----------------------------------------------------------------
+
+
+def test_a_peer_that_left_is_gone_at_once_and_gets_its_messages_when_back() -> None:
+    wire = Wire(peer_timeout_s=1_000.0)
+    wire.connect()
+    wire.dialer.enqueue(msgs([1, 2]))
+    wire.poll()  # in flight, never receipted
+    wire.dialer.peer_left(wire.now, "shutting down")
+    assert wire.take() == []
+    assert wire.of_type(PeerLeft) == [PeerLeft("bob", "shutting down")]
+    assert not wire.dialer.reachable
+    assert state(wire) is LinkState.CONNECTING
+    # Nothing is resent to a peer that left; Hello goes out at the usual pace, not at once.
+    wire.advance(PING_INTERVAL / 2)
+    assert wire.poll() == []
+    wire.advance(PING_INTERVAL / 2)
+    frames = wire.poll()
+    assert [type(f) for f in frames] == [Hello]
+    # It is back: the Welcome brings everything in flight again.
+    wire.listener = wire.new_listener()
+    resent = wire.to_dialer(wire.to_listener(frames))
+    assert state(wire) is LinkState.READY
+    assert batched_seqs(resent) == [1, 2]
+    assert len(wire.of_type(PeerConnected)) == 1
+    wire.dialer.peer_left(wire.now, "again")
+    wire.dialer.peer_left(wire.now, "and again")  # already gone: reported once
+    wire.take()
+    assert len(wire.of_type(PeerLeft)) == 2

@@ -12,11 +12,13 @@ from meshpost.errors import IdentityMismatch, MalformedFrame, UnsupportedVersion
 from meshpost.protocol import (
     PROTOCOL_VERSION,
     Batch,
+    Bye,
     Envelope,
     Frame,
     Hello,
     Listener,
     MessagesArrived,
+    PeerDeparted,
     Ping,
     Pong,
     Receipt,
@@ -138,6 +140,20 @@ def test_a_forgotten_connection_must_say_hello_again() -> None:
     listener.forget("never-seen")
     assert listener.session_peer("alice") is None
     assert refusal(send(listener, Batch(WALL, [msg(1)]))).code == RefuseCode.HELLO_REQUIRED
+
+
+def test_a_bye_ends_the_session_and_reports_the_peer_departed() -> None:
+    listener = connected()
+    assert send(listener, Bye("shutting down")) == []  # no reply
+    assert listener.events() == [PeerDeparted("alice", "shutting down")]
+    assert listener.session_peer("alice") is None
+    assert refusal(send(listener, Batch(WALL, [msg(1)]))).code == RefuseCode.HELLO_REQUIRED
+
+
+def test_a_bye_without_a_session_changes_nothing() -> None:
+    listener = make_listener()
+    assert send(listener, Bye("shutting down"), identity="carol") == []
+    assert listener.events() == []
 
 
 # -- pings ------------------------------------------------------------------------------------
