@@ -105,3 +105,23 @@ def test_a_send_to_a_missing_peer_is_refused_not_raised() -> None:
             server.close()
 
     asyncio.run(scenario())
+
+
+def test_a_handler_that_raises_does_not_stop_the_socket(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> list[bytes]:
+        handled: list[bytes] = []
+
+        def on_inbound(_identity: bytes, data: bytes, _user: str | None) -> None:
+            handled.append(data)
+            if data == b"boom":
+                raise RuntimeError("handler bug")
+
+        with linked(on_inbound, lambda _p, _d: None) as (_server, client):
+            await send_when_connected(client, b"boom")
+            for payload in (b"after-1", b"after-2"):
+                assert client.send_to_peer("B", payload)
+            await until(lambda: len(handled) == 3)
+        return handled
+
+    assert asyncio.run(scenario()) == [b"boom", b"after-1", b"after-2"]
+    assert "handling an inbound frame failed" in caplog.text

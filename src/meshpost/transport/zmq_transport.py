@@ -229,7 +229,12 @@ class ZmqTransport:
                 with contextlib.suppress(zmq.ZMQError):
                     value = parts[1].get("User-Id")
                     user_id = value if isinstance(value, str) else None
-            handler(parts[0].bytes, parts[1].bytes, user_id)
+            try:
+                handler(parts[0].bytes, parts[1].bytes, user_id)
+            except Exception:
+                # A bug in one frame's handling must not stop the socket: ZMQ_FD is
+                # edge-triggered, so a drain that ends early might never be woken again.
+                log.exception("[%s] handling an inbound frame failed", self.name)
         if self._on_drained is not None:
             self._on_drained()
         self._schedule_drain(sock, self._drain_router)  # more may wait: after others' turn
@@ -243,7 +248,11 @@ class ZmqTransport:
                 if handled and self._on_drained is not None:
                     self._on_drained()
                 return
-            handler(peer, sock.recv(_NOBLOCK))
+            data = sock.recv(_NOBLOCK)
+            try:
+                handler(peer, data)
+            except Exception:  # as above: keep draining
+                log.exception("[%s] handling a frame from %s failed", self.name, peer)
         if self._on_drained is not None:
             self._on_drained()
         self._schedule_drain(sock, self._dealer_drain(peer))
