@@ -52,7 +52,14 @@ from meshpost.protocol import (
     decode,
     encode,
 )
-from meshpost.store import Delivery, GroupCommitWriter, IncomingResult, Rejection, Store
+from meshpost.store import (
+    Delivery,
+    GroupCommitWriter,
+    IncomingResult,
+    Rejection,
+    Store,
+    StoreReader,
+)
 from meshpost.transport import ZmqTransport
 
 log = logging.getLogger(__name__)
@@ -567,10 +574,18 @@ class Node:
         return dataclasses.replace(self.stats)
 
     async def pending_count(self) -> int:
-        """Messages in the durable outbox still waiting for a receipt."""
-        assert self._writer is not None
-        assert self._store is not None
-        return await self._writer.call(self._store.pending_count, None)
+        """Messages in the durable outbox still waiting for a receipt (committed state).
+
+        Counting scans the outbox, so it runs on a read-only connection of its own (WAL lets it
+        run beside the writer) instead of holding up commits on the writer's thread.
+        """
+        self._check_open()
+
+        def count() -> int:
+            with StoreReader.for_data_dir(self.config.data_dir) as reader:
+                return reader.pending_count()
+
+        return await asyncio.to_thread(count)
 
     def _check_open(self) -> None:
         if self._closed or not self._started:

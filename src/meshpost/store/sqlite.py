@@ -410,18 +410,7 @@ class Store:
 
     def pending_count(self, peer: str | None = None) -> int:
         """Outgoing messages still waiting for a receipt (a scan of the outbox)."""
-        with _translated(self.path):
-            if peer is None:
-                row = self._conn.execute(
-                    "SELECT COUNT(*) FROM messages INDEXED BY messages_out_link"
-                    " WHERE direction = 'out' AND state = 'pending'"
-                ).fetchone()
-            else:
-                row = self._conn.execute(
-                    "SELECT COUNT(*) FROM messages INDEXED BY messages_out_link"
-                    " WHERE direction = 'out' AND peer = ? AND state = 'pending'", (peer,)
-                ).fetchone()
-        return int(row[0])
+        return _pending_count(self._conn, self.path, peer)
 
     def execute_raw(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run one statement (tests and fault injection only)."""
@@ -471,6 +460,10 @@ class StoreReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def pending_count(self, peer: str | None = None) -> int:
+        """As `Store.pending_count`, without occupying the writer's connection."""
+        return _pending_count(self._conn, self.path, peer)
+
     def node_name(self) -> str | None:
         with _translated(self.path):
             row = self._conn.execute("SELECT value FROM meta WHERE key = 'name'").fetchone()
@@ -503,6 +496,16 @@ class StoreReader:
                 "SELECT direction, state, COUNT(*) FROM messages GROUP BY direction, state"
             ).fetchall()
         return {f"{d}/{s}": int(n) for d, s, n in rows}
+
+
+def _pending_count(conn: sqlite3.Connection, path: Path, peer: str | None) -> int:
+    where = "direction = 'out' AND state = 'pending'" + (" AND peer = ?" if peer else "")
+    with _translated(path):
+        row = conn.execute(
+            f"SELECT COUNT(*) FROM messages INDEXED BY messages_out_link WHERE {where}",
+            (peer,) if peer else (),
+        ).fetchone()
+    return int(row[0])
 
 
 def migrate(conn: sqlite3.Connection, path: Path) -> None:

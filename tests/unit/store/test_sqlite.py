@@ -330,6 +330,8 @@ def test_a_reader_sees_committed_rows_while_the_store_is_open(store: Store) -> N
         assert [m.id for m in reader.history()] == ["out-bob-1", "in-bob-1"]
         assert reader.node_name() == "alice"
         assert reader.counts() == {"out/pending": 1, "in/received": 1}
+        assert reader.pending_count() == reader.pending_count("bob") == 1
+        assert reader.pending_count("carol") == 0
 
 
 def test_a_reader_cannot_write(store: Store) -> None:
