@@ -55,6 +55,41 @@ def test_receiver_killed_mid_stream_then_restarted_gets_every_message_once(
     assert store_counts(cluster.data_dir("B")) == {"in/received": STREAM}
 
 
+def test_at_sync_normal_messages_committed_on_the_loop_survive_a_receiver_kill(
+    short_tmp: Path,
+) -> None:
+    """Single messages at sync=normal are committed on the event loop (both ends): kill -9 of
+    the receiver mid-stream still loses nothing a receipt vouched for, and doubles nothing."""
+    count = 600
+    cluster = LocalCluster.create(short_tmp, 2, transport="ipc", options={**FAST, "sync": "normal"})
+    sender_cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
+    inline_commits = 0
+
+    async def scenario() -> None:
+        nonlocal inline_commits
+        async with Node(sender_cfg) as a:
+            cluster.start(["B"])
+            for i in range(count):
+                await a.post("B", f"single {i}")
+                if i == 200:
+                    await asyncio.wait_for(_until(lambda: a.stats.delivered >= 100), 30)
+                    cluster.nodes["B"].kill()
+            assert a.stats.delivered < count, "the kill happened mid-stream"
+            cluster.restart("B")
+            assert await a.wait_delivered(count, timeout_s=60), a.snapshot_stats()
+            assert a._writer is not None
+            inline_commits = a._writer.inline_commits
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()
+    assert inline_commits > 0, "the sender never committed on the loop: the test missed its point"
+    report = verify_stores({"A": cluster.data_dir("A"), "B": cluster.data_dir("B")})
+    assert report.ok, report.problems
+    assert (report.sent, report.delivered, report.received) == (count, count, count)
+
+
 def test_sender_killed_with_messages_pending_delivers_them_after_restart(
     short_tmp: Path,
 ) -> None:
