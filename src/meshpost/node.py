@@ -244,7 +244,6 @@ class Node:
         self._backlog_epoch: dict[str, int] = {}
         self._subscribers: list[asyncio.Queue[NodeEvent]] = []
         self._delivered_changed = asyncio.Event()
-        self._inbound_paused = False
         self._closed = False
         self._started = False
         self.endpoints: list[str] = []
@@ -708,10 +707,9 @@ class Node:
                 self._store_incoming(identity, event)
             else:
                 self._on_event(event)
-        if not writer.has_room and not self._inbound_paused:
+        if not writer.has_room and not transport.inbound_paused:
             # Back-pressure: stop reading until the store catches up; ZeroMQ (and, past its
             # high-water mark, the senders' windows) hold the rest.
-            self._inbound_paused = True
             transport.pause_inbound()
             self._tasks.append(asyncio.create_task(self._resume_inbound_when_room(),
                                                    name=f"{self.name}-inbound-room"))
@@ -719,7 +717,6 @@ class Node:
     async def _resume_inbound_when_room(self) -> None:
         assert self._writer is not None
         await self._writer.wait_for_room()
-        self._inbound_paused = False
         if self._transport is not None:
             self._transport.resume_inbound()
         with contextlib.suppress(ValueError):

@@ -124,4 +124,4 @@ def test_a_handler_that_raises_does_not_stop_the_socket(caplog: pytest.LogCaptur
         return handled
 
     assert asyncio.run(scenario()) == [b"boom", b"after-1", b"after-2"]
-    assert "handling an inbound frame failed" in caplog.text
+    assert "handling a frame failed" in caplog.text

@@ -49,8 +49,12 @@ _INSERT_HEAD = (
     "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns, hlc,"
     " state, stored_at_ns, checksum) VALUES "
 )
-_ROW_OUT = "(?, 'out', ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)"
-_ROW_IN = "(?, 'in', ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)"
+#: One row's placeholders per direction; an incoming id already stored is skipped (the caller
+#: tells retransmissions from conflicts).
+_ROWS = {
+    "out": ("(?, 'out', ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)", ""),
+    "in": ("(?, 'in', ?, ?, ?, ?, ?, ?, ?, 'received', ?, ?)", " ON CONFLICT (id) DO NOTHING"),
+}
 _VALUES_PER_ROW = 10
 #: Most rows per statement (a power of two), whatever the SQLite build allows above it.
 MAX_ROWS_PER_STATEMENT = 2048
@@ -64,8 +68,8 @@ def rows_per_statement(max_variables: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _insert_sql(row: str, rows: int, on_conflict: bool) -> str:
-    tail = " ON CONFLICT (id) DO NOTHING" if on_conflict else ""
+def _insert_sql(direction: str, rows: int) -> str:
+    row, tail = _ROWS[direction]
     return _INSERT_HEAD + ", ".join(itertools.repeat(row, rows)) + tail
 
 
@@ -112,18 +116,15 @@ def content_checksum(
 def _row_values(
     messages: Sequence[Envelope], direction: str, stored_at_ns: int
 ) -> list[Any]:
-    """The bound values of `messages`' rows, flat, in `_ROW_OUT`/`_ROW_IN` order."""
-    crc, encode = zlib.crc32, _envelope_bytes
+    """The bound values of `messages`' rows, flat, in `_ROWS` order. The peer column is the
+    recipient of an outgoing row and the sender of an incoming one."""
+    crc, encode = zlib.crc32, _envelope_bytes  # envelope_checksum, without a call per row
+    outgoing = direction == "out"
     values: list[Any] = []
     add = values.extend
-    if direction == "out":
-        for m in messages:
-            add((m.id, m.recipient, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc,
-                 stored_at_ns, crc(encode(m))))
-    else:
-        for m in messages:
-            add((m.id, m.sender, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc,
-                 stored_at_ns, crc(encode(m))))
+    for m in messages:
+        add((m.id, m.recipient if outgoing else m.sender, m.sender, m.recipient, m.seq, m.body,
+             m.sent_at_ns, m.hlc, stored_at_ns, crc(encode(m))))
     return values
 
 
@@ -326,14 +327,11 @@ class Store:
         return results
 
     def _insert(self, messages: Sequence[Envelope], direction: str, stored_at_ns: int) -> None:
-        """Insert rows; incoming ones whose id is already stored are skipped (the caller
-        tells retransmissions from conflicts)."""
+        """Insert rows of one direction, a few multi-row statements at a time."""
         values = _row_values(messages, direction, stored_at_ns)
-        row, incoming = (_ROW_IN, True) if direction == "in" else (_ROW_OUT, False)
         execute, width = self._conn.execute, _VALUES_PER_ROW
         for start, size in _chunks(len(messages), self._max_rows_per_statement):
-            execute(_insert_sql(row, size, incoming),
-                    values[start * width:(start + size) * width])
+            execute(_insert_sql(direction, size), values[start * width:(start + size) * width])
 
     def _insert_incoming(self, group: Sequence[Envelope], stored_at_ns: int) -> IncomingResult:
         conn = self._conn

@@ -172,6 +172,10 @@ class ZmqTransport:
         for peer, sock in self._dealers.items():
             self._watch_dealer(peer, sock)
 
+    @property
+    def inbound_paused(self) -> bool:
+        return self._inbound_paused
+
     def pause_inbound(self) -> None:
         """Stop reading frames sent to us (back-pressure); ZeroMQ queues them meanwhile."""
         self._inbound_paused = True
@@ -211,51 +215,51 @@ class ZmqTransport:
         self._loop.call_soon(run)
 
     def _drain_router(self) -> None:
-        sock, handler = self._router, self._on_inbound
-        if handler is None or sock.closed:
+        self._drain(self._router, self._take_inbound, self._drain_router)
+
+    def _drain_dealer(self, peer: str, sock: zmq.Socket[bytes]) -> None:
+        self._drain(sock, lambda: self._take_peer_frame(peer, sock), self._dealer_drain(peer))
+
+    def _drain(
+        self, sock: zmq.Socket[bytes], take_one: Callable[[], None], again: Callable[[], None]
+    ) -> None:
+        """Handle up to DRAIN_BUDGET frames waiting on `sock`, then let others have a turn."""
+        if sock.closed or self._on_inbound is None:  # closed, or not started
             return
-        for handled in range(DRAIN_BUDGET):
-            if self._inbound_paused or not _readable(sock):
-                if handled and self._on_drained is not None:
-                    self._on_drained()
-                return
-            parts = sock.recv_multipart(_NOBLOCK, copy=False)
-            if len(parts) != 2:
-                # A ROUTER frame is [identity, payload]; anything else is not ours to parse.
-                log.warning("[%s] dropped a %d-part message", self.name, len(parts))
-                continue
-            user_id: str | None = None
-            if self.secure:
-                with contextlib.suppress(zmq.ZMQError):
-                    value = parts[1].get("User-Id")
-                    user_id = value if isinstance(value, str) else None
+        handled = 0
+        while handled < DRAIN_BUDGET:
+            paused = sock is self._router and self._inbound_paused
+            if paused or not _readable(sock):
+                break
             try:
-                handler(parts[0].bytes, parts[1].bytes, user_id)
+                take_one()
             except Exception:
                 # A bug in one frame's handling must not stop the socket: ZMQ_FD is
                 # edge-triggered, so a drain that ends early might never be woken again.
-                log.exception("[%s] handling an inbound frame failed", self.name)
-        if self._on_drained is not None:
+                log.exception("[%s] handling a frame failed", self.name)
+            handled += 1
+        if handled and self._on_drained is not None:
             self._on_drained()
-        self._schedule_drain(sock, self._drain_router)  # more may wait: after others' turn
+        if handled == DRAIN_BUDGET:
+            self._schedule_drain(sock, again)  # more may wait: after the others' turn
 
-    def _drain_dealer(self, peer: str, sock: zmq.Socket[bytes]) -> None:
-        handler = self._on_peer_frame
-        if handler is None or sock.closed:
+    def _take_inbound(self) -> None:
+        assert self._on_inbound is not None
+        parts = self._router.recv_multipart(_NOBLOCK, copy=False)
+        if len(parts) != 2:
+            # A ROUTER frame is [identity, payload]; anything else is not ours to parse.
+            log.warning("[%s] dropped a %d-part message", self.name, len(parts))
             return
-        for handled in range(DRAIN_BUDGET):
-            if not _readable(sock):
-                if handled and self._on_drained is not None:
-                    self._on_drained()
-                return
-            data = sock.recv(_NOBLOCK)
-            try:
-                handler(peer, data)
-            except Exception:  # as above: keep draining
-                log.exception("[%s] handling a frame from %s failed", self.name, peer)
-        if self._on_drained is not None:
-            self._on_drained()
-        self._schedule_drain(sock, self._dealer_drain(peer))
+        user_id: str | None = None
+        if self.secure:
+            with contextlib.suppress(zmq.ZMQError):
+                value = parts[1].get("User-Id")
+                user_id = value if isinstance(value, str) else None
+        self._on_inbound(parts[0].bytes, parts[1].bytes, user_id)
+
+    def _take_peer_frame(self, peer: str, sock: zmq.Socket[bytes]) -> None:
+        assert self._on_peer_frame is not None
+        self._on_peer_frame(peer, sock.recv(_NOBLOCK))
 
     def reply(self, identity: bytes, payload: bytes) -> bool:
         """Queue `payload` for the connection `identity`; False if it is gone or full."""
