@@ -75,6 +75,8 @@ from rich.table import Table
 from meshpost.cluster import LocalCluster, free_tcp_ports
 from meshpost.config import MeshConfig
 from meshpost.node import Node
+from meshpost.protocol import Envelope, Receipt
+from meshpost.store import Delivery, Store, WriteBatch
 from meshpost.verify import VerifyReport, load_rows, verify_stores
 
 T = TypeVar("T")
@@ -100,6 +102,8 @@ MESH_IN_FLIGHT = 2048
 MQTT_WINDOW = 100
 WARMUP_MESSAGES = 1000
 LATENCY_WARMUP = 200
+#: Sends timed for the commit floor of pair-latency (at sync=full each costs three fsyncs).
+FLOOR_SENDS = 2000
 READY_TIMEOUT_S = 60.0
 #: A run with no receipt at all for this long has failed (progress, not total time, is judged).
 STALL_S = 60.0
@@ -783,6 +787,18 @@ class Bench:
             result.figures[f"ratio_{sync}"] = {
                 k: round(p[k] / raw_p[k], 2) for k in ("p50", "p90", "p99", "p99.9")
             }
+            # What the guarantees alone cost: the loop's round trip plus the three commits a
+            # send waits for, timed with meshpost's own store code and nothing else.
+            commits = self._three_commits(min(m, FLOOR_SENDS), sync)
+            floor = percentiles([a + b for a, b in zip(loop, commits, strict=False)])
+            result.figures[f"commits_{sync}_us"] = _round(percentiles(commits))
+            result.figures[f"floor_{sync}_us"] = _round(floor)
+            result.figures[f"ratio_floor_{sync}"] = {
+                k: round(floor[k] / raw_p[k], 2) for k in ("p50", "p90", "p99", "p99.9")
+            }
+            result.figures[f"over_floor_{sync}"] = {
+                k: round(p[k] / floor[k], 2) for k in ("p50", "p90", "p99", "p99.9")
+            }
             checks.append(f"{sync}: {report.summary()}")
         result.figures["messages"] = m
         result.figures["size"] = self.o.size
@@ -826,6 +842,35 @@ class Bench:
             echo.stop()
             ctx.term()
         return samples, loop_samples
+
+    def _three_commits(self, sends: int, sync: str) -> list[float]:
+        """µs per send for the commits it waits for, one row each and back to back: the
+        sender's row (store A), the receiver's row (store B), the delivery mark (store A)."""
+        task = self._task(f"pair-latency: the three commits alone, sync={sync}", sends)
+        root = self.root / f"commit-floor-{sync}"
+        a = Store.open(root / "A", name="A", sync=sync)
+        b = Store.open(root / "B", name="B", sync=sync)
+        samples: list[float] = []
+        try:
+            clock, wall = time.perf_counter_ns, time.time_ns
+            for seq in range(1, sends + LATENCY_WARMUP + 1):
+                now = wall()
+                message = Envelope(f"{now:x}-{seq}", seq, "A", "B", self._body, now, now)
+                receipt = Receipt([(seq, seq)], now, now, now, now, now, sync)
+                t = clock()
+                a.apply(WriteBatch(outgoing=[message]), wall())
+                b.apply(WriteBatch(incoming=[[message]]), wall())
+                a.apply(WriteBatch(deliveries=[Delivery("B", [seq], receipt, wall())]), wall())
+                if seq > LATENCY_WARMUP:
+                    samples.append((clock() - t) / 1000)
+                if seq % 200 == 0:
+                    self.progress.update(task, completed=max(0, seq - LATENCY_WARMUP))
+        finally:
+            a.close()
+            b.close()
+            shutil.rmtree(root, ignore_errors=True)
+        self.progress.update(task, completed=sends)
+        return samples
 
     def _meshpost_latency(self, m: int, sync: str) -> tuple[list[float], VerifyReport]:
         cluster = self._cluster(f"pair-latency-{sync}", 2, sync, self._window_option())
@@ -1316,6 +1361,13 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
                     ratio = f[f"ratio_{sync}"]
                     rows.append((f"pair-latency {sync}", _fmt_lat(value) + " µs",
                                  " / ".join(f"{ratio[k]:.1f}×" for k in ratio) + " raw"))
+                    if f"floor_{sync}_us" in f:
+                        ratio, over = f[f"ratio_floor_{sync}"], f[f"over_floor_{sync}"]
+                        rows.append((f"pair-latency floor {sync}",
+                                     _fmt_lat(f[f"floor_{sync}_us"]) + " µs",
+                                     " / ".join(f"{ratio[k]:.1f}×" for k in ratio)
+                                     + " raw: loop ping-pong + the 3 commits alone; meshpost is "
+                                     + " / ".join(f"{over[k]:.1f}×" for k in over) + " of it"))
         elif name == "mesh":
             rows.append((f"mesh {f['nodes']} nodes", _fmt_rate(f["msgs_per_s"]),
                          f"latency p50/p90/p99/p99.9 {_fmt_lat(f['latency_us'])} µs"))

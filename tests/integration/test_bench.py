@@ -45,9 +45,17 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
     assert "meshpost_normal_us" in latency and "raw_pingpong_us" in latency
     assert set(latency["loop_pingpong_us"]) >= {"p50", "p99"}
     assert latency["ratio_loop"]["p50"] > 0
+    for sync in ("full", "normal"):
+        # Each floor sample is a loop round trip plus one send's three commits, so every
+        # percentile of the floor lies above the same percentile of the commits alone.
+        floor, commits = latency[f"floor_{sync}_us"], latency[f"commits_{sync}_us"]
+        assert all(floor[k] > commits[k] > 0 for k in ("p50", "p90", "p99", "p99.9"))
+        assert latency[f"over_floor_{sync}"]["p50"] > 0
     mesh = scenarios["mesh"]["figures"]
     assert mesh["nodes"] == 3 and mesh["messages"] == 900
     backlog = scenarios["offline-backlog"]["figures"]
     assert backlog["messages"] == 5000 and backlog["queued_pending"] == 5000
     assert backlog["rss_before_mb"] > 0 and backlog["drain_seconds"] > 0
-    assert (out / "latest.md").read_text(encoding="utf-8").startswith("# meshpost bench")
+    summary = (out / "latest.md").read_text(encoding="utf-8")
+    assert summary.startswith("# meshpost bench")
+    assert "| pair-latency floor normal |" in summary

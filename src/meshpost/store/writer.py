@@ -55,6 +55,8 @@ OutgoingDone = Callable[[int], None]
 IncomingDone = Callable[[IncomingResult, int], None]
 Done = Callable[[], None]
 _Callbacks = list[Callable[[list[IncomingResult], int], None]]
+#: What a commit gives back: results for the incoming groups, and the commit timestamp.
+_Applied = tuple[list[IncomingResult], int]
 
 
 class GroupCommitWriter:
@@ -196,15 +198,14 @@ class GroupCommitWriter:
 
     def _commit_inline(self, batch: WriteBatch, callbacks: _Callbacks) -> None:
         self._busy = True
-        future: concurrent.futures.Future[tuple[list[IncomingResult], int]]
-        future = concurrent.futures.Future()
+        outcome: _Applied | Exception
         try:
             # Never wait for another process's lock here: that would stall the event loop.
-            future.set_result(self._apply(batch, wait_for_lock=False))
+            outcome = self._apply(batch, wait_for_lock=False)
             self.inline_commits += 1
         except Exception as exc:
-            future.set_exception(exc)
-        self._finished(batch, callbacks, RETRY_INITIAL_S, future)
+            outcome = exc
+        self._finished(batch, callbacks, RETRY_INITIAL_S, outcome)
 
     def _submit(self, batch: WriteBatch, callbacks: _Callbacks, retry_delay: float) -> None:
         loop = self._loop
@@ -214,10 +215,12 @@ class GroupCommitWriter:
             return
         self._busy = True
 
-        def finished(future: concurrent.futures.Future[tuple[list[IncomingResult], int]]) -> None:
+        def finished(future: concurrent.futures.Future[_Applied]) -> None:
             # Runs on the writer thread; the loop may already be closed when the node stops.
+            exc = future.exception()
+            outcome = future.result() if exc is None else exc
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._finished, batch, callbacks, retry_delay, future)
+                loop.call_soon_threadsafe(self._finished, batch, callbacks, retry_delay, outcome)
 
         self._executor.submit(self._apply, batch).add_done_callback(finished)
 
@@ -226,15 +229,14 @@ class GroupCommitWriter:
         batch: WriteBatch,
         callbacks: _Callbacks,
         retry_delay: float,
-        future: concurrent.futures.Future[tuple[list[IncomingResult], int]],
+        outcome: _Applied | BaseException,
     ) -> None:
-        exc = future.exception()
-        if exc is not None:
+        if isinstance(outcome, BaseException):
             if self._loop is not None:
                 self._inline_after = self._loop.time() + INLINE_QUIET_AFTER_ERROR_S
-            self._failed(batch, callbacks, retry_delay, exc)
+            self._failed(batch, callbacks, retry_delay, outcome)
             return
-        results, stored_at = future.result()
+        results, stored_at = outcome
         self._busy = False
         # The next batch (added while this one committed) goes to the thread before the
         # callbacks run, so its commit overlaps with their work.
@@ -270,9 +272,7 @@ class GroupCommitWriter:
         # Still busy: later adds wait for this batch, so commit order stays add order.
         self._loop.call_later(delay, self._submit, batch, callbacks, next_delay)
 
-    def _apply(
-        self, batch: WriteBatch, *, wait_for_lock: bool = True
-    ) -> tuple[list[IncomingResult], int]:
+    def _apply(self, batch: WriteBatch, *, wait_for_lock: bool = True) -> _Applied:
         # The commit timestamp is taken before the commit: a receipt may only claim a time at
         # which the row was at most being committed, and is sent only after COMMIT returns.
         stored_at = self._clock.wall_ns()
