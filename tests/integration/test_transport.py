@@ -20,11 +20,11 @@ PATIENCE_S = 10.0
 @contextlib.contextmanager
 def linked(
     on_inbound: InboundHandler, on_reply: PeerFrameHandler,
-    on_drained: Callable[[], None] | None = None,
+    on_drained: Callable[[], None] | None = None, max_frame_bytes: int = 1 << 16,
 ) -> Iterator[tuple[ZmqTransport, ZmqTransport]]:
     """(server B, client A), started, A's DEALER connected to B's ROUTER; closed afterwards."""
-    server = ZmqTransport(name="B", max_frame_bytes=1 << 16)
-    client = ZmqTransport(name="A", max_frame_bytes=1 << 16)
+    server = ZmqTransport(name="B", max_frame_bytes=max_frame_bytes)
+    client = ZmqTransport(name="A", max_frame_bytes=max_frame_bytes)
     try:
         (endpoint,) = server.bind(["tcp://127.0.0.1:*"])
         server.start(on_inbound, lambda _p, _d: None, on_drained)
@@ -125,3 +125,54 @@ def test_a_handler_that_raises_does_not_stop_the_socket(caplog: pytest.LogCaptur
 
     assert asyncio.run(scenario()) == [b"boom", b"after-1", b"after-2"]
     assert "handling a frame failed" in caplog.text
+
+
+def test_a_multipart_message_is_dropped_whole_and_the_next_one_arrives(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> list[bytes]:
+        import zmq
+
+        inbound: list[bytes] = []
+        with linked(lambda _i, data, _u: inbound.append(data),
+                    lambda _p, _d: None) as (server, _client):
+            ctx = zmq.Context()
+            raw = ctx.socket(zmq.DEALER)
+            try:
+                raw.setsockopt(zmq.IDENTITY, b"raw")
+                raw.connect(server.bound[0])
+                raw.send_multipart([b"part-1", b"part-2", b"part-3"])
+                raw.send_multipart([b"part-a", b"part-b"])
+                raw.send(b"whole")
+                await until(lambda: b"whole" in inbound)
+            finally:
+                raw.close(0)
+                ctx.term()
+        return inbound
+
+    assert asyncio.run(scenario()) == [b"whole"]
+    assert "dropped a 4-part message" in caplog.text  # identity + three parts
+    assert "dropped a 3-part message" in caplog.text
+
+
+def test_large_payloads_go_both_ways_intact() -> None:
+    big = bytes(range(256)) * (transport_module._ZERO_COPY_BYTES // 256 + 3)  # zero-copy path
+
+    async def scenario() -> tuple[list[bytes], list[bytes]]:
+        inbound: list[bytes] = []
+        replies: list[bytes] = []
+        servers: list[ZmqTransport] = []
+
+        def on_inbound(identity: bytes, data: bytes, _user: str | None) -> None:
+            inbound.append(data)
+            assert servers[0].reply(identity, data[::-1])
+
+        with linked(on_inbound, lambda _p, data: replies.append(data),
+                    max_frame_bytes=2 * len(big)) as (server, client):
+            servers.append(server)
+            await send_when_connected(client, big)
+            await until(lambda: len(replies) == 1)
+        return inbound, replies
+
+    inbound, replies = asyncio.run(scenario())
+    assert inbound == [big] and replies == [big[::-1]]

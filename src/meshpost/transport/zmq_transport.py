@@ -8,7 +8,10 @@ Frames are handed to the node's handlers straight from the event loop's reader c
 socket's ZMQ_FD, drained until the socket is empty: no future, no task wake-up per frame. (That
 is what `zmq.asyncio` does per `recv`, and on a 2-core machine its extra trips round the loop
 cost about 50 us per hop.) ZMQ_FD is edge-triggered and any send may consume the edge, so every
-send schedules one more look at ZMQ_EVENTS.
+send schedules one more drain. A drain reads until ZeroMQ answers EAGAIN: a non-blocking recv
+that finds nothing first processes the socket's pending commands, which re-arms ZMQ_FD just as
+reading ZMQ_EVENTS would, at a quarter of the cost (0.7 against 2.8 us here). Frames are read
+part by part for the same reason: `recv_multipart` asks ZMQ_RCVMORE after every part.
 
 Socket choices (the ZeroMQ traps the protocol designs around):
 - ROUTER_MANDATORY: a reply to an unknown or vanished peer raises instead of vanishing silently;
@@ -32,7 +35,7 @@ import errno
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import TypeVar, cast
 
 import zmq
 import zmq.asyncio
@@ -68,11 +71,12 @@ DrainedHandler = Callable[[], None]
 
 # Plain ints: pyzmq's constants are enum flags, and enum arithmetic costs microseconds per
 # call on the per-frame path.
-_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
+#: Payloads at least this large are sent without a copy (ZeroMQ's zero-copy costs more for
+#: small ones than copying them does).
+_ZERO_COPY_BYTES = 65536
 
-
-def _readable(sock: zmq.Socket[bytes]) -> bool:
-    return bool(cast("int", sock.getsockopt(_EVENTS)) & _POLLIN)
+_T = TypeVar("_T")
 
 
 class ZmqTransport:
@@ -215,55 +219,83 @@ class ZmqTransport:
         self._loop.call_soon(run)
 
     def _drain_router(self) -> None:
-        self._drain(self._router, self._take_inbound, self._drain_router)
+        self._drain(self._router, self._recv_inbound, self._handle_inbound, self._drain_router)
 
     def _drain_dealer(self, peer: str, sock: zmq.Socket[bytes]) -> None:
-        self._drain(sock, lambda: self._take_peer_frame(peer, sock), self._dealer_drain(peer))
+        on_peer_frame = self._on_peer_frame
+        if on_peer_frame is None:  # not started, or closed
+            return
+        self._drain(sock, lambda: sock.recv(_NOBLOCK), lambda data: on_peer_frame(peer, data),
+                    self._dealer_drain(peer))
 
     def _drain(
-        self, sock: zmq.Socket[bytes], take_one: Callable[[], None], again: Callable[[], None]
+        self,
+        sock: zmq.Socket[bytes],
+        receive: Callable[[], _T],
+        handle: Callable[[_T], None],
+        again: Callable[[], None],
     ) -> None:
-        """Handle up to DRAIN_BUDGET frames waiting on `sock`, then let others have a turn."""
+        """Handle up to DRAIN_BUDGET frames waiting on `sock`, then let others have a turn.
+        `receive` raises `zmq.Again` when the socket is empty."""
         if sock.closed or self._on_inbound is None:  # closed, or not started
             return
         handled = 0
         while handled < DRAIN_BUDGET:
-            paused = sock is self._router and self._inbound_paused
-            if paused or not _readable(sock):
+            if sock is self._router and self._inbound_paused:
                 break
             try:
-                take_one()
+                item = receive()
+            except zmq.Again:
+                break
+            except zmq.ZMQError as exc:  # closed or terminated under us
+                log.warning("[%s] receiving failed: %s", self.name, exc)
+                break
+            handled += 1
+            try:
+                handle(item)
             except Exception:
                 # A bug in one frame's handling must not stop the socket: ZMQ_FD is
                 # edge-triggered, so a drain that ends early might never be woken again.
                 log.exception("[%s] handling a frame failed", self.name)
-            handled += 1
         if handled and self._on_drained is not None:
             self._on_drained()
         if handled == DRAIN_BUDGET:
             self._schedule_drain(sock, again)  # more may wait: after the others' turn
 
-    def _take_inbound(self) -> None:
-        assert self._on_inbound is not None
-        parts = self._router.recv_multipart(_NOBLOCK, copy=False)
-        if len(parts) != 2:
-            # A ROUTER frame is [identity, payload]; anything else is not ours to parse.
-            log.warning("[%s] dropped a %d-part message", self.name, len(parts))
+    def _recv_inbound(self) -> tuple[zmq.Frame, zmq.Frame] | None:
+        """One message from the ROUTER as (identity, payload), or None for a malformed one
+        (read to its end and dropped). Raises `zmq.Again` when there is none."""
+        sock = self._router
+        identity = sock.recv(_NOBLOCK, copy=False)
+        if not identity.more:  # a ROUTER always puts the identity before the payload
+            log.warning("[%s] dropped a 1-part message", self.name)
+            return None
+        payload = sock.recv(_NOBLOCK, copy=False)
+        if not payload.more:
+            return identity, payload
+        # [identity, payload] is all we send; anything longer is not ours to parse. The
+        # remaining parts are already here (ZeroMQ delivers a message whole).
+        parts = 2
+        while sock.recv(_NOBLOCK, copy=False).more:
+            parts += 1
+        log.warning("[%s] dropped a %d-part message", self.name, parts + 1)
+        return None
+
+    def _handle_inbound(self, message: tuple[zmq.Frame, zmq.Frame] | None) -> None:
+        if message is None:
             return
+        assert self._on_inbound is not None
+        identity, payload = message
         user_id: str | None = None
         if self.secure:
             with contextlib.suppress(zmq.ZMQError):
-                value = parts[1].get("User-Id")
+                value = payload.get("User-Id")
                 user_id = value if isinstance(value, str) else None
-        self._on_inbound(parts[0].bytes, parts[1].bytes, user_id)
-
-    def _take_peer_frame(self, peer: str, sock: zmq.Socket[bytes]) -> None:
-        assert self._on_peer_frame is not None
-        self._on_peer_frame(peer, sock.recv(_NOBLOCK))
+        self._on_inbound(identity.bytes, payload.bytes, user_id)
 
     def reply(self, identity: bytes, payload: bytes) -> bool:
         """Queue `payload` for the connection `identity`; False if it is gone or full."""
-        sent = self._send_now(self._router, [identity, payload])
+        sent = self._send_now(self._router, payload, identity)
         self._schedule_drain(self._router, self._drain_router)
         return sent
 
@@ -297,15 +329,22 @@ class ZmqTransport:
 
     def send_to_peer(self, peer: str, payload: bytes) -> bool:
         sock = self._dealers[peer]
-        sent = self._send_now(sock, [payload])
+        sent = self._send_now(sock, payload)
         self._schedule_drain(sock, self._dealer_drain(peer))
         return sent
 
     # -- shared ---------------------------------------------------------------------------
 
-    def _send_now(self, sock: zmq.Socket[bytes], parts: list[bytes]) -> bool:
+    def _send_now(
+        self, sock: zmq.Socket[bytes], payload: bytes, identity: bytes | None = None
+    ) -> bool:
+        """Queue `payload` (after `identity`, on the ROUTER). Part by part rather than with
+        `send_multipart`, which checks every part's type first (6 against 3 us here); a
+        message is still atomic: ZeroMQ takes the later parts once it took the first."""
         try:
-            sock.send_multipart(parts, flags=_NOBLOCK, copy=len(parts[-1]) < 65536)
+            if identity is not None:
+                sock.send(identity, _NOBLOCK | _SNDMORE)
+            sock.send(payload, _NOBLOCK, copy=len(payload) < _ZERO_COPY_BYTES)
         except zmq.ZMQError as exc:
             self.dropped_sends += 1
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
