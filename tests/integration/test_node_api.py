@@ -135,3 +135,34 @@ def test_a_node_that_shuts_down_cleanly_is_shown_gone_at_once(short_tmp: Path) -
 
     seen = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert seen[-1] == PeerChanged("B", False, "left: shutting down")
+
+
+def test_a_receipt_timeout_raises_and_the_message_is_still_delivered_later(
+    short_tmp: Path,
+) -> None:
+    from meshpost.errors import ReceiptTimeout
+    from meshpost.verify import verify_stores
+
+    endpoints = {n: f"ipc://{short_tmp}/{n.lower()}.sock" for n in "AB"}
+
+    def config(name: str, peer: str) -> NodeConfig:
+        return NodeConfig(name=name, bind=(endpoints[name],),
+                          peers=(PeerConfig(peer, endpoints[peer]),), data_dir=short_tmp / name)
+
+    async def scenario() -> None:
+        async with Node(config("A", "B")) as a:
+            # B is not running: neither wait can end with a receipt.
+            with pytest.raises(ReceiptTimeout, match="no receipt"):
+                await a.send("B", "first", timeout_s=0.2)
+            (handle,) = await a.post("B", "second")
+            with pytest.raises(ReceiptTimeout):
+                await a.wait_receipt(handle, 0.2)
+            assert not handle.receipt.done()  # wait_receipt leaves the handle's future alone
+            async with Node(config("B", "A")):
+                receipt = await a.wait_receipt(handle, 20)
+                assert (receipt.to, receipt.seq) == ("B", 2)
+                assert await a.wait_delivered(2, 20)  # the timed-out send arrived too
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    report = verify_stores({"A": short_tmp / "A", "B": short_tmp / "B"})
+    assert report.ok and report.delivered == 2, report.summary()
