@@ -54,6 +54,44 @@ MIGRATIONS: tuple[str, ...] = (
     """
     DROP INDEX messages_pending;
     """,
+    # 3 -> 4: deliveries as receipt ranges. Marking each delivered row rewrote it: 3-4.5 us a
+    # message, a third of the sender's store time (benchmarks/store_rows.py). A receipt now
+    # adds one row per contiguous range of seqs it settles, whatever the range's length.
+    # `message_rows` is the messages table as readers see it: an outgoing row that a receipt
+    # covers is 'delivered', with that receipt's times. (Rows delivered before this migration
+    # carry their receipt in their own columns, and keep it.) The ranges of one peer never
+    # overlap, so the covering range, if any, is the one with the lowest last_seq >= seq.
+    """
+    CREATE TABLE receipts (
+        peer            TEXT    NOT NULL,
+        last_seq        INTEGER NOT NULL,
+        first_seq       INTEGER NOT NULL,
+        stored_at_ns    INTEGER NOT NULL,
+        received_at_ns  INTEGER NOT NULL,
+        arrived_at_ns   INTEGER NOT NULL,
+        sync            TEXT    NOT NULL,
+        hlc             INTEGER NOT NULL,
+        PRIMARY KEY (peer, last_seq),
+        CHECK (first_seq BETWEEN 1 AND last_seq)
+    ) WITHOUT ROWID;
+
+    CREATE VIEW message_rows AS
+    SELECT m.id, m.direction, m.peer, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc,
+           CASE WHEN r.peer IS NULL THEN m.state ELSE 'delivered' END AS state,
+           m.stored_at_ns,
+           COALESCE(r.stored_at_ns, m.receipt_stored_at_ns) AS receipt_stored_at_ns,
+           COALESCE(r.received_at_ns, m.receipt_received_at_ns) AS receipt_received_at_ns,
+           COALESCE(r.arrived_at_ns, m.receipt_arrived_at_ns) AS receipt_arrived_at_ns,
+           COALESCE(r.sync, m.receipt_sync) AS receipt_sync,
+           COALESCE(r.hlc, m.receipt_hlc) AS receipt_hlc,
+           m.reject_reason, m.checksum
+    FROM messages AS m
+    LEFT JOIN receipts AS r
+        ON m.direction = 'out' AND m.state = 'pending' AND r.peer = m.peer
+        AND r.last_seq = (SELECT MIN(c.last_seq) FROM receipts AS c
+                          WHERE c.peer = m.peer AND c.last_seq >= m.seq)
+        AND r.first_seq <= m.seq;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

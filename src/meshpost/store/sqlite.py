@@ -87,11 +87,25 @@ def _chunks(count: int, largest: int) -> Iterator[tuple[int, int]]:
             start += size
 
 
-_MARK_DELIVERED = (
-    "UPDATE messages SET state = 'delivered', receipt_stored_at_ns = ?,"
-    " receipt_received_at_ns = ?, receipt_arrived_at_ns = ?, receipt_sync = ?, receipt_hlc = ?"
-    " WHERE direction = 'out' AND peer = ? AND seq BETWEEN ? AND ? AND state = 'pending'"
+#: One row per contiguous range a receipt settles (schema 4). The dialer settles each seq once
+#: and only while it is in flight (so pending), hence ranges never overlap and cover pending
+#: rows only. A range that would overlap a stored one anyway (a receipt recorded twice) is
+#: left out: the first receipt stands, as it did when deliveries were row updates. The one
+#: candidate for an overlap is the stored range with the lowest last_seq >= first_seq.
+_RECORD_RECEIPT = (
+    "INSERT INTO receipts (peer, last_seq, first_seq, stored_at_ns, received_at_ns,"
+    " arrived_at_ns, sync, hlc) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8"
+    " WHERE NOT EXISTS (SELECT 1 FROM receipts WHERE peer = ?1 AND first_seq <= ?2"
+    " AND last_seq = (SELECT MIN(last_seq) FROM receipts WHERE peer = ?1 AND last_seq >= ?3))"
 )
+#: True when a receipt covers the outgoing row `m` (see `message_rows` in schema.py).
+_COVERED = (
+    "EXISTS (SELECT 1 FROM receipts AS r WHERE r.peer = m.peer AND r.first_seq <= m.seq"
+    " AND r.last_seq = (SELECT MIN(c.last_seq) FROM receipts AS c"
+    " WHERE c.peer = m.peer AND c.last_seq >= m.seq))"
+)
+#: Readers read `message_rows`, the messages as they stand with their receipts.
+_ROWS_VIEW = "message_rows"
 _MARK_REJECTED = (
     "UPDATE messages SET state = 'rejected', reject_reason = ?"
     " WHERE direction = 'out' AND peer = ? AND seq = ? AND state = 'pending'"
@@ -308,10 +322,10 @@ class Store:
                 for d in batch.deliveries:
                     r = d.receipt
                     conn.executemany(
-                        _MARK_DELIVERED,
+                        _RECORD_RECEIPT,
                         [
-                            (r.stored_at_ns, r.received_at_ns, d.arrived_at_ns, r.sync, r.hlc,
-                             d.peer, lo, hi)
+                            (d.peer, hi, lo, r.stored_at_ns, r.received_at_ns, d.arrived_at_ns,
+                             r.sync, r.hlc)
                             for lo, hi in to_ranges(d.seqs)
                         ],
                     )
@@ -392,23 +406,48 @@ class Store:
     def load_pending(self, peer: str, after_seq: int, limit: int) -> list[Envelope]:
         """Up to `limit` undelivered messages to `peer` with seq above `after_seq`, in order.
 
-        Walks `messages_out_link` from `after_seq`: settled rows met on the way are skipped,
-        which costs a scan only the first time after a start (`after_seq` 0); later calls
-        start above everything already loaded, where every row is still pending.
+        Skips the settled run above `after_seq` a receipt range at a time (after a start
+        that is the whole delivered outbox, 0 to a few thousand ranges), then walks
+        `messages_out_link` from there, leaving out rows a receipt covers. Later calls start
+        above everything already loaded, where no receipt reaches.
         """
+        conn = self._conn
         with _translated(self.path):
-            rows = self._conn.execute(
+            after_seq = self._settled_through(peer, after_seq)
+            rows = conn.execute(
                 "SELECT id, seq, sender, recipient, body, sent_at_ns, hlc"
-                " FROM messages INDEXED BY messages_out_link"
+                " FROM messages AS m INDEXED BY messages_out_link"
                 " WHERE direction = 'out' AND peer = ? AND seq > ? AND state = 'pending'"
-                " ORDER BY seq LIMIT ?",
+                f" AND NOT {_COVERED} ORDER BY seq LIMIT ?",
                 (peer, after_seq, limit),
             ).fetchall()
         return [Envelope(*row) for row in rows]
 
+    def _settled_through(self, peer: str, seq: int) -> int:
+        """The highest seq s >= `seq` such that no message to `peer` in (seq, s] is pending:
+        each is covered by a receipt range or was settled otherwise (rejected, or delivered
+        under schema 3)."""
+        conn = self._conn
+        while True:
+            row = conn.execute(
+                "SELECT first_seq, last_seq FROM receipts WHERE peer = ? AND last_seq > ?"
+                " ORDER BY last_seq LIMIT 1",
+                (peer, seq),
+            ).fetchone()
+            if row is None:
+                return seq
+            first, last = row
+            if first > seq + 1 and conn.execute(
+                "SELECT 1 FROM messages INDEXED BY messages_out_link WHERE direction = 'out'"
+                " AND peer = ? AND seq BETWEEN ? AND ? AND state = 'pending' LIMIT 1",
+                (peer, seq + 1, first - 1),
+            ).fetchone():
+                return seq  # a pending message before the next range
+            seq = last
+
     def pending_count(self, peer: str | None = None) -> int:
         """Outgoing messages still waiting for a receipt (a scan of the outbox)."""
-        return _pending_count(self._conn, self.path, peer)
+        return _pending_count(self._conn, self.path, peer, receipts=True)
 
     def execute_raw(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run one statement (tests and fault injection only)."""
@@ -444,6 +483,10 @@ class StoreReader:
         self.path = path
         with _translated(path):
             self._conn = _connect(path, read_only=True)
+            version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+        # A store no node of this version has opened yet keeps every receipt in its rows.
+        self._receipts = version >= 4
+        self._rows = _ROWS_VIEW if self._receipts else "messages"
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> StoreReader:
@@ -460,7 +503,7 @@ class StoreReader:
 
     def pending_count(self, peer: str | None = None) -> int:
         """As `Store.pending_count`, without occupying the writer's connection."""
-        return _pending_count(self._conn, self.path, peer)
+        return _pending_count(self._conn, self.path, peer, receipts=self._receipts)
 
     def node_name(self) -> str | None:
         with _translated(self.path):
@@ -479,7 +522,7 @@ class StoreReader:
             where.append("direction = ?")
             params.append(direction)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        sql = f"SELECT {_COLUMNS} FROM messages {clause} ORDER BY hlc DESC, id DESC"
+        sql = f"SELECT {_COLUMNS} FROM {self._rows} {clause} ORDER BY hlc DESC, id DESC"
         if limit is not None:
             sql += " LIMIT ?"
             params.append(str(limit))
@@ -493,15 +536,37 @@ class StoreReader:
             rows = self._conn.execute(
                 "SELECT direction, state, COUNT(*) FROM messages GROUP BY direction, state"
             ).fetchall()
-        return {f"{d}/{s}": int(n) for d, s, n in rows}
+            covered = int(self._conn.execute(
+                "SELECT COALESCE(SUM(last_seq - first_seq + 1), 0) FROM receipts"
+            ).fetchone()[0]) if self._receipts else 0
+        # The rows as stored, then the receipt ranges' seqs moved from pending to delivered
+        # (as in `pending_count`; counting through `message_rows` costs two seeks a row).
+        counts = {f"{d}/{s}": int(n) for d, s, n in rows}
+        if covered:
+            counts["out/pending"] -= covered
+            counts["out/delivered"] = counts.get("out/delivered", 0) + covered
+            if not counts["out/pending"]:
+                del counts["out/pending"]
+        return counts
 
 
-def _pending_count(conn: sqlite3.Connection, path: Path, peer: str | None) -> int:
+def _pending_count(
+    conn: sqlite3.Connection, path: Path, peer: str | None, *, receipts: bool
+) -> int:
+    # Outgoing rows still marked pending, less those a receipt range covers: ranges never
+    # overlap and cover only rows that were in flight, hence pending, when recorded.
     where = "direction = 'out' AND state = 'pending'" + (" AND peer = ?" if peer else "")
+    covered = (
+        "(SELECT COALESCE(SUM(last_seq - first_seq + 1), 0) FROM receipts"
+        + (" WHERE peer = ?)" if peer else ")")
+        if receipts else "0"
+    )
+    params = (peer, peer) if peer and receipts else (peer,) if peer else ()
     with _translated(path):
         row = conn.execute(
-            f"SELECT COUNT(*) FROM messages INDEXED BY messages_out_link WHERE {where}",
-            (peer,) if peer else (),
+            f"SELECT (SELECT COUNT(*) FROM messages INDEXED BY messages_out_link WHERE {where})"
+            f" - {covered}",
+            params,
         ).fetchone()
     return int(row[0])
 

@@ -165,9 +165,12 @@ def read_rows(data_dir: Path, where: str = "", params: Sequence[Any] = ()) -> li
         return []
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
+        # The state a reader sees (`message_rows`: a receipt range may settle a row), in
+        # storage order (`messages.rowid`, which the view does not carry).
         rows = conn.execute(
-            "SELECT rowid, id, direction, peer, sender, recipient, seq, body, sent_at_ns, hlc,"
-            f" state FROM messages {where} ORDER BY rowid", params,
+            "SELECT * FROM (SELECT m.rowid AS rowid, v.id, v.direction, v.peer, v.sender,"
+            " v.recipient, v.seq, v.body, v.sent_at_ns, v.hlc, v.state FROM messages AS m"
+            f" JOIN message_rows AS v ON v.id = m.id) {where} ORDER BY rowid", params,
         ).fetchall()
     finally:
         conn.close()

@@ -58,7 +58,7 @@ def store(data_dir: Path) -> Iterator[Store]:
 
 def states(store: Store, peer: str = "bob") -> dict[int, str]:
     rows = store.execute_raw(
-        "SELECT seq, state FROM messages WHERE direction = 'out' AND peer = ?", (peer,)
+        "SELECT seq, state FROM message_rows WHERE direction = 'out' AND peer = ?", (peer,)
     )
     return dict(rows)
 
@@ -264,13 +264,13 @@ def test_deliveries_update_only_pending_rows_in_range_for_that_peer(store: Store
     assert states(store, "carol") == {1: "pending", 2: "pending"}
     rows = store.execute_raw(
         "SELECT receipt_stored_at_ns, receipt_received_at_ns, receipt_arrived_at_ns,"
-        " receipt_sync, receipt_hlc FROM messages WHERE peer = 'bob' AND seq = 1"
+        " receipt_sync, receipt_hlc FROM message_rows WHERE peer = 'bob' AND seq = 1"
     )
     assert rows == [(7, 2, 8, "full", 99)]
     # A second receipt for the same rows changes nothing.
     store.apply(WriteBatch(deliveries=[Delivery("bob", [1], receipt(stored_at=70), 80)]), T)
     assert store.execute_raw(
-        "SELECT receipt_stored_at_ns FROM messages WHERE peer = 'bob' AND seq = 1"
+        "SELECT receipt_stored_at_ns FROM message_rows WHERE peer = 'bob' AND seq = 1"
     ) == [(7,)]
     assert store.execute_raw("SELECT reject_reason FROM messages WHERE seq = 3 AND peer = 'bob'") \
         == [("conflict: taken",)]
@@ -502,3 +502,111 @@ def test_a_version_2_database_loses_its_pending_index_and_keeps_its_outbox(
         assert store.pending_count() == store.pending_count("bob") == 2
     finally:
         store.close()
+
+
+# -- receipts as ranges (schema 4) -------------------------------------------------------------
+
+
+def assert_counts_match_the_view(store: Store) -> None:
+    with StoreReader(store.path) as reader:
+        assert reader.counts() == {f"{d}/{s}": n for d, s, n in store.execute_raw(
+            "SELECT direction, state, COUNT(*) FROM message_rows GROUP BY direction, state")}
+
+
+def view_pending(store: Store, peer: str | None = None) -> int:
+    """Pending outgoing rows counted one by one through `message_rows` (the slow, exact way)."""
+    where = " AND peer = ?" if peer else ""
+    [(count,)] = store.execute_raw(
+        "SELECT COUNT(*) FROM message_rows WHERE direction = 'out' AND state = 'pending'"
+        + where, (peer,) if peer else ())
+    return int(count)
+
+
+def test_a_receipt_is_one_row_per_range_whatever_its_length(store: Store) -> None:
+    store.apply(WriteBatch(outgoing=[out(s) for s in range(1, 5001)]), T)
+    store.apply(WriteBatch(deliveries=[
+        Delivery("bob", list(range(1, 4097)), receipt(stored_at=7), 8),
+        Delivery("bob", [4100, 4101, 4200], receipt(stored_at=9), 10),
+    ]), T)
+    assert store.execute_raw("SELECT peer, first_seq, last_seq FROM receipts ORDER BY last_seq") \
+        == [("bob", 1, 4096), ("bob", 4100, 4101), ("bob", 4200, 4200)]
+    delivered = {seq: at for seq, at in store.execute_raw(
+        "SELECT seq, receipt_stored_at_ns FROM message_rows WHERE state = 'delivered'")}
+    assert sorted(delivered) == [*range(1, 4097), 4100, 4101, 4200]
+    assert delivered[1] == delivered[4096] == 7 and delivered[4200] == 9
+    # The row itself is not rewritten: that is the point.
+    assert store.execute_raw("SELECT DISTINCT state FROM messages") == [("pending",)]
+    assert store.pending_count() == view_pending(store) == 5000 - 4099
+    assert [m.seq for m in store.load_pending("bob", 0, 5)] == [4097, 4098, 4099, 4102, 4103]
+    assert_counts_match_the_view(store)
+
+
+def test_load_pending_skips_settled_runs_and_stops_at_a_pending_gap(store: Store) -> None:
+    store.apply(WriteBatch(outgoing=[out(s) for s in range(1, 31)]), T)
+    # 1-10 and 12-20 receipted, 11 rejected (a settled gap); 21 pending; 22-25 receipted.
+    store.apply(WriteBatch(rejections=[Rejection("bob", [11], "no")]), T)
+    store.apply(WriteBatch(deliveries=[
+        Delivery("bob", list(range(1, 11)), receipt(), 1),
+        Delivery("bob", list(range(12, 21)), receipt(), 1),
+        Delivery("bob", list(range(22, 26)), receipt(), 1),
+    ]), T)
+    assert store._settled_through("bob", 0) == 20
+    assert [m.seq for m in store.load_pending("bob", 0, 100)] == [21, *range(26, 31)]
+    assert [m.seq for m in store.load_pending("bob", 21, 3)] == [26, 27, 28]
+    assert store.pending_count("bob") == view_pending(store, "bob") == 6
+    assert_counts_match_the_view(store)
+
+
+def test_a_receipt_recorded_twice_keeps_the_first(store: Store) -> None:
+    store.apply(WriteBatch(outgoing=[out(s) for s in range(1, 6)]), T)
+    store.apply(WriteBatch(deliveries=[Delivery("bob", [2, 3, 4], receipt(stored_at=7), 8)]), T)
+    for seqs in ([2, 3, 4], [3], [1, 2], [4, 5]):  # exact, inside, and overlapping either end
+        store.apply(WriteBatch(deliveries=[Delivery("bob", seqs, receipt(stored_at=70), 80)]), T)
+    assert store.execute_raw("SELECT first_seq, last_seq FROM receipts") == [(2, 4)]
+    assert states(store) == {1: "pending", 2: "delivered", 3: "delivered", 4: "delivered",
+                             5: "pending"}
+    assert store.pending_count() == view_pending(store) == 2
+
+
+def test_a_version_3_database_keeps_its_delivered_rows_and_records_new_receipts_as_ranges(
+    data_dir: Path,
+) -> None:
+    data_dir.mkdir(parents=True)
+    conn = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
+    conn.create_function("mp_checksum", 7, content_checksum, deterministic=True)
+    conn.executescript(MIGRATIONS[0] + MIGRATIONS[1] + MIGRATIONS[2]
+                       + "; PRAGMA user_version = 3;")
+    for seq, state in ((1, "delivered"), (2, "pending"), (3, "pending")):
+        m = out(seq)
+        conn.execute(
+            "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns,"
+            " hlc, state, stored_at_ns, checksum, receipt_stored_at_ns, receipt_sync)"
+            " VALUES (?, 'out', 'bob', 'alice', 'bob', ?, ?, ?, ?, ?, 1, ?, ?, ?)",
+            (m.id, seq, m.body, m.sent_at_ns, m.hlc, state,
+             content_checksum(m.id, m.sender, m.recipient, seq, m.body, m.sent_at_ns, m.hlc),
+             *((5, "full") if state == "delivered" else (None, None))),
+        )
+    conn.close()
+    # A reader of this version on the store before any node migrated it reads the rows as
+    # they are (no receipts table yet).
+    with StoreReader.for_data_dir(data_dir) as reader:
+        assert [(m.seq, m.state) for m in reader.history()] == [
+            (1, "delivered"), (2, "pending"), (3, "pending")]
+        assert reader.pending_count() == 2
+    store = Store.open(data_dir, name="alice")
+    try:
+        assert store.execute_raw("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        assert [m.seq for m in store.load_pending("bob", 0, 10)] == [2, 3]
+        store.apply(WriteBatch(deliveries=[Delivery("bob", [2], receipt(stored_at=9), 10)]), T)
+        assert store.pending_count() == view_pending(store) == 1
+        assert [m.seq for m in store.load_pending("bob", 0, 10)] == [3]
+    finally:
+        store.close()
+    with StoreReader.for_data_dir(data_dir) as reader:
+        rows = {m.seq: m for m in reader.history()}
+        assert reader.counts() == {"out/delivered": 2, "out/pending": 1}
+        assert (rows[1].state, rows[1].receipt_stored_at_ns, rows[1].receipt_sync) == (
+            "delivered", 5, "full")  # delivered under schema 3, in its own columns
+        assert (rows[2].state, rows[2].receipt_stored_at_ns, rows[2].receipt_arrived_at_ns) == (
+            "delivered", 9, 10)  # delivered under schema 4, through the receipts table
+        assert rows[3].state == "pending" and rows[3].receipt_stored_at_ns is None
