@@ -475,23 +475,30 @@ def test_max_hlc_per_direction(store: Store) -> None:
     assert store.max_hlc("in") == 1002
 
 
-def test_a_version_2_database_loses_its_pending_index_and_keeps_its_outbox(
-    data_dir: Path,
-) -> None:
+def write_old_outbox(data_dir: Path, *, version: int) -> None:
+    """A store at schema `version` (2 or later) holding three messages to bob: 1 delivered
+    (its receipt in its own columns, as before schema 4), 2 and 3 pending."""
     data_dir.mkdir(parents=True)
     conn = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
     conn.create_function("mp_checksum", 7, content_checksum, deterministic=True)
-    conn.executescript(MIGRATIONS[0] + MIGRATIONS[1] + "; PRAGMA user_version = 2;")
+    conn.executescript("".join(MIGRATIONS[:version]) + f"; PRAGMA user_version = {version};")
     for seq, state in ((1, "delivered"), (2, "pending"), (3, "pending")):
         m = out(seq)
         conn.execute(
             "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns,"
-            " hlc, state, stored_at_ns, checksum) VALUES (?, 'out', 'bob', 'alice', 'bob', ?, ?,"
-            " ?, ?, ?, 1, ?)",
+            " hlc, state, stored_at_ns, checksum, receipt_stored_at_ns, receipt_sync)"
+            " VALUES (?, 'out', 'bob', 'alice', 'bob', ?, ?, ?, ?, ?, 1, ?, ?, ?)",
             (m.id, seq, m.body, m.sent_at_ns, m.hlc, state,
-             content_checksum(m.id, m.sender, m.recipient, seq, m.body, m.sent_at_ns, m.hlc)),
+             content_checksum(m.id, m.sender, m.recipient, seq, m.body, m.sent_at_ns, m.hlc),
+             *((5, "full") if state == "delivered" else (None, None))),
         )
     conn.close()
+
+
+def test_a_version_2_database_loses_its_pending_index_and_keeps_its_outbox(
+    data_dir: Path,
+) -> None:
+    write_old_outbox(data_dir, version=2)
     store = Store.open(data_dir, name="alice")
     try:
         indexes = {r[0] for r in store.execute_raw(
@@ -571,22 +578,7 @@ def test_a_receipt_recorded_twice_keeps_the_first(store: Store) -> None:
 def test_a_version_3_database_keeps_its_delivered_rows_and_records_new_receipts_as_ranges(
     data_dir: Path,
 ) -> None:
-    data_dir.mkdir(parents=True)
-    conn = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
-    conn.create_function("mp_checksum", 7, content_checksum, deterministic=True)
-    conn.executescript(MIGRATIONS[0] + MIGRATIONS[1] + MIGRATIONS[2]
-                       + "; PRAGMA user_version = 3;")
-    for seq, state in ((1, "delivered"), (2, "pending"), (3, "pending")):
-        m = out(seq)
-        conn.execute(
-            "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns,"
-            " hlc, state, stored_at_ns, checksum, receipt_stored_at_ns, receipt_sync)"
-            " VALUES (?, 'out', 'bob', 'alice', 'bob', ?, ?, ?, ?, ?, 1, ?, ?, ?)",
-            (m.id, seq, m.body, m.sent_at_ns, m.hlc, state,
-             content_checksum(m.id, m.sender, m.recipient, seq, m.body, m.sent_at_ns, m.hlc),
-             *((5, "full") if state == "delivered" else (None, None))),
-        )
-    conn.close()
+    write_old_outbox(data_dir, version=3)
     # A reader of this version on the store before any node migrated it reads the rows as
     # they are (no receipts table yet).
     with StoreReader.for_data_dir(data_dir) as reader:
