@@ -98,12 +98,6 @@ _RECORD_RECEIPT = (
     " WHERE NOT EXISTS (SELECT 1 FROM receipts WHERE peer = ?1 AND first_seq <= ?2"
     " AND last_seq = (SELECT MIN(last_seq) FROM receipts WHERE peer = ?1 AND last_seq >= ?3))"
 )
-#: True when a receipt covers the outgoing row `m` (see `message_rows` in schema.py).
-_COVERED = (
-    "EXISTS (SELECT 1 FROM receipts AS r WHERE r.peer = m.peer AND r.first_seq <= m.seq"
-    " AND r.last_seq = (SELECT MIN(c.last_seq) FROM receipts AS c"
-    " WHERE c.peer = m.peer AND c.last_seq >= m.seq))"
-)
 #: Readers read `message_rows`, the messages as they stand with their receipts.
 _ROWS_VIEW = "message_rows"
 _MARK_REJECTED = (
@@ -407,18 +401,16 @@ class Store:
         """Up to `limit` undelivered messages to `peer` with seq above `after_seq`, in order.
 
         Skips the settled run above `after_seq` a receipt range at a time (after a start
-        that is the whole delivered outbox, 0 to a few thousand ranges), then walks
-        `messages_out_link` from there, leaving out rows a receipt covers. Later calls start
-        above everything already loaded, where no receipt reaches.
+        that is the whole delivered outbox, 0 to a few thousand ranges), then reads
+        `message_rows` from there (SQLite walks `messages_out_link`). Later calls start above
+        everything already loaded, where no receipt reaches.
         """
-        conn = self._conn
         with _translated(self.path):
             after_seq = self._settled_through(peer, after_seq)
-            rows = conn.execute(
+            rows = self._conn.execute(
                 "SELECT id, seq, sender, recipient, body, sent_at_ns, hlc"
-                " FROM messages AS m INDEXED BY messages_out_link"
-                " WHERE direction = 'out' AND peer = ? AND seq > ? AND state = 'pending'"
-                f" AND NOT {_COVERED} ORDER BY seq LIMIT ?",
+                f" FROM {_ROWS_VIEW} WHERE direction = 'out' AND peer = ? AND seq > ?"
+                " AND state = 'pending' ORDER BY seq LIMIT ?",
                 (peer, after_seq, limit),
             ).fetchall()
         return [Envelope(*row) for row in rows]
@@ -536,11 +528,9 @@ class StoreReader:
             rows = self._conn.execute(
                 "SELECT direction, state, COUNT(*) FROM messages GROUP BY direction, state"
             ).fetchall()
-            covered = int(self._conn.execute(
-                "SELECT COALESCE(SUM(last_seq - first_seq + 1), 0) FROM receipts"
-            ).fetchone()[0]) if self._receipts else 0
+            covered = _receipted(self._conn, None) if self._receipts else 0
         # The rows as stored, then the receipt ranges' seqs moved from pending to delivered
-        # (as in `pending_count`; counting through `message_rows` costs two seeks a row).
+        # (counting through `message_rows` would cost two seeks a row).
         counts = {f"{d}/{s}": int(n) for d, s, n in rows}
         if covered:
             counts["out/pending"] -= covered
@@ -553,22 +543,22 @@ class StoreReader:
 def _pending_count(
     conn: sqlite3.Connection, path: Path, peer: str | None, *, receipts: bool
 ) -> int:
-    # Outgoing rows still marked pending, less those a receipt range covers: ranges never
-    # overlap and cover only rows that were in flight, hence pending, when recorded.
     where = "direction = 'out' AND state = 'pending'" + (" AND peer = ?" if peer else "")
-    covered = (
-        "(SELECT COALESCE(SUM(last_seq - first_seq + 1), 0) FROM receipts"
-        + (" WHERE peer = ?)" if peer else ")")
-        if receipts else "0"
-    )
-    params = (peer, peer) if peer and receipts else (peer,) if peer else ()
     with _translated(path):
         row = conn.execute(
-            f"SELECT (SELECT COUNT(*) FROM messages INDEXED BY messages_out_link WHERE {where})"
-            f" - {covered}",
-            params,
+            f"SELECT COUNT(*) FROM messages INDEXED BY messages_out_link WHERE {where}",
+            (peer,) if peer else (),
         ).fetchone()
-    return int(row[0])
+        return int(row[0]) - (_receipted(conn, peer) if receipts else 0)
+
+
+def _receipted(conn: sqlite3.Connection, peer: str | None) -> int:
+    """Seqs the receipt ranges cover (of `peer`, or of all peers). Ranges never overlap and
+    cover only rows that were in flight, hence stored as 'pending', when they were recorded:
+    this many of the 'pending' rows are in fact delivered."""
+    sql = "SELECT COALESCE(SUM(last_seq - first_seq + 1), 0) FROM receipts"
+    row = conn.execute(sql + " WHERE peer = ?", (peer,)) if peer else conn.execute(sql)
+    return int(row.fetchone()[0])
 
 
 def migrate(conn: sqlite3.Connection, path: Path) -> None:

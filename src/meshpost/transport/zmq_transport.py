@@ -275,10 +275,11 @@ class ZmqTransport:
             return identity, payload
         # [identity, payload] is all we send; anything longer is not ours to parse. The
         # remaining parts are already here (ZeroMQ delivers a message whole).
-        parts = 2
-        while sock.recv(_NOBLOCK, copy=False).more:
+        parts, more = 2, True
+        while more:
+            more = sock.recv(_NOBLOCK, copy=False).more
             parts += 1
-        log.warning("[%s] dropped a %d-part message", self.name, parts + 1)
+        log.warning("[%s] dropped a %d-part message", self.name, parts)
         return None
 
     def _handle_inbound(self, message: tuple[zmq.Frame, zmq.Frame] | None) -> None:
