@@ -73,7 +73,7 @@ from rich.progress import (
 from rich.table import Table
 
 from meshpost.cluster import LocalCluster, free_tcp_ports
-from meshpost.config import MeshConfig
+from meshpost.config import MeshConfig, NodeConfig
 from meshpost.node import Node
 from meshpost.protocol import Envelope, Receipt
 from meshpost.store import Delivery, Store, WriteBatch
@@ -1296,6 +1296,11 @@ async def _post_in_process(node: Node, peer: str, count: int, body: str, window:
     await _post_windowed(node, lambda n: [(peer, n)], count, body, window, STALL_S, on_progress)
 
 
+def _default_window() -> int:
+    return next(int(f.default) for f in dataclasses.fields(NodeConfig)  # type: ignore[arg-type]
+                if f.name == "window")
+
+
 def _round(figures: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in figures.items()}
 
@@ -1397,7 +1402,7 @@ def write_markdown(path: Path, results: dict[str, ScenarioResult], info: dict[st
         f"{info['msgspec']}  ",
         f"Bodies of {options.size} bytes; sync={options.sync}; transport={options.transport}; "
         f"uvloop={'yes' if options.use_uvloop else 'no'}; "
-        f"pair window={options.window or 'node default (4096)'}.",
+        f"pair window={options.window or f'node default ({_default_window()})'}.",
         "",
         "| scenario | result | comparison |",
         "| --- | --- | --- |",

@@ -88,8 +88,10 @@ class NodeConfig:
     groups: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     sync: SyncLevel = "full"
-    #: Messages in flight per peer before waiting for receipts (bounded memory per peer).
-    window: int = 4096
+    #: Messages held in memory per peer (queued and in flight) before waiting for receipts,
+    #: and the memory they may take (body characters + 256 bytes each): both bound a link.
+    window: int = 16_384
+    window_bytes: int = 16 * 1024 * 1024
     #: First retransmission delay; doubles per silent round up to `retransmit_max_s`.
     retransmit_initial_s: float = 0.5
     retransmit_max_s: float = 5.0
@@ -118,6 +120,8 @@ class NodeConfig:
             raise ConfigError(f"sync must be 'full' or 'normal', not {self.sync!r}")
         if self.window < 1:
             raise ConfigError("window must be at least 1")
+        if self.window_bytes < 1:
+            raise ConfigError("window_bytes must be at least 1")
         for group, members in self.groups.items():
             validate_name(group)
             unknown = [m for m in members if m not in names and m != self.name]
@@ -135,7 +139,7 @@ class NodeConfig:
         return None
 
 
-_WHOLE_NUMBERS = ("max_message_bytes", "window")
+_WHOLE_NUMBERS = ("max_message_bytes", "window", "window_bytes")
 _DURATIONS = ("retransmit_initial_s", "retransmit_max_s", "ping_interval_s", "peer_timeout_s")
 
 

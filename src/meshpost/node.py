@@ -304,6 +304,7 @@ class Node:
                     local_node_id=self._store.node_id,
                     peer=peer.name,
                     window=cfg.window,
+                    window_bytes=cfg.window_bytes,
                     retransmit_initial_s=cfg.retransmit_initial_s,
                     retransmit_max_s=cfg.retransmit_max_s,
                     ping_interval_s=cfg.ping_interval_s,
@@ -623,7 +624,7 @@ class Node:
                 by_peer.setdefault(e.recipient, []).append(e)
         for peer, group in by_peer.items():
             link = self._links[peer]
-            if not link.disk_backlog and link.capacity >= len(group):
+            if not link.disk_backlog and link.admit(group) == len(group):
                 link.enqueue(group)
                 link.pump(self.clock.monotonic(), self.clock.wall_ns())
                 self._perform(link)
@@ -642,18 +643,19 @@ class Node:
             await self._feed_wakeup.wait()
             self._feed_wakeup.clear()
             for peer, link in self._links.items():
-                # Refill only when a quarter of the window is free: fewer, larger reads.
-                if not link.disk_backlog or link.capacity < max(1, link.window // 4):
+                if not link.disk_backlog or not link.wants_refill():
                     continue
                 epoch = self._backlog_epoch[peer]
                 limit = link.capacity
                 rows = await writer.call(store.load_pending, peer, link.highest_enqueued_seq,
                                          limit)
-                link.enqueue(rows)
+                # The window's bytes may take fewer than `limit`; the rest stay on disk.
+                taken = link.admit(rows)
+                link.enqueue(rows[:taken] if taken < len(rows) else rows)
                 link.pump(self.clock.monotonic(), self.clock.wall_ns())
-                if len(rows) < limit and epoch == self._backlog_epoch[peer]:
+                if taken == len(rows) < limit and epoch == self._backlog_epoch[peer]:
                     link.disk_backlog = False
-                elif len(rows) == limit:
+                elif taken == limit:
                     self._feed_wakeup.set()
                 self._perform(link)
 

@@ -166,3 +166,46 @@ def test_a_receipt_timeout_raises_and_the_message_is_still_delivered_later(
     asyncio.run(asyncio.wait_for(scenario(), 60))
     report = verify_stores({"A": short_tmp / "A", "B": short_tmp / "B"})
     assert report.ok and report.delivered == 2, report.summary()
+
+
+def test_the_window_bytes_bound_what_a_link_holds_and_the_backlog_still_drains(
+    short_tmp: Path,
+) -> None:
+    from meshpost.protocol import HELD_MESSAGE_OVERHEAD
+    from meshpost.verify import verify_stores
+
+    endpoints = {n: f"ipc://{short_tmp}/{n.lower()}.sock" for n in "AB"}
+    body_chars, count = 1000, 300
+    budget = 8 * (body_chars + HELD_MESSAGE_OVERHEAD)  # eight messages, of 4096 by count
+
+    def config(name: str, peer: str) -> NodeConfig:
+        return NodeConfig(name=name, bind=(endpoints[name],),
+                          peers=(PeerConfig(peer, endpoints[peer]),),
+                          data_dir=short_tmp / name, window_bytes=budget)
+
+    held: list[int] = []
+
+    async def scenario() -> None:
+        async with Node(config("A", "B")) as a:
+            link = a._links["B"]
+            real_enqueue = link.enqueue
+
+            def enqueue(messages: list) -> None:  # type: ignore[type-arg]
+                real_enqueue(messages)
+                held.append(link.held_bytes)
+
+            link.enqueue = enqueue  # type: ignore[method-assign]
+            # B is not running: the first messages fill the window, the rest wait on disk.
+            for start in range(0, count, 50):
+                await a.post_many("B", [f"{i:04d}" + "x" * (body_chars - 4)
+                                        for i in range(start, start + 50)])
+            await a.flush()
+            async with Node(config("B", "A")):
+                assert await a.wait_delivered(count, 60)
+
+    asyncio.run(asyncio.wait_for(scenario(), 90))
+    assert len(held) > count // 8, "the backlog was not loaded in window-sized refills"
+    assert max(held) <= budget
+    report = verify_stores({"A": short_tmp / "A", "B": short_tmp / "B"})
+    assert report.ok, report.summary()
+    assert report.delivered == count

@@ -5,7 +5,7 @@ and timestamps handed in by the caller; outputs are frames to send and events.
 """
 
 from meshpost.protocol.codec import decode, encode
-from meshpost.protocol.dialer import DialerLink, LinkState
+from meshpost.protocol.dialer import HELD_MESSAGE_OVERHEAD, DialerLink, LinkState, held_size
 from meshpost.protocol.events import (
     Event,
     LinkRefused,
@@ -37,6 +37,7 @@ from meshpost.protocol.frames import (
 from meshpost.protocol.listener import Listener, to_ranges
 
 __all__ = [
+    "HELD_MESSAGE_OVERHEAD",
     "PROTOCOL_VERSION",
     "Batch",
     "Bye",
@@ -66,5 +67,6 @@ __all__ = [
     "Welcome",
     "decode",
     "encode",
+    "held_size",
     "to_ranges",
 ]

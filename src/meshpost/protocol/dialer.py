@@ -8,10 +8,12 @@ monotonic reading in seconds, `wall_ns` the wall clock); outputs are `frames_to_
 
 from __future__ import annotations
 
+import bisect
 import collections
 import enum
 import itertools
-from collections.abc import Iterable
+import operator
+from collections.abc import Sequence
 
 from meshpost.clock import OffsetEstimator
 from meshpost.protocol.events import (
@@ -48,6 +50,17 @@ REFUSED_RETRY_S = 10.0
 RTT_ALPHA = 0.125
 RTT_BETA = 0.25
 RTT_K = 4.0
+#: What a held message costs besides its body (the Envelope, its id, the dict slot): the
+#: window's byte count is body characters plus this, an estimate of memory, not of the wire.
+HELD_MESSAGE_OVERHEAD = 256
+
+_SEQ = operator.attrgetter("seq")
+_BODY = operator.attrgetter("body")
+
+
+def held_size(messages: Sequence[Envelope]) -> int:
+    """The window bytes `messages` take (summed in C, no per-message Python)."""
+    return sum(map(len, map(_BODY, messages))) + len(messages) * HELD_MESSAGE_OVERHEAD
 
 
 class LinkState(enum.Enum):
@@ -74,6 +87,7 @@ class DialerLink:
         local_node_id: str,
         peer: str,
         window: int,
+        window_bytes: int,
         retransmit_initial_s: float,
         retransmit_max_s: float,
         ping_interval_s: float,
@@ -83,6 +97,7 @@ class DialerLink:
         self.local_node_id = local_node_id
         self.peer = peer
         self.window = window
+        self.window_bytes = window_bytes
         self._rto_initial = retransmit_initial_s
         self._rto_max = retransmit_max_s
         self._ping_interval = ping_interval_s
@@ -103,6 +118,8 @@ class DialerLink:
 
         self._queue: collections.deque[Envelope] = collections.deque()
         self._inflight: dict[int, Envelope] = {}
+        #: `held_size` of everything in `_queue` and `_inflight`.
+        self._held_bytes = 0
         self._rto = retransmit_initial_s
         #: Smoothed round trip (batch sent -> its receipt back, which includes the peer's
         #: commit) and its mean deviation, from receipts; None until the first sample.
@@ -122,16 +139,53 @@ class DialerLink:
         return self.window - len(self._queue) - len(self._inflight)
 
     @property
+    def held_bytes(self) -> int:
+        """Memory the held messages take, as `held_size` estimates it."""
+        return self._held_bytes
+
+    @property
     def unacknowledged(self) -> int:
         return len(self._queue) + len(self._inflight)
 
-    def enqueue(self, messages: Iterable[Envelope]) -> None:
-        """Hand over messages already committed to the local store, in seq order."""
-        for message in messages:
-            if message.seq <= self.highest_enqueued_seq:
-                continue  # already in memory (or delivered): loading twice is harmless
-            self._queue.append(message)
-            self.highest_enqueued_seq = message.seq
+    def wants_refill(self) -> bool:
+        """A quarter of the window is free in messages and in bytes: worth a read from disk
+        (fewer, larger reads than refilling one receipt at a time)."""
+        return (
+            self.capacity >= max(1, self.window // 4)
+            and self.window_bytes - self._held_bytes >= self.window_bytes // 4
+        )
+
+    def admit(self, messages: Sequence[Envelope]) -> int:
+        """How many of `messages`, from the first, fit in the window now (both its message
+        count and its bytes). An empty link admits one message whatever its size, so a body
+        larger than `window_bytes` still goes."""
+        count = min(len(messages), self.capacity)
+        if count <= 0:
+            return 0
+        room = self.window_bytes - self._held_bytes
+        if count < len(messages):
+            messages = messages[:count]
+        if held_size(messages) > room:
+            sizes = itertools.accumulate(
+                map(operator.add, map(len, map(_BODY, messages)),
+                    itertools.repeat(HELD_MESSAGE_OVERHEAD))
+            )
+            count = bisect.bisect_right(list(sizes), room)
+        if count == 0 and not self._queue and not self._inflight:
+            count = 1
+        return count
+
+    def enqueue(self, messages: Sequence[Envelope]) -> None:
+        """Hand over messages already committed to the local store, in seq order. Those at or
+        below `highest_enqueued_seq` are already held (or delivered) and are skipped."""
+        start = bisect.bisect_right(messages, self.highest_enqueued_seq, key=_SEQ)
+        if start:
+            messages = messages[start:]
+        if not messages:
+            return
+        self._queue.extend(messages)
+        self._held_bytes += held_size(messages)
+        self.highest_enqueued_seq = messages[-1].seq
 
     def pump(self, now: float, wall_ns: int) -> None:
         """Put what `enqueue` queued in flight now (if the handshake is done), not at the
@@ -198,7 +252,9 @@ class DialerLink:
             case Receipt():
                 self._on_receipt(frame, now, wall_ns)
             case Reject(seqs=seqs, code=code, detail=detail):
-                settled = [s for s in seqs if self._inflight.pop(s, None) is not None]
+                gone = [(s, m) for s in seqs if (m := self._inflight.pop(s, None)) is not None]
+                self._held_bytes -= held_size([m for _s, m in gone])
+                settled = [s for s, _m in gone]
                 if settled:
                     self._events.append(MessagesRejected(self.peer, settled, code, detail))
             case Pong(echo_sent_at_ns=t1, received_at_ns=t2, replied_at_ns=t3):
@@ -312,11 +368,11 @@ class DialerLink:
                 else:
                     settled.extend(s for s, m in zip(range(lo, hi + 1), popped, strict=True)
                                    if m is not None)
+                self._held_bytes -= held_size(list(filter(None, popped)))
             else:
                 # A wide range (or a hostile one): walk what we have instead of the range.
                 hits = [s for s in inflight if lo <= s <= hi]
-                for s in hits:
-                    del inflight[s]
+                self._held_bytes -= held_size([inflight.pop(s) for s in hits])
                 settled.extend(hits)
         self.offset.add(receipt.echo_tx_at_ns, receipt.received_at_ns, receipt.replied_at_ns,
                         wall_ns)

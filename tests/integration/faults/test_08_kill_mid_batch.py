@@ -44,11 +44,16 @@ def _check_receiver_rows(mesh: Mesh) -> int:
     return len(rows)
 
 
-async def _kill_b_while_receiving(mesh: Mesh, label: str) -> None:
-    """kill -9 B once its inbox grows (it is committing incoming batches), check its file."""
-    before = len(read_rows(mesh.data_dir("B"), "WHERE direction = 'in'"))
+def _rows_at_b(mesh: Mesh) -> int:
+    return len(read_rows(mesh.data_dir("B"), "WHERE direction = 'in'"))
+
+
+async def _kill_b_while_receiving(mesh: Mesh, label: str, before: int | None = None) -> None:
+    """kill -9 B once its inbox grows past `before` rows (it is committing incoming batches),
+    check its file."""
+    before = _rows_at_b(mesh) if before is None else before
     deadline = time.monotonic() + 60
-    while len(read_rows(mesh.data_dir("B"), "WHERE direction = 'in'")) <= before:
+    while _rows_at_b(mesh) <= before:
         assert time.monotonic() < deadline, "B is not receiving"
         await asyncio.sleep(0.01)
     await sleep_random(mesh.rng, 0.0, 0.05)
@@ -73,8 +78,13 @@ def test_kill_mid_batch(mesh_factory: MeshFactory) -> None:
         await _kill_b_while_receiving(mesh, "kill1")
         # The flood waited for B's restart, so most of it is still ahead when A is killed.
         gate.touch()
-        # The sender, between or inside its one-transaction-per-chunk commits.
+        # The sender, between or inside its one-transaction-per-chunk commits. B is stopped
+        # before the last chunk A commits, so A's outbox holds messages B has not received:
+        # however fast the link (a window holds 16,384 messages), B has a backlog to take in
+        # when A comes back.
         await asyncio.to_thread(helper.wait_event, "chunk-accepted", 60, 4)
+        mesh.sigstop("B")
+        await asyncio.to_thread(helper.wait_event, "chunk-accepted", 60, 5)
         await sleep_random(mesh.rng, 0.0, 0.1)
         assert await asyncio.to_thread(helper.kill) == -9
         events = helper.events()
@@ -87,8 +97,10 @@ def test_kill_mid_batch(mesh_factory: MeshFactory) -> None:
         mesh.extra.update(helper.ingest_chunks("B", "mid", CHUNK, SIZE))
         mesh.assert_no_receipt_without_commit("after kill -9 of A")
         # A comes back as a real node on the same store; B dies again while A's backlog flows.
+        before = _rows_at_b(mesh)
+        mesh.sigcont("B")
         await asyncio.to_thread(mesh.start_real, ["A"])
-        await _kill_b_while_receiving(mesh, "kill2")
+        await _kill_b_while_receiving(mesh, "kill2", before)
         counts = await mesh.finish()
         assert integrity(mesh.db("A")) == ["ok"] and integrity(mesh.db("B")) == ["ok"]
         assert counts.accepted == len(accepted) * CHUNK

@@ -37,7 +37,13 @@ from meshpost.protocol import (
     decode,
     encode,
 )
-from meshpost.protocol.dialer import MAX_BATCH_BODY_BYTES, MAX_BATCH_MESSAGES, REFUSED_RETRY_S
+from meshpost.protocol.dialer import (
+    HELD_MESSAGE_OVERHEAD,
+    MAX_BATCH_BODY_BYTES,
+    MAX_BATCH_MESSAGES,
+    REFUSED_RETRY_S,
+    held_size,
+)
 
 T0_WALL = 1_700_000_000_000_000_000
 RTO_INITIAL = 0.5
@@ -86,6 +92,7 @@ class Wire:
         self,
         *,
         window: int = 4096,
+        window_bytes: int = 16 * 1024 * 1024,
         peer_timeout_s: float = PEER_TIMEOUT,
         max_message_bytes: int = 64 * 1024,
         bob_skew_ns: int = 0,
@@ -95,7 +102,7 @@ class Wire:
         self.bob_skew_ns = bob_skew_ns
         self.dialer = DialerLink(
             local_name="alice", local_node_id="node-a", peer="bob", window=window,
-            retransmit_initial_s=RTO_INITIAL, retransmit_max_s=RTO_MAX,
+            window_bytes=window_bytes, retransmit_initial_s=RTO_INITIAL, retransmit_max_s=RTO_MAX,
             ping_interval_s=PING_INTERVAL, peer_timeout_s=peer_timeout_s,
         )
         self.max_message_bytes = max_message_bytes
@@ -265,6 +272,66 @@ def test_enqueue_ignores_messages_it_already_holds() -> None:
     assert wire.dialer.unacknowledged == 4
     assert wire.dialer.highest_enqueued_seq == 4
     assert wire.dialer.capacity == 4096 - 4
+
+
+def test_enqueue_counts_each_held_message_once_in_the_window_bytes() -> None:
+    wire = Wire()
+    wire.dialer.enqueue(msgs([1, 2, 3], "abc"))
+    wire.dialer.enqueue(msgs([2, 3, 4], "abc"))
+    assert wire.dialer.held_bytes == 4 * (3 + HELD_MESSAGE_OVERHEAD)
+    assert held_size(msgs([1, 2], "abcd")) == 2 * (4 + HELD_MESSAGE_OVERHEAD)
+
+
+def test_admit_stops_at_the_window_bytes_then_reopens_as_receipts_settle() -> None:
+    one = 100 + HELD_MESSAGE_OVERHEAD
+    wire = Wire(window_bytes=3 * one + one // 2)
+    wire.connect()
+    backlog = msgs(range(1, 11), "m" * 100)
+    taken = wire.dialer.admit(backlog)
+    assert taken == 3  # the message count (4096) would allow all ten
+    wire.dialer.enqueue(backlog[:taken])
+    assert wire.dialer.held_bytes == 3 * one
+    assert wire.dialer.admit(backlog[3:]) == 0
+    assert not wire.dialer.wants_refill()
+    sent = wire.poll()
+    assert batched_seqs(sent) == [1, 2, 3]
+    wire.to_dialer([receipt([(1, 2)])])
+    assert wire.dialer.held_bytes == one
+    assert wire.dialer.admit(backlog[3:]) == 2
+    assert wire.dialer.wants_refill()
+
+
+def test_an_empty_link_admits_one_message_larger_than_the_window_bytes() -> None:
+    wire = Wire(window_bytes=1000, max_message_bytes=64 * 1024)
+    wire.connect()
+    big = [msg(1, "b" * 5000), msg(2, "small")]
+    assert wire.dialer.admit(big) == 1
+    wire.dialer.enqueue(big[:1])
+    assert wire.dialer.held_bytes > wire.dialer.window_bytes
+    assert wire.dialer.admit(big[1:]) == 0  # nothing more until it is settled
+    wire.exchange(wire.poll())
+    assert [m.seq for m in wire.store.values()] == [1]
+    assert wire.dialer.held_bytes == 0
+    assert wire.dialer.admit(big[1:]) == 1
+
+
+def test_admit_also_respects_the_message_count() -> None:
+    wire = Wire(window=4)
+    wire.dialer.enqueue(msgs([1, 2, 3]))
+    assert wire.dialer.admit(msgs([4, 5, 6])) == 1
+
+
+def test_rejected_and_wide_range_settled_messages_leave_the_window_bytes() -> None:
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs(range(1, 6), "xy"))
+    wire.poll()
+    wire.to_dialer([Reject([2, 3], RejectCode.INVALID, "test")])
+    assert wire.dialer.held_bytes == 3 * (2 + HELD_MESSAGE_OVERHEAD)
+    # A range far wider than what is in flight is walked over the in-flight seqs instead.
+    wire.to_dialer([receipt([(1, 1_000_000)])])
+    assert wire.dialer.held_bytes == 0
+    assert wire.dialer.unacknowledged == 0
 
 
 def test_large_backlogs_go_out_in_batches_of_at_most_max_batch_messages() -> None:

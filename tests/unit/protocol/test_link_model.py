@@ -21,6 +21,7 @@ from hypothesis.stateful import (
 
 from meshpost.clock import FakeClock, HybridLogicalClock
 from meshpost.protocol import (
+    HELD_MESSAGE_OVERHEAD,
     DialerLink,
     Envelope,
     Frame,
@@ -32,9 +33,13 @@ from meshpost.protocol import (
     ViolationDetected,
     decode,
     encode,
+    held_size,
 )
 
 WINDOW = 8
+#: About five small messages' worth (each counts its body plus HELD_MESSAGE_OVERHEAD), so the
+#: byte budget, not only the message count, limits what the link takes.
+WINDOW_BYTES = 5 * HELD_MESSAGE_OVERHEAD + 20
 MAX_MESSAGE_BYTES = 1024
 MINUTE_NS = 60 * 1_000_000_000
 
@@ -70,8 +75,8 @@ class LinkModel(RuleBasedStateMachine):
     def new_dialer(self) -> DialerLink:
         return DialerLink(
             local_name="alice", local_node_id="node-a", peer="bob", window=WINDOW,
-            retransmit_initial_s=0.5, retransmit_max_s=5.0, ping_interval_s=1.0,
-            peer_timeout_s=4.0,
+            window_bytes=WINDOW_BYTES, retransmit_initial_s=0.5, retransmit_max_s=5.0,
+            ping_interval_s=1.0, peer_timeout_s=4.0,
         )
 
     def new_listener(self) -> Listener:
@@ -90,7 +95,7 @@ class LinkModel(RuleBasedStateMachine):
                 for s in sorted(self.outbox)
                 if s not in self.delivered and s > self.dialer.highest_enqueued_seq
             ][:room]
-            self.dialer.enqueue(rows)
+            self.dialer.enqueue(rows[:self.dialer.admit(rows)])
             self.dialer.pump(self.alice_clock.monotonic(), self.alice_clock.wall_ns())
 
     def perform(self) -> None:
@@ -280,6 +285,14 @@ class LinkModel(RuleBasedStateMachine):
     def bob_stores_only_what_alice_sent(self) -> None:
         sent = {m.id: m for m in self.outbox.values()}
         assert all(sent.get(i) == m for i, m in self.inbox.items())
+
+    @invariant()
+    def the_window_bounds_what_alice_holds(self) -> None:
+        held = [*self.dialer._queue, *self.dialer._inflight.values()]
+        assert self.dialer.held_bytes == held_size(held)
+        assert len(held) <= WINDOW
+        # Over the byte budget only by the one message an empty link always admits.
+        assert self.dialer.held_bytes <= WINDOW_BYTES or len(held) == 1
 
     @invariant()
     def receipts_cover_only_committed_rows(self) -> None:
