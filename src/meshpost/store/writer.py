@@ -46,8 +46,10 @@ INLINE_SYNC_LEVELS = frozenset({"normal", "off"})
 #: After a failed write, commit on the thread only (where waiting is harmless) for this long.
 INLINE_QUIET_AFTER_ERROR_S = 5.0
 #: Start a WAL checkpoint (on its own thread and connection) after about this many WAL pages,
-#: as SQLite's own autocheckpoint would; estimated per commit because sqlite3 does not expose
-#: the WAL hook.
+#: as SQLite's own autocheckpoint would; estimated per commit (`WriteBatch.wal_pages`) because
+#: sqlite3 does not expose the WAL hook. Each checkpoint costs two fsyncs, and slows the
+#: commits beside it: counting too many pages per small commit (8, until 12-01) made them
+#: 1.5-8 times as frequent as SQLite's own.
 CHECKPOINT_PAGES = 1000
 _TRANSIENT = (StoreLocked, StoreFull, DataDirNotWritable)
 
@@ -284,9 +286,7 @@ class GroupCommitWriter:
         )
         self.commits += 1
         self.rows_committed += rows
-        # A small commit rewrites one leaf page per B-tree (the table and its indexes); a
-        # large one about a page per 16 rows.
-        self._wal_pages += 8 + rows // 16
+        self._wal_pages += batch.wal_pages()
         if self._wal_pages >= CHECKPOINT_PAGES and (
             self._checkpoint is None or self._checkpoint.done()
         ):

@@ -602,3 +602,59 @@ def test_a_version_3_database_keeps_its_delivered_rows_and_records_new_receipts_
         assert (rows[2].state, rows[2].receipt_stored_at_ns, rows[2].receipt_arrived_at_ns) == (
             "delivered", 9, 10)  # delivered under schema 4, through the receipts table
         assert rows[3].state == "pending" and rows[3].receipt_stored_at_ns is None
+
+
+# -- WAL page estimate ------------------------------------------------------------------------
+
+
+def test_the_wal_page_estimate_follows_what_commits_really_append(store: Store) -> None:
+    """`WriteBatch.wal_pages` drives the checkpoints: too high makes them (and their fsyncs)
+    needlessly frequent, too low lets the WAL grow. Compared here with SQLite's own count."""
+    checkpointer = store.open_checkpointer()
+    body = "x" * 100
+    seq = in_seq = 0
+
+    # Ids as nodes make them: 28 hex digits, time-ordered.
+    def outgoing(n: int) -> list[Envelope]:
+        nonlocal seq
+        seq += n
+        return [Envelope(f"a{s:027x}", s, "alice", "bob", body, T + s, s)
+                for s in range(seq - n + 1, seq + 1)]
+
+    def arriving(n: int) -> list[Envelope]:
+        nonlocal in_seq
+        in_seq += n
+        return [Envelope(f"b{s:027x}", s, "bob", "alice", body, T + s, s)
+                for s in range(in_seq - n + 1, in_seq + 1)]
+
+    store.apply(WriteBatch(outgoing=outgoing(400)), T)  # rows for the deliveries below
+    delivered = 0
+
+    def delivery() -> WriteBatch:
+        nonlocal delivered
+        delivered += 1
+        return WriteBatch(deliveries=[Delivery("bob", [delivered], receipt(), T)])
+
+    shapes = {
+        "one outgoing row": (100, lambda: WriteBatch(outgoing=outgoing(1))),
+        "one incoming row": (100, lambda: WriteBatch(incoming=[arriving(1)])),
+        "one delivery": (100, delivery),
+        "512 outgoing rows": (10, lambda: WriteBatch(outgoing=outgoing(512))),
+        "4,096 incoming rows": (4, lambda: WriteBatch(incoming=[arriving(4096)])),
+        "rejections": (50, lambda: WriteBatch(rejections=[Rejection("bob", [seq], "no")],
+                                               outgoing=outgoing(1))),
+    }
+    try:
+        for shape, (commits, make) in shapes.items():
+            checkpointer.checkpoint()
+            store.apply(WriteBatch(outgoing=outgoing(1)), T)  # restarts the checkpointed WAL
+            checkpointer.checkpoint()
+            estimated = 0
+            for _ in range(commits):
+                batch = make()
+                estimated += batch.wal_pages()
+                store.apply(batch, T)
+            actual = checkpointer.checkpoint()  # the first commit restarted the WAL
+            assert 0.75 * actual <= estimated <= 1.33 * actual, (shape, estimated, actual)
+    finally:
+        checkpointer.close()

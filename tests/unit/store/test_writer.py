@@ -341,9 +341,9 @@ def test_wal_checkpoints_run_beside_commits_on_their_own_thread(
         async with running_writer(tmp_path, sync="normal") as writer:
             real = writer._checkpointer.checkpoint
 
-            def checkpoint() -> None:
+            def checkpoint() -> int:
                 threads.append(threading.current_thread().name)
-                real()
+                return real()
 
             monkeypatch.setattr(writer._checkpointer, "checkpoint", checkpoint)
             for seq in range(1, 11):
