@@ -98,6 +98,15 @@ _RECORD_RECEIPT = (
     " WHERE NOT EXISTS (SELECT 1 FROM receipts WHERE peer = ?1 AND first_seq <= ?2"
     " AND last_seq = (SELECT MIN(last_seq) FROM receipts WHERE peer = ?1 AND last_seq >= ?3))"
 )
+#: The last seq of the run of adjacent receipt ranges (each starting where the one before
+#: ended) that begins with the range ending at ?2.
+_END_OF_RUN = (
+    "SELECT last_seq FROM (SELECT last_seq, LEAD(first_seq) OVER (ORDER BY last_seq) AS next"
+    " FROM receipts WHERE peer = ?1 AND last_seq >= ?2)"
+    " WHERE next IS NULL OR next <> last_seq + 1 LIMIT 1"
+)
+#: Window functions (LEAD) came with SQLite 3.25; before it, runs are walked a range at a time.
+_LEAD = sqlite3.sqlite_version_info >= (3, 25, 0)
 #: Readers read `message_rows`, the messages as they stand with their receipts.
 _ROWS_VIEW = "message_rows"
 _MARK_REJECTED = (
@@ -419,10 +428,10 @@ class Store:
     def load_pending(self, peer: str, after_seq: int, limit: int) -> list[Envelope]:
         """Up to `limit` undelivered messages to `peer` with seq above `after_seq`, in order.
 
-        Skips the settled run above `after_seq` a receipt range at a time (after a start
-        that is the whole delivered outbox, 0 to a few thousand ranges), then reads
-        `message_rows` from there (SQLite walks `messages_out_link`). Later calls start above
-        everything already loaded, where no receipt reaches.
+        Skips the settled run above `after_seq` (after a start, the whole delivered outbox) a
+        run of adjacent receipt ranges at a time, then reads `message_rows` from there
+        (SQLite walks `messages_out_link`). Later calls start above everything already loaded,
+        where no receipt reaches.
         """
         with _translated(self.path):
             after_seq = self._settled_through(peer, after_seq)
@@ -454,7 +463,10 @@ class Store:
                 (peer, seq + 1, first - 1),
             ).fetchone():
                 return seq  # a pending message before the next range
-            seq = last
+            # Then to the end of the run of adjacent ranges that starts here, in one query:
+            # one receipt per message (sends one at a time) makes a range per seq, and a
+            # query per range was 4.3 us each (0.9 s after a restart with 200,000 of them).
+            seq = conn.execute(_END_OF_RUN, (peer, last)).fetchone()[0] if _LEAD else last
 
     def pending_count(self, peer: str | None = None) -> int:
         """Outgoing messages still waiting for a receipt (a scan of the outbox)."""

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshpost.errors import (
     DataDirNotWritable,
@@ -564,6 +567,48 @@ def test_load_pending_skips_settled_runs_and_stops_at_a_pending_gap(store: Store
     assert_counts_match_the_view(store)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.sampled_from(["pending", "delivered", "rejected"]), min_size=1, max_size=40),
+    st.lists(st.booleans(), min_size=40, max_size=40),
+)
+def test_the_settled_run_is_every_seq_from_the_start_that_is_not_pending(
+    fates: list[str], splits: list[bool]
+) -> None:
+    """Receipt ranges of any lengths (one per seq, as single sends make them, or longer),
+    rejected gaps and another peer's ranges interleaved: the run `load_pending` skips takes
+    in every range before the first pending seq and stops short of it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        s = Store.open(Path(tmp), name="alice")
+        try:
+            n = len(fates)
+            s.apply(WriteBatch(outgoing=[out(q) for q in range(1, n + 1)]
+                               + [out(q, to="carol") for q in range(1, n + 1)]), T)
+            ranges: list[list[int]] = []
+            for q, fate in enumerate(fates, start=1):
+                if fate != "delivered":
+                    continue
+                if ranges and ranges[-1][-1] == q - 1 and not splits[q - 1]:
+                    ranges[-1].append(q)  # the same receipt as the seq before
+                else:
+                    ranges.append([q])
+            rejected = [q for q, fate in enumerate(fates, start=1) if fate == "rejected"]
+            if rejected:
+                s.apply(WriteBatch(rejections=[Rejection("bob", rejected, "no")]), T)
+            for seqs in ranges:
+                s.apply(WriteBatch(deliveries=[Delivery("bob", seqs, receipt(), 1),
+                                               Delivery("carol", seqs, receipt(), 1)]), T)
+            # It skips every range below the first pending seq and never reaches that seq.
+            first_pending = next((q for q, f in enumerate(fates, start=1) if f == "pending"),
+                                 n + 1)
+            skipped = max((r[-1] for r in ranges if r[-1] < first_pending), default=0)
+            assert skipped <= s._settled_through("bob", 0) < first_pending
+            pending = [q for q, fate in enumerate(fates, start=1) if fate == "pending"]
+            assert [m.seq for m in s.load_pending("bob", 0, 100)] == pending
+        finally:
+            s.close()
+
+
 def test_a_receipt_recorded_twice_keeps_the_first(store: Store) -> None:
     store.apply(WriteBatch(outgoing=[out(s) for s in range(1, 6)]), T)
     store.apply(WriteBatch(deliveries=[Delivery("bob", [2, 3, 4], receipt(stored_at=7), 8)]), T)
@@ -658,3 +703,17 @@ def test_the_wal_page_estimate_follows_what_commits_really_append(store: Store) 
             assert 0.75 * actual <= estimated <= 1.33 * actual, (shape, estimated, actual)
     finally:
         checkpointer.close()
+
+
+def test_without_window_functions_settled_runs_are_walked_a_range_at_a_time(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite before 3.25 has no LEAD(): the same answer, one query per range."""
+    from meshpost.store import sqlite as sqlite_module
+
+    monkeypatch.setattr(sqlite_module, "_LEAD", False)
+    store.apply(WriteBatch(outgoing=[out(q) for q in range(1, 12)]), T)
+    for q in range(1, 11):
+        store.apply(WriteBatch(deliveries=[Delivery("bob", [q], receipt(), 1)]), T)
+    assert store._settled_through("bob", 0) == 10
+    assert [m.seq for m in store.load_pending("bob", 0, 100)] == [11]
