@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import secrets
+import weakref
 from collections.abc import Iterable
 
 import msgspec
@@ -101,9 +102,14 @@ class Receipt:
     sync: str
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(slots=True, weakref_slot=True)
 class Outgoing:
-    """A message accepted into the durable outbox. Await `receipt` for its delivery."""
+    """A message accepted into the durable outbox. Await `receipt` for its delivery.
+
+    The node holds it weakly: a handle its caller drops is forgotten (the message is still
+    delivered and its receipt stored), so posting through a long outage keeps no memory per
+    message beyond what the caller keeps.
+    """
 
     id: str
     to: str
@@ -238,7 +244,9 @@ class Node:
         self._listener: Listener | None = None
         self._links: dict[str, DialerLink] = {}
         self._next_seq: dict[str, int] = {}
-        self._waiters: dict[tuple[str, int], Outgoing] = {}
+        self._waiters: weakref.WeakValueDictionary[tuple[str, int], Outgoing] = (
+            weakref.WeakValueDictionary()
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._feed_wakeup = asyncio.Event()
         self._backlog_epoch: dict[str, int] = {}
@@ -352,7 +360,7 @@ class Node:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for waiter in self._waiters.values():
+        for waiter in list(self._waiters.values()):
             if not waiter.receipt.done():
                 waiter.receipt.set_exception(NodeClosed(self.name))
                 waiter.receipt.exception()  # nobody may be awaiting it: mark as retrieved
