@@ -731,12 +731,17 @@ class Bench:
         )
 
     def _pair_once(self, index: int) -> tuple[float, dict[str, Any], VerifyReport]:
+        psutil = _optional("psutil")
         n = self.o.messages
         cluster = self._cluster(f"pair-throughput-{index}", 2, options=self._window_option())
         task = self._task(f"pair-throughput: A→B, sync={self.o.sync}, run {index}", n)
         try:
             cluster.start(["B"])
             cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
+
+            # CPU time is far steadier than wall time on a shared machine: it is what the run
+            # costs, whatever else the machine does meanwhile.
+            processes = {"A": psutil.Process(), "B": psutil.Process(cluster.process("B").pid)}
 
             async def run() -> tuple[float, dict[str, Any]]:
                 async with Node(cfg) as a:
@@ -745,15 +750,20 @@ class Bench:
                     # Warm-up: connection, caches, first pages of the database.
                     await _post_in_process(a, "B", WARMUP_MESSAGES, self._body, window,
                                            lambda _d: None)
+                    cpu0 = {name: _cpu_seconds(p) for name, p in processes.items()}
                     t0 = time.monotonic()
                     await _post_in_process(
                         a, "B", n, self._body, window,
                         lambda done: self.progress.update(task, completed=done),
                     )
                     elapsed = time.monotonic() - t0
+                    cpu = {name: (_cpu_seconds(p) - cpu0[name]) * 1e6 / n
+                           for name, p in processes.items()}
                     stats = a.snapshot_stats()
                 return elapsed, {"store_commits": stats.store_commits,
-                                 "retransmissions": stats.retransmissions, "window": window}
+                                 "retransmissions": stats.retransmissions, "window": window,
+                                 "cpu_us_per_msg": {**{k: round(v, 2) for k, v in cpu.items()},
+                                                    "total": round(sum(cpu.values()), 2)}}
 
             elapsed, extra = _run_async(run(), self.o.use_uvloop)
         finally:
@@ -1296,6 +1306,12 @@ async def _post_in_process(node: Node, peer: str, count: int, body: str, window:
     await _post_windowed(node, lambda n: [(peer, n)], count, body, window, STALL_S, on_progress)
 
 
+def _cpu_seconds(process: Any) -> float:
+    """User + system CPU time of a psutil.Process, all its threads."""
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
 def _default_window() -> int:
     return next(int(f.default) for f in dataclasses.fields(NodeConfig)  # type: ignore[arg-type]
                 if f.name == "window")
@@ -1350,8 +1366,11 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
             rows.append((name, _fmt_rate(f["msgs_per_s"]), "raw pyzmq one-way (the 1.0×)"))
         elif name == "pair-throughput":
             ratio = f.get("ratio_to_ceiling")
+            cpu = f.get("cpu_us_per_msg")
             rows.append((name, _fmt_rate(f["msgs_per_s"]),
-                         f"{ratio:.2f}× ceiling" if ratio is not None else "no ceiling"))
+                         (f"{ratio:.2f}× ceiling" if ratio is not None else "no ceiling")
+                         + (f"; CPU {cpu['total']:.1f} µs/msg (A {cpu['A']:.1f}, B "
+                            f"{cpu['B']:.1f})" if cpu else "")))
         elif name == "pair-latency":
             rows.append(("pair-latency raw", _fmt_lat(f["raw_pingpong_us"]) + " µs",
                          "pyzmq ping-pong p50/p90/p99/p99.9"))

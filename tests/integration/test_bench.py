@@ -38,6 +38,9 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
         assert "lost=0 duplicated=0 phantom=0 mismatched=0" in scenarios[name]["verify"]
     pair = scenarios["pair-throughput"]["figures"]
     assert pair["messages"] == 2000 and pair["msgs_per_s"] > 0 and pair["ratio_to_ceiling"] > 0
+    cpu = pair["cpu_us_per_msg"]  # both processes did work for the messages
+    assert cpu["A"] > 0 and cpu["B"] > 0 and cpu["total"] == pytest.approx(cpu["A"] + cpu["B"],
+                                                                            abs=0.02)
     ceiling_runs = scenarios["ceiling"]["figures"]["runs_msgs_per_s"]
     assert len(ceiling_runs) == 2 * len(pair["runs_msgs_per_s"])  # one more before each pair run
     latency = scenarios["pair-latency"]["figures"]
@@ -59,3 +62,4 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
     summary = (out / "latest.md").read_text(encoding="utf-8")
     assert summary.startswith("# meshpost bench")
     assert "| pair-latency floor normal |" in summary
+    assert f"CPU {cpu['total']:.1f} µs/msg (A {cpu['A']:.1f}, B {cpu['B']:.1f})" in summary
