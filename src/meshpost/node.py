@@ -15,7 +15,6 @@ import itertools
 import logging
 import os
 import secrets
-import weakref
 from collections.abc import Iterable
 
 import msgspec
@@ -102,14 +101,9 @@ class Receipt:
     sync: str
 
 
-@dataclasses.dataclass(slots=True, weakref_slot=True)
+@dataclasses.dataclass(slots=True)
 class Outgoing:
-    """A message accepted into the durable outbox. Await `receipt` for its delivery.
-
-    The node holds it weakly: a handle its caller drops is forgotten (the message is still
-    delivered and its receipt stored), so posting through a long outage keeps no memory per
-    message beyond what the caller keeps.
-    """
+    """A message accepted into the durable outbox. Await `receipt` for its delivery."""
 
     id: str
     to: str
@@ -244,9 +238,7 @@ class Node:
         self._listener: Listener | None = None
         self._links: dict[str, DialerLink] = {}
         self._next_seq: dict[str, int] = {}
-        self._waiters: weakref.WeakValueDictionary[tuple[str, int], Outgoing] = (
-            weakref.WeakValueDictionary()
-        )
+        self._waiters: dict[tuple[str, int], Outgoing] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._feed_wakeup = asyncio.Event()
         self._backlog_epoch: dict[str, int] = {}
@@ -360,7 +352,7 @@ class Node:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for waiter in list(self._waiters.values()):
+        for waiter in self._waiters.values():
             if not waiter.receipt.done():
                 waiter.receipt.set_exception(NodeClosed(self.name))
                 waiter.receipt.exception()  # nobody may be awaiting it: mark as retrieved

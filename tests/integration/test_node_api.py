@@ -209,35 +209,3 @@ def test_the_window_bytes_bound_what_a_link_holds_and_the_backlog_still_drains(
     report = verify_stores({"A": short_tmp / "A", "B": short_tmp / "B"})
     assert report.ok, report.summary()
     assert report.delivered == count
-
-
-def test_handles_a_caller_drops_are_not_kept_while_the_peer_is_away(short_tmp: Path) -> None:
-    import gc
-
-    from meshpost.verify import verify_stores
-
-    endpoints = {n: f"ipc://{short_tmp}/{n.lower()}.sock" for n in "AB"}
-    count = 2000
-
-    def config(name: str, peer: str) -> NodeConfig:
-        return NodeConfig(name=name, bind=(endpoints[name],),
-                          peers=(PeerConfig(peer, endpoints[peer]),),
-                          data_dir=short_tmp / name, sync="normal")
-
-    async def scenario() -> None:
-        async with Node(config("A", "B")) as a:
-            for i in range(count - 1):
-                await a.post("B", f"fire and forget {i}")  # the handle is dropped at once
-            (kept,) = await a.post("B", "followed")
-            gc.collect()
-            # Only the handle someone still holds is waited on; the rest live on disk only.
-            assert list(a._waiters.values()) == [kept]
-            async with Node(config("B", "A")):
-                receipt = await a.wait_receipt(kept, 60)
-                assert (receipt.to, receipt.seq) == ("B", count)
-                assert await a.wait_delivered(count, 60)
-
-    asyncio.run(asyncio.wait_for(scenario(), 120))
-    report = verify_stores({"A": short_tmp / "A", "B": short_tmp / "B"})
-    assert report.ok, report.summary()
-    assert report.delivered == count
