@@ -73,7 +73,7 @@ from rich.progress import (
 from rich.table import Table
 
 from meshpost.cluster import LocalCluster, free_tcp_ports
-from meshpost.config import MeshConfig, NodeConfig
+from meshpost.config import DEFAULT_WINDOW, MeshConfig
 from meshpost.node import Node
 from meshpost.protocol import Envelope, Receipt
 from meshpost.store import Delivery, Store, WriteBatch
@@ -1312,11 +1312,6 @@ def _cpu_seconds(process: Any) -> float:
     return float(times.user + times.system)
 
 
-def _default_window() -> int:
-    return next(int(f.default) for f in dataclasses.fields(NodeConfig)  # type: ignore[arg-type]
-                if f.name == "window")
-
-
 def _round(figures: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in figures.items()}
 
@@ -1421,7 +1416,7 @@ def write_markdown(path: Path, results: dict[str, ScenarioResult], info: dict[st
         f"{info['msgspec']}  ",
         f"Bodies of {options.size} bytes; sync={options.sync}; transport={options.transport}; "
         f"uvloop={'yes' if options.use_uvloop else 'no'}; "
-        f"pair window={options.window or f'node default ({_default_window()})'}.",
+        f"pair window={options.window or f'node default ({DEFAULT_WINDOW})'}.",
         "",
         "| scenario | result | comparison |",
         "| --- | --- | --- |",

@@ -22,6 +22,9 @@ RESERVED_NAMES = frozenset({"all", "me", "*"})
 
 #: 64 KiB: large enough for any typed text, small enough that a batch of them fits in memory.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
+#: Messages, and their memory (body characters + 256 each), one link holds unacknowledged.
+DEFAULT_WINDOW = 16_384
+DEFAULT_WINDOW_BYTES = 16 * 1024 * 1024
 #: Hard ceiling for the configurable limit; ZeroMQ frames above this are refused outright.
 MAX_MESSAGE_BYTES_CEILING = 16 * 1024 * 1024
 
@@ -90,8 +93,8 @@ class NodeConfig:
     sync: SyncLevel = "full"
     #: Messages held in memory per peer (queued and in flight) before waiting for receipts,
     #: and the memory they may take (body characters + 256 bytes each): both bound a link.
-    window: int = 16_384
-    window_bytes: int = 16 * 1024 * 1024
+    window: int = DEFAULT_WINDOW
+    window_bytes: int = DEFAULT_WINDOW_BYTES
     #: First retransmission delay; doubles per silent round up to `retransmit_max_s`.
     retransmit_initial_s: float = 0.5
     retransmit_max_s: float = 5.0

@@ -252,9 +252,9 @@ class DialerLink:
             case Receipt():
                 self._on_receipt(frame, now, wall_ns)
             case Reject(seqs=seqs, code=code, detail=detail):
-                gone = [(s, m) for s in seqs if (m := self._inflight.pop(s, None)) is not None]
-                self._held_bytes -= held_size([m for _s, m in gone])
-                settled = [s for s, _m in gone]
+                gone = {s: m for s in seqs if (m := self._inflight.pop(s, None)) is not None}
+                self._held_bytes -= held_size(list(gone.values()))
+                settled = list(gone)
                 if settled:
                     self._events.append(MessagesRejected(self.peer, settled, code, detail))
             case Pong(echo_sent_at_ns=t1, received_at_ns=t2, replied_at_ns=t3):
