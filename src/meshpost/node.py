@@ -15,7 +15,9 @@ import itertools
 import logging
 import os
 import secrets
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
+from contextvars import Context
 
 import msgspec
 
@@ -99,6 +101,46 @@ class Receipt:
     recorded_at_ns: int
     #: The receiver's durability level: "full" or "normal".
     sync: str
+
+
+#: (peer, seq): one outgoing message of this node.
+_MessageKey = tuple[str, int]
+#: A receipt future, held weakly, with the message id and send time its receipt reports.
+_Waiter = tuple["weakref.KeyedRef[_MessageKey, asyncio.Future[Receipt]]", str, int]
+
+
+class ReceiptFuture(asyncio.Future[Receipt]):
+    """The future of one message's receipt (`Outgoing.receipt`).
+
+    Its node holds it weakly until someone waits for it (awaits it, or adds a done callback,
+    as `gather`, `wait` and `shield` do): a future nobody can observe any more is forgotten,
+    so posting through a long outage keeps no memory per message beyond what the caller
+    keeps. The message itself is durable either way, and is delivered and receipted.
+    """
+
+    __slots__ = ("_held", "_holder", "_key")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, holder: dict[_MessageKey, ReceiptFuture],
+        key: _MessageKey,
+    ) -> None:
+        super().__init__(loop=loop)
+        self._holder, self._key, self._held = holder, key, False
+
+    def add_done_callback(
+        self, fn: Callable[[ReceiptFuture], object], /, *, context: Context | None = None
+    ) -> None:
+        if not self._held:
+            # Someone waits: hold the future until it is done, even if they keep nothing else
+            # (a callback alone must still be called).
+            self._held = True
+            self._holder[self._key] = self
+            super().add_done_callback(_release_receipt_future)
+        super().add_done_callback(fn, context=context)
+
+
+def _release_receipt_future(future: ReceiptFuture) -> None:
+    future._holder.pop(future._key, None)
 
 
 @dataclasses.dataclass(slots=True)
@@ -238,7 +280,10 @@ class Node:
         self._listener: Listener | None = None
         self._links: dict[str, DialerLink] = {}
         self._next_seq: dict[str, int] = {}
-        self._waiters: dict[tuple[str, int], Outgoing] = {}
+        # Receipt futures of post()/send() messages not yet settled: weakly (a future its
+        # caller dropped is forgotten), and strongly in _held once someone waits for one.
+        self._waiters: dict[_MessageKey, _Waiter] = {}
+        self._held: dict[_MessageKey, ReceiptFuture] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._feed_wakeup = asyncio.Event()
         self._backlog_epoch: dict[str, int] = {}
@@ -352,11 +397,12 @@ class Node:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for waiter in self._waiters.values():
-            if not waiter.receipt.done():
-                waiter.receipt.set_exception(NodeClosed(self.name))
-                waiter.receipt.exception()  # nobody may be awaiting it: mark as retrieved
+        for future in [ref() for ref, _id, _sent_at in self._waiters.values()]:
+            if future is not None and not future.done():
+                future.set_exception(NodeClosed(self.name))
+                future.exception()  # nobody may be awaiting it: mark as retrieved
         self._waiters.clear()
+        self._held.clear()
         await self._teardown()
         log.info("[%s] node closed", self.name)
 
@@ -415,6 +461,10 @@ class Node:
 
         The returned handles' `receipt` futures complete when each receiver has committed it.
         """
+        return await self._post(target, body, held=False)
+
+    async def _post(self, target: str, body: str, *, held: bool) -> list[Outgoing]:
+        """`post`; with `held`, the caller itself keeps the futures until they are done."""
         self._check_open()
         peers = self.resolve(target)
         self.validate_body(body)
@@ -433,9 +483,13 @@ class Node:
                 id=self._new_id(wall), seq=seq, sender=self.name, recipient=peer, body=body,
                 sent_at_ns=wall, hlc=self.hlc.now(),
             )
-            handle = Outgoing(envelope.id, peer, seq, body, wall, envelope.hlc,
-                              loop.create_future())
-            self._waiters[(peer, seq)] = handle
+            key = (peer, seq)
+            # A caller that holds the future while it waits (send) gets a plain one: the
+            # node need not hold it, and awaiting a plain future is cheaper.
+            future = loop.create_future() if held else ReceiptFuture(loop, self._held, key)
+            self._waiters[key] = (weakref.KeyedRef(future, self._forget_waiter, key),
+                                  envelope.id, wall)
+            handle = Outgoing(envelope.id, peer, seq, body, wall, envelope.hlc, future)
             envelopes.append(envelope)
             handles.append(handle)
         stored: asyncio.Future[int] = loop.create_future()
@@ -500,10 +554,11 @@ class Node:
         """
         if to.lower() == "all" or to in self.config.groups:
             raise UnknownPeer(to, self.config.peer_names)
-        (handle,) = await self.post(to, body)
+        (handle,) = await self._post(to, body, held=True)
         # The handle is this call's alone, so its future is awaited directly: no shield or
         # wait_for futures in between, which cost a loop turn each on the way back. A timeout
         # cancels the future, which harms no one (the receipt is still recorded when it comes).
+        # This frame holds the future while it waits, so the node need not (`held`).
         try:
             async with asyncio.timeout(timeout_s):
                 return await handle.receipt
@@ -834,11 +889,12 @@ class Node:
         self._delivered_changed.set()
         if self._waiters:
             for seq in delivery.seqs:
-                handle = self._waiters.pop((peer, seq), None)
-                if handle is not None and not handle.receipt.done():
-                    handle.receipt.set_result(
+                waiter = self._take_waiter(peer, seq)
+                if waiter is not None:
+                    future, message_id, sent_at_ns = waiter
+                    future.set_result(
                         Receipt(
-                            message_id=handle.id, to=peer, seq=seq, sent_at_ns=handle.sent_at_ns,
+                            message_id=message_id, to=peer, seq=seq, sent_at_ns=sent_at_ns,
                             delivered_at_ns=r.stored_at_ns, received_at_ns=r.received_at_ns,
                             recorded_at_ns=delivery.arrived_at_ns, sync=r.sync,
                         )
@@ -857,11 +913,32 @@ class Node:
 
         def done() -> None:
             for seq in seqs:
-                handle = self._waiters.pop((peer, seq), None)
-                if handle is not None and not handle.receipt.done():
-                    handle.receipt.set_exception(MessageRejected(handle.id, peer, code, detail))
+                waiter = self._take_waiter(peer, seq)
+                if waiter is not None:
+                    future, message_id, _sent_at = waiter
+                    future.set_exception(MessageRejected(message_id, peer, code, detail))
 
         self._writer.add_rejection(Rejection(peer, seqs, f"{code}: {detail}"), done)
+
+    def _take_waiter(
+        self, peer: str, seq: int
+    ) -> tuple[asyncio.Future[Receipt], str, int] | None:
+        """The unsettled receipt future of (peer, seq) with its message id and send time, if
+        anyone can still observe it."""
+        waiter = self._waiters.pop((peer, seq), None)
+        if waiter is None:
+            return None
+        ref, message_id, sent_at_ns = waiter
+        future = ref()
+        if future is None or future.done():
+            return None
+        return future, message_id, sent_at_ns
+
+    def _forget_waiter(self, ref: weakref.KeyedRef[_MessageKey, asyncio.Future[Receipt]]) -> None:
+        """A receipt future was garbage-collected: its caller dropped it unobserved."""
+        waiter = self._waiters.get(ref.key)
+        if waiter is not None and waiter[0] is ref:
+            del self._waiters[ref.key]
 
     def _publish(self, event: NodeEvent) -> None:
         for queue in self._subscribers:

@@ -209,3 +209,63 @@ def test_the_window_bytes_bound_what_a_link_holds_and_the_backlog_still_drains(
     report = verify_stores({"A": short_tmp / "A", "B": short_tmp / "B"})
     assert report.ok, report.summary()
     assert report.delivered == count
+
+
+def test_receipt_futures_nobody_can_observe_are_not_kept_while_the_peer_is_away(
+    short_tmp: Path,
+) -> None:
+    """A long outage must not grow memory per post(): a future whose caller dropped it is
+    forgotten, while one held any way (the handle, the future alone, a callback alone, a
+    task awaiting it) still gets its receipt."""
+    import gc
+
+    from meshpost.errors import ReceiptTimeout
+    from meshpost.node import Receipt
+    from meshpost.verify import verify_stores
+
+    endpoints = {n: f"ipc://{short_tmp}/{n.lower()}.sock" for n in "AB"}
+    dropped = 2000
+
+    def config(name: str, peer: str) -> NodeConfig:
+        return NodeConfig(name=name, bind=(endpoints[name],),
+                          peers=(PeerConfig(peer, endpoints[peer]),),
+                          data_dir=short_tmp / name, sync="normal")
+
+    async def waiting(future: asyncio.Future[Receipt]) -> Receipt:
+        return await future
+
+    async def scenario() -> None:
+        async with Node(config("A", "B")) as a:
+            for i in range(dropped):
+                await a.post("B", f"fire and forget {i}")  # the handle is dropped at once
+            with pytest.raises(ReceiptTimeout):
+                await a.send("B", "timed out", timeout_s=0.05)
+            (kept,) = await a.post("B", "handle kept")
+            (handle,) = await a.post("B", "future kept")
+            future_only = handle.receipt
+            called: list[int] = []
+            (handle,) = await a.post("B", "callback only")
+            handle.receipt.add_done_callback(lambda f: called.append(f.result().seq))
+            (handle,) = await a.post("B", "awaited by a task")
+            task = asyncio.create_task(waiting(handle.receipt))
+            del handle
+            gc.collect()
+            await asyncio.sleep(0)  # the task starts waiting; the timed-out future is released
+            # Only what someone can still observe is kept: nothing of the dropped 2,001.
+            assert sorted(key[1] for key in a._waiters) == [dropped + 2, dropped + 3,
+                                                             dropped + 4, dropped + 5]
+            assert sorted(key[1] for key in a._held) == [dropped + 4, dropped + 5]
+            async with Node(config("B", "A")):
+                for future in (kept.receipt, future_only, task):
+                    await asyncio.wait_for(asyncio.shield(future), 60)
+                assert [kept.receipt.result().seq, future_only.result().seq,
+                        task.result().seq] == [dropped + 2, dropped + 3, dropped + 5]
+                assert await a.wait_delivered(dropped + 5, 60)
+                await asyncio.sleep(0)
+                assert called == [dropped + 4]
+            assert not a._waiters and not a._held
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+    report = verify_stores({"A": short_tmp / "A", "B": short_tmp / "B"})
+    assert report.ok, report.summary()
+    assert report.delivered == dropped + 5
