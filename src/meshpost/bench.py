@@ -739,9 +739,7 @@ class Bench:
             cluster.start(["B"])
             cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
 
-            # CPU time is far steadier than wall time on a shared machine: it is what the run
-            # costs, whatever else the machine does meanwhile.
-            processes = {"A": psutil.Process(), "B": psutil.Process(cluster.process("B").pid)}
+            cpu = _CpuMeter({"A": psutil.Process(), "B": psutil.Process(cluster.process("B").pid)})
 
             async def run() -> tuple[float, dict[str, Any]]:
                 async with Node(cfg) as a:
@@ -750,20 +748,18 @@ class Bench:
                     # Warm-up: connection, caches, first pages of the database.
                     await _post_in_process(a, "B", WARMUP_MESSAGES, self._body, window,
                                            lambda _d: None)
-                    cpu0 = {name: _cpu_seconds(p) for name, p in processes.items()}
+                    cpu.start()
                     t0 = time.monotonic()
                     await _post_in_process(
                         a, "B", n, self._body, window,
                         lambda done: self.progress.update(task, completed=done),
                     )
                     elapsed = time.monotonic() - t0
-                    cpu = {name: (_cpu_seconds(p) - cpu0[name]) * 1e6 / n
-                           for name, p in processes.items()}
+                    cpu_us = cpu.us_per_message(n)
                     stats = a.snapshot_stats()
                 return elapsed, {"store_commits": stats.store_commits,
                                  "retransmissions": stats.retransmissions, "window": window,
-                                 "cpu_us_per_msg": {**{k: round(v, 2) for k, v in cpu.items()},
-                                                    "total": round(sum(cpu.values()), 2)}}
+                                 "cpu_us_per_msg": cpu_us}
 
             elapsed, extra = _run_async(run(), self.o.use_uvloop)
         finally:
@@ -790,10 +786,13 @@ class Bench:
         }
         checks = []
         for sync in levels:
-            samples, report = self._meshpost_latency(m, sync)
+            samples, cpu_us, report = self._meshpost_latency(m, sync)
             result.samples[f"meshpost sync={sync}"] = samples
             p = percentiles(samples)
             result.figures[f"meshpost_{sync}_us"] = _round(p)
+            # A send waits for the work of both processes in turn, so its latency is mostly
+            # their CPU time: the steadier figure when the machine is noisy.
+            result.figures[f"cpu_us_per_send_{sync}"] = cpu_us
             result.figures[f"ratio_{sync}"] = {
                 k: round(p[k] / raw_p[k], 2) for k in ("p50", "p90", "p99", "p99.9")
             }
@@ -882,19 +881,24 @@ class Bench:
         self.progress.update(task, completed=sends)
         return samples
 
-    def _meshpost_latency(self, m: int, sync: str) -> tuple[list[float], VerifyReport]:
+    def _meshpost_latency(
+        self, m: int, sync: str
+    ) -> tuple[list[float], dict[str, float], VerifyReport]:
+        psutil = _optional("psutil")
         cluster = self._cluster(f"pair-latency-{sync}", 2, sync, self._window_option())
         task = self._task(f"pair-latency: meshpost send→receipt, sync={sync}", m)
         samples: list[float] = []
         try:
             cluster.start(["B"])
             cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
+            cpu = _CpuMeter({"A": psutil.Process(), "B": psutil.Process(cluster.process("B").pid)})
 
             async def run() -> None:
                 async with Node(cfg) as a:
                     await _wait_connected_or_fail(a)
                     for _ in range(LATENCY_WARMUP):
                         await a.send("B", self._body, timeout_s=30)
+                    cpu.start()
                     clock = time.perf_counter_ns
                     for i in range(m):
                         t = clock()
@@ -902,14 +906,16 @@ class Bench:
                         samples.append((clock() - t) / 1000)
                         if i % 200 == 0:
                             self.progress.update(task, completed=i)
+                    cpu_us.update(cpu.us_per_message(m))
                     self.progress.update(task, completed=m)
 
+            cpu_us: dict[str, float] = {}
             _run_async(run(), self.o.use_uvloop)
         finally:
             cluster.stop()
         report = _verify_all({"A": cluster.data_dir("A"), "B": cluster.data_dir("B")},
                              expect_sent=m + LATENCY_WARMUP)
-        return samples, report
+        return samples, cpu_us, report
 
     # -- mesh --
 
@@ -1312,6 +1318,27 @@ def _cpu_seconds(process: Any) -> float:
     return float(times.user + times.system)
 
 
+class _CpuMeter:
+    """CPU time the processes of a scenario spend over its timed phase, per message.
+
+    Far steadier than wall time on a shared machine: it is what the work costs, whatever else
+    the machine does meanwhile.
+    """
+
+    def __init__(self, processes: dict[str, Any]) -> None:
+        self._processes = processes
+        self._start: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._start = {name: _cpu_seconds(p) for name, p in self._processes.items()}
+
+    def us_per_message(self, messages: int) -> dict[str, float]:
+        """µs per message of each process since `start`, and their `total`."""
+        cpu = {name: (_cpu_seconds(p) - self._start[name]) * 1e6 / messages
+               for name, p in self._processes.items()}
+        return {**{k: round(v, 2) for k, v in cpu.items()}, "total": round(sum(cpu.values()), 2)}
+
+
 def _round(figures: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in figures.items()}
 
@@ -1378,8 +1405,11 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
                 if key.startswith("meshpost_"):
                     sync = key.split("_")[1]
                     ratio = f[f"ratio_{sync}"]
+                    cpu = f.get(f"cpu_us_per_send_{sync}")
                     rows.append((f"pair-latency {sync}", _fmt_lat(value) + " µs",
-                                 " / ".join(f"{ratio[k]:.1f}×" for k in ratio) + " raw"))
+                                 " / ".join(f"{ratio[k]:.1f}×" for k in ratio) + " raw"
+                                 + (f"; CPU {cpu['total']:,.0f} µs/send (A {cpu['A']:,.0f}, "
+                                    f"B {cpu['B']:,.0f})" if cpu else "")))
                     if f"floor_{sync}_us" in f:
                         ratio, over = f[f"ratio_floor_{sync}"], f[f"over_floor_{sync}"]
                         rows.append((f"pair-latency floor {sync}",

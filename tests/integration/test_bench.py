@@ -54,6 +54,9 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
         floor, commits = latency[f"floor_{sync}_us"], latency[f"commits_{sync}_us"]
         assert all(floor[k] > commits[k] > 0 for k in ("p50", "p90", "p99", "p99.9"))
         assert latency[f"over_floor_{sync}"]["p50"] > 0
+        cpu_send = latency[f"cpu_us_per_send_{sync}"]  # both processes work for every send
+        assert cpu_send["A"] > 0 and cpu_send["B"] > 0
+        assert cpu_send["total"] == pytest.approx(cpu_send["A"] + cpu_send["B"], abs=0.02)
     mesh = scenarios["mesh"]["figures"]
     assert mesh["nodes"] == 3 and mesh["messages"] == 900
     backlog = scenarios["offline-backlog"]["figures"]
@@ -63,3 +66,6 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
     assert summary.startswith("# meshpost bench")
     assert "| pair-latency floor normal |" in summary
     assert f"CPU {cpu['total']:.1f} µs/msg (A {cpu['A']:.1f}, B {cpu['B']:.1f})" in summary
+    cpu_send = latency["cpu_us_per_send_normal"]
+    assert (f"CPU {cpu_send['total']:,.0f} µs/send (A {cpu_send['A']:,.0f}, "
+            f"B {cpu_send['B']:,.0f})") in summary
