@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -641,7 +642,8 @@ class Bench:
                 self.results[name] = result
                 style = {"ok": "green", "failed": "bold red", "skipped": "yellow"}[result.status]
                 self.progress.console.print(
-                    f"[{style}]{result.status:>7}[/] {name}  {result.note or result.verify}"
+                    f"[{style}]{result.status:>7}[/] {name}  "
+                    + escape(result.note or result.verify)
                 )
         return self.results
 
@@ -1517,7 +1519,8 @@ def print_table(console: Console, results: dict[str, ScenarioResult]) -> None:
     for col in ("scenario", "result", "comparison"):
         table.add_column(col)
     for a, b, c in summary_rows(results):
-        table.add_row(a, b, c)
+        # Notes quote commands such as `pip install -e '.[bench]'`: text, never markup.
+        table.add_row(escape(a), escape(b), escape(c))
     console.print(table)
 
 
@@ -1576,8 +1579,10 @@ def run(options: BenchOptions, console: Console | None = None) -> int:
     write_markdown(md_path, results, info, options)
     plots = write_plots(options.plot_dir or options.out_dir, results)
     if plots is None:
-        console.print("no plots: matplotlib is not installed (pip install -e '.[bench]')")
-    console.print("results: " + ", ".join(str(p) for p in [json_path, md_path, *(plots or [])]))
+        console.print("no plots: matplotlib is not installed (pip install -e '.[bench]')",
+                      markup=False)
+    console.print("results: " + ", ".join(str(p) for p in [json_path, md_path, *(plots or [])]),
+                  markup=False)
     return 1 if any(r.status == "failed" for r in results.values()) else 0
 
 
