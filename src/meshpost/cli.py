@@ -189,6 +189,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_peers(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from meshpost.control import ControlClient, StatusRequest
 
@@ -203,7 +204,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
         table.add_column(col)
     for p in reply.peers:
         table.add_row(
-            p.name, p.endpoint, "yes" if p.connected else ("refused" if p.refusal else "no"),
+            Text(p.name), Text(p.endpoint),
+            "yes" if p.connected else ("refused" if p.refusal else "no"),
             _fmt_time(p.last_seen_ns),
             "-" if p.rtt_ns is None else f"{p.rtt_ns / 1e6:.3f}",
             "-" if p.offset_ns is None else f"{p.offset_ns / 1e6:+.3f}",
@@ -212,7 +214,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
     console = Console()
     console.print(table)
     console.print(f"pending in outbox: {reply.status.get('pending')}   "
-                  f"stats: {reply.status.get('stats')}")
+                  f"stats: {reply.status.get('stats')}", markup=False)
     return EXIT_OK
 
 
@@ -267,13 +269,19 @@ def cmd_history(args: argparse.Namespace) -> int:
     else:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
+
+        from meshpost.console import clean
 
         table = Table(title=f"history of {args.node}" + (f" with {args.peer}" if args.peer else ""))
         for col in ("sender clock", "from → to", "body", "state", "delivered (receiver clock)"):
             table.add_column(col, overflow="fold")
         for r in records:
-            table.add_row(_fmt_time(r["sent_at_ns"]), f"{r['from']} → {r['to']}", r["body"],
-                          r["state"], _fmt_time(r["delivered_at_ns"]))
+            # Bodies are whatever a peer sent: plain text, never rich markup (a body such as
+            # "[/]" would stop the table with a MarkupError), control characters escaped (as
+            # in the console) so that a body cannot rewrite the terminal.
+            table.add_row(_fmt_time(r["sent_at_ns"]), Text(clean(f"{r['from']} → {r['to']}")),
+                          Text(clean(r["body"])), r["state"], _fmt_time(r["delivered_at_ns"]))
         Console().print(table)
     return EXIT_OK
 

@@ -55,6 +55,24 @@ def test_send_prints_the_receipt_and_history_json_has_the_documented_schema(
     assert csv_out.stdout.splitlines()[0].startswith("id,from,to,body,sent_at_ns")
 
 
+def test_history_table_shows_bodies_as_typed_even_when_they_look_like_markup(
+    pair: LocalCluster,
+) -> None:
+    data_a = str(pair.data_dir("A"))
+    body = "see [bold]this[/bold], then [/] and [red]"
+    sneaky = "clear \x1b[2J screen"
+    for text in (body, sneaky):
+        done = meshpost("send", "--node", "A", "--data", data_a, "--to", "B", text)
+        assert done.returncode == 0, done.stderr
+    for node in ("A", "B"):
+        out = meshpost("history", "--node", node, "--data", str(pair.data_dir(node)),
+                       env={"COLUMNS": "250"})
+        assert out.returncode == 0, out.stderr
+        assert body in out.stdout
+        # A control character is shown escaped, as the console shows it, never sent raw.
+        assert "clear \\u001b[2J screen" in out.stdout and "\x1b" not in out.stdout
+
+
 def test_send_to_unknown_peer_or_empty_or_oversized_message_is_a_usage_error(
     pair: LocalCluster,
 ) -> None:
