@@ -160,6 +160,7 @@ def _fmt_time(ns: int | None) -> str:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    from meshpost.console import clean
     from meshpost.control import ControlClient, SendRequest
 
     body = " ".join(args.text)
@@ -175,9 +176,10 @@ def cmd_send(args: argparse.Namespace) -> int:
     for r in reply.sent:
         if r.delivered:
             print(f"✓ delivered to {r.to} at {_fmt_time(r.delivered_at_ns)} "
-                  f"(id {r.id}, sync={r.sync})")
+                  f"(id {r.id}, sync={clean(r.sync or '')})")
         elif r.error:
-            print(f"✗ {r.to}: {r.error}", file=sys.stderr)
+            # The detail of a rejection is the receiver's text: escaped, like any peer's text.
+            print(f"✗ {r.to}: {clean(r.error)}", file=sys.stderr)
             code = max(code, EXIT_REJECTED)
         else:
             print(f"… no receipt from {r.to} within {args.timeout:g}s; message {r.id} stays "
