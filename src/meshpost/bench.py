@@ -78,6 +78,7 @@ from meshpost.config import DEFAULT_WINDOW, MeshConfig
 from meshpost.node import Node
 from meshpost.protocol import Envelope, Receipt
 from meshpost.store import Delivery, Store, WriteBatch
+from meshpost.timeline import SEND_BEGINS, SEND_ENDS, Mark, install_probes, summarise
 from meshpost.verify import VerifyReport, load_rows, verify_stores
 
 T = TypeVar("T")
@@ -86,6 +87,7 @@ SCENARIOS = (
     "ceiling",
     "pair-throughput",
     "pair-latency",
+    "send-timeline",
     "mesh",
     "offline-backlog",
     "broker-anchors",
@@ -105,6 +107,8 @@ WARMUP_MESSAGES = 1000
 LATENCY_WARMUP = 200
 #: Sends timed for the commit floor of pair-latency (at sync=full each costs three fsyncs).
 FLOOR_SENDS = 2000
+#: Sends the timeline follows (each leaves about 40 stamps in the two processes' memory).
+TIMELINE_SENDS = 5000
 READY_TIMEOUT_S = 60.0
 #: A run with no receipt at all for this long has failed (progress, not total time, is judged).
 STALL_S = 60.0
@@ -449,6 +453,19 @@ async def _driver(config: Path, name: str, data_dir: Path) -> None:
     _emit({"stopped": True})
 
 
+async def _timeline_peer(config: Path, name: str, data_dir: Path, marks: list[Mark]) -> None:
+    """A node with the timeline's probes installed, stamping into `marks` until told to stop."""
+    install_probes(marks)
+    cfg = MeshConfig.load(config).node(name, data_dir=data_dir)
+    loop = asyncio.get_running_loop()
+    async with Node(cfg):
+        _emit({"ready": True, "pid": os.getpid()})
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line or json.loads(line).get("op") == "stop":
+                break
+
+
 async def _loop_pingpong(
     dealer: Any, payload: bytes, m: int, progress: Callable[[int], None]
 ) -> list[float]:
@@ -627,6 +644,7 @@ class Bench:
             "ceiling": self.ceiling,
             "pair-throughput": self.pair_throughput,
             "pair-latency": self.pair_latency,
+            "send-timeline": self.send_timeline,
             "mesh": self.mesh,
             "offline-backlog": self.offline_backlog,
             "broker-anchors": self.broker_anchors,
@@ -918,6 +936,56 @@ class Bench:
         report = _verify_all({"A": cluster.data_dir("A"), "B": cluster.data_dir("B")},
                              expect_sent=m + LATENCY_WARMUP)
         return samples, cpu_us, report
+
+    # -- send-timeline --
+
+    def send_timeline(self) -> ScenarioResult:
+        """pair-latency's workload at sync=normal with probes on both nodes: where a send's
+        time goes, step by step (see `meshpost.timeline`)."""
+        sends, sync = min(self.o.latency_messages, TIMELINE_SENDS), "normal"
+        cluster = self._cluster("send-timeline", 2, sync, self._window_option())
+        marks_path = cluster.root / "B-marks.json"
+        role = ["timeline-peer", str(cluster.config_path), "B", str(cluster.data_dir("B")),
+                str(marks_path)]
+        peer = self._child("send-timeline", [*role, *(["--uvloop"] if self.o.use_uvloop
+                                                     else [])], "B")
+        task = self._task(f"send-timeline: one send at a time, probes on, sync={sync}", sends)
+        marks: list[Mark] = []
+        try:
+            peer.reply(READY_TIMEOUT_S)
+            cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
+
+            async def run() -> None:
+                async with Node(cfg) as a:
+                    await _wait_connected_or_fail(a)
+                    for _ in range(LATENCY_WARMUP):
+                        await a.send("B", self._body, timeout_s=30)
+                    marks.clear()
+                    clock = time.perf_counter_ns
+                    for i in range(sends):
+                        marks.append((SEND_BEGINS, clock()))
+                        await a.send("B", self._body, timeout_s=30)
+                        marks.append((SEND_ENDS, clock()))
+                        if i % 200 == 0:
+                            self.progress.update(task, completed=i)
+                    self.progress.update(task, completed=sends)
+
+            uninstall = install_probes(marks)
+            try:
+                _run_async(run(), self.o.use_uvloop)
+            finally:
+                uninstall()
+        finally:
+            peer.stop()
+        receiver: list[Mark] = [(str(label), int(t)) for label, t in
+                                json.loads(marks_path.read_text(encoding="utf-8"))]
+        timeline = summarise(marks, receiver)
+        report = _verify_all({"A": cluster.data_dir("A"), "B": cluster.data_dir("B")},
+                             expect_sent=sends + LATENCY_WARMUP)
+        result = ScenarioResult("send-timeline")
+        result.figures = {"sync": sync, "messages": sends, **timeline.to_json()}
+        result.verify = "verified: " + report.summary()
+        return result
 
     # -- mesh --
 
@@ -1419,6 +1487,12 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
                                      " / ".join(f"{ratio[k]:.1f}×" for k in ratio)
                                      + " raw: loop ping-pong + the 3 commits alone; meshpost is "
                                      + " / ".join(f"{over[k]:.1f}×" for k in over) + " of it"))
+        elif name == "send-timeline":
+            total = f["total_p50_us"]
+            rows.append((f"send-timeline {f['sync']}", f"{total:,.0f} µs p50 with probes",
+                         "; ".join(f"{kind} {us:,.0f} µs ({us / total:.0%})"
+                                   for kind, us in f["kinds_p50_us"].items())
+                         + f" ({f['usual']:,} of {f['sends']:,} sends in the usual order)"))
         elif name == "mesh":
             rows.append((f"mesh {f['nodes']} nodes", _fmt_rate(f["msgs_per_s"]),
                          f"latency p50/p90/p99/p99.9 {_fmt_lat(f['latency_us'])} µs"))
@@ -1454,6 +1528,13 @@ def write_markdown(path: Path, results: dict[str, ScenarioResult], info: dict[st
         "| --- | --- | --- |",
     ]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(results)]
+    timeline = results.get("send-timeline")
+    if timeline is not None and timeline.status == "ok":
+        lines += ["", f"Timeline of a send (`send-timeline`, sync={timeline.figures['sync']}, "
+                  "A sends, B receives; p50 and mean of each step in µs):", "",
+                  "| from | to | kind | p50 | mean |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {st['start']} | {st['stop']} | {st['kind']} | {st['p50_us']:,.1f} | "
+                  f"{st['mean_us']:,.1f} |" for st in timeline.figures["steps"]]
     lines += ["", "Verification (every scenario ends with `verify_stores` over all stores):", ""]
     lines += [f"- {name}: {r.verify or r.note}" for name, r in results.items()]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1597,6 +1678,12 @@ def _child_main(argv: list[str]) -> int:
     elif role == "driver":
         coro = _driver(Path(args[0]), args[1], Path(args[2]))
         _run_async(coro, "--uvloop" in args[3:])
+    elif role == "timeline-peer":
+        marks: list[Mark] = []
+        _run_async(_timeline_peer(Path(args[0]), args[1], Path(args[2]), marks),
+                   "--uvloop" in args[4:])
+        Path(args[3]).write_text(json.dumps(marks), encoding="utf-8")
+        _emit({"stopped": True})
     else:
         print(f"unknown role {role!r}", file=sys.stderr)
         return 2

@@ -20,8 +20,8 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
     result_file = out / "run.json"
     proc = subprocess.run(
         [sys.executable, "-m", "meshpost", "bench",
-         "ceiling", "pair-throughput", "pair-latency", "mesh", "offline-backlog",
-         "--messages", "2000", "--latency-messages", "100", "--nodes", "3",
+         "ceiling", "pair-throughput", "pair-latency", "send-timeline", "mesh",
+         "offline-backlog", "--messages", "2000", "--latency-messages", "100", "--nodes", "3",
          "--mesh-messages", "300", "--backlog-messages", "5000", "--repeat", "1",
          "--out", str(out), "--json", str(result_file)],
         capture_output=True, text=True, timeout=110,
@@ -29,11 +29,11 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(result_file.read_text(encoding="utf-8"))
     scenarios = doc["scenarios"]
-    assert set(scenarios) == {"ceiling", "pair-throughput", "pair-latency", "mesh",
-                              "offline-backlog"}
+    assert set(scenarios) == {"ceiling", "pair-throughput", "pair-latency", "send-timeline",
+                              "mesh", "offline-backlog"}
     for name, scenario in scenarios.items():
         assert scenario["status"] == "ok", (name, scenario)
-    for name in ("pair-throughput", "pair-latency", "mesh", "offline-backlog"):
+    for name in ("pair-throughput", "pair-latency", "send-timeline", "mesh", "offline-backlog"):
         assert scenarios[name]["verify"].startswith("verified:"), scenarios[name]
         assert "lost=0 duplicated=0 phantom=0 mismatched=0" in scenarios[name]["verify"]
     pair = scenarios["pair-throughput"]["figures"]
@@ -57,6 +57,15 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
         cpu_send = latency[f"cpu_us_per_send_{sync}"]  # both processes work for every send
         assert cpu_send["A"] > 0 and cpu_send["B"] > 0
         assert cpu_send["total"] == pytest.approx(cpu_send["A"] + cpu_send["B"], abs=0.02)
+    timeline = scenarios["send-timeline"]["figures"]
+    assert timeline["messages"] == 100 and timeline["sends"] == 100
+    assert 0 < timeline["usual"] <= 100
+    kinds = timeline["kinds_p50_us"]
+    # Each send waits for three commits and two frames queued, on two nodes in turn.
+    assert all(kinds[k] > 0 for k in ("commit", "zmq send", "between processes",
+                                      "meshpost code"))
+    assert [s["kind"] for s in timeline["steps"]].count("commit") == 3
+    assert {s["start"].split(":")[0] for s in timeline["steps"]} == {"A", "B"}
     mesh = scenarios["mesh"]["figures"]
     assert mesh["nodes"] == 3 and mesh["messages"] == 900
     backlog = scenarios["offline-backlog"]["figures"]
@@ -65,6 +74,7 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
     summary = (out / "latest.md").read_text(encoding="utf-8")
     assert summary.startswith("# meshpost bench")
     assert "| pair-latency floor normal |" in summary
+    assert "| send-timeline normal |" in summary and "| A:commit< | A:commit> | commit |" in summary
     assert f"CPU {cpu['total']:.1f} µs/msg (A {cpu['A']:.1f}, B {cpu['B']:.1f})" in summary
     cpu_send = latency["cpu_us_per_send_normal"]
     assert (f"CPU {cpu_send['total']:,.0f} µs/send (A {cpu_send['A']:,.0f}, "

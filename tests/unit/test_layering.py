@@ -8,7 +8,7 @@ The layers, top to bottom (docs/architecture.md draws them):
 
     cli, __main__
     demo, bench
-    cluster, console, remote
+    cluster, console, remote, timeline
     control, verify, keys
     node                      (the `meshpost` package facade re-exports it)
     store, transport
@@ -47,6 +47,7 @@ RANKS: dict[str, int] = {
     "cluster": 7,
     "console": 7,
     "remote": 7,
+    "timeline": 7,
     "demo": 8,
     "bench": 8,
     "cli": 9,
