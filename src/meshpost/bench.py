@@ -74,7 +74,7 @@ from rich.progress import (
 from rich.table import Table
 
 from meshpost.cluster import LocalCluster, free_tcp_ports
-from meshpost.config import DEFAULT_WINDOW, MeshConfig
+from meshpost.config import DEFAULT_WINDOW, MeshConfig, NodeConfig
 from meshpost.node import Node
 from meshpost.protocol import Envelope, Receipt
 from meshpost.store import Delivery, Store, WriteBatch
@@ -912,30 +912,44 @@ class Bench:
             cluster.start(["B"])
             cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
             cpu = _CpuMeter({"A": psutil.Process(), "B": psutil.Process(cluster.process("B").pid)})
-
-            async def run() -> None:
-                async with Node(cfg) as a:
-                    await _wait_connected_or_fail(a)
-                    for _ in range(LATENCY_WARMUP):
-                        await a.send("B", self._body, timeout_s=30)
-                    cpu.start()
-                    clock = time.perf_counter_ns
-                    for i in range(m):
-                        t = clock()
-                        await a.send("B", self._body, timeout_s=30)
-                        samples.append((clock() - t) / 1000)
-                        if i % 200 == 0:
-                            self.progress.update(task, completed=i)
-                    cpu_us.update(cpu.us_per_message(m))
-                    self.progress.update(task, completed=m)
-
             cpu_us: dict[str, float] = {}
-            _run_async(run(), self.o.use_uvloop)
+            self._send_one_at_a_time(
+                cfg, m, task, started=cpu.start,
+                sent=lambda begin, end: samples.append((end - begin) / 1000),
+                finished=lambda: cpu_us.update(cpu.us_per_message(m)),
+            )
         finally:
             cluster.stop()
         report = _verify_all({"A": cluster.data_dir("A"), "B": cluster.data_dir("B")},
                              expect_sent=m + LATENCY_WARMUP)
         return samples, cpu_us, report
+
+    def _send_one_at_a_time(
+        self, cfg: NodeConfig, count: int, task: TaskID, *, started: Callable[[], None],
+        sent: Callable[[int, int], None], finished: Callable[[], None] | None = None,
+    ) -> None:
+        """Node A (`cfg`, in this process) sends to B one message at a time, each waiting for
+        its receipt: after a warm-up `started()`, then `sent(begin_ns, end_ns)` per send
+        (perf_counter_ns), and `finished()` before the node closes."""
+
+        async def run() -> None:
+            async with Node(cfg) as a:
+                await _wait_connected_or_fail(a)
+                for _ in range(LATENCY_WARMUP):
+                    await a.send("B", self._body, timeout_s=30)
+                started()
+                clock = time.perf_counter_ns
+                for i in range(count):
+                    begin = clock()
+                    await a.send("B", self._body, timeout_s=30)
+                    sent(begin, clock())
+                    if i % 200 == 0:
+                        self.progress.update(task, completed=i)
+                if finished is not None:
+                    finished()
+                self.progress.update(task, completed=count)
+
+        _run_async(run(), self.o.use_uvloop)
 
     # -- send-timeline --
 
@@ -955,24 +969,13 @@ class Bench:
             peer.reply(READY_TIMEOUT_S)
             cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
 
-            async def run() -> None:
-                async with Node(cfg) as a:
-                    await _wait_connected_or_fail(a)
-                    for _ in range(LATENCY_WARMUP):
-                        await a.send("B", self._body, timeout_s=30)
-                    marks.clear()
-                    clock = time.perf_counter_ns
-                    for i in range(sends):
-                        marks.append((SEND_BEGINS, clock()))
-                        await a.send("B", self._body, timeout_s=30)
-                        marks.append((SEND_ENDS, clock()))
-                        if i % 200 == 0:
-                            self.progress.update(task, completed=i)
-                    self.progress.update(task, completed=sends)
-
             uninstall = install_probes(marks)
             try:
-                _run_async(run(), self.o.use_uvloop)
+                self._send_one_at_a_time(
+                    cfg, sends, task, started=marks.clear,
+                    sent=lambda begin, end: marks.extend([(SEND_BEGINS, begin),
+                                                          (SEND_ENDS, end)]),
+                )
             finally:
                 uninstall()
         finally:
