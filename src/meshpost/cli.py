@@ -203,7 +203,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
         return EXIT_OK
     table = Table(title=f"{reply.status.get('name')} — peers")
     for col in ("peer", "endpoint", "connected", "last seen", "rtt ms", "offset ms", "unacked"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for p in reply.peers:
         table.add_row(
             Text(p.name), Text(p.endpoint),
@@ -484,3 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exit_code(exc)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`meshpost history --json | head`): not an error
+        # of ours. Point stdout at /dev/null so that the interpreter's final flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK

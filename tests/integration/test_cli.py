@@ -73,6 +73,24 @@ def test_history_table_shows_bodies_as_typed_even_when_they_look_like_markup(
         assert "clear \\u001b[2J screen" in out.stdout and "\x1b" not in out.stdout
 
 
+def test_history_into_a_pipe_closed_early_ends_quietly(pair: LocalCluster) -> None:
+    data_a = str(pair.data_dir("A"))
+    for i in range(30):
+        assert meshpost("send", "--node", "A", "--data", data_a, "--to", "B",
+                        f"line {i} " + "x" * 2000).returncode == 0
+    # As `meshpost history --json | head -1`: the reader leaves after one line.
+    proc = subprocess.Popen([sys.executable, "-m", "meshpost", "history", "--node", "A",
+                             "--data", data_a, "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"[")
+    proc.stdout.close()
+    code = proc.wait(CLI_TIMEOUT_S)
+    with proc.stderr:
+        errors = proc.stderr.read()
+    assert code == 0 and b"Traceback" not in errors, errors
+
+
 def test_send_to_unknown_peer_or_empty_or_oversized_message_is_a_usage_error(
     pair: LocalCluster,
 ) -> None:
