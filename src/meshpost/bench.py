@@ -71,7 +71,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
 from meshpost.cluster import LocalCluster, free_tcp_ports
 from meshpost.config import DEFAULT_WINDOW, MeshConfig, NodeConfig
@@ -614,9 +614,17 @@ class Bench:
         self.console = console
         self.root = Path(tempfile.mkdtemp(prefix="mpbench-", dir="/tmp"))
         self.results: dict[str, ScenarioResult] = {}
+        # Long step names are cut with an ellipsis, never the bar and counts: on an 80-column
+        # terminal the names took the whole line (counts showed as "2…"). Without a terminal
+        # (a log, a pipe, CI) there is no live display: each scenario's status line says it.
         self.progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-            MofNCompleteColumn(), TimeElapsedColumn(), console=console, refresh_per_second=4,
+            SpinnerColumn(),
+            TextColumn("{task.description}",
+                       table_column=Column(ratio=3, no_wrap=True, overflow="ellipsis")),
+            BarColumn(bar_width=None, table_column=Column(ratio=1, min_width=10)),
+            MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, refresh_per_second=4, expand=True,
+            disable=not console.is_terminal,
         )
         self._body = _body(options.size)
 
@@ -658,6 +666,9 @@ class Bench:
                 except Exception as exc:
                     result = ScenarioResult(name, "failed", note=f"{type(exc).__name__}: {exc}")
                 self.results[name] = result
+                # A finished scenario's bars give way to its status line.
+                for task_id in list(self.progress.task_ids):
+                    self.progress.remove_task(task_id)
                 style = {"ok": "green", "failed": "bold red", "skipped": "yellow"}[result.status]
                 self.progress.console.print(
                     f"[{style}]{result.status:>7}[/] {name}  "
@@ -689,7 +700,7 @@ class Bench:
         import zmq
 
         n = self.o.messages
-        task = self._task(f"ceiling: raw pyzmq DEALER→ROUTER one-way, {label}run {index}", n)
+        task = self._task(f"ceiling {label}run {index}: raw pyzmq DEALER→ROUTER one-way", n)
         tag = f"{'paired-' if label else ''}{index}"
         sink = self._child("ceiling", ["raw-sink", _endpoint(self.o.transport, self.root,
                                                              f"ceiling{tag}")], f"sink{tag}")
@@ -754,7 +765,7 @@ class Bench:
         psutil = _optional("psutil")
         n = self.o.messages
         cluster = self._cluster(f"pair-throughput-{index}", 2, options=self._window_option())
-        task = self._task(f"pair-throughput: A→B, sync={self.o.sync}, run {index}", n)
+        task = self._task(f"pair-throughput run {index}: A→B, sync={self.o.sync}", n)
         try:
             cluster.start(["B"])
             cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
@@ -875,7 +886,7 @@ class Bench:
     def _three_commits(self, sends: int, sync: str) -> list[float]:
         """µs per send for the commits it waits for, one row each and back to back: the
         sender's row (store A), the receiver's row (store B), the delivery mark (store A)."""
-        task = self._task(f"pair-latency: the three commits alone, sync={sync}", sends)
+        task = self._task(f"pair-latency {sync}: the three commits alone", sends)
         root = self.root / f"commit-floor-{sync}"
         a = Store.open(root / "A", name="A", sync=sync)
         b = Store.open(root / "B", name="B", sync=sync)
@@ -906,7 +917,7 @@ class Bench:
     ) -> tuple[list[float], dict[str, float], VerifyReport]:
         psutil = _optional("psutil")
         cluster = self._cluster(f"pair-latency-{sync}", 2, sync, self._window_option())
-        task = self._task(f"pair-latency: meshpost send→receipt, sync={sync}", m)
+        task = self._task(f"pair-latency {sync}: meshpost send→receipt", m)
         samples: list[float] = []
         try:
             cluster.start(["B"])
@@ -963,7 +974,7 @@ class Bench:
                 str(marks_path)]
         peer = self._child("send-timeline", [*role, *(["--uvloop"] if self.o.use_uvloop
                                                      else [])], "B")
-        task = self._task(f"send-timeline: one send at a time, probes on, sync={sync}", sends)
+        task = self._task(f"send-timeline {sync}: one send at a time, probes on", sends)
         marks: list[Mark] = []
         try:
             peer.reply(READY_TIMEOUT_S)
@@ -1611,13 +1622,22 @@ def print_table(console: Console, results: dict[str, ScenarioResult]) -> None:
 # -- entry points -----------------------------------------------------------------------------
 
 
+def default_out_dir(scenarios: Sequence[str]) -> Path:
+    """Where results go without `--out`: `benchmarks/results` for a run of every scenario,
+    a folder named after the chosen ones otherwise, so that `meshpost bench pair-latency`
+    never replaces the full run's table that the README quotes."""
+    if set(scenarios) >= set(SCENARIOS):
+        return DEFAULT_RESULTS_DIR
+    return DEFAULT_RESULTS_DIR / "+".join(s for s in SCENARIOS if s in scenarios)
+
+
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     scenarios = list(args.scenarios) or [s for s in SCENARIOS]
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown:
         raise SystemExit(f"meshpost bench: unknown scenario(s) {unknown}; choose from "
                          f"{', '.join(SCENARIOS)}")
-    out_dir = Path(args.out)
+    out_dir = Path(args.out) if args.out else default_out_dir(scenarios)
     return BenchOptions(
         scenarios=scenarios, messages=args.messages, size=args.size, nodes=args.nodes,
         mesh_messages=args.mesh_messages, latency_messages=args.latency_messages,

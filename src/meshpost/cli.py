@@ -462,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", choices=["tcp", "ipc"], default="tcp")
     p.add_argument("--json", metavar="FILE", help="JSON results (default: OUT/latest.json)")
     p.add_argument("--plot", metavar="DIR", help="PNG plots (default: OUT)")
-    p.add_argument("--out", default="benchmarks/results", help="results folder")
+    p.add_argument("--out", help="results folder (default: benchmarks/results for every "
+                   "scenario, benchmarks/results/SCENARIO[+SCENARIO...] for chosen ones)")
     p.add_argument("--uvloop", action="store_true", help="uvloop for in-process/driver nodes")
     p.add_argument("--window", type=int, help="NodeConfig.window for the pair scenarios")
     p.add_argument("--repeat", type=int, default=3,

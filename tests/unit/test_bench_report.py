@@ -1,10 +1,21 @@
-"""The bench's report shows notes as written: they quote commands, never rich markup."""
+"""The bench's report and display: notes as written (they quote commands, never rich markup),
+readable progress, results that a partial run does not overwrite."""
 
 from __future__ import annotations
 
+import io
+
 from rich.console import Console
 
-from meshpost.bench import ScenarioResult, print_table
+from meshpost.bench import (
+    DEFAULT_RESULTS_DIR,
+    SCENARIOS,
+    Bench,
+    BenchOptions,
+    ScenarioResult,
+    default_out_dir,
+    print_table,
+)
 
 
 def test_a_note_quoting_an_install_command_is_printed_whole() -> None:
@@ -13,3 +24,31 @@ def test_a_note_quoting_an_install_command_is_printed_whole() -> None:
     print_table(console, {"broker-anchors": ScenarioResult("broker-anchors", "skipped",
                                                            note=note)})
     assert note in console.export_text()
+
+
+def test_a_run_of_chosen_scenarios_keeps_out_of_the_full_runs_results() -> None:
+    assert default_out_dir(list(SCENARIOS)) == DEFAULT_RESULTS_DIR
+    assert default_out_dir(["pair-latency"]) == DEFAULT_RESULTS_DIR / "pair-latency"
+    # Named in the benchmark's own order, whatever the order asked.
+    assert default_out_dir(["mesh", "ceiling"]) == DEFAULT_RESULTS_DIR / "ceiling+mesh"
+
+
+def _bench(console: Console) -> Bench:
+    bench = Bench(BenchOptions(scenarios=["ceiling"]), console)
+    bench.cleanup()  # only its display is used: its work folder goes at once
+    return bench
+
+
+def test_progress_on_a_narrow_terminal_cuts_the_step_name_not_the_counts() -> None:
+    console = Console(record=True, width=80, force_terminal=True, color_system=None)
+    bench = _bench(console)
+    bench.progress.add_task("ceiling before pair-throughput run 3: raw pyzmq DEALER→ROUTER "
+                            "one-way, a step name far longer than the terminal", total=200_000)
+    console.print(bench.progress.get_renderable())
+    line = console.export_text().strip()
+    assert "0/200000" in line and "0:00:00" in line
+    assert "…" in line  # the name, cut
+
+
+def test_no_live_progress_without_a_terminal() -> None:
+    assert _bench(Console(file=io.StringIO())).progress.disable
