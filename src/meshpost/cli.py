@@ -260,6 +260,13 @@ def cmd_history(args: argparse.Namespace) -> int:
 
     with StoreReader.for_data_dir(_data_dir(args)) as reader:
         rows = reader.history(peer=args.peer, limit=args.n)
+        known = reader.peers() if args.peer and not rows else []
+    if args.peer and not rows:
+        # Not an error (a script may ask about any peer, and --json prints []), but a
+        # mistyped name should not look like an empty conversation.
+        others = ", ".join(known) or "none"
+        print(f"meshpost history: no messages with {args.peer!r} in {args.node}'s store "
+              f"(peers it has messages with: {others})", file=sys.stderr)
     records = [history_record(m) for m in rows]
     if args.json:
         json.dump(records, sys.stdout, ensure_ascii=False, indent=1)

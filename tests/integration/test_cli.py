@@ -71,6 +71,20 @@ def test_history_table_shows_bodies_as_typed_even_when_they_look_like_markup(
         assert body in out.stdout
         # A control character is shown escaped, as the console shows it, never sent raw.
         assert "clear \\u001b[2J screen" in out.stdout and "\x1b" not in out.stdout
+    mistyped = meshpost("history", "--node", "A", "--data", data_a, "--peer", "b")
+    assert mistyped.returncode == 0
+    assert "no messages with 'b' in A's store (peers it has messages with: B)" in mistyped.stderr
+
+
+def test_peers_table_wraps_a_long_endpoint_instead_of_cutting_it(pair: LocalCluster) -> None:
+    endpoint = pair.endpoints["B"]
+    out = meshpost("peers", "--node", "A", "--data", str(pair.data_dir("A")),
+                   env={"COLUMNS": "60"})
+    assert out.returncode == 0, out.stderr
+    # The endpoint column's cells, top to bottom, joined: the whole endpoint, no ellipsis.
+    cells = [line.split("│")[2].strip() for line in out.stdout.splitlines()
+             if line.count("│") == 8]
+    assert endpoint in "".join(cells) and "…" not in out.stdout
 
 
 def test_history_into_a_pipe_closed_early_ends_quietly(pair: LocalCluster) -> None:

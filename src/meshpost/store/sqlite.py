@@ -537,6 +537,12 @@ class StoreReader:
             row = self._conn.execute("SELECT value FROM meta WHERE key = 'name'").fetchone()
         return None if row is None else str(row[0])
 
+    def peers(self) -> list[str]:
+        """Every peer this store holds messages with, sorted."""
+        with _translated(self.path):
+            rows = self._conn.execute("SELECT DISTINCT peer FROM messages ORDER BY peer")
+            return [str(peer) for (peer,) in rows.fetchall()]
+
     def history(
         self, *, peer: str | None = None, limit: int | None = None, direction: str | None = None
     ) -> list[StoredMessage]:
