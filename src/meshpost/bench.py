@@ -762,7 +762,6 @@ class Bench:
         )
 
     def _pair_once(self, index: int) -> tuple[float, dict[str, Any], VerifyReport]:
-        psutil = _optional("psutil")
         n = self.o.messages
         cluster = self._cluster(f"pair-throughput-{index}", 2, options=self._window_option())
         task = self._task(f"pair-throughput run {index}: A→B, sync={self.o.sync}", n)
@@ -770,7 +769,7 @@ class Bench:
             cluster.start(["B"])
             cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
 
-            cpu = _CpuMeter({"A": psutil.Process(), "B": psutil.Process(cluster.process("B").pid)})
+            cpu = _CpuMeter({"A": time.process_time, "B": cluster.process("B").cpu_seconds})
 
             async def run() -> tuple[float, dict[str, Any]]:
                 async with Node(cfg) as a:
@@ -915,14 +914,13 @@ class Bench:
     def _meshpost_latency(
         self, m: int, sync: str
     ) -> tuple[list[float], dict[str, float], VerifyReport]:
-        psutil = _optional("psutil")
         cluster = self._cluster(f"pair-latency-{sync}", 2, sync, self._window_option())
         task = self._task(f"pair-latency {sync}: meshpost send→receipt", m)
         samples: list[float] = []
         try:
             cluster.start(["B"])
             cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
-            cpu = _CpuMeter({"A": psutil.Process(), "B": psutil.Process(cluster.process("B").pid)})
+            cpu = _CpuMeter({"A": time.process_time, "B": cluster.process("B").cpu_seconds})
             cpu_us: dict[str, float] = {}
             self._send_one_at_a_time(
                 cfg, m, task, started=cpu.start,
@@ -1396,30 +1394,26 @@ async def _post_in_process(node: Node, peer: str, count: int, body: str, window:
     await _post_windowed(node, lambda n: [(peer, n)], count, body, window, STALL_S, on_progress)
 
 
-def _cpu_seconds(process: Any) -> float:
-    """User + system CPU time of a psutil.Process, all its threads."""
-    times = process.cpu_times()
-    return float(times.user + times.system)
-
-
 class _CpuMeter:
     """CPU time the processes of a scenario spend over its timed phase, per message.
 
     Far steadier than wall time on a shared machine: it is what the work costs, whatever else
-    the machine does meanwhile.
+    the machine does meanwhile. Each process is read by a callable returning its CPU seconds
+    (this process: `time.process_time`; a node child: `NodeProcess.cpu_seconds`), both at
+    nanosecond resolution, where psutil's 10 ms ticks would read 0 for a short phase.
     """
 
-    def __init__(self, processes: dict[str, Any]) -> None:
+    def __init__(self, processes: dict[str, Callable[[], float]]) -> None:
         self._processes = processes
         self._start: dict[str, float] = {}
 
     def start(self) -> None:
-        self._start = {name: _cpu_seconds(p) for name, p in self._processes.items()}
+        self._start = {name: read() for name, read in self._processes.items()}
 
     def us_per_message(self, messages: int) -> dict[str, float]:
         """µs per message of each process since `start`, and their `total`."""
-        cpu = {name: (_cpu_seconds(p) - self._start[name]) * 1e6 / messages
-               for name, p in self._processes.items()}
+        cpu = {name: (read() - self._start[name]) * 1e6 / messages
+               for name, read in self._processes.items()}
         return {**{k: round(v, 2) for k, v in cpu.items()}, "total": round(sum(cpu.values()), 2)}
 
 

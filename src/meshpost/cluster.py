@@ -146,6 +146,14 @@ class NodeProcess:
             time.sleep(0.05)
         raise ClusterError(f"node {self.name} not ready after {timeout_s}s:\n{self.log_tail()}")
 
+    def cpu_seconds(self, timeout_s: float = 5.0) -> float:
+        """CPU time the node process has used so far (all its threads), from its status."""
+        with ControlClient(self.data_dir, name=self.name) as client:
+            reply = client.request(StatusRequest(), timeout_s=timeout_s)
+        if not reply.ok or reply.status is None:
+            raise ClusterError(f"node {self.name} did not report its status: {reply.error}")
+        return float(reply.status["cpu_s"])
+
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, wait, then SIGKILL. Returns the exit code."""
         code = None

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,9 @@ class ControlServer:
                         "node_id": node.node_id,
                         "endpoints": node.endpoints,
                         "pid": os.getpid(),
+                        # All threads, nanosecond resolution: psutil's ticks are 10 ms, too
+                        # coarse for a short benchmark phase.
+                        "cpu_s": time.process_time(),
                         "pending": await node.pending_count(),
                         "stats": stats,
                         "groups": {g: list(m) for g, m in node.config.groups.items()},

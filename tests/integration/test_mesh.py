@@ -66,3 +66,20 @@ def test_five_node_mesh_stores_every_message_once_on_both_ends(
     assert total == 2 * len(sent), "no row beyond one copy per end"
     report = verify_stores({n: cluster.data_dir(n) for n in cluster.names})
     assert report.ok and report.pending == 0, report.summary()
+
+
+def test_a_node_reports_its_cpu_time_finer_than_clock_ticks(short_tmp: Path) -> None:
+    """The benchmark divides a node's CPU time by a few thousand messages, so 10 ms ticks
+    (what psutil reads from /proc) would often read 0; the node's own reading does not."""
+    with LocalCluster.create(short_tmp, 2) as cluster:
+        cluster.start()
+        b = cluster.process("B")
+        before = b.cpu_seconds()
+        for i in range(5):
+            assert all(r.delivered for r in send(cluster, "A", "B", f"tick {i}"))
+        after = b.cpu_seconds()
+        cluster.stop()
+    assert 0 < before < after, "receiving and storing five messages costs B some CPU"
+    # A tick-counted reading moves in whole 10 ms steps (0 for five messages, most often).
+    in_ticks = (after - before) * 100
+    assert abs(in_ticks - round(in_ticks)) > 1e-6, f"{after - before} s is whole ticks"
