@@ -92,6 +92,17 @@ MIGRATIONS: tuple[str, ...] = (
                           WHERE c.peer = m.peer AND c.last_seq >= m.seq)
         AND r.first_seq <= m.seq;
     """,
+    # 4 -> 5: no (peer, hlc) index. Every message in both directions paid an insert into it,
+    # 7-8% of each side's store instructions (callgrind, benchmarks/store_rows.py: sender
+    # 26,958 -> 25,011 a row, receiver 24,677 -> 22,695) and a WAL page in every one-row
+    # commit (5.4 -> 4.3), which is on every send's critical path. Its readers were
+    # `history --peer` and the list of peers, which now walk messages_hlc (or the table) and
+    # filter. On a 1M-row store: the last 100 with a busy peer 0.4 ms as before; with a peer
+    # that has 1 in 1,000 messages 21 ms (was 0.6); with no messages, or all 1,000 of the rare
+    # peer's, a full scan of 0.2 s (was under 7 ms). Reads are rare and off the node's loop.
+    """
+    DROP INDEX messages_peer_hlc;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -454,6 +454,26 @@ def test_batches_of_any_size_store_every_row_with_its_columns(store: Store, coun
     assert rows == expected_in + expected_out
 
 
+def test_a_batch_of_interleaved_links_stores_each_row_with_its_own_link(store: Store) -> None:
+    """Rows of one statement share their link's values, bound once: a batch that mixes links
+    (a broadcast, several senders) must still give every row its own peer."""
+    peers = ["bob", "carol", "dave"]
+    outgoing = [out(s // 3 + 1, to=peers[s % 3], body=f"o{s}") for s in range(3 * 1400)]
+    arriving = [incoming(s // 2 + 1, frm=peers[s % 2], body=f"i{s}") for s in range(2 * 1100)]
+    [result] = store.apply(WriteBatch(outgoing=outgoing, incoming=[arriving]), T)
+    assert sorted(result.committed) == sorted(m.seq for m in arriving)
+    rows = store.execute_raw("SELECT id, direction, peer, sender, recipient, seq, body,"
+                             " stored_at_ns, checksum FROM messages")
+    expected = {(m.id, "out", m.recipient, m.sender, m.recipient, m.seq, m.body, T,
+                 content_checksum(m.id, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns,
+                                  m.hlc)) for m in outgoing}
+    expected |= {(m.id, "in", m.sender, m.sender, m.recipient, m.seq, m.body, T,
+                  content_checksum(m.id, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns,
+                                   m.hlc)) for m in arriving}
+    assert len(rows) == len(expected) and set(rows) == expected
+    assert store.last_seqs() == dict.fromkeys(peers, 1400)
+
+
 def test_bodies_with_nul_and_any_unicode_round_trip(store: Store) -> None:
     bodies = ["a\x00b", "\x00", "naïve ☃ 𝄞", "tab\tnew\nline", "\\u0000 is not NUL"]
     store.apply(WriteBatch(outgoing=[out(s, body=b) for s, b in enumerate(bodies, 1)],
@@ -466,7 +486,7 @@ def test_rows_per_statement_fit_the_sqlite_variable_limit() -> None:
     from meshpost.store.sqlite import rows_per_statement
 
     assert rows_per_statement(32766) == 2048  # SQLite >= 3.32, capped
-    assert rows_per_statement(999) == 64  # older builds: 640 values
+    assert rows_per_statement(999) == 128  # older builds: 4 + 768 values
     assert rows_per_statement(5) == 1
 
 
@@ -647,6 +667,27 @@ def test_a_version_3_database_keeps_its_delivered_rows_and_records_new_receipts_
         assert (rows[2].state, rows[2].receipt_stored_at_ns, rows[2].receipt_arrived_at_ns) == (
             "delivered", 9, 10)  # delivered under schema 4, through the receipts table
         assert rows[3].state == "pending" and rows[3].receipt_stored_at_ns is None
+
+
+def test_a_version_4_database_loses_its_peer_hlc_index_and_still_reads_by_peer(
+    data_dir: Path,
+) -> None:
+    write_old_outbox(data_dir, version=4)
+    store = Store.open(data_dir, name="alice")
+    try:
+        indexes = {r[0] for r in store.execute_raw(
+            "SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "messages_peer_hlc" not in indexes
+        assert {"messages_out_link", "messages_hlc"} <= indexes
+        assert store.execute_raw("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        store.apply(WriteBatch(incoming=[[incoming(1, frm="carol")]]), T)
+    finally:
+        store.close()
+    with StoreReader.for_data_dir(data_dir) as reader:
+        assert [m.seq for m in reader.history(peer="bob")] == [1, 2, 3]  # causal order
+        assert [m.peer for m in reader.history(peer="carol")] == ["carol"]
+        assert reader.history(peer="dave") == []
+        assert reader.peers() == ["bob", "carol"]
 
 
 # -- WAL page estimate ------------------------------------------------------------------------
