@@ -518,16 +518,22 @@ def write_old_outbox(data_dir: Path, *, version: int) -> None:
     conn.close()
 
 
+def open_migrated(data_dir: Path) -> tuple[Store, set[str]]:
+    """Open (so migrate) an old store; the store, at the current version, and its indexes."""
+    store = Store.open(data_dir, name="alice")
+    assert store.execute_raw("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    indexes = {r[0] for r in store.execute_raw(
+        "SELECT name FROM sqlite_master WHERE type = 'index'")}
+    return store, indexes
+
+
 def test_a_version_2_database_loses_its_pending_index_and_keeps_its_outbox(
     data_dir: Path,
 ) -> None:
     write_old_outbox(data_dir, version=2)
-    store = Store.open(data_dir, name="alice")
+    store, indexes = open_migrated(data_dir)
     try:
-        indexes = {r[0] for r in store.execute_raw(
-            "SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "messages_pending" not in indexes
-        assert store.execute_raw("PRAGMA user_version") == [(SCHEMA_VERSION,)]
         assert [m.seq for m in store.load_pending("bob", 0, 10)] == [2, 3]
         assert store.pending_count() == store.pending_count("bob") == 2
     finally:
@@ -673,13 +679,10 @@ def test_a_version_4_database_loses_its_peer_hlc_index_and_still_reads_by_peer(
     data_dir: Path,
 ) -> None:
     write_old_outbox(data_dir, version=4)
-    store = Store.open(data_dir, name="alice")
+    store, indexes = open_migrated(data_dir)
     try:
-        indexes = {r[0] for r in store.execute_raw(
-            "SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "messages_peer_hlc" not in indexes
         assert {"messages_out_link", "messages_hlc"} <= indexes
-        assert store.execute_raw("PRAGMA user_version") == [(SCHEMA_VERSION,)]
         store.apply(WriteBatch(incoming=[[incoming(1, frm="carol")]]), T)
     finally:
         store.close()
