@@ -51,8 +51,8 @@ _INSERT_HEAD = (
 )
 #: What every row of one statement shares is bound once, as ?1-?4: peer, sender, recipient,
 #: stored_at_ns (a statement holds the rows of one link). Binding them again for every row
-#: cost about 2,000 instructions a row, 8% of the sender's store work (callgrind,
-#: benchmarks/store_rows.py).
+#: cost about 2,600 instructions a row, 10-11% of each side's store work (callgrind,
+#: benchmarks/store_rows.py, 2026-12-03).
 _SHARED_VALUES = 4
 #: Each row's own values: id, seq, body, sent_at_ns, hlc, checksum.
 _VALUES_PER_ROW = 6
