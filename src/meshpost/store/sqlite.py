@@ -59,8 +59,8 @@ _VALUES_PER_ROW = 6
 #: One row's placeholders per direction; an incoming id already stored is skipped (the caller
 #: tells retransmissions from conflicts). A bare `?` takes the number after the highest so far:
 #: after the first row's ?1-?4, each row's own values are numbered in order. (Numbering them
-#: explicitly, ?5 ?6 ..., made SQLite's parser search its variable list for each, 0.1 s to
-#: prepare a 2,048-row statement.)
+#: explicitly, ?5 ?6 ..., made SQLite's parser search its variable list for each: the first
+#: run of a 2,048-row statement took 172 ms instead of 5.)
 _ROWS = {
     "out": ("(?1, ?2, ?3, ?4, ?, 'out', ?, ?, ?, ?, 'pending', ?)", ""),
     "in": ("(?1, ?2, ?3, ?4, ?, 'in', ?, ?, ?, ?, 'received', ?)", " ON CONFLICT (id) DO NOTHING"),
