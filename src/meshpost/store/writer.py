@@ -286,7 +286,7 @@ class GroupCommitWriter:
         )
         self.commits += 1
         self.rows_committed += rows
-        self._wal_pages += batch.wal_pages()
+        self._wal_pages += batch.wal_pages(self.store.page_size)
         if self._wal_pages >= CHECKPOINT_PAGES and (
             self._checkpoint is None or self._checkpoint.done()
         ):

@@ -20,7 +20,12 @@ from .conftest import MeshFactory
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
-PAGE = 4096
+
+
+def _page_size(data: bytearray) -> int:
+    """The database's page size, from its header (bytes 16-17, big-endian; 1 means 65536)."""
+    size = int.from_bytes(data[16:18], "big")
+    return 65536 if size == 1 else size
 
 
 def _header(data: bytearray, rng: random.Random) -> None:
@@ -29,9 +34,10 @@ def _header(data: bytearray, rng: random.Random) -> None:
 
 def _page_headers(data: bytearray, rng: random.Random) -> None:
     # Byte 0 of every b-tree page is its type (2, 5, 10, 13); 0x00 or 0xff is no type at all.
-    pages = range(1, len(data) // PAGE)
+    page_size = _page_size(data)
+    pages = range(1, len(data) // page_size)
     for page in rng.sample(list(pages), max(1, len(pages) // 3)):
-        data[page * PAGE] ^= 0xFF
+        data[page * page_size] ^= 0xFF
 
 
 def _truncate_half(data: bytearray, rng: random.Random) -> None:
@@ -39,7 +45,7 @@ def _truncate_half(data: bytearray, rng: random.Random) -> None:
 
 
 def _truncate_pages(data: bytearray, rng: random.Random) -> None:
-    del data[len(data) - 2 * PAGE :]
+    del data[len(data) - 2 * _page_size(data) :]
 
 
 def _body_bit(data: bytearray, rng: random.Random) -> None:

@@ -30,7 +30,7 @@ from meshpost.store import (
     WriteBatch,
 )
 from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
-from meshpost.store.sqlite import content_checksum, migrate, translate
+from meshpost.store.sqlite import PAGE_SIZE, content_checksum, migrate, translate
 
 T = 1_700_000_000_000_000_000
 
@@ -696,9 +696,39 @@ def test_a_version_4_database_loses_its_peer_hlc_index_and_still_reads_by_peer(
 # -- WAL page estimate ------------------------------------------------------------------------
 
 
-def test_the_wal_page_estimate_follows_what_commits_really_append(store: Store) -> None:
+def test_a_new_store_has_8_kib_pages_and_an_older_one_keeps_its_own(data_dir: Path) -> None:
+    store = Store.open(data_dir, name="alice")
+    store.close()
+    old_dir = data_dir.parent / "old"
+    old_dir.mkdir()
+    conn = sqlite3.connect(old_dir / DB_FILENAME)
+    conn.execute("PRAGMA page_size = 4096")
+    conn.execute("PRAGMA journal_mode = WAL")  # writes the header: the page size is set
+    conn.close()
+    old = Store.open(old_dir, name="alice")
+    try:
+        assert (store.page_size, old.page_size) == (PAGE_SIZE, 4096) == (8192, 4096)
+        assert old.execute_raw("PRAGMA page_size") == [(4096,)]
+        old.apply(WriteBatch(outgoing=[out(1)]), T)
+        assert [m.seq for m in old.load_pending("bob", 0, 10)] == [1]
+    finally:
+        old.close()
+
+
+@pytest.mark.parametrize("page_size", [4096, PAGE_SIZE])
+def test_the_wal_page_estimate_follows_what_commits_really_append(
+    data_dir: Path, page_size: int
+) -> None:
     """`WriteBatch.wal_pages` drives the checkpoints: too high makes them (and their fsyncs)
-    needlessly frequent, too low lets the WAL grow. Compared here with SQLite's own count."""
+    needlessly frequent, too low lets the WAL grow. Compared here with SQLite's own count,
+    for new stores' pages and for the 4 KiB pages of stores made before 2026-12-03."""
+    data_dir.mkdir()
+    conn = sqlite3.connect(data_dir / DB_FILENAME)
+    conn.execute(f"PRAGMA page_size = {page_size}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.close()
+    store = Store.open(data_dir, name="alice")
+    assert store.page_size == page_size
     checkpointer = store.open_checkpointer()
     body = "x" * 100
     seq = in_seq = 0
@@ -741,12 +771,13 @@ def test_the_wal_page_estimate_follows_what_commits_really_append(store: Store) 
             estimated = 0
             for _ in range(commits):
                 batch = make()
-                estimated += batch.wal_pages()
+                estimated += batch.wal_pages(page_size)
                 store.apply(batch, T)
             actual = checkpointer.checkpoint()  # the first commit restarted the WAL
             assert 0.75 * actual <= estimated <= 1.33 * actual, (shape, estimated, actual)
     finally:
         checkpointer.close()
+        store.close()
 
 
 def test_without_window_functions_settled_runs_are_walked_a_range_at_a_time(
