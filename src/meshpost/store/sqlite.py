@@ -46,6 +46,9 @@ BUSY_TIMEOUT_MS = 1000
 #: 29-30 us p50 (sync=normal) and 166-175 (full). 16 KiB saved a little more CPU but made that
 #: commit 50% slower.
 PAGE_SIZE = 8192
+#: A WAL file that grew past this (a reader kept it from starting over for a while) is cut
+#: back to it when it next starts over.
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 
 #: Rows are inserted many per statement: `INSERT ... VALUES (...), (...), ...` binds every
 #: value in C and runs one `sqlite3_step` (the GIL released once) per statement. Measured on
@@ -320,6 +323,7 @@ class Store:
                     # a connection and thread of their own (`open_checkpointer`), so that no
                     # commit, on the loop or on the writer thread, ever waits for one.
                     conn.execute("PRAGMA wal_autocheckpoint = 0")
+                    conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
                     # The schema's CHECK (... IN (...)) constraints cost SQLite 3.40 about a
                     # third of every insert; every write below names its direction and state
                     # as SQL literals, so on this connection they can never fail. Readers and
@@ -430,6 +434,16 @@ class Store:
             else:
                 conflicts.append(m.seq)
         return IncomingResult(committed, conflicts, duplicates)
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database file on this connection, between transactions
+        (PASSIVE: never waits for a reader). True if every page was copied, so that the next
+        commit starts the WAL over from its beginning."""
+        with _translated(self.path):
+            busy, wal_pages, copied = self._conn.execute(
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            ).fetchone()
+        return bool(busy == 0 and wal_pages == copied)
 
     def open_checkpointer(self) -> Checkpointer:
         """A second connection that copies the WAL into the database file while this one

@@ -30,7 +30,13 @@ from meshpost.store import (
     WriteBatch,
 )
 from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
-from meshpost.store.sqlite import PAGE_SIZE, content_checksum, migrate, translate
+from meshpost.store.sqlite import (
+    PAGE_SIZE,
+    WAL_SIZE_LIMIT_BYTES,
+    content_checksum,
+    migrate,
+    translate,
+)
 
 T = 1_700_000_000_000_000_000
 
@@ -73,6 +79,8 @@ def test_open_creates_a_wal_database_at_the_current_schema_version(store: Store)
     assert store.path.name == DB_FILENAME
     assert store.path.exists()
     assert store.execute_raw("PRAGMA journal_mode") == [("wal",)]
+    # A WAL that a long reader let grow is cut back when it next starts over.
+    assert store.execute_raw("PRAGMA journal_size_limit") == [(WAL_SIZE_LIMIT_BYTES,)]
     assert store.execute_raw("PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert len(MIGRATIONS) == SCHEMA_VERSION
     assert len(store.node_id) == 16

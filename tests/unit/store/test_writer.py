@@ -358,3 +358,70 @@ def test_wal_checkpoints_run_beside_commits_on_their_own_thread(
     assert all(name.startswith("meshpost-checkpoint-alice") for name in threads)
     wal = tmp_path / "meshpost.db-wal"
     assert not wal.exists() or wal.stat().st_size == 0  # closing checkpoints what is left
+
+
+def _stream_with_overlapped_checkpoints(
+    monkeypatch: pytest.MonkeyPatch, writer: GroupCommitWriter
+) -> None:
+    """Small thresholds, and background checkpoints that copy nothing, as when every one of
+    them runs beside a commit under a steady stream (the WAL then never starts over)."""
+    monkeypatch.setattr(writer_module, "CHECKPOINT_PAGES", 20)
+    monkeypatch.setattr(writer_module, "WAL_RESTART_PAGES", 80)
+    monkeypatch.setattr(writer, "_run_checkpoint", lambda: None)
+
+
+async def _send_batches(writer: GroupCommitWriter, batches: int, first_seq: int = 1) -> int:
+    seq = first_seq
+    for _ in range(batches):
+        writer.add_outgoing([out(s) for s in range(seq, seq + 300)], lambda _at: None)
+        seq += 300
+        await writer.flush()
+    return seq
+
+
+def test_a_steady_stream_keeps_the_wal_from_growing_without_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wal = tmp_path / "meshpost.db-wal"
+    sizes: list[int] = []
+
+    async def scenario() -> None:
+        async with running_writer(tmp_path) as writer:
+            _stream_with_overlapped_checkpoints(monkeypatch, writer)
+            seq = 1
+            for _ in range(12):
+                seq = await _send_batches(writer, 5, seq)
+                sizes.append(wal.stat().st_size)
+            assert writer.wal_restarts >= 5
+            assert writer.checkpoints == 0  # only the writer's own catch-ups copied pages
+            # 60 batches of 300 rows: about 800 pages of 8 KiB appended in all; the WAL
+            # starts over every ~80, so it never holds more than the pages since then.
+            assert max(sizes) < 1_500_000, sizes
+        assert len(rows(tmp_path)) == 18_000
+
+    run(scenario)
+
+
+def test_a_reader_on_old_pages_only_delays_the_wal_starting_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        async with running_writer(tmp_path) as writer:
+            _stream_with_overlapped_checkpoints(monkeypatch, writer)
+            seq = await _send_batches(writer, 2)
+            reader = sqlite3.connect(tmp_path / "meshpost.db", isolation_level=None)
+            try:
+                reader.execute("BEGIN")
+                held = reader.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+                seq = await _send_batches(writer, 20, seq)
+                assert writer.wal_restarts == 0  # the copy stops short of the reader's pages
+                # The reader still sees its snapshot, whatever the writer did meanwhile.
+                assert reader.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == held
+                reader.execute("COMMIT")
+            finally:
+                reader.close()
+            await _send_batches(writer, 20, seq)
+            assert writer.wal_restarts >= 1
+        assert len(rows(tmp_path)) == 42 * 300
+
+    run(scenario)
