@@ -704,15 +704,20 @@ def test_a_version_4_database_loses_its_peer_hlc_index_and_still_reads_by_peer(
 # -- WAL page estimate ------------------------------------------------------------------------
 
 
+def empty_store_file(data_dir: Path, *, page_size: int) -> None:
+    """An empty database file with `page_size` pages, as a store made before 8 KiB pages."""
+    data_dir.mkdir()
+    conn = sqlite3.connect(data_dir / DB_FILENAME)
+    conn.execute(f"PRAGMA page_size = {page_size}")
+    conn.execute("PRAGMA journal_mode = WAL")  # writes the header: the page size is set
+    conn.close()
+
+
 def test_a_new_store_has_8_kib_pages_and_an_older_one_keeps_its_own(data_dir: Path) -> None:
     store = Store.open(data_dir, name="alice")
     store.close()
     old_dir = data_dir.parent / "old"
-    old_dir.mkdir()
-    conn = sqlite3.connect(old_dir / DB_FILENAME)
-    conn.execute("PRAGMA page_size = 4096")
-    conn.execute("PRAGMA journal_mode = WAL")  # writes the header: the page size is set
-    conn.close()
+    empty_store_file(old_dir, page_size=4096)
     old = Store.open(old_dir, name="alice")
     try:
         assert (store.page_size, old.page_size) == (PAGE_SIZE, 4096) == (8192, 4096)
@@ -730,11 +735,7 @@ def test_the_wal_page_estimate_follows_what_commits_really_append(
     """`WriteBatch.wal_pages` drives the checkpoints: too high makes them (and their fsyncs)
     needlessly frequent, too low lets the WAL grow. Compared here with SQLite's own count,
     for new stores' pages and for the 4 KiB pages of stores made before 2026-12-03."""
-    data_dir.mkdir()
-    conn = sqlite3.connect(data_dir / DB_FILENAME)
-    conn.execute(f"PRAGMA page_size = {page_size}")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.close()
+    empty_store_file(data_dir, page_size=page_size)
     store = Store.open(data_dir, name="alice")
     assert store.page_size == page_size
     checkpointer = store.open_checkpointer()
