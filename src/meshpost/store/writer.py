@@ -202,6 +202,8 @@ class GroupCommitWriter:
             and rows <= INLINE_MAX_ROWS
             and self._thread_jobs == 0
             and self._loop.time() >= self._inline_after
+            # A WAL due to start over goes to the thread, where the catch-up may wait.
+            and self._wal_since_restart < WAL_RESTART_PAGES
         ):
             self._commit_inline(batch, callbacks)
         else:

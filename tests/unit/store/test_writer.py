@@ -425,3 +425,27 @@ def test_a_reader_on_old_pages_only_delays_the_wal_starting_over(
         assert len(rows(tmp_path)) == 42 * 300
 
     run(scenario)
+
+
+def test_small_commits_on_the_loop_also_let_the_wal_start_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At sync=normal a stream of small batches commits on the loop, where the catch-up must
+    not run: the batch after the threshold goes to the thread, which runs it."""
+    wal = tmp_path / "meshpost.db-wal"
+    sizes: list[int] = []
+
+    async def scenario() -> None:
+        async with running_writer(tmp_path, sync="normal") as writer:
+            _stream_with_overlapped_checkpoints(monkeypatch, writer)
+            for seq in range(1, 601):
+                writer.add_outgoing([out(seq)], lambda _at: None)
+                await writer.flush()
+                sizes.append(wal.stat().st_size)
+            assert writer.inline_commits > 500  # most commits stayed on the loop
+            assert writer.wal_restarts >= 5
+            # 600 one-row commits append about 2,400 pages; the WAL starts over every ~80.
+            assert max(sizes) < 1_500_000, max(sizes)
+        assert len(rows(tmp_path)) == 600
+
+    run(scenario)
