@@ -77,7 +77,7 @@ from meshpost.cluster import LocalCluster, free_tcp_ports
 from meshpost.config import DEFAULT_WINDOW, MeshConfig, NodeConfig
 from meshpost.node import Node
 from meshpost.protocol import Envelope, Receipt
-from meshpost.store import Delivery, Store, WriteBatch
+from meshpost.store import DB_FILENAME, Delivery, Store, WriteBatch
 from meshpost.timeline import SEND_BEGINS, SEND_ENDS, Mark, install_probes, summarise
 from meshpost.verify import VerifyReport, load_rows, verify_stores
 
@@ -770,6 +770,11 @@ class Bench:
             cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
 
             cpu = _CpuMeter({"A": time.process_time, "B": cluster.process("B").cpu_seconds})
+            wal = _WalPeak({name: cluster.data_dir(name) for name in ("A", "B")})
+
+            def tick(done: int) -> None:
+                self.progress.update(task, completed=done)
+                wal.sample()
 
             async def run() -> tuple[float, dict[str, Any]]:
                 async with Node(cfg) as a:
@@ -780,16 +785,13 @@ class Bench:
                                            lambda _d: None)
                     cpu.start()
                     t0 = time.monotonic()
-                    await _post_in_process(
-                        a, "B", n, self._body, window,
-                        lambda done: self.progress.update(task, completed=done),
-                    )
+                    await _post_in_process(a, "B", n, self._body, window, tick)
                     elapsed = time.monotonic() - t0
                     cpu_us = cpu.us_per_message(n)
                     stats = a.snapshot_stats()
                 return elapsed, {"store_commits": stats.store_commits,
                                  "retransmissions": stats.retransmissions, "window": window,
-                                 "cpu_us_per_msg": cpu_us}
+                                 "cpu_us_per_msg": cpu_us, "wal_peak_mb": wal.peak_mb()}
 
             elapsed, extra = _run_async(run(), self.o.use_uvloop)
         finally:
@@ -1394,6 +1396,23 @@ async def _post_in_process(node: Node, peer: str, count: int, body: str, window:
     await _post_windowed(node, lambda n: [(peer, n)], count, body, window, STALL_S, on_progress)
 
 
+class _WalPeak:
+    """The largest size each node's WAL file reached, sampled while a scenario runs: under a
+    steady stream it must stay bounded (it grew past 500 MB a side before 2026-12-03)."""
+
+    def __init__(self, data_dirs: dict[str, Path]) -> None:
+        self._paths = {name: d / f"{DB_FILENAME}-wal" for name, d in data_dirs.items()}
+        self._peak = dict.fromkeys(data_dirs, 0)
+
+    def sample(self) -> None:
+        for name, path in self._paths.items():
+            with contextlib.suppress(FileNotFoundError):
+                self._peak[name] = max(self._peak[name], path.stat().st_size)
+
+    def peak_mb(self) -> dict[str, float]:
+        return {name: round(size / 2**20, 1) for name, size in self._peak.items()}
+
+
 class _CpuMeter:
     """CPU time the processes of a scenario spend over its timed phase, per message.
 
@@ -1470,7 +1489,9 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
             rows.append((name, _fmt_rate(f["msgs_per_s"]),
                          (f"{ratio:.2f}× ceiling" if ratio is not None else "no ceiling")
                          + (f"; CPU {cpu['total']:.1f} µs/msg (A {cpu['A']:.1f}, B "
-                            f"{cpu['B']:.1f})" if cpu else "")))
+                            f"{cpu['B']:.1f})" if cpu else "")
+                         + (f"; WAL peak A {wal['A']:.1f} MB, B {wal['B']:.1f} MB"
+                            if (wal := f.get("wal_peak_mb")) else "")))
         elif name == "pair-latency":
             rows.append(("pair-latency raw", _fmt_lat(f["raw_pingpong_us"]) + " µs",
                          "pyzmq ping-pong p50/p90/p99/p99.9"))
