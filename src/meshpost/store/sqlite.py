@@ -150,14 +150,16 @@ def content_checksum(
     return envelope_checksum(Envelope(id, seq, sender, recipient, body, sent_at_ns, hlc))
 
 
-def _links(messages: Sequence[Envelope]) -> Iterator[tuple[tuple[str, str], list[Envelope]]]:
+def _links(
+    messages: Sequence[Envelope],
+) -> Iterator[tuple[tuple[str, str], Sequence[Envelope]]]:
     """`messages` grouped by (sender, recipient), each group in its original order."""
     if not messages:
         return
     first = messages[0]
     link = (first.sender, first.recipient)
     if all(m.sender == link[0] and m.recipient == link[1] for m in messages):
-        yield link, list(messages)  # the usual batch: one link, no regrouping
+        yield link, messages  # the usual batch: one link, no regrouping
         return
     groups: dict[tuple[str, str], list[Envelope]] = {}
     for m in messages:
@@ -436,14 +438,10 @@ class Store:
         return IncomingResult(committed, conflicts, duplicates)
 
     def checkpoint(self) -> bool:
-        """Copy the WAL into the database file on this connection, between transactions
-        (PASSIVE: never waits for a reader). True if every page was copied, so that the next
-        commit starts the WAL over from its beginning."""
-        with _translated(self.path):
-            busy, wal_pages, copied = self._conn.execute(
-                "PRAGMA wal_checkpoint(PASSIVE)"
-            ).fetchone()
-        return bool(busy == 0 and wal_pages == copied)
+        """Copy the WAL into the database file on this connection, between transactions.
+        True if every page was copied, so that the next commit starts the WAL over."""
+        busy, wal_pages, copied = _checkpoint_passive(self._conn, self.path)
+        return busy == 0 and wal_pages == copied
 
     def open_checkpointer(self) -> Checkpointer:
         """A second connection that copies the WAL into the database file while this one
@@ -531,6 +529,14 @@ class Store:
         return f"Store({self.path}, sync={self.sync})"
 
 
+def _checkpoint_passive(conn: sqlite3.Connection, path: Path) -> tuple[int, int, int]:
+    """PASSIVE checkpoint (never waits for a reader or blocks a writer): 1 if it could not
+    run at all, the pages the WAL holds, and how many of them are now in the database file."""
+    with _translated(path):
+        busy, wal_pages, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(busy), int(wal_pages), int(copied)
+
+
 class Checkpointer:
     """Runs WAL checkpoints on its own connection, for one thread at a time."""
 
@@ -539,13 +545,8 @@ class Checkpointer:
         self._conn = conn
 
     def checkpoint(self) -> int:
-        """Copy committed WAL pages into the database file (PASSIVE: never blocks writers);
-        returns how many pages the WAL held."""
-        with _translated(self.path):
-            _busy, wal_pages, _copied = self._conn.execute(
-                "PRAGMA wal_checkpoint(PASSIVE)"
-            ).fetchone()
-        return int(wal_pages)
+        """Copy committed WAL pages into the database file; returns how many the WAL held."""
+        return _checkpoint_passive(self._conn, self.path)[1]
 
     def close(self) -> None:
         self._conn.close()
