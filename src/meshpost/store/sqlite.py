@@ -16,12 +16,12 @@ import itertools
 import os
 import secrets
 import sqlite3
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import msgspec
+from zlib_ng import zlib_ng
 
 from meshpost.errors import (
     DataDirNotWritable,
@@ -136,11 +136,16 @@ _MARK_REJECTED = (
 
 
 _envelope_bytes = msgspec.msgpack.Encoder().encode
+#: zlib's CRC-32, from zlib-ng: the same values as the standard library's `zlib.crc32` (so
+#: every checksum already stored stays valid), computed with SIMD instructions: 42 ns for a
+#: 155-byte envelope against 201 ns with the system zlib 1.2.13 (timeit, 2026-12-03), which
+#: was 60% of the per-row work the writer does in Python (`_row_values`).
+_crc32 = zlib_ng.crc32
 
 
 def envelope_checksum(m: Envelope) -> int:
     """CRC-32 of the message's msgpack `Envelope` encoding (deterministic, and C-fast)."""
-    return zlib.crc32(_envelope_bytes(m))
+    return _crc32(_envelope_bytes(m))
 
 
 def content_checksum(
@@ -169,7 +174,7 @@ def _links(
 
 def _row_values(messages: Sequence[Envelope]) -> list[Any]:
     """The values of `messages`' own columns, flat, in `_ROWS` order (after the shared ones)."""
-    crc, encode = zlib.crc32, _envelope_bytes  # envelope_checksum, without a call per row
+    crc, encode = _crc32, _envelope_bytes  # envelope_checksum, without a call per row
     values: list[Any] = []
     add = values.extend
     for m in messages:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -33,7 +35,9 @@ from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
 from meshpost.store.sqlite import (
     PAGE_SIZE,
     WAL_SIZE_LIMIT_BYTES,
+    _row_values,
     content_checksum,
+    envelope_checksum,
     migrate,
     translate,
 )
@@ -419,6 +423,39 @@ def test_a_version_1_database_gets_content_checksums_when_migrated(data_dir: Pat
         assert store.execute_raw("SELECT checksum FROM messages") == [
             (content_checksum("m1", "bob", "alice", 1, "old", 1, 2),)
         ]
+    finally:
+        store.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=st.text(min_size=1, max_size=3000), seq=st.integers(1, 2**63 - 1))
+def test_row_checksums_are_the_standard_zlib_crc32_of_the_envelope(body: str, seq: int) -> None:
+    # protocol.md defines the column as zlib's CRC-32 of the msgpack Envelope, and stores
+    # written before the SIMD implementation carry those values: any other CRC breaks them.
+    m = Envelope(f"id-{seq}", seq, "alice", "bob", body, T + seq, seq)
+    expected = zlib.crc32(msgspec.msgpack.encode(m))
+    assert envelope_checksum(m) == expected
+    assert content_checksum(m.id, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns,
+                            m.hlc) == expected
+    assert _row_values([m, m])[5::6] == [expected, expected]
+
+
+def test_a_store_whose_checksums_the_standard_zlib_wrote_opens(data_dir: Path) -> None:
+    store = Store.open(data_dir, name="alice")
+    store.close()
+    m = out(1, body="written before zlib-ng")
+    conn = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
+    conn.execute(
+        "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns,"
+        " hlc, state, stored_at_ns, checksum) VALUES (?, 'out', ?, ?, ?, ?, ?, ?, ?,"
+        " 'pending', ?, ?)",
+        (m.id, m.recipient, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc, T,
+         zlib.crc32(msgspec.msgpack.encode(m))),
+    )
+    conn.close()
+    store = Store.open(data_dir, name="alice")
+    try:
+        assert store.execute_raw("SELECT body FROM messages") == [("written before zlib-ng",)]
     finally:
         store.close()
 
