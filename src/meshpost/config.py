@@ -7,6 +7,7 @@ node receives a `NodeConfig` and trusts it.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -31,6 +32,10 @@ DEFAULT_WINDOW_BYTES = 16 * 1024 * 1024
 MAX_MESSAGE_BYTES_CEILING = 16 * 1024 * 1024
 
 SyncLevel = Literal["full", "normal"]
+
+#: A tcp host ZeroMQ can resolve without brackets: a DNS name, an IPv4 address or (to bind)
+#: an interface name. Labels of letters, digits, '-' and '_', joined by dots.
+_TCP_HOST_PATTERN = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?$")
 
 
 def validate_name(name: str) -> str:
@@ -59,15 +64,36 @@ def validate_endpoint(endpoint: str, *, for_bind: bool) -> str:
         host, sep, port = rest.rpartition(":")
         if not sep or not host:
             raise InvalidEndpoint(endpoint, "expected tcp://HOST:PORT")
+        if not for_bind and host in ("*", "0.0.0.0", "[::]"):
+            raise InvalidEndpoint(endpoint, "cannot connect to a wildcard address")
+        _check_tcp_host(endpoint, host)
         if port == "*" and for_bind:
             return endpoint
         # isascii: str.isdigit() also accepts digits int() refuses ("²") or zmq would ("٣").
         if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise InvalidEndpoint(endpoint, f"port {port!r} is not a number from 1 to 65535")
-        if not for_bind and host in ("*", "0.0.0.0", "[::]"):
-            raise InvalidEndpoint(endpoint, "cannot connect to a wildcard address")
         return endpoint
     raise InvalidEndpoint(endpoint, "supported transports are tcp:// and ipc://")
+
+
+def _check_tcp_host(endpoint: str, host: str) -> None:
+    """Refuse a host ZeroMQ would fail to resolve later, or read otherwise than the user
+    meant: an IPv6 address without brackets (is `tcp://::1:7000` port 7000 of `::1`, or
+    port 1:7000?), or text that is neither an address nor a name."""
+    if host == "*":  # the wildcard of a bind (a connect to it was refused above)
+        return
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise InvalidEndpoint(endpoint, f"{host} is not an IPv6 address") from None
+        return
+    if ":" in host:
+        raise InvalidEndpoint(endpoint, "an IPv6 address goes in brackets: tcp://[::1]:PORT")
+    if not _TCP_HOST_PATTERN.fullmatch(host):  # `match` would let "name\n" through `$`
+        raise InvalidEndpoint(
+            endpoint, f"host {host!r} is not an IPv4 address, a host name or an interface"
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

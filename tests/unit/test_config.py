@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import string
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +108,8 @@ def test_any_text_is_a_valid_name_or_invalid_name(name: str) -> None:
 @pytest.mark.parametrize(
     "endpoint",
     ["tcp://127.0.0.1:1", "tcp://localhost:65535", "tcp://[::1]:7000", "ipc:///tmp/x.sock",
-     "ipc://relative", "ipc://" + "p" * 107],
+     "ipc://relative", "ipc://" + "p" * 107, "tcp://node-7.lab.example.org.:7000",
+     "tcp://eth0:7000", "tcp://[fe80::1]:7000"],
 )
 def test_good_endpoints_are_accepted_for_both_uses(endpoint: str) -> None:
     assert validate_endpoint(endpoint, for_bind=True) == endpoint
@@ -137,6 +140,14 @@ def test_wildcards_are_for_binding_only(endpoint: str) -> None:
         ("tcp://host:", "from 1 to 65535"),
         ("tcp://host:²", "from 1 to 65535"),  # a digit to str.isdigit, not to int()
         ("tcp://host:٣", "from 1 to 65535"),  # an Arabic-Indic three
+        ("tcp://::1:7000", "IPv6 address goes in brackets"),
+        ("tcp://host::1", "IPv6 address goes in brackets"),
+        ("tcp://[::g]:7000", "not an IPv6 address"),
+        ("tcp://[]:7000", "not an IPv6 address"),
+        ("tcp://h\x80:1", "not an IPv4 address, a host name or an interface"),
+        ("tcp://my host:7000", "not an IPv4 address, a host name or an interface"),
+        ("tcp://host\n:7000", "not an IPv4 address, a host name or an interface"),
+        ("tcp://a..b:7000", "not an IPv4 address, a host name or an interface"),
         ("ipc://", "needs a path"),
         ("ipc://" + "p" * 108, "longer than 107 bytes"),
         ("ipc://" + "é" * 54, "longer than 107 bytes"),
@@ -157,7 +168,28 @@ def test_any_tcp_port_text_is_valid_or_invalid_endpoint(port: str, for_bind: boo
         validate_endpoint(endpoint, for_bind=for_bind)
     except InvalidEndpoint:
         return
-    assert port == "*" or (port.isascii() and 1 <= int(port) <= 65535)
+    assert (port == "*" and for_bind) or (
+        port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
+    )
+
+
+@FAST
+@given(st.text(max_size=12), st.booleans())
+def test_any_tcp_host_text_is_valid_or_invalid_endpoint(host: str, for_bind: bool) -> None:
+    endpoint = f"tcp://{host}:7000"
+    try:
+        validate_endpoint(endpoint, for_bind=for_bind)
+    except InvalidEndpoint:
+        return
+    # What passes is a wildcard (to bind), a bracketed IPv6 address, or ASCII name labels.
+    if host == "*":
+        assert for_bind
+    elif host.startswith("["):
+        ipaddress.IPv6Address(host[1:-1])
+    else:
+        assert host.isascii() and ":" not in host
+        allowed = set(string.ascii_letters + string.digits + "-_")
+        assert all(label and set(label) <= allowed for label in host.removesuffix(".").split("."))
 
 
 # -- node config --------------------------------------------------------------------------------
