@@ -279,6 +279,8 @@ class Node:
         self._transport: ZmqTransport | None = None
         self._listener: Listener | None = None
         self._links: dict[str, DialerLink] = {}
+        #: Links that a commit's callbacks gave messages to send (an ordered set).
+        self._links_to_pump: dict[str, DialerLink] = {}
         self._next_seq: dict[str, int] = {}
         # Receipt futures of post()/send() messages not yet settled: weakly (a future its
         # caller dropped is forgotten), and strongly in _held once someone waits for one.
@@ -313,7 +315,8 @@ class Node:
         self._store = await asyncio.to_thread(Store.open, cfg.data_dir, name=cfg.name,
                                               sync=cfg.sync)
         try:
-            self._writer = GroupCommitWriter(self._store, self.clock, node=self.name)
+            self._writer = GroupCommitWriter(self._store, self.clock, node=self.name,
+                                             after_callbacks=self._pump_stored_links)
             self._next_seq = await self._writer.call(self._store.last_seqs)
             # Start the HLC above every stamp already stored, since the wall clock may have
             # gone back while the node was down: our own stamps as they are, our peers'
@@ -681,13 +684,28 @@ class Node:
             link = self._links[peer]
             if not link.disk_backlog and link.admit(group) == len(group):
                 link.enqueue(group)
-                link.pump(self.clock.monotonic(), self.clock.wall_ns())
-                self._perform(link)
+                # Sent once the commit's other posts are enqueued too (`_pump_stored_links`).
+                self._links_to_pump[peer] = link
             else:
                 # Memory is full or older messages wait on disk: keep order, load from disk.
                 link.disk_backlog = True
                 self._backlog_epoch[peer] += 1
                 self._feed_wakeup.set()
+
+    def _pump_stored_links(self) -> None:
+        """After each commit's callbacks: the links they enqueued to send what they can.
+
+        Once per commit rather than once per post, so that messages committed together leave
+        together, in full batch frames, however many `post` calls they came from: a frame per
+        call cost both sides its encoding, decoding, checks and receipt.
+        """
+        if not self._links_to_pump:
+            return
+        links, self._links_to_pump = self._links_to_pump, {}
+        now, wall = self.clock.monotonic(), self.clock.wall_ns()
+        for link in links.values():
+            link.pump(now, wall)
+            self._perform(link)
 
     async def _feed_loop(self) -> None:
         """Load outbox backlog from disk into links that have room."""

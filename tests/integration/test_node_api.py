@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -269,3 +270,44 @@ def test_receipt_futures_nobody_can_observe_are_not_kept_while_the_peer_is_away(
     report = verify_stores({"A": short_tmp / "A", "B": short_tmp / "B"})
     assert report.ok, report.summary()
     assert report.delivered == dropped + 5
+
+
+def test_posts_committed_together_leave_together_in_one_batch_frame(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meshpost.node import Node as NodeClass
+    from meshpost.protocol import Batch
+    from meshpost.verify import verify_stores
+
+    endpoints = {n: f"ipc://{short_tmp}/{n.lower()}.sock" for n in "AB"}
+    batch_sizes: list[int] = []
+    real_transmit = NodeClass._transmit
+
+    def transmit(self: NodeClass, peer: str, frames: list[Any]) -> None:
+        if self.name == "A":
+            batch_sizes.extend(len(f.messages) for f in frames if isinstance(f, Batch))
+        real_transmit(self, peer, frames)
+
+    monkeypatch.setattr(NodeClass, "_transmit", transmit)
+
+    def config(name: str, peer: str) -> NodeConfig:
+        return NodeConfig(name=name, bind=(endpoints[name],),
+                          peers=(PeerConfig(peer, endpoints[peer]),), data_dir=short_tmp / name)
+
+    count = 300
+
+    async def scenario() -> None:
+        async with Node(config("A", "B")) as a, Node(config("B", "A")):
+            await a.send("B", "warm-up", timeout_s=20)
+            batch_sizes.clear()
+            # One loop iteration's posts share a commit, so they share its frames.
+            handles = await asyncio.gather(*(a.post("B", f"m{i}") for i in range(count)))
+            receipts = await asyncio.gather(*(h.receipt for (h,) in handles))
+            assert {r.seq for r in receipts} == set(range(2, count + 2))
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    # Not a frame per post: the first frame after the commit holds every one of them.
+    assert batch_sizes[0] == count, batch_sizes[:10]
+    report = verify_stores({"A": short_tmp / "A", "B": short_tmp / "B"})
+    assert report.ok, report.summary()
+    assert report.delivered == count + 1

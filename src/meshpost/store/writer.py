@@ -74,10 +74,16 @@ class GroupCommitWriter:
     them commit and keeps the writer active until cancelled.
     """
 
-    def __init__(self, store: Store, clock: Clock, *, node: str) -> None:
+    def __init__(
+        self, store: Store, clock: Clock, *, node: str,
+        after_callbacks: Callable[[], None] | None = None,
+    ) -> None:
+        """`after_callbacks` runs once after the callbacks of each commit, on the loop: what
+        they set up (frames to send, say) can then be done once for the whole commit."""
         self.store = store
         self._clock = clock
         self._node = node
+        self._after_callbacks = after_callbacks
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"meshpost-store-{node}"
         )
@@ -259,6 +265,11 @@ class GroupCommitWriter:
                 callback(results, stored_at)
             except Exception:
                 log.exception("[%s] store completion callback failed", self._node)
+        if self._after_callbacks is not None:
+            try:
+                self._after_callbacks()
+            except Exception:
+                log.exception("[%s] after-commit callback failed", self._node)
         if not self._busy and not self._batch:
             self._idle.set()
 
