@@ -13,9 +13,9 @@ How each scenario drives meshpost (the processes and the public API they use):
   sends N bodies one way as fast as pyzmq allows (no acknowledgement, no storage).
 - `pair-throughput`: node B is a real `python -m meshpost node` process; node A runs inside
   this process (`async with Node(cfg)`), so the benchmark drives the public API directly:
-  `post_many()` in chunks of 512 with at most one link window (`NodeConfig.window`) of
-  messages unreceipted, then `wait_delivered()`. The clock stops when A has recorded (committed)
-  the receipt of the last message.
+  `post_many()` in chunks of `MAX_BATCH_MESSAGES` (2,048) with at most one link window
+  (`NodeConfig.window`) of messages unreceipted, then `wait_delivered()`. The clock stops
+  when A has recorded (committed) the receipt of the last message.
 - `pair-latency`: the same pair; `await send()` one message at a time (sender stores, B
   commits, A records the receipt), against a raw pyzmq DEALER/ROUTER ping-pong of the same
   size measured in the same run. With the default `--sync full` it also measures `normal`.
@@ -76,7 +76,7 @@ from rich.table import Column, Table
 from meshpost.cluster import LocalCluster, free_tcp_ports
 from meshpost.config import DEFAULT_WINDOW, MeshConfig, NodeConfig
 from meshpost.node import Node
-from meshpost.protocol import Envelope, Receipt
+from meshpost.protocol import MAX_BATCH_MESSAGES, Envelope, Receipt
 from meshpost.store import DB_FILENAME, Delivery, Store, WriteBatch
 from meshpost.timeline import SEND_BEGINS, SEND_ENDS, Mark, install_probes, summarise
 from meshpost.verify import VerifyReport, load_rows, verify_stores
@@ -93,8 +93,8 @@ SCENARIOS = (
     "broker-anchors",
 )
 DEFAULT_RESULTS_DIR = Path("benchmarks/results")
-#: `post_many` chunk: one full batch frame (`MAX_BATCH_MESSAGES`).
-CHUNK = 512
+#: `post_many` chunk: one full batch frame.
+CHUNK = MAX_BATCH_MESSAGES
 #: Unreceipted messages the whole mesh allows (split evenly over its nodes, at least 8 and at
 #: most 256 each): small enough that latency measures the mesh rather than a queue of the whole
 #: run, and that receipts come back within the initial retransmission timeout; large enough to

@@ -19,6 +19,7 @@ from meshpost.protocol.events import (
     ViolationDetected,
 )
 from meshpost.protocol.frames import (
+    MAX_BATCH_MESSAGES,
     PROTOCOL_VERSION,
     Batch,
     Bye,
@@ -33,11 +34,13 @@ from meshpost.protocol.frames import (
     Reject,
     RejectCode,
     Welcome,
+    max_frame_bytes,
 )
 from meshpost.protocol.listener import Listener, to_ranges
 
 __all__ = [
     "HELD_MESSAGE_OVERHEAD",
+    "MAX_BATCH_MESSAGES",
     "PROTOCOL_VERSION",
     "Batch",
     "Bye",
@@ -68,5 +71,6 @@ __all__ = [
     "decode",
     "encode",
     "held_size",
+    "max_frame_bytes",
     "to_ranges",
 ]

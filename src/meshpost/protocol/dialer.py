@@ -26,6 +26,8 @@ from meshpost.protocol.events import (
     PeerLost,
 )
 from meshpost.protocol.frames import (
+    MAX_BATCH_BODY_BYTES,
+    MAX_BATCH_MESSAGES,
     PROTOCOL_VERSION,
     Batch,
     Envelope,
@@ -40,10 +42,6 @@ from meshpost.protocol.frames import (
     Welcome,
 )
 
-#: A batch frame carries at most this many messages / body bytes: big enough to amortise
-#: per-frame costs, small enough that a lost frame costs little to resend.
-MAX_BATCH_MESSAGES = 512
-MAX_BATCH_BODY_BYTES = 256 * 1024
 #: After a refusal for a reason only an operator can fix, ask again this rarely.
 REFUSED_RETRY_S = 10.0
 #: Smoothing of round-trip samples for the retransmission timeout (RFC 6298's alpha, beta, K).

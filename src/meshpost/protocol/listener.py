@@ -17,6 +17,7 @@ from meshpost.protocol.codec import decode
 from meshpost.protocol.events import Event, MessagesArrived, PeerDeparted, ViolationDetected
 from meshpost.protocol.frames import (
     DIALER_FRAMES,
+    MAX_ID_LENGTH,
     PROTOCOL_VERSION,
     Batch,
     Bye,
@@ -31,10 +32,9 @@ from meshpost.protocol.frames import (
     Reject,
     RejectCode,
     Welcome,
+    max_frame_bytes,
 )
 
-#: Message ids are opaque strings of this many characters at most.
-MAX_ID_LENGTH = 64
 #: SQLite INTEGER is a signed 64-bit number; msgpack also carries unsigned ones up to 2**64 - 1,
 #: which the store could not bind (an OverflowError that is not a store error at all).
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -42,8 +42,6 @@ _ID, _SEQ, _SENDER, _RECIPIENT, _BODY, _SENT_AT, _HLC = (
     operator.attrgetter(f)
     for f in ("id", "seq", "sender", "recipient", "body", "sent_at_ns", "hlc")
 )
-#: Frame overhead beyond message bodies that a batch may carry (ids, names, numbers).
-_PER_MESSAGE_OVERHEAD = 256
 
 
 def to_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
@@ -85,8 +83,8 @@ class Listener:
         self.known_peers = frozenset(known_peers)
         self.max_message_bytes = max_message_bytes
         self.sync = sync
-        #: Largest frame accepted: a full batch of maximal messages plus overhead.
-        self.max_frame_bytes = 512 * (max_message_bytes + _PER_MESSAGE_OVERHEAD) + 4096
+        #: Largest frame accepted: the largest batch a dialer builds (`max_frame_bytes`).
+        self.max_frame_bytes = max_frame_bytes(max_message_bytes)
         self._sessions: dict[str, _Session] = {}
         self._events: list[Event] = []
 

@@ -33,9 +33,11 @@ from meshpost.protocol import (
     RefuseCode,
     Reject,
     RejectCode,
+    ViolationDetected,
     Welcome,
     decode,
     encode,
+    max_frame_bytes,
 )
 from meshpost.protocol.dialer import (
     HELD_MESSAGE_OVERHEAD,
@@ -44,6 +46,7 @@ from meshpost.protocol.dialer import (
     REFUSED_RETRY_S,
     held_size,
 )
+from meshpost.protocol.frames import MAX_ID_LENGTH
 
 T0_WALL = 1_700_000_000_000_000_000
 RTO_INITIAL = 0.5
@@ -353,6 +356,33 @@ def test_batches_respect_the_body_byte_budget() -> None:
     wire.dialer.enqueue([msg(1, big), msg(2, big), msg(3, big), msg(4, huge), msg(5, "small")])
     sent = batches(wire.poll())
     assert [[m.seq for m in b.messages] for b in sent] == [[1, 2], [3], [4], [5]]
+
+
+@pytest.mark.parametrize("max_message_bytes", [16, 100, 1_000, 64 * 1024])
+@pytest.mark.parametrize("char", ["a", "é", "€", "\U0001d11e"])  # 1 to 4 bytes in UTF-8
+def test_every_batch_the_dialer_builds_fits_the_frame_limit(
+    max_message_bytes: int, char: str
+) -> None:
+    # The largest batches there are: bodies as long as the message limit and the batch's
+    # body budget allow, ids of MAX_ID_LENGTH characters as wide as the bodies', and one
+    # message of the largest size alone.
+    width = len(char.encode())
+    chars = max(1, min(max_message_bytes // width, MAX_BATCH_BODY_BYTES // MAX_BATCH_MESSAGES))
+    wide_id = char * (MAX_ID_LENGTH - 5)
+    n = 2 * MAX_BATCH_MESSAGES + 5
+    messages = [Envelope(f"{s:05d}{wide_id}", s, "alice", "bob", char * chars, T0_WALL + s, s)
+                for s in range(1, n + 1)]
+    messages.append(msg(n + 1, char * (max_message_bytes // width)))
+    wire = Wire(max_message_bytes=max_message_bytes, window=n + 1)
+    wire.connect()
+    wire.dialer.enqueue(messages)
+    sent = batches(wire.poll())
+    assert max(len(b.messages) for b in sent) == MAX_BATCH_MESSAGES
+    for batch in sent:
+        assert len(encode(batch)) <= max_frame_bytes(max_message_bytes)
+    wire.exchange(sent)  # the listener decodes every one of them and refuses none
+    assert len(wire.store) == n + 1
+    assert not [e for e in wire.listener_events if isinstance(e, ViolationDetected)]
 
 
 def test_a_receipt_settles_the_messages_and_reports_them_delivered() -> None:

@@ -31,7 +31,13 @@ from meshpost.protocol import (
     encode,
     to_ranges,
 )
-from meshpost.protocol.listener import MAX_ID_LENGTH
+from meshpost.protocol.frames import (
+    ENVELOPE_OVERHEAD_BYTES,
+    FRAME_OVERHEAD_BYTES,
+    MAX_BATCH_BODY_BYTES,
+    MAX_BATCH_MESSAGES,
+    MAX_ID_LENGTH,
+)
 
 WALL = 1_700_000_000_000_000_000
 LIMIT = 512
@@ -207,10 +213,28 @@ def test_a_frame_over_the_size_limit_is_refused_without_decoding() -> None:
 
 def test_the_frame_limit_fits_a_full_batch_of_maximal_messages() -> None:
     listener = connected(max_message_bytes=1_000)
-    big = [msg(s, "é" * 500, id="x" * MAX_ID_LENGTH) for s in range(1, 513)]
+    # As many messages as a batch holds, with as many body characters as it allows, each
+    # character (and the ids') 4 bytes long.
+    body = "\U0001d11e" * (MAX_BATCH_BODY_BYTES // MAX_BATCH_MESSAGES)
+    big = [msg(s, body, id=f"{s:04d}" + "\U0001d11e" * (MAX_ID_LENGTH - 4))
+           for s in range(1, MAX_BATCH_MESSAGES + 1)]
+    assert len(encode(Batch(WALL, big))) <= listener.max_frame_bytes
     assert send(listener, Batch(WALL, big)) == []
     [arrived] = arrivals(listener)
-    assert len(arrived.messages) == 512
+    assert len(arrived.messages) == MAX_BATCH_MESSAGES
+
+
+@pytest.mark.parametrize("max_message_bytes", [1, 64 * 1024, 16 * 1024 * 1024])
+def test_the_frame_limit_is_the_largest_batch_and_not_a_batch_of_the_largest_messages(
+    max_message_bytes: int,
+) -> None:
+    # A batch of several messages holds at most MAX_BATCH_BODY_BYTES characters, so the limit
+    # grows with the message limit only once a lone message outgrows that budget: 2.1 MB at
+    # the default 64 KiB, not the 33.7 MB (8 GiB at 16 MiB) a full batch of maximal ones took.
+    limit = connected(max_message_bytes=max_message_bytes).max_frame_bytes
+    overheads = MAX_BATCH_MESSAGES * ENVELOPE_OVERHEAD_BYTES + FRAME_OVERHEAD_BYTES
+    assert limit == max(max_message_bytes, 4 * MAX_BATCH_BODY_BYTES) + overheads
+    assert limit <= max_message_bytes + 3 * 1024 * 1024
 
 
 # -- validating messages ----------------------------------------------------------------------
