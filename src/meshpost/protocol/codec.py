@@ -7,10 +7,11 @@ from typing import Any
 import msgspec
 
 from meshpost.errors import MalformedFrame, UnsupportedVersion
-from meshpost.protocol.frames import PROTOCOL_VERSION, Frame, Hello
+from meshpost.protocol.frames import PROTOCOL_VERSION, Frame, Hello, UncheckedBatch
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)
+_unchecked_batch_decoder = msgspec.msgpack.Decoder(UncheckedBatch)
 _loose_decoder = msgspec.msgpack.Decoder(list[Any])
 
 #: A Hello of another version is decoded loosely to tell the peer why it was refused; only
@@ -24,12 +25,22 @@ def encode(frame: Frame) -> bytes:
     return _encoder.encode(frame)
 
 
-def decode(data: bytes, *, max_bytes: int) -> Frame:
-    """Decode one frame of at most `max_bytes`; raise `MalformedFrame` or `UnsupportedVersion`."""
+def decode(data: bytes, *, max_bytes: int) -> Frame | UncheckedBatch:
+    """Decode one frame of at most `max_bytes`; raise `MalformedFrame` or `UnsupportedVersion`.
+
+    A batch some message of which fails the `Envelope` checks comes back as an
+    `UncheckedBatch` (decoded a second time, without them)."""
     if len(data) > max_bytes:
         raise MalformedFrame(f"frame of {len(data)} bytes exceeds the {max_bytes}-byte limit")
     try:
         frame: Frame = _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        try:
+            return _unchecked_batch_decoder.decode(data)
+        except (*_DECODE_ERRORS, RecursionError):
+            pass
+        _raise_if_other_version(data)
+        raise MalformedFrame(f"cannot decode frame: {exc}") from None
     except _DECODE_ERRORS as exc:
         _raise_if_other_version(data)
         raise MalformedFrame(f"cannot decode frame: {exc}") from None

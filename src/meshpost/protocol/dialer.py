@@ -39,6 +39,7 @@ from meshpost.protocol.frames import (
     Refuse,
     RefuseCode,
     Reject,
+    UncheckedBatch,
     Welcome,
 )
 
@@ -236,8 +237,9 @@ class DialerLink:
         if was_reachable:
             self._events.append(PeerLeft(self.peer, reason))
 
-    def receive(self, frame: Frame, now: float, wall_ns: int, hlc: int) -> None:
-        """Take one frame the peer sent on this link."""
+    def receive(self, frame: Frame | UncheckedBatch, now: float, wall_ns: int, hlc: int) -> None:
+        """Take one frame the peer sent on this link (as `decode` gives it: a batch, checked
+        or not, is not for a dialer and is ignored like every other frame it does not take)."""
         if type(frame) not in _ACCEPTS[self.state]:
             return
         self.last_heard = now

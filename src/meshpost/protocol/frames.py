@@ -6,6 +6,8 @@ timestamp it needs is passed in by the caller.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 #: Bumped on any incompatible change to a frame's layout or meaning.
@@ -21,6 +23,9 @@ MAX_BATCH_MESSAGES = 2048
 MAX_BATCH_BODY_BYTES = 256 * 1024
 #: Message ids are opaque strings of this many characters at most.
 MAX_ID_LENGTH = 64
+#: SQLite's INTEGER is a signed 64-bit number; msgpack also carries unsigned ones up to
+#: 2**64 - 1, which the store could not bind.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: The most an envelope adds to its body's bytes: the array header, an id of MAX_ID_LENGTH
 #: four-byte characters, two names of 63 ASCII characters, three 9-byte integers and the
 #: string headers come to 424.
@@ -67,7 +72,32 @@ class Refuse(msgspec.Struct, tag="refuse", array_like=True, frozen=True):
 
 
 class Envelope(msgspec.Struct, array_like=True, frozen=True):
-    """One user message. `id` is unique across the mesh; `seq` numbers it on its link."""
+    """One user message. `id` is unique across the mesh; `seq` numbers it on its link.
+
+    Decoding checks what every stored message needs, in C as it decodes: an id of 1 to
+    MAX_ID_LENGTH characters, a seq from 1, a body that is not empty, 64-bit stamps (building
+    one checks nothing). A batch with a message that fails decodes as an `UncheckedBatch`
+    instead, so that the others can still be stored and only the failing ones rejected.
+    """
+
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
+    seq: Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)]
+    sender: str
+    recipient: str
+    body: Annotated[str, msgspec.Meta(min_length=1)]
+    sent_at_ns: Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+    hlc: Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+
+
+class Batch(msgspec.Struct, tag="batch", array_like=True, frozen=True):
+    """Dialer -> listener: one or more messages; `tx_at_ns` is the sender clock at transmit."""
+
+    tx_at_ns: int
+    messages: list[Envelope]
+
+
+class _UncheckedEnvelope(msgspec.Struct, array_like=True, frozen=True):
+    """An `Envelope`'s layout and types without its checks."""
 
     id: str
     seq: int
@@ -78,11 +108,17 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True):
     hlc: int
 
 
-class Batch(msgspec.Struct, tag="batch", array_like=True, frozen=True):
-    """Dialer -> listener: one or more messages; `tx_at_ns` is the sender clock at transmit."""
+class UncheckedBatch(msgspec.Struct, tag="batch", array_like=True, frozen=True):
+    """A batch whose layout and types are right but some message of which fails the
+    `Envelope` checks: the listener checks each message and rejects the failing ones."""
 
     tx_at_ns: int
-    messages: list[Envelope]
+    messages: list[_UncheckedEnvelope]
+
+    def batch(self) -> Batch:
+        """The same messages as `Envelope`s (which building does not check)."""
+        return Batch(self.tx_at_ns, [Envelope(*msgspec.structs.astuple(m))
+                                     for m in self.messages])
 
 
 class Receipt(msgspec.Struct, tag="receipt", array_like=True, frozen=True):
