@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import msgspec
@@ -34,14 +35,10 @@ def decode(data: bytes, *, max_bytes: int) -> Frame | UncheckedBatch:
         raise MalformedFrame(f"frame of {len(data)} bytes exceeds the {max_bytes}-byte limit")
     try:
         frame: Frame = _decoder.decode(data)
-    except msgspec.ValidationError as exc:
-        try:
-            return _unchecked_batch_decoder.decode(data)
-        except (*_DECODE_ERRORS, RecursionError):
-            pass
-        _raise_if_other_version(data)
-        raise MalformedFrame(f"cannot decode frame: {exc}") from None
     except _DECODE_ERRORS as exc:
+        if isinstance(exc, msgspec.ValidationError):
+            with contextlib.suppress(*_DECODE_ERRORS, RecursionError):
+                return _unchecked_batch_decoder.decode(data)
         _raise_if_other_version(data)
         raise MalformedFrame(f"cannot decode frame: {exc}") from None
     except RecursionError:

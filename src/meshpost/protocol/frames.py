@@ -28,7 +28,7 @@ MAX_ID_LENGTH = 64
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: The most an envelope adds to its body's bytes: the array header, an id of MAX_ID_LENGTH
 #: four-byte characters, two names of 63 ASCII characters, three 9-byte integers and the
-#: string headers come to 424.
+#: string headers come to 422.
 ENVELOPE_OVERHEAD_BYTES = 512
 #: The batch's own header (tag, tx time, array headers), and then some.
 FRAME_OVERHEAD_BYTES = 4096
