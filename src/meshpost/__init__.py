@@ -3,11 +3,43 @@
 Every message is acknowledged by its receiver after it is committed to the receiver's store,
 stored exactly once on both nodes, and stamped with the sender's wall clock and a hybrid
 logical clock.
+
+The public names below are imported on first use (module `__getattr__`), so that importing
+any part of meshpost, or running `meshpost --help`, does not load ZeroMQ, SQLite and asyncio.
 """
 
-from meshpost.config import MeshConfig, NodeConfig, PeerConfig
-from meshpost.errors import MeshpostError
-from meshpost.node import Node, Receipt
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from meshpost.config import MeshConfig, NodeConfig, PeerConfig
+    from meshpost.errors import MeshpostError
+    from meshpost.node import Node, Receipt
 
 __all__ = ["MeshConfig", "MeshpostError", "Node", "NodeConfig", "PeerConfig", "Receipt"]
 __version__ = "0.1.0"
+
+#: Public name -> the module that defines it (add a name here, to `__all__` and above).
+_EXPORTS: dict[str, str] = {
+    "MeshConfig": "meshpost.config",
+    "MeshpostError": "meshpost.errors",
+    "Node": "meshpost.node",
+    "NodeConfig": "meshpost.config",
+    "PeerConfig": "meshpost.config",
+    "Receipt": "meshpost.node",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'meshpost' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

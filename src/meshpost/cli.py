@@ -8,12 +8,10 @@ the receiver; 6 storage error.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -106,6 +104,9 @@ def build_node_config(args: argparse.Namespace) -> NodeConfig:
 
 
 async def _run_node(cfg: NodeConfig, *, interactive: bool) -> None:
+    import asyncio
+    import signal
+
     from meshpost.control import ControlServer
     from meshpost.node import CrashPoint, Node
 
@@ -141,6 +142,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     cfg = build_node_config(args)
     interactive = not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
     setup_logging(args.log_level, log_file=cfg.data_dir / "node.log" if interactive else None)
+    import asyncio
+
     asyncio.run(_run_node(cfg, interactive=interactive))
     return EXIT_OK
 
@@ -357,6 +360,8 @@ async def _attach(data_dir: Path, name: str) -> None:
 
 def cmd_attach(args: argparse.Namespace) -> int:
     setup_logging("warning")
+    import asyncio
+
     asyncio.run(_attach(_data_dir(args), args.node))
     return EXIT_OK
 
@@ -455,13 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secure", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmark against raw pyzmq (and brokers); see --help")
+    from meshpost.bench.options import scenario_epilog
+
+    p = sub.add_parser("bench", help="benchmark against raw pyzmq (and brokers); see --help",
+                       epilog=scenario_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                   help="ceiling pair-throughput pair-latency mesh offline-backlog "
-                        "broker-anchors (default: all)")
-    p.add_argument("--messages", type=int, default=200_000, help="throughput messages")
+                   help="scenarios to run (listed below; default: all)")
+    p.add_argument("--messages", type=int, default=200_000,
+                   help="throughput messages (mesh-saturated: split over its nodes)")
     p.add_argument("--size", type=int, default=100, help="body size in bytes")
-    p.add_argument("--nodes", type=int, default=20, help="mesh nodes")
+    p.add_argument("--nodes", type=int, default=20, help="nodes of both mesh scenarios")
     p.add_argument("--mesh-messages", type=int, default=2_000, help="messages per mesh node")
     p.add_argument("--latency-messages", type=int, default=20_000)
     p.add_argument("--backlog-messages", type=int, default=1_000_000)

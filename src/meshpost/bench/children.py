@@ -1,0 +1,232 @@
+"""Helper processes of the bench: the parent's handle on one, and the roles a child can play.
+
+Rule: parent and child speak JSON lines (commands on stdin, replies and progress on stdout,
+logs to a file); a child is stopped by its own PID, never by name. `python -m meshpost.bench
+ROLE ...` starts one; the node roles live in `meshpost.bench.drive`, imported only by them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from meshpost.bench.options import BenchError
+from meshpost.bench.support import emit, optional
+
+
+class Child:
+    """A helper process of this module speaking JSON lines: commands in, replies out."""
+
+    def __init__(self, role_args: Sequence[str], log_path: Path) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.log_path = log_path
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meshpost.bench", *role_args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+            start_new_session=True,
+        )
+        self.progress = 0
+        self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if "progress" in msg:
+                self.progress = int(msg["progress"])
+            else:
+                self._replies.put(msg)
+        self._replies.put({"error": "helper process exited"})
+
+    def send(self, **command: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def reply(self, timeout_s: float) -> dict[str, Any]:
+        try:
+            msg = self._replies.get(timeout=timeout_s)
+        except queue.Empty:
+            raise BenchError(f"helper {self.pid} silent for {timeout_s:.0f}s; see "
+                             f"{self.log_path}") from None
+        if "error" in msg:
+            raise BenchError(f"helper {self.pid}: {msg['error']}; see {self.log_path}")
+        return msg
+
+    def poll_reply(self) -> dict[str, Any] | None:
+        try:
+            msg = self._replies.get_nowait()
+        except queue.Empty:
+            return None
+        if "error" in msg:
+            raise BenchError(f"helper {self.pid}: {msg['error']}; see {self.log_path}")
+        return msg
+
+    def request(self, timeout_s: float, **command: Any) -> dict[str, Any]:
+        self.send(**command)
+        return self.reply(timeout_s)
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        """Ask it to stop, then terminate, then kill; by this process's own PID only."""
+        with contextlib.suppress(BrokenPipeError, OSError, ValueError):
+            self.send(op="stop")
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            try:
+                code = self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = self.proc.wait(5)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError, ValueError):
+                if stream is not None:
+                    stream.close()
+        self._log.close()
+        return code
+
+
+
+def raw_sink(endpoint: str) -> None:
+    """ROUTER: after a warm-up, answer "go"; then count N messages and report the times."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    emit({"ready": sock.getsockopt_string(zmq.LAST_ENDPOINT)})
+    cmd = json.loads(sys.stdin.readline())
+    warm, n = int(cmd["warm"]), int(cmd["n"])
+    ident = b""
+    for _ in range(warm):
+        ident = sock.recv_multipart()[0]
+    sock.send_multipart([ident, b"go"])
+    recv = sock.recv_multipart
+    for _ in range(n):
+        recv()
+    last = time.monotonic()
+    emit({"last": last})
+    sock.close(0)
+    ctx.term()
+
+
+def raw_echo(endpoint: str) -> None:
+    """ROUTER echo server for the ping-pong; an empty payload ends it."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    emit({"ready": sock.getsockopt_string(zmq.LAST_ENDPOINT)})
+    while True:
+        ident, payload = sock.recv_multipart()
+        if not payload:
+            break
+        sock.send_multipart([ident, payload])
+    sock.close(0)
+    ctx.term()
+
+
+def mqtt_sub(port: int, topic: str, n: int) -> None:
+    """MQTT QoS 1 subscriber: report when `n` messages have arrived."""
+    mqtt = optional("paho.mqtt.client")
+
+    done = threading.Event()
+    subscribed = threading.Event()
+    count = 0
+    first = last = 0.0
+
+    def on_message(_c: Any, _u: Any, _m: Any) -> None:
+        nonlocal count, first, last
+        count += 1
+        if count == 1:
+            first = time.monotonic()
+        if count >= n:
+            last = time.monotonic()
+            done.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{os.getpid()}")
+    client.on_message = on_message
+    client.on_subscribe = lambda *_a: subscribed.set()
+    client.connect("127.0.0.1", port)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    if not subscribed.wait(15):
+        emit({"error": "no SUBACK"})
+        return
+    emit({"ready": True})
+    done.wait(600)
+    emit({"count": count, "first": first, "last": last})
+    client.loop_stop()
+    client.disconnect()
+
+
+
+def _driver_role(args: list[str]) -> None:
+    from meshpost.bench.drive import driver
+    from meshpost.bench.support import run_async
+
+    run_async(driver(Path(args[0]), args[1], Path(args[2])), "--uvloop" in args[3:])
+
+
+def _timeline_peer_role(args: list[str]) -> None:
+    from meshpost.bench.drive import timeline_peer
+    from meshpost.bench.support import run_async
+    from meshpost.timeline import Mark
+
+    marks: list[Mark] = []
+    run_async(timeline_peer(Path(args[0]), args[1], Path(args[2]), marks),
+              "--uvloop" in args[4:])
+    Path(args[3]).write_text(json.dumps(marks), encoding="utf-8")
+    emit({"stopped": True})
+
+
+#: Role name -> what the child does with the rest of its arguments.
+ROLES: dict[str, Callable[[list[str]], None]] = {
+    "raw-sink": lambda args: raw_sink(args[0]),
+    "raw-echo": lambda args: raw_echo(args[0]),
+    "mqtt-sub": lambda args: mqtt_sub(int(args[0]), args[1], int(args[2])),
+    "driver": _driver_role,
+    "timeline-peer": _timeline_peer_role,
+}
+
+
+def main(argv: list[str]) -> int:
+    """Play the role `argv[0]` with the arguments after it; 2 for an unknown role."""
+    if not argv or argv[0] not in ROLES:
+        print(f"unknown role {argv[:1]!r}; roles: {', '.join(ROLES)}", file=sys.stderr)
+        return 2
+    ROLES[argv[0]](argv[1:])
+    return 0
+
+
+@contextlib.contextmanager
+def quiet_pipe() -> Iterator[None]:
+    """A parent that went away (closed pipe, Ctrl-C) ends a child quietly."""
+    try:
+        yield
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,195 @@
+"""One bench run: its work folder, progress display, helper processes, and its results.
+
+Rule: scenarios come from the registry (`meshpost.bench.options.REGISTRY`), each one module
+under `meshpost.bench.scenarios` with a `run(bench)`; a scenario that raises is reported as
+failed and the run goes on; work files go unless asked to stay or something failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Column
+
+from meshpost.bench.children import Child
+from meshpost.bench.options import REGISTRY, BenchError, BenchOptions
+from meshpost.bench.report import machine_info, print_table, write_markdown, write_plots
+from meshpost.bench.results import ScenarioResult
+from meshpost.bench.support import body, optional
+from meshpost.cluster import LocalCluster
+
+
+class Bench:
+    """One benchmark run: its options, work dir, progress display and results."""
+
+    def __init__(self, options: BenchOptions, console: Console) -> None:
+        self.o = options
+        self.console = console
+        self.root = Path(tempfile.mkdtemp(prefix="mpbench-", dir="/tmp"))
+        self.results: dict[str, ScenarioResult] = {}
+        # Long step names are cut with an ellipsis, never the bar and counts: on an 80-column
+        # terminal the names took the whole line (counts showed as "2…"). Without a terminal
+        # (a log, a pipe, CI) there is no live display: each scenario's status line says it.
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}",
+                       table_column=Column(ratio=3, no_wrap=True, overflow="ellipsis")),
+            BarColumn(bar_width=None, table_column=Column(ratio=1, min_width=10)),
+            MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, refresh_per_second=4, expand=True,
+            disable=not console.is_terminal,
+        )
+        self.body = body(options.size)
+
+    # -- plumbing --
+
+    def task(self, description: str, total: int) -> TaskID:
+        return self.progress.add_task(description, total=total)
+
+    def cluster(self, scenario: str, count: int, sync: str | None = None,
+                 options: dict[str, float] | None = None) -> LocalCluster:
+        return LocalCluster.create(self.root / scenario, count, transport=self.o.transport,
+                                   options={"sync": sync or self.o.sync, **(options or {})})
+
+    def window_option(self) -> dict[str, float]:
+        return {"window": self.o.window} if self.o.window else {}
+
+    def child(self, scenario: str, role: Sequence[str], log_name: str) -> Child:
+        return Child(role, self.root / scenario / "logs" / f"{log_name}.log")
+
+    def run(self) -> dict[str, ScenarioResult]:
+        """Every chosen scenario in the registry's order; a failure is reported, not raised."""
+        wanted = set(self.o.scenarios)
+        if "pair-throughput" in wanted:
+            wanted.add("ceiling")  # the ratio needs the ceiling of this run
+        with self.progress:
+            for scenario in REGISTRY:
+                if scenario.name not in wanted:
+                    continue
+                try:
+                    module = importlib.import_module(
+                        f"meshpost.bench.scenarios.{scenario.module}")
+                    result: ScenarioResult = module.run(self)
+                except Exception as exc:
+                    result = ScenarioResult(scenario.name, "failed",
+                                            note=f"{type(exc).__name__}: {exc}")
+                self.results[scenario.name] = result
+                # A finished scenario's bars give way to its status line.
+                for task_id in list(self.progress.task_ids):
+                    self.progress.remove_task(task_id)
+                style = {"ok": "green", "failed": "bold red", "skipped": "yellow"}[result.status]
+                self.progress.console.print(
+                    f"[{style}]{result.status:>7}[/] {scenario.name}  "
+                    + escape(result.note or result.verify)
+                )
+        return self.results
+
+    def cleanup(self) -> None:
+        failed = any(r.status == "failed" for r in self.results.values())
+        if self.o.keep or failed:
+            self.console.print(f"work files kept in {self.root}")
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- ceiling --
+
+    def driver_args(self, cluster: LocalCluster, name: str) -> list[str]:
+        args = ["driver", str(cluster.config_path), name, str(cluster.data_dir(name))]
+        return [*args, "--uvloop"] if self.o.use_uvloop else args
+
+    def collect(self, drivers: dict[str, Child], task: TaskID,
+                 stall_s: float) -> dict[str, dict[str, Any]]:
+        """Every driver's reply; fails only if the mesh makes no progress for `stall_s`."""
+        replies: dict[str, dict[str, Any]] = {}
+        last, since = -1, time.monotonic()
+        while len(replies) < len(drivers):
+            for name, d in drivers.items():
+                if name not in replies:
+                    msg = d.poll_reply()
+                    if msg is not None:
+                        replies[name] = msg
+            done = sum(d.progress for d in drivers.values()) + len(replies)
+            self.progress.update(task, completed=done - len(replies))
+            if done != last:
+                last, since = done, time.monotonic()
+            elif time.monotonic() - since > stall_s:
+                raise BenchError(f"{len(drivers) - len(replies)} driver(s) made no progress "
+                                 f"for {stall_s:.0f}s")
+            time.sleep(0.1)
+        return replies
+
+    # -- offline backlog --
+
+    def wait_one(self, child: Child, task: TaskID, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            msg = child.poll_reply()
+            self.progress.update(task, completed=child.progress)
+            if msg is not None:
+                return msg
+            if time.monotonic() > deadline:
+                raise BenchError(f"helper {child.pid} did not finish in {timeout_s:.0f}s")
+            time.sleep(0.1)
+
+    # -- brokers --
+
+
+
+def run(options: BenchOptions, console: Console | None = None) -> int:
+    """Run the benchmark; write JSON, markdown and plots; return 0 if every scenario passed."""
+    console = console or Console()
+    if options.use_uvloop:
+        try:
+            optional("uvloop")
+        except ImportError:
+            console.print("[yellow]uvloop is not installed; using asyncio[/]")
+            options.use_uvloop = False
+    bench = Bench(options, console)
+    info = machine_info()
+    started = time.time()
+    try:
+        results = bench.run()
+    finally:
+        bench.cleanup()
+    print_table(console, results)
+    doc = {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "command": options.command,
+        "machine": info,
+        "options": {k: (str(v) if isinstance(v, Path) else v)
+                    for k, v in dataclasses.asdict(options).items()},
+        "scenarios": {name: r.to_json() for name, r in results.items()},
+    }
+    json_path = options.json_path or options.out_dir / "latest.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    md_path = options.out_dir / "latest.md"
+    write_markdown(md_path, results, info, options)
+    plots = write_plots(options.plot_dir or options.out_dir, results)
+    if plots is None:
+        console.print("no plots: matplotlib is not installed (pip install -e '.[bench]')",
+                      markup=False)
+    console.print("results: " + ", ".join(str(p) for p in [json_path, md_path, *(plots or [])]),
+                  markup=False)
+    return 1 if any(r.status == "failed" for r in results.values()) else 0
+

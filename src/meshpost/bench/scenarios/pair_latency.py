@@ -1,0 +1,236 @@
+"""`pair-latency`: the same pair as pair-throughput; `await send()` one message at a time
+(sender stores, B commits, A records the receipt), against a raw pyzmq DEALER/ROUTER
+ping-pong of the same size measured in the same run, and the floor of what the guarantees
+cost (the loop's round trip plus the three commits alone). With `--sync full` it also
+measures `normal`.
+
+Rule: every ratio divides figures of the same run; the stores are verified after each level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from rich.progress import TaskID
+
+from meshpost.bench.drive import wait_connected_or_fail
+from meshpost.bench.meters import CpuMeter
+from meshpost.bench.options import FLOOR_SENDS, LATENCY_WARMUP
+from meshpost.bench.results import ScenarioResult, percentiles, rounded
+from meshpost.bench.support import endpoint_for, run_async, verify_all
+from meshpost.config import MeshConfig, NodeConfig
+from meshpost.node import Node
+from meshpost.protocol import Envelope, Receipt
+from meshpost.store import Delivery, Store, WriteBatch
+from meshpost.verify import VerifyReport
+
+if TYPE_CHECKING:
+    from meshpost.bench.runner import Bench
+
+
+def run(bench: Bench) -> ScenarioResult:
+    m = bench.o.latency_messages
+    levels = [bench.o.sync] + (["normal"] if bench.o.sync == "full" else [])
+    result = ScenarioResult("pair-latency")
+    raw, loop = _raw_pingpong(bench, m)
+    result.samples["raw pyzmq ping-pong"] = raw
+    result.samples["pyzmq ping-pong on an asyncio loop"] = loop
+    raw_p, loop_p = percentiles(raw), percentiles(loop)
+    result.figures["raw_pingpong_us"] = rounded(raw_p)
+    # The floor of any asyncio design (meshpost's included): the same ping-pong with the
+    # client reading through the event loop, as meshpost's transport does. Reported beside
+    # the ratios so that the share owed to the loop itself is visible.
+    result.figures["loop_pingpong_us"] = rounded(loop_p)
+    result.figures["ratio_loop"] = {
+        k: round(loop_p[k] / raw_p[k], 2) for k in ("p50", "p90", "p99", "p99.9")
+    }
+    checks = []
+    for sync in levels:
+        samples, cpu_us, report = _meshpost_latency(bench, m, sync)
+        result.samples[f"meshpost sync={sync}"] = samples
+        p = percentiles(samples)
+        result.figures[f"meshpost_{sync}_us"] = rounded(p)
+        # A send waits for the work of both processes in turn, so its latency is mostly
+        # their CPU time: the steadier figure when the machine is noisy.
+        result.figures[f"cpu_us_per_send_{sync}"] = cpu_us
+        result.figures[f"ratio_{sync}"] = {
+            k: round(p[k] / raw_p[k], 2) for k in ("p50", "p90", "p99", "p99.9")
+        }
+        # What the guarantees alone cost: the loop's round trip plus the three commits a
+        # send waits for, timed with meshpost's own store code and nothing else.
+        commits = _three_commits(bench, min(m, FLOOR_SENDS), sync)
+        floor = percentiles([a + b for a, b in zip(loop, commits, strict=False)])
+        result.figures[f"commits_{sync}_us"] = rounded(percentiles(commits))
+        result.figures[f"floor_{sync}_us"] = rounded(floor)
+        result.figures[f"ratio_floor_{sync}"] = {
+            k: round(floor[k] / raw_p[k], 2) for k in ("p50", "p90", "p99", "p99.9")
+        }
+        result.figures[f"over_floor_{sync}"] = {
+            k: round(p[k] / floor[k], 2) for k in ("p50", "p90", "p99", "p99.9")
+        }
+        checks.append(f"{sync}: {report.summary()}")
+    result.figures["messages"] = m
+    result.figures["size"] = bench.o.size
+    result.verify = "verified: " + " / ".join(checks)
+    return result
+
+
+def _raw_pingpong(bench: Bench, m: int) -> tuple[list[float], list[float]]:
+    """Blocking pyzmq ping-pong (the ceiling), then the same through an asyncio loop."""
+    import zmq
+
+    task = bench.task("pair-latency: raw pyzmq ping-pong (blocking, then asyncio)", 2 * m)
+    echo = bench.child("pair-latency", ["raw-echo", endpoint_for(bench.o.transport, bench.root,
+                                                              "echo")], "echo")
+    ctx = zmq.Context()
+    samples: list[float] = []
+    try:
+        endpoint = echo.reply(30)["ready"]
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(endpoint)
+        payload = bench.body.encode()
+        for _ in range(LATENCY_WARMUP):
+            dealer.send(payload)
+            dealer.recv()
+        clock = time.perf_counter_ns
+        for i in range(m):
+            t = clock()
+            dealer.send(payload)
+            dealer.recv()
+            samples.append((clock() - t) / 1000)
+            if i % 500 == 0:
+                bench.progress.update(task, completed=i)
+        loop_samples = run_async(
+            _loop_pingpong(dealer, payload, m,
+                           lambda i: bench.progress.update(task, completed=m + i)),
+            bench.o.use_uvloop,
+        )
+        bench.progress.update(task, completed=2 * m)
+        dealer.send(b"")
+        dealer.close(0)
+    finally:
+        echo.stop()
+        ctx.term()
+    return samples, loop_samples
+
+
+def _three_commits(bench: Bench, sends: int, sync: str) -> list[float]:
+    """µs per send for the commits it waits for, one row each and back to back: the
+    sender's row (store A), the receiver's row (store B), the delivery mark (store A)."""
+    task = bench.task(f"pair-latency {sync}: the three commits alone", sends)
+    root = bench.root / f"commit-floor-{sync}"
+    a = Store.open(root / "A", name="A", sync=sync)
+    b = Store.open(root / "B", name="B", sync=sync)
+    samples: list[float] = []
+    try:
+        clock, wall = time.perf_counter_ns, time.time_ns
+        for seq in range(1, sends + LATENCY_WARMUP + 1):
+            now = wall()
+            message = Envelope(f"{now:x}-{seq}", seq, "A", "B", bench.body, now, now)
+            receipt = Receipt([(seq, seq)], now, now, now, now, now, sync)
+            t = clock()
+            a.apply(WriteBatch(outgoing=[message]), wall())
+            b.apply(WriteBatch(incoming=[[message]]), wall())
+            a.apply(WriteBatch(deliveries=[Delivery("B", [seq], receipt, wall())]), wall())
+            if seq > LATENCY_WARMUP:
+                samples.append((clock() - t) / 1000)
+            if seq % 200 == 0:
+                bench.progress.update(task, completed=max(0, seq - LATENCY_WARMUP))
+    finally:
+        a.close()
+        b.close()
+        shutil.rmtree(root, ignore_errors=True)
+    bench.progress.update(task, completed=sends)
+    return samples
+
+
+def _meshpost_latency(bench: Bench, m: int, sync: str
+) -> tuple[list[float], dict[str, float], VerifyReport]:
+    cluster = bench.cluster(f"pair-latency-{sync}", 2, sync, bench.window_option())
+    task = bench.task(f"pair-latency {sync}: meshpost send→receipt", m)
+    samples: list[float] = []
+    try:
+        cluster.start(["B"])
+        cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
+        cpu = CpuMeter({"A": time.process_time, "B": cluster.process("B").cpu_seconds})
+        cpu_us: dict[str, float] = {}
+        send_one_at_a_time(
+            bench, cfg, m, task, started=cpu.start,
+            sent=lambda begin, end: samples.append((end - begin) / 1000),
+            finished=lambda: cpu_us.update(cpu.us_per_message(m)),
+        )
+    finally:
+        cluster.stop()
+    report = verify_all({"A": cluster.data_dir("A"), "B": cluster.data_dir("B")},
+                         expect_sent=m + LATENCY_WARMUP)
+    return samples, cpu_us, report
+
+
+def send_one_at_a_time(
+    bench: Bench, cfg: NodeConfig, count: int, task: TaskID, *, started: Callable[[], None],
+    sent: Callable[[int, int], None], finished: Callable[[], None] | None = None,
+) -> None:
+    """Node A (`cfg`, in this process) sends to B one message at a time, each waiting for
+    its receipt: after a warm-up `started()`, then `sent(begin_ns, end_ns)` per send
+    (perf_counter_ns), and `finished()` before the node closes."""
+
+    async def run() -> None:
+        async with Node(cfg) as a:
+            await wait_connected_or_fail(a)
+            for _ in range(LATENCY_WARMUP):
+                await a.send("B", bench.body, timeout_s=30)
+            started()
+            clock = time.perf_counter_ns
+            for i in range(count):
+                begin = clock()
+                await a.send("B", bench.body, timeout_s=30)
+                sent(begin, clock())
+                if i % 200 == 0:
+                    bench.progress.update(task, completed=i)
+            if finished is not None:
+                finished()
+            bench.progress.update(task, completed=count)
+
+    run_async(run(), bench.o.use_uvloop)
+
+# -- send-timeline --
+
+
+async def _loop_pingpong(
+    dealer: Any, payload: bytes, m: int, progress: Callable[[int], None]
+) -> list[float]:
+    """Ping-pong with replies read from the event loop's reader callback on ZMQ_FD, drained
+    until empty: how meshpost's transport reads (no zmq.asyncio future per frame)."""
+    import zmq
+
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] | None = None
+
+    def readable() -> None:
+        while dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            dealer.recv(zmq.NOBLOCK)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    fd = dealer.getsockopt(zmq.FD)
+    loop.add_reader(fd, readable)
+    clock = time.perf_counter_ns
+    samples: list[float] = []
+    try:
+        for i in range(LATENCY_WARMUP + m):
+            waiter = loop.create_future()
+            t = clock()
+            dealer.send(payload, zmq.NOBLOCK)
+            readable()  # the send may have consumed the descriptor's edge
+            await waiter
+            if i >= LATENCY_WARMUP:
+                samples.append((clock() - t) / 1000)
+                if i % 500 == 0:
+                    progress(i - LATENCY_WARMUP)
+    finally:
+        loop.remove_reader(fd)
+    return samples

@@ -1,0 +1,82 @@
+"""Small helpers shared by the scenarios and the helper processes.
+
+Rule: nothing scenario-specific; what two or more modules of the bench need, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import sys
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from meshpost.bench.options import BenchError
+from meshpost.cluster import free_tcp_ports
+from meshpost.verify import VerifyReport, verify_stores
+
+T = TypeVar("T")
+
+
+def body(size: int) -> str:
+    return "x" * max(1, size)
+
+
+def run_async(coro: Awaitable[T], use_uvloop: bool) -> T:
+    if use_uvloop:
+        result: T = optional("uvloop").run(coro)
+        return result
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def optional(module: str) -> Any:
+    """Import a module of the `bench` extra (or one without type stubs) by name."""
+    return importlib.import_module(module)
+
+
+def endpoint_for(transport: str, root: Path, name: str) -> str:
+    if transport == "ipc":
+        return f"ipc://{root.resolve()}/{name}.sock"
+    return f"tcp://127.0.0.1:{free_tcp_ports(1)[0]}"
+
+
+def emit(msg: dict[str, Any]) -> None:
+    """One JSON line to the parent (a helper process's only way to answer)."""
+    sys.stdout.write(json.dumps(msg) + "\n")
+    sys.stdout.flush()
+
+
+def verify_all(data_dirs: dict[str, Path], *, expect_sent: int) -> VerifyReport:
+    """Cross-check every store; raise `BenchError` unless each of `expect_sent` messages is
+    delivered, stored once at its receiver, and nothing is lost, doubled or altered."""
+    report = verify_stores(data_dirs)
+    problems = []
+    if not report.ok:
+        problems.append("; ".join(report.problems[:5]) or "verification failed")
+    if report.sent != expect_sent:
+        problems.append(f"{report.sent} messages in outboxes, expected {expect_sent}")
+    if report.delivered != expect_sent or report.pending:
+        problems.append(f"{report.delivered} delivered, {report.pending} pending")
+    if report.received != expect_sent:
+        problems.append(f"{report.received} stored at receivers, expected {expect_sent}")
+    if problems:
+        raise BenchError(f"verification failed: {' | '.join(problems)} ({report.summary()})")
+    return report
+
+
+def mesh_timers(nodes: int) -> dict[str, float]:
+    """Liveness and retransmission timers for an N-node mesh on this machine.
+
+    The defaults (ping every 1 s per link, 4 s silence = lost, first resend after 0.5 s) suit a
+    few dozen peers; a full mesh of 100 nodes has 9,900 links whose pings alone saturate two
+    cores, after which peers look lost and resends multiply. Above 20 nodes the timers are
+    stretched in proportion (documented with the figures), not the node's defaults.
+    """
+    if nodes <= 20:
+        return {}
+    scale = nodes / 20
+    return {"ping_interval_s": round(1.0 * scale, 2), "peer_timeout_s": round(4.0 * scale, 2),
+            "retransmit_initial_s": round(0.5 * scale, 2),
+            "retransmit_max_s": round(max(5.0, 2.0 * scale), 2)}
