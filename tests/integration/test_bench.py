@@ -21,8 +21,8 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
     proc = subprocess.run(
         [sys.executable, "-m", "meshpost", "bench",
          "ceiling", "pair-throughput", "pair-latency", "send-timeline", "mesh",
-         "offline-backlog", "--messages", "2000", "--latency-messages", "100", "--nodes", "3",
-         "--mesh-messages", "300", "--backlog-messages", "5000", "--repeat", "1",
+         "mesh-saturated", "offline-backlog", "--messages", "2000", "--latency-messages", "100",
+         "--nodes", "3", "--mesh-messages", "300", "--backlog-messages", "5000", "--repeat", "1",
          "--out", str(out), "--json", str(result_file)],
         capture_output=True, text=True, timeout=110,
     )
@@ -30,10 +30,11 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
     doc = json.loads(result_file.read_text(encoding="utf-8"))
     scenarios = doc["scenarios"]
     assert set(scenarios) == {"ceiling", "pair-throughput", "pair-latency", "send-timeline",
-                              "mesh", "offline-backlog"}
+                              "mesh", "mesh-saturated", "offline-backlog"}
     for name, scenario in scenarios.items():
         assert scenario["status"] == "ok", (name, scenario)
-    for name in ("pair-throughput", "pair-latency", "send-timeline", "mesh", "offline-backlog"):
+    for name in ("pair-throughput", "pair-latency", "send-timeline", "mesh", "mesh-saturated",
+                 "offline-backlog"):
         assert scenarios[name]["verify"].startswith("verified:"), scenarios[name]
         assert "lost=0 duplicated=0 phantom=0 mismatched=0" in scenarios[name]["verify"]
     pair = scenarios["pair-throughput"]["figures"]
@@ -70,12 +71,21 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
     assert {s["start"].split(":")[0] for s in timeline["steps"]} == {"A", "B"}
     mesh = scenarios["mesh"]["figures"]
     assert mesh["nodes"] == 3 and mesh["messages"] == 900
+    # The saturated mesh: --messages split over its nodes, each share over every other node;
+    # its rate is read beside the pair's of the same run, and every node's CPU counted.
+    saturated = scenarios["mesh-saturated"]["figures"]
+    assert saturated["nodes"] == 3 and saturated["messages"] == 3 * (2000 // 3)
+    assert saturated["pair_msgs_per_s"] == pair["msgs_per_s"]
+    assert saturated["ratio_to_pair"] == pytest.approx(
+        saturated["msgs_per_s"] / pair["msgs_per_s"], rel=0.01)
+    assert saturated["cpu_us_per_msg"] > 0
     backlog = scenarios["offline-backlog"]["figures"]
     assert backlog["messages"] == 5000 and backlog["queued_pending"] == 5000
     assert backlog["rss_before_mb"] > 0 and backlog["drain_seconds"] > 0
     summary = (out / "latest.md").read_text(encoding="utf-8")
     assert summary.startswith("# meshpost bench")
     assert "| pair-latency floor normal |" in summary
+    assert "| mesh 3 nodes, saturated |" in summary and "× pair-throughput; CPU" in summary
     assert "| send-timeline normal |" in summary and "| A:commit< | A:commit> | commit |" in summary
     assert f"CPU {cpu['total']:.1f} µs/msg (A {cpu['A']:.1f}, B {cpu['B']:.1f})" in summary
     cpu_send = latency["cpu_us_per_send_normal"]

@@ -7,7 +7,7 @@ rules hold for the code as written, not only for what a test happens to execute.
 The layers, top to bottom (docs/architecture.md draws them):
 
     cli, __main__
-    demo, bench
+    demo, bench               (bench's own modules are layered too: BENCH_RANKS)
     cluster, console, remote, timeline
     control, verify, keys
     node                      (the `meshpost` package facade re-exports it)
@@ -223,6 +223,63 @@ def test_protocol_imports_only_errors_clock_and_itself() -> None:
 def test_component_does_not_import(comp: str, forbidden: set[str]) -> None:
     bad = [str(imp) for imp in imports_from(comp)
            if internal(imp) and component(imp.target) in forbidden]
+    assert not bad, "\n".join(bad)
+
+
+#: The bench package inside, bottom to top: the registry and results are plain data, the
+#: scenarios use everything below them (and name `Bench` only for type checkers), the facade
+#: re-exports. "" is `meshpost.bench` itself.
+BENCH_RANKS: dict[str, int] = {
+    "options": 0,
+    "results": 0,
+    "support": 1,
+    "meters": 1,
+    "servers": 1,
+    "drive": 2,
+    "report": 2,
+    "children": 3,
+    "runner": 4,
+    "scenarios": 5,
+    "": 6,
+    "__main__": 7,
+}
+
+
+def bench_part(module: str) -> str:
+    """`meshpost.bench.scenarios.mesh` -> `scenarios`; `meshpost.bench` -> `""`."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 else ""
+
+
+def test_every_bench_module_has_a_layer() -> None:
+    parts = {bench_part(module_name(p)) for p in module_paths()
+             if component(module_name(p)) == "bench"}
+    assert parts == set(BENCH_RANKS), "give each module of meshpost/bench a rank in BENCH_RANKS"
+
+
+def test_bench_modules_import_only_down() -> None:
+    upward = []
+    for imp in imports_from("bench"):
+        if not imp.target.startswith("meshpost.bench"):
+            continue
+        src, dst = bench_part(imp.module), bench_part(imp.target)
+        if src != dst and BENCH_RANKS[dst] >= BENCH_RANKS[src]:
+            upward.append(f"{imp}: bench.{src or '__init__'} may not import bench.{dst}")
+    assert not upward, "\n".join(upward)
+
+
+def test_the_bench_registry_imports_only_the_standard_library() -> None:
+    """`meshpost --help` reads it: it must stay as cheap to import as argparse."""
+    bad = [str(imp) for imp in ALL_IMPORTS if imp.module == "meshpost.bench.options"
+           and top_level(imp.target) not in {"__future__", "argparse", "dataclasses", "sys",
+                                             "collections", "pathlib"}]
+    assert not bad, "\n".join(bad)
+
+
+def test_only_the_bench_uses_its_extra() -> None:
+    """psutil and matplotlib come with the `bench` extra, not with meshpost itself."""
+    bad = [str(imp) for imp in ALL_IMPORTS if top_level(imp.target) in {"psutil", "matplotlib"}
+           and component(imp.module) != "bench"]
     assert not bad, "\n".join(bad)
 
 

@@ -39,7 +39,7 @@ class CpuMeter:
 
 class WalPeak:
     """The largest size each node's WAL file reached, sampled while a scenario runs: under a
-    steady stream it must stay bounded (docs/benchmarks.md has the history)."""
+    steady stream it must stay bounded (docs/architecture.md section 7 has the history)."""
 
     def __init__(self, data_dirs: dict[str, Path]) -> None:
         self._paths = {name: d / f"{DB_FILENAME}-wal" for name, d in data_dirs.items()}

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 def run(bench: Bench) -> ScenarioResult:
     n = bench.o.messages
     # A ceiling run before each pair run: on a small shared machine the raw one-way rate is
-    # bimodal (by where the scheduler puts the four busy threads; docs/benchmarks.md has the
+    # bimodal (by where the scheduler puts the four busy threads; docs/architecture.md 7 has the
     # figures), so the ceiling is the best of every ceiling run made, and more runs make
     # hitting the upper mode likelier. Pair runs vary far less.
     extra_ceilings: list[float] = []
