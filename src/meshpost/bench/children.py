@@ -24,7 +24,8 @@ from meshpost.bench.support import emit, optional
 
 
 class Child:
-    """A helper process of this module speaking JSON lines: commands in, replies out."""
+    """A helper process (`python -m meshpost.bench ROLE`) speaking JSON lines: commands in,
+    replies and progress out; its stderr goes to `log_path`."""
 
     def __init__(self, role_args: Sequence[str], log_path: Path) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)

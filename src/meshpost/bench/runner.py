@@ -110,14 +110,14 @@ class Bench:
         else:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    # -- ceiling --
+    # -- helper processes --
 
     def driver_args(self, cluster: LocalCluster, name: str) -> list[str]:
         args = ["driver", str(cluster.config_path), name, str(cluster.data_dir(name))]
         return [*args, "--uvloop"] if self.o.use_uvloop else args
 
     def collect(self, drivers: dict[str, Child], task: TaskID,
-                 stall_s: float) -> dict[str, dict[str, Any]]:
+                stall_s: float) -> dict[str, dict[str, Any]]:
         """Every driver's reply; fails only if the mesh makes no progress for `stall_s`."""
         replies: dict[str, dict[str, Any]] = {}
         last, since = -1, time.monotonic()
@@ -137,9 +137,8 @@ class Bench:
             time.sleep(0.1)
         return replies
 
-    # -- offline backlog --
-
     def wait_one(self, child: Child, task: TaskID, timeout_s: float) -> dict[str, Any]:
+        """`child`'s reply, its progress shown meanwhile; fails after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while True:
             msg = child.poll_reply()
@@ -149,9 +148,6 @@ class Bench:
             if time.monotonic() > deadline:
                 raise BenchError(f"helper {child.pid} did not finish in {timeout_s:.0f}s")
             time.sleep(0.1)
-
-    # -- brokers --
-
 
 
 def run(options: BenchOptions, console: Console | None = None) -> int:

@@ -197,8 +197,6 @@ def send_one_at_a_time(
 
     run_async(run(), bench.o.use_uvloop)
 
-# -- send-timeline --
-
 
 async def _loop_pingpong(
     dealer: Any, payload: bytes, m: int, progress: Callable[[int], None]
