@@ -71,10 +71,10 @@ def header_problem(header: PatternHeader) -> str | None:
     kind = header.kind
     if kind in _NEEDS_REF and not header.ref:
         return f"a {kind} needs the id it refers to (ref)"
-    if kind in _NEEDS_QUEUE and not _is_name(header.queue):
+    if kind in _NEEDS_QUEUE and not is_valid_name(header.queue):
         return f"a {kind} needs a queue or group name, got {header.queue!r}"
     if kind is Kind.TASK:
-        if not _is_name(header.sink):
+        if not is_valid_name(header.sink):
             return f"a task needs the node that takes its result (sink), got {header.sink!r}"
         if header.lease_ms <= 0 or header.attempt < 1:
             return "a task needs a lease (lease_ms > 0) and an attempt number from 1"
@@ -83,7 +83,8 @@ def header_problem(header: PatternHeader) -> str | None:
     return None
 
 
-def _is_name(value: str) -> bool:
+def is_valid_name(value: str) -> bool:
+    """A queue or group name: the node-name rule (1-63 of [A-Za-z0-9_.-], first alphanumeric)."""
     # Same rule as NAME_REGEX, without compiling a regex in a module that is imported by the
     # node's hot path: names are short ASCII.
     if not 1 <= len(value) <= 63 or not value.isascii():
