@@ -347,19 +347,25 @@ class WorkQueueDispatcher:
         self._dispatch(now)
 
     def _pick(self, avoid: str | None) -> _Worker | None:
-        """The live worker with room and the fewest unfinished tasks; healthy before
-        suspect; not `avoid` (the one that just failed the task) if any other has room."""
+        """The worker for the next task, or None to wait.
+
+        Among the live workers: healthy ones only while there are any (a suspect one may be
+        stalled); not `avoid` (the task's last worker, whose lease expired) while there is
+        another; then the one with the fewest unfinished tasks and room for one more (a
+        suspect one has room for a single probe), the longest idle first. A task waits
+        for a busy healthy worker rather than go back to one that failed it."""
+        live = [w for w in self._workers.values() if w.live]
+        pool = [w for w in live if not w.suspect] or live
+        if len(pool) > 1:
+            pool = [w for w in pool if w.name != avoid]
         best: _Worker | None = None
-        best_key: tuple[int, int, int, int] | None = None
-        for worker in self._workers.values():
-            if not worker.live or len(worker.inflight) >= self.max_inflight:
+        for worker in pool:
+            room = 1 if worker.suspect else self.max_inflight
+            if len(worker.inflight) >= room:
                 continue
-            if worker.suspect and worker.inflight:
-                continue
-            key = (int(worker.name == avoid), int(worker.suspect), len(worker.inflight),
-                   worker.last_assigned)
-            if best_key is None or key < best_key:
-                best, best_key = worker, key
+            if best is None or (len(worker.inflight), worker.last_assigned) < (
+                    len(best.inflight), best.last_assigned):
+                best = worker
         return best
 
     def _dispatch(self, now: float) -> None:
