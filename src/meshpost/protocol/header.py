@@ -22,6 +22,11 @@ NAME_REGEX = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 #: for longer than anyone waits; a task that needs more renews nothing (there is no renewal),
 #: so it should be split.
 MAX_LEASE_MS = 24 * 3600 * 1000
+#: The most a header adds to an envelope on the wire: the array header (1), the longest kind
+#: (8), a ref of MAX_ID_LENGTH four-byte characters (3 + 256), two 63-character ASCII names
+#: (2 x 65), a lease up to a day (5) and two 9-byte integers (18) come to 421.
+#: ENVELOPE_OVERHEAD_BYTES (512 today) would become 1,024 with the header (docs/patterns.md).
+HEADER_MAX_BYTES = 421
 
 
 class Kind(enum.StrEnum):
@@ -33,11 +38,13 @@ class Kind(enum.StrEnum):
     RESULT = "result"  # ref = task id; queue set; goes to the task's sink
     DONE = "done"  # worker -> ventilator: the result is receipted by the sink; ref = task id
     GROUP = "group"  # one copy of a group/all message; ref = the logical message id
-    MEMBER = "member"  # a membership record; queue = group, body "join"/"leave", version set
+    MEMBER = "member"  # a group membership record; queue = group, body "join"/"leave", version
+    SERVE = "serve"  # a worker starts/stops serving queue; body "serve"/"stop", version set
 
 
 _Ref = Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)]
-_OptName = Annotated[str, msgspec.Meta(max_length=63)]
+#: Empty, or a name: ASCII, so that a header's size is bounded in bytes (HEADER_MAX_BYTES).
+_OptName = Annotated[str, msgspec.Meta(pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,62})?$")]
 
 
 class PatternHeader(msgspec.Struct, array_like=True, frozen=True):
@@ -60,7 +67,7 @@ class PatternHeader(msgspec.Struct, array_like=True, frozen=True):
 
 
 _NEEDS_REF = frozenset({Kind.REPLY, Kind.TASK, Kind.RESULT, Kind.DONE, Kind.GROUP})
-_NEEDS_QUEUE = frozenset({Kind.TASK, Kind.RESULT, Kind.DONE, Kind.MEMBER})
+_NEEDS_QUEUE = frozenset({Kind.TASK, Kind.RESULT, Kind.DONE, Kind.MEMBER, Kind.SERVE})
 
 
 def header_problem(header: PatternHeader) -> str | None:
@@ -78,7 +85,7 @@ def header_problem(header: PatternHeader) -> str | None:
             return f"a task needs the node that takes its result (sink), got {header.sink!r}"
         if header.lease_ms <= 0 or header.attempt < 1:
             return "a task needs a lease (lease_ms > 0) and an attempt number from 1"
-    if kind is Kind.MEMBER and header.version < 1:
+    if kind in (Kind.MEMBER, Kind.SERVE) and header.version < 1:
         return "a membership record needs a version from 1"
     return None
 

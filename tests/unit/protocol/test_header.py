@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from meshpost.protocol import Batch, Envelope, decode, encode
 from meshpost.protocol.frames import INT64_MAX, INT64_MIN, MAX_ID_LENGTH
 from meshpost.protocol.header import (
+    HEADER_MAX_BYTES,
     MAX_LEASE_MS,
     Kind,
     PatternHeader,
@@ -100,6 +101,8 @@ def test_a_longer_header_from_a_newer_version_decodes_without_its_extra_fields()
         [],  # no kind at all
         ["task", "x" * (MAX_ID_LENGTH + 1)],  # ref too long
         ["task", "t", "q" * 64],  # queue too long
+        ["task", "t", "ñ"],  # a queue name that is not ASCII
+        ["task", "t", "q", "-C"],  # a sink that is not a node name
         ["task", "t", "q", "C", MAX_LEASE_MS + 1, 1],  # lease over a day
         ["task", "t", "q", "C", -1, 1],  # negative lease
         ["task", "t", "q", "C", 1, -1],  # negative attempt
@@ -122,7 +125,8 @@ def test_a_header_out_of_range_fails_while_decoding(bad: list[object]) -> None:
         (PatternHeader(Kind.TASK, "t", "q", "C", 0, 1), "lease"),
         (PatternHeader(Kind.TASK, "t", "q", "C", 1, 0), "attempt"),
         (PatternHeader(Kind.MEMBER, "", "g"), "version from 1"),
-        (PatternHeader(Kind.MEMBER, "", "-g", version=1), "queue or group name"),
+        (PatternHeader(Kind.SERVE, "", "", version=1), "queue or group name"),
+        (PatternHeader(Kind.SERVE, "", "upper"), "version from 1"),
     ],
 )
 def test_a_header_missing_what_its_kind_needs_is_named(header: PatternHeader,
@@ -141,10 +145,19 @@ def test_a_header_missing_what_its_kind_needs_is_named(header: PatternHeader,
         PatternHeader(Kind.DONE, "t1", "upper"),
         PatternHeader(Kind.GROUP, "m1", "ops"),
         PatternHeader(Kind.MEMBER, "", "ops", version=3),
+        PatternHeader(Kind.SERVE, "", "upper", version=3),
     ],
 )
 def test_a_well_formed_header_of_each_kind_has_no_problem(header: PatternHeader) -> None:
     assert header_problem(header) is None
+
+
+def test_the_largest_header_is_header_max_bytes() -> None:
+    largest = PatternHeader(Kind.REQUEST, "\U0001f600" * MAX_ID_LENGTH, "q" * 63, "s" * 63,
+                            MAX_LEASE_MS, INT64_MAX, INT64_MAX)
+    wire = msgspec.msgpack.encode(largest)
+    assert len(wire) == HEADER_MAX_BYTES
+    assert msgspec.msgpack.decode(wire, type=PatternHeader) == largest
 
 
 def test_names_follow_the_node_name_rule() -> None:
