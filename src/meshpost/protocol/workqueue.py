@@ -75,7 +75,8 @@ class TaskCompleted:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TaskAbandoned:
-    """`task_id` had `attempts` leases expire without a result; it is not sent again."""
+    """`task_id` is given up after `attempts` attempts (max_attempts leases expired, or a
+    worker's node rejected it); it is not sent again."""
 
     task_id: str
     attempts: int
@@ -195,6 +196,18 @@ class WorkQueueDispatcher:
             return  # a receipt for an older attempt: the task moved on
         task.lease_deadline = now + self.lease_s
         heapq.heappush(self._leases, (task.lease_deadline, task_id))
+
+    def rejected(self, task_id: str, worker: str, now: float) -> None:
+        """The worker's node rejected the task message (invalid, too large): it will never
+        store it, and another worker would most likely refuse it too, so the task is
+        abandoned rather than redelivered."""
+        task = self._tasks.get(task_id)
+        if task is None or task.state is not TaskState.ASSIGNED or task.worker != worker:
+            return  # an older attempt's message: the task moved on
+        self._release(task)
+        del self._tasks[task_id]
+        self._actions.append(TaskAbandoned(task_id, task.attempts))
+        self._dispatch(now)
 
     def completed(self, task_id: str, now: float, *, by: str | None = None) -> bool:
         """The task's result was seen (at the sink) or `by` acknowledged it.

@@ -190,6 +190,20 @@ def test_after_max_attempts_a_task_is_abandoned_and_not_sent_again() -> None:
     assert len(d) == 0 and not d.completed("t1", 30.0)
 
 
+def test_a_rejected_task_is_abandoned_and_its_worker_gets_the_next_one() -> None:
+    d = dispatcher(max_inflight=1)
+    d.worker_up("W1", 0.0)
+    d.submit("t1", "x" * 10, "C", 0.0)
+    d.submit("t2", "y", "C", 0.0)
+    d.actions()
+    d.rejected("t1", "W2", 1.0)  # not the assignee: nothing
+    assert d.state_of("t1") is TaskState.ASSIGNED
+    d.rejected("t1", "W1", 1.0)
+    actions = d.actions()
+    assert actions[0] == TaskAbandoned("t1", 1)
+    assert dispatched(actions) == [("t2", "W1", 1)] and d.state_of("t1") is None
+
+
 def test_restore_keeps_assignments_under_a_fresh_lease_and_waits_for_workers() -> None:
     records = [
         TaskRecord("t0", "a", "C", TaskState.ASSIGNED, 1, "W1"),
@@ -258,6 +272,7 @@ operation = st.one_of(
     st.tuples(st.just("deliver"), worker, st.integers(0, 50)),
     st.tuples(st.just("finish"), worker, st.integers(0, 50)),
     st.tuples(st.just("ack-again"), st.integers(0, 50)),
+    st.tuples(st.just("reject"), worker, st.integers(0, 50)),
     st.tuples(st.just("tick"), st.floats(0.1, 2.5 * LEASE_S)),
 )
 
@@ -275,6 +290,7 @@ class Mesh:
         default_factory=lambda: {w: [] for w in WORKERS})
     sink: ResultSink = dataclasses.field(default_factory=ResultSink)
     completed: list[str] = dataclasses.field(default_factory=list)
+    abandoned: list[str] = dataclasses.field(default_factory=list)
     acks: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def perform(self) -> None:
@@ -284,6 +300,8 @@ class Mesh:
                 self.held[action.worker].append((action.task_id, action.attempt))
             elif isinstance(action, TaskCompleted):
                 self.completed.append(action.task_id)
+            elif isinstance(action, TaskAbandoned):
+                self.abandoned.append(action.task_id)
         for name, count in self.d.inflight().items():
             assert count <= self.d.max_inflight
             if name not in self.live:
@@ -320,6 +338,11 @@ class Mesh:
                     self.d.delivered(task_id, name, self.now)
             case ("finish", str(name), int(index)):
                 self.finish(name, index)
+            case ("reject", str(name), int(index)):
+                # The worker's node refuses a task message it holds (it never stores it).
+                if self.held[name]:
+                    task_id, _ = self.held[name].pop(index % len(self.held[name]))
+                    self.d.rejected(task_id, name, self.now)
             case ("ack-again", int(index)):
                 if self.acks:
                     task_id, name = self.acks[index % len(self.acks)]
@@ -338,7 +361,8 @@ def test_every_task_completes_exactly_once_and_has_one_result_at_the_sink(
     mesh = Mesh(WorkQueueDispatcher("upper", lease_s=LEASE_S, max_inflight=max_inflight))
     for op in ops:
         mesh.step(op)
-        assert len(mesh.completed) == len(set(mesh.completed))
+        finished = mesh.completed + mesh.abandoned
+        assert len(finished) == len(set(finished))
     # Heal: the workers that are down stay down for good (what they hold is lost), one
     # worker comes up, every worker that is up finishes what it holds, and time passes,
     # until nothing is unfinished. (Down workers that finished stale tasks late were
@@ -355,6 +379,13 @@ def test_every_task_completes_exactly_once_and_has_one_result_at_the_sink(
                 mesh.step(("finish", name, 0))
         mesh.step(("tick", LEASE_S))
     assert len(mesh.d) == 0 and mesh.d.next_timer() is None
-    assert sorted(mesh.completed) == sorted(f"t{i}" for i in range(mesh.submitted))
-    assert len(mesh.sink) == mesh.submitted
+    # Each task finished exactly once: completed, or abandoned because a worker rejected it
+    # (and then only if no result of it reached the sink first).
+    assert sorted(mesh.completed + mesh.abandoned) == sorted(
+        f"t{i}" for i in range(mesh.submitted))
+    # Every completed task has its one result at the sink; the sink holds no other results
+    # than those and the late ones of abandoned tasks.
+    assert all(mesh.sink.result_of(t) for t in mesh.completed)
+    late = sum(1 for t in mesh.abandoned if mesh.sink.result_of(t))
+    assert len(mesh.sink) == len(mesh.completed) + late
     assert sum(mesh.d.inflight().values()) == 0
