@@ -5,6 +5,7 @@ the proposed trailing `header` field (frames.py itself is unchanged this round).
 
 from __future__ import annotations
 
+import zlib
 from typing import Annotated
 
 import msgspec
@@ -80,6 +81,10 @@ def test_a_direct_message_costs_one_byte_more_and_its_checksum_bytes_are_recover
     assert len(new_bytes) == len(old_bytes) + 1
     assert new_bytes[0] == 0x98 and new_bytes[-1] == 0xC0
     assert b"\x97" + new_bytes[1:-1] == old_bytes
+    # ... and its CRC-32 chains over the slice without copying it (zlib-ng, which the store
+    # uses, gives the standard library's values).
+    core_crc = zlib.crc32(memoryview(new_bytes)[1:-1], zlib.crc32(b"\x97"))
+    assert core_crc == zlib.crc32(old_bytes)
 
 
 def test_a_shorter_header_from_an_older_version_fills_its_defaults() -> None:
