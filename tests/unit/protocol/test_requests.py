@@ -4,6 +4,8 @@ a late reply is still linked, a reply from the wrong peer is not."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshpost.protocol import requests
 from meshpost.protocol.requests import (
@@ -97,3 +99,63 @@ def test_a_request_id_is_tracked_once() -> None:
     with pytest.raises(ValueError, match="already tracked"):
         t.sent("q1", "B", 0.0, 1.0)
     assert repr(t) == "<RequestTracker waiting=1 expired=0>"
+
+
+request_ops = st.lists(st.one_of(
+    st.tuples(st.just("send"), st.sampled_from(["B", "C"]),
+              st.one_of(st.none(), st.floats(0.5, 10.0))),
+    st.tuples(st.just("receipt"), st.integers(0, 20)),
+    st.tuples(st.just("reply"), st.integers(0, 20), st.sampled_from(["B", "C"])),
+    st.tuples(st.just("tick"), st.floats(0.1, 5.0)),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(request_ops)
+def test_each_request_is_answered_once_or_timed_out_with_the_receipts_truth(
+    ops: list[tuple[object, ...]]
+) -> None:
+    t = RequestTracker()
+    now = 0.0
+    sent: list[tuple[str, str, float | None]] = []  # (id, peer, deadline)
+    receipted: dict[str, float] = {}  # id -> when its receipt came
+    events: list[object] = []
+    for op in ops:
+        match op:
+            case ("send", str(peer), timeout):
+                request_id = f"q{len(sent)}"
+                assert timeout is None or isinstance(timeout, float)
+                t.sent(request_id, peer, now, timeout)
+                sent.append((request_id, peer, None if timeout is None else now + timeout))
+            case ("receipt", int(index)) if sent:
+                request_id = sent[index % len(sent)][0]
+                receipted.setdefault(request_id, now)
+                t.delivered(request_id)
+            case ("reply", int(index), str(sender)) if sent:
+                request_id = sent[index % len(sent)][0]
+                t.answered(request_id, f"{request_id}.r.{sender}", sender)
+            case ("tick", float(seconds)):
+                now += seconds
+                t.on_timer(now)
+        events.extend(t.events())
+    peers = {request_id: peer for request_id, peer, _ in sent}
+    deadlines = {request_id: deadline for request_id, _, deadline in sent}
+    answered = [e for e in events if isinstance(e, RequestAnswered)]
+    timed_out = [e for e in events if isinstance(e, RequestTimedOut)]
+    # Answered at most once, only by the peer it went to; timed out at most once.
+    assert len({e.request_id for e in answered}) == len(answered)
+    assert all(e.reply_id == f"{e.request_id}.r.{peers[e.request_id]}" for e in answered)
+    assert len({e.request_id for e in timed_out}) == len(timed_out)
+    late = {e.request_id for e in timed_out}
+    for e in answered:
+        assert e.late == (e.request_id in late)
+    for e in timed_out:
+        deadline = deadlines[e.request_id]
+        assert deadline is not None and deadline <= now
+        # The outcome is the receipt's truth at the deadline.
+        had_receipt = e.request_id in receipted and receipted[e.request_id] <= deadline
+        assert (e.outcome is RequestOutcome.DELIVERED_UNANSWERED) == had_receipt
+    for e in events:
+        if isinstance(e, ReplyUnmatched):
+            assert peers.get(e.request_id) != e.sender or e.request_id in {
+                a.request_id for a in answered}
