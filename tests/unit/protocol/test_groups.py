@@ -168,3 +168,33 @@ def test_broadcast_misuse_raises() -> None:
         t.start("m2", "ops", [])
     with pytest.raises(ValueError, match="invalid group name"):
         GroupMembership("A").join("bad name", HLC)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["A", "B", "C", "D", "E", "Z"]), st.booleans()),
+                max_size=30))
+def test_a_broadcast_partitions_its_members_and_settles_once(
+    settlements: list[tuple[str, bool]]
+) -> None:
+    members = ("A", "B", "C", "D", "E")
+    t = BroadcastTracker()
+    t.start("m1", "all", members)
+    settled_at: list[int] = []
+    outcome: dict[str, bool] = {}  # member -> delivered (True) or rejected (False), first wins
+    for i, (member, receipt) in enumerate(settlements):
+        progressed = (t.delivered("m1", member) if receipt
+                      else t.rejected("m1", member, "invalid: test"))
+        changes = member in members and member not in outcome and not settled_at
+        assert (progressed is not None) == changes
+        if progressed is None:
+            continue
+        outcome[member] = receipt
+        s = progressed.status
+        assert s.total == len(members)
+        assert sorted((*s.delivered, *s.pending, *(m for m, _ in s.rejected))) == list(members)
+        assert set(s.delivered) == {m for m, ok in outcome.items() if ok}
+        assert s.settled == (len(outcome) == len(members))
+        if s.settled:
+            settled_at.append(i)
+    assert len(settled_at) <= 1
+    assert (len(t) == 0) == bool(settled_at)
