@@ -1,0 +1,456 @@
+"""Work queues (seed 002's ventilator, workers and sink, made reliable): the ventilator's
+`WorkQueueDispatcher` and the sink's `ResultSink`.
+
+Rule: pure state, like the links. Inputs are calls with `now` (monotonic seconds) handed in;
+outputs are `actions()` for the node to perform (store and send a task; report a completion)
+and `next_timer()`. Each task is completed once, however often its completion is reported.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import heapq
+import itertools
+from collections.abc import Iterable
+
+import msgspec
+
+#: A worker takes this many unfinished tasks at a time unless told otherwise: enough to keep a
+#: fast handler busy while results and receipts travel, few enough that a worker that dies
+#: takes little work down with it (all of it is redelivered after its loss or lease).
+DEFAULT_MAX_INFLIGHT = 16
+
+
+class TaskState(enum.Enum):
+    """An unfinished task's state. Finished ones (`TaskCompleted`, `TaskAbandoned`) leave
+    the dispatcher; the store keeps them as `done` / `abandoned`."""
+
+    QUEUED = "queued"  # waiting for a live worker with room
+    ASSIGNED = "assigned"  # sent to a worker; its lease runs
+
+
+class RedeliveryReason(enum.Enum):
+    LEASE_EXPIRED = "lease-expired"
+    WORKER_LOST = "worker-lost"
+    WORKER_LEFT = "worker-left"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DispatchTask:
+    """Store, then send, a task message to `worker` (header kind `task`, this `attempt`).
+
+    A new message id each time: redelivery is a new message to another worker, never a
+    resend of the old one (that one stays in its link's outbox and is harmless)."""
+
+    task_id: str
+    queue: str
+    worker: str
+    body: str
+    sink: str
+    attempt: int
+    lease_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskRedelivered:
+    """`task_id` was taken back from `worker` and queued again (first in line)."""
+
+    task_id: str
+    worker: str
+    reason: RedeliveryReason
+    attempts: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskCompleted:
+    """`task_id` is done; reported exactly once per task. `by` is the worker that finished
+    it when known (a worker's ack), else None (the result was seen at the sink)."""
+
+    task_id: str
+    by: str | None
+    attempts: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskAbandoned:
+    """`task_id` is given up after `attempts` attempts (max_attempts leases expired, or a
+    worker's node rejected it); it is not sent again."""
+
+    task_id: str
+    attempts: int
+
+
+Action = DispatchTask | TaskRedelivered | TaskCompleted | TaskAbandoned
+
+
+class TaskRecord(msgspec.Struct, frozen=True):
+    """A task as the ventilator's store keeps it (`restore`, `snapshot`): plain data."""
+
+    task_id: str
+    body: str
+    sink: str
+    state: TaskState
+    attempts: int = 0
+    worker: str | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class _Task:
+    task_id: str
+    body: str
+    sink: str
+    state: TaskState
+    order: int  # submission order: who goes first when several are queued again at once
+    attempts: int = 0
+    worker: str | None = None
+    lease_deadline: float | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class _Worker:
+    name: str
+    live: bool = True
+    #: A lease of this worker's expired and it has completed nothing since: it may be stalled,
+    #: so it gets at most one task at a time (a probe) while others have room.
+    suspect: bool = False
+    inflight: set[str] = dataclasses.field(default_factory=set)
+    #: When it was last given a task (a counter, not time): ties go to the longest idle.
+    last_assigned: int = 0
+
+
+class WorkQueueDispatcher:
+    """The ventilator's side of one named queue: tasks waiting, workers with their in-flight
+    counts, leases.
+
+    Each task goes to the live worker with the fewest unfinished tasks (ties: the one idle
+    longest), at most `max_inflight` per worker. A task whose lease expires, or whose worker
+    is lost or leaves, is queued again first in line and sent to another worker when one has
+    room. `completed()` ends a task once; later reports of it return False.
+    """
+
+    def __init__(
+        self,
+        queue: str,
+        *,
+        lease_s: float,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_attempts: int | None = None,
+    ) -> None:
+        if lease_s <= 0:
+            raise ValueError(f"lease_s must be positive, got {lease_s}")
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be at least 1, got {max_inflight}")
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1 or None, got {max_attempts}")
+        self.queue = queue
+        self.lease_s = lease_s
+        self.max_inflight = max_inflight
+        self.max_attempts = max_attempts
+        self._tasks: dict[str, _Task] = {}
+        self._waiting: collections.deque[str] = collections.deque()
+        self._workers: dict[str, _Worker] = {}
+        #: (deadline, task_id); an entry is stale unless the task is still assigned with
+        #: that deadline (removal from a heap is lazy).
+        self._leases: list[tuple[float, str]] = []
+        self._ticks = itertools.count(1)
+        self._orders = itertools.count()
+        self._actions: list[Action] = []
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def submit(self, task_id: str, body: str, sink: str, now: float) -> None:
+        """Queue a new task (already stored by the node). Submitting a known id is a bug."""
+        if task_id in self._tasks:
+            raise ValueError(f"task {task_id!r} was already submitted")
+        self._tasks[task_id] = _Task(task_id, body, sink, TaskState.QUEUED, next(self._orders))
+        self._waiting.append(task_id)
+        self._dispatch(now)
+
+    def worker_up(self, worker: str, now: float) -> None:
+        """`worker` serves this queue and its link is up (announced, or back after a loss)."""
+        state = self._workers.get(worker)
+        if state is None:
+            self._workers[worker] = _Worker(worker)
+        elif not state.live:
+            state.live = True
+            state.suspect = False
+        self._dispatch(now)
+
+    def worker_lost(self, worker: str, now: float) -> None:
+        """`worker`'s link went silent: its unfinished tasks go to others now."""
+        self._take_back(worker, RedeliveryReason.WORKER_LOST, now)
+
+    def worker_left(self, worker: str, now: float) -> None:
+        """`worker` stopped serving this queue (left the queue's group)."""
+        self._take_back(worker, RedeliveryReason.WORKER_LEFT, now)
+        self._workers.pop(worker, None)
+        self._dispatch(now)
+
+    def delivered(self, task_id: str, worker: str, now: float) -> None:
+        """The worker receipted the task message: the lease runs from now (time spent in the
+        outbox or on the wire is not the worker's)."""
+        task = self._tasks.get(task_id)
+        if task is None or task.state is not TaskState.ASSIGNED or task.worker != worker:
+            return  # a receipt for an older attempt: the task moved on
+        task.lease_deadline = now + self.lease_s
+        heapq.heappush(self._leases, (task.lease_deadline, task_id))
+
+    def rejected(self, task_id: str, worker: str, now: float) -> None:
+        """The worker's node rejected the task message (invalid, too large): it will never
+        store it, and another worker would most likely refuse it too, so the task is
+        abandoned rather than redelivered."""
+        task = self._tasks.get(task_id)
+        if task is None or task.state is not TaskState.ASSIGNED or task.worker != worker:
+            return  # an older attempt's message: the task moved on
+        self._release(task)
+        del self._tasks[task_id]
+        self._actions.append(TaskAbandoned(task_id, task.attempts))
+        self._dispatch(now)
+
+    def completed(self, task_id: str, now: float, *, by: str | None = None) -> bool:
+        """The task's result was seen (at the sink) or `by` acknowledged it.
+
+        True the first time, for a task this dispatcher knows; False for a duplicate (two
+        workers both finished it, a retransmitted ack) or an unknown task. A completion by a
+        worker that is not the current assignee (its lease expired, then it finished) counts:
+        the result is real, and the sink keeps only the first one."""
+        task = self._tasks.get(task_id)
+        if task is None:
+            return False
+        if task.state is TaskState.QUEUED:
+            self._waiting.remove(task_id)
+        elif task.state is TaskState.ASSIGNED:
+            self._release(task)
+        # Finished tasks are forgotten (the store keeps them): memory holds unfinished work
+        # only, and a later report of this id finds nothing, as a duplicate should.
+        del self._tasks[task_id]
+        if by is not None and (worker := self._workers.get(by)) is not None:
+            worker.suspect = False
+        self._actions.append(TaskCompleted(task_id, by, task.attempts))
+        self._dispatch(now)
+        return True
+
+    def on_timer(self, now: float) -> None:
+        """Expire the leases due by `now`; call at `next_timer()` (earlier is harmless)."""
+        while self._leases and self._leases[0][0] <= now:
+            deadline, task_id = heapq.heappop(self._leases)
+            task = self._tasks.get(task_id)
+            if task is None or task.state is not TaskState.ASSIGNED \
+                    or task.lease_deadline != deadline:
+                continue
+            worker = task.worker
+            assert worker is not None
+            self._workers[worker].suspect = True
+            self._release(task)
+            self._requeue(task, worker, RedeliveryReason.LEASE_EXPIRED)
+        self._dispatch(now)
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def actions(self) -> list[Action]:
+        """What to do since the last call, in order; the node performs each."""
+        actions, self._actions = self._actions, []
+        return actions
+
+    def next_timer(self) -> float | None:
+        """The earliest lease deadline, or None when no lease runs."""
+        while self._leases:
+            deadline, task_id = self._leases[0]
+            task = self._tasks.get(task_id)
+            if task is not None and task.state is TaskState.ASSIGNED \
+                    and task.lease_deadline == deadline:
+                return deadline
+            heapq.heappop(self._leases)
+        return None
+
+    # -- views -----------------------------------------------------------------------------
+
+    def state_of(self, task_id: str) -> TaskState | None:
+        """QUEUED or ASSIGNED; None once finished (completed or abandoned) or never known."""
+        task = self._tasks.get(task_id)
+        return task.state if task is not None else None
+
+    def __len__(self) -> int:
+        """Unfinished tasks."""
+        return len(self._tasks)
+
+    def inflight(self) -> dict[str, int]:
+        """Unfinished tasks per known worker (live or not)."""
+        return {name: len(w.inflight) for name, w in self._workers.items()}
+
+    def waiting(self) -> list[str]:
+        """Task ids waiting for a worker, in the order they will go."""
+        return list(self._waiting)
+
+    def snapshot(self) -> list[TaskRecord]:
+        """Every unfinished task as plain data, in submission order (a status view; the
+        store writes the same facts as they happen)."""
+        return [TaskRecord(t.task_id, t.body, t.sink, t.state, t.attempts, t.worker)
+                for t in self._tasks.values()]
+
+    @classmethod
+    def restore(
+        cls,
+        queue: str,
+        records: Iterable[TaskRecord],
+        now: float,
+        *,
+        lease_s: float,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_attempts: int | None = None,
+    ) -> WorkQueueDispatcher:
+        """A dispatcher after a restart, from the store's task rows.
+
+        Assigned tasks stay with their worker (their task messages are still in that link's
+        outbox and are resent) under a fresh lease from `now`; the worker counts as known but
+        not live until `worker_up`, so if it never comes back its tasks go elsewhere when
+        its lease expires. Queued tasks wait in the order given."""
+        dispatcher = cls(queue, lease_s=lease_s, max_inflight=max_inflight,
+                         max_attempts=max_attempts)
+        for record in records:
+            task = _Task(record.task_id, record.body, record.sink, record.state,
+                         next(dispatcher._orders), record.attempts, record.worker)
+            dispatcher._tasks[task.task_id] = task
+            if task.state is TaskState.QUEUED:
+                task.worker = None
+                dispatcher._waiting.append(task.task_id)
+            elif task.state is TaskState.ASSIGNED:
+                if task.worker is None:
+                    raise ValueError(f"assigned task {task.task_id!r} has no worker")
+                worker = dispatcher._workers.setdefault(task.worker,
+                                                        _Worker(task.worker, live=False))
+                worker.inflight.add(task.task_id)
+                task.lease_deadline = now + lease_s
+                heapq.heappush(dispatcher._leases, (task.lease_deadline, task.task_id))
+        return dispatcher
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _release(self, task: _Task) -> None:
+        assert task.worker is not None
+        worker = self._workers.get(task.worker)
+        if worker is not None:
+            worker.inflight.discard(task.task_id)
+        task.lease_deadline = None
+
+    def _requeue(self, task: _Task, worker: str, reason: RedeliveryReason) -> None:
+        if self.max_attempts is not None and task.attempts >= self.max_attempts:
+            del self._tasks[task.task_id]
+            self._actions.append(TaskAbandoned(task.task_id, task.attempts))
+            return
+        task.state = TaskState.QUEUED
+        # Redelivered work goes first: it is the oldest, and someone may be waiting for it.
+        self._waiting.appendleft(task.task_id)
+        self._actions.append(TaskRedelivered(task.task_id, worker, reason, task.attempts))
+
+    def _take_back(self, name: str, reason: RedeliveryReason, now: float) -> None:
+        worker = self._workers.get(name)
+        if worker is None:
+            return
+        worker.live = False
+        # Oldest first, so that after the appendlefts the oldest is first in line again.
+        for task_id in sorted(worker.inflight, key=lambda t: self._tasks[t].order,
+                              reverse=True):
+            task = self._tasks[task_id]
+            self._release(task)
+            self._requeue(task, name, reason)
+        worker.inflight.clear()
+        self._dispatch(now)
+
+    def _pick(self, avoid: str | None) -> _Worker | None:
+        """The worker for the next task, or None to wait.
+
+        Among the live workers: healthy ones only while there are any (a suspect one may be
+        stalled); not `avoid` (the task's last worker, whose lease expired) while there is
+        another; then the one with the fewest unfinished tasks and room for one more (a
+        suspect one has room for a single probe), the longest idle first. A task waits
+        for a busy healthy worker rather than go back to one that failed it."""
+        live = [w for w in self._workers.values() if w.live]
+        pool = [w for w in live if not w.suspect] or live
+        if len(pool) > 1:
+            pool = [w for w in pool if w.name != avoid]
+        best: _Worker | None = None
+        for worker in pool:
+            room = 1 if worker.suspect else self.max_inflight
+            if len(worker.inflight) >= room:
+                continue
+            if best is None or (len(worker.inflight), worker.last_assigned) < (
+                    len(best.inflight), best.last_assigned):
+                best = worker
+        return best
+
+    def _dispatch(self, now: float) -> None:
+        while self._waiting:
+            task = self._tasks[self._waiting[0]]
+            worker = self._pick(task.worker)
+            if worker is None:
+                return
+            self._waiting.popleft()
+            task.state = TaskState.ASSIGNED
+            task.worker = worker.name
+            task.attempts += 1
+            task.lease_deadline = now + self.lease_s
+            heapq.heappush(self._leases, (task.lease_deadline, task.task_id))
+            worker.inflight.add(task.task_id)
+            worker.last_assigned = next(self._ticks)
+            self._actions.append(DispatchTask(task.task_id, self.queue, worker.name, task.body,
+                                              task.sink, task.attempts, self.lease_s))
+
+    def __repr__(self) -> str:
+        live = sum(w.live for w in self._workers.values())
+        return (f"<WorkQueueDispatcher {self.queue!r} workers={live}/{len(self._workers)} "
+                f"waiting={len(self._waiting)} assigned={len(self._tasks) - len(self._waiting)}>")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResultAccepted:
+    """The first result for `task_id`: record it (the sink's `task_results` row)."""
+
+    task_id: str
+    message_id: str
+    worker: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResultDuplicate:
+    """Another result for a task that has one: store the message (it was receipted like any
+    other), but it is not the task's result. `first_message_id` is the one that is."""
+
+    task_id: str
+    message_id: str
+    worker: str
+    first_message_id: str
+
+
+class ResultSink:
+    """The sink's dedupe of results by task id: exactly one result per task, the first.
+
+    The store's `task_results` primary key is the durable form of the same rule; this object
+    decides for the node before the write (decide, then perform) and is rebuilt from that
+    table at start (`known`). Offering the accepted message again (a retransmission after a
+    crash) is accepted again, so replaying is harmless."""
+
+    def __init__(self, known: Iterable[tuple[str, str, str]] = ()) -> None:
+        #: task id -> (message id, worker) of its result
+        self._results: dict[str, tuple[str, str]] = {
+            task_id: (message_id, worker) for task_id, message_id, worker in known
+        }
+
+    def offer(self, task_id: str, message_id: str, worker: str) -> ResultAccepted | ResultDuplicate:
+        first = self._results.setdefault(task_id, (message_id, worker))
+        if first[0] == message_id:
+            return ResultAccepted(task_id, message_id, first[1])
+        return ResultDuplicate(task_id, message_id, worker, first[0])
+
+    def result_of(self, task_id: str) -> str | None:
+        """The message id of `task_id`'s result, or None."""
+        found = self._results.get(task_id)
+        return found[0] if found else None
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def __repr__(self) -> str:
+        return f"<ResultSink results={len(self._results)}>"

@@ -1,0 +1,391 @@
+"""The work queue's dispatcher and result sink in virtual time: balancing by in-flight work,
+leases, redelivery after lease expiry or worker loss, completion exactly once, and a property
+test that drives workers that die, stall, come back and finish stale tasks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshpost.protocol.workqueue import (
+    Action,
+    DispatchTask,
+    RedeliveryReason,
+    ResultAccepted,
+    ResultDuplicate,
+    ResultSink,
+    TaskAbandoned,
+    TaskCompleted,
+    TaskRecord,
+    TaskRedelivered,
+    TaskState,
+    WorkQueueDispatcher,
+)
+
+LEASE_S = 10.0
+
+
+def dispatcher(**options: object) -> WorkQueueDispatcher:
+    return WorkQueueDispatcher("upper", lease_s=LEASE_S, **options)  # type: ignore[arg-type]
+
+
+def dispatched(actions: list[Action]) -> list[tuple[str, str, int]]:
+    return [(a.task_id, a.worker, a.attempt) for a in actions if isinstance(a, DispatchTask)]
+
+
+def test_tasks_wait_until_a_worker_is_up_then_go_with_what_the_worker_needs() -> None:
+    d = dispatcher()
+    d.submit("t1", "hola", "C", now=0.0)
+    assert d.actions() == [] and d.waiting() == ["t1"]
+    d.worker_up("W1", now=1.0)
+    assert d.actions() == [DispatchTask("t1", "upper", "W1", "hola", "C", 1, LEASE_S)]
+    assert d.state_of("t1") is TaskState.ASSIGNED
+    assert d.next_timer() == 1.0 + LEASE_S
+
+
+def test_each_task_goes_to_the_worker_with_the_least_unfinished_work() -> None:
+    d = dispatcher()
+    d.worker_up("W1", 0.0)
+    d.worker_up("W2", 0.0)
+    for i in range(4):
+        d.submit(f"t{i}", "x", "C", 0.0)
+    assert [w for _, w, _ in dispatched(d.actions())] == ["W1", "W2", "W1", "W2"]
+    # W2 finishes both of its tasks: the next two go to W2, not blindly round-robin.
+    assert d.completed("t1", 1.0, by="W2") and d.completed("t3", 1.0, by="W2")
+    d.actions()
+    d.submit("t4", "x", "C", 2.0)
+    d.submit("t5", "x", "C", 2.0)
+    assert [w for _, w, _ in dispatched(d.actions())] == ["W2", "W2"]
+    assert d.inflight() == {"W1": 2, "W2": 2}
+
+
+def test_a_worker_never_holds_more_than_max_inflight() -> None:
+    d = dispatcher(max_inflight=2)
+    d.worker_up("W1", 0.0)
+    for i in range(5):
+        d.submit(f"t{i}", "x", "C", 0.0)
+    assert len(dispatched(d.actions())) == 2
+    assert d.waiting() == ["t2", "t3", "t4"]
+    d.completed("t0", 1.0, by="W1")
+    assert [t for t, _, _ in dispatched(d.actions())] == ["t2"]
+
+
+def test_an_expired_lease_sends_the_task_to_another_worker_first_in_line() -> None:
+    d = dispatcher(max_inflight=1)
+    d.worker_up("W1", 0.0)
+    d.submit("t1", "x", "C", 0.0)
+    d.submit("t2", "x", "C", 0.0)
+    d.actions()
+    d.on_timer(LEASE_S - 0.001)
+    assert d.actions() == []
+    d.worker_up("W2", LEASE_S - 0.001)
+    assert dispatched(d.actions()) == [("t2", "W2", 1)]
+    d.on_timer(LEASE_S)
+    actions = d.actions()
+    assert actions[0] == TaskRedelivered("t1", "W1", RedeliveryReason.LEASE_EXPIRED, 1)
+    # W2 is busy, so t1 waits for it, first in line: W1 failed it and may be stalled.
+    assert d.waiting() == ["t1"]
+    d.submit("t3", "x", "C", LEASE_S)
+    assert d.waiting() == ["t1", "t3"] and d.inflight() == {"W1": 0, "W2": 1}
+    d.completed("t2", LEASE_S + 1, by="W2")
+    assert dispatched(d.actions()) == [("t1", "W2", 2)]
+    d.worker_lost("W2", LEASE_S + 2)  # only the suspect W1 is left: it gets one task to try
+    assert dispatched(d.actions()) == [("t1", "W1", 3)]
+    assert d.waiting() == ["t3"]
+
+
+def test_a_suspect_worker_gets_one_task_at_a_time_until_it_completes_one() -> None:
+    d = dispatcher(max_inflight=4)
+    d.worker_up("W1", 0.0)
+    d.submit("t0", "x", "C", 0.0)
+    d.actions()
+    d.on_timer(LEASE_S)  # W1 stalls: its lease expires; it is the only worker, so it retries
+    assert dispatched(d.actions()) == [("t0", "W1", 2)]
+    for i in range(1, 4):
+        d.submit(f"t{i}", "x", "C", LEASE_S)
+    assert d.actions() == [] and d.inflight() == {"W1": 1}
+    d.completed("t0", LEASE_S + 1, by="W1")  # it was only slow: full capacity again
+    assert len(dispatched(d.actions())) == 3
+
+
+def test_a_lost_worker_gives_back_all_its_tasks_oldest_first() -> None:
+    d = dispatcher()
+    d.worker_up("W1", 0.0)
+    for i in range(3):
+        d.submit(f"t{i}", "x", "C", 0.0)
+    d.actions()
+    d.worker_lost("W1", 1.0)
+    assert [(a.task_id, a.reason) for a in d.actions() if isinstance(a, TaskRedelivered)] == [
+        ("t2", RedeliveryReason.WORKER_LOST), ("t1", RedeliveryReason.WORKER_LOST),
+        ("t0", RedeliveryReason.WORKER_LOST)]
+    assert d.waiting() == ["t0", "t1", "t2"] and d.inflight() == {"W1": 0}
+    assert d.next_timer() is None
+    d.worker_up("W2", 2.0)
+    assert dispatched(d.actions()) == [("t0", "W2", 2), ("t1", "W2", 2), ("t2", "W2", 2)]
+
+
+def test_a_worker_that_leaves_the_queue_gives_back_its_tasks_and_gets_no_more() -> None:
+    d = dispatcher()
+    d.worker_up("W1", 0.0)
+    d.worker_up("W2", 0.0)
+    d.submit("t0", "x", "C", 0.0)
+    d.actions()
+    d.worker_left("W1", 1.0)
+    assert dispatched(d.actions()) == [("t0", "W2", 2)]
+    assert "W1" not in d.inflight()
+
+
+def test_a_task_completes_once_however_often_and_by_whomever_its_completion_comes() -> None:
+    d = dispatcher(max_inflight=1)
+    d.worker_up("W1", 0.0)
+    d.worker_up("W2", 0.0)
+    d.submit("t1", "x", "C", 0.0)
+    d.on_timer(LEASE_S)
+    assert dispatched(d.actions()) == [("t1", "W1", 1), ("t1", "W2", 2)]
+    assert d.inflight() == {"W1": 0, "W2": 1}
+    # W1 was only slow: its result is real and counts; W2's later one is a duplicate.
+    assert d.completed("t1", LEASE_S + 1, by="W1") is True
+    assert d.completed("t1", LEASE_S + 2, by="W2") is False
+    assert d.completed("t1", LEASE_S + 3) is False
+    completions = [a for a in d.actions() if isinstance(a, TaskCompleted)]
+    assert completions == [TaskCompleted("t1", "W1", 2)]
+    assert d.inflight() == {"W1": 0, "W2": 0} and d.state_of("t1") is None and len(d) == 0
+    assert d.next_timer() is None
+
+
+def test_a_completion_while_queued_again_takes_the_task_out_of_the_line() -> None:
+    d = dispatcher()
+    d.worker_up("W1", 0.0)
+    d.submit("t1", "x", "C", 0.0)
+    d.worker_lost("W1", 1.0)
+    assert d.waiting() == ["t1"]
+    assert d.completed("t1", 2.0)  # its result reached the sink after all
+    assert d.waiting() == []
+
+
+def test_the_lease_runs_from_the_workers_receipt_not_from_the_send() -> None:
+    d = dispatcher()
+    d.worker_up("W1", 0.0)
+    d.submit("t1", "x", "C", 0.0)
+    d.delivered("t1", "W1", 4.0)
+    assert d.next_timer() == 4.0 + LEASE_S
+    d.on_timer(LEASE_S)
+    assert [a for a in d.actions() if isinstance(a, TaskRedelivered)] == []
+    d.delivered("t1", "W2", 5.0)  # a receipt from someone else moves nothing
+    assert d.next_timer() == 4.0 + LEASE_S
+
+
+def test_after_max_attempts_a_task_is_abandoned_and_not_sent_again() -> None:
+    d = dispatcher(max_attempts=2)
+    d.worker_up("W1", 0.0)
+    d.submit("t1", "x", "C", 0.0)
+    d.on_timer(LEASE_S)
+    d.on_timer(2 * LEASE_S)
+    actions = d.actions()
+    assert dispatched(actions) == [("t1", "W1", 1), ("t1", "W1", 2)]
+    assert actions[-1] == TaskAbandoned("t1", 2)
+    assert len(d) == 0 and not d.completed("t1", 30.0)
+
+
+def test_a_rejected_task_is_abandoned_and_its_worker_gets_the_next_one() -> None:
+    d = dispatcher(max_inflight=1)
+    d.worker_up("W1", 0.0)
+    d.submit("t1", "x" * 10, "C", 0.0)
+    d.submit("t2", "y", "C", 0.0)
+    d.actions()
+    d.rejected("t1", "W2", 1.0)  # not the assignee: nothing
+    assert d.state_of("t1") is TaskState.ASSIGNED
+    d.rejected("t1", "W1", 1.0)
+    actions = d.actions()
+    assert actions[0] == TaskAbandoned("t1", 1)
+    assert dispatched(actions) == [("t2", "W1", 1)] and d.state_of("t1") is None
+
+
+def test_restore_keeps_assignments_under_a_fresh_lease_and_waits_for_workers() -> None:
+    records = [
+        TaskRecord("t0", "a", "C", TaskState.ASSIGNED, 1, "W1"),
+        TaskRecord("t1", "b", "C", TaskState.QUEUED, 2, "W1"),
+    ]
+    d = WorkQueueDispatcher.restore("upper", records, 100.0, lease_s=LEASE_S)
+    assert d.inflight() == {"W1": 1} and d.waiting() == ["t1"]
+    assert d.next_timer() == 100.0 + LEASE_S
+    assert d.actions() == []  # W1 is not live until it says so
+    d.worker_up("W2", 101.0)
+    assert dispatched(d.actions()) == [("t1", "W2", 3)]
+    d.on_timer(100.0 + LEASE_S)  # W1 never came back
+    assert dispatched(d.actions()) == [("t0", "W2", 2)]
+    assert [(r.task_id, r.state, r.worker) for r in d.snapshot()] == [
+        ("t0", TaskState.ASSIGNED, "W2"), ("t1", TaskState.ASSIGNED, "W2")]
+
+
+def test_misuse_raises() -> None:
+    with pytest.raises(ValueError, match="lease_s"):
+        WorkQueueDispatcher("q", lease_s=0)
+    with pytest.raises(ValueError, match="max_inflight"):
+        WorkQueueDispatcher("q", lease_s=1, max_inflight=0)
+    d = dispatcher()
+    d.submit("t", "x", "C", 0.0)
+    with pytest.raises(ValueError, match="already submitted"):
+        d.submit("t", "x", "C", 0.0)
+    with pytest.raises(ValueError, match="no worker"):
+        WorkQueueDispatcher.restore("q", [TaskRecord("t", "x", "C", TaskState.ASSIGNED)], 0.0,
+                                    lease_s=1)
+
+
+def test_repr_says_what_the_queue_holds() -> None:
+    d = dispatcher(max_inflight=1)
+    d.worker_up("W1", 0.0)
+    d.submit("t0", "x", "C", 0.0)
+    d.submit("t1", "x", "C", 0.0)
+    assert repr(d) == "<WorkQueueDispatcher 'upper' workers=1/1 waiting=1 assigned=1>"
+
+
+# -- the sink -----------------------------------------------------------------------------
+
+
+def test_the_sink_keeps_the_first_result_per_task_and_names_later_ones_duplicates() -> None:
+    sink = ResultSink()
+    assert sink.offer("t1", "m1", "W1") == ResultAccepted("t1", "m1", "W1")
+    assert sink.offer("t1", "m2", "W2") == ResultDuplicate("t1", "m2", "W2", "m1")
+    # The accepted message offered again (replayed after a crash) is still the result.
+    assert sink.offer("t1", "m1", "W1") == ResultAccepted("t1", "m1", "W1")
+    assert sink.result_of("t1") == "m1" and sink.result_of("t2") is None and len(sink) == 1
+
+
+def test_the_sink_remembers_results_across_a_restart() -> None:
+    sink = ResultSink(known=[("t1", "m1", "W1")])
+    assert isinstance(sink.offer("t1", "m9", "W2"), ResultDuplicate)
+
+
+# -- property: exactly once under arbitrary deaths, stalls and lease expiries --------------
+
+WORKERS = ("W0", "W1", "W2", "W3")
+worker = st.sampled_from(WORKERS)
+operation = st.one_of(
+    st.tuples(st.just("submit")),
+    st.tuples(st.just("up"), worker),
+    st.tuples(st.just("lost"), worker),
+    st.tuples(st.just("left"), worker),
+    st.tuples(st.just("deliver"), worker, st.integers(0, 50)),
+    st.tuples(st.just("finish"), worker, st.integers(0, 50)),
+    st.tuples(st.just("ack-again"), st.integers(0, 50)),
+    st.tuples(st.just("reject"), worker, st.integers(0, 50)),
+    st.tuples(st.just("tick"), st.floats(0.1, 2.5 * LEASE_S)),
+)
+
+
+@dataclasses.dataclass
+class Mesh:
+    """A ventilator, workers that hold the task messages they were sent (a dead or stalled
+    one keeps them and may finish them later) and a sink; the node's role played by hand."""
+
+    d: WorkQueueDispatcher
+    now: float = 0.0
+    submitted: int = 0
+    live: set[str] = dataclasses.field(default_factory=set)
+    held: dict[str, list[tuple[str, int]]] = dataclasses.field(
+        default_factory=lambda: {w: [] for w in WORKERS})
+    sink: ResultSink = dataclasses.field(default_factory=ResultSink)
+    completed: list[str] = dataclasses.field(default_factory=list)
+    abandoned: list[str] = dataclasses.field(default_factory=list)
+    acks: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def perform(self) -> None:
+        for action in self.d.actions():
+            if isinstance(action, DispatchTask):
+                assert action.worker in self.live, f"{action} went to a worker not up"
+                self.held[action.worker].append((action.task_id, action.attempt))
+            elif isinstance(action, TaskCompleted):
+                self.completed.append(action.task_id)
+            elif isinstance(action, TaskAbandoned):
+                self.abandoned.append(action.task_id)
+        for name, count in self.d.inflight().items():
+            assert count <= self.d.max_inflight
+            if name not in self.live:
+                assert count == 0, f"{name} is down but holds {count} tasks"
+
+    def finish(self, name: str, index: int) -> None:
+        held = self.held[name]
+        if not held:
+            return
+        task_id, attempt = held.pop(index % len(held))
+        outcome = self.sink.offer(task_id, f"{task_id}#{attempt}@{name}", name)
+        if isinstance(outcome, ResultAccepted):
+            # The worker acknowledges once the sink receipted its result.
+            self.d.completed(task_id, self.now, by=name)
+            self.acks.append((task_id, name))
+
+    def step(self, op: tuple[object, ...]) -> None:
+        match op:
+            case ("submit",):
+                self.d.submit(f"t{self.submitted}", "x", "C", self.now)
+                self.submitted += 1
+            case ("up", str(name)):
+                self.live.add(name)
+                self.d.worker_up(name, self.now)
+            case ("lost", str(name)):
+                self.live.discard(name)
+                self.d.worker_lost(name, self.now)
+            case ("left", str(name)):
+                self.live.discard(name)
+                self.d.worker_left(name, self.now)
+            case ("deliver", str(name), int(index)):
+                if self.held[name]:
+                    task_id, _ = self.held[name][index % len(self.held[name])]
+                    self.d.delivered(task_id, name, self.now)
+            case ("finish", str(name), int(index)):
+                self.finish(name, index)
+            case ("reject", str(name), int(index)):
+                # The worker's node refuses a task message it holds (it never stores it).
+                if self.held[name]:
+                    task_id, _ = self.held[name].pop(index % len(self.held[name]))
+                    self.d.rejected(task_id, name, self.now)
+            case ("ack-again", int(index)):
+                if self.acks:
+                    task_id, name = self.acks[index % len(self.acks)]
+                    assert not self.d.completed(task_id, self.now, by=name)
+            case ("tick", float(seconds)):
+                self.now += seconds
+                self.d.on_timer(self.now)
+        self.perform()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(operation, max_size=80), st.integers(1, 3))
+def test_every_task_completes_exactly_once_and_has_one_result_at_the_sink(
+    ops: list[tuple[object, ...]], max_inflight: int
+) -> None:
+    mesh = Mesh(WorkQueueDispatcher("upper", lease_s=LEASE_S, max_inflight=max_inflight))
+    for op in ops:
+        mesh.step(op)
+        finished = mesh.completed + mesh.abandoned
+        assert len(finished) == len(set(finished))
+    # Heal: the workers that are down stay down for good (what they hold is lost), one
+    # worker comes up, every worker that is up finishes what it holds, and time passes,
+    # until nothing is unfinished. (Down workers that finished stale tasks late were
+    # exercised above, by "finish" of a worker that is down.)
+    for name in WORKERS:
+        if name not in mesh.live:
+            mesh.held[name].clear()
+    mesh.step(("up", "W0"))
+    for _ in range(10 * (mesh.submitted + 1)):
+        if len(mesh.d) == 0:
+            break
+        for name in sorted(mesh.live):
+            while mesh.held[name]:
+                mesh.step(("finish", name, 0))
+        mesh.step(("tick", LEASE_S))
+    assert len(mesh.d) == 0 and mesh.d.next_timer() is None
+    # Each task finished exactly once: completed, or abandoned because a worker rejected it
+    # (and then only if no result of it reached the sink first).
+    assert sorted(mesh.completed + mesh.abandoned) == sorted(
+        f"t{i}" for i in range(mesh.submitted))
+    # Every completed task has its one result at the sink; the sink holds no other results
+    # than those and the late ones of abandoned tasks.
+    assert all(mesh.sink.result_of(t) for t in mesh.completed)
+    late = sum(1 for t in mesh.abandoned if mesh.sink.result_of(t))
+    assert len(mesh.sink) == len(mesh.completed) + late
+    assert sum(mesh.d.inflight().values()) == 0
