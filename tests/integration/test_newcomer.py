@@ -1,0 +1,53 @@
+"""Issue 17 (a newcomer's first hour), the parts that need real nodes: refusals reach both
+consoles' event streams."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from meshpost import Node, NodeConfig, PeerConfig
+from meshpost.node import PeerChanged, PeerRefused
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 20.0
+
+
+def test_a_node_refusing_an_unknown_sender_tells_its_subscribers_whom_and_why(
+    short_tmp: Path,
+) -> None:
+    a_ep, c_ep = f"ipc://{short_tmp}/a.sock", f"ipc://{short_tmp}/c.sock"
+    # A knows nobody called C; C believes A is its peer.
+    a_cfg = NodeConfig(name="A", bind=(a_ep,), peers=(PeerConfig("B", f"ipc://{short_tmp}/b"),),
+                       data_dir=short_tmp / "A")
+    c_cfg = NodeConfig(name="C", bind=(c_ep,), peers=(PeerConfig("A", a_ep),),
+                       data_dir=short_tmp / "C")
+
+    async def scenario() -> tuple[PeerRefused, PeerChanged, str | None]:
+        async with Node(a_cfg) as a:
+            a_events = a.subscribe()
+            async with Node(c_cfg) as c:
+                c_events = c.subscribe()
+
+                async def first(queue: asyncio.Queue, kind: type) -> object:  # type: ignore[type-arg]
+                    while True:
+                        event = await queue.get()
+                        if isinstance(event, kind):
+                            return event
+
+                refused = await asyncio.wait_for(first(a_events, PeerRefused), WAIT_S)
+                told = await asyncio.wait_for(first(c_events, PeerChanged), WAIT_S)
+                refusal = next(p.refusal for p in c.peers() if p.name == "A")
+                assert isinstance(refused, PeerRefused)
+                assert isinstance(told, PeerChanged)
+                return refused, told, refusal
+
+    refused, told, refusal = asyncio.run(asyncio.wait_for(scenario(), WAIT_S * 3))
+    assert refused.who == "C"
+    assert "'C' is not a peer of 'A'" in refused.detail
+    assert told.peer == "A" and not told.connected and told.detail.startswith("refused")
+    # What the console of C checks before it says "queued": the link knows it was refused.
+    assert refusal is not None and "not a peer" in refusal
