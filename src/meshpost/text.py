@@ -202,7 +202,7 @@ def render_peers_table(
     for column in ("peer", "endpoint", "state", "last seen"):
         table.add_column(column, overflow="fold")
     for column in ("rtt ms", "offset ms", "unacked"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")
     for p in peers:
         table.add_row(
             Text(p.name), Text(p.endpoint), Text(clean(peer_state(p))),
