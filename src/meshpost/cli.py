@@ -216,7 +216,20 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(f"… no receipt from {r.to} within {args.timeout:g}s; message {r.id} stays "
                   "queued and will be delivered when the peer is reachable", file=sys.stderr)
             code = max(code, EXIT_TIMEOUT)
+    if code == EXIT_TIMEOUT:
+        _why_unreachable(args, {r.to for r in reply.sent if not r.delivered})
     return code
+
+
+def _why_unreachable(args: argparse.Namespace, peers: set[str]) -> None:
+    """After a timeout: what the node knows of why (a refusal, a failed secure handshake)."""
+    from meshpost.control import ControlClient, StatusRequest
+    from meshpost.text import clean
+
+    with contextlib.suppress(MeshpostError), ControlClient(_data_dir(args), name=args.node) as c:
+        for p in c.request(StatusRequest(), timeout_s=5).peers:
+            if p.name in peers and p.refusal:
+                print(f"  {p.name}: {clean(p.refusal)}", file=sys.stderr)
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -397,11 +410,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from meshpost import keys
 
     data_dir = _data_dir(args)
-    public = keys.generate(data_dir, overwrite=args.force)
+    if args.action == "show":
+        public = keys.load_public(data_dir)
+    else:
+        public = keys.generate(data_dir, overwrite=args.force)
     public_file, secret_file = keys.key_paths(data_dir)
-    print(f"{args.node} {public.decode('ascii')}")
-    print(f"public key: {public_file}\nsecret key: {secret_file} (mode 0600)", file=sys.stderr)
-    print(f"add the first line to every peer's {keys.AUTHORIZED_KEYS} file", file=sys.stderr)
+    line = keys.authorized_line(args.node, public)
+    print(line)
+    if args.action == "generate":
+        print(f"public key: {public_file}\nsecret key: {secret_file} (mode 0600)",
+              file=sys.stderr)
+    print(f"to trust {args.node}, add the line `{line}` (printed above on stdout) to every "
+          f"peer's {keys.AUTHORIZED_KEYS} file, in that peer's data dir", file=sys.stderr)
     return EXIT_OK
 
 
@@ -527,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--node", required=True)
     gen.add_argument("--data")
     gen.add_argument("--force", action="store_true", help="replace an existing key pair")
+    show = ksub.add_parser("show", help="print this node's authorized_keys line again")
+    show.add_argument("--node", required=True)
+    show.add_argument("--data")
     p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("demo", help="run a local mesh, send, verify both stores, exit")

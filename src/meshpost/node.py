@@ -643,10 +643,14 @@ class Node:
                     rtt_ns=link.offset.rtt_ns,
                     offset_ns=link.offset.offset_ns,
                     unacknowledged=link.unacknowledged,
-                    refusal=link.refusal,
+                    refusal=link.refusal or self._handshake_failure(peer.name),
                 )
             )
         return result
+
+    def _handshake_failure(self, peer: str) -> str | None:
+        transport = self._transport
+        return transport.handshake_failure(peer) if transport is not None else None
 
     def snapshot_stats(self) -> NodeStats:
         if self._writer is not None:
