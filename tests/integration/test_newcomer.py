@@ -51,3 +51,45 @@ def test_a_node_refusing_an_unknown_sender_tells_its_subscribers_whom_and_why(
     assert told.peer == "A" and not told.connected and told.detail.startswith("refused")
     # What the console of C checks before it says "queued": the link knows it was refused.
     assert refusal is not None and "not a peer" in refusal
+
+
+def test_ctrl_c_during_demo_says_it_stopped_stops_the_nodes_and_removes_its_temp_folder(
+    tmp_path: Path,
+) -> None:
+    """Issue 17 item 12 (demo part): SIGINT, as Ctrl-C sends it, while messages are sent."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from meshpost.cluster import is_node_process
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshpost", "demo", "--nodes", "2", "--messages", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "TMPDIR": str(temp), "COLUMNS": "200"},
+    )
+    assert proc.stdout is not None
+    seen: list[str] = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "sending 100000 messages" in line:
+                break
+        else:
+            pytest.fail(f"the demo never started sending: {''.join(seen)}")
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    output = "".join(seen) + rest
+    assert proc.returncode == 130, output
+    assert "demo stopped (Ctrl-C)" in output and "Traceback" not in output
+    assert list(temp.iterdir()) == [], "the demo's temporary folder is removed"
+    for name, pid in re.findall(r"node (\w+) pid (\d+)", output):
+        assert not is_node_process(int(pid), name), f"node {name} still runs"
