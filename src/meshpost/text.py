@@ -83,18 +83,10 @@ def _indent(body: str) -> str:
     return clean(body).replace("\n", "\n    ")
 
 
-def audience(message: Envelope, me: str) -> str:
-    """Who a received message was addressed to: `me`, a group's name, or `all`."""
-    via = getattr(message, "via", "")
-    return via if via and via != me else "me"
-
-
 def format_incoming(message: Envelope, *, tz: datetime.tzinfo | None = None) -> str:
-    """`[HH:MM:SS.mmm sender-clock] A → me: text` (`A → team:` when sent to a group); the
-    whole text, since it is the message itself."""
+    """`[HH:MM:SS.mmm sender-clock] A → me: text`; the whole text, since it is the message."""
     stamp = format_clock(message.sent_at_ns, tz=tz)
-    to = clean(audience(message, message.recipient))
-    return f"[{stamp} sender-clock] {clean(message.sender)} → {to}: {_indent(message.body)}"
+    return f"[{stamp} sender-clock] {clean(message.sender)} → me: {_indent(message.body)}"
 
 
 def format_pending(me: str, handles: Sequence[Outgoing]) -> str:
@@ -278,7 +270,6 @@ __all__ = [
     "DEFAULT_WIDTH",
     "MIN_WIDTH",
     "SHORT_BODY_CHARS",
-    "audience",
     "clean",
     "describe_error",
     "format_clock",

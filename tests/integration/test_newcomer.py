@@ -4,6 +4,10 @@ consoles' event streams."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,11 +61,7 @@ def test_ctrl_c_during_demo_says_it_stopped_stops_the_nodes_and_removes_its_temp
     tmp_path: Path,
 ) -> None:
     """Issue 17 item 12 (demo part): SIGINT, as Ctrl-C sends it, while messages are sent."""
-    import os
-    import re
     import signal
-    import subprocess
-    import sys
 
     from meshpost.cluster import is_node_process
 
@@ -93,3 +93,54 @@ def test_ctrl_c_during_demo_says_it_stopped_stops_the_nodes_and_removes_its_temp
     assert list(temp.iterdir()) == [], "the demo's temporary folder is removed"
     for name, pid in re.findall(r"node (\w+) pid (\d+)", output):
         assert not is_node_process(int(pid), name), f"node {name} still runs"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meshpost", *args], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def test_version_and_cli_words_for_small_mistakes(tmp_path: Path) -> None:
+    """Issue 17 items 7, 10, 16: --version; history -n 0 and of a node that never ran; the
+    empty-text error in CLI words."""
+    from importlib.metadata import version
+
+    shown = _cli("--version")
+    assert shown.returncode == 0 and shown.stdout.strip() == f"meshpost {version('meshpost')}"
+    zero = _cli("history", "--node", "A", "--data", str(tmp_path), "-n", "0")
+    assert zero.returncode == 2 and "-n wants a whole number" in zero.stderr
+    never = _cli("history", "--node", "Q", "--data", str(tmp_path / "Q"))
+    assert never.returncode == 4, never.stderr
+    assert "no meshpost database" in never.stderr and "has this node ever run" in never.stderr
+    empty = _cli("send", "--node", "A", "--data", str(tmp_path), "--to", "B", " ")
+    assert empty.returncode == 2
+    assert "the message text is empty; give it after the options" in empty.stderr
+
+
+def test_peers_prints_tables_not_python_dicts(short_tmp: Path) -> None:
+    from meshpost.cluster import LocalCluster
+
+    cluster = LocalCluster.create(short_tmp, 2, transport="ipc")
+    cluster.start()
+    try:
+        out = _cli("peers", "--node", "A", "--data", str(cluster.data_dir("A")))
+    finally:
+        cluster.stop()
+    assert out.returncode == 0, out.stderr
+    assert "{" not in out.stdout and "}" not in out.stdout
+    assert re.search(r"^sent\s+0$", out.stdout, re.M)
+    assert "A — peers" in out.stdout
+
+
+def test_send_does_not_load_prompt_toolkit(tmp_path: Path) -> None:
+    """Issue 15's "one of each": the CLI's text comes from meshpost.text, which needs rich
+    only; the console's terminal library stays out of one-shot commands."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "meshpost", "send", "--node", "A",
+         "--data", str(tmp_path), "--to", "B", "hi"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 4, done.stderr  # no node runs there: it got as far as that
+    assert "meshpost.text" in done.stderr
+    assert "prompt_toolkit" not in done.stderr
