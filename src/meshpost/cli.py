@@ -34,6 +34,7 @@ from meshpost.config import (
 from meshpost.errors import (
     EXIT_ADDRESS_IN_USE,
     EXIT_NODE_NOT_STARTED,
+    ClusterNotRunning,
     ConfigError,
     ControlUnavailable,
     EndpointInUse,
@@ -345,7 +346,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             print(f"  {name}: {what}")
         return EXIT_OK
     if args.replace:
-        with contextlib.suppress(local.ClusterNotRunning):
+        with contextlib.suppress(ClusterNotRunning):
             for name, what in local.stop_from_state(root).items():
                 print(f"  old {name}: {what}")
     local.refuse_if_running(root)
@@ -364,8 +365,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         cluster.stop()  # all or nothing: no half cluster left running without a state file
         raise
     state = cluster.save_state()
-    for node in cluster.nodes.values():
-        node._close_log()  # each child keeps its own copy of its log file open
+    for process in cluster.nodes.values():
+        process.detach()
     mp, on_path = local.meshpost_command()
     print(f"started {len(cluster.names)} nodes, each ready; config {cluster.config_path}; "
           f"state {state}")

@@ -235,6 +235,10 @@ class NodeProcess:
             self.process.wait(STOP_TIMEOUT_S)
         self._close_log()
 
+    def detach(self) -> None:
+        """Leave the node running on its own (`cluster up` exits): close our copy of its log."""
+        self._close_log()
+
     def _close_log(self) -> None:
         if self._log is not None:
             self._log.close()
@@ -447,7 +451,7 @@ def restart_from_state(root: Path, name: str, timeout_s: float = STOP_TIMEOUT_S)
     if why is not None:
         node.stop()
         raise NodeNotStarted({name: why})
-    node._close_log()  # the child keeps its own copy of the log file open
+    node.detach()
     info["pid"] = node.pid
     (root / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
     return NodeState(name, node.pid, info["endpoint"], info["data"], info["log"], "ready")
