@@ -1,7 +1,8 @@
 """The interactive console of a running node: type `@B hello`, see receipts and arrivals live.
 
-Rule: parsing and rendering are pure functions of their arguments (text in, `Command` or text
-out); only `run_console` touches the terminal, the node and the store.
+Rule: parsing is a pure function (text in, `Command` out) and every line or table shown comes
+from `meshpost.text` (re-exported here); only `run_console` touches the terminal, the node and
+the store.
 """
 
 from __future__ import annotations
