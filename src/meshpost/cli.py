@@ -1,17 +1,21 @@
 """The `meshpost` command line: arguments, logging, exit codes. No business logic here.
 
-Exit codes: 0 success; 1 internal error; 2 usage or configuration error; 3 no receipt in time
-(the message stays queued and is delivered later); 4 node not running; 5 message rejected by
-the receiver; 6 storage error.
+Exit codes (README's table lists the same, a test compares them): 0 success; 1 internal error;
+2 usage or configuration error; 3 no receipt in time (the message stays queued and is delivered
+later); 4 node or cluster not running, or no store (the node never ran there); 5 message
+rejected by the receiver; 6 storage error; 7 an endpoint to bind is in use; 8 a node of
+`cluster up`/`restart` did not start.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -26,8 +30,12 @@ from meshpost.config import (
     parse_peer_flag,
 )
 from meshpost.errors import (
+    EXIT_ADDRESS_IN_USE,
+    EXIT_NODE_NOT_STARTED,
+    ClusterNotRunning,
     ConfigError,
     ControlUnavailable,
+    EndpointInUse,
     InvalidMessage,
     MeshpostError,
     StoreError,
@@ -41,6 +49,18 @@ EXIT_TIMEOUT = 3
 EXIT_NOT_RUNNING = 4
 EXIT_REJECTED = 5
 EXIT_STORE = 6
+#: Every exit code and what it means, as README's table says it (tests compare the two).
+EXIT_CODE_MEANINGS: dict[int, str] = {
+    EXIT_OK: "success",
+    EXIT_INTERNAL: "internal error (a bug: please report it with the log)",
+    EXIT_USAGE: "usage or configuration error",
+    EXIT_TIMEOUT: "no receipt in time; the message stays queued",
+    EXIT_NOT_RUNNING: "node or cluster not running, or no store",
+    EXIT_REJECTED: "rejected or refused by the receiver",
+    EXIT_STORE: "storage error",
+    EXIT_ADDRESS_IN_USE: "endpoint in use",
+    EXIT_NODE_NOT_STARTED: "a cluster node did not start",
+}
 
 #: Environment variable naming a `CrashPoint` for fault-injection tests (never set it in
 #: production: the node exits with code 99 at that protocol step).
@@ -50,6 +70,11 @@ log = logging.getLogger("meshpost")
 
 
 def _exit_code(exc: MeshpostError) -> int:
+    code = getattr(exc, "exit_code", None)
+    if isinstance(code, int):
+        return code
+    if isinstance(exc, EndpointInUse):
+        return EXIT_ADDRESS_IN_USE
     if isinstance(exc, ControlUnavailable):
         return EXIT_NOT_RUNNING
     if isinstance(exc, ConfigError | UnknownPeer | InvalidMessage):
@@ -156,17 +181,24 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 
 def _fmt_time(ns: int | None) -> str:
-    if ns is None:
-        return "-"
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
-    return f"{stamp}.{ns // 1_000_000 % 1000:03d}"
+    from meshpost.text import format_time
+
+    return format_time(ns)
+
+
+class EmptyCommandText(InvalidMessage):
+    def __init__(self) -> None:
+        super().__init__("the message text is empty; give it after the options, e.g. "
+                         "`meshpost send --node A --to B hello`")
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from meshpost.console import clean
     from meshpost.control import ControlClient, SendRequest
+    from meshpost.text import clean
 
     body = " ".join(args.text)
+    if not body.strip():
+        raise EmptyCommandText()
     with ControlClient(_data_dir(args), name=args.node) as client:
         reply = client.request(SendRequest(args.to, body, args.timeout),
                                timeout_s=args.timeout + 10)
@@ -188,15 +220,26 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(f"… no receipt from {r.to} within {args.timeout:g}s; message {r.id} stays "
                   "queued and will be delivered when the peer is reachable", file=sys.stderr)
             code = max(code, EXIT_TIMEOUT)
+    if code == EXIT_TIMEOUT:
+        _why_unreachable(args, {r.to for r in reply.sent if not r.delivered})
     return code
 
 
-def cmd_peers(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
+def _why_unreachable(args: argparse.Namespace, peers: set[str]) -> None:
+    """After a timeout: what the node knows of why (a refusal, a failed secure handshake)."""
     from meshpost.control import ControlClient, StatusRequest
+    from meshpost.text import clean
+
+    with contextlib.suppress(MeshpostError), ControlClient(_data_dir(args), name=args.node) as c:
+        for p in c.request(StatusRequest(), timeout_s=5).peers:
+            if p.name in peers and p.refusal:
+                print(f"  {p.name}: {clean(p.refusal)}", file=sys.stderr)
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    from meshpost.control import ControlClient, StatusRequest
+    from meshpost.node import NodeStats
+    from meshpost.text import render_peers_table, render_stats, terminal_width
 
     with ControlClient(_data_dir(args), name=args.node) as client:
         reply = client.request(StatusRequest(), timeout_s=5)
@@ -204,22 +247,12 @@ def cmd_peers(args: argparse.Namespace) -> int:
         print(json.dumps({"status": reply.status,
                           "peers": [_struct_dict(p) for p in reply.peers]}, indent=2))
         return EXIT_OK
-    table = Table(title=f"{reply.status.get('name')} — peers")
-    for col in ("peer", "endpoint", "connected", "last seen", "rtt ms", "offset ms", "unacked"):
-        table.add_column(col, overflow="fold")
-    for p in reply.peers:
-        table.add_row(
-            Text(p.name), Text(p.endpoint),
-            "yes" if p.connected else ("refused" if p.refusal else "no"),
-            _fmt_time(p.last_seen_ns),
-            "-" if p.rtt_ns is None else f"{p.rtt_ns / 1e6:.3f}",
-            "-" if p.offset_ns is None else f"{p.offset_ns / 1e6:+.3f}",
-            str(p.unacknowledged),
-        )
-    console = Console()
-    console.print(table)
-    console.print(f"pending in outbox: {reply.status.get('pending')}   "
-                  f"stats: {reply.status.get('stats')}", markup=False)
+    print(render_peers_table(list(reply.peers), now_ns=time.time_ns(), width=terminal_width(),
+                             title=f"{reply.status.get('name')} — peers"))
+    print(f"pending in outbox: {reply.status.get('pending')}")
+    known = NodeStats.__dataclass_fields__
+    stats = reply.status.get("stats") or {}
+    print(render_stats(NodeStats(**{k: v for k, v in stats.items() if k in known})))
     return EXIT_OK
 
 
@@ -261,6 +294,9 @@ def history_record(m: Any) -> dict[str, Any]:
 def cmd_history(args: argparse.Namespace) -> int:
     from meshpost.store import StoreReader
 
+    if args.n is not None and args.n < 1:
+        raise ConfigError(f"-n wants a whole number of messages, 1 or more, not {args.n}")
+
     with StoreReader.for_data_dir(_data_dir(args)) as reader:
         rows = reader.history(peer=args.peer, limit=args.n)
         known = reader.peers() if args.peer and not rows else []
@@ -279,22 +315,13 @@ def cmd_history(args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(records)
     else:
-        from rich.console import Console
-        from rich.table import Table
-        from rich.text import Text
+        from meshpost.text import render_history, terminal_width
 
-        from meshpost.console import clean
-
-        table = Table(title=f"history of {args.node}" + (f" with {args.peer}" if args.peer else ""))
-        for col in ("sender clock", "from → to", "body", "state", "delivered (receiver clock)"):
-            table.add_column(col, overflow="fold")
-        for r in records:
-            # Bodies are whatever a peer sent: plain text, never rich markup (a body such as
-            # "[/]" would stop the table with a MarkupError), control characters escaped (as
-            # in the console) so that a body cannot rewrite the terminal.
-            table.add_row(_fmt_time(r["sent_at_ns"]), Text(clean(f"{r['from']} → {r['to']}")),
-                          Text(clean(r["body"])), r["state"], _fmt_time(r["delivered_at_ns"]))
-        Console().print(table)
+        title = f"history of {args.node}" + (f" with {args.peer}" if args.peer else "")
+        # Bodies are whatever a peer sent: plain text, never markup, control characters
+        # escaped (as in the console), shortened unless -v.
+        print(render_history(rows, me=args.node, width=terminal_width(), verbose=args.verbose,
+                             title=title))
     return EXIT_OK
 
 
@@ -302,39 +329,84 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def _cluster_root(args: argparse.Namespace) -> Path:
-    if args.data:
-        return Path(args.data)
-    return default_data_dir("cluster").parent
+    from meshpost.cluster import default_cluster_root
+
+    return Path(args.data) if args.data else default_cluster_root()
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from meshpost.cluster import LocalCluster, stop_from_state
+    from meshpost import cluster as local
 
     root = _cluster_root(args)
-    if args.action == "up":
-        options = {"sync": args.sync} if args.sync else {}
-        extra = ["--secure"] if args.secure else []
-        cluster = LocalCluster.create(root, args.count, base_port=args.base_port,
-                                      transport=args.transport, options=options,
-                                      extra_args=extra)
-        if args.secure:
-            from meshpost.keys import generate_mesh_keys
-
-            generate_mesh_keys({n: cluster.data_dir(n) for n in cluster.names})
-        cluster.start()
-        state = cluster.save_state()
-        print(f"started {len(cluster.names)} nodes; config {cluster.config_path}; state {state}")
-        for name in cluster.names:
-            data = cluster.data_dir(name)
-            print(f"  {name}  {cluster.endpoints[name]}  pid {cluster.nodes[name].pid}")
-            print(f"      send:    meshpost send --node {name} --data {data} --to all 'hello'")
-            print(f"      attach:  meshpost attach --node {name} --data {data}")
-            print(f"      history: meshpost history --node {name} --data {data}")
-        print(f"stop with: meshpost cluster down --data {root}")
+    if args.action == "status":
+        return _cluster_status(root)
+    if args.action == "restart":
+        node = local.restart_from_state(root, args.name)
+        print(f"restarted {node.name}: pid {node.pid}, {node.endpoint}, ready")
         return EXIT_OK
-    outcome = stop_from_state(root)
-    for name, what in outcome.items():
-        print(f"  {name}: {what}")
+    if args.action == "down":
+        for name, what in local.stop_from_state(root).items():
+            print(f"  {name}: {what}")
+        return EXIT_OK
+    if args.replace:
+        with contextlib.suppress(ClusterNotRunning):
+            for name, what in local.stop_from_state(root).items():
+                print(f"  old {name}: {what}")
+    local.refuse_if_running(root)
+    options = {"sync": args.sync} if args.sync else {}
+    extra = ["--secure"] if args.secure else []
+    cluster = local.LocalCluster.create(root, args.count, base_port=args.base_port,
+                                        transport=args.transport, options=options,
+                                        extra_args=extra)
+    if args.secure:
+        from meshpost.keys import generate_mesh_keys
+
+        generate_mesh_keys({n: cluster.data_dir(n) for n in cluster.names})
+    try:
+        cluster.start()
+    except MeshpostError:
+        cluster.stop()  # all or nothing: no half cluster left running without a state file
+        raise
+    state = cluster.save_state()
+    for process in cluster.nodes.values():
+        process.detach()
+    mp, on_path = local.meshpost_command()
+    print(f"started {len(cluster.names)} nodes, each ready; config {cluster.config_path}; "
+          f"state {state}")
+    if not on_path:
+        print(f"(meshpost is not on your PATH: the commands below use its full path; or run "
+              f"`export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH`)")
+    for name in cluster.names:
+        data = shlex.quote(str(cluster.data_dir(name)))
+        print(f"  {name}  {cluster.endpoints[name]}  pid {cluster.nodes[name].pid}")
+        print(f"      send:    {mp} send --node {name} --data {data} --to all 'hello'")
+        print(f"      attach:  {mp} attach --node {name} --data {data}")
+        print(f"      history: {mp} history --node {name} --data {data}")
+    where = shlex.quote(str(root))
+    print(f"status: {mp} cluster status --data {where}   "
+          f"restart one: {mp} cluster restart NAME --data {where}")
+    print(f"stop with: {mp} cluster down --data {where}")
+    return EXIT_OK
+
+
+def _cluster_status(root: Path) -> int:
+    from rich.table import Table
+
+    from meshpost.cluster import cluster_status
+    from meshpost.text import render, terminal_width
+
+    nodes = cluster_status(root)
+    table = Table(title=f"cluster in {root}", title_justify="left")
+    for col in ("node", "pid", "state", "endpoint", "log"):
+        table.add_column(col, overflow="fold")
+    for n in nodes:
+        table.add_row(n.name, str(n.pid), n.state, n.endpoint, n.log)
+    print(render(table, terminal_width()))
+    down = [n.name for n in nodes if n.state != "ready"]
+    if down:
+        print(f"not ready: {', '.join(down)} (bring one back with `meshpost cluster restart "
+              f"NAME --data {shlex.quote(str(root))}`)", file=sys.stderr)
+        return EXIT_NOT_RUNNING
     return EXIT_OK
 
 
@@ -342,11 +414,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from meshpost import keys
 
     data_dir = _data_dir(args)
-    public = keys.generate(data_dir, overwrite=args.force)
+    if args.action == "show":
+        public = keys.load_public(data_dir)
+    else:
+        public = keys.generate(data_dir, overwrite=args.force)
     public_file, secret_file = keys.key_paths(data_dir)
-    print(f"{args.node} {public.decode('ascii')}")
-    print(f"public key: {public_file}\nsecret key: {secret_file} (mode 0600)", file=sys.stderr)
-    print(f"add the first line to every peer's {keys.AUTHORIZED_KEYS} file", file=sys.stderr)
+    line = keys.authorized_line(args.node, public)
+    print(line)
+    if args.action == "generate":
+        print(f"public key: {public_file}\nsecret key: {secret_file} (mode 0600)",
+              file=sys.stderr)
+    print(f"to trust {args.node}, add the line `{line}` (printed above on stdout) to every "
+          f"peer's {keys.AUTHORIZED_KEYS} file, in that peer's data dir", file=sys.stderr)
     return EXIT_OK
 
 
@@ -382,11 +461,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meshpost")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshpost",
         description="Brokerless messaging mesh: receipted, stored on both ends, clock-stamped.",
     )
+    parser.add_argument("--version", action="version", version=f"meshpost {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("node", help="run one node (console on a terminal, headless otherwise)")
@@ -425,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="whole message texts and ids in the table (shortened otherwise)")
     p.set_defaults(func=cmd_history)
 
     p = sub.add_parser("attach", help="console for a running (e.g. headless) node")
@@ -434,15 +526,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cluster", help="start or stop N local node processes")
     csub = p.add_subparsers(dest="action", required=True)
-    up = csub.add_parser("up")
+    up = csub.add_parser("up", help="start N nodes in the background and wait until each "
+                         "answers; exit 8 naming the ones that did not")
     up.add_argument("count", type=int)
     up.add_argument("--base-port", type=int)
     up.add_argument("--transport", choices=["tcp", "ipc"], default="tcp")
-    up.add_argument("--data", help="folder for the cluster (default: user data dir)")
+    up.add_argument("--data", help="folder for the cluster (default: the user data dir's "
+                    "meshpost/cluster, apart from nodes started by hand)")
     up.add_argument("--sync", choices=["full", "normal"])
     up.add_argument("--secure", action="store_true")
-    down = csub.add_parser("down")
+    up.add_argument("--replace", action="store_true",
+                    help="stop a cluster already running in that folder first")
+    down = csub.add_parser("down", help="stop the cluster's nodes")
     down.add_argument("--data")
+    status = csub.add_parser("status", help="each node: ready, not answering or stopped "
+                             "(exit 4 unless all are ready)")
+    status.add_argument("--data")
+    restart = csub.add_parser("restart", help="stop one node if it runs, start it again")
+    restart.add_argument("name")
+    restart.add_argument("--data")
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("keys", help="CURVE keys for --secure")
@@ -451,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--node", required=True)
     gen.add_argument("--data")
     gen.add_argument("--force", action="store_true", help="replace an existing key pair")
+    show = ksub.add_parser("show", help="print this node's authorized_keys line again")
+    show.add_argument("--node", required=True)
+    show.add_argument("--data")
     p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("demo", help="run a local mesh, send, verify both stores, exit")

@@ -1,7 +1,8 @@
 """Start and stop node processes: the `meshpost cluster` command, the demo, tests, benchmarks.
 
 Rule: readiness is observed, never assumed: a node counts as started when its control endpoint
-answers a status request; stopping is terminate, bounded wait, then kill.
+answers a status request; stopping is terminate, bounded wait, then kill. A pid from a state
+file counts only while /proc says it is still a meshpost node of that name.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,18 +22,54 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from meshpost.config import default_data_dir
 from meshpost.control import ControlClient, StatusRequest
-from meshpost.errors import ControlUnavailable, MeshpostError
+from meshpost.errors import (
+    ClusterAlreadyRunning,
+    ClusterError,
+    ClusterNotRunning,
+    ControlUnavailable,
+    MeshpostError,
+    NodeNotStarted,
+)
 
 STATE_FILE = "cluster.json"
 CONFIG_FILE = "mesh.toml"
 #: How long a node may take from spawn to answering its control endpoint.
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
+#: `cluster up`'s folder when no --data is given: beside, never inside, the per-name data dirs
+#: of nodes started by hand (`meshpost node A` keeps its data in .../meshpost/A).
+DEFAULT_CLUSTER_DIR = "cluster"
 
 
-class ClusterError(MeshpostError):
-    pass
+def default_cluster_root() -> Path:
+    """Where `meshpost cluster` keeps its config, state, logs and node data by default."""
+    return default_data_dir(DEFAULT_CLUSTER_DIR)
+
+
+def meshpost_command() -> tuple[str, bool]:
+    """(how to run `meshpost` from a shell, whether that is on PATH already)."""
+    script = Path(sys.executable).parent / "meshpost"
+    on_path = shutil.which("meshpost")
+    if on_path and script.exists() and Path(on_path).resolve() == script.resolve():
+        return "meshpost", True
+    if script.exists():
+        return shlex.quote(str(script)), False
+    return f"{shlex.quote(sys.executable)} -m meshpost", False
+
+
+def failure_reason(log_text: str) -> str:
+    """The line of a node's log that says why it stopped (the CLI prints `meshpost node: ...`
+    last; otherwise the last error line, otherwise the last line)."""
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("meshpost node:"):
+            return line.removeprefix("meshpost node:").strip()
+    for line in reversed(lines):
+        if " ERROR " in line or " CRITICAL " in line or "Error" in line:
+            return line
+    return lines[-1] if lines else "it wrote nothing to its log"
 
 
 def free_tcp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -137,14 +176,33 @@ class NodeProcess:
         while time.monotonic() < deadline:
             if not self.alive():
                 raise ClusterError(f"node {self.name} exited early:\n{self.log_tail()}")
-            with (
-                contextlib.suppress(ControlUnavailable),
-                ControlClient(self.data_dir, name=self.name) as client,
-            ):
-                if client.request(StatusRequest(), timeout_s=1.0).ok:
-                    return
-            time.sleep(0.05)
+            if not self._answers():
+                time.sleep(0.05)
+                continue
+            return
         raise ClusterError(f"node {self.name} not ready after {timeout_s}s:\n{self.log_tail()}")
+
+    def not_ready_reason(self, timeout_s: float = READY_TIMEOUT_S) -> str | None:
+        """Wait like `wait_ready`; None once ready, else why not (from the node's log)."""
+        try:
+            self.wait_ready(timeout_s)
+        except ClusterError:
+            why = failure_reason(self.log_tail(200))
+            if self.alive():
+                return f"no answer after {timeout_s:g}s ({why}); log {self.log_path}"
+            code = self.process.returncode if self.process is not None else None
+            return f"exited with code {code}: {why} (log {self.log_path})"
+        return None
+
+    def _answers(self) -> bool:
+        """True when this very process answers (not another node holding the data dir)."""
+        with (
+            contextlib.suppress(ControlUnavailable),
+            ControlClient(self.data_dir, name=self.name) as client,
+        ):
+            reply = client.request(StatusRequest(), timeout_s=1.0)
+            return bool(reply.ok and reply.status and reply.status.get("pid") == self.pid)
+        return False
 
     def cpu_seconds(self, timeout_s: float = 5.0) -> float:
         """CPU time the node process has used so far (all its threads), from its status."""
@@ -175,6 +233,10 @@ class NodeProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(STOP_TIMEOUT_S)
+        self._close_log()
+
+    def detach(self) -> None:
+        """Leave the node running on its own (`cluster up` exits): close our copy of its log."""
         self._close_log()
 
     def _close_log(self) -> None:
@@ -251,10 +313,17 @@ class LocalCluster:
         return node
 
     def start(self, names: Iterable[str] | None = None, *, wait: bool = True) -> None:
+        """Spawn the nodes; with `wait`, raise `NodeNotStarted` naming every node that did not
+        become ready and why (the ones that did keep running: the caller decides)."""
         started = [self.process(n).start() for n in (names or self.names)]
         if wait:
+            failures = {}
             for node in started:
-                node.wait_ready()
+                why = node.not_ready_reason()
+                if why is not None:
+                    failures[node.name] = why
+            if failures:
+                raise NodeNotStarted(failures)
 
     def restart(self, name: str) -> NodeProcess:
         old = self.nodes.pop(name, None)
@@ -275,6 +344,7 @@ class LocalCluster:
     def save_state(self) -> Path:
         state = {
             "config": str(self.config_path),
+            "extra_args": list(self.extra_args),
             "nodes": {n: {"pid": p.pid, "endpoint": self.endpoints[n],
                           "data": str(self.data_dir(n)), "log": str(p.log_path)}
                       for n, p in self.nodes.items()},
@@ -290,17 +360,111 @@ class LocalCluster:
         self.stop()
 
 
+def read_state(root: Path) -> dict[str, Any]:
+    """What `cluster up` recorded in `root`; `ClusterNotRunning` when nothing is."""
+    try:
+        state: dict[str, Any] = json.loads((root / STATE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ClusterNotRunning(str(root)) from None
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"cannot read {root / STATE_FILE}: {exc}; move it aside") from None
+    return state
+
+
+def is_node_process(pid: int, name: str) -> bool:
+    """True while `pid` runs `meshpost node NAME` (a recorded pid may have been reused)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # someone else's process: not one we started
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc: trust the pid
+    return b"meshpost" in b" ".join(argv) and b"node" in argv and name.encode() in argv
+
+
+def running_nodes(root: Path) -> list[str]:
+    """Names of the recorded nodes whose processes still run ([] when nothing is recorded)."""
+    try:
+        state = read_state(root)
+    except ClusterNotRunning:
+        return []
+    return [name for name, info in state["nodes"].items()
+            if is_node_process(int(info["pid"]), name)]
+
+
+def refuse_if_running(root: Path) -> None:
+    """`ClusterAlreadyRunning` when a cluster recorded in `root` still has a node running."""
+    alive = running_nodes(root)
+    if alive:
+        raise ClusterAlreadyRunning(str(root), alive)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeState:
+    """One recorded node as `cluster status` shows it."""
+
+    name: str
+    pid: int
+    endpoint: str
+    data: str
+    log: str
+    state: str  # "ready", "not answering" or "stopped"
+
+
+def cluster_status(root: Path) -> list[NodeState]:
+    """Each recorded node: running and answering its control endpoint, or not."""
+    state = read_state(root)
+    result = []
+    for name, info in state["nodes"].items():
+        pid = int(info["pid"])
+        what = "stopped"
+        if is_node_process(pid, name):
+            what = "not answering"
+            with (
+                contextlib.suppress(MeshpostError),
+                ControlClient(Path(info["data"]), name=name) as client,
+            ):
+                if client.request(StatusRequest(), timeout_s=2.0).ok:
+                    what = "ready"
+        result.append(NodeState(name, pid, info["endpoint"], info["data"], info["log"], what))
+    return result
+
+
+def restart_from_state(root: Path, name: str, timeout_s: float = STOP_TIMEOUT_S) -> NodeState:
+    """Stop node `name` of the cluster in `root` if it runs, start it again, wait until it is
+    ready, and record its new pid."""
+    state = read_state(root)
+    info = state["nodes"].get(name)
+    if info is None:
+        known = ", ".join(state["nodes"]) or "none"
+        raise ClusterError(f"the cluster in {root} has no node {name!r} (nodes: {known})")
+    pid = int(info["pid"])
+    if is_node_process(pid, name):
+        _stop_pid(pid, timeout_s)
+    node = NodeProcess(name, Path(state["config"]), Path(info["data"]), Path(info["log"]),
+                       extra_args=state.get("extra_args", ())).start()
+    why = node.not_ready_reason()
+    if why is not None:
+        node.stop()
+        raise NodeNotStarted({name: why})
+    node.detach()
+    info["pid"] = node.pid
+    (root / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+    return NodeState(name, node.pid, info["endpoint"], info["data"], info["log"], "ready")
+
+
 def stop_from_state(root: Path, timeout_s: float = STOP_TIMEOUT_S) -> dict[str, str]:
     """Stop the nodes `cluster up` recorded in `root`; return what happened to each."""
-    path = root / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ClusterError(f"no cluster is recorded in {root} (nothing to stop)") from None
+    state = read_state(root)
     outcome = {}
     for name, info in state["nodes"].items():
-        outcome[name] = _stop_pid(int(info["pid"]), timeout_s)
-    path.unlink()
+        pid = int(info["pid"])
+        outcome[name] = _stop_pid(pid, timeout_s) if is_node_process(pid, name) else "not running"
+    (root / STATE_FILE).unlink()
     return outcome
 
 
@@ -311,11 +475,23 @@ def _stop_pid(pid: int, timeout_s: float) -> str:
         return "not running"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _exists(pid):
             return "stopped"
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     return "killed"
+
+
+def _exists(pid: int) -> bool:
+    """False once `pid` is gone; a child of ours that exited is reaped here (a zombie would
+    still answer `kill 0`)."""
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -43,8 +43,11 @@ def validate_name(name: str) -> str:
     if name.lower() in RESERVED_NAMES:
         raise InvalidName(name, "reserved word")
     if not NAME_PATTERN.fullmatch(name):  # `match` would let "name\n" through `$`
+        ascii_only = "" if name.isascii() else "ASCII only: "
         raise InvalidName(
-            name, "use 1-63 letters, digits, '_', '.', '-', starting with a letter or digit"
+            name,
+            f"{ascii_only}use 1-63 letters A-Z a-z, digits, '_', '.', '-', starting with a "
+            "letter or digit",
         )
     return name
 
@@ -155,6 +158,11 @@ class NodeConfig:
             raise ConfigError("window_bytes must be at least 1")
         for group, members in self.groups.items():
             validate_name(group)
+            if group in names or group == self.name:
+                raise ConfigError(
+                    f"group {group!r} has the name of a node; `@{group}` would be ambiguous, "
+                    "rename the group"
+                )
             unknown = [m for m in members if m not in names and m != self.name]
             if unknown:
                 raise ConfigError(f"group {group!r} names unknown nodes {unknown}")

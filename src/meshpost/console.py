@@ -1,7 +1,8 @@
 """The interactive console of a running node: type `@B hello`, see receipts and arrivals live.
 
-Rule: parsing and rendering are pure functions of their arguments (text in, `Command` or text
-out); only `run_console` touches the terminal, the node and the store.
+Rule: parsing is a pure function (text in, `Command` out) and every line or table shown comes
+from `meshpost.text` (re-exported here); only `run_console` touches the terminal, the node and
+the store.
 """
 
 from __future__ import annotations
@@ -9,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import functools
-import io
 import logging
 import re
 from collections.abc import Callable, Coroutine, Sequence
@@ -24,17 +23,15 @@ from prompt_toolkit.application.current import create_app_session, get_app_sessi
 from prompt_toolkit.completion import WordCompleter
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.input import Input
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from prompt_toolkit.output import Output
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.renderer import print_formatted_text as render_formatted_text
 from prompt_toolkit.styles import Style
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from meshpost.clock import Clock
 from meshpost.config import NodeConfig
-from meshpost.errors import MeshpostError
+from meshpost.errors import MeshpostError, UnknownPeer
 from meshpost.node import (
     DeliveryRecorded,
     MessageReceived,
@@ -42,12 +39,25 @@ from meshpost.node import (
     NodeStats,
     Outgoing,
     PeerChanged,
+    PeerRefused,
     PeerStatus,
-    Receipt,
-    describe_error,
 )
-from meshpost.protocol import Envelope
 from meshpost.store import StoredMessage, StoreReader
+from meshpost.text import (
+    clean,
+    format_clock,
+    format_failure,
+    format_incoming,
+    format_peer_change,
+    format_pending,
+    format_queued,
+    format_receipt,
+    format_refused_by,
+    format_refused_peer,
+    render_history,
+    render_peers_table,
+    render_stats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +67,6 @@ RECEIPT_WAIT_S = 5.0
 DEFAULT_HISTORY_LIMIT = 20
 #: Upper bound for `/history -n N`, so a typo cannot load a whole database into the terminal.
 MAX_HISTORY_LIMIT = 100_000
-#: Rendered tables are never narrower than this, whatever the terminal reports.
-MIN_WIDTH = 60
 #: On exit, how long the console waits for its last lines to reach the terminal.
 PRINT_DRAIN_S = 2.0
 
@@ -89,6 +97,7 @@ class HistoryCommand:
 
     peer: str | None = None
     limit: int = DEFAULT_HISTORY_LIMIT
+    verbose: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -136,11 +145,13 @@ HELP_TEXT = """\
 @NAME text        send text to peer NAME (a group name or `all` sends to each member)
 text              send to the last recipient again
 /peers            peers: connection, last seen, round trip, clock offset, unacknowledged
-/history [PEER] [-n N]
-                  the last N stored messages (default 20), with sender and local clocks
+/history [PEER] [-n N] [-v]
+                  the last N stored messages (default 20), with sender and local clocks;
+                  -v shows whole texts and ids (long texts are shortened otherwise)
 /stats            the node's counters
 /help             this text
-/quit             leave (Ctrl-D and Ctrl-C too); queued messages are still delivered"""
+/quit             leave (Ctrl-D, or Ctrl-C on an empty line; Ctrl-C on a half-typed line
+                  clears it); queued messages are still delivered"""
 
 
 def parse_command(line: str) -> Command:
@@ -183,11 +194,14 @@ def _parse_slash(text: str) -> Command:
 def _parse_history(args: Sequence[str]) -> HistoryCommand:
     peer: str | None = None
     limit = DEFAULT_HISTORY_LIMIT
-    usage = "usage: /history [PEER] [-n N]"
+    verbose = False
+    usage = "usage: /history [PEER] [-n N] [-v]"
     rest = list(args)
     while rest:
         arg = rest.pop(0)
-        if arg.startswith("-n"):
+        if arg in ("-v", "--verbose"):
+            verbose = True
+        elif arg.startswith("-n"):
             value = arg[2:].removeprefix("=") or (rest.pop(0) if rest else "")
             if not value:
                 raise CommandError(f"-n needs a number of messages; {usage}")
@@ -206,181 +220,7 @@ def _parse_history(args: Sequence[str]) -> HistoryCommand:
                 raise CommandError(f"put the peer's name right after '@'; {usage}")
         else:
             raise CommandError(f"/history takes one peer, got {peer!r} and {arg!r}; {usage}")
-    return HistoryCommand(peer, limit)
-
-
-# -- rendering (pure) ----------------------------------------------------------------------
-
-#: Control characters a peer could use to rewrite the terminal; shown escaped instead.
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def clean(text: str) -> str:
-    """`text` safe to print: control and bidi-override characters shown as escapes."""
-    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
-def format_clock(ns: int, *, tz: datetime.tzinfo | None = None, date: bool = False) -> str:
-    """`HH:MM:SS.mmm` (with `date`, `YYYY-MM-DD ` first) of ns since the epoch, in `tz`."""
-    seconds, rem = divmod(ns, 1_000_000_000)
-    try:
-        moment = datetime.datetime.fromtimestamp(seconds, tz)
-    except (OverflowError, OSError, ValueError):
-        return f"<{ns} ns>"
-    shown = moment.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S")
-    return f"{shown}.{rem // 1_000_000:03d}"
-
-
-def _ms(ns: int) -> str:
-    return f"{ns / 1e6:.1f} ms"
-
-
-def _indent(body: str) -> str:
-    return clean(body).replace("\n", "\n    ")
-
-
-def format_incoming(message: Envelope, *, tz: datetime.tzinfo | None = None) -> str:
-    """`[HH:MM:SS.mmm sender-clock] A → me: text` for a message that arrived."""
-    stamp = format_clock(message.sent_at_ns, tz=tz)
-    return f"[{stamp} sender-clock] {clean(message.sender)} → me: {_indent(message.body)}"
-
-
-def format_pending(me: str, handles: Sequence[Outgoing]) -> str:
-    """`… A → B: text (pending)`: stored in the outbox, no receipt yet."""
-    if not handles:
-        return "… nobody to send to"
-    to = ", ".join(h.to for h in handles)
-    return f"… {me} → {to}: {_indent(handles[0].body)} (pending)"
-
-
-def format_receipt(receipt: Receipt, *, tz: datetime.tzinfo | None = None) -> str:
-    """`✓ delivered to B at <receiver clock>`, with the round trip on our clock."""
-    at = format_clock(receipt.delivered_at_ns, tz=tz)
-    took = receipt.recorded_at_ns - receipt.sent_at_ns
-    return f"✓ delivered to {receipt.to} at {at} {receipt.to}-clock ({_ms(took)} after sending)"
-
-
-def format_queued(peer: str, *, waited_s: float | None = None) -> str:
-    """`… queued, B unreachable`: the message waits in the outbox and is delivered later."""
-    why = "not connected" if waited_s is None else f"no receipt within {waited_s:g}s"
-    return f"… queued, {peer} unreachable ({why}); it will be delivered when {peer} is back"
-
-
-def format_failure(exc: BaseException) -> str:
-    """`✗ reason` for an error the user should see."""
-    return f"✗ {describe_error(exc)}"
-
-
-def format_peer_change(event: PeerChanged) -> str:
-    """One line for a peer that connected, went silent or refused us."""
-    if event.connected:
-        return f"● {event.peer} connected"
-    if event.detail.startswith("refused"):
-        return f"✗ {event.peer} {clean(event.detail)}"
-    if event.detail.startswith("left"):
-        return f"○ {event.peer} left ({clean(event.detail.removeprefix('left: '))})"
-    return f"○ {event.peer} lost ({clean(event.detail)})"
-
-
-def _render(renderable: Table, width: int) -> str:
-    out = io.StringIO()
-    console = Console(
-        file=out, width=max(width, MIN_WIDTH), color_system=None, force_terminal=False,
-        force_jupyter=False, force_interactive=False, markup=False, emoji=False,
-        highlight=False, legacy_windows=False, no_color=True,
-    )
-    console.print(renderable)
-    return "\n".join(line.rstrip() for line in out.getvalue().rstrip("\n").splitlines())
-
-
-def _ago(now_ns: int, then_ns: int | None) -> str:
-    if then_ns is None:
-        return "never"
-    seconds = max(now_ns - then_ns, 0) / 1e9
-    if seconds < 60:
-        return f"{seconds:.1f}s ago"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m ago"
-    return f"{seconds / 3600:.1f}h ago"
-
-
-def _peer_state(peer: PeerStatus) -> str:
-    if peer.connected:
-        return "connected"
-    if peer.refusal:
-        return f"refused ({peer.refusal})"
-    return f"unreachable ({peer.state})"
-
-
-def render_peers_table(peers: Sequence[PeerStatus], *, now_ns: int, width: int = 100) -> str:
-    """The `/peers` table; `now_ns` (our wall clock) dates "last seen"."""
-    if not peers:
-        return "no peers configured"
-    table = Table(title="peers", title_justify="left")
-    for column in ("peer", "endpoint", "state", "last seen"):
-        table.add_column(column, overflow="fold")
-    for column in ("rtt ms", "offset ms", "unacked"):
-        table.add_column(column, justify="right")
-    for p in peers:
-        table.add_row(
-            Text(p.name), Text(p.endpoint), Text(clean(_peer_state(p))),
-            Text(_ago(now_ns, p.last_seen_ns)),
-            Text("-" if p.rtt_ns is None else f"{p.rtt_ns / 1e6:.2f}"),
-            Text("-" if p.offset_ns is None else f"{p.offset_ns / 1e6:+.2f}"),
-            Text(str(p.unacknowledged)),
-        )
-    return _render(table, width)
-
-
-def _history_state(row: StoredMessage, tz: datetime.tzinfo | None) -> str:
-    match row.direction, row.state:
-        case "out", "delivered" if row.receipt_stored_at_ns is not None:
-            return f"✓ {format_clock(row.receipt_stored_at_ns, tz=tz)} {row.peer}-clock"
-        case "out", "rejected":
-            return f"✗ rejected: {clean(row.reject_reason or '')}"
-        case "out", "pending":
-            return "… pending"
-        case "in", "received":
-            return "received"
-        case _:
-            return clean(row.state)
-
-
-def render_history(
-    rows: Sequence[StoredMessage], *, me: str, tz: datetime.tzinfo | None = None,
-    width: int = 100,
-) -> str:
-    """The `/history` table: sender clock, local stored clock, direction, body, state."""
-    if not rows:
-        return "no messages yet"
-    table = Table(title=f"history of {me} (oldest first)", title_justify="left")
-    table.add_column("sent (sender clock)", no_wrap=True)
-    table.add_column("stored (local)", no_wrap=True)
-    table.add_column("route", no_wrap=True)
-    table.add_column("message", overflow="fold")
-    table.add_column("state", overflow="fold")
-    day = ""
-    for row in rows:
-        stored_day = format_clock(row.stored_at_ns, tz=tz, date=True).partition(" ")[0]
-        if stored_day != day:
-            day = stored_day
-            table.add_row(Text(day, style="bold"), "", "", "", "")
-        if row.direction == "in":
-            route = f"{clean(row.sender)} → me"
-        else:
-            route = f"me → {clean(row.recipient)}"
-        table.add_row(
-            Text(format_clock(row.sent_at_ns, tz=tz)), Text(format_clock(row.stored_at_ns, tz=tz)),
-            Text(route), Text(clean(row.body)), Text(_history_state(row, tz)),
-        )
-    return _render(table, width)
-
-
-def render_stats(stats: NodeStats) -> str:
-    """`/stats`: one `name value` line per counter."""
-    fields = dataclasses.fields(stats)
-    pad = max(len(f.name) for f in fields)
-    return "\n".join(f"{f.name:<{pad}}  {getattr(stats, f.name)}" for f in fields)
+    return HistoryCommand(peer, limit, verbose)
 
 
 # -- the running console -------------------------------------------------------------------
@@ -478,6 +318,8 @@ class _Console:
         self.receipt_wait_s = receipt_wait_s
         self.last_target: str | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        #: The last line shown for each peer's connection state.
+        self.peer_lines: dict[str, str] = {}
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -498,6 +340,22 @@ class _Console:
         except Exception:  # an output that cannot tell its size: any width will do
             return 100
 
+    def show_current_peers(self) -> None:
+        """Print each peer's state now (called right after subscribing), so a peer that
+        connected before the console started is shown too; `watch` skips repeats."""
+        for peer in self.node.peers():
+            if peer.connected:
+                self.show_peer_change(PeerChanged(peer.name, True, "connected"))
+            elif peer.refusal:
+                self.show_peer_change(PeerChanged(peer.name, False, f"refused: {peer.refusal}"))
+
+    def show_peer_change(self, event: PeerChanged) -> None:
+        shown = format_peer_change(event)
+        if self.peer_lines.get(event.peer) == shown:
+            return  # the snapshot at start and the event that follows it say the same
+        self.peer_lines[event.peer] = shown
+        self.print(shown)
+
     async def watch(self, events: asyncio.Queue[NodeEvent]) -> None:
         """Print what the node reports: arrivals and peer changes."""
         while True:
@@ -507,7 +365,9 @@ class _Console:
                     case MessageReceived(message=message):
                         self.print(format_incoming(message))
                     case PeerChanged():
-                        self.print(format_peer_change(event))
+                        self.show_peer_change(event)
+                    case PeerRefused(who=who, detail=detail):
+                        self.print(format_refused_peer(who, detail))
                     case DeliveryRecorded():
                         pass  # our own sends print their receipt from their handle
                     case _:
@@ -526,9 +386,9 @@ class _Console:
                 except TimeoutError:
                     self.print(format_queued(handle.to, waited_s=self.receipt_wait_s))
                 else:
-                    self.print(format_receipt(receipt))
+                    self.print(format_receipt(receipt, body=handle.body))
                     return
-            self.print(format_receipt(await asyncio.shield(receipt_f)))
+            self.print(format_receipt(await asyncio.shield(receipt_f), body=handle.body))
         except MeshpostError as exc:
             self.print(format_failure(exc))
 
@@ -542,13 +402,17 @@ class _Console:
             case PeersCommand():
                 self.print(render_peers_table(self.node.peers(), now_ns=self.node.clock.wall_ns(),
                                               width=self.width))
-            case HistoryCommand(peer=peer, limit=limit):
+            case HistoryCommand(peer=peer, limit=limit, verbose=verbose):
                 rows = await asyncio.to_thread(read_history, self.node.config.data_dir, peer,
                                                limit)
                 if not rows and peer is not None:
+                    known = self.node.config.peer_names
+                    if peer not in known:
+                        raise UnknownPeer(peer, known)
                     self.print(f"no messages with {clean(peer)}")
                 else:
-                    self.print(render_history(rows, me=self.node.name, width=self.width))
+                    self.print(render_history(rows, me=self.node.name, width=self.width,
+                                              verbose=verbose))
             case StatsCommand():
                 self.print(render_stats(self.node.snapshot_stats()))
             case HelpCommand():
@@ -572,13 +436,17 @@ class _Console:
         if not recipients:
             self.print(f"{clean(target)} names no other node; nothing sent")
             return
-        connected = {p.name for p in node.peers() if p.connected}
+        peers = node.peers()
+        connected = {p.name for p in peers if p.connected}
+        refusals = {p.name: p.refusal for p in peers if p.refusal}
         handles = await node.post(target, body)
         self.last_target = target
         self.print(format_pending(node.name, handles))
         for handle in handles:
             announced = handle.to not in connected
-            if announced:
+            if handle.to in refusals:
+                self.print(format_refused_by(handle.to, refusals[handle.to]))
+            elif announced:
                 self.print(format_queued(handle.to))
             self.spawn(self.follow(handle, announced=announced))
 
@@ -591,6 +459,21 @@ class _Console:
         names = ["@all", *(f"@{n}" for n in config.peer_names), *(f"@{g}" for g in config.groups)]
         commands = ["/peers", "/history", "/stats", "/help", "/quit"]
         return WordCompleter([*names, *commands], sentence=True)
+
+
+def _key_bindings() -> KeyBindings:
+    """Ctrl-C as in a shell: clears a half-typed line; on an empty line it leaves."""
+    bindings = KeyBindings()
+
+    @bindings.add("c-c")
+    def _interrupt(event: KeyPressEvent) -> None:
+        buffer = event.app.current_buffer
+        if buffer.text:
+            buffer.reset()
+        else:
+            event.app.exit(exception=KeyboardInterrupt, style="class:aborting")
+
+    return bindings
 
 
 async def run_console(
@@ -614,12 +497,14 @@ async def run_console(
         try:
             if printer is None:
                 printing = asyncio.create_task(terminal.run(), name="console-printer")
-            console.spawn(console.watch(events))
             session: PromptSession[str] = PromptSession(
-                completer=console.completer(), complete_while_typing=False
+                completer=console.completer(), complete_while_typing=False,
+                key_bindings=_key_bindings(),
             )
             with patch_stdout(raw=True):
                 console.print(f"meshpost console of {node.name}; /help for commands")
+                console.show_current_peers()
+                console.spawn(console.watch(events))
                 while True:
                     try:
                         line = await session.prompt_async(console.prompt_text)

@@ -6,10 +6,11 @@ the stores read-only), so what it proves is what a user gets.
 
 from __future__ import annotations
 
-import concurrent.futures
+import queue
 import random
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from rich.table import Table
 from meshpost.cluster import LocalCluster
 from meshpost.control import ControlClient, SendRequest, SendResult
 from meshpost.store import StoreReader
+from meshpost.text import format_clock
 from meshpost.verify import verify_stores
 
 RECEIPT_TIMEOUT_S = 15.0
@@ -26,9 +28,7 @@ WORDS = ("hola", "hello", "aloha", "buenos días", "bonjour", "ciao", "olá", "h
 
 
 def _fmt_ns(ns: int | None) -> str:
-    if ns is None:
-        return "-"
-    return time.strftime("%H:%M:%S", time.localtime(ns / 1e9)) + f".{ns // 1_000_000 % 1000:03d}"
+    return "-" if ns is None else format_clock(ns)
 
 
 def _send(cluster: LocalCluster, sender: str, target: str, body: str) -> list[SendResult]:
@@ -40,12 +40,57 @@ def _send(cluster: LocalCluster, sender: str, target: str, body: str) -> list[Se
     return reply.sent
 
 
+Outcome = tuple[str, str, list[SendResult] | BaseException]
+
+
+def _send_all(cluster: LocalCluster, plan: list[tuple[str, str, str]],
+              workers: int) -> queue.Queue[Outcome]:
+    """Send the plan from `workers` daemon threads; outcomes arrive on the returned queue.
+
+    Daemon threads, not a thread pool: on Ctrl-C the demo stops at once, where a pool would
+    first wait for every send in flight (each up to RECEIPT_TIMEOUT_S).
+    """
+    todo: queue.Queue[tuple[str, str, str]] = queue.Queue()
+    for item in plan:
+        todo.put(item)
+    done: queue.Queue[Outcome] = queue.Queue()
+
+    def work() -> None:
+        while True:
+            try:
+                sender, target, body = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((sender, body, _send(cluster, sender, target, body)))
+            except Exception as exc:  # reported by the main thread, which re-raises it
+                done.put((sender, body, exc))
+
+    for _ in range(workers):
+        threading.Thread(target=work, daemon=True, name="demo-send").start()
+    return done
+
+
 def run_demo(*, nodes: int = 5, messages: int = 20, root: Path | None = None,
              secure: bool = False, seed: int = 4) -> int:
-    """Run the demo; return 0 when every message is receipted and stored on both ends."""
+    """Run the demo; return 0 when every message is receipted and stored on both ends, 130
+    when interrupted (Ctrl-C: the nodes are stopped and a temporary folder removed)."""
     console = Console(highlight=False)
     keep = root is not None
     root = root or Path(tempfile.mkdtemp(prefix="meshpost-demo-"))
+    try:
+        return _run_demo(console, nodes, messages, root, secure, seed, keep=keep)
+    except KeyboardInterrupt:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+        where = (f"its files are kept in {root}" if keep
+                 else f"its temporary folder {root} is removed")
+        console.print(f"\n[yellow]demo stopped (Ctrl-C)[/]: every node is stopped; {where}")
+        return 130
+
+
+def _run_demo(console: Console, nodes: int, messages: int, root: Path, secure: bool,
+              seed: int, *, keep: bool) -> int:
     rng = random.Random(seed)
     extra = ["--secure"] if secure else []
     cluster = LocalCluster.create(root, nodes, extra_args=extra)
@@ -70,22 +115,23 @@ def run_demo(*, nodes: int = 5, messages: int = 20, root: Path | None = None,
         plan.append((broadcaster, "all", f"broadcast from {broadcaster} to everyone"))
         console.print(f"\nsending {messages} messages between random pairs and one broadcast, "
                       "from every node at once:\n")
-        with concurrent.futures.ThreadPoolExecutor(max_workers=nodes) as pool:
-            futures = {pool.submit(_send, cluster, s, t, b): (s, b) for s, t, b in plan}
-            for future in concurrent.futures.as_completed(futures):
-                sender, body = futures[future]
-                for r in future.result():
-                    results.append((sender, body, r))
-                    if r.delivered:
-                        console.print(
-                            f"  [green]✓[/] {sender} → {r.to}  {body!r}  "
-                            f"sent {_fmt_ns(r.sent_at_ns)}"
-                            f" (sender clock), stored by {r.to} at {_fmt_ns(r.delivered_at_ns)}"
-                            f" (its clock, sync={r.sync})"
-                        )
-                    else:
-                        console.print(f"  [red]✗[/] {sender} → {r.to}  {body!r}: "
-                                      f"{r.error or 'no receipt in time'}")
+        outcomes = _send_all(cluster, plan, nodes)
+        for _ in plan:
+            sender, body, outcome = outcomes.get(timeout=RECEIPT_TIMEOUT_S + 30)
+            if isinstance(outcome, BaseException):
+                raise outcome
+            for r in outcome:
+                results.append((sender, body, r))
+                if r.delivered:
+                    console.print(
+                        f"  [green]✓[/] {sender} → {r.to}  {body!r}  "
+                        f"sent {_fmt_ns(r.sent_at_ns)}"
+                        f" (sender clock), stored by {r.to} at {_fmt_ns(r.delivered_at_ns)}"
+                        f" (its clock, sync={r.sync})"
+                    )
+                else:
+                    console.print(f"  [red]✗[/] {sender} → {r.to}  {body!r}: "
+                                  f"{r.error or 'no receipt in time'}")
     finally:
         exit_codes = cluster.stop()
     console.print(f"\nall nodes stopped: exit codes {exit_codes}\n")

@@ -190,3 +190,66 @@ class MessageRejected(MeshpostError):
         self.message_id = message_id
         self.to = to
         self.code = code
+
+
+# --- local clusters and exit codes of their own -------------------------------------------
+
+#: Exit code of `meshpost` when an endpoint to bind is taken by another process.
+EXIT_ADDRESS_IN_USE = 7
+#: Exit code of `meshpost cluster up/restart` when a node did not become ready.
+EXIT_NODE_NOT_STARTED = 8
+
+
+class NoStore(StoreError):
+    """A data dir holds no meshpost database: the node never ran there (or it is elsewhere)."""
+
+    exit_code = 4  # as "not running": there is no such node here, nothing is broken
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"no meshpost database at {path}; has this node ever run? (give --data DIR if it "
+            "keeps its data elsewhere)"
+        )
+        self.path = path
+
+
+class ClusterError(MeshpostError):
+    """`meshpost cluster` could not do what was asked."""
+
+
+class ClusterNotRunning(ClusterError):
+    exit_code = 4
+
+    def __init__(self, root: str) -> None:
+        super().__init__(
+            f"no cluster is running in {root} (nothing recorded there); start one with "
+            f"`meshpost cluster up N --data {root}`"
+        )
+        self.root = root
+
+
+class ClusterAlreadyRunning(ClusterError):
+    exit_code = 2
+
+    def __init__(self, root: str, names: list[str]) -> None:
+        super().__init__(
+            f"a cluster already runs in {root} (nodes {', '.join(names)}); stop it with "
+            f"`meshpost cluster down --data {root}`, pass --replace to stop it and start "
+            "a new one, or pick another --data folder"
+        )
+        self.root = root
+        self.names = names
+
+
+class NodeNotStarted(ClusterError):
+    """Nodes that did not answer on their control endpoint, each with the reason its log
+    gives; the cluster stopped the others it had started."""
+
+    exit_code = EXIT_NODE_NOT_STARTED
+
+    def __init__(self, failures: dict[str, str]) -> None:
+        lines = [f"  {name}: {why}" for name, why in failures.items()]
+        super().__init__(
+            f"{len(failures)} node(s) did not start:\n" + "\n".join(lines)
+        )
+        self.failures = failures

@@ -40,6 +40,23 @@ def generate(data_dir: Path, *, overwrite: bool = False) -> bytes:
     return public
 
 
+def load_public(data_dir: Path) -> bytes:
+    """The node's public key (Z85), read again from its key file (nothing is replaced)."""
+    public_file, _ = key_paths(data_dir)
+    if not public_file.exists():
+        raise ConfigError(
+            f"no CURVE key in {public_file.parent}; create one with "
+            "`meshpost keys generate --node NAME`"
+        )
+    public, _ = zmq.auth.load_certificate(public_file)
+    return public
+
+
+def authorized_line(name: str, public: bytes) -> str:
+    """The `NAME Z85KEY` line that peers add to their `authorized_keys` to trust this node."""
+    return f"{name} {public.decode('ascii')}"
+
+
 def load_own(data_dir: Path) -> tuple[bytes, bytes]:
     """(secret, public) key of the node in `data_dir`."""
     _, secret_file = key_paths(data_dir)

@@ -50,6 +50,8 @@ from meshpost.protocol import (
     PeerDeparted,
     PeerLeft,
     PeerLost,
+    Refuse,
+    RefuseCode,
     ViolationDetected,
     decode,
     encode,
@@ -71,6 +73,11 @@ _MIN_TICK_S = 0.002
 _MAX_TICK_S = 0.25
 #: Subscriber queues (console, control tail) drop their oldest events past this many.
 SUBSCRIBER_QUEUE = 10_000
+#: A connection we refuse is told to subscribers at most this often per routing id: a refused
+#: dialer asks again every 10 s, and a peer's Hellos must not cost the console a line each.
+REFUSAL_NOTICE_INTERVAL_S = 60.0
+#: Routing ids whose last refusal notice is remembered (bounded: ids are the peer's choice).
+REFUSAL_NOTICE_MEMORY = 256
 #: How long `close()` waits for the last batch to commit.
 CLOSE_FLUSH_TIMEOUT_S = 10.0
 
@@ -193,7 +200,16 @@ class PeerChanged:
     detail: str
 
 
-NodeEvent = MessageReceived | DeliveryRecorded | PeerChanged
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerRefused:
+    """We refused a connection's handshake: `who` is the routing id it chose (not proof)."""
+
+    who: str
+    code: str
+    detail: str
+
+
+NodeEvent = MessageReceived | DeliveryRecorded | PeerChanged | PeerRefused
 
 
 @dataclasses.dataclass(slots=True)
@@ -290,6 +306,7 @@ class Node:
         self._feed_wakeup = asyncio.Event()
         self._backlog_epoch: dict[str, int] = {}
         self._subscribers: list[asyncio.Queue[NodeEvent]] = []
+        self._refusal_notices: dict[str, float] = {}
         self._delivered_changed = asyncio.Event()
         self._closed = False
         self._started = False
@@ -626,10 +643,14 @@ class Node:
                     rtt_ns=link.offset.rtt_ns,
                     offset_ns=link.offset.offset_ns,
                     unacknowledged=link.unacknowledged,
-                    refusal=link.refusal,
+                    refusal=link.refusal or self._handshake_failure(peer.name),
                 )
             )
         return result
+
+    def _handshake_failure(self, peer: str) -> str | None:
+        transport = self._transport
+        return transport.handshake_failure(peer) if transport is not None else None
 
     def snapshot_stats(self) -> NodeStats:
         if self._writer is not None:
@@ -786,6 +807,8 @@ class Node:
         replies = listener.receive(who, data, self.clock.wall_ns(), self.hlc.last)
         for frame in replies:
             transport.reply(identity, encode(frame))
+            if type(frame) is Refuse and frame.code != RefuseCode.HELLO_REQUIRED:
+                self._notice_refusal(who, frame)
         for event in listener.events():
             if isinstance(event, MessagesArrived):
                 self._store_incoming(identity, event)
@@ -797,6 +820,19 @@ class Node:
             transport.pause_inbound()
             self._tasks.append(asyncio.create_task(self._resume_inbound_when_room(),
                                                    name=f"{self.name}-inbound-room"))
+
+    def _notice_refusal(self, who: str, frame: Refuse) -> None:
+        """Tell subscribers whom we refused and why, once per REFUSAL_NOTICE_INTERVAL_S."""
+        now = self.clock.monotonic()
+        last = self._refusal_notices.get(who)
+        if last is not None and now - last < REFUSAL_NOTICE_INTERVAL_S:
+            return
+        if last is None and len(self._refusal_notices) >= REFUSAL_NOTICE_MEMORY:
+            self._refusal_notices.pop(next(iter(self._refusal_notices)))
+        self._refusal_notices[who] = now
+        log.warning("[%s] refused a connection from %r (%s): %s", self.name, who, frame.code,
+                    frame.detail)
+        self._publish(PeerRefused(who, frame.code, frame.detail))
 
     async def _resume_inbound_when_room(self) -> None:
         assert self._writer is not None
@@ -989,6 +1025,7 @@ __all__ = [
     "NodeStats",
     "Outgoing",
     "PeerChanged",
+    "PeerRefused",
     "PeerStatus",
     "Receipt",
     "describe_error",

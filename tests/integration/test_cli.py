@@ -151,7 +151,8 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         done = meshpost("node", "A", "--bind", f"tcp://127.0.0.1:{port}", "--data",
                         str(tmp_path / "A"), "--headless")
-    assert done.returncode == 2 or done.returncode == 1
+    # Issue 17 item 7: a port in use has its own exit code (it was 1, an "internal error").
+    assert done.returncode == 7, done.stderr
     assert "cannot bind" in done.stderr
     assert "in use" in done.stderr.lower()
 

@@ -178,3 +178,44 @@ def test_no_authenticator_means_no_traffic(tmp_path: Path) -> None:
             transport.close()
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_keys_show_prints_the_line_again_and_a_failed_handshake_says_why(
+    short_tmp: Path,
+) -> None:
+    """Issue 17 item 11: `keys show` replaces nothing; a sender whose key the receiver does
+    not accept (or who holds a stale key of the receiver) is told why, from libzmq's socket
+    monitor, not only "no receipt"."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def meshpost(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "meshpost", *args], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL,
+                              env=dict(os.environ))
+
+    cluster = LocalCluster.create(short_tmp, 2, transport="tcp", extra_args=["--secure"])
+    publics = keys.generate_mesh_keys({n: cluster.data_dir(n) for n in cluster.names})
+    data_a = str(cluster.data_dir("A"))
+    shown = meshpost("keys", "show", "--node", "A", "--data", data_a)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == f"A {publics['A'].decode()}"
+    assert "add the line `A " in shown.stderr
+    assert keys.load_public(cluster.data_dir("A")) == publics["A"], "show replaces nothing"
+    # A gets a new key that B does not know; B still holds A's old key for dialing A.
+    regenerated = meshpost("keys", "generate", "--node", "A", "--data", data_a, "--force")
+    assert regenerated.returncode == 0, regenerated.stderr
+    cluster.start()
+    try:
+        sent = meshpost("send", "--node", "A", "--data", data_a, "--to", "B", "--timeout",
+                        "3", "hello?")
+        assert sent.returncode == 3
+        assert "B: handshake refused" in sent.stderr and "does not accept" in sent.stderr
+        peers_b = meshpost("peers", "--node", "B", "--data", str(cluster.data_dir("B")),
+                           "--json")
+        (a_seen_by_b,) = json.loads(peers_b.stdout)["peers"]
+        assert "handshake failed" in (a_seen_by_b["refusal"] or "")
+    finally:
+        cluster.stop()

@@ -427,3 +427,17 @@ def test_a_group_flag_is_name_equals_members() -> None:
 
 def test_unique_keeps_the_first_of_each_in_order() -> None:
     assert unique(["b", "a", "b", "c", "a"]) == ["b", "a", "c"]
+
+
+def test_a_non_ascii_name_is_refused_saying_ascii_only() -> None:
+    # Issue 17 item 16.
+    with pytest.raises(InvalidName, match="ASCII only"):
+        validate_name("José")
+
+
+def test_a_group_named_like_a_node_is_refused(tmp_path: Path) -> None:
+    # Issue 17 item 16: `@B` must name one thing.
+    with pytest.raises(ConfigError, match="group 'B' has the name of a node"):
+        NodeConfig(name="A", bind=("tcp://127.0.0.1:5555",),
+                   peers=(PeerConfig("B", "tcp://127.0.0.1:5556"),),
+                   data_dir=tmp_path, groups={"B": ("B",)})

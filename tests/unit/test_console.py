@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import io
 import re
@@ -51,6 +52,7 @@ from meshpost.node import (
     NodeStats,
     Outgoing,
     PeerChanged,
+    PeerRefused,
     PeerStatus,
     Receipt,
 )
@@ -212,9 +214,16 @@ def receipt(to: str = "B", *, delivered_at_ns: int = T0 + 250 * MS) -> Receipt:
 
 
 def test_format_receipt_shows_the_receiver_clock() -> None:
+    # Issue 17 item 13: the line also names the message it receipts (short id, first words).
     assert format_receipt(receipt(), tz=UTC) == (
-        "✓ delivered to B at 22:13:20.250 B-clock (3.0 ms after sending)"
+        "✓ delivered to B at 22:13:20.250 B-clock (3.0 ms after sending) #m1"
     )
+
+
+def test_format_receipt_names_the_message_by_short_id_and_first_words() -> None:
+    r = dataclasses.replace(receipt(), message_id="0190abcdef12" + "00000000001a2b3c")
+    line = format_receipt(r, body="the quarterly numbers are in " + "x" * 100, tz=UTC)
+    assert line.endswith("#1a2b3c 'the quarterly numbers are in…'")
 
 
 def test_format_queued() -> None:
@@ -573,8 +582,9 @@ def test_peers_stats_help_and_history(node: FakeNode, tmp_path: Path) -> None:
         assert "stored for C" not in table
         assert "me → B" in table
         assert "… pending" in table
+        # Issue 17 item 16: a name that is no peer at all is said to be unknown.
         d.type("/history nobody\n")
-        await d.printed("no messages with nobody")
+        await d.printed(r"✗ unknown peer 'nobody'; known peers: B, C")
         d.type("/quit\n")
 
     drive(node, scenario)
@@ -635,3 +645,111 @@ def test_default_printer_writes_above_the_prompt_in_order(node: FakeNode) -> Non
     positions = [text.index(line) for line in order]
     assert positions == sorted(positions), text
     assert re.search(r"\x1b\[[0-9;]*32m✓ delivered", screen.getvalue()), "receipts are green"
+
+
+# -- issue 17: console polish ------------------------------------------------------------------
+
+
+def test_peers_connected_before_the_console_started_are_shown_once(node: FakeNode) -> None:
+    node.connected = {"B"}
+
+    async def scenario(d: Driver) -> None:
+        await d.printed("● B connected")
+        # The event that may follow the snapshot says nothing new: not shown twice.
+        node.publish(PeerChanged("B", True, "connected"))
+        node.publish(PeerChanged("C", True, "connected"))
+        await d.printed("● C connected")
+        d.type("/quit\n")
+
+    d = drive(node, scenario)
+    assert d.lines.count("● B connected") == 1
+    assert d.lines.index("● B connected") < d.lines.index("● C connected")
+
+
+def test_ctrl_c_clears_a_half_typed_line_and_leaves_on_an_empty_one(node: FakeNode) -> None:
+    async def scenario(d: Driver) -> None:
+        await d.printed("/help for commands")
+        d.type("@B never sent")
+        d.type("\x03")
+        d.type("@B sent\n")
+        await d.printed("pending")
+        d.type("\x03")
+
+    drive(node, scenario)
+    assert node.posted == [("B", "sent")]
+
+
+def test_delivery_line_names_the_message_it_receipts(node: FakeNode) -> None:
+    async def scenario(d: Driver) -> None:
+        d.type("@B first words of a long message that goes on and on and on and on and on\n")
+        await d.printed("pending")
+        node.deliver(node.handles[0])
+        line = await d.printed("✓")
+        assert line.endswith("#m1 'first words of a long message…'"), line
+        d.type("/quit\n")
+
+    drive(node, scenario)
+
+
+def test_a_peer_that_refuses_us_is_shown_as_a_refusal_not_a_queue(node: FakeNode) -> None:
+    node.connected = {"B"}
+    refused = peer_status("C", connected=False, refusal="unknown-peer: 'A' is not a peer of 'C'")
+    node.peers = lambda: [peer_status("B"), refused]  # type: ignore[method-assign]
+
+    async def scenario(d: Driver) -> None:
+        d.type("@C hello\n")
+        line = await d.printed("✗ C refuses us")
+        assert "'A' is not a peer of 'C'" in line
+        d.type("/quit\n")
+
+    d = drive(node, scenario)
+    assert not any("queued" in line for line in d.lines)
+
+
+def test_the_receiver_says_whom_it_refused_and_why(node: FakeNode) -> None:
+    async def scenario(d: Driver) -> None:
+        await d.printed("/help for commands")
+        node.publish(PeerRefused("Z", "unknown-peer", "'Z' is not a peer of 'A'"))
+        line = await d.printed("refused a connection")
+        assert line == "✗ refused a connection from 'Z': 'Z' is not a peer of 'A'"
+        d.type("/quit\n")
+
+    drive(node, scenario)
+
+
+def test_history_shortens_long_bodies_and_v_shows_them_whole(
+    node: FakeNode, tmp_path: Path
+) -> None:
+    long_body = "word " * 60 + "END"
+    store = Store.open(tmp_path, name="A")
+    store.apply(WriteBatch(outgoing=[Envelope("m1", 1, "A", "B", long_body, T0, T0)]),
+                T0 + MS)
+    store.close()
+
+    async def scenario(d: Driver) -> None:
+        d.type("/history\n")
+        short = await d.printed("me → B")
+        assert "END" not in short
+        assert "…" in short
+        d.type("/history -v\n")
+        await d.until(lambda: "END" in d.lines[-1], "the whole body")
+        d.type("/quit\n")
+
+    drive(node, scenario)
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 120])
+def test_tables_fit_the_terminal_width(width: int) -> None:
+    rows = [stored("out", "delivered", "x" * 500, sent=T0, at=T0 + MS, receipt_at=T0 + 2 * MS),
+            stored("in", "received", "y " * 200, sent=T0 + MS, at=T0 + 2 * MS)]
+    peers = [peer_status("B", endpoint="tcp://127.0.0.1:5" + "5" * 4,
+                         refusal=None, connected=False, state="connecting" * 5)]
+    for text in (render_history(rows, me="A", tz=UTC, width=width),
+                 render_history(rows, me="A", tz=UTC, width=width, verbose=True),
+                 render_peers_table(peers, now_ns=T0, width=width)):
+        widest = max(len(line) for line in text.splitlines())
+        assert widest <= width, text
+
+
+def test_history_v_is_parsed() -> None:
+    assert parse_command("/history B -v -n 3") == HistoryCommand("B", 3, verbose=True)

@@ -9,7 +9,7 @@ The layers, top to bottom (docs/architecture.md draws them):
     cli, __main__
     demo, bench               (bench's own modules are layered too: BENCH_RANKS)
     cluster, console, remote, timeline
-    control, verify, keys
+    control, verify, keys, text
     node                      (the `meshpost` package facade re-exports it)
     store, transport
     protocol
@@ -44,6 +44,7 @@ RANKS: dict[str, int] = {
     "control": 6,
     "verify": 6,
     "keys": 6,
+    "text": 6,
     "cluster": 7,
     "console": 7,
     "remote": 7,

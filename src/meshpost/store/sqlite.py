@@ -25,6 +25,7 @@ from zlib_ng import zlib_ng
 
 from meshpost.errors import (
     DataDirNotWritable,
+    NoStore,
     SchemaTooNew,
     StoreCorrupt,
     StoreError,
@@ -562,7 +563,7 @@ class StoreReader:
 
     def __init__(self, path: Path) -> None:
         if not path.exists():
-            raise StoreError(f"no meshpost database at {path}; has this node ever run?")
+            raise NoStore(str(path))
         self.path = path
         with _translated(path):
             self._conn = _connect(path, read_only=True)

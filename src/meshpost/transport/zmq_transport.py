@@ -39,6 +39,7 @@ from typing import TypeVar, cast
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from meshpost.errors import EndpointInUse, InvalidEndpoint, TransportError
 from meshpost.transport.security import ZAP_DOMAIN, MeshAuthenticator
@@ -79,6 +80,23 @@ _ZERO_COPY_BYTES = 65536
 _T = TypeVar("_T")
 
 
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+def _handshake_failure_reason(kind: int, value: int) -> str:
+    """A user's words for a failed CURVE handshake, from libzmq's monitor event."""
+    if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (f"handshake refused (ZAP status {value}): the peer does not accept this node's "
+                "key; add the line of `meshpost keys show --node NAME` to its authorized_keys")
+    if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return (f"handshake failed (protocol error {value:#x}): the peer's key is not the one in "
+                "this node's authorized_keys, or the peer is not in secure mode")
+    return "secure handshake failed (no detail from libzmq)"
+
+
 class ZmqTransport:
     """All ZeroMQ sockets of one node."""
 
@@ -115,6 +133,10 @@ class ZmqTransport:
             self._router.setsockopt(zmq.CURVE_SECRETKEY, curve_secret_key)
             self._router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
+        #: Secure mode: each DEALER's socket monitor, and the last handshake failure it told
+        #: (libzmq says why a CURVE handshake failed only there; the dealer just stays silent).
+        self._monitors: dict[str, zmq.Socket[bytes]] = {}
+        self._handshake_failures: dict[str, str] = {}
         self._dealer_drains: dict[str, Callable[[], None]] = {}
         self.bound: list[str] = []
         self.dropped_sends = 0
@@ -198,6 +220,28 @@ class ZmqTransport:
 
     def _watch_dealer(self, peer: str, sock: zmq.Socket[bytes]) -> None:
         self._watch(sock, self._dealer_drain(peer))
+        monitor = self._monitors.get(peer)
+        if monitor is not None:
+            self._watch(monitor, lambda: self._drain_monitor(peer, monitor))
+
+    def handshake_failure(self, peer: str) -> str | None:
+        """Why the last secure handshake with `peer` failed (None once one succeeds)."""
+        return self._handshake_failures.get(peer)
+
+    def _drain_monitor(self, peer: str, monitor: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(monitor, _NOBLOCK)
+            except zmq.ZMQError:
+                return
+            kind, value = event["event"], event["value"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake_failures.pop(peer, None)
+                continue
+            reason = _handshake_failure_reason(kind, value)
+            if reason != self._handshake_failures.get(peer):
+                log.warning("[%s] secure handshake with %s failed: %s", self.name, peer, reason)
+            self._handshake_failures[peer] = reason
 
     def _dealer_drain(self, peer: str) -> Callable[[], None]:
         """The drain callback of `peer`'s DEALER, made once (sends schedule it often)."""
@@ -319,6 +363,12 @@ class ZmqTransport:
             sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
             sock.setsockopt(zmq.CURVE_PUBLICKEY, self._curve_public)
             sock.setsockopt(zmq.CURVE_SECRETKEY, self._curve_secret)
+            # A plain PAIR socket (get_monitor_socket would make an asyncio one here).
+            address = f"inproc://meshpost-monitor-{self.name}-{peer}-{id(sock)}"
+            sock.monitor(address, _HANDSHAKE_EVENTS)
+            monitor: zmq.Socket[bytes] = zmq.Socket(self.context, zmq.PAIR)
+            monitor.connect(address)
+            self._monitors[peer] = monitor
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:
@@ -365,6 +415,10 @@ class ZmqTransport:
         self._on_inbound = self._on_peer_frame = None
         if self._authenticator is not None:
             self._authenticator.stop()
+        for peer, monitor in self._monitors.items():
+            with contextlib.suppress(zmq.ZMQError):
+                self._dealers[peer].disable_monitor()
+            monitor.close(0)
         for sock in self._dealers.values():
             sock.close(LINGER_MS)
         self._router.close(LINGER_MS)

@@ -1,0 +1,293 @@
+"""How meshpost shows things to a person: clocks, echo lines, peers/history/stats tables.
+
+Rule: pure functions of their arguments (text in, text out), shared by the console, the CLI and
+the demo, so each thing is shown one way everywhere. Imports rich only: `meshpost send` and
+`meshpost peers` use this module without loading prompt_toolkit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import io
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from meshpost.errors import MeshpostError
+
+if TYPE_CHECKING:
+    from meshpost.node import NodeStats, Outgoing, PeerChanged, PeerStatus, Receipt
+    from meshpost.protocol import Envelope
+    from meshpost.store import StoredMessage
+
+#: Rendered tables are never narrower than this, whatever the terminal reports (below it a
+#: clock column alone would wrap).
+MIN_WIDTH = 40
+#: Width used when the output cannot tell its size (a pipe, a file).
+DEFAULT_WIDTH = 100
+#: Bodies in echo lines and table cells are cut to this many characters (with `…`); the full
+#: text stays in the store (`/history -v`, `meshpost history --json`).
+SHORT_BODY_CHARS = 60
+#: Characters of a message id shown to name it: the tail of the id is its per-process counter,
+#: so consecutive messages differ there.
+SHORT_ID_CHARS = 6
+
+#: Control characters a peer could use to rewrite the terminal; shown escaped instead.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean(text: str) -> str:
+    """`text` safe to print: control and bidi-override characters shown as escapes."""
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def shorten(text: str, limit: int = SHORT_BODY_CHARS) -> str:
+    """`text` on one line and at most `limit` characters (`…` marks a cut), made safe."""
+    one_line = " ".join(text.split())
+    if len(one_line) > limit:
+        one_line = one_line[: max(limit - 1, 1)].rstrip() + "…"
+    return clean(one_line)
+
+
+def short_id(message_id: str) -> str:
+    """`#1a2b3c`: enough of a message id to tell it from its neighbours."""
+    return f"#{message_id[-SHORT_ID_CHARS:]}"
+
+
+def format_clock(ns: int, *, tz: datetime.tzinfo | None = None, date: bool = False) -> str:
+    """`HH:MM:SS.mmm` (with `date`, `YYYY-MM-DD ` first) of ns since the epoch, in `tz`."""
+    seconds, rem = divmod(ns, 1_000_000_000)
+    try:
+        moment = datetime.datetime.fromtimestamp(seconds, tz)
+    except (OverflowError, OSError, ValueError):
+        return f"<{ns} ns>"
+    shown = moment.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S")
+    return f"{shown}.{rem // 1_000_000:03d}"
+
+
+def format_time(ns: int | None, *, tz: datetime.tzinfo | None = None) -> str:
+    """Date and time of `ns`, or `-` when there is none (CLI tables)."""
+    return "-" if ns is None else format_clock(ns, tz=tz, date=True)
+
+
+def _ms(ns: int) -> str:
+    return f"{ns / 1e6:.1f} ms"
+
+
+def _indent(body: str) -> str:
+    return clean(body).replace("\n", "\n    ")
+
+
+def format_incoming(message: Envelope, *, tz: datetime.tzinfo | None = None) -> str:
+    """`[HH:MM:SS.mmm sender-clock] A → me: text`; the whole text, since it is the message."""
+    stamp = format_clock(message.sent_at_ns, tz=tz)
+    return f"[{stamp} sender-clock] {clean(message.sender)} → me: {_indent(message.body)}"
+
+
+def format_pending(me: str, handles: Sequence[Outgoing]) -> str:
+    """`… A → B: text (pending)`: stored in the outbox, no receipt yet (long text shortened)."""
+    if not handles:
+        return "… nobody to send to"
+    to = ", ".join(h.to for h in handles)
+    return f"… {me} → {to}: {shorten(handles[0].body)} (pending)"
+
+
+def format_receipt(
+    receipt: Receipt, *, body: str | None = None, tz: datetime.tzinfo | None = None
+) -> str:
+    """`✓ delivered to B at <receiver clock> (<ms> after sending) #id "first words"`."""
+    at = format_clock(receipt.delivered_at_ns, tz=tz)
+    took = receipt.recorded_at_ns - receipt.sent_at_ns
+    what = short_id(receipt.message_id)
+    if body is not None:
+        what += f" {shorten(body, SHORT_BODY_CHARS // 2)!r}"
+    return (f"✓ delivered to {receipt.to} at {at} {receipt.to}-clock "
+            f"({_ms(took)} after sending) {what}")
+
+
+def format_queued(peer: str, *, waited_s: float | None = None) -> str:
+    """`… queued, B unreachable`: the message waits in the outbox and is delivered later."""
+    why = "not connected" if waited_s is None else f"no receipt within {waited_s:g}s"
+    return f"… queued, {peer} unreachable ({why}); it will be delivered when {peer} is back"
+
+
+def format_refused_by(peer: str, refusal: str) -> str:
+    """`✗ B refuses us: ...`: B answered our handshake with a refusal; the message is kept."""
+    return (f"✗ {peer} refuses us: {clean(refusal)}; the message stays in the outbox until "
+            f"{peer} accepts this node")
+
+
+def format_refused_peer(who: str, detail: str) -> str:
+    """`✗ refused a connection from 'C': ...` (a receiver's side of a refusal)."""
+    return f"✗ refused a connection from {clean(who)!r}: {clean(detail)}"
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a user: meshpost errors speak for themselves, others get their type."""
+    if isinstance(exc, MeshpostError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def format_failure(exc: BaseException) -> str:
+    """`✗ reason` for an error the user should see."""
+    return f"✗ {describe_error(exc)}"
+
+
+def format_peer_change(event: PeerChanged) -> str:
+    """One line for a peer that connected, went silent or refused us."""
+    if event.connected:
+        return f"● {event.peer} connected"
+    if event.detail.startswith("refused"):
+        return f"✗ {event.peer} {clean(event.detail)}"
+    if event.detail.startswith("left"):
+        return f"○ {event.peer} left ({clean(event.detail.removeprefix('left: '))})"
+    return f"○ {event.peer} lost ({clean(event.detail)})"
+
+
+def render(renderable: Table, width: int) -> str:
+    """`renderable` as plain text lines of at most `width` (>= MIN_WIDTH) columns."""
+    out = io.StringIO()
+    console = Console(
+        file=out, width=max(width, MIN_WIDTH), color_system=None, force_terminal=False,
+        force_jupyter=False, force_interactive=False, markup=False, emoji=False,
+        highlight=False, legacy_windows=False, no_color=True,
+    )
+    console.print(renderable)
+    return "\n".join(line.rstrip() for line in out.getvalue().rstrip("\n").splitlines())
+
+
+def _ago(now_ns: int, then_ns: int | None) -> str:
+    if then_ns is None:
+        return "never"
+    seconds = max(now_ns - then_ns, 0) / 1e9
+    if seconds < 60:
+        return f"{seconds:.1f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def peer_state(peer: PeerStatus) -> str:
+    """`connected`, `refused (why)` or `unreachable (link state)`."""
+    if peer.connected:
+        return "connected"
+    if peer.refusal:
+        return f"refused ({peer.refusal})"
+    return f"unreachable ({peer.state})"
+
+
+def render_peers_table(
+    peers: Sequence[PeerStatus], *, now_ns: int, width: int = DEFAULT_WIDTH,
+    title: str = "peers",
+) -> str:
+    """The peers table (`/peers`, `meshpost peers`); `now_ns` (our wall clock) dates
+    "last seen"."""
+    if not peers:
+        return "no peers configured"
+    table = Table(title=title, title_justify="left")
+    for column in ("peer", "endpoint", "state", "last seen"):
+        table.add_column(column, overflow="fold")
+    for column in ("rtt ms", "offset ms", "unacked"):
+        table.add_column(column, justify="right", overflow="fold")
+    for p in peers:
+        table.add_row(
+            Text(p.name), Text(p.endpoint), Text(clean(peer_state(p))),
+            Text(_ago(now_ns, p.last_seen_ns)),
+            Text("-" if p.rtt_ns is None else f"{p.rtt_ns / 1e6:.2f}"),
+            Text("-" if p.offset_ns is None else f"{p.offset_ns / 1e6:+.2f}"),
+            Text(str(p.unacknowledged)),
+        )
+    return render(table, width)
+
+
+def _history_state(row: StoredMessage, tz: datetime.tzinfo | None) -> str:
+    match row.direction, row.state:
+        case "out", "delivered" if row.receipt_stored_at_ns is not None:
+            return f"✓ {format_clock(row.receipt_stored_at_ns, tz=tz)} {row.peer}-clock"
+        case "out", "rejected":
+            return f"✗ rejected: {clean(row.reject_reason or '')}"
+        case "out", "pending":
+            return "… pending"
+        case "in", "received":
+            return "received"
+        case _:
+            return clean(row.state)
+
+
+def render_history(
+    rows: Sequence[StoredMessage], *, me: str, tz: datetime.tzinfo | None = None,
+    width: int = DEFAULT_WIDTH, verbose: bool = False, title: str | None = None,
+) -> str:
+    """The history table: sender clock, local stored clock, direction, body, state. Bodies are
+    shortened unless `verbose` (then whole, wrapped, with their full ids)."""
+    if not rows:
+        return "no messages yet"
+    table = Table(title=title or f"history of {me} (oldest first)", title_justify="left")
+    table.add_column("sent (sender clock)", overflow="fold")
+    table.add_column("stored (local)", overflow="fold")
+    table.add_column("route", overflow="fold")
+    table.add_column("message", overflow="fold", ratio=1)
+    table.add_column("state", overflow="fold")
+    day = ""
+    for row in rows:
+        stored_day = format_clock(row.stored_at_ns, tz=tz, date=True).partition(" ")[0]
+        if stored_day != day:
+            day = stored_day
+            table.add_row(Text(day, style="bold"), "", "", "", "")
+        if row.direction == "in":
+            route = f"{clean(row.sender)} → me"
+        else:
+            route = f"me → {clean(row.recipient)}"
+        body = f"{clean(row.body)} ({row.id})" if verbose else shorten(row.body)
+        table.add_row(
+            Text(format_clock(row.sent_at_ns, tz=tz)), Text(format_clock(row.stored_at_ns, tz=tz)),
+            Text(route), Text(body), Text(_history_state(row, tz)),
+        )
+    return render(table, width)
+
+
+def render_stats(stats: NodeStats) -> str:
+    """`/stats`: one `name value` line per counter."""
+    fields = dataclasses.fields(stats)
+    pad = max(len(f.name) for f in fields)
+    return "\n".join(f"{f.name:<{pad}}  {getattr(stats, f.name)}" for f in fields)
+
+
+def terminal_width() -> int:
+    """Columns of the terminal on stdout, or DEFAULT_WIDTH when it is not a terminal."""
+    import shutil
+
+    return shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns
+
+
+__all__ = [
+    "DEFAULT_WIDTH",
+    "MIN_WIDTH",
+    "SHORT_BODY_CHARS",
+    "clean",
+    "describe_error",
+    "format_clock",
+    "format_failure",
+    "format_incoming",
+    "format_peer_change",
+    "format_pending",
+    "format_queued",
+    "format_receipt",
+    "format_refused_by",
+    "format_refused_peer",
+    "format_time",
+    "peer_state",
+    "render",
+    "render_history",
+    "render_peers_table",
+    "render_stats",
+    "short_id",
+    "shorten",
+    "terminal_width",
+]

@@ -1,0 +1,114 @@
+"""`meshpost cluster` never lies (issue 17 items 1-3): it waits for readiness, names the nodes
+that did not start and why, refuses a second cluster on the same folder, shows status, restarts
+one node, and prints commands that work when pasted into a shell."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshpost.cluster import default_cluster_root, is_node_process, read_state
+from meshpost.config import default_data_dir
+
+pytestmark = pytest.mark.integration
+
+CLI_TIMEOUT_S = 90
+
+
+def meshpost(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshpost", *args], capture_output=True, text=True,
+        timeout=CLI_TIMEOUT_S, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+    )
+
+
+def test_cluster_up_names_a_node_that_did_not_start_exits_8_and_leaves_nothing_running(
+    short_tmp: Path,
+) -> None:
+    (short_tmp / "B").write_text("a file where B's data dir should be")
+    up = meshpost("cluster", "up", "3", "--transport", "ipc", "--data", str(short_tmp))
+    assert up.returncode == 8, (up.stdout, up.stderr)
+    assert "1 node(s) did not start" in up.stderr
+    line = next(line for line in up.stderr.splitlines() if line.strip().startswith("B:"))
+    assert "not writable" in line and "B.log" in line
+    assert not (short_tmp / "cluster.json").exists()
+    down = meshpost("cluster", "down", "--data", str(short_tmp))
+    assert down.returncode == 4
+    assert "no cluster is running" in down.stderr
+
+
+def test_second_up_is_refused_status_restart_and_down(short_tmp: Path) -> None:
+    root = str(short_tmp)
+    up = meshpost("cluster", "up", "2", "--transport", "ipc", "--data", root)
+    try:
+        assert up.returncode == 0, up.stderr
+        first = read_state(short_tmp)
+        again = meshpost("cluster", "up", "2", "--transport", "ipc", "--data", root)
+        assert again.returncode == 2
+        assert "a cluster already runs in" in again.stderr and "--replace" in again.stderr
+        assert read_state(short_tmp) == first, "the running cluster's record is untouched"
+
+        status = meshpost("cluster", "status", "--data", root, env={"COLUMNS": "200"})
+        assert status.returncode == 0, status.stderr
+        assert status.stdout.count("ready") == 2
+
+        pid_b = int(first["nodes"]["B"]["pid"])
+        os.kill(pid_b, signal.SIGKILL)
+        status = meshpost("cluster", "status", "--data", root, env={"COLUMNS": "200"})
+        assert status.returncode == 4
+        assert "not ready: B" in status.stderr
+
+        restart = meshpost("cluster", "restart", "B", "--data", root)
+        assert restart.returncode == 0, restart.stderr
+        new_pid = int(read_state(short_tmp)["nodes"]["B"]["pid"])
+        assert new_pid != pid_b and is_node_process(new_pid, "B")
+        sent = meshpost("send", "--node", "A", "--data", str(short_tmp / "A"), "--to", "B", "hi")
+        assert sent.returncode == 0, sent.stderr
+
+        replaced = meshpost("cluster", "up", "2", "--transport", "ipc", "--data", root,
+                            "--replace")
+        assert replaced.returncode == 0, replaced.stderr
+        assert not is_node_process(new_pid, "B")
+    finally:
+        down = meshpost("cluster", "down", "--data", root)
+    assert down.returncode == 0
+    assert down.stdout.count("stopped") == 2
+
+
+def test_printed_commands_work_when_pasted_into_a_shell(short_tmp: Path) -> None:
+    root = str(short_tmp)
+    # A shell whose PATH does not hold the venv, as a newcomer's has.
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                           if Path(p).resolve() != Path(sys.executable).parent.resolve())
+    up = meshpost("cluster", "up", "2", "--transport", "ipc", "--data", root,
+                  env={"PATH": path})
+    try:
+        assert up.returncode == 0, up.stderr
+        send = next(line.split("send:", 1)[1].strip() for line in up.stdout.splitlines()
+                    if "send:" in line)
+        pasted = subprocess.run(["/bin/sh", "-c", send], capture_output=True, text=True,
+                                timeout=CLI_TIMEOUT_S, env={**os.environ, "PATH": path})
+        assert pasted.returncode == 0, (send, pasted.stderr)
+        assert "✓ delivered" in pasted.stdout
+        stop = next(line.split("stop with:", 1)[1].strip() for line in up.stdout.splitlines()
+                    if "stop with:" in line)
+        assert shlex.split(stop)[1:] == ["cluster", "down", "--data", root]
+    finally:
+        meshpost("cluster", "down", "--data", root)
+
+
+def test_default_cluster_folder_is_apart_from_manual_nodes_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    root = default_cluster_root()
+    for name in "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        manual = default_data_dir(name)
+        assert root / name != manual
+        assert not manual.is_relative_to(root) and not root.is_relative_to(manual)

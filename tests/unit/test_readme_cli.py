@@ -1,0 +1,46 @@
+"""README's CLI facts are the code's: the exit-code table matches `cli.EXIT_CODE_MEANINGS`, and
+the TOML example loads and runs on one machine (loopback and ipc only)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from meshpost.cli import EXIT_CODE_MEANINGS, build_parser
+from meshpost.config import MeshConfig
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme() -> str:
+    return README.read_text(encoding="utf-8")
+
+
+def test_readme_exit_code_table_matches_the_code() -> None:
+    rows = re.findall(r"^\| `(\d+)` \| ([^|]+?) \|", readme(), re.M)
+    assert {int(code): meaning for code, meaning in rows} == EXIT_CODE_MEANINGS
+
+
+def test_readme_toml_example_loads_and_stays_on_this_machine(tmp_path: Path) -> None:
+    (block,) = re.findall(r"```toml\n(.*?)```", readme(), re.S)
+    path = tmp_path / "mesh.toml"
+    path.write_text(block, encoding="utf-8")
+    mesh = MeshConfig.load(path)
+    names = [n.name for n in mesh.nodes]
+    assert names == ["A", "B", "C"]
+    for name in names:
+        node = mesh.node(name, data_dir=tmp_path / name)
+        for endpoint in (*node.bind, *(p.endpoint for p in node.peers)):
+            assert endpoint.startswith(("tcp://127.0.0.1:", "ipc://")), endpoint
+    assert mesh.node("A", data_dir=tmp_path / "A").groups == {"team": ("B", "C")}
+
+
+def test_every_cli_command_in_the_readme_parses() -> None:
+    """Each `meshpost ...` line of README's shell blocks is a command the parser takes."""
+    parser = build_parser()
+    blocks = re.findall(r"```sh\n(.*?)```", readme(), re.S)
+    commands = [line.split("#", 1)[0].strip() for block in blocks for line in block.splitlines()]
+    commands = [c for c in commands if c.startswith("meshpost ") and "--version" not in c]
+    assert len(commands) >= 8
+    for command in commands:
+        parser.parse_args(command.split()[1:])
