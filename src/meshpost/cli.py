@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshpost.config import (
     MeshConfig,
@@ -41,6 +41,9 @@ from meshpost.errors import (
     StoreError,
     UnknownPeer,
 )
+
+if TYPE_CHECKING:
+    from meshpost.gateway import GatewayConfig
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -128,11 +131,13 @@ def build_node_config(args: argparse.Namespace) -> NodeConfig:
     )
 
 
-async def _run_node(cfg: NodeConfig, *, interactive: bool) -> None:
+async def _run_node(cfg: NodeConfig, *, interactive: bool,
+                    gateway: GatewayConfig | None = None) -> None:
     import asyncio
     import signal
 
     from meshpost.control import ControlServer
+    from meshpost.gateway import Gateway, GatewayConfig
     from meshpost.node import CrashPoint, Node
 
     crash = os.environ.get(CRASH_ENV)
@@ -148,7 +153,7 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool) -> None:
         curve_keys = keys.load_own(cfg.data_dir)
         peer_keys = keys.load_authorized(cfg.data_dir)
     node = Node(cfg, crash_at=crash_at, curve_keys=curve_keys, peer_public_keys=peer_keys)
-    async with node, ControlServer(node):
+    async with node, ControlServer(node), Gateway(node, gateway or GatewayConfig()):
         if interactive:
             from meshpost.console import run_console
 
@@ -169,8 +174,22 @@ def cmd_node(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, log_file=cfg.data_dir / "node.log" if interactive else None)
     import asyncio
 
-    asyncio.run(_run_node(cfg, interactive=interactive))
+    asyncio.run(_run_node(cfg, interactive=interactive, gateway=build_gateway_config(args)))
     return EXIT_OK
+
+
+def build_gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    """`--text-listen` / `--udp-listen` as a `GatewayConfig` (both off by default)."""
+    from meshpost.gateway import GatewayConfig, parse_listen
+
+    if args.text_idle_gap is not None and not args.text_idle_gap > 0:
+        raise ConfigError(f"--text-idle-gap must be a positive number of seconds, "
+                          f"not {args.text_idle_gap}")
+    return GatewayConfig(
+        tcp=parse_listen(args.text_listen, "tcp") if args.text_listen else None,
+        udp=parse_listen(args.udp_listen, "udp") if args.udp_listen else None,
+        **({"idle_gap_s": args.text_idle_gap} if args.text_idle_gap else {}),
+    )
 
 
 # -- send / peers / status ------------------------------------------------------------------
@@ -490,6 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int)
     p.add_argument("--secure", action="store_true", help="CURVE encryption + authentication")
     p.add_argument("--headless", action="store_true", help="no console even on a terminal")
+    p.add_argument("--text-listen", metavar="tcp://HOST:PORT",
+                   help="plain TCP text gateway for nc/socket clients (off by default)")
+    p.add_argument("--udp-listen", metavar="udp://HOST:PORT",
+                   help="plain UDP text gateway: one datagram, one message (off by default)")
+    p.add_argument("--text-idle-gap", type=float, metavar="SECONDS",
+                   help="a TCP client's pause that ends unterminated text (default 0.2)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_node)
 

@@ -567,6 +567,33 @@ class Node:
         self.hlc.observe(first + count - 1)
         return range(first, first + count)
 
+    async def store_guest_message(self, guest: str, seq: int, body: str) -> tuple[str, int]:
+        """Store `body` from a gateway guest (`tcp:IP:PORT`, `udp:IP:PORT`) as received by
+        this node; return (message id, stored_at_ns) once it is committed.
+
+        A guest is no mesh peer: its row is incoming, `peer` = `sender` = the guest's label,
+        with no link and no receipt. The id is ours, so the row is stored exactly once.
+        """
+        self._check_open()
+        self.validate_body(body)
+        writer = self._writer
+        assert writer is not None
+        await writer.wait_for_room()
+        self._check_open()
+        wall = self.clock.wall_ns()
+        envelope = Envelope(id=self._new_id(wall), seq=seq, sender=guest, recipient=self.name,
+                            body=body, sent_at_ns=wall, hlc=self.hlc.now())
+        stored: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def done(result: IncomingResult, stored_at: int) -> None:
+            self.stats.received += 1
+            if not stored.done():
+                stored.set_result(stored_at)
+            self._publish(MessageReceived(envelope, stored_at))
+
+        writer.add_incoming([envelope], done)
+        return envelope.id, await stored
+
     async def send(self, to: str, body: str, *, timeout_s: float | None = None) -> Receipt:
         """Send `body` to one peer and wait for its receipt.
 

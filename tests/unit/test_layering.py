@@ -9,7 +9,7 @@ The layers, top to bottom (docs/architecture.md draws them):
     cli, __main__
     demo, bench               (bench's own modules are layered too: BENCH_RANKS)
     cluster, console, remote, timeline
-    control, verify, keys, text
+    control, verify, keys, text, gateway, discovery
     node                      (the `meshpost` package facade re-exports it)
     store, transport
     protocol
@@ -45,6 +45,8 @@ RANKS: dict[str, int] = {
     "verify": 6,
     "keys": 6,
     "text": 6,
+    "gateway": 6,
+    "discovery": 6,
     "cluster": 7,
     "console": 7,
     "remote": 7,

@@ -1,0 +1,453 @@
+"""Text gateways: plain TCP and UDP clients (`nc`, seed 003/004 programs) talk to a node.
+
+Rule: a guest's message is answered only after the store has committed it (`received ...`,
+`queued for ...`) or refused it (`error: ...`); bad input costs its sender alone, never the
+node or another client. Line parsing and framing here are pure; only the servers do I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from meshpost.errors import InvalidEndpoint, InvalidMessage, MeshpostError, UnknownPeer
+from meshpost.store import StoreReader
+
+if TYPE_CHECKING:
+    from meshpost.node import Node
+
+log = logging.getLogger(__name__)
+
+#: A client that pauses this long with unterminated text buffered has sent a message: seed
+#: 004's client sends no newline and then blocks in recv(1024), waiting for our answer.
+DEFAULT_IDLE_GAP_S = 0.2
+#: A connected client silent this long (nothing buffered) is told so and disconnected, so
+#: forgotten connections do not pile up.
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+#: Connections served at once; one more is answered with an error and closed.
+DEFAULT_MAX_CLIENTS = 256
+#: A committed message is answered within this; past it the guest is told the store is slow
+#: (the message may still be stored: the store retries, it never drops).
+STORE_TIMEOUT_S = 30.0
+#: Messages `/inbox` lists by default, and at most.
+INBOX_DEFAULT = 20
+INBOX_MAX = 200
+#: UDP guests whose message counters we remember (their `seq`); the oldest is forgotten.
+UDP_GUESTS_REMEMBERED = 4096
+#: UDP datagrams being stored at once; more are dropped and counted (UDP may drop anyway).
+UDP_MAX_IN_FLIGHT = 1024
+#: Largest UDP reply: one IPv4 datagram's payload.
+UDP_MAX_REPLY_BYTES = 65_507
+#: Bytes read from a TCP stream at a time.
+_READ_CHUNK = 65_536
+
+
+class GatewayInputError(InvalidMessage):
+    """A guest sent bytes the gateway cannot take (too long, not UTF-8): answer and close."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayConfig:
+    """Where the gateways listen (None: off) and how patient they are."""
+
+    tcp: tuple[str, int] | None = None
+    udp: tuple[str, int] | None = None
+    idle_gap_s: float = DEFAULT_IDLE_GAP_S
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    max_clients: int = DEFAULT_MAX_CLIENTS
+
+    @property
+    def enabled(self) -> bool:
+        return self.tcp is not None or self.udp is not None
+
+
+def parse_listen(url: str, scheme: str) -> tuple[str, int]:
+    """`tcp://HOST:PORT` (or `udp://`) -> (host, port); port 0 picks a free one."""
+    prefix = f"{scheme}://"
+    if not url.startswith(prefix):
+        raise InvalidEndpoint(url, f"expected {prefix}HOST:PORT")
+    host, sep, port = url[len(prefix):].rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host:
+        raise InvalidEndpoint(url, f"expected {prefix}HOST:PORT")
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
+        raise InvalidEndpoint(url, f"port {port!r} is not a number from 0 to 65535")
+    return host, int(port)
+
+
+# -- pure parts: framing and line commands --------------------------------------------------
+
+
+class Framer:
+    """Splits a TCP byte stream into messages: at each newline, or (`flush`) at a pause.
+
+    `feed` raises `GatewayInputError` once more than `max_bytes` are buffered without a
+    newline, so one client cannot make the node hold unbounded memory.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._buffer = bytearray()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._buffer)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        *lines, rest = self._buffer.split(b"\n")
+        self._buffer = bytearray(rest)
+        for line in lines:
+            if len(line) > self.max_bytes + 1:  # + 1: a CR of a CRLF
+                raise GatewayInputError(_too_long(len(line), self.max_bytes))
+        if len(self._buffer) > self.max_bytes:
+            raise GatewayInputError(_too_long(len(self._buffer), self.max_bytes))
+        return [bytes(line) for line in lines]
+
+    def flush(self) -> bytes:
+        """The unterminated text buffered so far (the client paused): a message of its own."""
+        data, self._buffer = bytes(self._buffer), bytearray()
+        return data
+
+
+def _too_long(size: int, limit: int) -> str:
+    return f"message of {size} bytes or more is over the limit of {limit} bytes"
+
+
+def decode_text(raw: bytes) -> str:
+    """One message's bytes as text: UTF-8, a trailing CR (of CRLF) dropped."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GatewayInputError(f"message is not UTF-8 text (byte {exc.start})") from None
+    return text.removesuffix("\r")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Post:
+    """Text for this node (`target` None) or, relayed, for a peer, group or `all`."""
+
+    target: str | None
+    body: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Inbox:
+    """`/inbox [N]`: the last N messages this node received."""
+
+    limit: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Blank:
+    """An empty line: nothing to store, nothing to answer (`nc` users press Enter)."""
+
+
+Command = Post | Inbox | Blank
+
+
+def parse_line(text: str) -> Command:
+    """What one guest message asks for. Raises `InvalidMessage` for a malformed command."""
+    if not text.strip():
+        return Blank()
+    if text.startswith("/inbox"):
+        arg = text[len("/inbox"):].strip()
+        if not arg:
+            return Inbox(INBOX_DEFAULT)
+        if not (arg.isascii() and arg.isdigit()) or not 0 < int(arg) <= INBOX_MAX:
+            raise InvalidMessage(f"/inbox takes a count from 1 to {INBOX_MAX}, not {arg!r}")
+        return Inbox(int(arg))
+    if text.startswith("@"):
+        target, _sep, body = text[1:].partition(" ")
+        if not target:
+            raise InvalidMessage("'@' must be followed by a node, a group or 'all': @B text")
+        return Post(target, body)
+    return Post(None, text)
+
+
+def relayed_body(guest: str, text: str) -> str:
+    """The body a node sends for a guest's `@B text`: the message is the node's, and names
+    the guest it came from (a guest is not a mesh peer and cannot send as one)."""
+    return f"[{guest}] {text}"
+
+
+def format_time(ns: int) -> str:
+    """UTC, microseconds, ISO 8601: `2026-12-05T23:59:01.123456Z`."""
+    seconds, rest = divmod(ns, 1_000_000_000)  # integers: a float would round the micros
+    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC).replace(
+        microsecond=rest // 1000)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _one_line(text: str) -> str:
+    """A body on one reply line: newlines and other control characters escaped."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+@dataclasses.dataclass(slots=True)
+class GatewayStats:
+    """Counters of both gateways; logged when they close."""
+
+    connections: int = 0
+    messages: int = 0
+    relayed: int = 0
+    errors: int = 0
+    closed_for_input: int = 0
+    closed_idle: int = 0
+    refused_busy: int = 0
+    udp_dropped: int = 0
+
+
+# -- serving -------------------------------------------------------------------------------
+
+
+class Gateway:
+    """The TCP and UDP text gateways of one node. Use as `async with Gateway(node, cfg):`."""
+
+    def __init__(self, node: Node, config: GatewayConfig) -> None:
+        self.node = node
+        self.config = config
+        self.stats = GatewayStats()
+        self.tcp_address: tuple[str, int] | None = None
+        self.udp_address: tuple[str, int] | None = None
+        self._server: asyncio.Server | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+        self._udp_tasks: set[asyncio.Task[None]] = set()
+        self._udp_seqs: OrderedDict[str, int] = OrderedDict()
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        cfg, name = self.config, self.node.name
+        loop = asyncio.get_running_loop()
+        if cfg.tcp is not None:
+            self._server = await asyncio.start_server(self._serve_client, *cfg.tcp)
+            self.tcp_address = self._server.sockets[0].getsockname()[:2]
+            log.info("[%s] text gateway on tcp://%s:%d", name, *self._display(self.tcp_address))
+        if cfg.udp is not None:
+            transport, _protocol = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self), local_addr=cfg.udp
+            )
+            self._udp = transport
+            self.udp_address = transport.get_extra_info("sockname")[:2]
+            log.info("[%s] text gateway on udp://%s:%d", name, *self._display(self.udp_address))
+
+    @staticmethod
+    def _display(address: tuple[str, int]) -> tuple[str, int]:
+        host, port = address
+        return (f"[{host}]" if ":" in host else host), port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._udp is not None:
+            self._udp.close()
+        for task in [*self._clients, *self._udp_tasks]:
+            task.cancel()
+        await asyncio.gather(*self._clients, *self._udp_tasks, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self._server.wait_closed()
+        log.info("[%s] gateway closed: %s", self.node.name, self.stats)
+
+    # -- one message, either transport ---------------------------------------------------
+
+    async def handle(self, guest: str, seq: int, raw: bytes) -> list[str]:
+        """Answer one guest message: the reply lines (none for a blank line).
+
+        Raises `GatewayInputError` for bytes that end the conversation (not UTF-8).
+        """
+        text = decode_text(raw)
+        try:
+            command = parse_line(text)
+        except InvalidMessage as exc:
+            self.stats.errors += 1
+            return [f"error: {_one_line(str(exc))}"]
+        return await self.perform(guest, seq, command)
+
+    async def perform(self, guest: str, seq: int, command: Command) -> list[str]:
+        node = self.node
+        try:
+            match command:
+                case Blank():
+                    return []
+                case Inbox(limit=limit):
+                    return await self._inbox(limit)
+                case Post(target=None, body=body):
+                    async with asyncio.timeout(STORE_TIMEOUT_S):
+                        message_id, stored_at = await node.store_guest_message(guest, seq, body)
+                    self.stats.messages += 1
+                    return [f"received {message_id} at {format_time(stored_at)}"]
+                case Post(target=str(target), body=body):
+                    node.validate_body(body)  # the guest's text, before the label is added
+                    async with asyncio.timeout(STORE_TIMEOUT_S):
+                        handles = await node.post(target, relayed_body(guest, body))
+                    self.stats.relayed += 1
+                    if not handles:
+                        raise UnknownPeer(target, [])
+                    return [f"queued for {', '.join(h.to for h in handles)}"]
+        except GatewayInputError:
+            raise
+        except MeshpostError as exc:
+            self.stats.errors += 1
+            return [f"error: {_one_line(str(exc))}"]
+        except TimeoutError:
+            self.stats.errors += 1
+            return [f"error: the store did not commit within {STORE_TIMEOUT_S:.0f}s; "
+                    "the message may still be stored"]
+        raise AssertionError(f"unhandled command {command!r}")  # pragma: no cover
+
+    async def _inbox(self, limit: int) -> list[str]:
+        data_dir = self.node.config.data_dir
+
+        def read() -> list[str]:
+            with StoreReader.for_data_dir(data_dir) as reader:
+                rows = reader.history(direction="in", limit=limit)
+            return [f"{format_time(m.stored_at_ns)} {m.sender}: {_one_line(m.body)}"
+                    for m in rows]
+
+        lines = await asyncio.to_thread(read)
+        return [f"inbox: {len(lines)} message(s)", *lines]
+
+    # -- TCP -------------------------------------------------------------------------------
+
+    async def _serve_client(self, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.stats.connections += 1
+        if len(self._clients) >= self.config.max_clients:
+            self.stats.refused_busy += 1
+            writer.write(f"error: {len(self._clients)} clients already; try later\n".encode())
+            await _close(writer)
+            return
+        self._clients.add(task)
+        try:
+            await self._converse(reader, writer)
+        except (ConnectionError, OSError) as exc:
+            log.info("[%s] gateway client dropped: %s", self.node.name, exc)
+        finally:
+            self._clients.discard(task)
+            await _close(writer)
+
+    async def _converse(self, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+        host, port = writer.get_extra_info("peername")[:2]
+        guest = f"tcp:{host}:{port}"
+        cfg = self.config
+        framer = Framer(self.node.config.max_message_bytes)
+        seq = 0
+        while True:
+            wait_s = cfg.idle_gap_s if framer.pending else cfg.idle_timeout_s
+            try:
+                async with asyncio.timeout(wait_s):
+                    data = await reader.read(_READ_CHUNK)
+            except TimeoutError:
+                if not framer.pending:
+                    self.stats.closed_idle += 1
+                    writer.write(f"error: idle for {wait_s:g}s; closing\n".encode())
+                    return
+                messages, last = [framer.flush()], False
+            else:
+                try:
+                    messages = framer.feed(data) if data else []
+                    if not data and framer.pending:
+                        messages.append(framer.flush())
+                except GatewayInputError as exc:
+                    self._input_error(writer, guest, exc)
+                    return
+                last = not data
+            for raw in messages:
+                seq += 1
+                try:
+                    replies = await self.handle(guest, seq, raw)
+                except GatewayInputError as exc:
+                    self._input_error(writer, guest, exc)
+                    return
+                if replies:
+                    writer.write("".join(f"{line}\n" for line in replies).encode())
+                    await writer.drain()
+            if last:
+                return
+
+    def _input_error(self, writer: asyncio.StreamWriter, guest: str,
+                     exc: GatewayInputError) -> None:
+        self.stats.errors += 1
+        self.stats.closed_for_input += 1
+        log.warning("[%s] gateway guest %s: %s; closing", self.node.name, guest, exc)
+        writer.write(f"error: {exc}; closing\n".encode())
+
+    # -- UDP -------------------------------------------------------------------------------
+
+    def _datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        if len(self._udp_tasks) >= UDP_MAX_IN_FLIGHT:
+            self.stats.udp_dropped += 1
+            return
+        guest = f"udp:{addr[0]}:{addr[1]}"
+        seq = self._udp_seqs.pop(guest, 0) + 1
+        self._udp_seqs[guest] = seq
+        if len(self._udp_seqs) > UDP_GUESTS_REMEMBERED:
+            self._udp_seqs.popitem(last=False)
+        task = asyncio.create_task(self._answer_datagram(guest, seq, data, addr))
+        self._udp_tasks.add(task)
+        task.add_done_callback(self._udp_tasks.discard)
+
+    async def _answer_datagram(self, guest: str, seq: int, data: bytes,
+                               addr: tuple[str, int]) -> None:
+        limit = self.node.config.max_message_bytes
+        try:
+            raw = data.removesuffix(b"\n")
+            if len(raw) > limit + 1:
+                raise GatewayInputError(_too_long(len(raw), limit))
+            replies = await self.handle(guest, seq, raw)
+        except GatewayInputError as exc:
+            self.stats.errors += 1
+            log.warning("[%s] gateway guest %s: %s", self.node.name, guest, exc)
+            replies = [f"error: {exc}"]
+        if replies and self._udp is not None and not self._udp.is_closing():
+            reply = "".join(f"{line}\n" for line in replies).encode()
+            self._udp.sendto(reply[:UDP_MAX_REPLY_BYTES], addr)
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self._gateway._datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # An ICMP "port unreachable" for an ack to a client that never reads (seed 003's):
+        # nothing is lost, the message was stored before the ack left.
+        log.debug("[%s] udp gateway: %s", self._gateway.node.name, exc)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+        writer.close()
+        async with asyncio.timeout(2.0):
+            await writer.wait_closed()
+
+
+__all__ = [
+    "Framer",
+    "Gateway",
+    "GatewayConfig",
+    "GatewayInputError",
+    "GatewayStats",
+    "parse_line",
+    "parse_listen",
+]
