@@ -22,7 +22,7 @@ from contextvars import Context
 import msgspec
 
 from meshpost.clock import HLC_LOGICAL_MASK, Clock, HybridLogicalClock, SystemClock
-from meshpost.config import NodeConfig
+from meshpost.config import NodeConfig, PeerConfig
 from meshpost.errors import (
     ConfigError,
     EmptyMessage,
@@ -175,6 +175,8 @@ class PeerStatus(msgspec.Struct, frozen=True):
     offset_ns: int | None
     unacknowledged: int
     refusal: str | None
+    #: How the peer was found: "config" (--peer, --config) or "beacon" (--discover).
+    found: str = "config"
 
 
 # -- events for subscribers (console, control tail) ----------------------------------------
@@ -311,6 +313,8 @@ class Node:
         self._closed = False
         self._started = False
         self.endpoints: list[str] = []
+        #: Every peer's endpoint and how it was found ("config" or "beacon").
+        self._found: dict[str, tuple[str, str]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -364,18 +368,7 @@ class Node:
             self.endpoints = self._transport.bind(cfg.bind)
             for peer in cfg.peers:
                 self._transport.add_peer(peer.name, peer.endpoint)
-                self._links[peer.name] = DialerLink(
-                    local_name=cfg.name,
-                    local_node_id=self._store.node_id,
-                    peer=peer.name,
-                    window=cfg.window,
-                    window_bytes=cfg.window_bytes,
-                    retransmit_initial_s=cfg.retransmit_initial_s,
-                    retransmit_max_s=cfg.retransmit_max_s,
-                    ping_interval_s=cfg.ping_interval_s,
-                    peer_timeout_s=cfg.peer_timeout_s,
-                )
-                self._backlog_epoch[peer.name] = 0
+                self._new_link(peer.name, peer.endpoint, "config")
         except BaseException:
             await self._teardown()
             raise
@@ -391,6 +384,61 @@ class Node:
         self._started = True
         self._feed_wakeup.set()
         log.info("[%s] node %s listening on %s", self.name, self.node_id, ", ".join(self.endpoints))
+
+    def _new_link(self, peer: str, endpoint: str, found: str) -> None:
+        assert self._store is not None
+        cfg = self.config
+        self._links[peer] = DialerLink(
+            local_name=cfg.name,
+            local_node_id=self._store.node_id,
+            peer=peer,
+            window=cfg.window,
+            window_bytes=cfg.window_bytes,
+            retransmit_initial_s=cfg.retransmit_initial_s,
+            retransmit_max_s=cfg.retransmit_max_s,
+            ping_interval_s=cfg.ping_interval_s,
+            peer_timeout_s=cfg.peer_timeout_s,
+        )
+        self._backlog_epoch[peer] = 0
+        self._found[peer] = (endpoint, found)
+
+    def add_peer(self, name: str, endpoint: str, *, node_id: str | None = None,
+                 found: str = "beacon") -> bool:
+        """Start talking to a peer found while running (discovery); False if already known.
+
+        With `node_id`, a Hello naming `name` is accepted only from that node: a second node
+        claiming the name is refused, so it can never take the first one's messages. Messages
+        stored for `name` in an earlier run are sent once it answers.
+        """
+        self._check_open()
+        PeerConfig(name, endpoint)  # validates both
+        if name == self.name:
+            raise ConfigError(f"{name!r} is this node's own name")
+        transport, listener = self._transport, self._listener
+        assert transport is not None
+        assert listener is not None
+        if node_id is not None:
+            listener.expected_node_ids[name] = node_id
+        if name in self._links:
+            return False
+        transport.add_peer(name, endpoint)
+        self._new_link(name, endpoint, found)
+        listener.known_peers = listener.known_peers | {name}
+        self._feed_wakeup.set()
+        log.info("[%s] %s joined (%s, %s)", self.name, name, found, endpoint)
+        self._publish(PeerChanged(name, False, f"joined via {found} at {endpoint}"))
+        return True
+
+    def peer_heard(self, name: str) -> None:
+        """Discovery heard `name` again. A link it refused as unknown (it had not heard us
+        yet when we dialed: a start-up race) asks again now instead of in 10 s."""
+        link = self._links.get(name)
+        if link is None or not (link.refusal or "").startswith(RefuseCode.UNKNOWN_PEER):
+            return
+        now = self.clock.monotonic()
+        link.retry_soon(now)
+        link.poll(now, self.clock.wall_ns(), self.hlc.now())
+        self._perform(link)
 
     def _task_died(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self._closed:
@@ -453,13 +501,13 @@ class Node:
     def resolve(self, target: str) -> list[str]:
         """Peer names a target means: a peer, a group, or `all`."""
         if target.lower() == "all":
-            return self.config.peer_names
+            return list(self._links)
         if target in self._links:
             return [target]
         group = self.config.groups.get(target)
         if group is not None:
             return [m for m in group if m != self.name]
-        raise UnknownPeer(target, [*self.config.peer_names, *self.config.groups, "all"])
+        raise UnknownPeer(target, [*self._links, *self.config.groups, "all"])
 
     def validate_body(self, body: str) -> None:
         if not body or not body.strip():
@@ -649,12 +697,12 @@ class Node:
             self._subscribers.remove(queue)
 
     def peers(self) -> list[PeerStatus]:
-        """Status of every configured peer."""
+        """Status of every peer, configured or discovered."""
         now = self.clock.monotonic()
         wall = self.clock.wall_ns()
         result = []
-        for peer in self.config.peers:
-            link = self._links.get(peer.name)
+        for name, (endpoint, found) in self._found.items():
+            link = self._links.get(name)
             if link is None:
                 continue
             last_seen = None
@@ -662,15 +710,16 @@ class Node:
                 last_seen = wall - int((now - link.last_heard) * 1e9)
             result.append(
                 PeerStatus(
-                    name=peer.name,
-                    endpoint=peer.endpoint,
+                    name=name,
+                    endpoint=endpoint,
                     connected=link.reachable,
                     state=link.state.value,
                     last_seen_ns=last_seen,
                     rtt_ns=link.offset.rtt_ns,
                     offset_ns=link.offset.offset_ns,
                     unacknowledged=link.unacknowledged,
-                    refusal=link.refusal or self._handshake_failure(peer.name),
+                    refusal=link.refusal or self._handshake_failure(name),
+                    found=found,
                 )
             )
         return result
@@ -763,7 +812,8 @@ class Node:
         while True:
             await self._feed_wakeup.wait()
             self._feed_wakeup.clear()
-            for peer, link in self._links.items():
+            # A copy: discovery may add a link while this loop awaits the store.
+            for peer, link in list(self._links.items()):
                 if not link.disk_backlog or not link.wants_refill():
                     continue
                 epoch = self._backlog_epoch[peer]

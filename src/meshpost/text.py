@@ -143,6 +143,8 @@ def format_peer_change(event: PeerChanged) -> str:
     """One line for a peer that connected, went silent or refused us."""
     if event.connected:
         return f"● {event.peer} connected"
+    if event.detail.startswith("joined"):
+        return f"+ {event.peer} {clean(event.detail)}"
     if event.detail.startswith("refused"):
         return f"✗ {event.peer} {clean(event.detail)}"
     if event.detail.startswith("left"):
@@ -197,7 +199,9 @@ def render_peers_table(
         table.add_column(column, justify="right", overflow="fold")
     for p in peers:
         table.add_row(
-            Text(p.name), Text(p.endpoint), Text(clean(peer_state(p))),
+            # How a peer was found shows when it was not configured (a LAN beacon).
+            Text(p.name), Text(p.endpoint if p.found == "config" else f"{p.endpoint} ({p.found})"),
+            Text(clean(peer_state(p))),
             Text(_ago(now_ns, p.last_seen_ns)),
             Text("-" if p.rtt_ns is None else f"{p.rtt_ns / 1e6:.2f}"),
             Text("-" if p.offset_ns is None else f"{p.offset_ns / 1e6:+.2f}"),

@@ -191,6 +191,12 @@ class DialerLink:
         next timer tick: call it after `enqueue`, then collect `frames_to_send()`."""
         self._pump(now, wall_ns)
 
+    def retry_soon(self, now: float) -> None:
+        """The peer was heard again out of band (a discovery beacon): a refused link asks
+        again at the next `poll` rather than after `REFUSED_RETRY_S`."""
+        if self.state is LinkState.REFUSED:
+            self._next_hello_at = min(self._next_hello_at, now)
+
     def poll(self, now: float, wall_ns: int, hlc: int) -> None:
         """Run timers: handshake retries, pings, liveness, retransmission, transmission."""
         if self.state is not LinkState.READY:

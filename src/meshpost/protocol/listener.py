@@ -80,6 +80,9 @@ class Listener:
         self.local_name = local_name
         self.local_node_id = local_node_id
         self.known_peers = frozenset(known_peers)
+        #: Peers whose node id is known (discovery): a Hello with their name and another id
+        #: is a second node claiming the name, refused so it never takes the first's messages.
+        self.expected_node_ids: dict[str, str] = {}
         self.max_message_bytes = max_message_bytes
         self.sync = sync
         #: Largest frame accepted: the largest batch a dialer builds (`max_frame_bytes`).
@@ -186,6 +189,13 @@ class Listener:
             error = IdentityMismatch(f"{hello.name!r} is not a peer of {self.local_name!r}")
             self._violation(identity, error)
             return [Refuse(RefuseCode.UNKNOWN_PEER, str(error))]
+        expected = self.expected_node_ids.get(hello.name)
+        if expected is not None and expected != hello.node_id:
+            error = IdentityMismatch(
+                f"name clash: {hello.name!r} is node {expected}, not node {hello.node_id}"
+            )
+            self._violation(identity, error)
+            return [Refuse(RefuseCode.IDENTITY, str(error))]
         self._sessions[identity] = _Session(peer=hello.name, node_id=hello.node_id)
         return [
             Welcome(

@@ -107,6 +107,18 @@ def test_an_unknown_peer_is_refused_and_counted() -> None:
     assert listener.session_peer("mallory") is None
 
 
+def test_a_second_node_under_a_discovered_name_is_refused_as_a_name_clash() -> None:
+    listener = make_listener()
+    listener.expected_node_ids["alice"] = "node-alice"
+    clash = Hello(PROTOCOL_VERSION, "node-other-alice", "alice", WALL, 1)
+    refused = refusal(send(listener, clash))
+    assert refused.code == RefuseCode.IDENTITY
+    assert "name clash" in refused.detail
+    assert listener.session_peer("alice") is None
+    [welcome] = send(listener, hello())
+    assert isinstance(welcome, Welcome)
+
+
 def test_a_hello_claiming_another_identity_is_refused() -> None:
     listener = make_listener()
     refused = refusal(send(listener, hello("carol"), identity="alice"))
