@@ -43,6 +43,7 @@ from meshpost.errors import (
 )
 
 if TYPE_CHECKING:
+    from meshpost.discovery import DiscoveryConfig
     from meshpost.gateway import GatewayConfig
 
 EXIT_OK = 0
@@ -132,7 +133,8 @@ def build_node_config(args: argparse.Namespace) -> NodeConfig:
 
 
 async def _run_node(cfg: NodeConfig, *, interactive: bool,
-                    gateway: GatewayConfig | None = None) -> None:
+                    gateway: GatewayConfig | None = None,
+                    discovery: DiscoveryConfig | None = None) -> None:
     import asyncio
     import signal
 
@@ -153,7 +155,19 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool,
         curve_keys = keys.load_own(cfg.data_dir)
         peer_keys = keys.load_authorized(cfg.data_dir)
     node = Node(cfg, crash_at=crash_at, curve_keys=curve_keys, peer_public_keys=peer_keys)
-    async with node, ControlServer(node), Gateway(node, gateway or GatewayConfig()):
+    async with (
+        node,
+        ControlServer(node),
+        Gateway(node, gateway or GatewayConfig()),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        if discovery is not None:
+            from meshpost.discovery import Discovery
+
+            await stack.enter_async_context(Discovery(
+                node, discovery, public_key=curve_keys[1] if curve_keys else None,
+                authorized_keys=peer_keys if cfg.secure else None,
+            ))
         if interactive:
             from meshpost.console import run_console
 
@@ -174,8 +188,33 @@ def cmd_node(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, log_file=cfg.data_dir / "node.log" if interactive else None)
     import asyncio
 
-    asyncio.run(_run_node(cfg, interactive=interactive, gateway=build_gateway_config(args)))
+    asyncio.run(_run_node(cfg, interactive=interactive, gateway=build_gateway_config(args),
+                          discovery=build_discovery_config(args)))
     return EXIT_OK
+
+
+def build_discovery_config(args: argparse.Namespace) -> DiscoveryConfig | None:
+    """`--discover [PORT]` and its companions as a `DiscoveryConfig` (None: off)."""
+    from meshpost.config import validate_name
+    from meshpost.discovery import DiscoveryConfig, parse_target
+
+    if args.discover is None:
+        if args.beacon_to or args.mesh:
+            raise ConfigError("--beacon-to and --mesh need --discover [PORT]")
+        return None
+    if not 0 <= args.discover < 65536:
+        raise ConfigError(f"--discover port must be from 0 to 65535, not {args.discover}")
+    if args.beacon_interval is not None and not args.beacon_interval > 0:
+        raise ConfigError("--beacon-interval must be a positive number of seconds")
+    options: dict[str, Any] = {}
+    if args.beacon_interval:
+        options["interval_s"] = args.beacon_interval
+        options["silence_s"] = max(5 * args.beacon_interval, 1.0)
+    return DiscoveryConfig(
+        port=args.discover, host=args.discover_host,
+        targets=tuple(parse_target(t) for t in args.beacon_to),
+        mesh=validate_name(args.mesh) if args.mesh else "meshpost", **options,
+    )
 
 
 def build_gateway_config(args: argparse.Namespace) -> GatewayConfig:
@@ -513,6 +552,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain TCP text gateway for nc/socket clients (off by default)")
     p.add_argument("--udp-listen", metavar="udp://HOST:PORT",
                    help="plain UDP text gateway: one datagram, one message (off by default)")
+    p.add_argument("--discover", type=int, nargs="?", const=5671, metavar="PORT",
+                   help="find and join nodes by UDP beacons (default port 5671)")
+    p.add_argument("--discover-host", default="0.0.0.0", metavar="HOST",
+                   help="address beacons are heard on (default all interfaces)")
+    p.add_argument("--beacon-to", action="append", default=[], metavar="HOST:PORT",
+                   help="where beacons go (repeat; default 255.255.255.255:PORT)")
+    p.add_argument("--mesh", metavar="NAME", help="only join nodes of this mesh name")
+    p.add_argument("--beacon-interval", type=float, metavar="SECONDS",
+                   help="seconds between beacons (default 1; silent after 5 of them)")
     p.add_argument("--text-idle-gap", type=float, metavar="SECONDS",
                    help="a TCP client's pause that ends unterminated text (default 0.2)")
     p.add_argument("--log-level", default="info")

@@ -1,0 +1,189 @@
+"""`--discover`: node processes on 127.0.0.1 with no peer list find each other by beacons.
+
+Each node hears beacons on a UDP port of its own and sends its beacons to every node's port
+(`--beacon-to`), so the test stays on loopback and needs no broadcast domain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshpost.cluster import NodeProcess, free_tcp_ports
+from meshpost.control import ControlClient, StatusRequest
+from meshpost.errors import ControlUnavailable
+from meshpost.node import PeerStatus
+from meshpost.store import StoreReader
+from tests.integration.conftest import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+WAIT_S = 40.0
+
+
+def free_udp_ports(count: int) -> list[int]:
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclasses.dataclass
+class DiscoveringNode(NodeProcess):
+    """A node started with flags only: --bind and --discover, no --peer, no --config."""
+
+    bind: str = ""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "meshpost", "node", self.name, "--bind", self.bind,
+                "--data", str(self.data_dir), "--headless", *self.extra_args]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def peers(self) -> list[PeerStatus]:
+        try:
+            with ControlClient(self.data_dir, name=self.name) as client:
+                return list(client.request(StatusRequest(), timeout_s=5).peers)
+        except ControlUnavailable:
+            return []
+
+
+class LanOnLoopback:
+    """Up to `slots` discovering nodes; every one's beacons go to every slot's port."""
+
+    def __init__(self, root: Path, slots: int) -> None:
+        self.root = root
+        self.beacon_ports = free_udp_ports(slots)
+        self.zmq_ports = free_tcp_ports(slots)
+        self.nodes: list[DiscoveringNode] = []
+
+    def node(self, name: str, data: str | None = None) -> DiscoveringNode:
+        slot = len(self.nodes)
+        targets = [a for p in self.beacon_ports for a in ("--beacon-to", f"127.0.0.1:{p}")]
+        data = data or name
+        node = DiscoveringNode(
+            name, self.root / "unused.toml", self.root / data, self.root / f"{data}.log",
+            extra_args=["--discover", str(self.beacon_ports[slot]), "--discover-host",
+                        "127.0.0.1", "--beacon-interval", "0.2", *targets],
+            bind=f"tcp://127.0.0.1:{self.zmq_ports[slot]}",
+        )
+        self.nodes.append(node)
+        return node
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture
+def lan(short_tmp: Path) -> Iterator[LanOnLoopback]:
+    net = LanOnLoopback(short_tmp, 4)
+    try:
+        yield net
+    finally:
+        net.stop()
+
+
+def send(node: DiscoveringNode, to: str, body: str, timeout_s: float = 20.0) -> int:
+    done = subprocess.run(
+        [sys.executable, "-m", "meshpost", "send", "--node", node.name, "--data",
+         str(node.data_dir), "--to", to, "--timeout", str(timeout_s), body],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        env=dict(os.environ),
+    )
+    return done.returncode
+
+
+def bodies(data_dir: Path, direction: str) -> list[str]:
+    with StoreReader.for_data_dir(data_dir) as reader:
+        return [m.body for m in reader.history(direction=direction)]
+
+
+def connected(node: DiscoveringNode) -> set[str]:
+    return {p.name for p in node.peers() if p.connected and p.found == "beacon"}
+
+
+def test_three_nodes_with_no_peer_list_find_each_other_and_exchange_receipted_messages(
+    lan: LanOnLoopback,
+) -> None:
+    a, b, c = (lan.node(n).start() for n in "ABC")
+    for node in (a, b, c):
+        node.wait_ready()
+    for node, others in ((a, {"B", "C"}), (b, {"A", "C"}), (c, {"A", "B"})):
+        wait_until(lambda n=node, o=others: connected(n) == o, WAIT_S,
+                   f"{node.name} connected to {others} by beacon")
+    assert send(a, "all", "hola a todos") == 0
+    assert send(b, "C", "de B a C") == 0
+    assert send(c, "A", "de C a A") == 0
+    assert bodies(b.data_dir, "in") == ["hola a todos"]
+    assert sorted(bodies(c.data_dir, "in")) == ["de B a C", "hola a todos"]
+    assert bodies(a.data_dir, "in") == ["de C a A"]
+    assert "B joined (beacon" in a.log()
+
+
+def test_restarted_node_is_seen_leaving_and_rejoining_and_receives_what_was_queued(
+    lan: LanOnLoopback,
+) -> None:
+    a, c = lan.node("A").start(), lan.node("C").start()
+    a.wait_ready()
+    c.wait_ready()
+    wait_until(lambda: connected(a) == {"C"}, WAIT_S, "A connected to C")
+    c.stop()
+    wait_until(lambda: "C left" in a.log(), WAIT_S, "A seeing C leave")
+    assert send(a, "C", "kept for C", timeout_s=0.5) == 3  # queued, no receipt yet
+    assert bodies(a.data_dir, "out") == ["kept for C"]
+    c.process = None
+    c.start().wait_ready()
+    wait_until(lambda: bodies(c.data_dir, "in") == ["kept for C"], WAIT_S,
+               "the queued message delivered to C after its restart")
+    wait_until(lambda: a.log().count("connected to C") == 2, WAIT_S, "A reconnected to C")
+    assert "C is heard again" in a.log()
+    # C kept its identity: A accepted it again under the node id it first heard.
+    ids = {line.rsplit("node ", 1)[1].rstrip(")") for line in a.log().splitlines()
+           if "connected to C (node" in line}
+    assert len(ids) == 1
+
+
+def test_two_nodes_claiming_one_name_are_reported_on_both_sides_and_neither_takes_the_others(
+    lan: LanOnLoopback,
+) -> None:
+    a = lan.node("A").start()
+    b1 = lan.node("B", data="B1").start()
+    a.wait_ready()
+    b1.wait_ready()
+    wait_until(lambda: connected(a) == {"B"}, WAIT_S, "A connected to the first B")
+    b2 = lan.node("B", data="B2").start()
+    b2.wait_ready()
+    wait_until(lambda: "also calls itself 'B'" in b1.log(), WAIT_S, "the first B told")
+    wait_until(lambda: "also calls itself 'B'" in b2.log(), WAIT_S, "the second B told")
+    wait_until(lambda: "name clash: 'B' is node" in a.log(), WAIT_S, "A told")
+    wait_until(lambda: "A refused us" in b2.log(), WAIT_S, "A refusing the second B")
+    assert send(a, "B", "only for the first B") == 0
+    assert bodies(b1.data_dir, "in") == ["only for the first B"]
+    assert bodies(b2.data_dir, "in") == []
+    assert send(b2, "A", "from the impostor", timeout_s=1) != 0
+    assert bodies(a.data_dir, "in") == []
+
+
+def test_garbage_and_other_meshes_on_the_beacon_port_are_ignored(lan: LanOnLoopback) -> None:
+    a = lan.node("A").start()
+    a.wait_ready()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for junk in (b"", b"hello", b"MPB\x09xx", b"MPB\x01\xff\xff", b"\x00" * 600):
+            s.sendto(junk, ("127.0.0.1", lan.beacon_ports[0]))
+    b = lan.node("B").start()
+    b.wait_ready()
+    wait_until(lambda: connected(a) == {"B"}, WAIT_S, "A still discovering after garbage")
+    assert a.alive()
