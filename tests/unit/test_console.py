@@ -238,6 +238,8 @@ def test_format_queued() -> None:
         (PeerChanged("B", False, "silent for 4.0s"), "○ B lost (silent for 4.0s)"),
         (PeerChanged("B", False, "left: shutting down"), "○ B left (shutting down)"),
         (PeerChanged("B", False, "refused: wrong mesh"), "✗ B refused: wrong mesh"),
+        (PeerChanged("B", False, "joined via beacon at tcp://127.0.0.1:7002"),
+         "+ B joined via beacon at tcp://127.0.0.1:7002"),
     ],
 )
 def test_format_peer_change(event: PeerChanged, line: str) -> None:
