@@ -39,6 +39,9 @@ DEFAULT_INTERVAL_S = 1.0
 #: A node not heard for this long is reported lost (its link keeps its queued messages).
 DEFAULT_SILENCE_S = 5.0
 DEFAULT_MESH = "meshpost"
+#: Reports (clashes, unauthorized nodes) remembered for rate-limiting; a flood of made-up node
+#: ids only makes the log louder, never the memory larger.
+_REPORTS_REMEMBERED = 1024
 
 
 class BeaconError(ProtocolError):
@@ -127,6 +130,14 @@ class Heard:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Unauthorized:
+    """Under --secure, a node whose name and key fingerprint are not in authorized_keys."""
+
+    name: str
+    node_id: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Silent:
     """A node not heard for `silent_s`."""
 
@@ -134,7 +145,7 @@ class Silent:
     silent_s: float
 
 
-Decision = Found | Heard | Clash | Silent
+Decision = Found | Heard | Clash | Unauthorized | Silent
 
 
 @dataclasses.dataclass(slots=True)
@@ -171,7 +182,7 @@ class Directory:
         self._authorized = authorized
         self.stats = DiscoveryStats()
         self._heard: dict[str, _Heard] = {}
-        self._clash_reported: dict[tuple[str, str], float] = {}
+        self._reported: dict[tuple[str, str], float] = {}
 
     def receive(self, data: bytes, source_ip: str, now: float) -> list[Decision]:
         try:
@@ -204,6 +215,8 @@ class Directory:
             return self._clash(beacon.name, self.node_id, beacon, endpoint, now, ours=True)
         if self._authorized is not None and not self._authorized(beacon.name, beacon.key):
             self.stats.unauthorized += 1
+            if self._first_in_period(("unauthorized", beacon.node_id), now):
+                return [Unauthorized(beacon.name, beacon.node_id)]
             return []
         heard = self._heard.get(beacon.name)
         if heard is not None and heard.node_id != beacon.node_id:
@@ -221,13 +234,20 @@ class Directory:
 
     def _clash(self, name: str, known_id: str, beacon: Beacon, endpoint: str, now: float,
                *, ours: bool) -> list[Decision]:
-        key = (name, beacon.node_id)
-        last = self._clash_reported.get(key)
-        if last is not None and now - last < self.silence_s:
+        if not self._first_in_period((name, beacon.node_id), now):
             return []
-        self._clash_reported[key] = now
         self.stats.clashes += 1
         return [Clash(name, known_id, beacon.node_id, endpoint, ours)]
+
+    def _first_in_period(self, key: tuple[str, str], now: float) -> bool:
+        """Whether to report `key` now: once per `silence_s`, so logs stay readable."""
+        last = self._reported.get(key)
+        if last is not None and now - last < self.silence_s:
+            return False
+        if len(self._reported) >= _REPORTS_REMEMBERED:
+            self._reported.clear()
+        self._reported[key] = now
+        return True
 
     def expire(self, now: float) -> list[Decision]:
         """Nodes that fell silent since the last call."""
@@ -387,6 +407,9 @@ class Discovery:
                     if returned:
                         log.info("[%s] %s is heard again", name, peer)
                     self.node.peer_heard(peer)
+                case Unauthorized(name=peer, node_id=node_id):
+                    log.warning("[%s] ignoring %s (node %s): its name and key are not in "
+                                "authorized_keys", name, peer, node_id)
                 case Silent(name=peer, silent_s=silent):
                     log.info("[%s] no beacon from %s for %.1fs", name, peer, silent)
 
@@ -412,6 +435,7 @@ __all__ = [
     "Found",
     "Heard",
     "Silent",
+    "Unauthorized",
     "decode_beacon",
     "encode_beacon",
 ]

@@ -187,3 +187,28 @@ def test_garbage_and_other_meshes_on_the_beacon_port_are_ignored(lan: LanOnLoopb
     b.wait_ready()
     wait_until(lambda: connected(a) == {"B"}, WAIT_S, "A still discovering after garbage")
     assert a.alive()
+
+
+def test_under_secure_only_nodes_with_an_authorized_key_are_dialed(lan: LanOnLoopback) -> None:
+    from meshpost import keys
+
+    a, b, m = lan.node("A"), lan.node("B"), lan.node("M")
+    for node in (a, b, m):
+        node.extra_args = [*node.extra_args, "--secure"]
+    publics = keys.generate_mesh_keys({"A": a.data_dir, "B": b.data_dir})
+    # M trusts A and B, but neither of them has M's key.
+    keys.generate(m.data_dir)
+    keys.write_authorized(m.data_dir, publics)
+    for node in (a, b, m):
+        node.start()
+    for node in (a, b, m):
+        node.wait_ready()
+    wait_until(lambda: connected(a) == {"B"} and connected(b) == {"A"}, WAIT_S,
+               "A and B connected over CURVE by beacon")
+    for node in (a, b):
+        wait_until(lambda n=node: "ignoring M" in n.log(), WAIT_S,
+                   f"{node.name} ignoring M's beacons")
+    assert send(a, "B", "secreto") == 0
+    assert {p.name for p in a.peers()} == {"B"}
+    assert send(m, "A", "let me in", timeout_s=1) != 0
+    assert bodies(a.data_dir, "in") == []

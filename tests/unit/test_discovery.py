@@ -13,6 +13,7 @@ from meshpost.discovery import (
     Found,
     Heard,
     Silent,
+    Unauthorized,
     decode_beacon,
     dial_endpoint,
     encode_beacon,
@@ -95,7 +96,7 @@ def test_a_second_node_claiming_a_known_name_is_a_clash_never_found() -> None:
 def test_under_secure_only_authorized_key_fingerprints_are_found() -> None:
     prints = {"B": key_fingerprint(b"k" * 32)}
     d = directory(authorized=lambda name, key: key is not None and prints.get(name) == key)
-    assert d.receive(beacon(key=None), "127.0.0.1", 0.0) == []
+    assert d.receive(beacon(key=None), "127.0.0.1", 0.0) == [Unauthorized("B", "b1")]
     assert d.receive(beacon(key=key_fingerprint(b"x" * 32)), "127.0.0.1", 0.0) == []
     assert d.receive(beacon(key=prints["B"]), "127.0.0.1", 0.0)[0] == Found(
         "B", "b1", "tcp://127.0.0.1:7002")
