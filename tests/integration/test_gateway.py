@@ -233,3 +233,55 @@ def test_client_killed_mid_message_loses_nothing_stored_and_node_keeps_serving(
     bodies = [m.body for m in rows(mesh.cluster.data_dir("A"))]
     assert bodies.count("kept") == 1 and bodies.count("after") == 1
     assert set(bodies) <= {"kept", "after", "cut off mid"}
+
+
+def test_flood_of_clients_some_killed_mid_message_loses_and_duplicates_nothing(
+    mesh: Mesh,
+) -> None:
+    """The battery's counts for the gateway: every acknowledged message stored exactly once
+    (lost 0, duplicated 0), and nothing stored that no client sent whole."""
+    clients, per_client = 30, 10
+    acked: dict[str, str] = {}  # id -> body
+    sent_whole: set[str] = set()
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        try:
+            s = connect(mesh.tcp_port)
+            for k in range(per_client):
+                body = f"c{i} m{k}"
+                if i % 5 == 0 and k == per_client // 2:
+                    s.send(body[:3].encode())  # half a message, then a reset
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                 b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    s.close()
+                    with lock:
+                        sent_whole.add(body[:3])  # a reset may still end it as a message
+                    return
+                with lock:
+                    sent_whole.add(body)
+                reply = say(s, body).rstrip("\n")
+                match = ACK.match(reply)
+                assert match, reply
+                with lock:
+                    acked[match.group(1)] = body
+            s.close()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S * 2)
+    assert not errors, errors
+    stored = rows(mesh.cluster.data_dir("A"), direction="in")
+    by_id = {m.id: m.body for m in stored}
+    lost = [i for i, body in acked.items() if by_id.get(i) != body]
+    bodies = [m.body for m in stored]
+    duplicated = len(bodies) - len(set(bodies))
+    phantom = [b for b in bodies if b not in sent_whole]
+    assert (len(lost), duplicated, len(phantom)) == (0, 0, 0), (lost, duplicated, phantom)
+    assert len(acked) == clients * per_client - (clients // 5) * (per_client - per_client // 2)
+    assert mesh.a.alive()
