@@ -11,11 +11,19 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import errno
 import logging
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from meshpost.errors import InvalidEndpoint, InvalidMessage, MeshpostError, UnknownPeer
+from meshpost.errors import (
+    EndpointInUse,
+    InvalidEndpoint,
+    InvalidMessage,
+    MeshpostError,
+    UnknownPeer,
+)
 from meshpost.store import StoreReader
 
 if TYPE_CHECKING:
@@ -233,13 +241,15 @@ class Gateway:
         cfg, name = self.config, self.node.name
         loop = asyncio.get_running_loop()
         if cfg.tcp is not None:
-            self._server = await asyncio.start_server(self._serve_client, *cfg.tcp)
+            with _bind_errors("tcp", cfg.tcp):
+                self._server = await asyncio.start_server(self._serve_client, *cfg.tcp)
             self.tcp_address = self._server.sockets[0].getsockname()[:2]
             log.info("[%s] text gateway on tcp://%s:%d", name, *self._display(self.tcp_address))
         if cfg.udp is not None:
-            transport, _protocol = await loop.create_datagram_endpoint(
-                lambda: _UdpProtocol(self), local_addr=cfg.udp
-            )
+            with _bind_errors("udp", cfg.udp):
+                transport, _protocol = await loop.create_datagram_endpoint(
+                    lambda: _UdpProtocol(self), local_addr=cfg.udp
+                )
             self._udp = transport
             self.udp_address = transport.get_extra_info("sockname")[:2]
             log.info("[%s] text gateway on udp://%s:%d", name, *self._display(self.udp_address))
@@ -433,6 +443,18 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         # An ICMP "port unreachable" for an ack to a client that never reads (seed 003's):
         # nothing is lost, the message was stored before the ack left.
         log.debug("[%s] udp gateway: %s", self._gateway.node.name, exc)
+
+
+@contextlib.contextmanager
+def _bind_errors(scheme: str, address: tuple[str, int]) -> Iterator[None]:
+    """A listening address we cannot take, as the error a user can act on."""
+    url = f"{scheme}://{address[0]}:{address[1]}"
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise EndpointInUse(url, exc.strerror or str(exc)) from None
+        raise InvalidEndpoint(url, exc.strerror or str(exc)) from None
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from meshpost import Node, NodeConfig
+from meshpost.errors import EndpointInUse
 from meshpost.gateway import Gateway, GatewayConfig
 from meshpost.store import StoreReader
 
@@ -125,3 +126,16 @@ def test_udp_oversize_datagram_is_answered_with_an_error_and_not_stored(short_tm
     assert ok.startswith(b"received ")
     assert inbox.startswith(b"inbox: 1 message(s)\n") and inbox.endswith(b": ok\n")
     assert stored_bodies(short_tmp / "A") == ["ok"]
+
+
+def test_a_taken_port_is_a_clear_endpoint_in_use_error(short_tmp: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        async def scenario(node: Node, gw: Gateway) -> None:  # pragma: no cover - never runs
+            raise AssertionError("the gateway started on a taken port")
+
+        with pytest.raises(EndpointInUse, match=f"tcp://127.0.0.1:{port}"):
+            run(short_tmp, GatewayConfig(tcp=("127.0.0.1", port)), scenario)
