@@ -139,7 +139,8 @@ class RemoteNode:
                 envelope = Envelope(m.id, 0, m.sender, self.name, m.body, m.sent_at_ns, m.hlc)
                 self._publish(MessageReceived(envelope, m.stored_at_ns))
             for change in reply.peer_changes:
-                self._publish(PeerChanged(change.peer, change.connected, change.detail))
+                self._publish(PeerChanged.from_detail(change.peer, change.connected,
+                                                      change.detail))
             for d in reply.deliveries:
                 for seq in d.seqs:
                     handle = self._handles.pop((d.peer, seq), None)

@@ -51,6 +51,7 @@ from meshpost.node import (
     NodeEvent,
     NodeStats,
     Outgoing,
+    PeerChange,
     PeerChanged,
     PeerRefused,
     PeerStatus,
@@ -234,10 +235,10 @@ def test_format_queued() -> None:
 @pytest.mark.parametrize(
     ("event", "line"),
     [
-        (PeerChanged("B", True, "connected"), "● B connected"),
-        (PeerChanged("B", False, "silent for 4.0s"), "○ B lost (silent for 4.0s)"),
-        (PeerChanged("B", False, "left: shutting down"), "○ B left (shutting down)"),
-        (PeerChanged("B", False, "refused: wrong mesh"), "✗ B refused: wrong mesh"),
+        (PeerChanged("B", True, PeerChange.CONNECTED), "● B connected"),
+        (PeerChanged("B", False, PeerChange.LOST, "silent for 4.0s"), "○ B lost (silent for 4.0s)"),
+        (PeerChanged("B", False, PeerChange.LEFT, "shutting down"), "○ B left (shutting down)"),
+        (PeerChanged("B", False, PeerChange.REFUSED, "wrong mesh"), "✗ B refused: wrong mesh"),
     ],
 )
 def test_format_peer_change(event: PeerChanged, line: str) -> None:
@@ -489,7 +490,7 @@ def test_incoming_and_peer_events_print_while_prompting(node: FakeNode) -> None:
         node.publish(MessageReceived(envelope("hello from B", sent_at_ns=T0), T0 + MS))
         line = await d.printed("hello from B")
         assert re.fullmatch(r"\[\d\d:\d\d:\d\d\.000 sender-clock\] B → me: hello from B", line)
-        node.publish(PeerChanged("C", False, "silent for 4.0s"))
+        node.publish(PeerChanged("C", False, PeerChange.LOST, "silent for 4.0s"))
         await d.printed(r"○ C lost \(silent for 4\.0s\)")
         d.type("/quit\n")
 
