@@ -375,8 +375,8 @@ class Node:
         self._subscribers: list[asyncio.Queue[NodeEvent]] = []
         self._refusal_notices: dict[str, float] = {}
         self._delivered_changed = asyncio.Event()
-        #: Set after each commit of incoming messages (`messages()` readers wait on it).
-        self._received_changed = asyncio.Event()
+        #: One event per `messages()` reader, set after each commit of incoming messages.
+        self._message_readers: set[asyncio.Event] = set()
         self._closed = False
         self._started = False
         #: Why the node stopped accepting work (an unexpected store failure), once it did.
@@ -498,7 +498,8 @@ class Node:
         if self._closed:
             return
         self._closed = True
-        self._received_changed.set()  # `messages()` readers end
+        for wakeup in self._message_readers:  # `messages()` readers end
+            wakeup.set()
         if self._writer is not None and self._started:
             try:
                 await asyncio.wait_for(self._writer.flush(), CLOSE_FLUSH_TIMEOUT_S)
@@ -680,28 +681,43 @@ class Node:
         assert self._writer is not None
         await self._writer.flush()
 
-    async def messages(self, *, poll_s: float = MESSAGES_POLL_S) -> AsyncIterator[Message]:
-        """Messages peers send this node, from now on, in the order they were stored.
+    def messages(self, *, poll_s: float = MESSAGES_POLL_S) -> AsyncIterator[Message]:
+        """Messages peers send this node from this call on, in the order they were stored.
 
         `async for msg in node.messages(): ...` Nothing is lost however slowly you read: the
         iterator reads the node's own store (each message is committed there before its
-        sender gets the receipt), a batch of at most `MESSAGES_BATCH` rows at a time, so a
-        slow reader holds up no one and costs no memory. Several readers each see every
-        message. Ends when the node closes.
+        sender gets the receipt), at most `MESSAGES_BATCH` rows at a time, so a slow reader
+        holds up no one and costs no memory; a bounded queue would instead have had to stop
+        the node reading from the network (and receipting) for every peer. Several readers
+        each see every message. The iterator ends when the node closes; `aclose()` it (or
+        leave the `async for`) to stop earlier.
         """
         self._check_open()
-        reader = await asyncio.to_thread(StoreReader.for_data_dir, self.config.data_dir)
+        # Where "from now on" starts is read here, not at the first `anext`: a message that
+        # arrives between this call and the first read is not missed. One indexed read of a
+        # read-only WAL connection, which never waits for the writer.
+        reader = StoreReader.for_data_dir(self.config.data_dir)
         try:
-            cursor = await asyncio.to_thread(reader.last_incoming_cursor)
+            cursor = reader.last_incoming_cursor()
+        except BaseException:
+            reader.close()
+            raise
+        return self._read_messages(reader, cursor, poll_s)
+
+    async def _read_messages(
+        self, reader: StoreReader, cursor: int, poll_s: float
+    ) -> AsyncIterator[Message]:
+        wakeup = asyncio.Event()
+        self._message_readers.add(wakeup)
+        try:
             while not self._closed:
-                self._received_changed.clear()
+                wakeup.clear()  # before the read: a commit during it wakes the wait below
                 rows = await asyncio.to_thread(reader.incoming_after, cursor, MESSAGES_BATCH)
                 if not rows:
-                    # Also woken every `poll_s`: a commit between the read and the clear
-                    # above cannot leave a reader waiting for ever.
+                    # Also every `poll_s`, in case a wake-up went astray.
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(poll_s):
-                            await self._received_changed.wait()
+                            await wakeup.wait()
                     continue
                 for row_cursor, row in rows:
                     cursor = row_cursor
@@ -710,6 +726,7 @@ class Node:
                         sent_at_ns=row.sent_at_ns, hlc=row.hlc, stored_at_ns=row.stored_at_ns,
                     )
         finally:
+            self._message_readers.discard(wakeup)
             reader.close()
 
     def subscribe(self) -> asyncio.Queue[NodeEvent]:
@@ -1011,8 +1028,9 @@ class Node:
         self._crash(CrashPoint.BEFORE_ACK_SEND)
         self._reply(identity, frames)
         self.stats.received += new
-        if new:
-            self._received_changed.set()
+        if new and self._message_readers:
+            for wakeup in self._message_readers:
+                wakeup.set()
         if self._subscribers:
             # A retransmission is receipted again but was shown when it first arrived.
             fresh = set(result.committed).difference(result.duplicates)
