@@ -433,6 +433,7 @@ class Node:
                 curve_secret_key=secret,
                 curve_public_key=public,
                 peer_public_keys=self._peer_public_keys,
+                probe=self._probe,
             )
             self.endpoints = self._transport.bind(cfg.bind)
             for peer in cfg.peers:
@@ -1051,30 +1052,17 @@ class Node:
         transport = self._transport
         if transport is None:
             return
-        probe = self._probe
-        if probe is None:
-            for frame in frames:
-                transport.send_to_peer(peer, encode(frame))
-        else:
-            for frame in frames:
-                data = encode(frame)
-                probe.mark(probes.SEND[0])
-                transport.send_to_peer(peer, data)
-                probe.mark(probes.SEND[1])
+        for frame in frames:
+            transport.send_to_peer(peer, encode(frame))
         self._crash(CrashPoint.AFTER_TRANSMIT)
 
     def _reply(self, identity: bytes, frames: list[Frame]) -> None:
         """Send `frames` back to the connection `identity` (answers to what it sent us)."""
-        transport, probe = self._transport, self._probe
+        transport = self._transport
         if transport is None:
             return
         for frame in frames:
-            data = encode(frame)
-            if probe is not None:
-                probe.mark(probes.SEND[0])
-            transport.reply(identity, data)
-            if probe is not None:
-                probe.mark(probes.SEND[1])
+            transport.reply(identity, encode(frame))
 
     def _on_event(self, event: Event) -> None:
         match event:

@@ -23,7 +23,8 @@ PEER_FRAME = "dealer readable<"
 LISTENER_RECEIVE = ("listener.receive<", "listener.receive>")
 LISTENER_STORED = ("listener.stored<", "listener.stored>")
 DIALER_RECEIVE = ("dialer.receive<", "dialer.receive>")
-#: Handing one encoded frame to the transport (queueing it, waking ZeroMQ's I/O thread).
+#: Handing one encoded frame to ZeroMQ (queueing it, waking its I/O thread); stamped by the
+#: transport the node builds.
 SEND = ("zmq send<", "zmq send>")
 #: One `Store.apply`: a transaction of the group-commit writer.
 COMMIT = ("commit<", "commit>")

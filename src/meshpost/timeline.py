@@ -8,7 +8,7 @@ the merged stamps at each `send<` gives one timeline per send; the sends whose s
 the usual order are summarised step by step, and every step falls in one of four kinds:
 
 - `commit`: a `Store.apply` (the sender's row, the receiver's row, the delivery record);
-- `zmq send`: a `zmq.Socket.send` call (queueing a frame, and waking ZeroMQ's I/O thread);
+- `zmq send`: handing one frame to ZeroMQ (queueing it, and waking ZeroMQ's I/O thread);
 - `between processes`: from the moment one node has queued its frame to the other node's next
   stamp (the kernel, ZeroMQ's I/O threads, the wake-up of the other process); what the first
   node does meanwhile is off the critical path and not counted;
