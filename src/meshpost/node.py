@@ -472,6 +472,13 @@ class Node:
         self.failure = NodeFailed(self.name, error)
         log.critical("[%s] %s", self.name, self.failure)
         self._failed.set()
+        # Receipts still expected can no longer be recorded: their waiters hear why now
+        # rather than at their timeout. (The messages are stored; a restart delivers them.)
+        for key in list(self._waiters):
+            waiter = self._take_waiter(*key)
+            if waiter is not None:
+                waiter[0].set_exception(self.failure)
+                waiter[0].exception()  # retrieved: a handle nobody awaits is not an error
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set. Raises `NodeFailed` if the node fails first (the caller
@@ -1167,7 +1174,8 @@ class Node:
             queue.put_nowait(event)
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else ("running" if self._started else "new")
+        state = ("failed" if self.failure is not None else "closed" if self._closed
+                 else "running" if self._started else "new")
         return (
             f"Node({self.name!r}, {state}, endpoints={self.endpoints}, "
             f"peers={list(self._links)})"

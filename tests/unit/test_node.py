@@ -127,11 +127,17 @@ def test_an_unexpected_store_error_fails_the_post_and_the_node(
             def boom(*_args: object, **_kwargs: object) -> None:
                 raise RuntimeError("bug in the store")
 
+            net.partition("A", "B")  # so that this one's receipt cannot come
+            (waiting,) = await a.post("B", "stored before the failure")
             monkeypatch.setattr(Store, "apply", boom)
             with pytest.raises(NodeFailed, match="bug in the store") as failed:
                 await asyncio.wait_for(a.post("B", "doomed"), PATIENCE_S)
             assert isinstance(failed.value.__cause__, RuntimeError)
             assert a.failure is failed.value
+            assert "failed" in repr(a)
+            # A receipt still expected fails too, instead of waiting for its timeout.
+            with pytest.raises(NodeFailed):
+                await wait_receipt(waiting, PATIENCE_S)
             # New work is refused at once with the same error, as h11 does after an error.
             with pytest.raises(NodeFailed):
                 await asyncio.wait_for(a.post("B", "again"), PATIENCE_S)
