@@ -401,22 +401,25 @@ class Node:
     async def start(self) -> None:
         """Open the store, bind, connect to peers and start serving. Raises on bad setup."""
         cfg = self.config
-        self._store = self._given_store or await asyncio.to_thread(
-            Store.open, cfg.data_dir, name=cfg.name, sync=cfg.sync)
+        store = self._given_store
+        if store is None:
+            store = await asyncio.to_thread(Store.open, cfg.data_dir, name=cfg.name,
+                                            sync=cfg.sync)
+        self._store = store
         try:
-            self._writer = GroupCommitWriter(self._store, self.clock, node=self.name,
+            self._writer = GroupCommitWriter(store, self.clock, node=self.name,
                                              after_callbacks=self._pump_stored_links,
                                              on_failure=self._store_failed, probe=self._probe)
-            self._next_seq = await self._writer.call(self._store.last_seqs)
+            self._next_seq = await self._writer.call(store.last_seqs)
             # Start the HLC above every stamp already stored, since the wall clock may have
             # gone back while the node was down: our own stamps as they are, our peers'
             # through `observe`, which ignores an absurdly early clock as it did on arrival.
-            own = await self._writer.call(self._store.max_hlc, "out")
+            own = await self._writer.call(store.max_hlc, "out")
             self.hlc = HybridLogicalClock(self.clock, last=own)
-            self.hlc.observe(await self._writer.call(self._store.max_hlc, "in"))
+            self.hlc.observe(await self._writer.call(store.max_hlc, "in"))
             self._listener = Listener(
                 local_name=cfg.name,
-                local_node_id=self._store.node_id,
+                local_node_id=store.node_id,
                 known_peers=cfg.peer_names,
                 max_message_bytes=cfg.max_message_bytes,
                 sync=cfg.sync,
@@ -440,7 +443,7 @@ class Node:
                 self._transport.add_peer(peer.name, peer.endpoint)
                 self._links[peer.name] = DialerLink(
                     local_name=cfg.name,
-                    local_node_id=self._store.node_id,
+                    local_node_id=store.node_id,
                     peer=peer.name,
                     window=cfg.window,
                     window_bytes=cfg.window_bytes,
