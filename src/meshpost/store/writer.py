@@ -342,7 +342,7 @@ class GroupCommitWriter:
             # item cannot be written (fail it alone) or the writer is broken: find out which.
             log.warning("[%s] store write failed (%r); applying its %d item(s) one by one",
                         self._node, exc, len(callbacks))
-            self._isolate(callbacks, exc)
+            self._isolate(callbacks)
             return
         self.errors += 1
         self.last_error = exc
@@ -358,7 +358,7 @@ class GroupCommitWriter:
 
     # -- isolating a bad item --------------------------------------------------------------
 
-    def _isolate(self, callbacks: _Callbacks, exc: BaseException) -> None:
+    def _isolate(self, callbacks: _Callbacks) -> None:
         """Apply each item of a failed batch alone, on the thread, then report per item."""
         loop = self._loop
         if loop is None:  # stopped meanwhile: nothing was committed, nothing is acknowledged
@@ -370,7 +370,7 @@ class GroupCommitWriter:
             error = future.exception()
             outcome: _Isolated = future.result() if error is None else ([], error)
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._isolated, callbacks, outcome, exc)
+                loop.call_soon_threadsafe(self._isolated, callbacks, outcome)
 
         self._executor.submit(self._apply_alone, callbacks).add_done_callback(finished)
 
@@ -437,10 +437,7 @@ class GroupCommitWriter:
             merged.duplicates += result.duplicates
         return merged, stored_at or self._clock.wall_ns()
 
-    def _isolated(
-        self, callbacks: _Callbacks, outcome: _Isolated | tuple[list[_ItemOutcome], BaseException],
-        first: BaseException,
-    ) -> None:
+    def _isolated(self, callbacks: _Callbacks, outcome: _Isolated) -> None:
         outcomes, broken = outcome
         if isinstance(broken, StoreError):
             # The store itself failed meanwhile (locked, full): retry the batch whole.
@@ -479,7 +476,7 @@ class GroupCommitWriter:
         callbacks: _Callbacks,
     ) -> None:
         """Report the items already applied alone, then retry the rest as one batch."""
-        self._isolated(callbacks[: len(outcomes)], (outcomes, None), error)
+        self._isolated(callbacks[: len(outcomes)], (outcomes, None))
         batch = WriteBatch()
         for kind, payload, _done, _failed in rest:
             if kind == _OUT:
@@ -499,9 +496,8 @@ class GroupCommitWriter:
         self.failure = error
         log.error("[%s] store writer broken; failing every pending write", self._node,
                   exc_info=error)
-        batch, queued = self._batch, self._callbacks
+        queued = self._callbacks
         self._batch, self._callbacks, self._rows = WriteBatch(), [], 0
-        del batch
         self._room.set()
         # The owner first, so that what the callbacks report can name its failed state.
         if self._on_failure is not None:
