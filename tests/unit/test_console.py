@@ -657,8 +657,8 @@ def test_peers_connected_before_the_console_started_are_shown_once(node: FakeNod
     async def scenario(d: Driver) -> None:
         await d.printed("● B connected")
         # The event that may follow the snapshot says nothing new: not shown twice.
-        node.publish(PeerChanged("B", True, "connected"))
-        node.publish(PeerChanged("C", True, "connected"))
+        node.publish(PeerChanged("B", True, PeerChange.CONNECTED))
+        node.publish(PeerChanged("C", True, PeerChange.CONNECTED))
         await d.printed("● C connected")
         d.type("/quit\n")
 

@@ -117,6 +117,9 @@ class MemoryTransport:
             return False
         return True
 
+    def handshake_failure(self, peer: str) -> str | None:
+        return None  # no handshake below the protocol's own
+
     def pause_inbound(self) -> None:
         self._inbound_paused = True
 
