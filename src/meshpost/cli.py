@@ -178,7 +178,7 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool,
                 task.cancel()
             await asyncio.gather(console, stopper, return_exceptions=True)
         else:
-            await stop.wait()
+            await node.serve(stop)  # raises NodeFailed (exit 6) if the node fails first
             log.info("[%s] shutting down", cfg.name)
 
 

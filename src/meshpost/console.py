@@ -31,16 +31,18 @@ from prompt_toolkit.styles import Style
 
 from meshpost.clock import Clock
 from meshpost.config import NodeConfig
-from meshpost.errors import MeshpostError, UnknownPeer
+from meshpost.errors import MeshpostError, ReceiptTimeout, UnknownPeer
 from meshpost.node import (
     DeliveryRecorded,
     MessageReceived,
     NodeEvent,
     NodeStats,
     Outgoing,
+    PeerChange,
     PeerChanged,
     PeerRefused,
     PeerStatus,
+    wait_receipt,
 )
 from meshpost.store import StoredMessage, StoreReader
 from meshpost.text import (
@@ -345,9 +347,10 @@ class _Console:
         connected before the console started is shown too; `watch` skips repeats."""
         for peer in self.node.peers():
             if peer.connected:
-                self.show_peer_change(PeerChanged(peer.name, True, "connected"))
+                self.show_peer_change(PeerChanged(peer.name, True, PeerChange.CONNECTED))
             elif peer.refusal:
-                self.show_peer_change(PeerChanged(peer.name, False, f"refused: {peer.refusal}"))
+                self.show_peer_change(PeerChanged(peer.name, False, PeerChange.REFUSED,
+                                                  peer.refusal))
 
     def show_peer_change(self, event: PeerChanged) -> None:
         shown = format_peer_change(event)
@@ -377,18 +380,16 @@ class _Console:
 
     async def follow(self, handle: Outgoing, *, announced: bool) -> None:
         """Print the receipt of one message; say it is queued if it takes too long."""
-        receipt_f = handle.receipt
         try:
             if not announced:
                 try:
-                    receipt = await asyncio.wait_for(asyncio.shield(receipt_f),
-                                                     self.receipt_wait_s)
-                except TimeoutError:
+                    receipt = await wait_receipt(handle, self.receipt_wait_s)
+                except ReceiptTimeout:
                     self.print(format_queued(handle.to, waited_s=self.receipt_wait_s))
                 else:
                     self.print(format_receipt(receipt, body=handle.body))
                     return
-            self.print(format_receipt(await asyncio.shield(receipt_f), body=handle.body))
+            self.print(format_receipt(await wait_receipt(handle, None), body=handle.body))
         except MeshpostError as exc:
             self.print(format_failure(exc))
 

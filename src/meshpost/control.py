@@ -22,7 +22,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from meshpost.errors import ControlUnavailable, MeshpostError
+from meshpost.errors import ControlUnavailable, MeshpostError, ReceiptTimeout
 from meshpost.node import (
     DeliveryRecorded,
     MessageReceived,
@@ -30,6 +30,7 @@ from meshpost.node import (
     PeerChanged,
     PeerStatus,
     describe_error,
+    wait_receipt,
 )
 
 log = logging.getLogger(__name__)
@@ -226,8 +227,8 @@ class ControlServer:
         base = {"to": handle.to, "id": handle.id, "seq": handle.seq,
                 "sent_at_ns": handle.sent_at_ns}
         try:
-            receipt = await asyncio.wait_for(asyncio.shield(handle.receipt), timeout_s)
-        except TimeoutError:
+            receipt = await wait_receipt(handle, timeout_s)
+        except ReceiptTimeout:
             return SendResult(delivered=False, **base)
         except MeshpostError as exc:
             return SendResult(delivered=False, error=str(exc), **base)

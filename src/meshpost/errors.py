@@ -174,12 +174,18 @@ class SchemaTooNew(StoreError):
         )
 
 
-class ConflictingDuplicate(StoreError):
-    """A message id arrived again with a different body or sender time."""
+class NodeFailed(StoreError):
+    """The node's store failed in a way retrying cannot fix; the node accepts nothing more.
+    Every write that was pending failed with the same cause."""
 
-    def __init__(self, message_id: str) -> None:
-        super().__init__(f"message {message_id} arrived again with different content; rejected")
-        self.message_id = message_id
+    def __init__(self, name: str, cause: BaseException) -> None:
+        super().__init__(
+            f"node {name!r} stopped accepting messages after an unexpected store failure "
+            f"({type(cause).__name__}: {cause}); see its log, then restart it"
+        )
+        self.name = name
+        self.cause = cause
+        self.__cause__ = cause
 
 
 class MessageRejected(MeshpostError):

@@ -2,7 +2,8 @@
 
 Rule: decide, then perform. Protocol objects decide what to send and what happened; this
 module performs it (sockets, group commit) and never acknowledges a message before the store
-has committed it. Lower layers never import this module.
+has committed it. Lower layers never import this module. Transport, store and clock are
+injected (the real ones by default), so tests run a node on fakes in virtual time.
 """
 
 from __future__ import annotations
@@ -16,24 +17,24 @@ import logging
 import os
 import secrets
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextvars import Context
 
 import msgspec
 
+import meshpost.probes as probes
+import meshpost.rules as rules
 from meshpost.clock import HLC_LOGICAL_MASK, Clock, HybridLogicalClock, SystemClock
 from meshpost.config import NodeConfig, PeerConfig
 from meshpost.errors import (
     ConfigError,
-    EmptyMessage,
     IdentityMismatch,
     MeshpostError,
     MessageRejected,
-    MessageTooLarge,
     NodeClosed,
+    NodeFailed,
     ProtocolError,
     ReceiptTimeout,
-    UnknownPeer,
 )
 from meshpost.protocol import (
     Bye,
@@ -64,7 +65,7 @@ from meshpost.store import (
     Store,
     StoreReader,
 )
-from meshpost.transport import ZmqTransport
+from meshpost.transport import Transport, ZmqTransport
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,10 @@ REFUSAL_NOTICE_INTERVAL_S = 60.0
 REFUSAL_NOTICE_MEMORY = 256
 #: How long `close()` waits for the last batch to commit.
 CLOSE_FLUSH_TIMEOUT_S = 10.0
+#: `messages()` reads at most this many rows per query: a reader's memory stays bounded.
+MESSAGES_BATCH = 512
+#: `messages()` looks at the store at least this often even when not woken.
+MESSAGES_POLL_S = 1.0
 
 
 class CrashPoint(enum.Enum):
@@ -94,7 +99,8 @@ class CrashPoint(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Receipt:
-    """Proof that `to` committed message `message_id` to its store."""
+    """Proof that `to` committed message `message_id` to its store (the API's record of a
+    receipt; the wire frame that carries it is `meshpost.protocol.Receipt`)."""
 
     message_id: str
     to: str
@@ -150,6 +156,22 @@ def _release_receipt_future(future: ReceiptFuture) -> None:
     future._holder.pop(future._key, None)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """A message a peer sent this node, as `Node.messages()` yields it (already stored)."""
+
+    id: str
+    sender: str
+    recipient: str
+    body: str
+    #: The sender's wall clock when it sent the message (ns since the epoch).
+    sent_at_ns: int
+    #: The sender's hybrid logical clock stamp: sorts causally across nodes.
+    hlc: int
+    #: Our clock when we committed it.
+    stored_at_ns: int
+
+
 @dataclasses.dataclass(slots=True)
 class Outgoing:
     """A message accepted into the durable outbox. Await `receipt` for its delivery."""
@@ -195,11 +217,50 @@ class DeliveryRecorded:
     delivered_at_ns: int
 
 
+class PeerChange(enum.Enum):
+    """What happened to a peer's link (`PeerChanged.kind`)."""
+
+    CONNECTED = "connected"
+    JOINED = "joined"
+    LEFT = "left"
+    LOST = "lost"
+    REFUSED = "refused"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class PeerChanged:
+    """A peer connected, left, went silent or refused us; `reason` says why (may be empty)."""
+
     peer: str
     connected: bool
-    detail: str
+    kind: PeerChange
+    reason: str = ""
+
+    @property
+    def detail(self) -> str:
+        """One line for a user, e.g. "left: shutting down" (also sent over the control
+        socket, where `from_detail` reads it back)."""
+        match self.kind:
+            case PeerChange.CONNECTED:
+                return "connected"
+            case PeerChange.LOST:
+                return self.reason
+            case PeerChange.JOINED:
+                return f"joined {self.reason}"
+            case _:
+                return f"{self.kind.value}: {self.reason}"
+
+    @classmethod
+    def from_detail(cls, peer: str, connected: bool, detail: str) -> PeerChanged:
+        """The event `detail` was made from (the control socket carries only the text)."""
+        for kind in (PeerChange.LEFT, PeerChange.REFUSED):
+            if detail.startswith(f"{kind.value}: "):
+                return cls(peer, connected, kind, detail.removeprefix(f"{kind.value}: "))
+        if detail == "connected":
+            return cls(peer, connected, PeerChange.CONNECTED)
+        if detail.startswith("joined "):
+            return cls(peer, connected, PeerChange.JOINED, detail.removeprefix("joined "))
+        return cls(peer, connected, PeerChange.LOST, detail)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -242,8 +303,7 @@ class _IdFactory:
     bits per process start), and cheap: no syscall per id.
     """
 
-    def __init__(self, clock: Clock) -> None:
-        self._clock = clock
+    def __init__(self) -> None:
         self._next = secrets.randbits(63)
 
     def __call__(self, wall_ns: int) -> str:
@@ -272,13 +332,22 @@ class _IdFactory:
 
 
 class Node:
-    """One meshpost node. Use as `async with Node(config) as node:`."""
+    """One meshpost node. Use as `async with Node(config) as node:`.
+
+    Its parts are injected, with the real ones as defaults: `clock` (`SystemClock`),
+    `transport` (a `ZmqTransport` built from the config and `curve_keys`/`peer_public_keys`),
+    `store` (an open `Store`, else `Store.open` of `config.data_dir`; the node closes it) and
+    `probe` (trace points, see `meshpost.probes`; none by default).
+    """
 
     def __init__(
         self,
         config: NodeConfig,
         *,
         clock: Clock | None = None,
+        transport: Transport | None = None,
+        store: Store | None = None,
+        probe: probes.Probe | None = None,
         crash_at: CrashPoint | None = None,
         curve_keys: tuple[bytes, bytes] | None = None,
         peer_public_keys: dict[str, bytes] | None = None,
@@ -291,10 +360,13 @@ class Node:
         self._crash_at = crash_at
         self._curve_keys = curve_keys
         self._peer_public_keys = peer_public_keys
-        self._new_id = _IdFactory(self.clock)
+        self._probe = probe
+        self._new_id = _IdFactory()
+        self._given_store = store
+        self._given_transport = transport
         self._store: Store | None = None
         self._writer: GroupCommitWriter | None = None
-        self._transport: ZmqTransport | None = None
+        self._transport: Transport | None = None
         self._listener: Listener | None = None
         self._links: dict[str, DialerLink] = {}
         #: Links that a commit's callbacks gave messages to send (an ordered set).
@@ -310,8 +382,13 @@ class Node:
         self._subscribers: list[asyncio.Queue[NodeEvent]] = []
         self._refusal_notices: dict[str, float] = {}
         self._delivered_changed = asyncio.Event()
+        #: One event per `messages()` reader, set after each commit of incoming messages.
+        self._message_readers: set[asyncio.Event] = set()
         self._closed = False
         self._started = False
+        #: Why the node stopped accepting work (an unexpected store failure), once it did.
+        self.failure: NodeFailed | None = None
+        self._failed = asyncio.Event()
         self.endpoints: list[str] = []
         #: Every peer's endpoint and how it was found ("config" or "beacon").
         self._found: dict[str, tuple[str, str]] = {}
@@ -333,21 +410,25 @@ class Node:
     async def start(self) -> None:
         """Open the store, bind, connect to peers and start serving. Raises on bad setup."""
         cfg = self.config
-        self._store = await asyncio.to_thread(Store.open, cfg.data_dir, name=cfg.name,
-                                              sync=cfg.sync)
+        store = self._given_store
+        if store is None:
+            store = await asyncio.to_thread(Store.open, cfg.data_dir, name=cfg.name,
+                                            sync=cfg.sync)
+        self._store = store
         try:
-            self._writer = GroupCommitWriter(self._store, self.clock, node=self.name,
-                                             after_callbacks=self._pump_stored_links)
-            self._next_seq = await self._writer.call(self._store.last_seqs)
+            self._writer = GroupCommitWriter(store, self.clock, node=self.name,
+                                             after_callbacks=self._pump_stored_links,
+                                             on_failure=self._store_failed, probe=self._probe)
+            self._next_seq = await self._writer.call(store.last_seqs)
             # Start the HLC above every stamp already stored, since the wall clock may have
             # gone back while the node was down: our own stamps as they are, our peers'
             # through `observe`, which ignores an absurdly early clock as it did on arrival.
-            own = await self._writer.call(self._store.max_hlc, "out")
+            own = await self._writer.call(store.max_hlc, "out")
             self.hlc = HybridLogicalClock(self.clock, last=own)
-            self.hlc.observe(await self._writer.call(self._store.max_hlc, "in"))
+            self.hlc.observe(await self._writer.call(store.max_hlc, "in"))
             self._listener = Listener(
                 local_name=cfg.name,
-                local_node_id=self._store.node_id,
+                local_node_id=store.node_id,
                 known_peers=cfg.peer_names,
                 max_message_bytes=cfg.max_message_bytes,
                 sync=cfg.sync,
@@ -358,12 +439,13 @@ class Node:
                     "`meshpost keys generate` and list peers in authorized_keys"
                 )
             secret, public = self._curve_keys if cfg.secure and self._curve_keys else (None, None)
-            self._transport = ZmqTransport(
+            self._transport = self._given_transport or ZmqTransport(
                 name=cfg.name,
                 max_frame_bytes=self._listener.max_frame_bytes,
                 curve_secret_key=secret,
                 curve_public_key=public,
                 peer_public_keys=self._peer_public_keys,
+                probe=self._probe,
             )
             self.endpoints = self._transport.bind(cfg.bind)
             for peer in cfg.peers:
@@ -426,7 +508,7 @@ class Node:
         listener.known_peers = listener.known_peers | {name}
         self._feed_wakeup.set()
         log.info("[%s] %s joined (%s, %s)", self.name, name, found, endpoint)
-        self._publish(PeerChanged(name, False, f"joined via {found} at {endpoint}"))
+        self._publish(PeerChanged(name, False, PeerChange.JOINED, f"via {found} at {endpoint}"))
         return True
 
     def peer_heard(self, name: str) -> None:
@@ -439,6 +521,33 @@ class Node:
         link.retry_soon(now)
         link.poll(now, self.clock.wall_ns(), self.hlc.now())
         self._perform(link)
+
+    def _store_failed(self, error: BaseException) -> None:
+        """The writer broke (called once, on the loop): like h11's connection after an error,
+        the node refuses new work from now on. Every pending write already failed with it."""
+        self.failure = NodeFailed(self.name, error)
+        log.critical("[%s] %s", self.name, self.failure)
+        self._failed.set()
+        # Receipts still expected can no longer be recorded: their waiters hear why now
+        # rather than at their timeout. (The messages are stored; a restart delivers them.)
+        for key in list(self._waiters):
+            waiter = self._take_waiter(*key)
+            if waiter is not None:
+                waiter[0].set_exception(self.failure)
+                waiter[0].exception()  # retrieved: a handle nobody awaits is not an error
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set. Raises `NodeFailed` if the node fails first (the caller
+        then closes it and exits with the store error's code)."""
+        stopped = asyncio.ensure_future(stop.wait())
+        failed = asyncio.ensure_future(self._failed.wait())
+        try:
+            await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            failed.cancel()
+        if self.failure is not None:
+            raise self.failure
 
     def _task_died(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self._closed:
@@ -453,6 +562,8 @@ class Node:
         if self._closed:
             return
         self._closed = True
+        for wakeup in self._message_readers:  # `messages()` readers end
+            wakeup.set()
         if self._writer is not None and self._started:
             try:
                 await asyncio.wait_for(self._writer.flush(), CLOSE_FLUSH_TIMEOUT_S)
@@ -499,30 +610,14 @@ class Node:
     # -- public API -----------------------------------------------------------------------
 
     def resolve(self, target: str) -> list[str]:
-        """Peer names a target means: a peer, a group, or `all`."""
-        if target.lower() == "all":
-            return list(self._links)
-        if target in self._links:
-            return [target]
-        group = self.config.groups.get(target)
-        if group is not None:
-            return [m for m in group if m != self.name]
-        raise UnknownPeer(target, [*self._links, *self.config.groups, "all"])
+        """Peer names a target means: a peer, a group, or `all` (`rules.resolve_target`);
+        `all` and a peer name include peers found while running."""
+        return rules.resolve_target(target, local_name=self.name, peers=list(self._links),
+                                    groups=self.config.groups)
 
     def validate_body(self, body: str) -> None:
-        if not body or not body.strip():
-            raise EmptyMessage()
-        size = len(body.encode("utf-8", "surrogatepass"))
-        if size > self.config.max_message_bytes:
-            raise MessageTooLarge(size, self.config.max_message_bytes)
-        try:
-            body.encode("utf-8")
-        except UnicodeEncodeError:
-            from meshpost.errors import InvalidMessage
-
-            raise InvalidMessage(
-                "message body is not valid Unicode text (lone surrogate)"
-            ) from None
+        """Raise the `InvalidMessage` that `post` would raise for `body`."""
+        rules.validate_body(body, self.config.max_message_bytes)
 
     async def post(self, target: str, body: str) -> list[Outgoing]:
         """Accept `body` for every peer `target` names; return once it is durably stored.
@@ -561,7 +656,20 @@ class Node:
             envelopes.append(envelope)
             handles.append(handle)
         stored: asyncio.Future[int] = loop.create_future()
-        writer.add_outgoing(envelopes, lambda at: self._outgoing_stored(envelopes, stored, at))
+
+        def failed(error: BaseException) -> None:
+            # Nothing was stored: the handles' receipts can never come.
+            failure = self.failure or NodeFailed(self.name, error)
+            for handle in handles:
+                self._waiters.pop((handle.to, handle.seq), None)
+                if not handle.receipt.done():
+                    handle.receipt.set_exception(failure)
+                    handle.receipt.exception()  # retrieved: nobody else may ever look
+            if not stored.done():
+                stored.set_exception(failure)
+
+        writer.add_outgoing(envelopes, lambda at: self._outgoing_stored(envelopes, stored, at),
+                            failed)
         await stored
         return handles
 
@@ -572,25 +680,13 @@ class Node:
         `stats.delivered` or `wait_delivered()` for receipts.
         """
         self._check_open()
-        if peer not in self._links:
-            raise UnknownPeer(peer, self.config.peer_names)
+        rules.resolve_peer(peer, peers=self.config.peer_names)
         writer = self._writer
         assert writer is not None
         await writer.wait_for_room()
         bodies = bodies if isinstance(bodies, list) else list(bodies)
         count = len(bodies)
-        limit = self.config.max_message_bytes
-        # The whole list is checked at C speed; a body is validated alone only if it may fail.
-        if count and (not all(bodies) or max(map(len, bodies)) * 4 > limit):
-            for body in bodies:
-                if not body or len(body) * 4 > limit:
-                    self.validate_body(body)
-        try:
-            # Lone surrogates cannot be stored or sent; one join finds them for the batch.
-            "".join(bodies).encode("utf-8")
-        except UnicodeEncodeError:
-            for body in bodies:
-                self.validate_body(body)
+        rules.validate_bodies(bodies, self.config.max_message_bytes)
         wall = self.clock.wall_ns()
         seq = self._next_seq.get(peer, 0)
         # No per-message Python loop: ids, seqs, stamps and envelopes are built by map().
@@ -647,26 +743,17 @@ class Node:
 
         On timeout raises `ReceiptTimeout`; the message stays queued and is still delivered.
         """
-        if to.lower() == "all" or to in self.config.groups:
-            raise UnknownPeer(to, self.config.peer_names)
+        rules.resolve_peer(to, peers=self.config.peer_names)
         (handle,) = await self._post(to, body, held=True)
-        # The handle is this call's alone, so its future is awaited directly: no shield or
-        # wait_for futures in between, which cost a loop turn each on the way back. A timeout
-        # cancels the future, which harms no one (the receipt is still recorded when it comes).
-        # This frame holds the future while it waits, so the node need not (`held`).
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await handle.receipt
-        except TimeoutError:
-            raise ReceiptTimeout(handle.id, handle.to, timeout_s or 0.0) from None
+        # The handle is this call's alone, so its future is awaited without a shield, which
+        # costs a loop turn on the way back. A timeout cancels the future, which harms no one
+        # (the receipt is still recorded when it comes). This frame holds the future while it
+        # waits, so the node need not (`held`).
+        return await wait_receipt(handle, timeout_s, shield=False)
 
     async def wait_receipt(self, handle: Outgoing, timeout_s: float | None) -> Receipt:
         """Wait for `handle`'s receipt; a timeout leaves the handle's future untouched."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await asyncio.shield(handle.receipt)
-        except TimeoutError:
-            raise ReceiptTimeout(handle.id, handle.to, timeout_s or 0.0) from None
+        return await wait_receipt(handle, timeout_s)
 
     async def wait_delivered(self, count: int, timeout_s: float) -> bool:
         """Wait until `stats.delivered >= count`; False on timeout."""
@@ -685,6 +772,54 @@ class Node:
         """Wait until everything handed to the store so far is committed."""
         assert self._writer is not None
         await self._writer.flush()
+
+    def messages(self, *, poll_s: float = MESSAGES_POLL_S) -> AsyncIterator[Message]:
+        """Messages peers send this node from this call on, in the order they were stored.
+
+        `async for msg in node.messages(): ...` Nothing is lost however slowly you read: the
+        iterator reads the node's own store (each message is committed there before its
+        sender gets the receipt), at most `MESSAGES_BATCH` rows at a time, so a slow reader
+        holds up no one and costs no memory; a bounded queue would instead have had to stop
+        the node reading from the network (and receipting) for every peer. Several readers
+        each see every message. The iterator ends when the node closes; `aclose()` it (or
+        leave the `async for`) to stop earlier.
+        """
+        self._check_open()
+        # Where "from now on" starts is read here, not at the first `anext`: a message that
+        # arrives between this call and the first read is not missed. One indexed read of a
+        # read-only WAL connection, which never waits for the writer.
+        reader = StoreReader.for_data_dir(self.config.data_dir)
+        try:
+            cursor = reader.last_incoming_cursor()
+        except BaseException:
+            reader.close()
+            raise
+        return self._read_messages(reader, cursor, poll_s)
+
+    async def _read_messages(
+        self, reader: StoreReader, cursor: int, poll_s: float
+    ) -> AsyncIterator[Message]:
+        wakeup = asyncio.Event()
+        self._message_readers.add(wakeup)
+        try:
+            while not self._closed:
+                wakeup.clear()  # before the read: a commit during it wakes the wait below
+                rows = await asyncio.to_thread(reader.incoming_after, cursor, MESSAGES_BATCH)
+                if not rows:
+                    # Also every `poll_s`, in case a wake-up went astray.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(poll_s):
+                            await wakeup.wait()
+                    continue
+                for row_cursor, row in rows:
+                    cursor = row_cursor
+                    yield Message(
+                        id=row.id, sender=row.sender, recipient=row.recipient, body=row.body,
+                        sent_at_ns=row.sent_at_ns, hlc=row.hlc, stored_at_ns=row.stored_at_ns,
+                    )
+        finally:
+            self._message_readers.discard(wakeup)
+            reader.close()
 
     def subscribe(self) -> asyncio.Queue[NodeEvent]:
         """A queue of `NodeEvent`s from now on; slow readers lose the oldest events."""
@@ -752,6 +887,8 @@ class Node:
         return await asyncio.to_thread(count)
 
     def _check_open(self) -> None:
+        if self.failure is not None:
+            raise self.failure
         if self._closed or not self._started:
             raise NodeClosed(self.name)
 
@@ -767,6 +904,8 @@ class Node:
         peer: str | None = None,
     ) -> None:
         """`envelopes` are committed; with `peer`, all of them are for that one peer."""
+        if self._probe is not None:
+            self._probe.mark(probes.OUTGOING_STORED)
         self.stats.sent += len(envelopes)
         if stored is not None and not stored.done():
             stored.set_result(at)
@@ -832,6 +971,14 @@ class Node:
 
     # -- I/O loops ------------------------------------------------------------------------
 
+    def poll_timers(self) -> None:
+        """Give every link its timer now (retransmission, pings, liveness), as the timer loop
+        does; for tests that move a fake clock and want its effects without waiting."""
+        now, wall, hlc = self.clock.monotonic(), self.clock.wall_ns(), self.hlc.now()
+        for link in self._links.values():
+            link.poll(now, wall, hlc)
+            self._perform(link)
+
     async def _timer_loop(self) -> None:
         # Every link is polled at least every _MAX_TICK_S (real time), as before; in between only
         # the links whose timer is due, so a wake-up for one peer's ping does not poll all of
@@ -858,6 +1005,9 @@ class Node:
     def _on_peer_frame(self, peer: str, data: bytes) -> None:
         """A frame a peer sent back on our link to it (called from the transport)."""
         assert self._listener is not None
+        probe = self._probe
+        if probe is not None:
+            probe.mark(probes.PEER_FRAME)
         link, clock = self._links[peer], self.clock
         try:
             frame = decode(data, max_bytes=self._listener.max_frame_bytes)
@@ -865,11 +1015,17 @@ class Node:
             self.stats.undecodable += 1
             log.warning("[%s] bad frame from %s: %s", self.name, peer, exc)
             return
+        if probe is not None:
+            probe.mark(probes.DIALER_RECEIVE[0])
         link.receive(frame, clock.monotonic(), clock.wall_ns(), self.hlc.last)
+        if probe is not None:
+            probe.mark(probes.DIALER_RECEIVE[1])
         self._perform(link)
 
     def _on_inbound_frame(self, identity: bytes, data: bytes, user_id: str | None) -> None:
         """A frame sent to our ROUTER (called from the transport)."""
+        if self._probe is not None:
+            self._probe.mark(probes.INBOUND_FRAME)
         transport, listener, writer = self._transport, self._listener, self._writer
         assert transport is not None
         assert listener is not None
@@ -881,7 +1037,12 @@ class Node:
             self._on_event(ViolationDetected(who, IdentityMismatch(
                 f"connection authenticated as {user_id!r} uses routing id {who!r}")))
             return
+        probe = self._probe
+        if probe is not None:
+            probe.mark(probes.LISTENER_RECEIVE[0])
         replies = listener.receive(who, data, self.clock.wall_ns(), self.hlc.last)
+        if probe is not None:
+            probe.mark(probes.LISTENER_RECEIVE[1])
         for frame in replies:
             transport.reply(identity, encode(frame))
             if type(frame) is Refuse and frame.code != RefuseCode.HELLO_REQUIRED:
@@ -933,6 +1094,9 @@ class Node:
     def _incoming_stored(
         self, identity: bytes, arrived: MessagesArrived, result: IncomingResult, stored_at: int
     ) -> None:
+        probe = self._probe
+        if probe is not None:
+            probe.mark(probes.INCOMING_STORED)
         self._crash(CrashPoint.AFTER_RECEIVER_COMMIT)
         listener, transport = self._listener, self._transport
         if listener is None or transport is None:
@@ -943,6 +1107,8 @@ class Node:
             self.stats.conflicts += len(result.conflicts)
             log.warning("[%s] %d message(s) from %s reuse a stored id with other content",
                         self.name, len(result.conflicts), arrived.peer)
+        if probe is not None:
+            probe.mark(probes.LISTENER_STORED[0])
         frames = listener.stored(
             arrived,
             committed=result.committed,
@@ -951,10 +1117,14 @@ class Node:
             replied_at_ns=self.clock.wall_ns(),
             hlc=self.hlc.now(),
         )
+        if probe is not None:
+            probe.mark(probes.LISTENER_STORED[1])
         self._crash(CrashPoint.BEFORE_ACK_SEND)
-        for frame in frames:
-            transport.reply(identity, encode(frame))
+        self._reply(identity, frames)
         self.stats.received += new
+        if new and self._message_readers:
+            for wakeup in self._message_readers:
+                wakeup.set()
         if self._subscribers:
             # A retransmission is receipted again but was shown when it first arrived.
             fresh = set(result.committed).difference(result.duplicates)
@@ -979,6 +1149,14 @@ class Node:
             transport.send_to_peer(peer, encode(frame))
         self._crash(CrashPoint.AFTER_TRANSMIT)
 
+    def _reply(self, identity: bytes, frames: list[Frame]) -> None:
+        """Send `frames` back to the connection `identity` (answers to what it sent us)."""
+        transport = self._transport
+        if transport is None:
+            return
+        for frame in frames:
+            transport.reply(identity, encode(frame))
+
     def _on_event(self, event: Event) -> None:
         match event:
             case MessagesDelivered():
@@ -987,7 +1165,7 @@ class Node:
                 self._record_rejection(peer, seqs, code, detail)
             case PeerConnected(peer=peer, node_id=node_id):
                 log.info("[%s] connected to %s (node %s)", self.name, peer, node_id)
-                self._publish(PeerChanged(peer, True, "connected"))
+                self._publish(PeerChanged(peer, True, PeerChange.CONNECTED))
             case PeerDeparted(peer=peer, reason=reason):
                 link = self._links.get(peer)
                 if link is not None:
@@ -995,13 +1173,14 @@ class Node:
                     self._perform(link)
             case PeerLeft(peer=peer, reason=reason):
                 log.info("[%s] %s left: %s", self.name, peer, reason)
-                self._publish(PeerChanged(peer, False, f"left: {reason}"))
+                self._publish(PeerChanged(peer, False, PeerChange.LEFT, reason))
             case PeerLost(peer=peer, silent_for_s=silent):
                 log.warning("[%s] lost %s: silent for %.1fs", self.name, peer, silent)
-                self._publish(PeerChanged(peer, False, f"silent for {silent:.1f}s"))
+                self._publish(PeerChanged(peer, False, PeerChange.LOST,
+                                          f"silent for {silent:.1f}s"))
             case LinkRefused(peer=peer, code=code, detail=detail):
                 log.error("[%s] %s refused us (%s): %s", self.name, peer, code, detail)
-                self._publish(PeerChanged(peer, False, f"refused: {detail}"))
+                self._publish(PeerChanged(peer, False, PeerChange.REFUSED, detail))
             case ViolationDetected(who=who, error=error):
                 self.stats.violations += 1
                 log.warning("[%s] protocol violation by %s: %s", self.name, who, error)
@@ -1015,6 +1194,8 @@ class Node:
         self._writer.add_delivery(delivery, lambda: self._delivery_stored(delivery))
 
     def _delivery_stored(self, delivery: Delivery) -> None:
+        if self._probe is not None:
+            self._probe.mark(probes.DELIVERY_STORED)
         peer, r = delivery.peer, delivery.receipt
         self.stats.delivered += len(delivery.seqs)
         self._delivered_changed.set()
@@ -1079,11 +1260,30 @@ class Node:
             queue.put_nowait(event)
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else ("running" if self._started else "new")
+        state = ("failed" if self.failure is not None else "closed" if self._closed
+                 else "running" if self._started else "new")
         return (
             f"Node({self.name!r}, {state}, endpoints={self.endpoints}, "
             f"peers={list(self._links)})"
         )
+
+
+async def wait_receipt(
+    handle: Outgoing, timeout_s: float | None, *, shield: bool = True
+) -> Receipt:
+    """Wait up to `timeout_s` (None: for ever) for `handle`'s receipt.
+
+    Raises `ReceiptTimeout` (the message stays queued and is still delivered),
+    `MessageRejected` or `NodeFailed`. With `shield` (the default) a timeout leaves the
+    handle's future untouched for other waiters; without, it is cancelled (cheaper, for a
+    caller that owns the handle alone).
+    """
+    future = handle.receipt
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await (asyncio.shield(future) if shield else future)
+    except TimeoutError:
+        raise ReceiptTimeout(handle.id, handle.to, timeout_s or 0.0) from None
 
 
 def describe_error(exc: BaseException) -> str:
@@ -1096,15 +1296,18 @@ def describe_error(exc: BaseException) -> str:
 __all__ = [
     "CrashPoint",
     "DeliveryRecorded",
+    "Message",
     "MessageReceived",
     "Node",
     "NodeEvent",
     "NodeStats",
     "Outgoing",
+    "PeerChange",
     "PeerChanged",
     "PeerRefused",
     "PeerStatus",
     "Receipt",
     "describe_error",
+    "wait_receipt",
 ]
 

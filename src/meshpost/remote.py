@@ -26,7 +26,7 @@ from meshpost.control import (
     SendRequest,
     StatusRequest,
 )
-from meshpost.errors import ControlUnavailable, EmptyMessage, MeshpostError, UnknownPeer
+from meshpost.errors import ControlUnavailable, MeshpostError
 from meshpost.node import (
     MessageReceived,
     NodeEvent,
@@ -37,6 +37,7 @@ from meshpost.node import (
     Receipt,
 )
 from meshpost.protocol import Envelope
+from meshpost.rules import resolve_target, validate_body
 
 #: How often the cached peer table is refreshed, and how long one event long-poll waits.
 STATUS_REFRESH_S = 1.0
@@ -139,7 +140,8 @@ class RemoteNode:
                 envelope = Envelope(m.id, 0, m.sender, self.name, m.body, m.sent_at_ns, m.hlc)
                 self._publish(MessageReceived(envelope, m.stored_at_ns))
             for change in reply.peer_changes:
-                self._publish(PeerChanged(change.peer, change.connected, change.detail))
+                self._publish(PeerChanged.from_detail(change.peer, change.connected,
+                                                      change.detail))
             for d in reply.deliveries:
                 for seq in d.seqs:
                     handle = self._handles.pop((d.peer, seq), None)
@@ -168,18 +170,11 @@ class RemoteNode:
         return handles
 
     def resolve(self, target: str) -> list[str]:
-        names = [p.name for p in self.config.peers]
-        if target.lower() == "all":
-            return names
-        if target in names:
-            return [target]
-        if target in self.config.groups:
-            return [m for m in self.config.groups[target] if m != self.name]
-        raise UnknownPeer(target, [*names, *self.config.groups, "all"])
+        return resolve_target(target, local_name=self.name, peers=self.config.peer_names,
+                              groups=self.config.groups)
 
     def validate_body(self, body: str) -> None:
-        if not body.strip():
-            raise EmptyMessage()
+        validate_body(body, self.config.max_message_bytes)
 
     def peers(self) -> list[PeerStatus]:
         return list(self._peers)

@@ -141,15 +141,20 @@ def format_failure(exc: BaseException) -> str:
 
 def format_peer_change(event: PeerChanged) -> str:
     """One line for a peer that connected, went silent or refused us."""
-    if event.connected:
-        return f"● {event.peer} connected"
-    if event.detail.startswith("joined"):
-        return f"+ {event.peer} {clean(event.detail)}"
-    if event.detail.startswith("refused"):
-        return f"✗ {event.peer} {clean(event.detail)}"
-    if event.detail.startswith("left"):
-        return f"○ {event.peer} left ({clean(event.detail.removeprefix('left: '))})"
-    return f"○ {event.peer} lost ({clean(event.detail)})"
+    # Whoever holds a PeerChanged has loaded the node module already: this import is free.
+    from meshpost.node import PeerChange
+
+    match event.kind:
+        case PeerChange.CONNECTED:
+            return f"● {event.peer} connected"
+        case PeerChange.JOINED:
+            return f"+ {event.peer} joined {clean(event.reason)}"
+        case PeerChange.REFUSED:
+            return f"✗ {event.peer} {clean(event.detail)}"
+        case PeerChange.LEFT:
+            return f"○ {event.peer} left ({clean(event.reason)})"
+        case _:
+            return f"○ {event.peer} lost ({clean(event.reason)})"
 
 
 def render(renderable: Table, width: int) -> str:

@@ -8,98 +8,53 @@ the merged stamps at each `send<` gives one timeline per send; the sends whose s
 the usual order are summarised step by step, and every step falls in one of four kinds:
 
 - `commit`: a `Store.apply` (the sender's row, the receiver's row, the delivery record);
-- `zmq send`: a `zmq.Socket.send` call (queueing a frame, and waking ZeroMQ's I/O thread);
+- `zmq send`: handing one frame to ZeroMQ (queueing it, and waking ZeroMQ's I/O thread);
 - `between processes`: from the moment one node has queued its frame to the other node's next
   stamp (the kernel, ZeroMQ's I/O threads, the wake-up of the other process); what the first
   node does meanwhile is off the critical path and not counted;
 - `meshpost code`: everything else, i.e. meshpost's own Python and the event loop between
   probes.
 
-Probes wrap methods by name, so a rename fails loudly here rather than leaving a step out. Each
-adds a Python call and a list append to the step it wraps; the timeline's total is the median of
-the sends in the usual order, so read it beside pair-latency, not in place of it.
+The node and its store writer call the probe (`meshpost.probes.Probe`) at each step; this
+module's `MarkRecorder` stamps each call into a list. Each stamp adds a method call and a list
+append to the step; the timeline's total is the median of the sends in the usual order, so read
+it beside pair-latency, not in place of it.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-import zmq
-
-from meshpost.node import Node
-from meshpost.protocol import DialerLink, Listener
-from meshpost.store import GroupCommitWriter, Store
-from meshpost.transport import ZmqTransport
+import meshpost.probes as probes
 
 #: A stamp: (step label, perf_counter_ns); labels end in "<" (begins) or ">" (ends).
 Mark = tuple[str, int]
 
 SEND_BEGINS = "send<"
 SEND_ENDS = "send>"
-#: The labels of the two probes whose time is a kind of its own.
-COMMIT = "commit"
-ZMQ_SEND = "zmq send"
+#: The labels of the two steps whose time is a kind of its own.
+COMMIT = probes.COMMIT[0][:-1]
+ZMQ_SEND = probes.SEND[0][:-1]
 KINDS = (COMMIT, ZMQ_SEND, "between processes", "meshpost code")
 
 
-@dataclasses.dataclass(frozen=True)
-class Probe:
-    """Stamp `label<` when `owner.method` is called and, with `end`, `label>` as it returns."""
+class MarkRecorder:
+    """A probe for `Node(probe=...)`: stamps every trace point into `marks` with
+    `time.perf_counter_ns()` (CLOCK_MONOTONIC, one clock for every process of the machine)."""
 
-    owner: type
-    method: str
-    label: str
-    end: bool = True
+    __slots__ = ("_clock", "marks")
 
+    def __init__(self, marks: list[Mark]) -> None:
+        self.marks = marks
+        self._clock = time.perf_counter_ns
 
-PROBES: tuple[Probe, ...] = (
-    Probe(Store, "apply", COMMIT),
-    Probe(zmq.Socket, "send", ZMQ_SEND),
-    Probe(ZmqTransport, "_drain_router", "router readable", end=False),
-    Probe(ZmqTransport, "_drain_dealer", "dealer readable", end=False),
-    Probe(Listener, "receive", "listener.receive"),
-    Probe(Listener, "stored", "listener.stored"),
-    Probe(DialerLink, "receive", "dialer.receive"),
-    Probe(GroupCommitWriter, "_submit_pending", "writer submits", end=False),
-    Probe(Node, "_outgoing_stored", "outgoing stored", end=False),
-    Probe(Node, "_incoming_stored", "incoming stored", end=False),
-    Probe(Node, "_delivery_stored", "delivery stored", end=False),
-)
-
-
-def install_probes(marks: list[Mark], probes: Sequence[Probe] = PROBES) -> Callable[[], None]:
-    """Wrap every probe's method so that it appends its stamps to `marks`; return a function
-    that puts the original methods back."""
-    clock = time.perf_counter_ns
-    # KeyError here, before anything is wrapped, if a probe names no method (a rename).
-    found = [(probe, probe.owner.__dict__[probe.method]) for probe in probes]
-    originals: list[tuple[type, str, Any]] = []
-    for probe, original in found:
-        begins, ends = f"{probe.label}<", f"{probe.label}>"
-
-        def wrapper(*args: Any, _original: Any = original, _begins: str = begins,
-                    _ends: str | None = ends if probe.end else None, **kwargs: Any) -> Any:
-            marks.append((_begins, clock()))
-            try:
-                return _original(*args, **kwargs)
-            finally:
-                if _ends is not None:
-                    marks.append((_ends, clock()))
-
-        setattr(probe.owner, probe.method, functools.wraps(original)(wrapper))
-        originals.append((probe.owner, probe.method, original))
-
-    def uninstall() -> None:
-        for owner, method, original in reversed(originals):
-            setattr(owner, method, original)
-
-    return uninstall
+    def mark(self, label: str) -> None:
+        self.marks.append((label, self._clock()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,5 +161,4 @@ def summarise(sender: Iterable[Mark], receiver: Iterable[Mark]) -> Timeline:
     )
 
 
-__all__ = ["KINDS", "PROBES", "Mark", "Probe", "Step", "Timeline", "critical_path",
-           "install_probes", "summarise"]
+__all__ = ["KINDS", "Mark", "MarkRecorder", "Step", "Timeline", "critical_path", "summarise"]

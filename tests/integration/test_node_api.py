@@ -104,7 +104,7 @@ def test_the_hlc_restarts_above_every_stored_stamp_even_if_the_wall_clock_went_b
 
 
 def test_a_node_that_shuts_down_cleanly_is_shown_gone_at_once(short_tmp: Path) -> None:
-    from meshpost.node import PeerChanged
+    from meshpost.node import PeerChange, PeerChanged
 
     endpoints = {n: f"ipc://{short_tmp}/{n.lower()}.sock" for n in "AB"}
 
@@ -135,7 +135,7 @@ def test_a_node_that_shuts_down_cleanly_is_shown_gone_at_once(short_tmp: Path) -
             return seen
 
     seen = asyncio.run(asyncio.wait_for(scenario(), 60))
-    assert seen[-1] == PeerChanged("B", False, "left: shutting down")
+    assert seen[-1] == PeerChanged("B", False, PeerChange.LEFT, "shutting down")
 
 
 def test_a_receipt_timeout_raises_and_the_message_is_still_delivered_later(

@@ -51,6 +51,7 @@ from meshpost.node import (
     NodeEvent,
     NodeStats,
     Outgoing,
+    PeerChange,
     PeerChanged,
     PeerRefused,
     PeerStatus,
@@ -234,11 +235,11 @@ def test_format_queued() -> None:
 @pytest.mark.parametrize(
     ("event", "line"),
     [
-        (PeerChanged("B", True, "connected"), "● B connected"),
-        (PeerChanged("B", False, "silent for 4.0s"), "○ B lost (silent for 4.0s)"),
-        (PeerChanged("B", False, "left: shutting down"), "○ B left (shutting down)"),
-        (PeerChanged("B", False, "refused: wrong mesh"), "✗ B refused: wrong mesh"),
-        (PeerChanged("B", False, "joined via beacon at tcp://127.0.0.1:7002"),
+        (PeerChanged("B", True, PeerChange.CONNECTED), "● B connected"),
+        (PeerChanged("B", False, PeerChange.LOST, "silent for 4.0s"), "○ B lost (silent for 4.0s)"),
+        (PeerChanged("B", False, PeerChange.LEFT, "shutting down"), "○ B left (shutting down)"),
+        (PeerChanged("B", False, PeerChange.REFUSED, "wrong mesh"), "✗ B refused: wrong mesh"),
+        (PeerChanged("B", False, PeerChange.JOINED, "via beacon at tcp://127.0.0.1:7002"),
          "+ B joined via beacon at tcp://127.0.0.1:7002"),
     ],
 )
@@ -491,7 +492,7 @@ def test_incoming_and_peer_events_print_while_prompting(node: FakeNode) -> None:
         node.publish(MessageReceived(envelope("hello from B", sent_at_ns=T0), T0 + MS))
         line = await d.printed("hello from B")
         assert re.fullmatch(r"\[\d\d:\d\d:\d\d\.000 sender-clock\] B → me: hello from B", line)
-        node.publish(PeerChanged("C", False, "silent for 4.0s"))
+        node.publish(PeerChanged("C", False, PeerChange.LOST, "silent for 4.0s"))
         await d.printed(r"○ C lost \(silent for 4\.0s\)")
         d.type("/quit\n")
 
@@ -658,8 +659,8 @@ def test_peers_connected_before_the_console_started_are_shown_once(node: FakeNod
     async def scenario(d: Driver) -> None:
         await d.printed("● B connected")
         # The event that may follow the snapshot says nothing new: not shown twice.
-        node.publish(PeerChanged("B", True, "connected"))
-        node.publish(PeerChanged("C", True, "connected"))
+        node.publish(PeerChanged("B", True, PeerChange.CONNECTED))
+        node.publish(PeerChanged("C", True, PeerChange.CONNECTED))
         await d.printed("● C connected")
         d.type("/quit\n")
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+import meshpost.probes as probes
 from meshpost.timeline import (
     KINDS,
-    PROBES,
     Mark,
-    Probe,
+    MarkRecorder,
     critical_path,
-    install_probes,
     summarise,
 )
 
@@ -93,38 +92,20 @@ def test_summarise_needs_a_complete_send() -> None:
         summarise([("send<", 1)], [])
 
 
-class _Target:
-    def work(self, x: int) -> int:
-        return x * 2
-
-    def fails(self) -> None:
-        raise RuntimeError("boom")
-
-
-def test_probes_stamp_calls_and_returns_and_come_off_again() -> None:
+def test_the_recorder_stamps_each_trace_point_in_order() -> None:
     marks: list[Mark] = []
-    original = _Target.__dict__["work"]
-    uninstall = install_probes(marks, [Probe(_Target, "work", "work"),
-                                       Probe(_Target, "fails", "fails", end=False)])
-    try:
-        assert _Target().work(21) == 42
-        with pytest.raises(RuntimeError):
-            _Target().fails()
-    finally:
-        uninstall()
+    recorder = MarkRecorder(marks)
+    recorder.mark("work<")
+    recorder.mark("work>")
+    recorder.mark("fails<")
     assert [label for label, _t in marks] == ["work<", "work>", "fails<"]
     assert marks[0][1] <= marks[1][1] <= marks[2][1]
-    assert _Target.__dict__["work"] is original
-    _Target().work(1)
-    assert len(marks) == 3
 
 
-def test_every_probe_names_a_method_that_exists() -> None:
-    marks: list[Mark] = []
-    originals = {(p.owner, p.method): p.owner.__dict__[p.method] for p in PROBES}
-    install_probes(marks)()
-    assert all(p.owner.__dict__[p.method] is originals[(p.owner, p.method)] for p in PROBES)
-    with pytest.raises(KeyError):  # and nothing stays wrapped
-        install_probes(marks, [Probe(_Target, "work", "work"), Probe(_Target, "renamed", "x")])
-    _Target().work(1)
-    assert marks == []
+def test_every_trace_point_is_a_step_label_the_timeline_reads() -> None:
+    labels = [value for name in probes.__all__ if name.isupper()
+              for value in (lambda v: v if isinstance(v, tuple) else (v,))(getattr(probes, name))]
+    assert labels
+    assert all(label.endswith(("<", ">")) for label in labels)
+    # The two kinds of their own are stamped at both ends.
+    assert {f"{kind}<" for kind in KINDS[:2]} | {f"{kind}>" for kind in KINDS[:2]} <= set(labels)

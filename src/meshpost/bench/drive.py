@@ -23,7 +23,7 @@ from meshpost.bench.support import emit
 from meshpost.config import MeshConfig
 from meshpost.node import Node
 from meshpost.protocol import MAX_BATCH_MESSAGES
-from meshpost.timeline import Mark, install_probes
+from meshpost.timeline import Mark, MarkRecorder
 
 #: `post_many` chunk: one full batch frame.
 CHUNK = MAX_BATCH_MESSAGES
@@ -53,11 +53,10 @@ async def driver(config: Path, name: str, data_dir: Path) -> None:
 
 
 async def timeline_peer(config: Path, name: str, data_dir: Path, marks: list[Mark]) -> None:
-    """A node with the timeline's probes installed, stamping into `marks` until told to stop."""
-    install_probes(marks)
+    """A node with the timeline's probe, stamping into `marks` until told to stop."""
     cfg = MeshConfig.load(config).node(name, data_dir=data_dir)
     loop = asyncio.get_running_loop()
-    async with Node(cfg):
+    async with Node(cfg, probe=MarkRecorder(marks)):
         emit({"ready": True, "pid": os.getpid()})
         while True:
             line = await loop.run_in_executor(None, sys.stdin.readline)

@@ -620,6 +620,21 @@ class StoreReader:
             rows = self._conn.execute(sql, params).fetchall()
         return [StoredMessage(*row) for row in reversed(rows)]
 
+    def last_incoming_cursor(self) -> int:
+        """Where `incoming_after` starts to see only messages stored from now on."""
+        with _translated(self.path):
+            row = self._conn.execute("SELECT MAX(rowid) FROM messages").fetchone()
+        return int(row[0] or 0)
+
+    def incoming_after(self, cursor: int, limit: int) -> list[tuple[int, StoredMessage]]:
+        """Up to `limit` received messages stored after `cursor`, in commit order, each with
+        its own cursor (rowids only grow: rows are never deleted)."""
+        sql = (f"SELECT rowid, {_COLUMNS} FROM messages WHERE rowid > ? AND direction = 'in'"
+               " ORDER BY rowid LIMIT ?")
+        with _translated(self.path):
+            rows = self._conn.execute(sql, (cursor, limit)).fetchall()
+        return [(int(row[0]), StoredMessage(*row[1:])) for row in rows]
+
     def counts(self) -> dict[str, int]:
         """Rows per (direction, state), e.g. {'out/delivered': 10, 'in/received': 7}."""
         with _translated(self.path):

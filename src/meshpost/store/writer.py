@@ -7,6 +7,12 @@ every message that arrived meanwhile. The one exception is bounded: at `synchron
 fsync on commit) a batch of at most `INLINE_MAX_ROWS` rows is committed on the loop, without
 waiting for locks, because the two thread hand-offs would cost more than the commit.
 
+A batch that fails for a reason other than a store condition (`StoreError`) is applied again
+one item at a time, so that one bad item (an out-of-range value a peer sent, say) fails alone
+and the rest commit: no input from a peer may cost another message. If the store fails even
+with no item at all, or one of our own outgoing items fails, the writer is broken: every pending
+and later item fails with the error, and `on_failure` tells the node.
+
 Latency matters as much as batching: an idle writer submits a new batch at the end of the
 current loop iteration (everything added in that iteration shares it), and the writer thread
 hands the result back with one `call_soon_threadsafe`, straight into the completion
@@ -23,6 +29,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import meshpost.probes as probes
 from meshpost.clock import Clock
 from meshpost.errors import DataDirNotWritable, StoreError, StoreFull, StoreLocked
 from meshpost.protocol import Envelope
@@ -62,9 +69,19 @@ _TRANSIENT = (StoreLocked, StoreFull, DataDirNotWritable)
 OutgoingDone = Callable[[int], None]
 IncomingDone = Callable[[IncomingResult, int], None]
 Done = Callable[[], None]
-_Callbacks = list[Callable[[list[IncomingResult], int], None]]
+#: Told the error when an item cannot be committed (alone, or because the writer broke).
+Failed = Callable[[BaseException], None]
+#: The kinds of item a batch holds, in the order of `WriteBatch`'s fields.
+_OUT, _IN, _DELIVERY, _REJECTION = range(4)
+#: One item added to a batch: its kind, what it writes, and who is told how it went.
+_Item = tuple[int, Any, Callable[..., None], Failed | None]
+_Callbacks = list[_Item]
 #: What a commit gives back: results for the incoming groups, and the commit timestamp.
 _Applied = tuple[list[IncomingResult], int]
+#: How one item applied alone went: its result (incoming) and commit time, or its error.
+_ItemOutcome = tuple[IncomingResult | None, int] | BaseException
+#: Outcomes of the items applied alone, in order, and why the writer broke (None: it did not).
+_Isolated = tuple[list[_ItemOutcome], BaseException | None]
 
 
 class GroupCommitWriter:
@@ -77,13 +94,22 @@ class GroupCommitWriter:
     def __init__(
         self, store: Store, clock: Clock, *, node: str,
         after_callbacks: Callable[[], None] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
+        probe: probes.Probe | None = None,
     ) -> None:
         """`after_callbacks` runs once after the callbacks of each commit, on the loop: what
-        they set up (frames to send, say) can then be done once for the whole commit."""
+        they set up (frames to send, say) can then be done once for the whole commit.
+        `on_failure` is called once, on the loop, if the writer breaks (see the module)."""
         self.store = store
         self._clock = clock
         self._node = node
         self._after_callbacks = after_callbacks
+        self._on_failure = on_failure
+        self._probe = probe
+        #: Why the writer broke; from then on every item fails with it.
+        self.failure: BaseException | None = None
+        #: Items that failed alone while the rest of their batch committed.
+        self.items_failed = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"meshpost-store-{node}"
         )
@@ -128,26 +154,52 @@ class GroupCommitWriter:
         """Wait (back-pressure) until the pending batch has room."""
         await self._room.wait()
 
-    def add_outgoing(self, messages: list[Envelope], done: OutgoingDone) -> None:
+    def add_outgoing(
+        self, messages: list[Envelope], done: OutgoingDone, failed: Failed | None = None
+    ) -> None:
+        """Commit our own `messages`; `done(stored_at_ns)` after, or `failed(error)`."""
+        if self.failure is not None:
+            self._fail_later(failed)
+            return
         self._batch.outgoing.extend(messages)
-        self._callbacks.append(lambda _results, stored_at: done(stored_at))
+        self._callbacks.append((_OUT, messages, done, failed))
         self._grow(len(messages))
 
-    def add_incoming(self, messages: list[Envelope], done: IncomingDone) -> None:
-        index = len(self._batch.incoming)
+    def add_incoming(
+        self, messages: list[Envelope], done: IncomingDone, failed: Failed | None = None
+    ) -> None:
+        """Commit a peer's `messages`; `done(result, stored_at_ns)` after, or `failed(error)`.
+        A message that cannot be stored alone is left out of the result (not receipted)."""
+        if self.failure is not None:
+            self._fail_later(failed)
+            return
         self._batch.incoming.append(messages)
-        self._callbacks.append(lambda results, stored_at: done(results[index], stored_at))
+        self._callbacks.append((_IN, messages, done, failed))
         self._grow(len(messages))
 
-    def add_delivery(self, delivery: Delivery, done: Done) -> None:
+    def add_delivery(self, delivery: Delivery, done: Done, failed: Failed | None = None) -> None:
+        if self.failure is not None:
+            self._fail_later(failed)
+            return
         self._batch.deliveries.append(delivery)
-        self._callbacks.append(lambda _results, _stored_at: done())
+        self._callbacks.append((_DELIVERY, delivery, done, failed))
         self._grow(len(delivery.seqs))
 
-    def add_rejection(self, rejection: Rejection, done: Done) -> None:
+    def add_rejection(
+        self, rejection: Rejection, done: Done, failed: Failed | None = None
+    ) -> None:
+        if self.failure is not None:
+            self._fail_later(failed)
+            return
         self._batch.rejections.append(rejection)
-        self._callbacks.append(lambda _results, _stored_at: done())
+        self._callbacks.append((_REJECTION, rejection, done, failed))
         self._grow(len(rejection.seqs))
+
+    def _fail_later(self, failed: Failed | None) -> None:
+        """A broken writer refuses at once, but answers on the next loop turn as a commit
+        would: callers never see their callback run inside the add."""
+        if failed is not None and self.failure is not None:
+            asyncio.get_running_loop().call_soon(failed, self.failure)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the writer thread (it owns the connection)."""
@@ -197,6 +249,8 @@ class GroupCommitWriter:
             self._submit_pending()
 
     def _submit_pending(self) -> None:
+        if self._probe is not None:
+            self._probe.mark(probes.WRITER_SUBMITS)
         self._kick_scheduled = False
         if self._loop is None or self._busy or not self._batch:
             return
@@ -260,9 +314,16 @@ class GroupCommitWriter:
         # The next batch (added while this one committed) goes to the thread before the
         # callbacks run, so its commit overlaps with their work.
         self._schedule()
-        for callback in callbacks:
+        index = 0
+        for kind, _payload, done, _failed in callbacks:
             try:
-                callback(results, stored_at)
+                if kind == _OUT:
+                    done(stored_at)
+                elif kind == _IN:
+                    done(results[index], stored_at)
+                    index += 1
+                else:
+                    done()
             except Exception:
                 log.exception("[%s] store completion callback failed", self._node)
         if self._after_callbacks is not None:
@@ -277,12 +338,11 @@ class GroupCommitWriter:
         self, batch: WriteBatch, callbacks: _Callbacks, delay: float, exc: BaseException
     ) -> None:
         if not isinstance(exc, StoreError):
-            # A bug, not a store condition: retrying would fail the same way forever.
-            self._busy = False
-            self._idle.set()
-            log.error("[%s] store write crashed; %d operation(s) not committed",
-                      self._node, len(callbacks), exc_info=exc)
-            self._schedule()
+            # Not a store condition: retrying would fail the same way forever. Either one
+            # item cannot be written (fail it alone) or the writer is broken: find out which.
+            log.warning("[%s] store write failed (%r); applying its %d item(s) one by one",
+                        self._node, exc, len(callbacks))
+            self._isolate(callbacks)
             return
         self.errors += 1
         self.last_error = exc
@@ -296,11 +356,175 @@ class GroupCommitWriter:
         # Still busy: later adds wait for this batch, so commit order stays add order.
         self._loop.call_later(delay, self._submit, batch, callbacks, next_delay)
 
+    # -- isolating a bad item --------------------------------------------------------------
+
+    def _isolate(self, callbacks: _Callbacks) -> None:
+        """Apply each item of a failed batch alone, on the thread, then report per item."""
+        loop = self._loop
+        if loop is None:  # stopped meanwhile: nothing was committed, nothing is acknowledged
+            self._busy = False
+            self._idle.set()
+            return
+
+        def finished(future: concurrent.futures.Future[_Isolated]) -> None:
+            error = future.exception()
+            outcome: _Isolated = future.result() if error is None else ([], error)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._isolated, callbacks, outcome)
+
+        self._executor.submit(self._apply_alone, callbacks).add_done_callback(finished)
+
+    def _apply_alone(self, callbacks: _Callbacks) -> _Isolated:
+        """Each item in its own transaction, in order. Returns one outcome per item applied
+        (a result with its commit time, or the error it failed with) and, if the writer is
+        broken, why: the store fails with no item at all, or one of our own outgoing items
+        fails (its seq is taken: later messages of that peer cannot skip it)."""
+        try:
+            self.store.apply(WriteBatch(), self._clock.wall_ns())
+        except StoreError:
+            raise  # a store condition after all: the batch is retried whole
+        except Exception as broken:
+            return [], broken
+        outcomes: list[_ItemOutcome] = []
+        for kind, payload, _done, _failed in callbacks:
+            batch = WriteBatch()
+            if kind == _OUT:
+                batch.outgoing.extend(payload)
+            elif kind == _DELIVERY:
+                batch.deliveries.append(payload)
+            elif kind == _REJECTION:
+                batch.rejections.append(payload)
+            try:
+                if kind == _IN:
+                    outcomes.append(self._apply_incoming_alone(payload))
+                    continue
+                _results, stored_at = self._apply(batch)
+            except StoreError as error:
+                # A store condition (locked, full): the rest is retried as one batch.
+                return outcomes, error
+            except Exception as error:
+                if kind == _OUT:
+                    return outcomes, error
+                outcomes.append(error)
+            else:
+                outcomes.append((None, stored_at))
+        return outcomes, None
+
+    def _apply_incoming_alone(self, group: list[Envelope]) -> _ItemOutcome:
+        """A peer's group; if it fails whole, message by message: a bad message costs only
+        itself (left out of the result, so it is not receipted). Raises `StoreError`."""
+        try:
+            results, stored_at = self._apply(WriteBatch(incoming=[group]))
+            return results[0], stored_at
+        except StoreError:
+            raise
+        except Exception as error:
+            if len(group) == 1:
+                return error
+        merged = IncomingResult([], [], [])
+        stored_at = 0
+        for message in group:
+            try:
+                (result,), stored_at = self._apply(WriteBatch(incoming=[[message]]))
+            except StoreError:
+                raise
+            except Exception as error:
+                log.warning("[%s] message %s from %s cannot be stored: %r", self._node,
+                            message.id, message.sender, error)
+                continue
+            merged.committed += result.committed
+            merged.conflicts += result.conflicts
+            merged.duplicates += result.duplicates
+        return merged, stored_at or self._clock.wall_ns()
+
+    def _isolated(self, callbacks: _Callbacks, outcome: _Isolated) -> None:
+        outcomes, broken = outcome
+        if isinstance(broken, StoreError):
+            # The store itself failed meanwhile (locked, full): retry the batch whole.
+            self._rebuild_and_retry(callbacks[len(outcomes):], broken, outcomes, callbacks)
+            return
+        self._busy = False
+        for (kind, _payload, done, failed), item in zip(callbacks, outcomes, strict=False):
+            try:
+                if isinstance(item, BaseException):
+                    self.items_failed += 1
+                    log.error("[%s] one store item failed alone and was dropped: %r",
+                              self._node, item)
+                    if failed is not None:
+                        failed(item)
+                elif kind == _OUT:
+                    done(item[1])
+                elif kind == _IN:
+                    done(item[0], item[1])
+                else:
+                    done()
+            except Exception:
+                log.exception("[%s] store completion callback failed", self._node)
+        if broken is not None:
+            self._break(broken, callbacks[len(outcomes):])
+        elif self._after_callbacks is not None:
+            try:
+                self._after_callbacks()
+            except Exception:
+                log.exception("[%s] after-commit callback failed", self._node)
+        self._schedule()
+        if not self._busy and not self._batch:
+            self._idle.set()
+
+    def _rebuild_and_retry(
+        self, rest: _Callbacks, error: StoreError, outcomes: list[_ItemOutcome],
+        callbacks: _Callbacks,
+    ) -> None:
+        """Report the items already applied alone, then retry the rest as one batch."""
+        self._isolated(callbacks[: len(outcomes)], (outcomes, None))
+        batch = WriteBatch()
+        for kind, payload, _done, _failed in rest:
+            if kind == _OUT:
+                batch.outgoing.extend(payload)
+            elif kind == _IN:
+                batch.incoming.append(payload)
+            elif kind == _DELIVERY:
+                batch.deliveries.append(payload)
+            else:
+                batch.rejections.append(payload)
+        if batch:
+            self._busy = True
+            self._failed(batch, rest, RETRY_INITIAL_S, error)
+
+    def _break(self, error: BaseException, pending: _Callbacks) -> None:
+        """The writer cannot commit: fail every pending and later item with `error`."""
+        self.failure = error
+        log.error("[%s] store writer broken; failing every pending write", self._node,
+                  exc_info=error)
+        queued = self._callbacks
+        self._batch, self._callbacks, self._rows = WriteBatch(), [], 0
+        self._room.set()
+        # The owner first, so that what the callbacks report can name its failed state.
+        if self._on_failure is not None:
+            try:
+                self._on_failure(error)
+            except Exception:
+                log.exception("[%s] store failure callback failed", self._node)
+        for _kind, _payload, _done, failed in [*pending, *queued]:
+            if failed is not None:
+                try:
+                    failed(error)
+                except Exception:
+                    log.exception("[%s] store failure callback failed", self._node)
+
     def _apply(self, batch: WriteBatch, *, wait_for_lock: bool = True) -> _Applied:
         # The commit timestamp is taken before the commit: a receipt may only claim a time at
         # which the row was at most being committed, and is sent only after COMMIT returns.
         stored_at = self._clock.wall_ns()
-        results = self.store.apply(batch, stored_at, wait_for_lock=wait_for_lock)
+        probe = self._probe
+        if probe is None:
+            results = self.store.apply(batch, stored_at, wait_for_lock=wait_for_lock)
+        else:
+            probe.mark(probes.COMMIT[0])
+            try:
+                results = self.store.apply(batch, stored_at, wait_for_lock=wait_for_lock)
+            finally:
+                probe.mark(probes.COMMIT[1])
         rows = (
             len(batch.outgoing)
             + sum(len(g) for g in batch.incoming)

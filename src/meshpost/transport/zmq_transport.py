@@ -41,6 +41,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
+import meshpost.probes as probes
 from meshpost.errors import EndpointInUse, InvalidEndpoint, TransportError
 from meshpost.transport.security import ZAP_DOMAIN, MeshAuthenticator
 
@@ -109,8 +110,11 @@ class ZmqTransport:
         curve_secret_key: bytes | None = None,
         curve_public_key: bytes | None = None,
         peer_public_keys: dict[str, bytes] | None = None,
+        probe: probes.Probe | None = None,
     ) -> None:
+        """`probe` (`meshpost.probes`) is told when each frame is handed to ZeroMQ."""
         self.name = name
+        self._probe = probe
         self.max_frame_bytes = max_frame_bytes
         self._own_context = context is None
         self.context = context or zmq.asyncio.Context()
@@ -392,6 +396,9 @@ class ZmqTransport:
         """Queue `payload` (after `identity`, on the ROUTER). Part by part rather than with
         `send_multipart`, which checks every part's type first (6 against 3 us here); a
         message is still atomic: ZeroMQ takes the later parts once it took the first."""
+        probe = self._probe
+        if probe is not None:
+            probe.mark(probes.SEND[0])
         try:
             if identity is not None:
                 sock.send(identity, _NOBLOCK | _SNDMORE)
@@ -401,6 +408,9 @@ class ZmqTransport:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 log.warning("[%s] send failed: %s", self.name, exc)
             return False
+        finally:
+            if probe is not None:
+                probe.mark(probes.SEND[1])
         return True
 
     @property

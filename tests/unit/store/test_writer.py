@@ -496,3 +496,103 @@ def test_small_commits_on_the_loop_also_let_the_wal_start_over(
         assert len(rows(tmp_path)) == 600
 
     run(scenario)
+
+
+# -- a bad item fails alone; a broken store fails every waiter ------------------------------
+
+
+def test_one_poisoned_delivery_fails_alone_and_every_other_item_commits(tmp_path: Path) -> None:
+    """A receipt with an out-of-range stamp (2^64 - 1 overflows SQLite's INTEGER bind) among
+    many other writes: only that delivery fails; the rest commit and hear so."""
+
+    async def scenario() -> None:
+        async with running_writer(tmp_path) as writer:
+            writer.add_outgoing([out(s) for s in range(1, 11)], lambda _at: None)
+            await writer.flush()
+            done: list[str] = []
+            failed: list[tuple[str, BaseException]] = []
+            good = Receipt([(1, 5)], 1, 2, 3, 4, 5, "full")
+            poisoned = Receipt([(6, 6)], 1, 2, 2**64 - 1, 4, 5, "full")
+            for seq in range(11, 31):
+                writer.add_outgoing([out(seq)], lambda _at, seq=seq: done.append(f"out {seq}"),
+                                    lambda exc: failed.append(("out", exc)))
+                if seq == 20:
+                    writer.add_delivery(Delivery("bob", [6], poisoned, 6),
+                                        lambda: done.append("poisoned"),
+                                        lambda exc: failed.append(("poisoned", exc)))
+            writer.add_delivery(Delivery("bob", [1, 2, 3, 4, 5], good, 6),
+                                lambda: done.append("good delivery"))
+            writer.add_incoming([incoming(1), incoming(2)],
+                                lambda r, _at: done.append(f"in {r.committed}"))
+            await writer.flush()
+            assert [kind for kind, _exc in failed] == ["poisoned"]
+            assert isinstance(failed[0][1], OverflowError)
+            assert done == [*(f"out {s}" for s in range(11, 31)), "good delivery", "in [1, 2]"]
+            states = rows(tmp_path)
+            assert len(states) == 32
+            assert [states[f"out-bob-{s}"] for s in range(1, 7)] == ["delivered"] * 5 + ["pending"]
+            assert writer.items_failed == 1
+            assert writer.failure is None
+            # The writer goes on committing as before.
+            later: list[int] = []
+            writer.add_outgoing([out(31)], later.append)
+            await writer.flush()
+            assert later == [T]
+
+    run(scenario)
+
+
+def test_a_bad_message_in_a_peers_group_costs_only_itself(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_writer(tmp_path) as writer:
+            results: list[IncomingResult] = []
+            bad = Envelope("in-bad", 3, "bob", "alice", "x", T, 2**64 - 1)
+            writer.add_incoming([incoming(1), incoming(2), bad, incoming(4)],
+                                lambda r, _at: results.append(r))
+            await writer.flush()
+            assert [r.committed for r in results] == [[1, 2, 4]]
+            assert set(rows(tmp_path)) == {"in-1", "in-2", "in-4"}
+
+    run(scenario)
+
+
+def test_a_store_that_fails_unexpectedly_fails_every_waiter_and_breaks_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 bug 1: a `RuntimeError` inside `Store.apply` used to drop the callbacks, so
+    their waiters waited for ever. Now each hears the error, and so does `on_failure`."""
+
+    async def scenario() -> None:
+        broken: list[BaseException] = []
+        store = Store.open(tmp_path, name="alice", sync="normal")
+        writer = GroupCommitWriter(store, FakeClock(), node="alice", on_failure=broken.append)
+        task = asyncio.create_task(writer.run())
+        try:
+            def boom(*_args: object, **_kwargs: object) -> None:
+                raise RuntimeError("disk controller on fire")
+
+            monkeypatch.setattr(Store, "apply", boom)
+            loop = asyncio.get_running_loop()
+            futures = [loop.create_future() for _ in range(3)]
+            for seq, future in enumerate(futures, 1):
+                writer.add_outgoing([out(seq)], future.set_result, future.set_exception)
+            for future in futures:
+                with pytest.raises(RuntimeError, match="on fire"):
+                    await asyncio.wait_for(future, PATIENCE_S)
+            assert [str(e) for e in broken] == ["disk controller on fire"]
+            assert writer.failure is broken[0]
+            # Later writes are refused at once, never left waiting.
+            late = loop.create_future()
+            writer.add_incoming([incoming(1)], lambda *_a: late.set_result(None),
+                                late.set_exception)
+            with pytest.raises(RuntimeError):
+                await asyncio.wait_for(late, PATIENCE_S)
+            await asyncio.wait_for(writer.flush(), PATIENCE_S)
+        finally:
+            monkeypatch.undo()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            writer.close()
+
+    run(scenario)

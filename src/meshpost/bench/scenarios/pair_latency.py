@@ -30,6 +30,7 @@ from meshpost.verify import VerifyReport
 
 if TYPE_CHECKING:
     from meshpost.bench.runner import Bench
+    from meshpost.probes import Probe
 
 
 def run(bench: Bench) -> ScenarioResult:
@@ -173,13 +174,14 @@ def _meshpost_latency(bench: Bench, m: int, sync: str
 def send_one_at_a_time(
     bench: Bench, cfg: NodeConfig, count: int, task: TaskID, *, started: Callable[[], None],
     sent: Callable[[int, int], None], finished: Callable[[], None] | None = None,
+    probe: Probe | None = None,
 ) -> None:
     """Node A (`cfg`, in this process) sends to B one message at a time, each waiting for
     its receipt: after a warm-up `started()`, then `sent(begin_ns, end_ns)` per send
     (perf_counter_ns), and `finished()` before the node closes."""
 
     async def run() -> None:
-        async with Node(cfg) as a:
+        async with Node(cfg, probe=probe) as a:
             await wait_connected_or_fail(a)
             for _ in range(LATENCY_WARMUP):
                 await a.send("B", bench.body, timeout_s=30)

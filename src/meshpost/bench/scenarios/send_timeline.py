@@ -14,7 +14,7 @@ from meshpost.bench.results import ScenarioResult
 from meshpost.bench.scenarios.pair_latency import send_one_at_a_time
 from meshpost.bench.support import verify_all
 from meshpost.config import MeshConfig
-from meshpost.timeline import SEND_BEGINS, SEND_ENDS, Mark, install_probes, summarise
+from meshpost.timeline import SEND_BEGINS, SEND_ENDS, Mark, MarkRecorder, summarise
 
 if TYPE_CHECKING:
     from meshpost.bench.runner import Bench
@@ -35,16 +35,11 @@ def run(bench: Bench) -> ScenarioResult:
     try:
         peer.reply(READY_TIMEOUT_S)
         cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
-
-        uninstall = install_probes(marks)
-        try:
-            send_one_at_a_time(
-                bench, cfg, sends, task, started=marks.clear,
-                sent=lambda begin, end: marks.extend([(SEND_BEGINS, begin),
-                                                      (SEND_ENDS, end)]),
-            )
-        finally:
-            uninstall()
+        send_one_at_a_time(
+            bench, cfg, sends, task, started=marks.clear,
+            sent=lambda begin, end: marks.extend([(SEND_BEGINS, begin), (SEND_ENDS, end)]),
+            probe=MarkRecorder(marks),
+        )
     finally:
         peer.stop()
     receiver: list[Mark] = [(str(label), int(t)) for label, t in

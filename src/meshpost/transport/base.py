@@ -1,0 +1,68 @@
+"""The seam between a node and its transport: what `Node` calls, as a `typing.Protocol`.
+
+Rule: only the shape of the interface lives here (no sockets), so that a node can run on
+`ZmqTransport` or on `MemoryNetwork`'s in-memory fake alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+#: (routing identity, payload, authenticated user id or None) of a frame sent to our ROUTER.
+InboundHandler = Callable[[bytes, bytes, "str | None"], None]
+#: (peer name, payload) of a frame a peer sent back on our link to it.
+PeerFrameHandler = Callable[[str, bytes], None]
+#: Called after a batch of frames was handled: work they started can begin now.
+DrainedHandler = Callable[[], None]
+
+
+class Transport(Protocol):
+    """Frames in and out for one node: one inbound endpoint, one outbound link per peer."""
+
+    @property
+    def secure(self) -> bool:
+        """Whether inbound frames come with an authenticated user id."""
+        ...
+
+    @property
+    def inbound_paused(self) -> bool: ...
+
+    @property
+    def dropped_sends(self) -> int:
+        """Frames dropped because a queue was full (the protocol retransmits them)."""
+        ...
+
+    def bind(self, endpoints: Sequence[str]) -> list[str]:
+        """Listen on `endpoints`; return them as bound (ports resolved)."""
+        ...
+
+    def add_peer(self, peer: str, endpoint: str) -> None: ...
+
+    def start(
+        self, on_inbound: InboundHandler, on_peer_frame: PeerFrameHandler,
+        on_drained: DrainedHandler | None = None,
+    ) -> None:
+        """Deliver every frame from now on to the handlers, on the running event loop."""
+        ...
+
+    def send_to_peer(self, peer: str, payload: bytes) -> bool:
+        """Queue `payload` on our link to `peer`; False if it was dropped."""
+        ...
+
+    def reply(self, identity: bytes, payload: bytes) -> bool:
+        """Send `payload` back to the inbound connection `identity`; False if dropped."""
+        ...
+
+    def handshake_failure(self, peer: str) -> str | None:
+        """Why the last secure handshake with `peer` failed (None once one succeeds)."""
+        ...
+
+    def pause_inbound(self) -> None: ...
+
+    def resume_inbound(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+__all__ = ["DrainedHandler", "InboundHandler", "PeerFrameHandler", "Transport"]

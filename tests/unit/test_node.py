@@ -1,0 +1,208 @@
+"""Node composed from fakes: an in-memory transport, a fake clock, a real store in tmp_path.
+
+The sans-IO core is tested on its own (tests/unit/protocol); these tests check what `Node`
+adds on top of it: post -> stored -> frame out -> receipt in -> delivered, retransmission on
+the (virtual) timer, the failed state after an unexpected store error, and the public API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshpost.clock import FakeClock
+from meshpost.config import NodeConfig, PeerConfig
+from meshpost.errors import NodeFailed, UnknownPeer
+from meshpost.node import Message, Node, wait_receipt
+from meshpost.protocol import decode
+from meshpost.store import Store, StoreReader
+from meshpost.timeline import Mark, MarkRecorder
+from meshpost.transport import MemoryNetwork
+
+#: Upper bound for any wait in these tests; reaching it means a bug, not a slow machine.
+PATIENCE_S = 10.0
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), PATIENCE_S * 2))
+
+
+def config(name: str, other: str, tmp_path: Path) -> NodeConfig:
+    return NodeConfig(
+        name=name, bind=(f"ipc://{tmp_path}/{name}.sock",),
+        peers=(PeerConfig(other, f"ipc://{tmp_path}/{other}.sock"),),
+        data_dir=tmp_path / name, sync="normal",
+    )
+
+
+def pair(
+    tmp_path: Path, net: MemoryNetwork, clock: FakeClock, **a_parts: Any
+) -> tuple[Node, Node]:
+    a = Node(config("A", "B", tmp_path), clock=clock, transport=net.transport("A"), **a_parts)
+    b = Node(config("B", "A", tmp_path), clock=clock, transport=net.transport("B"))
+    return a, b
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until `condition` holds (bounded by the caller's timeout)."""
+    async with asyncio.timeout(PATIENCE_S):
+        while not condition():
+            await asyncio.sleep(0.002)
+
+
+def connected(node: Node) -> bool:
+    return all(p.connected for p in node.peers())
+
+
+def frame_kinds(net: MemoryNetwork, sender: str) -> list[str]:
+    return [type(decode(data, max_bytes=1 << 24)).__name__
+            for frm, _to, data in net.log if frm == sender]
+
+
+def test_a_post_is_stored_sent_receipted_and_recorded_as_delivered(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            await until(lambda: connected(a))
+            (handle,) = await a.post("B", "hello B")
+            # Returned once durably stored at A, before any receipt.
+            with StoreReader.for_data_dir(a.config.data_dir) as reader:
+                assert [m.body for m in reader.history(direction="out")] == ["hello B"]
+            receipt = await wait_receipt(handle, PATIENCE_S)
+            assert (receipt.to, receipt.message_id, receipt.seq) == ("B", handle.id, 1)
+            assert "Batch" in frame_kinds(net, "A") or "Envelope" in frame_kinds(net, "A")
+            assert "Receipt" in frame_kinds(net, "B")
+            await until(lambda: a.stats.delivered == 1)
+            with StoreReader.for_data_dir(b.config.data_dir) as reader:
+                assert [(m.sender, m.body) for m in reader.history(direction="in")] == [
+                    ("A", "hello B")]
+            await a.flush()
+            with StoreReader.for_data_dir(a.config.data_dir) as reader:
+                assert [m.state for m in reader.history(direction="out")] == ["delivered"]
+
+    run(scenario)
+
+
+def test_a_lost_frame_is_retransmitted_when_the_virtual_timer_fires(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            await until(lambda: connected(a))
+            net.partition("A", "B")
+            (handle,) = await a.post("B", "through the storm")
+            await until(lambda: a.snapshot_stats().dropped_sends >= 1)
+            net.heal("A", "B")
+            # Nothing happens while virtual time stands still ...
+            await asyncio.sleep(0.05)
+            assert not handle.receipt.done()
+            assert b.stats.received == 0
+            # ... until the retransmission timer is due.
+            clock.advance(a.config.retransmit_initial_s * 2)
+            a.poll_timers()
+            receipt = await wait_receipt(handle, PATIENCE_S)
+            assert receipt.to == "B"
+            assert a.snapshot_stats().retransmissions >= 1
+            assert b.stats.received == 1
+
+    run(scenario)
+
+
+def test_an_unexpected_store_error_fails_the_post_and_the_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 bug 1: `post()` hung for ever when `Store.apply` raised a non-StoreError."""
+
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            await until(lambda: connected(a))
+
+            def boom(*_args: object, **_kwargs: object) -> None:
+                raise RuntimeError("bug in the store")
+
+            net.partition("A", "B")  # so that this one's receipt cannot come
+            (waiting,) = await a.post("B", "stored before the failure")
+            monkeypatch.setattr(Store, "apply", boom)
+            with pytest.raises(NodeFailed, match="bug in the store") as failed:
+                await asyncio.wait_for(a.post("B", "doomed"), PATIENCE_S)
+            assert isinstance(failed.value.__cause__, RuntimeError)
+            assert a.failure is failed.value
+            assert "failed" in repr(a)
+            # A receipt still expected fails too, instead of waiting for its timeout.
+            with pytest.raises(NodeFailed):
+                await wait_receipt(waiting, PATIENCE_S)
+            # New work is refused at once with the same error, as h11 does after an error.
+            with pytest.raises(NodeFailed):
+                await asyncio.wait_for(a.post("B", "again"), PATIENCE_S)
+            with pytest.raises(NodeFailed):
+                await asyncio.wait_for(a.post_many("B", ["x"]), PATIENCE_S)
+            # A headless node's serve() returns by raising it (the CLI exits 6).
+            with pytest.raises(NodeFailed):
+                await asyncio.wait_for(a.serve(asyncio.Event()), PATIENCE_S)
+            monkeypatch.undo()
+
+    run(scenario)
+
+
+def test_messages_yields_every_received_message_to_a_slow_reader(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            await until(lambda: connected(a))
+            stream = b.messages()
+            first = asyncio.ensure_future(anext(stream))
+            await asyncio.sleep(0.05)  # the reader starts before anything arrives
+            count = 700  # more than one read of the store (MESSAGES_BATCH)
+            sent = await a.post_many("B", [f"m{i}" for i in range(count)])
+            assert sent == count
+            got: list[Message] = [await asyncio.wait_for(first, PATIENCE_S)]
+            while len(got) < count:
+                got.append(await asyncio.wait_for(anext(stream), PATIENCE_S))
+                if len(got) == 10:
+                    await asyncio.sleep(0.1)  # a slow reader loses nothing
+            assert [m.body for m in got] == [f"m{i}" for i in range(count)]
+            assert {m.sender for m in got} == {"A"}
+            await stream.aclose()
+
+    run(scenario)
+
+
+def test_send_and_post_refuse_what_the_shared_rules_refuse(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            with pytest.raises(UnknownPeer):
+                await a.send("all", "hi", timeout_s=1)
+            with pytest.raises(UnknownPeer):
+                await a.post("nobody", "hi")
+            assert a.resolve("all") == ["B"]
+
+    run(scenario)
+
+
+def test_a_probe_sees_the_steps_of_a_send(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        marks: list[Mark] = []
+        a, b = pair(tmp_path, net, clock, probe=MarkRecorder(marks))
+        async with a, b:
+            await until(lambda: connected(a))
+            marks.clear()
+            await a.send("B", "traced", timeout_s=PATIENCE_S)
+        labels = [label for label, _t in marks]
+        for step in ("writer submits<", "commit<", "commit>", "outgoing stored<",
+                     "dealer readable<", "dialer.receive<", "delivery stored<"):
+            assert step in labels, step
+        assert labels.index("commit<") < labels.index("outgoing stored<") < labels.index(
+            "dealer readable<") < labels.index("delivery stored<")
+
+    run(scenario)
