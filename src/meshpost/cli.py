@@ -14,6 +14,7 @@ import contextlib
 import csv
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -31,28 +32,24 @@ from meshpost.config import (
 )
 from meshpost.errors import (
     EXIT_ADDRESS_IN_USE,
+    EXIT_INTERNAL,
     EXIT_NODE_NOT_STARTED,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_REJECTED,
+    EXIT_STORE,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
     ClusterNotRunning,
     ConfigError,
-    ControlUnavailable,
-    EndpointInUse,
     InvalidMessage,
     MeshpostError,
-    StoreError,
-    UnknownPeer,
 )
 
 if TYPE_CHECKING:
     from meshpost.discovery import DiscoveryConfig
     from meshpost.gateway import GatewayConfig
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_TIMEOUT = 3
-EXIT_NOT_RUNNING = 4
-EXIT_REJECTED = 5
-EXIT_STORE = 6
 #: Every exit code and what it means, as README's table says it (tests compare the two).
 EXIT_CODE_MEANINGS: dict[int, str] = {
     EXIT_OK: "success",
@@ -66,26 +63,17 @@ EXIT_CODE_MEANINGS: dict[int, str] = {
     EXIT_NODE_NOT_STARTED: "a cluster node did not start",
 }
 
+__all__ = ["EXIT_ADDRESS_IN_USE", "EXIT_CODE_MEANINGS", "EXIT_INTERNAL", "EXIT_NODE_NOT_STARTED",
+           "EXIT_NOT_RUNNING", "EXIT_OK", "EXIT_REJECTED", "EXIT_STORE", "EXIT_TIMEOUT",
+           "EXIT_USAGE", "build_parser", "main"]
+
 #: Environment variable naming a `CrashPoint` for fault-injection tests (never set it in
 #: production: the node exits with code 99 at that protocol step).
 CRASH_ENV = "MESHPOST_DEBUG_CRASH_AT"
+#: Upper bound of `send --timeout` (a day): larger values are a typo, not a wish.
+MAX_TIMEOUT_S = 86_400.0
 
 log = logging.getLogger("meshpost")
-
-
-def _exit_code(exc: MeshpostError) -> int:
-    code = getattr(exc, "exit_code", None)
-    if isinstance(code, int):
-        return code
-    if isinstance(exc, EndpointInUse):
-        return EXIT_ADDRESS_IN_USE
-    if isinstance(exc, ControlUnavailable):
-        return EXIT_NOT_RUNNING
-    if isinstance(exc, ConfigError | UnknownPeer | InvalidMessage):
-        return EXIT_USAGE
-    if isinstance(exc, StoreError):
-        return EXIT_STORE
-    return EXIT_INTERNAL
 
 
 def setup_logging(level: str, *, log_file: Path | None = None) -> None:
@@ -234,6 +222,18 @@ def build_gateway_config(args: argparse.Namespace) -> GatewayConfig:
 # -- send / peers / status ------------------------------------------------------------------
 
 
+def _timeout(text: str) -> float:
+    """argparse type of `--timeout`: a finite number of seconds, 0 to a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or not 0 <= value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not between 0 and {MAX_TIMEOUT_S:g} seconds")
+    return value
+
+
 def _data_dir(args: argparse.Namespace) -> Path:
     return Path(args.data) if args.data else default_data_dir(args.node)
 
@@ -250,57 +250,109 @@ class EmptyCommandText(InvalidMessage):
                          "`meshpost send --node A --to B hello`")
 
 
+def _bodies(args: argparse.Namespace) -> list[str]:
+    """The message(s) to send: TEXT, else `-f FILE`, else standard input; with `--lines`,
+    one message per non-empty line."""
+    if args.text and args.file:
+        raise ConfigError("give the text either as arguments or with -f FILE, not both")
+    if args.text:
+        text = " ".join(args.text)
+    elif args.file:
+        path = Path(args.file)
+        try:
+            text = sys.stdin.read() if args.file == "-" else path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {args.file}: {exc}") from None
+    elif sys.stdin.isatty():
+        raise ConfigError("no text: give it as arguments, with -f FILE, or on standard input "
+                          "(echo hi | meshpost send ...)")
+    else:
+        text = sys.stdin.read()
+    if args.lines:
+        # Like `mosquitto_pub -l`: one message per line; empty lines carry nothing to send.
+        return [line for line in text.splitlines() if line.strip()]
+    # A trailing newline (echo, a file) is the line's end, not part of the message.
+    return [text[:-1] if text.endswith("\n") else text]
+
+
+def _result_json(r: Any) -> str:
+    record = _struct_dict(r)
+    record["status"] = "delivered" if r.delivered else ("rejected" if r.error else "queued")
+    return json.dumps(record, ensure_ascii=False)
+
+
 def cmd_send(args: argparse.Namespace) -> int:
-    from meshpost.control import ControlClient, SendRequest
+    from meshpost.control import ControlClient, ErrorReply, SendReply, SendRequest, checked
+
+    bodies = _bodies(args)
+    if not any(body.strip() for body in bodies):
+        raise EmptyCommandText()
+    requests = (SendRequest(args.to, body, args.timeout) for body in bodies)
+    queued: set[str] = set()
+    code = EXIT_OK
+    with ControlClient(_data_dir(args), name=args.node) as client:
+        replies = client.stream(requests, timeout_s=args.timeout + 10, window=args.window)
+        for index, reply in replies:
+            if isinstance(reply, ErrorReply):
+                if not args.lines:
+                    checked(reply)  # raises: main() prints it and exits with its code
+                if args.json:
+                    print(json.dumps({"line": index + 1, "status": "error", "kind": reply.kind,
+                                      "error": reply.message}, ensure_ascii=False))
+                if not args.quiet:
+                    print(f"meshpost send: line {index + 1}: {reply.message}", file=sys.stderr)
+                code = max(code, reply.exit_code)
+                continue
+            assert isinstance(reply, SendReply)
+            for r in reply.sent:
+                outcome = _report_result(r, args)
+                if outcome == EXIT_TIMEOUT:
+                    queued.add(r.to)
+                code = max(code, outcome)
+    if queued and not args.quiet:
+        _why_unreachable(args, queued)
+    return code
+
+
+def _report_result(r: Any, args: argparse.Namespace) -> int:
     from meshpost.text import clean
 
-    body = " ".join(args.text)
-    if not body.strip():
-        raise EmptyCommandText()
-    with ControlClient(_data_dir(args), name=args.node) as client:
-        reply = client.request(SendRequest(args.to, body, args.timeout),
-                               timeout_s=args.timeout + 10)
-    if not reply.ok:
-        print(f"meshpost send: {reply.error}", file=sys.stderr)
-        return EXIT_USAGE if reply.error_kind in (
-            "UnknownPeer", "EmptyMessage", "MessageTooLarge", "InvalidMessage", "usage"
-        ) else EXIT_INTERNAL
-    code = EXIT_OK
-    for r in reply.sent:
-        if r.delivered:
+    if args.json:
+        print(_result_json(r))
+    if r.delivered:
+        if not args.json and not args.quiet:
             print(f"✓ delivered to {r.to} at {_fmt_time(r.delivered_at_ns)} "
                   f"(id {r.id}, sync={clean(r.sync or '')})")
-        elif r.error:
+        return EXIT_OK
+    if r.error:
+        if not args.quiet:
             # The detail of a rejection is the receiver's text: escaped, like any peer's text.
             print(f"✗ {r.to}: {clean(r.error)}", file=sys.stderr)
-            code = max(code, EXIT_REJECTED)
-        else:
-            print(f"… no receipt from {r.to} within {args.timeout:g}s; message {r.id} stays "
-                  "queued and will be delivered when the peer is reachable", file=sys.stderr)
-            code = max(code, EXIT_TIMEOUT)
-    if code == EXIT_TIMEOUT:
-        _why_unreachable(args, {r.to for r in reply.sent if not r.delivered})
-    return code
+        return EXIT_REJECTED
+    if not args.quiet:
+        print(f"… no receipt from {r.to} within {args.timeout:g}s; message {r.id} stays "
+              "queued and will be delivered when the peer is reachable", file=sys.stderr)
+    return EXIT_TIMEOUT
 
 
 def _why_unreachable(args: argparse.Namespace, peers: set[str]) -> None:
     """After a timeout: what the node knows of why (a refusal, a failed secure handshake)."""
-    from meshpost.control import ControlClient, StatusRequest
+    from meshpost.control import ControlClient, StatusRequest, checked
     from meshpost.text import clean
 
     with contextlib.suppress(MeshpostError), ControlClient(_data_dir(args), name=args.node) as c:
-        for p in c.request(StatusRequest(), timeout_s=5).peers:
+        for p in checked(c.request(StatusRequest(), timeout_s=5)).peers:
             if p.name in peers and p.refusal:
                 print(f"  {p.name}: {clean(p.refusal)}", file=sys.stderr)
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    from meshpost.control import ControlClient, StatusRequest
+    from meshpost.control import ControlClient, StatusRequest, checked
     from meshpost.node import NodeStats
     from meshpost.text import render_peers_table, render_stats, terminal_width
 
     with ControlClient(_data_dir(args), name=args.node) as client:
-        reply = client.request(StatusRequest(), timeout_s=5)
+        reply = checked(client.request(StatusRequest(), timeout_s=5))
     if args.json:
         print(json.dumps({"status": reply.status,
                           "peers": [_struct_dict(p) for p in reply.peers]}, indent=2))
@@ -371,6 +423,13 @@ def cmd_history(args: argparse.Namespace) -> int:
     elif args.csv:
         writer = csv.DictWriter(sys.stdout, fieldnames=HISTORY_FIELDS)
         writer.writeheader()
+        if sys.stdout.isatty():
+            # On a terminal a body could rewrite the screen (ESC, BEL, bidi overrides): show
+            # them escaped, as the table does. Files and pipes get the bytes as stored.
+            from meshpost.text import clean
+
+            records = [{k: clean(v) if isinstance(v, str) else v for k, v in r.items()}
+                       for r in records]
         writer.writerows(records)
     else:
         from meshpost.text import render_history, terminal_width
@@ -570,8 +629,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", required=True)
     p.add_argument("--to", required=True, help="peer name, group name, or 'all'")
     p.add_argument("--data")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for receipts")
-    p.add_argument("text", nargs="+")
+    p.add_argument("--timeout", type=_timeout, default=10.0,
+                   help="seconds to wait for each receipt (0 to not wait; at most a day)")
+    p.add_argument("-l", "--lines", action="store_true",
+                   help="one message per line of the input, streamed through one connection")
+    p.add_argument("-f", "--file", help="read the text from FILE ('-': standard input)")
+    p.add_argument("--json", action="store_true", help="one JSON object per receipt a line")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print no receipts or notes; the exit code tells")
+    p.add_argument("--window", type=int, default=1024, help=argparse.SUPPRESS)
+    p.add_argument("text", nargs="*",
+                   help="the message (default: -f FILE, else standard input)")
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("peers", help="peers of a running node: connected, RTT, clock offset")
@@ -676,7 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
     except MeshpostError as exc:
         print(f"meshpost {args.command}: {exc}", file=sys.stderr)
-        return _exit_code(exc)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from meshpost.config import default_data_dir
-from meshpost.control import ControlClient, StatusRequest
+from meshpost.control import ControlClient, ErrorReply, StatusRequest
 from meshpost.errors import (
     ClusterAlreadyRunning,
     ClusterError,
@@ -201,14 +201,15 @@ class NodeProcess:
             ControlClient(self.data_dir, name=self.name) as client,
         ):
             reply = client.request(StatusRequest(), timeout_s=1.0)
-            return bool(reply.ok and reply.status and reply.status.get("pid") == self.pid)
+            return (not isinstance(reply, ErrorReply)
+                    and reply.status.get("pid") == self.pid)
         return False
 
     def cpu_seconds(self, timeout_s: float = 5.0) -> float:
         """CPU time the node process has used so far (all its threads), from its status."""
         with ControlClient(self.data_dir, name=self.name) as client:
             reply = client.request(StatusRequest(), timeout_s=timeout_s)
-        if not reply.ok or reply.status is None:
+        if isinstance(reply, ErrorReply):
             raise ClusterError(f"node {self.name} did not report its status: {reply.error}")
         return float(reply.status["cpu_s"])
 

@@ -31,7 +31,8 @@ from prompt_toolkit.styles import Style
 
 from meshpost.clock import Clock
 from meshpost.config import NodeConfig
-from meshpost.errors import MeshpostError, ReceiptTimeout, UnknownPeer
+from meshpost.control.messages import EventsDropped, NodeGone
+from meshpost.errors import MeshpostError, NodeStopped, ReceiptTimeout, UnknownPeer
 from meshpost.node import (
     DeliveryRecorded,
     MessageReceived,
@@ -248,9 +249,11 @@ class ConsoleNode(Protocol):
 
     def peers(self) -> list[PeerStatus]: ...
 
-    def subscribe(self) -> asyncio.Queue[NodeEvent]: ...
+    def subscribe(
+        self,
+    ) -> asyncio.Queue[NodeEvent] | asyncio.Queue[NodeEvent | NodeGone | EventsDropped]: ...
 
-    def unsubscribe(self, queue: asyncio.Queue[NodeEvent]) -> None: ...
+    def unsubscribe(self, queue: Any) -> None: ...
 
     def snapshot_stats(self) -> NodeStats: ...
 
@@ -322,6 +325,16 @@ class _Console:
         self.tasks: set[asyncio.Task[None]] = set()
         #: The last line shown for each peer's connection state.
         self.peer_lines: dict[str, str] = {}
+        self.stopped_shown = False
+
+    def fail(self, exc: BaseException) -> None:
+        """Print a failure nobody typed a command for; that the node stopped is said once,
+        however many pending sends it fails (a command typed later is answered again)."""
+        if isinstance(exc, NodeStopped):
+            if self.stopped_shown:
+                return
+            self.stopped_shown = True
+        self.print(format_failure(exc))
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -359,8 +372,9 @@ class _Console:
         self.peer_lines[event.peer] = shown
         self.print(shown)
 
-    async def watch(self, events: asyncio.Queue[NodeEvent]) -> None:
-        """Print what the node reports: arrivals and peer changes."""
+    async def watch(self, events: asyncio.Queue[Any]) -> None:
+        """Print what the node reports: arrivals, peer changes, and (attached) that it
+        stopped."""
         while True:
             event = await events.get()
             try:
@@ -373,6 +387,11 @@ class _Console:
                         self.print(format_refused_peer(who, detail))
                     case DeliveryRecorded():
                         pass  # our own sends print their receipt from their handle
+                    case NodeGone(name=name):
+                        self.fail(NodeStopped(name))
+                    case EventsDropped(count=count):
+                        self.print(f"… {count} event(s) not shown: this console fell behind "
+                                   "(/history has every message)")
                     case _:
                         assert_never(event)
             except Exception:
@@ -391,7 +410,7 @@ class _Console:
                     return
             self.print(format_receipt(await wait_receipt(handle, None), body=handle.body))
         except MeshpostError as exc:
-            self.print(format_failure(exc))
+            self.fail(exc)
 
     async def handle(self, command: Command) -> bool:
         """Perform one command; False once the user wants to leave."""
@@ -515,6 +534,7 @@ async def run_console(
                         if not await console.handle(parse_command(line)):
                             break
                     except MeshpostError as exc:
+                        console.stopped_shown |= isinstance(exc, NodeStopped)
                         console.print(format_failure(exc))
                     except Exception as exc:  # keep the console alive; the log has details
                         log.exception("console command %r failed", line)

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meshpost.cluster import LocalCluster
-from meshpost.control import ControlClient, SendRequest, SendResult
+from meshpost.control import ControlClient, ErrorReply, SendRequest, SendResult
 from meshpost.store import StoreReader
 from meshpost.text import format_clock
 from meshpost.verify import verify_stores
@@ -35,7 +35,7 @@ def _send(cluster: LocalCluster, sender: str, target: str, body: str) -> list[Se
     with ControlClient(cluster.data_dir(sender), name=sender) as client:
         reply = client.request(SendRequest(target, body, RECEIPT_TIMEOUT_S),
                                timeout_s=RECEIPT_TIMEOUT_S + 10)
-    if not reply.ok:
+    if isinstance(reply, ErrorReply):
         raise RuntimeError(f"{sender} could not send: {reply.error}")
     return reply.sent
 

@@ -7,25 +7,70 @@ boundary where they occur.
 
 from __future__ import annotations
 
+import re
+from typing import ClassVar
+
+# Exit codes of the `meshpost` command (README lists them); each error kind maps to one.
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+EXIT_NOT_RUNNING = 4
+EXIT_REJECTED = 5
+EXIT_STORE = 6
+#: Exit code of `meshpost` when an endpoint to bind is taken by another process.
+EXIT_ADDRESS_IN_USE = 7
+#: Exit code of `meshpost cluster up/restart` when a node did not become ready.
+EXIT_NODE_NOT_STARTED = 8
+
+#: kind -> exit code of every error class: the one mapping the CLI, the control server and
+#: the attached console use. Filled by `MeshpostError.__init_subclass__`.
+EXIT_CODES: dict[str, int] = {}
+
 
 class MeshpostError(Exception):
-    """Root of every error meshpost raises on purpose."""
+    """Root of every error meshpost raises on purpose.
+
+    Every subclass names its `kind` (a stable snake_case word that crosses the control socket)
+    and inherits or sets its `exit_code`: `class StoreFull(StoreError, kind="store_full")`.
+    """
+
+    kind: ClassVar[str] = "internal"
+    exit_code: ClassVar[int] = EXIT_INTERNAL
+
+    def __init_subclass__(cls, *, kind: str = "", exit_code: int | None = None,
+                          **rest: object) -> None:
+        super().__init_subclass__(**rest)
+        # A subclass outside this module may leave its kind out: it gets its class name in
+        # snake_case (a class here always names it; tests/unit/test_errors.py checks).
+        cls.kind = kind or re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
+        if exit_code is not None:
+            cls.exit_code = exit_code
+        EXIT_CODES.setdefault(cls.kind, cls.exit_code)
+
+
+EXIT_CODES[MeshpostError.kind] = EXIT_INTERNAL
+
+
+def exit_code_for(kind: str) -> int:
+    """The exit code of an error kind (an unknown kind, e.g. from a newer node: internal)."""
+    return EXIT_CODES.get(kind, EXIT_INTERNAL)
 
 
 # --- configuration and usage -------------------------------------------------------------
 
 
-class ConfigError(MeshpostError):
+class ConfigError(MeshpostError, kind="config", exit_code=EXIT_USAGE):
     """The mesh or node configuration is invalid."""
 
 
-class InvalidName(ConfigError):
+class InvalidName(ConfigError, kind="invalid_name"):
     def __init__(self, name: str, why: str) -> None:
         super().__init__(f"invalid node name {name!r}: {why}")
         self.name = name
 
 
-class UnknownPeer(MeshpostError):
+class UnknownPeer(MeshpostError, kind="unknown_peer", exit_code=EXIT_USAGE):
     def __init__(self, name: str, known: list[str]) -> None:
         listed = ", ".join(sorted(known)) or "none"
         super().__init__(f"unknown peer {name!r}; known peers: {listed}")
@@ -33,16 +78,16 @@ class UnknownPeer(MeshpostError):
         self.known = known
 
 
-class InvalidMessage(MeshpostError):
+class InvalidMessage(MeshpostError, kind="invalid_message", exit_code=EXIT_USAGE):
     """A message the local user tried to send is not acceptable."""
 
 
-class EmptyMessage(InvalidMessage):
+class EmptyMessage(InvalidMessage, kind="empty_message"):
     def __init__(self) -> None:
         super().__init__("message body is empty; type some text after the recipient")
 
 
-class MessageTooLarge(InvalidMessage):
+class MessageTooLarge(InvalidMessage, kind="message_too_large"):
     def __init__(self, size: int, limit: int) -> None:
         super().__init__(
             f"message is {size} bytes, over the {limit}-byte limit "
@@ -52,12 +97,12 @@ class MessageTooLarge(InvalidMessage):
         self.limit = limit
 
 
-class NodeClosed(MeshpostError):
+class NodeClosed(MeshpostError, kind="node_closed", exit_code=EXIT_NOT_RUNNING):
     def __init__(self, name: str) -> None:
         super().__init__(f"node {name!r} is shut down; start it again to send")
 
 
-class ReceiptTimeout(MeshpostError):
+class ReceiptTimeout(MeshpostError, kind="receipt_timeout", exit_code=EXIT_TIMEOUT):
     """No receipt arrived in time; the message stays queued and will still be delivered."""
 
     def __init__(self, message_id: str, to: str, timeout_s: float) -> None:
@@ -73,17 +118,17 @@ class ReceiptTimeout(MeshpostError):
 # --- the wire ---------------------------------------------------------------------------
 
 
-class ProtocolError(MeshpostError):
+class ProtocolError(MeshpostError, kind="protocol"):
     """A peer sent something the protocol does not allow. The frame is rejected, not us."""
 
     code = "protocol"
 
 
-class MalformedFrame(ProtocolError):
+class MalformedFrame(ProtocolError, kind="malformed_frame"):
     code = "malformed"
 
 
-class UnsupportedVersion(ProtocolError):
+class UnsupportedVersion(ProtocolError, kind="unsupported_version"):
     code = "version"
 
     def __init__(self, theirs: int, ours: int) -> None:
@@ -95,18 +140,18 @@ class UnsupportedVersion(ProtocolError):
         self.ours = ours
 
 
-class IdentityMismatch(ProtocolError):
+class IdentityMismatch(ProtocolError, kind="identity_mismatch"):
     code = "identity"
 
 
 # --- transport --------------------------------------------------------------------------
 
 
-class TransportError(MeshpostError):
+class TransportError(MeshpostError, kind="transport"):
     pass
 
 
-class EndpointInUse(TransportError):
+class EndpointInUse(TransportError, kind="endpoint_in_use", exit_code=EXIT_ADDRESS_IN_USE):
     def __init__(self, endpoint: str, detail: str) -> None:
         super().__init__(
             f"cannot bind {endpoint}: {detail} (another node or program holds it; "
@@ -115,13 +160,15 @@ class EndpointInUse(TransportError):
         self.endpoint = endpoint
 
 
-class InvalidEndpoint(TransportError, ConfigError):
+class InvalidEndpoint(TransportError, ConfigError, kind="invalid_endpoint",
+                      exit_code=EXIT_USAGE):
     def __init__(self, endpoint: str, detail: str) -> None:
         super().__init__(f"invalid endpoint {endpoint!r}: {detail}")
         self.endpoint = endpoint
 
 
-class ControlUnavailable(TransportError):
+class ControlUnavailable(TransportError, kind="not_running",
+                         exit_code=EXIT_NOT_RUNNING):
     def __init__(self, name: str, where: str) -> None:
         super().__init__(
             f"node {name!r} is not running (no control endpoint at {where}); "
@@ -133,17 +180,17 @@ class ControlUnavailable(TransportError):
 # --- storage ----------------------------------------------------------------------------
 
 
-class StoreError(MeshpostError):
+class StoreError(MeshpostError, kind="storage", exit_code=EXIT_STORE):
     pass
 
 
-class DataDirNotWritable(StoreError):
+class DataDirNotWritable(StoreError, kind="data_dir_not_writable"):
     def __init__(self, path: str, detail: str) -> None:
         super().__init__(f"data directory {path} is not writable: {detail}")
         self.path = path
 
 
-class StoreLocked(StoreError):
+class StoreLocked(StoreError, kind="store_locked"):
     def __init__(self, path: str) -> None:
         super().__init__(
             f"database {path} is locked by another process; "
@@ -152,7 +199,7 @@ class StoreLocked(StoreError):
         self.path = path
 
 
-class StoreCorrupt(StoreError):
+class StoreCorrupt(StoreError, kind="store_corrupt"):
     def __init__(self, path: str, detail: str) -> None:
         super().__init__(
             f"database {path} is corrupt ({detail}); restore it from a copy or move it aside"
@@ -160,13 +207,13 @@ class StoreCorrupt(StoreError):
         self.path = path
 
 
-class StoreFull(StoreError):
+class StoreFull(StoreError, kind="store_full"):
     def __init__(self, path: str) -> None:
         super().__init__(f"database {path} is full (disk or page limit); free space to continue")
         self.path = path
 
 
-class SchemaTooNew(StoreError):
+class SchemaTooNew(StoreError, kind="schema_too_new"):
     def __init__(self, path: str, found: int, supported: int) -> None:
         super().__init__(
             f"database {path} has schema version {found}, this meshpost supports up to "
@@ -174,7 +221,7 @@ class SchemaTooNew(StoreError):
         )
 
 
-class NodeFailed(StoreError):
+class NodeFailed(StoreError, kind="node_failed"):
     """The node's store failed in a way retrying cannot fix; the node accepts nothing more.
     Every write that was pending failed with the same cause."""
 
@@ -188,7 +235,7 @@ class NodeFailed(StoreError):
         self.__cause__ = cause
 
 
-class MessageRejected(MeshpostError):
+class MessageRejected(MeshpostError, kind="rejected", exit_code=EXIT_REJECTED):
     """The receiver refused to store a message; it will not be resent."""
 
     def __init__(self, message_id: str, to: str, code: str, detail: str) -> None:
@@ -198,18 +245,64 @@ class MessageRejected(MeshpostError):
         self.code = code
 
 
+# --- the control socket and the attached console -----------------------------------------
+
+
+class BadControlRequest(MeshpostError, kind="bad_request", exit_code=EXIT_USAGE):
+    """A control request the node cannot decode (a client of another version, or a bug)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"bad control request: {detail}")
+
+
+class ControlTimeout(ControlUnavailable, kind="control_timeout", exit_code=EXIT_INTERNAL):
+    """The node's process is alive but did not answer a control request in time."""
+
+    def __init__(self, name: str, timeout_s: float) -> None:
+        TransportError.__init__(
+            self,
+            f"node {name!r} is running but did not answer within {timeout_s:g}s; "
+            "see its log (node.log in its data dir) before trying again"
+        )
+        self.name = name
+        self.timeout_s = timeout_s
+
+
+class NodeStopped(MeshpostError, kind="node_stopped", exit_code=EXIT_NOT_RUNNING):
+    """The node an attached console drives went away while the console ran."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"node {name!r} stopped; start it again, then attach again")
+        self.name = name
+
+
+class NotStored(StoreError, kind="not_stored"):
+    """The node could not store a message it accepted; the message is not stored (yet)."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__(
+            f"storage error at node {name!r}: {detail}; the message is NOT stored yet (the "
+            "node keeps retrying and sends it once it is stored: check `meshpost history` "
+            "before sending it again)"
+        )
+        self.name = name
+
+
+class RemoteError(MeshpostError, kind="remote"):
+    """An error a node reported over its control socket: its message, kind and exit code."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # type: ignore[misc]  # this instance speaks for the node's class
+        self.exit_code = exit_code_for(kind)  # type: ignore[misc]
+
+
 # --- local clusters and exit codes of their own -------------------------------------------
 
-#: Exit code of `meshpost` when an endpoint to bind is taken by another process.
-EXIT_ADDRESS_IN_USE = 7
-#: Exit code of `meshpost cluster up/restart` when a node did not become ready.
-EXIT_NODE_NOT_STARTED = 8
-
-
-class NoStore(StoreError):
+class NoStore(StoreError, kind="no_store", exit_code=EXIT_NOT_RUNNING):
     """A data dir holds no meshpost database: the node never ran there (or it is elsewhere)."""
 
-    exit_code = 4  # as "not running": there is no such node here, nothing is broken
+    # exit 4 as "not running": there is no such node here, nothing is broken
 
     def __init__(self, path: str) -> None:
         super().__init__(
@@ -219,12 +312,11 @@ class NoStore(StoreError):
         self.path = path
 
 
-class ClusterError(MeshpostError):
+class ClusterError(MeshpostError, kind="cluster"):
     """`meshpost cluster` could not do what was asked."""
 
 
-class ClusterNotRunning(ClusterError):
-    exit_code = 4
+class ClusterNotRunning(ClusterError, kind="cluster_not_running", exit_code=EXIT_NOT_RUNNING):
 
     def __init__(self, root: str) -> None:
         super().__init__(
@@ -234,8 +326,8 @@ class ClusterNotRunning(ClusterError):
         self.root = root
 
 
-class ClusterAlreadyRunning(ClusterError):
-    exit_code = 2
+class ClusterAlreadyRunning(ClusterError, kind="cluster_already_running",
+                            exit_code=EXIT_USAGE):
 
     def __init__(self, root: str, names: list[str]) -> None:
         super().__init__(
@@ -247,11 +339,9 @@ class ClusterAlreadyRunning(ClusterError):
         self.names = names
 
 
-class NodeNotStarted(ClusterError):
+class NodeNotStarted(ClusterError, kind="node_not_started", exit_code=EXIT_NODE_NOT_STARTED):
     """Nodes that did not answer on their control endpoint, each with the reason its log
     gives; the cluster stopped the others it had started."""
-
-    exit_code = EXIT_NODE_NOT_STARTED
 
     def __init__(self, failures: dict[str, str]) -> None:
         lines = [f"  {name}: {why}" for name, why in failures.items()]

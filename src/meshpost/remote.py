@@ -9,89 +9,74 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
-
-import msgspec
-import zmq
-import zmq.asyncio
 
 from meshpost.clock import SystemClock
 from meshpost.config import NodeConfig, PeerConfig
 from meshpost.control import (
-    ENDPOINT_FILE,
+    AsyncControlClient,
+    EventsDropped,
+    EventsReply,
     EventsRequest,
-    Reply,
-    Request,
+    NodeGone,
+    SendReply,
     SendRequest,
+    StatusReply,
     StatusRequest,
+    checked,
 )
-from meshpost.errors import ControlUnavailable, MeshpostError
+from meshpost.errors import ControlUnavailable, NodeStopped
 from meshpost.node import (
     MessageReceived,
     NodeEvent,
     NodeStats,
     Outgoing,
     PeerChanged,
+    PeerRefused,
     PeerStatus,
     Receipt,
 )
 from meshpost.protocol import Envelope
 from meshpost.rules import resolve_target, validate_body
 
+log = logging.getLogger(__name__)
+
 #: How often the cached peer table is refreshed, and how long one event long-poll waits.
 STATUS_REFRESH_S = 1.0
 EVENTS_WAIT_S = 1.0
 REQUEST_TIMEOUT_S = 10.0
 
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Reply)
-
-
-class _Channel:
-    """One DEALER to the control endpoint; one request at a time."""
-
-    def __init__(self, context: zmq.asyncio.Context, endpoint: str, name: str) -> None:
-        self._socket = context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.connect(endpoint)
-        self._lock = asyncio.Lock()
-        self._name, self._endpoint = name, endpoint
-
-    async def request(self, request: Request, timeout_s: float) -> Reply:
-        async with self._lock:
-            await self._socket.send(_encoder.encode(request))
-            try:
-                data = await asyncio.wait_for(self._socket.recv(), timeout_s)
-            except TimeoutError:
-                raise ControlUnavailable(self._name, self._endpoint) from None
-        return _decoder.decode(data)
-
-    def close(self) -> None:
-        self._socket.close(0)
+ConsoleEvent = NodeEvent | NodeGone | EventsDropped
 
 
 class RemoteNode:
-    """A running node seen through its control endpoint, shaped like `Node` for the console."""
+    """A running node seen through its control endpoint, shaped like `Node` for the console.
+
+    Requests share one `AsyncControlClient` (replies are matched by id, so the status poll,
+    the event long-poll and a send never take each other's answers). When the node's process
+    goes away, pending sends fail with `NodeStopped`, subscribers get one `NodeGone`, and the
+    cached peer table is no longer shown.
+    """
 
     def __init__(self, data_dir: Path, *, name: str) -> None:
-        file = data_dir / ENDPOINT_FILE
-        try:
-            endpoint = file.read_text(encoding="utf-8").split()[0]
-        except (OSError, IndexError):
-            raise ControlUnavailable(name, str(file)) from None
         self.name = name
         self.clock = SystemClock()
         self._data_dir = data_dir
-        self._context = zmq.asyncio.Context()
-        self._commands = _Channel(self._context, endpoint, name)
-        self._events = _Channel(self._context, endpoint, name)
+        self._client = AsyncControlClient(data_dir, name=name)
         self._status: dict[str, Any] = {}
         self._peers: list[PeerStatus] = []
         self._handles: dict[tuple[str, int], Outgoing] = {}
-        self._queues: list[asyncio.Queue[NodeEvent]] = []
+        self._queues: list[asyncio.Queue[ConsoleEvent]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
         self.config: NodeConfig
+
+    @property
+    def stopped(self) -> bool:
+        """True once the node went away (the console then says so, once)."""
+        return self._stopped
 
     async def __aenter__(self) -> RemoteNode:
         await self._refresh()
@@ -111,37 +96,68 @@ class RemoteNode:
     async def __aexit__(self, *exc: object) -> None:
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, MeshpostError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._commands.close()
-        self._events.close()
-        self._context.term()
+        await self._client.close()
+
+    async def _call(self, request: Any, timeout_s: float = REQUEST_TIMEOUT_S) -> Any:
+        """One request; `NodeStopped` (and the node marked stopped) when the node is gone."""
+        if self._stopped:
+            raise NodeStopped(self.name)
+        try:
+            return await self._client.request(request, timeout_s=timeout_s)
+        except ControlUnavailable:
+            if not self._client.alive():
+                self._node_gone()
+                raise NodeStopped(self.name) from None
+            raise
+
+    def _node_gone(self) -> None:
+        """Say once that the node went away; fail every send still waiting for a receipt."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._peers = []
+        handles, self._handles = list(self._handles.values()), {}
+        for handle in handles:
+            if not handle.receipt.done():
+                handle.receipt.set_exception(NodeStopped(self.name))
+        self._publish(NodeGone(self.name))
 
     async def _refresh(self) -> None:
-        reply = await self._commands.request(StatusRequest(), REQUEST_TIMEOUT_S)
+        reply: StatusReply = checked(await self._call(StatusRequest()))
         self._status = reply.status
         self._peers = list(reply.peers)
 
     async def _poll_status(self) -> None:
-        while True:
+        while not self._stopped:
             await asyncio.sleep(STATUS_REFRESH_S)
-            with contextlib.suppress(ControlUnavailable):
+            if not self._client.alive():
+                self._node_gone()
+                return
+            with contextlib.suppress(ControlUnavailable, NodeStopped):
                 await self._refresh()
 
     async def _poll_events(self) -> None:
-        while True:
+        while not self._stopped:
             try:
-                reply = await self._events.request(EventsRequest(EVENTS_WAIT_S),
-                                                   EVENTS_WAIT_S + REQUEST_TIMEOUT_S)
+                reply: EventsReply = checked(await self._call(
+                    EventsRequest(EVENTS_WAIT_S), EVENTS_WAIT_S + REQUEST_TIMEOUT_S))
+            except NodeStopped:
+                return
             except ControlUnavailable:
                 await asyncio.sleep(STATUS_REFRESH_S)
                 continue
+            if reply.dropped:
+                self._publish(EventsDropped(reply.dropped))
             for m in reply.incoming:
                 envelope = Envelope(m.id, 0, m.sender, self.name, m.body, m.sent_at_ns, m.hlc)
                 self._publish(MessageReceived(envelope, m.stored_at_ns))
             for change in reply.peer_changes:
                 self._publish(PeerChanged.from_detail(change.peer, change.connected,
                                                       change.detail))
+            for refused in reply.refused:
+                self._publish(PeerRefused(refused.who, refused.code, refused.detail))
             for d in reply.deliveries:
                 for seq in d.seqs:
                     handle = self._handles.pop((d.peer, seq), None)
@@ -150,7 +166,7 @@ class RemoteNode:
                             handle.id, d.peer, seq, handle.sent_at_ns, d.delivered_at_ns,
                             d.delivered_at_ns, self.clock.wall_ns(), "?"))
 
-    def _publish(self, event: NodeEvent) -> None:
+    def _publish(self, event: ConsoleEvent) -> None:
         for queue in self._queues:
             if not queue.full():
                 queue.put_nowait(event)
@@ -158,9 +174,7 @@ class RemoteNode:
     # -- the ConsoleNode surface ------------------------------------------------------------
 
     async def post(self, target: str, body: str) -> list[Outgoing]:
-        reply = await self._commands.request(SendRequest(target, body, 0.0), REQUEST_TIMEOUT_S)
-        if not reply.ok:
-            raise MeshpostError(reply.error or "the node refused the message")
+        reply: SendReply = checked(await self._call(SendRequest(target, body, 0.0)))
         loop = asyncio.get_running_loop()
         handles = []
         for r in reply.sent:
@@ -177,18 +191,26 @@ class RemoteNode:
         validate_body(body, self.config.max_message_bytes)
 
     def peers(self) -> list[PeerStatus]:
+        """The peer table of the last status poll; `NodeStopped` once the node is gone (a
+        stale table would look like a live one)."""
+        if self._stopped:
+            raise NodeStopped(self.name)
         return list(self._peers)
 
-    def subscribe(self) -> asyncio.Queue[NodeEvent]:
-        queue: asyncio.Queue[NodeEvent] = asyncio.Queue(10_000)
+    def subscribe(self) -> asyncio.Queue[ConsoleEvent]:
+        queue: asyncio.Queue[ConsoleEvent] = asyncio.Queue(10_000)
         self._queues.append(queue)
+        if self._stopped:
+            queue.put_nowait(NodeGone(self.name))
         return queue
 
-    def unsubscribe(self, queue: asyncio.Queue[NodeEvent]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[ConsoleEvent]) -> None:
         with contextlib.suppress(ValueError):
             self._queues.remove(queue)
 
     def snapshot_stats(self) -> NodeStats:
+        if self._stopped:
+            raise NodeStopped(self.name)
         stats = self._status.get("stats", {})
         known = NodeStats.__dataclass_fields__
         return NodeStats(**{k: v for k, v in stats.items() if k in known})

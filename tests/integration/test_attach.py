@@ -47,3 +47,53 @@ def test_attached_console_sends_sees_the_receipt_and_incoming_messages(short_tmp
         cluster.stop()
     with StoreReader.for_data_dir(cluster.data_dir("B")) as reader:
         assert [m.body for m in reader.history(direction="in")] == ["hi from an attached console"]
+
+
+def test_attached_console_notices_that_its_node_died(short_tmp: Path) -> None:
+    """kill -9 of the node under an attached console: a pending send fails, the console says
+    once that the node stopped, and `/peers` no longer draws the last cached table."""
+    from meshpost.console import run_console
+    from meshpost.errors import NodeStopped
+
+    cluster = LocalCluster.create(short_tmp, 2, transport="ipc")
+    lines: list[str] = []
+
+    async def until(text: str) -> None:
+        while not any(text in line for line in lines):
+            await asyncio.sleep(0.02)
+
+    async def scenario() -> None:
+        with create_pipe_input() as pipe:
+            async with RemoteNode(cluster.data_dir("A"), name="A") as remote:
+                console = asyncio.create_task(run_console(
+                    remote, input=pipe, output=DummyOutput(), printer=lines.append,
+                    receipt_wait_s=0.2))
+                pipe.send_text("@B waits for a receipt\n")
+                await asyncio.wait_for(until("queued"), 20)
+                cluster.nodes["A"].kill()
+                # The next request finds the process gone at once (not after a 10 s timeout).
+                with pytest.raises(NodeStopped):
+                    await asyncio.wait_for(remote.post("B", "after the crash"), 5)
+                await asyncio.wait_for(until("stopped"), 10)
+                assert remote.stopped
+                pipe.send_text("/peers\n")
+                pipe.send_text("@B another\n")
+                pipe.send_text("/help\n")
+                await asyncio.wait_for(until("/quit"), 10)  # the help text: all done
+                pipe.send_text("/quit\n")
+                await asyncio.wait_for(console, 10)
+
+    try:
+        cluster.start()
+        cluster.nodes["B"].stop()  # nothing receipts A's message: it stays pending
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()
+    # One line says the node stopped, whatever failed with it (the pending send, the poll);
+    # each command typed afterwards is answered with it too, never with the cached table.
+    help_at = next(i for i, line in enumerate(lines) if "/quit" in line)
+    stopped = [line for line in lines[:help_at] if "stopped" in line]
+    assert len(stopped) == 3, lines
+    assert all("node 'A' stopped" in line for line in stopped)
+    first = lines.index(stopped[0])
+    assert lines[first + 1:help_at] == stopped[1:], lines

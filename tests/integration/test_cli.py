@@ -202,3 +202,118 @@ def test_cluster_up_and_down(short_tmp: Path, secure: bool) -> None:
         down = meshpost("cluster", "down", "--data", str(short_tmp))
     assert down.returncode == 0
     assert down.stdout.count("stopped") == 3
+
+
+def meshpost_in(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+    """`meshpost` with `stdin` piped in."""
+    return subprocess.run([sys.executable, "-m", "meshpost", *args], capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT_S, input=stdin)
+
+
+def _bodies_at(cluster: LocalCluster, node: str) -> list[str]:
+    out = meshpost("history", "--node", node, "--data", str(cluster.data_dir(node)), "--json")
+    assert out.returncode == 0, out.stderr
+    return [r["body"] for r in json.loads(out.stdout)]
+
+
+def test_send_reads_stdin_a_file_or_lines_and_prints_json_or_nothing(
+    pair: LocalCluster, tmp_path: Path
+) -> None:
+    data_a = str(pair.data_dir("A"))
+    piped = meshpost_in("send", "--node", "A", "--data", data_a, "--to", "B", stdin="hi\n")
+    assert piped.returncode == 0, piped.stderr
+    assert "✓ delivered to B" in piped.stdout
+    lines = meshpost_in("send", "--node", "A", "--data", data_a, "--to", "B", "-l", "--json",
+                        stdin="one\n\ntwo words\nthree\n")
+    assert lines.returncode == 0, lines.stderr
+    records = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert [r["status"] for r in records] == ["delivered"] * 3
+    assert {"to", "id", "seq", "sent_at_ns", "delivered", "delivered_at_ns"} <= set(records[0])
+    assert [r["seq"] for r in records] == sorted(r["seq"] for r in records)
+    file = tmp_path / "note.txt"
+    file.write_text("from a file\nsecond line\n", encoding="utf-8")
+    quiet = meshpost("send", "--node", "A", "--data", data_a, "--to", "B", "-f", str(file),
+                     "--quiet")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout == quiet.stderr == ""
+    assert _bodies_at(pair, "B") == ["hi", "one", "two words", "three",
+                                     "from a file\nsecond line"]
+
+
+def test_send_lines_reports_each_failed_line_and_keeps_going(pair: LocalCluster) -> None:
+    data_a = str(pair.data_dir("A"))
+    big = "x" * 70_000
+    done = meshpost_in("send", "--node", "A", "--data", data_a, "--to", "B", "--lines",
+                       stdin=f"first\n{big}\nlast\n")
+    assert done.returncode == 2
+    assert "line 2: message is 70000 bytes" in done.stderr
+    as_json = meshpost_in("send", "--node", "A", "--data", data_a, "--to", "B", "--lines",
+                          "--json", "--quiet", stdin=f"{big}\n")
+    assert as_json.returncode == 2 and as_json.stderr == ""
+    (record,) = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert (record["line"], record["status"], record["kind"]) == (1, "error",
+                                                                  "message_too_large")
+    assert _bodies_at(pair, "B") == ["first", "last"]
+
+
+@pytest.mark.parametrize("value", ["nan", "1e300", "-1", "inf", "soon"])
+def test_send_rejects_a_bad_timeout_before_sending_anything(
+    pair: LocalCluster, value: str
+) -> None:
+    data_a = str(pair.data_dir("A"))
+    done = meshpost("send", "--node", "A", "--data", data_a, "--to", "B", "--timeout", value,
+                    "never sent")
+    assert done.returncode == 2
+    assert "--timeout" in done.stderr and "Traceback" not in done.stderr
+    assert _bodies_at(pair, "A") == []
+
+
+def test_send_with_no_text_on_a_terminal_says_how_to_give_it(tmp_path: Path) -> None:
+    import pty
+
+    primary, secondary = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "meshpost", "send", "--node", "A", "--data", str(tmp_path),
+             "--to", "B"], stdin=secondary, capture_output=True, text=True,
+            timeout=CLI_TIMEOUT_S)
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert done.returncode == 2
+    assert "standard input" in done.stderr
+
+
+def test_history_csv_escapes_terminal_controls_on_a_tty_and_keeps_raw_bytes_in_a_pipe(
+    pair: LocalCluster,
+) -> None:
+    import pty
+
+    from meshpost.control import ControlClient, SendRequest
+
+    body = "red \x1b[31malert\x07 \u202eevil"
+    with ControlClient(pair.data_dir("A"), name="A") as client:
+        assert client.request(SendRequest("B", body, 10), timeout_s=20).ok
+    args = [sys.executable, "-m", "meshpost", "history", "--node", "B", "--data",
+            str(pair.data_dir("B")), "--csv"]
+    piped = subprocess.run(args, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert body in piped.stdout
+    primary, secondary = pty.openpty()
+    try:
+        process = subprocess.Popen(args, stdout=secondary, stderr=subprocess.DEVNULL)
+        os.close(secondary)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert process.wait(CLI_TIMEOUT_S) == 0
+    finally:
+        os.close(primary)
+    shown = b"".join(chunks).decode("utf-8")
+    assert "\x1b" not in shown and "\x07" not in shown and "\u202e" not in shown
+    assert "\\u001b[31malert\\u0007" in shown

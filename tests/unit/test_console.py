@@ -756,3 +756,29 @@ def test_tables_fit_the_terminal_width(width: int) -> None:
 
 def test_history_v_is_parsed() -> None:
     assert parse_command("/history B -v -n 3") == HistoryCommand("B", 3, verbose=True)
+
+
+def test_an_attached_console_says_once_that_its_node_stopped_and_shows_dropped_events(
+    node: FakeNode,
+) -> None:
+    """What `RemoteNode` publishes when its node died (pending sends fail with NodeStopped
+    too), and when the node dropped events for a console that fell behind."""
+    from meshpost.control import EventsDropped, NodeGone
+    from meshpost.errors import NodeStopped
+
+    async def scenario(d: Driver) -> None:
+        d.type("@B hi\n")
+        await d.printed("pending")
+        node.publish(EventsDropped(7))  # type: ignore[arg-type]
+        assert await d.printed("fell behind") == (
+            "… 7 event(s) not shown: this console fell behind (/history has every message)")
+        node.handles[0].receipt.set_exception(NodeStopped("A"))
+        node.publish(NodeGone("A"))  # type: ignore[arg-type]
+        await d.printed("stopped")
+        d.type("/help\n")
+        await d.printed("/quit")
+        assert [line for line in d.lines if "stopped" in line] == [
+            "✗ node 'A' stopped; start it again, then attach again"]
+        d.type("/quit\n")
+
+    drive(node, scenario)

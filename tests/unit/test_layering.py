@@ -9,7 +9,7 @@ The layers, top to bottom (docs/architecture.md draws them):
     cli, __main__
     demo, bench               (bench's own modules are layered too: BENCH_RANKS)
     cluster, console, remote, timeline
-    control, verify, keys, text, gateway, discovery
+    control (package: messages, server, client), verify, keys, text, gateway, discovery
     node                      (the `meshpost` package facade re-exports it)
     store, transport
     protocol
@@ -236,6 +236,8 @@ def test_protocol_imports_only_errors_clock_and_itself() -> None:
                        "demo", "bench", "remote", "verify", ""}),
         ("node", {"cli", "console", "control", "cluster", "demo", "bench", "remote", "verify",
                   ""}),
+        ("control", {"cli", "console", "remote", "cluster", "demo", "bench", "timeline",
+                     "store", "transport", ""}),
         ("clock", {"config", "protocol", "store", "transport", "node", "cli", ""}),
         ("config", {"clock", "protocol", "store", "transport", "node", "cli", ""}),
     ],
@@ -305,4 +307,12 @@ def test_only_the_bench_uses_its_extra() -> None:
 
 def test_errors_imports_nothing_from_meshpost() -> None:
     bad = [str(imp) for imp in imports_from("errors") if internal(imp)]
+    assert not bad, "\n".join(bad)
+
+
+def test_control_messages_are_plain_data() -> None:
+    """The control records import no I/O: the sync and asyncio clients and the server share
+    them, and a test can build any record without a socket."""
+    path = PACKAGE / "control" / "messages.py"
+    bad = [str(imp) for imp in imports_of(path) if top_level(imp.target) in IO_MODULES]
     assert not bad, "\n".join(bad)

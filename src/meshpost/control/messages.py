@@ -1,0 +1,181 @@
+"""The control protocol's records: one msgspec struct per request and per reply.
+
+Rule: pure data. Every request carries an `id` that its reply echoes (a client accepts only the
+reply to its own request); every error travels as an `ErrorReply` with the error's kind and
+exit code from `meshpost.errors`. docs/protocol.md ("Control protocol") describes the wire.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, TypeVar
+
+import msgspec
+
+from meshpost.errors import MeshpostError, RemoteError
+from meshpost.node import PeerStatus
+
+#: The file in a node's data dir naming its control endpoint (line 1) and pid (line 2).
+ENDPOINT_FILE = "control.endpoint"
+
+
+# -- requests -------------------------------------------------------------------------------
+
+
+class _Request(msgspec.Struct, frozen=True, kw_only=True):
+    #: Chosen by the client (unique among its requests in flight); 0 until the client sends.
+    id: int = 0
+
+
+class SendRequest(_Request, tag="send", frozen=True):
+    """Post `body` to `target`; reply once stored and receipted (or after `timeout_s`)."""
+
+    target: str
+    body: str
+    timeout_s: float
+
+
+class PeersRequest(_Request, tag="peers", frozen=True):
+    """The status of every configured peer."""
+
+
+class StatusRequest(_Request, tag="status", frozen=True):
+    """The node's status (name, endpoints, counters, config) and its peers."""
+
+
+class EventsRequest(_Request, tag="events", frozen=True):
+    """Long-poll: events since the last call; waits up to `wait_s` for the first one."""
+
+    wait_s: float
+
+
+Request = SendRequest | PeersRequest | StatusRequest | EventsRequest
+
+
+# -- replies --------------------------------------------------------------------------------
+
+
+class SendResult(msgspec.Struct, frozen=True):
+    to: str
+    id: str
+    seq: int
+    sent_at_ns: int
+    delivered: bool
+    delivered_at_ns: int | None = None
+    received_at_ns: int | None = None
+    sync: str | None = None
+    error: str | None = None
+
+
+class IncomingInfo(msgspec.Struct, frozen=True):
+    id: str
+    sender: str
+    body: str
+    sent_at_ns: int
+    hlc: int
+    stored_at_ns: int
+
+
+class PeerChangeInfo(msgspec.Struct, frozen=True):
+    peer: str
+    connected: bool
+    detail: str
+
+
+class RefusedInfo(msgspec.Struct, frozen=True):
+    """This node refused a connection's handshake; `who` is the name it claimed (not proof)."""
+
+    who: str
+    code: str
+    detail: str
+
+
+class DeliveryInfo(msgspec.Struct, frozen=True):
+    peer: str
+    seqs: list[int]
+    delivered_at_ns: int
+
+
+class _Reply(msgspec.Struct, frozen=True, kw_only=True):
+    #: The id of the request this answers.
+    id: int = 0
+    ok: ClassVar[bool] = True
+
+
+class SendReply(_Reply, tag="sent", frozen=True):
+    sent: list[SendResult] = []
+
+
+class PeersReply(_Reply, tag="peers", frozen=True):
+    peers: list[PeerStatus] = []
+
+
+class StatusReply(_Reply, tag="status", frozen=True):
+    status: dict[str, Any] = {}
+    peers: list[PeerStatus] = []
+
+
+class EventsReply(_Reply, tag="events", frozen=True):
+    incoming: list[IncomingInfo] = []
+    peer_changes: list[PeerChangeInfo] = []
+    deliveries: list[DeliveryInfo] = []
+    refused: list[RefusedInfo] = []
+    #: Events this subscriber lost since its last poll (too slow, or over the memory bound).
+    dropped: int = 0
+
+
+class ErrorReply(_Reply, tag="error", frozen=True):
+    """The request failed: `kind` and `exit_code` come from the `MeshpostError` class."""
+
+    kind: str
+    message: str
+    exit_code: int
+    ok: ClassVar[bool] = False
+
+    @property
+    def error(self) -> str:
+        return self.message
+
+    @property
+    def error_kind(self) -> str:
+        return self.kind
+
+    def exception(self) -> RemoteError:
+        return RemoteError(self.kind, self.message)
+
+    @classmethod
+    def of(cls, exc: MeshpostError, id: int = 0) -> ErrorReply:
+        return cls(kind=exc.kind, message=str(exc), exit_code=exc.exit_code, id=id)
+
+
+Reply = SendReply | PeersReply | StatusReply | EventsReply | ErrorReply
+R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply)
+
+
+def checked(reply: R | ErrorReply) -> R:
+    """`reply`, or raise the node's error (`RemoteError`, with its kind and exit code)."""
+    if isinstance(reply, ErrorReply):
+        raise reply.exception()
+    return reply
+
+
+# -- not on the wire --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeGone:
+    """Published by an attached console's `RemoteNode` once its node stopped answering."""
+
+    name: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EventsDropped:
+    """Published by `RemoteNode` when the node reports events it dropped for this console."""
+
+    count: int
+
+
+encoder = msgspec.msgpack.Encoder()
+request_decoder = msgspec.msgpack.Decoder(Request)
+reply_decoder = msgspec.msgpack.Decoder(Reply)

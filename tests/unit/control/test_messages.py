@@ -1,0 +1,59 @@
+"""The control records: a tagged union each way, ids echoed, errors with kind and exit code."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from meshpost.control.messages import (
+    ErrorReply,
+    EventsReply,
+    EventsRequest,
+    PeersReply,
+    PeersRequest,
+    SendReply,
+    SendRequest,
+    SendResult,
+    StatusReply,
+    StatusRequest,
+    checked,
+    encoder,
+    reply_decoder,
+    request_decoder,
+)
+from meshpost.errors import NotStored, RemoteError, UnknownPeer
+
+
+@pytest.mark.parametrize("request_", [
+    SendRequest("B", "hi", 1.5, id=7), PeersRequest(id=8), StatusRequest(id=9),
+    EventsRequest(0.5, id=10),
+])
+def test_every_request_round_trips_with_its_id(request_: object) -> None:
+    assert request_decoder.decode(encoder.encode(request_)) == request_
+
+
+@pytest.mark.parametrize("reply", [
+    SendReply(sent=[SendResult("B", "x", 1, 2, True)], id=1), PeersReply(id=2),
+    StatusReply(status={"name": "A"}, id=3), EventsReply(dropped=4, id=4),
+    ErrorReply.of(UnknownPeer("Z", ["B"]), 5),
+])
+def test_every_reply_round_trips_with_its_id(reply: object) -> None:
+    assert reply_decoder.decode(encoder.encode(reply)) == reply
+
+
+def test_a_request_of_unknown_type_or_shape_fails_to_decode() -> None:
+    with pytest.raises(msgspec.ValidationError):
+        request_decoder.decode(encoder.encode({"type": "reboot", "id": 1}))
+    with pytest.raises(msgspec.ValidationError):
+        request_decoder.decode(encoder.encode({"type": "send", "id": 1, "target": "B"}))
+
+
+def test_an_error_reply_says_kind_and_exit_code_and_checked_raises_it() -> None:
+    reply = ErrorReply.of(NotStored("A", "disk full"), 3)
+    assert (reply.ok, reply.kind, reply.exit_code, reply.id) == (False, "not_stored", 6, 3)
+    assert "NOT stored" in reply.message
+    with pytest.raises(RemoteError) as caught:
+        checked(reply)
+    assert (caught.value.kind, caught.value.exit_code) == ("not_stored", 6)
+    ok = SendReply(id=4)
+    assert checked(ok) is ok and ok.ok
