@@ -19,7 +19,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -283,6 +283,7 @@ def _result_json(r: Any) -> str:
 
 def cmd_send(args: argparse.Namespace) -> int:
     from meshpost.control import ControlClient, ErrorReply, SendReply, SendRequest, checked
+    from meshpost.text import clean
 
     bodies = _bodies(args)
     if not any(body.strip() for body in bodies):
@@ -305,7 +306,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                 continue
             assert isinstance(reply, SendReply)
             for r in reply.sent:
-                outcome = _report_result(r, args)
+                outcome = _report_result(r, args, clean)
                 if outcome == EXIT_TIMEOUT:
                     queued.add(r.to)
                 code = max(code, outcome)
@@ -314,9 +315,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     return code
 
 
-def _report_result(r: Any, args: argparse.Namespace) -> int:
-    from meshpost.text import clean
-
+def _report_result(r: Any, args: argparse.Namespace, clean: Callable[[str], str]) -> int:
     if args.json:
         print(_result_json(r))
     if r.delivered:

@@ -72,3 +72,13 @@ def test_cli_has_no_second_mapping_by_class_name() -> None:
     source = Path(meshpost.cli.__file__).read_text(encoding="utf-8")
     assert "_exit_code" not in source
     assert "error_kind in" not in source
+
+
+def test_protocol_md_lists_every_error_kind_with_its_exit_code() -> None:
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text("utf-8")
+    section = doc[doc.index("### 14.6"):]
+    rows = re.findall(r"^\| `(\w+)` \| (\d+) \| `(\w+)` \|$", section, flags=re.M)
+    assert {(kind, int(code), name) for kind, code, name in rows} == {
+        (cls.kind, cls.exit_code, cls.__name__) for cls in _error_classes()}
