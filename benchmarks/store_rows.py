@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from meshpost.protocol import Envelope, Receipt
+from meshpost.protocol import Envelope, ReceiptFrame
 from meshpost.store import Delivery, Store, WriteBatch
 
 
@@ -36,7 +36,7 @@ def run(side: str, rows: int, batch: int, sync: str, data_dir: Path) -> float:
         else:
             messages = [Envelope(f"{prefix}{i:016x}", i, "B", "A", "x" * 100, now, now + i)
                         for i in range(1, rows + 1)]
-        receipt = Receipt([(1, 1)], now, now, now, now, now, sync)
+        receipt = ReceiptFrame([(1, 1)], now, now, now, now, now, sync)
         start = time.perf_counter()
         for k in range(0, rows, batch):
             chunk = messages[k:k + batch]

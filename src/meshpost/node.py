@@ -33,7 +33,6 @@ from meshpost.errors import (
     MessageRejected,
     NodeClosed,
     NodeFailed,
-    ProtocolError,
     ReceiptTimeout,
 )
 from meshpost.protocol import (
@@ -48,13 +47,11 @@ from meshpost.protocol import (
     MessagesDelivered,
     MessagesRejected,
     PeerConnected,
-    PeerDeparted,
     PeerLeft,
     PeerLost,
     Refuse,
     RefuseCode,
     ViolationDetected,
-    decode,
     encode,
 )
 from meshpost.store import (
@@ -369,7 +366,7 @@ class Node:
         self._transport: Transport | None = None
         self._listener: Listener | None = None
         self._links: dict[str, DialerLink] = {}
-        #: Links that a commit's callbacks gave messages to send (an ordered set).
+        #: Links that committed messages were offered to since the last pump (an ordered set).
         self._links_to_pump: dict[str, DialerLink] = {}
         self._next_seq: dict[str, int] = {}
         # Receipt futures of post()/send() messages not yet settled: weakly (a future its
@@ -378,7 +375,6 @@ class Node:
         self._held: dict[_MessageKey, ReceiptFuture] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._feed_wakeup = asyncio.Event()
-        self._backlog_epoch: dict[str, int] = {}
         self._subscribers: list[asyncio.Queue[NodeEvent]] = []
         self._refusal_notices: dict[str, float] = {}
         self._delivered_changed = asyncio.Event()
@@ -417,7 +413,6 @@ class Node:
         self._store = store
         try:
             self._writer = GroupCommitWriter(store, self.clock, node=self.name,
-                                             after_callbacks=self._pump_stored_links,
                                              on_failure=self._store_failed, probe=self._probe)
             self._next_seq = await self._writer.call(store.last_seqs)
             # Start the HLC above every stamp already stored, since the wall clock may have
@@ -469,6 +464,7 @@ class Node:
 
     def _new_link(self, peer: str, endpoint: str, found: str) -> None:
         assert self._store is not None
+        assert self._listener is not None
         cfg = self.config
         self._links[peer] = DialerLink(
             local_name=cfg.name,
@@ -480,8 +476,8 @@ class Node:
             retransmit_max_s=cfg.retransmit_max_s,
             ping_interval_s=cfg.ping_interval_s,
             peer_timeout_s=cfg.peer_timeout_s,
+            max_frame_bytes=self._listener.max_frame_bytes,
         )
-        self._backlog_epoch[peer] = 0
         self._found[peer] = (endpoint, found)
 
     def add_peer(self, name: str, endpoint: str, *, node_id: str | None = None,
@@ -916,27 +912,19 @@ class Node:
         else:
             for e in envelopes:
                 by_peer.setdefault(e.recipient, []).append(e)
+        if not self._links_to_pump:
+            # Every callback of this commit runs before the loop's next turn: pumping then
+            # sends what they all offered together, in full batch frames, however many `post`
+            # calls it came from (a frame per call cost both sides its encoding, decoding,
+            # checks and receipt).
+            asyncio.get_running_loop().call_soon(self._pump_offered_links)
         for peer, group in by_peer.items():
             link = self._links[peer]
-            if not link.disk_backlog and link.admit(group) == len(group):
-                link.enqueue(group)
-                # Sent once the commit's other posts are enqueued too (`_pump_stored_links`).
-                self._links_to_pump[peer] = link
-            else:
-                # Memory is full or older messages wait on disk: keep order, load from disk.
-                link.disk_backlog = True
-                self._backlog_epoch[peer] += 1
-                self._feed_wakeup.set()
+            link.offer(group)
+            self._links_to_pump[peer] = link
 
-    def _pump_stored_links(self) -> None:
-        """After each commit's callbacks: the links they enqueued to send what they can.
-
-        Once per commit rather than once per post, so that messages committed together leave
-        together, in full batch frames, however many `post` calls they came from: a frame per
-        call cost both sides its encoding, decoding, checks and receipt.
-        """
-        if not self._links_to_pump:
-            return
+    def _pump_offered_links(self) -> None:
+        """Send what the links were offered since the last pump."""
         links, self._links_to_pump = self._links_to_pump, {}
         now, wall = self.clock.monotonic(), self.clock.wall_ns()
         for link in links.values():
@@ -944,7 +932,7 @@ class Node:
             self._perform(link)
 
     async def _feed_loop(self) -> None:
-        """Load outbox backlog from disk into links that have room."""
+        """Read from the outbox on disk what links ask for (`DialerLink.disk_request`)."""
         assert self._writer is not None
         assert self._store is not None
         writer, store = self._writer, self._store
@@ -953,20 +941,12 @@ class Node:
             self._feed_wakeup.clear()
             # A copy: discovery may add a link while this loop awaits the store.
             for peer, link in list(self._links.items()):
-                if not link.disk_backlog or not link.wants_refill():
+                request = link.disk_request()
+                if request is None:
                     continue
-                epoch = self._backlog_epoch[peer]
-                limit = link.capacity
-                rows = await writer.call(store.load_pending, peer, link.highest_enqueued_seq,
-                                         limit)
-                # The window's bytes may take fewer than `limit`; the rest stay on disk.
-                taken = link.admit(rows)
-                link.enqueue(rows[:taken] if taken < len(rows) else rows)
+                after_seq, limit = request
+                link.refill(await writer.call(store.load_pending, peer, after_seq, limit))
                 link.pump(self.clock.monotonic(), self.clock.wall_ns())
-                if taken == len(rows) < limit and epoch == self._backlog_epoch[peer]:
-                    link.disk_backlog = False
-                elif taken == limit:
-                    self._feed_wakeup.set()
                 self._perform(link)
 
     # -- I/O loops ------------------------------------------------------------------------
@@ -1004,20 +984,13 @@ class Node:
 
     def _on_peer_frame(self, peer: str, data: bytes) -> None:
         """A frame a peer sent back on our link to it (called from the transport)."""
-        assert self._listener is not None
         probe = self._probe
         if probe is not None:
             probe.mark(probes.PEER_FRAME)
         link, clock = self._links[peer], self.clock
-        try:
-            frame = decode(data, max_bytes=self._listener.max_frame_bytes)
-        except ProtocolError as exc:
-            self.stats.undecodable += 1
-            log.warning("[%s] bad frame from %s: %s", self.name, peer, exc)
-            return
         if probe is not None:
             probe.mark(probes.DIALER_RECEIVE[0])
-        link.receive(frame, clock.monotonic(), clock.wall_ns(), self.hlc.last)
+        link.receive(data, clock.monotonic(), clock.wall_ns(), self.hlc.last)
         if probe is not None:
             probe.mark(probes.DIALER_RECEIVE[1])
         self._perform(link)
@@ -1040,18 +1013,23 @@ class Node:
         probe = self._probe
         if probe is not None:
             probe.mark(probes.LISTENER_RECEIVE[0])
-        replies = listener.receive(who, data, self.clock.wall_ns(), self.hlc.last)
+        listener.receive(who, data, self.clock.wall_ns(), self.hlc.last)
         if probe is not None:
             probe.mark(probes.LISTENER_RECEIVE[1])
-        for frame in replies:
+        for _to, frame in listener.frames_to_send():  # all for this connection
             transport.reply(identity, encode(frame))
             if type(frame) is Refuse and frame.code != RefuseCode.HELLO_REQUIRED:
                 self._notice_refusal(who, frame)
         for event in listener.events():
-            if isinstance(event, MessagesArrived):
-                self._store_incoming(identity, event)
-            else:
-                self._on_event(event)
+            match event:
+                case MessagesArrived():
+                    self._store_incoming(identity, event)
+                case PeerLeft(peer=peer, reason=reason) if peer in self._links:
+                    link = self._links[peer]
+                    link.peer_left(self.clock.monotonic(), reason)
+                    self._perform(link)
+                case _:
+                    self._on_event(event)
         if not writer.has_room and not transport.inbound_paused:
             # Back-pressure: stop reading until the store catches up; ZeroMQ (and, past its
             # high-water mark, the senders' windows) hold the rest.
@@ -1109,7 +1087,7 @@ class Node:
                         self.name, len(result.conflicts), arrived.peer)
         if probe is not None:
             probe.mark(probes.LISTENER_STORED[0])
-        frames = listener.stored(
+        listener.stored(
             arrived,
             committed=result.committed,
             conflicts=result.conflicts,
@@ -1120,7 +1098,7 @@ class Node:
         if probe is not None:
             probe.mark(probes.LISTENER_STORED[1])
         self._crash(CrashPoint.BEFORE_ACK_SEND)
-        self._reply(identity, frames)
+        self._reply(identity, [frame for _to, frame in listener.frames_to_send()])
         self.stats.received += new
         if new and self._message_readers:
             for wakeup in self._message_readers:
@@ -1139,7 +1117,13 @@ class Node:
         if frames:
             self._transmit(link.peer, frames)
         for event in link.events():
-            self._on_event(event)
+            if isinstance(event, ViolationDetected):  # the peer's answer did not decode
+                self.stats.undecodable += 1
+                log.warning("[%s] bad frame from %s: %s", self.name, link.peer, event.error)
+            else:
+                self._on_event(event)
+        if link.wants_disk:
+            self._feed_wakeup.set()
 
     def _transmit(self, peer: str, frames: list[Frame]) -> None:
         transport = self._transport
@@ -1166,11 +1150,6 @@ class Node:
             case PeerConnected(peer=peer, node_id=node_id):
                 log.info("[%s] connected to %s (node %s)", self.name, peer, node_id)
                 self._publish(PeerChanged(peer, True, PeerChange.CONNECTED))
-            case PeerDeparted(peer=peer, reason=reason):
-                link = self._links.get(peer)
-                if link is not None:
-                    link.peer_left(self.clock.monotonic(), reason)
-                    self._perform(link)
             case PeerLeft(peer=peer, reason=reason):
                 log.info("[%s] %s left: %s", self.name, peer, reason)
                 self._publish(PeerChanged(peer, False, PeerChange.LEFT, reason))

@@ -5,7 +5,13 @@ and timestamps handed in by the caller; outputs are frames to send and events.
 """
 
 from meshpost.protocol.codec import decode, encode
-from meshpost.protocol.dialer import HELD_MESSAGE_OVERHEAD, DialerLink, LinkState, held_size
+from meshpost.protocol.dialer import (
+    HELD_MESSAGE_OVERHEAD,
+    DialerLink,
+    LinkInput,
+    LinkState,
+    held_size,
+)
 from meshpost.protocol.events import (
     Event,
     LinkRefused,
@@ -13,7 +19,6 @@ from meshpost.protocol.events import (
     MessagesDelivered,
     MessagesRejected,
     PeerConnected,
-    PeerDeparted,
     PeerLeft,
     PeerLost,
     ViolationDetected,
@@ -28,7 +33,7 @@ from meshpost.protocol.frames import (
     Hello,
     Ping,
     Pong,
-    Receipt,
+    ReceiptFrame,
     Refuse,
     RefuseCode,
     Reject,
@@ -36,7 +41,7 @@ from meshpost.protocol.frames import (
     Welcome,
     max_frame_bytes,
 )
-from meshpost.protocol.listener import Listener, to_ranges
+from meshpost.protocol.listener import Listener, SessionInput, SessionState, to_ranges
 
 __all__ = [
     "HELD_MESSAGE_OVERHEAD",
@@ -49,6 +54,7 @@ __all__ = [
     "Event",
     "Frame",
     "Hello",
+    "LinkInput",
     "LinkRefused",
     "LinkState",
     "Listener",
@@ -56,16 +62,17 @@ __all__ = [
     "MessagesDelivered",
     "MessagesRejected",
     "PeerConnected",
-    "PeerDeparted",
     "PeerLeft",
     "PeerLost",
     "Ping",
     "Pong",
-    "Receipt",
+    "ReceiptFrame",
     "Refuse",
     "RefuseCode",
     "Reject",
     "RejectCode",
+    "SessionInput",
+    "SessionState",
     "ViolationDetected",
     "Welcome",
     "decode",

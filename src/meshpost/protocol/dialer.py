@@ -1,9 +1,11 @@
 """The dialer's side of one link (this node -> one peer): handshake, windowed transmission,
 retransmission with backoff, receipts, liveness and clock samples.
 
-Rule: pure state. Inputs are frames, committed messages and the current time (`now` is a
-monotonic reading in seconds, `wall_ns` the wall clock); outputs are `frames_to_send()`,
-`events()` and `next_timer()`. It never waits, sleeps, logs or touches a socket.
+Rule: pure state. Inputs are the peer's bytes, committed messages (`offer`), rows read from
+disk (`refill`) and the current time (`now` is a monotonic reading in seconds, `wall_ns` the
+wall clock); outputs are `frames_to_send()`, `events()`, `disk_request()` and `next_timer()`.
+It never waits, sleeps, logs or touches a socket. The link's outbox rules (the window, what
+waits on disk) live here and nowhere else.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import operator
 from collections.abc import Sequence
 
 from meshpost.clock import OffsetEstimator
+from meshpost.errors import MalformedFrame, ProtocolError
+from meshpost.protocol.codec import decode
 from meshpost.protocol.events import (
     Event,
     LinkRefused,
@@ -24,6 +28,7 @@ from meshpost.protocol.events import (
     PeerConnected,
     PeerLeft,
     PeerLost,
+    ViolationDetected,
 )
 from meshpost.protocol.frames import (
     MAX_BATCH_BODY_BYTES,
@@ -35,12 +40,12 @@ from meshpost.protocol.frames import (
     Hello,
     Ping,
     Pong,
-    Receipt,
+    ReceiptFrame,
     Refuse,
     RefuseCode,
     Reject,
-    UncheckedBatch,
     Welcome,
+    max_frame_bytes,
 )
 
 #: After a refusal for a reason only an operator can fix, ask again this rarely.
@@ -64,15 +69,71 @@ def held_size(messages: Sequence[Envelope]) -> int:
 
 class LinkState(enum.Enum):
     CONNECTING = "connecting"  # Hello sent, no Welcome yet
-    READY = "ready"  # handshake done; data flows
+    READY = "ready"  # handshake done; data flows; the only state counted reachable
+    LOST = "lost"  # was ready, then silent for peer_timeout_s; Hello sent again
+    LEFT = "left"  # the peer said Bye; Hello at the usual pace until it is back
     REFUSED = "refused"  # the peer refused us; retry rarely
 
 
-#: Which frames the dialer accepts in which state; anything else is ignored as stale.
-_ACCEPTS: dict[LinkState, frozenset[type]] = {
-    LinkState.CONNECTING: frozenset({Welcome, Refuse, Receipt, Reject, Pong}),
-    LinkState.READY: frozenset({Welcome, Refuse, Receipt, Reject, Pong}),
-    LinkState.REFUSED: frozenset({Welcome, Refuse}),
+class LinkInput(enum.Enum):
+    """What can happen to a link: a frame from the peer, or a fact the node or a timer reports."""
+
+    WELCOME = "Welcome"
+    HELLO_REQUIRED = "Refuse(hello-required)"
+    REFUSE = "Refuse(other code)"
+    RECEIPT = "ReceiptFrame"
+    REJECT = "Reject"
+    PONG = "Pong"
+    SILENCE = "peer_timeout_s of silence"
+    BYE = "peer said Bye"
+
+
+_S, _I = LinkState, LinkInput
+#: (state, input) -> next state. A pair that is not here is not taken in that state: a frame is
+#: ignored as stale (a receipt reaching a refused link), a fact changes nothing.
+TRANSITIONS: dict[tuple[LinkState, LinkInput], LinkState] = {
+    (_S.CONNECTING, _I.WELCOME): _S.READY,
+    (_S.CONNECTING, _I.HELLO_REQUIRED): _S.CONNECTING,
+    (_S.CONNECTING, _I.REFUSE): _S.REFUSED,
+    (_S.CONNECTING, _I.RECEIPT): _S.CONNECTING,
+    (_S.CONNECTING, _I.REJECT): _S.CONNECTING,
+    (_S.CONNECTING, _I.PONG): _S.CONNECTING,
+    (_S.CONNECTING, _I.BYE): _S.LEFT,
+    (_S.READY, _I.WELCOME): _S.READY,
+    (_S.READY, _I.HELLO_REQUIRED): _S.CONNECTING,
+    (_S.READY, _I.REFUSE): _S.REFUSED,
+    (_S.READY, _I.RECEIPT): _S.READY,
+    (_S.READY, _I.REJECT): _S.READY,
+    (_S.READY, _I.PONG): _S.READY,
+    (_S.READY, _I.SILENCE): _S.LOST,
+    (_S.READY, _I.BYE): _S.LEFT,
+    (_S.LOST, _I.WELCOME): _S.READY,
+    (_S.LOST, _I.HELLO_REQUIRED): _S.LOST,
+    (_S.LOST, _I.REFUSE): _S.REFUSED,
+    (_S.LOST, _I.RECEIPT): _S.LOST,
+    (_S.LOST, _I.REJECT): _S.LOST,
+    (_S.LOST, _I.PONG): _S.LOST,
+    (_S.LOST, _I.BYE): _S.LEFT,
+    (_S.LEFT, _I.WELCOME): _S.READY,
+    (_S.LEFT, _I.HELLO_REQUIRED): _S.LEFT,
+    (_S.LEFT, _I.REFUSE): _S.REFUSED,
+    (_S.LEFT, _I.RECEIPT): _S.LEFT,
+    (_S.LEFT, _I.REJECT): _S.LEFT,
+    (_S.LEFT, _I.PONG): _S.LEFT,
+    (_S.LEFT, _I.BYE): _S.LEFT,
+    (_S.REFUSED, _I.WELCOME): _S.READY,
+    (_S.REFUSED, _I.HELLO_REQUIRED): _S.CONNECTING,
+    (_S.REFUSED, _I.REFUSE): _S.REFUSED,
+}
+del _S, _I
+
+#: The input each frame a dialer takes is (Refuse is split by its code).
+_FRAME_INPUTS: dict[type, LinkInput] = {
+    Welcome: LinkInput.WELCOME,
+    Refuse: LinkInput.REFUSE,
+    ReceiptFrame: LinkInput.RECEIPT,
+    Reject: LinkInput.REJECT,
+    Pong: LinkInput.PONG,
 }
 
 
@@ -91,7 +152,10 @@ class DialerLink:
         retransmit_max_s: float,
         ping_interval_s: float,
         peer_timeout_s: float,
+        max_frame_bytes: int = max_frame_bytes(0),
     ) -> None:
+        """`max_frame_bytes`: the largest frame taken from the peer (its answers are small;
+        the default is the batch limit, which no answer comes near)."""
         self.local_name = local_name
         self.local_node_id = local_node_id
         self.peer = peer
@@ -101,18 +165,23 @@ class DialerLink:
         self._rto_max = retransmit_max_s
         self._ping_interval = ping_interval_s
         self._peer_timeout = peer_timeout_s
+        self.max_frame_bytes = max_frame_bytes
 
         self.state = LinkState.CONNECTING
-        self.reachable = False
         self.peer_node_id: str | None = None
         self.offset = OffsetEstimator()
         self.last_heard: float | None = None
         self.last_heard_wall_ns: int | None = None
         self.refusal: str | None = None
-        #: Highest seq ever handed to `enqueue`; the node loads disk backlog above it.
+        #: Highest seq ever held (queued, in flight or settled); disk is read above it.
         self.highest_enqueued_seq = 0
-        #: True while committed messages for this peer wait on disk, not in memory.
-        self.disk_backlog = True
+        #: Highest seq `offer` was told is committed.
+        self._highest_offered_seq = 0
+        #: Until a read from disk comes back short, the store may hold messages of an earlier
+        #: run that no `offer` announced.
+        self._disk_unread = True
+        #: The `limit` of the last `disk_request`, to tell a short read from a full one.
+        self._read_limit = 0
         self.retransmissions = 0
 
         self._queue: collections.deque[Envelope] = collections.deque()
@@ -133,6 +202,11 @@ class DialerLink:
     # -- inputs ---------------------------------------------------------------------------
 
     @property
+    def reachable(self) -> bool:
+        """The handshake is done and the peer is neither silent, gone nor refusing us."""
+        return self.state is LinkState.READY
+
+    @property
     def capacity(self) -> int:
         """How many more committed messages this link can hold in memory right now."""
         return self.window - len(self._queue) - len(self._inflight)
@@ -146,6 +220,17 @@ class DialerLink:
     def unacknowledged(self) -> int:
         return len(self._queue) + len(self._inflight)
 
+    @property
+    def disk_backlog(self) -> bool:
+        """Committed messages for this peer wait on disk, not in memory: `offer` keeps
+        nothing until `refill` has caught up (so that messages leave in seq order)."""
+        return self._disk_unread or self._highest_offered_seq > self.highest_enqueued_seq
+
+    @property
+    def wants_disk(self) -> bool:
+        """`disk_request()` would ask for rows now: wake whatever reads them."""
+        return self.disk_backlog and self.wants_refill()
+
     def wants_refill(self) -> bool:
         """A quarter of the window is free in messages and in bytes: worth a read from disk
         (fewer, larger reads than refilling one receipt at a time)."""
@@ -154,37 +239,77 @@ class DialerLink:
             and self.window_bytes - self._held_bytes >= self.window_bytes // 4
         )
 
+    def offer(self, messages: Sequence[Envelope]) -> None:
+        """`messages` (for this peer, in seq order) are committed to the local store: hold
+        what the window takes; the rest stay on disk for `disk_request`. Frames leave on the
+        next `pump` or `poll`, so several offers can go out in the same batch frames."""
+        if not messages:
+            return
+        backlog = self.disk_backlog
+        self._highest_offered_seq = max(self._highest_offered_seq, messages[-1].seq)
+        if not backlog:
+            self.enqueue(messages)
+
+    def disk_request(self) -> tuple[int, int] | None:
+        """What to read from the store for this link now, as (after_seq, limit): up to
+        `limit` pending messages above `after_seq`, in seq order; hand them to `refill`.
+        None: nothing waits on disk, or the window has too little room to be worth a read."""
+        if not self.wants_disk:
+            return None
+        self._read_limit = self.capacity
+        return self.highest_enqueued_seq, self._read_limit
+
+    def refill(self, rows: Sequence[Envelope]) -> None:
+        """The rows a `disk_request` read: hold what the window takes. A short read taken
+        whole means the disk has nothing older than what `offer` announces from now on."""
+        taken = self.enqueue(rows)
+        if taken == len(rows) < self._read_limit:
+            self._disk_unread = False
+
     def admit(self, messages: Sequence[Envelope]) -> int:
         """How many of `messages`, from the first, fit in the window now (both its message
         count and its bytes). An empty link admits one message whatever its size, so a body
         larger than `window_bytes` still goes."""
+        return self._admit(messages)[0]
+
+    def _admit(self, messages: Sequence[Envelope]) -> tuple[int, int]:
+        """`admit`, with the held bytes of the admitted messages."""
         count = min(len(messages), self.capacity)
         if count <= 0:
-            return 0
+            return 0, 0
         room = self.window_bytes - self._held_bytes
         if count < len(messages):
             messages = messages[:count]
-        if held_size(messages) > room:
-            sizes = itertools.accumulate(
-                map(operator.add, map(len, map(_BODY, messages)),
-                    itertools.repeat(HELD_MESSAGE_OVERHEAD))
-            )
-            count = bisect.bisect_right(list(sizes), room)
+        size = held_size(messages)
+        if size <= room:
+            return count, size
+        sizes = list(itertools.accumulate(
+            map(operator.add, map(len, map(_BODY, messages)),
+                itertools.repeat(HELD_MESSAGE_OVERHEAD))
+        ))
+        count = bisect.bisect_right(sizes, room)
         if count == 0 and not self._queue and not self._inflight:
             count = 1
-        return count
+        return count, sizes[count - 1] if count else 0
 
-    def enqueue(self, messages: Sequence[Envelope]) -> None:
-        """Hand over messages already committed to the local store, in seq order. Those at or
-        below `highest_enqueued_seq` are already held (or delivered) and are skipped."""
+    def enqueue(self, messages: Sequence[Envelope]) -> int:
+        """Hold messages already committed to the local store, in seq order, as far as the
+        window allows (`admit`); those at or below `highest_enqueued_seq` are already held
+        (or delivered) and are skipped. Returns how many of `messages`, from the first, are
+        now held or were already: the rest must come again later (`offer` and `refill` do
+        that through the disk)."""
         start = bisect.bisect_right(messages, self.highest_enqueued_seq, key=_SEQ)
-        if start:
-            messages = messages[start:]
-        if not messages:
-            return
-        self._queue.extend(messages)
-        self._held_bytes += held_size(messages)
-        self.highest_enqueued_seq = messages[-1].seq
+        fresh = messages[start:] if start else messages
+        if not fresh:
+            return len(messages)
+        count, size = self._admit(fresh)
+        if count < len(fresh):
+            fresh = fresh[:count]
+        if count:
+            self._queue.extend(fresh)
+            self._held_bytes += size
+            self.highest_enqueued_seq = fresh[-1].seq
+        return start + count
 
     def pump(self, now: float, wall_ns: int) -> None:
         """Put what `enqueue` queued in flight now (if the handshake is done), not at the
@@ -207,13 +332,12 @@ class DialerLink:
                 self._frames.append(Ping(sent_at_ns=wall_ns))
                 self._next_ping_at = now + self._ping_interval
         if (
-            self.reachable
+            self.state is LinkState.READY
             and self.last_heard is not None
             # Same expression as in next_timer(): polling at that time must make progress.
             and now >= self.last_heard + self._peer_timeout
         ):
-            self.reachable = False
-            self.state = LinkState.CONNECTING
+            self._move(LinkInput.SILENCE)
             self._next_hello_at = now
             self._rto_deadline = None
             self._events.append(PeerLost(self.peer, now - self.last_heard))
@@ -231,31 +355,44 @@ class DialerLink:
         self._pump(now, wall_ns)
 
     def peer_left(self, now: float, reason: str) -> None:
-        """The peer said it is shutting down (its Bye reached our listener): count it as gone
-        now, send nothing until it welcomes us again, and say Hello at the usual pace."""
-        if self.state is LinkState.REFUSED:
-            return
+        """The peer said it is shutting down (its Bye reached our listener: `PeerLeft`): count
+        it as gone now, send nothing until it welcomes us again, and say Hello at the usual
+        pace. Reported (`PeerLeft` from this link) only if it was reachable."""
         was_reachable = self.reachable
-        self.reachable = False
-        self.state = LinkState.CONNECTING
+        if not self._move(LinkInput.BYE):
+            return
         self._rto_deadline = None
         self._next_hello_at = now + self._ping_interval
         if was_reachable:
             self._events.append(PeerLeft(self.peer, reason))
 
-    def receive(self, frame: Frame | UncheckedBatch, now: float, wall_ns: int, hlc: int) -> None:
-        """Take one frame the peer sent on this link (as `decode` gives it: a batch, checked
-        or not, is not for a dialer and is ignored like every other frame it does not take)."""
-        if type(frame) not in _ACCEPTS[self.state]:
+    def receive(self, data: bytes, now: float, wall_ns: int, hlc: int) -> None:
+        """Take one frame's bytes the peer sent on this link. Bytes that do not decode, and
+        frames not for a dialer, are reported (`ViolationDetected`) and change nothing; a
+        frame the link's state does not take (`TRANSITIONS`) is ignored as stale."""
+        try:
+            frame = decode(data, max_bytes=self.max_frame_bytes)
+        except ProtocolError as exc:
+            self._events.append(ViolationDetected(self.peer, exc))
+            return
+        kind = _FRAME_INPUTS.get(type(frame))
+        if kind is None:
+            self._events.append(ViolationDetected(self.peer, MalformedFrame(
+                f"{type(frame).__name__} is not for a dialer")))
+            return
+        if isinstance(frame, Refuse) and frame.code == RefuseCode.HELLO_REQUIRED:
+            kind = LinkInput.HELLO_REQUIRED
+        before = self.state
+        if not self._move(kind):
             return
         self.last_heard = now
         self.last_heard_wall_ns = wall_ns
         match frame:
             case Welcome():
-                self._on_welcome(frame, now, wall_ns)
+                self._on_welcome(frame, before, now, wall_ns)
             case Refuse(code=code, detail=detail):
-                self._on_refuse(code, detail, now, wall_ns, hlc)
-            case Receipt():
+                self._on_refuse(code, detail, before, now, wall_ns, hlc)
+            case ReceiptFrame():
                 self._on_receipt(frame, now, wall_ns)
             case Reject(seqs=seqs, code=code, detail=detail):
                 gone = {s: m for s in seqs if (m := self._inflight.pop(s, None)) is not None}
@@ -265,9 +402,17 @@ class DialerLink:
                     self._events.append(MessagesRejected(self.peer, settled, code, detail))
             case Pong(echo_sent_at_ns=t1, received_at_ns=t2, replied_at_ns=t3):
                 self.offset.add(t1, t2, t3, wall_ns)
-            case _:  # pragma: no cover - _ACCEPTS filters the rest
+            case _:  # pragma: no cover - _FRAME_INPUTS filters the rest
                 pass
         self._pump(now, wall_ns)
+
+    def _move(self, kind: LinkInput) -> bool:
+        """Take `kind` in the current state (`TRANSITIONS`); False if this state does not."""
+        after = TRANSITIONS.get((self.state, kind))
+        if after is None:
+            return False
+        self.state = after
+        return True
 
     # -- outputs --------------------------------------------------------------------------
 
@@ -287,7 +432,7 @@ class DialerLink:
             deadline = self._next_ping_at
             if self._rto_deadline is not None and self._inflight:
                 deadline = min(deadline, self._rto_deadline)
-        if self.reachable and self.last_heard is not None:
+        if self.state is LinkState.READY and self.last_heard is not None:
             deadline = min(deadline, self.last_heard + self._peer_timeout)
         return deadline
 
@@ -306,10 +451,8 @@ class DialerLink:
         retry = REFUSED_RETRY_S if self.state is LinkState.REFUSED else self._ping_interval
         self._next_hello_at = now + retry
 
-    def _on_welcome(self, frame: Welcome, now: float, wall_ns: int) -> None:
-        was_ready = self.state is LinkState.READY and self.reachable
-        self.state = LinkState.READY
-        self.reachable = True
+    def _on_welcome(self, frame: Welcome, before: LinkState, now: float, wall_ns: int) -> None:
+        was_ready = before is LinkState.READY
         self.refusal = None
         self.peer_node_id = frame.node_id
         self._next_ping_at = now
@@ -346,21 +489,20 @@ class DialerLink:
             self._rttvar_s += RTT_BETA * (abs(self.srtt_s - sample_s) - self._rttvar_s)
             self.srtt_s += RTT_ALPHA * (sample_s - self.srtt_s)
 
-    def _on_refuse(self, code: str, detail: str, now: float, wall_ns: int, hlc: int) -> None:
+    def _on_refuse(
+        self, code: str, detail: str, before: LinkState, now: float, wall_ns: int, hlc: int
+    ) -> None:
         if code == RefuseCode.HELLO_REQUIRED:
             # The peer restarted or lost our session: handshake again, then resend. Every
             # frame sent meanwhile is refused too; one Hello (and its retry timer) answers all.
-            if self.state is not LinkState.CONNECTING:
-                self.state = LinkState.CONNECTING
+            if before in (LinkState.READY, LinkState.REFUSED):
                 self._send_hello(now, wall_ns, hlc)
             return
-        self.state = LinkState.REFUSED
-        self.reachable = False
         self.refusal = f"{code}: {detail}"
         self._next_hello_at = now + REFUSED_RETRY_S
         self._events.append(LinkRefused(self.peer, code, detail))
 
-    def _on_receipt(self, receipt: Receipt, now: float, wall_ns: int) -> None:
+    def _on_receipt(self, receipt: ReceiptFrame, now: float, wall_ns: int) -> None:
         settled: list[int] = []
         inflight = self._inflight
         for lo, hi in receipt.ranges:

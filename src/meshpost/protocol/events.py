@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from meshpost.errors import ProtocolError
-from meshpost.protocol.frames import Envelope, Receipt
+from meshpost.protocol.frames import Envelope, ReceiptFrame
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -21,16 +21,10 @@ class PeerLost:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class PeerDeparted:
-    """Listener: a peer with a session said Bye (it is shutting down cleanly)."""
-
-    peer: str
-    reason: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class PeerLeft:
-    """Dialer: the link's peer said it is shutting down; nothing is sent until it is back."""
+    """The peer said Bye: it is shutting down cleanly. The `Listener` reports it when the Bye
+    arrives (hand it to that peer's `DialerLink.peer_left`); the link reports it again when
+    that made a reachable peer gone (show it)."""
 
     peer: str
     reason: str
@@ -51,7 +45,7 @@ class MessagesDelivered:
 
     peer: str
     seqs: list[int]
-    receipt: Receipt
+    receipt: ReceiptFrame
     arrived_at_ns: int
 
 
@@ -85,7 +79,6 @@ Event = (
     PeerConnected
     | PeerLost
     | PeerLeft
-    | PeerDeparted
     | LinkRefused
     | MessagesDelivered
     | MessagesRejected

@@ -6,7 +6,7 @@ timestamp it needs is passed in by the caller.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -26,6 +26,14 @@ MAX_ID_LENGTH = 64
 #: SQLite's INTEGER is a signed 64-bit number; msgpack also carries unsigned ones up to
 #: 2**64 - 1, which the store could not bind.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: Every integer on the wire: checked while decoding, so that no value a peer sends can reach
+#: the store (or a clock) outside what SQLite and the HLC hold. A frame with one out of range
+#: is malformed as a whole (an envelope's own fields are the exception: see `Envelope`).
+Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+#: A message's number on its link (from 1).
+Seq = Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)]
+#: A receiver's durability level, as it reports it in Welcome and in receipts.
+Sync = Literal["full", "normal"]
 #: The most an envelope adds to its body's bytes: the array header, an id of MAX_ID_LENGTH
 #: four-byte characters, two names of 63 ASCII characters, three 9-byte integers and the
 #: string headers come to 422.
@@ -46,22 +54,22 @@ def max_frame_bytes(max_message_bytes: int) -> int:
 class Hello(msgspec.Struct, tag="hello", array_like=True, frozen=True):
     """Dialer -> listener, first on every connection: who I am and what I speak."""
 
-    version: int
+    version: Int64
     node_id: str
     name: str
-    sent_at_ns: int
-    hlc: int
+    sent_at_ns: Int64
+    hlc: Int64
 
 
 class Welcome(msgspec.Struct, tag="welcome", array_like=True, frozen=True):
     """Listener -> dialer: handshake accepted."""
 
-    version: int
+    version: Int64
     node_id: str
     name: str
-    sent_at_ns: int
-    hlc: int
-    sync: str
+    sent_at_ns: Int64
+    hlc: Int64
+    sync: Sync
 
 
 class Refuse(msgspec.Struct, tag="refuse", array_like=True, frozen=True):
@@ -81,18 +89,18 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True):
     """
 
     id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
-    seq: Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)]
+    seq: Seq
     sender: str
     recipient: str
     body: Annotated[str, msgspec.Meta(min_length=1)]
-    sent_at_ns: Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
-    hlc: Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+    sent_at_ns: Int64
+    hlc: Int64
 
 
 class Batch(msgspec.Struct, tag="batch", array_like=True, frozen=True):
     """Dialer -> listener: one or more messages; `tx_at_ns` is the sender clock at transmit."""
 
-    tx_at_ns: int
+    tx_at_ns: Int64
     messages: list[Envelope]
 
 
@@ -112,7 +120,7 @@ class UncheckedBatch(msgspec.Struct, tag="batch", array_like=True, frozen=True):
     """A batch whose layout and types are right but some message of which fails the
     `Envelope` checks: the listener checks each message and rejects the failing ones."""
 
-    tx_at_ns: int
+    tx_at_ns: Int64
     messages: list[_UncheckedEnvelope]
 
     def batch(self) -> Batch:
@@ -121,27 +129,28 @@ class UncheckedBatch(msgspec.Struct, tag="batch", array_like=True, frozen=True):
                                      for m in self.messages])
 
 
-class Receipt(msgspec.Struct, tag="receipt", array_like=True, frozen=True):
+class ReceiptFrame(msgspec.Struct, tag="receipt", array_like=True, frozen=True):
     """Listener -> dialer: every seq in `ranges` (inclusive pairs) is committed to my store.
 
     `echo_tx_at_ns` repeats the acknowledged batch's `tx_at_ns`; with `received_at_ns` and
     `replied_at_ns` (listener clock) and the dialer's arrival time it gives NTP's four
-    timestamps. `stored_at_ns` is the listener clock when the rows were committed.
+    timestamps. `stored_at_ns` is the listener clock when the rows were committed. (The
+    API's `meshpost.Receipt` is what a sender's caller gets once this frame is recorded.)
     """
 
-    ranges: list[tuple[int, int]]
-    echo_tx_at_ns: int
-    received_at_ns: int
-    stored_at_ns: int
-    replied_at_ns: int
-    hlc: int
-    sync: str
+    ranges: list[tuple[Int64, Int64]]
+    echo_tx_at_ns: Int64
+    received_at_ns: Int64
+    stored_at_ns: Int64
+    replied_at_ns: Int64
+    hlc: Int64
+    sync: Sync
 
 
 class Reject(msgspec.Struct, tag="reject", array_like=True, frozen=True):
     """Listener -> dialer: these seqs will never be stored (see `RejectCode`); stop resending."""
 
-    seqs: list[int]
+    seqs: list[Int64]
     code: str
     detail: str
 
@@ -149,15 +158,15 @@ class Reject(msgspec.Struct, tag="reject", array_like=True, frozen=True):
 class Ping(msgspec.Struct, tag="ping", array_like=True, frozen=True):
     """Dialer -> listener: liveness and a clock sample."""
 
-    sent_at_ns: int
+    sent_at_ns: Int64
 
 
 class Pong(msgspec.Struct, tag="pong", array_like=True, frozen=True):
     """Listener -> dialer: answers a Ping with the listener's receive and reply times."""
 
-    echo_sent_at_ns: int
-    received_at_ns: int
-    replied_at_ns: int
+    echo_sent_at_ns: Int64
+    received_at_ns: Int64
+    replied_at_ns: Int64
 
 
 class Bye(msgspec.Struct, tag="bye", array_like=True, frozen=True):
@@ -167,11 +176,11 @@ class Bye(msgspec.Struct, tag="bye", array_like=True, frozen=True):
     reason: str
 
 
-Frame = Hello | Welcome | Refuse | Batch | Receipt | Reject | Ping | Pong | Bye
+Frame = Hello | Welcome | Refuse | Batch | ReceiptFrame | Reject | Ping | Pong | Bye
 
 #: Frames a listener (ROUTER side) accepts, and frames a dialer (DEALER side) accepts.
 DIALER_FRAMES = (Hello, Batch, Ping, Bye)
-LISTENER_FRAMES = (Welcome, Refuse, Receipt, Reject, Pong)
+LISTENER_FRAMES = (Welcome, Refuse, ReceiptFrame, Reject, Pong)
 
 
 class RefuseCode:

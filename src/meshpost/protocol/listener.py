@@ -1,22 +1,24 @@
 """The listener's side of every inbound link: handshakes, validation of incoming messages,
 receipts after storage, pings.
 
-Rule: pure state. `receive()` takes raw bytes from a connection identity and the current wall
-time; it returns the frames to send back and records events. The node stores what arrived and
-then calls `stored()`, which builds the receipt: a receipt never precedes the commit.
+Rule: pure state, the same shape as `DialerLink`: `receive()` takes raw bytes from a connection
+identity and the current wall time, decodes them and queues the answers (`frames_to_send()`)
+and events (`events()`). The node stores what arrived and then calls `stored()`, which queues
+the receipt: a receipt never precedes the commit. Each connection's state moves only along
+`TRANSITIONS`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import enum
 import operator
 from collections.abc import Collection, Iterable
+from typing import NamedTuple
 
 from meshpost.errors import IdentityMismatch, MalformedFrame, ProtocolError, UnsupportedVersion
 from meshpost.protocol.codec import decode
-from meshpost.protocol.events import Event, MessagesArrived, PeerDeparted, ViolationDetected
+from meshpost.protocol.events import Event, MessagesArrived, PeerLeft, ViolationDetected
 from meshpost.protocol.frames import (
-    DIALER_FRAMES,
     INT64_MAX,
     INT64_MIN,
     MAX_ID_LENGTH,
@@ -28,7 +30,7 @@ from meshpost.protocol.frames import (
     Hello,
     Ping,
     Pong,
-    Receipt,
+    ReceiptFrame,
     Refuse,
     RefuseCode,
     Reject,
@@ -59,14 +61,62 @@ def to_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
     return ranges
 
 
-@dataclasses.dataclass(slots=True)
-class _Session:
-    peer: str
-    node_id: str
+class SessionState(enum.Enum):
+    NEW = "new"  # nothing accepted on this connection yet: only a Hello is taken
+    OPEN = "open"  # welcomed: batches and pings are taken
+    LEFT = "left"  # said Bye: only a Hello is taken, as after a restart
+
+
+class SessionInput(enum.Enum):
+    """What a connection can send a listener (`Hello` split by whether it passes the checks)."""
+
+    HELLO = "Hello (a known peer, under its own name)"
+    BAD_HELLO = "Hello (unknown name, or not the connection's)"
+    BATCH = "Batch"
+    PING = "Ping"
+    BYE = "Bye"
+
+
+class Step(NamedTuple):
+    """What an input does in a state: the next state and the answer."""
+
+    next: SessionState
+    answer: str
+
+
+_S, _I = SessionState, SessionInput
+_NEED_HELLO = "Refuse(hello-required)"
+#: (state, input) -> (next state, answer). Every pair is here: a listener takes any frame a
+#: dialer sends in any state; bytes that do not decode and frames meant for a dialer are
+#: answered Refuse(malformed) (or Refuse(version)) in any state and change nothing.
+TRANSITIONS: dict[tuple[SessionState, SessionInput], Step] = {
+    (_S.NEW, _I.HELLO): Step(_S.OPEN, "Welcome"),
+    (_S.NEW, _I.BAD_HELLO): Step(_S.NEW, "Refuse(identity or unknown-peer)"),
+    (_S.NEW, _I.BATCH): Step(_S.NEW, _NEED_HELLO),
+    (_S.NEW, _I.PING): Step(_S.NEW, _NEED_HELLO),
+    (_S.NEW, _I.BYE): Step(_S.NEW, "nothing"),
+    (_S.OPEN, _I.HELLO): Step(_S.OPEN, "Welcome"),
+    (_S.OPEN, _I.BAD_HELLO): Step(_S.OPEN, "Refuse(identity or unknown-peer)"),
+    (_S.OPEN, _I.BATCH): Step(_S.OPEN, "ReceiptFrame/Reject once stored (stored())"),
+    (_S.OPEN, _I.PING): Step(_S.OPEN, "Pong"),
+    (_S.OPEN, _I.BYE): Step(_S.LEFT, "nothing; PeerLeft reported"),
+    (_S.LEFT, _I.HELLO): Step(_S.OPEN, "Welcome"),
+    (_S.LEFT, _I.BAD_HELLO): Step(_S.LEFT, "Refuse(identity or unknown-peer)"),
+    (_S.LEFT, _I.BATCH): Step(_S.LEFT, _NEED_HELLO),
+    (_S.LEFT, _I.PING): Step(_S.LEFT, _NEED_HELLO),
+    (_S.LEFT, _I.BYE): Step(_S.LEFT, "nothing"),
+}
+del _S, _I
 
 
 class Listener:
-    """Protocol state for everything peers send to this node."""
+    """Protocol state for everything peers send to this node.
+
+    A connection's state is kept once it has been welcomed (and so only for the names of
+    known peers: a hostile stream of connections leaves nothing behind); sessions do not
+    expire, since a dialer that stops is found by its own silence, and its next Hello opens
+    the session again anyway.
+    """
 
     def __init__(
         self,
@@ -87,52 +137,91 @@ class Listener:
         self.sync = sync
         #: Largest frame accepted: the largest batch a dialer builds (`max_frame_bytes`).
         self.max_frame_bytes = max_frame_bytes(max_message_bytes)
-        self._sessions: dict[str, _Session] = {}
+        #: Connection identity -> (its state, the peer it was welcomed as).
+        self._sessions: dict[str, tuple[SessionState, str]] = {}
+        self._frames: list[tuple[str, Frame]] = []
         self._events: list[Event] = []
+
+    # -- outputs --------------------------------------------------------------------------
+
+    def frames_to_send(self) -> list[tuple[str, Frame]]:
+        """The answers queued since the last call, as (connection identity, frame), in order.
+        Drained after each `receive` or `stored`, they are all for that call's connection."""
+        frames, self._frames = self._frames, []
+        return frames
 
     def events(self) -> list[Event]:
         events, self._events = self._events, []
         return events
 
-    def session_peer(self, identity: str) -> str | None:
+    def session_state(self, identity: str) -> SessionState:
+        """Where connection `identity` stands (`NEW` if it never was welcomed)."""
         session = self._sessions.get(identity)
-        return session.peer if session else None
+        return session[0] if session else SessionState.NEW
 
-    def forget(self, identity: str) -> None:
-        self._sessions.pop(identity, None)
+    # -- inputs ---------------------------------------------------------------------------
 
-    def receive(self, identity: str, data: bytes, wall_ns: int, hlc: int) -> list[Frame]:
-        """Handle one frame from connection `identity`; return the frames to send back."""
+    def receive(self, identity: str, data: bytes, wall_ns: int, hlc: int) -> None:
+        """Handle one frame's bytes from connection `identity`; answers go to `frames_to_send`."""
         try:
             frame = decode(data, max_bytes=self.max_frame_bytes)
         except UnsupportedVersion as exc:
             self._violation(identity, exc)
-            return [Refuse(RefuseCode.VERSION, str(exc))]
+            self._reply(identity, Refuse(RefuseCode.VERSION, str(exc)))
+            return
         except ProtocolError as exc:
             self._violation(identity, exc)
-            return [Refuse(RefuseCode.MALFORMED, str(exc))]
+            self._reply(identity, Refuse(RefuseCode.MALFORMED, str(exc)))
+            return
+        checked = True
         if isinstance(frame, UncheckedBatch):
-            return self._on_batch(identity, frame.batch(), wall_ns, checked=False)
-        if not isinstance(frame, DIALER_FRAMES):
-            self._violation(identity, MalformedFrame(f"{type(frame).__name__} is not for me"))
-            return [Refuse(RefuseCode.MALFORMED, "frame type not accepted by a listener")]
+            frame, checked = frame.batch(), False
+        refusal: tuple[str, ProtocolError] | None = None
         match frame:
             case Hello():
-                return self._on_hello(identity, frame, wall_ns, hlc)
+                refusal = self._check_hello(identity, frame)
+                kind = SessionInput.HELLO if refusal is None else SessionInput.BAD_HELLO
             case Batch():
-                return self._on_batch(identity, frame, wall_ns)
+                kind = SessionInput.BATCH
+            case Ping():
+                kind = SessionInput.PING
+            case Bye():
+                kind = SessionInput.BYE
+            case _:
+                self._violation(identity, MalformedFrame(f"{type(frame).__name__} is not for me"))
+                self._reply(identity, Refuse(RefuseCode.MALFORMED,
+                                             "frame type not accepted by a listener"))
+                return
+        session = self._sessions.get(identity)
+        state = session[0] if session else SessionState.NEW
+        step = TRANSITIONS[state, kind]
+        if step.next is not state:
+            peer = frame.name if isinstance(frame, Hello) else session[1]  # type: ignore[index]
+            self._sessions[identity] = (step.next, peer)
+        if state is not SessionState.OPEN and kind in (SessionInput.BATCH, SessionInput.PING):
+            self._reply(identity, Refuse(RefuseCode.HELLO_REQUIRED, "send Hello first"))
+            return
+        match frame:
+            case Hello() if refusal is not None:
+                code, error = refusal
+                self._violation(identity, error)
+                self._reply(identity, Refuse(code, str(error)))
+            case Hello():
+                self._reply(identity, Welcome(
+                    version=PROTOCOL_VERSION, node_id=self.local_node_id,
+                    name=self.local_name, sent_at_ns=wall_ns, hlc=hlc, sync=self.sync,
+                ))
+            case Batch():
+                assert session is not None
+                self._on_batch(identity, session[1], frame, wall_ns, checked=checked)
             case Ping(sent_at_ns=t1):
-                if identity not in self._sessions:
-                    return [Refuse(RefuseCode.HELLO_REQUIRED, "send Hello first")]
-                return [Pong(echo_sent_at_ns=t1, received_at_ns=wall_ns, replied_at_ns=wall_ns)]
-            case Bye(reason=reason):
-                # The session ends here; after a restart the peer says Hello again anyway.
-                session = self._sessions.pop(identity, None)
-                if session is not None:
-                    self._events.append(PeerDeparted(session.peer, reason))
-                return []
-            case _:  # pragma: no cover - DIALER_FRAMES filters the rest
-                return []
+                self._reply(identity, Pong(echo_sent_at_ns=t1, received_at_ns=wall_ns,
+                                           replied_at_ns=wall_ns))
+            case Bye(reason=reason) if state is SessionState.OPEN:
+                assert session is not None
+                self._events.append(PeerLeft(session[1], reason))
+            case _:
+                pass
 
     def stored(
         self,
@@ -143,12 +232,12 @@ class Listener:
         stored_at_ns: int,
         replied_at_ns: int,
         hlc: int,
-    ) -> list[Frame]:
-        """Frames answering `arrived` once `committed` seqs are durably stored."""
-        frames: list[Frame] = []
+    ) -> None:
+        """Queue the frames answering `arrived` once `committed` seqs are durably stored."""
+        to = arrived.peer
         if committed:
-            frames.append(
-                Receipt(
+            self._reply(to,
+                ReceiptFrame(
                     ranges=to_ranges(committed),
                     echo_tx_at_ns=arrived.echo_tx_at_ns,
                     received_at_ns=arrived.received_at_ns,
@@ -156,89 +245,67 @@ class Listener:
                     replied_at_ns=replied_at_ns,
                     hlc=hlc,
                     sync=self.sync,
-                )
+                ),
             )
         if conflicts:
-            frames.append(
-                Reject(
-                    sorted(conflicts),
-                    RejectCode.CONFLICT,
-                    "a different message with this id is already stored",
-                )
-            )
-        return frames
+            self._reply(to, Reject(
+                sorted(conflicts),
+                RejectCode.CONFLICT,
+                "a different message with this id is already stored",
+            ))
 
     # -- internals ------------------------------------------------------------------------
 
     def _violation(self, who: str, error: ProtocolError) -> None:
         self._events.append(ViolationDetected(who, error))
 
-    def _on_hello(self, identity: str, hello: Hello, wall_ns: int, hlc: int) -> list[Frame]:
-        error: ProtocolError
-        if hello.version != PROTOCOL_VERSION:
-            error = UnsupportedVersion(hello.version, PROTOCOL_VERSION)
-            self._violation(identity, error)
-            return [Refuse(RefuseCode.VERSION, str(error))]
+    def _reply(self, identity: str, frame: Frame) -> None:
+        self._frames.append((identity, frame))
+
+    def _check_hello(self, identity: str, hello: Hello) -> tuple[str, ProtocolError] | None:
+        """Why this Hello is refused (the refuse code and the error), or None. (Its version
+        was checked by `decode`.)"""
         if hello.name != identity:
-            error = IdentityMismatch(
+            return RefuseCode.IDENTITY, IdentityMismatch(
                 f"connection authenticated as {identity!r} claims to be {hello.name!r}"
             )
-            self._violation(identity, error)
-            return [Refuse(RefuseCode.IDENTITY, str(error))]
         if hello.name not in self.known_peers:
-            error = IdentityMismatch(f"{hello.name!r} is not a peer of {self.local_name!r}")
-            self._violation(identity, error)
-            return [Refuse(RefuseCode.UNKNOWN_PEER, str(error))]
+            return RefuseCode.UNKNOWN_PEER, IdentityMismatch(
+                f"{hello.name!r} is not a peer of {self.local_name!r}"
+            )
         expected = self.expected_node_ids.get(hello.name)
         if expected is not None and expected != hello.node_id:
-            error = IdentityMismatch(
+            return RefuseCode.IDENTITY, IdentityMismatch(
                 f"name clash: {hello.name!r} is node {expected}, not node {hello.node_id}"
             )
-            self._violation(identity, error)
-            return [Refuse(RefuseCode.IDENTITY, str(error))]
-        self._sessions[identity] = _Session(peer=hello.name, node_id=hello.node_id)
-        return [
-            Welcome(
-                version=PROTOCOL_VERSION,
-                node_id=self.local_node_id,
-                name=self.local_name,
-                sent_at_ns=wall_ns,
-                hlc=hlc,
-                sync=self.sync,
-            )
-        ]
+        return None
 
     def _on_batch(
-        self, identity: str, batch: Batch, wall_ns: int, *, checked: bool = True
-    ) -> list[Frame]:
+        self, identity: str, peer: str, batch: Batch, wall_ns: int, *, checked: bool
+    ) -> None:
         """`checked`: decoding has run the `Envelope` checks on every message."""
-        session = self._sessions.get(identity)
-        if session is None:
-            return [Refuse(RefuseCode.HELLO_REQUIRED, "send Hello first")]
-        if checked and self._all_valid(session.peer, batch.messages):
+        if checked and self._all_valid(peer, batch.messages):
             if batch.messages:
                 self._events.append(
-                    MessagesArrived(session.peer, list(batch.messages), batch.tx_at_ns, wall_ns)
+                    MessagesArrived(peer, list(batch.messages), batch.tx_at_ns, wall_ns)
                 )
-            return []
+            return
         good: list[Envelope] = []
         rejected: dict[str, list[int]] = {}
         details: dict[str, str] = {}
         for message in batch.messages:
-            code, detail = self._check(session.peer, message)
+            code, detail = self._check(peer, message)
             if code is None:
                 good.append(message)
             else:
                 rejected.setdefault(code, []).append(message.seq)
                 details.setdefault(code, detail)
-        frames: list[Frame] = []
         for code, seqs in rejected.items():
             error = MalformedFrame(f"{len(seqs)} message(s): {details[code]}")
-            self._violation(session.peer, error)
-            frames.append(Reject(seqs, code, details[code]))
+            self._violation(peer, error)
+            self._reply(identity, Reject(seqs, code, details[code]))
         if good:
-            self._events.append(MessagesArrived(session.peer, good, batch.tx_at_ns, wall_ns))
-        return frames
+            self._events.append(MessagesArrived(peer, good, batch.tx_at_ns, wall_ns))
 
     def _all_valid(self, peer: str, messages: list[Envelope]) -> bool:
         """True only if `_check` passes every message of a batch that decoding has checked
@@ -281,4 +348,5 @@ class Listener:
         return None, ""
 
     def __repr__(self) -> str:
-        return f"Listener({self.local_name}, sessions={sorted(self._sessions)})"
+        open_ = sorted(i for i, (state, _) in self._sessions.items() if state is SessionState.OPEN)
+        return f"Listener({self.local_name}, sessions={open_})"

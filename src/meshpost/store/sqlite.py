@@ -32,7 +32,7 @@ from meshpost.errors import (
     StoreFull,
     StoreLocked,
 )
-from meshpost.protocol import Envelope, Receipt, to_ranges
+from meshpost.protocol import Envelope, ReceiptFrame, to_ranges
 from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 DB_FILENAME = "meshpost.db"
@@ -202,7 +202,7 @@ def translate(exc: sqlite3.Error, path: Path) -> StoreError:
 class Delivery:
     peer: str
     seqs: list[int]
-    receipt: Receipt
+    receipt: ReceiptFrame
     arrived_at_ns: int
 
 

@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import pytest
 
+from meshpost.errors import MalformedFrame
 from meshpost.protocol import (
     PROTOCOL_VERSION,
     Batch,
@@ -28,14 +29,14 @@ from meshpost.protocol import (
     PeerLost,
     Ping,
     Pong,
-    Receipt,
+    ReceiptFrame,
     Refuse,
     RefuseCode,
     Reject,
     RejectCode,
+    SessionState,
     ViolationDetected,
     Welcome,
-    decode,
     encode,
     max_frame_bytes,
 )
@@ -80,8 +81,8 @@ def state(wire: Wire) -> LinkState:
     return wire.dialer.state
 
 
-def receipt(ranges: list[tuple[int, int]], sync: str = "full") -> Receipt:
-    return Receipt(ranges, T0_WALL, T0_WALL, T0_WALL, T0_WALL, 0, sync)
+def receipt(ranges: list[tuple[int, int]], sync: str = "full") -> ReceiptFrame:
+    return ReceiptFrame(ranges, T0_WALL, T0_WALL, T0_WALL, T0_WALL, 0, sync)
 
 
 class Wire:
@@ -145,7 +146,8 @@ class Wire:
     def to_listener(self, frames: Iterable[Frame], *, commit: bool = True) -> list[Frame]:
         replies: list[Frame] = []
         for frame in frames:
-            replies += self.listener.receive("alice", encode(frame), self.bob_wall, 0)
+            self.listener.receive("alice", encode(frame), self.bob_wall, 0)
+            replies += self.listener_answers()
             for event in self.listener.events():
                 self.listener_events.append(event)
                 if commit and isinstance(event, MessagesArrived):
@@ -158,15 +160,20 @@ class Wire:
         for m in arrived.messages:
             stored = self.store.setdefault(m.id, m)
             (committed if stored == m else conflicts).append(m.seq)
-        return self.listener.stored(
+        self.listener.stored(
             arrived, committed=committed, conflicts=conflicts, stored_at_ns=self.bob_wall,
             replied_at_ns=self.bob_wall, hlc=0,
         )
+        return self.listener_answers()
+
+    def listener_answers(self) -> list[Frame]:
+        queued = self.listener.frames_to_send()
+        assert {to for to, _ in queued} <= {"alice"}
+        return [frame for _, frame in queued]
 
     def to_dialer(self, frames: Iterable[Frame]) -> list[Frame]:
         for frame in frames:
-            decoded = decode(encode(frame), max_bytes=self.listener.max_frame_bytes)
-            self.dialer.receive(decoded, self.now, self.wall, 0)
+            self.dialer.receive(encode(frame), self.now, self.wall, 0)
         return self.take()
 
     def exchange(self, frames: list[Frame]) -> None:
@@ -203,7 +210,7 @@ def test_the_handshake_makes_the_link_ready_and_reports_the_peer() -> None:
     [welcome] = wire.to_listener(wire.poll())
     assert isinstance(welcome, Welcome)
     assert (welcome.name, welcome.node_id, welcome.sync) == ("bob", "node-b", "full")
-    assert wire.listener.session_peer("alice") == "alice"
+    assert wire.listener.session_state("alice") is SessionState.OPEN
     wire.to_dialer([welcome])
     assert state(wire) is LinkState.READY
     assert wire.dialer.reachable
@@ -338,9 +345,9 @@ def test_rejected_and_wide_range_settled_messages_leave_the_window_bytes() -> No
 
 
 def test_large_backlogs_go_out_in_batches_of_at_most_max_batch_messages() -> None:
-    wire = Wire()
-    wire.connect()
     n = 2 * MAX_BATCH_MESSAGES + 7
+    wire = Wire(window=n)  # the window takes them all (enqueue holds no more than it allows)
+    wire.connect()
     wire.dialer.enqueue(msgs(range(1, n + 1), "x"))
     sent = batches(wire.poll())
     assert [len(b.messages) for b in sent] == [MAX_BATCH_MESSAGES, MAX_BATCH_MESSAGES, 7]
@@ -487,12 +494,12 @@ def test_retransmitted_duplicates_are_stored_once_and_receipted_again() -> None:
     wire.dialer.enqueue(msgs([1, 2]))
     first = wire.poll()
     receipts_lost = wire.to_listener(first)  # stored, but the receipt never arrives
-    assert [type(f) for f in receipts_lost] == [Pong, Receipt]
+    assert [type(f) for f in receipts_lost] == [Pong, ReceiptFrame]
     wire.advance(RTO_INITIAL)
     resent = batches(wire.poll())
     assert batched_seqs(resent) == [1, 2]
     replies = wire.to_listener(resent)
-    assert [r.ranges for r in replies if isinstance(r, Receipt)] == [[(1, 2)]]
+    assert [r.ranges for r in replies if isinstance(r, ReceiptFrame)] == [[(1, 2)]]
     wire.to_dialer(replies)
     assert len(wire.store) == 2
     assert wire.of_type(MessagesDelivered)[0].seqs == [1, 2]
@@ -523,7 +530,7 @@ def test_the_peer_is_lost_after_peer_timeout_of_silence_and_hello_is_sent_again(
     assert lost.peer == "bob"
     assert lost.silent_for_s == pytest.approx(PEER_TIMEOUT)
     assert wire.now == pytest.approx(connected_at + PEER_TIMEOUT)
-    assert state(wire) is LinkState.CONNECTING
+    assert state(wire) is LinkState.LOST
     assert not wire.dialer.reachable
     assert isinstance(sent[-1][-1], Hello)
 
@@ -588,9 +595,10 @@ def test_a_version_refusal_stops_the_link_and_retries_only_rarely() -> None:
     wire = Wire()
     wire.dialer.enqueue(msgs([1]))
     wire.poll()
-    refusal = wire.listener.receive(
+    wire.listener.receive(
         "alice", encode(Hello(99, "node-a", "alice", T0_WALL, 0)), T0_WALL, 0
     )
+    refusal = wire.listener_answers()
     assert [type(f) for f in refusal] == [Refuse]
     assert isinstance(refusal[0], Refuse)
     assert refusal[0].code == RefuseCode.VERSION
@@ -666,8 +674,9 @@ def test_hostile_huge_receipt_ranges_are_handled_fast() -> None:
     wire.connect()
     wire.dialer.enqueue(msgs(range(1, 1001)))
     wire.poll()
+    # The widest ranges a receipt can carry (wider ones do not decode: see below).
     hostile = receipt(
-        [(-(2**63), 2**64 - 1)] * 2_000 + [(0, 2**63)] * 2_000 + [(2**64 - 1, 0)] * 2_000
+        [(-(2**63), 2**63 - 1)] * 2_000 + [(0, 2**63 - 1)] * 2_000 + [(2**63 - 1, 0)] * 2_000
     )
     started = time.perf_counter()
     wire.to_dialer([hostile])
@@ -675,6 +684,38 @@ def test_hostile_huge_receipt_ranges_are_handled_fast() -> None:
     assert elapsed < 1.0
     [delivered] = wire.of_type(MessagesDelivered)
     assert delivered.seqs == list(range(1, 1001))
+
+
+@pytest.mark.parametrize("field", ["ranges", "echo_tx_at_ns", "received_at_ns",
+                                   "stored_at_ns", "replied_at_ns", "hlc"])
+@pytest.mark.parametrize("value", [2**64 - 1, 2**63])
+def test_a_receipt_with_a_value_out_of_64_bit_range_is_rejected_whole_and_reported(
+    field: str, value: int
+) -> None:
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([1, 2]))
+    wire.poll()
+    fields = {"ranges": [(1, 2)], "echo_tx_at_ns": T0_WALL, "received_at_ns": T0_WALL,
+              "stored_at_ns": T0_WALL, "replied_at_ns": T0_WALL, "hlc": 0, "sync": "full"}
+    fields[field] = [(1, value)] if field == "ranges" else value
+    wire.to_dialer([ReceiptFrame(**fields)])  # type: ignore[arg-type]
+    assert wire.of_type(MessagesDelivered) == []
+    assert wire.dialer.unacknowledged == 2  # still in flight: resent, never lost
+    [violation] = wire.of_type(ViolationDetected)
+    assert violation.who == "bob"
+    assert isinstance(violation.error, MalformedFrame)
+    assert wire.dialer.state is LinkState.READY  # one bad frame ends nothing
+
+
+def test_bytes_that_do_not_decode_and_frames_not_for_a_dialer_are_reported() -> None:
+    wire = Wire()
+    wire.connect()
+    wire.dialer.receive(b"\xc1", wire.now, wire.wall, 0)
+    wire.dialer.receive(encode(Ping(1)), wire.now, wire.wall, 0)
+    wire.take()
+    assert [type(v.error) for v in wire.of_type(ViolationDetected)] == [MalformedFrame] * 2
+    assert wire.dialer.state is LinkState.READY
 
 
 def test_a_reject_settles_the_seqs_and_reports_them() -> None:
@@ -749,7 +790,9 @@ def test_timeouts_never_exceed_the_max_and_absurd_samples_are_ignored() -> None:
     assert wire.dialer.srtt_s is None
     wire.dialer.enqueue(msgs([2]))
     wire.poll()
-    wire.to_dialer([Receipt([(2, 2)], wire.wall + 10**9, T0_WALL, T0_WALL, T0_WALL, 0, "full")])
+    wire.to_dialer([
+        ReceiptFrame([(2, 2)], wire.wall + 10**9, T0_WALL, T0_WALL, T0_WALL, 0, "full")
+    ])
     assert wire.dialer.srtt_s is None  # an echo from the future (clock stepped back): ignored
     for seq in range(3, 6):
         round_trip(wire, seq, RTO_MAX * 0.9)
@@ -768,7 +811,7 @@ def test_a_peer_that_left_is_gone_at_once_and_gets_its_messages_when_back() -> N
     assert wire.take() == []
     assert wire.of_type(PeerLeft) == [PeerLeft("bob", "shutting down")]
     assert not wire.dialer.reachable
-    assert state(wire) is LinkState.CONNECTING
+    assert state(wire) is LinkState.LEFT
     # Nothing is resent to a peer that left; Hello goes out at the usual pace, not at once.
     wire.advance(PING_INTERVAL / 2)
     assert wire.poll() == []

@@ -1,8 +1,12 @@
 """A stateful model of one link: alice's DialerLink, bob's Listener, their stores as dicts and a
 hostile channel that loses, duplicates and reorders frames, with crashes and clock jumps.
 
-After every step: nothing is reported delivered that bob has not stored; bob stores each id
-once; bob receipts only what he committed. After healing the network, everything is delivered.
+Alice's node does what `Node` does and no more: it `offer`s each commit to the link, reads from
+disk what `disk_request` asks for (the read can take a while: commits and offers happen while it
+is under way) and hands the rows to `refill`. After every step: nothing is reported delivered
+that bob has not stored; bob stores each id once; bob receipts only what he committed; the
+window bounds what alice holds; whatever is committed and not held says it waits on disk. After
+healing the network, everything is delivered.
 """
 
 from __future__ import annotations
@@ -29,9 +33,8 @@ from meshpost.protocol import (
     MessagesArrived,
     MessagesDelivered,
     MessagesRejected,
-    Receipt,
+    ReceiptFrame,
     ViolationDetected,
-    decode,
     encode,
     held_size,
 )
@@ -67,6 +70,8 @@ class LinkModel(RuleBasedStateMachine):
         # the network
         self.to_bob: list[bytes] = []
         self.to_alice: list[bytes] = []
+        #: alice's read from disk under way: the rows it found.
+        self.read: list[Envelope] | None = None
         self.dialer = self.new_dialer()
         self.listener = self.new_listener()
 
@@ -86,17 +91,23 @@ class LinkModel(RuleBasedStateMachine):
         )
 
     def feed(self) -> None:
-        """What alice's node does: load pending rows into the link while it has room and put
-        them in flight at once (`perform` then sends them)."""
-        room = self.dialer.capacity
-        if room > 0:
-            rows = [
-                self.outbox[s]
-                for s in sorted(self.outbox)
-                if s not in self.delivered and s > self.dialer.highest_enqueued_seq
-            ][:room]
-            self.dialer.enqueue(rows[:self.dialer.admit(rows)])
-            self.dialer.pump(self.alice_clock.monotonic(), self.alice_clock.wall_ns())
+        """What alice's node does after a frame, a timer or a commit: start the read the
+        link asks for (unless one is under way), then put what it holds in flight."""
+        if self.read is None:
+            request = self.dialer.disk_request()
+            if request is not None:
+                after_seq, limit = request
+                # The store's answer as of now (a read sees the commits made before it).
+                self.read = [self.outbox[s] for s in sorted(self.outbox)
+                             if s not in self.delivered and s > after_seq][:limit]
+        self.dialer.pump(self.alice_clock.monotonic(), self.alice_clock.wall_ns())
+
+    def read_completes(self) -> None:
+        assert self.read is not None
+        rows, self.read = self.read, None
+        self.dialer.refill(rows)
+        self.feed()
+        self.perform()
 
     def perform(self) -> None:
         """Put the dialer's frames on the wire and act on its events."""
@@ -117,23 +128,25 @@ class LinkModel(RuleBasedStateMachine):
         self.perform()
 
     def bob_receives(self, data: bytes) -> None:
-        replies = self.listener.receive(
-            "alice", data, self.bob_clock.wall_ns(), self.bob_hlc.last
-        )
-        self.send_to_alice(replies)
+        self.listener.receive("alice", data, self.bob_clock.wall_ns(), self.bob_hlc.last)
+        self.send_to_alice(self.listener_answers())
         for event in self.listener.events():
             assert not isinstance(event, ViolationDetected), event
             if isinstance(event, MessagesArrived):
                 self.bob_hlc.observe(max(m.hlc for m in event.messages))
                 self.bob_uncommitted.append(event)
 
+    def listener_answers(self) -> list[Frame]:
+        queued = self.listener.frames_to_send()
+        assert {to for to, _ in queued} <= {"alice"}
+        return [frame for _, frame in queued]
+
     def send_to_alice(self, frames: list[Frame]) -> None:
         self.to_alice.extend(encode(f) for f in frames)
 
     def alice_receives(self, data: bytes) -> None:
-        frame = decode(data, max_bytes=1 << 20)
         self.dialer.receive(
-            frame, self.alice_clock.monotonic(), self.alice_clock.wall_ns(), self.alice_hlc.last
+            data, self.alice_clock.monotonic(), self.alice_clock.wall_ns(), self.alice_hlc.last
         )
         self.perform()
         self.feed()
@@ -148,14 +161,15 @@ class LinkModel(RuleBasedStateMachine):
                 self.inbox[m.id] = m
                 self.inserts[m.id] += 1
             (committed if self.inbox[m.id] == m else conflicts).append(m.seq)
-        frames = self.listener.stored(
+        self.listener.stored(
             arrived, committed=committed, conflicts=conflicts,
             stored_at_ns=self.bob_clock.wall_ns(), replied_at_ns=self.bob_clock.wall_ns(),
             hlc=self.bob_hlc.now(),
         )
+        frames = self.listener_answers()
         stored_seqs = {m.seq for m in self.inbox.values()}
         for frame in frames:
-            if isinstance(frame, Receipt):
+            if isinstance(frame, ReceiptFrame):
                 for lo, hi in frame.ranges:
                     seqs = set(range(lo, hi + 1))
                     assert seqs <= stored_seqs, f"receipt for uncommitted {seqs - stored_seqs}"
@@ -176,10 +190,12 @@ class LinkModel(RuleBasedStateMachine):
 
     def settle(self, *, alice_commits: bool) -> None:
         """Deliver every frame in order and commit what arrives, until the wire is quiet."""
-        while self.to_bob or self.to_alice or self.bob_uncommitted or (
+        while self.to_bob or self.to_alice or self.bob_uncommitted or self.read is not None or (
             alice_commits and self.alice_uncommitted
         ):
-            if self.to_bob:
+            if self.read is not None:
+                self.read_completes()
+            elif self.to_bob:
                 self.bob_receives(self.to_bob.pop(0))
             elif self.bob_uncommitted:
                 self.bob_commits_one()
@@ -200,13 +216,21 @@ class LinkModel(RuleBasedStateMachine):
 
     @rule(texts=st.lists(bodies, min_size=1, max_size=5))
     def alice_sends(self, texts: list[str]) -> None:
+        committed: list[Envelope] = []
         for body in texts:
             seq = len(self.outbox) + 1
             self.outbox[seq] = Envelope(
                 f"alice-{seq}", seq, "alice", "bob", body, self.alice_clock.wall_ns(),
                 self.alice_hlc.now(),
             )
+            committed.append(self.outbox[seq])
+        self.dialer.offer(committed)
         self.poll()
+
+    @precondition(lambda self: self.read is not None)
+    @rule()
+    def alices_read_from_disk_completes(self) -> None:
+        self.read_completes()
 
     @rule(seconds=st.sampled_from([0.01, 0.3, 0.5, 1.0, 2.5, 4.0, 6.0]))
     def time_passes(self, seconds: float) -> None:
@@ -260,6 +284,7 @@ class LinkModel(RuleBasedStateMachine):
     @rule()
     def alice_crashes_and_restarts(self) -> None:
         self.alice_uncommitted.clear()  # delivery writes not yet committed are lost
+        self.read = None
         self.dialer = self.new_dialer()
         self.alice_hlc = HybridLogicalClock(self.alice_clock)
         self.poll()
@@ -293,6 +318,14 @@ class LinkModel(RuleBasedStateMachine):
         assert len(held) <= WINDOW
         # Over the byte budget only by the one message an empty link always admits.
         assert self.dialer.held_bytes <= WINDOW_BYTES or len(held) == 1
+
+    @invariant()
+    def what_alice_does_not_hold_waits_on_disk(self) -> None:
+        # A committed, undelivered message above everything the link ever held is announced
+        # as disk backlog, or nothing would ever read it.
+        if any(s > self.dialer.highest_enqueued_seq
+               for s in self.outbox if s not in self.delivered):
+            assert self.dialer.disk_backlog
 
     @invariant()
     def receipts_cover_only_committed_rows(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -18,14 +19,15 @@ from meshpost.protocol import (
     Hello,
     Listener,
     MessagesArrived,
-    PeerDeparted,
+    PeerLeft,
     Ping,
     Pong,
-    Receipt,
+    ReceiptFrame,
     Refuse,
     RefuseCode,
     Reject,
     RejectCode,
+    SessionState,
     ViolationDetected,
     Welcome,
     encode,
@@ -61,8 +63,26 @@ def msg(
     return Envelope(id if id is not None else f"m{seq}", seq, sender, recipient, body, WALL, seq)
 
 
+def answers(listener: Listener, identity: str = "alice") -> list[Frame]:
+    """The frames the listener queued, all of which must be for `identity`."""
+    queued = listener.frames_to_send()
+    assert {to for to, _ in queued} <= {identity}
+    return [frame for _, frame in queued]
+
+
+def receive(listener: Listener, identity: str, data: bytes, wall_ns: int = WALL) -> list[Frame]:
+    listener.receive(identity, data, wall_ns, 0)
+    return answers(listener, identity)
+
+
 def send(listener: Listener, frame: Frame, identity: str = "alice") -> list[Frame]:
-    return listener.receive(identity, encode(frame), WALL + 5, 77)
+    listener.receive(identity, encode(frame), WALL + 5, 77)
+    return answers(listener, identity)
+
+
+def stored(listener: Listener, arrived: MessagesArrived, **kwargs: Any) -> list[Frame]:
+    listener.stored(arrived, **kwargs)
+    return answers(listener, arrived.peer)
 
 
 def connected(max_message_bytes: int = LIMIT) -> Listener:
@@ -94,7 +114,7 @@ def test_a_known_peer_is_welcomed() -> None:
     listener = make_listener()
     [welcome] = send(listener, hello())
     assert welcome == Welcome(PROTOCOL_VERSION, "node-b", "bob", WALL + 5, 77, "normal")
-    assert listener.session_peer("alice") == "alice"
+    assert listener.session_state("alice") is SessionState.OPEN
 
 
 def test_an_unknown_peer_is_refused_and_counted() -> None:
@@ -104,7 +124,7 @@ def test_an_unknown_peer_is_refused_and_counted() -> None:
     [violation] = violations(listener)
     assert violation.who == "mallory"
     assert isinstance(violation.error, IdentityMismatch)
-    assert listener.session_peer("mallory") is None
+    assert listener.session_state("mallory") is SessionState.NEW
 
 
 def test_a_second_node_under_a_discovered_name_is_refused_as_a_name_clash() -> None:
@@ -125,7 +145,7 @@ def test_a_hello_claiming_another_identity_is_refused() -> None:
     assert refused.code == RefuseCode.IDENTITY
     assert "claims to be 'carol'" in refused.detail
     assert isinstance(violations(listener)[0].error, IdentityMismatch)
-    assert listener.session_peer("alice") is None
+    assert listener.session_state("alice") is SessionState.NEW
 
 
 @pytest.mark.parametrize("version", [0, PROTOCOL_VERSION + 1])
@@ -135,14 +155,14 @@ def test_a_hello_of_another_version_is_refused_with_the_version_code(version: in
     assert refused.code == RefuseCode.VERSION
     assert f"version {version}" in refused.detail
     assert isinstance(violations(listener)[0].error, UnsupportedVersion)
-    assert listener.session_peer("alice") is None
+    assert listener.session_state("alice") is SessionState.NEW
 
 
 def test_a_second_hello_replaces_the_session() -> None:
     listener = connected()
     [welcome] = send(listener, Hello(PROTOCOL_VERSION, "node-alice-2", "alice", WALL, 1))
     assert isinstance(welcome, Welcome)
-    assert listener.session_peer("alice") == "alice"
+    assert listener.session_state("alice") is SessionState.OPEN
 
 
 def test_a_batch_before_hello_is_refused_with_hello_required() -> None:
@@ -152,20 +172,18 @@ def test_a_batch_before_hello_is_refused_with_hello_required() -> None:
     assert listener.events() == []
 
 
-def test_a_forgotten_connection_must_say_hello_again() -> None:
-    listener = connected()
-    listener.forget("alice")
-    listener.forget("never-seen")
-    assert listener.session_peer("alice") is None
-    assert refusal(send(listener, Batch(WALL, [msg(1)]))).code == RefuseCode.HELLO_REQUIRED
-
-
-def test_a_bye_ends_the_session_and_reports_the_peer_departed() -> None:
+def test_a_bye_ends_the_session_and_reports_the_peer_left() -> None:
     listener = connected()
     assert send(listener, Bye("shutting down")) == []  # no reply
-    assert listener.events() == [PeerDeparted("alice", "shutting down")]
-    assert listener.session_peer("alice") is None
+    assert listener.events() == [PeerLeft("alice", "shutting down")]
+    assert listener.session_state("alice") is SessionState.LEFT
     assert refusal(send(listener, Batch(WALL, [msg(1)]))).code == RefuseCode.HELLO_REQUIRED
+    assert refusal(send(listener, Ping(1))).code == RefuseCode.HELLO_REQUIRED
+    assert send(listener, Bye("again")) == []
+    assert listener.events() == []  # reported once
+    [welcome] = send(listener, hello())  # back after a restart
+    assert isinstance(welcome, Welcome)
+    assert listener.session_state("alice") is SessionState.OPEN
 
 
 def test_a_bye_without_a_session_changes_nothing() -> None:
@@ -193,7 +211,7 @@ def test_a_ping_before_hello_is_refused_with_hello_required() -> None:
 @pytest.mark.parametrize("data", [b"", b"\xc1\xc1", b"\x92\xa5hello\x01", b"\x91" * 5000])
 def test_undecodable_bytes_are_refused_as_malformed(data: bytes) -> None:
     listener = connected()
-    assert refusal(listener.receive("alice", data, WALL, 0)).code == RefuseCode.MALFORMED
+    assert refusal(receive(listener, "alice", data)).code == RefuseCode.MALFORMED
     [violation] = violations(listener)
     assert isinstance(violation.error, MalformedFrame)
 
@@ -203,7 +221,7 @@ def test_undecodable_bytes_are_refused_as_malformed(data: bytes) -> None:
     [
         Welcome(PROTOCOL_VERSION, "n", "alice", 0, 0, "full"),
         Refuse("x", "y"),
-        Receipt([(1, 1)], 0, 0, 0, 0, 0, "full"),
+        ReceiptFrame([(1, 1)], 0, 0, 0, 0, 0, "full"),
         Reject([1], "c", "d"),
         Pong(1, 2, 3),
     ],
@@ -218,7 +236,7 @@ def test_frames_meant_for_a_dialer_are_refused(frame: Frame) -> None:
 def test_a_frame_over_the_size_limit_is_refused_without_decoding() -> None:
     listener = connected(max_message_bytes=16)
     data = b"\xc1" * (listener.max_frame_bytes + 1)
-    refused = refusal(listener.receive("alice", data, WALL, 0))
+    refused = refusal(receive(listener, "alice", data))
     assert refused.code == RefuseCode.MALFORMED
     assert "exceeds" in refused.detail
 
@@ -373,21 +391,21 @@ def arrived_batch(*seqs: int) -> MessagesArrived:
 
 def test_stored_builds_a_receipt_with_ranges_and_all_four_timestamps() -> None:
     listener = connected()
-    frames = listener.stored(
-        arrived_batch(1, 2, 3, 7), committed=[7, 1, 3, 2], conflicts=[],
+    frames = stored(
+        listener, arrived_batch(1, 2, 3, 7), committed=[7, 1, 3, 2], conflicts=[],
         stored_at_ns=33, replied_at_ns=44, hlc=55,
     )
-    assert frames == [Receipt([(1, 3), (7, 7)], 11, 22, 33, 44, 55, "normal")]
+    assert frames == [ReceiptFrame([(1, 3), (7, 7)], 11, 22, 33, 44, 55, "normal")]
 
 
 def test_stored_rejects_conflicts_and_receipts_the_rest() -> None:
     listener = connected()
-    frames = listener.stored(
-        arrived_batch(1, 2, 3, 4), committed=[1, 4], conflicts=[3, 2],
+    frames = stored(
+        listener, arrived_batch(1, 2, 3, 4), committed=[1, 4], conflicts=[3, 2],
         stored_at_ns=33, replied_at_ns=44, hlc=55,
     )
     assert len(frames) == 2
-    assert isinstance(frames[0], Receipt)
+    assert isinstance(frames[0], ReceiptFrame)
     assert frames[0].ranges == [(1, 1), (4, 4)]
     assert isinstance(frames[1], Reject)
     assert (frames[1].seqs, frames[1].code) == ([2, 3], RejectCode.CONFLICT)
@@ -395,8 +413,9 @@ def test_stored_rejects_conflicts_and_receipts_the_rest() -> None:
 
 def test_stored_with_nothing_committed_sends_nothing() -> None:
     listener = connected()
-    assert listener.stored(
-        arrived_batch(1), committed=[], conflicts=[], stored_at_ns=1, replied_at_ns=2, hlc=3
+    assert stored(
+        listener, arrived_batch(1), committed=[], conflicts=[], stored_at_ns=1,
+        replied_at_ns=2, hlc=3,
     ) == []
 
 

@@ -22,7 +22,7 @@ from meshpost.errors import (
     StoreFull,
     StoreLocked,
 )
-from meshpost.protocol import Envelope, Receipt
+from meshpost.protocol import Envelope, ReceiptFrame
 from meshpost.store import (
     DB_FILENAME,
     Delivery,
@@ -53,8 +53,8 @@ def incoming(seq: int, frm: str = "bob", body: str = "yo", msg_id: str | None = 
     return Envelope(msg_id or f"in-{frm}-{seq}", seq, frm, "alice", body, T + seq, 1000 + seq)
 
 
-def receipt(stored_at: int = 5, sync: str = "full") -> Receipt:
-    return Receipt([(0, 0)], 1, 2, stored_at, 4, 99, sync)
+def receipt(stored_at: int = 5, sync: str = "full") -> ReceiptFrame:
+    return ReceiptFrame([(0, 0)], 1, 2, stored_at, 4, 99, sync)
 
 
 @pytest.fixture

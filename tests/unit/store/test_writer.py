@@ -15,7 +15,7 @@ import pytest
 
 from meshpost.clock import FakeClock
 from meshpost.errors import StoreLocked
-from meshpost.protocol import Envelope, Receipt
+from meshpost.protocol import Envelope, ReceiptFrame
 from meshpost.store import (
     Delivery,
     GroupCommitWriter,
@@ -158,7 +158,7 @@ def test_deliveries_and_rejections_are_committed_before_their_callbacks(tmp_path
             writer.add_outgoing([out(s) for s in (1, 2, 3)], lambda _at: None)
             await writer.flush()
             states: list[dict[str, str]] = []
-            receipt = Receipt([(1, 2)], 1, 2, 3, 4, 5, "full")
+            receipt = ReceiptFrame([(1, 2)], 1, 2, 3, 4, 5, "full")
             writer.add_delivery(Delivery("bob", [1, 2], receipt, 6),
                                 lambda: states.append(rows(tmp_path)))
             writer.add_rejection(Rejection("bob", [3], "conflict"),

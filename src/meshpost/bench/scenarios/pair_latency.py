@@ -24,7 +24,7 @@ from meshpost.bench.results import ScenarioResult, percentiles, rounded
 from meshpost.bench.support import endpoint_for, run_async, verify_all
 from meshpost.config import MeshConfig, NodeConfig
 from meshpost.node import Node
-from meshpost.protocol import Envelope, Receipt
+from meshpost.protocol import Envelope, ReceiptFrame
 from meshpost.store import Delivery, Store, WriteBatch
 from meshpost.verify import VerifyReport
 
@@ -132,7 +132,7 @@ def _three_commits(bench: Bench, sends: int, sync: str) -> list[float]:
         for seq in range(1, sends + LATENCY_WARMUP + 1):
             now = wall()
             message = Envelope(f"{now:x}-{seq}", seq, "A", "B", bench.body, now, now)
-            receipt = Receipt([(seq, seq)], now, now, now, now, now, sync)
+            receipt = ReceiptFrame([(seq, seq)], now, now, now, now, now, sync)
             t = clock()
             a.apply(WriteBatch(outgoing=[message]), wall())
             b.apply(WriteBatch(incoming=[[message]]), wall())
