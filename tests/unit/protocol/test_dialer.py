@@ -251,6 +251,71 @@ def test_welcomes_answering_retried_hellos_resend_what_is_in_flight_only_once() 
 # -- sending ----------------------------------------------------------------------------------
 
 
+def test_a_new_link_reads_its_disk_backlog_until_a_read_comes_back_short() -> None:
+    wire = Wire(window=4)
+    assert wire.dialer.disk_backlog  # an earlier run may have left messages on disk
+    assert wire.dialer.disk_request() == (0, 4)
+    wire.dialer.refill(msgs([1, 2, 3, 4]))  # a full read: there may be more
+    assert wire.dialer.disk_backlog
+    assert wire.dialer.disk_request() is None  # no room to read into
+    wire.dialer.offer(msgs([7]))  # committed now, but older ones wait on disk: not taken
+    assert wire.dialer.unacknowledged == 4
+    wire.connect()
+    wire.exchange(wire.poll())  # 1-4 delivered
+    assert wire.dialer.disk_request() == (4, 4)
+    wire.dialer.refill(msgs([5, 6, 7]))  # short, and it reached what was offered
+    assert not wire.dialer.disk_backlog
+    assert wire.dialer.disk_request() is None
+    wire.dialer.offer(msgs([8]))  # from now on offers are held at once
+    assert wire.dialer.highest_enqueued_seq == 8
+    wire.exchange(wire.poll())
+    assert sorted(m.seq for m in wire.store.values()) == list(range(1, 9))
+
+
+def test_offers_beyond_the_window_wait_on_disk_and_come_back_in_order() -> None:
+    wire = Wire(window=4)
+    assert wire.dialer.disk_request() == (0, 4)
+    wire.dialer.refill([])  # nothing on disk at start
+    wire.connect()
+    wire.dialer.offer(msgs([1, 2, 3]))
+    wire.dialer.offer(msgs([4, 5, 6]))  # 4 fits; 5 and 6 stay on disk
+    assert wire.dialer.highest_enqueued_seq == 4
+    assert wire.dialer.disk_backlog
+    wire.dialer.offer(msgs([7]))  # after a gap nothing is held out of order
+    assert wire.dialer.highest_enqueued_seq == 4
+    assert not wire.dialer.wants_disk  # no room yet: nothing to wake a reader for
+    wire.exchange(wire.poll())
+    assert wire.dialer.wants_disk
+    assert wire.dialer.disk_request() == (4, 4)
+    wire.dialer.refill(msgs([5, 6, 7]))
+    assert not wire.dialer.disk_backlog
+    wire.exchange(wire.poll())
+    assert sorted(m.seq for m in wire.store.values()) == list(range(1, 8))
+
+
+def test_a_commit_offered_while_a_read_is_under_way_is_read_next_time() -> None:
+    wire = Wire(window=8)
+    assert wire.dialer.disk_request() == (0, 8)
+    wire.dialer.offer(msgs([3]))  # committed after the read looked: it found only 1 and 2
+    wire.dialer.refill(msgs([1, 2]))
+    assert wire.dialer.disk_backlog  # a short read, but 3 was offered after it
+    assert wire.dialer.disk_request() == (2, 6)
+    wire.dialer.refill(msgs([3]))
+    assert not wire.dialer.disk_backlog
+
+
+def test_enqueue_holds_only_what_the_window_admits() -> None:
+    one = 100 + HELD_MESSAGE_OVERHEAD
+    wire = Wire(window=5, window_bytes=3 * one)
+    assert wire.dialer.enqueue(msgs(range(1, 11), "m" * 100)) == 3  # bytes bound first
+    assert wire.dialer.enqueue(msgs(range(1, 11), "m" * 100)) == 3  # 1-3 already held
+    assert wire.dialer.unacknowledged == 3
+    assert wire.dialer.held_bytes == 3 * one
+    assert Wire(window=2).dialer.enqueue(msgs(range(1, 11))) == 2  # count bound
+
+
+
+
 def test_messages_flow_only_after_welcome() -> None:
     wire = Wire()
     wire.dialer.enqueue(msgs(range(1, 4)))
