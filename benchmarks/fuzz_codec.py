@@ -1,9 +1,14 @@
 """Long-running fuzz target for the wire codec and the listener (not part of `make test`).
 
-Feeds arbitrary bytes to `meshpost.protocol.decode` and to a stateful `Listener.receive`.
-The contract under test: `decode` returns a frame or raises `meshpost.errors.ProtocolError`
-(nothing else, ever); `Listener.receive` never raises, and every frame it answers with can be
-encoded. Anything else is a crash: the input is saved and counted.
+Feeds arbitrary bytes to `meshpost.protocol.decode`, to a stateful `Listener.receive` and to a
+`DialerLink.receive`. The contract under test: `decode` returns a frame or raises
+`meshpost.errors.ProtocolError` (nothing else, ever), and a frame it returns holds no integer
+outside signed 64 bits in its own fields (an unchecked batch's envelopes are the listener's to
+reject); `Listener.receive` and `DialerLink.receive` never raise, and every frame the listener
+answers with can be encoded. Anything else is a crash: the input is saved and counted.
+
+Besides mutations of valid frames, a share of the inputs are well-formed frames of every type
+whose integers are drawn from the edges of msgpack's range (2**64 - 1, 2**63, -2**63, ...).
 
 Engines:
 - atheris (coverage-guided libFuzzer; `pip install atheris`), used when importable;
@@ -43,15 +48,22 @@ def load(instrument: bool) -> None:
         with atheris.instrument_imports(include=["meshpost"]):
             import meshpost.errors
             import meshpost.protocol
+            import meshpost.protocol.frames
     else:
         import meshpost.errors
         import meshpost.protocol
+        import meshpost.protocol.frames
     mp = ModuleType("mp")
     mp.__dict__.update(vars(meshpost.protocol))
     mp.ProtocolError = meshpost.errors.ProtocolError
+    mp.UncheckedBatch = meshpost.protocol.frames.UncheckedBatch
 
 
 MAX_FRAME = 512 * (64 * 1024 + 256) + 4096
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: Integers at and past the edges of what a frame may carry (msgpack holds -2**63 .. 2**64-1).
+EDGE_INTS = (0, 1, -1, 2**31, 2**32, INT64_MAX, INT64_MAX + 1, 2**64 - 1, INT64_MIN,
+             INT64_MIN + 1, 10**18)
 CRASH_DIR = Path(os.environ.get("MESHPOST_FUZZ_CRASHES", tempfile.gettempdir())) / "meshpost-fuzz"
 
 
@@ -65,12 +77,59 @@ def seed_frames() -> list[bytes]:
         mp.Refuse("malformed", "no"),
         mp.Batch(5, envs),
         mp.Batch(6, []),
-        mp.Receipt([(1, 3), (5, 5)], 1, 2, 3, 4, 5, "normal"),
+        mp.ReceiptFrame([(1, 3), (5, 5)], 1, 2, 3, 4, 5, "normal"),
         mp.Reject([1, 2], "conflict", "x"),
         mp.Ping(7),
         mp.Pong(7, 8, 9),
     ]
     return [mp.encode(f) for f in frames]
+
+
+def edge_int_frame(rng: random.Random) -> bytes:
+    """A frame of a random type, its layout right, each integer an edge value or a plain one."""
+    import msgspec
+
+    def n() -> int:
+        return rng.choice(EDGE_INTS) if rng.random() < 0.5 else rng.randrange(1, 2**40)
+
+    def env() -> list[object]:
+        return [f"id{n() % 1000}", n(), "K", "R", "body", n(), n()]
+
+    version = mp.PROTOCOL_VERSION if rng.random() < 0.7 else n()
+    sync = rng.choice(["full", "normal", "fsync", ""])
+    builders = [
+        lambda: ["hello", version, "0123456789abcdef", "K", n(), n()],
+        lambda: ["welcome", version, "fedcba9876543210", "R", n(), n(), sync],
+        lambda: ["batch", n(), [env() for _ in range(rng.randint(0, 3))]],
+        lambda: ["receipt", [[n(), n()] for _ in range(rng.randint(0, 3))], n(), n(), n(), n(),
+                 n(), sync],
+        lambda: ["reject", [n() for _ in range(rng.randint(0, 3))], "conflict", "x"],
+        lambda: ["ping", n()],
+        lambda: ["pong", n(), n(), n()],
+        lambda: ["bye", "shutting down"],
+        lambda: ["refuse", "malformed", "no"],
+    ]
+    return msgspec.msgpack.encode(rng.choice(builders)())
+
+
+def check_in_range(frame: Any) -> None:
+    """The decode contract: no integer of a frame's own fields outside signed 64 bits."""
+    if isinstance(frame, mp.UncheckedBatch):
+        values: list[Any] = [frame.tx_at_ns]
+    else:
+        values = [getattr(frame, f) for f in frame.__struct_fields__ if f != "messages"]
+        if isinstance(frame, mp.Batch):
+            values += [v for m in frame.messages for v in (m.seq, m.sent_at_ns, m.hlc)]
+    flat: list[Any] = []
+    while values:
+        v = values.pop()
+        if isinstance(v, list | tuple):
+            values.extend(v)
+        else:
+            flat.append(v)
+    bad = [v for v in flat if isinstance(v, int) and not INT64_MIN <= v <= INT64_MAX]
+    if bad:
+        raise AssertionError(f"decode let {type(frame).__name__} through with {bad}")
 
 
 class Target:
@@ -83,8 +142,16 @@ class Target:
                                     known_peers=["K", "S"],
                                  max_message_bytes=64 * 1024, sync="full")
         self.hello = mp.encode(mp.Hello(mp.PROTOCOL_VERSION, "k" * 16, "K", 1, 1))
+        self.dialer = self.new_dialer()
         self.inputs = 0
         self.crashes = 0
+
+    @staticmethod
+    def new_dialer() -> Any:
+        return mp.DialerLink(local_name="K", local_node_id="k" * 16, peer="R", window=64,
+                             window_bytes=1 << 20, retransmit_initial_s=0.5,
+                             retransmit_max_s=5.0, ping_interval_s=1.0, peer_timeout_s=4.0,
+                             max_frame_bytes=MAX_FRAME)
 
     def __call__(self, data: bytes) -> None:
         self.inputs += 1
@@ -95,13 +162,19 @@ class Target:
         if data[0] & 0x80:  # keep a session open so that batches reach validation
             self.listener.receive("K", self.hello, 1, 1)
         with contextlib.suppress(mp.ProtocolError):  # the only exception decode may raise
-            mp.decode(frame, max_bytes=MAX_FRAME)
-        replies = self.listener.receive(who, frame, 1, 1)
-        for reply in replies:
+            check_in_range(mp.decode(frame, max_bytes=MAX_FRAME))
+        self.listener.receive(who, frame, 1, 1)
+        for _to, reply in self.listener.frames_to_send():
             mp.encode(reply)
         for event in self.listener.events():
             _ = event
+        self.dialer.receive(frame, float(self.inputs), 1, 1)
+        self.dialer.poll(float(self.inputs), 1, 1)
+        for reply in self.dialer.frames_to_send():
+            mp.encode(reply)
+        self.dialer.events()
         if self.inputs % 5000 == 0:
+            self.dialer = self.new_dialer()
             self.listener = mp.Listener(local_name="R", local_node_id="r" * 16,
                                         known_peers=["K", "S"], max_message_bytes=64 * 1024,
                                         sync="full")
@@ -159,7 +232,10 @@ def run_random(target: Target, runs: int, seconds: float, seed: int) -> None:
     deadline = time.monotonic() + seconds
     next_report = 100_000
     while target.inputs < runs and time.monotonic() < deadline:
-        data = mutate(rng, corpus)
+        if rng.random() < 0.25:  # a well-formed frame of any type with edge integers
+            data = bytes([rng.getrandbits(8) | 0x80]) + edge_int_frame(rng)
+        else:
+            data = mutate(rng, corpus)
         try:
             target(data)
         except Exception as exc:  # the contract: nothing may escape

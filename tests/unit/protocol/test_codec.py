@@ -324,3 +324,70 @@ def test_the_import_checker_catches_forbidden_imports(tmp_path: Path) -> None:
         "import importlib\nimportlib.import_module('socket')\n"
     )
     assert {"asyncio.events", "zmq", "socket"} <= imported_modules(sample)
+
+
+# -- 64-bit range of every integer ----------------------------------------------------------------
+
+#: One valid frame of each type with integers, and where its integers are.
+_VALID_WITH_INTS: list[Frame] = [
+    Hello(PROTOCOL_VERSION, "n1", "alice", 1, 2),
+    Welcome(PROTOCOL_VERSION, "n2", "bob", 3, 4, "full"),
+    Batch(5, [Envelope("id1", 1, "alice", "bob", "hi", 6, 7)]),
+    ReceiptFrame([(1, 3)], 1, 2, 3, 4, 5, "normal"),
+    Reject([1, 2], "conflict", "different"),
+    Ping(8),
+    Pong(8, 9, 10),
+]
+
+
+def _int_fields(frame: Frame) -> list[str]:
+    return [name for name in frame.__struct_fields__
+            if isinstance(getattr(frame, name), int | list) and name != "messages"]
+
+
+def _with(frame: Frame, name: str, value: int) -> Frame:
+    old = getattr(frame, name)
+    if name == "ranges":
+        new: object = [(1, value)]
+    elif isinstance(old, list):
+        new = [*old, value]
+    else:
+        new = value
+    return msgspec.structs.replace(frame, **{name: new})
+
+
+@pytest.mark.parametrize("value", [2**64 - 1, 2**63])
+@pytest.mark.parametrize(
+    ("frame", "field"),
+    [(f, name) for f in _VALID_WITH_INTS for name in _int_fields(f)
+     if not (isinstance(f, Hello) and name == "version")],
+    ids=lambda x: x if isinstance(x, str) else type(x).__name__,
+)
+def test_an_integer_outside_signed_64_bits_makes_any_frame_malformed(
+    frame: Frame, field: str, value: int
+) -> None:
+    with pytest.raises(MalformedFrame):
+        decode(encode(_with(frame, field, value)), max_bytes=LIMIT)
+
+
+def test_the_64_bit_bounds_themselves_decode() -> None:
+    for frame in _VALID_WITH_INTS:
+        for field in _int_fields(frame):
+            if isinstance(frame, Hello) and field == "version":
+                continue
+            for value in (INT64_MIN, INT64_MAX):
+                decoded = as_frame(decode(encode(_with(frame, field, value)), max_bytes=LIMIT))
+                assert decoded == _with(frame, field, value)
+
+
+def test_a_hostile_receipt_of_2_64_minus_1_is_malformed_not_a_receipt() -> None:
+    hostile = ReceiptFrame([(1, 1)], 1, 2, 2**64 - 1, 4, 2**64 - 1, "full")
+    with pytest.raises(MalformedFrame, match="2\\*\\*63|9223372036854775807|<="):
+        decode(encode(hostile), max_bytes=LIMIT)
+
+
+def test_a_sync_level_other_than_full_or_normal_is_malformed() -> None:
+    with pytest.raises(MalformedFrame):
+        decode(encode(ReceiptFrame([(1, 1)], 1, 2, 3, 4, 5, "fsync")), max_bytes=LIMIT)
+    with pytest.raises(MalformedFrame):
+        decode(encode(Welcome(PROTOCOL_VERSION, "n", "b", 1, 2, "")), max_bytes=LIMIT)
