@@ -6,7 +6,7 @@ timestamp it needs is passed in by the caller.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 
@@ -32,8 +32,9 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 #: A message's number on its link (from 1).
 Seq = Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)]
-#: A receiver's durability level, as it reports it in Welcome and in receipts.
-Sync = Literal["full", "normal"]
+#: A receiver's durability level, as it reports it in Welcome and in receipts: "full" or
+#: "normal" (a str to type checkers, so that configuration values pass as they are).
+Sync = Annotated[str, msgspec.Meta(pattern=r"^(?:full|normal)\Z")]
 #: The most an envelope adds to its body's bytes: the array header, an id of MAX_ID_LENGTH
 #: four-byte characters, two names of 63 ASCII characters, three 9-byte integers and the
 #: string headers come to 422.

@@ -389,5 +389,6 @@ def test_a_hostile_receipt_of_2_64_minus_1_is_malformed_not_a_receipt() -> None:
 def test_a_sync_level_other_than_full_or_normal_is_malformed() -> None:
     with pytest.raises(MalformedFrame):
         decode(encode(ReceiptFrame([(1, 1)], 1, 2, 3, 4, 5, "fsync")), max_bytes=LIMIT)
-    with pytest.raises(MalformedFrame):
-        decode(encode(Welcome(PROTOCOL_VERSION, "n", "b", 1, 2, "")), max_bytes=LIMIT)
+    for sync in ("", "full\n", "Full"):
+        with pytest.raises(MalformedFrame):
+            decode(encode(Welcome(PROTOCOL_VERSION, "n", "b", 1, 2, sync)), max_bytes=LIMIT)
