@@ -382,7 +382,7 @@ def test_the_64_bit_bounds_themselves_decode() -> None:
 
 def test_a_hostile_receipt_of_2_64_minus_1_is_malformed_not_a_receipt() -> None:
     hostile = ReceiptFrame([(1, 1)], 1, 2, 2**64 - 1, 4, 2**64 - 1, "full")
-    with pytest.raises(MalformedFrame, match="2\\*\\*63|9223372036854775807|<="):
+    with pytest.raises(MalformedFrame, match=r"<= 9223372036854775807"):
         decode(encode(hostile), max_bytes=LIMIT)
 
 
