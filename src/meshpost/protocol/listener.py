@@ -77,36 +77,47 @@ class SessionInput(enum.Enum):
     BYE = "Bye"
 
 
+class Answer(enum.Enum):
+    """What the listener does with an input (the `value` is how docs/protocol.md says it)."""
+
+    WELCOME = "Welcome"
+    REFUSE_HELLO = "Refuse(identity or unknown-peer); reported"
+    HELLO_REQUIRED = "Refuse(hello-required)"
+    ARRIVED = "MessagesArrived reported; ReceiptFrame/Reject once stored (`stored()`)"
+    PONG = "Pong"
+    LEFT = "nothing; PeerLeft reported"
+    NOTHING = "nothing"
+
+
 class Step(NamedTuple):
     """What an input does in a state: the next state and the answer."""
 
     next: SessionState
-    answer: str
+    answer: Answer
 
 
-_S, _I = SessionState, SessionInput
-_NEED_HELLO = "Refuse(hello-required)"
+_S, _I, _A = SessionState, SessionInput, Answer
 #: (state, input) -> (next state, answer). Every pair is here: a listener takes any frame a
 #: dialer sends in any state; bytes that do not decode and frames meant for a dialer are
 #: answered Refuse(malformed) (or Refuse(version)) in any state and change nothing.
 TRANSITIONS: dict[tuple[SessionState, SessionInput], Step] = {
-    (_S.NEW, _I.HELLO): Step(_S.OPEN, "Welcome"),
-    (_S.NEW, _I.BAD_HELLO): Step(_S.NEW, "Refuse(identity or unknown-peer)"),
-    (_S.NEW, _I.BATCH): Step(_S.NEW, _NEED_HELLO),
-    (_S.NEW, _I.PING): Step(_S.NEW, _NEED_HELLO),
-    (_S.NEW, _I.BYE): Step(_S.NEW, "nothing"),
-    (_S.OPEN, _I.HELLO): Step(_S.OPEN, "Welcome"),
-    (_S.OPEN, _I.BAD_HELLO): Step(_S.OPEN, "Refuse(identity or unknown-peer)"),
-    (_S.OPEN, _I.BATCH): Step(_S.OPEN, "ReceiptFrame/Reject once stored (stored())"),
-    (_S.OPEN, _I.PING): Step(_S.OPEN, "Pong"),
-    (_S.OPEN, _I.BYE): Step(_S.LEFT, "nothing; PeerLeft reported"),
-    (_S.LEFT, _I.HELLO): Step(_S.OPEN, "Welcome"),
-    (_S.LEFT, _I.BAD_HELLO): Step(_S.LEFT, "Refuse(identity or unknown-peer)"),
-    (_S.LEFT, _I.BATCH): Step(_S.LEFT, _NEED_HELLO),
-    (_S.LEFT, _I.PING): Step(_S.LEFT, _NEED_HELLO),
-    (_S.LEFT, _I.BYE): Step(_S.LEFT, "nothing"),
+    (_S.NEW, _I.HELLO): Step(_S.OPEN, _A.WELCOME),
+    (_S.NEW, _I.BAD_HELLO): Step(_S.NEW, _A.REFUSE_HELLO),
+    (_S.NEW, _I.BATCH): Step(_S.NEW, _A.HELLO_REQUIRED),
+    (_S.NEW, _I.PING): Step(_S.NEW, _A.HELLO_REQUIRED),
+    (_S.NEW, _I.BYE): Step(_S.NEW, _A.NOTHING),
+    (_S.OPEN, _I.HELLO): Step(_S.OPEN, _A.WELCOME),
+    (_S.OPEN, _I.BAD_HELLO): Step(_S.OPEN, _A.REFUSE_HELLO),
+    (_S.OPEN, _I.BATCH): Step(_S.OPEN, _A.ARRIVED),
+    (_S.OPEN, _I.PING): Step(_S.OPEN, _A.PONG),
+    (_S.OPEN, _I.BYE): Step(_S.LEFT, _A.LEFT),
+    (_S.LEFT, _I.HELLO): Step(_S.OPEN, _A.WELCOME),
+    (_S.LEFT, _I.BAD_HELLO): Step(_S.LEFT, _A.REFUSE_HELLO),
+    (_S.LEFT, _I.BATCH): Step(_S.LEFT, _A.HELLO_REQUIRED),
+    (_S.LEFT, _I.PING): Step(_S.LEFT, _A.HELLO_REQUIRED),
+    (_S.LEFT, _I.BYE): Step(_S.LEFT, _A.NOTHING),
 }
-del _S, _I
+del _S, _I, _A
 
 
 class Listener:
@@ -192,35 +203,36 @@ class Listener:
                 self._reply(identity, Refuse(RefuseCode.MALFORMED,
                                              "frame type not accepted by a listener"))
                 return
-        session = self._sessions.get(identity)
-        state = session[0] if session else SessionState.NEW
+        state, peer = self._sessions.get(identity, (SessionState.NEW, identity))
         step = TRANSITIONS[state, kind]
-        if step.next is not state:
-            peer = frame.name if isinstance(frame, Hello) else session[1]  # type: ignore[index]
+        if isinstance(frame, Hello) and step.next is SessionState.OPEN:
+            peer = frame.name
+        if step.next is not state:  # only welcomed names get here: the dict stays bounded
             self._sessions[identity] = (step.next, peer)
-        if state is not SessionState.OPEN and kind in (SessionInput.BATCH, SessionInput.PING):
-            self._reply(identity, Refuse(RefuseCode.HELLO_REQUIRED, "send Hello first"))
-            return
-        match frame:
-            case Hello() if refusal is not None:
-                code, error = refusal
-                self._violation(identity, error)
-                self._reply(identity, Refuse(code, str(error)))
-            case Hello():
+        match step.answer:
+            case Answer.WELCOME:
                 self._reply(identity, Welcome(
                     version=PROTOCOL_VERSION, node_id=self.local_node_id,
                     name=self.local_name, sent_at_ns=wall_ns, hlc=hlc, sync=self.sync,
                 ))
-            case Batch():
-                assert session is not None
-                self._on_batch(identity, session[1], frame, wall_ns, checked=checked)
-            case Ping(sent_at_ns=t1):
-                self._reply(identity, Pong(echo_sent_at_ns=t1, received_at_ns=wall_ns,
-                                           replied_at_ns=wall_ns))
-            case Bye(reason=reason) if state is SessionState.OPEN:
-                assert session is not None
-                self._events.append(PeerLeft(session[1], reason))
-            case _:
+            case Answer.REFUSE_HELLO:
+                assert refusal is not None
+                code, error = refusal
+                self._violation(identity, error)
+                self._reply(identity, Refuse(code, str(error)))
+            case Answer.HELLO_REQUIRED:
+                self._reply(identity, Refuse(RefuseCode.HELLO_REQUIRED, "send Hello first"))
+            case Answer.ARRIVED:
+                assert isinstance(frame, Batch)
+                self._on_batch(identity, peer, frame, wall_ns, checked=checked)
+            case Answer.PONG:
+                assert isinstance(frame, Ping)
+                self._reply(identity, Pong(echo_sent_at_ns=frame.sent_at_ns,
+                                           received_at_ns=wall_ns, replied_at_ns=wall_ns))
+            case Answer.LEFT:
+                assert isinstance(frame, Bye)
+                self._events.append(PeerLeft(peer, frame.reason))
+            case Answer.NOTHING:
                 pass
 
     def stored(

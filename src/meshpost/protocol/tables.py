@@ -39,7 +39,9 @@ def listener_table() -> str:
     for state in SessionState:
         for kind in SessionInput:
             step = LISTENER_TRANSITIONS[state, kind]
-            lines.append(f"| `{state.name}` | {kind.value} | `{step.next.name}` | {step.answer} |")
+            lines.append(
+                f"| `{state.name}` | {kind.value} | `{step.next.name}` | {step.answer.value} |"
+            )
     return "\n".join(lines)
 
 
