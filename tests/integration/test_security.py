@@ -138,7 +138,7 @@ def test_a_legitimate_resend_is_stored_once_and_receipted_again(
             sock.send(frame)  # the same bytes twice: a replay by a legitimate peer
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and sock.poll(500):
-                if type(decode(sock.recv(), max_bytes=1 << 20)).__name__ == "Receipt":
+                if type(decode(sock.recv(), max_bytes=1 << 20)).__name__ == "ReceiptFrame":
                     receipts += 1
                     break
     finally:
