@@ -903,6 +903,13 @@ class Node:
         if self._probe is not None:
             self._probe.mark(probes.OUTGOING_STORED)
         self.stats.sent += len(envelopes)
+        if not self._links_to_pump:
+            # Every callback of this commit runs before the loop's next turn: pumping then
+            # sends what they all offered together, in full batch frames, however many `post`
+            # calls it came from (a frame per call cost both sides its encoding, decoding,
+            # checks and receipt). Scheduled before `post` is woken, so the batch is on its
+            # way before the caller resumes, as when this happened inside the commit.
+            asyncio.get_running_loop().call_soon(self._pump_offered_links)
         if stored is not None and not stored.done():
             stored.set_result(at)
         self._crash(CrashPoint.AFTER_SENDER_STORE)
@@ -912,12 +919,6 @@ class Node:
         else:
             for e in envelopes:
                 by_peer.setdefault(e.recipient, []).append(e)
-        if not self._links_to_pump:
-            # Every callback of this commit runs before the loop's next turn: pumping then
-            # sends what they all offered together, in full batch frames, however many `post`
-            # calls it came from (a frame per call cost both sides its encoding, decoding,
-            # checks and receipt).
-            asyncio.get_running_loop().call_soon(self._pump_offered_links)
         for peer, group in by_peer.items():
             link = self._links[peer]
             link.offer(group)
