@@ -71,7 +71,7 @@ class SessionInput(enum.Enum):
     """What a connection can send a listener (`Hello` split by whether it passes the checks)."""
 
     HELLO = "Hello (a known peer, under its own name)"
-    BAD_HELLO = "Hello (unknown name, or not the connection's)"
+    BAD_HELLO = "Hello (unknown name, not the connection's, or a name clash)"
     BATCH = "Batch"
     PING = "Ping"
     BYE = "Bye"

@@ -134,7 +134,7 @@ def test_a_second_node_under_a_discovered_name_is_refused_as_a_name_clash() -> N
     refused = refusal(send(listener, clash))
     assert refused.code == RefuseCode.IDENTITY
     assert "name clash" in refused.detail
-    assert listener.session_peer("alice") is None
+    assert listener.session_state("alice") is SessionState.NEW
     [welcome] = send(listener, hello())
     assert isinstance(welcome, Welcome)
 
