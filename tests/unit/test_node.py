@@ -76,7 +76,7 @@ def test_a_post_is_stored_sent_receipted_and_recorded_as_delivered(tmp_path: Pat
             receipt = await wait_receipt(handle, PATIENCE_S)
             assert (receipt.to, receipt.message_id, receipt.seq) == ("B", handle.id, 1)
             assert "Batch" in frame_kinds(net, "A") or "Envelope" in frame_kinds(net, "A")
-            assert "Receipt" in frame_kinds(net, "B")
+            assert "ReceiptFrame" in frame_kinds(net, "B")
             await until(lambda: a.stats.delivered == 1)
             with StoreReader.for_data_dir(b.config.data_dir) as reader:
                 assert [(m.sender, m.body) for m in reader.history(direction="in")] == [

@@ -511,8 +511,8 @@ def test_one_poisoned_delivery_fails_alone_and_every_other_item_commits(tmp_path
             await writer.flush()
             done: list[str] = []
             failed: list[tuple[str, BaseException]] = []
-            good = Receipt([(1, 5)], 1, 2, 3, 4, 5, "full")
-            poisoned = Receipt([(6, 6)], 1, 2, 2**64 - 1, 4, 5, "full")
+            good = ReceiptFrame([(1, 5)], 1, 2, 3, 4, 5, "full")
+            poisoned = ReceiptFrame([(6, 6)], 1, 2, 2**64 - 1, 4, 5, "full")
             for seq in range(11, 31):
                 writer.add_outgoing([out(seq)], lambda _at, seq=seq: done.append(f"out {seq}"),
                                     lambda exc: failed.append(("out", exc)))
