@@ -1,4 +1,4 @@
-"""14. A hostile listener answers with out-of-range receipts while 20 sends run at once.
+"""17. A hostile listener answers with out-of-range receipts while 20 sends run at once.
 
 A raw pyzmq ROUTER stands where A's peer B should be. It welcomes A and records every message
 A sends (its "store": by id, so a retransmission is kept once), but answers each batch with a
