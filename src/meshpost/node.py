@@ -28,7 +28,6 @@ from meshpost.clock import HLC_LOGICAL_MASK, Clock, HybridLogicalClock, SystemCl
 from meshpost.config import NodeConfig, PeerConfig
 from meshpost.errors import (
     ConfigError,
-    IdentityMismatch,
     MeshpostError,
     MessageRejected,
     NodeClosed,
@@ -42,6 +41,7 @@ from meshpost.protocol import (
     Envelope,
     Event,
     Frame,
+    Hello,
     LinkRefused,
     Listener,
     MessagesArrived,
@@ -53,6 +53,7 @@ from meshpost.protocol import (
     PeerLost,
     Refuse,
     RefuseCode,
+    SessionClaimed,
     ViolationDetected,
     decode,
     encode,
@@ -291,6 +292,8 @@ class NodeStats:
     retransmissions: int = 0
     store_errors: int = 0
     store_commits: int = 0
+    #: Hellos naming a peer that already had a session on another connection.
+    name_claims: int = 0
 
 
 _HEX3 = [f"{i:03x}" for i in range(4096)]
@@ -1030,23 +1033,20 @@ class Node:
         assert transport is not None
         assert listener is not None
         assert writer is not None
-        who = identity.decode("utf-8", "replace")
-        if transport.secure and user_id != who:
-            # The routing id is chosen by the peer; only the CURVE key is proof. A peer
-            # whose key says A but whose routing id says B is impersonating B.
-            self._on_event(ViolationDetected(who, IdentityMismatch(
-                f"connection authenticated as {user_id!r} uses routing id {who!r}")))
-            return
+        # The routing id names the connection (our ROUTER chose it); who is behind it is what
+        # its Hello said, and under --secure only the CURVE key's name may be said.
+        who = identity.hex()
+        authenticated = (user_id or "") if transport.secure else None
         probe = self._probe
         if probe is not None:
             probe.mark(probes.LISTENER_RECEIVE[0])
-        replies = listener.receive(who, data, self.clock.wall_ns(), self.hlc.last)
+        replies = listener.receive(who, data, self.clock.wall_ns(), self.hlc.last, authenticated)
         if probe is not None:
             probe.mark(probes.LISTENER_RECEIVE[1])
         for frame in replies:
             transport.reply(identity, encode(frame))
             if type(frame) is Refuse and frame.code != RefuseCode.HELLO_REQUIRED:
-                self._notice_refusal(who, frame)
+                self._notice_refusal(self._claimed_name(data, who), frame)
         for event in listener.events():
             if isinstance(event, MessagesArrived):
                 self._store_incoming(identity, event)
@@ -1058,6 +1058,16 @@ class Node:
             transport.pause_inbound()
             self._tasks.append(asyncio.create_task(self._resume_inbound_when_room(),
                                                    name=f"{self.name}-inbound-room"))
+
+    def _claimed_name(self, data: bytes, connection: str) -> str:
+        """The name a refused frame's Hello claimed (unproven, for the notice), else the
+        connection's id. Refusals are rare: decoding the frame again costs nothing."""
+        assert self._listener is not None
+        with contextlib.suppress(ProtocolError):
+            frame = decode(data, max_bytes=self._listener.max_frame_bytes)
+            if isinstance(frame, Hello):
+                return frame.name
+        return connection
 
     def _notice_refusal(self, who: str, frame: Refuse) -> None:
         """Tell subscribers whom we refused and why, once per REFUSAL_NOTICE_INTERVAL_S."""
@@ -1176,8 +1186,21 @@ class Node:
                 self._publish(PeerChanged(peer, False, PeerChange.LEFT, reason))
             case PeerLost(peer=peer, silent_for_s=silent):
                 log.warning("[%s] lost %s: silent for %.1fs", self.name, peer, silent)
+                if self._transport is not None:
+                    # A new connection: the old one may be open but no longer read.
+                    self._transport.redial(peer)
                 self._publish(PeerChanged(peer, False, PeerChange.LOST,
                                           f"silent for {silent:.1f}s"))
+            case SessionClaimed(peer=peer, connection=connection, refused=True):
+                self.stats.name_claims += 1
+                log.warning("[%s] refused connection %s saying Hello as %s, which is connected "
+                            "as another node: someone borrowing the name", self.name,
+                            connection, peer)
+            case SessionClaimed(peer=peer, connection=connection, sessions=sessions):
+                self.stats.name_claims += 1
+                log.warning("[%s] connection %s said Hello as %s, which already has a "
+                            "session (%d sessions now): a restart, or someone borrowing the "
+                            "name", self.name, connection, peer, sessions)
             case LinkRefused(peer=peer, code=code, detail=detail):
                 log.error("[%s] %s refused us (%s): %s", self.name, peer, code, detail)
                 self._publish(PeerChanged(peer, False, PeerChange.REFUSED, detail))

@@ -16,6 +16,7 @@ from meshpost.protocol.events import (
     PeerDeparted,
     PeerLeft,
     PeerLost,
+    SessionClaimed,
     ViolationDetected,
 )
 from meshpost.protocol.frames import (
@@ -66,6 +67,7 @@ __all__ = [
     "RefuseCode",
     "Reject",
     "RejectCode",
+    "SessionClaimed",
     "ViolationDetected",
     "Welcome",
     "decode",

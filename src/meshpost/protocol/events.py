@@ -81,6 +81,19 @@ class ViolationDetected:
     error: ProtocolError
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionClaimed:
+    """A connection said Hello as `peer` while `peer` already has a session on another
+    connection: a restart (the old connection is dead), or someone borrowing the name. Both
+    sessions stay, each answered on its own connection, unless `refused` (no key, and a live
+    session of another node id has the name); the node logs and counts it."""
+
+    peer: str
+    connection: str
+    sessions: int
+    refused: bool = False
+
+
 Event = (
     PeerConnected
     | PeerLost
@@ -91,4 +104,5 @@ Event = (
     | MessagesRejected
     | MessagesArrived
     | ViolationDetected
+    | SessionClaimed
 )

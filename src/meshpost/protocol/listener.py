@@ -2,7 +2,9 @@
 receipts after storage, pings.
 
 Rule: pure state. `receive()` takes raw bytes from a connection identity and the current wall
-time; it returns the frames to send back and records events. The node stores what arrived and
+time; it returns the frames to send back and records events. A connection identity names one
+connection (chosen by our transport, never by the peer); who is behind it is what its Hello
+says, checked against the authenticated name when there is one. The node stores what arrived and
 then calls `stored()`, which builds the receipt: a receipt never precedes the commit.
 """
 
@@ -14,7 +16,13 @@ from collections.abc import Collection, Iterable
 
 from meshpost.errors import IdentityMismatch, MalformedFrame, ProtocolError, UnsupportedVersion
 from meshpost.protocol.codec import decode
-from meshpost.protocol.events import Event, MessagesArrived, PeerDeparted, ViolationDetected
+from meshpost.protocol.events import (
+    Event,
+    MessagesArrived,
+    PeerDeparted,
+    SessionClaimed,
+    ViolationDetected,
+)
 from meshpost.protocol.frames import (
     DIALER_FRAMES,
     INT64_MAX,
@@ -59,10 +67,22 @@ def to_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
     return ranges
 
 
+#: Sessions one name may hold at once (restarts leave dead ones behind until then); past it
+#: the least recently active goes, so a borrower cannot evict a peer that is sending.
+MAX_SESSIONS_PER_PEER = 4
+#: Without a key, a Hello naming a peer whose session (another node id) was active this
+#: recently is refused: a live peer's name cannot be borrowed by a stranger. Its own restart
+#: (same node id) is welcomed, and a peer whose store was replaced waits at most this long.
+LIVE_SESSION_NS = 30_000_000_000
+
+
 @dataclasses.dataclass(slots=True)
 class _Session:
     peer: str
     node_id: str
+    #: `Listener._activity` when the session last sent a frame (least recent goes first).
+    last_active: int = 0
+    last_active_ns: int = 0
 
 
 class Listener:
@@ -88,6 +108,7 @@ class Listener:
         #: Largest frame accepted: the largest batch a dialer builds (`max_frame_bytes`).
         self.max_frame_bytes = max_frame_bytes(max_message_bytes)
         self._sessions: dict[str, _Session] = {}
+        self._activity = 0
         self._events: list[Event] = []
 
     def events(self) -> list[Event]:
@@ -101,8 +122,12 @@ class Listener:
     def forget(self, identity: str) -> None:
         self._sessions.pop(identity, None)
 
-    def receive(self, identity: str, data: bytes, wall_ns: int, hlc: int) -> list[Frame]:
-        """Handle one frame from connection `identity`; return the frames to send back."""
+    def receive(
+        self, identity: str, data: bytes, wall_ns: int, hlc: int,
+        authenticated: str | None = None,
+    ) -> list[Frame]:
+        """Handle one frame from connection `identity`; return the frames to send back.
+        `authenticated`: the name the connection's key proves (secure mode), else None."""
         try:
             frame = decode(data, max_bytes=self.max_frame_bytes)
         except UnsupportedVersion as exc:
@@ -118,12 +143,15 @@ class Listener:
             return [Refuse(RefuseCode.MALFORMED, "frame type not accepted by a listener")]
         match frame:
             case Hello():
-                return self._on_hello(identity, frame, wall_ns, hlc)
+                return self._on_hello(identity, frame, wall_ns, hlc, authenticated)
             case Batch():
                 return self._on_batch(identity, frame, wall_ns)
             case Ping(sent_at_ns=t1):
-                if identity not in self._sessions:
+                session = self._sessions.get(identity)
+                if session is None:
                     return [Refuse(RefuseCode.HELLO_REQUIRED, "send Hello first")]
+                self._activity += 1
+                session.last_active, session.last_active_ns = self._activity, wall_ns
                 return [Pong(echo_sent_at_ns=t1, received_at_ns=wall_ns, replied_at_ns=wall_ns)]
             case Bye(reason=reason):
                 # The session ends here; after a restart the peer says Hello again anyway.
@@ -173,15 +201,17 @@ class Listener:
     def _violation(self, who: str, error: ProtocolError) -> None:
         self._events.append(ViolationDetected(who, error))
 
-    def _on_hello(self, identity: str, hello: Hello, wall_ns: int, hlc: int) -> list[Frame]:
+    def _on_hello(
+        self, identity: str, hello: Hello, wall_ns: int, hlc: int, authenticated: str | None
+    ) -> list[Frame]:
         error: ProtocolError
         if hello.version != PROTOCOL_VERSION:
             error = UnsupportedVersion(hello.version, PROTOCOL_VERSION)
             self._violation(identity, error)
             return [Refuse(RefuseCode.VERSION, str(error))]
-        if hello.name != identity:
+        if authenticated is not None and hello.name != authenticated:
             error = IdentityMismatch(
-                f"connection authenticated as {identity!r} claims to be {hello.name!r}"
+                f"connection authenticated as {authenticated!r} claims to be {hello.name!r}"
             )
             self._violation(identity, error)
             return [Refuse(RefuseCode.IDENTITY, str(error))]
@@ -196,7 +226,23 @@ class Listener:
             )
             self._violation(identity, error)
             return [Refuse(RefuseCode.IDENTITY, str(error))]
-        self._sessions[identity] = _Session(peer=hello.name, node_id=hello.node_id)
+        self._sessions.pop(identity, None)
+        mine = [(s.last_active, i) for i, s in self._sessions.items() if s.peer == hello.name]
+        if authenticated is None and any(
+            s.node_id != hello.node_id and wall_ns - s.last_active_ns < LIVE_SESSION_NS
+            for s in map(self._sessions.__getitem__, (i for _a, i in mine))
+        ):
+            self._events.append(SessionClaimed(hello.name, identity, len(mine), refused=True))
+            return [Refuse(RefuseCode.IDENTITY,
+                           f"{hello.name!r} is connected already, as another node")]
+        others = mine
+        if others:
+            self._events.append(SessionClaimed(hello.name, identity, len(others) + 1))
+            others.sort()
+            for _last, stale in others[: max(0, len(others) + 1 - MAX_SESSIONS_PER_PEER)]:
+                del self._sessions[stale]
+        self._activity += 1
+        self._sessions[identity] = _Session(hello.name, hello.node_id, self._activity, wall_ns)
         return [
             Welcome(
                 version=PROTOCOL_VERSION,
@@ -215,6 +261,8 @@ class Listener:
         session = self._sessions.get(identity)
         if session is None:
             return [Refuse(RefuseCode.HELLO_REQUIRED, "send Hello first")]
+        self._activity += 1
+        session.last_active, session.last_active_ns = self._activity, wall_ns
         if checked and self._all_valid(session.peer, batch.messages):
             if batch.messages:
                 self._events.append(

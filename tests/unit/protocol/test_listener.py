@@ -26,6 +26,7 @@ from meshpost.protocol import (
     RefuseCode,
     Reject,
     RejectCode,
+    SessionClaimed,
     ViolationDetected,
     Welcome,
     encode,
@@ -38,6 +39,7 @@ from meshpost.protocol.frames import (
     MAX_BATCH_MESSAGES,
     MAX_ID_LENGTH,
 )
+from meshpost.protocol.listener import LIVE_SESSION_NS, MAX_SESSIONS_PER_PEER
 
 WALL = 1_700_000_000_000_000_000
 LIMIT = 512
@@ -121,7 +123,8 @@ def test_a_second_node_under_a_discovered_name_is_refused_as_a_name_clash() -> N
 
 def test_a_hello_claiming_another_identity_is_refused() -> None:
     listener = make_listener()
-    refused = refusal(send(listener, hello("carol"), identity="alice"))
+    # The connection's key proves "alice" (secure mode); its Hello claims carol.
+    refused = refusal(listener.receive("alice", encode(hello("carol")), WALL + 5, 77, "alice"))
     assert refused.code == RefuseCode.IDENTITY
     assert "claims to be 'carol'" in refused.detail
     assert isinstance(violations(listener)[0].error, IdentityMismatch)
@@ -420,3 +423,49 @@ def test_to_ranges_covers_exactly_the_seqs_in_sorted_disjoint_runs(seqs: list[in
 
 def test_the_repr_lists_sessions() -> None:
     assert "alice" in repr(connected())
+
+
+# -- sessions are per connection (issue 16, item 1) -------------------------------------------
+
+
+def test_a_second_connection_claiming_a_name_in_session_is_reported_and_both_are_answered() -> None:
+    listener = connected()  # connection "alice" said Hello as alice
+    [welcome] = send(listener, hello(), identity="c2")  # another connection, the same name
+    assert isinstance(welcome, Welcome)
+    [claimed] = [e for e in listener.events() if isinstance(e, SessionClaimed)]
+    assert (claimed.peer, claimed.connection, claimed.sessions) == ("alice", "c2", 2)
+    # The first connection keeps its session: its batches still arrive as alice's.
+    assert send(listener, Batch(WALL, [msg(1)])) == []
+    assert [a.peer for a in arrivals(listener)] == ["alice"]
+    assert listener.session_peer("alice") == listener.session_peer("c2") == "alice"
+
+
+def test_a_borrower_cannot_evict_a_session_that_is_sending() -> None:
+    listener = connected()
+    for i in range(10):
+        send(listener, hello(), identity=f"x{i}")
+        send(listener, Batch(WALL, [msg(i + 1)]))  # the real alice keeps sending
+    assert listener.session_peer("alice") == "alice"
+    sessions = [c for c in ["alice", *(f"x{i}" for i in range(10))] if listener.session_peer(c)]
+    assert len(sessions) == MAX_SESSIONS_PER_PEER
+
+
+def test_without_a_key_a_hello_is_not_tied_to_the_connection_id() -> None:
+    listener = make_listener()
+    [welcome] = send(listener, hello("alice"), identity="00deadbeef")
+    assert isinstance(welcome, Welcome)
+    assert listener.session_peer("00deadbeef") == "alice"
+
+
+def test_without_a_key_a_live_peers_name_is_refused_to_another_node_id() -> None:
+    listener = connected()
+    borrowed = Hello(PROTOCOL_VERSION, "intruder", "alice", WALL, 1)
+    refused = refusal(listener.receive("c2", encode(borrowed), WALL + 5, 77))
+    assert refused.code == RefuseCode.IDENTITY
+    [claimed] = [e for e in listener.events() if isinstance(e, SessionClaimed)]
+    assert claimed.refused and claimed.peer == "alice"
+    assert listener.session_peer("c2") is None
+    # Once alice's session has been silent long enough, another node may take the name.
+    later = WALL + 5 + LIVE_SESSION_NS
+    [welcome] = listener.receive("c3", encode(borrowed), later, 77)
+    assert isinstance(welcome, Welcome)
