@@ -24,7 +24,13 @@ import msgspec
 
 import meshpost.probes as probes
 import meshpost.rules as rules
-from meshpost.clock import HLC_LOGICAL_MASK, Clock, HybridLogicalClock, SystemClock
+from meshpost.clock import (
+    HLC_LOGICAL_MASK,
+    HLC_MAX_FORWARD_DRIFT_MS,
+    Clock,
+    HybridLogicalClock,
+    SystemClock,
+)
 from meshpost.config import NodeConfig, PeerConfig
 from meshpost.errors import (
     ConfigError,
@@ -294,6 +300,8 @@ class NodeStats:
     store_commits: int = 0
     #: Hellos naming a peer that already had a session on another connection.
     name_claims: int = 0
+    #: Remote HLC stamps not merged: beyond the wall clock + the forward bound.
+    hlc_rejected: int = 0
 
 
 _HEX3 = [f"{i:03x}" for i in range(4096)]
@@ -427,7 +435,11 @@ class Node:
             # gone back while the node was down: our own stamps as they are, our peers'
             # through `observe`, which ignores an absurdly early clock as it did on arrival.
             own = await self._writer.call(store.max_hlc, "out")
-            self.hlc = HybridLogicalClock(self.clock, last=own)
+            self.hlc, refused = HybridLogicalClock.restored(self.clock, own)
+            if refused is not None:
+                log.warning("[%s] the highest stored stamp (%d) is beyond the wall clock + the "
+                            "HLC bound; the clock resumes from the wall clock", self.name,
+                            refused)
             self.hlc.observe(await self._writer.call(store.max_hlc, "in"))
             self._listener = Listener(
                 local_name=cfg.name,
@@ -711,7 +723,7 @@ class Node:
             return [first, *(self.hlc.now() for _ in range(count - 1))]
         # Consecutive logical ticks of one millisecond; merging the last one moves the clock
         # past every stamp handed out here.
-        self.hlc.observe(first + count - 1)
+        self.hlc.advance(first + count - 1)
         return range(first, first + count)
 
     async def store_guest_message(self, guest: str, seq: int, body: str) -> tuple[str, int]:
@@ -1094,7 +1106,15 @@ class Node:
 
     def _store_incoming(self, identity: bytes, arrived: MessagesArrived) -> None:
         assert self._writer is not None
-        self.hlc.observe(max(m.hlc for m in arrived.messages))
+        hlc = self.hlc
+        rejected = hlc.rejected
+        hlc.observe(max(m.hlc for m in arrived.messages))
+        if hlc.rejected != rejected:
+            self.stats.hlc_rejected += 1
+            if self.stats.hlc_rejected % 1000 == 1:  # a flood must not flood the log
+                log.warning("[%s] %s sent a stamp beyond our wall clock + %d s; not merged "
+                            "(%d so far)", self.name, arrived.peer,
+                            HLC_MAX_FORWARD_DRIFT_MS // 1000, self.stats.hlc_rejected)
 
         def done(result: IncomingResult, stored_at: int) -> None:
             self._incoming_stored(identity, arrived, result, stored_at)
