@@ -731,10 +731,40 @@ def _check_checksums(conn: sqlite3.Connection, path: Path) -> None:
         raise StoreCorrupt(str(path), f"message rows fail their content checksum (ids {ids})")
 
 
+#: A store is private whatever the umask: its folder 0700, its files 0600 (SQLite gives the
+#: WAL and shared-memory files the database file's mode).
+DATA_DIR_MODE = 0o700
+STORE_FILE_MODE = 0o600
+
+
+def _make_private(data_dir: Path) -> None:
+    """Create `data_dir` 0700 (or tighten it, if it is ours) and the database file 0600,
+    before SQLite creates anything: with a loose umask other users could read every body."""
+    data_dir.mkdir(mode=DATA_DIR_MODE, parents=True, exist_ok=True)
+    _tighten(data_dir, DATA_DIR_MODE)
+    db = data_dir / DB_FILENAME
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, STORE_FILE_MODE))
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        _tighten(path, STORE_FILE_MODE)
+
+
+def _tighten(path: Path, mode: int) -> None:
+    """chmod `path` to `mode` if it exists, is ours and is looser (a store made before)."""
+    try:
+        st = path.stat()
+        if st.st_mode & 0o777 != mode and st.st_uid == os.getuid():
+            path.chmod(mode)
+    except FileNotFoundError:
+        pass
+
+
 def _lock_data_dir(data_dir: Path) -> IO[bytes]:
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(data_dir / LOCK_FILENAME, "ab")  # noqa: SIM115 - held for the node's life
+        _make_private(data_dir)
+        fd = os.open(data_dir / LOCK_FILENAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                     STORE_FILE_MODE)
+        lock = os.fdopen(fd, "ab")  # held for the node's life
     except OSError as exc:
         raise DataDirNotWritable(str(data_dir), exc.strerror or str(exc)) from None
     try:
