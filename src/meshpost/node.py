@@ -308,24 +308,20 @@ _HEX3 = [f"{i:03x}" for i in range(4096)]
 
 
 class _IdFactory:
-    """Message ids: 12 hex digits of milliseconds, then a per-process random counter.
+    """Message ids: 12 hex digits of milliseconds, then 64 bits that are random for each id
+    (or each run of ids made together, which then count up from a random start).
 
-    Time-ordered (index appends, not random inserts), unique without coordination (64 random
-    bits per process start), and cheap: no syscall per id.
+    Time-ordered (index appends, not random inserts), unique without coordination, and not
+    guessable from the ids a peer has seen (issue 16: a counter anyone could read off one
+    message let a peer pre-claim another's next ids), at one `randbits` per call.
     """
 
-    def __init__(self) -> None:
-        self._next = secrets.randbits(63)
-
     def __call__(self, wall_ns: int) -> str:
-        n = self._next
-        self._next = n + 1
-        return f"{wall_ns // 1_000_000:012x}{n & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+        return f"{wall_ns // 1_000_000:012x}{secrets.randbits(64):016x}"
 
     def many(self, wall_ns: int, count: int) -> list[str]:
-        """`count` ids for one instant: the same ids `count` calls would give, built in C."""
-        start = self._next
-        self._next = start + count
+        """`count` ids for one instant, consecutive from a random start, built in C."""
+        start = secrets.randbits(64)
         prefix = f"{wall_ns // 1_000_000:012x}"
         end = start + count
         if end > 1 << 64:  # the 64-bit counter wraps inside this run: slow path

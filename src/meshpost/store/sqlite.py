@@ -68,14 +68,16 @@ _INSERT_HEAD = (
 _SHARED_VALUES = 4
 #: Each row's own values: id, seq, body, sent_at_ns, hlc, checksum.
 _VALUES_PER_ROW = 6
-#: One row's placeholders per direction; an incoming id already stored is skipped (the caller
-#: tells retransmissions from conflicts). A bare `?` takes the number after the highest so far:
-#: after the first row's ?1-?4, each row's own values are numbered in order. (Numbering them
-#: explicitly, ?5 ?6 ..., made SQLite's parser search its variable list for each: the first
-#: run of a 2,048-row statement took 172 ms instead of 5.)
+#: One row's placeholders per direction; an incoming id its sender already stored is skipped
+#: (the caller tells retransmissions from conflicts). Ids are unique per sender only: one
+#: peer's ids can never collide with, or block, another's. A bare `?` takes the number after
+#: the highest so far: after the first row's ?1-?4, each row's own values are numbered in
+#: order. (Numbering them explicitly, ?5 ?6 ..., made SQLite's parser search its variable
+#: list for each: the first run of a 2,048-row statement took 172 ms instead of 5.)
 _ROWS = {
     "out": ("(?1, ?2, ?3, ?4, ?, 'out', ?, ?, ?, ?, 'pending', ?)", ""),
-    "in": ("(?1, ?2, ?3, ?4, ?, 'in', ?, ?, ?, ?, 'received', ?)", " ON CONFLICT (id) DO NOTHING"),
+    "in": ("(?1, ?2, ?3, ?4, ?, 'in', ?, ?, ?, ?, 'received', ?)",
+           " ON CONFLICT (sender, id) DO NOTHING"),
 }
 #: Most rows per statement (a power of two), whatever the SQLite build allows above it.
 MAX_ROWS_PER_STATEMENT = 2048
@@ -431,8 +433,8 @@ class Store:
         for m in group:
             row = conn.execute(
                 "SELECT direction, sender, recipient, body, sent_at_ns, stored_at_ns"
-                " FROM messages WHERE id = ?",
-                (m.id,),
+                " FROM messages WHERE sender = ? AND id = ?",
+                (m.sender, m.id),
             ).fetchone()
             if row is not None and row[:5] == ("in", m.sender, m.recipient, m.body, m.sent_at_ns):
                 committed.append(m.seq)
