@@ -204,3 +204,26 @@ def test_redial_replaces_the_connection_and_replies_follow_it() -> None:
             assert inbound[0][0] != inbound[-1][0]  # another connection
 
     asyncio.run(scenario())
+
+
+def test_the_descriptor_limit_is_raised_and_handshakes_are_short() -> None:
+    """Issue 16, item 5 (part): a flood of idle connections needs the hard limit's worth of
+    descriptors, and each is dropped after 5 s instead of libzmq's 30."""
+    import resource
+
+    import zmq
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(64, hard // 2), hard))
+    try:
+        transport = ZmqTransport(name="B", max_frame_bytes=1 << 16)
+        try:
+            now_soft, now_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            assert now_soft == transport.fd_limit
+            assert now_soft == now_hard or now_hard == resource.RLIM_INFINITY
+            assert transport._router.getsockopt(zmq.HANDSHAKE_IVL) == 5_000
+        finally:
+            transport.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

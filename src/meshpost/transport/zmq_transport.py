@@ -27,7 +27,11 @@ Socket choices (the ZeroMQ traps the protocol designs around):
   silent is redialled on a *new* DEALER (`redial`): `disconnect()` + `connect()` on the same
   socket races in libzmq and can leave it with no connection at all;
 - bounded LINGER, SNDHWM/RCVHWM and MAXMSGSIZE: shutdown never hangs, memory stays bounded,
-  an oversized frame closes the offending connection before it is read into memory.
+  an oversized frame closes the offending connection before it is read into memory;
+- HANDSHAKE_IVL of 5 s (libzmq's default is 30 s) and the soft RLIMIT_NOFILE raised to the
+  hard limit: idle or half-open connections, which hold a descriptor each before any CURVE
+  check, are dropped sooner and need far more of them to run the process out of descriptors
+  (libzmq asserts when an accept on an ipc listener, such as the control socket, hits EMFILE).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 from collections.abc import Callable, Sequence
 from typing import TypeVar, cast
 
@@ -61,6 +66,10 @@ TCP_KEEPALIVE_IDLE_S = 10
 TCP_KEEPALIVE_INTVL_S = 5
 TCP_KEEPALIVE_CNT = 3
 RECONNECT_IVL_MS = 100
+#: A connection that has not completed its ZMTP (and CURVE) handshake within this is closed.
+HANDSHAKE_IVL_MS = 5_000
+#: Ceiling for the raised descriptor limit when the hard limit is "unlimited".
+FD_LIMIT_CEILING = 1 << 20
 RECONNECT_IVL_MAX_MS = 1000
 #: Frames handled per reader callback before other callbacks get a turn (timers, other peers).
 DRAIN_BUDGET = 64
@@ -101,6 +110,21 @@ def _handshake_failure_reason(kind: int, value: int) -> str:
     return "secure handshake failed (no detail from libzmq)"
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; return (before, after).
+    Idempotent; a limit that cannot be raised is left as it is."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = FD_LIMIT_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            log.warning("could not raise the descriptor limit from %d to %d", soft, target)
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
 class ZmqTransport:
     """All ZeroMQ sockets of one node."""
 
@@ -126,6 +150,8 @@ class ZmqTransport:
         self._peer_keys = peer_public_keys or {}
         self._router = self._socket(zmq.ROUTER)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+        self.fd_limit = raise_fd_limit()[1]
         self._router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         self._authenticator: MeshAuthenticator | None = None
         if self.secure:
