@@ -90,11 +90,17 @@ class HybridLogicalClock:
         self.rejected = 0
 
     @classmethod
-    def restored(cls, clock: Clock, last: int) -> tuple[HybridLogicalClock, int | None]:
-        """A clock resuming after `last`, the highest stamp a store holds, unless `last` is
-        beyond wall + the forward bound (a ratcheted or corrupt store): then it resumes from
-        the wall clock, and the refused stamp is returned so the caller can log it."""
-        bound_ms = clock.wall_ns() // 1_000_000 + HLC_MAX_FORWARD_DRIFT_MS
+    def restored(
+        cls, clock: Clock, last: int, issued_at_ns: int = 0
+    ) -> tuple[HybridLogicalClock, int | None]:
+        """A clock resuming after `last`, the highest stamp a store holds (issued when our
+        wall clock read `issued_at_ns`), unless `last` is beyond the forward bound of both
+        the wall clock now and the wall clock then: a ratcheted or corrupt store. Then it
+        resumes from the wall clock, and the refused stamp is returned for the caller to log.
+        (A stamp within the bound of its own send time is honoured even if the wall clock
+        has since gone back: the time line stays monotonic across restarts.)"""
+        wall_ns = max(clock.wall_ns(), issued_at_ns)
+        bound_ms = wall_ns // 1_000_000 + HLC_MAX_FORWARD_DRIFT_MS
         if hlc_unpack(last)[0] > bound_ms:
             return cls(clock), last
         return cls(clock, last=last), None

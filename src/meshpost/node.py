@@ -430,12 +430,12 @@ class Node:
             # Start the HLC above every stamp already stored, since the wall clock may have
             # gone back while the node was down: our own stamps as they are, our peers'
             # through `observe`, which ignores an absurdly early clock as it did on arrival.
-            own = await self._writer.call(store.max_hlc, "out")
-            self.hlc, refused = HybridLogicalClock.restored(self.clock, own)
+            own, issued_at = await self._writer.call(store.max_hlc_issued)
+            self.hlc, refused = HybridLogicalClock.restored(self.clock, own, issued_at)
             if refused is not None:
                 log.warning("[%s] the highest stored stamp (%d) is beyond the wall clock + the "
-                            "HLC bound; the clock resumes from the wall clock", self.name,
-                            refused)
+                            "HLC bound, now and when it was issued; the clock resumes from the "
+                            "wall clock", self.name, refused)
             self.hlc.observe(await self._writer.call(store.max_hlc, "in"))
             self._listener = Listener(
                 local_name=cfg.name,

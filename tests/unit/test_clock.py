@@ -363,3 +363,18 @@ def test_advance_moves_past_an_own_stamp_whatever_the_bound() -> None:
     hlc.advance(far)
     assert hlc.now() == far + 1
     assert hlc.rejected == 0
+
+
+def test_a_restored_stamp_within_the_bound_of_its_send_time_survives_a_clock_going_back() -> None:
+    # The node's own wall clock ran an hour ahead when it issued the stamp, and was corrected
+    # while it was down: its time line stays monotonic (only a stamp beyond the bound of its
+    # own send time, i.e. ratcheted by remotes, is refused).
+    clock = FakeClock()
+    hour_ms = 3_600_000
+    issued_at = clock.wall_ns() + hour_ms * MS
+    stamp = hlc_pack(issued_at // MS + 5, 2)
+    hlc, refused = HybridLogicalClock.restored(clock, stamp, issued_at)
+    assert refused is None and hlc.now() == stamp + 1
+    ratcheted = hlc_pack(issued_at // MS + HLC_MAX_FORWARD_DRIFT_MS + 150_000, 0)
+    hlc, refused = HybridLogicalClock.restored(clock, ratcheted, issued_at)
+    assert refused == ratcheted and hlc_unpack(hlc.now())[0] == physical_ms(clock)

@@ -469,6 +469,15 @@ class Store:
             ).fetchall()
         return {peer: int(seq) for peer, seq in rows}
 
+    def max_hlc_issued(self) -> tuple[int, int]:
+        """(highest HLC stamp this node issued, its row's sent_at_ns), (0, 0) if none."""
+        with _translated(self.path):
+            row = self._conn.execute(
+                "SELECT hlc, sent_at_ns FROM messages INDEXED BY messages_hlc"
+                " WHERE direction = 'out' ORDER BY hlc DESC LIMIT 1"
+            ).fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
     def max_hlc(self, direction: str) -> int:
         """The highest HLC stamp stored on rows of `direction` ('out': stamps this node
         issued; 'in': its peers'), 0 if none."""
