@@ -1,4 +1,4 @@
-"""14. HLC ratchet: a raw peer K echoes R's own stamps back with the counter at 0xFFFF, as far
+"""15. HLC ratchet: a raw peer K echoes R's own stamps back with the counter at 0xFFFF, as far
 ahead as the forward bound allows, then restarts R on a store holding a stamp far beyond it
 (issue 16, item 4).
 

@@ -1,4 +1,4 @@
-"""15. Id pre-claim: a raw peer C, with its own valid name, sends B messages carrying the ids
+"""16. Id pre-claim: a raw peer C, with its own valid name, sends B messages carrying the ids
 A would use next (the form an id had before issue 16: A's last id's counter + 1, under every
 millisecond of the next few seconds), then A sends to B (issue 16, item 3).
 

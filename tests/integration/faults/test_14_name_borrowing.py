@@ -1,4 +1,4 @@
-"""13. Name borrowing: while A -> B flows, an intruder connects to B with routing id b"A" and
+"""14. Name borrowing: while A -> B flows, an intruder connects to B with routing id b"A" and
 says Hello as A (issue 16, item 1).
 
 Before the fix B's ROUTER had ROUTER_HANDOVER and keyed links by the routing id the peer
