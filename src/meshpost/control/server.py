@@ -271,8 +271,12 @@ class ControlServer:
     def _close_socket(self) -> None:
         self._socket.close(0)
         self._context.term()
+        path = self.endpoint[len("ipc://") :]
         with contextlib.suppress(OSError):
-            os.unlink(self.endpoint[len("ipc://") :])
+            os.unlink(path)
+        if Path(path).parent != self.node.config.data_dir.resolve():
+            with contextlib.suppress(OSError):  # the shared /tmp folder: gone once empty
+                os.rmdir(os.path.dirname(path))
 
     def _spawn(self, coro: Any, *, name: str | None = None) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
