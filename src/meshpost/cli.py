@@ -99,6 +99,8 @@ def build_node_config(args: argparse.Namespace) -> NodeConfig:
         overrides["max_message_bytes"] = args.max_message_bytes
     if args.secure:
         overrides["secure"] = True
+    if args.insecure:
+        overrides["insecure"] = True
     data_dir = Path(args.data) if args.data else None
     if args.config:
         mesh = MeshConfig.load(Path(args.config))
@@ -605,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync", choices=["full", "normal"], help="SQLite synchronous level")
     p.add_argument("--max-message-bytes", type=int)
     p.add_argument("--secure", action="store_true", help="CURVE encryption + authentication")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow binding beyond loopback without --secure (anyone who can reach "
+                        "the port can read, send and claim any peer's name)")
     p.add_argument("--headless", action="store_true", help="no console even on a terminal")
     p.add_argument("--text-listen", metavar="tcp://HOST:PORT",
                    help="plain TCP text gateway for nc/socket clients (off by default)")

@@ -18,6 +18,10 @@ HLC_LOGICAL_MASK = (1 << HLC_LOGICAL_BITS) - 1
 #: A remote HLC further ahead of our wall clock than this is not trusted to drag our clock
 #: forward (a peer with a wildly wrong clock must not poison everyone's timestamps).
 HLC_MAX_FORWARD_DRIFT_MS = 60_000
+#: Beyond that bound (our own time line ahead of the wall clock, after the wall clock stepped
+#: back) a remote stamp may still order after ours logically, but only while the merged counter
+#: stays below this: a remote must not be able to roll our millisecond forward.
+HLC_COUNTER_LIMIT_BEYOND_BOUND = HLC_LOGICAL_MASK // 2
 
 
 class Clock(Protocol):
@@ -77,11 +81,29 @@ class HybridLogicalClock:
     physical clock.
     """
 
-    __slots__ = ("_clock", "_last")
+    __slots__ = ("_clock", "_last", "rejected")
 
     def __init__(self, clock: Clock, last: int = 0) -> None:
         self._clock = clock
         self._last = last
+        #: Remote stamps not merged because they would move us past wall + the forward bound.
+        self.rejected = 0
+
+    @classmethod
+    def restored(
+        cls, clock: Clock, last: int, issued_at_ns: int = 0
+    ) -> tuple[HybridLogicalClock, int | None]:
+        """A clock resuming after `last`, the highest stamp a store holds (issued when our
+        wall clock read `issued_at_ns`), unless `last` is beyond the forward bound of both
+        the wall clock now and the wall clock then: a ratcheted or corrupt store. Then it
+        resumes from the wall clock, and the refused stamp is returned for the caller to log.
+        (A stamp within the bound of its own send time is honoured even if the wall clock
+        has since gone back: the time line stays monotonic across restarts.)"""
+        wall_ns = max(clock.wall_ns(), issued_at_ns)
+        bound_ms = wall_ns // 1_000_000 + HLC_MAX_FORWARD_DRIFT_MS
+        if hlc_unpack(last)[0] > bound_ms:
+            return cls(clock), last
+        return cls(clock, last=last), None
 
     @property
     def last(self) -> int:
@@ -96,15 +118,29 @@ class HybridLogicalClock:
         self._last = hlc_pack(pt, 0) if pt > l_ms else self._bump(l_ms, c)
         return self._last
 
+    def advance(self, own: int) -> None:
+        """Move past `own`, a stamp this clock handed out itself (no bound applies)."""
+        if own > self._last:
+            self._last = own
+
     def observe(self, remote: int) -> int:
-        """Merge a timestamp received from a peer; return the new local timestamp."""
+        """Merge a timestamp received from a peer; return the new local timestamp.
+
+        The forward bound is checked against the wall clock on every call, never against our
+        own last stamp: a remote beyond wall + bound is not merged (counted in `rejected`), so
+        a peer echoing our own stamps back cannot ratchet us forward one overflow at a time.
+        """
         pt = self._physical_ms()
         r_ms, r_c = hlc_unpack(remote)
         l_ms, l_c = hlc_unpack(self._last)
-        if r_ms > max(pt + HLC_MAX_FORWARD_DRIFT_MS, l_ms):
-            # Ignore the physical part of an absurd remote clock, but still order after it
-            # logically within our own time line. (A remote no later than our own last stamp
-            # drags nothing forward, so it is merged even if our wall clock fell far behind.)
+        if r_ms > pt + HLC_MAX_FORWARD_DRIFT_MS and not (
+            # Our own time line is that far ahead too (the wall clock stepped back): merging
+            # a stamp no later than our millisecond only orders after it, if the counter
+            # stays well away from rolling the millisecond over.
+            r_ms <= l_ms and (r_ms < l_ms or max(l_c, r_c) < HLC_COUNTER_LIMIT_BEYOND_BOUND)
+        ):
+            # Ignore the remote clock; still stamp this event on our own time line.
+            self.rejected += 1
             return self.now()
         top = max(pt, l_ms, r_ms)
         if top == l_ms == r_ms:

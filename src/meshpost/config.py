@@ -99,6 +99,21 @@ def _check_tcp_host(endpoint: str, host: str) -> None:
         )
 
 
+def is_local_endpoint(endpoint: str) -> bool:
+    """True for an endpoint only this machine can reach: ipc://, or tcp:// on a loopback
+    address, `localhost` or the `lo` interface. Wildcards, other addresses, other names and
+    interfaces are not."""
+    if endpoint.startswith("ipc://"):
+        return True
+    host = endpoint[len("tcp://") :].rpartition(":")[0]
+    if host in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class PeerConfig:
     """A peer this node talks to: its name and the endpoint it listens on."""
@@ -133,6 +148,9 @@ class NodeConfig:
     ping_interval_s: float = 1.0
     peer_timeout_s: float = 4.0
     secure: bool = False
+    #: Bind beyond loopback without CURVE anyway (`--insecure`): anyone who can reach the
+    #: port can then read, send and claim any peer's name.
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -141,6 +159,14 @@ class NodeConfig:
             raise ConfigError(f"node {self.name!r} needs at least one --bind endpoint")
         for endpoint in self.bind:
             validate_endpoint(endpoint, for_bind=True)
+        exposed = [e for e in self.bind if not is_local_endpoint(e)]
+        if exposed and not self.secure and not self.insecure:
+            # Mosquitto 2.0's rule: without authentication, listen on this machine only.
+            raise ConfigError(
+                f"node {self.name!r} would listen beyond this machine ({', '.join(exposed)}) "
+                "without authentication: anyone who can reach the port could read, send and "
+                "claim any peer's name. Use --secure (CURVE keys), or --insecure to accept that"
+            )
         names = [p.name for p in self.peers]
         if len(set(names)) != len(names):
             raise ConfigError(f"node {self.name!r} lists a peer twice: {sorted(names)}")
@@ -194,6 +220,8 @@ def _check_types(cfg: NodeConfig) -> None:
             raise ConfigError(f"{field} must be a positive number of seconds, not {value!r}")
     if not isinstance(cfg.secure, bool):
         raise ConfigError(f"secure must be true or false, not {cfg.secure!r}")
+    if not isinstance(cfg.insecure, bool):
+        raise ConfigError(f"insecure must be true or false, not {cfg.insecure!r}")
 
 
 def default_data_dir(name: str) -> Path:

@@ -24,15 +24,21 @@ import msgspec
 
 import meshpost.probes as probes
 import meshpost.rules as rules
-from meshpost.clock import HLC_LOGICAL_MASK, Clock, HybridLogicalClock, SystemClock
+from meshpost.clock import (
+    HLC_LOGICAL_MASK,
+    HLC_MAX_FORWARD_DRIFT_MS,
+    Clock,
+    HybridLogicalClock,
+    SystemClock,
+)
 from meshpost.config import NodeConfig, PeerConfig
 from meshpost.errors import (
     ConfigError,
-    IdentityMismatch,
     MeshpostError,
     MessageRejected,
     NodeClosed,
     NodeFailed,
+    ProtocolError,
     ReceiptTimeout,
 )
 from meshpost.protocol import (
@@ -41,6 +47,7 @@ from meshpost.protocol import (
     Envelope,
     Event,
     Frame,
+    Hello,
     LinkRefused,
     Listener,
     MessagesArrived,
@@ -51,7 +58,9 @@ from meshpost.protocol import (
     PeerLost,
     Refuse,
     RefuseCode,
+    SessionClaimed,
     ViolationDetected,
+    decode,
     encode,
 )
 from meshpost.store import (
@@ -97,7 +106,7 @@ class CrashPoint(enum.Enum):
 @dataclasses.dataclass(frozen=True, slots=True)
 class Receipt:
     """Proof that `to` committed message `message_id` to its store (the API's record of a
-    receipt; the wire frame that carries it is `meshpost.protocol.Receipt`)."""
+    receipt; the wire frame that carries it is `meshpost.protocol.ReceiptFrame`)."""
 
     message_id: str
     to: str
@@ -288,30 +297,30 @@ class NodeStats:
     retransmissions: int = 0
     store_errors: int = 0
     store_commits: int = 0
+    #: Hellos naming a peer that already had a session on another connection.
+    name_claims: int = 0
+    #: Remote HLC stamps not merged: beyond the wall clock + the forward bound.
+    hlc_rejected: int = 0
 
 
 _HEX3 = [f"{i:03x}" for i in range(4096)]
 
 
 class _IdFactory:
-    """Message ids: 12 hex digits of milliseconds, then a per-process random counter.
+    """Message ids: 12 hex digits of milliseconds, then 64 bits that are random for each id
+    (or each run of ids made together, which then count up from a random start).
 
-    Time-ordered (index appends, not random inserts), unique without coordination (64 random
-    bits per process start), and cheap: no syscall per id.
+    Time-ordered (index appends, not random inserts), unique without coordination, and not
+    guessable from the ids a peer has seen (issue 16: a counter anyone could read off one
+    message let a peer pre-claim another's next ids), at one `randbits` per call.
     """
 
-    def __init__(self) -> None:
-        self._next = secrets.randbits(63)
-
     def __call__(self, wall_ns: int) -> str:
-        n = self._next
-        self._next = n + 1
-        return f"{wall_ns // 1_000_000:012x}{n & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+        return f"{wall_ns // 1_000_000:012x}{secrets.randbits(64):016x}"
 
     def many(self, wall_ns: int, count: int) -> list[str]:
-        """`count` ids for one instant: the same ids `count` calls would give, built in C."""
-        start = self._next
-        self._next = start + count
+        """`count` ids for one instant, consecutive from a random start, built in C."""
+        start = secrets.randbits(64)
         prefix = f"{wall_ns // 1_000_000:012x}"
         end = start + count
         if end > 1 << 64:  # the 64-bit counter wraps inside this run: slow path
@@ -418,8 +427,12 @@ class Node:
             # Start the HLC above every stamp already stored, since the wall clock may have
             # gone back while the node was down: our own stamps as they are, our peers'
             # through `observe`, which ignores an absurdly early clock as it did on arrival.
-            own = await self._writer.call(store.max_hlc, "out")
-            self.hlc = HybridLogicalClock(self.clock, last=own)
+            own, issued_at = await self._writer.call(store.max_hlc_issued)
+            self.hlc, refused = HybridLogicalClock.restored(self.clock, own, issued_at)
+            if refused is not None:
+                log.warning("[%s] the highest stored stamp (%d) is beyond the wall clock + the "
+                            "HLC bound, now and when it was issued; the clock resumes from the "
+                            "wall clock", self.name, refused)
             self.hlc.observe(await self._writer.call(store.max_hlc, "in"))
             self._listener = Listener(
                 local_name=cfg.name,
@@ -704,7 +717,7 @@ class Node:
             return [first, *(self.hlc.now() for _ in range(count - 1))]
         # Consecutive logical ticks of one millisecond; merging the last one moves the clock
         # past every stamp handed out here.
-        self.hlc.observe(first + count - 1)
+        self.hlc.advance(first + count - 1)
         return range(first, first + count)
 
     async def store_guest_message(self, guest: str, seq: int, body: str) -> tuple[str, int]:
@@ -1004,23 +1017,20 @@ class Node:
         assert transport is not None
         assert listener is not None
         assert writer is not None
-        who = identity.decode("utf-8", "replace")
-        if transport.secure and user_id != who:
-            # The routing id is chosen by the peer; only the CURVE key is proof. A peer
-            # whose key says A but whose routing id says B is impersonating B.
-            self._on_event(ViolationDetected(who, IdentityMismatch(
-                f"connection authenticated as {user_id!r} uses routing id {who!r}")))
-            return
+        # The routing id names the connection (our ROUTER chose it); who is behind it is what
+        # its Hello said, and under --secure only the CURVE key's name may be said.
+        who = identity.hex()
+        authenticated = (user_id or "") if transport.secure else None
         probe = self._probe
         if probe is not None:
             probe.mark(probes.LISTENER_RECEIVE[0])
-        listener.receive(who, data, self.clock.wall_ns(), self.hlc.last)
+        listener.receive(who, data, self.clock.wall_ns(), self.hlc.last, authenticated)
         if probe is not None:
             probe.mark(probes.LISTENER_RECEIVE[1])
         for _to, frame in listener.frames_to_send():  # all for this connection
             transport.reply(identity, encode(frame))
             if type(frame) is Refuse and frame.code != RefuseCode.HELLO_REQUIRED:
-                self._notice_refusal(who, frame)
+                self._notice_refusal(self._claimed_name(data, who), frame)
         for event in listener.events():
             match event:
                 case MessagesArrived():
@@ -1037,6 +1047,16 @@ class Node:
             transport.pause_inbound()
             self._tasks.append(asyncio.create_task(self._resume_inbound_when_room(),
                                                    name=f"{self.name}-inbound-room"))
+
+    def _claimed_name(self, data: bytes, connection: str) -> str:
+        """The name a refused frame's Hello claimed (unproven, for the notice), else the
+        connection's id. Refusals are rare: decoding the frame again costs nothing."""
+        assert self._listener is not None
+        with contextlib.suppress(ProtocolError):
+            frame = decode(data, max_bytes=self._listener.max_frame_bytes)
+            if isinstance(frame, Hello):
+                return frame.name
+        return connection
 
     def _notice_refusal(self, who: str, frame: Refuse) -> None:
         """Tell subscribers whom we refused and why, once per REFUSAL_NOTICE_INTERVAL_S."""
@@ -1063,7 +1083,15 @@ class Node:
 
     def _store_incoming(self, identity: bytes, arrived: MessagesArrived) -> None:
         assert self._writer is not None
-        self.hlc.observe(max(m.hlc for m in arrived.messages))
+        hlc = self.hlc
+        rejected = hlc.rejected
+        hlc.observe(max(m.hlc for m in arrived.messages))
+        if hlc.rejected != rejected:
+            self.stats.hlc_rejected += 1
+            if self.stats.hlc_rejected % 1000 == 1:  # a flood must not flood the log
+                log.warning("[%s] %s sent a stamp beyond our wall clock + %d s; not merged "
+                            "(%d so far)", self.name, arrived.peer,
+                            HLC_MAX_FORWARD_DRIFT_MS // 1000, self.stats.hlc_rejected)
 
         def done(result: IncomingResult, stored_at: int) -> None:
             self._incoming_stored(identity, arrived, result, stored_at)
@@ -1099,6 +1127,7 @@ class Node:
         if probe is not None:
             probe.mark(probes.LISTENER_STORED[1])
         self._crash(CrashPoint.BEFORE_ACK_SEND)
+        # Queued for `arrived.connection`, the connection the batch came on: `identity`.
         self._reply(identity, [frame for _to, frame in listener.frames_to_send()])
         self.stats.received += new
         if new and self._message_readers:
@@ -1156,8 +1185,21 @@ class Node:
                 self._publish(PeerChanged(peer, False, PeerChange.LEFT, reason))
             case PeerLost(peer=peer, silent_for_s=silent):
                 log.warning("[%s] lost %s: silent for %.1fs", self.name, peer, silent)
+                if self._transport is not None:
+                    # A new connection: the old one may be open but no longer read.
+                    self._transport.redial(peer)
                 self._publish(PeerChanged(peer, False, PeerChange.LOST,
                                           f"silent for {silent:.1f}s"))
+            case SessionClaimed(peer=peer, connection=connection, refused=True):
+                self.stats.name_claims += 1
+                log.warning("[%s] refused connection %s saying Hello as %s, which is connected "
+                            "as another node: someone borrowing the name", self.name,
+                            connection, peer)
+            case SessionClaimed(peer=peer, connection=connection, sessions=sessions):
+                self.stats.name_claims += 1
+                log.warning("[%s] connection %s said Hello as %s, which already has a "
+                            "session (%d sessions now): a restart, or someone borrowing the "
+                            "name", self.name, connection, peer, sessions)
             case LinkRefused(peer=peer, code=code, detail=detail):
                 log.error("[%s] %s refused us (%s): %s", self.name, peer, code, detail)
                 self._publish(PeerChanged(peer, False, PeerChange.REFUSED, detail))

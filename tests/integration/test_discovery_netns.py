@@ -97,7 +97,10 @@ def test_three_nodes_in_three_namespaces_find_each_other_by_broadcast(
     nodes = [
         NamespacedNode(
             name, short_tmp / "unused.toml", short_tmp / name, short_tmp / f"{name}.log",
-            extra_args=["--discover", str(BEACON_PORT), "--beacon-interval", "0.2"],
+            # Listening beyond loopback (in a namespace this test made) without CURVE: the
+            # explicit opt-out since issue 16 item 7.
+            extra_args=["--discover", str(BEACON_PORT), "--beacon-interval", "0.2",
+                        "--insecure"],
             bind="tcp://0.0.0.0:7000", netns=ns,
         )
         for name, ns in zip("ABC", namespaces, strict=True)

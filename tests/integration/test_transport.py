@@ -67,7 +67,9 @@ def test_frames_arrive_in_order_and_replies_come_back() -> None:
                 await send_when_connected(client, b"%d" % i)
             await until(lambda: len(replies) == count)
             assert [data for _id, data in inbound] == [b"%d" % i for i in range(count)]
-            assert {identity for identity, _d in inbound} == {b"A"}
+            # One connection, one routing id, and one our ROUTER chose (not the peer's name).
+            assert len({identity for identity, _d in inbound}) == 1
+            assert inbound[0][0] != b"A"
             assert replies == [("B", b"re:%d" % i) for i in range(count)]
             assert drained  # the drained hook ran after handling frames
 
@@ -176,3 +178,52 @@ def test_large_payloads_go_both_ways_intact() -> None:
 
     inbound, replies = asyncio.run(scenario())
     assert inbound == [big] and replies == [big[::-1]]
+
+
+def test_redial_replaces_the_connection_and_replies_follow_it() -> None:
+    """A silent link is redialled on a new DEALER: a new connection (a new routing id at the
+    server), and the server's replies reach the client on it."""
+
+    async def scenario() -> None:
+        inbound: list[tuple[bytes, bytes]] = []
+        replies: list[bytes] = []
+        servers: list[ZmqTransport] = []
+
+        def on_inbound(identity: bytes, data: bytes, _user: str | None) -> None:
+            inbound.append((identity, data))
+            servers[0].reply(identity, b"re:" + data)
+
+        with linked(on_inbound, lambda _peer, data: replies.append(data)) as (server, client):
+            servers.append(server)
+            await send_when_connected(client, b"old")
+            await until(lambda: replies == [b"re:old"])
+            client.redial("B")
+            assert client.redials == 1
+            await send_when_connected(client, b"new")
+            await until(lambda: replies == [b"re:old", b"re:new"])
+            assert inbound[0][0] != inbound[-1][0]  # another connection
+
+    asyncio.run(scenario())
+
+
+def test_the_descriptor_limit_is_raised_and_handshakes_are_short() -> None:
+    """Issue 16, item 5 (part): a flood of idle connections needs the hard limit's worth of
+    descriptors, and each is dropped after 5 s instead of libzmq's 30."""
+    import resource
+
+    import zmq
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(64, hard // 2), hard))
+    try:
+        transport = ZmqTransport(name="B", max_frame_bytes=1 << 16)
+        try:
+            now_soft, now_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            assert now_soft == transport.fd_limit
+            assert now_soft == now_hard or now_hard == resource.RLIM_INFINITY
+            assert transport._router.getsockopt(zmq.HANDSHAKE_IVL) == 5_000
+        finally:
+            transport.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

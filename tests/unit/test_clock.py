@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshpost.clock import (
+    HLC_COUNTER_LIMIT_BEYOND_BOUND,
     HLC_LOGICAL_MASK,
     HLC_MAX_FORWARD_DRIFT_MS,
     FakeClock,
@@ -75,8 +76,15 @@ def test_hlc_strictly_increases_whatever_the_wall_clock_does(
             # A remote stamp in exactly the millisecond we are in, any counter value.
             l_ms, _ = hlc_unpack(hlc.last)
             remote = hlc_pack(l_ms, value)
+            rejected = hlc.rejected
             stamp = hlc.observe(remote)
-            assert stamp > remote
+            beyond = l_ms > physical_ms(clock) + HLC_MAX_FORWARD_DRIFT_MS
+            if beyond and max(value, hlc_unpack(previous)[1]) >= HLC_COUNTER_LIMIT_BEYOND_BOUND:
+                # Issue 16: past wall + bound a remote may not push the counter towards
+                # rolling our millisecond over; it is refused and counted instead.
+                assert hlc.rejected == rejected + 1
+            else:
+                assert stamp > remote
         assert stamp > previous
         assert hlc.last == stamp
         previous = stamp
@@ -306,3 +314,67 @@ def test_a_remote_no_later_than_our_own_stamp_is_merged_even_after_a_big_backwar
     # The peer has seen our stamps: its clock equals our time line, not the future.
     remote = hlc_pack(l_ms, l_c + 100)
     assert hlc.observe(remote) > remote
+
+
+# -- the forward bound cannot be ratcheted (issue 16, item 4) ------------------------------------
+
+
+def test_a_remote_echoing_an_ahead_clock_cannot_ratchet_it_past_the_bound() -> None:
+    """A peer that sends back our own stamp with the counter at 0xFFFF, again and again, used
+    to roll our clock one millisecond further each time (B ended 209 s ahead)."""
+    clock = FakeClock()
+    hlc = HybridLogicalClock(clock)
+    bound_ms = physical_ms(clock) + HLC_MAX_FORWARD_DRIFT_MS
+    hlc.observe(hlc_pack(bound_ms, 0))  # as far ahead as a remote may take us
+    for _ in range(1000):
+        l_ms, _c = hlc_unpack(hlc.last)
+        hlc.observe(hlc_pack(l_ms, HLC_LOGICAL_MASK))
+        clock.advance(0.0001)  # virtual time: 0.1 s in all
+    assert hlc_unpack(hlc.last)[0] <= physical_ms(clock) + HLC_MAX_FORWARD_DRIFT_MS + 1
+    assert hlc.rejected > 0
+
+
+def test_a_remote_just_past_the_bound_is_rejected_even_behind_our_own_stamp() -> None:
+    clock = FakeClock()
+    ahead = hlc_pack(physical_ms(clock) + 2 * HLC_MAX_FORWARD_DRIFT_MS, 0)
+    hlc = HybridLogicalClock(clock, last=ahead)
+    hlc.observe(ahead - (1 << 16))  # a millisecond behind ours: orders, moves nothing
+    assert hlc.rejected == 0
+    hlc.observe(hlc_pack(hlc_unpack(ahead)[0], HLC_LOGICAL_MASK))
+    assert hlc.rejected == 1
+    assert hlc_unpack(hlc.last)[0] == hlc_unpack(ahead)[0]
+
+
+def test_a_restored_stamp_beyond_the_bound_is_refused_and_reported() -> None:
+    clock = FakeClock()
+    bound_ms = physical_ms(clock) + HLC_MAX_FORWARD_DRIFT_MS
+    hlc, refused = HybridLogicalClock.restored(clock, hlc_pack(bound_ms + 149_000, 3))
+    assert refused == hlc_pack(bound_ms + 149_000, 3)
+    assert hlc_unpack(hlc.now())[0] == physical_ms(clock)
+    hlc, refused = HybridLogicalClock.restored(clock, hlc_pack(bound_ms, 3))
+    assert refused is None
+    assert hlc.now() == hlc_pack(bound_ms, 4)
+
+
+def test_advance_moves_past_an_own_stamp_whatever_the_bound() -> None:
+    clock = FakeClock()
+    hlc = HybridLogicalClock(clock)
+    far = hlc_pack(physical_ms(clock) + 10 * HLC_MAX_FORWARD_DRIFT_MS, 5)
+    hlc.advance(far)
+    assert hlc.now() == far + 1
+    assert hlc.rejected == 0
+
+
+def test_a_restored_stamp_within_the_bound_of_its_send_time_survives_a_clock_going_back() -> None:
+    # The node's own wall clock ran an hour ahead when it issued the stamp, and was corrected
+    # while it was down: its time line stays monotonic (only a stamp beyond the bound of its
+    # own send time, i.e. ratcheted by remotes, is refused).
+    clock = FakeClock()
+    hour_ms = 3_600_000
+    issued_at = clock.wall_ns() + hour_ms * MS
+    stamp = hlc_pack(issued_at // MS + 5, 2)
+    hlc, refused = HybridLogicalClock.restored(clock, stamp, issued_at)
+    assert refused is None and hlc.now() == stamp + 1
+    ratcheted = hlc_pack(issued_at // MS + HLC_MAX_FORWARD_DRIFT_MS + 150_000, 0)
+    hlc, refused = HybridLogicalClock.restored(clock, ratcheted, issued_at)
+    assert refused == ratcheted and hlc_unpack(hlc.now())[0] == physical_ms(clock)

@@ -19,6 +19,7 @@ from meshpost.config import (
     NodeConfig,
     PeerConfig,
     default_data_dir,
+    is_local_endpoint,
     parse_group_flag,
     parse_peer_flag,
     unique,
@@ -441,3 +442,24 @@ def test_a_group_named_like_a_node_is_refused(tmp_path: Path) -> None:
         NodeConfig(name="A", bind=("tcp://127.0.0.1:5555",),
                    peers=(PeerConfig("B", "tcp://127.0.0.1:5556"),),
                    data_dir=tmp_path, groups={"B": ("B",)})
+
+
+# -- private by default (issue 16, item 7) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:7000", "tcp://*:7000", "tcp://[::]:7000",
+                                      "tcp://10.0.0.3:7000", "tcp://eth0:7000",
+                                      "tcp://node-7.lab.example.org:7000"])
+def test_binding_beyond_loopback_needs_secure_or_an_explicit_insecure(endpoint: str) -> None:
+    with pytest.raises(ConfigError, match=r"--secure.*--insecure"):
+        node(bind=(endpoint,))
+    assert node(bind=(endpoint,), secure=True).bind == (endpoint,)
+    assert node(bind=(endpoint,), insecure=True).bind == (endpoint,)
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:7000", "tcp://127.8.9.1:7000",
+                                      "tcp://[::1]:7000", "tcp://localhost:7000",
+                                      "tcp://lo:7000", "ipc:///tmp/x.sock"])
+def test_loopback_and_ipc_binds_need_nothing(endpoint: str) -> None:
+    assert is_local_endpoint(endpoint)
+    assert node(bind=(endpoint,)).bind == (endpoint,)

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ from meshpost.control.messages import (
 )
 from meshpost.errors import (
     BadControlRequest,
+    ConfigError,
     DataDirNotWritable,
     MeshpostError,
     NotStored,
@@ -92,9 +94,22 @@ def control_endpoint_for(data_dir: Path) -> str:
     path = (data_dir / "control.sock").resolve()
     if len(str(path)) <= _IPC_PATH_MAX:
         return f"ipc://{path}"
-    # Unix socket paths are limited to ~107 bytes: fall back to a hashed name in /tmp.
+    # Unix socket paths are limited to ~107 bytes: fall back to a hashed name in a 0700
+    # folder of this user's under /tmp (never /tmp itself: anyone could connect).
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-    return f"ipc://{tempfile.gettempdir()}/meshpost-{digest}.sock"
+    return f"ipc://{tempfile.gettempdir()}/meshpost-{os.getuid()}/{digest}.sock"
+
+
+def _private_folder(folder: str) -> None:
+    """Make `folder` (the control socket's) 0700 and ours, whatever the umask; refuse one
+    that another user owns, since whoever controls the folder can swap the socket."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    st = os.lstat(folder)
+    if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{folder} is not a folder of this user's; the control socket "
+                          "cannot be kept private there")
+    if st.st_mode & 0o777 != 0o700:
+        os.chmod(folder, 0o700)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -226,6 +241,7 @@ class ControlServer:
 
     async def __aenter__(self) -> ControlServer:
         path = self.endpoint[len("ipc://") :]
+        _private_folder(os.path.dirname(path))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a stale socket from a killed node; the data dir lock is ours
         self._socket.bind(self.endpoint)
@@ -255,8 +271,12 @@ class ControlServer:
     def _close_socket(self) -> None:
         self._socket.close(0)
         self._context.term()
+        path = self.endpoint[len("ipc://") :]
         with contextlib.suppress(OSError):
-            os.unlink(self.endpoint[len("ipc://") :])
+            os.unlink(path)
+        if Path(path).parent != self.node.config.data_dir.resolve():
+            with contextlib.suppress(OSError):  # the shared /tmp folder: gone once empty
+                os.rmdir(os.path.dirname(path))
 
     def _spawn(self, coro: Any, *, name: str | None = None) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)

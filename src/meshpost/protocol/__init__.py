@@ -21,6 +21,7 @@ from meshpost.protocol.events import (
     PeerConnected,
     PeerLeft,
     PeerLost,
+    SessionClaimed,
     ViolationDetected,
 )
 from meshpost.protocol.frames import (
@@ -71,6 +72,7 @@ __all__ = [
     "RefuseCode",
     "Reject",
     "RejectCode",
+    "SessionClaimed",
     "SessionInput",
     "SessionState",
     "ViolationDetected",

@@ -59,12 +59,14 @@ class MessagesRejected:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MessagesArrived:
-    """Valid messages from `peer`; store them, then call `Listener.stored()`."""
+    """Valid messages from `peer`; store them, then call `Listener.stored()`, which answers
+    on `connection`, the connection they came on (a name may have several)."""
 
     peer: str
     messages: list[Envelope]
     echo_tx_at_ns: int
     received_at_ns: int
+    connection: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -73,6 +75,19 @@ class ViolationDetected:
 
     who: str
     error: ProtocolError
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionClaimed:
+    """A connection said Hello as `peer` while `peer` already has a session on another
+    connection: a restart (the old connection is dead), or someone borrowing the name. Both
+    sessions stay, each answered on its own connection, unless `refused` (no key, and a live
+    session of another node id has the name); the node logs and counts it."""
+
+    peer: str
+    connection: str
+    sessions: int
+    refused: bool = False
 
 
 Event = (
@@ -84,4 +99,5 @@ Event = (
     | MessagesRejected
     | MessagesArrived
     | ViolationDetected
+    | SessionClaimed
 )

@@ -3,13 +3,16 @@ receipts after storage, pings.
 
 Rule: pure state, the same shape as `DialerLink`: `receive()` takes raw bytes from a connection
 identity and the current wall time, decodes them and queues the answers (`frames_to_send()`)
-and events (`events()`). The node stores what arrived and then calls `stored()`, which queues
-the receipt: a receipt never precedes the commit. Each connection's state moves only along
-`TRANSITIONS`.
+and events (`events()`). A connection identity names one connection (chosen by our transport,
+never by the peer); who is behind it is what its Hello says, checked against the authenticated
+name when there is one. The node stores what arrived and then calls `stored()`, which queues
+the receipt for the connection the batch came on: a receipt never precedes the commit. Each
+connection's state moves only along `TRANSITIONS`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import operator
 from collections.abc import Collection, Iterable
@@ -17,7 +20,13 @@ from typing import NamedTuple
 
 from meshpost.errors import IdentityMismatch, MalformedFrame, ProtocolError, UnsupportedVersion
 from meshpost.protocol.codec import decode
-from meshpost.protocol.events import Event, MessagesArrived, PeerLeft, ViolationDetected
+from meshpost.protocol.events import (
+    Event,
+    MessagesArrived,
+    PeerLeft,
+    SessionClaimed,
+    ViolationDetected,
+)
 from meshpost.protocol.frames import (
     INT64_MAX,
     INT64_MIN,
@@ -61,6 +70,15 @@ def to_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
     return ranges
 
 
+#: Sessions one name may hold at once (restarts leave dead ones behind until then); past it
+#: the least recently active goes, so a borrower cannot evict a peer that is sending.
+MAX_SESSIONS_PER_PEER = 4
+#: Without a key, a Hello naming a peer whose session (another node id) was active this
+#: recently is refused: a live peer's name cannot be borrowed by a stranger. Its own restart
+#: (same node id) is welcomed, and a peer whose store was replaced waits at most this long.
+LIVE_SESSION_NS = 30_000_000_000
+
+
 class SessionState(enum.Enum):
     NEW = "new"  # nothing accepted on this connection yet: only a Hello is taken
     OPEN = "open"  # welcomed: batches and pings are taken
@@ -68,10 +86,13 @@ class SessionState(enum.Enum):
 
 
 class SessionInput(enum.Enum):
-    """What a connection can send a listener (`Hello` split by whether it passes the checks)."""
+    """What a connection can send a listener (`Hello` split by what its checks find)."""
 
-    HELLO = "Hello (a known peer, under its own name)"
-    BAD_HELLO = "Hello (unknown name, not the connection's, or a name clash)"
+    HELLO = "Hello (a known peer; under --secure the key's name; no session on another connection)"
+    CLAIM = "Hello (as HELLO, but the name has a session on another connection)"
+    LIVE_CLAIM = ("Hello without a key naming a peer active on another connection as another "
+                  "node id within LIVE_SESSION_NS")
+    BAD_HELLO = "Hello (unknown name, not the key's name, or a name clash)"
     BATCH = "Batch"
     PING = "Ping"
     BYE = "Bye"
@@ -81,9 +102,13 @@ class Answer(enum.Enum):
     """What the listener does with an input (the `value` is how docs/protocol.md says it)."""
 
     WELCOME = "Welcome"
+    WELCOME_CLAIM = ("Welcome; SessionClaimed reported; past MAX_SESSIONS_PER_PEER the name's "
+                     "least recently active session goes")
+    REFUSE_CLAIM = "Refuse(identity); SessionClaimed(refused) reported"
     REFUSE_HELLO = "Refuse(identity or unknown-peer); reported"
     HELLO_REQUIRED = "Refuse(hello-required)"
-    ARRIVED = "MessagesArrived reported; ReceiptFrame/Reject once stored (`stored()`)"
+    ARRIVED = ("MessagesArrived reported; ReceiptFrame/Reject once stored (`stored()`), on this "
+               "connection")
     PONG = "Pong"
     LEFT = "nothing; PeerLeft reported"
     NOTHING = "nothing"
@@ -99,19 +124,26 @@ class Step(NamedTuple):
 _S, _I, _A = SessionState, SessionInput, Answer
 #: (state, input) -> (next state, answer). Every pair is here: a listener takes any frame a
 #: dialer sends in any state; bytes that do not decode and frames meant for a dialer are
-#: answered Refuse(malformed) (or Refuse(version)) in any state and change nothing.
+#: answered Refuse(malformed) (or Refuse(version)) in any state and change nothing. A refused
+#: claim ends the connection's own session, if it had one, as any new Hello replaces it.
 TRANSITIONS: dict[tuple[SessionState, SessionInput], Step] = {
     (_S.NEW, _I.HELLO): Step(_S.OPEN, _A.WELCOME),
+    (_S.NEW, _I.CLAIM): Step(_S.OPEN, _A.WELCOME_CLAIM),
+    (_S.NEW, _I.LIVE_CLAIM): Step(_S.NEW, _A.REFUSE_CLAIM),
     (_S.NEW, _I.BAD_HELLO): Step(_S.NEW, _A.REFUSE_HELLO),
     (_S.NEW, _I.BATCH): Step(_S.NEW, _A.HELLO_REQUIRED),
     (_S.NEW, _I.PING): Step(_S.NEW, _A.HELLO_REQUIRED),
     (_S.NEW, _I.BYE): Step(_S.NEW, _A.NOTHING),
     (_S.OPEN, _I.HELLO): Step(_S.OPEN, _A.WELCOME),
+    (_S.OPEN, _I.CLAIM): Step(_S.OPEN, _A.WELCOME_CLAIM),
+    (_S.OPEN, _I.LIVE_CLAIM): Step(_S.NEW, _A.REFUSE_CLAIM),
     (_S.OPEN, _I.BAD_HELLO): Step(_S.OPEN, _A.REFUSE_HELLO),
     (_S.OPEN, _I.BATCH): Step(_S.OPEN, _A.ARRIVED),
     (_S.OPEN, _I.PING): Step(_S.OPEN, _A.PONG),
     (_S.OPEN, _I.BYE): Step(_S.LEFT, _A.LEFT),
     (_S.LEFT, _I.HELLO): Step(_S.OPEN, _A.WELCOME),
+    (_S.LEFT, _I.CLAIM): Step(_S.OPEN, _A.WELCOME_CLAIM),
+    (_S.LEFT, _I.LIVE_CLAIM): Step(_S.NEW, _A.REFUSE_CLAIM),
     (_S.LEFT, _I.BAD_HELLO): Step(_S.LEFT, _A.REFUSE_HELLO),
     (_S.LEFT, _I.BATCH): Step(_S.LEFT, _A.HELLO_REQUIRED),
     (_S.LEFT, _I.PING): Step(_S.LEFT, _A.HELLO_REQUIRED),
@@ -120,14 +152,18 @@ TRANSITIONS: dict[tuple[SessionState, SessionInput], Step] = {
 del _S, _I, _A
 
 
-class Listener:
-    """Protocol state for everything peers send to this node.
+@dataclasses.dataclass(slots=True)
+class _Session:
+    state: SessionState
+    peer: str
+    node_id: str
+    #: `Listener._activity` when the session last sent a frame (least recent goes first).
+    last_active: int = 0
+    last_active_ns: int = 0
 
-    A connection's state is kept once it has been welcomed (and so only for the names of
-    known peers: a hostile stream of connections leaves nothing behind); sessions do not
-    expire, since a dialer that stops is found by its own silence, and its next Hello opens
-    the session again anyway.
-    """
+
+class Listener:
+    """Protocol state for everything peers send to this node."""
 
     def __init__(
         self,
@@ -148,8 +184,9 @@ class Listener:
         self.sync = sync
         #: Largest frame accepted: the largest batch a dialer builds (`max_frame_bytes`).
         self.max_frame_bytes = max_frame_bytes(max_message_bytes)
-        #: Connection identity -> (its state, the peer it was welcomed as).
-        self._sessions: dict[str, tuple[SessionState, str]] = {}
+        #: Connection identity -> its session (only welcomed connections: `NEW` is absent).
+        self._sessions: dict[str, _Session] = {}
+        self._activity = 0
         self._frames: list[tuple[str, Frame]] = []
         self._events: list[Event] = []
 
@@ -168,12 +205,21 @@ class Listener:
     def session_state(self, identity: str) -> SessionState:
         """Where connection `identity` stands (`NEW` if it never was welcomed)."""
         session = self._sessions.get(identity)
-        return session[0] if session else SessionState.NEW
+        return session.state if session else SessionState.NEW
+
+    def session_peer(self, identity: str) -> str | None:
+        """The peer connection `identity` was welcomed as, while its session is open."""
+        session = self._sessions.get(identity)
+        return session.peer if session and session.state is SessionState.OPEN else None
 
     # -- inputs ---------------------------------------------------------------------------
 
-    def receive(self, identity: str, data: bytes, wall_ns: int, hlc: int) -> None:
-        """Handle one frame's bytes from connection `identity`; answers go to `frames_to_send`."""
+    def receive(
+        self, identity: str, data: bytes, wall_ns: int, hlc: int,
+        authenticated: str | None = None,
+    ) -> None:
+        """Handle one frame's bytes from connection `identity`; answers go to `frames_to_send`.
+        `authenticated`: the name the connection's key proves (secure mode), else None."""
         try:
             frame = decode(data, max_bytes=self.max_frame_bytes)
         except UnsupportedVersion as exc:
@@ -188,10 +234,10 @@ class Listener:
         if isinstance(frame, UncheckedBatch):
             frame, checked = frame.batch(), False
         refusal: tuple[str, ProtocolError] | None = None
+        others: list[tuple[int, str]] = []
         match frame:
             case Hello():
-                refusal = self._check_hello(identity, frame)
-                kind = SessionInput.HELLO if refusal is None else SessionInput.BAD_HELLO
+                kind, refusal, others = self._check_hello(identity, frame, wall_ns, authenticated)
             case Batch():
                 kind = SessionInput.BATCH
             case Ping():
@@ -203,17 +249,35 @@ class Listener:
                 self._reply(identity, Refuse(RefuseCode.MALFORMED,
                                              "frame type not accepted by a listener"))
                 return
-        state, peer = self._sessions.get(identity, (SessionState.NEW, identity))
+        session = self._sessions.get(identity)
+        state = session.state if session else SessionState.NEW
         step = TRANSITIONS[state, kind]
         if isinstance(frame, Hello) and step.next is SessionState.OPEN:
-            peer = frame.name
-        if step.next is not state:  # only welcomed names get here: the dict stays bounded
-            self._sessions[identity] = (step.next, peer)
+            # A new session (a Hello replaces the connection's own): bound to this connection.
+            self._activity += 1
+            session = _Session(SessionState.OPEN, frame.name, frame.node_id,
+                               self._activity, wall_ns)
+            self._sessions[identity] = session
+        elif step.next is SessionState.NEW:
+            self._sessions.pop(identity, None)  # only welcomed connections are kept
+        elif session is not None and step.next is not state:
+            session.state = step.next
         match step.answer:
             case Answer.WELCOME:
-                self._reply(identity, Welcome(
-                    version=PROTOCOL_VERSION, node_id=self.local_node_id,
-                    name=self.local_name, sent_at_ns=wall_ns, hlc=hlc, sync=self.sync,
+                self._welcome(identity, wall_ns, hlc)
+            case Answer.WELCOME_CLAIM:
+                assert isinstance(frame, Hello)
+                self._events.append(SessionClaimed(frame.name, identity, len(others) + 1))
+                others.sort()
+                for _last, stale in others[: max(0, len(others) + 1 - MAX_SESSIONS_PER_PEER)]:
+                    del self._sessions[stale]
+                self._welcome(identity, wall_ns, hlc)
+            case Answer.REFUSE_CLAIM:
+                assert isinstance(frame, Hello)
+                self._events.append(SessionClaimed(frame.name, identity, len(others),
+                                                   refused=True))
+                self._reply(identity, Refuse(
+                    RefuseCode.IDENTITY, f"{frame.name!r} is connected already, as another node"
                 ))
             case Answer.REFUSE_HELLO:
                 assert refusal is not None
@@ -224,14 +288,21 @@ class Listener:
                 self._reply(identity, Refuse(RefuseCode.HELLO_REQUIRED, "send Hello first"))
             case Answer.ARRIVED:
                 assert isinstance(frame, Batch)
-                self._on_batch(identity, peer, frame, wall_ns, checked=checked)
+                assert session is not None
+                self._activity += 1
+                session.last_active, session.last_active_ns = self._activity, wall_ns
+                self._on_batch(identity, session.peer, frame, wall_ns, checked=checked)
             case Answer.PONG:
                 assert isinstance(frame, Ping)
+                assert session is not None
+                self._activity += 1
+                session.last_active, session.last_active_ns = self._activity, wall_ns
                 self._reply(identity, Pong(echo_sent_at_ns=frame.sent_at_ns,
                                            received_at_ns=wall_ns, replied_at_ns=wall_ns))
             case Answer.LEFT:
                 assert isinstance(frame, Bye)
-                self._events.append(PeerLeft(peer, frame.reason))
+                assert session is not None
+                self._events.append(PeerLeft(session.peer, frame.reason))
             case Answer.NOTHING:
                 pass
 
@@ -245,8 +316,10 @@ class Listener:
         replied_at_ns: int,
         hlc: int,
     ) -> None:
-        """Queue the frames answering `arrived` once `committed` seqs are durably stored."""
-        to = arrived.peer
+        """Queue the frames answering `arrived` once `committed` seqs are durably stored.
+        They go to the connection the batch came on (`arrived.connection`), never to a name:
+        a name may have several connections, and only this one sent these messages."""
+        to = arrived.connection
         if committed:
             self._reply(to,
                 ReceiptFrame(
@@ -274,23 +347,47 @@ class Listener:
     def _reply(self, identity: str, frame: Frame) -> None:
         self._frames.append((identity, frame))
 
-    def _check_hello(self, identity: str, hello: Hello) -> tuple[str, ProtocolError] | None:
-        """Why this Hello is refused (the refuse code and the error), or None. (Its version
-        was checked by `decode`.)"""
-        if hello.name != identity:
-            return RefuseCode.IDENTITY, IdentityMismatch(
-                f"connection authenticated as {identity!r} claims to be {hello.name!r}"
-            )
+    def _welcome(self, identity: str, wall_ns: int, hlc: int) -> None:
+        self._reply(identity, Welcome(
+            version=PROTOCOL_VERSION, node_id=self.local_node_id, name=self.local_name,
+            sent_at_ns=wall_ns, hlc=hlc, sync=self.sync,
+        ))
+
+    def _check_hello(
+        self, identity: str, hello: Hello, wall_ns: int, authenticated: str | None
+    ) -> tuple[SessionInput, tuple[str, ProtocolError] | None, list[tuple[int, str]]]:
+        """Which input this Hello is: with, for `BAD_HELLO`, the refuse code and the error,
+        and the name's open sessions on other connections as (last active, connection).
+        (Its version was checked by `decode`.) Sessions that said Bye under the name go: the
+        peer is back, and a connection's id is never reused, so they would only pile up."""
+        if authenticated is not None and hello.name != authenticated:
+            return SessionInput.BAD_HELLO, (RefuseCode.IDENTITY, IdentityMismatch(
+                f"connection authenticated as {authenticated!r} claims to be {hello.name!r}"
+            )), []
         if hello.name not in self.known_peers:
-            return RefuseCode.UNKNOWN_PEER, IdentityMismatch(
+            return SessionInput.BAD_HELLO, (RefuseCode.UNKNOWN_PEER, IdentityMismatch(
                 f"{hello.name!r} is not a peer of {self.local_name!r}"
-            )
+            )), []
         expected = self.expected_node_ids.get(hello.name)
         if expected is not None and expected != hello.node_id:
-            return RefuseCode.IDENTITY, IdentityMismatch(
+            return SessionInput.BAD_HELLO, (RefuseCode.IDENTITY, IdentityMismatch(
                 f"name clash: {hello.name!r} is node {expected}, not node {hello.node_id}"
-            )
-        return None
+            )), []
+        others: list[tuple[int, str]] = []
+        for connection, session in list(self._sessions.items()):
+            if connection == identity or session.peer != hello.name:
+                continue
+            if session.state is SessionState.OPEN:
+                others.append((session.last_active, connection))
+            else:
+                del self._sessions[connection]
+        if authenticated is None and any(
+            self._sessions[c].node_id != hello.node_id
+            and wall_ns - self._sessions[c].last_active_ns < LIVE_SESSION_NS
+            for _a, c in others
+        ):
+            return SessionInput.LIVE_CLAIM, None, others
+        return (SessionInput.CLAIM if others else SessionInput.HELLO), None, others
 
     def _on_batch(
         self, identity: str, peer: str, batch: Batch, wall_ns: int, *, checked: bool
@@ -299,7 +396,7 @@ class Listener:
         if checked and self._all_valid(peer, batch.messages):
             if batch.messages:
                 self._events.append(
-                    MessagesArrived(peer, list(batch.messages), batch.tx_at_ns, wall_ns)
+                    MessagesArrived(peer, list(batch.messages), batch.tx_at_ns, wall_ns, identity)
                 )
             return
         good: list[Envelope] = []
@@ -317,7 +414,7 @@ class Listener:
             self._violation(peer, error)
             self._reply(identity, Reject(seqs, code, details[code]))
         if good:
-            self._events.append(MessagesArrived(peer, good, batch.tx_at_ns, wall_ns))
+            self._events.append(MessagesArrived(peer, good, batch.tx_at_ns, wall_ns, identity))
 
     def _all_valid(self, peer: str, messages: list[Envelope]) -> bool:
         """True only if `_check` passes every message of a batch that decoding has checked
@@ -360,5 +457,5 @@ class Listener:
         return None, ""
 
     def __repr__(self) -> str:
-        open_ = sorted(i for i, (state, _) in self._sessions.items() if state is SessionState.OPEN)
+        open_ = sorted(i for i, s in self._sessions.items() if s.state is SessionState.OPEN)
         return f"Listener({self.local_name}, sessions={open_})"

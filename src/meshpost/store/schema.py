@@ -103,6 +103,62 @@ MIGRATIONS: tuple[str, ...] = (
     """
     DROP INDEX messages_peer_hlc;
     """,
+    # 5 -> 6: an id is unique per sender, not across the store (issue 16). With ids unique
+    # store-wide, C could send B messages carrying A's next ids and have A's own messages
+    # rejected as conflicts. SQLite cannot drop a PRIMARY KEY: the table is rebuilt with
+    # UNIQUE (sender, id), rowids kept (storage order), its indexes and view made again.
+    """
+    DROP VIEW message_rows;
+    CREATE TABLE messages_new (
+        id              TEXT    NOT NULL,
+        direction       TEXT    NOT NULL CHECK (direction IN ('out', 'in')),
+        peer            TEXT    NOT NULL,
+        sender          TEXT    NOT NULL,
+        recipient       TEXT    NOT NULL,
+        seq             INTEGER NOT NULL,
+        body            TEXT    NOT NULL,
+        sent_at_ns      INTEGER NOT NULL,
+        hlc             INTEGER NOT NULL,
+        state           TEXT    NOT NULL
+                        CHECK (state IN ('pending', 'delivered', 'rejected', 'received')),
+        stored_at_ns    INTEGER NOT NULL,
+        receipt_stored_at_ns   INTEGER,
+        receipt_received_at_ns INTEGER,
+        receipt_arrived_at_ns  INTEGER,
+        receipt_sync    TEXT,
+        receipt_hlc     INTEGER,
+        reject_reason   TEXT,
+        checksum        INTEGER,
+        UNIQUE (sender, id)
+    );
+    INSERT INTO messages_new (rowid, id, direction, peer, sender, recipient, seq, body,
+        sent_at_ns, hlc, state, stored_at_ns, receipt_stored_at_ns, receipt_received_at_ns,
+        receipt_arrived_at_ns, receipt_sync, receipt_hlc, reject_reason, checksum)
+    SELECT rowid, id, direction, peer, sender, recipient, seq, body,
+        sent_at_ns, hlc, state, stored_at_ns, receipt_stored_at_ns, receipt_received_at_ns,
+        receipt_arrived_at_ns, receipt_sync, receipt_hlc, reject_reason, checksum
+    FROM messages;
+    DROP TABLE messages;
+    ALTER TABLE messages_new RENAME TO messages;
+    CREATE UNIQUE INDEX messages_out_link ON messages (peer, seq) WHERE direction = 'out';
+    CREATE INDEX messages_hlc ON messages (hlc);
+    CREATE VIEW message_rows AS
+    SELECT m.id, m.direction, m.peer, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc,
+           CASE WHEN r.peer IS NULL THEN m.state ELSE 'delivered' END AS state,
+           m.stored_at_ns,
+           COALESCE(r.stored_at_ns, m.receipt_stored_at_ns) AS receipt_stored_at_ns,
+           COALESCE(r.received_at_ns, m.receipt_received_at_ns) AS receipt_received_at_ns,
+           COALESCE(r.arrived_at_ns, m.receipt_arrived_at_ns) AS receipt_arrived_at_ns,
+           COALESCE(r.sync, m.receipt_sync) AS receipt_sync,
+           COALESCE(r.hlc, m.receipt_hlc) AS receipt_hlc,
+           m.reject_reason, m.checksum
+    FROM messages AS m
+    LEFT JOIN receipts AS r
+        ON m.direction = 'out' AND m.state = 'pending' AND r.peer = m.peer
+        AND r.last_seq = (SELECT MIN(c.last_seq) FROM receipts AS c
+                          WHERE c.peer = m.peer AND c.last_seq >= m.seq)
+        AND r.first_seq <= m.seq;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

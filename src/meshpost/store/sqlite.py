@@ -68,14 +68,16 @@ _INSERT_HEAD = (
 _SHARED_VALUES = 4
 #: Each row's own values: id, seq, body, sent_at_ns, hlc, checksum.
 _VALUES_PER_ROW = 6
-#: One row's placeholders per direction; an incoming id already stored is skipped (the caller
-#: tells retransmissions from conflicts). A bare `?` takes the number after the highest so far:
-#: after the first row's ?1-?4, each row's own values are numbered in order. (Numbering them
-#: explicitly, ?5 ?6 ..., made SQLite's parser search its variable list for each: the first
-#: run of a 2,048-row statement took 172 ms instead of 5.)
+#: One row's placeholders per direction; an incoming id its sender already stored is skipped
+#: (the caller tells retransmissions from conflicts). Ids are unique per sender only: one
+#: peer's ids can never collide with, or block, another's. A bare `?` takes the number after
+#: the highest so far: after the first row's ?1-?4, each row's own values are numbered in
+#: order. (Numbering them explicitly, ?5 ?6 ..., made SQLite's parser search its variable
+#: list for each: the first run of a 2,048-row statement took 172 ms instead of 5.)
 _ROWS = {
     "out": ("(?1, ?2, ?3, ?4, ?, 'out', ?, ?, ?, ?, 'pending', ?)", ""),
-    "in": ("(?1, ?2, ?3, ?4, ?, 'in', ?, ?, ?, ?, 'received', ?)", " ON CONFLICT (id) DO NOTHING"),
+    "in": ("(?1, ?2, ?3, ?4, ?, 'in', ?, ?, ?, ?, 'received', ?)",
+           " ON CONFLICT (sender, id) DO NOTHING"),
 }
 #: Most rows per statement (a power of two), whatever the SQLite build allows above it.
 MAX_ROWS_PER_STATEMENT = 2048
@@ -431,8 +433,8 @@ class Store:
         for m in group:
             row = conn.execute(
                 "SELECT direction, sender, recipient, body, sent_at_ns, stored_at_ns"
-                " FROM messages WHERE id = ?",
-                (m.id,),
+                " FROM messages WHERE sender = ? AND id = ?",
+                (m.sender, m.id),
             ).fetchone()
             if row is not None and row[:5] == ("in", m.sender, m.recipient, m.body, m.sent_at_ns):
                 committed.append(m.seq)
@@ -466,6 +468,15 @@ class Store:
                 "SELECT peer, MAX(seq) FROM messages WHERE direction = 'out' GROUP BY peer"
             ).fetchall()
         return {peer: int(seq) for peer, seq in rows}
+
+    def max_hlc_issued(self) -> tuple[int, int]:
+        """(highest HLC stamp this node issued, its row's sent_at_ns), (0, 0) if none."""
+        with _translated(self.path):
+            row = self._conn.execute(
+                "SELECT hlc, sent_at_ns FROM messages INDEXED BY messages_hlc"
+                " WHERE direction = 'out' ORDER BY hlc DESC LIMIT 1"
+            ).fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
 
     def max_hlc(self, direction: str) -> int:
         """The highest HLC stamp stored on rows of `direction` ('out': stamps this node
@@ -731,10 +742,40 @@ def _check_checksums(conn: sqlite3.Connection, path: Path) -> None:
         raise StoreCorrupt(str(path), f"message rows fail their content checksum (ids {ids})")
 
 
+#: A store is private whatever the umask: its folder 0700, its files 0600 (SQLite gives the
+#: WAL and shared-memory files the database file's mode).
+DATA_DIR_MODE = 0o700
+STORE_FILE_MODE = 0o600
+
+
+def _make_private(data_dir: Path) -> None:
+    """Create `data_dir` 0700 (or tighten it, if it is ours) and the database file 0600,
+    before SQLite creates anything: with a loose umask other users could read every body."""
+    data_dir.mkdir(mode=DATA_DIR_MODE, parents=True, exist_ok=True)
+    _tighten(data_dir, DATA_DIR_MODE)
+    db = data_dir / DB_FILENAME
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, STORE_FILE_MODE))
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        _tighten(path, STORE_FILE_MODE)
+
+
+def _tighten(path: Path, mode: int) -> None:
+    """chmod `path` to `mode` if it exists, is ours and is looser (a store made before)."""
+    try:
+        st = path.stat()
+        if st.st_mode & 0o777 != mode and st.st_uid == os.getuid():
+            path.chmod(mode)
+    except FileNotFoundError:
+        pass
+
+
 def _lock_data_dir(data_dir: Path) -> IO[bytes]:
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(data_dir / LOCK_FILENAME, "ab")  # noqa: SIM115 - held for the node's life
+        _make_private(data_dir)
+        fd = os.open(data_dir / LOCK_FILENAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                     STORE_FILE_MODE)
+        lock = os.fdopen(fd, "ab")  # held for the node's life
     except OSError as exc:
         raise DataDirNotWritable(str(data_dir), exc.strerror or str(exc)) from None
     try:

@@ -120,6 +120,9 @@ class MemoryTransport:
     def handshake_failure(self, peer: str) -> str | None:
         return None  # no handshake below the protocol's own
 
+    def redial(self, peer: str) -> None:
+        pass  # an in-memory link cannot be left open but unread
+
     def pause_inbound(self) -> None:
         self._inbound_paused = True
 

@@ -15,16 +15,23 @@ part by part for the same reason: `recv_multipart` asks ZMQ_RCVMORE after every 
 
 Socket choices (the ZeroMQ traps the protocol designs around):
 - ROUTER_MANDATORY: a reply to an unknown or vanished peer raises instead of vanishing silently;
-- ROUTER_HANDOVER: a restarted peer reusing its routing id takes over the old connection;
+- routing ids are per connection and chosen by our ROUTER, never by the peer (no
+  ROUTING_ID on our DEALERs, no ROUTER_HANDOVER): a peer that names its connection after
+  another peer would otherwise take that peer's connection over before we read a frame. Who
+  a connection is comes from the CURVE key (`User-Id`) or the protocol's Hello, per connection;
 - no ZMTP heartbeats: with libzmq 4.3.5 a heartbeat timer firing on a connection the peer
   closed while our input pipe was full aborts the whole process (`!_io_error`, libzmq issues
   4364/4767; reproduced by tests/integration/faults/test_04_sigstop.py). Liveness is the
   protocol's own Ping/peer timeout, and TCP keepalive clears half-open connections the kernel
-  would otherwise keep forever (ZeroMQ then reconnects by itself). Redialling on a lost peer
-  was tried and dropped: `disconnect()` + `connect()` to the same endpoint races in libzmq and
-  can leave the socket with no connection at all;
+  would otherwise keep forever (ZeroMQ then reconnects by itself). A link the protocol finds
+  silent is redialled on a *new* DEALER (`redial`): `disconnect()` + `connect()` on the same
+  socket races in libzmq and can leave it with no connection at all;
 - bounded LINGER, SNDHWM/RCVHWM and MAXMSGSIZE: shutdown never hangs, memory stays bounded,
-  an oversized frame closes the offending connection before it is read into memory.
+  an oversized frame closes the offending connection before it is read into memory;
+- HANDSHAKE_IVL of 5 s (libzmq's default is 30 s) and the soft RLIMIT_NOFILE raised to the
+  hard limit: idle or half-open connections, which hold a descriptor each before any CURVE
+  check, are dropped sooner and need far more of them to run the process out of descriptors
+  (libzmq asserts when an accept on an ipc listener, such as the control socket, hits EMFILE).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 from collections.abc import Callable, Sequence
 from typing import TypeVar, cast
 
@@ -58,6 +66,10 @@ TCP_KEEPALIVE_IDLE_S = 10
 TCP_KEEPALIVE_INTVL_S = 5
 TCP_KEEPALIVE_CNT = 3
 RECONNECT_IVL_MS = 100
+#: A connection that has not completed its ZMTP (and CURVE) handshake within this is closed.
+HANDSHAKE_IVL_MS = 5_000
+#: Ceiling for the raised descriptor limit when the hard limit is "unlimited".
+FD_LIMIT_CEILING = 1 << 20
 RECONNECT_IVL_MAX_MS = 1000
 #: Frames handled per reader callback before other callbacks get a turn (timers, other peers).
 DRAIN_BUDGET = 64
@@ -98,6 +110,21 @@ def _handshake_failure_reason(kind: int, value: int) -> str:
     return "secure handshake failed (no detail from libzmq)"
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; return (before, after).
+    Idempotent; a limit that cannot be raised is left as it is."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = FD_LIMIT_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            log.warning("could not raise the descriptor limit from %d to %d", soft, target)
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
 class ZmqTransport:
     """All ZeroMQ sockets of one node."""
 
@@ -123,7 +150,8 @@ class ZmqTransport:
         self._peer_keys = peer_public_keys or {}
         self._router = self._socket(zmq.ROUTER)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+        self.fd_limit = raise_fd_limit()[1]
         self._router.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         self._authenticator: MeshAuthenticator | None = None
         if self.secure:
@@ -141,6 +169,11 @@ class ZmqTransport:
         #: (libzmq says why a CURVE handshake failed only there; the dealer just stays silent).
         self._monitors: dict[str, zmq.Socket[bytes]] = {}
         self._handshake_failures: dict[str, str] = {}
+        self._endpoints: dict[str, str] = {}
+        #: Reader fd of each peer's DEALER, so that `redial` can stop watching the old one.
+        self._dealer_fds: dict[str, int] = {}
+        self.redials = 0
+        self._monitor_fds: dict[str, int] = {}
         self._dealer_drains: dict[str, Callable[[], None]] = {}
         self.bound: list[str] = []
         self.dropped_sends = 0
@@ -214,19 +247,21 @@ class ZmqTransport:
         self._inbound_paused = False
         self._schedule_drain(self._router, self._drain_router)
 
-    def _watch(self, sock: zmq.Socket[bytes], drain: Callable[[], None]) -> None:
+    def _watch(self, sock: zmq.Socket[bytes], drain: Callable[[], None]) -> int:
         assert self._loop is not None
         fd = cast("int", sock.getsockopt(zmq.FD))
         self._loop.add_reader(fd, drain)
         self._readers.append(fd)
         # Frames may have arrived before the loop watched the descriptor: look once now.
         self._schedule_drain(sock, drain)
+        return fd
 
     def _watch_dealer(self, peer: str, sock: zmq.Socket[bytes]) -> None:
-        self._watch(sock, self._dealer_drain(peer))
+        self._dealer_fds[peer] = self._watch(sock, self._dealer_drain(peer))
         monitor = self._monitors.get(peer)
         if monitor is not None:
-            self._watch(monitor, lambda: self._drain_monitor(peer, monitor))
+            self._monitor_fds[peer] = self._watch(
+                monitor, lambda: self._drain_monitor(peer, monitor))
 
     def handshake_failure(self, peer: str) -> str | None:
         """Why the last secure handshake with `peer` failed (None once one succeeds)."""
@@ -352,8 +387,42 @@ class ZmqTransport:
 
     def add_peer(self, peer: str, endpoint: str) -> None:
         """Connect a DEALER to `peer`; ZeroMQ reconnects it by itself from now on."""
+        sock = self._dealer(peer, endpoint)
+        self._dealers[peer] = sock
+        self._endpoints[peer] = endpoint
+        if self._loop is not None:
+            self._watch_dealer(peer, sock)
+
+    def redial(self, peer: str) -> None:
+        """Replace `peer`'s DEALER by a new one (a new connection): its link went silent,
+        and a connection the other side stopped reading would otherwise stay open for good.
+        Frames still queued on the old socket are dropped; the protocol retransmits them."""
+        old = self._dealers.get(peer)
+        if old is None:
+            return
+        for fd in (self._dealer_fds.pop(peer, None), self._monitor_fds.pop(peer, None)):
+            if fd is not None and self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(fd)
+                with contextlib.suppress(ValueError):
+                    self._readers.remove(fd)
+        self._drain_scheduled.discard(id(old))
+        monitor = self._monitors.pop(peer, None)
+        if monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                old.disable_monitor()
+            monitor.close(0)
+        old.close(0)
+        sock = self._dealer(peer, self._endpoints[peer])
+        self._dealers[peer] = sock
+        self._dealer_drains.pop(peer, None)
+        self.redials += 1
+        log.info("[%s] redialling %s on a new connection", self.name, peer)
+        if self._loop is not None:
+            self._watch_dealer(peer, sock)
+
+    def _dealer(self, peer: str, endpoint: str) -> zmq.Socket[bytes]:
+        """A connected DEALER to `peer`. No ROUTING_ID: the peer's ROUTER picks one."""
         sock = self._socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, self.name.encode())
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
@@ -378,9 +447,7 @@ class ZmqTransport:
         except zmq.ZMQError as exc:
             sock.close(0)
             raise InvalidEndpoint(endpoint, exc.strerror) from None
-        self._dealers[peer] = sock
-        if self._loop is not None:
-            self._watch_dealer(peer, sock)
+        return sock
 
     def send_to_peer(self, peer: str, payload: bytes) -> bool:
         sock = self._dealers[peer]

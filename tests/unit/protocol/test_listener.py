@@ -27,6 +27,7 @@ from meshpost.protocol import (
     RefuseCode,
     Reject,
     RejectCode,
+    SessionClaimed,
     SessionState,
     ViolationDetected,
     Welcome,
@@ -40,6 +41,7 @@ from meshpost.protocol.frames import (
     MAX_BATCH_MESSAGES,
     MAX_ID_LENGTH,
 )
+from meshpost.protocol.listener import LIVE_SESSION_NS, MAX_SESSIONS_PER_PEER
 
 WALL = 1_700_000_000_000_000_000
 LIMIT = 512
@@ -75,14 +77,17 @@ def receive(listener: Listener, identity: str, data: bytes, wall_ns: int = WALL)
     return answers(listener, identity)
 
 
-def send(listener: Listener, frame: Frame, identity: str = "alice") -> list[Frame]:
-    listener.receive(identity, encode(frame), WALL + 5, 77)
+def send(
+    listener: Listener, frame: Frame, identity: str = "alice", wall_ns: int = WALL + 5,
+    authenticated: str | None = None,
+) -> list[Frame]:
+    listener.receive(identity, encode(frame), wall_ns, 77, authenticated)
     return answers(listener, identity)
 
 
 def stored(listener: Listener, arrived: MessagesArrived, **kwargs: Any) -> list[Frame]:
     listener.stored(arrived, **kwargs)
-    return answers(listener, arrived.peer)
+    return answers(listener, arrived.connection)
 
 
 def connected(max_message_bytes: int = LIMIT) -> Listener:
@@ -141,7 +146,8 @@ def test_a_second_node_under_a_discovered_name_is_refused_as_a_name_clash() -> N
 
 def test_a_hello_claiming_another_identity_is_refused() -> None:
     listener = make_listener()
-    refused = refusal(send(listener, hello("carol"), identity="alice"))
+    # The connection's key proves "alice" (secure mode); its Hello claims carol.
+    refused = refusal(send(listener, hello("carol"), "alice", authenticated="alice"))
     assert refused.code == RefuseCode.IDENTITY
     assert "claims to be 'carol'" in refused.detail
     assert isinstance(violations(listener)[0].error, IdentityMismatch)
@@ -274,7 +280,7 @@ def test_valid_messages_arrive_with_the_batch_timestamps() -> None:
     listener = connected()
     assert send(listener, Batch(WALL - 3, [msg(1), msg(2)])) == []
     [arrived] = arrivals(listener)
-    assert arrived == MessagesArrived("alice", [msg(1), msg(2)], WALL - 3, WALL + 5)
+    assert arrived == MessagesArrived("alice", [msg(1), msg(2)], WALL - 3, WALL + 5, "alice")
 
 
 def test_an_empty_batch_is_harmless() -> None:
@@ -386,7 +392,8 @@ def test_sessions_are_per_connection() -> None:
 
 
 def arrived_batch(*seqs: int) -> MessagesArrived:
-    return MessagesArrived("alice", [msg(s) for s in seqs], echo_tx_at_ns=11, received_at_ns=22)
+    return MessagesArrived("alice", [msg(s) for s in seqs], echo_tx_at_ns=11, received_at_ns=22,
+                           connection="alice")
 
 
 def test_stored_builds_a_receipt_with_ranges_and_all_four_timestamps() -> None:
@@ -439,3 +446,62 @@ def test_to_ranges_covers_exactly_the_seqs_in_sorted_disjoint_runs(seqs: list[in
 
 def test_the_repr_lists_sessions() -> None:
     assert "alice" in repr(connected())
+
+
+# -- sessions are per connection (issue 16, item 1) -------------------------------------------
+
+
+def test_a_second_connection_claiming_a_name_in_session_is_reported_and_both_are_answered() -> None:
+    listener = connected()  # connection "alice" said Hello as alice
+    [welcome] = send(listener, hello(), identity="c2")  # another connection, the same name
+    assert isinstance(welcome, Welcome)
+    [claimed] = [e for e in listener.events() if isinstance(e, SessionClaimed)]
+    assert (claimed.peer, claimed.connection, claimed.sessions) == ("alice", "c2", 2)
+    # The first connection keeps its session: its batches still arrive as alice's.
+    assert send(listener, Batch(WALL, [msg(1)])) == []
+    assert [a.peer for a in arrivals(listener)] == ["alice"]
+    assert listener.session_peer("alice") == listener.session_peer("c2") == "alice"
+
+
+def test_a_borrower_cannot_evict_a_session_that_is_sending() -> None:
+    listener = connected()
+    for i in range(10):
+        send(listener, hello(), identity=f"x{i}")
+        send(listener, Batch(WALL, [msg(i + 1)]))  # the real alice keeps sending
+    assert listener.session_peer("alice") == "alice"
+    sessions = [c for c in ["alice", *(f"x{i}" for i in range(10))] if listener.session_peer(c)]
+    assert len(sessions) == MAX_SESSIONS_PER_PEER
+
+
+def test_without_a_key_a_hello_is_not_tied_to_the_connection_id() -> None:
+    listener = make_listener()
+    [welcome] = send(listener, hello("alice"), identity="00deadbeef")
+    assert isinstance(welcome, Welcome)
+    assert listener.session_peer("00deadbeef") == "alice"
+
+
+def test_without_a_key_a_live_peers_name_is_refused_to_another_node_id() -> None:
+    listener = connected()
+    borrowed = Hello(PROTOCOL_VERSION, "intruder", "alice", WALL, 1)
+    refused = refusal(send(listener, borrowed, "c2"))
+    assert refused.code == RefuseCode.IDENTITY
+    [claimed] = [e for e in listener.events() if isinstance(e, SessionClaimed)]
+    assert claimed.refused and claimed.peer == "alice"
+    assert listener.session_peer("c2") is None
+    # Once alice's session has been silent long enough, another node may take the name.
+    later = WALL + 5 + LIVE_SESSION_NS
+    [welcome] = send(listener, borrowed, "c3", wall_ns=later)
+    assert isinstance(welcome, Welcome)
+
+
+def test_a_receipt_goes_to_the_connection_the_batch_came_on_not_to_the_name() -> None:
+    listener = connected()  # connection "alice" said Hello as alice
+    send(listener, hello(), identity="c2")  # alice again, on another connection (a restart)
+    listener.events()
+    assert send(listener, Batch(WALL, [msg(1)]), identity="c2") == []
+    [arrived] = arrivals(listener)
+    assert (arrived.peer, arrived.connection) == ("alice", "c2")
+    listener.stored(arrived, committed=[1], conflicts=[], stored_at_ns=1, replied_at_ns=2, hlc=3)
+    [(to, receipt)] = listener.frames_to_send()
+    assert to == "c2"
+    assert isinstance(receipt, ReceiptFrame)

@@ -236,12 +236,67 @@ def test_the_same_id_with_a_different_body_is_a_conflict_and_the_original_is_kep
     ]
 
 
-def test_an_incoming_id_equal_to_an_outgoing_id_is_a_conflict(store: Store) -> None:
+def test_an_incoming_id_equal_to_an_outgoing_id_is_another_senders_message(store: Store) -> None:
+    # Issue 16: ids are unique per sender. (Before, this was a conflict: a peer could block
+    # our own ids, or another peer's, by sending them first.)
     mine = out(1)
     store.apply(WriteBatch(outgoing=[mine]), T)
-    clash = Envelope(mine.id, 1, "bob", "alice", mine.body, mine.sent_at_ns, mine.hlc)
-    [result] = store.apply(WriteBatch(incoming=[[clash]]), T)
-    assert result.conflicts == [1]
+    same_id = Envelope(mine.id, 1, "bob", "alice", mine.body, mine.sent_at_ns, mine.hlc)
+    [result] = store.apply(WriteBatch(incoming=[[same_id]]), T)
+    assert (result.committed, result.conflicts) == ([1], [])
+    assert store.execute_raw("SELECT COUNT(*) FROM messages WHERE id = ?", (mine.id,)) == [(2,)]
+
+
+def test_one_peer_cannot_preclaim_another_peers_ids(store: Store) -> None:
+    claim = incoming(1, frm="carol", body="claim", msg_id="next-id-of-bob")
+    real = incoming(7, frm="bob", body="bob's own", msg_id="next-id-of-bob")
+    [claimed] = store.apply(WriteBatch(incoming=[[claim]]), T)
+    [stored] = store.apply(WriteBatch(incoming=[[real]]), T + 1)
+    assert (claimed.committed, stored.committed, stored.conflicts) == ([1], [7], [])
+    # Within one sender, an id still means one message: a retransmission or a conflict.
+    [again] = store.apply(WriteBatch(incoming=[[real]]), T + 2)
+    forged = incoming(8, frm="bob", body="other", msg_id="next-id-of-bob")
+    [conflict] = store.apply(WriteBatch(incoming=[[forged]]), T + 3)
+    assert (again.committed, again.duplicates, conflict.conflicts) == ([7], [7], [8])
+
+
+def test_a_version_5_store_migrates_to_per_sender_ids_keeping_rows_and_order(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "old"
+    data_dir.mkdir()
+    conn = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
+    conn.create_function("mp_checksum", 7, content_checksum, deterministic=True)
+    for migration in MIGRATIONS[:5]:
+        for statement in migration.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    conn.execute("PRAGMA user_version = 5")
+    conn.execute("INSERT INTO meta VALUES ('node_id', 'abcd'), ('name', 'alice')")
+    rows = [(9, "m1", "in", "bob", "bob", "alice", 1, "hi"),
+            (4, "m2", "out", "bob", "alice", "bob", 1, "yo")]
+    for rowid, mid, direction, peer, sender, recipient, seq, body in rows:
+        conn.execute(
+            "INSERT INTO messages (rowid, id, direction, peer, sender, recipient, seq, body,"
+            " sent_at_ns, hlc, state, stored_at_ns, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
+            " 1, 2, ?, 3, mp_checksum(?, ?, ?, ?, ?, 1, 2))",
+            (rowid, mid, direction, peer, sender, recipient, seq, body,
+             "received" if direction == "in" else "pending", mid, sender, recipient, seq, body))
+    conn.close()
+    store = Store.open(data_dir, name="alice")
+    try:
+        assert store.execute_raw("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        assert store.execute_raw("SELECT m.rowid, m.id, v.state FROM messages AS m JOIN"
+                                 " message_rows AS v ON v.id = m.id ORDER BY m.rowid") == [
+            (4, "m2", "pending"), (9, "m1", "received")]
+        # carol may now use bob's id; bob's own id is still his.
+        [result] = store.apply(WriteBatch(incoming=[[incoming(5, frm="carol", msg_id="m1"),
+                                                     incoming(1, frm="bob", body="x",
+                                                              msg_id="m1")]]), T)
+        assert result.conflicts == [1]
+        assert store.execute_raw("SELECT COUNT(*) FROM messages WHERE id = 'm1'") == [(2,)]
+    finally:
+        store.close()
 
 
 def test_results_come_back_per_incoming_group_in_order(store: Store) -> None:
