@@ -514,10 +514,10 @@ class Store:
     def last_seqs(self) -> dict[str, int]:
         """Highest outgoing seq per peer, so numbering continues after a restart."""
         with _translated(self.path):
-            rows = self._conn.execute(
-                "SELECT peer, MAX(seq) FROM messages WHERE direction = 'out' GROUP BY peer"
-            ).fetchall()
-        return {peer: int(seq) for peer, seq in rows}
+            rows = _last_out_rows(self._conn)
+        # Numbering goes on from these rows: a rotted seq would repeat or skip numbers.
+        _check_rows(self.path, [row[1:] for row in rows])
+        return {row[0]: int(row[2]) for row in rows}
 
     def max_hlc_issued(self) -> tuple[int, int]:
         """(highest HLC stamp this node issued, its row's sent_at_ns), (0, 0) if none."""
@@ -882,12 +882,32 @@ def _verify_at_open(
     return _OpenVerification(rows=rows, below_rowid=low + 1 if low else 0)
 
 
+def _last_out_rows(conn: sqlite3.Connection) -> list[Any]:
+    """Per peer, its outgoing row with the highest seq: (peer, then `_CHECKED` columns).
+
+    Two index seeks per peer (the next peer, then its top seq) on `messages_out_link`: a
+    `GROUP BY peer` with MAX(seq) scans the whole index instead, 1.0 s at 5M outgoing rows."""
+    rows: list[Any] = []
+    peer = ""
+    while True:
+        found = conn.execute(
+            "SELECT peer FROM messages INDEXED BY messages_out_link WHERE direction = 'out'"
+            " AND peer > ? ORDER BY peer LIMIT 1",
+            (peer,),
+        ).fetchone()
+        if found is None:
+            return rows
+        peer = found[0]
+        rows.append(conn.execute(
+            f"SELECT peer, {_CHECKED} FROM messages INDEXED BY messages_out_link"
+            " WHERE direction = 'out' AND peer = ? ORDER BY seq DESC LIMIT 1",
+            (peer,),
+        ).fetchone())
+
+
 def _state_rows(conn: sqlite3.Connection) -> list[Any]:
     """The rows behind `Store.last_seqs` and `Store.max_hlc`, as `_CHECKED` columns."""
-    # A bare column beside MAX() comes from the row holding the maximum (SQLite rule).
-    rows = [row[1:] for row in conn.execute(
-        f"SELECT MAX(seq), {_CHECKED} FROM messages WHERE direction = 'out' GROUP BY peer"
-    )]
+    rows = [row[1:] for row in _last_out_rows(conn)]
     for direction in ("out", "in"):
         rows.extend(conn.execute(
             f"SELECT {_CHECKED} FROM messages INDEXED BY messages_hlc WHERE direction = ?"
