@@ -70,6 +70,6 @@ def test_meshpost_node_exits_with_the_corrupt_store_error_found_after_start(
 
     config = _config(short_tmp)
     _big_store_with_a_rotten_old_row(config, monkeypatch)
-    with pytest.raises(StoreCorrupt, match="is corrupt.*restore it from a copy") as raised:
+    with pytest.raises(StoreCorrupt, match=r"is corrupt.*restore it from a copy") as raised:
         asyncio.run(asyncio.wait_for(_run_node(config, interactive=False), 60))
     assert _exit_code(raised.value) == EXIT_STORE
