@@ -4,15 +4,25 @@ serve or resend a row (outbox, retransmission, history) refuses a corrupt one.""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from meshpost.clock import FakeClock
 from meshpost.errors import StoreCorrupt
 from meshpost.protocol import Envelope
-from meshpost.store import DB_FILENAME, Store, StoreReader, WriteBatch
+from meshpost.store import (
+    DB_FILENAME,
+    GroupCommitWriter,
+    IncomingResult,
+    Store,
+    StoreReader,
+    WriteBatch,
+)
 from meshpost.store import sqlite as store_sqlite
 
 T = 1_700_000_000_000_000_000
@@ -176,3 +186,29 @@ def test_the_default_budget_is_the_module_constant(
         assert store.rows_verified_at_open == 4 + 3
     finally:
         store.close()
+
+
+def test_the_writer_reports_a_batch_that_failed_on_a_corrupt_row_and_receipts_nothing(
+    data_dir: Path,
+) -> None:
+    rot(data_dir, "UPDATE messages SET hlc = hlc + 1 WHERE id = 'in-bob-0005'")
+    store = Store.open(data_dir, name="alice", verify_rows=BUDGET)
+    reported: list[StoreCorrupt] = []
+    receipted: list[IncomingResult] = []
+
+    async def scenario() -> None:
+        writer = GroupCommitWriter(store, FakeClock(), node="alice", on_corrupt=reported.append)
+        task = asyncio.create_task(writer.run())
+        try:
+            writer.add_incoming([incoming(5)], lambda result, _at: receipted.append(result))
+            while not reported:
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            writer.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert "in-bob-0005" in str(reported[0])
+    assert receipted == []
