@@ -557,8 +557,9 @@ class Store:
                 (peer, after_seq, limit),
             ).fetchall()
         # These go out again as they are: a row that rotted on disk is refused, never sent.
-        _check_rows(self.path, rows)
-        return [Envelope(*row[:-1]) for row in rows]
+        envelopes: list[Envelope] = []
+        _check_rows(self.path, rows, envelopes)
+        return envelopes
 
     def _settled_through(self, peer: str, seq: int) -> int:
         """The highest seq s >= `seq` such that no message to `peer` in (seq, s] is pending:
@@ -827,19 +828,25 @@ class _OpenVerification:
 _CHECKED = "id, seq, sender, recipient, body, sent_at_ns, hlc, checksum"
 
 
-def _check_rows(path: Path, rows: Iterator[Any] | list[Any]) -> int:
-    """Recompute each `_CHECKED` row's content checksum; how many rows there were.
+def _check_rows(
+    path: Path, rows: Iterator[Any] | list[Any], keep: list[Envelope] | None = None
+) -> int:
+    """Recompute each `_CHECKED` row's content checksum; how many rows there were. With
+    `keep`, each row's `Envelope` is appended to it (built once for both).
 
     A flipped bit inside a record passes `quick_check` (which checks structure) but not this.
     Raises `StoreCorrupt` naming the first rows that fail (or that no longer decode)."""
     crc, encode = _crc32, _envelope_bytes
+    add = keep.append if keep is not None else None
     bad: list[str] = []
     count = 0
     try:
         for id, seq, sender, recipient, body, sent_at_ns, hlc, checksum in rows:
             count += 1
-            if checksum != crc(encode(Envelope(id, seq, sender, recipient, body, sent_at_ns,
-                                               hlc))):
+            m = Envelope(id, seq, sender, recipient, body, sent_at_ns, hlc)
+            if add is not None:
+                add(m)
+            if checksum != crc(encode(m)):
                 bad.append(str(id))
                 if len(bad) == 3:
                     break
