@@ -76,6 +76,7 @@ def test_open_of_a_big_store_verifies_the_newest_rows_and_the_state_rows_not_all
     assert opened.rows_verified_at_open == BUDGET + 3
     assert opened.rows_verified_at_open < ROWS
     assert not opened.fully_verified_at_open
+    assert opened.rows_left_to_verify
 
 
 def test_a_small_store_is_verified_whole_at_open_and_leaves_nothing_for_later(
@@ -85,6 +86,7 @@ def test_a_small_store_is_verified_whole_at_open_and_leaves_nothing_for_later(
     try:
         assert store.rows_verified_at_open == ROWS
         assert store.fully_verified_at_open
+        assert not store.rows_left_to_verify
         assert store.open_verifier() is None
     finally:
         store.close()
@@ -101,6 +103,8 @@ def test_the_verifier_checks_every_row_open_left_and_then_the_pages(opened: Stor
         assert steps == 9
         assert verifier.rows_verified == ROWS - BUDGET
         assert verifier.done
+        # Rows are verified once per open: reads stop checking once none is left.
+        assert not opened.rows_left_to_verify
     finally:
         verifier.close()
 
