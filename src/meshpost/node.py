@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import secrets
+import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextvars import Context
@@ -40,6 +41,7 @@ from meshpost.errors import (
     NodeFailed,
     ProtocolError,
     ReceiptTimeout,
+    StoreCorrupt,
 )
 from meshpost.protocol import (
     Bye,
@@ -71,6 +73,7 @@ from meshpost.store import (
     Rejection,
     Store,
     StoreReader,
+    Verifier,
 )
 from meshpost.transport import Transport, ZmqTransport
 
@@ -302,6 +305,8 @@ class NodeStats:
     name_claims: int = 0
     #: Remote HLC stamps not merged: beyond the wall clock + the forward bound.
     hlc_rejected: int = 0
+    #: Corrupt rows or pages found after start (the node fails on the first one).
+    store_corrupt: int = 0
 
 
 _HEX3 = [f"{i:03x}" for i in range(4096)]
@@ -462,6 +467,8 @@ class Node:
             for peer in cfg.peers:
                 self._transport.add_peer(peer.name, peer.endpoint)
                 self._new_link(peer.name, peer.endpoint, "config")
+            # What a big store's open left unchecked is verified after start (`_verify_store`).
+            verifier = await asyncio.to_thread(store.open_verifier)
         except BaseException:
             await self._teardown()
             raise
@@ -470,6 +477,9 @@ class Node:
             asyncio.create_task(self._timer_loop(), name=f"{self.name}-timers"),
             asyncio.create_task(self._feed_loop(), name=f"{self.name}-feeder"),
         ]
+        if verifier is not None:
+            self._tasks.append(asyncio.create_task(self._verify_store(verifier),
+                                                   name=f"{self.name}-verifier"))
         self._transport.start(self._on_inbound_frame, self._on_peer_frame,
                               self._writer.submit_now)
         for task in self._tasks:
@@ -537,6 +547,8 @@ class Node:
         """The writer broke (called once, on the loop): like h11's connection after an error,
         the node refuses new work from now on. Every pending write already failed with it."""
         self.failure = NodeFailed(self.name, error)
+        if isinstance(error, StoreCorrupt):
+            self.stats.store_corrupt += 1
         log.critical("[%s] %s", self.name, self.failure)
         self._failed.set()
         # Receipts still expected can no longer be recorded: their waiters hear why now
@@ -546,6 +558,30 @@ class Node:
             if waiter is not None:
                 waiter[0].set_exception(self.failure)
                 waiter[0].exception()  # retrieved: a handle nobody awaits is not an error
+
+    async def _verify_store(self, verifier: Verifier) -> None:
+        """Check, off the loop, the rows and pages `Store.open` left unchecked (a big store).
+        On the first corrupt one the writer fails with it, so the node fails as a broken
+        store makes it (`serve` raises, `meshpost node` exits 6), as it would have at open."""
+        stop = threading.Event()
+
+        def run() -> None:
+            try:
+                while not stop.is_set() and not verifier.step():
+                    pass
+            finally:
+                verifier.close()  # on this thread: the connection is never used by two
+
+        try:
+            await asyncio.to_thread(run)
+        except StoreCorrupt as exc:
+            if self._writer is not None:
+                self._writer.fail(exc)
+        else:
+            log.info("[%s] store verified: %d more rows checked since start", self.name,
+                     verifier.rows_verified)
+        finally:
+            stop.set()
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set. Raises `NodeFailed` if the node fails first (the caller
@@ -968,8 +1004,12 @@ class Node:
                     continue
                 epoch = self._backlog_epoch[peer]
                 limit = link.capacity
-                rows = await writer.call(store.load_pending, peer, link.highest_enqueued_seq,
-                                         limit)
+                try:
+                    rows = await writer.call(store.load_pending, peer,
+                                             link.highest_enqueued_seq, limit)
+                except StoreCorrupt as exc:  # a rotted row is never (re)transmitted
+                    writer.fail(exc)
+                    return
                 # The window's bytes may take fewer than `limit`; the rest stay on disk.
                 taken = link.admit(rows)
                 link.enqueue(rows[:taken] if taken < len(rows) else rows)

@@ -1,5 +1,5 @@
-"""A big store opens without verifying every row; a corrupt older row found after start stops
-the node (and `meshpost node` exits as it would have at open) before it is ever served."""
+"""A big store opens without verifying every row; a corrupt older row found after start fails
+the node (and `meshpost node` exits 6, as it would have at open) before it is ever served."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from meshpost import Node, NodeConfig, PeerConfig
-from meshpost.errors import NodeClosed, StoreCorrupt
+from meshpost.errors import NodeFailed, StoreCorrupt
 from meshpost.protocol import Envelope
 from meshpost.store import DB_FILENAME, Store, WriteBatch
 from meshpost.store import sqlite as store_sqlite
@@ -40,25 +40,22 @@ def _big_store_with_a_rotten_old_row(
     monkeypatch.setattr(store_sqlite, "OPEN_VERIFY_ROWS", 5)
 
 
-def test_a_corrupt_row_found_after_start_stops_the_node(
+def test_a_corrupt_row_found_after_start_fails_the_node(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = _config(short_tmp)
     _big_store_with_a_rotten_old_row(config, monkeypatch)
 
     async def scenario() -> None:
-        node = Node(config)
-        await node.start()  # open checked only the newest rows: it starts
-        try:
-            failure = await asyncio.wait_for(node.wait_failed(), 30)
-            assert isinstance(failure, StoreCorrupt)
-            assert "in-003" in str(failure)
-            assert node.failure is failure
+        async with Node(config) as node:  # open checked only the newest rows: it starts
+            with pytest.raises(NodeFailed) as raised:
+                await asyncio.wait_for(node.serve(asyncio.Event()), 30)
+            assert isinstance(raised.value.cause, StoreCorrupt)
+            assert "in-003" in str(raised.value)
+            assert node.failure is raised.value
             assert node.snapshot_stats().store_corrupt == 1
-            with pytest.raises(NodeClosed):
+            with pytest.raises(NodeFailed):
                 await node.post("B", "after the corruption was found")
-        finally:
-            await node.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
@@ -70,6 +67,6 @@ def test_meshpost_node_exits_with_the_corrupt_store_error_found_after_start(
 
     config = _config(short_tmp)
     _big_store_with_a_rotten_old_row(config, monkeypatch)
-    with pytest.raises(StoreCorrupt, match=r"is corrupt.*restore it from a copy") as raised:
+    with pytest.raises(NodeFailed, match=r"is corrupt.*restore it from a copy") as raised:
         asyncio.run(asyncio.wait_for(_run_node(config, interactive=False), 60))
     assert _exit_code(raised.value) == EXIT_STORE

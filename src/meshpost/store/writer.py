@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import meshpost.probes as probes
 from meshpost.clock import Clock
-from meshpost.errors import DataDirNotWritable, StoreError, StoreFull, StoreLocked
+from meshpost.errors import DataDirNotWritable, StoreCorrupt, StoreError, StoreFull, StoreLocked
 from meshpost.protocol import Envelope
 from meshpost.store.sqlite import Delivery, IncomingResult, Rejection, Store, WriteBatch
 
@@ -346,6 +346,12 @@ class GroupCommitWriter:
             return
         self.errors += 1
         self.last_error = exc
+        if isinstance(exc, StoreCorrupt):
+            # A row rotted on disk (a retransmission's stored copy failed its checksum):
+            # retrying cannot fix it, and the node must stop as it would have at open.
+            self._busy = False
+            self.fail(exc, callbacks)
+            return
         if isinstance(exc, _TRANSIENT):
             log.warning("[%s] store write failed, retrying in %.2fs: %s", self._node, delay, exc)
             next_delay = min(delay * 2, RETRY_MAX_S)
@@ -490,6 +496,15 @@ class GroupCommitWriter:
         if batch:
             self._busy = True
             self._failed(batch, rest, RETRY_INITIAL_S, error)
+
+    def fail(self, error: BaseException, pending: _Callbacks | None = None) -> None:
+        """Break the writer from outside (the store was found corrupt after start): as
+        `_break`, then wake whoever waits for the writer to go idle."""
+        if self.failure is not None:
+            return
+        self._break(error, pending or [])
+        if not self._busy and not self._batch:
+            self._idle.set()
 
     def _break(self, error: BaseException, pending: _Callbacks) -> None:
         """The writer cannot commit: fail every pending and later item with `error`."""

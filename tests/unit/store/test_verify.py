@@ -192,16 +192,16 @@ def test_the_default_budget_is_the_module_constant(
         store.close()
 
 
-def test_the_writer_reports_a_batch_that_failed_on_a_corrupt_row_and_receipts_nothing(
+def test_a_batch_that_fails_on_a_corrupt_row_breaks_the_writer_and_receipts_nothing(
     data_dir: Path,
 ) -> None:
     rot(data_dir, "UPDATE messages SET hlc = hlc + 1 WHERE id = 'in-bob-0005'")
     store = Store.open(data_dir, name="alice", verify_rows=BUDGET)
-    reported: list[StoreCorrupt] = []
+    reported: list[BaseException] = []
     receipted: list[IncomingResult] = []
 
     async def scenario() -> None:
-        writer = GroupCommitWriter(store, FakeClock(), node="alice", on_corrupt=reported.append)
+        writer = GroupCommitWriter(store, FakeClock(), node="alice", on_failure=reported.append)
         task = asyncio.create_task(writer.run())
         try:
             writer.add_incoming([incoming(5)], lambda result, _at: receipted.append(result))
@@ -214,5 +214,6 @@ def test_the_writer_reports_a_batch_that_failed_on_a_corrupt_row_and_receipts_no
             writer.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert isinstance(reported[0], StoreCorrupt)
     assert "in-bob-0005" in str(reported[0])
     assert receipted == []
