@@ -105,6 +105,9 @@ class CrashPoint(enum.Enum):
     AFTER_RECEIVER_COMMIT = "after-receiver-commit"
     BEFORE_ACK_SEND = "before-ack-send"
     AFTER_ACK_RECEIVE = "after-ack-receive"
+    #: The receipt was reported to its caller (`send()` returned) but not yet recorded in
+    #: the sender's store: the window the record's commit leaves open.
+    AFTER_RECEIPT_REPORTED = "after-receipt-reported"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1267,19 +1270,20 @@ class Node:
                 pass
 
     def _record_delivery(self, event: MessagesDelivered) -> None:
+        """A valid receipt arrived: report it now, record it with the next commit.
+
+        The receipt is already backed by the receiver's commit, so its waiters are told at
+        once and our own record of it stays off the reply path: a `send()` resumes first and
+        its next message shares the commit that records this one. If we crash before that
+        commit, the message is pending again after restart, is resent, and the receiver
+        answers the duplicate with the same receipt: the record is restored, nothing is
+        stored twice (docs/protocol.md, "Receipts").
+        """
         assert self._writer is not None
         self._crash(CrashPoint.AFTER_ACK_RECEIVE)
-        delivery = Delivery(event.peer, event.seqs, event.receipt, event.arrived_at_ns)
-        self._writer.add_delivery(delivery, lambda: self._delivery_stored(delivery))
-
-    def _delivery_stored(self, delivery: Delivery) -> None:
-        if self._probe is not None:
-            self._probe.mark(probes.DELIVERY_STORED)
-        peer, r = delivery.peer, delivery.receipt
-        self.stats.delivered += len(delivery.seqs)
-        self._delivered_changed.set()
+        peer, r = event.peer, event.receipt
         if self._waiters:
-            for seq in delivery.seqs:
+            for seq in event.seqs:
                 waiter = self._take_waiter(peer, seq)
                 if waiter is not None:
                     future, message_id, sent_at_ns = waiter
@@ -1287,14 +1291,28 @@ class Node:
                         Receipt(
                             message_id=message_id, to=peer, seq=seq, sent_at_ns=sent_at_ns,
                             delivered_at_ns=r.stored_at_ns, received_at_ns=r.received_at_ns,
-                            recorded_at_ns=delivery.arrived_at_ns, sync=r.sync,
+                            recorded_at_ns=event.arrived_at_ns, sync=r.sync,
                         )
                     )
+        if self._crash_at is CrashPoint.AFTER_RECEIPT_REPORTED:
+            # Queued before the record's commit, after the waiters' wake-ups: the caller has
+            # seen its receipt and the record is not committed when the node dies.
+            asyncio.get_running_loop().call_soon(self._crash, CrashPoint.AFTER_RECEIPT_REPORTED)
+        delivery = Delivery(peer, event.seqs, r, event.arrived_at_ns)
+        self._writer.add_delivery(delivery, lambda: self._delivery_stored(delivery))
+
+    def _delivery_stored(self, delivery: Delivery) -> None:
+        """The receipt is recorded: count it, wake whoever follows deliveries."""
+        if self._probe is not None:
+            self._probe.mark(probes.DELIVERY_STORED)
+        peer = delivery.peer
+        self.stats.delivered += len(delivery.seqs)
+        self._delivered_changed.set()
         link = self._links.get(peer)
         if link is not None and link.disk_backlog:
             self._feed_wakeup.set()
         if self._subscribers:
-            self._publish(DeliveryRecorded(peer, delivery.seqs, r.stored_at_ns))
+            self._publish(DeliveryRecorded(peer, delivery.seqs, delivery.receipt.stored_at_ns))
 
     def _record_rejection(self, peer: str, seqs: list[int], code: str, detail: str) -> None:
         assert self._writer is not None
