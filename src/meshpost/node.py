@@ -1276,8 +1276,8 @@ class Node:
         once and our own record of it stays off the reply path: a `send()` resumes first and
         its next message shares the commit that records this one. If we crash before that
         commit, the message is pending again after restart, is resent, and the receiver
-        answers the duplicate with the same receipt: the record is restored, nothing is
-        stored twice (docs/protocol.md, "Receipts").
+        receipts the duplicate again from the row it already stored: the record is restored,
+        nothing is stored twice (docs/protocol.md, section 7.3).
         """
         assert self._writer is not None
         self._crash(CrashPoint.AFTER_ACK_RECEIVE)
