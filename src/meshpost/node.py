@@ -391,6 +391,9 @@ class Node:
         # caller dropped is forgotten), and strongly in _held once someone waits for one.
         self._waiters: dict[_MessageKey, _Waiter] = {}
         self._held: dict[_MessageKey, ReceiptFuture] = {}
+        #: `send()` calls waiting with a timeout: (deadline in loop time, id, peer, timeout).
+        self._send_deadlines: dict[asyncio.Future[Receipt], tuple[float, str, str, float]] = {}
+        self._send_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._feed_wakeup = asyncio.Event()
         self._backlog_epoch: dict[str, int] = {}
@@ -632,6 +635,9 @@ class Node:
                 future.exception()  # nobody may be awaiting it: mark as retrieved
         self._waiters.clear()
         self._held.clear()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         await self._teardown()
         log.info("[%s] node closed", self.name)
 
@@ -796,10 +802,44 @@ class Node:
         rules.resolve_peer(to, peers=self.config.peer_names)
         (handle,) = await self._post(to, body, held=True)
         # The handle is this call's alone, so its future is awaited without a shield, which
-        # costs a loop turn on the way back. A timeout cancels the future, which harms no one
+        # costs a loop turn on the way back. A timeout fails the future, which harms no one
         # (the receipt is still recorded when it comes). This frame holds the future while it
         # waits, so the node need not (`held`).
-        return await wait_receipt(handle, timeout_s, shield=False)
+        future = handle.receipt
+        if timeout_s is None or future.done():
+            return await future
+        # No timer per send: one node timer serves every waiting send (`_expire_sends`).
+        self._send_deadlines[future] = (asyncio.get_running_loop().time() + timeout_s,
+                                        handle.id, to, timeout_s)
+        self._arm_send_timer(self._send_deadlines[future][0])
+        try:
+            return await future
+        finally:
+            self._send_deadlines.pop(future, None)
+
+    def _arm_send_timer(self, deadline: float) -> None:
+        timer = self._send_timer
+        if timer is not None and timer.when() <= deadline:
+            return  # it fires first, and re-arms itself for what is left
+        if timer is not None:
+            timer.cancel()
+        self._send_timer = asyncio.get_running_loop().call_at(deadline, self._expire_sends)
+
+    def _expire_sends(self) -> None:
+        """Fail the sends whose receipt is overdue with `ReceiptTimeout`; re-arm for the next."""
+        self._send_timer = None
+        now = asyncio.get_running_loop().time()
+        later = None
+        for future, (deadline, message_id, to, timeout_s) in list(self._send_deadlines.items()):
+            if future.done():
+                continue
+            if deadline <= now:
+                # The message stays queued and is still delivered (its waiter is skipped).
+                future.set_exception(ReceiptTimeout(message_id, to, timeout_s))
+            elif later is None or deadline < later:
+                later = deadline
+        if later is not None:
+            self._arm_send_timer(later)
 
     async def wait_receipt(self, handle: Outgoing, timeout_s: float | None) -> Receipt:
         """Wait for `handle`'s receipt; a timeout leaves the handle's future untouched."""
