@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import secrets
+import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextvars import Context
@@ -40,6 +41,7 @@ from meshpost.errors import (
     NodeFailed,
     ProtocolError,
     ReceiptTimeout,
+    StoreCorrupt,
 )
 from meshpost.protocol import (
     Bye,
@@ -70,6 +72,7 @@ from meshpost.store import (
     Rejection,
     Store,
     StoreReader,
+    Verifier,
 )
 from meshpost.transport import Transport, ZmqTransport
 
@@ -101,6 +104,9 @@ class CrashPoint(enum.Enum):
     AFTER_RECEIVER_COMMIT = "after-receiver-commit"
     BEFORE_ACK_SEND = "before-ack-send"
     AFTER_ACK_RECEIVE = "after-ack-receive"
+    #: The receipt was reported to its caller (`send()` returned) but not yet recorded in
+    #: the sender's store: the window the record's commit leaves open.
+    AFTER_RECEIPT_REPORTED = "after-receipt-reported"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -301,6 +307,8 @@ class NodeStats:
     name_claims: int = 0
     #: Remote HLC stamps not merged: beyond the wall clock + the forward bound.
     hlc_rejected: int = 0
+    #: Corrupt rows or pages found after start (the node fails on the first one).
+    store_corrupt: int = 0
 
 
 _HEX3 = [f"{i:03x}" for i in range(4096)]
@@ -382,6 +390,9 @@ class Node:
         # caller dropped is forgotten), and strongly in _held once someone waits for one.
         self._waiters: dict[_MessageKey, _Waiter] = {}
         self._held: dict[_MessageKey, ReceiptFuture] = {}
+        #: `send()` calls waiting with a timeout: (deadline in loop time, id, peer, timeout).
+        self._send_deadlines: dict[asyncio.Future[Receipt], tuple[float, str, str, float]] = {}
+        self._send_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._feed_wakeup = asyncio.Event()
         self._subscribers: list[asyncio.Queue[NodeEvent]] = []
@@ -459,6 +470,8 @@ class Node:
             for peer in cfg.peers:
                 self._transport.add_peer(peer.name, peer.endpoint)
                 self._new_link(peer.name, peer.endpoint, "config")
+            # What a big store's open left unchecked is verified after start (`_verify_store`).
+            verifier = await asyncio.to_thread(store.open_verifier)
         except BaseException:
             await self._teardown()
             raise
@@ -467,6 +480,9 @@ class Node:
             asyncio.create_task(self._timer_loop(), name=f"{self.name}-timers"),
             asyncio.create_task(self._feed_loop(), name=f"{self.name}-feeder"),
         ]
+        if verifier is not None:
+            self._tasks.append(asyncio.create_task(self._verify_store(verifier),
+                                                   name=f"{self.name}-verifier"))
         self._transport.start(self._on_inbound_frame, self._on_peer_frame,
                               self._writer.submit_now)
         for task in self._tasks:
@@ -535,6 +551,8 @@ class Node:
         """The writer broke (called once, on the loop): like h11's connection after an error,
         the node refuses new work from now on. Every pending write already failed with it."""
         self.failure = NodeFailed(self.name, error)
+        if isinstance(error, StoreCorrupt):
+            self.stats.store_corrupt += 1
         log.critical("[%s] %s", self.name, self.failure)
         self._failed.set()
         # Receipts still expected can no longer be recorded: their waiters hear why now
@@ -544,6 +562,30 @@ class Node:
             if waiter is not None:
                 waiter[0].set_exception(self.failure)
                 waiter[0].exception()  # retrieved: a handle nobody awaits is not an error
+
+    async def _verify_store(self, verifier: Verifier) -> None:
+        """Check, off the loop, the rows and pages `Store.open` left unchecked (a big store).
+        On the first corrupt one the writer fails with it, so the node fails as a broken
+        store makes it (`serve` raises, `meshpost node` exits 6), as it would have at open."""
+        stop = threading.Event()
+
+        def run() -> None:
+            try:
+                while not stop.is_set() and not verifier.step():
+                    pass
+            finally:
+                verifier.close()  # on this thread: the connection is never used by two
+
+        try:
+            await asyncio.to_thread(run)
+        except StoreCorrupt as exc:
+            if self._writer is not None:
+                self._writer.fail(exc)
+        else:
+            log.info("[%s] store verified: %d more rows checked since start", self.name,
+                     verifier.rows_verified)
+        finally:
+            stop.set()
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set. Raises `NodeFailed` if the node fails first (the caller
@@ -591,6 +633,9 @@ class Node:
                 future.exception()  # nobody may be awaiting it: mark as retrieved
         self._waiters.clear()
         self._held.clear()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         await self._teardown()
         log.info("[%s] node closed", self.name)
 
@@ -755,10 +800,44 @@ class Node:
         rules.resolve_peer(to, peers=self.config.peer_names)
         (handle,) = await self._post(to, body, held=True)
         # The handle is this call's alone, so its future is awaited without a shield, which
-        # costs a loop turn on the way back. A timeout cancels the future, which harms no one
+        # costs a loop turn on the way back. A timeout fails the future, which harms no one
         # (the receipt is still recorded when it comes). This frame holds the future while it
         # waits, so the node need not (`held`).
-        return await wait_receipt(handle, timeout_s, shield=False)
+        future = handle.receipt
+        if timeout_s is None or future.done():
+            return await future
+        # No timer per send: one node timer serves every waiting send (`_expire_sends`).
+        self._send_deadlines[future] = (asyncio.get_running_loop().time() + timeout_s,
+                                        handle.id, to, timeout_s)
+        self._arm_send_timer(self._send_deadlines[future][0])
+        try:
+            return await future
+        finally:
+            self._send_deadlines.pop(future, None)
+
+    def _arm_send_timer(self, deadline: float) -> None:
+        timer = self._send_timer
+        if timer is not None and timer.when() <= deadline:
+            return  # it fires first, and re-arms itself for what is left
+        if timer is not None:
+            timer.cancel()
+        self._send_timer = asyncio.get_running_loop().call_at(deadline, self._expire_sends)
+
+    def _expire_sends(self) -> None:
+        """Fail the sends whose receipt is overdue with `ReceiptTimeout`; re-arm for the next."""
+        self._send_timer = None
+        now = asyncio.get_running_loop().time()
+        later = None
+        for future, (deadline, message_id, to, timeout_s) in list(self._send_deadlines.items()):
+            if future.done():
+                continue
+            if deadline <= now:
+                # The message stays queued and is still delivered (its waiter is skipped).
+                future.set_exception(ReceiptTimeout(message_id, to, timeout_s))
+            elif later is None or deadline < later:
+                later = deadline
+        if later is not None:
+            self._arm_send_timer(later)
 
     async def wait_receipt(self, handle: Outgoing, timeout_s: float | None) -> Receipt:
         """Wait for `handle`'s receipt; a timeout leaves the handle's future untouched."""
@@ -959,7 +1038,12 @@ class Node:
                 if request is None:
                     continue
                 after_seq, limit = request
-                link.refill(await writer.call(store.load_pending, peer, after_seq, limit))
+                try:
+                    rows = await writer.call(store.load_pending, peer, after_seq, limit)
+                except StoreCorrupt as exc:  # a rotted row is never (re)transmitted
+                    writer.fail(exc)
+                    return
+                link.refill(rows)
                 link.pump(self.clock.monotonic(), self.clock.wall_ns())
                 self._perform(link)
 
@@ -1210,19 +1294,20 @@ class Node:
                 pass
 
     def _record_delivery(self, event: MessagesDelivered) -> None:
+        """A valid receipt arrived: report it now, record it with the next commit.
+
+        The receipt is already backed by the receiver's commit, so its waiters are told at
+        once and our own record of it stays off the reply path: a `send()` resumes first and
+        its next message shares the commit that records this one. If we crash before that
+        commit, the message is pending again after restart, is resent, and the receiver
+        receipts the duplicate again from the row it already stored: the record is restored,
+        nothing is stored twice (docs/protocol.md, section 7.3).
+        """
         assert self._writer is not None
         self._crash(CrashPoint.AFTER_ACK_RECEIVE)
-        delivery = Delivery(event.peer, event.seqs, event.receipt, event.arrived_at_ns)
-        self._writer.add_delivery(delivery, lambda: self._delivery_stored(delivery))
-
-    def _delivery_stored(self, delivery: Delivery) -> None:
-        if self._probe is not None:
-            self._probe.mark(probes.DELIVERY_STORED)
-        peer, r = delivery.peer, delivery.receipt
-        self.stats.delivered += len(delivery.seqs)
-        self._delivered_changed.set()
+        peer, r = event.peer, event.receipt
         if self._waiters:
-            for seq in delivery.seqs:
+            for seq in event.seqs:
                 waiter = self._take_waiter(peer, seq)
                 if waiter is not None:
                     future, message_id, sent_at_ns = waiter
@@ -1230,14 +1315,28 @@ class Node:
                         Receipt(
                             message_id=message_id, to=peer, seq=seq, sent_at_ns=sent_at_ns,
                             delivered_at_ns=r.stored_at_ns, received_at_ns=r.received_at_ns,
-                            recorded_at_ns=delivery.arrived_at_ns, sync=r.sync,
+                            recorded_at_ns=event.arrived_at_ns, sync=r.sync,
                         )
                     )
+        if self._crash_at is CrashPoint.AFTER_RECEIPT_REPORTED:
+            # Queued before the record's commit, after the waiters' wake-ups: the caller has
+            # seen its receipt and the record is not committed when the node dies.
+            asyncio.get_running_loop().call_soon(self._crash, CrashPoint.AFTER_RECEIPT_REPORTED)
+        delivery = Delivery(peer, event.seqs, r, event.arrived_at_ns)
+        self._writer.add_delivery(delivery, lambda: self._delivery_stored(delivery))
+
+    def _delivery_stored(self, delivery: Delivery) -> None:
+        """The receipt is recorded: count it, wake whoever follows deliveries."""
+        if self._probe is not None:
+            self._probe.mark(probes.DELIVERY_STORED)
+        peer = delivery.peer
+        self.stats.delivered += len(delivery.seqs)
+        self._delivered_changed.set()
         link = self._links.get(peer)
         if link is not None and link.disk_backlog:
             self._feed_wakeup.set()
         if self._subscribers:
-            self._publish(DeliveryRecorded(peer, delivery.seqs, r.stored_at_ns))
+            self._publish(DeliveryRecorded(peer, delivery.seqs, delivery.receipt.stored_at_ns))
 
     def _record_rejection(self, peer: str, seqs: list[int], code: str, detail: str) -> None:
         assert self._writer is not None

@@ -4,6 +4,9 @@ both ends, and every one is delivered."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,6 +139,74 @@ def test_sender_killed_right_after_storing_resends_on_restart(short_tmp: Path) -
         cluster.stop()
     report = verify_stores({"A": cluster.data_dir("A"), "B": cluster.data_dir("B")})
     assert report.ok and report.received == 1, report.summary()
+
+
+#: Node A embedded in a script: three sends, then the crash hook armed for the fourth, whose
+#: receipt the script writes down as `send()` returns it (the node dies right after).
+_REPORTED_THEN_CRASH = """
+import asyncio, sys
+from pathlib import Path
+from meshpost.config import MeshConfig
+from meshpost.node import CrashPoint, Node
+
+async def main(config: str, data: str, out: str) -> None:
+    cfg = MeshConfig.load(Path(config)).node("A", data_dir=Path(data))
+    async with Node(cfg) as a:
+        for i in range(3):
+            await a.send("B", f"before {i}", timeout_s=30)
+        a._crash_at = CrashPoint.AFTER_RECEIPT_REPORTED
+        receipt = await a.send("B", "reported, not yet recorded", timeout_s=30)
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(f"{receipt.message_id} {receipt.delivered_at_ns}")
+        await asyncio.sleep(30)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def _receipt_times(data_dir: Path) -> dict[str, int | None]:
+    with sqlite3.connect(f"file:{data_dir / 'meshpost.db'}?mode=ro", uri=True) as db:
+        rows = db.execute(
+            "SELECT id, receipt_stored_at_ns FROM message_rows WHERE direction = 'out'")
+        return dict(rows.fetchall())
+
+
+def test_sender_killed_after_a_receipt_is_reported_but_before_it_is_recorded(
+    short_tmp: Path,
+) -> None:
+    """A receipt is reported (`send()` returns) as soon as it arrives; the sender records it
+    in its next commit. Killed in between (AFTER_RECEIPT_REPORTED), the sender finds the
+    message pending after restart and resends it; the receiver receipts the duplicate again
+    from the row it already stored, so the record is restored and nothing is lost or stored
+    twice."""
+    cluster = LocalCluster.create(short_tmp, 2, transport="ipc", options=FAST)
+    out = short_tmp / "reported.txt"
+    try:
+        cluster.start(["B"])
+        script = subprocess.run(
+            [sys.executable, "-c", _REPORTED_THEN_CRASH, str(cluster.config_path),
+             str(cluster.data_dir("A")), str(out)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert script.returncode == 99, script.stderr[-2000:]
+        reported_id, reported_at = out.read_text(encoding="utf-8").split()
+        # The crash window: B stored all four, A reported the fourth but never recorded it.
+        assert store_counts(cluster.data_dir("B")) == {"in/received": 4}
+        assert store_counts(cluster.data_dir("A")) == {"out/delivered": 3, "out/pending": 1}
+        assert _receipt_times(cluster.data_dir("A"))[reported_id] is None
+        cluster.start(["A"])
+        wait_until(lambda: store_counts(cluster.data_dir("A")) == {"out/delivered": 4}, 30,
+                   "A to resend the unrecorded message and record its receipt again")
+    finally:
+        cluster.stop()
+    # The restored record is B's answer to the resent copy: B stored nothing new for it, and
+    # answered after the commit the reported receipt named.
+    restored = _receipt_times(cluster.data_dir("A"))[reported_id]
+    assert restored is not None and restored >= int(reported_at)
+    report = verify_stores({"A": cluster.data_dir("A"), "B": cluster.data_dir("B")})
+    assert report.ok, report.problems
+    assert (report.sent, report.delivered, report.received) == (4, 4, 4)
+    assert store_counts(cluster.data_dir("B")) == {"in/received": 4}
 
 
 async def _until(predicate: object) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from meshpost.clock import FakeClock
 from meshpost.config import NodeConfig, PeerConfig
-from meshpost.errors import NodeFailed, UnknownPeer
+from meshpost.errors import NodeFailed, ReceiptTimeout, UnknownPeer
 from meshpost.node import Message, Node, wait_receipt
 from meshpost.protocol import decode
 from meshpost.store import Store, StoreReader
@@ -84,6 +84,51 @@ def test_a_post_is_stored_sent_receipted_and_recorded_as_delivered(tmp_path: Pat
             await a.flush()
             with StoreReader.for_data_dir(a.config.data_dir) as reader:
                 assert [m.state for m in reader.history(direction="out")] == ["delivered"]
+
+    run(scenario)
+
+
+def test_send_returns_when_the_receipt_arrives_and_the_record_follows(tmp_path: Path) -> None:
+    """The receipt is reported as soon as it arrives; the sender's record of it is committed
+    after `send()` has returned (with the next commit), not on the reply path."""
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            await until(lambda: connected(a))
+            receipt = await a.send("B", "first", timeout_s=PATIENCE_S)
+            # Nothing ran on the loop since the receipt was reported: not recorded yet.
+            assert a.stats.delivered == 0
+            with StoreReader.for_data_dir(a.config.data_dir) as reader:
+                assert [m.state for m in reader.history(direction="out")] == ["pending"]
+            with StoreReader.for_data_dir(b.config.data_dir) as reader:
+                assert [m.id for m in reader.history(direction="in")] == [receipt.message_id]
+            await until(lambda: a.stats.delivered == 1)
+            await a.flush()
+            with StoreReader.for_data_dir(a.config.data_dir) as reader:
+                (row,) = reader.history(direction="out")
+                assert (row.state, row.receipt_stored_at_ns) == (
+                    "delivered", receipt.delivered_at_ns)
+
+    run(scenario)
+
+
+def test_send_timeouts_share_one_timer_and_expire_in_deadline_order(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, _b = pair(tmp_path, net, clock)
+        async with a:  # B never starts: no receipt can come
+            slow = [asyncio.ensure_future(a.send("B", f"slow {i}", timeout_s=PATIENCE_S))
+                    for i in range(20)]
+            fast = asyncio.ensure_future(a.send("B", "fast", timeout_s=0.05))
+            with pytest.raises(ReceiptTimeout):
+                await fast
+            assert not any(task.done() for task in slow)
+            assert a._send_timer is not None and len(a._send_deadlines) == 20
+            for task in slow:
+                task.cancel()
+            await asyncio.gather(*slow, return_exceptions=True)
+            assert not a._send_deadlines  # a cancelled send leaves nothing behind
 
     run(scenario)
 

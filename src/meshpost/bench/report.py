@@ -95,7 +95,8 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
                         rows.append((f"pair-latency floor {sync}",
                                      _fmt_lat(f[f"floor_{sync}_us"]) + " µs",
                                      " / ".join(f"{ratio[k]:.1f}×" for k in ratio)
-                                     + " raw: loop ping-pong + the 3 commits alone; meshpost is "
+                                     + " raw: loop ping-pong + the 2 commits on the path"
+                                     + " alone; meshpost is "
                                      + " / ".join(f"{over[k]:.1f}×" for k in over) + " of it"))
         elif name == "send-timeline":
             total = f["total_p50_us"]

@@ -8,6 +8,7 @@ from meshpost.store.sqlite import (
     Store,
     StoredMessage,
     StoreReader,
+    Verifier,
     WriteBatch,
 )
 from meshpost.store.writer import GroupCommitWriter
@@ -21,5 +22,6 @@ __all__ = [
     "Store",
     "StoreReader",
     "StoredMessage",
+    "Verifier",
     "WriteBatch",
 ]

@@ -17,7 +17,10 @@ Latency matters as much as batching: an idle writer submits a new batch at the e
 current loop iteration (everything added in that iteration shares it), and the writer thread
 hands the result back with one `call_soon_threadsafe`, straight into the completion
 callbacks. No task, event or asyncio future sits between a commit and its callbacks: each of
-those would cost another trip round the event loop per commit.
+those would cost another trip round the event loop per commit. A delivery record is awaited
+by no one (its receipt was reported when it arrived), so it never makes `submit_now` commit
+early: it waits for the end of the loop iteration, after the wake-ups already queued, and a
+sender resuming there puts its next message into the same commit.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any, TypeVar
 
 import meshpost.probes as probes
 from meshpost.clock import Clock
-from meshpost.errors import DataDirNotWritable, StoreError, StoreFull, StoreLocked
+from meshpost.errors import DataDirNotWritable, StoreCorrupt, StoreError, StoreFull, StoreLocked
 from meshpost.protocol import Envelope
 from meshpost.store.sqlite import Delivery, IncomingResult, Rejection, Store, WriteBatch
 
@@ -120,6 +123,8 @@ class GroupCommitWriter:
         #: A batch is being committed (or waits to be retried): the next one must wait.
         self._busy = False
         self._kick_scheduled = False
+        #: A submit of only non-urgent adds (delivery records) is queued on the loop.
+        self._lazy_scheduled = False
         #: `call()` jobs on the thread: the connection is not shared while one runs.
         self._thread_jobs = 0
         self._inline = store.sync in INLINE_SYNC_LEVELS
@@ -183,7 +188,7 @@ class GroupCommitWriter:
             return
         self._batch.deliveries.append(delivery)
         self._callbacks.append((_DELIVERY, delivery, done, failed))
-        self._grow(len(delivery.seqs))
+        self._grow(len(delivery.seqs), urgent=False)
 
     def add_rejection(
         self, rejection: Rejection, done: Done, failed: Failed | None = None
@@ -217,11 +222,11 @@ class GroupCommitWriter:
             self._schedule()
             await self._idle.wait()
 
-    def _grow(self, rows: int) -> None:
+    def _grow(self, rows: int, *, urgent: bool = True) -> None:
         self._rows += rows
         if self._rows >= MAX_PENDING_ROWS:
             self._room.clear()
-        self._schedule()
+        self._schedule(urgent=urgent)
 
     # -- committing -----------------------------------------------------------------------
 
@@ -234,13 +239,22 @@ class GroupCommitWriter:
         finally:
             self._loop = None
 
-    def _schedule(self) -> None:
+    def _schedule(self, *, urgent: bool = True) -> None:
         """Submit the pending batch at the end of this loop iteration, if the writer is idle:
-        everything added until then shares one transaction."""
+        everything added until then shares one transaction. Only an `urgent` add (one that
+        someone waits for) lets `submit_now` start it earlier."""
         if self._loop is None or self._busy or self._kick_scheduled or not self._batch:
             return
-        self._kick_scheduled = True
-        self._loop.call_soon(self._submit_pending)
+        if urgent:
+            self._kick_scheduled = True
+            self._loop.call_soon(self._submit_pending)
+        elif not self._lazy_scheduled:
+            self._lazy_scheduled = True
+            self._loop.call_soon(self._submit_lazy)
+
+    def _submit_lazy(self) -> None:
+        self._lazy_scheduled = False
+        self._submit_pending()
 
     def submit_now(self) -> None:
         """Start committing the pending batch now rather than at the end of this loop
@@ -346,6 +360,12 @@ class GroupCommitWriter:
             return
         self.errors += 1
         self.last_error = exc
+        if isinstance(exc, StoreCorrupt):
+            # A row rotted on disk (a retransmission's stored copy failed its checksum):
+            # retrying cannot fix it, and the node must stop as it would have at open.
+            self._busy = False
+            self.fail(exc, callbacks)
+            return
         if isinstance(exc, _TRANSIENT):
             log.warning("[%s] store write failed, retrying in %.2fs: %s", self._node, delay, exc)
             next_delay = min(delay * 2, RETRY_MAX_S)
@@ -490,6 +510,15 @@ class GroupCommitWriter:
         if batch:
             self._busy = True
             self._failed(batch, rest, RETRY_INITIAL_S, error)
+
+    def fail(self, error: BaseException, pending: _Callbacks | None = None) -> None:
+        """Break the writer from outside (the store was found corrupt after start): as
+        `_break`, then wake whoever waits for the writer to go idle."""
+        if self.failure is not None:
+            return
+        self._break(error, pending or [])
+        if not self._busy and not self._batch:
+            self._idle.set()
 
     def _break(self, error: BaseException, pending: _Callbacks) -> None:
         """The writer cannot commit: fail every pending and later item with `error`."""
