@@ -151,6 +151,10 @@ class NodeConfig:
     #: Bind beyond loopback without CURVE anyway (`--insecure`): anyone who can reach the
     #: port can then read, send and claim any peer's name.
     insecure: bool = False
+    #: Inbound connections kept at once; more are shut down as they are accepted, so idle
+    #: ones cannot use up the descriptors the node needs. None: derived from the descriptor
+    #: limit (`meshpost.transport.inbound.default_inbound_cap`).
+    max_inbound_connections: int | None = None
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -222,6 +226,10 @@ def _check_types(cfg: NodeConfig) -> None:
         raise ConfigError(f"secure must be true or false, not {cfg.secure!r}")
     if not isinstance(cfg.insecure, bool):
         raise ConfigError(f"insecure must be true or false, not {cfg.insecure!r}")
+    cap = cfg.max_inbound_connections
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+        raise ConfigError(f"max_inbound_connections must be a whole number of at least 1, "
+                          f"not {cap!r}")
 
 
 def default_data_dir(name: str) -> Path:

@@ -309,6 +309,8 @@ class NodeStats:
     hlc_rejected: int = 0
     #: Corrupt rows or pages found after start (the node fails on the first one).
     store_corrupt: int = 0
+    #: Inbound connections shut down because `max_inbound_connections` were open.
+    inbound_refused: int = 0
 
 
 _HEX3 = [f"{i:03x}" for i in range(4096)]
@@ -465,6 +467,7 @@ class Node:
                 curve_public_key=public,
                 peer_public_keys=self._peer_public_keys,
                 probe=self._probe,
+                max_inbound_connections=cfg.max_inbound_connections,
             )
             self.endpoints = self._transport.bind(cfg.bind)
             for peer in cfg.peers:
@@ -957,6 +960,7 @@ class Node:
             self.stats.store_commits = self._writer.commits
         if self._transport is not None:
             self.stats.dropped_sends = self._transport.dropped_sends
+            self.stats.inbound_refused = self._transport.inbound_refused
         self.stats.retransmissions = sum(link.retransmissions for link in self._links.values())
         return dataclasses.replace(self.stats)
 

@@ -33,6 +33,11 @@ class Transport(Protocol):
         """Frames dropped because a queue was full (the protocol retransmits them)."""
         ...
 
+    @property
+    def inbound_refused(self) -> int:
+        """Inbound connections shut down because the cap of open ones was reached."""
+        ...
+
     def bind(self, endpoints: Sequence[str]) -> list[str]:
         """Listen on `endpoints`; return them as bound (ports resolved)."""
         ...

@@ -53,6 +53,8 @@ class MemoryTransport:
         self.bound: list[str] = []
         self.peers: dict[str, str] = {}
         self.dropped_sends = 0
+        #: The fake has no connections to cap.
+        self.inbound_refused = 0
         self._inbound_paused = False
         #: Inbound frames that came while paused or before `start` (ZeroMQ queues those too).
         self._held: list[tuple[bytes, bytes]] = []

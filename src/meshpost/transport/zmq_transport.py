@@ -31,7 +31,10 @@ Socket choices (the ZeroMQ traps the protocol designs around):
 - HANDSHAKE_IVL of 5 s (libzmq's default is 30 s) and the soft RLIMIT_NOFILE raised to the
   hard limit: idle or half-open connections, which hold a descriptor each before any CURVE
   check, are dropped sooner and need far more of them to run the process out of descriptors
-  (libzmq asserts when an accept on an ipc listener, such as the control socket, hits EMFILE).
+  (libzmq asserts when an accept on an ipc listener, such as the control socket, hits EMFILE);
+- inbound connections capped (`inbound.InboundGuard`, from the ROUTER's socket monitor): one
+  accepted beyond the cap is shut down at once, so idle connections cannot take the
+  descriptors the node's own sockets need.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 import meshpost.probes as probes
 from meshpost.errors import EndpointInUse, InvalidEndpoint, TransportError
+from meshpost.transport.inbound import InboundGuard, default_inbound_cap
 from meshpost.transport.security import ZAP_DOMAIN, MeshAuthenticator
 
 log = logging.getLogger(__name__)
@@ -138,8 +142,11 @@ class ZmqTransport:
         curve_public_key: bytes | None = None,
         peer_public_keys: dict[str, bytes] | None = None,
         probe: probes.Probe | None = None,
+        max_inbound_connections: int | None = None,
     ) -> None:
-        """`probe` (`meshpost.probes`) is told when each frame is handed to ZeroMQ."""
+        """`probe` (`meshpost.probes`) is told when each frame is handed to ZeroMQ;
+        `max_inbound_connections` caps the connections the ROUTER keeps (None: derived from
+        the descriptor limit, `inbound.default_inbound_cap`)."""
         self.name = name
         self._probe = probe
         self.max_frame_bytes = max_frame_bytes
@@ -185,6 +192,11 @@ class ZmqTransport:
         #: Sockets with a drain already scheduled by `call_soon` (keyed by id of the socket).
         self._drain_scheduled: set[int] = set()
         self._readers: list[int] = []
+        # Last (nothing after it can fail) and before any bind: the guard learns the
+        # listeners from their LISTENING events.
+        self._inbound = InboundGuard(
+            self.context, self._router, name=name,
+            cap=max_inbound_connections or default_inbound_cap(self.fd_limit))
 
     @property
     def secure(self) -> bool:
@@ -481,6 +493,15 @@ class ZmqTransport:
         return True
 
     @property
+    def inbound_refused(self) -> int:
+        """Inbound connections shut down because `inbound_cap` connections were open."""
+        return self._inbound.refused
+
+    @property
+    def inbound_cap(self) -> int:
+        return self._inbound.cap
+
+    @property
     def denied_connections(self) -> int:
         return self._authenticator.allowlist.denied if self._authenticator else 0
 
@@ -498,6 +519,7 @@ class ZmqTransport:
             monitor.close(0)
         for sock in self._dealers.values():
             sock.close(LINGER_MS)
+        self._inbound.close()
         self._router.close(LINGER_MS)
         if self._own_context:
             self.context.term()
