@@ -227,3 +227,65 @@ def test_the_descriptor_limit_is_raised_and_handshakes_are_short() -> None:
             transport.close()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_connections_beyond_the_cap_are_shut_down_and_established_ones_keep_working() -> None:
+    """Issue 16, item 5: idle connections over `max_inbound_connections` are closed at once
+    (counted), while a peer connected under the cap keeps exchanging frames."""
+    import socket
+
+    from meshpost.transport.inbound import default_inbound_cap
+
+    async def scenario() -> None:
+        inbound: list[bytes] = []
+        server = ZmqTransport(name="B", max_frame_bytes=1 << 16, max_inbound_connections=2)
+        client = ZmqTransport(name="A", max_frame_bytes=1 << 16)
+        raw: list[socket.socket] = []
+        try:
+            assert server.inbound_cap == 2
+            (endpoint,) = server.bind(["tcp://127.0.0.1:*"])
+            server.start(lambda identity, data, _u: (inbound.append(data),
+                                                     server.reply(identity, data)),
+                         lambda _p, _d: None)
+            replies: list[bytes] = []
+            client.add_peer("B", endpoint)
+            client.start(lambda _i, _d, _u: None, lambda _p, data: replies.append(data))
+            await send_when_connected(client, b"before")
+            await until(lambda: replies == [b"before"])
+            port = int(endpoint.rsplit(":", 1)[1])
+            for _ in range(5):
+                raw.append(await asyncio.to_thread(socket.create_connection,
+                                                   ("127.0.0.1", port), 5))
+
+            for s in raw:
+                s.setblocking(False)
+
+            def closed_by_server() -> int:
+                closed = 0
+                for s in raw:
+                    try:
+                        while s.recv(4096):  # ZeroMQ's greeting may come first
+                            pass
+                    except BlockingIOError:
+                        continue
+                    except ConnectionResetError:
+                        pass
+                    closed += 1
+                return closed
+
+            # One raw connection fits under the cap beside A's; the other four are refused.
+            await until(lambda: server.inbound_refused == 4)
+            await until(lambda: closed_by_server() == 4)
+            await send_when_connected(client, b"after")
+            await until(lambda: replies == [b"before", b"after"])
+            assert inbound == [b"before", b"after"]
+        finally:
+            for s in raw:
+                s.close()
+            client.close()
+            server.close()
+
+    asyncio.run(scenario())
+    assert default_inbound_cap(256) == 96
+    assert default_inbound_cap(64) == 8
+    assert default_inbound_cap(1 << 20) == 4096

@@ -232,6 +232,9 @@ def test_a_node_config_has_sensible_defaults() -> None:
         ({"retransmit_initial_s": 0.0}, "retransmit_initial_s"),
         ({"retransmit_max_s": None}, "retransmit_max_s"),
         ({"secure": "yes"}, "secure"),
+        ({"max_inbound_connections": 0}, "max_inbound_connections"),
+        ({"max_inbound_connections": "100"}, "max_inbound_connections"),
+        ({"max_inbound_connections": True}, "max_inbound_connections"),
     ],
 )
 def test_invalid_node_configs_are_rejected(overrides: dict[str, Any], why: str) -> None:

@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 import time
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -55,7 +56,7 @@ class InboundGuard:
     Create it before the socket binds (its LISTENING events name the listeners); `close()` it
     before closing the socket."""
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], router: zmq.Socket[bytes], *,
+    def __init__(self, context: zmq.Context[Any], router: zmq.Socket[bytes], *,
                  cap: int, name: str) -> None:
         self.cap = cap
         self.name = name

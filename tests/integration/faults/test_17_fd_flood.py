@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import select
 import socket
 import subprocess
@@ -37,7 +38,8 @@ CONTROL_ROUNDS = 5
 COMMAND_TIMEOUT_S = 30.0
 
 _LIMITED = ("import os, resource, sys; n = int(sys.argv[1]); "
-            "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); os.execv(sys.argv[2], sys.argv[2:])")
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+            "os.execv(sys.argv[2], sys.argv[2:])")
 
 
 class LimitedNode(NodeProcess):
@@ -70,8 +72,12 @@ class IdleConnections:
         """Forget the connections the node closed (EOF or reset)."""
         if not self.socks:
             return
-        readable, _, _ = select.select(self.socks, [], [], 0)
-        for s in readable:
+        poller = select.poll()  # not select(): the test's own descriptors may pass 1024
+        by_fd = {s.fileno(): s for s in self.socks}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        for fd, _ in poller.poll(0):
+            s = by_fd[fd]
             try:
                 if s.recv(4096):
                     continue
@@ -106,7 +112,7 @@ def test_fd_flood_leaves_control_and_peers_working(mesh_factory: MeshFactory) ->
         b.start()
         await asyncio.to_thread(mesh.start_real, ["A"])
         await asyncio.to_thread(b.wait_ready)
-        assert mesh.ps("B").rlimit(__import__("resource").RLIMIT_NOFILE) == (FD_LIMIT, FD_LIMIT)
+        assert mesh.ps("B").rlimit(resource.RLIMIT_NOFILE) == (FD_LIMIT, FD_LIMIT)
         await mesh.wait_connected("A")
         await mesh.stream("A", "B", 10, tag="before", concurrency=10)
 
