@@ -65,7 +65,8 @@ CHECKPOINT_PAGES = 1000
 #: WAL is never copied back whole and never starts over: it grew past 500 MB on each side in a
 #: 3,000,000-message pair-throughput run. Past this many pages since it last started over, the
 #: writer copies what the background checkpoints left itself, between two commits (it waits
-#: for that, about CHECKPOINT_PAGES pages), and its next commit starts the WAL over.
+#: for a background checkpoint still running, then copies about CHECKPOINT_PAGES pages), and
+#: its next commit starts the WAL over.
 WAL_RESTART_PAGES = 4000
 _TRANSIENT = (StoreLocked, StoreFull, DataDirNotWritable)
 
@@ -564,18 +565,28 @@ class GroupCommitWriter:
         pages = batch.wal_pages(self.store.page_size)
         self._wal_pages += pages
         self._wal_since_restart += pages
-        background_idle = self._checkpoint is None or self._checkpoint.done()
         # Only on the thread (inline commits, on the loop, never wait for the lock): the
         # catch-up is a wait that must not stall the loop.
-        if wait_for_lock and background_idle and self._wal_since_restart >= WAL_RESTART_PAGES:
+        if wait_for_lock and self._wal_since_restart >= WAL_RESTART_PAGES:
             self._catch_up()
-        elif background_idle and self._wal_pages >= CHECKPOINT_PAGES:
+        elif (
+            self._checkpoint is None or self._checkpoint.done()
+        ) and self._wal_pages >= CHECKPOINT_PAGES:
             self._wal_pages = 0
             self._checkpoint = self._checkpoint_executor.submit(self._run_checkpoint)
         return results, stored_at
 
     def _catch_up(self) -> None:
-        """Copy the rest of the WAL on the writer's own connection (`WAL_RESTART_PAGES`)."""
+        """Copy the rest of the WAL on the writer's own connection (`WAL_RESTART_PAGES`).
+
+        It runs at the first commit on the thread once due, whatever the background
+        checkpoint is doing: one still queued is cancelled (the catch-up does its work), one
+        running is waited for (two checkpoints at once would make this one copy nothing).
+        Skipping the catch-up while the background one was busy left the WAL's size to thread
+        scheduling: under load it kept growing for as long as that checkpoint took to run."""
+        background = self._checkpoint
+        if background is not None and not background.cancel():
+            background.exception()  # waits; `_run_checkpoint` logs its own failures
         try:
             complete = self.store.checkpoint()
         except StoreError as exc:  # the commit stands; the next catch-up tries again

@@ -498,6 +498,38 @@ def test_small_commits_on_the_loop_also_let_the_wal_start_over(
     run(scenario)
 
 
+def test_the_wal_starts_over_when_due_even_if_a_background_checkpoint_is_still_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A background checkpoint submitted but not yet run (under load its thread may wait a
+    long while for a CPU) used to postpone the catch-up until it had run, so the WAL's size
+    was up to thread scheduling. Now the first commit on the thread once due cancels it and
+    catches up: every catch-up costs exactly one commit off the loop."""
+    wal = tmp_path / "meshpost.db-wal"
+    sizes: list[int] = []
+    release = threading.Event()
+
+    async def scenario() -> None:
+        async with running_writer(tmp_path, sync="normal") as writer:
+            _stream_with_overlapped_checkpoints(monkeypatch, writer)
+            # The checkpoint thread stays busy: every background checkpoint waits in its queue.
+            writer._checkpoint_executor.submit(release.wait, PATIENCE_S)
+            try:
+                for seq in range(1, 101):
+                    writer.add_outgoing([out(seq)], lambda _at: None)
+                    await writer.flush()
+                    sizes.append(wal.stat().st_size)
+            finally:
+                release.set()
+            # 100 one-row commits of ~4 pages: due every ~80 pages, so about every 20th.
+            assert writer.wal_restarts >= 4
+            assert writer.inline_commits == 100 - writer.wal_restarts
+            assert max(sizes) < 1_500_000, max(sizes)
+        assert len(rows(tmp_path)) == 100
+
+    run(scenario)
+
+
 # -- a bad item fails alone; a broken store fails every waiter ------------------------------
 
 
