@@ -133,15 +133,32 @@ def test_three_nodes_with_no_peer_list_find_each_other_and_exchange_receipted_me
     assert "B joined (beacon" in a.log()
 
 
+@pytest.mark.parametrize(
+    ("how", "gone"),
+    [
+        # SIGTERM: C closes cleanly and says Bye on its link to A, so A logs it as left.
+        pytest.param("stop", "C left", id="bye"),
+        # kill -9: no Bye at all; A's liveness (peer_timeout_s of silence) finds C lost.
+        pytest.param("kill", "lost C", id="silence"),
+    ],
+)
 def test_restarted_node_is_seen_leaving_and_rejoining_and_receives_what_was_queued(
-    lan: LanOnLoopback,
+    lan: LanOnLoopback, how: str, gone: str,
 ) -> None:
     a, c = lan.node("A").start(), lan.node("C").start()
     a.wait_ready()
     c.wait_ready()
-    wait_until(lambda: connected(a) == {"C"}, WAIT_S, "A connected to C")
-    c.stop()
-    wait_until(lambda: "C left" in a.log(), WAIT_S, "A seeing C leave")
+    # Both links up: C's own link to A must be welcomed before C can say Bye on it (it
+    # says it only to peers that welcomed it), and A's link to C is the one that notices.
+    wait_until(lambda: connected(a) == {"C"} and connected(c) == {"A"}, WAIT_S,
+               "A and C connected to each other")
+    if how == "stop":
+        c.stop()
+    else:
+        c.kill()
+    wait_until(lambda: gone in a.log(), WAIT_S, f"A seeing C gone ({gone!r})")
+    # A's discovery notices C's beacons stop too; only then can it hear them "again".
+    wait_until(lambda: "no beacon from C" in a.log(), WAIT_S, "A hearing no beacon from C")
     assert send(a, "C", "kept for C", timeout_s=0.5) == 3  # queued, no receipt yet
     assert bodies(a.data_dir, "out") == ["kept for C"]
     c.process = None
