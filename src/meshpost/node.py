@@ -35,6 +35,7 @@ from meshpost.clock import (
 from meshpost.config import NodeConfig, PeerConfig
 from meshpost.errors import (
     ConfigError,
+    InvalidMessage,
     MeshpostError,
     MessageRejected,
     NodeClosed,
@@ -65,6 +66,7 @@ from meshpost.protocol import (
     decode,
     encode,
 )
+from meshpost.protocol.header import PatternHeader, header_problem
 from meshpost.store import (
     Delivery,
     GroupCommitWriter,
@@ -182,6 +184,9 @@ class Message:
     hlc: int
     #: Our clock when we committed it.
     stored_at_ns: int
+    #: The pattern header's kind and ref (`PatternHeader`), None for a direct message.
+    kind: str | None = None
+    ref: str | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -673,16 +678,24 @@ class Node:
         """Raise the `InvalidMessage` that `post` would raise for `body`."""
         rules.validate_body(body, self.config.max_message_bytes)
 
-    async def post(self, target: str, body: str) -> list[Outgoing]:
+    async def post(
+        self, target: str, body: str, *, header: PatternHeader | None = None
+    ) -> list[Outgoing]:
         """Accept `body` for every peer `target` names; return once it is durably stored.
 
         The returned handles' `receipt` futures complete when each receiver has committed it.
+        `header` says what the message is for (a task, a reply, ...: docs/protocol.md);
+        None, the default, sends a direct message.
         """
-        return await self._post(target, body, held=False)
+        return await self._post(target, body, held=False, header=header)
 
-    async def _post(self, target: str, body: str, *, held: bool) -> list[Outgoing]:
+    async def _post(
+        self, target: str, body: str, *, held: bool, header: PatternHeader | None = None,
+    ) -> list[Outgoing]:
         """`post`; with `held`, the caller itself keeps the futures until they are done."""
         self._check_open()
+        if header is not None and (problem := header_problem(header)) is not None:
+            raise InvalidMessage(f"invalid pattern header: {problem}")
         peers = self.resolve(target)
         self.validate_body(body)
         writer = self._writer
@@ -697,8 +710,8 @@ class Node:
             seq = self._next_seq.get(peer, 0) + 1
             self._next_seq[peer] = seq
             envelope = Envelope(
-                id=self._new_id(wall), seq=seq, sender=self.name, recipient=peer, body=body,
-                sent_at_ns=wall, hlc=self.hlc.now(),
+                id=self._new_id(wall), seq=seq, sender=self.name, recipient=peer,
+                body=body, sent_at_ns=wall, hlc=self.hlc.now(), header=header,
             )
             key = (peer, seq)
             # A caller that holds the future while it waits (send) gets a plain one: the
@@ -904,6 +917,7 @@ class Node:
                     yield Message(
                         id=row.id, sender=row.sender, recipient=row.recipient, body=row.body,
                         sent_at_ns=row.sent_at_ns, hlc=row.hlc, stored_at_ns=row.stored_at_ns,
+                        kind=row.kind, ref=row.ref,
                     )
         finally:
             self._message_readers.discard(wakeup)
