@@ -12,14 +12,17 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import inspect
 import itertools
 import logging
+import operator
 import os
 import secrets
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextvars import Context
+from typing import Any
 
 import msgspec
 
@@ -42,6 +45,7 @@ from meshpost.errors import (
     NodeFailed,
     ProtocolError,
     ReceiptTimeout,
+    RequestTimeout,
     StoreCorrupt,
 )
 from meshpost.protocol import (
@@ -66,7 +70,14 @@ from meshpost.protocol import (
     decode,
     encode,
 )
-from meshpost.protocol.header import PatternHeader, header_problem
+from meshpost.protocol.header import Kind, PatternHeader, header_problem, reply_id
+from meshpost.protocol.requests import (
+    PendingRequest,
+    ReplyUnmatched,
+    RequestAnswered,
+    RequestTimedOut,
+    RequestTracker,
+)
 from meshpost.store import (
     Delivery,
     GroupCommitWriter,
@@ -187,6 +198,31 @@ class Message:
     #: The pattern header's kind and ref (`PatternHeader`), None for a direct message.
     kind: str | None = None
     ref: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """The reply to a request this node sent (`Node.request`), as stored here."""
+
+    #: The request's message id; the reply's header refers to it (history links them).
+    request_id: str
+    #: The reply's own message id (`reply_id(request_id)`).
+    id: str
+    sender: str
+    body: str
+    #: The replier's wall clock when it sent the reply.
+    sent_at_ns: int
+    hlc: int
+    #: Our clock when we committed it.
+    stored_at_ns: int
+
+
+#: What a request handler may be: called with the request (a `Message`); returning a str
+#: (or an awaitable of one) replies with it; None replies nothing (or the handler calls
+#: `Node.reply` itself).
+RequestHandler = Callable[["Message"], "str | Awaitable[str | None] | None"]
+#: How many unanswered requests from before a restart are read per batch (handler re-runs).
+UNANSWERED_BATCH = 500
 
 
 @dataclasses.dataclass(slots=True)
@@ -314,6 +350,20 @@ class NodeStats:
     hlc_rejected: int = 0
     #: Corrupt rows or pages found after start (the node fails on the first one).
     store_corrupt: int = 0
+    #: Request handlers that raised (the request stays unanswered; logged).
+    handler_errors: int = 0
+    #: Replies stored but linked to no request waiting here (late beyond memory, or from
+    #: a peer the request did not go to).
+    replies_unmatched: int = 0
+
+
+_HEADER = operator.attrgetter("header")
+
+
+def _message_of(m: Envelope, stored_at_ns: int) -> Message:
+    h = m.header
+    return Message(m.id, m.sender, m.recipient, m.body, m.sent_at_ns, m.hlc, stored_at_ns,
+                   None if h is None else str(h.kind), None if h is None or not h.ref else h.ref)
 
 
 _HEX3 = [f"{i:03x}" for i in range(4096)]
@@ -413,6 +463,15 @@ class Node:
         self.endpoints: list[str] = []
         #: Every peer's endpoint and how it was found ("config" or "beacon").
         self._found: dict[str, tuple[str, str]] = {}
+        # Request/reply (docs/protocol.md "Patterns"): what became of our requests, the
+        # callers waiting on them, and the handler that answers peers' requests.
+        self._requests = RequestTracker()
+        self._request_waiters: dict[str, asyncio.Future[Reply]] = {}
+        self._request_timeouts: dict[str, float] = {}
+        self._request_handler: RequestHandler | None = None
+        self._handler_answers_direct = False
+        self._replying: set[str] = set()
+        self._handler_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -450,6 +509,10 @@ class Node:
                             "HLC bound, now and when it was issued; the clock resumes from the "
                             "wall clock", self.name, refused)
             self.hlc.observe(await self._writer.call(store.max_hlc, "in"))
+            # Requests sent before a restart wait (without a caller) for their late replies.
+            self._requests = RequestTracker.restore(
+                PendingRequest(i, p, d)
+                for i, p, d in await self._writer.call(store.unanswered_requests))
             self._listener = Listener(
                 local_name=cfg.name,
                 local_node_id=store.node_id,
@@ -641,6 +704,13 @@ class Node:
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        for handler_task in list(self._handler_tasks):
+            handler_task.cancel()
+        for waiter in self._request_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(NodeClosed(self.name))
+                waiter.exception()
+        self._request_waiters.clear()
         await self._teardown()
         log.info("[%s] node closed", self.name)
 
@@ -691,12 +761,17 @@ class Node:
 
     async def _post(
         self, target: str, body: str, *, held: bool, header: PatternHeader | None = None,
+        message_id: str | None = None,
     ) -> list[Outgoing]:
-        """`post`; with `held`, the caller itself keeps the futures until they are done."""
+        """`post`; with `held`, the caller itself keeps the futures until they are done.
+        `message_id`: the id to use (a request's, chosen before; a reply's, derived) instead
+        of a fresh one; for a single peer only."""
         self._check_open()
         if header is not None and (problem := header_problem(header)) is not None:
             raise InvalidMessage(f"invalid pattern header: {problem}")
         peers = self.resolve(target)
+        if message_id is not None and len(peers) != 1:
+            raise ValueError(f"one message id for {len(peers)} peers ({target!r})")
         self.validate_body(body)
         writer = self._writer
         assert writer is not None
@@ -710,7 +785,7 @@ class Node:
             seq = self._next_seq.get(peer, 0) + 1
             self._next_seq[peer] = seq
             envelope = Envelope(
-                id=self._new_id(wall), seq=seq, sender=self.name, recipient=peer,
+                id=message_id or self._new_id(wall), seq=seq, sender=self.name, recipient=peer,
                 body=body, sent_at_ns=wall, hlc=self.hlc.now(), header=header,
             )
             key = (peer, seq)
@@ -739,6 +814,157 @@ class Node:
                             failed)
         await stored
         return handles
+
+    async def request(self, peer: str, body: str, *, timeout_s: float | None = None) -> Reply:
+        """Send `body` to `peer` as a request and return its reply (a `Reply`).
+
+        After `timeout_s` raises `RequestTimeout`, whose `outcome` says whether `peer` had
+        the request ("delivered-unanswered": it receipted it) or not ("not-delivered"). The
+        request stays in the outbox either way, and a reply that comes later is stored and
+        linked to it in history (the reply's `ref`), across restarts of either side.
+        """
+        self._check_open()
+        rules.resolve_peer(peer, peers=self.config.peer_names)
+        loop = asyncio.get_running_loop()
+        # The id is chosen first so that the tracker knows the request before any reply
+        # to it can arrive.
+        request_id = self._new_id(self.clock.wall_ns())
+        start = self.clock.monotonic()
+        self._requests.sent(request_id, peer, start, timeout_s)
+        waiter: asyncio.Future[Reply] = loop.create_future()
+        self._request_waiters[request_id] = waiter
+        if timeout_s is not None:
+            self._request_timeouts[request_id] = timeout_s
+        try:
+            (handle,) = await self._post(peer, body, held=True,
+                                         header=PatternHeader(Kind.REQUEST),
+                                         message_id=request_id)
+        except BaseException:
+            self._request_waiters.pop(request_id, None)
+            # Nothing was stored: forget it (expire it now; its event goes nowhere).
+            self._requests.on_timer(float("inf"))
+            self._drain_requests()
+            raise
+        handle.receipt.add_done_callback(
+            lambda f: None if f.cancelled() or f.exception() is not None
+            else self._requests.delivered(request_id))
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(waiter)
+        except TimeoutError:
+            if waiter.done():
+                return waiter.result()
+            assert timeout_s is not None
+            self._requests.on_timer(start + timeout_s)
+            self._drain_requests()
+            return waiter.result()  # raises the RequestTimeout the tracker decided
+        finally:
+            self._request_waiters.pop(request_id, None)
+            self._request_timeouts.pop(request_id, None)
+
+    async def reply(self, msg: Message, body: str) -> Outgoing | None:
+        """Answer the request (or message) `msg` with `body`, linked to it (header `reply`,
+        ref = its id). The reply's id is derived from the request's, so answering twice (a
+        handler that ran again after a restart) stores one reply: None if it exists."""
+        self._check_open()
+        rid = reply_id(msg.id)
+        if rid in self._replying:
+            return None
+        self._replying.add(rid)
+        try:
+            writer, store = self._writer, self._store
+            assert writer is not None
+            assert store is not None
+            if await writer.call(store.has_outgoing, rid, self.name):
+                return None
+            (handle,) = await self._post(msg.sender, body, held=False,
+                                         header=PatternHeader(Kind.REPLY, msg.id),
+                                         message_id=rid)
+            return handle
+        finally:
+            self._replying.discard(rid)
+
+    def on_request(self, handler: RequestHandler, *, direct: bool = False) -> None:
+        """Answer every request peers send with `handler` (sync or async): a str it returns
+        is sent as the reply (`reply`). With `direct`, plain messages are answered too (the
+        echo server). Requests stored but unanswered before a restart are handled again."""
+        self._check_open()
+        self._request_handler = handler
+        self._handler_answers_direct = direct
+        self._spawn_handler(self._answer_unanswered(), "unanswered")
+
+    async def _answer_unanswered(self) -> None:
+        writer, store = self._writer, self._store
+        assert writer is not None
+        assert store is not None
+        seen: set[str] = set()
+        while True:
+            envelopes = await writer.call(store.unanswered_incoming_requests, UNANSWERED_BATCH)
+            envelopes = [e for e in envelopes if e.id not in seen]
+            if not envelopes:
+                return
+            for e in envelopes:
+                seen.add(e.id)
+                await self._run_handler(_message_of(e, self.clock.wall_ns()))
+
+    def _spawn_handler(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.create_task(coro, name=f"{self.name}-handler-{what}")
+        self._handler_tasks.add(task)
+        task.add_done_callback(self._handler_tasks.discard)
+
+    async def _run_handler(self, msg: Message) -> None:
+        handler = self._request_handler
+        if handler is None:
+            return
+        try:
+            result = handler(msg)
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None:
+                await self.reply(msg, str(result))
+        except MeshpostError as exc:
+            if not self._closed:
+                log.warning("[%s] could not answer %s from %s: %s", self.name, msg.id,
+                            msg.sender, exc)
+        except Exception:
+            self.stats.handler_errors += 1
+            log.exception("[%s] request handler failed on %s from %s", self.name, msg.id,
+                          msg.sender)
+
+    def _on_patterns(self, messages: Iterable[Envelope], stored_at: int) -> None:
+        """Fresh (first stored) messages: answer requests, link replies to their requests."""
+        for m in messages:
+            h = m.header
+            if h is None or h.kind is Kind.REQUEST:
+                if self._request_handler is not None and (h is not None
+                                                          or self._handler_answers_direct):
+                    self._spawn_handler(self._run_handler(_message_of(m, stored_at)), "run")
+            elif h.kind is Kind.REPLY:
+                self._requests.answered(h.ref, m.id, m.sender)
+                self._drain_requests(m, stored_at)
+
+    def _drain_requests(self, reply: Envelope | None = None, stored_at: int = 0) -> None:
+        for event in self._requests.events():
+            match event:
+                case RequestAnswered(request_id=request_id, late=late):
+                    waiter = self._request_waiters.get(request_id)
+                    if waiter is not None and not waiter.done() and reply is not None:
+                        waiter.set_result(Reply(request_id, reply.id, reply.sender, reply.body,
+                                                reply.sent_at_ns, reply.hlc, stored_at))
+                    elif late:
+                        log.info("[%s] late reply %s to request %s from %s (linked in "
+                                 "history)", self.name, event.reply_id, request_id, event.peer)
+                case RequestTimedOut(request_id=request_id, peer=peer, outcome=outcome):
+                    waiter = self._request_waiters.get(request_id)
+                    if waiter is not None and not waiter.done():
+                        timeout = self._request_timeouts.get(request_id, 0.0)
+                        waiter.set_exception(RequestTimeout(request_id, peer, timeout,
+                                                            outcome.value))
+                case ReplyUnmatched(reply_id=rid, request_id=request_id, sender=sender,
+                                    reason=reason):
+                    self.stats.replies_unmatched += 1
+                    log.warning("[%s] reply %s from %s to %s not linked to a waiting request: "
+                                "%s", self.name, rid, sender, request_id, reason)
 
     async def post_many(self, peer: str, bodies: Iterable[str]) -> int:
         """Accept many messages for one peer without receipt futures (bulk and benchmarks).
@@ -1237,6 +1463,9 @@ class Node:
             for m in arrived.messages:
                 if m.seq in fresh:
                     self._publish(MessageReceived(m, stored_at))
+        if new and (self._request_handler is not None or any(map(_HEADER, arrived.messages))):
+            fresh = set(result.committed).difference(result.duplicates)
+            self._on_patterns((m for m in arrived.messages if m.seq in fresh), stored_at)
 
     # -- performing what the protocol decided -----------------------------------------------
 

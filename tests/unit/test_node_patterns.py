@@ -11,11 +11,11 @@ import pytest
 from tests.unit.test_node import PATIENCE_S, connected, pair, run, until
 
 from meshpost.clock import FakeClock
-from meshpost.errors import InvalidMessage
-from meshpost.node import Message, wait_receipt
+from meshpost.errors import InvalidMessage, RequestTimeout
+from meshpost.node import Message, Node, wait_receipt
 from meshpost.protocol import Batch, decode
-from meshpost.protocol.header import Kind, PatternHeader
-from meshpost.store import StoreReader
+from meshpost.protocol.header import Kind, PatternHeader, reply_id
+from meshpost.store import StoredMessage, StoreReader
 from meshpost.transport import MemoryNetwork
 
 REPLY = PatternHeader(Kind.REPLY, "0000000000000001-request")
@@ -67,3 +67,66 @@ def test_a_header_the_rules_refuse_is_not_posted(tmp_path: Path) -> None:
                 assert reader.history() == []
 
     run(scenario)
+
+
+def test_a_request_returns_its_reply_linked_to_it_on_both_sides(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            await until(lambda: connected(a))
+            b.on_request(lambda m: m.body.upper())
+            reply = await a.request("B", "hello", timeout_s=PATIENCE_S)
+            assert (reply.body, reply.sender) == ("HELLO", "B")
+            assert reply.id == reply_id(reply.request_id)
+            # Answering again (a handler run twice) stores nothing more.
+            [request] = [m for m in b_history(b) if m.kind == "request"]
+            assert await b.reply(_as_message(request), "again") is None
+            await a.flush()
+            await b.flush()
+        for node in (a, b):
+            rows = b_history(node)
+            assert sorted((r.kind or "", r.ref or "", r.body) for r in rows) == [
+                ("reply", reply.request_id, "HELLO"), ("request", "", "hello")]
+
+    run(scenario)
+
+
+def test_a_timeout_says_whether_the_request_was_delivered(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            await until(lambda: connected(a))
+            # No handler at B: delivered (receipted) but unanswered.
+            with pytest.raises(RequestTimeout) as unanswered:
+                await a.request("B", "anyone?", timeout_s=0.3)
+            assert unanswered.value.outcome == "delivered-unanswered"
+            # Partitioned: not delivered.
+            net.partition("A", "B")
+            with pytest.raises(RequestTimeout) as lost:
+                await a.request("B", "hello?", timeout_s=0.3)
+            assert lost.value.outcome == "not-delivered"
+            net.heal("A", "B")
+            # A handler registered now answers both stored-but-unanswered requests; the late
+            # replies are stored and linked.
+            b.on_request(lambda m: f"re: {m.body}")
+            clock.advance(a.config.retransmit_initial_s * 2)
+            a.poll_timers()
+            await until(lambda: len([r for r in b_history(a) if r.kind == "reply"]) == 2)
+            rows = b_history(a)
+            requests = {r.id: r.body for r in rows if r.kind == "request"}
+            links = {requests[r.ref]: r.body for r in rows if r.kind == "reply" and r.ref}
+            assert links == {"anyone?": "re: anyone?", "hello?": "re: hello?"}
+
+    run(scenario)
+
+
+def b_history(node: Node) -> list[StoredMessage]:
+    with StoreReader.for_data_dir(node.config.data_dir) as reader:
+        return reader.history()
+
+
+def _as_message(row: StoredMessage) -> Message:
+    return Message(row.id, row.sender, row.recipient, row.body, row.sent_at_ns, row.hlc,
+                   row.stored_at_ns, row.kind, row.ref)

@@ -673,6 +673,40 @@ class Store:
         """Outgoing messages still waiting for a receipt (a scan of the outbox)."""
         return _pending_count(self._conn, self.path, peer, receipts=True)
 
+    def has_outgoing(self, message_id: str, sender: str) -> bool:
+        """Whether this node already stored its own message `message_id` (a derived reply
+        or result id: a handler that ran twice posts it once)."""
+        with _translated(self.path):
+            return self._conn.execute(
+                "SELECT 1 FROM messages WHERE sender = ? AND id = ?", (sender, message_id)
+            ).fetchone() is not None
+
+    def unanswered_requests(self) -> list[tuple[str, str, bool]]:
+        """(request id, peer, delivered) of every request this node sent that no stored reply
+        from that peer refers to (RequestTracker.restore after a restart). A scan of the
+        table (a request's ref is empty, so it is not in `messages_ref`): once, at start."""
+        with _translated(self.path):
+            rows = self._conn.execute(
+                f"SELECT q.id, q.peer, q.state = 'delivered' FROM {_ROWS_VIEW} AS q"
+                " WHERE q.direction = 'out' AND q.kind = 'request' AND NOT EXISTS ("
+                " SELECT 1 FROM messages AS r INDEXED BY messages_ref WHERE r.ref = q.id"
+                " AND r.kind = 'reply' AND r.direction = 'in' AND r.sender = q.peer)"
+            ).fetchall()
+        return [(str(i), str(p), bool(d)) for i, p, d in rows]
+
+    def unanswered_incoming_requests(self, limit: int) -> list[Envelope]:
+        """Requests peers sent this node that it has not replied to (its handler runs again
+        for them after a restart; the derived reply id keeps the reply single)."""
+        with _translated(self.path):
+            rows = self._conn.execute(
+                "SELECT q.id, q.seq, q.sender, q.recipient, q.body, q.sent_at_ns, q.hlc,"
+                " q.header FROM messages AS q WHERE q.direction = 'in' AND q.kind = 'request'"
+                " AND NOT EXISTS (SELECT 1 FROM messages AS r INDEXED BY messages_ref"
+                " WHERE r.ref = q.id AND r.kind = 'reply' AND r.direction = 'out'"
+                " AND r.recipient = q.sender) ORDER BY q.rowid LIMIT ?", (limit,)
+            ).fetchall()
+        return [_envelope(row) for row in rows]
+
     def execute_raw(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run one statement (tests and fault injection only)."""
         with _translated(self.path):
