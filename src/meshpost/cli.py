@@ -124,7 +124,7 @@ def build_node_config(args: argparse.Namespace) -> NodeConfig:
 
 async def _run_node(cfg: NodeConfig, *, interactive: bool,
                     gateway: GatewayConfig | None = None,
-                    discovery: DiscoveryConfig | None = None) -> None:
+                    discovery: DiscoveryConfig | None = None, echo: bool = False) -> None:
     import asyncio
     import signal
 
@@ -158,6 +158,10 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool,
                 node, discovery, public_key=curve_keys[1] if curve_keys else None,
                 authorized_keys=peer_keys if cfg.secure else None,
             ))
+        if echo:
+            # Seed 000's server: every request and every plain message is answered with its
+            # own text, as a reply linked to it.
+            node.on_request(_echo, direct=True)
         if interactive:
             from meshpost.console import run_console
 
@@ -172,6 +176,10 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool,
             log.info("[%s] shutting down", cfg.name)
 
 
+def _echo(msg: Any) -> str:
+    return str(msg.body)
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     cfg = build_node_config(args)
     interactive = not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
@@ -179,7 +187,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     import asyncio
 
     asyncio.run(_run_node(cfg, interactive=interactive, gateway=build_gateway_config(args),
-                          discovery=build_discovery_config(args)))
+                          discovery=build_discovery_config(args), echo=args.echo))
     return EXIT_OK
 
 
@@ -315,6 +323,29 @@ def cmd_send(args: argparse.Namespace) -> int:
     if queued and not args.quiet:
         _why_unreachable(args, queued)
     return code
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    """Send a request through a running node and print the peer's reply."""
+    from meshpost.control import AnswerReply, ControlClient, PeerRequest, checked
+    from meshpost.text import clean
+
+    body = " ".join(args.text)
+    if not body.strip():
+        raise EmptyCommandText()
+    with ControlClient(_data_dir(args), name=args.node) as client:
+        reply = checked(client.request(PeerRequest(to=args.to, body=body,
+                                                   timeout_s=args.timeout),
+                                       timeout_s=args.timeout + 10))
+    assert isinstance(reply, AnswerReply)
+    if args.json:
+        print(json.dumps({"request_id": reply.request_id, "id": reply.reply_id,
+                          "sender": reply.sender, "body": reply.body,
+                          "sent_at_ns": reply.sent_at_ns, "stored_at_ns": reply.stored_at_ns},
+                         ensure_ascii=False))
+    else:
+        print(clean(reply.body))
+    return EXIT_OK
 
 
 def _report_result(r: Any, args: argparse.Namespace, clean: Callable[[str], str]) -> int:
@@ -626,6 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between beacons (default 1; silent after 5 of them)")
     p.add_argument("--text-idle-gap", type=float, metavar="SECONDS",
                    help="a TCP client's pause that ends unterminated text (default 0.2)")
+    p.add_argument("--echo", action="store_true",
+                   help="answer every message with its own text, as a reply linked to it")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_node)
 
@@ -645,6 +678,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="*",
                    help="the message (default: -f FILE, else standard input)")
     p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("request", help="send a request through a running node and print "
+                                       "the peer's reply")
+    p.add_argument("--node", required=True)
+    p.add_argument("--to", required=True, help="the peer that answers")
+    p.add_argument("--data")
+    p.add_argument("--timeout", type=_timeout, default=10.0,
+                   help="seconds to wait for the reply (exit 3 saying whether the peer had "
+                        "the request)")
+    p.add_argument("--json", action="store_true", help="the reply as one JSON object")
+    p.add_argument("text", nargs="+", help="the request")
+    p.set_defaults(func=cmd_request)
 
     p = sub.add_parser("peers", help="peers of a running node: connected, RTT, clock offset")
     p.add_argument("--node", required=True)

@@ -25,9 +25,11 @@ import zmq.asyncio
 
 from meshpost.control.messages import (
     ENDPOINT_FILE,
+    AnswerReply,
     ErrorReply,
     EventsReply,
     EventsRequest,
+    PeerRequest,
     PeersReply,
     PeersRequest,
     Reply,
@@ -142,6 +144,9 @@ class ControlClient:
     @overload
     def request(self, request: EventsRequest, *,
                 timeout_s: float) -> EventsReply | ErrorReply: ...
+    @overload
+    def request(self, request: PeerRequest, *,
+                timeout_s: float) -> AnswerReply | ErrorReply: ...
 
     def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request`, return its reply (an `ErrorReply` when the node refused it).
@@ -245,6 +250,9 @@ class AsyncControlClient:
     @overload
     async def request(self, request: EventsRequest, *,
                       timeout_s: float) -> EventsReply | ErrorReply: ...
+    @overload
+    async def request(self, request: PeerRequest, *,
+                      timeout_s: float) -> AnswerReply | ErrorReply: ...
 
     async def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request` and wait for its reply; errors as `ControlClient.request`."""

@@ -49,7 +49,16 @@ class EventsRequest(_Request, tag="events", frozen=True):
     wait_s: float
 
 
-Request = SendRequest | PeersRequest | StatusRequest | EventsRequest
+class PeerRequest(_Request, tag="request", frozen=True):
+    """Send `body` to `to` as a request and reply with its reply (or the `request_timeout`
+    error saying whether `to` had it, after `timeout_s`)."""
+
+    to: str
+    body: str
+    timeout_s: float
+
+
+Request = SendRequest | PeersRequest | StatusRequest | EventsRequest | PeerRequest
 
 
 # -- replies --------------------------------------------------------------------------------
@@ -124,6 +133,17 @@ class EventsReply(_Reply, tag="events", frozen=True):
     dropped: int = 0
 
 
+class AnswerReply(_Reply, tag="answered", frozen=True):
+    """A `PeerRequest`'s reply, linked to the request by `request_id`."""
+
+    request_id: str
+    reply_id: str
+    sender: str
+    body: str
+    sent_at_ns: int
+    stored_at_ns: int
+
+
 class ErrorReply(_Reply, tag="error", frozen=True):
     """The request failed: `kind` and `exit_code` come from the `MeshpostError` class."""
 
@@ -148,8 +168,8 @@ class ErrorReply(_Reply, tag="error", frozen=True):
         return cls(kind=exc.kind, message=str(exc), exit_code=exc.exit_code, id=id)
 
 
-Reply = SendReply | PeersReply | StatusReply | EventsReply | ErrorReply
-R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply)
+Reply = SendReply | PeersReply | StatusReply | EventsReply | AnswerReply | ErrorReply
+R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply, AnswerReply)
 
 
 def checked(reply: R | ErrorReply) -> R:

@@ -1,0 +1,87 @@
+"""The seeds' patterns with real node processes (issue 18): echo request/reply across a
+crash and restart of the replier."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshpost.cli import CRASH_ENV
+from meshpost.cluster import LocalCluster, NodeProcess
+from meshpost.errors import EXIT_TIMEOUT
+from meshpost.store import StoredMessage, StoreReader
+from meshpost.verify import verify_stores
+from tests.integration.conftest import wait_until
+
+pytestmark = pytest.mark.integration
+
+FAST = {"ping_interval_s": 0.2, "peer_timeout_s": 1.0, "retransmit_initial_s": 0.2,
+        "retransmit_max_s": 1.0}
+#: Bound on every wait: reaching it means a bug, not a slow machine.
+PATIENCE_S = 60.0
+
+
+def rows(data_dir: Path) -> list[StoredMessage]:
+    with StoreReader.for_data_dir(data_dir) as reader:
+        return reader.history()
+
+
+def meshpost(*args: str, timeout_s: float = PATIENCE_S) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meshpost", *args], capture_output=True,
+                          text=True, timeout=timeout_s, check=False)
+
+
+def test_echo_request_reply_across_a_crash_of_the_replier(short_tmp: Path) -> None:
+    cluster = LocalCluster.create(short_tmp, 2, transport="ipc", options=FAST)
+    a_dir, b_dir = cluster.data_dir("A"), cluster.data_dir("B")
+
+    def echo_b(env: dict[str, str] | None) -> NodeProcess:
+        return NodeProcess("B", cluster.config_path, b_dir, short_tmp / "logs" / "B.log",
+                           extra_args=("--echo",), env=env)
+
+    b: NodeProcess | None = None
+    try:
+        cluster.start(["A"])
+        # B dies like kill -9 (os._exit, no cleanup) right after committing the request:
+        # between the request and its reply, before even the receipt.
+        b = echo_b({CRASH_ENV: "after-receiver-commit"}).start()
+        b.wait_ready()
+        first = meshpost("request", "--node", "A", "--data", str(a_dir), "--to", "B",
+                         "--timeout", "3", "marco")
+        assert first.returncode == EXIT_TIMEOUT, first.stderr
+        assert "not delivered" in first.stderr
+        wait_until(lambda: b is not None and not b.alive(), PATIENCE_S, "B to crash")
+        b.stop()
+        [request] = [r for r in rows(b_dir) if r.kind == "request"]
+        assert request.body == "marco"
+        assert not [r for r in rows(b_dir) if r.kind == "reply"]
+
+        # B restarts (no crash this time): its echo answers the stored request, A's
+        # retransmission of it is stored once, and the reply reaches A linked to it.
+        b = echo_b(None).start()
+        b.wait_ready()
+        wait_until(lambda: any(r.kind == "reply" for r in rows(a_dir)), PATIENCE_S,
+                   "the reply to reach A")
+        # A live request/reply through the CLI prints the reply.
+        second = meshpost("request", "--node", "A", "--data", str(a_dir), "--to", "B",
+                          "--timeout", "30", "polo")
+        assert (second.returncode, second.stdout) == (0, "polo\n"), second.stderr
+    finally:
+        if b is not None:
+            b.stop()
+        cluster.stop()
+    for data_dir, request_dir, reply_dir in ((a_dir, "out", "in"), (b_dir, "in", "out")):
+        stored = rows(data_dir)
+        requests = {r.id: r for r in stored if r.kind == "request"}
+        replies = [r for r in stored if r.kind == "reply"]
+        assert sorted(r.body for r in requests.values()) == ["marco", "polo"]
+        assert {r.direction for r in requests.values()} == {request_dir}
+        # One reply per request (the crash did not double it), each linked by its ref.
+        assert sorted((requests[r.ref].body, r.body) for r in replies if r.ref) == [
+            ("marco", "marco"), ("polo", "polo")]
+        assert len(replies) == 2 and {r.direction for r in replies} == {reply_dir}
+    report = verify_stores({"A": a_dir, "B": b_dir})
+    assert report.ok, report.problems
