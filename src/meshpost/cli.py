@@ -411,6 +411,7 @@ def _struct_dict(obj: Any) -> dict[str, Any]:
 HISTORY_FIELDS = (
     "id", "from", "to", "body", "sent_at_ns", "hlc", "direction", "state", "stored_at_ns",
     "delivered_at_ns", "receipt_received_at_ns", "receipt_recorded_at_ns", "receipt_sync",
+    "kind", "ref",
 )
 
 
@@ -430,6 +431,8 @@ def history_record(m: Any) -> dict[str, Any]:
         "receipt_received_at_ns": m.receipt_received_at_ns,
         "receipt_recorded_at_ns": m.receipt_arrived_at_ns,
         "receipt_sync": m.receipt_sync,
+        "kind": getattr(m, "kind", None),
+        "ref": getattr(m, "ref", None),
     }
 
 
