@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import inspect
 import itertools
 import logging
@@ -20,7 +21,7 @@ import os
 import secrets
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextvars import Context
 from typing import Any
 
@@ -70,13 +71,29 @@ from meshpost.protocol import (
     decode,
     encode,
 )
-from meshpost.protocol.header import Kind, PatternHeader, header_problem, reply_id
+from meshpost.protocol.header import (
+    Kind,
+    PatternHeader,
+    header_problem,
+    is_valid_name,
+    reply_id,
+    result_id,
+)
 from meshpost.protocol.requests import (
     PendingRequest,
     ReplyUnmatched,
     RequestAnswered,
     RequestTimedOut,
     RequestTracker,
+)
+from meshpost.protocol.workqueue import (
+    DEFAULT_MAX_INFLIGHT,
+    DispatchTask,
+    ResultSink,
+    TaskAbandoned,
+    TaskCompleted,
+    TaskRedelivered,
+    WorkQueueDispatcher,
 )
 from meshpost.store import (
     Delivery,
@@ -223,6 +240,13 @@ class Reply:
 RequestHandler = Callable[["Message"], "str | Awaitable[str | None] | None"]
 #: How many unanswered requests from before a restart are read per batch (handler re-runs).
 UNANSWERED_BATCH = 500
+#: What a work-queue handler may be: called with a task's body; its result (or what an
+#: awaitable result gives), as a str, goes to the task's sink.
+TaskHandler = Callable[[str], object]
+#: A task's lease unless the ventilator says otherwise (docs/patterns.md 4.4).
+DEFAULT_LEASE_S = 30.0
+#: The work-queue timer wakes at least this often (leases are checked in between too).
+WORKQUEUE_TICK_S = 0.5
 
 
 @dataclasses.dataclass(slots=True)
@@ -472,6 +496,16 @@ class Node:
         self._handler_answers_direct = False
         self._replying: set[str] = set()
         self._handler_tasks: set[asyncio.Task[None]] = set()
+        # Work queues (docs/patterns.md 4): as a ventilator, one dispatcher per queue; as a
+        # worker, a handler per queue; as a sink, the first result per task; everywhere, the
+        # workers each queue has (their latest `serve` record: version, serving).
+        self._dispatchers: dict[str, WorkQueueDispatcher] = {}
+        self._workers_of: dict[str, dict[str, tuple[int, bool]]] = {}
+        self._serving: dict[str, tuple[TaskHandler, asyncio.Semaphore]] = {}
+        self._sink = ResultSink()
+        self._workqueue_wakeup = asyncio.Event()
+        #: Completed tasks as (task id, worker), in order (ventilator).
+        self.completed_tasks: list[tuple[str, str | None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -513,6 +547,10 @@ class Node:
             self._requests = RequestTracker.restore(
                 PendingRequest(i, p, d)
                 for i, p, d in await self._writer.call(store.unanswered_requests))
+            self._sink = ResultSink(await self._writer.call(store.task_results))
+            for queue, member, joined, version in await self._writer.call(store.members,
+                                                                          "queue"):
+                self._workers_of.setdefault(queue, {})[member] = (version, joined)
             self._listener = Listener(
                 local_name=cfg.name,
                 local_node_id=store.node_id,
@@ -544,6 +582,7 @@ class Node:
             await self._teardown()
             raise
         self._tasks = [
+            asyncio.create_task(self._workqueue_loop(), name=f"{self.name}-workqueues"),
             asyncio.create_task(self._writer.run(), name=f"{self.name}-writer"),
             asyncio.create_task(self._timer_loop(), name=f"{self.name}-timers"),
             asyncio.create_task(self._feed_loop(), name=f"{self.name}-feeder"),
@@ -942,6 +981,25 @@ class Node:
             elif h.kind is Kind.REPLY:
                 self._requests.answered(h.ref, m.id, m.sender)
                 self._drain_requests(m, stored_at)
+            elif h.kind is Kind.TASK:
+                if h.queue in self._serving:
+                    self._spawn_handler(self._work(m), "task")
+                else:
+                    log.warning("[%s] task %s from %s for queue %r, which this node does not "
+                                "serve: stored, not run", self.name, h.ref, m.sender, h.queue)
+            elif h.kind is Kind.RESULT:
+                self._sink.offer(h.ref, m.id, m.sender)
+                if h.queue in self._dispatchers:  # this ventilator is its own sink
+                    self._dispatchers[h.queue].completed(h.ref, self.clock.monotonic(),
+                                                         by=m.sender)
+                    self._workqueue_wakeup.set()
+            elif h.kind is Kind.DONE:
+                dispatcher = self._dispatchers.get(h.queue)
+                if dispatcher is not None:
+                    dispatcher.completed(h.ref, self.clock.monotonic(), by=m.sender)
+                    self._workqueue_wakeup.set()
+            elif h.kind is Kind.SERVE:
+                self._serve_record(m.sender, h.queue, m.body == "serve", h.version, m.hlc)
 
     def _drain_requests(self, reply: Envelope | None = None, stored_at: int = 0) -> None:
         for event in self._requests.events():
@@ -965,6 +1023,201 @@ class Node:
                     self.stats.replies_unmatched += 1
                     log.warning("[%s] reply %s from %s to %s not linked to a waiting request: "
                                 "%s", self.name, rid, sender, request_id, reason)
+
+    # -- work queues (docs/patterns.md 4) -------------------------------------------------
+
+    async def serve_queue(self, queue: str, handler: TaskHandler, *,
+                          max_inflight: int = DEFAULT_MAX_INFLIGHT) -> None:
+        """Work for `queue` (`serve` already names running the node): every task sent to
+        it here runs `handler(body)` (sync, run in a thread, or async), and the result goes
+        to the task's sink, once per task message. Announced to every peer with a `serve`
+        record (stored and retried)."""
+        self._check_open()
+        if not is_valid_name(queue):
+            raise InvalidMessage(f"{queue!r} is not a queue name (1-63 of A-Z a-z 0-9 _ . -)")
+        self._serving[queue] = (handler, asyncio.Semaphore(max_inflight))
+        header = PatternHeader(Kind.SERVE, "", queue, version=self.hlc.now())
+        if self._links:
+            await self._post("all", "serve", held=False, header=header)
+
+    async def submit(self, queue: str, bodies: Sequence[str], *, sink: str,
+                     lease_s: float = DEFAULT_LEASE_S) -> list[str]:
+        """Queue one task per body on `queue`, results to `sink`; returns the task ids.
+        Each goes to exactly one live worker at a time (fewest in flight), is redelivered
+        after its lease or its worker's loss, and its result is kept once at the sink."""
+        self._check_open()
+        rules.resolve_peer(sink, peers=self.config.peer_names) if sink != self.name else None
+        if not is_valid_name(queue):
+            raise InvalidMessage(f"{queue!r} is not a queue name (1-63 of A-Z a-z 0-9 _ . -)")
+        for body in bodies:
+            self.validate_body(body)
+        dispatcher = self._dispatcher(queue, lease_s)
+        writer, store = self._writer, self._store
+        assert writer is not None
+        assert store is not None
+        wall = self.clock.wall_ns()
+        ids = self._new_id.many(wall, len(bodies))
+        for task_id, body in zip(ids, bodies, strict=True):
+            await writer.call(store.add_task, task_id, queue, body, sink, wall)
+            dispatcher.submit(task_id, body, sink, self.clock.monotonic())
+        self._workqueue_wakeup.set()
+        return ids
+
+    def queue_status(self, queue: str) -> dict[str, Any]:
+        """A ventilator's view of `queue`: in flight per worker, tasks waiting, completed."""
+        dispatcher = self._dispatchers.get(queue)
+        if dispatcher is None:
+            return {"inflight": {}, "waiting": 0, "unfinished": 0}
+        return {"inflight": dispatcher.inflight(), "waiting": len(dispatcher.waiting()),
+                "unfinished": len(dispatcher)}
+
+    def _dispatcher(self, queue: str, lease_s: float) -> WorkQueueDispatcher:
+        dispatcher = self._dispatchers.get(queue)
+        if dispatcher is None:
+            dispatcher = self._dispatchers[queue] = WorkQueueDispatcher(queue, lease_s=lease_s)
+            now = self.clock.monotonic()
+            for worker, (_v, serving) in self._workers_of.get(queue, {}).items():
+                link = self._links.get(worker)
+                if serving and link is not None and link.reachable:
+                    dispatcher.worker_up(worker, now)
+        return dispatcher
+
+    def _serve_record(self, worker: str, queue: str, serving: bool, version: int,
+                      hlc: int) -> None:
+        """A worker's `serve`/`stop` record: the highest version wins (a stale one changes
+        nothing); only the worker speaks for itself (the record's sender)."""
+        known = self._workers_of.setdefault(queue, {})
+        old = known.get(worker)
+        if old is not None and (old[0], not old[1]) >= (version, not serving):
+            return
+        known[worker] = (version, serving)
+        writer, store = self._writer, self._store
+        if writer is not None and store is not None:
+            self._spawn_handler(self._ignore_result(writer.call(
+                store.merge_member, "queue", queue, worker, serving, version, hlc)), "member")
+        dispatcher = self._dispatchers.get(queue)
+        if dispatcher is not None:
+            now = self.clock.monotonic()
+            link = self._links.get(worker)
+            if serving and link is not None and link.reachable:
+                dispatcher.worker_up(worker, now)
+            elif not serving:
+                dispatcher.worker_left(worker, now)
+            self._workqueue_wakeup.set()
+
+    @staticmethod
+    async def _ignore_result(awaitable: Awaitable[object]) -> None:
+        await awaitable
+
+    def _workers_event(self, peer: str, up: bool) -> None:
+        if not self._dispatchers:
+            return
+        now = self.clock.monotonic()
+        for queue, dispatcher in self._dispatchers.items():
+            if up:
+                if self._workers_of.get(queue, {}).get(peer, (0, False))[1]:
+                    dispatcher.worker_up(peer, now)
+            else:
+                dispatcher.worker_lost(peer, now)
+        self._workqueue_wakeup.set()
+
+    async def _workqueue_loop(self) -> None:
+        while True:
+            self._workqueue_wakeup.clear()
+            now = self.clock.monotonic()
+            due = [d.next_timer() for d in self._dispatchers.values()]
+            for dispatcher in self._dispatchers.values():
+                dispatcher.on_timer(now)
+                for action in dispatcher.actions():
+                    self._perform_workqueue(dispatcher, action)
+            wait = min([WORKQUEUE_TICK_S, *(max(0.0, t - now) for t in due if t is not None)])
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._workqueue_wakeup.wait()
+
+    def _perform_workqueue(self, dispatcher: WorkQueueDispatcher, action: object) -> None:
+        writer, store = self._writer, self._store
+        if writer is None or store is None:
+            return
+        match action:
+            case DispatchTask():
+                self._spawn_handler(self._dispatch_task(dispatcher, action), "dispatch")
+            case TaskCompleted(task_id=task_id, by=by):
+                self.completed_tasks.append((task_id, by))
+                self._spawn_handler(self._ignore_result(writer.call(
+                    functools.partial(store.set_task_state, task_id, "done", worker=by,
+                                      at_ns=self.clock.wall_ns()))), "task-done")
+            case TaskAbandoned(task_id=task_id, attempts=attempts):
+                log.warning("[%s] task %s abandoned after %d attempt(s)", self.name,
+                            task_id, attempts)
+                self._spawn_handler(self._ignore_result(writer.call(
+                    functools.partial(store.set_task_state, task_id, "abandoned",
+                                      at_ns=self.clock.wall_ns()))), "task-abandoned")
+            case TaskRedelivered(task_id=task_id, worker=worker, reason=reason):
+                log.info("[%s] task %s taken back from %s (%s): redelivering", self.name,
+                         task_id, worker, reason.value)
+
+    async def _dispatch_task(self, dispatcher: WorkQueueDispatcher, t: DispatchTask) -> None:
+        writer, store = self._writer, self._store
+        assert writer is not None
+        assert store is not None
+        await writer.call(functools.partial(store.set_task_state, t.task_id, "assigned",
+                                            worker=t.worker, attempts=t.attempt))
+        header = PatternHeader(Kind.TASK, t.task_id, t.queue, t.sink,
+                               max(1, int(t.lease_s * 1000)), t.attempt)
+        (handle,) = await self._post(t.worker, t.body, held=True, header=header)
+
+        def settled(f: asyncio.Future[Receipt]) -> None:
+            if f.cancelled():
+                return
+            now = self.clock.monotonic()
+            if f.exception() is None:
+                dispatcher.delivered(t.task_id, t.worker, now)
+            elif isinstance(f.exception(), MessageRejected):
+                dispatcher.rejected(t.task_id, t.worker, now)
+            self._workqueue_wakeup.set()
+
+        handle.receipt.add_done_callback(settled)
+
+    async def _work(self, m: Envelope) -> None:
+        """Run one task message: the result (derived id: once per task message) to its
+        sink, then, once the sink receipted it, `done` to the ventilator."""
+        h = m.header
+        assert h is not None
+        handler, room = self._serving[h.queue]
+        rid = result_id(m.id)
+        async with room:
+            writer, store = self._writer, self._store
+            assert writer is not None
+            assert store is not None
+            if rid in self._replying or await writer.call(store.has_outgoing, rid, self.name):
+                return
+            self._replying.add(rid)
+            try:
+                try:
+                    result = (handler(m.body) if inspect.iscoroutinefunction(handler)
+                              else await asyncio.to_thread(handler, m.body))
+                    if inspect.isawaitable(result):
+                        result = await result
+                except Exception:
+                    self.stats.handler_errors += 1
+                    log.exception("[%s] handler for queue %r failed on task %s", self.name,
+                                  h.queue, h.ref)
+                    return
+                result_header = PatternHeader(Kind.RESULT, h.ref, h.queue)
+                try:
+                    (handle,) = await self._post(h.sink, str(result), held=True,
+                                                 header=result_header, message_id=rid)
+                except MeshpostError as exc:  # e.g. an empty result, an unknown sink
+                    self.stats.handler_errors += 1
+                    log.warning("[%s] result of task %s not sent: %s", self.name, h.ref, exc)
+                    return
+            finally:
+                self._replying.discard(rid)
+        await handle.receipt
+        if h.sink != m.sender:
+            await self._post(m.sender, "done", held=False,
+                             header=PatternHeader(Kind.DONE, h.ref, h.queue))
 
     async def post_many(self, peer: str, bodies: Iterable[str]) -> int:
         """Accept many messages for one peer without receipt futures (bulk and benchmarks).
@@ -1506,12 +1759,15 @@ class Node:
                 self._record_rejection(peer, seqs, code, detail)
             case PeerConnected(peer=peer, node_id=node_id):
                 log.info("[%s] connected to %s (node %s)", self.name, peer, node_id)
+                self._workers_event(peer, True)
                 self._publish(PeerChanged(peer, True, PeerChange.CONNECTED))
             case PeerLeft(peer=peer, reason=reason):
                 log.info("[%s] %s left: %s", self.name, peer, reason)
+                self._workers_event(peer, False)
                 self._publish(PeerChanged(peer, False, PeerChange.LEFT, reason))
             case PeerLost(peer=peer, silent_for_s=silent):
                 log.warning("[%s] lost %s: silent for %.1fs", self.name, peer, silent)
+                self._workers_event(peer, False)
                 if self._transport is not None:
                     # A new connection: the old one may be open but no longer read.
                     self._transport.redial(peer)

@@ -130,3 +130,27 @@ def b_history(node: Node) -> list[StoredMessage]:
 def _as_message(row: StoredMessage) -> Message:
     return Message(row.id, row.sender, row.recipient, row.body, row.sent_at_ns, row.hlc,
                    row.stored_at_ns, row.kind, row.ref)
+
+
+def test_tasks_go_to_the_worker_and_each_result_is_kept_once_at_the_sink(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            await until(lambda: connected(a) and connected(b))
+            await b.serve_queue("upper", str.upper)
+            await until(lambda: "B" in a._workers_of.get("upper", {}))
+            bodies = [f"task {i}" for i in range(40)]
+            ids = await a.submit("upper", bodies, sink="A", lease_s=60)
+            await until(lambda: len(a.completed_tasks) == len(ids))
+            assert sorted(t for t, _by in a.completed_tasks) == sorted(ids)
+            await a.flush()
+            with StoreReader.for_data_dir(a.config.data_dir) as reader:
+                results = reader.task_results()
+            assert [(t, w, body) for t, w, _m, body in results] == sorted(
+                (t, "B", body.upper()) for t, body in zip(ids, bodies, strict=True))
+            assert a.queue_status("upper")["unfinished"] == 0
+
+    run(scenario)

@@ -27,6 +27,8 @@ from meshpost.control.messages import (
     SendResult,
     StatusReply,
     StatusRequest,
+    SubmitReply,
+    SubmitRequest,
     checked,
 )
 from meshpost.control.server import (
@@ -64,6 +66,8 @@ __all__ = [
     "SendResult",
     "StatusReply",
     "StatusRequest",
+    "SubmitReply",
+    "SubmitRequest",
     "checked",
     "control_endpoint_for",
     "process_alive",

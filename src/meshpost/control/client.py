@@ -38,6 +38,8 @@ from meshpost.control.messages import (
     SendRequest,
     StatusReply,
     StatusRequest,
+    SubmitReply,
+    SubmitRequest,
     encoder,
     reply_decoder,
 )
@@ -147,6 +149,9 @@ class ControlClient:
     @overload
     def request(self, request: PeerRequest, *,
                 timeout_s: float) -> AnswerReply | ErrorReply: ...
+    @overload
+    def request(self, request: SubmitRequest, *,
+                timeout_s: float) -> SubmitReply | ErrorReply: ...
 
     def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request`, return its reply (an `ErrorReply` when the node refused it).
@@ -253,6 +258,9 @@ class AsyncControlClient:
     @overload
     async def request(self, request: PeerRequest, *,
                       timeout_s: float) -> AnswerReply | ErrorReply: ...
+    @overload
+    async def request(self, request: SubmitRequest, *,
+                      timeout_s: float) -> SubmitReply | ErrorReply: ...
 
     async def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request` and wait for its reply; errors as `ControlClient.request`."""

@@ -58,7 +58,17 @@ class PeerRequest(_Request, tag="request", frozen=True):
     timeout_s: float
 
 
-Request = SendRequest | PeersRequest | StatusRequest | EventsRequest | PeerRequest
+class SubmitRequest(_Request, tag="submit", frozen=True):
+    """Queue one task per body on `queue` (this node is the ventilator), results to `sink`."""
+
+    queue: str
+    sink: str
+    bodies: list[str]
+    lease_s: float
+
+
+Request = (SendRequest | PeersRequest | StatusRequest | EventsRequest | PeerRequest
+           | SubmitRequest)
 
 
 # -- replies --------------------------------------------------------------------------------
@@ -144,6 +154,12 @@ class AnswerReply(_Reply, tag="answered", frozen=True):
     stored_at_ns: int
 
 
+class SubmitReply(_Reply, tag="submitted", frozen=True):
+    """The ids of a `SubmitRequest`'s tasks, in order (each stored at the ventilator)."""
+
+    task_ids: list[str] = []
+
+
 class ErrorReply(_Reply, tag="error", frozen=True):
     """The request failed: `kind` and `exit_code` come from the `MeshpostError` class."""
 
@@ -168,8 +184,9 @@ class ErrorReply(_Reply, tag="error", frozen=True):
         return cls(kind=exc.kind, message=str(exc), exit_code=exc.exit_code, id=id)
 
 
-Reply = SendReply | PeersReply | StatusReply | EventsReply | AnswerReply | ErrorReply
-R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply, AnswerReply)
+Reply = (SendReply | PeersReply | StatusReply | EventsReply | AnswerReply | SubmitReply
+         | ErrorReply)
+R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply, AnswerReply, SubmitReply)
 
 
 def checked(reply: R | ErrorReply) -> R:

@@ -44,6 +44,8 @@ from meshpost.control.messages import (
     SendResult,
     StatusReply,
     StatusRequest,
+    SubmitReply,
+    SubmitRequest,
     encoder,
     request_decoder,
 )
@@ -373,6 +375,9 @@ class ControlServer:
                 return AnswerReply(request_id=r.request_id, reply_id=r.id, sender=r.sender,
                                    body=r.body, sent_at_ns=r.sent_at_ns,
                                    stored_at_ns=r.stored_at_ns, id=request.id)
+            case SubmitRequest(queue=queue, sink=sink, bodies=bodies, lease_s=lease_s):
+                ids = await node.submit(queue, bodies, sink=sink, lease_s=lease_s)
+                return SubmitReply(task_ids=ids, id=request.id)
         raise AssertionError(f"unhandled control request {request!r}")
 
     async def _status(self) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from meshpost.errors import (
     StoreLocked,
 )
 from meshpost.protocol import Envelope, ReceiptFrame, to_ranges
-from meshpost.protocol.header import PatternHeader
+from meshpost.protocol.header import Kind, PatternHeader
 from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 DB_FILENAME = "meshpost.db"
@@ -236,6 +236,10 @@ _INSERT_HEADED_HEAD = (
     " sent_at_ns, hlc, state, checksum, kind, ref, queue, header) VALUES "
 )
 _HEADER = operator.attrgetter("header")
+_RECORD_RESULT = (
+    "INSERT INTO task_results (task_id, queue, message_id, worker, stored_at_ns)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_id) DO NOTHING"
+)
 
 
 def _headed_row(m: Envelope) -> tuple[Any, ...]:
@@ -534,8 +538,17 @@ class Store:
                 if not direct:
                     row_sql, tail = _HEADED_ROWS[direction]
                     sql = _INSERT_HEADED_HEAD + row_sql + tail
+                    conn = self._conn
                     for m in rows:
+                        before = conn.total_changes
                         execute(sql, shared + list(_headed_row(m)))
+                        h = m.header
+                        if (not outgoing and h is not None and h.kind is Kind.RESULT
+                                and conn.total_changes > before):
+                            # The sink's rule, in the message's own transaction: the first
+                            # result committed for a task is its result (docs/patterns.md 4.5).
+                            execute(_RECORD_RESULT, (h.ref, h.queue, m.id, m.sender,
+                                                     stored_at_ns))
                     continue
                 values = _row_values(rows)
                 for start, size in _chunks(len(rows), self._max_rows_per_statement):
@@ -707,6 +720,63 @@ class Store:
             ).fetchall()
         return [_envelope(row) for row in rows]
 
+    def task_results(self) -> list[tuple[str, str, str]]:
+        """(task id, result message id, worker) of every result this node keeps as a sink."""
+        with _translated(self.path):
+            rows = self._conn.execute(
+                "SELECT task_id, message_id, worker FROM task_results").fetchall()
+        return [(str(t), str(m), str(w)) for t, m, w in rows]
+
+    def add_task(self, task_id: str, queue: str, body: str, sink: str, at_ns: int) -> None:
+        """A ventilator's new task, queued (its own transaction, before it is dispatched)."""
+        self._write("INSERT INTO tasks (task_id, queue, body, sink, state, submitted_at_ns)"
+                    " VALUES (?, ?, ?, ?, 'queued', ?)", (task_id, queue, body, sink, at_ns))
+
+    def set_task_state(self, task_id: str, state: str, *, worker: str | None = None,
+                       attempts: int | None = None, at_ns: int | None = None) -> None:
+        """A task assigned (`worker`, `attempts`), or finished ('done' by `worker`, or
+        'abandoned') at `at_ns`; a finished task stays finished."""
+        if state == "assigned":
+            self._write("UPDATE tasks SET state = 'assigned', worker = ?, attempts = ?"
+                        " WHERE task_id = ? AND state IN ('queued', 'assigned')",
+                        (worker, attempts, task_id))
+        else:
+            self._write("UPDATE tasks SET state = ?, finished_at_ns = ?, finished_by = ?"
+                        " WHERE task_id = ? AND state IN ('queued', 'assigned')",
+                        (state, at_ns, worker, task_id))
+
+    def merge_member(self, namespace: str, name: str, member: str, joined: bool,
+                     version: int, hlc: int) -> None:
+        """Keep the winning membership record per (namespace, name, member): the highest
+        version; at equal versions a leave (docs/patterns.md 6.2)."""
+        self._write(
+            "INSERT INTO members (namespace, name, member, joined, version, hlc)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, name, member) DO UPDATE SET"
+            " joined = excluded.joined, version = excluded.version, hlc = excluded.hlc"
+            " WHERE excluded.version > members.version OR (excluded.version = members.version"
+            " AND excluded.joined < members.joined)",
+            (namespace, name, member, int(joined), version, hlc))
+
+    def members(self, namespace: str) -> list[tuple[str, str, bool, int]]:
+        """(name, member, joined, version) of every record in `namespace`."""
+        with _translated(self.path):
+            rows = self._conn.execute(
+                "SELECT name, member, joined, version FROM members WHERE namespace = ?",
+                (namespace,)).fetchall()
+        return [(str(n), str(m), bool(j), int(v)) for n, m, j, v in rows]
+
+    def _write(self, sql: str, params: Sequence[Any]) -> None:
+        conn = self._conn
+        with _translated(self.path):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(sql, params)
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+
     def execute_raw(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run one statement (tests and fault injection only)."""
         with _translated(self.path):
@@ -819,6 +889,19 @@ class StoreReader:
         width = len(_FIELDS)
         _check_rows(self.path, [row[width:] for row in rows])
         return [StoredMessage(*row[:width]) for row in reversed(rows)]
+
+    def task_results(self) -> list[tuple[str, str, str, str]]:
+        """(task id, worker, result message id, result body) of every result this node keeps
+        as a sink, in task id order (empty before schema 7)."""
+        with _translated(self.path):
+            if not self._conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE name = 'task_results'").fetchone():
+                return []
+            rows = self._conn.execute(
+                "SELECT t.task_id, t.worker, t.message_id, m.body FROM task_results AS t"
+                " JOIN messages AS m ON m.sender = t.worker AND m.id = t.message_id"
+                " ORDER BY t.task_id").fetchall()
+        return [(str(t), str(w), str(i), str(b)) for t, w, i, b in rows]
 
     def last_incoming_cursor(self) -> int:
         """Where `incoming_after` starts to see only messages stored from now on."""
