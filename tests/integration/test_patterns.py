@@ -1,8 +1,12 @@
 """The seeds' patterns with real node processes (issue 18): echo request/reply across a
-crash and restart of the replier."""
+crash and restart of the replier; a work queue with a worker killed -9 (the pipeline demo)
+or stalled by SIGSTOP, every result kept once at the sink."""
 
 from __future__ import annotations
 
+import os
+import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +15,9 @@ import pytest
 
 from meshpost.cli import CRASH_ENV
 from meshpost.cluster import LocalCluster, NodeProcess
+from meshpost.control import ControlClient, SubmitRequest, checked
 from meshpost.errors import EXIT_TIMEOUT
-from meshpost.store import StoredMessage, StoreReader
+from meshpost.store import DB_FILENAME, StoredMessage, StoreReader
 from meshpost.verify import verify_stores
 from tests.integration.conftest import wait_until
 
@@ -85,3 +90,62 @@ def test_echo_request_reply_across_a_crash_of_the_replier(short_tmp: Path) -> No
         assert len(replies) == 2 and {r.direction for r in replies} == {reply_dir}
     report = verify_stores({"A": a_dir, "B": b_dir})
     assert report.ok, report.problems
+
+
+def test_pipeline_demo_kills_a_worker_and_every_result_arrives_once() -> None:
+    done = meshpost("pipeline", "demo", "--tasks", "120", timeout_s=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "killed W1 (kill -9)" in done.stdout
+    assert "every result arrived once: 120 tasks, 120 results kept at S" in done.stdout
+
+
+def test_a_stalled_worker_sigstop_loses_no_task_and_doubles_no_result(short_tmp: Path) -> None:
+    cluster = LocalCluster.create(short_tmp, 4, transport="ipc", names=["V", "W1", "W2", "S"],
+                                  options=FAST)
+    tasks = 120
+    w1: NodeProcess | None = None
+    try:
+        cluster.start(["V", "S"])
+        for worker in ("W1", "W2"):
+            node = NodeProcess(worker, cluster.config_path, cluster.data_dir(worker),
+                               short_tmp / "logs" / f"{worker}.log",
+                               extra_args=("--worker", "work=meshpost.pipeline:slow_upper"))
+            cluster.nodes[worker] = node.start()
+            node.wait_ready()
+        w1 = cluster.nodes["W1"]
+        bodies = [f"stall {i}" for i in range(tasks)]
+        with ControlClient(cluster.data_dir("V"), name="V") as client:
+            reply = checked(client.request(
+                SubmitRequest(queue="work", sink="S", bodies=bodies, lease_s=5.0),
+                timeout_s=60))
+        expected = {t: b.upper() for t, b in zip(reply.task_ids, bodies, strict=True)}
+
+        def kept() -> list[tuple[str, str, str, str]]:
+            with StoreReader.for_data_dir(cluster.data_dir("S")) as reader:
+                return reader.task_results()
+
+        wait_until(lambda: len(kept()) >= tasks // 4, PATIENCE_S, "a quarter of the results")
+        os.kill(w1.pid, signal.SIGSTOP)  # stalled with tasks in hand (16 at a time)
+        stopped_at = len(kept())
+        assert stopped_at < tasks
+        # W1 is lost after peer_timeout_s (or its leases expire): W2 gets its tasks.
+        wait_until(lambda: len(kept()) >= tasks, PATIENCE_S, "every result while W1 stalls")
+        results = kept()
+        os.kill(w1.pid, signal.SIGCONT)
+    finally:
+        if w1 is not None and w1.alive():
+            os.kill(w1.pid, signal.SIGCONT)
+        cluster.stop()
+    assert {t: body for t, _w, _m, body in results} == expected
+    assert len(results) == tasks  # one kept result per task (task_results' primary key)
+    by_worker = {w for _t, w, _m, _b in results}
+    assert "W2" in by_worker
+    # The stalled worker's tasks were redelivered: the ventilator's tasks show a second
+    # attempt, and every task is done.
+    db = sqlite3.connect(f"file:{cluster.data_dir('V') / DB_FILENAME}?mode=ro", uri=True)
+    try:
+        states = db.execute("SELECT state, MAX(attempts) FROM tasks GROUP BY state").fetchall()
+    finally:
+        db.close()
+    assert [s for s, _a in states] == ["done"]
+    assert states[0][1] >= 2
