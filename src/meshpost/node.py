@@ -1021,8 +1021,11 @@ class Node:
                 case ReplyUnmatched(reply_id=rid, request_id=request_id, sender=sender,
                                     reason=reason):
                     self.stats.replies_unmatched += 1
-                    log.warning("[%s] reply %s from %s to %s not linked to a waiting request: "
-                                "%s", self.name, rid, sender, request_id, reason)
+                    # A reply to a plain message (an echo) answers no request: that is normal.
+                    # A reply from a peer the request did not go to is worth a warning.
+                    level = logging.WARNING if "went to" in reason else logging.DEBUG
+                    log.log(level, "[%s] reply %s from %s to %s not linked to a waiting "
+                            "request: %s", self.name, rid, sender, request_id, reason)
 
     # -- work queues (docs/patterns.md 4) -------------------------------------------------
 
@@ -1062,6 +1065,11 @@ class Node:
             dispatcher.submit(task_id, body, sink, self.clock.monotonic())
         self._workqueue_wakeup.set()
         return ids
+
+    def queue_workers(self, queue: str) -> list[str]:
+        """The peers serving `queue`, by their latest `serve` record, sorted."""
+        return sorted(w for w, (_v, serving) in self._workers_of.get(queue, {}).items()
+                      if serving)
 
     def queue_status(self, queue: str) -> dict[str, Any]:
         """A ventilator's view of `queue`: in flight per worker, tasks waiting, completed."""
