@@ -31,7 +31,7 @@ async def main(root: Path) -> None:
         results = s.messages()
         for worker in (w1, w2):
             await worker.serve_queue("upper", str.upper)
-        async with asyncio.timeout(60):  # V hears both `serve` records
+        async with asyncio.timeout(60):  # V heard both `serve` records and reaches both
             while v.queue_workers("upper") != ["W1", "W2"]:  # noqa: ASYNC110 (no event for it)
                 await asyncio.sleep(0.01)
         task_ids = await v.submit("upper", WORDS, sink="S")

@@ -1067,9 +1067,11 @@ class Node:
         return ids
 
     def queue_workers(self, queue: str) -> list[str]:
-        """The peers serving `queue`, by their latest `serve` record, sorted."""
+        """The peers serving `queue` (by their latest `serve` record) that this node can
+        reach now, i.e. those a task submitted here may go to at once; sorted."""
+        links = self._links
         return sorted(w for w, (_v, serving) in self._workers_of.get(queue, {}).items()
-                      if serving)
+                      if serving and w in links and links[w].reachable)
 
     def queue_status(self, queue: str) -> dict[str, Any]:
         """A ventilator's view of `queue`: in flight per worker, tasks waiting, completed."""
