@@ -131,6 +131,10 @@ def test_a_stalled_worker_sigstop_loses_no_task_and_doubles_no_result(short_tmp:
         # W1 is lost after peer_timeout_s (or its leases expire): W2 gets its tasks.
         wait_until(lambda: len(kept()) >= tasks, PATIENCE_S, "every result while W1 stalls")
         results = kept()
+        # The ventilator completes each task when W2's `done` (sent after S's receipt of
+        # the result) reaches it.
+        wait_until(lambda: task_states(cluster.data_dir("V"))[0] == ["done"], PATIENCE_S,
+                   "every task done at the ventilator")
         os.kill(w1.pid, signal.SIGCONT)
     finally:
         if w1 is not None and w1.alive():
@@ -142,10 +146,16 @@ def test_a_stalled_worker_sigstop_loses_no_task_and_doubles_no_result(short_tmp:
     assert "W2" in by_worker
     # The stalled worker's tasks were redelivered: the ventilator's tasks show a second
     # attempt, and every task is done.
-    db = sqlite3.connect(f"file:{cluster.data_dir('V') / DB_FILENAME}?mode=ro", uri=True)
+    states, attempts = task_states(cluster.data_dir("V"))
+    assert states == ["done"]
+    assert attempts >= 2
+
+
+def task_states(data_dir: Path) -> tuple[list[str], int]:
+    """A ventilator's task states (distinct, sorted) and the most attempts of any task."""
+    db = sqlite3.connect(f"file:{data_dir / DB_FILENAME}?mode=ro", uri=True)
     try:
-        states = db.execute("SELECT state, MAX(attempts) FROM tasks GROUP BY state").fetchall()
+        rows = db.execute("SELECT state, MAX(attempts) FROM tasks GROUP BY state").fetchall()
     finally:
         db.close()
-    assert [s for s, _a in states] == ["done"]
-    assert states[0][1] >= 2
+    return sorted(str(s) for s, _a in rows), max((int(a) for _s, a in rows), default=0)
