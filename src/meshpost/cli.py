@@ -124,7 +124,8 @@ def build_node_config(args: argparse.Namespace) -> NodeConfig:
 
 async def _run_node(cfg: NodeConfig, *, interactive: bool,
                     gateway: GatewayConfig | None = None,
-                    discovery: DiscoveryConfig | None = None) -> None:
+                    discovery: DiscoveryConfig | None = None, echo: bool = False,
+                    workers: Sequence[tuple[str, str]] = ()) -> None:
     import asyncio
     import signal
 
@@ -158,6 +159,15 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool,
                 node, discovery, public_key=curve_keys[1] if curve_keys else None,
                 authorized_keys=peer_keys if cfg.secure else None,
             ))
+        if echo:
+            # Seed 000's server: every request and every plain message is answered with its
+            # own text, as a reply linked to it.
+            node.on_request(_echo, direct=True)
+        if workers:
+            from meshpost.pipeline import resolve_handler
+
+            for queue, spec in workers:
+                await node.serve_queue(queue, resolve_handler(spec))
         if interactive:
             from meshpost.console import run_console
 
@@ -172,6 +182,39 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool,
             log.info("[%s] shutting down", cfg.name)
 
 
+def _workers(args: argparse.Namespace) -> list[tuple[str, str]]:
+    from meshpost.pipeline import parse_worker_flag
+
+    return [parse_worker_flag(value) for value in args.worker]
+
+
+def cmd_task(args: argparse.Namespace) -> int:
+    """Queue tasks on a running node (the ventilator); print their ids."""
+    from meshpost.control import ControlClient, SubmitRequest, checked
+
+    bodies = [t for t in args.text if t.strip()]
+    if not bodies:
+        raise EmptyCommandText()
+    with ControlClient(_data_dir(args), name=args.node) as client:
+        reply = checked(client.request(SubmitRequest(queue=args.queue, sink=args.sink,
+                                                     bodies=bodies, lease_s=args.lease),
+                                       timeout_s=60))
+    for task_id in reply.task_ids:
+        print(task_id)
+    return EXIT_OK
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from meshpost.pipeline import run_pipeline_demo
+
+    setup_logging("warning")
+    return run_pipeline_demo(args.tasks, keep=args.keep)
+
+
+def _echo(msg: Any) -> str:
+    return str(msg.body)
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     cfg = build_node_config(args)
     interactive = not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
@@ -179,7 +222,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     import asyncio
 
     asyncio.run(_run_node(cfg, interactive=interactive, gateway=build_gateway_config(args),
-                          discovery=build_discovery_config(args)))
+                          discovery=build_discovery_config(args), echo=args.echo,
+                          workers=_workers(args)))
     return EXIT_OK
 
 
@@ -317,6 +361,29 @@ def cmd_send(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_request(args: argparse.Namespace) -> int:
+    """Send a request through a running node and print the peer's reply."""
+    from meshpost.control import AnswerReply, ControlClient, PeerRequest, checked
+    from meshpost.text import clean
+
+    body = " ".join(args.text)
+    if not body.strip():
+        raise EmptyCommandText()
+    with ControlClient(_data_dir(args), name=args.node) as client:
+        reply = checked(client.request(PeerRequest(to=args.to, body=body,
+                                                   timeout_s=args.timeout),
+                                       timeout_s=args.timeout + 10))
+    assert isinstance(reply, AnswerReply)
+    if args.json:
+        print(json.dumps({"request_id": reply.request_id, "id": reply.reply_id,
+                          "sender": reply.sender, "body": reply.body,
+                          "sent_at_ns": reply.sent_at_ns, "stored_at_ns": reply.stored_at_ns},
+                         ensure_ascii=False))
+    else:
+        print(clean(reply.body))
+    return EXIT_OK
+
+
 def _report_result(r: Any, args: argparse.Namespace, clean: Callable[[str], str]) -> int:
     if args.json:
         print(_result_json(r))
@@ -380,6 +447,7 @@ def _struct_dict(obj: Any) -> dict[str, Any]:
 HISTORY_FIELDS = (
     "id", "from", "to", "body", "sent_at_ns", "hlc", "direction", "state", "stored_at_ns",
     "delivered_at_ns", "receipt_received_at_ns", "receipt_recorded_at_ns", "receipt_sync",
+    "kind", "ref",
 )
 
 
@@ -399,6 +467,8 @@ def history_record(m: Any) -> dict[str, Any]:
         "receipt_received_at_ns": m.receipt_received_at_ns,
         "receipt_recorded_at_ns": m.receipt_arrived_at_ns,
         "receipt_sync": m.receipt_sync,
+        "kind": getattr(m, "kind", None),
+        "ref": getattr(m, "ref", None),
     }
 
 
@@ -626,6 +696,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between beacons (default 1; silent after 5 of them)")
     p.add_argument("--text-idle-gap", type=float, metavar="SECONDS",
                    help="a TCP client's pause that ends unterminated text (default 0.2)")
+    p.add_argument("--worker", action="append", default=[], metavar="QUEUE=HANDLER",
+                   help="serve a work queue with a handler: upper, lower, reverse, echo or "
+                        "module:function (repeat)")
+    p.add_argument("--echo", action="store_true",
+                   help="answer every message with its own text, as a reply linked to it")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_node)
 
@@ -645,6 +720,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="*",
                    help="the message (default: -f FILE, else standard input)")
     p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("request", help="send a request through a running node and print "
+                                       "the peer's reply")
+    p.add_argument("--node", required=True)
+    p.add_argument("--to", required=True, help="the peer that answers")
+    p.add_argument("--data")
+    p.add_argument("--timeout", type=_timeout, default=10.0,
+                   help="seconds to wait for the reply (exit 3 saying whether the peer had "
+                        "the request)")
+    p.add_argument("--json", action="store_true", help="the reply as one JSON object")
+    p.add_argument("text", nargs="+", help="the request")
+    p.set_defaults(func=cmd_request)
+
+    p = sub.add_parser("task", help="queue tasks on a work queue through a running node "
+                                    "(the ventilator)")
+    p.add_argument("--node", required=True)
+    p.add_argument("--queue", required=True)
+    p.add_argument("--sink", required=True, help="the node that keeps each task's result")
+    p.add_argument("--lease", type=float, default=30.0,
+                   help="seconds a worker has per task before it is redelivered")
+    p.add_argument("--data")
+    p.add_argument("text", nargs="+", help="one task per argument")
+    p.set_defaults(func=cmd_task)
+
+    p = sub.add_parser("pipeline", help="seed 002 on the mesh: ventilator, workers, sink")
+    psub = p.add_subparsers(dest="pipeline_command", required=True)
+    demo = psub.add_parser("demo", help="run it with a worker killed mid-run; exit 0 only "
+                                        "if every result arrived once")
+    demo.add_argument("--tasks", type=int, default=200)
+    demo.add_argument("--keep", action="store_true", help="keep the data directories")
+    demo.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("peers", help="peers of a running node: connected, RTT, clock offset")
     p.add_argument("--node", required=True)

@@ -115,6 +115,25 @@ class ReceiptTimeout(MeshpostError, kind="receipt_timeout", exit_code=EXIT_TIMEO
         self.timeout_s = timeout_s
 
 
+class RequestTimeout(MeshpostError, kind="request_timeout", exit_code=EXIT_TIMEOUT):
+    """No reply came in time. `outcome` ("not-delivered" or "delivered-unanswered") says
+    whether the peer had the request; it stays queued, and a later reply is still stored
+    and linked to it."""
+
+    def __init__(self, request_id: str, to: str, timeout_s: float, outcome: str) -> None:
+        what = ("was not delivered (no receipt): it stays queued and is delivered when the "
+                "peer is reachable" if outcome == "not-delivered" else
+                "was delivered (receipted) but not answered yet")
+        super().__init__(
+            f"no reply from {to!r} to request {request_id} within {timeout_s:g}s: it {what}; "
+            "a reply that comes later is stored and linked to it in history"
+        )
+        self.request_id = request_id
+        self.to = to
+        self.timeout_s = timeout_s
+        self.outcome = outcome
+
+
 # --- the wire ---------------------------------------------------------------------------
 
 

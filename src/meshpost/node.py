@@ -12,14 +12,18 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
+import inspect
 import itertools
 import logging
+import operator
 import os
 import secrets
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextvars import Context
+from typing import Any
 
 import msgspec
 
@@ -35,12 +39,14 @@ from meshpost.clock import (
 from meshpost.config import NodeConfig, PeerConfig
 from meshpost.errors import (
     ConfigError,
+    InvalidMessage,
     MeshpostError,
     MessageRejected,
     NodeClosed,
     NodeFailed,
     ProtocolError,
     ReceiptTimeout,
+    RequestTimeout,
     StoreCorrupt,
 )
 from meshpost.protocol import (
@@ -64,6 +70,30 @@ from meshpost.protocol import (
     ViolationDetected,
     decode,
     encode,
+)
+from meshpost.protocol.header import (
+    Kind,
+    PatternHeader,
+    header_problem,
+    is_valid_name,
+    reply_id,
+    result_id,
+)
+from meshpost.protocol.requests import (
+    PendingRequest,
+    ReplyUnmatched,
+    RequestAnswered,
+    RequestTimedOut,
+    RequestTracker,
+)
+from meshpost.protocol.workqueue import (
+    DEFAULT_MAX_INFLIGHT,
+    DispatchTask,
+    ResultSink,
+    TaskAbandoned,
+    TaskCompleted,
+    TaskRedelivered,
+    WorkQueueDispatcher,
 )
 from meshpost.store import (
     Delivery,
@@ -182,6 +212,41 @@ class Message:
     hlc: int
     #: Our clock when we committed it.
     stored_at_ns: int
+    #: The pattern header's kind and ref (`PatternHeader`), None for a direct message.
+    kind: str | None = None
+    ref: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """The reply to a request this node sent (`Node.request`), as stored here."""
+
+    #: The request's message id; the reply's header refers to it (history links them).
+    request_id: str
+    #: The reply's own message id (`reply_id(request_id)`).
+    id: str
+    sender: str
+    body: str
+    #: The replier's wall clock when it sent the reply.
+    sent_at_ns: int
+    hlc: int
+    #: Our clock when we committed it.
+    stored_at_ns: int
+
+
+#: What a request handler may be: called with the request (a `Message`); returning a str
+#: (or an awaitable of one) replies with it; None replies nothing (or the handler calls
+#: `Node.reply` itself).
+RequestHandler = Callable[["Message"], "str | Awaitable[str | None] | None"]
+#: How many unanswered requests from before a restart are read per batch (handler re-runs).
+UNANSWERED_BATCH = 500
+#: What a work-queue handler may be: called with a task's body; its result (or what an
+#: awaitable result gives), as a str, goes to the task's sink.
+TaskHandler = Callable[[str], object]
+#: A task's lease unless the ventilator says otherwise (docs/patterns.md 4.4).
+DEFAULT_LEASE_S = 30.0
+#: The work-queue timer wakes at least this often (leases are checked in between too).
+WORKQUEUE_TICK_S = 0.5
 
 
 @dataclasses.dataclass(slots=True)
@@ -311,6 +376,20 @@ class NodeStats:
     store_corrupt: int = 0
     #: Inbound connections shut down because `max_inbound_connections` were open.
     inbound_refused: int = 0
+    #: Request handlers that raised (the request stays unanswered; logged).
+    handler_errors: int = 0
+    #: Replies stored but linked to no request waiting here (late beyond memory, or from
+    #: a peer the request did not go to).
+    replies_unmatched: int = 0
+
+
+_HEADER = operator.attrgetter("header")
+
+
+def _message_of(m: Envelope, stored_at_ns: int) -> Message:
+    h = m.header
+    return Message(m.id, m.sender, m.recipient, m.body, m.sent_at_ns, m.hlc, stored_at_ns,
+                   None if h is None else str(h.kind), None if h is None or not h.ref else h.ref)
 
 
 _HEX3 = [f"{i:03x}" for i in range(4096)]
@@ -410,6 +489,25 @@ class Node:
         self.endpoints: list[str] = []
         #: Every peer's endpoint and how it was found ("config" or "beacon").
         self._found: dict[str, tuple[str, str]] = {}
+        # Request/reply (docs/protocol.md "Patterns"): what became of our requests, the
+        # callers waiting on them, and the handler that answers peers' requests.
+        self._requests = RequestTracker()
+        self._request_waiters: dict[str, asyncio.Future[Reply]] = {}
+        self._request_timeouts: dict[str, float] = {}
+        self._request_handler: RequestHandler | None = None
+        self._handler_answers_direct = False
+        self._replying: set[str] = set()
+        self._handler_tasks: set[asyncio.Task[None]] = set()
+        # Work queues (docs/patterns.md 4): as a ventilator, one dispatcher per queue; as a
+        # worker, a handler per queue; as a sink, the first result per task; everywhere, the
+        # workers each queue has (their latest `serve` record: version, serving).
+        self._dispatchers: dict[str, WorkQueueDispatcher] = {}
+        self._workers_of: dict[str, dict[str, tuple[int, bool]]] = {}
+        self._serving: dict[str, tuple[TaskHandler, asyncio.Semaphore]] = {}
+        self._sink = ResultSink()
+        self._workqueue_wakeup = asyncio.Event()
+        #: Completed tasks as (task id, worker), in order (ventilator).
+        self.completed_tasks: list[tuple[str, str | None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -447,6 +545,14 @@ class Node:
                             "HLC bound, now and when it was issued; the clock resumes from the "
                             "wall clock", self.name, refused)
             self.hlc.observe(await self._writer.call(store.max_hlc, "in"))
+            # Requests sent before a restart wait (without a caller) for their late replies.
+            self._requests = RequestTracker.restore(
+                PendingRequest(i, p, d)
+                for i, p, d in await self._writer.call(store.unanswered_requests))
+            self._sink = ResultSink(await self._writer.call(store.task_results))
+            for queue, member, joined, version in await self._writer.call(store.members,
+                                                                          "queue"):
+                self._workers_of.setdefault(queue, {})[member] = (version, joined)
             self._listener = Listener(
                 local_name=cfg.name,
                 local_node_id=store.node_id,
@@ -479,6 +585,7 @@ class Node:
             await self._teardown()
             raise
         self._tasks = [
+            asyncio.create_task(self._workqueue_loop(), name=f"{self.name}-workqueues"),
             asyncio.create_task(self._writer.run(), name=f"{self.name}-writer"),
             asyncio.create_task(self._timer_loop(), name=f"{self.name}-timers"),
             asyncio.create_task(self._feed_loop(), name=f"{self.name}-feeder"),
@@ -639,6 +746,13 @@ class Node:
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        for handler_task in list(self._handler_tasks):
+            handler_task.cancel()
+        for waiter in self._request_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(NodeClosed(self.name))
+                waiter.exception()
+        self._request_waiters.clear()
         await self._teardown()
         log.info("[%s] node closed", self.name)
 
@@ -676,17 +790,30 @@ class Node:
         """Raise the `InvalidMessage` that `post` would raise for `body`."""
         rules.validate_body(body, self.config.max_message_bytes)
 
-    async def post(self, target: str, body: str) -> list[Outgoing]:
+    async def post(
+        self, target: str, body: str, *, header: PatternHeader | None = None
+    ) -> list[Outgoing]:
         """Accept `body` for every peer `target` names; return once it is durably stored.
 
         The returned handles' `receipt` futures complete when each receiver has committed it.
+        `header` says what the message is for (a task, a reply, ...: docs/protocol.md);
+        None, the default, sends a direct message.
         """
-        return await self._post(target, body, held=False)
+        return await self._post(target, body, held=False, header=header)
 
-    async def _post(self, target: str, body: str, *, held: bool) -> list[Outgoing]:
-        """`post`; with `held`, the caller itself keeps the futures until they are done."""
+    async def _post(
+        self, target: str, body: str, *, held: bool, header: PatternHeader | None = None,
+        message_id: str | None = None,
+    ) -> list[Outgoing]:
+        """`post`; with `held`, the caller itself keeps the futures until they are done.
+        `message_id`: the id to use (a request's, chosen before; a reply's, derived) instead
+        of a fresh one; for a single peer only."""
         self._check_open()
+        if header is not None and (problem := header_problem(header)) is not None:
+            raise InvalidMessage(f"invalid pattern header: {problem}")
         peers = self.resolve(target)
+        if message_id is not None and len(peers) != 1:
+            raise ValueError(f"one message id for {len(peers)} peers ({target!r})")
         self.validate_body(body)
         writer = self._writer
         assert writer is not None
@@ -700,8 +827,8 @@ class Node:
             seq = self._next_seq.get(peer, 0) + 1
             self._next_seq[peer] = seq
             envelope = Envelope(
-                id=self._new_id(wall), seq=seq, sender=self.name, recipient=peer, body=body,
-                sent_at_ns=wall, hlc=self.hlc.now(),
+                id=message_id or self._new_id(wall), seq=seq, sender=self.name, recipient=peer,
+                body=body, sent_at_ns=wall, hlc=self.hlc.now(), header=header,
             )
             key = (peer, seq)
             # A caller that holds the future while it waits (send) gets a plain one: the
@@ -729,6 +856,381 @@ class Node:
                             failed)
         await stored
         return handles
+
+    async def request(self, peer: str, body: str, *, timeout_s: float | None = None) -> Reply:
+        """Send `body` to `peer` as a request and return its reply (a `Reply`).
+
+        After `timeout_s` raises `RequestTimeout`, whose `outcome` says whether `peer` had
+        the request ("delivered-unanswered": it receipted it) or not ("not-delivered"). The
+        request stays in the outbox either way, and a reply that comes later is stored and
+        linked to it in history (the reply's `ref`), across restarts of either side.
+        """
+        self._check_open()
+        rules.resolve_peer(peer, peers=self.config.peer_names)
+        loop = asyncio.get_running_loop()
+        # The id is chosen first so that the tracker knows the request before any reply
+        # to it can arrive.
+        request_id = self._new_id(self.clock.wall_ns())
+        start = self.clock.monotonic()
+        self._requests.sent(request_id, peer, start, timeout_s)
+        waiter: asyncio.Future[Reply] = loop.create_future()
+        self._request_waiters[request_id] = waiter
+        if timeout_s is not None:
+            self._request_timeouts[request_id] = timeout_s
+        try:
+            (handle,) = await self._post(peer, body, held=True,
+                                         header=PatternHeader(Kind.REQUEST),
+                                         message_id=request_id)
+        except BaseException:
+            self._request_waiters.pop(request_id, None)
+            # Nothing was stored: forget it (expire it now; its event goes nowhere).
+            self._requests.on_timer(float("inf"))
+            self._drain_requests()
+            raise
+        handle.receipt.add_done_callback(
+            lambda f: None if f.cancelled() or f.exception() is not None
+            else self._requests.delivered(request_id))
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(waiter)
+        except TimeoutError:
+            if waiter.done():
+                return waiter.result()
+            assert timeout_s is not None
+            self._requests.on_timer(start + timeout_s)
+            self._drain_requests()
+            return waiter.result()  # raises the RequestTimeout the tracker decided
+        finally:
+            self._request_waiters.pop(request_id, None)
+            self._request_timeouts.pop(request_id, None)
+
+    async def reply(self, msg: Message, body: str) -> Outgoing | None:
+        """Answer the request (or message) `msg` with `body`, linked to it (header `reply`,
+        ref = its id). The reply's id is derived from the request's, so answering twice (a
+        handler that ran again after a restart) stores one reply: None if it exists."""
+        self._check_open()
+        rid = reply_id(msg.id)
+        if rid in self._replying:
+            return None
+        self._replying.add(rid)
+        try:
+            writer, store = self._writer, self._store
+            assert writer is not None
+            assert store is not None
+            if await writer.call(store.has_outgoing, rid, self.name):
+                return None
+            (handle,) = await self._post(msg.sender, body, held=False,
+                                         header=PatternHeader(Kind.REPLY, msg.id),
+                                         message_id=rid)
+            return handle
+        finally:
+            self._replying.discard(rid)
+
+    def on_request(self, handler: RequestHandler, *, direct: bool = False) -> None:
+        """Answer every request peers send with `handler` (sync or async): a str it returns
+        is sent as the reply (`reply`). With `direct`, plain messages are answered too (the
+        echo server). Requests stored but unanswered before a restart are handled again."""
+        self._check_open()
+        self._request_handler = handler
+        self._handler_answers_direct = direct
+        self._spawn_handler(self._answer_unanswered(), "unanswered")
+
+    async def _answer_unanswered(self) -> None:
+        writer, store = self._writer, self._store
+        assert writer is not None
+        assert store is not None
+        seen: set[str] = set()
+        while True:
+            envelopes = await writer.call(store.unanswered_incoming_requests, UNANSWERED_BATCH)
+            envelopes = [e for e in envelopes if e.id not in seen]
+            if not envelopes:
+                return
+            for e in envelopes:
+                seen.add(e.id)
+                await self._run_handler(_message_of(e, self.clock.wall_ns()))
+
+    def _spawn_handler(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.create_task(coro, name=f"{self.name}-handler-{what}")
+        self._handler_tasks.add(task)
+        task.add_done_callback(self._handler_tasks.discard)
+
+    async def _run_handler(self, msg: Message) -> None:
+        handler = self._request_handler
+        if handler is None:
+            return
+        try:
+            result = handler(msg)
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None:
+                await self.reply(msg, str(result))
+        except MeshpostError as exc:
+            if not self._closed:
+                log.warning("[%s] could not answer %s from %s: %s", self.name, msg.id,
+                            msg.sender, exc)
+        except Exception:
+            self.stats.handler_errors += 1
+            log.exception("[%s] request handler failed on %s from %s", self.name, msg.id,
+                          msg.sender)
+
+    def _on_patterns(self, messages: Iterable[Envelope], stored_at: int) -> None:
+        """Fresh (first stored) messages: answer requests, link replies to their requests."""
+        for m in messages:
+            h = m.header
+            if h is None or h.kind is Kind.REQUEST:
+                if self._request_handler is not None and (h is not None
+                                                          or self._handler_answers_direct):
+                    self._spawn_handler(self._run_handler(_message_of(m, stored_at)), "run")
+            elif h.kind is Kind.REPLY:
+                self._requests.answered(h.ref, m.id, m.sender)
+                self._drain_requests(m, stored_at)
+            elif h.kind is Kind.TASK:
+                if h.queue in self._serving:
+                    self._spawn_handler(self._work(m), "task")
+                else:
+                    log.warning("[%s] task %s from %s for queue %r, which this node does not "
+                                "serve: stored, not run", self.name, h.ref, m.sender, h.queue)
+            elif h.kind is Kind.RESULT:
+                self._sink.offer(h.ref, m.id, m.sender)
+                if h.queue in self._dispatchers:  # this ventilator is its own sink
+                    self._dispatchers[h.queue].completed(h.ref, self.clock.monotonic(),
+                                                         by=m.sender)
+                    self._workqueue_wakeup.set()
+            elif h.kind is Kind.DONE:
+                dispatcher = self._dispatchers.get(h.queue)
+                if dispatcher is not None:
+                    dispatcher.completed(h.ref, self.clock.monotonic(), by=m.sender)
+                    self._workqueue_wakeup.set()
+            elif h.kind is Kind.SERVE:
+                self._serve_record(m.sender, h.queue, m.body == "serve", h.version, m.hlc)
+
+    def _drain_requests(self, reply: Envelope | None = None, stored_at: int = 0) -> None:
+        for event in self._requests.events():
+            match event:
+                case RequestAnswered(request_id=request_id, late=late):
+                    waiter = self._request_waiters.get(request_id)
+                    if waiter is not None and not waiter.done() and reply is not None:
+                        waiter.set_result(Reply(request_id, reply.id, reply.sender, reply.body,
+                                                reply.sent_at_ns, reply.hlc, stored_at))
+                    elif late:
+                        log.info("[%s] late reply %s to request %s from %s (linked in "
+                                 "history)", self.name, event.reply_id, request_id, event.peer)
+                case RequestTimedOut(request_id=request_id, peer=peer, outcome=outcome):
+                    waiter = self._request_waiters.get(request_id)
+                    if waiter is not None and not waiter.done():
+                        timeout = self._request_timeouts.get(request_id, 0.0)
+                        waiter.set_exception(RequestTimeout(request_id, peer, timeout,
+                                                            outcome.value))
+                case ReplyUnmatched(reply_id=rid, request_id=request_id, sender=sender,
+                                    reason=reason):
+                    self.stats.replies_unmatched += 1
+                    # A reply to a plain message (an echo) answers no request: that is normal.
+                    # A reply from a peer the request did not go to is worth a warning.
+                    level = logging.WARNING if "went to" in reason else logging.DEBUG
+                    log.log(level, "[%s] reply %s from %s to %s not linked to a waiting "
+                            "request: %s", self.name, rid, sender, request_id, reason)
+
+    # -- work queues (docs/patterns.md 4) -------------------------------------------------
+
+    async def serve_queue(self, queue: str, handler: TaskHandler, *,
+                          max_inflight: int = DEFAULT_MAX_INFLIGHT) -> None:
+        """Work for `queue` (`serve` already names running the node): every task sent to
+        it here runs `handler(body)` (sync, run in a thread, or async), and the result goes
+        to the task's sink, once per task message. Announced to every peer with a `serve`
+        record (stored and retried)."""
+        self._check_open()
+        if not is_valid_name(queue):
+            raise InvalidMessage(f"{queue!r} is not a queue name (1-63 of A-Z a-z 0-9 _ . -)")
+        self._serving[queue] = (handler, asyncio.Semaphore(max_inflight))
+        header = PatternHeader(Kind.SERVE, "", queue, version=self.hlc.now())
+        if self._links:
+            await self._post("all", "serve", held=False, header=header)
+
+    async def submit(self, queue: str, bodies: Sequence[str], *, sink: str,
+                     lease_s: float = DEFAULT_LEASE_S) -> list[str]:
+        """Queue one task per body on `queue`, results to `sink`; returns the task ids.
+        Each goes to exactly one live worker at a time (fewest in flight), is redelivered
+        after its lease or its worker's loss, and its result is kept once at the sink."""
+        self._check_open()
+        rules.resolve_peer(sink, peers=self.config.peer_names) if sink != self.name else None
+        if not is_valid_name(queue):
+            raise InvalidMessage(f"{queue!r} is not a queue name (1-63 of A-Z a-z 0-9 _ . -)")
+        for body in bodies:
+            self.validate_body(body)
+        dispatcher = self._dispatcher(queue, lease_s)
+        writer, store = self._writer, self._store
+        assert writer is not None
+        assert store is not None
+        wall = self.clock.wall_ns()
+        ids = self._new_id.many(wall, len(bodies))
+        for task_id, body in zip(ids, bodies, strict=True):
+            await writer.call(store.add_task, task_id, queue, body, sink, wall)
+            dispatcher.submit(task_id, body, sink, self.clock.monotonic())
+        self._workqueue_wakeup.set()
+        return ids
+
+    def queue_workers(self, queue: str) -> list[str]:
+        """The peers serving `queue` (by their latest `serve` record) that this node can
+        reach now, i.e. those a task submitted here may go to at once; sorted."""
+        links = self._links
+        return sorted(w for w, (_v, serving) in self._workers_of.get(queue, {}).items()
+                      if serving and w in links and links[w].reachable)
+
+    def queue_status(self, queue: str) -> dict[str, Any]:
+        """A ventilator's view of `queue`: in flight per worker, tasks waiting, completed."""
+        dispatcher = self._dispatchers.get(queue)
+        if dispatcher is None:
+            return {"inflight": {}, "waiting": 0, "unfinished": 0}
+        return {"inflight": dispatcher.inflight(), "waiting": len(dispatcher.waiting()),
+                "unfinished": len(dispatcher)}
+
+    def _dispatcher(self, queue: str, lease_s: float) -> WorkQueueDispatcher:
+        dispatcher = self._dispatchers.get(queue)
+        if dispatcher is None:
+            dispatcher = self._dispatchers[queue] = WorkQueueDispatcher(queue, lease_s=lease_s)
+            now = self.clock.monotonic()
+            for worker, (_v, serving) in self._workers_of.get(queue, {}).items():
+                link = self._links.get(worker)
+                if serving and link is not None and link.reachable:
+                    dispatcher.worker_up(worker, now)
+        return dispatcher
+
+    def _serve_record(self, worker: str, queue: str, serving: bool, version: int,
+                      hlc: int) -> None:
+        """A worker's `serve`/`stop` record: the highest version wins (a stale one changes
+        nothing); only the worker speaks for itself (the record's sender)."""
+        known = self._workers_of.setdefault(queue, {})
+        old = known.get(worker)
+        if old is not None and (old[0], not old[1]) >= (version, not serving):
+            return
+        known[worker] = (version, serving)
+        writer, store = self._writer, self._store
+        if writer is not None and store is not None:
+            self._spawn_handler(self._ignore_result(writer.call(
+                store.merge_member, "queue", queue, worker, serving, version, hlc)), "member")
+        dispatcher = self._dispatchers.get(queue)
+        if dispatcher is not None:
+            now = self.clock.monotonic()
+            link = self._links.get(worker)
+            if serving and link is not None and link.reachable:
+                dispatcher.worker_up(worker, now)
+            elif not serving:
+                dispatcher.worker_left(worker, now)
+            self._workqueue_wakeup.set()
+
+    @staticmethod
+    async def _ignore_result(awaitable: Awaitable[object]) -> None:
+        await awaitable
+
+    def _workers_event(self, peer: str, up: bool) -> None:
+        if not self._dispatchers:
+            return
+        now = self.clock.monotonic()
+        for queue, dispatcher in self._dispatchers.items():
+            if up:
+                if self._workers_of.get(queue, {}).get(peer, (0, False))[1]:
+                    dispatcher.worker_up(peer, now)
+            else:
+                dispatcher.worker_lost(peer, now)
+        self._workqueue_wakeup.set()
+
+    async def _workqueue_loop(self) -> None:
+        while True:
+            self._workqueue_wakeup.clear()
+            now = self.clock.monotonic()
+            due = [d.next_timer() for d in self._dispatchers.values()]
+            for dispatcher in self._dispatchers.values():
+                dispatcher.on_timer(now)
+                for action in dispatcher.actions():
+                    self._perform_workqueue(dispatcher, action)
+            wait = min([WORKQUEUE_TICK_S, *(max(0.0, t - now) for t in due if t is not None)])
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._workqueue_wakeup.wait()
+
+    def _perform_workqueue(self, dispatcher: WorkQueueDispatcher, action: object) -> None:
+        writer, store = self._writer, self._store
+        if writer is None or store is None:
+            return
+        match action:
+            case DispatchTask():
+                self._spawn_handler(self._dispatch_task(dispatcher, action), "dispatch")
+            case TaskCompleted(task_id=task_id, by=by):
+                self.completed_tasks.append((task_id, by))
+                self._spawn_handler(self._ignore_result(writer.call(
+                    functools.partial(store.set_task_state, task_id, "done", worker=by,
+                                      at_ns=self.clock.wall_ns()))), "task-done")
+            case TaskAbandoned(task_id=task_id, attempts=attempts):
+                log.warning("[%s] task %s abandoned after %d attempt(s)", self.name,
+                            task_id, attempts)
+                self._spawn_handler(self._ignore_result(writer.call(
+                    functools.partial(store.set_task_state, task_id, "abandoned",
+                                      at_ns=self.clock.wall_ns()))), "task-abandoned")
+            case TaskRedelivered(task_id=task_id, worker=worker, reason=reason):
+                log.info("[%s] task %s taken back from %s (%s): redelivering", self.name,
+                         task_id, worker, reason.value)
+
+    async def _dispatch_task(self, dispatcher: WorkQueueDispatcher, t: DispatchTask) -> None:
+        writer, store = self._writer, self._store
+        assert writer is not None
+        assert store is not None
+        await writer.call(functools.partial(store.set_task_state, t.task_id, "assigned",
+                                            worker=t.worker, attempts=t.attempt))
+        header = PatternHeader(Kind.TASK, t.task_id, t.queue, t.sink,
+                               max(1, int(t.lease_s * 1000)), t.attempt)
+        (handle,) = await self._post(t.worker, t.body, held=True, header=header)
+
+        def settled(f: asyncio.Future[Receipt]) -> None:
+            if f.cancelled():
+                return
+            now = self.clock.monotonic()
+            if f.exception() is None:
+                dispatcher.delivered(t.task_id, t.worker, now)
+            elif isinstance(f.exception(), MessageRejected):
+                dispatcher.rejected(t.task_id, t.worker, now)
+            self._workqueue_wakeup.set()
+
+        handle.receipt.add_done_callback(settled)
+
+    async def _work(self, m: Envelope) -> None:
+        """Run one task message: the result (derived id: once per task message) to its
+        sink, then, once the sink receipted it, `done` to the ventilator."""
+        h = m.header
+        assert h is not None
+        handler, room = self._serving[h.queue]
+        rid = result_id(m.id)
+        async with room:
+            writer, store = self._writer, self._store
+            assert writer is not None
+            assert store is not None
+            if rid in self._replying or await writer.call(store.has_outgoing, rid, self.name):
+                return
+            self._replying.add(rid)
+            try:
+                try:
+                    result = (handler(m.body) if inspect.iscoroutinefunction(handler)
+                              else await asyncio.to_thread(handler, m.body))
+                    if inspect.isawaitable(result):
+                        result = await result
+                except Exception:
+                    self.stats.handler_errors += 1
+                    log.exception("[%s] handler for queue %r failed on task %s", self.name,
+                                  h.queue, h.ref)
+                    return
+                result_header = PatternHeader(Kind.RESULT, h.ref, h.queue)
+                try:
+                    (handle,) = await self._post(h.sink, str(result), held=True,
+                                                 header=result_header, message_id=rid)
+                except MeshpostError as exc:  # e.g. an empty result, an unknown sink
+                    self.stats.handler_errors += 1
+                    log.warning("[%s] result of task %s not sent: %s", self.name, h.ref, exc)
+                    return
+            finally:
+                self._replying.discard(rid)
+        await handle.receipt
+        if h.sink != m.sender:
+            await self._post(m.sender, "done", held=False,
+                             header=PatternHeader(Kind.DONE, h.ref, h.queue))
 
     async def post_many(self, peer: str, bodies: Iterable[str]) -> int:
         """Accept many messages for one peer without receipt futures (bulk and benchmarks).
@@ -907,6 +1409,7 @@ class Node:
                     yield Message(
                         id=row.id, sender=row.sender, recipient=row.recipient, body=row.body,
                         sent_at_ns=row.sent_at_ns, hlc=row.hlc, stored_at_ns=row.stored_at_ns,
+                        kind=row.kind, ref=row.ref,
                     )
         finally:
             self._message_readers.discard(wakeup)
@@ -1227,6 +1730,9 @@ class Node:
             for m in arrived.messages:
                 if m.seq in fresh:
                     self._publish(MessageReceived(m, stored_at))
+        if new and (self._request_handler is not None or any(map(_HEADER, arrived.messages))):
+            fresh = set(result.committed).difference(result.duplicates)
+            self._on_patterns((m for m in arrived.messages if m.seq in fresh), stored_at)
 
     # -- performing what the protocol decided -----------------------------------------------
 
@@ -1267,12 +1773,15 @@ class Node:
                 self._record_rejection(peer, seqs, code, detail)
             case PeerConnected(peer=peer, node_id=node_id):
                 log.info("[%s] connected to %s (node %s)", self.name, peer, node_id)
+                self._workers_event(peer, True)
                 self._publish(PeerChanged(peer, True, PeerChange.CONNECTED))
             case PeerLeft(peer=peer, reason=reason):
                 log.info("[%s] %s left: %s", self.name, peer, reason)
+                self._workers_event(peer, False)
                 self._publish(PeerChanged(peer, False, PeerChange.LEFT, reason))
             case PeerLost(peer=peer, silent_for_s=silent):
                 log.warning("[%s] lost %s: silent for %.1fs", self.name, peer, silent)
+                self._workers_event(peer, False)
                 if self._transport is not None:
                     # A new connection: the old one may be open but no longer read.
                     self._transport.redial(peer)

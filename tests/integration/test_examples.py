@@ -1,4 +1,5 @@
-"""examples/ runs: the two-node chat in its non-interactive mode."""
+"""examples/ runs: the two-node chat in its non-interactive mode, and the pattern examples
+(pair echo, request/reply, push/pull) of issue 18."""
 
 from __future__ import annotations
 
@@ -22,3 +23,30 @@ def test_the_chat_example_carries_every_line_both_ways() -> None:
          *(f"B > hello A, and this is answer {i}" for i in range(3))])
     assert lines.count("  ✓ stored by B") == 3
     assert lines.count("  ✓ stored by A") == 3
+
+
+def run_example(name: str) -> list[str]:
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / name)], capture_output=True,
+                          text=True, timeout=EXAMPLE_TIMEOUT_S, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_the_pair_echo_example_gets_every_line_back_as_a_linked_echo() -> None:
+    assert run_example("pair_echo.py") == [
+        "B > hola  (echo of 'hola')", "B > ¿qué tal?  (echo of '¿qué tal?')",
+        "B > adiós  (echo of 'adiós')"]
+
+
+def test_the_request_reply_example_gets_each_answer() -> None:
+    lines = run_example("request_reply.py")
+    assert [line.split(" (")[0] for line in lines] == [
+        "A asked 2+3, B replied 5", "A asked 40+2, B replied 42", "A asked 1+2+3+4, B replied 10"]
+
+
+def test_the_push_pull_example_uses_both_workers_and_keeps_each_result_once() -> None:
+    lines = run_example("push_pull_upper.py")
+    results = sorted(line.split(": ", 1)[1] for line in lines if line.startswith("S < "))
+    words = ["hola", "mundo", "cero", "eme", "cu", "ventilador", "trabajador", "sumidero"]
+    assert results == sorted(f"{w} -> {w.upper()}" for w in words)
+    assert lines[-1] == "every result once: 8 tasks, by worker {'W1': 4, 'W2': 4}"

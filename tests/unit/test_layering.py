@@ -54,6 +54,7 @@ RANKS: dict[str, int] = {
     "remote": 7,
     "timeline": 7,
     "demo": 8,
+    "pipeline": 8,
     "bench": 8,
     "cli": 9,
     "__main__": 10,

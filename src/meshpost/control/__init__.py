@@ -7,6 +7,7 @@ asyncio); nothing here holds protocol or storage state of its own.
 from meshpost.control.client import AsyncControlClient, ControlClient, process_alive
 from meshpost.control.messages import (
     ENDPOINT_FILE,
+    AnswerReply,
     DeliveryInfo,
     ErrorReply,
     EventsDropped,
@@ -15,6 +16,7 @@ from meshpost.control.messages import (
     IncomingInfo,
     NodeGone,
     PeerChangeInfo,
+    PeerRequest,
     PeersReply,
     PeersRequest,
     RefusedInfo,
@@ -25,6 +27,8 @@ from meshpost.control.messages import (
     SendResult,
     StatusReply,
     StatusRequest,
+    SubmitReply,
+    SubmitRequest,
     checked,
 )
 from meshpost.control.server import (
@@ -39,6 +43,7 @@ __all__ = [
     "ENDPOINT_FILE",
     "SUBSCRIBERS_MAX_BYTES",
     "SUBSCRIBER_IDLE_S",
+    "AnswerReply",
     "AsyncControlClient",
     "ControlClient",
     "ControlServer",
@@ -50,6 +55,7 @@ __all__ = [
     "IncomingInfo",
     "NodeGone",
     "PeerChangeInfo",
+    "PeerRequest",
     "PeersReply",
     "PeersRequest",
     "RefusedInfo",
@@ -60,6 +66,8 @@ __all__ = [
     "SendResult",
     "StatusReply",
     "StatusRequest",
+    "SubmitReply",
+    "SubmitRequest",
     "checked",
     "control_endpoint_for",
     "process_alive",

@@ -25,9 +25,11 @@ import zmq.asyncio
 
 from meshpost.control.messages import (
     ENDPOINT_FILE,
+    AnswerReply,
     ErrorReply,
     EventsReply,
     EventsRequest,
+    PeerRequest,
     PeersReply,
     PeersRequest,
     Reply,
@@ -36,6 +38,8 @@ from meshpost.control.messages import (
     SendRequest,
     StatusReply,
     StatusRequest,
+    SubmitReply,
+    SubmitRequest,
     encoder,
     reply_decoder,
 )
@@ -142,6 +146,12 @@ class ControlClient:
     @overload
     def request(self, request: EventsRequest, *,
                 timeout_s: float) -> EventsReply | ErrorReply: ...
+    @overload
+    def request(self, request: PeerRequest, *,
+                timeout_s: float) -> AnswerReply | ErrorReply: ...
+    @overload
+    def request(self, request: SubmitRequest, *,
+                timeout_s: float) -> SubmitReply | ErrorReply: ...
 
     def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request`, return its reply (an `ErrorReply` when the node refused it).
@@ -245,6 +255,12 @@ class AsyncControlClient:
     @overload
     async def request(self, request: EventsRequest, *,
                       timeout_s: float) -> EventsReply | ErrorReply: ...
+    @overload
+    async def request(self, request: PeerRequest, *,
+                      timeout_s: float) -> AnswerReply | ErrorReply: ...
+    @overload
+    async def request(self, request: SubmitRequest, *,
+                      timeout_s: float) -> SubmitReply | ErrorReply: ...
 
     async def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request` and wait for its reply; errors as `ControlClient.request`."""

@@ -49,7 +49,26 @@ class EventsRequest(_Request, tag="events", frozen=True):
     wait_s: float
 
 
-Request = SendRequest | PeersRequest | StatusRequest | EventsRequest
+class PeerRequest(_Request, tag="request", frozen=True):
+    """Send `body` to `to` as a request and reply with its reply (or the `request_timeout`
+    error saying whether `to` had it, after `timeout_s`)."""
+
+    to: str
+    body: str
+    timeout_s: float
+
+
+class SubmitRequest(_Request, tag="submit", frozen=True):
+    """Queue one task per body on `queue` (this node is the ventilator), results to `sink`."""
+
+    queue: str
+    sink: str
+    bodies: list[str]
+    lease_s: float
+
+
+Request = (SendRequest | PeersRequest | StatusRequest | EventsRequest | PeerRequest
+           | SubmitRequest)
 
 
 # -- replies --------------------------------------------------------------------------------
@@ -124,6 +143,23 @@ class EventsReply(_Reply, tag="events", frozen=True):
     dropped: int = 0
 
 
+class AnswerReply(_Reply, tag="answered", frozen=True):
+    """A `PeerRequest`'s reply, linked to the request by `request_id`."""
+
+    request_id: str
+    reply_id: str
+    sender: str
+    body: str
+    sent_at_ns: int
+    stored_at_ns: int
+
+
+class SubmitReply(_Reply, tag="submitted", frozen=True):
+    """The ids of a `SubmitRequest`'s tasks, in order (each stored at the ventilator)."""
+
+    task_ids: list[str] = []
+
+
 class ErrorReply(_Reply, tag="error", frozen=True):
     """The request failed: `kind` and `exit_code` come from the `MeshpostError` class."""
 
@@ -148,8 +184,9 @@ class ErrorReply(_Reply, tag="error", frozen=True):
         return cls(kind=exc.kind, message=str(exc), exit_code=exc.exit_code, id=id)
 
 
-Reply = SendReply | PeersReply | StatusReply | EventsReply | ErrorReply
-R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply)
+Reply = (SendReply | PeersReply | StatusReply | EventsReply | AnswerReply | SubmitReply
+         | ErrorReply)
+R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply, AnswerReply, SubmitReply)
 
 
 def checked(reply: R | ErrorReply) -> R:

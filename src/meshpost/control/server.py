@@ -26,12 +26,14 @@ import zmq
 
 from meshpost.control.messages import (
     ENDPOINT_FILE,
+    AnswerReply,
     DeliveryInfo,
     ErrorReply,
     EventsReply,
     EventsRequest,
     IncomingInfo,
     PeerChangeInfo,
+    PeerRequest,
     PeersReply,
     PeersRequest,
     RefusedInfo,
@@ -42,6 +44,8 @@ from meshpost.control.messages import (
     SendResult,
     StatusReply,
     StatusRequest,
+    SubmitReply,
+    SubmitRequest,
     encoder,
     request_decoder,
 )
@@ -366,6 +370,14 @@ class ControlServer:
                                    id=request.id)
             case EventsRequest(wait_s=wait_s):
                 return await self._events(identity, request.id, wait_s)
+            case PeerRequest(to=to, body=body, timeout_s=timeout_s):
+                r = await node.request(to, body, timeout_s=timeout_s)
+                return AnswerReply(request_id=r.request_id, reply_id=r.id, sender=r.sender,
+                                   body=r.body, sent_at_ns=r.sent_at_ns,
+                                   stored_at_ns=r.stored_at_ns, id=request.id)
+            case SubmitRequest(queue=queue, sink=sink, bodies=bodies, lease_s=lease_s):
+                ids = await node.submit(queue, bodies, sink=sink, lease_s=lease_s)
+                return SubmitReply(task_ids=ids, id=request.id)
         raise AssertionError(f"unhandled control request {request!r}")
 
     async def _status(self) -> dict[str, Any]:

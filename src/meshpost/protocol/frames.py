@@ -10,6 +10,13 @@ from typing import Annotated
 
 import msgspec
 
+from meshpost.protocol.header import PatternHeader, UncheckedHeader
+
+# Re-exported: frames was their home before headers, and its importers still read them here.
+from meshpost.protocol.limits import INT64_MAX as INT64_MAX
+from meshpost.protocol.limits import INT64_MIN as INT64_MIN
+from meshpost.protocol.limits import MAX_ID_LENGTH as MAX_ID_LENGTH
+
 #: Bumped on any incompatible change to a frame's layout or meaning.
 PROTOCOL_VERSION = 1
 
@@ -21,11 +28,6 @@ PROTOCOL_VERSION = 1
 #: (three alternating pairs of `meshpost bench ceiling pair-throughput --messages 1000000`).
 MAX_BATCH_MESSAGES = 2048
 MAX_BATCH_BODY_BYTES = 256 * 1024
-#: Message ids are opaque strings of this many characters at most.
-MAX_ID_LENGTH = 64
-#: SQLite's INTEGER is a signed 64-bit number; msgpack also carries unsigned ones up to
-#: 2**64 - 1, which the store could not bind.
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: Every integer on the wire: checked while decoding, so that no value a peer sends can reach
 #: the store (or a clock) outside what SQLite and the HLC hold. A frame with one out of range
 #: is malformed as a whole (an envelope's own fields are the exception: see `Envelope`).
@@ -37,8 +39,9 @@ Seq = Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)]
 Sync = Annotated[str, msgspec.Meta(pattern=r"^(?:full|normal)\Z")]
 #: The most an envelope adds to its body's bytes: the array header, an id of MAX_ID_LENGTH
 #: four-byte characters, two names of 63 ASCII characters, three 9-byte integers and the
-#: string headers come to 422.
-ENVELOPE_OVERHEAD_BYTES = 512
+#: string headers come to 422; a pattern header adds at most HEADER_MAX_BYTES (421), so
+#: 1,024 (was 512 before headers: docs/protocol.md).
+ENVELOPE_OVERHEAD_BYTES = 1024
 #: The batch's own header (tag, tx time, array headers), and then some.
 FRAME_OVERHEAD_BYTES = 4096
 
@@ -96,6 +99,10 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True):
     body: Annotated[str, msgspec.Meta(min_length=1)]
     sent_at_ns: Int64
     hlc: Int64
+    #: What the message is for (task, reply, ...); None for a direct message. Trailing with
+    #: a default, so a 7-element envelope from an older node decodes with None, and an older
+    #: node reads an 8-element one as the plain message it also is.
+    header: PatternHeader | None = None
 
 
 class Batch(msgspec.Struct, tag="batch", array_like=True, frozen=True):
@@ -115,6 +122,7 @@ class _UncheckedEnvelope(msgspec.Struct, array_like=True, frozen=True):
     body: str
     sent_at_ns: int
     hlc: int
+    header: UncheckedHeader | None = None
 
 
 class UncheckedBatch(msgspec.Struct, tag="batch", array_like=True, frozen=True):
@@ -125,9 +133,15 @@ class UncheckedBatch(msgspec.Struct, tag="batch", array_like=True, frozen=True):
     messages: list[_UncheckedEnvelope]
 
     def batch(self) -> Batch:
-        """The same messages as `Envelope`s (which building does not check)."""
-        return Batch(self.tx_at_ns, [Envelope(*msgspec.structs.astuple(m))
-                                     for m in self.messages])
+        """The same messages as `Envelope`s (which building does not check). A header that
+        passes its decode-time checks becomes a `PatternHeader`; one that fails stays an
+        `UncheckedHeader`, which the listener rejects (that message alone)."""
+        return Batch(self.tx_at_ns, [
+            Envelope(m.id, m.seq, m.sender, m.recipient, m.body, m.sent_at_ns, m.hlc,
+                     None if m.header is None
+                     else m.header.checked())  # type: ignore[arg-type]  # rejected later
+            for m in self.messages
+        ])
 
 
 class ReceiptFrame(msgspec.Struct, tag="receipt", array_like=True, frozen=True):

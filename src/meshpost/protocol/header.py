@@ -1,5 +1,6 @@
 """The pattern header: what a message is for (a task, its result, a request, its reply, a group
-message, a membership record) and what it refers to. Proposed as the Envelope's trailing field.
+message, a membership record) and what it refers to: the Envelope's trailing field
+(`frames.Envelope.header`).
 
 Rule: plain typed data, checked at decode like every frame field (docs/patterns.md, section 2);
 no state and no I/O. A message without a header is a direct message, exactly as today.
@@ -13,7 +14,7 @@ from typing import Annotated
 
 import msgspec
 
-from meshpost.protocol.frames import INT64_MAX, MAX_ID_LENGTH
+from meshpost.protocol.limits import INT64_MAX, MAX_ID_LENGTH
 
 #: Queue and group names follow the node-name rule (config.NAME_PATTERN), repeated here because
 #: the protocol package may not import config.
@@ -25,7 +26,7 @@ MAX_LEASE_MS = 24 * 3600 * 1000
 #: The most a header adds to an envelope on the wire: the array header (1), the longest kind
 #: (8), a ref of MAX_ID_LENGTH four-byte characters (3 + 256), two 63-character ASCII names
 #: (2 x 65), a lease up to a day (5) and two 9-byte integers (18) come to 421.
-#: ENVELOPE_OVERHEAD_BYTES (512 today) would become 1,024 with the header (docs/patterns.md).
+#: ENVELOPE_OVERHEAD_BYTES went from 512 to 1,024 for it (docs/patterns.md).
 HEADER_MAX_BYTES = 421
 
 
@@ -48,8 +49,8 @@ _OptName = Annotated[str, msgspec.Meta(pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0
 
 
 class PatternHeader(msgspec.Struct, array_like=True, frozen=True):
-    """`[kind, ref, queue, sink, lease_ms, attempt, version]`: the proposed trailing field of
-    an Envelope (`header: PatternHeader | None = None`).
+    """`[kind, ref, queue, sink, lease_ms, attempt, version]`: the trailing field of an
+    Envelope (`header: PatternHeader | None = None`).
 
     Fields after `kind` have defaults, so a later version may append more and an older
     decoder still reads the array (msgspec ignores extra trailing elements of an array-like
@@ -66,15 +67,39 @@ class PatternHeader(msgspec.Struct, array_like=True, frozen=True):
     version: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)] = 0
 
 
+class UncheckedHeader(msgspec.Struct, array_like=True, frozen=True):
+    """A `PatternHeader`'s layout and types without its checks: how a header that fails
+    them still decodes, so that its message alone is rejected (frames.UncheckedBatch)."""
+
+    kind: str
+    ref: str = ""
+    queue: str = ""
+    sink: str = ""
+    lease_ms: int = 0
+    attempt: int = 0
+    version: int = 0
+
+    def checked(self) -> PatternHeader | UncheckedHeader:
+        """The same header as a `PatternHeader` if it passes the checks, else itself."""
+        try:
+            return msgspec.convert(msgspec.structs.astuple(self), PatternHeader)
+        except msgspec.ValidationError:
+            return self
+
+
 _NEEDS_REF = frozenset({Kind.REPLY, Kind.TASK, Kind.RESULT, Kind.DONE, Kind.GROUP})
 _NEEDS_QUEUE = frozenset({Kind.TASK, Kind.RESULT, Kind.DONE, Kind.MEMBER, Kind.SERVE})
 
 
-def header_problem(header: PatternHeader) -> str | None:
+def header_problem(header: PatternHeader | UncheckedHeader) -> str | None:
     """Why a decoded header cannot be acted on (fields its kind needs are missing), or None.
 
     Decoding already checked each field's range; this checks the fields against each other,
-    as `Listener._check` does for envelopes: the node rejects that message alone."""
+    as `Listener._check` does for envelopes: the node rejects that message alone. An
+    `UncheckedHeader` (a field out of range) is itself the problem."""
+    if not isinstance(header, PatternHeader):
+        return (f"pattern header {list(msgspec.structs.astuple(header))!r:.200} has a field "
+                "out of range (kind, a name, an id, or a number)")
     kind = header.kind
     if kind in _NEEDS_REF and not header.ref:
         return f"a {kind} needs the id it refers to (ref)"

@@ -48,9 +48,10 @@ from meshpost.protocol.frames import (
     Welcome,
     max_frame_bytes,
 )
+from meshpost.protocol.header import header_problem
 
-_SENDER, _RECIPIENT, _BODY = (
-    operator.attrgetter(f) for f in ("sender", "recipient", "body")
+_SENDER, _RECIPIENT, _BODY, _HEADER = (
+    operator.attrgetter(f) for f in ("sender", "recipient", "body", "header")
 )
 
 
@@ -427,6 +428,8 @@ class Listener:
             set(map(_SENDER, messages)) == {peer}
             and set(map(_RECIPIENT, messages)) == {self.local_name}
             and max(map(len, map(_BODY, messages))) * 4 <= self.max_message_bytes
+            # A batch with a pattern header goes through `_check` (header_problem).
+            and not any(map(_HEADER, messages))
         )
 
     def _check(self, peer: str, message: Envelope) -> tuple[str | None, str]:
@@ -446,6 +449,10 @@ class Listener:
             return RejectCode.INVALID, f"message id must be 1-{MAX_ID_LENGTH} characters"
         if not message.body:
             return RejectCode.INVALID, "empty body"
+        if message.header is not None:
+            problem = header_problem(message.header)
+            if problem is not None:
+                return RejectCode.INVALID, problem
         # Character count bounds the UTF-8 size from below and 4x from above: encode only when
         # the cheap check cannot decide.
         if len(message.body) * 4 > self.max_message_bytes:

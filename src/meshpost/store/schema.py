@@ -159,6 +159,66 @@ MIGRATIONS: tuple[str, ...] = (
                           WHERE c.peer = m.peer AND c.last_seq >= m.seq)
         AND r.first_seq <= m.seq;
     """,
+    # 6 -> 7: pattern headers (issue 18, docs/protocol.md "Patterns"). The header's kind, ref
+    # and queue as columns (NULL for a direct message, so old rows and direct messages are
+    # unchanged; adding a NULL column rewrites nothing), the whole header as msgpack. The
+    # partial index holds pattern messages only: a direct message pays no index insert. Then
+    # the patterns' durable state: a ventilator's tasks, a sink's one result per task, and
+    # the winning membership record per (namespace, name, member).
+    """
+    DROP VIEW message_rows;
+    ALTER TABLE messages ADD COLUMN kind TEXT;
+    ALTER TABLE messages ADD COLUMN ref TEXT;
+    ALTER TABLE messages ADD COLUMN queue TEXT;
+    ALTER TABLE messages ADD COLUMN header BLOB;
+    CREATE INDEX messages_ref ON messages (ref, kind) WHERE ref IS NOT NULL;
+    CREATE TABLE tasks (
+        task_id          TEXT    NOT NULL PRIMARY KEY,
+        queue            TEXT    NOT NULL,
+        body             TEXT    NOT NULL,
+        sink             TEXT    NOT NULL,
+        state            TEXT    NOT NULL
+                         CHECK (state IN ('queued', 'assigned', 'done', 'abandoned')),
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        worker           TEXT,
+        submitted_at_ns  INTEGER NOT NULL,
+        finished_at_ns   INTEGER,
+        finished_by      TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX tasks_unfinished ON tasks (queue) WHERE state IN ('queued', 'assigned');
+    CREATE TABLE task_results (
+        task_id      TEXT    NOT NULL PRIMARY KEY,
+        queue        TEXT    NOT NULL,
+        message_id   TEXT    NOT NULL,
+        worker       TEXT    NOT NULL,
+        stored_at_ns INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE members (
+        namespace TEXT    NOT NULL CHECK (namespace IN ('group', 'queue')),
+        name      TEXT    NOT NULL,
+        member    TEXT    NOT NULL,
+        joined    INTEGER NOT NULL CHECK (joined IN (0, 1)),
+        version   INTEGER NOT NULL,
+        hlc       INTEGER NOT NULL,
+        PRIMARY KEY (namespace, name, member)
+    ) WITHOUT ROWID;
+    CREATE VIEW message_rows AS
+    SELECT m.id, m.direction, m.peer, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc,
+           CASE WHEN r.peer IS NULL THEN m.state ELSE 'delivered' END AS state,
+           m.stored_at_ns,
+           COALESCE(r.stored_at_ns, m.receipt_stored_at_ns) AS receipt_stored_at_ns,
+           COALESCE(r.received_at_ns, m.receipt_received_at_ns) AS receipt_received_at_ns,
+           COALESCE(r.arrived_at_ns, m.receipt_arrived_at_ns) AS receipt_arrived_at_ns,
+           COALESCE(r.sync, m.receipt_sync) AS receipt_sync,
+           COALESCE(r.hlc, m.receipt_hlc) AS receipt_hlc,
+           m.reject_reason, m.checksum, m.kind, m.ref, m.queue, m.header
+    FROM messages AS m
+    LEFT JOIN receipts AS r
+        ON m.direction = 'out' AND m.state = 'pending' AND r.peer = m.peer
+        AND r.last_seq = (SELECT MIN(c.last_seq) FROM receipts AS c
+                          WHERE c.peer = m.peer AND c.last_seq >= m.seq)
+        AND r.first_seq <= m.seq;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

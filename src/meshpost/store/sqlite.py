@@ -13,6 +13,7 @@ import errno
 import fcntl
 import functools
 import itertools
+import operator
 import os
 import secrets
 import sqlite3
@@ -33,6 +34,7 @@ from meshpost.errors import (
     StoreLocked,
 )
 from meshpost.protocol import Envelope, ReceiptFrame, to_ranges
+from meshpost.protocol.header import Kind, PatternHeader
 from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 DB_FILENAME = "meshpost.db"
@@ -158,16 +160,39 @@ _envelope_bytes = msgspec.msgpack.Encoder().encode
 _crc32 = zlib_ng.crc32
 
 
+#: The checksum is the CRC-32 of the seven-field envelope array (`97` then its fields), as
+#: it was before envelopes had a trailing header, so every stored checksum stays valid; a
+#: header's msgpack bytes are chained after it. From an eight-field encoding `b` (`98`, the
+#: seven fields, then the header, or `c0` for none) that is crc32(b[1:-1]) resp. crc32(b[1:])
+#: started from the CRC of `97`: CRC-32 chains, and a memoryview slice copies nothing.
+_CRC_OF_ARRAY7 = _crc32(b"\x97")
+_header_bytes = msgspec.msgpack.Encoder().encode
+_header_decode = msgspec.msgpack.Decoder(PatternHeader).decode
+
+
 def envelope_checksum(m: Envelope) -> int:
-    """CRC-32 of the message's msgpack `Envelope` encoding (deterministic, and C-fast)."""
-    return _crc32(_envelope_bytes(m))
+    """CRC-32 of the message's seven-field msgpack encoding, then of its header's, if any
+    (deterministic, C-fast, and the same as before headers for a direct message)."""
+    b = _envelope_bytes(m)
+    return _crc32(memoryview(b)[1:] if m.header is not None else memoryview(b)[1:-1],
+                  _CRC_OF_ARRAY7)
 
 
 def content_checksum(
-    id: str, sender: str, recipient: str, seq: int, body: str, sent_at_ns: int, hlc: int
+    id: str, sender: str, recipient: str, seq: int, body: str, sent_at_ns: int, hlc: int,
+    header: bytes | None = None,
 ) -> int:
-    """`envelope_checksum` from a row's columns: stored beside the row, checked at open."""
-    return envelope_checksum(Envelope(id, seq, sender, recipient, body, sent_at_ns, hlc))
+    """`envelope_checksum` from a row's columns (`header`: the stored msgpack header):
+    stored beside the row, checked at open."""
+    crc = envelope_checksum(Envelope(id, seq, sender, recipient, body, sent_at_ns, hlc))
+    return crc if header is None else _crc32(header, crc)
+
+
+def _envelope(row: Sequence[Any]) -> Envelope:
+    """An Envelope from (id, seq, sender, recipient, body, sent_at_ns, hlc, header blob)."""
+    id, seq, sender, recipient, body, sent_at_ns, hlc, blob = row
+    return Envelope(id, seq, sender, recipient, body, sent_at_ns, hlc,
+                    None if blob is None else _header_decode(blob))
 
 
 def _links(
@@ -188,13 +213,44 @@ def _links(
 
 
 def _row_values(messages: Sequence[Envelope]) -> list[Any]:
-    """The values of `messages`' own columns, flat, in `_ROWS` order (after the shared ones)."""
-    crc, encode = _crc32, _envelope_bytes  # envelope_checksum, without a call per row
+    """The values of `messages`' own columns, flat, in `_ROWS` order (after the shared ones);
+    direct messages only (`_headed_row` takes the others)."""
+    # envelope_checksum for a message without header, without a call per row.
+    crc, encode, start = _crc32, _envelope_bytes, _CRC_OF_ARRAY7
     values: list[Any] = []
     add = values.extend
     for m in messages:
-        add((m.id, m.seq, m.body, m.sent_at_ns, m.hlc, crc(encode(m))))
+        add((m.id, m.seq, m.body, m.sent_at_ns, m.hlc, crc(memoryview(encode(m))[1:-1], start)))
     return values
+
+
+#: A message with a pattern header: its columns too. One row per statement (the multi-row
+#: statements stay for direct messages, the bulk); `_HEADED` after the shared ?1-?4.
+_HEADED_ROWS = {
+    "out": ("(?1, ?2, ?3, ?4, ?, 'out', ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)", ""),
+    "in": ("(?1, ?2, ?3, ?4, ?, 'in', ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?)",
+           " ON CONFLICT (sender, id) DO NOTHING"),
+}
+_INSERT_HEADED_HEAD = (
+    "INSERT INTO messages (peer, sender, recipient, stored_at_ns, id, direction, seq, body,"
+    " sent_at_ns, hlc, state, checksum, kind, ref, queue, header) VALUES "
+)
+_HEADER = operator.attrgetter("header")
+_RECORD_RESULT = (
+    "INSERT INTO task_results (task_id, queue, message_id, worker, stored_at_ns)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_id) DO NOTHING"
+)
+
+
+def _headed_row(m: Envelope) -> tuple[Any, ...]:
+    """Own values of a message with a header: those of `_row_values`, then kind, ref, queue
+    ('' stored as NULL) and the header's msgpack."""
+    h = m.header
+    assert h is not None
+    blob = _header_bytes(h)
+    crc = _crc32(memoryview(_envelope_bytes(m))[1:], _CRC_OF_ARRAY7)
+    return (m.id, m.seq, m.body, m.sent_at_ns, m.hlc, crc, str(h.kind), h.ref or None,
+            h.queue or None, blob)
 
 
 def translate(exc: sqlite3.Error, path: Path) -> StoreError:
@@ -291,10 +347,17 @@ class StoredMessage:
     receipt_sync: str | None
     receipt_hlc: int | None
     reject_reason: str | None
+    #: The pattern header's kind and ref (schema 7), None for a direct message: a reply's
+    #: ref is its request's id, a task's or result's the task id.
+    kind: str | None = None
+    ref: str | None = None
 
 
 _FIELDS = dataclasses.fields(StoredMessage)
 _COLUMNS = ", ".join(f.name for f in _FIELDS)
+#: A store at schema 6 or older has no kind and ref columns (a reader may open a store that
+#: no node of this version has migrated yet).
+_COLUMNS_BEFORE_7 = _COLUMNS.replace(", kind, ref", ", NULL, NULL")
 
 
 def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
@@ -461,13 +524,36 @@ class Store:
         """Insert rows of one direction, a few multi-row statements per link."""
         execute, width = self._conn.execute, _VALUES_PER_ROW
         outgoing = direction == "out"
-        for (sender, recipient), rows in _links(messages):
+        for (sender, recipient), link_rows in _links(messages):
             # The peer column is the recipient of an outgoing row, the sender of an incoming one.
             shared = [recipient if outgoing else sender, sender, recipient, stored_at_ns]
-            values = _row_values(rows)
-            for start, size in _chunks(len(rows), self._max_rows_per_statement):
-                execute(_insert_sql(direction, size),
-                        shared + values[start * width:(start + size) * width])
+            # Runs of direct and of headed messages, in order (rowids keep the commit order
+            # `incoming_after` reads); a batch of direct messages only is one run, found in C.
+            runs: Iterator[tuple[bool, Sequence[Envelope]]] = (
+                iter([(True, link_rows)]) if not any(map(_HEADER, link_rows))
+                else ((not headed, list(run)) for headed, run in itertools.groupby(
+                    link_rows, lambda m: m.header is not None))
+            )
+            for direct, rows in runs:
+                if not direct:
+                    row_sql, tail = _HEADED_ROWS[direction]
+                    sql = _INSERT_HEADED_HEAD + row_sql + tail
+                    conn = self._conn
+                    for m in rows:
+                        before = conn.total_changes
+                        execute(sql, shared + list(_headed_row(m)))
+                        h = m.header
+                        if (not outgoing and h is not None and h.kind is Kind.RESULT
+                                and conn.total_changes > before):
+                            # The sink's rule, in the message's own transaction: the first
+                            # result committed for a task is its result (docs/patterns.md 4.5).
+                            execute(_RECORD_RESULT, (h.ref, h.queue, m.id, m.sender,
+                                                     stored_at_ns))
+                    continue
+                values = _row_values(rows)
+                for start, size in _chunks(len(rows), self._max_rows_per_statement):
+                    execute(_insert_sql(direction, size),
+                            shared + values[start * width:(start + size) * width])
 
     def _insert_incoming(self, group: Sequence[Envelope], stored_at_ns: int) -> IncomingResult:
         conn = self._conn
@@ -489,7 +575,9 @@ class Store:
             if row is not None:
                 # Receipting a retransmission again vouches for the stored copy: check it.
                 _check_rows(self.path, [row[6:]])
-            if row is not None and row[:5] == ("in", m.sender, m.recipient, m.body, m.sent_at_ns):
+            header = None if m.header is None else _header_bytes(m.header)
+            if row is not None and row[:5] == ("in", m.sender, m.recipient, m.body,
+                                               m.sent_at_ns) and row[13] == header:
                 committed.append(m.seq)
                 # Rows of this transaction carry its timestamp; older ones are retransmissions.
                 if row[5] != stored_at_ns:
@@ -564,7 +652,7 @@ class Store:
                 (peer, after_seq, limit),
             ).fetchall()
         if not check:
-            return [Envelope(*row) for row in rows]
+            return [_envelope(row) for row in rows]
         envelopes: list[Envelope] = []
         _check_rows(self.path, rows, envelopes)
         return envelopes
@@ -597,6 +685,97 @@ class Store:
     def pending_count(self, peer: str | None = None) -> int:
         """Outgoing messages still waiting for a receipt (a scan of the outbox)."""
         return _pending_count(self._conn, self.path, peer, receipts=True)
+
+    def has_outgoing(self, message_id: str, sender: str) -> bool:
+        """Whether this node already stored its own message `message_id` (a derived reply
+        or result id: a handler that ran twice posts it once)."""
+        with _translated(self.path):
+            return self._conn.execute(
+                "SELECT 1 FROM messages WHERE sender = ? AND id = ?", (sender, message_id)
+            ).fetchone() is not None
+
+    def unanswered_requests(self) -> list[tuple[str, str, bool]]:
+        """(request id, peer, delivered) of every request this node sent that no stored reply
+        from that peer refers to (RequestTracker.restore after a restart). A scan of the
+        table (a request's ref is empty, so it is not in `messages_ref`): once, at start."""
+        with _translated(self.path):
+            rows = self._conn.execute(
+                f"SELECT q.id, q.peer, q.state = 'delivered' FROM {_ROWS_VIEW} AS q"
+                " WHERE q.direction = 'out' AND q.kind = 'request' AND NOT EXISTS ("
+                " SELECT 1 FROM messages AS r INDEXED BY messages_ref WHERE r.ref = q.id"
+                " AND r.kind = 'reply' AND r.direction = 'in' AND r.sender = q.peer)"
+            ).fetchall()
+        return [(str(i), str(p), bool(d)) for i, p, d in rows]
+
+    def unanswered_incoming_requests(self, limit: int) -> list[Envelope]:
+        """Requests peers sent this node that it has not replied to (its handler runs again
+        for them after a restart; the derived reply id keeps the reply single)."""
+        with _translated(self.path):
+            rows = self._conn.execute(
+                "SELECT q.id, q.seq, q.sender, q.recipient, q.body, q.sent_at_ns, q.hlc,"
+                " q.header FROM messages AS q WHERE q.direction = 'in' AND q.kind = 'request'"
+                " AND NOT EXISTS (SELECT 1 FROM messages AS r INDEXED BY messages_ref"
+                " WHERE r.ref = q.id AND r.kind = 'reply' AND r.direction = 'out'"
+                " AND r.recipient = q.sender) ORDER BY q.rowid LIMIT ?", (limit,)
+            ).fetchall()
+        return [_envelope(row) for row in rows]
+
+    def task_results(self) -> list[tuple[str, str, str]]:
+        """(task id, result message id, worker) of every result this node keeps as a sink."""
+        with _translated(self.path):
+            rows = self._conn.execute(
+                "SELECT task_id, message_id, worker FROM task_results").fetchall()
+        return [(str(t), str(m), str(w)) for t, m, w in rows]
+
+    def add_task(self, task_id: str, queue: str, body: str, sink: str, at_ns: int) -> None:
+        """A ventilator's new task, queued (its own transaction, before it is dispatched)."""
+        self._write("INSERT INTO tasks (task_id, queue, body, sink, state, submitted_at_ns)"
+                    " VALUES (?, ?, ?, ?, 'queued', ?)", (task_id, queue, body, sink, at_ns))
+
+    def set_task_state(self, task_id: str, state: str, *, worker: str | None = None,
+                       attempts: int | None = None, at_ns: int | None = None) -> None:
+        """A task assigned (`worker`, `attempts`), or finished ('done' by `worker`, or
+        'abandoned') at `at_ns`; a finished task stays finished."""
+        if state == "assigned":
+            self._write("UPDATE tasks SET state = 'assigned', worker = ?, attempts = ?"
+                        " WHERE task_id = ? AND state IN ('queued', 'assigned')",
+                        (worker, attempts, task_id))
+        else:
+            self._write("UPDATE tasks SET state = ?, finished_at_ns = ?, finished_by = ?"
+                        " WHERE task_id = ? AND state IN ('queued', 'assigned')",
+                        (state, at_ns, worker, task_id))
+
+    def merge_member(self, namespace: str, name: str, member: str, joined: bool,
+                     version: int, hlc: int) -> None:
+        """Keep the winning membership record per (namespace, name, member): the highest
+        version; at equal versions a leave (docs/patterns.md 6.2)."""
+        self._write(
+            "INSERT INTO members (namespace, name, member, joined, version, hlc)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, name, member) DO UPDATE SET"
+            " joined = excluded.joined, version = excluded.version, hlc = excluded.hlc"
+            " WHERE excluded.version > members.version OR (excluded.version = members.version"
+            " AND excluded.joined < members.joined)",
+            (namespace, name, member, int(joined), version, hlc))
+
+    def members(self, namespace: str) -> list[tuple[str, str, bool, int]]:
+        """(name, member, joined, version) of every record in `namespace`."""
+        with _translated(self.path):
+            rows = self._conn.execute(
+                "SELECT name, member, joined, version FROM members WHERE namespace = ?",
+                (namespace,)).fetchall()
+        return [(str(n), str(m), bool(j), int(v)) for n, m, j, v in rows]
+
+    def _write(self, sql: str, params: Sequence[Any]) -> None:
+        conn = self._conn
+        with _translated(self.path):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(sql, params)
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
 
     def execute_raw(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run one statement (tests and fault injection only)."""
@@ -644,6 +823,8 @@ class StoreReader:
         self._receipts = version >= 4
         self._checksums = version >= 2
         self._rows = _ROWS_VIEW if self._receipts else "messages"
+        self._columns = _COLUMNS if version >= 7 else _COLUMNS_BEFORE_7
+        self._checked = _CHECKED if version >= 7 else _CHECKED_BEFORE_7
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> StoreReader:
@@ -692,7 +873,7 @@ class StoreReader:
             params.append(direction)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         check = check and self._checksums
-        columns = f"{_COLUMNS}, {_CHECKED}" if check else _COLUMNS
+        columns = f"{self._columns}, {self._checked}" if check else self._columns
         sql = f"SELECT {columns} FROM {self._rows} {clause} ORDER BY hlc DESC, id DESC"
         if limit is not None:
             sql += " LIMIT ?"
@@ -709,6 +890,19 @@ class StoreReader:
         _check_rows(self.path, [row[width:] for row in rows])
         return [StoredMessage(*row[:width]) for row in reversed(rows)]
 
+    def task_results(self) -> list[tuple[str, str, str, str]]:
+        """(task id, worker, result message id, result body) of every result this node keeps
+        as a sink, in task id order (empty before schema 7)."""
+        with _translated(self.path):
+            if not self._conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE name = 'task_results'").fetchone():
+                return []
+            rows = self._conn.execute(
+                "SELECT t.task_id, t.worker, t.message_id, m.body FROM task_results AS t"
+                " JOIN messages AS m ON m.sender = t.worker AND m.id = t.message_id"
+                " ORDER BY t.task_id").fetchall()
+        return [(str(t), str(w), str(i), str(b)) for t, w, i, b in rows]
+
     def last_incoming_cursor(self) -> int:
         """Where `incoming_after` starts to see only messages stored from now on."""
         with _translated(self.path):
@@ -718,7 +912,8 @@ class StoreReader:
     def incoming_after(self, cursor: int, limit: int) -> list[tuple[int, StoredMessage]]:
         """Up to `limit` received messages stored after `cursor`, in commit order, each with
         its own cursor (rowids only grow: rows are never deleted)."""
-        sql = (f"SELECT rowid, {_COLUMNS} FROM messages WHERE rowid > ? AND direction = 'in'"
+        sql = (f"SELECT rowid, {self._columns} FROM messages WHERE rowid > ?"
+               " AND direction = 'in'"
                " ORDER BY rowid LIMIT ?")
         with _translated(self.path):
             rows = self._conn.execute(sql, (cursor, limit)).fetchall()
@@ -832,9 +1027,11 @@ class _OpenVerification:
     quick_check_deferred: bool = False
 
 
-#: A row's columns as `_check_rows` reads them: the envelope's fields, then the checksum.
-_ENVELOPE = "id, seq, sender, recipient, body, sent_at_ns, hlc"
+#: A row's columns as `_check_rows` reads them: the envelope's fields with the header's
+#: msgpack (schema 7; NULL for a direct message), then the checksum.
+_ENVELOPE = "id, seq, sender, recipient, body, sent_at_ns, hlc, header"
 _CHECKED = f"{_ENVELOPE}, checksum"
+_CHECKED_BEFORE_7 = "id, seq, sender, recipient, body, sent_at_ns, hlc, NULL, checksum"
 
 
 def _check_rows(
@@ -845,23 +1042,30 @@ def _check_rows(
 
     A flipped bit inside a record passes `quick_check` (which checks structure) but not this.
     Raises `StoreCorrupt` naming the first rows that fail (or that no longer decode)."""
-    crc, encode = _crc32, _envelope_bytes
+    crc, encode, start = _crc32, _envelope_bytes, _CRC_OF_ARRAY7
     add = keep.append if keep is not None else None
     bad: list[str] = []
     count = 0
     try:
-        for id, seq, sender, recipient, body, sent_at_ns, hlc, checksum in rows:
+        for id, seq, sender, recipient, body, sent_at_ns, hlc, blob, checksum in rows:
             count += 1
             m = Envelope(id, seq, sender, recipient, body, sent_at_ns, hlc)
+            # The seven-field array's CRC, then the stored header's bytes chained after it.
+            expected = crc(memoryview(encode(m))[1:-1], start)
+            if blob is not None:
+                expected = crc(blob, expected)
+                m = Envelope(id, seq, sender, recipient, body, sent_at_ns, hlc,
+                             _header_decode(blob))
             if add is not None:
                 add(m)
-            if checksum != crc(encode(m)):
+            if checksum != expected:
                 bad.append(str(id))
                 if len(bad) == 3:
                     break
     except sqlite3.DatabaseError as exc:  # e.g. text that no longer decodes as UTF-8
         raise StoreCorrupt(str(path), f"unreadable message row: {exc}") from exc
-    except (TypeError, ValueError, OverflowError) as exc:  # a column of the wrong type
+    except (TypeError, ValueError, OverflowError, msgspec.DecodeError) as exc:
+        # a column of the wrong type, a header that no longer decodes
         raise StoreCorrupt(str(path), f"unreadable message row: {exc}") from exc
     if bad:
         raise StoreCorrupt(

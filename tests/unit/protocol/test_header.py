@@ -1,7 +1,7 @@
 """The pattern header, and the msgspec behaviour its backward compatibility rests on: an
 array-like struct with a trailing defaulted field decodes the older, shorter arrays, and an
-older struct decodes the newer, longer ones. Checked here on a local copy of the Envelope with
-the proposed trailing `header` field (frames.py itself is unchanged this round)."""
+older struct decodes the newer, longer ones. Checked on the real Envelope (with its trailing
+`header` field) against a local copy of the seven-field Envelope older nodes have."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from meshpost.protocol.header import (
 )
 
 
-class HeadedEnvelope(msgspec.Struct, array_like=True, frozen=True):
-    """The Envelope as docs/patterns.md proposes it: today's seven fields, then the header."""
+class OldEnvelope(msgspec.Struct, array_like=True, frozen=True):
+    """The Envelope of a node from before headers: the seven fields, no header."""
 
     id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
     seq: Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)]
@@ -37,39 +37,40 @@ class HeadedEnvelope(msgspec.Struct, array_like=True, frozen=True):
     body: Annotated[str, msgspec.Meta(min_length=1)]
     sent_at_ns: Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
     hlc: Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
-    header: PatternHeader | None = None
 
 
-class HeadedBatch(msgspec.Struct, tag="batch", array_like=True, frozen=True):
+class OldBatch(msgspec.Struct, tag="batch", array_like=True, frozen=True):
     tx_at_ns: int
-    messages: list[HeadedEnvelope]
+    messages: list[OldEnvelope]
 
 
-OLD = Envelope("018bcfe5687b5a17c0ffee000001", 1, "A", "B", "hi", 1_700_000_000_123_456_789,
+OLD = OldEnvelope("018bcfe5687b5a17c0ffee000001", 1, "A", "B", "hi", 1_700_000_000_123_456_789,
                111411200008060928)
 TASK = PatternHeader(Kind.TASK, "task-1", "upper", "C", 30_000, 1)
 
 
-def _headed(envelope: Envelope, header: PatternHeader | None) -> HeadedEnvelope:
-    return HeadedEnvelope(*msgspec.structs.astuple(envelope), header=header)
+def _headed(envelope: OldEnvelope, header: PatternHeader | None) -> Envelope:
+    return Envelope(*msgspec.structs.astuple(envelope), header=header)
 
 
 def test_a_message_from_an_older_node_decodes_with_no_header() -> None:
-    old_wire = encode(Batch(5, [OLD]))
-    new = msgspec.msgpack.decode(old_wire, type=HeadedBatch)
+    old_wire = msgspec.msgpack.encode(OldBatch(5, [OLD]))
+    new = decode(old_wire, max_bytes=1 << 20)
+    assert isinstance(new, Batch)
     assert new.messages[0].header is None
     assert msgspec.structs.astuple(new.messages[0])[:7] == msgspec.structs.astuple(OLD)
 
 
 def test_an_older_node_decodes_a_task_as_the_plain_message_it_was() -> None:
-    new_wire = msgspec.msgpack.encode(HeadedBatch(5, [_headed(OLD, TASK)]))
-    frame = decode(new_wire, max_bytes=1 << 20)
-    assert frame == Batch(5, [OLD])
+    new_wire = encode(Batch(5, [_headed(OLD, TASK)]))
+    frame = msgspec.msgpack.decode(new_wire, type=OldBatch)
+    assert frame == OldBatch(5, [OLD])
 
 
 def test_a_header_survives_the_round_trip() -> None:
-    wire = msgspec.msgpack.encode(HeadedBatch(5, [_headed(OLD, TASK)]))
-    assert msgspec.msgpack.decode(wire, type=HeadedBatch).messages[0].header == TASK
+    wire = encode(Batch(5, [_headed(OLD, TASK)]))
+    frame = decode(wire, max_bytes=1 << 20)
+    assert isinstance(frame, Batch) and frame.messages[0].header == TASK
 
 
 def test_a_direct_message_costs_one_byte_more_and_its_checksum_bytes_are_recoverable() -> None:

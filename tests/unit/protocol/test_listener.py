@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -41,6 +42,7 @@ from meshpost.protocol.frames import (
     MAX_BATCH_MESSAGES,
     MAX_ID_LENGTH,
 )
+from meshpost.protocol.header import Kind, PatternHeader
 from meshpost.protocol.listener import LIVE_SESSION_NS, MAX_SESSIONS_PER_PEER
 
 WALL = 1_700_000_000_000_000_000
@@ -266,11 +268,12 @@ def test_the_frame_limit_is_the_largest_batch_and_not_a_batch_of_the_largest_mes
 ) -> None:
     # A batch of several messages holds at most MAX_BATCH_BODY_BYTES characters, so the limit
     # grows with the message limit only once a lone message outgrows that budget: 2.1 MB at
-    # the default 64 KiB, not the 33.7 MB (8 GiB at 16 MiB) a full batch of maximal ones took.
+    # the default 64 KiB (3.1 MB since envelopes may carry a pattern header), not the 33.7 MB
+    # (8 GiB at 16 MiB) a full batch of maximal ones took.
     limit = connected(max_message_bytes=max_message_bytes).max_frame_bytes
     overheads = MAX_BATCH_MESSAGES * ENVELOPE_OVERHEAD_BYTES + FRAME_OVERHEAD_BYTES
     assert limit == max(max_message_bytes, 4 * MAX_BATCH_BODY_BYTES) + overheads
-    assert limit <= max_message_bytes + 3 * 1024 * 1024
+    assert limit <= max_message_bytes + 3 * 1024 * 1024 + MAX_BATCH_MESSAGES * 512
 
 
 # -- validating messages ----------------------------------------------------------------------
@@ -505,3 +508,37 @@ def test_a_receipt_goes_to_the_connection_the_batch_came_on_not_to_the_name() ->
     [(to, receipt)] = listener.frames_to_send()
     assert to == "c2"
     assert isinstance(receipt, ReceiptFrame)
+
+
+# -- pattern headers --------------------------------------------------------------------------
+
+
+def headed(seq: int, header: PatternHeader) -> Envelope:
+    return Envelope(f"m{seq}", seq, "alice", "bob", "hi", WALL, seq, header)
+
+
+def test_a_batch_with_good_and_bad_headers_rejects_only_the_bad_ones() -> None:
+    listener = connected()
+    good = headed(2, PatternHeader(Kind.REPLY, "m0"))
+    # One header fails header_problem (a reply needs a ref); one fails decoding (no such kind)
+    # and arrives through the unchecked path; the plain and the good headed message arrive.
+    no_ref = headed(3, PatternHeader(Kind.REPLY))
+    wire = msgspec.msgpack.encode(
+        ["batch", WALL, [msgspec.structs.astuple(msg(1)), msgspec.structs.astuple(good),
+                         msgspec.structs.astuple(no_ref),
+                         [*msgspec.structs.astuple(msg(4))[:7], ["bogus", "x"]]]])
+    [reject] = receive(listener, "alice", wire, WALL + 5)
+    assert isinstance(reject, Reject)
+    assert (reject.code, reject.seqs) == (RejectCode.INVALID, [3, 4])
+    assert "ref" in reject.detail
+    [arrived] = arrivals(listener)
+    assert arrived.messages == [msg(1), good]
+
+
+def test_a_seven_field_envelope_from_an_older_node_arrives_without_header() -> None:
+    listener = connected()
+    wire = msgspec.msgpack.encode(["batch", WALL, [msgspec.structs.astuple(msg(1))[:7]]])
+    assert wire != encode(Batch(WALL, [msg(1)]))  # today's envelope has 8 elements
+    assert receive(listener, "alice", wire, WALL + 5) == []
+    [arrived] = arrivals(listener)
+    assert arrived.messages == [msg(1)] and arrived.messages[0].header is None

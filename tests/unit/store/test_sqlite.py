@@ -23,6 +23,7 @@ from meshpost.errors import (
     StoreLocked,
 )
 from meshpost.protocol import Envelope, ReceiptFrame
+from meshpost.protocol.header import Kind, PatternHeader
 from meshpost.store import (
     DB_FILENAME,
     Delivery,
@@ -487,8 +488,9 @@ def test_a_version_1_database_gets_content_checksums_when_migrated(data_dir: Pat
 def test_row_checksums_are_the_standard_zlib_crc32_of_the_envelope(body: str, seq: int) -> None:
     # protocol.md defines the column as zlib's CRC-32 of the msgpack Envelope, and stores
     # written before the SIMD implementation carry those values: any other CRC breaks them.
+    # (The seven-field array: a direct message's checksum did not change with headers.)
     m = Envelope(f"id-{seq}", seq, "alice", "bob", body, T + seq, seq)
-    expected = zlib.crc32(msgspec.msgpack.encode(m))
+    expected = zlib.crc32(msgspec.msgpack.encode(msgspec.structs.astuple(m)[:7]))
     assert envelope_checksum(m) == expected
     assert content_checksum(m.id, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns,
                             m.hlc) == expected
@@ -505,7 +507,7 @@ def test_a_store_whose_checksums_the_standard_zlib_wrote_opens(data_dir: Path) -
         " hlc, state, stored_at_ns, checksum) VALUES (?, 'out', ?, ?, ?, ?, ?, ?, ?,"
         " 'pending', ?, ?)",
         (m.id, m.recipient, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc, T,
-         zlib.crc32(msgspec.msgpack.encode(m))),
+         zlib.crc32(msgspec.msgpack.encode(msgspec.structs.astuple(m)[:7]))),
     )
     conn.close()
     store = Store.open(data_dir, name="alice")
@@ -893,3 +895,94 @@ def test_without_window_functions_settled_runs_are_walked_a_range_at_a_time(
         store.apply(WriteBatch(deliveries=[Delivery("bob", [q], receipt(), 1)]), T)
     assert store._settled_through("bob", 0) == 10
     assert [m.seq for m in store.load_pending("bob", 0, 100)] == [11]
+
+
+# -- pattern headers (schema 7) -----------------------------------------------------------------
+
+TASK_HEADER = PatternHeader(Kind.TASK, "task-1", "upper", "carol", 30_000, 1)
+
+
+def headed(m: Envelope, header: PatternHeader = TASK_HEADER) -> Envelope:
+    return Envelope(*msgspec.structs.astuple(m)[:7], header)
+
+
+def test_a_version_6_store_migrates_to_7_and_keeps_its_rows_and_checksums(
+    data_dir: Path,
+) -> None:
+    data_dir.mkdir(parents=True)
+    conn = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
+    conn.create_function("mp_checksum", 7, content_checksum, deterministic=True)
+    for version, script in enumerate(MIGRATIONS[:6], start=1):
+        conn.executescript(f"{script}; PRAGMA user_version = {version};")
+    m = incoming(1)
+    conn.execute(
+        "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns,"
+        " hlc, state, stored_at_ns, checksum) VALUES (?, 'in', ?, ?, ?, ?, ?, ?, ?,"
+        " 'received', 3, ?)",
+        (m.id, m.sender, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc,
+         zlib.crc32(msgspec.msgpack.encode(msgspec.structs.astuple(m)[:7]))),
+    )
+    conn.close()
+    with StoreReader.for_data_dir(data_dir) as reader:  # a reader of the old schema
+        [old] = reader.history()
+        assert (old.id, old.kind, old.ref) == (m.id, None, None)
+    store = Store.open(data_dir, name="alice")  # the checksums pass, or this raises
+    try:
+        assert store.execute_raw("PRAGMA user_version") == [(7,)]
+        tables = {r[0] for r in store.execute_raw("SELECT name FROM sqlite_master")}
+        assert {"tasks", "task_results", "members", "messages_ref"} <= tables
+        assert store.execute_raw("SELECT kind, ref, queue, header FROM messages") == [
+            (None, None, None, None)]
+    finally:
+        store.close()
+    with StoreReader.for_data_dir(data_dir) as reader:
+        [row] = reader.history()
+        assert (row.id, row.body, row.kind, row.ref) == (m.id, m.body, None, None)
+
+
+def test_headed_rows_keep_their_header_through_the_outbox_and_history(store: Store) -> None:
+    batch = [out(1), headed(out(2)), headed(out(3), PatternHeader(Kind.REPLY, "req-9")), out(4)]
+    store.apply(WriteBatch(outgoing=batch), T)
+    assert store.load_pending("bob", 0, 10) == batch
+    assert store.execute_raw(
+        "SELECT seq, kind, ref, queue FROM messages ORDER BY rowid") == [
+        (1, None, None, None), (2, "task", "task-1", "upper"), (3, "reply", "req-9", None),
+        (4, None, None, None)]
+    with StoreReader(store.path) as reader:
+        assert [(r.kind, r.ref) for r in reader.history()] == [
+            (None, None), ("task", "task-1"), ("reply", "req-9"), (None, None)]
+
+
+def test_a_headed_incoming_message_is_stored_once_and_its_header_is_part_of_its_content(
+    store: Store,
+) -> None:
+    m = headed(incoming(1))
+    [first] = store.apply(WriteBatch(incoming=[[m]]), T)
+    [again] = store.apply(WriteBatch(incoming=[[m]]), T + 1)
+    assert (first.committed, again.committed, again.duplicates) == ([1], [1], [1])
+    # The same id with another header is not a retransmission.
+    other = headed(incoming(1), PatternHeader(Kind.REPLY, "req-1"))
+    [clash] = store.apply(WriteBatch(incoming=[[other]]), T + 2)
+    assert (clash.committed, clash.conflicts) == ([], [1])
+    assert store.execute_raw("SELECT COUNT(*) FROM messages") == [(1,)]
+
+
+def test_a_headed_row_checksum_chains_the_header_after_the_seven_fields(
+    data_dir: Path,
+) -> None:
+    m = headed(out(1))
+    seven = msgspec.msgpack.encode(msgspec.structs.astuple(m)[:7])
+    header = msgspec.msgpack.encode(TASK_HEADER)
+    assert envelope_checksum(m) == zlib.crc32(header, zlib.crc32(seven))
+    store = Store.open(data_dir, name="alice")
+    store.apply(WriteBatch(outgoing=[m]), T)
+    store.close()
+    Store.open(data_dir, name="alice").close()  # valid as written
+    conn = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
+    # A flipped header (attempt 1 -> 2) is caught like a flipped body.
+    conn.execute("UPDATE messages SET header = ?",
+                 (msgspec.msgpack.encode(PatternHeader(Kind.TASK, "task-1", "upper", "carol",
+                                                       30_000, 2)),))
+    conn.close()
+    with pytest.raises(StoreCorrupt, match="checksum"):
+        Store.open(data_dir, name="alice")

@@ -1,0 +1,161 @@
+"""The seeds' patterns with real node processes (issue 18): echo request/reply across a
+crash and restart of the replier; a work queue with a worker killed -9 (the pipeline demo)
+or stalled by SIGSTOP, every result kept once at the sink."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshpost.cli import CRASH_ENV
+from meshpost.cluster import LocalCluster, NodeProcess
+from meshpost.control import ControlClient, SubmitRequest, checked
+from meshpost.errors import EXIT_TIMEOUT
+from meshpost.store import DB_FILENAME, StoredMessage, StoreReader
+from meshpost.verify import verify_stores
+from tests.integration.conftest import wait_until
+
+pytestmark = pytest.mark.integration
+
+FAST = {"ping_interval_s": 0.2, "peer_timeout_s": 1.0, "retransmit_initial_s": 0.2,
+        "retransmit_max_s": 1.0}
+#: Bound on every wait: reaching it means a bug, not a slow machine.
+PATIENCE_S = 60.0
+
+
+def rows(data_dir: Path) -> list[StoredMessage]:
+    with StoreReader.for_data_dir(data_dir) as reader:
+        return reader.history()
+
+
+def meshpost(*args: str, timeout_s: float = PATIENCE_S) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meshpost", *args], capture_output=True,
+                          text=True, timeout=timeout_s, check=False)
+
+
+def test_echo_request_reply_across_a_crash_of_the_replier(short_tmp: Path) -> None:
+    cluster = LocalCluster.create(short_tmp, 2, transport="ipc", options=FAST)
+    a_dir, b_dir = cluster.data_dir("A"), cluster.data_dir("B")
+
+    def echo_b(env: dict[str, str] | None) -> NodeProcess:
+        return NodeProcess("B", cluster.config_path, b_dir, short_tmp / "logs" / "B.log",
+                           extra_args=("--echo",), env=env)
+
+    b: NodeProcess | None = None
+    try:
+        cluster.start(["A"])
+        # B dies like kill -9 (os._exit, no cleanup) right after committing the request:
+        # between the request and its reply, before even the receipt.
+        b = echo_b({CRASH_ENV: "after-receiver-commit"}).start()
+        b.wait_ready()
+        first = meshpost("request", "--node", "A", "--data", str(a_dir), "--to", "B",
+                         "--timeout", "3", "marco")
+        assert first.returncode == EXIT_TIMEOUT, first.stderr
+        assert "not delivered" in first.stderr
+        wait_until(lambda: b is not None and not b.alive(), PATIENCE_S, "B to crash")
+        b.stop()
+        [request] = [r for r in rows(b_dir) if r.kind == "request"]
+        assert request.body == "marco"
+        assert not [r for r in rows(b_dir) if r.kind == "reply"]
+
+        # B restarts (no crash this time): its echo answers the stored request, A's
+        # retransmission of it is stored once, and the reply reaches A linked to it.
+        b = echo_b(None).start()
+        b.wait_ready()
+        wait_until(lambda: any(r.kind == "reply" for r in rows(a_dir)), PATIENCE_S,
+                   "the reply to reach A")
+        # A live request/reply through the CLI prints the reply.
+        second = meshpost("request", "--node", "A", "--data", str(a_dir), "--to", "B",
+                          "--timeout", "30", "polo")
+        assert (second.returncode, second.stdout) == (0, "polo\n"), second.stderr
+    finally:
+        if b is not None:
+            b.stop()
+        cluster.stop()
+    for data_dir, request_dir, reply_dir in ((a_dir, "out", "in"), (b_dir, "in", "out")):
+        stored = rows(data_dir)
+        requests = {r.id: r for r in stored if r.kind == "request"}
+        replies = [r for r in stored if r.kind == "reply"]
+        assert sorted(r.body for r in requests.values()) == ["marco", "polo"]
+        assert {r.direction for r in requests.values()} == {request_dir}
+        # One reply per request (the crash did not double it), each linked by its ref.
+        assert sorted((requests[r.ref].body, r.body) for r in replies if r.ref) == [
+            ("marco", "marco"), ("polo", "polo")]
+        assert len(replies) == 2 and {r.direction for r in replies} == {reply_dir}
+    report = verify_stores({"A": a_dir, "B": b_dir})
+    assert report.ok, report.problems
+
+
+def test_pipeline_demo_kills_a_worker_and_every_result_arrives_once() -> None:
+    done = meshpost("pipeline", "demo", "--tasks", "120", timeout_s=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "killed W1 (kill -9)" in done.stdout
+    assert "every result arrived once: 120 tasks, 120 results kept at S" in done.stdout
+
+
+def test_a_stalled_worker_sigstop_loses_no_task_and_doubles_no_result(short_tmp: Path) -> None:
+    cluster = LocalCluster.create(short_tmp, 4, transport="ipc", names=["V", "W1", "W2", "S"],
+                                  options=FAST)
+    tasks = 120
+    w1: NodeProcess | None = None
+    try:
+        cluster.start(["V", "S"])
+        for worker in ("W1", "W2"):
+            node = NodeProcess(worker, cluster.config_path, cluster.data_dir(worker),
+                               short_tmp / "logs" / f"{worker}.log",
+                               extra_args=("--worker", "work=meshpost.pipeline:slow_upper"))
+            cluster.nodes[worker] = node.start()
+            node.wait_ready()
+        w1 = cluster.nodes["W1"]
+        bodies = [f"stall {i}" for i in range(tasks)]
+        with ControlClient(cluster.data_dir("V"), name="V") as client:
+            reply = checked(client.request(
+                SubmitRequest(queue="work", sink="S", bodies=bodies, lease_s=5.0),
+                timeout_s=60))
+        expected = {t: b.upper() for t, b in zip(reply.task_ids, bodies, strict=True)}
+
+        def kept() -> list[tuple[str, str, str, str]]:
+            with StoreReader.for_data_dir(cluster.data_dir("S")) as reader:
+                return reader.task_results()
+
+        wait_until(lambda: len(kept()) >= tasks // 4, PATIENCE_S, "a quarter of the results")
+        os.kill(w1.pid, signal.SIGSTOP)  # stalled with tasks in hand (16 at a time)
+        stopped_at = len(kept())
+        assert stopped_at < tasks
+        # W1 is lost after peer_timeout_s (or its leases expire): W2 gets its tasks.
+        wait_until(lambda: len(kept()) >= tasks, PATIENCE_S, "every result while W1 stalls")
+        results = kept()
+        # The ventilator completes each task when W2's `done` (sent after S's receipt of
+        # the result) reaches it.
+        wait_until(lambda: task_states(cluster.data_dir("V"))[0] == ["done"], PATIENCE_S,
+                   "every task done at the ventilator")
+        os.kill(w1.pid, signal.SIGCONT)
+    finally:
+        if w1 is not None and w1.alive():
+            os.kill(w1.pid, signal.SIGCONT)
+        cluster.stop()
+    assert {t: body for t, _w, _m, body in results} == expected
+    assert len(results) == tasks  # one kept result per task (task_results' primary key)
+    by_worker = {w for _t, w, _m, _b in results}
+    assert "W2" in by_worker
+    # The stalled worker's tasks were redelivered: the ventilator's tasks show a second
+    # attempt, and every task is done.
+    states, attempts = task_states(cluster.data_dir("V"))
+    assert states == ["done"]
+    assert attempts >= 2
+
+
+def task_states(data_dir: Path) -> tuple[list[str], int]:
+    """A ventilator's task states (distinct, sorted) and the most attempts of any task."""
+    db = sqlite3.connect(f"file:{data_dir / DB_FILENAME}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT state, MAX(attempts) FROM tasks GROUP BY state").fetchall()
+    finally:
+        db.close()
+    return sorted(str(s) for s, _a in rows), max((int(a) for _s, a in rows), default=0)

@@ -1,0 +1,156 @@
+"""Pattern headers through a pair of nodes (in-memory transport, real stores): a headed
+message is stored once on each side with its header, retransmitted with it, and readers see
+its kind and ref; a header the rules refuse never leaves the node."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from tests.unit.test_node import PATIENCE_S, connected, pair, run, until
+
+from meshpost.clock import FakeClock
+from meshpost.errors import InvalidMessage, RequestTimeout
+from meshpost.node import Message, Node, wait_receipt
+from meshpost.protocol import Batch, decode
+from meshpost.protocol.header import Kind, PatternHeader, reply_id
+from meshpost.store import StoredMessage, StoreReader
+from meshpost.transport import MemoryNetwork
+
+REPLY = PatternHeader(Kind.REPLY, "0000000000000001-request")
+
+
+def test_a_headed_message_round_trips_and_is_stored_once_on_each_side(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            await until(lambda: connected(a))
+            stream = b.messages()
+            first = asyncio.ensure_future(anext(stream))
+            await asyncio.sleep(0.05)
+            # Lost once, then retransmitted: the copy that arrives still carries its header.
+            net.partition("A", "B")
+            (handle,) = await a.post("B", "the answer", header=REPLY)
+            await until(lambda: a.snapshot_stats().dropped_sends >= 1)
+            net.heal("A", "B")
+            clock.advance(a.config.retransmit_initial_s * 2)
+            a.poll_timers()
+            await wait_receipt(handle, PATIENCE_S)
+            got: Message = await asyncio.wait_for(first, PATIENCE_S)
+            assert (got.id, got.body, got.kind, got.ref) == (handle.id, "the answer", "reply",
+                                                              REPLY.ref)
+            await stream.aclose()
+            sent = [decode(data, max_bytes=1 << 24) for frm, _to, data in net.log if frm == "A"]
+            headers = [m.header for f in sent if isinstance(f, Batch) for m in f.messages]
+            assert headers and set(headers) == {REPLY}
+            await a.flush()
+            await b.flush()
+        for node, direction in ((a, "out"), (b, "in")):
+            with StoreReader.for_data_dir(node.config.data_dir) as reader:
+                rows = reader.history()
+            assert [(r.id, r.direction, r.kind, r.ref) for r in rows] == [
+                (handle.id, direction, "reply", REPLY.ref)]
+
+    run(scenario)
+
+
+def test_a_header_the_rules_refuse_is_not_posted(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            with pytest.raises(InvalidMessage, match="ref"):
+                await a.post("B", "x", header=PatternHeader(Kind.REPLY))
+            with StoreReader.for_data_dir(a.config.data_dir) as reader:
+                assert reader.history() == []
+
+    run(scenario)
+
+
+def test_a_request_returns_its_reply_linked_to_it_on_both_sides(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            await until(lambda: connected(a))
+            b.on_request(lambda m: m.body.upper())
+            reply = await a.request("B", "hello", timeout_s=PATIENCE_S)
+            assert (reply.body, reply.sender) == ("HELLO", "B")
+            assert reply.id == reply_id(reply.request_id)
+            # Answering again (a handler run twice) stores nothing more.
+            [request] = [m for m in b_history(b) if m.kind == "request"]
+            assert await b.reply(_as_message(request), "again") is None
+            await a.flush()
+            await b.flush()
+        for node in (a, b):
+            rows = b_history(node)
+            assert sorted((r.kind or "", r.ref or "", r.body) for r in rows) == [
+                ("reply", reply.request_id, "HELLO"), ("request", "", "hello")]
+
+    run(scenario)
+
+
+def test_a_timeout_says_whether_the_request_was_delivered(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            await until(lambda: connected(a))
+            # No handler at B: delivered (receipted) but unanswered.
+            with pytest.raises(RequestTimeout) as unanswered:
+                await a.request("B", "anyone?", timeout_s=0.3)
+            assert unanswered.value.outcome == "delivered-unanswered"
+            # Partitioned: not delivered.
+            net.partition("A", "B")
+            with pytest.raises(RequestTimeout) as lost:
+                await a.request("B", "hello?", timeout_s=0.3)
+            assert lost.value.outcome == "not-delivered"
+            net.heal("A", "B")
+            # A handler registered now answers both stored-but-unanswered requests; the late
+            # replies are stored and linked.
+            b.on_request(lambda m: f"re: {m.body}")
+            clock.advance(a.config.retransmit_initial_s * 2)
+            a.poll_timers()
+            await until(lambda: len([r for r in b_history(a) if r.kind == "reply"]) == 2)
+            rows = b_history(a)
+            requests = {r.id: r.body for r in rows if r.kind == "request"}
+            links = {requests[r.ref]: r.body for r in rows if r.kind == "reply" and r.ref}
+            assert links == {"anyone?": "re: anyone?", "hello?": "re: hello?"}
+
+    run(scenario)
+
+
+def b_history(node: Node) -> list[StoredMessage]:
+    with StoreReader.for_data_dir(node.config.data_dir) as reader:
+        return reader.history()
+
+
+def _as_message(row: StoredMessage) -> Message:
+    return Message(row.id, row.sender, row.recipient, row.body, row.sent_at_ns, row.hlc,
+                   row.stored_at_ns, row.kind, row.ref)
+
+
+def test_tasks_go_to_the_worker_and_each_result_is_kept_once_at_the_sink(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            await until(lambda: connected(a) and connected(b))
+            await b.serve_queue("upper", str.upper)
+            await until(lambda: "B" in a._workers_of.get("upper", {}))
+            bodies = [f"task {i}" for i in range(40)]
+            ids = await a.submit("upper", bodies, sink="A", lease_s=60)
+            await until(lambda: len(a.completed_tasks) == len(ids))
+            assert sorted(t for t, _by in a.completed_tasks) == sorted(ids)
+            await a.flush()
+            with StoreReader.for_data_dir(a.config.data_dir) as reader:
+                results = reader.task_results()
+            assert [(t, w, body) for t, w, _m, body in results] == sorted(
+                (t, "B", body.upper()) for t, body in zip(ids, bodies, strict=True))
+            assert a.queue_status("upper")["unfinished"] == 0
+
+    run(scenario)
