@@ -97,17 +97,13 @@ class GroupCommitWriter:
 
     def __init__(
         self, store: Store, clock: Clock, *, node: str,
-        after_callbacks: Callable[[], None] | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
         probe: probes.Probe | None = None,
     ) -> None:
-        """`after_callbacks` runs once after the callbacks of each commit, on the loop: what
-        they set up (frames to send, say) can then be done once for the whole commit.
-        `on_failure` is called once, on the loop, if the writer breaks (see the module)."""
+        """`on_failure` is called once, on the loop, if the writer breaks (see the module)."""
         self.store = store
         self._clock = clock
         self._node = node
-        self._after_callbacks = after_callbacks
         self._on_failure = on_failure
         self._probe = probe
         #: Why the writer broke; from then on every item fails with it.
@@ -341,11 +337,6 @@ class GroupCommitWriter:
                     done()
             except Exception:
                 log.exception("[%s] store completion callback failed", self._node)
-        if self._after_callbacks is not None:
-            try:
-                self._after_callbacks()
-            except Exception:
-                log.exception("[%s] after-commit callback failed", self._node)
         if not self._busy and not self._batch:
             self._idle.set()
 
@@ -483,11 +474,6 @@ class GroupCommitWriter:
                 log.exception("[%s] store completion callback failed", self._node)
         if broken is not None:
             self._break(broken, callbacks[len(outcomes):])
-        elif self._after_callbacks is not None:
-            try:
-                self._after_callbacks()
-            except Exception:
-                log.exception("[%s] after-commit callback failed", self._node)
         self._schedule()
         if not self._busy and not self._batch:
             self._idle.set()

@@ -47,11 +47,9 @@ def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
 @contextlib.asynccontextmanager
 async def running_writer(
     data_dir: Path, clock: FakeClock | None = None, sync: str = "full",
-    after_callbacks: Callable[[], None] | None = None,
 ) -> AsyncIterator[GroupCommitWriter]:
     store = Store.open(data_dir, name="alice", sync=sync)
-    writer = GroupCommitWriter(store, clock or FakeClock(), node="alice",
-                               after_callbacks=after_callbacks)
+    writer = GroupCommitWriter(store, clock or FakeClock(), node="alice")
     task = asyncio.create_task(writer.run())
     try:
         yield writer
@@ -192,51 +190,6 @@ def test_a_failing_callback_does_not_stop_the_others(
     with caplog.at_level(logging.ERROR, logger="meshpost.store.writer"):
         run(scenario)
     assert "completion callback failed" in caplog.text
-
-
-@pytest.mark.parametrize("sync", ["full", "normal"])  # on the thread, and inline on the loop
-def test_after_callbacks_runs_once_per_commit_after_all_of_its_callbacks(
-    tmp_path: Path, sync: str
-) -> None:
-    seen: list[object] = []
-
-    async def scenario() -> None:
-        async with running_writer(tmp_path, sync=sync,
-                                  after_callbacks=lambda: seen.append("after")) as writer:
-            for seq in range(1, 4):
-                writer.add_outgoing([out(seq)], seen.append)
-            await writer.flush()
-            assert seen == [T, T, T, "after"]
-            writer.add_incoming([incoming(1)], lambda _r, at: seen.append(at))
-            await writer.flush()
-            assert seen[4:] == [T, "after"]
-            assert writer.commits == 2
-
-    run(scenario)
-
-
-def test_a_failing_after_callbacks_is_logged_and_the_writer_goes_on(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    calls: list[int] = []
-
-    def boom() -> None:
-        calls.append(1)
-        raise RuntimeError("hook bug")
-
-    async def scenario() -> None:
-        async with running_writer(tmp_path, after_callbacks=boom) as writer:
-            done: list[int] = []
-            writer.add_outgoing([out(1)], done.append)
-            await writer.flush()
-            writer.add_outgoing([out(2)], done.append)
-            await writer.flush()
-            assert done == [T, T] and len(calls) == 2
-            assert len(rows(tmp_path)) == 2
-
-    with caplog.at_level(logging.ERROR, logger="meshpost.store.writer"):
-        run(scenario)
-    assert "after-commit callback failed" in caplog.text
 
 
 def test_a_transient_lock_is_retried_and_nothing_is_lost(tmp_path: Path) -> None:
