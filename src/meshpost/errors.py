@@ -57,6 +57,13 @@ def exit_code_for(kind: str) -> int:
     return EXIT_CODES.get(kind, EXIT_INTERNAL)
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for a user: meshpost errors speak for themselves, others get their type."""
+    if isinstance(exc, MeshpostError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
 # --- configuration and usage -------------------------------------------------------------
 
 

@@ -1839,15 +1839,14 @@ class Node:
         self._writer.add_delivery(delivery, lambda: self._delivery_stored(delivery))
 
     def _delivery_stored(self, delivery: Delivery) -> None:
-        """The receipt is recorded: count it, wake whoever follows deliveries."""
+        """The receipt is recorded: count it, wake whoever follows deliveries. (The outbox
+        needs no wake here: the receipt freed the window on arrival, and `_perform` woke the
+        disk reader then if the link wanted rows.)"""
         if self._probe is not None:
             self._probe.mark(probes.DELIVERY_STORED)
         peer = delivery.peer
         self.stats.delivered += len(delivery.seqs)
         self._delivered_changed.set()
-        link = self._links.get(peer)
-        if link is not None and link.disk_backlog:
-            self._feed_wakeup.set()
         if self._subscribers:
             self._publish(DeliveryRecorded(peer, delivery.seqs, delivery.receipt.stored_at_ns))
 
@@ -1920,13 +1919,6 @@ async def wait_receipt(
         raise ReceiptTimeout(handle.id, handle.to, timeout_s or 0.0) from None
 
 
-def describe_error(exc: BaseException) -> str:
-    """One line for a user: meshpost errors speak for themselves, others get their type."""
-    if isinstance(exc, MeshpostError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
 __all__ = [
     "CrashPoint",
     "DeliveryRecorded",
@@ -1941,7 +1933,6 @@ __all__ = [
     "PeerRefused",
     "PeerStatus",
     "Receipt",
-    "describe_error",
     "wait_receipt",
 ]
 

@@ -1,7 +1,8 @@
 """What a local user may send, and to whom: the one copy every entry point uses.
 
 Rule: pure functions of the body, the limits and the configured names; no I/O. The node, the
-control server and the remote console all check through here, so they refuse alike.
+control server and the remote console all check through here, so they refuse alike. The size
+rule itself is the wire's (`protocol.frames.oversize`), which the listener applies to peers.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from meshpost.errors import EmptyMessage, InvalidMessage, MessageTooLarge, UnknownPeer
+from meshpost.protocol.frames import oversize
 
 #: The target that means every configured peer.
 ALL = "all"
@@ -19,12 +21,9 @@ def validate_body(body: str, max_bytes: int) -> None:
     sent; return quietly otherwise."""
     if not body or not body.strip():
         raise EmptyMessage()
-    # Character count bounds the UTF-8 size from below and 4x from above: encode only when
-    # the cheap check cannot decide.
-    if len(body) * 4 > max_bytes:
-        size = len(body.encode("utf-8", "surrogatepass"))
-        if size > max_bytes:
-            raise MessageTooLarge(size, max_bytes)
+    size = oversize(body, max_bytes)
+    if size is not None:
+        raise MessageTooLarge(size, max_bytes)
     try:
         body.encode("utf-8")
     except UnicodeEncodeError:

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from meshpost.errors import MeshpostError
+from meshpost.errors import describe_error
 
 if TYPE_CHECKING:
     from meshpost.node import NodeStats, Outgoing, PeerChanged, PeerStatus, Receipt
@@ -125,13 +125,6 @@ def format_refused_by(peer: str, refusal: str) -> str:
 def format_refused_peer(who: str, detail: str) -> str:
     """`✗ refused a connection from 'C': ...` (a receiver's side of a refusal)."""
     return f"✗ refused a connection from {clean(who)!r}: {clean(detail)}"
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for a user: meshpost errors speak for themselves, others get their type."""
-    if isinstance(exc, MeshpostError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
 
 
 def format_failure(exc: BaseException) -> str:

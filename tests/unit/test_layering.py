@@ -11,9 +11,9 @@ The layers, top to bottom (docs/architecture.md draws them):
     cluster, console, remote, timeline
     control (package: messages, server, client), verify, keys, text, gateway, discovery
     node                      (the `meshpost` package facade re-exports it)
-    store, transport
+    store, transport, rules
     protocol
-    clock, config, rules
+    clock, config
     errors, probes
 """
 
@@ -37,8 +37,8 @@ RANKS: dict[str, int] = {
     "probes": 0,
     "clock": 1,
     "config": 1,
-    "rules": 1,
     "protocol": 2,
+    "rules": 3,  # the wire's size rule (protocol.frames.oversize) plus the local ones
     "store": 3,
     "transport": 3,
     "node": 4,

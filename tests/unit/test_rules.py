@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshpost.errors import EmptyMessage, InvalidMessage, MessageTooLarge, UnknownPeer
+from meshpost.protocol.frames import oversize
 from meshpost.rules import resolve_peer, resolve_target, validate_bodies, validate_body
 
 PEERS = ["B", "C"]
@@ -48,3 +49,13 @@ def test_a_single_peer_target_refuses_groups_and_all() -> None:
     for target in ("team", "all", "Z"):
         with pytest.raises(UnknownPeer):
             resolve_peer(target, peers=PEERS)
+
+
+def test_oversize_gives_the_utf8_size_only_past_the_limit() -> None:
+    # The one size rule: local sends (validate_body) and the listener (a peer's messages).
+    assert oversize("é" * 3, 6) is None  # 6 bytes: at the limit
+    assert oversize("é" * 4, 6) == 8
+    assert oversize("abc", 2) == 3
+    with pytest.raises(MessageTooLarge) as info:
+        validate_body("é" * 4, 6)
+    assert (info.value.size, info.value.limit) == (8, 6)

@@ -57,6 +57,7 @@ from meshpost.errors import (
     NotStored,
     ReceiptTimeout,
     StoreFull,
+    describe_error,
 )
 from meshpost.node import (
     DeliveryRecorded,
@@ -66,7 +67,6 @@ from meshpost.node import (
     Outgoing,
     PeerChanged,
     PeerRefused,
-    describe_error,
     wait_receipt,
 )
 

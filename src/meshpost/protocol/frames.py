@@ -55,6 +55,18 @@ def max_frame_bytes(max_message_bytes: int) -> int:
     return bodies + MAX_BATCH_MESSAGES * ENVELOPE_OVERHEAD_BYTES + FRAME_OVERHEAD_BYTES
 
 
+def oversize(body: str, max_bytes: int) -> int | None:
+    """The body's UTF-8 size if it exceeds `max_bytes`, else None: the one size rule, applied
+    by the listener to a peer's messages and by `meshpost.rules` to local sends."""
+    # Character count bounds the UTF-8 size from below and 4x from above: encode only when
+    # the cheap check cannot decide.
+    if len(body) * 4 > max_bytes:
+        size = len(body.encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            return size
+    return None
+
+
 class Hello(msgspec.Struct, tag="hello", array_like=True, frozen=True):
     """Dialer -> listener, first on every connection: who I am and what I speak."""
 

@@ -47,6 +47,7 @@ from meshpost.protocol.frames import (
     UncheckedBatch,
     Welcome,
     max_frame_bytes,
+    oversize,
 )
 from meshpost.protocol.header import header_problem
 
@@ -453,14 +454,11 @@ class Listener:
             problem = header_problem(message.header)
             if problem is not None:
                 return RejectCode.INVALID, problem
-        # Character count bounds the UTF-8 size from below and 4x from above: encode only when
-        # the cheap check cannot decide.
-        if len(message.body) * 4 > self.max_message_bytes:
-            size = len(message.body.encode("utf-8", "surrogatepass"))
-            if size > self.max_message_bytes:
-                return RejectCode.TOO_LARGE, (
-                    f"body of {size} bytes exceeds the {self.max_message_bytes}-byte limit"
-                )
+        size = oversize(message.body, self.max_message_bytes)
+        if size is not None:
+            return RejectCode.TOO_LARGE, (
+                f"body of {size} bytes exceeds the {self.max_message_bytes}-byte limit"
+            )
         return None, ""
 
     def __repr__(self) -> str:
