@@ -24,8 +24,7 @@ RESERVED_NAMES = frozenset({"all", "me", "*"})
 #: 64 KiB: large enough for any typed text, small enough that a batch of them fits in memory.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
 #: Messages, and their memory (body characters + 256 each), one link holds unacknowledged.
-#: 32,768 since 2026-12-03: once the store got cheaper, pair-throughput gained 14% on 16,384
-#: (mean ratio to the ceiling 0.49 against 0.43, six alternating runs of each, README).
+#: 32,768: measured against 16,384 (docs/benchmarks.md, "Constants and their figures").
 DEFAULT_WINDOW = 32_768
 DEFAULT_WINDOW_BYTES = 16 * 1024 * 1024
 #: Hard ceiling for the configurable limit; ZeroMQ frames above this are refused outright.

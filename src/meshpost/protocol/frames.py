@@ -23,9 +23,7 @@ PROTOCOL_VERSION = 1
 #: A batch frame carries at most this many messages, and (unless it holds a single message)
 #: bodies of at most this many characters in all: big enough to amortise each frame's costs
 #: on both sides (decoding, checks, a receipt), small enough that a lost frame costs little
-#: to resend. 2,048 since 2026-12-03 (was 512): pair-throughput, posting 2,048 at a time
-#: instead of 512, 0.60-0.66x the ceiling against 0.55-0.63x and 9% less CPU per message
-#: (three alternating pairs of `meshpost bench ceiling pair-throughput --messages 1000000`).
+#: to resend. 2,048 against 512: docs/benchmarks.md, "Constants and their figures".
 MAX_BATCH_MESSAGES = 2048
 MAX_BATCH_BODY_BYTES = 256 * 1024
 #: Every integer on the wire: checked while decoding, so that no value a peer sends can reach

@@ -41,23 +41,20 @@ DB_FILENAME = "meshpost.db"
 LOCK_FILENAME = "node.lock"
 #: How long a write waits for another process's lock before the batch is retried later.
 BUSY_TIMEOUT_MS = 1000
-#: Page size of a new store (an existing one keeps its own, 4 KiB before 2026-12-03). Against
-#: SQLite's 4 KiB, 8 KiB pages halve the WAL frames and the checkpoint's page copies, each a
-#: system call or two: CPU per row, kernel included, 11-13% lower on each side and checkpoint
-#: CPU 35-40% lower (medians of six alternating runs of 400,000 rows in batches of 2,048,
-#: sync=full), while a one-row commit, three of which are on every send's path, stays at
-#: 29-30 us p50 (sync=normal) and 166-175 (full). 16 KiB saved a little more CPU but made that
-#: commit 50% slower.
+#: Page size of a new store (an existing one keeps its own). Against SQLite's 4 KiB, 8 KiB
+#: pages halve the WAL frames and the checkpoint's page copies (a system call or two each)
+#: without slowing a one-row commit; 16 KiB did (figures: docs/benchmarks.md, "Constants and
+#: their figures").
 PAGE_SIZE = 8192
 #: A WAL file that grew past this (a reader kept it from starting over for a while) is cut
 #: back to it when it next starts over.
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 
 #: Rows whose content checksums `Store.open` verifies before it returns: the newest ones. A
-#: store of at most this many rows is verified whole at open, as before 2026-12-06, and a
-#: corrupt one is refused before the node serves; above it, open verifies these and the rows
-#: the node trusts at once (highest seq per peer, highest HLC stamp), and a `Verifier` does the
-#: rest after start. About 0.15 s (1.5 us a row on this 2-core machine, 2026-12-06).
+#: store of at most this many rows is verified whole at open, and a corrupt one is refused
+#: before the node serves; above it, open verifies these and the rows the node trusts at once
+#: (highest seq per peer, highest HLC stamp), and a `Verifier` does the rest after start.
+#: Sized so that open stays well under a second (docs/benchmarks.md).
 #: `PRAGMA quick_check`, which reads every page (about 0.6-1 s per million 100-byte rows),
 #: follows the same rule: at open for a store this small, in the background otherwise.
 OPEN_VERIFY_ROWS = 100_000
@@ -66,19 +63,17 @@ OPEN_VERIFY_ROWS = 100_000
 VERIFY_CHUNK_ROWS = 50_000
 
 #: Rows are inserted many per statement: `INSERT ... VALUES (...), (...), ...` binds every
-#: value in C and runs one `sqlite3_step` (the GIL released once) per statement. Measured on
-#: 100,000 rows in batches of 4,096 at synchronous=FULL: about 220k rows/s, against 119k/s
-#: for the same rows as one JSON array through `json_each` and 117k/s with `executemany`.
-#: Statements hold a power of two of rows, so a handful of them, prepared once, serve every
+#: value in C and runs one `sqlite3_step` (the GIL released once) per statement: about twice
+#: the rows a second of `json_each` or `executemany` (docs/benchmarks.md). Statements hold a
+#: power of two of rows, so a handful of them, prepared once, serve every
 #: batch size from SQLite's statement cache.
 _INSERT_HEAD = (
     "INSERT INTO messages (peer, sender, recipient, stored_at_ns, id, direction, seq, body,"
     " sent_at_ns, hlc, state, checksum) VALUES "
 )
 #: What every row of one statement shares is bound once, as ?1-?4: peer, sender, recipient,
-#: stored_at_ns (a statement holds the rows of one link). Binding them again for every row
-#: cost about 2,600 instructions a row, 10-11% of each side's store work (callgrind,
-#: benchmarks/store_rows.py, 2026-12-03).
+#: stored_at_ns (a statement holds the rows of one link): binding them again for every row
+#: was a tenth of each side's store work (docs/benchmarks.md).
 _SHARED_VALUES = 4
 #: Each row's own values: id, seq, body, sent_at_ns, hlc, checksum.
 _VALUES_PER_ROW = 6
@@ -154,9 +149,9 @@ _MARK_REJECTED = (
 
 _envelope_bytes = msgspec.msgpack.Encoder().encode
 #: zlib's CRC-32, from zlib-ng: the same values as the standard library's `zlib.crc32` (so
-#: every checksum already stored stays valid), computed with SIMD instructions: 42 ns for a
-#: 155-byte envelope against 201 ns with the system zlib 1.2.13 (timeit, 2026-12-03), which
-#: was 60% of the per-row work the writer does in Python (`_row_values`).
+#: every checksum already stored stays valid), computed with SIMD instructions: about a
+#: fifth of the system zlib's time, which was most of the writer's per-row Python work
+#: (`_row_values`; figures in docs/benchmarks.md).
 _crc32 = zlib_ng.crc32
 
 
