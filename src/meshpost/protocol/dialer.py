@@ -54,6 +54,9 @@ REFUSED_RETRY_S = 10.0
 RTT_ALPHA = 0.125
 RTT_BETA = 0.25
 RTT_K = 4.0
+#: RFC 6298's clock granularity G: the least variance term, so that a perfectly steady round
+#: trip still leaves a margin over SRTT.
+RTT_G_S = 0.001
 #: What a held message costs besides its body (the Envelope, its id, the dict slot): the
 #: window's byte count is body characters plus this, an estimate of memory, not of the wire.
 HELD_MESSAGE_OVERHEAD = 256
@@ -127,6 +130,10 @@ TRANSITIONS: dict[tuple[LinkState, LinkInput], LinkState] = {
 }
 del _S, _I
 
+#: States a Welcome can end in which the peer never stored what was in flight: it refused our
+#: frames for want of a Hello (CONNECTING), said Bye (LEFT), or refused the link (REFUSED).
+_SESSION_GONE = frozenset({LinkState.CONNECTING, LinkState.LEFT, LinkState.REFUSED})
+
 #: The input each frame a dialer takes is (Refuse is split by its code).
 _FRAME_INPUTS: dict[type, LinkInput] = {
     Welcome: LinkInput.WELCOME,
@@ -194,8 +201,15 @@ class DialerLink:
         self.srtt_s: float | None = None
         self._rttvar_s = 0.0
         self._rto_deadline: float | None = None
+        #: What went out when, oldest first: (monotonic send time, the batch's messages).
+        #: Settled messages are dropped lazily, when the timer looks at them.
+        self._flights: collections.deque[tuple[float, list[Envelope]]] = collections.deque()
+        #: Seqs sent more than once and not yet receipted: their receipts are no RTT sample
+        #: (Karn's rule). Empty on the fast path.
+        self._resent: set[int] = set()
         self._next_hello_at = 0.0
         self._next_ping_at = 0.0
+        self._ping_owed = False
         self._frames: list[Frame] = []
         self._events: list[Event] = []
 
@@ -327,10 +341,17 @@ class DialerLink:
         if self.state is not LinkState.READY:
             if now >= self._next_hello_at:
                 self._send_hello(now, wall_ns, hlc)
-        else:
-            if now >= self._next_ping_at:
-                self._frames.append(Ping(sent_at_ns=wall_ns))
+        elif now >= self._next_ping_at:
+            # Any frame from the peer proves it alive: ping only a link quiet for a ping
+            # interval, and put the Ping before anything else this poll sends.
+            # (The first Ping after a Welcome goes anyway: its Pong is the first clock sample.)
+            heard = self.last_heard
+            if heard is None or self._ping_owed or now >= heard + self._ping_interval:
+                self._ping_owed = False
+                self._frames.insert(0, Ping(sent_at_ns=wall_ns))
                 self._next_ping_at = now + self._ping_interval
+            else:
+                self._next_ping_at = heard + self._ping_interval
         if (
             self.state is LinkState.READY
             and self.last_heard is not None
@@ -346,12 +367,8 @@ class DialerLink:
             self.state is LinkState.READY
             and self._rto_deadline is not None
             and now >= self._rto_deadline
-            and self._inflight
         ):
-            self.retransmissions += len(self._inflight)
-            self._emit_batches(list(self._inflight.values()), wall_ns)
-            self._rto = min(self._rto * 2, self._rto_max)
-            self._rto_deadline = now + self._rto
+            self._retransmit_due(now, wall_ns)
         self._pump(now, wall_ns)
 
     def peer_left(self, now: float, reason: str) -> None:
@@ -456,31 +473,70 @@ class DialerLink:
         self.refusal = None
         self.peer_node_id = frame.node_id
         self._next_ping_at = now
+        self._ping_owed = True
         if not was_ready:
             self._events.append(PeerConnected(self.peer, frame.node_id))
-        if self._inflight and not was_ready:
-            # Whatever was in flight may have died with the old connection: resend now. (A
-            # Welcome while ready answers a duplicate Hello; resending again would only
-            # multiply traffic.)
-            self.retransmissions += len(self._inflight)
-            self._emit_batches(list(self._inflight.values()), wall_ns)
+        if self._inflight and before in _SESSION_GONE:
+            # The peer refused our frames (it lost our session) or left: what was in flight
+            # never reached its store. Resend it now, as new flights. After mere silence
+            # (LOST) only the batches whose own timeout has passed go again (after
+            # peer_timeout_s of silence that is usually all; a batch sent just before is not
+            # resent while its receipt may still come).
+            resend = list(self._inflight.values())
+            self._flights.clear()
+            self.retransmissions += len(resend)
+            self._resent.update(self._inflight)
+            self._emit_batches(resend, wall_ns, now)
         self._rto = self.base_rto
         self._rto_deadline = now + self._rto if self._inflight else None
+        if self._inflight and before is LinkState.LOST:
+            self._retransmit_due(now, wall_ns, backoff=False)
 
     @property
     def base_rto(self) -> float:
         """The retransmission timeout before backoff: `retransmit_initial_s`, or more when
         receipts take longer (a busy peer committing big batches is slow, not gone), as
-        SRTT + 4 * RTTVAR (RFC 6298), never above `retransmit_max_s`."""
+        SRTT + max(G, 4 * RTTVAR) (RFC 6298), never above `retransmit_max_s`."""
         if self.srtt_s is None:
             return self._rto_initial
-        adaptive = self.srtt_s + RTT_K * self._rttvar_s
+        adaptive = self.srtt_s + max(RTT_G_S, RTT_K * self._rttvar_s)
         return min(self._rto_max, max(self._rto_initial, adaptive))
 
+    @property
+    def rto(self) -> float:
+        """The retransmission timeout in force now (`base_rto`, or more after backoff)."""
+        return self._rto
+
+    def _retransmit_due(self, now: float, wall_ns: int, *, backoff: bool = True) -> None:
+        """The timer ran out (no receipt settled anything for an RTO): resend the batches
+        sent an RTO ago or earlier whose messages are still unreceipted, back off, re-arm."""
+        inflight, flights = self._inflight, self._flights
+        if not inflight:
+            flights.clear()
+            self._rto_deadline = None
+            return
+        cutoff = now - self._rto
+        due: list[Envelope] = []
+        while flights and flights[0][0] <= cutoff:
+            due.extend(m for m in flights.popleft()[1] if m.seq in inflight)
+        self._drop_settled_flights()
+        if due:
+            self.retransmissions += len(due)
+            self._resent.update(m.seq for m in due)
+            self._emit_batches(due, wall_ns, now)
+            if backoff:
+                self._rto = min(self._rto * 2, self._rto_max)
+        self._rto_deadline = flights[0][0] + self._rto if flights else None
+
+    def _drop_settled_flights(self) -> None:
+        """Forget the oldest flights once all their messages are settled (in C: no Python
+        step per message), so that `_flights` stays about as long as the window."""
+        flights, has = self._flights, self._inflight.__contains__
+        while flights and not any(map(has, map(_SEQ, flights[0][1]))):
+            flights.popleft()
+
     def _add_rtt_sample(self, sample_s: float) -> None:
-        # A receipt echoes the tx time of the very transmission it answers, so a sample is
-        # unambiguous even for a retransmitted batch (like TCP timestamps; no Karn's rule).
-        # Beyond the longest timeout it says more about a stall than about the path.
+        # Beyond the longest timeout a sample says more about a stall than about the path.
         if not 0.0 <= sample_s <= self._rto_max:
             return
         if self.srtt_s is None:
@@ -527,9 +583,23 @@ class DialerLink:
         if settled:
             settled.sort()
             self._events.append(MessagesDelivered(self.peer, settled, receipt, wall_ns))
-            self._add_rtt_sample((wall_ns - receipt.echo_tx_at_ns) / 1e9)
-            self._rto = self.base_rto
-            self._rto_deadline = now + self._rto if inflight else None
+            resent = self._resent
+            if resent and not resent.isdisjoint(settled):
+                # Karn's rule: a receipt that settles a resent message is no RTT sample, and
+                # the backed-off timeout stays until a first transmission is receipted.
+                resent.difference_update(settled)
+            else:
+                self._add_rtt_sample((wall_ns - receipt.echo_tx_at_ns) / 1e9)
+                self._rto = self.base_rto
+            # Progress restarts the timer (RFC 6298 5.3): a slow peer that keeps receipting
+            # is not timed out batch by batch.
+            if inflight:
+                self._rto_deadline = now + self._rto
+                self._drop_settled_flights()
+            else:
+                self._rto_deadline = None
+                self._flights.clear()
+                resent.clear()
 
     def _pump(self, now: float, wall_ns: int) -> None:
         """Move queued messages into flight while the handshake is done and the window allows."""
@@ -543,9 +613,9 @@ class DialerLink:
             fresh.append(message)
         if self._rto_deadline is None:
             self._rto_deadline = now + self._rto
-        self._emit_batches(fresh, wall_ns)
+        self._emit_batches(fresh, wall_ns, now)
 
-    def _emit_batches(self, messages: list[Envelope], wall_ns: int) -> None:
+    def _emit_batches(self, messages: list[Envelope], wall_ns: int, now: float) -> None:
         batch: list[Envelope] = []
         size = 0
         for message in messages:
@@ -553,11 +623,13 @@ class DialerLink:
             full = len(batch) >= MAX_BATCH_MESSAGES or size + body_len > MAX_BATCH_BODY_BYTES
             if batch and full:
                 self._frames.append(Batch(tx_at_ns=wall_ns, messages=batch))
+                self._flights.append((now, batch))
                 batch, size = [], 0
             batch.append(message)
             size += body_len
         if batch:
             self._frames.append(Batch(tx_at_ns=wall_ns, messages=batch))
+            self._flights.append((now, batch))
 
     def __repr__(self) -> str:
         return (

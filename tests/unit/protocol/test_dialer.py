@@ -532,7 +532,7 @@ def test_unreceipted_messages_are_retransmitted_with_exponential_backoff_up_to_t
     assert wire.dialer.retransmissions == 2 * (len(sent_at) - 1)
 
 
-def test_a_receipt_resets_the_backoff() -> None:
+def test_a_receipt_of_a_first_transmission_resets_the_backoff_one_of_a_resent_batch_not() -> None:
     wire = Wire(peer_timeout_s=1_000.0)
     wire.connect()
     wire.dialer.enqueue(msgs([1]))
@@ -540,10 +540,17 @@ def test_a_receipt_resets_the_backoff() -> None:
     while wire.dialer.retransmissions < 4:  # lose the batch four times: the RTO grows to 5 s
         wire.advance_to(wire.dialer.next_timer())
         wire.poll()
+    assert wire.dialer.rto == RTO_MAX
     wire.dialer.enqueue(msgs([2]))
     assert batched_seqs(wire.poll()) == [2]
     wire.to_dialer([receipt([(1, 1)])])
     assert wire.of_type(MessagesDelivered)[0].seqs == [1]
+    assert wire.dialer.rto == RTO_MAX  # Karn's rule: seq 1 was resent, so no reset
+    wire.dialer.enqueue(msgs([3]))
+    assert batched_seqs(wire.poll()) == [3]
+    wire.to_dialer([receipt([(3, 3)])])
+    assert wire.of_type(MessagesDelivered)[1].seqs == [3]
+    assert wire.dialer.rto == RTO_INITIAL
     frames: list[Frame] = []
     start = wire.now
     # seq 2 is still in flight; its next resend comes after the initial RTO again.
@@ -893,3 +900,75 @@ def test_a_peer_that_left_is_gone_at_once_and_gets_its_messages_when_back() -> N
     wire.dialer.peer_left(wire.now, "and again")  # already gone: reported once
     wire.take()
     assert len(wire.of_type(PeerLeft)) == 2
+
+
+def test_a_steady_round_trip_of_x_gives_a_timeout_near_x() -> None:
+    wire = Wire(peer_timeout_s=1_000.0)
+    wire.connect()
+    x = 1.5
+    for seq in range(1, 41):
+        round_trip(wire, seq, x)
+    assert wire.dialer.srtt_s == pytest.approx(x)
+    assert x < wire.dialer.rto < x * 1.05  # SRTT + max(G, 4 * RTTVAR), the variance decayed
+    assert wire.dialer.rto != RTO_INITIAL
+
+
+def test_a_receipt_of_a_resent_batch_is_no_rtt_sample() -> None:
+    wire = Wire(peer_timeout_s=1_000.0)
+    wire.connect()
+    wire.dialer.enqueue(msgs([1]))
+    wire.poll()  # lost
+    wire.advance_to(wire.dialer.next_timer())
+    [resent] = batches(wire.poll())
+    assert wire.dialer.retransmissions == 1
+    replies = wire.to_listener([resent])
+    wire.advance(0.3)
+    wire.to_dialer(replies)  # echoes the resend's tx time: unambiguous, but Karn's rule holds
+    assert wire.of_type(MessagesDelivered)[0].seqs == [1]
+    assert wire.dialer.srtt_s is None
+    round_trip(wire, 2, 0.3)  # a first transmission is a sample again
+    assert wire.dialer.srtt_s == pytest.approx(0.3)
+
+
+def test_only_the_batches_whose_timeout_passed_are_resent() -> None:
+    wire = Wire(peer_timeout_s=1_000.0)
+    wire.connect()
+    wire.dialer.enqueue(msgs([1, 2]))
+    assert batched_seqs(wire.poll()) == [1, 2]
+    wire.advance(0.4)
+    wire.dialer.enqueue(msgs([3]))
+    assert batched_seqs(wire.poll()) == [3]
+    wire.advance_to(wire.dialer.next_timer())
+    assert wire.now == pytest.approx(RTO_INITIAL)
+    assert batched_seqs(wire.poll()) == [1, 2]  # seq 3 has been out for 0.1 s only
+    assert wire.dialer.retransmissions == 2
+
+
+def test_a_slow_but_steady_receiver_is_neither_timed_out_nor_pinged_nor_lost() -> None:
+    """bob takes 3 s to receipt each batch (longer than the initial RTO and near the peer
+    timeout) but a receipt comes every 0.25 s: after the first samples nothing is resent,
+    no Ping is needed and bob is never lost."""
+    delay, gap = 3.0, 0.25
+    wire = Wire(peer_timeout_s=4.0)
+    wire.connect()
+    for seq in range(1, 4):
+        round_trip(wire, seq, delay)  # learn the round trip (each one stays under the timeout)
+    wire.take()
+    before = wire.dialer.retransmissions
+    due: list[tuple[float, list[Frame]]] = []  # (when bob's answer reaches alice, the answer)
+    sent: list[Frame] = []  # once receipts flow (the pipe is full)
+    start, seq = wire.now, 4
+    while wire.now < 60:
+        wire.dialer.enqueue(msgs([seq]))
+        seq += 1
+        frames = wire.poll()
+        if wire.now > start + delay:
+            sent.extend(frames)
+        due.append((wire.now + delay, wire.to_listener(frames)))
+        wire.advance(gap)
+        while due and due[0][0] <= wire.now:
+            wire.to_dialer(due.pop(0)[1])
+    assert wire.dialer.retransmissions == before
+    assert not any(isinstance(f, Ping) for f in sent)
+    assert wire.of_type(PeerLost) == []
+    assert wire.dialer.reachable
