@@ -93,6 +93,8 @@ class BenchOptions:
     window: int | None = None
     #: Runs of `ceiling` and `pair-throughput`; the best of each is reported (both alike).
     repeat: int = 3
+    #: Busy-looping processes pair-throughput runs beside (0: none).
+    hog: int = 0
     keep: bool = False
     seed: int = 7
     command: str = ""
@@ -143,5 +145,6 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         plot_dir=Path(args.plot) if args.plot else None, out_dir=out_dir,
         use_uvloop=args.uvloop, keep=args.keep, seed=args.seed,
         window=getattr(args, "window", None), repeat=max(1, getattr(args, "repeat", 3)),
+        hog=max(0, getattr(args, "hog", 0)),
         command=" ".join(["meshpost bench", *sys.argv[2:]]),
     )

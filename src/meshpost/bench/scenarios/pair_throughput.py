@@ -5,16 +5,23 @@ of messages unreceipted, then `wait_delivered()`. The clock stops when A has rec
 (committed) the receipt of the last message.
 
 Rule: each run is verified; the best run counts, against the best ceiling of the same run.
+With `--hog N`, N busy-looping processes run beside each pair run (and are stopped after it):
+the figure to read then is retransmissions per message, not the rate.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from meshpost.bench.drive import post_in_process, wait_connected_or_fail
 from meshpost.bench.meters import CpuMeter, WalPeak
-from meshpost.bench.options import WARMUP_MESSAGES
+from meshpost.bench.options import WARMUP_MESSAGES, allowance
 from meshpost.bench.results import ScenarioResult
 from meshpost.bench.scenarios.ceiling import ceiling_once
 from meshpost.bench.support import run_async, verify_all
@@ -40,6 +47,7 @@ def run(bench: Bench) -> ScenarioResult:
     rate, extra, report = max(runs, key=lambda r: r[0])
     figures: dict[str, Any] = {"msgs_per_s": round(rate), "messages": n, "size": bench.o.size,
                                "sync": bench.o.sync, **extra,
+                               "retransmissions_per_msg": round(extra["retransmissions"] / n, 5),
                                "runs_msgs_per_s": [round(r[0]) for r in runs]}
     ceiling = bench.results.get("ceiling")
     if ceiling is not None and ceiling.status == "ok":
@@ -59,6 +67,7 @@ def _pair_once(bench: Bench, index: int) -> tuple[float, dict[str, Any], VerifyR
     n = bench.o.messages
     cluster = bench.cluster(f"pair-throughput-{index}", 2, options=bench.window_option())
     task = bench.task(f"pair-throughput run {index}: A→B, sync={bench.o.sync}", n)
+    hog = bench.o.hog
     try:
         cluster.start(["B"])
         cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
@@ -87,9 +96,28 @@ def _pair_once(bench: Bench, index: int) -> tuple[float, dict[str, Any], VerifyR
                              "retransmissions": stats.retransmissions, "window": window,
                              "cpu_us_per_msg": cpu_us, "wal_peak_mb": wal.peak_mb()}
 
-        elapsed, extra = run_async(run(), bench.o.use_uvloop)
+        with cpu_hog(hog, allowance(n + WARMUP_MESSAGES)):
+            elapsed, extra = run_async(run(), bench.o.use_uvloop)
+            if hog:
+                extra["hog"] = hog
+                extra["load_average_1m"] = round(os.getloadavg()[0], 1)
     finally:
         cluster.stop()
     report = verify_all({"A": cluster.data_dir("A"), "B": cluster.data_dir("B")},
                          expect_sent=n + WARMUP_MESSAGES)
     return n / elapsed, {"seconds": round(elapsed, 3), **extra}, report
+
+
+@contextlib.contextmanager
+def cpu_hog(processes: int, limit_s: float) -> Iterator[None]:
+    """`processes` busy loops for the duration of the block, each also ending by itself after
+    `limit_s` (so that none outlives a bench that was killed), killed when the block ends."""
+    loop = f"import time\nend = time.monotonic() + {limit_s}\nwhile time.monotonic() < end: pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+        for hog in hogs:
+            hog.wait()
