@@ -201,9 +201,17 @@ class DialerLink:
         self.srtt_s: float | None = None
         self._rttvar_s = 0.0
         self._rto_deadline: float | None = None
-        #: What went out when, oldest first: (monotonic send time, the batch's messages).
-        #: Settled messages are dropped lazily, when the timer looks at them.
-        self._flights: collections.deque[tuple[float, list[Envelope]]] = collections.deque()
+        #: What went out when, oldest first: (monotonic send time, its wall-clock tx time as
+        #: the Batch says, the batch's messages). Settled flights are dropped lazily.
+        self._flights: collections.deque[tuple[float, int, list[Envelope]]] = (
+            collections.deque())
+        #: The latest of our tx times the peer has echoed (a receipt's or a Pong's): frames
+        #: on a link arrive in order, so every batch sent at or before it reached the peer.
+        self._answered_tx_ns = 0
+        #: When a receipt last settled something (the timer restarts from there).
+        self._progress_at = 0.0
+        #: A Ping went out for the current timeout instead of a resend (see _retransmit_due).
+        self._probed = False
         #: Seqs sent more than once and not yet receipted: their receipts are no RTT sample
         #: (Karn's rule). Empty on the fast path.
         self._resent: set[int] = set()
@@ -419,6 +427,10 @@ class DialerLink:
                     self._events.append(MessagesRejected(self.peer, settled, code, detail))
             case Pong(echo_sent_at_ns=t1, received_at_ns=t2, replied_at_ns=t3):
                 self.offset.add(t1, t2, t3, wall_ns)
+                if t1 > self._answered_tx_ns and t1 <= wall_ns:
+                    self._answered_tx_ns = t1
+                    if self._rto_deadline is not None:
+                        self._arm(now)
             case _:  # pragma: no cover - _FRAME_INPUTS filters the rest
                 pass
         self._pump(now, wall_ns)
@@ -487,6 +499,10 @@ class DialerLink:
             self.retransmissions += len(resend)
             self._resent.update(self._inflight)
             self._emit_batches(resend, wall_ns, now)
+        if not was_ready:
+            # A new session: what the old one proved arrived may have died with the peer.
+            self._answered_tx_ns = 0
+            self._probed = False
         self._rto = self.base_rto
         self._rto_deadline = now + self._rto if self._inflight else None
         if self._inflight and before is LinkState.LOST:
@@ -508,31 +524,70 @@ class DialerLink:
         return self._rto
 
     def _retransmit_due(self, now: float, wall_ns: int, *, backoff: bool = True) -> None:
-        """The timer ran out (no receipt settled anything for an RTO): resend the batches
-        sent an RTO ago or earlier whose messages are still unreceipted, back off, re-arm."""
+        """The timer ran out (no receipt settled anything for an RTO). A batch sent an RTO
+        ago or earlier and still unreceipted is resent if nothing proves it reached the peer;
+        one the peer is known to hold (it answered a later frame: `_answered_tx_ns`) is only
+        waiting for the peer's commit, and is resent only after `retransmit_max_s` without
+        progress. The first timeout of a stall sends a Ping instead of resending: its Pong
+        proves (or not) that the batches arrived, so a busy peer is not sent its window twice."""
         inflight, flights = self._inflight, self._flights
         if not inflight:
             flights.clear()
             self._rto_deadline = None
             return
         cutoff = now - self._rto
-        due: list[Envelope] = []
+        stale = now - self._rto_max >= self._progress_at
+        answered = self._answered_tx_ns
+        due: list[tuple[float, int, list[Envelope]]] = []
+        kept: list[tuple[float, int, list[Envelope]]] = []
         while flights and flights[0][0] <= cutoff:
-            due.extend(m for m in flights.popleft()[1] if m.seq in inflight)
+            flight = flights.popleft()
+            if flight[1] <= answered and not stale:
+                kept.append(flight)
+            else:
+                due.append(flight)
+        probing = bool(due) and backoff and not self._probed
+        if probing:
+            self._probed = True
+            kept.extend(due)
+            kept.sort(key=operator.itemgetter(0))
+            due = []
+            if not (self._frames and type(self._frames[0]) is Ping):  # one per poll is enough
+                self._frames.insert(0, Ping(sent_at_ns=wall_ns))
+            self._rto = min(self._rto * 2, self._rto_max)
+        flights.extendleft(reversed(kept))
         self._drop_settled_flights()
-        if due:
-            self.retransmissions += len(due)
-            self._resent.update(m.seq for m in due)
-            self._emit_batches(due, wall_ns, now)
+        resend = [m for flight in due for m in flight[2] if m.seq in inflight]
+        if resend:
+            self.retransmissions += len(resend)
+            self._resent.update(m.seq for m in resend)
+            self._emit_batches(resend, wall_ns, now)
             if backoff:
                 self._rto = min(self._rto * 2, self._rto_max)
-        self._rto_deadline = flights[0][0] + self._rto if flights else None
+        self._arm(now, probing=probing)
+
+    def _arm(self, now: float, *, probing: bool = False) -> None:
+        """The retransmission timer: the first unproven flight's RTO, or the peer's
+        `retransmit_max_s` of no progress for flights it is known to hold. `probing`: a
+        probe Ping just left; unproven flights wait a whole (backed-off) RTO for its Pong."""
+        flights = self._flights
+        if not flights:
+            self._rto_deadline = None
+            return
+        answered = self._answered_tx_ns
+        deadline = max(self._progress_at, flights[0][0]) + self._rto_max
+        for sent, tx_ns, _batch in flights:
+            if tx_ns > answered:
+                unproven = max(sent, now) if probing else sent
+                deadline = min(deadline, unproven + self._rto)
+                break
+        self._rto_deadline = deadline
 
     def _drop_settled_flights(self) -> None:
         """Forget the oldest flights once all their messages are settled (in C: no Python
         step per message), so that `_flights` stays about as long as the window."""
         flights, has = self._flights, self._inflight.__contains__
-        while flights and not any(map(has, map(_SEQ, flights[0][1]))):
+        while flights and not any(map(has, map(_SEQ, flights[0][2]))):
             flights.popleft()
 
     def _add_rtt_sample(self, sample_s: float) -> None:
@@ -580,7 +635,12 @@ class DialerLink:
                 settled.extend(hits)
         self.offset.add(receipt.echo_tx_at_ns, receipt.received_at_ns, receipt.replied_at_ns,
                         wall_ns)
+        echo = receipt.echo_tx_at_ns
+        if echo > self._answered_tx_ns and echo <= wall_ns:
+            self._answered_tx_ns = echo
         if settled:
+            self._progress_at = now
+            self._probed = False
             settled.sort()
             self._events.append(MessagesDelivered(self.peer, settled, receipt, wall_ns))
             resent = self._resent
@@ -623,13 +683,13 @@ class DialerLink:
             full = len(batch) >= MAX_BATCH_MESSAGES or size + body_len > MAX_BATCH_BODY_BYTES
             if batch and full:
                 self._frames.append(Batch(tx_at_ns=wall_ns, messages=batch))
-                self._flights.append((now, batch))
+                self._flights.append((now, wall_ns, batch))
                 batch, size = [], 0
             batch.append(message)
             size += body_len
         if batch:
             self._frames.append(Batch(tx_at_ns=wall_ns, messages=batch))
-            self._flights.append((now, batch))
+            self._flights.append((now, wall_ns, batch))
 
     def __repr__(self) -> str:
         return (

@@ -523,13 +523,47 @@ def test_unreceipted_messages_are_retransmitted_with_exponential_backoff_up_to_t
         if batches(frames):
             assert batched_seqs(frames) == [1, 2]
             sent_at.append(wire.now)
-        # bob answers pings but every batch is lost
-        wire.to_dialer(wire.to_listener([f for f in frames if isinstance(f, Ping)]))
+        # every frame is lost (the peer is not timed out: peer_timeout_s is far away)
         wire.advance_to(wire.dialer.next_timer())
         frames = wire.poll()
     gaps = [b - a for a, b in itertools.pairwise(sent_at)]
-    assert gaps == pytest.approx([0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0])
+    # The first timeout (0.5 s) sends a Ping, not the batch: the first resend comes when the
+    # doubled timeout runs out too (0.5 + 1.0), then the RTO doubles up to the max.
+    assert gaps == pytest.approx([1.5, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0])
     assert wire.dialer.retransmissions == 2 * (len(sent_at) - 1)
+
+
+def test_a_busy_peer_that_answers_pings_holds_its_batches_and_gets_no_resend() -> None:
+    """bob read the batch (his Pong to a later Ping proves it: frames arrive in order) but
+    takes long to commit: the timeout's probe Ping is answered, nothing is resent until
+    `retransmit_max_s` passes without a receipt, and bob is never lost."""
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([1, 2]))
+    frames = wire.poll()
+    held = wire.to_listener(batches(frames))  # stored; the receipt is held back (slow commit)
+    sent: list[Frame] = []
+    while wire.now < RTO_MAX - 0.01:
+        wire.to_dialer(wire.to_listener([f for f in frames if isinstance(f, Ping)]))
+        wire.advance_to(min(wire.dialer.next_timer(), RTO_MAX - 0.01))
+        frames = wire.poll()
+        sent.extend(frames)
+    assert batches(sent) == []
+    assert any(isinstance(f, Ping) for f in sent)
+    assert wire.dialer.retransmissions == 0
+    assert wire.of_type(PeerLost) == []
+    wire.to_dialer(held)
+    assert wire.of_type(MessagesDelivered)[0].seqs == [1, 2]
+    # Past retransmit_max_s without any receipt even a batch bob holds is resent (a safety net).
+    wire.dialer.enqueue(msgs([3]))
+    wire.to_listener(batches(wire.poll()))
+    for _ in range(20):
+        wire.advance_to(wire.dialer.next_timer())
+        frames = wire.poll()
+        if batches(frames):
+            break
+        wire.to_dialer(wire.to_listener([f for f in frames if isinstance(f, Ping)]))
+    assert batched_seqs(frames) == [3]
 
 
 def test_a_receipt_of_a_first_transmission_resets_the_backoff_one_of_a_resent_batch_not() -> None:
@@ -553,11 +587,15 @@ def test_a_receipt_of_a_first_transmission_resets_the_backoff_one_of_a_resent_ba
     assert wire.dialer.rto == RTO_INITIAL
     frames: list[Frame] = []
     start = wire.now
-    # seq 2 is still in flight; its next resend comes after the initial RTO again.
+    # seq 2 is still in flight; its next timeout comes after the initial RTO again (a probe
+    # Ping first, then the resend when the doubled timeout runs out too).
+    wire.advance_to(wire.dialer.next_timer())
+    assert wire.now - start == pytest.approx(RTO_INITIAL)
+    assert [type(f) for f in wire.poll()] == [Ping]
     while not batches(frames := wire.poll()):
         wire.advance_to(wire.dialer.next_timer())
     assert batched_seqs(frames) == [2]
-    assert wire.now - start == pytest.approx(RTO_INITIAL)
+    assert wire.now - start == pytest.approx(3 * RTO_INITIAL)
 
 
 def test_retransmitted_duplicates_are_stored_once_and_receipted_again() -> None:
@@ -568,7 +606,9 @@ def test_retransmitted_duplicates_are_stored_once_and_receipted_again() -> None:
     receipts_lost = wire.to_listener(first)  # stored, but the receipt never arrives
     assert [type(f) for f in receipts_lost] == [Pong, ReceiptFrame]
     wire.advance(RTO_INITIAL)
-    resent = batches(wire.poll())
+    assert [type(f) for f in wire.poll()] == [Ping]  # the timeout's probe: lost too
+    while not (resent := batches(wire.poll())):
+        wire.advance_to(wire.dialer.next_timer())
     assert batched_seqs(resent) == [1, 2]
     replies = wire.to_listener(resent)
     assert [r.ranges for r in replies if isinstance(r, ReceiptFrame)] == [[(1, 2)]]
@@ -919,7 +959,10 @@ def test_a_receipt_of_a_resent_batch_is_no_rtt_sample() -> None:
     wire.dialer.enqueue(msgs([1]))
     wire.poll()  # lost
     wire.advance_to(wire.dialer.next_timer())
-    [resent] = batches(wire.poll())
+    assert [type(f) for f in wire.poll()] == [Ping]  # the timeout's probe: lost too
+    while not (sent := batches(wire.poll())):
+        wire.advance_to(wire.dialer.next_timer())
+    [resent] = sent
     assert wire.dialer.retransmissions == 1
     replies = wire.to_listener([resent])
     wire.advance(0.3)
@@ -935,12 +978,14 @@ def test_only_the_batches_whose_timeout_passed_are_resent() -> None:
     wire.connect()
     wire.dialer.enqueue(msgs([1, 2]))
     assert batched_seqs(wire.poll()) == [1, 2]
-    wire.advance(0.4)
+    wire.advance_to(wire.dialer.next_timer())
+    assert [type(f) for f in wire.poll()] == [Ping]  # the first timeout probes (lost)
+    wire.advance(0.7)
     wire.dialer.enqueue(msgs([3]))
     assert batched_seqs(wire.poll()) == [3]
     wire.advance_to(wire.dialer.next_timer())
-    assert wire.now == pytest.approx(RTO_INITIAL)
-    assert batched_seqs(wire.poll()) == [1, 2]  # seq 3 has been out for 0.1 s only
+    assert wire.now == pytest.approx(RTO_INITIAL + 2 * RTO_INITIAL)
+    assert batched_seqs(wire.poll()) == [1, 2]  # seq 3 has been out for 0.3 s only
     assert wire.dialer.retransmissions == 2
 
 
