@@ -841,8 +841,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3,
                    help="runs of ceiling and pair-throughput; the best of each counts")
     p.add_argument("--hog", type=int, default=0, metavar="N",
-                   help="pair-throughput under N busy-looping processes (a CPU hog, stopped "
-                   "after each run): retransmissions per message under load")
+                   help="pair-throughput and mesh-saturated beside N busy-looping processes (a "
+                   "CPU hog, stopped after each run): retransmissions per message under load")
     p.add_argument("--keep", action="store_true", help="keep the nodes' work files")
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=cmd_bench)

@@ -6,10 +6,12 @@ Rule: nothing scenario-specific; what two or more modules of the bench need, onc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
+import subprocess
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,3 +82,18 @@ def mesh_timers(nodes: int) -> dict[str, float]:
     return {"ping_interval_s": round(1.0 * scale, 2), "peer_timeout_s": round(4.0 * scale, 2),
             "retransmit_initial_s": round(0.5 * scale, 2),
             "retransmit_max_s": round(max(5.0, 2.0 * scale), 2)}
+
+
+@contextlib.contextmanager
+def cpu_hog(processes: int, limit_s: float) -> Iterator[None]:
+    """`processes` busy loops for the duration of the block, each also ending by itself after
+    `limit_s` (so that none outlives a bench that was killed), killed when the block ends."""
+    loop = f"import time\nend = time.monotonic() + {limit_s}\nwhile time.monotonic() < end: pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+        for hog in hogs:
+            hog.wait()

@@ -5,6 +5,7 @@ node, as fast as the link windows allow (every link of the mesh busy at once).
 Rule: the figure is the aggregate rate from the first post to the last recorded receipt,
 read beside pair-throughput of the same run (the ratio) and with the CPU time of every node
 process per message; every message must verify as stored exactly once on both ends.
+With `--hog N`, N busy-looping processes run beside the mesh (retransmissions under load).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from meshpost.bench.children import Child
 from meshpost.bench.options import STALL_S
 from meshpost.bench.results import ScenarioResult
 from meshpost.bench.scenarios.mesh import start_drivers
-from meshpost.bench.support import mesh_timers, verify_all
+from meshpost.bench.support import cpu_hog, mesh_timers, verify_all
 
 if TYPE_CHECKING:
     from meshpost.bench.runner import Bench
@@ -35,9 +36,10 @@ def run(bench: Bench) -> ScenarioResult:
     try:
         drivers = start_drivers(bench, "mesh-saturated", cluster)
         cpu_before = _cpu_seconds(drivers)
-        for d in drivers.values():
-            d.send(op="saturate", count=per_node, size=bench.o.size, stall=STALL_S * 2)
-        replies = bench.collect(drivers, task, STALL_S * 2 + 30)
+        with cpu_hog(bench.o.hog, STALL_S * 2 + 30):
+            for d in drivers.values():
+                d.send(op="saturate", count=per_node, size=bench.o.size, stall=STALL_S * 2)
+            replies = bench.collect(drivers, task, STALL_S * 2 + 30)
         # Every node still works for others after its own last receipt: CPU is read once all
         # are done, so it covers the whole phase of every process.
         cpu_s = sum(_cpu_seconds(drivers).values()) - sum(cpu_before.values())
@@ -56,6 +58,8 @@ def run(bench: Bench) -> ScenarioResult:
         "retransmissions": sum(r["retransmissions"] for r in replies.values()),
         "store_commits": sum(r["store_commits"] for r in replies.values()),
     }
+    if bench.o.hog:
+        figures["hog"] = bench.o.hog
     pair = bench.results.get("pair-throughput")
     if pair is not None and pair.status == "ok":
         figures["pair_msgs_per_s"] = pair.figures["msgs_per_s"]

@@ -11,12 +11,8 @@ the figure to read then is retransmissions per message, not the rate.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from meshpost.bench.drive import post_in_process, wait_connected_or_fail
@@ -24,7 +20,7 @@ from meshpost.bench.meters import CpuMeter, WalPeak
 from meshpost.bench.options import WARMUP_MESSAGES, allowance
 from meshpost.bench.results import ScenarioResult
 from meshpost.bench.scenarios.ceiling import ceiling_once
-from meshpost.bench.support import run_async, verify_all
+from meshpost.bench.support import cpu_hog, run_async, verify_all
 from meshpost.config import MeshConfig
 from meshpost.node import Node
 from meshpost.verify import VerifyReport
@@ -107,17 +103,3 @@ def _pair_once(bench: Bench, index: int) -> tuple[float, dict[str, Any], VerifyR
                          expect_sent=n + WARMUP_MESSAGES)
     return n / elapsed, {"seconds": round(elapsed, 3), **extra}, report
 
-
-@contextlib.contextmanager
-def cpu_hog(processes: int, limit_s: float) -> Iterator[None]:
-    """`processes` busy loops for the duration of the block, each also ending by itself after
-    `limit_s` (so that none outlives a bench that was killed), killed when the block ends."""
-    loop = f"import time\nend = time.monotonic() + {limit_s}\nwhile time.monotonic() < end: pass"
-    hogs = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(processes)]
-    try:
-        yield
-    finally:
-        for hog in hogs:
-            hog.kill()
-        for hog in hogs:
-            hog.wait()
