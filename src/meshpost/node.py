@@ -50,6 +50,7 @@ from meshpost.errors import (
     StoreCorrupt,
 )
 from meshpost.protocol import (
+    Batch,
     Bye,
     DialerLink,
     Envelope,
@@ -1754,7 +1755,8 @@ class Node:
         if transport is None:
             return
         for frame in frames:
-            transport.send_to_peer(peer, encode(frame))
+            if not transport.send_to_peer(peer, encode(frame)) and type(frame) is Batch:
+                self._links[peer].batch_dropped(frame)  # a later Pong proves nothing of it
         self._crash(CrashPoint.AFTER_TRANSMIT)
 
     def _reply(self, identity: bytes, frames: list[Frame]) -> None:

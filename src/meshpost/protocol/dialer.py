@@ -212,6 +212,9 @@ class DialerLink:
         self._progress_at = 0.0
         #: A Ping went out for the current timeout instead of a resend (see _retransmit_due).
         self._probed = False
+        #: tx times of batches this node failed to queue (`batch_dropped`): never proven
+        #: to have arrived, resent at their first timeout without a probe.
+        self._dropped_tx: set[int] = set()
         #: Seqs sent more than once and not yet receipted: their receipts are no RTT sample
         #: (Karn's rule). Empty on the fast path.
         self._resent: set[int] = set()
@@ -337,6 +340,11 @@ class DialerLink:
         """Put what `enqueue` queued in flight now (if the handshake is done), not at the
         next timer tick: call it after `enqueue`, then collect `frames_to_send()`."""
         self._pump(now, wall_ns)
+
+    def batch_dropped(self, batch: Batch) -> None:
+        """The node could not queue `batch` (the socket was full or gone): a later answer
+        from the peer does not prove it arrived, so its first timeout resends it."""
+        self._dropped_tx.add(batch.tx_at_ns)
 
     def retry_soon(self, now: float) -> None:
         """The peer was heard again out of band (a discovery beacon): a refused link asks
@@ -537,16 +545,17 @@ class DialerLink:
             return
         cutoff = now - self._rto
         stale = now - self._rto_max >= self._progress_at
-        answered = self._answered_tx_ns
+        answered, dropped = self._answered_tx_ns, self._dropped_tx
         due: list[tuple[float, int, list[Envelope]]] = []
         kept: list[tuple[float, int, list[Envelope]]] = []
         while flights and flights[0][0] <= cutoff:
             flight = flights.popleft()
-            if flight[1] <= answered and not stale:
+            if flight[1] <= answered and not stale and flight[1] not in dropped:
                 kept.append(flight)
             else:
                 due.append(flight)
-        probing = bool(due) and backoff and not self._probed
+        probing = (bool(due) and backoff and not self._probed
+                   and not any(flight[1] in dropped for flight in due))
         if probing:
             self._probed = True
             kept.extend(due)
@@ -574,10 +583,10 @@ class DialerLink:
         if not flights:
             self._rto_deadline = None
             return
-        answered = self._answered_tx_ns
+        answered, dropped = self._answered_tx_ns, self._dropped_tx
         deadline = max(self._progress_at, flights[0][0]) + self._rto_max
         for sent, tx_ns, _batch in flights:
-            if tx_ns > answered:
+            if tx_ns > answered or tx_ns in dropped:
                 unproven = max(sent, now) if probing else sent
                 deadline = min(deadline, unproven + self._rto)
                 break
@@ -660,6 +669,7 @@ class DialerLink:
                 self._rto_deadline = None
                 self._flights.clear()
                 resent.clear()
+                self._dropped_tx.clear()
 
     def _pump(self, now: float, wall_ns: int) -> None:
         """Move queued messages into flight while the handshake is done and the window allows."""

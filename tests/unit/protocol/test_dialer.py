@@ -1017,3 +1017,19 @@ def test_a_slow_but_steady_receiver_is_neither_timed_out_nor_pinged_nor_lost() -
     assert not any(isinstance(f, Ping) for f in sent)
     assert wire.of_type(PeerLost) == []
     assert wire.dialer.reachable
+
+
+def test_a_batch_the_node_could_not_queue_is_resent_at_its_first_timeout() -> None:
+    """A later Pong proves the frames that were queued arrived, not one the socket refused."""
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([1]))
+    [batch] = batches(wire.poll())
+    wire.dialer.batch_dropped(batch)
+    wire.advance(0.25)
+    wire.dialer.receive(encode(Pong(wire.wall, wire.bob_wall, wire.bob_wall)), wire.now,
+                        wire.wall, 0)  # answers a Ping sent after the batch
+    while not (resent := batches(wire.poll())):
+        wire.advance_to(wire.dialer.next_timer())
+    assert batched_seqs(resent) == [1]
+    assert wire.now == pytest.approx(RTO_INITIAL)
