@@ -68,15 +68,10 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
     # its next commit, off the path) and two frames queued, on two nodes in turn.
     assert all(kinds[k] > 0 for k in ("commit", "zmq send", "between processes",
                                       "meshpost code"))
-    # Which stamps interleave depends on the machine's load (A's receipt record commits on its
-    # writer beside B's work), so the path's exact shape is not asserted here (the timeline's
-    # unit tests pin it on fixed stamps); what holds on every send is causal: A commits the
-    # message before it queues its frame, and the critical path passes through B's commit too.
-    # (B's receipt may leave by a send the probe does not stamp, so only A's order is checked.)
-    path = [s["start"] for s in timeline["steps"]] + [timeline["steps"][-1]["stop"]]
-    assert "A:zmq send<" in path, path
-    assert "A:commit<" in path[:path.index("A:zmq send<")], path
-    assert "B:commit<" in path, path
+    # Which stamps interleave, and so which of them lie on the most common order's critical
+    # path, depends on the machine's load (A's receipt record commits beside B's work; either
+    # node's link may ping in between), so the path's shape is pinned by the timeline's unit
+    # tests on fixed stamps, not here; here: the path crosses both nodes and has commit time.
     assert {s["start"].split(":")[0] for s in timeline["steps"]} == {"A", "B"}
     mesh = scenarios["mesh"]["figures"]
     assert mesh["nodes"] == 3 and mesh["messages"] == 900

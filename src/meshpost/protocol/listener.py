@@ -254,8 +254,10 @@ class Listener:
         session = self._sessions.get(identity)
         state = session.state if session else SessionState.NEW
         step = TRANSITIONS[state, kind]
-        if isinstance(frame, Hello) and step.next is SessionState.OPEN:
-            # A new session (a Hello replaces the connection's own): bound to this connection.
+        if isinstance(frame, Hello) and step.answer in (Answer.WELCOME, Answer.WELCOME_CLAIM):
+            # A new session (a welcomed Hello replaces the connection's own): bound to this
+            # connection. A refused Hello leaves an open session as it was: were it rebound to
+            # the refused name, the connection could send as a peer it was refused as.
             self._activity += 1
             session = _Session(SessionState.OPEN, frame.name, frame.node_id,
                                self._activity, wall_ns)

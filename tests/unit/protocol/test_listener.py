@@ -173,6 +173,24 @@ def test_a_second_hello_replaces_the_session() -> None:
     assert listener.session_state("alice") is SessionState.OPEN
 
 
+@pytest.mark.parametrize("claimed", ["mallory", "carol"])
+def test_a_refused_hello_does_not_rebind_an_open_session(claimed: str) -> None:
+    """A connection welcomed as alice that then says Hello as a name it is refused (unknown,
+    or not the name its key authenticates) stays alice's: its messages as `claimed` are
+    rejected, never stored under that name. (Found by fault test 11: a raw peer welcomed as K
+    sent Hello as "Zed", was refused, and its next batch as "Zed" was stored.)"""
+    listener = make_listener()
+    [welcome] = send(listener, hello(), authenticated="alice")
+    assert isinstance(welcome, Welcome)
+    refused = refusal(send(listener, hello(claimed), authenticated="alice"))
+    assert refused.code in (RefuseCode.UNKNOWN_PEER, RefuseCode.IDENTITY)
+    assert listener.session_peer("alice") == "alice"
+    listener.events()
+    [reject] = send(listener, Batch(WALL, [msg(1, sender=claimed)]), authenticated="alice")
+    assert isinstance(reject, Reject) and reject.code == RejectCode.INVALID
+    assert arrivals(listener) == []
+
+
 def test_a_batch_before_hello_is_refused_with_hello_required() -> None:
     listener = make_listener()
     refused = refusal(send(listener, Batch(WALL, [msg(1)])))
