@@ -513,6 +513,46 @@ def cmd_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- tail -----------------------------------------------------------------------------------
+
+#: How long one `tail` poll waits at the node for a first message.
+TAIL_POLL_S = 5.0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from meshpost.control import ControlClient, TailRequest, checked
+    from meshpost.text import format_incoming
+
+    if args.count is not None and args.count < 1:
+        raise ConfigError(f"--count wants a whole number of messages, 1 or more, not "
+                          f"{args.count}")
+    shown = 0
+    with ControlClient(_data_dir(args), name=args.node) as client:
+        # The node's cursor of now: messages stored from here on are shown, none skipped,
+        # however long a line takes to print (the next poll starts where this one ended).
+        cursor = checked(client.request(TailRequest(), timeout_s=10)).cursor
+        if not args.quiet:
+            until = f" until {args.until!r}" if args.until is not None else ""
+            print(f"meshpost tail: {args.node}'s incoming messages from now{until} "
+                  "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+        while True:
+            limit = 512 if args.count is None else min(512, args.count - shown)
+            request = TailRequest(after=cursor, sender=args.sender, limit=limit,
+                                  wait_s=TAIL_POLL_S)
+            reply = checked(client.request(request, timeout_s=TAIL_POLL_S + 10))
+            cursor = reply.cursor
+            for m in reply.messages:
+                if args.until is not None and m.body == args.until:
+                    return EXIT_OK  # the end marker ends the stream; it is not printed
+                if args.json:
+                    print(json.dumps(history_record(m), ensure_ascii=False), flush=True)
+                else:
+                    print(format_incoming(m), flush=True)
+                shown += 1
+                if args.count is not None and shown >= args.count:
+                    return EXIT_OK
+
+
 # -- cluster ----------------------------------------------------------------------------
 
 
@@ -769,6 +809,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="whole message texts and ids in the table (shortened otherwise)")
     p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("tail", help="print a running node's incoming messages as they arrive")
+    p.add_argument("--node", required=True)
+    p.add_argument("--data")
+    p.add_argument("--from", dest="sender", metavar="PEER", help="only messages from PEER")
+    p.add_argument("--count", "-C", type=int, metavar="N", help="exit 0 after N messages")
+    p.add_argument("--until", metavar="TEXT",
+                   help="exit 0 when a message's whole text is TEXT (that one not printed)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object a line, with the `history --json` fields")
+    p.add_argument("-q", "--quiet", action="store_true", help="no note on standard error")
+    p.set_defaults(func=cmd_tail)
 
     p = sub.add_parser("attach", help="console for a running (e.g. headless) node")
     p.add_argument("--node", required=True)

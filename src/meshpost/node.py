@@ -102,6 +102,7 @@ from meshpost.store import (
     IncomingResult,
     Rejection,
     Store,
+    StoredMessage,
     StoreReader,
     Verifier,
 )
@@ -482,6 +483,9 @@ class Node:
         self._delivered_changed = asyncio.Event()
         #: One event per `messages()` reader, set after each commit of incoming messages.
         self._message_readers: set[asyncio.Event] = set()
+        #: The read-only store connection `incoming_after` shares (opened on first use).
+        self._incoming_reader: StoreReader | None = None
+        self._incoming_lock = asyncio.Lock()
         self._closed = False
         self._started = False
         #: Why the node stopped accepting work (an unexpected store failure), once it did.
@@ -778,6 +782,10 @@ class Node:
         elif self._store is not None:
             await asyncio.to_thread(self._store.close)
         self._store = None
+        if self._incoming_reader is not None:
+            async with self._incoming_lock:
+                self._incoming_reader.close()
+                self._incoming_reader = None
 
     # -- public API -----------------------------------------------------------------------
 
@@ -1416,6 +1424,42 @@ class Node:
             self._message_readers.discard(wakeup)
             reader.close()
 
+    async def incoming_after(
+        self, cursor: int | None, *, limit: int = MESSAGES_BATCH, wait_s: float = 0.0
+    ) -> tuple[int, list[StoredMessage]]:
+        """Received messages committed after `cursor` (None: after everything stored now), in
+        commit order, at most `limit`; waits up to `wait_s` for a first one. Returns the
+        cursor to pass next time with the rows.
+
+        What `meshpost tail` polls through the control socket: a cursor into the store, so a
+        message committed between two polls is in the next one (the event queue, which drops
+        the oldest for a slow reader, would lose it).
+        """
+        self._check_open()
+        wakeup = asyncio.Event()
+        self._message_readers.add(wakeup)
+        try:
+            async with self._incoming_lock:
+                if self._incoming_reader is None:
+                    self._incoming_reader = StoreReader.for_data_dir(self.config.data_dir)
+                reader = self._incoming_reader
+                if cursor is None:
+                    return await asyncio.to_thread(reader.last_incoming_cursor), []
+                rows = await asyncio.to_thread(reader.incoming_after, cursor, limit)
+            if rows or wait_s <= 0 or self._closed:
+                return (rows[-1][0] if rows else cursor), [row for _, row in rows]
+            # The wake-up was registered before the read: a commit since then has set it.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await wakeup.wait()
+            if self._closed:
+                return cursor, []
+            async with self._incoming_lock:
+                rows = await asyncio.to_thread(reader.incoming_after, cursor, limit)
+            return (rows[-1][0] if rows else cursor), [row for _, row in rows]
+        finally:
+            self._message_readers.discard(wakeup)
+
     def subscribe(self) -> asyncio.Queue[NodeEvent]:
         """A queue of `NodeEvent`s from now on; slow readers lose the oldest events."""
         queue: asyncio.Queue[NodeEvent] = asyncio.Queue(SUBSCRIBER_QUEUE)
@@ -1935,6 +1979,7 @@ __all__ = [
     "PeerRefused",
     "PeerStatus",
     "Receipt",
+    "StoredMessage",  # what `incoming_after` returns (the store's row type)
     "wait_receipt",
 ]
 

@@ -83,7 +83,7 @@ def _indent(body: str) -> str:
     return clean(body).replace("\n", "\n    ")
 
 
-def format_incoming(message: Envelope, *, tz: datetime.tzinfo | None = None) -> str:
+def format_incoming(message: Envelope | StoredMessage, *, tz: datetime.tzinfo | None = None) -> str:
     """`[HH:MM:SS.mmm sender-clock] A → me: text`; the whole text, since it is the message."""
     stamp = format_clock(message.sent_at_ns, tz=tz)
     return f"[{stamp} sender-clock] {clean(message.sender)} → me: {_indent(message.body)}"

@@ -220,6 +220,35 @@ def test_messages_yields_every_received_message_to_a_slow_reader(tmp_path: Path)
     run(scenario)
 
 
+def test_incoming_after_pages_by_cursor_and_a_waiting_poll_wakes_on_a_commit(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            await until(lambda: connected(a))
+            await a.post_many("B", ["before"])
+            await until(lambda: a.stats.delivered == 1)
+            start, rows = await b.incoming_after(None)
+            assert rows == []  # the cursor of now: what came before is not shown
+            # A poll that waits is woken by the commit of the next message, not by its timeout.
+            poll = asyncio.ensure_future(b.incoming_after(start, wait_s=PATIENCE_S * 4))
+            await asyncio.sleep(0.05)
+            await a.post_many("B", [f"m{i}" for i in range(30)])
+            cursor, rows = await asyncio.wait_for(poll, PATIENCE_S)
+            got = [r.body for r in rows]
+            while len(got) < 30:  # the rest, page by page, none skipped, none twice
+                cursor, rows = await b.incoming_after(cursor, limit=7, wait_s=PATIENCE_S)
+                assert len(rows) <= 7
+                got += [r.body for r in rows]
+            assert got == [f"m{i}" for i in range(30)]
+            assert {(r.sender, r.direction) for r in rows} == {("A", "in")}
+            assert await b.incoming_after(cursor) == (cursor, [])
+
+    run(scenario)
+
+
 def test_send_and_post_refuse_what_the_shared_rules_refuse(tmp_path: Path) -> None:
     async def scenario() -> None:
         net, clock = MemoryNetwork(), FakeClock()

@@ -29,6 +29,8 @@ from meshpost.control.messages import (
     StatusRequest,
     SubmitReply,
     SubmitRequest,
+    TailReply,
+    TailRequest,
     checked,
 )
 from meshpost.control.server import (
@@ -68,6 +70,8 @@ __all__ = [
     "StatusRequest",
     "SubmitReply",
     "SubmitRequest",
+    "TailReply",
+    "TailRequest",
     "checked",
     "control_endpoint_for",
     "process_alive",

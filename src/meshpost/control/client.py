@@ -40,6 +40,8 @@ from meshpost.control.messages import (
     StatusRequest,
     SubmitReply,
     SubmitRequest,
+    TailReply,
+    TailRequest,
     encoder,
     reply_decoder,
 )
@@ -152,6 +154,7 @@ class ControlClient:
     @overload
     def request(self, request: SubmitRequest, *,
                 timeout_s: float) -> SubmitReply | ErrorReply: ...
+    def request(self, request: TailRequest, *, timeout_s: float) -> TailReply | ErrorReply: ...
 
     def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request`, return its reply (an `ErrorReply` when the node refused it).
@@ -261,6 +264,8 @@ class AsyncControlClient:
     @overload
     async def request(self, request: SubmitRequest, *,
                       timeout_s: float) -> SubmitReply | ErrorReply: ...
+    async def request(self, request: TailRequest, *,
+                      timeout_s: float) -> TailReply | ErrorReply: ...
 
     async def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request` and wait for its reply; errors as `ControlClient.request`."""

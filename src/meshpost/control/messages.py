@@ -13,7 +13,7 @@ from typing import Any, ClassVar, TypeVar
 import msgspec
 
 from meshpost.errors import MeshpostError, RemoteError
-from meshpost.node import PeerStatus
+from meshpost.node import PeerStatus, StoredMessage
 
 #: The file in a node's data dir naming its control endpoint (line 1) and pid (line 2).
 ENDPOINT_FILE = "control.endpoint"
@@ -67,8 +67,18 @@ class SubmitRequest(_Request, tag="submit", frozen=True):
     lease_s: float
 
 
+class TailRequest(_Request, tag="tail", frozen=True):
+    """Long-poll: received messages committed after `after` (nil: the cursor of now, no
+    rows), from `sender` only when set, at most `limit`; waits up to `wait_s` for a first one."""
+
+    after: int | None = None
+    sender: str | None = None
+    limit: int = 512
+    wait_s: float = 0.0
+
+
 Request = (SendRequest | PeersRequest | StatusRequest | EventsRequest | PeerRequest
-           | SubmitRequest)
+           | SubmitRequest | TailRequest)
 
 
 # -- replies --------------------------------------------------------------------------------
@@ -158,6 +168,12 @@ class SubmitReply(_Reply, tag="submitted", frozen=True):
     """The ids of a `SubmitRequest`'s tasks, in order (each stored at the ventilator)."""
 
     task_ids: list[str] = []
+class TailReply(_Reply, tag="tail", frozen=True):
+    """Rows as `history --json` has them, and the cursor to ask after next time (it moves
+    past rows of other senders too)."""
+
+    cursor: int
+    messages: list[StoredMessage] = []
 
 
 class ErrorReply(_Reply, tag="error", frozen=True):
@@ -185,8 +201,9 @@ class ErrorReply(_Reply, tag="error", frozen=True):
 
 
 Reply = (SendReply | PeersReply | StatusReply | EventsReply | AnswerReply | SubmitReply
-         | ErrorReply)
-R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply, AnswerReply, SubmitReply)
+         | TailReply | ErrorReply)
+R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply, AnswerReply, SubmitReply,
+            TailReply)
 
 
 def checked(reply: R | ErrorReply) -> R:

@@ -46,6 +46,8 @@ from meshpost.control.messages import (
     StatusRequest,
     SubmitReply,
     SubmitRequest,
+    TailReply,
+    TailRequest,
     encoder,
     request_decoder,
 )
@@ -83,6 +85,8 @@ SUBSCRIBER_MAX_EVENTS = 10_000
 EVENTS_PER_REPLY = 1_000
 #: Bytes counted per event beside its body (ids, names, stamps, the Python objects).
 EVENT_OVERHEAD_BYTES = 200
+#: Rows one `tail` reply carries at most, and the longest a `tail` poll waits.
+TAIL_ROWS_PER_REPLY, TAIL_WAIT_MAX_S = 512, 30.0
 #: How often pending sends look at the store's error counter (disk full: answer, not hang).
 STORE_CHECK_S = 0.25
 _IPC_PATH_MAX = 100
@@ -378,6 +382,8 @@ class ControlServer:
             case SubmitRequest(queue=queue, sink=sink, bodies=bodies, lease_s=lease_s):
                 ids = await node.submit(queue, bodies, sink=sink, lease_s=lease_s)
                 return SubmitReply(task_ids=ids, id=request.id)
+            case TailRequest():
+                return await self._tail(request)
         raise AssertionError(f"unhandled control request {request!r}")
 
     async def _status(self) -> dict[str, Any]:
@@ -450,6 +456,26 @@ class ControlServer:
             return result(delivered=False, error=str(exc))
         return result(delivered=True, delivered_at_ns=receipt.delivered_at_ns,
                       received_at_ns=receipt.received_at_ns, sync=receipt.sync)
+
+    # -- tail ---------------------------------------------------------------------------------
+
+    async def _tail(self, request: TailRequest) -> TailReply:
+        if request.limit < 1 or request.wait_s < 0 or (
+                request.after is not None and request.after < 0):
+            raise BadControlRequest(f"tail wants limit >= 1, wait_s >= 0 and a cursor >= 0, "
+                                    f"not {request.limit}, {request.wait_s}, {request.after}")
+        limit = min(request.limit, TAIL_ROWS_PER_REPLY)
+        wait_s = min(request.wait_s, TAIL_WAIT_MAX_S)
+        deadline = time.monotonic() + wait_s
+        cursor, rows = await self.node.incoming_after(request.after, limit=limit, wait_s=wait_s)
+        while request.after is not None and request.sender is not None:
+            rows = [row for row in rows if row.sender == request.sender]
+            left = deadline - time.monotonic()
+            if rows or left <= 0:
+                break
+            # Only other senders' messages came: keep waiting (past them) for this one's.
+            cursor, rows = await self.node.incoming_after(cursor, limit=limit, wait_s=left)
+        return TailReply(cursor=cursor, messages=rows, id=request.id)
 
     # -- subscriptions ------------------------------------------------------------------------
 
