@@ -101,6 +101,8 @@ def build_node_config(args: argparse.Namespace) -> NodeConfig:
         overrides["secure"] = True
     if args.insecure:
         overrides["insecure"] = True
+    if args.exclusive:
+        overrides["exclusive"] = args.exclusive
     data_dir = Path(args.data) if args.data else None
     if args.config:
         mesh = MeshConfig.load(Path(args.config))
@@ -720,6 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true",
                    help="allow binding beyond loopback without --secure (anyone who can reach "
                         "the port can read, send and claim any peer's name)")
+    p.add_argument("--exclusive", metavar="PEER",
+                   help="accept only PEER (an exclusive pair): any other node is refused, "
+                        "told why, and noted here")
     p.add_argument("--headless", action="store_true", help="no console even on a terminal")
     p.add_argument("--text-listen", metavar="tcp://HOST:PORT",
                    help="plain TCP text gateway for nc/socket clients (off by default)")

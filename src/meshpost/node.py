@@ -564,6 +564,7 @@ class Node:
                 known_peers=cfg.peer_names,
                 max_message_bytes=cfg.max_message_bytes,
                 sync=cfg.sync,
+                exclusive=cfg.exclusive,
             )
             if cfg.secure and (self._curve_keys is None or self._peer_public_keys is None):
                 raise ConfigError(
@@ -636,6 +637,8 @@ class Node:
         PeerConfig(name, endpoint)  # validates both
         if name == self.name:
             raise ConfigError(f"{name!r} is this node's own name")
+        if self.config.exclusive is not None and name != self.config.exclusive:
+            return False  # one end of an exclusive pair talks to no one else
         transport, listener = self._transport, self._listener
         assert transport is not None
         assert listener is not None
