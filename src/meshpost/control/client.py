@@ -154,6 +154,7 @@ class ControlClient:
     @overload
     def request(self, request: SubmitRequest, *,
                 timeout_s: float) -> SubmitReply | ErrorReply: ...
+    @overload
     def request(self, request: TailRequest, *, timeout_s: float) -> TailReply | ErrorReply: ...
 
     def request(self, request: Request, *, timeout_s: float) -> Reply:
@@ -264,6 +265,7 @@ class AsyncControlClient:
     @overload
     async def request(self, request: SubmitRequest, *,
                       timeout_s: float) -> SubmitReply | ErrorReply: ...
+    @overload
     async def request(self, request: TailRequest, *,
                       timeout_s: float) -> TailReply | ErrorReply: ...
 
