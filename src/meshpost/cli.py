@@ -336,6 +336,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     bodies = _bodies(args)
     if not any(body.strip() for body in bodies):
         raise EmptyCommandText()
+    if len(bodies) == 1 and not args.json and _is_broadcast(args):
+        return _send_broadcast(args, bodies[0])
     requests = (SendRequest(args.to, body, args.timeout) for body in bodies)
     queued: set[str] = set()
     code = EXIT_OK
@@ -384,6 +386,56 @@ def cmd_request(args: argparse.Namespace) -> int:
     else:
         print(clean(reply.body))
     return EXIT_OK
+
+
+def _is_broadcast(args: argparse.Namespace) -> bool:
+    """`--to all` or a group: anything but one of the node's peers."""
+    if args.to == "all":
+        return True
+    from meshpost.control import ControlClient, StatusRequest, checked
+
+    with ControlClient(_data_dir(args), name=args.node) as client:
+        peers = checked(client.request(StatusRequest(), timeout_s=10)).peers
+    return args.to not in {p.name for p in peers}
+
+
+def _send_broadcast(args: argparse.Namespace, body: str) -> int:
+    """One logical message to `all` or a group: `delivered k/n (pending: ...)` as receipts
+    come, until all are in or `--timeout`; the pending keep their copy and are retried."""
+    from meshpost.control import BroadcastRequest, BroadcastStatusRequest, ControlClient, checked
+    from meshpost.text import clean, format_broadcast
+
+    def say(text: str) -> None:
+        if not args.quiet:
+            print(text, flush=True)
+
+    deadline = time.monotonic() + args.timeout
+    shown: set[str] = set()
+    with ControlClient(_data_dir(args), name=args.node) as client:
+        status = checked(client.request(BroadcastRequest(args.to, body), timeout_s=30)).status
+        say(f"… {args.node} → {clean(args.to)}: stored for {status.total} "
+            f"(id {status.logical_id})")
+        while True:
+            for member in status.delivered:
+                if member not in shown:
+                    shown.add(member)
+                    say(f"✓ delivered to {clean(member)}: {format_broadcast(status)}")
+            for member, why in status.rejected:
+                if member not in shown:
+                    shown.add(member)
+                    if not args.quiet:
+                        print(f"✗ {clean(member)}: {clean(why)}", file=sys.stderr)
+            left = deadline - time.monotonic()
+            if status.settled or left <= 0:
+                break
+            request = BroadcastStatusRequest(status.logical_id, len(shown), min(left, 5.0))
+            status = checked(client.request(request, timeout_s=left + 10)).status
+    if status.pending:
+        if not args.quiet:
+            print(f"… {format_broadcast(status)} within {args.timeout:g}s; the pending keep "
+                  "their copy, retried until they receipt", file=sys.stderr)
+        return EXIT_TIMEOUT
+    return EXIT_REJECTED if status.rejected else EXIT_OK
 
 
 def _report_result(r: Any, args: argparse.Namespace, clean: Callable[[str], str]) -> int:

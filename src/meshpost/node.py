@@ -44,6 +44,7 @@ from meshpost.errors import (
     MessageRejected,
     NodeClosed,
     NodeFailed,
+    NoRecipients,
     ProtocolError,
     ReceiptTimeout,
     RequestTimeout,
@@ -72,6 +73,7 @@ from meshpost.protocol import (
     decode,
     encode,
 )
+from meshpost.protocol.groups import BroadcastStatus, BroadcastTracker
 from meshpost.protocol.header import (
     Kind,
     PatternHeader,
@@ -262,6 +264,39 @@ class Outgoing:
     sent_at_ns: int
     hlc: int
     receipt: asyncio.Future[Receipt]
+
+
+class BroadcastHandle:
+    """One logical message to `all` or a group: one copy per member (`copies`), and how far
+    it has got (`status`: delivered k of n, who is pending). Members down keep their copy in
+    the outbox, retried until they receipt; `status` follows receipts as they come."""
+
+    def __init__(self, logical_id: str, target: str, copies: list[Outgoing],
+                 status: BroadcastStatus) -> None:
+        self.logical_id = logical_id
+        self.target = target
+        self.copies = copies
+        self.status = status
+        self._changed = asyncio.Event()
+
+    def _update(self, status: BroadcastStatus) -> None:
+        self.status = status
+        self._changed.set()
+
+    async def changed(self, timeout_s: float | None) -> BroadcastStatus:
+        """The status once it differs from the one last returned here (at once if settled);
+        the same status after `timeout_s` without a change."""
+        if not self.status.settled and not self._changed.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._changed.wait()
+        self._changed.clear()
+        return self.status
+
+    def __repr__(self) -> str:
+        s = self.status
+        return (f"<BroadcastHandle {self.logical_id} to {self.target!r} "
+                f"delivered {len(s.delivered)}/{s.total}>")
 
 
 class PeerStatus(msgspec.Struct, frozen=True):
@@ -483,6 +518,8 @@ class Node:
         self._delivered_changed = asyncio.Event()
         #: One event per `messages()` reader, set after each commit of incoming messages.
         self._message_readers: set[asyncio.Event] = set()
+        #: Logical messages to many whose copies are not all receipted (k/n, `broadcast`).
+        self._broadcasts = BroadcastTracker()
         #: The read-only store connection `incoming_after` shares (opened on first use).
         self._incoming_reader: StoreReader | None = None
         self._incoming_lock = asyncio.Lock()
@@ -813,6 +850,44 @@ class Node:
         """
         return await self._post(target, body, held=False, header=header)
 
+    async def broadcast(self, target: str, body: str) -> BroadcastHandle:
+        """Post `body` to every member of `target` (`all`, a group, or one peer) as one
+        logical message; return once every copy is stored, with a handle whose `status` counts
+        receipts (`delivered k/n`, the members pending) as they arrive."""
+        if not self.resolve(target):
+            raise NoRecipients(target)
+        # Each copy says which logical message it is (header kind `group`, ref): receivers
+        # and both histories can tell one message to many from n direct ones.
+        logical_id = self._new_id(self.clock.wall_ns())
+        copies = await self._post(target, body, held=False,
+                                  header=PatternHeader(Kind.GROUP, ref=logical_id))
+        if not copies:
+            raise NoRecipients(target)
+        status = self._broadcasts.start(logical_id, target, [c.to for c in copies])
+        handle = BroadcastHandle(logical_id, target, copies, status)
+        for copy in copies:
+            copy.receipt.add_done_callback(
+                functools.partial(self._broadcast_copy_done, handle, copy.to))
+        return handle
+
+    def _broadcast_copy_done(self, handle: BroadcastHandle, member: str,
+                             receipt: asyncio.Future[Receipt]) -> None:
+        if receipt.cancelled():
+            return
+        error = receipt.exception()
+        if error is None:
+            progressed = self._broadcasts.delivered(handle.logical_id, member)
+        elif isinstance(error, MessageRejected):
+            progressed = self._broadcasts.rejected(handle.logical_id, member, str(error))
+        else:
+            return  # the node closed or failed: the copy stays in the store, not settled
+        if progressed is not None:
+            handle._update(progressed.status)
+
+    def broadcasts(self) -> list[BroadcastStatus]:
+        """Logical messages to many still waiting for receipts, oldest first."""
+        return self._broadcasts.active()
+
     async def _post(
         self, target: str, body: str, *, held: bool, header: PatternHeader | None = None,
         message_id: str | None = None,
@@ -827,6 +902,8 @@ class Node:
         if message_id is not None and len(peers) != 1:
             raise ValueError(f"one message id for {len(peers)} peers ({target!r})")
         self.validate_body(body)
+        if not peers:
+            return []  # a group of this node alone: an empty batch would never be answered
         writer = self._writer
         assert writer is not None
         await writer.wait_for_room()
@@ -1969,6 +2046,7 @@ async def wait_receipt(
 
 
 __all__ = [
+    "BroadcastHandle",
     "CrashPoint",
     "DeliveryRecorded",
     "Message",

@@ -23,6 +23,7 @@ from meshpost.errors import describe_error
 if TYPE_CHECKING:
     from meshpost.node import NodeStats, Outgoing, PeerChanged, PeerStatus, Receipt
     from meshpost.protocol import Envelope
+    from meshpost.protocol.groups import BroadcastStatus
     from meshpost.store import StoredMessage
 
 #: Rendered tables are never narrower than this, whatever the terminal reports (below it a
@@ -108,6 +109,19 @@ def format_receipt(
         what += f" {shorten(body, SHORT_BODY_CHARS // 2)!r}"
     return (f"✓ delivered to {receipt.to} at {at} {receipt.to}-clock "
             f"({_ms(took)} after sending) {what}")
+
+
+def format_broadcast(status: BroadcastStatus) -> str:
+    """`delivered 2/3 (pending: C)`: how far one message to many has got, the members
+    still pending named (they keep their copy and are retried until they receipt)."""
+    text = f"delivered {len(status.delivered)}/{status.total}"
+    notes = []
+    if status.pending:
+        notes.append("pending: " + ", ".join(clean(m) for m in status.pending))
+    if status.rejected:
+        notes.append("rejected by " + ", ".join(f"{clean(m)} ({clean(why)})"
+                                               for m, why in status.rejected))
+    return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def format_queued(peer: str, *, waited_s: float | None = None) -> str:

@@ -8,6 +8,7 @@ the (virtual) timer, the failed state after an unexpected store error, and the p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 
 from meshpost.clock import FakeClock
 from meshpost.config import NodeConfig, PeerConfig
-from meshpost.errors import NodeFailed, ReceiptTimeout, UnknownPeer
+from meshpost.errors import NodeFailed, NoRecipients, ReceiptTimeout, UnknownPeer
 from meshpost.node import Message, Node, wait_receipt
 from meshpost.protocol import decode
 from meshpost.store import Store, StoreReader
@@ -245,6 +246,28 @@ def test_incoming_after_pages_by_cursor_and_a_waiting_poll_wakes_on_a_commit(
             assert got == [f"m{i}" for i in range(30)]
             assert {(r.sender, r.direction) for r in rows} == {("A", "in")}
             assert await b.incoming_after(cursor) == (cursor, [])
+
+    run(scenario)
+
+
+def test_broadcast_counts_receipts_k_of_n_and_names_the_pending(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        cfg = dataclasses.replace(config("A", "B", tmp_path), groups={"us": ("A",)})
+        a = Node(cfg, clock=clock, transport=net.transport("A"))
+        b = Node(config("B", "A", tmp_path), clock=clock, transport=net.transport("B"))
+        async with a, b:
+            await until(lambda: connected(a))
+            handle = await a.broadcast("all", "to everyone")
+            assert handle.status.total == 1 and handle.logical_id == handle.copies[0].id
+            status = handle.status
+            while not status.settled:
+                status = await handle.changed(PATIENCE_S)
+            assert (status.delivered, status.pending) == (("B",), ())
+            assert a.broadcasts() == []  # settled ones are forgotten (the store keeps them)
+            with pytest.raises(NoRecipients):
+                await a.broadcast("us", "nobody else")
+            assert await a.post("us", "nobody else") == []  # it used to wait forever
 
     run(scenario)
 

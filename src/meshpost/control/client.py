@@ -26,6 +26,9 @@ import zmq.asyncio
 from meshpost.control.messages import (
     ENDPOINT_FILE,
     AnswerReply,
+    BroadcastReply,
+    BroadcastRequest,
+    BroadcastStatusRequest,
     ErrorReply,
     EventsReply,
     EventsRequest,
@@ -156,6 +159,9 @@ class ControlClient:
                 timeout_s: float) -> SubmitReply | ErrorReply: ...
     @overload
     def request(self, request: TailRequest, *, timeout_s: float) -> TailReply | ErrorReply: ...
+    @overload
+    def request(self, request: BroadcastRequest | BroadcastStatusRequest, *,
+                timeout_s: float) -> BroadcastReply | ErrorReply: ...
 
     def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request`, return its reply (an `ErrorReply` when the node refused it).
@@ -268,6 +274,9 @@ class AsyncControlClient:
     @overload
     async def request(self, request: TailRequest, *,
                       timeout_s: float) -> TailReply | ErrorReply: ...
+    @overload
+    async def request(self, request: BroadcastRequest | BroadcastStatusRequest, *,
+                      timeout_s: float) -> BroadcastReply | ErrorReply: ...
 
     async def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request` and wait for its reply; errors as `ControlClient.request`."""

@@ -14,6 +14,7 @@ import msgspec
 
 from meshpost.errors import MeshpostError, RemoteError
 from meshpost.node import PeerStatus, StoredMessage
+from meshpost.protocol.groups import BroadcastStatus
 
 #: The file in a node's data dir naming its control endpoint (line 1) and pid (line 2).
 ENDPOINT_FILE = "control.endpoint"
@@ -77,8 +78,25 @@ class TailRequest(_Request, tag="tail", frozen=True):
     wait_s: float = 0.0
 
 
+class BroadcastRequest(_Request, tag="broadcast", frozen=True):
+    """Post `body` to every member of `target` (`all` or a group) as one logical message;
+    reply once every copy is stored, with its status (`delivered k/n`)."""
+
+    target: str
+    body: str
+
+
+class BroadcastStatusRequest(_Request, tag="broadcast-status", frozen=True):
+    """Long-poll: the status of broadcast `logical_id` once it differs from what the client
+    saw (`seen`: delivered + rejected), or after `wait_s`."""
+
+    logical_id: str
+    seen: int = 0
+    wait_s: float = 0.0
+
+
 Request = (SendRequest | PeersRequest | StatusRequest | EventsRequest | PeerRequest
-           | SubmitRequest | TailRequest)
+           | SubmitRequest | TailRequest | BroadcastRequest | BroadcastStatusRequest)
 
 
 # -- replies --------------------------------------------------------------------------------
@@ -176,6 +194,12 @@ class TailReply(_Reply, tag="tail", frozen=True):
     messages: list[StoredMessage] = []
 
 
+class BroadcastReply(_Reply, tag="broadcast", frozen=True):
+    """Where one logical message to many stands: delivered k of n, who is pending."""
+
+    status: BroadcastStatus
+
+
 class ErrorReply(_Reply, tag="error", frozen=True):
     """The request failed: `kind` and `exit_code` come from the `MeshpostError` class."""
 
@@ -201,9 +225,9 @@ class ErrorReply(_Reply, tag="error", frozen=True):
 
 
 Reply = (SendReply | PeersReply | StatusReply | EventsReply | AnswerReply | SubmitReply
-         | TailReply | ErrorReply)
+         | TailReply | BroadcastReply | ErrorReply)
 R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply, AnswerReply, SubmitReply,
-            TailReply)
+            TailReply, BroadcastReply)
 
 
 def checked(reply: R | ErrorReply) -> R:

@@ -27,6 +27,9 @@ import zmq
 from meshpost.control.messages import (
     ENDPOINT_FILE,
     AnswerReply,
+    BroadcastReply,
+    BroadcastRequest,
+    BroadcastStatusRequest,
     DeliveryInfo,
     ErrorReply,
     EventsReply,
@@ -62,6 +65,7 @@ from meshpost.errors import (
     describe_error,
 )
 from meshpost.node import (
+    BroadcastHandle,
     DeliveryRecorded,
     MessageReceived,
     Node,
@@ -71,6 +75,7 @@ from meshpost.node import (
     PeerRefused,
     wait_receipt,
 )
+from meshpost.protocol.groups import BroadcastStatus
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +90,8 @@ SUBSCRIBER_MAX_EVENTS = 10_000
 EVENTS_PER_REPLY = 1_000
 #: Bytes counted per event beside its body (ids, names, stamps, the Python objects).
 EVENT_OVERHEAD_BYTES = 200
+#: Broadcast handles the server keeps for `broadcast-status` polls.
+BROADCASTS_KEPT = 4096
 #: Rows one `tail` reply carries at most, and the longest a `tail` poll waits.
 TAIL_ROWS_PER_REPLY, TAIL_WAIT_MAX_S = 512, 30.0
 #: How often pending sends look at the store's error counter (disk full: answer, not hang).
@@ -235,6 +242,8 @@ class ControlServer:
         self._fanout_task: asyncio.Task[None] | None = None
         self._store_trouble: asyncio.Future[int] | None = None
         self._file = node.config.data_dir / ENDPOINT_FILE
+        #: Broadcasts sent through this socket, by logical id (the newest BROADCASTS_KEPT).
+        self._broadcasts: dict[str, BroadcastHandle] = {}
         #: Subscriptions dropped because their client stopped polling.
         self.expired = 0
 
@@ -384,6 +393,14 @@ class ControlServer:
                 return SubmitReply(task_ids=ids, id=request.id)
             case TailRequest():
                 return await self._tail(request)
+            case BroadcastRequest(target=target, body=body):
+                handle = await self.node.broadcast(target, body)
+                self._remember(handle)
+                return BroadcastReply(status=handle.status, id=request.id)
+            case BroadcastStatusRequest(logical_id=logical_id, seen=seen, wait_s=wait_s):
+                return BroadcastReply(status=await self._broadcast_status(logical_id, seen,
+                                                                          wait_s),
+                                      id=request.id)
         raise AssertionError(f"unhandled control request {request!r}")
 
     async def _status(self) -> dict[str, Any]:
@@ -456,6 +473,26 @@ class ControlServer:
             return result(delivered=False, error=str(exc))
         return result(delivered=True, delivered_at_ns=receipt.delivered_at_ns,
                       received_at_ns=receipt.received_at_ns, sync=receipt.sync)
+
+    # -- broadcasts ---------------------------------------------------------------------------
+
+    def _remember(self, handle: BroadcastHandle) -> None:
+        self._broadcasts[handle.logical_id] = handle
+        while len(self._broadcasts) > BROADCASTS_KEPT:  # the oldest go first
+            self._broadcasts.pop(next(iter(self._broadcasts)))
+
+    async def _broadcast_status(self, logical_id: str, seen: int,
+                                wait_s: float) -> BroadcastStatus:
+        handle = self._broadcasts.get(logical_id)
+        if handle is None:
+            raise BadControlRequest(f"no broadcast {logical_id!r} sent through this node's "
+                                    "control socket since it started (or long forgotten)")
+        deadline = time.monotonic() + min(max(wait_s, 0.0), TAIL_WAIT_MAX_S)
+        status = handle.status
+        while (len(status.delivered) + len(status.rejected) <= seen and not status.settled
+               and (left := deadline - time.monotonic()) > 0):
+            status = await handle.changed(left)
+        return status
 
     # -- tail ---------------------------------------------------------------------------------
 
