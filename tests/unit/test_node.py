@@ -259,12 +259,16 @@ def test_broadcast_counts_receipts_k_of_n_and_names_the_pending(tmp_path: Path) 
         async with a, b:
             await until(lambda: connected(a))
             handle = await a.broadcast("all", "to everyone")
-            assert handle.status.total == 1 and handle.logical_id == handle.copies[0].id
+            assert handle.status.total == 1 and handle.copies[0].id != handle.logical_id
             status = handle.status
             while not status.settled:
                 status = await handle.changed(PATIENCE_S)
             assert (status.delivered, status.pending) == (("B",), ())
             assert a.broadcasts() == []  # settled ones are forgotten (the store keeps them)
+            for node in (a, b):  # each copy names its logical message, on both ends
+                with StoreReader.for_data_dir(node.config.data_dir) as reader:
+                    [row] = reader.history()
+                assert (row.kind, row.ref) == ("group", handle.logical_id)
             with pytest.raises(NoRecipients):
                 await a.broadcast("us", "nobody else")
             assert await a.post("us", "nobody else") == []  # it used to wait forever
