@@ -567,6 +567,25 @@ def cmd_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- groups ---------------------------------------------------------------------------------
+
+
+def cmd_group(args: argparse.Namespace) -> int:
+    from meshpost.control import ControlClient, GroupRequest, checked
+    from meshpost.text import clean
+
+    with ControlClient(_data_dir(args), name=args.node) as client:
+        reply = checked(client.request(GroupRequest(args.action, args.group), timeout_s=30))
+    members = ", ".join(clean(m) for m in reply.members) or "nobody"
+    if args.action != "members":
+        done = {"join": "joined", "leave": "left"}[args.action]
+        state = {"join": "a member of", "leave": "not in"}[args.action]
+        print(f"{args.node} {done} {clean(args.group)}" if reply.changed
+              else f"{args.node} was {state} {clean(args.group)} already")
+    print(f"{clean(args.group)}: {members}")
+    return EXIT_OK
+
+
 # -- tail -----------------------------------------------------------------------------------
 
 #: How long one `tail` poll waits at the node for a first message.
@@ -866,6 +885,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="whole message texts and ids in the table (shortened otherwise)")
     p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("group", help="join or leave a group at run time, or list its members")
+    p.add_argument("action", choices=["join", "leave", "members"])
+    p.add_argument("group")
+    p.add_argument("--node", required=True)
+    p.add_argument("--data")
+    p.set_defaults(func=cmd_group)
 
     p = sub.add_parser("tail", help="print a running node's incoming messages as they arrive")
     p.add_argument("--node", required=True)

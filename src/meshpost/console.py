@@ -104,6 +104,14 @@ class HistoryCommand:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class GroupCommand:
+    """`/join G`, `/leave G` or `/members G`."""
+
+    action: str
+    group: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StatsCommand:
     """Show the node's counters."""
 
@@ -127,6 +135,7 @@ Command = (
     SendCommand
     | PeersCommand
     | HistoryCommand
+    | GroupCommand
     | StatsCommand
     | HelpCommand
     | QuitCommand
@@ -151,6 +160,8 @@ text              send to the last recipient again
 /history [PEER] [-n N] [-v]
                   the last N stored messages (default 20), with sender and local clocks;
                   -v shows whole texts and ids (long texts are shortened otherwise)
+/join G, /leave G join or leave group G from now on (peers learn it; @G reaches members)
+/members G        who is in group G now
 /stats            the node's counters
 /help             this text
 /quit             leave (Ctrl-D, or Ctrl-C on an empty line; Ctrl-C on a half-typed line
@@ -185,6 +196,10 @@ def _parse_slash(text: str) -> Command:
     name = word.lower()
     if name == "history":
         return _parse_history(args)
+    if name in ("join", "leave", "members"):
+        if len(args) != 1:
+            raise CommandError(f"/{name} takes one group name, e.g. `/{name} team`")
+        return GroupCommand(name, args[0])
     simple = _SIMPLE_COMMANDS.get(name)
     if simple is None:
         shown = f"/{word}" if word else "/"
@@ -256,6 +271,12 @@ class ConsoleNode(Protocol):
     def unsubscribe(self, queue: Any) -> None: ...
 
     def snapshot_stats(self) -> NodeStats: ...
+
+    async def join(self, group: str) -> bool: ...
+
+    async def leave(self, group: str) -> bool: ...
+
+    def members(self, group: str) -> list[str]: ...
 
 
 Printer = Callable[[str], None]
@@ -380,7 +401,14 @@ class _Console:
             try:
                 match event:
                     case MessageReceived(message=message):
-                        self.print(format_incoming(message))
+                        header = message.header
+                        if header is not None and header.kind == "member":
+                            # A peer's membership record: say what it means, not its body.
+                            went = "joined" if message.body == "join" else "left"
+                            self.print(f"● {clean(message.sender)} {went} "
+                                       f"{clean(header.queue)}")
+                        else:
+                            self.print(format_incoming(message))
                     case PeerChanged():
                         self.show_peer_change(event)
                     case PeerRefused(who=who, detail=detail):
@@ -433,6 +461,8 @@ class _Console:
                 else:
                     self.print(render_history(rows, me=self.node.name, width=self.width,
                                               verbose=verbose))
+            case GroupCommand(action=action, group=group):
+                await self.group(action, group)
             case StatsCommand():
                 self.print(render_stats(self.node.snapshot_stats()))
             case HelpCommand():
@@ -442,6 +472,18 @@ class _Console:
             case _:
                 assert_never(command)
         return True
+
+    async def group(self, action: str, group: str) -> None:
+        node = self.node
+        if action == "join":
+            changed = await node.join(group)
+            self.print(f"● joined {clean(group)}" if changed
+                       else f"already in {clean(group)}")
+        elif action == "leave":
+            changed = await node.leave(group)
+            self.print(f"○ left {clean(group)}" if changed else f"not in {clean(group)}")
+        members = ", ".join(clean(m) for m in node.members(group)) or "nobody"
+        self.print(f"{clean(group)}: {members}")
 
     async def send(self, target: str | None, body: str) -> None:
         if target is None:
@@ -477,7 +519,7 @@ class _Console:
     def completer(self) -> WordCompleter:
         config = self.node.config
         names = ["@all", *(f"@{n}" for n in config.peer_names), *(f"@{g}" for g in config.groups)]
-        commands = ["/peers", "/history", "/stats", "/help", "/quit"]
+        commands = ["/peers", "/history", "/join", "/leave", "/members", "/stats", "/help", "/quit"]
         return WordCompleter([*names, *commands], sentence=True)
 
 
@@ -557,6 +599,7 @@ __all__ = [
     "CommandError",
     "ConsoleNode",
     "EmptyCommand",
+    "GroupCommand",
     "HelpCommand",
     "HistoryCommand",
     "PeersCommand",

@@ -36,7 +36,7 @@ from meshpost.clock import (
     HybridLogicalClock,
     SystemClock,
 )
-from meshpost.config import NodeConfig, PeerConfig
+from meshpost.config import NodeConfig, PeerConfig, validate_name
 from meshpost.errors import (
     ConfigError,
     InvalidMessage,
@@ -73,7 +73,14 @@ from meshpost.protocol import (
     decode,
     encode,
 )
-from meshpost.protocol.groups import BroadcastStatus, BroadcastTracker
+from meshpost.protocol.groups import (
+    BroadcastStatus,
+    BroadcastTracker,
+    GroupMembership,
+    MemberJoined,
+    MemberRecord,
+    MembershipRejected,
+)
 from meshpost.protocol.header import (
     Kind,
     PatternHeader,
@@ -111,6 +118,11 @@ from meshpost.store import (
 from meshpost.transport import Transport, ZmqTransport
 
 log = logging.getLogger(__name__)
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("membership record not stored: %s", task.exception())
 
 #: Timer loop granularity bounds: never spin faster, never sleep longer.
 _MIN_TICK_S = 0.002
@@ -518,6 +530,8 @@ class Node:
         self._delivered_changed = asyncio.Event()
         #: One event per `messages()` reader, set after each commit of incoming messages.
         self._message_readers: set[asyncio.Event] = set()
+        #: Who is in which group (config groups, then `member` records, own and peers').
+        self._membership = GroupMembership(config.name, static=config.groups)
         #: Logical messages to many whose copies are not all receipted (k/n, `broadcast`).
         self._broadcasts = BroadcastTracker()
         #: The read-only store connection `incoming_after` shares (opened on first use).
@@ -595,6 +609,9 @@ class Node:
             for queue, member, joined, version in await self._writer.call(store.members,
                                                                           "queue"):
                 self._workers_of.setdefault(queue, {})[member] = (version, joined)
+            # Groups: the configuration's as version-0 joins, then every stored record.
+            self._membership = GroupMembership.restore(
+                cfg.name, await self._writer.call(store.member_records), static=cfg.groups)
             self._listener = Listener(
                 local_name=cfg.name,
                 local_node_id=store.node_id,
@@ -832,8 +849,69 @@ class Node:
     def resolve(self, target: str) -> list[str]:
         """Peer names a target means: a peer, a group, or `all` (`rules.resolve_target`);
         `all` and a peer name include peers found while running."""
-        return rules.resolve_target(target, local_name=self.name, peers=list(self._links),
-                                    groups=self.config.groups)
+        names = rules.resolve_target(target, local_name=self.name, peers=list(self._links),
+                                     groups=self.groups())
+        # A member that is no peer of ours (it joined through another node) is not reachable.
+        return [n for n in names if n in self._links]
+
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """Every group this node knows of and its current members (this node included when
+        it is one; a group everyone left is empty): the configuration's, changed by `member`
+        records."""
+        membership = self._membership
+        names = {*self.config.groups, *(r.group for r in membership.snapshot())}
+        return {g: tuple(membership.members(g)) for g in sorted(names)}
+
+    def members(self, group: str) -> list[str]:
+        """The current members of `group` (this node included if it is one)."""
+        return self._membership.members(group)
+
+    async def join(self, group: str) -> bool:
+        """Join `group` from now on: a durable record, sent to every peer (retried until each
+        receipts it), so `@group` reaches this node. False if already a member. Messages sent
+        to the group before are not delivered here."""
+        return await self._change_membership(group, joined=True)
+
+    async def leave(self, group: str) -> bool:
+        """Leave `group`: peers stop sending its messages here (copies already posted still
+        come). False if not a member."""
+        return await self._change_membership(group, joined=False)
+
+    async def _change_membership(self, group: str, *, joined: bool) -> bool:
+        self._check_open()
+        validate_name(group)
+        if group == self.name or group in self._links or group.lower() == rules.ALL:
+            raise ConfigError(f"{group!r} names a node (or all), not a group")
+        change = self._membership.join if joined else self._membership.leave
+        record = change(group, self.hlc.now())
+        if record is None:
+            return False
+        assert self._writer is not None
+        assert self._store is not None
+        await self._writer.call(self._store.save_member, record)
+        await self._post(rules.ALL, "join" if joined else "leave", held=False,
+                         header=PatternHeader(Kind.MEMBER, queue=group,
+                                              version=record.version))
+        log.info("[%s] %s group %s (version %d)", self.name,
+                 "joined" if joined else "left", group, record.version)
+        return True
+
+    def _merge_member(self, sender: str, m: Envelope) -> None:
+        """A peer's `member` record arrived (stored already): merge it, keep the winner."""
+        header = m.header
+        assert header is not None
+        record = MemberRecord(header.queue, m.sender, m.body == "join", header.version, m.hlc)
+        outcome = self._membership.merge(record, sender=sender)
+        if isinstance(outcome, MembershipRejected):
+            log.warning("[%s] membership record from %s ignored: %s", self.name, sender,
+                        outcome.reason)
+            return
+        if outcome is not None:
+            log.info("[%s] %s %s group %s", self.name, sender,
+                     "joined" if isinstance(outcome, MemberJoined) else "left", record.group)
+        if self._writer is not None and self._store is not None:
+            task = asyncio.ensure_future(self._writer.call(self._store.save_member, record))
+            task.add_done_callback(_log_failure)
 
     def validate_body(self, body: str) -> None:
         """Raise the `InvalidMessage` that `post` would raise for `body`."""
@@ -1063,7 +1141,8 @@ class Node:
                           msg.sender)
 
     def _on_patterns(self, messages: Iterable[Envelope], stored_at: int) -> None:
-        """Fresh (first stored) messages: answer requests, link replies to their requests."""
+        """Fresh (first stored) messages: answer requests, link replies to their requests,
+        run tasks, count results, merge work-queue and group membership records."""
         for m in messages:
             h = m.header
             if h is None or h.kind is Kind.REQUEST:
@@ -1092,6 +1171,8 @@ class Node:
                     self._workqueue_wakeup.set()
             elif h.kind is Kind.SERVE:
                 self._serve_record(m.sender, h.queue, m.body == "serve", h.version, m.hlc)
+            elif h.kind is Kind.MEMBER:
+                self._merge_member(m.sender, m)
 
     def _drain_requests(self, reply: Envelope | None = None, stored_at: int = 0) -> None:
         for event in self._requests.events():
@@ -1849,14 +1930,13 @@ class Node:
         if new and self._message_readers:
             for wakeup in self._message_readers:
                 wakeup.set()
+        # A retransmission is receipted again but was acted on when it first arrived.
+        fresh = set(result.committed).difference(result.duplicates)
         if self._subscribers:
-            # A retransmission is receipted again but was shown when it first arrived.
-            fresh = set(result.committed).difference(result.duplicates)
             for m in arrived.messages:
                 if m.seq in fresh:
                     self._publish(MessageReceived(m, stored_at))
         if new and (self._request_handler is not None or any(map(_HEADER, arrived.messages))):
-            fresh = set(result.committed).difference(result.duplicates)
             self._on_patterns((m for m in arrived.messages if m.seq in fresh), stored_at)
 
     # -- performing what the protocol decided -----------------------------------------------

@@ -10,6 +10,7 @@ import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,6 +27,7 @@ from meshpost.console import (
     Command,
     CommandError,
     EmptyCommand,
+    GroupCommand,
     HelpCommand,
     HistoryCommand,
     PeersCommand,
@@ -58,6 +60,7 @@ from meshpost.node import (
     Receipt,
 )
 from meshpost.protocol import Envelope
+from meshpost.protocol.header import Kind, PatternHeader
 from meshpost.store import Store, StoredMessage, WriteBatch
 
 UTC = datetime.UTC
@@ -97,6 +100,9 @@ STEP_TIMEOUT_S = 5.0
         ("/history -n3", HistoryCommand(None, 3)),
         ("/history -n=3 C", HistoryCommand("C", 3)),
         ("/history @B", HistoryCommand("B", DEFAULT_HISTORY_LIMIT)),
+        ("/join team", GroupCommand("join", "team")),
+        ("/LEAVE team", GroupCommand("leave", "team")),
+        ("/members ops", GroupCommand("members", "ops")),
     ],
 )
 def test_parse_command(line: str, expected: Command) -> None:
@@ -118,6 +124,8 @@ def test_parse_command(line: str, expected: Command) -> None:
         ("/history -n " + "9" * 5000, "whole number"),
         ("/history @", "peer's name right after '@'"),
         ("/history -x", "unknown option '-x'"),
+        ("/join", "one group name"),
+        ("/leave a b", "one group name"),
         ("/history B C", "one peer"),
         ("/foo", "unknown command `/foo`"),
         ("/", "unknown command `/`"),
@@ -352,6 +360,7 @@ class FakeNode:
         self.handles: list[Outgoing] = []
         self.queues: list[asyncio.Queue[NodeEvent]] = []
         self.seq = 0
+        self.groups: dict[str, list[str]] = {}
 
     async def post(self, target: str, body: str) -> list[Outgoing]:
         peers = self.resolve(target)
@@ -396,6 +405,22 @@ class FakeNode:
 
     def snapshot_stats(self) -> NodeStats:
         return NodeStats(sent=self.seq)
+
+    async def join(self, group: str) -> bool:
+        self.groups.setdefault(group, ["B"])
+        if self.name in self.groups[group]:
+            return False
+        self.groups[group] = sorted([*self.groups[group], self.name])
+        return True
+
+    async def leave(self, group: str) -> bool:
+        if self.name not in self.groups.get(group, []):
+            return False
+        self.groups[group].remove(self.name)
+        return True
+
+    def members(self, group: str) -> list[str]:
+        return self.groups.get(group, [])
 
     def deliver(self, handle: Outgoing) -> None:
         handle.receipt.set_result(receipt(handle.to))
@@ -497,6 +522,30 @@ def test_incoming_and_peer_events_print_while_prompting(node: FakeNode) -> None:
         d.type("/quit\n")
 
     drive(node, scenario)
+
+
+def test_join_leave_and_members_and_a_peers_membership_record_shown_as_such(
+    node: FakeNode,
+) -> None:
+    async def scenario(d: Driver) -> None:
+        d.type("/join ops\n")
+        assert await d.printed("joined") == "● joined ops"
+        assert await d.printed("ops:") == "ops: A, B"
+        d.type("/join ops\n")
+        await d.printed("already in ops")
+        d.type("/leave ops\n")
+        assert await d.printed("left") == "○ left ops"
+        d.type("/members ops\n")
+        await d.printed("ops: B$")
+        joined = msgspec.structs.replace(envelope("join", sent_at_ns=T0),
+                                         header=PatternHeader(Kind.MEMBER, queue="ops",
+                                                              version=3))
+        node.publish(MessageReceived(joined, T0 + MS))
+        assert await d.printed("B joined") == "● B joined ops"
+        d.type("/quit\n")
+
+    d = drive(node, scenario)
+    assert not any("→ me: join" in line for line in d.lines)
 
 
 def test_unreachable_peer_is_queued_and_delivered_later(node: FakeNode) -> None:

@@ -32,6 +32,8 @@ from meshpost.control.messages import (
     ErrorReply,
     EventsReply,
     EventsRequest,
+    GroupReply,
+    GroupRequest,
     PeerRequest,
     PeersReply,
     PeersRequest,
@@ -162,6 +164,8 @@ class ControlClient:
     @overload
     def request(self, request: BroadcastRequest | BroadcastStatusRequest, *,
                 timeout_s: float) -> BroadcastReply | ErrorReply: ...
+    @overload
+    def request(self, request: GroupRequest, *, timeout_s: float) -> GroupReply | ErrorReply: ...
 
     def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request`, return its reply (an `ErrorReply` when the node refused it).
@@ -277,6 +281,9 @@ class AsyncControlClient:
     @overload
     async def request(self, request: BroadcastRequest | BroadcastStatusRequest, *,
                       timeout_s: float) -> BroadcastReply | ErrorReply: ...
+    @overload
+    async def request(self, request: GroupRequest, *,
+                      timeout_s: float) -> GroupReply | ErrorReply: ...
 
     async def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request` and wait for its reply; errors as `ControlClient.request`."""

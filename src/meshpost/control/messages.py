@@ -8,7 +8,7 @@ exit code from `meshpost.errors`. docs/protocol.md ("Control protocol") describe
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import msgspec
 
@@ -95,8 +95,16 @@ class BroadcastStatusRequest(_Request, tag="broadcast-status", frozen=True):
     wait_s: float = 0.0
 
 
+class GroupRequest(_Request, tag="group", frozen=True):
+    """`join` or `leave` group `group` at run time, or list its `members`."""
+
+    action: Literal["join", "leave", "members"]
+    group: str
+
+
 Request = (SendRequest | PeersRequest | StatusRequest | EventsRequest | PeerRequest
-           | SubmitRequest | TailRequest | BroadcastRequest | BroadcastStatusRequest)
+           | SubmitRequest | TailRequest | BroadcastRequest | BroadcastStatusRequest
+           | GroupRequest)
 
 
 # -- replies --------------------------------------------------------------------------------
@@ -200,6 +208,14 @@ class BroadcastReply(_Reply, tag="broadcast", frozen=True):
     status: BroadcastStatus
 
 
+class GroupReply(_Reply, tag="group", frozen=True):
+    """The group's members after the request; `changed`: the join or leave did something."""
+
+    group: str
+    members: list[str] = []
+    changed: bool = False
+
+
 class ErrorReply(_Reply, tag="error", frozen=True):
     """The request failed: `kind` and `exit_code` come from the `MeshpostError` class."""
 
@@ -225,9 +241,9 @@ class ErrorReply(_Reply, tag="error", frozen=True):
 
 
 Reply = (SendReply | PeersReply | StatusReply | EventsReply | AnswerReply | SubmitReply
-         | TailReply | BroadcastReply | ErrorReply)
+         | TailReply | BroadcastReply | GroupReply | ErrorReply)
 R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply, AnswerReply, SubmitReply,
-            TailReply, BroadcastReply)
+            TailReply, BroadcastReply, GroupReply)
 
 
 def checked(reply: R | ErrorReply) -> R:

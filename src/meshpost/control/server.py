@@ -34,6 +34,8 @@ from meshpost.control.messages import (
     ErrorReply,
     EventsReply,
     EventsRequest,
+    GroupReply,
+    GroupRequest,
     IncomingInfo,
     PeerChangeInfo,
     PeerRequest,
@@ -393,6 +395,14 @@ class ControlServer:
                 return SubmitReply(task_ids=ids, id=request.id)
             case TailRequest():
                 return await self._tail(request)
+            case GroupRequest(action=action, group=group):
+                changed = False
+                if action == "join":
+                    changed = await node.join(group)
+                elif action == "leave":
+                    changed = await node.leave(group)
+                return GroupReply(group=group, members=node.members(group), changed=changed,
+                                  id=request.id)
             case BroadcastRequest(target=target, body=body):
                 handle = await self.node.broadcast(target, body)
                 self._remember(handle)
@@ -415,7 +425,7 @@ class ControlServer:
             "cpu_s": time.process_time(),
             "pending": await node.pending_count(),
             "stats": dataclasses.asdict(node.snapshot_stats()),
-            "groups": {g: list(m) for g, m in node.config.groups.items()},
+            "groups": {g: list(m) for g, m in node.groups().items()},
             "max_message_bytes": node.config.max_message_bytes,
             "data_dir": str(node.config.data_dir),
             "control": {"subscribers": self.subscriber_count,
@@ -505,8 +515,10 @@ class ControlServer:
         wait_s = min(request.wait_s, TAIL_WAIT_MAX_S)
         deadline = time.monotonic() + wait_s
         cursor, rows = await self.node.incoming_after(request.after, limit=limit, wait_s=wait_s)
-        while request.after is not None and request.sender is not None:
-            rows = [row for row in rows if row.sender == request.sender]
+        while request.after is not None:
+            # Membership records are the mesh's bookkeeping, not messages to show.
+            rows = [row for row in rows if row.kind != "member"
+                    and (request.sender is None or row.sender == request.sender)]
             left = deadline - time.monotonic()
             if rows or left <= 0:
                 break
