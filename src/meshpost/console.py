@@ -43,11 +43,14 @@ from meshpost.node import (
     PeerChanged,
     PeerRefused,
     PeerStatus,
+    Receipt,
     wait_receipt,
 )
+from meshpost.protocol.groups import BroadcastStatus
 from meshpost.store import StoredMessage, StoreReader
 from meshpost.text import (
     clean,
+    format_broadcast,
     format_clock,
     format_failure,
     format_incoming,
@@ -287,6 +290,19 @@ _MARK_STYLES = {"✓": "ansigreen", "✗": "ansired", "…": "ansiyellow", "●"
                 "○": "ansiyellow", "[": "ansicyan"}
 
 
+@dataclasses.dataclass(eq=False)
+class _Progress:
+    """How far one message to many (`@all`, `@G`) has got, as its copies' receipts come."""
+
+    members: list[str]
+    delivered: set[str] = dataclasses.field(default_factory=set)
+
+    def text(self) -> str:
+        pending = [m for m in self.members if m not in self.delivered]
+        return format_broadcast(BroadcastStatus("", "", len(self.members),
+                                                tuple(sorted(self.delivered)), tuple(pending)))
+
+
 class TerminalPrinter:
     """The default printer: lines go above the prompt, strictly in the order given.
 
@@ -425,8 +441,17 @@ class _Console:
             except Exception:
                 log.exception("console could not show %r", event)
 
-    async def follow(self, handle: Outgoing, *, announced: bool) -> None:
-        """Print the receipt of one message; say it is queued if it takes too long."""
+    async def follow(self, handle: Outgoing, *, announced: bool,
+                     progress: _Progress | None = None) -> None:
+        """Print the receipt of one message; say it is queued if it takes too long. One copy
+        of a message to many (`progress`) adds `delivered k/n (pending: ...)`."""
+        def receipted(receipt: Receipt) -> str:
+            line = format_receipt(receipt, body=handle.body)
+            if progress is None:
+                return line
+            progress.delivered.add(handle.to)
+            return f"{line} · {progress.text()}"
+
         try:
             if not announced:
                 try:
@@ -434,9 +459,9 @@ class _Console:
                 except ReceiptTimeout:
                     self.print(format_queued(handle.to, waited_s=self.receipt_wait_s))
                 else:
-                    self.print(format_receipt(receipt, body=handle.body))
+                    self.print(receipted(receipt))
                     return
-            self.print(format_receipt(await wait_receipt(handle, None), body=handle.body))
+            self.print(receipted(await wait_receipt(handle, None)))
         except MeshpostError as exc:
             self.fail(exc)
 
@@ -504,13 +529,15 @@ class _Console:
         handles = await node.post(target, body)
         self.last_target = target
         self.print(format_pending(node.name, handles))
+        many = _Progress([h.to for h in handles]) if target not in connected | set(
+            node.config.peer_names) else None
         for handle in handles:
             announced = handle.to not in connected
             if handle.to in refusals:
                 self.print(format_refused_by(handle.to, refusals[handle.to]))
             elif announced:
                 self.print(format_queued(handle.to))
-            self.spawn(self.follow(handle, announced=announced))
+            self.spawn(self.follow(handle, announced=announced, progress=many))
 
     def prompt_text(self) -> str:
         to = f" → {self.last_target}" if self.last_target else ""

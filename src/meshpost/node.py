@@ -924,8 +924,11 @@ class Node:
 
         The returned handles' `receipt` futures complete when each receiver has committed it.
         `header` says what the message is for (a task, a reply, ...: docs/protocol.md);
-        None, the default, sends a direct message.
+        None, the default, sends a direct message; to `all` or a group, one logical message
+        (as `broadcast`, whose k/n it counts).
         """
+        if header is None and target not in self._links and self.resolve(target):
+            return (await self.broadcast(target, body)).copies
         return await self._post(target, body, held=False, header=header)
 
     async def broadcast(self, target: str, body: str) -> BroadcastHandle:

@@ -548,6 +548,26 @@ def test_join_leave_and_members_and_a_peers_membership_record_shown_as_such(
     assert not any("→ me: join" in line for line in d.lines)
 
 
+def test_a_message_to_a_group_counts_delivered_k_of_n_naming_the_pending(
+    node: FakeNode,
+) -> None:
+    async def scenario(d: Driver) -> None:
+        d.type("@team to the team\n")
+        await d.printed(r"… A → B, C: to the team \(pending\)")
+        node.deliver(node.handles[0])
+        assert (await d.printed("✓ delivered to B")).endswith(
+            " · delivered 1/2 (pending: C)")
+        node.deliver(node.handles[1])
+        assert (await d.printed("✓ delivered to C")).endswith(" · delivered 2/2")
+        d.type("@B just B\n")
+        await d.printed(r"… A → B: just B \(pending\)")
+        node.deliver(node.handles[2])
+        assert "·" not in await d.printed("✓ delivered to B .* 'just B'")
+        d.type("/quit\n")
+
+    drive(node, scenario)
+
+
 def test_unreachable_peer_is_queued_and_delivered_later(node: FakeNode) -> None:
     node.connected = {"B"}
 
