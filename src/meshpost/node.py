@@ -940,8 +940,10 @@ class Node:
         # Each copy says which logical message it is (header kind `group`, ref): receivers
         # and both histories can tell one message to many from n direct ones.
         logical_id = self._new_id(self.clock.wall_ns())
+        # queue: the group's name ("" for all), so a receiver can say "A → team".
+        group = "" if target.lower() == rules.ALL else target
         copies = await self._post(target, body, held=False,
-                                  header=PatternHeader(Kind.GROUP, ref=logical_id))
+                                  header=PatternHeader(Kind.GROUP, ref=logical_id, queue=group))
         if not copies:
             raise NoRecipients(target)
         status = self._broadcasts.start(logical_id, target, [c.to for c in copies])

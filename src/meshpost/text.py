@@ -84,10 +84,16 @@ def _indent(body: str) -> str:
     return clean(body).replace("\n", "\n    ")
 
 
-def format_incoming(message: Envelope | StoredMessage, *, tz: datetime.tzinfo | None = None) -> str:
-    """`[HH:MM:SS.mmm sender-clock] A → me: text`; the whole text, since it is the message."""
+def format_incoming(message: Envelope | StoredMessage, *,
+                    tz: datetime.tzinfo | None = None) -> str:
+    """`[HH:MM:SS.mmm sender-clock] A → me: text`; the whole text, since it is the message.
+    A copy of a message to a group or to all says so: `A → team`, `A → all`."""
     stamp = format_clock(message.sent_at_ns, tz=tz)
-    return f"[{stamp} sender-clock] {clean(message.sender)} → me: {_indent(message.body)}"
+    header = getattr(message, "header", None)
+    to = "me"
+    if header is not None and header.kind == "group":
+        to = clean(header.queue) if header.queue else "all"
+    return f"[{stamp} sender-clock] {clean(message.sender)} → {to}: {_indent(message.body)}"
 
 
 def format_pending(me: str, handles: Sequence[Outgoing]) -> str:

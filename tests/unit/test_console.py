@@ -191,6 +191,16 @@ def envelope(body: str = "hi", *, sender: str = "B", sent_at_ns: int = T0 + 5 * 
                     sent_at_ns=sent_at_ns, hlc=1)
 
 
+def test_format_incoming_says_when_a_message_came_to_a_group_or_to_all() -> None:
+    def copy(group: str) -> Envelope:
+        return msgspec.structs.replace(envelope("hi all"), header=PatternHeader(
+            Kind.GROUP, ref="logical-1", queue=group))
+
+    assert format_incoming(copy("team"), tz=UTC).endswith("] B → team: hi all")
+    assert format_incoming(copy(""), tz=UTC).endswith("] B → all: hi all")
+    assert format_incoming(envelope("hi"), tz=UTC).endswith("] B → me: hi")
+
+
 def test_format_incoming_uses_the_sender_clock() -> None:
     line = format_incoming(envelope("hello there"), tz=UTC)
     assert line == "[22:13:20.005 sender-clock] B → me: hello there"
