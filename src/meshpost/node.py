@@ -1150,8 +1150,11 @@ class Node:
         run tasks, count results, merge work-queue and group membership records."""
         for m in messages:
             h = m.header
-            if h is None or h.kind is Kind.REQUEST:
-                if self._request_handler is not None and (h is not None
+            if h is None or h.kind in (Kind.REQUEST, Kind.GROUP):
+                # A copy of a message to all or a group is a plain message to this node too:
+                # an echo answers it as it answers a direct one.
+                direct = h is None or h.kind is Kind.GROUP
+                if self._request_handler is not None and (not direct
                                                           or self._handler_answers_direct):
                     self._spawn_handler(self._run_handler(_message_of(m, stored_at)), "run")
             elif h.kind is Kind.REPLY:
