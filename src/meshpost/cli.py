@@ -101,6 +101,8 @@ def build_node_config(args: argparse.Namespace) -> NodeConfig:
         overrides["secure"] = True
     if args.insecure:
         overrides["insecure"] = True
+    if args.exclusive:
+        overrides["exclusive"] = args.exclusive
     data_dir = Path(args.data) if args.data else None
     if args.config:
         mesh = MeshConfig.load(Path(args.config))
@@ -334,6 +336,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     bodies = _bodies(args)
     if not any(body.strip() for body in bodies):
         raise EmptyCommandText()
+    if len(bodies) == 1 and not args.json and _is_broadcast(args):
+        return _send_broadcast(args, bodies[0])
     requests = (SendRequest(args.to, body, args.timeout) for body in bodies)
     queued: set[str] = set()
     code = EXIT_OK
@@ -382,6 +386,56 @@ def cmd_request(args: argparse.Namespace) -> int:
     else:
         print(clean(reply.body))
     return EXIT_OK
+
+
+def _is_broadcast(args: argparse.Namespace) -> bool:
+    """`--to all` or a group: anything but one of the node's peers."""
+    if args.to == "all":
+        return True
+    from meshpost.control import ControlClient, StatusRequest, checked
+
+    with ControlClient(_data_dir(args), name=args.node) as client:
+        peers = checked(client.request(StatusRequest(), timeout_s=10)).peers
+    return args.to not in {p.name for p in peers}
+
+
+def _send_broadcast(args: argparse.Namespace, body: str) -> int:
+    """One logical message to `all` or a group: `delivered k/n (pending: ...)` as receipts
+    come, until all are in or `--timeout`; the pending keep their copy and are retried."""
+    from meshpost.control import BroadcastRequest, BroadcastStatusRequest, ControlClient, checked
+    from meshpost.text import clean, format_broadcast
+
+    def say(text: str) -> None:
+        if not args.quiet:
+            print(text, flush=True)
+
+    deadline = time.monotonic() + args.timeout
+    shown: set[str] = set()
+    with ControlClient(_data_dir(args), name=args.node) as client:
+        status = checked(client.request(BroadcastRequest(args.to, body), timeout_s=30)).status
+        say(f"… {args.node} → {clean(args.to)}: stored for {status.total} "
+            f"(id {status.logical_id})")
+        while True:
+            for member in status.delivered:
+                if member not in shown:
+                    shown.add(member)
+                    say(f"✓ delivered to {clean(member)}: {format_broadcast(status)}")
+            for member, why in status.rejected:
+                if member not in shown:
+                    shown.add(member)
+                    if not args.quiet:
+                        print(f"✗ {clean(member)}: {clean(why)}", file=sys.stderr)
+            left = deadline - time.monotonic()
+            if status.settled or left <= 0:
+                break
+            request = BroadcastStatusRequest(status.logical_id, len(shown), min(left, 5.0))
+            status = checked(client.request(request, timeout_s=left + 10)).status
+    if status.pending:
+        if not args.quiet:
+            print(f"… {format_broadcast(status)} within {args.timeout:g}s; the pending keep "
+                  "their copy, retried until they receipt", file=sys.stderr)
+        return EXIT_TIMEOUT
+    return EXIT_REJECTED if status.rejected else EXIT_OK
 
 
 def _report_result(r: Any, args: argparse.Namespace, clean: Callable[[str], str]) -> int:
@@ -511,6 +565,65 @@ def cmd_history(args: argparse.Namespace) -> int:
         print(render_history(rows, me=args.node, width=terminal_width(), verbose=args.verbose,
                              title=title))
     return EXIT_OK
+
+
+# -- groups ---------------------------------------------------------------------------------
+
+
+def cmd_group(args: argparse.Namespace) -> int:
+    from meshpost.control import ControlClient, GroupRequest, checked
+    from meshpost.text import clean
+
+    with ControlClient(_data_dir(args), name=args.node) as client:
+        reply = checked(client.request(GroupRequest(args.action, args.group), timeout_s=30))
+    members = ", ".join(clean(m) for m in reply.members) or "nobody"
+    if args.action != "members":
+        done = {"join": "joined", "leave": "left"}[args.action]
+        state = {"join": "a member of", "leave": "not in"}[args.action]
+        print(f"{args.node} {done} {clean(args.group)}" if reply.changed
+              else f"{args.node} was {state} {clean(args.group)} already")
+    print(f"{clean(args.group)}: {members}")
+    return EXIT_OK
+
+
+# -- tail -----------------------------------------------------------------------------------
+
+#: How long one `tail` poll waits at the node for a first message.
+TAIL_POLL_S = 5.0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from meshpost.control import ControlClient, TailRequest, checked
+    from meshpost.text import format_incoming
+
+    if args.count is not None and args.count < 1:
+        raise ConfigError(f"--count wants a whole number of messages, 1 or more, not "
+                          f"{args.count}")
+    shown = 0
+    with ControlClient(_data_dir(args), name=args.node) as client:
+        # The node's cursor of now: messages stored from here on are shown, none skipped,
+        # however long a line takes to print (the next poll starts where this one ended).
+        cursor = checked(client.request(TailRequest(), timeout_s=10)).cursor
+        if not args.quiet:
+            until = f" until {args.until!r}" if args.until is not None else ""
+            print(f"meshpost tail: {args.node}'s incoming messages from now{until} "
+                  "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+        while True:
+            limit = 512 if args.count is None else min(512, args.count - shown)
+            request = TailRequest(after=cursor, sender=args.sender, limit=limit,
+                                  wait_s=TAIL_POLL_S)
+            reply = checked(client.request(request, timeout_s=TAIL_POLL_S + 10))
+            cursor = reply.cursor
+            for m in reply.messages:
+                if args.until is not None and m.body == args.until:
+                    return EXIT_OK  # the end marker ends the stream; it is not printed
+                if args.json:
+                    print(json.dumps(history_record(m), ensure_ascii=False), flush=True)
+                else:
+                    print(format_incoming(m), flush=True)
+                shown += 1
+                if args.count is not None and shown >= args.count:
+                    return EXIT_OK
 
 
 # -- cluster ----------------------------------------------------------------------------
@@ -680,6 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true",
                    help="allow binding beyond loopback without --secure (anyone who can reach "
                         "the port can read, send and claim any peer's name)")
+    p.add_argument("--exclusive", metavar="PEER",
+                   help="accept only PEER (an exclusive pair): any other node is refused, "
+                        "told why, and noted here")
     p.add_argument("--headless", action="store_true", help="no console even on a terminal")
     p.add_argument("--text-listen", metavar="tcp://HOST:PORT",
                    help="plain TCP text gateway for nc/socket clients (off by default)")
@@ -769,6 +885,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="whole message texts and ids in the table (shortened otherwise)")
     p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("group", help="join or leave a group at run time, or list its members")
+    p.add_argument("action", choices=["join", "leave", "members"])
+    p.add_argument("group")
+    p.add_argument("--node", required=True)
+    p.add_argument("--data")
+    p.set_defaults(func=cmd_group)
+
+    p = sub.add_parser("tail", help="print a running node's incoming messages as they arrive")
+    p.add_argument("--node", required=True)
+    p.add_argument("--data")
+    p.add_argument("--from", dest="sender", metavar="PEER", help="only messages from PEER")
+    p.add_argument("--count", "-C", type=int, metavar="N", help="exit 0 after N messages")
+    p.add_argument("--until", metavar="TEXT",
+                   help="exit 0 when a message's whole text is TEXT (that one not printed)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object a line, with the `history --json` fields")
+    p.add_argument("-q", "--quiet", action="store_true", help="no note on standard error")
+    p.set_defaults(func=cmd_tail)
 
     p = sub.add_parser("attach", help="console for a running (e.g. headless) node")
     p.add_argument("--node", required=True)

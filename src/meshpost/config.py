@@ -154,6 +154,9 @@ class NodeConfig:
     #: ones cannot use up the descriptors the node needs. None: derived from the descriptor
     #: limit (`meshpost.transport.inbound.default_inbound_cap`).
     max_inbound_connections: int | None = None
+    #: Accept exactly this one peer and refuse every other (`--exclusive PEER`, seed 000's
+    #: PAIR); it must be the only peer listed. None: any listed peer.
+    exclusive: str | None = None
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -175,6 +178,13 @@ class NodeConfig:
             raise ConfigError(f"node {self.name!r} lists a peer twice: {sorted(names)}")
         if self.name in names:
             raise ConfigError(f"node {self.name!r} lists itself as a peer")
+        if self.exclusive is not None:
+            validate_name(self.exclusive)
+            if names != [self.exclusive]:
+                raise ConfigError(
+                    f"node {self.name!r} is exclusive to {self.exclusive!r}, which must then "
+                    f"be its only peer (give --peer {self.exclusive}=ENDPOINT); it lists "
+                    f"{names or 'none'}")
         if not 0 < self.max_message_bytes <= MAX_MESSAGE_BYTES_CEILING:
             raise ConfigError(
                 f"max_message_bytes must be between 1 and {MAX_MESSAGE_BYTES_CEILING}"
@@ -312,7 +322,8 @@ class MeshConfig:
         return cls(tuple(nodes), groups, options)
 
     def node(self, name: str, *, data_dir: Path | None = None, **overrides: Any) -> NodeConfig:
-        """The `NodeConfig` for node `name`: every other node in the file is its peer."""
+        """The `NodeConfig` for node `name`: every other node in the file is its peer (only
+        the one named by `exclusive=`, when given, and groups keep only that pair)."""
         me = next((n for n in self.nodes if n.name == name), None)
         if me is None:
             raise ConfigError(
@@ -326,12 +337,19 @@ class MeshConfig:
         unknown = set(options) - allowed
         if unknown:
             raise ConfigError(f"unknown mesh options {sorted(unknown)}; known: {sorted(allowed)}")
+        peers = tuple(PeerConfig(n.name, n.connect) for n in self.nodes if n.name != name)
+        groups = dict(self.groups)
+        pair = options.get("exclusive")
+        if pair is not None:
+            peers = tuple(p for p in peers if p.name == pair)
+            kept = {g: tuple(m for m in ms if m in (pair, name)) for g, ms in groups.items()}
+            groups = {g: ms for g, ms in kept.items() if ms}
         return NodeConfig(
             name=name,
             bind=me.bind,
-            peers=tuple(PeerConfig(n.name, n.connect) for n in self.nodes if n.name != name),
+            peers=peers,
             data_dir=data_dir or me.data_dir or default_data_dir(name),
-            groups=dict(self.groups),
+            groups=groups,
             **options,
         )
 

@@ -43,11 +43,14 @@ from meshpost.node import (
     PeerChanged,
     PeerRefused,
     PeerStatus,
+    Receipt,
     wait_receipt,
 )
+from meshpost.protocol.groups import BroadcastStatus
 from meshpost.store import StoredMessage, StoreReader
 from meshpost.text import (
     clean,
+    format_broadcast,
     format_clock,
     format_failure,
     format_incoming,
@@ -104,6 +107,14 @@ class HistoryCommand:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class GroupCommand:
+    """`/join G`, `/leave G` or `/members G`."""
+
+    action: str
+    group: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StatsCommand:
     """Show the node's counters."""
 
@@ -127,6 +138,7 @@ Command = (
     SendCommand
     | PeersCommand
     | HistoryCommand
+    | GroupCommand
     | StatsCommand
     | HelpCommand
     | QuitCommand
@@ -151,6 +163,8 @@ text              send to the last recipient again
 /history [PEER] [-n N] [-v]
                   the last N stored messages (default 20), with sender and local clocks;
                   -v shows whole texts and ids (long texts are shortened otherwise)
+/join G, /leave G join or leave group G from now on (peers learn it; @G reaches members)
+/members G        who is in group G now
 /stats            the node's counters
 /help             this text
 /quit             leave (Ctrl-D, or Ctrl-C on an empty line; Ctrl-C on a half-typed line
@@ -185,6 +199,10 @@ def _parse_slash(text: str) -> Command:
     name = word.lower()
     if name == "history":
         return _parse_history(args)
+    if name in ("join", "leave", "members"):
+        if len(args) != 1:
+            raise CommandError(f"/{name} takes one group name, e.g. `/{name} team`")
+        return GroupCommand(name, args[0])
     simple = _SIMPLE_COMMANDS.get(name)
     if simple is None:
         shown = f"/{word}" if word else "/"
@@ -257,6 +275,12 @@ class ConsoleNode(Protocol):
 
     def snapshot_stats(self) -> NodeStats: ...
 
+    async def join(self, group: str) -> bool: ...
+
+    async def leave(self, group: str) -> bool: ...
+
+    def members(self, group: str) -> list[str]: ...
+
 
 Printer = Callable[[str], None]
 
@@ -264,6 +288,19 @@ Printer = Callable[[str], None]
 #: Colors for console lines by their first character; everything else is printed plain.
 _MARK_STYLES = {"✓": "ansigreen", "✗": "ansired", "…": "ansiyellow", "●": "ansigreen",
                 "○": "ansiyellow", "[": "ansicyan"}
+
+
+@dataclasses.dataclass(eq=False)
+class _Progress:
+    """How far one message to many (`@all`, `@G`) has got, as its copies' receipts come."""
+
+    members: list[str]
+    delivered: set[str] = dataclasses.field(default_factory=set)
+
+    def text(self) -> str:
+        pending = [m for m in self.members if m not in self.delivered]
+        return format_broadcast(BroadcastStatus("", "", len(self.members),
+                                                tuple(sorted(self.delivered)), tuple(pending)))
 
 
 class TerminalPrinter:
@@ -380,7 +417,14 @@ class _Console:
             try:
                 match event:
                     case MessageReceived(message=message):
-                        self.print(format_incoming(message))
+                        header = message.header
+                        if header is not None and header.kind == "member":
+                            # A peer's membership record: say what it means, not its body.
+                            went = "joined" if message.body == "join" else "left"
+                            self.print(f"● {clean(message.sender)} {went} "
+                                       f"{clean(header.queue)}")
+                        else:
+                            self.print(format_incoming(message))
                     case PeerChanged():
                         self.show_peer_change(event)
                     case PeerRefused(who=who, detail=detail):
@@ -397,8 +441,17 @@ class _Console:
             except Exception:
                 log.exception("console could not show %r", event)
 
-    async def follow(self, handle: Outgoing, *, announced: bool) -> None:
-        """Print the receipt of one message; say it is queued if it takes too long."""
+    async def follow(self, handle: Outgoing, *, announced: bool,
+                     progress: _Progress | None = None) -> None:
+        """Print the receipt of one message; say it is queued if it takes too long. One copy
+        of a message to many (`progress`) adds `delivered k/n (pending: ...)`."""
+        def receipted(receipt: Receipt) -> str:
+            line = format_receipt(receipt, body=handle.body)
+            if progress is None:
+                return line
+            progress.delivered.add(handle.to)
+            return f"{line} · {progress.text()}"
+
         try:
             if not announced:
                 try:
@@ -406,9 +459,9 @@ class _Console:
                 except ReceiptTimeout:
                     self.print(format_queued(handle.to, waited_s=self.receipt_wait_s))
                 else:
-                    self.print(format_receipt(receipt, body=handle.body))
+                    self.print(receipted(receipt))
                     return
-            self.print(format_receipt(await wait_receipt(handle, None), body=handle.body))
+            self.print(receipted(await wait_receipt(handle, None)))
         except MeshpostError as exc:
             self.fail(exc)
 
@@ -433,6 +486,8 @@ class _Console:
                 else:
                     self.print(render_history(rows, me=self.node.name, width=self.width,
                                               verbose=verbose))
+            case GroupCommand(action=action, group=group):
+                await self.group(action, group)
             case StatsCommand():
                 self.print(render_stats(self.node.snapshot_stats()))
             case HelpCommand():
@@ -442,6 +497,18 @@ class _Console:
             case _:
                 assert_never(command)
         return True
+
+    async def group(self, action: str, group: str) -> None:
+        node = self.node
+        if action == "join":
+            changed = await node.join(group)
+            self.print(f"● joined {clean(group)}" if changed
+                       else f"already in {clean(group)}")
+        elif action == "leave":
+            changed = await node.leave(group)
+            self.print(f"○ left {clean(group)}" if changed else f"not in {clean(group)}")
+        members = ", ".join(clean(m) for m in node.members(group)) or "nobody"
+        self.print(f"{clean(group)}: {members}")
 
     async def send(self, target: str | None, body: str) -> None:
         if target is None:
@@ -462,13 +529,15 @@ class _Console:
         handles = await node.post(target, body)
         self.last_target = target
         self.print(format_pending(node.name, handles))
+        many = _Progress([h.to for h in handles]) if target not in connected | set(
+            node.config.peer_names) else None
         for handle in handles:
             announced = handle.to not in connected
             if handle.to in refusals:
                 self.print(format_refused_by(handle.to, refusals[handle.to]))
             elif announced:
                 self.print(format_queued(handle.to))
-            self.spawn(self.follow(handle, announced=announced))
+            self.spawn(self.follow(handle, announced=announced, progress=many))
 
     def prompt_text(self) -> str:
         to = f" → {self.last_target}" if self.last_target else ""
@@ -477,7 +546,7 @@ class _Console:
     def completer(self) -> WordCompleter:
         config = self.node.config
         names = ["@all", *(f"@{n}" for n in config.peer_names), *(f"@{g}" for g in config.groups)]
-        commands = ["/peers", "/history", "/stats", "/help", "/quit"]
+        commands = ["/peers", "/history", "/join", "/leave", "/members", "/stats", "/help", "/quit"]
         return WordCompleter([*names, *commands], sentence=True)
 
 
@@ -557,6 +626,7 @@ __all__ = [
     "CommandError",
     "ConsoleNode",
     "EmptyCommand",
+    "GroupCommand",
     "HelpCommand",
     "HistoryCommand",
     "PeersCommand",

@@ -85,6 +85,14 @@ class UnknownPeer(MeshpostError, kind="unknown_peer", exit_code=EXIT_USAGE):
         self.known = known
 
 
+class NoRecipients(MeshpostError, kind="no_recipients", exit_code=EXIT_USAGE):
+    """A group (or `all`) that names no other node right now: nothing to send."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(f"{target!r} names no other node right now; nothing sent")
+        self.target = target
+
+
 class InvalidMessage(MeshpostError, kind="invalid_message", exit_code=EXIT_USAGE):
     """A message the local user tried to send is not acceptable."""
 

@@ -36,7 +36,7 @@ from meshpost.clock import (
     HybridLogicalClock,
     SystemClock,
 )
-from meshpost.config import NodeConfig, PeerConfig
+from meshpost.config import NodeConfig, PeerConfig, validate_name
 from meshpost.errors import (
     ConfigError,
     InvalidMessage,
@@ -44,6 +44,7 @@ from meshpost.errors import (
     MessageRejected,
     NodeClosed,
     NodeFailed,
+    NoRecipients,
     ProtocolError,
     ReceiptTimeout,
     RequestTimeout,
@@ -71,6 +72,14 @@ from meshpost.protocol import (
     ViolationDetected,
     decode,
     encode,
+)
+from meshpost.protocol.groups import (
+    BroadcastStatus,
+    BroadcastTracker,
+    GroupMembership,
+    MemberJoined,
+    MemberRecord,
+    MembershipRejected,
 )
 from meshpost.protocol.header import (
     Kind,
@@ -102,12 +111,18 @@ from meshpost.store import (
     IncomingResult,
     Rejection,
     Store,
+    StoredMessage,
     StoreReader,
     Verifier,
 )
 from meshpost.transport import Transport, ZmqTransport
 
 log = logging.getLogger(__name__)
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("membership record not stored: %s", task.exception())
 
 #: Timer loop granularity bounds: never spin faster, never sleep longer.
 _MIN_TICK_S = 0.002
@@ -261,6 +276,39 @@ class Outgoing:
     sent_at_ns: int
     hlc: int
     receipt: asyncio.Future[Receipt]
+
+
+class BroadcastHandle:
+    """One logical message to `all` or a group: one copy per member (`copies`), and how far
+    it has got (`status`: delivered k of n, who is pending). Members down keep their copy in
+    the outbox, retried until they receipt; `status` follows receipts as they come."""
+
+    def __init__(self, logical_id: str, target: str, copies: list[Outgoing],
+                 status: BroadcastStatus) -> None:
+        self.logical_id = logical_id
+        self.target = target
+        self.copies = copies
+        self.status = status
+        self._changed = asyncio.Event()
+
+    def _update(self, status: BroadcastStatus) -> None:
+        self.status = status
+        self._changed.set()
+
+    async def changed(self, timeout_s: float | None) -> BroadcastStatus:
+        """The status once it differs from the one last returned here (at once if settled);
+        the same status after `timeout_s` without a change."""
+        if not self.status.settled and not self._changed.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._changed.wait()
+        self._changed.clear()
+        return self.status
+
+    def __repr__(self) -> str:
+        s = self.status
+        return (f"<BroadcastHandle {self.logical_id} to {self.target!r} "
+                f"delivered {len(s.delivered)}/{s.total}>")
 
 
 class PeerStatus(msgspec.Struct, frozen=True):
@@ -482,6 +530,13 @@ class Node:
         self._delivered_changed = asyncio.Event()
         #: One event per `messages()` reader, set after each commit of incoming messages.
         self._message_readers: set[asyncio.Event] = set()
+        #: Who is in which group (config groups, then `member` records, own and peers').
+        self._membership = GroupMembership(config.name, static=config.groups)
+        #: Logical messages to many whose copies are not all receipted (k/n, `broadcast`).
+        self._broadcasts = BroadcastTracker()
+        #: The read-only store connection `incoming_after` shares (opened on first use).
+        self._incoming_reader: StoreReader | None = None
+        self._incoming_lock = asyncio.Lock()
         self._closed = False
         self._started = False
         #: Why the node stopped accepting work (an unexpected store failure), once it did.
@@ -554,12 +609,16 @@ class Node:
             for queue, member, joined, version in await self._writer.call(store.members,
                                                                           "queue"):
                 self._workers_of.setdefault(queue, {})[member] = (version, joined)
+            # Groups: the configuration's as version-0 joins, then every stored record.
+            self._membership = GroupMembership.restore(
+                cfg.name, await self._writer.call(store.member_records), static=cfg.groups)
             self._listener = Listener(
                 local_name=cfg.name,
                 local_node_id=store.node_id,
                 known_peers=cfg.peer_names,
                 max_message_bytes=cfg.max_message_bytes,
                 sync=cfg.sync,
+                exclusive=cfg.exclusive,
             )
             if cfg.secure and (self._curve_keys is None or self._peer_public_keys is None):
                 raise ConfigError(
@@ -632,6 +691,8 @@ class Node:
         PeerConfig(name, endpoint)  # validates both
         if name == self.name:
             raise ConfigError(f"{name!r} is this node's own name")
+        if self.config.exclusive is not None and name != self.config.exclusive:
+            return False  # one end of an exclusive pair talks to no one else
         transport, listener = self._transport, self._listener
         assert transport is not None
         assert listener is not None
@@ -778,14 +839,79 @@ class Node:
         elif self._store is not None:
             await asyncio.to_thread(self._store.close)
         self._store = None
+        if self._incoming_reader is not None:
+            async with self._incoming_lock:
+                self._incoming_reader.close()
+                self._incoming_reader = None
 
     # -- public API -----------------------------------------------------------------------
 
     def resolve(self, target: str) -> list[str]:
         """Peer names a target means: a peer, a group, or `all` (`rules.resolve_target`);
         `all` and a peer name include peers found while running."""
-        return rules.resolve_target(target, local_name=self.name, peers=list(self._links),
-                                    groups=self.config.groups)
+        names = rules.resolve_target(target, local_name=self.name, peers=list(self._links),
+                                     groups=self.groups())
+        # A member that is no peer of ours (it joined through another node) is not reachable.
+        return [n for n in names if n in self._links]
+
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """Every group this node knows of and its current members (this node included when
+        it is one; a group everyone left is empty): the configuration's, changed by `member`
+        records."""
+        membership = self._membership
+        names = {*self.config.groups, *(r.group for r in membership.snapshot())}
+        return {g: tuple(membership.members(g)) for g in sorted(names)}
+
+    def members(self, group: str) -> list[str]:
+        """The current members of `group` (this node included if it is one)."""
+        return self._membership.members(group)
+
+    async def join(self, group: str) -> bool:
+        """Join `group` from now on: a durable record, sent to every peer (retried until each
+        receipts it), so `@group` reaches this node. False if already a member. Messages sent
+        to the group before are not delivered here."""
+        return await self._change_membership(group, joined=True)
+
+    async def leave(self, group: str) -> bool:
+        """Leave `group`: peers stop sending its messages here (copies already posted still
+        come). False if not a member."""
+        return await self._change_membership(group, joined=False)
+
+    async def _change_membership(self, group: str, *, joined: bool) -> bool:
+        self._check_open()
+        validate_name(group)
+        if group == self.name or group in self._links or group.lower() == rules.ALL:
+            raise ConfigError(f"{group!r} names a node (or all), not a group")
+        change = self._membership.join if joined else self._membership.leave
+        record = change(group, self.hlc.now())
+        if record is None:
+            return False
+        assert self._writer is not None
+        assert self._store is not None
+        await self._writer.call(self._store.save_member, record)
+        await self._post(rules.ALL, "join" if joined else "leave", held=False,
+                         header=PatternHeader(Kind.MEMBER, queue=group,
+                                              version=record.version))
+        log.info("[%s] %s group %s (version %d)", self.name,
+                 "joined" if joined else "left", group, record.version)
+        return True
+
+    def _merge_member(self, sender: str, m: Envelope) -> None:
+        """A peer's `member` record arrived (stored already): merge it, keep the winner."""
+        header = m.header
+        assert header is not None
+        record = MemberRecord(header.queue, m.sender, m.body == "join", header.version, m.hlc)
+        outcome = self._membership.merge(record, sender=sender)
+        if isinstance(outcome, MembershipRejected):
+            log.warning("[%s] membership record from %s ignored: %s", self.name, sender,
+                        outcome.reason)
+            return
+        if outcome is not None:
+            log.info("[%s] %s %s group %s", self.name, sender,
+                     "joined" if isinstance(outcome, MemberJoined) else "left", record.group)
+        if self._writer is not None and self._store is not None:
+            task = asyncio.ensure_future(self._writer.call(self._store.save_member, record))
+            task.add_done_callback(_log_failure)
 
     def validate_body(self, body: str) -> None:
         """Raise the `InvalidMessage` that `post` would raise for `body`."""
@@ -798,9 +924,52 @@ class Node:
 
         The returned handles' `receipt` futures complete when each receiver has committed it.
         `header` says what the message is for (a task, a reply, ...: docs/protocol.md);
-        None, the default, sends a direct message.
+        None, the default, sends a direct message; to `all` or a group, one logical message
+        (as `broadcast`, whose k/n it counts).
         """
+        if header is None and target not in self._links and self.resolve(target):
+            return (await self.broadcast(target, body)).copies
         return await self._post(target, body, held=False, header=header)
+
+    async def broadcast(self, target: str, body: str) -> BroadcastHandle:
+        """Post `body` to every member of `target` (`all`, a group, or one peer) as one
+        logical message; return once every copy is stored, with a handle whose `status` counts
+        receipts (`delivered k/n`, the members pending) as they arrive."""
+        if not self.resolve(target):
+            raise NoRecipients(target)
+        # Each copy says which logical message it is (header kind `group`, ref): receivers
+        # and both histories can tell one message to many from n direct ones.
+        logical_id = self._new_id(self.clock.wall_ns())
+        # queue: the group's name ("" for all), so a receiver can say "A → team".
+        group = "" if target.lower() == rules.ALL else target
+        copies = await self._post(target, body, held=False,
+                                  header=PatternHeader(Kind.GROUP, ref=logical_id, queue=group))
+        if not copies:
+            raise NoRecipients(target)
+        status = self._broadcasts.start(logical_id, target, [c.to for c in copies])
+        handle = BroadcastHandle(logical_id, target, copies, status)
+        for copy in copies:
+            copy.receipt.add_done_callback(
+                functools.partial(self._broadcast_copy_done, handle, copy.to))
+        return handle
+
+    def _broadcast_copy_done(self, handle: BroadcastHandle, member: str,
+                             receipt: asyncio.Future[Receipt]) -> None:
+        if receipt.cancelled():
+            return
+        error = receipt.exception()
+        if error is None:
+            progressed = self._broadcasts.delivered(handle.logical_id, member)
+        elif isinstance(error, MessageRejected):
+            progressed = self._broadcasts.rejected(handle.logical_id, member, str(error))
+        else:
+            return  # the node closed or failed: the copy stays in the store, not settled
+        if progressed is not None:
+            handle._update(progressed.status)
+
+    def broadcasts(self) -> list[BroadcastStatus]:
+        """Logical messages to many still waiting for receipts, oldest first."""
+        return self._broadcasts.active()
 
     async def _post(
         self, target: str, body: str, *, held: bool, header: PatternHeader | None = None,
@@ -816,6 +985,8 @@ class Node:
         if message_id is not None and len(peers) != 1:
             raise ValueError(f"one message id for {len(peers)} peers ({target!r})")
         self.validate_body(body)
+        if not peers:
+            return []  # a group of this node alone: an empty batch would never be answered
         writer = self._writer
         assert writer is not None
         await writer.wait_for_room()
@@ -975,11 +1146,15 @@ class Node:
                           msg.sender)
 
     def _on_patterns(self, messages: Iterable[Envelope], stored_at: int) -> None:
-        """Fresh (first stored) messages: answer requests, link replies to their requests."""
+        """Fresh (first stored) messages: answer requests, link replies to their requests,
+        run tasks, count results, merge work-queue and group membership records."""
         for m in messages:
             h = m.header
-            if h is None or h.kind is Kind.REQUEST:
-                if self._request_handler is not None and (h is not None
+            if h is None or h.kind in (Kind.REQUEST, Kind.GROUP):
+                # A copy of a message to all or a group is a plain message to this node too:
+                # an echo answers it as it answers a direct one.
+                direct = h is None or h.kind is Kind.GROUP
+                if self._request_handler is not None and (not direct
                                                           or self._handler_answers_direct):
                     self._spawn_handler(self._run_handler(_message_of(m, stored_at)), "run")
             elif h.kind is Kind.REPLY:
@@ -1004,6 +1179,8 @@ class Node:
                     self._workqueue_wakeup.set()
             elif h.kind is Kind.SERVE:
                 self._serve_record(m.sender, h.queue, m.body == "serve", h.version, m.hlc)
+            elif h.kind is Kind.MEMBER:
+                self._merge_member(m.sender, m)
 
     def _drain_requests(self, reply: Envelope | None = None, stored_at: int = 0) -> None:
         for event in self._requests.events():
@@ -1416,6 +1593,42 @@ class Node:
             self._message_readers.discard(wakeup)
             reader.close()
 
+    async def incoming_after(
+        self, cursor: int | None, *, limit: int = MESSAGES_BATCH, wait_s: float = 0.0
+    ) -> tuple[int, list[StoredMessage]]:
+        """Received messages committed after `cursor` (None: after everything stored now), in
+        commit order, at most `limit`; waits up to `wait_s` for a first one. Returns the
+        cursor to pass next time with the rows.
+
+        What `meshpost tail` polls through the control socket: a cursor into the store, so a
+        message committed between two polls is in the next one (the event queue, which drops
+        the oldest for a slow reader, would lose it).
+        """
+        self._check_open()
+        wakeup = asyncio.Event()
+        self._message_readers.add(wakeup)
+        try:
+            async with self._incoming_lock:
+                if self._incoming_reader is None:
+                    self._incoming_reader = StoreReader.for_data_dir(self.config.data_dir)
+                reader = self._incoming_reader
+                if cursor is None:
+                    return await asyncio.to_thread(reader.last_incoming_cursor), []
+                rows = await asyncio.to_thread(reader.incoming_after, cursor, limit)
+            if rows or wait_s <= 0 or self._closed:
+                return (rows[-1][0] if rows else cursor), [row for _, row in rows]
+            # The wake-up was registered before the read: a commit since then has set it.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await wakeup.wait()
+            if self._closed:
+                return cursor, []
+            async with self._incoming_lock:
+                rows = await asyncio.to_thread(reader.incoming_after, cursor, limit)
+            return (rows[-1][0] if rows else cursor), [row for _, row in rows]
+        finally:
+            self._message_readers.discard(wakeup)
+
     def subscribe(self) -> asyncio.Queue[NodeEvent]:
         """A queue of `NodeEvent`s from now on; slow readers lose the oldest events."""
         queue: asyncio.Queue[NodeEvent] = asyncio.Queue(SUBSCRIBER_QUEUE)
@@ -1725,14 +1938,13 @@ class Node:
         if new and self._message_readers:
             for wakeup in self._message_readers:
                 wakeup.set()
+        # A retransmission is receipted again but was acted on when it first arrived.
+        fresh = set(result.committed).difference(result.duplicates)
         if self._subscribers:
-            # A retransmission is receipted again but was shown when it first arrived.
-            fresh = set(result.committed).difference(result.duplicates)
             for m in arrived.messages:
                 if m.seq in fresh:
                     self._publish(MessageReceived(m, stored_at))
         if new and (self._request_handler is not None or any(map(_HEADER, arrived.messages))):
-            fresh = set(result.committed).difference(result.duplicates)
             self._on_patterns((m for m in arrived.messages if m.seq in fresh), stored_at)
 
     # -- performing what the protocol decided -----------------------------------------------
@@ -1922,6 +2134,7 @@ async def wait_receipt(
 
 
 __all__ = [
+    "BroadcastHandle",
     "CrashPoint",
     "DeliveryRecorded",
     "Message",
@@ -1935,6 +2148,7 @@ __all__ = [
     "PeerRefused",
     "PeerStatus",
     "Receipt",
+    "StoredMessage",  # what `incoming_after` returns (the store's row type)
     "wait_receipt",
 ]
 

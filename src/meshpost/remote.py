@@ -20,6 +20,8 @@ from meshpost.control import (
     EventsDropped,
     EventsReply,
     EventsRequest,
+    GroupReply,
+    GroupRequest,
     NodeGone,
     SendReply,
     SendRequest,
@@ -71,6 +73,8 @@ class RemoteNode:
         self._queues: list[asyncio.Queue[ConsoleEvent]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
+        #: Group members as the node said at this console's last join or leave.
+        self._members: dict[str, list[str]] = {}
         self.config: NodeConfig
 
     @property
@@ -182,6 +186,20 @@ class RemoteNode:
             self._handles[(r.to, r.seq)] = handle
             handles.append(handle)
         return handles
+
+    async def join(self, group: str) -> bool:
+        reply: GroupReply = checked(await self._call(GroupRequest("join", group)))
+        self._members[group] = list(reply.members)
+        return reply.changed
+
+    async def leave(self, group: str) -> bool:
+        reply: GroupReply = checked(await self._call(GroupRequest("leave", group)))
+        self._members[group] = list(reply.members)
+        return reply.changed
+
+    def members(self, group: str) -> list[str]:
+        """As of this console's last join or leave of `group`, else the configuration's."""
+        return self._members.get(group, list(self.config.groups.get(group, ())))
 
     def resolve(self, target: str) -> list[str]:
         return resolve_target(target, local_name=self.name, peers=self.config.peer_names,

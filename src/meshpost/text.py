@@ -23,6 +23,7 @@ from meshpost.errors import describe_error
 if TYPE_CHECKING:
     from meshpost.node import NodeStats, Outgoing, PeerChanged, PeerStatus, Receipt
     from meshpost.protocol import Envelope
+    from meshpost.protocol.groups import BroadcastStatus
     from meshpost.store import StoredMessage
 
 #: Rendered tables are never narrower than this, whatever the terminal reports (below it a
@@ -83,10 +84,16 @@ def _indent(body: str) -> str:
     return clean(body).replace("\n", "\n    ")
 
 
-def format_incoming(message: Envelope, *, tz: datetime.tzinfo | None = None) -> str:
-    """`[HH:MM:SS.mmm sender-clock] A → me: text`; the whole text, since it is the message."""
+def format_incoming(message: Envelope | StoredMessage, *,
+                    tz: datetime.tzinfo | None = None) -> str:
+    """`[HH:MM:SS.mmm sender-clock] A → me: text`; the whole text, since it is the message.
+    A copy of a message to a group or to all says so: `A → team`, `A → all`."""
     stamp = format_clock(message.sent_at_ns, tz=tz)
-    return f"[{stamp} sender-clock] {clean(message.sender)} → me: {_indent(message.body)}"
+    header = getattr(message, "header", None)
+    to = "me"
+    if header is not None and header.kind == "group":
+        to = clean(header.queue) if header.queue else "all"
+    return f"[{stamp} sender-clock] {clean(message.sender)} → {to}: {_indent(message.body)}"
 
 
 def format_pending(me: str, handles: Sequence[Outgoing]) -> str:
@@ -108,6 +115,19 @@ def format_receipt(
         what += f" {shorten(body, SHORT_BODY_CHARS // 2)!r}"
     return (f"✓ delivered to {receipt.to} at {at} {receipt.to}-clock "
             f"({_ms(took)} after sending) {what}")
+
+
+def format_broadcast(status: BroadcastStatus) -> str:
+    """`delivered 2/3 (pending: C)`: how far one message to many has got, the members
+    still pending named (they keep their copy and are retried until they receipt)."""
+    text = f"delivered {len(status.delivered)}/{status.total}"
+    notes = []
+    if status.pending:
+        notes.append("pending: " + ", ".join(clean(m) for m in status.pending))
+    if status.rejected:
+        notes.append("rejected by " + ", ".join(f"{clean(m)} ({clean(why)})"
+                                               for m, why in status.rejected))
+    return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def format_queued(peer: str, *, waited_s: float | None = None) -> str:

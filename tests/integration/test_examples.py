@@ -50,3 +50,16 @@ def test_the_push_pull_example_uses_both_workers_and_keeps_each_result_once() ->
     words = ["hola", "mundo", "cero", "eme", "cu", "ventilador", "trabajador", "sumidero"]
     assert results == sorted(f"{w} -> {w.upper()}" for w in words)
     assert lines[-1] == "every result once: 8 tasks, by worker {'W1': 4, 'W2': 4}"
+
+
+def test_the_pipeline_example_ends_each_client_at_its_x_over_tcp_and_ipc() -> None:
+    lines = run_example("pipeline_tcp_ipc.py")
+    # The seed's ten items alternate between A (over tcp) and C (over ipc), in order.
+    items = ["1", "2", "3", "Esta es una prueba,1", "Desde zeroMQ,2", "Sigo probando,3",
+             "Prueba...,4", "q,5", "1,6", "q,7"]
+    assert [line for line in lines if line.startswith("A (tcp): ")] == [
+        f"A (tcp): {t}" for t in items[0::2]]
+    assert [line for line in lines if line.startswith("C (ipc): ")] == [
+        f"C (ipc): {t}" for t in items[1::2]]
+    assert "A: got 'x', done" in lines and "C: got 'x', done" in lines
+    assert lines[-1] == "every text arrived once, in order"

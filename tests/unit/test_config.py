@@ -251,6 +251,26 @@ def test_groups_may_name_the_node_itself() -> None:
     assert node(groups={"us": ("alice", "bob")}).groups == {"us": ("alice", "bob")}
 
 
+def test_an_exclusive_node_has_its_one_peer_only() -> None:
+    assert node(exclusive="bob").exclusive == "bob"
+    with pytest.raises(ConfigError, match=r"exclusive to 'carol'.*--peer carol=ENDPOINT"):
+        node(exclusive="carol")
+    with pytest.raises(ConfigError, match="only peer"):
+        node(exclusive="bob", peers=(PeerConfig("bob", "tcp://127.0.0.1:7002"),
+                                     PeerConfig("carol", "tcp://127.0.0.1:7003")))
+
+
+def test_a_mesh_file_node_made_exclusive_keeps_that_peer_and_its_groups_only(
+    tmp_path: Path,
+) -> None:
+    text = MESH_TOML.replace('bind = ["tcp://*:7003"]\nconnect = "tcp://10.0.0.3:7003"',
+                             'bind = ["tcp://127.0.0.1:7003"]')
+    mesh = MeshConfig.load(write(tmp_path, text + 'all3 = ["alice", "bob", "carol"]\n'))
+    cfg = mesh.node("bob", exclusive="alice")
+    assert cfg.peer_names == ["alice"]
+    assert cfg.groups == {"friends": ("alice", "bob"), "all3": ("alice", "bob")}
+
+
 def test_peer_configs_validate_name_and_endpoint() -> None:
     with pytest.raises(InvalidName):
         PeerConfig("bad name", "tcp://h:1")

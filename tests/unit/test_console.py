@@ -10,6 +10,7 @@ import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,6 +27,7 @@ from meshpost.console import (
     Command,
     CommandError,
     EmptyCommand,
+    GroupCommand,
     HelpCommand,
     HistoryCommand,
     PeersCommand,
@@ -58,6 +60,7 @@ from meshpost.node import (
     Receipt,
 )
 from meshpost.protocol import Envelope
+from meshpost.protocol.header import Kind, PatternHeader
 from meshpost.store import Store, StoredMessage, WriteBatch
 
 UTC = datetime.UTC
@@ -97,6 +100,9 @@ STEP_TIMEOUT_S = 5.0
         ("/history -n3", HistoryCommand(None, 3)),
         ("/history -n=3 C", HistoryCommand("C", 3)),
         ("/history @B", HistoryCommand("B", DEFAULT_HISTORY_LIMIT)),
+        ("/join team", GroupCommand("join", "team")),
+        ("/LEAVE team", GroupCommand("leave", "team")),
+        ("/members ops", GroupCommand("members", "ops")),
     ],
 )
 def test_parse_command(line: str, expected: Command) -> None:
@@ -118,6 +124,8 @@ def test_parse_command(line: str, expected: Command) -> None:
         ("/history -n " + "9" * 5000, "whole number"),
         ("/history @", "peer's name right after '@'"),
         ("/history -x", "unknown option '-x'"),
+        ("/join", "one group name"),
+        ("/leave a b", "one group name"),
         ("/history B C", "one peer"),
         ("/foo", "unknown command `/foo`"),
         ("/", "unknown command `/`"),
@@ -181,6 +189,16 @@ def test_clean_escapes_terminal_controls() -> None:
 def envelope(body: str = "hi", *, sender: str = "B", sent_at_ns: int = T0 + 5 * MS) -> Envelope:
     return Envelope(id="m1", seq=1, sender=sender, recipient="A", body=body,
                     sent_at_ns=sent_at_ns, hlc=1)
+
+
+def test_format_incoming_says_when_a_message_came_to_a_group_or_to_all() -> None:
+    def copy(group: str) -> Envelope:
+        return msgspec.structs.replace(envelope("hi all"), header=PatternHeader(
+            Kind.GROUP, ref="logical-1", queue=group))
+
+    assert format_incoming(copy("team"), tz=UTC).endswith("] B → team: hi all")
+    assert format_incoming(copy(""), tz=UTC).endswith("] B → all: hi all")
+    assert format_incoming(envelope("hi"), tz=UTC).endswith("] B → me: hi")
 
 
 def test_format_incoming_uses_the_sender_clock() -> None:
@@ -352,6 +370,7 @@ class FakeNode:
         self.handles: list[Outgoing] = []
         self.queues: list[asyncio.Queue[NodeEvent]] = []
         self.seq = 0
+        self.groups: dict[str, list[str]] = {}
 
     async def post(self, target: str, body: str) -> list[Outgoing]:
         peers = self.resolve(target)
@@ -396,6 +415,22 @@ class FakeNode:
 
     def snapshot_stats(self) -> NodeStats:
         return NodeStats(sent=self.seq)
+
+    async def join(self, group: str) -> bool:
+        self.groups.setdefault(group, ["B"])
+        if self.name in self.groups[group]:
+            return False
+        self.groups[group] = sorted([*self.groups[group], self.name])
+        return True
+
+    async def leave(self, group: str) -> bool:
+        if self.name not in self.groups.get(group, []):
+            return False
+        self.groups[group].remove(self.name)
+        return True
+
+    def members(self, group: str) -> list[str]:
+        return self.groups.get(group, [])
 
     def deliver(self, handle: Outgoing) -> None:
         handle.receipt.set_result(receipt(handle.to))
@@ -494,6 +529,50 @@ def test_incoming_and_peer_events_print_while_prompting(node: FakeNode) -> None:
         assert re.fullmatch(r"\[\d\d:\d\d:\d\d\.000 sender-clock\] B → me: hello from B", line)
         node.publish(PeerChanged("C", False, PeerChange.LOST, "silent for 4.0s"))
         await d.printed(r"○ C lost \(silent for 4\.0s\)")
+        d.type("/quit\n")
+
+    drive(node, scenario)
+
+
+def test_join_leave_and_members_and_a_peers_membership_record_shown_as_such(
+    node: FakeNode,
+) -> None:
+    async def scenario(d: Driver) -> None:
+        d.type("/join ops\n")
+        assert await d.printed("joined") == "● joined ops"
+        assert await d.printed("ops:") == "ops: A, B"
+        d.type("/join ops\n")
+        await d.printed("already in ops")
+        d.type("/leave ops\n")
+        assert await d.printed("left") == "○ left ops"
+        d.type("/members ops\n")
+        await d.printed("ops: B$")
+        joined = msgspec.structs.replace(envelope("join", sent_at_ns=T0),
+                                         header=PatternHeader(Kind.MEMBER, queue="ops",
+                                                              version=3))
+        node.publish(MessageReceived(joined, T0 + MS))
+        assert await d.printed("B joined") == "● B joined ops"
+        d.type("/quit\n")
+
+    d = drive(node, scenario)
+    assert not any("→ me: join" in line for line in d.lines)
+
+
+def test_a_message_to_a_group_counts_delivered_k_of_n_naming_the_pending(
+    node: FakeNode,
+) -> None:
+    async def scenario(d: Driver) -> None:
+        d.type("@team to the team\n")
+        await d.printed(r"… A → B, C: to the team \(pending\)")
+        node.deliver(node.handles[0])
+        assert (await d.printed("✓ delivered to B")).endswith(
+            " · delivered 1/2 (pending: C)")
+        node.deliver(node.handles[1])
+        assert (await d.printed("✓ delivered to C")).endswith(" · delivered 2/2")
+        d.type("@B just B\n")
+        await d.printed(r"… A → B: just B \(pending\)")
+        node.deliver(node.handles[2])
+        assert "·" not in await d.printed("✓ delivered to B .* 'just B'")
         d.type("/quit\n")
 
     drive(node, scenario)

@@ -8,6 +8,7 @@ the (virtual) timer, the failed state after an unexpected store error, and the p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 
 from meshpost.clock import FakeClock
 from meshpost.config import NodeConfig, PeerConfig
-from meshpost.errors import NodeFailed, ReceiptTimeout, UnknownPeer
+from meshpost.errors import NodeFailed, NoRecipients, ReceiptTimeout, UnknownPeer
 from meshpost.node import Message, Node, wait_receipt
 from meshpost.protocol import decode
 from meshpost.store import Store, StoreReader
@@ -216,6 +217,61 @@ def test_messages_yields_every_received_message_to_a_slow_reader(tmp_path: Path)
             assert [m.body for m in got] == [f"m{i}" for i in range(count)]
             assert {m.sender for m in got} == {"A"}
             await stream.aclose()
+
+    run(scenario)
+
+
+def test_incoming_after_pages_by_cursor_and_a_waiting_poll_wakes_on_a_commit(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            await until(lambda: connected(a))
+            await a.post_many("B", ["before"])
+            await until(lambda: a.stats.delivered == 1)
+            start, rows = await b.incoming_after(None)
+            assert rows == []  # the cursor of now: what came before is not shown
+            # A poll that waits is woken by the commit of the next message, not by its timeout.
+            poll = asyncio.ensure_future(b.incoming_after(start, wait_s=PATIENCE_S * 4))
+            await asyncio.sleep(0.05)
+            await a.post_many("B", [f"m{i}" for i in range(30)])
+            cursor, rows = await asyncio.wait_for(poll, PATIENCE_S)
+            got = [r.body for r in rows]
+            while len(got) < 30:  # the rest, page by page, none skipped, none twice
+                cursor, rows = await b.incoming_after(cursor, limit=7, wait_s=PATIENCE_S)
+                assert len(rows) <= 7
+                got += [r.body for r in rows]
+            assert got == [f"m{i}" for i in range(30)]
+            assert {(r.sender, r.direction) for r in rows} == {("A", "in")}
+            assert await b.incoming_after(cursor) == (cursor, [])
+
+    run(scenario)
+
+
+def test_broadcast_counts_receipts_k_of_n_and_names_the_pending(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        cfg = dataclasses.replace(config("A", "B", tmp_path), groups={"us": ("A",)})
+        a = Node(cfg, clock=clock, transport=net.transport("A"))
+        b = Node(config("B", "A", tmp_path), clock=clock, transport=net.transport("B"))
+        async with a, b:
+            await until(lambda: connected(a))
+            handle = await a.broadcast("all", "to everyone")
+            assert handle.status.total == 1 and handle.copies[0].id != handle.logical_id
+            status = handle.status
+            while not status.settled:
+                status = await handle.changed(PATIENCE_S)
+            assert (status.delivered, status.pending) == (("B",), ())
+            assert a.broadcasts() == []  # settled ones are forgotten (the store keeps them)
+            for node in (a, b):  # each copy names its logical message, on both ends
+                with StoreReader.for_data_dir(node.config.data_dir) as reader:
+                    [row] = reader.history()
+                assert (row.kind, row.ref) == ("group", handle.logical_id)
+            with pytest.raises(NoRecipients):
+                await a.broadcast("us", "nobody else")
+            assert await a.post("us", "nobody else") == []  # it used to wait forever
 
     run(scenario)
 

@@ -154,3 +154,24 @@ def test_tasks_go_to_the_worker_and_each_result_is_kept_once_at_the_sink(
             assert a.queue_status("upper")["unfinished"] == 0
 
     run(scenario)
+
+
+def test_an_echo_answers_a_message_to_all_as_it_answers_a_direct_one(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = pair(tmp_path, net, clock)
+        async with a, b:
+            await until(lambda: connected(a))
+            b.on_request(lambda m: m.body, direct=True)
+            # To all: one copy to B with header kind group (its logical id as ref).
+            (copy,) = await a.post("all", "hola")
+            await wait_receipt(copy, PATIENCE_S)
+            await until(lambda: any(r.kind == "reply" and r.ref == copy.id
+                                    for r in b_history(a)))
+            await a.flush()
+            await b.flush()
+        rows = b_history(a)
+        assert sorted((r.kind or "", r.body) for r in rows) == [("group", "hola"),
+                                                                 ("reply", "hola")]
+
+    run(scenario)

@@ -26,9 +26,14 @@ import zmq.asyncio
 from meshpost.control.messages import (
     ENDPOINT_FILE,
     AnswerReply,
+    BroadcastReply,
+    BroadcastRequest,
+    BroadcastStatusRequest,
     ErrorReply,
     EventsReply,
     EventsRequest,
+    GroupReply,
+    GroupRequest,
     PeerRequest,
     PeersReply,
     PeersRequest,
@@ -40,6 +45,8 @@ from meshpost.control.messages import (
     StatusRequest,
     SubmitReply,
     SubmitRequest,
+    TailReply,
+    TailRequest,
     encoder,
     reply_decoder,
 )
@@ -152,6 +159,13 @@ class ControlClient:
     @overload
     def request(self, request: SubmitRequest, *,
                 timeout_s: float) -> SubmitReply | ErrorReply: ...
+    @overload
+    def request(self, request: TailRequest, *, timeout_s: float) -> TailReply | ErrorReply: ...
+    @overload
+    def request(self, request: BroadcastRequest | BroadcastStatusRequest, *,
+                timeout_s: float) -> BroadcastReply | ErrorReply: ...
+    @overload
+    def request(self, request: GroupRequest, *, timeout_s: float) -> GroupReply | ErrorReply: ...
 
     def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request`, return its reply (an `ErrorReply` when the node refused it).
@@ -261,6 +275,15 @@ class AsyncControlClient:
     @overload
     async def request(self, request: SubmitRequest, *,
                       timeout_s: float) -> SubmitReply | ErrorReply: ...
+    @overload
+    async def request(self, request: TailRequest, *,
+                      timeout_s: float) -> TailReply | ErrorReply: ...
+    @overload
+    async def request(self, request: BroadcastRequest | BroadcastStatusRequest, *,
+                      timeout_s: float) -> BroadcastReply | ErrorReply: ...
+    @overload
+    async def request(self, request: GroupRequest, *,
+                      timeout_s: float) -> GroupReply | ErrorReply: ...
 
     async def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request` and wait for its reply; errors as `ControlClient.request`."""

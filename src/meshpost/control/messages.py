@@ -8,12 +8,13 @@ exit code from `meshpost.errors`. docs/protocol.md ("Control protocol") describe
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import msgspec
 
 from meshpost.errors import MeshpostError, RemoteError
-from meshpost.node import PeerStatus
+from meshpost.node import PeerStatus, StoredMessage
+from meshpost.protocol.groups import BroadcastStatus
 
 #: The file in a node's data dir naming its control endpoint (line 1) and pid (line 2).
 ENDPOINT_FILE = "control.endpoint"
@@ -67,8 +68,43 @@ class SubmitRequest(_Request, tag="submit", frozen=True):
     lease_s: float
 
 
+class TailRequest(_Request, tag="tail", frozen=True):
+    """Long-poll: received messages committed after `after` (nil: the cursor of now, no
+    rows), from `sender` only when set, at most `limit`; waits up to `wait_s` for a first one."""
+
+    after: int | None = None
+    sender: str | None = None
+    limit: int = 512
+    wait_s: float = 0.0
+
+
+class BroadcastRequest(_Request, tag="broadcast", frozen=True):
+    """Post `body` to every member of `target` (`all` or a group) as one logical message;
+    reply once every copy is stored, with its status (`delivered k/n`)."""
+
+    target: str
+    body: str
+
+
+class BroadcastStatusRequest(_Request, tag="broadcast-status", frozen=True):
+    """Long-poll: the status of broadcast `logical_id` once it differs from what the client
+    saw (`seen`: delivered + rejected), or after `wait_s`."""
+
+    logical_id: str
+    seen: int = 0
+    wait_s: float = 0.0
+
+
+class GroupRequest(_Request, tag="group", frozen=True):
+    """`join` or `leave` group `group` at run time, or list its `members`."""
+
+    action: Literal["join", "leave", "members"]
+    group: str
+
+
 Request = (SendRequest | PeersRequest | StatusRequest | EventsRequest | PeerRequest
-           | SubmitRequest)
+           | SubmitRequest | TailRequest | BroadcastRequest | BroadcastStatusRequest
+           | GroupRequest)
 
 
 # -- replies --------------------------------------------------------------------------------
@@ -158,6 +194,26 @@ class SubmitReply(_Reply, tag="submitted", frozen=True):
     """The ids of a `SubmitRequest`'s tasks, in order (each stored at the ventilator)."""
 
     task_ids: list[str] = []
+class TailReply(_Reply, tag="tail", frozen=True):
+    """Rows as `history --json` has them, and the cursor to ask after next time (it moves
+    past rows of other senders too)."""
+
+    cursor: int
+    messages: list[StoredMessage] = []
+
+
+class BroadcastReply(_Reply, tag="broadcast", frozen=True):
+    """Where one logical message to many stands: delivered k of n, who is pending."""
+
+    status: BroadcastStatus
+
+
+class GroupReply(_Reply, tag="group", frozen=True):
+    """The group's members after the request; `changed`: the join or leave did something."""
+
+    group: str
+    members: list[str] = []
+    changed: bool = False
 
 
 class ErrorReply(_Reply, tag="error", frozen=True):
@@ -185,8 +241,9 @@ class ErrorReply(_Reply, tag="error", frozen=True):
 
 
 Reply = (SendReply | PeersReply | StatusReply | EventsReply | AnswerReply | SubmitReply
-         | ErrorReply)
-R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply, AnswerReply, SubmitReply)
+         | TailReply | BroadcastReply | GroupReply | ErrorReply)
+R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply, AnswerReply, SubmitReply,
+            TailReply, BroadcastReply, GroupReply)
 
 
 def checked(reply: R | ErrorReply) -> R:

@@ -27,10 +27,15 @@ import zmq
 from meshpost.control.messages import (
     ENDPOINT_FILE,
     AnswerReply,
+    BroadcastReply,
+    BroadcastRequest,
+    BroadcastStatusRequest,
     DeliveryInfo,
     ErrorReply,
     EventsReply,
     EventsRequest,
+    GroupReply,
+    GroupRequest,
     IncomingInfo,
     PeerChangeInfo,
     PeerRequest,
@@ -46,6 +51,8 @@ from meshpost.control.messages import (
     StatusRequest,
     SubmitReply,
     SubmitRequest,
+    TailReply,
+    TailRequest,
     encoder,
     request_decoder,
 )
@@ -60,6 +67,7 @@ from meshpost.errors import (
     describe_error,
 )
 from meshpost.node import (
+    BroadcastHandle,
     DeliveryRecorded,
     MessageReceived,
     Node,
@@ -69,6 +77,7 @@ from meshpost.node import (
     PeerRefused,
     wait_receipt,
 )
+from meshpost.protocol.groups import BroadcastStatus
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +92,10 @@ SUBSCRIBER_MAX_EVENTS = 10_000
 EVENTS_PER_REPLY = 1_000
 #: Bytes counted per event beside its body (ids, names, stamps, the Python objects).
 EVENT_OVERHEAD_BYTES = 200
+#: Broadcast handles the server keeps for `broadcast-status` polls.
+BROADCASTS_KEPT = 4096
+#: Rows one `tail` reply carries at most, and the longest a `tail` poll waits.
+TAIL_ROWS_PER_REPLY, TAIL_WAIT_MAX_S = 512, 30.0
 #: How often pending sends look at the store's error counter (disk full: answer, not hang).
 STORE_CHECK_S = 0.25
 _IPC_PATH_MAX = 100
@@ -231,6 +244,8 @@ class ControlServer:
         self._fanout_task: asyncio.Task[None] | None = None
         self._store_trouble: asyncio.Future[int] | None = None
         self._file = node.config.data_dir / ENDPOINT_FILE
+        #: Broadcasts sent through this socket, by logical id (the newest BROADCASTS_KEPT).
+        self._broadcasts: dict[str, BroadcastHandle] = {}
         #: Subscriptions dropped because their client stopped polling.
         self.expired = 0
 
@@ -378,6 +393,24 @@ class ControlServer:
             case SubmitRequest(queue=queue, sink=sink, bodies=bodies, lease_s=lease_s):
                 ids = await node.submit(queue, bodies, sink=sink, lease_s=lease_s)
                 return SubmitReply(task_ids=ids, id=request.id)
+            case TailRequest():
+                return await self._tail(request)
+            case GroupRequest(action=action, group=group):
+                changed = False
+                if action == "join":
+                    changed = await node.join(group)
+                elif action == "leave":
+                    changed = await node.leave(group)
+                return GroupReply(group=group, members=node.members(group), changed=changed,
+                                  id=request.id)
+            case BroadcastRequest(target=target, body=body):
+                handle = await self.node.broadcast(target, body)
+                self._remember(handle)
+                return BroadcastReply(status=handle.status, id=request.id)
+            case BroadcastStatusRequest(logical_id=logical_id, seen=seen, wait_s=wait_s):
+                return BroadcastReply(status=await self._broadcast_status(logical_id, seen,
+                                                                          wait_s),
+                                      id=request.id)
         raise AssertionError(f"unhandled control request {request!r}")
 
     async def _status(self) -> dict[str, Any]:
@@ -392,7 +425,7 @@ class ControlServer:
             "cpu_s": time.process_time(),
             "pending": await node.pending_count(),
             "stats": dataclasses.asdict(node.snapshot_stats()),
-            "groups": {g: list(m) for g, m in node.config.groups.items()},
+            "groups": {g: list(m) for g, m in node.groups().items()},
             "max_message_bytes": node.config.max_message_bytes,
             "data_dir": str(node.config.data_dir),
             "control": {"subscribers": self.subscriber_count,
@@ -450,6 +483,48 @@ class ControlServer:
             return result(delivered=False, error=str(exc))
         return result(delivered=True, delivered_at_ns=receipt.delivered_at_ns,
                       received_at_ns=receipt.received_at_ns, sync=receipt.sync)
+
+    # -- broadcasts ---------------------------------------------------------------------------
+
+    def _remember(self, handle: BroadcastHandle) -> None:
+        self._broadcasts[handle.logical_id] = handle
+        while len(self._broadcasts) > BROADCASTS_KEPT:  # the oldest go first
+            self._broadcasts.pop(next(iter(self._broadcasts)))
+
+    async def _broadcast_status(self, logical_id: str, seen: int,
+                                wait_s: float) -> BroadcastStatus:
+        handle = self._broadcasts.get(logical_id)
+        if handle is None:
+            raise BadControlRequest(f"no broadcast {logical_id!r} sent through this node's "
+                                    "control socket since it started (or long forgotten)")
+        deadline = time.monotonic() + min(max(wait_s, 0.0), TAIL_WAIT_MAX_S)
+        status = handle.status
+        while (len(status.delivered) + len(status.rejected) <= seen and not status.settled
+               and (left := deadline - time.monotonic()) > 0):
+            status = await handle.changed(left)
+        return status
+
+    # -- tail ---------------------------------------------------------------------------------
+
+    async def _tail(self, request: TailRequest) -> TailReply:
+        if request.limit < 1 or request.wait_s < 0 or (
+                request.after is not None and request.after < 0):
+            raise BadControlRequest(f"tail wants limit >= 1, wait_s >= 0 and a cursor >= 0, "
+                                    f"not {request.limit}, {request.wait_s}, {request.after}")
+        limit = min(request.limit, TAIL_ROWS_PER_REPLY)
+        wait_s = min(request.wait_s, TAIL_WAIT_MAX_S)
+        deadline = time.monotonic() + wait_s
+        cursor, rows = await self.node.incoming_after(request.after, limit=limit, wait_s=wait_s)
+        while request.after is not None:
+            # Membership records are the mesh's bookkeeping, not messages to show.
+            rows = [row for row in rows if row.kind != "member"
+                    and (request.sender is None or row.sender == request.sender)]
+            left = deadline - time.monotonic()
+            if rows or left <= 0:
+                break
+            # Only other senders' messages came: keep waiting (past them) for this one's.
+            cursor, rows = await self.node.incoming_after(cursor, limit=limit, wait_s=left)
+        return TailReply(cursor=cursor, messages=rows, id=request.id)
 
     # -- subscriptions ------------------------------------------------------------------------
 

@@ -214,6 +214,8 @@ class RefuseCode:
     IDENTITY = "identity"
     HELLO_REQUIRED = "hello-required"
     MALFORMED = "malformed"
+    #: The listener is one end of an exclusive pair (`--exclusive PEER`) with another peer.
+    EXCLUSIVE = "exclusive"
 
 
 class RejectCode:

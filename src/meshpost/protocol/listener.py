@@ -175,8 +175,11 @@ class Listener:
         known_peers: Collection[str],
         max_message_bytes: int,
         sync: str,
+        exclusive: str | None = None,
     ) -> None:
         self.local_name = local_name
+        #: The one peer this node accepts (seed 000's PAIR); every other Hello is refused.
+        self.exclusive = exclusive
         self.local_node_id = local_node_id
         self.known_peers = frozenset(known_peers)
         #: Peers whose node id is known (discovery): a Hello with their name and another id
@@ -286,7 +289,8 @@ class Listener:
             case Answer.REFUSE_HELLO:
                 assert refusal is not None
                 code, error = refusal
-                self._violation(identity, error)
+                if code != RefuseCode.EXCLUSIVE:
+                    self._violation(identity, error)
                 self._reply(identity, Refuse(code, str(error)))
             case Answer.HELLO_REQUIRED:
                 self._reply(identity, Refuse(RefuseCode.HELLO_REQUIRED, "send Hello first"))
@@ -367,6 +371,13 @@ class Listener:
         if authenticated is not None and hello.name != authenticated:
             return SessionInput.BAD_HELLO, (RefuseCode.IDENTITY, IdentityMismatch(
                 f"connection authenticated as {authenticated!r} claims to be {hello.name!r}"
+            )), []
+        if self.exclusive is not None and hello.name != self.exclusive:
+            # Not a fault of the peer's (it may be configured for a mesh): refused, and
+            # REFUSE_HELLO counts no violation for this code.
+            return SessionInput.BAD_HELLO, (RefuseCode.EXCLUSIVE, IdentityMismatch(
+                f"{self.local_name!r} is in an exclusive pair with "
+                f"{self.exclusive!r} and accepts no other peer"
             )), []
         if hello.name not in self.known_peers:
             return SessionInput.BAD_HELLO, (RefuseCode.UNKNOWN_PEER, IdentityMismatch(

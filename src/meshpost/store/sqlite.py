@@ -34,6 +34,7 @@ from meshpost.errors import (
     StoreLocked,
 )
 from meshpost.protocol import Envelope, ReceiptFrame, to_ranges
+from meshpost.protocol.groups import MemberRecord
 from meshpost.protocol.header import Kind, PatternHeader
 from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -613,6 +614,29 @@ class Store:
                 " WHERE direction = 'out' ORDER BY hlc DESC LIMIT 1"
             ).fetchone()
         return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    def save_member(self, record: MemberRecord) -> bool:
+        """Keep a group membership record if it outranks the stored one for its (group,
+        member) (`MemberRecord.rank`: higher version, a leave at equal versions); True if
+        kept. One statement: committed on its own."""
+        with _translated(self.path):
+            cursor = self._conn.execute(
+                "INSERT INTO members (namespace, name, member, joined, version, hlc)"
+                " VALUES ('group', ?, ?, ?, ?, ?)"
+                " ON CONFLICT (namespace, name, member) DO UPDATE SET"
+                " joined = excluded.joined, version = excluded.version, hlc = excluded.hlc"
+                " WHERE excluded.version > members.version OR (excluded.version ="
+                " members.version AND excluded.joined < members.joined)",
+                (record.group, record.member, int(record.joined), record.version, record.hlc))
+        return cursor.rowcount > 0
+
+    def member_records(self) -> list[MemberRecord]:
+        """Every stored group membership record (this node's own and its peers')."""
+        with _translated(self.path):
+            rows = self._conn.execute(
+                "SELECT name, member, joined, version, hlc FROM members"
+                " WHERE namespace = 'group' ORDER BY name, member").fetchall()
+        return [MemberRecord(str(g), str(m), bool(j), int(v), int(h)) for g, m, j, v, h in rows]
 
     def max_hlc(self, direction: str) -> int:
         """The highest HLC stamp stored on rows of `direction` ('out': stamps this node

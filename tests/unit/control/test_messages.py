@@ -6,6 +6,9 @@ import msgspec
 import pytest
 
 from meshpost.control.messages import (
+    BroadcastReply,
+    BroadcastRequest,
+    BroadcastStatusRequest,
     ErrorReply,
     EventsReply,
     EventsRequest,
@@ -16,17 +19,23 @@ from meshpost.control.messages import (
     SendResult,
     StatusReply,
     StatusRequest,
+    TailReply,
+    TailRequest,
     checked,
     encoder,
     reply_decoder,
     request_decoder,
 )
 from meshpost.errors import NotStored, RemoteError, UnknownPeer
+from meshpost.protocol.groups import BroadcastStatus
+from meshpost.store import StoredMessage
 
 
 @pytest.mark.parametrize("request_", [
     SendRequest("B", "hi", 1.5, id=7), PeersRequest(id=8), StatusRequest(id=9),
-    EventsRequest(0.5, id=10),
+    EventsRequest(0.5, id=10), TailRequest(id=11),
+    TailRequest(after=5, sender="A", limit=3, wait_s=1.0, id=12),
+    BroadcastRequest("team", "hi", id=13), BroadcastStatusRequest("lid", 2, 1.5, id=14),
 ])
 def test_every_request_round_trips_with_its_id(request_: object) -> None:
     assert request_decoder.decode(encoder.encode(request_)) == request_
@@ -35,7 +44,12 @@ def test_every_request_round_trips_with_its_id(request_: object) -> None:
 @pytest.mark.parametrize("reply", [
     SendReply(sent=[SendResult("B", "x", 1, 2, True)], id=1), PeersReply(id=2),
     StatusReply(status={"name": "A"}, id=3), EventsReply(dropped=4, id=4),
-    ErrorReply.of(UnknownPeer("Z", ["B"]), 5),
+    ErrorReply.of(UnknownPeer("Z", ["B"]), 5), TailReply(cursor=9, id=6),
+    TailReply(cursor=3, messages=[StoredMessage(
+        "id1", "in", "A", "A", "B", 1, "hi", 2, 3, "received", 4, None, None, None, None, None,
+        None)], id=7),
+    BroadcastReply(status=BroadcastStatus("lid", "team", 3, ("B",), ("C",), (("D", "no"),)),
+                   id=8),
 ])
 def test_every_reply_round_trips_with_its_id(reply: object) -> None:
     assert reply_decoder.decode(encoder.encode(reply)) == reply

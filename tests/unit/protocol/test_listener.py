@@ -134,6 +134,20 @@ def test_an_unknown_peer_is_refused_and_counted() -> None:
     assert listener.session_state("mallory") is SessionState.NEW
 
 
+def test_an_exclusive_listener_welcomes_its_one_peer_and_refuses_any_other() -> None:
+    listener = Listener(local_name="bob", local_node_id="node-b", known_peers=["alice", "carol"],
+                        max_message_bytes=LIMIT, sync="normal", exclusive="alice")
+    # carol is a known peer, yet refused: the pair is bob and alice alone.
+    refused = refusal(send(listener, hello("carol"), identity="carol"))
+    assert refused.code == RefuseCode.EXCLUSIVE
+    assert refused.detail == "'bob' is in an exclusive pair with 'alice' and accepts no other peer"
+    assert listener.session_state("carol") is SessionState.NEW
+    assert violations(listener) == []  # carol may be configured for a mesh: not its fault
+    [welcome] = send(listener, hello("alice"))
+    assert isinstance(welcome, Welcome)
+    assert listener.session_state("alice") is SessionState.OPEN
+
+
 def test_a_second_node_under_a_discovered_name_is_refused_as_a_name_clash() -> None:
     listener = make_listener()
     listener.expected_node_ids["alice"] = "node-alice"

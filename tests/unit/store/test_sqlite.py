@@ -986,3 +986,25 @@ def test_a_headed_row_checksum_chains_the_header_after_the_seven_fields(
     conn.close()
     with pytest.raises(StoreCorrupt, match="checksum"):
         Store.open(data_dir, name="alice")
+
+
+def test_group_member_records_keep_the_highest_rank_and_survive_reopening(
+    data_dir: Path,
+) -> None:
+    from meshpost.protocol.groups import MemberRecord
+
+    store = Store.open(data_dir, name="alice")
+    try:
+        assert store.save_member(MemberRecord("team", "bob", True, 5, 50))
+        assert not store.save_member(MemberRecord("team", "bob", True, 4, 40))  # older
+        assert store.save_member(MemberRecord("team", "bob", False, 5, 51))  # leave wins a tie
+        assert not store.save_member(MemberRecord("team", "bob", True, 5, 52))
+        assert store.save_member(MemberRecord("ops", "alice", True, 1, 10))
+    finally:
+        store.close()
+    store = Store.open(data_dir, name="alice")
+    try:
+        assert store.member_records() == [MemberRecord("ops", "alice", True, 1, 10),
+                                          MemberRecord("team", "bob", False, 5, 51)]
+    finally:
+        store.close()

@@ -1,0 +1,100 @@
+"""Broadcast k/n against real node processes: `send --to all|GROUP` shows `delivered k/n`
+naming the members pending as receipts arrive, keeps retrying a member that is down, and ends
+with every member's receipt, each copy stored once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshpost.cluster import LocalCluster
+
+pytestmark = pytest.mark.integration
+
+CLI_TIMEOUT_S = 90
+MEMBERS = ["B", "C", "D", "E", "F"]
+
+
+def meshpost(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meshpost", *args], capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT_S, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def six(short_tmp: Path) -> Iterator[LocalCluster]:
+    cluster = LocalCluster.create(short_tmp, 6, transport="ipc", names=["A", *MEMBERS],
+                                  groups={"team": ["A", *MEMBERS]},
+                                  options={"ping_interval_s": 0.2, "peer_timeout_s": 1.0,
+                                           "retransmit_max_s": 0.5})
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def history(cluster: LocalCluster, node: str) -> list[dict[str, object]]:
+    out = meshpost("history", "--node", node, "--data", str(cluster.data_dir(node)), "--json")
+    assert out.returncode == 0, out.stderr
+    records: list[dict[str, object]] = json.loads(out.stdout)
+    return records
+
+
+@pytest.mark.parametrize("target", ["team", "all"])
+def test_broadcast_to_five_with_one_down_then_restarted_gets_five_receipts_each_stored_once(
+    six: LocalCluster, target: str,
+) -> None:
+    six.stop(["D"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshpost", "send", "--node", "A", "--data",
+         str(six.data_dir("A")), "--to", target, "--timeout", "60", "to the five"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    four = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if "delivered 4/5 (pending: D)" in line:
+                four.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        # Four members receipt; D is named as the one pending while it is down.
+        assert four.wait(CLI_TIMEOUT_S), lines
+        assert proc.poll() is None  # still waiting for D, retrying it
+        six.start(["D"])
+        assert proc.wait(CLI_TIMEOUT_S) == 0, lines
+        reader.join(CLI_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=CLI_TIMEOUT_S)  # reaps it and closes its pipes
+    assert lines[0].startswith(f"… A → {target}: stored for 5 (id ")
+    delivered = [line for line in lines if line.startswith("✓ delivered to ")]
+    assert sorted(line.split()[3].rstrip(":") for line in delivered) == MEMBERS
+    assert delivered[-1] == "✓ delivered to D: delivered 5/5"
+    # n receipts at A, and each member stored its copy exactly once.
+    out = [r for r in history(six, "A") if r["direction"] == "out"]
+    assert sorted(str(r["to"]) for r in out) == MEMBERS
+    assert {r["state"] for r in out} == {"delivered"}
+    for member in MEMBERS:
+        got = [r for r in history(six, member) if r["direction"] == "in"]
+        assert [(r["from"], r["body"]) for r in got] == [("A", "to the five")]
+
+
+def test_broadcast_status_of_an_unknown_id_and_a_group_with_nobody_else_are_clear_errors(
+    six: LocalCluster,
+) -> None:
+    lonely = meshpost("send", "--node", "A", "--data", str(six.data_dir("A")), "--to", "Z",
+                      "hi")
+    assert lonely.returncode == 2 and "unknown peer 'Z'" in lonely.stderr
