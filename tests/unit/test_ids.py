@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from meshpost.node import _IdFactory
+from meshpost.node.core import _IdFactory
 
 WALL = 1_700_000_000_000_000_000
 
