@@ -5,13 +5,13 @@ Rule: this file only re-exports; `from meshpost.node import X` is the public imp
 
 from __future__ import annotations
 
-from meshpost.node.core import (
+from meshpost.node.core import Node, wait_receipt
+from meshpost.node.records import (
     BroadcastHandle,
     CrashPoint,
     DeliveryRecorded,
     Message,
     MessageReceived,
-    Node,
     NodeEvent,
     NodeStats,
     Outgoing,
@@ -23,10 +23,9 @@ from meshpost.node.core import (
     ReceiptFuture,
     Reply,
     RequestHandler,
-    StoredMessage,
     TaskHandler,
-    wait_receipt,
 )
+from meshpost.store import StoredMessage
 
 __all__ = [
     "BroadcastHandle",
