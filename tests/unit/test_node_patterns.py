@@ -141,7 +141,7 @@ def test_tasks_go_to_the_worker_and_each_result_is_kept_once_at_the_sink(
         async with a, b:
             await until(lambda: connected(a) and connected(b))
             await b.serve_queue("upper", str.upper)
-            await until(lambda: "B" in a._workers_of.get("upper", {}))
+            await until(lambda: "B" in a._queues.workers_of.get("upper", {}))
             bodies = [f"task {i}" for i in range(40)]
             ids = await a.submit("upper", bodies, sink="A", lease_s=60)
             await until(lambda: len(a.completed_tasks) == len(ids))

@@ -1,9 +1,10 @@
-"""A node: the composition of clock, protocol, store and transport under one event loop.
+"""The Node: clock, protocol, store and transport composed under one event loop.
 
 Rule: decide, then perform. Protocol objects decide what to send and what happened; this
 module performs it (sockets, group commit) and never acknowledges a message before the store
 has committed it. Lower layers never import this module. Transport, store and clock are
-injected (the real ones by default), so tests run a node on fakes in virtual time.
+injected (the real ones by default), so tests run a node on fakes in virtual time. The
+patterns (groups, requests, work queues) are components in their own modules.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
-import inspect
 import itertools
 import logging
 import operator
@@ -20,7 +19,7 @@ import os
 import secrets
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from typing import Any
 
 import meshpost.probes as probes
@@ -32,20 +31,18 @@ from meshpost.clock import (
     HybridLogicalClock,
     SystemClock,
 )
-from meshpost.config import NodeConfig, PeerConfig, validate_name
+from meshpost.config import NodeConfig, PeerConfig
 from meshpost.errors import (
     ConfigError,
     InvalidMessage,
-    MeshpostError,
     MessageRejected,
     NodeClosed,
     NodeFailed,
-    NoRecipients,
     ProtocolError,
     ReceiptTimeout,
-    RequestTimeout,
     StoreCorrupt,
 )
+from meshpost.node.groups import Groups
 from meshpost.node.records import (
     BroadcastHandle,
     CrashPoint,
@@ -64,9 +61,10 @@ from meshpost.node.records import (
     Reply,
     RequestHandler,
     TaskHandler,
-    _message_of,
     _MessageKey,
 )
+from meshpost.node.requests import Requests
+from meshpost.node.workqueue import DEFAULT_LEASE_S, WorkQueues
 from meshpost.protocol import (
     Batch,
     Bye,
@@ -92,35 +90,17 @@ from meshpost.protocol import (
 )
 from meshpost.protocol.groups import (
     BroadcastStatus,
-    BroadcastTracker,
-    GroupMembership,
-    MemberJoined,
-    MemberRecord,
-    MembershipRejected,
 )
 from meshpost.protocol.header import (
     Kind,
     PatternHeader,
     header_problem,
-    is_valid_name,
-    reply_id,
-    result_id,
 )
 from meshpost.protocol.requests import (
     PendingRequest,
-    ReplyUnmatched,
-    RequestAnswered,
-    RequestTimedOut,
-    RequestTracker,
 )
 from meshpost.protocol.workqueue import (
     DEFAULT_MAX_INFLIGHT,
-    DispatchTask,
-    ResultSink,
-    TaskAbandoned,
-    TaskCompleted,
-    TaskRedelivered,
-    WorkQueueDispatcher,
 )
 from meshpost.store import (
     Delivery,
@@ -137,9 +117,6 @@ from meshpost.transport import Transport, ZmqTransport
 log = logging.getLogger(__name__)
 
 
-def _log_failure(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("membership record not stored: %s", task.exception())
 
 #: Timer loop granularity bounds: never spin faster, never sleep longer.
 _MIN_TICK_S = 0.002
@@ -162,12 +139,6 @@ MESSAGES_POLL_S = 1.0
 #: A receipt future, held weakly, with the message id and send time its receipt reports.
 _Waiter = tuple["weakref.KeyedRef[_MessageKey, asyncio.Future[Receipt]]", str, int]
 
-#: How many unanswered requests from before a restart are read per batch (handler re-runs).
-UNANSWERED_BATCH = 500
-#: A task's lease unless the ventilator says otherwise (docs/patterns.md 4.4).
-DEFAULT_LEASE_S = 30.0
-#: The work-queue timer wakes at least this often (leases are checked in between too).
-WORKQUEUE_TICK_S = 0.5
 
 _HEADER = operator.attrgetter("header")
 
@@ -261,10 +232,6 @@ class Node:
         self._delivered_changed = asyncio.Event()
         #: One event per `messages()` reader, set after each commit of incoming messages.
         self._message_readers: set[asyncio.Event] = set()
-        #: Who is in which group (config groups, then `member` records, own and peers').
-        self._membership = GroupMembership(config.name, static=config.groups)
-        #: Logical messages to many whose copies are not all receipted (k/n, `broadcast`).
-        self._broadcasts = BroadcastTracker()
         #: The read-only store connection `incoming_after` shares (opened on first use).
         self._incoming_reader: StoreReader | None = None
         self._incoming_lock = asyncio.Lock()
@@ -276,25 +243,12 @@ class Node:
         self.endpoints: list[str] = []
         #: Every peer's endpoint and how it was found ("config" or "beacon").
         self._found: dict[str, tuple[str, str]] = {}
-        # Request/reply (docs/protocol.md "Patterns"): what became of our requests, the
-        # callers waiting on them, and the handler that answers peers' requests.
-        self._requests = RequestTracker()
-        self._request_waiters: dict[str, asyncio.Future[Reply]] = {}
-        self._request_timeouts: dict[str, float] = {}
-        self._request_handler: RequestHandler | None = None
-        self._handler_answers_direct = False
-        self._replying: set[str] = set()
+        # The patterns (docs/patterns.md), each a component that owns its state; the node
+        # runs the tasks their handlers need (`_spawn_handler`), cancelled at close.
+        self._groups = Groups(self)
+        self._requests = Requests(self)
+        self._queues = WorkQueues(self)
         self._handler_tasks: set[asyncio.Task[None]] = set()
-        # Work queues (docs/patterns.md 4): as a ventilator, one dispatcher per queue; as a
-        # worker, a handler per queue; as a sink, the first result per task; everywhere, the
-        # workers each queue has (their latest `serve` record: version, serving).
-        self._dispatchers: dict[str, WorkQueueDispatcher] = {}
-        self._workers_of: dict[str, dict[str, tuple[int, bool]]] = {}
-        self._serving: dict[str, tuple[TaskHandler, asyncio.Semaphore]] = {}
-        self._sink = ResultSink()
-        self._workqueue_wakeup = asyncio.Event()
-        #: Completed tasks as (task id, worker), in order (ventilator).
-        self.completed_tasks: list[tuple[str, str | None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -333,16 +287,13 @@ class Node:
                             "wall clock", self.name, refused)
             self.hlc.observe(await self._writer.call(store.max_hlc, "in"))
             # Requests sent before a restart wait (without a caller) for their late replies.
-            self._requests = RequestTracker.restore(
+            self._requests.restore(
                 PendingRequest(i, p, d)
                 for i, p, d in await self._writer.call(store.unanswered_requests))
-            self._sink = ResultSink(await self._writer.call(store.task_results))
-            for queue, member, joined, version in await self._writer.call(store.members,
-                                                                          "queue"):
-                self._workers_of.setdefault(queue, {})[member] = (version, joined)
+            self._queues.restore(await self._writer.call(store.task_results),
+                                 await self._writer.call(store.members, "queue"))
             # Groups: the configuration's as version-0 joins, then every stored record.
-            self._membership = GroupMembership.restore(
-                cfg.name, await self._writer.call(store.member_records), static=cfg.groups)
+            self._groups.restore(await self._writer.call(store.member_records))
             self._listener = Listener(
                 local_name=cfg.name,
                 local_node_id=store.node_id,
@@ -376,7 +327,7 @@ class Node:
             await self._teardown()
             raise
         self._tasks = [
-            asyncio.create_task(self._workqueue_loop(), name=f"{self.name}-workqueues"),
+            asyncio.create_task(self._queues.run(), name=f"{self.name}-workqueues"),
             asyncio.create_task(self._writer.run(), name=f"{self.name}-writer"),
             asyncio.create_task(self._timer_loop(), name=f"{self.name}-timers"),
             asyncio.create_task(self._feed_loop(), name=f"{self.name}-feeder"),
@@ -541,11 +492,7 @@ class Node:
             self._send_timer = None
         for handler_task in list(self._handler_tasks):
             handler_task.cancel()
-        for waiter in self._request_waiters.values():
-            if not waiter.done():
-                waiter.set_exception(NodeClosed(self.name))
-                waiter.exception()
-        self._request_waiters.clear()
+        self._requests.close()
         await self._teardown()
         log.info("[%s] node closed", self.name)
 
@@ -580,69 +527,28 @@ class Node:
     def resolve(self, target: str) -> list[str]:
         """Peer names a target means: a peer, a group, or `all` (`rules.resolve_target`);
         `all` and a peer name include peers found while running."""
-        names = rules.resolve_target(target, local_name=self.name, peers=list(self._links),
-                                     groups=self.groups())
-        # A member that is no peer of ours (it joined through another node) is not reachable.
-        return [n for n in names if n in self._links]
+        return self._groups.resolve(target)
 
     def groups(self) -> dict[str, tuple[str, ...]]:
         """Every group this node knows of and its current members (this node included when
         it is one; a group everyone left is empty): the configuration's, changed by `member`
         records."""
-        membership = self._membership
-        names = {*self.config.groups, *(r.group for r in membership.snapshot())}
-        return {g: tuple(membership.members(g)) for g in sorted(names)}
+        return self._groups.groups()
 
     def members(self, group: str) -> list[str]:
         """The current members of `group` (this node included if it is one)."""
-        return self._membership.members(group)
+        return self._groups.members(group)
 
     async def join(self, group: str) -> bool:
         """Join `group` from now on: a durable record, sent to every peer (retried until each
         receipts it), so `@group` reaches this node. False if already a member. Messages sent
         to the group before are not delivered here."""
-        return await self._change_membership(group, joined=True)
+        return await self._groups.change_membership(group, joined=True)
 
     async def leave(self, group: str) -> bool:
         """Leave `group`: peers stop sending its messages here (copies already posted still
         come). False if not a member."""
-        return await self._change_membership(group, joined=False)
-
-    async def _change_membership(self, group: str, *, joined: bool) -> bool:
-        self._check_open()
-        validate_name(group)
-        if group == self.name or group in self._links or group.lower() == rules.ALL:
-            raise ConfigError(f"{group!r} names a node (or all), not a group")
-        change = self._membership.join if joined else self._membership.leave
-        record = change(group, self.hlc.now())
-        if record is None:
-            return False
-        assert self._writer is not None
-        assert self._store is not None
-        await self._writer.call(self._store.save_member, record)
-        await self._post(rules.ALL, "join" if joined else "leave", held=False,
-                         header=PatternHeader(Kind.MEMBER, queue=group,
-                                              version=record.version))
-        log.info("[%s] %s group %s (version %d)", self.name,
-                 "joined" if joined else "left", group, record.version)
-        return True
-
-    def _merge_member(self, sender: str, m: Envelope) -> None:
-        """A peer's `member` record arrived (stored already): merge it, keep the winner."""
-        header = m.header
-        assert header is not None
-        record = MemberRecord(header.queue, m.sender, m.body == "join", header.version, m.hlc)
-        outcome = self._membership.merge(record, sender=sender)
-        if isinstance(outcome, MembershipRejected):
-            log.warning("[%s] membership record from %s ignored: %s", self.name, sender,
-                        outcome.reason)
-            return
-        if outcome is not None:
-            log.info("[%s] %s %s group %s", self.name, sender,
-                     "joined" if isinstance(outcome, MemberJoined) else "left", record.group)
-        if self._writer is not None and self._store is not None:
-            task = asyncio.ensure_future(self._writer.call(self._store.save_member, record))
-            task.add_done_callback(_log_failure)
+        return await self._groups.change_membership(group, joined=False)
 
     def validate_body(self, body: str) -> None:
         """Raise the `InvalidMessage` that `post` would raise for `body`."""
@@ -666,41 +572,11 @@ class Node:
         """Post `body` to every member of `target` (`all`, a group, or one peer) as one
         logical message; return once every copy is stored, with a handle whose `status` counts
         receipts (`delivered k/n`, the members pending) as they arrive."""
-        if not self.resolve(target):
-            raise NoRecipients(target)
-        # Each copy says which logical message it is (header kind `group`, ref): receivers
-        # and both histories can tell one message to many from n direct ones.
-        logical_id = self._new_id(self.clock.wall_ns())
-        # queue: the group's name ("" for all), so a receiver can say "A → team".
-        group = "" if target.lower() == rules.ALL else target
-        copies = await self._post(target, body, held=False,
-                                  header=PatternHeader(Kind.GROUP, ref=logical_id, queue=group))
-        if not copies:
-            raise NoRecipients(target)
-        status = self._broadcasts.start(logical_id, target, [c.to for c in copies])
-        handle = BroadcastHandle(logical_id, target, copies, status)
-        for copy in copies:
-            copy.receipt.add_done_callback(
-                functools.partial(self._broadcast_copy_done, handle, copy.to))
-        return handle
-
-    def _broadcast_copy_done(self, handle: BroadcastHandle, member: str,
-                             receipt: asyncio.Future[Receipt]) -> None:
-        if receipt.cancelled():
-            return
-        error = receipt.exception()
-        if error is None:
-            progressed = self._broadcasts.delivered(handle.logical_id, member)
-        elif isinstance(error, MessageRejected):
-            progressed = self._broadcasts.rejected(handle.logical_id, member, str(error))
-        else:
-            return  # the node closed or failed: the copy stays in the store, not settled
-        if progressed is not None:
-            handle._update(progressed.status)
+        return await self._groups.broadcast(target, body)
 
     def broadcasts(self) -> list[BroadcastStatus]:
         """Logical messages to many still waiting for receipts, oldest first."""
-        return self._broadcasts.active()
+        return self._groups.active()
 
     async def _post(
         self, target: str, body: str, *, held: bool, header: PatternHeader | None = None,
@@ -768,176 +644,19 @@ class Node:
         request stays in the outbox either way, and a reply that comes later is stored and
         linked to it in history (the reply's `ref`), across restarts of either side.
         """
-        self._check_open()
-        rules.resolve_peer(peer, peers=self.config.peer_names)
-        loop = asyncio.get_running_loop()
-        # The id is chosen first so that the tracker knows the request before any reply
-        # to it can arrive.
-        request_id = self._new_id(self.clock.wall_ns())
-        start = self.clock.monotonic()
-        self._requests.sent(request_id, peer, start, timeout_s)
-        waiter: asyncio.Future[Reply] = loop.create_future()
-        self._request_waiters[request_id] = waiter
-        if timeout_s is not None:
-            self._request_timeouts[request_id] = timeout_s
-        try:
-            (handle,) = await self._post(peer, body, held=True,
-                                         header=PatternHeader(Kind.REQUEST),
-                                         message_id=request_id)
-        except BaseException:
-            self._request_waiters.pop(request_id, None)
-            # Nothing was stored: forget it (expire it now; its event goes nowhere).
-            self._requests.on_timer(float("inf"))
-            self._drain_requests()
-            raise
-        handle.receipt.add_done_callback(
-            lambda f: None if f.cancelled() or f.exception() is not None
-            else self._requests.delivered(request_id))
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await asyncio.shield(waiter)
-        except TimeoutError:
-            if waiter.done():
-                return waiter.result()
-            assert timeout_s is not None
-            self._requests.on_timer(start + timeout_s)
-            self._drain_requests()
-            return waiter.result()  # raises the RequestTimeout the tracker decided
-        finally:
-            self._request_waiters.pop(request_id, None)
-            self._request_timeouts.pop(request_id, None)
+        return await self._requests.request(peer, body, timeout_s=timeout_s)
 
     async def reply(self, msg: Message, body: str) -> Outgoing | None:
         """Answer the request (or message) `msg` with `body`, linked to it (header `reply`,
         ref = its id). The reply's id is derived from the request's, so answering twice (a
         handler that ran again after a restart) stores one reply: None if it exists."""
-        self._check_open()
-        rid = reply_id(msg.id)
-        if rid in self._replying:
-            return None
-        self._replying.add(rid)
-        try:
-            writer, store = self._writer, self._store
-            assert writer is not None
-            assert store is not None
-            if await writer.call(store.has_outgoing, rid, self.name):
-                return None
-            (handle,) = await self._post(msg.sender, body, held=False,
-                                         header=PatternHeader(Kind.REPLY, msg.id),
-                                         message_id=rid)
-            return handle
-        finally:
-            self._replying.discard(rid)
+        return await self._requests.reply(msg, body)
 
     def on_request(self, handler: RequestHandler, *, direct: bool = False) -> None:
         """Answer every request peers send with `handler` (sync or async): a str it returns
         is sent as the reply (`reply`). With `direct`, plain messages are answered too (the
         echo server). Requests stored but unanswered before a restart are handled again."""
-        self._check_open()
-        self._request_handler = handler
-        self._handler_answers_direct = direct
-        self._spawn_handler(self._answer_unanswered(), "unanswered")
-
-    async def _answer_unanswered(self) -> None:
-        writer, store = self._writer, self._store
-        assert writer is not None
-        assert store is not None
-        seen: set[str] = set()
-        while True:
-            envelopes = await writer.call(store.unanswered_incoming_requests, UNANSWERED_BATCH)
-            envelopes = [e for e in envelopes if e.id not in seen]
-            if not envelopes:
-                return
-            for e in envelopes:
-                seen.add(e.id)
-                await self._run_handler(_message_of(e, self.clock.wall_ns()))
-
-    def _spawn_handler(self, coro: Coroutine[Any, Any, None], what: str) -> None:
-        task = asyncio.create_task(coro, name=f"{self.name}-handler-{what}")
-        self._handler_tasks.add(task)
-        task.add_done_callback(self._handler_tasks.discard)
-
-    async def _run_handler(self, msg: Message) -> None:
-        handler = self._request_handler
-        if handler is None:
-            return
-        try:
-            result = handler(msg)
-            if inspect.isawaitable(result):
-                result = await result
-            if result is not None:
-                await self.reply(msg, str(result))
-        except MeshpostError as exc:
-            if not self._closed:
-                log.warning("[%s] could not answer %s from %s: %s", self.name, msg.id,
-                            msg.sender, exc)
-        except Exception:
-            self.stats.handler_errors += 1
-            log.exception("[%s] request handler failed on %s from %s", self.name, msg.id,
-                          msg.sender)
-
-    def _on_patterns(self, messages: Iterable[Envelope], stored_at: int) -> None:
-        """Fresh (first stored) messages: answer requests, link replies to their requests,
-        run tasks, count results, merge work-queue and group membership records."""
-        for m in messages:
-            h = m.header
-            if h is None or h.kind in (Kind.REQUEST, Kind.GROUP):
-                # A copy of a message to all or a group is a plain message to this node too:
-                # an echo answers it as it answers a direct one.
-                direct = h is None or h.kind is Kind.GROUP
-                if self._request_handler is not None and (not direct
-                                                          or self._handler_answers_direct):
-                    self._spawn_handler(self._run_handler(_message_of(m, stored_at)), "run")
-            elif h.kind is Kind.REPLY:
-                self._requests.answered(h.ref, m.id, m.sender)
-                self._drain_requests(m, stored_at)
-            elif h.kind is Kind.TASK:
-                if h.queue in self._serving:
-                    self._spawn_handler(self._work(m), "task")
-                else:
-                    log.warning("[%s] task %s from %s for queue %r, which this node does not "
-                                "serve: stored, not run", self.name, h.ref, m.sender, h.queue)
-            elif h.kind is Kind.RESULT:
-                self._sink.offer(h.ref, m.id, m.sender)
-                if h.queue in self._dispatchers:  # this ventilator is its own sink
-                    self._dispatchers[h.queue].completed(h.ref, self.clock.monotonic(),
-                                                         by=m.sender)
-                    self._workqueue_wakeup.set()
-            elif h.kind is Kind.DONE:
-                dispatcher = self._dispatchers.get(h.queue)
-                if dispatcher is not None:
-                    dispatcher.completed(h.ref, self.clock.monotonic(), by=m.sender)
-                    self._workqueue_wakeup.set()
-            elif h.kind is Kind.SERVE:
-                self._serve_record(m.sender, h.queue, m.body == "serve", h.version, m.hlc)
-            elif h.kind is Kind.MEMBER:
-                self._merge_member(m.sender, m)
-
-    def _drain_requests(self, reply: Envelope | None = None, stored_at: int = 0) -> None:
-        for event in self._requests.events():
-            match event:
-                case RequestAnswered(request_id=request_id, late=late):
-                    waiter = self._request_waiters.get(request_id)
-                    if waiter is not None and not waiter.done() and reply is not None:
-                        waiter.set_result(Reply(request_id, reply.id, reply.sender, reply.body,
-                                                reply.sent_at_ns, reply.hlc, stored_at))
-                    elif late:
-                        log.info("[%s] late reply %s to request %s from %s (linked in "
-                                 "history)", self.name, event.reply_id, request_id, event.peer)
-                case RequestTimedOut(request_id=request_id, peer=peer, outcome=outcome):
-                    waiter = self._request_waiters.get(request_id)
-                    if waiter is not None and not waiter.done():
-                        timeout = self._request_timeouts.get(request_id, 0.0)
-                        waiter.set_exception(RequestTimeout(request_id, peer, timeout,
-                                                            outcome.value))
-                case ReplyUnmatched(reply_id=rid, request_id=request_id, sender=sender,
-                                    reason=reason):
-                    self.stats.replies_unmatched += 1
-                    # A reply to a plain message (an echo) answers no request: that is normal.
-                    # A reply from a peer the request did not go to is worth a warning.
-                    level = logging.WARNING if "went to" in reason else logging.DEBUG
-                    log.log(level, "[%s] reply %s from %s to %s not linked to a waiting "
-                            "request: %s", self.name, rid, sender, request_id, reason)
+        self._requests.on_request(handler, direct=direct)
 
     # -- work queues (docs/patterns.md 4) -------------------------------------------------
 
@@ -947,199 +666,48 @@ class Node:
         it here runs `handler(body)` (sync, run in a thread, or async), and the result goes
         to the task's sink, once per task message. Announced to every peer with a `serve`
         record (stored and retried)."""
-        self._check_open()
-        if not is_valid_name(queue):
-            raise InvalidMessage(f"{queue!r} is not a queue name (1-63 of A-Z a-z 0-9 _ . -)")
-        self._serving[queue] = (handler, asyncio.Semaphore(max_inflight))
-        header = PatternHeader(Kind.SERVE, "", queue, version=self.hlc.now())
-        if self._links:
-            await self._post("all", "serve", held=False, header=header)
+        await self._queues.serve_queue(queue, handler, max_inflight=max_inflight)
 
     async def submit(self, queue: str, bodies: Sequence[str], *, sink: str,
                      lease_s: float = DEFAULT_LEASE_S) -> list[str]:
         """Queue one task per body on `queue`, results to `sink`; returns the task ids.
         Each goes to exactly one live worker at a time (fewest in flight), is redelivered
         after its lease or its worker's loss, and its result is kept once at the sink."""
-        self._check_open()
-        rules.resolve_peer(sink, peers=self.config.peer_names) if sink != self.name else None
-        if not is_valid_name(queue):
-            raise InvalidMessage(f"{queue!r} is not a queue name (1-63 of A-Z a-z 0-9 _ . -)")
-        for body in bodies:
-            self.validate_body(body)
-        dispatcher = self._dispatcher(queue, lease_s)
-        writer, store = self._writer, self._store
-        assert writer is not None
-        assert store is not None
-        wall = self.clock.wall_ns()
-        ids = self._new_id.many(wall, len(bodies))
-        for task_id, body in zip(ids, bodies, strict=True):
-            await writer.call(store.add_task, task_id, queue, body, sink, wall)
-            dispatcher.submit(task_id, body, sink, self.clock.monotonic())
-        self._workqueue_wakeup.set()
-        return ids
+        return await self._queues.submit(queue, bodies, sink=sink, lease_s=lease_s)
 
     def queue_workers(self, queue: str) -> list[str]:
         """The peers serving `queue` (by their latest `serve` record) that this node can
         reach now, i.e. those a task submitted here may go to at once; sorted."""
-        links = self._links
-        return sorted(w for w, (_v, serving) in self._workers_of.get(queue, {}).items()
-                      if serving and w in links and links[w].reachable)
+        return self._queues.workers(queue)
 
     def queue_status(self, queue: str) -> dict[str, Any]:
         """A ventilator's view of `queue`: in flight per worker, tasks waiting, completed."""
-        dispatcher = self._dispatchers.get(queue)
-        if dispatcher is None:
-            return {"inflight": {}, "waiting": 0, "unfinished": 0}
-        return {"inflight": dispatcher.inflight(), "waiting": len(dispatcher.waiting()),
-                "unfinished": len(dispatcher)}
+        return self._queues.status(queue)
 
-    def _dispatcher(self, queue: str, lease_s: float) -> WorkQueueDispatcher:
-        dispatcher = self._dispatchers.get(queue)
-        if dispatcher is None:
-            dispatcher = self._dispatchers[queue] = WorkQueueDispatcher(queue, lease_s=lease_s)
-            now = self.clock.monotonic()
-            for worker, (_v, serving) in self._workers_of.get(queue, {}).items():
-                link = self._links.get(worker)
-                if serving and link is not None and link.reachable:
-                    dispatcher.worker_up(worker, now)
-        return dispatcher
+    @property
+    def completed_tasks(self) -> list[tuple[str, str | None]]:
+        """Completed tasks as (task id, worker), in order (ventilator)."""
+        return self._queues.completed_tasks
 
-    def _serve_record(self, worker: str, queue: str, serving: bool, version: int,
-                      hlc: int) -> None:
-        """A worker's `serve`/`stop` record: the highest version wins (a stale one changes
-        nothing); only the worker speaks for itself (the record's sender)."""
-        known = self._workers_of.setdefault(queue, {})
-        old = known.get(worker)
-        if old is not None and (old[0], not old[1]) >= (version, not serving):
-            return
-        known[worker] = (version, serving)
-        writer, store = self._writer, self._store
-        if writer is not None and store is not None:
-            self._spawn_handler(self._ignore_result(writer.call(
-                store.merge_member, "queue", queue, worker, serving, version, hlc)), "member")
-        dispatcher = self._dispatchers.get(queue)
-        if dispatcher is not None:
-            now = self.clock.monotonic()
-            link = self._links.get(worker)
-            if serving and link is not None and link.reachable:
-                dispatcher.worker_up(worker, now)
-            elif not serving:
-                dispatcher.worker_left(worker, now)
-            self._workqueue_wakeup.set()
+    # -- what the patterns share: handler tasks, routing of fresh messages -------------------
 
-    @staticmethod
-    async def _ignore_result(awaitable: Awaitable[object]) -> None:
-        await awaitable
+    def _spawn_handler(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.create_task(coro, name=f"{self.name}-handler-{what}")
+        self._handler_tasks.add(task)
+        task.add_done_callback(self._handler_tasks.discard)
 
-    def _workers_event(self, peer: str, up: bool) -> None:
-        if not self._dispatchers:
-            return
-        now = self.clock.monotonic()
-        for queue, dispatcher in self._dispatchers.items():
-            if up:
-                if self._workers_of.get(queue, {}).get(peer, (0, False))[1]:
-                    dispatcher.worker_up(peer, now)
+    def _on_patterns(self, messages: Iterable[Envelope], stored_at: int) -> None:
+        """Fresh (first stored) messages, each to the component its kind belongs to:
+        requests, replies and plain messages (an echo) to `_requests`, tasks, results,
+        `done` and `serve` records to `_queues`, `member` records to `_groups`."""
+        for m in messages:
+            h = m.header
+            if h is None or h.kind in (Kind.REQUEST, Kind.GROUP, Kind.REPLY):
+                self._requests.on_stored(m, stored_at)
+            elif h.kind is Kind.MEMBER:
+                self._groups.merge_member(m.sender, m)
             else:
-                dispatcher.worker_lost(peer, now)
-        self._workqueue_wakeup.set()
-
-    async def _workqueue_loop(self) -> None:
-        while True:
-            self._workqueue_wakeup.clear()
-            now = self.clock.monotonic()
-            due = [d.next_timer() for d in self._dispatchers.values()]
-            for dispatcher in self._dispatchers.values():
-                dispatcher.on_timer(now)
-                for action in dispatcher.actions():
-                    self._perform_workqueue(dispatcher, action)
-            wait = min([WORKQUEUE_TICK_S, *(max(0.0, t - now) for t in due if t is not None)])
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._workqueue_wakeup.wait()
-
-    def _perform_workqueue(self, dispatcher: WorkQueueDispatcher, action: object) -> None:
-        writer, store = self._writer, self._store
-        if writer is None or store is None:
-            return
-        match action:
-            case DispatchTask():
-                self._spawn_handler(self._dispatch_task(dispatcher, action), "dispatch")
-            case TaskCompleted(task_id=task_id, by=by):
-                self.completed_tasks.append((task_id, by))
-                self._spawn_handler(self._ignore_result(writer.call(
-                    functools.partial(store.set_task_state, task_id, "done", worker=by,
-                                      at_ns=self.clock.wall_ns()))), "task-done")
-            case TaskAbandoned(task_id=task_id, attempts=attempts):
-                log.warning("[%s] task %s abandoned after %d attempt(s)", self.name,
-                            task_id, attempts)
-                self._spawn_handler(self._ignore_result(writer.call(
-                    functools.partial(store.set_task_state, task_id, "abandoned",
-                                      at_ns=self.clock.wall_ns()))), "task-abandoned")
-            case TaskRedelivered(task_id=task_id, worker=worker, reason=reason):
-                log.info("[%s] task %s taken back from %s (%s): redelivering", self.name,
-                         task_id, worker, reason.value)
-
-    async def _dispatch_task(self, dispatcher: WorkQueueDispatcher, t: DispatchTask) -> None:
-        writer, store = self._writer, self._store
-        assert writer is not None
-        assert store is not None
-        await writer.call(functools.partial(store.set_task_state, t.task_id, "assigned",
-                                            worker=t.worker, attempts=t.attempt))
-        header = PatternHeader(Kind.TASK, t.task_id, t.queue, t.sink,
-                               max(1, int(t.lease_s * 1000)), t.attempt)
-        (handle,) = await self._post(t.worker, t.body, held=True, header=header)
-
-        def settled(f: asyncio.Future[Receipt]) -> None:
-            if f.cancelled():
-                return
-            now = self.clock.monotonic()
-            if f.exception() is None:
-                dispatcher.delivered(t.task_id, t.worker, now)
-            elif isinstance(f.exception(), MessageRejected):
-                dispatcher.rejected(t.task_id, t.worker, now)
-            self._workqueue_wakeup.set()
-
-        handle.receipt.add_done_callback(settled)
-
-    async def _work(self, m: Envelope) -> None:
-        """Run one task message: the result (derived id: once per task message) to its
-        sink, then, once the sink receipted it, `done` to the ventilator."""
-        h = m.header
-        assert h is not None
-        handler, room = self._serving[h.queue]
-        rid = result_id(m.id)
-        async with room:
-            writer, store = self._writer, self._store
-            assert writer is not None
-            assert store is not None
-            if rid in self._replying or await writer.call(store.has_outgoing, rid, self.name):
-                return
-            self._replying.add(rid)
-            try:
-                try:
-                    result = (handler(m.body) if inspect.iscoroutinefunction(handler)
-                              else await asyncio.to_thread(handler, m.body))
-                    if inspect.isawaitable(result):
-                        result = await result
-                except Exception:
-                    self.stats.handler_errors += 1
-                    log.exception("[%s] handler for queue %r failed on task %s", self.name,
-                                  h.queue, h.ref)
-                    return
-                result_header = PatternHeader(Kind.RESULT, h.ref, h.queue)
-                try:
-                    (handle,) = await self._post(h.sink, str(result), held=True,
-                                                 header=result_header, message_id=rid)
-                except MeshpostError as exc:  # e.g. an empty result, an unknown sink
-                    self.stats.handler_errors += 1
-                    log.warning("[%s] result of task %s not sent: %s", self.name, h.ref, exc)
-                    return
-            finally:
-                self._replying.discard(rid)
-        await handle.receipt
-        if h.sink != m.sender:
-            await self._post(m.sender, "done", held=False,
-                             header=PatternHeader(Kind.DONE, h.ref, h.queue))
+                self._queues.on_stored(m)
 
     async def post_many(self, peer: str, bodies: Iterable[str]) -> int:
         """Accept many messages for one peer without receipt futures (bulk and benchmarks).
@@ -1675,7 +1243,7 @@ class Node:
             for m in arrived.messages:
                 if m.seq in fresh:
                     self._publish(MessageReceived(m, stored_at))
-        if new and (self._request_handler is not None or any(map(_HEADER, arrived.messages))):
+        if new and (self._requests.handler is not None or any(map(_HEADER, arrived.messages))):
             self._on_patterns((m for m in arrived.messages if m.seq in fresh), stored_at)
 
     # -- performing what the protocol decided -----------------------------------------------
@@ -1718,15 +1286,15 @@ class Node:
                 self._record_rejection(peer, seqs, code, detail)
             case PeerConnected(peer=peer, node_id=node_id):
                 log.info("[%s] connected to %s (node %s)", self.name, peer, node_id)
-                self._workers_event(peer, True)
+                self._queues.peer_event(peer, True)
                 self._publish(PeerChanged(peer, True, PeerChange.CONNECTED))
             case PeerLeft(peer=peer, reason=reason):
                 log.info("[%s] %s left: %s", self.name, peer, reason)
-                self._workers_event(peer, False)
+                self._queues.peer_event(peer, False)
                 self._publish(PeerChanged(peer, False, PeerChange.LEFT, reason))
             case PeerLost(peer=peer, silent_for_s=silent):
                 log.warning("[%s] lost %s: silent for %.1fs", self.name, peer, silent)
-                self._workers_event(peer, False)
+                self._queues.peer_event(peer, False)
                 if self._transport is not None:
                     # A new connection: the old one may be open but no longer read.
                     self._transport.redial(peer)

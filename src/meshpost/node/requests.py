@@ -1,0 +1,206 @@
+"""Request/reply: requests this node sent and their callers, and the handler that answers.
+
+Rule: this component owns the request tracker (sans-IO, protocol.requests), the callers
+waiting on it and the request handler; it stores and posts only through its node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from typing import TYPE_CHECKING
+
+import meshpost.rules as rules
+from meshpost.errors import MeshpostError, NodeClosed, RequestTimeout
+from meshpost.node.records import Message, Outgoing, Reply, RequestHandler, _message_of
+from meshpost.protocol import Envelope
+from meshpost.protocol.header import Kind, PatternHeader, reply_id
+from meshpost.protocol.requests import (
+    PendingRequest,
+    ReplyUnmatched,
+    RequestAnswered,
+    RequestTimedOut,
+    RequestTracker,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from meshpost.node.core import Node
+
+log = logging.getLogger(__name__)
+
+#: How many unanswered requests from before a restart are read per batch (handler re-runs).
+UNANSWERED_BATCH = 500
+
+
+class Requests:
+    """A node's requests (`request`, `reply`) and its answering of peers' (`on_request`)."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        # What became of our requests, the callers waiting on them, and the handler that
+        # answers peers' requests (docs/protocol.md "Patterns").
+        self.tracker = RequestTracker()
+        self._waiters: dict[str, asyncio.Future[Reply]] = {}
+        self._timeouts: dict[str, float] = {}
+        self.handler: RequestHandler | None = None
+        self._answers_direct = False
+        self._replying: set[str] = set()
+
+    def restore(self, pending: Iterable[PendingRequest]) -> None:
+        """At start: requests sent before a restart wait (without a caller) for late replies."""
+        self.tracker = RequestTracker.restore(pending)
+
+    def close(self) -> None:
+        """The node closed: every caller still waiting hears it."""
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(NodeClosed(self._node.name))
+                waiter.exception()
+        self._waiters.clear()
+
+    async def request(self, peer: str, body: str, *, timeout_s: float | None = None) -> Reply:
+        node = self._node
+        node._check_open()
+        rules.resolve_peer(peer, peers=node.config.peer_names)
+        loop = asyncio.get_running_loop()
+        # The id is chosen first so that the tracker knows the request before any reply
+        # to it can arrive.
+        request_id = node._new_id(node.clock.wall_ns())
+        start = node.clock.monotonic()
+        self.tracker.sent(request_id, peer, start, timeout_s)
+        waiter: asyncio.Future[Reply] = loop.create_future()
+        self._waiters[request_id] = waiter
+        if timeout_s is not None:
+            self._timeouts[request_id] = timeout_s
+        try:
+            (handle,) = await node._post(peer, body, held=True,
+                                         header=PatternHeader(Kind.REQUEST),
+                                         message_id=request_id)
+        except BaseException:
+            self._waiters.pop(request_id, None)
+            # Nothing was stored: forget it (expire it now; its event goes nowhere).
+            self.tracker.on_timer(float("inf"))
+            self._drain()
+            raise
+        handle.receipt.add_done_callback(
+            lambda f: None if f.cancelled() or f.exception() is not None
+            else self.tracker.delivered(request_id))
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(waiter)
+        except TimeoutError:
+            if waiter.done():
+                return waiter.result()
+            assert timeout_s is not None
+            self.tracker.on_timer(start + timeout_s)
+            self._drain()
+            return waiter.result()  # raises the RequestTimeout the tracker decided
+        finally:
+            self._waiters.pop(request_id, None)
+            self._timeouts.pop(request_id, None)
+
+    async def reply(self, msg: Message, body: str) -> Outgoing | None:
+        node = self._node
+        node._check_open()
+        rid = reply_id(msg.id)
+        if rid in self._replying:
+            return None
+        self._replying.add(rid)
+        try:
+            writer, store = node._writer, node._store
+            assert writer is not None
+            assert store is not None
+            if await writer.call(store.has_outgoing, rid, node.name):
+                return None
+            (handle,) = await node._post(msg.sender, body, held=False,
+                                         header=PatternHeader(Kind.REPLY, msg.id),
+                                         message_id=rid)
+            return handle
+        finally:
+            self._replying.discard(rid)
+
+    def on_request(self, handler: RequestHandler, *, direct: bool = False) -> None:
+        node = self._node
+        node._check_open()
+        self.handler = handler
+        self._answers_direct = direct
+        node._spawn_handler(self._answer_unanswered(), "unanswered")
+
+    async def _answer_unanswered(self) -> None:
+        node = self._node
+        writer, store = node._writer, node._store
+        assert writer is not None
+        assert store is not None
+        seen: set[str] = set()
+        while True:
+            envelopes = await writer.call(store.unanswered_incoming_requests, UNANSWERED_BATCH)
+            envelopes = [e for e in envelopes if e.id not in seen]
+            if not envelopes:
+                return
+            for e in envelopes:
+                seen.add(e.id)
+                await self._run_handler(_message_of(e, node.clock.wall_ns()))
+
+    async def _run_handler(self, msg: Message) -> None:
+        handler = self.handler
+        if handler is None:
+            return
+        node = self._node
+        try:
+            result = handler(msg)
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None:
+                await node.reply(msg, str(result))
+        except MeshpostError as exc:
+            if not node._closed:
+                log.warning("[%s] could not answer %s from %s: %s", node.name, msg.id,
+                            msg.sender, exc)
+        except Exception:
+            node.stats.handler_errors += 1
+            log.exception("[%s] request handler failed on %s from %s", node.name, msg.id,
+                          msg.sender)
+
+    def on_stored(self, m: Envelope, stored_at: int) -> None:
+        """A fresh message with no header, or a request, a group copy or a reply: answer it
+        (requests; plain messages and group copies too for an echo), or link the reply."""
+        h = m.header
+        if h is not None and h.kind is Kind.REPLY:
+            self.tracker.answered(h.ref, m.id, m.sender)
+            self._drain(m, stored_at)
+            return
+        # A copy of a message to all or a group is a plain message to this node too:
+        # an echo answers it as it answers a direct one.
+        direct = h is None or h.kind is Kind.GROUP
+        if self.handler is not None and (not direct or self._answers_direct):
+            self._node._spawn_handler(self._run_handler(_message_of(m, stored_at)), "run")
+
+    def _drain(self, reply: Envelope | None = None, stored_at: int = 0) -> None:
+        node = self._node
+        for event in self.tracker.events():
+            match event:
+                case RequestAnswered(request_id=request_id, late=late):
+                    waiter = self._waiters.get(request_id)
+                    if waiter is not None and not waiter.done() and reply is not None:
+                        waiter.set_result(Reply(request_id, reply.id, reply.sender, reply.body,
+                                                reply.sent_at_ns, reply.hlc, stored_at))
+                    elif late:
+                        log.info("[%s] late reply %s to request %s from %s (linked in "
+                                 "history)", node.name, event.reply_id, request_id, event.peer)
+                case RequestTimedOut(request_id=request_id, peer=peer, outcome=outcome):
+                    waiter = self._waiters.get(request_id)
+                    if waiter is not None and not waiter.done():
+                        timeout = self._timeouts.get(request_id, 0.0)
+                        waiter.set_exception(RequestTimeout(request_id, peer, timeout,
+                                                            outcome.value))
+                case ReplyUnmatched(reply_id=rid, request_id=request_id, sender=sender,
+                                    reason=reason):
+                    node.stats.replies_unmatched += 1
+                    # A reply to a plain message (an echo) answers no request: that is normal.
+                    # A reply from a peer the request did not go to is worth a warning.
+                    level = logging.WARNING if "went to" in reason else logging.DEBUG
+                    log.log(level, "[%s] reply %s from %s to %s not linked to a waiting "
+                            "request: %s", node.name, rid, sender, request_id, reason)

@@ -1,0 +1,290 @@
+"""Work queues (docs/patterns.md 4): ventilator, worker and sink roles of one node.
+
+Rule: this component owns the dispatchers (sans-IO, protocol.workqueue), the queues served
+here, the result sink and the workers each queue has; it stores and posts through its node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import logging
+from typing import TYPE_CHECKING, Any
+
+import meshpost.rules as rules
+from meshpost.errors import InvalidMessage, MeshpostError, MessageRejected
+from meshpost.node.records import Receipt, TaskHandler
+from meshpost.protocol import Envelope
+from meshpost.protocol.header import Kind, PatternHeader, is_valid_name, result_id
+from meshpost.protocol.workqueue import (
+    DEFAULT_MAX_INFLIGHT,
+    DispatchTask,
+    ResultSink,
+    TaskAbandoned,
+    TaskCompleted,
+    TaskRedelivered,
+    WorkQueueDispatcher,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Iterable, Sequence
+
+    from meshpost.node.core import Node
+
+log = logging.getLogger(__name__)
+
+#: A task's lease unless the ventilator says otherwise (docs/patterns.md 4.4).
+DEFAULT_LEASE_S = 30.0
+#: The work-queue timer wakes at least this often (leases are checked in between too).
+WORKQUEUE_TICK_S = 0.5
+
+
+class WorkQueues:
+    """A node's work queues: `submit` (ventilator), `serve_queue` (worker), results (sink)."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        # As a ventilator, one dispatcher per queue; as a worker, a handler per queue; as a
+        # sink, the first result per task; everywhere, the workers each queue has (their
+        # latest `serve` record: version, serving).
+        self.dispatchers: dict[str, WorkQueueDispatcher] = {}
+        self.workers_of: dict[str, dict[str, tuple[int, bool]]] = {}
+        self.serving: dict[str, tuple[TaskHandler, asyncio.Semaphore]] = {}
+        self.sink = ResultSink()
+        self.wakeup = asyncio.Event()
+        #: Completed tasks as (task id, worker), in order (ventilator).
+        self.completed_tasks: list[tuple[str, str | None]] = []
+        self._replying: set[str] = set()
+
+    def restore(self, results: Iterable[tuple[str, str, str]],
+                members: Iterable[tuple[str, str, bool, int]]) -> None:
+        """At start: the results stored (sink) and every worker's latest `serve` record."""
+        self.sink = ResultSink(results)
+        for queue, member, joined, version in members:
+            self.workers_of.setdefault(queue, {})[member] = (version, joined)
+
+    async def serve_queue(self, queue: str, handler: TaskHandler, *,
+                          max_inflight: int = DEFAULT_MAX_INFLIGHT) -> None:
+        node = self._node
+        node._check_open()
+        if not is_valid_name(queue):
+            raise InvalidMessage(f"{queue!r} is not a queue name (1-63 of A-Z a-z 0-9 _ . -)")
+        self.serving[queue] = (handler, asyncio.Semaphore(max_inflight))
+        header = PatternHeader(Kind.SERVE, "", queue, version=node.hlc.now())
+        if node._links:
+            await node._post("all", "serve", held=False, header=header)
+
+    async def submit(self, queue: str, bodies: Sequence[str], *, sink: str,
+                     lease_s: float = DEFAULT_LEASE_S) -> list[str]:
+        node = self._node
+        node._check_open()
+        rules.resolve_peer(sink, peers=node.config.peer_names) if sink != node.name else None
+        if not is_valid_name(queue):
+            raise InvalidMessage(f"{queue!r} is not a queue name (1-63 of A-Z a-z 0-9 _ . -)")
+        for body in bodies:
+            node.validate_body(body)
+        dispatcher = self._dispatcher(queue, lease_s)
+        writer, store = node._writer, node._store
+        assert writer is not None
+        assert store is not None
+        wall = node.clock.wall_ns()
+        ids = node._new_id.many(wall, len(bodies))
+        for task_id, body in zip(ids, bodies, strict=True):
+            await writer.call(store.add_task, task_id, queue, body, sink, wall)
+            dispatcher.submit(task_id, body, sink, node.clock.monotonic())
+        self.wakeup.set()
+        return ids
+
+    def workers(self, queue: str) -> list[str]:
+        links = self._node._links
+        return sorted(w for w, (_v, serving) in self.workers_of.get(queue, {}).items()
+                      if serving and w in links and links[w].reachable)
+
+    def status(self, queue: str) -> dict[str, Any]:
+        dispatcher = self.dispatchers.get(queue)
+        if dispatcher is None:
+            return {"inflight": {}, "waiting": 0, "unfinished": 0}
+        return {"inflight": dispatcher.inflight(), "waiting": len(dispatcher.waiting()),
+                "unfinished": len(dispatcher)}
+
+    def _dispatcher(self, queue: str, lease_s: float) -> WorkQueueDispatcher:
+        dispatcher = self.dispatchers.get(queue)
+        if dispatcher is None:
+            dispatcher = self.dispatchers[queue] = WorkQueueDispatcher(queue, lease_s=lease_s)
+            node = self._node
+            now = node.clock.monotonic()
+            for worker, (_v, serving) in self.workers_of.get(queue, {}).items():
+                link = node._links.get(worker)
+                if serving and link is not None and link.reachable:
+                    dispatcher.worker_up(worker, now)
+        return dispatcher
+
+    def on_stored(self, m: Envelope) -> None:
+        """A fresh task, result, done or serve message: run it, count it or merge it."""
+        node = self._node
+        h = m.header
+        assert h is not None
+        if h.kind is Kind.TASK:
+            if h.queue in self.serving:
+                node._spawn_handler(self._work(m), "task")
+            else:
+                log.warning("[%s] task %s from %s for queue %r, which this node does not "
+                            "serve: stored, not run", node.name, h.ref, m.sender, h.queue)
+        elif h.kind is Kind.RESULT:
+            self.sink.offer(h.ref, m.id, m.sender)
+            if h.queue in self.dispatchers:  # this ventilator is its own sink
+                self.dispatchers[h.queue].completed(h.ref, node.clock.monotonic(),
+                                                    by=m.sender)
+                self.wakeup.set()
+        elif h.kind is Kind.DONE:
+            dispatcher = self.dispatchers.get(h.queue)
+            if dispatcher is not None:
+                dispatcher.completed(h.ref, node.clock.monotonic(), by=m.sender)
+                self.wakeup.set()
+        elif h.kind is Kind.SERVE:
+            self._serve_record(m.sender, h.queue, m.body == "serve", h.version, m.hlc)
+
+    def _serve_record(self, worker: str, queue: str, serving: bool, version: int,
+                      hlc: int) -> None:
+        """A worker's `serve`/`stop` record: the highest version wins (a stale one changes
+        nothing); only the worker speaks for itself (the record's sender)."""
+        node = self._node
+        known = self.workers_of.setdefault(queue, {})
+        old = known.get(worker)
+        if old is not None and (old[0], not old[1]) >= (version, not serving):
+            return
+        known[worker] = (version, serving)
+        writer, store = node._writer, node._store
+        if writer is not None and store is not None:
+            node._spawn_handler(_ignore_result(writer.call(
+                store.merge_member, "queue", queue, worker, serving, version, hlc)), "member")
+        dispatcher = self.dispatchers.get(queue)
+        if dispatcher is not None:
+            now = node.clock.monotonic()
+            link = node._links.get(worker)
+            if serving and link is not None and link.reachable:
+                dispatcher.worker_up(worker, now)
+            elif not serving:
+                dispatcher.worker_left(worker, now)
+            self.wakeup.set()
+
+    def peer_event(self, peer: str, up: bool) -> None:
+        """`peer` connected (`up`) or left/was lost: its dispatchers learn it."""
+        if not self.dispatchers:
+            return
+        now = self._node.clock.monotonic()
+        for queue, dispatcher in self.dispatchers.items():
+            if up:
+                if self.workers_of.get(queue, {}).get(peer, (0, False))[1]:
+                    dispatcher.worker_up(peer, now)
+            else:
+                dispatcher.worker_lost(peer, now)
+        self.wakeup.set()
+
+    async def run(self) -> None:
+        """The node's work-queue task: leases, dispatch and completions, on a timer."""
+        while True:
+            self.wakeup.clear()
+            now = self._node.clock.monotonic()
+            due = [d.next_timer() for d in self.dispatchers.values()]
+            for dispatcher in self.dispatchers.values():
+                dispatcher.on_timer(now)
+                for action in dispatcher.actions():
+                    self._perform(dispatcher, action)
+            wait = min([WORKQUEUE_TICK_S, *(max(0.0, t - now) for t in due if t is not None)])
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self.wakeup.wait()
+
+    def _perform(self, dispatcher: WorkQueueDispatcher, action: object) -> None:
+        node = self._node
+        writer, store = node._writer, node._store
+        if writer is None or store is None:
+            return
+        match action:
+            case DispatchTask():
+                node._spawn_handler(self._dispatch_task(dispatcher, action), "dispatch")
+            case TaskCompleted(task_id=task_id, by=by):
+                self.completed_tasks.append((task_id, by))
+                node._spawn_handler(_ignore_result(writer.call(
+                    functools.partial(store.set_task_state, task_id, "done", worker=by,
+                                      at_ns=node.clock.wall_ns()))), "task-done")
+            case TaskAbandoned(task_id=task_id, attempts=attempts):
+                log.warning("[%s] task %s abandoned after %d attempt(s)", node.name,
+                            task_id, attempts)
+                node._spawn_handler(_ignore_result(writer.call(
+                    functools.partial(store.set_task_state, task_id, "abandoned",
+                                      at_ns=node.clock.wall_ns()))), "task-abandoned")
+            case TaskRedelivered(task_id=task_id, worker=worker, reason=reason):
+                log.info("[%s] task %s taken back from %s (%s): redelivering", node.name,
+                         task_id, worker, reason.value)
+
+    async def _dispatch_task(self, dispatcher: WorkQueueDispatcher, t: DispatchTask) -> None:
+        node = self._node
+        writer, store = node._writer, node._store
+        assert writer is not None
+        assert store is not None
+        await writer.call(functools.partial(store.set_task_state, t.task_id, "assigned",
+                                            worker=t.worker, attempts=t.attempt))
+        header = PatternHeader(Kind.TASK, t.task_id, t.queue, t.sink,
+                               max(1, int(t.lease_s * 1000)), t.attempt)
+        (handle,) = await node._post(t.worker, t.body, held=True, header=header)
+
+        def settled(f: asyncio.Future[Receipt]) -> None:
+            if f.cancelled():
+                return
+            now = node.clock.monotonic()
+            if f.exception() is None:
+                dispatcher.delivered(t.task_id, t.worker, now)
+            elif isinstance(f.exception(), MessageRejected):
+                dispatcher.rejected(t.task_id, t.worker, now)
+            self.wakeup.set()
+
+        handle.receipt.add_done_callback(settled)
+
+    async def _work(self, m: Envelope) -> None:
+        """Run one task message: the result (derived id: once per task message) to its
+        sink, then, once the sink receipted it, `done` to the ventilator."""
+        node = self._node
+        h = m.header
+        assert h is not None
+        handler, room = self.serving[h.queue]
+        rid = result_id(m.id)
+        async with room:
+            writer, store = node._writer, node._store
+            assert writer is not None
+            assert store is not None
+            if rid in self._replying or await writer.call(store.has_outgoing, rid, node.name):
+                return
+            self._replying.add(rid)
+            try:
+                try:
+                    result = (handler(m.body) if inspect.iscoroutinefunction(handler)
+                              else await asyncio.to_thread(handler, m.body))
+                    if inspect.isawaitable(result):
+                        result = await result
+                except Exception:
+                    node.stats.handler_errors += 1
+                    log.exception("[%s] handler for queue %r failed on task %s", node.name,
+                                  h.queue, h.ref)
+                    return
+                result_header = PatternHeader(Kind.RESULT, h.ref, h.queue)
+                try:
+                    (handle,) = await node._post(h.sink, str(result), held=True,
+                                                 header=result_header, message_id=rid)
+                except MeshpostError as exc:  # e.g. an empty result, an unknown sink
+                    node.stats.handler_errors += 1
+                    log.warning("[%s] result of task %s not sent: %s", node.name, h.ref, exc)
+                    return
+            finally:
+                self._replying.discard(rid)
+        await handle.receipt
+        if h.sink != m.sender:
+            await node._post(m.sender, "done", held=False,
+                             header=PatternHeader(Kind.DONE, h.ref, h.queue))
+
+
+async def _ignore_result(awaitable: Awaitable[object]) -> None:
+    await awaitable
