@@ -306,6 +306,60 @@ def test_only_the_bench_uses_its_extra() -> None:
     assert not bad, "\n".join(bad)
 
 
+#: The node package inside, bottom to top: the records are plain data, each pattern component
+#: uses them, core composes the components, the package re-exports. "" is `meshpost.node`.
+NODE_RANKS: dict[str, int] = {
+    "records": 0,
+    "groups": 1,
+    "requests": 1,
+    "workqueue": 1,
+    "core": 2,
+    "": 3,
+}
+#: A component names `Node` in its annotations only (under `if TYPE_CHECKING:`): core
+#: imports the components at run time, so the other way round would be a cycle.
+NODE_TYPE_ONLY = {("groups", "core"), ("requests", "core"), ("workqueue", "core")}
+
+
+def node_part(module: str) -> str:
+    """`meshpost.node.core` -> `core`; `meshpost.node` -> `""`."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 else ""
+
+
+def test_every_node_module_has_a_layer() -> None:
+    parts = {node_part(module_name(p)) for p in module_paths()
+             if component(module_name(p)) == "node"}
+    assert parts == set(NODE_RANKS), "give each module of meshpost/node a rank in NODE_RANKS"
+
+
+def test_node_modules_import_only_down() -> None:
+    upward = []
+    for imp in imports_from("node"):
+        if not imp.target.startswith("meshpost.node"):
+            continue
+        src, dst = node_part(imp.module), node_part(imp.target)
+        if (src != dst and NODE_RANKS[dst] >= NODE_RANKS[src]
+                and (src, dst) not in NODE_TYPE_ONLY):
+            upward.append(f"{imp}: node.{src or '__init__'} may not import node.{dst}")
+    assert not upward, "\n".join(upward)
+
+
+def test_node_components_import_core_for_types_only() -> None:
+    """Importing a pattern module alone does not load core (its import is type-only)."""
+    for src, _core in sorted(NODE_TYPE_ONLY):
+        source = (PACKAGE / "node" / f"{src}.py").read_text(encoding="utf-8")
+        tree = ast.parse(source)
+        runtime = [n for n in tree.body if isinstance(n, ast.ImportFrom)
+                   and n.module == "meshpost.node.core"]
+        assert not runtime, f"meshpost.node.{src} imports node.core at run time"
+        guarded = [n for n in tree.body if isinstance(n, ast.If)
+                   and ast.unparse(n.test) == "TYPE_CHECKING"
+                   and any(isinstance(i, ast.ImportFrom) and i.module == "meshpost.node.core"
+                           for i in n.body)]
+        assert guarded, f"meshpost.node.{src} should name Node under `if TYPE_CHECKING:`"
+
+
 def test_errors_imports_nothing_from_meshpost() -> None:
     bad = [str(imp) for imp in imports_from("errors") if internal(imp)]
     assert not bad, "\n".join(bad)
