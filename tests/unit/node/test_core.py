@@ -1,75 +1,28 @@
 """Node composed from fakes: an in-memory transport, a fake clock, a real store in tmp_path.
 
 The sans-IO core is tested on its own (tests/unit/protocol); these tests check what `Node`
-adds on top of it: post -> stored -> frame out -> receipt in -> delivered, retransmission on
-the (virtual) timer, the failed state after an unexpected store error, and the public API.
+(node/core.py) adds on top of it: post -> stored -> frame out -> receipt in -> delivered,
+retransmission on the (virtual) timer, the failed state after an unexpected store error, and
+the public API. The patterns are in test_patterns.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
 
 import pytest
+from tests.unit.node.support import PATIENCE_S, frame_kinds, node_pair, run, until
 
-from meshpost.clock import FakeClock
-from meshpost.config import NodeConfig, PeerConfig
-from meshpost.errors import NodeFailed, NoRecipients, ReceiptTimeout, UnknownPeer
-from meshpost.node import Message, Node, wait_receipt
-from meshpost.protocol import decode
+from meshpost.errors import NodeFailed, ReceiptTimeout, UnknownPeer
+from meshpost.node import Message, wait_receipt
 from meshpost.store import Store, StoreReader
 from meshpost.timeline import Mark, MarkRecorder
-from meshpost.transport import MemoryNetwork
-
-#: Upper bound for any wait in these tests; reaching it means a bug, not a slow machine.
-PATIENCE_S = 10.0
-
-
-def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(asyncio.wait_for(scenario(), PATIENCE_S * 2))
-
-
-def config(name: str, other: str, tmp_path: Path) -> NodeConfig:
-    return NodeConfig(
-        name=name, bind=(f"ipc://{tmp_path}/{name}.sock",),
-        peers=(PeerConfig(other, f"ipc://{tmp_path}/{other}.sock"),),
-        data_dir=tmp_path / name, sync="normal",
-    )
-
-
-def pair(
-    tmp_path: Path, net: MemoryNetwork, clock: FakeClock, **a_parts: Any
-) -> tuple[Node, Node]:
-    a = Node(config("A", "B", tmp_path), clock=clock, transport=net.transport("A"), **a_parts)
-    b = Node(config("B", "A", tmp_path), clock=clock, transport=net.transport("B"))
-    return a, b
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Yield to the loop until `condition` holds (bounded by the caller's timeout)."""
-    async with asyncio.timeout(PATIENCE_S):
-        while not condition():
-            await asyncio.sleep(0.002)
-
-
-def connected(node: Node) -> bool:
-    return all(p.connected for p in node.peers())
-
-
-def frame_kinds(net: MemoryNetwork, sender: str) -> list[str]:
-    return [type(decode(data, max_bytes=1 << 24)).__name__
-            for frm, _to, data in net.log if frm == sender]
 
 
 def test_a_post_is_stored_sent_receipted_and_recorded_as_delivered(tmp_path: Path) -> None:
     async def scenario() -> None:
-        net, clock = MemoryNetwork(), FakeClock()
-        a, b = pair(tmp_path, net, clock)
-        async with a, b:
-            await until(lambda: connected(a))
+        async with node_pair(tmp_path) as (a, b, net, _clock):
             (handle,) = await a.post("B", "hello B")
             # Returned once durably stored at A, before any receipt.
             with StoreReader.for_data_dir(a.config.data_dir) as reader:
@@ -93,10 +46,7 @@ def test_send_returns_when_the_receipt_arrives_and_the_record_follows(tmp_path: 
     """The receipt is reported as soon as it arrives; the sender's record of it is committed
     after `send()` has returned (with the next commit), not on the reply path."""
     async def scenario() -> None:
-        net, clock = MemoryNetwork(), FakeClock()
-        a, b = pair(tmp_path, net, clock)
-        async with a, b:
-            await until(lambda: connected(a))
+        async with node_pair(tmp_path) as (a, b, _net, _clock):
             receipt = await a.send("B", "first", timeout_s=PATIENCE_S)
             # Nothing ran on the loop since the receipt was reported: not recorded yet.
             assert a.stats.delivered == 0
@@ -116,9 +66,8 @@ def test_send_returns_when_the_receipt_arrives_and_the_record_follows(tmp_path: 
 
 def test_send_timeouts_share_one_timer_and_expire_in_deadline_order(tmp_path: Path) -> None:
     async def scenario() -> None:
-        net, clock = MemoryNetwork(), FakeClock()
-        a, _b = pair(tmp_path, net, clock)
-        async with a:  # B never starts: no receipt can come
+        # B never starts: no receipt can come.
+        async with node_pair(tmp_path, connect=False, start_b=False) as (a, _b, _net, _clock):
             slow = [asyncio.ensure_future(a.send("B", f"slow {i}", timeout_s=PATIENCE_S))
                     for i in range(20)]
             fast = asyncio.ensure_future(a.send("B", "fast", timeout_s=0.05))
@@ -136,10 +85,7 @@ def test_send_timeouts_share_one_timer_and_expire_in_deadline_order(tmp_path: Pa
 
 def test_a_lost_frame_is_retransmitted_when_the_virtual_timer_fires(tmp_path: Path) -> None:
     async def scenario() -> None:
-        net, clock = MemoryNetwork(), FakeClock()
-        a, b = pair(tmp_path, net, clock)
-        async with a, b:
-            await until(lambda: connected(a))
+        async with node_pair(tmp_path) as (a, b, net, clock):
             net.partition("A", "B")
             (handle,) = await a.post("B", "through the storm")
             await until(lambda: a.snapshot_stats().dropped_sends >= 1)
@@ -165,10 +111,7 @@ def test_an_unexpected_store_error_fails_the_post_and_the_node(
     """Issue 15 bug 1: `post()` hung for ever when `Store.apply` raised a non-StoreError."""
 
     async def scenario() -> None:
-        net, clock = MemoryNetwork(), FakeClock()
-        a, b = pair(tmp_path, net, clock)
-        async with a, b:
-            await until(lambda: connected(a))
+        async with node_pair(tmp_path) as (a, _b, net, _clock):
 
             def boom(*_args: object, **_kwargs: object) -> None:
                 raise RuntimeError("bug in the store")
@@ -199,10 +142,7 @@ def test_an_unexpected_store_error_fails_the_post_and_the_node(
 
 def test_messages_yields_every_received_message_to_a_slow_reader(tmp_path: Path) -> None:
     async def scenario() -> None:
-        net, clock = MemoryNetwork(), FakeClock()
-        a, b = pair(tmp_path, net, clock)
-        async with a, b:
-            await until(lambda: connected(a))
+        async with node_pair(tmp_path) as (a, b, _net, _clock):
             stream = b.messages()
             first = asyncio.ensure_future(anext(stream))
             await asyncio.sleep(0.05)  # the reader starts before anything arrives
@@ -225,10 +165,7 @@ def test_incoming_after_pages_by_cursor_and_a_waiting_poll_wakes_on_a_commit(
     tmp_path: Path,
 ) -> None:
     async def scenario() -> None:
-        net, clock = MemoryNetwork(), FakeClock()
-        a, b = pair(tmp_path, net, clock)
-        async with a, b:
-            await until(lambda: connected(a))
+        async with node_pair(tmp_path) as (a, b, _net, _clock):
             await a.post_many("B", ["before"])
             await until(lambda: a.stats.delivered == 1)
             start, rows = await b.incoming_after(None)
@@ -250,37 +187,9 @@ def test_incoming_after_pages_by_cursor_and_a_waiting_poll_wakes_on_a_commit(
     run(scenario)
 
 
-def test_broadcast_counts_receipts_k_of_n_and_names_the_pending(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        net, clock = MemoryNetwork(), FakeClock()
-        cfg = dataclasses.replace(config("A", "B", tmp_path), groups={"us": ("A",)})
-        a = Node(cfg, clock=clock, transport=net.transport("A"))
-        b = Node(config("B", "A", tmp_path), clock=clock, transport=net.transport("B"))
-        async with a, b:
-            await until(lambda: connected(a))
-            handle = await a.broadcast("all", "to everyone")
-            assert handle.status.total == 1 and handle.copies[0].id != handle.logical_id
-            status = handle.status
-            while not status.settled:
-                status = await handle.changed(PATIENCE_S)
-            assert (status.delivered, status.pending) == (("B",), ())
-            assert a.broadcasts() == []  # settled ones are forgotten (the store keeps them)
-            for node in (a, b):  # each copy names its logical message, on both ends
-                with StoreReader.for_data_dir(node.config.data_dir) as reader:
-                    [row] = reader.history()
-                assert (row.kind, row.ref) == ("group", handle.logical_id)
-            with pytest.raises(NoRecipients):
-                await a.broadcast("us", "nobody else")
-            assert await a.post("us", "nobody else") == []  # it used to wait forever
-
-    run(scenario)
-
-
 def test_send_and_post_refuse_what_the_shared_rules_refuse(tmp_path: Path) -> None:
     async def scenario() -> None:
-        net, clock = MemoryNetwork(), FakeClock()
-        a, b = pair(tmp_path, net, clock)
-        async with a, b:
+        async with node_pair(tmp_path, connect=False) as (a, _b, _net, _clock):
             with pytest.raises(UnknownPeer):
                 await a.send("all", "hi", timeout_s=1)
             with pytest.raises(UnknownPeer):
@@ -292,11 +201,8 @@ def test_send_and_post_refuse_what_the_shared_rules_refuse(tmp_path: Path) -> No
 
 def test_a_probe_sees_the_steps_of_a_send(tmp_path: Path) -> None:
     async def scenario() -> None:
-        net, clock = MemoryNetwork(), FakeClock()
         marks: list[Mark] = []
-        a, b = pair(tmp_path, net, clock, probe=MarkRecorder(marks))
-        async with a, b:
-            await until(lambda: connected(a))
+        async with node_pair(tmp_path, probe=MarkRecorder(marks)) as (a, _b, _net, _clock):
             marks.clear()
             await a.send("B", "traced", timeout_s=PATIENCE_S)
         labels = [label for label, _t in marks]

@@ -1,6 +1,7 @@
-"""Pattern headers through a pair of nodes (in-memory transport, real stores): a headed
-message is stored once on each side with its header, retransmitted with it, and readers see
-its kind and ref; a header the rules refuse never leaves the node."""
+"""The patterns through a pair of nodes (in-memory transport, real stores): a headed message
+is stored once on each side with its header, retransmitted with it, and readers see its kind
+and ref; a header the rules refuse never leaves the node; request/reply (node/requests.py),
+work queues (node/workqueue.py), broadcasts k/n (node/groups.py)."""
 
 from __future__ import annotations
 
@@ -8,25 +9,20 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from tests.unit.test_node import PATIENCE_S, connected, pair, run, until
+from tests.unit.node.support import PATIENCE_S, connected, node_pair, run, until
 
-from meshpost.clock import FakeClock
-from meshpost.errors import InvalidMessage, RequestTimeout
+from meshpost.errors import InvalidMessage, NoRecipients, RequestTimeout
 from meshpost.node import Message, Node, wait_receipt
 from meshpost.protocol import Batch, decode
 from meshpost.protocol.header import Kind, PatternHeader, reply_id
 from meshpost.store import StoredMessage, StoreReader
-from meshpost.transport import MemoryNetwork
 
 REPLY = PatternHeader(Kind.REPLY, "0000000000000001-request")
 
 
 def test_a_headed_message_round_trips_and_is_stored_once_on_each_side(tmp_path: Path) -> None:
     async def scenario() -> None:
-        net, clock = MemoryNetwork(), FakeClock()
-        a, b = pair(tmp_path, net, clock)
-        async with a, b:
-            await until(lambda: connected(a))
+        async with node_pair(tmp_path) as (a, b, net, clock):
             stream = b.messages()
             first = asyncio.ensure_future(anext(stream))
             await asyncio.sleep(0.05)
@@ -58,9 +54,7 @@ def test_a_headed_message_round_trips_and_is_stored_once_on_each_side(tmp_path: 
 
 def test_a_header_the_rules_refuse_is_not_posted(tmp_path: Path) -> None:
     async def scenario() -> None:
-        net, clock = MemoryNetwork(), FakeClock()
-        a, b = pair(tmp_path, net, clock)
-        async with a, b:
+        async with node_pair(tmp_path, connect=False) as (a, _b, _net, _clock):
             with pytest.raises(InvalidMessage, match="ref"):
                 await a.post("B", "x", header=PatternHeader(Kind.REPLY))
             with StoreReader.for_data_dir(a.config.data_dir) as reader:
@@ -71,10 +65,7 @@ def test_a_header_the_rules_refuse_is_not_posted(tmp_path: Path) -> None:
 
 def test_a_request_returns_its_reply_linked_to_it_on_both_sides(tmp_path: Path) -> None:
     async def scenario() -> None:
-        net, clock = MemoryNetwork(), FakeClock()
-        a, b = pair(tmp_path, net, clock)
-        async with a, b:
-            await until(lambda: connected(a))
+        async with node_pair(tmp_path) as (a, b, _net, _clock):
             b.on_request(lambda m: m.body.upper())
             reply = await a.request("B", "hello", timeout_s=PATIENCE_S)
             assert (reply.body, reply.sender) == ("HELLO", "B")
@@ -94,10 +85,7 @@ def test_a_request_returns_its_reply_linked_to_it_on_both_sides(tmp_path: Path) 
 
 def test_a_timeout_says_whether_the_request_was_delivered(tmp_path: Path) -> None:
     async def scenario() -> None:
-        net, clock = MemoryNetwork(), FakeClock()
-        a, b = pair(tmp_path, net, clock)
-        async with a, b:
-            await until(lambda: connected(a))
+        async with node_pair(tmp_path) as (a, b, net, clock):
             # No handler at B: delivered (receipted) but unanswered.
             with pytest.raises(RequestTimeout) as unanswered:
                 await a.request("B", "anyone?", timeout_s=0.3)
@@ -136,10 +124,8 @@ def test_tasks_go_to_the_worker_and_each_result_is_kept_once_at_the_sink(
     tmp_path: Path,
 ) -> None:
     async def scenario() -> None:
-        net, clock = MemoryNetwork(), FakeClock()
-        a, b = pair(tmp_path, net, clock)
-        async with a, b:
-            await until(lambda: connected(a) and connected(b))
+        async with node_pair(tmp_path) as (a, b, _net, _clock):
+            await until(lambda: connected(b))  # node_pair waited for A's side
             await b.serve_queue("upper", str.upper)
             await until(lambda: "B" in a._queues.workers_of.get("upper", {}))
             bodies = [f"task {i}" for i in range(40)]
@@ -158,10 +144,7 @@ def test_tasks_go_to_the_worker_and_each_result_is_kept_once_at_the_sink(
 
 def test_an_echo_answers_a_message_to_all_as_it_answers_a_direct_one(tmp_path: Path) -> None:
     async def scenario() -> None:
-        net, clock = MemoryNetwork(), FakeClock()
-        a, b = pair(tmp_path, net, clock)
-        async with a, b:
-            await until(lambda: connected(a))
+        async with node_pair(tmp_path) as (a, b, _net, _clock):
             b.on_request(lambda m: m.body, direct=True)
             # To all: one copy to B with header kind group (its logical id as ref).
             (copy,) = await a.post("all", "hola")
@@ -173,5 +156,26 @@ def test_an_echo_answers_a_message_to_all_as_it_answers_a_direct_one(tmp_path: P
         rows = b_history(a)
         assert sorted((r.kind or "", r.body) for r in rows) == [("group", "hola"),
                                                                  ("reply", "hola")]
+
+    run(scenario)
+
+
+def test_broadcast_counts_receipts_k_of_n_and_names_the_pending(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with node_pair(tmp_path, groups={"us": ("A",)}) as (a, b, _net, _clock):
+            handle = await a.broadcast("all", "to everyone")
+            assert handle.status.total == 1 and handle.copies[0].id != handle.logical_id
+            status = handle.status
+            while not status.settled:
+                status = await handle.changed(PATIENCE_S)
+            assert (status.delivered, status.pending) == (("B",), ())
+            assert a.broadcasts() == []  # settled ones are forgotten (the store keeps them)
+            for node in (a, b):  # each copy names its logical message, on both ends
+                with StoreReader.for_data_dir(node.config.data_dir) as reader:
+                    [row] = reader.history()
+                assert (row.kind, row.ref) == ("group", handle.logical_id)
+            with pytest.raises(NoRecipients):
+                await a.broadcast("us", "nobody else")
+            assert await a.post("us", "nobody else") == []  # it used to wait forever
 
     run(scenario)
