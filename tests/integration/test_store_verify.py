@@ -63,7 +63,8 @@ def test_a_corrupt_row_found_after_start_fails_the_node(
 def test_meshpost_node_exits_with_the_corrupt_store_error_found_after_start(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from meshpost.cli import EXIT_STORE, _run_node
+    from meshpost.cli import EXIT_STORE
+    from meshpost.cli.node import _run_node
 
     config = _config(short_tmp)
     _big_store_with_a_rotten_old_row(config, monkeypatch)

@@ -1,0 +1,51 @@
+"""`meshpost bench`: its flags and the hand-over to `meshpost.bench`. Only the scenario
+registry (`bench.options`, standard library only) is read to build `--help`, so that
+`meshpost bench --help` loads no ZeroMQ, SQLite or asyncio."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshpost.cli.common import Subcommands
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from meshpost.bench import options_from_args, run
+
+    return run(options_from_args(args))
+
+
+def add_bench(sub: Subcommands) -> None:
+    """`meshpost bench [SCENARIO...]`."""
+    from meshpost.bench.options import scenario_epilog
+
+    p = sub.add_parser("bench", help="benchmark against raw pyzmq (and brokers); see --help",
+                       epilog=scenario_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                   help="scenarios to run (listed below; default: all)")
+    p.add_argument("--messages", type=int, default=200_000,
+                   help="throughput messages (mesh-saturated: split over its nodes)")
+    p.add_argument("--size", type=int, default=100, help="body size in bytes")
+    p.add_argument("--nodes", type=int, default=20, help="nodes of both mesh scenarios")
+    p.add_argument("--mesh-messages", type=int, default=2_000, help="messages per mesh node")
+    p.add_argument("--latency-messages", type=int, default=20_000)
+    p.add_argument("--backlog-messages", type=int, default=1_000_000)
+    p.add_argument("--sync", choices=["full", "normal"], default="full")
+    p.add_argument("--transport", choices=["tcp", "ipc"], default="tcp")
+    p.add_argument("--json", metavar="FILE", help="JSON results (default: OUT/latest.json)")
+    p.add_argument("--plot", metavar="DIR", help="PNG plots (default: OUT)")
+    p.add_argument("--out", help="results folder (default: benchmarks/results for every "
+                   "scenario, benchmarks/results/SCENARIO[+SCENARIO...] for chosen ones)")
+    p.add_argument("--uvloop", action="store_true", help="uvloop for in-process/driver nodes")
+    p.add_argument("--window", type=int, help="NodeConfig.window for the pair scenarios")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs of ceiling and pair-throughput; the best of each counts")
+    p.add_argument("--hog", type=int, default=0, metavar="N",
+                   help="pair-throughput and mesh-saturated beside N busy-looping processes (a "
+                   "CPU hog, stopped after each run): retransmissions per message under load")
+    p.add_argument("--keep", action="store_true", help="keep the nodes' work files")
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_bench)

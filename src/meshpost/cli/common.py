@@ -1,0 +1,65 @@
+"""What the commands share: logging setup, the data dir of `--node`/`--data`, argument types
+and the error for an empty text. No command lives here, and nothing here imports a heavy module
+at import time (`meshpost --help` loads this)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meshpost.config import default_data_dir
+from meshpost.errors import InvalidMessage
+
+if TYPE_CHECKING:
+    #: What `add_parser` is called on: each command module adds its own subcommands.
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+#: Upper bound of `send --timeout` (a day): larger values are a typo, not a wish.
+MAX_TIMEOUT_S = 86_400.0
+
+
+def setup_logging(level: str, *, log_file: Path | None = None) -> None:
+    """Log to stderr, or to `log_file` (the console owns the terminal: a log line printed
+    there would tear the line being typed)."""
+    fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    target: dict[str, Any] = {"stream": sys.stderr}
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        target = {"filename": str(log_file), "encoding": "utf-8"}
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt,
+                        force=True, **target)
+
+
+def timeout_seconds(text: str) -> float:
+    """argparse type of `--timeout`: a finite number of seconds, 0 to a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or not 0 <= value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not between 0 and {MAX_TIMEOUT_S:g} seconds")
+    return value
+
+
+def data_dir(args: argparse.Namespace) -> Path:
+    """`--data`, else the default data dir of `--node`."""
+    return Path(args.data) if args.data else default_data_dir(args.node)
+
+
+class EmptyCommandText(InvalidMessage):
+    def __init__(self) -> None:
+        super().__init__("the message text is empty; give it after the options, e.g. "
+                         "`meshpost send --node A --to B hello`")
+
+
+def struct_dict(obj: Any) -> dict[str, Any]:
+    import msgspec
+
+    result = msgspec.to_builtins(obj)
+    assert isinstance(result, dict)
+    return result

@@ -1,0 +1,47 @@
+"""`meshpost keys generate|show`: a node's CURVE key pair for `--secure`, and the
+authorized_keys line its peers need. Key files belong to `meshpost.keys`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from meshpost.cli.common import data_dir
+from meshpost.errors import EXIT_OK
+
+if TYPE_CHECKING:
+    from meshpost.cli.common import Subcommands
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from meshpost import keys
+
+    folder = data_dir(args)
+    if args.action == "show":
+        public = keys.load_public(folder)
+    else:
+        public = keys.generate(folder, overwrite=args.force)
+    public_file, secret_file = keys.key_paths(folder)
+    line = keys.authorized_line(args.node, public)
+    print(line)
+    if args.action == "generate":
+        print(f"public key: {public_file}\nsecret key: {secret_file} (mode 0600)",
+              file=sys.stderr)
+    print(f"to trust {args.node}, add the line `{line}` (printed above on stdout) to every "
+          f"peer's {keys.AUTHORIZED_KEYS} file, in that peer's data dir", file=sys.stderr)
+    return EXIT_OK
+
+
+def add_keys(sub: Subcommands) -> None:
+    """`meshpost keys ...`."""
+    p = sub.add_parser("keys", help="CURVE keys for --secure")
+    ksub = p.add_subparsers(dest="action", required=True)
+    gen = ksub.add_parser("generate", help="create this node's key pair in its data dir")
+    gen.add_argument("--node", required=True)
+    gen.add_argument("--data")
+    gen.add_argument("--force", action="store_true", help="replace an existing key pair")
+    show = ksub.add_parser("show", help="print this node's authorized_keys line again")
+    show.add_argument("--node", required=True)
+    show.add_argument("--data")
+    p.set_defaults(func=cmd_keys)

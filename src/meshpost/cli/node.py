@@ -1,0 +1,255 @@
+"""`meshpost node` runs one node in this process (with its control socket, gateways, discovery,
+echo and workers) until a signal; `meshpost attach` opens a console on a running one. Flags
+become a validated `NodeConfig` here; the node itself is built from it and nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meshpost.cli.common import data_dir, setup_logging
+from meshpost.config import (
+    MeshConfig,
+    NodeConfig,
+    default_data_dir,
+    parse_group_flag,
+    parse_peer_flag,
+)
+from meshpost.errors import EXIT_OK, ConfigError
+
+if TYPE_CHECKING:
+    from meshpost.cli.common import Subcommands
+    from meshpost.discovery import DiscoveryConfig
+    from meshpost.gateway import GatewayConfig
+
+#: Environment variable naming a `CrashPoint` for fault-injection tests (never set it in
+#: production: the node exits with code 99 at that protocol step).
+CRASH_ENV = "MESHPOST_DEBUG_CRASH_AT"
+
+log = logging.getLogger("meshpost")
+
+
+def build_node_config(args: argparse.Namespace) -> NodeConfig:
+    overrides: dict[str, Any] = {}
+    if args.sync:
+        overrides["sync"] = args.sync
+    if args.max_message_bytes:
+        overrides["max_message_bytes"] = args.max_message_bytes
+    if args.secure:
+        overrides["secure"] = True
+    if args.insecure:
+        overrides["insecure"] = True
+    if args.exclusive:
+        overrides["exclusive"] = args.exclusive
+    folder = Path(args.data) if args.data else None
+    if args.config:
+        mesh = MeshConfig.load(Path(args.config))
+        cfg = mesh.node(args.name, data_dir=folder, **overrides)
+        if args.bind:
+            from dataclasses import replace
+
+            cfg = replace(cfg, bind=tuple(args.bind))
+        return cfg
+    if not args.bind:
+        raise ConfigError("give --bind ENDPOINT (and --peer NAME=ENDPOINT ...) or --config FILE")
+    return NodeConfig(
+        name=args.name,
+        bind=tuple(args.bind),
+        peers=tuple(parse_peer_flag(p) for p in args.peer),
+        data_dir=folder or default_data_dir(args.name),
+        groups=dict(parse_group_flag(g) for g in args.group),
+        **overrides,
+    )
+
+
+async def _run_node(cfg: NodeConfig, *, interactive: bool,
+                    gateway: GatewayConfig | None = None,
+                    discovery: DiscoveryConfig | None = None, echo: bool = False,
+                    workers: Sequence[tuple[str, str]] = ()) -> None:
+    import asyncio
+    import signal
+
+    from meshpost.control import ControlServer
+    from meshpost.gateway import Gateway, GatewayConfig
+    from meshpost.node import CrashPoint, Node
+
+    crash = os.environ.get(CRASH_ENV)
+    crash_at = CrashPoint(crash) if crash else None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    curve_keys = peer_keys = None
+    if cfg.secure:
+        from meshpost import keys
+
+        curve_keys = keys.load_own(cfg.data_dir)
+        peer_keys = keys.load_authorized(cfg.data_dir)
+    node = Node(cfg, crash_at=crash_at, curve_keys=curve_keys, peer_public_keys=peer_keys)
+    async with (
+        node,
+        ControlServer(node),
+        Gateway(node, gateway or GatewayConfig()),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        if discovery is not None:
+            from meshpost.discovery import Discovery
+
+            await stack.enter_async_context(Discovery(
+                node, discovery, public_key=curve_keys[1] if curve_keys else None,
+                authorized_keys=peer_keys if cfg.secure else None,
+            ))
+        if echo:
+            # Seed 000's server: every request and every plain message is answered with its
+            # own text, as a reply linked to it.
+            node.on_request(_echo, direct=True)
+        if workers:
+            from meshpost.pipeline import resolve_handler
+
+            for queue, spec in workers:
+                await node.serve_queue(queue, resolve_handler(spec))
+        if interactive:
+            from meshpost.console import run_console
+
+            console = asyncio.create_task(run_console(node))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({console, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (console, stopper):
+                task.cancel()
+            await asyncio.gather(console, stopper, return_exceptions=True)
+        else:
+            await node.serve(stop)  # raises NodeFailed (exit 6) if the node fails first
+            log.info("[%s] shutting down", cfg.name)
+
+
+def _workers(args: argparse.Namespace) -> list[tuple[str, str]]:
+    from meshpost.pipeline import parse_worker_flag
+
+    return [parse_worker_flag(value) for value in args.worker]
+
+
+def _echo(msg: Any) -> str:
+    return str(msg.body)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    cfg = build_node_config(args)
+    interactive = not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
+    setup_logging(args.log_level, log_file=cfg.data_dir / "node.log" if interactive else None)
+    import asyncio
+
+    asyncio.run(_run_node(cfg, interactive=interactive, gateway=build_gateway_config(args),
+                          discovery=build_discovery_config(args), echo=args.echo,
+                          workers=_workers(args)))
+    return EXIT_OK
+
+
+def build_discovery_config(args: argparse.Namespace) -> DiscoveryConfig | None:
+    """`--discover [PORT]` and its companions as a `DiscoveryConfig` (None: off)."""
+    from meshpost.config import validate_name
+    from meshpost.discovery import DiscoveryConfig, parse_target
+
+    if args.discover is None:
+        if args.beacon_to or args.mesh:
+            raise ConfigError("--beacon-to and --mesh need --discover [PORT]")
+        return None
+    if not 0 <= args.discover < 65536:
+        raise ConfigError(f"--discover port must be from 0 to 65535, not {args.discover}")
+    if args.beacon_interval is not None and not args.beacon_interval > 0:
+        raise ConfigError("--beacon-interval must be a positive number of seconds")
+    options: dict[str, Any] = {}
+    if args.beacon_interval:
+        options["interval_s"] = args.beacon_interval
+        options["silence_s"] = max(5 * args.beacon_interval, 1.0)
+    return DiscoveryConfig(
+        port=args.discover, host=args.discover_host,
+        targets=tuple(parse_target(t) for t in args.beacon_to),
+        mesh=validate_name(args.mesh) if args.mesh else "meshpost", **options,
+    )
+
+
+def build_gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    """`--text-listen` / `--udp-listen` as a `GatewayConfig` (both off by default)."""
+    from meshpost.gateway import GatewayConfig, parse_listen
+
+    if args.text_idle_gap is not None and not args.text_idle_gap > 0:
+        raise ConfigError(f"--text-idle-gap must be a positive number of seconds, "
+                          f"not {args.text_idle_gap}")
+    return GatewayConfig(
+        tcp=parse_listen(args.text_listen, "tcp") if args.text_listen else None,
+        udp=parse_listen(args.udp_listen, "udp") if args.udp_listen else None,
+        **({"idle_gap_s": args.text_idle_gap} if args.text_idle_gap else {}),
+    )
+
+
+async def _attach(folder: Path, name: str) -> None:
+    from meshpost.console import run_console
+    from meshpost.remote import RemoteNode
+
+    async with RemoteNode(folder, name=name) as remote:
+        await run_console(remote)
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    setup_logging("warning")
+    import asyncio
+
+    asyncio.run(_attach(data_dir(args), args.node))
+    return EXIT_OK
+
+
+def add_node(sub: Subcommands) -> None:
+    """`meshpost node NAME ...`."""
+    p = sub.add_parser("node", help="run one node (console on a terminal, headless otherwise)")
+    p.add_argument("name")
+    p.add_argument("--bind", action="append", default=[], help="endpoint to listen on (repeat)")
+    p.add_argument("--peer", action="append", default=[], help="NAME=ENDPOINT (repeat)")
+    p.add_argument("--group", action="append", default=[], help="GROUP=A,B,C (repeat)")
+    p.add_argument("--config", help="TOML mesh config listing every node")
+    p.add_argument("--data", help="data directory (default: per-name user data dir)")
+    p.add_argument("--sync", choices=["full", "normal"], help="SQLite synchronous level")
+    p.add_argument("--max-message-bytes", type=int)
+    p.add_argument("--secure", action="store_true", help="CURVE encryption + authentication")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow binding beyond loopback without --secure (anyone who can reach "
+                        "the port can read, send and claim any peer's name)")
+    p.add_argument("--exclusive", metavar="PEER",
+                   help="accept only PEER (an exclusive pair): any other node is refused, "
+                        "told why, and noted here")
+    p.add_argument("--headless", action="store_true", help="no console even on a terminal")
+    p.add_argument("--text-listen", metavar="tcp://HOST:PORT",
+                   help="plain TCP text gateway for nc/socket clients (off by default)")
+    p.add_argument("--udp-listen", metavar="udp://HOST:PORT",
+                   help="plain UDP text gateway: one datagram, one message (off by default)")
+    p.add_argument("--discover", type=int, nargs="?", const=5671, metavar="PORT",
+                   help="find and join nodes by UDP beacons (default port 5671)")
+    p.add_argument("--discover-host", default="0.0.0.0", metavar="HOST",
+                   help="address beacons are heard on (default all interfaces)")
+    p.add_argument("--beacon-to", action="append", default=[], metavar="HOST:PORT",
+                   help="where beacons go (repeat; default 255.255.255.255:PORT)")
+    p.add_argument("--mesh", metavar="NAME", help="only join nodes of this mesh name")
+    p.add_argument("--beacon-interval", type=float, metavar="SECONDS",
+                   help="seconds between beacons (default 1; silent after 5 of them)")
+    p.add_argument("--text-idle-gap", type=float, metavar="SECONDS",
+                   help="a TCP client's pause that ends unterminated text (default 0.2)")
+    p.add_argument("--worker", action="append", default=[], metavar="QUEUE=HANDLER",
+                   help="serve a work queue with a handler: upper, lower, reverse, echo or "
+                        "module:function (repeat)")
+    p.add_argument("--echo", action="store_true",
+                   help="answer every message with its own text, as a reply linked to it")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_node)
+
+
+def add_attach(sub: Subcommands) -> None:
+    """`meshpost attach --node NAME`."""
+    p = sub.add_parser("attach", help="console for a running (e.g. headless) node")
+    p.add_argument("--node", required=True)
+    p.add_argument("--data")
+    p.set_defaults(func=cmd_attach)

@@ -1,0 +1,70 @@
+"""`meshpost peers` and `group`: a running node's peers (links, RTT, clock offset, counters)
+and its groups (join, leave, members), asked over its control socket and printed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import TYPE_CHECKING
+
+from meshpost.cli.common import data_dir, struct_dict
+from meshpost.errors import EXIT_OK
+
+if TYPE_CHECKING:
+    from meshpost.cli.common import Subcommands
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    from meshpost.control import ControlClient, StatusRequest, checked
+    from meshpost.node import NodeStats
+    from meshpost.text import render_peers_table, render_stats, terminal_width
+
+    with ControlClient(data_dir(args), name=args.node) as client:
+        reply = checked(client.request(StatusRequest(), timeout_s=5))
+    if args.json:
+        print(json.dumps({"status": reply.status,
+                          "peers": [struct_dict(p) for p in reply.peers]}, indent=2))
+        return EXIT_OK
+    print(render_peers_table(list(reply.peers), now_ns=time.time_ns(), width=terminal_width(),
+                             title=f"{reply.status.get('name')} — peers"))
+    print(f"pending in outbox: {reply.status.get('pending')}")
+    known = NodeStats.__dataclass_fields__
+    stats = reply.status.get("stats") or {}
+    print(render_stats(NodeStats(**{k: v for k, v in stats.items() if k in known})))
+    return EXIT_OK
+
+
+def cmd_group(args: argparse.Namespace) -> int:
+    from meshpost.control import ControlClient, GroupRequest, checked
+    from meshpost.text import clean
+
+    with ControlClient(data_dir(args), name=args.node) as client:
+        reply = checked(client.request(GroupRequest(args.action, args.group), timeout_s=30))
+    members = ", ".join(clean(m) for m in reply.members) or "nobody"
+    if args.action != "members":
+        done = {"join": "joined", "leave": "left"}[args.action]
+        state = {"join": "a member of", "leave": "not in"}[args.action]
+        print(f"{args.node} {done} {clean(args.group)}" if reply.changed
+              else f"{args.node} was {state} {clean(args.group)} already")
+    print(f"{clean(args.group)}: {members}")
+    return EXIT_OK
+
+
+def add_peers(sub: Subcommands) -> None:
+    """`meshpost peers --node A`."""
+    p = sub.add_parser("peers", help="peers of a running node: connected, RTT, clock offset")
+    p.add_argument("--node", required=True)
+    p.add_argument("--data")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_peers)
+
+
+def add_group(sub: Subcommands) -> None:
+    """`meshpost group join|leave|members G --node A`."""
+    p = sub.add_parser("group", help="join or leave a group at run time, or list its members")
+    p.add_argument("action", choices=["join", "leave", "members"])
+    p.add_argument("group")
+    p.add_argument("--node", required=True)
+    p.add_argument("--data")
+    p.set_defaults(func=cmd_group)
