@@ -8,9 +8,9 @@ from meshpost.store.sqlite import (
     Store,
     StoredMessage,
     StoreReader,
-    Verifier,
     WriteBatch,
 )
+from meshpost.store.verifier import Verifier
 from meshpost.store.writer import GroupCommitWriter
 
 __all__ = [

@@ -21,27 +21,42 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-import msgspec
-from zlib_ng import zlib_ng
-
 from meshpost.errors import (
     DataDirNotWritable,
     NoStore,
     SchemaTooNew,
     StoreCorrupt,
     StoreError,
-    StoreFull,
     StoreLocked,
 )
 from meshpost.protocol import Envelope, ReceiptFrame, to_ranges
 from meshpost.protocol.groups import MemberRecord
-from meshpost.protocol.header import Kind, PatternHeader
+from meshpost.protocol.header import Kind
+from meshpost.store.checksum import (
+    CRC_OF_ARRAY7,
+    content_checksum,
+    crc32,
+    envelope_bytes,
+    header_bytes,
+    header_decode,
+)
+from meshpost.store.connection import BUSY_TIMEOUT_MS, connect, translate, translated
+from meshpost.store.patterns import RECORD_RESULT, PatternTables, task_results_with_bodies
 from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
+from meshpost.store.verifier import (
+    CHECKED_COLUMNS,
+    CHECKED_COLUMNS_BEFORE_7,
+    ENVELOPE_COLUMNS,
+    OpenVerification,
+    Verifier,
+    check_integrity_if_small,
+    check_rows,
+    last_out_rows,
+    verify_at_open,
+)
 
 DB_FILENAME = "meshpost.db"
 LOCK_FILENAME = "node.lock"
-#: How long a write waits for another process's lock before the batch is retried later.
-BUSY_TIMEOUT_MS = 1000
 #: Page size of a new store (an existing one keeps its own). Against SQLite's 4 KiB, 8 KiB
 #: pages halve the WAL frames and the checkpoint's page copies (a system call or two each)
 #: without slowing a one-row commit; 16 KiB did (figures: docs/benchmarks.md, "Constants and
@@ -59,9 +74,6 @@ WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 #: `PRAGMA quick_check`, which reads every page (about 0.6-1 s per million 100-byte rows),
 #: follows the same rule: at open for a store this small, in the background otherwise.
 OPEN_VERIFY_ROWS = 100_000
-#: Rows per background verification step: one short read transaction each (about 0.1 s), so
-#: that the writer's checkpoints are never held back for long.
-VERIFY_CHUNK_ROWS = 50_000
 
 #: Rows are inserted many per statement: `INSERT ... VALUES (...), (...), ...` binds every
 #: value in C and runs one `sqlite3_step` (the GIL released once) per statement: about twice
@@ -148,47 +160,11 @@ _MARK_REJECTED = (
 )
 
 
-_envelope_bytes = msgspec.msgpack.Encoder().encode
-#: zlib's CRC-32, from zlib-ng: the same values as the standard library's `zlib.crc32` (so
-#: every checksum already stored stays valid), computed with SIMD instructions: about a
-#: fifth of the system zlib's time, which was most of the writer's per-row Python work
-#: (`_row_values`; figures in docs/benchmarks.md).
-_crc32 = zlib_ng.crc32
-
-
-#: The checksum is the CRC-32 of the seven-field envelope array (`97` then its fields), as
-#: it was before envelopes had a trailing header, so every stored checksum stays valid; a
-#: header's msgpack bytes are chained after it. From an eight-field encoding `b` (`98`, the
-#: seven fields, then the header, or `c0` for none) that is crc32(b[1:-1]) resp. crc32(b[1:])
-#: started from the CRC of `97`: CRC-32 chains, and a memoryview slice copies nothing.
-_CRC_OF_ARRAY7 = _crc32(b"\x97")
-_header_bytes = msgspec.msgpack.Encoder().encode
-_header_decode = msgspec.msgpack.Decoder(PatternHeader).decode
-
-
-def envelope_checksum(m: Envelope) -> int:
-    """CRC-32 of the message's seven-field msgpack encoding, then of its header's, if any
-    (deterministic, C-fast, and the same as before headers for a direct message)."""
-    b = _envelope_bytes(m)
-    return _crc32(memoryview(b)[1:] if m.header is not None else memoryview(b)[1:-1],
-                  _CRC_OF_ARRAY7)
-
-
-def content_checksum(
-    id: str, sender: str, recipient: str, seq: int, body: str, sent_at_ns: int, hlc: int,
-    header: bytes | None = None,
-) -> int:
-    """`envelope_checksum` from a row's columns (`header`: the stored msgpack header):
-    stored beside the row, checked at open."""
-    crc = envelope_checksum(Envelope(id, seq, sender, recipient, body, sent_at_ns, hlc))
-    return crc if header is None else _crc32(header, crc)
-
-
 def _envelope(row: Sequence[Any]) -> Envelope:
     """An Envelope from (id, seq, sender, recipient, body, sent_at_ns, hlc, header blob)."""
     id, seq, sender, recipient, body, sent_at_ns, hlc, blob = row
     return Envelope(id, seq, sender, recipient, body, sent_at_ns, hlc,
-                    None if blob is None else _header_decode(blob))
+                    None if blob is None else header_decode(blob))
 
 
 def _links(
@@ -212,7 +188,7 @@ def _row_values(messages: Sequence[Envelope]) -> list[Any]:
     """The values of `messages`' own columns, flat, in `_ROWS` order (after the shared ones);
     direct messages only (`_headed_row` takes the others)."""
     # envelope_checksum for a message without header, without a call per row.
-    crc, encode, start = _crc32, _envelope_bytes, _CRC_OF_ARRAY7
+    crc, encode, start = crc32, envelope_bytes, CRC_OF_ARRAY7
     values: list[Any] = []
     add = values.extend
     for m in messages:
@@ -232,10 +208,6 @@ _INSERT_HEADED_HEAD = (
     " sent_at_ns, hlc, state, checksum, kind, ref, queue, header) VALUES "
 )
 _HEADER = operator.attrgetter("header")
-_RECORD_RESULT = (
-    "INSERT INTO task_results (task_id, queue, message_id, worker, stored_at_ns)"
-    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_id) DO NOTHING"
-)
 
 
 def _headed_row(m: Envelope) -> tuple[Any, ...]:
@@ -243,25 +215,10 @@ def _headed_row(m: Envelope) -> tuple[Any, ...]:
     ('' stored as NULL) and the header's msgpack."""
     h = m.header
     assert h is not None
-    blob = _header_bytes(h)
-    crc = _crc32(memoryview(_envelope_bytes(m))[1:], _CRC_OF_ARRAY7)
+    blob = header_bytes(h)
+    crc = crc32(memoryview(envelope_bytes(m))[1:], CRC_OF_ARRAY7)
     return (m.id, m.seq, m.body, m.sent_at_ns, m.hlc, crc, str(h.kind), h.ref or None,
             h.queue or None, blob)
-
-
-def translate(exc: sqlite3.Error, path: Path) -> StoreError:
-    """Map a sqlite3 error to the meshpost error a user can act on."""
-    text = str(exc).lower()
-    code = getattr(exc, "sqlite_errorcode", None)
-    if "locked" in text or "busy" in text or code in (5, 6):
-        return StoreLocked(str(path))
-    if "full" in text or code == 13:
-        return StoreFull(str(path))
-    if "readonly" in text or "read-only" in text or code == 8:
-        return DataDirNotWritable(str(path), "the database is read-only")
-    if "malformed" in text or "not a database" in text or code in (11, 26):
-        return StoreCorrupt(str(path), str(exc))
-    return StoreError(f"database {path}: {exc}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -356,28 +313,12 @@ _COLUMNS = ", ".join(f.name for f in _FIELDS)
 _COLUMNS_BEFORE_7 = _COLUMNS.replace(", kind, ref", ", NULL, NULL")
 
 
-def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
-    uri = f"file:{path}?mode=ro" if read_only else f"file:{path}?mode=rwc"
-    # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    return conn
-
-
-@contextlib.contextmanager
-def _translated(path: Path) -> Iterator[None]:
-    try:
-        yield
-    except sqlite3.Error as exc:
-        raise translate(exc, path) from exc
-
-
 class Store:
     """The writable store of one node. Not thread-safe: one writer thread owns it."""
 
     def __init__(
         self, path: Path, conn: sqlite3.Connection, lock: IO[bytes], sync: str,
-        *, verified: _OpenVerification | None = None,
+        *, verified: OpenVerification | None = None,
     ) -> None:
         self.path = path
         self.sync = sync
@@ -389,12 +330,14 @@ class Store:
         )
         self.node_id = self._meta("node_id")
         self.page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
-        verified = verified or _OpenVerification()
+        verified = verified or OpenVerification()
         #: Message rows whose checksum `open` recomputed (every row of a small store).
         self.rows_verified_at_open = verified.rows
         self.fully_verified_at_open = not (verified.below_rowid or verified.quick_check_deferred)
         # Shared with this store's `Verifier`, which lowers `below_rowid` as it goes.
         self._verification = verified
+        # tasks, task_results, members: their SQL is patterns.py's, on this connection.
+        self._patterns = PatternTables(path, conn)
 
     @property
     def rows_left_to_verify(self) -> bool:
@@ -409,8 +352,8 @@ class Store:
         `StoreCorrupt` from it means the node must stop as it would have at open."""
         if self.fully_verified_at_open:
             return None
-        with _translated(self.path):
-            conn = _connect(self.path, read_only=True)
+        with translated(self.path):
+            conn = connect(self.path, read_only=True)
         return Verifier(self.path, conn, self._verification)
 
     @classmethod
@@ -428,10 +371,10 @@ class Store:
         lock = _lock_data_dir(data_dir)
         path = data_dir / DB_FILENAME
         try:
-            with _translated(path):
-                conn = _connect(path, read_only=False)
+            with translated(path):
+                conn = connect(path, read_only=False)
                 try:
-                    quick_check_deferred = not _check_integrity_if_small(conn, path,
+                    quick_check_deferred = not check_integrity_if_small(conn, path,
                                                                          verify_rows)
                     # Takes effect on a new, empty file only: before WAL mode and the schema.
                     conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
@@ -450,7 +393,7 @@ class Store:
                     conn.create_function("mp_checksum", 7, content_checksum,
                                          deterministic=True)
                     migrate(conn, path)
-                    verified = _verify_at_open(conn, path, verify_rows)
+                    verified = verify_at_open(conn, path, verify_rows)
                     verified.quick_check_deferred = quick_check_deferred
                     _init_meta(conn, name)
                 except BaseException:
@@ -462,7 +405,7 @@ class Store:
         return cls(path, conn, lock, sync, verified=verified)
 
     def _meta(self, key: str) -> str:
-        with _translated(self.path):
+        with translated(self.path):
             row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if row is None:
             raise StoreCorrupt(str(self.path), f"meta key {key!r} missing")
@@ -486,7 +429,7 @@ class Store:
         once instead of waiting up to `BUSY_TIMEOUT_MS` (for callers that must not block).
         """
         conn = self._conn
-        with _translated(self.path):
+        with translated(self.path):
             if wait_for_lock is not self._waits_for_lock:
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS if wait_for_lock else 0}")
                 self._waits_for_lock = wait_for_lock
@@ -543,7 +486,7 @@ class Store:
                                 and conn.total_changes > before):
                             # The sink's rule, in the message's own transaction: the first
                             # result committed for a task is its result (docs/patterns.md 4.5).
-                            execute(_RECORD_RESULT, (h.ref, h.queue, m.id, m.sender,
+                            execute(RECORD_RESULT, (h.ref, h.queue, m.id, m.sender,
                                                      stored_at_ns))
                     continue
                 values = _row_values(rows)
@@ -564,14 +507,14 @@ class Store:
         duplicates: list[int] = []
         for m in group:
             row = conn.execute(
-                f"SELECT direction, sender, recipient, body, sent_at_ns, stored_at_ns, {_CHECKED}"
-                " FROM messages WHERE sender = ? AND id = ?",
+                "SELECT direction, sender, recipient, body, sent_at_ns, stored_at_ns,"
+                f" {CHECKED_COLUMNS} FROM messages WHERE sender = ? AND id = ?",
                 (m.sender, m.id),
             ).fetchone()
             if row is not None:
                 # Receipting a retransmission again vouches for the stored copy: check it.
-                _check_rows(self.path, [row[6:]])
-            header = None if m.header is None else _header_bytes(m.header)
+                check_rows(self.path, [row[6:]])
+            header = None if m.header is None else header_bytes(m.header)
             if row is not None and row[:5] == ("in", m.sender, m.recipient, m.body,
                                                m.sent_at_ns) and row[13] == header:
                 committed.append(m.seq)
@@ -591,8 +534,8 @@ class Store:
     def open_checkpointer(self) -> Checkpointer:
         """A second connection that copies the WAL into the database file while this one
         goes on committing (WAL lets a PASSIVE checkpoint run beside a writer)."""
-        with _translated(self.path):
-            conn = _connect(self.path, read_only=False)
+        with translated(self.path):
+            conn = connect(self.path, read_only=False)
             conn.execute(f"PRAGMA synchronous = {self.sync.upper()}")
         return Checkpointer(self.path, conn)
 
@@ -600,15 +543,15 @@ class Store:
 
     def last_seqs(self) -> dict[str, int]:
         """Highest outgoing seq per peer, so numbering continues after a restart."""
-        with _translated(self.path):
-            rows = _last_out_rows(self._conn)
+        with translated(self.path):
+            rows = last_out_rows(self._conn)
         # Numbering goes on from these rows: a rotted seq would repeat or skip numbers.
-        _check_rows(self.path, [row[1:] for row in rows])
+        check_rows(self.path, [row[1:] for row in rows])
         return {row[0]: int(row[2]) for row in rows}
 
     def max_hlc_issued(self) -> tuple[int, int]:
         """(highest HLC stamp this node issued, its row's sent_at_ns), (0, 0) if none."""
-        with _translated(self.path):
+        with translated(self.path):
             row = self._conn.execute(
                 "SELECT hlc, sent_at_ns FROM messages INDEXED BY messages_hlc"
                 " WHERE direction = 'out' ORDER BY hlc DESC LIMIT 1"
@@ -616,32 +559,18 @@ class Store:
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
     def save_member(self, record: MemberRecord) -> bool:
-        """Keep a group membership record if it outranks the stored one for its (group,
-        member) (`MemberRecord.rank`: higher version, a leave at equal versions); True if
-        kept. One statement: committed on its own."""
-        with _translated(self.path):
-            cursor = self._conn.execute(
-                "INSERT INTO members (namespace, name, member, joined, version, hlc)"
-                " VALUES ('group', ?, ?, ?, ?, ?)"
-                " ON CONFLICT (namespace, name, member) DO UPDATE SET"
-                " joined = excluded.joined, version = excluded.version, hlc = excluded.hlc"
-                " WHERE excluded.version > members.version OR (excluded.version ="
-                " members.version AND excluded.joined < members.joined)",
-                (record.group, record.member, int(record.joined), record.version, record.hlc))
-        return cursor.rowcount > 0
+        """`PatternTables.save_member`: keep a group membership record if it outranks the
+        stored one; True if kept."""
+        return self._patterns.save_member(record)
 
     def member_records(self) -> list[MemberRecord]:
-        """Every stored group membership record (this node's own and its peers')."""
-        with _translated(self.path):
-            rows = self._conn.execute(
-                "SELECT name, member, joined, version, hlc FROM members"
-                " WHERE namespace = 'group' ORDER BY name, member").fetchall()
-        return [MemberRecord(str(g), str(m), bool(j), int(v), int(h)) for g, m, j, v, h in rows]
+        """`PatternTables.member_records`: every stored group membership record."""
+        return self._patterns.member_records()
 
     def max_hlc(self, direction: str) -> int:
         """The highest HLC stamp stored on rows of `direction` ('out': stamps this node
         issued; 'in': its peers'), 0 if none."""
-        with _translated(self.path):
+        with translated(self.path):
             row = self._conn.execute(
                 # Walk the hlc index from the top: stops at the first row of that direction.
                 "SELECT hlc FROM messages INDEXED BY messages_hlc WHERE direction = ?"
@@ -662,10 +591,10 @@ class Store:
         # that rotted on disk is refused as it is read, never sent. (Checking costs 0.3-0.4
         # us a row, a quarter of this read: not paid once every row was verified.)
         check = self.rows_left_to_verify
-        with _translated(self.path):
+        with translated(self.path):
             after_seq = self._settled_through(peer, after_seq)
             rows = self._conn.execute(
-                f"SELECT {_CHECKED if check else _ENVELOPE} FROM {_ROWS_VIEW}"
+                f"SELECT {CHECKED_COLUMNS if check else ENVELOPE_COLUMNS} FROM {_ROWS_VIEW}"
                 " WHERE direction = 'out' AND peer = ? AND seq > ? AND state = 'pending'"
                 " ORDER BY seq LIMIT ?",
                 (peer, after_seq, limit),
@@ -673,7 +602,7 @@ class Store:
         if not check:
             return [_envelope(row) for row in rows]
         envelopes: list[Envelope] = []
-        _check_rows(self.path, rows, envelopes)
+        check_rows(self.path, rows, envelopes)
         return envelopes
 
     def _settled_through(self, peer: str, seq: int) -> int:
@@ -708,7 +637,7 @@ class Store:
     def has_outgoing(self, message_id: str, sender: str) -> bool:
         """Whether this node already stored its own message `message_id` (a derived reply
         or result id: a handler that ran twice posts it once)."""
-        with _translated(self.path):
+        with translated(self.path):
             return self._conn.execute(
                 "SELECT 1 FROM messages WHERE sender = ? AND id = ?", (sender, message_id)
             ).fetchone() is not None
@@ -717,7 +646,7 @@ class Store:
         """(request id, peer, delivered) of every request this node sent that no stored reply
         from that peer refers to (RequestTracker.restore after a restart). A scan of the
         table (a request's ref is empty, so it is not in `messages_ref`): once, at start."""
-        with _translated(self.path):
+        with translated(self.path):
             rows = self._conn.execute(
                 f"SELECT q.id, q.peer, q.state = 'delivered' FROM {_ROWS_VIEW} AS q"
                 " WHERE q.direction = 'out' AND q.kind = 'request' AND NOT EXISTS ("
@@ -729,7 +658,7 @@ class Store:
     def unanswered_incoming_requests(self, limit: int) -> list[Envelope]:
         """Requests peers sent this node that it has not replied to (its handler runs again
         for them after a restart; the derived reply id keeps the reply single)."""
-        with _translated(self.path):
+        with translated(self.path):
             rows = self._conn.execute(
                 "SELECT q.id, q.seq, q.sender, q.recipient, q.body, q.sent_at_ns, q.hlc,"
                 " q.header FROM messages AS q WHERE q.direction = 'in' AND q.kind = 'request'"
@@ -739,66 +668,35 @@ class Store:
             ).fetchall()
         return [_envelope(row) for row in rows]
 
+    # -- the pattern tables (patterns.py) -------------------------------------------------
+
     def task_results(self) -> list[tuple[str, str, str]]:
-        """(task id, result message id, worker) of every result this node keeps as a sink."""
-        with _translated(self.path):
-            rows = self._conn.execute(
-                "SELECT task_id, message_id, worker FROM task_results").fetchall()
-        return [(str(t), str(m), str(w)) for t, m, w in rows]
+        """`PatternTables.task_results`: (task id, result message id, worker) of every
+        result this node keeps as a sink."""
+        return self._patterns.task_results()
 
     def add_task(self, task_id: str, queue: str, body: str, sink: str, at_ns: int) -> None:
-        """A ventilator's new task, queued (its own transaction, before it is dispatched)."""
-        self._write("INSERT INTO tasks (task_id, queue, body, sink, state, submitted_at_ns)"
-                    " VALUES (?, ?, ?, ?, 'queued', ?)", (task_id, queue, body, sink, at_ns))
+        """`PatternTables.add_task`: a ventilator's new task, queued."""
+        self._patterns.add_task(task_id, queue, body, sink, at_ns)
 
     def set_task_state(self, task_id: str, state: str, *, worker: str | None = None,
                        attempts: int | None = None, at_ns: int | None = None) -> None:
-        """A task assigned (`worker`, `attempts`), or finished ('done' by `worker`, or
-        'abandoned') at `at_ns`; a finished task stays finished."""
-        if state == "assigned":
-            self._write("UPDATE tasks SET state = 'assigned', worker = ?, attempts = ?"
-                        " WHERE task_id = ? AND state IN ('queued', 'assigned')",
-                        (worker, attempts, task_id))
-        else:
-            self._write("UPDATE tasks SET state = ?, finished_at_ns = ?, finished_by = ?"
-                        " WHERE task_id = ? AND state IN ('queued', 'assigned')",
-                        (state, at_ns, worker, task_id))
+        """`PatternTables.set_task_state`: a task assigned or finished."""
+        self._patterns.set_task_state(task_id, state, worker=worker, attempts=attempts,
+                                      at_ns=at_ns)
 
     def merge_member(self, namespace: str, name: str, member: str, joined: bool,
                      version: int, hlc: int) -> None:
-        """Keep the winning membership record per (namespace, name, member): the highest
-        version; at equal versions a leave (docs/patterns.md 6.2)."""
-        self._write(
-            "INSERT INTO members (namespace, name, member, joined, version, hlc)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, name, member) DO UPDATE SET"
-            " joined = excluded.joined, version = excluded.version, hlc = excluded.hlc"
-            " WHERE excluded.version > members.version OR (excluded.version = members.version"
-            " AND excluded.joined < members.joined)",
-            (namespace, name, member, int(joined), version, hlc))
+        """`PatternTables.merge_member`: keep the winning membership record."""
+        self._patterns.merge_member(namespace, name, member, joined, version, hlc)
 
     def members(self, namespace: str) -> list[tuple[str, str, bool, int]]:
-        """(name, member, joined, version) of every record in `namespace`."""
-        with _translated(self.path):
-            rows = self._conn.execute(
-                "SELECT name, member, joined, version FROM members WHERE namespace = ?",
-                (namespace,)).fetchall()
-        return [(str(n), str(m), bool(j), int(v)) for n, m, j, v in rows]
-
-    def _write(self, sql: str, params: Sequence[Any]) -> None:
-        conn = self._conn
-        with _translated(self.path):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute(sql, params)
-                conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
+        """`PatternTables.members`: (name, member, joined, version) in `namespace`."""
+        return self._patterns.members(namespace)
 
     def execute_raw(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run one statement (tests and fault injection only)."""
-        with _translated(self.path):
+        with translated(self.path):
             return self._conn.execute(sql, params).fetchall()
 
     def __repr__(self) -> str:
@@ -808,7 +706,7 @@ class Store:
 def _checkpoint_passive(conn: sqlite3.Connection, path: Path) -> tuple[int, int, int]:
     """PASSIVE checkpoint (never waits for a reader or blocks a writer): 1 if it could not
     run at all, the pages the WAL holds, and how many of them are now in the database file."""
-    with _translated(path):
+    with translated(path):
         busy, wal_pages, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     return int(busy), int(wal_pages), int(copied)
 
@@ -835,15 +733,15 @@ class StoreReader:
         if not path.exists():
             raise NoStore(str(path))
         self.path = path
-        with _translated(path):
-            self._conn = _connect(path, read_only=True)
+        with translated(path):
+            self._conn = connect(path, read_only=True)
             version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
         # A store no node of this version has opened yet keeps every receipt in its rows.
         self._receipts = version >= 4
         self._checksums = version >= 2
         self._rows = _ROWS_VIEW if self._receipts else "messages"
         self._columns = _COLUMNS if version >= 7 else _COLUMNS_BEFORE_7
-        self._checked = _CHECKED if version >= 7 else _CHECKED_BEFORE_7
+        self._checked = CHECKED_COLUMNS if version >= 7 else CHECKED_COLUMNS_BEFORE_7
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> StoreReader:
@@ -863,13 +761,13 @@ class StoreReader:
         return _pending_count(self._conn, self.path, peer, receipts=self._receipts)
 
     def node_name(self) -> str | None:
-        with _translated(self.path):
+        with translated(self.path):
             row = self._conn.execute("SELECT value FROM meta WHERE key = 'name'").fetchone()
         return None if row is None else str(row[0])
 
     def peers(self) -> list[str]:
         """Every peer this store holds messages with, sorted."""
-        with _translated(self.path):
+        with translated(self.path):
             rows = self._conn.execute("SELECT DISTINCT peer FROM messages ORDER BY peer")
             return [str(peer) for (peer,) in rows.fetchall()]
 
@@ -906,25 +804,18 @@ class StoreReader:
         if not check:
             return [StoredMessage(*row) for row in reversed(rows)]
         width = len(_FIELDS)
-        _check_rows(self.path, [row[width:] for row in rows])
+        check_rows(self.path, [row[width:] for row in rows])
         return [StoredMessage(*row[:width]) for row in reversed(rows)]
+
 
     def task_results(self) -> list[tuple[str, str, str, str]]:
         """(task id, worker, result message id, result body) of every result this node keeps
-        as a sink, in task id order (empty before schema 7)."""
-        with _translated(self.path):
-            if not self._conn.execute(
-                    "SELECT 1 FROM sqlite_master WHERE name = 'task_results'").fetchone():
-                return []
-            rows = self._conn.execute(
-                "SELECT t.task_id, t.worker, t.message_id, m.body FROM task_results AS t"
-                " JOIN messages AS m ON m.sender = t.worker AND m.id = t.message_id"
-                " ORDER BY t.task_id").fetchall()
-        return [(str(t), str(w), str(i), str(b)) for t, w, i, b in rows]
+        as a sink, in task id order (empty before schema 7): `patterns.py`."""
+        return task_results_with_bodies(self._conn, self.path)
 
     def last_incoming_cursor(self) -> int:
         """Where `incoming_after` starts to see only messages stored from now on."""
-        with _translated(self.path):
+        with translated(self.path):
             row = self._conn.execute("SELECT MAX(rowid) FROM messages").fetchone()
         return int(row[0] or 0)
 
@@ -934,13 +825,13 @@ class StoreReader:
         sql = (f"SELECT rowid, {self._columns} FROM messages WHERE rowid > ?"
                " AND direction = 'in'"
                " ORDER BY rowid LIMIT ?")
-        with _translated(self.path):
+        with translated(self.path):
             rows = self._conn.execute(sql, (cursor, limit)).fetchall()
         return [(int(row[0]), StoredMessage(*row[1:])) for row in rows]
 
     def counts(self) -> dict[str, int]:
         """Rows per (direction, state), e.g. {'out/delivered': 10, 'in/received': 7}."""
-        with _translated(self.path):
+        with translated(self.path):
             rows = self._conn.execute(
                 "SELECT direction, state, COUNT(*) FROM messages GROUP BY direction, state"
             ).fetchall()
@@ -960,7 +851,7 @@ def _pending_count(
     conn: sqlite3.Connection, path: Path, peer: str | None, *, receipts: bool
 ) -> int:
     where = "direction = 'out' AND state = 'pending'" + (" AND peer = ?" if peer else "")
-    with _translated(path):
+    with translated(path):
         row = conn.execute(
             f"SELECT COUNT(*) FROM messages INDEXED BY messages_out_link WHERE {where}",
             (peer,) if peer else (),
@@ -1008,201 +899,6 @@ def _init_meta(conn: sqlite3.Connection, name: str) -> None:
             f"this data directory belongs to node {stored!r}, not {name!r}; "
             "give each node its own --data directory"
         )
-
-
-def _check_integrity(conn: sqlite3.Connection, path: Path) -> None:
-    try:
-        rows = conn.execute("PRAGMA quick_check").fetchall()
-    except sqlite3.DatabaseError as exc:
-        raise StoreCorrupt(str(path), str(exc)) from exc
-    if rows != [("ok",)]:
-        raise StoreCorrupt(str(path), "; ".join(str(r[0]) for r in rows[:3]))
-
-
-def _check_integrity_if_small(conn: sqlite3.Connection, path: Path, max_rows: int) -> bool:
-    """`PRAGMA quick_check` if the store holds at most `max_rows` messages; True if it ran
-    (and passed). Reading the schema also refuses a file that is not a database at all."""
-    try:
-        table = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
-        ).fetchone()
-        rows = 0 if table is None else int(
-            conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM messages").fetchone()[0])
-    except sqlite3.DatabaseError as exc:
-        raise StoreCorrupt(str(path), str(exc)) from exc
-    if rows > max_rows:
-        return False
-    _check_integrity(conn, path)
-    return True
-
-
-@dataclasses.dataclass(slots=True)
-class _OpenVerification:
-    """What `Store.open` verified: how many rows, and what it left to a `Verifier`."""
-
-    rows: int = 0
-    #: Rows with a lower rowid are not verified yet (0: none left).
-    below_rowid: int = 0
-    quick_check_deferred: bool = False
-
-
-#: A row's columns as `_check_rows` reads them: the envelope's fields with the header's
-#: msgpack (schema 7; NULL for a direct message), then the checksum.
-_ENVELOPE = "id, seq, sender, recipient, body, sent_at_ns, hlc, header"
-_CHECKED = f"{_ENVELOPE}, checksum"
-_CHECKED_BEFORE_7 = "id, seq, sender, recipient, body, sent_at_ns, hlc, NULL, checksum"
-
-
-def _check_rows(
-    path: Path, rows: Iterator[Any] | list[Any], keep: list[Envelope] | None = None
-) -> int:
-    """Recompute each `_CHECKED` row's content checksum; how many rows there were. With
-    `keep`, each row's `Envelope` is appended to it (built once for both).
-
-    A flipped bit inside a record passes `quick_check` (which checks structure) but not this.
-    Raises `StoreCorrupt` naming the first rows that fail (or that no longer decode)."""
-    crc, encode, start = _crc32, _envelope_bytes, _CRC_OF_ARRAY7
-    add = keep.append if keep is not None else None
-    bad: list[str] = []
-    count = 0
-    try:
-        for id, seq, sender, recipient, body, sent_at_ns, hlc, blob, checksum in rows:
-            count += 1
-            m = Envelope(id, seq, sender, recipient, body, sent_at_ns, hlc)
-            # The seven-field array's CRC, then the stored header's bytes chained after it.
-            expected = crc(memoryview(encode(m))[1:-1], start)
-            if blob is not None:
-                expected = crc(blob, expected)
-                m = Envelope(id, seq, sender, recipient, body, sent_at_ns, hlc,
-                             _header_decode(blob))
-            if add is not None:
-                add(m)
-            if checksum != expected:
-                bad.append(str(id))
-                if len(bad) == 3:
-                    break
-    except sqlite3.DatabaseError as exc:  # e.g. text that no longer decodes as UTF-8
-        raise StoreCorrupt(str(path), f"unreadable message row: {exc}") from exc
-    except (TypeError, ValueError, OverflowError, msgspec.DecodeError) as exc:
-        # a column of the wrong type, a header that no longer decodes
-        raise StoreCorrupt(str(path), f"unreadable message row: {exc}") from exc
-    if bad:
-        raise StoreCorrupt(
-            str(path), f"message rows fail their content checksum (ids {', '.join(bad)})"
-        )
-    return count
-
-
-def _check_rowid_range(conn: sqlite3.Connection, path: Path, low: int, high: int) -> int:
-    """Check the rows with `low` < rowid <= `high`; how many there were."""
-    try:
-        cursor = conn.execute(
-            f"SELECT {_CHECKED} FROM messages WHERE rowid > ? AND rowid <= ?", (low, high)
-        )
-    except sqlite3.DatabaseError as exc:
-        raise StoreCorrupt(str(path), f"unreadable message rows: {exc}") from exc
-    return _check_rows(path, cursor)
-
-
-def _verify_at_open(
-    conn: sqlite3.Connection, path: Path, verify_rows: int
-) -> _OpenVerification:
-    """Check the newest `verify_rows` rows and the rows that set the node's seq and HLC state.
-
-    Rowids only grow (rows are never deleted), so the newest rows are the last rowids: one
-    range scan. The rest, below it, is left to a `Verifier`."""
-    try:
-        top = int(conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM messages").fetchone()[0])
-    except sqlite3.DatabaseError as exc:
-        raise StoreCorrupt(str(path), str(exc)) from exc
-    low = max(0, top - verify_rows)
-    rows = _check_rowid_range(conn, path, low, top)
-    if low:
-        # The highest seq per peer and the highest HLC stamps (what `last_seqs` and
-        # `max_hlc` hand the node) are usually among the newest rows; check them anyway.
-        rows += _check_rows(path, _state_rows(conn))
-    return _OpenVerification(rows=rows, below_rowid=low + 1 if low else 0)
-
-
-def _last_out_rows(conn: sqlite3.Connection) -> list[Any]:
-    """Per peer, its outgoing row with the highest seq: (peer, then `_CHECKED` columns).
-
-    Two index seeks per peer (the next peer, then its top seq) on `messages_out_link`: a
-    `GROUP BY peer` with MAX(seq) scans the whole index instead, 1.0 s at 5M outgoing rows."""
-    rows: list[Any] = []
-    peer = ""
-    while True:
-        found = conn.execute(
-            "SELECT peer FROM messages INDEXED BY messages_out_link WHERE direction = 'out'"
-            " AND peer > ? ORDER BY peer LIMIT 1",
-            (peer,),
-        ).fetchone()
-        if found is None:
-            return rows
-        peer = found[0]
-        rows.append(conn.execute(
-            f"SELECT peer, {_CHECKED} FROM messages INDEXED BY messages_out_link"
-            " WHERE direction = 'out' AND peer = ? ORDER BY seq DESC LIMIT 1",
-            (peer,),
-        ).fetchone())
-
-
-def _state_rows(conn: sqlite3.Connection) -> list[Any]:
-    """The rows behind `Store.last_seqs` and `Store.max_hlc`, as `_CHECKED` columns."""
-    rows = [row[1:] for row in _last_out_rows(conn)]
-    for direction in ("out", "in"):
-        rows.extend(conn.execute(
-            f"SELECT {_CHECKED} FROM messages INDEXED BY messages_hlc WHERE direction = ?"
-            " ORDER BY hlc DESC LIMIT 1",
-            (direction,),
-        ))
-    return rows
-
-
-class Verifier:
-    """Verifies, on a read-only connection of its own, what `Store.open` left unchecked: the
-    checksums of the older rows, newest first, a chunk per `step`, then `PRAGMA quick_check`.
-    For one thread at a time; WAL lets it read beside the writer."""
-
-    def __init__(self, path: Path, conn: sqlite3.Connection, left: _OpenVerification) -> None:
-        self.path = path
-        self._conn = conn
-        self._left = left
-        self._next_high = left.below_rowid - 1 if left.below_rowid else 0
-        self._quick_check = left.quick_check_deferred
-        #: Rows whose checksum this verifier recomputed so far.
-        self.rows_verified = 0
-
-    @property
-    def done(self) -> bool:
-        return self._next_high <= 0 and not self._quick_check
-
-    def step(self, rows: int = VERIFY_CHUNK_ROWS) -> bool:
-        """Verify the next `rows` rows (or, once no row is left, the pages); True when done.
-        Raises `StoreCorrupt` on the first corrupt row or page."""
-        if self._next_high > 0:
-            low = max(0, self._next_high - rows)
-            self.rows_verified += _check_rowid_range(self._conn, self.path, low,
-                                                     self._next_high)
-            self._next_high = low
-            self._left.below_rowid = low + 1 if low else 0  # the store reads it: one store
-        elif self._quick_check:
-            _check_integrity(self._conn, self.path)
-            self._quick_check = False
-            self._left.quick_check_deferred = False
-        return self.done
-
-    def run(self) -> None:
-        """Every step, in this thread (benchmarks and tests; a node steps it off its loop)."""
-        while not self.step():
-            pass
-
-    def close(self) -> None:
-        self._conn.close()
-
-    def __repr__(self) -> str:
-        return (f"Verifier({self.path}, rows_left_below={self._next_high},"
-                f" quick_check={self._quick_check})")
 
 
 #: A store is private whatever the umask: its folder 0700, its files 0600 (SQLite gives the

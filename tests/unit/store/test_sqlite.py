@@ -32,13 +32,12 @@ from meshpost.store import (
     StoreReader,
     WriteBatch,
 )
+from meshpost.store.checksum import content_checksum, envelope_checksum
 from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
 from meshpost.store.sqlite import (
     PAGE_SIZE,
     WAL_SIZE_LIMIT_BYTES,
     _row_values,
-    content_checksum,
-    envelope_checksum,
     migrate,
     translate,
 )

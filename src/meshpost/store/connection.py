@@ -1,0 +1,54 @@
+"""Opening SQLite connections and translating SQLite's errors.
+
+Rule: every connection to a store is opened by `connect` (URI, busy timeout, our own
+transactions), and every `sqlite3.Error` leaves the store package as a meshpost `StoreError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from meshpost.errors import (
+    DataDirNotWritable,
+    StoreCorrupt,
+    StoreError,
+    StoreFull,
+    StoreLocked,
+)
+
+#: How long a write waits for another process's lock before the batch is retried later.
+BUSY_TIMEOUT_MS = 1000
+
+
+def translate(exc: sqlite3.Error, path: Path) -> StoreError:
+    """Map a sqlite3 error to the meshpost error a user can act on."""
+    text = str(exc).lower()
+    code = getattr(exc, "sqlite_errorcode", None)
+    if "locked" in text or "busy" in text or code in (5, 6):
+        return StoreLocked(str(path))
+    if "full" in text or code == 13:
+        return StoreFull(str(path))
+    if "readonly" in text or "read-only" in text or code == 8:
+        return DataDirNotWritable(str(path), "the database is read-only")
+    if "malformed" in text or "not a database" in text or code in (11, 26):
+        return StoreCorrupt(str(path), str(exc))
+    return StoreError(f"database {path}: {exc}")
+
+
+def connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
+    uri = f"file:{path}?mode=ro" if read_only else f"file:{path}?mode=rwc"
+    # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return conn
+
+
+@contextlib.contextmanager
+def translated(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise translate(exc, path) from exc
