@@ -1,8 +1,10 @@
-"""SQLite storage: the only SQL in meshpost.
+"""SQLite storage: the store package holds the only SQL in meshpost; this module, its core.
 
 Rule: one `Store` per data dir, owned by one writer thread; every write goes through `apply()`,
 which runs a whole group of operations in one `BEGIN IMMEDIATE` transaction. Readers
 (`StoreReader`) open their own read-only connections; WAL lets them run beside the writer.
+Checksums (`checksum.py`), their verification (`verifier.py`), connections and error
+translation (`connection.py`) and the pattern tables' SQL (`patterns.py`) live beside it.
 """
 
 from __future__ import annotations
