@@ -256,6 +256,8 @@ class MeshNodeEntry:
     bind: tuple[str, ...]
     connect: str
     data_dir: Path | None
+    #: The nodes this one links to (`peers = [...]` in its table); None: every node.
+    peers: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -265,6 +267,28 @@ class MeshConfig:
     nodes: tuple[MeshNodeEntry, ...]
     groups: Mapping[str, tuple[str, ...]]
     options: Mapping[str, Any]
+    #: Who each node with a `peers` list is listed by (built once: a 1,000-node file asks
+    #: it for every node it hosts).
+    _listed_by: Mapping[str, frozenset[str]] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        listed_by: dict[str, set[str]] = {}
+        for n in self.nodes:
+            for p in n.peers or ():
+                listed_by.setdefault(p, set()).add(n.name)
+        object.__setattr__(self, "_listed_by",
+                           {k: frozenset(v) for k, v in listed_by.items()})
+
+    def linked(self, name: str) -> list[str]:
+        """The nodes `name` links to, in file order. A link is symmetric: A and B talk when
+        A lists B, B lists A, or either has no `peers` list (which means every node), so a
+        receiver always accepts the nodes that send to it."""
+        me = next((n for n in self.nodes if n.name == name), None)
+        mine = None if me is None or me.peers is None else set(me.peers)
+        listed_by = self._listed_by.get(name, frozenset())
+        return [n.name for n in self.nodes if n.name != name and (
+            mine is None or n.peers is None or n.name in mine or n.name in listed_by)]
 
     @classmethod
     def load(cls, path: Path) -> MeshConfig:
@@ -288,10 +312,11 @@ class MeshConfig:
             validate_name(name)
             if not isinstance(entry, Mapping):
                 raise ConfigError(f"[nodes.{name}] must be a table")
-            unknown = sorted(set(entry) - {"bind", "connect", "data"})
+            unknown = sorted(set(entry) - {"bind", "connect", "data", "peers"})
             if unknown:
                 raise ConfigError(
-                    f"[nodes.{name}] has unknown keys {unknown}; known: bind, connect, data"
+                    f"[nodes.{name}] has unknown keys {unknown}; known: bind, connect, data, "
+                    "peers"
                 )
             bind = entry.get("bind")
             if isinstance(bind, str):
@@ -305,7 +330,18 @@ class MeshConfig:
             if data is not None and not isinstance(data, str):
                 raise ConfigError(f"[nodes.{name}] data must be a directory path string")
             data_dir = (base_dir / data) if isinstance(data, str) else None
-            nodes.append(MeshNodeEntry(name, tuple(bind), connect, data_dir))
+            peers = entry.get("peers")
+            if peers is not None and (not isinstance(peers, list)
+                                      or not all(isinstance(p, str) for p in peers)):
+                raise ConfigError(f"[nodes.{name}] peers must be a list of node names")
+            nodes.append(MeshNodeEntry(name, tuple(bind), connect, data_dir,
+                                       None if peers is None else tuple(peers)))
+        known = {n.name for n in nodes}
+        for n in nodes:
+            strangers = sorted(set(n.peers or ()) - known)
+            if strangers:
+                raise ConfigError(f"[nodes.{n.name}] peers names nodes not in the file: "
+                                  f"{strangers[:5]}")
         groups_raw = raw.get("groups", {})
         if not isinstance(groups_raw, Mapping):
             raise ConfigError("[groups] must map a group name to a list of node names")
@@ -322,8 +358,10 @@ class MeshConfig:
         return cls(tuple(nodes), groups, options)
 
     def node(self, name: str, *, data_dir: Path | None = None, **overrides: Any) -> NodeConfig:
-        """The `NodeConfig` for node `name`: every other node in the file is its peer (only
-        the one named by `exclusive=`, when given, and groups keep only that pair)."""
+        """The `NodeConfig` for node `name`: every other node in the file it links to is its
+        peer (`linked`: all of them unless `peers` lists are given; only the one named by
+        `exclusive=`, when given, and groups keep only that pair). Groups keep the members
+        this node links to."""
         me = next((n for n in self.nodes if n.name == name), None)
         if me is None:
             raise ConfigError(
@@ -337,8 +375,12 @@ class MeshConfig:
         unknown = set(options) - allowed
         if unknown:
             raise ConfigError(f"unknown mesh options {sorted(unknown)}; known: {sorted(allowed)}")
-        peers = tuple(PeerConfig(n.name, n.connect) for n in self.nodes if n.name != name)
+        linked = set(self.linked(name))
+        peers = tuple(PeerConfig(n.name, n.connect) for n in self.nodes if n.name in linked)
         groups = dict(self.groups)
+        if len(linked) < len(self.nodes) - 1:  # a partial mesh: groups keep reachable members
+            groups = {g: tuple(m for m in ms if m in linked or m == name)
+                      for g, ms in groups.items()}
         pair = options.get("exclusive")
         if pair is not None:
             peers = tuple(p for p in peers if p.name == pair)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import string
 from pathlib import Path
 from typing import Any
@@ -307,6 +308,51 @@ def test_node_picks_every_other_node_as_a_peer(tmp_path: Path) -> None:
     assert (bob.sync, bob.window) == ("normal", 128)
     assert bob.groups == {"friends": ("alice", "bob")}
     assert mesh.node("alice").data_dir == tmp_path / "data" / "alice"
+
+
+PARTIAL_TOML = """
+[nodes.A]
+bind = "tcp://127.0.0.1:7001"
+peers = ["B"]
+
+[nodes.B]
+bind = "tcp://127.0.0.1:7002"
+peers = []
+
+[nodes.C]
+bind = "tcp://127.0.0.1:7003"
+peers = ["B"]
+
+[nodes.D]
+bind = "tcp://127.0.0.1:7004"
+
+[groups]
+abc = ["A", "B", "C"]
+"""
+
+
+def test_peers_lists_make_symmetric_links_and_a_node_without_one_links_to_all(
+    tmp_path: Path,
+) -> None:
+    mesh = MeshConfig.load(write(tmp_path, PARTIAL_TOML))
+    # B lists nobody but is listed by A and C (a receiver accepts whoever sends to it);
+    # D has no list, so it links to every node and every node to it.
+    assert {n: mesh.node(n).peer_names for n in "ABCD"} == {
+        "A": ["B", "D"], "B": ["A", "C", "D"], "C": ["B", "D"], "D": ["A", "B", "C"]}
+    # Groups keep the members a node links to.
+    assert mesh.node("A").groups == {"abc": ("A", "B")}
+    assert mesh.node("B").groups == {"abc": ("A", "B", "C")}
+
+
+@pytest.mark.parametrize(("peers", "why"), [
+    ('"B"', "must be a list of node names"),
+    ('["Zed"]', "not in the file: ['Zed']"),
+])
+def test_a_bad_peers_list_is_a_config_error(tmp_path: Path, peers: str, why: str) -> None:
+    text = f'[nodes.A]\nbind = "tcp://127.0.0.1:1"\npeers = {peers}\n' \
+           '[nodes.B]\nbind = "tcp://127.0.0.1:2"\n'
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        MeshConfig.load(write(tmp_path, text))
 
 
 def test_node_overrides_beat_the_mesh_options(tmp_path: Path) -> None:
