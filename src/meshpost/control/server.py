@@ -222,7 +222,10 @@ class ControlServer:
     """Serves control requests for one node until its context exits."""
 
     def __init__(self, node: Node, *, subscriber_idle_s: float = SUBSCRIBER_IDLE_S,
-                 subscribers_max_bytes: int = SUBSCRIBERS_MAX_BYTES) -> None:
+                 subscribers_max_bytes: int = SUBSCRIBERS_MAX_BYTES,
+                 context: zmq.Context[Any] | None = None) -> None:
+        """`context`: a ZeroMQ context shared with other sockets of this process (a host of
+        many nodes); by default the server makes its own and terminates it on exit."""
         self.node = node
         self.endpoint = control_endpoint_for(node.config.data_dir)
         self.subscriber_idle_s = subscriber_idle_s
@@ -230,8 +233,9 @@ class ControlServer:
         # A plain socket read when its FD says so (as the transport does): requests already
         # waiting are taken in one go and replies sent at once, without asyncio's per-call
         # futures, which cost more than the rest of a pipelined `send --lines` request.
-        self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.ROUTER)
+        self._own_context = context is None
+        self._context: zmq.Context[Any] = context if context is not None else zmq.Context()
+        self._socket: zmq.Socket[bytes] = zmq.Socket(self._context, zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 100)
         # A reply to a client whose queue is full must wait, not vanish (a ROUTER drops it
         # silently otherwise): with ROUTER_MANDATORY the send says EAGAIN.
@@ -243,6 +247,11 @@ class ControlServer:
         self._node_events: asyncio.Queue[NodeEvent] | None = None
         self._fanout_task: asyncio.Task[None] | None = None
         self._store_trouble: asyncio.Future[int] | None = None
+        # Timers run only while there is something to watch: an idle node's control socket
+        # costs no wake-ups (a host keeps hundreds of them).
+        self._posts_waiting = 0
+        self._post_started = asyncio.Event()
+        self._subscribed = asyncio.Event()
         self._file = node.config.data_dir / ENDPOINT_FILE
         #: Broadcasts sent through this socket, by logical id (the newest BROADCASTS_KEPT).
         self._broadcasts: dict[str, BroadcastHandle] = {}
@@ -289,7 +298,8 @@ class ControlServer:
 
     def _close_socket(self) -> None:
         self._socket.close(0)
-        self._context.term()
+        if self._own_context:
+            self._context.term()
         path = self.endpoint[len("ipc://") :]
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -443,7 +453,12 @@ class ControlServer:
             self._store_trouble = asyncio.get_running_loop().create_future()
         trouble = self._store_trouble
         waiting: set[asyncio.Future[Any]] = {post, trouble}
-        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        self._posts_waiting += 1
+        self._post_started.set()
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._posts_waiting -= 1
         if post.done():
             return post.result()
         # The post stays with the writer (it is stored and sent once the store recovers):
@@ -464,6 +479,10 @@ class ControlServer:
     async def _watch_store(self) -> None:
         errors = self.node.snapshot_stats().store_errors
         while True:
+            if not self._posts_waiting:  # nothing waits for the store: sleep until a post does
+                self._post_started.clear()
+                await self._post_started.wait()
+                errors = self.node.snapshot_stats().store_errors
             await asyncio.sleep(STORE_CHECK_S)
             now = self.node.snapshot_stats().store_errors
             trouble = self._store_trouble
@@ -532,6 +551,7 @@ class ControlServer:
         sub = self._subscriptions.get(identity)
         if sub is None:
             sub = self._subscriptions[identity] = _Subscription(time.monotonic())
+            self._subscribed.set()
             self._ensure_fanout()
         sub.polling += 1
         try:
@@ -576,6 +596,9 @@ class ControlServer:
 
     async def _expire_idle(self) -> None:
         while True:
+            if not self._subscriptions:
+                self._subscribed.clear()
+                await self._subscribed.wait()
             await asyncio.sleep(max(0.05, self.subscriber_idle_s / 4))
             self.expire_idle(time.monotonic())
 

@@ -31,9 +31,13 @@ LOG_EVERY_S = 10.0
 #: Monitor events queued for the guard's thread; libzmq's own default (1,000) is too few for
 #: a burst of connections accepted and closed again.
 MONITOR_RCVHWM = 100_000
-_POLL_MS = 100
+#: The thread wakes on events, and on MONITOR_STOPPED when closed; this poll is only a safety
+#: net (an idle guard of each of a host's hundreds of nodes must not wake 10 times a second).
+_POLL_MS = 5_000
+#: How long `close()` waits for the thread (it wakes on MONITOR_STOPPED at once).
+_JOIN_S = 0.5
 _EVENTS = (zmq.EVENT_LISTENING | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
-           | zmq.EVENT_CLOSED)
+           | zmq.EVENT_CLOSED | zmq.EVENT_MONITOR_STOPPED)
 
 
 def default_inbound_cap(fd_limit: int) -> int:
@@ -94,6 +98,8 @@ class InboundGuard:
                         event = recv_monitor_message(monitor, zmq.NOBLOCK)
                     except zmq.Again:
                         break
+                    if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                        return
                     self._handle(event["event"], event["value"])
         except zmq.ZMQError as exc:  # the context went away under us
             if not self._stop.is_set():
@@ -144,11 +150,11 @@ class InboundGuard:
             self._logged_at, self._unlogged = now, 0
 
     def close(self) -> None:
-        """Stop watching (bounded by the thread's poll interval)."""
+        """Stop watching: the monitor's MONITOR_STOPPED wakes the thread, which ends."""
         self._stop.set()
         with contextlib.suppress(zmq.ZMQError):
             self._router.disable_monitor()
-        self._thread.join(timeout=5 * _POLL_MS / 1000)
+        self._thread.join(timeout=_JOIN_S)
 
     def __repr__(self) -> str:
         return (f"InboundGuard({self.name}, open={self.open}, cap={self.cap}, "
