@@ -373,6 +373,15 @@ class ClusterAlreadyRunning(ClusterError, kind="cluster_already_running",
         self.names = names
 
 
+class HostNotAnswering(ClusterError, kind="host_not_answering", exit_code=EXIT_NOT_RUNNING):
+    """A host of many nodes (`meshpost host`) has no endpoint or did not answer in time."""
+
+    def __init__(self, where: str, why: str) -> None:
+        super().__init__(f"the node host of {where} is not answering ({why}); see its log "
+                         "(hosts/NAME.log in the cluster folder)")
+        self.where = where
+
+
 class NodeNotStarted(ClusterError, kind="node_not_started", exit_code=EXIT_NODE_NOT_STARTED):
     """Nodes that did not answer on their control endpoint, each with the reason its log
     gives; the cluster stopped the others it had started."""

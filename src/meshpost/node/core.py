@@ -20,7 +20,7 @@ import secrets
 import threading
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import meshpost.probes as probes
 import meshpost.rules as rules
@@ -114,6 +114,9 @@ from meshpost.store import (
 )
 from meshpost.transport import Transport, ZmqTransport
 
+if TYPE_CHECKING:
+    import zmq.asyncio
+
 log = logging.getLogger(__name__)
 
 
@@ -197,8 +200,12 @@ class Node:
         crash_at: CrashPoint | None = None,
         curve_keys: tuple[bytes, bytes] | None = None,
         peer_public_keys: dict[str, bytes] | None = None,
+        zmq_context: zmq.asyncio.Context | None = None,
     ) -> None:
         self.config = config
+        #: The ZeroMQ context of the default transport (None: its own); a host of many
+        #: nodes shares one (one I/O thread, one socket table).
+        self._zmq_context = zmq_context
         self.name = config.name
         self.clock: Clock = clock or SystemClock()
         self.hlc = HybridLogicalClock(self.clock)
@@ -316,6 +323,7 @@ class Node:
                 peer_public_keys=self._peer_public_keys,
                 probe=self._probe,
                 max_inbound_connections=cfg.max_inbound_connections,
+                context=self._zmq_context,
             )
             self.endpoints = self._transport.bind(cfg.bind)
             for peer in cfg.peers:
