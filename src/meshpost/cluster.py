@@ -2,7 +2,8 @@
 
 Rule: readiness is observed, never assumed: a node counts as started when its control endpoint
 answers a status request; stopping is terminate, bounded wait, then kill. A pid from a state
-file counts only while /proc says it is still a meshpost node of that name.
+file counts only while /proc says it is still a meshpost node of that name (or the host
+process of that node: with `per_process`, `meshpost host` runs several nodes each).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -29,15 +31,21 @@ from meshpost.errors import (
     ClusterError,
     ClusterNotRunning,
     ControlUnavailable,
+    HostNotAnswering,
     MeshpostError,
     NodeNotStarted,
 )
+from meshpost.host import HostClient, HostReply
 
 STATE_FILE = "cluster.json"
 CONFIG_FILE = "mesh.toml"
 #: How long a node may take from spawn to answering its control endpoint.
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
+#: A host starts its nodes a few at a time: it gets this much more per node it runs.
+READY_S_PER_HOSTED_NODE = 0.5
+#: Subfolder of the cluster's folder for the hosts' endpoints and logs.
+HOSTS_DIR = "hosts"
 #: `cluster up`'s folder when no --data is given: beside, never inside, the per-name data dirs
 #: of nodes started by hand (`meshpost node A` keeps its data in .../meshpost/A).
 DEFAULT_CLUSTER_DIR = "cluster"
@@ -102,8 +110,10 @@ def write_mesh_config(
     data_dirs: Mapping[str, Path] | None = None,
     groups: Mapping[str, Sequence[str]] | None = None,
     options: Mapping[str, Any] | None = None,
+    peers: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
-    """Write a TOML mesh config: one [nodes.NAME] table per node."""
+    """Write a TOML mesh config: one [nodes.NAME] table per node (with `peers`, the nodes
+    each one lists: a partial mesh, `MeshConfig.linked`)."""
     lines: list[str] = []
     if options:
         lines.append("[mesh]")
@@ -114,6 +124,8 @@ def write_mesh_config(
         lines.append(f"bind = [{json.dumps(endpoint)}]")
         if data_dirs and name in data_dirs:
             lines.append(f"data = {json.dumps(str(data_dirs[name]))}")
+        if peers is not None and name in peers:
+            lines.append(f"peers = {json.dumps(list(peers[name]))}")
         lines.append("")
     if groups:
         lines.append("[groups]")
@@ -121,6 +133,19 @@ def write_mesh_config(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def random_peers(names: Sequence[str], k: int, *, seed: int = 7) -> dict[str, list[str]]:
+    """`k` other nodes for each node, drawn at random (the same for the same seed): the
+    `peers` lists of a partial mesh. Links are symmetric, so a node also talks to those that
+    drew it: about 2k links each."""
+    rng = random.Random(seed)
+    k = min(k, len(names) - 1)
+    out: dict[str, list[str]] = {}
+    for name in names:
+        others = rng.sample(names, k + 1)
+        out[name] = [n for n in others if n != name][:k]
+    return out
 
 
 def tcp_endpoints(names: Iterable[str], *, base_port: int | None = None) -> dict[str, str]:
@@ -252,6 +277,92 @@ class NodeProcess:
             return "(no log)"
 
 
+def node_answers(name: str, data_dir: Path, pid: int, timeout_s: float = 1.0) -> bool:
+    """True when node `name` answers on its control endpoint from process `pid`."""
+    with (
+        contextlib.suppress(ControlUnavailable),
+        ControlClient(data_dir, name=name) as client,
+    ):
+        reply = client.request(StatusRequest(), timeout_s=timeout_s)
+        return not isinstance(reply, ErrorReply) and reply.status.get("pid") == pid
+    return False
+
+
+@dataclasses.dataclass
+class HostProcess(NodeProcess):
+    """One `meshpost host` child process running `names` (a run of the mesh file's nodes);
+    `data_dir` is the host's folder (its endpoint), `node_dirs` each node's data dir."""
+
+    names: Sequence[str] = ()
+    node_dirs: Mapping[str, Path] = dataclasses.field(default_factory=dict)
+
+    def command(self) -> list[str]:
+        spec = f"{self.names[0]}..{self.names[-1]}" if len(self.names) > 1 else self.names[0]
+        return [
+            sys.executable, "-m", "meshpost", "host", "--config", str(self.config),
+            "--nodes", spec, "--folder", str(self.data_dir), *self.extra_args,
+        ]
+
+    def ready_timeout_s(self) -> float:
+        return READY_TIMEOUT_S + READY_S_PER_HOSTED_NODE * len(self.names)
+
+    def _answers(self) -> bool:
+        """True once this very host answers and none of its nodes is still starting."""
+        reply = self.host_status(timeout_s=1.0)
+        return (reply is not None and reply.pid == self.pid
+                and all(n.state != "starting" for n in reply.nodes))
+
+    def host_status(self, timeout_s: float = 2.0) -> HostReply | None:
+        with contextlib.suppress(HostNotAnswering), HostClient(self.data_dir) as client:
+            return client.request("status", timeout_s=timeout_s)
+        return None
+
+    def node_failures(self) -> dict[str, str]:
+        """Wait until the host has started every node; {name: why} for each one that does
+        not serve and answer on its control endpoint (every name if the host died)."""
+        why = self.not_ready_reason(self.ready_timeout_s())
+        if why is not None:
+            return dict.fromkeys(self.names, f"its host {self.name} {why}")
+        reply = self.host_status()
+        states = {n.name: n for n in reply.nodes} if reply is not None else {}
+        failures = {}
+        for name in self.names:
+            info = states.get(name)
+            if info is None or info.state != "serving":
+                failures[name] = (info.error or info.state) if info else "unknown to its host"
+                failures[name] += f" (host {self.name}, log {self.log_path})"
+            elif not node_answers(name, self.node_dirs[name], self.pid, timeout_s=5.0):
+                failures[name] = f"serving in host {self.name} but not answering its control socket"
+        return failures
+
+    def restart_node(self, name: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Restart node `name` inside this (running) host; `NodeNotStarted` if it fails."""
+        with HostClient(self.data_dir) as client:
+            reply = client.request("restart", name, timeout_s=timeout_s)
+        info = next((n for n in reply.nodes if n.name == name), None)
+        if reply.error or info is None or info.state != "serving":
+            raise NodeNotStarted({name: reply.error or (info.error if info else None)
+                                  or "not serving after its restart"})
+
+
+def is_host_process(pid: int) -> bool:
+    """True while `pid` runs `meshpost host` (a recorded pid may have been reused)."""
+    argv = _argv(pid)
+    return argv is None or (b"meshpost" in b" ".join(argv) and b"host" in argv)
+
+
+def _argv(pid: int) -> list[bytes] | None:
+    """`pid`'s argv; [] when it is gone or not ours, None when /proc cannot say."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return []
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+
+
 @dataclasses.dataclass
 class LocalCluster:
     """N node processes on this machine sharing one generated mesh config."""
@@ -264,6 +375,11 @@ class LocalCluster:
     extra_args: Sequence[str] = ()
     env: Mapping[str, str] | None = None
     nodes: dict[str, NodeProcess] = dataclasses.field(default_factory=dict)
+    #: Nodes per `meshpost host` process (None: a process per node, in `nodes`).
+    per_process: int | None = None
+    #: Each node's `peers` list (None: a full mesh).
+    peers: Mapping[str, Sequence[str]] | None = None
+    hosts: dict[str, HostProcess] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def create(
@@ -275,9 +391,16 @@ class LocalCluster:
         base_port: int | None = None,
         options: Mapping[str, Any] | None = None,
         names: Sequence[str] | None = None,
+        peers_per_node: int | None = None,
+        seed: int = 7,
         **kwargs: Any,
     ) -> LocalCluster:
+        """A cluster of `count` nodes in `root` (config written, nothing started). With
+        `peers_per_node` k, each node lists k random others (`random_peers`): a partial
+        mesh; with `per_process` K (a keyword), K nodes run in each `meshpost host`."""
         names = list(names) if names else node_names(count)
+        if peers_per_node is not None:
+            kwargs["peers"] = random_peers(names, peers_per_node, seed=seed)
         root.mkdir(parents=True, exist_ok=True)
         if transport == "ipc":
             endpoints = {n: f"ipc://{root.resolve()}/{n}.sock" for n in names}
@@ -298,8 +421,33 @@ class LocalCluster:
         write_mesh_config(
             self.config_path, self.endpoints,
             data_dirs={n: self.data_dir(n) for n in self.names},
-            groups=self.groups, options=self.options,
+            groups=self.groups, options=self.options, peers=self.peers,
         )
+
+    def host_names(self) -> dict[str, list[str]]:
+        """Host name -> the run of nodes it hosts (with `per_process`)."""
+        k = self.per_process or 1
+        runs = [self.names[i : i + k] for i in range(0, len(self.names), k)]
+        width = len(str(len(runs)))
+        return {f"h{i:0{width}d}": run for i, run in enumerate(runs, 1)}
+
+    def host_of(self, name: str) -> HostProcess:
+        """The host process of node `name` (a new handle if it is not running)."""
+        hname = next(h for h, run in self.host_names().items() if name in run)
+        return self.host(hname)
+
+    def host(self, hname: str) -> HostProcess:
+        host = self.hosts.get(hname)
+        if host is None or not host.alive():
+            if host is not None:
+                host.stop()
+            run = self.host_names()[hname]
+            host = HostProcess(
+                hname, self.config_path, self.root / HOSTS_DIR / hname,
+                self.root / HOSTS_DIR / f"{hname}.log", extra_args=self.extra_args,
+                env=self.env, names=run, node_dirs={n: self.data_dir(n) for n in run})
+            self.hosts[hname] = host
+        return host
 
     def process(self, name: str) -> NodeProcess:
         node = self.nodes.get(name)
@@ -315,7 +463,19 @@ class LocalCluster:
 
     def start(self, names: Iterable[str] | None = None, *, wait: bool = True) -> None:
         """Spawn the nodes; with `wait`, raise `NodeNotStarted` naming every node that did not
-        become ready and why (the ones that did keep running: the caller decides)."""
+        become ready and why (the ones that did keep running: the caller decides). With
+        `per_process`, the hosts of those nodes start (each with its whole run of nodes)."""
+        if self.per_process:
+            wanted = set(names or self.names)
+            hosts = [self.host(h).start() for h, run in self.host_names().items()
+                     if wanted & set(run)]
+            if wait:
+                failures: dict[str, str] = {}
+                for host in hosts:
+                    failures.update(host.node_failures())
+                if failures:
+                    raise NodeNotStarted(failures)
+            return
         started = [self.process(n).start() for n in (names or self.names)]
         if wait:
             failures = {}
@@ -327,6 +487,17 @@ class LocalCluster:
                 raise NodeNotStarted(failures)
 
     def restart(self, name: str) -> NodeProcess:
+        """Stop node `name` and start it again; with `per_process`, inside its host if that
+        runs, else its whole host process starts again. Returns the process it runs in."""
+        if self.per_process:
+            host = self.host_of(name)
+            if host.process is not None:
+                host.restart_node(name)
+                return host
+            failures = host.start().node_failures()
+            if failures:
+                raise NodeNotStarted(failures)
+            return host
         old = self.nodes.pop(name, None)
         if old is not None:
             old.stop()
@@ -335,7 +506,14 @@ class LocalCluster:
         return node
 
     def stop(self, names: Iterable[str] | None = None) -> dict[str, int | None]:
-        codes = {}
+        """Stop the nodes (all by default); a host stops with all of its nodes."""
+        codes: dict[str, int | None] = {}
+        wanted = set(names or self.names)
+        for hname, run in self.host_names().items() if self.hosts else ():
+            host = self.hosts.get(hname)
+            if host is not None and wanted & set(run):
+                code = host.stop()
+                codes.update(dict.fromkeys(run, code))
         for name in list(names or self.nodes):
             node = self.nodes.get(name)
             if node is not None:
@@ -343,13 +521,22 @@ class LocalCluster:
         return codes
 
     def save_state(self) -> Path:
-        state = {
+        state: dict[str, Any] = {
             "config": str(self.config_path),
             "extra_args": list(self.extra_args),
             "nodes": {n: {"pid": p.pid, "endpoint": self.endpoints[n],
                           "data": str(self.data_dir(n)), "log": str(p.log_path)}
                       for n, p in self.nodes.items()},
         }
+        if self.hosts:
+            state["hosts"] = {h: {"pid": p.pid, "names": list(p.names),
+                                  "folder": str(p.data_dir), "log": str(p.log_path)}
+                              for h, p in self.hosts.items()}
+            for h, p in self.hosts.items():
+                for n in p.names:
+                    state["nodes"][n] = {"pid": p.pid, "endpoint": self.endpoints[n],
+                                         "data": str(self.data_dir(n)),
+                                         "log": str(p.log_path), "host": h}
         path = self.root / STATE_FILE
         path.write_text(json.dumps(state, indent=2), encoding="utf-8")
         return path
@@ -387,14 +574,19 @@ def is_node_process(pid: int, name: str) -> bool:
     return b"meshpost" in b" ".join(argv) and b"node" in argv and name.encode() in argv
 
 
+def _runs(name: str, info: Mapping[str, Any]) -> bool:
+    """True while the recorded process of node `name` (its own, or its host) still runs."""
+    pid = int(info["pid"])
+    return is_host_process(pid) if "host" in info else is_node_process(pid, name)
+
+
 def running_nodes(root: Path) -> list[str]:
     """Names of the recorded nodes whose processes still run ([] when nothing is recorded)."""
     try:
         state = read_state(root)
     except ClusterNotRunning:
         return []
-    return [name for name, info in state["nodes"].items()
-            if is_node_process(int(info["pid"]), name)]
+    return [name for name, info in state["nodes"].items() if _runs(name, info)]
 
 
 def refuse_if_running(root: Path) -> None:
@@ -423,7 +615,7 @@ def cluster_status(root: Path) -> list[NodeState]:
     for name, info in state["nodes"].items():
         pid = int(info["pid"])
         what = "stopped"
-        if is_node_process(pid, name):
+        if _runs(name, info):
             what = "not answering"
             with (
                 contextlib.suppress(MeshpostError),
@@ -443,6 +635,8 @@ def restart_from_state(root: Path, name: str, timeout_s: float = STOP_TIMEOUT_S)
     if info is None:
         known = ", ".join(state["nodes"]) or "none"
         raise ClusterError(f"the cluster in {root} has no node {name!r} (nodes: {known})")
+    if "host" in info:
+        return _restart_hosted(root, state, name)
     pid = int(info["pid"])
     if is_node_process(pid, name):
         _stop_pid(pid, timeout_s)
@@ -458,12 +652,44 @@ def restart_from_state(root: Path, name: str, timeout_s: float = STOP_TIMEOUT_S)
     return NodeState(name, node.pid, info["endpoint"], info["data"], info["log"], "ready")
 
 
+def _restart_hosted(root: Path, state: dict[str, Any], name: str) -> NodeState:
+    """Restart hosted node `name` inside its host when that runs; otherwise start its whole
+    host again (every node of that host restarts), and record the host's new pid."""
+    info = state["nodes"][name]
+    hname = info["host"]
+    rec = state["hosts"][hname]
+    host = HostProcess(hname, Path(state["config"]), Path(rec["folder"]), Path(rec["log"]),
+                       extra_args=state.get("extra_args", ()), names=rec["names"],
+                       node_dirs={n: Path(state["nodes"][n]["data"]) for n in rec["names"]})
+    if is_host_process(int(rec["pid"])):
+        host.restart_node(name)
+        return NodeState(name, int(rec["pid"]), info["endpoint"], info["data"], info["log"],
+                         "ready")
+    failures = host.start().node_failures()
+    if failures:
+        host.stop()
+        raise NodeNotStarted(failures)
+    host.detach()
+    rec["pid"] = host.pid
+    for n in rec["names"]:
+        state["nodes"][n]["pid"] = host.pid
+    (root / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+    return NodeState(name, host.pid, info["endpoint"], info["data"], info["log"], "ready")
+
+
 def stop_from_state(root: Path, timeout_s: float = STOP_TIMEOUT_S) -> dict[str, str]:
-    """Stop the nodes `cluster up` recorded in `root`; return what happened to each."""
+    """Stop the nodes `cluster up` recorded in `root`; return what happened to each (a
+    hosted node: what happened to its host)."""
     state = read_state(root)
-    outcome = {}
+    outcome: dict[str, str] = {}
+    hosts: dict[int, str] = {}
     for name, info in state["nodes"].items():
         pid = int(info["pid"])
+        if "host" in info:
+            if pid not in hosts:
+                hosts[pid] = _stop_pid(pid, timeout_s) if _runs(name, info) else "not running"
+            outcome[name] = hosts[pid]
+            continue
         outcome[name] = _stop_pid(pid, timeout_s) if is_node_process(pid, name) else "not running"
     (root / STATE_FILE).unlink()
     return outcome

@@ -381,3 +381,32 @@ class HostClient:
 def node_configs(mesh: MeshConfig, names: Iterable[str], **overrides: Any) -> list[NodeConfig]:
     """The `NodeConfig` of each named node of `mesh`, with the same overrides for each."""
     return [mesh.node(name, **overrides) for name in names]
+
+
+def load_keys(configs: Iterable[NodeConfig]) -> dict[str, tuple[tuple[bytes, bytes],
+                                                                dict[str, bytes]]]:
+    """Each secure node's CURVE key pair and authorized peer keys, from its data dir."""
+    from meshpost import keys
+
+    return {c.name: (keys.load_own(c.data_dir), keys.load_authorized(c.data_dir))
+            for c in configs if c.secure}
+
+
+async def run_host(configs: Sequence[NodeConfig], *, folder: Path | None) -> None:
+    """`meshpost host`: run the nodes until SIGINT or SIGTERM. Raises `NodeNotStarted` when
+    not one of them could start (each with its reason); otherwise failures are logged and
+    the others serve."""
+    import signal
+
+    from meshpost.errors import NodeNotStarted
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # once for the process, not per node
+        loop.add_signal_handler(sig, stop.set)
+    async with NodeHost(configs, folder=folder, curve_keys=load_keys(configs)) as host:
+        if not host.serving:
+            raise NodeNotStarted({h.name: h.error or h.state.value
+                                  for h in host.nodes.values()})
+        await host.serve(stop)
+        log.info("host: shutting down %d nodes", len(host.serving))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from meshpost.cli.bench import add_bench
-from meshpost.cli.cluster import add_cluster
+from meshpost.cli.cluster import add_cluster, add_host
 from meshpost.cli.demo import add_demo, add_pipeline
 from meshpost.cli.history import add_history, add_tail
 from meshpost.cli.keys import add_keys
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_group(sub)
     add_tail(sub)
     add_attach(sub)
+    add_host(sub)
     add_cluster(sub)
     add_keys(sub)
     add_demo(sub)
