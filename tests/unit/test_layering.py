@@ -8,7 +8,8 @@ The layers, top to bottom (docs/architecture.md draws them):
 
     cli, __main__
     demo, bench               (bench's own modules are layered too: BENCH_RANKS)
-    cluster, console, remote, timeline
+    cluster                   (starts `meshpost host` processes and asks them through host)
+    host, console, remote, timeline
     control (package: messages, server, client), verify, keys, text, gateway, discovery
     node                      (the `meshpost` package facade re-exports it)
     store, transport, rules
@@ -49,15 +50,16 @@ RANKS: dict[str, int] = {
     "text": 6,
     "gateway": 6,
     "discovery": 6,
-    "cluster": 7,
+    "host": 7,
     "console": 7,
     "remote": 7,
     "timeline": 7,
-    "demo": 8,
-    "pipeline": 8,
-    "bench": 8,
-    "cli": 9,
-    "__main__": 10,
+    "cluster": 8,
+    "demo": 9,
+    "pipeline": 9,
+    "bench": 9,
+    "cli": 10,
+    "__main__": 11,
 }
 
 #: Standard-library and third-party modules that mean I/O, threads or real time.
@@ -260,11 +262,12 @@ BENCH_RANKS: dict[str, int] = {
     "servers": 1,
     "drive": 2,
     "report": 2,
-    "children": 3,
-    "runner": 4,
-    "scenarios": 5,
-    "": 6,
-    "__main__": 7,
+    "hosting": 3,
+    "children": 4,
+    "runner": 5,
+    "scenarios": 6,
+    "": 7,
+    "__main__": 8,
 }
 
 

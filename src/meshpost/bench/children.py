@@ -190,6 +190,13 @@ def _driver_role(args: list[str]) -> None:
     run_async(driver(Path(args[0]), args[1], Path(args[2])), "--uvloop" in args[3:])
 
 
+def _host_driver_role(args: list[str]) -> None:
+    from meshpost.bench.hosting import host_driver
+    from meshpost.bench.support import run_async
+
+    run_async(host_driver(Path(args[0]), args[1]), "--uvloop" in args[2:])
+
+
 def _timeline_peer_role(args: list[str]) -> None:
     from meshpost.bench.drive import timeline_peer
     from meshpost.bench.support import run_async
@@ -208,6 +215,7 @@ ROLES: dict[str, Callable[[list[str]], None]] = {
     "raw-echo": lambda args: raw_echo(args[0]),
     "mqtt-sub": lambda args: mqtt_sub(int(args[0]), args[1], int(args[2])),
     "driver": _driver_role,
+    "host-driver": _host_driver_role,
     "timeline-peer": _timeline_peer_role,
 }
 

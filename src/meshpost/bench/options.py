@@ -98,6 +98,14 @@ class BenchOptions:
     keep: bool = False
     seed: int = 7
     command: str = ""
+    #: mesh: nodes per helper process (a `NodeHost` each); None: a process per node.
+    per_process: int | None = None
+    #: mesh: each node lists and sends to this many random peers (a partial mesh with the
+    #: node's default timers); None: every node, timers stretched above 20 nodes.
+    fanout: int | None = None
+    #: mesh: seconds the whole mesh's CPU is measured with nothing to send, after the run
+    #: (None: 20 with `per_process`, else none).
+    idle_s: float | None = None
 
 
 def allowance(messages: int) -> float:
@@ -146,5 +154,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         use_uvloop=args.uvloop, keep=args.keep, seed=args.seed,
         window=getattr(args, "window", None), repeat=max(1, getattr(args, "repeat", 3)),
         hog=max(0, getattr(args, "hog", 0)),
+        per_process=getattr(args, "per_process", None), fanout=getattr(args, "fanout", None),
+        idle_s=getattr(args, "idle_seconds", None),
         command=" ".join(["meshpost bench", *sys.argv[2:]]),
     )

@@ -104,6 +104,14 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
                          "; ".join(f"{kind} {us:,.0f} µs ({us / total:.0%})"
                                    for kind, us in f["kinds_p50_us"].items())
                          + f" ({f['usual']:,} of {f['sends']:,} sends in the usual order)"))
+        elif name == "mesh" and "per_process" in f:
+            idle = f.get("idle_cpu_pct_of_core")
+            rows.append((f"mesh {f['nodes']} nodes, {f['per_process']}/process, "
+                         f"{f['fanout']} peers each", _fmt_rate(f["msgs_per_s"]),
+                         f"CPU {f['cpu_us_per_msg']:.1f} µs/msg; RSS {f['rss_mb_per_node']:.1f}"
+                         " MB/node" + (f"; idle {idle:.1f}% of a core over {f['idle_s']:g} s"
+                                       if idle is not None else "")
+                         + f"; latency p50/p90/p99/p99.9 {_fmt_lat(f['latency_us'])} µs"))
         elif name == "mesh":
             rows.append((f"mesh {f['nodes']} nodes, latency-bound", _fmt_rate(f["msgs_per_s"]),
                          f"latency p50/p90/p99/p99.9 {_fmt_lat(f['latency_us'])} µs"))

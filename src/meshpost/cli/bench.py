@@ -48,4 +48,12 @@ def add_bench(sub: Subcommands) -> None:
                    "CPU hog, stopped after each run): retransmissions per message under load")
     p.add_argument("--keep", action="store_true", help="keep the nodes' work files")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--per-process", type=int, metavar="K",
+                   help="mesh: K nodes in each helper process (many nodes on few cores)")
+    p.add_argument("--fanout", type=int, metavar="k",
+                   help="mesh: each node sends to k random peers (a partial mesh, default "
+                   "timers) instead of all")
+    p.add_argument("--idle-seconds", type=float, metavar="S",
+                   help="mesh: measure the whole mesh's CPU over S seconds with nothing to "
+                   "send (default 20 with --per-process)")
     p.set_defaults(func=cmd_bench)
