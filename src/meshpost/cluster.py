@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from meshpost.config import default_data_dir
 from meshpost.control import ControlClient, ErrorReply, StatusRequest
@@ -177,7 +177,7 @@ class NodeProcess:
             *self.extra_args,
         ]
 
-    def start(self) -> NodeProcess:
+    def start(self) -> Self:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, **(self.env or {})}
@@ -253,6 +253,11 @@ class NodeProcess:
                 code = self.process.returncode
         self._close_log()
         return code
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting (`stop` then waits)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         """kill -9: no cleanup at all, as a crash would."""
@@ -509,11 +514,12 @@ class LocalCluster:
         """Stop the nodes (all by default); a host stops with all of its nodes."""
         codes: dict[str, int | None] = {}
         wanted = set(names or self.names)
-        for hname, run in self.host_names().items() if self.hosts else ():
-            host = self.hosts.get(hname)
-            if host is not None and wanted & set(run):
-                code = host.stop()
-                codes.update(dict.fromkeys(run, code))
+        hosts = [(h, run) for h, run in self.host_names().items()
+                 if h in self.hosts and wanted & set(run)] if self.hosts else []
+        for hname, _ in hosts:  # all told at once: each takes a while to close its nodes
+            self.hosts[hname].terminate()
+        for hname, run in hosts:
+            codes.update(dict.fromkeys(run, self.hosts[hname].stop()))
         for name in list(names or self.nodes):
             node = self.nodes.get(name)
             if node is not None:
@@ -682,16 +688,39 @@ def stop_from_state(root: Path, timeout_s: float = STOP_TIMEOUT_S) -> dict[str, 
     hosted node: what happened to its host)."""
     state = read_state(root)
     outcome: dict[str, str] = {}
-    hosts: dict[int, str] = {}
+    # Hosts first, all told at once: each takes a while to close its nodes.
+    hosts = {int(info["pid"]) for name, info in state["nodes"].items()
+             if "host" in info and _runs(name, info)}
+    stopped = _stop_pids(hosts, timeout_s)
     for name, info in state["nodes"].items():
         pid = int(info["pid"])
         if "host" in info:
-            if pid not in hosts:
-                hosts[pid] = _stop_pid(pid, timeout_s) if _runs(name, info) else "not running"
-            outcome[name] = hosts[pid]
+            outcome[name] = stopped.get(pid, "not running")
             continue
         outcome[name] = _stop_pid(pid, timeout_s) if is_node_process(pid, name) else "not running"
     (root / STATE_FILE).unlink()
+    return outcome
+
+
+def _stop_pids(pids: Iterable[int], timeout_s: float) -> dict[int, str]:
+    """SIGTERM every pid, wait for all within `timeout_s`, SIGKILL those left."""
+    outcome: dict[int, str] = {}
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            outcome[pid] = "stopped"
+        except ProcessLookupError:
+            outcome[pid] = "not running"
+    deadline = time.monotonic() + timeout_s
+    waiting = [p for p, what in outcome.items() if what == "stopped"]
+    while waiting and time.monotonic() < deadline:
+        waiting = [p for p in waiting if _exists(p)]
+        if waiting:
+            time.sleep(0.05)
+    for pid in waiting:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        outcome[pid] = "killed"
     return outcome
 
 

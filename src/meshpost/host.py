@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 import zmq
@@ -316,8 +316,8 @@ class NodeHost:
                     identity, data = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     readable.clear()
-                    if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator]
-                        continue
+                    if cast("int", sock.getsockopt(zmq.EVENTS)) & int(zmq.POLLIN):
+                        continue  # ZMQ_FD is edge-triggered: look before sleeping
                     await readable.wait()
                     continue
                 except ValueError:  # not [identity, payload]: not ours to answer

@@ -95,3 +95,30 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
     cpu_send = latency["cpu_us_per_send_normal"]
     assert (f"CPU {cpu_send['total']:,.0f} µs/send (A {cpu_send['A']:,.0f}, "
             f"B {cpu_send['B']:,.0f})") in summary
+
+
+def test_bench_mesh_hosts_nodes_per_process_sends_to_k_peers_and_measures_the_idle_mesh(
+    short_tmp: Path,
+) -> None:
+    out = short_tmp / "results"
+    result_file = out / "run.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshpost", "bench", "mesh", "--nodes", "12",
+         "--per-process", "5", "--fanout", "2", "--mesh-messages", "40", "--idle-seconds", "1",
+         "--transport", "ipc", "--out", str(out), "--json", str(result_file)],
+        capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    mesh = json.loads(result_file.read_text(encoding="utf-8"))["scenarios"]["mesh"]
+    assert mesh["status"] == "ok", mesh
+    assert "sent=480 delivered=480 pending=0" in mesh["verify"]
+    assert "received=480 lost=0 duplicated=0 phantom=0 mismatched=0" in mesh["verify"]
+    f = mesh["figures"]
+    # 12 nodes, 5 to a process: 3 processes; k peers each, at the node's default timers.
+    assert (f["nodes"], f["per_process"], f["processes"], f["fanout"]) == (12, 5, 3, 2)
+    assert "ping_interval_s" not in f and f["messages"] == 480
+    assert f["cpu_us_per_msg"] > 0 and f["rss_mb_per_node"] > 0
+    assert f["idle_s"] == 1 and f["idle_cpu_pct_of_core"] >= 0
+    summary = (out / "latest.md").read_text(encoding="utf-8")
+    assert "| mesh 12 nodes, 5/process, 2 peers each |" in summary
+    assert "MB/node; idle" in summary

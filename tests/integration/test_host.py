@@ -1,0 +1,221 @@
+"""Many nodes per process (issue 20 item 4): each hosted node keeps its own store, identity,
+endpoint and control socket; one that cannot start is reported and the others serve; a host
+killed with -9 comes back with nothing lost or stored twice (the fault battery's checker)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshpost.cluster import LocalCluster, cluster_status, read_state, restart_from_state
+from meshpost.config import MeshConfig, NodeConfig
+from meshpost.control import ControlClient, SendRequest, StatusRequest, checked
+from meshpost.errors import ControlUnavailable
+from meshpost.host import HostClient, HostedState, NodeHost, node_configs
+from meshpost.store import Store, StoreReader
+
+from .conftest import wait_until
+from .faults.checker import Ledger, evaluate
+
+pytestmark = pytest.mark.integration
+
+#: Quick liveness so that a killed host is noticed and its peers' messages retried at once.
+FAST = {"ping_interval_s": 0.2, "peer_timeout_s": 1.5, "retransmit_initial_s": 0.2,
+        "retransmit_max_s": 1.0, "sync": "normal"}
+CLI_TIMEOUT_S = 60
+
+
+def meshpost(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meshpost", *args], capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT_S, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+class Observer:
+    """Sends through nodes' control sockets and writes what it saw in the checker's ledger."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.ledger = Ledger()
+        self.count = 0
+
+    def send(self, sender: str, to: str, *, receipt_timeout_s: float = 15.0) -> bool:
+        self.count += 1
+        (attempt,) = self.ledger.attempt(sender, [to], f"{sender}>{to} #{self.count}")
+        with ControlClient(self.cluster.data_dir(sender), name=sender) as client:
+            reply = checked(client.request(SendRequest(to, attempt.body, receipt_timeout_s),
+                                           timeout_s=receipt_timeout_s + 15))
+        (result,) = reply.sent
+        attempt.accept(result.id, result.seq, result.sent_at_ns)
+        attempt.receipted = result.delivered
+        return result.delivered
+
+    def pending(self) -> int:
+        total = 0
+        for name in self.cluster.names:
+            with StoreReader.for_data_dir(self.cluster.data_dir(name)) as reader:
+                total += reader.counts().get("out/pending", 0)
+        return total
+
+
+def test_hosted_nodes_exchange_within_and_across_hosts_and_a_killed_host_loses_nothing(
+    short_tmp: Path,
+) -> None:
+    cluster = LocalCluster.create(short_tmp, 20, transport="ipc", options=FAST,
+                                  per_process=10)
+    h1, h2 = cluster.host_names()  # A..J and K..T
+    observer = Observer(cluster)
+    try:
+        cluster.start()
+        pids = {h.pid for h in cluster.hosts.values()}
+        assert len(pids) == 2, "20 nodes in 2 processes"
+        # Each node is itself: its own id, its own store, the host's pid on its control socket.
+        ids = set()
+        for name in ("A", "J", "K", "T"):
+            with ControlClient(cluster.data_dir(name), name=name) as client:
+                status = checked(client.request(StatusRequest(), timeout_s=10)).status
+            assert status["name"] == name and status["pid"] in pids
+            assert Path(status["data_dir"]) == cluster.data_dir(name)
+            ids.add(status["node_id"])
+        assert len(ids) == 4
+
+        pairs = [("A", "B"), ("B", "J"), ("K", "T"), ("A", "T"), ("T", "A"), ("J", "K")]
+        for sender, to in pairs * 3:  # in one host, and across hosts, both ways
+            assert observer.send(sender, to), f"{sender}->{to} receipted"
+
+        # A CLI command against a hosted node works as against a lone one.
+        sent = meshpost("send", "--node", "C", "--data", str(cluster.data_dir("C")),
+                        "--to", "S", "from the CLI")
+        assert sent.returncode == 0, sent.stderr
+        history = meshpost("history", "--node", "S", "--data", str(cluster.data_dir("S")))
+        assert history.returncode == 0 and "from the CLI" in history.stdout
+        peers = meshpost("peers", "--node", "S", "--data", str(cluster.data_dir("S")))
+        assert peers.returncode == 0 and "connected" in peers.stdout
+        observer.ledger.attempt("C", ["S"], "from the CLI")[0].accept()
+
+        # kill -9 the host of A..J while K..T send to it: their messages wait in K..T's stores.
+        cluster.hosts[h1].kill()
+        for sender, to in [("K", "A"), ("T", "J"), ("L", "B")] * 2:
+            assert not observer.send(sender, to, receipt_timeout_s=0.5)
+        assert observer.pending() >= 6
+        host = cluster.restart("A")  # its host is dead: the whole host starts again
+        assert host.name == h1 and host.pid not in pids
+        wait_until(lambda: observer.pending() == 0, 60, "every pending message receipted")
+        assert observer.send("A", "K") and observer.send("K", "A")
+    finally:
+        cluster.stop()
+    counts = evaluate("hosted", observer.ledger, {n: cluster.data_dir(n) for n in cluster.names})
+    assert counts.clean, counts.line() + "\n" + "\n".join(counts.problems)
+    assert counts.stored == counts.attempted == len(observer.ledger)
+    assert not [h for h in [h1, h2] if cluster.hosts[h].alive()]
+
+
+async def _host(configs: list[NodeConfig], folder: Path | None = None) -> NodeHost:
+    host = NodeHost(configs, folder=folder)
+    await host.start()
+    return host
+
+
+def test_a_node_that_cannot_start_is_reported_and_counted_and_the_others_serve(
+    short_tmp: Path,
+) -> None:
+    cluster = LocalCluster.create(short_tmp, 4, options=FAST)
+    mesh = MeshConfig.load(cluster.config_path)
+    port = int(cluster.endpoints["B"].rsplit(":", 1)[1])
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", port))  # B's port is in use
+    taken.listen()
+    locked = Store.open(cluster.data_dir("C"), name="C")  # C's store is held by another
+
+    async def scenario() -> None:
+        host = await _host(node_configs(mesh, cluster.names), short_tmp / "host")
+        try:
+            assert host.serving == ["A", "D"]
+            assert host.failures == 2
+            assert host.nodes["B"].state is HostedState.FAILED
+            assert "in use" in (host.nodes["B"].error or "")
+            assert "locked" in (host.nodes["C"].error or "").lower()
+            a, d = host.nodes["A"].node, host.nodes["D"].node
+            assert a is not None and d is not None
+            receipt = await a.send("D", "the others serve", timeout_s=15)
+            assert receipt.to == "D"
+            # The host endpoint tells the same, and restarts C in place once it is free.
+            locked.close()
+            reply = await asyncio.to_thread(_restart_through_endpoint, short_tmp / "host", "C")
+            states = {n.name: n.state for n in reply.nodes}
+            assert states == {"A": "serving", "B": "failed", "C": "serving", "D": "serving"}
+            assert reply.error is None and reply.failures == 2
+            c = host.nodes["C"].node
+            assert c is not None
+            assert (await c.send("A", "back", timeout_s=15)).to == "A"
+        finally:
+            await host.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        taken.close()
+        locked.close()
+
+
+def _restart_through_endpoint(folder: Path, name: str):  # type: ignore[no-untyped-def]
+    with HostClient(folder) as client:
+        return client.request("restart", name, timeout_s=30)
+
+
+def test_cluster_up_per_process_status_restart_in_place_and_down(short_tmp: Path) -> None:
+    root = str(short_tmp)
+    up = meshpost("cluster", "up", "4", "--per-process", "2", "--peers-per-node", "1",
+                  "--transport", "ipc", "--data", root)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "started 4 nodes in 2 processes" in up.stdout
+        state = read_state(short_tmp)
+        assert state["nodes"]["A"]["pid"] == state["nodes"]["B"]["pid"] != \
+            state["nodes"]["C"]["pid"]
+        assert [n.state for n in cluster_status(short_tmp)] == ["ready"] * 4
+        with ControlClient(short_tmp / "B", name="B") as client:
+            before = checked(client.request(StatusRequest(), timeout_s=10)).status
+        restarted = restart_from_state(short_tmp, "B")  # inside its running host
+        assert restarted.pid == before["pid"]
+        with ControlClient(short_tmp / "B", name="B") as client:
+            after = checked(client.request(StatusRequest(), timeout_s=10)).status
+        assert after["node_id"] == before["node_id"] and after["pid"] == before["pid"]
+        status = meshpost("cluster", "status", "--data", root)
+        assert status.returncode == 0 and status.stdout.count("ready") == 4
+    finally:
+        down = meshpost("cluster", "down", "--data", root)
+    assert down.returncode == 0, down.stderr
+    assert down.stdout.count("stopped") == 4
+    for name in "ABCD":
+        with pytest.raises(ControlUnavailable):
+            ControlClient(short_tmp / name, name=name).request(StatusRequest(), timeout_s=2)
+    assert not any(_alive(int(p)) for p in {state["nodes"][n]["pid"] for n in "ABCD"})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_host_signal_stops_every_node_it_runs(short_tmp: Path) -> None:
+    cluster = LocalCluster.create(short_tmp, 3, transport="ipc", options=FAST, per_process=3)
+    try:
+        cluster.start()
+        host = next(iter(cluster.hosts.values()))
+        os.kill(host.pid, signal.SIGTERM)
+        assert host.process is not None and host.process.wait(30) == 0
+        assert "shutting down 3 nodes" in host.log_path.read_text()
+    finally:
+        cluster.stop()
