@@ -9,6 +9,7 @@ import errno
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,6 +67,29 @@ def test_an_abandoned_subscription_expires_and_the_node_stops_publishing_to_it(
                 # The client goes away without saying so (as a killed `attach` does).
             await _until(lambda: server.subscriber_count == 0, "the idle subscriber to expire")
             assert server.expired == 1
+
+    asyncio.run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT_S))
+
+
+def test_an_idle_control_server_does_not_wake_to_watch_the_store(short_tmp: Path) -> None:
+    """A host keeps hundreds of control servers: one with no send waiting for the store and
+    no subscriber must cost no timer wake-ups (the store watch polled 4 times a second)."""
+    config = _configs(short_tmp)["A"]
+
+    async def scenario() -> None:
+        async with Node(config) as node:
+            looks = 0
+            stats = node.snapshot_stats
+
+            def counted() -> Any:
+                nonlocal looks
+                looks += 1
+                return stats()
+
+            node.snapshot_stats = counted  # type: ignore[method-assign]
+            async with ControlServer(node):
+                await asyncio.sleep(4 * server_module.STORE_CHECK_S)
+                assert looks == 1, "only the baseline, read when the watch started"
 
     asyncio.run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT_S))
 
