@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 #: ROUTER, the inbound guard's monitor pair, its control socket, and some to spare. The shared
 #: context's MAX_SOCKETS (libzmq's default 1,023) is raised to what the hosted nodes need.
 SOCKETS_PER_NODE = 8
+#: Descriptors a node holds besides 3 per peer (a DEALER's connection and mailbox, the peer's
+#: inbound connection): store, WAL, shared memory, lock, readers, ROUTER, control, guard.
+FDS_PER_NODE = 12
+FDS_PER_PEER = 3
 #: Nodes started at once: starting opens a store and reads it on a thread each.
 START_CONCURRENCY = 8
 #: How long `restart` waits for a node to stop and for it to serve again.
@@ -163,6 +167,13 @@ class NodeHost:
         if len(set(dirs)) != len(dirs):
             raise ConfigError("two hosted nodes share a data dir: each needs its own store")
         fd_limit = raise_fd_limit()[1]
+        need = sum(FDS_PER_NODE + FDS_PER_PEER * len(c.peers) for c in configs)
+        if need > fd_limit:
+            # A warning, not a refusal: links that open lazily need far fewer than this.
+            log.warning("host: %d nodes with %d peers in all may need about %d descriptors, "
+                        "beyond this process's limit of %d; host fewer nodes per process or "
+                        "give each fewer peers (`peers = [...]`, --peers-per-node)",
+                        len(configs), sum(len(c.peers) for c in configs), need, fd_limit)
         # The nodes share the descriptor limit: each one's inbound cap gets its share.
         share = max(FD_HEADROOM, fd_limit // max(1, len(configs)))
         self.nodes: dict[str, HostedNode] = {

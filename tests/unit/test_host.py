@@ -6,10 +6,20 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import zmq
 
 from meshpost.config import MeshConfig
 from meshpost.errors import ConfigError
-from meshpost.host import HostedNodeInfo, HostReply, HostRequest, host_endpoint, select_nodes
+from meshpost.host import (
+    SOCKETS_PER_NODE,
+    HostedNodeInfo,
+    HostReply,
+    HostRequest,
+    NodeHost,
+    host_endpoint,
+    node_configs,
+    select_nodes,
+)
 
 
 def mesh(names: list[str]) -> MeshConfig:
@@ -53,3 +63,29 @@ def test_host_records_round_trip_and_refuse_an_unknown_action() -> None:
     bad = msgspec.msgpack.encode({"op": "host", "action": "format-disk", "id": 1})
     with pytest.raises(msgspec.ValidationError):
         msgspec.msgpack.decode(bad, type=HostRequest)
+
+
+def test_a_host_raises_zeromqs_socket_limit_to_what_its_nodes_need(tmp_path: Path) -> None:
+    """libzmq allows 1,023 sockets per context by default: 100 nodes of 10 peers each, one
+    DEALER per peer, would run out while starting."""
+    names = [f"n{i:03d}" for i in range(100)]
+    peers = {n: [names[(i + d) % 100] for d in range(1, 11)] for i, n in enumerate(names)}
+    mesh = MeshConfig.from_dict({"nodes": {
+        n: {"bind": f"ipc://{tmp_path}/{n}", "data": n, "peers": peers[n]} for n in names}},
+        base_dir=tmp_path)
+    host = NodeHost(node_configs(mesh, names))
+    try:
+        needed = sum(SOCKETS_PER_NODE + 2 * len(c.config.peers) for c in host.nodes.values())
+        assert needed > 1023
+        assert host.context.get(zmq.MAX_SOCKETS) >= needed
+        # Each node's inbound cap is its share of the descriptor limit, not the whole of it.
+        caps = {c.config.max_inbound_connections for c in host.nodes.values()}
+        assert len(caps) == 1 and caps.pop() < host_fd_limit()
+    finally:
+        host.context.term()
+
+
+def host_fd_limit() -> int:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
