@@ -113,6 +113,7 @@ class WorkQueues:
         dispatcher = self.dispatchers.get(queue)
         if dispatcher is None:
             dispatcher = self.dispatchers[queue] = WorkQueueDispatcher(queue, lease_s=lease_s)
+            self.wakeup.set()  # the timer runs from now on
             node = self._node
             now = node.clock.monotonic()
             for worker, (_v, serving) in self.workers_of.get(queue, {}).items():
@@ -186,6 +187,8 @@ class WorkQueues:
     async def run(self) -> None:
         """The node's work-queue task: leases, dispatch and completions, on a timer."""
         while True:
+            if not self.dispatchers:  # not a ventilator (yet): no timer, no wake-ups
+                await self.wakeup.wait()
             self.wakeup.clear()
             now = self._node.clock.monotonic()
             due = [d.next_timer() for d in self.dispatchers.values()]

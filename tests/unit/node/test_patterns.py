@@ -179,3 +179,35 @@ def test_broadcast_counts_receipts_k_of_n_and_names_the_pending(tmp_path: Path) 
             assert await a.post("us", "nobody else") == []  # it used to wait forever
 
     run(scenario)
+
+
+class _CountedValues(dict):  # type: ignore[type-arg]
+    """A dispatcher table that counts how often the work-queue timer looks at it."""
+
+    looks = 0
+
+    def values(self):  # type: ignore[no-untyped-def,override]
+        type(self).looks += 1
+        return super().values()
+
+
+def test_a_node_that_is_no_ventilator_runs_no_work_queue_timer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host runs hundreds of nodes: one with no queue of its own must not wake twice a
+    second to look at no dispatchers; its first `submit` starts the timer."""
+    import meshpost.node.workqueue as workqueue
+
+    monkeypatch.setattr(workqueue, "WORKQUEUE_TICK_S", 0.002)
+
+    async def scenario() -> None:
+        async with node_pair(tmp_path) as (a, _b, _net, _clock):
+            a._queues.dispatchers = _CountedValues()
+            a._queues.wakeup.set()  # one turn with the counting table in place
+            await asyncio.sleep(0.2)  # 100 ticks of the old timer
+            idle_looks = _CountedValues.looks
+            assert idle_looks <= 2, "the one turn it was woken for"
+            await a.submit("jobs", ["t1"], sink="A")
+            await until(lambda: _CountedValues.looks > idle_looks + 5)  # ticking now
+
+    run(scenario)
