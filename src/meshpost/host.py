@@ -232,9 +232,11 @@ class NodeHost:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 async with self._gate:
+                    # A secure node keeps a context of its own: ZAP's handler endpoint
+                    # (inproc://zeromq.zap.01) exists once per context, one node's allowlist.
                     node = await stack.enter_async_context(Node(
                         cfg, curve_keys=keys, peer_public_keys=peer_keys,
-                        zmq_context=self.context))
+                        zmq_context=None if cfg.secure else self.context))
                     await stack.enter_async_context(ControlServer(node, context=self.context))
                 hosted.node, hosted.state = node, HostedState.SERVING
                 hosted.settled.set()

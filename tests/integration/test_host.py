@@ -18,7 +18,8 @@ from meshpost.cluster import LocalCluster, cluster_status, read_state, restart_f
 from meshpost.config import MeshConfig, NodeConfig
 from meshpost.control import ControlClient, SendRequest, StatusRequest, checked
 from meshpost.errors import ControlUnavailable
-from meshpost.host import HostClient, HostedState, NodeHost, node_configs
+from meshpost.host import HostClient, HostedState, NodeHost, load_keys, node_configs
+from meshpost.keys import generate_mesh_keys
 from meshpost.store import Store, StoreReader
 
 from .conftest import wait_until
@@ -219,3 +220,26 @@ def test_a_host_signal_stops_every_node_it_runs(short_tmp: Path) -> None:
         assert "shutting down 3 nodes" in host.log_path.read_text()
     finally:
         cluster.stop()
+
+
+def test_secure_nodes_share_a_host(short_tmp: Path) -> None:
+    """ZAP's handler endpoint exists once per ZeroMQ context: two secure nodes in one host
+    (each with its own allowlist) once failed with 'Address already in use' for the second."""
+    cluster = LocalCluster.create(short_tmp, 3, transport="ipc", options=FAST)
+    generate_mesh_keys({n: cluster.data_dir(n) for n in cluster.names})
+    mesh = MeshConfig.load(cluster.config_path)
+    configs = node_configs(mesh, cluster.names, secure=True)
+
+    async def scenario() -> None:
+        host = NodeHost(configs, curve_keys=load_keys(configs))
+        await host.start()
+        try:
+            assert host.serving == ["A", "B", "C"], [h.error for h in host.nodes.values()]
+            a = host.nodes["A"].node
+            assert a is not None
+            for to in ("B", "C"):
+                assert (await a.send(to, "under CURVE", timeout_s=15)).to == to
+        finally:
+            await host.close()
+
+    asyncio.run(scenario())
