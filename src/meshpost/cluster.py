@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -95,6 +96,47 @@ def free_tcp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     return ports
 
 
+#: Where `listen_ports` looks first: below the kernel's ephemeral range (a port there may be
+#: handed to any outgoing connection between our check and the node's bind), above the
+#: well-known and most registered ones.
+LISTEN_PORTS_FROM = 10_000
+#: `listen_ports` uses `free_tcp_ports` below this many ports: a few nodes rarely lose the
+#: race, and a fixed range would make parallel test runs collide with each other instead.
+LISTEN_PORTS_MIN_COUNT = 64
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; a usual default)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def listen_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` ports that are free now and outside the ephemeral range when that can be had.
+
+    A big local mesh makes thousands of outgoing connections while it starts: a listening
+    port drawn from the ephemeral range (as port 0 gives) may be taken by one of them before
+    its node binds it (seen: 1 of 1,000 nodes, 'address in use')."""
+    low, _high = ephemeral_port_range()
+    if count < LISTEN_PORTS_MIN_COUNT or low - LISTEN_PORTS_FROM < 2 * count:
+        return free_tcp_ports(count, host)
+    start = random.randrange(LISTEN_PORTS_FROM, low - count)
+    ports: list[int] = []
+    for port in itertools.chain(range(start, low), range(LISTEN_PORTS_FROM, start)):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    return free_tcp_ports(count, host)
+
+
 def node_names(count: int) -> list[str]:
     """Default names: A..Z for small meshes, n001.. for large ones."""
     if count <= 26:
@@ -151,7 +193,7 @@ def random_peers(names: Sequence[str], k: int, *, seed: int = 7) -> dict[str, li
 def tcp_endpoints(names: Iterable[str], *, base_port: int | None = None) -> dict[str, str]:
     names = list(names)
     ports = (
-        free_tcp_ports(len(names)) if base_port is None
+        listen_ports(len(names)) if base_port is None
         else [base_port + i for i in range(len(names))]
     )
     return {n: f"tcp://127.0.0.1:{p}" for n, p in zip(names, ports, strict=True)}

@@ -170,9 +170,10 @@ class NodeHost:
         need = sum(FDS_PER_NODE + FDS_PER_PEER * len(c.peers) for c in configs)
         if need > fd_limit:
             # A warning, not a refusal: links that open lazily need far fewer than this.
-            log.warning("host: %d nodes with %d peers in all may need about %d descriptors, "
-                        "beyond this process's limit of %d; host fewer nodes per process or "
-                        "give each fewer peers (`peers = [...]`, --peers-per-node)",
+            log.warning("host: %d nodes with %d peers in all may need about %d descriptors "
+                        "if every link is open at once, beyond this process's limit of %d; if "
+                        "they run out, host fewer nodes per process or give each fewer peers "
+                        "(`peers = [...]`, --peers-per-node)",
                         len(configs), sum(len(c.peers) for c in configs), need, fd_limit)
         # The nodes share the descriptor limit: each one's inbound cap gets its share.
         share = max(FD_HEADROOM, fd_limit // max(1, len(configs)))

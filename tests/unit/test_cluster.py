@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meshpost.cluster import LocalCluster, node_names, random_peers
+from meshpost.cluster import (
+    LISTEN_PORTS_FROM,
+    LISTEN_PORTS_MIN_COUNT,
+    LocalCluster,
+    ephemeral_port_range,
+    listen_ports,
+    node_names,
+    random_peers,
+)
 from meshpost.config import MeshConfig
 
 
@@ -35,3 +43,12 @@ def test_a_cluster_with_peers_per_node_writes_a_partial_mesh_whose_links_are_sym
     assert list(cluster.host_names().values()) == [
         cluster.names[0:8], cluster.names[8:16], cluster.names[16:24], cluster.names[24:30]]
     assert cluster.host_of(cluster.names[9]).names == cluster.names[8:16]
+
+
+def test_many_listen_ports_come_from_below_the_ephemeral_range() -> None:
+    """Outgoing connections take ephemeral ports: a 1,000-node cluster whose listen ports came
+    from there lost one node to 'address in use' while the others connected."""
+    low, _high = ephemeral_port_range()
+    ports = listen_ports(LISTEN_PORTS_MIN_COUNT)
+    assert len(set(ports)) == LISTEN_PORTS_MIN_COUNT
+    assert all(LISTEN_PORTS_FROM <= p < low for p in ports)
