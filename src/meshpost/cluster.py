@@ -45,6 +45,8 @@ READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 #: A host starts its nodes a few at a time: it gets this much more per node it runs.
 READY_S_PER_HOSTED_NODE = 0.5
+#: ... and this much more per node to stop (each commits, says goodbye, closes its store).
+STOP_S_PER_HOSTED_NODE = 0.5
 #: Subfolder of the cluster's folder for the hosts' endpoints and logs.
 HOSTS_DIR = "hosts"
 #: `cluster up`'s folder when no --data is given: beside, never inside, the per-name data dirs
@@ -352,6 +354,11 @@ class HostProcess(NodeProcess):
 
     def ready_timeout_s(self) -> float:
         return READY_TIMEOUT_S + READY_S_PER_HOSTED_NODE * len(self.names)
+
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGTERM, wait (longer for more nodes), then SIGKILL. Returns the exit code."""
+        return super().stop(timeout_s if timeout_s is not None else
+                            STOP_TIMEOUT_S + STOP_S_PER_HOSTED_NODE * len(self.names))
 
     def _answers(self) -> bool:
         """True once this very host answers and none of its nodes is still starting."""
@@ -745,7 +752,8 @@ def stop_from_state(root: Path, timeout_s: float = STOP_TIMEOUT_S) -> dict[str, 
     # Hosts first, all told at once: each takes a while to close its nodes.
     hosts = {int(info["pid"]) for name, info in state["nodes"].items()
              if "host" in info and _runs(name, info)}
-    stopped = _stop_pids(hosts, timeout_s)
+    most = max((len(h["names"]) for h in state.get("hosts", {}).values()), default=0)
+    stopped = _stop_pids(hosts, timeout_s + STOP_S_PER_HOSTED_NODE * most)
     for name, info in state["nodes"].items():
         pid = int(info["pid"])
         if "host" in info:
