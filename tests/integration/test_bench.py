@@ -122,3 +122,29 @@ def test_bench_mesh_hosts_nodes_per_process_sends_to_k_peers_and_measures_the_id
     summary = (out / "latest.md").read_text(encoding="utf-8")
     assert "| mesh 12 nodes, 5/process, 2 peers each |" in summary
     assert "MB/node; idle" in summary
+
+
+def test_bench_work_queue_checks_exactly_once_and_reports_the_raw_ratio(short_tmp: Path) -> None:
+    out = short_tmp / "results"
+    result_file = out / "run.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshpost", "bench", "work-queue", "--tasks", "60", "--repeat",
+         "1", "--sync", "normal", "--out", str(out), "--json", str(result_file)],
+        capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    scenario = json.loads(result_file.read_text(encoding="utf-8"))["scenarios"]["work-queue"]
+    assert scenario["status"] == "ok", scenario
+    # The exactly-once check of the four stores ran (and passed), then verify_stores.
+    assert scenario["verify"].startswith("verified: 60 tasks, each stored once at V and at the "
+                                         "worker that did it, each result kept once at S")
+    assert "lost=0 duplicated=0 phantom=0 mismatched=0" in scenario["verify"]
+    f = scenario["figures"]
+    assert f["tasks"] == 60 and f["checked"]["results_kept"] == 60
+    assert f["checked"]["deliveries"] >= 60 and sum(f["checked"]["kept_by_worker"].values()) == 60
+    assert f["tasks_per_s"] > 0 and f["raw_tasks_per_s"] > 0
+    assert f["ratio_to_raw"] == pytest.approx(f["tasks_per_s"] / f["raw_tasks_per_s"], rel=0.01)
+    cpu = f["cpu_us_per_task"]  # every node process worked for the tasks
+    assert all(cpu[name] > 0 for name in ("V", "W1", "W2", "S")) and f["raw_cpu_us_per_task"] > 0
+    summary = (out / "latest.md").read_text(encoding="utf-8")
+    assert "| work-queue 60 tasks |" in summary and "× raw PUSH/PULL" in summary

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from meshpost.bench.options import BenchError
-from meshpost.bench.support import emit, optional
+from meshpost.bench.support import emit, optional, task_body
 
 
 class Child:
@@ -148,6 +148,96 @@ def raw_echo(endpoint: str) -> None:
     ctx.term()
 
 
+#: How often a raw worker, idle, looks at its stdin for the parent's "stop" (ms).
+RAW_WORKER_IDLE_MS = 100
+
+
+def raw_ventilator(endpoint: str) -> None:
+    """Seed 002's ventilator: PUSH, bound. Once `workers` workers are connected (both must be
+    there, or PUSH would give every task to the first), send `n` task bodies; report when the
+    first one went."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    sock.bind(endpoint)
+    emit({"ready": sock.getsockopt_string(zmq.LAST_ENDPOINT), "cpu_s": time.process_time()})
+    cmd = json.loads(sys.stdin.readline())
+    n, size, workers = int(cmd["n"]), int(cmd["size"]), int(cmd["workers"])
+    bodies = [task_body(i, size).encode() for i in range(n)]
+    connected = 0
+    while connected < workers:
+        if monitor.poll(30_000) == 0:
+            emit({"error": f"{connected} of {workers} workers connected after 30 s"})
+            return
+        connected += recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+    send = sock.send
+    t0 = time.monotonic()
+    for payload in bodies:
+        send(payload)
+    emit({"t0": t0})
+    sys.stdin.readline()  # linger until told to go: queued tasks must reach the workers
+    emit({"stopped": True, "cpu_s": time.process_time()})
+    sock.disable_monitor()
+    monitor.close(0)
+    sock.close(0)
+    ctx.term()
+
+
+def raw_worker(pull_endpoint: str, push_endpoint: str) -> None:
+    """Seed 002's worker: PULL from the ventilator, upper-case, PUSH to the sink; until a line
+    (or the end) arrives on stdin. Each raw role reports its CPU seconds (all its threads)
+    when ready and when told to stop."""
+    import select
+
+    import zmq
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVTIMEO, RAW_WORKER_IDLE_MS)
+    pull.connect(pull_endpoint)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(push_endpoint)
+    emit({"ready": True, "cpu_s": time.process_time()})
+    recv, send = pull.recv, push.send
+    while True:
+        try:
+            send(recv().upper())
+        except zmq.Again:
+            if select.select([sys.stdin], [], [], 0)[0]:
+                break
+    emit({"stopped": True, "cpu_s": time.process_time()})
+    pull.close(0)
+    push.close()  # default linger: results already queued still go
+    ctx.term()
+
+
+def raw_collector(endpoint: str) -> None:
+    """Seed 002's sink ("resultado"): PULL, bound; receive `n` results, then report when the
+    last came and how many were not the upper-case of a task sent."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.bind(endpoint)
+    emit({"ready": sock.getsockopt_string(zmq.LAST_ENDPOINT), "cpu_s": time.process_time()})
+    cmd = json.loads(sys.stdin.readline())
+    n, size = int(cmd["n"]), int(cmd["size"])
+    recv = sock.recv
+    got = [recv() for _ in range(n)]
+    last = time.monotonic()
+    # Checked after the clock stopped: each task's result once, upper-cased.
+    expected = {task_body(i, size).upper().encode() for i in range(n)}
+    emit({"last": last, "count": len(got), "distinct": len(set(got)),
+          "wrong": sum(1 for r in got if r not in expected)})
+    sys.stdin.readline()
+    emit({"stopped": True, "cpu_s": time.process_time()})
+    sock.close(0)
+    ctx.term()
+
+
 def mqtt_sub(port: int, topic: str, n: int) -> None:
     """MQTT QoS 1 subscriber: report when `n` messages have arrived."""
     mqtt = optional("paho.mqtt.client")
@@ -213,6 +303,9 @@ def _timeline_peer_role(args: list[str]) -> None:
 ROLES: dict[str, Callable[[list[str]], None]] = {
     "raw-sink": lambda args: raw_sink(args[0]),
     "raw-echo": lambda args: raw_echo(args[0]),
+    "raw-ventilator": lambda args: raw_ventilator(args[0]),
+    "raw-worker": lambda args: raw_worker(args[0], args[1]),
+    "raw-collector": lambda args: raw_collector(args[0]),
     "mqtt-sub": lambda args: mqtt_sub(int(args[0]), args[1], int(args[2])),
     "driver": _driver_role,
     "host-driver": _host_driver_role,

@@ -125,6 +125,13 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
             rows.append((f"offline-backlog {f['messages']:,}",
                          f"RSS +{f['rss_growth_mb']} MB",
                          f"drain {f['drain_seconds']:.1f} s ({f['drain_msgs_per_s']:,} msgs/s)"))
+        elif name == "work-queue":
+            cpu, raw_cpu = f["cpu_us_per_task"], f["raw_cpu_us_per_task"]
+            rows.append((f"work-queue {f['tasks']:,} tasks", f"{f['tasks_per_s']:,.0f} tasks/s",
+                         f"{f['ratio_to_raw']:.3g}× raw PUSH/PULL ({f['raw_tasks_per_s']:,.0f} "
+                         f"tasks/s); CPU {cpu['total']:,.0f} µs/task (V {cpu['V']:,.0f}, W1 "
+                         f"{cpu['W1']:,.0f}, W2 {cpu['W2']:,.0f}, S {cpu['S']:,.0f})"
+                         + f", raw {raw_cpu:,.1f}"))
         elif name == "broker-anchors":
             for broker, b in f.items():
                 rows.append((broker, _fmt_rate(b["msgs_per_s"]),

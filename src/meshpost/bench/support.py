@@ -26,6 +26,14 @@ def body(size: int) -> str:
     return "x" * max(1, size)
 
 
+def task_body(index: int, size: int) -> str:
+    """Task `index` of a work-queue run: unique, lower-case (so that upper-casing changes
+    it), `size` characters (more if the index needs them); the raw and the meshpost pipeline
+    send the same ones."""
+    head = f"task {index} "
+    return (head + "abcdefghijklmnopqrstuvwxyz" * (size // 26 + 1))[:max(size, len(head))]
+
+
 def run_async(coro: Awaitable[T], use_uvloop: bool) -> T:
     if use_uvloop:
         result: T = optional("uvloop").run(coro)
