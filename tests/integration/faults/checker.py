@@ -54,6 +54,8 @@ from meshpost.node import CrashPoint, Node
 from meshpost.store import DB_FILENAME, StoreReader
 from meshpost.verify import verify_stores
 
+from .patterns import DERIVED_KINDS, TaskAttempt, check_patterns, read_tables
+
 #: Small protocol timeouts so that faults are noticed and healed within seconds.
 FAST_OPTIONS: dict[str, Any] = {
     "ping_interval_s": 0.2,
@@ -118,10 +120,26 @@ class Attempt:
 
 
 class Ledger:
-    """What the observer attempted and saw, keyed by (sender, recipient, body)."""
+    """What the observer attempted and saw, keyed by (sender, recipient, body); the tasks it
+    submitted (`TaskAttempt`), what their results must be, and the replies it was shown."""
 
     def __init__(self) -> None:
         self.attempts: dict[Key, Attempt] = {}
+        self.tasks: list[TaskAttempt] = []
+        #: The result a task's body must give (seed 002's workers upper-case); None: any.
+        self.expect_result: Callable[[str], str] | None = None
+        #: (requester, replier, request id) -> the reply id the observer was shown.
+        self.replies: dict[tuple[str, str, str], str] = {}
+
+    def submit(self, ventilator: str, queue: str, sink: str,
+               bodies: Iterable[str]) -> list[TaskAttempt]:
+        made = [TaskAttempt(ventilator, queue, sink, body) for body in bodies]
+        known = {(t.ventilator, t.queue, t.body) for t in self.tasks}
+        if len({t.body for t in made}) != len(made) or any(
+                (t.ventilator, t.queue, t.body) in known for t in made):
+            raise AssertionError("test bug: task body reused")
+        self.tasks.extend(made)
+        return made
 
     def attempt(self, sender: str, recipients: Iterable[str], body: str) -> list[Attempt]:
         made = []
@@ -156,6 +174,12 @@ class Row:
     sent_at_ns: int
     hlc: int
     state: str
+    #: The pattern header (schema 7): kind, ref, queue and the msgpack header; None for a
+    #: direct message.
+    kind: str | None = None
+    ref: str | None = None
+    queue: str | None = None
+    header: bytes | None = None
 
 
 def read_rows(data_dir: Path, where: str = "", params: Sequence[Any] = ()) -> list[Row]:
@@ -169,7 +193,8 @@ def read_rows(data_dir: Path, where: str = "", params: Sequence[Any] = ()) -> li
         # storage order (`messages.rowid`, which the view does not carry).
         rows = conn.execute(
             "SELECT * FROM (SELECT m.rowid AS rowid, v.id, v.direction, v.peer, v.sender,"
-            " v.recipient, v.seq, v.body, v.sent_at_ns, v.hlc, v.state FROM messages AS m"
+            " v.recipient, v.seq, v.body, v.sent_at_ns, v.hlc, v.state, v.kind, v.ref,"
+            " v.queue, v.header FROM messages AS m"
             f" JOIN message_rows AS v ON v.id = m.id) {where} ORDER BY rowid", params,
         ).fetchall()
     finally:
@@ -224,6 +249,10 @@ class Counts:
     phantom: int = 0
     mismatched: int = 0
     recovered: int = 0
+    #: Tasks submitted and accepted that have no result kept at their sink after the drain.
+    no_result: int = 0
+    #: Pattern figures (tasks, deliveries, results kept, replies, group copies), when any.
+    patterns: dict[str, int] = dataclasses.field(default_factory=dict)
     order_breaks: dict[str, int] = dataclasses.field(default_factory=dict)
     verify: str = ""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -232,11 +261,14 @@ class Counts:
     @property
     def clean(self) -> bool:
         return not (self.lost or self.missing or self.duplicated or self.phantom
-                    or self.mismatched)
+                    or self.mismatched or self.no_result)
 
     def line(self) -> str:
         breaks = ",".join(f"{pair}:{n}" for pair, n in sorted(self.order_breaks.items()))
         extra = "".join(f" {k}={v}" for k, v in self.extra.items())
+        if "tasks" in self.patterns or self.no_result:
+            extra = f" no_result={self.no_result}" + extra
+        extra = "".join(f" {k}={v}" for k, v in self.patterns.items()) + extra
         return (
             f"[faults] {self.test}: attempted={self.attempted} accepted={self.accepted} "
             f"uncertain={self.uncertain} refused={self.refused} receipted={self.receipted} "
@@ -270,6 +302,8 @@ def evaluate(
         rows = read_rows(dd)
         all_rows[name] = rows
         for r in rows:
+            if r.kind in DERIVED_KINDS:
+                continue  # nobody attempted it: the pattern rules below judge it
             if r.direction == "out":
                 outs[(name, r.recipient, r.body)].append(r)
             else:
@@ -322,6 +356,16 @@ def evaluate(
             counts.problem(f"{a.sender}->{a.to} {a.body[:40]!r}: copies differ "
                            f"(observer id={a.id} sent_at={a.sent_at_ns}; outbox "
                            f"{[(r.id, r.sent_at_ns, r.hlc) for r in sent]}; inbox {inbox})")
+
+    findings = check_patterns(all_rows, {name: read_tables(dd) for name, dd in data_dirs.items()},
+                              ledger.tasks, expect_result=ledger.expect_result,
+                              request_replies=ledger.replies, foreign=foreign)
+    claimed |= findings.claimed
+    for count, texts in findings.problems.items():
+        setattr(counts, count, getattr(counts, count) + len(texts))
+        for text in texts:
+            counts.problem(text)
+    counts.patterns = {k: v for k, v in findings.figures.items() if v}
 
     for name, rows in all_rows.items():
         for r in rows:
