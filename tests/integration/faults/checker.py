@@ -48,7 +48,15 @@ import zmq.asyncio
 from meshpost.cli import CRASH_ENV
 from meshpost.cluster import LocalCluster, NodeProcess
 from meshpost.config import MeshConfig
-from meshpost.control import ENDPOINT_FILE, Reply, Request, SendRequest, StatusRequest
+from meshpost.control import (
+    ENDPOINT_FILE,
+    Reply,
+    Request,
+    SendRequest,
+    StatusRequest,
+    SubmitReply,
+    SubmitRequest,
+)
 from meshpost.errors import MeshpostError
 from meshpost.node import CrashPoint, Node
 from meshpost.store import DB_FILENAME, StoreReader
@@ -448,6 +456,7 @@ class Mesh:
         options: Mapping[str, Any] | None = None,
         connect: Mapping[str, str] | None = None,
         seed: int = 4,
+        node_args: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.root = root
         self.test = test
@@ -456,6 +465,8 @@ class Mesh:
         self.real = [n for n in (real if real is not None else names) if n not in self.absent]
         self.inproc_names = [n for n in self.names if n not in self.real + self.absent]
         self.options = {**FAST_OPTIONS, **(options or {})}
+        #: Extra `meshpost node` arguments per node (`--worker Q=H`), at every (re)start.
+        self.node_args = {name: tuple(args) for name, args in (node_args or {}).items()}
         self.cluster = LocalCluster.create(root, len(self.names), names=self.names,
                                            transport=transport, options=self.options)
         if connect:
@@ -525,7 +536,8 @@ class Mesh:
             old.stop()  # reaps it and closes its log
         env = {CRASH_ENV: crash_at.value} if crash_at else None
         node = NodeProcess(name, self.cluster.config_path, self.data_dir(name),
-                           self.root / "logs" / f"{name}.log", env=env)
+                           self.root / "logs" / f"{name}.log", env=env,
+                           extra_args=self.node_args.get(name, ()))
         self.cluster.nodes[name] = node
         self.stopped.discard(name)
         if crash_at is None:
@@ -737,6 +749,29 @@ class Mesh:
             elif r.error:
                 a.rejected = True
                 a.error = r.error
+
+    async def submit(self, ventilator: str, queue: str, sink: str, bodies: Sequence[str], *,
+                     lease_s: float) -> list[TaskAttempt]:
+        """Submit one task per body through `ventilator`'s control endpoint and log them."""
+        tasks = self.ledger.submit(ventilator, queue, sink, bodies)
+        try:
+            reply = await self.control(ventilator, SubmitRequest(queue, sink, list(bodies),
+                                                                 lease_s))
+        except NotSent as exc:
+            for t in tasks:
+                t.outcome, t.error = "refused", str(exc)
+            return tasks
+        except NoAnswer as exc:
+            for t in tasks:
+                t.outcome, t.error = "uncertain", str(exc)
+            return tasks
+        if not isinstance(reply, SubmitReply):
+            for t in tasks:
+                t.outcome, t.error = "refused", f"{reply.error_kind}: {reply.error}"
+            return tasks
+        for t, task_id in zip(tasks, reply.task_ids, strict=True):
+            t.outcome, t.task_id = "accepted", task_id
+        return tasks
 
     async def stream(self, sender: str, target: str, count: int, *, tag: str,
                      concurrency: int = 20, pause_s: float = 0.01, size: int = 0,

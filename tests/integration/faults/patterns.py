@@ -155,7 +155,6 @@ def _pairs(f: PatternFindings, rows: Mapping[str, list[Row]],
             if r.kind not in DERIVED_KINDS:
                 continue
             f.claimed.add((name, r.rowid))
-            f.figures[f"{r.kind}_{r.direction}"] += 1
             if r.direction == "out":
                 if r.recipient not in rows:
                     continue  # a peer whose store the test does not read
