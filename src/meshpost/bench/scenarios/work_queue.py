@@ -41,6 +41,9 @@ WORKERS = ("W1", "W2")
 #: A lease far above any task's time here: with no fault injected, a redelivery would only
 #: measure the machine's load, not the queue (the fault battery covers redelivery).
 LEASE_S = 120.0
+#: How often S's results are counted while the tasks run: each count reads them all, on
+#: the same two cores as the nodes; the time itself comes from S's commit times, not this.
+POLL_S = 0.2
 #: Seconds to wait, after the last result, for every outbox (done, receipts) to drain.
 DRAIN_S = 60.0
 
@@ -117,8 +120,8 @@ def _meshpost_once(bench: Bench) -> dict[str, Any]:
 
 
 def _wait_workers_known(cluster: LocalCluster) -> None:
-    """Until V has both workers' `serve` records and its links to them are up (else the first
-    tasks would all go to whichever worker V heard of first)."""
+    """Until V has stored both workers' `serve` records (else the first tasks would all go to
+    whichever worker V heard of first)."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         with StoreReader.for_data_dir(cluster.data_dir("V")) as reader:
@@ -142,7 +145,7 @@ def _wait_results(bench: Bench, sink_dir: Path, n: int, task: Any) -> None:
             kept, since = now_kept, time.monotonic()
         elif time.monotonic() - since > STALL_S:
             raise BenchError(f"S kept {kept} of {n} results and no more for {STALL_S:.0f}s")
-        time.sleep(0.05)
+        time.sleep(POLL_S)
 
 
 def _wait_drained(cluster: LocalCluster) -> None:
