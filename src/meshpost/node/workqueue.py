@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 DEFAULT_LEASE_S = 30.0
 #: The work-queue timer wakes at least this often (leases are checked in between too).
 WORKQUEUE_TICK_S = 0.5
+#: Stored, unanswered tasks read per query when a worker serves a queue again.
+STORED_TASKS_BATCH = 500
 
 
 class WorkQueues:
@@ -72,9 +74,24 @@ class WorkQueues:
         if not is_valid_name(queue):
             raise InvalidMessage(f"{queue!r} is not a queue name (1-63 of A-Z a-z 0-9 _ . -)")
         self.serving[queue] = (handler, asyncio.Semaphore(max_inflight))
+        node._spawn_handler(self._run_stored_tasks(queue), "stored-tasks")
         header = PatternHeader(Kind.SERVE, "", queue, version=node.hlc.now())
         if node._links:
             await node._post("all", "serve", held=False, header=header)
+
+    async def _run_stored_tasks(self, queue: str) -> None:
+        """Run again the tasks of `queue` stored here and never answered: those in hand when
+        this node died, and those that came before it served the queue (docs/patterns.md
+        4.6). A ventilator that saw no loss leaves them with this worker until their lease."""
+        node = self._node
+        writer, store = node._writer, node._store
+        assert writer is not None
+        assert store is not None
+        after = 0
+        while found := await writer.call(store.unanswered_incoming_tasks, queue, after,
+                                         STORED_TASKS_BATCH):
+            for after, envelope in found:  # noqa: B007 - `after` pages the next query
+                node._spawn_handler(self._work(envelope), "task")
 
     async def submit(self, queue: str, bodies: Sequence[str], *, sink: str,
                      lease_s: float = DEFAULT_LEASE_S) -> list[str]:

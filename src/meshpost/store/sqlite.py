@@ -670,6 +670,21 @@ class Store:
             ).fetchall()
         return [_envelope(row) for row in rows]
 
+    def unanswered_incoming_tasks(self, queue: str, after_rowid: int,
+                                  limit: int) -> list[tuple[int, Envelope]]:
+        """Task messages of `queue` that peers sent this node and it sent no result for, in
+        storage order after `after_rowid`, with their rowids (a worker runs them again when
+        it serves the queue after a restart; the derived result id keeps each result single)."""
+        with translated(self.path):
+            rows = self._conn.execute(
+                "SELECT q.rowid, q.id, q.seq, q.sender, q.recipient, q.body, q.sent_at_ns,"
+                " q.hlc, q.header FROM messages AS q WHERE q.direction = 'in'"
+                " AND q.kind = 'task' AND q.queue = ? AND q.rowid > ? AND NOT EXISTS"
+                " (SELECT 1 FROM messages AS r INDEXED BY messages_ref WHERE r.ref = q.ref"
+                " AND r.kind = 'result' AND r.direction = 'out') ORDER BY q.rowid LIMIT ?",
+                (queue, after_rowid, limit)).fetchall()
+        return [(int(row[0]), _envelope(row[1:])) for row in rows]
+
     # -- the pattern tables (patterns.py) -------------------------------------------------
 
     def task_results(self) -> list[tuple[str, str, str]]:

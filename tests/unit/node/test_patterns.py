@@ -9,7 +9,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from tests.unit.node.support import PATIENCE_S, connected, node_pair, run, until
+from tests.unit.node.support import PATIENCE_S, config, connected, node_pair, run, until
 
 from meshpost.errors import InvalidMessage, NoRecipients, RequestTimeout
 from meshpost.node import Message, Node, wait_receipt
@@ -209,5 +209,36 @@ def test_a_node_that_is_no_ventilator_runs_no_work_queue_timer(
             assert idle_looks <= 2, "the one turn it was woken for"
             await a.submit("jobs", ["t1"], sink="A")
             await until(lambda: _CountedValues.looks > idle_looks + 5)  # ticking now
+
+
+def test_a_worker_runs_the_tasks_it_stored_before_a_restart_when_it_serves_again(
+    tmp_path: Path,
+) -> None:
+    """docs/patterns.md 4.6: a worker that comes back runs its stored, unanswered tasks. Here
+    the ventilator never sees it go (fake time: no peer timeout, no lease expiry), so no one
+    else ever would; before the fix they waited for their lease forever."""
+
+    async def never(_body: str) -> str:
+        await asyncio.Event().wait()  # the worker dies with every task in hand
+        return "never"
+
+    async def scenario() -> None:
+        async with node_pair(tmp_path, connect=False, start_b=False) as (a, b, net, clock):
+            async with b:
+                await until(lambda: connected(a) and connected(b))
+                await b.serve_queue("upper", never)
+                await until(lambda: "B" in a._queues.workers_of.get("upper", {}))
+                bodies = [f"task {i}" for i in range(5)]
+                ids = await a.submit("upper", bodies, sink="A", lease_s=3600)
+                await until(lambda: len([r for r in b_history(b) if r.kind == "task"]) == 5)
+            b = Node(config("B", "A", tmp_path), clock=clock, transport=net.transport("B"))
+            async with b:
+                await b.serve_queue("upper", str.upper)
+                await until(lambda: len(a.completed_tasks) == len(ids))
+                await a.flush()
+            with StoreReader.for_data_dir(a.config.data_dir) as reader:
+                results = reader.task_results()
+            assert [(t, w, body) for t, w, _m, body in results] == sorted(
+                (t, "B", body.upper()) for t, body in zip(ids, bodies, strict=True))
 
     run(scenario)
