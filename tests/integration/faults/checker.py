@@ -50,6 +50,8 @@ from meshpost.cluster import LocalCluster, NodeProcess
 from meshpost.config import MeshConfig
 from meshpost.control import (
     ENDPOINT_FILE,
+    AnswerReply,
+    PeerRequest,
     Reply,
     Request,
     SendRequest,
@@ -138,6 +140,8 @@ class Ledger:
         self.expect_result: Callable[[str], str] | None = None
         #: (requester, replier, request id) -> the reply id the observer was shown.
         self.replies: dict[tuple[str, str, str], str] = {}
+        #: Nodes that answer every request they store (`--echo`): each must have a reply.
+        self.repliers: set[str] = set()
 
     def submit(self, ventilator: str, queue: str, sink: str,
                bodies: Iterable[str]) -> list[TaskAttempt]:
@@ -367,7 +371,8 @@ def evaluate(
 
     findings = check_patterns(all_rows, {name: read_tables(dd) for name, dd in data_dirs.items()},
                               ledger.tasks, expect_result=ledger.expect_result,
-                              request_replies=ledger.replies, foreign=foreign)
+                              request_replies=ledger.replies, repliers=ledger.repliers,
+                              foreign=foreign)
     claimed |= findings.claimed
     for count, texts in findings.problems.items():
         setattr(counts, count, getattr(counts, count) + len(texts))
@@ -772,6 +777,30 @@ class Mesh:
         for t, task_id in zip(tasks, reply.task_ids, strict=True):
             t.outcome, t.task_id = "accepted", task_id
         return tasks
+
+    async def request(self, sender: str, to: str, body: str, *,
+                      timeout_s: float = 5.0) -> Attempt:
+        """A request through `sender`'s control endpoint (`meshpost request`), logged; the
+        reply it returns is logged too (it must then be stored on both ends)."""
+        (a,) = self.ledger.attempt(sender, [to], body)
+        try:
+            reply = await self.control(sender, PeerRequest(to, body, timeout_s),
+                                       timeout_s=REQUEST_TIMEOUT_S + timeout_s)
+        except NotSent as exc:
+            a.refuse(str(exc))
+            return a
+        except NoAnswer as exc:
+            a.unsure(str(exc))
+            return a
+        if isinstance(reply, AnswerReply):
+            a.accept(reply.request_id)
+            a.receipted = True  # a reply implies the request was stored and receipted
+            self.ledger.replies[(sender, to, reply.request_id)] = reply.reply_id
+        elif getattr(reply, "error_kind", "") == "request_timeout":
+            a.unsure(reply.error)  # stored at the sender; the stores decide the rest
+        else:
+            a.refuse(f"{reply.error_kind}: {reply.error}")
+        return a
 
     async def stream(self, sender: str, target: str, count: int, *, tag: str,
                      concurrency: int = 20, pause_s: float = 0.01, size: int = 0,

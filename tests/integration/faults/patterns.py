@@ -126,13 +126,15 @@ def check_patterns(
     *,
     expect_result: Callable[[str], str] | None = None,
     request_replies: Mapping[tuple[str, str, str], str] | None = None,
+    repliers: Iterable[str] = (),
     foreign: Iterable[str] = (),
 ) -> PatternFindings:
     """Judge every pattern row of every store.
 
     `tasks`: what the observer submitted. `expect_result(body)`: the result a task's body must
     give (None: not checked). `request_replies`: (requester, replier, request id) -> reply id
-    the observer was shown; each must be stored on both ends."""
+    the observer was shown; each must be stored on both ends. `repliers` answer every
+    request they store (an echo): one without a reply is missing."""
     f = PatternFindings()
     foreign = set(foreign)
     by_id: dict[tuple[str, str, str, str], Row] = {}  # (store, direction, sender, id)
@@ -141,7 +143,7 @@ def check_patterns(
             by_id[(name, r.direction, r.sender, r.id)] = r
     _pairs(f, rows, by_id, foreign)
     _tasks(f, rows, tables, list(tasks), expect_result)
-    _replies(f, rows, by_id, request_replies or {})
+    _replies(f, rows, by_id, request_replies or {}, set(repliers))
     _group_copies(f, rows)
     return f
 
@@ -298,9 +300,10 @@ def _tasks(f: PatternFindings, rows: Mapping[str, list[Row]], tables: Mapping[st
 
 def _replies(f: PatternFindings, rows: Mapping[str, list[Row]],
              by_id: Mapping[tuple[str, str, str, str], Row],
-             request_replies: Mapping[tuple[str, str, str], str]) -> None:
+             request_replies: Mapping[tuple[str, str, str], str], repliers: set[str]) -> None:
     """A reply answers a request stored on both ends (its ref), under the id derived from
-    that request's; the ones the observer was shown are stored on both ends."""
+    that request's; the ones the observer was shown are stored on both ends; a replier
+    that answers every request has one reply out for each request it stored."""
     for name, store_rows in rows.items():
         for r in store_rows:
             if r.kind != "reply" or r.direction != "out":
@@ -315,6 +318,13 @@ def _replies(f: PatternFindings, rows: Mapping[str, list[Row]],
             if r.id != reply_id(request_id):
                 f.add("mismatched", f"reply {r.id} to {request_id}: not the derived id "
                                     f"{reply_id(request_id)}")
+    for name in repliers & set(rows):
+        answered = {(r.recipient, str(r.ref)) for r in rows[name]
+                    if r.kind == "reply" and r.direction == "out"}
+        for r in rows[name]:
+            if r.kind == "request" and r.direction == "in" and (r.sender, r.id) not in answered:
+                f.add("missing", f"request {r.id} {r.sender}->{name}: stored at {name}, never "
+                                 "answered")
     for (requester, replier, request_id), rid in request_replies.items():
         for store, direction, sender in ((replier, "out", replier), (requester, "in", replier)):
             if store in rows and (store, direction, sender, rid) not in by_id:

@@ -203,6 +203,13 @@ def test_a_request_and_its_reply_are_clean(pair: Stores) -> None:
     assert counts.patterns["replies"] == 1 and counts.verify == "ok"
 
 
+def test_a_request_an_echo_stored_and_never_answered_is_missing(pair: Stores) -> None:
+    pair.ledger.repliers = {"B"}
+    _request(pair, "ping")
+    _request(pair, "unanswered", reply=False)
+    _only(pair.count(), missing=1)
+
+
 def test_a_reply_the_observer_saw_that_the_requester_lacks_is_lost(pair: Stores) -> None:
     _request(pair, "ping", reply_stored=False)
     _only(pair.count(), lost=2)  # receipted by A and not stored; shown to the observer
