@@ -107,7 +107,7 @@ def _meshpost_once(bench: Bench) -> dict[str, Any]:
     finally:
         cluster.stop()
     dirs = {name: cluster.data_dir(name) for name in cluster.names}
-    checked_figures, last_ns = _check_exactly_once(dirs, dict(zip(reply.task_ids, bodies,
+    checked_figures, last_ns = check_exactly_once(dirs, dict(zip(reply.task_ids, bodies,
                                                                    strict=True)))
     report = verify_stores(dirs)
     if not report.ok or report.pending or report.delivered != report.sent:
@@ -164,7 +164,7 @@ def _wait_drained(cluster: LocalCluster) -> None:
         time.sleep(0.05)
 
 
-def _check_exactly_once(dirs: dict[str, Path],
+def check_exactly_once(dirs: dict[str, Path],
                         expected: dict[str, str]) -> tuple[dict[str, Any], int]:
     """Read the four stores and check the work queue's promise for every task in `expected`
     (task id -> body); `BenchError` naming the first problems otherwise. Returns the counts
