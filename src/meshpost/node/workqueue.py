@@ -272,14 +272,19 @@ class WorkQueues:
         assert h is not None
         handler, room = self.serving[h.queue]
         rid = result_id(m.id)
-        async with room:
-            writer, store = node._writer, node._store
-            assert writer is not None
-            assert store is not None
-            if rid in self._replying or await writer.call(store.has_outgoing, rid, node.name):
-                return
-            self._replying.add(rid)
-            try:
+        # Claimed before the first await: a second run of the same task message (found again
+        # at serve, or reported new twice) returns here instead of racing this one to post
+        # the same result id.
+        if rid in self._replying:
+            return
+        self._replying.add(rid)
+        try:
+            async with room:
+                writer, store = node._writer, node._store
+                assert writer is not None
+                assert store is not None
+                if await writer.call(store.has_outgoing, rid, node.name):
+                    return
                 try:
                     result = (handler(m.body) if inspect.iscoroutinefunction(handler)
                               else await asyncio.to_thread(handler, m.body))
@@ -298,8 +303,9 @@ class WorkQueues:
                     node.stats.handler_errors += 1
                     log.warning("[%s] result of task %s not sent: %s", node.name, h.ref, exc)
                     return
-            finally:
-                self._replying.discard(rid)
+        finally:
+            # The result is committed by now (or never will be): has_outgoing answers.
+            self._replying.discard(rid)
         await handle.receipt
         if h.sink != m.sender:
             await node._post(m.sender, "done", held=False,

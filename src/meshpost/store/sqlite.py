@@ -440,6 +440,8 @@ class Store:
                 if batch.outgoing:
                     self._insert(batch.outgoing, "out", stored_at_ns)
                 results = [self._insert_incoming(group, stored_at_ns) for group in batch.incoming]
+                if len(results) > 1:
+                    _mark_repeats(batch.incoming, results)
                 for d in batch.deliveries:
                     r = d.receipt
                     conn.executemany(
@@ -718,6 +720,21 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.path}, sync={self.sync})"
+
+
+def _mark_repeats(groups: Sequence[Sequence[Envelope]], results: list[IncomingResult]) -> None:
+    """A message carried by two groups of one transaction (a retransmission that arrived while
+    the first copy waited for the commit) is new in the first group only: in the later ones
+    it is a duplicate, as it would be in a later transaction, so it is acted on once."""
+    seen: set[tuple[str, str]] = set()
+    for group, result in zip(groups, results, strict=True):
+        new = set(result.committed).difference(result.duplicates)
+        for m in group:
+            if m.seq in new:
+                if (m.sender, m.id) in seen:
+                    result.duplicates.append(m.seq)
+                else:
+                    seen.add((m.sender, m.id))
 
 
 def _checkpoint_passive(conn: sqlite3.Connection, path: Path) -> tuple[int, int, int]:

@@ -16,7 +16,7 @@ from .checker import Mesh, read_rows
 from .conftest import MeshFactory
 from .patterns import read_tables
 
-pytestmark = [pytest.mark.faults, pytest.mark.integration]
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(300)]
 
 TASKS = 200
 #: Short, so that the stalled worker's tasks also come back by lease (V takes them back at
@@ -76,4 +76,4 @@ def test_work_queue_with_a_killed_and_a_stalled_worker(mesh_factory: MeshFactory
         # The faults made V send some tasks again (W1's and W2's in hand).
         assert counts.patterns["redelivered"] > 0, counts.line()
 
-    mesh.run(scenario, timeout_s=180)
+    mesh.run(scenario, timeout_s=240)

@@ -19,7 +19,7 @@ from .checker import Mesh, read_rows
 from .conftest import MeshFactory
 from .patterns import read_tables
 
-pytestmark = [pytest.mark.faults, pytest.mark.integration]
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(300)]
 
 TASKS = 60
 WORKER = ("--worker", "work=meshpost.pipeline:slow_upper")

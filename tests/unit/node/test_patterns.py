@@ -13,8 +13,8 @@ from tests.unit.node.support import PATIENCE_S, config, connected, node_pair, ru
 
 from meshpost.errors import InvalidMessage, NoRecipients, RequestTimeout
 from meshpost.node import Message, Node, wait_receipt
-from meshpost.protocol import Batch, decode
-from meshpost.protocol.header import Kind, PatternHeader, reply_id
+from meshpost.protocol import Batch, Envelope, decode
+from meshpost.protocol.header import Kind, PatternHeader, reply_id, result_id
 from meshpost.store import StoredMessage, StoreReader
 
 REPLY = PatternHeader(Kind.REPLY, "0000000000000001-request")
@@ -240,5 +240,36 @@ def test_a_worker_runs_the_tasks_it_stored_before_a_restart_when_it_serves_again
                 results = reader.task_results()
             assert [(t, w, body) for t, w, _m, body in results] == sorted(
                 (t, "B", body.upper()) for t, body in zip(ids, bodies, strict=True))
+
+    run(scenario)
+
+
+def test_a_task_message_reported_new_twice_runs_once_and_posts_one_result(
+    tmp_path: Path,
+) -> None:
+    """Both runs used to pass the "result already posted?" check before either claimed the
+    result id, so the handler ran twice and the second insert of the same result id failed
+    the worker's writer, which then retried that batch forever."""
+    calls: list[str] = []
+
+    def upper(body: str) -> str:
+        calls.append(body)
+        return body.upper()
+
+    async def scenario() -> None:
+        async with node_pair(tmp_path) as (a, b, _net, _clock):
+            await until(lambda: connected(b))
+            await b.serve_queue("upper", upper)
+            task = Envelope("a-task-message", 1, "A", "B", "hola", 1, 1,
+                            PatternHeader(Kind.TASK, "task-1", "upper", "A", 60_000, 1))
+            b._queues.on_stored(task)
+            b._queues.on_stored(task)
+            await until(lambda: any(r.kind == "result" for r in b_history(a)))
+            await b.flush()
+            await a.flush()
+            assert calls == ["hola"] and b.failure is None
+            results = [r for r in b_history(a) if r.kind == "result"]
+            assert [(r.id, r.body, r.ref) for r in results] == [
+                (result_id(task.id), "HOLA", "task-1")]
 
     run(scenario)

@@ -535,6 +535,17 @@ def test_a_retransmission_is_committed_again_and_reported_as_a_duplicate(store: 
     assert (again[0].committed, again[0].duplicates, again[0].conflicts) == ([2, 3], [2], [])
 
 
+
+def test_a_retransmission_in_the_same_transaction_is_new_only_in_the_first_group(
+    store: Store,
+) -> None:
+    # Two batches of one peer in one group commit, the second resending a message of the
+    # first (it arrived while the first waited for the commit): acted on once, not twice.
+    first, again = store.apply(WriteBatch(incoming=[[incoming(1), incoming(2)],
+                                                    [incoming(2), incoming(3)]]), T)
+    assert (first.committed, first.duplicates) == ([1, 2], [])
+    assert (again.committed, again.duplicates, again.conflicts) == ([2, 3], [2], [])
+
 @pytest.mark.parametrize("count", [1, 3, 7, 2048, 2049, 4096 + 5])
 def test_batches_of_any_size_store_every_row_with_its_columns(store: Store, count: int) -> None:
     outgoing = [out(s, body=f"o{s}", hlc=10_000 + s) for s in range(1, count + 1)]
