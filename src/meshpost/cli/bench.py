@@ -19,7 +19,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_bench(sub: Subcommands) -> None:
     """`meshpost bench [SCENARIO...]`."""
-    from meshpost.bench.options import scenario_epilog
+    from meshpost.bench.options import DEFAULT_TASKS, scenario_epilog
 
     p = sub.add_parser("bench", help="benchmark against raw pyzmq (and brokers); see --help",
                        epilog=scenario_epilog(),
@@ -33,8 +33,8 @@ def add_bench(sub: Subcommands) -> None:
     p.add_argument("--mesh-messages", type=int, default=2_000, help="messages per mesh node")
     p.add_argument("--latency-messages", type=int, default=20_000)
     p.add_argument("--backlog-messages", type=int, default=1_000_000)
-    p.add_argument("--tasks", type=int, default=20_000, help="tasks of work-queue (and of its "
-                   "raw PUSH/PULL pipeline)")
+    p.add_argument("--tasks", type=int, default=DEFAULT_TASKS,
+                   help="tasks of work-queue (and of its raw PUSH/PULL pipeline)")
     p.add_argument("--sync", choices=["full", "normal"], default="full")
     p.add_argument("--transport", choices=["tcp", "ipc"], default="tcp")
     p.add_argument("--json", metavar="FILE", help="JSON results (default: OUT/latest.json)")
