@@ -1,5 +1,6 @@
 """The dialer's side of one link (this node -> one peer): handshake, windowed transmission,
-retransmission with backoff, receipts, liveness and clock samples.
+retransmission with backoff, receipts, liveness and clock samples, and whether the link is
+worth a connection at all (lazy opening, idle close).
 
 Rule: pure state. Inputs are the peer's bytes, committed messages (`offer`), rows read from
 disk (`refill`) and the current time (`now` is a monotonic reading in seconds, `wall_ns` the
@@ -14,6 +15,7 @@ import bisect
 import collections
 import enum
 import itertools
+import math
 import operator
 from collections.abc import Sequence
 
@@ -35,6 +37,7 @@ from meshpost.protocol.frames import (
     MAX_BATCH_MESSAGES,
     PROTOCOL_VERSION,
     Batch,
+    Close,
     Envelope,
     Frame,
     Hello,
@@ -71,6 +74,7 @@ def held_size(messages: Sequence[Envelope]) -> int:
 
 
 class LinkState(enum.Enum):
+    IDLE = "idle"  # no connection: nothing to send yet, or nothing for link_idle_s (closed)
     CONNECTING = "connecting"  # Hello sent, no Welcome yet
     READY = "ready"  # handshake done; data flows; the only state counted reachable
     LOST = "lost"  # was ready, then silent for peer_timeout_s; Hello sent again
@@ -89,12 +93,21 @@ class LinkInput(enum.Enum):
     PONG = "Pong"
     SILENCE = "peer_timeout_s of silence"
     BYE = "peer said Bye"
+    OPEN = "a message to send, or a connect request"
+    IDLE_TIMEOUT = "link_idle_s with nothing to send"
 
 
 _S, _I = LinkState, LinkInput
 #: (state, input) -> next state. A pair that is not here is not taken in that state: a frame is
-#: ignored as stale (a receipt reaching a refused link), a fact changes nothing.
+#: ignored as stale (a receipt reaching a refused link), a fact changes nothing. An `IDLE` link
+#: has no connection, so every frame reaching it is stale.
 TRANSITIONS: dict[tuple[LinkState, LinkInput], LinkState] = {
+    (_S.IDLE, _I.OPEN): _S.CONNECTING,
+    (_S.CONNECTING, _I.IDLE_TIMEOUT): _S.IDLE,
+    (_S.READY, _I.IDLE_TIMEOUT): _S.IDLE,
+    (_S.LOST, _I.IDLE_TIMEOUT): _S.IDLE,
+    (_S.LEFT, _I.IDLE_TIMEOUT): _S.IDLE,
+    (_S.REFUSED, _I.IDLE_TIMEOUT): _S.IDLE,
     (_S.CONNECTING, _I.WELCOME): _S.READY,
     (_S.CONNECTING, _I.HELLO_REQUIRED): _S.CONNECTING,
     (_S.CONNECTING, _I.REFUSE): _S.REFUSED,
@@ -160,9 +173,15 @@ class DialerLink:
         ping_interval_s: float,
         peer_timeout_s: float,
         max_frame_bytes: int = max_frame_bytes(0),
+        link_idle_s: float = 0.0,
+        lazy: bool = False,
+        now: float = 0.0,
     ) -> None:
         """`max_frame_bytes`: the largest frame taken from the peer (its answers are small;
-        the default is the batch limit, which no answer comes near)."""
+        the default is the batch limit, which no answer comes near). `link_idle_s`: close the
+        link (`IDLE`) after this long with nothing to send (0: never). `lazy`: start `IDLE`,
+        opening on the first message or `open()`, rather than dialing at once. `now`: the
+        monotonic time the link is made (its idle period counts from there)."""
         self.local_name = local_name
         self.local_node_id = local_node_id
         self.peer = peer
@@ -173,8 +192,12 @@ class DialerLink:
         self._ping_interval = ping_interval_s
         self._peer_timeout = peer_timeout_s
         self.max_frame_bytes = max_frame_bytes
+        self.link_idle_s = link_idle_s
+        #: Something above the link waits on this peer (a task leased to it): keep watching
+        #: its liveness (pings) and keep the link open even with nothing to send.
+        self.watched = False
 
-        self.state = LinkState.CONNECTING
+        self.state = LinkState.IDLE if lazy else LinkState.CONNECTING
         self.peer_node_id: str | None = None
         self.offset = OffsetEstimator()
         self.last_heard: float | None = None
@@ -220,6 +243,12 @@ class DialerLink:
         self._resent: set[int] = set()
         self._next_hello_at = 0.0
         self._next_ping_at = 0.0
+        #: When the link last had something to do (opened, sent a batch, settled a message):
+        #: the recent window and the idle period count from here.
+        self._active_at = now
+        #: Silence is measured from here when later than `last_heard`: the link started
+        #: expecting answers again after a quiet spell in which nobody asked the peer anything.
+        self._silence_from = now
         self._ping_owed = False
         self._frames: list[Frame] = []
         self._events: list[Event] = []
@@ -244,6 +273,34 @@ class DialerLink:
     @property
     def unacknowledged(self) -> int:
         return len(self._queue) + len(self._inflight)
+
+    @property
+    def needs_connection(self) -> bool:
+        """The link wants a socket to its peer (every state but `IDLE`): open one before
+        sending its frames, and close it after sending them once this turns False."""
+        return self.state is not LinkState.IDLE
+
+    @property
+    def has_work(self) -> bool:
+        """Messages wait to go or to be receipted (in memory or on disk), or something above
+        the link watches the peer: the link must not idle out, and its liveness is watched."""
+        return bool(self._queue or self._inflight) or self.disk_backlog or self.watched
+
+    def _watching(self, now: float) -> bool:
+        """Answers are expected (something is queued or in flight, or the peer is watched), or
+        the link was active within the recent window: pings and the silence timer run."""
+        return bool(self._queue or self._inflight) or self.watched or self.recently_active(now)
+
+    def recently_active(self, now: float) -> bool:
+        """The link did something within the recent window (`peer_timeout_s`): its liveness
+        is still watched, so that a peer that dies just after its last receipt is found lost
+        as soon as before."""
+        return now <= self._active_at + self._peer_timeout
+
+    def open(self, now: float) -> None:
+        """Dial now if the link is `IDLE` (an explicit connect: a probe, a ping request): the
+        Hello goes at the next `poll`. Idle again after `link_idle_s` with nothing to send."""
+        self._open(now)
 
     @property
     def disk_backlog(self) -> bool:
@@ -353,31 +410,44 @@ class DialerLink:
             self._next_hello_at = min(self._next_hello_at, now)
 
     def poll(self, now: float, wall_ns: int, hlc: int) -> None:
-        """Run timers: handshake retries, pings, liveness, retransmission, transmission."""
+        """Run timers: handshake retries, pings, liveness, retransmission, transmission,
+        and the idle close."""
+        if self.state is LinkState.IDLE:
+            self._pump(now, wall_ns)  # a message queued while idle opens the link
+            if self.state is LinkState.IDLE:
+                return
+        if self._idle_due(now):
+            self._close_idle()
+            return
+        self._resume(now)
+        watching = self._watching(now)
         if self.state is not LinkState.READY:
             if now >= self._next_hello_at:
                 self._send_hello(now, wall_ns, hlc)
-        elif now >= self._next_ping_at:
+        elif now >= self._next_ping_at and (watching or self._ping_owed):
             # Any frame from the peer proves it alive: ping only a link quiet for a ping
-            # interval, and put the Ping before anything else this poll sends.
+            # interval, and put the Ping before anything else this poll sends. A link with
+            # nothing to do and no recent activity pings no more (its silence costs nothing).
             # (The first Ping after a Welcome goes anyway: its Pong is the first clock sample.)
-            heard = self.last_heard
+            heard = self._heard_at()
             if heard is None or self._ping_owed or now >= heard + self._ping_interval:
                 self._ping_owed = False
                 self._frames.insert(0, Ping(sent_at_ns=wall_ns))
                 self._next_ping_at = now + self._ping_interval
             else:
                 self._next_ping_at = heard + self._ping_interval
+        heard = self._heard_at()
         if (
             self.state is LinkState.READY
-            and self.last_heard is not None
+            and heard is not None
+            and watching
             # Same expression as in next_timer(): polling at that time must make progress.
-            and now >= self.last_heard + self._peer_timeout
+            and now >= heard + self._peer_timeout
         ):
             self._move(LinkInput.SILENCE)
             self._next_hello_at = now
             self._rto_deadline = None
-            self._events.append(PeerLost(self.peer, now - self.last_heard))
+            self._events.append(PeerLost(self.peer, now - heard))
             self._send_hello(now, wall_ns, hlc)
         if (
             self.state is LinkState.READY
@@ -386,6 +456,38 @@ class DialerLink:
         ):
             self._retransmit_due(now, wall_ns)
         self._pump(now, wall_ns)
+
+    def _heard_at(self) -> float | None:
+        """Since when silence counts: the last frame heard, or the end of a quiet spell."""
+        heard = self.last_heard
+        return heard if heard is None or heard >= self._silence_from else self._silence_from
+
+    def _resume(self, now: float) -> None:
+        """Messages to send after a quiet spell in which nobody asked the peer anything: its
+        silence counts from now, not from the last frame heard long ago."""
+        if self._queue and not self._inflight and not self.watched \
+                and not self.recently_active(now):
+            self._silence_from = self._active_at = now
+
+    def _idle_due(self, now: float) -> bool:
+        return (self.link_idle_s > 0 and not self.has_work
+                and now >= self._active_at + self.link_idle_s)
+
+    def _close_idle(self) -> None:
+        """Nothing to send for `link_idle_s`: tell a listener that welcomed us to forget the
+        session (`Close`), then go `IDLE`; the node closes the socket after these frames."""
+        was_ready = self.state is LinkState.READY
+        self._move(LinkInput.IDLE_TIMEOUT)
+        if was_ready:
+            self._frames.append(Close())
+        self._rto_deadline = None
+        self._flights.clear()
+        self._ping_owed = False
+
+    def _open(self, now: float) -> None:
+        if self._move(LinkInput.OPEN):
+            self._active_at = self._silence_from = now
+            self._next_hello_at = now
 
     def peer_left(self, now: float, reason: str) -> None:
         """The peer said it is shutting down (its Bye reached our listener: `PeerLeft`): count
@@ -402,7 +504,8 @@ class DialerLink:
     def receive(self, data: bytes, now: float, wall_ns: int, hlc: int) -> None:
         """Take one frame's bytes the peer sent on this link. Bytes that do not decode, and
         frames not for a dialer, are reported (`ViolationDetected`) and change nothing; a
-        frame the link's state does not take (`TRANSITIONS`) is ignored as stale."""
+        frame the link's state does not take (`TRANSITIONS`) is ignored as stale (every
+        frame, while `IDLE`: it has no connection)."""
         try:
             frame = decode(data, max_bytes=self.max_frame_bytes)
         except ProtocolError as exc:
@@ -462,16 +565,29 @@ class DialerLink:
         return events
 
     def next_timer(self) -> float:
-        """Monotonic time at which `poll` next has work to do."""
-        if self.state is not LinkState.READY:
-            deadline = self._next_hello_at
-        else:
-            deadline = self._next_ping_at
-            if self._rto_deadline is not None and self._inflight:
-                deadline = min(deadline, self._rto_deadline)
-        if self.state is LinkState.READY and self.last_heard is not None:
-            deadline = min(deadline, self.last_heard + self._peer_timeout)
-        return deadline
+        """Monotonic time at which `poll` next has work to do: `math.inf` when it has none
+        (an `IDLE` link with nothing queued, or a quiet one that never idles out)."""
+        state = self.state
+        if state is LinkState.IDLE:
+            return self._next_hello_at if self._queue else math.inf
+        busy = self.has_work
+        idle_at = (self._active_at + self.link_idle_s
+                   if self.link_idle_s > 0 and not busy else math.inf)
+        if state is not LinkState.READY:
+            return min(self._next_hello_at, idle_at)
+        # Pings and the silence timer run only while watching: while answers are expected, or
+        # until the recent window ends (then nothing is due until the idle close).
+        expecting = bool(self._queue or self._inflight) or self.watched
+        watch_until = math.inf if expecting else self._active_at + self._peer_timeout
+        deadline = self._next_ping_at
+        if not (deadline <= watch_until or self._ping_owed):
+            deadline = math.inf
+        if self._rto_deadline is not None and self._inflight:
+            deadline = min(deadline, self._rto_deadline)
+        heard = self._heard_at()
+        if heard is not None and heard + self._peer_timeout <= watch_until:
+            deadline = min(deadline, heard + self._peer_timeout)
+        return min(deadline, idle_at)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -648,7 +764,7 @@ class DialerLink:
         if echo > self._answered_tx_ns and echo <= wall_ns:
             self._answered_tx_ns = echo
         if settled:
-            self._progress_at = now
+            self._progress_at = self._active_at = now
             self._probed = False
             settled.sort()
             self._events.append(MessagesDelivered(self.peer, settled, receipt, wall_ns))
@@ -674,7 +790,11 @@ class DialerLink:
     def _pump(self, now: float, wall_ns: int) -> None:
         """Move queued messages into flight while the handshake is done and the window allows."""
         if self.state is not LinkState.READY or not self._queue:
+            if self._queue and self.state is LinkState.IDLE:
+                self._open(now)  # the Hello goes at the next poll (the node wakes for it)
             return
+        self._resume(now)
+        self._active_at = now
         fresh: list[Envelope] = []
         queue, inflight = self._queue, self._inflight
         while queue:

@@ -201,10 +201,16 @@ class Bye(msgspec.Struct, tag="bye", array_like=True, frozen=True):
     reason: str
 
 
-Frame = Hello | Welcome | Refuse | Batch | ReceiptFrame | Reject | Ping | Pong | Bye
+class Close(msgspec.Struct, tag="close", array_like=True, frozen=True):
+    """Dialer -> listener: this connection closes because the link is idle (nothing to send
+    for `link_idle_s`); forget its session. Not a departure: the node stays up and dials
+    again, with a new Hello, for its next message. No reply."""
+
+
+Frame = Hello | Welcome | Refuse | Batch | ReceiptFrame | Reject | Ping | Pong | Bye | Close
 
 #: Frames a listener (ROUTER side) accepts, and frames a dialer (DEALER side) accepts.
-DIALER_FRAMES = (Hello, Batch, Ping, Bye)
+DIALER_FRAMES = (Hello, Batch, Ping, Bye, Close)
 LISTENER_FRAMES = (Welcome, Refuse, ReceiptFrame, Reject, Pong)
 
 

@@ -34,6 +34,7 @@ from meshpost.protocol.frames import (
     PROTOCOL_VERSION,
     Batch,
     Bye,
+    Close,
     Envelope,
     Frame,
     Hello,
@@ -98,6 +99,7 @@ class SessionInput(enum.Enum):
     BATCH = "Batch"
     PING = "Ping"
     BYE = "Bye"
+    CLOSE = "Close (the dialer closes its idle link)"
 
 
 class Answer(enum.Enum):
@@ -113,6 +115,7 @@ class Answer(enum.Enum):
                "connection")
     PONG = "Pong"
     LEFT = "nothing; PeerLeft reported"
+    FORGET = "nothing; the session is forgotten (the peer is not reported gone)"
     NOTHING = "nothing"
 
 
@@ -136,6 +139,7 @@ TRANSITIONS: dict[tuple[SessionState, SessionInput], Step] = {
     (_S.NEW, _I.BATCH): Step(_S.NEW, _A.HELLO_REQUIRED),
     (_S.NEW, _I.PING): Step(_S.NEW, _A.HELLO_REQUIRED),
     (_S.NEW, _I.BYE): Step(_S.NEW, _A.NOTHING),
+    (_S.NEW, _I.CLOSE): Step(_S.NEW, _A.NOTHING),
     (_S.OPEN, _I.HELLO): Step(_S.OPEN, _A.WELCOME),
     (_S.OPEN, _I.CLAIM): Step(_S.OPEN, _A.WELCOME_CLAIM),
     (_S.OPEN, _I.LIVE_CLAIM): Step(_S.NEW, _A.REFUSE_CLAIM),
@@ -143,6 +147,7 @@ TRANSITIONS: dict[tuple[SessionState, SessionInput], Step] = {
     (_S.OPEN, _I.BATCH): Step(_S.OPEN, _A.ARRIVED),
     (_S.OPEN, _I.PING): Step(_S.OPEN, _A.PONG),
     (_S.OPEN, _I.BYE): Step(_S.LEFT, _A.LEFT),
+    (_S.OPEN, _I.CLOSE): Step(_S.NEW, _A.FORGET),
     (_S.LEFT, _I.HELLO): Step(_S.OPEN, _A.WELCOME),
     (_S.LEFT, _I.CLAIM): Step(_S.OPEN, _A.WELCOME_CLAIM),
     (_S.LEFT, _I.LIVE_CLAIM): Step(_S.NEW, _A.REFUSE_CLAIM),
@@ -150,6 +155,7 @@ TRANSITIONS: dict[tuple[SessionState, SessionInput], Step] = {
     (_S.LEFT, _I.BATCH): Step(_S.LEFT, _A.HELLO_REQUIRED),
     (_S.LEFT, _I.PING): Step(_S.LEFT, _A.HELLO_REQUIRED),
     (_S.LEFT, _I.BYE): Step(_S.LEFT, _A.NOTHING),
+    (_S.LEFT, _I.CLOSE): Step(_S.NEW, _A.FORGET),
 }
 del _S, _I, _A
 
@@ -249,6 +255,8 @@ class Listener:
                 kind = SessionInput.PING
             case Bye():
                 kind = SessionInput.BYE
+            case Close():
+                kind = SessionInput.CLOSE
             case _:
                 self._violation(identity, MalformedFrame(f"{type(frame).__name__} is not for me"))
                 self._reply(identity, Refuse(RefuseCode.MALFORMED,
@@ -311,8 +319,8 @@ class Listener:
                 assert isinstance(frame, Bye)
                 assert session is not None
                 self._events.append(PeerLeft(session.peer, frame.reason))
-            case Answer.NOTHING:
-                pass
+            case Answer.NOTHING | Answer.FORGET:
+                pass  # a forgotten session was dropped above (its next state is NEW)
 
     def stored(
         self,
