@@ -27,6 +27,12 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
 #: 32,768: measured against 16,384 (docs/benchmarks.md, "Constants and their figures").
 DEFAULT_WINDOW = 32_768
 DEFAULT_WINDOW_BYTES = 16 * 1024 * 1024
+#: 60 s: long enough that a conversation (a message every few seconds) keeps its connection,
+#: short enough that a 1,000-node mesh where each node talks to a few peers holds few sockets.
+DEFAULT_LINK_IDLE_S = 60.0
+#: 8: a console user of a small mesh sees who is up at start; a mesh config of hundreds of
+#: nodes (every node every other's peer) would otherwise open n^2 connections at once.
+DEFAULT_DIAL_AT_START = 8
 #: Hard ceiling for the configurable limit; ZeroMQ frames above this are refused outright.
 MAX_MESSAGE_BYTES_CEILING = 16 * 1024 * 1024
 
@@ -146,6 +152,12 @@ class NodeConfig:
     #: Application ping period and the silence after which a peer counts as gone.
     ping_interval_s: float = 1.0
     peer_timeout_s: float = 4.0
+    #: A link with nothing to send for this long closes its connection (and reopens on the
+    #: next message); 0: links stay open. An idle link then costs no socket, timer or frame.
+    link_idle_s: float = DEFAULT_LINK_IDLE_S
+    #: A node with at most this many peers dials them all at start (a small mesh shows who
+    #: is up at once); with more, each link opens on its first message (or `Node.connect`).
+    dial_at_start: int = DEFAULT_DIAL_AT_START
     secure: bool = False
     #: Bind beyond loopback without CURVE anyway (`--insecure`): anyone who can reach the
     #: port can then read, send and claim any peer's name.
@@ -217,7 +229,7 @@ class NodeConfig:
         return None
 
 
-_WHOLE_NUMBERS = ("max_message_bytes", "window", "window_bytes")
+_WHOLE_NUMBERS = ("max_message_bytes", "window", "window_bytes", "dial_at_start")
 _DURATIONS = ("retransmit_initial_s", "retransmit_max_s", "ping_interval_s", "peer_timeout_s")
 
 
@@ -231,6 +243,12 @@ def _check_types(cfg: NodeConfig) -> None:
         value = getattr(cfg, field)
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise ConfigError(f"{field} must be a positive number of seconds, not {value!r}")
+    idle = cfg.link_idle_s
+    if isinstance(idle, bool) or not isinstance(idle, int | float) or not idle >= 0:
+        raise ConfigError(f"link_idle_s must be a number of seconds (0: never idle), "
+                          f"not {idle!r}")
+    if cfg.dial_at_start < 0:
+        raise ConfigError(f"dial_at_start must be 0 or more, not {cfg.dial_at_start}")
     if not isinstance(cfg.secure, bool):
         raise ConfigError(f"secure must be true or false, not {cfg.secure!r}")
     if not isinstance(cfg.insecure, bool):

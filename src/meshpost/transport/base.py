@@ -42,7 +42,13 @@ class Transport(Protocol):
         """Listen on `endpoints`; return them as bound (ports resolved)."""
         ...
 
-    def add_peer(self, peer: str, endpoint: str) -> None: ...
+    def add_peer(self, peer: str, endpoint: str) -> None:
+        """Connect a link to `peer` (its socket); frames to it can be queued from now on."""
+        ...
+
+    def drop_peer(self, peer: str) -> None:
+        """Close the link to `peer` (idle); frames already queued on it may still leave."""
+        ...
 
     def start(
         self, on_inbound: InboundHandler, on_peer_frame: PeerFrameHandler,
@@ -52,7 +58,8 @@ class Transport(Protocol):
         ...
 
     def send_to_peer(self, peer: str, payload: bytes) -> bool:
-        """Queue `payload` on our link to `peer`; False if it was dropped."""
+        """Queue `payload` on our link to `peer`; False if it was dropped (or the link has
+        no connection)."""
         ...
 
     def reply(self, identity: bytes, payload: bytes) -> bool:

@@ -52,6 +52,8 @@ class MemoryTransport:
         self.name = name
         self.bound: list[str] = []
         self.peers: dict[str, str] = {}
+        #: How often each peer was dialed (`add_peer`), for tests of lazy links.
+        self.dials: dict[str, int] = {}
         self.dropped_sends = 0
         #: The fake has no connections to cap.
         self.inbound_refused = 0
@@ -78,6 +80,11 @@ class MemoryTransport:
 
     def add_peer(self, peer: str, endpoint: str) -> None:
         self.peers[peer] = endpoint
+        self.dials[peer] = self.dials.get(peer, 0) + 1
+
+    def drop_peer(self, peer: str) -> None:
+        """Forget the link to `peer` (idle): frames back from it are dropped from now on."""
+        self.peers.pop(peer, None)
 
     def start(
         self, on_inbound: InboundHandler, on_peer_frame: PeerFrameHandler,
@@ -93,6 +100,8 @@ class MemoryTransport:
 
     def send_to_peer(self, peer: str, payload: bytes) -> bool:
         """To `peer`'s inbound handler, as if its ROUTER received it from us."""
+        if peer not in self.peers:  # no connection (an idle link): nothing to queue it on
+            return False
         self.network.log.append((self.name, peer, payload))
         target = self.network.nodes.get(peer)
         if self.closed or target is None:

@@ -405,13 +405,19 @@ class ZmqTransport:
         if self._loop is not None:
             self._watch_dealer(peer, sock)
 
-    def redial(self, peer: str) -> None:
-        """Replace `peer`'s DEALER by a new one (a new connection): its link went silent,
-        and a connection the other side stopped reading would otherwise stay open for good.
-        Frames still queued on the old socket are dropped; the protocol retransmits them."""
-        old = self._dealers.get(peer)
+    def drop_peer(self, peer: str) -> None:
+        """Close `peer`'s DEALER (its link is idle): frames already queued on it, such as the
+        link's Close, still get `LINGER_MS` to leave. `add_peer` connects it again."""
+        if self._close_dealer(peer, LINGER_MS):
+            self._endpoints.pop(peer, None)
+            self._dealer_drains.pop(peer, None)
+            self._handshake_failures.pop(peer, None)
+
+    def _close_dealer(self, peer: str, linger_ms: int) -> bool:
+        """Stop watching and close `peer`'s DEALER and its monitor; False if it has none."""
+        old = self._dealers.pop(peer, None)
         if old is None:
-            return
+            return False
         for fd in (self._dealer_fds.pop(peer, None), self._monitor_fds.pop(peer, None)):
             if fd is not None and self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(fd)
@@ -423,7 +429,15 @@ class ZmqTransport:
             with contextlib.suppress(zmq.ZMQError):
                 old.disable_monitor()
             monitor.close(0)
-        old.close(0)
+        old.close(linger_ms)
+        return True
+
+    def redial(self, peer: str) -> None:
+        """Replace `peer`'s DEALER by a new one (a new connection): its link went silent,
+        and a connection the other side stopped reading would otherwise stay open for good.
+        Frames still queued on the old socket are dropped; the protocol retransmits them."""
+        if not self._close_dealer(peer, 0):
+            return
         sock = self._dealer(peer, self._endpoints[peer])
         self._dealers[peer] = sock
         self._dealer_drains.pop(peer, None)
@@ -462,7 +476,9 @@ class ZmqTransport:
         return sock
 
     def send_to_peer(self, peer: str, payload: bytes) -> bool:
-        sock = self._dealers[peer]
+        sock = self._dealers.get(peer)
+        if sock is None:  # no connection (an idle link): nothing to queue it on
+            return False
         sent = self._send_now(sock, payload)
         self._schedule_drain(sock, self._dealer_drain(peer))
         return sent
