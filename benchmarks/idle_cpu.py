@@ -70,9 +70,10 @@ async def main(args: argparse.Namespace) -> None:
         try:
             if all(node.config.peers and len(node.config.peers) <= getattr(
                     node.config, "dial_at_start", 1 << 30) for node in nodes):
-                async with asyncio.timeout(120):
-                    while not all(p.connected for n in nodes for p in n.peers()):
-                        await asyncio.sleep(0.1)
+                for _ in range(1200):  # at most 120 s
+                    if all(p.connected for n in nodes for p in n.peers()):
+                        break
+                    await asyncio.sleep(0.1)
             await asyncio.sleep(1.0)
             await measure("start", nodes, args.seconds)
             handles = []

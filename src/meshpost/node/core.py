@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import heapq
 import itertools
 import logging
+import math
 import operator
 import os
 import secrets
@@ -41,6 +43,7 @@ from meshpost.errors import (
     ProtocolError,
     ReceiptTimeout,
     StoreCorrupt,
+    UnknownPeer,
 )
 from meshpost.node.groups import Groups
 from meshpost.node.records import (
@@ -121,9 +124,8 @@ log = logging.getLogger(__name__)
 
 
 
-#: Timer loop granularity bounds: never spin faster, never sleep longer.
+#: The timer loop never sleeps less than this (a deadline a hair away is polled a hair late).
 _MIN_TICK_S = 0.002
-_MAX_TICK_S = 0.25
 #: Subscriber queues (console, control tail) drop their oldest events past this many.
 SUBSCRIBER_QUEUE = 10_000
 #: A connection we refuse is told to subscribers at most this often per routing id: a refused
@@ -222,6 +224,16 @@ class Node:
         self._transport: Transport | None = None
         self._listener: Listener | None = None
         self._links: dict[str, DialerLink] = {}
+        #: Peers whose link holds a connection (a transport socket); an idle link has none.
+        self._connected: set[str] = set()
+        #: Links watched by something above them (work-queue workers): kept open and pinged.
+        self._watched: set[str] = set()
+        #: The timer loop's agenda: each link's next deadline (`DialerLink.next_timer`) as
+        #: scheduled, and a heap of (deadline, peer) holding them (and stale ones, skipped).
+        self._due: dict[str, float] = {}
+        self._timer_heap: list[tuple[float, str]] = []
+        self._timer_wake_at = math.inf
+        self._timer_wakeup = asyncio.Event()
         #: Links that committed messages were offered to since the last pump (an ordered set).
         self._links_to_pump: dict[str, DialerLink] = {}
         self._next_seq: dict[str, int] = {}
@@ -326,9 +338,11 @@ class Node:
                 context=self._zmq_context,
             )
             self.endpoints = self._transport.bind(cfg.bind)
+            # A small mesh dials every peer at once (who is up shows at start); a big one
+            # opens each link on its first message (docs/protocol.md 2.1).
+            lazy = len(cfg.peers) > cfg.dial_at_start
             for peer in cfg.peers:
-                self._transport.add_peer(peer.name, peer.endpoint)
-                self._new_link(peer.name, peer.endpoint, "config")
+                self._new_link(peer.name, peer.endpoint, "config", lazy=lazy)
             # What a big store's open left unchecked is verified after start (`_verify_store`).
             verifier = await asyncio.to_thread(store.open_verifier)
         except BaseException:
@@ -351,11 +365,11 @@ class Node:
         self._feed_wakeup.set()
         log.info("[%s] node %s listening on %s", self.name, self.node_id, ", ".join(self.endpoints))
 
-    def _new_link(self, peer: str, endpoint: str, found: str) -> None:
+    def _new_link(self, peer: str, endpoint: str, found: str, *, lazy: bool) -> None:
         assert self._store is not None
         assert self._listener is not None
         cfg = self.config
-        self._links[peer] = DialerLink(
+        self._links[peer] = link = DialerLink(
             local_name=cfg.name,
             local_node_id=self._store.node_id,
             peer=peer,
@@ -366,8 +380,12 @@ class Node:
             ping_interval_s=cfg.ping_interval_s,
             peer_timeout_s=cfg.peer_timeout_s,
             max_frame_bytes=self._listener.max_frame_bytes,
+            link_idle_s=cfg.link_idle_s,
+            lazy=lazy,
+            now=self.clock.monotonic(),
         )
         self._found[peer] = (endpoint, found)
+        self._perform(link)  # a link dialed at once gets its socket and its first timer
 
     def add_peer(self, name: str, endpoint: str, *, node_id: str | None = None,
                  found: str = "beacon") -> bool:
@@ -390,13 +408,50 @@ class Node:
             listener.expected_node_ids[name] = node_id
         if name in self._links:
             return False
-        transport.add_peer(name, endpoint)
-        self._new_link(name, endpoint, found)
+        self._new_link(name, endpoint, found,
+                       lazy=len(self._links) >= self.config.dial_at_start)
         listener.known_peers = listener.known_peers | {name}
         self._feed_wakeup.set()
         log.info("[%s] %s joined (%s, %s)", self.name, name, found, endpoint)
         self._publish(PeerChanged(name, False, PeerChange.JOINED, f"via {found} at {endpoint}"))
         return True
+
+    def connect(self, *peers: str) -> None:
+        """Open the links to `peers` (all peers if none is named) now rather than on their
+        first message, as a probe: `peers()` shows who answers. Links with nothing to send
+        close again after `link_idle_s`. Raises `UnknownPeer` for a name that is no peer."""
+        self._check_open()
+        for name in peers:
+            if name not in self._links:
+                raise UnknownPeer(name, sorted(self._links))
+        now = self.clock.monotonic()
+        for name in peers or list(self._links):
+            link = self._links[name]
+            link.open(now)
+            self._perform(link)
+
+    @property
+    def next_timer(self) -> float:
+        """The monotonic time (`clock`) the timer loop next wakes for a link; `math.inf`
+        when no link has anything to time (all idle or quiet)."""
+        return min(self._due.values(), default=math.inf)
+
+    def watch_peers(self, names: set[str]) -> None:
+        """Keep the links to `names` open and their liveness watched (pings, silence) even
+        with nothing to send, and stop watching the others watched before: what a
+        ventilator needs of its workers, whose loss takes their tasks back."""
+        if names == self._watched:
+            return
+        now = self.clock.monotonic()
+        for name in names ^ self._watched:
+            link = self._links.get(name)
+            if link is None:
+                continue
+            link.watched = name in names
+            if link.watched:
+                link.open(now)
+            self._perform(link)
+        self._watched = set(names)
 
     def peer_heard(self, name: str) -> None:
         """Discovery heard `name` again. A link it refused as unknown (it had not heard us
@@ -1086,27 +1141,33 @@ class Node:
             self._perform(link)
 
     async def _timer_loop(self) -> None:
-        # Every link is polled at least every _MAX_TICK_S (real time), as before; in between only
-        # the links whose timer is due, so a wake-up for one peer's ping does not poll all of
-        # them (with 99 peers that was 99 x 99 polls a second per node).
-        clock, loop = self.clock, asyncio.get_running_loop()
-        due: dict[str, float] = {}
-        next_scan = 0.0
+        # Polls only the links whose deadline is due, and sleeps until the next deadline
+        # however far: no periodic scan, so a node whose links are quiet wakes for nothing.
+        # Every input that may move a deadline earlier goes through `_perform`, which
+        # reschedules the link (`_schedule`) and wakes this loop if needed.
+        clock, heap, due = self.clock, self._timer_heap, self._due
+        wakeup = self._timer_wakeup
         while True:
             now = clock.monotonic()
-            wall = clock.wall_ns()
-            hlc = self.hlc.now()
-            scan = loop.time() >= next_scan
-            if scan:
-                next_scan = loop.time() + _MAX_TICK_S
-            for name, link in self._links.items():
-                if scan or due.get(name, now) <= now:
-                    link.poll(now, wall, hlc)
-                    self._perform(link)
-                    due[name] = link.next_timer()
-            deadline = min(now + _MAX_TICK_S, min(due.values(), default=now + _MAX_TICK_S))
-            sleep = min(deadline - clock.monotonic(), next_scan - loop.time())
-            await asyncio.sleep(min(max(sleep, _MIN_TICK_S), _MAX_TICK_S))
+            if heap and heap[0][0] <= now:
+                wall, hlc = clock.wall_ns(), self.hlc.now()
+                while heap and heap[0][0] <= now:
+                    deadline, name = heapq.heappop(heap)
+                    if due.get(name) != deadline:
+                        continue  # superseded by an earlier entry, already polled
+                    del due[name]
+                    link = self._links.get(name)
+                    if link is not None:
+                        link.poll(now, wall, hlc)
+                        self._perform(link)
+            wakeup.clear()
+            self._timer_wake_at = wake_at = heap[0][0] if heap else math.inf
+            # (A deadline already due again cannot come from polling: a link's poll at its
+            # deadline moves it. The floor only bounds the loop if that ever broke.)
+            timeout = None if wake_at == math.inf else max(wake_at - now, _MIN_TICK_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await wakeup.wait()
 
     def _on_peer_frame(self, peer: str, data: bytes) -> None:
         """A frame a peer sent back on our link to it (called from the transport)."""
@@ -1258,8 +1319,15 @@ class Node:
 
     def _perform(self, link: DialerLink) -> None:
         frames = link.frames_to_send()
+        peer = link.peer
+        needs = link.needs_connection
+        if needs and peer not in self._connected:
+            self._set_connection(peer, True)
         if frames:
-            self._transmit(link.peer, frames)
+            self._transmit(peer, frames)
+        if not needs and peer in self._connected:
+            self._set_connection(peer, False)  # after its Close: the socket lingers for it
+        self._schedule(link)
         for event in link.events():
             if isinstance(event, ViolationDetected):  # the peer's answer did not decode
                 self.stats.undecodable += 1
@@ -1268,6 +1336,39 @@ class Node:
                 self._on_event(event)
         if link.wants_disk:
             self._feed_wakeup.set()
+
+    def _set_connection(self, peer: str, connect: bool) -> None:
+        """Open (a lazy link's first message, a reopened idle link) or close (an idle link)
+        the transport's socket to `peer`."""
+        transport = self._transport
+        if transport is None:
+            return
+        if connect:
+            transport.add_peer(peer, self._found[peer][0])
+            self._connected.add(peer)
+            log.debug("[%s] link to %s opened", self.name, peer)
+        else:
+            transport.drop_peer(peer)
+            self._connected.discard(peer)
+            log.info("[%s] link to %s idle: connection closed", self.name, peer)
+
+    def _schedule(self, link: DialerLink) -> None:
+        """Put `link`'s next deadline on the timer loop's agenda, waking the loop if it is
+        earlier than its sleep. A later deadline leaves the earlier entry: polling early is
+        harmless and reschedules (so a busy link does not push an entry per receipt)."""
+        deadline = link.next_timer()
+        peer = link.peer
+        if deadline == math.inf:
+            self._due.pop(peer, None)  # nothing to time: its heap entries are stale now
+            return
+        scheduled = self._due.get(peer)
+        if scheduled is not None and scheduled <= deadline:
+            return
+        self._due[peer] = deadline
+        heapq.heappush(self._timer_heap, (deadline, peer))
+        if deadline < self._timer_wake_at:
+            self._timer_wake_at = deadline
+            self._timer_wakeup.set()
 
     def _transmit(self, peer: str, frames: list[Frame]) -> None:
         transport = self._transport

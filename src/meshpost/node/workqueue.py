@@ -213,7 +213,15 @@ class WorkQueues:
                 dispatcher.on_timer(now)
                 for action in dispatcher.actions():
                     self._perform(dispatcher, action)
-            wait = min([WORKQUEUE_TICK_S, *(max(0.0, t - now) for t in due if t is not None)])
+            # A ventilator keeps its serving workers' links open and watched: a worker lost
+            # (silent) gives its tasks back, even while nothing waits for a receipt from it.
+            self._node.watch_peers({
+                worker for queue in self.dispatchers
+                for worker, (_version, serving) in self.workers_of.get(queue, {}).items()
+                if serving})
+            # Without dispatchers there is nothing to time: sleep until woken.
+            wait = min([WORKQUEUE_TICK_S, *(max(0.0, t - now) for t in due if t is not None)]
+                       ) if self.dispatchers else None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self.wakeup.wait()

@@ -286,10 +286,13 @@ class DialerLink:
         the link watches the peer: the link must not idle out, and its liveness is watched."""
         return bool(self._queue or self._inflight) or self.disk_backlog or self.watched
 
-    def _watching(self, now: float) -> bool:
-        """Answers are expected (something is queued or in flight, or the peer is watched), or
-        the link was active within the recent window: pings and the silence timer run."""
-        return bool(self._queue or self._inflight) or self.watched or self.recently_active(now)
+    def _watch_until(self) -> float:
+        """Until when pings and the silence timer run: for good while answers are expected
+        (something queued or in flight, or the peer watched), else to the end of the recent
+        window after the last activity."""
+        if self._queue or self._inflight or self.watched:
+            return math.inf
+        return self._active_at + self._peer_timeout
 
     def recently_active(self, now: float) -> bool:
         """The link did something within the recent window (`peer_timeout_s`): its liveness
@@ -420,11 +423,12 @@ class DialerLink:
             self._close_idle()
             return
         self._resume(now)
-        watching = self._watching(now)
+        watch_until = self._watch_until()
         if self.state is not LinkState.READY:
             if now >= self._next_hello_at:
                 self._send_hello(now, wall_ns, hlc)
-        elif now >= self._next_ping_at and (watching or self._ping_owed):
+        elif now >= self._next_ping_at and (self._next_ping_at <= watch_until
+                                            or self._ping_owed):
             # Any frame from the peer proves it alive: ping only a link quiet for a ping
             # interval, and put the Ping before anything else this poll sends. A link with
             # nothing to do and no recent activity pings no more (its silence costs nothing).
@@ -440,8 +444,8 @@ class DialerLink:
         if (
             self.state is LinkState.READY
             and heard is not None
-            and watching
-            # Same expression as in next_timer(): polling at that time must make progress.
+            # Same expressions as in next_timer(): polling at that time must make progress.
+            and heard + self._peer_timeout <= watch_until
             and now >= heard + self._peer_timeout
         ):
             self._move(LinkInput.SILENCE)
@@ -577,8 +581,7 @@ class DialerLink:
             return min(self._next_hello_at, idle_at)
         # Pings and the silence timer run only while watching: while answers are expected, or
         # until the recent window ends (then nothing is due until the idle close).
-        expecting = bool(self._queue or self._inflight) or self.watched
-        watch_until = math.inf if expecting else self._active_at + self._peer_timeout
+        watch_until = self._watch_until()
         deadline = self._next_ping_at
         if not (deadline <= watch_until or self._ping_owed):
             deadline = math.inf

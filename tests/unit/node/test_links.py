@@ -1,0 +1,142 @@
+"""Lazy links and idle close at the node: an idle link holds no socket and no timer, opens on
+the first message (or a stored one at start, or `connect`), closes after `link_idle_s`, and
+reopens on the next message with nothing lost."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from tests.unit.node.support import PATIENCE_S, config, frame_kinds, run, until
+
+from meshpost.clock import FakeClock
+from meshpost.node import Node
+from meshpost.protocol import SessionState
+from meshpost.store import StoreReader
+from meshpost.transport import MemoryNetwork
+
+IDLE_S = 30.0
+
+
+def lazy_pair(tmp_path: Path, net: MemoryNetwork, clock: FakeClock) -> tuple[Node, Node]:
+    """A (lazy: dials nobody at start, idles after IDLE_S) and B, on one network."""
+    a_config = dataclasses.replace(config("A", "B", tmp_path), dial_at_start=0,
+                                   link_idle_s=IDLE_S)
+    a = Node(a_config, clock=clock, transport=net.transport("A"))
+    b = Node(config("B", "A", tmp_path), clock=clock, transport=net.transport("B"))
+    return a, b
+
+
+def state_of(node: Node, peer: str) -> str:
+    return next(p.state for p in node.peers() if p.name == peer)
+
+
+def bodies_at(node: Node) -> list[str]:
+    with StoreReader.for_data_dir(node.config.data_dir) as reader:
+        return sorted(m.body for m in reader.history(direction="in"))
+
+
+def test_a_lazy_link_opens_no_connection_until_the_first_message_then_delivers_it(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = lazy_pair(tmp_path, net, clock)
+        async with a, b:
+            await until(lambda: state_of(b, "A") == "ready")  # B dials A: a small mesh
+            assert net.nodes["A"].dials == {}
+            assert state_of(a, "B") == "idle"
+            assert "Hello" not in frame_kinds(net, "A")
+            assert a.next_timer == math.inf  # nothing to time: the loop sleeps
+            await a.send("B", "first", timeout_s=PATIENCE_S)
+            assert net.nodes["A"].dials == {"B": 1}
+            assert state_of(a, "B") == "ready"
+            assert bodies_at(b) == ["first"]
+
+    run(scenario)
+
+
+def test_an_idle_link_closes_after_link_idle_s_and_reopens_on_the_next_message(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = lazy_pair(tmp_path, net, clock)
+        async with a, b:
+            await a.send("B", "before", timeout_s=PATIENCE_S)
+            await until(lambda: a.stats.delivered == 1)
+            assert a.next_timer < math.inf  # pings in the recent window, then the idle close
+            clock.advance(IDLE_S + 1)
+            a.poll_timers()
+            assert frame_kinds(net, "A")[-1] == "Close"
+            assert state_of(a, "B") == "idle"
+            assert "B" not in net.nodes["A"].peers  # the socket is closed
+            assert a.next_timer == math.inf  # and no timer is armed
+            (status,) = a.peers()
+            assert status.last_seen_ns is not None and not status.connected
+            # B's listener forgot the session: no PeerLeft, B's own link to A untouched.
+            await until(lambda: b._listener is not None
+                        and b._listener.session_state(b"A".hex()) is SessionState.NEW)
+            assert state_of(b, "A") == "ready"
+            await a.send("B", "after", timeout_s=PATIENCE_S)  # a new Hello, a new session
+            assert net.nodes["A"].dials == {"B": 2}
+            assert bodies_at(b) == ["after", "before"]
+            assert a.stats.retransmissions == 0
+
+    run(scenario)
+
+
+def test_messages_pending_in_the_store_at_start_open_their_lazy_link(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = lazy_pair(tmp_path, net, clock)
+        async with a:  # B is down: the message waits in A's outbox
+            (handle,) = await a.post("B", "kept across a restart")
+            await until(lambda: "Hello" in frame_kinds(net, "A"))
+        net = MemoryNetwork()
+        a, b = lazy_pair(tmp_path, net, clock)
+        async with b, a:
+            await until(lambda: bodies_at(b) == ["kept across a restart"])
+            assert net.nodes["A"].dials == {"B": 1}
+            await until(lambda: a.stats.delivered == 1)
+            assert handle.id  # the same message, delivered after the restart
+
+    run(scenario)
+
+
+def test_connect_opens_idle_links_as_a_probe_and_they_idle_out_again(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = lazy_pair(tmp_path, net, clock)
+        async with a, b:
+            a.connect()
+            await until(lambda: state_of(a, "B") == "ready")
+            clock.advance(IDLE_S + 1)
+            a.poll_timers()
+            assert state_of(a, "B") == "idle"
+
+    run(scenario)
+
+
+def test_a_ventilator_keeps_its_workers_links_open_and_watched(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = lazy_pair(tmp_path, net, clock)
+        async with a, b:
+            a.watch_peers({"B"})
+            await until(lambda: state_of(a, "B") == "ready")
+            pings = frame_kinds(net, "A").count("Ping")
+            for _ in range(int(2 * IDLE_S)):  # a second at a time: B answers each Ping
+                clock.advance(a.config.ping_interval_s)
+                a.poll_timers()
+                await until(lambda: a.peers()[0].last_seen_ns == clock.wall_ns())  # Pong
+            assert state_of(a, "B") == "ready"  # watched: never idle, never lost
+            assert frame_kinds(net, "A").count("Ping") > pings + IDLE_S
+            assert a.next_timer < math.inf
+            a.watch_peers(set())
+            clock.advance(IDLE_S + 1)
+            a.poll_timers()
+            assert state_of(a, "B") == "idle"
+
+    run(scenario)
