@@ -524,7 +524,8 @@ class _Console:
             self.print(f"{clean(target)} names no other node; nothing sent")
             return
         peers = node.peers()
-        connected = {p.name for p in peers if p.connected}
+        # An idle link opens for this message: not news (its receipt wait still reports).
+        connected = {p.name for p in peers if p.connected or p.state == "idle"}
         refusals = {p.name: p.refusal for p in peers if p.refusal}
         handles = await node.post(target, body)
         self.last_target = target

@@ -194,9 +194,12 @@ def _ago(now_ns: int, then_ns: int | None) -> str:
 
 
 def peer_state(peer: PeerStatus) -> str:
-    """`connected`, `refused (why)` or `unreachable (link state)`."""
+    """`connected`, `idle` (no connection: nothing to send lately; "last seen" says when it
+    was last heard), `refused (why)` or `unreachable (link state)`."""
     if peer.connected:
         return "connected"
+    if peer.state == "idle":
+        return "idle"
     if peer.refusal:
         return f"refused ({peer.refusal})"
     return f"unreachable ({peer.state})"

@@ -280,9 +280,13 @@ def test_render_peers_table() -> None:
     text = render_peers_table(
         [peer_status("B"), peer_status("C", connected=False, last_seen_ns=None, rtt_ns=None,
                                       offset_ns=None, unacknowledged=0),
-         peer_status("D", connected=False, refusal="mesh: other mesh")],
+         peer_status("D", connected=False, refusal="mesh: other mesh"),
+         peer_status("E", connected=False, state="idle", last_seen_ns=T0 - 90_000 * MS)],
         now_ns=T0, width=140,
     )
+    e_row = next(line for line in text.splitlines() if " E " in line)
+    assert "idle" in e_row and "unreachable" not in e_row  # an idle link is not down
+    assert "2m ago" in e_row  # when it was last heard
     b_row = next(line for line in text.splitlines() if " B " in line)
     assert "tcp://127.0.0.1:5066" in b_row
     assert "connected" in b_row

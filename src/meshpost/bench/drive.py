@@ -66,6 +66,7 @@ async def timeline_peer(config: Path, name: str, data_dir: Path, marks: list[Mar
 
 
 async def wait_connected(node: Node, timeout_s: float) -> dict[str, Any]:
+    node.connect()  # links are lazy: open them all now, so the phase starts connected
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if all(p.connected for p in node.peers()):
