@@ -318,7 +318,7 @@ class ZmqTransport:
 
     def _drain_dealer(self, peer: str, sock: zmq.Socket[bytes]) -> None:
         on_peer_frame = self._on_peer_frame
-        if on_peer_frame is None:  # not started, or closed
+        if on_peer_frame is None or sock.closed:  # not started, closed, or dropped (idle)
             return
         self._drain(sock, lambda: sock.recv(_NOBLOCK), lambda data: on_peer_frame(peer, data),
                     self._dealer_drain(peer))
