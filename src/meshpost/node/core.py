@@ -1138,6 +1138,7 @@ class Node:
         now, wall, hlc = self.clock.monotonic(), self.clock.wall_ns(), self.hlc.now()
         for link in self._links.values():
             link.poll(now, wall, hlc)
+            self._due.pop(link.peer, None)  # polled: its agenda entry is replaced, not kept
             self._perform(link)
 
     async def _timer_loop(self) -> None:

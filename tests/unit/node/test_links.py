@@ -4,6 +4,7 @@ reopens on the next message with nothing lost."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 from pathlib import Path
@@ -138,5 +139,37 @@ def test_a_ventilator_keeps_its_workers_links_open_and_watched(tmp_path: Path) -
             clock.advance(IDLE_S + 1)
             a.poll_timers()
             assert state_of(a, "B") == "idle"
+
+    run(scenario)
+
+
+def test_a_quiet_node_polls_no_link_until_something_happens(tmp_path: Path) -> None:
+    """The timer loop sleeps until the next real deadline: with every link quiet there is
+    none, so it polls nothing (it used to scan every link every 250 ms)."""
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a, b = lazy_pair(tmp_path, net, clock)
+        async with a, b:
+            await a.send("B", "one", timeout_s=PATIENCE_S)
+            for _ in range(int(a.config.peer_timeout_s)):  # pinged in the recent window
+                clock.advance(a.config.ping_interval_s)
+                a.poll_timers()
+                await until(lambda: a.peers()[0].last_seen_ns == clock.wall_ns())  # Pong
+            clock.advance(a.config.ping_interval_s)  # past it: quiet
+            a.poll_timers()
+            assert state_of(a, "B") == "ready"
+            assert a.next_timer > clock.monotonic() + IDLE_S / 2  # only the idle close left
+            link = a._links["B"]
+            polls: list[float] = []
+            real_poll = link.poll
+
+            def counting_poll(now: float, wall_ns: int, hlc: int) -> None:
+                polls.append(now)
+                real_poll(now, wall_ns, hlc)
+
+            link.poll = counting_poll  # type: ignore[method-assign]
+            await asyncio.sleep(0.6)  # the old loop polled every link at least every 0.25 s
+            assert polls == []
+            await a.send("B", "two", timeout_s=PATIENCE_S)  # and wakes for real work
 
     run(scenario)
