@@ -532,3 +532,28 @@ def test_binding_beyond_loopback_needs_secure_or_an_explicit_insecure(endpoint: 
 def test_loopback_and_ipc_binds_need_nothing(endpoint: str) -> None:
     assert is_local_endpoint(endpoint)
     assert node(bind=(endpoint,)).bind == (endpoint,)
+
+
+def test_link_idle_s_comes_from_the_mesh_config_or_the_node_flag(tmp_path: Path) -> None:
+    from meshpost.cli.node import build_node_config
+    from meshpost.cli.parser import build_parser
+
+    args = build_parser().parse_args(
+        ["node", "A", "--bind", f"ipc://{tmp_path}/a.sock", "--data", str(tmp_path / "a"),
+         "--link-idle-s", "5"])
+    assert build_node_config(args).link_idle_s == 5.0
+    args = build_parser().parse_args(
+        ["node", "A", "--bind", f"ipc://{tmp_path}/a.sock", "--data", str(tmp_path / "a")])
+    assert build_node_config(args).link_idle_s == 60.0  # the default
+    args = build_parser().parse_args(
+        ["node", "A", "--bind", f"ipc://{tmp_path}/a.sock", "--link-idle-s", "-1"])
+    with pytest.raises(ConfigError, match="link_idle_s"):
+        build_node_config(args)
+
+
+def test_dial_at_start_must_be_a_whole_number_of_zero_or_more(tmp_path: Path) -> None:
+    base = {"name": "A", "bind": (f"ipc://{tmp_path}/a.sock",), "data_dir": tmp_path}
+    assert NodeConfig(**base, dial_at_start=0).dial_at_start == 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="dial_at_start"):
+            NodeConfig(**base, dial_at_start=bad)

@@ -41,6 +41,8 @@ def build_node_config(args: argparse.Namespace) -> NodeConfig:
         overrides["sync"] = args.sync
     if args.max_message_bytes:
         overrides["max_message_bytes"] = args.max_message_bytes
+    if args.link_idle_s is not None:
+        overrides["link_idle_s"] = args.link_idle_s
     if args.secure:
         overrides["secure"] = True
     if args.insecure:
@@ -215,6 +217,9 @@ def add_node(sub: Subcommands) -> None:
     p.add_argument("--data", help="data directory (default: per-name user data dir)")
     p.add_argument("--sync", choices=["full", "normal"], help="SQLite synchronous level")
     p.add_argument("--max-message-bytes", type=int)
+    p.add_argument("--link-idle-s", type=float, metavar="S",
+                   help="close a link with nothing to send after S seconds (default 60; "
+                        "0: never); it reopens on the next message")
     p.add_argument("--secure", action="store_true", help="CURVE encryption + authentication")
     p.add_argument("--insecure", action="store_true",
                    help="allow binding beyond loopback without --secure (anyone who can reach "
