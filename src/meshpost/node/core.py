@@ -88,6 +88,7 @@ from meshpost.protocol import (
     RefuseCode,
     SessionClaimed,
     ViolationDetected,
+    Welcome,
     decode,
     encode,
 )
@@ -452,6 +453,19 @@ class Node:
                 link.open(now)
             self._perform(link)
         self._watched = set(names)
+
+    def _peer_dialed_us(self, peer: str | None) -> None:
+        """`peer` opened a session with us (a Hello we welcomed). In a small mesh, whose links
+        are dialed at start, our idle link to it dials back, so a peer that returns after its
+        link to us idled out (a restart, a first message) shows up as connected again. A big
+        mesh does not: answering n peers' Hellos with n connections is what lazy links avoid.
+        (The name is the peer's word; the worst it can do is have us dial that name's
+        configured endpoint once.)"""
+        link = self._links.get(peer) if peer is not None else None
+        if link is None or link.needs_connection or len(self._links) > self.config.dial_at_start:
+            return
+        link.open(self.clock.monotonic())
+        self._perform(link)
 
     def peer_heard(self, name: str) -> None:
         """Discovery heard `name` again. A link it refused as unknown (it had not heard us
@@ -1205,6 +1219,8 @@ class Node:
             transport.reply(identity, encode(frame))
             if type(frame) is Refuse and frame.code != RefuseCode.HELLO_REQUIRED:
                 self._notice_refusal(self._claimed_name(data, who), frame)
+            elif type(frame) is Welcome:
+                self._peer_dialed_us(listener.session_peer(who))
         for event in listener.events():
             match event:
                 case MessagesArrived():

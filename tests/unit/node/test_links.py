@@ -173,3 +173,27 @@ def test_a_quiet_node_polls_no_link_until_something_happens(tmp_path: Path) -> N
             await a.send("B", "two", timeout_s=PATIENCE_S)  # and wakes for real work
 
     run(scenario)
+
+
+def test_in_a_small_mesh_a_peer_that_dials_us_reopens_our_idle_link_to_it(
+    tmp_path: Path,
+) -> None:
+    """A peer back after our link to it idled out shows as connected again without our
+    sending anything (in a mesh small enough to dial at start)."""
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a_config = dataclasses.replace(config("A", "B", tmp_path), link_idle_s=IDLE_S)
+        a = Node(a_config, clock=clock, transport=net.transport("A"))
+        async with a:
+            async with Node(config("B", "A", tmp_path), clock=clock,
+                            transport=net.transport("B")):
+                await until(lambda: state_of(a, "B") == "ready")
+            clock.advance(IDLE_S + 1)  # B is gone (it said Bye); nothing to send to it
+            a.poll_timers()
+            assert state_of(a, "B") == "idle"
+            async with Node(config("B", "A", tmp_path), clock=clock,
+                            transport=net.transport("B")):  # back: it dials A at start
+                await until(lambda: state_of(a, "B") == "ready")
+                assert net.nodes["A"].dials == {"B": 2}
+
+    run(scenario)
