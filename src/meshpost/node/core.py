@@ -383,6 +383,9 @@ class Node:
             max_frame_bytes=self._listener.max_frame_bytes,
             link_idle_s=cfg.link_idle_s,
             lazy=lazy,
+            # A small mesh (links dialed at start) watches a link for as long as it is open,
+            # so a crashed peer shows as lost; a big one only while the link is in use.
+            recent_s=None if lazy else math.inf,
             now=self.clock.monotonic(),
         )
         self._found[peer] = (endpoint, found)

@@ -175,13 +175,17 @@ class DialerLink:
         max_frame_bytes: int = max_frame_bytes(0),
         link_idle_s: float = 0.0,
         lazy: bool = False,
+        recent_s: float | None = None,
         now: float = 0.0,
     ) -> None:
         """`max_frame_bytes`: the largest frame taken from the peer (its answers are small;
         the default is the batch limit, which no answer comes near). `link_idle_s`: close the
         link (`IDLE`) after this long with nothing to send (0: never). `lazy`: start `IDLE`,
-        opening on the first message or `open()`, rather than dialing at once. `now`: the
-        monotonic time the link is made (its idle period counts from there)."""
+        opening on the first message or `open()`, rather than dialing at once. `recent_s`: how
+        long after its last activity a link with nothing pending still pings and watches for
+        silence (None: `peer_timeout_s`; `math.inf`: for as long as it is open, as a small
+        mesh wants, to show a crashed peer as lost). `now`: the monotonic time the link is made
+        (its idle period counts from there)."""
         self.local_name = local_name
         self.local_node_id = local_node_id
         self.peer = peer
@@ -193,6 +197,7 @@ class DialerLink:
         self._peer_timeout = peer_timeout_s
         self.max_frame_bytes = max_frame_bytes
         self.link_idle_s = link_idle_s
+        self.recent_s = peer_timeout_s if recent_s is None else recent_s
         #: Something above the link waits on this peer (a task leased to it): keep watching
         #: its liveness (pings) and keep the link open even with nothing to send.
         self.watched = False
@@ -292,13 +297,13 @@ class DialerLink:
         window after the last activity."""
         if self._queue or self._inflight or self.watched:
             return math.inf
-        return self._active_at + self._peer_timeout
+        return self._active_at + self.recent_s
 
     def recently_active(self, now: float) -> bool:
-        """The link did something within the recent window (`peer_timeout_s`): its liveness
-        is still watched, so that a peer that dies just after its last receipt is found lost
+        """The link did something within the recent window (`recent_s`): its liveness is
+        still watched, so that a peer that dies just after its last receipt is found lost
         as soon as before."""
-        return now <= self._active_at + self._peer_timeout
+        return now <= self._active_at + self.recent_s
 
     def open(self, now: float) -> None:
         """Dial now if the link is `IDLE` (an explicit connect: a probe, a ping request): the
@@ -611,6 +616,7 @@ class DialerLink:
         was_ready = before is LinkState.READY
         self.refusal = None
         self.peer_node_id = frame.node_id
+        self._active_at = now  # a link just usable is active: watched for the recent window
         self._next_ping_at = now
         self._ping_owed = True
         if not was_ready:

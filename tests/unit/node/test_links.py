@@ -197,3 +197,28 @@ def test_in_a_small_mesh_a_peer_that_dials_us_reopens_our_idle_link_to_it(
                 assert net.nodes["A"].dials == {"B": 2}
 
     run(scenario)
+
+
+def test_in_a_small_mesh_an_open_quiet_link_still_finds_a_silent_peer_lost(
+    tmp_path: Path,
+) -> None:
+    """Links dialed at start are watched for as long as they are open (a console user sees a
+    crashed peer as lost), until they idle out; a big mesh's links only while in use."""
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a_config = dataclasses.replace(config("A", "B", tmp_path), link_idle_s=IDLE_S)
+        a = Node(a_config, clock=clock, transport=net.transport("A"))
+        b = Node(config("B", "A", tmp_path), clock=clock, transport=net.transport("B"))
+        async with a, b:
+            await a.send("B", "one", timeout_s=PATIENCE_S)
+            for _ in range(10):  # quiet for 10 s, pinged all along
+                clock.advance(a.config.ping_interval_s)
+                a.poll_timers()
+                await until(lambda: a.peers()[0].last_seen_ns == clock.wall_ns())  # Pong
+            net.partition("A", "B")  # B goes silent (a crash, a cable)
+            for _ in range(int(a.config.peer_timeout_s)):
+                clock.advance(a.config.ping_interval_s)
+                a.poll_timers()
+            assert state_of(a, "B") == "lost"
+
+    run(scenario)
