@@ -219,9 +219,7 @@ class WorkQueues:
                 worker for queue in self.dispatchers
                 for worker, (_version, serving) in self.workers_of.get(queue, {}).items()
                 if serving})
-            # Without dispatchers there is nothing to time: sleep until woken.
-            wait = min([WORKQUEUE_TICK_S, *(max(0.0, t - now) for t in due if t is not None)]
-                       ) if self.dispatchers else None
+            wait = min([WORKQUEUE_TICK_S, *(max(0.0, t - now) for t in due if t is not None)])
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self.wakeup.wait()
