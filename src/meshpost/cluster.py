@@ -465,14 +465,19 @@ class LocalCluster:
         `peers_per_node` k, each node lists k random others (`random_peers`): a partial
         mesh; with `per_process` K (a keyword), K nodes run in each `meshpost host`."""
         names = list(names) if names else node_names(count)
+        options = dict(options or {})
         if peers_per_node is not None:
             kwargs["peers"] = random_peers(names, peers_per_node, seed=seed)
+            # A random partial mesh is a big mesh cut down: its nodes open links on first use
+            # whatever their own peer count (one with a few peers would otherwise dial them at
+            # start and watch them for as long as it runs: pings on idle links).
+            options.setdefault("dial_at_start", 0)
         root.mkdir(parents=True, exist_ok=True)
         if transport == "ipc":
             endpoints = {n: f"ipc://{root.resolve()}/{n}.sock" for n in names}
         else:
             endpoints = tcp_endpoints(names, base_port=base_port)
-        cluster = cls(root, names, endpoints, dict(options or {}), **kwargs)
+        cluster = cls(root, names, endpoints, options, **kwargs)
         cluster.write_config()
         return cluster
 

@@ -118,7 +118,7 @@ def test_bench_mesh_hosts_nodes_per_process_sends_to_k_peers_and_measures_the_id
     assert (f["nodes"], f["per_process"], f["processes"], f["fanout"]) == (12, 5, 3, 2)
     assert "ping_interval_s" not in f and f["messages"] == 480
     assert f["cpu_us_per_msg"] > 0 and f["rss_mb_per_node"] > 0
-    assert f["idle_s"] == 1 and f["idle_cpu_pct_of_core"] >= 0
+    assert f["idle_s"] == 1 and f["idle_cpu_pct_of_core"] >= 0 and f["idle_after_s"] > 4
     summary = (out / "latest.md").read_text(encoding="utf-8")
     assert "| mesh 12 nodes, 5/process, 2 peers each |" in summary
     assert "MB/node; idle" in summary

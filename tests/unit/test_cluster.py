@@ -43,6 +43,9 @@ def test_a_cluster_with_peers_per_node_writes_a_partial_mesh_whose_links_are_sym
     assert list(cluster.host_names().values()) == [
         cluster.names[0:8], cluster.names[8:16], cluster.names[16:24], cluster.names[24:30]]
     assert cluster.host_of(cluster.names[9]).names == cluster.names[8:16]
+    # Every node of it opens links on first use, however few peers it has: a node with
+    # fewer than dial_at_start peers would dial and ping them for as long as it runs.
+    assert all(mesh.node(n).dial_at_start == 0 for n in cluster.names)
 
 
 def test_many_listen_ports_come_from_below_the_ephemeral_range() -> None:

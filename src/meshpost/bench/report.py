@@ -110,7 +110,8 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
                          f"{f['fanout']} peers each", _fmt_rate(f["msgs_per_s"]),
                          f"CPU {f['cpu_us_per_msg']:.1f} µs/msg; RSS {f['rss_mb_per_node']:.1f}"
                          " MB/node" + (f"; idle {idle:.1f}% of a core over {f['idle_s']:g} s"
-                                       if idle is not None else "")
+                                       f" from {f.get('idle_after_s', 0):g} s after the last"
+                                       " message" if idle is not None else "")
                          + f"; latency p50/p90/p99/p99.9 {_fmt_lat(f['latency_us'])} µs"))
         elif name == "mesh":
             rows.append((f"mesh {f['nodes']} nodes, latency-bound", _fmt_rate(f["msgs_per_s"]),

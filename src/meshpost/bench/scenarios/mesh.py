@@ -19,10 +19,14 @@ from meshpost.bench.options import MESH_IN_FLIGHT, READY_TIMEOUT_S, STALL_S
 from meshpost.bench.results import ScenarioResult, percentiles, rounded
 from meshpost.bench.support import mesh_timers, verify_all
 from meshpost.cluster import LocalCluster
+from meshpost.config import NodeConfig
 from meshpost.verify import load_rows
 
 #: Seconds the idle mesh's CPU is measured by default with `--per-process`.
 IDLE_S = 20.0
+#: Seconds after the last message before the idle measurement: a link's recent window
+#: (`peer_timeout_s`, during which it still pings) and one more.
+QUIET_AFTER_S = NodeConfig.peer_timeout_s + 1.0
 #: Start-up allowance per node of the whole mesh (hosts start theirs a few at a time, on
 #: two cores shared by every host).
 HOST_READY_S_PER_NODE = 0.2
@@ -134,9 +138,13 @@ def run_hosted(bench: Bench) -> ScenarioResult:
         after = _cpu(drivers)
         idle_cpu = None
         if idle_s > 0:
+            # A link stays watched (pings) for its recent window after its last message;
+            # the idle mesh is the one after that window (docs/protocol.md 2.1).
+            time.sleep(QUIET_AFTER_S)
+            quiet = _cpu(drivers)
             time.sleep(idle_s)
             idle_cpu = (sum(r["cpu_s"] for r in _cpu(drivers).values())
-                        - sum(r["cpu_s"] for r in after.values())) / idle_s
+                        - sum(r["cpu_s"] for r in quiet.values())) / idle_s
     finally:
         for d in drivers.values():
             d.stop(timeout_s=30.0 + per_process)
@@ -164,6 +172,7 @@ def run_hosted(bench: Bench) -> ScenarioResult:
     }
     if idle_cpu is not None:
         figures["idle_s"] = idle_s
+        figures["idle_after_s"] = QUIET_AFTER_S
         figures["idle_cpu_pct_of_core"] = round(idle_cpu * 100, 2)
     return ScenarioResult(
         "mesh", figures=figures,
