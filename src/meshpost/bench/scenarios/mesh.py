@@ -11,6 +11,7 @@ one. Shares its drivers and verification with it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from meshpost.verify import load_rows
 IDLE_S = 20.0
 #: Seconds after the last message before the idle measurement: a link's recent window
 #: (`peer_timeout_s`, during which it still pings) and one more.
-QUIET_AFTER_S = NodeConfig.peer_timeout_s + 1.0
+QUIET_AFTER_S = {f.name: f.default for f in dataclasses.fields(NodeConfig)}["peer_timeout_s"] + 1.0
 #: Start-up allowance per node of the whole mesh (hosts start theirs a few at a time, on
 #: two cores shared by every host).
 HOST_READY_S_PER_NODE = 0.2
