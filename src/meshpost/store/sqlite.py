@@ -33,7 +33,7 @@ from meshpost.errors import (
 )
 from meshpost.protocol import Envelope, ReceiptFrame, to_ranges
 from meshpost.protocol.groups import MemberRecord
-from meshpost.protocol.header import Kind
+from meshpost.protocol.workqueue import TaskRecord
 from meshpost.store.checksum import (
     CRC_OF_ARRAY7,
     content_checksum,
@@ -43,7 +43,13 @@ from meshpost.store.checksum import (
     header_decode,
 )
 from meshpost.store.connection import BUSY_TIMEOUT_MS, connect, translate, translated
-from meshpost.store.patterns import RECORD_RESULT, PatternTables, task_results_with_bodies
+from meshpost.store.patterns import (
+    NewTask,
+    PatternTables,
+    QueueCounts,
+    StoredBroadcast,
+    task_results_with_bodies,
+)
 from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
 from meshpost.store.verifier import (
     CHECKED_COLUMNS,
@@ -246,9 +252,12 @@ class WriteBatch:
     incoming: list[list[Envelope]] = dataclasses.field(default_factory=list)
     deliveries: list[Delivery] = dataclasses.field(default_factory=list)
     rejections: list[Rejection] = dataclasses.field(default_factory=list)
+    #: A ventilator's new tasks (`tasks` rows), written before the batch's messages.
+    tasks: list[NewTask] = dataclasses.field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.outgoing or self.incoming or self.deliveries or self.rejections)
+        return bool(self.outgoing or self.incoming or self.deliveries or self.rejections
+                    or self.tasks)
 
     def wal_pages(self, page_size: int = PAGE_SIZE) -> int:
         """About how many pages (of `page_size` bytes) committing this batch appends to the WAL.
@@ -268,6 +277,7 @@ class WriteBatch:
             + (3 if self.incoming else 0)
             + (1 if self.deliveries else 0)
             + sum(1 + len(r.seqs) // 12 for r in self.rejections)
+            + (1 + len(self.tasks) // 12 if self.tasks else 0)
         )
 
 
@@ -437,6 +447,8 @@ class Store:
                 self._waits_for_lock = wait_for_lock
             conn.execute("BEGIN IMMEDIATE")
             try:
+                if batch.tasks:  # first: a task message in this batch marks its row assigned
+                    self._patterns.add_tasks(batch.tasks)
                 if batch.outgoing:
                     self._insert(batch.outgoing, "out", stored_at_ns)
                 results = [self._insert_incoming(group, stored_at_ns) for group in batch.incoming]
@@ -463,10 +475,15 @@ class Store:
                 raise
         return results
 
-    def _insert(self, messages: Sequence[Envelope], direction: str, stored_at_ns: int) -> None:
-        """Insert rows of one direction, a few multi-row statements per link."""
-        execute, width = self._conn.execute, _VALUES_PER_ROW
+    def _insert(self, messages: Sequence[Envelope], direction: str, stored_at_ns: int) -> int:
+        """Insert rows of one direction, a few multi-row statements per link; returns how
+        many message rows were inserted (an incoming duplicate is not), not counting what
+        a pattern message wrote besides its row (`PatternTables.derived`)."""
+        conn = self._conn
+        execute, width = conn.execute, _VALUES_PER_ROW
         outgoing = direction == "out"
+        before = conn.total_changes
+        derived = 0
         for (sender, recipient), link_rows in _links(messages):
             # The peer column is the recipient of an outgoing row, the sender of an incoming one.
             shared = [recipient if outgoing else sender, sender, recipient, stored_at_ns]
@@ -481,28 +498,24 @@ class Store:
                 if not direct:
                     row_sql, tail = _HEADED_ROWS[direction]
                     sql = _INSERT_HEADED_HEAD + row_sql + tail
-                    conn = self._conn
                     for m in rows:
-                        before = conn.total_changes
+                        row_before = conn.total_changes
                         execute(sql, shared + list(_headed_row(m)))
-                        h = m.header
-                        if (not outgoing and h is not None and h.kind is Kind.RESULT
-                                and conn.total_changes > before):
-                            # The sink's rule, in the message's own transaction: the first
-                            # result committed for a task is its result (docs/patterns.md 4.5).
-                            execute(RECORD_RESULT, (h.ref, h.queue, m.id, m.sender,
-                                                     stored_at_ns))
+                        if conn.total_changes > row_before:
+                            # What it means for the pattern tables, in its own transaction
+                            # (a duplicate was acted on when it first came).
+                            self._patterns.derived(m, outgoing, stored_at_ns)
+                            derived += conn.total_changes - row_before - 1
                     continue
                 values = _row_values(rows)
                 for start, size in _chunks(len(rows), self._max_rows_per_statement):
                     execute(_insert_sql(direction, size),
                             shared + values[start * width:(start + size) * width])
+        return conn.total_changes - before - derived
 
     def _insert_incoming(self, group: Sequence[Envelope], stored_at_ns: int) -> IncomingResult:
         conn = self._conn
-        before = conn.total_changes
-        self._insert(group, "in", stored_at_ns)
-        if conn.total_changes - before == len(group):
+        if self._insert(group, "in", stored_at_ns) == len(group):
             return IncomingResult([m.seq for m in group], [])
         # Some ids were there already: a retransmission (same content, receipt again) or a
         # conflict (same id, other content: never overwrite, reject).
@@ -712,6 +725,23 @@ class Store:
     def members(self, namespace: str) -> list[tuple[str, str, bool, int]]:
         """`PatternTables.members`: (name, member, joined, version) in `namespace`."""
         return self._patterns.members(namespace)
+
+    def unfinished_tasks(self) -> dict[str, tuple[float | None, list[TaskRecord]]]:
+        """`PatternTables.unfinished_tasks`: per queue, its lease and unfinished tasks."""
+        return self._patterns.unfinished_tasks()
+
+    def queue_counts(self) -> dict[str, QueueCounts]:
+        """`PatternTables.queue_counts`: per queue, tasks done, abandoned, redelivered and
+        results kept here."""
+        return self._patterns.queue_counts()
+
+    def broadcasts(self, logical_id: str) -> list[StoredBroadcast]:
+        """`PatternTables.broadcasts`: broadcast `logical_id` from its copies and receipts."""
+        return self._patterns.broadcasts(logical_id)
+
+    def unsettled_broadcasts(self) -> list[StoredBroadcast]:
+        """`PatternTables.unsettled_broadcasts`: the broadcasts not all receipted."""
+        return self._patterns.unsettled_broadcasts()
 
     def execute_raw(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run one statement (tests and fault injection only)."""

@@ -137,7 +137,11 @@ def test_tasks_go_to_the_worker_and_each_result_is_kept_once_at_the_sink(
                 results = reader.task_results()
             assert [(t, w, body) for t, w, _m, body in results] == sorted(
                 (t, "B", body.upper()) for t, body in zip(ids, bodies, strict=True))
-            assert a.queue_status("upper")["unfinished"] == 0
+            [status] = await a.queue_status("upper")
+            assert status.unfinished == 0
+            # The store's counts: every task done here, each result kept here (A is the sink).
+            assert (status.done, status.results, status.redelivered) == (40, 40, 0)
+            assert [(w.name, w.live, w.in_flight) for w in status.workers] == [("B", True, 0)]
 
     run(scenario)
 
