@@ -235,11 +235,7 @@ class PatternTables:
     def broadcasts(self, logical_id: str) -> list[StoredBroadcast]:
         """Broadcast `logical_id` as this node sent it ([] if it sent none)."""
         with translated(self.path):
-            rows = self._conn.execute(
-                "SELECT ref, queue, peer, seq, state, reject_reason FROM message_rows"
-                " WHERE ref = ? AND kind = 'group' AND direction = 'out'",
-                (logical_id,)).fetchall()
-        return _broadcasts(rows)
+            return broadcasts_of(self._conn, logical_id)
 
     def unsettled_broadcasts(self) -> list[StoredBroadcast]:
         """Every broadcast this node sent with a copy still waiting for its receipt (read
@@ -271,8 +267,12 @@ class PatternTables:
                 raise
 
 
-def _broadcasts(rows: Sequence[Any]) -> list[StoredBroadcast]:
-    """Copies (ref, queue, peer, seq, state, reject reason) -> one status per logical id."""
+def broadcasts_of(conn: sqlite3.Connection, logical_id: str) -> list[StoredBroadcast]:
+    """Broadcast `logical_id` as the node of `conn` sent it, from its copies and their
+    receipts ([] if it sent none); for the writer's connection and a reader's."""
+    rows = conn.execute(
+        "SELECT ref, queue, peer, seq, state, reject_reason FROM message_rows"
+        " WHERE ref = ? AND kind = 'group' AND direction = 'out'", (logical_id,)).fetchall()
     by_ref: dict[str, list[Any]] = {}
     for row in rows:
         by_ref.setdefault(str(row[0]), []).append(row)

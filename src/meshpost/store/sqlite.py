@@ -32,7 +32,7 @@ from meshpost.errors import (
     StoreLocked,
 )
 from meshpost.protocol import Envelope, ReceiptFrame, to_ranges
-from meshpost.protocol.groups import MemberRecord
+from meshpost.protocol.groups import BroadcastStatus, MemberRecord
 from meshpost.protocol.workqueue import TaskRecord
 from meshpost.store.checksum import (
     CRC_OF_ARRAY7,
@@ -48,6 +48,7 @@ from meshpost.store.patterns import (
     PatternTables,
     QueueCounts,
     StoredBroadcast,
+    broadcasts_of,
     task_results_with_bodies,
 )
 from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
@@ -318,6 +319,12 @@ class StoredMessage:
     ref: str | None = None
 
 
+#: `history(group=G)`: copies to G; of ours (n copies per logical message) the first only.
+_GROUP_ROWS = (
+    "kind = 'group' AND queue = ? AND (direction = 'in' OR id = (SELECT MIN(c.id)"
+    " FROM messages AS c WHERE c.ref = message_rows.ref AND c.kind = 'group'"
+    " AND c.direction = 'out'))"
+)
 _FIELDS = dataclasses.fields(StoredMessage)
 _COLUMNS = ", ".join(f.name for f in _FIELDS)
 #: A store at schema 6 or older has no kind and ref columns (a reader may open a store that
@@ -837,9 +844,11 @@ class StoreReader:
 
     def history(
         self, *, peer: str | None = None, limit: int | None = None, direction: str | None = None,
-        check: bool = True,
+        check: bool = True, group: str | None = None,
     ) -> list[StoredMessage]:
-        """Messages in causal (HLC) order; with `limit`, the most recent ones.
+        """Messages in causal (HLC) order; with `limit`, the most recent ones. With `group`,
+        the messages to that group only (copies with header kind `group`), this node's own
+        as one row per logical message (its first copy: `group_history` adds the k/n).
 
         Each row's content checksum is checked as it is read: a row that rotted on disk raises
         `StoreCorrupt` rather than being shown as stored. `check=False` returns rows as they
@@ -852,6 +861,11 @@ class StoreReader:
         if direction is not None:
             where.append("direction = ?")
             params.append(direction)
+        if group is not None:
+            if self._columns is not _COLUMNS:  # before schema 7 nothing went to a group
+                return []
+            where.append(_GROUP_ROWS)
+            params.append(group)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         check = check and self._checksums
         columns = f"{self._columns}, {self._checked}" if check else self._columns
@@ -871,6 +885,22 @@ class StoreReader:
         check_rows(self.path, [row[width:] for row in rows])
         return [StoredMessage(*row[:width]) for row in reversed(rows)]
 
+
+    def group_history(
+        self, group: str, *, limit: int | None = None
+    ) -> list[tuple[StoredMessage, BroadcastStatus | None]]:
+        """`history(group=...)`, each of this node's own messages to the group with its
+        status (delivered k/n from its copies' receipts), the others' with None."""
+        rows = self.history(group=group, limit=limit)
+        shown: list[tuple[StoredMessage, BroadcastStatus | None]] = []
+        for row in rows:
+            status = None
+            if row.direction == "out" and row.ref is not None:
+                with translated(self.path):
+                    found = broadcasts_of(self._conn, row.ref)
+                status = found[0].status if found else None
+            shown.append((row, status))
+        return shown
 
     def task_results(self) -> list[tuple[str, str, str, str]]:
         """(task id, worker, result message id, result body) of every result this node keeps
