@@ -533,8 +533,7 @@ class _Console:
             case GroupCommand(action=action, group=group):
                 await self.group(action, group)
             case QueueCommand(queue=queue):
-                self.print(render_queues(await self.node.queue_status(queue),
-                                         width=self.width))
+                self.print(render_queues(await self.node.queue_status(queue)))
             case StatsCommand():
                 self.print(render_stats(self.node.snapshot_stats()))
             case HelpCommand():

@@ -281,25 +281,21 @@ def render_history(
     return render(table, width)
 
 
-def render_queues(queues: Sequence[QueueStatus], *, width: int = DEFAULT_WIDTH) -> str:
-    """`/queue`, `meshpost queue status`: one row per queue (workers with their tasks in
-    flight, `*` live, `?` suspect), then the task counts."""
+def render_queues(queues: Sequence[QueueStatus]) -> str:
+    """`/queue`, `meshpost queue status`: per queue a line of workers (tasks in flight each;
+    `*` live, `?` suspect: a lease of its expired) and a line of task counts."""
     if not queues:
         return "no work queues known here (none submitted to, served, or announced)"
-    table = Table(title="work queues", title_justify="left")
-    table.add_column("queue", overflow="fold")
-    table.add_column("workers (in flight)", overflow="fold", ratio=1)
-    for column in ("waiting", "in flight", "leased", "done", "redelivered", "abandoned",
-                   "results"):
-        table.add_column(column, justify="right", overflow="fold")
+    lines = []
     for q in queues:
         workers = ", ".join(
             f"{clean(w.name)}{'*' if w.live else ''}{'?' if w.suspect else ''} ({w.in_flight})"
             for w in q.workers) or "none"
-        table.add_row(Text(clean(q.queue)), Text(workers),
-                      *(Text(str(n)) for n in (q.waiting, q.in_flight, q.leased, q.done,
-                                               q.redelivered, q.abandoned, q.results)))
-    return render(table, width) + "\n* live  ? suspect (a lease expired)"
+        lines.append(f"{clean(q.queue)}: workers {workers}")
+        lines.append(f"  waiting {q.waiting} · in flight {q.in_flight} (leased {q.leased})"
+                     f" · done {q.done} · redelivered {q.redelivered}"
+                     f" · abandoned {q.abandoned} · results kept {q.results}")
+    return "\n".join([*lines, "(* live, ? suspect: a lease expired; in flight per worker)"])
 
 
 def render_stats(stats: NodeStats) -> str:
