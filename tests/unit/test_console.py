@@ -61,8 +61,7 @@ from meshpost.node import (
     PeerStatus,
     Receipt,
 )
-from meshpost.protocol import Envelope
-from meshpost.protocol import ReceiptFrame
+from meshpost.protocol import Envelope, ReceiptFrame
 from meshpost.protocol.groups import BroadcastStatus
 from meshpost.protocol.header import Kind, PatternHeader
 from meshpost.protocol.workqueue import QueueStatus, WorkerStatus
