@@ -545,12 +545,12 @@ class _Console:
         return True
 
     def is_group(self, name: str) -> bool:
-        """`name` is no peer of this node but a group it knows (configured, or with
+        """`name` is no peer of this node but `all` or a group it knows (configured, or with
         members now): `/history name` shows the messages to that group."""
         node = self.node
         if name in node.config.peer_names or any(p.name == name for p in node.peers()):
             return False
-        return name in node.config.groups or bool(node.members(name))
+        return name == "all" or name in node.config.groups or bool(node.members(name))
 
     async def group(self, action: str, group: str) -> None:
         node = self.node

@@ -5,6 +5,7 @@ with every member's receipt, each copy stored once."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -129,6 +130,14 @@ def test_broadcast_status_after_the_sender_restarts_comes_from_its_store(
         assert after.stdout.splitlines()[-1] == "✓ delivered to C: delivered 2/2"
         unknown = meshpost("broadcast", "status", "nope", "--node", "A", "--data", a_data)
         assert unknown.returncode == 2 and "sent no broadcast 'nope'" in unknown.stderr
+        # The messages to all, ours as one logical message with its k/n.
+        shown = subprocess.run(
+            [sys.executable, "-m", "meshpost", "history", "--node", "A", "--data", a_data,
+             "--group", "all"], capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+            stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"})
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.count("before the crash") == 1
+        assert "me → all" in shown.stdout and "2/2" in shown.stdout
     finally:
         cluster.stop()
     # One copy each, stored once; the same logical id on both ends.

@@ -319,9 +319,10 @@ class StoredMessage:
     ref: str | None = None
 
 
-#: `history(group=G)`: copies to G; of ours (n copies per logical message) the first only.
+#: `history(group=G)`: copies to G (to `all`: those with no group); of ours (n copies per
+#: logical message) the first only.
 _GROUP_ROWS = (
-    "kind = 'group' AND queue = ? AND (direction = 'in' OR id = (SELECT MIN(c.id)"
+    "kind = 'group' AND COALESCE(queue, 'all') = ? AND (direction = 'in' OR id = (SELECT MIN(c.id)"
     " FROM messages AS c WHERE c.ref = message_rows.ref AND c.kind = 'group'"
     " AND c.direction = 'out'))"
 )
@@ -847,8 +848,8 @@ class StoreReader:
         check: bool = True, group: str | None = None,
     ) -> list[StoredMessage]:
         """Messages in causal (HLC) order; with `limit`, the most recent ones. With `group`,
-        the messages to that group only (copies with header kind `group`), this node's own
-        as one row per logical message (its first copy: `group_history` adds the k/n).
+        the messages to that group (or `all`) only (copies with header kind `group`), this
+        node's own as one row per logical message (its first copy: `group_history` adds the k/n).
 
         Each row's content checksum is checked as it is read: a row that rotted on disk raises
         `StoreCorrupt` rather than being shown as stored. `check=False` returns rows as they
