@@ -251,7 +251,7 @@ class Node:
         self.endpoints: list[str] = []
         #: Every peer's endpoint and how it was found ("config" or "beacon").
         self._found: dict[str, tuple[str, str]] = {}
-        # The patterns (docs/patterns.md), each a component that owns its state; the node
+        # The patterns (docs/protocol.md 19), each a component that owns its state; the node
         # runs the tasks their handlers need (`_spawn_handler`), cancelled at close.
         self._groups = Groups(self)
         self._requests = Requests(self)
@@ -678,7 +678,7 @@ class Node:
         echo server). Requests stored but unanswered before a restart are handled again."""
         self._requests.on_request(handler, direct=direct)
 
-    # -- work queues (docs/patterns.md 4) -------------------------------------------------
+    # -- work queues (docs/protocol.md 19.4) ----------------------------------------------
 
     async def serve_queue(self, queue: str, handler: TaskHandler, *,
                           max_inflight: int = DEFAULT_MAX_INFLIGHT) -> None:

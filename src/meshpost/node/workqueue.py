@@ -1,4 +1,4 @@
-"""Work queues (docs/patterns.md 4): ventilator, worker and sink roles of one node.
+"""Work queues (docs/protocol.md 19.4): ventilator, worker and sink roles of one node.
 
 Rule: this component owns the dispatchers (sans-IO, protocol.workqueue), the queues served
 here, the result sink and the workers each queue has; it stores and posts through its node.
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: A task's lease unless the ventilator says otherwise (docs/patterns.md 4.4).
+#: A task's lease unless the ventilator says otherwise (docs/protocol.md 19.4).
 DEFAULT_LEASE_S = 30.0
 #: The work-queue timer wakes at least this often (leases are checked in between too).
 WORKQUEUE_TICK_S = 0.5

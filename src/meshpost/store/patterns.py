@@ -145,7 +145,7 @@ class PatternTables:
     def merge_member(self, namespace: str, name: str, member: str, joined: bool,
                      version: int, hlc: int) -> None:
         """Keep the winning membership record per (namespace, name, member): the highest
-        version; at equal versions a leave (docs/patterns.md 6.2)."""
+        version; at equal versions a leave (docs/protocol.md 19.6)."""
         self._write(
             "INSERT INTO members (namespace, name, member, joined, version, hlc)"
             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, name, member) DO UPDATE SET"
