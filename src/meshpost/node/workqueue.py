@@ -106,6 +106,8 @@ class WorkQueues:
             raise InvalidMessage(f"{queue!r} is not a queue name (1-63 of A-Z a-z 0-9 _ . -)")
         for body in bodies:
             node.validate_body(body)
+        if not bodies:
+            return []  # an empty batch item would never be committed, nor answered
         dispatcher = self._dispatcher(queue, lease_s)
         writer = node._writer
         assert writer is not None

@@ -132,6 +132,7 @@ def test_tasks_go_to_the_worker_and_each_result_is_kept_once_at_the_sink(
             await b.serve_queue("upper", str.upper)
             await until(lambda: "B" in a._queues.workers_of.get("upper", {}))
             bodies = [f"task {i}" for i in range(40)]
+            assert await a.submit("upper", [], sink="A") == []  # nothing to commit, no wait
             ids = await a.submit("upper", bodies, sink="A", lease_s=60)
             await until(lambda: len(a.completed_tasks) == len(ids))
             assert sorted(t for t, _by in a.completed_tasks) == sorted(ids)
