@@ -34,6 +34,7 @@ from meshpost.config import NodeConfig
 from meshpost.control.messages import EventsDropped, NodeGone
 from meshpost.errors import MeshpostError, NodeStopped, ReceiptTimeout, UnknownPeer
 from meshpost.node import (
+    BroadcastProgress,
     DeliveryRecorded,
     MessageReceived,
     NodeEvent,
@@ -47,6 +48,7 @@ from meshpost.node import (
     wait_receipt,
 )
 from meshpost.protocol.groups import BroadcastStatus
+from meshpost.protocol.workqueue import QueueStatus
 from meshpost.store import StoredMessage, StoreReader
 from meshpost.text import (
     clean,
@@ -62,7 +64,9 @@ from meshpost.text import (
     format_refused_peer,
     render_history,
     render_peers_table,
+    render_queues,
     render_stats,
+    short_id,
 )
 
 log = logging.getLogger(__name__)
@@ -115,6 +119,13 @@ class GroupCommand:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class QueueCommand:
+    """`/queue [Q]`: the work queues this node knows (or Q): workers and task counts."""
+
+    queue: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StatsCommand:
     """Show the node's counters."""
 
@@ -139,6 +150,7 @@ Command = (
     | PeersCommand
     | HistoryCommand
     | GroupCommand
+    | QueueCommand
     | StatsCommand
     | HelpCommand
     | QuitCommand
@@ -160,11 +172,13 @@ HELP_TEXT = """\
 @NAME text        send text to peer NAME (a group name or `all` sends to each member)
 text              send to the last recipient again
 /peers            peers: connection, last seen, round trip, clock offset, unacknowledged
-/history [PEER] [-n N] [-v]
+/history [PEER|G] [-n N] [-v]
                   the last N stored messages (default 20), with sender and local clocks;
-                  -v shows whole texts and ids (long texts are shortened otherwise)
+                  -v shows whole texts and ids (long texts are shortened otherwise); for a
+                  group G, the messages to G stored here (ours with delivered k/n)
 /join G, /leave G join or leave group G from now on (peers learn it; @G reaches members)
 /members G        who is in group G now
+/queue [Q]        work queues: workers, tasks waiting, in flight, leased, done, redelivered
 /stats            the node's counters
 /help             this text
 /quit             leave (Ctrl-D, or Ctrl-C on an empty line; Ctrl-C on a half-typed line
@@ -203,6 +217,10 @@ def _parse_slash(text: str) -> Command:
         if len(args) != 1:
             raise CommandError(f"/{name} takes one group name, e.g. `/{name} team`")
         return GroupCommand(name, args[0])
+    if name == "queue":
+        if len(args) > 1:
+            raise CommandError("/queue takes at most one queue name, e.g. `/queue work`")
+        return QueueCommand(args[0] if args else None)
     simple = _SIMPLE_COMMANDS.get(name)
     if simple is None:
         shown = f"/{word}" if word else "/"
@@ -281,6 +299,8 @@ class ConsoleNode(Protocol):
 
     def members(self, group: str) -> list[str]: ...
 
+    async def queue_status(self, queue: str | None = None) -> list[QueueStatus]: ...
+
 
 Printer = Callable[[str], None]
 
@@ -349,6 +369,15 @@ def read_history(data_dir: Path, peer: str | None, limit: int) -> list[StoredMes
     """Rows for `/history`, read through a short-lived read-only connection."""
     with StoreReader.for_data_dir(data_dir) as reader:
         return reader.history(peer=peer, limit=limit)
+
+
+def read_group_history(
+    data_dir: Path, group: str, limit: int
+) -> list[tuple[StoredMessage, BroadcastStatus | None]]:
+    """Rows for `/history G`: the messages to group G this node stored (its own once each,
+    with delivered k/n), through a short-lived read-only connection."""
+    with StoreReader.for_data_dir(data_dir) as reader:
+        return reader.group_history(group, limit=limit)
 
 
 class _Console:
@@ -431,6 +460,12 @@ class _Console:
                         self.print(format_refused_peer(who, detail))
                     case DeliveryRecorded():
                         pass  # our own sends print their receipt from their handle
+                    case BroadcastProgress(status=status):
+                        # A message to many posted before the node restarted: no handle
+                        # here follows it, so its k/n comes from the node as receipts come.
+                        to = clean(status.target)
+                        self.print(f"✓ earlier message to {to} ({short_id(status.logical_id)}):"
+                                   f" {format_broadcast(status)}")
                     case NodeGone(name=name):
                         self.fail(NodeStopped(name))
                     case EventsDropped(count=count):
@@ -475,6 +510,15 @@ class _Console:
             case PeersCommand():
                 self.print(render_peers_table(self.node.peers(), now_ns=self.node.clock.wall_ns(),
                                               width=self.width))
+            case HistoryCommand(peer=peer, limit=limit, verbose=verbose) if (
+                    peer is not None and self.is_group(peer)):
+                shown = await asyncio.to_thread(read_group_history, self.node.config.data_dir,
+                                                peer, limit)
+                self.print(render_history([row for row, _ in shown], me=self.node.name,
+                                          width=self.width, verbose=verbose, group=peer,
+                                          statuses=[status for _, status in shown],
+                                          title=f"messages to {clean(peer)} stored by "
+                                                f"{self.node.name} (oldest first)"))
             case HistoryCommand(peer=peer, limit=limit, verbose=verbose):
                 rows = await asyncio.to_thread(read_history, self.node.config.data_dir, peer,
                                                limit)
@@ -488,6 +532,8 @@ class _Console:
                                               verbose=verbose))
             case GroupCommand(action=action, group=group):
                 await self.group(action, group)
+            case QueueCommand(queue=queue):
+                self.print(render_queues(await self.node.queue_status(queue)))
             case StatsCommand():
                 self.print(render_stats(self.node.snapshot_stats()))
             case HelpCommand():
@@ -497,6 +543,14 @@ class _Console:
             case _:
                 assert_never(command)
         return True
+
+    def is_group(self, name: str) -> bool:
+        """`name` is no peer of this node but `all` or a group it knows (configured, or with
+        members now): `/history name` shows the messages to that group."""
+        node = self.node
+        if name in node.config.peer_names or any(p.name == name for p in node.peers()):
+            return False
+        return name == "all" or name in node.config.groups or bool(node.members(name))
 
     async def group(self, action: str, group: str) -> None:
         node = self.node
@@ -547,7 +601,8 @@ class _Console:
     def completer(self) -> WordCompleter:
         config = self.node.config
         names = ["@all", *(f"@{n}" for n in config.peer_names), *(f"@{g}" for g in config.groups)]
-        commands = ["/peers", "/history", "/join", "/leave", "/members", "/stats", "/help", "/quit"]
+        commands = ["/peers", "/history", "/join", "/leave", "/members", "/queue", "/stats",
+                    "/help", "/quit"]
         return WordCompleter([*names, *commands], sentence=True)
 
 
@@ -632,6 +687,7 @@ __all__ = [
     "HistoryCommand",
     "PeersCommand",
     "Printer",
+    "QueueCommand",
     "QuitCommand",
     "SendCommand",
     "StatsCommand",
@@ -645,6 +701,7 @@ __all__ = [
     "format_queued",
     "format_receipt",
     "parse_command",
+    "read_group_history",
     "read_history",
     "render_history",
     "render_peers_table",

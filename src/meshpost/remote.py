@@ -23,6 +23,8 @@ from meshpost.control import (
     GroupReply,
     GroupRequest,
     NodeGone,
+    QueueStatusReply,
+    QueueStatusRequest,
     SendReply,
     SendRequest,
     StatusReply,
@@ -41,6 +43,7 @@ from meshpost.node import (
     Receipt,
 )
 from meshpost.protocol import Envelope
+from meshpost.protocol.workqueue import QueueStatus
 from meshpost.rules import resolve_target, validate_body
 
 log = logging.getLogger(__name__)
@@ -196,6 +199,10 @@ class RemoteNode:
         reply: GroupReply = checked(await self._call(GroupRequest("leave", group)))
         self._members[group] = list(reply.members)
         return reply.changed
+
+    async def queue_status(self, queue: str | None = None) -> list[QueueStatus]:
+        reply: QueueStatusReply = checked(await self._call(QueueStatusRequest(queue)))
+        return list(reply.queues)
 
     def members(self, group: str) -> list[str]:
         """As of this console's last join or leave of `group`, else the configuration's."""

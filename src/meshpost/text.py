@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from meshpost.node import NodeStats, Outgoing, PeerChanged, PeerStatus, Receipt
     from meshpost.protocol import Envelope
     from meshpost.protocol.groups import BroadcastStatus
+    from meshpost.protocol.workqueue import QueueStatus
     from meshpost.store import StoredMessage
 
 #: Rendered tables are never narrower than this, whatever the terminal reports (below it a
@@ -248,11 +249,14 @@ def _history_state(row: StoredMessage, tz: datetime.tzinfo | None) -> str:
 def render_history(
     rows: Sequence[StoredMessage], *, me: str, tz: datetime.tzinfo | None = None,
     width: int = DEFAULT_WIDTH, verbose: bool = False, title: str | None = None,
+    statuses: Sequence[BroadcastStatus | None] | None = None, group: str | None = None,
 ) -> str:
     """The history table: sender clock, local stored clock, direction, body, state. Bodies are
-    shortened unless `verbose` (then whole, wrapped, with their full ids)."""
+    shortened unless `verbose` (then whole, wrapped, with their full ids). For a `group`'s
+    history, routes name the group and `statuses` (one per row) give this node's own
+    messages their `delivered k/n`."""
     if not rows:
-        return "no messages yet"
+        return "no messages yet" if group is None else f"no messages to {clean(group)} here"
     table = Table(title=title or f"history of {me} (oldest first)", title_justify="left")
     table.add_column("sent (sender clock)", overflow="fold")
     table.add_column("stored (local)", overflow="fold")
@@ -260,21 +264,41 @@ def render_history(
     table.add_column("message", overflow="fold", ratio=1)
     table.add_column("state", overflow="fold")
     day = ""
-    for row in rows:
+    for index, row in enumerate(rows):
         stored_day = format_clock(row.stored_at_ns, tz=tz, date=True).partition(" ")[0]
         if stored_day != day:
             day = stored_day
             table.add_row(Text(day, style="bold"), "", "", "", "")
+        to = clean(group) if group is not None else None
         if row.direction == "in":
-            route = f"{clean(row.sender)} → me"
+            route = f"{clean(row.sender)} → {to or 'me'}"
         else:
-            route = f"me → {clean(row.recipient)}"
+            route = f"me → {to or clean(row.recipient)}"
         body = f"{clean(row.body)} ({row.id})" if verbose else shorten(row.body)
+        status = statuses[index] if statuses is not None else None
+        state = format_broadcast(status) if status is not None else _history_state(row, tz)
         table.add_row(
             Text(format_clock(row.sent_at_ns, tz=tz)), Text(format_clock(row.stored_at_ns, tz=tz)),
-            Text(route), Text(body), Text(_history_state(row, tz)),
+            Text(route), Text(body), Text(state),
         )
     return render(table, width)
+
+
+def render_queues(queues: Sequence[QueueStatus]) -> str:
+    """`/queue`, `meshpost queue status`: per queue a line of workers (tasks in flight each;
+    `*` live, `?` suspect: a lease of its expired) and a line of task counts."""
+    if not queues:
+        return "no work queues known here (none submitted to, served, or announced)"
+    lines = []
+    for q in queues:
+        workers = ", ".join(
+            f"{clean(w.name)}{'*' if w.live else ''}{'?' if w.suspect else ''} ({w.in_flight})"
+            for w in q.workers) or "none"
+        lines.append(f"{clean(q.queue)}: workers {workers}")
+        lines.append(f"  waiting {q.waiting} · in flight {q.in_flight} (leased {q.leased})"
+                     f" · done {q.done} · redelivered {q.redelivered}"
+                     f" · abandoned {q.abandoned} · results kept {q.results}")
+    return "\n".join([*lines, "(* live, ? suspect: a lease expired; in flight per worker)"])
 
 
 def render_stats(stats: NodeStats) -> str:
@@ -311,6 +335,7 @@ __all__ = [
     "render",
     "render_history",
     "render_peers_table",
+    "render_queues",
     "render_stats",
     "short_id",
     "shorten",

@@ -5,6 +5,7 @@ with every member's receipt, each copy stored once."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -98,3 +99,48 @@ def test_broadcast_status_of_an_unknown_id_and_a_group_with_nobody_else_are_clea
     lonely = meshpost("send", "--node", "A", "--data", str(six.data_dir("A")), "--to", "Z",
                       "hi")
     assert lonely.returncode == 2 and "unknown peer 'Z'" in lonely.stderr
+
+
+def test_broadcast_status_after_the_sender_restarts_comes_from_its_store(
+    short_tmp: Path,
+) -> None:
+    """Issue 18: k/n of a message to many survives a crash of its sender: after kill -9 and
+    a restart, `broadcast status ID` reads it from the copies and receipts, and follows the
+    member that comes back."""
+    cluster = LocalCluster.create(short_tmp, 3, transport="ipc", names=["A", "B", "C"],
+                                  options={"ping_interval_s": 0.2, "peer_timeout_s": 1.0,
+                                           "retransmit_max_s": 0.5})
+    try:
+        cluster.start(["A", "B"])  # C is down
+        a_data = str(cluster.data_dir("A"))
+        sent = meshpost("send", "--node", "A", "--data", a_data, "--to", "all", "--timeout",
+                        "5", "before the crash")
+        assert sent.returncode == 3, sent.stdout + sent.stderr
+        assert "✓ delivered to B: delivered 1/2 (pending: C)" in sent.stdout
+        logical_id = sent.stdout.split("(id ")[1].split(")")[0]
+        cluster.nodes["A"].kill()  # kill -9: the control server's handle is gone with it
+        cluster.restart("A")
+        now = meshpost("broadcast", "status", logical_id, "--node", "A", "--data", a_data)
+        assert now.returncode == 3, now.stdout + now.stderr
+        assert now.stdout.startswith(f"… A → all (id {logical_id}): delivered 1/2 (pending: C)")
+        cluster.start(["C"])
+        after = meshpost("broadcast", "status", logical_id, "--node", "A", "--data", a_data,
+                         "--timeout", "60")
+        assert after.returncode == 0, after.stdout + after.stderr
+        assert after.stdout.splitlines()[-1] == "✓ delivered to C: delivered 2/2"
+        unknown = meshpost("broadcast", "status", "nope", "--node", "A", "--data", a_data)
+        assert unknown.returncode == 2 and "sent no broadcast 'nope'" in unknown.stderr
+        # The messages to all, ours as one logical message with its k/n.
+        shown = subprocess.run(
+            [sys.executable, "-m", "meshpost", "history", "--node", "A", "--data", a_data,
+             "--group", "all"], capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+            stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"})
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.count("before the crash") == 1
+        assert "me → all" in shown.stdout and "2/2" in shown.stdout
+    finally:
+        cluster.stop()
+    # One copy each, stored once; the same logical id on both ends.
+    c_rows = [r for r in history(cluster, "C") if r["direction"] == "in"]
+    assert [(r["from"], r["body"], r["ref"]) for r in c_rows] == [
+        ("A", "before the crash", logical_id)]

@@ -4,6 +4,7 @@ or stalled by SIGSTOP, every result kept once at the sink."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -149,6 +150,61 @@ def test_a_stalled_worker_sigstop_loses_no_task_and_doubles_no_result(short_tmp:
     states, attempts = task_states(cluster.data_dir("V"))
     assert states == ["done"]
     assert attempts >= 2
+
+
+def test_a_ventilator_killed_mid_run_goes_on_after_restart_and_every_task_has_one_result(
+    short_tmp: Path,
+) -> None:
+    """Issue 18: kill -9 the ventilator with tasks queued, in flight and done; restarted, it
+    rebuilds its queue from its `tasks` rows and carries on: the unfinished are delivered
+    (again after their lease where needed), the finished are not resent, and the sink keeps
+    exactly one result per task."""
+    cluster = LocalCluster.create(short_tmp, 4, transport="ipc", names=["V", "W1", "W2", "S"],
+                                  options=FAST)
+    tasks = 150
+    try:
+        cluster.start(["V", "S"])
+        for worker in ("W1", "W2"):
+            node = NodeProcess(worker, cluster.config_path, cluster.data_dir(worker),
+                               short_tmp / "logs" / f"{worker}.log",
+                               extra_args=("--worker", "work=meshpost.pipeline:slow_upper"))
+            cluster.nodes[worker] = node.start()
+            node.wait_ready()
+        bodies = [f"task {i}" for i in range(tasks)]
+        with ControlClient(cluster.data_dir("V"), name="V") as client:
+            reply = checked(client.request(
+                SubmitRequest(queue="work", sink="S", bodies=bodies, lease_s=3.0),
+                timeout_s=60))
+        expected = {t: b.upper() for t, b in zip(reply.task_ids, bodies, strict=True)}
+
+        def kept() -> list[tuple[str, str, str, str]]:
+            with StoreReader.for_data_dir(cluster.data_dir("S")) as reader:
+                return reader.task_results()
+
+        wait_until(lambda: len(kept()) >= tasks // 5, PATIENCE_S, "a fifth of the results")
+        cluster.nodes["V"].kill()  # kill -9, tasks in every state
+        states, _ = task_states(cluster.data_dir("V"))
+        assert "done" in states and ("queued" in states or "assigned" in states)
+        cluster.restart("V")
+        wait_until(lambda: len(kept()) >= tasks, PATIENCE_S, "every result after V restarted")
+        wait_until(lambda: task_states(cluster.data_dir("V"))[0] == ["done"], PATIENCE_S,
+                   "every task done at the ventilator")
+        status = meshpost("queue", "status", "work", "--node", "V", "--data",
+                          str(cluster.data_dir("V")), "--json")
+        assert status.returncode == 0, status.stderr
+        [work] = json.loads(status.stdout)
+        assert (work["queue"], work["done"], work["waiting"], work["in_flight"]) == (
+            "work", tasks, 0, 0)
+        assert {w["name"] for w in work["workers"]} == {"W1", "W2"}
+        results = kept()
+    finally:
+        cluster.stop()
+    assert {t: body for t, _w, _m, body in results} == expected
+    assert len(results) == tasks  # one kept result per task
+    # Each task message is stored once at its worker, and no worker stored a task twice per
+    # attempt; every stored message is the same on both ends.
+    report = verify_stores({n: cluster.data_dir(n) for n in ("V", "W1", "W2", "S")})
+    assert report.ok, report
 
 
 def task_states(data_dir: Path) -> tuple[list[str], int]:

@@ -31,6 +31,7 @@ from meshpost.console import (
     HelpCommand,
     HistoryCommand,
     PeersCommand,
+    QueueCommand,
     QuitCommand,
     SendCommand,
     StatsCommand,
@@ -49,6 +50,7 @@ from meshpost.console import (
 )
 from meshpost.errors import EmptyMessage, MessageRejected, UnknownPeer
 from meshpost.node import (
+    BroadcastProgress,
     MessageReceived,
     NodeEvent,
     NodeStats,
@@ -59,9 +61,11 @@ from meshpost.node import (
     PeerStatus,
     Receipt,
 )
-from meshpost.protocol import Envelope
+from meshpost.protocol import Envelope, ReceiptFrame
+from meshpost.protocol.groups import BroadcastStatus
 from meshpost.protocol.header import Kind, PatternHeader
-from meshpost.store import Store, StoredMessage, WriteBatch
+from meshpost.protocol.workqueue import QueueStatus, WorkerStatus
+from meshpost.store import Delivery, Store, StoredMessage, WriteBatch
 
 UTC = datetime.UTC
 #: 2023-11-14 22:13:20 UTC
@@ -103,6 +107,8 @@ STEP_TIMEOUT_S = 5.0
         ("/join team", GroupCommand("join", "team")),
         ("/LEAVE team", GroupCommand("leave", "team")),
         ("/members ops", GroupCommand("members", "ops")),
+        ("/queue", QueueCommand()),
+        ("/QUEUE work", QueueCommand("work")),
     ],
 )
 def test_parse_command(line: str, expected: Command) -> None:
@@ -435,6 +441,13 @@ class FakeNode:
 
     def members(self, group: str) -> list[str]:
         return self.groups.get(group, [])
+
+    async def queue_status(self, queue: str | None = None) -> list[QueueStatus]:
+        statuses = [QueueStatus("work", (WorkerStatus("B", True, False, 2),
+                                         WorkerStatus("C", False, True, 1)),
+                                waiting=4, in_flight=3, leased=2, done=40, redelivered=5,
+                                results=0)]
+        return [q for q in statuses if queue in (None, q.queue)]
 
     def deliver(self, handle: Outgoing) -> None:
         handle.receipt.set_result(receipt(handle.to))
@@ -862,6 +875,71 @@ def test_an_attached_console_says_once_that_its_node_stopped_and_shows_dropped_e
         await d.printed("/quit")
         assert [line for line in d.lines if "stopped" in line] == [
             "✗ node 'A' stopped; start it again, then attach again"]
+        d.type("/quit\n")
+
+    drive(node, scenario)
+
+
+def test_queue_shows_workers_and_task_counts(node: FakeNode) -> None:
+    async def scenario(d: Driver) -> None:
+        d.type("/queue work\n")
+        shown = (await d.printed("^work: ")).splitlines()
+        # B live with two tasks in flight, C not live and suspect with one.
+        assert shown[:2] == [
+            "work: workers B* (2), C? (1)",
+            "  waiting 4 · in flight 3 (leased 2) · done 40 · redelivered 5 · abandoned 0"
+            " · results kept 0"]
+        d.type("/queue nothing\n")
+        await d.printed("no work queues known here")
+        d.type("/queue a b\n")
+        await d.printed("/queue takes at most one queue name")
+        d.type("/quit\n")
+
+    drive(node, scenario)
+
+
+def test_history_of_a_group_shows_its_messages_ours_once_with_k_of_n(
+    node: FakeNode, tmp_path: Path,
+) -> None:
+    # A sent one message to team (two copies, B receipted its copy), B sent one to team, and
+    # A has a direct message to B: `/history team` shows the two group messages only.
+    copy = PatternHeader(Kind.GROUP, "logical-1", "team")
+    store = Store.open(tmp_path, name="A")
+    store.apply(WriteBatch(outgoing=[
+        Envelope("c1", 1, "A", "B", "hello team", T0, T0, copy),
+        Envelope("c2", 1, "A", "C", "hello team", T0, T0 + 1, copy),
+        Envelope("d1", 2, "A", "B", "just for B", T0, T0 + 2),
+    ]), T0 + MS)
+    store.apply(WriteBatch(
+        incoming=[[Envelope("b1", 1, "B", "A", "hi from B", T0 + 3 * MS, T0 + 3 * MS,
+                            PatternHeader(Kind.GROUP, "logical-2", "team"))]],
+        deliveries=[Delivery("B", [1], ReceiptFrame([(1, 1)], 0, T0, T0, T0, T0, "full"),
+                             T0 + 4 * MS)]), T0 + 4 * MS)
+    store.close()
+
+    async def scenario(d: Driver) -> None:
+        d.type("/history team\n")
+        table = await d.printed("messages to team")
+        assert table.count("me → team") == 1
+        # The state cell may wrap in a narrow terminal: read it across its lines.
+        cells = " ".join(line.split("│")[-2].strip() for line in table.splitlines()
+                         if line.count("│") > 2)
+        assert "delivered 1/2 (pending: C)" in cells
+        assert "B → team" in table
+        assert "just for B" not in table
+        d.type("/history B\n")  # a peer's name is still a peer's history
+        await d.printed("just for B")
+        d.type("/quit\n")
+
+    drive(node, scenario)
+
+
+def test_a_broadcast_from_before_a_restart_prints_its_k_of_n(node: FakeNode) -> None:
+    async def scenario(d: Driver) -> None:
+        node.publish(BroadcastProgress(BroadcastStatus("0123456789abcdef", "team", 2,
+                                                       ("B", "C"), ())))
+        line = await d.printed("earlier message to team")
+        assert line.endswith(": delivered 2/2")
         d.type("/quit\n")
 
     drive(node, scenario)

@@ -50,8 +50,15 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.n is not None and args.n < 1:
         raise ConfigError(f"-n wants a whole number of messages, 1 or more, not {args.n}")
 
+    if args.peer and args.group:
+        raise ConfigError("--peer and --group: give one (a group's messages come from all)")
+    statuses = None
     with StoreReader.for_data_dir(data_dir(args)) as reader:
-        rows = reader.history(peer=args.peer, limit=args.n)
+        if args.group:  # ours once each, with delivered k/n from their copies' receipts
+            shown = reader.group_history(args.group, limit=args.n)
+            rows, statuses = [row for row, _ in shown], [status for _, status in shown]
+        else:
+            rows = reader.history(peer=args.peer, limit=args.n)
         known = reader.peers() if args.peer and not rows else []
     if args.peer and not rows:
         # Not an error (a script may ask about any peer, and --json prints []), but a
@@ -77,11 +84,12 @@ def cmd_history(args: argparse.Namespace) -> int:
     else:
         from meshpost.text import render_history, terminal_width
 
-        title = f"history of {args.node}" + (f" with {args.peer}" if args.peer else "")
+        title = f"history of {args.node}" + (f" with {args.peer}" if args.peer else
+                                             f" to {args.group}" if args.group else "")
         # Bodies are whatever a peer sent: plain text, never markup, control characters
         # escaped (as in the console), shortened unless -v.
         print(render_history(rows, me=args.node, width=terminal_width(), verbose=args.verbose,
-                             title=title))
+                             title=title, group=args.group, statuses=statuses))
     return EXIT_OK
 
 
@@ -124,10 +132,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def add_history(sub: Subcommands) -> None:
-    """`meshpost history --node A [--peer B] [--json|--csv]`."""
+    """`meshpost history --node A [--peer B | --group G] [--json|--csv]`."""
     p = sub.add_parser("history", help="messages stored by a node (works while it runs)")
     p.add_argument("--node", required=True)
     p.add_argument("--peer")
+    p.add_argument("--group", help="only messages to group G (ours once each, with k/n)")
     p.add_argument("--data")
     p.add_argument("-n", type=int, default=None, help="only the last N messages")
     fmt = p.add_mutually_exclusive_group()

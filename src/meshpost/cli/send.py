@@ -24,6 +24,8 @@ from meshpost.errors import (
 
 if TYPE_CHECKING:
     from meshpost.cli.common import Subcommands
+    from meshpost.control import ControlClient
+    from meshpost.protocol.groups import BroadcastStatus
 
 
 def _fmt_time(ns: int | None) -> str:
@@ -136,34 +138,45 @@ def _is_broadcast(args: argparse.Namespace) -> bool:
 def _send_broadcast(args: argparse.Namespace, body: str) -> int:
     """One logical message to `all` or a group: `delivered k/n (pending: ...)` as receipts
     come, until all are in or `--timeout`; the pending keep their copy and are retried."""
-    from meshpost.control import BroadcastRequest, BroadcastStatusRequest, ControlClient, checked
+    from meshpost.control import BroadcastRequest, ControlClient, checked
+    from meshpost.text import clean
+
+    deadline = time.monotonic() + args.timeout
+    with ControlClient(data_dir(args), name=args.node) as client:
+        status = checked(client.request(BroadcastRequest(args.to, body), timeout_s=30)).status
+        if not args.quiet:
+            print(f"… {args.node} → {clean(args.to)}: stored for {status.total} "
+                  f"(id {status.logical_id})", flush=True)
+        return follow_broadcast(client, status, args, deadline)
+
+
+def follow_broadcast(client: ControlClient, status: BroadcastStatus, args: argparse.Namespace,
+                     deadline: float) -> int:
+    """Print each member's receipt or rejection of broadcast `status` as it comes (long
+    polls of `broadcast-status`) until all are in or `deadline`; the exit code says which."""
+    from meshpost.control import BroadcastStatusRequest, checked
     from meshpost.text import clean, format_broadcast
 
     def say(text: str) -> None:
         if not args.quiet:
             print(text, flush=True)
 
-    deadline = time.monotonic() + args.timeout
     shown: set[str] = set()
-    with ControlClient(data_dir(args), name=args.node) as client:
-        status = checked(client.request(BroadcastRequest(args.to, body), timeout_s=30)).status
-        say(f"… {args.node} → {clean(args.to)}: stored for {status.total} "
-            f"(id {status.logical_id})")
-        while True:
-            for member in status.delivered:
-                if member not in shown:
-                    shown.add(member)
-                    say(f"✓ delivered to {clean(member)}: {format_broadcast(status)}")
-            for member, why in status.rejected:
-                if member not in shown:
-                    shown.add(member)
-                    if not args.quiet:
-                        print(f"✗ {clean(member)}: {clean(why)}", file=sys.stderr)
-            left = deadline - time.monotonic()
-            if status.settled or left <= 0:
-                break
-            request = BroadcastStatusRequest(status.logical_id, len(shown), min(left, 5.0))
-            status = checked(client.request(request, timeout_s=left + 10)).status
+    while True:
+        for member in status.delivered:
+            if member not in shown:
+                shown.add(member)
+                say(f"✓ delivered to {clean(member)}: {format_broadcast(status)}")
+        for member, why in status.rejected:
+            if member not in shown:
+                shown.add(member)
+                if not args.quiet:
+                    print(f"✗ {clean(member)}: {clean(why)}", file=sys.stderr)
+        left = deadline - time.monotonic()
+        if status.settled or left <= 0:
+            break
+        request = BroadcastStatusRequest(status.logical_id, len(shown), min(left, 5.0))
+        status = checked(client.request(request, timeout_s=left + 10)).status
     if status.pending:
         if not args.quiet:
             print(f"… {format_broadcast(status)} within {args.timeout:g}s; the pending keep "

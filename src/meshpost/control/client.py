@@ -37,6 +37,8 @@ from meshpost.control.messages import (
     PeerRequest,
     PeersReply,
     PeersRequest,
+    QueueStatusReply,
+    QueueStatusRequest,
     Reply,
     Request,
     SendReply,
@@ -166,6 +168,9 @@ class ControlClient:
                 timeout_s: float) -> BroadcastReply | ErrorReply: ...
     @overload
     def request(self, request: GroupRequest, *, timeout_s: float) -> GroupReply | ErrorReply: ...
+    @overload
+    def request(self, request: QueueStatusRequest, *,
+                timeout_s: float) -> QueueStatusReply | ErrorReply: ...
 
     def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request`, return its reply (an `ErrorReply` when the node refused it).
@@ -284,6 +289,9 @@ class AsyncControlClient:
     @overload
     async def request(self, request: GroupRequest, *,
                       timeout_s: float) -> GroupReply | ErrorReply: ...
+    @overload
+    async def request(self, request: QueueStatusRequest, *,
+                      timeout_s: float) -> QueueStatusReply | ErrorReply: ...
 
     async def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request` and wait for its reply; errors as `ControlClient.request`."""

@@ -15,6 +15,7 @@ import msgspec
 from meshpost.errors import MeshpostError, RemoteError
 from meshpost.node import PeerStatus, StoredMessage
 from meshpost.protocol.groups import BroadcastStatus
+from meshpost.protocol.workqueue import QueueStatus
 
 #: The file in a node's data dir naming its control endpoint (line 1) and pid (line 2).
 ENDPOINT_FILE = "control.endpoint"
@@ -102,9 +103,16 @@ class GroupRequest(_Request, tag="group", frozen=True):
     group: str
 
 
+class QueueStatusRequest(_Request, tag="queue-status", frozen=True):
+    """Each work queue the node knows (only `queue` when set): workers, tasks waiting, in
+    flight, leased, done, abandoned, redelivered, results kept."""
+
+    queue: str | None = None
+
+
 Request = (SendRequest | PeersRequest | StatusRequest | EventsRequest | PeerRequest
            | SubmitRequest | TailRequest | BroadcastRequest | BroadcastStatusRequest
-           | GroupRequest)
+           | GroupRequest | QueueStatusRequest)
 
 
 # -- replies --------------------------------------------------------------------------------
@@ -216,6 +224,12 @@ class GroupReply(_Reply, tag="group", frozen=True):
     changed: bool = False
 
 
+class QueueStatusReply(_Reply, tag="queue-status", frozen=True):
+    """One status per queue, by name (`QueueStatus`)."""
+
+    queues: list[QueueStatus] = []
+
+
 class ErrorReply(_Reply, tag="error", frozen=True):
     """The request failed: `kind` and `exit_code` come from the `MeshpostError` class."""
 
@@ -241,9 +255,9 @@ class ErrorReply(_Reply, tag="error", frozen=True):
 
 
 Reply = (SendReply | PeersReply | StatusReply | EventsReply | AnswerReply | SubmitReply
-         | TailReply | BroadcastReply | GroupReply | ErrorReply)
+         | TailReply | BroadcastReply | GroupReply | QueueStatusReply | ErrorReply)
 R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply, AnswerReply, SubmitReply,
-            TailReply, BroadcastReply, GroupReply)
+            TailReply, BroadcastReply, GroupReply, QueueStatusReply)
 
 
 def checked(reply: R | ErrorReply) -> R:

@@ -41,6 +41,8 @@ from meshpost.control.messages import (
     PeerRequest,
     PeersReply,
     PeersRequest,
+    QueueStatusReply,
+    QueueStatusRequest,
     RefusedInfo,
     Reply,
     Request,
@@ -417,6 +419,8 @@ class ControlServer:
                 handle = await self.node.broadcast(target, body)
                 self._remember(handle)
                 return BroadcastReply(status=handle.status, id=request.id)
+            case QueueStatusRequest(queue=queue):
+                return QueueStatusReply(queues=await node.queue_status(queue), id=request.id)
             case BroadcastStatusRequest(logical_id=logical_id, seen=seen, wait_s=wait_s):
                 return BroadcastReply(status=await self._broadcast_status(logical_id, seen,
                                                                           wait_s),
@@ -512,10 +516,11 @@ class ControlServer:
 
     async def _broadcast_status(self, logical_id: str, seen: int,
                                 wait_s: float) -> BroadcastStatus:
-        handle = self._broadcasts.get(logical_id)
+        # A broadcast sent through this socket, else any this node sent, before a restart
+        # too (its status from the store's copies and receipts).
+        handle = self._broadcasts.get(logical_id) or await self.node.broadcast_handle(logical_id)
         if handle is None:
-            raise BadControlRequest(f"no broadcast {logical_id!r} sent through this node's "
-                                    "control socket since it started (or long forgotten)")
+            raise BadControlRequest(f"node {self.node.name} sent no broadcast {logical_id!r}")
         deadline = time.monotonic() + min(max(wait_s, 0.0), TAIL_WAIT_MAX_S)
         status = handle.status
         while (len(status.delivered) + len(status.rejected) <= seen and not status.settled

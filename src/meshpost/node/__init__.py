@@ -20,6 +20,7 @@ from __future__ import annotations
 from meshpost.node.core import Node, wait_receipt
 from meshpost.node.records import (
     BroadcastHandle,
+    BroadcastProgress,
     CrashPoint,
     DeliveryRecorded,
     Message,
@@ -41,6 +42,7 @@ from meshpost.store import StoredMessage
 
 __all__ = [
     "BroadcastHandle",
+    "BroadcastProgress",
     "CrashPoint",
     "DeliveryRecorded",
     "Message",

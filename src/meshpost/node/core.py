@@ -105,6 +105,7 @@ from meshpost.protocol.requests import (
 )
 from meshpost.protocol.workqueue import (
     DEFAULT_MAX_INFLIGHT,
+    QueueStatus,
 )
 from meshpost.store import (
     Delivery,
@@ -263,7 +264,7 @@ class Node:
         self.endpoints: list[str] = []
         #: Every peer's endpoint and how it was found ("config" or "beacon").
         self._found: dict[str, tuple[str, str]] = {}
-        # The patterns (docs/patterns.md), each a component that owns its state; the node
+        # The patterns (docs/protocol.md 19), each a component that owns its state; the node
         # runs the tasks their handlers need (`_spawn_handler`), cancelled at close.
         self._groups = Groups(self)
         self._requests = Requests(self)
@@ -312,8 +313,12 @@ class Node:
                 for i, p, d in await self._writer.call(store.unanswered_requests))
             self._queues.restore(await self._writer.call(store.task_results),
                                  await self._writer.call(store.members, "queue"))
-            # Groups: the configuration's as version-0 joins, then every stored record.
-            self._groups.restore(await self._writer.call(store.member_records))
+            # A ventilator goes on with its unfinished tasks (`tasks` rows, leases anew).
+            self._queues.restore_dispatchers(await self._writer.call(store.unfinished_tasks))
+            # Groups: the configuration's as version-0 joins, then every stored record; the
+            # broadcasts not settled before, from their copies and receipts.
+            self._groups.restore(await self._writer.call(store.member_records),
+                                 await self._writer.call(store.unsettled_broadcasts))
             self._listener = Listener(
                 local_name=cfg.name,
                 local_node_id=store.node_id,
@@ -658,6 +663,13 @@ class Node:
         """Logical messages to many still waiting for receipts, oldest first."""
         return self._groups.active()
 
+    async def broadcast_handle(self, logical_id: str) -> BroadcastHandle | None:
+        """The handle of broadcast `logical_id` this node sent, even before a restart: its
+        `status` (delivered k/n from the store's copies and receipts) and `changed()`;
+        None if this node sent no such broadcast."""
+        self._check_open()
+        return await self._groups.handle(logical_id)
+
     async def _post(
         self, target: str, body: str, *, held: bool, header: PatternHeader | None = None,
         message_id: str | None = None,
@@ -738,7 +750,7 @@ class Node:
         echo server). Requests stored but unanswered before a restart are handled again."""
         self._requests.on_request(handler, direct=direct)
 
-    # -- work queues (docs/patterns.md 4) -------------------------------------------------
+    # -- work queues (docs/protocol.md 19.4) ----------------------------------------------
 
     async def serve_queue(self, queue: str, handler: TaskHandler, *,
                           max_inflight: int = DEFAULT_MAX_INFLIGHT) -> None:
@@ -760,9 +772,16 @@ class Node:
         reach now, i.e. those a task submitted here may go to at once; sorted."""
         return self._queues.workers(queue)
 
-    def queue_status(self, queue: str) -> dict[str, Any]:
-        """A ventilator's view of `queue`: in flight per worker, tasks waiting, completed."""
-        return self._queues.status(queue)
+    async def queue_status(self, queue: str | None = None) -> list[QueueStatus]:
+        """Each queue this node knows (or only `queue`): workers, tasks waiting, in flight
+        and leased (as its ventilator), done, abandoned and redelivered (from the store,
+        across restarts), results kept (as its sink)."""
+        self._check_open()
+        assert self._writer is not None
+        assert self._store is not None
+        counts = await self._writer.call(self._store.queue_counts)
+        names = [queue] if queue is not None else sorted({*self._queues.queues(), *counts})
+        return [self._queues.status(q, counts.get(q)) for q in names]
 
     @property
     def completed_tasks(self) -> list[tuple[str, str | None]]:
@@ -1489,6 +1508,8 @@ class Node:
         peer = delivery.peer
         self.stats.delivered += len(delivery.seqs)
         self._delivered_changed.set()
+        if self._groups.restored_copies:  # copies of broadcasts posted before a restart
+            self._groups.copies_settled(peer, delivery.seqs)
         if self._subscribers:
             self._publish(DeliveryRecorded(peer, delivery.seqs, delivery.receipt.stored_at_ns))
 
@@ -1499,6 +1520,8 @@ class Node:
                     detail)
 
         def done() -> None:
+            if self._groups.restored_copies:
+                self._groups.copies_settled(peer, seqs, rejected=f"{code}: {detail}")
             for seq in seqs:
                 waiter = self._take_waiter(peer, seq)
                 if waiter is not None:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import meshpost.rules as rules
 from meshpost.config import validate_name
 from meshpost.errors import ConfigError, MessageRejected, NoRecipients
-from meshpost.node.records import BroadcastHandle, Receipt
+from meshpost.node.records import BroadcastHandle, BroadcastProgress, Receipt
 from meshpost.protocol import Envelope
 from meshpost.protocol.groups import (
     BroadcastStatus,
@@ -25,6 +25,7 @@ from meshpost.protocol.groups import (
     MembershipRejected,
 )
 from meshpost.protocol.header import Kind, PatternHeader
+from meshpost.store import StoredBroadcast
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -32,11 +33,6 @@ if TYPE_CHECKING:
     from meshpost.node.core import Node
 
 log = logging.getLogger(__name__)
-
-
-def _log_failure(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("membership record not stored: %s", task.exception())
 
 
 class Groups:
@@ -48,11 +44,63 @@ class Groups:
         self.membership = GroupMembership(node.name, static=node.config.groups)
         #: Logical messages to many whose copies are not all receipted (k/n, `broadcast`).
         self.broadcasts = BroadcastTracker()
+        #: Their handles (the settled ones are read from the store: `handle`).
+        self._handles: dict[str, BroadcastHandle] = {}
+        #: Copies posted before a restart and not settled then, (peer, seq) -> logical id:
+        #: no receipt future waits for them, so the node reports their receipts here.
+        self.restored_copies: dict[tuple[str, int], str] = {}
 
-    def restore(self, records: Iterable[MemberRecord]) -> None:
-        """At start: the configuration's groups as version-0 joins, then every stored record."""
+    def restore(self, records: Iterable[MemberRecord],
+                broadcasts: Iterable[StoredBroadcast] = ()) -> None:
+        """At start: the configuration's groups as version-0 joins, then every stored record;
+        the broadcasts not settled before, from their copies and receipts."""
         node = self._node
         self.membership = GroupMembership.restore(node.name, records, static=node.config.groups)
+        unsettled = [b for b in broadcasts if not b.status.settled]
+        self.broadcasts = BroadcastTracker.restore(b.status for b in unsettled)
+        for b in unsettled:
+            self._handles[b.status.logical_id] = BroadcastHandle(
+                b.status.logical_id, b.status.target, [], b.status)
+            for peer, seq in b.pending:
+                self.restored_copies[(peer, seq)] = b.status.logical_id
+
+    def copies_settled(self, peer: str, seqs: Iterable[int], rejected: str | None = None
+                       ) -> None:
+        """Receipts (or a rejection) for `peer`'s `seqs`: those that are copies of a broadcast
+        posted before a restart move its k/n on."""
+        for seq in seqs:
+            logical_id = self.restored_copies.pop((peer, seq), None)
+            if logical_id is None:
+                continue
+            progressed = (self.broadcasts.delivered(logical_id, peer) if rejected is None
+                          else self.broadcasts.rejected(logical_id, peer, rejected))
+            handle = self._handles.get(logical_id)
+            if progressed is not None and handle is not None:
+                self._progress(handle, progressed.status)
+
+    async def handle(self, logical_id: str) -> BroadcastHandle | None:
+        """The handle of broadcast `logical_id` sent from this node, before or after a
+        restart: the live one while unsettled, else one holding its status from the store
+        (its copies and their receipts); None if this node sent no such broadcast."""
+        handle = self._handles.get(logical_id)
+        if handle is not None:
+            return handle
+        node = self._node
+        assert node._writer is not None
+        assert node._store is not None
+        stored = await node._writer.call(node._store.broadcasts, logical_id)
+        if not stored:
+            return None
+        return BroadcastHandle(logical_id, stored[0].status.target, [], stored[0].status)
+
+    def _progress(self, handle: BroadcastHandle, status: BroadcastStatus) -> None:
+        handle._update(status)
+        if status.settled:
+            self._handles.pop(handle.logical_id, None)
+        if not handle.copies:
+            # Posted before a restart: no one here holds its copies' receipts, so whoever
+            # watches the node (the console) hears its k/n from here.
+            self._node._publish(BroadcastProgress(status))
 
     def resolve(self, target: str) -> list[str]:
         links = self._node._links
@@ -79,12 +127,15 @@ class Groups:
         record = change(group, node.hlc.now())
         if record is None:
             return False
-        assert node._writer is not None
-        assert node._store is not None
-        await node._writer.call(node._store.save_member, record)
-        await node._post(rules.ALL, "join" if joined else "leave", held=False,
-                         header=PatternHeader(Kind.MEMBER, queue=group,
-                                              version=record.version))
+        # The record is stored with its messages, in their transaction (store: derived
+        # writes); with no peer to tell, on its own.
+        copies = await node._post(rules.ALL, "join" if joined else "leave", held=False,
+                                  header=PatternHeader(Kind.MEMBER, queue=group,
+                                                       version=record.version))
+        if not copies:
+            assert node._writer is not None
+            assert node._store is not None
+            await node._writer.call(node._store.save_member, record)
         log.info("[%s] %s group %s (version %d)", node.name,
                  "joined" if joined else "left", group, record.version)
         return True
@@ -103,9 +154,8 @@ class Groups:
         if outcome is not None:
             log.info("[%s] %s %s group %s", node.name, sender,
                      "joined" if isinstance(outcome, MemberJoined) else "left", record.group)
-        if node._writer is not None and node._store is not None:
-            task = asyncio.ensure_future(node._writer.call(node._store.save_member, record))
-            task.add_done_callback(_log_failure)
+        # Its `members` row was written in the message's own transaction (store: derived
+        # writes), by the same rank rule, so a crash cannot keep one without the other.
 
     async def broadcast(self, target: str, body: str) -> BroadcastHandle:
         node = self._node
@@ -122,6 +172,7 @@ class Groups:
             raise NoRecipients(target)
         status = self.broadcasts.start(logical_id, target, [c.to for c in copies])
         handle = BroadcastHandle(logical_id, target, copies, status)
+        self._handles[logical_id] = handle
         for copy in copies:
             copy.receipt.add_done_callback(
                 functools.partial(self._copy_done, handle, copy.to))
@@ -139,7 +190,7 @@ class Groups:
         else:
             return  # the node closed or failed: the copy stays in the store, not settled
         if progressed is not None:
-            handle._update(progressed.status)
+            self._progress(handle, progressed.status)
 
     def active(self) -> list[BroadcastStatus]:
         return self.broadcasts.active()

@@ -267,7 +267,15 @@ class PeerRefused:
     detail: str
 
 
-NodeEvent = MessageReceived | DeliveryRecorded | PeerChanged | PeerRefused
+@dataclasses.dataclass(frozen=True, slots=True)
+class BroadcastProgress:
+    """A broadcast posted before this node restarted got a receipt (or a rejection): its
+    `status` now (delivered k/n, pending). Live broadcasts report through their handle."""
+
+    status: BroadcastStatus
+
+
+NodeEvent = MessageReceived | DeliveryRecorded | PeerChanged | PeerRefused | BroadcastProgress
 
 
 @dataclasses.dataclass(slots=True)

@@ -2,7 +2,7 @@
 message, a membership record) and what it refers to: the Envelope's trailing field
 (`frames.Envelope.header`).
 
-Rule: plain typed data, checked at decode like every frame field (docs/patterns.md, section 2);
+Rule: plain typed data, checked at decode like every frame field (docs/protocol.md 4.4.1, 19.2);
 no state and no I/O. A message without a header is a direct message, exactly as today.
 """
 
@@ -26,7 +26,7 @@ MAX_LEASE_MS = 24 * 3600 * 1000
 #: The most a header adds to an envelope on the wire: the array header (1), the longest kind
 #: (8), a ref of MAX_ID_LENGTH four-byte characters (3 + 256), two 63-character ASCII names
 #: (2 x 65), a lease up to a day (5) and two 9-byte integers (18) come to 421.
-#: ENVELOPE_OVERHEAD_BYTES went from 512 to 1,024 for it (docs/patterns.md).
+#: ENVELOPE_OVERHEAD_BYTES went from 512 to 1,024 for it (docs/protocol.md 8.3).
 HEADER_MAX_BYTES = 421
 
 

@@ -94,6 +94,43 @@ class TaskRecord(msgspec.Struct, frozen=True):
     state: TaskState
     attempts: int = 0
     worker: str | None = None
+    #: Assigned, and its worker receipted the task message (restore: the lease runs).
+    delivered: bool = False
+
+
+class WorkerStatus(msgspec.Struct, frozen=True):
+    """One worker of a queue as a node sees it: `live` (serving, link up), `suspect` (a
+    lease of its expired and it has finished nothing since), `in_flight` (tasks it holds)."""
+
+    name: str
+    live: bool
+    suspect: bool = False
+    in_flight: int = 0
+
+
+class QueueStatus(msgspec.Struct, frozen=True):
+    """One queue at one node (`Node.queue_status`, control `queue-status`, `/queue`).
+
+    As its ventilator: `waiting` (no worker with room yet), `in_flight` (sent to a worker,
+    unfinished), of those `leased` (receipted by the worker: the lease runs), and from the
+    store `done`, `abandoned` and `redelivered` (attempts beyond each task's first). As its
+    sink: `results` kept (one per task). `workers`: those whose latest `serve` record says
+    they serve it, live or not."""
+
+    queue: str
+    workers: tuple[WorkerStatus, ...] = ()
+    waiting: int = 0
+    in_flight: int = 0
+    leased: int = 0
+    done: int = 0
+    abandoned: int = 0
+    redelivered: int = 0
+    results: int = 0
+
+    @property
+    def unfinished(self) -> int:
+        """Tasks submitted here and not finished (waiting or in flight)."""
+        return self.waiting + self.in_flight
 
 
 @dataclasses.dataclass(slots=True)
@@ -106,6 +143,8 @@ class _Task:
     attempts: int = 0
     worker: str | None = None
     lease_deadline: float | None = None
+    #: The current assignee receipted it: the lease runs from its receipt.
+    leased: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -195,6 +234,7 @@ class WorkQueueDispatcher:
         if task is None or task.state is not TaskState.ASSIGNED or task.worker != worker:
             return  # a receipt for an older attempt: the task moved on
         task.lease_deadline = now + self.lease_s
+        task.leased = True
         heapq.heappush(self._leases, (task.lease_deadline, task_id))
 
     def rejected(self, task_id: str, worker: str, now: float) -> None:
@@ -284,10 +324,19 @@ class WorkQueueDispatcher:
         """Task ids waiting for a worker, in the order they will go."""
         return list(self._waiting)
 
+    def workers(self) -> list[WorkerStatus]:
+        """Every worker this dispatcher knows (live or not), by name."""
+        return [WorkerStatus(w.name, w.live, w.suspect, len(w.inflight))
+                for _, w in sorted(self._workers.items())]
+
+    def leased(self) -> int:
+        """Assigned tasks their worker receipted (whose lease runs from that receipt)."""
+        return sum(t.leased for t in self._tasks.values())
+
     def snapshot(self) -> list[TaskRecord]:
         """Every unfinished task as plain data, in submission order (a status view; the
         store writes the same facts as they happen)."""
-        return [TaskRecord(t.task_id, t.body, t.sink, t.state, t.attempts, t.worker)
+        return [TaskRecord(t.task_id, t.body, t.sink, t.state, t.attempts, t.worker, t.leased)
                 for t in self._tasks.values()]
 
     @classmethod
@@ -323,6 +372,7 @@ class WorkQueueDispatcher:
                                                         _Worker(task.worker, live=False))
                 worker.inflight.add(task.task_id)
                 task.lease_deadline = now + lease_s
+                task.leased = record.delivered
                 heapq.heappush(dispatcher._leases, (task.lease_deadline, task.task_id))
         return dispatcher
 
@@ -334,6 +384,7 @@ class WorkQueueDispatcher:
         if worker is not None:
             worker.inflight.discard(task.task_id)
         task.lease_deadline = None
+        task.leased = False
 
     def _requeue(self, task: _Task, worker: str, reason: RedeliveryReason) -> None:
         if self.max_attempts is not None and task.attempts >= self.max_attempts:

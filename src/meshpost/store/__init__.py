@@ -1,5 +1,6 @@
 """Durable storage: SQLite in WAL mode, schema migrations, group commit."""
 
+from meshpost.store.patterns import NewTask, QueueCounts, StoredBroadcast
 from meshpost.store.sqlite import (
     DB_FILENAME,
     Delivery,
@@ -18,9 +19,12 @@ __all__ = [
     "Delivery",
     "GroupCommitWriter",
     "IncomingResult",
+    "NewTask",
+    "QueueCounts",
     "Rejection",
     "Store",
     "StoreReader",
+    "StoredBroadcast",
     "StoredMessage",
     "Verifier",
     "WriteBatch",

@@ -2,19 +2,26 @@
 results, one per task) and `members` (group membership records).
 
 Rule: their SQL lives here, over a connection the store owns; `Store` composes a
-`PatternTables` and delegates to it (callers keep calling `Store`), and a result's row is
-written inside `Store.apply`'s transaction with `RECORD_RESULT`.
+`PatternTables` and delegates to it (callers keep calling `Store`). What a pattern message
+means for these tables is written in that message's own transaction (`derived`, called by
+`Store.apply` for each headed row it inserts), and new tasks go through the writer's batch
+(`add_tasks`), so a crash keeps a message and its state together or neither.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from meshpost.protocol.groups import MemberRecord
+from meshpost.protocol import Envelope
+from meshpost.protocol.groups import BroadcastStatus, MemberRecord
+from meshpost.protocol.header import Kind
+from meshpost.protocol.workqueue import TaskRecord, TaskState
+from meshpost.store.checksum import header_decode
 from meshpost.store.connection import translated
 
 #: A sink's result, recorded with the result message's row (ignored for a task it has).
@@ -22,6 +29,71 @@ RECORD_RESULT = (
     "INSERT INTO task_results (task_id, queue, message_id, worker, stored_at_ns)"
     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_id) DO NOTHING"
 )
+
+
+#: A task message's commit marks its task assigned to the message's recipient, this attempt
+#: (a finished task stays finished; an older attempt's message never moves it back).
+_TASK_ASSIGNED = (
+    "UPDATE tasks SET state = 'assigned', worker = ?, attempts = ?"
+    " WHERE task_id = ? AND queue = ? AND state IN ('queued', 'assigned') AND attempts < ?"
+)
+#: A `done` (or a result at a ventilator that is its own sink) finishes its task, once.
+_TASK_DONE = (
+    "UPDATE tasks SET state = 'done', finished_at_ns = ?, finished_by = ?"
+    " WHERE task_id = ? AND queue = ? AND state IN ('queued', 'assigned')"
+)
+#: The last-writer-wins rank of docs/protocol.md (membership records), in SQL: a higher
+#: version wins; at equal versions a leave (joined 0) beats a join.
+_MERGE_MEMBER = (
+    "INSERT INTO members (namespace, name, member, joined, version, hlc)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, name, member) DO UPDATE SET"
+    " joined = excluded.joined, version = excluded.version, hlc = excluded.hlc"
+    " WHERE excluded.version > members.version OR (excluded.version = members.version"
+    " AND excluded.joined < members.joined)"
+)
+#: Logical ids of our broadcasts with a copy neither rejected nor covered by a receipt range
+#: (the `message_rows` rule for 'delivered', over the pattern rows only).
+_UNSETTLED_REFS = (
+    "SELECT DISTINCT m.ref FROM messages AS m INDEXED BY messages_ref"
+    " WHERE m.ref IS NOT NULL AND m.kind = 'group' AND m.direction = 'out'"
+    " AND m.state = 'pending' AND NOT EXISTS (SELECT 1 FROM receipts AS r"
+    " WHERE r.peer = m.peer AND r.first_seq <= m.seq AND r.last_seq = (SELECT MIN(c.last_seq)"
+    " FROM receipts AS c WHERE c.peer = m.peer AND c.last_seq >= m.seq))"
+)
+_ADD_TASK = ("INSERT INTO tasks (task_id, queue, body, sink, state, submitted_at_ns)"
+             " VALUES (?, ?, ?, ?, 'queued', ?)")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewTask:
+    """A task a ventilator accepts (`tasks` row, state 'queued'), written through the
+    writer's batch: many submissions share one commit."""
+
+    task_id: str
+    queue: str
+    body: str
+    sink: str
+    submitted_at_ns: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueCounts:
+    """One queue's durable counts at one node: its tasks finished (`done`, `abandoned`),
+    the redeliveries they took (attempts beyond each task's first), results kept as sink."""
+
+    done: int = 0
+    abandoned: int = 0
+    redelivered: int = 0
+    results: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoredBroadcast:
+    """A broadcast this node sent, from its copies and their receipts: its `status`, and
+    the (peer, seq) of each copy still pending (whose receipt moves it on)."""
+
+    status: BroadcastStatus
+    pending: tuple[tuple[str, int], ...] = ()
 
 
 class PatternTables:
@@ -82,7 +154,7 @@ class PatternTables:
     def merge_member(self, namespace: str, name: str, member: str, joined: bool,
                      version: int, hlc: int) -> None:
         """Keep the winning membership record per (namespace, name, member): the highest
-        version; at equal versions a leave (docs/patterns.md 6.2)."""
+        version; at equal versions a leave (docs/protocol.md 19.6)."""
         self._write(
             "INSERT INTO members (namespace, name, member, joined, version, hlc)"
             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, name, member) DO UPDATE SET"
@@ -90,6 +162,99 @@ class PatternTables:
             " WHERE excluded.version > members.version OR (excluded.version = members.version"
             " AND excluded.joined < members.joined)",
             (namespace, name, member, int(joined), version, hlc))
+
+    # -- in the transaction of `Store.apply` ----------------------------------------------
+
+    def add_tasks(self, tasks: Sequence[NewTask]) -> None:
+        """Queue `tasks` (a batch's; the caller commits)."""
+        self._conn.executemany(_ADD_TASK, [(t.task_id, t.queue, t.body, t.sink,
+                                            t.submitted_at_ns) for t in tasks])
+
+    def derived(self, m: Envelope, outgoing: bool, stored_at_ns: int) -> None:
+        """What the headed message `m`, just inserted (not a duplicate), means for the
+        pattern tables, in its transaction (the caller commits). Its header was checked at
+        decode (`header_problem`): the fields its kind needs are there."""
+        h = m.header
+        assert h is not None
+        execute = self._conn.execute
+        kind = h.kind
+        if kind is Kind.TASK:
+            if outgoing:
+                execute(_TASK_ASSIGNED, (m.recipient, h.attempt, h.ref, h.queue, h.attempt))
+        elif kind is Kind.RESULT:
+            if not outgoing:
+                # The sink's rule: the first result committed for a task is its result.
+                execute(RECORD_RESULT, (h.ref, h.queue, m.id, m.sender, stored_at_ns))
+                # A ventilator that is its own sink: the result completes the task.
+                execute(_TASK_DONE, (stored_at_ns, m.sender, h.ref, h.queue))
+        elif kind is Kind.DONE:
+            if not outgoing:
+                execute(_TASK_DONE, (stored_at_ns, m.sender, h.ref, h.queue))
+        elif kind is Kind.MEMBER or kind is Kind.SERVE:
+            # A record is the sender's about itself (a member speaks only for itself), so
+            # the row is (queue, sender): our own when outgoing, the peer's when incoming.
+            joined = m.body == ("join" if kind is Kind.MEMBER else "serve")
+            execute(_MERGE_MEMBER, ("group" if kind is Kind.MEMBER else "queue", h.queue,
+                                    m.sender, int(joined), h.version, m.hlc))
+
+    # -- reads at start and for status -------------------------------------------------------
+
+    def unfinished_tasks(self) -> dict[str, tuple[float | None, list[TaskRecord]]]:
+        """Per queue, the lease its tasks went out with (None: none went out) and every
+        task not finished, in submission order, with whether the current assignee
+        receipted its task message: what `WorkQueueDispatcher.restore` takes."""
+        with translated(self.path):
+            rows = self._conn.execute(
+                "SELECT task_id, queue, body, sink, state, attempts, worker FROM tasks"
+                " INDEXED BY tasks_unfinished WHERE state IN ('queued', 'assigned')"
+                " ORDER BY submitted_at_ns, task_id").fetchall()
+            queues: dict[str, tuple[float | None, list[TaskRecord]]] = {}
+            for task_id, queue, body, sink, state, attempts, worker in rows:
+                lease, records = queues.setdefault(str(queue), (None, []))
+                delivered = False
+                if state == "assigned":
+                    # The task message of this attempt: its lease, and whether it arrived.
+                    for blob, msg_state in self._conn.execute(
+                            "SELECT header, state FROM message_rows WHERE ref = ? AND"
+                            " kind = 'task' AND direction = 'out' AND peer = ?",
+                            (task_id, worker)):
+                        header = header_decode(blob)
+                        if header.attempt == attempts:
+                            delivered = msg_state == "delivered"
+                            lease = max(lease or 0.0, header.lease_ms / 1000)
+                    queues[str(queue)] = (lease, records)
+                records.append(TaskRecord(str(task_id), str(body), str(sink),
+                                          TaskState(state), int(attempts),
+                                          None if worker is None else str(worker), delivered))
+        return queues
+
+    def queue_counts(self) -> dict[str, QueueCounts]:
+        """Per queue: tasks done and abandoned here, their redeliveries, results kept."""
+        with translated(self.path):
+            tasks = self._conn.execute(
+                "SELECT queue, SUM(state = 'done'), SUM(state = 'abandoned'),"
+                " SUM(MAX(attempts - 1, 0)) FROM tasks GROUP BY queue").fetchall()
+            results = dict(self._conn.execute(
+                "SELECT queue, COUNT(*) FROM task_results GROUP BY queue").fetchall())
+        counts = {str(q): QueueCounts(int(d), int(a), int(r), int(results.pop(q, 0)))
+                  for q, d, a, r in tasks}
+        counts.update({str(q): QueueCounts(results=int(n)) for q, n in results.items()})
+        return counts
+
+    def broadcasts(self, logical_id: str) -> list[StoredBroadcast]:
+        """Broadcast `logical_id` as this node sent it ([] if it sent none)."""
+        with translated(self.path):
+            return broadcasts_of(self._conn, logical_id)
+
+    def unsettled_broadcasts(self) -> list[StoredBroadcast]:
+        """Every broadcast this node sent with a copy still waiting for its receipt (read
+        once at start: a scan of the pattern rows' index, then each such broadcast's
+        copies)."""
+        with translated(self.path):
+            # The pattern rows' partial index, not the view: the view would walk every
+            # outgoing row of the store (seconds for millions of direct messages).
+            refs = [r for (r,) in self._conn.execute(_UNSETTLED_REFS)]
+        return [b for ref in refs for b in self.broadcasts(str(ref))]
 
     def members(self, namespace: str) -> list[tuple[str, str, bool, int]]:
         """(name, member, joined, version) of every record in `namespace`."""
@@ -110,6 +275,28 @@ class PatternTables:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
+
+
+def broadcasts_of(conn: sqlite3.Connection, logical_id: str) -> list[StoredBroadcast]:
+    """Broadcast `logical_id` as the node of `conn` sent it, from its copies and their
+    receipts ([] if it sent none); for the writer's connection and a reader's."""
+    rows = conn.execute(
+        "SELECT ref, queue, peer, seq, state, reject_reason FROM message_rows"
+        " WHERE ref = ? AND kind = 'group' AND direction = 'out'", (logical_id,)).fetchall()
+    by_ref: dict[str, list[Any]] = {}
+    for row in rows:
+        by_ref.setdefault(str(row[0]), []).append(row)
+    found = []
+    for ref, copies in by_ref.items():
+        copies.sort(key=lambda c: c[2])
+        delivered = tuple(str(c[2]) for c in copies if c[4] == "delivered")
+        rejected = tuple((str(c[2]), str(c[5] or "")) for c in copies if c[4] == "rejected")
+        pending = [c for c in copies if c[4] not in ("delivered", "rejected")]
+        target = str(copies[0][1]) if copies[0][1] else "all"
+        status = BroadcastStatus(ref, target, len(copies), delivered,
+                                 tuple(str(c[2]) for c in pending), rejected)
+        found.append(StoredBroadcast(status, tuple((str(c[2]), int(c[3])) for c in pending)))
+    return found
 
 
 def task_results_with_bodies(

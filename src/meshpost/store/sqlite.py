@@ -32,8 +32,8 @@ from meshpost.errors import (
     StoreLocked,
 )
 from meshpost.protocol import Envelope, ReceiptFrame, to_ranges
-from meshpost.protocol.groups import MemberRecord
-from meshpost.protocol.header import Kind
+from meshpost.protocol.groups import BroadcastStatus, MemberRecord
+from meshpost.protocol.workqueue import TaskRecord
 from meshpost.store.checksum import (
     CRC_OF_ARRAY7,
     content_checksum,
@@ -43,7 +43,14 @@ from meshpost.store.checksum import (
     header_decode,
 )
 from meshpost.store.connection import BUSY_TIMEOUT_MS, connect, translate, translated
-from meshpost.store.patterns import RECORD_RESULT, PatternTables, task_results_with_bodies
+from meshpost.store.patterns import (
+    NewTask,
+    PatternTables,
+    QueueCounts,
+    StoredBroadcast,
+    broadcasts_of,
+    task_results_with_bodies,
+)
 from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
 from meshpost.store.verifier import (
     CHECKED_COLUMNS,
@@ -246,9 +253,12 @@ class WriteBatch:
     incoming: list[list[Envelope]] = dataclasses.field(default_factory=list)
     deliveries: list[Delivery] = dataclasses.field(default_factory=list)
     rejections: list[Rejection] = dataclasses.field(default_factory=list)
+    #: A ventilator's new tasks (`tasks` rows), written before the batch's messages.
+    tasks: list[NewTask] = dataclasses.field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.outgoing or self.incoming or self.deliveries or self.rejections)
+        return bool(self.outgoing or self.incoming or self.deliveries or self.rejections
+                    or self.tasks)
 
     def wal_pages(self, page_size: int = PAGE_SIZE) -> int:
         """About how many pages (of `page_size` bytes) committing this batch appends to the WAL.
@@ -268,6 +278,7 @@ class WriteBatch:
             + (3 if self.incoming else 0)
             + (1 if self.deliveries else 0)
             + sum(1 + len(r.seqs) // 12 for r in self.rejections)
+            + (1 + len(self.tasks) // 12 if self.tasks else 0)
         )
 
 
@@ -308,6 +319,13 @@ class StoredMessage:
     ref: str | None = None
 
 
+#: `history(group=G)`: copies to G (to `all`: those with no group); of ours (n copies per
+#: logical message) the first only.
+_GROUP_ROWS = (
+    "kind = 'group' AND COALESCE(queue, 'all') = ? AND (direction = 'in' OR id = (SELECT MIN(c.id)"
+    " FROM messages AS c WHERE c.ref = message_rows.ref AND c.kind = 'group'"
+    " AND c.direction = 'out'))"
+)
 _FIELDS = dataclasses.fields(StoredMessage)
 _COLUMNS = ", ".join(f.name for f in _FIELDS)
 #: A store at schema 6 or older has no kind and ref columns (a reader may open a store that
@@ -437,6 +455,8 @@ class Store:
                 self._waits_for_lock = wait_for_lock
             conn.execute("BEGIN IMMEDIATE")
             try:
+                if batch.tasks:  # first: a task message in this batch marks its row assigned
+                    self._patterns.add_tasks(batch.tasks)
                 if batch.outgoing:
                     self._insert(batch.outgoing, "out", stored_at_ns)
                 results = [self._insert_incoming(group, stored_at_ns) for group in batch.incoming]
@@ -463,10 +483,15 @@ class Store:
                 raise
         return results
 
-    def _insert(self, messages: Sequence[Envelope], direction: str, stored_at_ns: int) -> None:
-        """Insert rows of one direction, a few multi-row statements per link."""
-        execute, width = self._conn.execute, _VALUES_PER_ROW
+    def _insert(self, messages: Sequence[Envelope], direction: str, stored_at_ns: int) -> int:
+        """Insert rows of one direction, a few multi-row statements per link; returns how
+        many message rows were inserted (an incoming duplicate is not), not counting what
+        a pattern message wrote besides its row (`PatternTables.derived`)."""
+        conn = self._conn
+        execute, width = conn.execute, _VALUES_PER_ROW
         outgoing = direction == "out"
+        before = conn.total_changes
+        derived = 0
         for (sender, recipient), link_rows in _links(messages):
             # The peer column is the recipient of an outgoing row, the sender of an incoming one.
             shared = [recipient if outgoing else sender, sender, recipient, stored_at_ns]
@@ -481,28 +506,24 @@ class Store:
                 if not direct:
                     row_sql, tail = _HEADED_ROWS[direction]
                     sql = _INSERT_HEADED_HEAD + row_sql + tail
-                    conn = self._conn
                     for m in rows:
-                        before = conn.total_changes
+                        row_before = conn.total_changes
                         execute(sql, shared + list(_headed_row(m)))
-                        h = m.header
-                        if (not outgoing and h is not None and h.kind is Kind.RESULT
-                                and conn.total_changes > before):
-                            # The sink's rule, in the message's own transaction: the first
-                            # result committed for a task is its result (docs/patterns.md 4.5).
-                            execute(RECORD_RESULT, (h.ref, h.queue, m.id, m.sender,
-                                                     stored_at_ns))
+                        if conn.total_changes > row_before:
+                            # What it means for the pattern tables, in its own transaction
+                            # (a duplicate was acted on when it first came).
+                            self._patterns.derived(m, outgoing, stored_at_ns)
+                            derived += conn.total_changes - row_before - 1
                     continue
                 values = _row_values(rows)
                 for start, size in _chunks(len(rows), self._max_rows_per_statement):
                     execute(_insert_sql(direction, size),
                             shared + values[start * width:(start + size) * width])
+        return conn.total_changes - before - derived
 
     def _insert_incoming(self, group: Sequence[Envelope], stored_at_ns: int) -> IncomingResult:
         conn = self._conn
-        before = conn.total_changes
-        self._insert(group, "in", stored_at_ns)
-        if conn.total_changes - before == len(group):
+        if self._insert(group, "in", stored_at_ns) == len(group):
             return IncomingResult([m.seq for m in group], [])
         # Some ids were there already: a retransmission (same content, receipt again) or a
         # conflict (same id, other content: never overwrite, reject).
@@ -713,6 +734,23 @@ class Store:
         """`PatternTables.members`: (name, member, joined, version) in `namespace`."""
         return self._patterns.members(namespace)
 
+    def unfinished_tasks(self) -> dict[str, tuple[float | None, list[TaskRecord]]]:
+        """`PatternTables.unfinished_tasks`: per queue, its lease and unfinished tasks."""
+        return self._patterns.unfinished_tasks()
+
+    def queue_counts(self) -> dict[str, QueueCounts]:
+        """`PatternTables.queue_counts`: per queue, tasks done, abandoned, redelivered and
+        results kept here."""
+        return self._patterns.queue_counts()
+
+    def broadcasts(self, logical_id: str) -> list[StoredBroadcast]:
+        """`PatternTables.broadcasts`: broadcast `logical_id` from its copies and receipts."""
+        return self._patterns.broadcasts(logical_id)
+
+    def unsettled_broadcasts(self) -> list[StoredBroadcast]:
+        """`PatternTables.unsettled_broadcasts`: the broadcasts not all receipted."""
+        return self._patterns.unsettled_broadcasts()
+
     def execute_raw(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run one statement (tests and fault injection only)."""
         with translated(self.path):
@@ -807,9 +845,11 @@ class StoreReader:
 
     def history(
         self, *, peer: str | None = None, limit: int | None = None, direction: str | None = None,
-        check: bool = True,
+        check: bool = True, group: str | None = None,
     ) -> list[StoredMessage]:
-        """Messages in causal (HLC) order; with `limit`, the most recent ones.
+        """Messages in causal (HLC) order; with `limit`, the most recent ones. With `group`,
+        the messages to that group (or `all`) only (copies with header kind `group`), this
+        node's own as one row per logical message (its first copy: `group_history` adds the k/n).
 
         Each row's content checksum is checked as it is read: a row that rotted on disk raises
         `StoreCorrupt` rather than being shown as stored. `check=False` returns rows as they
@@ -822,6 +862,11 @@ class StoreReader:
         if direction is not None:
             where.append("direction = ?")
             params.append(direction)
+        if group is not None:
+            if self._columns is not _COLUMNS:  # before schema 7 nothing went to a group
+                return []
+            where.append(_GROUP_ROWS)
+            params.append(group)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         check = check and self._checksums
         columns = f"{self._columns}, {self._checked}" if check else self._columns
@@ -841,6 +886,22 @@ class StoreReader:
         check_rows(self.path, [row[width:] for row in rows])
         return [StoredMessage(*row[:width]) for row in reversed(rows)]
 
+
+    def group_history(
+        self, group: str, *, limit: int | None = None
+    ) -> list[tuple[StoredMessage, BroadcastStatus | None]]:
+        """`history(group=...)`, each of this node's own messages to the group with its
+        status (delivered k/n from its copies' receipts), the others' with None."""
+        rows = self.history(group=group, limit=limit)
+        shown: list[tuple[StoredMessage, BroadcastStatus | None]] = []
+        for row in rows:
+            status = None
+            if row.direction == "out" and row.ref is not None:
+                with translated(self.path):
+                    found = broadcasts_of(self._conn, row.ref)
+                status = found[0].status if found else None
+            shown.append((row, status))
+        return shown
 
     def task_results(self) -> list[tuple[str, str, str, str]]:
         """(task id, worker, result message id, result body) of every result this node keeps

@@ -36,6 +36,7 @@ import meshpost.probes as probes
 from meshpost.clock import Clock
 from meshpost.errors import DataDirNotWritable, StoreCorrupt, StoreError, StoreFull, StoreLocked
 from meshpost.protocol import Envelope
+from meshpost.store.patterns import NewTask
 from meshpost.store.sqlite import Delivery, IncomingResult, Rejection, Store, WriteBatch
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ Done = Callable[[], None]
 #: Told the error when an item cannot be committed (alone, or because the writer broke).
 Failed = Callable[[BaseException], None]
 #: The kinds of item a batch holds, in the order of `WriteBatch`'s fields.
-_OUT, _IN, _DELIVERY, _REJECTION = range(4)
+_OUT, _IN, _DELIVERY, _REJECTION, _TASKS = range(5)
 #: One item added to a batch: its kind, what it writes, and who is told how it went.
 _Item = tuple[int, Any, Callable[..., None], Failed | None]
 _Callbacks = list[_Item]
@@ -196,6 +197,16 @@ class GroupCommitWriter:
         self._batch.rejections.append(rejection)
         self._callbacks.append((_REJECTION, rejection, done, failed))
         self._grow(len(rejection.seqs))
+
+    def add_tasks(self, tasks: list[NewTask], done: Done, failed: Failed | None = None) -> None:
+        """Commit a ventilator's new `tasks` with the next batch (many submissions share a
+        commit); `done()` after, or `failed(error)`."""
+        if self.failure is not None:
+            self._fail_later(failed)
+            return
+        self._batch.tasks.extend(tasks)
+        self._callbacks.append((_TASKS, tasks, done, failed))
+        self._grow(len(tasks))
 
     def _fail_later(self, failed: Failed | None) -> None:
         """A broken writer refuses at once, but answers on the next loop turn as a commit
@@ -406,6 +417,8 @@ class GroupCommitWriter:
                 batch.deliveries.append(payload)
             elif kind == _REJECTION:
                 batch.rejections.append(payload)
+            elif kind == _TASKS:
+                batch.tasks.extend(payload)
             try:
                 if kind == _IN:
                     outcomes.append(self._apply_incoming_alone(payload))
@@ -492,6 +505,8 @@ class GroupCommitWriter:
                 batch.incoming.append(payload)
             elif kind == _DELIVERY:
                 batch.deliveries.append(payload)
+            elif kind == _TASKS:
+                batch.tasks.extend(payload)
             else:
                 batch.rejections.append(payload)
         if batch:

@@ -14,6 +14,8 @@ from meshpost.control.messages import (
     EventsRequest,
     PeersReply,
     PeersRequest,
+    QueueStatusReply,
+    QueueStatusRequest,
     SendReply,
     SendRequest,
     SendResult,
@@ -28,6 +30,7 @@ from meshpost.control.messages import (
 )
 from meshpost.errors import NotStored, RemoteError, UnknownPeer
 from meshpost.protocol.groups import BroadcastStatus
+from meshpost.protocol.workqueue import QueueStatus, WorkerStatus
 from meshpost.store import StoredMessage
 
 
@@ -36,6 +39,7 @@ from meshpost.store import StoredMessage
     EventsRequest(0.5, id=10), TailRequest(id=11),
     TailRequest(after=5, sender="A", limit=3, wait_s=1.0, id=12),
     BroadcastRequest("team", "hi", id=13), BroadcastStatusRequest("lid", 2, 1.5, id=14),
+    QueueStatusRequest(id=15), QueueStatusRequest("work", id=16),
 ])
 def test_every_request_round_trips_with_its_id(request_: object) -> None:
     assert request_decoder.decode(encoder.encode(request_)) == request_
@@ -50,6 +54,9 @@ def test_every_request_round_trips_with_its_id(request_: object) -> None:
         None)], id=7),
     BroadcastReply(status=BroadcastStatus("lid", "team", 3, ("B",), ("C",), (("D", "no"),)),
                    id=8),
+    QueueStatusReply(queues=[QueueStatus("work", (WorkerStatus("W1", True, False, 3),),
+                                         waiting=1, in_flight=3, leased=2, done=9,
+                                         redelivered=1, results=4)], id=9),
 ])
 def test_every_reply_round_trips_with_its_id(reply: object) -> None:
     assert reply_decoder.decode(encoder.encode(reply)) == reply
@@ -71,3 +78,20 @@ def test_an_error_reply_says_kind_and_exit_code_and_checked_raises_it() -> None:
     assert (caught.value.kind, caught.value.exit_code) == ("not_stored", 6)
     ok = SendReply(id=4)
     assert checked(ok) is ok and ok.ok
+
+
+def test_protocol_md_lists_every_request_and_reply_type() -> None:
+    """docs/protocol.md 14.3 and 14.4 name every tag of the two unions (a new request, such
+    as `queue-status`, is documented with its fields where a client author looks)."""
+    import typing
+    from pathlib import Path
+
+    from meshpost.control.messages import Reply, Request
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "protocol.md").read_text("utf-8")
+    requests = doc.split("### 14.3")[1].split("### 14.4")[0]
+    replies = doc.split("### 14.4")[1].split("### 14.5")[0]
+    for union, table in ((Request, requests), (Reply, replies)):
+        for record in typing.get_args(union):
+            tag = record.__struct_config__.tag
+            assert f'| `"{tag}"` |' in table, f"{tag!r} is not in docs/protocol.md's table"

@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 from tests.unit.node.support import PATIENCE_S, config, connected, node_pair, run, until
 
+from meshpost.clock import FakeClock
 from meshpost.errors import InvalidMessage, NoRecipients, RequestTimeout
-from meshpost.node import Message, Node, wait_receipt
+from meshpost.node import BroadcastProgress, Message, Node, wait_receipt
 from meshpost.protocol import Batch, Envelope, decode
 from meshpost.protocol.header import Kind, PatternHeader, reply_id, result_id
+from meshpost.protocol.workqueue import WorkerStatus
 from meshpost.store import StoredMessage, StoreReader
+from meshpost.transport import MemoryNetwork
 
 REPLY = PatternHeader(Kind.REPLY, "0000000000000001-request")
 
@@ -129,6 +132,7 @@ def test_tasks_go_to_the_worker_and_each_result_is_kept_once_at_the_sink(
             await b.serve_queue("upper", str.upper)
             await until(lambda: "B" in a._queues.workers_of.get("upper", {}))
             bodies = [f"task {i}" for i in range(40)]
+            assert await a.submit("upper", [], sink="A") == []  # nothing to commit, no wait
             ids = await a.submit("upper", bodies, sink="A", lease_s=60)
             await until(lambda: len(a.completed_tasks) == len(ids))
             assert sorted(t for t, _by in a.completed_tasks) == sorted(ids)
@@ -137,7 +141,11 @@ def test_tasks_go_to_the_worker_and_each_result_is_kept_once_at_the_sink(
                 results = reader.task_results()
             assert [(t, w, body) for t, w, _m, body in results] == sorted(
                 (t, "B", body.upper()) for t, body in zip(ids, bodies, strict=True))
-            assert a.queue_status("upper")["unfinished"] == 0
+            [status] = await a.queue_status("upper")
+            assert status.unfinished == 0
+            # The store's counts: every task done here, each result kept here (A is the sink).
+            assert (status.done, status.results, status.redelivered) == (40, 40, 0)
+            assert [(w.name, w.live, w.in_flight) for w in status.workers] == [("B", True, 0)]
 
     run(scenario)
 
@@ -271,5 +279,96 @@ def test_a_task_message_reported_new_twice_runs_once_and_posts_one_result(
             results = [r for r in b_history(a) if r.kind == "result"]
             assert [(r.id, r.body, r.ref) for r in results] == [
                 (result_id(task.id), "HOLA", "task-1")]
+
+    run(scenario)
+
+
+def test_a_ventilator_restarted_goes_on_with_its_unfinished_tasks_only(tmp_path: Path) -> None:
+    """Issue 18: after the ventilator restarts, its dispatcher comes back from its `tasks`
+    rows: the unfinished task held by a worker that went away is redelivered after its
+    lease, the finished one is not sent again, and each is completed once."""
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a_config, b_config = config("A", "B", tmp_path), config("B", "A", tmp_path)
+        gate = asyncio.Event()
+
+        async def slow_unless_quick(body: str) -> str:
+            if body != "quick":
+                await gate.wait()  # never set: B goes away with these in hand
+            return body.upper()
+
+        a = Node(a_config, clock=clock, transport=net.transport("A"))
+        b = Node(b_config, clock=clock, transport=net.transport("B"))
+        async with a, b:
+            await until(lambda: connected(a) and connected(b))
+            await b.serve_queue("work", slow_unless_quick)
+            await until(lambda: a.queue_workers("work") == ["B"])
+            quick, slow = await a.submit("work", ["quick", "slow"], sink="A", lease_s=2.0)
+            await until(lambda: a.completed_tasks == [(quick, "B")])
+            await until(lambda: len([r for r in b_history(b) if r.kind == "task"]) == 2)
+        # Both went down; A comes back first (B, its only worker, is not live yet). B, back,
+        # runs the task it stored again (node/workqueue.py) but stalls on it: only the lease
+        # gets it done.
+        ran: list[str] = []
+
+        async def upper(body: str) -> str:
+            ran.append(body)
+            if len(ran) == 1:
+                await gate.wait()
+            return body.upper()
+
+        a = Node(a_config, clock=clock, transport=net.transport("A"))
+        b = Node(b_config, clock=clock, transport=net.transport("B"))
+        async with a:
+            [status] = await a.queue_status("work")
+            assert (status.in_flight, status.done, status.workers) == (
+                1, 1, (WorkerStatus("B", False, False, 1),))
+            async with b:
+                await b.serve_queue("work", upper)
+                await until(lambda: connected(a) and connected(b))
+                # The restored lease (2 s from A's start, as the task message said) runs out:
+                # the task goes to B again, as attempt 2.
+                clock.advance(3.0)
+                await until(lambda: a.completed_tasks == [(slow, "B")])
+                [status] = await a.queue_status("work")
+                assert (status.unfinished, status.done, status.redelivered) == (0, 2, 1)
+                await a.flush()
+        assert ran == ["slow", "slow"]  # the finished task was not sent again
+        with StoreReader.for_data_dir(a_config.data_dir) as reader:
+            assert sorted((t, w, body) for t, w, _m, body in reader.task_results()) == sorted(
+                [(quick, "B", "QUICK"), (slow, "B", "SLOW")])
+
+    run(scenario)
+
+
+def test_a_broadcast_sent_before_a_restart_counts_on_from_the_store(tmp_path: Path) -> None:
+    """Issue 18: k/n after the sender restarts comes from its copies and receipts: the handle
+    (`broadcast_handle`) and the console's event follow the receipt that comes later."""
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a_config, b_config = config("A", "B", tmp_path), config("B", "A", tmp_path)
+        a = Node(a_config, clock=clock, transport=net.transport("A"))
+        async with a:  # B is down: its copy waits in the outbox
+            handle = await a.broadcast("all", "while B sleeps")
+            assert handle.status.pending == ("B",)
+        a = Node(a_config, clock=clock, transport=net.transport("A"))
+        async with a:
+            events = a.subscribe()
+            restored = await a.broadcast_handle(handle.logical_id)
+            assert restored is not None
+            assert (restored.status.total, restored.status.pending) == (1, ("B",))
+            assert [s.logical_id for s in a.broadcasts()] == [handle.logical_id]
+            async with Node(b_config, clock=clock, transport=net.transport("B")):
+                status = await restored.changed(PATIENCE_S)
+                assert (status.delivered, status.pending) == (("B",), ())
+                event = await asyncio.wait_for(events.get(), PATIENCE_S)
+                while not isinstance(event, BroadcastProgress):
+                    event = await asyncio.wait_for(events.get(), PATIENCE_S)
+                assert event.status == status
+                await a.flush()
+                # Settled: read from the store, as any later `broadcast-status` is.
+                settled = await a.broadcast_handle(handle.logical_id)
+                assert settled is not None and settled.status == status
+                assert await a.broadcast_handle("no-such-id") is None
 
     run(scenario)

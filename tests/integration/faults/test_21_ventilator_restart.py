@@ -1,0 +1,61 @@
+"""21. A ventilator killed -9 mid-run and restarted goes on from its `tasks` rows
+(docs/protocol.md 19.4): V, two workers, sink S, real processes; V dies with tasks queued, in
+flight and done. The checker's pattern rules then find every task's result kept once at S (the
+right one), every task done at V, and every message stored once on both ends.
+
+Before the fix a restarted ventilator rebuilt no dispatcher: its queued tasks were never sent
+and its assigned ones never completed (`tasks` rows stayed 'queued'/'assigned').
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from .checker import Mesh, read_rows
+from .conftest import MeshFactory
+from .patterns import read_tables
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(300)]
+
+TASKS = 120
+WORKER = ("--worker", "work=meshpost.pipeline:slow_upper")
+PATIENCE_S = 90.0
+
+
+async def _until(what: str, check: object) -> None:
+    deadline = time.monotonic() + PATIENCE_S
+    while not await asyncio.to_thread(check):  # type: ignore[arg-type]
+        assert time.monotonic() < deadline, f"not within {PATIENCE_S}s: {what}"
+        await asyncio.sleep(0.05)
+
+
+def _kept(mesh: Mesh) -> int:
+    return len(read_tables(mesh.data_dir("S")).kept)
+
+
+def test_a_ventilator_killed_mid_run_goes_on_after_restart(mesh_factory: MeshFactory) -> None:
+    mesh = mesh_factory(["V", "W1", "W2", "S"], node_args={"W1": WORKER, "W2": WORKER},
+                        seed=21)
+    mesh.ledger.expect_result = str.upper
+
+    async def scenario() -> None:
+        await mesh.start()
+        await _until("V has both serve records", lambda: {"W1", "W2"} <= {
+            r.sender for r in read_rows(mesh.data_dir("V"), "WHERE kind = 'serve'")})
+        await mesh.submit("V", "work", "S", [f"task {i}" for i in range(TASKS)], lease_s=3.0)
+        await _until("a fifth of the results", lambda: _kept(mesh) >= TASKS // 5)
+        assert await asyncio.to_thread(mesh.kill, "V") == -9
+        mesh.extra["kept_at_kill"] = await asyncio.to_thread(_kept, mesh)
+        await asyncio.to_thread(mesh.start_real, ["V"])
+        await _until("every result kept at S", lambda: _kept(mesh) >= TASKS)
+        await _until("every task done at V", lambda: all(
+            t.state == "done" for t in read_tables(mesh.data_dir("V")).tasks.values()))
+        counts = await mesh.finish()
+        assert counts.patterns["tasks"] == counts.patterns["results_kept"] == TASKS
+        assert counts.patterns["tasks_done"] == TASKS
+        assert mesh.extra["kept_at_kill"] < TASKS
+
+    mesh.run(scenario, timeout_s=240)

@@ -1,0 +1,149 @@
+"""The pattern tables (store/patterns.py): what a pattern message means for `tasks`,
+`task_results` and `members` is written in that message's own transaction, new tasks go
+through a batch, and a ventilator's and a broadcaster's state is read back after a restart."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshpost.errors import StoreError
+from meshpost.protocol import Envelope, ReceiptFrame
+from meshpost.protocol.groups import BroadcastStatus, MemberRecord
+from meshpost.protocol.header import Kind, PatternHeader
+from meshpost.protocol.workqueue import TaskRecord, TaskState
+from meshpost.store import Delivery, NewTask, QueueCounts, Rejection, Store, WriteBatch
+
+T0 = 1_700_000_000_000_000_000
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store.open(tmp_path / "V", name="V", sync="normal")
+    yield s
+    s.close()
+
+
+def task_message(msg_id: str, seq: int, worker: str, task_id: str, attempt: int,
+                 lease_ms: int = 5000) -> Envelope:
+    return Envelope(msg_id, seq, "V", worker, "body", T0, T0 + seq,
+                    PatternHeader(Kind.TASK, task_id, "work", "S", lease_ms, attempt))
+
+
+def tasks(store: Store) -> list[tuple[str, str, int, str | None, str | None]]:
+    return [tuple(r) for r in store.execute_raw(
+        "SELECT task_id, state, attempts, worker, finished_by FROM tasks ORDER BY task_id")]
+
+
+def test_a_task_message_and_its_assignment_commit_together(store: Store) -> None:
+    store.apply(WriteBatch(tasks=[NewTask("t1", "work", "body", "S", T0),
+                                  NewTask("t2", "work", "body", "S", T0)]), T0)
+    assert tasks(store) == [("t1", "queued", 0, None, None), ("t2", "queued", 0, None, None)]
+    # The task message's own commit marks its task assigned: no separate write that a crash
+    # could keep without the message (or lose with it stored).
+    store.apply(WriteBatch(outgoing=[task_message("m1", 1, "W1", "t1", 1)]), T0 + 1)
+    assert tasks(store)[0] == ("t1", "assigned", 1, "W1", None)
+    # A transaction that fails after the message's row leaves neither (the same id twice).
+    with pytest.raises(StoreError, match="UNIQUE"):
+        store.apply(WriteBatch(outgoing=[task_message("m2", 1, "W2", "t1", 2),
+                                         task_message("m2", 2, "W1", "t2", 1)]), T0 + 2)
+    assert tasks(store) == [("t1", "assigned", 1, "W1", None), ("t2", "queued", 0, None, None)]
+    assert store.execute_raw("SELECT COUNT(*) FROM messages WHERE id = 'm2'") == [(0,)]
+    # A redelivery moves it on; an older attempt's message never moves it back.
+    store.apply(WriteBatch(outgoing=[task_message("m3", 1, "W2", "t1", 2)]), T0 + 3)
+    store.apply(WriteBatch(outgoing=[task_message("m4", 2, "W1", "t1", 1)]), T0 + 4)
+    assert tasks(store)[0] == ("t1", "assigned", 2, "W2", None)
+
+
+def test_a_done_or_a_result_at_its_own_sink_finishes_the_task_in_its_transaction(
+    store: Store,
+) -> None:
+    store.apply(WriteBatch(tasks=[NewTask("t1", "work", "a", "S", T0),
+                                  NewTask("t2", "work", "b", "V", T0)],
+                           outgoing=[task_message("m1", 1, "W1", "t1", 1),
+                                     task_message("m2", 2, "W1", "t2", 1)]), T0)
+    done = Envelope("d1", 1, "W1", "V", "done", T0, T0, PatternHeader(Kind.DONE, "t1", "work"))
+    result = Envelope("m2.t", 2, "W1", "V", "B", T0, T0, PatternHeader(Kind.RESULT, "t2", "work"))
+    store.apply(WriteBatch(incoming=[[done, result]]), T0 + 1)
+    assert tasks(store) == [("t1", "done", 1, "W1", "W1"), ("t2", "done", 1, "W1", "W1")]
+    assert store.task_results() == [("t2", "m2.t", "W1")]
+    # A `done` for a task from another queue's name changes nothing.
+    store.apply(WriteBatch(tasks=[NewTask("t3", "work", "c", "S", T0)]), T0 + 2)
+    other = Envelope("d2", 3, "W1", "V", "done", T0, T0, PatternHeader(Kind.DONE, "t3", "other"))
+    store.apply(WriteBatch(incoming=[[other]]), T0 + 3)
+    assert tasks(store)[2] == ("t3", "queued", 0, None, None)
+
+
+def test_a_retransmitted_result_beside_a_new_one_is_still_a_duplicate(store: Store) -> None:
+    """The sink's `task_results` row is a change of the same statement group: a batch of one
+    retransmitted result and one new result made two changes for two messages, and was
+    taken for two new messages (the retransmission acted on again)."""
+    first = Envelope("r1", 1, "W1", "V", "A", T0, T0, PatternHeader(Kind.RESULT, "t1", "work"))
+    second = Envelope("r2", 2, "W1", "V", "B", T0, T0, PatternHeader(Kind.RESULT, "t2", "work"))
+    (result,) = store.apply(WriteBatch(incoming=[[first]]), T0)
+    assert (result.committed, result.duplicates) == ([1], [])
+    (result,) = store.apply(WriteBatch(incoming=[[first, second]]), T0 + 1)
+    assert (result.committed, result.duplicates) == ([1, 2], [1])
+
+
+def test_membership_records_are_kept_in_their_message_transaction_by_rank(store: Store) -> None:
+    def member(msg_id: str, seq: int, body: str, version: int, *, sender: str = "B",
+               kind: Kind = Kind.MEMBER) -> Envelope:
+        return Envelope(msg_id, seq, sender, "V" if sender != "V" else "B", body, T0,
+                        T0 + version, PatternHeader(kind, queue="team", version=version))
+
+    store.apply(WriteBatch(incoming=[[member("j1", 1, "join", 7)]]), T0)
+    assert store.member_records() == [MemberRecord("team", "B", True, 7, T0 + 7)]
+    # A late leave of a lower version changes nothing; a newer one wins.
+    store.apply(WriteBatch(incoming=[[member("l1", 2, "leave", 5)]]), T0)
+    assert store.member_records() == [MemberRecord("team", "B", True, 7, T0 + 7)]
+    store.apply(WriteBatch(incoming=[[member("l2", 3, "leave", 9)]]), T0)
+    assert store.member_records() == [MemberRecord("team", "B", False, 9, T0 + 9)]
+    # Our own record, with the copies that tell every peer; a worker's `serve` record.
+    store.apply(WriteBatch(outgoing=[member("o1", 1, "join", 11, sender="V")]), T0)
+    store.apply(WriteBatch(incoming=[[member("s1", 4, "serve", 3, kind=Kind.SERVE)]]), T0)
+    assert store.member_records() == [MemberRecord("team", "B", False, 9, T0 + 9),
+                                      MemberRecord("team", "V", True, 11, T0 + 11)]
+    assert store.members("queue") == [("team", "B", True, 3)]
+
+
+def test_unfinished_tasks_come_back_with_their_lease_and_delivery(store: Store) -> None:
+    store.apply(WriteBatch(tasks=[NewTask(f"t{i}", "work", f"b{i}", "S", T0 + i)
+                                  for i in range(1, 5)],
+                           outgoing=[task_message("m1", 1, "W1", "t1", 1, lease_ms=7000),
+                                     task_message("m2", 2, "W1", "t2", 1, lease_ms=7000),
+                                     task_message("m3", 1, "W2", "t3", 1, lease_ms=7000)]), T0)
+    # W1 receipted both its task messages; t2 is done; t3's went out, no receipt yet.
+    store.apply(WriteBatch(deliveries=[Delivery("W1", [1, 2], ReceiptFrame(
+        [(1, 2)], 0, T0, T0, T0, T0, "full"), T0)]), T0 + 1)
+    done = Envelope("d1", 1, "W1", "V", "done", T0, T0, PatternHeader(Kind.DONE, "t2", "work"))
+    store.apply(WriteBatch(incoming=[[done]]), T0 + 2)
+    assert store.unfinished_tasks() == {"work": (7.0, [
+        TaskRecord("t1", "b1", "S", TaskState.ASSIGNED, 1, "W1", True),
+        TaskRecord("t3", "b3", "S", TaskState.ASSIGNED, 1, "W2", False),
+        TaskRecord("t4", "b4", "S", TaskState.QUEUED, 0, None, False),
+    ])}
+    store.apply(WriteBatch(outgoing=[task_message("m4", 2, "W2", "t1", 2)]), T0 + 3)
+    assert store.queue_counts() == {"work": QueueCounts(done=1, redelivered=1)}
+
+
+def test_a_broadcast_status_is_rebuilt_from_its_copies_and_receipts(store: Store) -> None:
+    header = PatternHeader(Kind.GROUP, "L1", "team")
+    store.apply(WriteBatch(outgoing=[Envelope("c1", 1, "V", "B", "hi", T0, T0, header),
+                                     Envelope("c2", 1, "V", "C", "hi", T0, T0, header),
+                                     Envelope("c3", 1, "V", "D", "hi", T0, T0, header)]), T0)
+    store.apply(WriteBatch(deliveries=[Delivery("B", [1], ReceiptFrame(
+        [(1, 1)], 0, T0, T0, T0, T0, "full"), T0)],
+        rejections=[Rejection("D", [1], "invalid: no")]), T0 + 1)
+    [stored] = store.unsettled_broadcasts()
+    assert stored.status == BroadcastStatus("L1", "team", 3, ("B",), ("C",),
+                                            (("D", "invalid: no"),))
+    assert stored.pending == (("C", 1),)
+    store.apply(WriteBatch(deliveries=[Delivery("C", [1], ReceiptFrame(
+        [(1, 1)], 0, T0, T0, T0, T0, "full"), T0)]), T0 + 2)
+    assert store.unsettled_broadcasts() == []
+    [settled] = store.broadcasts("L1")
+    assert settled.status.settled and settled.status.delivered == ("B", "C")
+    assert store.broadcasts("nope") == []
