@@ -1,4 +1,4 @@
-"""21. A ventilator killed -9 mid-run and restarted goes on from its `tasks` rows
+"""22. A ventilator killed -9 mid-run and restarted goes on from its `tasks` rows
 (docs/protocol.md 19.4): V, two workers, sink S, real processes; V dies with tasks queued, in
 flight and done. The checker's pattern rules then find every task's result kept once at S (the
 right one), every task done at V, and every message stored once on both ends.
