@@ -99,12 +99,16 @@ class GroupCommitWriter:
         self, store: Store, clock: Clock, *, node: str,
         on_failure: Callable[[BaseException], None] | None = None,
         probe: probes.Probe | None = None,
+        on_committed: Callable[[], None] | None = None,
     ) -> None:
-        """`on_failure` is called once, on the loop, if the writer breaks (see the module)."""
+        """`on_failure` is called once, on the loop, if the writer breaks (see the module);
+        `on_committed` after the callbacks of each commit (what they started can go out
+        together, before the loop's next turn)."""
         self.store = store
         self._clock = clock
         self._node = node
         self._on_failure = on_failure
+        self._on_committed = on_committed
         self._probe = probe
         #: Why the writer broke; from then on every item fails with it.
         self.failure: BaseException | None = None
@@ -244,7 +248,11 @@ class GroupCommitWriter:
             return
         if urgent:
             self._kick_scheduled = True
-            self._loop.call_soon(self._submit_pending)
+            # A lazy submit already queued runs no later than a new one would (typically: a
+            # receipt's record, then the woken sender's next message): it serves as the kick,
+            # and the loop needs no extra turn for a submit that would find nothing to do.
+            if not self._lazy_scheduled:
+                self._loop.call_soon(self._submit_pending)
         elif not self._lazy_scheduled:
             self._lazy_scheduled = True
             self._loop.call_soon(self._submit_lazy)
@@ -337,8 +345,16 @@ class GroupCommitWriter:
                     done()
             except Exception:
                 log.exception("[%s] store completion callback failed", self._node)
+        self._committed()
         if not self._busy and not self._batch:
             self._idle.set()
+
+    def _committed(self) -> None:
+        if self._on_committed is not None:
+            try:
+                self._on_committed()
+            except Exception:
+                log.exception("[%s] store commit callback failed", self._node)
 
     def _failed(
         self, batch: WriteBatch, callbacks: _Callbacks, delay: float, exc: BaseException
@@ -472,6 +488,7 @@ class GroupCommitWriter:
                     done()
             except Exception:
                 log.exception("[%s] store completion callback failed", self._node)
+        self._committed()
         if broken is not None:
             self._break(broken, callbacks[len(outcomes):])
         self._schedule()

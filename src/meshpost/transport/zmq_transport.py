@@ -9,7 +9,7 @@ socket's ZMQ_FD, drained until the socket is empty: no future, no task wake-up p
 is what `zmq.asyncio` does per `recv`, and on a 2-core machine its extra trips round the loop
 cost about 50 us per hop.) ZMQ_FD is edge-triggered and any send may consume the edge, so every
 send looks at the socket once more: at the end of the drain it was made in (a reply to what
-was just read), else in a drain scheduled for the next loop turn. A drain reads while
+was just read), else at once, through ZMQ_EVENTS (`_look_after_send`). A drain reads while
 ZMQ_EVENTS says POLLIN; reading ZMQ_EVENTS processes the socket's pending commands, which
 re-arms ZMQ_FD. (With pyzmq 27 that costs 2.2 us, against 4.8 us for a recv that ends in
 `zmq.Again`, whose exception object is built in Python.) Frames are read part by part:
@@ -309,6 +309,23 @@ class ZmqTransport:
             drain = self._dealer_drains[peer] = lambda: self._drain_dealer(peer, sock)
         return drain
 
+    def _look_after_send(self, sock: zmq.Socket[bytes], drain: Callable[[], None]) -> None:
+        """A send may have consumed ZMQ_FD's edge: look at the socket once more. In its own
+        drain, that drain looks again before it returns; elsewhere, reading ZMQ_EVENTS now
+        re-arms the edge, and only a frame already waiting needs a drain (one loop turn less
+        per send than a drain scheduled every time)."""
+        if sock is self._draining:
+            self._sent_while_draining = True
+            return
+        if self._loop is None or sock.closed:
+            return
+        try:
+            waiting = sock.getsockopt(_EVENTS) & _POLLIN
+        except zmq.ZMQError:
+            return
+        if waiting:
+            self._schedule_drain(sock, drain)
+
     def _schedule_drain(self, sock: zmq.Socket[bytes], drain: Callable[[], None]) -> None:
         if sock is self._draining:
             self._sent_while_draining = True  # that drain looks again before it returns
@@ -426,7 +443,7 @@ class ZmqTransport:
     def reply(self, identity: bytes, payload: bytes) -> bool:
         """Queue `payload` for the connection `identity`; False if it is gone or full."""
         sent = self._send_now(self._router, payload, identity)
-        self._schedule_drain(self._router, self._drain_router)
+        self._look_after_send(self._router, self._drain_router)
         return sent
 
     # -- outbound -------------------------------------------------------------------------
@@ -514,7 +531,7 @@ class ZmqTransport:
         if sock is None:  # no connection (an idle link): nothing to queue it on
             return False
         sent = self._send_now(sock, payload)
-        self._schedule_drain(sock, self._dealer_drain(peer))
+        self._look_after_send(sock, self._dealer_drain(peer))
         return sent
 
     # -- shared ---------------------------------------------------------------------------
