@@ -1254,6 +1254,9 @@ class Node:
         assert transport is not None
         assert listener is not None
         assert writer is not None
+        # The transport calls `on_drained` (the writer's `submit_now`) after this frame and
+        # the others of its drain: what they add commits then, with no submit of its own.
+        writer.hold_submits()
         # The routing id names the connection (our ROUTER chose it); who is behind it is what
         # its Hello said, and under --secure only the CURVE key's name may be said.
         who = identity.hex()

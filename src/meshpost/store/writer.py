@@ -126,6 +126,8 @@ class GroupCommitWriter:
         self._kick_scheduled = False
         #: A submit of only non-urgent adds (delivery records) is queued on the loop.
         self._lazy_scheduled = False
+        #: Adds schedule no submit of their own until `submit_now()` (`hold_submits`).
+        self._holding = False
         #: `call()` jobs on the thread: the connection is not shared while one runs.
         self._thread_jobs = 0
         self._inline = store.sync in INLINE_SYNC_LEVELS
@@ -251,7 +253,7 @@ class GroupCommitWriter:
             # A lazy submit already queued runs no later than a new one would (typically: a
             # receipt's record, then the woken sender's next message): it serves as the kick,
             # and the loop needs no extra turn for a submit that would find nothing to do.
-            if not self._lazy_scheduled:
+            if not self._lazy_scheduled and not self._holding:
                 self._loop.call_soon(self._submit_pending)
         elif not self._lazy_scheduled:
             self._lazy_scheduled = True
@@ -261,9 +263,18 @@ class GroupCommitWriter:
         self._lazy_scheduled = False
         self._submit_pending()
 
+    def hold_submits(self) -> None:
+        """Until `submit_now()`, adds queue no submit of their own. For a caller that calls
+        `submit_now()` before the loop's next turn, whatever happens: the node, from a frame
+        of a transport drain to the drain's `on_drained` (a submit queued per received batch
+        only cost the receiver a loop turn that found nothing left to commit)."""
+        self._holding = True
+
     def submit_now(self) -> None:
         """Start committing the pending batch now rather than at the end of this loop
-        iteration (for callers that know no more adds are coming in it)."""
+        iteration (for callers that know no more adds are coming in it); ends
+        `hold_submits`."""
+        self._holding = False
         if self._kick_scheduled:
             self._submit_pending()
 
