@@ -282,7 +282,7 @@ class WriteBatch:
             + (4 if self.outgoing else 0)
             + (3 if self.incoming else 0)
             + (1 if self.deliveries else 0)
-            + sum(1 + len(r.seqs) // 12 for r in self.rejections)
+            + (sum(1 + len(r.seqs) // 12 for r in self.rejections) if self.rejections else 0)
         )
 
 
@@ -446,7 +446,9 @@ class Store:
         once instead of waiting up to `BUSY_TIMEOUT_MS` (for callers that must not block).
         """
         conn = self._conn
-        with translated(self.path):
+        # try/except rather than `with translated(...)`: a generator context manager per
+        # commit cost more than the one-row commit's own Python work.
+        try:
             if wait_for_lock is not self._waits_for_lock:
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS if wait_for_lock else 0}")
                 self._waits_for_lock = wait_for_lock
@@ -479,6 +481,8 @@ class Store:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path) from exc
         return results
 
     def _apply_one_row(

@@ -569,11 +569,11 @@ class GroupCommitWriter:
                 results = self.store.apply(batch, stored_at, wait_for_lock=wait_for_lock)
             finally:
                 probe.mark(probes.COMMIT[1])
-        rows = (
-            len(batch.outgoing)
-            + sum(len(g) for g in batch.incoming)
-            + sum(len(d.seqs) for d in batch.deliveries)
-        )
+        rows = len(batch.outgoing)
+        if batch.incoming:
+            rows += sum(map(len, batch.incoming))
+        for d in batch.deliveries:
+            rows += len(d.seqs)
         self.commits += 1
         self.rows_committed += rows
         pages = batch.wal_pages(self.store.page_size)
@@ -583,9 +583,9 @@ class GroupCommitWriter:
         # catch-up is a wait that must not stall the loop.
         if wait_for_lock and self._wal_since_restart >= WAL_RESTART_PAGES:
             self._catch_up()
-        elif (
-            self._checkpoint is None or self._checkpoint.done()
-        ) and self._wal_pages >= CHECKPOINT_PAGES:
+        elif self._wal_pages >= CHECKPOINT_PAGES and (
+            self._checkpoint is None or self._checkpoint.done()  # a lock: only when due
+        ):
             self._wal_pages = 0
             self._checkpoint = self._checkpoint_executor.submit(self._run_checkpoint)
         return results, stored_at
