@@ -320,7 +320,7 @@ class ZmqTransport:
         if self._loop is None or sock.closed:
             return
         try:
-            waiting = sock.getsockopt(_EVENTS) & _POLLIN
+            waiting = cast("int", sock.getsockopt(_EVENTS)) & _POLLIN
         except zmq.ZMQError:
             return
         if waiting:
@@ -391,7 +391,7 @@ class ZmqTransport:
             if sock is self._router and self._inbound_paused:
                 break
             try:
-                if not sock.getsockopt(_EVENTS) & _POLLIN:
+                if not cast("int", sock.getsockopt(_EVENTS)) & _POLLIN:
                     break
                 item = receive()
             except zmq.Again:
