@@ -20,7 +20,10 @@ callbacks. No task, event or asyncio future sits between a commit and its callba
 those would cost another trip round the event loop per commit. A delivery record is awaited
 by no one (its receipt was reported when it arrived), so it never makes `submit_now` commit
 early: it waits for the end of the loop iteration, after the wake-ups already queued, and a
-sender resuming there puts its next message into the same commit.
+sender resuming there puts its next message into the same commit (whose submit then needs no
+kick of its own). No submit is queued for nothing either: frames of a transport drain hold
+their adds (`hold_submits`) for the drain's `submit_now`, and `on_committed` runs after each
+commit's callbacks, so that what they started (the node's frames) leaves in the same turn.
 """
 
 from __future__ import annotations
