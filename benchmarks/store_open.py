@@ -22,7 +22,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from meshpost.protocol import Envelope, Receipt
+from meshpost.protocol import Envelope, ReceiptFrame
 from meshpost.store import DB_FILENAME, Delivery, Store, WriteBatch
 
 BATCH = 4096
@@ -50,7 +50,7 @@ def build(data_dir: Path, rows: int) -> float:
         now = time.time_ns()
         prefix = f"{now // 1_000_000:012x}"
         outgoing = rows // 2
-        receipt = Receipt([(1, 1)], now, now, now, now, now, "off")
+        receipt = ReceiptFrame([(1, 1)], now, now, now, now, now, "off")
         seq = 0
         for k in range(0, rows, BATCH):
             batch = WriteBatch()

@@ -30,6 +30,8 @@ DEFAULT_WINDOW_BYTES = 16 * 1024 * 1024
 #: 60 s: long enough that a conversation (a message every few seconds) keeps its connection,
 #: short enough that a 1,000-node mesh where each node talks to a few peers holds few sockets.
 DEFAULT_LINK_IDLE_S = 60.0
+#: 4 s of silence from a peer with something pending (or a link used that recently) = lost.
+DEFAULT_PEER_TIMEOUT_S = 4.0
 #: 8: a console user of a small mesh sees who is up at start; a mesh config of hundreds of
 #: nodes (every node every other's peer) would otherwise open n^2 connections at once.
 DEFAULT_DIAL_AT_START = 8
@@ -151,7 +153,7 @@ class NodeConfig:
     retransmit_max_s: float = 5.0
     #: Application ping period and the silence after which a peer counts as gone.
     ping_interval_s: float = 1.0
-    peer_timeout_s: float = 4.0
+    peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
     #: A link with nothing to send for this long closes its connection (and reopens on the
     #: next message); 0: links stay open. An idle link then costs no socket, timer or frame.
     link_idle_s: float = DEFAULT_LINK_IDLE_S

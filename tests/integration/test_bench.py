@@ -60,6 +60,9 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
         cpu_send = latency[f"cpu_us_per_send_{sync}"]  # both processes work for every send
         assert cpu_send["A"] > 0 and cpu_send["B"] > 0
         assert cpu_send["total"] == pytest.approx(cpu_send["A"] + cpu_send["B"], abs=0.02)
+        loaded = latency[f"cpu_us_per_send_{sync}_loaded"]  # the same from 16 senders at once
+        assert loaded["A"] > 0 and loaded["B"] > 0
+        assert set(latency[f"commits_per_send_{sync}"]) == {"idle", "loaded"}
     timeline = scenarios["send-timeline"]["figures"]
     assert timeline["messages"] == 100 and timeline["sends"] == 100
     assert 0 < timeline["usual"] <= 100

@@ -86,10 +86,13 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
                     sync = key.split("_")[1]
                     ratio = f[f"ratio_{sync}"]
                     cpu = f.get(f"cpu_us_per_send_{sync}")
+                    loaded = f.get(f"cpu_us_per_send_{sync}_loaded")
                     rows.append((f"pair-latency {sync}", _fmt_lat(value) + " µs",
                                  " / ".join(f"{ratio[k]:.1f}×" for k in ratio) + " raw"
                                  + (f"; CPU {cpu['total']:,.0f} µs/send (A {cpu['A']:,.0f}, "
-                                    f"B {cpu['B']:,.0f})" if cpu else "")))
+                                    f"B {cpu['B']:,.0f})" if cpu else "")
+                                 + (f"; with {f['loaded_senders']} senders at once "
+                                    f"{loaded['total']:,.0f} µs/send" if loaded else "")))
                     if f"floor_{sync}_us" in f:
                         ratio, over = f[f"ratio_floor_{sync}"], f[f"over_floor_{sync}"]
                         rows.append((f"pair-latency floor {sync}",

@@ -21,7 +21,7 @@ import os
 import secrets
 import threading
 import weakref
-from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import meshpost.probes as probes
@@ -295,7 +295,8 @@ class Node:
         self._store = store
         try:
             self._writer = GroupCommitWriter(store, self.clock, node=self.name,
-                                             on_failure=self._store_failed, probe=self._probe)
+                                             on_failure=self._store_failed, probe=self._probe,
+                                             on_committed=self._pump_offered_links)
             self._next_seq = await self._writer.call(store.last_seqs)
             # Start the HLC above every stamp already stored, since the wall clock may have
             # gone back while the node was down: our own stamps as they are, our peers'
@@ -612,6 +613,8 @@ class Node:
     def resolve(self, target: str) -> list[str]:
         """Peer names a target means: a peer, a group, or `all` (`rules.resolve_target`);
         `all` and a peer name include peers found while running."""
+        if target in self._links and target.lower() != rules.ALL:
+            return [target]  # the usual target, one peer: no group table to build per send
         return self._groups.resolve(target)
 
     def groups(self) -> dict[str, tuple[str, ...]]:
@@ -686,10 +689,38 @@ class Node:
         self.validate_body(body)
         if not peers:
             return []  # a group of this node alone: an empty batch would never be answered
+        await self._wait_for_room()
+        stored: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def failed(error: BaseException) -> None:
+            if not stored.done():
+                stored.set_exception(error)
+
+        handles = self._add_outgoing(
+            peers, body, held=held, header=header, message_id=message_id,
+            stored=lambda at: None if stored.done() else stored.set_result(at), failed=failed)
+        await stored
+        return handles
+
+    async def _wait_for_room(self) -> None:
+        """Back-pressure: wait while the writer's pending batch is full (no wait, and no
+        coroutine, when it has room: every send passes here)."""
         writer = self._writer
         assert writer is not None
-        await writer.wait_for_room()
-        self._check_open()
+        if not writer.has_room:
+            await writer.wait_for_room()
+            self._check_open()
+
+    def _add_outgoing(
+        self, peers: list[str], body: str, *, held: bool, header: PatternHeader | None,
+        message_id: str | None, stored: Callable[[int], None] | None,
+        failed: Callable[[BaseException], None] | None = None,
+    ) -> list[Outgoing]:
+        """Hand `body` for each of `peers` (checked already) to the writer; return the
+        handles. `stored(at)` once committed; if nothing can be stored, every handle's receipt
+        fails (and `failed(error)` is told) with the node's failure."""
+        writer = self._writer
+        assert writer is not None
         wall = self.clock.wall_ns()
         loop = asyncio.get_running_loop()
         handles: list[Outgoing] = []
@@ -710,9 +741,8 @@ class Node:
             handle = Outgoing(envelope.id, peer, seq, body, wall, envelope.hlc, future)
             envelopes.append(envelope)
             handles.append(handle)
-        stored: asyncio.Future[int] = loop.create_future()
 
-        def failed(error: BaseException) -> None:
+        def not_stored(error: BaseException) -> None:
             # Nothing was stored: the handles' receipts can never come.
             failure = self.failure or NodeFailed(self.name, error)
             for handle in handles:
@@ -720,12 +750,11 @@ class Node:
                 if not handle.receipt.done():
                     handle.receipt.set_exception(failure)
                     handle.receipt.exception()  # retrieved: nobody else may ever look
-            if not stored.done():
-                stored.set_exception(failure)
+            if failed is not None:
+                failed(failure)
 
         writer.add_outgoing(envelopes, lambda at: self._outgoing_stored(envelopes, stored, at),
-                            failed)
-        await stored
+                            not_stored)
         return handles
 
     async def request(self, peer: str, body: str, *, timeout_s: float | None = None) -> Reply:
@@ -879,21 +908,39 @@ class Node:
         On timeout raises `ReceiptTimeout`; the message stays queued and is still delivered.
         """
         rules.resolve_peer(to, peers=self.config.peer_names)
-        (handle,) = await self._post(to, body, held=True)
-        # The handle is this call's alone, so its future is awaited without a shield, which
-        # costs a loop turn on the way back. A timeout fails the future, which harms no one
-        # (the receipt is still recorded when it comes). This frame holds the future while it
-        # waits, so the node need not (`held`).
+        self._check_open()
+        self.validate_body(body)
+        await self._wait_for_room()
+        # The commit is not awaited on its own (a future and a loop turn less per send): the
+        # receipt's future fails if the message cannot be stored. The handle is this call's
+        # alone, so its future is awaited without a shield, which costs a loop turn on the way
+        # back. A timeout fails the future, which harms no one (the receipt is still recorded
+        # when it comes). This frame holds the future while it waits, so the node need not
+        # (`held`).
+        if timeout_s is None:
+            (handle,) = self._add_outgoing([to], body, held=True, header=None,
+                                           message_id=None, stored=None)
+            return await handle.receipt
+        waiting: list[tuple[asyncio.Future[Receipt], str]] = []
+
+        def stored(_at: int) -> None:
+            # The timeout starts once the message is stored, as it always did: a
+            # `ReceiptTimeout` means queued, never lost. No timer per send: one node timer
+            # serves every waiting send (`_expire_sends`).
+            if waiting:
+                (future, message_id), = waiting
+                deadline = asyncio.get_running_loop().time() + timeout_s
+                self._send_deadlines[future] = (deadline, message_id, to, timeout_s)
+                self._arm_send_timer(deadline)
+
+        (handle,) = self._add_outgoing([to], body, held=True, header=None, message_id=None,
+                                       stored=stored)
         future = handle.receipt
-        if timeout_s is None or future.done():
-            return await future
-        # No timer per send: one node timer serves every waiting send (`_expire_sends`).
-        self._send_deadlines[future] = (asyncio.get_running_loop().time() + timeout_s,
-                                        handle.id, to, timeout_s)
-        self._arm_send_timer(self._send_deadlines[future][0])
+        waiting.append((future, handle.id))
         try:
             return await future
         finally:
+            waiting.clear()
             self._send_deadlines.pop(future, None)
 
     def _arm_send_timer(self, deadline: float) -> None:
@@ -1107,22 +1154,19 @@ class Node:
     # -- outgoing path --------------------------------------------------------------------
 
     def _outgoing_stored(
-        self, envelopes: list[Envelope], stored: asyncio.Future[int] | None, at: int,
+        self, envelopes: list[Envelope], stored: Callable[[int], None] | None, at: int,
         peer: str | None = None,
     ) -> None:
-        """`envelopes` are committed; with `peer`, all of them are for that one peer."""
+        """`envelopes` are committed; with `peer`, all of them are for that one peer. They
+        leave when the commit's callbacks are done (`_pump_offered_links`, the writer's
+        `on_committed`): what all of them offered goes together, in full batch frames,
+        however many `post` calls it came from (a frame per call cost both sides its
+        encoding, decoding, checks and receipt), before any caller resumes."""
         if self._probe is not None:
             self._probe.mark(probes.OUTGOING_STORED)
         self.stats.sent += len(envelopes)
-        if not self._links_to_pump:
-            # Every callback of this commit runs before the loop's next turn: pumping then
-            # sends what they all offered together, in full batch frames, however many `post`
-            # calls it came from (a frame per call cost both sides its encoding, decoding,
-            # checks and receipt). Scheduled before `post` is woken, so the batch is on its
-            # way before the caller resumes, as when this happened inside the commit.
-            asyncio.get_running_loop().call_soon(self._pump_offered_links)
-        if stored is not None and not stored.done():
-            stored.set_result(at)
+        if stored is not None:
+            stored(at)
         self._crash(CrashPoint.AFTER_SENDER_STORE)
         by_peer: dict[str, list[Envelope]] = {}
         if peer is not None:
@@ -1136,7 +1180,9 @@ class Node:
             self._links_to_pump[peer] = link
 
     def _pump_offered_links(self) -> None:
-        """Send what the links were offered since the last pump."""
+        """Send what the links were offered since the last pump (after each commit)."""
+        if not self._links_to_pump:
+            return
         links, self._links_to_pump = self._links_to_pump, {}
         now, wall = self.clock.monotonic(), self.clock.wall_ns()
         for link in links.values():
@@ -1227,6 +1273,9 @@ class Node:
         assert transport is not None
         assert listener is not None
         assert writer is not None
+        # The transport calls `on_drained` (the writer's `submit_now`) after this frame and
+        # the others of its drain: what they add commits then, with no submit of its own.
+        writer.hold_submits()
         # The routing id names the connection (our ROUTER chose it); who is behind it is what
         # its Hello said, and under --secure only the CURVE key's name may be said.
         who = identity.hex()

@@ -193,6 +193,21 @@ def _links(
     yield from groups.items()
 
 
+def _one_direct_row(batch: WriteBatch) -> Envelope | None:
+    """The message of a batch that writes one direct message and nothing else, else None."""
+    if batch.deliveries or batch.rejections or batch.tasks:
+        return None
+    if batch.outgoing:
+        if batch.incoming or len(batch.outgoing) != 1:
+            return None
+        m = batch.outgoing[0]
+    elif len(batch.incoming) == 1 and len(batch.incoming[0]) == 1:
+        m = batch.incoming[0][0]
+    else:
+        return None
+    return m if m.header is None else None
+
+
 def _row_values(messages: Sequence[Envelope]) -> list[Any]:
     """The values of `messages`' own columns, flat, in `_ROWS` order (after the shared ones);
     direct messages only (`_headed_row` takes the others)."""
@@ -277,7 +292,7 @@ class WriteBatch:
             + (4 if self.outgoing else 0)
             + (3 if self.incoming else 0)
             + (1 if self.deliveries else 0)
-            + sum(1 + len(r.seqs) // 12 for r in self.rejections)
+            + (sum(1 + len(r.seqs) // 12 for r in self.rejections) if self.rejections else 0)
             + (1 + len(self.tasks) // 12 if self.tasks else 0)
         )
 
@@ -449,10 +464,15 @@ class Store:
         once instead of waiting up to `BUSY_TIMEOUT_MS` (for callers that must not block).
         """
         conn = self._conn
-        with translated(self.path):
+        # try/except rather than `with translated(...)`: a generator context manager per
+        # commit cost more than the one-row commit's own Python work.
+        try:
             if wait_for_lock is not self._waits_for_lock:
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS if wait_for_lock else 0}")
                 self._waits_for_lock = wait_for_lock
+            one = _one_direct_row(batch)
+            if one is not None:
+                return self._apply_one_row(one, batch, stored_at_ns)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 if batch.tasks:  # first: a task message in this batch marks its row assigned
@@ -464,14 +484,14 @@ class Store:
                     _mark_repeats(batch.incoming, results)
                 for d in batch.deliveries:
                     r = d.receipt
-                    conn.executemany(
-                        _RECORD_RECEIPT,
-                        [
-                            (d.peer, hi, lo, r.stored_at_ns, r.received_at_ns, d.arrived_at_ns,
-                             r.sync, r.hlc)
-                            for lo, hi in to_ranges(d.seqs)
-                        ],
-                    )
+                    ranges = to_ranges(d.seqs)
+                    shared = (r.stored_at_ns, r.received_at_ns, d.arrived_at_ns, r.sync, r.hlc)
+                    if len(ranges) == 1:  # the usual receipt: no executemany for one row
+                        (lo, hi), = ranges
+                        conn.execute(_RECORD_RECEIPT, (d.peer, hi, lo, *shared))
+                    else:
+                        conn.executemany(_RECORD_RECEIPT,
+                                         [(d.peer, hi, lo, *shared) for lo, hi in ranges])
                 for rej in batch.rejections:
                     conn.executemany(
                         _MARK_REJECTED, [(rej.reason, rej.peer, s) for s in rej.seqs]
@@ -481,7 +501,29 @@ class Store:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
+        except sqlite3.Error as exc:
+            raise translate(exc, self.path) from exc
         return results
+
+    def _apply_one_row(
+        self, m: Envelope, batch: WriteBatch, stored_at_ns: int
+    ) -> list[IncomingResult]:
+        """`apply` for a batch of one direct message and nothing else (every send's commit
+        on the receiver, a sender's commit with no receipt to record): one INSERT in
+        SQLite's autocommit mode is its own transaction, as durable as BEGIN IMMEDIATE ...
+        COMMIT, without those two statements (docs/benchmarks.md). One row, so either all of
+        it is committed or none: nothing that follows can find it half done."""
+        execute = self._conn.execute
+        values = _row_values((m,))
+        if batch.outgoing:
+            execute(_insert_sql("out", 1), [m.recipient, m.sender, m.recipient, stored_at_ns,
+                                            *values])
+            return []
+        before = self._conn.total_changes
+        execute(_insert_sql("in", 1), [m.sender, m.sender, m.recipient, stored_at_ns, *values])
+        if self._conn.total_changes - before == 1:
+            return [IncomingResult([m.seq], [])]
+        return [self._classify_incoming(batch.incoming[0], stored_at_ns)]
 
     def _insert(self, messages: Sequence[Envelope], direction: str, stored_at_ns: int) -> int:
         """Insert rows of one direction, a few multi-row statements per link; returns how
@@ -522,11 +564,16 @@ class Store:
         return conn.total_changes - before - derived
 
     def _insert_incoming(self, group: Sequence[Envelope], stored_at_ns: int) -> IncomingResult:
-        conn = self._conn
         if self._insert(group, "in", stored_at_ns) == len(group):
             return IncomingResult([m.seq for m in group], [])
-        # Some ids were there already: a retransmission (same content, receipt again) or a
-        # conflict (same id, other content: never overwrite, reject).
+        return self._classify_incoming(group, stored_at_ns)
+
+    def _classify_incoming(
+        self, group: Sequence[Envelope], stored_at_ns: int
+    ) -> IncomingResult:
+        """Some ids of `group` were there already: a retransmission (same content, receipt
+        again) or a conflict (same id, other content: never overwrite, reject)."""
+        conn = self._conn
         committed: list[int] = []
         conflicts: list[int] = []
         duplicates: list[int] = []

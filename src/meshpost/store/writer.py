@@ -20,7 +20,10 @@ callbacks. No task, event or asyncio future sits between a commit and its callba
 those would cost another trip round the event loop per commit. A delivery record is awaited
 by no one (its receipt was reported when it arrived), so it never makes `submit_now` commit
 early: it waits for the end of the loop iteration, after the wake-ups already queued, and a
-sender resuming there puts its next message into the same commit.
+sender resuming there puts its next message into the same commit (whose submit then needs no
+kick of its own). No submit is queued for nothing either: frames of a transport drain hold
+their adds (`hold_submits`) for the drain's `submit_now`, and `on_committed` runs after each
+commit's callbacks, so that what they started (the node's frames) leaves in the same turn.
 """
 
 from __future__ import annotations
@@ -100,12 +103,16 @@ class GroupCommitWriter:
         self, store: Store, clock: Clock, *, node: str,
         on_failure: Callable[[BaseException], None] | None = None,
         probe: probes.Probe | None = None,
+        on_committed: Callable[[], None] | None = None,
     ) -> None:
-        """`on_failure` is called once, on the loop, if the writer breaks (see the module)."""
+        """`on_failure` is called once, on the loop, if the writer breaks (see the module);
+        `on_committed` after the callbacks of each commit (what they started can go out
+        together, before the loop's next turn)."""
         self.store = store
         self._clock = clock
         self._node = node
         self._on_failure = on_failure
+        self._on_committed = on_committed
         self._probe = probe
         #: Why the writer broke; from then on every item fails with it.
         self.failure: BaseException | None = None
@@ -123,6 +130,8 @@ class GroupCommitWriter:
         self._kick_scheduled = False
         #: A submit of only non-urgent adds (delivery records) is queued on the loop.
         self._lazy_scheduled = False
+        #: Adds schedule no submit of their own until `submit_now()` (`hold_submits`).
+        self._holding = False
         #: `call()` jobs on the thread: the connection is not shared while one runs.
         self._thread_jobs = 0
         self._inline = store.sync in INLINE_SYNC_LEVELS
@@ -255,7 +264,11 @@ class GroupCommitWriter:
             return
         if urgent:
             self._kick_scheduled = True
-            self._loop.call_soon(self._submit_pending)
+            # A lazy submit already queued runs no later than a new one would (typically: a
+            # receipt's record, then the woken sender's next message): it serves as the kick,
+            # and the loop needs no extra turn for a submit that would find nothing to do.
+            if not self._lazy_scheduled and not self._holding:
+                self._loop.call_soon(self._submit_pending)
         elif not self._lazy_scheduled:
             self._lazy_scheduled = True
             self._loop.call_soon(self._submit_lazy)
@@ -264,9 +277,18 @@ class GroupCommitWriter:
         self._lazy_scheduled = False
         self._submit_pending()
 
+    def hold_submits(self) -> None:
+        """Until `submit_now()`, adds queue no submit of their own. For a caller that calls
+        `submit_now()` before the loop's next turn, whatever happens: the node, from a frame
+        of a transport drain to the drain's `on_drained` (a submit queued per received batch
+        only cost the receiver a loop turn that found nothing left to commit)."""
+        self._holding = True
+
     def submit_now(self) -> None:
         """Start committing the pending batch now rather than at the end of this loop
-        iteration (for callers that know no more adds are coming in it)."""
+        iteration (for callers that know no more adds are coming in it); ends
+        `hold_submits`."""
+        self._holding = False
         if self._kick_scheduled:
             self._submit_pending()
 
@@ -348,8 +370,16 @@ class GroupCommitWriter:
                     done()
             except Exception:
                 log.exception("[%s] store completion callback failed", self._node)
+        self._committed()
         if not self._busy and not self._batch:
             self._idle.set()
+
+    def _committed(self) -> None:
+        if self._on_committed is not None:
+            try:
+                self._on_committed()
+            except Exception:
+                log.exception("[%s] store commit callback failed", self._node)
 
     def _failed(
         self, batch: WriteBatch, callbacks: _Callbacks, delay: float, exc: BaseException
@@ -485,6 +515,7 @@ class GroupCommitWriter:
                     done()
             except Exception:
                 log.exception("[%s] store completion callback failed", self._node)
+        self._committed()
         if broken is not None:
             self._break(broken, callbacks[len(outcomes):])
         self._schedule()
@@ -556,11 +587,11 @@ class GroupCommitWriter:
                 results = self.store.apply(batch, stored_at, wait_for_lock=wait_for_lock)
             finally:
                 probe.mark(probes.COMMIT[1])
-        rows = (
-            len(batch.outgoing)
-            + sum(len(g) for g in batch.incoming)
-            + sum(len(d.seqs) for d in batch.deliveries)
-        )
+        rows = len(batch.outgoing)
+        if batch.incoming:
+            rows += sum(map(len, batch.incoming))
+        for d in batch.deliveries:
+            rows += len(d.seqs)
         self.commits += 1
         self.rows_committed += rows
         pages = batch.wal_pages(self.store.page_size)
@@ -570,9 +601,9 @@ class GroupCommitWriter:
         # catch-up is a wait that must not stall the loop.
         if wait_for_lock and self._wal_since_restart >= WAL_RESTART_PAGES:
             self._catch_up()
-        elif (
-            self._checkpoint is None or self._checkpoint.done()
-        ) and self._wal_pages >= CHECKPOINT_PAGES:
+        elif self._wal_pages >= CHECKPOINT_PAGES and (
+            self._checkpoint is None or self._checkpoint.done()  # a lock: only when due
+        ):
             self._wal_pages = 0
             self._checkpoint = self._checkpoint_executor.submit(self._run_checkpoint)
         return results, stored_at

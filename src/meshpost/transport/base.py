@@ -54,7 +54,9 @@ class Transport(Protocol):
         self, on_inbound: InboundHandler, on_peer_frame: PeerFrameHandler,
         on_drained: DrainedHandler | None = None,
     ) -> None:
-        """Deliver every frame from now on to the handlers, on the running event loop."""
+        """Deliver every frame from now on to the handlers, on the running event loop, and
+        call `on_drained` after every callback that handled frames, before the loop's next
+        turn (the node relies on it: what those frames added to its writer commits then)."""
         ...
 
     def send_to_peer(self, peer: str, payload: bytes) -> bool:

@@ -153,9 +153,11 @@ class MemoryTransport:
         if self._inbound_paused or self._on_inbound is None:
             self._held.append((identity, payload))
             return
-        self._on_inbound(identity, payload, None)
-        if self._on_drained is not None:
-            self._on_drained()
+        try:
+            self._on_inbound(identity, payload, None)
+        finally:  # as the real transport: on_drained follows even a handler that raised
+            if self._on_drained is not None:
+                self._on_drained()
 
     def _peer_frame(self, peer: str, payload: bytes) -> None:
         if self.closed or peer not in self.peers:
@@ -163,9 +165,11 @@ class MemoryTransport:
         if self._on_peer_frame is None:
             self._held_peer_frames.append((peer, payload))
             return
-        self._on_peer_frame(peer, payload)
-        if self._on_drained is not None:
-            self._on_drained()
+        try:
+            self._on_peer_frame(peer, payload)
+        finally:
+            if self._on_drained is not None:
+                self._on_drained()
 
     def __repr__(self) -> str:
         return f"MemoryTransport({self.name!r}, peers={sorted(self.peers)})"

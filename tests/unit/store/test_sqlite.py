@@ -361,6 +361,34 @@ def test_a_failed_batch_writes_nothing(store: Store) -> None:
     store.apply(WriteBatch(outgoing=[out(2)]), T)  # and the connection still works
 
 
+def test_a_one_row_batch_is_one_statement_with_the_same_outcomes(store: Store) -> None:
+    """Every send's commit on the receiver writes one row: it skips BEGIN/COMMIT (SQLite's
+    autocommit) and must still report duplicates and conflicts, and fail cleanly."""
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    [first] = store.apply(WriteBatch(incoming=[[incoming(1)]]), T)
+    [again] = store.apply(WriteBatch(incoming=[[incoming(1)]]), T + 10)
+    [forged] = store.apply(WriteBatch(incoming=[[incoming(1, body="forged")]]), T + 20)
+    assert store.apply(WriteBatch(outgoing=[out(1)]), T) == []
+    with pytest.raises(StoreError, match="UNIQUE"):
+        store.apply(WriteBatch(outgoing=[out(1, body="again")]), T)
+    store._conn.set_trace_callback(None)
+    assert not any(s.startswith(("BEGIN", "COMMIT")) for s in statements)
+    assert (first.committed, first.duplicates) == ([1], [])
+    assert (again.committed, again.duplicates, again.conflicts) == ([1], [1], [])
+    assert (forged.committed, forged.conflicts) == ([], [1])
+    assert not store._conn.in_transaction
+    assert store.execute_raw("SELECT direction, body, stored_at_ns FROM messages ORDER BY rowid"
+                             ) == [("in", "yo", T), ("out", "hi", T)]
+    # A receipt beside the row makes it two statements: one transaction again.
+    statements.clear()
+    store._conn.set_trace_callback(statements.append)
+    store.apply(WriteBatch(outgoing=[out(2)],
+                           deliveries=[Delivery("bob", [1], receipt(), T)]), T)
+    store._conn.set_trace_callback(None)
+    assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"
+
+
 def test_load_pending_returns_undelivered_rows_in_seq_order(store: Store) -> None:
     store.apply(WriteBatch(outgoing=[out(s) for s in (5, 1, 4, 2, 3, 6)] + [out(1, "carol")]), T)
     store.apply(WriteBatch(deliveries=[Delivery("bob", [2], receipt(), 1)]), T)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import meshpost.probes as probes
 from meshpost.clock import FakeClock
 from meshpost.errors import StoreLocked
 from meshpost.protocol import Envelope, ReceiptFrame
@@ -26,6 +27,7 @@ from meshpost.store import (
     WriteBatch,
 )
 from meshpost.store import writer as writer_module
+from meshpost.timeline import MarkRecorder
 
 T = 1_700_000_000_000_000_000
 #: Upper bound for any wait in these tests; reaching it means a bug, not a slow machine.
@@ -279,6 +281,72 @@ def test_small_batches_commit_on_the_loop_at_sync_normal(tmp_path: Path) -> None
             assert writer.inline_commits == 1
             assert writer.commits == 2
             assert len(rows(tmp_path)) == 2 + writer_module.INLINE_MAX_ROWS
+
+    run(scenario)
+
+
+def test_a_message_added_after_a_queued_receipt_record_shares_its_submit(
+    tmp_path: Path,
+) -> None:
+    """One-at-a-time sending: the receipt's record is queued (lazily), the woken sender adds
+    its next message; one submit commits both, with no second one queued for the loop."""
+    async def scenario() -> None:
+        marks: list[tuple[str, int]] = []
+        store = Store.open(tmp_path, name="alice", sync="normal")
+        writer = GroupCommitWriter(store, FakeClock(), node="alice", probe=MarkRecorder(marks))
+        task = asyncio.create_task(writer.run())
+        try:
+            await asyncio.sleep(0)
+            writer.add_outgoing([out(1)], lambda _at: None)
+            await writer.flush()
+            marks.clear()
+            receipt = ReceiptFrame([(1, 1)], T, T, T, T, T, "normal")
+            writer.add_delivery(Delivery("bob", [1], receipt, T), lambda: None)
+            writer.add_outgoing([out(2)], lambda _at: None)
+            await writer.flush()
+            for _ in range(3):
+                await asyncio.sleep(0)  # any submit still queued would run meanwhile
+            assert [label for label, _t in marks].count(probes.WRITER_SUBMITS) == 1
+            assert writer.commits == 2
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            writer.close()
+
+    run(scenario)
+
+
+def test_adds_held_for_submit_now_queue_no_submit_of_their_own(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        marks: list[tuple[str, int]] = []
+        store = Store.open(tmp_path, name="alice", sync="normal")
+        writer = GroupCommitWriter(store, FakeClock(), node="alice", probe=MarkRecorder(marks))
+        task = asyncio.create_task(writer.run())
+        try:
+            await asyncio.sleep(0)
+            done: list[int] = []
+            writer.hold_submits()
+            writer.add_incoming([incoming(1)], lambda _r, at: done.append(at))
+            writer.add_incoming([incoming(2)], lambda _r, at: done.append(at))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert done == []  # held: nothing submitted behind the caller's back
+            writer.submit_now()
+            assert done == [T, T]  # one inline commit, at once
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert [label for label, _t in marks].count(probes.WRITER_SUBMITS) == 1
+            assert writer.commits == 1
+            # Released: the next add submits by itself again.
+            writer.add_incoming([incoming(3)], lambda _r, at: done.append(at))
+            await writer.flush()
+            assert len(done) == 3
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            writer.close()
 
     run(scenario)
 

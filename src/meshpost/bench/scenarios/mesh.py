@@ -11,7 +11,6 @@ one. Shares its drivers and verification with it.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -20,14 +19,14 @@ from meshpost.bench.options import MESH_IN_FLIGHT, READY_TIMEOUT_S, STALL_S
 from meshpost.bench.results import ScenarioResult, percentiles, rounded
 from meshpost.bench.support import mesh_timers, verify_all
 from meshpost.cluster import LocalCluster
-from meshpost.config import NodeConfig
+from meshpost.config import DEFAULT_PEER_TIMEOUT_S
 from meshpost.verify import load_rows
 
 #: Seconds the idle mesh's CPU is measured by default with `--per-process`.
 IDLE_S = 20.0
 #: Seconds after the last message before the idle measurement: a link's recent window
 #: (`peer_timeout_s`, during which it still pings) and one more.
-QUIET_AFTER_S = {f.name: f.default for f in dataclasses.fields(NodeConfig)}["peer_timeout_s"] + 1.0
+QUIET_AFTER_S = DEFAULT_PEER_TIMEOUT_S + 1.0
 #: Start-up allowance per node of the whole mesh (hosts start theirs a few at a time, on
 #: two cores shared by every host).
 HOST_READY_S_PER_NODE = 0.2

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from rich.progress import TaskID
@@ -31,6 +31,9 @@ from meshpost.verify import VerifyReport
 if TYPE_CHECKING:
     from meshpost.bench.runner import Bench
     from meshpost.probes import Probe
+
+#: Concurrent senders of the loaded phase: enough that the writer is busy and groups commits.
+LOADED_SENDERS = 16
 
 
 def run(bench: Bench) -> ScenarioResult:
@@ -57,7 +60,11 @@ def run(bench: Bench) -> ScenarioResult:
         result.figures[f"meshpost_{sync}_us"] = rounded(p)
         # A send waits for the work of both processes in turn, so its latency is mostly
         # their CPU time: the steadier figure when the machine is noisy.
-        result.figures[f"cpu_us_per_send_{sync}"] = cpu_us
+        result.figures[f"cpu_us_per_send_{sync}"] = cpu_us["idle"]
+        # The same sends from LOADED_SENDERS at once: the writer is busy and groups them.
+        result.figures[f"cpu_us_per_send_{sync}_loaded"] = cpu_us["loaded"]
+        result.figures[f"commits_per_send_{sync}"] = {
+            k: cpu_us[f"commits_{k}"]["A"] for k in ("idle", "loaded")}
         result.figures[f"ratio_{sync}"] = {
             k: round(p[k] / raw_p[k], 2) for k in ("p50", "p90", "p99", "p99.9")
         }
@@ -75,6 +82,7 @@ def run(bench: Bench) -> ScenarioResult:
         }
         checks.append(f"{sync}: {report.summary()}")
     result.figures["messages"] = m
+    result.figures["loaded_senders"] = LOADED_SENDERS
     result.figures["size"] = bench.o.size
     result.verify = "verified: " + " / ".join(checks)
     return result
@@ -120,10 +128,11 @@ def _raw_pingpong(bench: Bench, m: int) -> tuple[list[float], list[float]]:
 
 
 def _two_commits(bench: Bench, sends: int, sync: str) -> list[float]:
-    """µs per send for the commits it waits for, one row each and back to back: the
-    sender's row (store A), then the receiver's row (store B). The delivery mark is off the
-    path (it rides on A's next commit) and is committed here untimed, so that store A holds
-    what it would."""
+    """µs per send for the commits it waits for, back to back: the sender's (store A: its
+    message, with the record of the previous send's receipt, which rides on this commit in a
+    one-at-a-time loop), then the receiver's row (store B). Until 2026-12-06 the record was
+    committed apart and untimed, so A's commit here was a lone row: cheaper than the one on
+    the path once a lone row needed no BEGIN/COMMIT."""
     task = bench.task(f"pair-latency {sync}: the two commits alone", sends)
     root = bench.root / f"commit-floor-{sync}"
     a = Store.open(root / "A", name="A", sync=sync)
@@ -131,18 +140,20 @@ def _two_commits(bench: Bench, sends: int, sync: str) -> list[float]:
     samples: list[float] = []
     try:
         clock, wall = time.perf_counter_ns, time.time_ns
+        record: list[Delivery] = []
         for seq in range(1, sends + LATENCY_WARMUP + 1):
             now = wall()
             message = Envelope(f"{now:x}-{seq}", seq, "A", "B", bench.body, now, now)
-            receipt = ReceiptFrame([(seq, seq)], now, now, now, now, now, sync)
             t = clock()
-            a.apply(WriteBatch(outgoing=[message]), wall())
+            a.apply(WriteBatch(outgoing=[message], deliveries=record), wall())
             b.apply(WriteBatch(incoming=[[message]]), wall())
             if seq > LATENCY_WARMUP:
                 samples.append((clock() - t) / 1000)
-            a.apply(WriteBatch(deliveries=[Delivery("B", [seq], receipt, wall())]), wall())
+            receipt = ReceiptFrame([(seq, seq)], now, now, now, now, now, sync)
+            record = [Delivery("B", [seq], receipt, wall())]
             if seq % 200 == 0:
                 bench.progress.update(task, completed=max(0, seq - LATENCY_WARMUP))
+        a.apply(WriteBatch(deliveries=record), wall())
     finally:
         a.close()
         b.close()
@@ -152,38 +163,87 @@ def _two_commits(bench: Bench, sends: int, sync: str) -> list[float]:
 
 
 def _meshpost_latency(bench: Bench, m: int, sync: str
-) -> tuple[list[float], dict[str, float], VerifyReport]:
+) -> tuple[list[float], dict[str, Any], VerifyReport]:
+    """Latency samples of `m` sends one at a time, then CPU per send (both processes) of
+    those and of `m` more from LOADED_SENDERS senders at once, with A's commits per send."""
     cluster = bench.cluster(f"pair-latency-{sync}", 2, sync, bench.window_option())
-    task = bench.task(f"pair-latency {sync}: meshpost send→receipt", m)
+    task = bench.task(f"pair-latency {sync}: meshpost send→receipt", 2 * m)
     samples: list[float] = []
+    loaded_sends = m // LOADED_SENDERS * LOADED_SENDERS
     try:
         cluster.start(["B"])
         cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
         cpu = CpuMeter({"A": time.process_time, "B": cluster.process("B").cpu_seconds})
-        cpu_us: dict[str, float] = {}
+        cpu_us: dict[str, Any] = {}
+        commits = _Commits()
+
+        def started() -> None:
+            cpu.start()
+            commits.start()
+
+        def idle_done() -> None:
+            cpu_us["idle"] = cpu.us_per_message(m)
+            cpu_us["commits_idle"] = commits.per_send(m)
+
+        async def loaded(node: Node) -> None:
+            commits.node = node
+            started()
+
+            async def sender() -> None:
+                for _ in range(loaded_sends // LOADED_SENDERS):
+                    await node.send("B", bench.body, timeout_s=30)
+
+            await asyncio.gather(*(sender() for _ in range(LOADED_SENDERS)))
+            cpu_us["loaded"] = cpu.us_per_message(loaded_sends)
+            cpu_us["commits_loaded"] = commits.per_send(loaded_sends)
+            bench.progress.update(task, completed=2 * m)
+
         send_one_at_a_time(
-            bench, cfg, m, task, started=cpu.start,
+            bench, cfg, m, task, started=started,
             sent=lambda begin, end: samples.append((end - begin) / 1000),
-            finished=lambda: cpu_us.update(cpu.us_per_message(m)),
+            finished=idle_done, then=loaded, on_node=commits.watch,
         )
     finally:
         cluster.stop()
     report = verify_all({"A": cluster.data_dir("A"), "B": cluster.data_dir("B")},
-                         expect_sent=m + LATENCY_WARMUP)
+                         expect_sent=m + loaded_sends + LATENCY_WARMUP)
     return samples, cpu_us, report
+
+
+class _Commits:
+    """A's store commits per send over a phase (1.00: one commit a send; below: grouped)."""
+
+    def __init__(self) -> None:
+        self.node: Node | None = None
+        self._start = 0
+
+    def watch(self, node: Node) -> None:
+        self.node = node
+
+    def start(self) -> None:
+        self._start = self._count()
+
+    def per_send(self, sends: int) -> dict[str, float]:
+        return {"A": round((self._count() - self._start) / max(1, sends), 3)}
+
+    def _count(self) -> int:
+        return self.node.snapshot_stats().store_commits if self.node is not None else 0
 
 
 def send_one_at_a_time(
     bench: Bench, cfg: NodeConfig, count: int, task: TaskID, *, started: Callable[[], None],
     sent: Callable[[int, int], None], finished: Callable[[], None] | None = None,
-    probe: Probe | None = None,
+    probe: Probe | None = None, then: Callable[[Node], Awaitable[None]] | None = None,
+    on_node: Callable[[Node], None] | None = None,
 ) -> None:
     """Node A (`cfg`, in this process) sends to B one message at a time, each waiting for
     its receipt: after a warm-up `started()`, then `sent(begin_ns, end_ns)` per send
-    (perf_counter_ns), and `finished()` before the node closes."""
+    (perf_counter_ns), `finished()`, and `then(node)` before the node closes."""
 
     async def run() -> None:
         async with Node(cfg, probe=probe) as a:
+            if on_node is not None:
+                on_node(a)
             await wait_connected_or_fail(a)
             for _ in range(LATENCY_WARMUP):
                 await a.send("B", bench.body, timeout_s=30)
@@ -198,6 +258,8 @@ def send_one_at_a_time(
             if finished is not None:
                 finished()
             bench.progress.update(task, completed=count)
+            if then is not None:
+                await then(a)
 
     run_async(run(), bench.o.use_uvloop)
 
