@@ -33,6 +33,7 @@ from meshpost.control import (
 )
 from meshpost.errors import ControlUnavailable, NodeStopped
 from meshpost.node import (
+    BroadcastProgress,
     MessageReceived,
     NodeEvent,
     NodeStats,
@@ -54,6 +55,25 @@ EVENTS_WAIT_S = 1.0
 REQUEST_TIMEOUT_S = 10.0
 
 ConsoleEvent = NodeEvent | NodeGone | EventsDropped
+
+
+def console_events(reply: EventsReply, name: str) -> list[ConsoleEvent]:
+    """The events of one `events` reply as the console shows a local node's (`name`: the
+    node's), in the order the console prints them; deliveries settle this console's own
+    sends instead (`RemoteNode` matches them to its handles)."""
+    events: list[ConsoleEvent] = []
+    if reply.dropped:
+        events.append(EventsDropped(reply.dropped))
+    for m in reply.incoming:
+        envelope = Envelope(m.id, 0, m.sender, name, m.body, m.sent_at_ns, m.hlc)
+        events.append(MessageReceived(envelope, m.stored_at_ns))
+    for change in reply.peer_changes:
+        events.append(PeerChanged.from_detail(change.peer, change.connected, change.detail))
+    for refused in reply.refused:
+        events.append(PeerRefused(refused.who, refused.code, refused.detail))
+    for progress in reply.broadcasts:
+        events.append(BroadcastProgress(progress.status))
+    return events
 
 
 class RemoteNode:
@@ -155,16 +175,8 @@ class RemoteNode:
             except ControlUnavailable:
                 await asyncio.sleep(STATUS_REFRESH_S)
                 continue
-            if reply.dropped:
-                self._publish(EventsDropped(reply.dropped))
-            for m in reply.incoming:
-                envelope = Envelope(m.id, 0, m.sender, self.name, m.body, m.sent_at_ns, m.hlc)
-                self._publish(MessageReceived(envelope, m.stored_at_ns))
-            for change in reply.peer_changes:
-                self._publish(PeerChanged.from_detail(change.peer, change.connected,
-                                                      change.detail))
-            for refused in reply.refused:
-                self._publish(PeerRefused(refused.who, refused.code, refused.detail))
+            for event in console_events(reply, self.name):
+                self._publish(event)
             for d in reply.deliveries:
                 for seq in d.seqs:
                     handle = self._handles.pop((d.peer, seq), None)

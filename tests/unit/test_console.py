@@ -934,6 +934,25 @@ def test_history_of_a_group_shows_its_messages_ours_once_with_k_of_n(
     drive(node, scenario)
 
 
+def test_an_attached_console_prints_an_earlier_broadcasts_k_of_n(node: FakeNode) -> None:
+    """What `RemoteNode` makes of an `events` reply carrying a broadcast's progress prints as
+    the local console prints the node's own event."""
+    from meshpost.control import BroadcastProgressInfo, EventsReply
+    from meshpost.remote import console_events
+
+    status = BroadcastStatus("0123456789abcdef", "team", 3, ("B",), ("C",), (("D", "full"),))
+    reply = EventsReply(broadcasts=[BroadcastProgressInfo(status)])
+
+    async def scenario(d: Driver) -> None:
+        for event in console_events(reply, "A"):
+            node.publish(event)  # type: ignore[arg-type]
+        line = await d.printed("earlier message to team")
+        assert "delivered 1/3" in line, line
+        d.type("/quit\n")
+
+    drive(node, scenario)
+
+
 def test_a_broadcast_from_before_a_restart_prints_its_k_of_n(node: FakeNode) -> None:
     async def scenario(d: Driver) -> None:
         node.publish(BroadcastProgress(BroadcastStatus("0123456789abcdef", "team", 2,

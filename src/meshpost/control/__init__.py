@@ -8,6 +8,7 @@ from meshpost.control.client import AsyncControlClient, ControlClient, process_a
 from meshpost.control.messages import (
     ENDPOINT_FILE,
     AnswerReply,
+    BroadcastProgressInfo,
     BroadcastReply,
     BroadcastRequest,
     BroadcastStatusRequest,
@@ -54,6 +55,7 @@ __all__ = [
     "SUBSCRIBER_IDLE_S",
     "AnswerReply",
     "AsyncControlClient",
+    "BroadcastProgressInfo",
     "BroadcastReply",
     "BroadcastRequest",
     "BroadcastStatusRequest",

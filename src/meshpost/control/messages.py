@@ -159,6 +159,12 @@ class DeliveryInfo(msgspec.Struct, frozen=True):
     delivered_at_ns: int
 
 
+class BroadcastProgressInfo(msgspec.Struct, frozen=True):
+    """A broadcast posted before the node restarted moved on (a receipt or a rejection)."""
+
+    status: BroadcastStatus
+
+
 class _Reply(msgspec.Struct, frozen=True, kw_only=True):
     #: The id of the request this answers.
     id: int = 0
@@ -183,6 +189,8 @@ class EventsReply(_Reply, tag="events", frozen=True):
     peer_changes: list[PeerChangeInfo] = []
     deliveries: list[DeliveryInfo] = []
     refused: list[RefusedInfo] = []
+    #: k/n of broadcasts posted before the node restarted (live ones report to their sender).
+    broadcasts: list[BroadcastProgressInfo] = []
     #: Events this subscriber lost since its last poll (too slow, or over the memory bound).
     dropped: int = 0
 

@@ -27,6 +27,7 @@ import zmq
 from meshpost.control.messages import (
     ENDPOINT_FILE,
     AnswerReply,
+    BroadcastProgressInfo,
     BroadcastReply,
     BroadcastRequest,
     BroadcastStatusRequest,
@@ -70,6 +71,7 @@ from meshpost.errors import (
 )
 from meshpost.node import (
     BroadcastHandle,
+    BroadcastProgress,
     DeliveryRecorded,
     MessageReceived,
     Node,
@@ -105,7 +107,7 @@ _NOBLOCK, _POLLIN = int(zmq.NOBLOCK), int(zmq.POLLIN)
 #: A reply waits this long (attempts x retry) for room in its client's queue, then is dropped.
 SEND_ATTEMPTS, SEND_RETRY_S = 100, 0.05
 
-Event = IncomingInfo | PeerChangeInfo | DeliveryInfo | RefusedInfo
+Event = IncomingInfo | PeerChangeInfo | DeliveryInfo | RefusedInfo | BroadcastProgressInfo
 
 
 def control_endpoint_for(data_dir: Path) -> str:
@@ -166,6 +168,11 @@ def _size(event: Event) -> int:
         return EVENT_OVERHEAD_BYTES + 8 * len(event.seqs)
     if isinstance(event, RefusedInfo):
         return EVENT_OVERHEAD_BYTES + len(event.who) + len(event.detail)
+    if isinstance(event, BroadcastProgressInfo):
+        status = event.status
+        return EVENT_OVERHEAD_BYTES + len(status.logical_id) + len(status.target) + sum(
+            len(m) for m in (*status.delivered, *status.pending)) + sum(
+            len(m) + len(reason) for m, reason in status.rejected)
     return EVENT_OVERHEAD_BYTES + len(event.detail)
 
 
@@ -179,6 +186,8 @@ def _info(event: NodeEvent) -> Event | None:
             return DeliveryInfo(peer, list(seqs), at)
         case PeerRefused(who=who, code=code, detail=detail):
             return RefusedInfo(who, code, detail)
+        case BroadcastProgress(status=status):
+            return BroadcastProgressInfo(status)
     return None  # a kind of event the control protocol does not carry (yet)
 
 
@@ -575,6 +584,7 @@ class ControlServer:
             peer_changes=[e for e in events if isinstance(e, PeerChangeInfo)],
             deliveries=[e for e in events if isinstance(e, DeliveryInfo)],
             refused=[e for e in events if isinstance(e, RefusedInfo)],
+            broadcasts=[e for e in events if isinstance(e, BroadcastProgressInfo)],
             dropped=dropped,
         )
 

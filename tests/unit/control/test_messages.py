@@ -6,6 +6,7 @@ import msgspec
 import pytest
 
 from meshpost.control.messages import (
+    BroadcastProgressInfo,
     BroadcastReply,
     BroadcastRequest,
     BroadcastStatusRequest,
@@ -62,6 +63,25 @@ def test_every_reply_round_trips_with_its_id(reply: object) -> None:
     assert reply_decoder.decode(encoder.encode(reply)) == reply
 
 
+def test_an_earlier_broadcasts_progress_is_an_event_an_attached_console_receives() -> None:
+    """The node's `BroadcastProgress` (k/n of a broadcast posted before it restarted) goes
+    out on the `events` stream as a typed record and comes back as the same event."""
+    from meshpost.control.server import _info
+    from meshpost.node import BroadcastProgress
+    from meshpost.remote import console_events
+
+    status = BroadcastStatus("lid", "team", 3, ("B",), ("C",), (("D", "no"),))
+    info = _info(BroadcastProgress(status))
+    assert info == BroadcastProgressInfo(status)
+    reply = EventsReply(broadcasts=[info], id=5)
+    wire = encoder.encode(reply)
+    assert reply_decoder.decode(wire) == reply
+    assert msgspec.msgpack.decode(wire)["broadcasts"] == [{
+        "status": {"logical_id": "lid", "target": "team", "total": 3, "delivered": ["B"],
+                   "pending": ["C"], "rejected": [["D", "no"]]}}]
+    assert console_events(reply_decoder.decode(wire), "A") == [BroadcastProgress(status)]
+
+
 def test_a_request_of_unknown_type_or_shape_fails_to_decode() -> None:
     with pytest.raises(msgspec.ValidationError):
         request_decoder.decode(encoder.encode({"type": "reboot", "id": 1}))
@@ -95,3 +115,10 @@ def test_protocol_md_lists_every_request_and_reply_type() -> None:
         for record in typing.get_args(union):
             tag = record.__struct_config__.tag
             assert f'| `"{tag}"` |' in table, f"{tag!r} is not in docs/protocol.md's table"
+    # Every kind of event the `events` reply carries, and its record's fields.
+    events_row = next(line for line in replies.splitlines() if line.startswith('| `"events"`'))
+    for field, info in EventsReply.__annotations__.items():
+        if field != "dropped":
+            assert f"`{field}`" in events_row, f"events field {field!r} is not documented"
+            record = info.removeprefix("list[").removesuffix("]")
+            assert f"| `{record}` |" in replies, f"{record} is not in docs/protocol.md's table"
