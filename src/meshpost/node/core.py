@@ -1559,6 +1559,8 @@ class Node:
         self._delivered_changed.set()
         if self._groups.restored_copies:  # copies of broadcasts posted before a restart
             self._groups.copies_settled(peer, delivery.seqs)
+        if self._queues.dispatchers:  # task messages posted before a restart start leases
+            self._queues.receipted(peer, delivery.seqs)
         if self._subscribers:
             self._publish(DeliveryRecorded(peer, delivery.seqs, delivery.receipt.stored_at_ns))
 

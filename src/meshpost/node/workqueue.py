@@ -180,6 +180,14 @@ class WorkQueues:
             log.info("[%s] queue %s: %d unfinished task(s) restored", self._node.name, queue,
                      len(records))
 
+    def receipted(self, peer: str, seqs: Sequence[int]) -> None:
+        """`peer` receipted `seqs`: a task message posted before a restart (no one awaits its
+        receipt here) starts its lease now."""
+        now = self._node.clock.monotonic()
+        started = [d.receipted(peer, seqs, now) for d in self.dispatchers.values()]
+        if any(started):
+            self.wakeup.set()
+
     def _dispatcher(self, queue: str, lease_s: float) -> WorkQueueDispatcher:
         dispatcher = self.dispatchers.get(queue)
         if dispatcher is None:

@@ -96,6 +96,9 @@ class TaskRecord(msgspec.Struct, frozen=True):
     worker: str | None = None
     #: Assigned, and its worker receipted the task message (restore: the lease runs).
     delivered: bool = False
+    #: Assigned, not receipted: the task message's seq on its worker's link (restore: its
+    #: receipt, `receipted`, starts the lease, as for a fresh dispatch).
+    seq: int | None = None
 
 
 class WorkerStatus(msgspec.Struct, frozen=True):
@@ -145,6 +148,8 @@ class _Task:
     lease_deadline: float | None = None
     #: The current assignee receipted it: the lease runs from its receipt.
     leased: bool = False
+    #: Restored assigned and not receipted: its task message's seq on the worker's link.
+    restored_seq: int | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -193,6 +198,8 @@ class WorkQueueDispatcher:
         #: (deadline, task_id); an entry is stale unless the task is still assigned with
         #: that deadline (removal from a heap is lazy).
         self._leases: list[tuple[float, str]] = []
+        #: (worker, seq) of task messages posted before a restart, not receipted then.
+        self._restored: dict[tuple[str, int], str] = {}
         self._ticks = itertools.count(1)
         self._orders = itertools.count()
         self._actions: list[Action] = []
@@ -236,6 +243,23 @@ class WorkQueueDispatcher:
         task.lease_deadline = now + self.lease_s
         task.leased = True
         heapq.heappush(self._leases, (task.lease_deadline, task_id))
+
+    def receipted(self, worker: str, seqs: Iterable[int], now: float) -> bool:
+        """`worker` receipted the messages `seqs` of its link. Those that are task messages
+        posted before a restart (`restore`: nobody awaits their receipt) start their task's
+        lease now, as `delivered` does for a fresh dispatch; other seqs are ignored. True when
+        a lease started."""
+        if not self._restored:
+            return False
+        started = False
+        for seq in seqs:
+            task_id = self._restored.pop((worker, seq), None)
+            task = self._tasks.get(task_id) if task_id is not None else None
+            if task is not None and task.restored_seq == seq:
+                task.restored_seq = None
+                self.delivered(task.task_id, worker, now)
+                started = True
+        return started
 
     def rejected(self, task_id: str, worker: str, now: float) -> None:
         """The worker's node rejected the task message (invalid, too large): it will never
@@ -353,7 +377,10 @@ class WorkQueueDispatcher:
         """A dispatcher after a restart, from the store's task rows.
 
         Assigned tasks stay with their worker (their task messages are still in that link's
-        outbox and are resent) under a fresh lease from `now`; the worker counts as known but
+        outbox and are resent) under a fresh lease from `now`; one whose message was not
+        receipted yet (a `seq` given) is leased again from its receipt (`receipted`), as a
+        fresh dispatch is, so time in the outbox across the restart is not the worker's. The
+        worker counts as known but
         not live until `worker_up`, so if it never comes back its tasks go elsewhere when
         its lease expires. Queued tasks wait in the order given."""
         dispatcher = cls(queue, lease_s=lease_s, max_inflight=max_inflight,
@@ -374,6 +401,9 @@ class WorkQueueDispatcher:
                 task.lease_deadline = now + lease_s
                 task.leased = record.delivered
                 heapq.heappush(dispatcher._leases, (task.lease_deadline, task.task_id))
+                if not record.delivered and record.seq is not None:
+                    task.restored_seq = record.seq
+                    dispatcher._restored[(task.worker, record.seq)] = task.task_id
         return dispatcher
 
     # -- internals -------------------------------------------------------------------------
@@ -385,6 +415,9 @@ class WorkQueueDispatcher:
             worker.inflight.discard(task.task_id)
         task.lease_deadline = None
         task.leased = False
+        if task.restored_seq is not None:
+            self._restored.pop((task.worker, task.restored_seq), None)
+            task.restored_seq = None
 
     def _requeue(self, task: _Task, worker: str, reason: RedeliveryReason) -> None:
         if self.max_attempts is not None and task.attempts >= self.max_attempts:

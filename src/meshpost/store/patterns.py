@@ -202,7 +202,8 @@ class PatternTables:
     def unfinished_tasks(self) -> dict[str, tuple[float | None, list[TaskRecord]]]:
         """Per queue, the lease its tasks went out with (None: none went out) and every
         task not finished, in submission order, with whether the current assignee
-        receipted its task message: what `WorkQueueDispatcher.restore` takes."""
+        receipted its task message (if not, the message's seq): what
+        `WorkQueueDispatcher.restore` takes."""
         with translated(self.path):
             rows = self._conn.execute(
                 "SELECT task_id, queue, body, sink, state, attempts, worker FROM tasks"
@@ -211,21 +212,24 @@ class PatternTables:
             queues: dict[str, tuple[float | None, list[TaskRecord]]] = {}
             for task_id, queue, body, sink, state, attempts, worker in rows:
                 lease, records = queues.setdefault(str(queue), (None, []))
-                delivered = False
+                delivered, seq = False, None
                 if state == "assigned":
-                    # The task message of this attempt: its lease, and whether it arrived.
-                    for blob, msg_state in self._conn.execute(
-                            "SELECT header, state FROM message_rows WHERE ref = ? AND"
+                    # The task message of this attempt: its lease, whether it arrived, and
+                    # its seq (the receipt that starts its lease after the restart).
+                    for blob, msg_state, msg_seq in self._conn.execute(
+                            "SELECT header, state, seq FROM message_rows WHERE ref = ? AND"
                             " kind = 'task' AND direction = 'out' AND peer = ?",
                             (task_id, worker)):
                         header = header_decode(blob)
                         if header.attempt == attempts:
                             delivered = msg_state == "delivered"
+                            seq = None if delivered else int(msg_seq)
                             lease = max(lease or 0.0, header.lease_ms / 1000)
                     queues[str(queue)] = (lease, records)
                 records.append(TaskRecord(str(task_id), str(body), str(sink),
                                           TaskState(state), int(attempts),
-                                          None if worker is None else str(worker), delivered))
+                                          None if worker is None else str(worker), delivered,
+                                          seq))
         return queues
 
     def queue_counts(self) -> dict[str, QueueCounts]:

@@ -221,6 +221,43 @@ def test_restore_keeps_assignments_under_a_fresh_lease_and_waits_for_workers() -
         ("t0", TaskState.ASSIGNED, "W2"), ("t1", TaskState.ASSIGNED, "W2")]
 
 
+def test_a_restored_task_not_yet_receipted_is_leased_from_its_receipt() -> None:
+    """After a restart, a task message still in the outbox reaches its worker later: its
+    lease runs from that receipt, as for a fresh dispatch, not from the restart. A receipted
+    one keeps its lease from the restart; a seq that is no restored task's changes nothing."""
+    records = [
+        TaskRecord("t0", "a", "C", TaskState.ASSIGNED, 1, "W1", seq=7),
+        TaskRecord("t1", "b", "C", TaskState.ASSIGNED, 1, "W1", delivered=True),
+    ]
+    d = WorkQueueDispatcher.restore("upper", records, 100.0, lease_s=LEASE_S)
+    d.worker_up("W1", 100.0)
+    assert d.leased() == 1
+    assert not d.receipted("W1", [3], 104.0) and not d.receipted("W2", [7], 104.0)
+    assert d.receipted("W1", [6, 7], 108.0)  # the outbox reached W1 eight seconds late
+    assert d.leased() == 2
+    d.on_timer(100.0 + LEASE_S)
+    assert [(a.task_id, a.reason) for a in d.actions() if isinstance(a, TaskRedelivered)] == [
+        ("t1", RedeliveryReason.LEASE_EXPIRED)]
+    assert d.state_of("t0") is TaskState.ASSIGNED and d.next_timer() == 108.0 + LEASE_S
+    assert not d.receipted("W1", [7], 109.0)  # a receipt counts once
+    d.on_timer(108.0 + LEASE_S)
+    assert [a.task_id for a in d.actions() if isinstance(a, TaskRedelivered)] == ["t0"]
+
+
+def test_a_restored_tasks_receipt_after_it_moved_on_starts_no_lease() -> None:
+    """The worker was lost before its old task message's receipt came: the task went to
+    another worker, and that late receipt does not lease the new attempt."""
+    records = [TaskRecord("t0", "a", "C", TaskState.ASSIGNED, 1, "W1", seq=7)]
+    d = WorkQueueDispatcher.restore("upper", records, 100.0, lease_s=LEASE_S)
+    d.worker_up("W1", 100.0)
+    d.worker_up("W2", 100.0)
+    d.worker_lost("W1", 101.0)
+    assert dispatched(d.actions()) == [("t0", "W2", 2)]
+    d.worker_up("W1", 102.0)
+    assert not d.receipted("W1", [7], 103.0)
+    assert d.leased() == 0
+
+
 def test_misuse_raises() -> None:
     with pytest.raises(ValueError, match="lease_s"):
         WorkQueueDispatcher("q", lease_s=0)
