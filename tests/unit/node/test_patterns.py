@@ -341,6 +341,57 @@ def test_a_ventilator_restarted_goes_on_with_its_unfinished_tasks_only(tmp_path:
     run(scenario)
 
 
+def test_a_restored_task_message_delivered_late_is_leased_from_its_receipt(
+    tmp_path: Path,
+) -> None:
+    """A task message that had not reached its worker when the ventilator stopped is sent
+    again after the restart: its lease runs from the worker's receipt, not from the restart
+    (time in the outbox is not the worker's)."""
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a_config, b_config = config("A", "B", tmp_path), config("B", "A", tmp_path)
+        gate = asyncio.Event()
+
+        async def stall(body: str) -> str:
+            await gate.wait()  # never set: only the lease would take the task back
+            return body
+
+        a = Node(a_config, clock=clock, transport=net.transport("A"))
+        b = Node(b_config, clock=clock, transport=net.transport("B"))
+        async with a, b:
+            await until(lambda: connected(a) and connected(b))
+            await b.serve_queue("work", stall)
+            await until(lambda: a.queue_workers("work") == ["B"])
+            net.partition("A", "B")  # the task message stays in A's outbox
+            await a.submit("work", ["slow"], sink="A", lease_s=2.0)
+            [status] = await a.queue_status("work")
+            assert (status.in_flight, status.leased) == (1, 0)
+        net.heal("A", "B")
+        a = Node(a_config, clock=clock, transport=net.transport("A"))
+        b = Node(b_config, clock=clock, transport=net.transport("B"))
+        async with a:
+            clock.advance(1.5)  # most of the lease goes by before B is back
+            async with b:
+                await b.serve_queue("work", stall)
+                await until(lambda: connected(a) and connected(b))
+                await until(lambda: any(r.kind == "task" for r in b_history(b)))
+
+                async def leased() -> int:
+                    [status] = await a.queue_status("work")
+                    return status.leased
+
+                deadline = asyncio.get_running_loop().time() + PATIENCE_S
+                while await leased() != 1:
+                    assert asyncio.get_running_loop().time() < deadline, "never leased"
+                    await asyncio.sleep(0.01)
+                received_at = clock.monotonic()
+                # The lease runs 2 s from the receipt (not 0.5 s more from the restart).
+                assert a._queues.dispatchers["work"].next_timer() == received_at + 2.0
+                assert a.completed_tasks == []
+
+    run(scenario)
+
+
 def test_a_broadcast_sent_before_a_restart_counts_on_from_the_store(tmp_path: Path) -> None:
     """Issue 18: k/n after the sender restarts comes from its copies and receipts: the handle
     (`broadcast_handle`) and the console's event follow the receipt that comes later."""
