@@ -40,6 +40,32 @@ def meshpost(*args: str, timeout_s: float = PATIENCE_S) -> subprocess.CompletedP
                           text=True, timeout=timeout_s, check=False)
 
 
+def _start_work_queue(cluster: LocalCluster, logs: Path) -> None:
+    """Seed 002's shape: V and S as plain nodes, W1 and W2 serving queue `work` with the slow
+    upper-case handler (so tasks are in hand when a fault comes)."""
+    cluster.start(["V", "S"])
+    for worker in ("W1", "W2"):
+        node = NodeProcess(worker, cluster.config_path, cluster.data_dir(worker),
+                           logs / f"{worker}.log",
+                           extra_args=("--worker", "work=meshpost.pipeline:slow_upper"))
+        cluster.nodes[worker] = node.start()
+        node.wait_ready()
+
+
+def _submit(cluster: LocalCluster, bodies: list[str], *, lease_s: float) -> dict[str, str]:
+    """Submit `bodies` to queue `work` at V with sink S; the expected result of each task id."""
+    with ControlClient(cluster.data_dir("V"), name="V") as client:
+        reply = checked(client.request(
+            SubmitRequest(queue="work", sink="S", bodies=bodies, lease_s=lease_s),
+            timeout_s=60))
+    return {t: b.upper() for t, b in zip(reply.task_ids, bodies, strict=True)}
+
+
+def _kept(cluster: LocalCluster) -> list[tuple[str, str, str, str]]:
+    with StoreReader.for_data_dir(cluster.data_dir("S")) as reader:
+        return reader.task_results()
+
+
 def test_echo_request_reply_across_a_crash_of_the_replier(short_tmp: Path) -> None:
     cluster = LocalCluster.create(short_tmp, 2, transport="ipc", options=FAST)
     a_dir, b_dir = cluster.data_dir("A"), cluster.data_dir("B")
@@ -106,32 +132,20 @@ def test_a_stalled_worker_sigstop_loses_no_task_and_doubles_no_result(short_tmp:
     tasks = 120
     w1: NodeProcess | None = None
     try:
-        cluster.start(["V", "S"])
-        for worker in ("W1", "W2"):
-            node = NodeProcess(worker, cluster.config_path, cluster.data_dir(worker),
-                               short_tmp / "logs" / f"{worker}.log",
-                               extra_args=("--worker", "work=meshpost.pipeline:slow_upper"))
-            cluster.nodes[worker] = node.start()
-            node.wait_ready()
+        _start_work_queue(cluster, short_tmp / "logs")
         w1 = cluster.nodes["W1"]
         bodies = [f"stall {i}" for i in range(tasks)]
-        with ControlClient(cluster.data_dir("V"), name="V") as client:
-            reply = checked(client.request(
-                SubmitRequest(queue="work", sink="S", bodies=bodies, lease_s=5.0),
-                timeout_s=60))
-        expected = {t: b.upper() for t, b in zip(reply.task_ids, bodies, strict=True)}
+        expected = _submit(cluster, bodies, lease_s=5.0)
 
-        def kept() -> list[tuple[str, str, str, str]]:
-            with StoreReader.for_data_dir(cluster.data_dir("S")) as reader:
-                return reader.task_results()
-
-        wait_until(lambda: len(kept()) >= tasks // 4, PATIENCE_S, "a quarter of the results")
+        wait_until(lambda: len(_kept(cluster)) >= tasks // 4, PATIENCE_S,
+                   "a quarter of the results")
         os.kill(w1.pid, signal.SIGSTOP)  # stalled with tasks in hand (16 at a time)
-        stopped_at = len(kept())
+        stopped_at = len(_kept(cluster))
         assert stopped_at < tasks
         # W1 is lost after peer_timeout_s (or its leases expire): W2 gets its tasks.
-        wait_until(lambda: len(kept()) >= tasks, PATIENCE_S, "every result while W1 stalls")
-        results = kept()
+        wait_until(lambda: len(_kept(cluster)) >= tasks, PATIENCE_S,
+                   "every result while W1 stalls")
+        results = _kept(cluster)
         # The ventilator completes each task when W2's `done` (sent after S's receipt of
         # the result) reaches it.
         wait_until(lambda: task_states(cluster.data_dir("V"))[0] == ["done"], PATIENCE_S,
@@ -163,30 +177,18 @@ def test_a_ventilator_killed_mid_run_goes_on_after_restart_and_every_task_has_on
                                   options=FAST)
     tasks = 150
     try:
-        cluster.start(["V", "S"])
-        for worker in ("W1", "W2"):
-            node = NodeProcess(worker, cluster.config_path, cluster.data_dir(worker),
-                               short_tmp / "logs" / f"{worker}.log",
-                               extra_args=("--worker", "work=meshpost.pipeline:slow_upper"))
-            cluster.nodes[worker] = node.start()
-            node.wait_ready()
+        _start_work_queue(cluster, short_tmp / "logs")
         bodies = [f"task {i}" for i in range(tasks)]
-        with ControlClient(cluster.data_dir("V"), name="V") as client:
-            reply = checked(client.request(
-                SubmitRequest(queue="work", sink="S", bodies=bodies, lease_s=3.0),
-                timeout_s=60))
-        expected = {t: b.upper() for t, b in zip(reply.task_ids, bodies, strict=True)}
+        expected = _submit(cluster, bodies, lease_s=3.0)
 
-        def kept() -> list[tuple[str, str, str, str]]:
-            with StoreReader.for_data_dir(cluster.data_dir("S")) as reader:
-                return reader.task_results()
-
-        wait_until(lambda: len(kept()) >= tasks // 5, PATIENCE_S, "a fifth of the results")
+        wait_until(lambda: len(_kept(cluster)) >= tasks // 5, PATIENCE_S,
+                   "a fifth of the results")
         cluster.nodes["V"].kill()  # kill -9, tasks in every state
         states, _ = task_states(cluster.data_dir("V"))
         assert "done" in states and ("queued" in states or "assigned" in states)
         cluster.restart("V")
-        wait_until(lambda: len(kept()) >= tasks, PATIENCE_S, "every result after V restarted")
+        wait_until(lambda: len(_kept(cluster)) >= tasks, PATIENCE_S,
+                   "every result after V restarted")
         wait_until(lambda: task_states(cluster.data_dir("V"))[0] == ["done"], PATIENCE_S,
                    "every task done at the ventilator")
         status = meshpost("queue", "status", "work", "--node", "V", "--data",
@@ -196,7 +198,7 @@ def test_a_ventilator_killed_mid_run_goes_on_after_restart_and_every_task_has_on
         assert (work["queue"], work["done"], work["waiting"], work["in_flight"]) == (
             "work", tasks, 0, 0)
         assert {w["name"] for w in work["workers"]} == {"W1", "W2"}
-        results = kept()
+        results = _kept(cluster)
     finally:
         cluster.stop()
     assert {t: body for t, _w, _m, body in results} == expected
