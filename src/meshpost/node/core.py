@@ -50,6 +50,7 @@ from meshpost.node.records import (
     BroadcastHandle,
     CrashPoint,
     DeliveryRecorded,
+    GroupHistory,
     Message,
     MessageReceived,
     NodeEvent,
@@ -100,6 +101,7 @@ from meshpost.protocol.header import (
     PatternHeader,
     header_problem,
 )
+from meshpost.protocol.history import DEFAULT_HISTORY_ITEMS
 from meshpost.protocol.requests import (
     PendingRequest,
 )
@@ -772,6 +774,20 @@ class Node:
         ref = its id). The reply's id is derived from the request's, so answering twice (a
         handler that ran again after a restart) stores one reply: None if it exists."""
         return await self._requests.reply(msg, body)
+
+    async def fetch_group_history(
+        self, group: str, *, limit: int = DEFAULT_HISTORY_ITEMS, before_hlc: int = 0,
+        timeout_s: float | None = 5.0,
+    ) -> GroupHistory:
+        """Ask each other current member of `group` for its OWN messages to the group (at most
+        `limit` each, newest first, below `before_hlc` if not 0) and return them merged by HLC,
+        each labelled with the member that answered on its own link (docs/protocol.md 19.6).
+        A member that does not reply within `timeout_s` is listed in `unanswered`; its request
+        stays queued and a later reply is stored and linked like any reply. Nothing fetched
+        goes into this node's received messages: it is in the reply rows."""
+        return await self._requests.fetch_group_history(group, limit=limit,
+                                                        before_hlc=before_hlc,
+                                                        timeout_s=timeout_s)
 
     def on_request(self, handler: RequestHandler, *, direct: bool = False) -> None:
         """Answer every request peers send with `handler` (sync or async): a str it returns

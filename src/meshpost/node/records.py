@@ -125,6 +125,35 @@ class Reply:
     stored_at_ns: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class FetchedMessage:
+    """One of a member's own messages to a group, as that member sent it back for a history
+    request (`Node.fetch_group_history`): not stored as received (it is in the reply row)."""
+
+    #: The member that answered on its own link: the sender proved by the link, not a name
+    #: anyone wrote in a body.
+    sender: str
+    group: str
+    #: The logical message id (the same for every copy of it).
+    id: str
+    sent_at_ns: int
+    hlc: int
+    body: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GroupHistory:
+    """What `Node.fetch_group_history` gathered: the members' messages merged by HLC (oldest
+    first), who answered, and who did not within the timeout (member -> why)."""
+
+    group: str
+    messages: tuple[FetchedMessage, ...]
+    answered: tuple[str, ...]
+    #: member -> "not-delivered" / "delivered-unanswered" (no reply in time) or why its reply
+    #: was unreadable
+    unanswered: dict[str, str]
+
+
 #: What a request handler may be: called with the request (a `Message`); returning a str
 #: (or an awaitable of one) replies with it; None replies nothing (or the handler calls
 #: `Node.reply` itself).
@@ -307,6 +336,10 @@ class NodeStats:
     #: Replies stored but linked to no request waiting here (late beyond memory, or from
     #: a peer the request did not go to).
     replies_unmatched: int = 0
+    #: History requests whose query was unreadable (answered with nothing), and history
+    #: replies that were not a bounded list of the member's messages (docs/protocol.md 19.6).
+    history_requests_invalid: int = 0
+    history_replies_invalid: int = 0
 
 
 def _message_of(m: Envelope, stored_at_ns: int) -> Message:

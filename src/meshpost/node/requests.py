@@ -12,10 +12,30 @@ import logging
 from typing import TYPE_CHECKING
 
 import meshpost.rules as rules
-from meshpost.errors import MeshpostError, NodeClosed, RequestTimeout
-from meshpost.node.records import Message, Outgoing, Reply, RequestHandler, _message_of
+from meshpost.errors import InvalidMessage, MeshpostError, NodeClosed, RequestTimeout
+from meshpost.node.records import (
+    FetchedMessage,
+    GroupHistory,
+    Message,
+    Outgoing,
+    Reply,
+    RequestHandler,
+    _message_of,
+)
 from meshpost.protocol import Envelope
-from meshpost.protocol.header import Kind, PatternHeader, reply_id
+from meshpost.protocol.header import Kind, PatternHeader, is_valid_name, reply_id
+from meshpost.protocol.history import (
+    MAX_HISTORY_ITEMS,
+    HistoryItem,
+    HistoryQuery,
+    HistoryReplyInvalid,
+    decode_query,
+    decode_reply,
+    encode_query,
+    encode_reply,
+    history_group,
+    history_header,
+)
 from meshpost.protocol.requests import (
     PendingRequest,
     ReplyUnmatched,
@@ -61,7 +81,8 @@ class Requests:
                 waiter.exception()
         self._waiters.clear()
 
-    async def request(self, peer: str, body: str, *, timeout_s: float | None = None) -> Reply:
+    async def request(self, peer: str, body: str, *, timeout_s: float | None = None,
+                      header: PatternHeader | None = None) -> Reply:
         node = self._node
         node._check_open()
         rules.resolve_peer(peer, peers=node.config.peer_names)
@@ -77,7 +98,7 @@ class Requests:
             self._timeouts[request_id] = timeout_s
         try:
             (handle,) = await node._post(peer, body, held=True,
-                                         header=PatternHeader(Kind.REQUEST),
+                                         header=header or PatternHeader(Kind.REQUEST),
                                          message_id=request_id)
         except BaseException:
             self._waiters.pop(request_id, None)
@@ -142,7 +163,10 @@ class Requests:
                 return
             for e in envelopes:
                 seen.add(e.id)
-                await self._run_handler(_message_of(e, node.clock.wall_ns()))
+                if history_group(e.header) is not None:
+                    await self._answer_history(e, node.clock.wall_ns())
+                elif self.handler is not None:
+                    await self._run_handler(_message_of(e, node.clock.wall_ns()))
 
     async def _run_handler(self, msg: Message) -> None:
         handler = self.handler
@@ -168,6 +192,10 @@ class Requests:
         """A fresh message with no header, or a request, a group copy or a reply: answer it
         (requests; plain messages and group copies too for an echo), or link the reply."""
         h = m.header
+        if history_group(h) is not None:
+            # Answered by the node itself, never by the application's handler.
+            self._node._spawn_handler(self._answer_history(m, stored_at), "history")
+            return
         if h is not None and h.kind is Kind.REPLY:
             self.tracker.answered(h.ref, m.id, m.sender)
             self._drain(m, stored_at)
@@ -177,6 +205,76 @@ class Requests:
         direct = h is None or h.kind is Kind.GROUP
         if self.handler is not None and (not direct or self._answers_direct):
             self._node._spawn_handler(self._run_handler(_message_of(m, stored_at)), "run")
+
+    async def _answer_history(self, m: Envelope, stored_at: int) -> None:
+        """Answer a history request with this node's OWN messages to the group, bounded by the
+        query and the message size; with none when this node or the asker is not a member
+        now (nothing leaks to non-members), or the query is unreadable."""
+        node = self._node
+        group = history_group(m.header)
+        assert group is not None
+        query = decode_query(m.body)
+        members = node.members(group)
+        items: list[HistoryItem] = []
+        if query is None:
+            node.stats.history_requests_invalid += 1
+            log.warning("[%s] history request %s from %s has an unreadable query: answered "
+                        "with nothing", node.name, m.id, m.sender)
+        elif node.name in members and m.sender in members:
+            writer, store = node._writer, node._store
+            assert writer is not None
+            assert store is not None
+            rows = await writer.call(store.own_group_messages, node.name, group, query.limit,
+                                     query.before_hlc)
+            items = [HistoryItem(*row) for row in rows]
+        limit = query.limit if query is not None else 0
+        body = encode_reply(items, limit=limit, max_bytes=node.config.max_message_bytes)
+        try:
+            await self.reply(_message_of(m, stored_at), body)
+        except MeshpostError as exc:
+            if not node._closed:
+                log.warning("[%s] could not answer history request %s from %s: %s",
+                            node.name, m.id, m.sender, exc)
+
+    async def fetch_group_history(self, group: str, *, limit: int, before_hlc: int,
+                                  timeout_s: float | None) -> GroupHistory:
+        node = self._node
+        node._check_open()
+        if not is_valid_name(group) or group == "all":
+            raise InvalidMessage(f"history is fetched from a named group, not {group!r}")
+        if not 1 <= limit <= MAX_HISTORY_ITEMS:
+            raise InvalidMessage(f"limit must be from 1 to {MAX_HISTORY_ITEMS}, not {limit}")
+        known = set(node.config.peer_names) | {p.name for p in node.peers()}
+        members = [m for m in node.members(group) if m != node.name and m in known]
+        body = encode_query(HistoryQuery(limit, before_hlc))
+        header = history_header(group)
+        results = await asyncio.gather(
+            *(self.request(member, body, timeout_s=timeout_s, header=header)
+              for member in members), return_exceptions=True)
+        fetched: list[FetchedMessage] = []
+        answered: list[str] = []
+        unanswered: dict[str, str] = {}
+        for member, result in zip(members, results, strict=True):
+            if isinstance(result, RequestTimeout):
+                unanswered[member] = result.outcome
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                try:
+                    items = decode_reply(result.body, limit=limit)
+                except HistoryReplyInvalid as exc:
+                    node.stats.history_replies_invalid += 1
+                    log.warning("[%s] history reply %s from %s: %s", node.name, result.id,
+                                member, exc)
+                    unanswered[member] = f"unreadable reply: {exc}"
+                    continue
+                answered.append(member)
+                # The sender is the member whose link the reply came on: the only sender
+                # a fetched message is labelled with.
+                fetched.extend(FetchedMessage(result.sender, group, i.id, i.sent_at_ns, i.hlc,
+                                              i.body) for i in items)
+        fetched.sort(key=lambda f: (f.hlc, f.sender, f.id))
+        return GroupHistory(group, tuple(fetched), tuple(answered), unanswered)
 
     def _drain(self, reply: Envelope | None = None, stored_at: int = 0) -> None:
         node = self._node

@@ -714,6 +714,21 @@ class Store:
                 "SELECT 1 FROM messages WHERE sender = ? AND id = ?", (sender, message_id)
             ).fetchone() is not None
 
+    def own_group_messages(self, sender: str, group: str, limit: int,
+                           before_hlc: int = 0) -> list[tuple[str, int, int, str]]:
+        """(logical id, sent_at_ns, hlc, body) of `sender`'s (this node's) own messages to
+        `group`, one per logical message (its first copy), newest first, at most `limit`,
+        only those below `before_hlc` if it is not 0: what a history request is answered with
+        (docs/protocol.md 19.6). Never another node's message: rows this node sent only."""
+        with translated(self.path):
+            rows = self._conn.execute(
+                "SELECT ref, MIN(sent_at_ns), MIN(hlc), body FROM messages"
+                " WHERE direction = 'out' AND sender = ? AND kind = 'group' AND queue = ?"
+                " AND (? = 0 OR hlc < ?) GROUP BY ref ORDER BY MIN(hlc) DESC, ref DESC"
+                " LIMIT ?", (sender, group, before_hlc, before_hlc, limit),
+            ).fetchall()
+        return [(str(r), int(s), int(h), str(b)) for r, s, h, b in rows]
+
     def unanswered_requests(self) -> list[tuple[str, str, bool]]:
         """(request id, peer, delivered) of every request this node sent that no stored reply
         from that peer refers to (RequestTracker.restore after a restart). A scan of the

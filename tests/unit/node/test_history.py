@@ -1,0 +1,134 @@
+"""Group history on request (docs/protocol.md 19.6): a member that joined later asks each
+member for its own messages to the group; each answers for itself only."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from tests.unit.node.support import PATIENCE_S, connected, run, until
+
+from meshpost.clock import FakeClock
+from meshpost.config import NodeConfig, PeerConfig
+from meshpost.node import Message, Node
+from meshpost.protocol.history import decode_reply
+from meshpost.store import StoreReader
+from meshpost.transport import MemoryNetwork
+
+NAMES = ("A", "B", "C")
+
+
+def trio_config(name: str, tmp_path: Path) -> NodeConfig:
+    return NodeConfig(
+        name=name, bind=(f"ipc://{tmp_path}/{name}.sock",),
+        peers=tuple(PeerConfig(o, f"ipc://{tmp_path}/{o}.sock") for o in NAMES if o != name),
+        data_dir=tmp_path / name, sync="normal", groups={"team": ("A", "B")},
+    )
+
+
+@contextlib.asynccontextmanager
+async def trio(tmp_path: Path) -> AsyncIterator[tuple[Node, Node, Node]]:
+    """A, B and C, all peers; `team` is A and B (configured on every node)."""
+    net, clock = MemoryNetwork(), FakeClock()
+    nodes = [Node(trio_config(n, tmp_path), clock=clock, transport=net.transport(n))
+             for n in NAMES]
+    async with contextlib.AsyncExitStack() as stack:
+        for node in nodes:
+            await stack.enter_async_context(node)
+        await until(lambda: all(connected(n) for n in nodes))
+        a, b, c = nodes
+        yield a, b, c
+
+
+def group_rows(node: Node, group: str) -> list[tuple[str, str]]:
+    with StoreReader.for_data_dir(node.config.data_dir) as reader:
+        return [(r.sender, r.body) for r in reader.history(group=group)]
+
+
+def test_a_member_that_joined_later_fetches_each_members_own_messages(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with trio(tmp_path) as (a, b, c):
+            await (await a.broadcast("team", "a1")).changed(PATIENCE_S)
+            await (await b.broadcast("team", "b1")).changed(PATIENCE_S)
+            await (await b.broadcast("team", "b2")).changed(PATIENCE_S)
+            await (await a.broadcast("team", "a2")).changed(PATIENCE_S)
+            await until(lambda: len(group_rows(a, "team")) == 4
+                        and len(group_rows(b, "team")) == 4)
+
+            # Not a member yet: each member answers, with nothing (no leak to non-members).
+            before = await c.fetch_group_history("team", timeout_s=PATIENCE_S)
+            assert (before.messages, sorted(before.answered), before.unanswered) == (
+                (), ["A", "B"], {})
+
+            assert await c.join("team")
+            await until(lambda: "C" in a.members("team") and "C" in b.members("team"))
+            fetched = await c.fetch_group_history("team", timeout_s=PATIENCE_S)
+            assert sorted(fetched.answered) == ["A", "B"]
+            assert fetched.unanswered == {}
+            # Merged by HLC (the order they were sent in), each labelled with its sender.
+            assert [(m.sender, m.body) for m in fetched.messages] == [
+                ("A", "a1"), ("B", "b1"), ("B", "b2"), ("A", "a2")]
+            assert all(m.group == "team" for m in fetched.messages)
+
+            # Bounded: the newest N of each member.
+            newest = await c.fetch_group_history("team", limit=1, timeout_s=PATIENCE_S)
+            assert [(m.sender, m.body) for m in newest.messages] == [("B", "b2"), ("A", "a2")]
+            # Older than a stamp.
+            b2 = next(m for m in fetched.messages if m.body == "b2")
+            older = await c.fetch_group_history("team", before_hlc=b2.hlc, timeout_s=PATIENCE_S)
+            assert [(m.sender, m.body) for m in older.messages] == [("A", "a1"), ("B", "b1")]
+            await c.flush()
+
+        # C stored no group message as received: the fetched ones are in the reply rows,
+        # and each member's reply holds its own messages only.
+        assert group_rows(c, "team") == []
+        with StoreReader.for_data_dir(c.config.data_dir) as reader:
+            replies = [r for r in reader.history(direction="in") if r.kind == "reply"]
+        assert {r.sender for r in replies} == {"A", "B"}
+        for reply in replies:
+            items = decode_reply(reply.body)
+            assert all(i.body.startswith(reply.sender.lower()) for i in items)
+        assert any(len(decode_reply(r.body)) == 2 for r in replies)
+
+    run(scenario)
+
+
+def test_a_member_that_is_down_is_reported_unanswered(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        configs = {n: dataclasses.replace(trio_config(n, tmp_path),
+                                          groups={"team": ("A", "B", "C")}) for n in NAMES}
+        a = Node(configs["A"], clock=clock, transport=net.transport("A"))
+        c = Node(configs["C"], clock=clock, transport=net.transport("C"))
+        async with a, c:
+            await until(lambda: any(p.connected and p.name == "A" for p in c.peers()))
+            await (await a.broadcast("team", "a1")).changed(PATIENCE_S)
+            fetched = await c.fetch_group_history("team", timeout_s=0.5)
+            assert fetched.answered == ("A",)
+            assert [(m.sender, m.body) for m in fetched.messages] == [("A", "a1")]
+            assert fetched.unanswered == {"B": "not-delivered"}
+
+    run(scenario)
+
+
+def test_history_requests_are_not_given_to_the_request_handler(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with trio(tmp_path) as (a, _b, c):
+            seen: list[str] = []
+
+            def handler(msg: Message) -> str:
+                seen.append(msg.body)
+                return "handler"
+
+            a.on_request(handler)
+            assert await c.join("team")
+            await until(lambda: "C" in a.members("team"))
+            fetched = await c.fetch_group_history("team", timeout_s=PATIENCE_S)
+            assert "A" in fetched.answered
+            assert seen == []
+            reply = await c.request("A", "ping", timeout_s=PATIENCE_S)
+            assert reply.body == "handler"
+
+    run(scenario)
