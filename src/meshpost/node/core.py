@@ -372,6 +372,7 @@ class Node:
             task.add_done_callback(self._task_died)
         self._started = True
         self._feed_wakeup.set()
+        self._requests.start()
         log.info("[%s] node %s listening on %s", self.name, self.node_id, ", ".join(self.endpoints))
 
     def _new_link(self, peer: str, endpoint: str, found: str, *, lazy: bool) -> None:

@@ -150,14 +150,20 @@ class Requests:
         self._answers_direct = direct
         node._spawn_handler(self._answer_unanswered(), "unanswered")
 
-    async def _answer_unanswered(self) -> None:
+    def start(self) -> None:
+        """At start: history requests stored but unanswered before a restart are answered
+        (the node answers them itself, with or without a request handler)."""
+        self._node._spawn_handler(self._answer_unanswered(history_only=True), "history")
+
+    async def _answer_unanswered(self, *, history_only: bool = False) -> None:
         node = self._node
         writer, store = node._writer, node._store
         assert writer is not None
         assert store is not None
         seen: set[str] = set()
         while True:
-            envelopes = await writer.call(store.unanswered_incoming_requests, UNANSWERED_BATCH)
+            envelopes = await writer.call(store.unanswered_incoming_requests, UNANSWERED_BATCH,
+                                          history_only)
             envelopes = [e for e in envelopes if e.id not in seen]
             if not envelopes:
                 return

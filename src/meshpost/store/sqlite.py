@@ -742,14 +742,17 @@ class Store:
             ).fetchall()
         return [(str(i), str(p), bool(d)) for i, p, d in rows]
 
-    def unanswered_incoming_requests(self, limit: int) -> list[Envelope]:
+    def unanswered_incoming_requests(self, limit: int,
+                                     history_only: bool = False) -> list[Envelope]:
         """Requests peers sent this node that it has not replied to (its handler runs again
-        for them after a restart; the derived reply id keeps the reply single)."""
+        for them after a restart; the derived reply id keeps the reply single). With
+        `history_only`, the history requests only (those that name a group: 19.6)."""
+        only = " AND q.queue IS NOT NULL" if history_only else ""
         with translated(self.path):
             rows = self._conn.execute(
                 "SELECT q.id, q.seq, q.sender, q.recipient, q.body, q.sent_at_ns, q.hlc,"
                 " q.header FROM messages AS q WHERE q.direction = 'in' AND q.kind = 'request'"
-                " AND NOT EXISTS (SELECT 1 FROM messages AS r INDEXED BY messages_ref"
+                f"{only} AND NOT EXISTS (SELECT 1 FROM messages AS r INDEXED BY messages_ref"
                 " WHERE r.ref = q.id AND r.kind = 'reply' AND r.direction = 'out'"
                 " AND r.recipient = q.sender) ORDER BY q.rowid LIMIT ?", (limit,)
             ).fetchall()

@@ -3,6 +3,7 @@ member for its own messages to the group; each answers for itself only."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
@@ -132,3 +133,53 @@ def test_history_requests_are_not_given_to_the_request_handler(tmp_path: Path) -
             assert reply.body == "handler"
 
     run(scenario)
+
+
+def test_a_history_request_stored_before_a_restart_is_answered_after_it(
+        tmp_path: Path) -> None:
+    """The member stored the request but went down before answering: back up, it answers
+    (from the store, without any request handler), and the asker's request is linked."""
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        configs = {n: dataclasses.replace(trio_config(n, tmp_path),
+                                          groups={"team": ("A", "C")}) for n in NAMES}
+        a = Node(configs["A"], clock=clock, transport=net.transport("A"))
+        async with a:
+            await (await a.broadcast("team", "a1")).changed(PATIENCE_S)
+            await a.flush()
+        c = Node(configs["C"], clock=clock, transport=net.transport("C"))
+        async with c:
+            # A is down: the request waits in C's outbox.
+            first = await c.fetch_group_history("team", timeout_s=0.2)
+            assert first.unanswered == {"A": "not-delivered"}
+            # A comes back and stores it, but goes down again before answering.
+            a = Node(configs["A"], clock=clock, transport=net.transport("A"))
+            a._requests._answer_history = _never  # type: ignore[method-assign,assignment]
+            async with a:
+                async with asyncio.timeout(PATIENCE_S):
+                    while await c.pending_count():
+                        clock.advance(0.5)  # C redials on its (fake) clock
+                        await asyncio.sleep(0.01)
+            assert replies_from(c, "A") == 0
+            a = Node(configs["A"], clock=clock, transport=net.transport("A"))
+            async with a:
+                async with asyncio.timeout(PATIENCE_S):
+                    while replies_from(c, "A") != 1:
+                        clock.advance(0.5)
+                        await asyncio.sleep(0.01)
+            await c.flush()
+        with StoreReader.for_data_dir(c.config.data_dir) as reader:
+            [reply] = [r for r in reader.history(direction="in") if r.kind == "reply"]
+        assert [i.body for i in decode_reply(reply.body)] == ["a1"]
+
+    run(scenario)
+
+
+async def _never(*_args: object) -> None:
+    return None
+
+
+def replies_from(node: Node, peer: str) -> int:
+    with StoreReader.for_data_dir(node.config.data_dir) as reader:
+        return sum(1 for r in reader.history(direction="in")
+                   if r.kind == "reply" and r.sender == peer)
