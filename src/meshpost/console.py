@@ -36,6 +36,7 @@ from meshpost.errors import MeshpostError, NodeStopped, ReceiptTimeout, UnknownP
 from meshpost.node import (
     BroadcastProgress,
     DeliveryRecorded,
+    GroupHistory,
     MessageReceived,
     NodeEvent,
     NodeStats,
@@ -48,6 +49,7 @@ from meshpost.node import (
     wait_receipt,
 )
 from meshpost.protocol.groups import BroadcastStatus
+from meshpost.protocol.history import MAX_HISTORY_ITEMS
 from meshpost.protocol.workqueue import QueueStatus
 from meshpost.store import StoredMessage, StoreReader
 from meshpost.text import (
@@ -55,6 +57,7 @@ from meshpost.text import (
     format_broadcast,
     format_clock,
     format_failure,
+    format_fetched_history,
     format_incoming,
     format_peer_change,
     format_pending,
@@ -77,6 +80,9 @@ RECEIPT_WAIT_S = 5.0
 DEFAULT_HISTORY_LIMIT = 20
 #: Upper bound for `/history -n N`, so a typo cannot load a whole database into the terminal.
 MAX_HISTORY_LIMIT = 100_000
+#: How long `/history G --ask` waits for the members' replies (a member that has not
+#: answered by then is listed; its reply is still stored when it comes).
+HISTORY_ASK_WAIT_S = 5.0
 #: On exit, how long the console waits for its last lines to reach the terminal.
 PRINT_DRAIN_S = 2.0
 
@@ -108,6 +114,8 @@ class HistoryCommand:
     peer: str | None = None
     limit: int = DEFAULT_HISTORY_LIMIT
     verbose: bool = False
+    #: `--ask`: ask each member of group `peer` for its own messages to it (19.6)
+    ask: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -176,6 +184,9 @@ text              send to the last recipient again
                   the last N stored messages (default 20), with sender and local clocks;
                   -v shows whole texts and ids (long texts are shortened otherwise); for a
                   group G, the messages to G stored here (ours with delivered k/n)
+/history G --ask [-n N]
+                  ask each member of G for its own last N messages to G (also those from
+                  before this node joined), each shown with the member that answered
 /join G, /leave G join or leave group G from now on (peers learn it; @G reaches members)
 /members G        who is in group G now
 /queue [Q]        work queues: workers, tasks waiting, in flight, leased, done, redelivered
@@ -234,12 +245,15 @@ def _parse_history(args: Sequence[str]) -> HistoryCommand:
     peer: str | None = None
     limit = DEFAULT_HISTORY_LIMIT
     verbose = False
-    usage = "usage: /history [PEER] [-n N] [-v]"
+    ask = False
+    usage = "usage: /history [PEER] [-n N] [-v], or /history G --ask [-n N]"
     rest = list(args)
     while rest:
         arg = rest.pop(0)
         if arg in ("-v", "--verbose"):
             verbose = True
+        elif arg in ("-a", "--ask"):
+            ask = True
         elif arg.startswith("-n"):
             value = arg[2:].removeprefix("=") or (rest.pop(0) if rest else "")
             if not value:
@@ -259,7 +273,10 @@ def _parse_history(args: Sequence[str]) -> HistoryCommand:
                 raise CommandError(f"put the peer's name right after '@'; {usage}")
         else:
             raise CommandError(f"/history takes one peer, got {peer!r} and {arg!r}; {usage}")
-    return HistoryCommand(peer, limit, verbose)
+    if ask and peer is None:
+        raise CommandError(f"--ask needs the group to ask about, e.g. `/history team --ask`; "
+                           f"{usage}")
+    return HistoryCommand(peer, limit, verbose, ask)
 
 
 # -- the running console -------------------------------------------------------------------
@@ -300,6 +317,10 @@ class ConsoleNode(Protocol):
     def members(self, group: str) -> list[str]: ...
 
     async def queue_status(self, queue: str | None = None) -> list[QueueStatus]: ...
+
+    async def fetch_group_history(self, group: str, *, limit: int = ...,
+                                  before_hlc: int = ..., timeout_s: float | None = ...
+                                  ) -> GroupHistory: ...
 
 
 Printer = Callable[[str], None]
@@ -387,6 +408,8 @@ class _Console:
         self.node = node
         self.print = printer
         self.receipt_wait_s = receipt_wait_s
+        #: How long `/history G --ask` waits for the members' replies.
+        self.history_wait_s = HISTORY_ASK_WAIT_S
         self.last_target: str | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         #: The last line shown for each peer's connection state.
@@ -510,6 +533,15 @@ class _Console:
             case PeersCommand():
                 self.print(render_peers_table(self.node.peers(), now_ns=self.node.clock.wall_ns(),
                                               width=self.width))
+            case HistoryCommand(peer=peer, limit=limit, ask=True) if peer is not None:
+                if not self.is_group(peer) or peer == "all":
+                    raise CommandError(f"--ask asks the members of a group, and {clean(peer)!r} "
+                                       "is no group this node knows")
+                self.print(f"asking the members of {clean(peer)} for their messages to it …")
+                fetched = await self.node.fetch_group_history(
+                    peer, limit=min(limit, MAX_HISTORY_ITEMS), timeout_s=self.history_wait_s)
+                for line in format_fetched_history(fetched):
+                    self.print(line)
             case HistoryCommand(peer=peer, limit=limit, verbose=verbose) if (
                     peer is not None and self.is_group(peer)):
                 shown = await asyncio.to_thread(read_group_history, self.node.config.data_dir,

@@ -20,6 +20,8 @@ from meshpost.control import (
     EventsDropped,
     EventsReply,
     EventsRequest,
+    GroupHistoryReply,
+    GroupHistoryRequest,
     GroupReply,
     GroupRequest,
     NodeGone,
@@ -34,6 +36,7 @@ from meshpost.control import (
 from meshpost.errors import ControlUnavailable, NodeStopped
 from meshpost.node import (
     BroadcastProgress,
+    GroupHistory,
     MessageReceived,
     NodeEvent,
     NodeStats,
@@ -215,6 +218,15 @@ class RemoteNode:
     async def queue_status(self, queue: str | None = None) -> list[QueueStatus]:
         reply: QueueStatusReply = checked(await self._call(QueueStatusRequest(queue)))
         return list(reply.queues)
+
+    async def fetch_group_history(self, group: str, *, limit: int = 50, before_hlc: int = 0,
+                                  timeout_s: float | None = 5.0) -> GroupHistory:
+        """`Node.fetch_group_history` in the running node (it waits up to `timeout_s`)."""
+        wait_s = 5.0 if timeout_s is None else timeout_s
+        reply: GroupHistoryReply = checked(await self._call(
+            GroupHistoryRequest(group, limit, before_hlc, wait_s),
+            timeout_s=wait_s + REQUEST_TIMEOUT_S))
+        return reply.history
 
     def members(self, group: str) -> list[str]:
         """As of this console's last join or leave of `group`, else the configuration's."""

@@ -21,7 +21,14 @@ from rich.text import Text
 from meshpost.errors import describe_error
 
 if TYPE_CHECKING:
-    from meshpost.node import NodeStats, Outgoing, PeerChanged, PeerStatus, Receipt
+    from meshpost.node import (
+        GroupHistory,
+        NodeStats,
+        Outgoing,
+        PeerChanged,
+        PeerStatus,
+        Receipt,
+    )
     from meshpost.protocol import Envelope
     from meshpost.protocol.groups import BroadcastStatus
     from meshpost.protocol.workqueue import QueueStatus
@@ -95,6 +102,28 @@ def format_incoming(message: Envelope | StoredMessage, *,
     if header is not None and header.kind == "group":
         to = clean(header.queue) if header.queue else "all"
     return f"[{stamp} sender-clock] {clean(message.sender)} → {to}: {_indent(message.body)}"
+
+
+def format_fetched_history(history: GroupHistory, *,
+                           tz: datetime.tzinfo | None = None) -> list[str]:
+    """Lines for `/history G --ask` and `meshpost history --group G --ask`: each fetched
+    message `[HH:MM:SS.mmm sender-clock] B → team (earlier): text`, oldest first (by HLC),
+    labelled with the member that answered for it; then who answered and who did not."""
+    group = clean(history.group)
+    lines = [f"[{format_clock(m.sent_at_ns, tz=tz)} sender-clock] {clean(m.sender)} → {group} "
+             f"(earlier): {_indent(m.body)}" for m in history.messages]
+    if not history.messages:
+        lines.append(f"no earlier messages to {group} from its members")
+    asked = len(history.answered) + len(history.unanswered)
+    if not asked:
+        lines.append(f"{group} has no other member to ask")
+        return lines
+    answered = ", ".join(clean(m) for m in history.answered) or "nobody"
+    lines.append(f"answered: {answered} ({len(history.answered)}/{asked})")
+    for member, why in sorted(history.unanswered.items()):
+        lines.append(f"no answer from {clean(member)}: {clean(why)} (a later reply is stored "
+                     "and linked to its request)")
+    return lines
 
 
 def format_pending(me: str, handles: Sequence[Outgoing]) -> str:
@@ -323,6 +352,7 @@ __all__ = [
     "describe_error",
     "format_clock",
     "format_failure",
+    "format_fetched_history",
     "format_incoming",
     "format_peer_change",
     "format_pending",

@@ -51,6 +51,8 @@ from meshpost.console import (
 from meshpost.errors import EmptyMessage, MessageRejected, UnknownPeer
 from meshpost.node import (
     BroadcastProgress,
+    FetchedMessage,
+    GroupHistory,
     MessageReceived,
     NodeEvent,
     NodeStats,
@@ -381,6 +383,7 @@ class FakeNode:
         self.queues: list[asyncio.Queue[NodeEvent]] = []
         self.seq = 0
         self.groups: dict[str, list[str]] = {}
+        self.asked: list[tuple[str, int]] = []
 
     async def post(self, target: str, body: str) -> list[Outgoing]:
         peers = self.resolve(target)
@@ -441,6 +444,14 @@ class FakeNode:
 
     def members(self, group: str) -> list[str]:
         return self.groups.get(group, [])
+
+    async def fetch_group_history(self, group: str, *, limit: int = 50, before_hlc: int = 0,
+                                  timeout_s: float | None = 5.0) -> GroupHistory:
+        self.asked.append((group, limit))
+        return GroupHistory(group, (
+            FetchedMessage("B", group, "l1", T0, 1, "before you came"),
+            FetchedMessage("B", group, "l2", T0 + MS, 2, "and again")), ("B",),
+            {"C": "not-delivered"})
 
     async def queue_status(self, queue: str | None = None) -> list[QueueStatus]:
         statuses = [QueueStatus("work", (WorkerStatus("B", True, False, 2),
@@ -959,6 +970,32 @@ def test_a_broadcast_from_before_a_restart_prints_its_k_of_n(node: FakeNode) -> 
                                                        ("B", "C"), ())))
         line = await d.printed("earlier message to team")
         assert line.endswith(": delivered 2/2")
+        d.type("/quit\n")
+
+    drive(node, scenario)
+
+
+def test_history_ask_is_parsed_and_needs_a_group() -> None:
+    assert parse_command("/history team --ask -n 5") == HistoryCommand("team", 5, ask=True)
+    assert parse_command("/history -a team") == HistoryCommand("team", ask=True)
+    with pytest.raises(CommandError, match="--ask needs the group"):
+        parse_command("/history --ask")
+
+
+def test_history_ask_shows_each_members_messages_labelled_and_who_did_not_answer(
+    node: FakeNode,
+) -> None:
+    async def scenario(d: Driver) -> None:
+        d.type("/history team --ask -n 7\n")
+        first = await d.printed("before you came")
+        assert first.endswith("B → team (earlier): before you came")
+        await d.printed("B → team \\(earlier\\): and again")
+        await d.printed("answered: B \\(1/2\\)")
+        await d.printed("no answer from C: not-delivered")
+        assert node.asked == [("team", 7)]
+        d.type("/history B --ask\n")  # a peer is no group
+        await d.printed("--ask asks the members of a group")
+        assert node.asked == [("team", 7)]
         d.type("/quit\n")
 
     drive(node, scenario)

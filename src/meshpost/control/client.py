@@ -32,6 +32,8 @@ from meshpost.control.messages import (
     ErrorReply,
     EventsReply,
     EventsRequest,
+    GroupHistoryReply,
+    GroupHistoryRequest,
     GroupReply,
     GroupRequest,
     PeerRequest,
@@ -171,6 +173,9 @@ class ControlClient:
     @overload
     def request(self, request: QueueStatusRequest, *,
                 timeout_s: float) -> QueueStatusReply | ErrorReply: ...
+    @overload
+    def request(self, request: GroupHistoryRequest, *,
+                timeout_s: float) -> GroupHistoryReply | ErrorReply: ...
 
     def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request`, return its reply (an `ErrorReply` when the node refused it).
@@ -292,6 +297,9 @@ class AsyncControlClient:
     @overload
     async def request(self, request: QueueStatusRequest, *,
                       timeout_s: float) -> QueueStatusReply | ErrorReply: ...
+    @overload
+    async def request(self, request: GroupHistoryRequest, *,
+                      timeout_s: float) -> GroupHistoryReply | ErrorReply: ...
 
     async def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request` and wait for its reply; errors as `ControlClient.request`."""

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import msgspec
 
 from meshpost.errors import MeshpostError, RemoteError
-from meshpost.node import PeerStatus, StoredMessage
+from meshpost.node import GroupHistory, PeerStatus, StoredMessage
 from meshpost.protocol.groups import BroadcastStatus
 from meshpost.protocol.workqueue import QueueStatus
 
@@ -110,9 +110,20 @@ class QueueStatusRequest(_Request, tag="queue-status", frozen=True):
     queue: str | None = None
 
 
+class GroupHistoryRequest(_Request, tag="group-history", frozen=True):
+    """Ask each other member of `group` for its own messages to it (`Node.fetch_group_history`,
+    docs/protocol.md 19.6): at most `limit` each, below `before_hlc` if not 0, waiting up to
+    `wait_s` for the replies."""
+
+    group: str
+    limit: int = 50
+    before_hlc: int = 0
+    wait_s: float = 5.0
+
+
 Request = (SendRequest | PeersRequest | StatusRequest | EventsRequest | PeerRequest
            | SubmitRequest | TailRequest | BroadcastRequest | BroadcastStatusRequest
-           | GroupRequest | QueueStatusRequest)
+           | GroupRequest | QueueStatusRequest | GroupHistoryRequest)
 
 
 # -- replies --------------------------------------------------------------------------------
@@ -238,6 +249,12 @@ class QueueStatusReply(_Reply, tag="queue-status", frozen=True):
     queues: list[QueueStatus] = []
 
 
+class GroupHistoryReply(_Reply, tag="group-history", frozen=True):
+    """What the members sent back (`GroupHistory`): merged by HLC, who answered, who not."""
+
+    history: GroupHistory
+
+
 class ErrorReply(_Reply, tag="error", frozen=True):
     """The request failed: `kind` and `exit_code` come from the `MeshpostError` class."""
 
@@ -263,9 +280,10 @@ class ErrorReply(_Reply, tag="error", frozen=True):
 
 
 Reply = (SendReply | PeersReply | StatusReply | EventsReply | AnswerReply | SubmitReply
-         | TailReply | BroadcastReply | GroupReply | QueueStatusReply | ErrorReply)
+         | TailReply | BroadcastReply | GroupReply | QueueStatusReply | GroupHistoryReply
+         | ErrorReply)
 R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply, AnswerReply, SubmitReply,
-            TailReply, BroadcastReply, GroupReply, QueueStatusReply)
+            TailReply, BroadcastReply, GroupReply, QueueStatusReply, GroupHistoryReply)
 
 
 def checked(reply: R | ErrorReply) -> R:

@@ -35,6 +35,8 @@ from meshpost.control.messages import (
     ErrorReply,
     EventsReply,
     EventsRequest,
+    GroupHistoryReply,
+    GroupHistoryRequest,
     GroupReply,
     GroupRequest,
     IncomingInfo,
@@ -430,6 +432,12 @@ class ControlServer:
                 return BroadcastReply(status=handle.status, id=request.id)
             case QueueStatusRequest(queue=queue):
                 return QueueStatusReply(queues=await node.queue_status(queue), id=request.id)
+            case GroupHistoryRequest(group=group, limit=limit, before_hlc=before_hlc,
+                                     wait_s=wait_s):
+                history = await node.fetch_group_history(group, limit=limit,
+                                                         before_hlc=before_hlc,
+                                                         timeout_s=wait_s)
+                return GroupHistoryReply(history=history, id=request.id)
             case BroadcastStatusRequest(logical_id=logical_id, seen=seen, wait_s=wait_s):
                 return BroadcastReply(status=await self._broadcast_status(logical_id, seen,
                                                                           wait_s),
