@@ -52,6 +52,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 
     if args.peer and args.group:
         raise ConfigError("--peer and --group: give one (a group's messages come from all)")
+    if args.ask:
+        return _ask_group_history(args)
     statuses = None
     with StoreReader.for_data_dir(data_dir(args)) as reader:
         if args.group:  # ours once each, with delivered k/n from their copies' receipts
@@ -90,6 +92,41 @@ def cmd_history(args: argparse.Namespace) -> int:
         # escaped (as in the console), shortened unless -v.
         print(render_history(rows, me=args.node, width=terminal_width(), verbose=args.verbose,
                              title=title, group=args.group, statuses=statuses))
+    return EXIT_OK
+
+
+#: How long `history --ask` waits for the members' replies unless told `--wait`.
+ASK_WAIT_S = 5.0
+
+
+def _ask_group_history(args: argparse.Namespace) -> int:
+    """`history --group G --ask`: the running node asks each member of G for its own messages
+    to G (docs/protocol.md 19.6); each is printed labelled with the member that answered."""
+    import dataclasses
+
+    from meshpost.control import ControlClient, GroupHistoryRequest, checked
+    from meshpost.protocol.history import DEFAULT_HISTORY_ITEMS, MAX_HISTORY_ITEMS
+    from meshpost.text import format_fetched_history
+
+    if not args.group:
+        raise ConfigError("--ask needs --group G: it asks the members of a group")
+    if args.csv:
+        raise ConfigError("--ask prints lines or --json, not --csv")
+    limit = DEFAULT_HISTORY_ITEMS if args.n is None else args.n
+    if limit > MAX_HISTORY_ITEMS:
+        raise ConfigError(f"--ask takes at most {MAX_HISTORY_ITEMS} messages per member (-n)")
+    if args.wait <= 0:
+        raise ConfigError(f"--wait wants seconds above 0, not {args.wait}")
+    with ControlClient(data_dir(args), name=args.node) as client:
+        history = checked(client.request(
+            GroupHistoryRequest(args.group, limit, 0, args.wait),
+            timeout_s=args.wait + 10)).history
+    if args.json:
+        json.dump(dataclasses.asdict(history), sys.stdout, ensure_ascii=False, indent=1)
+        print()
+    else:
+        for line in format_fetched_history(history):
+            print(line)
     return EXIT_OK
 
 
@@ -137,6 +174,11 @@ def add_history(sub: Subcommands) -> None:
     p.add_argument("--node", required=True)
     p.add_argument("--peer")
     p.add_argument("--group", help="only messages to group G (ours once each, with k/n)")
+    p.add_argument("--ask", action="store_true",
+                   help="with --group G: the running node asks each member of G for its own "
+                        "last N messages to G (also those from before it joined)")
+    p.add_argument("--wait", type=float, default=ASK_WAIT_S, metavar="S",
+                   help=f"--ask: wait S seconds for the members' replies (default {ASK_WAIT_S:g})")
     p.add_argument("--data")
     p.add_argument("-n", type=int, default=None, help="only the last N messages")
     fmt = p.add_mutually_exclusive_group()
