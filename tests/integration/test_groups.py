@@ -101,3 +101,47 @@ def test_join_and_leave_while_messages_flow_and_membership_after_restart(
     for node in ("A", "B", "C", "D"):
         assert members(node) == "team: A, C", node
     assert to_team("m4") == ["C"]
+
+
+def test_a_later_member_asks_each_member_for_its_own_earlier_messages(
+    four: LocalCluster,
+) -> None:
+    """Issue 18 item 5 (docs/protocol.md 19.6.1): A and B talk in team, C joins later and asks
+    (`history --group team --ask`): it gets A's and B's messages, each labelled with the member
+    that answered, and each member's reply holds its own messages only."""
+    def data(node: str) -> str:
+        return str(four.data_dir(node))
+
+    for node, text in (("A", "a-early"), ("B", "b-early"), ("A", "a-later")):
+        sent = meshpost("send", "--node", node, "--data", data(node), "--to", "team", text)
+        assert sent.returncode == 0, sent.stderr
+    joined = meshpost("group", "join", "team", "--node", "C", "--data", data("C"))
+    assert joined.returncode == 0, joined.stderr
+
+    def members_know_c() -> bool:
+        for node in ("A", "B"):
+            out = meshpost("group", "members", "team", "--node", node, "--data", data(node))
+            if out.stdout.splitlines()[-1:] != ["team: A, B, C"]:
+                return False
+        return True
+
+    wait_until(members_know_c, 30, "A and B to learn that C joined")
+    asked = meshpost("history", "--node", "C", "--data", data("C"), "--group", "team", "--ask",
+                     "--wait", "20", "--json")
+    assert asked.returncode == 0, asked.stderr
+    fetched = json.loads(asked.stdout)
+    assert sorted(fetched["answered"]) == ["A", "B"]
+    assert fetched["unanswered"] == {}
+    assert [(m["sender"], m["body"]) for m in fetched["messages"]] == [
+        ("A", "a-early"), ("B", "b-early"), ("A", "a-later")]
+    # The lines a person reads, and C's own store: the replies, no received group message.
+    lines = meshpost("history", "--node", "C", "--data", data("C"), "--group", "team", "--ask")
+    assert "B → team (earlier): b-early" in lines.stdout, lines.stdout
+    stored = json.loads(meshpost("history", "--node", "C", "--data", data("C"),
+                                 "--json").stdout)
+    replies = [r for r in stored if r["kind"] == "reply"]
+    assert {r["from"] for r in replies} == {"A", "B"}
+    for reply in replies:
+        assert all(body.startswith(reply["from"].lower() + "-")
+                   for _id, _sent, _hlc, body in json.loads(reply["body"]))
+    assert not [r for r in stored if r["kind"] == "group"]
