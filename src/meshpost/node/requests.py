@@ -263,6 +263,10 @@ class Requests:
         for member, result in zip(members, results, strict=True):
             if isinstance(result, RequestTimeout):
                 unanswered[member] = result.outcome
+            elif isinstance(result, MeshpostError) and not isinstance(result, NodeClosed):
+                # One member that cannot be asked (e.g. found while running, not configured:
+                # `request` takes configured peers) does not cost the others' answers.
+                unanswered[member] = f"not asked: {result}"
             elif isinstance(result, BaseException):
                 raise result
             else:
