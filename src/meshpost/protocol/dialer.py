@@ -50,16 +50,10 @@ from meshpost.protocol.frames import (
     Welcome,
     max_frame_bytes,
 )
+from meshpost.protocol.rto import RtoEstimator
 
 #: After a refusal for a reason only an operator can fix, ask again this rarely.
 REFUSED_RETRY_S = 10.0
-#: Smoothing of round-trip samples for the retransmission timeout (RFC 6298's alpha, beta, K).
-RTT_ALPHA = 0.125
-RTT_BETA = 0.25
-RTT_K = 4.0
-#: RFC 6298's clock granularity G: the least variance term, so that a perfectly steady round
-#: trip still leaves a margin over SRTT.
-RTT_G_S = 0.001
 #: What a held message costs besides its body (the Envelope, its id, the dict slot): the
 #: window's byte count is body characters plus this, an estimate of memory, not of the wire.
 HELD_MESSAGE_OVERHEAD = 256
@@ -191,7 +185,6 @@ class DialerLink:
         self.peer = peer
         self.window = window
         self.window_bytes = window_bytes
-        self._rto_initial = retransmit_initial_s
         self._rto_max = retransmit_max_s
         self._ping_interval = ping_interval_s
         self._peer_timeout = peer_timeout_s
@@ -226,8 +219,7 @@ class DialerLink:
         self._rto = retransmit_initial_s
         #: Smoothed round trip (batch sent -> its receipt back, which includes the peer's
         #: commit) and its mean deviation, from receipts; None until the first sample.
-        self.srtt_s: float | None = None
-        self._rttvar_s = 0.0
+        self._rtt = RtoEstimator(retransmit_initial_s, retransmit_max_s)
         self._rto_deadline: float | None = None
         #: What went out when, oldest first: (monotonic send time, its wall-clock tx time as
         #: the Batch says, the batch's messages). Settled flights are dropped lazily.
@@ -646,10 +638,12 @@ class DialerLink:
         """The retransmission timeout before backoff: `retransmit_initial_s`, or more when
         receipts take longer (a busy peer committing big batches is slow, not gone), as
         SRTT + max(G, 4 * RTTVAR) (RFC 6298), never above `retransmit_max_s`."""
-        if self.srtt_s is None:
-            return self._rto_initial
-        adaptive = self.srtt_s + max(RTT_G_S, RTT_K * self._rttvar_s)
-        return min(self._rto_max, max(self._rto_initial, adaptive))
+        return self._rtt.base_s
+
+    @property
+    def srtt_s(self) -> float | None:
+        """The smoothed round trip of this link's receipts; None before the first sample."""
+        return self._rtt.srtt_s
 
     @property
     def rto(self) -> float:
@@ -724,16 +718,6 @@ class DialerLink:
         while flights and not any(map(has, map(_SEQ, flights[0][2]))):
             flights.popleft()
 
-    def _add_rtt_sample(self, sample_s: float) -> None:
-        # Beyond the longest timeout a sample says more about a stall than about the path.
-        if not 0.0 <= sample_s <= self._rto_max:
-            return
-        if self.srtt_s is None:
-            self.srtt_s, self._rttvar_s = sample_s, sample_s / 2
-        else:
-            self._rttvar_s += RTT_BETA * (abs(self.srtt_s - sample_s) - self._rttvar_s)
-            self.srtt_s += RTT_ALPHA * (sample_s - self.srtt_s)
-
     def _on_refuse(
         self, code: str, detail: str, before: LinkState, now: float, wall_ns: int, hlc: int
     ) -> None:
@@ -783,7 +767,7 @@ class DialerLink:
                 # the backed-off timeout stays until a first transmission is receipted.
                 resent.difference_update(settled)
             else:
-                self._add_rtt_sample((wall_ns - receipt.echo_tx_at_ns) / 1e9)
+                self._rtt.add_sample((wall_ns - receipt.echo_tx_at_ns) / 1e9)
                 self._rto = self.base_rto
             # Progress restarts the timer (RFC 6298 5.3): a slow peer that keeps receipting
             # is not timed out batch by batch.

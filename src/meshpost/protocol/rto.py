@@ -1,0 +1,48 @@
+"""The retransmission timeout of one link, from the round trips of its receipts (RFC 6298).
+
+Rule: arithmetic on the samples the dialer hands in, nothing else: no clock, no frames, no
+backoff (that is the dialer's, per stall). Samples are Karn-clean: the dialer only measures
+receipts of batches sent once.
+"""
+
+from __future__ import annotations
+
+#: Smoothing of round-trip samples (RFC 6298's alpha, beta, K).
+RTT_ALPHA = 0.125
+RTT_BETA = 0.25
+RTT_K = 4.0
+#: RFC 6298's clock granularity G: the least variance term, so that a perfectly steady round
+#: trip still leaves a margin over SRTT.
+RTT_G_S = 0.001
+
+
+class RtoEstimator:
+    """Smoothed RTT and its variance; `base_s` is the timeout they give, within bounds."""
+
+    __slots__ = ("initial_s", "max_s", "rttvar_s", "srtt_s")
+
+    def __init__(self, initial_s: float, max_s: float) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.srtt_s: float | None = None
+        self.rttvar_s = 0.0
+
+    def add_sample(self, sample_s: float) -> None:
+        """Fold in one round trip, in seconds."""
+        # Beyond the longest timeout a sample says more about a stall than about the path.
+        if not 0.0 <= sample_s <= self.max_s:
+            return
+        if self.srtt_s is None:
+            self.srtt_s, self.rttvar_s = sample_s, sample_s / 2
+        else:
+            self.rttvar_s += RTT_BETA * (abs(self.srtt_s - sample_s) - self.rttvar_s)
+            self.srtt_s += RTT_ALPHA * (sample_s - self.srtt_s)
+
+    @property
+    def base_s(self) -> float:
+        """`initial_s` until a sample, then SRTT + max(G, K * RTTVAR), never below
+        `initial_s` nor above `max_s`."""
+        if self.srtt_s is None:
+            return self.initial_s
+        adaptive = self.srtt_s + max(RTT_G_S, RTT_K * self.rttvar_s)
+        return min(self.max_s, max(self.initial_s, adaptive))
