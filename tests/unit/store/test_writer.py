@@ -49,9 +49,12 @@ def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
 @contextlib.asynccontextmanager
 async def running_writer(
     data_dir: Path, clock: FakeClock | None = None, sync: str = "full",
+    marks: list[tuple[str, int]] | None = None,
 ) -> AsyncIterator[GroupCommitWriter]:
+    """A writer running on a fresh store; with `marks`, its probe marks are recorded there."""
     store = Store.open(data_dir, name="alice", sync=sync)
-    writer = GroupCommitWriter(store, clock or FakeClock(), node="alice")
+    probe = MarkRecorder(marks) if marks is not None else None
+    writer = GroupCommitWriter(store, clock or FakeClock(), node="alice", probe=probe)
     task = asyncio.create_task(writer.run())
     try:
         yield writer
@@ -292,10 +295,7 @@ def test_a_message_added_after_a_queued_receipt_record_shares_its_submit(
     its next message; one submit commits both, with no second one queued for the loop."""
     async def scenario() -> None:
         marks: list[tuple[str, int]] = []
-        store = Store.open(tmp_path, name="alice", sync="normal")
-        writer = GroupCommitWriter(store, FakeClock(), node="alice", probe=MarkRecorder(marks))
-        task = asyncio.create_task(writer.run())
-        try:
+        async with running_writer(tmp_path, sync="normal", marks=marks) as writer:
             await asyncio.sleep(0)
             writer.add_outgoing([out(1)], lambda _at: None)
             await writer.flush()
@@ -308,11 +308,6 @@ def test_a_message_added_after_a_queued_receipt_record_shares_its_submit(
                 await asyncio.sleep(0)  # any submit still queued would run meanwhile
             assert [label for label, _t in marks].count(probes.WRITER_SUBMITS) == 1
             assert writer.commits == 2
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            writer.close()
 
     run(scenario)
 
@@ -320,10 +315,7 @@ def test_a_message_added_after_a_queued_receipt_record_shares_its_submit(
 def test_adds_held_for_submit_now_queue_no_submit_of_their_own(tmp_path: Path) -> None:
     async def scenario() -> None:
         marks: list[tuple[str, int]] = []
-        store = Store.open(tmp_path, name="alice", sync="normal")
-        writer = GroupCommitWriter(store, FakeClock(), node="alice", probe=MarkRecorder(marks))
-        task = asyncio.create_task(writer.run())
-        try:
+        async with running_writer(tmp_path, sync="normal", marks=marks) as writer:
             await asyncio.sleep(0)
             done: list[int] = []
             writer.hold_submits()
@@ -342,11 +334,6 @@ def test_adds_held_for_submit_now_queue_no_submit_of_their_own(tmp_path: Path) -
             writer.add_incoming([incoming(3)], lambda _r, at: done.append(at))
             await writer.flush()
             assert len(done) == 3
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            writer.close()
 
     run(scenario)
 
