@@ -275,20 +275,20 @@ def test_receipt_futures_nobody_can_observe_are_not_kept_while_the_peer_is_away(
 def test_posts_committed_together_leave_together_in_one_batch_frame(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from meshpost.node import Node as NodeClass
+    from meshpost.node.links import Links
     from meshpost.protocol import Batch
     from meshpost.verify import verify_stores
 
     endpoints = {n: f"ipc://{short_tmp}/{n.lower()}.sock" for n in "AB"}
     batch_sizes: list[int] = []
-    real_transmit = NodeClass._transmit
+    real_transmit = Links._transmit
 
-    def transmit(self: NodeClass, peer: str, frames: list[Any]) -> None:
-        if self.name == "A":
+    def transmit(self: Links, peer: str, frames: list[Any]) -> None:
+        if self._node.name == "A":
             batch_sizes.extend(len(f.messages) for f in frames if isinstance(f, Batch))
         real_transmit(self, peer, frames)
 
-    monkeypatch.setattr(NodeClass, "_transmit", transmit)
+    monkeypatch.setattr(Links, "_transmit", transmit)
 
     def config(name: str, peer: str) -> NodeConfig:
         return NodeConfig(name=name, bind=(endpoints[name],),

@@ -309,11 +309,13 @@ def test_only_the_bench_uses_its_extra() -> None:
     assert not bad, "\n".join(bad)
 
 
-#: The node package inside, bottom to top: the records are plain data, each pattern component
-#: uses them, core composes the components, the package re-exports. "" is `meshpost.node`.
+#: The node package inside, bottom to top: the records are plain data, each component (the
+#: links and the patterns) uses them, core composes the components, the package re-exports.
+#: "" is `meshpost.node`.
 NODE_RANKS: dict[str, int] = {
     "records": 0,
     "groups": 1,
+    "links": 1,
     "requests": 1,
     "workqueue": 1,
     "core": 2,
@@ -321,7 +323,8 @@ NODE_RANKS: dict[str, int] = {
 }
 #: A component names `Node` in its annotations only (under `if TYPE_CHECKING:`): core
 #: imports the components at run time, so the other way round would be a cycle.
-NODE_TYPE_ONLY = {("groups", "core"), ("requests", "core"), ("workqueue", "core")}
+NODE_TYPE_ONLY = {("groups", "core"), ("links", "core"), ("requests", "core"),
+                  ("workqueue", "core")}
 
 
 def node_part(module: str) -> str:
@@ -349,7 +352,7 @@ def test_node_modules_import_only_down() -> None:
 
 
 def test_node_components_import_core_for_types_only() -> None:
-    """Importing a pattern module alone does not load core (its import is type-only)."""
+    """Importing a component's module alone does not load core (its import is type-only)."""
     for src, _core in sorted(NODE_TYPE_ONLY):
         source = (PACKAGE / "node" / f"{src}.py").read_text(encoding="utf-8")
         tree = ast.parse(source)

@@ -2,17 +2,19 @@
 
 Rule: `from meshpost.node import X` is the public import path; this file only re-exports.
 
-    core       `Node`: lifecycle, links, the post/send path, feed and timer loops, store
-               callbacks; it composes the pattern components below and delegates to them
+    core       `Node`: lifecycle, the listener, the post/send path, receipts, store
+               callbacks; it composes the components below and delegates to them
     records    the API's records and events (plain data)
+    links      `Links`: the links to the peers, their connections, timer and feed loops
     groups     `Groups`: membership and broadcasts (k/n)
     requests   `Requests`: request/reply and the request handler
     workqueue  `WorkQueues`: ventilator, worker and sink roles
 
-The patterns are components, not mixins: each owns its state (tracker, dispatchers,
-waiters, handlers) behind its own attributes, so which code may touch which state is
-visible, and `Node` keeps its public methods as one-line delegates. A component reaches its
-node's post path and store through the node it is given (`_post`, `_writer`, `_links`).
+The links and the patterns are components, not mixins: each owns its state (links and
+timers, tracker, dispatchers, waiters, handlers) behind its own attributes, so which code
+may touch which state is visible, and `Node` keeps its public methods as one-line
+delegates. A component reaches its node's post path and store through the node it is given
+(`_post`, `_writer`, `_links`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Rule: decide, then perform. Protocol objects decide what to send and what happen
 module performs it (sockets, group commit) and never acknowledges a message before the store
 has committed it. Lower layers never import this module. Transport, store and clock are
 injected (the real ones by default), so tests run a node on fakes in virtual time. The
-patterns (groups, requests, work queues) are components in their own modules.
+links to the peers (with their timers) and the patterns (groups, requests, work queues)
+are components in their own modules.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import heapq
 import itertools
 import logging
-import math
 import operator
 import os
 import secrets
@@ -33,7 +32,7 @@ from meshpost.clock import (
     HybridLogicalClock,
     SystemClock,
 )
-from meshpost.config import NodeConfig, PeerConfig
+from meshpost.config import NodeConfig
 from meshpost.errors import (
     ConfigError,
     InvalidMessage,
@@ -43,9 +42,9 @@ from meshpost.errors import (
     ProtocolError,
     ReceiptTimeout,
     StoreCorrupt,
-    UnknownPeer,
 )
 from meshpost.node.groups import Groups
+from meshpost.node.links import Links
 from meshpost.node.records import (
     BroadcastHandle,
     CrashPoint,
@@ -70,9 +69,6 @@ from meshpost.node.records import (
 from meshpost.node.requests import Requests
 from meshpost.node.workqueue import DEFAULT_LEASE_S, WorkQueues
 from meshpost.protocol import (
-    Batch,
-    Bye,
-    DialerLink,
     Envelope,
     Event,
     Frame,
@@ -128,8 +124,6 @@ log = logging.getLogger(__name__)
 
 
 
-#: The timer loop never sleeps less than this (a deadline a hair away is polled a hair late).
-_MIN_TICK_S = 0.002
 #: Subscriber queues (console, control tail) drop their oldest events past this many.
 SUBSCRIBER_QUEUE = 10_000
 #: A connection we refuse is told to subscribers at most this often per routing id: a refused
@@ -227,19 +221,8 @@ class Node:
         self._writer: GroupCommitWriter | None = None
         self._transport: Transport | None = None
         self._listener: Listener | None = None
-        self._links: dict[str, DialerLink] = {}
-        #: Peers whose link holds a connection (a transport socket); an idle link has none.
-        self._connected: set[str] = set()
-        #: Links watched by something above them (work-queue workers): kept open and pinged.
-        self._watched: set[str] = set()
-        #: The timer loop's agenda: each link's next deadline (`DialerLink.next_timer`) as
-        #: scheduled, and a heap of (deadline, peer) holding them (and stale ones, skipped).
-        self._due: dict[str, float] = {}
-        self._timer_heap: list[tuple[float, str]] = []
-        self._timer_wake_at = math.inf
-        self._timer_wakeup = asyncio.Event()
-        #: Links that committed messages were offered to since the last pump (an ordered set).
-        self._links_to_pump: dict[str, DialerLink] = {}
+        #: The links to the peers, their connections and timers (a mapping by peer name).
+        self._links = Links(self)
         self._next_seq: dict[str, int] = {}
         # Receipt futures of post()/send() messages not yet settled: weakly (a future its
         # caller dropped is forgotten), and strongly in _held once someone waits for one.
@@ -249,7 +232,6 @@ class Node:
         self._send_deadlines: dict[asyncio.Future[Receipt], tuple[float, str, str, float]] = {}
         self._send_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._feed_wakeup = asyncio.Event()
         self._subscribers: list[asyncio.Queue[NodeEvent]] = []
         self._refusal_notices: dict[str, float] = {}
         self._delivered_changed = asyncio.Event()
@@ -264,8 +246,6 @@ class Node:
         self.failure: NodeFailed | None = None
         self._failed = asyncio.Event()
         self.endpoints: list[str] = []
-        #: Every peer's endpoint and how it was found ("config" or "beacon").
-        self._found: dict[str, tuple[str, str]] = {}
         # The patterns (docs/protocol.md 19), each a component that owns its state; the node
         # runs the tasks their handlers need (`_spawn_handler`), cancelled at close.
         self._groups = Groups(self)
@@ -298,7 +278,7 @@ class Node:
         try:
             self._writer = GroupCommitWriter(store, self.clock, node=self.name,
                                              on_failure=self._store_failed, probe=self._probe,
-                                             on_committed=self._pump_offered_links)
+                                             on_committed=self._links.pump_offered)
             self._next_seq = await self._writer.call(store.last_seqs)
             # Start the HLC above every stamp already stored, since the wall clock may have
             # gone back while the node was down: our own stamps as they are, our peers'
@@ -347,11 +327,7 @@ class Node:
                 context=self._zmq_context,
             )
             self.endpoints = self._transport.bind(cfg.bind)
-            # A small mesh dials every peer at once (who is up shows at start); a big one
-            # opens each link on its first message (docs/protocol.md 2.1).
-            lazy = len(cfg.peers) > cfg.dial_at_start
-            for peer in cfg.peers:
-                self._new_link(peer.name, peer.endpoint, "config", lazy=lazy)
+            self._links.add_configured()
             # What a big store's open left unchecked is verified after start (`_verify_store`).
             verifier = await asyncio.to_thread(store.open_verifier)
         except BaseException:
@@ -360,45 +336,20 @@ class Node:
         self._tasks = [
             asyncio.create_task(self._queues.run(), name=f"{self.name}-workqueues"),
             asyncio.create_task(self._writer.run(), name=f"{self.name}-writer"),
-            asyncio.create_task(self._timer_loop(), name=f"{self.name}-timers"),
-            asyncio.create_task(self._feed_loop(), name=f"{self.name}-feeder"),
+            asyncio.create_task(self._links.run_timers(), name=f"{self.name}-timers"),
+            asyncio.create_task(self._links.run_feeder(), name=f"{self.name}-feeder"),
         ]
         if verifier is not None:
             self._tasks.append(asyncio.create_task(self._verify_store(verifier),
                                                    name=f"{self.name}-verifier"))
-        self._transport.start(self._on_inbound_frame, self._on_peer_frame,
+        self._transport.start(self._on_inbound_frame, self._links.on_peer_frame,
                               self._writer.submit_now)
         for task in self._tasks:
             task.add_done_callback(self._task_died)
         self._started = True
-        self._feed_wakeup.set()
+        self._links.wake_feeder()
         self._requests.start()
         log.info("[%s] node %s listening on %s", self.name, self.node_id, ", ".join(self.endpoints))
-
-    def _new_link(self, peer: str, endpoint: str, found: str, *, lazy: bool) -> None:
-        assert self._store is not None
-        assert self._listener is not None
-        cfg = self.config
-        self._links[peer] = link = DialerLink(
-            local_name=cfg.name,
-            local_node_id=self._store.node_id,
-            peer=peer,
-            window=cfg.window,
-            window_bytes=cfg.window_bytes,
-            retransmit_initial_s=cfg.retransmit_initial_s,
-            retransmit_max_s=cfg.retransmit_max_s,
-            ping_interval_s=cfg.ping_interval_s,
-            peer_timeout_s=cfg.peer_timeout_s,
-            max_frame_bytes=self._listener.max_frame_bytes,
-            link_idle_s=cfg.link_idle_s,
-            lazy=lazy,
-            # A small mesh (links dialed at start) watches a link for as long as it is open,
-            # so a crashed peer shows as lost; a big one only while the link is in use.
-            recent_s=None if lazy else math.inf,
-            now=self.clock.monotonic(),
-        )
-        self._found[peer] = (endpoint, found)
-        self._perform(link)  # a link dialed at once gets its socket and its first timer
 
     def add_peer(self, name: str, endpoint: str, *, node_id: str | None = None,
                  found: str = "beacon") -> bool:
@@ -408,87 +359,30 @@ class Node:
         claiming the name is refused, so it can never take the first one's messages. Messages
         stored for `name` in an earlier run are sent once it answers.
         """
-        self._check_open()
-        PeerConfig(name, endpoint)  # validates both
-        if name == self.name:
-            raise ConfigError(f"{name!r} is this node's own name")
-        if self.config.exclusive is not None and name != self.config.exclusive:
-            return False  # one end of an exclusive pair talks to no one else
-        transport, listener = self._transport, self._listener
-        assert transport is not None
-        assert listener is not None
-        if node_id is not None:
-            listener.expected_node_ids[name] = node_id
-        if name in self._links:
-            return False
-        self._new_link(name, endpoint, found,
-                       lazy=len(self._links) >= self.config.dial_at_start)
-        listener.known_peers = listener.known_peers | {name}
-        self._feed_wakeup.set()
-        log.info("[%s] %s joined (%s, %s)", self.name, name, found, endpoint)
-        self._publish(PeerChanged(name, False, PeerChange.JOINED, f"via {found} at {endpoint}"))
-        return True
+        return self._links.add_peer(name, endpoint, node_id=node_id, found=found)
 
     def connect(self, *peers: str) -> None:
         """Open the links to `peers` (all peers if none is named) now rather than on their
         first message, as a probe: `peers()` shows who answers. Links with nothing to send
         close again after `link_idle_s`. Raises `UnknownPeer` for a name that is no peer."""
-        self._check_open()
-        for name in peers:
-            if name not in self._links:
-                raise UnknownPeer(name, sorted(self._links))
-        now = self.clock.monotonic()
-        for name in peers or list(self._links):
-            link = self._links[name]
-            link.open(now)
-            self._perform(link)
+        self._links.connect(*peers)
 
     @property
     def next_timer(self) -> float:
         """The monotonic time (`clock`) the timer loop next wakes for a link; `math.inf`
         when no link has anything to time (all idle or quiet)."""
-        return min(self._due.values(), default=math.inf)
+        return self._links.next_timer
 
     def watch_peers(self, names: set[str]) -> None:
         """Keep the links to `names` open and their liveness watched (pings, silence) even
         with nothing to send, and stop watching the others watched before: what a
         ventilator needs of its workers, whose loss takes their tasks back."""
-        if names == self._watched:
-            return
-        now = self.clock.monotonic()
-        for name in names ^ self._watched:
-            link = self._links.get(name)
-            if link is None:
-                continue
-            link.watched = name in names
-            if link.watched:
-                link.open(now)
-            self._perform(link)
-        self._watched = set(names)
-
-    def _peer_dialed_us(self, peer: str | None) -> None:
-        """`peer` opened a session with us (a Hello we welcomed). In a small mesh, whose links
-        are dialed at start, our idle link to it dials back, so a peer that returns after its
-        link to us idled out (a restart, a first message) shows up as connected again. A big
-        mesh does not: answering n peers' Hellos with n connections is what lazy links avoid.
-        (The name is the peer's word; the worst it can do is have us dial that name's
-        configured endpoint once.)"""
-        link = self._links.get(peer) if peer is not None else None
-        if link is None or link.needs_connection or len(self._links) > self.config.dial_at_start:
-            return
-        link.open(self.clock.monotonic())
-        self._perform(link)
+        self._links.watch_peers(names)
 
     def peer_heard(self, name: str) -> None:
         """Discovery heard `name` again. A link it refused as unknown (it had not heard us
         yet when we dialed: a start-up race) asks again now instead of in 10 s."""
-        link = self._links.get(name)
-        if link is None or not (link.refusal or "").startswith(RefuseCode.UNKNOWN_PEER):
-            return
-        now = self.clock.monotonic()
-        link.retry_soon(now)
-        link.poll(now, self.clock.wall_ns(), self.hlc.now())
-        self._perform(link)
+        self._links.peer_heard(name)
 
     def _store_failed(self, error: BaseException) -> None:
         """The writer broke (called once, on the loop): like h11's connection after an error,
@@ -564,7 +458,7 @@ class Node:
             except TimeoutError:
                 log.warning("[%s] last batch did not commit in time; it is not acknowledged",
                             self.name)
-        self._say_goodbye()
+        self._links.say_goodbye()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -584,17 +478,6 @@ class Node:
         self._requests.close()
         await self._teardown()
         log.info("[%s] node closed", self.name)
-
-    def _say_goodbye(self) -> None:
-        """Tell every reachable peer we are leaving, so it shows us gone now rather than after
-        `peer_timeout_s` of silence. (The sockets' LINGER lets these frames leave.)"""
-        transport = self._transport
-        if transport is None:
-            return
-        bye = encode(Bye("shutting down"))
-        for peer, link in self._links.items():
-            if link.reachable:
-                transport.send_to_peer(peer, bye)
 
     async def _teardown(self) -> None:
         if self._transport is not None:
@@ -1103,35 +986,7 @@ class Node:
 
     def peers(self) -> list[PeerStatus]:
         """Status of every peer, configured or discovered."""
-        now = self.clock.monotonic()
-        wall = self.clock.wall_ns()
-        result = []
-        for name, (endpoint, found) in self._found.items():
-            link = self._links.get(name)
-            if link is None:
-                continue
-            last_seen = None
-            if link.last_heard is not None:
-                last_seen = wall - int((now - link.last_heard) * 1e9)
-            result.append(
-                PeerStatus(
-                    name=name,
-                    endpoint=endpoint,
-                    connected=link.reachable,
-                    state=link.state.value,
-                    last_seen_ns=last_seen,
-                    rtt_ns=link.offset.rtt_ns,
-                    offset_ns=link.offset.offset_ns,
-                    unacknowledged=link.unacknowledged,
-                    refusal=link.refusal or self._handshake_failure(name),
-                    found=found,
-                )
-            )
-        return result
-
-    def _handshake_failure(self, peer: str) -> str | None:
-        transport = self._transport
-        return transport.handshake_failure(peer) if transport is not None else None
+        return self._links.statuses()
 
     def snapshot_stats(self) -> NodeStats:
         if self._writer is not None:
@@ -1175,7 +1030,7 @@ class Node:
         peer: str | None = None,
     ) -> None:
         """`envelopes` are committed; with `peer`, all of them are for that one peer. They
-        leave when the commit's callbacks are done (`_pump_offered_links`, the writer's
+        leave when the commit's callbacks are done (`Links.pump_offered`, the writer's
         `on_committed`): what all of them offered goes together, in full batch frames,
         however many `post` calls it came from (a frame per call cost both sides its
         encoding, decoding, checks and receipt), before any caller resumes."""
@@ -1192,95 +1047,14 @@ class Node:
             for e in envelopes:
                 by_peer.setdefault(e.recipient, []).append(e)
         for peer, group in by_peer.items():
-            link = self._links[peer]
-            link.offer(group)
-            self._links_to_pump[peer] = link
-
-    def _pump_offered_links(self) -> None:
-        """Send what the links were offered since the last pump (after each commit)."""
-        if not self._links_to_pump:
-            return
-        links, self._links_to_pump = self._links_to_pump, {}
-        now, wall = self.clock.monotonic(), self.clock.wall_ns()
-        for link in links.values():
-            link.pump(now, wall)
-            self._perform(link)
-
-    async def _feed_loop(self) -> None:
-        """Read from the outbox on disk what links ask for (`DialerLink.disk_request`)."""
-        assert self._writer is not None
-        assert self._store is not None
-        writer, store = self._writer, self._store
-        while True:
-            await self._feed_wakeup.wait()
-            self._feed_wakeup.clear()
-            # A copy: discovery may add a link while this loop awaits the store.
-            for peer, link in list(self._links.items()):
-                request = link.disk_request()
-                if request is None:
-                    continue
-                after_seq, limit = request
-                try:
-                    rows = await writer.call(store.load_pending, peer, after_seq, limit)
-                except StoreCorrupt as exc:  # a rotted row is never (re)transmitted
-                    writer.fail(exc)
-                    return
-                link.refill(rows)
-                link.pump(self.clock.monotonic(), self.clock.wall_ns())
-                self._perform(link)
+            self._links.offer(peer, group)
 
     # -- I/O loops ------------------------------------------------------------------------
 
     def poll_timers(self) -> None:
         """Give every link its timer now (retransmission, pings, liveness), as the timer loop
         does; for tests that move a fake clock and want its effects without waiting."""
-        now, wall, hlc = self.clock.monotonic(), self.clock.wall_ns(), self.hlc.now()
-        for link in self._links.values():
-            link.poll(now, wall, hlc)
-            self._due.pop(link.peer, None)  # polled: its agenda entry is replaced, not kept
-            self._perform(link)
-
-    async def _timer_loop(self) -> None:
-        # Polls only the links whose deadline is due, and sleeps until the next deadline
-        # however far: no periodic scan, so a node whose links are quiet wakes for nothing.
-        # Every input that may move a deadline earlier goes through `_perform`, which
-        # reschedules the link (`_schedule`) and wakes this loop if needed.
-        clock, heap, due = self.clock, self._timer_heap, self._due
-        wakeup = self._timer_wakeup
-        while True:
-            now = clock.monotonic()
-            if heap and heap[0][0] <= now:
-                wall, hlc = clock.wall_ns(), self.hlc.now()
-                while heap and heap[0][0] <= now:
-                    deadline, name = heapq.heappop(heap)
-                    if due.get(name) != deadline:
-                        continue  # superseded by an earlier entry, already polled
-                    del due[name]
-                    link = self._links.get(name)
-                    if link is not None:
-                        link.poll(now, wall, hlc)
-                        self._perform(link)
-            wakeup.clear()
-            self._timer_wake_at = wake_at = heap[0][0] if heap else math.inf
-            # (A deadline already due again cannot come from polling: a link's poll at its
-            # deadline moves it. The floor only bounds the loop if that ever broke.)
-            timeout = None if wake_at == math.inf else max(wake_at - now, _MIN_TICK_S)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await wakeup.wait()
-
-    def _on_peer_frame(self, peer: str, data: bytes) -> None:
-        """A frame a peer sent back on our link to it (called from the transport)."""
-        probe = self._probe
-        if probe is not None:
-            probe.mark(probes.PEER_FRAME)
-        link, clock = self._links[peer], self.clock
-        if probe is not None:
-            probe.mark(probes.DIALER_RECEIVE[0])
-        link.receive(data, clock.monotonic(), clock.wall_ns(), self.hlc.last)
-        if probe is not None:
-            probe.mark(probes.DIALER_RECEIVE[1])
-        self._perform(link)
+        self._links.poll_timers()
 
     def _on_inbound_frame(self, identity: bytes, data: bytes, user_id: str | None) -> None:
         """A frame sent to our ROUTER (called from the transport)."""
@@ -1308,15 +1082,13 @@ class Node:
             if type(frame) is Refuse and frame.code != RefuseCode.HELLO_REQUIRED:
                 self._notice_refusal(self._claimed_name(data, who), frame)
             elif type(frame) is Welcome:
-                self._peer_dialed_us(listener.session_peer(who))
+                self._links.peer_dialed_us(listener.session_peer(who))
         for event in listener.events():
             match event:
                 case MessagesArrived():
                     self._store_incoming(identity, event)
                 case PeerLeft(peer=peer, reason=reason) if peer in self._links:
-                    link = self._links[peer]
-                    link.peer_left(self.clock.monotonic(), reason)
-                    self._perform(link)
+                    self._links.peer_left(peer, reason)
                 case _:
                     self._on_event(event)
         if not writer.has_room and not transport.inbound_paused:
@@ -1422,68 +1194,6 @@ class Node:
 
     # -- performing what the protocol decided -----------------------------------------------
 
-    def _perform(self, link: DialerLink) -> None:
-        frames = link.frames_to_send()
-        peer = link.peer
-        needs = link.needs_connection
-        if needs and peer not in self._connected:
-            self._set_connection(peer, True)
-        if frames:
-            self._transmit(peer, frames)
-        if not needs and peer in self._connected:
-            self._set_connection(peer, False)  # after its Close: the socket lingers for it
-        self._schedule(link)
-        for event in link.events():
-            if isinstance(event, ViolationDetected):  # the peer's answer did not decode
-                self.stats.undecodable += 1
-                log.warning("[%s] bad frame from %s: %s", self.name, link.peer, event.error)
-            else:
-                self._on_event(event)
-        if link.wants_disk:
-            self._feed_wakeup.set()
-
-    def _set_connection(self, peer: str, connect: bool) -> None:
-        """Open (a lazy link's first message, a reopened idle link) or close (an idle link)
-        the transport's socket to `peer`."""
-        transport = self._transport
-        if transport is None:
-            return
-        if connect:
-            transport.add_peer(peer, self._found[peer][0])
-            self._connected.add(peer)
-            log.debug("[%s] link to %s opened", self.name, peer)
-        else:
-            transport.drop_peer(peer)
-            self._connected.discard(peer)
-            log.info("[%s] link to %s idle: connection closed", self.name, peer)
-
-    def _schedule(self, link: DialerLink) -> None:
-        """Put `link`'s next deadline on the timer loop's agenda, waking the loop if it is
-        earlier than its sleep. A later deadline leaves the earlier entry: polling early is
-        harmless and reschedules (so a busy link does not push an entry per receipt)."""
-        deadline = link.next_timer()
-        peer = link.peer
-        if deadline == math.inf:
-            self._due.pop(peer, None)  # nothing to time: its heap entries are stale now
-            return
-        scheduled = self._due.get(peer)
-        if scheduled is not None and scheduled <= deadline:
-            return
-        self._due[peer] = deadline
-        heapq.heappush(self._timer_heap, (deadline, peer))
-        if deadline < self._timer_wake_at:
-            self._timer_wake_at = deadline
-            self._timer_wakeup.set()
-
-    def _transmit(self, peer: str, frames: list[Frame]) -> None:
-        transport = self._transport
-        if transport is None:
-            return
-        for frame in frames:
-            if not transport.send_to_peer(peer, encode(frame)) and type(frame) is Batch:
-                self._links[peer].batch_dropped(frame)  # a later Pong proves nothing of it
-        self._crash(CrashPoint.AFTER_TRANSMIT)
-
     def _reply(self, identity: bytes, frames: list[Frame]) -> None:
         """Send `frames` back to the connection `identity` (answers to what it sent us)."""
         transport = self._transport
@@ -1509,9 +1219,6 @@ class Node:
             case PeerLost(peer=peer, silent_for_s=silent):
                 log.warning("[%s] lost %s: silent for %.1fs", self.name, peer, silent)
                 self._queues.peer_event(peer, False)
-                if self._transport is not None:
-                    # A new connection: the old one may be open but no longer read.
-                    self._transport.redial(peer)
                 self._publish(PeerChanged(peer, False, PeerChange.LOST,
                                           f"silent for {silent:.1f}s"))
             case SessionClaimed(peer=peer, connection=connection, refused=True):
@@ -1567,7 +1274,7 @@ class Node:
 
     def _delivery_stored(self, delivery: Delivery) -> None:
         """The receipt is recorded: count it, wake whoever follows deliveries. (The outbox
-        needs no wake here: the receipt freed the window on arrival, and `_perform` woke the
+        needs no wake here: the receipt freed the window on arrival, and `Links._perform` woke the
         disk reader then if the link wanted rows.)"""
         if self._probe is not None:
             self._probe.mark(probes.DELIVERY_STORED)

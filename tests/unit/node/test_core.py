@@ -2,8 +2,8 @@
 
 The sans-IO core is tested on its own (tests/unit/protocol); these tests check what `Node`
 (node/core.py) adds on top of it: post -> stored -> frame out -> receipt in -> delivered,
-retransmission on the (virtual) timer, the failed state after an unexpected store error, and
-the public API. The patterns are in test_patterns.py.
+the failed state after an unexpected store error, and the public API. The links and their
+timers are in test_links.py, the patterns in test_patterns.py.
 """
 
 from __future__ import annotations
@@ -79,28 +79,6 @@ def test_send_timeouts_share_one_timer_and_expire_in_deadline_order(tmp_path: Pa
                 task.cancel()
             await asyncio.gather(*slow, return_exceptions=True)
             assert not a._send_deadlines  # a cancelled send leaves nothing behind
-
-    run(scenario)
-
-
-def test_a_lost_frame_is_retransmitted_when_the_virtual_timer_fires(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with node_pair(tmp_path) as (a, b, net, clock):
-            net.partition("A", "B")
-            (handle,) = await a.post("B", "through the storm")
-            await until(lambda: a.snapshot_stats().dropped_sends >= 1)
-            net.heal("A", "B")
-            # Nothing happens while virtual time stands still ...
-            await asyncio.sleep(0.05)
-            assert not handle.receipt.done()
-            assert b.stats.received == 0
-            # ... until the retransmission timer is due.
-            clock.advance(a.config.retransmit_initial_s * 2)
-            a.poll_timers()
-            receipt = await wait_receipt(handle, PATIENCE_S)
-            assert receipt.to == "B"
-            assert a.snapshot_stats().retransmissions >= 1
-            assert b.stats.received == 1
 
     run(scenario)
 

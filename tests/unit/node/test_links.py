@@ -1,6 +1,7 @@
-"""Lazy links and idle close at the node: an idle link holds no socket and no timer, opens on
-the first message (or a stored one at start, or `connect`), closes after `link_idle_s`, and
-reopens on the next message with nothing lost."""
+"""The node's links (node/links.py): retransmission when the virtual timer fires; lazy links
+and idle close: an idle link holds no socket and no timer, opens on the first message (or a
+stored one at start, or `connect`), closes after `link_idle_s`, and reopens on the next
+message with nothing lost."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import dataclasses
 import math
 from pathlib import Path
 
-from tests.unit.node.support import PATIENCE_S, config, frame_kinds, run, until
+from tests.unit.node.support import PATIENCE_S, config, frame_kinds, node_pair, run, until
 
 from meshpost.clock import FakeClock
-from meshpost.node import Node
+from meshpost.node import Node, wait_receipt
 from meshpost.protocol import SessionState
 from meshpost.store import StoreReader
 from meshpost.transport import MemoryNetwork
@@ -36,6 +37,28 @@ def state_of(node: Node, peer: str) -> str:
 def bodies_at(node: Node) -> list[str]:
     with StoreReader.for_data_dir(node.config.data_dir) as reader:
         return sorted(m.body for m in reader.history(direction="in"))
+
+
+def test_a_lost_frame_is_retransmitted_when_the_virtual_timer_fires(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with node_pair(tmp_path) as (a, b, net, clock):
+            net.partition("A", "B")
+            (handle,) = await a.post("B", "through the storm")
+            await until(lambda: a.snapshot_stats().dropped_sends >= 1)
+            net.heal("A", "B")
+            # Nothing happens while virtual time stands still ...
+            await asyncio.sleep(0.05)
+            assert not handle.receipt.done()
+            assert b.stats.received == 0
+            # ... until the retransmission timer is due.
+            clock.advance(a.config.retransmit_initial_s * 2)
+            a.poll_timers()
+            receipt = await wait_receipt(handle, PATIENCE_S)
+            assert receipt.to == "B"
+            assert a.snapshot_stats().retransmissions >= 1
+            assert b.stats.received == 1
+
+    run(scenario)
 
 
 def test_a_lazy_link_opens_no_connection_until_the_first_message_then_delivers_it(
