@@ -8,7 +8,8 @@ The layers, top to bottom (docs/architecture.md draws them):
 
     cli, __main__
     demo, bench               (bench's own modules are layered too: BENCH_RANKS)
-    cluster                   (starts `meshpost host` processes and asks them through host)
+    cluster                   (a local mesh: its config, processes and state file)
+    processes                 (a `meshpost node` or `meshpost host` child; asks a host through host)
     host, console, remote, timeline
     control (package: messages, server, client), verify, keys, text, gateway, discovery
     node                      (the `meshpost` package facade re-exports it)
@@ -54,12 +55,13 @@ RANKS: dict[str, int] = {
     "console": 7,
     "remote": 7,
     "timeline": 7,
-    "cluster": 8,
-    "demo": 9,
-    "pipeline": 9,
-    "bench": 9,
-    "cli": 10,
-    "__main__": 11,
+    "processes": 8,
+    "cluster": 9,
+    "demo": 10,
+    "pipeline": 10,
+    "bench": 10,
+    "cli": 11,
+    "__main__": 12,
 }
 
 #: Standard-library and third-party modules that mean I/O, threads or real time.
