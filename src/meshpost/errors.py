@@ -247,6 +247,20 @@ class StoreFull(StoreError, kind="store_full"):
         self.path = path
 
 
+class RowRefused(StoreError, kind="row_refused"):
+    """The store refused one write on its own: a row breaking a constraint of the schema, or
+    a value SQLite cannot hold. Retrying cannot change that, so the writer drops that item
+    alone (a peer's message is rejected `unstorable`) and commits the rest of its batch."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(
+            f"database {path} refused a row ({detail}); it is not stored and will not be "
+            "retried, and nothing else is affected (this is a bug: report it with node.log)"
+        )
+        self.path = path
+        self.detail = detail
+
+
 class SchemaTooNew(StoreError, kind="schema_too_new"):
     def __init__(self, path: str, found: int, supported: int) -> None:
         super().__init__(

@@ -41,6 +41,7 @@ from meshpost.errors import (
     NodeFailed,
     ProtocolError,
     ReceiptTimeout,
+    RowRefused,
     StoreCorrupt,
 )
 from meshpost.node.groups import Groups
@@ -629,8 +630,10 @@ class Node:
             handles.append(handle)
 
         def not_stored(error: BaseException) -> None:
-            # Nothing was stored: the handles' receipts can never come.
-            failure = self.failure or NodeFailed(self.name, error)
+            # Nothing was stored: the handles' receipts can never come. A refused row
+            # costs only itself: the node goes on (`RowRefused` says so).
+            failure = self.failure or (error if isinstance(error, RowRefused)
+                                       else NodeFailed(self.name, error))
             for handle in handles:
                 self._waiters.pop((handle.to, handle.seq), None)
                 if not handle.receipt.done():
@@ -794,6 +797,10 @@ class Node:
         stored: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
         def done(result: IncomingResult, stored_at: int) -> None:
+            if result.refused:
+                if not stored.done():
+                    stored.set_exception(result.refused[0][1])
+                return
             self.stats.received += 1
             if not stored.done():
                 stored.set_result(stored_at)
@@ -992,6 +999,7 @@ class Node:
         if self._writer is not None:
             self.stats.store_errors = self._writer.errors
             self.stats.store_commits = self._writer.commits
+            self.stats.store_refused = self._writer.items_failed
         if self._transport is not None:
             self.stats.dropped_sends = self._transport.dropped_sends
             self.stats.inbound_refused = self._transport.inbound_refused
@@ -1170,6 +1178,7 @@ class Node:
             arrived,
             committed=result.committed,
             conflicts=result.conflicts,
+            refused=result.refusals(),
             stored_at_ns=stored_at,
             replied_at_ns=self.clock.wall_ns(),
             hlc=self.hlc.now(),

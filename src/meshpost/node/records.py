@@ -323,6 +323,9 @@ class NodeStats:
     retransmissions: int = 0
     store_errors: int = 0
     store_commits: int = 0
+    #: Writes the store refused on their own (a row breaking a constraint): each dropped
+    #: alone and logged, never retried; a peer's message is rejected `unstorable`.
+    store_refused: int = 0
     #: Hellos naming a peer that already had a session on another connection.
     name_claims: int = 0
     #: Remote HLC stamps not merged: beyond the wall clock + the forward bound.

@@ -228,3 +228,5 @@ class RejectCode:
     CONFLICT = "conflict"
     TOO_LARGE = "too-large"
     INVALID = "invalid"
+    #: The receiver's store refused the message on its own (docs/protocol.md 7.4).
+    UNSTORABLE = "unstorable"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import operator
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from typing import NamedTuple
 
 from meshpost.errors import IdentityMismatch, MalformedFrame, ProtocolError, UnsupportedVersion
@@ -331,8 +331,10 @@ class Listener:
         stored_at_ns: int,
         replied_at_ns: int,
         hlc: int,
+        refused: Sequence[tuple[int, str]] = (),
     ) -> None:
-        """Queue the frames answering `arrived` once `committed` seqs are durably stored.
+        """Queue the frames answering `arrived` once `committed` seqs are durably stored;
+        `refused` are (seq, why) of messages the store refused on their own (`unstorable`).
         They go to the connection the batch came on (`arrived.connection`), never to a name:
         a name may have several connections, and only this one sent these messages."""
         to = arrived.connection
@@ -354,6 +356,12 @@ class Listener:
                 RejectCode.CONFLICT,
                 "a different message with this id is already stored",
             ))
+        if refused:  # one Reject per cause
+            causes: dict[str, list[int]] = {}
+            for seq, why in refused:
+                causes.setdefault(why, []).append(seq)
+            for why, seqs in causes.items():
+                self._reply(to, Reject(sorted(seqs), RejectCode.UNSTORABLE, why))
 
     # -- internals ------------------------------------------------------------------------
 

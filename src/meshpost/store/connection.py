@@ -13,6 +13,7 @@ from pathlib import Path
 
 from meshpost.errors import (
     DataDirNotWritable,
+    RowRefused,
     StoreCorrupt,
     StoreError,
     StoreFull,
@@ -25,6 +26,11 @@ BUSY_TIMEOUT_MS = 1000
 
 def translate(exc: sqlite3.Error, path: Path) -> StoreError:
     """Map a sqlite3 error to the meshpost error a user can act on."""
+    if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError):
+        # A constraint the row breaks (SQLITE_CONSTRAINT, MISMATCH) or a value too big
+        # (TOOBIG): a property of what was written, not of the store; it fails the same
+        # way every time. Checked first: a constraint's text may name a column "full".
+        return RowRefused(str(path), str(exc))
     text = str(exc).lower()
     code = getattr(exc, "sqlite_errorcode", None)
     if "locked" in text or "busy" in text or code in (5, 6):

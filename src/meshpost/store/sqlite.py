@@ -297,14 +297,29 @@ class WriteBatch:
         )
 
 
+#: Longest reason a Reject for a refused message carries (SQLite's constraint messages are
+#: short; a peer needs the cause, not a page of it).
+REFUSAL_CHARS = 200
+
+
 @dataclasses.dataclass(slots=True)
 class IncomingResult:
-    """Per incoming group: seqs now committed (new or already there), conflicting seqs, and
-    which of the committed ones were already stored before (retransmissions)."""
+    """Per incoming group: seqs now committed (new or already there), conflicting seqs,
+    which of the committed ones were already stored before (retransmissions), and the
+    messages the store refused on their own, each with why (`RowRefused`, or the error a
+    value that cannot be bound raised): the writer fills `refused`, never `apply`."""
 
     committed: list[int]
     conflicts: list[int]
     duplicates: list[int] = dataclasses.field(default_factory=list)
+    refused: list[tuple[int, BaseException]] = dataclasses.field(default_factory=list)
+
+    def refusals(self) -> list[tuple[int, str]]:
+        """(seq, why) of each refused message, as its sender is told (a `Reject`, code
+        `unstorable`): the cause without this node's file paths, cut to `REFUSAL_CHARS`."""
+        return [(seq, f"the receiver's store refused it: "
+                      f"{getattr(error, 'detail', None) or error}"[:REFUSAL_CHARS])
+                for seq, error in self.refused]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

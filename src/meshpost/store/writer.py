@@ -7,11 +7,15 @@ every message that arrived meanwhile. The one exception is bounded: at `synchron
 fsync on commit) a batch of at most `INLINE_MAX_ROWS` rows is committed on the loop, without
 waiting for locks, because the two thread hand-offs would cost more than the commit.
 
-A batch that fails for a reason other than a store condition (`StoreError`) is applied again
-one item at a time, so that one bad item (an out-of-range value a peer sent, say) fails alone
-and the rest commit: no input from a peer may cost another message. If the store fails even
-with no item at all, or one of our own outgoing items fails, the writer is broken: every pending
-and later item fails with the error, and `on_failure` tells the node.
+A batch that fails for a reason other than a store condition is applied again one item at a
+time, so that one bad item fails alone and the rest commit: no input from a peer may cost
+another message. What fails the same way every time it is written (`RowRefused`: a constraint
+its row breaks; or a value that cannot be bound, such as an out-of-range integer) is refused
+alone and never retried: its `failed` callback is told, a peer's message is listed in its
+group's `IncomingResult.refused` (the node rejects it to its sender). A store condition (locked,
+full, read-only, I/O) is retried, whole, until it clears. If the store fails even with no item
+at all, or one of our own outgoing items fails unexpectedly (not `RowRefused`), the writer is
+broken: every pending and later item fails with the error, and `on_failure` tells the node.
 
 Latency matters as much as batching: an idle writer submits a new batch at the end of the
 current loop iteration (everything added in that iteration shares it), and the writer thread
@@ -37,7 +41,14 @@ from typing import Any, TypeVar
 
 import meshpost.probes as probes
 from meshpost.clock import Clock
-from meshpost.errors import DataDirNotWritable, StoreCorrupt, StoreError, StoreFull, StoreLocked
+from meshpost.errors import (
+    DataDirNotWritable,
+    RowRefused,
+    StoreCorrupt,
+    StoreError,
+    StoreFull,
+    StoreLocked,
+)
 from meshpost.protocol import Envelope
 from meshpost.store.patterns import NewTask
 from meshpost.store.sqlite import Delivery, IncomingResult, Rejection, Store, WriteBatch
@@ -73,6 +84,12 @@ CHECKPOINT_PAGES = 1000
 #: its next commit starts the WAL over.
 WAL_RESTART_PAGES = 4000
 _TRANSIENT = (StoreLocked, StoreFull, DataDirNotWritable)
+
+
+def _store_condition(exc: BaseException) -> bool:
+    """Whether `exc` is about the store (retry the batch whole once it clears) rather than
+    about what one item writes (`RowRefused`, or a value that cannot be bound: refuse it)."""
+    return isinstance(exc, StoreError) and not isinstance(exc, RowRefused)
 
 OutgoingDone = Callable[[int], None]
 IncomingDone = Callable[[IncomingResult, int], None]
@@ -116,7 +133,8 @@ class GroupCommitWriter:
         self._probe = probe
         #: Why the writer broke; from then on every item fails with it.
         self.failure: BaseException | None = None
-        #: Items that failed alone while the rest of their batch committed.
+        #: Items (and messages of a peer's group) refused alone while the rest of their
+        #: batch committed: each logged once, never retried.
         self.items_failed = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"meshpost-store-{node}"
@@ -180,8 +198,9 @@ class GroupCommitWriter:
     def add_incoming(
         self, messages: list[Envelope], done: IncomingDone, failed: Failed | None = None
     ) -> None:
-        """Commit a peer's `messages`; `done(result, stored_at_ns)` after, or `failed(error)`.
-        A message that cannot be stored alone is left out of the result (not receipted)."""
+        """Commit a peer's `messages`; `done(result, stored_at_ns)` after, or `failed(error)`
+        (the writer broke). A message the store refuses on its own is in `result.refused`,
+        with why, and nowhere else: the rest of the group is committed."""
         if self.failure is not None:
             self._fail_later(failed)
             return
@@ -349,7 +368,7 @@ class GroupCommitWriter:
         outcome: _Applied | BaseException,
     ) -> None:
         if isinstance(outcome, BaseException):
-            if self._loop is not None:
+            if self._loop is not None and _store_condition(outcome):
                 self._inline_after = self._loop.time() + INLINE_QUIET_AFTER_ERROR_S
             self._failed(batch, callbacks, retry_delay, outcome)
             return
@@ -384,13 +403,16 @@ class GroupCommitWriter:
     def _failed(
         self, batch: WriteBatch, callbacks: _Callbacks, delay: float, exc: BaseException
     ) -> None:
-        if not isinstance(exc, StoreError):
-            # Not a store condition: retrying would fail the same way forever. Either one
-            # item cannot be written (fail it alone) or the writer is broken: find out which.
-            log.warning("[%s] store write failed (%r); applying its %d item(s) one by one",
-                        self._node, exc, len(callbacks))
+        if not _store_condition(exc):
+            # Not a store condition: retrying would fail the same way forever. Either an item
+            # cannot be written (refuse it alone) or the writer is broken: find out which.
+            # A refused row is logged once, with its item (`_isolated`).
+            log.log(logging.DEBUG if isinstance(exc, RowRefused) else logging.WARNING,
+                    "[%s] store write failed (%r); applying its %d item(s) one by one",
+                    self._node, exc, len(callbacks))
             self._isolate(callbacks)
             return
+        assert isinstance(exc, StoreError)
         self.errors += 1
         self.last_error = exc
         if isinstance(exc, StoreCorrupt):
@@ -431,12 +453,14 @@ class GroupCommitWriter:
         """Each item in its own transaction, in order. Returns one outcome per item applied
         (a result with its commit time, or the error it failed with) and, if the writer is
         broken, why: the store fails with no item at all, or one of our own outgoing items
-        fails (its seq is taken: later messages of that peer cannot skip it)."""
+        fails unexpectedly (a bug of ours: its seq is taken, and what else it left is unknown).
+        A row refused (`RowRefused`) is refused alone, whatever its kind: an outgoing one
+        leaves its seq unused, which links tolerate as they do a rejected seq."""
         try:
             self.store.apply(WriteBatch(), self._clock.wall_ns())
-        except StoreError:
-            raise  # a store condition after all: the batch is retried whole
         except Exception as broken:
+            if _store_condition(broken):
+                raise  # a store condition after all: the batch is retried whole
             return [], broken
         outcomes: list[_ItemOutcome] = []
         for kind, payload, _done, _failed in callbacks:
@@ -454,11 +478,11 @@ class GroupCommitWriter:
                     outcomes.append(self._apply_incoming_alone(payload))
                     continue
                 _results, stored_at = self._apply(batch)
-            except StoreError as error:
-                # A store condition (locked, full): the rest is retried as one batch.
-                return outcomes, error
             except Exception as error:
-                if kind == _OUT:
+                if _store_condition(error):
+                    # A store condition (locked, full): the rest is retried as one batch.
+                    return outcomes, error
+                if kind == _OUT and not isinstance(error, RowRefused):
                     return outcomes, error
                 outcomes.append(error)
             else:
@@ -467,25 +491,25 @@ class GroupCommitWriter:
 
     def _apply_incoming_alone(self, group: list[Envelope]) -> _ItemOutcome:
         """A peer's group; if it fails whole, message by message: a bad message costs only
-        itself (left out of the result, so it is not receipted). Raises `StoreError`."""
+        itself (in the result's `refused`, so it is rejected, not receipted). Raises a store
+        condition (`StoreError` but `RowRefused`)."""
         try:
             results, stored_at = self._apply(WriteBatch(incoming=[group]))
             return results[0], stored_at
-        except StoreError:
-            raise
         except Exception as error:
+            if _store_condition(error):
+                raise
             if len(group) == 1:
-                return error
+                return IncomingResult([], [], [], [(group[0].seq, error)]), self._clock.wall_ns()
         merged = IncomingResult([], [], [])
         stored_at = 0
         for message in group:
             try:
                 (result,), stored_at = self._apply(WriteBatch(incoming=[[message]]))
-            except StoreError:
-                raise
             except Exception as error:
-                log.warning("[%s] message %s from %s cannot be stored: %r", self._node,
-                            message.id, message.sender, error)
+                if _store_condition(error):
+                    raise
+                merged.refused.append((message.seq, error))
                 continue
             merged.committed += result.committed
             merged.conflicts += result.conflicts
@@ -494,23 +518,28 @@ class GroupCommitWriter:
 
     def _isolated(self, callbacks: _Callbacks, outcome: _Isolated) -> None:
         outcomes, broken = outcome
-        if isinstance(broken, StoreError):
+        if broken is not None and _store_condition(broken):
             # The store itself failed meanwhile (locked, full): retry the batch whole.
+            assert isinstance(broken, StoreError)
             self._rebuild_and_retry(callbacks[len(outcomes):], broken, outcomes, callbacks)
             return
         self._busy = False
-        for (kind, _payload, done, failed), item in zip(callbacks, outcomes, strict=False):
+        for (kind, payload, done, failed), item in zip(callbacks, outcomes, strict=False):
             try:
                 if isinstance(item, BaseException):
-                    self.items_failed += 1
-                    log.error("[%s] one store item failed alone and was dropped: %r",
-                              self._node, item)
+                    self._refused(kind, payload, item)
                     if failed is not None:
                         failed(item)
                 elif kind == _OUT:
                     done(item[1])
                 elif kind == _IN:
-                    done(item[0], item[1])
+                    result = item[0]
+                    assert result is not None
+                    if result.refused:
+                        by_seq = {m.seq: m for m in payload}
+                        for seq, error in result.refused:
+                            self._refused(kind, [by_seq[seq]], error)
+                    done(result, item[1])
                 else:
                     done()
             except Exception:
@@ -521,6 +550,21 @@ class GroupCommitWriter:
         self._schedule()
         if not self._busy and not self._batch:
             self._idle.set()
+
+    def _refused(self, kind: int, payload: Any, error: BaseException) -> None:
+        """Count and log, once, an item (or a peer's message) refused alone and dropped."""
+        self.items_failed += 1
+        if kind in (_OUT, _IN):
+            what = ", ".join(f"{m.id} ({m.sender} -> {m.recipient}, seq {m.seq})"
+                             for m in payload[:3]) + (" ..." if len(payload) > 3 else "")
+            what = f"{'our message' if kind == _OUT else 'message'} {what}"
+        else:
+            what = type(payload).__name__.lower() if kind != _TASKS else f"{len(payload)} task(s)"
+        # A peer's message is its sender's bad input (a warning, as other bad input is); one
+        # of our own writes refused is a bug of ours.
+        log.log(logging.WARNING if kind == _IN else logging.ERROR,
+                "[%s] %s refused by the store and dropped, not retried (the rest of its batch "
+                "is committed): %s", self._node, what, error)
 
     def _rebuild_and_retry(
         self, rest: _Callbacks, error: StoreError, outcomes: list[_ItemOutcome],

@@ -15,7 +15,7 @@ import pytest
 
 import meshpost.probes as probes
 from meshpost.clock import FakeClock
-from meshpost.errors import StoreLocked
+from meshpost.errors import RowRefused, StoreLocked
 from meshpost.protocol import Envelope, ReceiptFrame
 from meshpost.store import (
     Delivery,
@@ -634,5 +634,78 @@ def test_a_store_that_fails_unexpectedly_fails_every_waiter_and_breaks_the_write
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             writer.close()
+
+    run(scenario)
+
+
+# -- a write that can never succeed is refused alone, never retried --------------------------
+
+
+def test_an_outgoing_id_stored_before_is_refused_alone_and_never_retried(tmp_path: Path) -> None:
+    """Reliability bug 6, left open: an item failing on a constraint (here our own message
+    reusing a stored id: UNIQUE (sender, id)) failed its whole batch, which the writer
+    retried every 2 s for ever, so nothing after it was ever committed. Now it is refused
+    alone with `RowRefused`, the rest commits at once, and the writer carries on."""
+
+    async def scenario() -> None:
+        async with running_writer(tmp_path) as writer:
+            writer.add_outgoing([out(1)], lambda _at: None)
+            await writer.flush()
+            done: list[str] = []
+            failed: list[BaseException] = []
+            reused = Envelope("out-bob-1", 3, "alice", "bob", "same id again", T, 3)
+            writer.add_outgoing([out(2)], lambda _at: done.append("out 2"))
+            writer.add_outgoing([reused], lambda _at: done.append("reused"), failed.append)
+            writer.add_outgoing([out(4)], lambda _at: done.append("out 4"))
+            writer.add_incoming([incoming(1)], lambda r, _at: done.append(f"in {r.committed}"))
+            await writer.flush()
+            assert done == ["out 2", "out 4", "in [1]"]
+            assert len(failed) == 1
+            assert isinstance(failed[0], RowRefused)
+            assert "UNIQUE constraint failed" in str(failed[0])
+            assert writer.items_failed == 1
+            assert writer.failure is None
+            assert writer.errors == 0  # not a store condition: nothing was retried
+            assert set(rows(tmp_path)) == {"out-bob-1", "out-bob-2", "out-bob-4", "in-1"}
+            later: list[int] = []
+            writer.add_outgoing([out(5)], later.append)
+            await writer.flush()
+            assert later == [T]
+
+    run(scenario)
+
+
+def test_a_peers_message_that_can_never_be_a_row_is_refused_alone_in_its_result(
+    tmp_path: Path,
+) -> None:
+    """A message breaking a NOT NULL constraint (no body) inside a peer's group, and alone in
+    a group of its own: each is listed in its group's `refused` with a `RowRefused` (the node
+    rejects it to the peer), the others are committed, and nothing is retried."""
+
+    async def scenario() -> None:
+        async with running_writer(tmp_path, sync="normal") as writer:
+            bodiless = Envelope("in-3", 3, "bob", "alice", None, T, 3)  # type: ignore[arg-type]
+            alone = Envelope("in-5", 5, "bob", "alice", None, T, 5)  # type: ignore[arg-type]
+            results: list[IncomingResult] = []
+            writer.add_incoming([incoming(1), incoming(2), bodiless, incoming(4)],
+                                lambda r, _at: results.append(r))
+            writer.add_incoming([alone], lambda r, _at: results.append(r))
+            writer.add_outgoing([out(1)], lambda _at: None)
+            await writer.flush()
+            assert [r.committed for r in results] == [[1, 2, 4], []]
+            assert [[seq for seq, _e in r.refused] for r in results] == [[3], [5]]
+            for r in results:
+                (_seq, error), = r.refused
+                assert isinstance(error, RowRefused)
+                assert "NOT NULL constraint failed: messages.body" in str(error)
+            assert set(rows(tmp_path)) == {"in-1", "in-2", "in-4", "out-bob-1"}
+            assert writer.items_failed == 2
+            assert writer.errors == 0
+            # Alone, on the loop's inline path too: refused at once, not retried.
+            single: list[IncomingResult] = []
+            writer.add_incoming([alone], lambda r, _at: single.append(r))
+            await writer.flush()
+            assert [seq for seq, _e in single[0].refused] == [5]
+            assert writer.errors == 0
 
     run(scenario)
