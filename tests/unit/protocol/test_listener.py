@@ -453,6 +453,19 @@ def test_stored_rejects_conflicts_and_receipts_the_rest() -> None:
     assert (frames[1].seqs, frames[1].code) == ([2, 3], RejectCode.CONFLICT)
 
 
+def test_stored_rejects_what_the_store_refused_once_per_cause_after_the_receipt() -> None:
+    listener = connected()
+    frames = stored(
+        listener, arrived_batch(1, 2, 3, 4, 5), committed=[1, 3], conflicts=[],
+        refused=[(5, "NOT NULL"), (2, "too big"), (4, "NOT NULL")],
+        stored_at_ns=33, replied_at_ns=44, hlc=55,
+    )
+    assert isinstance(frames[0], ReceiptFrame)
+    assert frames[0].ranges == [(1, 1), (3, 3)]
+    assert frames[1:] == [Reject([4, 5], RejectCode.UNSTORABLE, "NOT NULL"),
+                          Reject([2], RejectCode.UNSTORABLE, "too big")]
+
+
 def test_stored_with_nothing_committed_sends_nothing() -> None:
     listener = connected()
     assert stored(
