@@ -368,6 +368,46 @@ def test_node_components_import_core_for_types_only() -> None:
         assert guarded, f"meshpost.node.{src} should name Node under `if TYPE_CHECKING:`"
 
 
+#: The store package inside, bottom to top: checksums, connections and the schema; what
+#: verifies rows and the pattern tables' SQL; the read side (`StoreReader`); the write side
+#: (`Store`, which composes a reader); the group-commit writer; the package re-exports.
+STORE_RANKS: dict[str, int] = {
+    "checksum": 0,
+    "connection": 0,
+    "schema": 0,
+    "verifier": 1,
+    "patterns": 1,
+    "reader": 2,
+    "sqlite": 3,
+    "writer": 4,
+    "": 5,
+}
+
+
+def store_part(module: str) -> str:
+    """`meshpost.store.reader` -> `reader`; `meshpost.store` -> `""`."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 else ""
+
+
+def test_every_store_module_has_a_layer() -> None:
+    parts = {store_part(module_name(p)) for p in module_paths()
+             if component(module_name(p)) == "store"}
+    assert parts == set(STORE_RANKS), "give each module of meshpost/store a rank in STORE_RANKS"
+
+
+def test_store_modules_import_only_down() -> None:
+    """In particular the read side never imports the write side (`reader` is below `sqlite`)."""
+    upward = []
+    for imp in imports_from("store"):
+        if not imp.target.startswith("meshpost.store"):
+            continue
+        src, dst = store_part(imp.module), store_part(imp.target)
+        if src != dst and STORE_RANKS[dst] >= STORE_RANKS[src]:
+            upward.append(f"{imp}: store.{src or '__init__'} may not import store.{dst}")
+    assert not upward, "\n".join(upward)
+
+
 def test_errors_imports_nothing_from_meshpost() -> None:
     bad = [str(imp) for imp in imports_from("errors") if internal(imp)]
     assert not bad, "\n".join(bad)

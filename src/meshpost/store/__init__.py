@@ -1,16 +1,9 @@
 """Durable storage: SQLite in WAL mode, schema migrations, group commit."""
 
+from meshpost.store.connection import DB_FILENAME
 from meshpost.store.patterns import NewTask, QueueCounts, StoredBroadcast
-from meshpost.store.sqlite import (
-    DB_FILENAME,
-    Delivery,
-    IncomingResult,
-    Rejection,
-    Store,
-    StoredMessage,
-    StoreReader,
-    WriteBatch,
-)
+from meshpost.store.reader import StoredMessage, StoreReader
+from meshpost.store.sqlite import Delivery, IncomingResult, Rejection, Store, WriteBatch
 from meshpost.store.verifier import Verifier
 from meshpost.store.writer import GroupCommitWriter
 

@@ -20,6 +20,8 @@ from meshpost.errors import (
     StoreLocked,
 )
 
+#: The database file in a node's data dir (the writer's `Store` and every reader open it).
+DB_FILENAME = "meshpost.db"
 #: How long a write waits for another process's lock before the batch is retried later.
 BUSY_TIMEOUT_MS = 1000
 

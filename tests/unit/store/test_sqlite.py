@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import tempfile
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.unit.store.support import (
+    T,
+    assert_counts_match_the_view,
+    incoming,
+    out,
+    receipt,
+    states,
+    view_pending,
+)
 
 from meshpost.errors import (
     DataDirNotWritable,
@@ -22,7 +29,7 @@ from meshpost.errors import (
     StoreFull,
     StoreLocked,
 )
-from meshpost.protocol import Envelope, ReceiptFrame
+from meshpost.protocol import Envelope
 from meshpost.protocol.header import Kind, PatternHeader
 from meshpost.store import (
     DB_FILENAME,
@@ -41,40 +48,6 @@ from meshpost.store.sqlite import (
     migrate,
     translate,
 )
-
-T = 1_700_000_000_000_000_000
-
-
-def out(seq: int, to: str = "bob", body: str = "hi", hlc: int | None = None) -> Envelope:
-    return Envelope(f"out-{to}-{seq}", seq, "alice", to, body, T + seq, seq if hlc is None else hlc)
-
-
-def incoming(seq: int, frm: str = "bob", body: str = "yo", msg_id: str | None = None) -> Envelope:
-    return Envelope(msg_id or f"in-{frm}-{seq}", seq, frm, "alice", body, T + seq, 1000 + seq)
-
-
-def receipt(stored_at: int = 5, sync: str = "full") -> ReceiptFrame:
-    return ReceiptFrame([(0, 0)], 1, 2, stored_at, 4, 99, sync)
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    return tmp_path / "alice"
-
-
-@pytest.fixture
-def store(data_dir: Path) -> Iterator[Store]:
-    s = Store.open(data_dir, name="alice")
-    yield s
-    s.close()
-
-
-def states(store: Store, peer: str = "bob") -> dict[int, str]:
-    rows = store.execute_raw(
-        "SELECT seq, state FROM message_rows WHERE direction = 'out' AND peer = ?", (peer,)
-    )
-    return dict(rows)
-
 
 # -- opening ----------------------------------------------------------------------------------
 
@@ -389,83 +362,10 @@ def test_a_one_row_batch_is_one_statement_with_the_same_outcomes(store: Store) -
     assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"
 
 
-def test_load_pending_returns_undelivered_rows_in_seq_order(store: Store) -> None:
-    store.apply(WriteBatch(outgoing=[out(s) for s in (5, 1, 4, 2, 3, 6)] + [out(1, "carol")]), T)
-    store.apply(WriteBatch(deliveries=[Delivery("bob", [2], receipt(), 1)]), T)
-    store.apply(WriteBatch(rejections=[Rejection("bob", [4], "no")]), T)
-    assert [m.seq for m in store.load_pending("bob", 0, 100)] == [1, 3, 5, 6]
-    assert [m.seq for m in store.load_pending("bob", 0, 2)] == [1, 3]
-    assert [m.seq for m in store.load_pending("bob", 3, 100)] == [5, 6]
-    assert store.load_pending("bob", 6, 100) == []
-    assert store.load_pending("dave", 0, 100) == []
-    assert store.load_pending("bob", 0, 100)[0] == out(1)
-
-
-def test_last_seqs_and_pending_count_per_peer(store: Store) -> None:
-    assert store.last_seqs() == {}
-    store.apply(WriteBatch(outgoing=[out(s) for s in (1, 2, 9)] + [out(4, "carol")]), T)
-    store.apply(WriteBatch(incoming=[[incoming(50)]]), T)
-    store.apply(WriteBatch(deliveries=[Delivery("bob", [9], receipt(), 1)]), T)
-    assert store.last_seqs() == {"bob": 9, "carol": 4}
-    assert store.pending_count() == 3
-    assert store.pending_count("bob") == 2
-    assert store.pending_count("dave") == 0
-
-
 def test_an_empty_batch_is_falsy_and_harmless(store: Store) -> None:
     assert not WriteBatch()
     assert WriteBatch(outgoing=[out(1)])
     assert store.apply(WriteBatch(), T) == []
-
-
-# -- readers ----------------------------------------------------------------------------------
-
-
-def test_a_reader_sees_committed_rows_while_the_store_is_open(store: Store) -> None:
-    with StoreReader.for_data_dir(store.path.parent) as reader:
-        assert reader.history() == []
-        store.apply(WriteBatch(outgoing=[out(1)], incoming=[[incoming(1)]]), T)
-        assert [m.id for m in reader.history()] == ["out-bob-1", "in-bob-1"]
-        assert reader.node_name() == "alice"
-        assert reader.counts() == {"out/pending": 1, "in/received": 1}
-        assert reader.pending_count() == reader.pending_count("bob") == 1
-        assert reader.pending_count("carol") == 0
-
-
-def test_a_reader_cannot_write(store: Store) -> None:
-    with StoreReader.for_data_dir(store.path.parent) as reader, pytest.raises(sqlite3.Error):
-        reader._conn.execute("DELETE FROM messages")
-
-
-def test_a_reader_of_a_missing_database_says_so(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="has this node ever run"):
-        StoreReader.for_data_dir(tmp_path / "nobody")
-
-
-def test_history_is_in_hlc_order_and_limit_keeps_the_most_recent(store: Store) -> None:
-    store.apply(
-        WriteBatch(
-            outgoing=[out(1, hlc=30), out(2, hlc=10), out(1, "carol", hlc=20)],
-            incoming=[[incoming(1)]],  # hlc 1001
-        ),
-        T,
-    )
-    with StoreReader(store.path) as reader:
-        everything = reader.history()
-        assert [m.hlc for m in everything] == [10, 20, 30, 1001]
-        assert [m.hlc for m in reader.history(limit=2)] == [30, 1001]
-        assert [m.hlc for m in reader.history(peer="bob")] == [10, 30, 1001]
-        assert [m.hlc for m in reader.history(peer="bob", direction="out", limit=1)] == [30]
-        assert [m.id for m in reader.history(direction="in")] == ["in-bob-1"]
-        row = everything[0]
-        assert (row.direction, row.peer, row.state, row.stored_at_ns) == ("out", "bob",
-                                                                          "pending", T)
-
-
-def test_history_breaks_hlc_ties_by_id(store: Store) -> None:
-    store.apply(WriteBatch(outgoing=[out(s, hlc=5) for s in (3, 1, 2)]), T)
-    with StoreReader(store.path) as reader:
-        assert [m.id for m in reader.history()] == ["out-bob-1", "out-bob-2", "out-bob-3"]
 
 
 # -- error translation --------------------------------------------------------------------------
@@ -563,7 +463,6 @@ def test_a_retransmission_is_committed_again_and_reported_as_a_duplicate(store: 
     assert (again[0].committed, again[0].duplicates, again[0].conflicts) == ([2, 3], [2], [])
 
 
-
 def test_a_retransmission_in_the_same_transaction_is_new_only_in_the_first_group(
     store: Store,
 ) -> None:
@@ -630,14 +529,6 @@ def test_rows_per_statement_fit_the_sqlite_variable_limit() -> None:
     assert rows_per_statement(5) == 1
 
 
-def test_max_hlc_per_direction(store: Store) -> None:
-    assert store.max_hlc("out") == store.max_hlc("in") == 0
-    store.apply(WriteBatch(outgoing=[out(1, hlc=50), out(2, hlc=70)],
-                           incoming=[[incoming(1), incoming(2)]]), T)  # in: hlc 1001, 1002
-    assert store.max_hlc("out") == 70
-    assert store.max_hlc("in") == 1002
-
-
 def write_old_outbox(data_dir: Path, *, version: int) -> None:
     """A store at schema `version` (2 or later) holding three messages to bob: 1 delivered
     (its receipt in its own columns, as before schema 4), 2 and 3 pending."""
@@ -683,21 +574,6 @@ def test_a_version_2_database_loses_its_pending_index_and_keeps_its_outbox(
 # -- receipts as ranges (schema 4) -------------------------------------------------------------
 
 
-def assert_counts_match_the_view(store: Store) -> None:
-    with StoreReader(store.path) as reader:
-        assert reader.counts() == {f"{d}/{s}": n for d, s, n in store.execute_raw(
-            "SELECT direction, state, COUNT(*) FROM message_rows GROUP BY direction, state")}
-
-
-def view_pending(store: Store, peer: str | None = None) -> int:
-    """Pending outgoing rows counted one by one through `message_rows` (the slow, exact way)."""
-    where = " AND peer = ?" if peer else ""
-    [(count,)] = store.execute_raw(
-        "SELECT COUNT(*) FROM message_rows WHERE direction = 'out' AND state = 'pending'"
-        + where, (peer,) if peer else ())
-    return int(count)
-
-
 def test_a_receipt_is_one_row_per_range_whatever_its_length(store: Store) -> None:
     store.apply(WriteBatch(outgoing=[out(s) for s in range(1, 5001)]), T)
     store.apply(WriteBatch(deliveries=[
@@ -715,64 +591,6 @@ def test_a_receipt_is_one_row_per_range_whatever_its_length(store: Store) -> Non
     assert store.pending_count() == view_pending(store) == 5000 - 4099
     assert [m.seq for m in store.load_pending("bob", 0, 5)] == [4097, 4098, 4099, 4102, 4103]
     assert_counts_match_the_view(store)
-
-
-def test_load_pending_skips_settled_runs_and_stops_at_a_pending_gap(store: Store) -> None:
-    store.apply(WriteBatch(outgoing=[out(s) for s in range(1, 31)]), T)
-    # 1-10 and 12-20 receipted, 11 rejected (a settled gap); 21 pending; 22-25 receipted.
-    store.apply(WriteBatch(rejections=[Rejection("bob", [11], "no")]), T)
-    store.apply(WriteBatch(deliveries=[
-        Delivery("bob", list(range(1, 11)), receipt(), 1),
-        Delivery("bob", list(range(12, 21)), receipt(), 1),
-        Delivery("bob", list(range(22, 26)), receipt(), 1),
-    ]), T)
-    assert store._settled_through("bob", 0) == 20
-    assert [m.seq for m in store.load_pending("bob", 0, 100)] == [21, *range(26, 31)]
-    assert [m.seq for m in store.load_pending("bob", 21, 3)] == [26, 27, 28]
-    assert store.pending_count("bob") == view_pending(store, "bob") == 6
-    assert_counts_match_the_view(store)
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    st.lists(st.sampled_from(["pending", "delivered", "rejected"]), min_size=1, max_size=40),
-    st.lists(st.booleans(), min_size=40, max_size=40),
-)
-def test_the_settled_run_is_every_seq_from_the_start_that_is_not_pending(
-    fates: list[str], splits: list[bool]
-) -> None:
-    """Receipt ranges of any lengths (one per seq, as single sends make them, or longer),
-    rejected gaps and another peer's ranges interleaved: the run `load_pending` skips takes
-    in every range before the first pending seq and stops short of it."""
-    with tempfile.TemporaryDirectory() as tmp:
-        s = Store.open(Path(tmp), name="alice")
-        try:
-            n = len(fates)
-            s.apply(WriteBatch(outgoing=[out(q) for q in range(1, n + 1)]
-                               + [out(q, to="carol") for q in range(1, n + 1)]), T)
-            ranges: list[list[int]] = []
-            for q, fate in enumerate(fates, start=1):
-                if fate != "delivered":
-                    continue
-                if ranges and ranges[-1][-1] == q - 1 and not splits[q - 1]:
-                    ranges[-1].append(q)  # the same receipt as the seq before
-                else:
-                    ranges.append([q])
-            rejected = [q for q, fate in enumerate(fates, start=1) if fate == "rejected"]
-            if rejected:
-                s.apply(WriteBatch(rejections=[Rejection("bob", rejected, "no")]), T)
-            for seqs in ranges:
-                s.apply(WriteBatch(deliveries=[Delivery("bob", seqs, receipt(), 1),
-                                               Delivery("carol", seqs, receipt(), 1)]), T)
-            # It skips every range below the first pending seq and never reaches that seq.
-            first_pending = next((q for q, f in enumerate(fates, start=1) if f == "pending"),
-                                 n + 1)
-            skipped = max((r[-1] for r in ranges if r[-1] < first_pending), default=0)
-            assert skipped <= s._settled_through("bob", 0) < first_pending
-            pending = [q for q, fate in enumerate(fates, start=1) if fate == "pending"]
-            assert [m.seq for m in s.load_pending("bob", 0, 100)] == pending
-        finally:
-            s.close()
 
 
 def test_a_receipt_recorded_twice_keeps_the_first(store: Store) -> None:
@@ -919,20 +737,6 @@ def test_the_wal_page_estimate_follows_what_commits_really_append(
     finally:
         checkpointer.close()
         store.close()
-
-
-def test_without_window_functions_settled_runs_are_walked_a_range_at_a_time(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """SQLite before 3.25 has no LEAD(): the same answer, one query per range."""
-    from meshpost.store import sqlite as sqlite_module
-
-    monkeypatch.setattr(sqlite_module, "_LEAD", False)
-    store.apply(WriteBatch(outgoing=[out(q) for q in range(1, 12)]), T)
-    for q in range(1, 11):
-        store.apply(WriteBatch(deliveries=[Delivery("bob", [q], receipt(), 1)]), T)
-    assert store._settled_through("bob", 0) == 10
-    assert [m.seq for m in store.load_pending("bob", 0, 100)] == [11]
 
 
 # -- pattern headers (schema 7) -----------------------------------------------------------------
