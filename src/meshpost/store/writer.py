@@ -136,6 +136,10 @@ class GroupCommitWriter:
         #: Items (and messages of a peer's group) refused alone while the rest of their
         #: batch committed: each logged once, never retried.
         self.items_failed = 0
+        #: Seqs of a peer's group (by the group's id) that a message-by-message pass
+        #: committed before a store condition sent the group back to be retried whole: new,
+        #: though the retry finds them stored (`_apply_incoming_alone`).
+        self._new_before_retry: dict[int, set[int]] = {}
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"meshpost-store-{node}"
         )
@@ -383,6 +387,8 @@ class GroupCommitWriter:
                 if kind == _OUT:
                     done(stored_at)
                 elif kind == _IN:
+                    if self._new_before_retry:
+                        self._still_new(_payload, results[index])
                     done(results[index], stored_at)
                     index += 1
                 else:
@@ -508,6 +514,9 @@ class GroupCommitWriter:
                 (result,), stored_at = self._apply(WriteBatch(incoming=[[message]]))
             except Exception as error:
                 if _store_condition(error):
+                    # The group is retried whole: what this pass committed stays new.
+                    self._new_before_retry.setdefault(id(group), set()).update(
+                        set(merged.committed).difference(merged.duplicates))
                     raise
                 merged.refused.append((message.seq, error))
                 continue
@@ -535,6 +544,8 @@ class GroupCommitWriter:
                 elif kind == _IN:
                     result = item[0]
                     assert result is not None
+                    if self._new_before_retry:
+                        self._still_new(payload, result)
                     if result.refused:
                         by_seq = {m.seq: m for m in payload}
                         for seq, error in result.refused:
@@ -550,6 +561,12 @@ class GroupCommitWriter:
         self._schedule()
         if not self._busy and not self._batch:
             self._idle.set()
+
+    def _still_new(self, group: list[Envelope], result: IncomingResult) -> None:
+        """Messages of `group` committed before its retry are new, not retransmissions."""
+        new = self._new_before_retry.pop(id(group), None)
+        if new:
+            result.duplicates = [seq for seq in result.duplicates if seq not in new]
 
     def _refused(self, kind: int, payload: Any, error: BaseException) -> None:
         """Count and log, once, an item (or a peer's message) refused alone and dropped."""
@@ -600,6 +617,7 @@ class GroupCommitWriter:
     def _break(self, error: BaseException, pending: _Callbacks) -> None:
         """The writer cannot commit: fail every pending and later item with `error`."""
         self.failure = error
+        self._new_before_retry.clear()
         log.error("[%s] store writer broken; failing every pending write", self._node,
                   exc_info=error)
         queued = self._callbacks

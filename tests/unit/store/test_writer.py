@@ -709,3 +709,39 @@ def test_a_peers_message_that_can_never_be_a_row_is_refused_alone_in_its_result(
             assert writer.errors == 0
 
     run(scenario)
+
+
+def test_messages_committed_alone_before_a_lock_stay_new_when_their_group_is_retried(
+    tmp_path: Path,
+) -> None:
+    """A refused message sends its group message by message; a lock in the middle of that
+    retries the group whole later. The messages committed before the lock were new: they
+    must not come back as retransmissions (the node acts only on new ones: it would never
+    tell subscribers or run a task that arrived so)."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        async with running_writer(tmp_path, clock) as writer:
+            bodiless = Envelope("in-2", 2, "bob", "alice", None, T, 2)  # type: ignore[arg-type]
+            group = [incoming(1), bodiless, incoming(3), incoming(4)]
+            apply = writer._apply
+            locked: list[int] = []
+
+            def lock_once_at_message_3(batch: WriteBatch, **kwargs: Any) -> Any:
+                if batch.incoming == [[group[2]]] and not locked:
+                    locked.append(3)
+                    clock.advance(1.0)  # the retry commits later, as it would
+                    raise StoreLocked(str(writer.store.path))
+                return apply(batch, **kwargs)
+
+            writer._apply = lock_once_at_message_3  # type: ignore[method-assign]
+            results: list[IncomingResult] = []
+            writer.add_incoming(group, lambda r, _at: results.append(r))
+            await writer.flush()
+            assert locked == [3]
+            (result,) = results
+            assert (sorted(result.committed), result.duplicates) == ([1, 3, 4], [])
+            assert [seq for seq, _e in result.refused] == [2]
+            assert set(rows(tmp_path)) == {"in-1", "in-3", "in-4"}
+
+    run(scenario)
