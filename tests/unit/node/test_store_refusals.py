@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tests.unit.node.support import PATIENCE_S, node_pair, run
 
-from meshpost.errors import MessageRejected
+from meshpost.errors import MessageRejected, RowRefused
 from meshpost.node import wait_receipt
 from meshpost.protocol import RejectCode
 from meshpost.store import StoreReader
@@ -58,5 +58,34 @@ def test_a_message_the_receivers_store_refuses_is_rejected_and_costs_no_other(
                 states = {m.body: m.state for m in reader.history(direction="out")}
             assert states["poison"] == "rejected"
             assert await asyncio.wait_for(a.pending_count(), PATIENCE_S) == 0
+
+    run(scenario)
+
+
+def test_an_own_message_the_store_refuses_fails_alone_and_the_link_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Our own message refused by our store fails its caller with `RowRefused` (not
+    `NodeFailed`: the node goes on); its seq stays unused, and the link delivers the
+    messages after it as usual."""
+
+    async def scenario() -> None:
+        async with node_pair(tmp_path) as (a, b, _net, _clock):
+            with contextlib.closing(sqlite3.connect(a.config.data_dir / DB_FILENAME)) as db:
+                db.execute(POISON_TRIGGER)
+            (first,) = await a.post("B", "one")
+            with pytest.raises(RowRefused, match="poisoned row"):
+                await asyncio.wait_for(a.post("B", "poison"), PATIENCE_S)
+            assert a.failure is None
+            (after,) = await a.post("B", "two")
+            assert (first.seq, after.seq) == (1, 3)  # 2 was the refused one's
+            for handle in (first, after):
+                await wait_receipt(handle, PATIENCE_S)
+            receipt = await asyncio.wait_for(a.send("B", "three"), PATIENCE_S)
+            assert receipt.seq == 4
+            assert a.snapshot_stats().store_refused == 1
+            with StoreReader.for_data_dir(b.config.data_dir) as reader:
+                assert [m.body for m in reader.history(direction="in")] == [
+                    "one", "two", "three"]
 
     run(scenario)
