@@ -238,6 +238,10 @@ class DialerLink:
         self._first_resend_tx_ns: int | None = None
         #: Messages resent although their first transmission was receipted after all.
         self.spurious_retransmissions = 0
+        #: The latest round trip of an immediate answer (Welcome to a lone Hello, Pong), and
+        #: when it arrived (monotonic): what a probe reports.
+        self.last_answer_rtt_s: float | None = None
+        self.last_answer_at: float | None = None
         self._rto_deadline: float | None = None
         #: What went out when, oldest first: (monotonic send time, its wall-clock tx time as
         #: the Batch says, the batch's messages). Settled flights are dropped lazily.
@@ -319,6 +323,20 @@ class DialerLink:
         """Dial now if the link is `IDLE` (an explicit connect: a probe, a ping request): the
         Hello goes at the next `poll`. Idle again after `link_idle_s` with nothing to send."""
         self._open(now)
+
+    def probe(self, now: float) -> None:
+        """Ask the peer for a sign of life at the next `poll`: an `IDLE` link dials (a Welcome
+        answers), a `READY` one pings however recently it heard the peer (a Pong answers),
+        any other sends its Hello now. The peer answered if `last_answer_at >= now` later
+        (with `last_answer_rtt_s`), or at least was heard if `last_heard >= now`; a dead
+        peer answers nothing, and its link shows the state it reaches meanwhile."""
+        if self.state is LinkState.IDLE:
+            self._open(now)
+        elif self.state is LinkState.READY:
+            self._ping_owed = True
+            self._next_ping_at = min(self._next_ping_at, now)
+        else:
+            self._next_hello_at = min(self._next_hello_at, now)
 
     @property
     def disk_backlog(self) -> bool:
@@ -557,7 +575,7 @@ class DialerLink:
                     self._events.append(MessagesRejected(self.peer, settled, code, detail))
             case Pong(echo_sent_at_ns=t1, received_at_ns=t2, replied_at_ns=t3, pending=pending):
                 self.offset.add(t1, t2, t3, wall_ns)
-                self._path_rtt.add_sample((wall_ns - t1) / 1e9)
+                self._answered((wall_ns - t1) / 1e9, now)
                 if t1 <= wall_ns:
                     self._on_pong(t1, pending, now)
             case _:  # pragma: no cover - _FRAME_INPUTS filters the rest
@@ -626,7 +644,7 @@ class DialerLink:
     def _on_welcome(self, frame: Welcome, before: LinkState, now: float, wall_ns: int) -> None:
         was_ready = before is LinkState.READY
         if self._hellos_unanswered == 1:
-            self._path_rtt.add_sample(now - self._hello_sent_at)
+            self._answered(now - self._hello_sent_at, now)
         elif self._hellos_unanswered > 1:
             self._handshake_retried = True
         self._hellos_unanswered = 0
@@ -754,6 +772,11 @@ class DialerLink:
                 deadline = min(deadline, unproven + self._rto)
                 break
         self._rto_deadline = deadline
+
+    def _answered(self, rtt_s: float, now: float) -> None:
+        """The peer answered a Hello or a Ping after `rtt_s`: a path sample."""
+        self._path_rtt.add_sample(rtt_s)
+        self.last_answer_rtt_s, self.last_answer_at = rtt_s, now
 
     def _on_pong(self, echo_ns: int, pending: int, now: float) -> None:
         """A Pong answered our Ping sent at `echo_ns`: every batch sent before it reached the
