@@ -225,6 +225,19 @@ class PeerStatus(msgspec.Struct, frozen=True):
     found: str = "config"
 
 
+class PeerProbe(msgspec.Struct, frozen=True):
+    """What a probe of one peer found (`Node.probe_peers`, `meshpost peers --probe`): `live`
+    (it answered within the wait, `rtt_ns` the round trip of that answer), `lost` (nothing
+    from it within the wait) or `refused` (it refused us: `detail`). `state` is the link's
+    state when the wait ended."""
+
+    name: str
+    result: str
+    rtt_ns: int | None
+    state: str
+    detail: str | None = None
+
+
 # -- events for subscribers (console, control tail) ----------------------------------------
 
 

@@ -238,10 +238,13 @@ class DialerLink:
         self._first_resend_tx_ns: int | None = None
         #: Messages resent although their first transmission was receipted after all.
         self.spurious_retransmissions = 0
-        #: The latest round trip of an immediate answer (Welcome to a lone Hello, Pong), and
-        #: when it arrived (monotonic): what a probe reports.
+        #: The latest round trip of an immediate answer (Welcome to a lone Hello, Pong), when
+        #: it arrived (monotonic), and how many came so far; and how many frames the peer sent
+        #: that this link took: what a probe compares before and after.
         self.last_answer_rtt_s: float | None = None
         self.last_answer_at: float | None = None
+        self.answers = 0
+        self.frames_heard = 0
         self._rto_deadline: float | None = None
         #: What went out when, oldest first: (monotonic send time, its wall-clock tx time as
         #: the Batch says, the batch's messages). Settled flights are dropped lazily.
@@ -327,9 +330,9 @@ class DialerLink:
     def probe(self, now: float) -> None:
         """Ask the peer for a sign of life at the next `poll`: an `IDLE` link dials (a Welcome
         answers), a `READY` one pings however recently it heard the peer (a Pong answers),
-        any other sends its Hello now. The peer answered if `last_answer_at >= now` later
-        (with `last_answer_rtt_s`), or at least was heard if `last_heard >= now`; a dead
-        peer answers nothing, and its link shows the state it reaches meanwhile."""
+        any other sends its Hello now. The peer answered once `answers` grows (the round trip
+        in `last_answer_rtt_s`), or at least was heard once `frames_heard` grows; a dead peer
+        answers nothing, and its link shows the state it reaches meanwhile."""
         if self.state is LinkState.IDLE:
             self._open(now)
         elif self.state is LinkState.READY:
@@ -560,6 +563,7 @@ class DialerLink:
             return
         self.last_heard = now
         self.last_heard_wall_ns = wall_ns
+        self.frames_heard += 1
         match frame:
             case Welcome():
                 self._on_welcome(frame, before, now, wall_ns)
@@ -777,6 +781,7 @@ class DialerLink:
         """The peer answered a Hello or a Ping after `rtt_s`: a path sample."""
         self._path_rtt.add_sample(rtt_s)
         self.last_answer_rtt_s, self.last_answer_at = rtt_s, now
+        self.answers += 1
 
     def _on_pong(self, echo_ns: int, pending: int, now: float) -> None:
         """A Pong answered our Ping sent at `echo_ns`: every batch sent before it reached the
