@@ -1005,6 +1005,8 @@ class Node:
             self.stats.dropped_sends = self._transport.dropped_sends
             self.stats.inbound_refused = self._transport.inbound_refused
         self.stats.retransmissions = sum(link.retransmissions for link in self._links.values())
+        self.stats.spurious_retransmissions = sum(
+            link.spurious_retransmissions for link in self._links.values())
         return dataclasses.replace(self.stats)
 
     async def pending_count(self) -> int:

@@ -334,6 +334,9 @@ class NodeStats:
     undecodable: int = 0
     dropped_sends: int = 0
     retransmissions: int = 0
+    #: Of those, messages whose first transmission was receipted after all (the resend was
+    #: not needed: docs/protocol.md 10).
+    spurious_retransmissions: int = 0
     store_errors: int = 0
     store_commits: int = 0
     #: Hellos naming a peer that already had a session on another connection.
