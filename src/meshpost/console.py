@@ -43,6 +43,7 @@ from meshpost.node import (
     Outgoing,
     PeerChange,
     PeerChanged,
+    PeerProbe,
     PeerRefused,
     PeerStatus,
     Receipt,
@@ -67,12 +68,16 @@ from meshpost.text import (
     format_refused_peer,
     render_history,
     render_peers_table,
+    render_probes,
     render_queues,
     render_stats,
     short_id,
 )
 
 log = logging.getLogger(__name__)
+
+#: How long `/peers --probe` waits for answers (`meshpost peers --probe`'s default).
+CONSOLE_PROBE_WAIT_S = 2.0
 
 #: How long a sent message may wait for its receipt before the console says it is queued.
 RECEIPT_WAIT_S = 5.0
@@ -104,7 +109,11 @@ class SendCommand:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PeersCommand:
-    """Show the peer table."""
+    """Show the peer table; with `probe`, ask the peers (`names`, else all) for a sign of
+    life now and show who answered (`/peers --probe [PEER ...]`)."""
+
+    probe: bool = False
+    names: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -180,6 +189,9 @@ HELP_TEXT = """\
 @NAME text        send text to peer NAME (a group name or `all` sends to each member)
 text              send to the last recipient again
 /peers            peers: connection, last seen, round trip, clock offset, unacknowledged
+/peers --probe [PEER ...]
+                  ask every peer (or those named) for a sign of life now, idle links too:
+                  live with its round trip, or lost (no answer within a few seconds)
 /history [PEER|G] [-n N] [-v]
                   the last N stored messages (default 20), with sender and local clocks;
                   -v shows whole texts and ids (long texts are shortened otherwise); for a
@@ -228,6 +240,11 @@ def _parse_slash(text: str) -> Command:
         if len(args) != 1:
             raise CommandError(f"/{name} takes one group name, e.g. `/{name} team`")
         return GroupCommand(name, args[0])
+    if name == "peers" and args:
+        if args[0] not in ("-p", "--probe"):
+            raise CommandError("/peers takes no arguments, or --probe [PEER ...] to ask the "
+                               "peers for a sign of life now")
+        return PeersCommand(probe=True, names=tuple(a.removeprefix("@") for a in args[1:]))
     if name == "queue":
         if len(args) > 1:
             raise CommandError("/queue takes at most one queue name, e.g. `/queue work`")
@@ -321,6 +338,8 @@ class ConsoleNode(Protocol):
     async def fetch_group_history(self, group: str, *, limit: int = ...,
                                   before_hlc: int = ..., timeout_s: float | None = ...
                                   ) -> GroupHistory: ...
+
+    async def probe_peers(self, *peers: str, wait_s: float) -> list[PeerProbe]: ...
 
 
 Printer = Callable[[str], None]
@@ -530,6 +549,10 @@ class _Console:
                 pass
             case SendCommand(target=target, body=body):
                 await self.send(target, body)
+            case PeersCommand(probe=True, names=names):
+                self.print(f"asking {', '.join(map(clean, names)) or 'every peer'} …")
+                probes = await self.node.probe_peers(*names, wait_s=CONSOLE_PROBE_WAIT_S)
+                self.print(render_probes(probes, width=self.width))
             case PeersCommand():
                 self.print(render_peers_table(self.node.peers(), now_ns=self.node.clock.wall_ns(),
                                               width=self.width))

@@ -25,6 +25,8 @@ from meshpost.control import (
     GroupReply,
     GroupRequest,
     NodeGone,
+    ProbeReply,
+    ProbeRequest,
     QueueStatusReply,
     QueueStatusRequest,
     SendReply,
@@ -42,6 +44,7 @@ from meshpost.node import (
     NodeStats,
     Outgoing,
     PeerChanged,
+    PeerProbe,
     PeerRefused,
     PeerStatus,
     Receipt,
@@ -227,6 +230,12 @@ class RemoteNode:
             GroupHistoryRequest(group, limit, before_hlc, wait_s),
             timeout_s=wait_s + REQUEST_TIMEOUT_S))
         return reply.history
+
+    async def probe_peers(self, *peers: str, wait_s: float) -> list[PeerProbe]:
+        """`Node.probe_peers` in the running node (it waits up to `wait_s`)."""
+        reply: ProbeReply = checked(await self._call(
+            ProbeRequest(peers=list(peers), wait_s=wait_s), timeout_s=wait_s + REQUEST_TIMEOUT_S))
+        return list(reply.probes)
 
     def members(self, group: str) -> list[str]:
         """As of this console's last join or leave of `group`, else the configuration's."""

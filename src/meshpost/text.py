@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         NodeStats,
         Outgoing,
         PeerChanged,
+        PeerProbe,
         PeerStatus,
         Receipt,
     )
@@ -258,6 +259,23 @@ def render_peers_table(
             Text("-" if p.offset_ns is None else f"{p.offset_ns / 1e6:+.2f}"),
             Text(str(p.unacknowledged)),
         )
+    return render(table, width)
+
+
+def render_probes(probes: Sequence[PeerProbe], *, width: int = DEFAULT_WIDTH,
+                  title: str = "probe") -> str:
+    """What `meshpost peers --probe` (and `/peers --probe`) found: each peer live (with the
+    round trip of its answer), lost or refused, and its link's state after the probe."""
+    if not probes:
+        return "no peers configured"
+    table = Table(title=title, title_justify="left")
+    for column in ("peer", "result", "rtt ms", "state", "detail"):
+        table.add_column(column, overflow="fold", justify="right" if column == "rtt ms"
+                         else "left")
+    for p in probes:
+        table.add_row(Text(p.name), Text(clean(p.result)),
+                      Text("-" if p.rtt_ns is None else f"{p.rtt_ns / 1e6:.2f}"),
+                      Text(clean(p.state)), Text(clean(p.detail or "")))
     return render(table, width)
 
 

@@ -211,6 +211,14 @@ async def cpu_seconds(_node: Node, _cmd: dict[str, Any]) -> dict[str, Any]:
     return {"cpu_s": time.process_time()}
 
 
+async def counters(node: Node, _cmd: dict[str, Any]) -> dict[str, Any]:
+    """Counters to read once every driver is done: a node receives duplicates (what other
+    nodes resent to it) after its own messages are all receipted."""
+    stats = node.snapshot_stats()
+    return {"duplicates": stats.duplicates, "retransmissions": stats.retransmissions,
+            "spurious_retransmissions": stats.spurious_retransmissions}
+
+
 async def _connect(node: Node, cmd: dict[str, Any]) -> dict[str, Any]:
     return await wait_connected(node, float(cmd.get("timeout", 60)))
 
@@ -227,6 +235,7 @@ OPS: dict[str, Callable[[Node, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
     "queue": drive_queue,
     "drain": _drain,
     "cpu": cpu_seconds,
+    "counters": counters,
 }
 
 

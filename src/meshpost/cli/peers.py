@@ -1,5 +1,6 @@
-"""`meshpost peers` and `group`: a running node's peers (links, RTT, clock offset, counters)
-and its groups (join, leave, members), asked over its control socket and printed."""
+"""`meshpost peers` and `group`: a running node's peers (links, RTT, clock offset, counters;
+with `--probe`, each asked for a sign of life now) and its groups (join, leave, members),
+asked over its control socket and printed."""
 
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ if TYPE_CHECKING:
     from meshpost.cli.common import Subcommands
 
 
+#: Seconds `--probe` waits for answers unless `--wait` says.
+PROBE_WAIT_S = 2.0
+#: What the control request may take beyond the probe's own wait (a busy node's reply).
+PROBE_REPLY_MARGIN_S = 10.0
+
+
 def cmd_peers(args: argparse.Namespace) -> int:
+    if args.probe is not None:
+        return probe_peers(args)
     from meshpost.control import ControlClient, StatusRequest, checked
     from meshpost.node import NodeStats
     from meshpost.text import render_peers_table, render_stats, terminal_width
@@ -32,6 +41,28 @@ def cmd_peers(args: argparse.Namespace) -> int:
     known = NodeStats.__dataclass_fields__
     stats = reply.status.get("stats") or {}
     print(render_stats(NodeStats(**{k: v for k, v in stats.items() if k in known})))
+    return EXIT_OK
+
+
+def probe_peers(args: argparse.Namespace) -> int:
+    """`meshpost peers --node A --probe [PEER ...] [--wait S]`: the node asks each peer (idle
+    links included) for a sign of life and reports live (round trip), lost or refused."""
+    from meshpost.control import ControlClient, ProbeRequest, checked
+    from meshpost.control.messages import PROBE_WAIT_MAX_S
+    from meshpost.errors import ConfigError
+    from meshpost.text import render_probes, terminal_width
+
+    if not 0 < args.wait <= PROBE_WAIT_MAX_S:
+        raise ConfigError(f"--wait must be a number of seconds above 0, at most "
+                          f"{PROBE_WAIT_MAX_S:g}")
+    with ControlClient(data_dir(args), name=args.node) as client:
+        reply = checked(client.request(ProbeRequest(peers=args.probe, wait_s=args.wait),
+                                       timeout_s=args.wait + PROBE_REPLY_MARGIN_S))
+    if args.json:
+        print(json.dumps([struct_dict(p) for p in reply.probes], indent=2))
+        return EXIT_OK
+    print(render_probes(list(reply.probes), width=terminal_width(),
+                        title=f"{args.node} — probe (waited up to {args.wait:g}s)"))
     return EXIT_OK
 
 
@@ -57,6 +88,11 @@ def add_peers(sub: Subcommands) -> None:
     p.add_argument("--node", required=True)
     p.add_argument("--data")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--probe", nargs="*", metavar="PEER",
+                   help="ask each peer (or the PEERs named) for a sign of life now, idle "
+                        "links included, and report live (round trip), lost or refused")
+    p.add_argument("--wait", type=float, default=PROBE_WAIT_S, metavar="S",
+                   help=f"--probe: seconds to wait for answers (default {PROBE_WAIT_S:g})")
     p.set_defaults(func=cmd_peers)
 
 

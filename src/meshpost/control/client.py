@@ -39,6 +39,8 @@ from meshpost.control.messages import (
     PeerRequest,
     PeersReply,
     PeersRequest,
+    ProbeReply,
+    ProbeRequest,
     QueueStatusReply,
     QueueStatusRequest,
     Reply,
@@ -176,6 +178,8 @@ class ControlClient:
     @overload
     def request(self, request: GroupHistoryRequest, *,
                 timeout_s: float) -> GroupHistoryReply | ErrorReply: ...
+    @overload
+    def request(self, request: ProbeRequest, *, timeout_s: float) -> ProbeReply | ErrorReply: ...
 
     def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request`, return its reply (an `ErrorReply` when the node refused it).
@@ -300,6 +304,9 @@ class AsyncControlClient:
     @overload
     async def request(self, request: GroupHistoryRequest, *,
                       timeout_s: float) -> GroupHistoryReply | ErrorReply: ...
+    @overload
+    async def request(self, request: ProbeRequest, *,
+                      timeout_s: float) -> ProbeReply | ErrorReply: ...
 
     async def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request` and wait for its reply; errors as `ControlClient.request`."""

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import msgspec
 
 from meshpost.errors import MeshpostError, RemoteError
-from meshpost.node import GroupHistory, PeerStatus, StoredMessage
+from meshpost.node import GroupHistory, PeerProbe, PeerStatus, StoredMessage
 from meshpost.protocol.groups import BroadcastStatus
 from meshpost.protocol.workqueue import QueueStatus
 
@@ -39,6 +39,18 @@ class SendRequest(_Request, tag="send", frozen=True):
 
 class PeersRequest(_Request, tag="peers", frozen=True):
     """The status of every configured peer."""
+
+
+#: The longest a `probe` waits for answers: a probe is a look, not a watch.
+PROBE_WAIT_MAX_S = 30.0
+
+
+class ProbeRequest(_Request, tag="probe", frozen=True):
+    """Ask `peers` (every peer if empty) for a sign of life now, idle links included, and
+    reply after at most `wait_s` with what each did (`Node.probe_peers`)."""
+
+    peers: list[str] = []
+    wait_s: float = 2.0
 
 
 class StatusRequest(_Request, tag="status", frozen=True):
@@ -123,7 +135,7 @@ class GroupHistoryRequest(_Request, tag="group-history", frozen=True):
 
 Request = (SendRequest | PeersRequest | StatusRequest | EventsRequest | PeerRequest
            | SubmitRequest | TailRequest | BroadcastRequest | BroadcastStatusRequest
-           | GroupRequest | QueueStatusRequest | GroupHistoryRequest)
+           | GroupRequest | QueueStatusRequest | GroupHistoryRequest | ProbeRequest)
 
 
 # -- replies --------------------------------------------------------------------------------
@@ -188,6 +200,10 @@ class SendReply(_Reply, tag="sent", frozen=True):
 
 class PeersReply(_Reply, tag="peers", frozen=True):
     peers: list[PeerStatus] = []
+
+
+class ProbeReply(_Reply, tag="probe", frozen=True):
+    probes: list[PeerProbe] = []
 
 
 class StatusReply(_Reply, tag="status", frozen=True):
@@ -281,9 +297,10 @@ class ErrorReply(_Reply, tag="error", frozen=True):
 
 Reply = (SendReply | PeersReply | StatusReply | EventsReply | AnswerReply | SubmitReply
          | TailReply | BroadcastReply | GroupReply | QueueStatusReply | GroupHistoryReply
-         | ErrorReply)
+         | ProbeReply | ErrorReply)
 R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply, AnswerReply, SubmitReply,
-            TailReply, BroadcastReply, GroupReply, QueueStatusReply, GroupHistoryReply)
+            TailReply, BroadcastReply, GroupReply, QueueStatusReply, GroupHistoryReply,
+            ProbeReply)
 
 
 def checked(reply: R | ErrorReply) -> R:

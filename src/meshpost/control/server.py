@@ -26,6 +26,7 @@ import zmq
 
 from meshpost.control.messages import (
     ENDPOINT_FILE,
+    PROBE_WAIT_MAX_S,
     AnswerReply,
     BroadcastProgressInfo,
     BroadcastReply,
@@ -44,6 +45,8 @@ from meshpost.control.messages import (
     PeerRequest,
     PeersReply,
     PeersRequest,
+    ProbeReply,
+    ProbeRequest,
     QueueStatusReply,
     QueueStatusRequest,
     RefusedInfo,
@@ -403,6 +406,12 @@ class ControlServer:
                 return SendReply(sent=results, id=request.id)
             case PeersRequest():
                 return PeersReply(peers=node.peers(), id=request.id)
+            case ProbeRequest(peers=peers, wait_s=wait_s):
+                if not 0 <= wait_s <= PROBE_WAIT_MAX_S:
+                    raise BadControlRequest(f"probe wants 0 <= wait_s <= {PROBE_WAIT_MAX_S:g}, "
+                                            f"not {wait_s!r}")
+                probes = await node.probe_peers(*peers, wait_s=wait_s)
+                return ProbeReply(probes=probes, id=request.id)
             case StatusRequest():
                 return StatusReply(status=await self._status(), peers=node.peers(),
                                    id=request.id)

@@ -58,6 +58,7 @@ from meshpost.node.records import (
     Outgoing,
     PeerChange,
     PeerChanged,
+    PeerProbe,
     PeerRefused,
     PeerStatus,
     Receipt,
@@ -367,6 +368,14 @@ class Node:
         first message, as a probe: `peers()` shows who answers. Links with nothing to send
         close again after `link_idle_s`. Raises `UnknownPeer` for a name that is no peer."""
         self._links.connect(*peers)
+
+    async def probe_peers(self, *peers: str, wait_s: float) -> list[PeerProbe]:
+        """Ask `peers` (every peer if none is named) for a sign of life now, idle links
+        included (an idle link dials, a ready one pings at once), and say what each did within
+        `wait_s` (event-loop time): `live` with its answer's round trip, `lost` if nothing
+        came from it, `refused` if it refused us. A peer that crashed while its link was idle
+        shows as `lost` here, not `idle`. Raises `UnknownPeer` for a name that is no peer."""
+        return await self._links.probe(*peers, wait_s=wait_s)
 
     @property
     def next_timer(self) -> float:
@@ -1004,6 +1013,8 @@ class Node:
             self.stats.dropped_sends = self._transport.dropped_sends
             self.stats.inbound_refused = self._transport.inbound_refused
         self.stats.retransmissions = sum(link.retransmissions for link in self._links.values())
+        self.stats.spurious_retransmissions = sum(
+            link.spurious_retransmissions for link in self._links.values())
         return dataclasses.replace(self.stats)
 
     async def pending_count(self) -> int:

@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING
 import meshpost.probes as probes
 from meshpost.config import PeerConfig
 from meshpost.errors import ConfigError, StoreCorrupt, UnknownPeer
-from meshpost.node.records import CrashPoint, PeerChange, PeerChanged, PeerStatus
+from meshpost.node.records import CrashPoint, PeerChange, PeerChanged, PeerProbe, PeerStatus
 from meshpost.protocol import (
     Batch,
     Bye,
     DialerLink,
     Envelope,
     Frame,
+    LinkState,
     PeerLost,
     RefuseCode,
     ViolationDetected,
@@ -56,6 +57,8 @@ class Links(Mapping[str, DialerLink]):
         self._connected: set[str] = set()
         #: Links watched by something above them (work-queue workers): kept open and pinged.
         self._watched: set[str] = set()
+        #: One event per `probe` waiting: every frame a peer sends on our links sets them all.
+        self._probes: set[asyncio.Event] = set()
         #: The timer loop's agenda: each link's next deadline (`DialerLink.next_timer`) as
         #: scheduled, and a heap of (deadline, peer) holding them (and stale ones, skipped).
         self._due: dict[str, float] = {}
@@ -160,6 +163,54 @@ class Links(Mapping[str, DialerLink]):
             link = self._links[name]
             link.open(now)
             self._perform(link)
+
+    async def probe(self, *peers: str, wait_s: float) -> list[PeerProbe]:
+        """`Node.probe_peers`: each link asked at once (`DialerLink.probe`); what each did
+        within `wait_s` (event-loop time)."""
+        node = self._node
+        node._check_open()
+        for name in peers:
+            if name not in self._links:
+                raise UnknownPeer(name, sorted(self._links))
+        names = list(peers) or list(self._links)
+        now = node.clock.monotonic()
+        # What each link had heard before: a probe counts only what comes after it.
+        before = {n: (self._links[n].frames_heard, self._links[n].answers) for n in names}
+        for name in names:
+            link = self._links[name]
+            link.probe(now)
+            self._perform(link)
+
+        def outcome(name: str) -> str | None:
+            link, (heard, answers) = self._links[name], before[name]
+            if link.answers > answers:  # a Welcome or a Pong since: alive, whatever came after
+                return "live"
+            return ("refused" if link.frames_heard > heard and link.state is LinkState.REFUSED
+                    else None)
+
+        frame_back = asyncio.Event()
+        self._probes.add(frame_back)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    while any(outcome(n) is None for n in names):
+                        frame_back.clear()
+                        await frame_back.wait()
+        finally:
+            self._probes.discard(frame_back)
+        result = []
+        for name in names:
+            link, (heard, answers) = self._links[name], before[name]
+            found = outcome(name)
+            if found is None:  # heard but not answered (a Welcome to a retried Hello), or not
+                found = "live" if link.frames_heard > heard and link.reachable else "lost"
+            rtt = link.last_answer_rtt_s if link.answers > answers else None
+            result.append(PeerProbe(
+                name=name, result=found, rtt_ns=None if rtt is None else round(rtt * 1e9),
+                state=link.state.value,
+                detail=link.refusal if found == "refused" else
+                (f"no answer within {wait_s:g}s" if found == "lost" else None)))
+        return result
 
     @property
     def next_timer(self) -> float:
@@ -271,6 +322,9 @@ class Links(Mapping[str, DialerLink]):
         if probe is not None:
             probe.mark(probes.DIALER_RECEIVE[1])
         self._perform(link)
+        if self._probes:  # a `probe` waits for answers
+            for frame_back in self._probes:
+                frame_back.set()
 
     def peer_left(self, peer: str, reason: str) -> None:
         """`peer` said it is shutting down (its Bye reached our listener): our link to it

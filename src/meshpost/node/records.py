@@ -225,6 +225,19 @@ class PeerStatus(msgspec.Struct, frozen=True):
     found: str = "config"
 
 
+class PeerProbe(msgspec.Struct, frozen=True):
+    """What a probe of one peer found (`Node.probe_peers`, `meshpost peers --probe`): `live`
+    (it answered within the wait, `rtt_ns` the round trip of that answer), `lost` (nothing
+    from it within the wait) or `refused` (it refused us: `detail`). `state` is the link's
+    state when the wait ended."""
+
+    name: str
+    result: str
+    rtt_ns: int | None
+    state: str
+    detail: str | None = None
+
+
 # -- events for subscribers (console, control tail) ----------------------------------------
 
 
@@ -321,6 +334,9 @@ class NodeStats:
     undecodable: int = 0
     dropped_sends: int = 0
     retransmissions: int = 0
+    #: Of those, messages whose first transmission was receipted after all (the resend was
+    #: not needed: docs/protocol.md 10).
+    spurious_retransmissions: int = 0
     store_errors: int = 0
     store_commits: int = 0
     #: Writes the store refused on their own (a row breaking a constraint): each dropped

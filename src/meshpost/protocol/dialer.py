@@ -54,6 +54,10 @@ from meshpost.protocol.rto import RtoEstimator
 
 #: After a refusal for a reason only an operator can fix, ask again this rarely.
 REFUSED_RETRY_S = 10.0
+#: The least timeout of a link whose handshake needed Hello again, until its first round-trip
+#: sample (RFC 6298 5.7: a retransmitted SYN leaves a 3 s RTO for the data): a peer that took
+#: longer than a ping interval to welcome us is slow now, and no sample says how slow.
+RETRIED_HANDSHAKE_RTO_S = 3.0
 #: What a held message costs besides its body (the Envelope, its id, the dict slot): the
 #: window's byte count is body characters plus this, an estimate of memory, not of the wire.
 HELD_MESSAGE_OVERHEAD = 256
@@ -220,6 +224,27 @@ class DialerLink:
         #: Smoothed round trip (batch sent -> its receipt back, which includes the peer's
         #: commit) and its mean deviation, from receipts; None until the first sample.
         self._rtt = RtoEstimator(retransmit_initial_s, retransmit_max_s)
+        #: The same for the frames the peer answers at once (Hello -> Welcome, Ping -> Pong):
+        #: the least a receipt can take, known before the first batch goes (the handshake).
+        self._path_rtt = RtoEstimator(retransmit_initial_s, retransmit_max_s)
+        #: When the last Hello went, and how many went since the last Welcome (a Welcome
+        #: answering one of several is no sample: which one it answers is unknown).
+        self._hello_sent_at = 0.0
+        self._hellos_unanswered = 0
+        #: The last handshake needed Hello more than once (see RETRIED_HANDSHAKE_RTO_S).
+        self._handshake_retried = False
+        #: Wall tx time of the first resend since the last progress (a receipt echoing an
+        #: earlier tx answers the original: the resend was spurious, RFC 3522's test).
+        self._first_resend_tx_ns: int | None = None
+        #: Messages resent although their first transmission was receipted after all.
+        self.spurious_retransmissions = 0
+        #: The latest round trip of an immediate answer (Welcome to a lone Hello, Pong), when
+        #: it arrived (monotonic), and how many came so far; and how many frames the peer sent
+        #: that this link took: what a probe compares before and after.
+        self.last_answer_rtt_s: float | None = None
+        self.last_answer_at: float | None = None
+        self.answers = 0
+        self.frames_heard = 0
         self._rto_deadline: float | None = None
         #: What went out when, oldest first: (monotonic send time, its wall-clock tx time as
         #: the Batch says, the batch's messages). Settled flights are dropped lazily.
@@ -229,7 +254,7 @@ class DialerLink:
         #: on a link arrive in order, so every batch sent at or before it reached the peer.
         self._answered_tx_ns = 0
         #: When a receipt last settled something (the timer restarts from there).
-        self._progress_at = 0.0
+        self._progress_at = now
         #: A Ping went out for the current timeout instead of a resend (see _retransmit_due).
         self._probed = False
         #: tx times of batches this node failed to queue (`batch_dropped`): never proven
@@ -301,6 +326,20 @@ class DialerLink:
         """Dial now if the link is `IDLE` (an explicit connect: a probe, a ping request): the
         Hello goes at the next `poll`. Idle again after `link_idle_s` with nothing to send."""
         self._open(now)
+
+    def probe(self, now: float) -> None:
+        """Ask the peer for a sign of life at the next `poll`: an `IDLE` link dials (a Welcome
+        answers), a `READY` one pings however recently it heard the peer (a Pong answers),
+        any other sends its Hello now. The peer answered once `answers` grows (the round trip
+        in `last_answer_rtt_s`), or at least was heard once `frames_heard` grows; a dead peer
+        answers nothing, and its link shows the state it reaches meanwhile."""
+        if self.state is LinkState.IDLE:
+            self._open(now)
+        elif self.state is LinkState.READY:
+            self._ping_owed = True
+            self._next_ping_at = min(self._next_ping_at, now)
+        else:
+            self._next_hello_at = min(self._next_hello_at, now)
 
     @property
     def disk_backlog(self) -> bool:
@@ -524,6 +563,7 @@ class DialerLink:
             return
         self.last_heard = now
         self.last_heard_wall_ns = wall_ns
+        self.frames_heard += 1
         match frame:
             case Welcome():
                 self._on_welcome(frame, before, now, wall_ns)
@@ -537,12 +577,11 @@ class DialerLink:
                 settled = list(gone)
                 if settled:
                     self._events.append(MessagesRejected(self.peer, settled, code, detail))
-            case Pong(echo_sent_at_ns=t1, received_at_ns=t2, replied_at_ns=t3):
+            case Pong(echo_sent_at_ns=t1, received_at_ns=t2, replied_at_ns=t3, pending=pending):
                 self.offset.add(t1, t2, t3, wall_ns)
-                if t1 > self._answered_tx_ns and t1 <= wall_ns:
-                    self._answered_tx_ns = t1
-                    if self._rto_deadline is not None:
-                        self._arm(now)
+                self._answered((wall_ns - t1) / 1e9, now)
+                if t1 <= wall_ns:
+                    self._on_pong(t1, pending, now)
             case _:  # pragma: no cover - _FRAME_INPUTS filters the rest
                 pass
         self._pump(now, wall_ns)
@@ -592,6 +631,8 @@ class DialerLink:
     # -- internals ------------------------------------------------------------------------
 
     def _send_hello(self, now: float, wall_ns: int, hlc: int) -> None:
+        self._hello_sent_at = now
+        self._hellos_unanswered += 1
         self._frames.append(
             Hello(
                 version=PROTOCOL_VERSION,
@@ -606,6 +647,11 @@ class DialerLink:
 
     def _on_welcome(self, frame: Welcome, before: LinkState, now: float, wall_ns: int) -> None:
         was_ready = before is LinkState.READY
+        if self._hellos_unanswered == 1:
+            self._answered(now - self._hello_sent_at, now)
+        elif self._hellos_unanswered > 1:
+            self._handshake_retried = True
+        self._hellos_unanswered = 0
         self.refusal = None
         self.peer_node_id = frame.node_id
         self._active_at = now  # a link just usable is active: watched for the recent window
@@ -619,11 +665,8 @@ class DialerLink:
             # (LOST) only the batches whose own timeout has passed go again (after
             # peer_timeout_s of silence that is usually all; a batch sent just before is not
             # resent while its receipt may still come).
-            resend = list(self._inflight.values())
             self._flights.clear()
-            self.retransmissions += len(resend)
-            self._resent.update(self._inflight)
-            self._emit_batches(resend, wall_ns, now)
+            self._resend(list(self._inflight.values()), now, wall_ns)
         if not was_ready:
             # A new session: what the old one proved arrived may have died with the peer.
             self._answered_tx_ns = 0
@@ -637,8 +680,21 @@ class DialerLink:
     def base_rto(self) -> float:
         """The retransmission timeout before backoff: `retransmit_initial_s`, or more when
         receipts take longer (a busy peer committing big batches is slow, not gone), as
-        SRTT + max(G, 4 * RTTVAR) (RFC 6298), never above `retransmit_max_s`."""
-        return self._rtt.base_s
+        SRTT + max(G, 4 * RTTVAR) (RFC 6298), never above `retransmit_max_s`. Never below
+        what the same formula gives for the peer's immediate answers (Welcome, Pong): a
+        receipt is not faster than those, and the handshake is measured before the first
+        batch leaves, when receipts have given no sample yet."""
+        base = max(self._rtt.base_s, self._path_rtt.base_s)
+        if self._handshake_retried:
+            if self._rtt.srtt_s is None and self._path_rtt.srtt_s is None:
+                return max(base, min(RETRIED_HANDSHAKE_RTO_S, self._rto_max))
+            self._handshake_retried = False
+        return base
+
+    @property
+    def path_srtt_s(self) -> float | None:
+        """The smoothed round trip of the peer's immediate answers (Welcome, Pong)."""
+        return self._path_rtt.srtt_s
 
     @property
     def srtt_s(self) -> float | None:
@@ -663,12 +719,16 @@ class DialerLink:
             self._rto_deadline = None
             return
         cutoff = now - self._rto
-        stale = now - self._rto_max >= self._progress_at
+        # A held batch goes again after retransmit_max_s without progress since it was sent
+        # (as `_arm` times it): a link quiet before this batch has no progress to show.
+        stale_before = now - self._rto_max
+        progress = self._progress_at
         answered, dropped = self._answered_tx_ns, self._dropped_tx
         due: list[tuple[float, int, list[Envelope]]] = []
         kept: list[tuple[float, int, list[Envelope]]] = []
         while flights and flights[0][0] <= cutoff:
             flight = flights.popleft()
+            stale = stale_before >= max(progress, flight[0])
             if flight[1] <= answered and not stale and flight[1] not in dropped:
                 kept.append(flight)
             else:
@@ -687,12 +747,18 @@ class DialerLink:
         self._drop_settled_flights()
         resend = [m for flight in due for m in flight[2] if m.seq in inflight]
         if resend:
-            self.retransmissions += len(resend)
-            self._resent.update(m.seq for m in resend)
-            self._emit_batches(resend, wall_ns, now)
+            self._resend(resend, now, wall_ns)
             if backoff:
                 self._rto = min(self._rto * 2, self._rto_max)
         self._arm(now, probing=probing)
+
+    def _resend(self, messages: list[Envelope], now: float, wall_ns: int) -> None:
+        """Send `messages` (in flight, unsettled) again, as new flights."""
+        if self._first_resend_tx_ns is None:
+            self._first_resend_tx_ns = wall_ns
+        self.retransmissions += len(messages)
+        self._resent.update(m.seq for m in messages)
+        self._emit_batches(messages, wall_ns, now)
 
     def _arm(self, now: float, *, probing: bool = False) -> None:
         """The retransmission timer: the first unproven flight's RTO, or the peer's
@@ -710,6 +776,39 @@ class DialerLink:
                 deadline = min(deadline, unproven + self._rto)
                 break
         self._rto_deadline = deadline
+
+    def _answered(self, rtt_s: float, now: float) -> None:
+        """The peer answered a Hello or a Ping after `rtt_s`: a path sample."""
+        self._path_rtt.add_sample(rtt_s)
+        self.last_answer_rtt_s, self.last_answer_at = rtt_s, now
+        self.answers += 1
+
+    def _on_pong(self, echo_ns: int, pending: int, now: float) -> None:
+        """A Pong answered our Ping sent at `echo_ns`: every batch sent before it reached the
+        peer (frames arrive in order). `pending` > 0: the peer is still storing some of them,
+        which is progress (a busy store, not a lost receipt: nothing is resent for want of
+        it). 0: it has answered all of them (its answers came before this Pong), so one still
+        unreceipted lost its receipt or could not be stored: it goes again at its timeout,
+        without a probe, as a batch the node failed to queue would (a resend that fares no
+        better is timed with backoff, as any)."""
+        if echo_ns > self._answered_tx_ns:
+            self._answered_tx_ns = echo_ns
+        inflight = self._inflight
+        if not inflight:
+            return
+        if pending > 0:
+            self._progress_at = max(self._progress_at, now)
+        elif pending == 0:
+            # (Strictly before: a probe Ping goes ahead of the batches of its own poll.)
+            resent, dropped = self._resent, self._dropped_tx
+            for _sent, tx_ns, batch in self._flights:
+                if tx_ns >= echo_ns:
+                    break
+                unsettled = [m.seq for m in batch if m.seq in inflight]
+                if unsettled and resent.isdisjoint(unsettled):
+                    dropped.add(tx_ns)
+        if self._rto_deadline is not None:
+            self._arm(now)
 
     def _drop_settled_flights(self) -> None:
         """Forget the oldest flights once all their messages are settled (in C: no Python
@@ -762,12 +861,22 @@ class DialerLink:
             settled.sort()
             self._events.append(MessagesDelivered(self.peer, settled, receipt, wall_ns))
             resent = self._resent
+            sample_s = (wall_ns - echo) / 1e9
             if resent and not resent.isdisjoint(settled):
-                # Karn's rule: a receipt that settles a resent message is no RTT sample, and
-                # the backed-off timeout stays until a first transmission is receipted.
+                first = self._first_resend_tx_ns
+                if first is not None and echo < first:
+                    # The receipt echoes a transmission older than the first resend: the
+                    # original arrived, the resend was spurious (RFC 3522). Its round trip is
+                    # unambiguous: a sample; the backoff is undone (RFC 4015), but the RTO
+                    # stays at least the delay just seen, lest the next batch time out too.
+                    self.spurious_retransmissions += len(resent.intersection(settled))
+                    self._rtt.add_sample(sample_s)
+                    self._rto = max(self.base_rto, min(self._rto_max, sample_s))
+                # Else Karn's rule: a receipt of a resend is no RTT sample, and the
+                # backed-off timeout stays until a first transmission is receipted.
                 resent.difference_update(settled)
             else:
-                self._rtt.add_sample((wall_ns - receipt.echo_tx_at_ns) / 1e9)
+                self._rtt.add_sample(sample_s)
                 self._rto = self.base_rto
             # Progress restarts the timer (RFC 6298 5.3): a slow peer that keeps receipting
             # is not timed out batch by batch.
@@ -779,6 +888,8 @@ class DialerLink:
                 self._flights.clear()
                 resent.clear()
                 self._dropped_tx.clear()
+            if not resent:
+                self._first_resend_tx_ns = None
 
     def _pump(self, now: float, wall_ns: int) -> None:
         """Move queued messages into flight while the handshake is done and the window allows."""
@@ -794,7 +905,10 @@ class DialerLink:
             message = queue.popleft()
             inflight[message.seq] = message
             fresh.append(message)
-        if self._rto_deadline is None:
+        # A running timer may be a held batch's long one (`_arm`): fresh batches still time
+        # out after an RTO.
+        deadline = self._rto_deadline
+        if deadline is None or deadline > now + self._rto:
             self._rto_deadline = now + self._rto
         self._emit_batches(fresh, wall_ns, now)
 

@@ -187,11 +187,14 @@ class Ping(msgspec.Struct, tag="ping", array_like=True, frozen=True):
 
 
 class Pong(msgspec.Struct, tag="pong", array_like=True, frozen=True):
-    """Listener -> dialer: answers a Ping with the listener's receive and reply times."""
+    """Listener -> dialer: answers a Ping with the listener's receive and reply times, and
+    how many batches of this connection it still has to store (-1: not said, an older peer;
+    decoders that predate the field ignore it)."""
 
     echo_sent_at_ns: Int64
     received_at_ns: Int64
     replied_at_ns: Int64
+    pending: Int64 = -1
 
 
 class Bye(msgspec.Struct, tag="bye", array_like=True, frozen=True):

@@ -168,6 +168,9 @@ class _Session:
     #: `Listener._activity` when the session last sent a frame (least recent goes first).
     last_active: int = 0
     last_active_ns: int = 0
+    #: Batches taken on this connection (`MessagesArrived`) and not yet answered (`stored`):
+    #: a Pong says it, so the dialer knows a receipt is still to come.
+    pending: int = 0
 
 
 class Listener:
@@ -307,14 +310,16 @@ class Listener:
                 assert session is not None
                 self._activity += 1
                 session.last_active, session.last_active_ns = self._activity, wall_ns
-                self._on_batch(identity, session.peer, frame, wall_ns, checked=checked)
+                if self._on_batch(identity, session.peer, frame, wall_ns, checked=checked):
+                    session.pending += 1
             case Answer.PONG:
                 assert isinstance(frame, Ping)
                 assert session is not None
                 self._activity += 1
                 session.last_active, session.last_active_ns = self._activity, wall_ns
                 self._reply(identity, Pong(echo_sent_at_ns=frame.sent_at_ns,
-                                           received_at_ns=wall_ns, replied_at_ns=wall_ns))
+                                           received_at_ns=wall_ns, replied_at_ns=wall_ns,
+                                           pending=session.pending))
             case Answer.LEFT:
                 assert isinstance(frame, Bye)
                 assert session is not None
@@ -338,6 +343,9 @@ class Listener:
         They go to the connection the batch came on (`arrived.connection`), never to a name:
         a name may have several connections, and only this one sent these messages."""
         to = arrived.connection
+        session = self._sessions.get(to)
+        if session is not None and session.pending > 0:
+            session.pending -= 1
         if committed:
             self._reply(to,
                 ReceiptFrame(
@@ -422,14 +430,15 @@ class Listener:
 
     def _on_batch(
         self, identity: str, peer: str, batch: Batch, wall_ns: int, *, checked: bool
-    ) -> None:
-        """`checked`: decoding has run the `Envelope` checks on every message."""
+    ) -> bool:
+        """`checked`: decoding has run the `Envelope` checks on every message. True if
+        messages arrived to be stored (`MessagesArrived`; `stored()` answers them)."""
         if checked and self._all_valid(peer, batch.messages):
             if batch.messages:
                 self._events.append(
                     MessagesArrived(peer, list(batch.messages), batch.tx_at_ns, wall_ns, identity)
                 )
-            return
+            return bool(batch.messages)
         good: list[Envelope] = []
         rejected: dict[str, list[int]] = {}
         details: dict[str, str] = {}
@@ -446,6 +455,7 @@ class Listener:
             self._reply(identity, Reject(seqs, code, details[code]))
         if good:
             self._events.append(MessagesArrived(peer, good, batch.tx_at_ns, wall_ns, identity))
+        return bool(good)
 
     def _all_valid(self, peer: str, messages: list[Envelope]) -> bool:
         """True only if `_check` passes every message of a batch that decoding has checked

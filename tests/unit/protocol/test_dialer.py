@@ -547,7 +547,8 @@ def test_a_busy_peer_that_answers_pings_holds_its_batches_and_gets_no_resend() -
     wire.connect()
     wire.dialer.enqueue(msgs([1, 2]))
     frames = wire.poll()
-    held = wire.to_listener(batches(frames))  # stored; the receipt is held back (slow commit)
+    wire.to_listener(batches(frames), commit=False)  # read, not yet stored (a slow commit)
+    [arrived] = wire.listener_events
     sent: list[Frame] = []
     while wire.now < RTO_MAX - 0.01:
         wire.to_dialer(wire.to_listener([f for f in frames if isinstance(f, Ping)]))
@@ -558,7 +559,7 @@ def test_a_busy_peer_that_answers_pings_holds_its_batches_and_gets_no_resend() -
     assert any(isinstance(f, Ping) for f in sent)
     assert wire.dialer.retransmissions == 0
     assert wire.of_type(PeerLost) == []
-    wire.to_dialer(held)
+    wire.to_dialer(wire.commit(arrived))
     assert wire.of_type(MessagesDelivered)[0].seqs == [1, 2]
     # Past retransmit_max_s without any receipt even a batch bob holds is resent (a safety net).
     wire.dialer.enqueue(msgs([3]))

@@ -238,7 +238,8 @@ def test_a_bye_without_a_session_changes_nothing() -> None:
 def test_a_ping_is_answered_with_a_pong_carrying_both_clocks() -> None:
     listener = connected()
     [pong] = send(listener, Ping(sent_at_ns=123))
-    assert pong == Pong(echo_sent_at_ns=123, received_at_ns=WALL + 5, replied_at_ns=WALL + 5)
+    assert pong == Pong(echo_sent_at_ns=123, received_at_ns=WALL + 5, replied_at_ns=WALL + 5,
+                        pending=0)
 
 
 def test_a_ping_before_hello_is_refused_with_hello_required() -> None:

@@ -43,6 +43,7 @@ def run(bench: Bench) -> ScenarioResult:
         # Every node still works for others after its own last receipt: CPU is read once all
         # are done, so it covers the whole phase of every process.
         cpu_s = sum(_cpu_seconds(drivers).values()) - sum(cpu_before.values())
+        counts = [d.request(CPU_REPLY_S, op="counters") for d in drivers.values()]
     finally:
         for d in drivers.values():
             d.stop()
@@ -56,6 +57,10 @@ def run(bench: Bench) -> ScenarioResult:
         "size": bench.o.size, **timers,
         "cpu_us_per_msg": round(cpu_s * 1e6 / total, 2),
         "retransmissions": sum(r["retransmissions"] for r in replies.values()),
+        # Resends whose first copy was receipted after all, and copies that reached a
+        # receiver which had the message already (both 0 when no resend was needed).
+        "spurious_retransmissions": sum(int(c["spurious_retransmissions"]) for c in counts),
+        "duplicates_received": sum(int(c["duplicates"]) for c in counts),
         "store_commits": sum(r["store_commits"] for r in replies.values()),
     }
     if bench.o.hog:
