@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +28,13 @@ def lookalike() -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                              "meshpost", "node", "A"])
     try:
+        # Until the child has exec'd, /proc shows the parent's argv (pytest's): on a loaded
+        # machine the checks below ran before that and saw no node.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline")
+        deadline = time.monotonic() + 30.0
+        while b"meshpost\0node\0A" not in cmdline.read_bytes():
+            assert time.monotonic() < deadline, "the look-alike process never exec'd"
+            time.sleep(0.01)
         yield proc
     finally:
         proc.kill()
