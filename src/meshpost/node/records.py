@@ -359,6 +359,9 @@ class NodeStats:
     #: replies that were not a bounded list of the member's messages (docs/protocol.md 19.6).
     history_requests_invalid: int = 0
     history_replies_invalid: int = 0
+    #: History requests refused because their asker was over its rate (19.6.1): each got
+    #: a refusal reply instead of a store query and a large reply.
+    history_requests_refused: int = 0
 
 
 def _message_of(m: Envelope, stored_at_ns: int) -> Message:

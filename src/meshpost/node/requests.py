@@ -25,17 +25,22 @@ from meshpost.node.records import (
 from meshpost.protocol import Envelope
 from meshpost.protocol.header import Kind, PatternHeader, is_valid_name, reply_id
 from meshpost.protocol.history import (
+    HISTORY_REQUESTS_BURST,
+    HISTORY_REQUESTS_PER_S,
     MAX_HISTORY_ITEMS,
     HistoryItem,
     HistoryQuery,
+    HistoryRefused,
     HistoryReplyInvalid,
     decode_query,
     decode_reply,
     encode_query,
+    encode_refusal,
     encode_reply,
     history_group,
     history_header,
 )
+from meshpost.protocol.ratelimit import RateLimiter, Refused
 from meshpost.protocol.requests import (
     PendingRequest,
     ReplyUnmatched,
@@ -68,6 +73,9 @@ class Requests:
         self.handler: RequestHandler | None = None
         self._answers_direct = False
         self._replying: set[str] = set()
+        #: How often each peer may have a history request answered (19.6.1).
+        self.history_limit = RateLimiter(rate_per_s=HISTORY_REQUESTS_PER_S,
+                                         burst=HISTORY_REQUESTS_BURST)
 
     def restore(self, pending: Iterable[PendingRequest]) -> None:
         """At start: requests sent before a restart wait (without a caller) for late replies."""
@@ -215,10 +223,21 @@ class Requests:
     async def _answer_history(self, m: Envelope, stored_at: int) -> None:
         """Answer a history request with this node's OWN messages to the group, bounded by the
         query and the message size; with none when this node or the asker is not a member
-        now (nothing leaks to non-members), or the query is unreadable."""
+        now (nothing leaks to non-members), or the query is unreadable; with a refusal when
+        the asker is over its rate (no store query: a flood costs the flooder only)."""
         node = self._node
         group = history_group(m.header)
         assert group is not None
+        decision = self.history_limit.check(m.sender, node.clock.monotonic())
+        if isinstance(decision, Refused):
+            node.stats.history_requests_refused += 1
+            if decision.burst_started:  # once per burst: a flood must not flood the log
+                log.warning("[%s] %s asks for group history faster than %d at once and one "
+                            "per %.0f s: refusing its requests until it slows down (%d "
+                            "refused so far)", node.name, m.sender, HISTORY_REQUESTS_BURST,
+                            1 / HISTORY_REQUESTS_PER_S, node.stats.history_requests_refused)
+            await self._send_history_reply(m, stored_at, encode_refusal(decision.retry_after_s))
+            return
         query = decode_query(m.body)
         members = node.members(group)
         items: list[HistoryItem] = []
@@ -235,6 +254,10 @@ class Requests:
             items = [HistoryItem(*row) for row in rows]
         limit = query.limit if query is not None else 0
         body = encode_reply(items, limit=limit, max_bytes=node.config.max_message_bytes)
+        await self._send_history_reply(m, stored_at, body)
+
+    async def _send_history_reply(self, m: Envelope, stored_at: int, body: str) -> None:
+        node = self._node
         try:
             await self.reply(_message_of(m, stored_at), body)
         except MeshpostError as exc:
@@ -272,6 +295,11 @@ class Requests:
             else:
                 try:
                     items = decode_reply(result.body, limit=limit)
+                except HistoryRefused as exc:
+                    log.info("[%s] %s refused history request %s: %s", node.name, member,
+                             result.request_id, exc)
+                    unanswered[member] = f"refused: {exc}"
+                    continue
                 except HistoryReplyInvalid as exc:
                     node.stats.history_replies_invalid += 1
                     log.warning("[%s] history reply %s from %s: %s", node.name, result.id,

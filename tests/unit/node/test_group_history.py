@@ -6,15 +6,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from tests.unit.node.support import PATIENCE_S, connected, run, until
 
 from meshpost.clock import FakeClock
 from meshpost.config import NodeConfig, PeerConfig
 from meshpost.node import Message, Node
-from meshpost.protocol.history import decode_reply
+from meshpost.protocol.history import (
+    HISTORY_REQUESTS_BURST,
+    HISTORY_REQUESTS_PER_S,
+    HistoryQuery,
+    HistoryRefused,
+    decode_reply,
+    encode_query,
+    history_header,
+)
 from meshpost.store import StoreReader
 from meshpost.transport import MemoryNetwork
 
@@ -183,3 +193,72 @@ def replies_from(node: Node, peer: str) -> int:
     with StoreReader.for_data_dir(node.config.data_dir) as reader:
         return sum(1 for r in reader.history(direction="in")
                    if r.kind == "reply" and r.sender == peer)
+
+
+def test_a_peer_flooding_history_requests_is_refused_and_costs_no_other_peer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """19.6.1: each history request costs a store query and a reply of up to the maximum
+    message size. Past its burst, a peer's requests get a small refusal (counted, logged
+    once per burst); each request is still stored and receipted once; another peer's
+    request is answered as before; the flooder is answered again once it slows down."""
+    caplog.set_level(logging.WARNING, logger="meshpost.node.requests")
+    flood = HISTORY_REQUESTS_BURST + 5
+
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        configs = {n: dataclasses.replace(trio_config(n, tmp_path),
+                                          groups={"team": ("A", "B", "C")}) for n in NAMES}
+        nodes = [Node(configs[n], clock=clock, transport=net.transport(n)) for n in NAMES]
+        async with contextlib.AsyncExitStack() as stack:
+            for node in nodes:
+                await stack.enter_async_context(node)
+            await until(lambda: all(connected(n) for n in nodes))
+            a, b, c = nodes
+            await (await a.broadcast("team", "a1")).changed(PATIENCE_S)
+            query = encode_query(HistoryQuery(limit=5))
+            replies = await asyncio.gather(*(
+                c._requests.request("A", query, timeout_s=PATIENCE_S,
+                                    header=history_header("team")) for _ in range(flood)))
+            answered, refused = [], []
+            for reply in replies:
+                try:
+                    answered.append([i.body for i in decode_reply(reply.body)])
+                except HistoryRefused as exc:
+                    refused.append(exc.refusal)
+            assert answered == [["a1"]] * HISTORY_REQUESTS_BURST
+            assert len(refused) == 5 and all(r.refused == "rate-limited" for r in refused)
+            assert all(0 < r.retry_after_ms <= 1000 / HISTORY_REQUESTS_PER_S for r in refused)
+            assert a.stats.history_requests_refused == 5
+            bursts = [r for r in caplog.records if "asks for group history faster" in r.message]
+            assert len(bursts) == 1 and "C" in bursts[0].message
+            # Another member's fetch is answered by A as if nothing happened; C's is refused.
+            fetched = await b.fetch_group_history("team", timeout_s=PATIENCE_S)
+            assert sorted(fetched.answered) == ["A", "C"]
+            assert [m.body for m in fetched.messages] == ["a1"]
+            still = await c.fetch_group_history("team", timeout_s=PATIENCE_S)
+            assert still.answered == ("B",)
+            assert still.unanswered["A"].startswith("refused: rate-limited, ask again in")
+            # Slowed down: one request every 1 / rate seconds is answered.
+            clock.advance(1 / HISTORY_REQUESTS_PER_S)
+            again = await c.fetch_group_history("team", timeout_s=PATIENCE_S)
+            assert sorted(again.answered) == ["A", "B"] and again.unanswered == {}
+            for node in nodes:
+                await node.flush()
+        # Every request stored once on both ends, each with one reply (refusal or not).
+        with StoreReader.for_data_dir(configs["A"].data_dir) as reader:
+            rows = reader.history()
+        requests = [r for r in rows if r.kind == "request" and r.sender == "C"]
+        assert len(requests) == len({r.id for r in requests}) == flood + 2
+        assert sorted(r.ref for r in rows if r.kind == "reply" and r.recipient == "C") == \
+            sorted(r.id for r in requests)
+        with StoreReader.for_data_dir(configs["C"].data_dir) as reader:
+            sent = [r for r in reader.history(direction="out") if r.kind == "request"
+                    and r.recipient == "A"]
+        assert len(sent) == flood + 2 and all(r.state == "delivered" for r in sent)
+        # C's refused fetch was the same burst: counted, not logged again.
+        assert a.stats.history_requests_refused == 6
+        assert len([r for r in caplog.records
+                    if "asks for group history faster" in r.message]) == 1
+
+    run(scenario)

@@ -9,10 +9,13 @@ from meshpost.protocol.history import (
     MAX_HISTORY_ITEMS,
     HistoryItem,
     HistoryQuery,
+    HistoryRefusal,
+    HistoryRefused,
     HistoryReplyInvalid,
     decode_query,
     decode_reply,
     encode_query,
+    encode_refusal,
     encode_reply,
     history_group,
     history_header,
@@ -74,3 +77,16 @@ def test_a_bad_reply_raises(body: str) -> None:
 def test_a_reply_with_more_than_asked_raises() -> None:
     with pytest.raises(HistoryReplyInvalid, match="more than"):
         decode_reply(encode_reply(items(3), limit=3, max_bytes=10_000), limit=2)
+
+
+def test_a_refusal_is_a_small_object_the_asker_reads_as_refused() -> None:
+    body = encode_refusal(1.2345)
+    assert body == '{"refused":"rate-limited","retry_after_ms":1235}'
+    with pytest.raises(HistoryRefused, match=r"rate-limited, ask again in 1\.2 s") as caught:
+        decode_reply(body)
+    assert caught.value.refusal == HistoryRefusal("rate-limited", 1235)
+    assert encode_refusal(0.0) == '{"refused":"rate-limited","retry_after_ms":1}'
+    # An object that is no refusal is as unreadable as any other bad body.
+    for bad in ('{"refused": ""}', '{"retry_after_ms": 5}', '{"refused": 3}'):
+        with pytest.raises(HistoryReplyInvalid):
+            decode_reply(bad)
