@@ -1317,6 +1317,8 @@ class Node:
         def done() -> None:
             if self._groups.restored_copies:
                 self._groups.copies_settled(peer, seqs, rejected=f"{code}: {detail}")
+            if self._queues.dispatchers:  # task messages posted before a restart
+                self._queues.refused(peer, seqs)
             for seq in seqs:
                 waiter = self._take_waiter(peer, seq)
                 if waiter is not None:

@@ -188,6 +188,14 @@ class WorkQueues:
         if any(started):
             self.wakeup.set()
 
+    def refused(self, peer: str, seqs: Sequence[int]) -> None:
+        """`peer` rejected `seqs`: a task message posted before a restart is abandoned as a
+        fresh dispatch's is (`WorkQueueDispatcher.refused`, the same rule)."""
+        now = self._node.clock.monotonic()
+        abandoned = [d.refused(peer, seqs, now) for d in self.dispatchers.values()]
+        if any(abandoned):
+            self.wakeup.set()
+
     def _dispatcher(self, queue: str, lease_s: float) -> WorkQueueDispatcher:
         dispatcher = self.dispatchers.get(queue)
         if dispatcher is None:

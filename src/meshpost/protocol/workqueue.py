@@ -249,22 +249,28 @@ class WorkQueueDispatcher:
         posted before a restart (`restore`: nobody awaits their receipt) start their task's
         lease now, as `delivered` does for a fresh dispatch; other seqs are ignored. True when
         a lease started."""
-        if not self._restored:
-            return False
         started = False
-        for seq in seqs:
-            task_id = self._restored.pop((worker, seq), None)
-            task = self._tasks.get(task_id) if task_id is not None else None
-            if task is not None and task.restored_seq == seq:
-                task.restored_seq = None
-                self.delivered(task.task_id, worker, now)
-                started = True
+        for task_id in self._restored_tasks(worker, seqs):
+            self.delivered(task_id, worker, now)
+            started = True
         return started
+
+    def refused(self, worker: str, seqs: Iterable[int], now: float) -> bool:
+        """`worker`'s node rejected the messages `seqs` of its link. Those that are task
+        messages posted before a restart are handled as `rejected` handles a fresh
+        dispatch's (the same rule: the task is abandoned); other seqs are ignored. True
+        when a task was abandoned."""
+        abandoned = False
+        for task_id in self._restored_tasks(worker, seqs):
+            self.rejected(task_id, worker, now)
+            abandoned = True
+        return abandoned
 
     def rejected(self, task_id: str, worker: str, now: float) -> None:
         """The worker's node rejected the task message (invalid, too large): it will never
         store it, and another worker would most likely refuse it too, so the task is
-        abandoned rather than redelivered."""
+        abandoned rather than redelivered. (`refused` is the same input for a task message
+        posted before a restart, known by its seq.)"""
         task = self._tasks.get(task_id)
         if task is None or task.state is not TaskState.ASSIGNED or task.worker != worker:
             return  # an older attempt's message: the task moved on
@@ -407,6 +413,20 @@ class WorkQueueDispatcher:
         return dispatcher
 
     # -- internals -------------------------------------------------------------------------
+
+    def _restored_tasks(self, worker: str, seqs: Iterable[int]) -> list[str]:
+        """The tasks whose restored task message (not receipted before the restart) is
+        among `worker`'s `seqs`, each settled once: its seq is forgotten here."""
+        if not self._restored:
+            return []
+        found = []
+        for seq in seqs:
+            task_id = self._restored.pop((worker, seq), None)
+            task = self._tasks.get(task_id) if task_id is not None else None
+            if task is not None and task.restored_seq == seq:
+                task.restored_seq = None
+                found.append(task.task_id)
+        return found
 
     def _release(self, task: _Task) -> None:
         assert task.worker is not None

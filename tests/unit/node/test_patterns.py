@@ -6,6 +6,7 @@ work queues (node/workqueue.py), broadcasts k/n (node/groups.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -388,6 +389,52 @@ def test_a_restored_task_message_delivered_late_is_leased_from_its_receipt(
                 # The lease runs 2 s from the receipt (not 0.5 s more from the restart).
                 assert a._queues.dispatchers["work"].next_timer() == received_at + 2.0
                 assert a.completed_tasks == []
+
+    run(scenario)
+
+
+def test_a_restored_task_message_its_worker_rejects_is_abandoned_not_leased_again(
+    tmp_path: Path,
+) -> None:
+    """A task message still in the outbox when the ventilator stopped, which the worker's node
+    rejects after the restart, is abandoned as a fresh dispatch's rejection is (before, it
+    stayed in flight until its lease ran out and was then sent again)."""
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a_config, b_config = config("A", "B", tmp_path), config("B", "A", tmp_path)
+        a = Node(a_config, clock=clock, transport=net.transport("A"))
+        b = Node(b_config, clock=clock, transport=net.transport("B"))
+        async with a, b:
+            await until(lambda: connected(a) and connected(b))
+            await b.serve_queue("work", str.upper)
+            await until(lambda: a.queue_workers("work") == ["B"])
+            net.partition("A", "B")  # the task message stays in A's outbox
+            [task_id] = await a.submit("work", ["larger than B takes"], sink="A",
+                                       lease_s=3600)
+        net.heal("A", "B")
+        a = Node(a_config, clock=clock, transport=net.transport("A"))
+        # B comes back taking messages of 8 bytes at most: it rejects the task (too large).
+        b = Node(dataclasses.replace(b_config, max_message_bytes=8), clock=clock,
+                 transport=net.transport("B"))
+        async with a, b:
+            await b.serve_queue("work", str.upper)
+
+            async def abandoned() -> bool:
+                [status] = await a.queue_status("work")
+                return (status.abandoned, status.in_flight) == (1, 0)
+
+            deadline = asyncio.get_running_loop().time() + PATIENCE_S
+            while not await abandoned():
+                assert asyncio.get_running_loop().time() < deadline, "never abandoned"
+                clock.advance(0.2)  # redials; nothing near the lease
+                await asyncio.sleep(0.01)
+            assert a.stats.rejected == 1 and a.completed_tasks == []
+            await a.flush()
+        with StoreReader.for_data_dir(a_config.data_dir) as reader:
+            [task] = [r for r in reader.history() if r.kind == "task"]
+            assert (task.ref, task.state) == (task_id, "rejected")
+            assert reader._conn.execute("SELECT state, attempts FROM tasks").fetchall() == [
+                ("abandoned", 1)]
 
     run(scenario)
 

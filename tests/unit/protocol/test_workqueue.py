@@ -258,6 +258,42 @@ def test_a_restored_tasks_receipt_after_it_moved_on_starts_no_lease() -> None:
     assert d.leased() == 0
 
 
+def test_a_restored_task_its_worker_rejects_is_abandoned_as_a_fresh_one_is() -> None:
+    """After a restart, a task message still in the outbox that the worker's node then
+    rejects is abandoned at once, by the rule a fresh dispatch's rejection follows (before,
+    its lease ran out and it was sent again to a worker that would refuse it too)."""
+    records = [
+        TaskRecord("t0", "a" * 10, "C", TaskState.ASSIGNED, 1, "W1", seq=7),
+        TaskRecord("t1", "b", "C", TaskState.QUEUED, 0),
+    ]
+    d = WorkQueueDispatcher.restore("upper", records, 100.0, lease_s=LEASE_S, max_inflight=1)
+    d.worker_up("W1", 100.0)
+    assert dispatched(d.actions()) == []  # W1's one slot holds t0
+    assert not d.refused("W1", [3], 101.0) and not d.refused("W2", [7], 101.0)
+    assert d.refused("W1", [6, 7], 102.0)
+    actions = d.actions()
+    assert actions[0] == TaskAbandoned("t0", 1)  # what `rejected` reports for a fresh one
+    assert dispatched(actions) == [("t1", "W1", 1)]  # its slot is free again
+    assert d.state_of("t0") is None and d.inflight() == {"W1": 1}
+    assert not d.refused("W1", [7], 103.0)  # a rejection counts once
+    assert not d.receipted("W1", [7], 103.0)
+    d.on_timer(100.0 + LEASE_S)  # the old lease is gone: nothing is sent again
+    assert [a for a in d.actions() if isinstance(a, TaskRedelivered)] == []
+
+
+def test_a_restored_tasks_rejection_after_it_moved_on_abandons_nothing() -> None:
+    """The old task message's rejection comes after the task went to another worker: the
+    new attempt stands (as `rejected` ignores an older attempt's message)."""
+    records = [TaskRecord("t0", "a", "C", TaskState.ASSIGNED, 1, "W1", seq=7)]
+    d = WorkQueueDispatcher.restore("upper", records, 100.0, lease_s=LEASE_S)
+    d.worker_up("W1", 100.0)
+    d.worker_up("W2", 100.0)
+    d.worker_lost("W1", 101.0)
+    assert dispatched(d.actions()) == [("t0", "W2", 2)]
+    assert not d.refused("W1", [7], 102.0)
+    assert d.state_of("t0") is TaskState.ASSIGNED and d.actions() == []
+
+
 def test_misuse_raises() -> None:
     with pytest.raises(ValueError, match="lease_s"):
         WorkQueueDispatcher("q", lease_s=0)
