@@ -217,3 +217,53 @@ def task_states(data_dir: Path) -> tuple[list[str], int]:
     finally:
         db.close()
     return sorted(str(s) for s, _a in rows), max((int(a) for _s, a in rows), default=0)
+
+
+def test_a_worker_killed_between_its_results_receipt_and_its_done_sends_the_done_at_start(
+    short_tmp: Path,
+) -> None:
+    """19.4: W dies (os._exit, like kill -9) after S receipted its result and before its
+    `done` to V was stored. Restarted, W sends that `done`: V completes the task without
+    its lease (an hour here; V's peer timeout too, so V never takes the task back), and the
+    task ran once. Before the fix nothing completed it until the lease ran out, and then it
+    ran a second time."""
+    cluster = LocalCluster.create(short_tmp, 3, transport="ipc", names=["V", "W", "S"],
+                                  options={"peer_timeout_s": 3600.0})
+    w_dir, logs = cluster.data_dir("W"), short_tmp / "logs"
+
+    def worker(env: dict[str, str] | None) -> NodeProcess:
+        return NodeProcess("W", cluster.config_path, w_dir, logs / "W.log",
+                           extra_args=("--worker", "work=upper"), env=env)
+
+    w: NodeProcess | None = None
+    try:
+        cluster.start(["V", "S"])
+        w = worker({CRASH_ENV: "after-result-receipt"}).start()
+        w.wait_ready()
+        wait_until(lambda: any(r.kind == "serve" and r.sender == "W"
+                               for r in rows(cluster.data_dir("V"))), PATIENCE_S,
+                   "V to have W's serve record")
+        expected = _submit(cluster, ["hola"], lease_s=3600.0)
+        wait_until(lambda: w is not None and not w.alive(), PATIENCE_S,
+                   "W to die before its done")
+        w.stop()
+        assert [r.kind for r in rows(w_dir) if r.kind in ("result", "done")] == ["result"]
+        assert task_states(cluster.data_dir("V")) == (["assigned"], 1)
+
+        w = worker(None).start()
+        w.wait_ready()
+        wait_until(lambda: task_states(cluster.data_dir("V"))[0] == ["done"], PATIENCE_S,
+                   "V to complete the task from W's done")
+    finally:
+        if w is not None:
+            w.stop()
+        cluster.stop()
+    assert task_states(cluster.data_dir("V")) == (["done"], 1)  # one attempt: run once
+    w_rows = rows(w_dir)
+    assert sorted(r.kind or "" for r in w_rows if r.kind != "serve") == [
+        "done", "result", "task"]
+    [done] = [r for r in w_rows if r.kind == "done"]
+    assert (done.recipient, done.ref) == ("V", next(iter(expected)))
+    assert {t: body for t, _w, _m, body in _kept(cluster)} == expected
+    report = verify_stores({n: cluster.data_dir(n) for n in ("V", "W", "S")})
+    assert report.ok, report.problems

@@ -1303,7 +1303,7 @@ class Node:
         self._delivered_changed.set()
         if self._groups.restored_copies:  # copies of broadcasts posted before a restart
             self._groups.copies_settled(peer, delivery.seqs)
-        if self._queues.dispatchers:  # task messages posted before a restart start leases
+        if self._queues.follows_seqs:  # messages posted before a restart: 19.4
             self._queues.receipted(peer, delivery.seqs)
         if self._subscribers:
             self._publish(DeliveryRecorded(peer, delivery.seqs, delivery.receipt.stored_at_ns))
@@ -1317,7 +1317,7 @@ class Node:
         def done() -> None:
             if self._groups.restored_copies:
                 self._groups.copies_settled(peer, seqs, rejected=f"{code}: {detail}")
-            if self._queues.dispatchers:  # task messages posted before a restart
+            if self._queues.follows_seqs:
                 self._queues.refused(peer, seqs)
             for seq in seqs:
                 waiter = self._take_waiter(peer, seq)

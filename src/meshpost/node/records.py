@@ -30,6 +30,9 @@ class CrashPoint(enum.Enum):
     #: The receipt was reported to its caller (`send()` returned) but not yet recorded in
     #: the sender's store: the window the record's commit leaves open.
     AFTER_RECEIPT_REPORTED = "after-receipt-reported"
+    #: A worker's result was receipted by its sink; its `done` to the ventilator is not
+    #: stored yet (the `done` a worker owes at its next start).
+    AFTER_RESULT_RECEIPT = "after-result-receipt"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import meshpost.rules as rules
 from meshpost.errors import InvalidMessage, MeshpostError, MessageRejected
-from meshpost.node.records import Receipt, TaskHandler
+from meshpost.node.records import CrashPoint, Receipt, TaskHandler
 from meshpost.protocol import Envelope
 from meshpost.protocol.header import Kind, PatternHeader, is_valid_name, result_id
 from meshpost.protocol.workqueue import (
@@ -31,6 +31,7 @@ from meshpost.protocol.workqueue import (
     WorkQueueDispatcher,
 )
 from meshpost.store import NewTask, QueueCounts
+from meshpost.store.patterns import OwedDone
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Iterable, Mapping, Sequence
@@ -63,6 +64,13 @@ class WorkQueues:
         #: Completed tasks as (task id, worker), in order (ventilator).
         self.completed_tasks: list[tuple[str, str | None]] = []
         self._replying: set[str] = set()
+        # As a worker after a restart, the `done`s owed (`_pay_owed_dones`): per task, the
+        # one owed (taken out by whoever sends it: one per task), and the results still
+        # waiting for their sink's receipt by (sink, seq). Until the start's query has
+        # answered, deliveries and rejections are kept (`_early`) and replayed after it.
+        self._owed: dict[str, OwedDone] = {}
+        self._owed_seqs: dict[tuple[str, int], str] = {}
+        self._early: list[tuple[str, Sequence[int], bool]] | None = []
 
     def restore(self, results: Iterable[tuple[str, str, str]],
                 members: Iterable[tuple[str, str, bool, int]]) -> None:
@@ -180,21 +188,102 @@ class WorkQueues:
             log.info("[%s] queue %s: %d unfinished task(s) restored", self._node.name, queue,
                      len(records))
 
+    @property
+    def follows_seqs(self) -> bool:
+        """Whether the node must hand this component its recorded deliveries and rejections
+        (`receipted`, `refused`): as a ventilator (task messages posted before a restart),
+        and as a worker while it owes a `done` for a result not receipted yet."""
+        return bool(self.dispatchers) or bool(self._owed_seqs) or self._early is not None
+
     def receipted(self, peer: str, seqs: Sequence[int]) -> None:
-        """`peer` receipted `seqs`: a task message posted before a restart (no one awaits its
-        receipt here) starts its lease now."""
-        now = self._node.clock.monotonic()
-        started = [d.receipted(peer, seqs, now) for d in self.dispatchers.values()]
-        if any(started):
-            self.wakeup.set()
+        """`peer` receipted `seqs` (recorded): a task message posted before a restart (no
+        one awaits its receipt here) starts its lease now; a result posted before a restart
+        makes its `done` due."""
+        self._settled(peer, seqs, rejected=False)
 
     def refused(self, peer: str, seqs: Sequence[int]) -> None:
-        """`peer` rejected `seqs`: a task message posted before a restart is abandoned as a
-        fresh dispatch's is (`WorkQueueDispatcher.refused`, the same rule)."""
-        now = self._node.clock.monotonic()
-        abandoned = [d.refused(peer, seqs, now) for d in self.dispatchers.values()]
-        if any(abandoned):
-            self.wakeup.set()
+        """`peer` rejected `seqs` (recorded): a task message posted before a restart is
+        abandoned as a fresh dispatch's is (`WorkQueueDispatcher.refused`); a result posted
+        before a restart owes no `done` any more."""
+        self._settled(peer, seqs, rejected=True)
+
+    def _settled(self, peer: str, seqs: Sequence[int], *, rejected: bool) -> None:
+        if self._early is not None:
+            self._early.append((peer, seqs, rejected))
+        if self._owed_seqs:
+            self._owed_settled(peer, seqs, rejected=rejected)
+        if self.dispatchers:
+            now = self._node.clock.monotonic()
+            if rejected:
+                changed = [d.refused(peer, seqs, now) for d in self.dispatchers.values()]
+            else:
+                changed = [d.receipted(peer, seqs, now) for d in self.dispatchers.values()]
+            if any(changed):
+                self.wakeup.set()
+
+    # -- the `done`s a worker owes after a restart -------------------------------------------
+
+    async def _pay_owed_dones(self) -> None:
+        """At start (worker): send the `done` of each task whose result this node sent and
+        whose `done` it never stored (it died between the sink's receipt and the `done`'s
+        commit), once per task: now if the sink receipted the result, else when it does
+        (the outbox resends the result). Without it the ventilator's lease was the only way
+        out, and the task ran twice (docs/protocol.md 19.4)."""
+        node = self._node
+        writer, store = node._writer, node._store
+        assert writer is not None
+        assert store is not None
+        try:
+            owed = await writer.call(store.owed_dones)
+        finally:
+            early, self._early = self._early or [], None
+        due: dict[str, OwedDone] = {}
+        for o in owed:
+            if o.delivered:
+                due.setdefault(o.task_id, o)
+        for o in owed:
+            self._owed.setdefault(o.task_id, o)
+            if o.task_id not in due:
+                self._owed_seqs[(o.sink, o.seq)] = o.task_id
+        if owed:
+            log.info("[%s] %d done(s) owed to ventilators from before the restart, %d of them "
+                     "due now", node.name, len(self._owed), len(due))
+        # What was recorded while the query ran, then what is due now.
+        for peer, seqs, rejected in early:
+            self._owed_settled(peer, seqs, rejected=rejected)
+        for task_id in due:
+            await self._pay(task_id)
+
+    def _owed_settled(self, peer: str, seqs: Sequence[int], *, rejected: bool) -> None:
+        for seq in seqs:
+            task_id = self._owed_seqs.pop((peer, seq), None)
+            if task_id is None or task_id not in self._owed:
+                continue
+            if not rejected:
+                self._node._spawn_handler(self._pay(task_id), "owed-done")
+            elif task_id not in self._owed_seqs.values():
+                # The sink refused every result of this task we had: there is nothing for
+                # a `done` to vouch for; the ventilator's lease gives the task to another.
+                del self._owed[task_id]
+
+    async def _pay(self, task_id: str) -> None:
+        owed = self._owed.pop(task_id, None)
+        if owed is None:
+            return  # sent already (another result of the task, or the task run again)
+        try:
+            await self._send_done(owed.ventilator, owed.task_id, owed.queue)
+        except MeshpostError as exc:
+            if not self._node._closed:
+                log.warning("[%s] done of task %s to %s not sent: %s", self._node.name,
+                            task_id, owed.ventilator, exc)
+
+    async def _send_done(self, ventilator: str, task_id: str, queue: str) -> None:
+        """Tell `ventilator` that `task_id`'s result is durably at its sink (stored and
+        retried like any message; a second `done` is a duplicate there)."""
+        node = self._node
+        node._crash(CrashPoint.AFTER_RESULT_RECEIPT)
+        await node._post(ventilator, "done", held=False,
+                         header=PatternHeader(Kind.DONE, task_id, queue))
 
     def _dispatcher(self, queue: str, lease_s: float) -> WorkQueueDispatcher:
         dispatcher = self.dispatchers.get(queue)
@@ -269,7 +358,9 @@ class WorkQueues:
         self.wakeup.set()
 
     async def run(self) -> None:
-        """The node's work-queue task: leases, dispatch and completions, on a timer."""
+        """The node's work-queue task: leases, dispatch and completions, on a timer; at
+        start, the `done`s owed from before a restart (`_pay_owed_dones`)."""
+        self._node._spawn_handler(self._pay_owed_dones(), "owed-dones")
         while True:
             if not self.dispatchers:  # not a ventilator (yet): no timer, no wake-ups
                 await self.wakeup.wait()
@@ -377,8 +468,9 @@ class WorkQueues:
             self._replying.discard(rid)
         await handle.receipt
         if h.sink != m.sender:
-            await node._post(m.sender, "done", held=False,
-                             header=PatternHeader(Kind.DONE, h.ref, h.queue))
+            # One `done` per task: one owed from before a restart is this one.
+            self._owed.pop(h.ref, None)
+            await self._send_done(m.sender, h.ref, h.queue)
 
 
 async def _ignore_result(awaitable: Awaitable[object]) -> None:

@@ -60,6 +60,24 @@ _UNSETTLED_REFS = (
     " WHERE r.peer = m.peer AND r.first_seq <= m.seq AND r.last_seq = (SELECT MIN(c.last_seq)"
     " FROM receipts AS c WHERE c.peer = m.peer AND c.last_seq >= m.seq))"
 )
+#: A worker's results whose task came from a ventilator that is not the sink and that it
+#: stored no `done` for, with whether the sink receipted each (a receipt range covers it,
+#: as in `message_rows`, or the row says so) or rejected it. The pattern rows' partial
+#: index only (ref IS NOT NULL): never a walk of the plain messages.
+_OWED_DONES = (
+    "SELECT DISTINCT r.ref, r.queue, q.sender, r.peer, r.seq, r.state = 'delivered' OR"
+    " (r.state = 'pending' AND EXISTS (SELECT 1 FROM receipts AS c WHERE c.peer = r.peer"
+    " AND c.first_seq <= r.seq AND c.last_seq = (SELECT MIN(x.last_seq) FROM receipts AS x"
+    " WHERE x.peer = r.peer AND x.last_seq >= r.seq)))"
+    " FROM messages AS r INDEXED BY messages_ref"
+    " JOIN messages AS q INDEXED BY messages_ref ON q.ref = r.ref AND q.kind = 'task'"
+    " AND q.direction = 'in' AND q.sender != r.peer"
+    " WHERE r.ref IS NOT NULL AND r.kind = 'result' AND r.direction = 'out'"
+    " AND r.state != 'rejected' AND NOT EXISTS (SELECT 1 FROM messages AS d"
+    " INDEXED BY messages_ref WHERE d.ref = r.ref AND d.kind = 'done'"
+    " AND d.direction = 'out' AND d.peer = q.sender)"
+    " ORDER BY r.ref, r.peer, r.seq"
+)
 _ADD_TASK = ("INSERT INTO tasks (task_id, queue, body, sink, state, submitted_at_ns)"
              " VALUES (?, ?, ?, ?, 'queued', ?)")
 
@@ -85,6 +103,20 @@ class QueueCounts:
     abandoned: int = 0
     redelivered: int = 0
     results: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OwedDone:
+    """A result this worker sent for `task_id` (to `sink`, its `seq` on that link) whose
+    ventilator is another node and has no `done` from it stored here: `delivered`, the
+    `done` is owed now; not yet, it is owed once the sink receipts the result."""
+
+    task_id: str
+    queue: str
+    ventilator: str
+    sink: str
+    seq: int
+    delivered: bool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -231,6 +263,16 @@ class PatternTables:
                                           None if worker is None else str(worker), delivered,
                                           seq))
         return queues
+
+    def owed_dones(self) -> list[OwedDone]:
+        """What a worker owes its ventilators at start: a `done` for each task whose result
+        it sent (to a sink that is not the ventilator) and whose `done` it never stored, the
+        crash having come between the sink's receipt and the `done`'s commit. A task with
+        two results here (two task messages) is listed once per result."""
+        with translated(self.path):
+            rows = self._conn.execute(_OWED_DONES).fetchall()
+        return [OwedDone(str(t), str(q), str(v), str(s), int(n), bool(d))
+                for t, q, v, s, n, d in rows]
 
     def queue_counts(self) -> dict[str, QueueCounts]:
         """Per queue: tasks done and abandoned here, their redeliveries, results kept."""

@@ -50,6 +50,7 @@ from meshpost.store.connection import (
 )
 from meshpost.store.patterns import (
     NewTask,
+    OwedDone,
     PatternTables,
     QueueCounts,
     StoredBroadcast,
@@ -630,6 +631,10 @@ class Store:
         """`PatternTables.task_results`: (task id, result message id, worker) of every
         result this node keeps as a sink."""
         return self._patterns.task_results()
+
+    def owed_dones(self) -> list[OwedDone]:
+        """`PatternTables.owed_dones`: the `done`s a worker still owes (read at start)."""
+        return self._patterns.owed_dones()
 
     def add_task(self, task_id: str, queue: str, body: str, sink: str, at_ns: int) -> None:
         """`PatternTables.add_task`: a ventilator's new task, queued."""

@@ -15,6 +15,7 @@ from meshpost.protocol.groups import BroadcastStatus, MemberRecord
 from meshpost.protocol.header import Kind, PatternHeader
 from meshpost.protocol.workqueue import TaskRecord, TaskState
 from meshpost.store import Delivery, NewTask, QueueCounts, Rejection, Store, WriteBatch
+from meshpost.store.patterns import OwedDone
 
 T0 = 1_700_000_000_000_000_000
 
@@ -148,3 +149,40 @@ def test_a_broadcast_status_is_rebuilt_from_its_copies_and_receipts(store: Store
     [settled] = store.broadcasts("L1")
     assert settled.status.settled and settled.status.delivered == ("B", "C")
     assert store.broadcasts("nope") == []
+
+
+def test_owed_dones_are_the_results_with_no_done_to_their_ventilator(tmp_path: Path) -> None:
+    """A worker's view (W): tasks from V (sink S) and from S (its own sink). A `done` is owed
+    for each task whose result went to a sink that is not its ventilator and for which no
+    `done` is stored; `delivered` says whether the sink receipted (or rejected) the result."""
+    w = Store.open(tmp_path / "W", name="W", sync="normal")
+    try:
+        def task_in(msg_id: str, seq: int, ventilator: str, task_id: str, sink: str) -> Envelope:
+            return Envelope(msg_id, seq, ventilator, "W", "body", T0, T0 + seq,
+                            PatternHeader(Kind.TASK, task_id, "work", sink, 5000, 1))
+
+        def out(msg_id: str, seq: int, to: str, kind: Kind, task_id: str) -> Envelope:
+            return Envelope(msg_id, seq, "W", to, "x", T0, T0 + seq,
+                            PatternHeader(kind, task_id, "work"))
+
+        w.apply(WriteBatch(incoming=[[task_in(f"m{i}", i, "V", f"t{i}", "S")
+                                      for i in range(1, 6)],
+                                     [task_in("n1", 1, "S", "u1", "S")]]), T0)
+        # t1: result receipted, done stored. t2: receipted, no done. t3: not receipted yet.
+        # t4: rejected by the sink. t5: not run yet. u1: V is not involved, S is its own sink.
+        w.apply(WriteBatch(outgoing=[out(f"m{i}.t", i, "S", Kind.RESULT, f"t{i}")
+                                     for i in range(1, 5)]
+                           + [out("n1.t", 5, "S", Kind.RESULT, "u1"),
+                              out("d1", 1, "V", Kind.DONE, "t1")]), T0 + 1)
+        w.apply(WriteBatch(deliveries=[Delivery("S", [1, 2, 5], ReceiptFrame(
+            [(1, 2), (5, 5)], 0, T0, T0, T0, T0, "full"), T0)],
+            rejections=[Rejection("S", [4], "too-large: no")]), T0 + 2)
+        assert w.owed_dones() == [OwedDone("t2", "work", "V", "S", 2, True),
+                                  OwedDone("t3", "work", "V", "S", 3, False)]
+        # A `done` to V stored for t2 (what the start sends) pays it; t3's receipt comes.
+        w.apply(WriteBatch(outgoing=[out("d2", 2, "V", Kind.DONE, "t2")],
+                           deliveries=[Delivery("S", [3], ReceiptFrame(
+                               [(3, 3)], 0, T0, T0, T0, T0, "full"), T0)]), T0 + 3)
+        assert w.owed_dones() == [OwedDone("t3", "work", "V", "S", 3, True)]
+    finally:
+        w.close()
