@@ -270,6 +270,13 @@ def default_data_dir(name: str) -> Path:
     return root / name
 
 
+#: A node's roles in its `[nodes.NAME]` table, named as `meshpost node`'s flags: what
+#: `meshpost.roles.roles_from_options` reads (its ROLE_OPTIONS give each one's type).
+NODE_ROLE_KEYS = frozenset({"echo", "worker", "text_listen", "udp_listen", "text_idle_gap",
+                            "discover", "discover_host", "beacon_to", "mesh",
+                            "beacon_interval"})
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class MeshNodeEntry:
     name: str
@@ -278,6 +285,9 @@ class MeshNodeEntry:
     data_dir: Path | None
     #: The nodes this one links to (`peers = [...]` in its table); None: every node.
     peers: tuple[str, ...] | None = None
+    #: Its roles (`echo = true`, `worker = ["Q=HANDLER"]`, ...: NODE_ROLE_KEYS) as written;
+    #: `meshpost.roles` checks and builds them, for `meshpost node` and `meshpost host`.
+    roles: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -332,11 +342,11 @@ class MeshConfig:
             validate_name(name)
             if not isinstance(entry, Mapping):
                 raise ConfigError(f"[nodes.{name}] must be a table")
-            unknown = sorted(set(entry) - {"bind", "connect", "data", "peers"})
+            unknown = sorted(set(entry) - {"bind", "connect", "data", "peers"} - NODE_ROLE_KEYS)
             if unknown:
                 raise ConfigError(
                     f"[nodes.{name}] has unknown keys {unknown}; known: bind, connect, data, "
-                    "peers"
+                    f"peers, and the roles {', '.join(sorted(NODE_ROLE_KEYS))}"
                 )
             bind = entry.get("bind")
             if isinstance(bind, str):
@@ -355,7 +365,8 @@ class MeshConfig:
                                       or not all(isinstance(p, str) for p in peers)):
                 raise ConfigError(f"[nodes.{name}] peers must be a list of node names")
             nodes.append(MeshNodeEntry(name, tuple(bind), connect, data_dir,
-                                       None if peers is None else tuple(peers)))
+                                       None if peers is None else tuple(peers),
+                                       {k: v for k, v in entry.items() if k in NODE_ROLE_KEYS}))
         known = {n.name for n in nodes}
         for n in nodes:
             strangers = sorted(set(n.peers or ()) - known)
@@ -376,6 +387,13 @@ class MeshConfig:
             raise ConfigError("[mesh] must be a table of options")
         options = dict(options_raw)
         return cls(tuple(nodes), groups, options)
+
+    def roles(self, name: str) -> Mapping[str, Any]:
+        """Node `name`'s role options as its table gives them (none: {})."""
+        me = next((n for n in self.nodes if n.name == name), None)
+        if me is None:
+            raise ConfigError(f"node {name!r} is not in the mesh config")
+        return me.roles
 
     def node(self, name: str, *, data_dir: Path | None = None, **overrides: Any) -> NodeConfig:
         """The `NodeConfig` for node `name`: every other node in the file it links to is its

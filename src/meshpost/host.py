@@ -1,9 +1,10 @@
 """Many nodes in one process: `meshpost host`, `meshpost cluster up --per-process`, the bench.
 
 Rule: a hosted node is a whole node (its own store, identity, ROUTER endpoint and control
-socket, so every CLI command works on it as on a lone one); hosted nodes share only the event
-loop, one ZeroMQ context and the process's signals. A node that fails, at start or later, is
-reported and counted, and the others go on serving.
+socket, so every CLI command works on it as on a lone one, and the roles its mesh-file table
+gives it, set up by `meshpost.roles` as `meshpost node` sets them up); hosted nodes share only
+the event loop, one ZeroMQ context and the process's signals. A node that fails, at start or
+later, is reported and counted, and the others go on serving.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import enum
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -27,6 +28,7 @@ from meshpost.config import MeshConfig, NodeConfig
 from meshpost.control.server import ControlServer, control_endpoint_for, write_endpoint_file
 from meshpost.errors import ConfigError, HostNotAnswering, MeshpostError
 from meshpost.node import Node
+from meshpost.roles import NodeRoles, check_hosted_together, roles_from_options, running
 from meshpost.transport.inbound import FD_HEADROOM, default_inbound_cap
 from meshpost.transport.zmq_transport import raise_fd_limit
 
@@ -157,12 +159,19 @@ class NodeHost:
 
     def __init__(self, configs: Sequence[NodeConfig], *, folder: Path | None = None,
                  curve_keys: dict[str, tuple[tuple[bytes, bytes], dict[str, bytes]]]
-                 | None = None) -> None:
+                 | None = None, roles: Mapping[str, NodeRoles] | None = None) -> None:
         """`folder`: where the host's control endpoint lives (None: no endpoint);
-        `curve_keys`: per secure node, its key pair and its peers' public keys."""
+        `curve_keys`: per secure node, its key pair and its peers' public keys; `roles`: per
+        node, what it runs beside messaging (echo, workers, gateways, discovery)."""
         names = [c.name for c in configs]
         if len(set(names)) != len(names):
             raise ConfigError(f"a host runs each node once; given {sorted(names)}")
+        strangers = sorted(set(roles or {}) - set(names))
+        if strangers:
+            raise ConfigError(f"roles given for nodes this host does not run: {strangers}")
+        # Two gateways on one port in one process: refused before anything starts.
+        check_hosted_together(roles or {})
+        self._roles: Mapping[str, NodeRoles] = roles or {}
         dirs = [c.data_dir.resolve() for c in configs]
         if len(set(dirs)) != len(dirs):
             raise ConfigError("two hosted nodes share a data dir: each needs its own store")
@@ -239,6 +248,11 @@ class NodeHost:
                         cfg, curve_keys=keys, peer_public_keys=peer_keys,
                         zmq_context=None if cfg.secure else self.context))
                     await stack.enter_async_context(ControlServer(node, context=self.context))
+                # A role that cannot start (a gateway's port taken) fails this node only.
+                await stack.enter_async_context(running(
+                    node, self._roles.get(cfg.name, NodeRoles()),
+                    public_key=keys[1] if keys else None,
+                    authorized_keys=peer_keys if cfg.secure else None))
                 hosted.node, hosted.state = node, HostedState.SERVING
                 hosted.settled.set()
                 await node.serve(hosted.stop)  # raises NodeFailed if its store breaks
@@ -397,6 +411,14 @@ def node_configs(mesh: MeshConfig, names: Iterable[str], **overrides: Any) -> li
     return [mesh.node(name, **overrides) for name in names]
 
 
+def node_roles(mesh: MeshConfig, names: Iterable[str]) -> dict[str, NodeRoles]:
+    """The roles each named node's `[nodes.NAME]` table gives it (`meshpost.roles`: what
+    `meshpost node NAME --config FILE` would run); only the nodes with a role."""
+    roles = {name: roles_from_options(mesh.roles(name), where=f"[nodes.{name}]")
+             for name in names}
+    return {name: r for name, r in roles.items() if r != NodeRoles()}
+
+
 def load_keys(configs: Iterable[NodeConfig]) -> dict[str, tuple[tuple[bytes, bytes],
                                                                 dict[str, bytes]]]:
     """Each secure node's CURVE key pair and authorized peer keys, from its data dir."""
@@ -406,7 +428,8 @@ def load_keys(configs: Iterable[NodeConfig]) -> dict[str, tuple[tuple[bytes, byt
             for c in configs if c.secure}
 
 
-async def run_host(configs: Sequence[NodeConfig], *, folder: Path | None) -> None:
+async def run_host(configs: Sequence[NodeConfig], *, folder: Path | None,
+                   roles: Mapping[str, NodeRoles] | None = None) -> None:
     """`meshpost host`: run the nodes until SIGINT or SIGTERM. Raises `NodeNotStarted` when
     not one of them could start (each with its reason); otherwise failures are logged and
     the others serve."""
@@ -418,7 +441,8 @@ async def run_host(configs: Sequence[NodeConfig], *, folder: Path | None) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # once for the process, not per node
         loop.add_signal_handler(sig, stop.set)
-    async with NodeHost(configs, folder=folder, curve_keys=load_keys(configs)) as host:
+    async with NodeHost(configs, folder=folder, curve_keys=load_keys(configs),
+                        roles=roles) as host:
         if not host.serving:
             raise NodeNotStarted({h.name: h.error or h.state.value
                                   for h in host.nodes.values()})

@@ -8,11 +8,9 @@ Rule: like `meshpost demo`, only public surfaces a user has: node processes star
 from __future__ import annotations
 
 import collections
-import importlib
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -20,16 +18,8 @@ from rich.table import Table
 
 from meshpost.cluster import LocalCluster, NodeProcess
 from meshpost.control import ControlClient, SubmitRequest, checked
-from meshpost.errors import ConfigError
 from meshpost.store import StoreReader
 
-#: The built-in handlers of `--worker QUEUE=HANDLER` (seed 002 upper-cases).
-BUILTIN_HANDLERS: dict[str, Callable[[str], str]] = {
-    "upper": str.upper,
-    "lower": str.lower,
-    "reverse": lambda text: text[::-1],
-    "echo": lambda text: text,
-}
 #: Failure detection fast enough for a demo (seconds): a killed worker is lost after 1 s.
 DEMO_OPTIONS = {"ping_interval_s": 0.2, "peer_timeout_s": 1.0, "retransmit_initial_s": 0.2,
                 "retransmit_max_s": 1.0}
@@ -46,32 +36,6 @@ def slow_upper(text: str) -> str:
     """The demo's handler: seed 002's upper-casing, taking DEMO_TASK_S (in a thread)."""
     time.sleep(DEMO_TASK_S)
     return text.upper()
-
-
-def resolve_handler(spec: str) -> Callable[[str], object]:
-    """A built-in handler's name, or `module:function` (imported here)."""
-    if spec in BUILTIN_HANDLERS:
-        return BUILTIN_HANDLERS[spec]
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"unknown handler {spec!r}: use one of "
-                          f"{', '.join(BUILTIN_HANDLERS)} or module:function")
-    try:
-        handler = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot load handler {spec!r}: {exc}") from None
-    if not callable(handler):
-        raise ConfigError(f"handler {spec!r} is not callable")
-    return handler  # type: ignore[no-any-return]
-
-
-def parse_worker_flag(value: str) -> tuple[str, str]:
-    """`QUEUE=HANDLER` as (queue, handler spec)."""
-    queue, sep, spec = value.partition("=")
-    if not sep or not queue or not spec:
-        raise ConfigError(f"--worker wants QUEUE=HANDLER, not {value!r}")
-    resolve_handler(spec)  # fail at start, not at the first task
-    return queue, spec
 
 
 def run_pipeline_demo(tasks: int = 200, *, keep: bool = False,

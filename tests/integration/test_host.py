@@ -5,6 +5,7 @@ killed with -9 comes back with nothing lost or stored twice (the fault battery's
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -14,9 +15,21 @@ from pathlib import Path
 
 import pytest
 
-from meshpost.cluster import LocalCluster, cluster_status, read_state, restart_from_state
+from meshpost.cluster import (
+    LocalCluster,
+    cluster_status,
+    listen_ports,
+    read_state,
+    restart_from_state,
+)
 from meshpost.config import MeshConfig, NodeConfig
-from meshpost.control import ControlClient, SendRequest, StatusRequest, checked
+from meshpost.control import (
+    ControlClient,
+    SendRequest,
+    StatusRequest,
+    SubmitRequest,
+    checked,
+)
 from meshpost.errors import ControlUnavailable
 from meshpost.host import HostClient, HostedState, NodeHost, load_keys, node_configs
 from meshpost.keys import generate_mesh_keys
@@ -244,3 +257,73 @@ def test_secure_nodes_share_a_host(short_tmp: Path) -> None:
             await host.close()
 
     asyncio.run(scenario())
+
+
+def _give_roles(config_path: Path, roles: dict[str, list[str]]) -> None:
+    """Add role lines (`echo = true`, ...) to nodes' tables of a written mesh file."""
+    lines = config_path.read_text(encoding="utf-8").splitlines()
+    out: list[str] = []
+    for line in lines:
+        out.append(line)
+        table = line.removeprefix("[nodes.").removesuffix("]") if line.startswith(
+            "[nodes.") else None
+        if table in roles:
+            out += roles[table]
+    config_path.write_text("\n".join(out) + "\n", encoding="utf-8")
+
+
+@pytest.mark.timeout(300)
+def test_hosted_nodes_take_the_echo_worker_and_gateway_roles_their_tables_give_them(
+    short_tmp: Path,
+) -> None:
+    """A hosted node runs what `meshpost node` would from its `[nodes.NAME]` table: B (echo)
+    answers a request from V in another host; W (worker of `work`) runs V's tasks, and S,
+    in W's host, keeps one result each; S's text gateway stores a plain TCP client's line.
+    Before, `meshpost host` ran no roles at all (and refused a table with them as unknown
+    keys)."""
+    cluster = LocalCluster.create(short_tmp, 4, transport="ipc", names=["V", "B", "W", "S"],
+                                  options=FAST, per_process=2)
+    assert list(cluster.host_names().values()) == [["V", "B"], ["W", "S"]]
+    [port] = listen_ports(1)
+    _give_roles(cluster.config_path, {"B": ["echo = true"],
+                                      "W": ['worker = ["work=upper", "other=reverse"]'],
+                                      "S": [f'text_listen = "tcp://127.0.0.1:{port}"']})
+    v_dir = cluster.data_dir("V")
+    try:
+        cluster.start()
+        # S's text gateway, in its host: a plain TCP client's line is stored and answered.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            client.sendall(b"from a text client\n")
+            assert client.makefile("rb").readline().startswith(b"received ")
+        answered = meshpost("request", "--node", "V", "--data", str(v_dir), "--to", "B",
+                            "--timeout", "30", "marco")
+        assert (answered.returncode, answered.stdout) == (0, "marco\n"), answered.stderr
+
+        def serving() -> set[tuple[str, str]]:
+            with StoreReader.for_data_dir(v_dir) as reader:
+                return {(r.sender, r.body) for r in reader.history() if r.kind == "serve"}
+
+        wait_until(lambda: ("W", "serve") in serving(), 60, "V to hear that W serves")
+        bodies = [f"task {i}" for i in range(8)]
+        with ControlClient(v_dir, name="V") as client:
+            reply = checked(client.request(
+                SubmitRequest(queue="work", sink="S", bodies=bodies, lease_s=60.0),
+                timeout_s=60))
+
+        def kept() -> list[tuple[str, str, str, str]]:
+            with StoreReader.for_data_dir(cluster.data_dir("S")) as reader:
+                return reader.task_results()
+
+        wait_until(lambda: len(kept()) == len(bodies), 60, "every result at S")
+        results = kept()
+        status = meshpost("queue", "status", "work", "--node", "V", "--data", str(v_dir),
+                          "--json")
+        assert status.returncode == 0, status.stderr
+    finally:
+        cluster.stop()
+    assert sorted((t, w, b) for t, w, _m, b in results) == sorted(
+        (t, "W", b.upper()) for t, b in zip(reply.task_ids, bodies, strict=True))
+    [work] = json.loads(status.stdout)
+    assert [w["name"] for w in work["workers"]] == ["W"]
+    with StoreReader.for_data_dir(cluster.data_dir("S")) as reader:
+        assert "from a text client" in [r.body for r in reader.history(direction="in")]

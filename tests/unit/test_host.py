@@ -8,8 +8,9 @@ import msgspec
 import pytest
 import zmq
 
-from meshpost.config import MeshConfig
+from meshpost.config import MeshConfig, NodeConfig
 from meshpost.errors import ConfigError
+from meshpost.gateway import GatewayConfig
 from meshpost.host import (
     SOCKETS_PER_NODE,
     HostedNodeInfo,
@@ -20,6 +21,7 @@ from meshpost.host import (
     node_configs,
     select_nodes,
 )
+from meshpost.roles import NodeRoles
 
 
 def mesh(names: list[str]) -> MeshConfig:
@@ -89,3 +91,16 @@ def host_fd_limit() -> int:
     import resource
 
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def test_a_host_refuses_roles_its_nodes_cannot_share_before_starting_any(
+    tmp_path: Path,
+) -> None:
+    configs = [NodeConfig(name=n, bind=(f"ipc://{tmp_path}/{n}.sock",), data_dir=tmp_path / n)
+               for n in ("A", "B")]
+    gateway = NodeRoles(gateway=GatewayConfig(tcp=("127.0.0.1", 7123)))
+    with pytest.raises(ConfigError, match="each node in one host needs its own port"):
+        NodeHost(configs, roles={"A": gateway, "B": gateway})
+    with pytest.raises(ConfigError, match=r"nodes this host does not run: \['C'\]"):
+        NodeHost(configs, roles={"C": NodeRoles(echo=True)})
+    assert not (tmp_path / "A").exists()  # nothing was started

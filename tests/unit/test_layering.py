@@ -11,6 +11,7 @@ The layers, top to bottom (docs/architecture.md draws them):
     cluster                   (a local mesh: its config, processes and state file)
     processes                 (a `meshpost node` or `meshpost host` child; asks a host through host)
     host, console, remote, timeline
+    roles                     (echo, workers, gateways, discovery of a lone or hosted node)
     control (package: messages, server, client), verify, keys, text, gateway, discovery
     node                      (the `meshpost` package facade re-exports it)
     store, transport, rules
@@ -51,17 +52,18 @@ RANKS: dict[str, int] = {
     "text": 6,
     "gateway": 6,
     "discovery": 6,
-    "host": 7,
-    "console": 7,
-    "remote": 7,
-    "timeline": 7,
-    "processes": 8,
-    "cluster": 9,
-    "demo": 10,
-    "pipeline": 10,
-    "bench": 10,
-    "cli": 11,
-    "__main__": 12,
+    "roles": 7,  # what a node runs beside messaging: `meshpost node` and `host` share it
+    "host": 8,
+    "console": 8,
+    "remote": 8,
+    "timeline": 8,
+    "processes": 9,
+    "cluster": 10,
+    "demo": 11,
+    "pipeline": 11,
+    "bench": 11,
+    "cli": 12,
+    "__main__": 13,
 }
 
 #: Standard-library and third-party modules that mean I/O, threads or real time.

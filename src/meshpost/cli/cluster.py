@@ -95,15 +95,18 @@ def cmd_host(args: argparse.Namespace) -> int:
 
     from meshpost.cli.common import setup_logging
     from meshpost.config import MeshConfig
-    from meshpost.host import node_configs, run_host, select_nodes
+    from meshpost.host import node_configs, node_roles, run_host, select_nodes
 
     setup_logging(args.log_level)
     mesh = MeshConfig.load(Path(args.config))
     overrides: dict[str, object] = {"sync": args.sync} if args.sync else {}
     if args.secure:
         overrides["secure"] = True
-    configs = node_configs(mesh, select_nodes(mesh, args.nodes), **overrides)
-    asyncio.run(run_host(configs, folder=Path(args.folder) if args.folder else None))
+    names = select_nodes(mesh, args.nodes)
+    configs = node_configs(mesh, names, **overrides)
+    # Each node's roles (echo, workers, gateways, discovery) from its [nodes.NAME] table.
+    asyncio.run(run_host(configs, folder=Path(args.folder) if args.folder else None,
+                         roles=node_roles(mesh, names)))
     return EXIT_OK
 
 
@@ -163,7 +166,9 @@ def add_host(sub: Subcommands) -> None:
     """`meshpost host ...`."""
     p = sub.add_parser("host", help="run several nodes of a mesh config in one process, each "
                        "with its own store, identity, endpoint and control socket")
-    p.add_argument("--config", required=True, help="TOML mesh config listing every node")
+    p.add_argument("--config", required=True,
+                   help="TOML mesh config listing every node (each hosted node runs the roles "
+                        "its [nodes.NAME] table gives: echo, worker, text_listen, discover ...)")
     p.add_argument("--nodes", required=True, metavar="SPEC",
                    help="which nodes: A,B,C or a range n001..n050 of the file's order")
     p.add_argument("--folder", help="folder for the host's endpoint (`cluster` uses it for "

@@ -1,15 +1,14 @@
 """`meshpost node` runs one node in this process (with its control socket, gateways, discovery,
 echo and workers) until a signal; `meshpost attach` opens a console on a running one. Flags
-become a validated `NodeConfig` here; the node itself is built from it and nothing else."""
+become a validated `NodeConfig` and `NodeRoles` here (the roles set up by `meshpost.roles`, as
+a hosted node's are); the node itself is built from them and nothing else."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +24,7 @@ from meshpost.errors import EXIT_OK, ConfigError
 
 if TYPE_CHECKING:
     from meshpost.cli.common import Subcommands
-    from meshpost.discovery import DiscoveryConfig
-    from meshpost.gateway import GatewayConfig
+    from meshpost.roles import NodeRoles
 
 #: Environment variable naming a `CrashPoint` for fault-injection tests (never set it in
 #: production: the node exits with code 99 at that protocol step).
@@ -71,14 +69,12 @@ def build_node_config(args: argparse.Namespace) -> NodeConfig:
 
 
 async def _run_node(cfg: NodeConfig, *, interactive: bool,
-                    gateway: GatewayConfig | None = None,
-                    discovery: DiscoveryConfig | None = None, echo: bool = False,
-                    workers: Sequence[tuple[str, str]] = ()) -> None:
+                    roles: NodeRoles | None = None) -> None:
     import asyncio
     import signal
 
+    from meshpost import roles as node_roles
     from meshpost.control import ControlServer
-    from meshpost.gateway import Gateway, GatewayConfig
     from meshpost.node import CrashPoint, Node
 
     crash = os.environ.get(CRASH_ENV)
@@ -97,25 +93,11 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool,
     async with (
         node,
         ControlServer(node),
-        Gateway(node, gateway or GatewayConfig()),
-        contextlib.AsyncExitStack() as stack,
+        # Echo, workers, gateways, discovery: set up as `meshpost host` sets up its nodes'.
+        node_roles.running(node, roles or node_roles.NodeRoles(),
+                           public_key=curve_keys[1] if curve_keys else None,
+                           authorized_keys=peer_keys if cfg.secure else None),
     ):
-        if discovery is not None:
-            from meshpost.discovery import Discovery
-
-            await stack.enter_async_context(Discovery(
-                node, discovery, public_key=curve_keys[1] if curve_keys else None,
-                authorized_keys=peer_keys if cfg.secure else None,
-            ))
-        if echo:
-            # Seed 000's server: every request and every plain message is answered with its
-            # own text, as a reply linked to it.
-            node.on_request(_echo, direct=True)
-        if workers:
-            from meshpost.pipeline import resolve_handler
-
-            for queue, spec in workers:
-                await node.serve_queue(queue, resolve_handler(spec))
         if interactive:
             from meshpost.console import run_console
 
@@ -130,14 +112,14 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool,
             log.info("[%s] shutting down", cfg.name)
 
 
-def _workers(args: argparse.Namespace) -> list[tuple[str, str]]:
-    from meshpost.pipeline import parse_worker_flag
+def build_roles(args: argparse.Namespace) -> NodeRoles:
+    """The node's roles: its `[nodes.NAME]` table's (with `--config`), the flags given on
+    top (`meshpost.roles`: the same rules as for a hosted node)."""
+    from meshpost.roles import merged_options, roles_from_options
 
-    return [parse_worker_flag(value) for value in args.worker]
-
-
-def _echo(msg: Any) -> str:
-    return str(msg.body)
+    table = MeshConfig.load(Path(args.config)).roles(args.name) if args.config else {}
+    return roles_from_options(merged_options(table, vars(args)),
+                              where=f"[nodes.{args.name}] or its flags")
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -146,48 +128,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, log_file=cfg.data_dir / "node.log" if interactive else None)
     import asyncio
 
-    asyncio.run(_run_node(cfg, interactive=interactive, gateway=build_gateway_config(args),
-                          discovery=build_discovery_config(args), echo=args.echo,
-                          workers=_workers(args)))
+    asyncio.run(_run_node(cfg, interactive=interactive, roles=build_roles(args)))
     return EXIT_OK
-
-
-def build_discovery_config(args: argparse.Namespace) -> DiscoveryConfig | None:
-    """`--discover [PORT]` and its companions as a `DiscoveryConfig` (None: off)."""
-    from meshpost.config import validate_name
-    from meshpost.discovery import DiscoveryConfig, parse_target
-
-    if args.discover is None:
-        if args.beacon_to or args.mesh:
-            raise ConfigError("--beacon-to and --mesh need --discover [PORT]")
-        return None
-    if not 0 <= args.discover < 65536:
-        raise ConfigError(f"--discover port must be from 0 to 65535, not {args.discover}")
-    if args.beacon_interval is not None and not args.beacon_interval > 0:
-        raise ConfigError("--beacon-interval must be a positive number of seconds")
-    options: dict[str, Any] = {}
-    if args.beacon_interval:
-        options["interval_s"] = args.beacon_interval
-        options["silence_s"] = max(5 * args.beacon_interval, 1.0)
-    return DiscoveryConfig(
-        port=args.discover, host=args.discover_host,
-        targets=tuple(parse_target(t) for t in args.beacon_to),
-        mesh=validate_name(args.mesh) if args.mesh else "meshpost", **options,
-    )
-
-
-def build_gateway_config(args: argparse.Namespace) -> GatewayConfig:
-    """`--text-listen` / `--udp-listen` as a `GatewayConfig` (both off by default)."""
-    from meshpost.gateway import GatewayConfig, parse_listen
-
-    if args.text_idle_gap is not None and not args.text_idle_gap > 0:
-        raise ConfigError(f"--text-idle-gap must be a positive number of seconds, "
-                          f"not {args.text_idle_gap}")
-    return GatewayConfig(
-        tcp=parse_listen(args.text_listen, "tcp") if args.text_listen else None,
-        udp=parse_listen(args.udp_listen, "udp") if args.udp_listen else None,
-        **({"idle_gap_s": args.text_idle_gap} if args.text_idle_gap else {}),
-    )
 
 
 async def _attach(folder: Path, name: str) -> None:
@@ -234,7 +176,7 @@ def add_node(sub: Subcommands) -> None:
                    help="plain UDP text gateway: one datagram, one message (off by default)")
     p.add_argument("--discover", type=int, nargs="?", const=5671, metavar="PORT",
                    help="find and join nodes by UDP beacons (default port 5671)")
-    p.add_argument("--discover-host", default="0.0.0.0", metavar="HOST",
+    p.add_argument("--discover-host", metavar="HOST",
                    help="address beacons are heard on (default all interfaces)")
     p.add_argument("--beacon-to", action="append", default=[], metavar="HOST:PORT",
                    help="where beacons go (repeat; default 255.255.255.255:PORT)")
