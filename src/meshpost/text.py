@@ -122,8 +122,10 @@ def format_fetched_history(history: GroupHistory, *,
     answered = ", ".join(clean(m) for m in history.answered) or "nobody"
     lines.append(f"answered: {answered} ({len(history.answered)}/{asked})")
     for member, why in sorted(history.unanswered.items()):
-        lines.append(f"no answer from {clean(member)}: {clean(why)} (a later reply is stored "
-                     "and linked to its request)")
+        # Only a request still waiting can get a later reply (a refusal is its reply).
+        waiting = why in ("not-delivered", "delivered-unanswered")
+        lines.append(f"no answer from {clean(member)}: {clean(why)}" + (
+            " (a later reply is stored and linked to its request)" if waiting else ""))
     return lines
 
 

@@ -152,8 +152,8 @@ class GroupHistory:
     group: str
     messages: tuple[FetchedMessage, ...]
     answered: tuple[str, ...]
-    #: member -> "not-delivered" / "delivered-unanswered" (no reply in time) or why its reply
-    #: was unreadable
+    #: member -> "not-delivered" / "delivered-unanswered" (no reply in time), or why its reply
+    #: was unreadable or a refusal ("refused: rate-limited, ask again in S s")
     unanswered: dict[str, str]
 
 
