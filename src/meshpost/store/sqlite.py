@@ -166,9 +166,14 @@ def _links(
     if not messages:
         return
     first = messages[0]
-    link = (first.sender, first.recipient)
-    if all(m.sender == link[0] and m.recipient == link[1] for m in messages):
-        yield link, messages  # the usual batch: one link, no regrouping
+    link = sender, recipient = first.sender, first.recipient
+    # The usual batch: one link, no regrouping. A plain loop: half the instructions of
+    # all() over a generator, and fewer than map(attrgetter(...)) (callgrind, 2,048 rows).
+    for m in messages:
+        if m.sender != sender or m.recipient != recipient:
+            break
+    else:
+        yield link, messages
         return
     groups: dict[tuple[str, str], list[Envelope]] = {}
     for m in messages:
@@ -194,12 +199,13 @@ def _one_direct_row(batch: WriteBatch) -> Envelope | None:
 def _row_values(messages: Sequence[Envelope]) -> list[Any]:
     """The values of `messages`' own columns, flat, in `_ROWS` order (after the shared ones);
     direct messages only (`_headed_row` takes the others)."""
-    # envelope_checksum for a message without header, without a call per row.
+    # envelope_checksum for a message without header, without a call per row. A bytes
+    # slice of a ~150-byte encoding costs less than a memoryview and its slice (two objects).
     crc, encode, start = crc32, envelope_bytes, CRC_OF_ARRAY7
     values: list[Any] = []
     add = values.extend
     for m in messages:
-        add((m.id, m.seq, m.body, m.sent_at_ns, m.hlc, crc(memoryview(encode(m))[1:-1], start)))
+        add((m.id, m.seq, m.body, m.sent_at_ns, m.hlc, crc(encode(m)[1:-1], start)))
     return values
 
 
@@ -438,8 +444,17 @@ class Store:
                     self._patterns.add_tasks(batch.tasks)
                 if batch.outgoing:
                     self._insert(batch.outgoing, "out", stored_at_ns)
-                results = [self._insert_incoming(group, stored_at_ns) for group in batch.incoming]
-                if len(results) > 1:
+                results: list[IncomingResult] = []
+                repeats_possible = False
+                for group in batch.incoming:
+                    if self._insert(group, "in", stored_at_ns) == len(group):
+                        results.append(IncomingResult([m.seq for m in group], []))
+                    else:
+                        results.append(self._classify_incoming(group, stored_at_ns))
+                        repeats_possible = True
+                # Only a group some of whose ids were already there can repeat an earlier
+                # group's message: when every row of every group was new, none did.
+                if repeats_possible and len(results) > 1:
                     _mark_repeats(batch.incoming, results)
                 for d in batch.deliveries:
                     r = d.receipt
@@ -521,11 +536,6 @@ class Store:
                     execute(_insert_sql(direction, size),
                             shared + values[start * width:(start + size) * width])
         return conn.total_changes - before - derived
-
-    def _insert_incoming(self, group: Sequence[Envelope], stored_at_ns: int) -> IncomingResult:
-        if self._insert(group, "in", stored_at_ns) == len(group):
-            return IncomingResult([m.seq for m in group], [])
-        return self._classify_incoming(group, stored_at_ns)
 
     def _classify_incoming(
         self, group: Sequence[Envelope], stored_at_ns: int

@@ -283,6 +283,23 @@ def test_results_come_back_per_incoming_group_in_order(store: Store) -> None:
     assert [(r.committed, r.conflicts) for r in results] == [([2], []), ([3], [1]), ([1], [])]
 
 
+def test_a_message_in_two_groups_of_one_transaction_is_new_in_the_first_only(
+    store: Store,
+) -> None:
+    """A retransmission that arrived while its first copy waited for the commit: both
+    copies in one transaction. Groups all of whose rows are new report no duplicate."""
+    results = store.apply(
+        WriteBatch(incoming=[[incoming(1), incoming(2)], [incoming(3)],
+                             [incoming(2), incoming(4)], [incoming(5)]]),
+        T,
+    )
+    assert [(r.committed, r.duplicates) for r in results] == [
+        ([1, 2], []), ([3], []), ([2, 4], [2]), ([5], [])]
+    fresh = store.apply(WriteBatch(incoming=[[incoming(6), incoming(7)], [incoming(8)]]), T + 1)
+    assert [(r.committed, r.duplicates) for r in fresh] == [([6, 7], []), ([8], [])]
+    assert store.execute_raw("SELECT COUNT(*) FROM messages") == [(8,)]
+
+
 def test_the_extremes_of_64_bit_numbers_round_trip(store: Store) -> None:
     edge = Envelope("edge", 2**63 - 1, "bob", "alice", "b", -(2**63), 2**63 - 1)
     [result] = store.apply(WriteBatch(incoming=[[edge]]), T)
