@@ -403,6 +403,28 @@ def test_a_mixed_batch_delivers_the_good_and_groups_rejections_by_code() -> None
     assert [m.seq for m in arrived.messages] == [1, 3]
 
 
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [
+        (msg(9, sender="carol"), RejectCode.INVALID),
+        (msg(9, recipient="dave"), RejectCode.INVALID),
+        (msg(9, "x" * (LIMIT + 1)), RejectCode.TOO_LARGE),
+        (Envelope("m9", 9, "alice", "bob", "hi", WALL, 1, PatternHeader(Kind.TASK, "", "q")),
+         RejectCode.INVALID),
+    ],
+    ids=["impersonated-sender", "wrong-recipient", "too-large", "bad-header"],
+)
+def test_one_bad_message_after_many_good_ones_is_found_and_rejected_alone(
+    bad: Envelope, code: str
+) -> None:
+    """The fast check of a decoded batch looks at every message, not the first only."""
+    listener = connected()
+    replies = send(listener, Batch(WALL, [msg(s) for s in range(1, 9)] + [bad]))
+    assert [(r.seqs, r.code) for r in replies if isinstance(r, Reject)] == [([9], code)]
+    [arrived] = arrivals(listener)
+    assert [m.seq for m in arrived.messages] == list(range(1, 9))
+
+
 def test_a_mixed_batch_reports_the_good_messages_as_arrived() -> None:
     listener = connected()
     send(listener, Batch(WALL, [msg(1), msg(2, sender="carol"), msg(3)]))
