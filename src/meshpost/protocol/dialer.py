@@ -899,12 +899,11 @@ class DialerLink:
             return
         self._resume(now)
         self._active_at = now
-        fresh: list[Envelope] = []
-        queue, inflight = self._queue, self._inflight
-        while queue:
-            message = queue.popleft()
-            inflight[message.seq] = message
-            fresh.append(message)
+        fresh = list(self._queue)
+        self._queue.clear()
+        # A comprehension, not a popleft/append loop: the pump is per message on a saturated
+        # link (callgrind: figures in the commit that made it so).
+        self._inflight.update({m.seq: m for m in fresh})
         # A running timer may be a held batch's long one (`_arm`): fresh batches still time
         # out after an RTO.
         deadline = self._rto_deadline
@@ -913,20 +912,21 @@ class DialerLink:
         self._emit_batches(fresh, wall_ns, now)
 
     def _emit_batches(self, messages: list[Envelope], wall_ns: int, now: float) -> None:
-        batch: list[Envelope] = []
-        size = 0
-        for message in messages:
-            body_len = len(message.body)
-            full = len(batch) >= MAX_BATCH_MESSAGES or size + body_len > MAX_BATCH_BODY_BYTES
-            if batch and full:
-                self._frames.append(Batch(tx_at_ns=wall_ns, messages=batch))
-                self._flights.append((now, wall_ns, batch))
-                batch, size = [], 0
-            batch.append(message)
-            size += body_len
-        if batch:
+        """Frames of consecutive `messages`, each as full as MAX_BATCH_MESSAGES messages and
+        MAX_BATCH_BODY_BYTES characters of bodies allow (a larger body goes alone). Cut with
+        slices and sums in C: one Python step per message (its body's length), not ten."""
+        lengths = [len(m.body) for m in messages]
+        start, count = 0, len(messages)
+        while start < count:
+            end = min(count, start + MAX_BATCH_MESSAGES)
+            if sum(lengths[start:end]) > MAX_BATCH_BODY_BYTES:
+                fit = bisect.bisect_right(list(itertools.accumulate(lengths[start:end])),
+                                          MAX_BATCH_BODY_BYTES)
+                end = start + max(1, fit)
+            batch = messages[start:end]
             self._frames.append(Batch(tx_at_ns=wall_ns, messages=batch))
             self._flights.append((now, wall_ns, batch))
+            start = end
 
     def __repr__(self) -> str:
         return (

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshpost.errors import MalformedFrame
 from meshpost.protocol import (
@@ -432,6 +434,37 @@ def test_batches_respect_the_body_byte_budget() -> None:
     wire.dialer.enqueue([msg(1, big), msg(2, big), msg(3, big), msg(4, huge), msg(5, "small")])
     sent = batches(wire.poll())
     assert [[m.seq for m in b.messages] for b in sent] == [[1, 2], [3], [4], [5]]
+
+
+def _cut_one_by_one(lengths: list[int]) -> list[int]:
+    """The batching rule, message by message: a batch takes the next message while it has
+    fewer than MAX_BATCH_MESSAGES and the bodies stay within MAX_BATCH_BODY_BYTES; a body
+    larger than that goes alone. Returns the batch sizes."""
+    sizes: list[int] = []
+    count = size = 0
+    for length in lengths:
+        if count and (count >= MAX_BATCH_MESSAGES or size + length > MAX_BATCH_BODY_BYTES):
+            sizes.append(count)
+            count = size = 0
+        count += 1
+        size += length
+    return [*sizes, count] if count else sizes
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.integers(1, 200), st.integers(1, MAX_BATCH_BODY_BYTES + 10)),
+                max_size=5000).map(lambda ls: ls if not ls or len(ls) % 3 else
+                                   ls + [1] * MAX_BATCH_MESSAGES))
+def test_batches_are_cut_as_the_rule_says_message_by_message(lengths: list[int]) -> None:
+    """The cut by slices and sums gives the batches the one-message-at-a-time rule gives."""
+    n = len(lengths)
+    wire = Wire(max_message_bytes=MAX_BATCH_BODY_BYTES + 10, window=max(1, n),
+                window_bytes=1 << 40)
+    wire.connect()
+    wire.dialer.enqueue([msg(s, "x" * length) for s, length in enumerate(lengths, 1)])
+    sent = batches(wire.poll())
+    assert [len(b.messages) for b in sent] == _cut_one_by_one(lengths)
+    assert batched_seqs(sent) == list(range(1, n + 1))
 
 
 @pytest.mark.parametrize("max_message_bytes", [16, 100, 1_000, 64 * 1024])
