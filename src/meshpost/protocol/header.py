@@ -48,14 +48,15 @@ _Ref = Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)]
 _OptName = Annotated[str, msgspec.Meta(pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,62})?$")]
 
 
-class PatternHeader(msgspec.Struct, array_like=True, frozen=True):
+class PatternHeader(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """`[kind, ref, queue, sink, lease_ms, attempt, version]`: the trailing field of an
     Envelope (`header: PatternHeader | None = None`).
 
     Fields after `kind` have defaults, so a later version may append more and an older
     decoder still reads the array (msgspec ignores extra trailing elements of an array-like
     struct and fills missing trailing ones from their defaults; tests/unit/protocol/
-    test_header.py holds both). Every field is range-checked while decoding.
+    test_header.py holds both). Every field is range-checked while decoding. Scalars only,
+    so, like `Envelope`, it is not tracked by the garbage collector (`gc=False`).
     """
 
     kind: Kind

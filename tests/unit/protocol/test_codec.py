@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import gc
 from pathlib import Path
 
 import msgspec
@@ -29,6 +30,7 @@ from meshpost.protocol import (
     encode,
 )
 from meshpost.protocol.frames import INT64_MAX, INT64_MIN, MAX_ID_LENGTH, UncheckedBatch
+from meshpost.protocol.header import Kind, PatternHeader
 
 FAST = settings(max_examples=200, deadline=None)
 LIMIT = 1 << 20
@@ -392,3 +394,25 @@ def test_a_sync_level_other_than_full_or_normal_is_malformed() -> None:
     for sync in ("", "full\n", "Full"):
         with pytest.raises(MalformedFrame):
             decode(encode(Welcome(PROTOCOL_VERSION, "n", "b", 1, 2, sync)), max_bytes=LIMIT)
+
+
+def test_envelopes_made_or_decoded_in_bulk_do_not_set_off_the_garbage_collector() -> None:
+    """Envelopes (and their headers) hold scalars only and are untracked (`gc=False`): the
+    thousands a batch frame carries do not count toward the collector's next pass."""
+    header = PatternHeader(Kind.TASK, "t1", "q")
+    frame = Batch(1, [Envelope(f"m{i}", i, "a", "b", "x", 1, 2, header if i % 2 else None)
+                      for i in range(1, 2049)])
+    data = encode(frame)
+    gc.collect()
+    gc.disable()  # the count keeps growing, and no pass resets it meanwhile
+    try:
+        before = gc.get_count()[0]
+        made = [Envelope(f"n{i}", i, "a", "b", "x", 1, 2) for i in range(1, 2049)]
+        decoded = decode(data, max_bytes=len(data))
+        allocated = gc.get_count()[0] - before
+    finally:
+        gc.enable()
+    assert allocated < 50  # a few lists and frames, not 4,096 envelopes
+    assert isinstance(decoded, Batch)
+    assert len(made) == len(decoded.messages) == 2048
+    assert not gc.is_tracked(decoded.messages[1]) and not gc.is_tracked(header)
