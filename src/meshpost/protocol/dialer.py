@@ -68,7 +68,9 @@ _BODY = operator.attrgetter("body")
 
 def held_size(messages: Sequence[Envelope]) -> int:
     """The window bytes `messages` take (summed in C, no per-message Python)."""
-    return sum(map(len, map(_BODY, messages))) + len(messages) * HELD_MESSAGE_OVERHEAD
+    # A comprehension, not map(len, map(attrgetter)): attrgetter on a msgspec struct is a
+    # generic getattr, ~1.5x the instructions (callgrind); this runs twice per message.
+    return sum([len(m.body) for m in messages]) + len(messages) * HELD_MESSAGE_OVERHEAD
 
 
 class LinkState(enum.Enum):
@@ -811,10 +813,15 @@ class DialerLink:
             self._arm(now)
 
     def _drop_settled_flights(self) -> None:
-        """Forget the oldest flights once all their messages are settled (in C: no Python
-        step per message), so that `_flights` stays about as long as the window."""
-        flights, has = self._flights, self._inflight.__contains__
-        while flights and not any(map(has, map(_SEQ, flights[0][2]))):
+        """Forget the oldest flights once all their messages are settled, so that `_flights`
+        stays about as long as the window. A flight still in flight usually shows it at its
+        ends (two lookups); a settled one costs one comprehension and a C set test."""
+        flights, inflight = self._flights, self._inflight
+        while flights:
+            batch = flights[0][2]
+            if batch and (batch[0].seq in inflight or batch[-1].seq in inflight
+                          or not inflight.keys().isdisjoint([m.seq for m in batch])):
+                return
             flights.popleft()
 
     def _on_refuse(

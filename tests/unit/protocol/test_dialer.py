@@ -572,6 +572,24 @@ def test_unreceipted_messages_are_retransmitted_with_exponential_backoff_up_to_t
     assert wire.dialer.retransmissions == 2 * (len(sent_at) - 1)
 
 
+def test_a_batch_settled_at_both_ends_but_not_between_is_still_resent_in_part() -> None:
+    """A flight is forgotten only when every message of it is settled: its two ends settled
+    say nothing of the middle, which is resent when its timeout passes."""
+    wire = Wire(peer_timeout_s=1_000.0)
+    wire.connect()
+    wire.dialer.enqueue(msgs(range(1, 6)))
+    assert batched_seqs(wire.poll()) == [1, 2, 3, 4, 5]  # lost, then a receipt for the ends
+    wire.to_dialer([receipt([(1, 1), (5, 5)])])
+    resent: list[int] = []
+    while not resent and wire.now < 60:
+        wire.advance_to(wire.dialer.next_timer())
+        resent = batched_seqs(wire.poll())  # every frame is lost
+    assert resent == [2, 3, 4]
+    wire.to_dialer([receipt([(2, 4)])])
+    assert wire.dialer.unacknowledged == 0
+    assert wire.dialer.next_timer() == math.inf or not batches(wire.poll())
+
+
 def test_a_busy_peer_that_answers_pings_holds_its_batches_and_gets_no_resend() -> None:
     """bob read the batch (his Pong to a later Ping proves it: frames arrive in order) but
     takes long to commit: the timeout's probe Ping is answered, nothing is resent until
