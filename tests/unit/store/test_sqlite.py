@@ -441,6 +441,25 @@ def test_row_checksums_are_the_standard_zlib_crc32_of_the_envelope(body: str, se
     assert _row_values([m, m])[5::6] == [expected, expected]
 
 
+def test_row_values_take_one_links_direct_messages_only() -> None:
+    """The bulk path builds the values of one link's direct messages in one pass; a row of
+    another link or with a header anywhere sends the batch down the general path."""
+    rows = [out(1), out(2), out(3)]
+    assert _row_values(rows) is not None
+    assert _row_values([*rows, out(4, "carol")]) is None
+    assert _row_values([*rows, headed(out(4))]) is None
+    assert _row_values([incoming(1), incoming(2, "carol")]) is None
+
+
+def test_a_batch_mixing_links_and_headers_late_in_it_stores_every_row(store: Store) -> None:
+    late = [out(1), out(2), out(3, "carol"), headed(out(4)), out(5)]
+    store.apply(WriteBatch(outgoing=late), T)
+    assert store.execute_raw(
+        "SELECT peer, seq, kind FROM messages ORDER BY rowid") == [
+        ("bob", 1, None), ("bob", 2, None), ("bob", 4, "task"), ("bob", 5, None),
+        ("carol", 3, None)]
+
+
 def test_a_store_whose_checksums_the_standard_zlib_wrote_opens(data_dir: Path) -> None:
     store = Store.open(data_dir, name="alice")
     store.close()
