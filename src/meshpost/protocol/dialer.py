@@ -68,6 +68,8 @@ _BODY = operator.attrgetter("body")
 
 def held_size(messages: Sequence[Envelope]) -> int:
     """The window bytes `messages` take (summed in C, no per-message Python)."""
+    if len(messages) == 1:  # a single send: no comprehension to set up
+        return len(messages[0].body) + HELD_MESSAGE_OVERHEAD
     # A comprehension, not map(len, map(attrgetter)): attrgetter on a msgspec struct is a
     # generic getattr, ~1.5x the instructions (callgrind); this runs twice per message.
     return sum([len(m.body) for m in messages]) + len(messages) * HELD_MESSAGE_OVERHEAD
@@ -820,7 +822,8 @@ class DialerLink:
         while flights:
             batch = flights[0][2]
             if batch and (batch[0].seq in inflight or batch[-1].seq in inflight
-                          or not inflight.keys().isdisjoint([m.seq for m in batch])):
+                          or (len(batch) > 2
+                              and not inflight.keys().isdisjoint([m.seq for m in batch]))):
                 return
             flights.popleft()
 
@@ -906,11 +909,17 @@ class DialerLink:
             return
         self._resume(now)
         self._active_at = now
-        fresh = list(self._queue)
-        self._queue.clear()
-        # A comprehension, not a popleft/append loop: the pump is per message on a saturated
-        # link (callgrind: figures in the commit that made it so).
-        self._inflight.update({m.seq: m for m in fresh})
+        queue, inflight = self._queue, self._inflight
+        if len(queue) == 1:  # a single send: no comprehension to set up
+            message = queue.popleft()
+            inflight[message.seq] = message
+            fresh = [message]
+        else:
+            fresh = list(queue)
+            queue.clear()
+            # A comprehension, not a popleft/append loop: the pump is per message on a
+            # saturated link (callgrind: figures in the commit that made it so).
+            inflight.update({m.seq: m for m in fresh})
         # A running timer may be a held batch's long one (`_arm`): fresh batches still time
         # out after an RTO.
         deadline = self._rto_deadline
@@ -922,6 +931,11 @@ class DialerLink:
         """Frames of consecutive `messages`, each as full as MAX_BATCH_MESSAGES messages and
         MAX_BATCH_BODY_BYTES characters of bodies allow (a larger body goes alone). Cut with
         slices and sums in C: one Python step per message (its body's length), not ten."""
+        if len(messages) == 1:  # a single send (any size goes alone if it must)
+            batch = [messages[0]]  # its own list, as every flight's
+            self._frames.append(Batch(tx_at_ns=wall_ns, messages=batch))
+            self._flights.append((now, wall_ns, batch))
+            return
         lengths = [len(m.body) for m in messages]
         start, count = 0, len(messages)
         while start < count:
