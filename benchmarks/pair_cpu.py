@@ -40,23 +40,26 @@ from single_send import (  # type: ignore[import-not-found]  # a sibling script
     thread_cpu,
 )
 
+import meshpost.bench.options as bench_options
 from meshpost.bench.drive import post_in_process, wait_connected_or_fail
-from meshpost.bench.options import WARMUP_MESSAGES
 from meshpost.cluster import LocalCluster
 from meshpost.config import MeshConfig, NodeConfig
 from meshpost.node import Node
 
 _A_CG_DIR = "/tmp/pair-cpu-A-cg"
+#: pair-throughput's warm-up (an older tree, run through PYTHONPATH, may not define it).
+DEFAULT_WARMUP: int = getattr(bench_options, "PAIR_WARMUP_MESSAGES", 4 * 2048)
 
 
 async def drive(cfg_a: NodeConfig, n: int, size: int, b_pid: int, use_cg: bool,
+                warmup: int,
                 profile: Path | None, perf_out: Path | None = None,
                 sampler: Path | None = None) -> dict[str, Any]:
     body = "x" * size
     async with Node(cfg_a) as a:
         await wait_connected_or_fail(a)
         window = cfg_a.window
-        await post_in_process(a, "B", WARMUP_MESSAGES, body, window, lambda _d: None)
+        await post_in_process(a, "B", warmup, body, window, lambda _d: None)
         me = os.getpid()
         if use_cg:
             for pid in (me, b_pid):
@@ -117,6 +120,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--size", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
+                        help="messages before the timed phase (pair-throughput's by default; "
+                        "1000 until 2026-12-06)")
     parser.add_argument("--window", type=int)
     parser.add_argument("--sync", default="full")
     parser.add_argument("--transport", default="tcp")
@@ -152,6 +158,7 @@ def main() -> None:
         b.wait_ready(300)
         cfg_a = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
         result = asyncio.run(drive(cfg_a, args.messages, args.size, b.pid, args.callgrind,
+                                   args.warmup,
                                    args.profile, args.perf, args.pyinstrument))
     finally:
         cluster.stop()

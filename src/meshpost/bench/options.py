@@ -66,6 +66,12 @@ MESH_IN_FLIGHT = 2048
 #: scans its in-flight list per acknowledgement, so larger windows are slower, not faster.
 MQTT_WINDOW = 100
 WARMUP_MESSAGES = 1000
+#: pair-throughput's warm-up: four full batch frames (protocol MAX_BATCH_MESSAGES, 2,048), so
+#: that both stores prepare their full-batch multi-row INSERTs (SQLite: ~19M instructions,
+#: ~6 ms, for 2,048 rows; once per process) before the clock starts. With WARMUP_MESSAGES
+#: the warm-up used statements of at most 512 rows, and four preparations fell into the
+#: timed phase: 9-11% of each side's instructions in a 30,000-message run.
+PAIR_WARMUP_MESSAGES = 4 * 2048
 LATENCY_WARMUP = 200
 #: Sends timed for the commit floor of pair-latency (at sync=full each costs three fsyncs).
 FLOOR_SENDS = 2000

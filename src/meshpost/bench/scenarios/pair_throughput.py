@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshpost.bench.drive import post_in_process, wait_connected_or_fail
 from meshpost.bench.meters import CpuMeter, WalPeak
-from meshpost.bench.options import WARMUP_MESSAGES, allowance
+from meshpost.bench.options import PAIR_WARMUP_MESSAGES, allowance
 from meshpost.bench.results import ScenarioResult
 from meshpost.bench.scenarios.ceiling import ceiling_once
 from meshpost.bench.support import cpu_hog, run_async, verify_all
@@ -79,8 +79,9 @@ def _pair_once(bench: Bench, index: int) -> tuple[float, dict[str, Any], VerifyR
             async with Node(cfg) as a:
                 await wait_connected_or_fail(a)
                 window = cfg.window
-                # Warm-up: connection, caches, first pages of the database.
-                await post_in_process(a, "B", WARMUP_MESSAGES, bench.body, window,
+                # Warm-up: connection, caches, first pages of the database, full-batch
+                # statements.
+                await post_in_process(a, "B", PAIR_WARMUP_MESSAGES, bench.body, window,
                                        lambda _d: None)
                 cpu.start()
                 t0 = time.monotonic()
@@ -92,7 +93,7 @@ def _pair_once(bench: Bench, index: int) -> tuple[float, dict[str, Any], VerifyR
                              "retransmissions": stats.retransmissions, "window": window,
                              "cpu_us_per_msg": cpu_us, "wal_peak_mb": wal.peak_mb()}
 
-        with cpu_hog(hog, allowance(n + WARMUP_MESSAGES)):
+        with cpu_hog(hog, allowance(n + PAIR_WARMUP_MESSAGES)):
             elapsed, extra = run_async(run(), bench.o.use_uvloop)
             if hog:
                 extra["hog"] = hog
@@ -100,6 +101,6 @@ def _pair_once(bench: Bench, index: int) -> tuple[float, dict[str, Any], VerifyR
     finally:
         cluster.stop()
     report = verify_all({"A": cluster.data_dir("A"), "B": cluster.data_dir("B")},
-                         expect_sent=n + WARMUP_MESSAGES)
+                         expect_sent=n + PAIR_WARMUP_MESSAGES)
     return n / elapsed, {"seconds": round(elapsed, 3), **extra}, report
 
