@@ -253,9 +253,9 @@ def test_receipt_futures_nobody_can_observe_are_not_kept_while_the_peer_is_away(
             gc.collect()
             await asyncio.sleep(0)  # the task starts waiting; the timed-out future is released
             # Only what someone can still observe is kept: nothing of the dropped 2,001.
-            assert sorted(key[1] for key in a._waiters) == [dropped + 2, dropped + 3,
-                                                             dropped + 4, dropped + 5]
-            assert sorted(key[1] for key in a._held) == [dropped + 4, dropped + 5]
+            assert sorted(key[1] for key in a._receipts._waiters) == [
+                dropped + 2, dropped + 3, dropped + 4, dropped + 5]
+            assert sorted(key[1] for key in a._receipts._held) == [dropped + 4, dropped + 5]
             async with Node(config("B", "A")):
                 for future in (kept.receipt, future_only, task):
                     await asyncio.wait_for(asyncio.shield(future), 60)
@@ -264,7 +264,7 @@ def test_receipt_futures_nobody_can_observe_are_not_kept_while_the_peer_is_away(
                 assert await a.wait_delivered(dropped + 5, 60)
                 await asyncio.sleep(0)
                 assert called == [dropped + 4]
-            assert not a._waiters and not a._held
+            assert not a._receipts._waiters and not a._receipts._held
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
     report = verify_stores({"A": short_tmp / "A", "B": short_tmp / "B"})

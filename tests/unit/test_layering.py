@@ -320,6 +320,7 @@ NODE_RANKS: dict[str, int] = {
     "records": 0,
     "groups": 1,
     "links": 1,
+    "receipts": 1,
     "requests": 1,
     "workqueue": 1,
     "core": 2,
@@ -327,8 +328,8 @@ NODE_RANKS: dict[str, int] = {
 }
 #: A component names `Node` in its annotations only (under `if TYPE_CHECKING:`): core
 #: imports the components at run time, so the other way round would be a cycle.
-NODE_TYPE_ONLY = {("groups", "core"), ("links", "core"), ("requests", "core"),
-                  ("workqueue", "core")}
+NODE_TYPE_ONLY = {("groups", "core"), ("links", "core"), ("receipts", "core"),
+                  ("requests", "core"), ("workqueue", "core")}
 
 
 def node_part(module: str) -> str:

@@ -2,24 +2,27 @@
 
 Rule: `from meshpost.node import X` is the public import path; this file only re-exports.
 
-    core       `Node`: lifecycle, the listener, the post/send path, receipts, store
-               callbacks; it composes the components below and delegates to them
+    core       `Node`: lifecycle, the listener, the post/send path, store callbacks; it
+               composes the components below and delegates to them
     records    the API's records and events (plain data)
     links      `Links`: the links to the peers, their connections, timer and feed loops
+    receipts   `Receipts`: our messages' receipt futures, send() timeouts, and the
+               recording of their receipts and rejections; `wait_receipt`
     groups     `Groups`: membership and broadcasts (k/n)
     requests   `Requests`: request/reply and the request handler
     workqueue  `WorkQueues`: ventilator, worker and sink roles
 
-The links and the patterns are components, not mixins: each owns its state (links and
-timers, tracker, dispatchers, waiters, handlers) behind its own attributes, so which code
-may touch which state is visible, and `Node` keeps its public methods as one-line
-delegates. A component reaches its node's post path and store through the node it is given
-(`_post`, `_writer`, `_links`).
+The links, the receipts and the patterns are components, not mixins: each owns its state
+(links and timers, receipt futures, tracker, dispatchers, waiters, handlers) behind its own
+attributes, so which code may touch which state is visible, and `Node` keeps its public
+methods as one-line delegates. A component reaches its node's post path and store through
+the node it is given (`_post`, `_writer`, `_links`).
 """
 
 from __future__ import annotations
 
-from meshpost.node.core import Node, wait_receipt
+from meshpost.node.core import Node
+from meshpost.node.receipts import wait_receipt
 from meshpost.node.records import (
     BroadcastHandle,
     BroadcastProgress,

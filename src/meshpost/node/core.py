@@ -4,8 +4,9 @@ Rule: decide, then perform. Protocol objects decide what to send and what happen
 module performs it (sockets, group commit) and never acknowledges a message before the store
 has committed it. Lower layers never import this module. Transport, store and clock are
 injected (the real ones by default), so tests run a node on fakes in virtual time. The
-links to the peers (with their timers) and the patterns (groups, requests, work queues)
-are components in their own modules.
+links to the peers (with their timers), the receipts of our messages (their waiters and
+their record) and the patterns (groups, requests, work queues) are components in their own
+modules.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import operator
 import os
 import secrets
 import threading
-import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,16 +36,15 @@ from meshpost.config import NodeConfig
 from meshpost.errors import (
     ConfigError,
     InvalidMessage,
-    MessageRejected,
     NodeClosed,
     NodeFailed,
     ProtocolError,
-    ReceiptTimeout,
     RowRefused,
     StoreCorrupt,
 )
 from meshpost.node.groups import Groups
 from meshpost.node.links import Links
+from meshpost.node.receipts import Receipts, wait_receipt
 from meshpost.node.records import (
     BroadcastHandle,
     CrashPoint,
@@ -62,11 +61,9 @@ from meshpost.node.records import (
     PeerRefused,
     PeerStatus,
     Receipt,
-    ReceiptFuture,
     Reply,
     RequestHandler,
     TaskHandler,
-    _MessageKey,
 )
 from meshpost.node.requests import Requests
 from meshpost.node.workqueue import DEFAULT_LEASE_S, WorkQueues
@@ -108,10 +105,8 @@ from meshpost.protocol.workqueue import (
     QueueStatus,
 )
 from meshpost.store import (
-    Delivery,
     GroupCommitWriter,
     IncomingResult,
-    Rejection,
     Store,
     StoredMessage,
     StoreReader,
@@ -139,10 +134,6 @@ CLOSE_FLUSH_TIMEOUT_S = 10.0
 MESSAGES_BATCH = 512
 #: `messages()` looks at the store at least this often even when not woken.
 MESSAGES_POLL_S = 1.0
-
-
-#: A receipt future, held weakly, with the message id and send time its receipt reports.
-_Waiter = tuple["weakref.KeyedRef[_MessageKey, asyncio.Future[Receipt]]", str, int]
 
 
 _HEADER = operator.attrgetter("header")
@@ -226,17 +217,11 @@ class Node:
         #: The links to the peers, their connections and timers (a mapping by peer name).
         self._links = Links(self)
         self._next_seq: dict[str, int] = {}
-        # Receipt futures of post()/send() messages not yet settled: weakly (a future its
-        # caller dropped is forgotten), and strongly in _held once someone waits for one.
-        self._waiters: dict[_MessageKey, _Waiter] = {}
-        self._held: dict[_MessageKey, ReceiptFuture] = {}
-        #: `send()` calls waiting with a timeout: (deadline in loop time, id, peer, timeout).
-        self._send_deadlines: dict[asyncio.Future[Receipt], tuple[float, str, str, float]] = {}
-        self._send_timer: asyncio.TimerHandle | None = None
+        #: The receipt futures of our messages, `send()` timeouts, receipts recorded.
+        self._receipts = Receipts(self)
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribers: list[asyncio.Queue[NodeEvent]] = []
         self._refusal_notices: dict[str, float] = {}
-        self._delivered_changed = asyncio.Event()
         #: One event per `messages()` reader, set after each commit of incoming messages.
         self._message_readers: set[asyncio.Event] = set()
         #: The read-only store connection `incoming_after` shares (opened on first use).
@@ -404,11 +389,7 @@ class Node:
         self._failed.set()
         # Receipts still expected can no longer be recorded: their waiters hear why now
         # rather than at their timeout. (The messages are stored; a restart delivers them.)
-        for key in list(self._waiters):
-            waiter = self._take_waiter(*key)
-            if waiter is not None:
-                waiter[0].set_exception(self.failure)
-                waiter[0].exception()  # retrieved: a handle nobody awaits is not an error
+        self._receipts.fail(self.failure)
 
     async def _verify_store(self, verifier: Verifier) -> None:
         """Check, off the loop, the rows and pages `Store.open` left unchecked (a big store).
@@ -474,15 +455,7 @@ class Node:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for future in [ref() for ref, _id, _sent_at in self._waiters.values()]:
-            if future is not None and not future.done():
-                future.set_exception(NodeClosed(self.name))
-                future.exception()  # nobody may be awaiting it: mark as retrieved
-        self._waiters.clear()
-        self._held.clear()
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        self._receipts.close()
         for handler_task in list(self._handler_tasks):
             handler_task.cancel()
         self._requests.close()
@@ -618,7 +591,7 @@ class Node:
         writer = self._writer
         assert writer is not None
         wall = self.clock.wall_ns()
-        loop = asyncio.get_running_loop()
+        expect = self._receipts.expect
         handles: list[Outgoing] = []
         envelopes: list[Envelope] = []
         for peer in peers:
@@ -628,12 +601,7 @@ class Node:
                 id=message_id or self._new_id(wall), seq=seq, sender=self.name, recipient=peer,
                 body=body, sent_at_ns=wall, hlc=self.hlc.now(), header=header,
             )
-            key = (peer, seq)
-            # A caller that holds the future while it waits (send) gets a plain one: the
-            # node need not hold it, and awaiting a plain future is cheaper.
-            future = loop.create_future() if held else ReceiptFuture(loop, self._held, key)
-            self._waiters[key] = (weakref.KeyedRef(future, self._forget_waiter, key),
-                                  envelope.id, wall)
+            future = expect((peer, seq), envelope.id, wall, held=held)
             handle = Outgoing(envelope.id, peer, seq, body, wall, envelope.hlc, future)
             envelopes.append(envelope)
             handles.append(handle)
@@ -643,11 +611,7 @@ class Node:
             # costs only itself: the node goes on (`RowRefused` says so).
             failure = self.failure or (error if isinstance(error, RowRefused)
                                        else NodeFailed(self.name, error))
-            for handle in handles:
-                self._waiters.pop((handle.to, handle.seq), None)
-                if not handle.receipt.done():
-                    handle.receipt.set_exception(failure)
-                    handle.receipt.exception()  # retrieved: nobody else may ever look
+            self._receipts.not_stored(handles, failure)
             if failed is not None:
                 failed(failure)
 
@@ -842,12 +806,10 @@ class Node:
         def stored(_at: int) -> None:
             # The timeout starts once the message is stored, as it always did: a
             # `ReceiptTimeout` means queued, never lost. No timer per send: one node timer
-            # serves every waiting send (`_expire_sends`).
+            # serves every waiting send (`Receipts.start_timeout`).
             if waiting:
                 (future, message_id), = waiting
-                deadline = asyncio.get_running_loop().time() + timeout_s
-                self._send_deadlines[future] = (deadline, message_id, to, timeout_s)
-                self._arm_send_timer(deadline)
+                self._receipts.start_timeout(future, message_id, to, timeout_s)
 
         (handle,) = self._add_outgoing([to], body, held=True, header=None, message_id=None,
                                        stored=stored)
@@ -857,31 +819,7 @@ class Node:
             return await future
         finally:
             waiting.clear()
-            self._send_deadlines.pop(future, None)
-
-    def _arm_send_timer(self, deadline: float) -> None:
-        timer = self._send_timer
-        if timer is not None and timer.when() <= deadline:
-            return  # it fires first, and re-arms itself for what is left
-        if timer is not None:
-            timer.cancel()
-        self._send_timer = asyncio.get_running_loop().call_at(deadline, self._expire_sends)
-
-    def _expire_sends(self) -> None:
-        """Fail the sends whose receipt is overdue with `ReceiptTimeout`; re-arm for the next."""
-        self._send_timer = None
-        now = asyncio.get_running_loop().time()
-        later = None
-        for future, (deadline, message_id, to, timeout_s) in list(self._send_deadlines.items()):
-            if future.done():
-                continue
-            if deadline <= now:
-                # The message stays queued and is still delivered (its waiter is skipped).
-                future.set_exception(ReceiptTimeout(message_id, to, timeout_s))
-            elif later is None or deadline < later:
-                later = deadline
-        if later is not None:
-            self._arm_send_timer(later)
+            self._receipts.stop_timeout(future)
 
     async def wait_receipt(self, handle: Outgoing, timeout_s: float | None) -> Receipt:
         """Wait for `handle`'s receipt; a timeout leaves the handle's future untouched."""
@@ -889,16 +827,7 @@ class Node:
 
     async def wait_delivered(self, count: int, timeout_s: float) -> bool:
         """Wait until `stats.delivered >= count`; False on timeout."""
-        async def _wait() -> None:
-            while self.stats.delivered < count:
-                self._delivered_changed.clear()
-                await self._delivered_changed.wait()
-
-        try:
-            await asyncio.wait_for(_wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+        return await self._receipts.wait_delivered(count, timeout_s)
 
     async def flush(self) -> None:
         """Wait until everything handed to the store so far is committed."""
@@ -1229,9 +1158,9 @@ class Node:
     def _on_event(self, event: Event) -> None:
         match event:
             case MessagesDelivered():
-                self._record_delivery(event)
+                self._receipts.record_delivery(event)
             case MessagesRejected(peer=peer, seqs=seqs, code=code, detail=detail):
-                self._record_rejection(peer, seqs, code, detail)
+                self._receipts.record_rejection(peer, seqs, code, detail)
             case PeerConnected(peer=peer, node_id=node_id):
                 log.info("[%s] connected to %s (node %s)", self.name, peer, node_id)
                 self._queues.peer_event(peer, True)
@@ -1264,93 +1193,6 @@ class Node:
             case MessagesArrived():  # pragma: no cover - handled by _on_inbound_frame
                 pass
 
-    def _record_delivery(self, event: MessagesDelivered) -> None:
-        """A valid receipt arrived: report it now, record it with the next commit.
-
-        The receipt is already backed by the receiver's commit, so its waiters are told at
-        once and our own record of it stays off the reply path: a `send()` resumes first and
-        its next message shares the commit that records this one. If we crash before that
-        commit, the message is pending again after restart, is resent, and the receiver
-        receipts the duplicate again from the row it already stored: the record is restored,
-        nothing is stored twice (docs/protocol.md, section 7.3).
-        """
-        assert self._writer is not None
-        self._crash(CrashPoint.AFTER_ACK_RECEIVE)
-        peer, r = event.peer, event.receipt
-        if self._waiters:
-            for seq in event.seqs:
-                waiter = self._take_waiter(peer, seq)
-                if waiter is not None:
-                    future, message_id, sent_at_ns = waiter
-                    future.set_result(
-                        Receipt(
-                            message_id=message_id, to=peer, seq=seq, sent_at_ns=sent_at_ns,
-                            delivered_at_ns=r.stored_at_ns, received_at_ns=r.received_at_ns,
-                            recorded_at_ns=event.arrived_at_ns, sync=r.sync,
-                        )
-                    )
-        if self._crash_at is CrashPoint.AFTER_RECEIPT_REPORTED:
-            # Queued before the record's commit, after the waiters' wake-ups: the caller has
-            # seen its receipt and the record is not committed when the node dies.
-            asyncio.get_running_loop().call_soon(self._crash, CrashPoint.AFTER_RECEIPT_REPORTED)
-        delivery = Delivery(peer, event.seqs, r, event.arrived_at_ns)
-        self._writer.add_delivery(delivery, lambda: self._delivery_stored(delivery))
-
-    def _delivery_stored(self, delivery: Delivery) -> None:
-        """The receipt is recorded: count it, wake whoever follows deliveries. (The outbox
-        needs no wake here: the receipt freed the window on arrival, and `Links._perform` woke the
-        disk reader then if the link wanted rows.)"""
-        if self._probe is not None:
-            self._probe.mark(probes.DELIVERY_STORED)
-        peer = delivery.peer
-        self.stats.delivered += len(delivery.seqs)
-        self._delivered_changed.set()
-        if self._groups.restored_copies:  # copies of broadcasts posted before a restart
-            self._groups.copies_settled(peer, delivery.seqs)
-        if self._queues.follows_seqs:  # messages posted before a restart: 19.4
-            self._queues.receipted(peer, delivery.seqs)
-        if self._subscribers:
-            self._publish(DeliveryRecorded(peer, delivery.seqs, delivery.receipt.stored_at_ns))
-
-    def _record_rejection(self, peer: str, seqs: list[int], code: str, detail: str) -> None:
-        assert self._writer is not None
-        self.stats.rejected += len(seqs)
-        log.warning("[%s] %s rejected %d message(s) (%s): %s", self.name, peer, len(seqs), code,
-                    detail)
-
-        def done() -> None:
-            if self._groups.restored_copies:
-                self._groups.copies_settled(peer, seqs, rejected=f"{code}: {detail}")
-            if self._queues.follows_seqs:
-                self._queues.refused(peer, seqs)
-            for seq in seqs:
-                waiter = self._take_waiter(peer, seq)
-                if waiter is not None:
-                    future, message_id, _sent_at = waiter
-                    future.set_exception(MessageRejected(message_id, peer, code, detail))
-
-        self._writer.add_rejection(Rejection(peer, seqs, f"{code}: {detail}"), done)
-
-    def _take_waiter(
-        self, peer: str, seq: int
-    ) -> tuple[asyncio.Future[Receipt], str, int] | None:
-        """The unsettled receipt future of (peer, seq) with its message id and send time, if
-        anyone can still observe it."""
-        waiter = self._waiters.pop((peer, seq), None)
-        if waiter is None:
-            return None
-        ref, message_id, sent_at_ns = waiter
-        future = ref()
-        if future is None or future.done():
-            return None
-        return future, message_id, sent_at_ns
-
-    def _forget_waiter(self, ref: weakref.KeyedRef[_MessageKey, asyncio.Future[Receipt]]) -> None:
-        """A receipt future was garbage-collected: its caller dropped it unobserved."""
-        waiter = self._waiters.get(ref.key)
-        if waiter is not None and waiter[0] is ref:
-            del self._waiters[ref.key]
-
     def _publish(self, event: NodeEvent) -> None:
         for queue in self._subscribers:
             if queue.full():
@@ -1365,24 +1207,6 @@ class Node:
             f"Node({self.name!r}, {state}, endpoints={self.endpoints}, "
             f"peers={list(self._links)})"
         )
-
-
-async def wait_receipt(
-    handle: Outgoing, timeout_s: float | None, *, shield: bool = True
-) -> Receipt:
-    """Wait up to `timeout_s` (None: for ever) for `handle`'s receipt.
-
-    Raises `ReceiptTimeout` (the message stays queued and is still delivered),
-    `MessageRejected` or `NodeFailed`. With `shield` (the default) a timeout leaves the
-    handle's future untouched for other waiters; without, it is cancelled (cheaper, for a
-    caller that owns the handle alone).
-    """
-    future = handle.receipt
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await (asyncio.shield(future) if shield else future)
-    except TimeoutError:
-        raise ReceiptTimeout(handle.id, handle.to, timeout_s or 0.0) from None
 
 
 __all__ = [

@@ -74,11 +74,11 @@ def test_send_timeouts_share_one_timer_and_expire_in_deadline_order(tmp_path: Pa
             with pytest.raises(ReceiptTimeout):
                 await fast
             assert not any(task.done() for task in slow)
-            assert a._send_timer is not None and len(a._send_deadlines) == 20
+            assert a._receipts._send_timer is not None and len(a._receipts._send_deadlines) == 20
             for task in slow:
                 task.cancel()
             await asyncio.gather(*slow, return_exceptions=True)
-            assert not a._send_deadlines  # a cancelled send leaves nothing behind
+            assert not a._receipts._send_deadlines  # a cancelled send leaves nothing behind
 
     run(scenario)
 
