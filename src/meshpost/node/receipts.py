@@ -48,6 +48,7 @@ class Receipts:
         #: `send()` calls waiting with a timeout: (deadline in loop time, id, peer, timeout).
         self._send_deadlines: dict[asyncio.Future[Receipt], tuple[float, str, str, float]] = {}
         self._send_timer: asyncio.TimerHandle | None = None
+        #: Set after each commit of receipts (`wait_delivered` follows `stats.delivered`).
         self._delivered_changed = asyncio.Event()
 
     # -- the futures ------------------------------------------------------------------------
