@@ -27,11 +27,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/meshpost demo
 
+# The suite runs on TEST_WORKERS pytest-xdist workers: its integration tests mostly wait on node
+# processes and I/O, so two workers roughly halve the wall time even on 2 cores. worksteal lets
+# an idle worker take queued tests from a busy one. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+PYTEST_ARGS := -q -n $(TEST_WORKERS) --dist worksteal
+
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(TEST_STAMP)
-	$(PY) -m pytest -q -m "not faults"
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not faults"
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -58,14 +58,16 @@ def test_a_node_refusing_an_unknown_sender_tells_its_subscribers_whom_and_why(
 
 
 def test_ctrl_c_during_demo_says_it_stopped_stops_the_nodes_and_removes_its_temp_folder(
-    tmp_path: Path,
+    short_tmp: Path,
 ) -> None:
     """Issue 17 item 12 (demo part): SIGINT, as Ctrl-C sends it, while messages are sent."""
     import signal
 
     from meshpost.cluster import is_node_process
 
-    temp = tmp_path / "tmp"
+    # The demo puts its ipc:// sockets under TMPDIR: a short one keeps their paths within
+    # 107 bytes (pytest's tmp_path under a pytest-xdist worker is too long).
+    temp = short_tmp / "tmp"
     temp.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "meshpost", "demo", "--nodes", "2", "--messages", "100000"],
@@ -87,6 +89,7 @@ def test_ctrl_c_during_demo_says_it_stopped_stops_the_nodes_and_removes_its_temp
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        proc.stdout.close()
     output = "".join(seen) + rest
     assert proc.returncode == 130, output
     assert "demo stopped (Ctrl-C)" in output and "Traceback" not in output

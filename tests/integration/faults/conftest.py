@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import FAULT_COUNTS_KEY
+
 from .checker import RESULTS, Mesh
 
 
@@ -47,6 +49,14 @@ def mesh_factory(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Mesh
     finally:
         for mesh in meshes:
             mesh.teardown()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Under pytest-xdist (`make test`) this runs in a worker, whose terminal is not shown:
+    # hand the counts to the controller, which prints them (tests/conftest.py).
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput[FAULT_COUNTS_KEY] = list(RESULTS)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
