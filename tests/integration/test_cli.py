@@ -160,17 +160,18 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert "in use" in done.stderr.lower()
 
 
-def test_second_node_on_the_same_data_dir_is_refused(pair: LocalCluster) -> None:
+def test_second_node_on_the_same_data_dir_is_refused(pair: LocalCluster, short_tmp: Path) -> None:
     done = meshpost("node", "A", "--config", str(pair.config_path), "--data",
-                    str(pair.data_dir("A")), "--bind", "ipc:///tmp/mp-other.sock", "--headless")
+                    str(pair.data_dir("A")), "--bind", f"ipc://{short_tmp}/other.sock",
+                    "--headless")
     assert done.returncode == 6
     assert "locked by another process" in done.stderr
 
 
-def test_data_dir_that_is_not_writable_is_a_clear_error(tmp_path: Path) -> None:
-    blocker = tmp_path / "file"
+def test_data_dir_that_is_not_writable_is_a_clear_error(short_tmp: Path) -> None:
+    blocker = short_tmp / "file"
     blocker.write_text("not a directory")
-    done = meshpost("node", "A", "--bind", "ipc:///tmp/mp-unwritable.sock", "--data",
+    done = meshpost("node", "A", "--bind", f"ipc://{short_tmp}/unwritable.sock", "--data",
                     str(blocker / "A"), "--headless")
     assert done.returncode == 6
     assert "not writable" in done.stderr
