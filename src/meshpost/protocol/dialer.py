@@ -58,6 +58,9 @@ REFUSED_RETRY_S = 10.0
 #: sample (RFC 6298 5.7: a retransmitted SYN leaves a 3 s RTO for the data): a peer that took
 #: longer than a ping interval to welcome us is slow now, and no sample says how slow.
 RETRIED_HANDSHAKE_RTO_S = 3.0
+#: A silence deadline polled more than this many ping intervals late was missed by this node
+#: (stopped or starved of CPU), not by the peer: what the peer sent may wait unread.
+STALL_GRACE = 0.5
 #: What a held message costs besides its body (the Envelope, its id, the dict slot): the
 #: window's byte count is body characters plus this, an estimate of memory, not of the wire.
 HELD_MESSAGE_OVERHEAD = 256
@@ -276,6 +279,11 @@ class DialerLink:
         #: expecting answers again after a quiet spell in which nobody asked the peer anything.
         self._silence_from = now
         self._ping_owed = False
+        #: A late silence deadline was excused as this node's own stall (`_excuse_own_stall`)
+        #: and no frame came since: the next one is the peer's silence.
+        self._stall_excused = False
+        #: How often that happened (a sign this process is starved of CPU).
+        self.stalls_excused = 0
         self._frames: list[Frame] = []
         self._events: list[Event] = []
 
@@ -487,6 +495,7 @@ class DialerLink:
             # Same expressions as in next_timer(): polling at that time must make progress.
             and heard + self._peer_timeout <= watch_until
             and now >= heard + self._peer_timeout
+            and not self._excuse_own_stall(now, heard + self._peer_timeout, wall_ns)
         ):
             self._move(LinkInput.SILENCE)
             self._next_hello_at = now
@@ -500,6 +509,21 @@ class DialerLink:
         ):
             self._retransmit_due(now, wall_ns)
         self._pump(now, wall_ns)
+
+    def _excuse_own_stall(self, now: float, silent_at: float, wall_ns: int) -> bool:
+        """This poll comes long after the silence deadline it asked for (`silent_at`): this
+        node was not running then (stopped, starved of CPU), and what the peer sent meanwhile
+        may wait unread in its socket. Once per silence, count that as no silence of the
+        peer's: ping it now and give it a ping interval from now. True if excused."""
+        if self._stall_excused or now - silent_at <= STALL_GRACE * self._ping_interval:
+            return False
+        self._stall_excused = True
+        self.stalls_excused += 1
+        self._silence_from = now + self._ping_interval - self._peer_timeout
+        if not (self._frames and type(self._frames[0]) is Ping):
+            self._frames.insert(0, Ping(sent_at_ns=wall_ns))
+        self._next_ping_at = now + self._ping_interval
+        return True
 
     def _heard_at(self) -> float | None:
         """Since when silence counts: the last frame heard, or the end of a quiet spell."""
@@ -568,6 +592,7 @@ class DialerLink:
         self.last_heard = now
         self.last_heard_wall_ns = wall_ns
         self.frames_heard += 1
+        self._stall_excused = False
         match frame:
             case Welcome():
                 self._on_welcome(frame, before, now, wall_ns)

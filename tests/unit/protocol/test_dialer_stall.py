@@ -1,0 +1,97 @@
+"""A dialer whose own process was stopped or starved of CPU, in virtual time: a silence
+deadline it polls long after it passed is its own stall, not the peer's silence, since what the
+peer sent meanwhile may still wait unread. Once per silence it pings and waits a ping interval
+instead of declaring the peer lost (which redials and resends the whole window)."""
+
+from __future__ import annotations
+
+import pytest
+from tests.unit.protocol.test_dialer import (
+    PEER_TIMEOUT,
+    PING_INTERVAL,
+    Wire,
+    batches,
+    drive_silently,
+    msgs,
+    state,
+)
+
+from meshpost.protocol import (
+    Hello,
+    LinkState,
+    MessagesDelivered,
+    PeerLost,
+    Ping,
+)
+from meshpost.protocol.dialer import STALL_GRACE
+
+
+def stalled_with_a_receipt_unread(stall_s: float) -> tuple[Wire, list]:
+    """alice sends seqs 1-3, bob stores them and receipts at once; then alice's process is
+    stopped for `stall_s` before it reads the receipt or runs its timers. Returns the wire
+    and bob's unread answers."""
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([1, 2, 3]))
+    answers = wire.to_listener(batches(wire.poll()))
+    assert wire.dialer.next_timer() < wire.now + PEER_TIMEOUT
+    wire.advance(stall_s)  # alice's timers fire only now, before her socket is read
+    return wire, answers
+
+
+def test_a_silence_deadline_polled_late_is_this_nodes_stall_and_the_peer_is_pinged() -> None:
+    wire, unread = stalled_with_a_receipt_unread(PEER_TIMEOUT + 2.0)
+    frames = wire.poll()
+    assert not wire.of_type(PeerLost)  # the old code: lost, redialled, the window resent
+    assert state(wire) is LinkState.READY
+    assert [type(f) for f in frames] == [Ping]  # no Hello, no resend
+    assert wire.dialer.stalls_excused == 1
+    wire.to_dialer(unread)  # the receipt that waited in the socket
+    assert wire.of_type(MessagesDelivered)[0].seqs == [1, 2, 3]
+    assert wire.dialer.retransmissions == 0
+    assert state(wire) is LinkState.READY
+
+
+def test_a_peer_silent_after_the_excused_stall_is_lost_one_ping_interval_later() -> None:
+    wire, _unread = stalled_with_a_receipt_unread(PEER_TIMEOUT + 2.0)
+    woke = wire.now
+    wire.poll()
+    sent = drive_silently(wire, until=woke + PING_INTERVAL)  # bob's answers never come
+    [lost] = wire.of_type(PeerLost)
+    assert wire.now == pytest.approx(woke + PING_INTERVAL)
+    assert state(wire) is LinkState.LOST
+    assert isinstance(sent[-1][-1], Hello)
+    assert lost.silent_for_s == pytest.approx(PEER_TIMEOUT)  # as counted after the excuse
+
+
+def test_only_one_stall_is_excused_per_silence() -> None:
+    wire, _unread = stalled_with_a_receipt_unread(PEER_TIMEOUT + 2.0)
+    wire.poll()
+    wire.advance(PING_INTERVAL + 3.0)  # stalled again past the new deadline: no excuse twice
+    wire.poll()
+    assert len(wire.of_type(PeerLost)) == 1
+    assert wire.dialer.stalls_excused == 1
+
+
+def test_a_frame_heard_after_an_excused_stall_allows_the_next_one() -> None:
+    wire, unread = stalled_with_a_receipt_unread(PEER_TIMEOUT + 2.0)
+    wire.poll()
+    wire.to_dialer(unread)
+    wire.dialer.enqueue(msgs([4]))
+    wire.poll()  # seq 4 goes (and is lost on the wire)
+    wire.advance(PEER_TIMEOUT + 2.0)  # stopped again
+    assert [type(f) for f in wire.poll()] == [Ping]
+    assert not wire.of_type(PeerLost)
+    assert wire.dialer.stalls_excused == 2
+
+
+def test_a_deadline_polled_a_little_late_is_still_the_peers_silence() -> None:
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([1]))
+    drive_silently(wire, until=PEER_TIMEOUT - 0.1)
+    late = 0.9 * STALL_GRACE * PING_INTERVAL
+    wire.advance_to(wire.dialer.next_timer() + late)
+    wire.poll()
+    assert len(wire.of_type(PeerLost)) == 1
+    assert wire.dialer.stalls_excused == 0
