@@ -282,7 +282,10 @@ class DialerLink:
         #: A late silence deadline was excused as this node's own stall (`_excuse_own_stall`)
         #: and no frame came since: the next one is the peer's silence.
         self._stall_excused = False
-        #: How often that happened (a sign this process is starved of CPU).
+        #: The same for the retransmission deadline (a probe instead of a resend).
+        self._rto_stall_excused = False
+        self._excused_at: float | None = None
+        #: How many stalls of this node were excused so far (a sign it is starved of CPU).
         self.stalls_excused = 0
         self._frames: list[Frame] = []
         self._events: list[Event] = []
@@ -507,7 +510,20 @@ class DialerLink:
             and self._rto_deadline is not None
             and now >= self._rto_deadline
         ):
-            self._retransmit_due(now, wall_ns)
+            if (not self._rto_stall_excused
+                    and now - self._rto_deadline > STALL_GRACE * self._ping_interval):
+                # Polled long after the deadline: this node's stall, and the receipts that
+                # settle the window may wait unread. Probe and time out an RTO from now,
+                # rather than resend the window (once until the peer is heard again).
+                self._rto_stall_excused = True
+                if self._excused_at != now:  # one stall, however many deadlines it missed
+                    self.stalls_excused += 1
+                self._excused_at = now
+                self._probed = True
+                self._ping_first(wall_ns)
+                self._rto_deadline = now + self._rto
+            else:
+                self._retransmit_due(now, wall_ns)
         self._pump(now, wall_ns)
 
     def _excuse_own_stall(self, now: float, silent_at: float, wall_ns: int) -> bool:
@@ -519,11 +535,16 @@ class DialerLink:
             return False
         self._stall_excused = True
         self.stalls_excused += 1
+        self._excused_at = now
         self._silence_from = now + self._ping_interval - self._peer_timeout
-        if not (self._frames and type(self._frames[0]) is Ping):
-            self._frames.insert(0, Ping(sent_at_ns=wall_ns))
+        self._ping_first(wall_ns)
         self._next_ping_at = now + self._ping_interval
         return True
+
+    def _ping_first(self, wall_ns: int) -> None:
+        """A Ping ahead of everything this poll sends (one per poll is enough)."""
+        if not (self._frames and type(self._frames[0]) is Ping):
+            self._frames.insert(0, Ping(sent_at_ns=wall_ns))
 
     def _heard_at(self) -> float | None:
         """Since when silence counts: the last frame heard, or the end of a quiet spell."""
@@ -592,7 +613,7 @@ class DialerLink:
         self.last_heard = now
         self.last_heard_wall_ns = wall_ns
         self.frames_heard += 1
-        self._stall_excused = False
+        self._stall_excused = self._rto_stall_excused = False
         match frame:
             case Welcome():
                 self._on_welcome(frame, before, now, wall_ns)

@@ -95,3 +95,43 @@ def test_a_deadline_polled_a_little_late_is_still_the_peers_silence() -> None:
     wire.poll()
     assert len(wire.of_type(PeerLost)) == 1
     assert wire.dialer.stalls_excused == 0
+
+
+def test_a_retransmission_deadline_polled_late_probes_again_instead_of_resending() -> None:
+    """The probe of a stall went, then this node stopped before reading its Pong: the next
+    timeout, polled long after it passed, would resend the whole window (the old code); the
+    answers waiting unread settle it instead."""
+    wire = Wire(peer_timeout_s=1_000.0)  # the silence timer stays out of it
+    wire.connect()
+    wire.dialer.enqueue(msgs([1, 2, 3]))
+    wire.to_listener(batches(wire.poll()), commit=False)  # bob is storing them (slow commit)
+    arrived = wire.listener_events[-1]
+    wire.advance_to(wire.dialer.next_timer())
+    probe = wire.poll()
+    assert [type(f) for f in probe] == [Ping]  # the first timeout of the stall probes
+    unread = wire.to_listener(probe)  # bob's Pong (pending 1)
+    wire.advance_to(wire.dialer.next_timer() + 3.0)  # alice stopped past the next timeout
+    assert [type(f) for f in wire.poll()] == [Ping]  # no resend of the window
+    assert wire.dialer.retransmissions == 0
+    assert wire.dialer.stalls_excused == 1
+    unread += wire.commit(arrived)  # the receipt, also waiting in alice's socket
+    wire.to_dialer(unread)
+    assert wire.of_type(MessagesDelivered)[0].seqs == [1, 2, 3]
+    assert wire.dialer.retransmissions == 0
+
+
+def test_a_silent_peer_still_gets_its_resend_at_the_timeout_after_an_excused_one() -> None:
+    wire = Wire(peer_timeout_s=1_000.0)
+    wire.connect()
+    wire.dialer.enqueue(msgs([1, 2, 3]))
+    wire.poll()  # lost on the wire
+    wire.advance_to(wire.dialer.next_timer())
+    assert [type(f) for f in wire.poll()] == [Ping]  # the probe: lost too
+    wire.advance_to(wire.dialer.next_timer() + 3.0)  # a stall: excused, probed again
+    assert [type(f) for f in wire.poll()] == [Ping]
+    resent: list[int] = []
+    while not resent:  # nothing heard since: the next timeout resends, on time
+        wire.advance_to(wire.dialer.next_timer())
+        resent = [m.seq for b in batches(wire.poll()) for m in b.messages]
+    assert resent == [1, 2, 3]
+    assert wire.dialer.retransmissions == 3
