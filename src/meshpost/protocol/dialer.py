@@ -285,6 +285,8 @@ class DialerLink:
         #: The same for the retransmission deadline (a probe instead of a resend).
         self._rto_stall_excused = False
         self._excused_at: float | None = None
+        #: The last `now` a poll or a frame brought: this node was running then.
+        self._seen_at = now
         #: How many stalls of this node were excused so far (a sign it is starved of CPU).
         self.stalls_excused = 0
         self._frames: list[Frame] = []
@@ -466,6 +468,9 @@ class DialerLink:
     def poll(self, now: float, wall_ns: int, hlc: int) -> None:
         """Run timers: handshake retries, pings, liveness, retransmission, transmission,
         and the idle close."""
+        # A deadline is missed by this node only if it passed while nothing reached the link:
+        # one made due at once (`_arm` after a Pong) or passed while frames came is not.
+        seen, self._seen_at = self._seen_at, now
         if self.state is LinkState.IDLE:
             self._pump(now, wall_ns)  # a message queued while idle opens the link
             if self.state is LinkState.IDLE:
@@ -498,7 +503,8 @@ class DialerLink:
             # Same expressions as in next_timer(): polling at that time must make progress.
             and heard + self._peer_timeout <= watch_until
             and now >= heard + self._peer_timeout
-            and not self._excuse_own_stall(now, heard + self._peer_timeout, wall_ns)
+            and not self._excuse_own_stall(now, max(heard + self._peer_timeout, seen),
+                                           wall_ns)
         ):
             self._move(LinkInput.SILENCE)
             self._next_hello_at = now
@@ -511,7 +517,8 @@ class DialerLink:
             and now >= self._rto_deadline
         ):
             if (not self._rto_stall_excused
-                    and now - self._rto_deadline > STALL_GRACE * self._ping_interval):
+                    and now - max(self._rto_deadline, seen)
+                    > STALL_GRACE * self._ping_interval):
                 # Polled long after the deadline: this node's stall, and the receipts that
                 # settle the window may wait unread. Probe and time out an RTO from now,
                 # rather than resend the window (once until the peer is heard again).
@@ -613,6 +620,7 @@ class DialerLink:
         self.last_heard = now
         self.last_heard_wall_ns = wall_ns
         self.frames_heard += 1
+        self._seen_at = now
         self._stall_excused = self._rto_stall_excused = False
         match frame:
             case Welcome():

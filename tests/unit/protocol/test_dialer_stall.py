@@ -135,3 +135,24 @@ def test_a_silent_peer_still_gets_its_resend_at_the_timeout_after_an_excused_one
         resent = [m.seq for b in batches(wire.poll()) for m in b.messages]
     assert resent == [1, 2, 3]
     assert wire.dialer.retransmissions == 3
+
+
+def test_a_deadline_made_due_at_once_by_a_pong_is_no_stall_and_the_batch_goes() -> None:
+    """A Pong saying `pending` 0 makes an unreceipted batch due at once (its deadline is in
+    the past): the node was running, so the poll right after resends it, and the Pong does
+    not buy another Ping (no input from a peer may cost another message)."""
+    wire = Wire(peer_timeout_s=1_000.0)
+    wire.connect()
+    wire.dialer.enqueue(msgs([1]))
+    replies = wire.to_listener(batches(wire.poll()))
+    assert replies  # bob stored it; the receipt is lost on the wire
+    wire.advance_to(wire.dialer.next_timer())
+    probe = wire.poll()
+    assert [type(f) for f in probe] == [Ping]
+    wire.advance(1.0)  # the Pong comes late, after the deadline it moves
+    wire.to_dialer(wire.to_listener(probe))  # pending 0: the batch is due at once
+    wire.advance(0.001)
+    frames = wire.poll()
+    assert [m.seq for b in batches(frames) for m in b.messages] == [1]
+    assert not [f for f in frames if isinstance(f, Ping)]
+    assert wire.dialer.stalls_excused == 0
