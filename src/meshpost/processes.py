@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Self
 
-from meshpost.control import ControlClient, ErrorReply, StatusRequest
+from meshpost.control import ControlClient, ErrorReply, StatusRequest, process_alive
 from meshpost.errors import ClusterError, ControlUnavailable, HostNotAnswering, NodeNotStarted
 from meshpost.host import HostClient, HostReply
 
@@ -332,8 +332,4 @@ def pid_exists(pid: int) -> bool:
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done:
             return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return process_alive(pid)  # someone else's zombie counts as gone too

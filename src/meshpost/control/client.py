@@ -67,13 +67,24 @@ STREAM_WINDOW = 1024
 
 
 def process_alive(pid: int) -> bool:
+    """True while process `pid` runs. A zombie (exited, not yet reaped by its parent, say a
+    node started by a script or a test that has not waited for it) still answers `kill 0`:
+    read its state from /proc, so a client stops waiting as soon as the node has exited."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").is_dir()  # gone since `kill 0`; or no /proc to ask
+    except OSError:
+        return True
+    # The state follows the command name, which is in parentheses and may hold spaces.
+    after_name = stat.rfind(b")")
+    return stat[after_name + 2:after_name + 3] != b"Z"
 
 
 class _Framing:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from meshpost.control import (
     SendResult,
     StatusReply,
     StatusRequest,
+    process_alive,
 )
 from meshpost.control.messages import encoder, request_decoder
 from meshpost.errors import ControlTimeout, ControlUnavailable
@@ -106,3 +110,25 @@ def test_a_node_whose_process_is_gone_is_not_running(tmp_path: Path) -> None:
     (tmp_path / ENDPOINT_FILE).write_text(f"ipc://{tmp_path}/x.sock\n{2**22 + 12345}\n")
     with pytest.raises(ControlUnavailable, match="is gone"):
         ControlClient(tmp_path, name="A")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_node_that_exited_but_was_not_reaped_counts_as_gone() -> None:
+    # A node started by a script that has not waited for it yet is a zombie: `kill 0` still
+    # succeeds, and a client used to wait out its whole timeout for a dead node.
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        stat = Path(f"/proc/{exited.pid}/stat")
+        deadline = time.monotonic() + 30.0
+        while b") Z " not in stat.read_bytes():
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.01)
+        assert process_alive(running.pid)
+        assert not process_alive(exited.pid)
+        assert process_alive(os.getpid())
+    finally:
+        running.kill()
+        running.wait(10)
+        exited.wait(10)
+    assert not process_alive(exited.pid)  # reaped: gone from /proc as well
