@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,13 @@ from tests.conftest import FAULT_COUNTS_KEY
 
 from .checker import RESULTS, Mesh
 
+
+async def until_true(what: str, check: Callable[[], bool], timeout_s: float) -> None:
+    """Wait (bounded) until `check()`, run off the loop (it reads stores), is true."""
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(check):
+        assert time.monotonic() < deadline, f"not within {timeout_s}s: {what}"
+        await asyncio.sleep(0.05)
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:

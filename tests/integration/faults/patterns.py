@@ -82,6 +82,11 @@ def read_tables(data_dir: Path) -> Tables:
     return tables
 
 
+
+def results_kept_at(data_dir: Path) -> int:
+    """How many results the sink at `data_dir` keeps (one per task at most)."""
+    return len(read_tables(data_dir).kept)
+
 def header_of(row: Row) -> UncheckedHeader | None:
     if row.header is None:
         return None

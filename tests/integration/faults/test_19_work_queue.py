@@ -8,13 +8,13 @@ given to W1 since. The checker's pattern rules judge the stores.
 from __future__ import annotations
 
 import asyncio
-import time
+from functools import partial
 
 import pytest
 
 from .checker import Mesh, read_rows
-from .conftest import MeshFactory
-from .patterns import read_tables
+from .conftest import MeshFactory, until_true
+from .patterns import read_tables, results_kept_at
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -24,17 +24,9 @@ TASKS = 200
 LEASE_S = 3.0
 WORKER = ("--worker", "work=meshpost.pipeline:slow_upper")
 PATIENCE_S = 60.0
+until = partial(until_true, timeout_s=PATIENCE_S)
 
 
-async def _until(what: str, check: object, timeout_s: float = PATIENCE_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await asyncio.to_thread(check):  # type: ignore[arg-type]
-        assert time.monotonic() < deadline, f"not within {timeout_s}s: {what}"
-        await asyncio.sleep(0.05)
-
-
-def _kept(mesh: Mesh) -> int:
-    return len(read_tables(mesh.data_dir("S")).kept)
 
 
 def _all_done(mesh: Mesh) -> bool:
@@ -46,16 +38,19 @@ def test_work_queue_with_a_killed_and_a_stalled_worker(mesh_factory: MeshFactory
     mesh = mesh_factory(["V", "W1", "W2", "S"], node_args={"W1": WORKER, "W2": WORKER}, seed=19)
     mesh.ledger.expect_result = str.upper
 
+    def kept() -> int:
+        return results_kept_at(mesh.data_dir("S"))
+
     async def scenario() -> None:
         await mesh.start()
-        await _until("V has both workers' serve records", lambda: {
+        await until("V has both workers' serve records", lambda: {
             r.sender for r in read_rows(mesh.data_dir("V"), "WHERE kind = 'serve'")
         } >= {"W1", "W2"})
         bodies = [f"task {i} from the ventilator" for i in range(TASKS)]
         submit = mesh.spawn_task(mesh.submit("V", "work", "S", bodies, lease_s=LEASE_S))
-        await _until("a fifth of the results", lambda: _kept(mesh) >= TASKS // 5)
+        await until("a fifth of the results", lambda: kept() >= TASKS // 5)
         assert await asyncio.to_thread(mesh.kill, "W1") == -9
-        kept_at_kill = await asyncio.to_thread(_kept, mesh)
+        kept_at_kill = await asyncio.to_thread(kept)
         mesh.assert_no_receipt_without_commit("after kill -9 of W1")
         await asyncio.sleep(0.3)
         mesh.sigstop("W2")  # now no worker runs: W1 dead, W2 stalled with tasks in hand
@@ -65,8 +60,8 @@ def test_work_queue_with_a_killed_and_a_stalled_worker(mesh_factory: MeshFactory
         mesh.assert_no_receipt_without_commit("while W2 is stopped")
         mesh.sigcont("W2")
         await submit
-        await _until("every result kept at S", lambda: _kept(mesh) >= TASKS)
-        await _until("every task done at V", lambda: _all_done(mesh))
+        await until("every result kept at S", lambda: kept() >= TASKS)
+        await until("every task done at V", lambda: _all_done(mesh))
         mesh.extra["kept_at_kill"] = kept_at_kill
         counts = await mesh.finish()
         assert kept_at_kill < TASKS, "W1 was not killed mid-run"

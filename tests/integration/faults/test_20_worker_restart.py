@@ -11,13 +11,13 @@ gave W nothing else in their place.
 from __future__ import annotations
 
 import asyncio
-import time
+from functools import partial
 
 import pytest
 
 from .checker import Mesh, read_rows
-from .conftest import MeshFactory
-from .patterns import read_tables
+from .conftest import MeshFactory, until_true
+from .patterns import results_kept_at
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -26,17 +26,9 @@ WORKER = ("--worker", "work=meshpost.pipeline:slow_upper")
 #: Far beyond the test's own bound: only W can finish what it holds.
 LEASE_S = 3600.0
 PATIENCE_S = 60.0
+until = partial(until_true, timeout_s=PATIENCE_S)
 
 
-async def _until(what: str, check: object) -> None:
-    deadline = time.monotonic() + PATIENCE_S
-    while not await asyncio.to_thread(check):  # type: ignore[arg-type]
-        assert time.monotonic() < deadline, f"not within {PATIENCE_S}s: {what}"
-        await asyncio.sleep(0.05)
-
-
-def _kept(mesh: Mesh) -> int:
-    return len(read_tables(mesh.data_dir("S")).kept)
 
 
 def _held_by_w(mesh: Mesh) -> int:
@@ -51,18 +43,21 @@ def test_a_restarted_worker_runs_the_tasks_it_had_stored(mesh_factory: MeshFacto
                         options={"peer_timeout_s": 3600.0})
     mesh.ledger.expect_result = str.upper
 
+    def kept() -> int:
+        return results_kept_at(mesh.data_dir("S"))
+
     async def scenario() -> None:
         await mesh.start()
-        await _until("V has W's serve record", lambda: any(
+        await until("V has W's serve record", lambda: any(
             r.sender == "W" for r in read_rows(mesh.data_dir("V"), "WHERE kind = 'serve'")))
         bodies = [f"task {i} for W" for i in range(TASKS)]
         await mesh.submit("V", "work", "S", bodies, lease_s=LEASE_S)
-        await _until("W holding tasks with some results in", lambda: _kept(mesh) >= 5
+        await until("W holding tasks with some results in", lambda: kept() >= 5
                      and _held_by_w(mesh) > 0)
         assert await asyncio.to_thread(mesh.kill, "W") == -9
         held = await asyncio.to_thread(_held_by_w, mesh)
         await asyncio.to_thread(mesh.start_real, ["W"])
-        await _until("every result kept at S", lambda: _kept(mesh) >= TASKS)
+        await until("every result kept at S", lambda: kept() >= TASKS)
         mesh.extra["held_at_kill"] = held
         counts = await mesh.finish()
         assert held > 0

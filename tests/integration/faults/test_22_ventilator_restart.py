@@ -10,30 +10,22 @@ and its assigned ones never completed (`tasks` rows stayed 'queued'/'assigned').
 from __future__ import annotations
 
 import asyncio
-import time
+from functools import partial
 
 import pytest
 
-from .checker import Mesh, read_rows
-from .conftest import MeshFactory
-from .patterns import read_tables
+from .checker import read_rows
+from .conftest import MeshFactory, until_true
+from .patterns import read_tables, results_kept_at
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(300)]
 
 TASKS = 120
 WORKER = ("--worker", "work=meshpost.pipeline:slow_upper")
 PATIENCE_S = 90.0
+until = partial(until_true, timeout_s=PATIENCE_S)
 
 
-async def _until(what: str, check: object) -> None:
-    deadline = time.monotonic() + PATIENCE_S
-    while not await asyncio.to_thread(check):  # type: ignore[arg-type]
-        assert time.monotonic() < deadline, f"not within {PATIENCE_S}s: {what}"
-        await asyncio.sleep(0.05)
-
-
-def _kept(mesh: Mesh) -> int:
-    return len(read_tables(mesh.data_dir("S")).kept)
 
 
 def test_a_ventilator_killed_mid_run_goes_on_after_restart(mesh_factory: MeshFactory) -> None:
@@ -41,17 +33,20 @@ def test_a_ventilator_killed_mid_run_goes_on_after_restart(mesh_factory: MeshFac
                         seed=21)
     mesh.ledger.expect_result = str.upper
 
+    def kept() -> int:
+        return results_kept_at(mesh.data_dir("S"))
+
     async def scenario() -> None:
         await mesh.start()
-        await _until("V has both serve records", lambda: {"W1", "W2"} <= {
+        await until("V has both serve records", lambda: {"W1", "W2"} <= {
             r.sender for r in read_rows(mesh.data_dir("V"), "WHERE kind = 'serve'")})
         await mesh.submit("V", "work", "S", [f"task {i}" for i in range(TASKS)], lease_s=3.0)
-        await _until("a fifth of the results", lambda: _kept(mesh) >= TASKS // 5)
+        await until("a fifth of the results", lambda: kept() >= TASKS // 5)
         assert await asyncio.to_thread(mesh.kill, "V") == -9
-        mesh.extra["kept_at_kill"] = await asyncio.to_thread(_kept, mesh)
+        mesh.extra["kept_at_kill"] = await asyncio.to_thread(kept)
         await asyncio.to_thread(mesh.start_real, ["V"])
-        await _until("every result kept at S", lambda: _kept(mesh) >= TASKS)
-        await _until("every task done at V", lambda: all(
+        await until("every result kept at S", lambda: kept() >= TASKS)
+        await until("every task done at V", lambda: all(
             t.state == "done" for t in read_tables(mesh.data_dir("V")).tasks.values()))
         counts = await mesh.finish()
         assert counts.patterns["tasks"] == counts.patterns["results_kept"] == TASKS
