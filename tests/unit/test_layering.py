@@ -314,11 +314,12 @@ def test_only_the_bench_uses_its_extra() -> None:
 
 
 #: The node package inside, bottom to top: the records are plain data, each component (the
-#: links and the patterns) uses them, core composes the components, the package re-exports.
-#: "" is `meshpost.node`.
+#: links, the inbound path, the receipts and the patterns) uses them, core composes the
+#: components, the package re-exports. "" is `meshpost.node`.
 NODE_RANKS: dict[str, int] = {
     "records": 0,
     "groups": 1,
+    "inbound": 1,
     "links": 1,
     "receipts": 1,
     "requests": 1,
@@ -328,8 +329,8 @@ NODE_RANKS: dict[str, int] = {
 }
 #: A component names `Node` in its annotations only (under `if TYPE_CHECKING:`): core
 #: imports the components at run time, so the other way round would be a cycle.
-NODE_TYPE_ONLY = {("groups", "core"), ("links", "core"), ("receipts", "core"),
-                  ("requests", "core"), ("workqueue", "core")}
+NODE_TYPE_ONLY = {("groups", "core"), ("inbound", "core"), ("links", "core"),
+                  ("receipts", "core"), ("requests", "core"), ("workqueue", "core")}
 
 
 def node_part(module: str) -> str:

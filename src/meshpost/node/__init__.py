@@ -6,17 +6,20 @@ Rule: `from meshpost.node import X` is the public import path; this file only re
                composes the components below and delegates to them
     records    the API's records and events (plain data)
     links      `Links`: the links to the peers, their connections, timer and feed loops
+    inbound    `Inbound`: the frames peers send our ROUTER, through the listener; arrived
+               messages stored, then receipted and handed on (readers, subscribers,
+               the patterns)
     receipts   `Receipts`: our messages' receipt futures, send() timeouts, and the
                recording of their receipts and rejections; `wait_receipt`
     groups     `Groups`: membership and broadcasts (k/n)
     requests   `Requests`: request/reply and the request handler
     workqueue  `WorkQueues`: ventilator, worker and sink roles
 
-The links, the receipts and the patterns are components, not mixins: each owns its state
-(links and timers, receipt futures, tracker, dispatchers, waiters, handlers) behind its own
-attributes, so which code may touch which state is visible, and `Node` keeps its public
-methods as one-line delegates. A component reaches its node's post path and store through
-the node it is given (`_post`, `_writer`, `_links`).
+The links, the inbound path, the receipts and the patterns are components, not mixins: each
+owns its state (links and timers, refusal notices, receipt futures, tracker, dispatchers,
+waiters, handlers) behind its own attributes, so which code may touch which state is
+visible, and `Node` keeps its public methods as one-line delegates. A component reaches its
+node's post path and store through the node it is given (`_post`, `_writer`, `_links`).
 """
 
 from __future__ import annotations

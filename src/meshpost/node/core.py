@@ -4,9 +4,9 @@ Rule: decide, then perform. Protocol objects decide what to send and what happen
 module performs it (sockets, group commit) and never acknowledges a message before the store
 has committed it. Lower layers never import this module. Transport, store and clock are
 injected (the real ones by default), so tests run a node on fakes in virtual time. The
-links to the peers (with their timers), the receipts of our messages (their waiters and
-their record) and the patterns (groups, requests, work queues) are components in their own
-modules.
+links to the peers (with their timers), the inbound path (what peers send our ROUTER, stored
+then receipted), the receipts of our messages (their waiters and their record) and the
+patterns (groups, requests, work queues) are components in their own modules.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import operator
 import os
 import secrets
 import threading
@@ -27,7 +26,6 @@ import meshpost.probes as probes
 import meshpost.rules as rules
 from meshpost.clock import (
     HLC_LOGICAL_MASK,
-    HLC_MAX_FORWARD_DRIFT_MS,
     Clock,
     HybridLogicalClock,
     SystemClock,
@@ -38,11 +36,11 @@ from meshpost.errors import (
     InvalidMessage,
     NodeClosed,
     NodeFailed,
-    ProtocolError,
     RowRefused,
     StoreCorrupt,
 )
 from meshpost.node.groups import Groups
+from meshpost.node.inbound import Inbound
 from meshpost.node.links import Links
 from meshpost.node.receipts import Receipts, wait_receipt
 from meshpost.node.records import (
@@ -70,8 +68,6 @@ from meshpost.node.workqueue import DEFAULT_LEASE_S, WorkQueues
 from meshpost.protocol import (
     Envelope,
     Event,
-    Frame,
-    Hello,
     LinkRefused,
     Listener,
     MessagesArrived,
@@ -80,19 +76,13 @@ from meshpost.protocol import (
     PeerConnected,
     PeerLeft,
     PeerLost,
-    Refuse,
-    RefuseCode,
     SessionClaimed,
     ViolationDetected,
-    Welcome,
-    decode,
-    encode,
 )
 from meshpost.protocol.groups import (
     BroadcastStatus,
 )
 from meshpost.protocol.header import (
-    Kind,
     PatternHeader,
     header_problem,
 )
@@ -123,20 +113,12 @@ log = logging.getLogger(__name__)
 
 #: Subscriber queues (console, control tail) drop their oldest events past this many.
 SUBSCRIBER_QUEUE = 10_000
-#: A connection we refuse is told to subscribers at most this often per routing id: a refused
-#: dialer asks again every 10 s, and a peer's Hellos must not cost the console a line each.
-REFUSAL_NOTICE_INTERVAL_S = 60.0
-#: Routing ids whose last refusal notice is remembered (bounded: ids are the peer's choice).
-REFUSAL_NOTICE_MEMORY = 256
 #: How long `close()` waits for the last batch to commit.
 CLOSE_FLUSH_TIMEOUT_S = 10.0
 #: `messages()` reads at most this many rows per query: a reader's memory stays bounded.
 MESSAGES_BATCH = 512
 #: `messages()` looks at the store at least this often even when not woken.
 MESSAGES_POLL_S = 1.0
-
-
-_HEADER = operator.attrgetter("header")
 
 
 _HEX3 = [f"{i:03x}" for i in range(4096)]
@@ -219,9 +201,11 @@ class Node:
         self._next_seq: dict[str, int] = {}
         #: The receipt futures of our messages, `send()` timeouts, receipts recorded.
         self._receipts = Receipts(self)
+        #: What peers send our ROUTER: the listener's frames, arrived messages stored and
+        #: receipted, then handed on (readers, subscribers, the patterns).
+        self._inbound = Inbound(self)
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribers: list[asyncio.Queue[NodeEvent]] = []
-        self._refusal_notices: dict[str, float] = {}
         #: One event per `messages()` reader, set after each commit of incoming messages.
         self._message_readers: set[asyncio.Event] = set()
         #: The read-only store connection `incoming_after` shares (opened on first use).
@@ -329,7 +313,7 @@ class Node:
         if verifier is not None:
             self._tasks.append(asyncio.create_task(self._verify_store(verifier),
                                                    name=f"{self.name}-verifier"))
-        self._transport.start(self._on_inbound_frame, self._links.on_peer_frame,
+        self._transport.start(self._inbound.on_frame, self._links.on_peer_frame,
                               self._writer.submit_now)
         for task in self._tasks:
             task.add_done_callback(self._task_died)
@@ -693,25 +677,12 @@ class Node:
         """Completed tasks as (task id, worker), in order (ventilator)."""
         return self._queues.completed_tasks
 
-    # -- what the patterns share: handler tasks, routing of fresh messages -------------------
+    # -- what the patterns share: handler tasks -----------------------------------------------
 
     def _spawn_handler(self, coro: Coroutine[Any, Any, None], what: str) -> None:
         task = asyncio.create_task(coro, name=f"{self.name}-handler-{what}")
         self._handler_tasks.add(task)
         task.add_done_callback(self._handler_tasks.discard)
-
-    def _on_patterns(self, messages: Iterable[Envelope], stored_at: int) -> None:
-        """Fresh (first stored) messages, each to the component its kind belongs to:
-        requests, replies and plain messages (an echo) to `_requests`, tasks, results,
-        `done` and `serve` records to `_queues`, `member` records to `_groups`."""
-        for m in messages:
-            h = m.header
-            if h is None or h.kind in (Kind.REQUEST, Kind.GROUP, Kind.REPLY):
-                self._requests.on_stored(m, stored_at)
-            elif h.kind is Kind.MEMBER:
-                self._groups.merge_member(m.sender, m)
-            else:
-                self._queues.on_stored(m)
 
     async def post_many(self, peer: str, bodies: Iterable[str]) -> int:
         """Accept many messages for one peer without receipt futures (bulk and benchmarks).
@@ -1004,158 +975,10 @@ class Node:
         does; for tests that move a fake clock and want its effects without waiting."""
         self._links.poll_timers()
 
-    def _on_inbound_frame(self, identity: bytes, data: bytes, user_id: str | None) -> None:
-        """A frame sent to our ROUTER (called from the transport)."""
-        if self._probe is not None:
-            self._probe.mark(probes.INBOUND_FRAME)
-        transport, listener, writer = self._transport, self._listener, self._writer
-        assert transport is not None
-        assert listener is not None
-        assert writer is not None
-        # The transport calls `on_drained` (the writer's `submit_now`) after this frame and
-        # the others of its drain: what they add commits then, with no submit of its own.
-        writer.hold_submits()
-        # The routing id names the connection (our ROUTER chose it); who is behind it is what
-        # its Hello said, and under --secure only the CURVE key's name may be said.
-        who = identity.hex()
-        authenticated = (user_id or "") if transport.secure else None
-        probe = self._probe
-        if probe is not None:
-            probe.mark(probes.LISTENER_RECEIVE[0])
-        listener.receive(who, data, self.clock.wall_ns(), self.hlc.last, authenticated)
-        if probe is not None:
-            probe.mark(probes.LISTENER_RECEIVE[1])
-        for _to, frame in listener.frames_to_send():  # all for this connection
-            transport.reply(identity, encode(frame))
-            if type(frame) is Refuse and frame.code != RefuseCode.HELLO_REQUIRED:
-                self._notice_refusal(self._claimed_name(data, who), frame)
-            elif type(frame) is Welcome:
-                self._links.peer_dialed_us(listener.session_peer(who))
-        for event in listener.events():
-            match event:
-                case MessagesArrived():
-                    self._store_incoming(identity, event)
-                case PeerLeft(peer=peer, reason=reason) if peer in self._links:
-                    self._links.peer_left(peer, reason)
-                case _:
-                    self._on_event(event)
-        if not writer.has_room and not transport.inbound_paused:
-            # Back-pressure: stop reading until the store catches up; ZeroMQ (and, past its
-            # high-water mark, the senders' windows) hold the rest.
-            transport.pause_inbound()
-            self._tasks.append(asyncio.create_task(self._resume_inbound_when_room(),
-                                                   name=f"{self.name}-inbound-room"))
-
-    def _claimed_name(self, data: bytes, connection: str) -> str:
-        """The name a refused frame's Hello claimed (unproven, for the notice), else the
-        connection's id. Refusals are rare: decoding the frame again costs nothing."""
-        assert self._listener is not None
-        with contextlib.suppress(ProtocolError):
-            frame = decode(data, max_bytes=self._listener.max_frame_bytes)
-            if isinstance(frame, Hello):
-                return frame.name
-        return connection
-
-    def _notice_refusal(self, who: str, frame: Refuse) -> None:
-        """Tell subscribers whom we refused and why, once per REFUSAL_NOTICE_INTERVAL_S."""
-        now = self.clock.monotonic()
-        last = self._refusal_notices.get(who)
-        if last is not None and now - last < REFUSAL_NOTICE_INTERVAL_S:
-            return
-        if last is None and len(self._refusal_notices) >= REFUSAL_NOTICE_MEMORY:
-            self._refusal_notices.pop(next(iter(self._refusal_notices)))
-        self._refusal_notices[who] = now
-        log.warning("[%s] refused a connection from %r (%s): %s", self.name, who, frame.code,
-                    frame.detail)
-        self._publish(PeerRefused(who, frame.code, frame.detail))
-
-    async def _resume_inbound_when_room(self) -> None:
-        assert self._writer is not None
-        await self._writer.wait_for_room()
-        if self._transport is not None:
-            self._transport.resume_inbound()
-        with contextlib.suppress(ValueError):
-            task = asyncio.current_task()
-            if task is not None:
-                self._tasks.remove(task)
-
-    def _store_incoming(self, identity: bytes, arrived: MessagesArrived) -> None:
-        assert self._writer is not None
-        hlc = self.hlc
-        rejected = hlc.rejected
-        hlc.observe(max([m.hlc for m in arrived.messages]))  # a list: cheaper than a generator
-        if hlc.rejected != rejected:
-            self.stats.hlc_rejected += 1
-            if self.stats.hlc_rejected % 1000 == 1:  # a flood must not flood the log
-                log.warning("[%s] %s sent a stamp beyond our wall clock + %d s; not merged "
-                            "(%d so far)", self.name, arrived.peer,
-                            HLC_MAX_FORWARD_DRIFT_MS // 1000, self.stats.hlc_rejected)
-
-        def done(result: IncomingResult, stored_at: int) -> None:
-            self._incoming_stored(identity, arrived, result, stored_at)
-
-        self._writer.add_incoming(arrived.messages, done)
-
-    def _incoming_stored(
-        self, identity: bytes, arrived: MessagesArrived, result: IncomingResult, stored_at: int
-    ) -> None:
-        probe = self._probe
-        if probe is not None:
-            probe.mark(probes.INCOMING_STORED)
-        self._crash(CrashPoint.AFTER_RECEIVER_COMMIT)
-        listener, transport = self._listener, self._transport
-        if listener is None or transport is None:
-            return
-        new = len(result.committed) - len(result.duplicates)
-        self.stats.duplicates += len(result.duplicates)
-        if result.conflicts:
-            self.stats.conflicts += len(result.conflicts)
-            log.warning("[%s] %d message(s) from %s reuse a stored id with other content",
-                        self.name, len(result.conflicts), arrived.peer)
-        if probe is not None:
-            probe.mark(probes.LISTENER_STORED[0])
-        listener.stored(
-            arrived,
-            committed=result.committed,
-            conflicts=result.conflicts,
-            refused=result.refusals(),
-            stored_at_ns=stored_at,
-            replied_at_ns=self.clock.wall_ns(),
-            hlc=self.hlc.now(),
-        )
-        if probe is not None:
-            probe.mark(probes.LISTENER_STORED[1])
-        self._crash(CrashPoint.BEFORE_ACK_SEND)
-        # Queued for `arrived.connection`, the connection the batch came on: `identity`.
-        self._reply(identity, [frame for _to, frame in listener.frames_to_send()])
-        self.stats.received += new
-        if new and self._message_readers:
-            for wakeup in self._message_readers:
-                wakeup.set()
-        # A retransmission is receipted again but was acted on when it first arrived.
-        patterns = bool(new) and (self._requests.handler is not None
-                                  or any(map(_HEADER, arrived.messages)))
-        if not (self._subscribers or patterns):
-            return  # the bulk path: no set of fresh seqs to build
-        fresh = set(result.committed).difference(result.duplicates)
-        if self._subscribers:
-            for m in arrived.messages:
-                if m.seq in fresh:
-                    self._publish(MessageReceived(m, stored_at))
-        if patterns:
-            self._on_patterns((m for m in arrived.messages if m.seq in fresh), stored_at)
-
-    # -- performing what the protocol decided -----------------------------------------------
-
-    def _reply(self, identity: bytes, frames: list[Frame]) -> None:
-        """Send `frames` back to the connection `identity` (answers to what it sent us)."""
-        transport = self._transport
-        if transport is None:
-            return
-        for frame in frames:
-            transport.reply(identity, encode(frame))
+    # -- what the protocol reported -----------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
+        """What a link (`Links`) or the listener (`Inbound`) reported, performed."""
         match event:
             case MessagesDelivered():
                 self._receipts.record_delivery(event)
@@ -1190,7 +1013,7 @@ class Node:
             case ViolationDetected(who=who, error=error):
                 self.stats.violations += 1
                 log.warning("[%s] protocol violation by %s: %s", self.name, who, error)
-            case MessagesArrived():  # pragma: no cover - handled by _on_inbound_frame
+            case MessagesArrived():  # pragma: no cover - handled by Inbound.on_frame
                 pass
 
     def _publish(self, event: NodeEvent) -> None:
