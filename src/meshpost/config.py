@@ -30,6 +30,9 @@ DEFAULT_WINDOW_BYTES = 16 * 1024 * 1024
 #: 60 s: long enough that a conversation (a message every few seconds) keeps its connection,
 #: short enough that a 1,000-node mesh where each node talks to a few peers holds few sockets.
 DEFAULT_LINK_IDLE_S = 60.0
+#: 30 s: an attached console polls its `events` subscription every second, so a client that
+#: has not polled for this long went away; its subscription's events are then freed.
+DEFAULT_SUBSCRIBER_IDLE_S = 30.0
 #: 4 s of silence from a peer with something pending (or a link used that recently) = lost.
 DEFAULT_PEER_TIMEOUT_S = 4.0
 #: 8: a console user of a small mesh sees who is up at start; a mesh config of hundreds of
@@ -160,6 +163,9 @@ class NodeConfig:
     #: A node with at most this many peers dials them all at start (a small mesh shows who
     #: is up at once); with more, each link opens on its first message (or `Node.connect`).
     dial_at_start: int = DEFAULT_DIAL_AT_START
+    #: The control server drops an `events` subscription whose client has not polled for
+    #: this long (`meshpost attach`: a client that went away frees its events).
+    subscriber_idle_s: float = DEFAULT_SUBSCRIBER_IDLE_S
     secure: bool = False
     #: Bind beyond loopback without CURVE anyway (`--insecure`): anyone who can reach the
     #: port can then read, send and claim any peer's name.
@@ -232,7 +238,8 @@ class NodeConfig:
 
 
 _WHOLE_NUMBERS = ("max_message_bytes", "window", "window_bytes", "dial_at_start")
-_DURATIONS = ("retransmit_initial_s", "retransmit_max_s", "ping_interval_s", "peer_timeout_s")
+_DURATIONS = ("retransmit_initial_s", "retransmit_max_s", "ping_interval_s", "peer_timeout_s",
+              "subscriber_idle_s")
 
 
 def _check_types(cfg: NodeConfig) -> None:

@@ -5,6 +5,7 @@ that cannot write its endpoint file exits 6 without leaving half of one."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
@@ -65,6 +66,21 @@ def test_an_abandoned_subscription_expires_and_the_node_stops_publishing_to_it(
                 assert isinstance(reply, EventsReply)
                 assert server.subscriber_count == 1
                 # The client goes away without saying so (as a killed `attach` does).
+            await _until(lambda: server.subscriber_count == 0, "the idle subscriber to expire")
+            assert server.expired == 1
+
+    asyncio.run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT_S))
+
+
+def test_the_subscriber_idle_expiry_is_the_node_setting_unless_given(short_tmp: Path) -> None:
+    config = dataclasses.replace(_configs(short_tmp)["A"], subscriber_idle_s=0.3)
+
+    async def scenario() -> None:
+        async with Node(config) as node, ControlServer(node) as server:
+            assert server.subscriber_idle_s == 0.3
+            async with AsyncControlClient(config.data_dir, name="A") as client:
+                await client.request(EventsRequest(0.0), timeout_s=10)
+                assert server.subscriber_count == 1
             await _until(lambda: server.subscriber_count == 0, "the idle subscriber to expire")
             assert server.expired == 1
 

@@ -551,6 +551,30 @@ def test_link_idle_s_comes_from_the_mesh_config_or_the_node_flag(tmp_path: Path)
         build_node_config(args)
 
 
+def test_subscriber_idle_s_comes_from_the_mesh_config_or_the_node_flag(tmp_path: Path) -> None:
+    from meshpost.cli.node import build_node_config
+    from meshpost.cli.parser import build_parser
+
+    mesh_file = tmp_path / "mesh.toml"
+    mesh_file.write_text('[mesh]\nsubscriber_idle_s = 4.5\n'
+                         f'[nodes.A]\nbind = ["ipc://{tmp_path}/a.sock"]\n'
+                         f'[nodes.B]\nbind = ["ipc://{tmp_path}/b.sock"]\n', encoding="utf-8")
+    base = ["node", "A", "--data", str(tmp_path / "a")]
+    parse = build_parser().parse_args
+    assert build_node_config(parse([*base, "--config", str(mesh_file)])).subscriber_idle_s == 4.5
+    assert build_node_config(parse([*base, "--config", str(mesh_file),
+                                    "--subscriber-idle-s", "2"])).subscriber_idle_s == 2.0
+    local = [*base, "--bind", f"ipc://{tmp_path}/a.sock"]
+    assert build_node_config(parse(local)).subscriber_idle_s == 30.0  # the default
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(ConfigError, match=r"subscriber_idle_s must be a positive number"):
+            build_node_config(parse([*local, "--subscriber-idle-s", bad]))
+    with pytest.raises(ConfigError, match="subscriber_idle_s"):
+        MeshConfig.from_dict({"mesh": {"subscriber_idle_s": "soon"},
+                              "nodes": {"A": {"bind": [f"ipc://{tmp_path}/a.sock"]}}},
+                             base_dir=tmp_path).node("A")
+
+
 def test_dial_at_start_must_be_a_whole_number_of_zero_or_more(tmp_path: Path) -> None:
     base = {"name": "A", "bind": (f"ipc://{tmp_path}/a.sock",), "data_dir": tmp_path}
     assert NodeConfig(**base, dial_at_start=0).dial_at_start == 0

@@ -41,6 +41,8 @@ def build_node_config(args: argparse.Namespace) -> NodeConfig:
         overrides["max_message_bytes"] = args.max_message_bytes
     if args.link_idle_s is not None:
         overrides["link_idle_s"] = args.link_idle_s
+    if args.subscriber_idle_s is not None:
+        overrides["subscriber_idle_s"] = args.subscriber_idle_s
     if args.secure:
         overrides["secure"] = True
     if args.insecure:
@@ -162,6 +164,9 @@ def add_node(sub: Subcommands) -> None:
     p.add_argument("--link-idle-s", type=float, metavar="S",
                    help="close a link with nothing to send after S seconds (default 60; "
                         "0: never); it reopens on the next message")
+    p.add_argument("--subscriber-idle-s", type=float, metavar="S",
+                   help="drop an events subscription (meshpost attach) whose client has not "
+                        "polled for S seconds (default 30)")
     p.add_argument("--secure", action="store_true", help="CURVE encryption + authentication")
     p.add_argument("--insecure", action="store_true",
                    help="allow binding beyond loopback without --secure (anyone who can reach "

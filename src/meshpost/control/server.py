@@ -24,6 +24,7 @@ from typing import Any, cast
 import msgspec
 import zmq
 
+from meshpost.config import DEFAULT_SUBSCRIBER_IDLE_S
 from meshpost.control.messages import (
     ENDPOINT_FILE,
     PROBE_WAIT_MAX_S,
@@ -90,8 +91,9 @@ from meshpost.protocol.groups import BroadcastStatus
 
 log = logging.getLogger(__name__)
 
-#: A subscriber that has not polled for this long is dropped (its client went away).
-SUBSCRIBER_IDLE_S = 30.0
+#: A subscriber that has not polled for this long is dropped (its client went away); a node's
+#: `subscriber_idle_s` setting (`--subscriber-idle-s`) chooses another.
+SUBSCRIBER_IDLE_S = DEFAULT_SUBSCRIBER_IDLE_S
 #: Memory all subscriptions of one node may hold together (bodies plus a fixed overhead per
 #: event); each subscriber gets an equal share, and loses its oldest events beyond it.
 SUBSCRIBERS_MAX_BYTES = 32 * 1024 * 1024
@@ -237,14 +239,17 @@ class _Subscription:
 class ControlServer:
     """Serves control requests for one node until its context exits."""
 
-    def __init__(self, node: Node, *, subscriber_idle_s: float = SUBSCRIBER_IDLE_S,
+    def __init__(self, node: Node, *, subscriber_idle_s: float | None = None,
                  subscribers_max_bytes: int = SUBSCRIBERS_MAX_BYTES,
                  context: zmq.Context[Any] | None = None) -> None:
-        """`context`: a ZeroMQ context shared with other sockets of this process (a host of
-        many nodes); by default the server makes its own and terminates it on exit."""
+        """`subscriber_idle_s`: how long an `events` subscription may go unpolled (None: the
+        node's `config.subscriber_idle_s`). `context`: a ZeroMQ context shared with other
+        sockets of this process (a host of many nodes); by default the server makes its own
+        and terminates it on exit."""
         self.node = node
         self.endpoint = control_endpoint_for(node.config.data_dir)
-        self.subscriber_idle_s = subscriber_idle_s
+        self.subscriber_idle_s = (node.config.subscriber_idle_s if subscriber_idle_s is None
+                                  else subscriber_idle_s)
         self.subscribers_max_bytes = subscribers_max_bytes
         # A plain socket read when its FD says so (as the transport does): requests already
         # waiting are taken in one go and replies sent at once, without asyncio's per-call
