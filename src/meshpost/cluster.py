@@ -21,15 +21,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from meshpost.config import default_data_dir
+from meshpost.config import default_data_dir, select_names
 from meshpost.control import ControlClient, StatusRequest
 from meshpost.errors import (
     ClusterAlreadyRunning,
     ClusterError,
     ClusterNotRunning,
+    ConfigError,
     MeshpostError,
     NodeNotStarted,
 )
+from meshpost.gateway import parse_listen
 from meshpost.processes import (
     STOP_S_PER_HOSTED_NODE,
     STOP_TIMEOUT_S,
@@ -40,6 +42,7 @@ from meshpost.processes import (
     stop_pid,
     stop_pids,
 )
+from meshpost.roles import check_hosted_together, roles_from_options
 
 STATE_FILE = "cluster.json"
 CONFIG_FILE = "mesh.toml"
@@ -140,9 +143,11 @@ def write_mesh_config(
     groups: Mapping[str, Sequence[str]] | None = None,
     options: Mapping[str, Any] | None = None,
     peers: Mapping[str, Sequence[str]] | None = None,
+    roles: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write a TOML mesh config: one [nodes.NAME] table per node (with `peers`, the nodes
-    each one lists: a partial mesh, `MeshConfig.linked`)."""
+    each one lists: a partial mesh, `MeshConfig.linked`; with `roles`, each node's role
+    keys, `echo = true`, `worker = [...]`: what `meshpost node` and `host` start)."""
     lines: list[str] = []
     if options:
         lines.append("[mesh]")
@@ -155,6 +160,8 @@ def write_mesh_config(
             lines.append(f"data = {json.dumps(str(data_dirs[name]))}")
         if peers is not None and name in peers:
             lines.append(f"peers = {json.dumps(list(peers[name]))}")
+        for key, value in (roles or {}).get(name, {}).items():
+            lines.append(f"{key} = {json.dumps(value)}")  # JSON's scalars and lists are TOML's
         lines.append("")
     if groups:
         lines.append("[groups]")
@@ -196,6 +203,68 @@ def tcp_endpoints(names: Iterable[str], *, base_port: int | None = None) -> dict
 
 
 
+#: What `cluster up` says when two of its nodes would take one fixed gateway port.
+_CLUSTER_PORT_ADVICE = ("a cluster's nodes share this machine: give a fixed port to one node "
+                        "(URL@NODE), or port 0 for any free one")
+
+
+def cluster_roles(
+    names: Sequence[str], *, echo: bool = False, worker: Sequence[str] = (),
+    text_listen: Sequence[str] = (), udp_listen: Sequence[str] = (),
+) -> dict[str, dict[str, Any]]:
+    """Each node's roles from `cluster up`'s role flags, as the keys of its `[nodes.NAME]`
+    table (what `meshpost node` and `meshpost host` read; `meshpost.roles`): `echo` for
+    every node; each `worker` (`QUEUE=HANDLER`), `text_listen` and `udp_listen` value for
+    the nodes its `@NODES` suffix names (`A,C`, a range `B..D`; none: every node).
+
+    Checked as `meshpost node` checks its flags; `ConfigError` for a node that is not in
+    the cluster, a queue served twice by one node, two gateways of one kind on a node, or a
+    fixed gateway port given to more than one node (they all run on this machine)."""
+    tables: dict[str, dict[str, Any]] = {}
+    if echo:
+        for name in names:
+            tables.setdefault(name, {})["echo"] = True
+    for value in worker:
+        spec, chosen = _for_nodes(value, names, "--worker")
+        queue = spec.partition("=")[0]
+        for name in chosen:
+            served = tables.setdefault(name, {}).setdefault("worker", [])
+            if any(w.partition("=")[0] == queue for w in served):
+                raise ConfigError(f"--worker gives node {name} queue {queue!r} twice; a node "
+                                  "serves a queue with one handler")
+            served.append(spec)
+    for flag, key, scheme, values in (("--text-listen", "text_listen", "tcp", text_listen),
+                                      ("--udp-listen", "udp_listen", "udp", udp_listen)):
+        for value in values:
+            url, chosen = _for_nodes(value, names, flag)
+            port = parse_listen(url, scheme)[1]
+            if port != 0 and len(chosen) > 1:
+                raise ConfigError(f"{flag} {value} gives {len(chosen)} nodes the same port "
+                                  f"{port}, but they share this machine: give a fixed port "
+                                  f"to one node ({url}@{chosen[0]}), or use port 0 for any "
+                                  "free one")
+            for name in chosen:
+                table = tables.setdefault(name, {})
+                if key in table:
+                    raise ConfigError(f"{flag} gives node {name} a second gateway ({url}, "
+                                      f"after {table[key]}); a node has one of each kind")
+                table[key] = url
+    roles = {name: roles_from_options(table, where=f"cluster up's flags for node {name}")
+             for name, table in tables.items()}
+    check_hosted_together(roles, advice=_CLUSTER_PORT_ADVICE)
+    return tables
+
+
+def _for_nodes(value: str, names: Sequence[str], flag: str) -> tuple[str, list[str]]:
+    """`VALUE@NODES` -> (VALUE, the nodes NODES names); without `@`, every node."""
+    what, sep, spec = value.rpartition("@")
+    if not sep:
+        return value, list(names)
+    if not what:
+        raise ConfigError(f"{flag} {value!r} gives nodes but nothing for them")
+    return what, select_names(names, spec, flag=f"{flag} {value}", where="the cluster")
+
+
 @dataclasses.dataclass
 class LocalCluster:
     """N node processes on this machine sharing one generated mesh config."""
@@ -212,6 +281,8 @@ class LocalCluster:
     per_process: int | None = None
     #: Each node's `peers` list (None: a full mesh).
     peers: Mapping[str, Sequence[str]] | None = None
+    #: Each node's roles, as keys of its `[nodes.NAME]` table (`cluster_roles`); none: {}.
+    roles: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     hosts: dict[str, HostProcess] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -259,7 +330,7 @@ class LocalCluster:
         write_mesh_config(
             self.config_path, self.endpoints,
             data_dirs={n: self.data_dir(n) for n in self.names},
-            groups=self.groups, options=self.options, peers=self.peers,
+            groups=self.groups, options=self.options, peers=self.peers, roles=self.roles,
         )
 
     def host_names(self) -> dict[str, list[str]]:

@@ -268,6 +268,33 @@ def _check_types(cfg: NodeConfig) -> None:
                           f"not {cap!r}")
 
 
+def select_names(order: Sequence[str], spec: str, *, flag: str = "--nodes",
+                 where: str = "the mesh config") -> list[str]:
+    """Names of `order` that `spec` means: `A,B,C`, a range `n001..n050` (both ends, in
+    `order`), or a mix (`A,n001..n010`); each once. `ConfigError` for a name not in `order`
+    (`flag` and `where` say which option and which list, for the message)."""
+    index = {name: i for i, name in enumerate(order)}
+    chosen: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        first, sep, last = part.partition("..")
+        for end in (first, last) if sep else (first,):
+            if end not in index:
+                raise ConfigError(f"{flag} names {end!r}, which {where} does not "
+                                  f"have (it has {order[0]}..{order[-1]})")
+        if sep:
+            a, b = index[first], index[last]
+            if a > b:
+                raise ConfigError(f"{flag} range {part!r} runs backwards in {where}")
+            chosen += order[a : b + 1]
+        else:
+            chosen.append(first)
+    if not chosen:
+        raise ConfigError(f"{flag} names no node")
+    return list(dict.fromkeys(chosen))
+
+
 def default_data_dir(name: str) -> Path:
     """Per-node data folder under the user's data directory (honours XDG_DATA_HOME)."""
     import platformdirs

@@ -24,7 +24,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from meshpost.config import MeshConfig, NodeConfig
+from meshpost.config import MeshConfig, NodeConfig, select_names
 from meshpost.control.server import ControlServer, control_endpoint_for, write_endpoint_file
 from meshpost.errors import ConfigError, HostNotAnswering, MeshpostError
 from meshpost.node import Node
@@ -97,27 +97,7 @@ _encoder = msgspec.msgpack.Encoder()
 def select_nodes(mesh: MeshConfig, spec: str) -> list[str]:
     """Names for `--nodes`: `A,B,C`, a range `n001..n050` (both ends, in file order), or a
     mix (`A,n001..n010`). `ConfigError` for a name the file does not have."""
-    order = [n.name for n in mesh.nodes]
-    index = {name: i for i, name in enumerate(order)}
-    chosen: list[str] = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        first, sep, last = part.partition("..")
-        for end in (first, last) if sep else (first,):
-            if end not in index:
-                raise ConfigError(f"--nodes names {end!r}, which the mesh config does not "
-                                  f"have (it has {order[0]}..{order[-1]})")
-        if sep:
-            a, b = index[first], index[last]
-            if a > b:
-                raise ConfigError(f"--nodes range {part!r} runs backwards in the mesh config")
-            chosen += order[a : b + 1]
-        else:
-            chosen.append(first)
-    if not chosen:
-        raise ConfigError("--nodes names no node")
-    return list(dict.fromkeys(chosen))
+    return select_names([n.name for n in mesh.nodes], spec)
 
 
 def host_endpoint(folder: Path) -> str:

@@ -155,10 +155,16 @@ def _discovery(given: Mapping[str, Any]) -> DiscoveryConfig | None:
     )
 
 
-def check_hosted_together(roles: Mapping[str, NodeRoles]) -> None:
-    """Refuse roles that nodes of one process cannot share: two gateways on one fixed TCP or
-    UDP port (each hosted node needs its own, or port 0). Discovery may share its port: a
-    node's beacon socket takes SO_REUSEPORT so that several nodes of one machine hear it."""
+#: What `check_hosted_together` advises by default: the nodes of one `meshpost host`.
+HOSTED_PORT_ADVICE = "each node in one host needs its own port (or port 0 for any free one)"
+
+
+def check_hosted_together(roles: Mapping[str, NodeRoles], *,
+                          advice: str = HOSTED_PORT_ADVICE) -> None:
+    """Refuse roles that nodes of one process (or one machine: `advice` says what to do
+    instead) cannot share: two gateways on one fixed TCP or UDP port (each node needs its
+    own, or port 0). Discovery may share its port: a node's beacon socket takes
+    SO_REUSEPORT so that several nodes of one machine hear it."""
     taken: dict[tuple[str, str, int], str] = {}
     for name, r in roles.items():
         for scheme, address in (("tcp", r.gateway.tcp), ("udp", r.gateway.udp)):
@@ -169,8 +175,7 @@ def check_hosted_together(roles: Mapping[str, NodeRoles]) -> None:
             if other != name:
                 raise ConfigError(
                     f"nodes {other} and {name} both want a text gateway on {scheme}://"
-                    f"{address[0]}:{address[1]}: each node in one host needs its own port "
-                    "(or port 0 for any free one)")
+                    f"{address[0]}:{address[1]}: {advice}")
 
 
 def _echo(msg: Message) -> str:

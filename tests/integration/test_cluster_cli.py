@@ -1,14 +1,18 @@
 """`meshpost cluster` never lies (issue 17 items 1-3): it waits for readiness, names the nodes
 that did not start and why, refuses a second cluster on the same folder, shows status, restarts
-one node, and prints commands that work when pasted into a shell."""
+one node, and prints commands that work when pasted into a shell. Its role flags give nodes
+roles (an echo that answers `meshpost request`, workers that serve a queue) and refuse what
+nodes of one machine cannot share."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,8 @@ from meshpost.config import default_data_dir
 pytestmark = pytest.mark.integration
 
 CLI_TIMEOUT_S = 90
+#: How long the workers have to hand the sink its results (a bug, not load, past this).
+RESULTS_TIMEOUT_S = 60
 
 
 def meshpost(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -112,3 +118,70 @@ def test_default_cluster_folder_is_apart_from_manual_nodes_data(
         manual = default_data_dir(name)
         assert root / name != manual
         assert not manual.is_relative_to(root) and not root.is_relative_to(manual)
+
+
+def printed(up: subprocess.CompletedProcess[str], label: str) -> str:
+    """The command `cluster up` printed after `label`."""
+    return next(line.split(label, 1)[1].strip() for line in up.stdout.splitlines()
+                if line.startswith(label))
+
+
+def test_cluster_up_with_echo_answers_requests_and_workers_serve_a_queue(
+    short_tmp: Path,
+) -> None:
+    """The seeds' ventilator, workers and sink (002, PUSH/PULL) in one command: B and C serve
+    `upper`; A queues tasks, D keeps the results; every node echoes."""
+    root = str(short_tmp)
+    up = meshpost("cluster", "up", "4", "--transport", "ipc", "--data", root, "--echo",
+                  "--worker", "upper=upper@B,C")
+    try:
+        assert up.returncode == 0, up.stderr
+        lines = {line.split()[0]: line for line in up.stdout.splitlines()
+                 if line.startswith("  ") and "pid" in line}
+        assert lines["A"].endswith("(echo)")
+        assert lines["B"].endswith("(echo, worker upper=upper)")
+        asked = subprocess.run(["/bin/sh", "-c", printed(up, "request:")], capture_output=True,
+                               text=True, timeout=CLI_TIMEOUT_S)
+        assert asked.returncode == 0, asked.stderr
+        assert asked.stdout.strip() == "ping"  # D's echo
+        request = meshpost("request", "--node", "B", "--data", str(short_tmp / "B"),
+                           "--to", "C", "hola")
+        assert request.returncode == 0, request.stderr
+        assert request.stdout.strip() == "hola"
+        tasks = printed(up, "tasks:")
+        assert " --node A " in tasks and " --queue upper --sink D " in tasks
+        submitted = subprocess.run(["/bin/sh", "-c", tasks], capture_output=True, text=True,
+                                   timeout=CLI_TIMEOUT_S)
+        assert submitted.returncode == 0, submitted.stderr
+        assert len(submitted.stdout.split()) == 2  # two task ids
+        deadline = time.monotonic() + RESULTS_TIMEOUT_S
+        while True:
+            history = meshpost("history", "--node", "D", "--data", str(short_tmp / "D"),
+                               "--json")
+            assert history.returncode == 0, history.stderr
+            results = {(m["from"], m["body"]) for m in json.loads(history.stdout)
+                       if m["body"] in ("HOLA", "MUNDO")}
+            if len(results) == 2:
+                break
+            assert time.monotonic() < deadline, f"results at D: {results}"
+            time.sleep(0.2)
+        assert {sender for sender, _ in results} <= {"B", "C"}  # only the workers
+        status = meshpost("queue", "status", "upper", "--node", "A", "--data",
+                          str(short_tmp / "A"), "--json")
+        assert status.returncode == 0, status.stderr
+        (queue,) = json.loads(status.stdout)
+        assert sorted(w["name"] for w in queue["workers"]) == ["B", "C"]
+    finally:
+        meshpost("cluster", "down", "--data", root)
+
+
+def test_cluster_up_refuses_one_fixed_gateway_port_for_every_node_and_starts_nothing(
+    short_tmp: Path,
+) -> None:
+    up = meshpost("cluster", "up", "3", "--transport", "ipc", "--data", str(short_tmp),
+                  "--text-listen", "tcp://127.0.0.1:7001")
+    assert up.returncode == 2, (up.stdout, up.stderr)
+    assert "gives 3 nodes the same port 7001" in up.stderr
+    assert "tcp://127.0.0.1:7001@A" in up.stderr
+    assert not (short_tmp / "cluster.json").exists()
+    assert not (short_tmp / "mesh.toml").exists()

@@ -1,19 +1,26 @@
-"""`meshpost.cluster` without processes: the partial mesh it generates, how hosts are cut."""
+"""`meshpost.cluster` without processes: the partial mesh it generates, how hosts are cut, the
+roles `cluster up`'s flags give its nodes (written into their `[nodes.NAME]` tables)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from meshpost.cluster import (
     LISTEN_PORTS_FROM,
     LISTEN_PORTS_MIN_COUNT,
     LocalCluster,
+    cluster_roles,
     ephemeral_port_range,
     listen_ports,
     node_names,
     random_peers,
 )
 from meshpost.config import MeshConfig
+from meshpost.errors import ConfigError
+from meshpost.host import node_roles
+from meshpost.roles import NodeRoles
 
 
 def test_random_peers_draws_k_others_for_each_node_the_same_for_a_seed() -> None:
@@ -55,3 +62,54 @@ def test_many_listen_ports_come_from_below_the_ephemeral_range() -> None:
     ports = listen_ports(LISTEN_PORTS_MIN_COUNT)
     assert len(set(ports)) == LISTEN_PORTS_MIN_COUNT
     assert all(LISTEN_PORTS_FROM <= p < low for p in ports)
+
+
+NAMES = ["A", "B", "C", "D"]
+
+
+def test_echo_is_every_nodes_and_a_worker_is_the_nodes_its_suffix_names() -> None:
+    tables = cluster_roles(NAMES, echo=True, worker=["upper=upper@B,C", "rev=reverse@C..D",
+                                                      "all=lower"])
+    assert tables == {
+        "A": {"echo": True, "worker": ["all=lower"]},
+        "B": {"echo": True, "worker": ["upper=upper", "all=lower"]},
+        "C": {"echo": True, "worker": ["upper=upper", "rev=reverse", "all=lower"]},
+        "D": {"echo": True, "worker": ["rev=reverse", "all=lower"]},
+    }
+    assert cluster_roles(NAMES) == {}
+
+
+def test_the_roles_are_written_into_the_node_tables_that_node_and_host_read(
+    tmp_path: Path,
+) -> None:
+    roles = cluster_roles(NAMES, echo=True, worker=["upper=upper@B,C"],
+                          text_listen=["tcp://127.0.0.1:0@D"])
+    cluster = LocalCluster.create(tmp_path, 4, transport="ipc", roles=roles)
+    mesh = MeshConfig.load(cluster.config_path)
+    assert mesh.roles("B") == {"echo": True, "worker": ["upper=upper"]}
+    built = node_roles(mesh, NAMES)  # what `meshpost host` (and `node --config`) starts
+    assert built["A"] == NodeRoles(echo=True)
+    assert built["B"].workers == built["C"].workers == (("upper", "upper"),)
+    assert built["D"].gateway.tcp == ("127.0.0.1", 0)
+
+
+@pytest.mark.parametrize(("flags", "why"), [
+    ({"text_listen": ["tcp://127.0.0.1:7001"]},
+     r"gives 4 nodes the same port 7001.*tcp://127.0.0.1:7001@A\), or use port 0"),
+    ({"udp_listen": ["udp://127.0.0.1:7005@B..C"]}, "gives 2 nodes the same port 7005"),
+    ({"text_listen": ["tcp://127.0.0.1:7001@A", "tcp://127.0.0.1:7001@B"]},
+     "nodes A and B both want a text gateway on tcp://127.0.0.1:7001: a cluster's nodes"),
+    ({"text_listen": ["tcp://127.0.0.1:0@A", "tcp://127.0.0.1:0@A..B"]},
+     "gives node A a second gateway"),
+    ({"worker": ["upper=upper@Z"]}, "names 'Z', which the cluster does not have"),
+    ({"worker": ["upper=upper@D..B"]}, "runs backwards in the cluster"),
+    ({"worker": ["q=upper", "q=lower@B"]}, "gives node B queue 'q' twice"),
+    ({"worker": ["upper@B"]}, "--worker wants QUEUE=HANDLER"),
+    ({"worker": ["@B"]}, "gives nodes but nothing for them"),
+    ({"worker": ["q=no_such_module_here:f"]}, "cannot load handler"),
+])
+def test_role_flags_a_cluster_cannot_take_are_refused_saying_why(
+    flags: dict[str, list[str]], why: str,
+) -> None:
+    with pytest.raises(ConfigError, match=why):
+        cluster_roles(NAMES, **flags)  # type: ignore[arg-type]

@@ -9,8 +9,9 @@ import argparse
 import contextlib
 import shlex
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshpost.errors import EXIT_NOT_RUNNING, EXIT_OK, ClusterNotRunning, MeshpostError
 
@@ -41,6 +42,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         for name, what in local.stop_from_state(root).items():
             print(f"  {name}: {what}")
         return EXIT_OK
+    # The role flags are checked before anything else (and before --replace stops anything).
+    roles = local.cluster_roles(local.node_names(args.count), echo=args.echo,
+                                worker=args.worker, text_listen=args.text_listen,
+                                udp_listen=args.udp_listen)
     if args.replace:
         with contextlib.suppress(ClusterNotRunning):
             for name, what in local.stop_from_state(root).items():
@@ -51,7 +56,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     cluster = local.LocalCluster.create(root, args.count, base_port=args.base_port,
                                         transport=args.transport, options=options,
                                         extra_args=extra, per_process=args.per_process,
-                                        peers_per_node=args.peers_per_node)
+                                        peers_per_node=args.peers_per_node, roles=roles)
     if args.secure:
         from meshpost.keys import generate_mesh_keys
 
@@ -75,18 +80,55 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     for name in shown:
         data = shlex.quote(str(cluster.data_dir(name)))
         proc = cluster.host_of(name) if cluster.hosts else cluster.nodes[name]
-        print(f"  {name}  {cluster.endpoints[name]}  pid {proc.pid}")
+        does = _roles_text(roles.get(name, {}))
+        print(f"  {name}  {cluster.endpoints[name]}  pid {proc.pid}{does}")
         print(f"      send:    {mp} send --node {name} --data {data} --to all 'hello'")
         print(f"      attach:  {mp} attach --node {name} --data {data}")
         print(f"      history: {mp} history --node {name} --data {data}")
     if len(shown) < len(cluster.names):
         print(f"  ... and {len(cluster.names) - len(shown)} more, {cluster.names[3]} to "
               f"{cluster.names[-1]} (the same commands with their names)")
+    for line in _role_hints(cluster.names, roles, mp, cluster.data_dir):
+        print(line)
     where = shlex.quote(str(root))
     print(f"status: {mp} cluster status --data {where}   "
           f"restart one: {mp} cluster restart NAME --data {where}")
     print(f"stop with: {mp} cluster down --data {where}")
     return EXIT_OK
+
+
+def _roles_text(table: Mapping[str, Any]) -> str:
+    """A node's roles for its line of `cluster up`'s listing ("" for none)."""
+    parts = ["echo"] if table.get("echo") else []
+    parts += [f"worker {w}" for w in table.get("worker", ())]
+    parts += [f"text gateway {table[k]}" for k in ("text_listen", "udp_listen") if k in table]
+    return f"  ({', '.join(parts)})" if parts else ""
+
+
+def _role_hints(names: list[str], roles: Mapping[str, Mapping[str, Any]], mp: str,
+                data_dir: Callable[[str], Path]) -> list[str]:
+    """Commands that use the roles `cluster up` gave: a request to an echo node, and tasks
+    for each queue from a node that does not serve it to another that does not (the seeds'
+    ventilator and sink), when there are such nodes."""
+    lines = []
+    echoes = [n for n in names if roles.get(n, {}).get("echo")]
+    if echoes and len(names) > 1:
+        asker = next(n for n in names if n != echoes[-1])
+        lines.append(f"request: {mp} request --node {asker} --data "
+                     f"{shlex.quote(str(data_dir(asker)))} --to {echoes[-1]} 'ping'")
+    queues = dict.fromkeys(w.partition("=")[0] for n in names
+                           for w in roles.get(n, {}).get("worker", ()))
+    for queue in queues:
+        others = [n for n in names if not any(w.partition("=")[0] == queue
+                                              for w in roles.get(n, {}).get("worker", ()))]
+        if others:
+            ventilator, sink = others[0], others[-1]
+            lines.append(f"tasks:   {mp} task --node {ventilator} --data "
+                         f"{shlex.quote(str(data_dir(ventilator)))} "
+                         f"--queue {shlex.quote(queue)} --sink {sink} 'hola' 'mundo'")
+            lines.append(f"results: {mp} history --node {sink} --data "
+                         f"{shlex.quote(str(data_dir(sink)))}")
+    return lines
 
 
 def cmd_host(args: argparse.Namespace) -> int:
@@ -151,6 +193,22 @@ def add_cluster(sub: Subcommands) -> None:
     up.add_argument("--peers-per-node", type=int, metavar="k",
                     help="each node lists k random others (a partial mesh; about 2k links "
                          "each) instead of every node")
+    # Roles, named as `meshpost node`'s flags and written into each node's [nodes.NAME]
+    # table; a value may end in @NODES (A,C or a range B..D) to give it to those nodes only.
+    up.add_argument("--echo", action="store_true",
+                    help="every node answers each message with its own text, as a reply "
+                         "(`meshpost request` gets it back)")
+    up.add_argument("--worker", action="append", default=[], metavar="QUEUE=HANDLER[@NODES]",
+                    help="serve a work queue with a handler (upper, lower, reverse, echo or "
+                         "module:function) on NODES (A,C or B..D; default every node); "
+                         "repeat for more queues")
+    up.add_argument("--text-listen", action="append", default=[],
+                    metavar="tcp://HOST:PORT[@NODES]",
+                    help="a plain TCP text gateway on NODES: a fixed port for one node only, "
+                         "port 0 (any free one) for several")
+    up.add_argument("--udp-listen", action="append", default=[],
+                    metavar="udp://HOST:PORT[@NODES]",
+                    help="a plain UDP text gateway on NODES, as --text-listen")
     down = csub.add_parser("down", help="stop the cluster's nodes")
     down.add_argument("--data")
     status = csub.add_parser("status", help="each node: ready, not answering or stopped "
