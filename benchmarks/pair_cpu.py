@@ -41,14 +41,61 @@ from single_send import (  # type: ignore[import-not-found]  # a sibling script
 )
 
 import meshpost.bench.options as bench_options
+import meshpost.probes as probes
 from meshpost.bench.drive import post_in_process, wait_connected_or_fail
 from meshpost.cluster import LocalCluster
 from meshpost.config import MeshConfig, NodeConfig
 from meshpost.node import Node
 
 _A_CG_DIR = "/tmp/pair-cpu-A-cg"
+#: Both processes run under callgrind with one output file per thread (`-NN` suffixes).
+_CALLGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
+
+
+def per_thread_instructions(prefix: Path) -> dict[str, int]:
+    """Instructions of each thread of one callgrind run (files `prefix*-NN`), by role: the
+    first thread is the event loop's; the store writer is the one that inserted B-tree rows;
+    libzmq's I/O thread runs its epoll loop. Thread names are not in callgrind's output."""
+    roles: dict[str, int] = {}
+    for path in sorted(prefix.parent.glob(prefix.name + "*-*")):
+        text = path.read_text(errors="replace")
+        total = next((int(line.split()[1]) for line in text.splitlines()
+                      if line.startswith("totals:")), 0)
+        if not total:
+            continue
+        if path.name.endswith("-01"):
+            role = "loop"
+        elif "sqlite3BtreeInsert" in text:
+            role = "store writer"
+        elif "epoll_t::loop" in text:
+            role = "zmq io"
+        else:
+            role = "other"
+        roles[role] = roles.get(role, 0) + total
+    return roles
 #: pair-throughput's warm-up (an older tree, run through PYTHONPATH, may not define it).
 DEFAULT_WARMUP: int = getattr(bench_options, "PAIR_WARMUP_MESSAGES", 4 * 2048)
+
+
+class CommitTimer:
+    """A probe that sums the wall time of A's commits (`probes.COMMIT`, on the writer thread or
+    inline on the loop) while `on`: the writer's busy fraction, GIL waits included."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.busy_ns = 0
+        self.cpu_ns = 0
+        self.commits = 0
+        self._started = self._cpu_started = 0
+
+    def mark(self, label: str) -> None:
+        if label == probes.COMMIT[0]:
+            self._started = time.perf_counter_ns()
+            self._cpu_started = time.thread_time_ns()  # the committing thread's own CPU
+        elif label == probes.COMMIT[1] and self.on:
+            self.busy_ns += time.perf_counter_ns() - self._started
+            self.cpu_ns += time.thread_time_ns() - self._cpu_started
+            self.commits += 1
 
 
 async def drive(cfg_a: NodeConfig, n: int, size: int, b_pid: int, use_cg: bool,
@@ -56,7 +103,8 @@ async def drive(cfg_a: NodeConfig, n: int, size: int, b_pid: int, use_cg: bool,
                 profile: Path | None, perf_out: Path | None = None,
                 sampler: Path | None = None) -> dict[str, Any]:
     body = "x" * size
-    async with Node(cfg_a) as a:
+    timer = CommitTimer()
+    async with Node(cfg_a, probe=timer) as a:
         await wait_connected_or_fail(a)
         window = cfg_a.window
         await post_in_process(a, "B", warmup, body, window, lambda _d: None)
@@ -82,9 +130,14 @@ async def drive(cfg_a: NodeConfig, n: int, size: int, b_pid: int, use_cg: bool,
             import cProfile
             profiler = cProfile.Profile()
             profiler.enable()
+        writer = a._writer
+        assert writer is not None
+        inline0 = writer.inline_commits
+        timer.on = True
         t0 = time.perf_counter()
         await post_in_process(a, "B", n, body, window, lambda _d: None)
         elapsed = time.perf_counter() - t0
+        timer.on = False
         if sampler is not None:
             profiler.stop()
             (sampler / "A.txt").write_text(profiler.output_text(show_all=False))
@@ -102,16 +155,31 @@ async def drive(cfg_a: NodeConfig, n: int, size: int, b_pid: int, use_cg: bool,
                 callgrind(pid, "-i", "off")
                 callgrind(pid, "-d")
         stats = a.snapshot_stats()
-        writer = a._writer
-        commits = writer.commits if writer is not None else 0
-    per = {f"A:{k}": (a1[k] - a0.get(k, 0)) * 1e6 / n for k in a1}
-    per.update({f"B:{k}": (b1[k] - b0.get(k, 0)) * 1e6 / n for k in b1})
+        inline = writer.inline_commits - inline0
+    cpu_s = {f"A:{k}": a1[k] - a0.get(k, 0) for k in a1}
+    cpu_s.update({f"B:{k}": b1[k] - b0.get(k, 0) for k in b1})
+    per = {k: v * 1e6 / n for k, v in cpu_s.items()}
+    # Each thread's CPU (user + sys) as a fraction of one core over the timed phase: a thread
+    # near 1.0 is the bound. (Thread names: the OS names, see store/writer.py _name_os_thread.)
+    roles: dict[str, float] = {}
+    for k, v in cpu_s.items():
+        role = k.rsplit(" ", 1)[0]
+        roles[role] = roles.get(role, 0.0) + v
     return {
         "messages": n, "elapsed_s": elapsed, "msgs_per_s": round(n / elapsed),
         "cpu_A_us": (an1 - an0) / 1e3 / n, "cpu_B_us": (bn1 - bn0) / 1e3 / n,
         "cpu_us": (an1 - an0 + bn1 - bn0) / 1e3 / n,
         "threads": {k: round(v, 2) for k, v in sorted(per.items()) if v > 0.01},
-        "commits_A": commits, "retransmissions": stats.retransmissions,
+        "thread_core_fraction": {k: round(v / elapsed, 2) for k, v in sorted(roles.items())
+                                 if v / elapsed > 0.005},
+        # A's commits in the timed phase: their wall time (GIL waits included) over the run's.
+        "commits_A": timer.commits, "inline_commits_A": inline,
+        "rows_per_commit_A": round(n * 2 / max(timer.commits, 1), 1),
+        "writer_busy_A": round(timer.busy_ns / 1e9 / elapsed, 3),
+        "commit_ms_A": round(timer.busy_ns / 1e6 / max(timer.commits, 1), 3),
+        # Of that wall time, the committing thread's CPU (the rest: fsync, GIL, run queue).
+        "commit_cpu_fraction_A": round(timer.cpu_ns / max(timer.busy_ns, 1), 3),
+        "retransmissions": stats.retransmissions,
         "load": os.getloadavg()[0],
     }
 
@@ -141,8 +209,7 @@ def main() -> None:
     cg_dir = root / "cg" if args.callgrind else None
     if cg_dir is not None:
         cg_dir.mkdir()
-        _Prefixed.prefix = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                            f"--callgrind-out-file={cg_dir}/B.%p"]
+        _Prefixed.prefix = [*_CALLGRIND, f"--callgrind-out-file={cg_dir}/B.%p"]
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
         _Prefixed.python_args = ["-m", "cProfile", "-o", str(args.profile / "B.prof")]
@@ -166,6 +233,9 @@ def main() -> None:
         n = result["messages"]
         result["instr_A_per_msg"] = round(instructions(Path(f"{_A_CG_DIR}/A.{os.getpid()}")) / n)
         result["instr_B_per_msg"] = round(instructions(cg_dir / "B.") / n)
+        for side, prefix in (("A", Path(f"{_A_CG_DIR}/A.{os.getpid()}")), ("B", cg_dir / "B.")):
+            result[f"instr_{side}_per_msg_by_thread"] = {
+                role: round(count / n) for role, count in per_thread_instructions(prefix).items()}
         keep = Path(_A_CG_DIR) / f"B.{os.getpid()}"
         for path in cg_dir.glob("B.*"):
             shutil.copy(path, keep)
@@ -179,7 +249,7 @@ if __name__ == "__main__":
     if "--callgrind" in sys.argv and os.environ.get("PAIR_CPU_UNDER_VALGRIND") != "1":
         os.makedirs(_A_CG_DIR, exist_ok=True)
         env = {**os.environ, "PAIR_CPU_UNDER_VALGRIND": "1"}
-        sys.exit(subprocess.call(["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                                  f"--callgrind-out-file={_A_CG_DIR}/A.%p", sys.executable,
+        sys.exit(subprocess.call([*_CALLGRIND, f"--callgrind-out-file={_A_CG_DIR}/A.%p",
+                                  sys.executable,
                                   *sys.argv], env=env))
     main()
