@@ -28,10 +28,16 @@ BUSY_TIMEOUT_MS = 1000
 
 def translate(exc: sqlite3.Error, path: Path) -> StoreError:
     """Map a sqlite3 error to the meshpost error a user can act on."""
-    if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError):
-        # A constraint the row breaks (SQLITE_CONSTRAINT, MISMATCH) or a value too big
-        # (TOOBIG): a property of what was written, not of the store; it fails the same
-        # way every time. Checked first: a constraint's text may name a column "full".
+    if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError) or (
+        isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError)
+        and "binding" in str(exc)
+    ):
+        # A constraint the row breaks (SQLITE_CONSTRAINT, MISMATCH), a value too big
+        # (TOOBIG) or one sqlite3 cannot bind ("Error binding parameter 3: type 'list' is not
+        # supported"): a property of what was written, not of the store; it fails the same
+        # way every time. (A binding error was a plain `StoreError` until 2026-12-06, so the
+        # writer retried its batch for ever.) Checked first: a constraint's text may name a
+        # column "full".
         return RowRefused(str(path), str(exc))
     text = str(exc).lower()
     code = getattr(exc, "sqlite_errorcode", None)

@@ -9,12 +9,14 @@ waiting for locks, because the two thread hand-offs would cost more than the com
 
 A batch that fails for a reason other than a store condition is applied again one item at a
 time, so that one bad item fails alone and the rest commit: no input from a peer may cost
-another message. What fails the same way every time it is written (`RowRefused`: a constraint
-its row breaks; or a value that cannot be bound, such as an out-of-range integer) is refused
-alone and never retried: its `failed` callback is told, a peer's message is listed in its
-group's `IncomingResult.refused` (the node rejects it to its sender). A store condition (locked,
-full, read-only, I/O) is retried, whole, until it clears. If the store fails even with no item
-at all, or one of our own outgoing items fails unexpectedly (not `RowRefused`), the writer is
+another message. An item that fails on its own while the store commits without it is refused
+alone and never retried, whatever it raised (`RowRefused`: a constraint its row breaks, a value
+SQLite cannot bind; or any other exception, such as an out-of-range integer or a bug of ours
+that this item sets off, reported as a `RowRefused` caused by it): its `failed` callback is
+told, a peer's message is listed in its group's `IncomingResult.refused` (the node rejects it
+to its sender). A store condition (locked, full, read-only, I/O) is retried, whole, after a
+delay that starts short and doubles up to `RETRY_MAX_S`, until it clears; it is logged once
+per episode. If the store fails even with no item at all, or is corrupt, the writer is
 broken: every pending and later item fails with the error, and `on_failure` tells the node.
 
 Latency matters as much as batching: an idle writer submits a new batch at the end of the
@@ -36,6 +38,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -60,10 +63,14 @@ T = TypeVar("T")
 
 #: Operations allowed to wait for the next commit before producers are made to wait.
 MAX_PENDING_ROWS = 8_192
-#: Retry delays for transient store errors (locked, full, read-only): the batch waits, the
-#: node keeps running, nothing is acknowledged until it commits.
+#: Retry delays for store conditions (locked, full, read-only, I/O): the batch waits, the node
+#: keeps running, nothing is acknowledged until it commits. The first retry comes soon, so a
+#: lock held for a moment costs little; each failure doubles the delay up to the cap, so a disk
+#: that stays full costs an attempt (a whole batch written and rolled back) every 10 s rather
+#: than every 2 s, as it did until 2026-12-06, and a cleared condition is noticed within 10 s.
+#: The first commit that succeeds starts the delays over.
 RETRY_INITIAL_S = 0.05
-RETRY_MAX_S = 2.0
+RETRY_MAX_S = 10.0
 #: At `synchronous=NORMAL` a commit does not fsync: for a batch this small, committing on the
 #: event loop costs less than the two thread hand-offs it saves (measured: ~60 us commit vs
 #: ~120 us of hand-offs on a 2-core machine), and it is what keeps single-message latency low.
@@ -91,15 +98,26 @@ def _name_os_thread(name: str) -> None:
     """Give the calling thread an OS-level name (`top -H`, `/proc/PID/task/*/comm`, `perf`;
     `benchmarks/pair_cpu.py` reports CPU per thread by it): Python 3.11 leaves every thread
     named after the process. Linux only, best effort: a name is a diagnostic, never needed."""
-    with contextlib.suppress(OSError):
-        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
-            comm.write(name[:15])
+    with (contextlib.suppress(OSError),
+          open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm):
+        comm.write(name[:15])
 
 
 def _store_condition(exc: BaseException) -> bool:
     """Whether `exc` is about the store (retry the batch whole once it clears) rather than
-    about what one item writes (`RowRefused`, or a value that cannot be bound: refuse it)."""
+    about what one item writes (`RowRefused`, or any other exception: refuse it alone)."""
     return isinstance(exc, StoreError) and not isinstance(exc, RowRefused)
+
+
+def _refusal(error: Exception, path: str) -> RowRefused:
+    """What an item's callback is told when the item fails on its own: `error` itself if the
+    store refused the row, else a `RowRefused` naming the exception (the error a user sees,
+    with kind and exit code; the original is its `__cause__`)."""
+    if isinstance(error, RowRefused):
+        return error
+    refusal = RowRefused(path, f"{type(error).__name__}: {error}")
+    refusal.__cause__ = error
+    return refusal
 
 OutgoingDone = Callable[[int], None]
 IncomingDone = Callable[[IncomingResult, int], None]
@@ -187,8 +205,16 @@ class GroupCommitWriter:
         self._idle.set()
         self.commits = 0
         self.rows_committed = 0
+        #: Attempts that failed on a store condition (each retry counts), and the last one.
         self.errors = 0
         self.last_error: StoreError | None = None
+        #: The current episode of store conditions (failed attempts since the last commit):
+        #: how many, since when (loop time), the delay before the next retry (0.0: none
+        #: pending), and the error last logged (another one is logged too).
+        self.episode_errors = 0
+        self._episode_started = 0.0
+        self.retry_delay_s = 0.0
+        self._episode_logged: str | None = None
 
     # -- producers ------------------------------------------------------------------------
 
@@ -346,7 +372,7 @@ class GroupCommitWriter:
         ):
             self._commit_inline(batch, callbacks)
         else:
-            self._submit(batch, callbacks, RETRY_INITIAL_S)
+            self._submit(batch, callbacks)
 
     def _commit_inline(self, batch: WriteBatch, callbacks: _Callbacks) -> None:
         self._busy = True
@@ -357,9 +383,9 @@ class GroupCommitWriter:
             self.inline_commits += 1
         except Exception as exc:
             outcome = exc
-        self._finished(batch, callbacks, RETRY_INITIAL_S, outcome)
+        self._finished(batch, callbacks, outcome)
 
-    def _submit(self, batch: WriteBatch, callbacks: _Callbacks, retry_delay: float) -> None:
+    def _submit(self, batch: WriteBatch, callbacks: _Callbacks) -> None:
         loop = self._loop
         if loop is None:  # stopped meanwhile: nothing was committed, nothing is acknowledged
             self._busy = False
@@ -372,7 +398,7 @@ class GroupCommitWriter:
             exc = future.exception()
             outcome = future.result() if exc is None else exc
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._finished, batch, callbacks, retry_delay, outcome)
+                loop.call_soon_threadsafe(self._finished, batch, callbacks, outcome)
 
         self._executor.submit(self._apply, batch).add_done_callback(finished)
 
@@ -380,16 +406,17 @@ class GroupCommitWriter:
         self,
         batch: WriteBatch,
         callbacks: _Callbacks,
-        retry_delay: float,
         outcome: _Applied | BaseException,
     ) -> None:
         if isinstance(outcome, BaseException):
             if self._loop is not None and _store_condition(outcome):
                 self._inline_after = self._loop.time() + INLINE_QUIET_AFTER_ERROR_S
-            self._failed(batch, callbacks, retry_delay, outcome)
+            self._failed(batch, callbacks, outcome)
             return
         results, stored_at = outcome
         self._busy = False
+        if self.episode_errors:
+            self._recovered()
         # The next batch (added while this one committed) goes to the thread before the
         # callbacks run, so its commit overlaps with their work.
         self._schedule()
@@ -418,9 +445,7 @@ class GroupCommitWriter:
             except Exception:
                 log.exception("[%s] store commit callback failed", self._node)
 
-    def _failed(
-        self, batch: WriteBatch, callbacks: _Callbacks, delay: float, exc: BaseException
-    ) -> None:
+    def _failed(self, batch: WriteBatch, callbacks: _Callbacks, exc: BaseException) -> None:
         if not _store_condition(exc):
             # Not a store condition: retrying would fail the same way forever. Either an item
             # cannot be written (refuse it alone) or the writer is broken: find out which.
@@ -439,15 +464,46 @@ class GroupCommitWriter:
             self._busy = False
             self.fail(exc, callbacks)
             return
-        if isinstance(exc, _TRANSIENT):
-            log.warning("[%s] store write failed, retrying in %.2fs: %s", self._node, delay, exc)
-            next_delay = min(delay * 2, RETRY_MAX_S)
-        else:
-            delay = next_delay = RETRY_MAX_S
-            log.error("[%s] store write failed, retrying in %.2fs: %s", self._node, delay, exc)
         assert self._loop is not None
+        delay = self._back_off(exc, self._loop.time())
         # Still busy: later adds wait for this batch, so commit order stays add order.
-        self._loop.call_later(delay, self._submit, batch, callbacks, next_delay)
+        self._loop.call_later(delay, self._submit, batch, callbacks)
+
+    def _back_off(self, exc: StoreError, now: float) -> float:
+        """The delay before the next attempt after `exc` (`RETRY_INITIAL_S`, doubled after
+        each failure of the episode up to `RETRY_MAX_S`). Logged once per episode, and again
+        only if the error changes: a WARNING for a condition that clears by itself (locked,
+        full, read-only), an ERROR for the others (I/O)."""
+        if self.episode_errors == 0:
+            self._episode_started = now
+            delay = RETRY_INITIAL_S
+        else:
+            delay = min(self.retry_delay_s * 2, RETRY_MAX_S)
+        self.episode_errors += 1
+        self.retry_delay_s = delay
+        text = str(exc)
+        if text == self._episode_logged:
+            log.debug("[%s] store write failed again (%d in a row), retrying in %.2fs: %s",
+                      self._node, self.episode_errors, delay, exc)
+            return delay
+        log.log(logging.WARNING if isinstance(exc, _TRANSIENT) else logging.ERROR,
+                "[%s] store write failed%s, retrying in %.2fs, then less and less often (at "
+                "most every %.0fs) until it commits; nothing waiting for it is acknowledged "
+                "meanwhile: %s", self._node,
+                "" if self._episode_logged is None else f" ({self.episode_errors} in a row)",
+                delay, RETRY_MAX_S, exc)
+        self._episode_logged = text
+        return delay
+
+    def _recovered(self) -> None:
+        """A commit went through: the episode of store conditions is over (said once, with
+        its count), and the next one starts from the shortest delay again."""
+        assert self._loop is not None
+        log.warning("[%s] store writes work again, after %d failed attempt(s) over %.1fs",
+                    self._node, self.episode_errors, self._loop.time() - self._episode_started)
+        self.episode_errors = 0
+        self.retry_delay_s = 0.0
+        self._episode_logged = None
 
     # -- isolating a bad item --------------------------------------------------------------
 
@@ -469,11 +525,11 @@ class GroupCommitWriter:
 
     def _apply_alone(self, callbacks: _Callbacks) -> _Isolated:
         """Each item in its own transaction, in order. Returns one outcome per item applied
-        (a result with its commit time, or the error it failed with) and, if the writer is
-        broken, why: the store fails with no item at all, or one of our own outgoing items
-        fails unexpectedly (a bug of ours: its seq is taken, and what else it left is unknown).
-        A row refused (`RowRefused`) is refused alone, whatever its kind: an outgoing one
-        leaves its seq unused, which links tolerate as they do a rejected seq."""
+        (a result with its commit time, or the `RowRefused` it failed with) and, if the writer
+        is broken, why: the store fails with no item at all. An item that fails otherwise is
+        refused alone, whatever its kind and whatever it raised: the store just committed
+        without it, and its own transaction was rolled back, so it left nothing behind. An
+        outgoing one leaves its seq unused, which links tolerate as they do a rejected seq."""
         try:
             self.store.apply(WriteBatch(), self._clock.wall_ns())
         except Exception as broken:
@@ -500,9 +556,7 @@ class GroupCommitWriter:
                 if _store_condition(error):
                     # A store condition (locked, full): the rest is retried as one batch.
                     return outcomes, error
-                if kind == _OUT and not isinstance(error, RowRefused):
-                    return outcomes, error
-                outcomes.append(error)
+                outcomes.append(_refusal(error, str(self.store.path)))
             else:
                 outcomes.append((None, stored_at))
         return outcomes, None
@@ -511,6 +565,7 @@ class GroupCommitWriter:
         """A peer's group; if it fails whole, message by message: a bad message costs only
         itself (in the result's `refused`, so it is rejected, not receipted). Raises a store
         condition (`StoreError` but `RowRefused`)."""
+        path = str(self.store.path)
         try:
             results, stored_at = self._apply(WriteBatch(incoming=[group]))
             return results[0], stored_at
@@ -518,7 +573,8 @@ class GroupCommitWriter:
             if _store_condition(error):
                 raise
             if len(group) == 1:
-                return IncomingResult([], [], [], [(group[0].seq, error)]), self._clock.wall_ns()
+                return (IncomingResult([], [], [], [(group[0].seq, _refusal(error, path))]),
+                        self._clock.wall_ns())
         merged = IncomingResult([], [], [])
         stored_at = 0
         for message in group:
@@ -530,7 +586,7 @@ class GroupCommitWriter:
                     self._new_before_retry.setdefault(id(group), set()).update(
                         set(merged.committed).difference(merged.duplicates))
                     raise
-                merged.refused.append((message.seq, error))
+                merged.refused.append((message.seq, _refusal(error, path)))
                 continue
             merged.committed += result.committed
             merged.conflicts += result.conflicts
@@ -545,6 +601,8 @@ class GroupCommitWriter:
             self._rebuild_and_retry(callbacks[len(outcomes):], broken, outcomes, callbacks)
             return
         self._busy = False
+        if self.episode_errors and any(not isinstance(o, BaseException) for o in outcomes):
+            self._recovered()
         for (kind, payload, done, failed), item in zip(callbacks, outcomes, strict=False):
             try:
                 if isinstance(item, BaseException):
@@ -590,10 +648,15 @@ class GroupCommitWriter:
         else:
             what = type(payload).__name__.lower() if kind != _TASKS else f"{len(payload)} task(s)"
         # A peer's message is its sender's bad input (a warning, as other bad input is); one
-        # of our own writes refused is a bug of ours.
-        log.log(logging.WARNING if kind == _IN else logging.ERROR,
+        # of our own writes refused is a bug of ours, and where it was raised helps unless
+        # SQLite itself refused the row.
+        own = kind != _IN
+        cause = error.__cause__
+        log.log(logging.ERROR if own else logging.WARNING,
                 "[%s] %s refused by the store and dropped, not retried (the rest of its batch "
-                "is committed): %s", self._node, what, error)
+                "is committed): %s", self._node, what, error,
+                exc_info=cause if own and cause is not None
+                and not isinstance(cause, sqlite3.Error) else None)
 
     def _rebuild_and_retry(
         self, rest: _Callbacks, error: StoreError, outcomes: list[_ItemOutcome],
@@ -615,7 +678,7 @@ class GroupCommitWriter:
                 batch.rejections.append(payload)
         if batch:
             self._busy = True
-            self._failed(batch, rest, RETRY_INITIAL_S, error)
+            self._failed(batch, rest, error)
 
     def fail(self, error: BaseException, pending: _Callbacks | None = None) -> None:
         """Break the writer from outside (the store was found corrupt after start): as

@@ -7,14 +7,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.unit.node.support import PATIENCE_S, node_pair, run
 
+import meshpost.store.sqlite as sqlite_module
 from meshpost.errors import MessageRejected, RowRefused
 from meshpost.node import wait_receipt
-from meshpost.protocol import RejectCode
+from meshpost.protocol import Envelope, RejectCode
 from meshpost.store import StoreReader
 from meshpost.store.sqlite import DB_FILENAME
 
@@ -87,5 +90,38 @@ def test_an_own_message_the_store_refuses_fails_alone_and_the_link_goes_on(
             with StoreReader.for_data_dir(b.config.data_dir) as reader:
                 assert [m.body for m in reader.history(direction="in")] == [
                     "one", "two", "three"]
+
+    run(scenario)
+
+
+def test_an_own_message_whose_write_fails_unexpectedly_fails_alone_and_the_node_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a constraint but anything else raised while our store writes one of our own
+    messages (here a bug that one body sets off) used to break the writer: that send and
+    every later one failed with `NodeFailed`. Now only that send fails, with a `RowRefused`
+    naming the exception; the node goes on (docs/reliability.md, "Store errors")."""
+    real_row_values = sqlite_module._row_values
+
+    def buggy(messages: Sequence[Envelope]) -> list[Any] | None:
+        if any(m.body == "bug" for m in messages):
+            raise RuntimeError("a bug of ours")
+        return real_row_values(messages)
+
+    async def scenario() -> None:
+        async with node_pair(tmp_path) as (a, b, _net, _clock):
+            monkeypatch.setattr(sqlite_module, "_row_values", buggy)
+            (first,) = await a.post("B", "one")
+            with pytest.raises(RowRefused, match="RuntimeError: a bug of ours"):
+                await asyncio.wait_for(a.post("B", "bug"), PATIENCE_S)
+            assert a.failure is None
+            (after,) = await a.post("B", "two")
+            assert (first.seq, after.seq) == (1, 3)  # 2 was the refused one's
+            for handle in (first, after):
+                await wait_receipt(handle, PATIENCE_S)
+            assert a.snapshot_stats().store_refused == 1
+            assert a.snapshot_stats().store_errors == 0
+            with StoreReader.for_data_dir(b.config.data_dir) as reader:
+                assert [m.body for m in reader.history(direction="in")] == ["one", "two"]
 
     run(scenario)

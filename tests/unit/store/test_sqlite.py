@@ -23,6 +23,7 @@ from tests.unit.store.support import (
 
 from meshpost.errors import (
     DataDirNotWritable,
+    RowRefused,
     SchemaTooNew,
     StoreCorrupt,
     StoreError,
@@ -406,6 +407,19 @@ def test_sqlite_errors_become_errors_a_user_can_act_on(
     error = translate(sqlite3.OperationalError(message), tmp_path / DB_FILENAME)
     assert type(error) is expected
     assert str(tmp_path) in str(error)
+
+
+def test_a_value_sqlite_cannot_bind_is_a_refused_row_not_a_store_condition(store: Store) -> None:
+    """Until 2026-12-06 sqlite3's binding error was a plain `StoreError`, a store condition,
+    so the writer retried the batch holding such a value for ever. It is about the row."""
+    unbindable = Envelope("m1", 1, "alice", "bob", ["not", "text"], T, 1)  # type: ignore[arg-type]
+    with pytest.raises(RowRefused, match="binding parameter"):
+        store.apply(WriteBatch(outgoing=[unbindable]), T)
+    with pytest.raises(RowRefused, match="binding parameter"):
+        store.apply(WriteBatch(outgoing=[unbindable, unbindable]), T)
+    # The connection itself being unusable is still about the store.
+    assert type(translate(sqlite3.ProgrammingError("Cannot operate on a closed database."),
+                          store.path)) is StoreError
 
 
 def test_a_version_1_database_gets_content_checksums_when_migrated(data_dir: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 import meshpost.probes as probes
 from meshpost.clock import FakeClock
-from meshpost.errors import RowRefused, StoreLocked
+from meshpost.errors import RowRefused, StoreError, StoreFull, StoreLocked
 from meshpost.protocol import Envelope, ReceiptFrame
 from meshpost.store import (
     Delivery,
@@ -215,6 +215,84 @@ def test_a_transient_lock_is_retried_and_nothing_is_lost(tmp_path: Path) -> None
             assert writer.commits == 1
 
     run(scenario)
+
+
+@contextlib.contextmanager
+def retries_at_once(
+    writer: GroupCommitWriter, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[list[float]]:
+    """The writer's retries run on the loop's next turn instead of after their delay; yields
+    the delays asked for, in order (no test waits for a backoff)."""
+    loop = asyncio.get_running_loop()
+    delays: list[float] = []
+    call_later = loop.call_later
+
+    def instead(delay: float, callback: Callable[..., None], *args: Any) -> Any:
+        if callback == writer._submit:
+            delays.append(delay)
+            return loop.call_soon(callback, *args)
+        return call_later(delay, callback, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "call_later", instead)
+        yield delays
+
+
+def failing_first(writer: GroupCommitWriter, errors: list[Exception]) -> None:
+    """Each commit of `writer` raises the next of `errors` instead, until none is left."""
+    apply = writer._apply
+
+    def flaky(batch: WriteBatch, **kwargs: Any) -> Any:
+        if errors:
+            raise errors.pop(0)
+        return apply(batch, **kwargs)
+
+    writer._apply = flaky  # type: ignore[method-assign]
+
+
+def test_store_conditions_are_retried_ever_later_up_to_a_cap_and_start_over_after_a_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An I/O error used to be retried every 2 s for ever, logged at every attempt. Now each
+    store condition is retried after RETRY_INITIAL_S, doubled after every failure up to
+    RETRY_MAX_S; a commit ends the episode (logged once, with its count) and the next
+    episode starts short again. Every attempt still counts in `errors` (`store_errors`)."""
+    monkeypatch.setattr(writer_module, "RETRY_MAX_S", 1.0)
+    io_error = StoreError(f"database {tmp_path}: disk I/O error")
+
+    async def scenario() -> None:
+        async with running_writer(tmp_path) as writer:
+            with retries_at_once(writer, monkeypatch) as delays:
+                failing_first(writer, [io_error] * 7)
+                done: list[int] = []
+                writer.add_outgoing([out(1)], done.append)
+                await writer.flush()
+                assert done == [T]
+                assert delays == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+                assert (writer.errors, writer.episode_errors, writer.retry_delay_s) == (7, 0, 0)
+                # A new episode (a lock, then the disk full) starts from the shortest delay.
+                delays.clear()
+                path = str(writer.store.path)
+                failing_first(writer, [StoreLocked(path), StoreLocked(path), StoreFull(path)])
+                writer.add_outgoing([out(2)], done.append)
+                await writer.flush()
+                assert delays == [0.05, 0.1, 0.2]
+                assert writer.errors == 10
+                assert isinstance(writer.last_error, StoreFull)
+            assert set(rows(tmp_path)) == {"out-bob-1", "out-bob-2"}
+
+    with caplog.at_level(logging.DEBUG, logger="meshpost.store.writer"):
+        run(scenario)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.INFO]
+    # Once per episode and once more when the error changes, never a traceback; each end.
+    assert [level for level, _m in said] == ["ERROR", "WARNING", "WARNING", "WARNING",
+                                             "WARNING"]
+    assert "disk I/O error" in said[0][1] and "retrying in 0.05s" in said[0][1]
+    assert "after 7 failed attempt(s)" in said[1][1]
+    assert "locked" in said[2][1]
+    assert "(3 in a row)" in said[3][1] and "full" in said[3][1]
+    assert "after 3 failed attempt(s)" in said[4][1]
+    assert not any(r.exc_info for r in caplog.records)
 
 
 def test_flush_waits_for_everything_added_so_far(tmp_path: Path) -> None:
@@ -566,7 +644,9 @@ def test_one_poisoned_delivery_fails_alone_and_every_other_item_commits(tmp_path
                                 lambda r, _at: done.append(f"in {r.committed}"))
             await writer.flush()
             assert [kind for kind, _exc in failed] == ["poisoned"]
-            assert isinstance(failed[0][1], OverflowError)
+            # Told as a refused row (kind, exit code, a message to act on), caused by it.
+            assert isinstance(failed[0][1], RowRefused)
+            assert isinstance(failed[0][1].__cause__, OverflowError)
             assert done == [*(f"out {s}" for s in range(11, 31)), "good delivery", "in [1, 2]"]
             states = rows(tmp_path)
             assert len(states) == 32
@@ -639,6 +719,61 @@ def test_a_store_that_fails_unexpectedly_fails_every_waiter_and_breaks_the_write
 
 
 # -- a write that can never succeed is refused alone, never retried --------------------------
+
+
+class _Unencodable:
+    """Not a value msgspec can encode: what a bug of ours might put in an envelope."""
+
+
+@pytest.mark.parametrize(
+    ("bad", "cause"),
+    [
+        # An HLC beyond 64 bits: SQLite cannot bind it.
+        (Envelope("out-bob-2", 2, "alice", "bob", "x", T, 2**64), OverflowError),
+        # A body that is not text: sqlite3 cannot bind a list (a plain StoreError until
+        # 2026-12-06, so the batch was retried for ever).
+        (Envelope("out-bob-2", 2, "alice", "bob", ["x"], T, 2), sqlite3.ProgrammingError),  # type: ignore[arg-type]
+        # A bug of ours: the checksum's encoder raises before SQLite sees the row.
+        (Envelope("out-bob-2", 2, "alice", "bob", _Unencodable(), T, 2), TypeError),  # type: ignore[arg-type]
+    ],
+    ids=["overflow", "unbindable", "bug"],
+)
+def test_our_own_message_that_fails_unexpectedly_is_refused_alone_and_the_writer_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: Envelope, cause: type[Exception],
+) -> None:
+    """One of our own outgoing messages whose write raised anything but a store condition
+    used to break the writer (every later send failed: the node stopped accepting work), or,
+    for a value sqlite3 could not bind, to hold every write behind it for ever. Now it fails
+    alone with a `RowRefused` caused by the exception (logged once, with where it was
+    raised, and counted); the rest of its batch commits and the writer carries on."""
+
+    async def scenario() -> None:
+        async with running_writer(tmp_path) as writer:
+            done: list[str] = []
+            failed: list[BaseException] = []
+            writer.add_outgoing([out(1)], lambda _at: done.append("out 1"))
+            writer.add_outgoing([bad], lambda _at: done.append("bad"), failed.append)
+            writer.add_outgoing([out(3)], lambda _at: done.append("out 3"))
+            writer.add_incoming([incoming(1)], lambda r, _at: done.append(f"in {r.committed}"))
+            await writer.flush()
+            assert done == ["out 1", "out 3", "in [1]"]
+            (refused,) = failed
+            assert isinstance(refused, RowRefused)
+            assert isinstance(refused.__cause__, cause)
+            assert writer.failure is None
+            assert (writer.items_failed, writer.errors) == (1, 0)
+            assert set(rows(tmp_path)) == {"out-bob-1", "out-bob-3", "in-1"}
+            later: list[int] = []
+            writer.add_outgoing([out(4)], later.append)
+            await writer.flush()
+            assert later == [T]
+
+    with caplog.at_level(logging.WARNING, logger="meshpost.store.writer"):
+        run(scenario)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "our message out-bob-2" in errors[0].getMessage()
+    assert "refused by the store" in errors[0].getMessage()
 
 
 def test_an_outgoing_id_stored_before_is_refused_alone_and_never_retried(tmp_path: Path) -> None:
