@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -85,16 +86,26 @@ class CommitTimer:
         self.on = False
         self.busy_ns = 0
         self.cpu_ns = 0
+        self.runqueue_ns = 0
         self.commits = 0
-        self._started = self._cpu_started = 0
+        self._started = self._cpu_started = self._queued = 0
+
+    @staticmethod
+    def _runqueue_ns() -> int:
+        """ns the calling thread has waited for a CPU while runnable (schedstat's 2nd field):
+        what is neither its CPU nor a sleep (a GIL wait, an fsync) in a commit's wall time."""
+        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
+            return int(f.read().split()[1])
 
     def mark(self, label: str) -> None:
         if label == probes.COMMIT[0]:
             self._started = time.perf_counter_ns()
             self._cpu_started = time.thread_time_ns()  # the committing thread's own CPU
+            self._queued = self._runqueue_ns()
         elif label == probes.COMMIT[1] and self.on:
             self.busy_ns += time.perf_counter_ns() - self._started
             self.cpu_ns += time.thread_time_ns() - self._cpu_started
+            self.runqueue_ns += self._runqueue_ns() - self._queued
             self.commits += 1
 
 
@@ -179,6 +190,10 @@ async def drive(cfg_a: NodeConfig, n: int, size: int, b_pid: int, use_cg: bool,
         "commit_ms_A": round(timer.busy_ns / 1e6 / max(timer.commits, 1), 3),
         # Of that wall time, the committing thread's CPU (the rest: fsync, GIL, run queue).
         "commit_cpu_fraction_A": round(timer.cpu_ns / max(timer.busy_ns, 1), 3),
+        # ... waiting for a CPU (a busy machine), and the rest: asleep (the GIL, an fsync).
+        "commit_runqueue_fraction_A": round(timer.runqueue_ns / max(timer.busy_ns, 1), 3),
+        "commit_asleep_fraction_A": round(
+            1 - (timer.cpu_ns + timer.runqueue_ns) / max(timer.busy_ns, 1), 3),
         "retransmissions": stats.retransmissions,
         "load": os.getloadavg()[0],
     }
@@ -236,10 +251,11 @@ def main() -> None:
         for side, prefix in (("A", Path(f"{_A_CG_DIR}/A.{os.getpid()}")), ("B", cg_dir / "B.")):
             result[f"instr_{side}_per_msg_by_thread"] = {
                 role: round(count / n) for role, count in per_thread_instructions(prefix).items()}
-        keep = Path(_A_CG_DIR) / f"B.{os.getpid()}"
+        # B's files (one per thread) are kept beside A's, named after this run's A.
+        keep = Path(_A_CG_DIR) / f"B-of-A.{os.getpid()}"
         for path in cg_dir.glob("B.*"):
-            shutil.copy(path, keep)
-        print(f"callgrind files: {_A_CG_DIR}/A.{os.getpid()} and {keep}")
+            shutil.copy(path, f"{keep}.{path.name}")
+        print(f"callgrind files: {_A_CG_DIR}/A.{os.getpid()}* and {keep}.*")
     for k, v in result.items():
         print(f"{k}: {round(v, 2) if isinstance(v, float) else v}")
     shutil.rmtree(root, ignore_errors=True)
