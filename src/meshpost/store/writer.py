@@ -209,8 +209,8 @@ class GroupCommitWriter:
         self.errors = 0
         self.last_error: StoreError | None = None
         #: The current episode of store conditions (failed attempts since the last commit):
-        #: how many, since when (loop time), the delay before the next retry (0.0: none
-        #: pending), and the error last logged (another one is logged too).
+        #: how many, since when (the clock's monotonic time), the delay before the next
+        #: retry (0.0: none pending), and the error last logged (another one is logged too).
         self.episode_errors = 0
         self._episode_started = 0.0
         self.retry_delay_s = 0.0
@@ -465,17 +465,17 @@ class GroupCommitWriter:
             self.fail(exc, callbacks)
             return
         assert self._loop is not None
-        delay = self._back_off(exc, self._loop.time())
+        delay = self._back_off(exc)
         # Still busy: later adds wait for this batch, so commit order stays add order.
         self._loop.call_later(delay, self._submit, batch, callbacks)
 
-    def _back_off(self, exc: StoreError, now: float) -> float:
+    def _back_off(self, exc: StoreError) -> float:
         """The delay before the next attempt after `exc` (`RETRY_INITIAL_S`, doubled after
         each failure of the episode up to `RETRY_MAX_S`). Logged once per episode, and again
         only if the error changes: a WARNING for a condition that clears by itself (locked,
         full, read-only), an ERROR for the others (I/O)."""
         if self.episode_errors == 0:
-            self._episode_started = now
+            self._episode_started = self._clock.monotonic()
             delay = RETRY_INITIAL_S
         else:
             delay = min(self.retry_delay_s * 2, RETRY_MAX_S)
@@ -498,9 +498,9 @@ class GroupCommitWriter:
     def _recovered(self) -> None:
         """A commit went through: the episode of store conditions is over (said once, with
         its count), and the next one starts from the shortest delay again."""
-        assert self._loop is not None
         log.warning("[%s] store writes work again, after %d failed attempt(s) over %.1fs",
-                    self._node, self.episode_errors, self._loop.time() - self._episode_started)
+                    self._node, self.episode_errors,
+                    self._clock.monotonic() - self._episode_started)
         self.episode_errors = 0
         self.retry_delay_s = 0.0
         self._episode_logged = None
