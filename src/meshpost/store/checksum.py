@@ -12,7 +12,10 @@ from zlib_ng import zlib_ng
 from meshpost.protocol import Envelope
 from meshpost.protocol.header import PatternHeader
 
-envelope_bytes = msgspec.msgpack.Encoder().encode
+_ENCODER = msgspec.msgpack.Encoder()
+envelope_bytes = _ENCODER.encode
+#: `envelope_bytes` into a caller's bytearray (truncated to the encoding): no new object.
+envelope_encode_into = _ENCODER.encode_into
 #: zlib's CRC-32, from zlib-ng: the same values as the standard library's `zlib.crc32` (so
 #: every checksum already stored stays valid), computed with SIMD instructions: about a
 #: fifth of the system zlib's time, which was most of the writer's per-row Python work
@@ -25,7 +28,8 @@ crc32 = zlib_ng.crc32
 #: header's msgpack bytes are chained after it. From an eight-field encoding `b` (`98`, the
 #: seven fields, then the header, or `c0` for none) that is crc32(b[1:-1]) resp. crc32(b[1:])
 #: started from the CRC of `97`: CRC-32 chains, and a memoryview slice copies nothing.
-CRC_OF_ARRAY7 = crc32(b"\x97")
+ARRAY7 = 0x97
+CRC_OF_ARRAY7 = crc32(bytes([ARRAY7]))
 header_bytes = msgspec.msgpack.Encoder().encode
 header_decode = msgspec.msgpack.Decoder(PatternHeader).decode
 

@@ -103,10 +103,10 @@ def test_an_own_message_whose_write_fails_unexpectedly_fails_alone_and_the_node_
     naming the exception; the node goes on (docs/reliability.md, "Store errors")."""
     real_row_values = sqlite_module._row_values
 
-    def buggy(messages: Sequence[Envelope]) -> list[Any] | None:
+    def buggy(messages: Sequence[Envelope], scratch: bytearray | None = None) -> list[Any] | None:
         if any(m.body == "bug" for m in messages):
             raise RuntimeError("a bug of ours")
-        return real_row_values(messages)
+        return real_row_values(messages, scratch)
 
     async def scenario() -> None:
         async with node_pair(tmp_path) as (a, b, _net, _clock):

@@ -455,6 +455,24 @@ def test_row_checksums_are_the_standard_zlib_crc32_of_the_envelope(body: str, se
     assert _row_values([m, m])[5::6] == [expected, expected]
 
 
+@settings(max_examples=100, deadline=None)
+@given(bodies=st.lists(st.text(min_size=1, max_size=70_000), min_size=1, max_size=6),
+       stamps=st.integers(0, 2**63 - 1))
+def test_row_checksums_stay_right_in_a_scratch_buffer_reused_across_rows_and_batches(
+    bodies: list[str], stamps: int,
+) -> None:
+    """`_row_values` encodes every row into the one buffer its store keeps: rows of any
+    length, longer or shorter than the one before (msgpack's str headers take 1, 2, 3 or 5
+    bytes), in one batch or the next, each get their own envelope's checksum."""
+    scratch = bytearray()
+    for batch in (bodies, bodies[::-1]):
+        rows = [Envelope(f"id-{i}", i + 1, "alice", "bob", body, stamps, stamps // (i + 1))
+                for i, body in enumerate(batch)]
+        values = _row_values(rows, scratch)
+        assert values is not None
+        assert values[5::6] == [envelope_checksum(m) for m in rows]
+
+
 def test_row_values_take_one_links_direct_messages_only() -> None:
     """The bulk path builds the values of one link's direct messages in one pass; a row of
     another link or with a header anywhere sends the batch down the general path."""
