@@ -13,7 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshpost.cli.common import EmptyCommandText, data_dir, struct_dict, timeout_seconds
+from meshpost.cli.common import (
+    EmptyCommandText,
+    data_dir,
+    lease_seconds,
+    struct_dict,
+    timeout_seconds,
+)
 from meshpost.errors import (
     EXIT_OK,
     EXIT_REJECTED,
@@ -273,8 +279,9 @@ def add_task(sub: Subcommands) -> None:
     p.add_argument("--node", required=True)
     p.add_argument("--queue", required=True)
     p.add_argument("--sink", required=True, help="the node that keeps each task's result")
-    p.add_argument("--lease", type=float, default=30.0,
-                   help="seconds a worker has per task before it is redelivered")
+    p.add_argument("--lease", type=lease_seconds, default=30.0, metavar="S",
+                   help="seconds a worker has per task before it is redelivered (above 0, "
+                        "at most a day; default 30)")
     p.add_argument("--data")
     p.add_argument("text", nargs="+", help="one task per argument")
     p.set_defaults(func=cmd_task)
