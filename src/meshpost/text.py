@@ -301,7 +301,8 @@ def render_history(
     statuses: Sequence[BroadcastStatus | None] | None = None, group: str | None = None,
 ) -> str:
     """The history table: sender clock, local stored clock, direction, body, state. Bodies are
-    shortened unless `verbose` (then whole, wrapped, with their full ids). For a `group`'s
+    shortened unless `verbose` (then whole, wrapped, with their full ids); a pattern message's
+    body follows its kind in parentheses (`(request) ping`, `(serve) serve`). For a `group`'s
     history, routes name the group and `statuses` (one per row) give this node's own
     messages their `delivered k/n`."""
     if not rows:
@@ -312,6 +313,10 @@ def render_history(
     table.add_column("route", overflow="fold")
     table.add_column("message", overflow="fold", ratio=1)
     table.add_column("state", overflow="fold")
+    # A pattern message (a request, a task, a worker's `serve`...) says what it is, so that
+    # `serve` or `done` rows are not read as text someone typed; in a group's own history
+    # every row is a group message, so that one kind goes unsaid there.
+    group_kind = "group" if group is not None else None
     day = ""
     for index, row in enumerate(rows):
         stored_day = format_clock(row.stored_at_ns, tz=tz, date=True).partition(" ")[0]
@@ -324,6 +329,8 @@ def render_history(
         else:
             route = f"me → {to or clean(row.recipient)}"
         body = f"{clean(row.body)} ({row.id})" if verbose else shorten(row.body)
+        if row.kind is not None and row.kind != group_kind:
+            body = f"({clean(row.kind)}) {body}"
         status = statuses[index] if statuses is not None else None
         state = format_broadcast(status) if status is not None else _history_state(row, tz)
         table.add_row(

@@ -999,3 +999,28 @@ def test_history_ask_shows_each_members_messages_labelled_and_who_did_not_answer
         d.type("/quit\n")
 
     drive(node, scenario)
+
+
+def test_render_history_names_the_kind_of_pattern_messages() -> None:
+    """A worker's `serve`, a task's `done`, a request and its reply are not text anyone typed:
+    each says its kind; a direct message shows its body alone."""
+    rows = [
+        dataclasses.replace(stored("in", "received", "serve", sent=T0, at=T0 + MS),
+                            kind="serve"),
+        dataclasses.replace(stored("in", "received", "ping", sent=T0 + 2 * MS, at=T0 + 3 * MS),
+                            kind="request"),
+        dataclasses.replace(stored("out", "delivered", "done", sent=T0 + 4 * MS, at=T0 + 5 * MS,
+                                   receipt_at=T0 + 6 * MS), kind="done", ref="t1"),
+        stored("in", "received", "plain words", sent=T0 + 7 * MS, at=T0 + 8 * MS),
+    ]
+    lines = render_history(rows, me="A", tz=UTC, width=140).splitlines()
+    assert any("(serve) serve" in line for line in lines)
+    assert any("(request) ping" in line for line in lines)
+    assert any("(done) done" in line for line in lines)
+    plain = next(line for line in lines if "plain words" in line)
+    assert "(" not in plain
+    # In a group's own history every row is a group message: that kind goes unsaid.
+    copy = dataclasses.replace(stored("in", "received", "hi team", sent=T0, at=T0 + MS),
+                               kind="group", ref="g1")
+    assert "(group)" not in render_history([copy], me="A", tz=UTC, width=140, group="team")
+    assert "(group) hi team" in render_history([copy], me="A", tz=UTC, width=140)
