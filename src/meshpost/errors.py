@@ -316,6 +316,22 @@ class ControlTimeout(ControlUnavailable, kind="control_timeout", exit_code=EXIT_
         self.timeout_s = timeout_s
 
 
+class NodeExited(ControlUnavailable, kind="node_exited"):
+    """The node's process ended while a control request waited for its answer: unlike a
+    node that was never running, it may have acted on the request first."""
+
+    def __init__(self, name: str, pid: int) -> None:
+        TransportError.__init__(
+            self,
+            f"node {name!r} stopped (process {pid} exited) before it answered; what it had "
+            "stored stays in its store, and its pending messages go out when it runs again: "
+            f"start it with `meshpost node {name} ...`, then see `meshpost history --node "
+            f"{name}`"
+        )
+        self.name = name
+        self.pid = pid
+
+
 class NodeStopped(MeshpostError, kind="node_stopped", exit_code=EXIT_NOT_RUNNING):
     """The node an attached console drives went away while the console ran."""
 

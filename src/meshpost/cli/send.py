@@ -9,7 +9,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,9 +83,12 @@ def cmd_send(args: argparse.Namespace) -> int:
     requests = (SendRequest(args.to, body, args.timeout) for body in bodies)
     queued: set[str] = set()
     code = EXIT_OK
-    with ControlClient(data_dir(args), name=args.node) as client:
+    answered = 0
+    with ControlClient(data_dir(args), name=args.node) as client, \
+            _answered_before_exit(args, len(bodies), lambda: answered):
         replies = client.stream(requests, timeout_s=args.timeout + 10, window=args.window)
         for index, reply in replies:
+            answered = index + 1
             if isinstance(reply, ErrorReply):
                 if not args.lines:
                     checked(reply)  # raises: main() prints it and exits with its code
@@ -105,6 +108,26 @@ def cmd_send(args: argparse.Namespace) -> int:
     if queued and not args.quiet:
         _why_unreachable(args, queued)
     return code
+
+
+@contextlib.contextmanager
+def _answered_before_exit(args: argparse.Namespace, total: int,
+                          answered: Callable[[], int]) -> Iterator[None]:
+    """If the node exits in the middle of several messages, say how many it answered: those
+    after them may or may not be in its store, so sending them again blindly could double
+    them."""
+    from meshpost.errors import NodeExited
+
+    try:
+        yield
+    except NodeExited:
+        if total > 1 and not args.quiet:
+            done = answered()
+            print(f"meshpost send: {done} of {total} messages were answered before "
+                  f"{args.node} stopped; messages {done + 1}-{total} may or may not be stored "
+                  f"there: check `meshpost history --node {args.node}` once it runs again "
+                  "before sending them again", file=sys.stderr)
+        raise
 
 
 def cmd_request(args: argparse.Namespace) -> int:

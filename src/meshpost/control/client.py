@@ -56,7 +56,7 @@ from meshpost.control.messages import (
     encoder,
     reply_decoder,
 )
-from meshpost.errors import ControlTimeout, ControlUnavailable
+from meshpost.errors import ControlTimeout, ControlUnavailable, NodeExited
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,9 @@ class _Framing:
             return None
         return reply
 
-    def gone(self) -> ControlUnavailable:
-        return ControlUnavailable(self.name, f"{self.endpoint} (process {self.pid} exited)")
+    def gone(self) -> NodeExited:
+        """The node exited while a request of ours waited: it may have acted on it."""
+        return NodeExited(self.name, self.pid)
 
     def no_answer(self, timeout_s: float) -> ControlUnavailable:
         if not process_alive(self.pid):
@@ -195,8 +196,9 @@ class ControlClient:
     def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request`, return its reply (an `ErrorReply` when the node refused it).
 
-        Raises `ControlUnavailable` when the node is gone, `ControlTimeout` when it is alive
-        but silent for `timeout_s`.
+        Raises `ControlUnavailable` when the node is not running, `NodeExited` (one of those)
+        when it exits while the request waits, `ControlTimeout` when it is alive but silent
+        for `timeout_s`.
         """
         for _, reply in self.stream([request], timeout_s=timeout_s, window=1):
             return reply

@@ -31,7 +31,7 @@ from meshpost.control import (
     process_alive,
 )
 from meshpost.control.messages import encoder, request_decoder
-from meshpost.errors import ControlTimeout, ControlUnavailable
+from meshpost.errors import ControlTimeout, ControlUnavailable, NodeExited
 
 THREAD_TIMEOUT_S = 20
 
@@ -132,3 +132,23 @@ def test_a_node_that_exited_but_was_not_reaped_counts_as_gone() -> None:
         running.wait(10)
         exited.wait(10)
     assert not process_alive(exited.pid)  # reaped: gone from /proc as well
+
+
+def test_a_node_that_exits_while_a_request_waits_is_reported_as_stopped_not_as_never_running(
+    tmp_path: Path,
+) -> None:
+    # A node stopped (Ctrl-C, kill) while `meshpost send` waited for a receipt: it may have
+    # stored the message first, so "is not running ... start it" (as for a node that never
+    # ran) sent users to send it again; the error now says it stopped and where to look.
+    node = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    try:
+        (tmp_path / ENDPOINT_FILE).write_text(f"ipc://{tmp_path}/x.sock\n{node.pid}\n")
+        with ControlClient(tmp_path, name="A") as client, \
+                pytest.raises(NodeExited) as stopped:
+            client.request(SendRequest("B", "hi", 0.0), timeout_s=THREAD_TIMEOUT_S)
+    finally:
+        node.kill()
+        node.wait(10)
+    assert stopped.value.exit_code == 4
+    assert f"stopped (process {node.pid} exited) before it answered" in str(stopped.value)
+    assert "meshpost history --node A" in str(stopped.value)

@@ -1,0 +1,60 @@
+"""`meshpost send --lines` through a node that exits in the middle: the user is told how many
+messages the node answered, so that the rest are not sent again blindly (they may be stored)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from meshpost.cli import main
+from meshpost.control import ENDPOINT_FILE
+
+#: A stand-in node in a process of its own: answers the first two send requests as delivered,
+#: reads the third, then exits without answering it (as a node killed mid-stream does).
+FAKE_NODE = textwrap.dedent("""
+    import sys, zmq
+    from meshpost.control.messages import SendReply, SendResult, encoder, request_decoder
+    endpoint = sys.argv[1]
+    socket = zmq.Context().socket(zmq.ROUTER)
+    socket.setsockopt(zmq.LINGER, 1000)
+    socket.bind(endpoint)
+    print("ready", flush=True)
+    for n in range(3):
+        identity, data = socket.recv_multipart()
+        request = request_decoder.decode(data)
+        if n < 2:
+            result = SendResult("B", f"m-{n}", n + 1, 1, True, 2, 2, "full")
+            socket.send_multipart([identity, encoder.encode(SendReply(sent=[result],
+                                                                        id=request.id))])
+    socket.close()
+""")
+
+
+def test_send_lines_says_how_many_were_answered_when_the_node_exits_mid_stream(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    endpoint = f"ipc://{tmp_path}/ctl.sock"
+    node = subprocess.Popen([sys.executable, "-c", FAKE_NODE, endpoint],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert node.stdout is not None
+        assert node.stdout.readline() == "ready\n"
+        (tmp_path / ENDPOINT_FILE).write_text(f"{endpoint}\n{node.pid}\n")
+        lines = tmp_path / "lines.txt"
+        lines.write_text("one\ntwo\nthree\nfour\nfive\n", encoding="utf-8")
+        code = main(["send", "--node", "A", "--data", str(tmp_path), "--to", "B", "-l",
+                     "-f", str(lines), "--window", "1"])
+    finally:
+        node.kill()
+        node.wait(10)
+        if node.stdout is not None:
+            node.stdout.close()
+    out, err = capsys.readouterr()
+    assert code == 4
+    assert out.count("✓ delivered to B") == 2
+    assert "2 of 5 messages were answered before A stopped; messages 3-5 may or may not" in err
+    assert "stopped (process" in err
