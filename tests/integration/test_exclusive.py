@@ -72,3 +72,14 @@ def test_an_exclusive_pair_serves_its_peer_and_refuses_a_third_node(
     history = json.loads(meshpost("history", "--node", "B", "--data", data("B"),
                                   "--json").stdout)
     assert sorted((r["from"], r["to"]) for r in history) == [("A", "B"), ("B", "A")]
+
+
+def test_a_request_to_a_peer_that_refuses_this_node_says_why(trio: LocalCluster) -> None:
+    """`request` used to say only "not delivered ... stays queued" (as if B were down): it
+    now adds B's reason, as `send` does."""
+    refused = meshpost("request", "--node", "C", "--data", str(trio.data_dir("C")), "--to",
+                       "B", "--timeout", "3", "hola")
+    assert refused.returncode == 3, refused.stderr
+    assert "no reply from 'B'" in refused.stderr
+    assert ("B: exclusive: 'B' is in an exclusive pair with 'A' and accepts no other peer"
+            in refused.stderr), refused.stderr

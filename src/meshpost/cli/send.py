@@ -138,10 +138,18 @@ def cmd_request(args: argparse.Namespace) -> int:
     body = " ".join(args.text)
     if not body.strip():
         raise EmptyCommandText()
-    with ControlClient(data_dir(args), name=args.node) as client:
-        reply = checked(client.request(PeerRequest(to=args.to, body=body,
-                                                   timeout_s=args.timeout),
-                                       timeout_s=args.timeout + 10))
+    try:
+        with ControlClient(data_dir(args), name=args.node) as client:
+            reply = checked(client.request(PeerRequest(to=args.to, body=body,
+                                                       timeout_s=args.timeout),
+                                           timeout_s=args.timeout + 10))
+    except MeshpostError as exc:
+        if exc.exit_code != EXIT_TIMEOUT:
+            raise
+        # As `send` does: a peer that refuses this node never answers, and says why.
+        print(f"meshpost request: {exc}", file=sys.stderr)
+        _why_unreachable(args, {args.to})
+        return exc.exit_code
     assert isinstance(reply, AnswerReply)
     if args.json:
         print(json.dumps({"request_id": reply.request_id, "id": reply.reply_id,
