@@ -51,6 +51,9 @@ UDP_GUESTS_REMEMBERED = 4096
 UDP_MAX_IN_FLIGHT = 1024
 #: Largest UDP reply: one IPv4 datagram's payload.
 UDP_MAX_REPLY_BYTES = 65_507
+#: The answer to an empty line or datagram: nothing is stored, and the client that waits for
+#: an answer to each line it sends gets one.
+BLANK_ANSWER = "error: empty line; nothing stored (type some text, @NODE text, or /inbox)"
 #: Bytes read from a TCP stream at a time.
 _READ_CHUNK = 65_536
 
@@ -154,7 +157,10 @@ class Inbox:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Blank:
-    """An empty line: nothing to store, nothing to answer (`nc` users press Enter)."""
+    """An empty line: nothing to store. Over TCP it is answered all the same (`BLANK_ANSWER`):
+    a client written as seed 004's (send a line, block in `recv`) would otherwise wait for
+    ever when its user pressed Enter. An empty UDP datagram gets no answer (seed 003's client
+    never reads, and its server took one as the end)."""
 
 
 Command = Post | Inbox | Blank
@@ -275,8 +281,10 @@ class Gateway:
 
     # -- one message, either transport ---------------------------------------------------
 
-    async def handle(self, guest: str, seq: int, raw: bytes) -> list[str]:
-        """Answer one guest message: the reply lines (none for a blank line).
+    async def handle(self, guest: str, seq: int, raw: bytes, *,
+                     answer_blank: bool = False) -> list[str]:
+        """Answer one guest message: the reply lines (for a blank line, `BLANK_ANSWER` if
+        `answer_blank`, else none).
 
         Raises `GatewayInputError` for bytes that end the conversation (not UTF-8).
         """
@@ -286,6 +294,8 @@ class Gateway:
         except InvalidMessage as exc:
             self.stats.errors += 1
             return [f"error: {_one_line(str(exc))}"]
+        if answer_blank and isinstance(command, Blank):
+            return [BLANK_ANSWER]
         return await self.perform(guest, seq, command)
 
     async def perform(self, guest: str, seq: int, command: Command) -> list[str]:
@@ -383,7 +393,7 @@ class Gateway:
             for raw in messages:
                 seq += 1
                 try:
-                    replies = await self.handle(guest, seq, raw)
+                    replies = await self.handle(guest, seq, raw, answer_blank=True)
                 except GatewayInputError as exc:
                     self._input_error(writer, guest, exc)
                     return

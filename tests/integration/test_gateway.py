@@ -285,3 +285,18 @@ def test_flood_of_clients_some_killed_mid_message_loses_and_duplicates_nothing(
     assert (len(lost), duplicated, len(phantom)) == (0, 0, 0), (lost, duplicated, phantom)
     assert len(acked) == clients * per_client - (clients // 5) * (per_client - per_client // 2)
     assert mesh.a.alive()
+
+
+def test_readmes_six_line_client_gets_an_answer_to_an_empty_line_too(mesh: Mesh) -> None:
+    """README's version of seed 004's client sends each line (newline included) and blocks in
+    recv: an empty line (the user pressed Enter) used to get no answer, so it hung for ever.
+    Now every line is answered, and the empty one stores nothing."""
+    with connect(mesh.tcp_port) as s:
+        answers = []
+        for line in ("hola\n", "\n", "adios\n"):
+            s.send(line.encode("utf-8"))
+            answers.append(s.recv(1024).decode("utf-8"))
+    assert ACK.match(answers[0].rstrip("\n")), answers
+    assert answers[1].startswith("error: empty line; nothing stored"), answers
+    assert ACK.match(answers[2].rstrip("\n")), answers
+    assert [m.body for m in rows(mesh.cluster.data_dir("A"), direction="in")] == ["hola", "adios"]
