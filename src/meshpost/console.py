@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import re
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Protocol, assert_never
 
@@ -72,6 +72,7 @@ from meshpost.text import (
     render_queues,
     render_stats,
     short_id,
+    terminal_width,
 )
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ MAX_HISTORY_LIMIT = 100_000
 HISTORY_ASK_WAIT_S = 5.0
 #: On exit, how long the console waits for its last lines to reach the terminal.
 PRINT_DRAIN_S = 2.0
+#: Name prefix of the tasks that print a sent message's receipt (`run_script` waits for them).
+_FOLLOW_TASK = "console-follow-"
 
 
 class CommandError(MeshpostError):
@@ -434,6 +437,8 @@ class _Console:
         #: The last line shown for each peer's connection state.
         self.peer_lines: dict[str, str] = {}
         self.stopped_shown = False
+        #: Table width when there is no terminal to ask (`run_script`); None: ask it.
+        self.fixed_width: int | None = None
 
     def fail(self, exc: BaseException) -> None:
         """Print a failure nobody typed a command for; that the node stopped is said once,
@@ -444,8 +449,8 @@ class _Console:
             self.stopped_shown = True
         self.print(format_failure(exc))
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
+        task = asyncio.create_task(coro, name=name)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -456,8 +461,30 @@ class _Console:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
+    async def run_line(self, line: str) -> bool:
+        """Perform one typed line, printing what it shows or why it failed; False once the
+        user wants to leave. A failure never ends the console."""
+        try:
+            return await self.handle(parse_command(line))
+        except MeshpostError as exc:
+            self.stopped_shown |= isinstance(exc, NodeStopped)
+            self.print(format_failure(exc))
+        except Exception as exc:  # keep the console alive; the log has details
+            log.exception("console command %r failed", line)
+            self.print(format_failure(exc))
+        return True
+
+    async def settle(self, timeout_s: float) -> None:
+        """Wait (at most `timeout_s`) until every message sent has shown its receipt or that
+        it is queued: the end of a script must not cut those lines off."""
+        follows = [t for t in self.tasks if t.get_name().startswith(_FOLLOW_TASK)]
+        if follows:
+            await asyncio.wait(follows, timeout=timeout_s)
+
     @property
     def width(self) -> int:
+        if self.fixed_width is not None:
+            return self.fixed_width
         try:
             return get_app_session().output.get_size().columns
         except Exception:  # an output that cannot tell its size: any width will do
@@ -647,7 +674,8 @@ class _Console:
                 self.print(format_refused_by(handle.to, refusals[handle.to]))
             elif announced:
                 self.print(format_queued(handle.to))
-            self.spawn(self.follow(handle, announced=announced, progress=many))
+            self.spawn(self.follow(handle, announced=announced, progress=many),
+                       name=f"{_FOLLOW_TASK}{handle.to}")
 
     def prompt_text(self) -> str:
         to = f" → {self.last_target}" if self.last_target else ""
@@ -710,15 +738,8 @@ async def run_console(
                         line = await session.prompt_async(console.prompt_text)
                     except (EOFError, KeyboardInterrupt):
                         break
-                    try:
-                        if not await console.handle(parse_command(line)):
-                            break
-                    except MeshpostError as exc:
-                        console.stopped_shown |= isinstance(exc, NodeStopped)
-                        console.print(format_failure(exc))
-                    except Exception as exc:  # keep the console alive; the log has details
-                        log.exception("console command %r failed", line)
-                        console.print(format_failure(exc))
+                    if not await console.run_line(line):
+                        break
         finally:
             node.unsubscribe(events)
             await console.close()
@@ -727,6 +748,39 @@ async def run_console(
                 printing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await printing
+
+
+async def run_script(
+    node: ConsoleNode,
+    lines: AsyncIterator[str],
+    *,
+    printer: Printer | None = None,
+    width: int | None = None,
+    receipt_wait_s: float = RECEIPT_WAIT_S,
+) -> None:
+    """Run console commands that come from a pipe or a file (`meshpost attach < script`),
+    one a line, until `/quit` or their end, then wait (at most `receipt_wait_s`) for the
+    receipts of what they sent. Lines go to `printer` (default: standard output) as plain
+    text: no prompt, no terminal control, in the order they come."""
+    console = _Console(node, printer or _print_line, receipt_wait_s)
+    console.fixed_width = width or terminal_width()
+    events = node.subscribe()
+    try:
+        console.print(f"meshpost console of {node.name}; commands from standard input")
+        console.show_current_peers()
+        console.spawn(console.watch(events))
+        async for line in lines:
+            console.print(f"{console.prompt_text()}{line.rstrip(chr(10))}")
+            if not await console.run_line(line):
+                break
+        await console.settle(receipt_wait_s + PRINT_DRAIN_S)
+    finally:
+        node.unsubscribe(events)
+        await console.close()
+
+
+def _print_line(text: str) -> None:
+    print(text, flush=True)
 
 
 __all__ = [
@@ -762,4 +816,5 @@ __all__ = [
     "render_peers_table",
     "render_stats",
     "run_console",
+    "run_script",
 ]

@@ -97,3 +97,34 @@ def test_attached_console_notices_that_its_node_died(short_tmp: Path) -> None:
     assert all("node 'A' stopped" in line for line in stopped)
     first = lines.index(stopped[0])
     assert lines[first + 1:help_at] == stopped[1:], lines
+
+
+def test_attach_with_commands_on_a_pipe_runs_them_and_prints_plain_lines(
+    short_tmp: Path,
+) -> None:
+    """`printf '@B hi\\n/peers\\n' | meshpost attach --node A`: prompt_toolkit used to warn
+    "Input is not a terminal", echo each line twice behind escape codes, and exit before the
+    receipt came. Now each command and its answer are plain lines, the receipt included."""
+    import subprocess
+    import sys
+
+    cluster = LocalCluster.create(short_tmp, 2, transport="ipc")
+    try:
+        cluster.start()
+        done = subprocess.run(
+            [sys.executable, "-m", "meshpost", "attach", "--node", "A", "--data",
+             str(cluster.data_dir("A"))],
+            input="@B hi from a script\n/peers\n/bogus\n", capture_output=True, text=True,
+            timeout=60)
+    finally:
+        cluster.stop()
+    assert done.returncode == 0, done.stderr
+    assert "not a terminal" not in done.stderr
+    assert "\x1b" not in done.stdout
+    lines = done.stdout.splitlines()
+    assert "A> @B hi from a script" in lines
+    assert "… A → B: hi from a script (pending)" in lines
+    assert any(line.startswith("✓ delivered to B at ") for line in lines), lines
+    assert "✗ unknown command `/bogus`; type /help for the list" in lines
+    with StoreReader.for_data_dir(cluster.data_dir("B")) as reader:
+        assert [m.body for m in reader.history(direction="in")] == ["hi from a script"]

@@ -7,7 +7,7 @@ import dataclasses
 import datetime
 import io
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -47,6 +47,7 @@ from meshpost.console import (
     render_peers_table,
     render_stats,
     run_console,
+    run_script,
 )
 from meshpost.errors import EmptyMessage, MessageRejected, UnknownPeer
 from meshpost.node import (
@@ -1024,3 +1025,41 @@ def test_render_history_names_the_kind_of_pattern_messages() -> None:
                                kind="group", ref="g1")
     assert "(group)" not in render_history([copy], me="A", tz=UTC, width=140, group="team")
     assert "(group) hi team" in render_history([copy], me="A", tz=UTC, width=140)
+
+
+def test_a_script_runs_each_line_prints_plainly_and_waits_for_the_receipts(
+    node: FakeNode,
+) -> None:
+    """`meshpost attach < script`: each line echoed after the prompt, its output below, and
+    the end of the script waits for the receipts of what it sent."""
+    printed: list[str] = []
+
+    async def lines() -> AsyncIterator[str]:
+        for line in ("@B hi\n", "/stats\n", "/bogus\n", "again\n"):
+            yield line
+
+    async def deliver_when_posted() -> None:
+        delivered = 0
+        while delivered < 2:
+            while len(node.handles) <= delivered:
+                await asyncio.sleep(0.01)
+            node.deliver(node.handles[delivered])
+            delivered += 1
+
+    async def main() -> None:
+        deliverer = asyncio.create_task(deliver_when_posted())
+        await asyncio.wait_for(run_script(node, lines(), printer=printed.append, width=100),
+                               STEP_TIMEOUT_S * 4)
+        await asyncio.wait_for(deliverer, STEP_TIMEOUT_S)
+
+    asyncio.run(main())
+    assert node.queues == [], "the script must unsubscribe when it ends"
+    assert printed[0] == "meshpost console of A; commands from standard input"
+    assert "A> @B hi" in printed
+    assert "A → B> /bogus" in printed
+    assert "✗ unknown command `/bogus`; type /help for the list" in printed
+    assert "A → B> again" in printed
+    assert any(re.match(r"^sent\s+1$", line, re.M) for line in printed)
+    receipts = [line for line in printed if line.startswith("✓ delivered to B at ")]
+    assert len(receipts) == 2, printed
+    assert printed.index("A> @B hi") < printed.index(receipts[0])

@@ -23,6 +23,8 @@ from meshpost.config import (
 from meshpost.errors import EXIT_OK, ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from meshpost.cli.common import Subcommands
     from meshpost.roles import NodeRoles
 
@@ -135,11 +137,24 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 async def _attach(folder: Path, name: str) -> None:
-    from meshpost.console import run_console
+    from meshpost.console import run_console, run_script
     from meshpost.remote import RemoteNode
 
     async with RemoteNode(folder, name=name) as remote:
-        await run_console(remote)
+        if sys.stdin.isatty():
+            await run_console(remote)
+        else:
+            # Commands from a pipe or a file: plain lines out, no prompt_toolkit screen
+            # (which warned "Input is not a terminal" and echoed each line twice).
+            await run_script(remote, _stdin_lines())
+
+
+async def _stdin_lines() -> AsyncIterator[str]:
+    """Standard input's lines as they come (a pipe may be slow), without blocking the loop."""
+    import asyncio
+
+    while line := await asyncio.to_thread(sys.stdin.readline):
+        yield line
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -201,7 +216,9 @@ def add_node(sub: Subcommands) -> None:
 
 def add_attach(sub: Subcommands) -> None:
     """`meshpost attach --node NAME`."""
-    p = sub.add_parser("attach", help="console for a running (e.g. headless) node")
+    p = sub.add_parser("attach", help="console for a running (e.g. headless) node; with "
+                                      "standard input not a terminal, runs its commands "
+                                      "(one a line) and prints plainly")
     p.add_argument("--node", required=True)
     p.add_argument("--data")
     p.set_defaults(func=cmd_attach)
