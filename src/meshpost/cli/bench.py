@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from meshpost.cli.common import at_least
+
 if TYPE_CHECKING:
     from meshpost.cli.common import Subcommands
 
@@ -26,14 +28,15 @@ def add_bench(sub: Subcommands) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                    help="scenarios to run (listed below; default: all)")
-    p.add_argument("--messages", type=int, default=200_000,
+    p.add_argument("--messages", type=at_least(1), default=200_000,
                    help="throughput messages (mesh-saturated: split over its nodes)")
-    p.add_argument("--size", type=int, default=100, help="body size in bytes")
-    p.add_argument("--nodes", type=int, default=20, help="nodes of both mesh scenarios")
-    p.add_argument("--mesh-messages", type=int, default=2_000, help="messages per mesh node")
-    p.add_argument("--latency-messages", type=int, default=20_000)
-    p.add_argument("--backlog-messages", type=int, default=1_000_000)
-    p.add_argument("--tasks", type=int, default=DEFAULT_TASKS,
+    p.add_argument("--size", type=at_least(1), default=100, help="body size in bytes")
+    p.add_argument("--nodes", type=at_least(2), default=20, help="nodes of both mesh scenarios")
+    p.add_argument("--mesh-messages", type=at_least(1), default=2_000,
+                   help="messages per mesh node")
+    p.add_argument("--latency-messages", type=at_least(1), default=20_000)
+    p.add_argument("--backlog-messages", type=at_least(1), default=1_000_000)
+    p.add_argument("--tasks", type=at_least(1), default=DEFAULT_TASKS,
                    help="tasks of work-queue (and of its raw PUSH/PULL pipeline)")
     p.add_argument("--sync", choices=["full", "normal"], default="full")
     p.add_argument("--transport", choices=["tcp", "ipc"], default="tcp")
@@ -43,16 +46,16 @@ def add_bench(sub: Subcommands) -> None:
                    "scenario, benchmarks/results/SCENARIO[+SCENARIO...] for chosen ones)")
     p.add_argument("--uvloop", action="store_true", help="uvloop for in-process/driver nodes")
     p.add_argument("--window", type=int, help="NodeConfig.window for the pair scenarios")
-    p.add_argument("--repeat", type=int, default=3,
+    p.add_argument("--repeat", type=at_least(1), default=3,
                    help="runs of ceiling and pair-throughput; the best of each counts")
-    p.add_argument("--hog", type=int, default=0, metavar="N",
+    p.add_argument("--hog", type=at_least(0), default=0, metavar="N",
                    help="pair-throughput and mesh-saturated beside N busy-looping processes (a "
                    "CPU hog, stopped after each run): retransmissions per message under load")
     p.add_argument("--keep", action="store_true", help="keep the nodes' work files")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--per-process", type=int, metavar="K",
+    p.add_argument("--per-process", type=at_least(1), metavar="K",
                    help="mesh: K nodes in each helper process (many nodes on few cores)")
-    p.add_argument("--fanout", type=int, metavar="k",
+    p.add_argument("--fanout", type=at_least(1), metavar="k",
                    help="mesh: each node sends to k random peers (a partial mesh, default "
                    "timers) instead of all")
     p.add_argument("--idle-seconds", type=float, metavar="S",

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from meshpost.cli.common import at_least
 from meshpost.errors import EXIT_NOT_RUNNING, EXIT_OK, ClusterNotRunning, MeshpostError
 
 #: `cluster up` prints the commands for every node up to this many, for the first few beyond.
@@ -179,7 +180,7 @@ def add_cluster(sub: Subcommands) -> None:
     csub = p.add_subparsers(dest="action", required=True)
     up = csub.add_parser("up", help="start N nodes in the background and wait until each "
                          "answers; exit 8 naming the ones that did not")
-    up.add_argument("count", type=int)
+    up.add_argument("count", type=at_least(1))
     up.add_argument("--base-port", type=int)
     up.add_argument("--transport", choices=["tcp", "ipc"], default="tcp")
     up.add_argument("--data", help="folder for the cluster (default: the user data dir's "
@@ -188,9 +189,9 @@ def add_cluster(sub: Subcommands) -> None:
     up.add_argument("--secure", action="store_true")
     up.add_argument("--replace", action="store_true",
                     help="stop a cluster already running in that folder first")
-    up.add_argument("--per-process", type=int, metavar="K",
+    up.add_argument("--per-process", type=at_least(1), metavar="K",
                     help="run K nodes in each process (`meshpost host`) instead of one")
-    up.add_argument("--peers-per-node", type=int, metavar="k",
+    up.add_argument("--peers-per-node", type=at_least(1), metavar="k",
                     help="each node lists k random others (a partial mesh; about 2k links "
                          "each) instead of every node")
     # Roles, named as `meshpost node`'s flags and written into each node's [nodes.NAME]

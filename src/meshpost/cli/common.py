@@ -8,10 +8,11 @@ import argparse
 import logging
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshpost.config import default_data_dir
+from meshpost.config import NAME_PATTERN, default_data_dir
 from meshpost.errors import InvalidMessage
 
 if TYPE_CHECKING:
@@ -47,6 +48,37 @@ def timeout_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not between 0 and {MAX_TIMEOUT_S:g} seconds")
     return value
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: a whole number from `minimum` up (`demo --nodes 1` used to end in a
+    ValueError traceback, `cluster up 0` to start nothing and exit 0)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is too few: give {minimum} or more")
+        return value
+
+    parse.__name__ = f"whole number from {minimum}"  # what argparse names in its errors
+    return parse
+
+
+def name_argument(what: str) -> Callable[[str], str]:
+    """argparse type: a node, group or queue name (1-63 of A-Z a-z 0-9 _ . -, first a letter
+    or digit), said as what it names (`keys generate --node 'bad name'` used to write a key
+    line no authorized_keys file can hold)."""
+    def parse(text: str) -> str:
+        if not NAME_PATTERN.fullmatch(text):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is no {what} name: use 1-63 ASCII letters, digits, '_', '.', '-', "
+                "starting with a letter or digit")
+        return text
+
+    parse.__name__ = f"{what} name"
+    return parse
 
 
 def lease_seconds(text: str) -> float:

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meshpost.cli.common import setup_logging
+from meshpost.cli.common import at_least, setup_logging
 
 if TYPE_CHECKING:
     from meshpost.cli.common import Subcommands
@@ -34,7 +34,7 @@ def add_pipeline(sub: Subcommands) -> None:
     psub = p.add_subparsers(dest="pipeline_command", required=True)
     demo = psub.add_parser("demo", help="run it with a worker killed mid-run; exit 0 only "
                                         "if every result arrived once")
-    demo.add_argument("--tasks", type=int, default=200)
+    demo.add_argument("--tasks", type=at_least(1), default=200)
     demo.add_argument("--keep", action="store_true", help="keep the data directories")
     demo.set_defaults(func=cmd_pipeline)
 
@@ -42,8 +42,8 @@ def add_pipeline(sub: Subcommands) -> None:
 def add_demo(sub: Subcommands) -> None:
     """`meshpost demo`."""
     p = sub.add_parser("demo", help="run a local mesh, send, verify both stores, exit")
-    p.add_argument("--nodes", type=int, default=5)
-    p.add_argument("--messages", type=int, default=20)
+    p.add_argument("--nodes", type=at_least(2), default=5)
+    p.add_argument("--messages", type=at_least(0), default=20)
     p.add_argument("--data", help="keep the demo's files here (default: a temp dir)")
     p.add_argument("--secure", action="store_true")
     p.set_defaults(func=cmd_demo)

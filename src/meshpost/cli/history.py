@@ -141,6 +141,10 @@ def cmd_tail(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         raise ConfigError(f"--count wants a whole number of messages, 1 or more, not "
                           f"{args.count}")
+    if args.until is not None and not args.until.strip():
+        # An empty or blank message is never stored: tail would wait for ever.
+        raise ConfigError("--until wants the text of the message that ends the tail (no "
+                          "message is empty), e.g. --until x")
     shown = 0
     with ControlClient(data_dir(args), name=args.node) as client:
         # The node's cursor of now: messages stored from here on are shown, none skipped,

@@ -10,7 +10,7 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from meshpost.cli.common import data_dir, struct_dict, timeout_seconds
+from meshpost.cli.common import data_dir, name_argument, struct_dict, timeout_seconds
 from meshpost.errors import EXIT_OK
 
 if TYPE_CHECKING:
@@ -50,7 +50,8 @@ def add_queue(sub: Subcommands) -> None:
     qsub = p.add_subparsers(dest="queue_command", required=True)
     status = qsub.add_parser("status", help="workers (live, suspect, in flight) and tasks "
                                             "waiting, in flight, leased, done, redelivered")
-    status.add_argument("queue", nargs="?", help="only this queue (default: every one known)")
+    status.add_argument("queue", nargs="?", type=name_argument("queue"),
+                        help="only this queue (default: every one known)")
     status.add_argument("--node", required=True)
     status.add_argument("--data")
     status.add_argument("--json", action="store_true", help="one JSON array of QueueStatus")

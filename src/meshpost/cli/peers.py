@@ -9,7 +9,7 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from meshpost.cli.common import data_dir, struct_dict
+from meshpost.cli.common import data_dir, name_argument, struct_dict
 from meshpost.errors import EXIT_OK
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def add_group(sub: Subcommands) -> None:
     """`meshpost group join|leave|members G --node A`."""
     p = sub.add_parser("group", help="join or leave a group at run time, or list its members")
     p.add_argument("action", choices=["join", "leave", "members"])
-    p.add_argument("group")
+    p.add_argument("group", type=name_argument("group"))
     p.add_argument("--node", required=True)
     p.add_argument("--data")
     p.set_defaults(func=cmd_group)

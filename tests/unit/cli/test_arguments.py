@@ -3,6 +3,8 @@ what it takes) before any node is asked: no traceback, no internal error, no odd
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from meshpost.cli import build_parser
@@ -24,3 +26,37 @@ def test_a_task_lease_above_zero_and_at_most_a_day_is_taken(lease: str, seconds:
     args = build_parser().parse_args(["task", "--node", "A", "--queue", "q", "--sink", "S",
                                       "--lease", lease, "hola"])
     assert args.lease == seconds
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--nodes", "1"],  # used to end in a ValueError traceback from random.sample
+    ["demo", "--messages", "-1"],
+    ["pipeline", "demo", "--tasks", "0"],
+    ["cluster", "up", "0"],  # used to start nothing and exit 0
+    ["cluster", "up", "-1"],
+    ["cluster", "up", "3", "--per-process", "0"],
+    ["cluster", "up", "3", "--peers-per-node", "0"],
+    ["bench", "--messages", "-5"],  # used to run the benchmark with its default count
+    ["bench", "--size", "0"],
+    ["bench", "--nodes", "1"],
+    ["bench", "--repeat", "0"],
+    ["keys", "generate", "--node", "bad name"],  # used to write an unusable key line
+    ["keys", "show", "--node", "ñ"],
+    ["group", "join", "bad name!", "--node", "A"],  # used to be called an invalid node name
+    ["queue", "status", "x y", "--node", "A"],  # used to report on a queue nobody can have
+])
+def test_counts_and_names_out_of_range_are_usage_errors_naming_the_option(
+    argv: list[str], capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument" in err
+    assert "too few" in err or "name" in err
+
+
+def test_tail_until_an_empty_text_is_refused_before_waiting_for_ever(tmp_path: Path) -> None:
+    from meshpost.cli import main
+
+    assert main(["tail", "--node", "A", "--data", str(tmp_path), "--until", ""]) == 2
