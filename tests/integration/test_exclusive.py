@@ -81,5 +81,7 @@ def test_a_request_to_a_peer_that_refuses_this_node_says_why(trio: LocalCluster)
                        "B", "--timeout", "3", "hola")
     assert refused.returncode == 3, refused.stderr
     assert "no reply from 'B'" in refused.stderr
+    assert "B refuses this node: the message is delivered only once B accepts it" in (
+        refused.stderr)
     assert ("B: exclusive: 'B' is in an exclusive pair with 'A' and accepts no other peer"
             in refused.stderr), refused.stderr

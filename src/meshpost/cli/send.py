@@ -249,7 +249,10 @@ def _why_unreachable(args: argparse.Namespace, peers: set[str]) -> None:
     with contextlib.suppress(MeshpostError), ControlClient(data_dir(args), name=args.node) as c:
         for p in checked(c.request(StatusRequest(), timeout_s=5)).peers:
             if p.name in peers and p.refusal:
-                print(f"  {p.name}: {clean(p.refusal)}", file=sys.stderr)
+                # "Delivered when the peer is reachable" is not the whole story here: it is
+                # reachable, and refuses this node until its configuration or keys change.
+                print(f"  {p.name}: {clean(p.refusal)} ({p.name} refuses this node: the "
+                      f"message is delivered only once {p.name} accepts it)", file=sys.stderr)
 
 
 def cmd_task(args: argparse.Namespace) -> int:
