@@ -40,6 +40,13 @@ def _fmt_time(ns: int | None) -> str:
     return format_time(ns)
 
 
+def _not_to_itself(args: argparse.Namespace) -> None:
+    """`--to` naming the sending node itself: say so (the node would answer "unknown peer")."""
+    if args.to == args.node:
+        raise ConfigError(f"{args.node} is the node that sends: give --to one of its peers, "
+                          f"a group or all (`meshpost peers --node {args.node}` lists them)")
+
+
 def _bodies(args: argparse.Namespace) -> list[str]:
     """The message(s) to send: TEXT, else `-f FILE`, else standard input; with `--lines`,
     one message per non-empty line."""
@@ -75,6 +82,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     from meshpost.control import ControlClient, ErrorReply, SendReply, SendRequest, checked
     from meshpost.text import clean
 
+    _not_to_itself(args)
     bodies = _bodies(args)
     if not any(body.strip() for body in bodies):
         raise EmptyCommandText()
@@ -135,6 +143,7 @@ def cmd_request(args: argparse.Namespace) -> int:
     from meshpost.control import AnswerReply, ControlClient, PeerRequest, checked
     from meshpost.text import clean
 
+    _not_to_itself(args)
     body = " ".join(args.text)
     if not body.strip():
         raise EmptyCommandText()

@@ -60,3 +60,13 @@ def test_tail_until_an_empty_text_is_refused_before_waiting_for_ever(tmp_path: P
     from meshpost.cli import main
 
     assert main(["tail", "--node", "A", "--data", str(tmp_path), "--until", ""]) == 2
+
+
+@pytest.mark.parametrize("command", ["send", "request"])
+def test_sending_to_the_sending_node_itself_says_so(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from meshpost.cli import main
+
+    assert main([command, "--node", "A", "--data", str(tmp_path), "--to", "A", "hi"]) == 2
+    assert "A is the node that sends" in capsys.readouterr().err
