@@ -13,6 +13,17 @@ if TYPE_CHECKING:
     from meshpost.cli.common import Subcommands
 
 
+def _scenario(name: str) -> str:
+    """argparse type of a SCENARIO: a registered name or alias (an unknown one used to end
+    the run with exit 1, the code of an internal error)."""
+    from meshpost.bench.options import ALIASES, SCENARIOS
+
+    if ALIASES.get(name, name) not in SCENARIOS:
+        raise argparse.ArgumentTypeError(
+            f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)} (see --help)")
+    return name
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from meshpost.bench import options_from_args, run
 
@@ -26,7 +37,7 @@ def add_bench(sub: Subcommands) -> None:
     p = sub.add_parser("bench", help="benchmark against raw pyzmq (and brokers); see --help",
                        epilog=scenario_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", type=_scenario,
                    help="scenarios to run (listed below; default: all)")
     p.add_argument("--messages", type=at_least(1), default=200_000,
                    help="throughput messages (mesh-saturated: split over its nodes)")

@@ -70,3 +70,14 @@ def test_sending_to_the_sending_node_itself_says_so(
 
     assert main([command, "--node", "A", "--data", str(tmp_path), "--to", "A", "hi"]) == 2
     assert "A is the node that sends" in capsys.readouterr().err
+
+
+def test_an_unknown_bench_scenario_is_a_usage_error_listing_the_scenarios(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["bench", "pair-latency", "nosuch"])
+    assert exited.value.code == 2  # it was 1, the code of an internal error
+    assert "unknown scenario 'nosuch'; choose from ceiling, pair-throughput" in (
+        capsys.readouterr().err)
+    assert build_parser().parse_args(["bench", "pair-latency"]).scenarios == ["pair-latency"]
