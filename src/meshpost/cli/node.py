@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshpost.cli.common import data_dir, setup_logging
+from meshpost.cli.common import data_dir, name_argument, setup_logging
 from meshpost.config import (
     MeshConfig,
     NodeConfig,
@@ -200,7 +200,8 @@ def add_node(sub: Subcommands) -> None:
                    help="address beacons are heard on (default all interfaces)")
     p.add_argument("--beacon-to", action="append", default=[], metavar="HOST:PORT",
                    help="where beacons go (repeat; default 255.255.255.255:PORT)")
-    p.add_argument("--mesh", metavar="NAME", help="only join nodes of this mesh name")
+    p.add_argument("--mesh", metavar="NAME", type=name_argument("mesh"),
+                   help="only join nodes of this mesh name")
     p.add_argument("--beacon-interval", type=float, metavar="SECONDS",
                    help="seconds between beacons (default 1; silent after 5 of them)")
     p.add_argument("--text-idle-gap", type=float, metavar="SECONDS",

@@ -44,6 +44,7 @@ def test_a_task_lease_above_zero_and_at_most_a_day_is_taken(lease: str, seconds:
     ["keys", "show", "--node", "ñ"],
     ["group", "join", "bad name!", "--node", "A"],  # used to be called an invalid node name
     ["queue", "status", "x y", "--node", "A"],  # used to report on a queue nobody can have
+    ["node", "D", "--bind", "ipc:///tmp/d.sock", "--mesh", "bad name"],  # "node name"
 ])
 def test_counts_and_names_out_of_range_are_usage_errors_naming_the_option(
     argv: list[str], capsys: pytest.CaptureFixture[str],
