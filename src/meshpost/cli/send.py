@@ -277,6 +277,11 @@ def cmd_task(args: argparse.Namespace) -> int:
                                        timeout_s=60))
     for task_id in reply.task_ids:
         print(task_id)
+    # Standard output stays the ids alone (scripts read them); the person reads this line.
+    print(f"meshpost task: {len(reply.task_ids)} task(s) queued on {args.queue!r} (ids above); "
+          f"each result goes to {args.sink}: `meshpost history --node {args.sink}`, "
+          f"progress: `meshpost queue status {args.queue} --node {args.node}`",
+          file=sys.stderr)
     return EXIT_OK
 
 

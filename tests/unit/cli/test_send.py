@@ -58,3 +58,43 @@ def test_send_lines_says_how_many_were_answered_when_the_node_exits_mid_stream(
     assert out.count("✓ delivered to B") == 2
     assert "2 of 5 messages were answered before A stopped; messages 3-5 may or may not" in err
     assert "stopped (process" in err
+
+
+#: A stand-in node that answers one submit request with two task ids, then exits.
+FAKE_VENTILATOR = textwrap.dedent("""
+    import sys, zmq
+    from meshpost.control.messages import SubmitReply, encoder, request_decoder
+    socket = zmq.Context().socket(zmq.ROUTER)
+    socket.setsockopt(zmq.LINGER, 1000)
+    socket.bind(sys.argv[1])
+    print("ready", flush=True)
+    identity, data = socket.recv_multipart()
+    request = request_decoder.decode(data)
+    reply = SubmitReply(task_ids=["t-1", "t-2"], id=request.id)
+    socket.send_multipart([identity, encoder.encode(reply)])
+    socket.close()
+""")
+
+
+def test_task_prints_the_ids_alone_on_stdout_and_says_where_results_go_on_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    endpoint = f"ipc://{tmp_path}/ctl.sock"
+    node = subprocess.Popen([sys.executable, "-c", FAKE_VENTILATOR, endpoint],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert node.stdout is not None
+        assert node.stdout.readline() == "ready\n"
+        (tmp_path / ENDPOINT_FILE).write_text(f"{endpoint}\n{node.pid}\n")
+        code = main(["task", "--node", "V", "--data", str(tmp_path), "--queue", "upper",
+                     "--sink", "S", "hola", "mundo"])
+    finally:
+        node.kill()
+        node.wait(10)
+        if node.stdout is not None:
+            node.stdout.close()
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert out.split() == ["t-1", "t-2"]  # scripts read the ids
+    assert "2 task(s) queued on 'upper' (ids above); each result goes to S" in err
+    assert "meshpost history --node S" in err and "meshpost queue status upper --node V" in err
