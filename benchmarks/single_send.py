@@ -10,6 +10,9 @@ the machine's load, so an A/B comparison needs one run per side, not many.
     .venv/bin/python benchmarks/single_send.py --sends 5000
     .venv/bin/python benchmarks/single_send.py --sends 400 --callgrind
     .venv/bin/python benchmarks/single_send.py --sends 5000 --concurrent 16   # loaded writer
+
+The callgrind dumps (A.<pid>.1, B.<pid>.1) are kept in `--cg-out` (default: a new folder under
+/tmp, printed) for `callgrind_annotate --inclusive=yes`.
 """
 
 from __future__ import annotations
@@ -154,13 +157,15 @@ def main() -> None:
     parser.add_argument("--transport", default="tcp")
     parser.add_argument("--callgrind", action="store_true")
     parser.add_argument("--profile", type=Path, help="cProfile both sides into this folder")
+    parser.add_argument("--cg-out", type=Path, default=None,
+                        help="keep the callgrind dumps of both sides in this folder")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="single-send-", dir="/tmp"))
     cluster = LocalCluster.create(root, 2, transport=args.transport,
                                   options={"sync": args.sync})
-    cg_dir = root / "cg" if args.callgrind else None
+    cg_dir = (args.cg_out or Path(os.environ["SINGLE_SEND_CG_OUT"])) if args.callgrind else None
     if cg_dir is not None:
-        cg_dir.mkdir()
+        cg_dir.mkdir(parents=True, exist_ok=True)
         _Prefixed.prefix = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                             f"--callgrind-out-file={cg_dir}/B.%p"]
         node_b = _Prefixed("B", cluster.config_path, cluster.data_dir("B"),
@@ -180,12 +185,13 @@ def main() -> None:
     finally:
         cluster.stop()
     if cg_dir is not None:
-        b_ins = instructions(cg_dir / "B.")
-        a_ins = instructions(Path(f"/tmp/single-send-A-cg/A.{os.getpid()}"))
+        b_ins = instructions(cg_dir / f"B.{b.pid}")
+        a_ins = instructions(cg_dir / f"A.{os.getpid()}")
         n = result["sends"]
         assert isinstance(n, int)
         result["instr_A_per_send"] = round(a_ins / n)
         result["instr_B_per_send"] = round(b_ins / n)
+        result["callgrind_dumps"] = str(cg_dir)
     for k, v in result.items():
         print(f"{k}: {round(v, 1) if isinstance(v, float) else v}")
     shutil.rmtree(root, ignore_errors=True)
@@ -195,9 +201,14 @@ if __name__ == "__main__":
     if "--callgrind" in sys.argv and os.environ.get("SINGLE_SEND_UNDER_VALGRIND") != "1":
         # Run this process itself under callgrind too, instrumentation off until the timed
         # phase (the child's dumps are found by their prefix).
-        out = "/tmp/single-send-A-cg"
+        out = tempfile.mkdtemp(prefix="single-send-cg-", dir="/tmp")
+        for i, arg in enumerate(sys.argv):
+            if arg == "--cg-out" and i + 1 < len(sys.argv):
+                out = sys.argv[i + 1]
+            elif arg.startswith("--cg-out="):
+                out = arg.split("=", 1)[1]
         os.makedirs(out, exist_ok=True)
-        env = {**os.environ, "SINGLE_SEND_UNDER_VALGRIND": "1"}
+        env = {**os.environ, "SINGLE_SEND_UNDER_VALGRIND": "1", "SINGLE_SEND_CG_OUT": out}
         sys.exit(subprocess.call(["valgrind", "--tool=callgrind", "--instr-atstart=no",
                                   f"--callgrind-out-file={out}/A.%p", sys.executable,
                                   *sys.argv], env=env))
