@@ -155,6 +155,31 @@ _RECORD_RECEIPT = (
     " WHERE NOT EXISTS (SELECT 1 FROM receipts WHERE peer = ?1 AND first_seq <= ?2"
     " AND last_seq = (SELECT MIN(last_seq) FROM receipts WHERE peer = ?1 AND last_seq >= ?3))"
 )
+#: A sender's commit in a one-at-a-time exchange: its next message and the record of the
+#: previous one's receipt (one range). One INSERT into a TEMP view (this connection's own;
+#: nothing in the file changes) whose INSTEAD OF trigger writes both rows with the SQL of
+#: `_ROWS["out"]` and `_RECORD_RECEIPT`. A single statement is its own transaction in
+#: autocommit mode, so the commit needs no BEGIN IMMEDIATE and COMMIT: 71 -> 63 us CPU.
+_SEND_AND_RECORD_DDL = (
+    "CREATE TEMP VIEW IF NOT EXISTS mp_send_and_record (peer, sender, recipient, stored_at_ns,"
+    " id, seq, body, sent_at_ns, hlc, checksum, r_peer, r_last, r_first, r_stored_at_ns,"
+    " r_received_at_ns, r_arrived_at_ns, r_sync, r_hlc)"
+    " AS SELECT 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1 WHERE 0",
+    "CREATE TEMP TRIGGER IF NOT EXISTS mp_send_and_record_insert"
+    " INSTEAD OF INSERT ON mp_send_and_record BEGIN"
+    " INSERT INTO messages (peer, sender, recipient, stored_at_ns, id, direction, seq, body,"
+    " sent_at_ns, hlc, state, checksum) VALUES (NEW.peer, NEW.sender, NEW.recipient,"
+    " NEW.stored_at_ns, NEW.id, 'out', NEW.seq, NEW.body, NEW.sent_at_ns, NEW.hlc, 'pending',"
+    " NEW.checksum);"
+    " INSERT INTO receipts (peer, last_seq, first_seq, stored_at_ns, received_at_ns,"
+    " arrived_at_ns, sync, hlc) SELECT NEW.r_peer, NEW.r_last, NEW.r_first, NEW.r_stored_at_ns,"
+    " NEW.r_received_at_ns, NEW.r_arrived_at_ns, NEW.r_sync, NEW.r_hlc"
+    " WHERE NOT EXISTS (SELECT 1 FROM receipts WHERE peer = NEW.r_peer"
+    " AND first_seq <= NEW.r_last AND last_seq = (SELECT MIN(last_seq) FROM receipts"
+    " WHERE peer = NEW.r_peer AND last_seq >= NEW.r_first));"
+    " END",
+)
+_SEND_AND_RECORD = f"INSERT INTO mp_send_and_record VALUES ({', '.join('?' * 18)})"
 _MARK_REJECTED = (
     "UPDATE messages SET state = 'rejected', reject_reason = ?"
     " WHERE direction = 'out' AND peer = ? AND seq = ? AND state = 'pending'"
@@ -196,6 +221,22 @@ def _one_direct_row(batch: WriteBatch) -> Envelope | None:
     else:
         return None
     return m if m.header is None else None
+
+
+def _send_and_record(batch: WriteBatch) -> tuple[Envelope, Delivery, int, int] | None:
+    """(message, delivery, first seq, last seq) of a batch that writes one direct outgoing
+    message and one receipt of one range, and nothing else (`_SEND_AND_RECORD`), else None."""
+    if (len(batch.outgoing) != 1 or len(batch.deliveries) != 1 or batch.incoming
+            or batch.rejections or batch.tasks):
+        return None
+    m, d = batch.outgoing[0], batch.deliveries[0]
+    if m.header is not None:
+        return None
+    seqs = d.seqs
+    if len(seqs) == 1:
+        return m, d, seqs[0], seqs[0]
+    ranges = to_ranges(seqs)
+    return (m, d, *ranges[0]) if len(ranges) == 1 else None
 
 
 def _row_values(
@@ -344,6 +385,9 @@ class Store:
         self._conn = conn
         self._lock = lock
         self._waits_for_lock = True
+        with translated(path):
+            for ddl in _SEND_AND_RECORD_DDL:
+                conn.execute(ddl)
         self._max_rows_per_statement = rows_per_statement(
             conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         )
@@ -461,6 +505,10 @@ class Store:
             one = _one_direct_row(batch)
             if one is not None:
                 return self._apply_one_row(one, batch, stored_at_ns)
+            pair = _send_and_record(batch)
+            if pair is not None:
+                self._send_and_record(*pair, stored_at_ns)
+                return []
             conn.execute("BEGIN IMMEDIATE")
             try:
                 if batch.tasks:  # first: a task message in this batch marks its row assigned
@@ -522,6 +570,18 @@ class Store:
         if self._conn.total_changes - before == 1:
             return [IncomingResult([m.seq], [])]
         return [self._classify_incoming(batch.incoming[0], stored_at_ns)]
+
+    def _send_and_record(
+        self, m: Envelope, d: Delivery, lo: int, hi: int, stored_at_ns: int
+    ) -> None:
+        """`apply` for one outgoing message and one receipt range (`_SEND_AND_RECORD`): both
+        rows, or (the statement failing) neither."""
+        values = _row_values((m,), self._scratch)
+        assert values is not None  # one direct message (`_send_and_record`)
+        r = d.receipt
+        self._conn.execute(_SEND_AND_RECORD, [
+            m.recipient, m.sender, m.recipient, stored_at_ns, *values,
+            d.peer, hi, lo, r.stored_at_ns, r.received_at_ns, d.arrived_at_ns, r.sync, r.hlc])
 
     def _insert(self, messages: Sequence[Envelope], direction: str, stored_at_ns: int) -> int:
         """Insert rows of one direction, a few multi-row statements per link; returns how

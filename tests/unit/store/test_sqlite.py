@@ -371,13 +371,69 @@ def test_a_one_row_batch_is_one_statement_with_the_same_outcomes(store: Store) -
     assert not store._conn.in_transaction
     assert store.execute_raw("SELECT direction, body, stored_at_ns FROM messages ORDER BY rowid"
                              ) == [("in", "yo", T), ("out", "hi", T)]
-    # A receipt beside the row makes it two statements: one transaction again.
+    # A receipt of two ranges beside the row makes it two statements and more: one
+    # transaction again. (A receipt of one range beside it is one statement:
+    # test_a_message_and_one_receipt_range_are_one_statement_writing_both_rows.)
     statements.clear()
     store._conn.set_trace_callback(statements.append)
     store.apply(WriteBatch(outgoing=[out(2)],
-                           deliveries=[Delivery("bob", [1], receipt(), T)]), T)
+                           deliveries=[Delivery("bob", [1, 3], receipt(), T)]), T)
     store._conn.set_trace_callback(None)
     assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"
+
+
+def test_a_message_and_one_receipt_range_are_one_statement_writing_both_rows(
+    store: Store, tmp_path: Path,
+) -> None:
+    """A sender's commit in a one-at-a-time exchange (its message and the previous one's
+    receipt) is one INSERT, no BEGIN/COMMIT, and writes what the general path writes."""
+    other = Store.open(tmp_path / "other", name="alice", sync="normal")
+    try:
+        store.apply(WriteBatch(outgoing=[out(1), out(2)]), T)
+        other.apply(WriteBatch(outgoing=[out(1), out(2)]), T)
+        statements: list[str] = []
+        store._conn.set_trace_callback(statements.append)
+        for seq, settled in ((3, [1, 2]), (4, [3])):
+            batch = WriteBatch(outgoing=[out(seq)],
+                               deliveries=[Delivery("bob", settled, receipt(stored_at=seq), 9)])
+            assert store.apply(batch, T + seq) == []
+            # The same rows written apart: the row alone, then the record in a transaction.
+            other.apply(WriteBatch(outgoing=batch.outgoing), T + seq)
+            other.apply(WriteBatch(deliveries=batch.deliveries), T + seq)
+        store._conn.set_trace_callback(None)
+        # (SQLite traces the statement again for each part of its trigger.)
+        assert all(s.startswith("INSERT INTO mp_send_and_record") for s in statements)
+        assert len(set(statements)) == 2
+        assert not store._conn.in_transaction
+        assert states(store) == {1: "delivered", 2: "delivered", 3: "delivered", 4: "pending"}
+        rows = "SELECT * FROM message_rows ORDER BY seq"
+        receipts = "SELECT * FROM receipts ORDER BY last_seq"
+        assert store.execute_raw(receipts) == [("bob", 2, 1, 3, 2, 9, "full", 99),
+                                               ("bob", 3, 3, 4, 2, 9, "full", 99)]
+        assert [r[1:] for r in store.execute_raw(rows)] == [
+            r[1:] for r in other.execute_raw(rows)]
+        assert_counts_match_the_view(store)
+    finally:
+        other.close()
+
+
+def test_a_message_and_its_receipt_range_fail_together_and_a_repeated_record_is_left_out(
+    store: Store,
+) -> None:
+    store.apply(WriteBatch(outgoing=[out(1)]), T)
+    with pytest.raises(StoreError, match="UNIQUE"):  # its message is refused: no record either
+        store.apply(WriteBatch(outgoing=[out(1, body="again")],
+                               deliveries=[Delivery("bob", [1], receipt(), 9)]), T)
+    assert store.execute_raw("SELECT COUNT(*) FROM receipts") == [(0,)]
+    assert not store._conn.in_transaction
+    store.apply(WriteBatch(outgoing=[out(2)],
+                           deliveries=[Delivery("bob", [1], receipt(stored_at=7), 9)]), T)
+    store.apply(WriteBatch(outgoing=[out(3)],
+                           deliveries=[Delivery("bob", [1], receipt(stored_at=70), 9)]), T)
+    # The first receipt stands, as when it is recorded on its own.
+    assert store.execute_raw("SELECT first_seq, last_seq, stored_at_ns FROM receipts") == [
+        (1, 1, 7)]
+    assert states(store) == {1: "delivered", 2: "pending", 3: "pending"}
 
 
 def test_an_empty_batch_is_falsy_and_harmless(store: Store) -> None:
