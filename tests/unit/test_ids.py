@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 from meshpost.node.core import _IdFactory
 
@@ -25,3 +26,26 @@ def test_ids_stay_unique_and_28_hex_digits() -> None:
     made = [ids(WALL) for _ in range(1000)] + ids.many(WALL, 5000)
     assert len(set(made)) == len(made)
     assert {len(i) for i in made} == {28}
+
+
+def test_a_forked_child_does_not_reuse_its_parents_randomness() -> None:
+    """Single ids are cut from randomness drawn ahead: a child forked with some of it left
+    must draw its own, or parent and child would make the same ids."""
+    ids = _IdFactory()
+    ids(WALL)  # randomness for the next ids is drawn now, before the fork
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(write, ",".join(ids(WALL) for _ in range(8)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        with os.fdopen(read) as pipe:
+            child = pipe.read().split(",")
+    finally:
+        os.waitpid(pid, 0)
+    parent = [ids(WALL) for _ in range(8)]
+    assert len(child) == 8
+    assert not set(child) & set(parent)

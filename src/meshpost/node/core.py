@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -124,17 +125,39 @@ MESSAGES_POLL_S = 1.0
 _HEX3 = [f"{i:03x}" for i in range(4096)]
 
 
+#: Random 64-bit id tails drawn from the OS at once (`_IdFactory`): one getrandom call per
+#: this many single ids, not one each.
+_ID_POOL = 256
+#: Factories whose drawn randomness a forked child must not reuse (its parent uses it too).
+_ID_FACTORIES: weakref.WeakSet[_IdFactory] = weakref.WeakSet()
+
+
 class _IdFactory:
     """Message ids: 12 hex digits of milliseconds, then 64 bits that are random for each id
     (or each run of ids made together, which then count up from a random start).
 
     Time-ordered (index appends, not random inserts), unique without coordination, and not
     guessable from the ids a peer has seen (issue 16: a counter anyone could read off one
-    message let a peer pre-claim another's next ids), at one `randbits` per call.
+    message let a peer pre-claim another's next ids). A single id's 64 bits are cut from
+    `_ID_POOL` draws of the OS's randomness made at once, as hex: a slice per id, not a
+    syscall and a `randbits` (a forked child draws its own: `_forget_ids_after_fork`).
     """
 
+    def __init__(self) -> None:
+        self._pool = ""
+        self._at = 0
+        _ID_FACTORIES.add(self)
+
     def __call__(self, wall_ns: int) -> str:
-        return f"{wall_ns // 1_000_000:012x}{secrets.randbits(64):016x}"
+        at = self._at
+        if at >= len(self._pool):
+            self._pool, at = os.urandom(8 * _ID_POOL).hex(), 0
+        self._at = at + 16
+        return f"{wall_ns // 1_000_000:012x}{self._pool[at:at + 16]}"
+
+    def forget(self) -> None:
+        """Drop the randomness drawn so far (a forked child's copy of its parent's)."""
+        self._pool, self._at = "", 0
 
     def many(self, wall_ns: int, count: int) -> list[str]:
         """`count` ids for one instant, consecutive from a random start, built in C."""
@@ -153,6 +176,14 @@ class _IdFactory:
             ids += map(head.__add__, _HEX3[n & 0xFFF : (n & 0xFFF) + block_end - n])
             n = block_end
         return ids
+
+
+def _forget_ids_after_fork() -> None:
+    for factory in list(_ID_FACTORIES):
+        factory.forget()
+
+
+os.register_at_fork(after_in_child=_forget_ids_after_fork)
 
 
 class Node:
@@ -178,6 +209,8 @@ class Node:
         zmq_context: zmq.asyncio.Context | None = None,
     ) -> None:
         self.config = config
+        #: The configured peers' names, made once (`config.peer_names` builds a list).
+        self._configured_peers = frozenset(config.peer_names)
         #: The ZeroMQ context of the default transport (None: its own); a host of many
         #: nodes shares one (one I/O thread, one socket table).
         self._zmq_context = zmq_context
@@ -758,7 +791,8 @@ class Node:
 
         On timeout raises `ReceiptTimeout`; the message stays queued and is still delivered.
         """
-        rules.resolve_peer(to, peers=self.config.peer_names)
+        if to not in self._configured_peers:
+            rules.resolve_peer(to, peers=self.config.peer_names)  # raises UnknownPeer
         self._check_open()
         self.validate_body(body)
         await self._wait_for_room()
