@@ -632,7 +632,10 @@ class Node:
             if failed is not None:
                 failed(failure)
 
-        writer.add_outgoing(envelopes, lambda at: self._outgoing_stored(envelopes, stored, at),
+        # One peer (every send): its link takes them as they are, no grouping by recipient.
+        one = peers[0] if len(peers) == 1 else None
+        writer.add_outgoing(envelopes,
+                            lambda at: self._outgoing_stored(envelopes, stored, at, one),
                             not_stored)
         return handles
 
@@ -992,13 +995,14 @@ class Node:
         self.stats.sent += len(envelopes)
         if stored is not None:
             stored(at)
-        self._crash(CrashPoint.AFTER_SENDER_STORE)
-        by_peer: dict[str, list[Envelope]] = {}
+        if self._crash_at is not None:
+            self._crash(CrashPoint.AFTER_SENDER_STORE)
         if peer is not None:
-            by_peer[peer] = envelopes
-        else:
-            for e in envelopes:
-                by_peer.setdefault(e.recipient, []).append(e)
+            self._links.offer(peer, envelopes)
+            return
+        by_peer: dict[str, list[Envelope]] = {}
+        for e in envelopes:
+            by_peer.setdefault(e.recipient, []).append(e)
         for peer, group in by_peer.items():
             self._links.offer(peer, group)
 

@@ -169,7 +169,9 @@ class Inbound:
         probe = node._probe
         if probe is not None:
             probe.mark(probes.INCOMING_STORED)
-        node._crash(CrashPoint.AFTER_RECEIVER_COMMIT)
+        crash_at = node._crash_at  # a test's crash hook; None in use
+        if crash_at is not None:
+            node._crash(CrashPoint.AFTER_RECEIVER_COMMIT)
         listener, transport = node._listener, node._transport
         if listener is None or transport is None:
             return
@@ -185,14 +187,15 @@ class Inbound:
             arrived,
             committed=result.committed,
             conflicts=result.conflicts,
-            refused=result.refusals(),
+            refused=result.refusals() if result.refused else [],
             stored_at_ns=stored_at,
             replied_at_ns=node.clock.wall_ns(),
             hlc=node.hlc.now(),
         )
         if probe is not None:
             probe.mark(probes.LISTENER_STORED[1])
-        node._crash(CrashPoint.BEFORE_ACK_SEND)
+        if crash_at is not None:
+            node._crash(CrashPoint.BEFORE_ACK_SEND)
         # Queued for `arrived.connection`, the connection the batch came on: `identity`.
         self._reply(identity, [frame for _to, frame in listener.frames_to_send()])
         node.stats.received += new

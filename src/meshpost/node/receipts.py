@@ -181,7 +181,9 @@ class Receipts:
         """
         node = self._node
         assert node._writer is not None
-        node._crash(CrashPoint.AFTER_ACK_RECEIVE)
+        crash_at = node._crash_at  # a test's crash hook; None in use
+        if crash_at is not None:
+            node._crash(CrashPoint.AFTER_ACK_RECEIVE)
         peer, r = event.peer, event.receipt
         if self._waiters:
             for seq in event.seqs:
@@ -195,7 +197,7 @@ class Receipts:
                             recorded_at_ns=event.arrived_at_ns, sync=r.sync,
                         )
                     )
-        if node._crash_at is CrashPoint.AFTER_RECEIPT_REPORTED:
+        if crash_at is not None and crash_at is CrashPoint.AFTER_RECEIPT_REPORTED:
             # Queued before the record's commit, after the waiters' wake-ups: the caller has
             # seen its receipt and the record is not committed when the node dies.
             asyncio.get_running_loop().call_soon(node._crash, CrashPoint.AFTER_RECEIPT_REPORTED)
