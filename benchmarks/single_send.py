@@ -143,6 +143,7 @@ async def drive(cfg_a, sends: int, concurrent: int, b_pid: int, use_cg: bool,
     per.update({f"B:{k}": (b1[k] - b0.get(k, 0)) * 1e6 / n for k in b1})
     return {
         "sends": n, "elapsed_s": elapsed, "p50_us": statistics.median(samples),
+        "p99_us": statistics.quantiles(samples, n=100)[98],
         "cpu_A_us": (an1 - an0) / 1e3 / n, "cpu_B_us": (bn1 - bn0) / 1e3 / n,
         "threads": {k: round(v, 1) for k, v in sorted(per.items()) if v > 0.05},
         "commits_per_send_A": (writer.commits if writer else 0) / max(1, stats.sent),
