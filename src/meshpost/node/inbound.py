@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import operator
+from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,26 @@ REFUSAL_NOTICE_INTERVAL_S = 60.0
 REFUSAL_NOTICE_MEMORY = 256
 
 _HEADER = operator.attrgetter("header")
+
+
+def _fresh(messages: list[Envelope], result: IncomingResult) -> list[Envelope]:
+    """The messages of a stored batch that its commit stored first, in arrival order: not
+    retransmissions, not the later copies of a message the batch repeats.
+
+    The result's lists hold one seq per copy: of the copies carrying a seq, as many are fresh
+    as it is committed and not a duplicate, the first ones (the store's rule: a message is new
+    in its first copy). Only a batch that reuses one seq for two different messages (which
+    no dialer sends: its receipt could settle only one of them) can make this ambiguous."""
+    if not (result.duplicates or result.conflicts or result.refused):
+        return messages  # every copy committed, none a duplicate: the usual batch
+    left = Counter(result.committed)
+    left.subtract(result.duplicates)
+    fresh: list[Envelope] = []
+    for m in messages:
+        if left[m.seq] > 0:
+            left[m.seq] -= 1
+            fresh.append(m)
+    return fresh
 
 
 class Inbound:
@@ -207,13 +228,12 @@ class Inbound:
                                   or any(map(_HEADER, arrived.messages)))
         if not (node._subscribers or patterns):
             return  # the bulk path: no set of fresh seqs to build
-        fresh = set(result.committed).difference(result.duplicates)
+        fresh = _fresh(arrived.messages, result)
         if node._subscribers:
-            for m in arrived.messages:
-                if m.seq in fresh:
-                    node._publish(MessageReceived(m, stored_at))
+            for m in fresh:
+                node._publish(MessageReceived(m, stored_at))
         if patterns:
-            self._on_patterns((m for m in arrived.messages if m.seq in fresh), stored_at)
+            self._on_patterns(fresh, stored_at)
 
     def _reply(self, identity: bytes, frames: list[Frame]) -> None:
         """Send `frames` back to the connection `identity` (answers to what it sent us)."""

@@ -356,7 +356,8 @@ REFUSAL_CHARS = 200
 @dataclasses.dataclass(slots=True)
 class IncomingResult:
     """Per incoming group: seqs now committed (new or already there), conflicting seqs,
-    which of the committed ones were already stored before (retransmissions), and the
+    which of the committed ones are not new (retransmissions, and later copies of a message
+    the group repeats: `Store._classify_incoming`), one entry per copy, and the
     messages the store refused on their own, each with why (`RowRefused`, or the error a
     value that cannot be bound raised): the writer fills `refused`, never `apply`."""
 
@@ -516,17 +517,12 @@ class Store:
                 if batch.outgoing:
                     self._insert(batch.outgoing, "out", stored_at_ns)
                 results: list[IncomingResult] = []
-                repeats_possible = False
                 for group in batch.incoming:
-                    if self._insert(group, "in", stored_at_ns) == len(group):
+                    inserted = self._insert(group, "in", stored_at_ns)
+                    if inserted == len(group):
                         results.append(IncomingResult([m.seq for m in group], []))
                     else:
-                        results.append(self._classify_incoming(group, stored_at_ns))
-                        repeats_possible = True
-                # Only a group some of whose ids were already there can repeat an earlier
-                # group's message: when every row of every group was new, none did.
-                if repeats_possible and len(results) > 1:
-                    _mark_repeats(batch.incoming, results)
+                        results.append(self._classify_incoming(group, inserted))
                 for d in batch.deliveries:
                     r = d.receipt
                     ranges = to_ranges(d.seqs)
@@ -569,7 +565,7 @@ class Store:
         execute(_insert_sql("in", 1), [m.sender, m.sender, m.recipient, stored_at_ns, *values])
         if self._conn.total_changes - before == 1:
             return [IncomingResult([m.seq], [])]
-        return [self._classify_incoming(batch.incoming[0], stored_at_ns)]
+        return [self._classify_incoming(batch.incoming[0], 0)]
 
     def _send_and_record(
         self, m: Envelope, d: Delivery, lo: int, hi: int, stored_at_ns: int
@@ -631,18 +627,35 @@ class Store:
                             shared + values[start * width:(start + size) * width])
         return conn.total_changes - before - derived
 
-    def _classify_incoming(
-        self, group: Sequence[Envelope], stored_at_ns: int
-    ) -> IncomingResult:
-        """Some ids of `group` were there already: a retransmission (same content, receipt
-        again) or a conflict (same id, other content: never overwrite, reject)."""
+    def _classify_incoming(self, group: Sequence[Envelope], inserted: int) -> IncomingResult:
+        """Some ids of `group` were there before its INSERT, which inserted `inserted` rows:
+        for each message, a retransmission (same content: receipt again), a conflict (same id,
+        other content: never overwrite, reject), or new.
+
+        New means inserted by this group's own INSERT, told by rowid, not by time: a row of
+        a rowid table without AUTOINCREMENT gets the table's highest rowid + 1 (SQLite's
+        documented rule below 2**63 - 1 rowids; nothing deletes messages), so the group's
+        rows are the `inserted` highest rowids, one `SELECT max(rowid)` (O(log n)) away, and
+        read only on this path. Comparing `stored_at_ns` with this commit's timestamp took a
+        retransmission for a new message whenever the wall clock had not moved between the
+        two commits (a coarse or stepped-back clock, a FakeClock): it was announced and
+        handed to its pattern handler again. Older rows are duplicates, whether committed
+        before or by an earlier group of this transaction (a copy that arrived while the
+        first waited for the commit). A message repeated within the group is new in its
+        first copy only: the later copies are duplicates, or conflicts if their content
+        differs from the first's (the one stored)."""
         conn = self._conn
         committed: list[int] = []
         conflicts: list[int] = []
         duplicates: list[int] = []
+        first_new = (
+            conn.execute("SELECT max(rowid) FROM messages").fetchone()[0] - inserted + 1
+            if inserted else None
+        )
+        new_rows: set[int] = set()
         for m in group:
             row = conn.execute(
-                "SELECT direction, sender, recipient, body, sent_at_ns, stored_at_ns,"
+                "SELECT direction, sender, recipient, body, sent_at_ns, rowid,"
                 f" {CHECKED_COLUMNS} FROM messages WHERE sender = ? AND id = ?",
                 (m.sender, m.id),
             ).fetchone()
@@ -653,9 +666,11 @@ class Store:
             if row is not None and row[:5] == ("in", m.sender, m.recipient, m.body,
                                                m.sent_at_ns) and row[13] == header:
                 committed.append(m.seq)
-                # Rows of this transaction carry its timestamp; older ones are retransmissions.
-                if row[5] != stored_at_ns:
+                rowid = row[5]
+                if first_new is None or rowid < first_new or rowid in new_rows:
                     duplicates.append(m.seq)
+                else:
+                    new_rows.add(rowid)
             else:
                 conflicts.append(m.seq)
         return IncomingResult(committed, conflicts, duplicates)
@@ -783,21 +798,6 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.path}, sync={self.sync})"
-
-
-def _mark_repeats(groups: Sequence[Sequence[Envelope]], results: list[IncomingResult]) -> None:
-    """A message carried by two groups of one transaction (a retransmission that arrived while
-    the first copy waited for the commit) is new in the first group only: in the later ones
-    it is a duplicate, as it would be in a later transaction, so it is acted on once."""
-    seen: set[tuple[str, str]] = set()
-    for group, result in zip(groups, results, strict=True):
-        new = set(result.committed).difference(result.duplicates)
-        for m in group:
-            if m.seq in new:
-                if (m.sender, m.id) in seen:
-                    result.duplicates.append(m.seq)
-                else:
-                    seen.add((m.sender, m.id))
 
 
 def _checkpoint_passive(conn: sqlite3.Connection, path: Path) -> tuple[int, int, int]:

@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from tests.unit.node.support import PATIENCE_S, config, node_pair, run, until
 
@@ -144,7 +145,7 @@ def test_a_replayed_batch_is_receipted_again_but_stored_counted_and_told_once(
             (batch,) = [data for frm, to, data in net.log if (frm, to) == ("A", "B")
                         and isinstance(decode(data, max_bytes=MAX_FRAME), Batch)]
             await until(lambda: b.stats.received == 1)
-            # The store tells a retransmission by its row's older stored_at_ns: time moves.
+            # Time moves here; it stands still in the test below.
             clock.advance(0.001)
             net.nodes["B"]._inbound(b"A", batch)  # the same batch again, on A's connection
             await until(lambda: [k for k, _ in watcher.replies].count("ReceiptFrame") == 2)
@@ -154,6 +155,70 @@ def test_a_replayed_batch_is_receipted_again_but_stored_counted_and_told_once(
             assert [e.message.body for e in received] == ["once"]
             with StoreReader.for_data_dir(b.config.data_dir) as reader:
                 assert [m.body for m in reader.history(direction="in")] == ["once"]
+
+    run(scenario)
+
+
+def test_a_batch_replayed_while_the_clock_stands_still_is_told_and_handled_once(
+    tmp_path: Path,
+) -> None:
+    """A wall clock that does not move between the two commits (coarse, stepped back, this
+    FakeClock): the replay's commit has the first one's timestamp, and is still a replay."""
+
+    async def scenario() -> None:
+        async with watched_pair(tmp_path) as (a, b, net, watcher, clock):
+            events = b.subscribe()
+            handled: list[str] = []
+            b.on_request(lambda m: handled.append(m.body), direct=True)  # an echo, no reply
+            await a.send("B", "once", timeout_s=PATIENCE_S)
+            (batch,) = [data for frm, to, data in net.log if (frm, to) == ("A", "B")
+                        and isinstance(decode(data, max_bytes=MAX_FRAME), Batch)]
+            await until(lambda: handled == ["once"])
+            stood_still = clock.wall_ns()
+            net.nodes["B"]._inbound(b"A", batch)  # the same batch again, on A's connection
+            await until(lambda: [k for k, _ in watcher.replies].count("ReceiptFrame") == 2)
+            await until(lambda: b.stats.duplicates == 1 and not b._handler_tasks)
+            assert clock.wall_ns() == stood_still
+            assert (b.stats.received, handled) == (1, ["once"])
+            received = [e for e in drain(events) if isinstance(e, MessageReceived)]
+            assert [e.message.body for e in received] == ["once"]
+
+    run(scenario)
+
+
+def test_a_message_a_batch_repeats_is_told_and_handled_once(tmp_path: Path) -> None:
+    """The same message twice in one batch (the same seq, or the same id under two seqs):
+    receipted, stored once, a duplicate in its later copies, told and handled once."""
+
+    async def scenario() -> None:
+        async with watched_pair(tmp_path) as (a, b, net, watcher, _clock):
+            events = b.subscribe()
+            handled: list[str] = []
+            b.on_request(lambda m: handled.append(m.body), direct=True)
+            await a.send("B", "first", timeout_s=PATIENCE_S)
+            (sent,) = [decode(data, max_bytes=MAX_FRAME) for frm, to, data in net.log
+                       if (frm, to) == ("A", "B")
+                       and isinstance(decode(data, max_bytes=MAX_FRAME), Batch)]
+            assert isinstance(sent, Batch)
+            (m,) = sent.messages
+            again = msgspec.structs.replace(m, seq=m.seq + 1)
+            repeated = msgspec.structs.replace(sent, messages=[m, m, again])
+            await until(lambda: handled == ["first"])
+            # The batch's copies were all stored before: every copy is a duplicate.
+            net.nodes["B"]._inbound(b"A", encode(repeated))
+            await until(lambda: b.stats.duplicates == 3 and not b._handler_tasks)
+            # A new message twice and under another seq: new in its first copy only.
+            new = msgspec.structs.replace(m, id="fresh-id-1", body="second", seq=m.seq + 2)
+            twice = msgspec.structs.replace(
+                sent, messages=[new, new, msgspec.structs.replace(new, seq=m.seq + 3)])
+            net.nodes["B"]._inbound(b"A", encode(twice))
+            await until(lambda: [k for k, _ in watcher.replies].count("ReceiptFrame") == 3)
+            await until(lambda: b.stats.duplicates == 5 and not b._handler_tasks)
+            assert (b.stats.received, handled) == (2, ["first", "second"])
+            received = [e for e in drain(events) if isinstance(e, MessageReceived)]
+            assert [e.message.body for e in received] == ["first", "second"]
+            with StoreReader.for_data_dir(b.config.data_dir) as reader:
+                assert [m.body for m in reader.history(direction="in")] == ["first", "second"]
 
     run(scenario)
 

@@ -597,6 +597,62 @@ def test_a_retransmission_in_the_same_transaction_is_new_only_in_the_first_group
     assert (first.committed, first.duplicates) == ([1, 2], [])
     assert (again.committed, again.duplicates, again.conflicts) == ([2, 3], [2], [])
 
+# A wall clock that does not move between two commits (coarse, stepped back, a FakeClock):
+# the replay is committed with the very timestamp of the first commit.
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 2049])
+def test_a_batch_replayed_at_the_same_timestamp_is_all_duplicates(store: Store, size: int) -> None:
+    group = [incoming(seq) for seq in range(1, size + 1)]
+    [first] = store.apply(WriteBatch(incoming=[group]), T)
+    [again] = store.apply(WriteBatch(incoming=[group]), T)
+    seqs = list(range(1, size + 1))
+    assert (first.committed, first.duplicates) == (seqs, [])
+    assert (again.committed, again.duplicates, again.conflicts) == (seqs, seqs, [])
+    assert store.execute_raw("SELECT COUNT(*) FROM messages") == [(size,)]
+
+
+def test_a_partial_replay_at_the_same_timestamp_tells_old_rows_from_new_ones(
+    store: Store,
+) -> None:
+    # Rows before (and after) the replay's rows in the table, and another peer's in between.
+    store.apply(WriteBatch(incoming=[[incoming(1), incoming(2)]]), T)
+    store.apply(WriteBatch(incoming=[[incoming(1, frm="carol")]]), T)
+    [again] = store.apply(WriteBatch(incoming=[[incoming(3), incoming(1), incoming(4),
+                                                incoming(2), incoming(5)]]), T)
+    assert (again.committed, again.duplicates, again.conflicts) == ([3, 1, 4, 2, 5], [1, 2], [])
+    # With a pattern header too (those rows are inserted one statement each).
+    task = [headed(incoming(6)), headed(incoming(7))]
+    store.apply(WriteBatch(incoming=[task]), T)
+    [mixed] = store.apply(WriteBatch(incoming=[[incoming(8), *task, headed(incoming(9))]]), T)
+    assert (mixed.committed, mixed.duplicates) == ([8, 6, 7, 9], [6, 7])
+
+
+def test_a_replay_in_a_later_transaction_is_a_duplicate_even_if_the_clock_went_back(
+    store: Store,
+) -> None:
+    store.apply(WriteBatch(incoming=[[incoming(1)]]), T)
+    again, fresh = store.apply(WriteBatch(incoming=[[incoming(1)], [incoming(2)]]), T - 10**9)
+    assert (again.committed, again.duplicates, fresh.duplicates) == ([1], [1], [])
+
+
+def test_a_message_repeated_in_one_group_is_new_in_its_first_copy_only(store: Store) -> None:
+    """The same id twice in one group (same seq or another): stored once, new in its first
+    copy, a duplicate in the later ones (receipted, told once); a later copy with other
+    content is a conflict, and the first copy is what is stored."""
+    m = incoming(1)
+    same_under_seq_2 = Envelope(m.id, 2, m.sender, m.recipient, m.body, m.sent_at_ns, m.hlc)
+    other_body = Envelope(m.id, 3, m.sender, m.recipient, "other", m.sent_at_ns, m.hlc)
+    [result] = store.apply(WriteBatch(incoming=[[m, incoming(4), same_under_seq_2, m,
+                                                 other_body]]), T)
+    assert (result.committed, result.duplicates, result.conflicts) == ([1, 4, 2, 1], [2, 1], [3])
+    assert store.execute_raw("SELECT seq, body FROM messages WHERE id = ?", (m.id,)) == [
+        (1, "yo")]
+    # Replayed whole at the same timestamp: every copy is a duplicate now.
+    [again] = store.apply(WriteBatch(incoming=[[m, same_under_seq_2]]), T)
+    assert (again.committed, again.duplicates) == ([1, 2], [1, 2])
+
+
 @pytest.mark.parametrize("count", [1, 3, 7, 2048, 2049, 4096 + 5])
 def test_batches_of_any_size_store_every_row_with_its_columns(store: Store, count: int) -> None:
     outgoing = [out(s, body=f"o{s}", hlc=10_000 + s) for s in range(1, count + 1)]
