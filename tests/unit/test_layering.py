@@ -412,6 +412,66 @@ def test_store_modules_import_only_down() -> None:
     assert not upward, "\n".join(upward)
 
 
+#: The protocol package inside, bottom to top: limits and the pure helpers; the pattern
+#: header; the frames; the codec, the events and the patterns' machines; a link's outbox
+#: (what it holds and sends); the link state machines (the dialer composes its outbox and its
+#: RTO estimator); the tables printed from their transitions; the package re-exports. "" is
+#: `meshpost.protocol`.
+PROTOCOL_RANKS: dict[str, int] = {
+    "limits": 0,
+    "rto": 0,
+    "ratelimit": 0,
+    "workqueue": 0,
+    "requests": 0,
+    "header": 1,
+    "frames": 2,
+    "groups": 2,
+    "history": 2,
+    "codec": 3,
+    "events": 3,
+    "outbox": 3,
+    "dialer": 4,
+    "listener": 4,
+    "tables": 5,
+    "": 6,
+}
+
+
+def protocol_part(module: str) -> str:
+    """`meshpost.protocol.outbox` -> `outbox`; `meshpost.protocol` -> `""`."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 else ""
+
+
+def test_every_protocol_module_has_a_layer() -> None:
+    parts = {protocol_part(module_name(p)) for p in module_paths()
+             if component(module_name(p)) == "protocol"}
+    assert parts == set(PROTOCOL_RANKS), (
+        "give each module of meshpost/protocol a rank in PROTOCOL_RANKS")
+
+
+def test_protocol_modules_import_only_down() -> None:
+    """In particular the outbox knows nothing of the link that composes it (no events, no
+    codec, no timers: what the peer said reaches it through the dialer)."""
+    upward = []
+    for imp in imports_from("protocol"):
+        if not imp.target.startswith("meshpost.protocol"):
+            continue
+        src, dst = protocol_part(imp.module), protocol_part(imp.target)
+        if src != dst and PROTOCOL_RANKS[dst] >= PROTOCOL_RANKS[src]:
+            upward.append(f"{imp}: protocol.{src or '__init__'} may not import "
+                          f"protocol.{dst}")
+    assert not upward, "\n".join(upward)
+
+
+def test_the_outbox_imports_only_the_frames() -> None:
+    """The outbox is data about messages: it takes frames' types and nothing else of
+    meshpost (no clock, no errors: a bad frame never reaches it, the dialer decodes)."""
+    bad = [str(imp) for imp in ALL_IMPORTS if imp.module == "meshpost.protocol.outbox"
+           and internal(imp) and imp.target != "meshpost.protocol.frames"]
+    assert not bad, "\n".join(bad)
+
+
 def test_errors_imports_nothing_from_meshpost() -> None:
     bad = [str(imp) for imp in imports_from("errors") if internal(imp)]
     assert not bad, "\n".join(bad)

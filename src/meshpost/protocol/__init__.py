@@ -5,13 +5,7 @@ and timestamps handed in by the caller; outputs are frames to send and events.
 """
 
 from meshpost.protocol.codec import decode, encode
-from meshpost.protocol.dialer import (
-    HELD_MESSAGE_OVERHEAD,
-    DialerLink,
-    LinkInput,
-    LinkState,
-    held_size,
-)
+from meshpost.protocol.dialer import DialerLink, LinkInput, LinkState
 from meshpost.protocol.events import (
     Event,
     LinkRefused,
@@ -44,6 +38,7 @@ from meshpost.protocol.frames import (
     max_frame_bytes,
 )
 from meshpost.protocol.listener import Listener, SessionInput, SessionState, to_ranges
+from meshpost.protocol.outbox import HELD_MESSAGE_OVERHEAD, Outbox, held_size
 
 __all__ = [
     "HELD_MESSAGE_OVERHEAD",
@@ -64,6 +59,7 @@ __all__ = [
     "MessagesArrived",
     "MessagesDelivered",
     "MessagesRejected",
+    "Outbox",
     "PeerConnected",
     "PeerLeft",
     "PeerLost",

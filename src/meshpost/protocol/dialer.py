@@ -5,16 +5,14 @@ worth a connection at all (lazy opening, idle close).
 Rule: pure state. Inputs are the peer's bytes, committed messages (`offer`), rows read from
 disk (`refill`) and the current time (`now` is a monotonic reading in seconds, `wall_ns` the
 wall clock); outputs are `frames_to_send()`, `events()`, `disk_request()` and `next_timer()`.
-It never waits, sleeps, logs or touches a socket. The link's outbox rules (the window, what
-waits on disk) live here and nowhere else.
+It never waits, sleeps, logs or touches a socket. What the link holds and sends (the window,
+what waits on disk, batches and their flights) is its `Outbox` (protocol/outbox.py); the link
+decides when: the handshake, timers, retransmission and liveness.
 """
 
 from __future__ import annotations
 
-import bisect
-import collections
 import enum
-import itertools
 import math
 import operator
 from collections.abc import Sequence
@@ -50,7 +48,14 @@ from meshpost.protocol.frames import (
     Welcome,
     max_frame_bytes,
 )
+from meshpost.protocol.outbox import HELD_MESSAGE_OVERHEAD, Outbox, held_size
 from meshpost.protocol.rto import RtoEstimator
+
+# The batch limits and the window's measure are importable from here, as before the outbox
+# became its own module.
+__all__ = ["HELD_MESSAGE_OVERHEAD", "MAX_BATCH_BODY_BYTES", "MAX_BATCH_MESSAGES",
+           "REFUSED_RETRY_S", "RETRIED_HANDSHAKE_RTO_S", "STALL_GRACE", "TRANSITIONS",
+           "DialerLink", "LinkInput", "LinkState", "held_size"]
 
 #: After a refusal for a reason only an operator can fix, ask again this rarely.
 REFUSED_RETRY_S = 10.0
@@ -61,22 +66,6 @@ RETRIED_HANDSHAKE_RTO_S = 3.0
 #: A silence deadline polled more than this many ping intervals late was missed by this node
 #: (stopped or starved of CPU), not by the peer: what the peer sent may wait unread.
 STALL_GRACE = 0.5
-#: What a held message costs besides its body (the Envelope, its id, the dict slot): the
-#: window's byte count is body characters plus this, an estimate of memory, not of the wire.
-HELD_MESSAGE_OVERHEAD = 256
-
-_SEQ = operator.attrgetter("seq")
-_BODY = operator.attrgetter("body")
-
-
-def held_size(messages: Sequence[Envelope]) -> int:
-    """The window bytes `messages` take (summed in C, no per-message Python)."""
-    if len(messages) == 1:  # a single send: no comprehension to set up
-        return len(messages[0].body) + HELD_MESSAGE_OVERHEAD
-    # A comprehension, not map(len, map(attrgetter)): attrgetter on a msgspec struct is a
-    # generic getattr, ~1.5x the instructions (callgrind); this runs twice per message.
-    return sum([len(m.body) for m in messages]) + len(messages) * HELD_MESSAGE_OVERHEAD
-
 
 class LinkState(enum.Enum):
     IDLE = "idle"  # no connection: nothing to send yet, or nothing for link_idle_s (closed)
@@ -194,8 +183,11 @@ class DialerLink:
         self.local_name = local_name
         self.local_node_id = local_node_id
         self.peer = peer
-        self.window = window
-        self.window_bytes = window_bytes
+        #: What the link holds and sends; its containers are never rebound, so the link
+        #: keeps them at hand (`_queue`, `_inflight`) for its timers.
+        self._outbox = outbox = Outbox(window=window, window_bytes=window_bytes)
+        self._queue = outbox.queue
+        self._inflight = outbox.inflight
         self._rto_max = retransmit_max_s
         self._ping_interval = ping_interval_s
         self._peer_timeout = peer_timeout_s
@@ -212,21 +204,6 @@ class DialerLink:
         self.last_heard: float | None = None
         self.last_heard_wall_ns: int | None = None
         self.refusal: str | None = None
-        #: Highest seq ever held (queued, in flight or settled); disk is read above it.
-        self.highest_enqueued_seq = 0
-        #: Highest seq `offer` was told is committed.
-        self._highest_offered_seq = 0
-        #: Until a read from disk comes back short, the store may hold messages of an earlier
-        #: run that no `offer` announced.
-        self._disk_unread = True
-        #: The `limit` of the last `disk_request`, to tell a short read from a full one.
-        self._read_limit = 0
-        self.retransmissions = 0
-
-        self._queue: collections.deque[Envelope] = collections.deque()
-        self._inflight: dict[int, Envelope] = {}
-        #: `held_size` of everything in `_queue` and `_inflight`.
-        self._held_bytes = 0
         self._rto = retransmit_initial_s
         #: Smoothed round trip (batch sent -> its receipt back, which includes the peer's
         #: commit) and its mean deviation, from receipts; None until the first sample.
@@ -240,9 +217,6 @@ class DialerLink:
         self._hellos_unanswered = 0
         #: The last handshake needed Hello more than once (see RETRIED_HANDSHAKE_RTO_S).
         self._handshake_retried = False
-        #: Wall tx time of the first resend since the last progress (a receipt echoing an
-        #: earlier tx answers the original: the resend was spurious, RFC 3522's test).
-        self._first_resend_tx_ns: int | None = None
         #: Messages resent although their first transmission was receipted after all.
         self.spurious_retransmissions = 0
         #: The latest round trip of an immediate answer (Welcome to a lone Hello, Pong), when
@@ -253,23 +227,10 @@ class DialerLink:
         self.answers = 0
         self.frames_heard = 0
         self._rto_deadline: float | None = None
-        #: What went out when, oldest first: (monotonic send time, its wall-clock tx time as
-        #: the Batch says, the batch's messages). Settled flights are dropped lazily.
-        self._flights: collections.deque[tuple[float, int, list[Envelope]]] = (
-            collections.deque())
-        #: The latest of our tx times the peer has echoed (a receipt's or a Pong's): frames
-        #: on a link arrive in order, so every batch sent at or before it reached the peer.
-        self._answered_tx_ns = 0
         #: When a receipt last settled something (the timer restarts from there).
         self._progress_at = now
         #: A Ping went out for the current timeout instead of a resend (see _retransmit_due).
         self._probed = False
-        #: tx times of batches this node failed to queue (`batch_dropped`): never proven
-        #: to have arrived, resent at their first timeout without a probe.
-        self._dropped_tx: set[int] = set()
-        #: Seqs sent more than once and not yet receipted: their receipts are no RTT sample
-        #: (Karn's rule). Empty on the fast path.
-        self._resent: set[int] = set()
         self._next_hello_at = 0.0
         self._next_ping_at = 0.0
         #: When the link last had something to do (opened, sent a batch, settled a message):
@@ -300,18 +261,38 @@ class DialerLink:
         return self.state is LinkState.READY
 
     @property
+    def window(self) -> int:
+        """Messages this link holds at most in memory (queued plus in flight)."""
+        return self._outbox.window
+
+    @property
+    def window_bytes(self) -> int:
+        """Memory those messages may take, as `held_size` counts it."""
+        return self._outbox.window_bytes
+
+    @property
     def capacity(self) -> int:
         """How many more committed messages this link can hold in memory right now."""
-        return self.window - len(self._queue) - len(self._inflight)
+        return self._outbox.capacity
 
     @property
     def held_bytes(self) -> int:
         """Memory the held messages take, as `held_size` estimates it."""
-        return self._held_bytes
+        return self._outbox.held_bytes
 
     @property
     def unacknowledged(self) -> int:
         return len(self._queue) + len(self._inflight)
+
+    @property
+    def highest_enqueued_seq(self) -> int:
+        """Highest seq ever held (queued, in flight or settled); disk is read above it."""
+        return self._outbox.highest_enqueued_seq
+
+    @property
+    def retransmissions(self) -> int:
+        """Messages sent again so far (each resend counts each of its messages)."""
+        return self._outbox.retransmissions
 
     @property
     def needs_connection(self) -> bool:
@@ -362,73 +343,41 @@ class DialerLink:
     def disk_backlog(self) -> bool:
         """Committed messages for this peer wait on disk, not in memory: `offer` keeps
         nothing until `refill` has caught up (so that messages leave in seq order)."""
-        return self._disk_unread or self._highest_offered_seq > self.highest_enqueued_seq
+        return self._outbox.disk_backlog
 
     @property
     def wants_disk(self) -> bool:
         """`disk_request()` would ask for rows now: wake whatever reads them."""
-        return self.disk_backlog and self.wants_refill()
+        return self._outbox.wants_disk
 
     def wants_refill(self) -> bool:
         """A quarter of the window is free in messages and in bytes: worth a read from disk
         (fewer, larger reads than refilling one receipt at a time)."""
-        return (
-            self.capacity >= max(1, self.window // 4)
-            and self.window_bytes - self._held_bytes >= self.window_bytes // 4
-        )
+        return self._outbox.wants_refill()
 
     def offer(self, messages: Sequence[Envelope]) -> None:
         """`messages` (for this peer, in seq order) are committed to the local store: hold
         what the window takes; the rest stay on disk for `disk_request`. Frames leave on the
         next `pump` or `poll`, so several offers can go out in the same batch frames."""
-        if not messages:
-            return
-        backlog = self.disk_backlog
-        self._highest_offered_seq = max(self._highest_offered_seq, messages[-1].seq)
-        if not backlog:
+        if self._outbox.offered(messages):
             self.enqueue(messages)
 
     def disk_request(self) -> tuple[int, int] | None:
         """What to read from the store for this link now, as (after_seq, limit): up to
         `limit` pending messages above `after_seq`, in seq order; hand them to `refill`.
         None: nothing waits on disk, or the window has too little room to be worth a read."""
-        if not self.wants_disk:
-            return None
-        self._read_limit = self.capacity
-        return self.highest_enqueued_seq, self._read_limit
+        return self._outbox.disk_request()
 
     def refill(self, rows: Sequence[Envelope]) -> None:
         """The rows a `disk_request` read: hold what the window takes. A short read taken
         whole means the disk has nothing older than what `offer` announces from now on."""
-        taken = self.enqueue(rows)
-        if taken == len(rows) < self._read_limit:
-            self._disk_unread = False
+        self._outbox.refilled(rows, self.enqueue(rows))
 
     def admit(self, messages: Sequence[Envelope]) -> int:
         """How many of `messages`, from the first, fit in the window now (both its message
         count and its bytes). An empty link admits one message whatever its size, so a body
         larger than `window_bytes` still goes."""
-        return self._admit(messages)[0]
-
-    def _admit(self, messages: Sequence[Envelope]) -> tuple[int, int]:
-        """`admit`, with the held bytes of the admitted messages."""
-        count = min(len(messages), self.capacity)
-        if count <= 0:
-            return 0, 0
-        room = self.window_bytes - self._held_bytes
-        if count < len(messages):
-            messages = messages[:count]
-        size = held_size(messages)
-        if size <= room:
-            return count, size
-        sizes = list(itertools.accumulate(
-            map(operator.add, map(len, map(_BODY, messages)),
-                itertools.repeat(HELD_MESSAGE_OVERHEAD))
-        ))
-        count = bisect.bisect_right(sizes, room)
-        if count == 0 and not self._queue and not self._inflight:
-            count = 1
-        return count, sizes[count - 1] if count else 0
+        return self._outbox.admit(messages)
 
     def enqueue(self, messages: Sequence[Envelope]) -> int:
         """Hold messages already committed to the local store, in seq order, as far as the
@@ -436,18 +385,7 @@ class DialerLink:
         (or delivered) and are skipped. Returns how many of `messages`, from the first, are
         now held or were already: the rest must come again later (`offer` and `refill` do
         that through the disk)."""
-        start = bisect.bisect_right(messages, self.highest_enqueued_seq, key=_SEQ)
-        fresh = messages[start:] if start else messages
-        if not fresh:
-            return len(messages)
-        count, size = self._admit(fresh)
-        if count < len(fresh):
-            fresh = fresh[:count]
-        if count:
-            self._queue.extend(fresh)
-            self._held_bytes += size
-            self.highest_enqueued_seq = fresh[-1].seq
-        return start + count
+        return self._outbox.enqueue(messages)
 
     def pump(self, now: float, wall_ns: int) -> None:
         """Put what `enqueue` queued in flight now (if the handshake is done), not at the
@@ -457,7 +395,7 @@ class DialerLink:
     def batch_dropped(self, batch: Batch) -> None:
         """The node could not queue `batch` (the socket was full or gone): a later answer
         from the peer does not prove it arrived, so its first timeout resends it."""
-        self._dropped_tx.add(batch.tx_at_ns)
+        self._outbox.batch_dropped(batch.tx_at_ns)
 
     def retry_soon(self, now: float) -> None:
         """The peer was heard again out of band (a discovery beacon): a refused link asks
@@ -577,7 +515,7 @@ class DialerLink:
         if was_ready:
             self._frames.append(Close())
         self._rto_deadline = None
-        self._flights.clear()
+        self._outbox.flights.clear()
         self._ping_owed = False
 
     def _open(self, now: float) -> None:
@@ -630,9 +568,7 @@ class DialerLink:
             case ReceiptFrame():
                 self._on_receipt(frame, now, wall_ns)
             case Reject(seqs=seqs, code=code, detail=detail):
-                gone = {s: m for s in seqs if (m := self._inflight.pop(s, None)) is not None}
-                self._held_bytes -= held_size(list(gone.values()))
-                settled = list(gone)
+                settled = self._outbox.reject(seqs)
                 if settled:
                     self._events.append(MessagesRejected(self.peer, settled, code, detail))
             case Pong(echo_sent_at_ns=t1, received_at_ns=t2, replied_at_ns=t3, pending=pending):
@@ -723,11 +659,10 @@ class DialerLink:
             # (LOST) only the batches whose own timeout has passed go again (after
             # peer_timeout_s of silence that is usually all; a batch sent just before is not
             # resent while its receipt may still come).
-            self._flights.clear()
-            self._resend(list(self._inflight.values()), now, wall_ns)
+            self._outbox.resend_all(now, wall_ns, self._frames)
         if not was_ready:
             # A new session: what the old one proved arrived may have died with the peer.
-            self._answered_tx_ns = 0
+            self._outbox.answered_tx_ns = 0
             self._probed = False
         self._rto = self.base_rto
         self._rto_deadline = now + self._rto if self._inflight else None
@@ -771,28 +706,16 @@ class DialerLink:
         waiting for the peer's commit, and is resent only after `retransmit_max_s` without
         progress. The first timeout of a stall sends a Ping instead of resending: its Pong
         proves (or not) that the batches arrived, so a busy peer is not sent its window twice."""
-        inflight, flights = self._inflight, self._flights
-        if not inflight:
-            flights.clear()
+        outbox = self._outbox
+        if not outbox.inflight:
+            outbox.flights.clear()
             self._rto_deadline = None
             return
-        cutoff = now - self._rto
         # A held batch goes again after retransmit_max_s without progress since it was sent
         # (as `_arm` times it): a link quiet before this batch has no progress to show.
-        stale_before = now - self._rto_max
-        progress = self._progress_at
-        answered, dropped = self._answered_tx_ns, self._dropped_tx
-        due: list[tuple[float, int, list[Envelope]]] = []
-        kept: list[tuple[float, int, list[Envelope]]] = []
-        while flights and flights[0][0] <= cutoff:
-            flight = flights.popleft()
-            stale = stale_before >= max(progress, flight[0])
-            if flight[1] <= answered and not stale and flight[1] not in dropped:
-                kept.append(flight)
-            else:
-                due.append(flight)
+        due, kept = outbox.overdue(now - self._rto, now - self._rto_max, self._progress_at)
         probing = (bool(due) and backoff and not self._probed
-                   and not any(flight[1] in dropped for flight in due))
+                   and not outbox.any_dropped(due))
         if probing:
             self._probed = True
             kept.extend(due)
@@ -801,39 +724,20 @@ class DialerLink:
             if not (self._frames and type(self._frames[0]) is Ping):  # one per poll is enough
                 self._frames.insert(0, Ping(sent_at_ns=wall_ns))
             self._rto = min(self._rto * 2, self._rto_max)
-        flights.extendleft(reversed(kept))
-        self._drop_settled_flights()
-        resend = [m for flight in due for m in flight[2] if m.seq in inflight]
+        outbox.restore(kept)
+        resend = outbox.unsettled(due)
         if resend:
-            self._resend(resend, now, wall_ns)
+            outbox.resend(resend, now, wall_ns, self._frames)
             if backoff:
                 self._rto = min(self._rto * 2, self._rto_max)
         self._arm(now, probing=probing)
-
-    def _resend(self, messages: list[Envelope], now: float, wall_ns: int) -> None:
-        """Send `messages` (in flight, unsettled) again, as new flights."""
-        if self._first_resend_tx_ns is None:
-            self._first_resend_tx_ns = wall_ns
-        self.retransmissions += len(messages)
-        self._resent.update(m.seq for m in messages)
-        self._emit_batches(messages, wall_ns, now)
 
     def _arm(self, now: float, *, probing: bool = False) -> None:
         """The retransmission timer: the first unproven flight's RTO, or the peer's
         `retransmit_max_s` of no progress for flights it is known to hold. `probing`: a
         probe Ping just left; unproven flights wait a whole (backed-off) RTO for its Pong."""
-        flights = self._flights
-        if not flights:
-            self._rto_deadline = None
-            return
-        answered, dropped = self._answered_tx_ns, self._dropped_tx
-        deadline = max(self._progress_at, flights[0][0]) + self._rto_max
-        for sent, tx_ns, _batch in flights:
-            if tx_ns > answered or tx_ns in dropped:
-                unproven = max(sent, now) if probing else sent
-                deadline = min(deadline, unproven + self._rto)
-                break
-        self._rto_deadline = deadline
+        self._rto_deadline = self._outbox.deadline(now, self._progress_at, self._rto,
+                                                   self._rto_max, probing=probing)
 
     def _answered(self, rtt_s: float, now: float) -> None:
         """The peer answered a Hello or a Ping after `rtt_s`: a path sample."""
@@ -849,37 +753,16 @@ class DialerLink:
         unreceipted lost its receipt or could not be stored: it goes again at its timeout,
         without a probe, as a batch the node failed to queue would (a resend that fares no
         better is timed with backoff, as any)."""
-        if echo_ns > self._answered_tx_ns:
-            self._answered_tx_ns = echo_ns
-        inflight = self._inflight
-        if not inflight:
+        outbox = self._outbox
+        outbox.answered(echo_ns)
+        if not outbox.inflight:
             return
         if pending > 0:
             self._progress_at = max(self._progress_at, now)
         elif pending == 0:
-            # (Strictly before: a probe Ping goes ahead of the batches of its own poll.)
-            resent, dropped = self._resent, self._dropped_tx
-            for _sent, tx_ns, batch in self._flights:
-                if tx_ns >= echo_ns:
-                    break
-                unsettled = [m.seq for m in batch if m.seq in inflight]
-                if unsettled and resent.isdisjoint(unsettled):
-                    dropped.add(tx_ns)
+            outbox.unanswered_before(echo_ns)
         if self._rto_deadline is not None:
             self._arm(now)
-
-    def _drop_settled_flights(self) -> None:
-        """Forget the oldest flights once all their messages are settled, so that `_flights`
-        stays about as long as the window. A flight still in flight usually shows it at its
-        ends (two lookups); a settled one costs one comprehension and a C set test."""
-        flights, inflight = self._flights, self._inflight
-        while flights:
-            batch = flights[0][2]
-            if batch and (batch[0].seq in inflight or batch[-1].seq in inflight
-                          or (len(batch) > 2
-                              and not inflight.keys().isdisjoint([m.seq for m in batch]))):
-                return
-            flights.popleft()
 
     def _on_refuse(
         self, code: str, detail: str, before: LinkState, now: float, wall_ns: int, hlc: int
@@ -895,65 +778,42 @@ class DialerLink:
         self._events.append(LinkRefused(self.peer, code, detail))
 
     def _on_receipt(self, receipt: ReceiptFrame, now: float, wall_ns: int) -> None:
-        settled: list[int] = []
-        inflight = self._inflight
-        for lo, hi in receipt.ranges:
-            if hi < lo:
-                continue
-            if hi - lo + 1 <= len(inflight):
-                before = len(inflight)
-                popped = list(map(inflight.pop, range(lo, hi + 1), itertools.repeat(None)))
-                if before - len(inflight) == hi - lo + 1:
-                    settled.extend(range(lo, hi + 1))  # all of them were in flight
-                else:
-                    settled.extend(s for s, m in zip(range(lo, hi + 1), popped, strict=True)
-                                   if m is not None)
-                self._held_bytes -= held_size(list(filter(None, popped)))
-            else:
-                # A wide range (or a hostile one): walk what we have instead of the range.
-                hits = [s for s in inflight if lo <= s <= hi]
-                self._held_bytes -= held_size([inflight.pop(s) for s in hits])
-                settled.extend(hits)
+        outbox = self._outbox
+        settled = outbox.settle(receipt.ranges)
         self.offset.add(receipt.echo_tx_at_ns, receipt.received_at_ns, receipt.replied_at_ns,
                         wall_ns)
         echo = receipt.echo_tx_at_ns
-        if echo > self._answered_tx_ns and echo <= wall_ns:
-            self._answered_tx_ns = echo
+        if echo > outbox.answered_tx_ns and echo <= wall_ns:
+            outbox.answered_tx_ns = echo
         if settled:
             self._progress_at = self._active_at = now
             self._probed = False
-            settled.sort()
             self._events.append(MessagesDelivered(self.peer, settled, receipt, wall_ns))
-            resent = self._resent
             sample_s = (wall_ns - echo) / 1e9
-            if resent and not resent.isdisjoint(settled):
-                first = self._first_resend_tx_ns
+            first = outbox.first_resend_tx_ns
+            resent = outbox.forget_resent(settled)
+            if resent:
                 if first is not None and echo < first:
                     # The receipt echoes a transmission older than the first resend: the
                     # original arrived, the resend was spurious (RFC 3522). Its round trip is
                     # unambiguous: a sample; the backoff is undone (RFC 4015), but the RTO
                     # stays at least the delay just seen, lest the next batch time out too.
-                    self.spurious_retransmissions += len(resent.intersection(settled))
+                    self.spurious_retransmissions += resent
                     self._rtt.add_sample(sample_s)
                     self._rto = max(self.base_rto, min(self._rto_max, sample_s))
                 # Else Karn's rule: a receipt of a resend is no RTT sample, and the
                 # backed-off timeout stays until a first transmission is receipted.
-                resent.difference_update(settled)
             else:
                 self._rtt.add_sample(sample_s)
                 self._rto = self.base_rto
             # Progress restarts the timer (RFC 6298 5.3): a slow peer that keeps receipting
             # is not timed out batch by batch.
-            if inflight:
+            if self._inflight:
                 self._rto_deadline = now + self._rto
-                self._drop_settled_flights()
+                outbox.drop_settled_flights()
             else:
                 self._rto_deadline = None
-                self._flights.clear()
-                resent.clear()
-                self._dropped_tx.clear()
-            if not resent:
-                self._first_resend_tx_ns = None
+                outbox.all_settled()
 
     def _pump(self, now: float, wall_ns: int) -> None:
         """Move queued messages into flight while the handshake is done and the window allows."""
@@ -963,45 +823,12 @@ class DialerLink:
             return
         self._resume(now)
         self._active_at = now
-        queue, inflight = self._queue, self._inflight
-        if len(queue) == 1:  # a single send: no comprehension to set up
-            message = queue.popleft()
-            inflight[message.seq] = message
-            fresh = [message]
-        else:
-            fresh = list(queue)
-            queue.clear()
-            # A comprehension, not a popleft/append loop: the pump is per message on a
-            # saturated link (callgrind: figures in the commit that made it so).
-            inflight.update({m.seq: m for m in fresh})
         # A running timer may be a held batch's long one (`_arm`): fresh batches still time
         # out after an RTO.
         deadline = self._rto_deadline
         if deadline is None or deadline > now + self._rto:
             self._rto_deadline = now + self._rto
-        self._emit_batches(fresh, wall_ns, now)
-
-    def _emit_batches(self, messages: list[Envelope], wall_ns: int, now: float) -> None:
-        """Frames of consecutive `messages`, each as full as MAX_BATCH_MESSAGES messages and
-        MAX_BATCH_BODY_BYTES characters of bodies allow (a larger body goes alone). Cut with
-        slices and sums in C: one Python step per message (its body's length), not ten."""
-        if len(messages) == 1:  # a single send (any size goes alone if it must)
-            batch = [messages[0]]  # its own list, as every flight's
-            self._frames.append(Batch(tx_at_ns=wall_ns, messages=batch))
-            self._flights.append((now, wall_ns, batch))
-            return
-        lengths = [len(m.body) for m in messages]
-        start, count = 0, len(messages)
-        while start < count:
-            end = min(count, start + MAX_BATCH_MESSAGES)
-            if sum(lengths[start:end]) > MAX_BATCH_BODY_BYTES:
-                fit = bisect.bisect_right(list(itertools.accumulate(lengths[start:end])),
-                                          MAX_BATCH_BODY_BYTES)
-                end = start + max(1, fit)
-            batch = messages[start:end]
-            self._frames.append(Batch(tx_at_ns=wall_ns, messages=batch))
-            self._flights.append((now, wall_ns, batch))
-            start = end
+        self._outbox.launch(now, wall_ns, self._frames)
 
     def __repr__(self) -> str:
         return (
