@@ -75,6 +75,10 @@ MAX_SESSIONS_PER_PEER = 4
 #: recently is refused: a live peer's name cannot be borrowed by a stranger. Its own restart
 #: (same node id) is welcomed, and a peer whose store was replaced waits at most this long.
 LIVE_SESSION_NS = 30_000_000_000
+#: Answers (receipts, rejects) kept for the session that superseded the one they answer, until
+#: that session next sends a frame. Beyond this the oldest go: the dialer resends what they
+#: answered and is answered again from the store (a bound, not a loss).
+MAX_FORWARDED_ANSWERS = 1024
 
 
 class SessionState(enum.Enum):
@@ -166,6 +170,14 @@ class _Session:
     #: Batches taken on this connection (`MessagesArrived`) and not yet answered (`stored`):
     #: a Pong says it, so the dialer knows a receipt is still to come.
     pending: int = 0
+    #: The connection of the session that superseded this one: a later Hello of the same
+    #: name and node id on another connection (the dialer redialled: this connection is
+    #: likely closed, and answers sent on it lost). Answers to this session are forwarded there.
+    successor: str | None = None
+    #: The connections of the sessions this one superseded (its Pongs count their pending).
+    predecessors: tuple[str, ...] = ()
+    #: Answers to superseded sessions, sent on this connection with its next answer.
+    forwarded: list[Frame] | None = None
 
 
 class Listener:
@@ -268,9 +280,18 @@ class Listener:
             # connection. A refused Hello leaves an open session as it was: were it rebound to
             # the refused name, the connection could send as a peer it was refused as.
             self._activity += 1
+            replaced = session
             session = _Session(SessionState.OPEN, frame.name, frame.node_id,
                                self._activity, wall_ns)
+            if (replaced is not None and replaced.peer == session.peer
+                    and replaced.node_id == session.node_id):
+                # The same node again on this connection (a Hello it retried): what it sent
+                # before is still being stored, and answers forwarded to it still wait.
+                session.pending, session.forwarded = replaced.pending, replaced.forwarded
+                session.predecessors = replaced.predecessors
             self._sessions[identity] = session
+            if others:
+                self._supersede(session, identity, others)
         elif step.next is SessionState.NEW:
             self._sessions.pop(identity, None)  # only welcomed connections are kept
         elif session is not None and step.next is not state:
@@ -305,6 +326,8 @@ class Listener:
                 assert session is not None
                 self._activity += 1
                 session.last_active, session.last_active_ns = self._activity, wall_ns
+                if session.forwarded:
+                    self._flush_forwarded(identity, session)
                 if self._on_batch(identity, session.peer, frame, wall_ns, checked=checked):
                     session.pending += 1
             case Answer.PONG:
@@ -312,9 +335,11 @@ class Listener:
                 assert session is not None
                 self._activity += 1
                 session.last_active, session.last_active_ns = self._activity, wall_ns
+                if session.forwarded:
+                    self._flush_forwarded(identity, session)
                 self._reply(identity, Pong(echo_sent_at_ns=frame.sent_at_ns,
                                            received_at_ns=wall_ns, replied_at_ns=wall_ns,
-                                           pending=session.pending))
+                                           pending=self._pending(session)))
             case Answer.LEFT:
                 assert isinstance(frame, Bye)
                 assert session is not None
@@ -341,6 +366,7 @@ class Listener:
         session = self._sessions.get(to)
         if session is not None and session.pending > 0:
             session.pending -= 1
+        first = len(self._frames)
         if committed:
             self._reply(to,
                 ReceiptFrame(
@@ -365,8 +391,67 @@ class Listener:
                 causes.setdefault(why, []).append(seq)
             for why, seqs in causes.items():
                 self._reply(to, Reject(sorted(seqs), RejectCode.UNSTORABLE, why))
+        if session is not None and session.successor is not None:
+            self._forward(session, [frame for _to, frame in self._frames[first:]])
 
     # -- internals ------------------------------------------------------------------------
+
+    def _supersede(self, session: _Session, identity: str,
+                   others: list[tuple[int, str]]) -> None:
+        """`session` (just welcomed on `identity`) supersedes the name's sessions on other
+        connections that said the same node id: the dialer redialled after a silence (a
+        node has one connection to us), and what it sent on the old connection may still be
+        unread or unanswered here. Their pending batches count in this session's Pongs, and
+        their answers from now on are forwarded to it (`_forward`), so the dialer learns
+        what we stored instead of sending it all again. (A name and node id are the
+        peer's claims, not proof: a claimant gets copies of answers, the original
+        connection still gets them too, so nothing is taken from the real peer.)"""
+        superseded: list[str] = []
+        forwarded: list[Frame] = []
+        for _last, connection in others:
+            other = self._sessions[connection]
+            if other.node_id != session.node_id:
+                continue
+            other.successor = identity
+            superseded.append(connection)
+            if other.forwarded:
+                forwarded.extend(other.forwarded)
+                other.forwarded = None
+        session.predecessors = tuple(superseded)
+        if forwarded:
+            session.forwarded = forwarded[-MAX_FORWARDED_ANSWERS:]
+
+    def _forward(self, session: _Session, frames: list[Frame]) -> None:
+        """Keep `frames` (answers to the superseded `session`) for its successor, if that
+        is still a session of the same name and node id."""
+        successor = self._sessions.get(session.successor or "")
+        if (not frames or successor is None or successor.state is not SessionState.OPEN
+                or successor.peer != session.peer or successor.node_id != session.node_id):
+            return
+        if successor.forwarded is None:
+            successor.forwarded = []
+        successor.forwarded.extend(frames)
+        if len(successor.forwarded) > MAX_FORWARDED_ANSWERS:
+            del successor.forwarded[:-MAX_FORWARDED_ANSWERS]
+
+    def _flush_forwarded(self, identity: str, session: _Session) -> None:
+        """Send the answers forwarded to `session` on its own connection, ahead of its
+        answer to the frame being read (so a Pong after them counts them done)."""
+        assert session.forwarded is not None
+        for frame in session.forwarded:
+            self._reply(identity, frame)
+        session.forwarded = None
+
+    def _pending(self, session: _Session) -> int:
+        """What a Pong says is pending: this session's batches not yet answered, and those
+        of the sessions it superseded (still the same name and node id)."""
+        pending = session.pending
+        for connection in session.predecessors:
+            other = self._sessions.get(connection)
+            if (other is not None and other.peer == session.peer
+                    and other.node_id == session.node_id):
+                pending += other.pending
+        return pending
 
     def _violation(self, who: str, error: ProtocolError) -> None:
         self._events.append(ViolationDetected(who, error))

@@ -43,7 +43,11 @@ from meshpost.protocol.frames import (
     MAX_ID_LENGTH,
 )
 from meshpost.protocol.header import Kind, PatternHeader
-from meshpost.protocol.listener import LIVE_SESSION_NS, MAX_SESSIONS_PER_PEER
+from meshpost.protocol.listener import (
+    LIVE_SESSION_NS,
+    MAX_FORWARDED_ANSWERS,
+    MAX_SESSIONS_PER_PEER,
+)
 
 WALL = 1_700_000_000_000_000_000
 LIMIT = 512
@@ -576,6 +580,86 @@ def test_a_receipt_goes_to_the_connection_the_batch_came_on_not_to_the_name() ->
     [(to, receipt)] = listener.frames_to_send()
     assert to == "c2"
     assert isinstance(receipt, ReceiptFrame)
+
+
+# -- a session superseded by a redial (issue 20 item 5) ---------------------------------------
+
+
+def taken_on(listener: Listener, identity: str, *seqs: int) -> list[MessagesArrived]:
+    """alice's batches, one per seq, taken on connection `identity` (not yet stored)."""
+    for seq in seqs:
+        assert send(listener, Batch(WALL, [msg(seq)]), identity=identity) == []
+    return arrivals(listener)
+
+
+def pong(frames: list[Frame]) -> Pong:
+    assert isinstance(frames[-1], Pong)
+    return frames[-1]
+
+
+def test_a_pong_counts_the_pending_batches_of_the_sessions_it_superseded() -> None:
+    listener = connected()  # connection "alice"
+    taken_on(listener, "alice", 1, 2)
+    send(listener, hello(), identity="c2")  # alice redialled: same name, same node id
+    assert pong(send(listener, Ping(WALL), identity="c2")).pending == 2
+    assert pong(send(listener, Ping(WALL))).pending == 2  # the old session's own count
+
+
+def test_answers_to_a_superseded_session_go_to_its_successor_with_its_next_answer() -> None:
+    listener = connected()
+    [first, second] = taken_on(listener, "alice", 1, 2)
+    send(listener, hello(), identity="c2")
+    listener.events()
+    [receipt] = stored(listener, first, committed=[1], conflicts=[], stored_at_ns=1,
+                       replied_at_ns=2, hlc=3)  # still sent on the old connection
+    assert isinstance(receipt, ReceiptFrame)
+    frames = send(listener, Ping(WALL), identity="c2")
+    assert frames[:-1] == [receipt]  # ahead of the Pong
+    assert pong(frames).pending == 1
+    assert send(listener, Ping(WALL), identity="c2")[:-1] == []  # sent once
+    stored(listener, second, committed=[], conflicts=[2], stored_at_ns=1, replied_at_ns=2,
+           hlc=3)
+    [reject] = send(listener, Batch(WALL, [msg(3)]), identity="c2")  # with a Batch's answer
+    assert isinstance(reject, Reject)
+    assert reject.code == RejectCode.CONFLICT
+
+
+def test_a_session_of_another_node_id_supersedes_nothing() -> None:
+    listener = connected()
+    [first] = taken_on(listener, "alice", 1)
+    later = WALL + 5 + LIVE_SESSION_NS  # alice silent long enough for another node to take it
+    other = Hello(PROTOCOL_VERSION, "node-other", "alice", WALL, 1)
+    [welcome] = send(listener, other, identity="c2", wall_ns=later)
+    assert isinstance(welcome, Welcome)
+    stored(listener, first, committed=[1], conflicts=[], stored_at_ns=1, replied_at_ns=2, hlc=3)
+    frames = send(listener, Ping(WALL), identity="c2", wall_ns=later)
+    assert [type(f) for f in frames] == [Pong]
+    assert pong(frames).pending == 0
+
+
+def test_answers_kept_for_a_successor_are_bounded() -> None:
+    listener = connected()
+    arrived = taken_on(listener, "alice", *range(1, MAX_FORWARDED_ANSWERS + 11))
+    send(listener, hello(), identity="c2")
+    for a in arrived:
+        stored(listener, a, committed=[a.messages[0].seq], conflicts=[], stored_at_ns=1,
+               replied_at_ns=2, hlc=3)
+    frames = send(listener, Ping(WALL), identity="c2")
+    receipts = [f for f in frames if isinstance(f, ReceiptFrame)]
+    assert len(receipts) == MAX_FORWARDED_ANSWERS
+    assert receipts[0].ranges == [(11, 11)]  # the oldest went
+
+
+def test_a_hello_repeated_on_its_own_connection_keeps_what_is_pending_and_forwarded() -> None:
+    listener = connected()
+    [first] = taken_on(listener, "alice", 1)
+    send(listener, hello(), identity="c2")
+    taken_on(listener, "c2", 2)
+    stored(listener, first, committed=[1], conflicts=[], stored_at_ns=1, replied_at_ns=2, hlc=3)
+    send(listener, hello(), identity="c2")  # the dialer retried its Hello
+    frames = send(listener, Ping(WALL), identity="c2")
+    assert [type(f) for f in frames] == [ReceiptFrame, Pong]
+    assert pong(frames).pending == 1
 
 
 # -- pattern headers --------------------------------------------------------------------------
