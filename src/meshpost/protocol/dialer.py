@@ -12,6 +12,7 @@ decides when: the handshake, timers, retransmission and liveness.
 
 from __future__ import annotations
 
+import collections
 import enum
 import math
 import operator
@@ -53,7 +54,7 @@ from meshpost.protocol.rto import RtoEstimator
 
 # The batch limits and the window's measure are importable from here, as before the outbox
 # became its own module.
-__all__ = ["HELD_MESSAGE_OVERHEAD", "MAX_BATCH_BODY_BYTES", "MAX_BATCH_MESSAGES",
+__all__ = ["HELD_MESSAGE_OVERHEAD", "LOSS_WINDOW", "MAX_BATCH_BODY_BYTES", "MAX_BATCH_MESSAGES",
            "REFUSED_RETRY_S", "RETRIED_HANDSHAKE_RTO_S", "STALL_GRACE", "TRANSITIONS",
            "DialerLink", "LinkInput", "LinkState", "held_size"]
 
@@ -66,6 +67,12 @@ RETRIED_HANDSHAKE_RTO_S = 3.0
 #: A silence deadline polled more than this many ping intervals late was missed by this node
 #: (stopped or starved of CPU), not by the peer: what the peer sent may wait unread.
 STALL_GRACE = 0.5
+#: At a timeout after an unanswered probe, the most messages resent (the oldest unsettled):
+#: as TCP resends one segment at a timeout, not its flight (RFC 5681's loss window). A
+#: silent peer is usually not reading rather than losing frames (a stream loses none while
+#: its connection lives): the whole window resent into its silence waits unread beside the
+#: first copies, and is stored twice over. A peer that answers says what it lacks instead.
+LOSS_WINDOW = 4
 
 class LinkState(enum.Enum):
     IDLE = "idle"  # no connection: nothing to send yet, or nothing for link_idle_s (closed)
@@ -229,8 +236,21 @@ class DialerLink:
         self._rto_deadline: float | None = None
         #: When a receipt last settled something (the timer restarts from there).
         self._progress_at = now
-        #: A Ping went out for the current timeout instead of a resend (see _retransmit_due).
-        self._probed = False
+        #: The tx time of the probe Ping of the current stall (a timeout's Ping instead of a
+        #: resend; None: none since the last progress), and when it went. An answer to a
+        #: later frame answers it too (`Outbox.answered_tx_ns`).
+        self._probe_tx_ns: int | None = None
+        self._probe_at = now
+        #: A Pong echoing that probe came (every batch sent before it reached the peer).
+        self._probe_answered = False
+        #: The latest Pings sent, as (wall tx, monotonic time): a Pong's echo names the
+        #: batches sent before its Ping by the monotonic clock, which never jumps.
+        self._pings: collections.deque[tuple[int, float]] = collections.deque(maxlen=8)
+        #: The probe sent on a Welcome after a loss: its Pong says what the peer lacks.
+        self._loss_probe_tx_ns: int | None = None
+        #: The peer's Pongs say how many of our batches it is still storing (`pending` is
+        #: not -1): a batch it holds is then never resent for want of a receipt, only probed.
+        self._pending_known = False
         self._next_hello_at = 0.0
         self._next_ping_at = 0.0
         #: When the link last had something to do (opened, sent a batch, settled a message):
@@ -431,6 +451,7 @@ class DialerLink:
             if heard is None or self._ping_owed or now >= heard + self._ping_interval:
                 self._ping_owed = False
                 self._frames.insert(0, Ping(sent_at_ns=wall_ns))
+                self._pings.append((wall_ns, now))
                 self._next_ping_at = now + self._ping_interval
             else:
                 self._next_ping_at = heard + self._ping_interval
@@ -464,8 +485,7 @@ class DialerLink:
                 if self._excused_at != now:  # one stall, however many deadlines it missed
                     self.stalls_excused += 1
                 self._excused_at = now
-                self._probed = True
-                self._ping_first(wall_ns)
+                self._probe(wall_ns, now)
                 self._rto_deadline = now + self._rto
             else:
                 self._retransmit_due(now, wall_ns)
@@ -482,14 +502,20 @@ class DialerLink:
         self.stalls_excused += 1
         self._excused_at = now
         self._silence_from = now + self._ping_interval - self._peer_timeout
-        self._ping_first(wall_ns)
+        self._ping_first(wall_ns, now)
         self._next_ping_at = now + self._ping_interval
         return True
 
-    def _ping_first(self, wall_ns: int) -> None:
+    def _ping_first(self, wall_ns: int, now: float) -> None:
         """A Ping ahead of everything this poll sends (one per poll is enough)."""
         if not (self._frames and type(self._frames[0]) is Ping):
             self._frames.insert(0, Ping(sent_at_ns=wall_ns))
+            self._pings.append((wall_ns, now))
+
+    def _probe(self, wall_ns: int, now: float) -> None:
+        """Ask the peer what it holds: a Ping first, as the probe of this stall."""
+        self._ping_first(wall_ns, now)
+        self._probe_tx_ns, self._probe_at, self._probe_answered = wall_ns, now, False
 
     def _heard_at(self) -> float | None:
         """Since when silence counts: the last frame heard, or the end of a quiet spell."""
@@ -576,6 +602,9 @@ class DialerLink:
                 self._answered((wall_ns - t1) / 1e9, now)
                 if t1 <= wall_ns:
                     self._on_pong(t1, pending, now)
+                    if t1 == self._loss_probe_tx_ns:
+                        self._loss_probe_tx_ns = None
+                        self._after_loss_probe(t1, pending, now, wall_ns)
             case _:  # pragma: no cover - _FRAME_INPUTS filters the rest
                 pass
         self._pump(now, wall_ns)
@@ -655,19 +684,23 @@ class DialerLink:
             self._events.append(PeerConnected(self.peer, frame.node_id))
         if self._inflight and before in _SESSION_GONE:
             # The peer refused our frames (it lost our session) or left: what was in flight
-            # never reached its store. Resend it now, as new flights. After mere silence
-            # (LOST) only the batches whose own timeout has passed go again (after
-            # peer_timeout_s of silence that is usually all; a batch sent just before is not
-            # resent while its receipt may still come).
+            # never reached its store. Resend it now, as new flights.
             self._outbox.resend_all(now, wall_ns, self._frames)
         if not was_ready:
             # A new session: what the old one proved arrived may have died with the peer.
             self._outbox.answered_tx_ns = 0
-            self._probed = False
+            self._probe_tx_ns, self._probe_answered = None, False
         self._rto = self.base_rto
         self._rto_deadline = now + self._rto if self._inflight else None
         if self._inflight and before is LinkState.LOST:
-            self._retransmit_due(now, wall_ns, backoff=False)
+            # After mere silence the peer may hold all of it: still unread in its socket,
+            # or being stored, its answers sent on the connection this node closed when it
+            # redialled (the peer forwards them to this new session). Ask rather than resend
+            # the window: a probe now, whose Pong says what is still pending (`_on_pong`).
+            self._probe(wall_ns, now)
+            self._ping_owed = False
+            self._next_ping_at = now + self._ping_interval
+            self._loss_probe_tx_ns = wall_ns
 
     @property
     def base_rto(self) -> float:
@@ -699,45 +732,95 @@ class DialerLink:
         """The retransmission timeout in force now (`base_rto`, or more after backoff)."""
         return self._rto
 
-    def _retransmit_due(self, now: float, wall_ns: int, *, backoff: bool = True) -> None:
-        """The timer ran out (no receipt settled anything for an RTO). A batch sent an RTO
-        ago or earlier and still unreceipted is resent if nothing proves it reached the peer;
-        one the peer is known to hold (it answered a later frame: `_answered_tx_ns`) is only
-        waiting for the peer's commit, and is resent only after `retransmit_max_s` without
-        progress. The first timeout of a stall sends a Ping instead of resending: its Pong
-        proves (or not) that the batches arrived, so a busy peer is not sent its window twice."""
+    def _retransmit_due(self, now: float, wall_ns: int) -> None:
+        """The timer ran out (no receipt settled anything for an RTO). What goes again is
+        what the peer's answers show it lacks; a timeout itself only asks:
+
+        - a batch sent an RTO ago or earlier and still unreceipted, not known to have reached
+          the peer (it answered no later frame: `answered_tx_ns`), is *probed*: a Ping goes
+          instead, and its Pong says whether the batches arrived (frames arrive in order)
+          and whether the peer is still storing them (`pending`). Only if that probe is
+          unanswered at the next timeout does the oldest of them go again, and of it at most
+          `LOSS_WINDOW` messages: a silent peer is usually not reading, not losing frames;
+        - a batch known not to have reached the peer's store (this node failed to queue it,
+          or a Pong said nothing is pending while it was unreceipted) goes again whole;
+        - a batch the peer is known to hold is only waiting for its commit: after
+          `retransmit_max_s` without progress it is probed if the peer's Pongs say what is
+          pending (their answer decides), resent only if they do not (an older peer).
+
+        Every probe and resend backs the timeout off."""
         outbox = self._outbox
         if not outbox.inflight:
             outbox.flights.clear()
             self._rto_deadline = None
             return
-        # A held batch goes again after retransmit_max_s without progress since it was sent
-        # (as `_arm` times it): a link quiet before this batch has no progress to show.
-        due, kept = outbox.overdue(now - self._rto, now - self._rto_max, self._progress_at)
-        probing = (bool(due) and backoff and not self._probed
-                   and not outbox.any_dropped(due))
-        if probing:
-            self._probed = True
+        # A held batch goes stale after retransmit_max_s without progress since it was sent
+        # (as `_arm` times it), or since the last probe for a peer whose Pong will say.
+        stale_from = (max(self._progress_at, self._probe_at) if self._pending_known
+                      else self._progress_at)
+        due, kept = outbox.overdue(now - self._rto, now - self._rto_max, stale_from)
+        answered, dropped = outbox.answered_tx_ns, outbox.dropped_tx
+        # Due: batches known lost (dropped), held ones gone stale, and the rest, not known to
+        # have arrived (unproven).
+        held = [f for f in due if f[1] <= answered and f[1] not in dropped]
+        unproven = [f for f in due if f[1] > answered and f[1] not in dropped]
+        lost = len(held) + len(unproven) < len(due)
+        # A peer whose Pongs say what is pending is asked about a held batch, never sent it
+        # again for want of a receipt.
+        ask_held = self._pending_known and bool(held)
+        asked = self._probe_tx_ns is not None
+        answered_probe = asked and self._probe_answered
+        resend: list[Envelope] = []
+        probing = cut = False
+        if lost:
+            resend = outbox.unsettled(due)
+        elif (unproven or ask_held) and (not asked or (
+                answered_probe and all(f[0] > self._probe_at for f in unproven))):
+            # Nothing asked yet in this stall, or the last probe was answered and what is
+            # due left after it: ask (again).
+            probing = True
+            self._probe(wall_ns, now)
             kept.extend(due)
-            kept.sort(key=operator.itemgetter(0))
-            due = []
-            if not (self._frames and type(self._frames[0]) is Ping):  # one per poll is enough
-                self._frames.insert(0, Ping(sent_at_ns=wall_ns))
             self._rto = min(self._rto * 2, self._rto_max)
+        elif unproven and not answered_probe:
+            # Nothing answered the probe: of the unproven batches only the oldest goes
+            # again, and of it the loss window.
+            first = unproven[0]
+            kept.extend(unproven[1:])
+            unsettled = outbox.unsettled([first])
+            resend = unsettled[:LOSS_WINDOW]
+            if len(unsettled) > LOSS_WINDOW:
+                kept.append((first[0], first[1], unsettled[LOSS_WINDOW:]))
+            cut = True
+        else:
+            # The probe was answered, yet these look unproven (the wall clock went back):
+            # as before probes, they go again.
+            resend = outbox.unsettled(unproven)
+        if held and not (probing or lost):  # (lost: everything due went again)
+            if self._pending_known:
+                kept.extend(held)
+            else:  # an older peer: a held batch goes again after retransmit_max_s
+                resend = sorted({m.seq: m for m in resend + outbox.unsettled(held)}.values(),
+                                key=operator.attrgetter("seq"))
+        kept.sort(key=operator.itemgetter(0))
         outbox.restore(kept)
-        resend = outbox.unsettled(due)
         if resend:
             outbox.resend(resend, now, wall_ns, self._frames)
-            if backoff:
-                self._rto = min(self._rto * 2, self._rto_max)
-        self._arm(now, probing=probing)
+            self._rto = min(self._rto * 2, self._rto_max)
+        self._arm(now, probing=probing or cut)
+        if self._rto_deadline is not None and self._rto_deadline <= now:
+            # Held batches this timeout left to a probe (or to the silence timer): an RTO on.
+            self._rto_deadline = now + self._rto
 
     def _arm(self, now: float, *, probing: bool = False) -> None:
         """The retransmission timer: the first unproven flight's RTO, or the peer's
-        `retransmit_max_s` of no progress for flights it is known to hold. `probing`: a
-        probe Ping just left; unproven flights wait a whole (backed-off) RTO for its Pong."""
-        self._rto_deadline = self._outbox.deadline(now, self._progress_at, self._rto,
-                                                   self._rto_max, probing=probing)
+        `retransmit_max_s` of no progress for flights it is known to hold (since the last
+        probe too, for a peer whose Pongs say what is pending). `probing`: a probe Ping just
+        left, or the loss window went; unproven flights wait a whole (backed-off) RTO."""
+        stale_from = (max(self._progress_at, self._probe_at) if self._pending_known
+                      else self._progress_at)
+        self._rto_deadline = self._outbox.deadline(now, stale_from, self._rto, self._rto_max,
+                                                   probing=probing)
 
     def _answered(self, rtt_s: float, now: float) -> None:
         """The peer answered a Hello or a Ping after `rtt_s`: a path sample."""
@@ -755,13 +838,36 @@ class DialerLink:
         better is timed with backoff, as any)."""
         outbox = self._outbox
         outbox.answered(echo_ns)
+        self._pending_known = pending >= 0
+        if echo_ns == self._probe_tx_ns:
+            self._probe_answered = True
         if not outbox.inflight:
             return
         if pending > 0:
             self._progress_at = max(self._progress_at, now)
         elif pending == 0:
-            outbox.unanswered_before(echo_ns)
+            outbox.unanswered_before(echo_ns, self._ping_sent_at(echo_ns))
         if self._rto_deadline is not None:
+            self._arm(now)
+
+    def _ping_sent_at(self, echo_ns: int) -> float | None:
+        """The monotonic time the Ping a Pong echoes went, if it is one of the latest."""
+        for tx_ns, sent in self._pings:
+            if tx_ns == echo_ns:
+                return sent
+        return None
+
+    def _after_loss_probe(self, echo_ns: int, pending: int, now: float, wall_ns: int) -> None:
+        """The Pong to the probe of a Welcome after a loss: the peer's answers before it (its
+        own and those forwarded from the closed connection) are in. Nothing pending: what is
+        still unreceipted from before the probe never reached its store, and goes now. Still
+        pending: it is storing some, and the timer probes again (`_retransmit_due`). A peer
+        that does not say (-1) gets what was in flight, as after any loss before."""
+        if not self._inflight or pending > 0:
+            return
+        lacking = self._outbox.take_before(echo_ns, self._ping_sent_at(echo_ns))
+        if lacking:
+            self._outbox.resend(lacking, now, wall_ns, self._frames)
             self._arm(now)
 
     def _on_refuse(
@@ -787,7 +893,7 @@ class DialerLink:
             outbox.answered_tx_ns = echo
         if settled:
             self._progress_at = self._active_at = now
-            self._probed = False
+            self._probe_tx_ns, self._probe_answered = None, False
             self._events.append(MessagesDelivered(self.peer, settled, receipt, wall_ns))
             sample_s = (wall_ns - echo) / 1e9
             first = outbox.first_resend_tx_ns

@@ -319,18 +319,38 @@ class Outbox:
         self.dropped_tx.clear()
         self.first_resend_tx_ns = None
 
-    def unanswered_before(self, echo_ns: int) -> None:
-        """The peer answered every batch it took before our tx time `echo_ns` (a Pong saying
-        `pending` = 0): those still unsettled (and not resent yet) lost their receipt or
-        could not be stored, and count as dropped (resent at their timeout, without a probe).
-        (Strictly before: a probe Ping goes ahead of the batches of its own poll.)"""
-        inflight, resent, dropped = self.inflight, self.resent, self.dropped_tx
-        for _sent, tx_ns, batch in self.flights:
-            if tx_ns >= echo_ns:
+    def unanswered_before(self, echo_ns: int, sent_before: float | None = None) -> None:
+        """The peer answered every batch it took before our Ping of tx time `echo_ns` (a
+        Pong saying `pending` = 0): those still unsettled lost their receipt or could not be
+        stored, and count as dropped (resent at their timeout, without a probe). Strictly
+        before: a probe Ping goes ahead of the batches of its own poll. `sent_before`: the
+        Ping's monotonic send time, which orders flights even if the wall clock jumped."""
+        inflight, dropped = self.inflight, self.dropped_tx
+        for flight in self._sent_before(echo_ns, sent_before):
+            if any(m.seq in inflight for m in flight[2]):
+                dropped.add(flight[1])
+
+    def _sent_before(self, echo_ns: int, sent_before: float | None) -> list[Flight]:
+        """The oldest flights, up to the first sent at or after a Ping (by its monotonic
+        time if known, else by its wall tx time `echo_ns`)."""
+        taken: list[Flight] = []
+        for flight in self.flights:
+            if flight[0] >= sent_before if sent_before is not None else flight[1] >= echo_ns:
                 break
-            unsettled = [m.seq for m in batch if m.seq in inflight]
-            if unsettled and resent.isdisjoint(unsettled):
-                dropped.add(tx_ns)
+            taken.append(flight)
+        return taken
+
+    def take_before(self, echo_ns: int, sent_before: float | None = None) -> list[Envelope]:
+        """The peer has none of the batches sent before our Ping of tx time `echo_ns`
+        pending and answered all it had (a Pong saying `pending` 0): forget those flights,
+        and return their messages still in flight (never stored there), to be sent again.
+        `sent_before` as for `unanswered_before`."""
+        inflight, flights = self.inflight, self.flights
+        lacking: list[Envelope] = []
+        for _ in self._sent_before(echo_ns, sent_before):
+            lacking.extend(m for m in flights.popleft()[2] if m.seq in inflight)
+        # A message may be in two flights (a part resent alone): once, in seq order.
+        return sorted({m.seq: m for m in lacking}.values(), key=_SEQ)
 
     def drop_settled_flights(self) -> None:
         """Forget the oldest flights once all their messages are settled, so that `flights`

@@ -233,15 +233,31 @@ def test_a_held_flight_is_due_once_stale_or_dropped() -> None:
     assert not outbox.any_dropped(kept)
 
 
-def test_a_pong_with_nothing_pending_marks_unsettled_first_sends_before_it_dropped() -> None:
+def test_a_pong_with_nothing_pending_marks_the_unsettled_flights_before_it_dropped() -> None:
     outbox = three_flights()
     outbox.settle([(1, 1)])
     outbox.resend(msgs([2]), 4.0, T0_WALL + 4, [])
     outbox.unanswered_before(T0_WALL + 3)  # strictly before: flight 3 left with the Ping
-    # Flight 1 is settled, 2 was resent already (its resend is timed as any): neither.
-    assert outbox.dropped_tx == set()
-    outbox.unanswered_before(T0_WALL + 4)
-    assert outbox.dropped_tx == {T0_WALL + 3}
+    assert outbox.dropped_tx == {T0_WALL + 2}  # flight 1 is settled; 2 lacks, resent or not
+    outbox.unanswered_before(T0_WALL + 5)
+    assert outbox.dropped_tx == {T0_WALL + 2, T0_WALL + 3, T0_WALL + 4}
+
+
+def test_the_pings_monotonic_time_orders_flights_when_the_wall_clock_went_back() -> None:
+    outbox = three_flights()
+    # The Ping left at 2.5 s, its wall tx before every flight's (the clock was set back).
+    outbox.unanswered_before(T0_WALL - 10**9, sent_before=2.5)
+    assert outbox.dropped_tx == {T0_WALL + 1, T0_WALL + 2}
+    assert [m.seq for m in outbox.take_before(T0_WALL - 10**9, sent_before=2.5)] == [1, 2]
+    assert [f[1] for f in outbox.flights] == [T0_WALL + 3]
+
+
+def test_take_before_returns_each_lacking_message_once_in_seq_order() -> None:
+    outbox = three_flights()
+    outbox.resend(msgs([1]), 4.0, T0_WALL + 4, [])  # 1 is in two flights now
+    assert [m.seq for m in outbox.take_before(T0_WALL + 5)] == [1, 2, 3]
+    assert not outbox.flights
+    assert sorted(outbox.inflight) == [1, 2, 3]  # still in flight: the caller resends them
 
 
 def test_the_deadline_is_the_first_unproven_flights_rto_or_rto_max_for_held_ones() -> None:
