@@ -71,8 +71,9 @@ STALL_GRACE = 0.5
 #: as TCP resends one segment at a timeout, not its flight (RFC 5681's loss window). A
 #: silent peer is usually not reading rather than losing frames (a stream loses none while
 #: its connection lives): the whole window resent into its silence waits unread beside the
-#: first copies, and is stored twice over. A peer that answers says what it lacks instead.
+#: first copies, and is read twice over. A peer that answers says what it lacks instead.
 LOSS_WINDOW = 4
+
 
 class LinkState(enum.Enum):
     IDLE = "idle"  # no connection: nothing to send yet, or nothing for link_idle_s (closed)
@@ -237,8 +238,7 @@ class DialerLink:
         #: When a receipt last settled something (the timer restarts from there).
         self._progress_at = now
         #: The tx time of the probe Ping of the current stall (a timeout's Ping instead of a
-        #: resend; None: none since the last progress), and when it went. An answer to a
-        #: later frame answers it too (`Outbox.answered_tx_ns`).
+        #: resend; None: none since a receipt last settled something), and when it went.
         self._probe_tx_ns: int | None = None
         self._probe_at = now
         #: A Pong echoing that probe came (every batch sent before it reached the peer).
