@@ -246,8 +246,10 @@ class DialerLink:
         #: The latest Pings sent, as (wall tx, monotonic time): a Pong's echo names the
         #: batches sent before its Ping by the monotonic clock, which never jumps.
         self._pings: collections.deque[tuple[int, float]] = collections.deque(maxlen=8)
-        #: The probe sent on a Welcome after a loss: its Pong says what the peer lacks.
+        #: The probe sent on a Welcome after a loss: its Pong says what the peer lacks. And
+        #: whether its answer "nothing pending" is yet to be confirmed (`_after_loss_probe`).
         self._loss_probe_tx_ns: int | None = None
+        self._loss_unconfirmed = False
         #: The peer's Pongs say how many of our batches it is still storing (`pending` is
         #: not -1): a batch it holds is then never resent for want of a receipt, only probed.
         self._pending_known = False
@@ -450,8 +452,7 @@ class DialerLink:
             heard = self._heard_at()
             if heard is None or self._ping_owed or now >= heard + self._ping_interval:
                 self._ping_owed = False
-                self._frames.insert(0, Ping(sent_at_ns=wall_ns))
-                self._pings.append((wall_ns, now))
+                self._ping(wall_ns, now)
                 self._next_ping_at = now + self._ping_interval
             else:
                 self._next_ping_at = heard + self._ping_interval
@@ -506,16 +507,26 @@ class DialerLink:
         self._next_ping_at = now + self._ping_interval
         return True
 
-    def _ping_first(self, wall_ns: int, now: float) -> None:
-        """A Ping ahead of everything this poll sends (one per poll is enough)."""
-        if not (self._frames and type(self._frames[0]) is Ping):
-            self._frames.insert(0, Ping(sent_at_ns=wall_ns))
-            self._pings.append((wall_ns, now))
+    def _ping(self, wall_ns: int, now: float) -> int:
+        """A Ping ahead of everything this poll sends; its tx time."""
+        self._frames.insert(0, Ping(sent_at_ns=wall_ns))
+        self._pings.append((wall_ns, now))
+        return wall_ns
 
-    def _probe(self, wall_ns: int, now: float) -> None:
+    def _ping_first(self, wall_ns: int, now: float) -> int:
+        """`_ping`, unless this poll's frames start with one already (one per poll is
+        enough): the tx time of the Ping that goes first."""
+        frames = self._frames
+        first = frames[0] if frames else None
+        if isinstance(first, Ping):
+            return first.sent_at_ns
+        return self._ping(wall_ns, now)
+
+    def _probe(self, wall_ns: int, now: float) -> int:
         """Ask the peer what it holds: a Ping first, as the probe of this stall."""
-        self._ping_first(wall_ns, now)
-        self._probe_tx_ns, self._probe_at, self._probe_answered = wall_ns, now, False
+        tx_ns = self._ping_first(wall_ns, now)
+        self._probe_tx_ns, self._probe_at, self._probe_answered = tx_ns, now, False
+        return tx_ns
 
     def _heard_at(self) -> float | None:
         """Since when silence counts: the last frame heard, or the end of a quiet spell."""
@@ -601,10 +612,11 @@ class DialerLink:
                 self.offset.add(t1, t2, t3, wall_ns)
                 self._answered((wall_ns - t1) / 1e9, now)
                 if t1 <= wall_ns:
-                    self._on_pong(t1, pending, now)
                     if t1 == self._loss_probe_tx_ns:
                         self._loss_probe_tx_ns = None
                         self._after_loss_probe(t1, pending, now, wall_ns)
+                    else:  # (while a loss is being asked about, only its probes decide)
+                        self._on_pong(t1, pending, now, final=self._loss_probe_tx_ns is None)
             case _:  # pragma: no cover - _FRAME_INPUTS filters the rest
                 pass
         self._pump(now, wall_ns)
@@ -697,10 +709,10 @@ class DialerLink:
             # or being stored, its answers sent on the connection this node closed when it
             # redialled (the peer forwards them to this new session). Ask rather than resend
             # the window: a probe now, whose Pong says what is still pending (`_on_pong`).
-            self._probe(wall_ns, now)
+            self._loss_probe_tx_ns = self._probe(wall_ns, now)
             self._ping_owed = False
             self._next_ping_at = now + self._ping_interval
-            self._loss_probe_tx_ns = wall_ns
+            self._loss_unconfirmed = True
 
     @property
     def base_rto(self) -> float:
@@ -828,14 +840,14 @@ class DialerLink:
         self.last_answer_rtt_s, self.last_answer_at = rtt_s, now
         self.answers += 1
 
-    def _on_pong(self, echo_ns: int, pending: int, now: float) -> None:
+    def _on_pong(self, echo_ns: int, pending: int, now: float, *, final: bool = True) -> None:
         """A Pong answered our Ping sent at `echo_ns`: every batch sent before it reached the
         peer (frames arrive in order). `pending` > 0: the peer is still storing some of them,
         which is progress (a busy store, not a lost receipt: nothing is resent for want of
         it). 0: it has answered all of them (its answers came before this Pong), so one still
         unreceipted lost its receipt or could not be stored: it goes again at its timeout,
         without a probe, as a batch the node failed to queue would (a resend that fares no
-        better is timed with backoff, as any)."""
+        better is timed with backoff, as any). `final` False: 0 is not taken as final yet."""
         outbox = self._outbox
         outbox.answered(echo_ns)
         self._pending_known = pending >= 0
@@ -845,7 +857,7 @@ class DialerLink:
             return
         if pending > 0:
             self._progress_at = max(self._progress_at, now)
-        elif pending == 0:
+        elif pending == 0 and final:
             outbox.unanswered_before(echo_ns, self._ping_sent_at(echo_ns))
         if self._rto_deadline is not None:
             self._arm(now)
@@ -859,10 +871,19 @@ class DialerLink:
 
     def _after_loss_probe(self, echo_ns: int, pending: int, now: float, wall_ns: int) -> None:
         """The Pong to the probe of a Welcome after a loss: the peer's answers before it (its
-        own and those forwarded from the closed connection) are in. Nothing pending: what is
-        still unreceipted from before the probe never reached its store, and goes now. Still
-        pending: it is storing some, and the timer probes again (`_retransmit_due`). A peer
-        that does not say (-1) gets what was in flight, as after any loss before."""
+        own and those forwarded from the closed connection) are in. Still pending: it is
+        storing some, and the timer probes again (`_retransmit_due`). Nothing pending: what is
+        still unreceipted from before the probe never reached its store, and goes now, once
+        a second probe, sent at once, says so too: the old connection's frames may still wait
+        unread at the peer, and its socket reads its connections in turn, so the second probe
+        is read after one frame of each (then pending, if there was one). A peer that does not
+        say (-1) gets what was in flight, as after any loss before."""
+        if pending == 0 and self._inflight and self._loss_unconfirmed:
+            self._loss_unconfirmed = False
+            self._on_pong(echo_ns, pending, now, final=False)
+            self._loss_probe_tx_ns = self._probe(wall_ns, now)
+            return
+        self._on_pong(echo_ns, pending, now)
         if not self._inflight or pending > 0:
             return
         lacking = self._outbox.take_before(echo_ns, self._ping_sent_at(echo_ns))

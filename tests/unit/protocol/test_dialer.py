@@ -252,9 +252,11 @@ def test_welcomes_answering_retried_hellos_resend_what_is_in_flight_only_once() 
     assert len(welcomes) >= 3
     resent = wire.to_dialer(welcomes)
     # After a loss the first Welcome asks rather than resends: one probe for all of them,
-    # whose Pong says bob holds none of it; then it goes, once.
+    # whose Pong says bob holds none of it, and a second that confirms it; then it goes, once.
     assert [type(f) for f in resent] == [Ping]
-    resent = wire.to_dialer(wire.to_listener(resent))
+    confirm = wire.to_dialer(wire.to_listener(resent))
+    assert [type(f) for f in confirm] == [Ping]
+    resent = wire.to_dialer(wire.to_listener(confirm))
     assert batched_seqs(resent) == [1, 2]
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from tests.unit.protocol.test_dialer import (
     PEER_TIMEOUT,
+    PING_INTERVAL,
     Wire,
     batched_seqs,
     batches,
@@ -158,8 +159,9 @@ def test_after_a_loss_the_welcome_probes_and_bob_storing_the_old_batches_gets_no
 
 def test_after_a_loss_what_never_reached_bob_goes_once_when_his_pong_says_nothing_pends() -> None:
     """The batches were lost with alice's closed connection (they never left her socket):
-    the probe's Pong says bob has nothing of hers pending, so everything unreceipted from
-    before it goes again at once, once."""
+    the probe's Pong says bob has nothing of hers pending, a second probe sent at once says
+    so again (had a frame still waited on the old connection, bob would have read it in
+    between), and everything unreceipted from before it goes again at once, once."""
     wire = RedialWire()
     wire.connect()
     sent_batches(wire, IN_FLIGHT)  # dropped with the old connection
@@ -167,12 +169,79 @@ def test_after_a_loss_what_never_reached_bob_goes_once_when_his_pong_says_nothin
     hello = [f for f in during if isinstance(f, Hello)][-1]
     before = wire.dialer.retransmissions
     probe = wire.to_dialer(wire.to_listener([hello]))
-    resent = wire.to_dialer(wire.to_listener(probe))
+    confirm = wire.to_dialer(wire.to_listener(probe))
+    assert [type(f) for f in confirm] == [Ping]
+    resent = wire.to_dialer(wire.to_listener(confirm))
     assert sorted(batched_seqs(resent)) == list(range(1, IN_FLIGHT + 1))
     assert wire.dialer.retransmissions - before == IN_FLIGHT
     wire.to_dialer(wire.to_listener(resent))
     assert wire.dialer.unacknowledged == 0
     assert len(wire.store) == IN_FLIGHT
+
+
+def test_frames_still_unread_on_the_old_connection_are_not_sent_again() -> None:
+    """bob reads the new connection's probe before what still waits on the old one (his
+    socket reads its connections in turn) and has nothing pending yet: the second probe,
+    sent at once, is read after one of the old batches, so it is pending then and nothing
+    is resent; the old batches' receipts come forwarded."""
+    wire = RedialWire()
+    wire.connect()
+    unread = sent_batches(wire, IN_FLIGHT)  # in bob's socket on the old connection
+    during = found_lost(wire)
+    old = wire.connection
+    wire.redial()
+    hello = [f for f in during if isinstance(f, Hello)][-1]
+    before = wire.dialer.retransmissions
+    probe = wire.to_dialer(wire.to_listener([hello]))
+    [pong] = wire.to_listener(probe)
+    assert isinstance(pong, Pong) and pong.pending == 0
+    confirm = wire.to_dialer([pong])
+    assert [type(f) for f in confirm] == [Ping]  # not the window
+    new, wire.connection = wire.connection, old
+    wire.to_listener(unread[:1], commit=False)  # his turn on the old connection
+    [taken] = [e for e in wire.listener_events if isinstance(e, MessagesArrived)]
+    wire.connection = new
+    [pong] = wire.to_listener(confirm)
+    assert isinstance(pong, Pong) and pong.pending == 1
+    assert batches(wire.to_dialer([pong])) == []
+    wire.connection = old
+    wire.commit(taken)
+    wire.to_listener(unread[1:])  # the rest, stored at once; answered on the old connection
+    wire.connection = new
+    while wire.dialer.unacknowledged:  # alice's timer probes; the forwarded receipts come
+        wire.advance_to(max(wire.dialer.next_timer(), wire.now))
+        wire.exchange(wire.poll())
+    assert wire.dialer.retransmissions == before
+    assert len(wire.store) == IN_FLIGHT
+
+
+def test_a_welcome_repeated_after_a_loss_resends_nothing_through_its_own_ping() -> None:
+    """bob answers alice's retried Hellos with several Welcomes; a repeated Welcome owes a
+    Ping of its own, whose Pong says nothing is pending before bob read the old connection.
+    Only the loss's probes decide what bob lacks: that Pong marks nothing lost (it did, and
+    the window went again at the next timeout)."""
+    wire = RedialWire()
+    wire.connect()
+    sent_batches(wire, IN_FLIGHT)  # unread on the old connection
+    during = lost_and_redialled(wire)
+    during += [f for frames in drive_silently(wire, until=wire.now + 2 * PING_INTERVAL + 0.01)
+               for f in frames]  # Hello retried on the new connection
+    hellos = [f for f in during if isinstance(f, Hello)]
+    assert len(hellos) >= 2
+    before = wire.dialer.retransmissions
+    probe = wire.to_dialer(wire.to_listener(hellos))
+    wire.advance(0.01)
+    pings = probe + wire.poll()
+    assert [type(f) for f in pings] == [Ping, Ping]  # the probe, the repeated Welcome's Ping
+    answers = wire.to_listener(pings)
+    assert [p.pending for p in answers if isinstance(p, Pong)] == [0, 0]
+    wire.advance(0.01)
+    confirm = wire.to_dialer(answers)  # the probe's Pong asks again; the other decides nothing
+    assert batches(confirm) == []
+    for _ in range(3):  # bob reads nothing more meanwhile
+        wire.advance_to(max(wire.dialer.next_timer(), wire.now))
+        wire.poll()
+    assert wire.dialer.retransmissions - before <= 2 * LOSS_WINDOW
 
 
 def test_a_receiver_starved_across_several_losses_is_sent_no_window_twice() -> None:
