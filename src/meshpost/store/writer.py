@@ -295,7 +295,7 @@ class GroupCommitWriter:
 
     async def flush(self) -> None:
         """Wait until everything added so far is committed."""
-        while self._batch or self._busy:
+        while self._callbacks or self._busy:
             self._idle.clear()
             self._schedule()
             await self._idle.wait()
@@ -321,7 +321,7 @@ class GroupCommitWriter:
         """Submit the pending batch at the end of this loop iteration, if the writer is idle:
         everything added until then shares one transaction. Only an `urgent` add (one that
         someone waits for) lets `submit_now` start it earlier."""
-        if self._loop is None or self._busy or self._kick_scheduled or not self._batch:
+        if self._loop is None or self._busy or self._kick_scheduled or not self._callbacks:
             return
         if urgent:
             self._kick_scheduled = True
@@ -357,19 +357,26 @@ class GroupCommitWriter:
         if self._probe is not None:
             self._probe.mark(probes.WRITER_SUBMITS)
         self._kick_scheduled = False
-        if self._loop is None or self._busy or not self._batch:
+        if self._loop is None or self._busy or not self._callbacks:
             return
         batch, callbacks, rows = self._batch, self._callbacks, self._rows
         self._batch, self._callbacks, self._rows = WriteBatch(), [], 0
-        self._room.set()
-        if (
+        if rows >= MAX_PENDING_ROWS:  # `_grow` cleared the room (only then: a set costs a call)
+            self._room.set()
+        inline = (
             self._inline
             and rows <= INLINE_MAX_ROWS
             and self._thread_jobs == 0
-            and self._loop.time() >= self._inline_after
             # A WAL due to start over goes to the thread, where the catch-up may wait.
             and self._wal_since_restart < WAL_RESTART_PAGES
-        ):
+        )
+        if inline and self._inline_after:
+            # The clock is read only while a failed write's quiet time may still run.
+            if self._loop.time() < self._inline_after:
+                inline = False
+            else:
+                self._inline_after = 0.0
+        if inline:
             self._commit_inline(batch, callbacks)
         else:
             self._submit(batch, callbacks)
@@ -419,7 +426,8 @@ class GroupCommitWriter:
             self._recovered()
         # The next batch (added while this one committed) goes to the thread before the
         # callbacks run, so its commit overlaps with their work.
-        self._schedule()
+        if self._callbacks:
+            self._schedule()
         index = 0
         for kind, _payload, done, _failed in callbacks:
             try:
@@ -435,7 +443,7 @@ class GroupCommitWriter:
             except Exception:
                 log.exception("[%s] store completion callback failed", self._node)
         self._committed()
-        if not self._busy and not self._batch:
+        if not self._busy and not self._callbacks:
             self._idle.set()
 
     def _committed(self) -> None:
@@ -629,7 +637,7 @@ class GroupCommitWriter:
         if broken is not None:
             self._break(broken, callbacks[len(outcomes):])
         self._schedule()
-        if not self._busy and not self._batch:
+        if not self._busy and not self._callbacks:
             self._idle.set()
 
     def _still_new(self, group: list[Envelope], result: IncomingResult) -> None:
@@ -686,7 +694,7 @@ class GroupCommitWriter:
         if self.failure is not None:
             return
         self._break(error, pending or [])
-        if not self._busy and not self._batch:
+        if not self._busy and not self._callbacks:
             self._idle.set()
 
     def _break(self, error: BaseException, pending: _Callbacks) -> None:

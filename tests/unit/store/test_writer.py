@@ -471,6 +471,29 @@ def test_a_lock_never_makes_the_loop_wait_and_the_thread_retries(
     run(scenario)
 
 
+def test_commits_return_to_the_loop_once_the_quiet_time_after_an_error_is_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer_module, "RETRY_INITIAL_S", 0.01)
+    monkeypatch.setattr(writer_module, "INLINE_QUIET_AFTER_ERROR_S", 0.05)
+
+    async def scenario() -> None:
+        async with running_writer(tmp_path, sync="normal") as writer:
+            with write_locked(writer.store.path):
+                writer.add_outgoing([out(1)], lambda _at: None)
+                await until(lambda: writer.errors >= 1)
+            await writer.flush()
+            assert writer.inline_commits == 0  # the failed try was on the loop; the retry not
+            await asyncio.sleep(0.06)  # the loop's clock is now past the quiet time
+            for seq in (2, 3):
+                writer.add_outgoing([out(seq)], lambda _at: None)
+                await writer.flush()
+            assert writer.inline_commits == 2
+            assert len(rows(tmp_path)) == 3
+
+    run(scenario)
+
+
 def test_wal_checkpoints_run_beside_commits_on_their_own_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
