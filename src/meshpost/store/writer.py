@@ -119,6 +119,21 @@ def _refusal(error: Exception, path: str) -> RowRefused:
     refusal.__cause__ = error
     return refusal
 
+class _Room(asyncio.Event):
+    """The pending batch's room for producers: an event that says, as a plain attribute,
+    whether it was cleared since it was last set (the writer reads that at every commit)."""
+
+    cleared = False
+
+    def clear(self) -> None:
+        self.cleared = True
+        super().clear()
+
+    def set(self) -> None:
+        self.cleared = False
+        super().set()
+
+
 OutgoingDone = Callable[[int], None]
 IncomingDone = Callable[[IncomingResult, int], None]
 Done = Callable[[], None]
@@ -199,7 +214,7 @@ class GroupCommitWriter:
         self.checkpoints = 0
         #: Catch-up checkpoints on the writer's connection that copied the whole WAL.
         self.wal_restarts = 0
-        self._room = asyncio.Event()
+        self._room = _Room()
         self._room.set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -361,7 +376,7 @@ class GroupCommitWriter:
             return
         batch, callbacks, rows = self._batch, self._callbacks, self._rows
         self._batch, self._callbacks, self._rows = WriteBatch(), [], 0
-        if rows >= MAX_PENDING_ROWS:  # `_grow` cleared the room (only then: a set costs a call)
+        if self._room.cleared:  # rarely: a set is a call, and this runs at every commit
             self._room.set()
         inline = (
             self._inline
