@@ -72,7 +72,8 @@ LOCK_FILENAME = "node.lock"
 #: Page size of a new store (an existing one keeps its own). Against SQLite's 4 KiB, 8 KiB
 #: pages halve the WAL frames and the checkpoint's page copies (a system call or two each)
 #: without slowing a one-row commit; 16 KiB did (figures: docs/benchmarks.md, "Constants and
-#: their figures").
+#: their figures"). 4 KiB, tried again for single sends (fewer bytes for the WAL's checksums),
+#: saved them 3-5% of their instructions and cost the saturated pair 2% a message: not kept.
 PAGE_SIZE = 8192
 #: A WAL file that grew past this (a reader kept it from starting over for a while) is cut
 #: back to it when it next starts over.
