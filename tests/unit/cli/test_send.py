@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,25 +36,33 @@ FAKE_NODE = textwrap.dedent("""
 """)
 
 
-def test_send_lines_says_how_many_were_answered_when_the_node_exits_mid_stream(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
-) -> None:
-    endpoint = f"ipc://{tmp_path}/ctl.sock"
-    node = subprocess.Popen([sys.executable, "-c", FAKE_NODE, endpoint],
+@contextmanager
+def fake_node(data_dir: Path, script: str) -> Iterator[None]:
+    """Run `script` as a stand-in node whose control socket is in `data_dir`: started and
+    ready on entry (the CLI finds it through the endpoint file), killed on exit."""
+    endpoint = f"ipc://{data_dir}/ctl.sock"
+    node = subprocess.Popen([sys.executable, "-c", script, endpoint],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert node.stdout is not None
         assert node.stdout.readline() == "ready\n"
-        (tmp_path / ENDPOINT_FILE).write_text(f"{endpoint}\n{node.pid}\n")
-        lines = tmp_path / "lines.txt"
-        lines.write_text("one\ntwo\nthree\nfour\nfive\n", encoding="utf-8")
-        code = main(["send", "--node", "A", "--data", str(tmp_path), "--to", "B", "-l",
-                     "-f", str(lines), "--window", "1"])
+        (data_dir / ENDPOINT_FILE).write_text(f"{endpoint}\n{node.pid}\n")
+        yield
     finally:
         node.kill()
         node.wait(10)
         if node.stdout is not None:
             node.stdout.close()
+
+
+def test_send_lines_says_how_many_were_answered_when_the_node_exits_mid_stream(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    lines = tmp_path / "lines.txt"
+    lines.write_text("one\ntwo\nthree\nfour\nfive\n", encoding="utf-8")
+    with fake_node(tmp_path, FAKE_NODE):
+        code = main(["send", "--node", "A", "--data", str(tmp_path), "--to", "B", "-l",
+                     "-f", str(lines), "--window", "1"])
     out, err = capsys.readouterr()
     assert code == 4
     assert out.count("✓ delivered to B") == 2
@@ -79,20 +89,9 @@ FAKE_VENTILATOR = textwrap.dedent("""
 def test_task_prints_the_ids_alone_on_stdout_and_says_where_results_go_on_stderr(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    endpoint = f"ipc://{tmp_path}/ctl.sock"
-    node = subprocess.Popen([sys.executable, "-c", FAKE_VENTILATOR, endpoint],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert node.stdout is not None
-        assert node.stdout.readline() == "ready\n"
-        (tmp_path / ENDPOINT_FILE).write_text(f"{endpoint}\n{node.pid}\n")
+    with fake_node(tmp_path, FAKE_VENTILATOR):
         code = main(["task", "--node", "V", "--data", str(tmp_path), "--queue", "upper",
                      "--sink", "S", "hola", "mundo"])
-    finally:
-        node.kill()
-        node.wait(10)
-        if node.stdout is not None:
-            node.stdout.close()
     out, err = capsys.readouterr()
     assert code == 0
     assert out.split() == ["t-1", "t-2"]  # scripts read the ids
