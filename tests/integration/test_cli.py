@@ -160,6 +160,63 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert "in use" in done.stderr.lower()
 
 
+def test_ipc_path_a_running_node_serves_is_refused_and_stays_its(
+    pair: LocalCluster, short_tmp: Path,
+) -> None:
+    """Audit: binding the ipc path of a running node took it over (exit 0) and, when the
+    second node stopped, deleted the first node's socket file: it was unreachable over ipc."""
+    endpoint = pair.endpoints["A"]
+    sock_path = Path(endpoint[len("ipc://"):])
+    second = subprocess.Popen(
+        [sys.executable, "-m", "meshpost", "node", "X", "--bind", endpoint, "--data",
+         str(short_tmp / "X"), "--headless"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _, err = second.communicate(timeout=CLI_TIMEOUT_S / 2)
+    except subprocess.TimeoutExpired:
+        second.terminate()
+        _, err = second.communicate(timeout=CLI_TIMEOUT_S)
+    assert second.returncode == 7, err
+    assert str(sock_path) in err and "another process" in err
+    assert "Traceback" not in err
+    assert sock_path.exists(), "A's socket file is still there"
+    done = meshpost("send", "--node", "B", "--data", str(pair.data_dir("B")), "--to", "A",
+                    "still A")
+    assert done.returncode == 0, done.stderr
+
+
+def test_stale_ipc_socket_file_is_replaced(short_tmp: Path) -> None:
+    """A socket file left by a process that died (nothing listens) does not stop a bind."""
+    stale = short_tmp / "stale.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(stale))  # bound, never listening: a connect is refused
+    node = subprocess.Popen(
+        [sys.executable, "-m", "meshpost", "node", "S", "--bind", f"ipc://{stale}", "--data",
+         str(short_tmp / "S"), "--headless"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        peers = None
+        for _ in range(200):
+            peers = meshpost("peers", "--node", "S", "--data", str(short_tmp / "S"))
+            if peers.returncode == 0 or node.poll() is not None:
+                break
+        assert peers is not None and peers.returncode == 0, peers and peers.stderr
+    finally:
+        node.terminate()
+        node.communicate(timeout=CLI_TIMEOUT_S)
+
+
+def test_ipc_path_in_a_missing_folder_is_a_usage_error(short_tmp: Path) -> None:
+    missing = short_tmp / "no" / "such"
+    done = meshpost("node", "A", "--bind", f"ipc://{missing}/x.sock", "--data",
+                    str(short_tmp / "A"), "--headless")
+    assert done.returncode == 2, done.stderr
+    assert f"folder {missing} does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_second_node_on_the_same_data_dir_is_refused(pair: LocalCluster, short_tmp: Path) -> None:
     done = meshpost("node", "A", "--config", str(pair.config_path), "--data",
                     str(pair.data_dir("A")), "--bind", f"ipc://{short_tmp}/other.sock",

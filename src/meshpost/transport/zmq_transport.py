@@ -51,6 +51,8 @@ import errno
 import logging
 import os
 import resource
+import socket
+import stat
 from collections.abc import Callable, Sequence
 from typing import TypeVar, cast
 
@@ -124,6 +126,55 @@ def _handshake_failure_reason(kind: int, value: int) -> str:
         return (f"handshake failed (protocol error {value:#x}): the peer's key is not the one in "
                 "this node's authorized_keys, or the peer is not in secure mode")
     return "secure handshake failed (no detail from libzmq)"
+
+
+IPC_PROBE_TIMEOUT_S = 1.0
+
+
+def _missing_folder(endpoint: str) -> str:
+    folder = os.path.dirname(endpoint[len("ipc://"):]) or "."
+    return f"folder {folder} does not exist; create it first or pick a path in an existing folder"
+
+
+def check_ipc_path_free(endpoint: str) -> None:
+    """Refuse an `ipc://` path that a running process serves; pass a free or stale one.
+
+    libzmq unlinks an existing socket file before it binds (and deletes its file when it
+    closes), so binding a path a live node holds would silently take it over and, on exit,
+    leave that node unreachable. ZeroMQ's ipc is a Unix stream socket: a path that accepts a
+    connect is in use; one that refuses it is a stale file from a process that died, which the
+    bind may replace. Abstract names (`ipc://@name`) need no probe: the kernel refuses a
+    second bind itself. Two nodes starting on one path at the same instant can still race
+    between this probe and the bind; that window is the bind call's few microseconds.
+    """
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://"):]
+    if not path or path.startswith("@") or path == "*":
+        return
+    folder = os.path.dirname(path)
+    if folder and not os.path.isdir(folder):
+        raise InvalidEndpoint(endpoint, _missing_folder(endpoint))
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        # libzmq would unlink whatever is there, a user's file included.
+        raise InvalidEndpoint(endpoint, f"{path} exists and is not a socket; pick another path")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(IPC_PROBE_TIMEOUT_S)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return  # stale (or just removed): the bind replaces it
+        except TimeoutError:
+            pass  # a listener whose backlog is full is still a listener
+        except OSError:
+            return  # e.g. no permission to connect: the bind reports what libzmq finds
+    raise EndpointInUse(
+        endpoint, f"another process is serving the ipc socket {path} (it answered a connect)"
+    )
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -235,11 +286,15 @@ class ZmqTransport:
     def bind(self, endpoints: Sequence[str]) -> list[str]:
         """Bind every endpoint; return them with wildcard ports resolved."""
         for endpoint in endpoints:
+            check_ipc_path_free(endpoint)
             try:
                 self._router.bind(endpoint)
             except zmq.ZMQError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise EndpointInUse(endpoint, exc.strerror) from None
+                if exc.errno == errno.ENOENT and endpoint.startswith("ipc://"):
+                    # The folder vanished between the check and the bind.
+                    raise InvalidEndpoint(endpoint, _missing_folder(endpoint)) from None
                 if exc.errno in (errno.EINVAL, errno.EPROTONOSUPPORT, errno.ENODEV):
                     raise InvalidEndpoint(endpoint, exc.strerror) from None
                 raise TransportError(f"cannot bind {endpoint}: {exc.strerror}") from None
