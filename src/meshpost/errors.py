@@ -112,6 +112,15 @@ class MessageTooLarge(InvalidMessage, kind="message_too_large"):
         self.limit = limit
 
 
+class InvalidLease(MeshpostError, kind="invalid_lease", exit_code=EXIT_USAGE):
+    """A task lease that is not a finite number of seconds above 0 and at most a day."""
+
+    def __init__(self, lease_s: object, limit_s: float) -> None:
+        super().__init__(
+            f"{lease_s!r} is not a lease: give seconds above 0, at most {limit_s:g} (a day)")
+        self.lease_s = lease_s
+
+
 class NodeClosed(MeshpostError, kind="node_closed", exit_code=EXIT_NOT_RUNNING):
     def __init__(self, name: str) -> None:
         super().__init__(f"node {name!r} is shut down; start it again to send")

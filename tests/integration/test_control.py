@@ -20,10 +20,12 @@ from meshpost.control import (
     ENDPOINT_FILE,
     AsyncControlClient,
     ControlServer,
+    ErrorReply,
     EventsReply,
     EventsRequest,
     StatusReply,
     StatusRequest,
+    SubmitRequest,
 )
 from meshpost.control import server as server_module
 from meshpost.errors import StoreFull
@@ -264,3 +266,26 @@ def test_a_pipelined_stream_wider_than_the_socket_queues_gets_every_reply_in_ord
     assert seqs == list(range(1, count + 1))
     with StoreReader.for_data_dir(config.data_dir) as reader:
         assert [m.body for m in reader.history(direction="out")] == [f"m{i}" for i in range(count)]
+
+
+@pytest.mark.parametrize("lease_s", [float("nan"), -3.0, 0.0, 86_401.0, float("inf")])
+def test_a_task_lease_out_of_range_is_refused_as_a_usage_error(
+    short_tmp: Path, lease_s: float,
+) -> None:
+    """Audit: a `nan` lease over the control socket was queued, its dispatch failed in a task
+    nobody awaited ('Task exception was never retrieved') and the task stayed in flight."""
+    config = _configs(short_tmp)["A"]
+
+    async def scenario() -> None:
+        async with Node(config) as node, ControlServer(node):
+            async with AsyncControlClient(config.data_dir, name="A") as client:
+                reply = await client.request(
+                    SubmitRequest(queue="jobs", sink="A", bodies=["x"], lease_s=lease_s),
+                    timeout_s=10)
+                assert isinstance(reply, ErrorReply), reply
+                assert (reply.kind, reply.exit_code) == ("invalid_lease", 2)
+                assert "at most 86400 (a day)" in reply.message
+            for status in await node.queue_status("jobs"):
+                assert status.waiting == status.in_flight == 0, status
+
+    asyncio.run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT_S))

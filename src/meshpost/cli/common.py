@@ -21,9 +21,6 @@ if TYPE_CHECKING:
 
 #: Upper bound of `send --timeout` (a day): larger values are a typo, not a wish.
 MAX_TIMEOUT_S = 86_400.0
-#: Upper bound of `task --lease`: a day, the most a task's header can carry
-#: (protocol.header.MAX_LEASE_MS); a longer lease would hide a dead worker's task that long.
-MAX_LEASE_S = 86_400.0
 
 
 def setup_logging(level: str, *, log_file: Path | None = None) -> None:
@@ -82,19 +79,23 @@ def name_argument(what: str) -> Callable[[str], str]:
 
 
 def lease_seconds(text: str) -> float:
-    """argparse type of `task --lease`: a finite number of seconds above 0, at most a day.
+    """argparse type of `task --lease`: a finite number of seconds above 0, at most a day
+    (`protocol.workqueue.check_lease`, the rule the node applies too).
 
     Checked here, before the node sees it: a lease of `nan` used to be queued and then never
     dispatched (the task stayed in flight for ever), and `-3` came back as an internal error.
     """
+    from meshpost.errors import InvalidLease
+    from meshpost.protocol.workqueue import check_lease
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or not 0 < value <= MAX_LEASE_S:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a lease: give seconds above 0, at most {MAX_LEASE_S:g} (a day)")
-    return value
+    try:
+        return check_lease(value)
+    except InvalidLease as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def data_dir(args: argparse.Namespace) -> Path:

@@ -29,6 +29,7 @@ from meshpost.protocol.workqueue import (
     TaskRedelivered,
     WorkerStatus,
     WorkQueueDispatcher,
+    check_lease,
 )
 from meshpost.store import NewTask, QueueCounts
 from meshpost.store.patterns import OwedDone
@@ -109,6 +110,7 @@ class WorkQueues:
                      lease_s: float = DEFAULT_LEASE_S) -> list[str]:
         node = self._node
         node._check_open()
+        lease_s = check_lease(lease_s)
         rules.resolve_peer(sink, peers=node.config.peer_names) if sink != node.name else None
         if not is_valid_name(queue):
             raise InvalidMessage(f"{queue!r} is not a queue name (1-63 of A-Z a-z 0-9 _ . -)")

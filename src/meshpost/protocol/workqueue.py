@@ -13,14 +13,36 @@ import dataclasses
 import enum
 import heapq
 import itertools
+import math
 from collections.abc import Iterable
 
 import msgspec
+
+from meshpost.errors import InvalidLease
+from meshpost.protocol.header import MAX_LEASE_MS
 
 #: A worker takes this many unfinished tasks at a time unless told otherwise: enough to keep a
 #: fast handler busy while results and receipts travel, few enough that a worker that dies
 #: takes little work down with it (all of it is redelivered after its loss or lease).
 DEFAULT_MAX_INFLIGHT = 16
+#: The longest lease: a day, the most a task's header carries; a longer one would hide a dead
+#: worker's task that long.
+MAX_LEASE_S = MAX_LEASE_MS / 1000
+
+
+def lease_ok(lease_s: object) -> bool:
+    """The one rule for a lease (CLI, Python API, control socket, dispatcher): a finite
+    number of seconds above 0, at most a day. A `nan` lease never expired: its task stayed
+    in flight for ever."""
+    return (isinstance(lease_s, int | float) and not isinstance(lease_s, bool)
+            and math.isfinite(lease_s) and 0 < lease_s <= MAX_LEASE_S)
+
+
+def check_lease(lease_s: float) -> float:
+    """`lease_s` as a float if `lease_ok`, else `InvalidLease` (a usage error, exit 2)."""
+    if not lease_ok(lease_s):
+        raise InvalidLease(lease_s, MAX_LEASE_S)
+    return float(lease_s)
 
 
 class TaskState(enum.Enum):
@@ -182,8 +204,9 @@ class WorkQueueDispatcher:
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         max_attempts: int | None = None,
     ) -> None:
-        if lease_s <= 0:
-            raise ValueError(f"lease_s must be positive, got {lease_s}")
+        if not lease_ok(lease_s):  # our misuse: the node checks a user's lease first
+            raise ValueError(f"lease_s must be above 0 and at most {MAX_LEASE_S:g}, got "
+                             f"{lease_s}")
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be at least 1, got {max_inflight}")
         if max_attempts is not None and max_attempts < 1:

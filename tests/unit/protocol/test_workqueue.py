@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshpost.errors import InvalidLease
 from meshpost.protocol.workqueue import (
     Action,
     DispatchTask,
@@ -23,6 +24,8 @@ from meshpost.protocol.workqueue import (
     TaskRedelivered,
     TaskState,
     WorkQueueDispatcher,
+    check_lease,
+    lease_ok,
 )
 
 LEASE_S = 10.0
@@ -462,3 +465,18 @@ def test_every_task_completes_exactly_once_and_has_one_result_at_the_sink(
     late = sum(1 for t in mesh.abandoned if mesh.sink.result_of(t))
     assert len(mesh.sink) == len(mesh.completed) + late
     assert sum(mesh.d.inflight().values()) == 0
+
+
+@pytest.mark.parametrize("lease_s", [float("nan"), float("inf"), -1.0, 0, 86_400.5, True])
+def test_a_lease_out_of_range_is_refused_by_the_one_rule(lease_s: float) -> None:
+    """Audit: the dispatcher took a `nan` lease (`nan <= 0` is false) and never expired it."""
+    assert not lease_ok(lease_s)
+    with pytest.raises(InvalidLease, match="not a lease"):
+        check_lease(lease_s)
+    with pytest.raises(ValueError, match="lease_s"):
+        WorkQueueDispatcher("q", lease_s=lease_s)
+
+
+def test_a_lease_in_range_passes_as_seconds() -> None:
+    assert check_lease(1) == 1.0 and check_lease(86_400.0) == 86_400.0
+    assert check_lease(0.001) == 0.001
