@@ -233,6 +233,15 @@ class DataDirNotWritable(StoreError, kind="data_dir_not_writable"):
         self.path = path
 
 
+class DataDirIsAFile(StoreError, kind="data_dir_is_a_file"):
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"data directory {path} is a file, not a folder; give --data a folder (a missing "
+            "one is created) or move that file away"
+        )
+        self.path = path
+
+
 class StoreLocked(StoreError, kind="store_locked"):
     def __init__(self, path: str) -> None:
         super().__init__(
@@ -373,14 +382,15 @@ class RemoteError(MeshpostError, kind="remote"):
 # --- local clusters and exit codes of their own -------------------------------------------
 
 class NoStore(StoreError, kind="no_store", exit_code=EXIT_NOT_RUNNING):
-    """A data dir holds no meshpost database: the node never ran there (or it is elsewhere)."""
+    """A data dir holds no meshpost database: the node never ran there (or it is elsewhere).
+    `why` says what is there instead (an empty file, another program's database)."""
 
     # exit 4 as "not running": there is no such node here, nothing is broken
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, why: str = "") -> None:
         super().__init__(
-            f"no meshpost database at {path}; has this node ever run? (give --data DIR if it "
-            "keeps its data elsewhere)"
+            f"no meshpost database at {path}{f' ({why})' if why else ''}; has this node ever "
+            "run? (give --data DIR if it keeps its data elsewhere)"
         )
         self.path = path
 

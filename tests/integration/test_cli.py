@@ -234,6 +234,25 @@ def test_data_dir_that_is_not_writable_is_a_clear_error(short_tmp: Path) -> None
     assert "not writable" in done.stderr
 
 
+def test_a_data_dir_that_is_a_file_or_holds_an_empty_db_is_named_as_such(
+    short_tmp: Path,
+) -> None:
+    """Audit: "is not writable: File exists" and "no such table: messages" (exit 6)."""
+    a_file = short_tmp / "file"
+    a_file.write_text("")
+    for args in (("node", "A", "--bind", f"ipc://{short_tmp}/f.sock", "--headless"),
+                 ("history", "--node", "A")):
+        done = meshpost(*args, "--data", str(a_file))
+        assert done.returncode == 6, done.stderr
+        assert f"data directory {a_file} is a file, not a folder" in done.stderr
+    empty = short_tmp / "empty"
+    empty.mkdir()
+    (empty / "meshpost.db").touch()
+    done = meshpost("history", "--node", "X", "--data", str(empty))
+    assert done.returncode == 4, done.stderr
+    assert "the file is empty" in done.stderr and "no such table" not in done.stderr
+
+
 def test_bad_config_and_bad_endpoints_are_usage_errors(tmp_path: Path) -> None:
     bad = meshpost("node", "all", "--bind", "tcp://127.0.0.1:1", "--headless")
     assert bad.returncode == 2

@@ -129,6 +129,10 @@ def build_roles(args: argparse.Namespace) -> NodeRoles:
 def cmd_node(args: argparse.Namespace) -> int:
     cfg = build_node_config(args)
     interactive = not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
+    if interactive:  # node.log goes there: say so before mkdir's "File exists" does
+        from meshpost.store.connection import check_data_dir
+
+        check_data_dir(cfg.data_dir)
     setup_logging(args.log_level, log_file=cfg.data_dir / "node.log" if interactive else None)
     import asyncio
 

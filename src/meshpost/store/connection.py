@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from meshpost.errors import (
+    DataDirIsAFile,
     DataDirNotWritable,
+    NoStore,
     RowRefused,
     StoreCorrupt,
     StoreError,
@@ -50,6 +52,28 @@ def translate(exc: sqlite3.Error, path: Path) -> StoreError:
     if "malformed" in text or "not a database" in text or code in (11, 26):
         return StoreCorrupt(str(path), str(exc))
     return StoreError(f"database {path}: {exc}")
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """`DataDirIsAFile` if `data_dir` is a file (mkdir's "File exists" said nothing useful)."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataDirIsAFile(str(data_dir))
+
+
+def check_is_meshpost(conn: sqlite3.Connection, path: Path) -> None:
+    """`NoStore` (saying what is there) unless the database at `path` has meshpost's tables:
+    a reader of an empty file or another program's database got "no such table: messages".
+    Only for readers: a writer's `Store` creates the tables in a new, empty file."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+                    ).fetchone() is not None:
+        return
+    try:
+        empty = path.stat().st_size == 0
+    except OSError:
+        empty = False
+    raise NoStore(str(path), "the file is empty: no meshpost node has written it; a node "
+                  "started with this data dir creates its tables" if empty
+                  else "it is an SQLite database without meshpost's tables")
 
 
 def connect(path: Path, *, read_only: bool) -> sqlite3.Connection:

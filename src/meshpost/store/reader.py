@@ -18,7 +18,14 @@ from meshpost.errors import NoStore, StoreCorrupt
 from meshpost.protocol import Envelope
 from meshpost.protocol.groups import BroadcastStatus
 from meshpost.store.checksum import header_decode
-from meshpost.store.connection import DB_FILENAME, connect, translate, translated
+from meshpost.store.connection import (
+    DB_FILENAME,
+    check_data_dir,
+    check_is_meshpost,
+    connect,
+    translate,
+    translated,
+)
 from meshpost.store.patterns import broadcasts_of, task_results_with_bodies
 from meshpost.store.verifier import (
     CHECKED_COLUMNS,
@@ -101,12 +108,20 @@ class StoreReader:
         that one instead (`Store` passes its own, and what its open verified: see
         `rows_left_to_verify`), which closes that connection itself, never this reader."""
         if conn is None and not path.exists():
+            check_data_dir(path.parent)
             raise NoStore(str(path))
         self.path = path
         self._verification = verification
         with translated(path):
             self._conn = conn if conn is not None else connect(path, read_only=True)
-            version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+            try:
+                version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+                if conn is None and version == 0:
+                    check_is_meshpost(self._conn, path)
+            except BaseException:
+                if conn is None:
+                    self._conn.close()
+                raise
         # A store no node of this version has opened yet keeps every receipt in its rows.
         self._receipts = version >= 4
         self._checksums = version >= 2

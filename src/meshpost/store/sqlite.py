@@ -46,6 +46,7 @@ from meshpost.store.checksum import (
 from meshpost.store.connection import (
     BUSY_TIMEOUT_MS,
     DB_FILENAME,
+    check_data_dir,
     connect,
     translate,
     translated,
@@ -886,6 +887,7 @@ def _tighten(path: Path, mode: int) -> None:
 
 
 def _lock_data_dir(data_dir: Path) -> IO[bytes]:
+    check_data_dir(data_dir)
     try:
         _make_private(data_dir)
         fd = os.open(data_dir / LOCK_FILENAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND,

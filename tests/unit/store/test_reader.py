@@ -21,7 +21,7 @@ from tests.unit.store.support import (
     view_pending,
 )
 
-from meshpost.errors import StoreError
+from meshpost.errors import DataDirIsAFile, NoStore, StoreError
 from meshpost.store import Delivery, Rejection, Store, StoreReader, WriteBatch
 from meshpost.store import reader as reader_module
 
@@ -207,3 +207,47 @@ def test_the_read_side_holds_no_write_statement() -> None:
     sql = [text for text in literals if re.search(r"\b(SELECT|PRAGMA)\b", text)]
     assert sql, "the check found no SQL at all"
     assert not [text for text in literals if writes.search(text)]
+
+
+# -- what is not a store ----------------------------------------------------------------------
+
+
+def test_an_empty_database_file_is_no_store_and_says_it_is_empty(tmp_path: Path) -> None:
+    """Audit: a 0-byte meshpost.db gave "no such table: messages" (exit 6)."""
+    (tmp_path / "meshpost.db").touch()
+    with pytest.raises(NoStore, match=r"the file is empty: no meshpost node has written it"):
+        StoreReader.for_data_dir(tmp_path)
+    assert NoStore.exit_code == 4
+
+
+def test_another_programs_database_is_no_store(tmp_path: Path) -> None:
+    other = sqlite3.connect(tmp_path / "meshpost.db")
+    other.execute("CREATE TABLE t (x)")
+    other.commit()
+    other.close()
+    with pytest.raises(NoStore, match="without meshpost's tables"):
+        StoreReader.for_data_dir(tmp_path)
+
+
+def test_a_data_dir_that_is_a_file_says_so_to_readers_and_to_the_store(tmp_path: Path) -> None:
+    """Audit: the store said "data directory X is not writable: File exists"."""
+    a_file = tmp_path / "data"
+    a_file.write_text("")
+    for opening in (lambda: StoreReader.for_data_dir(a_file),
+                    lambda: Store.open(a_file, name="alice")):
+        with pytest.raises(DataDirIsAFile, match="is a file, not a folder; give --data a folder"):
+            opening()
+    assert a_file.read_text() == ""
+
+
+def test_a_store_opens_on_an_empty_database_file_and_creates_its_tables(tmp_path: Path) -> None:
+    """A writer given an empty file (as `_make_private` creates before SQLite) builds the
+    schema: only readers call an empty file no store."""
+    (tmp_path / "meshpost.db").touch()
+    store = Store.open(tmp_path, name="alice")
+    try:
+        store.apply(WriteBatch(outgoing=[out(1)]), T)
+    finally:
+        store.close()
+    with StoreReader.for_data_dir(tmp_path) as reader:
+        assert [m.id for m in reader.history()] == ["out-bob-1"]
