@@ -85,6 +85,18 @@ class UnknownPeer(MeshpostError, kind="unknown_peer", exit_code=EXIT_USAGE):
         self.known = known
 
 
+class UnknownBroadcast(MeshpostError, kind="unknown_broadcast", exit_code=EXIT_USAGE):
+    """`broadcast status ID` for an id the node sent no broadcast with."""
+
+    def __init__(self, node: str, logical_id: str) -> None:
+        super().__init__(
+            f"node {node!r} sent no broadcast {logical_id!r}: give the id that `meshpost send "
+            f"--to all|GROUP` printed (`meshpost history --node {node} --group all` shows them)"
+        )
+        self.node = node
+        self.logical_id = logical_id
+
+
 class NoRecipients(MeshpostError, kind="no_recipients", exit_code=EXIT_USAGE):
     """A group (or `all`) that names no other node right now: nothing to send."""
 

@@ -19,6 +19,7 @@ from meshpost.cli import main
 from meshpost.control import (
     ENDPOINT_FILE,
     AsyncControlClient,
+    BroadcastStatusRequest,
     ControlServer,
     ErrorReply,
     EventsReply,
@@ -287,5 +288,22 @@ def test_a_task_lease_out_of_range_is_refused_as_a_usage_error(
                 assert "at most 86400 (a day)" in reply.message
             for status in await node.queue_status("jobs"):
                 assert status.waiting == status.in_flight == 0, status
+
+    asyncio.run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT_S))
+
+
+def test_the_status_of_an_unknown_broadcast_is_a_plain_not_found(short_tmp: Path) -> None:
+    """Audit: `broadcast status nonsense` said "bad control request: ..." (it read like a
+    client of another version)."""
+    config = _configs(short_tmp)["A"]
+
+    async def scenario() -> None:
+        async with Node(config) as node, ControlServer(node), \
+                AsyncControlClient(config.data_dir, name="A") as client:
+            reply = await client.request(BroadcastStatusRequest("nonsense"), timeout_s=10)
+        assert isinstance(reply, ErrorReply), reply
+        assert (reply.kind, reply.exit_code) == ("unknown_broadcast", 2)
+        assert reply.message.startswith("node 'A' sent no broadcast 'nonsense': give the id")
+        assert "bad control request" not in reply.message
 
     asyncio.run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT_S))

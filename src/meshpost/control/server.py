@@ -73,6 +73,7 @@ from meshpost.errors import (
     NotStored,
     ReceiptTimeout,
     StoreFull,
+    UnknownBroadcast,
     describe_error,
 )
 from meshpost.node import (
@@ -551,7 +552,7 @@ class ControlServer:
         # too (its status from the store's copies and receipts).
         handle = self._broadcasts.get(logical_id) or await self.node.broadcast_handle(logical_id)
         if handle is None:
-            raise BadControlRequest(f"node {self.node.name} sent no broadcast {logical_id!r}")
+            raise UnknownBroadcast(self.node.name, logical_id)
         deadline = time.monotonic() + min(max(wait_s, 0.0), TAIL_WAIT_MAX_S)
         status = handle.status
         while (len(status.delivered) + len(status.rejected) <= seen and not status.settled
