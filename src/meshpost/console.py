@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, Protocol, assert_never
+from typing import Any, Protocol, assert_never, runtime_checkable
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.application import run_in_terminal
@@ -300,6 +300,14 @@ def _parse_history(args: Sequence[str]) -> HistoryCommand:
 
 
 # -- the running console -------------------------------------------------------------------
+
+
+@runtime_checkable
+class RefreshesStatus(Protocol):
+    """A node seen from afar (`remote.RemoteNode`): its counters are a poll's copy until
+    `refresh_status` asks its process again."""
+
+    async def refresh_status(self) -> None: ...
 
 
 class ConsoleNode(Protocol):
@@ -617,6 +625,8 @@ class _Console:
             case QueueCommand(queue=queue):
                 self.print(render_queues(await self.node.queue_status(queue)))
             case StatsCommand():
+                if isinstance(self.node, RefreshesStatus):
+                    await self.node.refresh_status()  # the poll's copy may be a second old
                 self.print(render_stats(self.node.snapshot_stats()))
             case HelpCommand():
                 self.print(HELP_TEXT)

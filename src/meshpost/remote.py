@@ -162,6 +162,11 @@ class RemoteNode:
         self._status = reply.status
         self._peers = list(reply.peers)
 
+    async def refresh_status(self) -> None:
+        """Ask the node for its status and peers now (`/stats` shows fresh counters, not the
+        last poll's: after two sends an attached console printed `sent 1`)."""
+        await self._refresh()
+
     async def _poll_status(self) -> None:
         while not self._stopped:
             await asyncio.sleep(STATUS_REFRESH_S)

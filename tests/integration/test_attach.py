@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,43 @@ def test_attach_with_commands_on_a_pipe_runs_them_and_prints_plain_lines(
     assert "✗ unknown command `/bogus`; type /help for the list" in lines
     with StoreReader.for_data_dir(cluster.data_dir("B")) as reader:
         assert [m.body for m in reader.history(direction="in")] == ["hi from a script"]
+
+
+def test_stats_in_an_attached_console_are_fetched_fresh(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Audit: `/stats` showed the last status poll's counters (`sent 1` after two sends).
+    With the poll held off, only a fresh request can show both sends."""
+    import meshpost.remote as remote_module
+    from meshpost.console import run_console
+
+    monkeypatch.setattr(remote_module, "STATUS_REFRESH_S", 3600.0)
+    cluster = LocalCluster.create(short_tmp, 2, transport="ipc")
+    lines: list[str] = []
+
+    async def until(predicate: object) -> None:
+        while not predicate():  # type: ignore[operator]
+            await asyncio.sleep(0.02)
+
+    async def scenario() -> None:
+        with create_pipe_input() as pipe:
+            async with RemoteNode(cluster.data_dir("A"), name="A") as remote:
+                console = asyncio.create_task(run_console(
+                    remote, input=pipe, output=DummyOutput(), printer=lines.append))
+                for body in ("one", "two"):
+                    pipe.send_text(f"@B {body}\n")
+                await asyncio.wait_for(until(
+                    lambda: sum("delivered to B" in line for line in lines) == 2), 20)
+                pipe.send_text("/stats\n")
+                await asyncio.wait_for(until(lambda: any("sent " in line for line in lines)),
+                                       20)
+                pipe.send_text("/quit\n")
+                await asyncio.wait_for(console, 10)
+
+    try:
+        cluster.start()
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()
+    stats = "\n".join(line for line in lines if "sent " in line)
+    assert re.search(r"^sent\s+2$", stats, re.MULTILINE), stats
