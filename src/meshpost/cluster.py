@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import random
 import shlex
 import shutil
@@ -27,9 +28,11 @@ from meshpost.errors import (
     ClusterAlreadyRunning,
     ClusterError,
     ClusterNotRunning,
+    ClusterTooBig,
     ConfigError,
     MeshpostError,
     NodeNotStarted,
+    UnknownClusterNode,
 )
 from meshpost.gateway import parse_listen
 from meshpost.processes import (
@@ -43,6 +46,7 @@ from meshpost.processes import (
     stop_pids,
 )
 from meshpost.roles import check_hosted_together, roles_from_options
+from meshpost.transport.zmq_transport import raise_fd_limit
 
 STATE_FILE = "cluster.json"
 CONFIG_FILE = "mesh.toml"
@@ -51,6 +55,38 @@ HOSTS_DIR = "hosts"
 #: `cluster up`'s folder when no --data is given: beside, never inside, the per-name data dirs
 #: of nodes started by hand (`meshpost node A` keeps its data in .../meshpost/A).
 DEFAULT_CLUSTER_DIR = "cluster"
+
+
+#: Open files `cluster up` holds per process it starts: that process's log, kept open until
+#: every node is ready. Plus a headroom for Python itself and its control clients.
+PARENT_FDS_PER_PROCESS = 1
+FD_HEADROOM = 128
+
+
+def check_descriptors(count: int, per_process: int | None) -> None:
+    """`ClusterTooBig` when starting `count` nodes (K a process with `per_process`) needs more
+    open files than RLIMIT_NOFILE allows, here (a log per process) or in a host (about
+    `host.FDS_PER_NODE` per node): refused before anything starts, where it used to end in
+    a "Too many open files" traceback with some nodes started."""
+    from meshpost.host import FDS_PER_NODE
+
+    limit = raise_fd_limit()[1]
+    room = limit - FD_HEADROOM
+    k = per_process or 1
+    here = FD_HEADROOM + PARENT_FDS_PER_PROCESS * math.ceil(count / k)
+    in_host = FD_HEADROOM + FDS_PER_NODE * min(k, count) if per_process else 0
+    if here <= limit and in_host <= limit:
+        return
+    # The fewest nodes per host that fits here, if a host can take that many.
+    fewest = max(2, math.ceil(count * PARENT_FDS_PER_PROCESS / max(1, room)))
+    most = room // FDS_PER_NODE
+    if fewest <= most:
+        advice = (f"run them K to a process with --per-process K (from {fewest} to {most} "
+                  "here), or raise the limit (`ulimit -n`)")
+    else:
+        advice = "that is more than this machine's limit allows in any split: raise it " \
+                 "(`ulimit -n`, as root `ulimit -Hn`) or start fewer nodes"
+    raise ClusterTooBig(count, max(here, in_host), limit, advice)
 
 
 def default_cluster_root() -> Path:
@@ -302,6 +338,7 @@ class LocalCluster:
         """A cluster of `count` nodes in `root` (config written, nothing started). With
         `peers_per_node` k, each node lists k random others (`random_peers`): a partial
         mesh; with `per_process` K (a keyword), K nodes run in each `meshpost host`."""
+        check_descriptors(len(names) if names else count, kwargs.get("per_process"))
         names = list(names) if names else node_names(count)
         options = dict(options or {})
         if peers_per_node is not None:
@@ -530,8 +567,7 @@ def restart_from_state(root: Path, name: str, timeout_s: float = STOP_TIMEOUT_S)
     state = read_state(root)
     info = state["nodes"].get(name)
     if info is None:
-        known = ", ".join(state["nodes"]) or "none"
-        raise ClusterError(f"the cluster in {root} has no node {name!r} (nodes: {known})")
+        raise UnknownClusterNode(str(root), name, list(state["nodes"]))
     if "host" in info:
         return _restart_hosted(root, state, name)
     pid = int(info["pid"])

@@ -434,6 +434,32 @@ class ClusterAlreadyRunning(ClusterError, kind="cluster_already_running",
         self.names = names
 
 
+class UnknownClusterNode(ClusterError, kind="unknown_cluster_node", exit_code=EXIT_USAGE):
+    """`cluster restart NAME` for a name the cluster has no node of."""
+
+    def __init__(self, root: str, name: str, names: list[str]) -> None:
+        listed = ", ".join(names) if len(names) <= 12 else \
+            f"{', '.join(names[:10])}, ... {names[-1]} ({len(names)} in all)"
+        super().__init__(
+            f"the cluster in {root} has no node {name!r}; its nodes: {listed or 'none'}")
+        self.root = root
+        self.name = name
+        self.names = names
+
+
+class ClusterTooBig(ClusterError, kind="cluster_too_big", exit_code=EXIT_USAGE):
+    """`cluster up N` for more node processes than the open-file limit allows."""
+
+    def __init__(self, count: int, need: int, limit: int, advice: str) -> None:
+        super().__init__(
+            f"{count} nodes would need about {need} open files in one process, over its "
+            f"limit of {limit} (RLIMIT_NOFILE); {advice}"
+        )
+        self.count = count
+        self.need = need
+        self.limit = limit
+
+
 class HostNotAnswering(ClusterError, kind="host_not_answering", exit_code=EXIT_NOT_RUNNING):
     """A host of many nodes (`meshpost host`) has no endpoint or did not answer in time."""
 

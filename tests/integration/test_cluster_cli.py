@@ -185,3 +185,41 @@ def test_cluster_up_refuses_one_fixed_gateway_port_for_every_node_and_starts_not
     assert "tcp://127.0.0.1:7001@A" in up.stderr
     assert not (short_tmp / "cluster.json").exists()
     assert not (short_tmp / "mesh.toml").exists()
+
+
+def _with_open_files(limit: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
+def test_cluster_up_beyond_the_open_file_limit_is_refused_before_anything_starts(
+    short_tmp: Path,
+) -> None:
+    """Audit: `cluster up 100000` ended in a "Too many open files" traceback (exit 1). Run
+    here under a limit of 256, so 400 nodes are too many and nothing may start."""
+    up = subprocess.run(
+        [sys.executable, "-m", "meshpost", "cluster", "up", "400", "--transport", "ipc",
+         "--data", str(short_tmp)],
+        capture_output=True, text=True, timeout=CLI_TIMEOUT_S, stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: _with_open_files(256),
+    )
+    assert up.returncode == 2, (up.stdout, up.stderr)
+    assert "over its limit of 256 (RLIMIT_NOFILE)" in up.stderr
+    assert "--per-process K (from 4 to 10 here)" in up.stderr
+    assert "Traceback" not in up.stderr
+    assert not (short_tmp / "cluster.json").exists() and not (short_tmp / "A").exists()
+
+
+def test_cluster_restart_of_an_unknown_node_is_a_usage_error_naming_the_nodes(
+    short_tmp: Path,
+) -> None:
+    """Audit: `cluster restart Z` exited 1, an internal error's code."""
+    state = {"config": str(short_tmp / "mesh.toml"), "extra_args": [],
+             "nodes": {n: {"pid": 999_999_999, "endpoint": f"ipc://{short_tmp}/{n}.sock",
+                           "data": str(short_tmp / n), "log": str(short_tmp / f"{n}.log")}
+                       for n in ("A", "B")}}
+    (short_tmp / "cluster.json").write_text(json.dumps(state), encoding="utf-8")
+    done = meshpost("cluster", "restart", "Z", "--data", str(short_tmp))
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert f"the cluster in {short_tmp} has no node 'Z'; its nodes: A, B" in done.stderr

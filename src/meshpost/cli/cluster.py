@@ -47,6 +47,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     roles = local.cluster_roles(local.node_names(args.count), echo=args.echo,
                                 worker=args.worker, text_listen=args.text_listen,
                                 udp_listen=args.udp_listen)
+    local.check_descriptors(args.count, args.per_process)  # before --replace stops anything
     if args.replace:
         with contextlib.suppress(ClusterNotRunning):
             for name, what in local.stop_from_state(root).items():
