@@ -18,6 +18,8 @@ from typing import Any, Literal
 from meshpost.errors import ConfigError, InvalidEndpoint, InvalidName
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+#: What NAME_PATTERN allows, for a user who gave something else.
+NAME_RULE = "use 1-63 letters A-Z a-z, digits, '_', '.', '-', starting with a letter or digit"
 #: Names that mean something else on the console and the CLI.
 RESERVED_NAMES = frozenset({"all", "me", "*"})
 
@@ -48,16 +50,17 @@ SyncLevel = Literal["full", "normal"]
 _TCP_HOST_PATTERN = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?$")
 
 
-def validate_name(name: str) -> str:
-    """Return `name` if it can name a node, else raise `InvalidName`."""
+def validate_name(name: str, what: str = "node") -> str:
+    """Return `name` if it can name a node (or a group, queue, mesh: `what`, which the error
+    names), else raise `InvalidName`."""
     if name.lower() in RESERVED_NAMES:
-        raise InvalidName(name, "reserved word")
+        raise InvalidName(name, "reserved word", what)
     if not NAME_PATTERN.fullmatch(name):  # `match` would let "name\n" through `$`
         ascii_only = "" if name.isascii() else "ASCII only: "
         raise InvalidName(
             name,
-            f"{ascii_only}use 1-63 letters A-Z a-z, digits, '_', '.', '-', starting with a "
-            "letter or digit",
+            f"{ascii_only}{NAME_RULE}",
+            what,
         )
     return name
 
@@ -216,7 +219,7 @@ class NodeConfig:
         if self.window_bytes < 1:
             raise ConfigError("window_bytes must be at least 1")
         for group, members in self.groups.items():
-            validate_name(group)
+            validate_name(group, "group")
             if group in names or group == self.name:
                 raise ConfigError(
                     f"group {group!r} has the name of a node; `@{group}` would be ambiguous, "
@@ -412,7 +415,7 @@ class MeshConfig:
             raise ConfigError("[groups] must map a group name to a list of node names")
         groups: dict[str, tuple[str, ...]] = {}
         for group, members in groups_raw.items():
-            validate_name(group)
+            validate_name(group, "group")
             if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
                 raise ConfigError(f"group {group!r} must be a list of node names")
             groups[group] = tuple(members)

@@ -72,9 +72,12 @@ class ConfigError(MeshpostError, kind="config", exit_code=EXIT_USAGE):
 
 
 class InvalidName(ConfigError, kind="invalid_name"):
-    def __init__(self, name: str, why: str) -> None:
-        super().__init__(f"invalid node name {name!r}: {why}")
+    """A name that cannot name a node, or (`what`) a group, queue or mesh."""
+
+    def __init__(self, name: str, why: str, what: str = "node") -> None:
+        super().__init__(f"invalid {what} name {name!r}: {why}")
         self.name = name
+        self.what = what
 
 
 class UnknownPeer(MeshpostError, kind="unknown_peer", exit_code=EXIT_USAGE):

@@ -16,11 +16,12 @@ import importlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from meshpost.config import validate_name
+from meshpost.config import NAME_RULE, validate_name
 from meshpost.discovery import Discovery, DiscoveryConfig, parse_target
-from meshpost.errors import ConfigError
+from meshpost.errors import ConfigError, InvalidName
 from meshpost.gateway import Gateway, GatewayConfig, parse_listen
 from meshpost.node import Message, Node
+from meshpost.protocol.header import is_valid_name
 
 #: The built-in handlers of `--worker QUEUE=HANDLER` (seed 002 upper-cases).
 BUILTIN_HANDLERS: dict[str, Callable[[str], str]] = {
@@ -70,6 +71,8 @@ def parse_worker_flag(value: str) -> tuple[str, str]:
     queue, sep, spec = value.partition("=")
     if not sep or not queue or not spec:
         raise ConfigError(f"--worker wants QUEUE=HANDLER, not {value!r}")
+    if not is_valid_name(queue):  # the node's rule; it refused the name only once serving
+        raise InvalidName(queue, NAME_RULE, "queue")
     resolve_handler(spec)
     return queue, spec
 
@@ -151,7 +154,7 @@ def _discovery(given: Mapping[str, Any]) -> DiscoveryConfig | None:
     return DiscoveryConfig(
         port=port, host=given.get("discover_host") or DEFAULT_DISCOVER_HOST,
         targets=tuple(parse_target(t) for t in given.get("beacon_to", ())),
-        mesh=validate_name(mesh) if mesh else "meshpost", **timing,
+        mesh=validate_name(mesh, "mesh") if mesh else "meshpost", **timing,
     )
 
 

@@ -432,7 +432,7 @@ def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
         ('[nodes.alice]\nbind = "tcp://h:1"\ndata = 5', "data must be"),
         ('groups = 3\n[nodes.alice]\nbind = "tcp://h:1"', r"\[groups\] must map"),
         ('[nodes.alice]\nbind = "tcp://h:1"\n[groups]\n"bad name" = ["alice"]',
-         "invalid node name"),
+         "invalid group name 'bad name'"),  # it said "invalid node name" (audit)
         ('mesh = 3\n[nodes.alice]\nbind = "tcp://h:1"', r"\[mesh\] must be a table"),
     ],
 )
@@ -581,3 +581,11 @@ def test_dial_at_start_must_be_a_whole_number_of_zero_or_more(tmp_path: Path) ->
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="dial_at_start"):
             NodeConfig(**base, dial_at_start=bad)
+
+
+def test_a_group_name_given_to_the_python_api_is_called_a_group_name() -> None:
+    """Audit: group, queue and mesh names were all called an "invalid node name"."""
+    with pytest.raises(InvalidName, match=r"^invalid group name 'bad name': use 1-63") as caught:
+        NodeConfig(name="alice", bind=("tcp://127.0.0.1:1",), data_dir=Path("d"),
+                   groups={"bad name": ("alice",)})
+    assert caught.value.what == "group"

@@ -11,7 +11,7 @@ import pytest
 
 from meshpost.config import NODE_ROLE_KEYS, MeshConfig
 from meshpost.discovery import DiscoveryConfig
-from meshpost.errors import ConfigError, InvalidEndpoint
+from meshpost.errors import ConfigError, InvalidEndpoint, InvalidName
 from meshpost.gateway import GatewayConfig
 from meshpost.host import node_roles
 from meshpost.roles import (
@@ -151,3 +151,14 @@ def test_meshpost_node_takes_its_tables_roles_with_its_flags_on_top(tmp_path: Pa
                                           discovery=DiscoveryConfig(port=6000))
     args = build_parser().parse_args(["node", "B", "--bind", "tcp://127.0.0.1:7001"])
     assert build_roles(args) == NodeRoles()
+
+
+@pytest.mark.parametrize(("table", "why"), [
+    ({"worker": ["bad q=upper"]}, "^invalid queue name 'bad q': use 1-63"),
+    ({"discover": 5999, "mesh": "bad mesh"}, r"^invalid mesh name 'bad mesh': use 1-63"),
+])
+def test_queue_and_mesh_names_are_called_what_they_are(table: dict[str, Any], why: str) -> None:
+    """Audit: a mesh name was called an "invalid node name"; a bad queue name passed the
+    mesh file and was refused only once the node served it."""
+    with pytest.raises(InvalidName, match=why):
+        roles_from_options(table, where="[nodes.B]")

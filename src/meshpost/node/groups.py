@@ -120,7 +120,7 @@ class Groups:
     async def change_membership(self, group: str, *, joined: bool) -> bool:
         node = self._node
         node._check_open()
-        validate_name(group)
+        validate_name(group, "group")
         if group == node.name or group in node._links or group.lower() == rules.ALL:
             raise ConfigError(f"{group!r} names a node (or all), not a group")
         change = self.membership.join if joined else self.membership.leave
