@@ -5,6 +5,7 @@ No timing thresholds here: the figures are checked by reading the report, never 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -151,3 +152,62 @@ def test_bench_work_queue_checks_exactly_once_and_reports_the_raw_ratio(short_tm
     assert all(cpu[name] > 0 for name in ("V", "W1", "W2", "S")) and f["raw_cpu_us_per_task"] > 0
     summary = (out / "latest.md").read_text(encoding="utf-8")
     assert "| work-queue 60 tasks |" in summary and "× raw PUSH/PULL" in summary
+
+
+@pytest.mark.parametrize(("stage", "messages", "pause_s"),
+                         [("raw-echo", 200_000, 2.0), ("meshpost node", 20_000, 0.0)],
+                         ids=["helper", "node"])
+def test_sigterm_stops_the_bench_processes_and_removes_its_work_folder(
+    short_tmp: Path, stage: str, messages: int, pause_s: float,
+) -> None:
+    """Audit: `timeout 60 meshpost bench pair-latency` left a node process running and its
+    /tmp/mpbench-* folder. SIGTERM once a process of `stage` runs (the raw ping-pong's echo
+    helper, `pause_s` into its long ping-pong, whose open socket blocked the scenario's
+    `ctx.term()` for ever; then the node of the measured pair): every process the bench
+    started is gone, and so is its work folder."""
+    import re
+    import shutil
+    import signal
+    import time
+
+    import psutil
+
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "meshpost", "bench", "pair-latency", "--transport", "ipc",
+         "--latency-messages", str(messages), "--out", str(short_tmp / "results")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    started: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 180
+        while not any(stage in line for line in started.values()):
+            assert bench.poll() is None, f"the bench ended before a {stage} process ran"
+            assert time.monotonic() < deadline, f"no {stage} process within 180 s"
+            with contextlib.suppress(psutil.Error):
+                for proc in psutil.Process(bench.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        started.setdefault(proc.pid, " ".join(proc.cmdline()))
+            time.sleep(0.05)
+        roots = {m.group(0) for line in started.values()
+                 for m in re.finditer(r"/tmp/mpbench-[A-Za-z0-9_]+", line)}
+        assert len(roots) == 1, started
+        time.sleep(pause_s)  # not a threshold: any moment of the stage must end cleanly
+        bench.send_signal(signal.SIGTERM)
+        _, err = bench.communicate(timeout=90)
+        assert bench.returncode == 128 + signal.SIGTERM, err
+        assert "Traceback" not in err
+        left = time.monotonic() + 20
+        while any(psutil.pid_exists(pid) for pid in started) and time.monotonic() < left:
+            time.sleep(0.05)
+        assert not [(pid, started[pid]) for pid in started if psutil.pid_exists(pid)]
+        assert not Path(roots.pop()).exists(), "the work folder is removed"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait(30)
+        for pid in started:  # only what this bench started, by pid
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+        for line in started.values():
+            for m in re.finditer(r"/tmp/mpbench-[A-Za-z0-9_]+", line):
+                shutil.rmtree(m.group(0), ignore_errors=True)

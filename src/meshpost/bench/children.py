@@ -11,16 +11,54 @@ import contextlib
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 from meshpost.bench.options import BenchError
 from meshpost.bench.support import emit, optional, task_body
+
+#: The signals that stop a bench run cleanly (`timeout` sends SIGTERM, Ctrl-C SIGINT).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(BaseException):
+    """A stop signal reached the bench. A BaseException, like KeyboardInterrupt: a scenario's
+    `except Exception` must not report it as a failure and go on; every `finally` on the way
+    out stops the processes it started."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into `Interrupted` in the main thread while the block runs.
+
+    The default SIGTERM ended the process at once: no `finally` ran, so a node child (in its
+    own session, which a terminal's signal does not reach) and the /tmp/mpbench-* folder
+    stayed. After the first signal the others are ignored until the block ends: the way
+    out (bounded stops, then removing the folder) is not cut short by a second one.
+    """
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class Child:

@@ -30,7 +30,7 @@ from rich.progress import (
 )
 from rich.table import Column
 
-from meshpost.bench.children import Child
+from meshpost.bench.children import Child, Interrupted, interruptible
 from meshpost.bench.options import REGISTRY, BenchError, BenchOptions
 from meshpost.bench.report import machine_info, print_table, write_markdown, write_plots
 from meshpost.bench.results import ScenarioResult
@@ -46,6 +46,8 @@ class Bench:
         self.console = console
         self.root = Path(tempfile.mkdtemp(prefix="mpbench-", dir="/tmp"))
         self.results: dict[str, ScenarioResult] = {}
+        self._children: list[Child] = []
+        self._clusters: list[LocalCluster] = []
         # Long step names are cut with an ellipsis, never the bar and counts: on an 80-column
         # terminal the names took the whole line (counts showed as "2…"). Without a terminal
         # (a log, a pipe, CI) there is no live display: each scenario's status line says it.
@@ -67,14 +69,29 @@ class Bench:
 
     def cluster(self, scenario: str, count: int, sync: str | None = None,
                  options: dict[str, float] | None = None) -> LocalCluster:
-        return LocalCluster.create(self.root / scenario, count, transport=self.o.transport,
-                                   options={"sync": sync or self.o.sync, **(options or {})})
+        cluster = LocalCluster.create(self.root / scenario, count, transport=self.o.transport,
+                                      options={"sync": sync or self.o.sync, **(options or {})})
+        self._clusters.append(cluster)
+        return cluster
 
     def window_option(self) -> dict[str, float]:
         return {"window": self.o.window} if self.o.window else {}
 
     def child(self, scenario: str, role: Sequence[str], log_name: str) -> Child:
-        return Child(role, self.root / scenario / "logs" / f"{log_name}.log")
+        child = Child(role, self.root / scenario / "logs" / f"{log_name}.log")
+        self._children.append(child)
+        return child
+
+    def stop_processes(self) -> None:
+        """Stop every helper and cluster this run started that still runs (a scenario's own
+        `finally` normally has; this is the net under an interrupted one)."""
+        for child in self._children:
+            if child.proc.poll() is None:
+                child.stop(timeout_s=5.0)
+        for cluster in self._clusters:
+            cluster.stop()  # quick for nodes that stopped already
+        self._children.clear()
+        self._clusters.clear()
 
     def run(self) -> dict[str, ScenarioResult]:
         """Every chosen scenario in the registry's order; a failure is reported, not raised."""
@@ -103,9 +120,11 @@ class Bench:
                 )
         return self.results
 
-    def cleanup(self) -> None:
+    def cleanup(self, *, interrupted: bool = False) -> None:
+        """Remove the work folder unless asked to keep it or (a run that ended, not one
+        stopped by a signal) a scenario failed and its files explain why."""
         failed = any(r.status == "failed" for r in self.results.values())
-        if self.o.keep or failed:
+        if self.o.keep or (failed and not interrupted):
             self.console.print(f"work files kept in {self.root}")
         else:
             shutil.rmtree(self.root, ignore_errors=True)
@@ -162,10 +181,19 @@ def run(options: BenchOptions, console: Console | None = None) -> int:
     bench = Bench(options, console)
     info = machine_info()
     started = time.time()
-    try:
-        results = bench.run()
-    finally:
-        bench.cleanup()
+    stopped: Interrupted | None = None
+    with interruptible():
+        try:
+            results = bench.run()
+        except Interrupted as exc:
+            stopped = exc
+        finally:
+            bench.stop_processes()
+            bench.cleanup(interrupted=stopped is not None)
+    if stopped is not None:
+        console.print(f"bench {stopped}: its processes are stopped"
+                      + ("" if bench.o.keep else " and its work files removed"), markup=False)
+        return 128 + stopped.signum  # as a shell reports a process a signal ended
     print_table(console, results)
     doc = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
