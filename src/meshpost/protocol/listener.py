@@ -310,9 +310,7 @@ class Listener:
                 assert isinstance(frame, Hello)
                 self._events.append(SessionClaimed(frame.name, identity, len(others),
                                                    refused=True))
-                self._reply(identity, Refuse(
-                    RefuseCode.IDENTITY, f"{frame.name!r} is connected already, as another node"
-                ))
+                self._reply(identity, Refuse(RefuseCode.IDENTITY, self._claim_refusal(frame)))
             case Answer.REFUSE_HELLO:
                 assert refusal is not None
                 code, error = refusal
@@ -464,6 +462,24 @@ class Listener:
             version=PROTOCOL_VERSION, node_id=self.local_node_id, name=self.local_name,
             sent_at_ns=wall_ns, hlc=hlc, sync=self.sync,
         ))
+
+    def _claim_refusal(self, hello: Hello) -> str:
+        """Why a keyless Hello under a live peer's name is refused, as `_check_hello` decided
+        it: another node id has an open session under that name, active on another of this
+        node's inbound connections within LIVE_SESSION_NS (whether or not our own link to
+        that peer is open: the session is the peer's connection to us)."""
+        holder = max((s for s in self._sessions.values()
+                      if s.peer == hello.name and s.state is SessionState.OPEN
+                      and s.node_id != hello.node_id), key=lambda s: s.last_active, default=None)
+        whose = f"node {holder.node_id}" if holder is not None else "another node"
+        live_s = LIVE_SESSION_NS // 1_000_000_000
+        return (
+            f"{self.local_name!r} knows {hello.name!r} as {whose}, which sent on another "
+            f"connection within the last {live_s} s; this Hello is from node {hello.node_id}. "
+            f"A name is no proof without keys, so it stays with that node: give this node a "
+            f"name of its own (or, if {hello.name!r}'s data dir was replaced, retry once the "
+            f"old node has been silent {live_s} s; with --secure the key decides)"
+        )
 
     def _check_hello(
         self, identity: str, hello: Hello, wall_ns: int, authenticated: str | None
