@@ -251,8 +251,8 @@ class DataDirNotWritable(StoreError, kind="data_dir_not_writable"):
 class DataDirIsAFile(StoreError, kind="data_dir_is_a_file"):
     def __init__(self, path: str) -> None:
         super().__init__(
-            f"data directory {path} is a file, not a folder; give --data a folder (a missing "
-            "one is created) or move that file away"
+            f"data directory {path} is not writable: it is a file, not a folder; give --data "
+            "a folder (a missing one is created) or move that file away"
         )
         self.path = path
 

@@ -244,7 +244,8 @@ def test_a_data_dir_that_is_a_file_or_holds_an_empty_db_is_named_as_such(
                  ("history", "--node", "A")):
         done = meshpost(*args, "--data", str(a_file))
         assert done.returncode == 6, done.stderr
-        assert f"data directory {a_file} is a file, not a folder" in done.stderr
+        assert (f"data directory {a_file} is not writable: it is a file, not a folder"
+                in done.stderr)
     empty = short_tmp / "empty"
     empty.mkdir()
     (empty / "meshpost.db").touch()
