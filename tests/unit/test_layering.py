@@ -421,11 +421,11 @@ PROTOCOL_RANKS: dict[str, int] = {
     "limits": 0,
     "rto": 0,
     "ratelimit": 0,
-    "workqueue": 0,
     "requests": 0,
     "header": 1,
     "frames": 2,
     "groups": 2,
+    "workqueue": 2,  # takes the header's lease limit (MAX_LEASE_MS) for its lease rule
     "history": 2,
     "codec": 3,
     "events": 3,
