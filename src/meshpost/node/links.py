@@ -28,7 +28,7 @@ from meshpost.protocol import (
     Envelope,
     Frame,
     LinkState,
-    PeerLost,
+    RedialWanted,
     RefuseCode,
     ViolationDetected,
     encode,
@@ -413,23 +413,29 @@ class Links(Mapping[str, DialerLink]):
 
     def _perform(self, link: DialerLink) -> None:
         frames = link.frames_to_send()
+        events = link.events()
         peer = link.peer
         needs = link.needs_connection
         if needs and peer not in self._connected:
             self._set_connection(peer, True)
+        elif peer in self._connected and any(type(e) is RedialWanted for e in events):
+            # Still lost a peer timeout after its loss, its Hellos unanswered: the connection
+            # is dead or half-open. A new one, before this poll's Hello goes, on it. (Not at
+            # the loss itself: a peer merely stopped reads the old one, and the frames still
+            # queued on it, once it runs.)
+            transport = self._node._transport
+            if transport is not None:
+                transport.redial(peer)
         if frames:
             self._transmit(peer, frames)
         if not needs and peer in self._connected:
             self._set_connection(peer, False)  # after its Close: the socket lingers for it
         self._schedule(link)
-        for event in link.events():
+        for event in events:
             if isinstance(event, ViolationDetected):  # the peer's answer did not decode
                 self._node.stats.undecodable += 1
                 log.warning("[%s] bad frame from %s: %s", self._node.name, link.peer, event.error)
-            else:
-                if type(event) is PeerLost and self._node._transport is not None:
-                    # A new connection: the old one may be open but no longer read.
-                    self._node._transport.redial(peer)
+            elif type(event) is not RedialWanted:  # (performed above)
                 self._node._on_event(event)
         if link.wants_disk:
             self._feed_wakeup.set()

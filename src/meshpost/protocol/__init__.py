@@ -15,6 +15,7 @@ from meshpost.protocol.events import (
     PeerConnected,
     PeerLeft,
     PeerLost,
+    RedialWanted,
     SessionClaimed,
     ViolationDetected,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "Ping",
     "Pong",
     "ReceiptFrame",
+    "RedialWanted",
     "Refuse",
     "RefuseCode",
     "Reject",

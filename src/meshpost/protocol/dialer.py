@@ -29,6 +29,7 @@ from meshpost.protocol.events import (
     PeerConnected,
     PeerLeft,
     PeerLost,
+    RedialWanted,
     ViolationDetected,
 )
 from meshpost.protocol.frames import (
@@ -272,6 +273,10 @@ class DialerLink:
         self._seen_at = now
         #: How many stalls of this node were excused so far (a sign it is starved of CPU).
         self.stalls_excused = 0
+        #: While `LOST`: since when the connection is silent (the loss, or the last frame
+        #: heard since); `peer_timeout_s` later the node is asked to redial (`RedialWanted`).
+        #: None once asked, and until the next loss.
+        self._redial_from: float | None = None
         self._frames: list[Frame] = []
         self._events: list[Event] = []
 
@@ -441,7 +446,16 @@ class DialerLink:
         self._resume(now)
         watch_until = self._watch_until()
         if self.state is not LinkState.READY:
-            if now >= self._next_hello_at:
+            redial_from = self._redial_from
+            redial = self._redial_due(now)
+            if redial:
+                # The Hello that goes with it is the new connection's first frame.
+                heard = self.last_heard
+                assert redial_from is not None
+                self._events.append(RedialWanted(
+                    self.peer, now - (redial_from if heard is None else heard)))
+                self._redial_from = None
+            if redial or now >= self._next_hello_at:
                 self._send_hello(now, wall_ns, hlc)
         elif now >= self._next_ping_at and (self._next_ping_at <= watch_until
                                             or self._ping_owed):
@@ -467,6 +481,7 @@ class DialerLink:
                                            wall_ns)
         ):
             self._move(LinkInput.SILENCE)
+            self._redial_from = now
             self._next_hello_at = now
             self._rto_deadline = None
             self._events.append(PeerLost(self.peer, now - heard))
@@ -491,6 +506,17 @@ class DialerLink:
             else:
                 self._retransmit_due(now, wall_ns)
         self._pump(now, wall_ns)
+
+    def _redial_due(self, now: float) -> bool:
+        """The link is still lost `peer_timeout_s` after its loss, and its connection has been
+        silent all that while (nothing heard since the loss, or since the last frame heard
+        while lost): its Hellos went unanswered. A connection whose peer is gone without a
+        reset (half-open) or is no longer its peer's is then replaced; the node redials it
+        (`RedialWanted`). A peer merely stopped or starved answers within that time once it
+        runs (its Hello waits behind the frames queued before it, which the old connection
+        keeps: a new one would discard them, and they would go again)."""
+        return (self.state is LinkState.LOST and self._redial_from is not None
+                and now >= self._redial_from + self._peer_timeout)
 
     def _excuse_own_stall(self, now: float, silent_at: float, wall_ns: int) -> bool:
         """This poll comes long after the silence deadline it asked for (`silent_at`): this
@@ -596,6 +622,8 @@ class DialerLink:
         self.last_heard_wall_ns = wall_ns
         self.frames_heard += 1
         self._seen_at = now
+        if self._redial_from is not None:  # the connection is read: not redialled yet
+            self._redial_from = now if self.state is LinkState.LOST else None
         self._stall_excused = self._rto_stall_excused = False
         match frame:
             case Welcome():
@@ -649,7 +677,10 @@ class DialerLink:
         idle_at = (self._active_at + self.link_idle_s
                    if self.link_idle_s > 0 and not busy else math.inf)
         if state is not LinkState.READY:
-            return min(self._next_hello_at, idle_at)
+            redial_at = (self._redial_from + self._peer_timeout
+                         if self._redial_from is not None and state is LinkState.LOST
+                         else math.inf)
+            return min(self._next_hello_at, idle_at, redial_at)
         # Pings and the silence timer run only while watching: while answers are expected, or
         # until the recent window ends (then nothing is due until the idle close).
         watch_until = self._watch_until()

@@ -21,6 +21,17 @@ class PeerLost:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RedialWanted:
+    """The link is still lost `peer_timeout_s` after its loss with nothing heard on its
+    connection since (its Hello unanswered): the connection is likely dead or half-open, so
+    the node replaces it (a new connection). A peer merely stopped keeps the old one, and
+    with it the frames still queued for it. Once per loss."""
+
+    peer: str
+    silent_for_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class PeerLeft:
     """The peer said Bye: it is shutting down cleanly. The `Listener` reports it when the Bye
     arrives (hand it to that peer's `DialerLink.peer_left`); the link reports it again when
@@ -93,6 +104,7 @@ class SessionClaimed:
 Event = (
     PeerConnected
     | PeerLost
+    | RedialWanted
     | PeerLeft
     | LinkRefused
     | MessagesDelivered

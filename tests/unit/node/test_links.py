@@ -14,7 +14,7 @@ from tests.unit.node.support import PATIENCE_S, config, frame_kinds, node_pair, 
 
 from meshpost.clock import FakeClock
 from meshpost.node import Node, wait_receipt
-from meshpost.protocol import SessionState
+from meshpost.protocol import SessionState, decode
 from meshpost.store import StoreReader
 from meshpost.transport import MemoryNetwork
 
@@ -243,5 +243,52 @@ def test_in_a_small_mesh_an_open_quiet_link_still_finds_a_silent_peer_lost(
                 clock.advance(a.config.ping_interval_s)
                 a.poll_timers()
             assert state_of(a, "B") == "lost"
+
+    run(scenario)
+
+
+def test_a_lost_peer_is_redialled_only_if_still_silent_a_peer_timeout_later(
+    tmp_path: Path,
+) -> None:
+    """A loss keeps the connection (a peer merely stopped reads it, and what is queued on it,
+    once it runs: a new one would discard that); a link still lost a peer timeout later,
+    nothing heard, gets a new one before its next Hello goes. The old node redialled at
+    every loss."""
+    async def scenario() -> None:
+        async with node_pair(tmp_path) as (a, _b, net, clock):
+            redials: list[tuple[str, int]] = []  # (peer, frames A had sent by then)
+            net.nodes["A"].redial = (  # type: ignore[method-assign]
+                lambda peer: redials.append((peer, len(net.log))))
+            step, timeout = a.config.ping_interval_s, a.config.peer_timeout_s
+
+            def silence(seconds: float) -> None:
+                for _ in range(round(seconds / step)):
+                    clock.advance(step)
+                    a.poll_timers()
+
+            # B silent, then back within a peer timeout: its Hello welcomed, no redial.
+            net.partition("A", "B")
+            silence(timeout)
+            assert state_of(a, "B") == "lost"
+            net.heal("A", "B")
+            silence(timeout / 2)
+            await until(lambda: state_of(a, "B") == "ready")
+            silence(timeout / 2 + step)
+            assert redials == []
+            # B silent past the loss by a peer timeout: one redial, then the Hello on it.
+            net.partition("A", "B")
+            silence(timeout)
+            assert state_of(a, "B") == "lost"
+            assert redials == []
+            silence(timeout)
+            assert [peer for peer, _ in redials] == ["B"]
+            after = [type(decode(data, max_bytes=1 << 24)).__name__
+                     for sender, to, data in net.log[redials[0][1]:] if sender == "A"]
+            assert after[:1] == ["Hello"]
+            silence(3 * timeout)
+            assert len(redials) == 1  # once per loss
+            net.heal("A", "B")
+            silence(step)
+            await until(lambda: state_of(a, "B") == "ready")
 
     run(scenario)

@@ -1,0 +1,128 @@
+"""When the node replaces a lost link's connection (issue 20 item 5, docs/reliability.md bug
+10): not at the loss, which a peer merely stopped or starved also causes, and a new connection
+would discard every frame still queued for it on the old one, but only when the link is still
+lost a peer timeout later with its connection silent all that while (`RedialWanted`): its
+Hellos went unanswered, as a dead or half-open connection leaves them."""
+
+from __future__ import annotations
+
+import pytest
+from tests.unit.protocol.test_dialer import (
+    PEER_TIMEOUT,
+    PING_INTERVAL,
+    Wire,
+    batches,
+    drive_silently,
+    msgs,
+    state,
+)
+
+from meshpost.protocol import (
+    Frame,
+    Hello,
+    LinkState,
+    PeerConnected,
+    PeerLost,
+    ReceiptFrame,
+    RedialWanted,
+    Welcome,
+)
+
+
+def lost(wire: Wire) -> tuple[float, list[Frame]]:
+    """Drive alice's timers with bob silent until she finds him lost: when, and every frame
+    she sent meanwhile."""
+    sent = drive_silently(wire, until=wire.now + PEER_TIMEOUT + 0.01)
+    assert state(wire) is LinkState.LOST
+    assert len(wire.of_type(PeerLost)) == 1
+    return wire.now, [f for frames in sent for f in frames]
+
+
+def redial_polls(wire: Wire, until: float) -> list[Frame]:
+    """Poll at every timer with bob silent, up to `until` or the poll that asked for a redial:
+    that poll's frames (none if no poll asked)."""
+    while (deadline := wire.dialer.next_timer()) <= until:
+        wire.advance_to(max(deadline, wire.now))
+        frames = wire.poll()
+        assert wire.dialer.next_timer() > wire.now, "polling at next_timer() made no progress"
+        if wire.of_type(RedialWanted):
+            return frames
+    return []
+
+
+def test_a_link_lost_with_its_connection_silent_asks_for_a_redial_a_peer_timeout_later() -> None:
+    """bob is gone without a word (a half-open connection): the loss itself asks for nothing
+    (the old node redialled right then); a peer timeout later the link asks, once, and says
+    Hello in the same poll, the new connection's first frame."""
+    wire = Wire()
+    wire.connect()
+    lost_at, _ = lost(wire)
+    assert wire.of_type(RedialWanted) == []
+    frames = redial_polls(wire, until=lost_at + 10 * PEER_TIMEOUT)
+    [redial] = wire.of_type(RedialWanted)
+    assert wire.now == pytest.approx(lost_at + PEER_TIMEOUT)
+    assert redial.peer == "bob"
+    assert redial.silent_for_s == pytest.approx(2 * PEER_TIMEOUT)
+    assert [type(f) for f in frames] == [Hello]
+    # Once per loss: more silence asks for nothing more; Hellos go at their pace.
+    later = drive_silently(wire, until=wire.now + 10 * PEER_TIMEOUT)
+    assert len(wire.of_type(RedialWanted)) == 1
+    assert later and all(isinstance(f, Hello) for frames in later for f in frames)
+
+
+def test_a_stopped_peer_that_welcomes_within_the_peer_timeout_keeps_its_connection() -> None:
+    """bob was only stopped: once he runs he reads what waits on the connection (the batches,
+    then the Hellos sent after the loss) and welcomes alice. No redial is asked for, then or
+    at the deadline the loss had set."""
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([1, 2, 3]))
+    unread = wire.poll()  # bob is stopped: it all waits on the connection
+    assert batches(unread)
+    lost_at, during = lost(wire)
+    unread += during
+    drive_silently(wire, until=lost_at + PEER_TIMEOUT / 2)
+    wire.exchange(unread)  # bob runs
+    assert state(wire) is LinkState.READY
+    assert sorted(m.seq for m in wire.store.values()) == [1, 2, 3]
+    # Silent again, but not yet for a peer timeout past the old loss's redial deadline.
+    drive_silently(wire, until=lost_at + 1.4 * PEER_TIMEOUT)
+    assert state(wire) is LinkState.READY
+    assert wire.of_type(RedialWanted) == []
+
+
+def test_frames_heard_while_lost_put_the_redial_back() -> None:
+    """bob works through the old connection's backlog while lost (his receipts come; the
+    Hello waits behind the batches): the connection is read, so the redial waits a peer
+    timeout from his last frame, not from the loss."""
+    wire = Wire()
+    wire.connect()
+    wire.dialer.enqueue(msgs([1, 2, 3]))
+    unread = wire.poll()
+    lost_at, _ = lost(wire)
+    wire.advance_to(lost_at + 0.8 * PEER_TIMEOUT)
+    answers = wire.to_listener(unread)  # the batches only: the Hellos are still unread
+    assert any(isinstance(f, ReceiptFrame) for f in answers)
+    assert not any(isinstance(f, Welcome) for f in answers)
+    wire.to_dialer(answers)
+    assert state(wire) is LinkState.LOST
+    heard_at = wire.now
+    redial_polls(wire, until=lost_at + 10 * PEER_TIMEOUT)
+    assert len(wire.of_type(RedialWanted)) == 1
+    assert wire.now == pytest.approx(heard_at + PEER_TIMEOUT)
+
+
+def test_each_loss_asks_for_its_own_redial() -> None:
+    wire = Wire()
+    wire.connect()
+    lost(wire)
+    frames = redial_polls(wire, until=wire.now + 10 * PEER_TIMEOUT)
+    wire.exchange(frames)  # the new connection's Hello is welcomed
+    assert state(wire) is LinkState.READY
+    assert wire.of_type(PeerConnected)
+    wire.events.clear()
+    lost_at, _ = lost(wire)
+    redial_polls(wire, until=lost_at + 10 * PEER_TIMEOUT)
+    assert len(wire.of_type(RedialWanted)) == 1
+    assert wire.now == pytest.approx(lost_at + PEER_TIMEOUT)
+    assert PING_INTERVAL < PEER_TIMEOUT  # (Hellos went unanswered meanwhile)
