@@ -29,9 +29,10 @@ Socket choices (the ZeroMQ traps the protocol designs around):
   closed while our input pipe was full aborts the whole process (`!_io_error`, libzmq issues
   4364/4767; reproduced by tests/integration/faults/test_04_sigstop.py). Liveness is the
   protocol's own Ping/peer timeout, and TCP keepalive clears half-open connections the kernel
-  would otherwise keep forever (ZeroMQ then reconnects by itself). A link the protocol finds
-  silent is redialled on a *new* DEALER (`redial`): `disconnect()` + `connect()` on the same
-  socket races in libzmq and can leave it with no connection at all;
+  would otherwise keep forever (ZeroMQ then reconnects by itself). A link still lost a peer
+  timeout after the protocol found it silent, its Hellos unanswered (`RedialWanted`), is
+  redialled on a *new* DEALER (`redial`): `disconnect()` + `connect()` on the same socket
+  races in libzmq and can leave it with no connection at all;
 - bounded LINGER, SNDHWM/RCVHWM and MAXMSGSIZE: shutdown never hangs, memory stays bounded,
   an oversized frame closes the offending connection before it is read into memory;
 - HANDSHAKE_IVL of 5 s (libzmq's default is 30 s) and the soft RLIMIT_NOFILE raised to the
@@ -558,9 +559,10 @@ class ZmqTransport:
         return True
 
     def redial(self, peer: str) -> None:
-        """Replace `peer`'s DEALER by a new one (a new connection): its link went silent,
-        and a connection the other side stopped reading would otherwise stay open for good.
-        Frames still queued on the old socket are dropped; the protocol retransmits them."""
+        """Replace `peer`'s DEALER by a new one (a new connection): its link stayed lost and
+        silent (`RedialWanted`), and a dead or half-open connection would otherwise stay open
+        for good. Frames still queued on the old socket are dropped; the protocol retransmits
+        them."""
         if not self._close_dealer(peer, 0):
             return
         sock = self._dealer(peer, self._endpoints[peer])
