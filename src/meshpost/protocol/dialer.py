@@ -640,7 +640,7 @@ class DialerLink:
                 self.offset.add(t1, t2, t3, wall_ns)
                 self._answered((wall_ns - t1) / 1e9, now)
                 if t1 <= wall_ns:
-                    if t1 == self._loss_probe_tx_ns:
+                    if self._answers_probe(t1, self._loss_probe_tx_ns):
                         self._loss_probe_tx_ns = None
                         self._after_loss_probe(t1, pending, now, wall_ns)
                     else:  # (while a loss is being asked about, only its probes decide)
@@ -882,7 +882,7 @@ class DialerLink:
         outbox = self._outbox
         outbox.answered(echo_ns)
         self._pending_known = pending >= 0
-        if echo_ns == self._probe_tx_ns:
+        if self._answers_probe(echo_ns, self._probe_tx_ns):
             self._probe_answered = True
         if not outbox.inflight:
             return
@@ -892,6 +892,20 @@ class DialerLink:
             outbox.unanswered_before(echo_ns, self._ping_sent_at(echo_ns))
         if self._rto_deadline is not None:
             self._arm(now)
+
+    def _answers_probe(self, echo_ns: int, probe_tx_ns: int | None) -> bool:
+        """A Pong echoing `echo_ns` answers the probe sent at `probe_tx_ns`: it echoes it, or
+        a Ping sent after it (by the monotonic clock). Frames arrive in order, so the probe's
+        own Pong would have come first: the probe or its Pong was lost (a Ping dropped at the
+        high-water mark), and this later one says the same, of every batch sent before it.
+        Without it a lost probe was never answered, and batches whose receipts were lost
+        were never resent."""
+        if probe_tx_ns is None:
+            return False
+        if echo_ns == probe_tx_ns:
+            return True
+        echoed, probed = self._ping_sent_at(echo_ns), self._ping_sent_at(probe_tx_ns)
+        return echoed is not None and probed is not None and echoed > probed
 
     def _ping_sent_at(self, echo_ns: int) -> float | None:
         """The monotonic time the Ping a Pong echoes went, if it is one of the latest."""
