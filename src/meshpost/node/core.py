@@ -1037,8 +1037,12 @@ class Node:
                                           f"silent for {silent:.1f}s"))
             case SessionClaimed(peer=peer, connection=connection, refused=True):
                 self.stats.name_claims += 1
-                log.warning("[%s] refused connection %s saying Hello as %s, which is connected "
-                            "as another node: someone borrowing the name", self.name,
+                # Worded as the listener's Refuse is: the name's holder may have no open link
+                # here (idle links close), so "connected" would not be true.
+                log.warning("[%s] refused connection %s saying Hello as %s: a node with another "
+                            "node id holds that name and was heard on another connection "
+                            "recently (someone borrowing the name, a second node given the same "
+                            "name, or one restarted with a new data directory)", self.name,
                             connection, peer)
             case SessionClaimed(peer=peer, connection=connection, sessions=sessions):
                 self.stats.name_claims += 1
