@@ -20,7 +20,7 @@ from meshpost.bench.results import ScenarioResult, percentiles, rounded
 from meshpost.bench.support import mesh_timers, verify_all
 from meshpost.cluster import LocalCluster
 from meshpost.config import DEFAULT_PEER_TIMEOUT_S
-from meshpost.verify import load_rows
+from meshpost.verify import VerifyReport, load_rows
 
 #: Seconds the idle mesh's CPU is measured by default with `--per-process`.
 IDLE_S = 20.0
@@ -56,15 +56,7 @@ def run(bench: Bench) -> ScenarioResult:
     finally:
         for d in drivers.values():
             d.stop()
-    t0 = min(r["t0"] for r in replies.values())
-    t1 = max(r["t1"] for r in replies.values())
-    dirs = {n: cluster.data_dir(n) for n in cluster.names}
-    report = verify_all(dirs, expect_sent=total)
-    latencies = [
-        (m.receipt_arrived_at_ns - m.sent_at_ns) / 1000
-        for path in dirs.values() for m in load_rows(path)
-        if m.direction == "out" and m.receipt_arrived_at_ns is not None
-    ]
+    t0, t1, report, latencies = _outcome(cluster, replies, total)
     rate = total / (t1 - t0)
     return ScenarioResult(
         "mesh",
@@ -148,15 +140,7 @@ def run_hosted(bench: Bench) -> ScenarioResult:
     finally:
         for d in drivers.values():
             d.stop(timeout_s=30.0 + per_process)
-    t0 = min(r["t0"] for r in replies.values())
-    t1 = max(r["t1"] for r in replies.values())
-    dirs = {n: cluster.data_dir(n) for n in cluster.names}
-    report = verify_all(dirs, expect_sent=total)
-    latencies = [
-        (m.receipt_arrived_at_ns - m.sent_at_ns) / 1000
-        for path in dirs.values() for m in load_rows(path)
-        if m.direction == "out" and m.receipt_arrived_at_ns is not None
-    ]
+    t0, t1, report, latencies = _outcome(cluster, replies, total)
     cpu_s = sum(after[h]["cpu_s"] - before[h]["cpu_s"] for h in drivers)
     rss = sum(r["rss"] for r in after.values())
     figures: dict[str, Any] = {
@@ -179,6 +163,23 @@ def run_hosted(bench: Bench) -> ScenarioResult:
         samples={f"mesh {nodes} nodes, {per_process}/process (accept→receipt)": latencies},
         verify=f"verified: {report.summary()}",
     )
+
+
+def _outcome(cluster: LocalCluster, replies: dict[str, dict[str, Any]],
+             total: int) -> tuple[float, float, VerifyReport, list[float]]:
+    """The run's span (first driver's start, last one's end), every store verified against
+    `total` messages sent, and each receipted message's latency in µs (receipt arrival
+    minus `sent_at_ns`, read back from the senders' stores)."""
+    t0 = min(r["t0"] for r in replies.values())
+    t1 = max(r["t1"] for r in replies.values())
+    dirs = {n: cluster.data_dir(n) for n in cluster.names}
+    report = verify_all(dirs, expect_sent=total)
+    latencies = [
+        (m.receipt_arrived_at_ns - m.sent_at_ns) / 1000
+        for path in dirs.values() for m in load_rows(path)
+        if m.direction == "out" and m.receipt_arrived_at_ns is not None
+    ]
+    return t0, t1, report, latencies
 
 
 def _cpu(drivers: dict[str, Child]) -> dict[str, dict[str, Any]]:
