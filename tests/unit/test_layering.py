@@ -414,8 +414,9 @@ def test_store_modules_import_only_down() -> None:
 
 #: The protocol package inside, bottom to top: limits and the pure helpers; the pattern
 #: header; the frames; the codec, the events and the patterns' machines; a link's outbox
-#: (what it holds and sends); the link state machines (the dialer composes its outbox and its
-#: RTO estimator); the tables printed from their transitions; the package re-exports. "" is
+#: (what it holds and sends); its loss recovery (when it resends, probes, redials: composes
+#: the RTO estimator); the link state machines (the dialer composes its outbox and its loss
+#: recovery); the tables printed from their transitions; the package re-exports. "" is
 #: `meshpost.protocol`.
 PROTOCOL_RANKS: dict[str, int] = {
     "limits": 0,
@@ -430,11 +431,15 @@ PROTOCOL_RANKS: dict[str, int] = {
     "codec": 3,
     "events": 3,
     "outbox": 3,
-    "dialer": 4,
-    "listener": 4,
-    "tables": 5,
-    "": 6,
+    "recovery": 4,
+    "dialer": 5,
+    "listener": 5,
+    "tables": 6,
+    "": 7,
 }
+#: The loss recovery names `DialerLink` in its annotations only (under `if TYPE_CHECKING:`):
+#: the dialer composes it at run time, so the other way round would be a cycle.
+PROTOCOL_TYPE_ONLY = {("recovery", "dialer")}
 
 
 def protocol_part(module: str) -> str:
@@ -458,10 +463,25 @@ def test_protocol_modules_import_only_down() -> None:
         if not imp.target.startswith("meshpost.protocol"):
             continue
         src, dst = protocol_part(imp.module), protocol_part(imp.target)
-        if src != dst and PROTOCOL_RANKS[dst] >= PROTOCOL_RANKS[src]:
+        if (src != dst and PROTOCOL_RANKS[dst] >= PROTOCOL_RANKS[src]
+                and (src, dst) not in PROTOCOL_TYPE_ONLY):
             upward.append(f"{imp}: protocol.{src or '__init__'} may not import "
                           f"protocol.{dst}")
     assert not upward, "\n".join(upward)
+
+
+def test_the_loss_recovery_imports_the_dialer_for_types_only() -> None:
+    """Importing the recovery module alone does not load the dialer."""
+    for src, dst in sorted(PROTOCOL_TYPE_ONLY):
+        tree = ast.parse((PACKAGE / "protocol" / f"{src}.py").read_text(encoding="utf-8"))
+        target = f"meshpost.protocol.{dst}"
+        runtime = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == target]
+        assert not runtime, f"meshpost.protocol.{src} imports protocol.{dst} at run time"
+        guarded = [n for n in tree.body if isinstance(n, ast.If)
+                   and ast.unparse(n.test) == "TYPE_CHECKING"
+                   and any(isinstance(i, ast.ImportFrom) and i.module == target
+                           for i in n.body)]
+        assert guarded, f"meshpost.protocol.{src} should name {dst} under `if TYPE_CHECKING:`"
 
 
 def test_the_outbox_imports_only_the_frames() -> None:
