@@ -11,15 +11,19 @@ Rule: `from meshpost.node import X` is the public import path; this file only re
                the patterns)
     receipts   `Receipts`: our messages' receipt futures, send() timeouts, and the
                recording of their receipts and rejections; `wait_receipt`
+    events     `Events`: what the links and the listener report, performed (receipts
+               recorded, peer changes logged and told, violations counted); the
+               subscribers' queues
     groups     `Groups`: membership and broadcasts (k/n)
     requests   `Requests`: request/reply and the request handler
     workqueue  `WorkQueues`: ventilator, worker and sink roles
 
-The links, the inbound path, the receipts and the patterns are components, not mixins: each
-owns its state (links and timers, refusal notices, receipt futures, tracker, dispatchers,
-waiters, handlers) behind its own attributes, so which code may touch which state is
-visible, and `Node` keeps its public methods as one-line delegates. A component reaches its
-node's post path and store through the node it is given (`_post`, `_writer`, `_links`).
+The links, the inbound path, the receipts, the events and the patterns are components, not
+mixins: each owns its state (links and timers, refusal notices, receipt futures, subscribers,
+tracker, dispatchers, waiters, handlers) behind its own attributes, so which code may touch
+which state is visible, and `Node` keeps its public methods as one-line delegates. A
+component reaches its node's post path and store through the node it is given (`_post`,
+`_writer`, `_links`).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ module performs it (sockets, group commit) and never acknowledges a message befo
 has committed it. Lower layers never import this module. Transport, store and clock are
 injected (the real ones by default), so tests run a node on fakes in virtual time. The
 links to the peers (with their timers), the inbound path (what peers send our ROUTER, stored
-then receipted), the receipts of our messages (their waiters and their record) and the
-patterns (groups, requests, work queues) are components in their own modules.
+then receipted), the receipts of our messages (their waiters and their record), the events
+(what the links and the listener report, performed; the subscribers) and the patterns
+(groups, requests, work queues) are components in their own modules.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from meshpost.errors import (
     RowRefused,
     StoreCorrupt,
 )
+from meshpost.node.events import Events
 from meshpost.node.groups import Groups
 from meshpost.node.inbound import Inbound
 from meshpost.node.links import Links
@@ -66,20 +68,7 @@ from meshpost.node.records import (
 )
 from meshpost.node.requests import Requests
 from meshpost.node.workqueue import DEFAULT_LEASE_S, WorkQueues
-from meshpost.protocol import (
-    Envelope,
-    Event,
-    LinkRefused,
-    Listener,
-    MessagesArrived,
-    MessagesDelivered,
-    MessagesRejected,
-    PeerConnected,
-    PeerLeft,
-    PeerLost,
-    SessionClaimed,
-    ViolationDetected,
-)
+from meshpost.protocol import Envelope, Listener
 from meshpost.protocol.groups import (
     BroadcastStatus,
 )
@@ -112,8 +101,6 @@ log = logging.getLogger(__name__)
 
 
 
-#: Subscriber queues (console, control tail) drop their oldest events past this many.
-SUBSCRIBER_QUEUE = 10_000
 #: How long `close()` waits for the last batch to commit.
 CLOSE_FLUSH_TIMEOUT_S = 10.0
 #: `messages()` reads at most this many rows per query: a reader's memory stays bounded.
@@ -238,7 +225,13 @@ class Node:
         #: receipted, then handed on (readers, subscribers, the patterns).
         self._inbound = Inbound(self)
         self._tasks: list[asyncio.Task[None]] = []
-        self._subscribers: list[asyncio.Queue[NodeEvent]] = []
+        #: What the links and the listener report, performed; the subscribers' queues. The
+        #: components call `_on_event` and `_publish` and test `_subscribers` (the events'
+        #: own list, never rebound) through the node, as before the events had a module.
+        self._events = Events(self)
+        self._subscribers = self._events.subscribers
+        self._publish = self._events.publish
+        self._on_event = self._events.on_event
         #: One event per `messages()` reader, set after each commit of incoming messages.
         self._message_readers: set[asyncio.Event] = set()
         #: The read-only store connection `incoming_after` shares (opened on first use).
@@ -929,13 +922,10 @@ class Node:
 
     def subscribe(self) -> asyncio.Queue[NodeEvent]:
         """A queue of `NodeEvent`s from now on; slow readers lose the oldest events."""
-        queue: asyncio.Queue[NodeEvent] = asyncio.Queue(SUBSCRIBER_QUEUE)
-        self._subscribers.append(queue)
-        return queue
+        return self._events.subscribe()
 
     def unsubscribe(self, queue: asyncio.Queue[NodeEvent]) -> None:
-        with contextlib.suppress(ValueError):
-            self._subscribers.remove(queue)
+        self._events.unsubscribe(queue)
 
     def peers(self) -> list[PeerStatus]:
         """Status of every peer, configured or discovered."""
@@ -1012,58 +1002,6 @@ class Node:
         """Give every link its timer now (retransmission, pings, liveness), as the timer loop
         does; for tests that move a fake clock and want its effects without waiting."""
         self._links.poll_timers()
-
-    # -- what the protocol reported -----------------------------------------------------------
-
-    def _on_event(self, event: Event) -> None:
-        """What a link (`Links`) or the listener (`Inbound`) reported, performed."""
-        match event:
-            case MessagesDelivered():
-                self._receipts.record_delivery(event)
-            case MessagesRejected(peer=peer, seqs=seqs, code=code, detail=detail):
-                self._receipts.record_rejection(peer, seqs, code, detail)
-            case PeerConnected(peer=peer, node_id=node_id):
-                log.info("[%s] connected to %s (node %s)", self.name, peer, node_id)
-                self._queues.peer_event(peer, True)
-                self._publish(PeerChanged(peer, True, PeerChange.CONNECTED))
-            case PeerLeft(peer=peer, reason=reason):
-                log.info("[%s] %s left: %s", self.name, peer, reason)
-                self._queues.peer_event(peer, False)
-                self._publish(PeerChanged(peer, False, PeerChange.LEFT, reason))
-            case PeerLost(peer=peer, silent_for_s=silent):
-                log.warning("[%s] lost %s: silent for %.1fs", self.name, peer, silent)
-                self._queues.peer_event(peer, False)
-                self._publish(PeerChanged(peer, False, PeerChange.LOST,
-                                          f"silent for {silent:.1f}s"))
-            case SessionClaimed(peer=peer, connection=connection, refused=True):
-                self.stats.name_claims += 1
-                # Worded as the listener's Refuse is: the name's holder may have no open link
-                # here (idle links close), so "connected" would not be true.
-                log.warning("[%s] refused connection %s saying Hello as %s: a node with another "
-                            "node id holds that name and was heard on another connection "
-                            "recently (someone borrowing the name, a second node given the same "
-                            "name, or one restarted with a new data directory)", self.name,
-                            connection, peer)
-            case SessionClaimed(peer=peer, connection=connection, sessions=sessions):
-                self.stats.name_claims += 1
-                log.warning("[%s] connection %s said Hello as %s, which already has a "
-                            "session (%d sessions now): a restart, or someone borrowing the "
-                            "name", self.name, connection, peer, sessions)
-            case LinkRefused(peer=peer, code=code, detail=detail):
-                log.error("[%s] %s refused us (%s): %s", self.name, peer, code, detail)
-                self._publish(PeerChanged(peer, False, PeerChange.REFUSED, detail))
-            case ViolationDetected(who=who, error=error):
-                self.stats.violations += 1
-                log.warning("[%s] protocol violation by %s: %s", self.name, who, error)
-            case MessagesArrived():  # pragma: no cover - handled by Inbound.on_frame
-                pass
-
-    def _publish(self, event: NodeEvent) -> None:
-        for queue in self._subscribers:
-            if queue.full():
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    queue.get_nowait()
-            queue.put_nowait(event)
 
     def __repr__(self) -> str:
         state = ("failed" if self.failure is not None else "closed" if self._closed
