@@ -442,7 +442,8 @@ class DialerLink:
         watch_until = self._watch_until()
         if self.state is not LinkState.READY:
             # A redial's Hello is the new connection's first frame.
-            if recovery.redial(now, self.state is LinkState.LOST) or now >= self._next_hello_at:
+            if (recovery.redial(now, self.state is LinkState.LOST, seen)
+                    or now >= self._next_hello_at):
                 self._send_hello(now, wall_ns, hlc)
         elif now >= self._next_ping_at and (self._next_ping_at <= watch_until
                                             or self._ping_owed):

@@ -100,6 +100,8 @@ class LossRecovery:
         self._stall_excused = False
         #: The same for the retransmission deadline (a probe instead of a resend).
         self._rto_stall_excused = False
+        #: The same for the redial deadline (once per loss: a ping interval more).
+        self._redial_stall_excused = False
         self._excused_at: float | None = None
         #: How many stalls of this node were excused so far (a sign it is starved of CPU).
         self.stalls_excused = 0
@@ -118,7 +120,7 @@ class LossRecovery:
         node runs, and the connection is read. Needed only while `wants_heard`."""
         if self._redial_from is not None:  # the connection is read: not redialled yet
             self._redial_from = now if lost else None
-        self._stall_excused = self._rto_stall_excused = False
+        self._stall_excused = self._rto_stall_excused = self._redial_stall_excused = False
         self.wants_heard = self._redial_from is not None
 
     def lost(self, now: float) -> None:
@@ -126,6 +128,7 @@ class LossRecovery:
         silent `peer_timeout_s` from now (`redial`)."""
         self._redial_from = now
         self.rto_deadline = None
+        self._redial_stall_excused = False
         self.wants_heard = True
 
     def welcomed(self, new_session: bool, after_loss: bool, hellos: int, hello_rtt_s: float,
@@ -215,11 +218,13 @@ class LossRecovery:
         else:
             self._retransmit_due(now, wall_ns)
 
-    def redial(self, now: float, lost: bool) -> bool:
-        """True if the node should redial now (`_redial_due`): `RedialWanted` is reported, and
-        the Hello that goes with it is the new connection's first frame."""
+    def redial(self, now: float, lost: bool, seen: float) -> bool:
+        """True if the node should redial now (`_redial_due`, and not this node's own stall:
+        `_excuse_late_redial`; `seen`: the last `now` a poll or a frame brought before this
+        poll): `RedialWanted` is reported, and the Hello that goes with it is the new
+        connection's first frame."""
         redial_from = self._redial_from
-        redial = self._redial_due(now, lost)
+        redial = self._redial_due(now, lost) and not self._excuse_late_redial(now, seen)
         if redial:
             link = self._link
             heard = link.last_heard
@@ -271,6 +276,26 @@ class LossRecovery:
         keeps: a new one would discard them, and they would go again)."""
         return (lost and self._redial_from is not None
                 and now >= self._redial_from + self._peer_timeout)
+
+    def _excuse_late_redial(self, now: float, seen: float) -> bool:
+        """The redial deadline is due, and this poll comes long after both it and the link's
+        last poll or frame (`seen`): this node was not running when it passed (stopped,
+        starved of CPU), so the connection's silence is not known: the peer's answers to the
+        Hellos may wait unread in its socket, and a new connection would discard them. Once
+        per loss (until a frame is heard), as a late silence deadline is, give the connection
+        a ping interval from now (a Hello goes with this poll: the one due long ago). True if
+        excused."""
+        assert self._redial_from is not None
+        due_at = self._redial_from + self._peer_timeout
+        if (self._redial_stall_excused
+                or now - max(due_at, seen) <= STALL_GRACE * self._ping_interval):
+            return False
+        self._redial_stall_excused = self.wants_heard = True
+        if self._excused_at != now:  # one stall, however many deadlines it missed
+            self.stalls_excused += 1
+        self._excused_at = now
+        self._redial_from = now + self._ping_interval - self._peer_timeout
+        return True
 
     def excuse_own_stall(self, now: float, silent_at: float, wall_ns: int) -> bool:
         """This poll comes long after the silence deadline it asked for (`silent_at`): this

@@ -157,3 +157,65 @@ def test_a_lost_probe_after_a_loss_is_answered_by_the_next_pong_and_nothing_stay
         wire.exchange(wire.poll())
     assert wire.dialer.unacknowledged == 0
     assert sorted(m.seq for m in wire.store.values()) == list(range(1, 11))
+
+
+def stopped_after_the_loss(wire: Wire, lost_at: float) -> float:
+    """alice's process is stopped right after the loss, past the redial deadline: her next
+    poll comes two peer timeouts after it. Returns when she wakes."""
+    wire.advance_to(lost_at + 3 * PEER_TIMEOUT)
+    return wire.now
+
+
+def test_a_redial_deadline_polled_late_is_this_nodes_stall_and_the_connection_is_kept() -> None:
+    """alice was stopped while her link was lost, and bob's Welcome to her Hello waits unread
+    in her socket: the redial deadline passed while she was not running, not while her
+    connection was silent. Her late poll is excused as her own stall (as a late silence or
+    retransmission deadline is): no redial, which would discard the Welcome and everything
+    queued behind it, but a Hello and a ping interval to hear bob. The old code redialled at
+    once."""
+    wire = Wire()
+    wire.connect()
+    lost_at, during = lost(wire)
+    unread = wire.to_listener([f for f in during if isinstance(f, Hello)])
+    assert any(isinstance(f, Welcome) for f in unread)
+    stopped_after_the_loss(wire, lost_at)
+    frames = wire.poll()
+    assert wire.of_type(RedialWanted) == []
+    assert [type(f) for f in frames] == [Hello]
+    assert wire.dialer.stalls_excused == 1
+    wire.to_dialer(unread)  # read once she runs: the connection was alive all along
+    assert state(wire) is LinkState.READY
+    drive_silently(wire, until=wire.now + PEER_TIMEOUT / 2)
+    assert wire.of_type(RedialWanted) == []
+
+
+def test_a_lost_link_still_silent_after_its_excused_stall_is_redialled_a_ping_interval_on() -> None:
+    """Nothing waited: once she runs, alice's connection stays silent a ping interval more
+    and is redialled then, once; its silence counts from the last frame heard."""
+    wire = Wire()
+    wire.connect()
+    lost_at, _ = lost(wire)
+    woke = stopped_after_the_loss(wire, lost_at)
+    wire.poll()
+    frames = redial_polls(wire, until=woke + 10 * PEER_TIMEOUT)
+    [redial] = wire.of_type(RedialWanted)
+    assert wire.now == pytest.approx(woke + PING_INTERVAL)
+    assert [type(f) for f in frames] == [Hello]
+    assert wire.dialer.last_heard is not None
+    assert redial.silent_for_s == pytest.approx(wire.now - wire.dialer.last_heard)
+    assert wire.dialer.stalls_excused == 1
+
+
+def test_a_redial_deadline_is_excused_once_per_loss() -> None:
+    """Stopped again before the excused deadline's ping interval is up, with still nothing
+    heard: the second late poll redials (a peer gone for real costs at most one excuse)."""
+    wire = Wire()
+    wire.connect()
+    lost_at, _ = lost(wire)
+    woke = stopped_after_the_loss(wire, lost_at)
+    wire.poll()
+    wire.advance_to(woke + 3 * PEER_TIMEOUT)
+    frames = wire.poll()
+    assert len(wire.of_type(RedialWanted)) == 1
+    assert [type(f) for f in frames] == [Hello]
+    assert wire.dialer.stalls_excused == 1

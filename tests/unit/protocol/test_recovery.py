@@ -32,12 +32,13 @@ def test_a_loss_stops_the_timer_and_sets_the_redial_a_peer_timeout_on() -> None:
     assert rec.rto_deadline is None
     assert rec.redial_at(True) == 2.0 + PEER_TIMEOUT
     assert rec.redial_at(False) == math.inf  # no longer lost: never
-    assert not rec.redial(2.0 + PEER_TIMEOUT, False)
-    assert not rec.redial(2.0 + PEER_TIMEOUT - 0.01, True)
-    assert rec.redial(2.0 + PEER_TIMEOUT, True)
+    due = 2.0 + PEER_TIMEOUT
+    assert not rec.redial(due, False, due)
+    assert not rec.redial(due - 0.01, True, due - 0.01)
+    assert rec.redial(due, True, due)  # polled on time (`seen`: this node ran meanwhile)
     [wanted] = link.events()
     assert wanted == RedialWanted("bob", PEER_TIMEOUT)
-    assert not rec.redial(10.0, True)  # once per loss
+    assert not rec.redial(10.0, True, 10.0)  # once per loss
     assert rec.redial_at(True) == math.inf
 
 
@@ -67,6 +68,22 @@ def test_a_late_silence_deadline_is_excused_once_with_a_ping_first() -> None:
     assert not rec.wants_heard
     assert rec.excuse_own_stall(late + 20, 5.0, 9)
     assert rec.stalls_excused == 2
+
+
+def test_a_redial_deadline_polled_late_is_excused_once_per_loss() -> None:
+    link, rec = recovery()
+    rec.lost(2.0)
+    due = 2.0 + PEER_TIMEOUT
+    late = due + 2 * STALL_GRACE * PING_INTERVAL
+    assert not rec.redial(late, True, 2.0)  # nothing ran since the loss: this node's stall
+    assert rec.stalls_excused == 1
+    assert rec.redial_at(True) == late + PING_INTERVAL
+    assert not rec.redial(late + PING_INTERVAL - 0.01, True, late)
+    rec.lost(20.0)  # a new loss may be excused again
+    assert not rec.redial(40.0, True, 20.0)
+    assert rec.stalls_excused == 2
+    assert rec.redial(40.0 + PING_INTERVAL, True, 40.0)  # on time: redialled
+    assert [type(e) for e in link.events()] == [RedialWanted]
 
 
 @pytest.mark.parametrize("hellos", [0, 1, 2])
