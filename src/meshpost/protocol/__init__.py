@@ -40,6 +40,7 @@ from meshpost.protocol.frames import (
 )
 from meshpost.protocol.listener import Listener, SessionInput, SessionState, to_ranges
 from meshpost.protocol.outbox import HELD_MESSAGE_OVERHEAD, Outbox, held_size
+from meshpost.protocol.recovery import LossRecovery
 
 __all__ = [
     "HELD_MESSAGE_OVERHEAD",
@@ -57,6 +58,7 @@ __all__ = [
     "LinkRefused",
     "LinkState",
     "Listener",
+    "LossRecovery",
     "MessagesArrived",
     "MessagesDelivered",
     "MessagesRejected",

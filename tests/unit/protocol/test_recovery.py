@@ -9,9 +9,9 @@ import math
 
 import pytest
 
-from meshpost.protocol import Ping, RedialWanted
+from meshpost.protocol import LossRecovery, Ping, RedialWanted
 from meshpost.protocol.dialer import DialerLink
-from meshpost.protocol.recovery import STALL_GRACE, LossRecovery
+from meshpost.protocol.recovery import STALL_GRACE
 
 RTO = 0.5
 PING_INTERVAL = 1.0
