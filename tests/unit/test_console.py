@@ -1,4 +1,5 @@
-"""The console: command parsing, pure rendering, and a session driven through a pipe."""
+"""The console: pure rendering, and a session driven through a pipe (its command language is
+tested in tests/unit/console/test_commands.py)."""
 
 from __future__ import annotations
 
@@ -22,19 +23,7 @@ from prompt_toolkit.output.vt100 import Vt100_Output
 from meshpost.clock import FakeClock
 from meshpost.config import NodeConfig, PeerConfig
 from meshpost.console import (
-    DEFAULT_HISTORY_LIMIT,
     HELP_TEXT,
-    Command,
-    CommandError,
-    EmptyCommand,
-    GroupCommand,
-    HelpCommand,
-    HistoryCommand,
-    PeersCommand,
-    QueueCommand,
-    QuitCommand,
-    SendCommand,
-    StatsCommand,
     clean,
     format_clock,
     format_incoming,
@@ -42,7 +31,6 @@ from meshpost.console import (
     format_pending,
     format_queued,
     format_receipt,
-    parse_command,
     render_history,
     render_peers_table,
     render_stats,
@@ -75,105 +63,6 @@ UTC = datetime.UTC
 T0 = 1_700_000_000_000_000_000
 MS = 1_000_000
 STEP_TIMEOUT_S = 5.0
-
-
-# -- parse_command ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("line", "expected"),
-    [
-        ("", EmptyCommand()),
-        ("   \t ", EmptyCommand()),
-        ("@B hello there", SendCommand("B", "hello there")),
-        ("  @B   hello   there  ", SendCommand("B", "hello   there")),
-        ("@B\thi", SendCommand("B", "hi")),
-        ("@all everyone", SendCommand("all", "everyone")),
-        ("@ops /not a command", SendCommand("ops", "/not a command")),
-        ("hello again", SendCommand(None, "hello again")),
-        ("/peers", PeersCommand()),
-        ("/PEERS", PeersCommand()),
-        ("/stats", StatsCommand()),
-        ("/help", HelpCommand()),
-        ("/?", HelpCommand()),
-        ("/quit", QuitCommand()),
-        ("/exit", QuitCommand()),
-        ("/q", QuitCommand()),
-        ("/history", HistoryCommand(None, DEFAULT_HISTORY_LIMIT)),
-        ("/history B", HistoryCommand("B", DEFAULT_HISTORY_LIMIT)),
-        ("/history -n 5", HistoryCommand(None, 5)),
-        ("/history B -n 5", HistoryCommand("B", 5)),
-        ("/history -n 7 B", HistoryCommand("B", 7)),
-        ("/history -n3", HistoryCommand(None, 3)),
-        ("/history -n=3 C", HistoryCommand("C", 3)),
-        ("/history @B", HistoryCommand("B", DEFAULT_HISTORY_LIMIT)),
-        ("/join team", GroupCommand("join", "team")),
-        ("/LEAVE team", GroupCommand("leave", "team")),
-        ("/members ops", GroupCommand("members", "ops")),
-        ("/queue", QueueCommand()),
-        ("/QUEUE work", QueueCommand("work")),
-    ],
-)
-def test_parse_command(line: str, expected: Command) -> None:
-    assert parse_command(line) == expected
-
-
-@pytest.mark.parametrize(
-    ("line", "fragment"),
-    [
-        ("@B", "type the text after the recipient"),
-        ("@B    ", "`@B hello`"),
-        ("@", "recipient right after '@'"),
-        ("@ hello", "recipient right after '@'"),
-        ("/history -n abc", "not 'abc'"),
-        ("/history -n", "-n needs a number"),
-        ("/history -n 0", "from 1 to"),
-        ("/history -n ١٢", "whole number"),
-        ("/history -n 1_000", "whole number"),
-        ("/history -n " + "9" * 5000, "whole number"),
-        ("/history @", "peer's name right after '@'"),
-        ("/history -x", "unknown option '-x'"),
-        ("/join", "one group name"),
-        ("/leave a b", "one group name"),
-        ("/history B C", "one peer"),
-        ("/foo", "unknown command `/foo`"),
-        ("/", "unknown command `/`"),
-        ("/peers now", "/peers takes no arguments"),
-        ("/quit please", "takes no arguments"),
-    ],
-)
-def test_parse_errors_say_what_to_do(line: str, fragment: str) -> None:
-    with pytest.raises(CommandError) as info:
-        parse_command(line)
-    assert fragment in str(info.value)
-
-
-@given(st.one_of(
-    st.text(),
-    st.text().map(lambda s: "@" + s),
-    st.text().map(lambda s: "/" + s),
-    st.text().map(lambda s: "/history " + s),
-    st.text().map(lambda s: "/history -n " + s),
-))
-def test_parse_raises_nothing_but_command_error(line: str) -> None:
-    command: Command | None = None
-    try:
-        command = parse_command(line)
-    except CommandError as exc:
-        message = str(exc)
-    if command is None:
-        assert message
-    else:
-        assert isinstance(command, (SendCommand, PeersCommand, HistoryCommand, StatsCommand,
-                                    HelpCommand, QuitCommand, EmptyCommand))
-
-
-@given(
-    st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,20}\Z"),
-    st.text(min_size=1).filter(lambda s: s == s.strip() and s != ""),
-)
-def test_send_keeps_target_and_body(name: str, body: str) -> None:
-    assert parse_command(f"@{name} {body}") == SendCommand(name, body)
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -862,10 +751,6 @@ def test_tables_fit_the_terminal_width(width: int) -> None:
         assert widest <= width, text
 
 
-def test_history_v_is_parsed() -> None:
-    assert parse_command("/history B -v -n 3") == HistoryCommand("B", 3, verbose=True)
-
-
 def test_an_attached_console_says_once_that_its_node_stopped_and_shows_dropped_events(
     node: FakeNode,
 ) -> None:
@@ -974,13 +859,6 @@ def test_a_broadcast_from_before_a_restart_prints_its_k_of_n(node: FakeNode) -> 
         d.type("/quit\n")
 
     drive(node, scenario)
-
-
-def test_history_ask_is_parsed_and_needs_a_group() -> None:
-    assert parse_command("/history team --ask -n 5") == HistoryCommand("team", 5, ask=True)
-    assert parse_command("/history -a team") == HistoryCommand("team", ask=True)
-    with pytest.raises(CommandError, match="--ask needs the group"):
-        parse_command("/history --ask")
 
 
 def test_history_ask_shows_each_members_messages_labelled_and_who_did_not_answer(

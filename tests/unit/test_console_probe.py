@@ -1,14 +1,14 @@
-"""`/peers --probe [PEER ...]` in the console: parsed, sent to the node's `probe_peers`, and
-its answer shown as the probe table (live with a round trip, lost with why)."""
+"""`/peers --probe [PEER ...]` in the console: sent to the node's `probe_peers`, and its answer
+shown as the probe table (live with a round trip, lost with why). How the line is parsed is
+tested with the command language, in tests/unit/console/test_commands.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from tests.unit.test_console import Driver, FakeNode, drive
 
-from meshpost.console import CONSOLE_PROBE_WAIT_S, CommandError, PeersCommand, parse_command
+from meshpost.console import CONSOLE_PROBE_WAIT_S
 from meshpost.node import PeerProbe
 
 
@@ -24,20 +24,6 @@ class ProbedNode(FakeNode):
         found = {"B": PeerProbe("B", "live", 1_500_000, "ready"),
                  "C": PeerProbe("C", "lost", None, "connecting", "no answer within 2s")}
         return [found[p] for p in peers or ("B", "C")]
-
-
-@pytest.mark.parametrize(("line", "expected"), [
-    ("/peers", PeersCommand()),
-    ("/peers --probe", PeersCommand(probe=True)),
-    ("/peers -p B @C", PeersCommand(probe=True, names=("B", "C"))),
-])
-def test_peers_probe_parses(line: str, expected: PeersCommand) -> None:
-    assert parse_command(line) == expected
-
-
-def test_peers_with_anything_but_probe_says_how_to_use_it() -> None:
-    with pytest.raises(CommandError, match=r"or --probe \[PEER \.\.\.\]"):
-        parse_command("/peers B")
 
 
 def test_peers_probe_shows_who_answered_and_who_is_lost(tmp_path: Path) -> None:

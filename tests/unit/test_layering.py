@@ -494,6 +494,50 @@ def test_the_outbox_imports_only_the_frames() -> None:
     assert not bad, "\n".join(bad)
 
 
+#: The console package inside, bottom to top: the command language (pure), the running
+#: console that performs its commands, the package re-exports. "" is `meshpost.console`.
+CONSOLE_RANKS: dict[str, int] = {
+    "commands": 0,
+    "app": 1,
+    "": 2,
+}
+
+
+def console_part(module: str) -> str:
+    """`meshpost.console.commands` -> `commands`; `meshpost.console` -> `""`."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 else ""
+
+
+def test_every_console_module_has_a_layer() -> None:
+    parts = {console_part(module_name(p)) for p in module_paths()
+             if component(module_name(p)) == "console"}
+    assert parts == set(CONSOLE_RANKS), (
+        "give each module of meshpost/console a rank in CONSOLE_RANKS")
+
+
+def test_console_modules_import_only_down() -> None:
+    upward = []
+    for imp in imports_from("console"):
+        if not imp.target.startswith("meshpost.console"):
+            continue
+        src, dst = console_part(imp.module), console_part(imp.target)
+        if src != dst and CONSOLE_RANKS[dst] >= CONSOLE_RANKS[src]:
+            upward.append(f"{imp}: console.{src or '__init__'} may not import console.{dst}")
+    assert not upward, "\n".join(upward)
+
+
+def test_the_console_command_language_is_pure() -> None:
+    """Parsing a line needs no terminal, event loop, node or store: `console.commands` imports
+    no prompt_toolkit, rich or I/O module, and of meshpost only the errors."""
+    imports = [imp for imp in ALL_IMPORTS if imp.module == "meshpost.console.commands"]
+    assert imports, "meshpost.console.commands is not in src/meshpost/console/"
+    bad = [str(imp) for imp in imports
+           if top_level(imp.target) in IO_MODULES | {"prompt_toolkit", "rich"}
+           or (internal(imp) and imp.target != "meshpost.errors")]
+    assert not bad, "\n".join(bad)
+
+
 def test_errors_imports_nothing_from_meshpost() -> None:
     bad = [str(imp) for imp in imports_from("errors") if internal(imp)]
     assert not bad, "\n".join(bad)
