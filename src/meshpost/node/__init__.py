@@ -14,16 +14,18 @@ Rule: `from meshpost.node import X` is the public import path; this file only re
     events     `Events`: what the links and the listener report, performed (receipts
                recorded, peer changes logged and told, violations counted); the
                subscribers' queues
+    readers    `Readers`: what callers read of the store (`messages()`, `incoming_after`,
+               `pending_count`) on read-only connections, woken by each commit
     groups     `Groups`: membership and broadcasts (k/n)
     requests   `Requests`: request/reply and the request handler
     workqueue  `WorkQueues`: ventilator, worker and sink roles
 
-The links, the inbound path, the receipts, the events and the patterns are components, not
-mixins: each owns its state (links and timers, refusal notices, receipt futures, subscribers,
-tracker, dispatchers, waiters, handlers) behind its own attributes, so which code may touch
-which state is visible, and `Node` keeps its public methods as one-line delegates. A
-component reaches its node's post path and store through the node it is given (`_post`,
-`_writer`, `_links`).
+The links, the inbound path, the receipts, the events, the readers and the patterns are
+components, not mixins: each owns its state (links and timers, refusal notices, receipt
+futures, subscribers, readers' wake-ups, tracker, dispatchers, waiters, handlers) behind its
+own attributes, so which code may touch which state is visible, and `Node` keeps its public
+methods as one-line delegates. A component reaches its node's post path and store through the
+node it is given (`_post`, `_writer`, `_links`).
 """
 
 from __future__ import annotations

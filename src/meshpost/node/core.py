@@ -6,8 +6,9 @@ has committed it. Lower layers never import this module. Transport, store and cl
 injected (the real ones by default), so tests run a node on fakes in virtual time. The
 links to the peers (with their timers), the inbound path (what peers send our ROUTER, stored
 then receipted), the receipts of our messages (their waiters and their record), the events
-(what the links and the listener report, performed; the subscribers) and the patterns
-(groups, requests, work queues) are components in their own modules.
+(what the links and the listener report, performed; the subscribers), the readers (what
+callers read of the store) and the patterns (groups, requests, work queues) are components in
+their own modules.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from meshpost.node.events import Events
 from meshpost.node.groups import Groups
 from meshpost.node.inbound import Inbound
 from meshpost.node.links import Links
+from meshpost.node.readers import MESSAGES_BATCH, MESSAGES_POLL_S, Readers
 from meshpost.node.receipts import Receipts, wait_receipt
 from meshpost.node.records import (
     BroadcastHandle,
@@ -89,7 +91,6 @@ from meshpost.store import (
     IncomingResult,
     Store,
     StoredMessage,
-    StoreReader,
     Verifier,
 )
 from meshpost.transport import Transport, ZmqTransport
@@ -103,10 +104,6 @@ log = logging.getLogger(__name__)
 
 #: How long `close()` waits for the last batch to commit.
 CLOSE_FLUSH_TIMEOUT_S = 10.0
-#: `messages()` reads at most this many rows per query: a reader's memory stays bounded.
-MESSAGES_BATCH = 512
-#: `messages()` looks at the store at least this often even when not woken.
-MESSAGES_POLL_S = 1.0
 
 
 _HEX3 = [f"{i:03x}" for i in range(4096)]
@@ -232,11 +229,11 @@ class Node:
         self._subscribers = self._events.subscribers
         self._publish = self._events.publish
         self._on_event = self._events.on_event
-        #: One event per `messages()` reader, set after each commit of incoming messages.
-        self._message_readers: set[asyncio.Event] = set()
-        #: The read-only store connection `incoming_after` shares (opened on first use).
-        self._incoming_reader: StoreReader | None = None
-        self._incoming_lock = asyncio.Lock()
+        #: What callers read of the store (`messages()`, `incoming_after`, `pending_count`).
+        #: Its wake-ups (one per waiting reader, never rebound) are at hand as
+        #: `_message_readers`: `Inbound` sets them after each commit, `close()` at the end.
+        self._readers = Readers(self)
+        self._message_readers = self._readers.wakeups
         self._closed = False
         self._started = False
         #: Why the node stopped accepting work (an unexpected store failure), once it did.
@@ -482,10 +479,7 @@ class Node:
         elif self._store is not None:
             await asyncio.to_thread(self._store.close)
         self._store = None
-        if self._incoming_reader is not None:
-            async with self._incoming_lock:
-                self._incoming_reader.close()
-                self._incoming_reader = None
+        await self._readers.close()
 
     # -- public API -----------------------------------------------------------------------
 
@@ -846,43 +840,7 @@ class Node:
         each see every message. The iterator ends when the node closes; `aclose()` it (or
         leave the `async for`) to stop earlier.
         """
-        self._check_open()
-        # Where "from now on" starts is read here, not at the first `anext`: a message that
-        # arrives between this call and the first read is not missed. One indexed read of a
-        # read-only WAL connection, which never waits for the writer.
-        reader = StoreReader.for_data_dir(self.config.data_dir)
-        try:
-            cursor = reader.last_incoming_cursor()
-        except BaseException:
-            reader.close()
-            raise
-        return self._read_messages(reader, cursor, poll_s)
-
-    async def _read_messages(
-        self, reader: StoreReader, cursor: int, poll_s: float
-    ) -> AsyncIterator[Message]:
-        wakeup = asyncio.Event()
-        self._message_readers.add(wakeup)
-        try:
-            while not self._closed:
-                wakeup.clear()  # before the read: a commit during it wakes the wait below
-                rows = await asyncio.to_thread(reader.incoming_after, cursor, MESSAGES_BATCH)
-                if not rows:
-                    # Also every `poll_s`, in case a wake-up went astray.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(poll_s):
-                            await wakeup.wait()
-                    continue
-                for row_cursor, row in rows:
-                    cursor = row_cursor
-                    yield Message(
-                        id=row.id, sender=row.sender, recipient=row.recipient, body=row.body,
-                        sent_at_ns=row.sent_at_ns, hlc=row.hlc, stored_at_ns=row.stored_at_ns,
-                        kind=row.kind, ref=row.ref,
-                    )
-        finally:
-            self._message_readers.discard(wakeup)
-            reader.close()
+        return self._readers.messages(poll_s=poll_s)
 
     async def incoming_after(
         self, cursor: int | None, *, limit: int = MESSAGES_BATCH, wait_s: float = 0.0
@@ -895,30 +853,7 @@ class Node:
         message committed between two polls is in the next one (the event queue, which drops
         the oldest for a slow reader, would lose it).
         """
-        self._check_open()
-        wakeup = asyncio.Event()
-        self._message_readers.add(wakeup)
-        try:
-            async with self._incoming_lock:
-                if self._incoming_reader is None:
-                    self._incoming_reader = StoreReader.for_data_dir(self.config.data_dir)
-                reader = self._incoming_reader
-                if cursor is None:
-                    return await asyncio.to_thread(reader.last_incoming_cursor), []
-                rows = await asyncio.to_thread(reader.incoming_after, cursor, limit)
-            if rows or wait_s <= 0 or self._closed:
-                return (rows[-1][0] if rows else cursor), [row for _, row in rows]
-            # The wake-up was registered before the read: a commit since then has set it.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):
-                    await wakeup.wait()
-            if self._closed:
-                return cursor, []
-            async with self._incoming_lock:
-                rows = await asyncio.to_thread(reader.incoming_after, cursor, limit)
-            return (rows[-1][0] if rows else cursor), [row for _, row in rows]
-        finally:
-            self._message_readers.discard(wakeup)
+        return await self._readers.incoming_after(cursor, limit=limit, wait_s=wait_s)
 
     def subscribe(self) -> asyncio.Queue[NodeEvent]:
         """A queue of `NodeEvent`s from now on; slow readers lose the oldest events."""
@@ -950,13 +885,7 @@ class Node:
         Counting scans the outbox, so it runs on a read-only connection of its own (WAL lets it
         run beside the writer) instead of holding up commits on the writer's thread.
         """
-        self._check_open()
-
-        def count() -> int:
-            with StoreReader.for_data_dir(self.config.data_dir) as reader:
-                return reader.pending_count()
-
-        return await asyncio.to_thread(count)
+        return await self._readers.pending_count()
 
     def _check_open(self) -> None:
         if self.failure is not None:

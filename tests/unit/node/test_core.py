@@ -15,7 +15,7 @@ import pytest
 from tests.unit.node.support import PATIENCE_S, frame_kinds, node_pair, run, until
 
 from meshpost.errors import NodeFailed, ReceiptTimeout, UnknownPeer
-from meshpost.node import Message, wait_receipt
+from meshpost.node import wait_receipt
 from meshpost.store import Store, StoreReader
 from meshpost.timeline import Mark, MarkRecorder
 
@@ -114,53 +114,6 @@ def test_an_unexpected_store_error_fails_the_post_and_the_node(
             with pytest.raises(NodeFailed):
                 await asyncio.wait_for(a.serve(asyncio.Event()), PATIENCE_S)
             monkeypatch.undo()
-
-    run(scenario)
-
-
-def test_messages_yields_every_received_message_to_a_slow_reader(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with node_pair(tmp_path) as (a, b, _net, _clock):
-            stream = b.messages()
-            first = asyncio.ensure_future(anext(stream))
-            await asyncio.sleep(0.05)  # the reader starts before anything arrives
-            count = 700  # more than one read of the store (MESSAGES_BATCH)
-            sent = await a.post_many("B", [f"m{i}" for i in range(count)])
-            assert sent == count
-            got: list[Message] = [await asyncio.wait_for(first, PATIENCE_S)]
-            while len(got) < count:
-                got.append(await asyncio.wait_for(anext(stream), PATIENCE_S))
-                if len(got) == 10:
-                    await asyncio.sleep(0.1)  # a slow reader loses nothing
-            assert [m.body for m in got] == [f"m{i}" for i in range(count)]
-            assert {m.sender for m in got} == {"A"}
-            await stream.aclose()
-
-    run(scenario)
-
-
-def test_incoming_after_pages_by_cursor_and_a_waiting_poll_wakes_on_a_commit(
-    tmp_path: Path,
-) -> None:
-    async def scenario() -> None:
-        async with node_pair(tmp_path) as (a, b, _net, _clock):
-            await a.post_many("B", ["before"])
-            await until(lambda: a.stats.delivered == 1)
-            start, rows = await b.incoming_after(None)
-            assert rows == []  # the cursor of now: what came before is not shown
-            # A poll that waits is woken by the commit of the next message, not by its timeout.
-            poll = asyncio.ensure_future(b.incoming_after(start, wait_s=PATIENCE_S * 4))
-            await asyncio.sleep(0.05)
-            await a.post_many("B", [f"m{i}" for i in range(30)])
-            cursor, rows = await asyncio.wait_for(poll, PATIENCE_S)
-            got = [r.body for r in rows]
-            while len(got) < 30:  # the rest, page by page, none skipped, none twice
-                cursor, rows = await b.incoming_after(cursor, limit=7, wait_s=PATIENCE_S)
-                assert len(rows) <= 7
-                got += [r.body for r in rows]
-            assert got == [f"m{i}" for i in range(30)]
-            assert {(r.sender, r.direction) for r in rows} == {("A", "in")}
-            assert await b.incoming_after(cursor) == (cursor, [])
 
     run(scenario)
 
