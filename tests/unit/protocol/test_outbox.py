@@ -136,6 +136,38 @@ def test_a_resend_is_counted_remembered_and_sent_as_new_flights() -> None:
 # -- what the peer answered ---------------------------------------------------------------
 
 
+class CountingDict(dict[int, Envelope]):
+    """The in-flight dict, counting the lookups `settle` makes."""
+
+    lookups = 0
+
+    def pop(self, key: int, *default: object) -> object:  # type: ignore[override]
+        self.lookups += 1
+        return super().pop(key, *default)
+
+
+def test_a_receipt_of_many_ranges_over_seqs_never_sent_costs_what_is_in_flight() -> None:
+    """A hostile listener's receipt: each range as wide as the window in flight, none of it
+    sent. Walking each range cost ranges x window lookups (13 s of the node's loop for one
+    3 MB frame); now it costs the in-flight seqs, each looked up once."""
+    outbox = caught_up(window=100)
+    outbox.inflight = CountingDict()
+    launched(outbox, range(1, 101), 1.0, T0_WALL)
+    ranges = [(1_000 + i % 50, 1_000 + i % 50 + 99) for i in range(10_000)]
+    assert outbox.settle([*ranges, (7, 8)]) == [7, 8]
+    assert outbox.inflight.lookups <= 3 * 100, outbox.inflight.lookups
+    assert len(outbox.inflight) == 98
+    assert outbox.held_bytes == held_size(msgs([s for s in range(1, 101) if s not in (7, 8)]))
+
+
+def test_settle_by_lookup_merges_overlapping_and_adjacent_ranges() -> None:
+    outbox = caught_up(window=16)
+    launched(outbox, range(1, 17), 1.0, T0_WALL)
+    wide = [(5, 3), (14, 100), (2, 4), (3, 6), (10, 10), (7, 7), *[(50, 90)] * 20]
+    assert outbox.settle(wide) == [2, 3, 4, 5, 6, 7, 10, 14, 15, 16]
+    assert sorted(outbox.inflight) == [1, 8, 9, 11, 12, 13]
+
+
 def test_settle_takes_what_is_in_flight_in_order_and_frees_the_window() -> None:
     outbox = caught_up()
     launched(outbox, [1, 2, 3, 4], 1.0, T0_WALL)

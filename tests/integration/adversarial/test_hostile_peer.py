@@ -1,0 +1,293 @@
+"""A hostile peer against real `meshpost node` processes: what it sends must cost no other
+peer's message, and a name or node id it claims must take nothing from the peer it names.
+
+Each test plays the hostile peer with raw pyzmq DEALERs speaking the wire format, while real
+nodes exchange through their control endpoints; the fault battery's checker then proves every
+acknowledged message stored once on each side (`Mesh.finish`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from typing import Any
+
+import pytest
+import zmq
+
+from meshpost.config import DEFAULT_MAX_MESSAGE_BYTES
+from meshpost.control import SendRequest, StatusRequest
+from meshpost.protocol import (
+    PROTOCOL_VERSION,
+    Batch,
+    Envelope,
+    Hello,
+    Ping,
+    Pong,
+    ReceiptFrame,
+    Refuse,
+    RefuseCode,
+    Welcome,
+    decode,
+    encode,
+    to_ranges,
+)
+from meshpost.protocol.frames import max_frame_bytes
+from tests.integration.faults.checker import NoAnswer, read_rows
+
+from .conftest import MeshFactory, until_true
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
+
+#: A's sends while the claimant runs must be receipted within this (B answers in ms).
+RECEIPT_TIMEOUT_S = 10.0
+
+
+class Claimant:
+    """Connections that all say Hello as `name` with `node_id` (a peer's, learnt from any
+    Hello it sent), kept busy so that each is more recently active than the real peer's:
+    pings on all but one, then a Hello on the last, again and again, from a thread."""
+
+    def __init__(self, endpoint: str, name: str, node_id: str, connections: int) -> None:
+        self.ctx = zmq.Context()
+        self.socks: list[zmq.Socket[bytes]] = []
+        for _ in range(connections):
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            self.socks.append(sock)
+        self.hello = encode(Hello(version=PROTOCOL_VERSION, node_id=node_id, name=name,
+                                  sent_at_ns=time.time_ns(), hlc=1))
+        self.rounds = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        for sock in self.socks:
+            sock.send(self.hello)
+        self._thread.start()
+
+    def _run(self) -> None:
+        *pingers, last = self.socks
+        dropped: set[int] = set()  # connections B dropped the session of: Hello again
+        while not self._stop.is_set():
+            for i, sock in enumerate(pingers):
+                frame = self.hello if i in dropped else encode(Ping(sent_at_ns=time.time_ns()))
+                with contextlib.suppress(zmq.Again):  # B reads slower than we write
+                    sock.send(frame, zmq.NOBLOCK)
+            dropped.clear()
+            with contextlib.suppress(zmq.Again):
+                last.send(self.hello, zmq.NOBLOCK)
+            for i, sock in enumerate(self.socks):  # read B's answers: its queues stay short
+                while sock.poll(0):
+                    answer = decode(sock.recv(), max_bytes=1 << 20)
+                    if isinstance(answer, Refuse) and answer.code == RefuseCode.HELLO_REQUIRED:
+                        dropped.add(i)
+            self.rounds += 1
+            self._stop.wait(0)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        for sock in self.socks:
+            sock.close(0)
+        self.ctx.term()
+
+
+def test_a_claimant_of_a_peers_name_and_node_id_cannot_cut_its_connection(
+    mesh_factory: MeshFactory,
+) -> None:
+    """Before the fix B kept at most 4 sessions per name and dropped the least recently
+    active one at a Hello past that: a claimant whose 4 connections stayed more active than
+    A's dropped A's session again and again, and A's batches got `hello-required` (no
+    receipt within 10 s for most of A's sends while it ran)."""
+    mesh = mesh_factory(["A", "B"], seed=25)
+    claimant: Claimant | None = None
+
+    async def scenario() -> None:
+        nonlocal claimant
+        await mesh.start()
+        await mesh.stream("A", "B", 10, tag="before", concurrency=10)
+        node_id = (await mesh.status("A"))["node_id"]
+        claimant = Claimant(mesh.endpoint("B"), "A", node_id, connections=4)
+        mesh.cleanups.append(claimant.close)
+        claimant.start()
+        await asyncio.sleep(0.5)  # the claimant's sessions are up and busy
+        first = len(mesh.ledger)
+        await mesh.stream("A", "B", 40, tag="during", concurrency=10,
+                          receipt_timeout_s=RECEIPT_TIMEOUT_S)
+        during = list(mesh.ledger.attempts.values())[first:]
+        receipted = sum(a.receipted for a in during)
+        mesh.extra["receipted_while_claimed"] = f"{receipted}/{len(during)}"
+        mesh.extra["claimant_rounds"] = claimant.rounds
+        claimant.close()
+        counts = await mesh.finish()
+        assert receipted == len(during), (
+            f"only {receipted}/{len(during)} of A's sends receipted while its name was claimed")
+        assert counts.accepted == counts.receipted == counts.stored == counts.attempted
+
+    mesh.run(scenario)
+
+
+# -- a hostile listener: one Receipt of many narrow ranges over seqs never sent ---------------
+
+
+class BombingListener:
+    """K's place in the mesh: welcomes A and keeps what it sends without receipting it until
+    told to `bomb`: then one Receipt as large as A accepts, of ranges each as wide as what A
+    has in flight but over seqs A never sent, and from then on honest receipts."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.stored: dict[str, Envelope] = {}
+        self.seqs: set[int] = set()
+        self.arrivals = 0
+        self.bomb_ranges = 0
+        self.errors: list[str] = []
+        self._bomb = threading.Event()
+        self.bombed = threading.Event()
+        self._honest = False
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fake-K", daemon=True)
+
+    def __enter__(self) -> BombingListener:
+        self._thread.start()
+        assert self._ready.wait(10), "fake listener did not bind"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def bomb(self) -> None:
+        self._bomb.set()
+
+    def _receipt(self, ranges: list[tuple[int, int]], echo_ns: int) -> ReceiptFrame:
+        now = time.time_ns()
+        return ReceiptFrame(ranges=ranges, echo_tx_at_ns=echo_ns, received_at_ns=now,
+                            stored_at_ns=now, replied_at_ns=now, hlc=now, sync="full")
+
+    def _bomb_frame(self) -> bytes:
+        width = len(self.seqs)  # what A has in flight (none of it receipted yet)
+        lo = max(self.seqs) + 1_000  # above every seq A sent: nothing in them is in flight
+        # Each pair of 16-bit seqs takes 7 bytes; stay under A's frame limit.
+        count = (max_frame_bytes(DEFAULT_MAX_MESSAGE_BYTES) - 1_000) // 7
+        self.bomb_ranges = count
+        ranges = [(lo + i % 1_000, lo + i % 1_000 + width - 1) for i in range(count)]
+        return encode(self._receipt(ranges, time.time_ns()))
+
+    def _answer(self, frame: Any) -> Any:
+        now = time.time_ns()
+        match frame:
+            case Hello():
+                return Welcome(PROTOCOL_VERSION, "fake-k-node-id", "K", now, now, "full")
+            case Ping(sent_at_ns=t1):
+                return Pong(t1, now, now, pending=0 if self._honest else 1)
+            case Batch(messages=messages, tx_at_ns=tx):
+                for m in messages:
+                    self.arrivals += 1
+                    if self.stored.setdefault(m.id, m) != m:
+                        self.errors.append(f"{m.id}: a different message under the same id")
+                    self.seqs.add(m.seq)
+                if self._honest:
+                    return self._receipt(to_ranges([m.seq for m in messages]), tx)
+                return None
+            case _:
+                return None
+
+    def _run(self) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        peer: bytes | None = None
+        try:
+            sock.bind(self.endpoint)
+            self._ready.set()
+            while not self._stop.is_set():
+                if self._bomb.is_set() and peer is not None and not self._honest:
+                    sock.send_multipart([peer, self._bomb_frame()])
+                    self._honest = True
+                    self.bombed.set()
+                    # Then the truth: everything kept so far is stored.
+                    sock.send_multipart([peer, encode(self._receipt(
+                        to_ranges(sorted(self.seqs)), time.time_ns()))])
+                if not sock.poll(50):
+                    continue
+                identity, data = sock.recv_multipart()
+                peer = identity
+                try:
+                    reply = self._answer(decode(data, max_bytes=1 << 24))
+                except Exception as exc:  # a bug of this fake: reported by the test
+                    self.errors.append(repr(exc))
+                    continue
+                if reply is not None:
+                    sock.send_multipart([identity, encode(reply)])
+        finally:
+            sock.close(0)
+            ctx.term()
+
+
+#: Messages A holds in flight to K when the bomb comes (the wider each range, the costlier).
+IN_FLIGHT_TO_K = 1_000
+#: A answers a status request in milliseconds; the old code took about 30 s (1,000 in flight).
+ANSWER_TIMEOUT_S = 10.0
+
+
+def test_a_receipt_of_many_ranges_over_unsent_seqs_does_not_stall_the_node(
+    mesh_factory: MeshFactory,
+) -> None:
+    """Before the fix the dialer walked every range seq by seq when it was no wider than
+    what was in flight: one 3 MB Receipt of 450,000 ranges, 1,000 seqs wide each, none sent,
+    held A's event loop (its links, listener and control endpoint) for about 30 s."""
+    mesh = mesh_factory(["A", "B", "K"], real=["A", "B"], absent=["K"], seed=26)
+
+    async def scenario() -> None:
+        with BombingListener(mesh.endpoint("K")) as fake:
+            await mesh.start()
+            await mesh.wait_connected("A")
+            for start in range(0, IN_FLIGHT_TO_K, 100):
+                await asyncio.gather(*(
+                    mesh.control("A", SendRequest(target="K", body=f"to K {i}", timeout_s=0.01))
+                    for i in range(start, start + 100)))
+            await until_true("K holds what A sent", lambda: len(fake.stored) == IN_FLIGHT_TO_K,
+                             30)
+            fake.bomb()
+            assert await asyncio.to_thread(fake.bombed.wait, 10), "K never sent its receipt"
+            # A reads it at once; a node whose loop it holds answers nothing meanwhile.
+            await asyncio.sleep(0.2)
+            try:
+                await mesh.control("A", StatusRequest(), timeout_s=ANSWER_TIMEOUT_S)
+            except NoAnswer:
+                pytest.fail(f"A answered no status request for {ANSWER_TIMEOUT_S} s after "
+                            f"K's receipt of {fake.bomb_ranges} ranges")
+            first = len(mesh.ledger)
+            await mesh.stream("A", "B", 20, tag="after the bomb", concurrency=5,
+                              receipt_timeout_s=RECEIPT_TIMEOUT_S)
+            during = list(mesh.ledger.attempts.values())[first:]
+            receipted = sum(a.receipted for a in during)
+            await until_true("A's outbox drained", lambda: not mesh.pending().get("A"), 60)
+            stats = (await mesh.status("A"))["stats"]
+            mesh.extra.update(receipted_after_bomb=f"{receipted}/{len(during)}",
+                              bomb_ranges=fake.bomb_ranges, arrivals_at_K=fake.arrivals)
+            assert not fake.errors, fake.errors
+            kept_at_k = dict(fake.stored)
+        assert receipted == len(during), (
+            f"only {receipted}/{len(during)} of A's sends to B receipted after K's receipt")
+        assert stats["store_errors"] == 0, stats
+        # Everything A sent K is stored there once, and delivered at A.
+        to_k = [r for r in read_rows(mesh.data_dir("A")) if r.recipient == "K"]
+        assert len(to_k) == IN_FLIGHT_TO_K == len(kept_at_k)
+        assert {r.id for r in to_k} == set(kept_at_k)
+        assert {r.state for r in to_k} == {"delivered"}
+        counts = await mesh.finish(assert_clean=False)
+        assert counts.lost == counts.missing == counts.duplicated == counts.mismatched == 0, (
+            counts.line())
+        # The only rows nobody attempted through the ledger are A's messages to K.
+        assert counts.phantom == IN_FLIGHT_TO_K, counts.line()
+        assert counts.accepted == counts.receipted == counts.stored == counts.attempted
+
+    mesh.run(scenario)
