@@ -8,13 +8,14 @@ exit code from `meshpost.errors`. docs/protocol.md ("Control protocol") describe
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import msgspec
 
 from meshpost.errors import MeshpostError, RemoteError
 from meshpost.node import GroupHistory, PeerProbe, PeerStatus, StoredMessage
 from meshpost.protocol.groups import BroadcastStatus
+from meshpost.protocol.limits import INT64_MAX, INT64_MIN
 from meshpost.protocol.workqueue import QueueStatus
 
 #: The file in a node's data dir naming its control endpoint (line 1) and pid (line 2).
@@ -22,6 +23,17 @@ ENDPOINT_FILE = "control.endpoint"
 
 
 # -- requests -------------------------------------------------------------------------------
+
+#: The longest a request may wait (a day, as `meshpost send --timeout` allows): a larger
+#: value is a typo, not a wish.
+MAX_WAIT_S = 86_400.0
+#: A request's timeout or wait, checked while decoding like every field a client sends: a
+#: NaN waited for ever (a `tail` or `request` never answered), and in asyncio's timer heap it
+#: breaks the order of every other timer of the node. A bad value is `bad_request`.
+Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_WAIT_S)]
+#: An integer the store compares with its own (cursors, HLCs, counts): SQLite's INTEGER
+#: holds no more (a `tail` after 2**63 failed inside the store as an internal error).
+Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 
 
 class _Request(msgspec.Struct, frozen=True, kw_only=True):
@@ -34,7 +46,7 @@ class SendRequest(_Request, tag="send", frozen=True):
 
     target: str
     body: str
-    timeout_s: float
+    timeout_s: Seconds
 
 
 class PeersRequest(_Request, tag="peers", frozen=True):
@@ -60,7 +72,7 @@ class StatusRequest(_Request, tag="status", frozen=True):
 class EventsRequest(_Request, tag="events", frozen=True):
     """Long-poll: events since the last call; waits up to `wait_s` for the first one."""
 
-    wait_s: float
+    wait_s: Seconds
 
 
 class PeerRequest(_Request, tag="request", frozen=True):
@@ -69,7 +81,7 @@ class PeerRequest(_Request, tag="request", frozen=True):
 
     to: str
     body: str
-    timeout_s: float
+    timeout_s: Seconds
 
 
 class SubmitRequest(_Request, tag="submit", frozen=True):
@@ -85,10 +97,10 @@ class TailRequest(_Request, tag="tail", frozen=True):
     """Long-poll: received messages committed after `after` (nil: the cursor of now, no
     rows), from `sender` only when set, at most `limit`; waits up to `wait_s` for a first one."""
 
-    after: int | None = None
+    after: Int64 | None = None
     sender: str | None = None
-    limit: int = 512
-    wait_s: float = 0.0
+    limit: Int64 = 512
+    wait_s: Seconds = 0.0
 
 
 class BroadcastRequest(_Request, tag="broadcast", frozen=True):
@@ -104,8 +116,8 @@ class BroadcastStatusRequest(_Request, tag="broadcast-status", frozen=True):
     saw (`seen`: delivered + rejected), or after `wait_s`."""
 
     logical_id: str
-    seen: int = 0
-    wait_s: float = 0.0
+    seen: Int64 = 0
+    wait_s: Seconds = 0.0
 
 
 class GroupRequest(_Request, tag="group", frozen=True):
@@ -128,9 +140,9 @@ class GroupHistoryRequest(_Request, tag="group-history", frozen=True):
     `wait_s` for the replies."""
 
     group: str
-    limit: int = 50
-    before_hlc: int = 0
-    wait_s: float = 5.0
+    limit: Int64 = 50
+    before_hlc: Int64 = 0
+    wait_s: Seconds = 5.0
 
 
 Request = (SendRequest | PeersRequest | StatusRequest | EventsRequest | PeerRequest

@@ -122,3 +122,25 @@ def test_protocol_md_lists_every_request_and_reply_type() -> None:
             assert f"`{field}`" in events_row, f"events field {field!r} is not documented"
             record = info.removeprefix("list[").removesuffix("]")
             assert f"| `{record}` |" in replies, f"{record} is not in docs/protocol.md's table"
+
+
+@pytest.mark.parametrize("fields", [
+    {"type": "send", "target": "B", "body": "hi", "timeout_s": float("nan")},
+    {"type": "send", "target": "B", "body": "hi", "timeout_s": -1.0},
+    {"type": "request", "to": "B", "body": "hi", "timeout_s": float("inf")},
+    {"type": "events", "wait_s": float("nan")},
+    {"type": "tail", "after": 0, "wait_s": float("nan")},
+    {"type": "tail", "after": 2**63},
+    {"type": "tail", "after": 0, "limit": 2**64 - 1},
+    {"type": "broadcast-status", "logical_id": "x", "seen": 2**63, "wait_s": 1.0},
+    {"type": "group-history", "group": "g", "wait_s": 1e300},
+    {"type": "group-history", "group": "g", "before_hlc": 2**64 - 1},
+])
+def test_a_wait_that_is_not_a_number_of_seconds_or_an_integer_beyond_64_bits_fails_to_decode(
+    fields: dict[str, object],
+) -> None:
+    """Found by the adversarial audit: a `tail` or `request` waiting NaN seconds was never
+    answered (and a NaN in asyncio's timer heap misorders the node's other timers); a `tail`
+    after 2**63 failed inside the store as an internal error. Both are `bad_request` now."""
+    with pytest.raises(msgspec.ValidationError):
+        request_decoder.decode(encoder.encode({**fields, "id": 1}))
