@@ -42,6 +42,14 @@ DEFAULT_PEER_TIMEOUT_S = 4.0
 DEFAULT_DIAL_AT_START = 8
 #: Hard ceiling for the configurable limit; ZeroMQ frames above this are refused outright.
 MAX_MESSAGE_BYTES_CEILING = 16 * 1024 * 1024
+#: Largest `window`: 2**30 messages of at least 256 bytes each is 256 GiB held, far past any
+#: `window_bytes` worth setting. Above 2**63 the store cannot even be asked for that many
+#: rows: a node with `window = 1e20`'s integer ran, its link's reader failed at start, and
+#: every message to that peer was stored and never sent.
+WINDOW_CEILING = 1 << 30
+#: Shortest duration: below this a timer's deadline can equal `now` (1e-300 s made a node spin
+#: at start and ignore SIGTERM); no timer of the protocol means anything that short.
+MIN_DURATION_S = 0.001
 
 SyncLevel = Literal["full", "normal"]
 
@@ -214,8 +222,9 @@ class NodeConfig:
             )
         if self.sync not in ("full", "normal"):
             raise ConfigError(f"sync must be 'full' or 'normal', not {self.sync!r}")
-        if self.window < 1:
-            raise ConfigError("window must be at least 1")
+        if not 1 <= self.window <= WINDOW_CEILING:
+            raise ConfigError(f"window must be between 1 and {WINDOW_CEILING} messages, "
+                              f"not {self.window}")
         if self.window_bytes < 1:
             raise ConfigError("window_bytes must be at least 1")
         for group, members in self.groups.items():
@@ -255,10 +264,14 @@ def _check_types(cfg: NodeConfig) -> None:
         value = getattr(cfg, field)
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise ConfigError(f"{field} must be a positive number of seconds, not {value!r}")
+        if value < MIN_DURATION_S:
+            raise ConfigError(f"{field} must be at least {MIN_DURATION_S} s (a millisecond), "
+                              f"not {value!r}")
     idle = cfg.link_idle_s
-    if isinstance(idle, bool) or not isinstance(idle, int | float) or not idle >= 0:
-        raise ConfigError(f"link_idle_s must be a number of seconds (0: never idle), "
-                          f"not {idle!r}")
+    if (isinstance(idle, bool) or not isinstance(idle, int | float) or not idle >= 0
+            or 0 < idle < MIN_DURATION_S):
+        raise ConfigError(f"link_idle_s must be a number of seconds (0: never idle; else at "
+                          f"least {MIN_DURATION_S}), not {idle!r}")
     if cfg.dial_at_start < 0:
         raise ConfigError(f"dial_at_start must be 0 or more, not {cfg.dial_at_start}")
     if not isinstance(cfg.secure, bool):

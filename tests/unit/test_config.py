@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from meshpost.config import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES_CEILING,
+    MIN_DURATION_S,
+    WINDOW_CEILING,
     MeshConfig,
     NodeConfig,
     PeerConfig,
@@ -241,6 +243,32 @@ def test_a_node_config_has_sensible_defaults() -> None:
 def test_invalid_node_configs_are_rejected(overrides: dict[str, Any], why: str) -> None:
     with pytest.raises(ConfigError, match=why):
         node(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        ({"window": 10**20}, "window must be between 1 and"),
+        ({"window": WINDOW_CEILING + 1}, "window must be between 1 and"),
+        ({"ping_interval_s": 1e-300}, "ping_interval_s must be at least"),
+        ({"retransmit_initial_s": 1e-9}, "retransmit_initial_s must be at least"),
+        ({"link_idle_s": 1e-300}, "link_idle_s must be"),
+    ],
+)
+def test_a_window_the_store_cannot_read_or_a_duration_shorter_than_a_millisecond_is_refused(
+    overrides: dict[str, Any], why: str,
+) -> None:
+    """Found by the careless-operator audit: `window = 100000000000000000000` in mesh.toml
+    started a node whose link reader failed at once (OverflowError binding the limit), so
+    every message to that peer was stored and never sent; `ping_interval_s = 1e-300` made a
+    node spin at start and ignore SIGTERM (a deadline equal to `now`)."""
+    with pytest.raises(ConfigError, match=why):
+        node(**overrides)
+
+
+def test_the_largest_window_and_the_shortest_durations_are_accepted() -> None:
+    cfg = node(window=WINDOW_CEILING, ping_interval_s=MIN_DURATION_S, link_idle_s=0)
+    assert (cfg.window, cfg.ping_interval_s, cfg.link_idle_s) == (WINDOW_CEILING, 0.001, 0)
 
 
 def test_whole_numbers_are_fine_for_durations() -> None:
