@@ -33,6 +33,12 @@ from meshpost.protocol import (
     ViolationDetected,
     encode,
 )
+from meshpost.protocol.ratelimit import (
+    INPUT_WARNINGS_BURST,
+    INPUT_WARNINGS_PER_S,
+    Allowed,
+    RateLimiter,
+)
 
 if TYPE_CHECKING:
     from meshpost.node.core import Node
@@ -68,6 +74,10 @@ class Links(Mapping[str, DialerLink]):
         #: Links that committed messages were offered to since the last pump (an ordered set).
         self._links_to_pump: dict[str, DialerLink] = {}
         self._feed_wakeup = asyncio.Event()
+        #: Undecodable answers are logged at the rate the listener's bad input is (Inbound),
+        #: per peer: each is counted (`undecodable`), a flood is not one line a frame.
+        self._bad_frame_warnings = RateLimiter(rate_per_s=INPUT_WARNINGS_PER_S,
+                                               burst=INPUT_WARNINGS_BURST)
 
     # -- the mapping: peer name -> its link ----------------------------------------------
 
@@ -434,11 +444,22 @@ class Links(Mapping[str, DialerLink]):
         for event in events:
             if isinstance(event, ViolationDetected):  # the peer's answer did not decode
                 self._node.stats.undecodable += 1
-                log.warning("[%s] bad frame from %s: %s", self._node.name, link.peer, event.error)
+                self._warn_bad_frame(link.peer, event)
             elif type(event) is not RedialWanted:  # (performed above)
                 self._node._on_event(event)
         if link.wants_disk:
             self._feed_wakeup.set()
+
+    def _warn_bad_frame(self, peer: str, event: ViolationDetected) -> None:
+        node = self._node
+        decision = self._bad_frame_warnings.check(peer, node.clock.monotonic())
+        if isinstance(decision, Allowed):
+            log.warning("[%s] bad frame from %s: %s", node.name, peer, event.error)
+        elif decision.burst_started:
+            log.warning("[%s] bad frames from %s come faster than %d warnings at once and %g "
+                        "a second: each is counted (`undecodable`), and logged at that rate "
+                        "until they slow down", node.name, peer, INPUT_WARNINGS_BURST,
+                        INPUT_WARNINGS_PER_S)
 
     def _set_connection(self, peer: str, connect: bool) -> None:
         """Open (a lazy link's first message, a reopened idle link) or close (an idle link)

@@ -11,6 +11,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+#: Warnings a peer's bad input may cost the node's log (an undecodable frame, a Hello claiming
+#: a name in session): this many at once, then one a second; past that each is only counted.
+#: Each used to be a WARNING line, about 170 bytes for a 5-byte frame: a flood of them filled
+#: the disk with the log at the speed of the peer's link.
+INPUT_WARNINGS_BURST = 20
+INPUT_WARNINGS_PER_S = 1.0
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Allowed:

@@ -35,6 +35,7 @@ from meshpost.protocol import (
     to_ranges,
 )
 from meshpost.protocol.frames import max_frame_bytes
+from meshpost.protocol.ratelimit import INPUT_WARNINGS_BURST, INPUT_WARNINGS_PER_S
 from tests.integration.faults.checker import NoAnswer, read_rows
 
 from .conftest import MeshFactory, until_true
@@ -289,5 +290,157 @@ def test_a_receipt_of_many_ranges_over_unsent_seqs_does_not_stall_the_node(
         # The only rows nobody attempted through the ledger are A's messages to K.
         assert counts.phantom == IN_FLIGHT_TO_K, counts.line()
         assert counts.accepted == counts.receipted == counts.stored == counts.attempted
+
+    mesh.run(scenario)
+
+
+# -- a flood of cheap bad input must not flood the log ----------------------------------------
+
+#: Malformed frames and name claims the flood sends (each is one warning on the old code).
+FLOOD_FRAMES = 3_000
+FLOOD_CLAIMS = 600
+
+
+def _flood(endpoint: str, hello: bytes) -> None:
+    """FLOOD_FRAMES undecodable frames and FLOOD_CLAIMS Hellos claiming a live peer's name
+    and node id, from two connections, as fast as they go; the sockets stay open (their
+    queues are unbounded) until the caller closes the context."""
+    ctx = zmq.Context.instance()
+    junk, claims = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    for sock in (junk, claims):
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.connect(endpoint)
+    for i in range(FLOOD_FRAMES):
+        junk.send(b"\xc1" + i.to_bytes(4, "big"))
+    for _ in range(FLOOD_CLAIMS):
+        claims.send(hello)
+    _FLOOD_SOCKETS.extend((junk, claims))
+
+
+_FLOOD_SOCKETS: list[zmq.Socket[bytes]] = []
+
+
+def test_a_flood_of_bad_frames_and_name_claims_is_counted_whole_and_logged_at_a_bounded_rate(
+    mesh_factory: MeshFactory,
+) -> None:
+    """Before the fix every undecodable frame and every Hello claiming a name in session
+    was one WARNING line (about 170 bytes for a 5-byte frame): a peer could fill the
+    node's disk with its log at the speed of its own link."""
+    mesh = mesh_factory(["A", "B"], seed=28)
+
+    async def scenario() -> None:
+        await mesh.start()
+        await mesh.wait_connected("B")
+        await mesh.stream("A", "B", 5, tag="before", concurrency=5)
+        node_id = (await mesh.status("A"))["node_id"]
+        hello = encode(Hello(version=PROTOCOL_VERSION, node_id=node_id, name="A",
+                             sent_at_ns=time.time_ns(), hlc=1))
+        before = (await mesh.status("B"))["stats"]
+        lines_before = len(mesh.log_text("B").splitlines())
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(_flood, mesh.endpoint("B"), hello)
+            await mesh.stream("A", "B", 20, tag="during", concurrency=5)
+            stats: dict[str, Any] = {}
+
+            def counted() -> bool:
+                return (stats.get("violations", 0) - before["violations"] >= FLOOD_FRAMES
+                        and stats.get("name_claims", 0) - before["name_claims"]
+                        >= FLOOD_CLAIMS)
+
+            deadline = time.monotonic() + 60
+            while not counted():
+                assert time.monotonic() < deadline, f"B counted only {stats}"
+                stats = (await mesh.status("B"))["stats"]
+                await asyncio.sleep(0.1)
+            elapsed_s = time.monotonic() - started
+        finally:
+            for sock in _FLOOD_SOCKETS:
+                sock.close(0)
+            _FLOOD_SOCKETS.clear()
+        lines = mesh.log_text("B").splitlines()[lines_before:]
+        warnings = [line for line in lines if " WARNING " in line and any(
+            what in line for what in ("protocol violation", "said Hello as", "bad input"))]
+        # The burst, then at most one a second, and the note that they are now only counted.
+        bound = INPUT_WARNINGS_BURST + int(elapsed_s * INPUT_WARNINGS_PER_S) + 1
+        mesh.extra.update(violations=stats["violations"] - before["violations"],
+                          name_claims=stats["name_claims"] - before["name_claims"],
+                          warnings=len(warnings), warnings_bound=bound,
+                          elapsed_s=round(elapsed_s, 1))
+        assert len(warnings) <= bound, (len(warnings), bound, warnings[-3:])
+        assert any("counted" in line for line in warnings), warnings[-3:]
+        counts = await mesh.finish()
+        assert counts.accepted == counts.receipted == counts.stored == counts.attempted == 25
+
+    mesh.run(scenario)
+
+
+def _junk_listener(endpoint: str, ready: threading.Event, done: threading.Event) -> None:
+    """K's place: welcomes every Hello of A's and answers Pings, and after the first Pong
+    sends FLOOD_FRAMES undecodable frames."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    flooded, a_connection = False, b""
+    try:
+        sock.bind(endpoint)
+        ready.set()
+        while not done.is_set():
+            if not sock.poll(50):
+                continue
+            identity, data = sock.recv_multipart()
+            frame, now = decode(data, max_bytes=1 << 24), time.time_ns()
+            if isinstance(frame, Hello):
+                sock.send_multipart([identity, encode(
+                    Welcome(PROTOCOL_VERSION, "fake-k-node-id", "K", now, now, "full"))])
+                if frame.name == "A":  # B dials K too: only A's connection is flooded
+                    a_connection = identity
+            elif isinstance(frame, Ping):
+                # A Ping comes on the connection A took our Welcome on: flood that one.
+                sock.send_multipart([identity, encode(Pong(frame.sent_at_ns, now, now))])
+                if identity == a_connection and not flooded:
+                    for i in range(FLOOD_FRAMES):
+                        sock.send_multipart([identity, b"\xc1" + i.to_bytes(4, "big")])
+                    flooded = True
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def test_a_listener_answering_with_a_flood_of_bad_frames_is_counted_not_logged_per_frame(
+    mesh_factory: MeshFactory,
+) -> None:
+    """The dialer's side of the same rule: before the fix A logged a WARNING for every
+    undecodable frame its peer K sent on their link."""
+    mesh = mesh_factory(["A", "B", "K"], real=["A", "B"], absent=["K"], seed=29)
+    ready, done = threading.Event(), threading.Event()
+    fake = threading.Thread(target=_junk_listener, args=(mesh.endpoint("K"), ready, done),
+                            daemon=True)
+
+    async def scenario() -> None:
+        fake.start()
+        mesh.cleanups.append(done.set)
+        assert await asyncio.to_thread(ready.wait, 10)
+        started = time.monotonic()
+        await mesh.start()
+        stats: dict[str, Any] = {}
+        deadline = time.monotonic() + 60
+        while stats.get("undecodable", 0) < FLOOD_FRAMES:
+            assert time.monotonic() < deadline, f"A counted only {stats}"
+            await asyncio.sleep(0.1)
+            stats = (await mesh.status("A"))["stats"]
+        elapsed_s = time.monotonic() - started
+        done.set()
+        await mesh.stream("A", "B", 10, tag="after", concurrency=5)
+        warnings = [line for line in mesh.log_text("A").splitlines()
+                    if " WARNING " in line and "bad frame" in line]
+        bound = INPUT_WARNINGS_BURST + int(elapsed_s * INPUT_WARNINGS_PER_S) + 1
+        mesh.extra.update(undecodable=stats["undecodable"], warnings=len(warnings),
+                          warnings_bound=bound)
+        assert len(warnings) <= bound, (len(warnings), bound, warnings[-2:])
+        counts = await mesh.finish()
+        assert counts.accepted == counts.receipted == counts.stored == counts.attempted == 10
 
     mesh.run(scenario)
