@@ -22,6 +22,7 @@ from meshpost.control import SendRequest, StatusRequest
 from meshpost.protocol import (
     PROTOCOL_VERSION,
     Batch,
+    Bye,
     Envelope,
     Hello,
     Ping,
@@ -442,5 +443,79 @@ def test_a_listener_answering_with_a_flood_of_bad_frames_is_counted_not_logged_p
         assert len(warnings) <= bound, (len(warnings), bound, warnings[-2:])
         counts = await mesh.finish()
         assert counts.accepted == counts.receipted == counts.stored == counts.attempted == 10
+
+    mesh.run(scenario)
+
+
+# -- a Bye under a peer's name --------------------------------------------------------------
+
+
+class ByeSayer:
+    """Says Hello as `name` with `node_id` (neither is proof) and then Bye, on a new
+    connection every `every_s`: each Bye tells the node that `name` is shutting down."""
+
+    def __init__(self, endpoint: str, name: str, node_id: str, every_s: float) -> None:
+        self.endpoint, self.every_s = endpoint, every_s
+        self.hello = encode(Hello(version=PROTOCOL_VERSION, node_id=node_id, name=name,
+                                  sent_at_ns=time.time_ns(), hlc=1))
+        self.byes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        ctx = zmq.Context()
+        try:
+            while not self._stop.is_set():
+                sock = ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 100)
+                sock.connect(self.endpoint)
+                sock.send(self.hello)
+                sock.send(encode(Bye(reason="shutting down")))
+                sock.poll(20)
+                sock.close()
+                self.byes += 1
+                self._stop.wait(self.every_s)
+        finally:
+            ctx.term()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def test_byes_under_a_peers_name_do_not_stop_the_node_sending_to_that_peer(
+    mesh_factory: MeshFactory,
+) -> None:
+    """Before the fix every Bye reported the peer departed again and pushed the Hello that
+    would bring the link back a ping interval later: Byes more often than that (here every
+    0.05 s against 0.2 s) kept B's link to A down for as long as they came, and none of 40
+    sends B -> A was receipted within 10 s. Now B says Hello at its usual pace, A welcomes
+    it, and B's messages go (each Bye still makes B count A gone until then)."""
+    mesh = mesh_factory(["A", "B"], seed=30)
+    sayer: ByeSayer | None = None
+
+    async def scenario() -> None:
+        nonlocal sayer
+        await mesh.start()
+        await mesh.wait_connected("B")
+        node_id = (await mesh.status("A"))["node_id"]
+        sayer = ByeSayer(mesh.endpoint("B"), "A", node_id, every_s=0.05)
+        mesh.cleanups.append(sayer.close)
+        sayer.start()
+        await asyncio.sleep(0.5)  # the Byes have started
+        first = len(mesh.ledger)
+        await mesh.stream("B", "A", 40, tag="during", concurrency=10,
+                          receipt_timeout_s=RECEIPT_TIMEOUT_S)
+        during = list(mesh.ledger.attempts.values())[first:]
+        receipted = sum(a.receipted for a in during)
+        sayer.close()
+        mesh.extra.update(receipted_during_byes=f"{receipted}/{len(during)}", byes=sayer.byes)
+        counts = await mesh.finish()
+        assert receipted == len(during), (
+            f"only {receipted}/{len(during)} of B's sends to A receipted during the Byes")
+        assert counts.accepted == counts.receipted == counts.stored == counts.attempted
 
     mesh.run(scenario)
