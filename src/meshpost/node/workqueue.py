@@ -124,7 +124,12 @@ class WorkQueues:
         await writer.wait_for_room()
         node._check_open()
         wall = node.clock.wall_ns()
-        ids = node._new_id.many(wall, len(bodies))
+        # Each task id random on its own, not a run counting up from one random start
+        # (`_new_id.many`): a task id is a key across peers (a sink keeps the first result
+        # under it, a ventilator finishes it at a `done`, from whoever sends them), and a
+        # worker handed one task of a run could name all the others and answer them first.
+        new_id = node._new_id
+        ids = [new_id(wall) for _ in bodies]
         # Every task of this call, and of the calls that come while the writer is busy, in
         # one transaction of the writer's batch (one commit per task was the ventilator's
         # whole cost: ~4.4 ms CPU a task in `bench work-queue`).

@@ -470,3 +470,19 @@ def test_a_broadcast_sent_before_a_restart_counts_on_from_the_store(tmp_path: Pa
                 assert await a.broadcast_handle("no-such-id") is None
 
     run(scenario)
+
+
+def test_a_task_id_tells_a_worker_nothing_of_the_other_tasks_ids(tmp_path: Path) -> None:
+    """Found by the adversarial audit: the tasks of one `submit` got consecutive ids (one
+    random start, counting up), while a sink keeps the first result stored under a task id
+    and a ventilator finishes a task at a `done`, whoever sends them. A worker handed one
+    task could name every other task of the run and answer (or finish) them first."""
+    async def scenario() -> None:
+        async with node_pair(tmp_path) as (a, _b, _net, _clock):
+            ids = await a.submit("jobs", [f"task {i}" for i in range(64)], sink="A")
+            tails = sorted(int(task_id[12:], 16) for task_id in ids)
+            closest = min(later - earlier for earlier, later in zip(tails, tails[1:]))
+            # 64 random 64-bit values: two within 2**32 of each other has odds ~2**-21.
+            assert closest > 2**32, f"task ids {closest} apart: the others can be guessed"
+
+    run(scenario)
