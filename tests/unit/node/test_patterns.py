@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from pathlib import Path
 
 import pytest
@@ -481,7 +482,7 @@ def test_a_task_id_tells_a_worker_nothing_of_the_other_tasks_ids(tmp_path: Path)
         async with node_pair(tmp_path) as (a, _b, _net, _clock):
             ids = await a.submit("jobs", [f"task {i}" for i in range(64)], sink="A")
             tails = sorted(int(task_id[12:], 16) for task_id in ids)
-            closest = min(later - earlier for earlier, later in zip(tails, tails[1:]))
+            closest = min(later - earlier for earlier, later in itertools.pairwise(tails))
             # 64 random 64-bit values: two within 2**32 of each other has odds ~2**-21.
             assert closest > 2**32, f"task ids {closest} apart: the others can be guessed"
 
