@@ -54,6 +54,7 @@ import os
 import resource
 import socket
 import stat
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar, cast
 
@@ -63,10 +64,13 @@ from zmq.utils.monitor import recv_monitor_message
 
 import meshpost.probes as probes
 from meshpost.errors import EndpointInUse, InvalidEndpoint, TransportError
-from meshpost.transport.inbound import InboundGuard, default_inbound_cap
+from meshpost.transport.inbound import LOG_EVERY_S, InboundGuard, default_inbound_cap
 from meshpost.transport.security import ZAP_DOMAIN, MeshAuthenticator
 
 log = logging.getLogger(__name__)
+
+#: Multipart messages logged one by one before they are only summed up (LOG_EVERY_S).
+MULTIPART_LOG_BURST = 20
 
 #: Pending frames per socket; a frame carries up to hundreds of messages, so this is plenty,
 #: and frames beyond it are dropped (and retransmitted later) rather than buffered without end.
@@ -248,6 +252,11 @@ class ZmqTransport:
         self._dealer_drains: dict[str, Callable[[], None]] = {}
         self.bound: list[str] = []
         self.dropped_sends = 0
+        #: Messages of more than two parts dropped at the ROUTER, and those not logged yet:
+        #: the first MULTIPART_LOG_BURST a line each, then a line per LOG_EVERY_S saying how
+        #: many (a flood of them was a line each: about 70 bytes of log for 4 bytes sent).
+        self.multipart_dropped = 0
+        self._multipart_unlogged, self._multipart_logged_at = 0, -LOG_EVERY_S
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_inbound: InboundHandler | None = None
         self._on_peer_frame: PeerFrameHandler | None = None
@@ -507,7 +516,16 @@ class ZmqTransport:
             _RECV(sock, _NOBLOCK)
             more = _GET(sock, _RCVMORE)
             parts += 1
-        log.warning("[%s] dropped a %d-part message", self.name, parts)
+        self.multipart_dropped += 1
+        now = time.monotonic()
+        if (self.multipart_dropped <= MULTIPART_LOG_BURST
+                or now - self._multipart_logged_at >= LOG_EVERY_S):
+            tail = (f", and {self._multipart_unlogged} more since the last such line"
+                    if self._multipart_unlogged else "")
+            log.warning("[%s] dropped a %d-part message%s", self.name, parts, tail)
+            self._multipart_unlogged, self._multipart_logged_at = 0, now
+        else:
+            self._multipart_unlogged += 1
         return None
 
     def _handle_inbound(self, message: tuple[bytes, bytes, str | None] | None) -> None:

@@ -37,6 +37,8 @@ from meshpost.protocol import (
 )
 from meshpost.protocol.frames import max_frame_bytes
 from meshpost.protocol.ratelimit import INPUT_WARNINGS_BURST, INPUT_WARNINGS_PER_S
+from meshpost.transport.inbound import LOG_EVERY_S
+from meshpost.transport.zmq_transport import MULTIPART_LOG_BURST
 from tests.integration.faults.checker import NoAnswer, read_rows
 
 from .conftest import MeshFactory, until_true
@@ -300,6 +302,8 @@ def test_a_receipt_of_many_ranges_over_unsent_seqs_does_not_stall_the_node(
 #: Malformed frames and name claims the flood sends (each is one warning on the old code).
 FLOOD_FRAMES = 3_000
 FLOOD_CLAIMS = 600
+#: Two-part messages (three at the ROUTER), dropped by the transport.
+FLOOD_MULTIPART = 1_000
 
 
 def _flood(endpoint: str, hello: bytes) -> None:
@@ -307,8 +311,8 @@ def _flood(endpoint: str, hello: bytes) -> None:
     and node id, from two connections, as fast as they go; the sockets stay open (their
     queues are unbounded) until the caller closes the context."""
     ctx = zmq.Context.instance()
-    junk, claims = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
-    for sock in (junk, claims):
+    junk, claims, parts = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    for sock in (junk, claims, parts):
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.connect(endpoint)
@@ -316,7 +320,9 @@ def _flood(endpoint: str, hello: bytes) -> None:
         junk.send(b"\xc1" + i.to_bytes(4, "big"))
     for _ in range(FLOOD_CLAIMS):
         claims.send(hello)
-    _FLOOD_SOCKETS.extend((junk, claims))
+    for _ in range(FLOOD_MULTIPART):
+        parts.send_multipart([b"a", b"b"])
+    _FLOOD_SOCKETS.extend((junk, claims, parts))
 
 
 _FLOOD_SOCKETS: list[zmq.Socket[bytes]] = []
@@ -325,9 +331,9 @@ _FLOOD_SOCKETS: list[zmq.Socket[bytes]] = []
 def test_a_flood_of_bad_frames_and_name_claims_is_counted_whole_and_logged_at_a_bounded_rate(
     mesh_factory: MeshFactory,
 ) -> None:
-    """Before the fix every undecodable frame and every Hello claiming a name in session
-    was one WARNING line (about 170 bytes for a 5-byte frame): a peer could fill the
-    node's disk with its log at the speed of its own link."""
+    """Before the fix every undecodable frame, every Hello claiming a name in session and
+    every multipart message was one WARNING line (about 170 bytes for a 5-byte frame): a
+    peer could fill the node's disk with its log at the speed of its own link."""
     mesh = mesh_factory(["A", "B"], seed=28)
 
     async def scenario() -> None:
@@ -371,6 +377,11 @@ def test_a_flood_of_bad_frames_and_name_claims_is_counted_whole_and_logged_at_a_
                           elapsed_s=round(elapsed_s, 1))
         assert len(warnings) <= bound, (len(warnings), bound, warnings[-3:])
         assert any("counted" in line for line in warnings), warnings[-3:]
+        # The transport's own line for dropped multipart messages, summed up past a burst.
+        multipart = [line for line in lines if "-part message" in line]
+        mesh.extra["multipart_warnings"] = len(multipart)
+        assert 1 <= len(multipart) <= MULTIPART_LOG_BURST + int(elapsed_s / LOG_EVERY_S) + 1, (
+            len(multipart), multipart[-2:])
         counts = await mesh.finish()
         assert counts.accepted == counts.receipted == counts.stored == counts.attempted == 25
 
