@@ -27,6 +27,12 @@ from meshpost.protocol import (
     SessionClaimed,
     ViolationDetected,
 )
+from meshpost.protocol.ratelimit import (
+    INPUT_WARNINGS_BURST,
+    INPUT_WARNINGS_PER_S,
+    Allowed,
+    RateLimiter,
+)
 
 if TYPE_CHECKING:
     from meshpost.node.core import Node
@@ -46,6 +52,10 @@ class Events:
         #: One queue per subscriber. Never rebound: the node keeps it at hand, and the paths
         #: that build an event only for subscribers test it first.
         self.subscribers: list[asyncio.Queue[NodeEvent]] = []
+        #: One bucket (key "input"), across all connections (a flood may use many), for the
+        #: warnings of bad input that costs its sender nothing: past it, counted only.
+        self._input_warnings = RateLimiter(rate_per_s=INPUT_WARNINGS_PER_S,
+                                           burst=INPUT_WARNINGS_BURST)
 
     def subscribe(self) -> asyncio.Queue[NodeEvent]:
         """A queue of `NodeEvent`s from now on; slow readers lose the oldest events."""
@@ -78,6 +88,8 @@ class Events:
                 node._queues.peer_event(peer, False)
                 self.publish(PeerChanged(peer, False, PeerChange.LOST,
                                          f"silent for {silent:.1f}s"))
+            case SessionClaimed() | ViolationDetected() if not self._may_warn(event):
+                pass  # counted by `_may_warn`; a flood of bad input must not flood the log
             case SessionClaimed(peer=peer, connection=connection, refused=True):
                 node.stats.name_claims += 1
                 # Worded as the listener's Refuse is: the name's holder may have no open link
@@ -100,6 +112,25 @@ class Events:
                 log.warning("[%s] protocol violation by %s: %s", node.name, who, error)
             case MessagesArrived():  # pragma: no cover - handled by Inbound.on_frame
                 pass
+
+    def _may_warn(self, event: SessionClaimed | ViolationDetected) -> bool:
+        """True if bad input's `event` may be logged now (the case for it counts and logs
+        it); else it is counted here only, and the first time in a burst the log says so."""
+        node = self._node
+        decision = self._input_warnings.check("input", node.clock.monotonic())
+        if isinstance(decision, Allowed):
+            return True
+        if isinstance(event, ViolationDetected):
+            node.stats.violations += 1
+        else:
+            node.stats.name_claims += 1
+        if decision.burst_started:
+            log.warning("[%s] bad input (protocol violations, name claims) comes faster than "
+                        "%d warnings at once and %g a second: each is counted (`violations`, "
+                        "`name_claims` in `meshpost peers --json`), and logged at that rate "
+                        "until it slows down", node.name, INPUT_WARNINGS_BURST,
+                        INPUT_WARNINGS_PER_S)
+        return False
 
     def publish(self, event: NodeEvent) -> None:
         """Tell every subscriber `event`; a full queue drops its oldest first."""

@@ -29,19 +29,11 @@ from meshpost.protocol import (
     PeerLeft,
     Refuse,
     RefuseCode,
-    SessionClaimed,
-    ViolationDetected,
     Welcome,
     decode,
     encode,
 )
 from meshpost.protocol.header import Kind
-from meshpost.protocol.ratelimit import (
-    INPUT_WARNINGS_BURST,
-    INPUT_WARNINGS_PER_S,
-    Allowed,
-    RateLimiter,
-)
 
 if TYPE_CHECKING:
     from meshpost.node.core import Node
@@ -87,10 +79,6 @@ class Inbound:
         self._node = node
         #: The last refusal notice's monotonic time, by the name the refused one claimed.
         self._refusal_notices: dict[str, float] = {}
-        #: One bucket (key "input"), across all connections (a flood may use many), for the
-        #: warnings of bad input that costs its sender nothing: past it, counted only.
-        self._warnings = RateLimiter(rate_per_s=INPUT_WARNINGS_PER_S,
-                                     burst=INPUT_WARNINGS_BURST)
 
     def __repr__(self) -> str:
         return f"Inbound({self._node.name!r}, refusals noticed={len(self._refusal_notices)})"
@@ -131,8 +119,6 @@ class Inbound:
                     self._store_incoming(identity, event)
                 case PeerLeft(peer=peer, reason=reason) if peer in node._links:
                     node._links.peer_left(peer, reason)
-                case ViolationDetected() | SessionClaimed() if not self._warn(event):
-                    pass  # counted there, not logged: a flood must not flood the log
                 case _:
                     node._on_event(event)
         if not writer.has_room and not transport.inbound_paused:
@@ -141,25 +127,6 @@ class Inbound:
             transport.pause_inbound()
             node._tasks.append(asyncio.create_task(self._resume_when_room(),
                                                    name=f"{node.name}-inbound-room"))
-
-    def _warn(self, event: ViolationDetected | SessionClaimed) -> bool:
-        """True if `event` (bad input) may be logged now (the node counts and logs it);
-        else it is counted here only, and the first time in a burst the log says so."""
-        node = self._node
-        decision = self._warnings.check("input", node.clock.monotonic())
-        if isinstance(decision, Allowed):
-            return True
-        if isinstance(event, ViolationDetected):
-            node.stats.violations += 1
-        else:
-            node.stats.name_claims += 1
-        if decision.burst_started:
-            log.warning("[%s] bad input (protocol violations, name claims) comes faster than "
-                        "%d warnings at once and %g a second: each is counted (`violations`, "
-                        "`name_claims` in `meshpost peers --json`), and logged at that rate "
-                        "until it slows down", node.name, INPUT_WARNINGS_BURST,
-                        INPUT_WARNINGS_PER_S)
-        return False
 
     def _claimed_name(self, data: bytes, connection: str) -> str:
         """The name a refused frame's Hello claimed (unproven, for the notice), else the

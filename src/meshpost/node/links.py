@@ -340,13 +340,6 @@ class Links(Mapping[str, DialerLink]):
         """`peer` said it is shutting down (its Bye reached our listener): our link to it
         counts it gone now."""
         link = self._links[peer]
-        if link.state is LinkState.LEFT:
-            # Left already: its Hello is due a ping interval after the first Bye. Each Bye
-            # pushed it back another interval, so a Hello and a Bye every 0.1 s under the
-            # peer's name and node id (neither is proof) kept our Hello from ever going, and
-            # nothing reached the peer while it lasted. The rule belongs to
-            # `DialerLink.peer_left`; kept here while protocol/dialer.py is being restructured.
-            return
         link.peer_left(self._node.clock.monotonic(), reason)
         self._perform(link)
 

@@ -513,7 +513,12 @@ class DialerLink:
     def peer_left(self, now: float, reason: str) -> None:
         """The peer said it is shutting down (its Bye reached our listener: `PeerLeft`): count
         it as gone now, send nothing until it welcomes us again, and say Hello at the usual
-        pace. Reported (`PeerLeft` from this link) only if it was reachable."""
+        pace. Reported (`PeerLeft` from this link) only if it was reachable. Said again while
+        the link counts the peer gone, it changes nothing: the Hello stays due a ping interval
+        after the first (a Bye's name and node id are no proof, and each Bye pushing the
+        Hello back let Byes faster than the ping interval keep the link down for good)."""
+        if self.state is LinkState.LEFT:
+            return
         was_reachable = self.reachable
         if not self._move(LinkInput.BYE):
             return

@@ -1006,6 +1006,25 @@ def test_a_peer_that_left_is_gone_at_once_and_gets_its_messages_when_back() -> N
     assert len(wire.of_type(PeerLeft)) == 2
 
 
+def test_byes_said_again_while_the_peer_counts_gone_do_not_put_its_hello_off() -> None:
+    """Found by the adversarial audit: each Bye (anyone may say one under the peer's name and
+    node id) pushed the Hello back a ping interval, so Byes coming faster than that kept the
+    link from ever saying Hello, and nothing reached the live peer while they came."""
+    wire = Wire(peer_timeout_s=1_000.0)
+    wire.connect()
+    wire.dialer.peer_left(wire.now, "shutting down")
+    hello_at = wire.dialer.next_timer()
+    for _ in range(10):  # a Bye every tenth of the interval, past the Hello's time
+        wire.advance(PING_INTERVAL / 10)
+        wire.dialer.peer_left(wire.now, "not really")
+        assert wire.dialer.next_timer() <= hello_at
+    wire.advance_to(hello_at)
+    frames = wire.poll()
+    assert [type(f) for f in frames] == [Hello]
+    wire.to_dialer(wire.to_listener(frames))
+    assert state(wire) is LinkState.READY
+
+
 def test_a_steady_round_trip_of_x_gives_a_timeout_near_x() -> None:
     wire = Wire(peer_timeout_s=1_000.0)
     wire.connect()
