@@ -70,7 +70,8 @@ def to_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
 
 
 #: Sessions one name may hold at once (restarts leave dead ones behind until then); past it
-#: the least recently active goes, so a borrower cannot evict a peer that is sending.
+#: the least recently active goes, so a borrower cannot evict a peer that is sending. One that
+#: goes with batches still being stored is kept aside until they are answered (`_draining`).
 MAX_SESSIONS_PER_PEER = 4
 #: Without a key, a Hello naming a peer whose session (another node id) was active this
 #: recently is refused: a live peer's name cannot be borrowed by a stranger. Its own restart
@@ -208,6 +209,11 @@ class Listener:
         self.max_frame_bytes = max_frame_bytes(max_message_bytes)
         #: Connection identity -> its session (only welcomed connections: `NEW` is absent).
         self._sessions: dict[str, _Session] = {}
+        #: Sessions evicted past MAX_SESSIONS_PER_PEER while batches they took were still being
+        #: stored (their connection is `NEW` again): kept until `stored()` answered the last,
+        #: so their successor's Pongs count those batches and their answers are forwarded to
+        #: it. Bounded by the batches being stored, each of which is in memory anyway.
+        self._draining: dict[str, _Session] = {}
         self._activity = 0
         self._frames: list[tuple[str, Frame]] = []
         self._events: list[Event] = []
@@ -284,6 +290,9 @@ class Listener:
             replaced = session
             session = _Session(SessionState.OPEN, frame.name, frame.node_id,
                                self._activity, wall_ns)
+            drained = self._draining.pop(identity, None)
+            if replaced is None and drained is not None:
+                replaced = drained  # evicted, batches still being stored: the same rule
             if (replaced is not None and replaced.peer == session.peer
                     and replaced.node_id == session.node_id):
                 # The same node again on this connection (a Hello it retried): what it sent
@@ -305,7 +314,9 @@ class Listener:
                 self._events.append(SessionClaimed(frame.name, identity, len(others) + 1))
                 others.sort()
                 for _last, stale in others[: max(0, len(others) + 1 - MAX_SESSIONS_PER_PEER)]:
-                    del self._sessions[stale]
+                    evicted = self._sessions.pop(stale)
+                    if evicted.pending > 0:
+                        self._draining[stale] = evicted
                 self._welcome(identity, wall_ns, hlc)
             case Answer.REFUSE_CLAIM:
                 assert isinstance(frame, Hello)
@@ -363,6 +374,9 @@ class Listener:
         a name may have several connections, and only this one sent these messages."""
         to = arrived.connection
         session = self._sessions.get(to)
+        draining = session is None and to in self._draining
+        if draining:
+            session = self._draining[to]
         if session is not None and session.pending > 0:
             session.pending -= 1
         first = len(self._frames)
@@ -392,6 +406,8 @@ class Listener:
                 self._reply(to, Reject(sorted(seqs), RejectCode.UNSTORABLE, why))
         if session is not None and session.successor is not None:
             self._forward(session, [frame for _to, frame in self._frames[first:]])
+        if draining and session is not None and session.pending == 0:
+            del self._draining[to]  # its last batch answered
 
     # -- internals ------------------------------------------------------------------------
 
@@ -407,8 +423,10 @@ class Listener:
         connection still gets them too, so nothing is taken from the real peer.)"""
         superseded: list[str] = []
         forwarded: list[Frame] = []
-        for _last, connection in others:
-            other = self._sessions[connection]
+        evicted = [(0, c) for c, s in self._draining.items()
+                   if c != identity and s.peer == session.peer]
+        for _last, connection in [*others, *evicted]:
+            other = self._sessions.get(connection) or self._draining[connection]
             if other.node_id != session.node_id:
                 continue
             other.successor = identity
@@ -446,7 +464,7 @@ class Listener:
         of the sessions it superseded (still the same name and node id)."""
         pending = session.pending
         for connection in session.predecessors:
-            other = self._sessions.get(connection)
+            other = self._sessions.get(connection) or self._draining.get(connection)
             if (other is not None and other.peer == session.peer
                     and other.node_id == session.node_id):
                 pending += other.pending
