@@ -52,8 +52,6 @@ import errno
 import logging
 import os
 import resource
-import socket
-import stat
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar, cast
@@ -65,6 +63,7 @@ from zmq.utils.monitor import recv_monitor_message
 import meshpost.probes as probes
 from meshpost.errors import EndpointInUse, InvalidEndpoint, TransportError
 from meshpost.transport.inbound import LOG_EVERY_S, InboundGuard, default_inbound_cap
+from meshpost.transport.ipc import IpcPathLock, check_ipc_path_free, ipc_path, missing_folder
 from meshpost.transport.security import ZAP_DOMAIN, MeshAuthenticator
 
 log = logging.getLogger(__name__)
@@ -131,55 +130,6 @@ def _handshake_failure_reason(kind: int, value: int) -> str:
         return (f"handshake failed (protocol error {value:#x}): the peer's key is not the one in "
                 "this node's authorized_keys, or the peer is not in secure mode")
     return "secure handshake failed (no detail from libzmq)"
-
-
-IPC_PROBE_TIMEOUT_S = 1.0
-
-
-def _missing_folder(endpoint: str) -> str:
-    folder = os.path.dirname(endpoint[len("ipc://"):]) or "."
-    return f"folder {folder} does not exist; create it first or pick a path in an existing folder"
-
-
-def check_ipc_path_free(endpoint: str) -> None:
-    """Refuse an `ipc://` path that a running process serves; pass a free or stale one.
-
-    libzmq unlinks an existing socket file before it binds (and deletes its file when it
-    closes), so binding a path a live node holds would silently take it over and, on exit,
-    leave that node unreachable. ZeroMQ's ipc is a Unix stream socket: a path that accepts a
-    connect is in use; one that refuses it is a stale file from a process that died, which the
-    bind may replace. Abstract names (`ipc://@name`) need no probe: the kernel refuses a
-    second bind itself. Two nodes starting on one path at the same instant can still race
-    between this probe and the bind; that window is the bind call's few microseconds.
-    """
-    if not endpoint.startswith("ipc://"):
-        return
-    path = endpoint[len("ipc://"):]
-    if not path or path.startswith("@") or path == "*":
-        return
-    folder = os.path.dirname(path)
-    if folder and not os.path.isdir(folder):
-        raise InvalidEndpoint(endpoint, _missing_folder(endpoint))
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        # libzmq would unlink whatever is there, a user's file included.
-        raise InvalidEndpoint(endpoint, f"{path} exists and is not a socket; pick another path")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(IPC_PROBE_TIMEOUT_S)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            return  # stale (or just removed): the bind replaces it
-        except TimeoutError:
-            pass  # a listener whose backlog is full is still a listener
-        except OSError:
-            return  # e.g. no permission to connect: the bind reports what libzmq finds
-    raise EndpointInUse(
-        endpoint, f"another process is serving the ipc socket {path} (it answered a connect)"
-    )
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -251,6 +201,8 @@ class ZmqTransport:
         self._monitor_fds: dict[str, int] = {}
         self._dealer_drains: dict[str, Callable[[], None]] = {}
         self.bound: list[str] = []
+        #: The ipc paths bound, each held under its lock until `close` (`transport.ipc`).
+        self._ipc_locks: list[IpcPathLock] = []
         self.dropped_sends = 0
         #: Messages of more than two parts dropped at the ROUTER, and those not logged yet:
         #: the first MULTIPART_LOG_BURST a line each, then a line per LOG_EVERY_S saying how
@@ -296,22 +248,35 @@ class ZmqTransport:
     def bind(self, endpoints: Sequence[str]) -> list[str]:
         """Bind every endpoint; return them with wildcard ports resolved."""
         for endpoint in endpoints:
-            check_ipc_path_free(endpoint)
+            # Under the path's lock, held until close: two nodes starting on one ipc path at
+            # once cannot both find it free and the later bind take it from the earlier.
+            lock = IpcPathLock.acquire(endpoint)
             try:
-                self._router.bind(endpoint)
-            except zmq.ZMQError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise EndpointInUse(endpoint, exc.strerror) from None
-                if exc.errno == errno.ENOENT and endpoint.startswith("ipc://"):
-                    # The folder vanished between the check and the bind.
-                    raise InvalidEndpoint(endpoint, _missing_folder(endpoint)) from None
-                if exc.errno in (errno.EINVAL, errno.EPROTONOSUPPORT, errno.ENODEV):
-                    raise InvalidEndpoint(endpoint, exc.strerror) from None
-                raise TransportError(f"cannot bind {endpoint}: {exc.strerror}") from None
-            actual = self._router.getsockopt(zmq.LAST_ENDPOINT)
-            assert isinstance(actual, bytes)
-            self.bound.append(actual.decode())
+                check_ipc_path_free(endpoint)
+                self._bind(endpoint)
+            except BaseException:
+                if lock is not None:
+                    lock.release(remove_socket=False)
+                raise
+            if lock is not None:
+                self._ipc_locks.append(lock)
         return list(self.bound)
+
+    def _bind(self, endpoint: str) -> None:
+        try:
+            self._router.bind(endpoint)
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise EndpointInUse(endpoint, exc.strerror) from None
+            if exc.errno == errno.ENOENT and endpoint.startswith("ipc://"):
+                # The folder vanished between the check and the bind.
+                raise InvalidEndpoint(endpoint, missing_folder(endpoint)) from None
+            if exc.errno in (errno.EINVAL, errno.EPROTONOSUPPORT, errno.ENODEV):
+                raise InvalidEndpoint(endpoint, exc.strerror) from None
+            raise TransportError(f"cannot bind {endpoint}: {exc.strerror}") from None
+        actual = self._router.getsockopt(zmq.LAST_ENDPOINT)
+        assert isinstance(actual, bytes)
+        self.bound.append(actual.decode())
 
     def start(
         self,
@@ -687,10 +652,15 @@ class ZmqTransport:
         self._router.close(LINGER_MS)
         if self._own_context:
             self.context.term()
+        for lock in self._ipc_locks:
+            lock.release(remove_socket=True)
+        locked = {lock.path for lock in self._ipc_locks}
+        self._ipc_locks.clear()
         for endpoint in self.bound:
-            if endpoint.startswith("ipc://"):
+            path = ipc_path(endpoint)  # a wildcard's path, which libzmq chose: no lock
+            if path is not None and path not in locked:
                 with contextlib.suppress(OSError):
-                    os.unlink(endpoint[len("ipc://") :])
+                    os.unlink(path)
 
     def __repr__(self) -> str:
         return f"ZmqTransport({self.name}, bound={self.bound}, peers={sorted(self._dealers)})"
