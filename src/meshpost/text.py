@@ -358,10 +358,29 @@ def render_queues(queues: Sequence[QueueStatus]) -> str:
 
 
 def render_stats(stats: NodeStats) -> str:
-    """`/stats`: one `name value` line per counter."""
+    """`/stats`: one `name value` line per counter, after the store's retrying if it is."""
     fields = dataclasses.fields(stats)
     pad = max(len(f.name) for f in fields)
-    return "\n".join(f"{f.name:<{pad}}  {getattr(stats, f.name)}" for f in fields)
+
+    def value(name: str) -> str:
+        v = getattr(stats, name)
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = [f"{f.name:<{pad}}  {value(f.name)}" for f in fields]
+    retry = format_store_retry(stats)
+    return "\n".join([retry, *lines] if retry else lines)
+
+
+def format_store_retry(stats: NodeStats) -> str | None:
+    """`store: writes failing for S s (N attempts), next try in D s: kind: message`, while the
+    node's writer retries after store errors (nothing is stored or receipted meanwhile);
+    None while writes commit."""
+    n = stats.store_retry_attempts
+    if not n:
+        return None
+    return (f"store: writes failing for {stats.store_retry_for_s:.1f} s ({n} attempt"
+            f"{'' if n == 1 else 's'}), next try in {stats.store_retry_delay_s:.2f} s; nothing "
+            f"new is stored or receipted until one commits: {clean(stats.store_retry_error)}")
 
 
 def terminal_width() -> int:
@@ -387,6 +406,7 @@ __all__ = [
     "format_receipt",
     "format_refused_by",
     "format_refused_peer",
+    "format_store_retry",
     "format_time",
     "peer_state",
     "render",

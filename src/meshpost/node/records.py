@@ -341,6 +341,14 @@ class NodeStats:
     #: not needed: docs/protocol.md 10).
     spurious_retransmissions: int = 0
     store_errors: int = 0
+    #: The writer retrying after store errors right now (docs/reliability.md, "Store errors:
+    #: retried or refused"): failed attempts since the last commit (0: writes commit), the
+    #: delay before the next attempt, how long it has been failing, and the last error as
+    #: `kind: message` (e.g. `store_full: ...`); zeros and "" once a commit goes through.
+    store_retry_attempts: int = 0
+    store_retry_delay_s: float = 0.0
+    store_retry_for_s: float = 0.0
+    store_retry_error: str = ""
     store_commits: int = 0
     #: Writes the store refused on their own (a row breaking a constraint): each dropped
     #: alone and logged, never retried; a peer's message is rejected `unstorable`.

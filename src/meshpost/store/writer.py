@@ -41,7 +41,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import meshpost.probes as probes
 from meshpost.clock import Clock
@@ -92,6 +92,15 @@ CHECKPOINT_PAGES = 1000
 #: its next commit starts the WAL over.
 WAL_RESTART_PAGES = 4000
 _TRANSIENT = (StoreLocked, StoreFull, DataDirNotWritable)
+
+
+class StoreRetry(NamedTuple):
+    """The episode of store conditions under way (`GroupCommitWriter.retrying`)."""
+
+    attempts: int  # failed since the last commit
+    delay_s: float  # before the next attempt
+    for_s: float  # since the episode's first failure (the clock's monotonic time)
+    error: StoreError  # the last failure
 
 
 def _name_os_thread(name: str) -> None:
@@ -230,6 +239,14 @@ class GroupCommitWriter:
         self._episode_started = 0.0
         self.retry_delay_s = 0.0
         self._episode_logged: str | None = None
+
+    @property
+    def retrying(self) -> StoreRetry | None:
+        """What the writer is retrying now (None: its last attempt committed), for status."""
+        if not self.episode_errors or self.last_error is None:
+            return None
+        return StoreRetry(self.episode_errors, self.retry_delay_s,
+                          self._clock.monotonic() - self._episode_started, self.last_error)
 
     # -- producers ------------------------------------------------------------------------
 
