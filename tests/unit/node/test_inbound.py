@@ -187,8 +187,9 @@ def test_a_batch_replayed_while_the_clock_stands_still_is_told_and_handled_once(
 
 
 def test_a_message_a_batch_repeats_is_told_and_handled_once(tmp_path: Path) -> None:
-    """The same message twice in one batch (the same seq, or the same id under two seqs):
-    receipted, stored once, a duplicate in its later copies, told and handled once."""
+    """The same message several times in one batch, under several seqs: receipted, stored
+    once, a duplicate in its later copies, told and handled once. (Copies under one seq are
+    a malformed batch since 2026-12-06: the listener rejects that seq, docs/protocol.md 8.2.)"""
 
     async def scenario() -> None:
         async with watched_pair(tmp_path) as (a, b, net, watcher, _clock):
@@ -201,19 +202,24 @@ def test_a_message_a_batch_repeats_is_told_and_handled_once(tmp_path: Path) -> N
                        and isinstance(decode(data, max_bytes=MAX_FRAME), Batch)]
             assert isinstance(sent, Batch)
             (m,) = sent.messages
-            again = msgspec.structs.replace(m, seq=m.seq + 1)
-            repeated = msgspec.structs.replace(sent, messages=[m, m, again])
+            again = [msgspec.structs.replace(m, seq=m.seq + k) for k in (1, 5)]
+            repeated = msgspec.structs.replace(sent, messages=[m, *again])
             await until(lambda: handled == ["first"])
             # The batch's copies were all stored before: every copy is a duplicate.
             net.nodes["B"]._inbound(b"A", encode(repeated))
             await until(lambda: b.stats.duplicates == 3 and not b._handler_tasks)
-            # A new message twice and under another seq: new in its first copy only.
+            # A new message under two seqs: new in its first copy only; the copies that
+            # share one seq are refused, that seq rejected, the rest stored as usual.
             new = msgspec.structs.replace(m, id="fresh-id-1", body="second", seq=m.seq + 2)
+            under_one = msgspec.structs.replace(new, seq=m.seq + 6)
             twice = msgspec.structs.replace(
-                sent, messages=[new, new, msgspec.structs.replace(new, seq=m.seq + 3)])
+                sent, messages=[new, msgspec.structs.replace(new, seq=m.seq + 3), under_one,
+                                under_one])
             net.nodes["B"]._inbound(b"A", encode(twice))
             await until(lambda: [k for k, _ in watcher.replies].count("ReceiptFrame") == 3)
-            await until(lambda: b.stats.duplicates == 5 and not b._handler_tasks)
+            await until(lambda: b.stats.duplicates == 4 and not b._handler_tasks)
+            assert [k for k, _ in watcher.replies].count("Reject") == 1
+            assert b.stats.violations == 1
             assert (b.stats.received, handled) == (2, ["first", "second"])
             received = [e for e in drain(events) if isinstance(e, MessageReceived)]
             assert [e.message.body for e in received] == ["first", "second"]
