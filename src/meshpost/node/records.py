@@ -17,6 +17,7 @@ import msgspec
 
 from meshpost.protocol import Envelope
 from meshpost.protocol.groups import BroadcastStatus
+from meshpost.store.writer import StoreRetry
 
 
 class CrashPoint(enum.Enum):
@@ -373,6 +374,16 @@ class NodeStats:
     #: History requests refused because their asker was over its rate (19.6.1): each got
     #: a refusal reply instead of a store query and a large reply.
     history_requests_refused: int = 0
+
+    def note_store_retry(self, retry: StoreRetry | None) -> None:
+        """Set the `store_retry_*` fields from the writer's episode under way (None: none)."""
+        if retry is None:
+            self.store_retry_attempts, self.store_retry_delay_s = 0, 0.0
+            self.store_retry_for_s, self.store_retry_error = 0.0, ""
+            return
+        self.store_retry_attempts, self.store_retry_delay_s = retry.attempts, retry.delay_s
+        self.store_retry_for_s = max(0.0, retry.for_s)
+        self.store_retry_error = f"{retry.error.kind}: {retry.error}"
 
 
 def _message_of(m: Envelope, stored_at_ns: int) -> Message:
