@@ -871,6 +871,7 @@ class Node:
             self.stats.store_errors = self._writer.errors
             self.stats.store_commits = self._writer.commits
             self.stats.store_refused = self._writer.items_failed
+            self.stats.note_store_retry(self._writer.retrying)
         if self._transport is not None:
             self.stats.dropped_sends = self._transport.dropped_sends
             self.stats.inbound_refused = self._transport.inbound_refused

@@ -112,6 +112,10 @@ def _immutable_supported(path: Path) -> None:
                     f"e.g. ext4): {done.stderr.strip()}")
 
 
+#: The error kind R's status names while it retries under each fault (`store_retry_error`):
+#: an immutable database file and WAL make SQLite report a disk I/O error, not "read-only".
+RETRY_KINDS = {"write-lock": "store_locked", "read-only": "storage", "disk-full": "store_full"}
+
 FAULTS: dict[str, Callable[[Mesh], Fault]] = {
     "write-lock": _lock, "read-only": _readonly, "disk-full": _disk_full,
 }
@@ -149,6 +153,12 @@ def test_store_error_at_receiver(mesh_factory: MeshFactory, kind: str) -> None:
             assert stored_now == stored_at_start, "R committed while its store was failing"
             assert receipted == 0
             assert mesh.extra["store_errors"] > 0, "the fault never reached R's writer"
+            # R's status says it is retrying, and why (docs/reliability.md, "Store errors").
+            stats = status["stats"]
+            mesh.extra["retry_error"] = stats["store_retry_error"].split(":")[0]
+            assert stats["store_retry_attempts"] > 0, stats
+            assert stats["store_retry_delay_s"] > 0 and stats["store_retry_for_s"] > 0, stats
+            assert mesh.extra["retry_error"] == RETRY_KINDS[kind], stats["store_retry_error"]
         finally:
             with contextlib.suppress(Exception):
                 clear()
