@@ -32,11 +32,22 @@ WRITER_SUBMITS = "writer submits<"
 OUTGOING_STORED = "outgoing stored<"
 INCOMING_STORED = "incoming stored<"
 DELIVERY_STORED = "delivery stored<"
+# Events beside the steps (`meshpost.timeline` reads them as intervals, not steps of a send):
+#: A WAL checkpoint on the store's checkpoint thread, and the writer's own catch-up copy.
+CHECKPOINT = ("checkpoint<", "checkpoint>")
+CATCH_UP = ("catch-up<", "catch-up>")
+#: A batch handed to the writer thread rather than committed inline on the loop.
+THREAD_COMMIT = "writer thread<"
+#: A garbage collection (stamped by `MarkRecorder.track_gc`, not by the node).
+GC = ("gc<", "gc>")
 
 __all__ = [
+    "CATCH_UP",
+    "CHECKPOINT",
     "COMMIT",
     "DELIVERY_STORED",
     "DIALER_RECEIVE",
+    "GC",
     "INBOUND_FRAME",
     "INCOMING_STORED",
     "LISTENER_RECEIVE",
@@ -44,6 +55,7 @@ __all__ = [
     "OUTGOING_STORED",
     "PEER_FRAME",
     "SEND",
+    "THREAD_COMMIT",
     "WRITER_SUBMITS",
     "Probe",
 ]

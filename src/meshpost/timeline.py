@@ -19,15 +19,23 @@ The node and its store writer call the probe (`meshpost.probes.Probe`) at each s
 module's `MarkRecorder` stamps each call into a list. Each stamp adds a method call and a list
 append to the step; the timeline's total is the median of the sends in the usual order, so read
 it beside pair-latency, not in place of it.
+
+Some stamps are events beside the steps, not steps (`EVENTS`: a WAL checkpoint, the writer's
+catch-up copy, a batch sent to the writer thread, a garbage collection): they are left out of
+each send's order and read as intervals. The tail (the slowest 1% and 0.1% of sends) is
+summarised apart: which steps grew against the median send, and which events overlapped it,
+against how often they overlap any send.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
+import math
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import meshpost.probes as probes
@@ -41,6 +49,12 @@ SEND_ENDS = "send>"
 COMMIT = probes.COMMIT[0][:-1]
 ZMQ_SEND = probes.SEND[0][:-1]
 KINDS = (COMMIT, ZMQ_SEND, "between processes", "meshpost code")
+#: Stamps of events beside a send's steps (an interval from "<" to ">", or a point "<").
+EVENTS = frozenset([*probes.CHECKPOINT, *probes.CATCH_UP, probes.THREAD_COMMIT, *probes.GC])
+#: The tails summarised: the slowest share of the sends.
+TAIL_SHARES = (0.01, 0.001)
+#: Steps listed per tail, those that grew the most.
+TAIL_STEPS = 5
 
 
 class MarkRecorder:
@@ -56,6 +70,15 @@ class MarkRecorder:
     def mark(self, label: str) -> None:
         self.marks.append((label, self._clock()))
 
+    def track_gc(self) -> Callable[[], None]:
+        """Stamp every garbage collection of this process (`probes.GC`) until the function
+        returned is called."""
+        def collected(phase: str, _info: dict[str, int]) -> None:
+            self.mark(probes.GC[0] if phase == "start" else probes.GC[1])
+
+        gc.callbacks.append(collected)
+        return lambda: gc.callbacks.remove(collected)
+
 
 @dataclasses.dataclass(frozen=True)
 class Step:
@@ -69,6 +92,37 @@ class Step:
 
 
 @dataclasses.dataclass(frozen=True)
+class GrownStep:
+    """A step of the usual order in the tail's sends against all sends in that order."""
+
+    start: str
+    stop: str
+    kind: str
+    p50_us: float
+    tail_p50_us: float
+    tail_mean_us: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Tail:
+    """The slowest `share` of the complete sends: what grew, what overlapped them."""
+
+    share: float
+    sends: int
+    #: Their slowest and fastest total, and how many came in the usual order.
+    max_us: float
+    min_us: float
+    usual: int
+    #: The usual order's steps that grew the most (by the tail's mean over the step's p50).
+    grown: list[GrownStep]
+    #: Per event (e.g. "A:checkpoint"): the share of the tail's sends it overlapped, and of
+    #: all complete sends.
+    events: dict[str, tuple[float, float]]
+    #: Stamps that the tail's unusual sends had more (+) or fewer (-) of than the usual order.
+    unusual_stamps: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
 class Timeline:
     """The summary of many sends' timelines."""
 
@@ -79,6 +133,7 @@ class Timeline:
     #: Median of each send's total, and of each send's time in each kind.
     total_p50_us: float
     kinds_p50_us: dict[str, float]
+    tails: list[Tail] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,15 +177,39 @@ def critical_path(order: Sequence[str]) -> list[tuple[int, int, str]]:
     return path
 
 
+def _intervals(merged: Sequence[tuple[str, int]]) -> dict[str, list[tuple[int, int]]]:
+    """Each event's intervals (a point for an event stamped only as it begins), by
+    "side:name": "A:checkpoint<" ... "A:checkpoint>" is ("A:checkpoint", (start, stop))."""
+    out: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
+    open_at: dict[str, int] = {}
+    for label, t in merged:
+        name = label[:-1]
+        if label.endswith("<"):
+            if f"{label.split(':', 1)[1][:-1]}>" in EVENTS:
+                open_at[name] = t
+            else:
+                out[name].append((t, t))
+        elif name in open_at:
+            out[name].append((open_at.pop(name), t))
+    return out
+
+
+def _overlapping(intervals: list[tuple[int, int]], begin: int, end: int) -> bool:
+    return any(start <= end and stop >= begin for start, stop in intervals)
+
+
 def summarise(sender: Iterable[Mark], receiver: Iterable[Mark]) -> Timeline:
     """Merge the sender's marks (labelled A) and the receiver's (B) into one timeline per send
     (from each `send<` of A to its `send>`) and summarise the critical path of those that
-    follow the most common order. A send's kinds add up to its total."""
+    follow the most common order, then the tails. A send's kinds add up to its total."""
     merged = sorted([(f"A:{label}", t) for label, t in sender]
                     + [(f"B:{label}", t) for label, t in receiver], key=lambda m: m[1])
+    events = _intervals([m for m in merged if m[0].split(":", 1)[1] in EVENTS])
     sends: list[list[tuple[str, int]]] = []
     current: list[tuple[str, int]] | None = None
     for label, t in merged:
+        if label.split(":", 1)[1] in EVENTS:
+            continue
         if label == f"A:{SEND_BEGINS}":
             current = [(label, t)]
             sends.append(current)
@@ -146,7 +225,8 @@ def summarise(sender: Iterable[Mark], receiver: Iterable[Mark]) -> Timeline:
     usual = [s for s in complete if tuple(label for label, _t in s) == usual_order]
     steps: list[Step] = []
     per_send_kind: dict[str, list[float]] = {kind: [0.0] * len(usual) for kind in KINDS}
-    for a, b, kind in critical_path(usual_order):
+    path = critical_path(usual_order)
+    for a, b, kind in path:
         durations = [(s[b][1] - s[a][1]) / 1000 for s in usual]
         for n, d in enumerate(durations):
             per_send_kind[kind][n] += d
@@ -158,7 +238,47 @@ def summarise(sender: Iterable[Mark], receiver: Iterable[Mark]) -> Timeline:
         sends=len(complete), usual=len(usual), steps=steps,
         total_p50_us=round(statistics.median(totals), 1),
         kinds_p50_us={kind: round(statistics.median(v), 1) for kind, v in per_send_kind.items()},
+        tails=[_tail(share, complete, usual_order, path, steps, events)
+               for share in TAIL_SHARES],
     )
 
 
-__all__ = ["KINDS", "Mark", "MarkRecorder", "Step", "Timeline", "critical_path", "summarise"]
+def _tail(
+    share: float, complete: list[list[tuple[str, int]]], usual_order: tuple[str, ...],
+    path: list[tuple[int, int, str]], steps: list[Step],
+    events: dict[str, list[tuple[int, int]]],
+) -> Tail:
+    """The slowest `share` of `complete` (at least one send) against all of them."""
+    by_total = sorted(complete, key=lambda s: s[-1][1] - s[0][1], reverse=True)
+    tail = by_total[:max(1, math.ceil(share * len(complete)))]
+    in_order = [s for s in tail if tuple(label for label, _t in s) == usual_order]
+    grown: list[GrownStep] = []
+    if in_order:
+        for (a, b, kind), step in zip(path, steps, strict=True):
+            durations = [(s[b][1] - s[a][1]) / 1000 for s in in_order]
+            grown.append(GrownStep(step.start, step.stop, kind, step.p50_us,
+                                   round(statistics.median(durations), 1),
+                                   round(statistics.fmean(durations), 1)))
+        grown.sort(key=lambda g: g.tail_mean_us - g.p50_us, reverse=True)
+    overlaps: dict[str, tuple[float, float]] = {}
+    for name, spans in sorted(events.items()):
+        hit = [_overlapping(spans, s[0][1], s[-1][1]) for s in complete]
+        in_tail = sum(_overlapping(spans, s[0][1], s[-1][1]) for s in tail)
+        overlaps[name] = (round(in_tail / len(tail), 3), round(sum(hit) / len(complete), 4))
+    usual_count = collections.Counter(usual_order)
+    unusual = collections.Counter[str]()
+    for s in tail:
+        if len(s) != len(usual_order) or tuple(label for label, _t in s) != usual_order:
+            unusual.update(label for label, _t in s)
+            unusual.subtract(usual_count)
+    return Tail(
+        share=share, sends=len(tail),
+        max_us=round((tail[0][-1][1] - tail[0][0][1]) / 1000, 1),
+        min_us=round((tail[-1][-1][1] - tail[-1][0][1]) / 1000, 1),
+        usual=len(in_order), grown=grown[:TAIL_STEPS], events=overlaps,
+        unusual_stamps={k: v for k, v in sorted(unusual.items()) if v},
+    )
+
+
+__all__ = ["EVENTS", "KINDS", "GrownStep", "Mark", "MarkRecorder", "Step", "Tail", "Timeline",
+           "critical_path", "summarise"]

@@ -56,7 +56,9 @@ async def timeline_peer(config: Path, name: str, data_dir: Path, marks: list[Mar
     """A node with the timeline's probe, stamping into `marks` until told to stop."""
     cfg = MeshConfig.load(config).node(name, data_dir=data_dir)
     loop = asyncio.get_running_loop()
-    async with Node(cfg, probe=MarkRecorder(marks)):
+    recorder = MarkRecorder(marks)
+    recorder.track_gc()
+    async with Node(cfg, probe=recorder):
         emit({"ready": True, "pid": os.getpid()})
         while True:
             line = await loop.run_in_executor(None, sys.stdin.readline)

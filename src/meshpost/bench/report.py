@@ -171,6 +171,22 @@ def write_markdown(path: Path, results: dict[str, ScenarioResult], info: dict[st
                   "| from | to | kind | p50 | mean |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {st['start']} | {st['stop']} | {st['kind']} | {st['p50_us']:,.1f} | "
                   f"{st['mean_us']:,.1f} |" for st in timeline.figures["steps"]]
+        for tail in timeline.figures.get("tails", []):
+            lines += ["", f"The slowest {tail['share']:.1%} of sends ({tail['sends']}, "
+                      f"{tail['min_us']:,.0f}-{tail['max_us']:,.0f} µs, {tail['usual']} in the "
+                      "usual order): the steps that grew the most, then the events beside "
+                      "them (share of these sends they overlapped / of all sends):", "",
+                      "| from | to | kind | p50 of all | p50 here | mean here |",
+                      "| --- | --- | --- | --- | --- | --- |"]
+            lines += [f"| {g['start']} | {g['stop']} | {g['kind']} | {g['p50_us']:,.1f} | "
+                      f"{g['tail_p50_us']:,.1f} | {g['tail_mean_us']:,.1f} |"
+                      for g in tail["grown"]]
+            lines += ["", "; ".join(f"{name} {here:.0%} / {everywhere:.1%}"
+                                    for name, (here, everywhere) in tail["events"].items())
+                      or "no events"]
+            if tail["unusual_stamps"]:
+                lines += ["", "stamps of the unusual sends against the usual order: " + ", ".join(
+                    f"{k} {v:+d}" for k, v in tail["unusual_stamps"].items())]
     lines += ["", "Verification (every scenario ends with `verify_stores` over all stores):", ""]
     lines += [f"- {name}: {r.verify or r.note}" for name, r in results.items()]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -431,6 +431,8 @@ class GroupCommitWriter:
             self._idle.set()
             return
         self._busy = True
+        if self._probe is not None:
+            self._probe.mark(probes.THREAD_COMMIT)
 
         def finished(future: concurrent.futures.Future[_Applied]) -> None:
             # Runs on the writer thread; the loop may already be closed when the node stops.
@@ -793,6 +795,8 @@ class GroupCommitWriter:
         running is waited for (two checkpoints at once would make this one copy nothing).
         Skipping the catch-up while the background one was busy left the WAL's size to thread
         scheduling: under load it kept growing for as long as that checkpoint took to run."""
+        if self._probe is not None:
+            self._probe.mark(probes.CATCH_UP[0])
         background = self._checkpoint
         if background is not None and not background.cancel():
             background.exception()  # waits; `_run_checkpoint` logs its own failures
@@ -801,6 +805,8 @@ class GroupCommitWriter:
         except StoreError as exc:  # the commit stands; the next catch-up tries again
             log.warning("[%s] WAL checkpoint failed: %s", self._node, exc)
             complete = False
+        if self._probe is not None:
+            self._probe.mark(probes.CATCH_UP[1])
         self._wal_pages = 0
         if complete:
             self.wal_restarts += 1
@@ -809,11 +815,16 @@ class GroupCommitWriter:
             self._wal_since_restart = WAL_RESTART_PAGES - CHECKPOINT_PAGES
 
     def _run_checkpoint(self) -> None:
+        if self._probe is not None:
+            self._probe.mark(probes.CHECKPOINT[0])
         try:
             self._checkpointer.checkpoint()
             self.checkpoints += 1
         except StoreError as exc:  # the commits stand; the next checkpoint catches up
             log.warning("[%s] WAL checkpoint failed: %s", self._node, exc)
+        finally:
+            if self._probe is not None:
+                self._probe.mark(probes.CHECKPOINT[1])
 
     def close(self) -> None:
         """Stop checkpointing, close the store on the writer thread, then stop the thread."""

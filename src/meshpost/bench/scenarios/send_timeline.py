@@ -35,13 +35,20 @@ def run(bench: Bench) -> ScenarioResult:
     try:
         peer.reply(READY_TIMEOUT_S)
         cfg = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
-        send_one_at_a_time(
-            bench, cfg, sends, task, started=marks.clear,
-            sent=lambda begin, end: marks.extend([(SEND_BEGINS, begin), (SEND_ENDS, end)]),
-            probe=MarkRecorder(marks),
-        )
+        recorder = MarkRecorder(marks)
+        untrack_gc = recorder.track_gc()
+        try:
+            send_one_at_a_time(
+                bench, cfg, sends, task, started=marks.clear,
+                sent=lambda begin, end: marks.extend([(SEND_BEGINS, begin), (SEND_ENDS, end)]),
+                probe=recorder,
+            )
+        finally:
+            untrack_gc()
     finally:
         peer.stop()
+    # Both sides' stamps stay with the work files (`--keep`) for a closer look.
+    (cluster.root / "A-marks.json").write_text(json.dumps(marks), encoding="utf-8")
     receiver: list[Mark] = [(str(label), int(t)) for label, t in
                             json.loads(marks_path.read_text(encoding="utf-8"))]
     timeline = summarise(marks, receiver)
