@@ -91,6 +91,14 @@ CHECKPOINT_PAGES = 1000
 #: for a background checkpoint still running, then copies about CHECKPOINT_PAGES pages), and
 #: its next commit starts the WAL over.
 WAL_RESTART_PAGES = 4000
+#: Commits on the loop (small batches at sync=normal: one send at a time) start the WAL over
+#: earlier, at this many pages, and off the critical path: the checkpoint thread copies the
+#: WAL (twice: the second pass takes what was committed during the first), then the writer
+#: copies the few pages committed since, between two commits, with new ones waiting (a few
+#: hundred µs), rather than the commit past WAL_RESTART_PAGES waiting for the whole copy and
+#: its fsyncs (7-13 ms: the slowest 0.1% of single sends, docs/benchmarks.md). If the
+#: checkpoint thread is slow to run it, the commit past WAL_RESTART_PAGES still catches up.
+WAL_RESTART_EARLY_PAGES = WAL_RESTART_PAGES - CHECKPOINT_PAGES
 _TRANSIENT = (StoreLocked, StoreFull, DataDirNotWritable)
 
 
@@ -219,10 +227,16 @@ class GroupCommitWriter:
             initializer=_name_os_thread, initargs=("meshpost-ckpt",),
         )
         self._checkpoint: concurrent.futures.Future[None] | None = None
+        #: An early start-over is under way (`WAL_RESTART_EARLY_PAGES`): its background
+        #: copy runs or is queued, or its catch-up waits for the commit in flight.
+        self._restart_requested = False
+        self._restart_after_commit = False
         self.inline_commits = 0
         self.checkpoints = 0
         #: Catch-up checkpoints on the writer's connection that copied the whole WAL.
         self.wal_restarts = 0
+        #: Catch-ups between two commits (early start-overs), not inside one.
+        self.idle_catch_ups = 0
         self._room = _Room()
         self._room.set()
         self._idle = asyncio.Event()
@@ -477,8 +491,14 @@ class GroupCommitWriter:
             except Exception:
                 log.exception("[%s] store completion callback failed", self._node)
         self._committed()
+        self._restart_if_due()
         if not self._busy and not self._callbacks:
             self._idle.set()
+
+    def _restart_if_due(self) -> None:
+        """After a commit: the catch-up of an early start-over that waited for it."""
+        if self._restart_after_commit and not self._busy:
+            self._catch_up_between_commits()
 
     def _committed(self) -> None:
         if self._on_committed is not None:
@@ -671,6 +691,7 @@ class GroupCommitWriter:
         if broken is not None:
             self._break(broken, callbacks[len(outcomes):])
         self._schedule()
+        self._restart_if_due()
         if not self._busy and not self._callbacks:
             self._idle.set()
 
@@ -780,12 +801,83 @@ class GroupCommitWriter:
         # catch-up is a wait that must not stall the loop.
         if wait_for_lock and self._wal_since_restart >= WAL_RESTART_PAGES:
             self._catch_up()
+        elif (not wait_for_lock and self._wal_since_restart >= WAL_RESTART_EARLY_PAGES
+              and not self._restart_requested):
+            self._request_restart()
         elif self._wal_pages >= CHECKPOINT_PAGES and (
             self._checkpoint is None or self._checkpoint.done()  # a lock: only when due
         ):
             self._wal_pages = 0
             self._checkpoint = self._checkpoint_executor.submit(self._run_checkpoint)
         return results, stored_at
+
+    # -- starting the WAL over early, off the critical path (on the loop) -------------------
+
+    def _request_restart(self) -> None:
+        """Start the WAL over soon (`WAL_RESTART_EARLY_PAGES`): the checkpoint thread copies
+        it first (after the background checkpoint already there, if one is), then
+        `_restart_copied` catches up between two commits."""
+        loop = self._loop
+        if loop is None:
+            return
+        self._restart_requested = True
+        background = self._checkpoint
+        if background is None or background.done():
+            self._wal_pages = 0
+            background = self._checkpoint_executor.submit(self._run_restart_checkpoint)
+            self._checkpoint = background
+
+        def copied(_future: concurrent.futures.Future[None]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the node stopped
+                loop.call_soon_threadsafe(self._restart_copied)
+
+        background.add_done_callback(copied)
+
+    def _run_restart_checkpoint(self) -> None:
+        # The second pass copies what was committed during the first: the catch-up after it
+        # then has only a commit or two to copy (and to fsync) while new commits wait.
+        self._run_checkpoint()
+        self._run_checkpoint()
+
+    def _restart_copied(self) -> None:
+        """The background copy of an early start-over is done: catch up now, or after the
+        commit in flight (new commits wait for the catch-up, so that none lands between its
+        copy and the next commit, which starts the WAL over)."""
+        if not self._restart_requested:
+            return
+        if self._wal_since_restart < WAL_RESTART_EARLY_PAGES:  # a commit caught up meanwhile
+            self._restart_requested = False
+            return
+        if self._busy:
+            self._restart_after_commit = True
+        else:
+            self._catch_up_between_commits()
+
+    def _catch_up_between_commits(self) -> None:
+        loop = self._loop
+        self._restart_after_commit = False
+        if loop is None or self.failure is not None:
+            self._restart_requested = False
+            return
+        self._busy = True
+
+        def finished(future: concurrent.futures.Future[None]) -> None:
+            if future.exception() is not None:  # `_catch_up` handles store errors itself
+                log.error("[%s] WAL catch-up failed", self._node,
+                          exc_info=future.exception())
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._caught_up)
+
+        self._executor.submit(self._catch_up).add_done_callback(finished)
+
+    def _caught_up(self) -> None:
+        self.idle_catch_ups += 1
+        self._busy = False
+        self._restart_requested = False
+        if self._callbacks:
+            self._schedule()
+        else:
+            self._idle.set()
 
     def _catch_up(self) -> None:
         """Copy the rest of the WAL on the writer's own connection (`WAL_RESTART_PAGES`).
@@ -812,7 +904,8 @@ class GroupCommitWriter:
             self.wal_restarts += 1
             self._wal_since_restart = 0
         else:  # a reader still reads pages the copy would overwrite: retry a checkpoint later
-            self._wal_since_restart = WAL_RESTART_PAGES - CHECKPOINT_PAGES
+            self._wal_since_restart = (min(self._wal_since_restart, WAL_RESTART_PAGES)
+                                       - CHECKPOINT_PAGES)
 
     def _run_checkpoint(self) -> None:
         if self._probe is not None:

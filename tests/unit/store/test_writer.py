@@ -614,6 +614,38 @@ def test_small_commits_on_the_loop_also_let_the_wal_start_over(
     run(scenario)
 
 
+def test_one_row_commits_on_the_loop_start_the_wal_over_between_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One send at a time (inline commits): the WAL starts over early, after the checkpoint
+    thread's copy, with a catch-up between two commits; no commit goes to the thread to wait
+    for the whole copy and its fsyncs inside it (until 2026-12-06 the commit past the
+    threshold did: the slowest 0.1% of single sends)."""
+    monkeypatch.setattr(writer_module, "CHECKPOINT_PAGES", 20)
+    monkeypatch.setattr(writer_module, "WAL_RESTART_PAGES", 80)
+    monkeypatch.setattr(writer_module, "WAL_RESTART_EARLY_PAGES", 60, raising=False)
+    wal = tmp_path / "meshpost.db-wal"
+    sizes: list[int] = []
+
+    async def scenario() -> None:
+        async with running_writer(tmp_path, sync="normal") as writer:
+            for seq in range(1, 301):
+                writer.add_outgoing([out(seq)], lambda _at: None)
+                await writer.flush()
+                # The early start-over's copy runs on the checkpoint thread: let it finish
+                # (under load it could take longer than the commits up to the threshold).
+                await until(lambda: not getattr(writer, "_restart_requested", False))
+                sizes.append(wal.stat().st_size)
+            assert writer.inline_commits == 300  # not one commit waited for a catch-up
+            assert writer.wal_restarts >= 3
+            assert writer.idle_catch_ups == writer.wal_restarts
+            # 300 one-row commits append about 1,200 pages; the WAL starts over every ~60.
+            assert max(sizes) < 1_000_000, max(sizes)
+        assert len(rows(tmp_path)) == 300
+
+    run(scenario)
+
+
 def test_the_wal_starts_over_when_due_even_if_a_background_checkpoint_is_still_queued(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
