@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 import meshpost.probes as probes
@@ -109,3 +111,61 @@ def test_every_trace_point_is_a_step_label_the_timeline_reads() -> None:
     assert all(label.endswith(("<", ">")) for label in labels)
     # The two kinds of their own are stamped at both ends.
     assert {f"{kind}<" for kind in KINDS[:2]} | {f"{kind}>" for kind in KINDS[:2]} <= set(labels)
+
+
+def test_the_tail_names_the_step_that_grew_and_the_events_beside_it() -> None:
+    """100 sends in the usual order, one of them slow in B's commit while a checkpoint of
+    A's ran beside it: the slowest 1% is that send, its grown step is B's commit, and the
+    event (stamped amid the send, but no step of it) overlapped it and no other send."""
+    sender: list[Mark] = []
+    receiver: list[Mark] = []
+    slow = 42
+    for n in range(100):
+        start = 1_000_000_000 * (n + 1)
+        a, b = _marks(ORDER, start, 1000)
+        if n == slow:  # B's commit takes 5 ms instead of 1 us: every stamp after it moves
+            at = ORDER.index("B:commit>")
+            a = [(label, t + 5_000_000 if t >= start + at * 1000 else t) for label, t in a]
+            b = [(label, t + 5_000_000 if t >= start + at * 1000 else t) for label, t in b]
+            a += [("checkpoint<", start + 1500), ("checkpoint>", start + 3_000_000)]
+        sender += a
+        receiver += b
+    receiver += [("gc<", 500_000_000), ("gc>", 500_001_000)]  # before any send
+    timeline = summarise(sender, receiver)
+    assert (timeline.sends, timeline.usual) == (100, 100)  # events are not steps
+    one_percent, tenth = timeline.tails
+    assert (one_percent.share, one_percent.sends, tenth.sends) == (0.01, 1, 1)
+    assert one_percent.usual == 1
+    assert one_percent.max_us == pytest.approx(17 + 5000)
+    grown = one_percent.grown[0]
+    assert (grown.start, grown.stop, grown.kind) == ("B:commit<", "B:commit>", "commit")
+    assert (grown.p50_us, grown.tail_p50_us) == (1.0, pytest.approx(5001.0))
+    assert one_percent.events == {"A:checkpoint": (1.0, 0.01), "B:gc": (0.0, 0.0)}
+    assert one_percent.unusual_stamps == {}
+
+
+def test_the_tail_counts_the_stamps_of_sends_in_another_order() -> None:
+    sender: list[Mark] = []
+    receiver: list[Mark] = []
+    for n in range(9):
+        a, b = _marks(ORDER, 1_000_000_000 * (n + 1), 1000)
+        sender += a
+        receiver += b
+    # The slowest send went to the writer thread (an event) and drained its dealer twice.
+    odd = [*ORDER[:-1], "A:dealer readable<", "A:send>"]
+    a, b = _marks(odd, 20_000_000_000, 100_000)
+    sender += [*a, ("writer thread<", 20_000_000_500)]
+    receiver += b
+    tail = summarise(sender, receiver).tails[0]
+    assert (tail.sends, tail.usual, tail.grown) == (1, 0, [])
+    assert tail.unusual_stamps == {"A:dealer readable<": 1}
+    assert tail.events == {"A:writer thread": (1.0, 0.1)}
+
+
+def test_the_recorder_stamps_garbage_collections_until_told_to_stop() -> None:
+    marks: list[Mark] = []
+    untrack = MarkRecorder(marks).track_gc()
+    gc.collect()
+    untrack()
+    gc.collect()
+    assert [label for label, _t in marks] == [probes.GC[0], probes.GC[1]]
