@@ -840,18 +840,16 @@ class GroupCommitWriter:
         self._run_checkpoint()
 
     def _restart_copied(self) -> None:
-        """The background copy of an early start-over is done: catch up now, or after the
-        commit in flight (new commits wait for the catch-up, so that none lands between its
-        copy and the next commit, which starts the WAL over)."""
+        """The background copy of an early start-over is done: catch up right after the next
+        commit, once its callbacks ran (what it stored is on its way, and the catch-up runs
+        beside that round trip rather than in front of it). New commits wait for the catch-up,
+        so that none lands between its copy and the next commit, which starts the WAL over."""
         if not self._restart_requested:
             return
         if self._wal_since_restart < WAL_RESTART_EARLY_PAGES:  # a commit caught up meanwhile
             self._restart_requested = False
             return
-        if self._busy:
-            self._restart_after_commit = True
-        else:
-            self._catch_up_between_commits()
+        self._restart_after_commit = True
 
     def _catch_up_between_commits(self) -> None:
         loop = self._loop
