@@ -852,6 +852,8 @@ class GroupCommitWriter:
         self._restart_after_commit = True
 
     def _catch_up_between_commits(self) -> None:
+        """`_catch_up` on the writer thread, the writer busy meanwhile: adds wait in the
+        batch, and commit when it is done (`_caught_up`)."""
         loop = self._loop
         self._restart_after_commit = False
         if loop is None or self.failure is not None:
@@ -878,7 +880,9 @@ class GroupCommitWriter:
             self._idle.set()
 
     def _catch_up(self) -> None:
-        """Copy the rest of the WAL on the writer's own connection (`WAL_RESTART_PAGES`).
+        """Copy the rest of the WAL on the writer's own connection (`WAL_RESTART_PAGES`), or
+        the last few commits after an early start-over's background copy, between two commits
+        (`_catch_up_between_commits`).
 
         It runs at the first commit on the thread once due, whatever the background
         checkpoint is doing: one still queued is cancelled (the catch-up does its work), one
