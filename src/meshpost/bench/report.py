@@ -106,7 +106,8 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
             rows.append((f"send-timeline {f['sync']}", f"{total:,.0f} µs p50 with probes",
                          "; ".join(f"{kind} {us:,.0f} µs ({us / total:.0%})"
                                    for kind, us in f["kinds_p50_us"].items())
-                         + f" ({f['usual']:,} of {f['sends']:,} sends in the usual order)"))
+                         + f" ({f['usual']:,} of {f['sends']:,} sends in the usual order)"
+                         + "".join(_tail_note(t) for t in f.get("tails", []))))
         elif name == "mesh" and "per_process" in f:
             idle = f.get("idle_cpu_pct_of_core")
             rows.append((f"mesh {f['nodes']} nodes, {f['per_process']}/process, "
@@ -191,6 +192,14 @@ def write_markdown(path: Path, results: dict[str, ScenarioResult], info: dict[st
     lines += [f"- {name}: {r.verify or r.note}" for name, r in results.items()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _tail_note(tail: dict[str, Any]) -> str:
+    """'; slowest 1% from N µs, beside: the events that overlapped it most (share)'."""
+    events = sorted(tail["events"].items(), key=lambda e: e[1][0], reverse=True)
+    beside = ", ".join(f"{name} {here:.0%}" for name, (here, _all) in events[:2] if here)
+    return (f"; slowest {tail['share']:.1%} from {tail['min_us']:,.0f} µs"
+            + (f", beside {beside}" if beside else ""))
 
 
 def write_plots(plot_dir: Path, results: dict[str, ScenarioResult]) -> list[Path] | None:

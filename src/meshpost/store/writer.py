@@ -856,7 +856,8 @@ class GroupCommitWriter:
         batch, and commit when it is done (`_caught_up`)."""
         loop = self._loop
         self._restart_after_commit = False
-        if loop is None or self.failure is not None:
+        if (loop is None or self.failure is not None
+                or self._wal_since_restart < WAL_RESTART_EARLY_PAGES):  # a commit caught up
             self._restart_requested = False
             return
         self._busy = True
