@@ -93,11 +93,11 @@ CHECKPOINT_PAGES = 1000
 WAL_RESTART_PAGES = 4000
 #: Commits on the loop (small batches at sync=normal: one send at a time) start the WAL over
 #: earlier, at this many pages, and off the critical path: the checkpoint thread copies the
-#: WAL (twice: the second pass takes what was committed during the first), then the writer
-#: copies the few pages committed since, between two commits, with new ones waiting (a few
-#: hundred µs), rather than the commit past WAL_RESTART_PAGES waiting for the whole copy and
-#: its fsyncs (7-13 ms: the slowest 0.1% of single sends, docs/benchmarks.md). If the
-#: checkpoint thread is slow to run it, the commit past WAL_RESTART_PAGES still catches up.
+#: WAL (the checkpoint due at that point anyway), then, right after the next commit, the
+#: writer copies what was committed meanwhile, with new commits waiting (its two fsyncs),
+#: rather than the commit past WAL_RESTART_PAGES waiting for a running checkpoint, the whole
+#: copy and its fsyncs (7-14 ms: the slowest 0.1% of single sends, docs/benchmarks.md). If
+#: the checkpoint thread is slow to run it, the commit past WAL_RESTART_PAGES still catches up.
 WAL_RESTART_EARLY_PAGES = WAL_RESTART_PAGES - CHECKPOINT_PAGES
 _TRANSIENT = (StoreLocked, StoreFull, DataDirNotWritable)
 
@@ -824,7 +824,7 @@ class GroupCommitWriter:
         background = self._checkpoint
         if background is None or background.done():
             self._wal_pages = 0
-            background = self._checkpoint_executor.submit(self._run_restart_checkpoint)
+            background = self._checkpoint_executor.submit(self._run_checkpoint)
             self._checkpoint = background
 
         def copied(_future: concurrent.futures.Future[None]) -> None:
@@ -832,12 +832,6 @@ class GroupCommitWriter:
                 loop.call_soon_threadsafe(self._restart_copied)
 
         background.add_done_callback(copied)
-
-    def _run_restart_checkpoint(self) -> None:
-        # The second pass copies what was committed during the first: the catch-up after it
-        # then has only a commit or two to copy (and to fsync) while new commits wait.
-        self._run_checkpoint()
-        self._run_checkpoint()
 
     def _restart_copied(self) -> None:
         """The background copy of an early start-over is done: catch up right after the next
