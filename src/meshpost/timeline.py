@@ -234,11 +234,13 @@ def summarise(sender: Iterable[Mark], receiver: Iterable[Mark]) -> Timeline:
                           round(statistics.median(durations), 1),
                           round(statistics.fmean(durations), 1)))
     totals = [(s[-1][1] - s[0][1]) / 1000 for s in usual]
+    everywhere = {name: round(sum(_overlapping(spans, s[0][1], s[-1][1]) for s in complete)
+                              / len(complete), 4) for name, spans in events.items()}
     return Timeline(
         sends=len(complete), usual=len(usual), steps=steps,
         total_p50_us=round(statistics.median(totals), 1),
         kinds_p50_us={kind: round(statistics.median(v), 1) for kind, v in per_send_kind.items()},
-        tails=[_tail(share, complete, usual_order, path, steps, events)
+        tails=[_tail(share, complete, usual_order, path, steps, events, everywhere)
                for share in TAIL_SHARES],
     )
 
@@ -246,9 +248,10 @@ def summarise(sender: Iterable[Mark], receiver: Iterable[Mark]) -> Timeline:
 def _tail(
     share: float, complete: list[list[tuple[str, int]]], usual_order: tuple[str, ...],
     path: list[tuple[int, int, str]], steps: list[Step],
-    events: dict[str, list[tuple[int, int]]],
+    events: dict[str, list[tuple[int, int]]], everywhere: dict[str, float],
 ) -> Tail:
-    """The slowest `share` of `complete` (at least one send) against all of them."""
+    """The slowest `share` of `complete` (at least one send) against all of them
+    (`everywhere`: the share of all sends each event overlapped)."""
     by_total = sorted(complete, key=lambda s: s[-1][1] - s[0][1], reverse=True)
     tail = by_total[:max(1, math.ceil(share * len(complete)))]
     in_order = [s for s in tail if tuple(label for label, _t in s) == usual_order]
@@ -262,9 +265,8 @@ def _tail(
         grown.sort(key=lambda g: g.tail_mean_us - g.p50_us, reverse=True)
     overlaps: dict[str, tuple[float, float]] = {}
     for name, spans in sorted(events.items()):
-        hit = [_overlapping(spans, s[0][1], s[-1][1]) for s in complete]
         in_tail = sum(_overlapping(spans, s[0][1], s[-1][1]) for s in tail)
-        overlaps[name] = (round(in_tail / len(tail), 3), round(sum(hit) / len(complete), 4))
+        overlaps[name] = (round(in_tail / len(tail), 3), everywhere[name])
     usual_count = collections.Counter(usual_order)
     unusual = collections.Counter[str]()
     for s in tail:
