@@ -201,6 +201,9 @@ class DialerLink:
         self.last_heard: float | None = None
         self.last_heard_wall_ns: int | None = None
         self.refusal: str | None = None
+        #: The resume token of the last Welcome on this link: the next Hello (a redial, a
+        #: retry) carries it, the peer's proof that we continue that session (protocol.md 10).
+        self._resume_token = b""
         #: When the last Hello went, and how many went since the last Welcome (a Welcome
         #: answering one of several is no sample: which one it answers is unknown).
         self._hello_sent_at = 0.0
@@ -635,6 +638,7 @@ class DialerLink:
                 name=self.local_name,
                 sent_at_ns=wall_ns,
                 hlc=hlc,
+                resume=self._resume_token,
             )
         )
         retry = REFUSED_RETRY_S if self.state is LinkState.REFUSED else self._ping_interval
@@ -645,6 +649,7 @@ class DialerLink:
         hellos, self._hellos_unanswered = self._hellos_unanswered, 0
         self.refusal = None
         self.peer_node_id = frame.node_id
+        self._resume_token = frame.resume
         self._active_at = now  # a link just usable is active: watched for the recent window
         self._next_ping_at = now
         self._ping_owed = True

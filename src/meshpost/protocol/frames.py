@@ -35,6 +35,11 @@ Seq = Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)]
 #: A receiver's durability level, as it reports it in Welcome and in receipts: "full" or
 #: "normal" (a str to type checkers, so that configuration values pass as they are).
 Sync = Annotated[str, msgspec.Meta(pattern=r"^(?:full|normal)\Z")]
+#: Bytes a listener puts in a resume token (64 random bits), and the most a Hello may carry.
+RESUME_TOKEN_BYTES = 8
+#: A session's resume token: given in its Welcome, proof in a later Hello that the dialer is
+#: the one that session welcomed (docs/protocol.md 10). Empty: no token.
+ResumeToken = Annotated[bytes, msgspec.Meta(max_length=32)]
 #: The most an envelope adds to its body's bytes: the array header, an id of MAX_ID_LENGTH
 #: four-byte characters, two names of 63 ASCII characters, three 9-byte integers and the
 #: string headers come to 422; a pattern header adds at most HEADER_MAX_BYTES (421), so
@@ -73,6 +78,10 @@ class Hello(msgspec.Struct, tag="hello", array_like=True, frozen=True):
     name: str
     sent_at_ns: Int64
     hlc: Int64
+    #: The token of the last Welcome this dialer got on the link (empty: none yet). Only a
+    #: Hello carrying a session's token continues it: a name and a node id prove nothing.
+    #: Trailing with a default: an older dialer's 6-element Hello decodes as "no token".
+    resume: ResumeToken = b""
 
 
 class Welcome(msgspec.Struct, tag="welcome", array_like=True, frozen=True):
@@ -84,6 +93,9 @@ class Welcome(msgspec.Struct, tag="welcome", array_like=True, frozen=True):
     sent_at_ns: Int64
     hlc: Int64
     sync: Sync
+    #: A fresh random token for this session, sent only on its connection: the dialer's next
+    #: Hello carries it to continue the session (an older dialer ignores the element).
+    resume: ResumeToken = b""
 
 
 class Refuse(msgspec.Struct, tag="refuse", array_like=True, frozen=True):

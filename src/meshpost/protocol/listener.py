@@ -15,7 +15,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
-from collections.abc import Collection, Iterable, Sequence
+import secrets
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import NamedTuple
 
 from meshpost.errors import IdentityMismatch, MalformedFrame, ProtocolError, UnsupportedVersion
@@ -32,6 +33,7 @@ from meshpost.protocol.frames import (
     INT64_MIN,
     MAX_ID_LENGTH,
     PROTOCOL_VERSION,
+    RESUME_TOKEN_BYTES,
     Batch,
     Bye,
     Close,
@@ -81,6 +83,12 @@ LIVE_SESSION_NS = 30_000_000_000
 #: that session next sends a frame. Beyond this the oldest go: the dialer resends what they
 #: answered and is answered again from the store (a bound, not a loss).
 MAX_FORWARDED_ANSWERS = 1024
+
+
+def new_resume_token() -> bytes:
+    """A session's resume token: RESUME_TOKEN_BYTES from the OS's secure random source, so
+    that no peer can guess another connection's (a counter or a clock could be)."""
+    return secrets.token_bytes(RESUME_TOKEN_BYTES)
 
 
 class SessionState(enum.Enum):
@@ -180,6 +188,9 @@ class _Session:
     predecessors: tuple[str, ...] = ()
     #: Answers to superseded sessions, sent on this connection with its next answer.
     forwarded: list[Frame] | None = None
+    #: The resume token its Welcome gave (only on its connection): a later Hello supersedes
+    #: this session only if it carries it (`Listener._supersede`).
+    token: bytes = b""
 
 
 class Listener:
@@ -194,8 +205,11 @@ class Listener:
         max_message_bytes: int,
         sync: str,
         exclusive: str | None = None,
+        new_token: Callable[[], bytes] = new_resume_token,
     ) -> None:
+        """`new_token`: where each Welcome's resume token comes from (tests pass their own)."""
         self.local_name = local_name
+        self._new_token = new_token
         #: The one peer this node accepts (seed 000's PAIR); every other Hello is refused.
         self.exclusive = exclusive
         self.local_node_id = local_node_id
@@ -289,7 +303,7 @@ class Listener:
             self._activity += 1
             replaced = session
             session = _Session(SessionState.OPEN, frame.name, frame.node_id,
-                               self._activity, wall_ns)
+                               self._activity, wall_ns, token=self._new_token())
             drained = self._draining.pop(identity, None)
             if replaced is None and drained is not None:
                 replaced = drained  # evicted, batches still being stored: the same rule
@@ -299,16 +313,21 @@ class Listener:
                 # before is still being stored, and answers forwarded to it still wait.
                 session.pending, session.forwarded = replaced.pending, replaced.forwarded
                 session.predecessors = replaced.predecessors
+                # Its token too: the connection is ours to name, so it is the same dialer,
+                # and the Welcome with a new token might be lost (its next redial would then
+                # carry the old one).
+                session.token = replaced.token
             self._sessions[identity] = session
-            if others:
-                self._supersede(session, identity, others)
+            if frame.resume:
+                self._supersede(session, identity, others, frame.resume)
         elif step.next is SessionState.NEW:
             self._sessions.pop(identity, None)  # only welcomed connections are kept
         elif session is not None and step.next is not state:
             session.state = step.next
         match step.answer:
             case Answer.WELCOME:
-                self._welcome(identity, wall_ns, hlc)
+                assert session is not None
+                self._welcome(identity, session, wall_ns, hlc)
             case Answer.WELCOME_CLAIM:
                 assert isinstance(frame, Hello)
                 self._events.append(SessionClaimed(frame.name, identity, len(others) + 1))
@@ -317,7 +336,8 @@ class Listener:
                     evicted = self._sessions.pop(stale)
                     if evicted.pending > 0:
                         self._draining[stale] = evicted
-                self._welcome(identity, wall_ns, hlc)
+                assert session is not None
+                self._welcome(identity, session, wall_ns, hlc)
             case Answer.REFUSE_CLAIM:
                 assert isinstance(frame, Hello)
                 self._events.append(SessionClaimed(frame.name, identity, len(others),
@@ -412,29 +432,45 @@ class Listener:
     # -- internals ------------------------------------------------------------------------
 
     def _supersede(self, session: _Session, identity: str,
-                   others: list[tuple[int, str]]) -> None:
-        """`session` (just welcomed on `identity`) supersedes the name's sessions on other
-        connections that said the same node id: the dialer redialled after a silence (a
-        node has one connection to us), and what it sent on the old connection may still be
-        unread or unanswered here. Their pending batches count in this session's Pongs, and
-        their answers from now on are forwarded to it (`_forward`), so the dialer learns
-        what we stored instead of sending it all again. (A name and node id are the
-        peer's claims, not proof: a claimant gets copies of answers, the original
-        connection still gets them too, so nothing is taken from the real peer.)"""
-        superseded: list[str] = []
-        forwarded: list[Frame] = []
+                   others: list[tuple[int, str]], token: bytes) -> None:
+        """`session` (just welcomed on `identity`) supersedes the session on another
+        connection whose resume token its Hello carries (same name and node id), and the
+        sessions that one superseded: the dialer redialled after a silence, and what it sent
+        on the old connection may still be unread or unanswered here. Their pending batches
+        count in this session's Pongs, and their answers from now on are forwarded to it
+        (`_forward`), so the dialer learns what we stored instead of sending it all again.
+        A name and a node id are claims anyone can copy, so without the token (sent only on
+        the old session's connection) a Hello supersedes nothing: another connection's
+        answers could settle this dialer's messages under the same seqs (docs/reliability.md,
+        "A stranger's receipts forwarded to a redialled peer")."""
         evicted = [(0, c) for c, s in self._draining.items()
                    if c != identity and s.peer == session.peer]
+        candidates: dict[str, _Session] = {}
         for _last, connection in [*others, *evicted]:
             other = self._sessions.get(connection) or self._draining[connection]
-            if other.node_id != session.node_id:
-                continue
+            if other.node_id == session.node_id:
+                candidates[connection] = other
+        matched = next((c for c, other in candidates.items()
+                        if other.token and secrets.compare_digest(other.token, token)), None)
+        if matched is None:
+            return
+        # The matched session's chain: those it superseded, and those that continued it
+        # already (the same token: a redial whose Welcome this dialer never got).
+        chain = [matched, *(c for c, other in candidates.items() if matched in other.predecessors)]
+        superseded = list(dict.fromkeys(
+            c for link in chain for c in (link, *candidates[link].predecessors)
+            if c in candidates))
+        forwarded: list[Frame] = []
+        for connection in superseded:
+            other = candidates[connection]
             other.successor = identity
-            superseded.append(connection)
             if other.forwarded:
                 forwarded.extend(other.forwarded)
                 other.forwarded = None
-        session.predecessors = tuple(superseded)
+        session.predecessors = tuple(dict.fromkeys([*session.predecessors, *superseded]))
+        if forwarded:
+            kept = [*(session.forwarded or ()), *forwarded]
+            session.forwarded = kept[-MAX_FORWARDED_ANSWERS:]
         if forwarded:
             session.forwarded = forwarded[-MAX_FORWARDED_ANSWERS:]
 
@@ -476,10 +512,10 @@ class Listener:
     def _reply(self, identity: str, frame: Frame) -> None:
         self._frames.append((identity, frame))
 
-    def _welcome(self, identity: str, wall_ns: int, hlc: int) -> None:
+    def _welcome(self, identity: str, session: _Session, wall_ns: int, hlc: int) -> None:
         self._reply(identity, Welcome(
             version=PROTOCOL_VERSION, node_id=self.local_node_id, name=self.local_name,
-            sent_at_ns=wall_ns, hlc=hlc, sync=self.sync,
+            sent_at_ns=wall_ns, hlc=hlc, sync=self.sync, resume=session.token,
         ))
 
     def _claim_refusal(self, hello: Hello) -> str:

@@ -45,6 +45,7 @@ envelopes = st.builds(
 )
 i64 = st.integers(min_value=INT64_MIN, max_value=INT64_MAX)
 syncs = st.sampled_from(["full", "normal"])
+tokens = st.binary(max_size=32)
 
 
 def frame_strategy(ints: st.SearchStrategy[int], syncs: st.SearchStrategy[str]
@@ -53,9 +54,9 @@ def frame_strategy(ints: st.SearchStrategy[int], syncs: st.SearchStrategy[str]
     integer) and its durability levels from `syncs`."""
     return st.one_of(
         st.builds(Hello, version=st.just(PROTOCOL_VERSION), node_id=texts, name=texts,
-                  sent_at_ns=ints, hlc=ints),
+                  sent_at_ns=ints, hlc=ints, resume=tokens),
         st.builds(Welcome, version=ints, node_id=texts, name=texts, sent_at_ns=ints, hlc=ints,
-                  sync=syncs),
+                  sync=syncs, resume=tokens),
         st.builds(Refuse, code=texts, detail=texts),
         st.builds(Batch, tx_at_ns=ints, messages=st.lists(envelopes, max_size=5)),
         st.builds(ReceiptFrame, ranges=st.lists(st.tuples(ints, ints), max_size=5),
@@ -416,3 +417,37 @@ def test_envelopes_made_or_decoded_in_bulk_do_not_set_off_the_garbage_collector(
     assert isinstance(decoded, Batch)
     assert len(made) == len(decoded.messages) == 2048
     assert not gc.is_tracked(decoded.messages[1]) and not gc.is_tracked(header)
+
+
+# -- resume tokens: a trailing field older peers neither send nor read ----------------------
+
+
+def test_an_older_peers_hello_and_welcome_decode_as_carrying_no_token() -> None:
+    """msgspec fills a trailing array_like field left out with its default."""
+    hello = decode(raw("hello", PROTOCOL_VERSION, "node-a", "alice", 1, 2), max_bytes=LIMIT)
+    assert hello == Hello(PROTOCOL_VERSION, "node-a", "alice", 1, 2, resume=b"")
+    welcome = decode(raw("welcome", PROTOCOL_VERSION, "node-b", "bob", 1, 2, "full"),
+                     max_bytes=LIMIT)
+    assert welcome == Welcome(PROTOCOL_VERSION, "node-b", "bob", 1, 2, "full", resume=b"")
+
+
+def test_an_older_peer_reads_a_welcome_with_a_token_as_it_always_did() -> None:
+    """The layout before tokens (a copy of it here) ignores the extra trailing element."""
+
+    class OldWelcome(msgspec.Struct, tag="welcome", array_like=True, frozen=True):
+        version: int
+        node_id: str
+        name: str
+        sent_at_ns: int
+        hlc: int
+        sync: str
+
+    new = Welcome(PROTOCOL_VERSION, "node-b", "bob", 1, 2, "full", resume=b"12345678")
+    old = msgspec.msgpack.decode(encode(new), type=OldWelcome)
+    assert old == OldWelcome(PROTOCOL_VERSION, "node-b", "bob", 1, 2, "full")
+
+
+@pytest.mark.parametrize("token", ["a str", 7, b"x" * 33])
+def test_a_hello_whose_token_is_not_up_to_32_bytes_is_malformed(token: object) -> None:
+    with pytest.raises(MalformedFrame):
+        decode(raw("hello", PROTOCOL_VERSION, "node-a", "alice", 1, 2, token), max_bytes=LIMIT)

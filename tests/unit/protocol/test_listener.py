@@ -41,6 +41,7 @@ from meshpost.protocol.frames import (
     MAX_BATCH_BODY_BYTES,
     MAX_BATCH_MESSAGES,
     MAX_ID_LENGTH,
+    RESUME_TOKEN_BYTES,
 )
 from meshpost.protocol.header import Kind, PatternHeader
 from meshpost.protocol.listener import (
@@ -60,8 +61,9 @@ def make_listener(max_message_bytes: int = LIMIT) -> Listener:
     )
 
 
-def hello(name: str = "alice", version: int = PROTOCOL_VERSION) -> Hello:
-    return Hello(version=version, node_id=f"node-{name}", name=name, sent_at_ns=WALL, hlc=1)
+def hello(name: str = "alice", version: int = PROTOCOL_VERSION, resume: bytes = b"") -> Hello:
+    return Hello(version=version, node_id=f"node-{name}", name=name, sent_at_ns=WALL, hlc=1,
+                 resume=resume)
 
 
 def msg(
@@ -97,11 +99,23 @@ def stored(listener: Listener, arrived: MessagesArrived, **kwargs: Any) -> list[
 
 
 def connected(max_message_bytes: int = LIMIT) -> Listener:
+    return connected_with_token(max_message_bytes)[0]
+
+
+def connected_with_token(max_message_bytes: int = LIMIT) -> tuple[Listener, bytes]:
+    """A listener with alice welcomed on connection "alice", and her session's resume token."""
     listener = make_listener(max_message_bytes)
     [welcome] = send(listener, hello())
     assert isinstance(welcome, Welcome)
     assert listener.events() == []
-    return listener
+    return listener, welcome.resume
+
+
+def resumed(listener: Listener, identity: str, token: bytes) -> bytes:
+    """alice redials on `identity`, her Hello carrying `token`; returns the new session's."""
+    [welcome] = send(listener, hello(resume=token), identity=identity)
+    assert isinstance(welcome, Welcome)
+    return welcome.resume
 
 
 def refusal(frames: list[Frame]) -> Refuse:
@@ -124,7 +138,10 @@ def arrivals(listener: Listener) -> list[MessagesArrived]:
 def test_a_known_peer_is_welcomed() -> None:
     listener = make_listener()
     [welcome] = send(listener, hello())
-    assert welcome == Welcome(PROTOCOL_VERSION, "node-b", "bob", WALL + 5, 77, "normal")
+    assert isinstance(welcome, Welcome)
+    assert len(welcome.resume) == RESUME_TOKEN_BYTES  # a fresh token for this session
+    assert welcome == Welcome(PROTOCOL_VERSION, "node-b", "bob", WALL + 5, 77, "normal",
+                              welcome.resume)
     assert listener.session_state("alice") is SessionState.OPEN
 
 
@@ -598,17 +615,17 @@ def pong(frames: list[Frame]) -> Pong:
 
 
 def test_a_pong_counts_the_pending_batches_of_the_sessions_it_superseded() -> None:
-    listener = connected()  # connection "alice"
+    listener, token = connected_with_token()  # connection "alice"
     taken_on(listener, "alice", 1, 2)
-    send(listener, hello(), identity="c2")  # alice redialled: same name, same node id
+    resumed(listener, "c2", token)  # alice redialled: same name, node id, and her token
     assert pong(send(listener, Ping(WALL), identity="c2")).pending == 2
     assert pong(send(listener, Ping(WALL))).pending == 2  # the old session's own count
 
 
 def test_answers_to_a_superseded_session_go_to_its_successor_with_its_next_answer() -> None:
-    listener = connected()
+    listener, token = connected_with_token()
     [first, second] = taken_on(listener, "alice", 1, 2)
-    send(listener, hello(), identity="c2")
+    resumed(listener, "c2", token)
     listener.events()
     [receipt] = stored(listener, first, committed=[1], conflicts=[], stored_at_ns=1,
                        replied_at_ns=2, hlc=3)  # still sent on the old connection
@@ -638,9 +655,9 @@ def test_a_session_of_another_node_id_supersedes_nothing() -> None:
 
 
 def test_answers_kept_for_a_successor_are_bounded() -> None:
-    listener = connected()
+    listener, token = connected_with_token()
     arrived = taken_on(listener, "alice", *range(1, MAX_FORWARDED_ANSWERS + 11))
-    send(listener, hello(), identity="c2")
+    resumed(listener, "c2", token)
     for a in arrived:
         stored(listener, a, committed=[a.messages[0].seq], conflicts=[], stored_at_ns=1,
                replied_at_ns=2, hlc=3)
@@ -651,12 +668,12 @@ def test_answers_kept_for_a_successor_are_bounded() -> None:
 
 
 def test_a_hello_repeated_on_its_own_connection_keeps_what_is_pending_and_forwarded() -> None:
-    listener = connected()
+    listener, token = connected_with_token()
     [first] = taken_on(listener, "alice", 1)
-    send(listener, hello(), identity="c2")
+    resumed(listener, "c2", token)
     taken_on(listener, "c2", 2)
     stored(listener, first, committed=[1], conflicts=[], stored_at_ns=1, replied_at_ns=2, hlc=3)
-    send(listener, hello(), identity="c2")  # the dialer retried its Hello
+    send(listener, hello(resume=token), identity="c2")  # the dialer retried its Hello
     frames = send(listener, Ping(WALL), identity="c2")
     assert [type(f) for f in frames] == [ReceiptFrame, Pong]
     assert pong(frames).pending == 1

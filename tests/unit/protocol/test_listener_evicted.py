@@ -8,8 +8,9 @@ from tests.unit.protocol.test_dialer import PEER_TIMEOUT, Wire, msgs
 from tests.unit.protocol.test_listener import (
     WALL,
     connected,
-    hello,
+    connected_with_token,
     pong,
+    resumed,
     send,
     stored,
     taken_on,
@@ -32,22 +33,25 @@ from meshpost.protocol import (
 from meshpost.protocol.listener import MAX_SESSIONS_PER_PEER, Listener
 
 
-def redial(listener: Listener, *connections: str) -> None:
-    """alice says Hello again (same name, same node id) on each new connection in turn."""
+def redial(listener: Listener, token: bytes, *connections: str) -> bytes:
+    """alice says Hello again (same name, same node id) on each new connection in turn,
+    each carrying the resume token of the Welcome before; returns the last Welcome's."""
     for connection in connections:
-        send(listener, hello(), identity=connection)
+        token = resumed(listener, connection, token)
     listener.events()
+    return token
 
 
-def evicted_with_a_batch() -> tuple[Listener, MessagesArrived, str]:
+def evicted_with_a_batch() -> tuple[Listener, MessagesArrived, str, bytes]:
     """alice's connection "alice" took batch 1, then alice redialled until that session was
-    the least recently active one past MAX_SESSIONS_PER_PEER: evicted, its batch not stored."""
-    listener = connected()
+    the least recently active one past MAX_SESSIONS_PER_PEER: evicted, its batch not stored.
+    Also returns the newest connection and its session's resume token."""
+    listener, token = connected_with_token()
     [arrived] = taken_on(listener, "alice", 1)
     connections = [f"c{i}" for i in range(2, MAX_SESSIONS_PER_PEER + 2)]
-    redial(listener, *connections)
+    token = redial(listener, token, *connections)
     assert listener.session_peer("alice") is None  # evicted: its connection is NEW again
-    return listener, arrived, connections[-1]
+    return listener, arrived, connections[-1], token
 
 
 def receipt_for(listener: Listener, arrived: MessagesArrived) -> ReceiptFrame:
@@ -59,14 +63,14 @@ def receipt_for(listener: Listener, arrived: MessagesArrived) -> ReceiptFrame:
 
 def test_an_evicted_sessions_pending_batch_counts_in_its_successors_pongs() -> None:
     """Before: 0, the evicted session forgotten, though its batch was still being stored."""
-    listener, _arrived, newest = evicted_with_a_batch()
+    listener, _arrived, newest, _token = evicted_with_a_batch()
     assert pong(send(listener, Ping(WALL), identity=newest)).pending == 1
 
 
 def test_an_evicted_sessions_receipt_is_forwarded_to_its_successor() -> None:
     """Before: the receipt went only to the evicted (closed) connection, and the sender
     learnt of it only by resending, if at all."""
-    listener, arrived, newest = evicted_with_a_batch()
+    listener, arrived, newest, _token = evicted_with_a_batch()
     receipt = receipt_for(listener, arrived)
     frames = send(listener, Ping(WALL), identity=newest)
     assert frames[:-1] == [receipt]  # ahead of the Pong
@@ -77,19 +81,19 @@ def test_an_evicted_sessions_receipt_is_forwarded_to_its_successor() -> None:
 
 
 def test_a_later_redial_takes_over_what_an_evicted_session_still_waits_for() -> None:
-    listener, arrived, _newest = evicted_with_a_batch()
-    redial(listener, "c-last")  # superseding the sessions kept and the evicted one
+    listener, arrived, _newest, token = evicted_with_a_batch()
+    redial(listener, token, "c-last")  # superseding the sessions kept and the evicted one
     assert pong(send(listener, Ping(WALL), identity="c-last")).pending == 1
     receipt = receipt_for(listener, arrived)
     assert send(listener, Ping(WALL), identity="c-last")[:-1] == [receipt]
 
 
 def test_an_evicted_connection_that_says_hello_again_keeps_its_pending_batch() -> None:
-    listener, arrived, _newest = evicted_with_a_batch()
+    listener, arrived, _newest, _token = evicted_with_a_batch()
     [refused] = send(listener, Batch(WALL, []), identity="alice")  # a session is needed
     assert isinstance(refused, Refuse)
     assert refused.code == RefuseCode.HELLO_REQUIRED
-    redial(listener, "alice")  # the same node again on that connection
+    redial(listener, b"", "alice")  # the same node again on that connection
     assert pong(send(listener, Ping(WALL), identity="alice")).pending == 1
     receipt_for(listener, arrived)
     assert pong(send(listener, Ping(WALL), identity="alice")).pending == 0
