@@ -181,8 +181,9 @@ class _Session:
     #: a Pong says it, so the dialer knows a receipt is still to come.
     pending: int = 0
     #: The connection of the session that superseded this one: a later Hello of the same
-    #: name and node id on another connection (the dialer redialled: this connection is
-    #: likely closed, and answers sent on it lost). Answers to this session are forwarded there.
+    #: name and node id on another connection, carrying this session's resume token (the
+    #: dialer redialled: this connection is likely closed, and answers sent on it lost).
+    #: Answers to this session are forwarded there.
     successor: str | None = None
     #: The connections of the sessions this one superseded (its Pongs count their pending).
     predecessors: tuple[str, ...] = ()
