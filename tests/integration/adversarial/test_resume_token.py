@@ -14,7 +14,6 @@ the stranger's answers never reach A, whatever the order (5 of 5 runs).
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 
