@@ -208,7 +208,8 @@ class Listener:
         exclusive: str | None = None,
         new_token: Callable[[], bytes] = new_resume_token,
     ) -> None:
-        """`new_token`: where each Welcome's resume token comes from (tests pass their own)."""
+        """`new_token`: where each new session's resume token comes from (injected, as time
+        is; by default the OS's secure random source)."""
         self.local_name = local_name
         self._new_token = new_token
         #: The one peer this node accepts (seed 000's PAIR); every other Hello is refused.
