@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import operator
 import time
 from typing import Protocol
 
@@ -182,6 +183,9 @@ def ntp_sample(t1: int, t2: int, t3: int, t4: int) -> OffsetSample:
     return OffsetSample(offset_ns=((t2 - t1) + (t3 - t4)) // 2, delay_ns=(t4 - t1) - (t3 - t2))
 
 
+_DELAY = operator.itemgetter(0)
+
+
 class OffsetEstimator:
     """Per-peer clock offset and round-trip estimate with a minimum-delay filter.
 
@@ -196,19 +200,24 @@ class OffsetEstimator:
     __slots__ = ("_samples",)
 
     def __init__(self, window: int = DEFAULT_WINDOW) -> None:
-        self._samples: collections.deque[OffsetSample] = collections.deque(maxlen=window)
+        #: (delay_ns, offset_ns) of each sample: a tuple, not an `OffsetSample`, because a
+        #: sample is taken per receipt and a frozen dataclass costs a call per field to build;
+        #: `best()` builds the one asked for.
+        self._samples: collections.deque[tuple[int, int]] = collections.deque(maxlen=window)
 
     def add(self, t1: int, t2: int, t3: int, t4: int) -> None:
-        sample = ntp_sample(t1, t2, t3, t4)
-        if sample.delay_ns < 0:
+        # `ntp_sample`'s formula, inline (this runs per receipt).
+        delay = (t4 - t1) - (t3 - t2)
+        if delay < 0:
             # Impossible unless a clock jumped mid-exchange; such a sample is noise.
             return
-        self._samples.append(sample)
+        self._samples.append((delay, ((t2 - t1) + (t3 - t4)) // 2))
 
     def best(self) -> OffsetSample | None:
         if not self._samples:
             return None
-        return min(self._samples, key=lambda s: s.delay_ns)
+        delay, offset = min(self._samples, key=_DELAY)  # the first of the fastest
+        return OffsetSample(offset_ns=offset, delay_ns=delay)
 
     @property
     def offset_ns(self) -> int | None:

@@ -378,3 +378,12 @@ def test_a_restored_stamp_within_the_bound_of_its_send_time_survives_a_clock_goi
     ratcheted = hlc_pack(issued_at // MS + HLC_MAX_FORWARD_DRIFT_MS + 150_000, 0)
     hlc, refused = HybridLogicalClock.restored(clock, ratcheted, issued_at)
     assert refused == ratcheted and hlc_unpack(hlc.now())[0] == physical_ms(clock)
+
+
+def test_the_estimator_picks_the_first_fastest_sample_as_ntp_sample_computes_it() -> None:
+    estimator = OffsetEstimator()
+    estimator.add(0, 700, 710, 30)  # delay 20, offset 690
+    estimator.add(0, 12, 22, 30)  # delay 20 as well, came later: not chosen
+    estimator.add(0, 500, 500, 1_000)  # delay 1000
+    assert estimator.best() == ntp_sample(0, 700, 710, 30)
+    assert (estimator.offset_ns, estimator.rtt_ns) == (690, 20)
