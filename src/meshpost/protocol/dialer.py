@@ -73,6 +73,11 @@ class LinkState(enum.Enum):
     LEFT = "left"  # the peer said Bye; Hello at the usual pace until it is back
     REFUSED = "refused"  # the peer refused us; retry rarely
 
+    # Identity hashing: every frame a link takes looks up (state, input) in `TRANSITIONS`,
+    # and `Enum.__hash__` is a Python call per member hashed (two a receipt). Members are
+    # singletons compared by identity, so the object's own hash is as good and is C.
+    __hash__ = object.__hash__
+
 
 class LinkInput(enum.Enum):
     """What can happen to a link: a frame from the peer, or a fact the node or a timer reports."""
@@ -87,6 +92,8 @@ class LinkInput(enum.Enum):
     BYE = "peer said Bye"
     OPEN = "a message to send, or a connect request"
     IDLE_TIMEOUT = "link_idle_s with nothing to send"
+
+    __hash__ = object.__hash__  # as LinkState's: C, not a Python call per lookup
 
 
 _S, _I = LinkState, LinkInput
