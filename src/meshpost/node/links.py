@@ -428,7 +428,8 @@ class Links(Mapping[str, DialerLink]):
         needs = link.needs_connection
         if needs and peer not in self._connected:
             self._set_connection(peer, True)
-        elif peer in self._connected and any(type(e) is RedialWanted for e in events):
+        # (`in map(type, ...)`: the test in C, no generator per frame in or out.)
+        elif events and peer in self._connected and RedialWanted in map(type, events):
             # Still lost a peer timeout after its loss, its Hellos unanswered: the connection
             # is dead or half-open. A new one, before this poll's Hello goes, on it. (Not at
             # the loss itself: a peer merely stopped reads the old one, and the frames still
