@@ -563,11 +563,7 @@ class DialerLink:
         self._seen_at = now
         if self._recovery.wants_heard:
             self._recovery.heard(now, self.state is LinkState.LOST)
-        match frame:
-            case Welcome():
-                self._on_welcome(frame, before, now, wall_ns)
-            case Refuse(code=code, detail=detail):
-                self._on_refuse(code, detail, before, now, wall_ns, hlc)
+        match frame:  # (receipts first: they are nearly every frame a dialer takes)
             case ReceiptFrame(echo_tx_at_ns=echo):
                 outbox = self._outbox
                 settled = outbox.settle(frame.ranges)
@@ -578,6 +574,10 @@ class DialerLink:
                     self._active_at = now
                     self._events.append(MessagesDelivered(self.peer, settled, frame, wall_ns))
                     self._recovery.receipted(settled, echo, now, wall_ns)
+            case Welcome():
+                self._on_welcome(frame, before, now, wall_ns)
+            case Refuse(code=code, detail=detail):
+                self._on_refuse(code, detail, before, now, wall_ns, hlc)
             case Reject(seqs=seqs, code=code, detail=detail):
                 settled = self._outbox.reject(seqs)
                 if settled:
@@ -587,7 +587,8 @@ class DialerLink:
                 self._recovery.pong(t1, pending, now, wall_ns)
             case _:  # pragma: no cover - _FRAME_INPUTS filters the rest
                 pass
-        self._pump(now, wall_ns)
+        if self._queue:  # (`_pump` moves nothing without)
+            self._pump(now, wall_ns)
 
     def _move(self, kind: LinkInput) -> bool:
         """Take `kind` in the current state (`TRANSITIONS`); False if this state does not."""
@@ -613,22 +614,27 @@ class DialerLink:
         state = self.state
         if state is LinkState.IDLE:
             return self._next_hello_at if self._queue else math.inf
-        busy = self.has_work
+        # `has_work`, `_watch_until` and `_heard_at` are inline here, sharing their first
+        # test: the node asks this after every frame in or out (twice a single send).
+        expecting = bool(self._queue or self._inflight) or self.watched
         idle_at = (self._active_at + self.link_idle_s
-                   if self.link_idle_s > 0 and not busy else math.inf)
+                   if self.link_idle_s > 0 and not (expecting or self.disk_backlog)
+                   else math.inf)
         if state is not LinkState.READY:
             redial_at = self._recovery.redial_at(state is LinkState.LOST)
             return min(self._next_hello_at, idle_at, redial_at)
         # Pings and the silence timer run only while watching: while answers are expected, or
         # until the recent window ends (then nothing is due until the idle close).
-        watch_until = self._watch_until()
+        watch_until = math.inf if expecting else self._active_at + self.recent_s
         deadline = self._next_ping_at
         if not (deadline <= watch_until or self._ping_owed):
             deadline = math.inf
         rto_deadline = self._recovery.rto_deadline
         if rto_deadline is not None and self._inflight:
             deadline = min(deadline, rto_deadline)
-        heard = self._heard_at()
+        heard = self.last_heard
+        if heard is not None and heard < self._silence_from:
+            heard = self._silence_from
         if heard is not None and heard + self._peer_timeout <= watch_until:
             deadline = min(deadline, heard + self._peer_timeout)
         return min(deadline, idle_at)

@@ -116,7 +116,9 @@ class Outbox:
     @property
     def wants_disk(self) -> bool:
         """`disk_request()` would ask for rows now: wake whatever reads them."""
-        return self.disk_backlog and self.wants_refill()
+        # `disk_backlog`, inline: the node asks this after every frame in or out.
+        return ((self._disk_unread or self._highest_offered_seq > self.highest_enqueued_seq)
+                and self.wants_refill())
 
     def wants_refill(self) -> bool:
         """A quarter of the window is free in messages and in bytes: worth a read from disk
@@ -276,6 +278,14 @@ class Outbox:
         inflight = self.inflight
         if not inflight:
             return []
+        if len(ranges) == 1 and ranges[0][0] == ranges[0][1]:
+            # One message (a single send's receipt): no walk to set up.
+            seq = ranges[0][0]
+            message = inflight.pop(seq, None)
+            if message is None:
+                return []
+            self.held_bytes -= len(message.body) + HELD_MESSAGE_OVERHEAD  # its `held_size`
+            return [seq]
         budget, width = SETTLE_WALK_FACTOR * len(inflight), 0
         for lo, hi in ranges:
             if hi >= lo:

@@ -181,6 +181,20 @@ def test_settle_takes_what_is_in_flight_in_order_and_frees_the_window() -> None:
     assert not outbox.flights
 
 
+def test_a_receipt_of_one_seq_settles_it_alone_and_frees_its_bytes() -> None:
+    outbox = caught_up()
+    launched(outbox, [1, 2], 1.0, T0_WALL)
+    before = outbox.held_bytes
+    assert outbox.settle([(2, 2)]) == [2]
+    assert sorted(outbox.inflight) == [1]
+    assert outbox.held_bytes == before - held_size(msgs([2]))
+    assert outbox.settle([(2, 2)]) == []  # settled already
+    assert outbox.settle([(7, 7)]) == []  # never sent
+    assert outbox.held_bytes == before - held_size(msgs([2]))
+    assert outbox.settle([(1, 1)]) == [1]
+    assert outbox.held_bytes == 0
+
+
 def test_reject_settles_the_listed_seqs_in_flight() -> None:
     outbox = caught_up()
     launched(outbox, [1, 2, 3], 1.0, T0_WALL)
