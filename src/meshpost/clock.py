@@ -36,11 +36,10 @@ class Clock(Protocol):
 class SystemClock:
     """The machine's clocks."""
 
-    def wall_ns(self) -> int:
-        return time.time_ns()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
+    # The C functions themselves, not methods wrapping them: a node reads its clock several
+    # times per message, and a Python call around each costs more than the reading.
+    wall_ns = staticmethod(time.time_ns)
+    monotonic = staticmethod(time.monotonic)
 
     def __repr__(self) -> str:
         return "SystemClock()"
@@ -114,9 +113,12 @@ class HybridLogicalClock:
         return self._clock.wall_ns() // 1_000_000
 
     def now(self) -> int:
-        pt = self._physical_ms()
-        l_ms, c = hlc_unpack(self._last)
-        self._last = hlc_pack(pt, 0) if pt > l_ms else self._bump(l_ms, c)
+        # `hlc_unpack`/`hlc_pack` inline: one stamp per message sent.
+        pt = self._clock.wall_ns() // 1_000_000
+        last = self._last
+        l_ms = last >> HLC_LOGICAL_BITS
+        self._last = (pt << HLC_LOGICAL_BITS if pt > l_ms
+                      else self._bump(l_ms, last & HLC_LOGICAL_MASK))
         return self._last
 
     def advance(self, own: int) -> None:
