@@ -390,8 +390,7 @@ class DialerLink:
         """`messages` (for this peer, in seq order) are committed to the local store: hold
         what the window takes; the rest stay on disk for `disk_request`. Frames leave on the
         next `pump` or `poll`, so several offers can go out in the same batch frames."""
-        if self._outbox.offered(messages):
-            self.enqueue(messages)
+        self._outbox.offer(messages)
 
     def disk_request(self) -> tuple[int, int] | None:
         """What to read from the store for this link now, as (after_seq, limit): up to
@@ -418,10 +417,6 @@ class DialerLink:
         that through the disk)."""
         return self._outbox.enqueue(messages)
 
-    def pump(self, now: float, wall_ns: int) -> None:
-        """Put what `enqueue` queued in flight now (if the handshake is done), not at the
-        next timer tick: call it after `enqueue`, then collect `frames_to_send()`."""
-        self._pump(now, wall_ns)
 
     def batch_dropped(self, batch: Batch) -> None:
         """The node could not queue `batch` (the socket was full or gone): a later answer
@@ -442,7 +437,7 @@ class DialerLink:
         seen, self._seen_at = self._seen_at, now
         recovery = self._recovery
         if self.state is LinkState.IDLE:
-            self._pump(now, wall_ns)  # a message queued while idle opens the link
+            self.pump(now, wall_ns)  # a message queued while idle opens the link
             if self.state is LinkState.IDLE:
                 return
         if self._idle_due(now):
@@ -486,7 +481,7 @@ class DialerLink:
         deadline = recovery.rto_deadline
         if self.state is LinkState.READY and deadline is not None and now >= deadline:
             recovery.timed_out(now, seen, wall_ns)
-        self._pump(now, wall_ns)
+        self.pump(now, wall_ns)
 
     def _heard_at(self) -> float | None:
         """Since when silence counts: the last frame heard, or the end of a quiet spell."""
@@ -496,8 +491,9 @@ class DialerLink:
     def _resume(self, now: float) -> None:
         """Messages to send after a quiet spell in which nobody asked the peer anything: its
         silence counts from now, not from the last frame heard long ago."""
+        # (`recently_active`, inline: this runs at every pump.)
         if self._queue and not self._inflight and not self.watched \
-                and not self.recently_active(now):
+                and now > self._active_at + self.recent_s:
             self._silence_from = self._active_at = now
 
     def _idle_due(self, now: float) -> bool:
@@ -587,8 +583,8 @@ class DialerLink:
                 self._recovery.pong(t1, pending, now, wall_ns)
             case _:  # pragma: no cover - _FRAME_INPUTS filters the rest
                 pass
-        if self._queue:  # (`_pump` moves nothing without)
-            self._pump(now, wall_ns)
+        if self._queue:  # (`pump` moves nothing without)
+            self.pump(now, wall_ns)
 
     def _move(self, kind: LinkInput) -> bool:
         """Take `kind` in the current state (`TRANSITIONS`); False if this state does not."""
@@ -694,8 +690,10 @@ class DialerLink:
         self._next_hello_at = now + REFUSED_RETRY_S
         self._events.append(LinkRefused(self.peer, code, detail))
 
-    def _pump(self, now: float, wall_ns: int) -> None:
-        """Move queued messages into flight while the handshake is done and the window allows."""
+    def pump(self, now: float, wall_ns: int) -> None:
+        """Put what `enqueue` queued in flight now (if the handshake is done and the window
+        allows), not at the next timer tick: call it after `enqueue` (or `offer`), then
+        collect `frames_to_send()`. The link pumps itself after every poll and frame."""
         if self.state is not LinkState.READY or not self._queue:
             if self._queue and self.state is LinkState.IDLE:
                 self._open(now)  # the Hello goes at the next poll (the node wakes for it)

@@ -139,7 +139,8 @@ class Outbox:
         nothing older waits on disk, so the caller holds them now (`enqueue`)."""
         if not messages:
             return False
-        backlog = self.disk_backlog
+        # (`disk_backlog`, inline: once per commit's offer.)
+        backlog = self._disk_unread or self._highest_offered_seq > self.highest_enqueued_seq
         self._highest_offered_seq = max(self._highest_offered_seq, messages[-1].seq)
         return not backlog
 
@@ -170,7 +171,8 @@ class Outbox:
 
     def _admit(self, messages: Sequence[Envelope]) -> tuple[int, int]:
         """`admit`, with the held bytes of the admitted messages."""
-        count = min(len(messages), self.capacity)
+        # (`capacity`, inline: once per offer.)
+        count = min(len(messages), self.window - len(self.queue) - len(self.inflight))
         if count <= 0:
             return 0, 0
         room = self.window_bytes - self.held_bytes

@@ -164,7 +164,7 @@ class LossRecovery:
         self._probe_tx_ns, self._probe_answered = None, False
         sample_s = (wall_ns - echo) / 1e9
         first = outbox.first_resend_tx_ns
-        resent = outbox.forget_resent(settled)
+        resent = outbox.forget_resent(settled) if outbox.resent else 0
         if resent:
             if first is not None and echo < first:
                 # The receipt echoes a transmission older than the first resend: the

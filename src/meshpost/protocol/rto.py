@@ -19,13 +19,17 @@ RTT_G_S = 0.001
 class RtoEstimator:
     """Smoothed RTT and its variance; `base_s` is the timeout they give, within bounds."""
 
-    __slots__ = ("initial_s", "max_s", "rttvar_s", "srtt_s")
+    __slots__ = ("base_s", "initial_s", "max_s", "rttvar_s", "srtt_s")
 
     def __init__(self, initial_s: float, max_s: float) -> None:
         self.initial_s = initial_s
         self.max_s = max_s
         self.srtt_s: float | None = None
         self.rttvar_s = 0.0
+        #: `initial_s` until a sample, then SRTT + max(G, K * RTTVAR), never below
+        #: `initial_s` nor above `max_s`. Worked out once per sample, not when asked: the
+        #: dialer asks at every receipt, for this estimator and its path's.
+        self.base_s = initial_s
 
     def add_sample(self, sample_s: float) -> None:
         """Fold in one round trip, in seconds."""
@@ -37,12 +41,5 @@ class RtoEstimator:
         else:
             self.rttvar_s += RTT_BETA * (abs(self.srtt_s - sample_s) - self.rttvar_s)
             self.srtt_s += RTT_ALPHA * (sample_s - self.srtt_s)
-
-    @property
-    def base_s(self) -> float:
-        """`initial_s` until a sample, then SRTT + max(G, K * RTTVAR), never below
-        `initial_s` nor above `max_s`."""
-        if self.srtt_s is None:
-            return self.initial_s
         adaptive = self.srtt_s + max(RTT_G_S, RTT_K * self.rttvar_s)
-        return min(self.max_s, max(self.initial_s, adaptive))
+        self.base_s = min(self.max_s, max(self.initial_s, adaptive))
