@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -587,11 +588,12 @@ class Node:
     def _add_outgoing(
         self, peers: list[str], body: str, *, held: bool, header: PatternHeader | None,
         message_id: str | None, stored: Callable[[int], None] | None,
-        failed: Callable[[BaseException], None] | None = None,
+        failed: Callable[[BaseException], None] | None = None, owned: bool = False,
     ) -> list[Outgoing]:
         """Hand `body` for each of `peers` (checked already) to the writer; return the
         handles. `stored(at)` once committed; if nothing can be stored, every handle's receipt
-        fails (and `failed(error)` is told) with the node's failure."""
+        fails (and `failed(error)` is told) with the node's failure. `held` and `owned`: as
+        `Receipts.expect` takes them."""
         writer = self._writer
         assert writer is not None
         wall = self.clock.wall_ns()
@@ -605,7 +607,7 @@ class Node:
                 id=message_id or self._new_id(wall), seq=seq, sender=self.name, recipient=peer,
                 body=body, sent_at_ns=wall, hlc=self.hlc.now(), header=header,
             )
-            future = expect((peer, seq), envelope.id, wall, held=held)
+            future = expect((peer, seq), envelope.id, wall, held=held, owned=owned)
             handle = Outgoing(envelope.id, peer, seq, body, wall, envelope.hlc, future)
             envelopes.append(envelope)
             handles.append(handle)
@@ -621,8 +623,9 @@ class Node:
 
         # One peer (every send): its link takes them as they are, no grouping by recipient.
         one = peers[0] if len(peers) == 1 else None
+        # (A partial, not a lambda: one Python frame less when the commit calls it.)
         writer.add_outgoing(envelopes,
-                            lambda at: self._outgoing_stored(envelopes, stored, at, one),
+                            functools.partial(self._outgoing_stored, envelopes, stored, peer=one),
                             not_stored)
         return handles
 
@@ -784,18 +787,26 @@ class Node:
         if to not in self._configured_peers:
             rules.resolve_peer(to, peers=self.config.peer_names)  # raises UnknownPeer
         self._check_open()
-        self.validate_body(body)
-        await self._wait_for_room()
+        rules.validate_body(body, self.config.max_message_bytes)
+        writer = self._writer
+        assert writer is not None
+        if not writer.has_room:  # (tested here: a coroutine to await costs every send)
+            await self._wait_for_room()
         # The commit is not awaited on its own (a future and a loop turn less per send): the
         # receipt's future fails if the message cannot be stored. The handle is this call's
         # alone, so its future is awaited without a shield, which costs a loop turn on the way
         # back. A timeout fails the future, which harms no one (the receipt is still recorded
-        # when it comes). This frame holds the future while it waits, so the node need not
-        # (`held`).
+        # when it comes). This frame holds the future while it waits, and tells the node to
+        # forget it if it stops waiting without its receipt (`owned`): the node holds it
+        # without a weak reference.
         if timeout_s is None:
-            (handle,) = self._add_outgoing([to], body, held=True, header=None,
+            (handle,) = self._add_outgoing([to], body, held=True, owned=True, header=None,
                                            message_id=None, stored=None)
-            return await handle.receipt
+            try:
+                return await handle.receipt
+            except BaseException:
+                self._receipts.forget(handle.to, handle.seq)
+                raise
         waiting: list[tuple[asyncio.Future[Receipt], str]] = []
 
         def stored(_at: int) -> None:
@@ -806,12 +817,15 @@ class Node:
                 (future, message_id), = waiting
                 self._receipts.start_timeout(future, message_id, to, timeout_s)
 
-        (handle,) = self._add_outgoing([to], body, held=True, header=None, message_id=None,
-                                       stored=stored)
+        (handle,) = self._add_outgoing([to], body, held=True, owned=True, header=None,
+                                       message_id=None, stored=stored)
         future = handle.receipt
         waiting.append((future, handle.id))
         try:
             return await future
+        except BaseException:
+            self._receipts.forget(handle.to, handle.seq)
+            raise
         finally:
             waiting.clear()
             self._receipts.stop_timeout(future)

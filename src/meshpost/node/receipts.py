@@ -9,6 +9,7 @@ then count it and tell whoever follows deliveries. It stores only through its no
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import weakref
 from typing import TYPE_CHECKING
@@ -31,8 +32,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: A receipt future, held weakly, with the message id and send time its receipt reports.
-_Waiter = tuple["weakref.KeyedRef[_MessageKey, asyncio.Future[Receipt]]", str, int]
+#: A receipt future, held weakly (or, for its `owned` callers, the future itself), with the
+#: message id and send time its receipt reports.
+_Waiter = tuple[
+    "weakref.KeyedRef[_MessageKey, asyncio.Future[Receipt]] | asyncio.Future[Receipt]", str, int]
+
+
+def _future_of(
+    ref: weakref.KeyedRef[_MessageKey, asyncio.Future[Receipt]] | asyncio.Future[Receipt],
+) -> asyncio.Future[Receipt] | None:
+    """The future a waiter holds (None: it was held weakly, and is gone)."""
+    return ref if isinstance(ref, asyncio.Future) else ref()
+
 
 
 class Receipts:
@@ -48,23 +59,38 @@ class Receipts:
         #: `send()` calls waiting with a timeout: (deadline in loop time, id, peer, timeout).
         self._send_deadlines: dict[asyncio.Future[Receipt], tuple[float, str, str, float]] = {}
         self._send_timer: asyncio.TimerHandle | None = None
-        #: Set after each commit of receipts (`wait_delivered` follows `stats.delivered`).
-        self._delivered_changed = asyncio.Event()
+        #: One event per `wait_delivered` call waiting, set after each commit of receipts
+        #: (none to set, and no call, while nobody waits: the usual case, per send).
+        self._delivered_waiters: set[asyncio.Event] = set()
+        #: When `_send_timer` fires (loop time): compared per send, with no call.
+        self._send_timer_at = 0.0
 
     # -- the futures ------------------------------------------------------------------------
 
     def expect(
-        self, key: _MessageKey, message_id: str, sent_at_ns: int, *, held: bool
+        self, key: _MessageKey, message_id: str, sent_at_ns: int, *, held: bool,
+        owned: bool = False,
     ) -> asyncio.Future[Receipt]:
         """The receipt future of the message `key` (peer, seq), settled by its receipt, its
-        rejection or the node's failure; with `held`, the caller keeps it while it waits."""
+        rejection or the node's failure; with `held`, the caller keeps it while it waits.
+        With `owned` (and `held`), the caller also calls `forget(key)` if it stops waiting
+        before the future is settled (`send`): the node then holds the future itself rather
+        than a weak reference (a `KeyedRef` is two Python calls to make, per send)."""
         loop = asyncio.get_running_loop()
         # A caller that holds the future while it waits (send) gets a plain one: the
         # node need not hold it, and awaiting a plain future is cheaper.
         future = loop.create_future() if held else ReceiptFuture(loop, self._held, key)
-        self._waiters[key] = (weakref.KeyedRef(future, self._forget_waiter, key),
-                              message_id, sent_at_ns)
+        if owned:
+            self._waiters[key] = (future, message_id, sent_at_ns)
+        else:
+            self._waiters[key] = (weakref.KeyedRef(future, self._forget_waiter, key),
+                                  message_id, sent_at_ns)
         return future
+
+    def forget(self, peer: str, seq: int) -> None:
+        """The `owned` caller of (peer, seq)'s future stopped waiting (a timeout, a
+        cancellation, a failure): forget the future, as a weak reference would have."""
+        self._waiters.pop((peer, seq), None)
 
     def not_stored(self, handles: list[Outgoing], failure: BaseException) -> None:
         """Nothing of `handles` was stored: their receipts can never come, they fail."""
@@ -84,7 +110,7 @@ class Receipts:
 
     def close(self) -> None:
         """The node closes: every future still waiting fails with `NodeClosed`."""
-        for future in [ref() for ref, _id, _sent_at in self._waiters.values()]:
+        for future in [_future_of(ref) for ref, _id, _sent_at in self._waiters.values()]:
             if future is not None and not future.done():
                 future.set_exception(NodeClosed(self._node.name))
                 future.exception()  # nobody may be awaiting it: mark as retrieved
@@ -103,7 +129,7 @@ class Receipts:
         if waiter is None:
             return None
         ref, message_id, sent_at_ns = waiter
-        future = ref()
+        future = _future_of(ref)
         if future is None or future.done():
             return None
         return future, message_id, sent_at_ns
@@ -124,7 +150,8 @@ class Receipts:
         (`_expire_sends`)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         self._send_deadlines[future] = (deadline, message_id, to, timeout_s)
-        self._arm_send_timer(deadline)
+        if self._send_timer is None or self._send_timer_at > deadline:
+            self._arm_send_timer(deadline)
 
     def stop_timeout(self, future: asyncio.Future[Receipt]) -> None:
         """`future`'s send stopped waiting: forget its deadline."""
@@ -132,11 +159,12 @@ class Receipts:
 
     def _arm_send_timer(self, deadline: float) -> None:
         timer = self._send_timer
-        if timer is not None and timer.when() <= deadline:
+        if timer is not None and self._send_timer_at <= deadline:
             return  # it fires first, and re-arms itself for what is left
         if timer is not None:
             timer.cancel()
         self._send_timer = asyncio.get_running_loop().call_at(deadline, self._expire_sends)
+        self._send_timer_at = deadline
 
     def _expire_sends(self) -> None:
         """Fail the sends whose receipt is overdue with `ReceiptTimeout`; re-arm for the next."""
@@ -156,15 +184,20 @@ class Receipts:
 
     async def wait_delivered(self, count: int, timeout_s: float) -> bool:
         """Wait until `stats.delivered >= count`; False on timeout."""
+        changed = asyncio.Event()
+
         async def _wait() -> None:
             while self._node.stats.delivered < count:
-                self._delivered_changed.clear()
-                await self._delivered_changed.wait()
+                changed.clear()
+                await changed.wait()
 
+        self._delivered_waiters.add(changed)
         try:
             await asyncio.wait_for(_wait(), timeout_s)
         except TimeoutError:
             return False
+        finally:
+            self._delivered_waiters.discard(changed)
         return True
 
     # -- receipts and rejections arriving ---------------------------------------------------
@@ -202,7 +235,8 @@ class Receipts:
             # seen its receipt and the record is not committed when the node dies.
             asyncio.get_running_loop().call_soon(node._crash, CrashPoint.AFTER_RECEIPT_REPORTED)
         delivery = Delivery(peer, event.seqs, r, event.arrived_at_ns)
-        node._writer.add_delivery(delivery, lambda: self._delivery_stored(delivery))
+        # (A partial, not a lambda: one Python frame less when the commit calls it.)
+        node._writer.add_delivery(delivery, functools.partial(self._delivery_stored, delivery))
 
     def _delivery_stored(self, delivery: Delivery) -> None:
         """The receipt is recorded: count it, wake whoever follows deliveries. (The outbox
@@ -213,7 +247,8 @@ class Receipts:
             node._probe.mark(probes.DELIVERY_STORED)
         peer = delivery.peer
         node.stats.delivered += len(delivery.seqs)
-        self._delivered_changed.set()
+        for changed in self._delivered_waiters:
+            changed.set()
         if node._groups.restored_copies:  # copies of broadcasts posted before a restart
             node._groups.copies_settled(peer, delivery.seqs)
         if node._queues.follows_seqs:  # messages posted before a restart: 19.4

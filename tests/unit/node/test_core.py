@@ -83,6 +83,27 @@ def test_send_timeouts_share_one_timer_and_expire_in_deadline_order(tmp_path: Pa
     run(scenario)
 
 
+def test_a_send_that_stops_waiting_leaves_no_receipt_future_behind(tmp_path: Path) -> None:
+    """`send()` holds its receipt future itself (no weak reference): when it stops waiting
+    without the receipt (a timeout, a cancellation) it tells the node to forget the future."""
+    async def scenario() -> None:
+        async with node_pair(tmp_path) as (a, _b, net, _clock):
+            receipt = await a.send("B", "answered", timeout_s=PATIENCE_S)
+            assert receipt.seq == 1 and not a._receipts._waiters
+            net.partition("A", "B")  # no receipt can come from now on
+            with pytest.raises(ReceiptTimeout):
+                await a.send("B", "timed out", timeout_s=0.05)
+            assert not a._receipts._waiters
+            cancelled = asyncio.ensure_future(a.send("B", "cancelled"))
+            await until(lambda: a.stats.sent == 3)
+            assert len(a._receipts._waiters) == 1
+            cancelled.cancel()
+            await asyncio.gather(cancelled, return_exceptions=True)
+            assert not a._receipts._waiters
+
+    run(scenario)
+
+
 def test_an_unexpected_store_error_fails_the_post_and_the_node(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
