@@ -422,8 +422,7 @@ class Links(Mapping[str, DialerLink]):
     # -- performing what a link decided ---------------------------------------------------
 
     def _perform(self, link: DialerLink) -> None:
-        frames = link.frames_to_send()
-        events = link.events()
+        frames, events = link.output()
         peer = link.peer
         needs = link.needs_connection
         if needs and peer not in self._connected:

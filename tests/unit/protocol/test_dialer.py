@@ -211,6 +211,19 @@ def test_a_new_link_says_hello_first() -> None:
     assert (hello.name, hello.node_id, hello.sent_at_ns) == ("alice", "node-a", T0_WALL)
 
 
+def test_output_takes_the_frames_and_the_events_at_once() -> None:
+    wire = Wire()
+    wire.dialer.poll(wire.now, wire.wall, 0)
+    frames, events = wire.dialer.output()
+    assert [type(f) for f in frames] == [Hello] and events == []
+    assert wire.dialer.output() == ([], [])  # taken: nothing twice
+    for frame in wire.to_listener(frames):
+        wire.dialer.receive(encode(frame), wire.now, wire.wall, 0)
+    frames, events = wire.dialer.output()
+    assert [type(e) for e in events] == [PeerConnected]
+    assert wire.dialer.frames_to_send() == [] and wire.dialer.events() == []
+
+
 def test_the_handshake_makes_the_link_ready_and_reports_the_peer() -> None:
     wire = Wire()
     [welcome] = wire.to_listener(wire.poll())
