@@ -129,7 +129,7 @@ class Receipts:
         if waiter is None:
             return None
         ref, message_id, sent_at_ns = waiter
-        future = _future_of(ref)
+        future = ref if isinstance(ref, asyncio.Future) else ref()  # (`_future_of`, inline)
         if future is None or future.done():
             return None
         return future, message_id, sent_at_ns
