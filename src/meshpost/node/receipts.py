@@ -59,9 +59,8 @@ class Receipts:
         #: `send()` calls waiting with a timeout: (deadline in loop time, id, peer, timeout).
         self._send_deadlines: dict[asyncio.Future[Receipt], tuple[float, str, str, float]] = {}
         self._send_timer: asyncio.TimerHandle | None = None
-        #: One event per `wait_delivered` call waiting, set after each commit of receipts
-        #: (none to set, and no call, while nobody waits: the usual case, per send).
-        self._delivered_waiters: set[asyncio.Event] = set()
+        #: Set after each commit of receipts (`wait_delivered` follows `stats.delivered`).
+        self._delivered_changed = asyncio.Event()
         #: When `_send_timer` fires (loop time): compared per send, with no call.
         self._send_timer_at = 0.0
 
@@ -184,20 +183,15 @@ class Receipts:
 
     async def wait_delivered(self, count: int, timeout_s: float) -> bool:
         """Wait until `stats.delivered >= count`; False on timeout."""
-        changed = asyncio.Event()
-
         async def _wait() -> None:
             while self._node.stats.delivered < count:
-                changed.clear()
-                await changed.wait()
+                self._delivered_changed.clear()
+                await self._delivered_changed.wait()
 
-        self._delivered_waiters.add(changed)
         try:
             await asyncio.wait_for(_wait(), timeout_s)
         except TimeoutError:
             return False
-        finally:
-            self._delivered_waiters.discard(changed)
         return True
 
     # -- receipts and rejections arriving ---------------------------------------------------
@@ -247,8 +241,7 @@ class Receipts:
             node._probe.mark(probes.DELIVERY_STORED)
         peer = delivery.peer
         node.stats.delivered += len(delivery.seqs)
-        for changed in self._delivered_waiters:
-            changed.set()
+        self._delivered_changed.set()
         if node._groups.restored_copies:  # copies of broadcasts posted before a restart
             node._groups.copies_settled(peer, delivery.seqs)
         if node._queues.follows_seqs:  # messages posted before a restart: 19.4
