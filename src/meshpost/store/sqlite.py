@@ -151,17 +151,40 @@ def _chunks(count: int, largest: int) -> Iterator[tuple[int, int]]:
 #: rows only. A range that would overlap a stored one anyway (a receipt recorded twice) is
 #: left out: the first receipt stands, as it did when deliveries were row updates. The one
 #: candidate for an overlap is the stored range with the lowest last_seq >= first_seq.
-_RECORD_RECEIPT = (
-    "INSERT INTO receipts (peer, last_seq, first_seq, stored_at_ns, received_at_ns,"
-    " arrived_at_ns, sync, hlc) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8"
-    " WHERE NOT EXISTS (SELECT 1 FROM receipts WHERE peer = ?1 AND first_seq <= ?2"
-    " AND last_seq = (SELECT MIN(last_seq) FROM receipts WHERE peer = ?1 AND last_seq >= ?3))"
+def _receipt_overlaps(peer: str, first: str, last: str) -> str:
+    """SQL: whether a stored range of `peer` overlaps `first`..`last` (SQL expressions)."""
+    return (f"EXISTS (SELECT 1 FROM receipts WHERE peer = {peer} AND first_seq <= {last}"
+            f" AND last_seq = (SELECT MIN(last_seq) FROM receipts WHERE peer = {peer}"
+            f" AND last_seq >= {first}))")
+
+
+_RECEIPT_COLUMNS = ("peer, last_seq, first_seq, stored_at_ns, received_at_ns, arrived_at_ns,"
+                    " sync, hlc")
+#: The record is written through TEMP views (this connection's own; nothing in the file
+#: changes) whose INSTEAD OF triggers insert the range `WHEN` it overlaps no stored one.
+#: `INSERT INTO receipts SELECT ... WHERE NOT EXISTS (SELECT ... FROM receipts ...)` did the
+#: same in one statement, but an INSERT whose SELECT reads its own table goes through a
+#: temporary table (SQLite opens and frees an ephemeral B-tree each time): 22,000
+#: instructions of a sender's one-row commit of 191,000 (callgrind, benchmarks/single_send.py).
+#: A trigger's WHEN clause reads `receipts` before the INSERT ... VALUES, with no such table.
+_RECORD_RECEIPT_DDL = (
+    f"CREATE TEMP VIEW IF NOT EXISTS mp_record_receipt ({_RECEIPT_COLUMNS})"
+    " AS SELECT 1, 1, 1, 1, 1, 1, 1, 1 WHERE 0",
+    "CREATE TEMP TRIGGER IF NOT EXISTS mp_record_receipt_insert"
+    " INSTEAD OF INSERT ON mp_record_receipt"
+    f" WHEN NOT {_receipt_overlaps('NEW.peer', 'NEW.first_seq', 'NEW.last_seq')} BEGIN"
+    f" INSERT INTO receipts ({_RECEIPT_COLUMNS}) VALUES (NEW.peer, NEW.last_seq,"
+    " NEW.first_seq, NEW.stored_at_ns, NEW.received_at_ns, NEW.arrived_at_ns, NEW.sync,"
+    " NEW.hlc); END",
 )
+_RECORD_RECEIPT = (f"INSERT INTO mp_record_receipt ({_RECEIPT_COLUMNS})"
+                   f" VALUES ({', '.join('?' * 8)})")
 #: A sender's commit in a one-at-a-time exchange: its next message and the record of the
-#: previous one's receipt (one range). One INSERT into a TEMP view (this connection's own;
-#: nothing in the file changes) whose INSTEAD OF trigger writes both rows with the SQL of
-#: `_ROWS["out"]` and `_RECORD_RECEIPT`. A single statement is its own transaction in
-#: autocommit mode, so the commit needs no BEGIN IMMEDIATE and COMMIT: 71 -> 63 us CPU.
+#: previous one's receipt (one range). One INSERT into a TEMP view whose INSTEAD OF triggers
+#: write both rows: the message with the SQL of `_ROWS["out"]`, the range as
+#: `_RECORD_RECEIPT` does. A single statement is its own transaction in autocommit mode, so
+#: the commit needs no BEGIN IMMEDIATE and COMMIT: 71 -> 63 us CPU. (Both rows or neither:
+#: a trigger's failure fails the statement.)
 _SEND_AND_RECORD_DDL = (
     "CREATE TEMP VIEW IF NOT EXISTS mp_send_and_record (peer, sender, recipient, stored_at_ns,"
     " id, seq, body, sent_at_ns, hlc, checksum, r_peer, r_last, r_first, r_stored_at_ns,"
@@ -172,13 +195,13 @@ _SEND_AND_RECORD_DDL = (
     " INSERT INTO messages (peer, sender, recipient, stored_at_ns, id, direction, seq, body,"
     " sent_at_ns, hlc, state, checksum) VALUES (NEW.peer, NEW.sender, NEW.recipient,"
     " NEW.stored_at_ns, NEW.id, 'out', NEW.seq, NEW.body, NEW.sent_at_ns, NEW.hlc, 'pending',"
-    " NEW.checksum);"
-    " INSERT INTO receipts (peer, last_seq, first_seq, stored_at_ns, received_at_ns,"
-    " arrived_at_ns, sync, hlc) SELECT NEW.r_peer, NEW.r_last, NEW.r_first, NEW.r_stored_at_ns,"
-    " NEW.r_received_at_ns, NEW.r_arrived_at_ns, NEW.r_sync, NEW.r_hlc"
-    " WHERE NOT EXISTS (SELECT 1 FROM receipts WHERE peer = NEW.r_peer"
-    " AND first_seq <= NEW.r_last AND last_seq = (SELECT MIN(last_seq) FROM receipts"
-    " WHERE peer = NEW.r_peer AND last_seq >= NEW.r_first));"
+    " NEW.checksum); END",
+    # Its own trigger, not a nested insert into mp_record_receipt: one trigger program less.
+    "CREATE TEMP TRIGGER IF NOT EXISTS mp_send_and_record_receipt"
+    " INSTEAD OF INSERT ON mp_send_and_record"
+    f" WHEN NOT {_receipt_overlaps('NEW.r_peer', 'NEW.r_first', 'NEW.r_last')} BEGIN"
+    f" INSERT INTO receipts ({_RECEIPT_COLUMNS}) VALUES (NEW.r_peer, NEW.r_last, NEW.r_first,"
+    " NEW.r_stored_at_ns, NEW.r_received_at_ns, NEW.r_arrived_at_ns, NEW.r_sync, NEW.r_hlc);"
     " END",
 )
 _SEND_AND_RECORD = f"INSERT INTO mp_send_and_record VALUES ({', '.join('?' * 18)})"
@@ -389,7 +412,7 @@ class Store:
         self._lock = lock
         self._waits_for_lock = True
         with translated(path):
-            for ddl in _SEND_AND_RECORD_DDL:
+            for ddl in (*_RECORD_RECEIPT_DDL, *_SEND_AND_RECORD_DDL):
                 conn.execute(ddl)
         self._max_rows_per_statement = rows_per_statement(
             conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
