@@ -92,6 +92,10 @@ def new_resume_token() -> bytes:
 
 
 class SessionState(enum.Enum):
+    # Members are singletons compared by identity: hashed as objects, not by Enum's
+    # `hash(self._name_)`, a Python call (the `TRANSITIONS` lookup made two per frame).
+    __hash__ = object.__hash__
+
     NEW = "new"  # nothing accepted on this connection yet: only a Hello is taken
     OPEN = "open"  # welcomed: batches and pings are taken
     LEFT = "left"  # said Bye: only a Hello is taken, as after a restart
@@ -99,6 +103,8 @@ class SessionState(enum.Enum):
 
 class SessionInput(enum.Enum):
     """What a connection can send a listener (`Hello` split by what its checks find)."""
+
+    __hash__ = object.__hash__  # as `SessionState`'s
 
     HELLO = "Hello (a known peer; under --secure the key's name; no session on another connection)"
     CLAIM = "Hello (as HELLO, but the name has a session on another connection)"
@@ -322,11 +328,33 @@ class Listener:
             self._sessions[identity] = session
             if frame.resume:
                 self._supersede(session, identity, others, frame.resume)
-        elif step.next is SessionState.NEW:
-            self._sessions.pop(identity, None)  # only welcomed connections are kept
-        elif session is not None and step.next is not state:
-            session.state = step.next
+        elif step.next is not state:  # (a stored session is never NEW: no pop from NEW)
+            if step.next is SessionState.NEW:
+                self._sessions.pop(identity, None)  # only welcomed connections are kept
+            elif session is not None:
+                session.state = step.next
+        # The usual frames first: each case looks its member up on the enum class, which
+        # Python 3.11 does through `EnumType.__getattr__`'s slow path.
         match step.answer:
+            case Answer.ARRIVED:
+                assert isinstance(frame, Batch)
+                assert session is not None
+                self._activity += 1
+                session.last_active, session.last_active_ns = self._activity, wall_ns
+                if session.forwarded:
+                    self._flush_forwarded(identity, session)
+                if self._on_batch(identity, session.peer, frame, wall_ns, checked=checked):
+                    session.pending += 1
+            case Answer.PONG:
+                assert isinstance(frame, Ping)
+                assert session is not None
+                self._activity += 1
+                session.last_active, session.last_active_ns = self._activity, wall_ns
+                if session.forwarded:
+                    self._flush_forwarded(identity, session)
+                self._reply(identity, Pong(echo_sent_at_ns=frame.sent_at_ns,
+                                           received_at_ns=wall_ns, replied_at_ns=wall_ns,
+                                           pending=self._pending(session)))
             case Answer.WELCOME:
                 assert session is not None
                 self._welcome(identity, session, wall_ns, hlc)
@@ -353,25 +381,6 @@ class Listener:
                 self._reply(identity, Refuse(code, str(error)))
             case Answer.HELLO_REQUIRED:
                 self._reply(identity, Refuse(RefuseCode.HELLO_REQUIRED, "send Hello first"))
-            case Answer.ARRIVED:
-                assert isinstance(frame, Batch)
-                assert session is not None
-                self._activity += 1
-                session.last_active, session.last_active_ns = self._activity, wall_ns
-                if session.forwarded:
-                    self._flush_forwarded(identity, session)
-                if self._on_batch(identity, session.peer, frame, wall_ns, checked=checked):
-                    session.pending += 1
-            case Answer.PONG:
-                assert isinstance(frame, Ping)
-                assert session is not None
-                self._activity += 1
-                session.last_active, session.last_active_ns = self._activity, wall_ns
-                if session.forwarded:
-                    self._flush_forwarded(identity, session)
-                self._reply(identity, Pong(echo_sent_at_ns=frame.sent_at_ns,
-                                           received_at_ns=wall_ns, replied_at_ns=wall_ns,
-                                           pending=self._pending(session)))
             case Answer.LEFT:
                 assert isinstance(frame, Bye)
                 assert session is not None
