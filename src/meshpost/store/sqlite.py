@@ -11,7 +11,6 @@ writer), and composed here for the reads the node makes on the writer's connecti
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import functools
@@ -23,6 +22,8 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+import msgspec
 
 from meshpost.errors import (
     DataDirNotWritable,
@@ -321,31 +322,33 @@ def _headed_row(m: Envelope) -> tuple[Any, ...]:
             h.queue or None, blob)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Delivery:
+# The records of a write are msgspec structs, not dataclasses: built in C, one costs a few
+# times fewer instructions, and every commit makes a `WriteBatch` (4,700 -> 1,800 a batch),
+# every incoming group an `IncomingResult` (3,700 -> 1,800) and every receipt a `Delivery`
+# (frozen: a dataclass sets each field through `object.__setattr__`; five fields 8,700 ->
+# 1,100; callgrind, 10,000 of each). Nothing encodes them: they are plain records.
+class Delivery(msgspec.Struct, frozen=True):
     peer: str
     seqs: list[int]
     receipt: ReceiptFrame
     arrived_at_ns: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Rejection:
+class Rejection(msgspec.Struct, frozen=True):
     peer: str
     seqs: list[int]
     reason: str
 
 
-@dataclasses.dataclass(slots=True)
-class WriteBatch:
+class WriteBatch(msgspec.Struct):
     """Everything one transaction writes: the unit of group commit."""
 
-    outgoing: list[Envelope] = dataclasses.field(default_factory=list)
-    incoming: list[list[Envelope]] = dataclasses.field(default_factory=list)
-    deliveries: list[Delivery] = dataclasses.field(default_factory=list)
-    rejections: list[Rejection] = dataclasses.field(default_factory=list)
+    outgoing: list[Envelope] = msgspec.field(default_factory=list)
+    incoming: list[list[Envelope]] = msgspec.field(default_factory=list)
+    deliveries: list[Delivery] = msgspec.field(default_factory=list)
+    rejections: list[Rejection] = msgspec.field(default_factory=list)
     #: A ventilator's new tasks (`tasks` rows), written before the batch's messages.
-    tasks: list[NewTask] = dataclasses.field(default_factory=list)
+    tasks: list[NewTask] = msgspec.field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.outgoing or self.incoming or self.deliveries or self.rejections
@@ -378,8 +381,7 @@ class WriteBatch:
 REFUSAL_CHARS = 200
 
 
-@dataclasses.dataclass(slots=True)
-class IncomingResult:
+class IncomingResult(msgspec.Struct):
     """Per incoming group: seqs now committed (new or already there), conflicting seqs,
     which of the committed ones are not new (retransmissions, and later copies of a message
     the group repeats: `Store._classify_incoming`), one entry per copy, and the
@@ -388,8 +390,8 @@ class IncomingResult:
 
     committed: list[int]
     conflicts: list[int]
-    duplicates: list[int] = dataclasses.field(default_factory=list)
-    refused: list[tuple[int, BaseException]] = dataclasses.field(default_factory=list)
+    duplicates: list[int] = msgspec.field(default_factory=list)
+    refused: list[tuple[int, BaseException]] = msgspec.field(default_factory=list)
 
     def refusals(self) -> list[tuple[int, str]]:
         """(seq, why) of each refused message, as its sender is told (a `Reject`, code
