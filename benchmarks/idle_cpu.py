@@ -98,4 +98,14 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--link-idle-s", type=float, default=None,
                         help="NodeConfig.link_idle_s (ignored by code without it)")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"),
+                        help="event loop of the nodes' process (default: meshpost's own)")
+    args = parser.parse_args()
+    try:
+        from meshpost import eventloop
+    except ImportError:  # an older tree on PYTHONPATH (an A/B): asyncio, as it ran
+        asyncio.run(main(args))
+    else:
+        loop = eventloop.choose(args.loop)
+        print(f"event loop: {loop}")
+        eventloop.run(main(args), loop)

@@ -38,6 +38,7 @@ from single_send import (  # type: ignore[import-not-found]  # a sibling script
     callgrind,
     instructions,
     process_cpu_ns,
+    run_on_loop,
     thread_cpu,
 )
 
@@ -215,6 +216,8 @@ def main() -> None:
                         "sides' main threads into this folder (A: timed phase; B: its life)")
     parser.add_argument("--perf", type=Path, help="`perf record` both processes' timed phase "
                         "into this file (`perf report --sort pid,dso,sym`; pid is the thread)")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"),
+                        help="event loop of both processes (default: meshpost's own)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="pair-cpu-", dir="/tmp"))
     options: dict[str, Any] = {"sync": args.sync}
@@ -239,9 +242,10 @@ def main() -> None:
         b = cluster.nodes["B"].start() if "B" in cluster.nodes else cluster.process("B").start()
         b.wait_ready(300)
         cfg_a = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
-        result = asyncio.run(drive(cfg_a, args.messages, args.size, b.pid, args.callgrind,
-                                   args.warmup,
-                                   args.profile, args.perf, args.pyinstrument))
+        result, loop = run_on_loop(drive(cfg_a, args.messages, args.size, b.pid,
+                                         args.callgrind, args.warmup, args.profile, args.perf,
+                                         args.pyinstrument), args.loop)
+        result["loop"] = loop
     finally:
         cluster.stop()
     if cg_dir is not None:

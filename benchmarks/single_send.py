@@ -28,8 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from meshpost.bench.drive import wait_connected_or_fail
 from meshpost.cluster import LocalCluster, NodeProcess
@@ -38,6 +39,20 @@ from meshpost.node import Node
 
 _TICK = os.sysconf("SC_CLK_TCK")
 WARMUP = 200
+T = TypeVar("T")
+
+
+def run_on_loop(coro: Coroutine[Any, Any, T], requested: str | None) -> tuple[T, str]:
+    """Run `coro` here on meshpost's event loop (`--loop`, else its default) after putting
+    it in the environment that the `meshpost node` child inherits: both sides run on it.
+    An older tree on PYTHONPATH (an A/B) has no `meshpost.eventloop`: asyncio, as it ran."""
+    try:
+        from meshpost import eventloop
+    except ImportError:
+        return asyncio.run(coro), "asyncio"
+    loop = eventloop.choose(requested)
+    os.environ[eventloop.LOOP_ENV] = loop
+    return eventloop.run(coro, loop), loop
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -160,6 +175,8 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="cProfile both sides into this folder")
     parser.add_argument("--cg-out", type=Path, default=None,
                         help="keep the callgrind dumps of both sides in this folder")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"),
+                        help="event loop of both processes (default: meshpost's own)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="single-send-", dir="/tmp"))
     cluster = LocalCluster.create(root, 2, transport=args.transport,
@@ -181,8 +198,9 @@ def main() -> None:
         b = cluster.nodes["B"].start() if "B" in cluster.nodes else cluster.process("B").start()
         b.wait_ready(120)
         cfg_a = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
-        result = asyncio.run(drive(cfg_a, args.sends, args.concurrent, b.pid, args.callgrind,
-                                   cg_dir, args.profile))
+        result, loop = run_on_loop(drive(cfg_a, args.sends, args.concurrent, b.pid,
+                                         args.callgrind, cg_dir, args.profile), args.loop)
+        result["loop"] = loop
     finally:
         cluster.stop()
     if cg_dir is not None:

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meshpost.cluster import LocalCluster
-from meshpost.control import ControlClient, ErrorReply, SendRequest, SendResult
+from meshpost.control import ControlClient, ErrorReply, SendRequest, SendResult, StatusRequest
 from meshpost.store import StoreReader
 from meshpost.text import format_clock
 from meshpost.verify import verify_stores
@@ -38,6 +38,13 @@ def _send(cluster: LocalCluster, sender: str, target: str, body: str) -> list[Se
     if isinstance(reply, ErrorReply):
         raise RuntimeError(f"{sender} could not send: {reply.error}")
     return reply.sent
+
+
+def _event_loop(cluster: LocalCluster, name: str) -> str:
+    """The event loop node `name` says it runs on (its status; "?" if it does not say)."""
+    with ControlClient(cluster.data_dir(name), name=name) as client:
+        reply = client.request(StatusRequest(), timeout_s=10)
+    return "?" if isinstance(reply, ErrorReply) else str(reply.status.get("loop", "?"))
 
 
 Outcome = tuple[str, str, list[SendResult] | BaseException]
@@ -72,14 +79,15 @@ def _send_all(cluster: LocalCluster, plan: list[tuple[str, str, str]],
 
 
 def run_demo(*, nodes: int = 5, messages: int = 20, root: Path | None = None,
-             secure: bool = False, seed: int = 4) -> int:
+             secure: bool = False, seed: int = 4, loop: str | None = None) -> int:
     """Run the demo; return 0 when every message is receipted and stored on both ends, 130
-    when interrupted (Ctrl-C: the nodes are stopped and a temporary folder removed)."""
+    when interrupted (Ctrl-C: the nodes are stopped and a temporary folder removed). `loop`
+    is the nodes' `--loop` (None: their default)."""
     console = Console(highlight=False)
     keep = root is not None
     root = root or Path(tempfile.mkdtemp(prefix="meshpost-demo-"))
     try:
-        return _run_demo(console, nodes, messages, root, secure, seed, keep=keep)
+        return _run_demo(console, nodes, messages, root, secure, seed, keep=keep, loop=loop)
     except KeyboardInterrupt:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -90,9 +98,10 @@ def run_demo(*, nodes: int = 5, messages: int = 20, root: Path | None = None,
 
 
 def _run_demo(console: Console, nodes: int, messages: int, root: Path, secure: bool,
-              seed: int, *, keep: bool) -> int:
+              seed: int, *, keep: bool, loop: str | None = None) -> int:
     rng = random.Random(seed)
     extra = ["--secure"] if secure else []
+    extra += ["--loop", loop] if loop else []
     cluster = LocalCluster.create(root, nodes, extra_args=extra)
     if secure:
         from meshpost.keys import generate_mesh_keys
@@ -106,7 +115,8 @@ def _run_demo(console: Console, nodes: int, messages: int, root: Path, secure: b
         cluster.start()
         for name in cluster.names:
             console.print(f"  node [bold]{name}[/] pid {cluster.nodes[name].pid} "
-                          f"on {cluster.endpoints[name]}  data {cluster.data_dir(name)}")
+                          f"({_event_loop(cluster, name)}) on {cluster.endpoints[name]}  "
+                          f"data {cluster.data_dir(name)}")
         plan = []
         for i in range(messages):
             sender, receiver = rng.sample(cluster.names, 2)

@@ -416,9 +416,11 @@ async def run_host(configs: Sequence[NodeConfig], *, folder: Path | None,
     import signal
 
     from meshpost.errors import NodeNotStarted
+    from meshpost.eventloop import loop_name
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    log.info("host: %d nodes, event loop: %s", len(configs), loop_name(loop))
     for sig in (signal.SIGINT, signal.SIGTERM):  # once for the process, not per node
         loop.add_signal_handler(sig, stop.set)
     async with NodeHost(configs, folder=folder, curve_keys=load_keys(configs),

@@ -14,7 +14,7 @@ The layers, top to bottom (docs/architecture.md draws them):
     roles                     (echo, workers, gateways, discovery of a lone or hosted node)
     control (package: messages, server, client), verify, keys, text, gateway, discovery
     node                      (the `meshpost` package facade re-exports it)
-    store, transport, rules
+    store, transport, rules, eventloop
     protocol
     clock, config
     errors, probes
@@ -44,6 +44,7 @@ RANKS: dict[str, int] = {
     "rules": 3,  # the wire's size rule (protocol.frames.oversize) plus the local ones
     "store": 3,
     "transport": 3,
+    "eventloop": 3,  # which loop a process runs (uvloop or asyncio); the node never chooses
     "node": 4,
     "": 5,  # the public facade: `from meshpost import Node, NodeConfig, ...`
     "control": 6,

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -63,16 +63,18 @@ def interruptible() -> Iterator[None]:
 
 class Child:
     """A helper process (`python -m meshpost.bench ROLE`) speaking JSON lines: commands in,
-    replies and progress out; its stderr goes to `log_path`."""
+    replies and progress out; its stderr goes to `log_path`; `env` on top of ours (the
+    bench's `MESHPOST_LOOP`: a node role runs on the run's event loop)."""
 
-    def __init__(self, role_args: Sequence[str], log_path: Path) -> None:
+    def __init__(self, role_args: Sequence[str], log_path: Path,
+                 env: Mapping[str, str] | None = None) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.log_path = log_path
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meshpost.bench", *role_args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-            start_new_session=True,
+            start_new_session=True, env={**os.environ, **(env or {})},
         )
         self.progress = 0
         self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -311,28 +313,32 @@ def mqtt_sub(port: int, topic: str, n: int) -> None:
 
 
 
-def _driver_role(args: list[str]) -> None:
-    from meshpost.bench.drive import driver
-    from meshpost.bench.support import run_async
+# The node roles run on the event loop MESHPOST_LOOP names (the bench sets it for its
+# helpers), as `meshpost node` does: the loop's default rule lives in `meshpost.eventloop`.
 
-    run_async(driver(Path(args[0]), args[1], Path(args[2])), "--uvloop" in args[3:])
+
+def _driver_role(args: list[str]) -> None:
+    from meshpost import eventloop
+    from meshpost.bench.drive import driver
+
+    eventloop.run(driver(Path(args[0]), args[1], Path(args[2])), eventloop.choose())
 
 
 def _host_driver_role(args: list[str]) -> None:
+    from meshpost import eventloop
     from meshpost.bench.hosting import host_driver
-    from meshpost.bench.support import run_async
 
-    run_async(host_driver(Path(args[0]), args[1]), "--uvloop" in args[2:])
+    eventloop.run(host_driver(Path(args[0]), args[1]), eventloop.choose())
 
 
 def _timeline_peer_role(args: list[str]) -> None:
+    from meshpost import eventloop
     from meshpost.bench.drive import timeline_peer
-    from meshpost.bench.support import run_async
     from meshpost.timeline import Mark
 
     marks: list[Mark] = []
-    run_async(timeline_peer(Path(args[0]), args[1], Path(args[2]), marks),
-              "--uvloop" in args[4:])
+    eventloop.run(timeline_peer(Path(args[0]), args[1], Path(args[2]), marks),
+                  eventloop.choose())
     Path(args[3]).write_text(json.dumps(marks), encoding="utf-8")
     emit({"stopped": True})
 

@@ -105,7 +105,9 @@ class BenchOptions:
     json_path: Path | None = None
     plot_dir: Path | None = None
     out_dir: Path = DEFAULT_RESULTS_DIR
-    use_uvloop: bool = False
+    #: The event loop of every node and helper process (`meshpost.eventloop`: uvloop or
+    #: asyncio); None until `runner.run` resolves the default.
+    loop: str | None = None
     #: `NodeConfig.window` for the pair scenarios (None: the node's default).
     window: int | None = None
     #: Runs of `ceiling` and `pair-throughput`; the best of each is reported (both alike).
@@ -170,7 +172,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         transport=args.transport,
         json_path=Path(args.json) if args.json else None,
         plot_dir=Path(args.plot) if args.plot else None, out_dir=out_dir,
-        use_uvloop=args.uvloop, keep=args.keep, seed=args.seed,
+        loop=args.loop, keep=args.keep, seed=args.seed,
         window=getattr(args, "window", None), repeat=max(1, getattr(args, "repeat", 3)),
         hog=max(0, getattr(args, "hog", 0)),
         per_process=getattr(args, "per_process", None), fanout=getattr(args, "fanout", None),

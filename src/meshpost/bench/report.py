@@ -80,7 +80,8 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
                 ratio = f["ratio_loop"]
                 rows.append(("pair-latency loop", _fmt_lat(f["loop_pingpong_us"]) + " µs",
                              " / ".join(f"{ratio[k]:.1f}×" for k in ratio)
-                             + " raw: the same ping-pong on an asyncio loop"))
+                             + " raw: the same ping-pong on the nodes' event loop "
+                             + f"({f.get('loop', 'asyncio')})"))
             for key, value in f.items():
                 if key.startswith("meshpost_"):
                     sync = key.split("_")[1]
@@ -98,7 +99,8 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
                         rows.append((f"pair-latency floor {sync}",
                                      _fmt_lat(f[f"floor_{sync}_us"]) + " µs",
                                      " / ".join(f"{ratio[k]:.1f}×" for k in ratio)
-                                     + " raw: loop ping-pong + the 2 commits on the path"
+                                     + f" raw: loop ping-pong ({f.get('loop', 'asyncio')})"
+                                     + " + the 2 commits on the path"
                                      + " alone; meshpost is "
                                      + " / ".join(f"{over[k]:.1f}×" for k in over) + " of it"))
         elif name == "send-timeline":
@@ -158,7 +160,7 @@ def write_markdown(path: Path, results: dict[str, ScenarioResult], info: dict[st
         f"{info['pyzmq']} (libzmq {info['libzmq']}), SQLite {info['sqlite']}, msgspec "
         f"{info['msgspec']}  ",
         f"Bodies of {options.size} bytes; sync={options.sync}; transport={options.transport}; "
-        f"uvloop={'yes' if options.use_uvloop else 'no'}; "
+        f"event loop={options.loop}; "
         f"pair window={options.window or f'node default ({DEFAULT_WINDOW})'}.",
         "",
         "| scenario | result | comparison |",

@@ -30,12 +30,14 @@ from rich.progress import (
 )
 from rich.table import Column
 
+from meshpost import eventloop
 from meshpost.bench.children import Child, Interrupted, interruptible
 from meshpost.bench.options import REGISTRY, BenchError, BenchOptions
 from meshpost.bench.report import machine_info, print_table, write_markdown, write_plots
 from meshpost.bench.results import ScenarioResult
-from meshpost.bench.support import body, optional
+from meshpost.bench.support import body
 from meshpost.cluster import LocalCluster
+from meshpost.eventloop import LOOP_ENV
 
 
 class Bench:
@@ -67,10 +69,22 @@ class Bench:
     def task(self, description: str, total: int) -> TaskID:
         return self.progress.add_task(description, total=total)
 
+    @property
+    def loop(self) -> str:
+        """The run's event loop (`runner.run` resolved the default)."""
+        assert self.o.loop is not None
+        return self.o.loop
+
+    @property
+    def loop_env(self) -> dict[str, str]:
+        """The environment that puts a node or helper process on the run's event loop."""
+        return {LOOP_ENV: self.loop}
+
     def cluster(self, scenario: str, count: int, sync: str | None = None,
-                 options: dict[str, float] | None = None) -> LocalCluster:
+                options: dict[str, float] | None = None) -> LocalCluster:
         cluster = LocalCluster.create(self.root / scenario, count, transport=self.o.transport,
-                                      options={"sync": sync or self.o.sync, **(options or {})})
+                                      options={"sync": sync or self.o.sync, **(options or {})},
+                                      env=self.loop_env)
         self._clusters.append(cluster)
         return cluster
 
@@ -78,7 +92,8 @@ class Bench:
         return {"window": self.o.window} if self.o.window else {}
 
     def child(self, scenario: str, role: Sequence[str], log_name: str) -> Child:
-        child = Child(role, self.root / scenario / "logs" / f"{log_name}.log")
+        child = Child(role, self.root / scenario / "logs" / f"{log_name}.log",
+                      env=self.loop_env)
         self._children.append(child)
         return child
 
@@ -132,8 +147,7 @@ class Bench:
     # -- helper processes --
 
     def driver_args(self, cluster: LocalCluster, name: str) -> list[str]:
-        args = ["driver", str(cluster.config_path), name, str(cluster.data_dir(name))]
-        return [*args, "--uvloop"] if self.o.use_uvloop else args
+        return ["driver", str(cluster.config_path), name, str(cluster.data_dir(name))]
 
     def collect(self, drivers: dict[str, Child], task: TaskID,
                 stall_s: float) -> dict[str, dict[str, Any]]:
@@ -172,12 +186,8 @@ class Bench:
 def run(options: BenchOptions, console: Console | None = None) -> int:
     """Run the benchmark; write JSON, markdown and plots; return 0 if every scenario passed."""
     console = console or Console()
-    if options.use_uvloop:
-        try:
-            optional("uvloop")
-        except ImportError:
-            console.print("[yellow]uvloop is not installed; using asyncio[/]")
-            options.use_uvloop = False
+    # Every node and helper runs on this loop, and so does the loop ping-pong of the floor.
+    options.loop = eventloop.choose(options.loop)
     bench = Bench(options, console)
     info = machine_info()
     started = time.time()

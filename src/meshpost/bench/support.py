@@ -5,16 +5,16 @@ Rule: nothing scenario-specific; what two or more modules of the bench need, onc
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import json
 import subprocess
 import sys
-from collections.abc import Awaitable, Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from meshpost import eventloop
 from meshpost.bench.options import BenchError
 from meshpost.cluster import free_tcp_ports
 from meshpost.verify import VerifyReport, verify_stores
@@ -34,11 +34,9 @@ def task_body(index: int, size: int) -> str:
     return (head + "abcdefghijklmnopqrstuvwxyz" * (size // 26 + 1))[:max(size, len(head))]
 
 
-def run_async(coro: Awaitable[T], use_uvloop: bool) -> T:
-    if use_uvloop:
-        result: T = optional("uvloop").run(coro)
-        return result
-    return asyncio.run(coro)  # type: ignore[arg-type]
+def run_async(coro: Coroutine[Any, Any, T], loop: str | None) -> T:
+    """Run `coro` in this process on event loop `loop` (the bench's, resolved by then)."""
+    return eventloop.run(coro, eventloop.choose(loop))
 
 
 def optional(module: str) -> Any:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from meshpost.cli.common import at_least
+from meshpost.cli.common import add_loop_option, at_least
 
 if TYPE_CHECKING:
     from meshpost.cli.common import Subcommands
@@ -55,7 +55,11 @@ def add_bench(sub: Subcommands) -> None:
     p.add_argument("--plot", metavar="DIR", help="PNG plots (default: OUT)")
     p.add_argument("--out", help="results folder (default: benchmarks/results for every "
                    "scenario, benchmarks/results/SCENARIO[+SCENARIO...] for chosen ones)")
-    p.add_argument("--uvloop", action="store_true", help="uvloop for in-process/driver nodes")
+    add_loop_option(p, "every node and helper process of the run (the loop ping-pong of "
+                       "pair-latency's floor too)")
+    # Before uvloop became the default it ran only the in-process and driver nodes.
+    p.add_argument("--uvloop", action="store_const", const="uvloop", dest="loop",
+                   help=argparse.SUPPRESS)
     p.add_argument("--window", type=int, help="NodeConfig.window for the pair scenarios")
     p.add_argument("--repeat", type=at_least(1), default=3,
                    help="runs of ceiling and pair-throughput; the best of each counts")

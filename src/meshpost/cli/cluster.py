@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshpost.cli.common import at_least
+from meshpost.cli.common import add_loop_option, at_least
 from meshpost.errors import EXIT_NOT_RUNNING, EXIT_OK, ClusterNotRunning, MeshpostError
 
 #: `cluster up` prints the commands for every node up to this many, for the first few beyond.
@@ -48,6 +48,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                                 worker=args.worker, text_listen=args.text_listen,
                                 udp_listen=args.udp_listen)
     local.check_descriptors(args.count, args.per_process)  # before --replace stops anything
+    if args.loop:
+        from meshpost.eventloop import choose
+
+        choose(args.loop)  # uvloop asked for where it is missing: said before anything stops
     if args.replace:
         with contextlib.suppress(ClusterNotRunning):
             for name, what in local.stop_from_state(root).items():
@@ -55,6 +59,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     local.refuse_if_running(root)
     options = {"sync": args.sync} if args.sync else {}
     extra = ["--secure"] if args.secure else []
+    if args.loop:  # recorded in the state file: `cluster restart` starts a node alike
+        extra += ["--loop", args.loop]
     cluster = local.LocalCluster.create(root, args.count, base_port=args.base_port,
                                         transport=args.transport, options=options,
                                         extra_args=extra, per_process=args.per_process,
@@ -135,12 +141,12 @@ def _role_hints(names: list[str], roles: Mapping[str, Mapping[str, Any]], mp: st
 
 def cmd_host(args: argparse.Namespace) -> int:
     """Run several nodes of a mesh config in this one process (`meshpost.host`)."""
-    import asyncio
-
+    from meshpost import eventloop
     from meshpost.cli.common import setup_logging
     from meshpost.config import MeshConfig
     from meshpost.host import node_configs, node_roles, run_host, select_nodes
 
+    loop = eventloop.choose(args.loop)
     setup_logging(args.log_level)
     mesh = MeshConfig.load(Path(args.config))
     overrides: dict[str, object] = {"sync": args.sync} if args.sync else {}
@@ -149,8 +155,8 @@ def cmd_host(args: argparse.Namespace) -> int:
     names = select_nodes(mesh, args.nodes)
     configs = node_configs(mesh, names, **overrides)
     # Each node's roles (echo, workers, gateways, discovery) from its [nodes.NAME] table.
-    asyncio.run(run_host(configs, folder=Path(args.folder) if args.folder else None,
-                         roles=node_roles(mesh, names)))
+    eventloop.run(run_host(configs, folder=Path(args.folder) if args.folder else None,
+                           roles=node_roles(mesh, names)), loop)
     return EXIT_OK
 
 
@@ -192,6 +198,7 @@ def add_cluster(sub: Subcommands) -> None:
                     help="stop a cluster already running in that folder first")
     up.add_argument("--per-process", type=at_least(1), metavar="K",
                     help="run K nodes in each process (`meshpost host`) instead of one")
+    add_loop_option(up, "every node process (`cluster restart` keeps it)")
     up.add_argument("--peers-per-node", type=at_least(1), metavar="k",
                     help="each node lists k random others (a partial mesh; about 2k links "
                          "each) instead of every node")
@@ -235,5 +242,6 @@ def add_host(sub: Subcommands) -> None:
                    "status and restart); none by default")
     p.add_argument("--sync", choices=["full", "normal"], help="SQLite synchronous level")
     p.add_argument("--secure", action="store_true", help="CURVE encryption + authentication")
+    add_loop_option(p, "the host process")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_host)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshpost.config import NAME_PATTERN, default_data_dir
 from meshpost.errors import InvalidMessage
+from meshpost.eventloop import LOOP_ENV, LOOPS
 
 if TYPE_CHECKING:
     #: What `add_parser` is called on: each command module adds its own subcommands.
@@ -33,6 +34,14 @@ def setup_logging(level: str, *, log_file: Path | None = None) -> None:
         target = {"filename": str(log_file), "encoding": "utf-8"}
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt,
                         force=True, **target)
+
+
+def add_loop_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--loop uvloop|asyncio`: the event loop `what` runs on (`meshpost.eventloop`)."""
+    parser.add_argument("--loop", choices=LOOPS,
+                        help=f"event loop of {what}: uvloop (the default where it is "
+                             f"installed) or asyncio (the standard library's); default from "
+                             f"{LOOP_ENV} when set")
 
 
 def timeout_seconds(text: str) -> float:

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meshpost.cli.common import at_least, setup_logging
+from meshpost.cli.common import add_loop_option, at_least, setup_logging
 
 if TYPE_CHECKING:
     from meshpost.cli.common import Subcommands
@@ -23,9 +23,13 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from meshpost.demo import run_demo
+    from meshpost.eventloop import choose
 
+    if args.loop:
+        choose(args.loop)  # uvloop asked for where it is missing: said before any node starts
     return run_demo(nodes=args.nodes, messages=args.messages,
-                    root=Path(args.data) if args.data else None, secure=args.secure)
+                    root=Path(args.data) if args.data else None, secure=args.secure,
+                    loop=args.loop)
 
 
 def add_pipeline(sub: Subcommands) -> None:
@@ -46,4 +50,5 @@ def add_demo(sub: Subcommands) -> None:
     p.add_argument("--messages", type=at_least(0), default=20)
     p.add_argument("--data", help="keep the demo's files here (default: a temp dir)")
     p.add_argument("--secure", action="store_true")
+    add_loop_option(p, "the demo's node processes")
     p.set_defaults(func=cmd_demo)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshpost.cli.common import data_dir, name_argument, setup_logging
+from meshpost.cli.common import add_loop_option, data_dir, name_argument, setup_logging
 from meshpost.config import (
     MeshConfig,
     NodeConfig,
@@ -79,12 +79,14 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool,
 
     from meshpost import roles as node_roles
     from meshpost.control import ControlServer
+    from meshpost.eventloop import loop_name
     from meshpost.node import CrashPoint, Node
 
     crash = os.environ.get(CRASH_ENV)
     crash_at = CrashPoint(crash) if crash else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    log.info("[%s] event loop: %s", cfg.name, loop_name(loop))
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     curve_keys = peer_keys = None
@@ -127,6 +129,9 @@ def build_roles(args: argparse.Namespace) -> NodeRoles:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    from meshpost import eventloop
+
+    loop = eventloop.choose(args.loop)  # a wrong --loop / MESHPOST_LOOP fails before anything
     cfg = build_node_config(args)
     interactive = not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
     if interactive:  # node.log goes there: say so before mkdir's "File exists" does
@@ -134,9 +139,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
         check_data_dir(cfg.data_dir)
     setup_logging(args.log_level, log_file=cfg.data_dir / "node.log" if interactive else None)
-    import asyncio
-
-    asyncio.run(_run_node(cfg, interactive=interactive, roles=build_roles(args)))
+    eventloop.run(_run_node(cfg, interactive=interactive, roles=build_roles(args)), loop)
     return EXIT_OK
 
 
@@ -215,6 +218,7 @@ def add_node(sub: Subcommands) -> None:
                         "module:function (repeat)")
     p.add_argument("--echo", action="store_true",
                    help="answer every message with its own text, as a reply linked to it")
+    add_loop_option(p, "the node's process")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_node)
 

@@ -38,6 +38,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
     print(render_peers_table(list(reply.peers), now_ns=time.time_ns(), width=terminal_width(),
                              title=f"{reply.status.get('name')} — peers"))
     print(f"pending in outbox: {reply.status.get('pending')}")
+    if "loop" in reply.status:  # a node older than the field does not say
+        print(f"process: pid {reply.status.get('pid')}, event loop {reply.status['loop']}")
     known = NodeStats.__dataclass_fields__
     stats = reply.status.get("stats") or {}
     print(render_stats(NodeStats(**{k: v for k, v in stats.items() if k in known})))

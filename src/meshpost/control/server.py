@@ -76,6 +76,7 @@ from meshpost.errors import (
     UnknownBroadcast,
     describe_error,
 )
+from meshpost.eventloop import loop_name
 from meshpost.node import (
     BroadcastHandle,
     BroadcastProgress,
@@ -466,6 +467,7 @@ class ControlServer:
             "node_id": node.node_id,
             "endpoints": node.endpoints,
             "pid": os.getpid(),
+            "loop": loop_name(),  # uvloop or asyncio: `meshpost peers` shows it
             # All threads, nanosecond resolution: psutil's ticks are 10 ms, too coarse for a
             # short benchmark phase.
             "cpu_s": time.process_time(),

@@ -105,7 +105,7 @@ def run_hosted(bench: Bench) -> ScenarioResult:
     cluster = LocalCluster.create(
         bench.root / "mesh", nodes, transport=o.transport,
         options={"sync": o.sync, **timers}, peers_per_node=o.fanout, seed=o.seed,
-        per_process=per_process)
+        per_process=per_process, env=bench.loop_env)
     hosts = cluster.host_names()
     task = bench.task(f"mesh: {nodes} nodes, {per_process} per process → "
                       f"{o.fanout or 'all'} peers", total)
@@ -114,7 +114,7 @@ def run_hosted(bench: Bench) -> ScenarioResult:
         started = time.monotonic()
         for h, run_ in hosts.items():
             role = ["host-driver", str(cluster.config_path), f"{run_[0]}..{run_[-1]}"]
-            drivers[h] = bench.child("mesh", [*role, "--uvloop"] if o.use_uvloop else role, h)
+            drivers[h] = bench.child("mesh", role, h)
         for d in drivers.values():
             d.reply(READY_TIMEOUT_S + HOST_READY_S_PER_NODE * nodes)
         start_s = time.monotonic() - started

@@ -42,12 +42,14 @@ def run(bench: Bench) -> ScenarioResult:
     result = ScenarioResult("pair-latency")
     raw, loop = _raw_pingpong(bench, m)
     result.samples["raw pyzmq ping-pong"] = raw
-    result.samples["pyzmq ping-pong on an asyncio loop"] = loop
+    result.samples[f"pyzmq ping-pong on the {bench.loop} event loop"] = loop
     raw_p, loop_p = percentiles(raw), percentiles(loop)
     result.figures["raw_pingpong_us"] = rounded(raw_p)
     # The floor of any asyncio design (meshpost's included): the same ping-pong with the
-    # client reading through the event loop, as meshpost's transport does. Reported beside
-    # the ratios so that the share owed to the loop itself is visible.
+    # client reading through the event loop, as meshpost's transport does, on the loop the
+    # nodes of this run use (`--loop`). Reported beside the ratios so that the share owed to
+    # the loop itself is visible.
+    result.figures["loop"] = bench.loop
     result.figures["loop_pingpong_us"] = rounded(loop_p)
     result.figures["ratio_loop"] = {
         k: round(loop_p[k] / raw_p[k], 2) for k in ("p50", "p90", "p99", "p99.9")
@@ -89,7 +91,7 @@ def run(bench: Bench) -> ScenarioResult:
 
 
 def _raw_pingpong(bench: Bench, m: int) -> tuple[list[float], list[float]]:
-    """Blocking pyzmq ping-pong (the ceiling), then the same through an asyncio loop."""
+    """Blocking pyzmq ping-pong (the ceiling), then the same through the nodes' event loop."""
     import zmq
 
     task = bench.task("pair-latency: raw pyzmq ping-pong (blocking, then asyncio)", 2 * m)
@@ -116,7 +118,7 @@ def _raw_pingpong(bench: Bench, m: int) -> tuple[list[float], list[float]]:
         loop_samples = run_async(
             _loop_pingpong(dealer, payload, m,
                            lambda i: bench.progress.update(task, completed=m + i)),
-            bench.o.use_uvloop,
+            bench.loop,
         )
         bench.progress.update(task, completed=2 * m)
         dealer.send(b"")
@@ -261,7 +263,7 @@ def send_one_at_a_time(
             if then is not None:
                 await then(a)
 
-    run_async(run(), bench.o.use_uvloop)
+    run_async(run(), bench.loop)
 
 
 async def _loop_pingpong(

@@ -94,7 +94,7 @@ def _pair_once(bench: Bench, index: int) -> tuple[float, dict[str, Any], VerifyR
                              "cpu_us_per_msg": cpu_us, "wal_peak_mb": wal.peak_mb()}
 
         with cpu_hog(hog, allowance(n + PAIR_WARMUP_MESSAGES)):
-            elapsed, extra = run_async(run(), bench.o.use_uvloop)
+            elapsed, extra = run_async(run(), bench.loop)
             if hog:
                 extra["hog"] = hog
                 extra["load_average_1m"] = round(os.getloadavg()[0], 1)

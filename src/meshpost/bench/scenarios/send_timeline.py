@@ -28,8 +28,7 @@ def run(bench: Bench) -> ScenarioResult:
     marks_path = cluster.root / "B-marks.json"
     role = ["timeline-peer", str(cluster.config_path), "B", str(cluster.data_dir("B")),
             str(marks_path)]
-    peer = bench.child("send-timeline", [*role, *(["--uvloop"] if bench.o.use_uvloop
-                                                 else [])], "B")
+    peer = bench.child("send-timeline", role, "B")
     task = bench.task(f"send-timeline {sync}: one send at a time, probes on", sends)
     marks: list[Mark] = []
     try:

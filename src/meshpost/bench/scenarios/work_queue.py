@@ -80,7 +80,8 @@ def _meshpost_once(bench: Bench) -> dict[str, Any]:
     n = bench.o.tasks
     root = bench.root / "work-queue"
     cluster = LocalCluster.create(root, 4, names=["V", *WORKERS, "S"],
-                                  transport=bench.o.transport, options={"sync": bench.o.sync})
+                                  transport=bench.o.transport, options={"sync": bench.o.sync},
+                                  env=bench.loop_env)
     bodies = [task_body(i, bench.o.size) for i in range(n)]
     task = bench.task(f"work-queue: V → {' + '.join(WORKERS)} → S, sync={bench.o.sync}", n)
     try:
@@ -88,7 +89,7 @@ def _meshpost_once(bench: Bench) -> dict[str, Any]:
         for worker in WORKERS:
             node = NodeProcess(worker, cluster.config_path, cluster.data_dir(worker),
                                root / "logs" / f"{worker}.log",
-                               extra_args=("--worker", f"{QUEUE}=upper"))
+                               extra_args=("--worker", f"{QUEUE}=upper"), env=bench.loop_env)
             cluster.nodes[worker] = node.start()
         for worker in WORKERS:
             cluster.nodes[worker].wait_ready(READY_TIMEOUT_S)
