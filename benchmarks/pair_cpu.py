@@ -38,8 +38,8 @@ from single_send import (  # type: ignore[import-not-found]  # a sibling script
     callgrind,
     instructions,
     process_cpu_ns,
-    run_on_loop,
     thread_cpu,
+    use_loop,
 )
 
 import meshpost.bench.options as bench_options
@@ -219,6 +219,7 @@ def main() -> None:
     parser.add_argument("--loop", choices=("uvloop", "asyncio"),
                         help="event loop of both processes (default: meshpost's own)")
     args = parser.parse_args()
+    run_a = use_loop(args.loop)  # before B starts: it inherits the choice
     root = Path(tempfile.mkdtemp(prefix="pair-cpu-", dir="/tmp"))
     options: dict[str, Any] = {"sync": args.sync}
     if args.window:
@@ -242,10 +243,8 @@ def main() -> None:
         b = cluster.nodes["B"].start() if "B" in cluster.nodes else cluster.process("B").start()
         b.wait_ready(300)
         cfg_a = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
-        result, loop = run_on_loop(drive(cfg_a, args.messages, args.size, b.pid,
-                                         args.callgrind, args.warmup, args.profile, args.perf,
-                                         args.pyinstrument), args.loop)
-        result["loop"] = loop
+        result = run_a(drive(cfg_a, args.messages, args.size, b.pid, args.callgrind,
+                             args.warmup, args.profile, args.perf, args.pyinstrument))
     finally:
         cluster.stop()
     if cg_dir is not None:

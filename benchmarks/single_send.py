@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -42,17 +42,19 @@ WARMUP = 200
 T = TypeVar("T")
 
 
-def run_on_loop(coro: Coroutine[Any, Any, T], requested: str | None) -> tuple[T, str]:
-    """Run `coro` here on meshpost's event loop (`--loop`, else its default) after putting
-    it in the environment that the `meshpost node` child inherits: both sides run on it.
-    An older tree on PYTHONPATH (an A/B) has no `meshpost.eventloop`: asyncio, as it ran."""
+def use_loop(requested: str | None) -> Callable[[Coroutine[Any, Any, T]], T]:
+    """Choose meshpost's event loop (`--loop`, else its default) and put it in the
+    environment, so that the `meshpost node` child (start it after this) runs on it too;
+    returns the runner of this process's side on it. An older tree on PYTHONPATH (an A/B)
+    has no `meshpost.eventloop`: asyncio on both sides, as it ran."""
     try:
         from meshpost import eventloop
     except ImportError:
-        return asyncio.run(coro), "asyncio"
+        return asyncio.run
     loop = eventloop.choose(requested)
     os.environ[eventloop.LOOP_ENV] = loop
-    return eventloop.run(coro, loop), loop
+    print(f"event loop of both processes: {loop}")
+    return lambda coro: eventloop.run(coro, loop)
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -178,6 +180,7 @@ def main() -> None:
     parser.add_argument("--loop", choices=("uvloop", "asyncio"),
                         help="event loop of both processes (default: meshpost's own)")
     args = parser.parse_args()
+    run_a = use_loop(args.loop)  # before B starts: it inherits the choice
     root = Path(tempfile.mkdtemp(prefix="single-send-", dir="/tmp"))
     cluster = LocalCluster.create(root, 2, transport=args.transport,
                                   options={"sync": args.sync})
@@ -198,9 +201,8 @@ def main() -> None:
         b = cluster.nodes["B"].start() if "B" in cluster.nodes else cluster.process("B").start()
         b.wait_ready(120)
         cfg_a = MeshConfig.load(cluster.config_path).node("A", data_dir=cluster.data_dir("A"))
-        result, loop = run_on_loop(drive(cfg_a, args.sends, args.concurrent, b.pid,
-                                         args.callgrind, cg_dir, args.profile), args.loop)
-        result["loop"] = loop
+        result = run_a(drive(cfg_a, args.sends, args.concurrent, b.pid, args.callgrind,
+                             cg_dir, args.profile))
     finally:
         cluster.stop()
     if cg_dir is not None:
