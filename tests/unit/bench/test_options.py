@@ -73,3 +73,13 @@ def test_no_scenario_named_means_every_scenario() -> None:
 def test_an_unknown_scenario_is_refused_with_the_choices() -> None:
     with pytest.raises(SystemExit, match="mesh-saturated"):
         resolve(["mesh-saturate"])
+
+
+def test_loop_option_and_the_old_uvloop_flag() -> None:
+    """`--loop` chooses every node's and helper's loop; `--uvloop` (before uvloop became the
+    default it ran only the in-process and driver nodes) still parses, as `--loop uvloop`."""
+    assert options_from_args(_args()).loop is None  # the default: `runner.run` resolves it
+    assert options_from_args(_args("--loop", "asyncio")).loop == "asyncio"
+    assert options_from_args(_args("--uvloop")).loop == "uvloop"
+    with pytest.raises(SystemExit):
+        _args("--loop", "tokio")

@@ -15,6 +15,7 @@ from meshpost.bench import (
     ScenarioResult,
     default_out_dir,
     print_table,
+    summary_rows,
 )
 
 
@@ -52,3 +53,23 @@ def test_progress_on_a_narrow_terminal_cuts_the_step_name_not_the_counts() -> No
 
 def test_no_live_progress_without_a_terminal() -> None:
     assert _bench(Console(file=io.StringIO())).progress.disable
+
+
+def test_the_loop_ping_pong_rows_name_the_loop_the_nodes_ran_on() -> None:
+    """The floor's loop ping-pong runs on the run's loop; its rows say which (results from
+    before the field: asyncio, the only loop the floor ran on then)."""
+    figures = {"raw_pingpong_us": {"p50": 60.0, "p90": 70.0, "p99": 90.0, "p99.9": 120.0},
+               "loop_pingpong_us": {"p50": 80.0, "p90": 90.0, "p99": 110.0, "p99.9": 150.0},
+               "ratio_loop": {"p50": 1.3, "p90": 1.3, "p99": 1.2, "p99.9": 1.3},
+               "meshpost_normal_us": {"p50": 400.0, "p90": 500.0, "p99": 900.0, "p99.9": 2e3},
+               "ratio_normal": {"p50": 6.7, "p90": 7.1, "p99": 10.0, "p99.9": 16.7},
+               "floor_normal_us": {"p50": 200.0, "p90": 250.0, "p99": 400.0, "p99.9": 900.0},
+               "ratio_floor_normal": {"p50": 3.3, "p90": 3.6, "p99": 4.4, "p99.9": 7.5},
+               "over_floor_normal": {"p50": 2.0, "p90": 2.0, "p99": 2.3, "p99.9": 2.2}}
+    for loop, says in (("uvloop", "uvloop"), (None, "asyncio")):
+        f = {**figures, **({"loop": loop} if loop else {})}
+        rows = {name: comparison
+                for name, _, comparison in summary_rows({"pair-latency": ScenarioResult(
+                    "pair-latency", figures=f)})}
+        assert rows["pair-latency loop"].endswith(f"on the nodes' event loop ({says})")
+        assert f"loop ping-pong ({says}) + the 2 commits" in rows["pair-latency floor normal"]
