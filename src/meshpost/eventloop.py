@@ -73,6 +73,8 @@ def run(main: Coroutine[Any, Any, T], loop: str) -> T:
     """`asyncio.run(main)` on a new loop of kind `loop` (`choose` gives one)."""
     import asyncio
 
+    if loop == ASYNCIO:  # exactly as before uvloop (the loop is also the thread's current one)
+        return asyncio.run(main)
     with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
         return runner.run(main)
 
