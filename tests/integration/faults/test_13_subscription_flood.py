@@ -39,10 +39,17 @@ MB = 2**20
 SLACK_MB = 64
 #: R's `subscriber_idle_s` (a `[mesh]` option of the test's mesh file): short, so the test
 #: does not wait out the default 30 s, yet long enough that the 40 abandoned subscriptions
-#: are all there together (made one after another) and still there when the flood starts.
-#: 15 s, not less: S floods from this test's own event loop, and on a loaded machine the late
-#: subscriber's polls were seen 8 s apart, so an 8 s limit expired it mid-flood.
-IDLE_S = 15.0
+#: are all there together (made one after another, 0.1-0.2 s) and still there when the flood
+#: starts, and six times the late subscriber's poll interval. S floods from this test's own
+#: event loop: when each 32 KB body took ~10 ms of `rng.choice` calls (a round of 100 sends
+#: held the loop for a second or more) the late subscriber's polls were seen 8 s apart on a
+#: loaded machine and 8 s expired it mid-flood, so this was 15 s; bodies are now drawn in
+#: 0.1 ms, the flood takes 3-4 s instead of 80, and the largest gap between the late
+#: subscriber's polls is reported (`late_poll_gap_max_s`).
+IDLE_S = 6.0
+#: How often the late subscriber polls: rarely enough to lose events to the flood (its share
+#: of the bound is 1/41 of it, ~25 bodies), often enough never to be idle for IDLE_S.
+POLL_S = 1.0
 
 
 def test_subscription_flood(mesh_factory: MeshFactory) -> None:
@@ -55,6 +62,7 @@ def test_subscription_flood(mesh_factory: MeshFactory) -> None:
         rss_before = mesh.ps("R").memory_info().rss
         peak = {"rss": rss_before, "held": 0, "subscribers": 0}
         late_counts = {"seen": 0, "dropped": 0}
+        late_gap = {"max": 0.0}
         flooding = asyncio.Event()
 
         async def sample() -> None:
@@ -77,9 +85,13 @@ def test_subscription_flood(mesh_factory: MeshFactory) -> None:
 
         async def slow_reader(client: AsyncControlClient) -> None:
             # Polls rarely (well within the idle limit): too slow for the flood.
+            last = time.monotonic()
             while not flooding.is_set():
-                await asyncio.sleep(IDLE_S / 6)
+                await asyncio.sleep(POLL_S)
                 await read_all(client)
+                now = time.monotonic()
+                late_gap["max"] = max(late_gap["max"], now - last)
+                last = now
 
         subscribe_start = time.monotonic()
         for _ in range(ABANDONED):  # each request on a socket of its own, closed at once
@@ -106,7 +118,7 @@ def test_subscription_flood(mesh_factory: MeshFactory) -> None:
         while (await mesh.status("R"))["control"]["subscribers"]:
             assert time.monotonic() - expire_start < IDLE_S + 20, \
                 "abandoned subscriptions did not expire"
-            await asyncio.sleep(1)
+            await asyncio.sleep(0.25)
         sampler.cancel()
         grown_mb = (peak["rss"] - rss_before) / MB
         mesh.extra.update({
@@ -119,6 +131,7 @@ def test_subscription_flood(mesh_factory: MeshFactory) -> None:
             "all_expired_after_s": round(time.monotonic() - expire_start, 1),
             "subscribed_s": round(subscribed_s, 1),
             "flood_s": round(flood_s, 1),
+            "late_poll_gap_max_s": round(late_gap["max"], 1),
         })
         assert peak["subscribers"] == ABANDONED + 1
         assert peak["held"] <= SUBSCRIBERS_MAX_BYTES
