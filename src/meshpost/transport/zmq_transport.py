@@ -109,7 +109,8 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 #: (see the module's doc for why).
 _RECV = zmq.backend.Socket.recv
 _SEND = zmq.backend.Socket.send
-_GET = zmq.backend.Socket.get
+#: Typed here rather than with `typing.cast` at each call (a Python call per look).
+_GET: Callable[[zmq.Socket[bytes], int], int] = zmq.backend.Socket.get
 #: Payloads at least this large are sent without a copy (ZeroMQ's zero-copy costs more for
 #: small ones than copying them does).
 _ZERO_COPY_BYTES = 65536
@@ -358,8 +359,11 @@ class ZmqTransport:
                     on_peer_frame(peer, data)
 
             def drain() -> None:
-                # Not started, closed, or dropped (an idle link):
-                if self._on_peer_frame is not None and not sock.closed:
+                # Not started, closed, or dropped (an idle link) or redialled: the socket
+                # is ours only while it is the peer's DEALER (we close none we keep), which
+                # a dict lookup tells for less than `sock.closed` (a slow attribute lookup,
+                # see the module's doc, and a getsockopt).
+                if self._on_peer_frame is not None and self._dealers.get(peer) is sock:
                     self._drain(sock, receive, handle, drain)
 
             self._dealer_drains[peer] = drain
@@ -373,10 +377,12 @@ class ZmqTransport:
         if sock is self._draining:
             self._sent_while_draining = True
             return
-        if self._loop is None or sock.closed:
+        if self._on_inbound is None:  # not started, or closed (`close` clears it first)
             return
         try:
-            waiting = cast("int", _GET(sock, _EVENTS)) & _POLLIN
+            # `sock` was just sent on and is the ROUTER or a DEALER we keep: open (a
+            # context destroyed by someone else makes `_GET` raise).
+            waiting = _GET(sock, _EVENTS) & _POLLIN
         except zmq.ZMQError:
             return
         if waiting:
@@ -415,7 +421,9 @@ class ZmqTransport:
         none in a single-send run). A read of an empty socket costs about three looks (its
         `zmq.Again`), a look about 8,900 instructions (pyzmq's `get` makes a `SocketOption`
         of the option each time): one look fewer per frame pays."""
-        if sock.closed or self._on_inbound is None:  # closed, or not started
+        # Not started, or closed (`close` clears it first; a dropped DEALER's drain is not
+        # called, see `_dealer_drain`): no `sock.closed`, a slow lookup on every drain.
+        if self._on_inbound is None:
             return
         outer, self._draining = self._draining, sock
         try:
@@ -450,7 +458,7 @@ class ZmqTransport:
             if sock is self._router and self._inbound_paused:
                 break
             try:
-                if look and not cast("int", _GET(sock, _EVENTS)) & _POLLIN:
+                if look and not _GET(sock, _EVENTS) & _POLLIN:
                     break
                 item = receive()
             except zmq.Again:
