@@ -1,15 +1,18 @@
-"""The ROUTER's drain: it reads at once when woken (no ZMQ_EVENTS look first), so a wake-up
+"""The drains. The ROUTER's: it reads at once when woken (no ZMQ_EVENTS look first), so a wake-up
 with nothing waiting must end quietly, and frames that come later must still be read; a
 reply sent from the drain makes it look again; a message of more than two parts is dropped
-whole (its payload's `more` comes from the `zmq.Frame`, not from asking the socket)."""
+whole (its payload's `more` comes from the `zmq.Frame`, not from asking the socket). A
+DEALER's: a handler that drops its peer ends the drain without touching the closed socket."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import zmq
 
 from meshpost.transport.zmq_transport import ZmqTransport
@@ -72,3 +75,56 @@ def test_an_empty_wake_up_reads_nothing_and_later_frames_still_arrive() -> None:
 
     with tempfile.TemporaryDirectory(prefix="mp-drain-", dir="/tmp") as folder:
         asyncio.run(asyncio.wait_for(scenario(Path(folder)), PATIENCE_S * 2))
+
+
+def test_a_handler_that_drops_its_peer_ends_the_drain_quietly(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A peer's frame handler may drop that peer (an idle link closing): the socket being
+    drained is closed under the drain, which must then stop without reading or asking it
+    again (ZMQ_EVENTS is read straight from libzmq, which a closed socket's freed memory
+    would crash; pyzmq's own check logged "receiving failed" here before). The peer added
+    again is read as before."""
+    async def scenario(folder: Path) -> None:
+        transport = ZmqTransport(name="A", max_frame_bytes=1 << 16)
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        endpoint = f"ipc://{folder}/b.sock"
+        router.bind(endpoint)
+        try:
+            got: list[bytes] = []
+
+            def on_peer_frame(peer: str, data: bytes) -> None:
+                got.append(data)
+                if data.startswith(b"drop"):
+                    transport.drop_peer(peer)
+
+            transport.add_peer("B", endpoint)
+            transport.start(lambda _i, _p, _u: None, on_peer_frame)
+            assert transport.send_to_peer("B", b"hello")
+            assert router.poll(int(PATIENCE_S * 1000))
+            identity, hello = router.recv_multipart()
+            assert hello == b"hello"
+            # Both frames wait before A's drain runs: the first one's handler drops B.
+            router.send_multipart([identity, b"drop-1"])
+            router.send_multipart([identity, b"drop-2"])
+            await _until(lambda: got != [])
+            await asyncio.sleep(0.1)  # a further read, had there been one
+            assert got == [b"drop-1"]
+            # Added again: a new connection, read as before.
+            transport.add_peer("B", endpoint)
+            assert transport.send_to_peer("B", b"again")
+            assert router.poll(int(PATIENCE_S * 1000))
+            identity, again = router.recv_multipart()
+            assert again == b"again"
+            router.send_multipart([identity, b"back"])
+            await _until(lambda: got[-1:] == [b"back"])
+        finally:
+            router.close(0)
+            ctx.term()
+            transport.close()
+
+    with (caplog.at_level(logging.WARNING, logger="meshpost.transport.zmq_transport"),
+          tempfile.TemporaryDirectory(prefix="mp-drain-", dir="/tmp") as folder):
+        asyncio.run(asyncio.wait_for(scenario(Path(folder)), PATIENCE_S * 2))
+    assert [r.getMessage() for r in caplog.records] == []
