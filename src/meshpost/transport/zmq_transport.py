@@ -11,15 +11,17 @@ cost about 50 us per hop.) ZMQ_FD is edge-triggered and any send may consume the
 send looks at the socket once more: at the end of the drain it was made in (a reply to what
 was just read), else at once, through ZMQ_EVENTS (`_look_after_send`). A drain reads at once
 (the descriptor fired: a frame almost always waits), then while ZMQ_EVENTS says POLLIN;
-reading ZMQ_EVENTS processes the socket's pending commands, which re-arms ZMQ_FD. (With
-pyzmq 27 that costs 2.2 us, about 8,900 instructions, against three times that for a recv
-that ends in `zmq.Again`, whose exception object is built in Python.) Frames are read part
-by part: `recv_multipart` asks ZMQ_RCVMORE after every part. Sockets are read, written and
-asked through pyzmq's backend methods (`_RECV`, `_SEND`, `_GET`): the sugar class's `send`
-is a Python wrapper around them, and its `__getattr__` makes every attribute lookup on a
-socket a slow one. A frame to the ROUTER: its identity is read as bytes (1.2 against 2.9 us
-for a `zmq.Frame`), its payload as a `zmq.Frame`, which carries ZMQ_RCVMORE (and, in secure
-mode, the `User-Id`): asking the socket for ZMQ_RCVMORE cost more than the frame object.
+reading ZMQ_EVENTS processes the socket's pending commands, which re-arms ZMQ_FD. (It is
+read straight from libzmq, `_events_reader`: about 4,500 instructions, against 9,000 through
+pyzmq's `get` and five times that for a recv that ends in `zmq.Again`, whose exception
+object is built in Python.) Frames are read part by part: `recv_multipart` asks ZMQ_RCVMORE
+after every part. Sockets are read and written through pyzmq's backend methods (`_RECV`,
+`_SEND`): the sugar class's `send` is a Python wrapper around them, and its `__getattr__`
+makes every attribute lookup on a socket a slow one (which is also why the per-frame path
+never asks `sock.closed`: the transport knows which of its sockets are open). A frame to
+the ROUTER: its identity is read as bytes (1.2 against 2.9 us for a `zmq.Frame`), its
+payload as a `zmq.Frame`, which carries ZMQ_RCVMORE (and, in secure mode, the `User-Id`):
+asking the socket for ZMQ_RCVMORE cost more than the frame object.
 
 Socket choices (the ZeroMQ traps the protocol designs around):
 - ROUTER_MANDATORY: a reply to an unknown or vanished peer raises instead of vanishing silently;
@@ -458,9 +460,9 @@ class ZmqTransport:
 
         The first read does not look first: a drain runs because ZMQ_FD fired (or a look
         found a frame), and then a frame is almost always there (4 drains in 1,207 found
-        none in a single-send run). A read of an empty socket costs about three looks (its
-        `zmq.Again`), a look about 8,900 instructions (pyzmq's `get` makes a `SocketOption`
-        of the option each time): one look fewer per frame pays."""
+        none in a single-send run). A read of an empty socket costs about 24,800 instructions
+        (its `zmq.Again`), a look about 4,500 (9,000 through pyzmq's `get`): one look fewer
+        per frame pays."""
         # Not started, or closed (`close` clears it first; a dropped DEALER's drain is not
         # called, see `_dealer_drain`): no `sock.closed`, a slow lookup on every drain.
         if self._on_inbound is None:
@@ -527,8 +529,9 @@ class ZmqTransport:
         sock = self._router
         identity = _RECV(sock, _NOBLOCK)
         # The payload as a `zmq.Frame`, which carries its ZMQ_RCVMORE: 4,700 instructions
-        # more than reading bytes, against 8,400 for asking the socket (`_GET` makes a
-        # `SocketOption` each time; callgrind).
+        # more than reading bytes, against 8,400 for asking the socket through pyzmq's
+        # `get` (callgrind; about as much as the frame straight from libzmq, and secure
+        # mode needs the frame's `User-Id` anyway).
         frame = _RECV(sock, _NOBLOCK, copy=False)
         payload, more = frame.bytes, frame.more
         user_id: str | None = None
