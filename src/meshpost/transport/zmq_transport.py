@@ -58,6 +58,7 @@ import functools
 import logging
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar, cast
@@ -113,17 +114,20 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 #: (see the module's doc for why).
 _RECV = zmq.backend.Socket.recv
 _SEND = zmq.backend.Socket.send
-#: Typed here rather than with `typing.cast` at each call (a Python call per look).
-_GET: Callable[[zmq.Socket[bytes], int], int] = zmq.backend.Socket.get
+#: Typed once here rather than with `typing.cast` at each call (a Python call per look).
+_GET = cast("Callable[[zmq.Socket[bytes], int], int]", zmq.backend.Socket.get)
 #: libzmq's `zmq_getsockopt` and `zmq_errno`, from the library pyzmq's backend is linked to
 #: (the same one, already loaded), or None if it does not export them. ZMQ_EVENTS is read
 #: through it (`_events_reader`): 4,500 instructions a look against 9,000 for pyzmq's `get`,
 #: which makes a `SocketOption` enum of the option and compares three `_OptType` members
 #: (Python code) at every call; a side looks twice a send (callgrind, 10,000 looks).
+_ZMQ_GETSOCKOPT: Callable[..., int] | None
+_ZMQ_ERRNO: Callable[[], int] | None
 try:
-    _LIBZMQ = ctypes.CDLL(zmq.backend.cython._zmq.__file__)
+    # The extension module of the backend's Socket class, linked to libzmq.
+    _LIBZMQ = ctypes.CDLL(sys.modules[zmq.backend.Socket.__module__].__file__)
     _ZMQ_GETSOCKOPT, _ZMQ_ERRNO = _LIBZMQ.zmq_getsockopt, _LIBZMQ.zmq_errno
-except (AttributeError, OSError):  # another backend, or symbols not exported
+except (AttributeError, KeyError, OSError, TypeError):  # another backend, no such symbols
     _ZMQ_GETSOCKOPT = _ZMQ_ERRNO = None
 #: The value and size buffers of every look (only the loop's thread looks), passed by
 #: reference objects made once.
