@@ -138,7 +138,7 @@ def test_format_receipt_shows_the_receiver_clock() -> None:
 
 
 def test_format_receipt_names_the_message_by_short_id_and_first_words() -> None:
-    r = dataclasses.replace(receipt(), message_id="0190abcdef12" + "00000000001a2b3c")
+    r = msgspec.structs.replace(receipt(), message_id="0190abcdef12" + "00000000001a2b3c")
     line = format_receipt(r, body="the quarterly numbers are in " + "x" * 100, tz=UTC)
     assert line.endswith("#1a2b3c 'the quarterly numbers are in…'")
 

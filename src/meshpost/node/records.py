@@ -36,10 +36,16 @@ class CrashPoint(enum.Enum):
     AFTER_RESULT_RECEIPT = "after-result-receipt"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Receipt:
+class Receipt(msgspec.Struct, frozen=True):
     """Proof that `to` committed message `message_id` to its store (the API's record of a
-    receipt; the wire frame that carries it is `meshpost.protocol.ReceiptFrame`)."""
+    receipt; the wire frame that carries it is `meshpost.protocol.ReceiptFrame`).
+
+    Immutable, compared and hashed by value, picklable. A frozen `msgspec.Struct` rather than a
+    dataclass, because one is built per send and a frozen dataclass's `__init__` costs ~12,000
+    instructions (a Python call per field) against ~1,000: copy one with changes through
+    `msgspec.structs.replace(receipt, seq=2)` (`copy.replace` from Python 3.13), not
+    `dataclasses.replace`.
+    """
 
     message_id: str
     to: str
