@@ -131,6 +131,26 @@ class Outbox:
     def offer(self, messages: Sequence[Envelope]) -> None:
         """`messages` (for this peer, in seq order) are committed to the local store: hold
         what the window takes; the rest stay on disk for `disk_request`."""
+        if len(messages) == 1:
+            # A single send: `offered`, `enqueue`, `_admit` and `held_size` inline (four
+            # calls, and a bisect, for one message).
+            message = messages[0]
+            seq = message.seq
+            backlog = (self._disk_unread
+                       or self._highest_offered_seq > self.highest_enqueued_seq)
+            if seq > self._highest_offered_seq:
+                self._highest_offered_seq = seq
+            if backlog or seq <= self.highest_enqueued_seq:
+                return  # on disk behind older ones (`refill` reads it), or held already
+            size = len(message.body) + HELD_MESSAGE_OVERHEAD
+            queue, inflight = self.queue, self.inflight
+            if (len(queue) + len(inflight) < self.window
+                    and (size <= self.window_bytes - self.held_bytes
+                         or not (queue or inflight))):
+                queue.append(message)
+                self.held_bytes += size
+                self.highest_enqueued_seq = seq
+            return
         if self.offered(messages):
             self.enqueue(messages)
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from meshpost.protocol.frames import (
     MAX_BATCH_BODY_BYTES,
     MAX_BATCH_MESSAGES,
@@ -71,6 +74,32 @@ def test_a_full_window_leaves_offers_on_disk_until_a_quarter_is_free() -> None:
     outbox.refill(msgs([5]))  # a full read (limit 1): the disk may hold more
     assert outbox.disk_backlog
     assert outbox.highest_enqueued_seq == 5
+
+
+@given(st.integers(1, 4), st.integers(1, 3), st.lists(st.integers(1, 6), max_size=6),
+       st.integers(1, 700), st.booleans())
+def test_offering_one_message_does_what_offered_and_enqueue_do(
+    window: int, budget_messages: int, seqs: list[int], body_len: int, read_disk: bool,
+) -> None:
+    """`offer` of one message (a single send) has a path of its own: it holds, skips or
+    leaves on disk exactly what the general path (`offered`, then `enqueue`) does."""
+    fast = Outbox(window=window, window_bytes=budget_messages * (HELD_MESSAGE_OVERHEAD + 300))
+    general = Outbox(window=window, window_bytes=fast.window_bytes)
+    for outbox in (fast, general):
+        if read_disk:
+            assert outbox.disk_request() is not None
+            outbox.refill([])
+    for seq in seqs:
+        message = msg(seq, "x" * body_len)
+        fast.offer([message])
+        if general.offered([message]):
+            general.enqueue([message])
+        assert (list(fast.queue), fast.held_bytes, fast.highest_enqueued_seq,
+                fast.disk_backlog) == (list(general.queue), general.held_bytes,
+                                       general.highest_enqueued_seq, general.disk_backlog)
+        if fast.queue and seq % 2:  # now and then, something goes in flight
+            for outbox in (fast, general):
+                outbox.launch(0.0, T0_WALL, [])
 
 
 def test_enqueue_skips_what_is_held_and_says_how_much_is() -> None:
