@@ -28,6 +28,7 @@ from meshpost.protocol import (
     Envelope,
     Frame,
     LinkState,
+    MessagesDelivered,
     RedialWanted,
     RefuseCode,
     ViolationDetected,
@@ -442,7 +443,11 @@ class Links(Mapping[str, DialerLink]):
             self._set_connection(peer, False)  # after its Close: the socket lingers for it
         self._schedule(link)
         for event in events:
-            if isinstance(event, ViolationDetected):  # the peer's answer did not decode
+            if type(event) is MessagesDelivered:
+                # Nearly every event a link reports (one per receipt): to the receipts
+                # without `Events.on_event`'s dispatch, a frame less (it does the same).
+                self._node._receipts.record_delivery(event)
+            elif isinstance(event, ViolationDetected):  # the peer's answer did not decode
                 self._node.stats.undecodable += 1
                 self._warn_bad_frame(link.peer, event)
             elif type(event) is not RedialWanted:  # (performed above)
