@@ -146,6 +146,11 @@ del _S, _I
 #: frames for want of a Hello (CONNECTING), said Bye (LEFT), or refused the link (REFUSED).
 _SESSION_GONE = frozenset({LinkState.CONNECTING, LinkState.LEFT, LinkState.REFUSED})
 
+# The states that the per-frame paths (`needs_connection`, `next_timer`, `pump`: seven
+# tests a single send) compare against, bound once: in Python 3.11 each `LinkState.X` is a
+# lookup through `EnumType.__getattr__`'s slow path, ~1,000 instructions (callgrind).
+_IDLE, _READY = LinkState.IDLE, LinkState.READY
+
 #: The input each frame a dialer takes is (Refuse is split by its code).
 _FRAME_INPUTS: dict[type, LinkInput] = {
     Welcome: LinkInput.WELCOME,
@@ -329,7 +334,7 @@ class DialerLink:
     def needs_connection(self) -> bool:
         """The link wants a socket to its peer (every state but `IDLE`): open one before
         sending its frames, and close it after sending them once this turns False."""
-        return self.state is not LinkState.IDLE
+        return self.state is not _IDLE
 
     @property
     def has_work(self) -> bool:
@@ -615,7 +620,7 @@ class DialerLink:
         """Monotonic time at which `poll` next has work to do: `math.inf` when it has none
         (an `IDLE` link with nothing queued, or a quiet one that never idles out)."""
         state = self.state
-        if state is LinkState.IDLE:
+        if state is _IDLE:
             return self._next_hello_at if self._queue else math.inf
         # `has_work`, `_watch_until` and `_heard_at` are inline here, sharing their first
         # test: the node asks this after every frame in or out (twice a single send).
@@ -623,7 +628,7 @@ class DialerLink:
         idle_at = (self._active_at + self.link_idle_s
                    if self.link_idle_s > 0 and not (expecting or self.disk_backlog)
                    else math.inf)
-        if state is not LinkState.READY:
+        if state is not _READY:
             redial_at = self._recovery.redial_at(state is LinkState.LOST)
             return min(self._next_hello_at, idle_at, redial_at)
         # Pings and the silence timer run only while watching: while answers are expected, or
@@ -705,8 +710,8 @@ class DialerLink:
         """Put what `enqueue` queued in flight now (if the handshake is done and the window
         allows), not at the next timer tick: call it after `enqueue` (or `offer`), then
         collect `frames_to_send()`. The link pumps itself after every poll and frame."""
-        if self.state is not LinkState.READY or not self._queue:
-            if self._queue and self.state is LinkState.IDLE:
+        if self.state is not _READY or not self._queue:
+            if self._queue and self.state is _IDLE:
                 self._open(now)  # the Hello goes at the next poll (the node wakes for it)
             return
         self._resume(now)
