@@ -339,19 +339,13 @@ class Listener:
             case Answer.ARRIVED:
                 assert isinstance(frame, Batch)
                 assert session is not None
-                self._activity += 1
-                session.last_active, session.last_active_ns = self._activity, wall_ns
-                if session.forwarded:
-                    self._flush_forwarded(identity, session)
+                self._mark_active(identity, session, wall_ns)
                 if self._on_batch(identity, session.peer, frame, wall_ns, checked=checked):
                     session.pending += 1
             case Answer.PONG:
                 assert isinstance(frame, Ping)
                 assert session is not None
-                self._activity += 1
-                session.last_active, session.last_active_ns = self._activity, wall_ns
-                if session.forwarded:
-                    self._flush_forwarded(identity, session)
+                self._mark_active(identity, session, wall_ns)
                 self._reply(identity, Pong(echo_sent_at_ns=frame.sent_at_ns,
                                            received_at_ns=wall_ns, replied_at_ns=wall_ns,
                                            pending=self._pending(session)))
@@ -484,6 +478,14 @@ class Listener:
             session.forwarded = kept[-MAX_FORWARDED_ANSWERS:]
         if forwarded:
             session.forwarded = forwarded[-MAX_FORWARDED_ANSWERS:]
+
+    def _mark_active(self, identity: str, session: _Session, wall_ns: int) -> None:
+        """A batch or ping arrived: the session is the most recently active (eviction and
+        LIVE_SESSION_NS go by it) and takes the answers forwarded to it."""
+        self._activity += 1
+        session.last_active, session.last_active_ns = self._activity, wall_ns
+        if session.forwarded:
+            self._flush_forwarded(identity, session)
 
     def _forward(self, session: _Session, frames: list[Frame]) -> None:
         """Keep `frames` (answers to the superseded `session`) for its successor, if that
