@@ -127,7 +127,8 @@ class Child:
         return self.reply(timeout_s)
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
-        """Ask it to stop, then terminate, then kill; by this process's own PID only."""
+        """Ask it to stop, then terminate, then kill; by this process's own PID only.
+        `timeout_s=0` terminates at once: for a child that cannot hear "stop" now."""
         with contextlib.suppress(BrokenPipeError, OSError, ValueError):
             self.send(op="stop")
         try:
