@@ -457,14 +457,18 @@ class LocalCluster:
         wanted = set(names or self.names)
         hosts = [(h, run) for h, run in self.host_names().items()
                  if h in self.hosts and wanted & set(run)] if self.hosts else []
-        for hname, _ in hosts:  # all told at once: each takes a while to close its nodes
+        nodes = [node for name in list(names or self.nodes)
+                 if (node := self.nodes.get(name)) is not None]
+        # All told at once, hosts and nodes, then each waited for (with its own timeout and
+        # kill): each takes a while to close, and one after another added up at every stop.
+        for hname, _ in hosts:
             self.hosts[hname].terminate()
+        for node in nodes:
+            node.terminate()
         for hname, run in hosts:
             codes.update(dict.fromkeys(run, self.hosts[hname].stop()))
-        for name in list(names or self.nodes):
-            node = self.nodes.get(name)
-            if node is not None:
-                codes[name] = node.stop()
+        for node in nodes:
+            codes[node.name] = node.stop()
         return codes
 
     def save_state(self) -> Path:

@@ -57,6 +57,7 @@ class NodeProcess:
     env: Mapping[str, str] | None = None
     process: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
+    _signalled: bool = False  # SIGTERM sent (terminate): stop() only waits, then kills
 
     def command(self) -> list[str]:
         return [
@@ -69,6 +70,7 @@ class NodeProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, **(self.env or {})}
+        self._signalled = False
         self.process = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
             env=env, start_new_session=True,
@@ -131,7 +133,7 @@ class NodeProcess:
         code = None
         if self.process is not None:
             if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
+                self.terminate()
                 try:
                     code = self.process.wait(timeout_s)
                 except subprocess.TimeoutExpired:
@@ -143,9 +145,10 @@ class NodeProcess:
         return code
 
     def terminate(self) -> None:
-        """SIGTERM without waiting (`stop` then waits)."""
-        if self.process is not None and self.process.poll() is None:
+        """SIGTERM without waiting (`stop` then waits); once: a second is not sent."""
+        if self.process is not None and self.process.poll() is None and not self._signalled:
             self.process.send_signal(signal.SIGTERM)
+            self._signalled = True
 
     def kill(self) -> None:
         """kill -9: no cleanup at all, as a crash would."""

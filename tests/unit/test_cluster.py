@@ -113,3 +113,34 @@ def test_role_flags_a_cluster_cannot_take_are_refused_saying_why(
 ) -> None:
     with pytest.raises(ConfigError, match=why):
         cluster_roles(NAMES, **flags)  # type: ignore[arg-type]
+
+
+class _RecordedProcess:
+    """Stands in for a node's Popen: records SIGTERMs and waits in one shared list."""
+
+    def __init__(self, name: str, events: list[tuple[str, str]]) -> None:
+        self.name, self.events, self.returncode = name, events, None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self.events.append(("signal", self.name))
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.events.append(("wait", self.name))
+        self.returncode = 0
+        return 0
+
+
+def test_stop_signals_every_node_before_waiting_for_any(tmp_path: Path) -> None:
+    """One after another, each node's close added up at every teardown: all are told first,
+    then each is waited for (each once: no second SIGTERM)."""
+    cluster = LocalCluster.create(tmp_path, 3, transport="ipc")
+    events: list[tuple[str, str]] = []
+    for name in cluster.names:
+        node = cluster.process(name)
+        node.process = _RecordedProcess(name, events)  # type: ignore[assignment]
+    assert cluster.stop() == dict.fromkeys(cluster.names, 0)
+    assert events == [*(("signal", n) for n in cluster.names),
+                      *(("wait", n) for n in cluster.names)]
