@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,9 +28,11 @@ def test_importing_the_protocol_loads_no_zmq_sqlite_or_asyncio() -> None:
     assert _python("-c", code).stdout.strip() == "[]"
 
 
-def _modules_loaded_by(*cli_args: str) -> set[str]:
+def _modules_loaded_by(*cli_args: str, exit_code: int = 0) -> set[str]:
     """Every module `python -m meshpost ARGS` imports (read from -X importtime)."""
-    proc = _python("-X", "importtime", "-m", "meshpost", *cli_args)
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "meshpost", *cli_args],
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == exit_code, proc.stderr[-2000:]
     names = set()
     for line in proc.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
@@ -43,6 +46,23 @@ def test_help_loads_no_zmq_sqlite_or_asyncio(cli_args: tuple[str, ...]) -> None:
     loaded = _modules_loaded_by(*cli_args)
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
     assert "meshpost.node" not in loaded
+
+
+@pytest.mark.parametrize("command", [("peers",), ("send", "--to", "B", "hi"),
+                                     ("group", "members", "g")])
+def test_a_command_for_a_running_node_loads_neither_the_store_nor_the_node(
+    command: tuple[str, ...], tmp_path: Path,
+) -> None:
+    """It talks to the node's control endpoint: importing the node's store (SQLite, the
+    writer), its core and transport only slowed every such command's start."""
+    from meshpost.errors import EXIT_NOT_RUNNING
+
+    loaded = _modules_loaded_by(*command, "--node", "A", "--data", str(tmp_path),
+                                exit_code=EXIT_NOT_RUNNING)  # no node runs there: the error
+    assert "meshpost.control.client" in loaded  # it got as far as asking the node
+    unwanted = {"meshpost.store.sqlite", "meshpost.store.writer", "meshpost.node.core",
+                "meshpost.transport", "meshpost.control.server"}
+    assert not loaded & unwanted, sorted(loaded & unwanted)
 
 
 def test_public_names_import_from_the_package() -> None:

@@ -4,6 +4,9 @@ Rule: typed records (`messages`), the node's side (`server`), one client (`clien
 asyncio); nothing here holds protocol or storage state of its own.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from meshpost.control.client import AsyncControlClient, ControlClient, process_alive
 from meshpost.control.messages import (
     ENDPOINT_FILE,
@@ -45,13 +48,33 @@ from meshpost.control.messages import (
     TailRequest,
     checked,
 )
-from meshpost.control.server import (
-    SUBSCRIBER_IDLE_S,
-    SUBSCRIBERS_MAX_BYTES,
-    ControlServer,
-    control_endpoint_for,
-    write_endpoint_file,
-)
+
+# The node's side is imported on first use (module `__getattr__`): it imports the node, its
+# store and transport, which a command talking to a running node (peers, send...) never needs.
+if TYPE_CHECKING:
+    from meshpost.control.server import (
+        SUBSCRIBER_IDLE_S,
+        SUBSCRIBERS_MAX_BYTES,
+        ControlServer,
+        control_endpoint_for,
+        write_endpoint_file,
+    )
+
+_SERVER_NAMES = frozenset({"SUBSCRIBER_IDLE_S", "SUBSCRIBERS_MAX_BYTES", "ControlServer",
+                           "control_endpoint_for", "write_endpoint_file"})
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SERVER_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module("meshpost.control.server"), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_SERVER_NAMES])
+
 
 __all__ = [
     "ENDPOINT_FILE",

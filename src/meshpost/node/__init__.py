@@ -30,32 +30,81 @@ node it is given (`_post`, `_writer`, `_links`).
 
 from __future__ import annotations
 
-from meshpost.node.core import Node
-from meshpost.node.receipts import wait_receipt
-from meshpost.node.records import (
-    BroadcastHandle,
-    BroadcastProgress,
-    CrashPoint,
-    DeliveryRecorded,
-    FetchedMessage,
-    GroupHistory,
-    Message,
-    MessageReceived,
-    NodeEvent,
-    NodeStats,
-    Outgoing,
-    PeerChange,
-    PeerChanged,
-    PeerProbe,
-    PeerRefused,
-    PeerStatus,
-    Receipt,
-    ReceiptFuture,
-    Reply,
-    RequestHandler,
-    TaskHandler,
-)
-from meshpost.store import StoredMessage
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The names below are imported on first use (module `__getattr__`, as in `meshpost`): a
+# `meshpost` command that only talks to a running node (peers, send, group...) needs a few
+# records from here, not the node, its store and transport (~0.3 s of every command's start).
+if TYPE_CHECKING:
+    from meshpost.node.core import Node
+    from meshpost.node.receipts import wait_receipt
+    from meshpost.node.records import (
+        BroadcastHandle,
+        BroadcastProgress,
+        CrashPoint,
+        DeliveryRecorded,
+        FetchedMessage,
+        GroupHistory,
+        Message,
+        MessageReceived,
+        NodeEvent,
+        NodeStats,
+        Outgoing,
+        PeerChange,
+        PeerChanged,
+        PeerProbe,
+        PeerRefused,
+        PeerStatus,
+        Receipt,
+        ReceiptFuture,
+        Reply,
+        RequestHandler,
+        TaskHandler,
+    )
+    from meshpost.store import StoredMessage
+
+#: Public name -> the module that defines it (add a name here, above and to `__all__`).
+_EXPORTS: dict[str, str] = {
+    "BroadcastHandle": "meshpost.node.records",
+    "BroadcastProgress": "meshpost.node.records",
+    "CrashPoint": "meshpost.node.records",
+    "DeliveryRecorded": "meshpost.node.records",
+    "FetchedMessage": "meshpost.node.records",
+    "GroupHistory": "meshpost.node.records",
+    "Message": "meshpost.node.records",
+    "MessageReceived": "meshpost.node.records",
+    "Node": "meshpost.node.core",
+    "NodeEvent": "meshpost.node.records",
+    "NodeStats": "meshpost.node.records",
+    "Outgoing": "meshpost.node.records",
+    "PeerChange": "meshpost.node.records",
+    "PeerChanged": "meshpost.node.records",
+    "PeerProbe": "meshpost.node.records",
+    "PeerRefused": "meshpost.node.records",
+    "PeerStatus": "meshpost.node.records",
+    "Receipt": "meshpost.node.records",
+    "ReceiptFuture": "meshpost.node.records",
+    "Reply": "meshpost.node.records",
+    "RequestHandler": "meshpost.node.records",
+    "StoredMessage": "meshpost.store",
+    "TaskHandler": "meshpost.node.records",
+    "wait_receipt": "meshpost.node.receipts",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "BroadcastHandle",

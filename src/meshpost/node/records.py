@@ -12,12 +12,15 @@ import dataclasses
 import enum
 from collections.abc import Awaitable, Callable
 from contextvars import Context
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from meshpost.protocol import Envelope
 from meshpost.protocol.groups import BroadcastStatus
-from meshpost.store.writer import StoreRetry
+
+if TYPE_CHECKING:  # the store's writer is only named here; importing it loads the store
+    from meshpost.store.writer import StoreRetry
 
 
 class CrashPoint(enum.Enum):

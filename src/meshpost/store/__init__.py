@@ -1,11 +1,49 @@
 """Durable storage: SQLite in WAL mode, schema migrations, group commit."""
 
-from meshpost.store.connection import DB_FILENAME
-from meshpost.store.patterns import NewTask, QueueCounts, StoredBroadcast
-from meshpost.store.reader import StoredMessage, StoreReader
-from meshpost.store.sqlite import Delivery, IncomingResult, Rejection, Store, WriteBatch
-from meshpost.store.verifier import Verifier
-from meshpost.store.writer import GroupCommitWriter
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The names below are imported on first use (module `__getattr__`, as in `meshpost`): a
+# `meshpost` command that only talks to a running node (peers, send, group...) needs a few
+# records from here, not SQLite and the writer (~0.3 s of every command's start).
+if TYPE_CHECKING:
+    from meshpost.store.connection import DB_FILENAME
+    from meshpost.store.patterns import NewTask, QueueCounts, StoredBroadcast
+    from meshpost.store.reader import StoredMessage, StoreReader
+    from meshpost.store.sqlite import Delivery, IncomingResult, Rejection, Store, WriteBatch
+    from meshpost.store.verifier import Verifier
+    from meshpost.store.writer import GroupCommitWriter
+
+#: Public name -> the module that defines it (add a name here, above and to `__all__`).
+_EXPORTS: dict[str, str] = {
+    "DB_FILENAME": "meshpost.store.connection",
+    "Delivery": "meshpost.store.sqlite",
+    "GroupCommitWriter": "meshpost.store.writer",
+    "IncomingResult": "meshpost.store.sqlite",
+    "NewTask": "meshpost.store.patterns",
+    "QueueCounts": "meshpost.store.patterns",
+    "Rejection": "meshpost.store.sqlite",
+    "Store": "meshpost.store.sqlite",
+    "StoreReader": "meshpost.store.reader",
+    "StoredBroadcast": "meshpost.store.patterns",
+    "StoredMessage": "meshpost.store.reader",
+    "Verifier": "meshpost.store.verifier",
+    "WriteBatch": "meshpost.store.sqlite",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "DB_FILENAME",
