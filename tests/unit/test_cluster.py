@@ -144,3 +144,36 @@ def test_stop_signals_every_node_before_waiting_for_any(tmp_path: Path) -> None:
     assert cluster.stop() == dict.fromkeys(cluster.names, 0)
     assert events == [*(("signal", n) for n in cluster.names),
                       *(("wait", n) for n in cluster.names)]
+
+
+def test_cluster_down_signals_every_node_before_waiting_for_any(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`cluster down` (stop_from_state) likewise: every recorded node is told, then waited
+    for; each one's outcome is reported as before."""
+    import json
+    import signal
+
+    import meshpost.cluster as cluster_module
+    import meshpost.processes as processes_module
+
+    pids = {"A": 900001, "B": 900002, "C": 900003}
+    state = {"config": "", "extra_args": [], "nodes": {n: {"pid": p} for n, p in pids.items()}}
+    (tmp_path / cluster_module.STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+    events: list[tuple[str, int]] = []
+
+    def kill(pid: int, sig: int) -> None:
+        assert sig == signal.SIGTERM and pid in pids.values()
+        events.append(("signal", pid))
+
+    def exists(pid: int) -> bool:
+        events.append(("wait", pid))
+        return False
+
+    monkeypatch.setattr(cluster_module, "is_node_process", lambda pid, name: pids[name] == pid)
+    monkeypatch.setattr(processes_module.os, "kill", kill)
+    monkeypatch.setattr(processes_module, "pid_exists", exists)
+    assert cluster_module.stop_from_state(tmp_path) == dict.fromkeys(pids, "stopped")
+    assert set(events[:3]) == {("signal", p) for p in pids.values()}
+    assert all(kind == "wait" for kind, _ in events[3:]) and events[3:]
+    assert not (tmp_path / cluster_module.STATE_FILE).exists()
