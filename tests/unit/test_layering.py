@@ -17,7 +17,7 @@ The layers, top to bottom (docs/architecture.md draws them):
     store, transport, rules, eventloop
     protocol
     clock, config
-    errors, probes
+    errors, probes, lazy
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ PACKAGE = SRC / "meshpost"
 RANKS: dict[str, int] = {
     "errors": 0,
     "probes": 0,
+    "lazy": 0,  # package exports imported on first use (imports nothing from meshpost)
     "clock": 1,
     "config": 1,
     "protocol": 2,

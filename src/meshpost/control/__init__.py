@@ -4,8 +4,7 @@ Rule: typed records (`messages`), the node's side (`server`), one client (`clien
 asyncio); nothing here holds protocol or storage state of its own.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from meshpost.control.client import AsyncControlClient, ControlClient, process_alive
 from meshpost.control.messages import (
@@ -48,6 +47,7 @@ from meshpost.control.messages import (
     TailRequest,
     checked,
 )
+from meshpost.lazy import lazy_exports
 
 # The node's side is imported on first use (module `__getattr__`): it imports the node, its
 # store and transport, which a command talking to a running node (peers, send...) never needs.
@@ -64,16 +64,8 @@ _SERVER_NAMES = frozenset({"SUBSCRIBER_IDLE_S", "SUBSCRIBERS_MAX_BYTES", "Contro
                            "control_endpoint_for", "write_endpoint_file"})
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _SERVER_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module("meshpost.control.server"), name)
-    globals()[name] = value  # once: later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_SERVER_NAMES])
+__getattr__, __dir__ = lazy_exports(
+    __name__, dict.fromkeys(_SERVER_NAMES, "meshpost.control.server"))
 
 
 __all__ = [

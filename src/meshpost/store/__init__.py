@@ -1,11 +1,12 @@
 """Durable storage: SQLite in WAL mode, schema migrations, group commit."""
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from meshpost.lazy import lazy_exports
 
 # The names below are imported on first use (module `__getattr__`, as in `meshpost`): a
 # `meshpost` command that only talks to a running node (peers, send, group...) needs a few
-# records from here, not SQLite and the writer (~0.3 s of every command's start).
+# records from here, not SQLite and the writer.
 if TYPE_CHECKING:
     from meshpost.store.connection import DB_FILENAME
     from meshpost.store.patterns import NewTask, QueueCounts, StoredBroadcast
@@ -32,17 +33,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # once: later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [
