@@ -123,6 +123,11 @@ class FaultProxy:
                 return
             up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
             conn.upstream = up_writer
+            if conn.closed:
+                # Reset while it connected: `_reset` ran before this writer existed, so it is
+                # closed here (left open, it was a ResourceWarning when collected).
+                _rst(up_writer)
+                return
             await asyncio.gather(self._pump(reader, up_writer, conn),
                                  self._pump(up_reader, writer, conn))
         except (OSError, asyncio.IncompleteReadError):
