@@ -149,8 +149,7 @@ class Receipts:
         (`_expire_sends`)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         self._send_deadlines[future] = (deadline, message_id, to, timeout_s)
-        if self._send_timer is None or self._send_timer_at > deadline:
-            self._arm_send_timer(deadline)
+        self._arm_send_timer(deadline)
 
     def stop_timeout(self, future: asyncio.Future[Receipt]) -> None:
         """`future`'s send stopped waiting: forget its deadline."""
