@@ -317,10 +317,12 @@ def test_only_the_bench_uses_its_extra() -> None:
 
 #: The node package inside, bottom to top: the records are plain data, each component (the
 #: links, the inbound path, the receipts, the events, the readers and the patterns) uses them,
-#: core composes the components, the package re-exports. "" is `meshpost.node`.
+#: the events own the checks of name claims (claims), core composes the components, the
+#: package re-exports. "" is `meshpost.node`.
 NODE_RANKS: dict[str, int] = {
     "records": 0,
-    "events": 1,
+    "claims": 1,
+    "events": 2,
     "groups": 1,
     "inbound": 1,
     "links": 1,
@@ -328,12 +330,12 @@ NODE_RANKS: dict[str, int] = {
     "receipts": 1,
     "requests": 1,
     "workqueue": 1,
-    "core": 2,
-    "": 3,
+    "core": 3,
+    "": 4,
 }
 #: A component names `Node` in its annotations only (under `if TYPE_CHECKING:`): core
 #: imports the components at run time, so the other way round would be a cycle.
-NODE_TYPE_ONLY = {("events", "core"), ("groups", "core"), ("inbound", "core"),
+NODE_TYPE_ONLY = {("claims", "core"), ("events", "core"), ("groups", "core"), ("inbound", "core"),
                   ("links", "core"), ("readers", "core"), ("receipts", "core"),
                   ("requests", "core"), ("workqueue", "core")}
 

@@ -14,8 +14,12 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
+from meshpost.node.claims import CLAIM_CHECK_TIMEOUT_S, Claims
 from meshpost.node.records import NodeEvent, PeerChange, PeerChanged
 from meshpost.protocol import (
+    ClaimCheckWanted,
+    ClaimSettled,
+    ClaimUnchecked,
     Event,
     LinkRefused,
     MessagesArrived,
@@ -56,6 +60,8 @@ class Events:
         #: warnings of bad input that costs its sender nothing: past it, counted only.
         self._input_warnings = RateLimiter(rate_per_s=INPUT_WARNINGS_PER_S,
                                            burst=INPUT_WARNINGS_BURST)
+        #: Checks of keyless name claims against the names' configured endpoints.
+        self.claims = Claims(node)
 
     def subscribe(self) -> asyncio.Queue[NodeEvent]:
         """A queue of `NodeEvent`s from now on; slow readers lose the oldest events."""
@@ -77,6 +83,9 @@ class Events:
                 node._receipts.record_rejection(peer, seqs, code, detail)
             case PeerConnected(peer=peer, node_id=node_id):
                 log.info("[%s] connected to %s (node %s)", node.name, peer, node_id)
+                # Who `peer` is, as its configured endpoint says: what a keyless Hello
+                # under its name is judged by (docs/protocol.md 6.2).
+                self.claims.endpoint_answered(peer, node_id)
                 node._queues.peer_event(peer, True)
                 self.publish(PeerChanged(peer, True, PeerChange.CONNECTED))
             case PeerLeft(peer=peer, reason=reason):
@@ -104,6 +113,22 @@ class Events:
                 log.warning("[%s] connection %s said Hello as %s, which already has a "
                             "session (%d sessions now): a restart, or someone borrowing the "
                             "name", node.name, connection, peer, sessions)
+            case ClaimCheckWanted():
+                self.claims.check(event)
+            case ClaimSettled(peer=peer, node_id=node_id, evicted=evicted, welcomed=welcomed):
+                if evicted or welcomed:
+                    log.warning("[%s] %s's configured endpoint answers as node %s: ended %d "
+                                "session(s) of %s under other node ids (refused from now on) "
+                                "and welcomed %d connection(s) refused while asking", node.name,
+                                peer, node_id, evicted, peer, welcomed)
+                else:
+                    log.info("[%s] %s's configured endpoint answers as node %s: Hellos as %s "
+                             "with other node ids stay refused", node.name, peer, node_id, peer)
+            case ClaimUnchecked(peer=peer):
+                log.warning("[%s] could not check who %s is: its configured endpoint did not "
+                            "answer within %g s; without keys the name stays first come, first "
+                            "served until it answers (use --secure to decide by key)",
+                            node.name, peer, CLAIM_CHECK_TIMEOUT_S)
             case LinkRefused(peer=peer, code=code, detail=detail):
                 log.error("[%s] %s refused us (%s): %s", node.name, peer, code, detail)
                 self.publish(PeerChanged(peer, False, PeerChange.REFUSED, detail))

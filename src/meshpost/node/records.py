@@ -365,6 +365,9 @@ class NodeStats:
     store_refused: int = 0
     #: Hellos naming a peer that already had a session on another connection.
     name_claims: int = 0
+    #: Keyless name claims this node asked the name's configured endpoint about (a Ping or
+    #: Hello on its own link; at most one per name per 5 s: docs/protocol.md 6.2).
+    name_checks: int = 0
     #: Remote HLC stamps not merged: beyond the wall clock + the forward bound.
     hlc_rejected: int = 0
     #: Corrupt rows or pages found after start (the node fails on the first one).

@@ -7,6 +7,9 @@ and timestamps handed in by the caller; outputs are frames to send and events.
 from meshpost.protocol.codec import decode, encode
 from meshpost.protocol.dialer import DialerLink, LinkInput, LinkState
 from meshpost.protocol.events import (
+    ClaimCheckWanted,
+    ClaimSettled,
+    ClaimUnchecked,
     Event,
     LinkRefused,
     MessagesArrived,
@@ -48,6 +51,9 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Batch",
     "Bye",
+    "ClaimCheckWanted",
+    "ClaimSettled",
+    "ClaimUnchecked",
     "Close",
     "DialerLink",
     "Envelope",

@@ -703,6 +703,9 @@ class DialerLink:
                 self._send_hello(now, wall_ns, hlc)
             return
         self.refusal = f"{code}: {detail}"
+        # The Refuse answered the Hellos sent: a Welcome the peer sends later (once it has
+        # checked our claim to our name: docs/protocol.md 6.2) is no round-trip sample.
+        self._hellos_unanswered = 0
         self._next_hello_at = now + REFUSED_RETRY_S
         self._events.append(LinkRefused(self.peer, code, detail))
 

@@ -96,6 +96,40 @@ class SessionClaimed(msgspec.Struct, frozen=True):
     refused: bool = False
 
 
+class ClaimCheckWanted(msgspec.Struct, frozen=True):
+    """Without a key, a Hello as `peer` with node id `claimant` was refused because `peer` is
+    another node (`holder`, None if unknown: one active on another connection). Ask `peer`'s
+    configured endpoint who it is, through this node's own link to it (a Ping, or a Hello if
+    the link is not ready), within a bounded time; then tell the listener the node id that
+    answered (`Listener.endpoint_answered`) or that none did (`Listener.endpoint_unanswered`).
+    At most one per name per `CLAIM_CHECK_INTERVAL_NS`, however many Hellos come."""
+
+    peer: str
+    claimant: str
+    holder: str | None
+
+
+class ClaimSettled(msgspec.Struct, frozen=True):
+    """`peer`'s configured endpoint answered as node `node_id`, and that changed something:
+    `evicted` sessions of `peer` under other node ids ended (their connections must say
+    Hello again, and are refused), `welcomed` connections refused while the endpoint was
+    asked were welcomed (their Welcome is queued). `asked`: it answered a `ClaimCheckWanted`."""
+
+    peer: str
+    node_id: str
+    evicted: int
+    welcomed: int
+    asked: bool
+
+
+class ClaimUnchecked(msgspec.Struct, frozen=True):
+    """`peer`'s configured endpoint did not answer a `ClaimCheckWanted` in time (or there is
+    none): the name stays first come, first served; `refused` claimants stay refused."""
+
+    peer: str
+    refused: int
+
+
 Event = (
     PeerConnected
     | PeerLost
@@ -107,4 +141,7 @@ Event = (
     | MessagesArrived
     | ViolationDetected
     | SessionClaimed
+    | ClaimCheckWanted
+    | ClaimSettled
+    | ClaimUnchecked
 )

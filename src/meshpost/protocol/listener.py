@@ -22,6 +22,9 @@ from typing import NamedTuple
 from meshpost.errors import IdentityMismatch, MalformedFrame, ProtocolError, UnsupportedVersion
 from meshpost.protocol.codec import decode
 from meshpost.protocol.events import (
+    ClaimCheckWanted,
+    ClaimSettled,
+    ClaimUnchecked,
     Event,
     MessagesArrived,
     PeerLeft,
@@ -76,9 +79,22 @@ def to_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
 #: goes with batches still being stored is kept aside until they are answered (`_draining`).
 MAX_SESSIONS_PER_PEER = 4
 #: Without a key, a Hello naming a peer whose session (another node id) was active this
-#: recently is refused: a live peer's name cannot be borrowed by a stranger. Its own restart
-#: (same node id) is welcomed, and a peer whose store was replaced waits at most this long.
+#: recently is refused, when this node does not know who the peer is (its configured endpoint
+#: never answered it): a live peer's name cannot be borrowed by a stranger. Its own restart
+#: (same node id) is welcomed; a peer whose store was replaced is welcomed once its endpoint
+#: answers a check as its new node id, else after the old one has been silent this long.
 LIVE_SESSION_NS = 30_000_000_000
+#: Without a key, a refused claim asks the name's configured endpoint who it is
+#: (`ClaimCheckWanted`: one Ping or Hello on this node's own link) at most once per name per
+#: this long, however many Hellos come: a stranger's Hellos cost at most that exchange. The
+#: endpoint's answer also counts: within this long of it, a Hello of another node id is
+#: refused without asking again. A check not settled within this long is taken as lost (the
+#: node settles each within `CLAIM_CHECK_TIMEOUT_S`, node/claims.py, which is shorter).
+CLAIM_CHECK_INTERVAL_NS = 5_000_000_000
+#: Connections refused under one name while its endpoint is asked, kept to be welcomed if it
+#: answers as their node id; past it the oldest is forgotten (its dialer's next Hello is then
+#: judged by the answer). Bounds what Hellos under many node ids make this node keep.
+MAX_CLAIMANTS_PER_NAME = 4
 #: Answers (receipts, rejects) kept for the session that superseded the one they answer, until
 #: that session next sends a frame. Beyond this the oldest go: the dialer resends what they
 #: answered and is answered again from the store (a bound, not a loss).
@@ -108,13 +124,18 @@ class SessionInput(enum.Enum):
 
     HELLO = "Hello (a known peer; under --secure the key's name; no session on another connection)"
     CLAIM = "Hello (as HELLO, but the name has a session on another connection)"
-    LIVE_CLAIM = ("Hello without a key naming a peer active on another connection as another "
-                  "node id within LIVE_SESSION_NS")
+    LIVE_CLAIM = ("Hello without a key naming a peer as another node id than the one its "
+                  "configured endpoint answered as; or, not known so, than one active on "
+                  "another connection within LIVE_SESSION_NS")
     BAD_HELLO = "Hello (unknown name, not the key's name, or a name clash)"
     BATCH = "Batch"
     PING = "Ping"
     BYE = "Bye"
     CLOSE = "Close (the dialer closes its idle link)"
+    VOUCHED = ("the name's configured endpoint answered as the node id this connection's "
+               "refused Hello said (`endpoint_answered`)")
+    DISOWNED = ("the name's configured endpoint answered as another node id than this "
+                "session's (`endpoint_answered`)")
 
 
 class Answer(enum.Enum):
@@ -123,7 +144,11 @@ class Answer(enum.Enum):
     WELCOME = "Welcome"
     WELCOME_CLAIM = ("Welcome; SessionClaimed reported; past MAX_SESSIONS_PER_PEER the name's "
                      "least recently active session goes")
-    REFUSE_CLAIM = "Refuse(identity); SessionClaimed(refused) reported"
+    REFUSE_CLAIM = ("Refuse(identity); SessionClaimed(refused) reported; ClaimCheckWanted "
+                    "reported at most once per name per CLAIM_CHECK_INTERVAL_NS")
+    WELCOME_LATE = "Welcome (to the refused Hello); ClaimSettled reported"
+    END = ("nothing; the session ends (its next frame gets hello-required); ClaimSettled "
+           "reported")
     REFUSE_HELLO = "Refuse(identity or unknown-peer); reported"
     HELLO_REQUIRED = "Refuse(hello-required)"
     ARRIVED = ("MessagesArrived reported; ReceiptFrame/Reject once stored (`stored()`), on this "
@@ -155,6 +180,8 @@ TRANSITIONS: dict[tuple[SessionState, SessionInput], Step] = {
     (_S.NEW, _I.PING): Step(_S.NEW, _A.HELLO_REQUIRED),
     (_S.NEW, _I.BYE): Step(_S.NEW, _A.NOTHING),
     (_S.NEW, _I.CLOSE): Step(_S.NEW, _A.NOTHING),
+    (_S.NEW, _I.VOUCHED): Step(_S.OPEN, _A.WELCOME_LATE),
+    (_S.NEW, _I.DISOWNED): Step(_S.NEW, _A.NOTHING),
     (_S.OPEN, _I.HELLO): Step(_S.OPEN, _A.WELCOME),
     (_S.OPEN, _I.CLAIM): Step(_S.OPEN, _A.WELCOME_CLAIM),
     (_S.OPEN, _I.LIVE_CLAIM): Step(_S.NEW, _A.REFUSE_CLAIM),
@@ -163,6 +190,8 @@ TRANSITIONS: dict[tuple[SessionState, SessionInput], Step] = {
     (_S.OPEN, _I.PING): Step(_S.OPEN, _A.PONG),
     (_S.OPEN, _I.BYE): Step(_S.LEFT, _A.LEFT),
     (_S.OPEN, _I.CLOSE): Step(_S.NEW, _A.FORGET),
+    (_S.OPEN, _I.VOUCHED): Step(_S.OPEN, _A.NOTHING),
+    (_S.OPEN, _I.DISOWNED): Step(_S.NEW, _A.END),
     (_S.LEFT, _I.HELLO): Step(_S.OPEN, _A.WELCOME),
     (_S.LEFT, _I.CLAIM): Step(_S.OPEN, _A.WELCOME_CLAIM),
     (_S.LEFT, _I.LIVE_CLAIM): Step(_S.NEW, _A.REFUSE_CLAIM),
@@ -171,6 +200,8 @@ TRANSITIONS: dict[tuple[SessionState, SessionInput], Step] = {
     (_S.LEFT, _I.PING): Step(_S.LEFT, _A.HELLO_REQUIRED),
     (_S.LEFT, _I.BYE): Step(_S.LEFT, _A.NOTHING),
     (_S.LEFT, _I.CLOSE): Step(_S.NEW, _A.FORGET),
+    (_S.LEFT, _I.VOUCHED): Step(_S.LEFT, _A.NOTHING),
+    (_S.LEFT, _I.DISOWNED): Step(_S.NEW, _A.END),
 }
 del _S, _I, _A
 
@@ -198,6 +229,27 @@ class _Session:
     #: The resume token its Welcome gave (only on its connection): a later Hello supersedes
     #: this session only if it carries it (`Listener._supersede`).
     token: bytes = b""
+
+
+@dataclasses.dataclass(slots=True)
+class _Claim:
+    """What this node knows of who a keyless name is, from its own link to the name's
+    configured endpoint (never from what a claimant says)."""
+
+    #: The node id the endpoint last answered as (None: unknown, or it stopped answering).
+    node_id: str | None = None
+    answered_ns: int | None = None
+    #: When the endpoint was last asked (`ClaimCheckWanted`), and whether that check is
+    #: still open (neither `endpoint_answered` nor `endpoint_unanswered` since).
+    asked_ns: int | None = None
+    asking: bool = False
+    #: Connections refused while asking, by connection: the node id their Hello said.
+    claimants: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _recent(since_ns: int | None, wall_ns: int, within_ns: int) -> bool:
+    # A wall clock that went back makes nothing recent: a check is asked rather than never.
+    return since_ns is not None and 0 <= wall_ns - since_ns < within_ns
 
 
 class Listener:
@@ -236,6 +288,9 @@ class Listener:
         #: so their successor's Pongs count those batches and their answers are forwarded to
         #: it. Bounded by the batches being stored, each of which is in memory anyway.
         self._draining: dict[str, _Session] = {}
+        #: Keyless names this node asked (or learnt) the configured endpoint of, by name:
+        #: only known peers' (bounded by the configuration and discovery).
+        self._claims: dict[str, _Claim] = {}
         self._activity = 0
         self._frames: list[tuple[str, Frame]] = []
         self._events: list[Event] = []
@@ -308,24 +363,7 @@ class Listener:
             # A new session (a welcomed Hello replaces the connection's own): bound to this
             # connection. A refused Hello leaves an open session as it was: were it rebound to
             # the refused name, the connection could send as a peer it was refused as.
-            self._activity += 1
-            replaced = session
-            session = _Session(SessionState.OPEN, frame.name, frame.node_id,
-                               self._activity, wall_ns, token=self._new_token())
-            drained = self._draining.pop(identity, None)
-            if replaced is None and drained is not None:
-                replaced = drained  # evicted, batches still being stored: the same rule
-            if (replaced is not None and replaced.peer == session.peer
-                    and replaced.node_id == session.node_id):
-                # The same node again on this connection (a Hello it retried): what it sent
-                # before is still being stored, and answers forwarded to it still wait.
-                session.pending, session.forwarded = replaced.pending, replaced.forwarded
-                session.predecessors = replaced.predecessors
-                # Its token too: the connection is ours to name, so it is the same dialer,
-                # and the Welcome with a new token might be lost (its next redial would then
-                # carry the old one).
-                session.token = replaced.token
-            self._sessions[identity] = session
+            session = self._open_session(identity, frame.name, frame.node_id, wall_ns, session)
             if frame.resume:
                 self._supersede(session, identity, others, frame.resume)
         elif step.next is not state:  # (a stored session is never NEW: no pop from NEW)
@@ -355,18 +393,16 @@ class Listener:
             case Answer.WELCOME_CLAIM:
                 assert isinstance(frame, Hello)
                 self._events.append(SessionClaimed(frame.name, identity, len(others) + 1))
-                others.sort()
-                for _last, stale in others[: max(0, len(others) + 1 - MAX_SESSIONS_PER_PEER)]:
-                    evicted = self._sessions.pop(stale)
-                    if evicted.pending > 0:
-                        self._draining[stale] = evicted
+                self._evict_past_cap(others)
                 assert session is not None
                 self._welcome(identity, session, wall_ns, hlc)
             case Answer.REFUSE_CLAIM:
                 assert isinstance(frame, Hello)
                 self._events.append(SessionClaimed(frame.name, identity, len(others),
                                                    refused=True))
-                self._reply(identity, Refuse(RefuseCode.IDENTITY, self._claim_refusal(frame)))
+                asked = self._ask_endpoint(identity, frame, wall_ns)
+                self._reply(identity, Refuse(RefuseCode.IDENTITY,
+                                             self._claim_refusal(frame, asked)))
             case Answer.REFUSE_HELLO:
                 assert refusal is not None
                 code, error = refusal
@@ -381,6 +417,63 @@ class Listener:
                 self._events.append(PeerLeft(session.peer, frame.reason))
             case Answer.NOTHING | Answer.FORGET:
                 pass  # a forgotten session was dropped above (its next state is NEW)
+
+    def endpoint_answered(self, peer: str, node_id: str, wall_ns: int, hlc: int) -> None:
+        """This node's own link to `peer`'s configured endpoint was answered, at `wall_ns`,
+        by node `node_id` (a Welcome; or a Pong on the session a Welcome opened as it): that
+        is who `peer` is for a Hello without a key, whatever a claimant says. Sessions of
+        `peer` under another node id end (`DISOWNED`: their connections must say Hello again,
+        and are refused while this answer stands), and the connections refused while the
+        endpoint was asked that said Hello as `node_id` are welcomed (`VOUCHED`). Call it for
+        every Welcome the node's own link takes, and with the answer to `ClaimCheckWanted`;
+        send what `frames_to_send()` then holds to each frame's own connection (not under
+        --secure, where keys decide)."""
+        if peer not in self.known_peers:
+            return
+        claim = self._claims.setdefault(peer, _Claim())
+        claim.node_id, claim.answered_ns = node_id, wall_ns
+        asked, claimants = claim.asking, claim.claimants
+        claim.asking, claim.claimants = False, {}
+        evicted = 0
+        for connection, session in list(self._sessions.items()):
+            if session.peer != peer or session.node_id == node_id:
+                continue
+            step = TRANSITIONS[session.state, SessionInput.DISOWNED]
+            if step.answer is Answer.END:
+                del self._sessions[connection]
+                if session.pending > 0:  # its batches are still answered on its connection
+                    self._draining[connection] = session
+                evicted += 1
+        welcomed = 0
+        for connection, claimed in claimants.items():
+            if claimed != node_id:
+                continue
+            own = self._sessions.get(connection)
+            state = own.state if own else SessionState.NEW
+            step = TRANSITIONS[state, SessionInput.VOUCHED]
+            if step.answer is not Answer.WELCOME_LATE:
+                continue  # welcomed or refused otherwise since: its own Hello decided
+            others = [(s.last_active, c) for c, s in self._sessions.items()
+                      if c != connection and s.peer == peer and s.state is SessionState.OPEN]
+            self._evict_past_cap(others)
+            self._welcome(connection, self._open_session(connection, peer, node_id, wall_ns, own),
+                          wall_ns, hlc)
+            welcomed += 1
+        if asked or evicted or welcomed:
+            self._events.append(ClaimSettled(peer, node_id, evicted, welcomed, asked))
+
+    def endpoint_unanswered(self, peer: str) -> None:
+        """`peer`'s configured endpoint did not answer the `ClaimCheckWanted` in time (or
+        `peer` has none): what it answered before is no longer taken as who `peer` is (a
+        restarted peer must not stay locked out by it), so the name is first come, first
+        served (`LIVE_SESSION_NS`) until it answers again; the claimants stay refused."""
+        claim = self._claims.get(peer)
+        if claim is None or not claim.asking:
+            return
+        refused = len(claim.claimants)
+        claim.node_id = claim.answered_ns = None
+        claim.asking, claim.claimants = False, {}
+        self._events.append(ClaimUnchecked(peer, refused))
 
     def stored(
         self,
@@ -435,6 +528,59 @@ class Listener:
             del self._draining[to]  # its last batch answered
 
     # -- internals ------------------------------------------------------------------------
+
+    def _open_session(self, identity: str, peer: str, node_id: str, wall_ns: int,
+                      replaced: _Session | None) -> _Session:
+        """A new open session of `peer` as `node_id` on connection `identity` (which had
+        `replaced`, if any), its token drawn; not yet welcomed."""
+        self._activity += 1
+        session = _Session(SessionState.OPEN, peer, node_id, self._activity, wall_ns,
+                           token=self._new_token())
+        drained = self._draining.pop(identity, None)
+        if replaced is None and drained is not None:
+            replaced = drained  # evicted, batches still being stored: the same rule
+        if (replaced is not None and replaced.peer == session.peer
+                and replaced.node_id == session.node_id):
+            # The same node again on this connection (a Hello it retried): what it sent
+            # before is still being stored, and answers forwarded to it still wait.
+            session.pending, session.forwarded = replaced.pending, replaced.forwarded
+            session.predecessors = replaced.predecessors
+            # Its token too: the connection is ours to name, so it is the same dialer,
+            # and the Welcome with a new token might be lost (its next redial would then
+            # carry the old one).
+            session.token = replaced.token
+        self._sessions[identity] = session
+        return session
+
+    def _evict_past_cap(self, others: list[tuple[int, str]]) -> None:
+        """A name's new session joins `others` (its open sessions on other connections, as
+        (last active, connection)): past MAX_SESSIONS_PER_PEER the least recently active go,
+        those with batches still being stored kept aside (`_draining`)."""
+        others.sort()
+        for _last, stale in others[: max(0, len(others) + 1 - MAX_SESSIONS_PER_PEER)]:
+            evicted = self._sessions.pop(stale)
+            if evicted.pending > 0:
+                self._draining[stale] = evicted
+
+    def _ask_endpoint(self, identity: str, hello: Hello, wall_ns: int) -> bool:
+        """A keyless Hello was refused as a claim: ask the name's configured endpoint who it
+        is (`ClaimCheckWanted`) unless it was asked, or answered, within
+        CLAIM_CHECK_INTERVAL_NS, and keep this connection to welcome if it answers as the
+        Hello's node id. True if an open check will decide this connection."""
+        claim = self._claims.setdefault(hello.name, _Claim())
+        if claim.asking and not _recent(claim.asked_ns, wall_ns, CLAIM_CHECK_INTERVAL_NS):
+            claim.asking, claim.claimants = False, {}  # never settled: taken as lost
+        if not claim.asking:
+            if (_recent(claim.asked_ns, wall_ns, CLAIM_CHECK_INTERVAL_NS)
+                    or _recent(claim.answered_ns, wall_ns, CLAIM_CHECK_INTERVAL_NS)):
+                return False
+            claim.asking, claim.asked_ns = True, wall_ns
+            self._events.append(ClaimCheckWanted(hello.name, hello.node_id, claim.node_id))
+        claim.claimants.pop(identity, None)
+        claim.claimants[identity] = hello.node_id  # the latest last
+        while len(claim.claimants) > MAX_CLAIMANTS_PER_NAME:
+            del claim.claimants[next(iter(claim.claimants))]
+        return True
 
     def _supersede(self, session: _Session, identity: str,
                    others: list[tuple[int, str]], token: bytes) -> None:
@@ -531,22 +677,35 @@ class Listener:
             sent_at_ns=wall_ns, hlc=hlc, sync=self.sync, resume=session.token,
         ))
 
-    def _claim_refusal(self, hello: Hello) -> str:
-        """Why a keyless Hello under a live peer's name is refused, as `_check_hello` decided
-        it: another node id has an open session under that name, active on another of this
-        node's inbound connections within LIVE_SESSION_NS (whether or not our own link to
-        that peer is open: the session is the peer's connection to us)."""
-        holder = max((s for s in self._sessions.values()
-                      if s.peer == hello.name and s.state is SessionState.OPEN
-                      and s.node_id != hello.node_id), key=lambda s: s.last_active, default=None)
-        whose = f"node {holder.node_id}" if holder is not None else "another node"
+    def _claim_refusal(self, hello: Hello, asked: bool) -> str:
+        """Why a keyless Hello under a peer's name is refused, as `_check_hello` decided it:
+        the name's configured endpoint answered as another node id, or (not known) another
+        node id has an open session under that name, active on another of this node's inbound
+        connections within LIVE_SESSION_NS. `asked`: the endpoint is being asked, and this
+        connection is welcomed if it answers as the Hello's node id."""
+        claim = self._claims.get(hello.name)
+        vouched = claim.node_id if claim is not None else None
         live_s = LIVE_SESSION_NS // 1_000_000_000
+        if vouched is not None:
+            why = (f"{self.local_name!r} knows {hello.name!r} as node {vouched}: its "
+                   f"configured endpoint answered so")
+        else:
+            holder = max((s for s in self._sessions.values()
+                          if s.peer == hello.name and s.state is SessionState.OPEN
+                          and s.node_id != hello.node_id),
+                         key=lambda s: s.last_active, default=None)
+            whose = f"node {holder.node_id}" if holder is not None else "another node"
+            why = (f"{self.local_name!r} knows {hello.name!r} as {whose}, which sent on "
+                   f"another connection within the last {live_s} s")
+        then = (f"{self.local_name!r} is asking the endpoint configured for {hello.name!r} "
+                f"which node it is, and welcomes this connection if it answers as node "
+                f"{hello.node_id}" if asked else
+                f"if {hello.name!r}'s data dir was replaced, a later Hello is checked against "
+                f"the endpoint configured for it")
         return (
-            f"{self.local_name!r} knows {hello.name!r} as {whose}, which sent on another "
-            f"connection within the last {live_s} s; this Hello is from node {hello.node_id}. "
-            f"A name is no proof without keys, so it stays with that node: give this node a "
-            f"name of its own (or, if {hello.name!r}'s data dir was replaced, retry once the "
-            f"old node has been silent {live_s} s; with --secure the key decides)"
+            f"{why}; this Hello is from node {hello.node_id}. A name is no proof without "
+            f"keys: {then} (if this is a second node given that name, give this node a "
+            f"name of its own; with --secure the key decides)"
         )
 
     def _check_hello(
@@ -584,12 +743,20 @@ class Listener:
                 others.append((session.last_active, connection))
             else:
                 del self._sessions[connection]
-        if authenticated is None and any(
-            self._sessions[c].node_id != hello.node_id
-            and wall_ns - self._sessions[c].last_active_ns < LIVE_SESSION_NS
-            for _a, c in others
-        ):
-            return SessionInput.LIVE_CLAIM, None, others
+        if authenticated is None:
+            # Who the name is, by what this node checked itself: the node id the name's
+            # configured endpoint answered as (its sessions of other node ids ended then).
+            # Not known: first come, first served while the other is live.
+            claim = self._claims.get(hello.name)
+            vouched = claim.node_id if claim is not None else None
+            if vouched is not None and vouched != hello.node_id:
+                return SessionInput.LIVE_CLAIM, None, others
+            if vouched is None and any(
+                self._sessions[c].node_id != hello.node_id
+                and wall_ns - self._sessions[c].last_active_ns < LIVE_SESSION_NS
+                for _a, c in others
+            ):
+                return SessionInput.LIVE_CLAIM, None, others
         return (SessionInput.CLAIM if others else SessionInput.HELLO), None, others
 
     def _on_batch(

@@ -535,9 +535,6 @@ def test_byes_under_a_peers_name_do_not_stop_the_node_sending_to_that_peer(
 # -- left open: a name is first come, first served without keys --------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="without --secure a name is first come, first served: "
-                   "a stranger active under A's name (another node id) keeps A's own Hello "
-                   "refused (docs/reliability.md, 'Found, left open')")
 def test_a_stranger_taking_an_idle_peers_name_does_not_keep_that_peer_out(
     mesh_factory: MeshFactory,
 ) -> None:
