@@ -434,31 +434,31 @@ class Listener:
         claim.node_id, claim.answered_ns = node_id, wall_ns
         asked, claimants = claim.asking, claim.claimants
         claim.asking, claim.claimants = False, {}
+        # Which claimants the answer welcomes is decided first: one that said Hello again
+        # since (welcomed as another node id, or as another name) is decided by that.
+        vouched = []
+        for connection, claimed in claimants.items():
+            own = self._sessions.get(connection)
+            state = own.state if own else SessionState.NEW
+            if (claimed == node_id and TRANSITIONS[state, SessionInput.VOUCHED].answer
+                    is Answer.WELCOME_LATE):
+                vouched.append((connection, own))
         evicted = 0
         for connection, session in list(self._sessions.items()):
             if session.peer != peer or session.node_id == node_id:
                 continue
-            step = TRANSITIONS[session.state, SessionInput.DISOWNED]
-            if step.answer is Answer.END:
+            if TRANSITIONS[session.state, SessionInput.DISOWNED].answer is Answer.END:
                 del self._sessions[connection]
                 if session.pending > 0:  # its batches are still answered on its connection
                     self._draining[connection] = session
                 evicted += 1
-        welcomed = 0
-        for connection, claimed in claimants.items():
-            if claimed != node_id:
-                continue
-            own = self._sessions.get(connection)
-            state = own.state if own else SessionState.NEW
-            step = TRANSITIONS[state, SessionInput.VOUCHED]
-            if step.answer is not Answer.WELCOME_LATE:
-                continue  # welcomed or refused otherwise since: its own Hello decided
+        for connection, own in vouched:
             others = [(s.last_active, c) for c, s in self._sessions.items()
                       if c != connection and s.peer == peer and s.state is SessionState.OPEN]
             self._evict_past_cap(others)
             self._welcome(connection, self._open_session(connection, peer, node_id, wall_ns, own),
                           wall_ns, hlc)
-            welcomed += 1
+        welcomed = len(vouched)
         if asked or evicted or welcomed:
             self._events.append(ClaimSettled(peer, node_id, evicted, welcomed, asked))
 
