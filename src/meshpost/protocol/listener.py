@@ -91,10 +91,15 @@ LIVE_SESSION_NS = 30_000_000_000
 #: refused without asking again. A check not settled within this long is taken as lost (the
 #: node settles each within `CLAIM_CHECK_TIMEOUT_S`, node/claims.py, which is shorter).
 CLAIM_CHECK_INTERVAL_NS = 5_000_000_000
-#: Connections refused under one name while its endpoint is asked, kept to be welcomed if it
-#: answers as their node id; past it the oldest is forgotten (its dialer's next Hello is then
-#: judged by the answer). Bounds what Hellos under many node ids make this node keep.
+#: Connections refused under one name as claims, kept to be welcomed if the name's endpoint
+#: answers as their node id (a check's answer, or a Welcome to this node's own link); past it
+#: the oldest is forgotten (its dialer's next Hello is then judged by the answer). Bounds what
+#: Hellos under many node ids make this node keep.
 MAX_CLAIMANTS_PER_NAME = 4
+#: A claimant is welcomed by an answer at most this long after its refusal: a refused dialer
+#: says Hello again every 10 s (`dialer.REFUSED_RETRY_S`), so an older one has either been
+#: kept again by that Hello or is gone.
+CLAIMANT_KEPT_NS = 10_000_000_000
 #: Answers (receipts, rejects) kept for the session that superseded the one they answer, until
 #: that session next sends a frame. Beyond this the oldest go: the dialer resends what they
 #: answered and is answered again from the store (a bound, not a loss).
@@ -243,8 +248,8 @@ class _Claim:
     #: still open (neither `endpoint_answered` nor `endpoint_unanswered` since).
     asked_ns: int | None = None
     asking: bool = False
-    #: Connections refused while asking, by connection: the node id their Hello said.
-    claimants: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Connections refused as claims, by connection: the node id their Hello said, and when.
+    claimants: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
 
 
 def _recent(since_ns: int | None, wall_ns: int, within_ns: int) -> bool:
@@ -423,8 +428,8 @@ class Listener:
         by node `node_id` (a Welcome; or a Pong on the session a Welcome opened as it): that
         is who `peer` is for a Hello without a key, whatever a claimant says. Sessions of
         `peer` under another node id end (`DISOWNED`: their connections must say Hello again,
-        and are refused while this answer stands), and the connections refused while the
-        endpoint was asked that said Hello as `node_id` are welcomed (`VOUCHED`). Call it for
+        and are refused while this answer stands), and the connections refused as claims
+        within CLAIMANT_KEPT_NS that said Hello as `node_id` are welcomed (`VOUCHED`). Call it for
         every Welcome the node's own link takes, and with the answer to `ClaimCheckWanted`;
         send what `frames_to_send()` then holds to each frame's own connection (not under
         --secure, where keys decide)."""
@@ -437,11 +442,11 @@ class Listener:
         # Which claimants the answer welcomes is decided first: one that said Hello again
         # since (welcomed as another node id, or as another name) is decided by that.
         vouched = []
-        for connection, claimed in claimants.items():
+        for connection, (claimed, refused_ns) in claimants.items():
             own = self._sessions.get(connection)
             state = own.state if own else SessionState.NEW
-            if (claimed == node_id and TRANSITIONS[state, SessionInput.VOUCHED].answer
-                    is Answer.WELCOME_LATE):
+            if (claimed == node_id and _recent(refused_ns, wall_ns, CLAIMANT_KEPT_NS)
+                    and TRANSITIONS[state, SessionInput.VOUCHED].answer is Answer.WELCOME_LATE):
                 vouched.append((connection, own))
         evicted = 0
         for connection, session in list(self._sessions.items()):
@@ -563,23 +568,24 @@ class Listener:
                 self._draining[stale] = evicted
 
     def _ask_endpoint(self, identity: str, hello: Hello, wall_ns: int) -> bool:
-        """A keyless Hello was refused as a claim: ask the name's configured endpoint who it
-        is (`ClaimCheckWanted`) unless it was asked, or answered, within
-        CLAIM_CHECK_INTERVAL_NS, and keep this connection to welcome if it answers as the
-        Hello's node id. True if an open check will decide this connection."""
+        """A keyless Hello was refused as a claim: keep this connection, to welcome if the
+        name's configured endpoint answers as the Hello's node id, and ask the endpoint who
+        it is (`ClaimCheckWanted`) unless it was asked, or answered, within
+        CLAIM_CHECK_INTERVAL_NS. True if a check is open."""
         claim = self._claims.setdefault(hello.name, _Claim())
         if claim.asking and not _recent(claim.asked_ns, wall_ns, CLAIM_CHECK_INTERVAL_NS):
-            claim.asking, claim.claimants = False, {}  # never settled: taken as lost
-        if not claim.asking:
-            if (_recent(claim.asked_ns, wall_ns, CLAIM_CHECK_INTERVAL_NS)
-                    or _recent(claim.answered_ns, wall_ns, CLAIM_CHECK_INTERVAL_NS)):
-                return False
-            claim.asking, claim.asked_ns = True, wall_ns
-            self._events.append(ClaimCheckWanted(hello.name, hello.node_id, claim.node_id))
+            claim.asking = False  # never settled: taken as lost
         claim.claimants.pop(identity, None)
-        claim.claimants[identity] = hello.node_id  # the latest last
+        claim.claimants[identity] = (hello.node_id, wall_ns)  # the latest last
         while len(claim.claimants) > MAX_CLAIMANTS_PER_NAME:
             del claim.claimants[next(iter(claim.claimants))]
+        if claim.asking:
+            return True
+        if (_recent(claim.asked_ns, wall_ns, CLAIM_CHECK_INTERVAL_NS)
+                or _recent(claim.answered_ns, wall_ns, CLAIM_CHECK_INTERVAL_NS)):
+            return False
+        claim.asking, claim.asked_ns = True, wall_ns
+        self._events.append(ClaimCheckWanted(hello.name, hello.node_id, claim.node_id))
         return True
 
     def _supersede(self, session: _Session, identity: str,

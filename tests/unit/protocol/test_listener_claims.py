@@ -42,6 +42,7 @@ from meshpost.protocol import (
 )
 from meshpost.protocol.listener import (
     CLAIM_CHECK_INTERVAL_NS,
+    CLAIMANT_KEPT_NS,
     LIVE_SESSION_NS,
     MAX_CLAIMANTS_PER_NAME,
     Listener,
@@ -205,6 +206,27 @@ def test_a_peer_restarted_with_a_new_node_id_is_welcomed_once_its_endpoint_says_
     assert listener.session_state("old") is SessionState.NEW
     assert listener.events() == [ClaimSettled("alice", "node-new", evicted=1, welcomed=1,
                                               asked=True)]
+
+
+def test_a_claimant_refused_without_a_check_is_welcomed_by_the_next_answer_of_its_node_id(
+) -> None:
+    """The restart race: bob's link to alice was welcomed by node-old just before alice came
+    back as node-new, so node-new's Hello is refused without asking (the answer is fresh);
+    bob's own link is then welcomed by node-new (its redial): that answer welcomes it."""
+    listener = make_listener()
+    answered(listener, "alice", "node-old")
+    refusal(send(listener, as_node("node-new"), "new", wall_ns=WALL + 20))
+    assert checks(listener.events()) == []
+    frames = answered(listener, "alice", "node-new", WALL + 30)
+    assert [(to, type(f)) for to, f in frames] == [("new", Welcome)]
+
+
+def test_a_claimant_is_welcomed_by_an_answer_only_until_its_dialer_would_have_retried() -> None:
+    listener = make_listener()
+    answered(listener, "alice", "node-old")
+    refusal(send(listener, as_node("node-new"), "new", wall_ns=WALL + 20))
+    assert answered(listener, "alice", "node-new", WALL + 20 + CLAIMANT_KEPT_NS) == []
+    assert listener.session_state("new") is SessionState.NEW
 
 
 def test_no_answer_leaves_the_name_first_come_first_served() -> None:
