@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import threading
 import time
 from typing import Any
@@ -19,6 +20,7 @@ import zmq
 
 from meshpost.config import DEFAULT_MAX_MESSAGE_BYTES
 from meshpost.control import SendRequest, StatusRequest
+from meshpost.node.claims import CLAIM_CHECK_TIMEOUT_S
 from meshpost.protocol import (
     PROTOCOL_VERSION,
     Batch,
@@ -36,6 +38,7 @@ from meshpost.protocol import (
     to_ranges,
 )
 from meshpost.protocol.frames import max_frame_bytes
+from meshpost.protocol.listener import CLAIM_CHECK_INTERVAL_NS
 from meshpost.protocol.ratelimit import INPUT_WARNINGS_BURST, INPUT_WARNINGS_PER_S
 from meshpost.transport.inbound import LOG_EVERY_S
 from meshpost.transport.zmq_transport import MULTIPART_LOG_BURST
@@ -532,15 +535,55 @@ def test_byes_under_a_peers_name_do_not_stop_the_node_sending_to_that_peer(
     mesh.run(scenario)
 
 
-# -- left open: a name is first come, first served without keys --------------------------------
+# -- a keyless name: decided by what the name's configured endpoint answers -----------------------
+
+#: The node id a stranger says in its Hellos as A (not A's: a node id is anyone's to say).
+STRANGER_NODE_ID = "0123456789abcdef"
+#: A raw peer's wait for one answer from B (B answers in milliseconds).
+ANSWER_WAIT_MS = 10_000
+
+
+class RawPeer:
+    """One raw DEALER connection to a node, speaking the wire format: Hello as any name and
+    node id, Ping, and B's answers one at a time."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def hello(self, name: str, node_id: str) -> None:
+        self.sock.send(encode(Hello(version=PROTOCOL_VERSION, node_id=node_id, name=name,
+                                    sent_at_ns=time.time_ns(), hlc=1)))
+
+    def ping(self) -> None:
+        self.sock.send(encode(Ping(sent_at_ns=time.time_ns())))
+
+    def answer(self, wait_ms: int = ANSWER_WAIT_MS) -> Any:
+        """B's next frame to this connection, or None if none came within `wait_ms`."""
+        if not self.sock.poll(wait_ms):
+            return None
+        return decode(self.sock.recv(), max_bytes=1 << 20)
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def _refused(frame: Any, code: str) -> bool:
+    return isinstance(frame, Refuse) and frame.code == code
 
 
 def test_a_stranger_taking_an_idle_peers_name_does_not_keep_that_peer_out(
     mesh_factory: MeshFactory,
 ) -> None:
     """A's link to B idles out (Close: B forgets the session). A stranger then says Hello
-    to B as A, with a node id of its own, and pings: B welcomes it, and while it stays
-    active B refuses A's own Hello (LIVE_CLAIM), so A's next message waits."""
+    to B as A, with a node id of its own, and pings: B welcomes it (B has not heard from A's
+    endpoint: first come). Before the fix, while the stranger stayed active B refused A's own
+    Hello (LIVE_CLAIM) and A's next messages waited (0 of 3 receipted in 5 s each). Now A's
+    refused Hello makes B ask A's configured endpoint who it is, on B's own link: A answers,
+    B ends the stranger's session and welcomes A's refused connection (3 of 3)."""
     mesh = mesh_factory(["A", "B"], seed=31, options={"link_idle_s": 1.0, "dial_at_start": 0})
 
     async def scenario() -> None:
@@ -577,5 +620,161 @@ def test_a_stranger_taking_an_idle_peers_name_does_not_keep_that_peer_out(
             ctx.term()
         assert receipted == 3, f"{receipted}/3 of A's sends receipted while its name was taken"
         await mesh.finish()
+
+    mesh.run(scenario)
+
+
+def test_a_stranger_under_a_live_peers_name_stays_refused_and_its_hellos_cost_few_checks(
+    mesh_factory: MeshFactory,
+) -> None:
+    """A is live at B (and B's own link to A was welcomed by A). A stranger's Hellos as A
+    with a node id of its own are refused, as before the checks; however many come, B asks
+    A's endpoint at most once per CLAIM_CHECK_INTERVAL_NS, and A's messages flow meanwhile."""
+    mesh = mesh_factory(["A", "B"], seed=33)
+    hellos = 200
+
+    async def scenario() -> None:
+        await mesh.start()
+        await mesh.wait_connected("A")
+        await mesh.wait_connected("B")
+        await mesh.stream("A", "B", 5, tag="before", concurrency=5)
+        stranger = RawPeer(mesh.endpoint("B"))
+        mesh.cleanups.append(stranger.close)
+        before = (await mesh.status("B"))["stats"]
+        started = time.monotonic()
+
+        def claim() -> list[Any]:
+            answers = []
+            for _ in range(hellos):
+                stranger.hello("A", STRANGER_NODE_ID)
+                answers.append(stranger.answer())
+            stranger.ping()
+            answers.append(stranger.answer())
+            return answers
+
+        *refusals, to_ping = await asyncio.to_thread(claim)
+        first = len(mesh.ledger)
+        await mesh.stream("A", "B", 20, tag="during", concurrency=5,
+                          receipt_timeout_s=RECEIPT_TIMEOUT_S)
+        elapsed_s = time.monotonic() - started
+        stats = (await mesh.status("B"))["stats"]
+        receipted = sum(a.receipted for a in list(mesh.ledger.attempts.values())[first:])
+        checks = stats["name_checks"] - before["name_checks"]
+        bound = 1 + int(elapsed_s * 1e9 / CLAIM_CHECK_INTERVAL_NS)
+        mesh.extra.update(receipted_during=f"{receipted}/20", checks=checks,
+                          checks_bound=bound, elapsed_s=round(elapsed_s, 1))
+        assert all(_refused(a, RefuseCode.IDENTITY) for a in refusals), refusals[:3]
+        assert _refused(to_ping, RefuseCode.HELLO_REQUIRED), to_ping
+        assert stats["name_claims"] - before["name_claims"] == hellos
+        assert checks <= bound, (checks, bound)
+        assert receipted == 20
+        counts = await mesh.finish()
+        assert counts.accepted == counts.receipted == counts.stored == counts.attempted
+
+    mesh.run(scenario)
+
+
+def test_a_stranger_welcomed_under_an_idle_peers_name_is_ended_once_bs_own_link_hears_a(
+    mesh_factory: MeshFactory,
+) -> None:
+    """A's link to B idled out and B had never dialed A: a stranger's Hello as A (its own
+    node id) is welcomed, first come. Then B sends to A: B's own link is welcomed by A's
+    configured endpoint as A's node id, and B ends the stranger's session: its Ping gets
+    `hello-required` and its next Hello a name clash. Before, the stranger kept its session
+    (its Pings answered with Pongs) until it went silent."""
+    mesh = mesh_factory(["A", "B"], seed=34, options={"link_idle_s": 1.0, "dial_at_start": 0})
+
+    async def scenario() -> None:
+        await mesh.start()
+        await mesh.stream("A", "B", 3, tag="before", concurrency=3)
+        await until_true("A's link to B idled out",
+                         lambda: "link to B idle" in mesh.log_text("A"), 30)
+        stranger = RawPeer(mesh.endpoint("B"))
+        mesh.cleanups.append(stranger.close)
+
+        def say(frame: str) -> Any:
+            if frame == "hello":
+                stranger.hello("A", STRANGER_NODE_ID)
+            else:
+                stranger.ping()
+            return stranger.answer()
+
+        assert isinstance(await asyncio.to_thread(say, "hello"), Welcome)
+        assert isinstance(await asyncio.to_thread(say, "ping"), Pong)
+        await mesh.stream("B", "A", 3, tag="B to A", concurrency=3)
+        await until_true("B ended the stranger's session",
+                         lambda: "ended 1 session(s) of A" in mesh.log_text("B"), 30)
+        assert _refused(await asyncio.to_thread(say, "ping"), RefuseCode.HELLO_REQUIRED)
+        refused = await asyncio.to_thread(say, "hello")
+        assert _refused(refused, RefuseCode.IDENTITY), refused
+        assert "its configured endpoint answered so" in refused.detail
+        await mesh.stream("A", "B", 3, tag="after", concurrency=3)
+        counts = await mesh.finish()
+        assert counts.accepted == counts.receipted == counts.stored == counts.attempted
+
+    mesh.run(scenario)
+
+
+def test_a_claim_bs_endpoint_check_cannot_answer_stays_first_come_first_served_and_logged(
+    mesh_factory: MeshFactory,
+) -> None:
+    """A's configured endpoint answers nobody (A runs nowhere: its Hellos here come from a
+    raw connection). A stranger holds A's name at B; A's Hello is refused and B asks A's
+    endpoint, which stays silent: after CLAIM_CHECK_TIMEOUT_S B logs that it could not check
+    who A is, the stranger keeps the name (as before the checks) and A stays refused."""
+    mesh = mesh_factory(["A", "B"], real=["B"], absent=["A"], seed=35)
+
+    async def scenario() -> None:
+        await mesh.start()
+        stranger, claimant = RawPeer(mesh.endpoint("B")), RawPeer(mesh.endpoint("B"))
+        mesh.cleanups.extend((stranger.close, claimant.close))
+        stranger.hello("A", STRANGER_NODE_ID)
+        assert isinstance(await asyncio.to_thread(stranger.answer), Welcome)
+        claimant.hello("A", "fedcba9876543210")
+        refused = await asyncio.to_thread(claimant.answer)
+        assert _refused(refused, RefuseCode.IDENTITY), refused
+        assert "asking the endpoint configured for 'A'" in refused.detail
+        await until_true("B gave up checking A", lambda: "could not check who A is"
+                         in mesh.log_text("B"), CLAIM_CHECK_TIMEOUT_S + 30)
+        # The check settled with no answer: nothing more comes to the refused claimant.
+        assert await asyncio.to_thread(claimant.answer, 0) is None
+        stranger.ping()
+        assert isinstance(await asyncio.to_thread(stranger.answer), Pong)
+        stats = (await mesh.status("B"))["stats"]
+        assert stats["name_checks"] == 1
+        await mesh.finish()
+
+    mesh.run(scenario)
+
+
+def test_a_peer_restarted_with_a_new_data_dir_is_welcomed_once_b_checks_its_endpoint(
+    mesh_factory: MeshFactory,
+) -> None:
+    """A restarts at once with a new data dir (a new node id) while its old session at B was
+    live a moment ago. Before, B refused A's Hello until the old session had been silent 30 s
+    (LIVE_SESSION_NS): none of A's 5 sends receipted within 10 s each. Now B's own link to A
+    is welcomed by the new node id, or A's refused Hello makes B ask: B ends the old session
+    and welcomes A."""
+    mesh = mesh_factory(["A", "B"], seed=36)
+
+    async def scenario() -> None:
+        await mesh.start()
+        await mesh.wait_connected("A")
+        await mesh.wait_connected("B")
+        old_id = (await mesh.status("A"))["node_id"]
+        await asyncio.to_thread(mesh.kill, "A")
+        shutil.rmtree(mesh.data_dir("A"))
+        await asyncio.to_thread(mesh.start_real, ["A"])
+        new_id = (await mesh.status("A"))["node_id"]
+        assert new_id != old_id
+        first = len(mesh.ledger)
+        await mesh.stream("A", "B", 5, tag="after the restart", concurrency=5,
+                          receipt_timeout_s=RECEIPT_TIMEOUT_S)
+        receipted = sum(a.receipted for a in list(mesh.ledger.attempts.values())[first:])
+        mesh.extra["receipted_after_restart"] = f"{receipted}/5"
+        assert receipted == 5, f"{receipted}/5 of the restarted A's sends receipted"
+        assert f"answers as node {new_id}" in mesh.log_text("B")
+        counts = await mesh.finish()
+        assert counts.accepted == counts.receipted == counts.stored == counts.attempted
 
     mesh.run(scenario)
