@@ -304,7 +304,8 @@ class Listener:
 
     def frames_to_send(self) -> list[tuple[str, Frame]]:
         """The answers queued since the last call, as (connection identity, frame), in order.
-        Drained after each `receive` or `stored`, they are all for that call's connection."""
+        Drained after each `receive` or `stored`, they are all for that call's connection;
+        after `endpoint_answered`, each is for its own (a claimant's late Welcome)."""
         frames, self._frames = self._frames, []
         return frames
 
