@@ -119,8 +119,8 @@ class Events:
                 if evicted or welcomed:
                     log.warning("[%s] %s's configured endpoint answers as node %s: ended %d "
                                 "session(s) of %s under other node ids (refused from now on) "
-                                "and welcomed %d connection(s) refused while asking", node.name,
-                                peer, node_id, evicted, peer, welcomed)
+                                "and welcomed %d connection(s) it had refused as that node",
+                                node.name, peer, node_id, evicted, peer, welcomed)
                 else:
                     log.info("[%s] %s's configured endpoint answers as node %s: Hellos as %s "
                              "with other node ids stay refused", node.name, peer, node_id, peer)

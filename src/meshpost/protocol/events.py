@@ -112,8 +112,8 @@ class ClaimCheckWanted(msgspec.Struct, frozen=True):
 class ClaimSettled(msgspec.Struct, frozen=True):
     """`peer`'s configured endpoint answered as node `node_id`, and that changed something:
     `evicted` sessions of `peer` under other node ids ended (their connections must say
-    Hello again, and are refused), `welcomed` connections refused while the endpoint was
-    asked were welcomed (their Welcome is queued). `asked`: it answered a `ClaimCheckWanted`."""
+    Hello again, and are refused), `welcomed` connections lately refused as claims of that
+    node id were welcomed (their Welcome is queued). `asked`: it answered a `ClaimCheckWanted`."""
 
     peer: str
     node_id: str
