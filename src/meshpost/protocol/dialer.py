@@ -555,6 +555,15 @@ class DialerLink:
             return
         if isinstance(frame, Refuse) and frame.code == RefuseCode.HELLO_REQUIRED:
             kind = LinkInput.HELLO_REQUIRED
+        elif isinstance(frame, Welcome) and frame.name != self.peer:
+            # The endpoint configured for `peer` is another node (a misconfiguration, on
+            # either side): no session with `peer`, and never its answer about who `peer` is
+            # (docs/protocol.md 6.2.1 takes a Welcome on our own link as that answer). Taken
+            # as a refusal, retried as rarely, so that the operator sees why.
+            kind = LinkInput.REFUSE
+            frame = Refuse(code=RefuseCode.IDENTITY, detail=(
+                f"the endpoint configured for {self.peer!r} is node {frame.name!r} "
+                f"(node id {frame.node_id}), not {self.peer!r}"))
         before = self.state
         if not self._move(kind):
             return

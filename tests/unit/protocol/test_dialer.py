@@ -833,6 +833,32 @@ def test_a_welcome_after_a_refusal_restores_the_link() -> None:
     assert [m.seq for m in wire.store.values()] == [1]
 
 
+def test_a_welcome_from_another_node_than_the_peer_is_a_refusal_not_a_session() -> None:
+    """The endpoint configured for bob is carol's: her Welcome opens no session with bob
+    (nothing is sent to her as bob, no PeerConnected: node/claims.py would take it as bob's
+    node id), the link says why and asks again as rarely as after any refusal; once bob
+    himself answers there, the link is his."""
+    wire = Wire()
+    wire.dialer.enqueue(msgs([1]))
+    assert [type(f) for f in wire.poll()] == [Hello]
+    assert wire.to_dialer([Welcome(PROTOCOL_VERSION, "node-c", "carol", T0_WALL, 0,
+                                   "full")]) == []
+    assert state(wire) is LinkState.REFUSED
+    assert not wire.dialer.reachable
+    assert wire.dialer.peer_node_id is None
+    assert wire.of_type(PeerConnected) == []
+    [refused] = wire.of_type(LinkRefused)
+    assert refused.code == RefuseCode.IDENTITY
+    assert "'carol'" in refused.detail and "node-c" in refused.detail
+    assert wire.dialer.refusal is not None and "'bob'" in wire.dialer.refusal
+    assert wire.dialer.next_timer() == pytest.approx(wire.now + REFUSED_RETRY_S)
+    wire.advance(REFUSED_RETRY_S)
+    wire.exchange(wire.poll())
+    assert state(wire) is LinkState.READY
+    assert wire.dialer.peer_node_id == "node-b"
+    assert [m.seq for m in wire.store.values()] == [1]
+
+
 # -- receipts the dialer did not ask for ----------------------------------------------------
 
 
