@@ -342,6 +342,42 @@ def test_a_full_batch_makes_producers_wait_for_room(
     run(scenario)
 
 
+def test_has_room_says_whether_a_producer_would_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`has_room` is a plain attribute (read on every send): it follows the room's event
+    however that is set or cleared."""
+    monkeypatch.setattr(writer_module, "MAX_PENDING_ROWS", 10)
+
+    async def scenario() -> None:
+        store = Store.open(tmp_path, name="alice")
+        writer = GroupCommitWriter(store, FakeClock(), node="alice")
+        try:
+            assert writer.has_room
+            writer.add_outgoing([out(s) for s in range(1, 10)], lambda _at: None)
+            assert writer.has_room  # 9 rows of 10
+            writer.add_outgoing([out(10)], lambda _at: None)
+            assert not writer.has_room
+            waiting = asyncio.create_task(writer.wait_for_room())
+            await asyncio.sleep(0)
+            assert not waiting.done()
+            task = asyncio.create_task(writer.run())
+            await waiting
+            assert writer.has_room
+            await writer.flush()
+            writer._room.clear()  # as a test of the node does, to fake a full batch
+            assert not writer.has_room
+            writer._room.set()
+            assert writer.has_room
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            writer.close()
+
+    run(scenario)
+
+
 def test_call_runs_on_the_writer_thread(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_writer(tmp_path) as writer:
