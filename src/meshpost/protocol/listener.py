@@ -61,9 +61,10 @@ from meshpost.protocol.header import header_problem
 def to_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
     """Collapse seqs into sorted inclusive ranges: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
     if isinstance(seqs, list) and seqs:
-        # The usual case, a whole batch in order: one comparison in C instead of a loop.
+        # The usual case, a whole batch in order: one comparison in C instead of a loop
+        # (and for one seq, a single send's, not even that).
         lo, hi = seqs[0], seqs[-1]
-        if hi - lo + 1 == len(seqs) and seqs == list(range(lo, hi + 1)):
+        if len(seqs) == 1 or (hi - lo + 1 == len(seqs) and seqs == list(range(lo, hi + 1))):
             return [(lo, hi)]
     ranges: list[tuple[int, int]] = []
     for s in sorted(set(seqs)):
@@ -209,6 +210,9 @@ TRANSITIONS: dict[tuple[SessionState, SessionInput], Step] = {
     (_S.LEFT, _I.DISOWNED): Step(_S.NEW, _A.END),
 }
 del _S, _I, _A
+#: Read per frame as module globals: `SessionState.OPEN` is a lookup through
+#: `EnumType.__getattr__` in Python 3.11 (a Python call).
+_OPEN = SessionState.OPEN
 
 
 @dataclasses.dataclass(slots=True)
@@ -313,6 +317,13 @@ class Listener:
         events, self._events = self._events, []
         return events
 
+    def output(self) -> tuple[list[tuple[str, Frame]], list[Event]]:
+        """`frames_to_send()` and `events()` in one call: what the node takes after every
+        `receive` (a call each cost more than the taking)."""
+        frames, events = self._frames, self._events
+        self._frames, self._events = [], []
+        return frames, events
+
     def session_state(self, identity: str) -> SessionState:
         """Where connection `identity` stands (`NEW` if it never was welcomed)."""
         session = self._sessions.get(identity)
@@ -344,6 +355,16 @@ class Listener:
         checked = True
         if isinstance(frame, UncheckedBatch):
             frame, checked = frame.batch(), False
+        if type(frame) is Batch:
+            # The usual frame, a batch on an open session, ahead of the general path below:
+            # `TRANSITIONS[OPEN, BATCH]` keeps the session OPEN and answers ARRIVED
+            # (tests/unit/protocol/test_listener.py pins that), which is all this does. The
+            # general path looks two enum members up (each through `EnumType.__getattr__`'s
+            # slow path in Python 3.11) and the table, for the same.
+            session = self._sessions.get(identity)
+            if session is not None and session.state is _OPEN:
+                self._on_batch(identity, session, frame, wall_ns, checked)
+                return
         refusal: tuple[str, ProtocolError] | None = None
         others: list[tuple[int, str]] = []
         match frame:
@@ -383,9 +404,7 @@ class Listener:
             case Answer.ARRIVED:
                 assert isinstance(frame, Batch)
                 assert session is not None
-                self._mark_active(identity, session, wall_ns)
-                if self._on_batch(identity, session.peer, frame, wall_ns, checked=checked):
-                    session.pending += 1
+                self._on_batch(identity, session, frame, wall_ns, checked)
             case Answer.PONG:
                 assert isinstance(frame, Ping)
                 assert session is not None
@@ -767,16 +786,20 @@ class Listener:
         return (SessionInput.CLAIM if others else SessionInput.HELLO), None, others
 
     def _on_batch(
-        self, identity: str, peer: str, batch: Batch, wall_ns: int, *, checked: bool
-    ) -> bool:
-        """`checked`: decoding has run the `Envelope` checks on every message. True if
-        messages arrived to be stored (`MessagesArrived`; `stored()` answers them)."""
+        self, identity: str, session: _Session, batch: Batch, wall_ns: int, checked: bool
+    ) -> None:
+        """A batch on the open `session` (the answer ARRIVED): messages that arrived to be
+        stored are reported (`MessagesArrived`; `stored()` answers them), the others
+        rejected. `checked`: decoding has run the `Envelope` checks on every message."""
+        self._mark_active(identity, session, wall_ns)
+        peer = session.peer
         if checked and self._all_valid(peer, batch.messages):
             if batch.messages:
                 self._events.append(
                     MessagesArrived(peer, list(batch.messages), batch.tx_at_ns, wall_ns, identity)
                 )
-            return bool(batch.messages)
+                session.pending += 1
+            return
         repeated = self._repeated_seqs(identity, peer, batch.messages)
         good: list[Envelope] = []
         rejected: dict[str, list[int]] = {}
@@ -796,7 +819,7 @@ class Listener:
             self._reply(identity, Reject(seqs, code, details[code]))
         if good:
             self._events.append(MessagesArrived(peer, good, batch.tx_at_ns, wall_ns, identity))
-        return bool(good)
+            session.pending += 1
 
     def _repeated_seqs(self, identity: str, peer: str, messages: list[Envelope]) -> set[int]:
         """The seqs that more than one envelope of a batch carries, refused at once: a seq

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import msgspec
 import pytest
@@ -29,12 +31,14 @@ from meshpost.protocol import (
     Reject,
     RejectCode,
     SessionClaimed,
+    SessionInput,
     SessionState,
     ViolationDetected,
     Welcome,
     encode,
     to_ranges,
 )
+from meshpost.protocol import listener as listener_module
 from meshpost.protocol.frames import (
     ENVELOPE_OVERHEAD_BYTES,
     FRAME_OVERHEAD_BYTES,
@@ -711,3 +715,64 @@ def test_a_seven_field_envelope_from_an_older_node_arrives_without_header() -> N
     assert receive(listener, "alice", wire, WALL + 5) == []
     [arrived] = arrivals(listener)
     assert arrived.messages == [msg(1)] and arrived.messages[0].header is None
+
+
+def test_a_batch_on_an_open_session_keeps_it_open_and_arrives_as_the_table_says() -> None:
+    """`receive` takes a batch on an open session ahead of the table (the usual frame): it
+    does what `TRANSITIONS` says for it, and nothing else."""
+    assert listener_module.TRANSITIONS[SessionState.OPEN, SessionInput.BATCH] == (
+        listener_module.Step(SessionState.OPEN, listener_module.Answer.ARRIVED))
+
+
+_FRAMES = st.one_of(
+    st.builds(
+        lambda tx, specs: Batch(tx, [
+            Envelope(f"m{seq}", seq, sender, recipient, "x" * size, WALL, seq)
+            for seq, sender, recipient, size in specs]),
+        st.integers(0, 3),
+        st.lists(st.tuples(st.integers(0, 4), st.sampled_from(["alice", "carol"]),
+                           st.sampled_from(["bob", "eve"]),
+                           st.sampled_from([0, 1, 40, LIMIT, LIMIT + 1])), max_size=4)),
+    st.builds(Ping, st.integers(0, 3)),
+    st.just(hello()),
+    st.just(Bye("going")),
+)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["alice", "other"]), _FRAMES), max_size=12))
+def test_the_fast_path_of_a_batch_does_what_the_general_path_does(
+    frames: list[tuple[str, Frame]],
+) -> None:
+    """Frames (batches of good and bad messages, on open sessions or not, pings, Hellos and
+    Byes) to two listeners, one of which never takes the fast path: both answer, report
+    and keep the same."""
+    def tokens() -> Callable[[], bytes]:
+        count = itertools.count()
+        return lambda: next(count).to_bytes(RESUME_TOKEN_BYTES, "big")
+
+    def seen(listener: Listener) -> tuple[Any, ...]:
+        frames, events = listener.output()
+        return (frames,
+                [(type(e), e.who, type(e.error), str(e.error)) if isinstance(e, ViolationDetected)
+                 else e for e in events],
+                {c: (s.state, s.pending, s.last_active, s.last_active_ns)
+                 for c, s in listener._sessions.items()})
+
+    fast, general = (Listener(local_name="bob", local_node_id="node-b",
+                              known_peers=["alice", "carol"], max_message_bytes=LIMIT,
+                              sync="normal", new_token=tokens()) for _ in range(2))
+    for i, (connection, frame) in enumerate(frames):
+        data = encode(frame)
+        fast.receive(connection, data, WALL + i, 7)
+        with mock.patch.object(listener_module, "_OPEN", object()):  # never an open state
+            general.receive(connection, data, WALL + i, 7)
+        assert seen(fast) == seen(general)
+
+
+def test_output_is_the_frames_and_the_events_at_once() -> None:
+    listener = connected()
+    listener.receive("alice", encode(Batch(3, [msg(1), msg(2, "")])), WALL, 0)
+    frames, events = listener.output()
+    assert [type(f) for _to, f in frames] == [Reject]
+    assert [type(e) for e in events] == [ViolationDetected, MessagesArrived]
+    assert listener.output() == ([], [])
