@@ -216,6 +216,9 @@ class ZmqTransport:
         self._own_context = context is None
         self.context = context or zmq.asyncio.Context()
         self._curve_secret = curve_secret_key
+        #: Whether inbound frames come with an authenticated user id: a plain attribute, not a
+        #: property (the node asks at every inbound frame; a property is a Python call).
+        self.secure = curve_secret_key is not None
         self._curve_public = curve_public_key
         self._peer_keys = peer_public_keys or {}
         #: The ZMQ_EVENTS reader of each open socket we read (`_events_reader`), forgotten
@@ -275,10 +278,6 @@ class ZmqTransport:
         self._inbound = InboundGuard(
             self.context, self._router, name=name,
             cap=max_inbound_connections or default_inbound_cap(self.fd_limit))
-
-    @property
-    def secure(self) -> bool:
-        return self._curve_secret is not None
 
     def _socket(self, kind: int) -> zmq.Socket[bytes]:
         # A plain socket on the shared context: the loop watches its ZMQ_FD (see module doc).
