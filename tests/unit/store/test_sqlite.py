@@ -41,6 +41,7 @@ from meshpost.store import (
     WriteBatch,
 )
 from meshpost.store.checksum import content_checksum, envelope_checksum
+from meshpost.store.patterns import NewTask
 from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
 from meshpost.store.sqlite import (
     PAGE_SIZE,
@@ -917,6 +918,28 @@ def test_the_wal_page_estimate_follows_what_commits_really_append(
     finally:
         checkpointer.close()
         store.close()
+
+
+@given(st.integers(0, 3), st.lists(st.integers(0, 40), max_size=3), st.integers(0, 2),
+       st.lists(st.integers(0, 30), max_size=3), st.integers(0, 30),
+       st.sampled_from([4096, PAGE_SIZE]))
+def test_the_wal_page_estimate_is_its_formula(
+    outgoing: int, groups: list[int], deliveries: int, rejections: list[int], tasks: int,
+    page_size: int,
+) -> None:
+    """`wal_pages` tests each kind before summing it (it runs at every commit): the same
+    figure as the formula it stands for, whatever the batch holds."""
+    m = Envelope("a" * 28, 1, "alice", "bob", "x", T, 1)
+    batch = WriteBatch(
+        outgoing=[m] * outgoing, incoming=[[m] * n for n in groups],
+        deliveries=[Delivery("bob", [1], receipt(), T)] * deliveries,
+        rejections=[Rejection("bob", list(range(n)), "no") for n in rejections],
+        tasks=[NewTask(f"t{i}", "q", "b", "s", T) for i in range(tasks)])
+    inserted = outgoing + sum(groups)
+    assert batch.wal_pages(page_size) == (
+        inserted * 4096 // (12 * page_size)
+        + (4 if outgoing else 0) + (3 if groups else 0) + (1 if deliveries else 0)
+        + sum(1 + n // 12 for n in rejections) + (1 + tasks // 12 if tasks else 0))
 
 
 # -- pattern headers (schema 7) -----------------------------------------------------------------
