@@ -384,7 +384,10 @@ class DialerLink:
     @property
     def wants_disk(self) -> bool:
         """`disk_request()` would ask for rows now: wake whatever reads them."""
-        return self._outbox.wants_disk
+        # (Never without a backlog: that plain attribute first, as the node asks this after
+        # every frame in or out, and the outbox's answer is a property call more.)
+        outbox = self._outbox
+        return outbox.disk_backlog and outbox.wants_disk
 
     def wants_refill(self) -> bool:
         """A quarter of the window is free in messages and in bytes: worth a read from disk
@@ -635,7 +638,7 @@ class DialerLink:
         # test: the node asks this after every frame in or out (twice a single send).
         expecting = bool(self._queue or self._inflight) or self.watched
         idle_at = (self._active_at + self.link_idle_s
-                   if self.link_idle_s > 0 and not (expecting or self.disk_backlog)
+                   if self.link_idle_s > 0 and not (expecting or self._outbox.disk_backlog)
                    else math.inf)
         if state is not _READY:
             redial_at = self._recovery.redial_at(state is LinkState.LOST)

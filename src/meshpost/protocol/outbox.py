@@ -71,6 +71,12 @@ class Outbox:
         #: Until a read from disk comes back short, the store may hold messages of an earlier
         #: run that no `offer` announced.
         self._disk_unread = True
+        #: Committed messages for this peer wait on disk, not in memory: `offer` keeps
+        #: nothing until `refill` has caught up (so that messages leave in seq order). Always
+        #: `_disk_unread or _highest_offered_seq > highest_enqueued_seq`, set where those
+        #: change (`_note_backlog`): a plain attribute, as the node and the link ask after
+        #: every frame in or out, where a property (two deep from the link) was a call each.
+        self.disk_backlog = True
         #: The `limit` of the last `disk_request`, to tell a short read from a full one.
         self._read_limit = 0
         #: Messages sent again (each resend counts each of its messages).
@@ -107,18 +113,15 @@ class Outbox:
         """Messages held: queued or in flight."""
         return len(self.queue) + len(self.inflight)
 
-    @property
-    def disk_backlog(self) -> bool:
-        """Committed messages for this peer wait on disk, not in memory: `offer` keeps
-        nothing until `refill` has caught up (so that messages leave in seq order)."""
-        return self._disk_unread or self._highest_offered_seq > self.highest_enqueued_seq
+    def _note_backlog(self) -> None:
+        """Set `disk_backlog` after its fields changed."""
+        self.disk_backlog = (self._disk_unread
+                             or self._highest_offered_seq > self.highest_enqueued_seq)
 
     @property
     def wants_disk(self) -> bool:
         """`disk_request()` would ask for rows now: wake whatever reads them."""
-        # `disk_backlog`, inline: the node asks this after every frame in or out.
-        return ((self._disk_unread or self._highest_offered_seq > self.highest_enqueued_seq)
-                and self.wants_refill())
+        return self.disk_backlog and self.wants_refill()
 
     def wants_refill(self) -> bool:
         """A quarter of the window is free in messages and in bytes: worth a read from disk
@@ -136,10 +139,11 @@ class Outbox:
             # calls, and a bisect, for one message).
             message = messages[0]
             seq = message.seq
-            backlog = (self._disk_unread
-                       or self._highest_offered_seq > self.highest_enqueued_seq)
+            backlog = self.disk_backlog
             if seq > self._highest_offered_seq:
                 self._highest_offered_seq = seq
+                if not backlog and seq > self.highest_enqueued_seq:
+                    self.disk_backlog = True  # until it is held, below
             if backlog or seq <= self.highest_enqueued_seq:
                 return  # on disk behind older ones (`refill` reads it), or held already
             size = len(message.body) + HELD_MESSAGE_OVERHEAD
@@ -150,6 +154,8 @@ class Outbox:
                 queue.append(message)
                 self.held_bytes += size
                 self.highest_enqueued_seq = seq
+                # Held: the highest offered (no backlog before it, and it is the newest).
+                self.disk_backlog = False
             return
         if self.offered(messages):
             self.enqueue(messages)
@@ -159,9 +165,9 @@ class Outbox:
         nothing older waits on disk, so the caller holds them now (`enqueue`)."""
         if not messages:
             return False
-        # (`disk_backlog`, inline: once per commit's offer.)
-        backlog = self._disk_unread or self._highest_offered_seq > self.highest_enqueued_seq
+        backlog = self.disk_backlog
         self._highest_offered_seq = max(self._highest_offered_seq, messages[-1].seq)
+        self._note_backlog()
         return not backlog
 
     def disk_request(self) -> tuple[int, int] | None:
@@ -182,6 +188,7 @@ class Outbox:
         """`refill` after the caller's `enqueue(rows)`, which took `taken` of them."""
         if taken == len(rows) < self._read_limit:
             self._disk_unread = False
+            self._note_backlog()
 
     def admit(self, messages: Sequence[Envelope]) -> int:
         """How many of `messages`, from the first, fit in the window now (both its message
@@ -227,6 +234,7 @@ class Outbox:
             self.queue.extend(fresh)
             self.held_bytes += size
             self.highest_enqueued_seq = fresh[-1].seq
+            self._note_backlog()
         return start + count
 
     # -- sending --------------------------------------------------------------------------

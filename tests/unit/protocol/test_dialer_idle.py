@@ -256,3 +256,12 @@ def test_a_close_on_a_connection_without_a_session_changes_nothing() -> None:
     assert wire.to_listener([Close()]) == []
     assert wire.listener.session_state("alice") is SessionState.NEW
     assert wire.listener.events() == []
+
+
+def test_a_link_needs_a_connection_in_every_state_but_idle() -> None:
+    """`Links._perform` reads `state is not IDLE` instead of `needs_connection` (a property
+    call after every frame in or out): the two must stay the same."""
+    wire = Wire(link_idle_s=IDLE_S, lazy=True)
+    for each in LinkState:
+        wire.dialer.state = each
+        assert wire.dialer.needs_connection is (each is not LinkState.IDLE)

@@ -102,6 +102,36 @@ def test_offering_one_message_does_what_offered_and_enqueue_do(
                 outbox.launch(0.0, T0_WALL, [])
 
 
+_OPS = st.lists(st.one_of(
+    st.tuples(st.just("offer"), st.lists(st.integers(1, 12), min_size=1, max_size=3)),
+    st.tuples(st.just("read"), st.lists(st.integers(1, 12), max_size=4)),
+    st.tuples(st.just("launch"), st.just([])),
+    st.tuples(st.just("settle"), st.lists(st.integers(1, 12), min_size=1, max_size=1)),
+), max_size=25)
+
+
+@given(st.integers(1, 4), st.integers(1, 3), _OPS)
+def test_disk_backlog_is_its_rule_after_anything(
+    window: int, budget_messages: int, ops: list[tuple[str, list[int]]],
+) -> None:
+    """`disk_backlog` is a plain attribute the outbox sets where its fields change: after
+    any offers (one message or more), reads from disk, launches and receipts it says what
+    its rule does."""
+    outbox = Outbox(window=window, window_bytes=budget_messages * (HELD_MESSAGE_OVERHEAD + 5))
+    for op, seqs in ops:
+        if op == "offer":
+            outbox.offer(msgs(sorted(set(seqs))))
+        elif op == "read":
+            if outbox.disk_request() is not None:
+                outbox.refill(msgs(sorted(set(seqs))))
+        elif op == "launch":
+            outbox.launch(0.0, T0_WALL, [])
+        else:
+            outbox.settle([(seqs[0], seqs[0])])
+        assert outbox.disk_backlog == (outbox._disk_unread or outbox._highest_offered_seq
+                                       > outbox.highest_enqueued_seq)
+
+
 def test_enqueue_skips_what_is_held_and_says_how_much_is() -> None:
     outbox = caught_up(window=4)
     assert outbox.enqueue(msgs([1, 2])) == 2
