@@ -465,7 +465,14 @@ class ZmqTransport:
         found a frame), and then a frame is almost always there (4 drains in 1,207 found
         none in a single-send run). A read of an empty socket costs about 24,800 instructions
         (its `zmq.Again`), a look about 4,500 (9,000 through pyzmq's `get`): one look fewer
-        per frame pays."""
+        per frame pays. On the ROUTER it does not look right after either: `on_drained`
+        runs after that first frame, so that what it starts (the commit of a batch, then its
+        receipt, sent on this socket) goes before the socket is looked at, and one look then
+        serves both (another frame? did the send take the edge?): a receiver looked twice a
+        single send. Frames found by that look are read on, each looked for, and share the
+        next `on_drained` (the writer commits them together). (A DEALER's answers start no
+        send on it from `on_drained`: a receipt's record commits later. There the look
+        after the first frame stays, in the same `_read`.)"""
         # Not started, or closed (`close` clears it first; a dropped DEALER's drain is not
         # called, see `_dealer_drain`): no `sock.closed`, a slow lookup on every drain.
         if self._on_inbound is None:
@@ -473,16 +480,18 @@ class ZmqTransport:
         outer, self._draining = self._draining, sock
         try:
             handled = 0
-            look = False
+            look, most = False, 1 if sock is self._router else DRAIN_BUDGET
             while True:
                 self._sent_while_draining = False
                 before = handled
-                handled = self._read(sock, receive, handle, handled, look)
+                handled, ended = self._read(sock, receive, handle, handled, look, most)
                 if handled > before and self._on_drained is not None:
                     self._on_drained()
-                if handled >= DRAIN_BUDGET or not self._sent_while_draining:
+                # `ended`: the socket said it has nothing (or may not be read); it was
+                # looked at after everything read, but not after what was sent meanwhile.
+                if handled >= DRAIN_BUDGET or (ended and not self._sent_while_draining):
                     break
-                look = True
+                look, most = True, DRAIN_BUDGET
         finally:
             self._draining = outer
         if handled >= DRAIN_BUDGET:
@@ -495,25 +504,31 @@ class ZmqTransport:
         handle: Callable[[_T], None],
         handled: int,
         look: bool = True,
-    ) -> int:
-        """Read and handle frames while `sock` has some, up to DRAIN_BUDGET in all; returns
-        the new count. `receive` raises `zmq.Again` when the socket is empty. `look`: ask
+        most: int = DRAIN_BUDGET,
+    ) -> tuple[int, bool]:
+        """Read and handle frames while `sock` has some, `most` at a time and up to
+        DRAIN_BUDGET in all; returns the new count, and whether reading ended because the
+        socket has nothing now or may not be read (False: `most` were read, none looked for
+        after them). `receive` raises `zmq.Again` when the socket is empty. `look`: ask
         ZMQ_EVENTS before the first read too (after it, always)."""
-        while handled < DRAIN_BUDGET:
+        limit = handled + most
+        if limit > DRAIN_BUDGET:
+            limit = DRAIN_BUDGET
+        while handled < limit:
             if sock is self._router and self._inbound_paused:
-                break
+                return handled, True
             try:
                 if look:
                     # Again each time: a handler may have closed `sock` (`drop_peer`).
                     events = self._looks.get(sock)
                     if events is None or not events() & _POLLIN:
-                        break
+                        return handled, True
                 item = receive()
             except zmq.Again:
-                break
+                return handled, True
             except zmq.ZMQError as exc:  # closed or terminated under us
                 log.warning("[%s] receiving failed: %s", self.name, exc)
-                break
+                return handled, True
             handled += 1
             look = True
             try:
@@ -522,7 +537,7 @@ class ZmqTransport:
                 # A bug in one frame's handling must not stop the socket: ZMQ_FD is
                 # edge-triggered, so a drain that ends early might never be woken again.
                 log.exception("[%s] handling a frame failed", self.name)
-        return handled
+        return handled, False
 
     def _recv_router(self) -> tuple[bytes, bytes, str | None] | None:
         """One message from the ROUTER as (identity, payload, CURVE user id or None), or None

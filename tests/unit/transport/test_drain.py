@@ -128,3 +128,49 @@ def test_a_handler_that_drops_its_peer_ends_the_drain_quietly(
           tempfile.TemporaryDirectory(prefix="mp-drain-", dir="/tmp") as folder):
         asyncio.run(asyncio.wait_for(scenario(Path(folder)), PATIENCE_S * 2))
     assert [r.getMessage() for r in caplog.records] == []
+
+
+def test_the_routers_first_frame_is_drained_before_the_next_is_read() -> None:
+    """`on_drained` (the node's commit, whose receipt goes back on the ROUTER) runs after a
+    drain's first frame, before the socket is looked at for more: a frame that waits by
+    then is read after it, and shares the next `on_drained` with those after it. The reply
+    sent from there does not cost the later frames their wake-up."""
+    async def scenario(folder: Path) -> None:
+        transport = ZmqTransport(name="R", max_frame_bytes=1 << 16)
+        ctx = zmq.Context()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        try:
+            [endpoint] = transport.bind([f"ipc://{folder}/r.sock"])
+            seen: list[bytes] = []
+            last: list[bytes] = []
+
+            def on_inbound(identity: bytes, payload: bytes, _user: str | None) -> None:
+                seen.append(payload)
+                last[:] = [identity]
+                if payload == b"one":
+                    # The next frame waits on the ROUTER before this drain looks again.
+                    dealer.send(b"two")
+                    assert transport._router.poll(int(PATIENCE_S * 1000))
+
+            def on_drained() -> None:
+                seen.append(b"drained")
+                transport.reply(last[0], b"re:" + seen[-2])
+
+            transport.start(on_inbound, lambda _peer, _data: None, on_drained)
+            dealer.connect(endpoint)
+            dealer.send(b"one")
+            await _until(lambda: seen[-1:] == [b"drained"] and b"two" in seen)
+            assert seen == [b"one", b"drained", b"two", b"drained"]
+            for answer in (b"re:one", b"re:two"):
+                assert dealer.poll(int(PATIENCE_S * 1000))
+                assert dealer.recv() == answer
+            dealer.send(b"three")  # the replies took no wake-up from it
+            await _until(lambda: seen[-1:] == [b"drained"] and b"three" in seen)
+        finally:
+            dealer.close(0)
+            ctx.term()
+            transport.close()
+
+    with tempfile.TemporaryDirectory(prefix="mp-drain-", dir="/tmp") as folder:
+        asyncio.run(asyncio.wait_for(scenario(Path(folder)), PATIENCE_S * 2))
