@@ -299,7 +299,7 @@ class GroupCommitWriter:
             return
         self._batch.outgoing.extend(messages)
         self._callbacks.append((_OUT, messages, done, failed))
-        self._grow(len(messages))
+        self._schedule(len(messages))
 
     def add_incoming(
         self, messages: list[Envelope], done: IncomingDone, failed: Failed | None = None
@@ -312,7 +312,7 @@ class GroupCommitWriter:
             return
         self._batch.incoming.append(messages)
         self._callbacks.append((_IN, messages, done, failed))
-        self._grow(len(messages))
+        self._schedule(len(messages))
 
     def add_delivery(self, delivery: Delivery, done: Done, failed: Failed | None = None) -> None:
         if self.failure is not None:
@@ -320,7 +320,7 @@ class GroupCommitWriter:
             return
         self._batch.deliveries.append(delivery)
         self._callbacks.append((_DELIVERY, delivery, done, failed))
-        self._grow(len(delivery.seqs), urgent=False)
+        self._schedule(len(delivery.seqs), urgent=False)
 
     def add_rejection(
         self, rejection: Rejection, done: Done, failed: Failed | None = None
@@ -330,7 +330,7 @@ class GroupCommitWriter:
             return
         self._batch.rejections.append(rejection)
         self._callbacks.append((_REJECTION, rejection, done, failed))
-        self._grow(len(rejection.seqs))
+        self._schedule(len(rejection.seqs))
 
     def add_tasks(self, tasks: list[NewTask], done: Done, failed: Failed | None = None) -> None:
         """Commit a ventilator's new `tasks` with the next batch (many submissions share a
@@ -340,7 +340,7 @@ class GroupCommitWriter:
             return
         self._batch.tasks.extend(tasks)
         self._callbacks.append((_TASKS, tasks, done, failed))
-        self._grow(len(tasks))
+        self._schedule(len(tasks))
 
     def _fail_later(self, failed: Failed | None) -> None:
         """A broken writer refuses at once, but answers on the next loop turn as a commit
@@ -364,11 +364,6 @@ class GroupCommitWriter:
             self._schedule()
             await self._idle.wait()
 
-    def _grow(self, rows: int, *, urgent: bool = True) -> None:
-        self._rows += rows
-        if self._rows >= MAX_PENDING_ROWS and self.has_room:
-            self._room.clear()
-        self._schedule(urgent=urgent)
 
     # -- committing -----------------------------------------------------------------------
 
@@ -381,10 +376,15 @@ class GroupCommitWriter:
         finally:
             self._loop = None
 
-    def _schedule(self, *, urgent: bool = True) -> None:
+    def _schedule(self, rows: int = 0, *, urgent: bool = True) -> None:
         """Submit the pending batch at the end of this loop iteration, if the writer is idle:
         everything added until then shares one transaction. Only an `urgent` add (one that
-        someone waits for) lets `submit_now` start it earlier."""
+        someone waits for) lets `submit_now` start it earlier. `rows`: what an add just put
+        in the batch (counted here, not in a call of its own: three adds a single send)."""
+        if rows:
+            self._rows += rows
+            if self._rows >= MAX_PENDING_ROWS and self.has_room:
+                self._room.clear()
         if self._loop is None or self._busy or self._kick_scheduled or not self._callbacks:
             return
         if urgent:
