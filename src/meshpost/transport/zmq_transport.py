@@ -394,9 +394,8 @@ class ZmqTransport:
         drain = self._dealer_drains.get(peer)
         if drain is None:
             sock = self._dealers[peer]
-
-            def receive() -> bytes:
-                return _RECV(sock, _NOBLOCK)
+            # (A partial of the backend's method: no Python frame a read.)
+            receive: Callable[[], bytes] = functools.partial(_RECV, sock, _NOBLOCK)
 
             def handle(data: bytes) -> None:
                 on_peer_frame = self._on_peer_frame
@@ -414,24 +413,23 @@ class ZmqTransport:
             self._dealer_drains[peer] = drain
         return drain
 
-    def _look_after_send(self, sock: zmq.Socket[bytes], drain: Callable[[], None]) -> None:
+    def _look_after_send(self, sock: zmq.Socket[bytes]) -> bool:
         """A send may have consumed ZMQ_FD's edge: look at the socket once more. In its own
         drain, that drain looks again before it returns; elsewhere, reading ZMQ_EVENTS now
         re-arms the edge, and only a frame already waiting needs a drain (one loop turn less
-        per send than a drain scheduled every time)."""
+        per send than a drain scheduled every time): True if the caller must schedule it.
+        (The caller names the drain only then: a DEALER's is a lookup.)"""
         if sock is self._draining:
             self._sent_while_draining = True
-            return
+            return False
         events = self._looks.get(sock)
         # Not started, or closed (`close` clears both first):
         if events is None or self._on_inbound is None:
-            return
+            return False
         try:
-            waiting = events() & _POLLIN
+            return bool(events() & _POLLIN)
         except zmq.ZMQError:
-            return
-        if waiting:
-            self._schedule_drain(sock, drain)
+            return False
 
     def _schedule_drain(self, sock: zmq.Socket[bytes], drain: Callable[[], None]) -> None:
         if sock is self._draining:
@@ -585,7 +583,8 @@ class ZmqTransport:
     def reply(self, identity: bytes, payload: bytes) -> bool:
         """Queue `payload` for the connection `identity`; False if it is gone or full."""
         sent = self._send_now(self._router, payload, identity)
-        self._look_after_send(self._router, self._drain_router)
+        if self._look_after_send(self._router):
+            self._schedule_drain(self._router, self._drain_router)
         return sent
 
     # -- outbound -------------------------------------------------------------------------
@@ -677,7 +676,8 @@ class ZmqTransport:
         if sock is None:  # no connection (an idle link): nothing to queue it on
             return False
         sent = self._send_now(sock, payload)
-        self._look_after_send(sock, self._dealer_drain(peer))
+        if self._look_after_send(sock):
+            self._schedule_drain(sock, self._dealer_drain(peer))
         return sent
 
     # -- shared ---------------------------------------------------------------------------
