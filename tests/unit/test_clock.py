@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import statistics
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from meshpost.clock import (
@@ -387,3 +387,84 @@ def test_the_estimator_picks_the_first_fastest_sample_as_ntp_sample_computes_it(
     estimator.add(0, 500, 500, 1_000)  # delay 1000
     assert estimator.best() == ntp_sample(0, 700, 710, 30)
     assert (estimator.offset_ns, estimator.rtt_ns) == (690, 20)
+
+
+class _ReferenceHLC:
+    """`HybridLogicalClock.now` and `observe` as they were written before their steps went
+    inline (2026-12-06): the same clock, call by call."""
+
+    def __init__(self, clock: FakeClock, last: int) -> None:
+        self._clock, self._last, self.rejected = clock, last, 0
+
+    @staticmethod
+    def _bump(ms: int, counter: int) -> int:
+        return hlc_pack(ms + 1, 0) if counter >= HLC_LOGICAL_MASK else hlc_pack(ms, counter + 1)
+
+    def now(self) -> int:
+        pt = self._clock.wall_ns() // 1_000_000
+        l_ms, l_c = hlc_unpack(self._last)
+        self._last = hlc_pack(pt, 0) if pt > l_ms else self._bump(l_ms, l_c)
+        return self._last
+
+    def observe(self, remote: int) -> int:
+        pt = self._clock.wall_ns() // 1_000_000
+        r_ms, r_c = hlc_unpack(remote)
+        l_ms, l_c = hlc_unpack(self._last)
+        if r_ms > pt + HLC_MAX_FORWARD_DRIFT_MS and not (
+            r_ms <= l_ms and (r_ms < l_ms or max(l_c, r_c) < HLC_COUNTER_LIMIT_BEYOND_BOUND)
+        ):
+            self.rejected += 1
+            return self.now()
+        top = max(pt, l_ms, r_ms)
+        if top == l_ms == r_ms:
+            self._last = self._bump(top, max(l_c, r_c))
+        elif top == l_ms:
+            self._last = self._bump(top, l_c)
+        elif top == r_ms:
+            self._last = self._bump(top, r_c)
+        else:
+            self._last = hlc_pack(top, 0)
+        return self._last
+
+
+_COUNTERS = st.one_of(st.sampled_from([0, HLC_LOGICAL_MASK - 1, HLC_LOGICAL_MASK]),
+                      st.integers(0, HLC_LOGICAL_MASK))
+
+
+@FAST
+@example(0, HLC_LOGICAL_MASK, [("now", 0), ("now", 0)], 0)  # an exhausted counter
+@given(
+    st.integers(-5, 5), _COUNTERS,
+    st.lists(st.one_of(
+        st.tuples(st.just("jump"), st.integers(-100 * SECOND, 10 * SECOND)),
+        st.tuples(st.just("now"), st.just(0)),
+        # A remote this many ms from the wall clock (beyond the bound too), any counter.
+        st.tuples(st.just("observe"), st.integers(-5_000, HLC_MAX_FORWARD_DRIFT_MS + 5_000)),
+        # A remote in our own millisecond, or one either side, with any counter.
+        st.tuples(st.just("observe_own"), st.integers(-HLC_LOGICAL_MASK - 1,
+                                                      2 * HLC_LOGICAL_MASK + 1)),
+    ), min_size=1, max_size=60),
+    _COUNTERS,
+)
+def test_now_and_observe_stamp_as_their_reference_does(
+    start_ms: int, start_counter: int, ops: list[tuple[str, int]], counter: int,
+) -> None:
+    """`now` and `observe` inline their steps (both run on every single send): they stamp,
+    reject and count exactly as the code they replaced, from any start and after any steps."""
+    clock = FakeClock()
+    last = hlc_pack(physical_ms(clock) + start_ms, start_counter)
+    hlc, reference = HybridLogicalClock(clock, last), _ReferenceHLC(clock, last)
+    for kind, value in ops:
+        if kind == "jump":
+            clock.wall += value
+            continue
+        if kind == "now":
+            stamps = hlc.now(), reference.now()
+        else:
+            if kind == "observe":
+                remote = hlc_pack(physical_ms(clock) + value, counter)
+            else:
+                remote = hlc.last + value  # counter and millisecond around our own
+            stamps = hlc.observe(remote), reference.observe(remote)
+        assert stamps[0] == stamps[1]
+        assert (hlc.last, hlc.rejected) == (reference._last, reference.rejected)
