@@ -40,6 +40,7 @@ from meshpost.store import (
     StoreReader,
     WriteBatch,
 )
+from meshpost.store import sqlite as sqlite_module
 from meshpost.store.checksum import content_checksum, envelope_checksum
 from meshpost.store.patterns import NewTask
 from meshpost.store.schema import MIGRATIONS, SCHEMA_VERSION
@@ -414,6 +415,53 @@ def test_a_message_and_one_receipt_range_are_one_statement_writing_both_rows(
         assert [r[1:] for r in store.execute_raw(rows)] == [
             r[1:] for r in other.execute_raw(rows)]
         assert_counts_match_the_view(store)
+    finally:
+        other.close()
+
+
+def test_a_send_and_a_receipt_of_one_seq_from_its_peer_bind_each_value_once(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The one-at-a-time exchange's commit (a receipt of one seq from the message's own
+    recipient) binds the shared values once (`_SEND_AND_RECORD_ONE`), and so does a lone
+    row; either writes what the statement binding each column does."""
+    # Marked, to tell in the trace (which shows values, not placeholders) which one ran.
+    for name in ("_SEND_AND_RECORD_ONE", "_SEND_AND_RECORD"):
+        monkeypatch.setattr(sqlite_module, name, f"/* {name} */ {getattr(sqlite_module, name)}")
+    monkeypatch.setitem(sqlite_module._ONE_ROW, "in",
+                        f"/* in */ {sqlite_module._ONE_ROW['in']}")
+    other = Store.open(tmp_path / "other", name="alice", sync="normal")
+    try:
+        for s in (store, other):
+            s.apply(WriteBatch(outgoing=[out(1), out(1, to="carol")]), T)
+        statements: list[str] = []
+        store._conn.set_trace_callback(statements.append)
+        batches = [  # (batch, used the one-seq statement)
+            (WriteBatch(outgoing=[out(2)], deliveries=[Delivery("bob", [1], receipt(), 9)]),
+             True),
+            # The receipt is another peer's: each column bound.
+            (WriteBatch(outgoing=[out(3)], deliveries=[Delivery("carol", [1], receipt(), 9)]),
+             False),
+        ]
+        for seq, (batch, one) in enumerate(batches, start=2):
+            statements.clear()
+            assert store.apply(batch, T + seq) == []
+            assert statements[0].startswith("/* _SEND_AND_RECORD_ONE */" if one
+                                            else "/* _SEND_AND_RECORD */")
+            other.apply(WriteBatch(outgoing=batch.outgoing), T + seq)
+            other.apply(WriteBatch(deliveries=batch.deliveries), T + seq)
+        statements.clear()
+        assert store.apply(WriteBatch(incoming=[[incoming(1)]]), T + 5)[0].committed == [1]
+        assert [s[:10] for s in statements] == ["/* in */ I"]
+        other.apply(WriteBatch(incoming=[[incoming(1)]], outgoing=[out(9)]), T + 5)
+        store.apply(WriteBatch(outgoing=[out(9)]), T + 5)
+        store._conn.set_trace_callback(None)
+        for sql in ("SELECT * FROM message_rows ORDER BY direction, peer, seq",
+                    "SELECT * FROM receipts ORDER BY peer, last_seq"):
+            assert [r[1:] for r in store.execute_raw(sql)] == [
+                r[1:] for r in other.execute_raw(sql)]
+        assert states(store) == {1: "delivered", 2: "pending", 3: "pending", 9: "pending"}
+        assert states(store, "carol") == {1: "delivered"}
     finally:
         other.close()
 
