@@ -81,11 +81,13 @@ class HybridLogicalClock:
     physical clock.
     """
 
-    __slots__ = ("_clock", "_last", "rejected")
+    __slots__ = ("_clock", "last", "rejected")
 
     def __init__(self, clock: Clock, last: int = 0) -> None:
         self._clock = clock
-        self._last = last
+        #: The latest stamp issued or merged: a plain attribute (the node reads it at every
+        #: frame it receives, for the rare answer that carries it; a property was a call).
+        self.last = last
         #: Remote stamps not merged because they would move us past wall + the forward bound.
         self.rejected = 0
 
@@ -105,24 +107,20 @@ class HybridLogicalClock:
             return cls(clock), last
         return cls(clock, last=last), None
 
-    @property
-    def last(self) -> int:
-        return self._last
-
     def now(self) -> int:
         # Unpacking and packing inline: one stamp per message sent, and per receipt.
         pt = self._clock.wall_ns() // 1_000_000
-        last = self._last
+        last = self.last
         l_ms = last >> HLC_LOGICAL_BITS
         # The next stamp on our own time line is `last + 1`: an exhausted counter carries
         # into the millisecond, which borrows the next one.
-        self._last = pt << HLC_LOGICAL_BITS if pt > l_ms else last + 1
-        return self._last
+        self.last = pt << HLC_LOGICAL_BITS if pt > l_ms else last + 1
+        return self.last
 
     def advance(self, own: int) -> None:
         """Move past `own`, a stamp this clock handed out itself (no bound applies)."""
-        if own > self._last:
-            self._last = own
+        if own > self.last:
+            self.last = own
 
     def observe(self, remote: int) -> int:
         """Merge a timestamp received from a peer; return the new local timestamp.
@@ -137,7 +135,7 @@ class HybridLogicalClock:
         # (`_ReferenceHLC`).
         pt = self._clock.wall_ns() // 1_000_000
         r_ms, r_c = remote >> HLC_LOGICAL_BITS, remote & HLC_LOGICAL_MASK
-        last = self._last
+        last = self.last
         l_ms, l_c = last >> HLC_LOGICAL_BITS, last & HLC_LOGICAL_MASK
         if r_ms > pt + HLC_MAX_FORWARD_DRIFT_MS and not (
             # Our own time line is that far ahead too (the wall clock stepped back): merging
@@ -156,14 +154,14 @@ class HybridLogicalClock:
         elif top == r_ms:
             counter = r_c
         else:
-            self._last = top << HLC_LOGICAL_BITS
-            return self._last
+            self.last = top << HLC_LOGICAL_BITS
+            return self.last
         # The counter's next value; an exhausted one carries into the millisecond.
-        self._last = (top << HLC_LOGICAL_BITS) + counter + 1
-        return self._last
+        self.last = (top << HLC_LOGICAL_BITS) + counter + 1
+        return self.last
 
     def __repr__(self) -> str:
-        ms, c = hlc_unpack(self._last)
+        ms, c = hlc_unpack(self.last)
         return f"HybridLogicalClock(last={ms}ms+{c})"
 
 
