@@ -603,10 +603,9 @@ class Node:
         for peer in peers:
             seq = self._next_seq.get(peer, 0) + 1
             self._next_seq[peer] = seq
-            envelope = Envelope(
-                id=message_id or self._new_id(wall), seq=seq, sender=self.name, recipient=peer,
-                body=body, sent_at_ns=wall, hlc=self.hlc.now(), header=header,
-            )
+            # (Positional: a msgspec struct takes them for less than keywords, every send.)
+            envelope = Envelope(message_id or self._new_id(wall), seq, self.name, peer, body,
+                                wall, self.hlc.now(), header)
             future = expect((peer, seq), envelope.id, wall, held=held, owned=owned)
             handle = Outgoing(envelope.id, peer, seq, body, wall, envelope.hlc, future)
             envelopes.append(envelope)
@@ -623,9 +622,10 @@ class Node:
 
         # One peer (every send): its link takes them as they are, no grouping by recipient.
         one = peers[0] if len(peers) == 1 else None
-        # (A partial, not a lambda: one Python frame less when the commit calls it.)
+        # (A partial, not a lambda: one Python frame less when the commit calls it; its
+        # arguments positional: a partial with keywords merges a dict at each call.)
         writer.add_outgoing(envelopes,
-                            functools.partial(self._outgoing_stored, envelopes, stored, peer=one),
+                            functools.partial(self._outgoing_stored, envelopes, stored, one),
                             not_stored)
         return handles
 
@@ -733,7 +733,7 @@ class Node:
             self._hlc_many(count),
         ))
         self._next_seq[peer] = seq + count
-        writer.add_outgoing(envelopes, lambda at: self._outgoing_stored(envelopes, None, at, peer))
+        writer.add_outgoing(envelopes, lambda at: self._outgoing_stored(envelopes, None, peer, at))
         return count
 
     def _hlc_many(self, count: int) -> Iterable[int]:
@@ -786,7 +786,8 @@ class Node:
         """
         if to not in self._configured_peers:
             rules.resolve_peer(to, peers=self.config.peer_names)  # raises UnknownPeer
-        self._check_open()
+        if self.failure is not None or self._closed or not self._started:
+            self._check_open()  # raises (its test here: a call less a send)
         rules.validate_body(body, self.config.max_message_bytes)
         writer = self._writer
         assert writer is not None
@@ -916,8 +917,8 @@ class Node:
     # -- outgoing path --------------------------------------------------------------------
 
     def _outgoing_stored(
-        self, envelopes: list[Envelope], stored: Callable[[int], None] | None, at: int,
-        peer: str | None = None,
+        self, envelopes: list[Envelope], stored: Callable[[int], None] | None,
+        peer: str | None, at: int,
     ) -> None:
         """`envelopes` are committed; with `peer`, all of them are for that one peer. They
         leave when the commit's callbacks are done (`Links.pump_offered`, the writer's

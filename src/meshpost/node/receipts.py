@@ -59,8 +59,11 @@ class Receipts:
         #: `send()` calls waiting with a timeout: (deadline in loop time, id, peer, timeout).
         self._send_deadlines: dict[asyncio.Future[Receipt], tuple[float, str, str, float]] = {}
         self._send_timer: asyncio.TimerHandle | None = None
-        #: Set after each commit of receipts (`wait_delivered` follows `stats.delivered`).
+        #: Set after each commit of receipts while a `wait_delivered` follows
+        #: `stats.delivered` (they count in `_following`): no one looks at it otherwise (a
+        #: waiter clears it first), and a set is a Python call at every receipt.
         self._delivered_changed = asyncio.Event()
+        self._following = 0
         #: When `_send_timer` fires (loop time): compared per send, with no call.
         self._send_timer_at = 0.0
 
@@ -187,10 +190,13 @@ class Receipts:
                 self._delivered_changed.clear()
                 await self._delivered_changed.wait()
 
+        self._following += 1
         try:
             await asyncio.wait_for(_wait(), timeout_s)
         except TimeoutError:
             return False
+        finally:
+            self._following -= 1
         return True
 
     # -- receipts and rejections arriving ---------------------------------------------------
@@ -240,7 +246,8 @@ class Receipts:
             node._probe.mark(probes.DELIVERY_STORED)
         peer = delivery.peer
         node.stats.delivered += len(delivery.seqs)
-        self._delivered_changed.set()
+        if self._following:
+            self._delivered_changed.set()
         if node._groups.restored_copies:  # copies of broadcasts posted before a restart
             node._groups.copies_settled(peer, delivery.seqs)
         if node._queues.follows_seqs:  # messages posted before a restart: 19.4

@@ -396,11 +396,7 @@ class GroupCommitWriter:
                 self._loop.call_soon(self._submit_pending)
         elif not self._lazy_scheduled:
             self._lazy_scheduled = True
-            self._loop.call_soon(self._submit_lazy)
-
-    def _submit_lazy(self) -> None:
-        self._lazy_scheduled = False
-        self._submit_pending()
+            self._loop.call_soon(self._submit_pending, True)
 
     def hold_submits(self) -> None:
         """Until `submit_now()`, adds queue no submit of their own. For a caller that calls
@@ -417,7 +413,10 @@ class GroupCommitWriter:
         if self._kick_scheduled:
             self._submit_pending()
 
-    def _submit_pending(self) -> None:
+    def _submit_pending(self, lazy: bool = False) -> None:
+        """`lazy`: the submit `_schedule` queued for non-urgent adds (it is no longer)."""
+        if lazy:
+            self._lazy_scheduled = False
         if self._probe is not None:
             self._probe.mark(probes.WRITER_SUBMITS)
         self._kick_scheduled = False

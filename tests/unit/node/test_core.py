@@ -64,6 +64,24 @@ def test_send_returns_when_the_receipt_arrives_and_the_record_follows(tmp_path: 
     run(scenario)
 
 
+def test_wait_delivered_follows_the_recorded_receipts(tmp_path: Path) -> None:
+    """`wait_delivered` wakes at the records it waits for, returns at once if they are in,
+    and times out otherwise (the event it follows is set only while someone waits)."""
+    async def scenario() -> None:
+        async with node_pair(tmp_path) as (a, _b, _net, _clock):
+            await a.send("B", "one", timeout_s=PATIENCE_S)
+            assert await a.wait_delivered(1, PATIENCE_S)
+            assert await a.wait_delivered(1, PATIENCE_S)  # already in: no wait
+            waiting = asyncio.create_task(a.wait_delivered(3, PATIENCE_S))
+            for body in ("two", "three"):
+                await a.send("B", body, timeout_s=PATIENCE_S)
+            assert await waiting
+            assert a.stats.delivered == 3
+            assert not await a.wait_delivered(4, 0.05)  # nothing more comes
+
+    run(scenario)
+
+
 def test_send_timeouts_share_one_timer_and_expire_in_deadline_order(tmp_path: Path) -> None:
     async def scenario() -> None:
         # B never starts: no receipt can come.
