@@ -78,8 +78,9 @@ LOCK_FILENAME = "node.lock"
 #: saved them 3-5% of their instructions and cost the saturated pair 2% a message: not kept.
 PAGE_SIZE = 8192
 #: A WAL file that grew past this (a reader kept it from starting over for a while) is cut
-#: back to it when it next starts over.
-WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+#: back to it when it next starts over. Above the ~66 MB the WAL reaches in a cycle of
+#: `writer.WAL_RESTART_PAGES` 8 KiB pages, so that a cycle's file is reused, not cut and regrown.
+WAL_SIZE_LIMIT_BYTES = 96 * 1024 * 1024
 
 #: Rows whose content checksums `Store.open` verifies before it returns: the newest ones. A
 #: store of at most this many rows is verified whole at open, and a corrupt one is refused

@@ -89,16 +89,26 @@ CHECKPOINT_PAGES = 1000
 #: 3,000,000-message pair-throughput run. Past this many pages since it last started over, the
 #: writer copies what the background checkpoints left itself, between two commits (it waits
 #: for a background checkpoint still running, then copies about CHECKPOINT_PAGES pages), and
-#: its next commit starts the WAL over.
-WAL_RESTART_PAGES = 4000
-#: Commits on the loop (small batches at sync=normal: one send at a time) start the WAL over
-#: earlier, at this many pages, and off the critical path: the checkpoint thread copies the
-#: WAL (the checkpoint due at that point anyway), then, right after the next commit, the
-#: writer copies what was committed meanwhile, with new commits waiting (its two fsyncs),
-#: rather than the commit past WAL_RESTART_PAGES waiting for a running checkpoint, the whole
-#: copy and its fsyncs (7-14 ms: the slowest 0.1% of single sends, docs/benchmarks.md). If
-#: the checkpoint thread is slow to run it, the commit past WAL_RESTART_PAGES still catches up.
-WAL_RESTART_EARLY_PAGES = WAL_RESTART_PAGES - CHECKPOINT_PAGES
+#: its next commit starts the WAL over. 4,000 until 2026-12-06: 8,000 lets the loop's commits
+#: below checkpoint half as often (the WAL peaks at ~56 MB instead of ~30 under a saturated
+#: pair, whose rate and CPU a message did not change: three alternating pairs).
+WAL_RESTART_PAGES = 8000
+#: Commits on the loop (small batches at sync=normal: one send at a time) start a checkpoint
+#: after this many pages instead: a checkpoint's first act is the WAL's fsync, whose
+#: writeback takes a core for milliseconds beside the sends in flight, and the send whose
+#: commit starts one is the slowest 1% of single sends (docs/benchmarks.md, "the tail").
+#: Half as many checkpoints put it below the p99: `pair-latency` at sync=normal, p99 lower
+#: in 9 of 10 alternating pairs against 1,000 / 4,000 (quiet: 785-1,324 against 1,622-2,268
+#: µs; at load 2.5-3: 683-4,752 against 1,621-4,055).
+INLINE_CHECKPOINT_PAGES = 2 * CHECKPOINT_PAGES
+#: Commits on the loop start the WAL over earlier, at this many pages, and off the critical
+#: path: the checkpoint thread copies the WAL (the checkpoint due at that point anyway), then,
+#: right after the next commit, the writer copies what was committed meanwhile, with new
+#: commits waiting (its two fsyncs), rather than the commit past WAL_RESTART_PAGES waiting for
+#: a running checkpoint, the whole copy and its fsyncs (7-14 ms: the slowest 0.1% of single
+#: sends, docs/benchmarks.md). If the checkpoint thread is slow to run it, the commit past
+#: WAL_RESTART_PAGES still catches up.
+WAL_RESTART_EARLY_PAGES = WAL_RESTART_PAGES - INLINE_CHECKPOINT_PAGES
 _TRANSIENT = (StoreLocked, StoreFull, DataDirNotWritable)
 
 
@@ -828,7 +838,8 @@ class GroupCommitWriter:
         elif (not wait_for_lock and self._wal_since_restart >= WAL_RESTART_EARLY_PAGES
               and not self._restart_requested):
             self._request_restart()
-        elif self._wal_pages >= CHECKPOINT_PAGES and (
+        elif self._wal_pages >= (CHECKPOINT_PAGES if wait_for_lock
+                                 else INLINE_CHECKPOINT_PAGES) and (
             self._checkpoint is None or self._checkpoint.done()  # a lock: only when due
         ):
             self._wal_pages = 0

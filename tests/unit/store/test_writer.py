@@ -533,7 +533,7 @@ def test_commits_return_to_the_loop_once_the_quiet_time_after_an_error_is_over(
 def test_wal_checkpoints_run_beside_commits_on_their_own_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(writer_module, "CHECKPOINT_PAGES", 20)
+    monkeypatch.setattr(writer_module, "INLINE_CHECKPOINT_PAGES", 20)
     threads: list[str] = []
 
     async def scenario() -> None:
@@ -557,6 +557,32 @@ def test_wal_checkpoints_run_beside_commits_on_their_own_thread(
     assert all(name.startswith("meshpost-checkpoint-alice") for name in threads)
     wal = tmp_path / "meshpost.db-wal"
     assert not wal.exists() or wal.stat().st_size == 0  # closing checkpoints what is left
+
+
+def test_commits_on_the_loop_checkpoint_at_their_own_threshold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One send at a time (inline commits) starts a checkpoint every INLINE_CHECKPOINT_PAGES,
+    not every CHECKPOINT_PAGES (the thread's): each checkpoint's WAL fsync slows the sends
+    beside it, and on this path those are the latency tail."""
+    monkeypatch.setattr(writer_module, "CHECKPOINT_PAGES", 10)
+    monkeypatch.setattr(writer_module, "INLINE_CHECKPOINT_PAGES", 40, raising=False)
+    pages: list[int] = []
+
+    async def scenario() -> None:
+        async with running_writer(tmp_path, sync="normal") as writer:
+            for seq in range(1, 11):
+                writer.add_outgoing([out(seq)], lambda _at: None)
+                await writer.flush()
+                pages.append(writer._wal_pages)
+            assert writer.inline_commits == 10
+            await until(lambda: writer.checkpoints >= 1)
+            assert writer.checkpoints == 1
+
+    run(scenario)
+    # Four pages a one-row outgoing commit: the first checkpoint starts (and the count
+    # starts again) at the 10th commit (40 pages), not at the 3rd (CHECKPOINT_PAGES).
+    assert pages == [4, 8, 12, 16, 20, 24, 28, 32, 36, 0]
 
 
 def _stream_with_overlapped_checkpoints(
@@ -658,6 +684,7 @@ def test_one_row_commits_on_the_loop_start_the_wal_over_between_commits(
     for the whole copy and its fsyncs inside it (until 2026-12-06 the commit past the
     threshold did: the slowest 0.1% of single sends)."""
     monkeypatch.setattr(writer_module, "CHECKPOINT_PAGES", 20)
+    monkeypatch.setattr(writer_module, "INLINE_CHECKPOINT_PAGES", 20)
     monkeypatch.setattr(writer_module, "WAL_RESTART_PAGES", 80)
     monkeypatch.setattr(writer_module, "WAL_RESTART_EARLY_PAGES", 60, raising=False)
     wal = tmp_path / "meshpost.db-wal"
