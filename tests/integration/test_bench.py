@@ -69,9 +69,14 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
     assert 0 < timeline["usual"] <= 100
     kinds = timeline["kinds_p50_us"]
     # Each send waits for two commits (its row on A, its row on B; A records the receipt with
-    # its next commit, off the path) and two frames queued, on two nodes in turn.
-    assert all(kinds[k] > 0 for k in ("commit", "zmq send", "between processes",
-                                      "meshpost code"))
+    # its next commit, off the path) and two frames queued, on two nodes in turn. A queued
+    # frame's `zmq send` step is on the path only while the other node's next stamp comes
+    # after the send returns: when the other node already stamps its read before the sender
+    # returns from `send` (its I/O thread ran first, likelier on a loaded machine), the most
+    # common order hands over at `zmq send<` and the time counts as `between processes`
+    # (`timeline.critical_path`): that kind may then be 0 (seen once in a full-suite run).
+    assert all(kinds[k] > 0 for k in ("commit", "between processes", "meshpost code"))
+    assert kinds["zmq send"] >= 0
     # Which stamps interleave, and so which of them lie on the most common order's critical
     # path, depends on the machine's load (A's receipt record commits beside B's work; either
     # node's link may ping in between), so the path's shape is pinned by the timeline's unit

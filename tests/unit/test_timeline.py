@@ -53,6 +53,16 @@ def test_interleaved_stamps_without_a_handover_are_taken_in_order() -> None:
                                     (2, 3, "meshpost code")]
 
 
+def test_a_read_stamped_before_the_sender_returns_from_send_counts_as_between_processes() -> None:
+    """B's I/O thread and loop ran before A's `send` returned (the wake-up preempted A): the
+    send's own time is on the path as `between processes`, and no step is `zmq send`."""
+    order = ["A:send<", "A:commit<", "A:commit>", "A:zmq send<",
+             "B:router readable<", "A:zmq send>", "B:commit<", "B:commit>", "A:send>"]
+    path = [(order[a], order[b], kind) for a, b, kind in critical_path(order)]
+    assert path[3] == ("A:zmq send<", "B:router readable<", "between processes")
+    assert "zmq send" not in {kind for _a, _b, kind in path}
+
+
 def _marks(order: list[str], start_ns: int, step_ns: int) -> tuple[list[Mark], list[Mark]]:
     sender: list[Mark] = []
     receiver: list[Mark] = []
