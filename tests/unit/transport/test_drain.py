@@ -7,9 +7,10 @@ DEALER's: a handler that drops its peer ends the drain without touching the clos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,14 +27,26 @@ async def _until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.005)
 
 
+@contextlib.contextmanager
+def _router_and_dealer(folder: Path) -> Iterator[tuple[ZmqTransport, zmq.Socket[bytes], str]]:
+    """A transport "R" bound in `folder`, a plain DEALER not yet connected, and the endpoint;
+    all closed after."""
+    transport = ZmqTransport(name="R", max_frame_bytes=1 << 16)
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        [endpoint] = transport.bind([f"ipc://{folder}/r.sock"])
+        yield transport, dealer, endpoint
+    finally:
+        dealer.close(0)
+        ctx.term()
+        transport.close()
+
+
 def test_an_empty_wake_up_reads_nothing_and_later_frames_still_arrive() -> None:
     async def scenario(folder: Path) -> None:
-        transport = ZmqTransport(name="R", max_frame_bytes=1 << 16)
-        ctx = zmq.Context()
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        try:
-            [endpoint] = transport.bind([f"ipc://{folder}/r.sock"])
+        with _router_and_dealer(folder) as (transport, dealer, endpoint):
             got: list[bytes] = []
             drained: list[int] = []
 
@@ -68,10 +81,6 @@ def test_an_empty_wake_up_reads_nothing_and_later_frames_still_arrive() -> None:
             await _until(lambda: got[-1:] == [b"four"])
             assert got == [b"one", b"two", b"three", b"four"]
             assert transport.multipart_dropped == 1
-        finally:
-            dealer.close(0)
-            ctx.term()
-            transport.close()
 
     with tempfile.TemporaryDirectory(prefix="mp-drain-", dir="/tmp") as folder:
         asyncio.run(asyncio.wait_for(scenario(Path(folder)), PATIENCE_S * 2))
@@ -136,12 +145,7 @@ def test_the_routers_first_frame_is_drained_before_the_next_is_read() -> None:
     then is read after it, and shares the next `on_drained` with those after it. The reply
     sent from there does not cost the later frames their wake-up."""
     async def scenario(folder: Path) -> None:
-        transport = ZmqTransport(name="R", max_frame_bytes=1 << 16)
-        ctx = zmq.Context()
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        try:
-            [endpoint] = transport.bind([f"ipc://{folder}/r.sock"])
+        with _router_and_dealer(folder) as (transport, dealer, endpoint):
             seen: list[bytes] = []
             last: list[bytes] = []
 
@@ -167,10 +171,6 @@ def test_the_routers_first_frame_is_drained_before_the_next_is_read() -> None:
                 assert dealer.recv() == answer
             dealer.send(b"three")  # the replies took no wake-up from it
             await _until(lambda: seen[-1:] == [b"drained"] and b"three" in seen)
-        finally:
-            dealer.close(0)
-            ctx.term()
-            transport.close()
 
     with tempfile.TemporaryDirectory(prefix="mp-drain-", dir="/tmp") as folder:
         asyncio.run(asyncio.wait_for(scenario(Path(folder)), PATIENCE_S * 2))
