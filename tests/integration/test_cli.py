@@ -154,6 +154,36 @@ def test_send_while_receiver_is_down_times_out_with_exit_3_and_delivers_later(
     assert bodies == ["later", "now"], logs
 
 
+def test_stop_ends_a_running_node_cleanly_and_its_queued_message_goes_after_restart(
+    pair: LocalCluster,
+) -> None:
+    """`meshpost stop --node B` (the way to end a node started in the background): B exits
+    0 as after Ctrl-C; a message to B then waits in A (exit 3), a second stop finds nothing
+    running (exit 4), and B started again receives it."""
+    data_b = str(pair.data_dir("B"))
+    process = pair.process("B").process
+    assert process is not None and process.poll() is None
+    stopped = meshpost("stop", "--node", "B", "--data", data_b)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.startswith(f"B stopped (pid {process.pid})")
+    assert process.wait(CLI_TIMEOUT_S) == 0  # exited on its own, cleanly, not killed
+    assert "[B] node closed" in pair.process("B").log_path.read_text(errors="replace")
+    data_a = str(pair.data_dir("A"))
+    waiting = meshpost("send", "--node", "A", "--data", data_a, "--to", "B", "--timeout", "0.5",
+                       "while B was stopped")
+    assert waiting.returncode == 3, waiting.stderr
+    again = meshpost("stop", "--node", "B", "--data", data_b)
+    assert again.returncode == 4 and "not running" in again.stderr
+    bad = meshpost("stop", "--node", "A", "--data", data_a, "--timeout", "0")
+    assert bad.returncode == 2 and "--timeout" in bad.stderr
+    assert pair.process("A").alive()
+    pair.start(["B"])
+    deadline = time.monotonic() + 15
+    while "while B was stopped" not in _bodies_at(pair, "B") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _bodies_at(pair, "B") == ["while B was stopped"]
+
+
 def test_send_through_a_node_that_is_not_running_exits_4(tmp_path: Path) -> None:
     done = meshpost("send", "--node", "ghost", "--data", str(tmp_path), "--to", "B", "hi")
     assert done.returncode == 4

@@ -113,6 +113,10 @@ def test_hosted_nodes_exchange_within_and_across_hosts_and_a_killed_host_loses_n
         assert history.returncode == 0 and "from the CLI" in history.stdout
         peers = meshpost("peers", "--node", "S", "--data", str(cluster.data_dir("S")))
         assert peers.returncode == 0 and "S — peers" in peers.stdout
+        # `meshpost stop` ends a process of one node only: a hosted one's host keeps running.
+        stop = meshpost("stop", "--node", "S", "--data", str(cluster.data_dir("S")))
+        assert stop.returncode == 2 and "meshpost host" in stop.stderr, stop.stderr
+        assert all(h.alive() for h in cluster.hosts.values())
         observer.ledger.attempt("C", ["S"], "from the CLI")[0].accept()
 
         # kill -9 the host of A..J while K..T send to it: their messages wait in K..T's stores.

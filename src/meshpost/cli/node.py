@@ -20,7 +20,7 @@ from meshpost.config import (
     parse_group_flag,
     parse_peer_flag,
 )
-from meshpost.errors import EXIT_OK, ConfigError
+from meshpost.errors import EXIT_OK, EXIT_TIMEOUT, ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -170,6 +170,58 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
     asyncio.run(_attach(data_dir(args), args.node))
     return EXIT_OK
+
+
+#: Seconds `meshpost stop` waits for the node to commit what is pending and exit.
+STOP_WAIT_S = 30.0
+STOP_WAIT_MAX_S = 86_400.0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """`meshpost stop --node A`: the `meshpost node A` process that answers on A's control
+    socket gets SIGTERM, as Ctrl-C would (it commits what is pending, says Bye to its peers
+    and exits 0); wait until it is gone."""
+    import signal
+    import time
+
+    from meshpost.control import ControlClient, StatusRequest, checked
+    from meshpost.processes import is_node_process, pid_exists
+
+    if not 0 < args.timeout <= STOP_WAIT_MAX_S:
+        raise ConfigError(f"--timeout must be a number of seconds above 0, at most "
+                          f"{STOP_WAIT_MAX_S:g}")
+    with ControlClient(data_dir(args), name=args.node) as client:
+        reply = checked(client.request(StatusRequest(), timeout_s=5))
+    pid = int(reply.status["pid"])
+    # Only a process of its own: a node hosted with others (`meshpost host`, `cluster up
+    # --per-process`) or one inside a program (the library) shares its process with them.
+    if not is_node_process(pid, args.node):
+        raise ConfigError(
+            f"{args.node!r} runs in process {pid}, which is not `meshpost node {args.node}` "
+            f"(a `meshpost host` of several nodes, or a program using meshpost): stop that "
+            f"process instead (`meshpost cluster down` for a cluster)")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while pid_exists(pid):
+        if time.monotonic() >= deadline:
+            print(f"{args.node} (pid {pid}) is still stopping after {args.timeout:g} s",
+                  file=sys.stderr)
+            return EXIT_TIMEOUT
+        time.sleep(0.05)
+    print(f"{args.node} stopped (pid {pid})")
+    return EXIT_OK
+
+
+def add_stop(sub: Subcommands) -> None:
+    """`meshpost stop --node NAME`."""
+    p = sub.add_parser("stop", help="stop a running `meshpost node` (as Ctrl-C would): it "
+                                    "commits what is pending and exits")
+    p.add_argument("--node", required=True)
+    p.add_argument("--data")
+    p.add_argument("--timeout", type=float, default=STOP_WAIT_S, metavar="S",
+                   help=f"seconds to wait for it to exit (default {STOP_WAIT_S:g}; exit 3 "
+                        "if it is still running then)")
+    p.set_defaults(func=cmd_stop)
 
 
 def add_node(sub: Subcommands) -> None:

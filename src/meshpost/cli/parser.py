@@ -11,7 +11,7 @@ from meshpost.cli.cluster import add_cluster, add_host
 from meshpost.cli.demo import add_demo, add_pipeline
 from meshpost.cli.history import add_history, add_tail
 from meshpost.cli.keys import add_keys
-from meshpost.cli.node import add_attach, add_node
+from meshpost.cli.node import add_attach, add_node, add_stop
 from meshpost.cli.patterns import add_broadcast, add_queue
 from meshpost.cli.peers import add_group, add_peers
 from meshpost.cli.send import add_request, add_send, add_task
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_broadcast(sub)
     add_tail(sub)
     add_attach(sub)
+    add_stop(sub)
     add_host(sub)
     add_cluster(sub)
     add_keys(sub)
