@@ -1,5 +1,6 @@
 """`meshpost node` runs one node in this process (with its control socket, gateways, discovery,
-echo and workers) until a signal; `meshpost attach` opens a console on a running one. Flags
+echo and workers) until a signal; `meshpost attach` opens a console on a running one, and
+`meshpost stop` sends that signal to one. Flags
 become a validated `NodeConfig` and `NodeRoles` here (the roles set up by `meshpost.roles`, as
 a hosted node's are); the node itself is built from them and nothing else."""
 
