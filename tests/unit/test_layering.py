@@ -438,6 +438,7 @@ PROTOCOL_RANKS: dict[str, int] = {
     "codec": 3,
     "events": 3,
     "outbox": 3,
+    "claims": 4,  # who a keyless name is: the listener's claim book (reports ClaimCheckWanted)
     "recovery": 4,
     "dialer": 5,
     "listener": 5,

@@ -20,9 +20,9 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import NamedTuple
 
 from meshpost.errors import IdentityMismatch, MalformedFrame, ProtocolError, UnsupportedVersion
+from meshpost.protocol.claims import ClaimBook
 from meshpost.protocol.codec import decode
 from meshpost.protocol.events import (
-    ClaimCheckWanted,
     ClaimSettled,
     ClaimUnchecked,
     Event,
@@ -85,22 +85,6 @@ MAX_SESSIONS_PER_PEER = 4
 #: (same node id) is welcomed; a peer whose store was replaced is welcomed once its endpoint
 #: answers a check as its new node id, else after the old one has been silent this long.
 LIVE_SESSION_NS = 30_000_000_000
-#: Without a key, a refused claim asks the name's configured endpoint who it is
-#: (`ClaimCheckWanted`: one Ping or Hello on this node's own link) at most once per name per
-#: this long, however many Hellos come: a stranger's Hellos cost at most that exchange. The
-#: endpoint's answer also counts: within this long of it, a Hello of another node id is
-#: refused without asking again. A check not settled within this long is taken as lost (the
-#: node settles each within `CLAIM_CHECK_TIMEOUT_S`, node/claims.py, which is shorter).
-CLAIM_CHECK_INTERVAL_NS = 5_000_000_000
-#: Connections refused under one name as claims, kept to be welcomed if the name's endpoint
-#: answers as their node id (a check's answer, or a Welcome to this node's own link); past it
-#: the oldest is forgotten (its dialer's next Hello is then judged by the answer). Bounds what
-#: Hellos under many node ids make this node keep.
-MAX_CLAIMANTS_PER_NAME = 4
-#: A claimant is welcomed by an answer at most this long after its refusal: a refused dialer
-#: says Hello again every 10 s (`dialer.REFUSED_RETRY_S`), so an older one has either been
-#: kept again by that Hello or is gone.
-CLAIMANT_KEPT_NS = 10_000_000_000
 #: Answers (receipts, rejects) kept for the session that superseded the one they answer, until
 #: that session next sends a frame. Beyond this the oldest go: the dialer resends what they
 #: answered and is answered again from the store (a bound, not a loss).
@@ -240,27 +224,6 @@ class _Session:
     token: bytes = b""
 
 
-@dataclasses.dataclass(slots=True)
-class _Claim:
-    """What this node knows of who a keyless name is, from its own link to the name's
-    configured endpoint (never from what a claimant says)."""
-
-    #: The node id the endpoint last answered as (None: unknown, or it stopped answering).
-    node_id: str | None = None
-    answered_ns: int | None = None
-    #: When the endpoint was last asked (`ClaimCheckWanted`), and whether that check is
-    #: still open (neither `endpoint_answered` nor `endpoint_unanswered` since).
-    asked_ns: int | None = None
-    asking: bool = False
-    #: Connections refused as claims, by connection: the node id their Hello said, and when.
-    claimants: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
-
-
-def _recent(since_ns: int | None, wall_ns: int, within_ns: int) -> bool:
-    # A wall clock that went back makes nothing recent: a check is asked rather than never.
-    return since_ns is not None and 0 <= wall_ns - since_ns < within_ns
-
-
 class Listener:
     """Protocol state for everything peers send to this node."""
 
@@ -299,7 +262,7 @@ class Listener:
         self._draining: dict[str, _Session] = {}
         #: Keyless names this node asked (or learnt) the configured endpoint of, by name:
         #: only known peers' (bounded by the configuration and discovery).
-        self._claims: dict[str, _Claim] = {}
+        self._claims = ClaimBook()
         self._activity = 0
         self._frames: list[tuple[str, Frame]] = []
         self._events: list[Event] = []
@@ -425,7 +388,12 @@ class Listener:
                 assert isinstance(frame, Hello)
                 self._events.append(SessionClaimed(frame.name, identity, len(others),
                                                    refused=True))
-                asked = self._ask_endpoint(identity, frame, wall_ns)
+                # Kept, to welcome if the name's endpoint answers as this Hello's node id;
+                # the endpoint asked unless it was, or answered, lately.
+                asked, wanted = self._claims.refused(frame.name, identity, frame.node_id,
+                                                     wall_ns)
+                if wanted is not None:
+                    self._events.append(wanted)
                 self._reply(identity, Refuse(RefuseCode.IDENTITY,
                                              self._claim_refusal(frame, asked)))
             case Answer.REFUSE_HELLO:
@@ -455,18 +423,14 @@ class Listener:
         --secure, where keys decide)."""
         if peer not in self.known_peers:
             return
-        claim = self._claims.setdefault(peer, _Claim())
-        claim.node_id, claim.answered_ns = node_id, wall_ns
-        asked, claimants = claim.asking, claim.claimants
-        claim.asking, claim.claimants = False, {}
+        asked, claimants = self._claims.answered(peer, node_id, wall_ns)
         # Which claimants the answer welcomes is decided first: one that said Hello again
         # since (welcomed as another node id, or as another name) is decided by that.
         vouched = []
-        for connection, (claimed, refused_ns) in claimants.items():
+        for connection in claimants:
             own = self._sessions.get(connection)
             state = own.state if own else SessionState.NEW
-            if (claimed == node_id and _recent(refused_ns, wall_ns, CLAIMANT_KEPT_NS)
-                    and TRANSITIONS[state, SessionInput.VOUCHED].answer is Answer.WELCOME_LATE):
+            if TRANSITIONS[state, SessionInput.VOUCHED].answer is Answer.WELCOME_LATE:
                 vouched.append((connection, own))
         evicted = 0
         for connection, session in list(self._sessions.items()):
@@ -492,13 +456,9 @@ class Listener:
         `peer` has none): what it answered before is no longer taken as who `peer` is (a
         restarted peer must not stay locked out by it), so the name is first come, first
         served (`LIVE_SESSION_NS`) until it answers again; the claimants stay refused."""
-        claim = self._claims.get(peer)
-        if claim is None or not claim.asking:
-            return
-        refused = len(claim.claimants)
-        claim.node_id = claim.answered_ns = None
-        claim.asking, claim.claimants = False, {}
-        self._events.append(ClaimUnchecked(peer, refused))
+        refused = self._claims.unanswered(peer)
+        if refused is not None:
+            self._events.append(ClaimUnchecked(peer, refused))
 
     def stored(
         self,
@@ -586,27 +546,6 @@ class Listener:
             evicted = self._sessions.pop(stale)
             if evicted.pending > 0:
                 self._draining[stale] = evicted
-
-    def _ask_endpoint(self, identity: str, hello: Hello, wall_ns: int) -> bool:
-        """A keyless Hello was refused as a claim: keep this connection, to welcome if the
-        name's configured endpoint answers as the Hello's node id, and ask the endpoint who
-        it is (`ClaimCheckWanted`) unless it was asked, or answered, within
-        CLAIM_CHECK_INTERVAL_NS. True if a check is open."""
-        claim = self._claims.setdefault(hello.name, _Claim())
-        if claim.asking and not _recent(claim.asked_ns, wall_ns, CLAIM_CHECK_INTERVAL_NS):
-            claim.asking = False  # never settled: taken as lost
-        claim.claimants.pop(identity, None)
-        claim.claimants[identity] = (hello.node_id, wall_ns)  # the latest last
-        while len(claim.claimants) > MAX_CLAIMANTS_PER_NAME:
-            del claim.claimants[next(iter(claim.claimants))]
-        if claim.asking:
-            return True
-        if (_recent(claim.asked_ns, wall_ns, CLAIM_CHECK_INTERVAL_NS)
-                or _recent(claim.answered_ns, wall_ns, CLAIM_CHECK_INTERVAL_NS)):
-            return False
-        claim.asking, claim.asked_ns = True, wall_ns
-        self._events.append(ClaimCheckWanted(hello.name, hello.node_id, claim.node_id))
-        return True
 
     def _supersede(self, session: _Session, identity: str,
                    others: list[tuple[int, str]], token: bytes) -> None:
@@ -709,8 +648,7 @@ class Listener:
         node id has an open session under that name, active on another of this node's inbound
         connections within LIVE_SESSION_NS. `asked`: the endpoint is being asked, and this
         connection is welcomed if it answers as the Hello's node id."""
-        claim = self._claims.get(hello.name)
-        vouched = claim.node_id if claim is not None else None
+        vouched = self._claims.known(hello.name)
         live_s = LIVE_SESSION_NS // 1_000_000_000
         if vouched is not None:
             why = (f"{self.local_name!r} knows {hello.name!r} as node {vouched}: its "
@@ -773,8 +711,7 @@ class Listener:
             # Who the name is, by what this node checked itself: the node id the name's
             # configured endpoint answered as (its sessions of other node ids ended then).
             # Not known: first come, first served while the other is live.
-            claim = self._claims.get(hello.name)
-            vouched = claim.node_id if claim is not None else None
+            vouched = self._claims.known(hello.name)
             if vouched is not None and vouched != hello.node_id:
                 return SessionInput.LIVE_CLAIM, None, others
             if vouched is None and any(

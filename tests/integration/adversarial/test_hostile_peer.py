@@ -37,8 +37,8 @@ from meshpost.protocol import (
     encode,
     to_ranges,
 )
+from meshpost.protocol.claims import CLAIM_CHECK_INTERVAL_NS
 from meshpost.protocol.frames import max_frame_bytes
-from meshpost.protocol.listener import CLAIM_CHECK_INTERVAL_NS
 from meshpost.protocol.ratelimit import INPUT_WARNINGS_BURST, INPUT_WARNINGS_PER_S
 from meshpost.transport.inbound import LOG_EVERY_S
 from meshpost.transport.zmq_transport import MULTIPART_LOG_BURST

@@ -23,7 +23,8 @@ from meshpost.protocol import (
     decode,
     encode,
 )
-from meshpost.protocol.listener import CLAIM_CHECK_INTERVAL_NS, LIVE_SESSION_NS
+from meshpost.protocol.claims import CLAIM_CHECK_INTERVAL_NS
+from meshpost.protocol.listener import LIVE_SESSION_NS
 
 STRANGER_NODE_ID = "0123456789abcdef"
 

@@ -40,14 +40,12 @@ from meshpost.protocol import (
     Welcome,
     encode,
 )
-from meshpost.protocol.listener import (
+from meshpost.protocol.claims import (
     CLAIM_CHECK_INTERVAL_NS,
     CLAIMANT_KEPT_NS,
-    LIVE_SESSION_NS,
     MAX_CLAIMANTS_PER_NAME,
-    Listener,
-    SessionState,
 )
+from meshpost.protocol.listener import LIVE_SESSION_NS, Listener, SessionState
 
 INTERVAL = CLAIM_CHECK_INTERVAL_NS
 E = TypeVar("E")
