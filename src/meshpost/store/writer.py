@@ -515,16 +515,9 @@ class GroupCommitWriter:
                     done()
             except Exception:
                 log.exception("[%s] store completion callback failed", self._node)
-        # `_committed` and `_restart_if_due` inline, and `_idle` set only if cleared: three
-        # Python calls less at every commit (twice a single send: each side commits once).
-        on_committed = self._on_committed
-        if on_committed is not None:
-            try:
-                on_committed()
-            except Exception:
-                log.exception("[%s] store commit callback failed", self._node)
-        if self._restart_after_commit and not self._busy:
-            self._catch_up_between_commits()
+        self._committed()
+        self._restart_if_due()
+        # `_idle` set only if cleared: a `set()` of an event already set is a Python call.
         if self._idle.cleared and not self._busy and not self._callbacks:
             self._idle.set()
 
