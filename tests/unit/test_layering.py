@@ -381,7 +381,8 @@ def test_node_components_import_core_for_types_only() -> None:
 
 #: The store package inside, bottom to top: checksums, connections and the schema; what
 #: verifies rows and the pattern tables' SQL; the read side (`StoreReader`); the write side
-#: (`Store`, which composes a reader); the group-commit writer; the package re-exports.
+#: (`Store`, which composes a reader); the WAL's checkpoints and start-overs (`WalKeeper`); the
+#: group-commit writer, which composes it; the package re-exports.
 STORE_RANKS: dict[str, int] = {
     "checksum": 0,
     "connection": 0,
@@ -390,8 +391,9 @@ STORE_RANKS: dict[str, int] = {
     "patterns": 1,
     "reader": 2,
     "sqlite": 3,
-    "writer": 4,
-    "": 5,
+    "checkpoints": 4,
+    "writer": 5,
+    "": 6,
 }
 
 

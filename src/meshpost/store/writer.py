@@ -30,6 +30,10 @@ sender resuming there puts its next message into the same commit (whose submit t
 kick of its own). No submit is queued for nothing either: frames of a transport drain hold
 their adds (`hold_submits`) for the drain's `submit_now`, and `on_committed` runs after each
 commit's callbacks, so that what they started (the node's frames) leaves in the same turn.
+
+When the WAL is checkpointed and starts over is the `WalKeeper`'s (`store/checkpoints.py`):
+the writer adds each commit's pages to its count, calls it only once that reaches a page at
+which something may be due, and runs its catch-up between two commits when it asks.
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ import concurrent.futures
 import contextlib
 import logging
 import sqlite3
-import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
@@ -54,6 +57,7 @@ from meshpost.errors import (
     StoreLocked,
 )
 from meshpost.protocol import Envelope
+from meshpost.store.checkpoints import WalKeeper, name_os_thread
 from meshpost.store.patterns import NewTask
 from meshpost.store.sqlite import Delivery, IncomingResult, Rejection, Store, WriteBatch
 
@@ -78,37 +82,6 @@ INLINE_MAX_ROWS = 32
 INLINE_SYNC_LEVELS = frozenset({"normal", "off"})
 #: After a failed write, commit on the thread only (where waiting is harmless) for this long.
 INLINE_QUIET_AFTER_ERROR_S = 5.0
-#: Start a WAL checkpoint (on its own thread and connection) after about this many WAL pages,
-#: as SQLite's own autocheckpoint would; estimated per commit (`WriteBatch.wal_pages`) because
-#: sqlite3 does not expose the WAL hook. Each checkpoint costs two fsyncs, and slows the
-#: commits beside it: counting too many pages per small commit (8, until 12-01) made them
-#: 1.5-8 times as frequent as SQLite's own.
-CHECKPOINT_PAGES = 1000
-#: Under a steady stream the writer commits while every background checkpoint runs, so the
-#: WAL is never copied back whole and never starts over: it grew past 500 MB on each side in a
-#: 3,000,000-message pair-throughput run. Past this many pages since it last started over, the
-#: writer copies what the background checkpoints left itself, between two commits (it waits
-#: for a background checkpoint still running, then copies about CHECKPOINT_PAGES pages), and
-#: its next commit starts the WAL over. 4,000 until 2026-12-06: 8,000 lets the loop's commits
-#: below checkpoint half as often (the WAL peaks at ~56 MB instead of ~30 under a saturated
-#: pair, whose rate and CPU a message did not change: three alternating pairs).
-WAL_RESTART_PAGES = 8000
-#: Commits on the loop (small batches at sync=normal: one send at a time) start a checkpoint
-#: after this many pages instead: a checkpoint's first act is the WAL's fsync, whose
-#: writeback takes a core for milliseconds beside the sends in flight, and the send whose
-#: commit starts one is the slowest 1% of single sends (docs/benchmarks.md, "the tail").
-#: Half as many checkpoints put it below the p99: `pair-latency` at sync=normal, p99 lower
-#: in 9 of 10 alternating pairs against 1,000 / 4,000 (quiet: 785-1,324 against 1,622-2,268
-#: µs; at load 2.5-3: 683-4,752 against 1,621-4,055).
-INLINE_CHECKPOINT_PAGES = 2 * CHECKPOINT_PAGES
-#: Commits on the loop start the WAL over earlier, at this many pages, and off the critical
-#: path: the checkpoint thread copies the WAL (the checkpoint due at that point anyway), then,
-#: right after the next commit, the writer copies what was committed meanwhile, with new
-#: commits waiting (its two fsyncs), rather than the commit past WAL_RESTART_PAGES waiting for
-#: a running checkpoint, the whole copy and its fsyncs (7-14 ms: the slowest 0.1% of single
-#: sends, docs/benchmarks.md). If the checkpoint thread is slow to run it, the commit past
-#: WAL_RESTART_PAGES still catches up.
-WAL_RESTART_EARLY_PAGES = WAL_RESTART_PAGES - INLINE_CHECKPOINT_PAGES
 _TRANSIENT = (StoreLocked, StoreFull, DataDirNotWritable)
 
 
@@ -119,15 +92,6 @@ class StoreRetry(NamedTuple):
     delay_s: float  # before the next attempt
     for_s: float  # since the episode's first failure (the clock's monotonic time)
     error: StoreError  # the last failure
-
-
-def _name_os_thread(name: str) -> None:
-    """Give the calling thread an OS-level name (`top -H`, `/proc/PID/task/*/comm`, `perf`;
-    `benchmarks/pair_cpu.py` reports CPU per thread by it): Python 3.11 leaves every thread
-    named after the process. Linux only, best effort: a name is a diagnostic, never needed."""
-    with (contextlib.suppress(OSError),
-          open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm):
-        comm.write(name[:15])
 
 
 def _store_condition(exc: BaseException) -> bool:
@@ -231,7 +195,7 @@ class GroupCommitWriter:
         self._new_before_retry: dict[int, set[int]] = {}
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"meshpost-store-{node}",
-            initializer=_name_os_thread, initargs=("meshpost-store",),
+            initializer=name_os_thread, initargs=("meshpost-store",),
         )
         self._batch = WriteBatch()
         self._callbacks: _Callbacks = []
@@ -248,24 +212,10 @@ class GroupCommitWriter:
         self._thread_jobs = 0
         self._inline = store.sync in INLINE_SYNC_LEVELS
         self._inline_after = 0.0
-        self._wal_pages = 0
-        self._wal_since_restart = 0
-        self._checkpointer = store.open_checkpointer()
-        self._checkpoint_executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"meshpost-checkpoint-{node}",
-            initializer=_name_os_thread, initargs=("meshpost-ckpt",),
-        )
-        self._checkpoint: concurrent.futures.Future[None] | None = None
-        #: An early start-over is under way (`WAL_RESTART_EARLY_PAGES`): its background
-        #: copy runs or is queued, or its catch-up waits for the commit in flight.
-        self._restart_requested = False
-        self._restart_after_commit = False
+        #: The WAL's checkpoints and start-overs: each commit adds its pages to
+        #: `wal.written`, and calls it only when that reaches its `due_*` (see `_apply`).
+        self.wal = WalKeeper(store, node=node, probe=probe)
         self.inline_commits = 0
-        self.checkpoints = 0
-        #: Catch-up checkpoints on the writer's connection that copied the whole WAL.
-        self.wal_restarts = 0
-        #: Catch-ups between two commits (early start-overs), not inside one.
-        self.idle_catch_ups = 0
         #: Whether the pending batch has room for producers (`wait_for_room`); `_room` keeps
         #: it.
         self.has_room = True
@@ -285,6 +235,21 @@ class GroupCommitWriter:
         self._episode_started = 0.0
         self.retry_delay_s = 0.0
         self._episode_logged: str | None = None
+
+    @property
+    def checkpoints(self) -> int:
+        """Background WAL checkpoints that ran (`WalKeeper.checkpoints`)."""
+        return self.wal.checkpoints
+
+    @property
+    def wal_restarts(self) -> int:
+        """Catch-ups on the writer's connection that copied the whole WAL."""
+        return self.wal.wal_restarts
+
+    @property
+    def idle_catch_ups(self) -> int:
+        """Catch-ups between two commits (early start-overs), not inside one."""
+        return self.wal.idle_catch_ups
 
     @property
     def retrying(self) -> StoreRetry | None:
@@ -441,7 +406,7 @@ class GroupCommitWriter:
             and rows <= INLINE_MAX_ROWS
             and self._thread_jobs == 0
             # A WAL due to start over goes to the thread, where the catch-up may wait.
-            and self._wal_since_restart < WAL_RESTART_PAGES
+            and self.wal.written < self.wal.restart_at
         )
         if inline and self._inline_after:
             # The clock is read only while a failed write's quiet time may still run.
@@ -523,7 +488,7 @@ class GroupCommitWriter:
 
     def _restart_if_due(self) -> None:
         """After a commit: the catch-up of an early start-over that waited for it."""
-        if self._restart_after_commit and not self._busy:
+        if self.wal.catch_up_after_commit and not self._busy:
             self._catch_up_between_commits()
 
     def _committed(self) -> None:
@@ -821,134 +786,51 @@ class GroupCommitWriter:
             rows += len(d.seqs)
         self.commits += 1
         self.rows_committed += rows
-        pages = batch.wal_pages(self.store.page_size)
-        self._wal_pages += pages
-        self._wal_since_restart += pages
-        # Only on the thread (inline commits, on the loop, never wait for the lock): the
-        # catch-up is a wait that must not stall the loop.
-        if wait_for_lock and self._wal_since_restart >= WAL_RESTART_PAGES:
-            self._catch_up()
-        elif (not wait_for_lock and self._wal_since_restart >= WAL_RESTART_EARLY_PAGES
-              and not self._restart_requested):
-            self._request_restart()
-        elif self._wal_pages >= (CHECKPOINT_PAGES if wait_for_lock
-                                 else INLINE_CHECKPOINT_PAGES) and (
-            self._checkpoint is None or self._checkpoint.done()  # a lock: only when due
-        ):
-            self._wal_pages = 0
-            self._checkpoint = self._checkpoint_executor.submit(self._run_checkpoint)
+        # The WAL keeper is called only once a checkpoint or start-over may be due: one
+        # comparison a commit, not a call.
+        wal = self.wal
+        written = wal.written + batch.wal_pages(self.store.page_size)
+        wal.written = written
+        if wait_for_lock:
+            if written >= wal.due_on_thread:
+                wal.committed_on_thread()
+        elif written >= wal.due_inline:
+            wal.committed_on_loop(self._loop)
         return results, stored_at
 
-    # -- starting the WAL over early, off the critical path (on the loop) -------------------
-
-    def _request_restart(self) -> None:
-        """Start the WAL over soon (`WAL_RESTART_EARLY_PAGES`): the checkpoint thread copies
-        it first (after the background checkpoint already there, if one is), then
-        `_restart_copied` catches up between two commits."""
-        loop = self._loop
-        if loop is None:
-            return
-        self._restart_requested = True
-        background = self._checkpoint
-        if background is None or background.done():
-            self._wal_pages = 0
-            background = self._checkpoint_executor.submit(self._run_checkpoint)
-            self._checkpoint = background
-
-        def copied(_future: concurrent.futures.Future[None]) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: the node stopped
-                loop.call_soon_threadsafe(self._restart_copied)
-
-        background.add_done_callback(copied)
-
-    def _restart_copied(self) -> None:
-        """The background copy of an early start-over is done: catch up right after the next
-        commit, once its callbacks ran (what it stored is on its way, and the catch-up runs
-        beside that round trip rather than in front of it). New commits wait for the catch-up,
-        so that none lands between its copy and the next commit, which starts the WAL over."""
-        if not self._restart_requested:
-            return
-        if self._wal_since_restart < WAL_RESTART_EARLY_PAGES:  # a commit caught up meanwhile
-            self._restart_requested = False
-            return
-        self._restart_after_commit = True
+    # -- the WAL keeper's catch-up between two commits ---------------------------------------
 
     def _catch_up_between_commits(self) -> None:
-        """`_catch_up` on the writer thread, the writer busy meanwhile: adds wait in the
-        batch, and commit when it is done (`_caught_up`)."""
+        """The WAL keeper's catch-up (an early start-over's) on the writer thread, the writer
+        busy meanwhile: adds wait in the batch, and commit when it is done (`_caught_up`), so
+        that none lands between its copy and the next commit, which starts the WAL over."""
         loop = self._loop
-        self._restart_after_commit = False
-        if (loop is None or self.failure is not None
-                or self._wal_since_restart < WAL_RESTART_EARLY_PAGES):  # a commit caught up
-            self._restart_requested = False
+        if not self.wal.catch_up_due(runnable=loop is not None and self.failure is None):
             return
+        assert loop is not None
         self._busy = True
 
         def finished(future: concurrent.futures.Future[None]) -> None:
-            if future.exception() is not None:  # `_catch_up` handles store errors itself
+            if future.exception() is not None:  # `catch_up` handles store errors itself
                 log.error("[%s] WAL catch-up failed", self._node,
                           exc_info=future.exception())
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._caught_up)
 
-        self._executor.submit(self._catch_up).add_done_callback(finished)
+        self._executor.submit(self.wal.catch_up).add_done_callback(finished)
 
     def _caught_up(self) -> None:
-        self.idle_catch_ups += 1
+        self.wal.caught_up()
         self._busy = False
-        self._restart_requested = False
         if self._callbacks:
             self._schedule()
         else:
             self._idle.set()
 
-    def _catch_up(self) -> None:
-        """Copy the rest of the WAL on the writer's own connection (`WAL_RESTART_PAGES`), or
-        the last few commits after an early start-over's background copy, between two commits
-        (`_catch_up_between_commits`).
-
-        It runs at the first commit on the thread once due, whatever the background
-        checkpoint is doing: one still queued is cancelled (the catch-up does its work), one
-        running is waited for (two checkpoints at once would make this one copy nothing).
-        Skipping the catch-up while the background one was busy left the WAL's size to thread
-        scheduling: under load it kept growing for as long as that checkpoint took to run."""
-        if self._probe is not None:
-            self._probe.mark(probes.CATCH_UP[0])
-        background = self._checkpoint
-        if background is not None and not background.cancel():
-            background.exception()  # waits; `_run_checkpoint` logs its own failures
-        try:
-            complete = self.store.checkpoint()
-        except StoreError as exc:  # the commit stands; the next catch-up tries again
-            log.warning("[%s] WAL checkpoint failed: %s", self._node, exc)
-            complete = False
-        if self._probe is not None:
-            self._probe.mark(probes.CATCH_UP[1])
-        self._wal_pages = 0
-        if complete:
-            self.wal_restarts += 1
-            self._wal_since_restart = 0
-        else:  # a reader still reads pages the copy would overwrite: retry a checkpoint later
-            self._wal_since_restart = (min(self._wal_since_restart, WAL_RESTART_PAGES)
-                                       - CHECKPOINT_PAGES)
-
-    def _run_checkpoint(self) -> None:
-        if self._probe is not None:
-            self._probe.mark(probes.CHECKPOINT[0])
-        try:
-            self._checkpointer.checkpoint()
-            self.checkpoints += 1
-        except StoreError as exc:  # the commits stand; the next checkpoint catches up
-            log.warning("[%s] WAL checkpoint failed: %s", self._node, exc)
-        finally:
-            if self._probe is not None:
-                self._probe.mark(probes.CHECKPOINT[1])
-
     def close(self) -> None:
         """Stop checkpointing, close the store on the writer thread, then stop the thread."""
         try:
-            self._checkpoint_executor.shutdown(wait=True)
-            self._checkpointer.close()
+            self.wal.close()
             self._executor.submit(self.store.close).result(timeout=10)
         finally:
             self._executor.shutdown(wait=True)
