@@ -1,10 +1,16 @@
-"""WalKeeper: when the WAL is checkpointed and when it starts over, as a running
-`GroupCommitWriter` writes it (the writer counts the pages and calls the keeper)."""
+"""WalKeeper: when the WAL is checkpointed and when it starts over.
+
+Its decisions first, on a keeper alone (a store that only answers checkpoints); then the WAL
+itself, written by a running `GroupCommitWriter`, which counts the pages and calls the keeper.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import random
 import sqlite3
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +18,246 @@ from tests.unit.store.test_writer import PATIENCE_S, out, rows, run, running_wri
 
 from meshpost.store import GroupCommitWriter
 from meshpost.store import checkpoints as checkpoints_module
+from meshpost.store.checkpoints import (
+    CHECKPOINT_PAGES,
+    INLINE_CHECKPOINT_PAGES,
+    WAL_RESTART_EARLY_PAGES,
+    WAL_RESTART_PAGES,
+    WalKeeper,
+    WalWork,
+)
+
+
+class _Checkpointer:
+    def checkpoint(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class _Store:
+    """What the keeper asks of a `Store`: checkpoints, each complete unless told otherwise."""
+
+    def __init__(self) -> None:
+        self.checkpointer = _Checkpointer()
+        self.complete = True
+        self.catch_ups = 0
+
+    def open_checkpointer(self) -> _Checkpointer:
+        return self.checkpointer
+
+    def checkpoint(self) -> bool:
+        self.catch_ups += 1
+        return self.complete
+
+
+@pytest.fixture
+def keeper() -> Iterator[WalKeeper]:
+    keeper = WalKeeper(_Store(), node="alice")  # type: ignore[arg-type]
+    yield keeper
+    keeper.close()
+
+
+def settled(keeper: WalKeeper) -> None:
+    """Wait for the background checkpoint, if one was started."""
+    background = keeper._checkpoint
+    if background is not None:
+        background.result(timeout=PATIENCE_S)
+
+
+# -- the keeper's decisions --------------------------------------------------------------------
+
+
+def test_a_checkpoint_is_due_every_checkpoint_pages_on_the_thread_and_twice_that_on_the_loop(
+    keeper: WalKeeper,
+) -> None:
+    assert (keeper.due_on_thread, keeper.due_inline) == (CHECKPOINT_PAGES,
+                                                        INLINE_CHECKPOINT_PAGES)
+    keeper.written = CHECKPOINT_PAGES - 1
+    assert keeper.due(on_thread=True) is None
+    keeper.written = CHECKPOINT_PAGES
+    assert keeper.due(on_thread=True) is WalWork.CHECKPOINT
+    assert keeper.due(on_thread=False) is None
+    keeper.written = INLINE_CHECKPOINT_PAGES
+    assert keeper.due(on_thread=False) is WalWork.CHECKPOINT
+    keeper.committed_on_loop(None)
+    settled(keeper)
+    assert (keeper.pages, keeper.checkpoints) == (0, 1)
+    # The next one counts from there.
+    assert keeper.due_inline == 2 * INLINE_CHECKPOINT_PAGES
+    assert keeper.due_on_thread == INLINE_CHECKPOINT_PAGES + CHECKPOINT_PAGES
+
+
+def test_no_checkpoint_is_due_while_the_last_one_has_not_run(keeper: WalKeeper) -> None:
+    release = threading.Event()
+    keeper._executor.submit(release.wait, PATIENCE_S)  # the checkpoint thread is busy
+    try:
+        keeper.written = CHECKPOINT_PAGES
+        keeper.committed_on_thread()  # queued behind the busy thread
+        keeper.written += CHECKPOINT_PAGES
+        assert keeper.pages == CHECKPOINT_PAGES
+        assert keeper.due(on_thread=True) is None
+        assert keeper.written >= keeper.due_on_thread  # so each commit asks again
+    finally:
+        release.set()
+    settled(keeper)
+    assert keeper.due(on_thread=True) is WalWork.CHECKPOINT
+
+
+def test_the_wal_starts_over_on_the_thread_at_its_limit_and_early_on_the_loop(
+    keeper: WalKeeper,
+) -> None:
+    assert keeper.restart_at == WAL_RESTART_PAGES
+    keeper.written = WAL_RESTART_EARLY_PAGES
+    assert keeper.due(on_thread=False) is WalWork.EARLY_START_OVER
+    assert keeper.due(on_thread=True) is WalWork.CHECKPOINT  # the thread waits for the limit
+    keeper.written = WAL_RESTART_PAGES
+    assert keeper.due(on_thread=True) is WalWork.CATCH_UP
+    keeper.committed_on_thread()
+    assert (keeper.wal_restarts, keeper.since_restart, keeper.pages) == (1, 0, 0)
+    assert keeper.restart_at == 2 * WAL_RESTART_PAGES
+    assert keeper.due(on_thread=True) is None
+
+
+def test_a_checkpoint_just_before_the_limit_does_not_put_off_the_catch_up(
+    keeper: WalKeeper,
+) -> None:
+    keeper.written = WAL_RESTART_PAGES - 500
+    keeper.restart_requested = True  # an early start-over under way
+    keeper.committed_on_loop(None)
+    settled(keeper)
+    assert (keeper.pages, keeper.checkpoints) == (0, 1)
+    assert keeper.due_on_thread == WAL_RESTART_PAGES  # not a checkpoint's worth later
+    keeper.written = WAL_RESTART_PAGES
+    assert keeper.due(on_thread=True) is WalWork.CATCH_UP
+
+
+def test_an_early_start_over_is_asked_for_once(keeper: WalKeeper) -> None:
+    keeper.written = WAL_RESTART_EARLY_PAGES
+    keeper.restart_requested = True
+    # Asked already: only a checkpoint can be due, at its own count.
+    assert keeper.due(on_thread=False) is WalWork.CHECKPOINT
+    keeper._checkpointed_at = keeper.written - 1
+    assert keeper.due(on_thread=False) is None
+
+
+def test_an_incomplete_catch_up_tries_again_a_checkpoints_worth_of_pages_later(
+    keeper: WalKeeper,
+) -> None:
+    """A reader on old pages keeps the WAL from starting over: the next catch-up comes after
+    CHECKPOINT_PAGES more pages, counted from the limit (not from the pages written past it)."""
+    keeper._store.complete = False  # type: ignore[attr-defined]
+    keeper.written = WAL_RESTART_PAGES + 500
+    keeper.committed_on_thread()
+    assert (keeper.wal_restarts, keeper.pages) == (0, 0)
+    assert keeper.since_restart == WAL_RESTART_PAGES - CHECKPOINT_PAGES
+    assert keeper.restart_at == keeper.written + CHECKPOINT_PAGES
+    assert keeper.due_on_thread == keeper.written + CHECKPOINT_PAGES
+
+
+def test_an_early_start_over_copies_in_the_background_then_catches_up_after_a_commit(
+    keeper: WalKeeper,
+) -> None:
+    async def scenario() -> None:
+        keeper.written = WAL_RESTART_EARLY_PAGES
+        keeper.committed_on_loop(asyncio.get_running_loop())
+        assert keeper.restart_requested
+        assert keeper.pages == 0  # the background copy is the checkpoint due there
+        await until(lambda: keeper.catch_up_after_commit)
+        assert keeper.checkpoints == 1
+        keeper.written += 4  # a commit meanwhile; the writer then asks
+        assert keeper.catch_up_due(runnable=True)
+        assert not keeper.catch_up_after_commit
+        keeper.catch_up()  # on the writer thread, in the writer
+        keeper.caught_up()
+        assert (keeper.wal_restarts, keeper.idle_catch_ups) == (1, 1)
+        assert not keeper.restart_requested
+        assert keeper.due_inline == keeper.written + INLINE_CHECKPOINT_PAGES
+
+    run(scenario)
+
+
+def test_an_early_start_over_is_dropped_if_a_commit_caught_up_or_the_writer_cannot(
+    keeper: WalKeeper,
+) -> None:
+    keeper.written = WAL_RESTART_EARLY_PAGES
+    keeper.restart_requested = keeper.catch_up_after_commit = True
+    assert not keeper.catch_up_due(runnable=False)  # stopped or broken
+    assert not (keeper.restart_requested or keeper.catch_up_after_commit)
+    keeper.restart_requested = keeper.catch_up_after_commit = True
+    keeper.catch_up()  # a commit on the thread caught up meanwhile
+    keeper.written += 4
+    assert not keeper.catch_up_due(runnable=True)
+    assert not keeper.restart_requested
+    # Counted again from that catch-up (and asked again, once due).
+    assert keeper.due_inline == WAL_RESTART_EARLY_PAGES + INLINE_CHECKPOINT_PAGES
+    assert keeper._store.catch_ups == 1  # type: ignore[attr-defined]
+
+
+class _Loop:
+    """Keeps what the keeper hands the loop, to run when the test says."""
+
+    def __init__(self) -> None:
+        self.calls: list[Callable[[], None]] = []
+        self.arrived = threading.Event()
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        self.calls.append(callback)
+        self.arrived.set()
+
+    def run_calls(self) -> None:
+        calls, self.calls = self.calls, []
+        self.arrived.clear()
+        for callback in calls:
+            callback()
+
+
+def test_the_due_counts_are_reached_exactly_when_work_is_due(keeper: WalKeeper) -> None:
+    """The writer compares `written` with `due_*` instead of calling the keeper at every
+    commit. Along a random stream of commits on the loop and on the thread, with early
+    start-overs, catch-ups between commits (some incomplete) and dropped ones, as the writer
+    drives them: a due count is reached whenever its kind of commit has work due, and
+    otherwise only right after the thread moved the counts (a call that finds nothing)."""
+    rng = random.Random(20261206)
+    loop = _Loop()
+    store: _Store = keeper._store  # type: ignore[assignment]
+    reached_with_work = {True: 0, False: 0}
+    stale = False  # the thread moved the counts since the loop last planned
+    for _ in range(20_000):
+        on_thread = rng.random() < 0.3
+        store.complete = rng.random() < 0.8
+        keeper.written += rng.choice([3, 4, 5, 8, 40, 300])
+        settled(keeper)  # no checkpoint left running: only the counts decide
+        reached = keeper.written >= (keeper.due_on_thread if on_thread else keeper.due_inline)
+        work = keeper.due(on_thread=on_thread)
+        assert reached == (work is not None) or (stale and not on_thread and reached), keeper
+        reached_with_work[on_thread] += work is not None
+        if on_thread:
+            marks = (keeper.pages, keeper.since_restart)
+            if reached:
+                keeper.committed_on_thread()
+            stale = stale or marks != (keeper.pages, keeper.since_restart)
+            assert keeper.written < keeper.due_on_thread
+            continue
+        asked = keeper.restart_requested
+        if reached:
+            keeper.committed_on_loop(loop)  # type: ignore[arg-type]
+            stale = False
+        if keeper.restart_requested and not asked:
+            assert loop.arrived.wait(PATIENCE_S)  # the background copy is done
+        if rng.random() < 0.5:
+            loop.run_calls()
+        if keeper.catch_up_after_commit and rng.random() < 0.7:  # the writer, after a commit
+            if keeper.catch_up_due(runnable=rng.random() < 0.9):
+                keeper.catch_up()
+                keeper.caught_up()
+            stale = False
+    assert reached_with_work[True] > 100
+    assert reached_with_work[False] > 100
+    assert keeper.wal_restarts > 10
+    assert keeper.idle_catch_ups > 10
+
 
 # -- the WAL, written by a running writer ------------------------------------------------------
 
