@@ -172,7 +172,7 @@ async def drive(cfg_a: NodeConfig, n: int, size: int, b_pid: int, use_cg: bool,
     cpu_s.update({f"B:{k}": b1[k] - b0.get(k, 0) for k in b1})
     per = {k: v * 1e6 / n for k, v in cpu_s.items()}
     # Each thread's CPU (user + sys) as a fraction of one core over the timed phase: a thread
-    # near 1.0 is the bound. (Thread names: the OS names, see store/writer.py _name_os_thread.)
+    # near 1.0 is the bound. (Thread names: the OS names, see store/checkpoints.py name_os_thread.)
     roles: dict[str, float] = {}
     for k, v in cpu_s.items():
         role = k.rsplit(" ", 1)[0]

@@ -1,10 +1,9 @@
-"""The WAL's size: when it is copied back into the database (checkpoints), and when it starts over.
+"""The WAL's size: when it is copied back into the database (checkpoints) and when it starts over.
 
-Rule: no commit waits for a checkpoint it can do without. The group-commit writer counts the WAL
-pages its commits append (`WalKeeper.written`) and calls the keeper only once the count reaches
-the page at which something may be due (`due_inline`, `due_on_thread`): a background checkpoint
-on a thread and connection of its own, or a catch-up on the writer's connection, between two
-commits or inside one, so that the WAL starts over rather than growing without bound.
+Rule: checkpoints run beside the commits, on a thread and connection of their own; only the
+start-over, without which the WAL grows without bound, has the writer copy it itself, between
+two commits or inside one on its thread. The writer calls in only when its count of WAL pages
+reaches a `due_*` number, so a commit with nothing due costs a comparison.
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ LOCK_FILENAME = "node.lock"
 PAGE_SIZE = 8192
 #: A WAL file that grew past this (a reader kept it from starting over for a while) is cut
 #: back to it when it next starts over. Above the ~66 MB the WAL reaches in a cycle of
-#: `writer.WAL_RESTART_PAGES` 8 KiB pages, so that a cycle's file is reused, not cut and regrown.
+#: `checkpoints.WAL_RESTART_PAGES` 8 KiB pages, so that a cycle's file is reused, not cut and
+#: regrown.
 WAL_SIZE_LIMIT_BYTES = 96 * 1024 * 1024
 
 #: Rows whose content checksums `Store.open` verifies before it returns: the newest ones. A
