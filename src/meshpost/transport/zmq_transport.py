@@ -25,6 +25,9 @@ asking the socket for ZMQ_RCVMORE cost more than the frame object.
 
 Socket choices (the ZeroMQ traps the protocol designs around):
 - ROUTER_MANDATORY: a reply to an unknown or vanished peer raises instead of vanishing silently;
+- the ROUTER's generated routing ids start where no peer can tell (`routing_ids`): libzmq's
+  start the same in every process, and a peer that named its connection after the next one
+  would abort the process at the next ordinary connection;
 - routing ids are per connection and chosen by our ROUTER, never by the peer (no
   ROUTING_ID on our DEALERs, no ROUTER_HANDOVER): a peer that names its connection after
   another peer would otherwise take that peer's connection over before we read a frame. Who
@@ -71,6 +74,7 @@ import meshpost.probes as probes
 from meshpost.errors import EndpointInUse, InvalidEndpoint, TransportError
 from meshpost.transport.inbound import LOG_EVERY_S, InboundGuard, default_inbound_cap
 from meshpost.transport.ipc import IpcPathLock, check_ipc_path_free, ipc_path, missing_folder
+from meshpost.transport.routing_ids import unpredictable_routing_ids
 from meshpost.transport.security import ZAP_DOMAIN, MeshAuthenticator
 
 log = logging.getLogger(__name__)
@@ -224,6 +228,7 @@ class ZmqTransport:
         #: The ZMQ_EVENTS reader of each open socket we read (`_events_reader`), forgotten
         #: before the socket is closed: a socket without one is closed.
         self._looks: dict[zmq.Socket[bytes], Callable[[], int]] = {}
+        unpredictable_routing_ids()  # before the ROUTER: see transport/routing_ids.py
         self._router = self._socket(zmq.ROUTER)
         self._looks[self._router] = _events_reader(self._router, self._own_context)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
