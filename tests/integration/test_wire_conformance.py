@@ -8,6 +8,7 @@ meshpost's CLI and cluster helpers; the peer never does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any
 import msgspec
 import pytest
 import zmq
+import zmq.utils.monitor
 
 from meshpost.cluster import write_mesh_config
 from meshpost.processes import NodeProcess
@@ -93,6 +95,13 @@ def expect(peer: wp.Dialer, tag: str, timeout_s: float = ANSWER_S) -> wp.Frame:
     frame = peer.recv(timeout_s)
     assert frame.tag == tag, f"expected {tag}, got {frame}"
     return frame
+
+
+def history_fields() -> list[str]:
+    """Section 15's table of `meshpost history --json` fields, in the document's order."""
+    text = DOC.read_text()
+    table = text[text.index("## 15. "):text.index("## 16. ")]
+    return re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M)
 
 
 def check_welcome(welcome: wp.Frame, name: str) -> None:
@@ -208,7 +217,9 @@ def test_an_independent_dialer_handshakes_sends_a_batch_and_is_stored_once(mesh:
     p.send("ping", wp.wall_ns())
     assert expect(p, "pong")["pending"] == 0  # every batch answered (4.8)
 
-    rows = {r["id"]: r for r in mesh.history() if r["direction"] == "in"}
+    history = mesh.history()
+    assert all(list(row) == history_fields() for row in history)  # exactly these (15)
+    rows = {r["id"]: r for r in history if r["direction"] == "in"}
     assert len(rows) == 5
     for env in [*envelopes, *more]:
         row = rows[env.id]
@@ -388,6 +399,11 @@ def test_refusals_as_section_6_3_defines_them(mesh: Mesh) -> None:
     p.send("ping", wp.wall_ns(), "an extra trailing element")  # 3: ignored, not malformed
     assert expect(p, "pong")["pending"] == 0
 
+    # P as another node id while P's session is live (6.2 check 6, no keys): identity.
+    other = mesh.dialer("P")
+    other.hello()
+    assert expect(other, "refuse")["code"] == "identity"
+
     # A Hello of another version, whole or only its first two elements (6.2, lenient).
     v = mesh.dialer("Q")
     v.hello(version=2)
@@ -411,7 +427,7 @@ def test_refusals_as_section_6_3_defines_them(mesh: Mesh) -> None:
     z.send("close")
     z.send("ping", 3)
     assert expect(z, "refuse")["code"] == "hello-required"
-    for peer in (p, v, z):
+    for peer in (p, v, z, other):
         peer.close()
 
 
@@ -447,6 +463,13 @@ def test_rejections_as_section_8_2_defines_them(mesh: Mesh) -> None:
     assert by_code == {"invalid": [3, 4, 5, 6, 9], "too-large": [2]}
     receipt = expect(r, "receipt")
     assert receipt["ranges"] == [[1, 1], [7, 7]] and receipt["echo_tx_at_ns"] == tx
+
+    # A wrong msgpack type in one envelope malforms the whole batch (8.2): nothing of it is
+    # stored, not even its good envelope.
+    lost = env(11, body="in a malformed batch")
+    r.send("batch", wp.wall_ns(), [lost.wire(), [*env(12).wire()[:4], b"bin body",
+                                                 *env(12).wire()[5:]]])
+    assert expect(r, "refuse")["code"] == "malformed"
 
     # Same id, other content: a conflict, after the Receipt of the rest (7.2 step 4).
     conflict = env(10, id=fits.id, body="not what was stored")
@@ -524,3 +547,56 @@ def test_a_routing_id_a_peer_chooses_cannot_end_the_node(mesh: Mesh) -> None:
             break
     assert mesh.node.alive(), f"the node died: {mesh.node.log_tail(3)}"
     assert expect(ordinary, "welcome")["name"] == "N"
+
+
+# -- the frame size limit (8.3) ---------------------------------------------------------------
+
+def max_frame_bytes(max_message_bytes: int) -> int:
+    """Section 8.3's formula, with the constants it names."""
+    return max(max_message_bytes, 4 * 262144) + 2048 * 1024 + 4096
+
+
+def batch_of_exactly(peer: wp.Dialer, size: int) -> tuple[bytes, int]:
+    """A valid Batch frame of exactly `size` bytes, with as many envelopes as that takes."""
+    body = "x" * (MAX_MESSAGE_BYTES - 24)
+    count = size // len(wp.encode("batch", wp.wall_ns(), [peer.envelopes("N", [body])[0]
+                                                           .wire()]))
+    envs = peer.envelopes("N", [body] * count)
+    tx = wp.wall_ns()
+    deficit = size - len(wp.encode("batch", tx, [e.wire() for e in envs]))
+    assert 0 <= deficit <= 24 * count
+    for i, e in enumerate(envs):  # grow bodies (str16 headers: one byte per character)
+        grow = min(24, deficit)
+        envs[i] = dataclasses.replace(e, body=e.body + "y" * grow)
+        deficit -= grow
+    data = wp.encode("batch", tx, [e.wire() for e in envs])
+    assert len(data) == size
+    return data, count
+
+
+def test_the_largest_frame_a_listener_takes_is_as_section_8_3_computes(mesh: Mesh) -> None:
+    """A batch of exactly max_frame_bytes is taken, whatever its count (4.4); one byte more
+    and ZeroMQ drops the connection before the node reads it (2.2 MAXMSGSIZE, 13), and the
+    node goes on (a new connection needs a new Hello)."""
+    limit = max_frame_bytes(MAX_MESSAGE_BYTES)
+    assert limit == 3_149_824
+    p = mesh.dialer("P")
+    p.handshake(ANSWER_S)
+    data, count = batch_of_exactly(p, limit)
+    assert count > 2048  # more than a dialer puts in a batch: a listener takes it anyway
+    p.send_raw(data)
+    assert expect(p, "receipt")["ranges"] == [[1, count]]
+
+    monitor = p.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    too_big, _ = batch_of_exactly(p, limit + 1)
+    p.send_raw(too_big)
+    assert monitor.poll(int(ANSWER_S * 1000)), "the node kept a connection that sent too much"
+    event = zmq.utils.monitor.recv_monitor_message(monitor)
+    assert event["event"] == zmq.EVENT_DISCONNECTED
+    p.sock.disable_monitor()
+    monitor.close(linger=0)
+    p.send("ping", 1)  # ZeroMQ reconnected: a new connection, without a session
+    assert expect(p, "refuse")["code"] == "hello-required"
+    p.handshake(ANSWER_S)
+    assert len([r for r in mesh.history() if r["direction"] == "in"]) == count
+    p.close()

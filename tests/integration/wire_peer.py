@@ -196,6 +196,7 @@ def _socket_defaults(sock: zmq.Socket[bytes]) -> None:
     # Section 2.2's options that matter to a peer: bounded linger and queues, no ZMTP
     # heartbeats. MAXMSGSIZE is left unset: this peer reads whatever the node sends.
     sock.setsockopt(zmq.LINGER, 200)
+    sock.setsockopt(zmq.SNDTIMEO, 10_000)  # a send never waits for ever (zmq.Again after it)
     sock.setsockopt(zmq.SNDHWM, 256)
     sock.setsockopt(zmq.RCVHWM, 256)
 
@@ -286,8 +287,8 @@ class ListenerPeer:
         self.hlc = Hlc()
         self.sock = ctx.socket(zmq.ROUTER)
         _socket_defaults(self.sock)
+        # 2.2: replies to a vanished connection fail loudly; no ROUTER_HANDOVER (2.1).
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.bind(endpoint)
         #: Section 6.2 step 3: sessions by connection (routing id), each with its token.
         self.sessions: dict[bytes, bytes] = {}
