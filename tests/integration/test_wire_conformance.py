@@ -47,7 +47,7 @@ def meshpost(*args: str) -> subprocess.CompletedProcess[str]:
 class Mesh:
     """One real node N whose config lists the independent peers by name and ipc endpoint."""
 
-    def __init__(self, root: Path, peers: list[str]) -> None:
+    def __init__(self, root: Path, peers: list[str], extra_args: tuple[str, ...] = ()) -> None:
         self.root = root
         self.endpoints = {name: f"ipc://{root}/{name}.sock" for name in ["N", *peers]}
         self.config = root / "mesh.toml"
@@ -55,11 +55,16 @@ class Mesh:
                           options={"max_message_bytes": MAX_MESSAGE_BYTES},
                           peers={"N": peers, **{p: ["N"] for p in peers}})
         self.data = root / "N"
-        self.node = NodeProcess("N", self.config, self.data, root / "N.log")
+        self.node = NodeProcess("N", self.config, self.data, root / "N.log", extra_args)
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
 
     def start(self) -> None:
-        self.node.start().wait_ready()
+        self.node.start()
+        try:
+            self.node.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self.node.stop()
@@ -297,11 +302,14 @@ def test_a_node_dials_an_independent_listener_and_records_its_answers(short_tmp:
 
         def receipt(rid: bytes, frame: wp.Frame, read_at: int) -> None:
             got.extend(frame["messages"])
-            said.update(peer.receipt(rid, frame, read_at, [e.seq for e in frame["messages"]],
-                                     stored_at_ns=wp.wall_ns()))
+            answer = peer.receipt(rid, frame, read_at, [e.seq for e in frame["messages"]],
+                                  stored_at_ns=wp.wall_ns())
+            if not said:  # the receipt that settles it; a resend's settles nothing more (7.3)
+                said.update(answer)
 
-        out, err = serve(peer, send_to_p(m, "hola P"), receipt)
-        assert "delivered to P" in out, (out, err)
+        sender = send_to_p(m, "hola P")
+        out, err = serve(peer, sender, receipt)
+        assert sender.returncode == 0 and "delivered to P" in out, (out, err)
         (env,) = {e.id: e for e in got}.values()  # a retransmission carries the same id
         assert (env.seq, env.sender, env.recipient, env.body) == (1, "N", "P", "hola P")
         assert re.fullmatch(r"[0-9a-f]{28}", env.id)  # 5.3
@@ -483,6 +491,26 @@ def test_rejections_as_section_8_2_defines_them(mesh: Mesh) -> None:
     assert set(rows) == {fits.id, max_id.id, good[1].id}
     assert rows[fits.id]["body"] == fits.body
     r.close()
+
+
+def test_a_node_in_an_exclusive_pair_refuses_any_other_peer(short_tmp: Path) -> None:
+    """6.2 check 3 (after the version, before the peer list): Refuse("exclusive")."""
+    m = Mesh(short_tmp, ["P", "Q"], extra_args=("--exclusive", "Q"))
+    m.start()
+    try:
+        p = m.dialer("P")
+        p.hello()
+        refuse = expect(p, "refuse")
+        assert refuse["code"] == "exclusive" and "'Q'" in refuse["detail"]
+        z = m.dialer("Z")  # not a peer at all: still exclusive, check 3 comes before 4
+        z.hello()
+        assert expect(z, "refuse")["code"] == "exclusive"
+        q = m.dialer("Q")
+        q.handshake(ANSWER_S)
+        for peer in (p, z, q):
+            peer.close()
+    finally:
+        m.stop()
 
 
 # -- sessions: the resume token (sections 4.1, 4.2, 10, 11) ----------------------------------
