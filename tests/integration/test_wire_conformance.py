@@ -545,8 +545,10 @@ def test_a_hello_with_a_sessions_token_continues_it_and_gets_its_answers(mesh: M
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "libzmq 4.3.5 aborts the process (Assertion failed: ok, socket_base.cpp:2113) when its "
     "ROUTER auto-generates a routing id (0x00 + a 32-bit counter) that a peer already chose "
-    "for its own connection; the node's ROUTER accepts peer-chosen routing ids, and the "
-    "counter starts at the same value (00 6b8b4567, glibc rand() unseeded) in every node"))
+    "for its own connection; the node's ROUTER accepts peer-chosen routing ids. The node "
+    "seeds the counter's start from the OS (transport/routing_ids.py, tested in "
+    "adversarial/test_routing_ids.py), so only a peer that learns it (this harness reads the "
+    "node's log) can aim at the next one: libzmq has no option to refuse peer-chosen ids"))
 def test_a_routing_id_a_peer_chooses_cannot_end_the_node(mesh: Mesh) -> None:
     """2.1: the routing id only labels a connection. A stranger that names its connection as
     the ROUTER's next generated id must not stop the node for everyone else."""
@@ -554,8 +556,8 @@ def test_a_routing_id_a_peer_chooses_cannot_end_the_node(mesh: Mesh) -> None:
     a.handshake(ANSWER_S)
     b = mesh.dialer("P", node_id=a.node_id)
     b.handshake(ANSWER_S)
-    # The harness reads b's generated id from the node's log (a peer needs no log: the first
-    # id is the same in every node process); the next one goes to the next connection.
+    # The harness reads b's generated id from the node's log (the node seeds the counter's
+    # start, so a peer cannot compute it); the next one goes to the next connection.
     log = mesh.root / "N.log"
     wait_until(lambda: "said Hello as P" in log.read_text(), ANSWER_S, "the second session")
     found = re.findall(r"connection ([0-9a-f]{10}) said Hello as P", log.read_text())
