@@ -212,7 +212,7 @@ def follow_broadcast(client: ControlClient, status: BroadcastStatus, args: argpa
         for member in status.delivered:
             if member not in shown:
                 shown.add(member)
-                say(f"✓ delivered to {clean(member)}: {format_broadcast(status)}")
+                say(f"✓ delivered to {clean(member)}: {format_broadcast(_as_of(status, shown))}")
         for member, why in status.rejected:
             if member not in shown:
                 shown.add(member)
@@ -229,6 +229,21 @@ def follow_broadcast(client: ControlClient, status: BroadcastStatus, args: argpa
                   "their copy, retried until they receipt", file=sys.stderr)
         return EXIT_TIMEOUT
     return EXIT_REJECTED if status.rejected else EXIT_OK
+
+
+def _as_of(status: BroadcastStatus, shown: set[str]) -> BroadcastStatus:
+    """`status` as it stood when the members in `shown` had answered: one poll may bring
+    several receipts, and each line counts those up to its own (not `5/5` on every line)."""
+    import msgspec
+
+    later = [m for m in status.delivered if m not in shown]
+    later += [m for m, _ in status.rejected if m not in shown]
+    return msgspec.structs.replace(
+        status,
+        delivered=tuple(m for m in status.delivered if m in shown),
+        pending=(*later, *status.pending),
+        rejected=tuple(r for r in status.rejected if r[0] in shown),
+    )
 
 
 def _report_result(r: Any, args: argparse.Namespace, clean: Callable[[str], str]) -> int:
@@ -279,10 +294,23 @@ def cmd_task(args: argparse.Namespace) -> int:
         print(task_id)
     # Standard output stays the ids alone (scripts read them); the person reads this line.
     print(f"meshpost task: {len(reply.task_ids)} task(s) queued on {args.queue!r} (ids above); "
-          f"each result goes to {args.sink}: `meshpost history --node {args.sink}`, "
-          f"progress: `meshpost queue status {args.queue} --node {args.node}`",
+          f"each result goes to {args.sink}: `meshpost history --node {args.sink}"
+          f"{_sink_data_option(args)}`, progress: `meshpost queue status {args.queue} "
+          f"--node {args.node}{f' --data {args.data}' if args.data else ''}`",
           file=sys.stderr)
     return EXIT_OK
+
+
+def _sink_data_option(args: argparse.Namespace) -> str:
+    """` --data DIR` for the sink in `task`'s hint when the ventilator's `--data` has the
+    sink's data dir beside it (a cluster's folder): without it the suggested `history`
+    command looked in the default folder and found no store there (exit 4)."""
+    from meshpost.store.connection import DB_FILENAME
+
+    if not args.data:
+        return ""
+    beside = Path(args.data).parent / args.sink
+    return f" --data {beside}" if (beside / DB_FILENAME).exists() else ""
 
 
 def add_send(sub: Subcommands) -> None:

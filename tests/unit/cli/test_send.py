@@ -97,3 +97,33 @@ def test_task_prints_the_ids_alone_on_stdout_and_says_where_results_go_on_stderr
     assert out.split() == ["t-1", "t-2"]  # scripts read the ids
     assert "2 task(s) queued on 'upper' (ids above); each result goes to S" in err
     assert "meshpost history --node S" in err and "meshpost queue status upper --node V" in err
+
+
+def test_task_hints_carry_data_folders_so_they_work_for_a_cluster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """README's seed 002 on a cluster: `task --node A --data CLUSTER/A --sink D`. The hint
+    said `meshpost history --node D` and `queue status upper --node A`, which look in the
+    default folders and exit 4; it names the folders now (D's is A's sibling there)."""
+    ventilator, sink = tmp_path / "A", tmp_path / "D"
+    ventilator.mkdir()
+    sink.mkdir()
+    (sink / "meshpost.db").touch()
+    with fake_node(ventilator, FAKE_VENTILATOR):
+        code = main(["task", "--node", "A", "--data", str(ventilator), "--queue", "upper",
+                     "--sink", "D", "hola", "mundo"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert f"`meshpost history --node D --data {sink}`" in err
+    assert f"`meshpost queue status upper --node A --data {ventilator}`" in err
+
+
+def test_task_hint_names_no_sink_folder_it_cannot_see(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    with fake_node(tmp_path, FAKE_VENTILATOR):
+        code = main(["task", "--node", "A", "--data", str(tmp_path), "--queue", "upper",
+                     "--sink", "D", "hola"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "`meshpost history --node D`" in err
