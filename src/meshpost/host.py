@@ -404,7 +404,7 @@ def load_keys(configs: Iterable[NodeConfig]) -> dict[str, tuple[tuple[bytes, byt
     """Each secure node's CURVE key pair and authorized peer keys, from its data dir."""
     from meshpost import keys
 
-    return {c.name: (keys.load_own(c.data_dir), keys.load_authorized(c.data_dir))
+    return {c.name: (keys.load_own(c.data_dir, name=c.name), keys.load_authorized(c.data_dir))
             for c in configs if c.secure}
 
 

@@ -40,14 +40,18 @@ def generate(data_dir: Path, *, overwrite: bool = False) -> bytes:
     return public
 
 
-def load_public(data_dir: Path) -> bytes:
-    """The node's public key (Z85), read again from its key file (nothing is replaced)."""
+def _no_key(folder: Path, data_dir: Path, name: str) -> ConfigError:
+    # The command to run as it is: `--node NAME` alone said neither the name nor the folder.
+    return ConfigError(f"no CURVE key in {folder}; create one with "
+                       f"`meshpost keys generate --node {name} --data {data_dir}`")
+
+
+def load_public(data_dir: Path, *, name: str = "NAME") -> bytes:
+    """The node's public key (Z85), read again from its key file (nothing is replaced);
+    `name`, the node's, is for the error that says how to make one."""
     public_file, _ = key_paths(data_dir)
     if not public_file.exists():
-        raise ConfigError(
-            f"no CURVE key in {public_file.parent}; create one with "
-            "`meshpost keys generate --node NAME`"
-        )
+        raise _no_key(public_file.parent, data_dir, name)
     public, _ = zmq.auth.load_certificate(public_file)
     return public
 
@@ -57,13 +61,11 @@ def authorized_line(name: str, public: bytes) -> str:
     return f"{name} {public.decode('ascii')}"
 
 
-def load_own(data_dir: Path) -> tuple[bytes, bytes]:
-    """(secret, public) key of the node in `data_dir`."""
+def load_own(data_dir: Path, *, name: str = "NAME") -> tuple[bytes, bytes]:
+    """(secret, public) key of the node `name` in `data_dir`."""
     _, secret_file = key_paths(data_dir)
     if not secret_file.exists():
-        raise ConfigError(
-            f"no CURVE key in {secret_file.parent}; run `meshpost keys generate --node NAME`"
-        )
+        raise _no_key(secret_file.parent, data_dir, name)
     public, secret = zmq.auth.load_certificate(secret_file)
     if secret is None:
         raise ConfigError(f"{secret_file} holds no secret key")
@@ -76,7 +78,9 @@ def load_authorized(data_dir: Path) -> dict[str, bytes]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"secure mode needs {path} listing each peer's public key") from None
+        raise ConfigError(f"secure mode needs {path} listing each peer's public key: one "
+                          "line each, as `meshpost keys show --node PEER` prints it where that "
+                          "peer keeps its data") from None
     keys: dict[str, bytes] = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()  # Z85 keys may contain '#': only whole-line comments

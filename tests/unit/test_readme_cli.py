@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from meshpost.cli import EXIT_CODE_MEANINGS, build_parser
 from meshpost.config import MeshConfig
 
@@ -72,3 +74,25 @@ def test_the_history_json_schema_lists_every_field_history_prints() -> None:
     for first_cell in re.findall(r"^\| (`[^|]+`) \|", section, re.M):
         documented += re.findall(r"`(\w+)`", first_cell)
     assert sorted(documented) == sorted(HISTORY_FIELDS)
+
+
+def test_every_node_command_in_the_readme_gets_past_its_configuration_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A newcomer runs README's lines as written. The LAN example bound `tcp://0.0.0.0:7000`
+    with neither --secure nor --insecure, which the node refuses (exit 2) before it starts;
+    each `meshpost node` line builds its configuration here (`--config mesh.toml`: README's
+    TOML example)."""
+    from meshpost.cli.node import build_node_config
+
+    (block,) = re.findall(r"```toml\n(.*?)```", readme(), re.S)
+    (tmp_path / "mesh.toml").write_text(block, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    parser = build_parser()
+    blocks = re.findall(r"```sh\n(.*?)```", readme(), re.S)
+    lines = [line.split("#", 1)[0].strip() for block in blocks for line in block.splitlines()]
+    commands = [line for line in lines if line.startswith("meshpost node ")]
+    assert len(commands) >= 5
+    for command in commands:
+        build_node_config(parser.parse_args(command.split()[1:]))

@@ -19,7 +19,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     folder = data_dir(args)
     if args.action == "show":
-        public = keys.load_public(folder)
+        public = keys.load_public(folder, name=args.node)
     else:
         public = keys.generate(folder, overwrite=args.force)
     public_file, secret_file = keys.key_paths(folder)

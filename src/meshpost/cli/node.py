@@ -94,7 +94,7 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool,
     if cfg.secure:
         from meshpost import keys
 
-        curve_keys = keys.load_own(cfg.data_dir)
+        curve_keys = keys.load_own(cfg.data_dir, name=cfg.name)
         peer_keys = keys.load_authorized(cfg.data_dir)
     node = Node(cfg, crash_at=crash_at, curve_keys=curve_keys, peer_public_keys=peer_keys)
     async with (

@@ -310,6 +310,16 @@ class Node:
                     f"node {cfg.name!r} is secure but has no CURVE keys; run "
                     "`meshpost keys generate` and list peers in authorized_keys"
                 )
+            if cfg.secure and (keyless := [p.name for p in cfg.peers
+                                           if p.name not in (self._peer_public_keys or {})]):
+                # Checked here, not when a link first dials (which, for a lazy link, is at
+                # its first message): that raised a TransportError, exit 1 as if a bug.
+                raise ConfigError(
+                    f"node {cfg.name!r} is secure but has no public key for peer(s) "
+                    f"{', '.join(keyless)}: add each one's line (`meshpost keys show --node "
+                    f"NAME`, run where that node keeps its data) to authorized_keys in "
+                    f"{cfg.data_dir}"
+                )
             secret, public = self._curve_keys if cfg.secure and self._curve_keys else (None, None)
             self._transport = self._given_transport or ZmqTransport(
                 name=cfg.name,
