@@ -112,6 +112,23 @@ def data_dir(args: argparse.Namespace) -> Path:
     return Path(args.data) if args.data else default_data_dir(args.node)
 
 
+def cluster_data_hint(args: argparse.Namespace) -> str:
+    """After "not running" or "no store" for `--node NAME` without `--data`: the `--data` to
+    add when the default cluster folder has a node of that name ('' when it has none).
+    README's cluster commands all carry `--data`; one typed without it looked in the node's
+    own default folder, found nothing, and said only "start it with `meshpost node`"."""
+    node = getattr(args, "node", None)
+    if not isinstance(node, str) or getattr(args, "data", None):
+        return ""
+    from meshpost.cluster import default_cluster_root
+    from meshpost.store.connection import DB_FILENAME
+
+    folder = default_cluster_root() / node
+    if not (folder / DB_FILENAME).exists():
+        return ""
+    return f"the cluster's node {node} keeps its data in {folder}: add `--data {folder}`"
+
+
 class EmptyCommandText(InvalidMessage):
     def __init__(self) -> None:
         super().__init__("the message text is empty; give it after the options, e.g. "

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from meshpost.cli.common import cluster_data_hint
 from meshpost.cli.parser import build_parser
 from meshpost.errors import (
     EXIT_ADDRESS_IN_USE,
@@ -44,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
     except MeshpostError as exc:
         print(f"meshpost {args.command}: {exc}", file=sys.stderr)
+        if exc.exit_code == EXIT_NOT_RUNNING and (hint := cluster_data_hint(args)):
+            print(f"meshpost {args.command}: {hint}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
