@@ -49,7 +49,8 @@ def add_bench(sub: Subcommands) -> None:
     p.add_argument("--backlog-messages", type=at_least(1), default=1_000_000)
     p.add_argument("--tasks", type=at_least(1), default=DEFAULT_TASKS,
                    help="tasks of work-queue (and of its raw PUSH/PULL pipeline)")
-    p.add_argument("--sync", choices=["full", "normal"], default="full")
+    p.add_argument("--sync", choices=["full", "normal"], default="full",
+                   help="SQLite synchronous level of every node (default full)")
     p.add_argument("--transport", choices=["tcp", "ipc"], default="tcp")
     p.add_argument("--json", metavar="FILE", help="JSON results (default: OUT/latest.json)")
     p.add_argument("--plot", metavar="DIR", help="PNG plots (default: OUT)")

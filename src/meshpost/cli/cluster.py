@@ -13,11 +13,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshpost.cli.common import add_loop_option, at_least
+from meshpost.cli.common import SYNC_HELP, add_loop_option, at_least
 from meshpost.errors import EXIT_NOT_RUNNING, EXIT_OK, ClusterNotRunning, MeshpostError
 
 #: `cluster up` prints the commands for every node up to this many, for the first few beyond.
 LISTED_NODES = 26
+
+#: What `--data` is to every `cluster` command: the one folder of config, state, logs and data.
+CLUSTER_DATA_HELP = "folder of the cluster (default: the user data dir's meshpost/cluster)"
 
 if TYPE_CHECKING:
     from meshpost.cli.common import Subcommands
@@ -190,9 +193,8 @@ def add_cluster(sub: Subcommands) -> None:
     up.add_argument("count", type=at_least(1))
     up.add_argument("--base-port", type=int)
     up.add_argument("--transport", choices=["tcp", "ipc"], default="tcp")
-    up.add_argument("--data", help="folder for the cluster (default: the user data dir's "
-                    "meshpost/cluster, apart from nodes started by hand)")
-    up.add_argument("--sync", choices=["full", "normal"])
+    up.add_argument("--data", help=CLUSTER_DATA_HELP + ", apart from nodes started by hand")
+    up.add_argument("--sync", choices=["full", "normal"], help=SYNC_HELP)
     up.add_argument("--secure", action="store_true")
     up.add_argument("--replace", action="store_true",
                     help="stop a cluster already running in that folder first")
@@ -219,13 +221,13 @@ def add_cluster(sub: Subcommands) -> None:
                     metavar="udp://HOST:PORT[@NODES]",
                     help="a plain UDP text gateway on NODES, as --text-listen")
     down = csub.add_parser("down", help="stop the cluster's nodes")
-    down.add_argument("--data")
+    down.add_argument("--data", help=CLUSTER_DATA_HELP)
     status = csub.add_parser("status", help="each node: ready, not answering or stopped "
                              "(exit 4 unless all are ready)")
-    status.add_argument("--data")
+    status.add_argument("--data", help=CLUSTER_DATA_HELP)
     restart = csub.add_parser("restart", help="stop one node if it runs, start it again")
     restart.add_argument("name")
-    restart.add_argument("--data")
+    restart.add_argument("--data", help=CLUSTER_DATA_HELP)
     p.set_defaults(func=cmd_cluster)
 
 
@@ -240,7 +242,7 @@ def add_host(sub: Subcommands) -> None:
                    help="which nodes: A,B,C or a range n001..n050 of the file's order")
     p.add_argument("--folder", help="folder for the host's endpoint (`cluster` uses it for "
                    "status and restart); none by default")
-    p.add_argument("--sync", choices=["full", "normal"], help="SQLite synchronous level")
+    p.add_argument("--sync", choices=["full", "normal"], help=SYNC_HELP)
     p.add_argument("--secure", action="store_true", help="CURVE encryption + authentication")
     add_loop_option(p, "the host process")
     p.add_argument("--log-level", default="info")

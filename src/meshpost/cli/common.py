@@ -20,6 +20,14 @@ if TYPE_CHECKING:
     #: What `add_parser` is called on: each command module adds its own subcommands.
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
+#: `--node NAME` and `--data DIR` of every command that works on one node, said the same way.
+NODE_HELP = "the node's name"
+DATA_HELP = ("the node's data dir, if not its default per-name folder (a `cluster up` "
+             "node's: the cluster folder's NAME, as `cluster up` prints)")
+
+SYNC_HELP = ("SQLite synchronous level (default full: a receipted message survives power "
+             "loss; normal: a process crash only)")
+
 #: Upper bound of `send --timeout` (a day): larger values are a typo, not a wish.
 MAX_TIMEOUT_S = 86_400.0
 

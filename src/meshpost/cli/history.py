@@ -10,7 +10,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from meshpost.cli.common import data_dir
+from meshpost.cli.common import DATA_HELP, NODE_HELP, data_dir
 from meshpost.errors import EXIT_OK, ConfigError
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 def add_history(sub: Subcommands) -> None:
     """`meshpost history --node A [--peer B | --group G] [--json|--csv]`."""
     p = sub.add_parser("history", help="messages stored by a node (works while it runs)")
-    p.add_argument("--node", required=True)
+    p.add_argument("--node", required=True, help=NODE_HELP)
     p.add_argument("--peer")
     p.add_argument("--group", help="only messages to group G (ours once each, with k/n)")
     p.add_argument("--ask", action="store_true",
@@ -183,7 +183,7 @@ def add_history(sub: Subcommands) -> None:
                         "last N messages to G (also those from before it joined)")
     p.add_argument("--wait", type=float, default=ASK_WAIT_S, metavar="S",
                    help=f"--ask: wait S seconds for the members' replies (default {ASK_WAIT_S:g})")
-    p.add_argument("--data")
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("-n", type=int, default=None, help="only the last N messages")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
@@ -196,8 +196,8 @@ def add_history(sub: Subcommands) -> None:
 def add_tail(sub: Subcommands) -> None:
     """`meshpost tail --node A [--from B] [--count N] [--until TEXT]`."""
     p = sub.add_parser("tail", help="print a running node's incoming messages as they arrive")
-    p.add_argument("--node", required=True)
-    p.add_argument("--data")
+    p.add_argument("--node", required=True, help=NODE_HELP)
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--from", dest="sender", metavar="PEER", help="only messages from PEER")
     p.add_argument("--count", "-C", type=int, metavar="N", help="exit 0 after N messages")
     p.add_argument("--until", metavar="TEXT",

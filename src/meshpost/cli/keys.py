@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from meshpost.cli.common import data_dir, name_argument
+from meshpost.cli.common import DATA_HELP, NODE_HELP, data_dir, name_argument
 from meshpost.errors import EXIT_OK
 
 if TYPE_CHECKING:
@@ -38,10 +38,10 @@ def add_keys(sub: Subcommands) -> None:
     p = sub.add_parser("keys", help="CURVE keys for --secure")
     ksub = p.add_subparsers(dest="action", required=True)
     gen = ksub.add_parser("generate", help="create this node's key pair in its data dir")
-    gen.add_argument("--node", required=True, type=name_argument("node"))
-    gen.add_argument("--data")
+    gen.add_argument("--node", required=True, type=name_argument("node"), help=NODE_HELP)
+    gen.add_argument("--data", help=DATA_HELP)
     gen.add_argument("--force", action="store_true", help="replace an existing key pair")
     show = ksub.add_parser("show", help="print this node's authorized_keys line again")
-    show.add_argument("--node", required=True, type=name_argument("node"))
-    show.add_argument("--data")
+    show.add_argument("--node", required=True, type=name_argument("node"), help=NODE_HELP)
+    show.add_argument("--data", help=DATA_HELP)
     p.set_defaults(func=cmd_keys)

@@ -13,7 +13,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshpost.cli.common import add_loop_option, data_dir, name_argument, setup_logging
+from meshpost.cli.common import (
+    DATA_HELP,
+    NODE_HELP,
+    SYNC_HELP,
+    add_loop_option,
+    data_dir,
+    name_argument,
+    setup_logging,
+)
 from meshpost.config import (
     MeshConfig,
     NodeConfig,
@@ -217,8 +225,8 @@ def add_stop(sub: Subcommands) -> None:
     """`meshpost stop --node NAME`."""
     p = sub.add_parser("stop", help="stop a running `meshpost node` (as Ctrl-C would): it "
                                     "commits what is pending and exits")
-    p.add_argument("--node", required=True)
-    p.add_argument("--data")
+    p.add_argument("--node", required=True, help=NODE_HELP)
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--timeout", type=float, default=STOP_WAIT_S, metavar="S",
                    help=f"seconds to wait for it to exit (default {STOP_WAIT_S:g}; exit 3 "
                         "if it is still running then)")
@@ -228,14 +236,16 @@ def add_stop(sub: Subcommands) -> None:
 def add_node(sub: Subcommands) -> None:
     """`meshpost node NAME ...`."""
     p = sub.add_parser("node", help="run one node (console on a terminal, headless otherwise)")
-    p.add_argument("name")
+    p.add_argument("name", help="this node's name: 1-63 ASCII letters, digits, '_', '.', '-'")
     p.add_argument("--bind", action="append", default=[], help="endpoint to listen on (repeat)")
     p.add_argument("--peer", action="append", default=[], help="NAME=ENDPOINT (repeat)")
     p.add_argument("--group", action="append", default=[], help="GROUP=A,B,C (repeat)")
     p.add_argument("--config", help="TOML mesh config listing every node")
     p.add_argument("--data", help="data directory (default: per-name user data dir)")
-    p.add_argument("--sync", choices=["full", "normal"], help="SQLite synchronous level")
-    p.add_argument("--max-message-bytes", type=int)
+    p.add_argument("--sync", choices=["full", "normal"], help=SYNC_HELP)
+    p.add_argument("--max-message-bytes", type=int,
+                   help="largest message accepted, in bytes (default 65536); give every node "
+                        "of the mesh the same")
     p.add_argument("--link-idle-s", type=float, metavar="S",
                    help="close a link with nothing to send after S seconds (default 60; "
                         "0: never); it reopens on the next message")
@@ -281,6 +291,6 @@ def add_attach(sub: Subcommands) -> None:
     p = sub.add_parser("attach", help="console for a running (e.g. headless) node; with "
                                       "standard input not a terminal, runs its commands "
                                       "(one a line) and prints plainly")
-    p.add_argument("--node", required=True)
-    p.add_argument("--data")
+    p.add_argument("--node", required=True, help=NODE_HELP)
+    p.add_argument("--data", help=DATA_HELP)
     p.set_defaults(func=cmd_attach)

@@ -10,7 +10,14 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from meshpost.cli.common import data_dir, name_argument, struct_dict, timeout_seconds
+from meshpost.cli.common import (
+    DATA_HELP,
+    NODE_HELP,
+    data_dir,
+    name_argument,
+    struct_dict,
+    timeout_seconds,
+)
 from meshpost.errors import EXIT_OK
 
 if TYPE_CHECKING:
@@ -52,8 +59,8 @@ def add_queue(sub: Subcommands) -> None:
                                             "waiting, in flight, leased, done, redelivered")
     status.add_argument("queue", nargs="?", type=name_argument("queue"),
                         help="only this queue (default: every one known)")
-    status.add_argument("--node", required=True)
-    status.add_argument("--data")
+    status.add_argument("--node", required=True, help=NODE_HELP)
+    status.add_argument("--data", help=DATA_HELP)
     status.add_argument("--json", action="store_true", help="one JSON array of QueueStatus")
     status.set_defaults(func=cmd_queue_status)
 
@@ -66,8 +73,8 @@ def add_broadcast(sub: Subcommands) -> None:
     status = bsub.add_parser("status", help="delivered k/n of broadcast ID (the id `send "
                                             "--to all|G` printed), waiting for the pending")
     status.add_argument("id")
-    status.add_argument("--node", required=True)
-    status.add_argument("--data")
+    status.add_argument("--node", required=True, help=NODE_HELP)
+    status.add_argument("--data", help=DATA_HELP)
     status.add_argument("--timeout", type=timeout_seconds, default=0.0,
                         help="wait up to S seconds for the pending members (default: none)")
     status.add_argument("-q", "--quiet", action="store_true")

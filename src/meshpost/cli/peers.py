@@ -9,7 +9,7 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from meshpost.cli.common import data_dir, name_argument, struct_dict
+from meshpost.cli.common import DATA_HELP, NODE_HELP, data_dir, name_argument, struct_dict
 from meshpost.errors import EXIT_OK
 
 if TYPE_CHECKING:
@@ -87,8 +87,8 @@ def cmd_group(args: argparse.Namespace) -> int:
 def add_peers(sub: Subcommands) -> None:
     """`meshpost peers --node A`."""
     p = sub.add_parser("peers", help="peers of a running node: connected, RTT, clock offset")
-    p.add_argument("--node", required=True)
-    p.add_argument("--data")
+    p.add_argument("--node", required=True, help=NODE_HELP)
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--json", action="store_true")
     p.add_argument("--probe", nargs="*", metavar="PEER",
                    help="ask each peer (or the PEERs named) for a sign of life now, idle "
@@ -103,6 +103,6 @@ def add_group(sub: Subcommands) -> None:
     p = sub.add_parser("group", help="join or leave a group at run time, or list its members")
     p.add_argument("action", choices=["join", "leave", "members"])
     p.add_argument("group", type=name_argument("group"))
-    p.add_argument("--node", required=True)
-    p.add_argument("--data")
+    p.add_argument("--node", required=True, help=NODE_HELP)
+    p.add_argument("--data", help=DATA_HELP)
     p.set_defaults(func=cmd_group)

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshpost.cli.common import (
+    DATA_HELP,
+    NODE_HELP,
     EmptyCommandText,
     data_dir,
     lease_seconds,
@@ -316,11 +318,12 @@ def _sink_data_option(args: argparse.Namespace) -> str:
 def add_send(sub: Subcommands) -> None:
     """`meshpost send --node A --to B TEXT`."""
     p = sub.add_parser("send", help="send through a running node and wait for the receipt")
-    p.add_argument("--node", required=True)
+    p.add_argument("--node", required=True, help=NODE_HELP)
     p.add_argument("--to", required=True, help="peer name, group name, or 'all'")
-    p.add_argument("--data")
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--timeout", type=timeout_seconds, default=10.0,
-                   help="seconds to wait for each receipt (0 to not wait; at most a day)")
+                   help="seconds to wait for each receipt (default 10; 0 to not wait; at "
+                        "most a day)")
     p.add_argument("-l", "--lines", action="store_true",
                    help="one message per line of the input, streamed through one connection")
     p.add_argument("-f", "--file", help="read the text from FILE ('-': standard input)")
@@ -337,12 +340,12 @@ def add_request(sub: Subcommands) -> None:
     """`meshpost request --node A --to B TEXT`."""
     p = sub.add_parser("request", help="send a request through a running node and print "
                                        "the peer's reply")
-    p.add_argument("--node", required=True)
+    p.add_argument("--node", required=True, help=NODE_HELP)
     p.add_argument("--to", required=True, help="the peer that answers")
-    p.add_argument("--data")
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--timeout", type=timeout_seconds, default=10.0,
-                   help="seconds to wait for the reply (exit 3 saying whether the peer had "
-                        "the request)")
+                   help="seconds to wait for the reply (default 10; exit 3 saying whether "
+                        "the peer had the request)")
     p.add_argument("--json", action="store_true", help="the reply as one JSON object")
     p.add_argument("text", nargs="+", help="the request")
     p.set_defaults(func=cmd_request)
@@ -352,12 +355,13 @@ def add_task(sub: Subcommands) -> None:
     """`meshpost task --node A --queue Q --sink S TEXT...`."""
     p = sub.add_parser("task", help="queue tasks on a work queue through a running node "
                                     "(the ventilator)")
-    p.add_argument("--node", required=True)
-    p.add_argument("--queue", required=True)
+    p.add_argument("--node", required=True, help=NODE_HELP)
+    p.add_argument("--queue", required=True, help="the work queue (its workers serve it: "
+                                                   "`meshpost node W --worker QUEUE=HANDLER`)")
     p.add_argument("--sink", required=True, help="the node that keeps each task's result")
     p.add_argument("--lease", type=lease_seconds, default=30.0, metavar="S",
                    help="seconds a worker has per task before it is redelivered (above 0, "
                         "at most a day; default 30)")
-    p.add_argument("--data")
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("text", nargs="+", help="one task per argument")
     p.set_defaults(func=cmd_task)

@@ -3,6 +3,7 @@ what it takes) before any node is asked: no traceback, no internal error, no odd
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,33 @@ def test_an_unknown_bench_scenario_is_a_usage_error_listing_the_scenarios(
     assert "unknown scenario 'nosuch'; choose from ceiling, pair-throughput" in (
         capsys.readouterr().err)
     assert build_parser().parse_args(["bench", "pair-latency"]).scenarios == ["pair-latency"]
+
+
+def _all_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every (sub)command's parser, named as it is typed (`queue status`)."""
+    found: list[tuple[str, argparse.ArgumentParser]] = []
+
+    def walk(prefix: str, parser: argparse.ArgumentParser) -> None:
+        found.append((prefix, parser))
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(f"{prefix} {name}".strip(), child)
+
+    walk("", build_parser())
+    return found
+
+
+def test_every_option_a_newcomer_types_says_what_it_is_in_help() -> None:
+    """`meshpost send --help` showed `--node NODE` and `--data DATA` with no word on them,
+    `meshpost node --help` its name, --sync and --max-message-bytes bare: nothing said what
+    --data is for or what the defaults are."""
+    bare = []
+    for command, parser in _all_parsers():
+        for action in parser._actions:
+            names = action.option_strings or [action.dest]
+            asked = {"--node", "--data", "--sync", "--max-message-bytes"} & set(names) or (
+                command == "node" and action.dest == "name")
+            if asked and not action.help:
+                bare.append(f"{command} {names[0]}")
+    assert bare == []
