@@ -69,6 +69,7 @@ def test_second_up_is_refused_status_restart_and_down(short_tmp: Path) -> None:
         status = meshpost("cluster", "status", "--data", root, env={"COLUMNS": "200"})
         assert status.returncode == 4
         assert "not ready: B" in status.stderr
+        assert f"`meshpost cluster restart B --data {root}`" in status.stderr  # as it is typed
 
         restart = meshpost("cluster", "restart", "B", "--data", root)
         assert restart.returncode == 0, restart.stderr

@@ -179,7 +179,8 @@ def _cluster_status(root: Path) -> int:
     down = [n.name for n in nodes if n.state != "ready"]
     if down:
         print(f"not ready: {', '.join(down)} (bring one back with `meshpost cluster restart "
-              f"NAME --data {shlex.quote(str(root))}`)", file=sys.stderr)
+              f"{down[0] if len(down) == 1 else 'NAME'} --data {shlex.quote(str(root))}`)",
+              file=sys.stderr)
         return EXIT_NOT_RUNNING
     return EXIT_OK
 
