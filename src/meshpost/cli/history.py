@@ -176,7 +176,7 @@ def add_history(sub: Subcommands) -> None:
     """`meshpost history --node A [--peer B | --group G] [--json|--csv]`."""
     p = sub.add_parser("history", help="messages stored by a node (works while it runs)")
     p.add_argument("--node", required=True, help=NODE_HELP)
-    p.add_argument("--peer")
+    p.add_argument("--peer", help="only the messages to or from PEER")
     p.add_argument("--group", help="only messages to group G (ours once each, with k/n)")
     p.add_argument("--ask", action="store_true",
                    help="with --group G: the running node asks each member of G for its own "

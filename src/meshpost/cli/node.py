@@ -62,6 +62,13 @@ def build_node_config(args: argparse.Namespace) -> NodeConfig:
         overrides["exclusive"] = args.exclusive
     folder = Path(args.data) if args.data else None
     if args.config:
+        if given := [flag for flag, values in (("--peer", args.peer), ("--group", args.group))
+                     if values]:
+            # They used to be dropped without a word: the node ran without the peer asked for.
+            raise ConfigError(
+                f"{' and '.join(given)} cannot be combined with --config (the file says who the "
+                f"nodes and groups are): add them to {args.config} (a [nodes.NAME] table for "
+                "each node, [groups]), or run with --bind and --peer and no --config")
         mesh = MeshConfig.load(Path(args.config))
         cfg = mesh.node(args.name, data_dir=folder, **overrides)
         if args.bind:
