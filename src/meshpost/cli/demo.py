@@ -10,6 +10,12 @@ from typing import TYPE_CHECKING
 
 from meshpost.cli.common import add_loop_option, at_least, setup_logging
 
+#: Fewest tasks of `pipeline demo`: W1 is killed once a third of the results are in, and
+#: with 5 tasks the two workers had finished them all before the demo looked, so the run
+#: said "W1 was not killed mid-run ... FAILED" and exited 1. With 30, twenty are left then:
+#: two seconds of W2's work at the demo's 0.1 s a task, twenty of its 0.1 s polls.
+PIPELINE_MIN_TASKS = 30
+
 if TYPE_CHECKING:
     from meshpost.cli.common import Subcommands
 
@@ -38,7 +44,9 @@ def add_pipeline(sub: Subcommands) -> None:
     psub = p.add_subparsers(dest="pipeline_command", required=True)
     demo = psub.add_parser("demo", help="run it with a worker killed mid-run; exit 0 only "
                                         "if every result arrived once")
-    demo.add_argument("--tasks", type=at_least(1), default=200)
+    demo.add_argument("--tasks", type=at_least(PIPELINE_MIN_TASKS), default=200,
+                      help=f"tasks to queue (default 200, at least {PIPELINE_MIN_TASKS}: "
+                           "enough left when W1 is killed, after a third of the results)")
     demo.add_argument("--keep", action="store_true", help="keep the data directories")
     demo.set_defaults(func=cmd_pipeline)
 

@@ -113,3 +113,15 @@ def test_every_option_a_newcomer_types_says_what_it_is_in_help() -> None:
             if asked and not action.help:
                 bare.append(f"{command} {names[0]}")
     assert bare == []
+
+
+@pytest.mark.parametrize("tasks", ["1", "5", "29"])
+def test_a_pipeline_demo_too_short_to_kill_a_worker_mid_run_is_a_usage_error(
+    tasks: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`pipeline demo --tasks 5` was taken, finished before W1 could be killed and exited 1
+    ("W1 was not killed mid-run ... FAILED"), which says "a bug"."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["pipeline", "demo", "--tasks", tasks])
+    assert exited.value.code == 2
+    assert "argument --tasks" in capsys.readouterr().err
