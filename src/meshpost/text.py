@@ -96,13 +96,18 @@ def _indent(body: str) -> str:
 def format_incoming(message: Envelope | StoredMessage, *,
                     tz: datetime.tzinfo | None = None) -> str:
     """`[HH:MM:SS.mmm sender-clock] A → me: text`; the whole text, since it is the message.
-    A copy of a message to a group or to all says so: `A → team`, `A → all`."""
+    A copy of a message to a group or to all says so: `A → team`, `A → all`; a pattern
+    message says its kind first, as the history table does: `B → me: (reply) pong`."""
     stamp = format_clock(message.sent_at_ns, tz=tz)
     header = getattr(message, "header", None)
+    kind = header.kind if header is not None else getattr(message, "kind", None)
     to = "me"
     if header is not None and header.kind == "group":
         to = clean(header.queue) if header.queue else "all"
-    return f"[{stamp} sender-clock] {clean(message.sender)} → {to}: {_indent(message.body)}"
+    # A `serve`, a `done` or a reply is not text someone typed to this node: it says what it is.
+    label = f"({clean(str(kind))}) " if kind is not None and kind != "group" else ""
+    return (f"[{stamp} sender-clock] {clean(message.sender)} → {to}: "
+            f"{label}{_indent(message.body)}")
 
 
 def format_fetched_history(history: GroupHistory, *,

@@ -941,3 +941,63 @@ def test_a_script_runs_each_line_prints_plainly_and_waits_for_the_receipts(
     receipts = [line for line in printed if line.startswith("✓ delivered to B at ")]
     assert len(receipts) == 2, printed
     assert printed.index("A> @B hi") < printed.index(receipts[0])
+
+
+def test_format_incoming_says_what_a_pattern_message_is() -> None:
+    """A reply, a worker's `serve` or a task's `done` is not text someone typed to this node
+    (the console and `meshpost tail` showed `B → me: pong` for a reply)."""
+    reply = msgspec.structs.replace(envelope("pong"), header=PatternHeader(Kind.REPLY, "r1"))
+    assert format_incoming(reply, tz=UTC).endswith("] B → me: (reply) pong")
+    serve = dataclasses.replace(stored_row("serve"), kind="serve")
+    assert format_incoming(serve, tz=UTC).endswith("] B → me: (serve) serve")
+    assert format_incoming(stored_row("hola"), tz=UTC).endswith("] B → me: hola")
+
+
+def stored_row(body: str) -> StoredMessage:
+    return StoredMessage(id="m1", direction="in", peer="B", sender="B", recipient="A", seq=1,
+                         body=body, sent_at_ns=T0, hlc=1, state="received", stored_at_ns=T0,
+                         receipt_stored_at_ns=None, receipt_received_at_ns=None,
+                         receipt_arrived_at_ns=None, receipt_sync=None, receipt_hlc=None,
+                         reject_reason=None)
+
+
+def test_a_members_history_request_is_said_as_such_not_as_its_json(node: FakeNode) -> None:
+    """B's `/history team --ask` reached A's console as `B → me: {"limit":20,...}`."""
+    asked = msgspec.structs.replace(envelope('{"limit":20,"before_hlc":0}'),
+                                    header=PatternHeader(Kind.REQUEST, queue="team"))
+
+    async def scenario(d: Driver) -> None:
+        await d.printed("/help for commands")
+        node.publish(MessageReceived(asked, T0 + MS))
+        assert await d.printed("asked for") == "… B asked for this node's messages to team"
+        d.type("/quit\n")
+
+    d = drive(node, scenario)
+    assert not any("limit" in line for line in d.lines)
+
+
+def test_history_ask_replies_are_not_printed_as_messages_and_a_late_one_is_announced(
+    node: FakeNode,
+) -> None:
+    """The members' answers to `/history team --ask` printed as `B → me: []` beside the
+    fetch's own lines; a member that answers after the wait is said to have answered late."""
+    node.groups["team"] = ["A", "B", "C"]
+
+    def reply(sender: str, body: str) -> MessageReceived:
+        message = msgspec.structs.replace(envelope(body, sender=sender),
+                                          header=PatternHeader(Kind.REPLY, f"q-{sender}"))
+        return MessageReceived(message, T0 + MS)
+
+    async def scenario(d: Driver) -> None:
+        d.type("/history team --ask\n")
+        await d.printed("no answer from C: not-delivered")
+        node.publish(reply("B", "[]"))  # B's answer, which the fetch has shown
+        node.publish(reply("C", '[["l9",1,1,"late news"]]'))  # C's, after the wait
+        assert await d.printed("C answered") == ("… C answered `/history team --ask` late; ask "
+                                           "again to see its messages")
+        node.publish(reply("B", "pong"))  # a reply to anything else is shown as one
+        await d.printed(r"B → me: \(reply\) pong")
+        d.type("/quit\n")
+
+    d = drive(node, scenario)
+    assert not any("→ me: (reply) [" in line or "late news" in line for line in d.lines)

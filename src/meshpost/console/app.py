@@ -63,8 +63,15 @@ from meshpost.node import (
     Receipt,
     wait_receipt,
 )
+from meshpost.protocol import Envelope
 from meshpost.protocol.groups import BroadcastStatus
-from meshpost.protocol.history import MAX_HISTORY_ITEMS
+from meshpost.protocol.history import (
+    MAX_HISTORY_ITEMS,
+    HistoryRefused,
+    HistoryReplyInvalid,
+    decode_reply,
+    history_group,
+)
 from meshpost.protocol.workqueue import QueueStatus
 from meshpost.store import StoredMessage, StoreReader
 from meshpost.text import (
@@ -252,6 +259,11 @@ class _Console:
         self.stopped_shown = False
         #: Table width when there is no terminal to ask (`run_script`); None: ask it.
         self.fixed_width: int | None = None
+        #: Members that `/history G --ask` asked and whose reply has not arrived (member ->
+        #: G): that reply is the fetch's to show, not a message to print as its raw JSON.
+        self.history_asked: dict[str, str] = {}
+        #: Of those, the ones that had not answered when the fetch stopped waiting.
+        self.history_late: set[str] = set()
 
     def fail(self, exc: BaseException) -> None:
         """Print a failure nobody typed a command for; that the node stopped is said once,
@@ -320,6 +332,40 @@ class _Console:
         self.peer_lines[event.peer] = shown
         self.print(shown)
 
+    def show_message(self, message: Envelope) -> None:
+        """An arrival: a peer's message, or a record of the node's own protocols said as what
+        it means (a membership change, a member asking for this node's group messages, the
+        answer to our `/history G --ask`), never as its raw body."""
+        header, sender = message.header, clean(message.sender)
+        if header is not None and header.kind == "member":
+            went = "joined" if message.body == "join" else "left"
+            self.print(f"● {sender} {went} {clean(header.queue)}")
+        elif (group := history_group(header)) is not None:
+            # The node answers it itself (docs/patterns.md 4); its body is a query in JSON.
+            self.print(f"… {sender} asked for this node's messages to {clean(group)}")
+        elif header is not None and header.kind == "reply" and self.is_history_reply(message):
+            group = self.history_asked.pop(message.sender)
+            if message.sender in self.history_late:
+                self.history_late.discard(message.sender)
+                self.print(f"… {sender} answered `/history {clean(group)} --ask` late; ask "
+                           "again to see its messages")
+            # Otherwise the fetch prints what the reply brought.
+        else:
+            self.print(format_incoming(message))
+
+    def is_history_reply(self, message: Envelope) -> bool:
+        """A reply from a member `/history G --ask` is waiting for, shaped as a history reply
+        (a list of messages, or a refusal)."""
+        if message.sender not in self.history_asked:
+            return False
+        try:
+            decode_reply(message.body)
+        except HistoryRefused:
+            return True
+        except HistoryReplyInvalid:
+            return False
+        return True
+
     async def watch(self, events: asyncio.Queue[Any]) -> None:
         """Print what the node reports: arrivals, peer changes, and (attached) that it
         stopped."""
@@ -328,14 +374,7 @@ class _Console:
             try:
                 match event:
                     case MessageReceived(message=message):
-                        header = message.header
-                        if header is not None and header.kind == "member":
-                            # A peer's membership record: say what it means, not its body.
-                            went = "joined" if message.body == "join" else "left"
-                            self.print(f"● {clean(message.sender)} {went} "
-                                       f"{clean(header.queue)}")
-                        else:
-                            self.print(format_incoming(message))
+                        self.show_message(message)
                     case PeerChanged():
                         self.show_peer_change(event)
                     case PeerRefused(who=who, detail=detail):
@@ -401,8 +440,15 @@ class _Console:
                     raise CommandError(f"--ask asks the members of a group, and {clean(peer)!r} "
                                        "is no group this node knows")
                 self.print(f"asking the members of {clean(peer)} for their messages to it …")
+                self.history_asked.update(
+                    (m, peer) for m in self.node.members(peer) if m != self.node.name)
                 fetched = await self.node.fetch_group_history(
                     peer, limit=min(limit, MAX_HISTORY_ITEMS), timeout_s=self.history_wait_s)
+                for member, why in fetched.unanswered.items():
+                    if why in ("not-delivered", "delivered-unanswered"):
+                        self.history_late.add(member)  # its reply may still come
+                    elif why.startswith("not asked"):
+                        self.history_asked.pop(member, None)  # no reply will
                 for line in format_fetched_history(fetched):
                     self.print(line)
             case HistoryCommand(peer=peer, limit=limit, verbose=verbose) if (
