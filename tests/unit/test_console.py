@@ -582,6 +582,7 @@ def test_peers_stats_help_and_history(node: FakeNode, tmp_path: Path) -> None:
         assert "stored for C" not in table
         assert "me → B" in table
         assert "… pending" in table
+        assert table.startswith("history of A with B (oldest first)")  # as `history --peer B`
         # Issue 17 item 16: a name that is no peer at all is said to be unknown.
         d.type("/history nobody\n")
         await d.printed(r"✗ unknown peer 'nobody'; known peers: B, C")

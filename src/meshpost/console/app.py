@@ -469,8 +469,12 @@ class _Console:
                         raise UnknownPeer(peer, known)
                     self.print(f"no messages with {clean(peer)}")
                 else:
+                    # As `meshpost history --peer B` titles it: whose messages these are.
+                    with_peer = f" with {clean(peer)}" if peer is not None else ""
                     self.print(render_history(rows, me=self.node.name, width=self.width,
-                                              verbose=verbose))
+                                              verbose=verbose,
+                                              title=f"history of {self.node.name}{with_peer} "
+                                                    "(oldest first)"))
             case GroupCommand(action=action, group=group):
                 await self.group(action, group)
             case QueueCommand(queue=queue):
