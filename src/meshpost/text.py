@@ -282,8 +282,14 @@ def render_probes(probes: Sequence[PeerProbe], *, width: int = DEFAULT_WIDTH,
     for p in probes:
         table.add_row(Text(p.name), Text(clean(p.result)),
                       Text("-" if p.rtt_ns is None else f"{p.rtt_ns / 1e6:.2f}"),
-                      Text(clean(p.state)), Text(clean(p.detail or "")))
+                      Text(clean(_LINK_STATE_WORDS.get(p.state, p.state))),
+                      Text(clean(p.detail or "")))
     return render(table, width)
+
+
+#: A link state said as the peers table says it (`ready` there is `connected`): the probe
+#: table beside it said `ready` for the peer the peers table called `connected`.
+_LINK_STATE_WORDS = {"ready": "connected"}
 
 
 def _history_state(row: StoredMessage, tz: datetime.tzinfo | None) -> str:

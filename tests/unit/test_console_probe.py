@@ -34,6 +34,7 @@ def test_peers_probe_shows_who_answered_and_who_is_lost(tmp_path: Path) -> None:
         table = await d.printed(r"no answer within 2s")
         assert "live" in table
         assert "1.50" in table
+        assert "connected" in table and "ready" not in table  # the peers table's word
         d.type("/peers --probe B\n")
         await d.printed(r"asking B")
         d.type("/quit\n")
