@@ -96,3 +96,15 @@ def test_every_node_command_in_the_readme_gets_past_its_configuration_checks(
     assert len(commands) >= 5
     for command in commands:
         build_node_config(parser.parse_args(command.split()[1:]))
+
+
+def test_the_console_table_has_every_command_and_option_of_help() -> None:
+    """`/peers --probe` was in /help but not in README's table of console commands."""
+    from meshpost.console import HELP_TEXT
+
+    text = readme()
+    section = text[text.index("## The console"):text.index("## CLI reference")]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("| `"))
+    words = set(re.findall(r"(?<![\w/])(/\w+|--\w+)", HELP_TEXT))
+    assert words
+    assert sorted(w for w in words if w not in table) == []
