@@ -1002,3 +1002,20 @@ def test_history_ask_replies_are_not_printed_as_messages_and_a_late_one_is_annou
 
     d = drive(node, scenario)
     assert not any("→ me: (reply) [" in line or "late news" in line for line in d.lines)
+
+
+def test_a_peer_found_by_beacon_before_the_console_started_is_shown_joined(
+    node: FakeNode,
+) -> None:
+    """With --discover, a node that heard its peer's beacon before its console subscribed
+    showed only `● B connected`, never `+ B joined via beacon at ...` (README, LAN)."""
+    found = peer_status("D", found="beacon", endpoint="tcp://127.0.0.1:7004")
+    node.peers = lambda: [found]  # type: ignore[method-assign]
+
+    async def scenario(d: Driver) -> None:
+        await d.printed("● D connected")
+        d.type("/quit\n")
+
+    d = drive(node, scenario)
+    assert d.lines[d.lines.index("● D connected") - 1] == \
+        "+ D joined via beacon at tcp://127.0.0.1:7004"

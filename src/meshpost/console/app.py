@@ -319,6 +319,11 @@ class _Console:
         """Print each peer's state now (called right after subscribing), so a peer that
         connected before the console started is shown too; `watch` skips repeats."""
         for peer in self.node.peers():
+            if peer.found != "config":
+                # Found on the LAN before the console started: its `joined` event came
+                # before anyone listened, and README promises the line.
+                self.show_peer_change(PeerChanged(peer.name, False, PeerChange.JOINED,
+                                                  f"via {peer.found} at {peer.endpoint}"))
             if peer.connected:
                 self.show_peer_change(PeerChanged(peer.name, True, PeerChange.CONNECTED))
             elif peer.refusal:
