@@ -51,10 +51,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                                 worker=args.worker, text_listen=args.text_listen,
                                 udp_listen=args.udp_listen)
     local.check_descriptors(args.count, args.per_process)  # before --replace stops anything
-    if args.loop:
-        from meshpost.eventloop import choose
+    from meshpost.eventloop import choose
 
-        choose(args.loop)  # uvloop asked for where it is missing: said before anything stops
+    # uvloop asked for where it is missing, or a MESHPOST_LOOP the nodes inherit that names no
+    # loop: said before anything stops (each node used to fail alone: exit 8, not 2).
+    choose(args.loop)
     if args.replace:
         with contextlib.suppress(ClusterNotRunning):
             for name, what in local.stop_from_state(root).items():

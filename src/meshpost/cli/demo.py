@@ -31,8 +31,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from meshpost.demo import run_demo
     from meshpost.eventloop import choose
 
-    if args.loop:
-        choose(args.loop)  # uvloop asked for where it is missing: said before any node starts
+    # uvloop asked for where it is missing, or a MESHPOST_LOOP (which the nodes inherit) that
+    # names no loop: said before any node starts (each node used to fail alone: exit 8).
+    choose(args.loop)
     return run_demo(nodes=args.nodes, messages=args.messages,
                     root=Path(args.data) if args.data else None, secure=args.secure,
                     loop=args.loop)

@@ -125,3 +125,20 @@ def test_a_pipeline_demo_too_short_to_kill_a_worker_mid_run_is_a_usage_error(
         build_parser().parse_args(["pipeline", "demo", "--tasks", tasks])
     assert exited.value.code == 2
     assert "argument --tasks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["demo", "--nodes", "2"], ["cluster", "up", "2"]])
+def test_a_meshpost_loop_naming_no_loop_is_a_usage_error_before_any_node_starts(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`MESHPOST_LOOP=bogus meshpost demo` started its nodes, each failed on the variable, and
+    the run exited 8 ("a cluster node did not start")."""
+    from meshpost.cli import main
+
+    monkeypatch.setenv("MESHPOST_LOOP", "bogus")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "MESHPOST_LOOP must be uvloop or asyncio, not 'bogus'" in err
+    assert not (tmp_path / "meshpost" / "cluster").exists()  # nothing was started
