@@ -213,6 +213,7 @@ def test_keys_show_prints_the_line_again_and_a_failed_handshake_says_why(
                         "3", "hello?")
         assert sent.returncode == 3
         assert "B: handshake refused" in sent.stderr and "does not accept" in sent.stderr
+        assert "`meshpost keys show --node A`" in sent.stderr  # the command as it is typed
         peers_b = meshpost("peers", "--node", "B", "--data", str(cluster.data_dir("B")),
                            "--json")
         (a_seen_by_b,) = json.loads(peers_b.stdout)["peers"]

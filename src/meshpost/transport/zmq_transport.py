@@ -170,11 +170,13 @@ def _events_reader(sock: zmq.Socket[bytes], direct: bool) -> Callable[[], int]:
     return events
 
 
-def _handshake_failure_reason(kind: int, value: int) -> str:
-    """A user's words for a failed CURVE handshake, from libzmq's monitor event."""
+def _handshake_failure_reason(kind: int, value: int, name: str) -> str:
+    """A user's words for a failed CURVE handshake of node `name`, from libzmq's monitor
+    event."""
     if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return (f"handshake refused (ZAP status {value}): the peer does not accept this node's "
-                "key; add the line of `meshpost keys show --node NAME` to its authorized_keys")
+                f"key; add the line of `meshpost keys show --node {name}` (run where {name} "
+                "keeps its data) to its authorized_keys")
     if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         return (f"handshake failed (protocol error {value:#x}): the peer's key is not the one in "
                 "this node's authorized_keys, or the peer is not in secure mode")
@@ -388,7 +390,7 @@ class ZmqTransport:
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshake_failures.pop(peer, None)
                 continue
-            reason = _handshake_failure_reason(kind, value)
+            reason = _handshake_failure_reason(kind, value, self.name)
             if reason != self._handshake_failures.get(peer):
                 log.warning("[%s] secure handshake with %s failed: %s", self.name, peer, reason)
             self._handshake_failures[peer] = reason
