@@ -144,12 +144,25 @@ def build_roles(args: argparse.Namespace) -> NodeRoles:
                               where=f"[nodes.{args.name}] or its flags")
 
 
+def owns_terminal() -> bool:
+    """Standard input and output are a terminal whose foreground this process is in: the
+    console may run. A node started with `&` from a shell is in a background process group;
+    its console's first write stopped it ("Stopped (tty output)") before it served anyone, so
+    it runs headless instead, as `--headless` would."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return False
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except OSError:  # a terminal that is not this process's controlling one
+        return False
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     from meshpost import eventloop
 
     loop = eventloop.choose(args.loop)  # a wrong --loop / MESHPOST_LOOP fails before anything
     cfg = build_node_config(args)
-    interactive = not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
+    interactive = not args.headless and owns_terminal()
     if interactive:  # node.log goes there: say so before mkdir's "File exists" does
         from meshpost.store.connection import check_data_dir
 

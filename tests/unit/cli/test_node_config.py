@@ -44,3 +44,31 @@ def test_a_config_file_alone_gives_its_peers(mesh_file: Path, tmp_path: Path) ->
     args = build_parser().parse_args(["node", "A", "--config", str(mesh_file), "--data",
                                       str(tmp_path / "A")])
     assert [p.name for p in build_node_config(args).peers] == ["B"]
+
+
+class _Tty:
+    """A standard stream on a terminal (file descriptor 0)."""
+
+    def isatty(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize(("terminal_group", "ours", "console"), [
+    (4242, 4242, True),  # in the foreground: the console
+    (4242, 5151, False),  # started with `&`: headless, not stopped at its first write
+])
+def test_a_node_in_the_terminals_background_runs_headless(
+    monkeypatch: pytest.MonkeyPatch, terminal_group: int, ours: int, console: bool,
+) -> None:
+    """`meshpost node A ... &` from a shell opened its console anyway and the shell stopped it
+    ("Stopped (tty output)"): it served nobody until brought to the foreground."""
+    from meshpost.cli import node as node_cli
+
+    monkeypatch.setattr(node_cli.sys, "stdin", _Tty())
+    monkeypatch.setattr(node_cli.sys, "stdout", _Tty())
+    monkeypatch.setattr(node_cli.os, "tcgetpgrp", lambda fd: terminal_group)
+    monkeypatch.setattr(node_cli.os, "getpgrp", lambda: ours)
+    assert node_cli.owns_terminal() is console
