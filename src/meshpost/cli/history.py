@@ -134,6 +134,20 @@ def _ask_group_history(args: argparse.Namespace) -> int:
 TAIL_POLL_S = 5.0
 
 
+def _note_unknown_sender(client: Any, args: argparse.Namespace) -> None:
+    """`--from NAME` that is none of the node's peers: say so once (a typo waited in silence
+    for ever). Not an error: a gateway guest (`tcp:IP:PORT`) is no peer and may be tailed."""
+    from meshpost.control import StatusRequest, checked
+
+    if args.quiet or args.sender is None or ":" in args.sender:
+        return
+    peers = sorted(p.name for p in checked(client.request(StatusRequest(), timeout_s=10)).peers)
+    if args.sender not in peers:
+        print(f"meshpost tail: {args.sender!r} is none of {args.node}'s peers "
+              f"({', '.join(peers) or 'it has none'}): nothing will come from it unless a node "
+              "of that name joins", file=sys.stderr, flush=True)
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
     from meshpost.control import ControlClient, TailRequest, checked
     from meshpost.text import format_incoming
@@ -154,6 +168,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
             until = f" until {args.until!r}" if args.until is not None else ""
             print(f"meshpost tail: {args.node}'s incoming messages from now{until} "
                   "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+        _note_unknown_sender(client, args)
         while True:
             limit = 512 if args.count is None else min(512, args.count - shown)
             request = TailRequest(after=cursor, sender=args.sender, limit=limit,
