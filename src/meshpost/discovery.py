@@ -103,7 +103,7 @@ def dial_endpoint(endpoint: str, source_ip: str) -> str:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Found:
-    """A node to dial (first heard, or heard again at a new endpoint)."""
+    """A node to dial, heard for the first time."""
 
     name: str
     node_id: str
@@ -119,6 +119,29 @@ class Clash:
     other_id: str
     other_endpoint: str
     ours: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Moved:
+    """A node already found is heard at another endpoint after nothing came from its own for
+    `silence_s` (restarted elsewhere: another address, another port): its link follows it."""
+
+    name: str
+    node_id: str
+    endpoint: str
+    previous: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EndpointClaim:
+    """A beacon names a found node, its node id included, at another endpoint while that
+    node is still heard at its own: not followed, since a node id is anyone's to say (the
+    node would otherwise be dialed at whatever endpoint the last beacon gave)."""
+
+    name: str
+    node_id: str
+    endpoint: str
+    claimed: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -145,7 +168,7 @@ class Silent:
     silent_s: float
 
 
-Decision = Found | Heard | Clash | Unauthorized | Silent
+Decision = Found | Moved | EndpointClaim | Heard | Clash | Unauthorized | Silent
 
 
 @dataclasses.dataclass(slots=True)
@@ -156,6 +179,8 @@ class DiscoveryStats:
     other_version: int = 0
     unauthorized: int = 0
     clashes: int = 0
+    #: Beacons naming a found node at another endpoint while it was heard at its own.
+    endpoint_claims: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -170,7 +195,9 @@ class Directory:
     """Which node holds which name, as beacons tell it. Time comes in as `now` (seconds).
 
     The first node heard under a name keeps it while it is heard; another node id claiming
-    it is a `Clash`, reported every `silence_s` at most, and never dialed.
+    it is a `Clash`, reported every `silence_s` at most, and never dialed. The endpoint a node
+    is dialed at changes only once nothing came from the old one for `silence_s` (`Moved`):
+    until then a beacon giving another endpoint is an `EndpointClaim`, reported as rarely.
     """
 
     def __init__(
@@ -226,10 +253,18 @@ class Directory:
         if heard is None:
             self._heard[beacon.name] = _Heard(beacon.node_id, endpoint, now)
             return [Found(beacon.name, beacon.node_id, endpoint)]
-        returned, heard.silent, heard.last_heard = heard.silent, False, now
         if heard.endpoint != endpoint:
-            heard.endpoint = endpoint
-            return [Found(beacon.name, beacon.node_id, endpoint)]
+            if now - heard.last_heard < self.silence_s:
+                # Still heard where it is: a beacon elsewhere proves nothing (it does not
+                # keep the node heard either, or it could keep a node that moved unfollowed).
+                self.stats.endpoint_claims += 1
+                if self._first_in_period((beacon.name, endpoint), now):
+                    return [EndpointClaim(beacon.name, beacon.node_id, heard.endpoint, endpoint)]
+                return []
+            previous, heard.endpoint = heard.endpoint, endpoint
+            heard.silent, heard.last_heard = False, now
+            return [Moved(beacon.name, beacon.node_id, endpoint, previous)]
+        returned, heard.silent, heard.last_heard = heard.silent, False, now
         return [Heard(beacon.name, returned)]
 
     def _clash(self, name: str, known_id: str, beacon: Beacon, endpoint: str, now: float,
@@ -379,8 +414,9 @@ class Discovery:
         except BeaconError as exc:
             log.debug("[%s] ignored datagram from %s: %s", self.node.name, addr, exc)
             return
-        if any(isinstance(d, Found) for d in decisions) and self._transport is not None:
-            # Answer a newcomer at once, so it knows us before our Hello reaches it.
+        if any(isinstance(d, Found | Moved) for d in decisions) and self._transport is not None:
+            # Answer a newcomer (or a node back elsewhere, maybe with a new memory) at once, so
+            # it knows us before our Hello reaches it.
             self._transport.sendto(self.beacon(), addr)
         self._act(decisions)
 
@@ -403,6 +439,18 @@ class Discovery:
                     log.error("[%s] name clash: %r is node %s, and node %s at %s claims the "
                               "name too; keeping %s, ignoring the other", name, peer, known,
                               other, where, known)
+                case Moved(name=peer, endpoint=endpoint, previous=previous):
+                    log.warning("[%s] %s is heard at %s now, nothing from %s for %gs: "
+                                "dialing it there", name, peer, endpoint, previous,
+                                self.directory.silence_s)
+                    self.node.move_peer(peer, endpoint)
+                case EndpointClaim(name=peer, node_id=node_id, endpoint=endpoint,
+                                   claimed=claimed):
+                    log.warning("[%s] a beacon says %s (node %s) is at %s, but %s is heard at "
+                                "%s: not followed (a node id is no proof; a node that moved is "
+                                "followed once nothing came from its old endpoint for %gs)",
+                                name, peer, node_id, claimed, peer, endpoint,
+                                self.directory.silence_s)
                 case Heard(name=peer, returned=returned):
                     if returned:
                         log.info("[%s] %s is heard again", name, peer)
@@ -432,8 +480,10 @@ __all__ = [
     "Directory",
     "Discovery",
     "DiscoveryConfig",
+    "EndpointClaim",
     "Found",
     "Heard",
+    "Moved",
     "Silent",
     "Unauthorized",
     "decode_beacon",

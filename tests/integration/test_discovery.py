@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +19,10 @@ import pytest
 
 from meshpost.cluster import NodeProcess, free_tcp_ports
 from meshpost.control import ControlClient, StatusRequest
+from meshpost.discovery import Beacon, encode_beacon
 from meshpost.errors import ControlUnavailable
 from meshpost.node import PeerStatus
+from meshpost.protocol import PROTOCOL_VERSION
 from meshpost.store import StoreReader
 from tests.integration.conftest import wait_until
 
@@ -229,3 +232,59 @@ def test_under_secure_only_nodes_with_an_authorized_key_are_dialed(lan: LanOnLoo
     assert {p.name for p in a.peers()} == {"B"}
     assert send(m, "A", "let me in", timeout_s=1) != 0
     assert bodies(a.data_dir, "in") == []
+
+
+def test_a_node_restarted_at_another_port_is_followed_and_receives_what_was_queued(
+    lan: LanOnLoopback,
+) -> None:
+    """C restarts on another port (same data dir, same node id). Before, A kept dialing the
+    old one for good: the message queued for C never left. Now A follows C once nothing came
+    from the old endpoint for `silence_s`."""
+    a, c = lan.node("A").start(), lan.node("C").start()
+    a.wait_ready()
+    c.wait_ready()
+    wait_until(lambda: connected(a) == {"C"} and connected(c) == {"A"}, WAIT_S,
+               "A and C connected to each other")
+    c.stop()
+    wait_until(lambda: "no beacon from C" in a.log(), WAIT_S, "A hearing no beacon from C")
+    assert send(a, "C", "kept for C", timeout_s=0.5) == 3  # queued, no receipt yet
+    moved_to = f"tcp://127.0.0.1:{free_tcp_ports(1)[0]}"
+    c.bind = moved_to
+    c.process = None
+    c.start().wait_ready()
+    wait_until(lambda: bodies(c.data_dir, "in") == ["kept for C"], WAIT_S,
+               "the queued message delivered to C at its new endpoint")
+    assert f"C is heard at {moved_to} now" in a.log()
+    assert send(a, "C", "and the next one") == 0
+
+
+def test_beacons_naming_a_live_node_elsewhere_are_not_followed(lan: LanOnLoopback) -> None:
+    """A stranger beacons C's name and node id (both in any beacon of C's) with an endpoint of
+    its own, faster than C: A keeps dialing C where C is heard, says why once a period, and
+    C receives what A sends."""
+    a, c = lan.node("A").start(), lan.node("C").start()
+    a.wait_ready()
+    c.wait_ready()
+    wait_until(lambda: connected(a) == {"C"}, WAIT_S, "A connected to C")
+    node_id = next(line.rsplit("node ", 1)[1].rstrip(")") for line in a.log().splitlines()
+                   if "connected to C (node" in line)
+    elsewhere = f"tcp://127.0.0.1:{free_tcp_ports(1)[0]}"
+    forged = encode_beacon(Beacon("meshpost", node_id, "C", elsewhere, PROTOCOL_VERSION, None))
+    stop = threading.Event()
+
+    def forge() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            while not stop.wait(0.05):
+                s.sendto(forged, ("127.0.0.1", lan.beacon_ports[0]))
+
+    forger = threading.Thread(target=forge, daemon=True)
+    forger.start()
+    try:
+        wait_until(lambda: f"is at {elsewhere}, but C is heard at" in a.log(), WAIT_S,
+                   "A reporting the claim")
+        assert send(a, "C", "still for C") == 0
+    finally:
+        stop.set()
+        forger.join(5)
+    assert bodies(c.data_dir, "in") == ["still for C"]
+    assert f"C is heard at {elsewhere} now" not in a.log()

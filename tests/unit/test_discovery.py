@@ -10,8 +10,10 @@ from meshpost.discovery import (
     BeaconError,
     Clash,
     Directory,
+    EndpointClaim,
     Found,
     Heard,
+    Moved,
     Silent,
     Unauthorized,
     decode_beacon,
@@ -91,6 +93,39 @@ def test_a_second_node_claiming_a_known_name_is_a_clash_never_found() -> None:
                      11.0) == [clash]
     assert d.receive(beacon("A", "a2"), "127.0.0.1", 11.0) == [
         Clash("A", "a1", "a2", "tcp://127.0.0.1:7002", ours=True)]
+
+
+def test_a_node_is_followed_to_a_new_endpoint_only_once_its_old_one_fell_silent() -> None:
+    """Restarted elsewhere (another port or address), B is dialed at its new endpoint once
+    nothing came from the old one for `silence_s`; until then a beacon giving B's name and
+    node id elsewhere (anyone can say them) is a claim, not followed, reported once a period,
+    and it does not count as hearing B."""
+    d = directory()
+    old, new = "tcp://127.0.0.1:7002", "tcp://127.0.0.1:7010"
+    assert d.receive(beacon(endpoint=old), "127.0.0.1", 0.0) == [Found("B", "b1", old)]
+    claim = EndpointClaim("B", "b1", old, new)
+    assert d.receive(beacon(endpoint=new), "127.0.0.1", 1.0) == [claim]
+    assert d.receive(beacon(endpoint=new), "127.0.0.1", 2.0) == []  # reported once a period
+    assert d.receive(beacon(endpoint=old), "127.0.0.1", 3.0) == [Heard("B", returned=False)]
+    assert d.receive(beacon(endpoint=new), "127.0.0.1", 7.9) == [claim]  # a period later
+    assert d.stats.endpoint_claims == 3
+    # The claims did not keep B heard: 5 s after its last beacon at `old`, it is silent, and
+    # the next beacon from `new` moves it.
+    assert d.expire(8.0) == [Silent("B", 5.0)]
+    assert d.receive(beacon(endpoint=new), "127.0.0.1", 8.1) == [Moved("B", "b1", new, old)]
+    assert d.receive(beacon(endpoint=new), "127.0.0.1", 9.0) == [Heard("B", returned=False)]
+    # Now the old endpoint is the claim.
+    assert d.receive(beacon(endpoint=old), "127.0.0.1", 9.5) == [EndpointClaim("B", "b1", new,
+                                                                             old)]
+
+
+def test_a_move_needs_no_silent_report_first() -> None:
+    """`expire` runs on a timer: a beacon from elsewhere `silence_s` after the last one from
+    the old endpoint moves the node even if `expire` has not run since."""
+    d = directory()
+    d.receive(beacon(endpoint="tcp://127.0.0.1:7002"), "127.0.0.1", 0.0)
+    assert d.receive(beacon(endpoint="tcp://127.0.0.1:7010"), "127.0.0.1", 5.0) == [
+        Moved("B", "b1", "tcp://127.0.0.1:7010", "tcp://127.0.0.1:7002")]
 
 
 def test_under_secure_only_authorized_key_fingerprints_are_found() -> None:

@@ -366,6 +366,12 @@ class Node:
         """
         return self._links.add_peer(name, endpoint, node_id=node_id, found=found)
 
+    def move_peer(self, name: str, endpoint: str) -> bool:
+        """A peer found while running (discovery) is at `endpoint` now: its link dials it
+        there, and what is queued for it goes there. False for a configured peer (its
+        configuration says where it is), an unknown one, or the endpoint it already has."""
+        return self._links.move_peer(name, endpoint)
+
     def connect(self, *peers: str) -> None:
         """Open the links to `peers` (all peers if none is named) now rather than on their
         first message, as a probe: `peers()` shows who answers. Links with nothing to send

@@ -165,6 +165,23 @@ class Links(Mapping[str, DialerLink]):
         node._publish(PeerChanged(name, False, PeerChange.JOINED, f"via {found} at {endpoint}"))
         return True
 
+    def move_peer(self, name: str, endpoint: str) -> bool:
+        node = self._node
+        node._check_open()
+        known = self._found.get(name)
+        if known is None or known[1] != "beacon" or known[0] == endpoint:
+            return False
+        PeerConfig(name, endpoint)  # validates it
+        self._found[name] = (endpoint, known[1])
+        transport = node._transport
+        if transport is not None and name in self._connected:
+            # A new connection there: the link's next Hello goes on it (its session, if it
+            # thought it had one, is refused there as unknown and said again).
+            transport.drop_peer(name)
+            transport.add_peer(name, endpoint)
+        log.info("[%s] %s moved: %s -> %s", node.name, name, known[0], endpoint)
+        return True
+
     def connect(self, *peers: str) -> None:
         node = self._node
         node._check_open()
