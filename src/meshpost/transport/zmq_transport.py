@@ -81,6 +81,11 @@ log = logging.getLogger(__name__)
 
 #: Multipart messages logged one by one before they are only summed up (LOG_EVERY_S).
 MULTIPART_LOG_BURST = 20
+#: Longest routing id a frame may come with: ZMTP's bound for the Identity property, and all
+#: a libzmq socket can set (ZMQ_ROUTING_ID). libzmq's ROUTER takes any length from the wire,
+#: up to MAXMSGSIZE; the node names a connection by its id, so a megabyte-long one made each
+#: log line about it two megabytes. Frames of such a connection are dropped and counted.
+MAX_ROUTING_ID_BYTES = 255
 
 #: Pending frames per socket; a frame carries up to hundreds of messages, so this is plenty,
 #: and frames beyond it are dropped (and retransmitted later) rather than buffered without end.
@@ -268,6 +273,10 @@ class ZmqTransport:
         #: many (a flood of them was a line each: about 70 bytes of log for 4 bytes sent).
         self.multipart_dropped = 0
         self._multipart_unlogged, self._multipart_logged_at = 0, -LOG_EVERY_S
+        #: Frames dropped because their connection's routing id is over MAX_ROUTING_ID_BYTES
+        #: (logged like the multipart ones, without the id).
+        self.long_id_dropped = 0
+        self._long_id_unlogged, self._long_id_logged_at = 0, -LOG_EVERY_S
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_inbound: InboundHandler | None = None
         self._on_peer_frame: PeerFrameHandler | None = None
@@ -563,6 +572,9 @@ class ZmqTransport:
                 value = frame.get("User-Id")
                 user_id = value if isinstance(value, str) else None
         if not more:
+            if len(identity) > MAX_ROUTING_ID_BYTES:
+                self._drop_long_id(len(identity))
+                return None
             return identity, payload, user_id
         # [identity, payload] is all we send; anything longer is not ours to parse. The
         # remaining parts are already here (ZeroMQ delivers a message whole).
@@ -581,6 +593,22 @@ class ZmqTransport:
         else:
             self._multipart_unlogged += 1
         return None
+
+    def _drop_long_id(self, length: int) -> None:
+        """Count (and log, at the multipart lines' pace) a frame whose connection named
+        itself with a routing id of `length` bytes, over MAX_ROUTING_ID_BYTES."""
+        self.long_id_dropped += 1
+        now = time.monotonic()
+        if (self.long_id_dropped <= MULTIPART_LOG_BURST
+                or now - self._long_id_logged_at >= LOG_EVERY_S):
+            tail = (f", and {self._long_id_unlogged} more since the last such line"
+                    if self._long_id_unlogged else "")
+            log.warning("[%s] dropped a frame from a connection whose routing id is %d bytes "
+                        "long (ZMTP allows %d; not a meshpost peer)%s", self.name, length,
+                        MAX_ROUTING_ID_BYTES, tail)
+            self._long_id_unlogged, self._long_id_logged_at = 0, now
+        else:
+            self._long_id_unlogged += 1
 
     def _handle_inbound(self, message: tuple[bytes, bytes, str | None] | None) -> None:
         if message is not None:

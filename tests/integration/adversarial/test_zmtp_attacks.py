@@ -304,6 +304,54 @@ def test_secure_handshake_abuse_costs_no_message(mesh_factory: MeshFactory) -> N
     mesh.run(scenario)
 
 
+#: A routing id a peer names its connection with in its READY (ZMTP allows 255 bytes, libzmq
+#: takes anything up to MAXMSGSIZE), and the bad frames it then sends.
+LONG_ID_BYTES = 1 << 20
+LONG_ID_FRAMES = 40
+#: What those frames may add to the node's log (the old code wrote the id's hex in each
+#: warning line: 2 MiB a line).
+LONG_ID_LOG_BOUND = 64 << 10
+
+
+def _long_id_peer(endpoint: str) -> None:
+    """Handshake with a READY naming the connection LONG_ID_BYTES long, then LONG_ID_FRAMES
+    undecodable frames and a meshpost Ping; wait (bounded) for an answer or the node's
+    silence."""
+    peer = z.RawPeer(endpoint)
+    try:
+        peer.handshake([(b"Socket-Type", b"DEALER"), (b"Identity", b"L" * LONG_ID_BYTES)])
+        peer.send(z.frame(b"\xc1junk") * LONG_ID_FRAMES
+                  + z.frame(encode(Ping(sent_at_ns=time.time_ns()))))
+        peer.closed_by_peer(2.0)  # reads whatever comes back meanwhile
+    finally:
+        peer.close()
+
+
+def test_a_routing_id_of_a_megabyte_cannot_flood_the_log(mesh_factory: MeshFactory) -> None:
+    """A peer names its connection with a 1 MiB Identity in its READY and sends bad frames.
+    The old code named the connection by the id's hex in every log line (2 MiB each: 20 at
+    once, then one a second, a disk filled at 2 MB/s by a few bytes a second) and kept it as
+    the key of its sessions; now the transport drops the frames of a connection whose routing
+    id is longer than ZMTP's 255 bytes, counts them and logs a bounded line."""
+    mesh = mesh_factory(["A", "B"], transport="tcp", seed=66)
+
+    async def scenario() -> None:
+        await mesh.start()
+        endpoint = mesh.endpoint("B")
+        log_path = mesh.root / "logs" / "B.log"
+        before = log_path.stat().st_size
+        await asyncio.to_thread(_long_id_peer, endpoint)
+        await mesh.send("A", "B", "after the long routing id")
+        grown = log_path.stat().st_size - before
+        mesh.extra["log_growth_bytes"] = grown
+        assert mesh.alive("B")
+        assert grown < LONG_ID_LOG_BOUND, f"B's log grew by {grown} bytes"
+        assert await asyncio.to_thread(answers_a_fresh_connection, endpoint)
+        await mesh.finish()
+
+    mesh.run(scenario)
+
+
 # -- what breaks the node inside libzmq ------------------------------------------------------
 
 #: One burst: 6 empty frames and a ZMTP PING, again and again (about 2.4 MB).
