@@ -11,6 +11,7 @@ length, the name, a 4-byte value length, the value).
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from collections.abc import Iterable
 
@@ -71,6 +72,14 @@ class RawPeer:
             raise ValueError(f"not a tcp:// or ipc:// endpoint: {endpoint}")
         self._buffer = b""
 
+    @classmethod
+    def adopt(cls, sock: socket.socket, *, timeout_s: float = 5.0) -> RawPeer:
+        """A connection accepted on a listener of our own (playing the server's side)."""
+        peer = cls.__new__(cls)
+        peer.sock, peer._buffer = sock, b""
+        sock.settimeout(timeout_s)
+        return peer
+
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
@@ -95,9 +104,9 @@ class RawPeer:
         return flags, body
 
     def handshake(self, props: Iterable[tuple[bytes, bytes]] = ((b"Socket-Type", b"DEALER"),),
-                  *, minor: int = 0) -> bytes:
+                  *, minor: int = 0, as_server: bool = False) -> bytes:
         """NULL greeting and READY both ways; returns the node's READY body."""
-        self.send(greeting(minor=minor))
+        self.send(greeting(minor=minor, as_server=as_server))
         theirs = self.recv_exactly(GREETING_BYTES)
         assert len(theirs) == GREETING_BYTES and theirs[0] == 0xFF, theirs
         self.send(ready(props))
@@ -123,8 +132,6 @@ class RawPeer:
 
     def reset(self) -> None:
         """Close with a TCP reset (SO_LINGER 0): the other side sees an error, not an EOF."""
-        import struct
-
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
 
