@@ -48,7 +48,12 @@ Socket choices (the ZeroMQ traps the protocol designs around):
   (libzmq asserts when an accept on an ipc listener, such as the control socket, hits EMFILE);
 - inbound connections capped (`inbound.InboundGuard`, from the ROUTER's socket monitor): one
   accepted beyond the cap is shut down at once, so idle connections cannot take the
-  descriptors the node's own sockets need.
+  descriptors the node's own sockets need;
+- frames of a connection whose routing id is over 255 bytes (ZMTP's bound; libzmq takes a
+  peer's id of any length) are dropped before the node names the connection by it.
+Left to libzmq 4.3.5 (tests/integration/adversarial/test_zmtp_attacks.py, strict xfails): a
+ZMTP PING left in the read buffer behind a full pipe, then a reset, aborts the process; the
+parts of a message that never ends are queued without bound.
 """
 
 from __future__ import annotations
