@@ -123,8 +123,8 @@ class Inbound:
                 case _:
                     node._on_event(event)
         if not writer.has_room and not transport.inbound_paused:
-            # Back-pressure: stop reading until the store catches up; ZeroMQ (and, past its
-            # high-water mark, the senders' windows) hold the rest.
+            # Back-pressure: stop reading until the store catches up; ZeroMQ holds the rest,
+            # as much as the senders' windows let them send (no receive high-water mark).
             transport.pause_inbound()
             node._tasks.append(asyncio.create_task(self._resume_when_room(),
                                                    name=f"{node.name}-inbound-room"))

@@ -40,8 +40,11 @@ Socket choices (the ZeroMQ traps the protocol designs around):
   timeout after the protocol found it silent, its Hellos unanswered (`RedialWanted`), is
   redialled on a *new* DEALER (`redial`): `disconnect()` + `connect()` on the same socket
   races in libzmq and can leave it with no connection at all;
-- bounded LINGER, SNDHWM/RCVHWM and MAXMSGSIZE: shutdown never hangs, memory stays bounded,
-  an oversized frame closes the offending connection before it is read into memory;
+- bounded LINGER, SNDHWM and MAXMSGSIZE: shutdown never hangs, what waits to be sent stays
+  bounded, an oversized frame closes the offending connection before it is read into memory;
+- no receive high-water mark (RCVHWM 0): with one, a peer that filled its connection's pipe
+  and reset it could abort the node (a ZMTP PING left in the read buffer) or leave a
+  connection nobody cleans up (see `RCVHWM`); peers' windows bound what they queue to us;
 - HANDSHAKE_IVL of 5 s (libzmq's default is 30 s) and the soft RLIMIT_NOFILE raised to the
   hard limit: idle or half-open connections, which hold a descriptor each before any CURVE
   check, are dropped sooner and need far more of them to run the process out of descriptors
@@ -51,9 +54,8 @@ Socket choices (the ZeroMQ traps the protocol designs around):
   descriptors the node's own sockets need;
 - frames of a connection whose routing id is over 255 bytes (ZMTP's bound; libzmq takes a
   peer's id of any length) are dropped before the node names the connection by it.
-Left to libzmq 4.3.5 (tests/integration/adversarial/test_zmtp_attacks.py, strict xfails): a
-ZMTP PING left in the read buffer behind a full pipe, then a reset, aborts the process; the
-parts of a message that never ends are queued without bound.
+Left to libzmq 4.3.5 (tests/integration/adversarial/test_zmtp_attacks.py, a strict xfail):
+the parts of a message that never ends are queued without bound.
 """
 
 from __future__ import annotations
@@ -92,10 +94,19 @@ MULTIPART_LOG_BURST = 20
 #: log line about it two megabytes. Frames of such a connection are dropped and counted.
 MAX_ROUTING_ID_BYTES = 255
 
-#: Pending frames per socket; a frame carries up to hundreds of messages, so this is plenty,
-#: and frames beyond it are dropped (and retransmitted later) rather than buffered without end.
+#: Pending frames per socket to send; a frame carries up to hundreds of messages, so this is
+#: plenty, and frames beyond it are dropped (and retransmitted later) rather than buffered.
 SNDHWM = 256
-RCVHWM = 256
+#: No receive high-water mark (0): with libzmq 4.3.5 a connection's full input pipe is how a
+#: peer stops or kills the node. A full pipe stops the engine's input with its read buffer
+#: half decoded; a reset then only marks it `_io_error`, and a ZMTP PING left in the buffer
+#: aborts the process when the node reads on (`out_event`'s assertion); a connection under a
+#: routing id in use is never read, so after a reset it was never cleaned up and held a
+#: place under the inbound cap for good (tests/integration/adversarial/test_zmtp_attacks.py).
+#: What a peer has queued to us is bounded by its window (`window`/`window_bytes` a link)
+#: instead; a stranger's flood can grow the queue, as libzmq lets the parts of one endless
+#: message do anyway (docs/reliability.md, "Hostile peers").
+RCVHWM = 0
 #: On close, give queued frames this long to leave; lost ones are retransmitted after restart.
 LINGER_MS = 200
 #: TCP keepalive: probe after 10 s idle, every 5 s, give up after 3 misses (about 25 s).
