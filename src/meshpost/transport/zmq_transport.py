@@ -219,6 +219,31 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, soft
 
 
+class _DroppedFrames:
+    """Inbound frames dropped for one reason: counted, and logged MULTIPART_LOG_BURST at once,
+    then a line every LOG_EVERY_S saying how many went unlogged since (a flood of them was a
+    line each: about 70 bytes of log for 4 bytes sent)."""
+
+    __slots__ = ("_logged_at", "_unlogged", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._unlogged = 0
+        self._logged_at = -LOG_EVERY_S
+
+    def drop(self) -> str | None:
+        """Count one; the tail of its log line if it is to be logged now, else None."""
+        self.count += 1
+        now = time.monotonic()
+        if self.count <= MULTIPART_LOG_BURST or now - self._logged_at >= LOG_EVERY_S:
+            tail = (f", and {self._unlogged} more since the last such line"
+                    if self._unlogged else "")
+            self._unlogged, self._logged_at = 0, now
+            return tail
+        self._unlogged += 1
+        return None
+
+
 class ZmqTransport:
     """All ZeroMQ sockets of one node."""
 
@@ -284,15 +309,11 @@ class ZmqTransport:
         #: The ipc paths bound, each held under its lock until `close` (`transport.ipc`).
         self._ipc_locks: list[IpcPathLock] = []
         self.dropped_sends = 0
-        #: Messages of more than two parts dropped at the ROUTER, and those not logged yet:
-        #: the first MULTIPART_LOG_BURST a line each, then a line per LOG_EVERY_S saying how
-        #: many (a flood of them was a line each: about 70 bytes of log for 4 bytes sent).
-        self.multipart_dropped = 0
-        self._multipart_unlogged, self._multipart_logged_at = 0, -LOG_EVERY_S
+        #: Messages of more than two parts dropped at the ROUTER (`multipart_dropped`).
+        self._multipart = _DroppedFrames()
         #: Frames dropped because their connection's routing id is over MAX_ROUTING_ID_BYTES
         #: (logged like the multipart ones, without the id).
-        self.long_id_dropped = 0
-        self._long_id_unlogged, self._long_id_logged_at = 0, -LOG_EVERY_S
+        self._long_id = _DroppedFrames()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_inbound: InboundHandler | None = None
         self._on_peer_frame: PeerFrameHandler | None = None
@@ -598,33 +619,29 @@ class ZmqTransport:
         while more:
             more = _RECV(sock, _NOBLOCK, copy=False).more
             parts += 1
-        self.multipart_dropped += 1
-        now = time.monotonic()
-        if (self.multipart_dropped <= MULTIPART_LOG_BURST
-                or now - self._multipart_logged_at >= LOG_EVERY_S):
-            tail = (f", and {self._multipart_unlogged} more since the last such line"
-                    if self._multipart_unlogged else "")
+        tail = self._multipart.drop()
+        if tail is not None:
             log.warning("[%s] dropped a %d-part message%s", self.name, parts, tail)
-            self._multipart_unlogged, self._multipart_logged_at = 0, now
-        else:
-            self._multipart_unlogged += 1
         return None
+
+    @property
+    def multipart_dropped(self) -> int:
+        """Inbound messages of more than [routing id, payload] dropped."""
+        return self._multipart.count
+
+    @property
+    def long_id_dropped(self) -> int:
+        """Inbound frames dropped for a routing id over MAX_ROUTING_ID_BYTES."""
+        return self._long_id.count
 
     def _drop_long_id(self, length: int) -> None:
         """Count (and log, at the multipart lines' pace) a frame whose connection named
         itself with a routing id of `length` bytes, over MAX_ROUTING_ID_BYTES."""
-        self.long_id_dropped += 1
-        now = time.monotonic()
-        if (self.long_id_dropped <= MULTIPART_LOG_BURST
-                or now - self._long_id_logged_at >= LOG_EVERY_S):
-            tail = (f", and {self._long_id_unlogged} more since the last such line"
-                    if self._long_id_unlogged else "")
+        tail = self._long_id.drop()
+        if tail is not None:
             log.warning("[%s] dropped a frame from a connection whose routing id is %d bytes "
                         "long (ZMTP allows %d; not a meshpost peer)%s", self.name, length,
                         MAX_ROUTING_ID_BYTES, tail)
-            self._long_id_unlogged, self._long_id_logged_at = 0, now
-        else:
-            self._long_id_unlogged += 1
 
     def _handle_inbound(self, message: tuple[bytes, bytes, str | None] | None) -> None:
         if message is not None:
