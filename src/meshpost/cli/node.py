@@ -103,8 +103,14 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool,
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     log.info("[%s] event loop: %s", cfg.name, loop_name(loop))
+    signalled: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        signalled.append(sig.name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     curve_keys = peer_keys = None
     if cfg.secure:
         from meshpost import keys
@@ -132,6 +138,12 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool,
         else:
             await node.serve(stop)  # raises NodeFailed (exit 6) if the node fails first
             log.info("[%s] shutting down", cfg.name)
+    if interactive and signalled:
+        # The console vanished with the signal (`meshpost stop` from another terminal, say):
+        # its user is told why, once the node has committed what was pending and said Bye.
+        # (Headless, the log says it.)
+        print(f"node {cfg.name} stopped on {signalled[0]} (`meshpost stop`, `kill`): what was "
+              f"pending is committed, and its peers were told", flush=True)
 
 
 def build_roles(args: argparse.Namespace) -> NodeRoles:
