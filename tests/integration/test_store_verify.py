@@ -72,31 +72,3 @@ def test_meshpost_node_exits_with_the_corrupt_store_error_found_after_start(
         asyncio.run(asyncio.wait_for(_run_node(config, interactive=False), 60))
     assert raised.value.exit_code == EXIT_STORE
 
-
-def test_a_console_node_stopped_by_a_signal_says_why(
-    short_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """`meshpost stop` (SIGTERM) from another terminal ended a console node's session without
-    a word: the console just vanished. Now the node says why once it has stopped."""
-    import os
-    import signal
-
-    import meshpost.console
-    from meshpost.cli.node import _run_node
-
-    console_up = asyncio.Event()
-
-    async def console(_node: object) -> None:
-        console_up.set()
-        await asyncio.Event().wait()
-
-    monkeypatch.setattr(meshpost.console, "run_console", console)
-
-    async def scenario() -> None:
-        node = asyncio.create_task(_run_node(_config(short_tmp), interactive=True))
-        await asyncio.wait_for(console_up.wait(), 30)  # the node's signal handlers are set
-        os.kill(os.getpid(), signal.SIGTERM)
-        await node
-
-    asyncio.run(asyncio.wait_for(scenario(), 60))
-    assert "node A stopped on SIGTERM (`meshpost stop`, `kill`)" in capsys.readouterr().out
