@@ -119,6 +119,17 @@ SEND_ATTEMPTS, SEND_RETRY_S = 100, 0.05
 Event = IncomingInfo | PeerChangeInfo | DeliveryInfo | RefusedInfo | BroadcastProgressInfo
 
 
+def _salvaged_id(data: bytes) -> int:
+    """The `id` of a request that failed validation (a NaN wait, an unknown type), so that
+    its client can match the `bad_request` reply; 0 when there is none to read."""
+    try:
+        raw = msgspec.msgpack.decode(data)
+    except msgspec.DecodeError:
+        return 0
+    rid = raw.get("id") if isinstance(raw, dict) else None
+    return rid if type(rid) is int and 0 <= rid < 2**64 else 0
+
+
 def control_endpoint_for(data_dir: Path) -> str:
     """The ipc endpoint for a data dir: inside it when the path is short enough."""
     path = (data_dir / "control.sock").resolve()
@@ -379,7 +390,7 @@ class ControlServer:
             request_id = request.id
             reply = await self._dispatch(identity, request)
         except msgspec.DecodeError as exc:
-            reply = ErrorReply.of(BadControlRequest(str(exc)))
+            reply = ErrorReply.of(BadControlRequest(str(exc)), _salvaged_id(data))
         except MeshpostError as exc:
             reply = ErrorReply.of(exc, request_id)
         except Exception as exc:  # a bug: report it to the client, keep serving
