@@ -6,8 +6,11 @@ The harness (config, starting nodes) uses meshpost's cluster helpers; the client
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,6 +128,27 @@ def test_a_data_dir_without_a_running_node_is_not_running(tmp_path: Path) -> Non
         ctx.destroy(linger=0)
 
 
+def test_a_long_data_dir_gets_a_hashed_socket_in_a_private_folder(short_tmp: Path) -> None:
+    data = short_tmp / ("d" * 60) / ("e" * 60)
+    config = write_mesh_config(short_tmp / "mesh.toml", {"L": f"ipc://{short_tmp}/l.sock"})
+    node = NodeProcess("L", config, data, short_tmp / "L.log")
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        node.start()
+        node.wait_ready()
+        endpoint, pid = cp.read_endpoint(data)
+        digest = hashlib.sha256(str((data / "control.sock").resolve()).encode()).hexdigest()
+        folder = Path(tempfile.gettempdir()) / f"meshpost-{os.getuid()}"
+        assert endpoint == f"ipc://{folder}/{digest[:16]}.sock" and pid == node.pid
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        client = cp.ControlPeer(ctx, data)
+        assert client.call("status", ANSWER_S)["status"]["name"] == "L"
+        client.close()
+    finally:
+        node.stop()
+        ctx.destroy(linger=0)
+
+
 # -- 14.2/14.3 framing: the document's example, byte for byte ------------------------------
 
 def test_the_documented_send_example_is_plain_msgpack_and_is_answered(pair: Pair) -> None:
@@ -157,14 +181,16 @@ def test_status_carries_the_documented_fields(pair: Pair) -> None:
     reply = pair.client("A").call("status", ANSWER_S)
     assert reply["type"] == "status", reply
     status = reply["status"]
-    for field in ("name", "node_id", "endpoints", "pid", "cpu_s", "pending", "stats", "groups",
-                  "max_message_bytes", "data_dir", "control"):
-        assert field in status, (field, sorted(status))
+    assert set(status) == {"name", "node_id", "endpoints", "pid", "cpu_s", "loop", "pending",
+                           "stats", "groups", "max_message_bytes", "data_dir", "control"}, status
     assert status["name"] == "A" and status["pid"] == pair.nodes["A"].pid
-    assert set(status["control"]) >= {"subscribers", "subscription_bytes", "expired"}
+    assert status["loop"] in ("uvloop", "asyncio")
+    assert status["groups"] == {"team": ["A", "B"]}
+    assert set(status["control"]) == {"subscribers", "subscription_bytes", "expired"}
     assert isinstance(status["stats"], dict) and isinstance(status["pending"], int)
     [peer] = reply["peers"]
-    assert set(peer) == PEER_STATUS and peer["name"] == "B" and peer["state"] == "ready"
+    assert set(peer) == PEER_STATUS and peer["name"] == "B" and peer["found"] == "config"
+    assert peer["state"] in ("idle", "connecting", "ready", "lost", "left", "refused")
 
 
 def test_peers_lists_one_peer_status_per_configured_peer(pair: Pair) -> None:
@@ -256,6 +282,21 @@ def test_an_idle_subscription_expires_and_status_counts_it(quick_idle_pair: Pair
         control = watcher.call("status", ANSWER_S)["status"]["control"]
         return bool(control["subscribers"] == 0 and control["expired"] >= 1)
     wait_until(expired, ANSWER_S, "the idle subscription to expire")
+
+
+def test_a_send_without_a_receipt_in_time_is_not_delivered_and_not_an_error(
+        quick_idle_pair: Pair) -> None:
+    """14.4: no receipt within `timeout_s` is `delivered: false` without `error`; and a
+    stopped node's data dir is `not_running` (14.1)."""
+    quick_idle_pair.nodes["B"].stop()
+    with pytest.raises(cp.NotRunning):
+        quick_idle_pair.client("B")
+    reply = quick_idle_pair.client("A").call("send", ANSWER_S, target="B", body="later",
+                                             timeout_s=0.2)
+    [result] = reply["sent"]
+    assert result["delivered"] is False and result["error"] is None, result
+    assert result["delivered_at_ns"] is None and result["received_at_ns"] is None
+    assert quick_idle_pair.client("A").call("status", ANSWER_S)["status"]["pending"] == 1
 
 
 # -- 14.3/14.6 bad requests ----------------------------------------------------------------
