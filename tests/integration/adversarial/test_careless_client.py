@@ -71,7 +71,9 @@ def test_a_wait_that_is_no_number_of_seconds_is_a_bad_request_answered_at_once(
         wrong = [(q, r) for q, r in answers
                  if (r.get("type"), r.get("kind"), r.get("exit_code")) != bad_request]
         assert not wrong, wrong
-        assert [r["id"] for _q, r in answers] == [0] * len(BAD_REQUESTS)  # undecodable: id 0
+        # Each error carries its request's id: until 2026-12-06 it was 0, so a client that
+        # matches replies by id (docs/protocol.md 14.2) dropped it and timed out.
+        assert [r["id"] for _q, r in answers] == list(range(1, len(BAD_REQUESTS) + 1))
         # The node goes on serving: its peer's messages and its own sends.
         started = time.monotonic()
         await mesh.stream("A", "B", 10, tag="after", concurrency=5)
