@@ -37,6 +37,7 @@ from meshpost.protocol.ratelimit import (
     Allowed,
     RateLimiter,
 )
+from meshpost.transport.routing_ids import connection_label
 
 if TYPE_CHECKING:
     from meshpost.node.core import Node
@@ -107,12 +108,12 @@ class Events:
                             "node id holds that name and was heard on another connection "
                             "recently (someone borrowing the name, a second node given the same "
                             "name, or one restarted with a new data directory)", node.name,
-                            connection, peer)
+                            connection_label(connection), peer)
             case SessionClaimed(peer=peer, connection=connection, sessions=sessions):
                 node.stats.name_claims += 1
                 log.warning("[%s] connection %s said Hello as %s, which already has a "
                             "session (%d sessions now): a restart, or someone borrowing the "
-                            "name", node.name, connection, peer, sessions)
+                            "name", node.name, connection_label(connection), peer, sessions)
             case ClaimCheckWanted():
                 self.claims.check(event)
             case ClaimSettled(peer=peer, node_id=node_id, evicted=evicted, welcomed=welcomed):
@@ -134,7 +135,8 @@ class Events:
                 self.publish(PeerChanged(peer, False, PeerChange.REFUSED, detail))
             case ViolationDetected(who=who, error=error):
                 node.stats.violations += 1
-                log.warning("[%s] protocol violation by %s: %s", node.name, who, error)
+                log.warning("[%s] protocol violation by connection %s: %s", node.name,
+                            connection_label(who), error)
             case MessagesArrived():  # pragma: no cover - handled by Inbound.on_frame
                 pass
 

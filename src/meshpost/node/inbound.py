@@ -34,6 +34,7 @@ from meshpost.protocol import (
     encode,
 )
 from meshpost.protocol.header import Kind
+from meshpost.transport.routing_ids import connection_label
 
 if TYPE_CHECKING:
     from meshpost.node.core import Node
@@ -131,13 +132,13 @@ class Inbound:
 
     def _claimed_name(self, data: bytes, connection: str) -> str:
         """The name a refused frame's Hello claimed (unproven, for the notice), else the
-        connection's id. Refusals are rare: decoding the frame again costs nothing."""
+        connection's label. Refusals are rare: decoding the frame again costs nothing."""
         assert self._node._listener is not None
         with contextlib.suppress(ProtocolError):
             frame = decode(data, max_bytes=self._node._listener.max_frame_bytes)
             if isinstance(frame, Hello):
                 return frame.name
-        return connection
+        return connection_label(connection)  # (a routing id never goes into the log)
 
     def _notice_refusal(self, who: str, frame: Refuse) -> None:
         """Tell subscribers whom we refused and why, once per REFUSAL_NOTICE_INTERVAL_S."""

@@ -14,16 +14,21 @@ connection fail libzmq's assertion (`socket_base.cpp`, "ok") and abort the whole
 Seeded from the OS's randomness, the counter starts at one of 2^32 values that never leave
 the node (routing ids are not on the wire), so a peer can only guess, one connection per
 guess, against `max_inbound_connections`. (Refusing peer-chosen ids would close it for good;
-libzmq has no option for that. Under --secure only key holders connect at all.)
+libzmq has no option for that. Under --secure only key holders connect at all.) Nor does the
+node's log give them away: it names a connection by `connection_label`, a keyed digest.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 from collections.abc import Callable
 
-__all__ = ["unpredictable_routing_ids"]
+__all__ = ["connection_label", "unpredictable_routing_ids"]
+
+#: The key of `connection_label`'s digests, this process's own.
+_LABEL_KEY = os.urandom(16)
 
 
 def _c_srand() -> Callable[[int], None] | None:
@@ -48,3 +53,11 @@ def unpredictable_routing_ids() -> bool:
         return False
     _SRAND(int.from_bytes(os.urandom(4), "little"))
     return True
+
+
+def connection_label(connection: str) -> str:
+    """How the log names a connection (its routing id, as the listener keys it): 10 hex digits
+    of a digest keyed for this process, the same for the process's life (lines about one
+    connection still go together) but no clue to the routing ids the ROUTER generates: with
+    one of them a log reader could name its own connection after the next (module doc)."""
+    return hashlib.blake2b(connection.encode(), key=_LABEL_KEY, digest_size=5).hexdigest()

@@ -13,6 +13,7 @@ import meshpost.node.events as events
 from meshpost.errors import MalformedFrame
 from meshpost.node import Node, PeerChange, PeerChanged
 from meshpost.protocol import LinkRefused, PeerLeft, PeerLost, SessionClaimed, ViolationDetected
+from meshpost.transport.routing_ids import connection_label
 
 
 def peer_changes(node: Node) -> list[object]:
@@ -75,5 +76,7 @@ def test_violations_and_name_claims_are_counted_and_logged_not_published(
     assert node.stats.violations == 1
     assert node.stats.name_claims == 2
     assert queue.empty()
-    assert "protocol violation by B: bad bytes" in caplog.text
-    assert "refused connection conn-3 saying Hello as B" in caplog.text
+    # Connections are named by a keyed digest of their routing id, never by the id itself.
+    assert f"protocol violation by connection {connection_label('B')}: bad bytes" in caplog.text
+    assert f"refused connection {connection_label('conn-3')} saying Hello as B" in caplog.text
+    assert "conn-3" not in caplog.text
