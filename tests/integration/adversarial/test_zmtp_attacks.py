@@ -63,6 +63,25 @@ def answers_a_fresh_connection(endpoint: str, curve: tuple[bytes, bytes, bytes] 
         ctx.destroy(0)
 
 
+async def attacked_while_a_sends(
+    mesh: Any, attack: Callable[[str], Any], after: str,
+    curve: tuple[bytes, bytes, bytes] | None = None,
+) -> None:
+    """Start `mesh`, keep A sending to B, await `attack(B's endpoint)`; then B must be up and
+    answer a fresh connection, and A's next message (`after`) and every one before it must be
+    stored once on each side (`Mesh.finish`)."""
+    await mesh.start()
+    endpoint = mesh.endpoint("B")
+    done = asyncio.Event()
+    mesh.keep_streaming("A", "B", done, pause_s=0.05)
+    await attack(endpoint)
+    assert mesh.alive("B")
+    assert await asyncio.to_thread(answers_a_fresh_connection, endpoint, curve)
+    done.set()
+    await mesh.send("A", "B", after)
+    await mesh.finish()
+
+
 def _exchange(endpoint: str, data: bytes, *, then_close: bool = True) -> bool:
     """Send `data` on a raw connection; whether the node closed it within CLOSE_WAIT_S."""
     peer = z.RawPeer(endpoint)
@@ -140,24 +159,15 @@ def test_bad_greetings_and_handshakes_cost_only_their_own_connection(
     stored once."""
     mesh = mesh_factory(["A", "B"], transport="tcp", seed=61)
 
-    async def scenario() -> None:
-        await mesh.start()
-        endpoint = mesh.endpoint("B")
-        done = asyncio.Event()
-        mesh.keep_streaming("A", "B", done, pause_s=0.05)
+    async def attack(endpoint: str) -> None:
         closed = await asyncio.gather(*(
             asyncio.to_thread(_exchange, endpoint, data, then_close=must_close)
             for _label, data, must_close in BEFORE_HANDSHAKE))
         mesh.extra["closed"] = f"{sum(closed)}/{len(closed)}"
         assert all(closed), [label for (label, *_), c in zip(BEFORE_HANDSHAKE, closed,
                                                              strict=True) if not c]
-        assert mesh.alive("B")
-        assert await asyncio.to_thread(answers_a_fresh_connection, endpoint)
-        done.set()
-        await mesh.send("A", "B", "after the bad greetings")
-        await mesh.finish()
 
-    mesh.run(scenario)
+    mesh.run(lambda: attacked_while_a_sends(mesh, attack, "after the bad greetings"))
 
 
 #: What a peer may send after a correct handshake: ZMTP commands and frame shapes no pyzmq
@@ -201,11 +211,7 @@ def test_odd_commands_and_frames_after_the_handshake_cost_no_message(
     stored once."""
     mesh = mesh_factory(["A", "B"], transport="tcp", seed=62)
 
-    async def scenario() -> None:
-        await mesh.start()
-        endpoint = mesh.endpoint("B")
-        done = asyncio.Event()
-        mesh.keep_streaming("A", "B", done, pause_s=0.05)
+    async def attack(endpoint: str) -> None:
         results = await asyncio.gather(*(
             asyncio.to_thread(_after_ready, endpoint, data, props, minor=minor)
             for _label, data, props, minor in AFTER_READY))
@@ -218,13 +224,8 @@ def test_odd_commands_and_frames_after_the_handshake_cost_no_message(
                           closed=sum(o == "closed" for o in outcomes.values()),
                           pongs=len(pongs))
         print(outcomes)
-        assert mesh.alive("B")
-        assert await asyncio.to_thread(answers_a_fresh_connection, endpoint)
-        done.set()
-        await mesh.send("A", "B", "after the odd frames")
-        await mesh.finish()
 
-    mesh.run(scenario)
+    mesh.run(lambda: attacked_while_a_sends(mesh, attack, "after the odd frames"))
 
 
 #: Meshpost Pings a peer sends without ever reading the node's answers to them.
@@ -329,11 +330,7 @@ def test_secure_handshake_abuse_costs_no_message(mesh_factory: MeshFactory) -> N
     a_secret, a_public = keys.load_own(mesh.data_dir("A"))
     curve = (b_public, a_public, a_secret)
 
-    async def scenario() -> None:
-        await mesh.start()
-        endpoint = mesh.endpoint("B")
-        done = asyncio.Event()
-        mesh.keep_streaming("A", "B", done, pause_s=0.05)
+    async def attack(endpoint: str) -> None:
         # An authorized client's handshake and first frame, through a recording relay.
         recorder = Recorder(endpoint)
         relay = asyncio.create_task(asyncio.to_thread(recorder.relay, 3.0))
@@ -347,13 +344,8 @@ def test_secure_handshake_abuse_costs_no_message(mesh_factory: MeshFactory) -> N
                                         for data in attacks.values()))
         mesh.extra.update(replayed_bytes=len(replayed), closed=f"{sum(closed)}/{len(closed)}")
         assert all(closed), dict(zip(attacks, closed, strict=True))
-        assert mesh.alive("B")
-        assert await asyncio.to_thread(answers_a_fresh_connection, endpoint, curve)
-        done.set()
-        await mesh.send("A", "B", "after the CURVE abuse")
-        await mesh.finish()
 
-    mesh.run(scenario)
+    mesh.run(lambda: attacked_while_a_sends(mesh, attack, "after the CURVE abuse", curve))
 
 
 #: A routing id a peer names its connection with in its READY (ZMTP allows 255 bytes, libzmq
