@@ -346,9 +346,14 @@ def test_undecodable_input_is_answered_bad_request_with_id_zero(pair: Pair, raw:
     assert a.call("status", ANSWER_S)["type"] == "status"
 
 
-def test_a_multipart_request_gets_no_reply_and_the_node_keeps_serving(pair: Pair) -> None:
+def test_a_multipart_request_is_answered_bad_request_and_the_node_keeps_serving(
+    pair: Pair,
+) -> None:
     a = pair.client("A")
     a.send_raw([b"a", b"b"])
+    reply = a.recv_any(ANSWER_S)
+    error_of(reply, "bad_request", 2)
+    assert "one ZeroMQ message part, not 2" in reply["message"]
     assert a.call("status", ANSWER_S)["type"] == "status"
     assert a.stale == 0 and pair.nodes["A"].alive()
 

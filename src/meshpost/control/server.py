@@ -376,12 +376,22 @@ class ControlServer:
         if len(batch) == EVENTS_PER_REPLY:
             self._readable.set()  # more may wait: come back after the others had a turn
         for parts in batch:
-                if len(parts) != 2:
-                    continue
-                identity, data = parts
-                # One task per request, created in arrival order: a client's pipelined sends
-                # are posted in the order it sent them.
-                self._spawn(self._handle(identity, data))
+            if len(parts) != 2:
+                # A request is one part: say so rather than leave the client to time out.
+                self._spawn(self._refuse_parts(parts))
+                continue
+            identity, data = parts
+            # One task per request, created in arrival order: a client's pipelined sends
+            # are posted in the order it sent them.
+            self._spawn(self._handle(identity, data))
+
+    async def _refuse_parts(self, parts: list[bytes]) -> None:
+        """Answer a request of `len(parts) - 1` parts (ROUTER's first part is the client's
+        routing id) `bad_request`, with its first part's `id` if it has one."""
+        error = BadControlRequest(f"a control request is one ZeroMQ message part, not "
+                                  f"{len(parts) - 1} (docs/protocol.md 14.2)")
+        await self._reply(parts[0], ErrorReply.of(
+            error, _salvaged_id(parts[1]) if len(parts) > 1 else 0))
 
     async def _handle(self, identity: bytes, data: bytes) -> None:
         request_id = 0
@@ -397,6 +407,11 @@ class ControlServer:
             log.exception("[%s] control request failed", self.node.name)
             reply = ErrorReply(kind="internal", message=describe_error(exc), exit_code=1,
                                id=request_id)
+        await self._reply(identity, reply)
+
+    async def _reply(self, identity: bytes, reply: Reply) -> None:
+        """Send `reply` to the client `identity`, waiting while its queue is full."""
+        request_id = reply.id
         frames = [identity, encoder.encode(reply)]
         for _ in range(SEND_ATTEMPTS):
             try:
