@@ -374,6 +374,9 @@ class NodeStats:
     store_corrupt: int = 0
     #: Inbound connections shut down because `max_inbound_connections` were open.
     inbound_refused: int = 0
+    #: Inbound frames the transport dropped before the protocol: more than one part after
+    #: the routing id, or a connection's routing id over 255 bytes (each logged, paced).
+    inbound_dropped: int = 0
     #: Request handlers that raised (the request stays unanswered; logged).
     handler_errors: int = 0
     #: Replies stored but linked to no request waiting here (late beyond memory, or from

@@ -38,6 +38,12 @@ class Transport(Protocol):
         """Inbound connections shut down because the cap of open ones was reached."""
         ...
 
+    @property
+    def inbound_dropped(self) -> int:
+        """Inbound frames dropped before the protocol saw them: not one part after the
+        routing id, or from a connection whose routing id is over 255 bytes."""
+        ...
+
     def bind(self, endpoints: Sequence[str]) -> list[str]:
         """Listen on `endpoints`; return them as bound (ports resolved)."""
         ...

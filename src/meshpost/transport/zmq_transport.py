@@ -634,6 +634,10 @@ class ZmqTransport:
         """Inbound frames dropped for a routing id over MAX_ROUTING_ID_BYTES."""
         return self._long_id.count
 
+    @property
+    def inbound_dropped(self) -> int:
+        return self._multipart.count + self._long_id.count
+
     def _drop_long_id(self, length: int) -> None:
         """Count (and log, at the multipart lines' pace) a frame whose connection named
         itself with a routing id of `length` bytes, over MAX_ROUTING_ID_BYTES."""

@@ -390,6 +390,9 @@ def test_a_routing_id_of_a_megabyte_cannot_flood_the_log(mesh_factory: MeshFacto
         mesh.extra["log_growth_bytes"] = grown
         assert mesh.alive("B")
         assert grown < LONG_ID_LOG_BOUND, f"B's log grew by {grown} bytes"
+        # Counted where a user looks: every frame of that connection (the junk and the Ping).
+        stats = (await mesh.status("B"))["stats"]
+        assert stats["inbound_dropped"] == LONG_ID_FRAMES + 1, stats
         assert await asyncio.to_thread(answers_a_fresh_connection, endpoint)
         await mesh.finish()
 
