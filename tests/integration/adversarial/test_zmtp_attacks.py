@@ -469,6 +469,16 @@ PING_ROUNDS = 4
 ABORT_WAIT_S = 0.5
 
 
+
+def _ended_within(alive: Callable[[], bool], wait_s: float) -> bool:
+    """Whether the process `alive` watches ends within `wait_s` (polled every 50 ms)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if not alive():
+            return True
+        time.sleep(0.05)
+    return False
+
 def _ping_burst_then_reset(endpoint: str, alive: Callable[[], bool]) -> int | None:
     """Rounds of: handshake, the PING burst without reading anything back, a TCP reset. The
     round after which the node's process was gone, None if it survived them all."""
@@ -482,11 +492,8 @@ def _ping_burst_then_reset(endpoint: str, alive: Callable[[], bool]) -> int | No
             peer.reset()
         except (OSError, AssertionError):
             pass  # the node went away under us: looked at below
-        deadline = time.monotonic() + ABORT_WAIT_S
-        while time.monotonic() < deadline:
-            if not alive():
-                return round_
-            time.sleep(0.05)
+        if _ended_within(alive, ABORT_WAIT_S):
+            return round_
     return None
 
 
@@ -543,11 +550,8 @@ class HostileListener:
                     peer.handshake([(b"Socket-Type", b"ROUTER")], minor=1, as_server=True)
                     peer.send(PING_BURST)
                 peer.reset()
-                deadline = time.monotonic() + ABORT_WAIT_S
-                while time.monotonic() < deadline:
-                    if not alive():
-                        return round_
-                    time.sleep(0.05)
+                if _ended_within(alive, ABORT_WAIT_S):
+                    return round_
             return None
         finally:
             self.listener.close()
