@@ -377,6 +377,9 @@ class NodeStats:
     #: Inbound frames the transport dropped before the protocol: more than one part after
     #: the routing id, or a connection's routing id over 255 bytes (each logged, paced).
     inbound_dropped: int = 0
+    #: Secure mode: connections refused at the CURVE handshake, their key not on this node's
+    #: allowlist (each logged with the key).
+    denied_connections: int = 0
     #: Request handlers that raised (the request stays unanswered; logged).
     handler_errors: int = 0
     #: Replies stored but linked to no request waiting here (late beyond memory, or from

@@ -39,6 +39,11 @@ class Transport(Protocol):
         ...
 
     @property
+    def denied_connections(self) -> int:
+        """Secure mode: clients refused at the handshake, their key not on the allowlist."""
+        ...
+
+    @property
     def inbound_dropped(self) -> int:
         """Inbound frames dropped before the protocol saw them: not one part after the
         routing id, or from a connection whose routing id is over 255 bytes."""

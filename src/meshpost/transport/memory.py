@@ -58,6 +58,7 @@ class MemoryTransport:
         #: The fake has no connections to cap.
         self.inbound_refused = 0
         self.inbound_dropped = 0  # (frames here are never multipart, ids never long)
+        self.denied_connections = 0  # (no keys, no handshakes)
         self._inbound_paused = False
         #: Inbound frames that came while paused or before `start` (ZeroMQ queues those too).
         self._held: list[tuple[bytes, bytes]] = []

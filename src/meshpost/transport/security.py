@@ -21,25 +21,31 @@ ZAP_DOMAIN = "meshpost"
 
 
 class _Allowlist:
-    def __init__(self, names_by_key: Mapping[bytes, str]) -> None:
+    def __init__(self, names_by_key: Mapping[bytes, str], node: str) -> None:
         self.names_by_key = dict(names_by_key)
+        #: The node whose allowlist this is: a host's log holds many nodes' refusals.
+        self.node = node
         self.denied = 0
 
     def callback(self, domain: str, z85_key: bytes) -> bool:
         allowed = z85_key in self.names_by_key
         if not allowed:
             self.denied += 1
-            log.warning("CURVE client with unknown key %s denied", z85_key.decode("ascii"))
+            log.warning("[%s] CURVE client with unknown key %s denied", self.node,
+                        z85_key.decode("ascii"))
         return allowed
 
 
 class MeshAuthenticator(AsyncioAuthenticator):
     """ZAP handler that admits the mesh's peers and names each connection after its key."""
 
-    def __init__(self, context: zmq.asyncio.Context, peer_keys: Mapping[str, bytes]) -> None:
+    def __init__(self, context: zmq.asyncio.Context, peer_keys: Mapping[str, bytes], *,
+                 node: str) -> None:
+        """`context` must be the node's alone: ZAP has one handler per context, so nodes
+        sharing one would share this allowlist (a host gives each secure node its own)."""
         super().__init__(context)
         # Keys arrive Z85-encoded (as in key files); ZAP hands the callback Z85 too.
-        self.allowlist = _Allowlist({key: name for name, key in peer_keys.items()})
+        self.allowlist = _Allowlist({key: name for name, key in peer_keys.items()}, node)
         self.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self.allowlist)
 
     def curve_user_id(self, client_public_key: bytes) -> str:

@@ -287,7 +287,7 @@ class ZmqTransport:
         if self.secure:
             # Authenticator first, then CURVE on the socket, and ZAP_ENFORCE_DOMAIN so that a
             # missing or dead authenticator means no traffic at all (fail closed).
-            self._authenticator = MeshAuthenticator(self.context, self._peer_keys)
+            self._authenticator = MeshAuthenticator(self.context, self._peer_keys, node=name)
             self._authenticator.start()
             self._router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
             self._router.setsockopt(zmq.CURVE_SERVER, 1)
@@ -791,6 +791,7 @@ class ZmqTransport:
 
     @property
     def denied_connections(self) -> int:
+        """Secure mode: CURVE clients refused at the handshake (a key not on the allowlist)."""
         return self._authenticator.allowlist.denied if self._authenticator else 0
 
     def close(self) -> None:
