@@ -11,6 +11,7 @@ nodes", says what each test found.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,20 +24,25 @@ from zmq.utils.monitor import recv_monitor_message
 
 from meshpost import keys
 from meshpost.cluster import LocalCluster
+from meshpost.config import DEFAULT_MAX_MESSAGE_BYTES
 from meshpost.control import ControlClient, SendRequest, StatusRequest, checked
 from meshpost.protocol import (
     PROTOCOL_VERSION,
     Batch,
     Envelope,
     Hello,
+    Ping,
     Refuse,
     RefuseCode,
     Welcome,
     decode,
     encode,
 )
+from meshpost.protocol.frames import max_frame_bytes
 from meshpost.store import StoreReader
 from tests.integration.faults.checker import FAST_OPTIONS, Ledger, evaluate
+
+from . import zmtp_raw as z
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -97,9 +103,10 @@ class HostedMesh:
                 total += reader.counts().get("out/pending", 0)
         return total
 
-    def finish(self, running: Sequence[str]) -> None:
+    def finish(self, running: Sequence[str], *, foreign: Sequence[str] = ()) -> None:
         """Wait until no outbox of `running` holds a pending message, stop every host, and
-        check every attempted message stored once on each side."""
+        check every attempted message stored once on each side (`foreign`: senders the test
+        played by hand, whose rows the checker leaves alone)."""
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while self.pending(running):
             assert time.monotonic() < deadline, f"outboxes not drained: {self.pending(running)}"
@@ -107,7 +114,7 @@ class HostedMesh:
         codes = self.cluster.stop()
         assert all(code == 0 for code in codes.values()), codes
         stores = {n: self.data_dir(n) for n in running}
-        counts = evaluate("hosted", self.ledger, stores)
+        counts = evaluate("hosted", self.ledger, stores, foreign_senders=set(foreign))
         assert counts.clean, counts.line() + "\n" + "\n".join(counts.problems)
         assert counts.stored == counts.attempted == len(self.ledger)
 
@@ -213,5 +220,202 @@ def test_a_key_one_hosted_node_accepts_is_refused_by_another_node_of_its_process
         assert not [b for n in ("X", "Y") for b in bodies_at(mesh.data_dir(n))
                     if b.startswith("M as")]
         mesh.finish(["X", "Y"])
+    finally:
+        mesh.cluster.stop()
+
+
+# -- 2. a flood on one hosted node -----------------------------------------------------------
+
+#: Each flood is bounded by a count, not a time: the same input on every run.
+JUNK_FRAMES = 4 * 1_500
+MAX_SIZE_FRAMES = 12
+OVERSIZED_FRAMES = 3
+PEER_BATCHES = 12
+UNREAD_PINGS = 20_000
+ZMTP_PINGS = 2_000
+EXTRA_CONNECTIONS = 40
+#: B's (and every node's) inbound cap here: the connection flood goes beyond it.
+INBOUND_CAP = 16
+
+
+def _junk(endpoint: str) -> None:
+    """4 connections, each 1,500 undecodable 5-byte frames; never read."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        socks = []
+        for _ in range(4):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 2000)
+            sock.connect(endpoint)
+            socks.append(sock)
+        for _ in range(JUNK_FRAMES // 4):
+            for sock in socks:
+                sock.send(b"\x00junk")
+    finally:
+        ctx.destroy(2000)
+
+
+def _max_size(endpoint: str, frame_bytes: int) -> None:
+    """Undecodable frames of B's largest frame size, then some one byte over it (each of
+    those closes its connection, MAXMSGSIZE)."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 5000)
+        sock.connect(endpoint)
+        payload = b"\xff" * frame_bytes
+        for _ in range(MAX_SIZE_FRAMES):
+            sock.send(payload, copy=False)
+        for _ in range(OVERSIZED_FRAMES):
+            over = ctx.socket(zmq.DEALER)
+            over.setsockopt(zmq.LINGER, 5000)
+            over.connect(endpoint)
+            over.send(payload + b"!", copy=False)
+            over.close(5000)
+    finally:
+        ctx.destroy(5000)
+
+
+def _peer_batches(endpoint: str) -> list[str]:
+    """A peer of B only (E: B lists it, without --secure a name is all it takes) says Hello
+    and sends PEER_BATCHES Batches of 32 messages of 64 KiB, each near the largest frame; it
+    reads nothing back. Returns the bodies, which B must store once each."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    bodies = []
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 10_000)
+        sock.connect(endpoint)
+        sock.send(hello("E"))
+        seq = 0
+        for i in range(PEER_BATCHES):
+            now = time.time_ns()
+            envelopes = []
+            for j in range(32):
+                seq += 1
+                body = f"E>B {i}.{j} " + "e" * 65_000
+                bodies.append(body)
+                envelopes.append(Envelope(f"{now:x}e{seq:06d}", seq, "E", "B", body, now,
+                                          now + seq))
+            sock.send(encode(Batch(now, envelopes)), copy=False)
+    finally:
+        ctx.destroy(10_000)
+    return bodies
+
+
+def _unread_pings(endpoint: str) -> None:
+    """Meshpost Pings before any Hello, each answered `hello-required`; nothing is read."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 5000)
+        sock.connect(endpoint)
+        ping = encode(Ping(sent_at_ns=time.time_ns()))
+        for _ in range(UNREAD_PINGS):
+            sock.send(ping)
+    finally:
+        ctx.destroy(5000)
+
+
+def _zmtp_pings(endpoint: str) -> None:
+    """ZMTP by hand: a handshake, ZMTP_PINGS PING commands never read, then a reset."""
+    peer = z.RawPeer(endpoint)
+    try:
+        peer.handshake()
+        with contextlib.suppress(OSError):
+            peer.send(z.ping(ttl_ds=100, context=b"host") * ZMTP_PINGS)
+    finally:
+        peer.reset()
+
+
+def _connections(endpoint: str) -> int:
+    """EXTRA_CONNECTIONS + INBOUND_CAP raw connections held open at once (handshaken, idle):
+    how many B closed within the handshake interval."""
+    peers = []
+    closed = 0
+    try:
+        for _ in range(INBOUND_CAP + EXTRA_CONNECTIONS):
+            with contextlib.suppress(OSError, AssertionError):
+                peer = z.RawPeer(endpoint)
+                peers.append(peer)
+                peer.handshake()
+        closed = sum(p.closed_by_peer(0.2) for p in peers)
+    finally:
+        for peer in peers:
+            peer.close()
+    return closed
+
+
+def answers_a_fresh_connection(endpoint: str) -> bool:
+    """A new connection's Ping (before any Hello) gets B's `hello-required`."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        sock.send(encode(Ping(sent_at_ns=time.time_ns())))
+        got = answer(sock)
+        return isinstance(got, Refuse) and got.code == RefuseCode.HELLO_REQUIRED
+    finally:
+        ctx.destroy(0)
+
+
+@pytest.mark.timeout(400)
+def test_a_flood_on_one_hosted_node_costs_the_others_of_its_process_no_message(
+    short_tmp: Path,
+) -> None:
+    """A, B, C in one host, D in another. While B takes junk frames, frames of its largest
+    size and over it, a peer's near-largest batches (stored), Pings nobody reads, raw ZMTP
+    PINGs and more connections than its cap, A, C and D keep exchanging: every one of their
+    messages is receipted and stored once; B still answers and exchanges after; what the
+    flood cost is counted at B alone (A's and C's counters stay at zero)."""
+    mesh = HostedMesh(short_tmp, ["A", "B", "C", "D"], per_process=3,
+                      peers={"A": ["B", "C", "D"], "B": ["A", "C", "E"], "C": ["A", "B"],
+                             "D": ["A"]},
+                      options={"max_inbound_connections": INBOUND_CAP})
+    config = mesh.cluster.config_path
+    config.write_text(config.read_text(encoding="utf-8")
+                      + f'[nodes.E]\nbind = ["ipc://{short_tmp}/E.sock"]\n', encoding="utf-8")
+    endpoint = mesh.endpoint("B")
+    good = [("A", "C"), ("C", "A"), ("D", "A"), ("A", "D")]
+    try:
+        mesh.cluster.start()
+        assert mesh.host_pid("A") == mesh.host_pid("B") == mesh.host_pid("C") != \
+            mesh.host_pid("D")
+        for sender, to in [*good, ("A", "B"), ("B", "C")]:
+            assert mesh.send(sender, to)
+        frame_bytes = max_frame_bytes(DEFAULT_MAX_MESSAGE_BYTES)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+            attacks = [pool.submit(_junk, endpoint), pool.submit(_max_size, endpoint, frame_bytes),
+                       pool.submit(_unread_pings, endpoint), pool.submit(_zmtp_pings, endpoint)]
+            batches = pool.submit(_peer_batches, endpoint)
+            connections = pool.submit(_connections, endpoint)
+            rounds = 0
+            # The good pairs go on for as long as the flood runs, and one round after.
+            while rounds == 0 or not all(f.done() for f in [*attacks, batches, connections]):
+                for sender, to in good:
+                    assert mesh.send(sender, to), f"{sender}->{to} not receipted in the flood"
+                rounds += 1
+            for attack in attacks:
+                attack.result()
+            peer_bodies = batches.result()
+            closed = connections.result()
+        assert closed >= EXTRA_CONNECTIONS - 4, closed  # (a few may still be handshaking)
+        assert answers_a_fresh_connection(endpoint)
+        for sender, to in [*good, ("A", "B"), ("B", "A"), ("C", "B")]:
+            assert mesh.send(sender, to), f"{sender}->{to} after the flood"
+        stats = {n: mesh.status(n)["stats"] for n in ("A", "B", "C")}
+        assert stats["B"]["violations"] >= JUNK_FRAMES + MAX_SIZE_FRAMES, stats["B"]
+        assert stats["B"]["inbound_refused"] > 0, stats["B"]
+        for name in ("A", "C"):
+            assert stats[name]["violations"] == stats[name]["inbound_refused"] == 0, (
+                name, stats[name])
+        # E's messages: B stores each once (and receipts them to E, who never reads).
+        until = time.monotonic() + DRAIN_TIMEOUT_S
+        while sorted(b for b in bodies_at(mesh.data_dir("B")) if b.startswith("E>B")) \
+                != sorted(peer_bodies):
+            assert time.monotonic() < until, "E's messages not all stored at B"
+            time.sleep(0.2)
+        mesh.finish(["A", "B", "C", "D"], foreign=["E"])
     finally:
         mesh.cluster.stop()
