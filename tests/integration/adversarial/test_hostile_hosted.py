@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
+import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +29,8 @@ from meshpost import keys
 from meshpost.cluster import LocalCluster
 from meshpost.config import DEFAULT_MAX_MESSAGE_BYTES
 from meshpost.control import ControlClient, SendRequest, StatusRequest, checked
+from meshpost.errors import ControlUnavailable
+from meshpost.host import HostClient
 from meshpost.protocol import (
     PROTOCOL_VERSION,
     Batch,
@@ -39,7 +44,7 @@ from meshpost.protocol import (
     encode,
 )
 from meshpost.protocol.frames import max_frame_bytes
-from meshpost.store import StoreReader
+from meshpost.store import DB_FILENAME, StoreReader
 from tests.integration.faults.checker import FAST_OPTIONS, Ledger, evaluate
 
 from . import zmtp_raw as z
@@ -61,10 +66,11 @@ class HostedMesh:
     def __init__(self, root: Path, names: Sequence[str], *, per_process: int,
                  peers: Mapping[str, Sequence[str]] | None = None,
                  extra_args: Sequence[str] = (),
-                 options: Mapping[str, Any] | None = None) -> None:
+                 options: Mapping[str, Any] | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.cluster = LocalCluster.create(
             root, len(names), names=list(names), transport="ipc", per_process=per_process,
-            peers=peers, extra_args=tuple(extra_args),
+            peers=peers, extra_args=tuple(extra_args), env=env,
             options={**FAST_OPTIONS, "sync": "normal", **(options or {})})
         self.ledger = Ledger()
         self.count = 0
@@ -419,3 +425,128 @@ def test_a_flood_on_one_hosted_node_costs_the_others_of_its_process_no_message(
         mesh.finish(["A", "B", "C", "D"], foreign=["E"])
     finally:
         mesh.cluster.stop()
+
+
+# -- 3. one hosted node's store fails --------------------------------------------------------
+
+#: Loaded into every process of the host (PYTHONPATH): a node's `Store.apply` raises (a bug,
+#: not a store condition: the writer breaks, the node fails) once `break-now` exists in its
+#: data dir, as tests/integration/test_node_failure.py breaks a lone node.
+BREAKER = """
+from pathlib import Path
+
+from meshpost.store import Store
+
+_apply = Store.apply
+
+
+def apply(self, *args, **kwargs):
+    if (Path(self.path).parent / "break-now").exists():
+        raise RuntimeError("injected store bug")
+    return _apply(self, *args, **kwargs)
+
+
+Store.apply = apply
+"""
+
+
+def host_status(mesh: HostedMesh, name: str) -> Any:
+    with HostClient(mesh.cluster.host_of(name).data_dir) as client:
+        return client.request("status", timeout_s=ANSWER_WAIT_S)
+
+
+def wait_for(what: str, check: Any, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout_s}s: {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(400)
+def test_a_hosted_node_whose_store_fails_leaves_the_others_of_its_process_serving(
+    short_tmp: Path,
+) -> None:
+    """A, B, C in one host, D in another. B's store is write-locked by another process, then
+    read-only (as fault battery test 9 makes them): B retries and says so, the others serve,
+    and B catches up once it clears. Then B's store breaks for good (its writer fails): the
+    host records B failed and counts it, the others serve, A's message to B waits in A's
+    outbox, and B restarted in its host takes it, stored once."""
+    site = short_tmp / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BREAKER, encoding="utf-8")
+    mesh = HostedMesh(short_tmp, ["A", "B", "C", "D"], per_process=3,
+                      env={"PYTHONPATH": os.pathsep.join(
+                          [str(site), *filter(None, [os.environ.get("PYTHONPATH")])])})
+    good = [("A", "C"), ("C", "A"), ("D", "A"), ("C", "D")]
+    db = mesh.data_dir("B") / DB_FILENAME
+    try:
+        mesh.cluster.start()
+        for sender, to in [*good, ("A", "B"), ("B", "C")]:
+            assert mesh.send(sender, to)
+
+        # A write lock held by another process: B retries, reports it, the others serve.
+        locker = sqlite3.connect(str(db), timeout=10, isolation_level=None)
+        try:
+            locker.execute("BEGIN IMMEDIATE")
+            assert not mesh.send("A", "B", receipt_timeout_s=1.0)
+            for sender, to in good:
+                assert mesh.send(sender, to), f"{sender}->{to} while B's store is locked"
+            wait_for("B to report its retries",
+                     lambda: mesh.status("B")["stats"]["store_retry_attempts"] > 0)
+            assert mesh.status("B")["stats"]["store_retry_error"].startswith("store_locked")
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                locker.execute("ROLLBACK")
+            locker.close()
+        wait_for("A's message to B receipted once B's store is free",
+                 lambda: mesh.pending(["A"]) == 0)
+
+        # Its database and WAL immutable (a disk error: SQLite's SQLITE_IOERR): the same.
+        files = [db, db.with_name(db.name + "-wal")]
+        try:
+            chattr = subprocess.run(["chattr", "+i", *map(str, files)], capture_output=True,
+                                    text=True, check=False)
+            assert chattr.returncode == 0, f"this test needs `chattr +i`: {chattr.stderr}"
+            assert not mesh.send("A", "B", receipt_timeout_s=1.0)
+            for sender, to in good:
+                assert mesh.send(sender, to), f"{sender}->{to} while B's store is read-only"
+            wait_for("B to report its retries",
+                     lambda: mesh.status("B")["stats"]["store_retry_error"]
+                     .startswith("storage"))
+        finally:
+            subprocess.run(["chattr", "-i", *map(str, files)], check=False)
+        wait_for("A's message to B receipted once B's store is writable",
+                 lambda: mesh.pending(["A"]) == 0)
+
+        # The store breaks for good: B fails, counted by its host; the others serve.
+        (mesh.data_dir("B") / "break-now").touch()
+        assert not mesh.send("A", "B", receipt_timeout_s=1.0)
+
+        def b_failed() -> bool:
+            states = {n.name: n for n in host_status(mesh, "B").nodes}
+            return states["B"].state == "failed"
+
+        wait_for("B failed in its host's status", b_failed)
+        reply = host_status(mesh, "B")
+        assert reply.failures == 1, reply
+        assert {n.name: n.state for n in reply.nodes} == {
+            "A": "serving", "B": "failed", "C": "serving"}, reply
+        assert "injected store bug" in (next(n for n in reply.nodes if n.name == "B").error
+                                        or "")
+        with pytest.raises(ControlUnavailable):
+            ControlClient(mesh.data_dir("B"), name="B").request(StatusRequest(), timeout_s=2)
+        for sender, to in good:
+            assert mesh.send(sender, to), f"{sender}->{to} after B failed"
+        assert mesh.pending(["A"]) == 1  # A's message to B waits, stored at A
+
+        # Repaired and restarted inside its running host: it takes what waited, once.
+        (mesh.data_dir("B") / "break-now").unlink()
+        pid = mesh.host_pid("B")
+        mesh.cluster.restart("B")  # the host endpoint's `restart`
+        assert mesh.host_pid("B") == pid
+        for sender, to in [*good, ("A", "B"), ("B", "A")]:
+            assert mesh.send(sender, to)
+        mesh.finish(["A", "B", "C", "D"])
+    finally:
+        mesh.cluster.stop()
+
