@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -28,9 +29,20 @@ from zmq.utils.monitor import recv_monitor_message
 from meshpost import keys
 from meshpost.cluster import LocalCluster
 from meshpost.config import DEFAULT_MAX_MESSAGE_BYTES
-from meshpost.control import ControlClient, SendRequest, StatusRequest, checked
+from meshpost.control import (
+    ENDPOINT_FILE,
+    ControlClient,
+    ErrorReply,
+    EventsReply,
+    EventsRequest,
+    GroupRequest,
+    SendRequest,
+    StatusRequest,
+    checked,
+)
+from meshpost.control.messages import encoder, reply_decoder
 from meshpost.errors import ControlUnavailable
-from meshpost.host import HostClient
+from meshpost.host import HOST_ENDPOINT_FILE, HostClient, HostReply, HostRequest
 from meshpost.protocol import (
     PROTOCOL_VERSION,
     Batch,
@@ -550,3 +562,85 @@ def test_a_hosted_node_whose_store_fails_leaves_the_others_of_its_process_servin
     finally:
         mesh.cluster.stop()
 
+
+
+# -- 4. control: each hosted node's socket answers for itself --------------------------------
+
+
+def _raw_request(endpoint: str, payload: bytes, routing_id: bytes) -> bytes:
+    """One request on a DEALER with the routing id `routing_id`; the reply's bytes."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
+        sock.connect(endpoint)
+        sock.send(payload)
+        assert sock.poll(int(ANSWER_WAIT_S * 1000) * 3), f"no reply from {endpoint}"
+        return sock.recv()
+    finally:
+        ctx.destroy(0)
+
+
+def _control_endpoint(mesh: HostedMesh, name: str) -> str:
+    return (mesh.data_dir(name) / ENDPOINT_FILE).read_text(encoding="utf-8").split()[0]
+
+
+@pytest.mark.timeout(240)
+def test_a_hosted_nodes_control_socket_acts_for_that_node_alone(short_tmp: Path) -> None:
+    """X and Y in one host (Z in another): X's control socket answers as X, sends as X, joins
+    X to a group and subscribes to X's events only, even for a client using the same routing
+    id at Y; a host request sent to X's control socket, or a control request to the host's
+    endpoint, is refused and acts on nothing."""
+    mesh = HostedMesh(short_tmp, ["X", "Y", "Z"], per_process=2)
+    try:
+        mesh.cluster.start()
+        x_end, y_end = _control_endpoint(mesh, "X"), _control_endpoint(mesh, "Y")
+        assert x_end != y_end
+        x, y = mesh.status("X"), mesh.status("Y")
+        assert (x["name"], y["name"]) == ("X", "Y")
+        assert x["pid"] == y["pid"] and x["node_id"] != y["node_id"]
+
+        # One client routing id, a subscription at each: each sees its own node's arrivals.
+        same = b"one-client"
+        for end in (x_end, y_end):
+            got = reply_decoder.decode(_raw_request(end, encoder.encode(
+                EventsRequest(wait_s=0.0, id=1)), same))
+            assert isinstance(got, EventsReply), got
+        assert mesh.send("Z", "X") and mesh.send("Z", "Y") and mesh.send("X", "Z")
+        seen = {}
+        for name, end in (("X", x_end), ("Y", y_end)):
+            got = reply_decoder.decode(_raw_request(end, encoder.encode(
+                EventsRequest(wait_s=5.0, id=2)), same))
+            assert isinstance(got, EventsReply), got
+            seen[name] = {(i.sender, i.body) for i in got.incoming}
+        assert seen == {"X": {("Z", "Z>X #1")}, "Y": {("Z", "Z>Y #2")}}, seen
+
+        # A group joined through X's socket has X as a member, never Y.
+        with ControlClient(mesh.data_dir("X"), name="X") as client:
+            joined = checked(client.request(GroupRequest(action="join", group="ops", id=3),
+                                            timeout_s=ANSWER_WAIT_S))
+        assert joined.members == ["X"], joined
+        wait_for("Y to hear that X joined", lambda: "ops" in mesh.status("Y")["groups"])
+        assert mesh.status("Y")["groups"]["ops"] == ["X"]
+        # X's send through its socket left from X: Z stored it from X, Y sent nothing.
+        with StoreReader.for_data_dir(mesh.data_dir("Z")) as reader:
+            assert [(m.sender, m.body) for m in reader.history(direction="in")
+                    if ">" in m.body] == [("X", "X>Z #3")]
+        with StoreReader.for_data_dir(mesh.data_dir("Y")) as reader:
+            assert not reader.history(direction="out")
+
+        # The host's records and the nodes' do not mix: each endpoint refuses the other's.
+        folder = mesh.cluster.host_of("Y").data_dir
+        restart = msgspec.msgpack.encode(HostRequest("restart", "Y", 7))
+        got = reply_decoder.decode(_raw_request(x_end, restart, b"host-client"))
+        assert isinstance(got, ErrorReply) and got.kind == "bad_request", got
+        host_end = (folder / HOST_ENDPOINT_FILE).read_text(encoding="utf-8").split()[0]
+        reply = msgspec.msgpack.decode(_raw_request(host_end, encoder.encode(
+            StatusRequest(id=8)), b"control-client"), type=HostReply)
+        assert reply.error is not None and reply.error.startswith("bad host request"), reply
+        assert {n.name: n.starts for n in host_status(mesh, "Y").nodes} == {"X": 1, "Y": 1}
+        assert mesh.status("Y")["node_id"] == y["node_id"]
+        mesh.finish(["X", "Y", "Z"])
+    finally:
+        mesh.cluster.stop()
