@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import signal
 import sqlite3
 import subprocess
 import time
@@ -642,5 +643,44 @@ def test_a_hosted_nodes_control_socket_acts_for_that_node_alone(short_tmp: Path)
         assert {n.name: n.starts for n in host_status(mesh, "Y").nodes} == {"X": 1, "Y": 1}
         assert mesh.status("Y")["node_id"] == y["node_id"]
         mesh.finish(["X", "Y", "Z"])
+    finally:
+        mesh.cluster.stop()
+
+
+# -- 5. the process dies: every node of it, and nothing lost ---------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_a_host_aborted_takes_its_nodes_down_together_and_loses_nothing(
+    short_tmp: Path,
+) -> None:
+    """What a libzmq assertion (abort()) in a host does: every node of that process goes at
+    once, the other hosts' messages to them wait in their own outboxes, nothing restarts the
+    host by itself, and `cluster restart` of one of its nodes starts the whole host again,
+    after which every waiting message is stored once."""
+    mesh = HostedMesh(short_tmp, ["A", "B", "C", "D"], per_process=2)
+    try:
+        mesh.cluster.start()
+        for sender, to in [("A", "B"), ("A", "C"), ("D", "B"), ("C", "A")]:
+            assert mesh.send(sender, to)
+        host = mesh.cluster.host_of("A")
+        assert host.process is not None
+        os.kill(host.pid, signal.SIGABRT)
+        assert host.process.wait(ANSWER_WAIT_S) == -signal.SIGABRT
+        for name in ("A", "B"):
+            with pytest.raises(ControlUnavailable):
+                ControlClient(mesh.data_dir(name), name=name).request(StatusRequest(),
+                                                                      timeout_s=2)
+        for sender, to in [("C", "A"), ("D", "B"), ("C", "B")]:
+            assert not mesh.send(sender, to, receipt_timeout_s=0.5)
+        assert mesh.pending(["C", "D"]) == 3
+        assert mesh.send("C", "D") and mesh.send("D", "C")  # the other host serves
+        assert not host.alive()  # nothing restarted it
+        restarted = mesh.cluster.restart("B")  # its host is dead: the whole host starts
+        assert restarted.pid != host.pid and mesh.host_pid("A") == restarted.pid
+        wait_for("every waiting message receipted", lambda: mesh.pending(["C", "D"]) == 0,
+                 timeout_s=DRAIN_TIMEOUT_S)
+        assert mesh.send("A", "D") and mesh.send("B", "C")
+        mesh.finish(["A", "B", "C", "D"])
     finally:
         mesh.cluster.stop()
