@@ -7,6 +7,7 @@ here, the result sink and the workers each queue has; it stores and posts throug
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import inspect
@@ -60,6 +61,13 @@ class WorkQueues:
         self.dispatchers: dict[str, WorkQueueDispatcher] = {}
         self.workers_of: dict[str, dict[str, tuple[int, bool]]] = {}
         self.serving: dict[str, tuple[TaskHandler, asyncio.Semaphore]] = {}
+        #: The threads of each served queue's blocking handler, as many as its tasks in
+        #: flight. Not the loop's default executor (`asyncio.to_thread`), which is shared:
+        #: by every node of a host process, and by this node's own store reads. A peer's
+        #: tasks in a slow handler held all of its threads (min(32, CPUs + 4), 6 on 2 cores,
+        #: against 16 tasks in flight), so the control socket of every node of the process
+        #: stopped answering, and none could open its store to (re)start, until they ended.
+        self._threads: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self.sink = ResultSink()
         self.wakeup = asyncio.Event()
         #: Completed tasks as (task id, worker), in order (ventilator).
@@ -87,6 +95,11 @@ class WorkQueues:
         if not is_valid_name(queue):
             raise InvalidMessage(f"{queue!r} is not a queue name (1-63 of A-Z a-z 0-9 _ . -)")
         self.serving[queue] = (handler, asyncio.Semaphore(max_inflight))
+        old = self._threads.pop(queue, None)
+        if old is not None:
+            old.shutdown(wait=False)
+        self._threads[queue] = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_inflight, thread_name_prefix=f"meshpost-{node.name}-{queue}")
         node._spawn_handler(self._run_stored_tasks(queue), "stored-tasks")
         header = PatternHeader(Kind.SERVE, "", queue, version=node.hlc.now())
         if node._links:
@@ -368,6 +381,13 @@ class WorkQueues:
         """The node's work-queue task: leases, dispatch and completions, on a timer; at
         start, the `done`s owed from before a restart (`_pay_owed_dones`)."""
         self._node._spawn_handler(self._pay_owed_dones(), "owed-dones")
+        try:
+            await self._tick()
+        finally:  # the node closes: no handler starts from now on
+            for threads in self._threads.values():
+                threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _tick(self) -> None:
         while True:
             if not self.dispatchers:  # not a ventilator (yet): no timer, no wake-ups
                 await self.wakeup.wait()
@@ -454,7 +474,8 @@ class WorkQueues:
                     return
                 try:
                     result = (handler(m.body) if inspect.iscoroutinefunction(handler)
-                              else await asyncio.to_thread(handler, m.body))
+                              else await asyncio.get_running_loop().run_in_executor(
+                                  self._threads[h.queue], handler, m.body))
                     if inspect.isawaitable(result):
                         result = await result
                 except Exception:

@@ -39,6 +39,7 @@ from meshpost.control import (
     GroupRequest,
     SendRequest,
     StatusRequest,
+    SubmitRequest,
     checked,
 )
 from meshpost.control.messages import encoder, reply_decoder
@@ -683,4 +684,86 @@ def test_a_host_aborted_takes_its_nodes_down_together_and_loses_nothing(
         assert mesh.send("A", "D") and mesh.send("B", "C")
         mesh.finish(["A", "B", "C", "D"])
     finally:
+        mesh.cluster.stop()
+
+
+# -- 6. a worker's handlers, busy: the other nodes of its process keep their threads ---------
+
+#: A task handler that blocks until its release file exists (what a slow real handler is,
+#: without a time in the test): loaded in the host through PYTHONPATH.
+BLOCKING_HANDLER = """
+import os
+import time
+from pathlib import Path
+
+
+def wait(body):
+    release = Path(os.environ["HOSTADV_RELEASE"])
+    (release.parent / "started").mkdir(exist_ok=True)
+    (release.parent / "started" / body).touch()
+    while not release.exists():
+        time.sleep(0.02)
+    return body.upper()
+"""
+TASKS = 16
+#: Threads of an event loop's default executor (`asyncio.to_thread`'s), which W's handlers
+#: filled before they had threads of their own (on a machine of 12 CPUs or more, 16 tasks
+#: leave some free and the old code would pass: it is 6 on this project's 2-core machines).
+DEFAULT_EXECUTOR_THREADS = min(32, (os.cpu_count() or 1) + 4)
+
+
+@pytest.mark.timeout(300)
+def test_a_workers_busy_handlers_leave_the_other_nodes_of_its_process_their_threads(
+    short_tmp: Path,
+) -> None:
+    """W serves queue `work` with a handler that blocks (a slow job) and V, a peer in another
+    host, submits 16 tasks: W runs them at once (16 in flight per queue). S, hosted beside W,
+    must still answer its control socket (`status` reads its store on a thread) and restart
+    in place (its store opens on a thread), and W its own, while every handler still blocks;
+    then the handlers are released and every result reaches V, once."""
+    site = short_tmp / "site"
+    site.mkdir()
+    (site / "hosted_blocking.py").write_text(BLOCKING_HANDLER, encoding="utf-8")
+    release = short_tmp / "release"
+    mesh = HostedMesh(short_tmp, ["W", "S", "V"], per_process=2, env={
+        "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "HOSTADV_RELEASE": str(release)})
+    config = mesh.cluster.config_path
+    config.write_text(config.read_text(encoding="utf-8").replace(
+        "[nodes.W]\n", '[nodes.W]\nworker = ["work=hosted_blocking:wait"]\n'), encoding="utf-8")
+    try:
+        mesh.cluster.start()
+        assert mesh.host_pid("W") == mesh.host_pid("S") != mesh.host_pid("V")
+
+        def v_heard_w() -> bool:
+            with StoreReader.for_data_dir(mesh.data_dir("V")) as reader:
+                return any(r.sender == "W" and r.kind == "serve" for r in reader.history())
+
+        wait_for("V to hear that W serves `work`", v_heard_w)
+        bodies = [f"task {i}" for i in range(TASKS)]
+        with ControlClient(mesh.data_dir("V"), name="V") as client:
+            checked(client.request(SubmitRequest(queue="work", sink="V", bodies=bodies,
+                                                 lease_s=600.0), timeout_s=60))
+        wait_for("W to hold every task",
+                 lambda: sum(1 for b in bodies_at(mesh.data_dir("W")) if b in bodies) == TASKS)
+        # W's handlers started, as many as could (none returns: not released).
+        wait_for("W's handlers to start", lambda: len(list(
+            (short_tmp / "started").glob("*"))) >= min(TASKS, DEFAULT_EXECUTOR_THREADS))
+        assert mesh.status("S")["name"] == "S", "S's control socket answers"
+        assert mesh.status("W")["name"] == "W", "W's own control socket answers"
+        pid = mesh.host_pid("S")
+        mesh.cluster.restart("S")  # S's store opens again on a thread
+        assert mesh.host_pid("S") == pid
+        assert mesh.send("V", "S") and mesh.send("S", "V")
+        release.touch()
+
+        def results() -> list[str]:
+            with StoreReader.for_data_dir(mesh.data_dir("V")) as reader:
+                return [b for _t, _w, _m, b in reader.task_results()]
+
+        wait_for("every result at V", lambda: len(results()) == TASKS)
+        assert sorted(results()) == sorted(b.upper() for b in bodies)
+        mesh.finish(["W", "S", "V"])
+    finally:
+        release.touch()
         mesh.cluster.stop()
