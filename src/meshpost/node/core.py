@@ -14,6 +14,7 @@ their own modules.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -428,8 +429,15 @@ class Node:
             finally:
                 verifier.close()  # on this thread: the connection is never used by two
 
+        # A thread of its own, not the loop's default executor (`asyncio.to_thread`): the pass
+        # takes seconds to minutes (about 2.5 s a million rows), and that executor's few
+        # threads (min(32, CPUs + 4)) are every node's of a host process. Nine nodes of big
+        # stores in one host held them all: the later ones never opened their stores (on that
+        # executor) and no control socket of the host answered until the passes ended.
+        thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"meshpost-{self.name}-verify")
         try:
-            await asyncio.to_thread(run)
+            await asyncio.get_running_loop().run_in_executor(thread, run)
         except StoreCorrupt as exc:
             if self._writer is not None:
                 self._writer.fail(exc)
@@ -438,6 +446,7 @@ class Node:
                      verifier.rows_verified)
         finally:
             stop.set()
+            thread.shutdown(wait=False)  # `stop` ends it at its next step
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set. Raises `NodeFailed` if the node fails first (the caller

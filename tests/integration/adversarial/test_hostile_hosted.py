@@ -767,3 +767,68 @@ def test_a_workers_busy_handlers_leave_the_other_nodes_of_its_process_their_thre
     finally:
         release.touch()
         mesh.cluster.stop()
+
+
+# -- 7. big stores verified after start: the other nodes of the host still start ------------
+
+#: Loaded into the host (PYTHONPATH) once `slow-verify` exists: every store of more than 10
+#: rows is verified after start (as one of more than 100,000 is), and that pass does not end
+#: until `verify-release` exists (what 25-30 s for a store of 10M rows is, without a time).
+SLOW_VERIFIER = """
+import os
+import time
+from pathlib import Path
+
+flag = Path(os.environ["HOSTADV_SLOW_VERIFY"])
+if flag.exists():
+    import meshpost.store.sqlite as sqlite_module
+    from meshpost.store.verifier import Verifier
+
+    sqlite_module.OPEN_VERIFY_ROWS = 10
+    _step = Verifier.step
+
+    def step(self, *args, **kwargs):
+        while not flag.with_name("verify-release").exists():
+            time.sleep(0.02)
+        return _step(self, *args, **kwargs)
+
+    Verifier.step = step
+"""
+BIG_HOST = [f"N{i}" for i in range(1, 10)]
+
+
+@pytest.mark.timeout(400)
+def test_a_host_of_big_stores_starts_every_node_while_their_verification_runs(
+    short_tmp: Path,
+) -> None:
+    """Nine nodes in one host, each store big enough to be verified after start (here: more
+    than 10 rows, each pass held until released). Every node must start, serve and answer
+    its control socket while the passes run, and each pass then ends with its store good."""
+    site = short_tmp / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_VERIFIER, encoding="utf-8")
+    flag = short_tmp / "slow-verify"
+    mesh = HostedMesh(short_tmp, BIG_HOST, per_process=len(BIG_HOST), env={
+        "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "HOSTADV_SLOW_VERIFY": str(flag)})
+    pairs = list(zip(BIG_HOST, BIG_HOST[1:] + BIG_HOST[:1], strict=True))
+    try:
+        mesh.cluster.start()
+        for _ in range(8):  # 8 out and 8 in: 16 rows a store, more than 10
+            for sender, to in pairs:
+                assert mesh.send(sender, to)
+        mesh.cluster.stop()
+        flag.touch()
+        mesh.cluster.start()  # NodeNotStarted if a node does not serve and answer
+        for name in BIG_HOST:
+            assert mesh.status(name)["name"] == name
+        for sender, to in pairs:
+            assert mesh.send(sender, to)
+        flag.with_name("verify-release").touch()
+        host_log = mesh.cluster.host_of("N1").log_path
+        wait_for("every store verified", lambda: host_log.read_text(
+            errors="replace").count("store verified:") == len(BIG_HOST))
+        mesh.finish(BIG_HOST)
+    finally:
+        flag.with_name("verify-release").touch()
+        mesh.cluster.stop()
