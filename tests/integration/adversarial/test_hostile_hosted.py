@@ -14,7 +14,9 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import resource
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import psutil
 import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -81,9 +84,9 @@ class HostedMesh:
                  peers: Mapping[str, Sequence[str]] | None = None,
                  extra_args: Sequence[str] = (),
                  options: Mapping[str, Any] | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, transport: str = "ipc") -> None:
         self.cluster = LocalCluster.create(
-            root, len(names), names=list(names), transport="ipc", per_process=per_process,
+            root, len(names), names=list(names), transport=transport, per_process=per_process,
             peers=peers, extra_args=tuple(extra_args), env=env,
             options={**FAST_OPTIONS, "sync": "normal", **(options or {})})
         self.ledger = Ledger()
@@ -831,4 +834,69 @@ def test_a_host_of_big_stores_starts_every_node_while_their_verification_runs(
         mesh.finish(BIG_HOST)
     finally:
         flag.with_name("verify-release").touch()
+        mesh.cluster.stop()
+
+
+# -- 8. descriptors: connections to every node of a host at once ----------------------------
+
+#: The host's descriptor limit, soft and hard (set at its start: it cannot raise it).
+HOST_FD_LIMIT = 512
+#: Idle TCP connections opened to each hosted node, all held at once: together several
+#: times the host's whole limit.
+IDLE_PER_NODE = 300
+FD_LIMITER = f"""
+import resource
+
+resource.setrlimit(resource.RLIMIT_NOFILE, ({HOST_FD_LIMIT}, {HOST_FD_LIMIT}))
+"""
+
+
+def _idle_connections(port: int, count: int) -> list[socket.socket]:
+    opened = []
+    for _ in range(count):
+        with contextlib.suppress(OSError):  # a full backlog refuses before any descriptor
+            opened.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+    return opened
+
+
+@pytest.mark.timeout(300)
+def test_idle_connections_to_every_node_of_a_host_cannot_use_up_its_descriptors(
+    short_tmp: Path,
+) -> None:
+    """Four nodes in one host limited to 512 descriptors; 300 idle TCP connections to each
+    node, held at once. libzmq aborts the whole process when an accept on an ipc listener
+    (a control socket) meets EMFILE; each node's inbound cap is its share of the limit, so
+    the host lives, every node answers its control socket and exchanges, and each counts the
+    connections it refused."""
+    site = short_tmp / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FD_LIMITER, encoding="utf-8")
+    names = ["A", "B", "C", "D"]
+    mesh = HostedMesh(short_tmp, [*names, "E"], per_process=4, transport="tcp", env={
+        "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])})
+    pairs = [("A", "B"), ("B", "C"), ("C", "D"), ("D", "A"), ("E", "A"), ("C", "E")]
+    held: list[socket.socket] = []
+    try:
+        mesh.cluster.start()
+        host = mesh.cluster.host_of("A")
+        assert psutil.Process(host.pid).rlimit(resource.RLIMIT_NOFILE) == (
+            HOST_FD_LIMIT, HOST_FD_LIMIT)
+        for sender, to in pairs:
+            assert mesh.send(sender, to)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            for opened in pool.map(lambda n: _idle_connections(
+                    int(mesh.endpoint(n).rsplit(":", 1)[1]), IDLE_PER_NODE), names):
+                held += opened
+        assert len(held) > HOST_FD_LIMIT
+        for name in names:
+            assert mesh.status(name)["name"] == name, f"{name}'s control socket"
+        for sender, to in pairs:
+            assert mesh.send(sender, to), f"{sender}->{to} while the connections are held"
+        assert host.alive()
+        for name in names:
+            assert mesh.status(name)["stats"]["inbound_refused"] > 0, name
+        mesh.finish([*names, "E"])
+    finally:
+        for sock in held:
+            sock.close()
         mesh.cluster.stop()
