@@ -121,6 +121,12 @@ FD_LIMIT_CEILING = 1 << 20
 RECONNECT_IVL_MAX_MS = 1000
 #: Frames handled per reader callback before other callbacks get a turn (timers, other peers).
 DRAIN_BUDGET = 64
+#: Payload bytes the ROUTER's drain handles before the others get a turn (at least one frame
+#: is). Frames alone were no bound for big ones: 64 of the largest (3 MiB) were 192 MiB of
+#: copying and decoding, about 0.1-0.4 s, between two turns of every other socket and timer,
+#: which in a host process are the other nodes' (benchmarks/hosted_flood.py). The ROUTER is
+#: where anyone's frames come in; a DEALER reads what the listener it dialled sends back.
+DRAIN_BYTES_BUDGET = 1 << 20
 
 #: (routing identity, payload, CURVE user id or None) of a frame sent to our ROUTER.
 InboundHandler = Callable[[bytes, bytes, "str | None"], None]
@@ -325,6 +331,8 @@ class ZmqTransport:
         #: (so that drain looks at it once more before it returns).
         self._draining: zmq.Socket[bytes] | None = None
         self._sent_while_draining = False
+        #: Payload bytes the running drain has read from the ROUTER (DRAIN_BYTES_BUDGET).
+        self._drained_bytes = 0
         self._readers: list[int] = []
         # Last (nothing after it can fail) and before any bind: the guard learns the
         # listeners from their LISTENING events.
@@ -529,6 +537,7 @@ class ZmqTransport:
         if self._on_inbound is None:
             return
         outer, self._draining = self._draining, sock
+        outer_bytes, self._drained_bytes = self._drained_bytes, 0
         try:
             handled = 0
             look, most = False, 1 if sock is self._router else DRAIN_BUDGET
@@ -540,12 +549,13 @@ class ZmqTransport:
                     self._on_drained()
                 # `ended`: the socket said it has nothing (or may not be read); it was
                 # looked at after everything read, but not after what was sent meanwhile.
-                if handled >= DRAIN_BUDGET or (ended and not self._sent_while_draining):
+                full = handled >= DRAIN_BUDGET or self._drained_bytes >= DRAIN_BYTES_BUDGET
+                if full or (ended and not self._sent_while_draining):
                     break
                 look, most = True, DRAIN_BUDGET
         finally:
-            self._draining = outer
-        if handled >= DRAIN_BUDGET:
+            self._draining, self._drained_bytes = outer, outer_bytes
+        if full:
             self._schedule_drain(sock, again)  # more may wait: after the others' turn
 
     def _read(
@@ -558,14 +568,15 @@ class ZmqTransport:
         most: int = DRAIN_BUDGET,
     ) -> tuple[int, bool]:
         """Read and handle frames while `sock` has some, `most` at a time and up to
-        DRAIN_BUDGET in all; returns the new count, and whether reading ended because the
-        socket has nothing now or may not be read (False: `most` were read, none looked for
-        after them). `receive` raises `zmq.Again` when the socket is empty. `look`: ask
-        ZMQ_EVENTS before the first read too (after it, always)."""
+        DRAIN_BUDGET in all (or until the ROUTER's DRAIN_BYTES_BUDGET is spent); returns the
+        new count, and whether reading ended because the socket has nothing now or may not be
+        read (False: `most` were read, or the bytes spent, none looked for after them).
+        `receive` raises `zmq.Again` when the socket is empty. `look`: ask ZMQ_EVENTS before
+        the first read too (after it, always)."""
         limit = handled + most
         if limit > DRAIN_BUDGET:
             limit = DRAIN_BUDGET
-        while handled < limit:
+        while handled < limit and self._drained_bytes < DRAIN_BYTES_BUDGET:
             if sock is self._router and self._inbound_paused:
                 return handled, True
             try:
@@ -603,6 +614,7 @@ class ZmqTransport:
         # mode needs the frame's `User-Id` anyway).
         frame = _RECV(sock, _NOBLOCK, copy=False)
         payload, more = frame.bytes, frame.more
+        self._drained_bytes += len(payload)
         user_id: str | None = None
         if self._curve_secret is not None:
             with contextlib.suppress(zmq.ZMQError):
