@@ -3,8 +3,10 @@
 Rule: a hosted node is a whole node (its own store, identity, ROUTER endpoint and control
 socket, so every CLI command works on it as on a lone one, and the roles its mesh-file table
 gives it, set up by `meshpost.roles` as `meshpost node` sets them up); hosted nodes share only
-the event loop, one ZeroMQ context and the process's signals. A node that fails, at start or
-later, is reported and counted, and the others go on serving.
+the event loop (and its default thread pool), one ZeroMQ context (a secure node has its own:
+its own allowlist), the descriptor limit, the memory and the process's signals. A node that
+fails, at start or later, is reported and counted, and the others go on serving; what ends
+the process ends them all (docs/reliability.md, "Hostile peers against hosted nodes").
 """
 
 from __future__ import annotations
@@ -223,7 +225,9 @@ class NodeHost:
             async with contextlib.AsyncExitStack() as stack:
                 async with self._gate:
                     # A secure node keeps a context of its own: ZAP's handler endpoint
-                    # (inproc://zeromq.zap.01) exists once per context, one node's allowlist.
+                    # (inproc://zeromq.zap.01) exists once per context, one node's allowlist;
+                    # a shared one would let a key any hosted node lists into all of them
+                    # (test_hostile_hosted.py checks a key X lists is refused at Y).
                     node = await stack.enter_async_context(Node(
                         cfg, curve_keys=keys, peer_public_keys=peer_keys,
                         zmq_context=None if cfg.secure else self.context))
