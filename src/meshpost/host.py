@@ -27,7 +27,12 @@ import zmq
 import zmq.asyncio
 
 from meshpost.config import MeshConfig, NodeConfig, select_names
-from meshpost.control.server import ControlServer, control_endpoint_for, write_endpoint_file
+from meshpost.control.server import (
+    ControlServer,
+    _private_folder,
+    control_endpoint_for,
+    write_endpoint_file,
+)
 from meshpost.errors import ConfigError, HostNotAnswering, MeshpostError
 from meshpost.node import Node
 from meshpost.roles import NodeRoles, check_hosted_together, roles_from_options, running
@@ -103,8 +108,11 @@ def select_nodes(mesh: MeshConfig, spec: str) -> list[str]:
 
 
 def host_endpoint(folder: Path) -> str:
-    """The host's control endpoint for its folder (short paths inside it, as a node's)."""
-    return control_endpoint_for(folder).replace("control.sock", "host.sock")
+    """The host's control endpoint for its folder (short paths inside it, as a node's). A long
+    one's hashed name is `host.sock`'s: the folder may be one of its nodes' data dirs, and
+    hashed from `control.sock`, as it was, it was that node's control socket, which took it
+    over at the node's start."""
+    return control_endpoint_for(folder, socket_name="host.sock")
 
 
 # -- the host -----------------------------------------------------------------------------
@@ -304,7 +312,9 @@ class NodeHost:
         folder.mkdir(parents=True, exist_ok=True)
         endpoint = host_endpoint(folder)
         path = endpoint.removeprefix("ipc://")
-        Path(path).parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+        # Refused if another user owns it (whoever controls the folder can swap the socket),
+        # as a node's control socket's is.
+        _private_folder(os.path.dirname(path))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a stale socket of a killed host of this folder
         sock: zmq.Socket[bytes] = zmq.Socket(self.context, zmq.ROUTER)
@@ -325,16 +335,18 @@ class NodeHost:
         try:
             while True:
                 try:
-                    identity, data = sock.recv_multipart(zmq.NOBLOCK)
+                    identity, *parts = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     readable.clear()
                     if cast("int", sock.getsockopt(zmq.EVENTS)) & int(zmq.POLLIN):
                         continue  # ZMQ_FD is edge-triggered: look before sleeping
                     await readable.wait()
                     continue
-                except ValueError:  # not [identity, payload]: not ours to answer
-                    continue
-                reply = await self._answer(data)
+                if len(parts) == 1:
+                    reply = await self._answer(parts[0])
+                else:  # answered, not dropped: its client would wait out its timeout
+                    reply = self.status(error=f"bad host request: a host request is one "
+                                              f"ZeroMQ message part, not {len(parts)}")
                 with contextlib.suppress(zmq.ZMQError):
                     sock.send_multipart([identity, _encoder.encode(reply)], zmq.NOBLOCK)
         finally:

@@ -130,9 +130,10 @@ def _salvaged_id(data: bytes) -> int:
     return rid if type(rid) is int and 0 <= rid < 2**64 else 0
 
 
-def control_endpoint_for(data_dir: Path) -> str:
-    """The ipc endpoint for a data dir: inside it when the path is short enough."""
-    path = (data_dir / "control.sock").resolve()
+def control_endpoint_for(data_dir: Path, *, socket_name: str = "control.sock") -> str:
+    """The ipc endpoint for a data dir: inside it when the path is short enough. (A host's
+    endpoint is its folder's `host.sock`: `socket_name`.)"""
+    path = (data_dir / socket_name).resolve()
     if len(str(path)) <= _IPC_PATH_MAX:
         return f"ipc://{path}"
     # Unix socket paths are limited to ~107 bytes: fall back to a hashed name in a 0700

@@ -11,6 +11,7 @@ nodes", says what each test found.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import os
@@ -32,7 +33,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from meshpost import keys
 from meshpost.cluster import LocalCluster
-from meshpost.config import DEFAULT_MAX_MESSAGE_BYTES
+from meshpost.config import DEFAULT_MAX_MESSAGE_BYTES, MeshConfig
 from meshpost.control import (
     ENDPOINT_FILE,
     ControlClient,
@@ -47,7 +48,7 @@ from meshpost.control import (
 )
 from meshpost.control.messages import encoder, reply_decoder
 from meshpost.errors import ControlUnavailable
-from meshpost.host import HOST_ENDPOINT_FILE, HostClient, HostReply, HostRequest
+from meshpost.host import HOST_ENDPOINT_FILE, HostClient, HostReply, HostRequest, NodeHost
 from meshpost.protocol import (
     PROTOCOL_VERSION,
     Batch,
@@ -909,3 +910,55 @@ def test_idle_connections_to_every_node_of_a_host_cannot_use_up_its_descriptors(
         for sock in held:
             sock.close()
         mesh.cluster.stop()
+
+
+# -- 9. the host's own endpoint ----------------------------------------------------------------
+
+
+def test_the_host_endpoint_answers_every_request_and_keeps_its_socket_its_own(
+    short_tmp: Path,
+) -> None:
+    """The host's endpoint (`cluster status/restart`) is a local control socket too. A request
+    of two ZeroMQ parts gets an error reply (it got none: the client waited out its timeout,
+    as the nodes' control sockets did before docs/protocol.md 14.2). A host folder too long
+    for a socket path in it, given as one of its nodes' data dirs, got the very socket path
+    of that node's control socket (both hashed from `FOLDER/control.sock`): the node's bind
+    replaced the host's, and `cluster status` read a node's reply as the host's."""
+    folder = short_tmp / ("h" * 60) / ("o" * 40)
+    cluster = LocalCluster.create(short_tmp, 2, transport="ipc", options=FAST_OPTIONS)
+    mesh = MeshConfig.load(cluster.config_path)
+    configs = [mesh.node("A", data_dir=folder), mesh.node("B")]
+
+    async def scenario() -> None:
+        async with NodeHost(configs, folder=folder) as host:
+            assert host.serving == ["A", "B"]
+            reply = await asyncio.to_thread(_host_request, folder)
+            assert [n.name for n in reply.nodes] == ["A", "B"] and reply.error is None
+            endpoint = (folder / HOST_ENDPOINT_FILE).read_text(encoding="utf-8").split()[0]
+            assert endpoint != _control_endpoint_of(folder)
+            parts = await asyncio.to_thread(_two_parts, endpoint)
+            assert parts.error is not None and "one ZeroMQ message part" in parts.error, parts
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def _host_request(folder: Path) -> HostReply:
+    with HostClient(folder) as client:
+        return client.request("status", timeout_s=ANSWER_WAIT_S)
+
+
+def _control_endpoint_of(data_dir: Path) -> str:
+    return (data_dir / ENDPOINT_FILE).read_text(encoding="utf-8").split()[0]
+
+
+def _two_parts(endpoint: str) -> HostReply:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        sock.send_multipart([msgspec.msgpack.encode(HostRequest("status", "", 5)), b"more"])
+        assert sock.poll(int(ANSWER_WAIT_S * 1000)), "no reply to a request of two parts"
+        return msgspec.msgpack.decode(sock.recv(), type=HostReply)
+    finally:
+        ctx.destroy(0)
