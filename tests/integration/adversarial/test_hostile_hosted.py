@@ -57,6 +57,8 @@ from meshpost.protocol import (
     Ping,
     Refuse,
     RefuseCode,
+    Reject,
+    RejectCode,
     Welcome,
     decode,
     encode,
@@ -223,14 +225,19 @@ def test_a_key_one_hosted_node_accepts_is_refused_by_another_node_of_its_process
             assert isinstance(refused, Refuse) and refused.code == RefuseCode.HELLO_REQUIRED
             s.send(hello("M"))
             assert isinstance(answer(s), Welcome)
+            # Welcomed as M at X: a message for Y, X's neighbour in the process, is X's to
+            # reject; nothing reaches Y's store through X.
+            s.send(batch("M", "Y", "M as M to Y through X"))
+            rejected = answer(s)
+            assert isinstance(rejected, Reject) and rejected.code == RejectCode.INVALID, rejected
 
         # M's key at Y, in the same process, which does not list it: refused at the handshake.
         for claimed in ("M", "X"):
             with curve_dealer(mesh.endpoint("Y"), publics["Y"], m_public, m_secret) as (s, mon):
                 assert handshake_outcome(mon) == zmq.EVENT_HANDSHAKE_FAILED_AUTH
                 with contextlib.suppress(zmq.Again):  # no connection to queue on
-                    s.send(hello(claimed))
-                    s.send(batch(claimed, "Y", f"M as {claimed} at Y"))
+                    s.send(hello(claimed), zmq.NOBLOCK)
+                    s.send(batch(claimed, "Y", f"M as {claimed} at Y"), zmq.NOBLOCK)
                 assert not s.poll(1000), "Y answered a key it does not list"
 
         y_stats, x_stats = mesh.status("Y")["stats"], mesh.status("X")["stats"]
