@@ -8,7 +8,7 @@ that name. Without a running authenticator no connection is accepted (`ZAP_ENFOR
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import zmq
 import zmq.asyncio
@@ -21,18 +21,15 @@ ZAP_DOMAIN = "meshpost"
 
 
 class _Allowlist:
-    def __init__(self, names_by_key: Mapping[bytes, str], node: str) -> None:
+    def __init__(self, names_by_key: Mapping[bytes, str],
+                 on_denied: Callable[[str], None]) -> None:
         self.names_by_key = dict(names_by_key)
-        #: The node whose allowlist this is: a host's log holds many nodes' refusals.
-        self.node = node
-        self.denied = 0
+        self.on_denied = on_denied
 
     def callback(self, domain: str, z85_key: bytes) -> bool:
         allowed = z85_key in self.names_by_key
         if not allowed:
-            self.denied += 1
-            log.warning("[%s] CURVE client with unknown key %s denied", self.node,
-                        z85_key.decode("ascii"))
+            self.on_denied(z85_key.decode("ascii"))
         return allowed
 
 
@@ -40,12 +37,13 @@ class MeshAuthenticator(AsyncioAuthenticator):
     """ZAP handler that admits the mesh's peers and names each connection after its key."""
 
     def __init__(self, context: zmq.asyncio.Context, peer_keys: Mapping[str, bytes], *,
-                 node: str) -> None:
+                 on_denied: Callable[[str], None]) -> None:
         """`context` must be the node's alone: ZAP has one handler per context, so nodes
-        sharing one would share this allowlist (a host gives each secure node its own)."""
+        sharing one would share this allowlist (a host gives each secure node its own).
+        `on_denied(key)` is told each client key refused (Z85): the caller counts and logs."""
         super().__init__(context)
         # Keys arrive Z85-encoded (as in key files); ZAP hands the callback Z85 too.
-        self.allowlist = _Allowlist({key: name for name, key in peer_keys.items()}, node)
+        self.allowlist = _Allowlist({key: name for name, key in peer_keys.items()}, on_denied)
         self.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self.allowlist)
 
     def curve_user_id(self, client_public_key: bytes) -> str:

@@ -65,6 +65,8 @@ from meshpost.protocol import (
 )
 from meshpost.protocol.frames import max_frame_bytes
 from meshpost.store import DB_FILENAME, StoreReader
+from meshpost.transport.inbound import LOG_EVERY_S
+from meshpost.transport.zmq_transport import MULTIPART_LOG_BURST
 from tests.integration.faults.checker import FAST_OPTIONS, Ledger, evaluate
 
 from . import zmtp_raw as z
@@ -969,3 +971,36 @@ def _two_parts(endpoint: str) -> HostReply:
         return msgspec.msgpack.decode(sock.recv(), type=HostReply)
     finally:
         ctx.destroy(0)
+
+
+# -- 10. unknown keys, one after another -------------------------------------------------------
+
+UNKNOWN_KEYS = 200
+
+
+@pytest.mark.timeout(240)
+def test_handshakes_with_unknown_keys_are_counted_each_and_cannot_flood_the_hosts_log(
+    short_tmp: Path,
+) -> None:
+    """200 CURVE handshakes with made-up keys at Y, a secure hosted node: each refused and
+    counted at Y, but the host's log (every node's) takes 20 lines, then one every 10 s
+    saying how many went unlogged, as for the frames the transport drops: a line each (about
+    130 bytes a handshake) filled the disk at the speed of the handshakes."""
+    mesh = HostedMesh(short_tmp, ["X", "Y"], per_process=2, extra_args=["--secure"])
+    publics = keys.generate_mesh_keys({n: mesh.data_dir(n) for n in ("X", "Y")})
+    try:
+        mesh.cluster.start()
+        started = time.monotonic()
+        for _ in range(UNKNOWN_KEYS):
+            public, secret = zmq.curve_keypair()
+            with curve_dealer(mesh.endpoint("Y"), publics["Y"], public, secret) as (_s, mon):
+                assert handshake_outcome(mon) == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        elapsed = time.monotonic() - started
+        assert mesh.status("Y")["stats"]["denied_connections"] == UNKNOWN_KEYS
+        assert mesh.send("X", "Y") and mesh.send("Y", "X")
+        log_text = mesh.cluster.host_of("Y").log_path.read_text(errors="replace")
+        lines = log_text.count("[Y] CURVE client with unknown key")
+        assert lines <= MULTIPART_LOG_BURST + elapsed / LOG_EVERY_S + 1, lines
+        mesh.finish(["X", "Y"])
+    finally:
+        mesh.cluster.stop()
