@@ -188,6 +188,14 @@ def batch(sender: str, to: str, body: str) -> bytes:
     return encode(Batch(now, [Envelope(f"{now:x}hosted", 1_000_000, sender, to, body, now, 1)]))
 
 
+def wait_for(what: str, check: Any, timeout_s: float = 60.0) -> None:
+    """Poll `check()` until true; fail with `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout_s}s: {what}"
+        time.sleep(0.1)
+
+
 def bodies_at(data_dir: Path) -> list[str]:
     with StoreReader.for_data_dir(data_dir) as reader:
         return [m.body for m in reader.history(direction="in")]
@@ -489,13 +497,6 @@ Store.apply = apply
 def host_status(mesh: HostedMesh, name: str) -> Any:
     with HostClient(mesh.cluster.host_of(name).data_dir) as client:
         return client.request("status", timeout_s=ANSWER_WAIT_S)
-
-
-def wait_for(what: str, check: Any, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"not within {timeout_s}s: {what}"
-        time.sleep(0.1)
 
 
 @pytest.mark.timeout(400)
@@ -927,7 +928,8 @@ def test_idle_connections_to_every_node_of_a_host_cannot_use_up_its_descriptors(
 def test_the_host_endpoint_answers_every_request_and_keeps_its_socket_its_own(
     short_tmp: Path,
 ) -> None:
-    """The host's endpoint (`cluster status/restart`) is a local control socket too. A request
+    """The host's endpoint (`cluster status/restart`; a `NodeHost` in this process here) is a
+    local control socket too. A request
     of two ZeroMQ parts gets an error reply (it got none: the client waited out its timeout,
     as the nodes' control sockets did before docs/protocol.md 14.2). A host folder too long
     for a socket path in it, given as one of its nodes' data dirs, got the very socket path
