@@ -12,10 +12,14 @@ B's endpoint with one kind of hostile input:
 - `pings`: a DEALER sending meshpost Pings before any Hello, never reading the refusals;
 - `connections`: connections opened and closed as fast as a DEALER can.
 
-Prints per phase: A->C messages receipted per second, latency p50 / p99 / max (ms), what B
-counted, and this process's RSS.
+Each kind runs in a fresh host (a flood's backlog drains long after it stops). Prints per
+kind: A->C messages receipted per second, latency p50 / p99 / max (ms), what B counted, and
+this process's RSS (what the flood left queued: `batches` can take gigabytes in seconds, on
+a shared machine run it alone). `--b-apart` runs B in a process of its own instead: what
+hosting adds is the difference.
 
-    .venv/bin/python benchmarks/hosted_flood.py --messages 300 --kinds small large batches
+    .venv/bin/python benchmarks/hosted_flood.py --messages 300 --kinds small large
+    .venv/bin/python benchmarks/hosted_flood.py --messages 300 --kinds small large --b-apart
     PYTHONPATH=/path/to/other/src .venv/bin/python benchmarks/hosted_flood.py ...   # A/B
 """
 
