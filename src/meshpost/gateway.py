@@ -2,7 +2,9 @@
 
 Rule: a guest's message is answered only after the store has committed it (`received ...`,
 `queued for ...`) or refused it (`error: ...`); bad input costs its sender alone, never the
-node or another client. Line parsing and framing here are pure; only the servers do I/O.
+node or another client, and no answer is larger than the gateway can afford to buffer (TCP) or
+to send to an address it cannot verify (UDP). Framing, parsing and the answers' sizes are pure;
+only the servers do I/O.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import dataclasses
 import datetime
 import errno
 import logging
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from meshpost.errors import (
@@ -22,7 +24,14 @@ from meshpost.errors import (
     InvalidEndpoint,
     InvalidMessage,
     MeshpostError,
+    MessageTooLarge,
     UnknownPeer,
+)
+from meshpost.protocol.ratelimit import (
+    INPUT_WARNINGS_BURST,
+    INPUT_WARNINGS_PER_S,
+    Allowed,
+    RateLimiter,
 )
 from meshpost.store import StoreReader
 
@@ -39,6 +48,11 @@ DEFAULT_IDLE_GAP_S = 0.2
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 #: Connections served at once; one more is answered with an error and closed.
 DEFAULT_MAX_CLIENTS = 256
+#: Connections served at once from one IP address. Without it one host could hold every
+#: place: 256 connections each trickling a line a byte at a time, just under the idle gap
+#: (slowloris), kept every other guest out for as long as it kept trickling (a 64 KiB line at
+#: a byte per 0.19 s is three and a half hours, then it reconnects).
+DEFAULT_MAX_CLIENTS_PER_HOST = 64
 #: A committed message is answered within this; past it the guest is told the store is slow
 #: (the message may still be stored: the store retries, it never drops).
 STORE_TIMEOUT_S = 30.0
@@ -51,6 +65,19 @@ UDP_GUESTS_REMEMBERED = 4096
 UDP_MAX_IN_FLIGHT = 1024
 #: Largest UDP reply: one IPv4 datagram's payload.
 UDP_MAX_REPLY_BYTES = 65_507
+#: A UDP answer is at most this many times the size of the datagram it answers (or
+#: `UDP_REPLY_FLOOR_BYTES`). A datagram's source address is not proof of who sent it: a large
+#: answer to a small datagram with a forged source makes the node an amplifier aimed at that
+#: address (`/inbox`, 6 bytes, was answered with up to 65,507: 10,917 times its size).
+UDP_AMPLIFICATION = 3
+#: Every datagram may be answered with this much: an acknowledgement (69 bytes) or a short
+#: error. The worst ratio left, on the wire (28 bytes of IPv4 and UDP headers each way), is a
+#: 1-byte datagram answered with 128 bytes: 156 / 29, under 6.
+UDP_REPLY_FLOOR_BYTES = 128
+#: The most bytes of one answer over TCP (an `/inbox`, an error quoting a long `@target`):
+#: 200 messages of 64 KiB, their control characters escaped (4 bytes each), were a 52 MB
+#: `/inbox` answer held in memory for a client that reads nothing, 13 GB for 256 of them.
+TCP_MAX_ANSWER_BYTES = 1 << 20
 #: The answer to an empty line or datagram: nothing is stored, and the client that waits for
 #: an answer to each line it sends gets one.
 BLANK_ANSWER = "error: empty line; nothing stored (type some text, @NODE text, or /inbox)"
@@ -71,6 +98,7 @@ class GatewayConfig:
     idle_gap_s: float = DEFAULT_IDLE_GAP_S
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     max_clients: int = DEFAULT_MAX_CLIENTS
+    max_clients_per_host: int = DEFAULT_MAX_CLIENTS_PER_HOST
 
     @property
     def enabled(self) -> bool:
@@ -115,9 +143,11 @@ class Framer:
         *lines, rest = self._buffer.split(b"\n")
         self._buffer = bytearray(rest)
         for line in lines:
-            if len(line) > self.max_bytes + 1:  # + 1: a CR of a CRLF
-                raise GatewayInputError(_too_long(len(line), self.max_bytes))
-        if len(self._buffer) > self.max_bytes:
+            # The CR of a CRLF is not the message's: a line of max_bytes + 1 without one was
+            # answered `error:` and read on, one of max_bytes + 2 closed the connection.
+            if _size(line) > self.max_bytes:
+                raise GatewayInputError(_too_long(_size(line), self.max_bytes))
+        if _size(self._buffer) > self.max_bytes:
             raise GatewayInputError(_too_long(len(self._buffer), self.max_bytes))
         return [bytes(line) for line in lines]
 
@@ -125,6 +155,11 @@ class Framer:
         """The unterminated text buffered so far (the client paused): a message of its own."""
         data, self._buffer = bytes(self._buffer), bytearray()
         return data
+
+
+def _size(raw: bytes | bytearray) -> int:
+    """A message's size as the limit counts it: without the CR of a CRLF."""
+    return len(raw) - raw.endswith(b"\r")
 
 
 def _too_long(size: int, limit: int) -> str:
@@ -204,6 +239,68 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
+def cut_line(line: str, room_bytes: int) -> str:
+    """`line` in at most `room_bytes` bytes of UTF-8 (at least 4): a cut ends in `…`."""
+    data = line.encode("utf-8")
+    if len(data) <= room_bytes:
+        return line
+    return data[:room_bytes - 3].decode("utf-8", "ignore") + "…"
+
+
+def fit_answer(lines: Sequence[str], budget_bytes: int) -> bytes:
+    """The answer's bytes, each line `\n`-terminated, in at most `budget_bytes`: whole lines
+    while they fit, then the first that does not, cut (`…`); nothing after it."""
+    out: list[bytes] = []
+    used = 0
+    for line in lines:
+        data = f"{line}\n".encode()
+        if used + len(data) > budget_bytes:
+            room = budget_bytes - used - 1
+            if room >= 4:
+                out.append(f"{cut_line(line, room)}\n".encode())
+            break
+        out.append(data)
+        used += len(data)
+    return b"".join(out)
+
+
+def udp_budget(request_bytes: int) -> int:
+    """The most bytes a datagram of `request_bytes` may be answered with."""
+    return min(UDP_MAX_REPLY_BYTES,
+               max(UDP_REPLY_FLOOR_BYTES, UDP_AMPLIFICATION * request_bytes))
+
+
+def inbox_lines(rows: Sequence[tuple[int, str, str]], budget_bytes: int) -> list[str]:
+    """`/inbox`'s answer for `rows` (stored_at_ns, sender, body; oldest first) in at most
+    `budget_bytes`: the newest messages that fit (the newest one cut to fit if it alone does
+    not); the first line says how many, and when some were left out or cut, of how many."""
+    total = len(rows)
+    # The header's longest form, so that the lines and the header together fit.
+    room = budget_bytes - len(_inbox_header(total, total, budget_bytes).encode()) - 1
+    lines: list[str] = []
+    cut = False
+    for stored_at_ns, sender, body in reversed(rows):
+        # Each character is at least one byte of the answer: the rest of a long body could
+        # never fit, so it is not escaped either (a 16 MiB body would cost seconds).
+        line = f"{format_time(stored_at_ns)} {_one_line(sender)}: {_one_line(body[:room])}"
+        size = len(line.encode("utf-8")) + 1
+        if size > room:
+            cut = True
+            if not lines and room >= 5:
+                lines.append(cut_line(line, room - 1))
+            break
+        lines.append(line)
+        room -= size
+    lines.reverse()
+    header = (_inbox_header(len(lines), total, budget_bytes) if cut
+              else f"inbox: {len(lines)} message(s)")
+    return [header, *lines]
+
+
+def _inbox_header(shown: int, total: int, budget_bytes: int) -> str:
+    return f"inbox: {shown} of {total} message(s) (cut to fit an answer of {budget_bytes} bytes)"
+
+
 @dataclasses.dataclass(slots=True)
 class GatewayStats:
     """Counters of both gateways; logged when they close."""
@@ -214,8 +311,12 @@ class GatewayStats:
     errors: int = 0
     closed_for_input: int = 0
     closed_idle: int = 0
+    closed_not_reading: int = 0
     refused_busy: int = 0
+    refused_host_busy: int = 0
     udp_dropped: int = 0
+    udp_answers_cut: int = 0
+    warnings_not_logged: int = 0
 
 
 # -- serving -------------------------------------------------------------------------------
@@ -233,6 +334,11 @@ class Gateway:
         self._server: asyncio.Server | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        self._clients_per_host: Counter[str] = Counter()
+        #: One bucket (key "input") for every guest's bad input: a flood may use many
+        #: addresses, and each warning used to be a line of the log (a UDP flood of bad
+        #: datagrams filled the disk at the speed of the flood).
+        self._warnings = RateLimiter(rate_per_s=INPUT_WARNINGS_PER_S, burst=INPUT_WARNINGS_BURST)
         self._udp_tasks: set[asyncio.Task[None]] = set()
         self._udp_seqs: OrderedDict[str, int] = OrderedDict()
 
@@ -281,10 +387,10 @@ class Gateway:
 
     # -- one message, either transport ---------------------------------------------------
 
-    async def handle(self, guest: str, seq: int, raw: bytes, *,
-                     answer_blank: bool = False) -> list[str]:
+    async def handle(self, guest: str, seq: int, raw: bytes, *, answer_blank: bool = False,
+                     answer_bytes: int = TCP_MAX_ANSWER_BYTES) -> list[str]:
         """Answer one guest message: the reply lines (for a blank line, `BLANK_ANSWER` if
-        `answer_blank`, else none).
+        `answer_blank`, else none); an `/inbox` answer fits in `answer_bytes`.
 
         Raises `GatewayInputError` for bytes that end the conversation (not UTF-8).
         """
@@ -296,16 +402,22 @@ class Gateway:
             return [f"error: {_one_line(str(exc))}"]
         if answer_blank and isinstance(command, Blank):
             return [BLANK_ANSWER]
-        return await self.perform(guest, seq, command)
+        return await self.perform(guest, seq, command, answer_bytes=answer_bytes)
 
-    async def perform(self, guest: str, seq: int, command: Command) -> list[str]:
+    async def perform(self, guest: str, seq: int, command: Command, *,
+                      answer_bytes: int = TCP_MAX_ANSWER_BYTES) -> list[str]:
         node = self.node
         try:
             match command:
                 case Blank():
                     return []
                 case Inbox(limit=limit):
-                    return await self._inbox(limit)
+                    return await self._inbox(limit, answer_bytes)
+                case Post(target=str(target)) if target == node.name:
+                    # A node is no peer of its own: "unknown peer 'A'; known peers: B" told
+                    # A's guest less than this does.
+                    raise InvalidMessage(f"{target!r} is this node; to write to it, send the "
+                                         f"text without '@{target}'")
                 case Post(target=None, body=body):
                     async with asyncio.timeout(STORE_TIMEOUT_S):
                         message_id, stored_at = await node.store_guest_message(guest, seq, body)
@@ -330,17 +442,15 @@ class Gateway:
                     "the message may still be stored"]
         raise AssertionError(f"unhandled command {command!r}")  # pragma: no cover
 
-    async def _inbox(self, limit: int) -> list[str]:
+    async def _inbox(self, limit: int, answer_bytes: int) -> list[str]:
         data_dir = self.node.config.data_dir
 
         def read() -> list[str]:
             with StoreReader.for_data_dir(data_dir) as reader:
                 rows = reader.history(direction="in", limit=limit)
-            return [f"{format_time(m.stored_at_ns)} {m.sender}: {_one_line(m.body)}"
-                    for m in rows]
+            return inbox_lines([(m.stored_at_ns, m.sender, m.body) for m in rows], answer_bytes)
 
-        lines = await asyncio.to_thread(read)
-        return [f"inbox: {len(lines)} message(s)", *lines]
+        return await asyncio.to_thread(read)
 
     # -- TCP -------------------------------------------------------------------------------
 
@@ -349,18 +459,29 @@ class Gateway:
         task = asyncio.current_task()
         assert task is not None
         self.stats.connections += 1
+        host = str(writer.get_extra_info("peername")[0])
         if len(self._clients) >= self.config.max_clients:
             self.stats.refused_busy += 1
             writer.write(f"error: {len(self._clients)} clients already; try later\n".encode())
             await _close(writer)
             return
+        if self._clients_per_host[host] >= self.config.max_clients_per_host:
+            self.stats.refused_host_busy += 1
+            writer.write(f"error: {self._clients_per_host[host]} connections from {host} "
+                         "already; try later\n".encode())
+            await _close(writer)
+            return
         self._clients.add(task)
+        self._clients_per_host[host] += 1
         try:
             await self._converse(reader, writer)
         except (ConnectionError, OSError) as exc:
             log.info("[%s] gateway client dropped: %s", self.node.name, exc)
         finally:
             self._clients.discard(task)
+            self._clients_per_host[host] -= 1
+            if not self._clients_per_host[host]:
+                del self._clients_per_host[host]
             await _close(writer)
 
     async def _converse(self, reader: asyncio.StreamReader,
@@ -397,24 +518,58 @@ class Gateway:
                 except GatewayInputError as exc:
                     self._input_error(writer, guest, exc)
                     return
-                if replies:
-                    writer.write("".join(f"{line}\n" for line in replies).encode())
-                    await writer.drain()
+                if replies and not await self._answer(writer, guest, replies):
+                    return
             if last:
                 return
+
+    async def _answer(self, writer: asyncio.StreamWriter, guest: str,
+                      replies: list[str]) -> bool:
+        """Send `replies`; False if the guest read none of them for `idle_timeout_s` (then
+        the connection is cut). Its answers wait in a buffer of asyncio's high-water mark
+        (64 KiB) at most, since the next message is read only after this drains; without the
+        bound, a client that sends and never reads held its place, its buffer and its
+        descriptor for ever (every place taken so, the gateway answered nobody else)."""
+        writer.write(fit_answer(replies, TCP_MAX_ANSWER_BYTES))
+        try:
+            async with asyncio.timeout(self.config.idle_timeout_s):
+                await writer.drain()
+        except TimeoutError:
+            self.stats.closed_not_reading += 1
+            self._warn("gateway guest %s read no answer for %gs; closing", guest,
+                       self.config.idle_timeout_s)
+            writer.transport.abort()
+            return False
+        return True
 
     def _input_error(self, writer: asyncio.StreamWriter, guest: str,
                      exc: GatewayInputError) -> None:
         self.stats.errors += 1
         self.stats.closed_for_input += 1
-        log.warning("[%s] gateway guest %s: %s; closing", self.node.name, guest, exc)
+        self._warn("gateway guest %s: %s; closing", guest, exc)
         writer.write(f"error: {exc}; closing\n".encode())
+
+    def _warn(self, message: str, *args: object) -> None:
+        """Log a guest's bad input at WARNING at a bounded rate (every case is counted in
+        `stats` by its caller): 20 at once, then one a second; the first not logged says so."""
+        decision = self._warnings.check("input", asyncio.get_running_loop().time())
+        if isinstance(decision, Allowed):
+            log.warning("[%s] " + message, self.node.name, *args)
+            return
+        self.stats.warnings_not_logged += 1
+        if decision.burst_started:
+            log.warning("[%s] gateway guests' bad input comes faster than %d warnings at once "
+                        "and %g a second: each is counted (the gateway's stats, logged when it "
+                        "closes), and logged at that rate until it slows down", self.node.name,
+                        INPUT_WARNINGS_BURST, INPUT_WARNINGS_PER_S)
 
     # -- UDP -------------------------------------------------------------------------------
 
     def _datagram(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(self._udp_tasks) >= UDP_MAX_IN_FLIGHT:
             self.stats.udp_dropped += 1
+            self._warn("udp gateway: %d datagrams being stored already; one dropped",
+                       UDP_MAX_IN_FLIGHT)
             return
         guest = f"udp:{addr[0]}:{addr[1]}"
         seq = self._udp_seqs.pop(guest, 0) + 1
@@ -428,18 +583,21 @@ class Gateway:
     async def _answer_datagram(self, guest: str, seq: int, data: bytes,
                                addr: tuple[str, int]) -> None:
         limit = self.node.config.max_message_bytes
+        budget = udp_budget(len(data))
         try:
             raw = data.removesuffix(b"\n")
-            if len(raw) > limit + 1:
-                raise GatewayInputError(_too_long(len(raw), limit))
-            replies = await self.handle(guest, seq, raw)
+            if _size(raw) > limit:  # the size is known: said as a local send says it
+                raise GatewayInputError(str(MessageTooLarge(_size(raw), limit)))
+            replies = await self.handle(guest, seq, raw, answer_bytes=budget)
         except GatewayInputError as exc:
             self.stats.errors += 1
-            log.warning("[%s] gateway guest %s: %s", self.node.name, guest, exc)
+            self._warn("gateway guest %s: %s", guest, exc)
             replies = [f"error: {exc}"]
         if replies and self._udp is not None and not self._udp.is_closing():
-            reply = "".join(f"{line}\n" for line in replies).encode()
-            self._udp.sendto(reply[:UDP_MAX_REPLY_BYTES], addr)
+            reply = fit_answer(replies, budget)
+            if len(reply) < sum(len(line.encode()) + 1 for line in replies):
+                self.stats.udp_answers_cut += 1
+            self._udp.sendto(reply, addr)
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -468,18 +626,28 @@ def _bind_errors(scheme: str, address: tuple[str, int]) -> Iterator[None]:
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+    try:
         writer.close()
         async with asyncio.timeout(2.0):
             await writer.wait_closed()
+    except TimeoutError:
+        # close() sends what is buffered first: to a client that reads nothing it never
+        # closed, and the connection kept its descriptor and its buffer for ever.
+        writer.transport.abort()
+    except (ConnectionError, OSError):
+        pass
 
 
 __all__ = [
+    "DEFAULT_MAX_CLIENTS_PER_HOST",
     "Framer",
     "Gateway",
     "GatewayConfig",
     "GatewayInputError",
     "GatewayStats",
+    "fit_answer",
+    "inbox_lines",
     "parse_line",
     "parse_listen",
+    "udp_budget",
 ]
