@@ -341,6 +341,7 @@ class Gateway:
         self._warnings = RateLimiter(rate_per_s=INPUT_WARNINGS_PER_S, burst=INPUT_WARNINGS_BURST)
         self._udp_tasks: set[asyncio.Task[None]] = set()
         self._udp_seqs: OrderedDict[str, int] = OrderedDict()
+        self._closing = False
 
     async def __aenter__(self) -> Gateway:
         await self.start()
@@ -372,6 +373,7 @@ class Gateway:
         return (f"[{host}]" if ":" in host else host), port
 
     async def close(self) -> None:
+        self._closing = True
         if self._server is not None:
             self._server.close()
         if self._udp is not None:
@@ -477,6 +479,13 @@ class Gateway:
             await self._converse(reader, writer)
         except (ConnectionError, OSError) as exc:
             log.info("[%s] gateway client dropped: %s", self.node.name, exc)
+        except asyncio.CancelledError:
+            # Cancelled by close(): the task ends here. asyncio 3.11's done callback of a
+            # client task takes a cancelled one for a failure (`task.exception()` unchecked,
+            # fixed in 3.12) and logged a traceback at ERROR for every guest still connected,
+            # at every stop. Any other cancellation goes on.
+            if not self._closing:
+                raise
         finally:
             self._clients.discard(task)
             self._clients_per_host[host] -= 1
