@@ -15,6 +15,7 @@ from meshpost.gateway import (
     fit_answer,
     format_time,
     inbox_lines,
+    inbox_rows,
     parse_line,
     parse_listen,
     relayed_body,
@@ -115,12 +116,21 @@ def test_inbox_lists_the_newest_that_fit_and_says_how_many_were_left_out() -> No
         "inbox: 5 message(s)", *(f"1970-01-01T00:00:0{i}.000000Z B: message {i}"
                                  for i in range(5))]
     cut = inbox_lines(rows, 180)
-    assert cut == ["inbox: 2 of 5 message(s) (cut to fit an answer of 180 bytes)",
+    assert cut == ["inbox: 2 message(s) (the newest that fit an answer of 180 bytes)",
                    "1970-01-01T00:00:03.000000Z B: message 3",
                    "1970-01-01T00:00:04.000000Z B: message 4"]
     assert len("".join(f"{line}\n" for line in cut).encode()) <= 180
     # The newest alone is too long: it is cut to fit, its control characters escaped.
     (header, line) = inbox_lines([(0, "udp:1.2.3.4:5", "\x01" * 1000)], 128)
-    assert header == "inbox: 1 of 1 message(s) (cut to fit an answer of 128 bytes)"
+    assert header == "inbox: 1 message(s) (the newest that fit an answer of 128 bytes)"
     assert line.startswith("1970-01-01T00:00:00.000000Z udp:1.2.3.4:5: \\x01")
     assert line.endswith("…") and len(f"{header}\n{line}\n".encode()) <= 128
+
+
+def test_inbox_reads_only_the_rows_that_can_fit_and_one_more() -> None:
+    assert inbox_rows(200, 128) == 4  # 3 lines of 33 bytes fit in 128 at most
+    assert inbox_rows(20, 65_507) == 20
+    assert inbox_rows(200, 1 << 20) == 200
+    # The one more is enough to say that some were left out: they can never all fit.
+    rows = [(0, "B", "x")] * inbox_rows(200, 128)
+    assert inbox_lines(rows, 128)[0].startswith("inbox: 1 message(s) (the newest that fit")
