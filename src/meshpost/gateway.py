@@ -59,9 +59,9 @@ STORE_TIMEOUT_S = 30.0
 #: Messages `/inbox` lists by default, and at most.
 INBOX_DEFAULT = 20
 INBOX_MAX = 200
-#: The shortest `/inbox` line: a time (27 bytes), a space, a sender and a body of one byte
-#: each, `: ` and the newline.
-INBOX_LINE_MIN_BYTES = 33
+#: The shortest `/inbox` line: a time (27 bytes), a space, a sender of a byte at least, `: `,
+#: the body (none, at the least) and the newline.
+INBOX_LINE_MIN_BYTES = 32
 #: UDP guests whose message counters we remember (their `seq`); the oldest is forgotten.
 UDP_GUESTS_REMEMBERED = 4096
 #: UDP datagrams being stored at once; more are dropped and counted (UDP may drop anyway).

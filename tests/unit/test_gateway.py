@@ -128,7 +128,7 @@ def test_inbox_lists_the_newest_that_fit_and_says_how_many_were_left_out() -> No
 
 
 def test_inbox_reads_only_the_rows_that_can_fit_and_one_more() -> None:
-    assert inbox_rows(200, 128) == 4  # 3 lines of 33 bytes fit in 128 at most
+    assert inbox_rows(200, 128) == 5  # 4 lines of 32 bytes fit in 128 at most
     assert inbox_rows(20, 65_507) == 20
     assert inbox_rows(200, 1 << 20) == 200
     # The one more is enough to say that some were left out: they can never all fit.
