@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import errno
 import logging
+import re
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -86,6 +87,9 @@ TCP_MAX_ANSWER_BYTES = 1 << 20
 BLANK_ANSWER = "error: empty line; nothing stored (type some text, @NODE text, or /inbox)"
 #: Bytes read from a TCP stream at a time.
 _READ_CHUNK = 65_536
+#: A datagram that is exactly a gateway's acknowledgement (ours or another node's).
+_ACKNOWLEDGEMENT = re.compile(
+    rb"received [0-9a-f]{28} at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\n?")
 
 
 class GatewayInputError(InvalidMessage):
@@ -326,6 +330,7 @@ class GatewayStats:
     refused_busy: int = 0
     refused_host_busy: int = 0
     udp_dropped: int = 0
+    udp_acknowledgements_dropped: int = 0
     udp_answers_cut: int = 0
     warnings_not_logged: int = 0
 
@@ -587,6 +592,15 @@ class Gateway:
     # -- UDP -------------------------------------------------------------------------------
 
     def _datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        if _ACKNOWLEDGEMENT.fullmatch(data):
+            # A gateway's answer, not a guest's message. Answered, it was stored and answered
+            # in turn: one datagram whose forged source was a gateway (another node's, or
+            # this one's) set the two answering each other for ever, a row a turn on each.
+            # Every message is answered with an acknowledgement, so every chain ends here.
+            self.stats.udp_acknowledgements_dropped += 1
+            self._warn("udp gateway: a datagram from %s:%d is a gateway's acknowledgement; "
+                       "dropped, not answered", addr[0], addr[1])
+            return
         if len(self._udp_tasks) >= UDP_MAX_IN_FLIGHT:
             self.stats.udp_dropped += 1
             self._warn("udp gateway: %d datagrams being stored already; one dropped",

@@ -246,6 +246,19 @@ def test_udp_a_datagram_is_a_message_and_one_trailing_newline_is_dropped(mesh: M
             acked(mesh, s.recv(65536), label(s, "udp"), body, seq)
 
 
+def test_udp_an_acknowledgement_is_neither_stored_nor_answered(mesh: Mesh) -> None:
+    """17.1: another gateway's answer is not a message (it would be answered for ever)."""
+    documented("A datagram that is exactly an acknowledgement")
+    ack = b"received 0123456789abcdef0123456789ab at 2026-12-05T23:59:01.123456Z"
+    with udp(mesh) as s:
+        for datagram in (ack, ack + b"\n"):
+            s.send(datagram)
+        s.send(ack + b" and more")  # not exactly one: a message
+        # 17.3: a dropped datagram is not counted.
+        acked(mesh, s.recv(65536), label(s, "udp"), ack.decode() + " and more", 1)
+    assert mesh.rows("A", "body = ?", (ack.decode(),)) == []
+
+
 def test_invalid_utf8_is_an_error_and_ends_a_tcp_connection(mesh: Mesh) -> None:
     before = len(mesh.rows("A"))
     with tcp(mesh) as s:

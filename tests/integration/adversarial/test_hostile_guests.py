@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from meshpost import Node, NodeConfig
 from meshpost.cluster import free_tcp_ports
 from meshpost.gateway import DEFAULT_MAX_CLIENTS, Gateway, GatewayConfig
 from tests.integration.faults.checker import Mesh
@@ -669,6 +670,55 @@ def test_a_node_stopped_with_guests_connected_stops_cleanly(mesh_factory: MeshFa
         assert bodies == ["said and acknowledged"]
 
     mesh.run(scenario)
+
+
+def test_a_datagram_forged_from_another_gateway_cannot_start_an_endless_exchange(
+    short_tmp: Path,
+) -> None:
+    """One datagram to A whose source is C's UDP gateway (UDP sources can be forged; the
+    test hands it to A's gateway as its socket would, since forging needs a raw socket),
+    and one to C from C's own address: each is stored and acknowledged to C. Before, C
+    stored that acknowledgement as a guest's message and acknowledged it to A, which stored
+    it and acknowledged it to C, for ever: a row a turn on each node from one datagram (852
+    rows at A, 851 at C within 5 s, and going; C alone answered itself the same way). Now a
+    datagram that is exactly an acknowledgement is dropped (counted, logged at the bounded
+    rate) and never answered: every message is answered with one, so every chain ends
+    there."""
+
+    def node(name: str) -> Node:
+        return Node(NodeConfig(name=name, bind=(f"ipc://{short_tmp}/{name}.sock",),
+                               data_dir=short_tmp / name))
+
+    def guest_bodies(name: str) -> list[str]:
+        return [r["body"] for r in guest_rows(short_tmp / name)]
+
+    async def main() -> tuple[list[str], list[str], int]:
+        udp_only = GatewayConfig(udp=("127.0.0.1", 0))
+        async with node("A") as a, node("C") as c, Gateway(a, udp_only) as gw_a, \
+                Gateway(c, udp_only) as gw_c:
+            assert gw_a.udp_address is not None and gw_c.udp_address is not None
+            gw_a._datagram(b"hi from a forged source", gw_c.udp_address)
+            gw_c._datagram(b"to C from C itself", gw_c.udp_address)
+
+            def c_took_it() -> bool:
+                dropped = getattr(gw_c.stats, "udp_acknowledgements_dropped", 0)
+                return dropped > 1 or len(guest_bodies("C")) > 1
+
+            deadline = time.monotonic() + WAIT_S
+            while not await asyncio.to_thread(c_took_it):
+                assert time.monotonic() < deadline, "C never got A's acknowledgement"
+                await asyncio.sleep(0.05)
+            # Datagrams are taken in order: once each answers a later one, nothing of the
+            # first exchange is still on its way.
+            for gw in (gw_a, gw_c):
+                answer = await asyncio.to_thread(udp_ask, gw.udp_address[1], b"/inbox 1")
+                assert answer.startswith(b"inbox: ")
+            return (await asyncio.to_thread(guest_bodies, "A"),
+                    await asyncio.to_thread(guest_bodies, "C"),
+                    getattr(gw_c.stats, "udp_acknowledgements_dropped", 0))
+
+    a_rows, c_rows, dropped = asyncio.run(asyncio.wait_for(main(), 120))
+    assert (a_rows, c_rows, dropped) == (["hi from a forged source"], ["to C from C itself"], 2)
 
 
 @pytest.fixture(autouse=True)
