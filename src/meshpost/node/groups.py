@@ -1,7 +1,8 @@
 """Groups and broadcast: who is in which group, and one logical message to many.
 
 Rule: this component owns the membership table and the broadcast tracker (both sans-IO, in
-protocol.groups); it stores and posts only through its node.
+protocol.groups); it stores and posts only through its node. A group name that is a node's
+name (this node's, a peer's) or `all` is never a group here, whoever's record says it is.
 """
 
 from __future__ import annotations
@@ -109,13 +110,26 @@ class Groups:
         # A member that is no peer of ours (it joined through another node) is not reachable.
         return [n for n in names if n in links]
 
+    def names_a_node(self, group: str) -> bool:
+        """Whether `group` is this node's name, a peer's (configured or found while
+        running) or `all`: a name a peer's record cannot make a group. Without it a peer
+        that joined a group named after this node received what this node sent to its own
+        name (`send V` at V went to the peer, where it is an unknown target otherwise), and
+        one named after a peer found later would take that peer's messages until found."""
+        node = self._node
+        return group == node.name or group in node._links or group.lower() == rules.ALL
+
     def groups(self) -> dict[str, tuple[str, ...]]:
         membership = self.membership
         names = {*self._node.config.groups, *(r.group for r in membership.snapshot())}
-        return {g: tuple(membership.members(g)) for g in sorted(names)}
+        # Records naming a node stay stored (they are their senders' messages) but make no
+        # group: checked here, when names are read, so a peer found after the record came
+        # (or a record restored from the store) is covered too.
+        return {g: tuple(membership.members(g)) for g in sorted(names)
+                if not self.names_a_node(g)}
 
     def members(self, group: str) -> list[str]:
-        return self.membership.members(group)
+        return [] if self.names_a_node(group) else self.membership.members(group)
 
     async def change_membership(self, group: str, *, joined: bool) -> bool:
         node = self._node
@@ -146,8 +160,14 @@ class Groups:
         header = m.header
         assert header is not None
         record = MemberRecord(header.queue, m.sender, m.body == "join", header.version, m.hlc)
+        if self.names_a_node(record.group):
+            node.stats.memberships_refused += 1
+            log.warning("[%s] membership record from %s for group %r ignored: that is a "
+                        "node's name (or all), never a group", node.name, sender, record.group)
+            return
         outcome = self.membership.merge(record, sender=sender)
         if isinstance(outcome, MembershipRejected):
+            node.stats.memberships_refused += 1
             log.warning("[%s] membership record from %s ignored: %s", node.name, sender,
                         outcome.reason)
             return

@@ -392,6 +392,12 @@ class NodeStats:
     #: History requests refused because their asker was over its rate (19.6.1): each got
     #: a refusal reply instead of a store query and a large reply.
     history_requests_refused: int = 0
+    #: Results and `done`s that said a task of this ventilator was finished, from a peer it
+    #: never gave that task to: stored and receipted, but they finish nothing (19.4).
+    completions_refused: int = 0
+    #: Peers' membership records not merged: about a group named after a node (this one,
+    #: a peer, `all`), or malformed (docs/protocol.md 19.6).
+    memberships_refused: int = 0
 
     def note_store_retry(self, retry: StoreRetry | None) -> None:
         """Set the `store_retry_*` fields from the writer's episode under way (None: none)."""

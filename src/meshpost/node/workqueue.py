@@ -19,8 +19,15 @@ from meshpost.errors import InvalidMessage, MeshpostError, MessageRejected
 from meshpost.node.records import CrashPoint, Receipt, TaskHandler
 from meshpost.protocol import Envelope
 from meshpost.protocol.header import Kind, PatternHeader, is_valid_name, result_id
+from meshpost.protocol.ratelimit import (
+    INPUT_WARNINGS_BURST,
+    INPUT_WARNINGS_PER_S,
+    Allowed,
+    RateLimiter,
+)
 from meshpost.protocol.workqueue import (
     DEFAULT_MAX_INFLIGHT,
+    CompletionRefused,
     DispatchTask,
     QueueStatus,
     ResultSink,
@@ -80,6 +87,10 @@ class WorkQueues:
         self._owed: dict[str, OwedDone] = {}
         self._owed_seqs: dict[tuple[str, int], str] = {}
         self._early: list[tuple[str, Sequence[int], bool]] | None = []
+        #: Warnings of completions refused, paced per peer: a flood of them is counted
+        #: (`completions_refused`), not logged line by line.
+        self._refused_warnings = RateLimiter(rate_per_s=INPUT_WARNINGS_PER_S,
+                                             burst=INPUT_WARNINGS_BURST)
 
     def restore(self, results: Iterable[tuple[str, str, str]],
                 members: Iterable[tuple[str, str, bool, int]]) -> None:
@@ -430,6 +441,20 @@ class WorkQueues:
             case TaskRedelivered(task_id=task_id, worker=worker, reason=reason):
                 log.info("[%s] task %s taken back from %s (%s): redelivering", node.name,
                          task_id, worker, reason.value)
+            case CompletionRefused(task_id=task_id, by=by):
+                # Its message is stored and receipted; the store's derived write refused it
+                # by the same rule (store.patterns: _GIVEN_TO_SENDER).
+                node.stats.completions_refused += 1
+                decision = self._refused_warnings.check(by, node.clock.monotonic())
+                if isinstance(decision, Allowed):
+                    log.warning("[%s] %s says task %s of queue %s is finished, but this node "
+                                "never gave it that task: ignored", node.name, by, task_id,
+                                dispatcher.queue)
+                elif decision.burst_started:
+                    log.warning("[%s] %s reports tasks it was never given faster than %d at "
+                                "once and %g a second: each is ignored and counted "
+                                "(`completions_refused`), logged at that rate", node.name, by,
+                                INPUT_WARNINGS_BURST, INPUT_WARNINGS_PER_S)
 
     async def _dispatch_task(self, dispatcher: WorkQueueDispatcher, t: DispatchTask) -> None:
         node = self._node

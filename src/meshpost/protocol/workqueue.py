@@ -3,7 +3,8 @@
 
 Rule: pure state, like the links. Inputs are calls with `now` (monotonic seconds) handed in;
 outputs are `actions()` for the node to perform (store and send a task; report a completion)
-and `next_timer()`. Each task is completed once, however often its completion is reported.
+and `next_timer()`. Each task is completed once, however often its completion is reported,
+and only by a worker it was given to: a task id a peer names is no proof it had the task.
 """
 
 from __future__ import annotations
@@ -104,7 +105,18 @@ class TaskAbandoned:
     attempts: int
 
 
-Action = DispatchTask | TaskRedelivered | TaskCompleted | TaskAbandoned
+@dataclasses.dataclass(frozen=True, slots=True)
+class CompletionRefused:
+    """`by` reported `task_id` finished (its `done`, or its result at a ventilator that is
+    its own sink), but no attempt of the task was ever given to it: the report finishes
+    nothing (the node counts and logs it). A peer that knows a task id, however it learnt
+    it, cannot finish a task it was never sent: a queued task would never run at all."""
+
+    task_id: str
+    by: str
+
+
+Action = DispatchTask | TaskRedelivered | TaskCompleted | TaskAbandoned | CompletionRefused
 
 
 class TaskRecord(msgspec.Struct, frozen=True):
@@ -121,6 +133,9 @@ class TaskRecord(msgspec.Struct, frozen=True):
     #: Assigned, not receipted: the task message's seq on its worker's link (restore: its
     #: receipt, `receipted`, starts the lease, as for a fresh dispatch).
     seq: int | None = None
+    #: Every worker an attempt of the task was sent to (the store's task messages): the
+    #: only peers whose completion of it counts.
+    given: tuple[str, ...] = ()
 
 
 class WorkerStatus(msgspec.Struct, frozen=True):
@@ -172,6 +187,8 @@ class _Task:
     leased: bool = False
     #: Restored assigned and not receipted: its task message's seq on the worker's link.
     restored_seq: int | None = None
+    #: Every worker an attempt went to: only their completions count (`completed`).
+    given: set[str] = dataclasses.field(default_factory=set)
 
 
 @dataclasses.dataclass(slots=True)
@@ -308,9 +325,14 @@ class WorkQueueDispatcher:
         True the first time, for a task this dispatcher knows; False for a duplicate (two
         workers both finished it, a retransmitted ack) or an unknown task. A completion by a
         worker that is not the current assignee (its lease expired, then it finished) counts:
-        the result is real, and the sink keeps only the first one."""
+        the result is real, and the sink keeps only the first one. A completion `by` a peer
+        no attempt was given to finishes nothing (`CompletionRefused`); `by` None (this
+        node's own word) is not checked."""
         task = self._tasks.get(task_id)
         if task is None:
+            return False
+        if by is not None and by not in task.given:
+            self._actions.append(CompletionRefused(task_id, by))
             return False
         if task.state is TaskState.QUEUED:
             self._waiting.remove(task_id)
@@ -389,7 +411,8 @@ class WorkQueueDispatcher:
     def snapshot(self) -> list[TaskRecord]:
         """Every unfinished task as plain data, in submission order (a status view; the
         store writes the same facts as they happen)."""
-        return [TaskRecord(t.task_id, t.body, t.sink, t.state, t.attempts, t.worker, t.leased)
+        return [TaskRecord(t.task_id, t.body, t.sink, t.state, t.attempts, t.worker, t.leased,
+                           given=tuple(sorted(t.given)))
                 for t in self._tasks.values()]
 
     @classmethod
@@ -416,7 +439,10 @@ class WorkQueueDispatcher:
                          max_attempts=max_attempts)
         for record in records:
             task = _Task(record.task_id, record.body, record.sink, record.state,
-                         next(dispatcher._orders), record.attempts, record.worker)
+                         next(dispatcher._orders), record.attempts, record.worker,
+                         given=set(record.given))
+            if record.worker is not None:
+                task.given.add(record.worker)
             dispatcher._tasks[task.task_id] = task
             if task.state is TaskState.QUEUED:
                 task.worker = None
@@ -517,6 +543,7 @@ class WorkQueueDispatcher:
             self._waiting.popleft()
             task.state = TaskState.ASSIGNED
             task.worker = worker.name
+            task.given.add(worker.name)
             task.attempts += 1
             task.lease_deadline = now + self.lease_s
             heapq.heappush(self._leases, (task.lease_deadline, task.task_id))

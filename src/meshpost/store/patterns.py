@@ -24,10 +24,21 @@ from meshpost.protocol.workqueue import TaskRecord, TaskState
 from meshpost.store.checksum import header_decode
 from meshpost.store.connection import translated
 
+#: The clause both rules below share: this node sent a task message of task ?1 to peer ?2
+#: (any attempt). A task id a peer names is no proof it was given the task (docs/protocol.md
+#: 19.4): without it a peer that learnt the id of a queued task finished it unrun.
+_GIVEN_TO_SENDER = (
+    "EXISTS (SELECT 1 FROM messages AS g INDEXED BY messages_ref WHERE g.ref = ?1"
+    " AND g.kind = 'task' AND g.direction = 'out' AND g.peer = ?2)"
+)
 #: A sink's result, recorded with the result message's row (ignored for a task it has).
+#: At a sink that is also the task's ventilator (it has the `tasks` row) only a result from
+#: a worker it gave the task to counts; a sink elsewhere cannot tell (it never saw the
+#: task), and keeps the first result as before.
 RECORD_RESULT = (
     "INSERT INTO task_results (task_id, queue, message_id, worker, stored_at_ns)"
-    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_id) DO NOTHING"
+    " SELECT ?1, ?3, ?4, ?2, ?5 WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE task_id = ?1)"
+    f" OR {_GIVEN_TO_SENDER} ON CONFLICT (task_id) DO NOTHING"
 )
 
 
@@ -37,10 +48,12 @@ _TASK_ASSIGNED = (
     "UPDATE tasks SET state = 'assigned', worker = ?, attempts = ?"
     " WHERE task_id = ? AND queue = ? AND state IN ('queued', 'assigned') AND attempts < ?"
 )
-#: A `done` (or a result at a ventilator that is its own sink) finishes its task, once.
+#: A `done` (or a result at a ventilator that is its own sink) finishes its task, once, and
+#: only from a worker the task was given to (`WorkQueueDispatcher.completed`, the same rule).
 _TASK_DONE = (
-    "UPDATE tasks SET state = 'done', finished_at_ns = ?, finished_by = ?"
-    " WHERE task_id = ? AND queue = ? AND state IN ('queued', 'assigned')"
+    "UPDATE tasks SET state = 'done', finished_at_ns = ?3, finished_by = ?2"
+    " WHERE task_id = ?1 AND queue = ?4 AND state IN ('queued', 'assigned')"
+    f" AND {_GIVEN_TO_SENDER}"
 )
 #: The last-writer-wins rank of docs/protocol.md (membership records), in SQL: a higher
 #: version wins; at equal versions a leave (joined 0) beats a join.
@@ -216,12 +229,12 @@ class PatternTables:
         elif kind is Kind.RESULT:
             if not outgoing:
                 # The sink's rule: the first result committed for a task is its result.
-                execute(RECORD_RESULT, (h.ref, h.queue, m.id, m.sender, stored_at_ns))
+                execute(RECORD_RESULT, (h.ref, m.sender, h.queue, m.id, stored_at_ns))
                 # A ventilator that is its own sink: the result completes the task.
-                execute(_TASK_DONE, (stored_at_ns, m.sender, h.ref, h.queue))
+                execute(_TASK_DONE, (h.ref, m.sender, stored_at_ns, h.queue))
         elif kind is Kind.DONE:
             if not outgoing:
-                execute(_TASK_DONE, (stored_at_ns, m.sender, h.ref, h.queue))
+                execute(_TASK_DONE, (h.ref, m.sender, stored_at_ns, h.queue))
         elif kind is Kind.MEMBER or kind is Kind.SERVE:
             # A record is the sender's about itself (a member speaks only for itself), so
             # the row is (queue, sender): our own when outgoing, the peer's when incoming.
@@ -245,15 +258,17 @@ class PatternTables:
             for task_id, queue, body, sink, state, attempts, worker in rows:
                 lease, records = queues.setdefault(str(queue), (None, []))
                 delivered, seq = False, None
+                given: set[str] = set()
                 if state == "assigned":
-                    # The task message of this attempt: its lease, whether it arrived, and
-                    # its seq (the receipt that starts its lease after the restart).
-                    for blob, msg_state, msg_seq in self._conn.execute(
-                            "SELECT header, state, seq FROM message_rows WHERE ref = ? AND"
-                            " kind = 'task' AND direction = 'out' AND peer = ?",
-                            (task_id, worker)):
+                    # Its task messages: the workers it was given to (whose completions
+                    # count), and this attempt's lease, whether it arrived, and its seq (the
+                    # receipt that starts its lease after the restart).
+                    for peer, blob, msg_state, msg_seq in self._conn.execute(
+                            "SELECT peer, header, state, seq FROM message_rows WHERE ref = ?"
+                            " AND kind = 'task' AND direction = 'out'", (task_id,)):
+                        given.add(str(peer))
                         header = header_decode(blob)
-                        if header.attempt == attempts:
+                        if peer == worker and header.attempt == attempts:
                             delivered = msg_state == "delivered"
                             seq = None if delivered else int(msg_seq)
                             lease = max(lease or 0.0, header.lease_ms / 1000)
@@ -261,7 +276,7 @@ class PatternTables:
                 records.append(TaskRecord(str(task_id), str(body), str(sink),
                                           TaskState(state), int(attempts),
                                           None if worker is None else str(worker), delivered,
-                                          seq))
+                                          seq, tuple(sorted(given))))
         return queues
 
     def owed_dones(self) -> list[OwedDone]:

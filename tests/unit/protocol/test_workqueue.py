@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from meshpost.errors import InvalidLease
 from meshpost.protocol.workqueue import (
     Action,
+    CompletionRefused,
     DispatchTask,
     RedeliveryReason,
     ResultAccepted,
@@ -480,3 +481,26 @@ def test_a_lease_out_of_range_is_refused_by_the_one_rule(lease_s: float) -> None
 def test_a_lease_in_range_passes_as_seconds() -> None:
     assert check_lease(1) == 1.0 and check_lease(86_400.0) == 86_400.0
     assert check_lease(0.001) == 0.001
+
+
+def test_a_completion_by_a_peer_no_attempt_went_to_finishes_nothing() -> None:
+    """A task id is no proof its sender had the task: a peer that names a queued task, or
+    one given to another worker, finishes nothing and is reported (`CompletionRefused`);
+    every worker an attempt went to still does, after a restart too."""
+    d = dispatcher()
+    d.submit("t1", "x", "C", 0.0)
+    d.submit("t2", "y", "C", 0.0)
+    assert d.completed("t1", 1.0, by="M") is False
+    d.worker_up("W1", 1.0)
+    d.actions()
+    assert d.completed("t2", 1.0, by="M") is False
+    assert d.actions() == [CompletionRefused("t2", "M")]
+    assert d.state_of("t1") is TaskState.ASSIGNED and d.state_of("t2") is TaskState.ASSIGNED
+    assert [r.given for r in d.snapshot()] == [("W1",), ("W1",)]
+    d.worker_up("W2", 1.0)
+    d.on_timer(1.0 + LEASE_S)  # W1's leases expire: both go to W2
+    restored = WorkQueueDispatcher.restore("upper", d.snapshot(), 20.0, lease_s=LEASE_S)
+    assert [r.given for r in restored.snapshot()] == [("W1", "W2"), ("W1", "W2")]
+    assert restored.completed("t1", 21.0, by="W1") is True  # the earlier assignee counts
+    assert restored.completed("t2", 21.0, by="M") is False
+    assert restored.completed("t2", 21.0) is True  # the node's own word (its sink)

@@ -77,6 +77,35 @@ def test_a_done_or_a_result_at_its_own_sink_finishes_the_task_in_its_transaction
     assert tasks(store)[2] == ("t3", "queued", 0, None, None)
 
 
+def test_a_done_or_a_result_from_a_peer_never_given_the_task_finishes_nothing(
+    store: Store,
+) -> None:
+    """A task id a peer names is no proof it had the task: at the ventilator only a worker
+    some attempt went to finishes it (or has its result kept, as its own sink); the messages
+    themselves are stored as any. A sink that is not the ventilator cannot tell (it never
+    saw the task) and keeps the first result, as before."""
+    store.apply(WriteBatch(tasks=[NewTask("t1", "work", "a", "V", T0),
+                                  NewTask("t2", "work", "b", "V", T0)],
+                           outgoing=[task_message("m1", 1, "W1", "t1", 1)]), T0)
+    forged = [Envelope("d1", 1, "M", "V", "done", T0, T0, PatternHeader(Kind.DONE, "t1", "work")),
+              Envelope("r1", 2, "M", "V", "X", T0, T0, PatternHeader(Kind.RESULT, "t1", "work")),
+              Envelope("d2", 3, "M", "V", "done", T0, T0, PatternHeader(Kind.DONE, "t2", "work"))]
+    (result,) = store.apply(WriteBatch(incoming=[forged]), T0 + 1)
+    assert result.committed == [1, 2, 3]
+    assert tasks(store) == [("t1", "assigned", 1, "W1", None), ("t2", "queued", 0, None, None)]
+    assert store.task_results() == []
+    # Redelivered to W2: W1, the earlier assignee, still finishes it (its result is real).
+    store.apply(WriteBatch(outgoing=[task_message("m2", 1, "W2", "t1", 2)]), T0 + 2)
+    late = Envelope("m1.t", 1, "W1", "V", "A", T0, T0, PatternHeader(Kind.RESULT, "t1", "work"))
+    store.apply(WriteBatch(incoming=[[late]]), T0 + 3)
+    assert tasks(store)[0] == ("t1", "done", 2, "W2", "W1")
+    assert store.task_results() == [("t1", "m1.t", "W1")]
+    # A task this node does not have (it is only the sink): the first result is kept.
+    other = Envelope("r2", 4, "M", "V", "Y", T0, T0, PatternHeader(Kind.RESULT, "t9", "work"))
+    store.apply(WriteBatch(incoming=[[other]]), T0 + 4)
+    assert ("t9", "r2", "M") in store.task_results()
+
+
 def test_a_retransmitted_result_beside_a_new_one_is_still_a_duplicate(store: Store) -> None:
     """The sink's `task_results` row is a change of the same statement group: a batch of one
     retransmitted result and one new result made two changes for two messages, and was
@@ -122,9 +151,9 @@ def test_unfinished_tasks_come_back_with_their_lease_and_delivery(store: Store) 
     done = Envelope("d1", 1, "W1", "V", "done", T0, T0, PatternHeader(Kind.DONE, "t2", "work"))
     store.apply(WriteBatch(incoming=[[done]]), T0 + 2)
     assert store.unfinished_tasks() == {"work": (7.0, [
-        TaskRecord("t1", "b1", "S", TaskState.ASSIGNED, 1, "W1", True),
+        TaskRecord("t1", "b1", "S", TaskState.ASSIGNED, 1, "W1", True, given=("W1",)),
         # Not receipted: its seq on W2's link, whose receipt starts its lease after a restart.
-        TaskRecord("t3", "b3", "S", TaskState.ASSIGNED, 1, "W2", False, seq=1),
+        TaskRecord("t3", "b3", "S", TaskState.ASSIGNED, 1, "W2", False, seq=1, given=("W2",)),
         TaskRecord("t4", "b4", "S", TaskState.QUEUED, 0, None, False),
     ])}
     store.apply(WriteBatch(outgoing=[task_message("m4", 2, "W2", "t1", 2)]), T0 + 3)
