@@ -215,7 +215,8 @@ class WorkQueues:
         now = self._node.clock.monotonic()
         for queue, (lease_s, records) in unfinished.items():
             self.dispatchers[queue] = WorkQueueDispatcher.restore(
-                queue, records, now, lease_s=lease_s or DEFAULT_LEASE_S)
+                queue, records, now, lease_s=lease_s or DEFAULT_LEASE_S,
+                ventilator=self._node.name)
             log.info("[%s] queue %s: %d unfinished task(s) restored", self._node.name, queue,
                      len(records))
 
@@ -319,7 +320,8 @@ class WorkQueues:
     def _dispatcher(self, queue: str, lease_s: float) -> WorkQueueDispatcher:
         dispatcher = self.dispatchers.get(queue)
         if dispatcher is None:
-            dispatcher = self.dispatchers[queue] = WorkQueueDispatcher(queue, lease_s=lease_s)
+            dispatcher = self.dispatchers[queue] = WorkQueueDispatcher(
+                queue, lease_s=lease_s, ventilator=self._node.name)
             self.wakeup.set()  # the timer runs from now on
             node = self._node
             now = node.clock.monotonic()
@@ -349,7 +351,7 @@ class WorkQueues:
         elif h.kind is Kind.DONE:
             dispatcher = self.dispatchers.get(h.queue)
             if dispatcher is not None:
-                dispatcher.completed(h.ref, node.clock.monotonic(), by=m.sender)
+                dispatcher.completed(h.ref, node.clock.monotonic(), by=m.sender, ack=True)
                 self.wakeup.set()
         elif h.kind is Kind.SERVE:
             self._serve_record(m.sender, h.queue, m.body == "serve", h.version)
@@ -441,18 +443,17 @@ class WorkQueues:
             case TaskRedelivered(task_id=task_id, worker=worker, reason=reason):
                 log.info("[%s] task %s taken back from %s (%s): redelivering", node.name,
                          task_id, worker, reason.value)
-            case CompletionRefused(task_id=task_id, by=by):
+            case CompletionRefused(task_id=task_id, by=by, reason=reason):
                 # Its message is stored and receipted; the store's derived write refused it
                 # by the same rule (store.patterns: _GIVEN_TO_SENDER).
                 node.stats.completions_refused += 1
                 decision = self._refused_warnings.check(by, node.clock.monotonic())
                 if isinstance(decision, Allowed):
-                    log.warning("[%s] %s says task %s of queue %s is finished, but this node "
-                                "never gave it that task: ignored", node.name, by, task_id,
-                                dispatcher.queue)
+                    log.warning("[%s] %s says task %s of queue %s is finished, but %s: "
+                                "ignored", node.name, by, task_id, dispatcher.queue, reason)
                 elif decision.burst_started:
-                    log.warning("[%s] %s reports tasks it was never given faster than %d at "
-                                "once and %g a second: each is ignored and counted "
+                    log.warning("[%s] %s reports tasks finished that it cannot finish faster "
+                                "than %d at once and %g a second: each is ignored and counted "
                                 "(`completions_refused`), logged at that rate", node.name, by,
                                 INPUT_WARNINGS_BURST, INPUT_WARNINGS_PER_S)
 

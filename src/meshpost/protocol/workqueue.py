@@ -105,15 +105,24 @@ class TaskAbandoned:
     attempts: int
 
 
+#: `CompletionRefused.reason`s.
+NOT_GIVEN = "this node never gave it that task"
+OWN_SINK = "this node is the task's sink: only the task's result finishes it, not a `done`"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class CompletionRefused:
-    """`by` reported `task_id` finished (its `done`, or its result at a ventilator that is
-    its own sink), but no attempt of the task was ever given to it: the report finishes
-    nothing (the node counts and logs it). A peer that knows a task id, however it learnt
-    it, cannot finish a task it was never sent: a queued task would never run at all."""
+    """`by` reported `task_id` finished and the report finishes nothing (the node counts
+    and logs it), for `reason`: no attempt of the task was ever given to `by` (a peer that
+    knows a task id, however it learnt it, cannot finish a task it was never sent: a queued
+    task would never run at all), or `by` sent a `done` for a task whose sink is this
+    ventilator itself (a `done` vouches for a result at another node; here the result
+    itself is what counts, and a worker's `done` without it left the task finished with no
+    result anywhere)."""
 
     task_id: str
     by: str
+    reason: str = NOT_GIVEN
 
 
 Action = DispatchTask | TaskRedelivered | TaskCompleted | TaskAbandoned | CompletionRefused
@@ -220,6 +229,7 @@ class WorkQueueDispatcher:
         lease_s: float,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         max_attempts: int | None = None,
+        ventilator: str = "",
     ) -> None:
         if not lease_ok(lease_s):  # our misuse: the node checks a user's lease first
             raise ValueError(f"lease_s must be above 0 and at most {MAX_LEASE_S:g}, got "
@@ -229,6 +239,9 @@ class WorkQueueDispatcher:
         if max_attempts is not None and max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1 or None, got {max_attempts}")
         self.queue = queue
+        #: This node's name: a task whose sink it is is finished by its result, never by a
+        #: `done` ("": not known, no such task).
+        self.ventilator = ventilator
         self.lease_s = lease_s
         self.max_inflight = max_inflight
         self.max_attempts = max_attempts
@@ -319,8 +332,10 @@ class WorkQueueDispatcher:
         self._actions.append(TaskAbandoned(task_id, task.attempts))
         self._dispatch(now)
 
-    def completed(self, task_id: str, now: float, *, by: str | None = None) -> bool:
-        """The task's result was seen (at the sink) or `by` acknowledged it.
+    def completed(self, task_id: str, now: float, *, by: str | None = None,
+                  ack: bool = False) -> bool:
+        """The task's result was seen (at the sink) or `by` acknowledged it (`ack`: its
+        `done`, which finishes only a task whose sink is another node).
 
         True the first time, for a task this dispatcher knows; False for a duplicate (two
         workers both finished it, a retransmitted ack) or an unknown task. A completion by a
@@ -333,6 +348,9 @@ class WorkQueueDispatcher:
             return False
         if by is not None and by not in task.given:
             self._actions.append(CompletionRefused(task_id, by))
+            return False
+        if ack and by is not None and task.sink == self.ventilator:
+            self._actions.append(CompletionRefused(task_id, by, OWN_SINK))
             return False
         if task.state is TaskState.QUEUED:
             self._waiting.remove(task_id)
@@ -425,6 +443,7 @@ class WorkQueueDispatcher:
         lease_s: float,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         max_attempts: int | None = None,
+        ventilator: str = "",
     ) -> WorkQueueDispatcher:
         """A dispatcher after a restart, from the store's task rows.
 
@@ -436,7 +455,7 @@ class WorkQueueDispatcher:
         not live until `worker_up`, so if it never comes back its tasks go elsewhere when
         its lease expires. Queued tasks wait in the order given."""
         dispatcher = cls(queue, lease_s=lease_s, max_inflight=max_inflight,
-                         max_attempts=max_attempts)
+                         max_attempts=max_attempts, ventilator=ventilator)
         for record in records:
             task = _Task(record.task_id, record.body, record.sink, record.state,
                          next(dispatcher._orders), record.attempts, record.worker,

@@ -55,6 +55,10 @@ _TASK_DONE = (
     " WHERE task_id = ?1 AND queue = ?4 AND state IN ('queued', 'assigned')"
     f" AND {_GIVEN_TO_SENDER}"
 )
+#: A `done` finishes its task by the same rule, and only a task whose sink is another node
+#: (?5: this node, the `done`'s recipient): a `done` vouches for a result at that sink; at
+#: a ventilator that is the sink the result itself is what finishes the task.
+_TASK_ACKED = _TASK_DONE + " AND sink != ?5"
 #: The last-writer-wins rank of docs/protocol.md (membership records), in SQL: a higher
 #: version wins; at equal versions a leave (joined 0) beats a join.
 _MERGE_MEMBER = (
@@ -234,7 +238,7 @@ class PatternTables:
                 execute(_TASK_DONE, (h.ref, m.sender, stored_at_ns, h.queue))
         elif kind is Kind.DONE:
             if not outgoing:
-                execute(_TASK_DONE, (h.ref, m.sender, stored_at_ns, h.queue))
+                execute(_TASK_ACKED, (h.ref, m.sender, stored_at_ns, h.queue, m.recipient))
         elif kind is Kind.MEMBER or kind is Kind.SERVE:
             # A record is the sender's about itself (a member speaks only for itself), so
             # the row is (queue, sender): our own when outgoing, the peer's when incoming.

@@ -13,13 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 from functools import partial
 from typing import Any
 
 import pytest
 import zmq
 
-from meshpost.control import ErrorReply, GroupRequest, SendRequest
+from meshpost.control import (
+    BroadcastReply,
+    BroadcastRequest,
+    BroadcastStatusRequest,
+    ErrorReply,
+    GroupRequest,
+    PeerRequest,
+    QueueStatusReply,
+    QueueStatusRequest,
+    SendRequest,
+)
 from meshpost.node import Node
 from meshpost.protocol.header import Kind, PatternHeader
 from tests.integration import wire_peer as wp
@@ -34,6 +45,15 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(2
 PATIENCE_S = 60.0
 until = partial(until_true, timeout_s=PATIENCE_S)
 WORKER = ("--worker", "work=upper")
+
+
+def finished_by(mesh: Mesh, name: str) -> dict[str, str | None]:
+    """Who finished each task of `name` (the ventilator's `tasks.finished_by`)."""
+    conn = sqlite3.connect(f"file:{mesh.db(name)}?mode=ro", uri=True, timeout=30)
+    try:
+        return dict(conn.execute("SELECT task_id, finished_by FROM tasks").fetchall())
+    finally:
+        conn.close()
 
 
 async def posted(node: Node, to: str, body: str, header: PatternHeader) -> None:
@@ -82,6 +102,190 @@ def test_a_done_or_result_for_a_task_never_given_to_the_sender_finishes_nothing(
     mesh.run(scenario)
 
 
+def test_a_worker_saying_done_to_a_ventilator_that_is_its_own_sink_finishes_nothing(
+    mesh_factory: MeshFactory,
+) -> None:
+    """M, a welcomed peer, announces by hand that it serves V's queue, takes V's four tasks
+    (V is their sink) and answers each with a `done` and no result. A `done` says "the
+    result is at the sink": here the sink is V, which has no result. The tasks must stay
+    unfinished until their lease gives them to a real worker W, whose results V keeps.
+    Before the fix V finished all four at M's `done`s: no result anywhere, for good."""
+    mesh = mesh_factory(["V", "W", "M"], real=["V", "W"], node_args={"W": WORKER}, seed=38)
+
+    async def scenario() -> None:
+        await asyncio.to_thread(mesh.start_real, ["V"])
+        m = await mesh.start_inproc("M")
+        await posted(m, "V", "serve", PatternHeader(Kind.SERVE, queue="work", version=1))
+        tasks = await mesh.submit("V", "work", "V", [f"t{i}" for i in range(4)], lease_s=2)
+        await until("M holds the four tasks", lambda: len(read_rows(
+            mesh.data_dir("M"), "WHERE kind = 'task'")) == 4)
+        for row in read_rows(mesh.data_dir("M"), "WHERE kind = 'task'"):
+            await posted(m, "V", "done", PatternHeader(Kind.DONE, row.ref, "work"))
+        v = read_tables(mesh.data_dir("V"))
+        assert {t.state for t in v.tasks.values()} == {"assigned"}, v.tasks
+        await asyncio.to_thread(mesh.start_real, ["W"])
+        await until("every task done at V", lambda: all(
+            t.state == "done" for t in read_tables(mesh.data_dir("V")).tasks.values()))
+        v = read_tables(mesh.data_dir("V"))
+        assert {v.kept[t.task_id].worker for t in tasks} == {"W"}, v.kept
+        assert finished_by(mesh, "V") == dict.fromkeys(v.tasks, "W")
+        stats = (await mesh.status("V"))["stats"]
+        assert stats["completions_refused"] == 4, stats
+        assert mesh.log_text("V").count("only the task's result finishes it") == 4
+        await mesh.finish(assert_clean=False)
+
+    mesh.run(scenario)
+
+
+#: The flood's size per kind: enough to see derived state grow with it, small enough for CI.
+FLOOD = 600
+
+
+def test_a_flood_of_made_up_task_ids_and_records_costs_no_other_message(
+    mesh_factory: MeshFactory,
+) -> None:
+    """While A streams 100 messages to V and V has three real tasks queued (its own sink),
+    M sends V by hand FLOOD `done`s and FLOOD results naming task ids that never existed,
+    FLOOD/2 membership joins of distinct groups and FLOOD/2 `serve` records of distinct
+    queues. Each is a message M pays for: V stores and receipts each, keeps derived state in
+    proportion (a result row per made-up result as a sink, a record per (group, member)),
+    never more; A's messages are all stored once; V's tasks table keeps its three tasks, a
+    real worker W does them; V's status and queue status still answer."""
+    mesh = mesh_factory(["V", "A", "W", "M"], real=["V", "A", "W"], node_args={"W": WORKER},
+                        seed=37)
+
+    async def scenario() -> None:
+        await asyncio.to_thread(mesh.start_real, ["V", "A"])
+        m = await mesh.start_inproc("M")
+        tasks = await mesh.submit("V", "work", "V", ["one", "two", "three"], lease_s=30)
+        streaming = mesh.spawn_task(mesh.stream("A", "V", 100, tag="honest", concurrency=10))
+        made_up = [
+            *(("done", PatternHeader(Kind.DONE, f"fake-{i}", "work")) for i in range(FLOOD)),
+            *(("X", PatternHeader(Kind.RESULT, f"fake-{i}", "work")) for i in range(FLOOD)),
+            *(("join", PatternHeader(Kind.MEMBER, queue=f"g{i}", version=1))
+              for i in range(FLOOD // 2)),
+            *(("serve", PatternHeader(Kind.SERVE, queue=f"q{i}", version=1))
+              for i in range(FLOOD // 2)),
+        ]
+        for start in range(0, len(made_up), 200):
+            chunk = made_up[start:start + 200]
+            handles = await asyncio.gather(*(m._post("V", body, held=False, header=header)
+                                             for body, header in chunk))
+            await asyncio.wait_for(asyncio.gather(*(h.receipt for (h,) in handles)),
+                                   PATIENCE_S)
+        await streaming
+        status = await mesh.status("V")
+        assert len([g for g in status["groups"] if g.startswith("g")]) == FLOOD // 2
+        queues = await mesh.control("V", QueueStatusRequest())
+        assert isinstance(queues, QueueStatusReply), queues
+        assert {q.queue for q in queues.queues} >= {"work", *(f"q{i}" for i in range(5))}
+        v = read_tables(mesh.data_dir("V"))
+        assert set(v.tasks) == {t.task_id for t in tasks}, len(v.tasks)
+        assert len(v.kept) == FLOOD, len(v.kept)  # one row per made-up result: no more
+        await asyncio.to_thread(mesh.start_real, ["W"])
+        await until("every task done at V", lambda: all(
+            t.state == "done" for t in read_tables(mesh.data_dir("V")).tasks.values()))
+        v = read_tables(mesh.data_dir("V"))
+        assert {v.kept[t.task_id].worker for t in tasks} == {"W"}
+        stored = len(read_rows(mesh.data_dir("V"), "WHERE sender = 'M'"))
+        assert stored == len(made_up), stored
+        counts = await mesh.finish(assert_clean=False)
+        assert counts.accepted == counts.receipted == counts.stored == counts.attempted == 100
+        assert counts.lost == counts.duplicated == counts.mismatched == 0, counts.line()
+        assert counts.verify == "ok", counts.problems
+
+    mesh.run(scenario)
+
+
+# -- request/reply and echo ------------------------------------------------------------------
+
+
+def test_a_reply_from_a_peer_the_request_did_not_go_to_answers_nothing(
+    mesh_factory: MeshFactory,
+) -> None:
+    """A asks B (not running yet). M, a welcomed peer, names A's request id (learnt somehow)
+    in a reply of its own, and replies to its own reply. A's caller must not get M's body:
+    its request times out `not-delivered`, the forged replies are stored and counted
+    (`replies_unmatched`). A restarts: the request still waits for B (M's reply, stored, does
+    not count as its answer), and when B comes up with --echo, B's reply is the one linked."""
+    mesh = mesh_factory(["A", "B", "M"], real=["A", "B"], node_args={"B": ("--echo",)},
+                        seed=34)
+
+    async def scenario() -> None:
+        await asyncio.to_thread(mesh.start_real, ["A"])
+        m = await mesh.start_inproc("M")
+        asking = mesh.spawn_task(mesh.control("A", PeerRequest("B", "question", 4.0)))
+        await until("A stored its request", lambda: bool(read_rows(
+            mesh.data_dir("A"), "WHERE kind = 'request'")))
+        (request,) = read_rows(mesh.data_dir("A"), "WHERE kind = 'request'")
+        (forged,) = await m.post("A", "forged answer", header=PatternHeader(Kind.REPLY,
+                                                                             request.id))
+        await asyncio.wait_for(forged.receipt, PATIENCE_S)
+        await posted(m, "A", "reply to a reply", PatternHeader(Kind.REPLY, forged.id))
+        answer = await asking
+        assert isinstance(answer, ErrorReply), answer
+        assert answer.kind == "request_timeout" and "not delivered" in answer.message, answer
+        stats = (await mesh.status("A"))["stats"]
+        assert stats["replies_unmatched"] == 2, stats
+        assert "the request went to 'B'" in mesh.log_text("A")
+        await asyncio.to_thread(mesh.terminate, "A")
+        await asyncio.to_thread(mesh.start_real, ["A", "B"])
+        await until("B's reply linked at A", lambda: f"to request {request.id} from B" in
+                    mesh.log_text("A"))
+        replies = read_rows(mesh.data_dir("A"), "WHERE kind = 'reply' AND ref = ?",
+                            (request.id,))
+        assert sorted((r.sender, r.body) for r in replies) == [
+            ("B", "question"), ("M", "forged answer")], replies
+        await mesh.finish(assert_clean=False)
+
+    mesh.run(scenario)
+
+
+def test_echo_nodes_answer_only_their_sender_and_never_each_other(
+    mesh_factory: MeshFactory,
+) -> None:
+    """E1 and E2 run --echo. M, a welcomed peer, sends each one message of every kind by
+    hand: a request, a plain message, a group copy, a reply (to the echo's own reply, too),
+    a membership and a serve record, a task for a queue it does not serve, a result and a
+    `done`. Each echo answers the request, the plain message and the group copy, once each,
+    to M; nothing else; and the two echoes exchange nothing: no input costs another
+    message, and no ping-pong between echoes can start."""
+    mesh = mesh_factory(["E1", "E2", "M"], real=["E1", "E2"],
+                        node_args={"E1": ("--echo",), "E2": ("--echo",)}, seed=35)
+
+    async def scenario() -> None:
+        await mesh.start()
+        m = mesh.inproc["M"]
+        for echo in ("E1", "E2"):
+            headers = [PatternHeader(Kind.REQUEST), None, PatternHeader(Kind.GROUP, "L1"),
+                       PatternHeader(Kind.REPLY, "nothing"),
+                       PatternHeader(Kind.MEMBER, queue="team", version=1),
+                       PatternHeader(Kind.SERVE, queue="work", version=1),
+                       PatternHeader(Kind.TASK, "t1", "work", "M", 1000, 1),
+                       PatternHeader(Kind.RESULT, "t1", "work"),
+                       PatternHeader(Kind.DONE, "t1", "work")]
+            for i, header in enumerate(headers):
+                body = "join" if header is not None and header.kind is Kind.MEMBER else (
+                    "serve" if header is not None and header.kind is Kind.SERVE else f"k{i}")
+                (handle,) = await m._post(echo, body, held=False, header=header)
+                await asyncio.wait_for(handle.receipt, PATIENCE_S)
+        await until("three echoes from each", lambda: len(read_rows(
+            mesh.data_dir("M"), "WHERE direction = 'in' AND kind = 'reply'")) >= 6)
+        echoes = read_rows(mesh.data_dir("M"), "WHERE direction = 'in' AND kind = 'reply'")
+        for echo in echoes:  # a reply to the echo's reply: no answer either
+            await posted(m, echo.sender, "and back", PatternHeader(Kind.REPLY, echo.id))
+        counts = await mesh.finish(assert_clean=False)
+        assert sorted((r.sender, r.body) for r in echoes) == sorted(
+            (e, b) for e in ("E1", "E2") for b in ("k0", "k1", "k2")), echoes
+        for echo in ("E1", "E2"):
+            out = read_rows(mesh.data_dir(echo), "WHERE direction = 'out'")
+            assert [(r.recipient, r.kind, r.body) for r in out] == [
+                ("M", "reply", b) for b in ("k0", "k1", "k2")], out
+        assert counts.verify == "ok", counts.problems
+
+    mesh.run(scenario)
+
+
 # -- live groups -----------------------------------------------------------------------------
 
 
@@ -118,7 +322,7 @@ def test_a_peer_speaks_only_for_itself_in_groups_and_names_no_node(
         for target in ("B", "V", "ALL"):
             sent[target] = await mesh.control("V", SendRequest(target, f"to {target}", 10.0))
         after = read_rows(mesh.data_dir("M"), "WHERE direction = 'in'")
-        leaked = [r.body for r in after[before:] if r.body != "to ALL"]
+        leaked = [r.body for r in after[before:] if r.body in ("to B", "to V")]
         assert leaked == [], (leaked, sent)
         assert isinstance(sent["V"], ErrorReply), sent["V"]  # its own name is no target
         assert [s.to for s in sent["B"].sent] == ["B"], sent["B"]
@@ -127,6 +331,54 @@ def test_a_peer_speaks_only_for_itself_in_groups_and_names_no_node(
         stats = (await mesh.status("V"))["stats"]
         assert stats["memberships_refused"] == 3, stats
         assert mesh.log_text("V").count("that is a node's name") == 3
+        await mesh.finish(assert_clean=False)
+
+    mesh.run(scenario)
+
+
+# -- broadcast k/n -----------------------------------------------------------------------------
+
+
+def test_a_recipient_cannot_move_a_broadcasts_k_of_n(mesh_factory: MeshFactory) -> None:
+    """A broadcasts to all while B is down: delivered 1/2 (M), B pending. M, a recipient that
+    knows the logical id (its copy carries it), sends A a `group` copy of its own under that
+    id, a reply to its copy and a `done` and a result naming the id. A's k/n moves only by
+    its own copies' receipts: still 1/2 with B pending (after a restart of A too, rebuilt
+    from the store), then 2/2 once B is up."""
+    mesh = mesh_factory(["A", "B", "M"], real=["A", "B"], seed=36)
+
+    async def scenario() -> None:
+        await asyncio.to_thread(mesh.start_real, ["A"])
+        m = await mesh.start_inproc("M")
+        reply = await mesh.control("A", BroadcastRequest("all", "to everyone"))
+        assert isinstance(reply, BroadcastReply), reply
+        logical = reply.status.logical_id
+        await until("M has its copy", lambda: bool(read_rows(
+            mesh.data_dir("M"), "WHERE kind = 'group' AND ref = ?", (logical,))))
+        (copy,) = read_rows(mesh.data_dir("M"), "WHERE kind = 'group' AND ref = ?", (logical,))
+        for body, header in [("mine too", PatternHeader(Kind.GROUP, logical)),
+                             ("got it", PatternHeader(Kind.REPLY, copy.id)),
+                             ("done", PatternHeader(Kind.DONE, logical, "all")),
+                             ("B got it", PatternHeader(Kind.RESULT, logical, "all"))]:
+            await posted(m, "A", body, header)
+
+        async def status(seen: int) -> BroadcastReply:
+            answer = await mesh.control("A", BroadcastStatusRequest(logical, seen, 0.0))
+            assert isinstance(answer, BroadcastReply), answer
+            return answer
+
+        s = (await status(0)).status
+        assert (s.total, s.delivered, s.pending, s.rejected) == (2, ("M",), ("B",), ()), s
+        # Rebuilt from the store after a restart (M's rows under the id are in it too).
+        await asyncio.to_thread(mesh.terminate, "A")
+        await asyncio.to_thread(mesh.start_real, ["A"])
+        s = (await status(0)).status
+        assert (s.total, s.delivered, s.pending, s.rejected) == (2, ("M",), ("B",), ()), s
+        await asyncio.to_thread(mesh.start_real, ["B"])
+        async with asyncio.timeout(PATIENCE_S):
+            while (s := (await status(1)).status).pending:
+                await asyncio.sleep(0.05)
+        assert (s.total, s.delivered, s.rejected) == (2, ("B", "M"), ()), s
         await mesh.finish(assert_clean=False)
 
     mesh.run(scenario)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from meshpost.errors import InvalidLease
 from meshpost.protocol.workqueue import (
+    OWN_SINK,
     Action,
     CompletionRefused,
     DispatchTask,
@@ -504,3 +505,17 @@ def test_a_completion_by_a_peer_no_attempt_went_to_finishes_nothing() -> None:
     assert restored.completed("t1", 21.0, by="W1") is True  # the earlier assignee counts
     assert restored.completed("t2", 21.0, by="M") is False
     assert restored.completed("t2", 21.0) is True  # the node's own word (its sink)
+
+
+def test_a_done_finishes_only_a_task_whose_sink_is_another_node() -> None:
+    """A `done` says the result is at the sink; when the sink is the ventilator itself only
+    the result finishes the task (the node calls `completed` with `by` and no `ack`)."""
+    d = WorkQueueDispatcher("upper", lease_s=LEASE_S, ventilator="V")
+    d.worker_up("W1", 0.0)
+    d.submit("t1", "x", "V", 0.0)
+    d.submit("t2", "y", "S", 0.0)
+    d.actions()
+    assert d.completed("t1", 1.0, by="W1", ack=True) is False
+    assert d.actions() == [CompletionRefused("t1", "W1", OWN_SINK)]
+    assert d.completed("t2", 1.0, by="W1", ack=True) is True
+    assert d.completed("t1", 1.0, by="W1") is True  # its result, at V

@@ -100,6 +100,12 @@ def test_a_done_or_a_result_from_a_peer_never_given_the_task_finishes_nothing(
     store.apply(WriteBatch(incoming=[[late]]), T0 + 3)
     assert tasks(store)[0] == ("t1", "done", 2, "W2", "W1")
     assert store.task_results() == [("t1", "m1.t", "W1")]
+    # A `done` for a task whose sink is this node finishes nothing, from its worker too: the
+    # result itself finishes it (a `done` vouches for a result at another node).
+    ack = Envelope("d3", 2, "W1", "V", "done", T0, T0, PatternHeader(Kind.DONE, "t2", "work"))
+    store.apply(WriteBatch(outgoing=[task_message("m3", 2, "W1", "t2", 1)]), T0 + 3)
+    store.apply(WriteBatch(incoming=[[ack]]), T0 + 3)
+    assert tasks(store)[1] == ("t2", "assigned", 1, "W1", None)
     # A task this node does not have (it is only the sink): the first result is kept.
     other = Envelope("r2", 4, "M", "V", "Y", T0, T0, PatternHeader(Kind.RESULT, "t9", "work"))
     store.apply(WriteBatch(incoming=[[other]]), T0 + 4)
