@@ -248,6 +248,11 @@ class WorkQueueDispatcher:
         self._tasks: dict[str, _Task] = {}
         self._waiting: collections.deque[str] = collections.deque()
         self._workers: dict[str, _Worker] = {}
+        #: Workers that stopped serving with tasks in hand and have completed none since:
+        #: when they serve again they are suspect (one task at a time). Without it each
+        #: `serve` record of a worker that stops again at once cost this ventilator a full
+        #: window of task messages (`max_inflight` rows and sends per record it sent).
+        self._walked_away: set[str] = set()
         #: (deadline, task_id); an entry is stale unless the task is still assigned with
         #: that deadline (removal from a heap is lazy).
         self._leases: list[tuple[float, str]] = []
@@ -271,7 +276,7 @@ class WorkQueueDispatcher:
         """`worker` serves this queue and its link is up (announced, or back after a loss)."""
         state = self._workers.get(worker)
         if state is None:
-            self._workers[worker] = _Worker(worker)
+            self._workers[worker] = _Worker(worker, suspect=worker in self._walked_away)
         elif not state.live:
             state.live = True
             state.suspect = False
@@ -282,7 +287,11 @@ class WorkQueueDispatcher:
         self._take_back(worker, RedeliveryReason.WORKER_LOST, now)
 
     def worker_left(self, worker: str, now: float) -> None:
-        """`worker` stopped serving this queue (left the queue's group)."""
+        """`worker` stopped serving this queue (left the queue's group). If it had tasks in
+        hand, it is suspect when it serves again, until it completes one."""
+        state = self._workers.get(worker)
+        if state is not None and state.inflight:
+            self._walked_away.add(worker)
         self._take_back(worker, RedeliveryReason.WORKER_LEFT, now)
         self._workers.pop(worker, None)
         self._dispatch(now)
@@ -359,8 +368,10 @@ class WorkQueueDispatcher:
         # Finished tasks are forgotten (the store keeps them): memory holds unfinished work
         # only, and a later report of this id finds nothing, as a duplicate should.
         del self._tasks[task_id]
-        if by is not None and (worker := self._workers.get(by)) is not None:
-            worker.suspect = False
+        if by is not None:
+            self._walked_away.discard(by)
+            if (worker := self._workers.get(by)) is not None:
+                worker.suspect = False
         self._actions.append(TaskCompleted(task_id, by, task.attempts))
         self._dispatch(now)
         return True

@@ -14,12 +14,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import time
+from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
 
+from meshpost import keys
+from meshpost.cluster import LocalCluster
 from meshpost.control import (
     BroadcastReply,
     BroadcastRequest,
@@ -30,8 +35,24 @@ from meshpost.control import (
     QueueStatusReply,
     QueueStatusRequest,
     SendRequest,
+    StatusRequest,
+    SubmitReply,
+    SubmitRequest,
 )
+from meshpost.control.client import ControlClient
 from meshpost.node import Node
+from meshpost.protocol import (
+    PROTOCOL_VERSION,
+    Batch,
+    Envelope,
+    Hello,
+    ReceiptFrame,
+    Refuse,
+    Reject,
+    Welcome,
+    decode,
+    encode,
+)
 from meshpost.protocol.header import Kind, PatternHeader
 from tests.integration import wire_peer as wp
 from tests.integration.faults.checker import Mesh, read_rows
@@ -132,6 +153,51 @@ def test_a_worker_saying_done_to_a_ventilator_that_is_its_own_sink_finishes_noth
         stats = (await mesh.status("V"))["stats"]
         assert stats["completions_refused"] == 4, stats
         assert mesh.log_text("V").count("only the task's result finishes it") == 4
+        await mesh.finish(assert_clean=False)
+
+    mesh.run(scenario)
+
+
+#: Serve/stop rounds of the churning worker.
+CHURN_ROUNDS = 10
+
+
+def test_a_worker_that_serves_and_stops_again_and_again_gets_one_task_a_round(
+    mesh_factory: MeshFactory,
+) -> None:
+    """V has 16 tasks queued and no real worker yet. M, a welcomed peer, announces `serve`
+    and `stop` by hand CHURN_ROUNDS times, never finishing anything. Each `serve` made V
+    send it every task waiting (16 task messages, 16 rows in V's store per record M sent):
+    a peer's two messages cost V a full window of its own. A worker that walked away with
+    tasks in hand now comes back suspect (one task at a time until it completes one), so V
+    sends at most 16 + one per round; W, started after, does all 16."""
+    mesh = mesh_factory(["V", "W", "M"], real=["V", "W"], node_args={"W": WORKER}, seed=39)
+
+    async def scenario() -> None:
+        await asyncio.to_thread(mesh.start_real, ["V"])
+        m = await mesh.start_inproc("M")
+        tasks = await mesh.submit("V", "work", "V", [f"t{i}" for i in range(16)], lease_s=60)
+        version = 0
+
+        def to_m() -> int:
+            return len(read_rows(mesh.data_dir("V"), "WHERE kind = 'task' AND peer = 'M'"))
+
+        for _ in range(CHURN_ROUNDS):
+            before = await asyncio.to_thread(to_m)
+            version += 1
+            await posted(m, "V", "serve", PatternHeader(Kind.SERVE, queue="work",
+                                                        version=version))
+            await until("V gave M something", lambda b=before: to_m() > b)
+            version += 1
+            await posted(m, "V", "stop", PatternHeader(Kind.SERVE, queue="work",
+                                                       version=version))
+        sent_to_m = await asyncio.to_thread(to_m)
+        mesh.extra["task_messages_to_m"] = sent_to_m
+        assert sent_to_m <= 16 + CHURN_ROUNDS, sent_to_m
+        await asyncio.to_thread(mesh.start_real, ["W"])
+        await until("every task done at V", lambda: all(
+            t.state == "done" for t in read_tables(mesh.data_dir("V")).tasks.values()))
+        assert {read_tables(mesh.data_dir("V")).kept[t.task_id].worker for t in tasks} == {"W"}
         await mesh.finish(assert_clean=False)
 
     mesh.run(scenario)
@@ -469,3 +535,111 @@ def test_headers_the_document_does_not_allow_are_rejected_alone_and_counted(
         assert counts.accepted == counts.receipted == counts.stored == counts.attempted == 40
 
     mesh.run(scenario)
+
+
+# -- under --secure: the key decides who a record or a completion is from --------------------
+
+
+class CurvePeer:
+    """A raw DEALER holding node M's own CURVE key (a real, allowlisted peer), speaking the
+    wire format by hand to V."""
+
+    def __init__(self, endpoint: str, server_key: bytes, public: bytes, secret: bytes) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDTIMEO, int(PATIENCE_S * 1000))
+        self.sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+        self.sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        self.sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        self.sock.connect(endpoint)
+
+    def send(self, frame: Any) -> None:
+        self.sock.send(encode(frame))
+
+    def answer(self) -> Any:
+        assert self.sock.poll(int(PATIENCE_S * 1000)), "no answer from V"
+        return decode(self.sock.recv(), max_bytes=1 << 20)
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def secure_mesh(short_tmp: Path) -> Iterator[LocalCluster]:
+    """V and B run --secure; M has keys both allowlist but runs nowhere: the test holds M's
+    key in a raw socket."""
+    cluster = LocalCluster.create(short_tmp, 3, names=["V", "B", "M"], transport="tcp",
+                                  extra_args=["--secure"])
+    keys.generate_mesh_keys({n: cluster.data_dir(n) for n in cluster.names})
+    cluster.start(["V", "B"])
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_under_secure_a_peers_key_speaks_only_for_itself_in_patterns(
+    secure_mesh: LocalCluster,
+) -> None:
+    """Under --secure, M's own key: a Hello as B is refused (`identity`); on M's welcomed
+    connection, a membership record leaving `team` with B as its envelope's sender is
+    rejected `invalid` (the sender must be the session's name); M's own `done` and result
+    for V's queued tasks are stored and receipted but finish nothing. B stays in `team`."""
+    cluster = secure_mesh
+    with ControlClient(cluster.data_dir("B"), name="B") as b:
+        assert b.request(GroupRequest("join", "team"), timeout_s=PATIENCE_S).ok
+    with ControlClient(cluster.data_dir("V"), name="V") as v:
+        secure_attack(cluster, v)
+
+
+def secure_attack(cluster: LocalCluster, v: ControlClient) -> None:
+    """The attack of the test above, with V's control client."""
+    deadline = time.monotonic() + PATIENCE_S
+    while "B" not in v.request(StatusRequest(), timeout_s=PATIENCE_S).status["groups"].get(
+            "team", []):
+        assert time.monotonic() < deadline, "V never saw B join team"
+        time.sleep(0.05)
+    submitted = v.request(SubmitRequest("work", "V", ["one", "two"], 30.0),
+                          timeout_s=PATIENCE_S)
+    assert isinstance(submitted, SubmitReply), submitted
+    ids = submitted.task_ids
+    _v_secret, v_public = keys.load_own(cluster.data_dir("V"))
+    m_secret, m_public = keys.load_own(cluster.data_dir("M"))
+    endpoint = cluster.endpoints["V"]
+    now = time.time_ns()
+
+    as_b = CurvePeer(endpoint, v_public, m_public, m_secret)
+    try:
+        as_b.send(Hello(PROTOCOL_VERSION, "0123456789abcdef", "B", now, now >> 4))
+        refused = as_b.answer()
+    finally:
+        as_b.close()
+    assert isinstance(refused, Refuse) and refused.code == "identity", refused
+
+    m = CurvePeer(endpoint, v_public, m_public, m_secret)
+    try:
+        m.send(Hello(PROTOCOL_VERSION, "0123456789abcdef", "M", now, now >> 4))
+        assert isinstance(m.answer(), Welcome)
+        sent = [
+            Envelope(f"{now:x}a", 1, "B", "V", "leave", now, now >> 4,
+                     PatternHeader(Kind.MEMBER, queue="team", version=2**62)),
+            Envelope(f"{now:x}b", 2, "M", "V", "done", now, now >> 4,
+                     PatternHeader(Kind.DONE, ids[0], "work")),
+            Envelope(f"{now:x}c", 3, "M", "V", "MADE UP", now, now >> 4,
+                     PatternHeader(Kind.RESULT, ids[1], "work")),
+        ]
+        m.send(Batch(now, sent))
+        answers = [m.answer(), m.answer()]
+    finally:
+        m.close()
+    rejects = [a for a in answers if isinstance(a, Reject)]
+    receipts = [a for a in answers if isinstance(a, ReceiptFrame)]
+    assert [(r.seqs, r.code) for r in rejects] == [([1], "invalid")], answers
+    assert [r.ranges for r in receipts] == [[(2, 3)]], answers
+    status = v.request(StatusRequest(), timeout_s=PATIENCE_S).status
+    assert status["groups"].get("team") == ["B"], status["groups"]
+    assert status["stats"]["completions_refused"] == 2, status["stats"]
+    assert read_tables(cluster.data_dir("V")).kept == {}
+    assert {t.state for t in read_tables(cluster.data_dir("V")).tasks.values()} == {"queued"}

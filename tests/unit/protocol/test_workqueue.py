@@ -519,3 +519,23 @@ def test_a_done_finishes_only_a_task_whose_sink_is_another_node() -> None:
     assert d.actions() == [CompletionRefused("t1", "W1", OWN_SINK)]
     assert d.completed("t2", 1.0, by="W1", ack=True) is True
     assert d.completed("t1", 1.0, by="W1") is True  # its result, at V
+
+
+def test_a_worker_that_left_with_tasks_in_hand_comes_back_suspect() -> None:
+    """A `serve` record right after a `stop` (nothing finished) gets one task, not a full
+    window: each such pair cost the ventilator `max_inflight` task messages before."""
+    d = dispatcher(max_inflight=4)
+    for i in range(6):
+        d.submit(f"t{i}", "x", "C", 0.0)
+    d.worker_up("M", 0.0)
+    assert len(dispatched(d.actions())) == 4
+    for round_ in range(3):
+        d.worker_left("M", 1.0 + round_)
+        d.worker_up("M", 1.5 + round_)
+        assert len(dispatched(d.actions())) == 1, round_
+    assert d.workers()[0].suspect and d.inflight() == {"M": 1}
+    task_id = next(r.task_id for r in d.snapshot() if r.state is TaskState.ASSIGNED)
+    assert d.completed(task_id, 5.0, by="M")  # it finished one: full room again
+    assert len(dispatched(d.actions())) == 4
+    d.worker_left("W", 6.0)  # a worker never seen, with nothing in hand: nothing to do
+    assert d.actions() == []
