@@ -398,6 +398,9 @@ class NodeStats:
     #: Peers' membership records not merged: about a group named after a node (this one,
     #: a peer, `all`), or malformed (docs/protocol.md 19.6).
     memberships_refused: int = 0
+    #: Task messages this worker stored but did not run: their sink is no peer of this node
+    #: (`all`, a group, itself, an unknown name), so a result could go nowhere (19.4).
+    tasks_refused: int = 0
 
     def note_store_retry(self, retry: StoreRetry | None) -> None:
         """Set the `store_retry_*` fields from the writer's episode under way (None: none)."""

@@ -484,6 +484,19 @@ class WorkQueues:
         h = m.header
         assert h is not None
         handler, room = self.serving[h.queue]
+        if h.sink not in node._links:
+            # The result could go nowhere: not `all` or a group (one message id for many
+            # peers, or a result to whoever is in a group), not this node, not a name that
+            # is no peer. A ventilator names one of its peers; a made-up sink must not buy a
+            # handler run here, nor one at every start (the task stays unanswered). The
+            # ventilator's lease gives the task to another worker.
+            node.stats.tasks_refused += 1
+            decision = self._refused_warnings.check(m.sender, node.clock.monotonic())
+            if isinstance(decision, Allowed):
+                log.warning("[%s] task %s from %s not run: its sink %r is no peer of this "
+                            "node, so its result could go nowhere", node.name, h.ref,
+                            m.sender, h.sink)
+            return
         rid = result_id(m.id)
         # Claimed before the first await: a second run of the same task message (found again
         # at serve, or reported new twice) returns here instead of racing this one to post

@@ -158,6 +158,44 @@ def test_a_worker_saying_done_to_a_ventilator_that_is_its_own_sink_finishes_noth
     mesh.run(scenario)
 
 
+def test_a_task_whose_sink_is_no_peer_of_the_worker_is_not_run(
+    mesh_factory: MeshFactory,
+) -> None:
+    """M, a welcomed peer, sends worker W tasks by hand whose sink W cannot send a result
+    to: `all`, a group W knows, W itself, a name that is no peer. W must not run them (a
+    handler's work and effects for a result that can go nowhere), nor run them again at
+    each start, nor send anyone anything for them; it counts and logs them. Before, W ran
+    each one, then failed to post its result (`all` and the group: a ValueError out of a
+    handler task, "one message id for 2 peers"), and ran them all again after a restart."""
+    mesh = mesh_factory(["W", "B", "M"], real=["W", "B"],
+                        node_args={"W": ("--worker", "work=upper")}, seed=40)
+
+    async def scenario() -> None:
+        await mesh.start()
+        m = mesh.inproc["M"]
+        await mesh.control("B", GroupRequest("join", "team"))
+        await mesh.control("W", GroupRequest("join", "team"))
+        for i, sink in enumerate(["all", "team", "W", "NOPE"]):
+            await posted(m, "W", f"task {i}", PatternHeader(Kind.TASK, f"t{i}", "work", sink,
+                                                           60_000, 1))
+        await until("W refused the four", lambda: mesh.log_text("W").count(
+            "not run: its sink") == 4)
+        stats = (await mesh.status("W"))["stats"]
+        assert (stats["tasks_refused"], stats["handler_errors"]) == (4, 0), stats
+        await asyncio.to_thread(mesh.terminate, "W")
+        await asyncio.to_thread(mesh.start_real, ["W"])
+        await until("W refused the four again at start", lambda: mesh.log_text("W").count(
+            "not run: its sink") == 8)
+        stats = (await mesh.status("W"))["stats"]
+        assert (stats["tasks_refused"], stats["handler_errors"]) == (4, 0), stats
+        out = read_rows(mesh.data_dir("W"), "WHERE direction = 'out'")
+        assert {r.kind for r in out} <= {"serve", "member"}, out
+        assert "never retrieved" not in mesh.log_text("W")
+        await mesh.finish(assert_clean=False)
+
+    mesh.run(scenario)
+
+
 #: Serve/stop rounds of the churning worker.
 CHURN_ROUNDS = 10
 
