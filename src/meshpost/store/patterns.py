@@ -33,12 +33,13 @@ _GIVEN_TO_SENDER = (
 )
 #: A sink's result, recorded with the result message's row (ignored for a task it has).
 #: At a sink that is also the task's ventilator (it has the `tasks` row) only a result from
-#: a worker it gave the task to counts; a sink elsewhere cannot tell (it never saw the
-#: task), and keeps the first result as before.
+#: a worker it gave the task to, naming the task's queue, counts; a sink elsewhere cannot
+#: tell (it never saw the task), and keeps the first result as before.
 RECORD_RESULT = (
     "INSERT INTO task_results (task_id, queue, message_id, worker, stored_at_ns)"
     " SELECT ?1, ?3, ?4, ?2, ?5 WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE task_id = ?1)"
-    f" OR {_GIVEN_TO_SENDER} ON CONFLICT (task_id) DO NOTHING"
+    " OR (EXISTS (SELECT 1 FROM tasks WHERE task_id = ?1 AND queue = ?3) AND"
+    f" {_GIVEN_TO_SENDER}) ON CONFLICT (task_id) DO NOTHING"
 )
 
 

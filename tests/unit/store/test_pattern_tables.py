@@ -94,6 +94,10 @@ def test_a_done_or_a_result_from_a_peer_never_given_the_task_finishes_nothing(
     assert result.committed == [1, 2, 3]
     assert tasks(store) == [("t1", "assigned", 1, "W1", None), ("t2", "queued", 0, None, None)]
     assert store.task_results() == []
+    # W1's result naming another queue is not the task's result (nor does it finish it).
+    astray = Envelope("r0", 9, "W1", "V", "Z", T0, T0, PatternHeader(Kind.RESULT, "t1", "other"))
+    store.apply(WriteBatch(incoming=[[astray]]), T0 + 1)
+    assert store.task_results() == []
     # Redelivered to W2: W1, the earlier assignee, still finishes it (its result is real).
     store.apply(WriteBatch(outgoing=[task_message("m2", 1, "W2", "t1", 2)]), T0 + 2)
     late = Envelope("m1.t", 1, "W1", "V", "A", T0, T0, PatternHeader(Kind.RESULT, "t1", "work"))
