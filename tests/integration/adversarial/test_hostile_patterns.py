@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import zmq
 
@@ -573,6 +574,51 @@ def test_headers_the_document_does_not_allow_are_rejected_alone_and_counted(
         assert counts.accepted == counts.receipted == counts.stored == counts.attempted == 40
 
     mesh.run(scenario)
+
+
+def test_a_header_of_the_wrong_layout_refuses_only_its_own_batch(
+    mesh_factory: MeshFactory,
+) -> None:
+    """A header that is not an array of the header's types (a string; a ref that is an
+    integer; a trailing field nested 100,000 arrays deep) makes its whole batch `malformed`
+    (8.2): none of it stored, nothing else lost. M then says Hello again and sends the same
+    good message alone: stored once, as are A's messages throughout."""
+    mesh = mesh_factory(["V", "A", "M"], real=["V", "A"], absent=["M"], seed=41)
+    mesh.foreign_senders.add("M")
+
+    async def scenario() -> None:
+        await mesh.start()
+        peer = await asyncio.to_thread(raw_peer, mesh, "M", "V")
+        streaming = mesh.spawn_task(mesh.stream("A", "V", 30, tag="honest", concurrency=10))
+        (good,) = peer.envelopes("V", ["good"])
+        for i, header in enumerate(["task", ["reply", 12345], "nested"]):
+            (bad,) = peer.envelopes("V", [f"bad {i}"], first_seq=2 + i)
+            if header == "nested":  # by hand: msgspec encodes no such depth
+                peer.send_raw(deeply_nested_batch(good, bad))
+            else:
+                peer.batch([good, dataclasses.replace(bad, header=header)])
+            refused = await asyncio.to_thread(peer.recv, PATIENCE_S)
+            assert refused.tag == "refuse" and refused["code"] == "malformed", refused
+            await asyncio.to_thread(peer.handshake, PATIENCE_S)
+        assert read_rows(mesh.data_dir("V"), "WHERE sender = 'M'") == []
+        peer.batch([good])
+        assert await asyncio.to_thread(answers, peer, {good.seq}) == {1: ("receipt", "")}
+        await streaming
+        assert [r.id for r in read_rows(mesh.data_dir("V"), "WHERE sender = 'M'")] == [good.id]
+        counts = await mesh.finish()
+        assert counts.accepted == counts.receipted == counts.stored == counts.attempted == 30
+
+    mesh.run(scenario)
+
+
+def deeply_nested_batch(good: wp.Envelope, bad: wp.Envelope, depth: int = 100_000) -> bytes:
+    """A batch of `good` and `bad`, whose header's eighth field is `depth` nested arrays,
+    encoded by hand (msgpack: 0x91 is an array of one)."""
+    encode = msgspec.msgpack.encode
+    header = b"\x98" + encode("request") + b"\xa0\xa0\xa0\x00\x00\x00" + b"\x91" * depth + b"\xc0"
+    envelope = b"\x98" + b"".join(encode(f) for f in bad.wire()[:7]) + header
+    return (b"\x93" + encode("batch") + encode(wp.wall_ns()) + b"\x92" + encode(good.wire())
+            + envelope)
 
 
 # -- under --secure: the key decides who a record or a completion is from --------------------
