@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import meshpost.rules as rules
@@ -105,8 +106,10 @@ class Groups:
 
     def resolve(self, target: str) -> list[str]:
         links = self._node._links
+        # The group table is read lazily (`_GroupTable`): a send to `all` or to one group
+        # costs that group's members, not a table of every group a peer ever named.
         names = rules.resolve_target(target, local_name=self._node.name, peers=list(links),
-                                     groups=self.groups())
+                                     groups=_GroupTable(self))
         # A member that is no peer of ours (it joined through another node) is not reachable.
         return [n for n in names if n in links]
 
@@ -119,9 +122,14 @@ class Groups:
         node = self._node
         return group == node.name or group in node._links or group.lower() == rules.ALL
 
+    def is_group(self, name: str) -> bool:
+        """Whether `name` is a group here: configured or named by a record, not a node."""
+        return ((name in self._node.config.groups or self.membership.knows(name))
+                and not self.names_a_node(name))
+
     def groups(self) -> dict[str, tuple[str, ...]]:
         membership = self.membership
-        names = {*self._node.config.groups, *(r.group for r in membership.snapshot())}
+        names = {*self._node.config.groups, *membership.known()}
         # Records naming a node stay stored (they are their senders' messages) but make no
         # group: checked here, when names are read, so a peer found after the record came
         # (or a record restored from the store) is covered too.
@@ -214,3 +222,22 @@ class Groups:
 
     def active(self) -> list[BroadcastStatus]:
         return self.broadcasts.active()
+
+
+class _GroupTable(Mapping[str, tuple[str, ...]]):
+    """The node's groups as `rules.resolve_target` reads them: one group's members on a
+    lookup; the whole table only when iterated (the error that lists every target)."""
+
+    def __init__(self, groups: Groups) -> None:
+        self._groups = groups
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        if not self._groups.is_group(name):
+            raise KeyError(name)
+        return tuple(self._groups.membership.members(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._groups.groups())
+
+    def __len__(self) -> int:
+        return len(self._groups.groups())

@@ -17,6 +17,7 @@ from meshpost.clock import FakeClock
 from meshpost.errors import InvalidMessage, NoRecipients, RequestTimeout
 from meshpost.node import BroadcastProgress, Message, Node, wait_receipt
 from meshpost.protocol import Batch, Envelope, decode
+from meshpost.protocol.groups import MemberRecord
 from meshpost.protocol.header import Kind, PatternHeader, reply_id, result_id
 from meshpost.protocol.workqueue import WorkerStatus
 from meshpost.store import StoredMessage, StoreReader
@@ -485,5 +486,35 @@ def test_a_task_id_tells_a_worker_nothing_of_the_other_tasks_ids(tmp_path: Path)
             closest = min(later - earlier for earlier, later in itertools.pairwise(tails))
             # 64 random 64-bit values: two within 2**32 of each other has odds ~2**-21.
             assert closest > 2**32, f"task ids {closest} apart: the others can be guessed"
+
+    run(scenario)
+
+
+def test_a_send_to_all_or_a_group_reads_that_group_only_however_many_a_peer_named(
+    tmp_path: Path,
+) -> None:
+    """B (a peer: records are their senders' own) named 2,000 groups. A send to `all` or to
+    one group reads that group's members, not a table of every group: before, each such
+    send built the whole table, group by group over every record (groups x records steps:
+    10,000 records stalled the node 8 s at each send)."""
+    async def scenario() -> None:
+        async with node_pair(tmp_path) as (a, _b, _net, _clock):
+            membership = a._groups.membership
+            for i in range(2_000):
+                membership.merge(MemberRecord(f"g{i}", "B", True, 1, 1), sender="B")
+            calls: list[str] = []
+            members = membership.members
+
+            def counted(group: str) -> list[str]:
+                calls.append(group)
+                return members(group)
+
+            membership.members = counted  # type: ignore[method-assign]
+            assert a.resolve("g7") == ["B"]
+            assert a.resolve("all") == ["B"]
+            (copy,) = await a.post("g1999", "to one group of many")
+            await asyncio.wait_for(copy.receipt, PATIENCE_S)
+            assert set(calls) == {"g7", "g1999"}, len(calls)  # (g1999: once per resolve)
+            assert len(a.groups()) == 2_000  # the whole table, when asked for it
 
     run(scenario)
