@@ -214,9 +214,14 @@ class WorkQueues:
         not live until their link is up (`peer_event`)."""
         now = self._node.clock.monotonic()
         for queue, (lease_s, records) in unfinished.items():
-            self.dispatchers[queue] = WorkQueueDispatcher.restore(
+            dispatcher = self.dispatchers[queue] = WorkQueueDispatcher.restore(
                 queue, records, now, lease_s=lease_s or DEFAULT_LEASE_S,
                 ventilator=self._node.name)
+            # Every worker whose latest record says it serves: known, live once its link
+            # is up (`peer_event`).
+            for worker, (_v, serving) in self.workers_of.get(queue, {}).items():
+                if serving:
+                    dispatcher.worker_known(worker)
             log.info("[%s] queue %s: %d unfinished task(s) restored", self._node.name, queue,
                      len(records))
 
@@ -329,6 +334,8 @@ class WorkQueues:
                 link = node._links.get(worker)
                 if serving and link is not None and link.reachable:
                     dispatcher.worker_up(worker, now)
+                elif serving:
+                    dispatcher.worker_known(worker)
         return dispatcher
 
     def on_stored(self, m: Envelope) -> None:
@@ -373,7 +380,9 @@ class WorkQueues:
             link = node._links.get(worker)
             if serving and link is not None and link.reachable:
                 dispatcher.worker_up(worker, now)
-            elif not serving:
+            elif serving:
+                dispatcher.worker_known(worker)
+            else:
                 dispatcher.worker_left(worker, now)
             self.wakeup.set()
 
@@ -463,7 +472,12 @@ class WorkQueues:
         # (store: derived writes): no task message without its state, nor the reverse.
         header = PatternHeader(Kind.TASK, t.task_id, t.queue, t.sink,
                                max(1, int(t.lease_s * 1000)), t.attempt)
-        (handle,) = await node._post(t.worker, t.body, held=True, header=header)
+        # Not `held`: nothing here keeps the handle once this returns, and a held receipt
+        # future nobody holds is forgotten (a weak reference) before its receipt or
+        # rejection comes: `settled` never ran, so a fresh dispatch's lease never started at
+        # the worker's receipt (`leased` stayed 0) and its rejection was never seen. The node
+        # holds it until it is settled.
+        (handle,) = await node._post(t.worker, t.body, held=False, header=header)
 
         def settled(f: asyncio.Future[Receipt]) -> None:
             if f.cancelled():

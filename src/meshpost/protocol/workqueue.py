@@ -58,6 +58,7 @@ class RedeliveryReason(enum.Enum):
     LEASE_EXPIRED = "lease-expired"
     WORKER_LOST = "worker-lost"
     WORKER_LEFT = "worker-left"
+    WORKER_REFUSED = "worker-refused"  # its node rejected the task message
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -198,6 +199,8 @@ class _Task:
     restored_seq: int | None = None
     #: Every worker an attempt went to: only their completions count (`completed`).
     given: set[str] = dataclasses.field(default_factory=set)
+    #: Workers whose node rejected a task message of it: it never goes to them again.
+    refused_by: set[str] = dataclasses.field(default_factory=set)
 
 
 @dataclasses.dataclass(slots=True)
@@ -282,6 +285,12 @@ class WorkQueueDispatcher:
             state.suspect = False
         self._dispatch(now)
 
+    def worker_known(self, worker: str) -> None:
+        """`worker` serves this queue but its link is down: it gets nothing until
+        `worker_up`, and a task some other worker refused waits for it rather than being
+        abandoned (`rejected`)."""
+        self._workers.setdefault(worker, _Worker(worker, live=False))
+
     def worker_lost(self, worker: str, now: float) -> None:
         """`worker`'s link went silent: its unfinished tasks go to others now."""
         self._take_back(worker, RedeliveryReason.WORKER_LOST, now)
@@ -330,15 +339,22 @@ class WorkQueueDispatcher:
 
     def rejected(self, task_id: str, worker: str, now: float) -> None:
         """The worker's node rejected the task message (invalid, too large): it will never
-        store it, and another worker would most likely refuse it too, so the task is
-        abandoned rather than redelivered. (`refused` is the same input for a task message
-        posted before a restart, known by its seq.)"""
+        store it. The task never goes to that worker again; it is queued for the others,
+        and abandoned only once every worker this dispatcher knows has refused it (a body
+        too large for all of them). A refusal is a peer's word: abandoning at the first
+        one let a worker that rejects whatever it is sent drop every task it was given,
+        while other workers could have done them. (`refused` is the same input for a task
+        message posted before a restart, known by its seq.)"""
         task = self._tasks.get(task_id)
         if task is None or task.state is not TaskState.ASSIGNED or task.worker != worker:
             return  # an older attempt's message: the task moved on
         self._release(task)
-        del self._tasks[task_id]
-        self._actions.append(TaskAbandoned(task_id, task.attempts))
+        task.refused_by.add(worker)
+        if task.refused_by.issuperset(self._workers):
+            del self._tasks[task_id]
+            self._actions.append(TaskAbandoned(task_id, task.attempts))
+        else:
+            self._requeue(task, worker, RedeliveryReason.WORKER_REFUSED)
         self._dispatch(now)
 
     def completed(self, task_id: str, now: float, *, by: str | None = None,
@@ -542,15 +558,16 @@ class WorkQueueDispatcher:
         worker.inflight.clear()
         self._dispatch(now)
 
-    def _pick(self, avoid: str | None) -> _Worker | None:
+    def _pick(self, avoid: str | None, refused: set[str]) -> _Worker | None:
         """The worker for the next task, or None to wait.
 
         Among the live workers: healthy ones only while there are any (a suspect one may be
         stalled); not `avoid` (the task's last worker, whose lease expired) while there is
         another; then the one with the fewest unfinished tasks and room for one more (a
         suspect one has room for a single probe), the longest idle first. A task waits
-        for a busy healthy worker rather than go back to one that failed it."""
-        live = [w for w in self._workers.values() if w.live]
+        for a busy healthy worker rather than go back to one that failed it, and never
+        goes to a worker in `refused` (its node rejected the task)."""
+        live = [w for w in self._workers.values() if w.live and w.name not in refused]
         pool = [w for w in live if not w.suspect] or live
         if len(pool) > 1:
             pool = [w for w in pool if w.name != avoid]
@@ -565,11 +582,15 @@ class WorkQueueDispatcher:
         return best
 
     def _dispatch(self, now: float) -> None:
+        passed: list[str] = []  # tasks only workers that refused them have room for
         while self._waiting:
             task = self._tasks[self._waiting[0]]
-            worker = self._pick(task.worker)
+            worker = self._pick(task.worker, task.refused_by)
             if worker is None:
-                return
+                if not task.refused_by:
+                    break  # no worker has room: every task behind it waits too
+                passed.append(self._waiting.popleft())  # the tasks behind it may go
+                continue
             self._waiting.popleft()
             task.state = TaskState.ASSIGNED
             task.worker = worker.name
@@ -581,6 +602,7 @@ class WorkQueueDispatcher:
             worker.last_assigned = next(self._ticks)
             self._actions.append(DispatchTask(task.task_id, self.queue, worker.name, task.body,
                                               task.sink, task.attempts, self.lease_s))
+        self._waiting.extendleft(reversed(passed))  # first in line again, in their order
 
     def __repr__(self) -> str:
         live = sum(w.live for w in self._workers.values())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -192,6 +193,88 @@ def test_a_task_whose_sink_is_no_peer_of_the_worker_is_not_run(
         out = read_rows(mesh.data_dir("W"), "WHERE direction = 'out'")
         assert {r.kind for r in out} <= {"serve", "member"}, out
         assert "never retrieved" not in mesh.log_text("W")
+        await mesh.finish(assert_clean=False)
+
+    mesh.run(scenario)
+
+
+class RejectingWorker:
+    """M as the independent peer: it tells V (on its own connection, as a dialer) that it
+    serves `queue`, and at its own endpoint (where V's link to M dials) welcomes V and
+    rejects every message V sends it `invalid`, from a thread."""
+
+    def __init__(self, mesh: Mesh, queue: str) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.listener = wp.ListenerPeer(self.ctx, "M", mesh.endpoint("M"))
+        self.dialer = wp.Dialer(self.ctx, "M", mesh.endpoint("V"))
+        self.queue = queue
+        self.rejected = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        mesh.cleanups.append(self.close)
+
+    def announce(self) -> None:
+        self.dialer.handshake(PATIENCE_S)
+        (serve,) = self.dialer.envelopes("V", ["serve"])
+        self.dialer.batch([dataclasses.replace(serve, header=["serve", "", self.queue, "", 0,
+                                                              0, 1])])
+        assert answers(self.dialer, {serve.seq}) == {serve.seq: ("receipt", "")}
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                rid, frame, read_at = self.listener.recv(0.1)
+            except TimeoutError:
+                continue
+            if frame.tag == "hello":
+                self.listener.welcome(rid)
+            elif frame.tag == "ping":
+                self.listener.pong(rid, frame, read_at)
+            elif frame.tag == "batch":
+                seqs = [e.seq for e in frame["messages"]]
+                self.listener.send(rid, "reject", seqs, "invalid", "no, whatever it is")
+                self.rejected += len(seqs)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self.listener.close()
+        self.dialer.close()
+        self.ctx.term()
+
+
+def test_a_worker_that_rejects_its_task_messages_cannot_make_the_ventilator_drop_them(
+    mesh_factory: MeshFactory,
+) -> None:
+    """W has served V's queue and is down for a moment. M, a welcomed peer, says it serves
+    the queue too, and rejects every task message V sends it (`invalid`). V must neither
+    give up on those tasks nor leave them with M: W, back, does every one of them at once
+    (the lease is an hour). Before, V never saw a fresh task message's rejection (its
+    receipt future was forgotten, a weak reference nobody held): the tasks stayed "in
+    flight" at M for their whole lease; and the rule it meant to apply, abandon a task at
+    its first refusal, would have let M drop every task it was given, for good."""
+    mesh = mesh_factory(["V", "W", "M"], real=["V", "W"], absent=["M"],
+                        node_args={"W": WORKER}, seed=42)
+    mesh.foreign_senders.add("M")
+
+    async def scenario() -> None:
+        await mesh.start()
+        await until("V knows W serves", lambda: bool(read_rows(
+            mesh.data_dir("V"), "WHERE kind = 'serve' AND sender = 'W'")))
+        await asyncio.to_thread(mesh.terminate, "W")
+        m = RejectingWorker(mesh, "work")
+        await asyncio.to_thread(m.announce)
+        tasks = await mesh.submit("V", "work", "V", [f"t{i}" for i in range(4)],
+                                  lease_s=3600)
+        await until("M rejected task messages", lambda: m.rejected >= 1)
+        await asyncio.to_thread(mesh.start_real, ["W"])
+        await until("every task done at V", lambda: {
+            t.state for t in read_tables(mesh.data_dir("V")).tasks.values()} == {"done"})
+        v = read_tables(mesh.data_dir("V"))
+        assert {v.kept[t.task_id].worker for t in tasks} == {"W"}
+        mesh.extra["rejected_by_m"] = m.rejected
         await mesh.finish(assert_clean=False)
 
     mesh.run(scenario)

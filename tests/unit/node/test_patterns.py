@@ -518,3 +518,44 @@ def test_a_send_to_all_or_a_group_reads_that_group_only_however_many_a_peer_name
             assert len(a.groups()) == 2_000  # the whole table, when asked for it
 
     run(scenario)
+
+
+def test_a_fresh_task_message_starts_its_lease_at_the_receipt_and_its_rejection_is_seen(
+    tmp_path: Path,
+) -> None:
+    """The ventilator holds a fresh task message's receipt future until it is settled:
+    before, nothing held it (a weak reference), so the worker's receipt never started the
+    lease (`leased` stayed 0) and a rejection was never seen (the task stayed in flight
+    until its lease ran out)."""
+    async def scenario() -> None:
+        net, clock = MemoryNetwork(), FakeClock()
+        a = Node(config("A", "B", tmp_path), clock=clock, transport=net.transport("A"))
+        # B takes messages of 8 bytes at most: it rejects the large task (too large).
+        b = Node(dataclasses.replace(config("B", "A", tmp_path), max_message_bytes=8),
+                 clock=clock, transport=net.transport("B"))
+        held = asyncio.Event()
+
+        async def hold(body: str) -> str:
+            await held.wait()
+            return body
+
+        async with a, b:
+            await until(lambda: connected(a) and connected(b))
+            await b.serve_queue("work", hold)
+            await until(lambda: a.queue_workers("work") == ["B"])
+            await a.submit("work", ["small"], sink="A", lease_s=3600)
+
+            async def status() -> tuple[int, int, int]:
+                [s] = await a.queue_status("work")
+                return s.in_flight, s.leased, s.abandoned
+
+            async with asyncio.timeout(PATIENCE_S):
+                while await status() != (1, 1, 0):
+                    await asyncio.sleep(0.01)
+            await a.submit("work", ["larger than B takes"], sink="A", lease_s=3600)
+            async with asyncio.timeout(PATIENCE_S):
+                while await status() != (1, 1, 1):  # B, the only worker, refused it
+                    await asyncio.sleep(0.01)
+            held.set()
+
+    run(scenario)

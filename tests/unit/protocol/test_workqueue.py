@@ -539,3 +539,24 @@ def test_a_worker_that_left_with_tasks_in_hand_comes_back_suspect() -> None:
     assert len(dispatched(d.actions())) == 4
     d.worker_left("W", 6.0)  # a worker never seen, with nothing in hand: nothing to do
     assert d.actions() == []
+
+
+def test_a_task_a_worker_refused_goes_to_another_and_is_abandoned_only_when_all_refused() -> None:
+    """A worker's node that rejects a task message (a refusal: a peer's word) never gets
+    that task again; the task goes to another worker, or waits for a known one that is
+    down, and is abandoned only once every known worker has refused it. Before, the first
+    refusal abandoned it: a worker rejecting whatever it was sent dropped every task."""
+    d = dispatcher()
+    d.worker_known("W")  # serves the queue, link down for now
+    d.worker_up("M", 0.0)
+    d.submit("t1", "x", "C", 0.0)
+    d.submit("t2", "y", "C", 0.0)
+    assert dispatched(d.actions()) == [("t1", "M", 1), ("t2", "M", 1)]
+    d.rejected("t1", "M", 1.0)
+    assert d.waiting() == ["t1"] and d.actions()[0].reason is RedeliveryReason.WORKER_REFUSED
+    d.submit("t3", "z", "C", 1.0)  # t1 waits for W; t3 behind it still goes to M
+    assert dispatched(d.actions()) == [("t3", "M", 1)] and d.waiting() == ["t1"]
+    d.worker_up("W", 2.0)
+    assert dispatched(d.actions()) == [("t1", "W", 2)]
+    d.rejected("t1", "W", 3.0)  # every known worker refused it: nobody will take it
+    assert d.actions() == [TaskAbandoned("t1", 2)] and d.state_of("t1") is None
