@@ -393,7 +393,8 @@ class NodeStats:
     #: a refusal reply instead of a store query and a large reply.
     history_requests_refused: int = 0
     #: Results and `done`s that said a task of this ventilator was finished, from a peer it
-    #: never gave that task to: stored and receipted, but they finish nothing (19.4).
+    #: never gave that task to (or a `done` for a task whose sink is this node): stored and
+    #: receipted, but they finish nothing (19.4).
     completions_refused: int = 0
     #: Peers' membership records not merged: about a group named after a node (this one,
     #: a peer, `all`), or malformed (docs/protocol.md 19.6).
