@@ -737,7 +737,7 @@ class CurvePeer:
 def secure_mesh(short_tmp: Path) -> Iterator[LocalCluster]:
     """V and B run --secure; M has keys both allowlist but runs nowhere: the test holds M's
     key in a raw socket."""
-    cluster = LocalCluster.create(short_tmp, 3, names=["V", "B", "M"], transport="tcp",
+    cluster = LocalCluster.create(short_tmp, 3, names=["V", "B", "M"], transport="ipc",
                                   extra_args=["--secure"])
     keys.generate_mesh_keys({n: cluster.data_dir(n) for n in cluster.names})
     cluster.start(["V", "B"])
