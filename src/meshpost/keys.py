@@ -7,17 +7,21 @@ by public key only, one `NAME Z85KEY` line each in `authorized_keys`.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
 import zmq
 import zmq.auth
+from zmq.utils import z85
 
 from meshpost.config import validate_name
 from meshpost.errors import ConfigError
 
 KEYS_DIR = "keys"
 AUTHORIZED_KEYS = "authorized_keys"
+#: A CURVE public key in Z85: 32 bytes as 40 characters.
+Z85_KEY_CHARS = 40
 
 
 def key_paths(data_dir: Path) -> tuple[Path, Path]:
@@ -72,8 +76,27 @@ def load_own(data_dir: Path, *, name: str = "NAME") -> tuple[bytes, bytes]:
     return secret, public
 
 
+def z85_key(text: str) -> bytes | None:
+    """`text` as a CURVE public key in Z85 (40 characters of ZeroMQ's alphabet, 32 bytes), or
+    None. libzmq refuses anything else when the key is set on a socket, and a ZAP handler
+    compares keys as text: an unreadable line would never admit its peer and stop the dial."""
+    if len(text) != Z85_KEY_CHARS or not text.isascii():
+        return None
+    raw = text.encode("ascii")
+    try:
+        decoded = z85.decode(raw)
+    except (KeyError, ValueError, struct.error):  # a character outside the alphabet; overflow
+        return None
+    return raw if len(decoded) == 32 and z85.encode(decoded) == raw else None
+
+
 def load_authorized(data_dir: Path) -> dict[str, bytes]:
-    """Peers' public keys from `authorized_keys`: `NAME Z85KEY` lines, `#` comment lines."""
+    """Peers' public keys from `authorized_keys`: `NAME Z85KEY` lines, `#` comment lines.
+
+    Each line binds its key to its name, for both directions: connections made with that key
+    are that name's, and dialing that name expects that key. So a key may stand for one name
+    only, and a name have one key (the same line twice is harmless); anything else is a
+    `ConfigError` naming the lines, not a silent choice of one of them."""
     path = data_dir / AUTHORIZED_KEYS
     try:
         text = path.read_text(encoding="utf-8")
@@ -82,14 +105,29 @@ def load_authorized(data_dir: Path) -> dict[str, bytes]:
                           "line each, as `meshpost keys show --node PEER` prints it where that "
                           "peer keeps its data") from None
     keys: dict[str, bytes] = {}
+    lines: dict[str, int] = {}
+    names: dict[bytes, tuple[str, int]] = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()  # Z85 keys may contain '#': only whole-line comments
         if not line or line.startswith("#"):
             continue
         parts = line.split()
-        if len(parts) != 2 or len(parts[1]) != 40:
-            raise ConfigError(f"{path}:{number}: expected 'NAME Z85KEY' (40-character key)")
-        keys[validate_name(parts[0])] = parts[1].encode("ascii")
+        key = z85_key(parts[1]) if len(parts) == 2 else None
+        if key is None:
+            raise ConfigError(f"{path}:{number}: expected 'NAME Z85KEY' (a 40-character key "
+                              "of ZeroMQ's Z85 alphabet, as `meshpost keys show` prints it)")
+        try:
+            name = validate_name(parts[0])
+        except ConfigError as exc:
+            raise ConfigError(f"{path}:{number}: {exc}") from None
+        if name in keys and keys[name] != key:
+            raise ConfigError(f"{path}:{number}: {name} has another key on line "
+                              f"{lines[name]}; keep only the line of its current key")
+        if key in names and names[key][0] != name:
+            other, at = names[key]
+            raise ConfigError(f"{path}:{number}: this key is {other}'s on line {at}; a key "
+                              "proves one name, so each node needs a key pair of its own")
+        keys[name], lines[name], names[key] = key, number, (name, number)
     return keys
 
 
