@@ -3,19 +3,26 @@
 Rule: nothing here comes from `meshpost`: only pyzmq, msgspec's plain msgpack encode/decode of
 arrays, and the document's words (each piece names the section it follows). It is the minimum a
 second implementation needs to dial a node and to be dialled by one; tests drive it step by
-step, so it keeps no timers and every wait is bounded by the caller's timeout.
+step, so it keeps no timers and every wait is bounded by the caller's timeout. With `curve`,
+each side speaks secure mode (section 2.3): CURVE keys read from the files the document
+describes, and, as a listener, a ZAP handler of its own (ZeroMQ RFC 27) polled between frames.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import zmq
+import zmq.utils.monitor
+import zmq.utils.z85
 
 #: Section 6.1: element 1 of a "hello" array.
 PROTOCOL_VERSION = 1
@@ -192,6 +199,139 @@ def to_ranges(seqs: Sequence[int]) -> list[list[int]]:
     return out
 
 
+# -- secure mode (section 2.3) ----------------------------------------------------------------
+
+#: 2.3: ZeroMQ's CURVE keys are 32 bytes, written as 40 Z85 characters (ZeroMQ RFC 32).
+Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
+#: 2.3: the line of a node's public key file that holds the key.
+_PUBLIC_KEY_LINE = re.compile(r'^\s+public-key\s*=\s*"(.{40})"\s*$', re.M)
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def key_files(data_dir: Path) -> tuple[Path, Path]:
+    """2.3: (public key file, secret key file) in a node's data dir."""
+    return data_dir / "keys" / "node.key", data_dir / "keys" / "node.key_secret"
+
+
+def read_public_key(path: Path) -> bytes:
+    """2.3: a node's public key from its `node.key` (a ZeroMQ certificate: `#` comments, a
+    `metadata` section, and `public-key = "Z85"` indented under `curve`)."""
+    found = _PUBLIC_KEY_LINE.findall(path.read_text(encoding="utf-8"))
+    if len(found) != 1 or not Z85_KEY.fullmatch(found[0]):
+        raise WireError(f"{path}: not one Z85 public-key line")
+    return str(found[0]).encode("ascii")
+
+
+def authorized_line(name: str, public: bytes) -> str:
+    """2.3: the `NAME Z85KEY` line a node's authorized_keys lists a peer with."""
+    return f"{name} {public.decode('ascii')}"
+
+
+def read_authorized_keys(text: str) -> dict[str, bytes]:
+    """2.3: authorized_keys' lines (whole-line `#` comments and blank lines skipped)."""
+    keys: dict[str, bytes] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, key = line.split()
+            keys[name] = key.encode("ascii")
+    return keys
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyPair:
+    """A CURVE key pair in Z85, made by libzmq (`zmq_curve_keypair`)."""
+
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def new(cls) -> KeyPair:
+        public, secret = zmq.curve_keypair()
+        return cls(public, secret)
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveClient:
+    """2.3: a dialer's side: its own key pair and the public key of the node it dials."""
+
+    own: KeyPair
+    server_key: bytes
+
+    def apply(self, sock: zmq.Socket[bytes]) -> None:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, self.server_key)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.own.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.own.secret)
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveServer:
+    """2.3: a listener's side: its own key pair and the keys it admits, each naming a node."""
+
+    own: KeyPair
+    names_by_key: Mapping[bytes, str]
+
+    def apply(self, sock: zmq.Socket[bytes]) -> None:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.own.secret)
+        # As the node does: a ZAP domain, and no traffic at all without an authenticator.
+        sock.setsockopt(zmq.ZAP_DOMAIN, b"wire-peer")
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+
+
+class ZapHandler:
+    """ZeroMQ RFC 27's handler for CURVE: admits the listed keys (status 200, User-Id = the
+    key's name), denies any other (400). One per context; answered from `ListenerPeer.recv`."""
+
+    ENDPOINT = "inproc://zeromq.zap.01"
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], names_by_key: Mapping[bytes, str],
+                 ) -> None:
+        self.names_by_key = dict(names_by_key)
+        self.denied: list[bytes] = []
+        self.sock = ctx.socket(zmq.REP)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.ENDPOINT)
+
+    def answer(self) -> None:
+        version, request_id, _domain, _address, _identity, mechanism, *credentials = (
+            self.sock.recv_multipart())
+        key = zmq.utils.z85.encode(credentials[0]) if mechanism == b"CURVE" else b""
+        name = self.names_by_key.get(key)
+        if name is None:
+            self.denied.append(key)
+        status, text, user = ((b"200", b"OK", name.encode()) if name is not None
+                              else (b"400", b"unknown key", b""))
+        self.sock.send_multipart([version, request_id, status, text, user, b""])
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class HandshakeResult:
+    """How a connection's ZMTP handshake ended: `event` is "succeeded", "auth" (the ZAP
+    status in `value`), "protocol" (libzmq's protocol error) or "no detail" (an errno)."""
+
+    event: str
+    value: int
+
+
+_RESULTS: dict[int, str] = {
+    zmq.EVENT_HANDSHAKE_SUCCEEDED: "succeeded", zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no detail",
+}
+
+
+def _handshake_result(monitor: zmq.Socket[bytes], timeout_s: float) -> HandshakeResult:
+    if not monitor.poll(int(timeout_s * 1000), zmq.POLLIN):
+        raise TimeoutError(f"no handshake result within {timeout_s}s")
+    event = zmq.utils.monitor.recv_monitor_message(monitor)
+    return HandshakeResult(_RESULTS[event["event"]], int(event["value"]))
+
+
 def _socket_defaults(sock: zmq.Socket[bytes]) -> None:
     # Section 2.2's options that matter to a peer: bounded linger and queues, no ZMTP
     # heartbeats. MAXMSGSIZE is left unset: this peer reads whatever the node sends.
@@ -207,7 +347,13 @@ class Dialer:
     never be heard)."""
 
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], name: str, endpoint: str,
-                 node_id: str | None = None, routing_id: bytes | None = None) -> None:
+                 node_id: str | None = None, routing_id: bytes | None = None, *,
+                 curve: CurveClient | None = None, mechanism: str | None = None,
+                 reconnect: bool = True) -> None:
+        """`curve`: secure mode (2.3); `mechanism`: "null" (keyless, as without `curve`) or
+        "plain" (a PLAIN client, which no node speaks), its handshake watched as a secure one
+        is (`handshake_result`); `reconnect=False`: one connection attempt only, so that one
+        refusal is one."""
         self.name = name
         self.node_id = node_id or new_node_id()
         self.hlc = Hlc()
@@ -215,8 +361,25 @@ class Dialer:
         _socket_defaults(self.sock)
         if routing_id is not None:
             self.sock.setsockopt(zmq.ROUTING_ID, routing_id)
+        if curve is not None:
+            curve.apply(self.sock)
+        elif mechanism == "plain":
+            self.sock.setsockopt(zmq.PLAIN_USERNAME, name.encode())
+            self.sock.setsockopt(zmq.PLAIN_PASSWORD, b"no password opens a meshpost node")
+        if not reconnect:
+            self.sock.setsockopt(zmq.RECONNECT_IVL, -1)
+        #: The connection's handshake events (2.3: why a secure handshake failed is told only
+        #: there; a refused connection gets no frame).
+        self.monitor = (self.sock.get_monitor_socket(HANDSHAKE_EVENTS)
+                        if curve is not None or mechanism is not None else None)
         self.sock.connect(endpoint)
         self.resume = b""
+
+    def handshake_result(self, timeout_s: float) -> HandshakeResult:
+        """How this connection's ZMTP handshake ended (the first result), or fail after
+        `timeout_s`."""
+        assert self.monitor is not None, "made without curve or mechanism"
+        return _handshake_result(self.monitor, timeout_s)
 
     def send_raw(self, data: bytes) -> None:
         self.sock.send(data)
@@ -273,6 +436,10 @@ class Dialer:
                          self.hlc.now()) for i, body in enumerate(bodies)]
 
     def close(self) -> None:
+        if self.monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disable_monitor()
+            self.monitor.close(linger=0)
         self.sock.close(linger=0)
 
 
@@ -280,31 +447,58 @@ class ListenerPeer:
     """Section 2.1's listener side: one ROUTER bound where the node dials us."""
 
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], name: str, endpoint: str,
-                 node_id: str | None = None, sync: str = "full") -> None:
+                 node_id: str | None = None, sync: str = "full", *,
+                 curve: CurveServer | None = None) -> None:
+        """`curve`: secure mode (2.3), a CURVE server that admits the keys it lists."""
         self.name = name
         self.node_id = node_id or new_node_id()
         self.sync = sync
         self.hlc = Hlc()
+        self.zap: ZapHandler | None = None
         self.sock = ctx.socket(zmq.ROUTER)
         _socket_defaults(self.sock)
         # 2.2: replies to a vanished connection fail loudly; no ROUTER_HANDOVER (2.1).
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if curve is not None:
+            self.zap = ZapHandler(ctx, curve.names_by_key)
+            curve.apply(self.sock)
         self.sock.bind(endpoint)
         #: Section 6.2 step 3: sessions by connection (routing id), each with its token.
         self.sessions: dict[bytes, bytes] = {}
+        #: Secure mode: the name each connection's key proves (its `User-Id`, 2.3).
+        self.user_ids: dict[bytes, str] = {}
 
     def recv(self, timeout_s: float) -> tuple[bytes, Frame, int]:
-        """(routing id, frame, wall time read) or fail after `timeout_s`."""
-        if not self.sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-            raise TimeoutError(f"{self.name}: no frame from the node within {timeout_s}s")
-        parts = self.sock.recv_multipart()
+        """(routing id, frame, wall time read) or fail after `timeout_s`. In secure mode the
+        ZAP requests that come meanwhile are answered, and the frame's `User-Id` is kept in
+        `user_ids`."""
+        deadline = time.monotonic() + timeout_s
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        if self.zap is not None:
+            poller.register(self.zap.sock, zmq.POLLIN)
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            ready = dict(poller.poll(max(0, left_ms)))
+            if self.zap is not None and self.zap.sock in ready:
+                self.zap.answer()
+            if self.sock in ready:
+                break
+            if left_ms <= 0:
+                raise TimeoutError(f"{self.name}: no frame from the node within {timeout_s}s")
+        rid = self.sock.recv()
+        if not self.sock.getsockopt(zmq.RCVMORE):
+            raise WireError("a ROUTER sees [routing id, payload], got 1 part")
+        payload = self.sock.recv(copy=False)
         read_at = wall_ns()
-        if len(parts) != 2:
-            raise WireError(f"a ROUTER sees [routing id, payload], got {len(parts)} parts")
-        frame = decode(parts[1])
+        if payload.more:
+            raise WireError("a ROUTER sees [routing id, payload], got more parts")
+        if self.zap is not None:
+            self.user_ids[rid] = str(payload.get("User-Id"))
+        frame = decode(payload.bytes)
         if frame.tag not in DIALER_TAGS:
             raise WireError(f"a dialer sent a listener-direction frame {frame.tag!r}")
-        return parts[0], frame, read_at
+        return rid, frame, read_at
 
     def send(self, rid: bytes, tag: str, *fields: Any) -> None:
         self.sock.send_multipart([rid, encode(tag, *fields)])
@@ -333,3 +527,5 @@ class ListenerPeer:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+        if self.zap is not None:
+            self.zap.close()

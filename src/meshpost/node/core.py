@@ -917,6 +917,7 @@ class Node:
             self.stats.inbound_refused = self._transport.inbound_refused
             self.stats.inbound_dropped = self._transport.inbound_dropped
             self.stats.denied_connections = self._transport.denied_connections
+            self.stats.handshakes_failed = self._transport.handshakes_failed
         self.stats.retransmissions = sum(link.retransmissions for link in self._links.values())
         self.stats.spurious_retransmissions = sum(
             link.spurious_retransmissions for link in self._links.values())

@@ -380,6 +380,11 @@ class NodeStats:
     #: Secure mode: connections refused at the CURVE handshake, their key not on this node's
     #: allowlist (each logged with the key).
     denied_connections: int = 0
+    #: Inbound connections whose ZMTP or CURVE handshake failed, so that no frame of theirs
+    #: reached the node: a keyless or PLAIN peer at a --secure node or the reverse, a key
+    #: not in authorized_keys (also in `denied_connections`), a client holding another key
+    #: for this node (each logged, paced).
+    handshakes_failed: int = 0
     #: Request handlers that raised (the request stays unanswered; logged).
     handler_errors: int = 0
     #: Replies stored but linked to no request waiting here (late beyond memory, or from

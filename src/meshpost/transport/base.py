@@ -44,6 +44,13 @@ class Transport(Protocol):
         ...
 
     @property
+    def handshakes_failed(self) -> int:
+        """Inbound connections whose handshake failed before any frame (a keyless or PLAIN
+        peer at a secure node and the reverse, a key not in authorized_keys, a key that is
+        not this node's)."""
+        ...
+
+    @property
     def inbound_dropped(self) -> int:
         """Inbound frames dropped before the protocol saw them: not one part after the
         routing id, or from a connection whose routing id is over 255 bytes."""

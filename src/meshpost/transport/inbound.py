@@ -4,12 +4,16 @@ Rule: libzmq accepts every connection by itself and has no option limiting how m
 module counts ACCEPTED against DISCONNECTED/CLOSED events in a thread of its own (so a busy
 event loop cannot delay it) and shuts down each connection accepted beyond the cap. It never
 closes a descriptor (libzmq owns them) and never touches a connection accepted under the cap.
+It also counts and logs the ZMTP handshakes that fail on the ROUTER (a keyless or PLAIN peer
+at a --secure node and the reverse, an unknown CURVE key, a box the node's key cannot open):
+libzmq tells only the monitor, and a refusal nobody can see is no clear refusal.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -36,8 +40,36 @@ MONITOR_RCVHWM = 100_000
 _POLL_MS = 5_000
 #: How long `close()` waits for the thread (it wakes on MONITOR_STOPPED at once).
 _JOIN_S = 0.5
+#: Failed handshakes of one kind logged one by one before they are only summed up.
+HANDSHAKE_LOG_BURST = 20
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 _EVENTS = (zmq.EVENT_LISTENING | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
-           | zmq.EVENT_CLOSED | zmq.EVENT_MONITOR_STOPPED)
+           | zmq.EVENT_CLOSED | zmq.EVENT_MONITOR_STOPPED | _HANDSHAKE_FAILED)
+
+
+def handshake_failure(kind: int, value: int, *, secure: bool) -> str:
+    """What a failed handshake on a node's ROUTER means, in a user's words (`kind`, `value`:
+    the monitor event's; `secure`: the node runs --secure)."""
+    if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (f"a CURVE key not in authorized_keys (ZAP status {value}): not admitted; "
+                "add its node's `meshpost keys show` line if it is a peer")
+    if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            return ("a peer without CURVE (a keyless or PLAIN one): this node runs --secure"
+                    if secure else
+                    "a peer asking for CURVE or PLAIN: this node runs without --secure")
+        if value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
+            return ("a CURVE client whose box this node's key cannot open: it holds another "
+                    "public key for this node (a stale line, or this node made a new key)")
+        return f"a ZMTP handshake that broke the protocol (error {value:#x})"
+    # No detail: the peer hung up first (a libzmq peer closes as soon as it sees a mechanism
+    # or a key it cannot use, so which side tells depends on who reads first).
+    if secure:
+        return (f"a connection that ended in its handshake ({os.strerror(value)}): a peer "
+                "without CURVE, or holding another public key for this node, hangs up so")
+    return (f"a connection that ended in its handshake ({os.strerror(value)}): a peer asking "
+            "for CURVE or PLAIN hangs up so")
 
 
 def default_inbound_cap(fd_limit: int) -> int:
@@ -61,11 +93,17 @@ class InboundGuard:
     before closing the socket."""
 
     def __init__(self, context: zmq.Context[Any], router: zmq.Socket[bytes], *,
-                 cap: int, name: str) -> None:
+                 cap: int, name: str, secure: bool = False) -> None:
         self.cap = cap
         self.name = name
+        self.secure = secure
         #: Connections shut down because the cap was reached.
         self.refused = 0
+        #: Inbound connections whose ZMTP (or CURVE) handshake failed: no frame of theirs
+        #: ever reaches the node.
+        self.handshakes_failed = 0
+        #: Per kind of failure: (failures, logged at, failures since that line).
+        self._failure_logs: dict[str, tuple[int, float, int]] = {}
         self._router = router
         self._fds: set[int] = set()
         self._listeners: set[object] = set()
@@ -115,6 +153,11 @@ class InboundGuard:
                     self._listeners.add(_local_key(sock))
                 finally:
                     sock.detach()
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            # Counted only: the transport logs each denied key itself (`denied_connections`).
+            self.handshakes_failed += 1
+        elif kind & _HANDSHAKE_FAILED:
+            self._handshake_failed(handshake_failure(kind, fd, secure=self.secure))
         elif kind == zmq.EVENT_ACCEPTED:
             if len(self._fds) < self.cap:
                 self._fds.add(fd)
@@ -122,6 +165,20 @@ class InboundGuard:
                 self._refuse(fd)
         else:  # DISCONNECTED or CLOSED
             self._fds.discard(fd)
+
+    def _handshake_failed(self, why: str) -> None:
+        """Count one, and log it: each kind HANDSHAKE_LOG_BURST times, then a line per
+        LOG_EVERY_S with how many came since (a peer may reconnect as fast as it likes)."""
+        self.handshakes_failed += 1
+        count, logged_at, unlogged = self._failure_logs.get(why, (0, 0.0, 0))
+        count += 1
+        now = time.monotonic()
+        if count <= HANDSHAKE_LOG_BURST or now - logged_at >= LOG_EVERY_S:
+            more = f" ({unlogged} more since the last such line)" if unlogged else ""
+            log.warning("[%s] refused an inbound connection: %s%s", self.name, why, more)
+            self._failure_logs[why] = (count, now, 0)
+        else:
+            self._failure_logs[why] = (count, logged_at, unlogged + 1)
 
     def _refuse(self, fd: int) -> None:
         """Shut down the connection on `fd`; libzmq then closes it as if the peer had left."""

@@ -57,6 +57,7 @@ class MemoryTransport:
         self.dropped_sends = 0
         #: The fake has no connections to cap.
         self.inbound_refused = 0
+        self.handshakes_failed = 0  # (no handshakes here)
         self.inbound_dropped = 0  # (frames here are never multipart, ids never long)
         self.denied_connections = 0  # (no keys, no handshakes)
         self._inbound_paused = False

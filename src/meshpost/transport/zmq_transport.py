@@ -207,7 +207,11 @@ def _handshake_failure_reason(kind: int, value: int, name: str) -> str:
     if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         return (f"handshake failed (protocol error {value:#x}): the peer's key is not the one in "
                 "this node's authorized_keys, or the peer is not in secure mode")
-    return "secure handshake failed (no detail from libzmq)"
+    # No detail: the peer hung up in the handshake, which is what a CURVE server does with a
+    # client whose box its key cannot open (we hold another key for it), and a keyless one
+    # with any CURVE client.
+    return (f"handshake failed ({os.strerror(value)}: the peer hung up): the peer's key is "
+            "not the one in this node's authorized_keys, or the peer is not in secure mode")
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -343,7 +347,7 @@ class ZmqTransport:
         # Last (nothing after it can fail) and before any bind: the guard learns the
         # listeners from their LISTENING events.
         self._inbound = InboundGuard(
-            self.context, self._router, name=name,
+            self.context, self._router, name=name, secure=self.secure,
             cap=max_inbound_connections or default_inbound_cap(self.fd_limit))
 
     def _socket(self, kind: int) -> zmq.Socket[bytes]:
@@ -802,6 +806,11 @@ class ZmqTransport:
     def inbound_refused(self) -> int:
         """Inbound connections shut down because `inbound_cap` connections were open."""
         return self._inbound.refused
+
+    @property
+    def handshakes_failed(self) -> int:
+        """Inbound connections whose ZMTP or CURVE handshake failed (`inbound.InboundGuard`)."""
+        return self._inbound.handshakes_failed
 
     @property
     def inbound_cap(self) -> int:
