@@ -626,7 +626,7 @@ def test_a_secure_or_plain_peer_at_a_keyless_node_is_refused_logged_and_counted(
 def test_doc_states_what_these_tests_check() -> None:
     """The words this file relies on are in docs/protocol.md 2.3."""
     doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
-    section = doc[doc.index("### 2.3 "):doc.index("## 3. ")]
+    section = " ".join(doc[doc.index("### 2.3 "):doc.index("## 3. ")].split())
     for words in ("keys/node.key", "node.key_secret", "public-key = ", "authorized_keys",
                   "User-Id", "handshakes_failed", "identity", "read once, at start",
                   "ZAP status 400"):
