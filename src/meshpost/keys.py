@@ -6,6 +6,8 @@ by public key only, one `NAME Z85KEY` line each in `authorized_keys`.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import struct
 from collections.abc import Mapping
@@ -17,6 +19,7 @@ from zmq.utils import z85
 
 from meshpost.config import validate_name
 from meshpost.errors import ConfigError
+from meshpost.store.sqlite import LOCK_FILENAME
 
 KEYS_DIR = "keys"
 AUTHORIZED_KEYS = "authorized_keys"
@@ -30,11 +33,30 @@ def key_paths(data_dir: Path) -> tuple[Path, Path]:
     return folder / "node.key", folder / "node.key_secret"
 
 
-def generate(data_dir: Path, *, overwrite: bool = False) -> bytes:
-    """Create the node's CURVE key pair; return its public key (Z85)."""
+def _node_running(data_dir: Path) -> bool:
+    """Whether a node holds `data_dir` (the store's lock, held for a node's whole life)."""
+    try:
+        with open(data_dir / LOCK_FILENAME, "rb") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    return False
+
+
+def generate(data_dir: Path, *, overwrite: bool = False, name: str = "NAME") -> bytes:
+    """Create the node's CURVE key pair; return its public key (Z85). A pair is replaced only
+    with `overwrite`, and never under a running node: it keeps the key it read at start, so
+    the files would no longer say which key it holds (peers reading them would be refused)."""
     public_file, secret_file = key_paths(data_dir)
     if secret_file.exists() and not overwrite:
         raise ConfigError(f"{secret_file} already exists; pass --force to replace it")
+    if secret_file.exists() and _node_running(data_dir):
+        raise ConfigError(f"node {name} is running in {data_dir} with the key pair in "
+                          f"{secret_file.parent}, which it read at start: stop it first "
+                          f"(`meshpost stop --node {name}`, or its host), make its new key, "
+                          "start it, and give its peers the new line in place of the old")
     folder = public_file.parent
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)

@@ -531,11 +531,19 @@ def test_a_node_restarted_with_a_new_key_refuses_a_peer_holding_its_old_one(
 def test_key_files_changed_under_a_running_node_take_effect_at_its_next_start(
     mesh: SecureMesh,
 ) -> None:
-    """2.3: keys and authorized_keys are read once, at start. Removing the node's key files
-    or a peer's line changes nothing in the running node (no link drops, no new refusal);
-    the next start applies them: without a key it refuses to start saying what to run."""
+    """2.3: keys and authorized_keys are read once, at start. `keys generate --force` is
+    refused while the node runs (exit 2). Removing the node's key files or a peer's line
+    changes nothing in the running node (no link drops, no new refusal); the next start
+    applies them: without a key it refuses to start saying what to run."""
     p = Flow(mesh, "P")
     q = Flow(mesh, "Q")
+    # A new pair is not made under the running node: the files would stop saying which key
+    # it holds, and a peer reading them (as 2.3 says it may) would be refused.
+    key = mesh.node_key()
+    forced = meshpost("keys", "generate", "--node", "N", "--data", str(mesh.data), "--force")
+    assert forced.returncode == 2, forced
+    assert "node N is running" in forced.stderr and "`meshpost stop --node N`" in forced.stderr
+    assert mesh.node_key() == key
     public_file, secret_file = wp.key_files(mesh.data)
     public_file.unlink()
     secret_file.unlink()

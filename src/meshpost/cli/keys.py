@@ -21,7 +21,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.action == "show":
         public = keys.load_public(folder, name=args.node)
     else:
-        public = keys.generate(folder, overwrite=args.force)
+        public = keys.generate(folder, overwrite=args.force, name=args.node)
     public_file, secret_file = keys.key_paths(folder)
     line = keys.authorized_line(args.node, public)
     print(line)
