@@ -408,6 +408,30 @@ def test_an_unknown_key_gets_no_traffic_is_logged_and_counted_and_costs_no_messa
     flow.stored_once()
 
 
+def test_a_stream_of_unknown_keys_is_counted_each_but_logged_at_a_pace(
+    mesh: SecureMesh,
+) -> None:
+    """Each attempt costs a stranger a handshake; each log line about it cost the node about
+    150 bytes, a line per attempt until this was paced: 20 lines of a kind, then a line per
+    10 s saying how many more."""
+    flow = Flow(mesh, "P")
+    attempts = 30
+    started = time.monotonic()
+    for _ in range(attempts):
+        x = mesh.dialer("Q", key=wp.KeyPair.new(), reconnect=False)
+        assert x.handshake_result(ANSWER_S) == wp.HandshakeResult("auth", 400)
+        x.close()
+    failures_grow(mesh, 0, by=attempts)
+    elapsed_s = time.monotonic() - started
+    flow.check("after the stream")
+    log = mesh.log().splitlines()
+    bound = 20 + int(elapsed_s / 10) + 1
+    denied = [line for line in log if "CURVE client with unknown key" in line]
+    assert 20 <= len(denied) <= bound, (len(denied), bound)
+    stats = mesh.stats()
+    assert stats["handshakes_failed"] == stats["denied_connections"] == attempts
+
+
 # -- a listed key saying another listed name --------------------------------------------------
 
 def test_a_listed_key_saying_another_listed_name_is_refused_identity_and_cuts_nothing(
