@@ -597,6 +597,22 @@ def test_an_authorized_keys_line_libzmq_would_refuse_stops_the_start_with_exit_2
         m.close()
 
 
+def test_a_transport_given_a_key_libzmq_cannot_read_raises_a_meshpost_error() -> None:
+    """The boundary under the load check: a key that is not Z85 (given by code, not by a
+    file) was a raw `zmq.ZMQError` out of `add_peer`, the half-made socket left open."""
+    from meshpost.errors import TransportError
+    from meshpost.transport import ZmqTransport
+
+    own = wp.KeyPair.new()
+    transport = ZmqTransport(name="N", max_frame_bytes=1 << 20, curve_secret_key=own.secret,
+                             curve_public_key=own.public, peer_public_keys={"P": b"~" * 40})
+    try:
+        with pytest.raises(TransportError, match="CURVE keys for peer 'P' are not Z85 keys"):
+            transport.add_peer("P", "tcp://127.0.0.1:9")
+    finally:
+        transport.close()
+
+
 # -- mechanisms that do not match -------------------------------------------------------------
 
 @pytest.mark.parametrize("mechanism", ["null", "plain"])

@@ -749,9 +749,14 @@ class ZmqTransport:
                 raise TransportError(f"no public key for peer {peer!r}; cannot connect securely")
             assert self._curve_public is not None
             assert self._curve_secret is not None
-            sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
-            sock.setsockopt(zmq.CURVE_PUBLICKEY, self._curve_public)
-            sock.setsockopt(zmq.CURVE_SECRETKEY, self._curve_secret)
+            try:
+                sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, self._curve_public)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, self._curve_secret)
+            except zmq.ZMQError as exc:  # a key libzmq cannot read (keys.z85_key checks files)
+                sock.close(0)
+                raise TransportError(f"the CURVE keys for peer {peer!r} are not Z85 keys: "
+                                     f"{exc.strerror}") from None
             # A plain PAIR socket (get_monitor_socket would make an asyncio one here).
             address = f"inproc://meshpost-monitor-{self.name}-{peer}-{id(sock)}"
             sock.monitor(address, _HANDSHAKE_EVENTS)
