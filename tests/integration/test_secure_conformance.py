@@ -11,6 +11,7 @@ meshpost's CLI and control socket) uses meshpost; the peer never does.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
@@ -604,13 +605,17 @@ def test_a_transport_given_a_key_libzmq_cannot_read_raises_a_meshpost_error() ->
     from meshpost.transport import ZmqTransport
 
     own = wp.KeyPair.new()
-    transport = ZmqTransport(name="N", max_frame_bytes=1 << 20, curve_secret_key=own.secret,
-                             curve_public_key=own.public, peer_public_keys={"P": b"~" * 40})
-    try:
-        with pytest.raises(TransportError, match="CURVE keys for peer 'P' are not Z85 keys"):
-            transport.add_peer("P", "tcp://127.0.0.1:9")
-    finally:
-        transport.close()
+
+    async def scenario() -> None:  # the authenticator runs on the event loop
+        transport = ZmqTransport(name="N", max_frame_bytes=1 << 20, curve_secret_key=own.secret,
+                                 curve_public_key=own.public, peer_public_keys={"P": b"~" * 40})
+        try:
+            with pytest.raises(TransportError, match="CURVE keys for peer 'P' are not Z85 keys"):
+                transport.add_peer("P", "tcp://127.0.0.1:9")
+        finally:
+            transport.close()
+
+    asyncio.run(scenario())
 
 
 # -- mechanisms that do not match -------------------------------------------------------------
