@@ -193,7 +193,7 @@ def silent(peer: wp.Dialer) -> bool:
     return not peer.sock.poll(int(SILENCE_S * 1000), zmq.POLLIN)
 
 
-def try_hello_and_batch(peer: wp.Dialer, sender: str, body: str) -> None:
+def try_hello_and_batch(peer: wp.Dialer, body: str) -> None:
     """What a refused peer would say if it could: a Hello and a message (queued on the socket,
     or refused by it at once when it has no connection to queue on)."""
     try:
@@ -392,7 +392,7 @@ def test_an_unknown_key_gets_no_traffic_is_logged_and_counted_and_costs_no_messa
     before = mesh.stats()
     stranger_key = wp.KeyPair.new()
     x = mesh.dialer("Q", key=stranger_key, reconnect=False)  # claims a listed name
-    try_hello_and_batch(x, "Q", "from a stranger")
+    try_hello_and_batch(x, "from a stranger")
     # On the wire: ZAP says 400 and libzmq closes the connection (no reconnect after it).
     assert x.handshake_result(ANSWER_S) == wp.HandshakeResult("auth", 400)
     assert silent(x)
@@ -503,7 +503,7 @@ def test_a_peer_restarted_with_a_new_key_is_refused_until_n_lists_it(mesh: Secur
     new_key = wp.KeyPair.new()
     before = mesh.stats()["handshakes_failed"]
     p_new = mesh.dialer("P", key=new_key, reconnect=False)
-    try_hello_and_batch(p_new, "P", "with P's new key, before N knows it")
+    try_hello_and_batch(p_new, "with P's new key, before N knows it")
     assert p_new.handshake_result(ANSWER_S) == wp.HandshakeResult("auth", 400)
     failures_grow(mesh, before)
     q.check("after P's new key was refused")
@@ -539,7 +539,7 @@ def test_a_node_restarted_with_a_new_key_refuses_a_peer_holding_its_old_one(
     mesh.start()
     q = Flow(mesh, "Q")  # reads N's key file again: the new key
     stale = mesh.dialer("P", server_key=old_server_key, reconnect=False)
-    try_hello_and_batch(stale, "P", "to N's old key")
+    try_hello_and_batch(stale, "to N's old key")
     result = stale.handshake_result(ANSWER_S)
     assert result.event in ("protocol", "no detail"), result  # N cannot open its box
     failures_grow(mesh, 0)
@@ -627,7 +627,7 @@ def test_a_keyless_or_plain_peer_at_a_secure_node_is_refused_logged_and_counted(
     flow = Flow(mesh, "P")
     before = mesh.stats()
     once = mesh.dialer("Q", keyless=True, mechanism=mechanism, reconnect=False)
-    try_hello_and_batch(once, "Q", f"from a {mechanism} peer")
+    try_hello_and_batch(once, f"from a {mechanism} peer")
     result = once.handshake_result(ANSWER_S)
     assert result.event in ("protocol", "no detail"), result
     assert silent(once)
@@ -636,7 +636,7 @@ def test_a_keyless_or_plain_peer_at_a_secure_node_is_refused_logged_and_counted(
     # More of them, each sending before its handshake fails, between P's messages.
     for i in range(3):
         again = mesh.dialer("Q", keyless=True, mechanism=mechanism, reconnect=False)
-        try_hello_and_batch(again, "Q", f"from a {mechanism} peer, again")
+        try_hello_and_batch(again, f"from a {mechanism} peer, again")
         assert again.handshake_result(ANSWER_S).event in ("protocol", "no detail")
         flow.check(f"between {mechanism} peers ({i})")
         again.close()
@@ -660,7 +660,7 @@ def test_a_secure_or_plain_peer_at_a_keyless_node_is_refused_logged_and_counted(
                  if mechanism == "curve" else None)
         x = m.add(wp.Dialer(m.ctx, "Q", m.endpoints["N"], curve=curve,
                             mechanism=None if curve else mechanism, reconnect=False))
-        try_hello_and_batch(x, "Q", f"a {mechanism} peer")
+        try_hello_and_batch(x, f"a {mechanism} peer")
         result = x.handshake_result(ANSWER_S)
         assert result.event in ("protocol", "no detail"), result
         assert silent(x)
