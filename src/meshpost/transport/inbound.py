@@ -50,10 +50,8 @@ _EVENTS = (zmq.EVENT_LISTENING | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
 
 def handshake_failure(kind: int, value: int, *, secure: bool) -> str:
     """What a failed handshake on a node's ROUTER means, in a user's words (`kind`, `value`:
-    the monitor event's; `secure`: the node runs --secure)."""
-    if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return (f"a CURVE key not in authorized_keys (ZAP status {value}): not admitted; "
-                "add its node's `meshpost keys show` line if it is a peer")
+    the monitor event's; `secure`: the node runs --secure). A key ZAP denied is not one of
+    them: the transport logs it with the key (`denied_connections`)."""
     if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
             return ("a peer without CURVE (a keyless or PLAIN one): this node runs --secure"
