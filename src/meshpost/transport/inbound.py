@@ -40,12 +40,39 @@ MONITOR_RCVHWM = 100_000
 _POLL_MS = 5_000
 #: How long `close()` waits for the thread (it wakes on MONITOR_STOPPED at once).
 _JOIN_S = 0.5
-#: Failed handshakes of one kind logged one by one before they are only summed up.
-HANDSHAKE_LOG_BURST = 20
+#: Refusals or drops of one kind logged one by one before they are only summed up
+#: (`PacedCount`: then a line per LOG_EVERY_S).
+LOG_BURST = 20
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 _EVENTS = (zmq.EVENT_LISTENING | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
            | zmq.EVENT_CLOSED | zmq.EVENT_MONITOR_STOPPED | _HANDSHAKE_FAILED)
+
+
+class PacedCount:
+    """Refusals or drops of one kind: counted, and logged LOG_BURST at once, then a line every
+    LOG_EVERY_S saying how many went unlogged since (a flood of them was a line each: tens of
+    bytes of log for a few bytes, or one reconnection, of a stranger's)."""
+
+    __slots__ = ("_logged_at", "_unlogged", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._unlogged = 0
+        self._logged_at = -LOG_EVERY_S
+
+    def add(self) -> str | None:
+        """Count one; None if it is not to be logged now, else the end of its log line: ""
+        or ", and N more since the last such line"."""
+        self.count += 1
+        now = time.monotonic()
+        if self.count <= LOG_BURST or now - self._logged_at >= LOG_EVERY_S:
+            tail = (f", and {self._unlogged} more since the last such line"
+                    if self._unlogged else "")
+            self._unlogged, self._logged_at = 0, now
+            return tail
+        self._unlogged += 1
+        return None
 
 
 def handshake_failure(kind: int, value: int, *, secure: bool) -> str:
@@ -100,8 +127,8 @@ class InboundGuard:
         #: Inbound connections whose ZMTP (or CURVE) handshake failed: no frame of theirs
         #: ever reaches the node.
         self.handshakes_failed = 0
-        #: Per kind of failure: (failures, logged at, failures since that line).
-        self._failure_logs: dict[str, tuple[int, float, int]] = {}
+        #: Per kind of failure (what it means), its count and its log's pace.
+        self._failures: dict[str, PacedCount] = {}
         self._router = router
         self._fds: set[int] = set()
         self._listeners: set[object] = set()
@@ -165,18 +192,12 @@ class InboundGuard:
             self._fds.discard(fd)
 
     def _handshake_failed(self, why: str) -> None:
-        """Count one, and log it: each kind HANDSHAKE_LOG_BURST times, then a line per
-        LOG_EVERY_S with how many came since (a peer may reconnect as fast as it likes)."""
+        """Count one, and log it at its kind's pace (a peer may reconnect as fast as it
+        likes)."""
         self.handshakes_failed += 1
-        count, logged_at, unlogged = self._failure_logs.get(why, (0, 0.0, 0))
-        count += 1
-        now = time.monotonic()
-        if count <= HANDSHAKE_LOG_BURST or now - logged_at >= LOG_EVERY_S:
-            more = f" ({unlogged} more since the last such line)" if unlogged else ""
-            log.warning("[%s] refused an inbound connection: %s%s", self.name, why, more)
-            self._failure_logs[why] = (count, now, 0)
-        else:
-            self._failure_logs[why] = (count, logged_at, unlogged + 1)
+        tail = self._failures.setdefault(why, PacedCount()).add()
+        if tail is not None:
+            log.warning("[%s] refused an inbound connection: %s%s", self.name, why, tail)
 
     def _refuse(self, fd: int) -> None:
         """Shut down the connection on `fd`; libzmq then closes it as if the peer had left."""

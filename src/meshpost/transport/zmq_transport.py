@@ -69,7 +69,6 @@ import logging
 import os
 import resource
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar, cast
 
@@ -79,15 +78,13 @@ from zmq.utils.monitor import recv_monitor_message
 
 import meshpost.probes as probes
 from meshpost.errors import EndpointInUse, InvalidEndpoint, TransportError
-from meshpost.transport.inbound import LOG_EVERY_S, InboundGuard, default_inbound_cap
+from meshpost.transport.inbound import InboundGuard, PacedCount, default_inbound_cap
 from meshpost.transport.ipc import IpcPathLock, check_ipc_path_free, ipc_path, missing_folder
 from meshpost.transport.routing_ids import unpredictable_routing_ids
 from meshpost.transport.security import ZAP_DOMAIN, MeshAuthenticator
 
 log = logging.getLogger(__name__)
 
-#: Multipart messages logged one by one before they are only summed up (LOG_EVERY_S).
-MULTIPART_LOG_BURST = 20
 #: Longest routing id a frame may come with: ZMTP's bound for the Identity property, and all
 #: a libzmq socket can set (ZMQ_ROUTING_ID). libzmq's ROUTER takes any length from the wire,
 #: up to MAXMSGSIZE; the node names a connection by its id, so a megabyte-long one made each
@@ -229,31 +226,6 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, soft
 
 
-class _DroppedFrames:
-    """Inbound frames dropped for one reason: counted, and logged MULTIPART_LOG_BURST at once,
-    then a line every LOG_EVERY_S saying how many went unlogged since (a flood of them was a
-    line each: about 70 bytes of log for 4 bytes sent)."""
-
-    __slots__ = ("_logged_at", "_unlogged", "count")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._unlogged = 0
-        self._logged_at = -LOG_EVERY_S
-
-    def drop(self) -> str | None:
-        """Count one; the tail of its log line if it is to be logged now, else None."""
-        self.count += 1
-        now = time.monotonic()
-        if self.count <= MULTIPART_LOG_BURST or now - self._logged_at >= LOG_EVERY_S:
-            tail = (f", and {self._unlogged} more since the last such line"
-                    if self._unlogged else "")
-            self._unlogged, self._logged_at = 0, now
-            return tail
-        self._unlogged += 1
-        return None
-
-
 class ZmqTransport:
     """All ZeroMQ sockets of one node."""
 
@@ -298,7 +270,7 @@ class ZmqTransport:
         #: handshake (logged like the multipart ones: a line each was about 130 bytes a
         #: handshake, 470 a second from one client making up keys; a host's log is every
         #: node's).
-        self._denied = _DroppedFrames()
+        self._denied = PacedCount()
         if self.secure:
             # Authenticator first, then CURVE on the socket, and ZAP_ENFORCE_DOMAIN so that a
             # missing or dead authenticator means no traffic at all (fail closed).
@@ -326,10 +298,10 @@ class ZmqTransport:
         self._ipc_locks: list[IpcPathLock] = []
         self.dropped_sends = 0
         #: Messages of more than two parts dropped at the ROUTER (`multipart_dropped`).
-        self._multipart = _DroppedFrames()
+        self._multipart = PacedCount()
         #: Frames dropped because their connection's routing id is over MAX_ROUTING_ID_BYTES
         #: (logged like the multipart ones, without the id).
-        self._long_id = _DroppedFrames()
+        self._long_id = PacedCount()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_inbound: InboundHandler | None = None
         self._on_peer_frame: PeerFrameHandler | None = None
@@ -641,7 +613,7 @@ class ZmqTransport:
         while more:
             more = _RECV(sock, _NOBLOCK, copy=False).more
             parts += 1
-        tail = self._multipart.drop()
+        tail = self._multipart.add()
         if tail is not None:
             log.warning("[%s] dropped a %d-part message%s", self.name, parts, tail)
         return None
@@ -663,7 +635,7 @@ class ZmqTransport:
     def _drop_long_id(self, length: int) -> None:
         """Count (and log, at the multipart lines' pace) a frame whose connection named
         itself with a routing id of `length` bytes, over MAX_ROUTING_ID_BYTES."""
-        tail = self._long_id.drop()
+        tail = self._long_id.add()
         if tail is not None:
             log.warning("[%s] dropped a frame from a connection whose routing id is %d bytes "
                         "long (ZMTP allows %d; not a meshpost peer)%s", self.name, length,
@@ -828,7 +800,7 @@ class ZmqTransport:
 
     def _denied_key(self, key: str) -> None:
         """The authenticator refused a client's `key` (Z85): counted, logged at a pace."""
-        tail = self._denied.drop()
+        tail = self._denied.add()
         if tail is not None:
             log.warning("[%s] CURVE client with unknown key %s denied%s", self.name, key, tail)
 

@@ -65,8 +65,7 @@ from meshpost.protocol import (
 )
 from meshpost.protocol.frames import max_frame_bytes
 from meshpost.store import DB_FILENAME, StoreReader
-from meshpost.transport.inbound import LOG_EVERY_S
-from meshpost.transport.zmq_transport import MULTIPART_LOG_BURST
+from meshpost.transport.inbound import LOG_BURST, LOG_EVERY_S
 from tests.integration.faults.checker import FAST_OPTIONS, Ledger, evaluate
 
 from . import zmtp_raw as z
@@ -1002,7 +1001,7 @@ def test_handshakes_with_unknown_keys_are_counted_each_and_cannot_flood_the_host
         assert mesh.send("X", "Y") and mesh.send("Y", "X")
         log_text = mesh.cluster.host_of("Y").log_path.read_text(errors="replace")
         lines = log_text.count("[Y] CURVE client with unknown key")
-        assert lines <= MULTIPART_LOG_BURST + elapsed / LOG_EVERY_S + 1, lines
+        assert lines <= LOG_BURST + elapsed / LOG_EVERY_S + 1, lines
         mesh.finish(["X", "Y"])
     finally:
         mesh.cluster.stop()

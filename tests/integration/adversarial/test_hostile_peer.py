@@ -40,8 +40,7 @@ from meshpost.protocol import (
 from meshpost.protocol.claims import CLAIM_CHECK_INTERVAL_NS
 from meshpost.protocol.frames import max_frame_bytes
 from meshpost.protocol.ratelimit import INPUT_WARNINGS_BURST, INPUT_WARNINGS_PER_S
-from meshpost.transport.inbound import LOG_EVERY_S
-from meshpost.transport.zmq_transport import MULTIPART_LOG_BURST
+from meshpost.transport.inbound import LOG_BURST, LOG_EVERY_S
 from tests.integration.faults.checker import NoAnswer, read_rows
 
 from .conftest import MeshFactory, until_true
@@ -383,7 +382,7 @@ def test_a_flood_of_bad_frames_and_name_claims_is_counted_whole_and_logged_at_a_
         # The transport's own line for dropped multipart messages, summed up past a burst.
         multipart = [line for line in lines if "-part message" in line]
         mesh.extra["multipart_warnings"] = len(multipart)
-        assert 1 <= len(multipart) <= MULTIPART_LOG_BURST + int(elapsed_s / LOG_EVERY_S) + 1, (
+        assert 1 <= len(multipart) <= LOG_BURST + int(elapsed_s / LOG_EVERY_S) + 1, (
             len(multipart), multipart[-2:])
         counts = await mesh.finish()
         assert counts.accepted == counts.receipted == counts.stored == counts.attempted == 25
