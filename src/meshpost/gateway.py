@@ -318,7 +318,8 @@ def _inbox_header(shown: int, budget_bytes: int) -> str:
 
 @dataclasses.dataclass(slots=True)
 class GatewayStats:
-    """Counters of both gateways; logged when they close."""
+    """Counters of both gateways: in control `status` (`roles.gateway`) while they run, and
+    logged when they close."""
 
     connections: int = 0
     messages: int = 0
@@ -382,6 +383,10 @@ class Gateway:
             self._udp = transport
             self.udp_address = transport.get_extra_info("sockname")[:2]
             log.info("[%s] text gateway on udp://%s:%d", name, *self._display(self.udp_address))
+        if cfg.tcp is not None or cfg.udp is not None:
+            # Seen while it runs (control `status`, `meshpost peers`), not only in the log line
+            # at close: a flood it refuses or cuts is counted where its node's user looks.
+            self.node.add_role_counters("gateway", lambda: dataclasses.asdict(self.stats))
 
     @staticmethod
     def _display(address: tuple[str, int]) -> tuple[str, int]:
@@ -390,6 +395,7 @@ class Gateway:
 
     async def close(self) -> None:
         self._closing = True
+        self.node.remove_role_counters("gateway")
         if self._server is not None:
             self._server.close()
         if self._udp is not None:

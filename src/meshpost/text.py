@@ -11,7 +11,7 @@ import dataclasses
 import datetime
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -382,6 +382,15 @@ def render_stats(stats: NodeStats) -> str:
     return "\n".join([retry, *lines] if retry else lines)
 
 
+def render_counters(title: str, counters: Mapping[str, object]) -> str:
+    """A role's counters (`meshpost peers`): `title`, then `  name value` a line."""
+    if not counters:
+        return title
+    pad = max(len(str(name)) for name in counters)
+    return "\n".join([title, *(f"  {clean(str(name)):<{pad}}  {clean(str(value))}"
+                                for name, value in counters.items())])
+
+
 def format_store_retry(stats: NodeStats) -> str | None:
     """`store: writes failing for S s (N attempts), next try in D s: kind: message`, while the
     node's writer retries after store errors (nothing is stored or receipted meanwhile);
@@ -421,6 +430,7 @@ __all__ = [
     "format_time",
     "peer_state",
     "render",
+    "render_counters",
     "render_history",
     "render_peers_table",
     "render_queues",

@@ -6,6 +6,7 @@ The clients use blocking `socket` only (no meshpost import): send without a newl
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -217,6 +218,21 @@ def test_bad_input_gets_an_error_line_and_nothing_is_stored(mesh: Mesh) -> None:
     assert [m.body for m in rows(data_a)] == ["still serving"]
     assert rows(mesh.cluster.data_dir("B")) == []
     assert mesh.a.alive()
+    # What the gateway refused is counted where A's user looks, while it runs: `status` (as
+    # `peers --json` gives it) and `meshpost peers`.
+    peers = [sys.executable, "-m", "meshpost", "peers", "--node", "A", "--data", str(data_a)]
+    shown = subprocess.run([*peers, "--json"], capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL, env=dict(os.environ))
+    assert shown.returncode == 0, shown.stderr
+    counters = json.loads(shown.stdout)["status"]["roles"]["gateway"]
+    assert (counters["connections"], counters["messages"], counters["closed_for_input"]) == (
+        3, 1, 2), counters
+    assert counters["errors"] >= 3, counters
+    table = subprocess.run(peers, capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL, env=dict(os.environ))
+    assert table.returncode == 0, table.stderr
+    assert "gateway:" in table.stdout
+    assert re.search(r"^  closed_for_input +2$", table.stdout, re.M), table.stdout
 
 
 def test_client_killed_mid_message_loses_nothing_stored_and_node_keeps_serving(

@@ -27,7 +27,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
         return probe_peers(args)
     from meshpost.control import ControlClient, StatusRequest, checked
     from meshpost.node import NodeStats
-    from meshpost.text import render_peers_table, render_stats, terminal_width
+    from meshpost.text import render_counters, render_peers_table, render_stats, terminal_width
 
     with ControlClient(data_dir(args), name=args.node) as client:
         reply = checked(client.request(StatusRequest(), timeout_s=5))
@@ -43,6 +43,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
     known = NodeStats.__dataclass_fields__
     stats = reply.status.get("stats") or {}
     print(render_stats(NodeStats(**{k: v for k, v in stats.items() if k in known})))
+    for role, counters in (reply.status.get("roles") or {}).items():
+        print(render_counters(f"{role}:", counters))
     return EXIT_OK
 
 

@@ -506,6 +506,8 @@ class ControlServer:
             "control": {"subscribers": self.subscriber_count,
                         "subscription_bytes": self.subscription_bytes,
                         "expired": self.expired},
+            # Only while a role that counts runs (a text gateway): {role: {counter: n}}.
+            **({"roles": roles} if (roles := node.role_counters()) else {}),
         }
 
     # -- sending ------------------------------------------------------------------------------

@@ -204,6 +204,9 @@ class Node:
         self.clock: Clock = clock or SystemClock()
         self.hlc = HybridLogicalClock(self.clock)
         self.stats = NodeStats()
+        #: Counters of what runs beside the node (a text gateway's), by role: control
+        #: `status` shows them (`roles`) while the role runs, so a flood it counts is seen.
+        self._role_counters: dict[str, Callable[[], dict[str, int]]] = {}
         self._crash_at = crash_at
         self._curve_keys = curve_keys
         self._peer_public_keys = peer_public_keys
@@ -905,6 +908,18 @@ class Node:
     def peers(self) -> list[PeerStatus]:
         """Status of every peer, configured or discovered."""
         return self._links.statuses()
+
+    def add_role_counters(self, role: str, read: Callable[[], dict[str, int]]) -> None:
+        """Show `read()` as `role`'s counters in control `status` (`roles`) from now on,
+        until `remove_role_counters(role)`."""
+        self._role_counters[role] = read
+
+    def remove_role_counters(self, role: str) -> None:
+        self._role_counters.pop(role, None)
+
+    def role_counters(self) -> dict[str, dict[str, int]]:
+        """Each running role's counters (`add_role_counters`), read now."""
+        return {role: read() for role, read in self._role_counters.items()}
 
     def snapshot_stats(self) -> NodeStats:
         if self._writer is not None:
