@@ -34,6 +34,18 @@ def _all_done(mesh: Mesh) -> bool:
     return len(tasks) == TASKS and all(t.state == "done" for t in tasks)
 
 
+def _answered_all(mesh: Mesh, worker: str) -> bool:
+    """`worker` sent a `done` for every task message it stored. A worker resumed with tasks
+    in hand that V gave to another since still runs them, and each `done` is sent only once
+    the sink receipted its result: until then its outbox can be empty between a result's
+    receipt and its `done`, and the drain's check may pass while a `done` is still to come,
+    which the stop then leaves pending."""
+    data = mesh.data_dir(worker)
+    tasks = {r.ref for r in read_rows(data, "WHERE direction = 'in' AND kind = 'task'")}
+    dones = {r.ref for r in read_rows(data, "WHERE direction = 'out' AND kind = 'done'")}
+    return tasks <= dones
+
+
 def test_work_queue_with_a_killed_and_a_stalled_worker(mesh_factory: MeshFactory) -> None:
     mesh = mesh_factory(["V", "W1", "W2", "S"], node_args={"W1": WORKER, "W2": WORKER}, seed=19)
     mesh.ledger.expect_result = str.upper
@@ -62,6 +74,8 @@ def test_work_queue_with_a_killed_and_a_stalled_worker(mesh_factory: MeshFactory
         await submit
         await until("every result kept at S", lambda: kept() >= TASKS)
         await until("every task done at V", lambda: _all_done(mesh))
+        await until("each worker's done sent for every task it stored",
+                    lambda: _answered_all(mesh, "W1") and _answered_all(mesh, "W2"))
         mesh.extra["kept_at_kill"] = kept_at_kill
         counts = await mesh.finish()
         assert kept_at_kill < TASKS, "W1 was not killed mid-run"
