@@ -29,7 +29,7 @@ import zmq.asyncio
 from meshpost.config import MeshConfig, NodeConfig, select_names
 from meshpost.control.server import (
     ControlServer,
-    _private_folder,
+    claim_socket_path,
     control_endpoint_for,
     write_endpoint_file,
 )
@@ -311,12 +311,7 @@ class NodeHost:
     def _open_endpoint(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         endpoint = host_endpoint(folder)
-        path = endpoint.removeprefix("ipc://")
-        # Refused if another user owns it (whoever controls the folder can swap the socket),
-        # as a node's control socket's is.
-        _private_folder(os.path.dirname(path))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a stale socket of a killed host of this folder
+        claim_socket_path(endpoint)  # as a node's control socket's
         sock: zmq.Socket[bytes] = zmq.Socket(self.context, zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(endpoint)

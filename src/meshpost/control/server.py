@@ -154,6 +154,16 @@ def _private_folder(folder: str) -> None:
         os.chmod(folder, 0o700)
 
 
+def claim_socket_path(endpoint: str) -> None:
+    """Ready an `ipc://` endpoint to bind: its folder private (`_private_folder`: refused if
+    another user owns it) and a stale socket there removed (a killed process's; the caller
+    holds the lock that makes the path its own: a node's data dir, a host's folder)."""
+    path = endpoint.removeprefix("ipc://")
+    _private_folder(os.path.dirname(path))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -303,10 +313,7 @@ class ControlServer:
         return self._subscription_bytes
 
     async def __aenter__(self) -> ControlServer:
-        path = self.endpoint[len("ipc://") :]
-        _private_folder(os.path.dirname(path))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a stale socket from a killed node; the data dir lock is ours
+        claim_socket_path(self.endpoint)
         self._socket.bind(self.endpoint)
         try:
             write_endpoint_file(self._file, f"{self.endpoint}\n{os.getpid()}\n")
