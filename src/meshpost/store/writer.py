@@ -162,6 +162,20 @@ _ItemOutcome = tuple[IncomingResult | None, int] | BaseException
 _Isolated = tuple[list[_ItemOutcome], BaseException | None]
 
 
+def _add_item(batch: WriteBatch, kind: int, payload: Any) -> None:
+    """Put one queued item into `batch`, where its kind goes (a retry rebuilds batches)."""
+    if kind == _OUT:
+        batch.outgoing.extend(payload)
+    elif kind == _IN:
+        batch.incoming.append(payload)
+    elif kind == _DELIVERY:
+        batch.deliveries.append(payload)
+    elif kind == _TASKS:
+        batch.tasks.extend(payload)
+    else:
+        batch.rejections.append(payload)
+
+
 class GroupCommitWriter:
     """Batches writes for one `Store` and commits them from a dedicated thread.
 
@@ -591,19 +605,12 @@ class GroupCommitWriter:
             return [], broken
         outcomes: list[_ItemOutcome] = []
         for kind, payload, _done, _failed in callbacks:
-            batch = WriteBatch()
-            if kind == _OUT:
-                batch.outgoing.extend(payload)
-            elif kind == _DELIVERY:
-                batch.deliveries.append(payload)
-            elif kind == _REJECTION:
-                batch.rejections.append(payload)
-            elif kind == _TASKS:
-                batch.tasks.extend(payload)
             try:
                 if kind == _IN:
                     outcomes.append(self._apply_incoming_alone(payload))
                     continue
+                batch = WriteBatch()
+                _add_item(batch, kind, payload)
                 _results, stored_at = self._apply(batch)
             except Exception as error:
                 if _store_condition(error):
@@ -720,16 +727,7 @@ class GroupCommitWriter:
         self._isolated(callbacks[: len(outcomes)], (outcomes, None))
         batch = WriteBatch()
         for kind, payload, _done, _failed in rest:
-            if kind == _OUT:
-                batch.outgoing.extend(payload)
-            elif kind == _IN:
-                batch.incoming.append(payload)
-            elif kind == _DELIVERY:
-                batch.deliveries.append(payload)
-            elif kind == _TASKS:
-                batch.tasks.extend(payload)
-            else:
-                batch.rejections.append(payload)
+            _add_item(batch, kind, payload)
         if batch:
             self._busy = True
             self._failed(batch, rest, error)
