@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from meshpost.bench.meters import BENCH_THREAD_PREFIX, process_cpu
 from meshpost.bench.options import BenchError
 from meshpost.bench.support import emit, optional, task_body
 
@@ -78,7 +79,8 @@ class Child:
         )
         self.progress = 0
         self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader = threading.Thread(target=self._read, daemon=True,
+                                        name=f"{BENCH_THREAD_PREFIX}reader")
         self._reader.start()
 
     @property
@@ -172,8 +174,15 @@ def raw_sink(endpoint: str) -> None:
     ctx.term()
 
 
+#: A payload asking the echo or the reference receiver for its CPU time so far (a body is
+#: never this: bodies are text); the answer is `CpuTimes.encode()` of the whole process.
+CPU_QUERY = b"\x00cpu"
+
+
 def raw_echo(endpoint: str) -> None:
-    """ROUTER echo server for the ping-pong; an empty payload ends it."""
+    """ROUTER echo server for the ping-pong; an empty payload ends it; `CPU_QUERY` is
+    answered with this process's CPU time so far (all its threads: this one and libzmq's,
+    nothing else runs here), so the parent can time the echo's CPU over exactly a phase."""
     import zmq
 
     ctx = zmq.Context()
@@ -184,9 +193,65 @@ def raw_echo(endpoint: str) -> None:
         ident, payload = sock.recv_multipart()
         if not payload:
             break
+        if payload == CPU_QUERY:
+            payload = process_cpu().encode()
         sock.send_multipart([ident, payload])
     sock.close(0)
     ctx.term()
+
+
+#: The reference design's receiver table (stdlib sqlite3, SQLite's default page size):
+#: its row of each message, keyed by the message's id.
+REFERENCE_INBOX = """CREATE TABLE IF NOT EXISTS inbox (
+    id TEXT NOT NULL PRIMARY KEY, sender TEXT NOT NULL, seq INTEGER NOT NULL,
+    body TEXT NOT NULL, sent_at_ns INTEGER NOT NULL, stored_at_ns INTEGER NOT NULL)"""
+
+
+def reference_db(path: Path, sync: str) -> Any:
+    """A stdlib sqlite3 connection for the reference design: WAL, `synchronous` at the
+    run's level, SQLite's own page size (4 KiB) and autocheckpoint (every 1,000 pages, in
+    the committing call), autocommit (a lone statement is its own transaction)."""
+    import sqlite3
+
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {sync.upper()}")
+    return conn
+
+
+def reference_receiver(endpoint: str, db_path: str, sync: str) -> None:
+    """The reference design's receiver (issue 20: synchronous pyzmq, SQLite WAL on both
+    ends, one message at a time): ROUTER, bound; each message [b"m", id, seq, sent_at_ns,
+    body] is committed (one INSERT, its own transaction) before its receipt [id,
+    stored_at_ns] goes back; a duplicate id is receipted, not stored twice. `CPU_QUERY`
+    answers this process's CPU time; an empty frame ends it."""
+    import zmq
+
+    conn = reference_db(Path(db_path), sync)
+    conn.execute(REFERENCE_INBOX)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    emit({"ready": sock.getsockopt_string(zmq.LAST_ENDPOINT)})
+    insert = ("INSERT OR IGNORE INTO inbox (id, sender, seq, body, sent_at_ns, stored_at_ns) "
+              "VALUES (?, 'A', ?, ?, ?, ?)")
+    execute, clock = conn.execute, time.time_ns
+    while True:
+        frames = sock.recv_multipart()
+        ident, kind = frames[0], frames[1]
+        if kind == b"m":
+            _, _, mid, seq, sent_at, body = frames
+            stored = clock()
+            execute(insert, (mid.decode(), int(seq), body.decode(), int(sent_at), stored))
+            sock.send_multipart([ident, mid, b"%d" % stored])
+        elif kind == CPU_QUERY:
+            sock.send_multipart([ident, process_cpu().encode()])
+        else:
+            break
+    sock.close(0)
+    ctx.term()
+    conn.close()
+    emit({"stopped": True})
 
 
 #: How often a raw worker, idle, looks at its stdin for the parent's "stop" (ms).
@@ -348,6 +413,7 @@ def _timeline_peer_role(args: list[str]) -> None:
 ROLES: dict[str, Callable[[list[str]], None]] = {
     "raw-sink": lambda args: raw_sink(args[0]),
     "raw-echo": lambda args: raw_echo(args[0]),
+    "reference-receiver": lambda args: reference_receiver(args[0], args[1], args[2]),
     "raw-ventilator": lambda args: raw_ventilator(args[0]),
     "raw-worker": lambda args: raw_worker(args[0], args[1]),
     "raw-collector": lambda args: raw_collector(args[0]),

@@ -75,13 +75,15 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
                             if (wal := f.get("wal_peak_mb")) else "")))
         elif name == "pair-latency":
             rows.append(("pair-latency raw", _fmt_lat(f["raw_pingpong_us"]) + " µs",
-                         "pyzmq ping-pong p50/p90/p99/p99.9"))
+                         "pyzmq ping-pong p50/p90/p99/p99.9"
+                         + _cpu_note(f.get("raw_cpu_us_per_round_trip"), "round trip")))
             if "loop_pingpong_us" in f:
                 ratio = f["ratio_loop"]
                 rows.append(("pair-latency loop", _fmt_lat(f["loop_pingpong_us"]) + " µs",
                              " / ".join(f"{ratio[k]:.1f}×" for k in ratio)
                              + " raw: the same ping-pong on the nodes' event loop "
-                             + f"({f.get('loop', 'asyncio')})"))
+                             + f"({f.get('loop', 'asyncio')})"
+                             + _cpu_note(f.get("loop_cpu_us_per_round_trip"), "round trip")))
             for key, value in f.items():
                 if key.startswith("meshpost_"):
                     sync = key.split("_")[1]
@@ -92,6 +94,9 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
                                  " / ".join(f"{ratio[k]:.1f}×" for k in ratio) + " raw"
                                  + (f"; CPU {cpu['total']:,.0f} µs/send (A {cpu['A']:,.0f}, "
                                     f"B {cpu['B']:,.0f})" if cpu else "")
+                                 + (f" = {f[f'cpu_over_raw_{sync}']:.1f}× raw's, "
+                                    f"{f[f'cpu_over_reference_{sync}']:.1f}× the reference's"
+                                    if f"cpu_over_reference_{sync}" in f else "")
                                  + (f"; with {f['loaded_senders']} senders at once "
                                     f"{loaded['total']:,.0f} µs/send" if loaded else "")))
                     if f"floor_{sync}_us" in f:
@@ -102,6 +107,17 @@ def summary_rows(results: dict[str, ScenarioResult]) -> list[tuple[str, str, str
                                      + f" raw: loop ping-pong ({f.get('loop', 'asyncio')})"
                                      + " + the 2 commits on the path"
                                      + " alone; meshpost is "
+                                     + " / ".join(f"{over[k]:.1f}×" for k in over) + " of it"))
+                    if f"reference_{sync}_us" in f:
+                        ratio, over = f[f"ratio_reference_{sync}"], f[f"over_reference_{sync}"]
+                        rows.append((f"pair-latency reference {sync}",
+                                     _fmt_lat(f[f"reference_{sync}_us"]) + " µs",
+                                     " / ".join(f"{ratio[k]:.1f}×" for k in ratio)
+                                     + " raw: blocking pyzmq + sqlite3 WAL, the same 3 commits,"
+                                     " one at a time"
+                                     + _cpu_note(f[f"reference_cpu_us_per_send_{sync}"], "send")
+                                     + f" = {f[f'reference_cpu_over_raw_{sync}']:.1f}× raw's"
+                                     + "; meshpost is "
                                      + " / ".join(f"{over[k]:.1f}×" for k in over) + " of it"))
         elif name == "send-timeline":
             total = f["total_p50_us"]
@@ -194,6 +210,14 @@ def write_markdown(path: Path, results: dict[str, ScenarioResult], info: dict[st
     lines += [f"- {name}: {r.verify or r.note}" for name, r in results.items()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _cpu_note(cpu: dict[str, float] | None, per: str) -> str:
+    """'; CPU T µs/PER (A a, B b)' for both processes' CPU a round trip or send ('' if not
+    measured: results from before the figure)."""
+    if not cpu:
+        return ""
+    return f"; CPU {cpu['total']:,.0f} µs/{per} (A {cpu['A']:,.0f}, B {cpu['B']:,.0f})"
 
 
 def _tail_note(tail: dict[str, Any]) -> str:
