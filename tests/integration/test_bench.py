@@ -52,6 +52,10 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
     assert "meshpost_normal_us" in latency and "raw_pingpong_us" in latency
     assert set(latency["loop_pingpong_us"]) >= {"p50", "p99"}
     assert latency["ratio_loop"]["p50"] > 0
+    # CPU a round trip of both ping-pongs, both processes (the floors of item 2).
+    raw_cpu = latency["raw_cpu_us_per_round_trip"]
+    _assert_cpu(raw_cpu)
+    _assert_cpu(latency["loop_cpu_us_per_round_trip"])
     for sync in ("full", "normal"):
         # Each floor sample is a loop round trip plus one send's two commits, so every
         # percentile of the floor lies above the same percentile of the commits alone.
@@ -64,6 +68,27 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
         loaded = latency[f"cpu_us_per_send_{sync}_loaded"]  # the same from 16 senders at once
         assert loaded["A"] > 0 and loaded["B"] > 0
         assert set(latency[f"commits_per_send_{sync}"]) == {"idle", "loaded"}
+        # The reference design (issue 20): its latency and CPU a send, both processes, and
+        # each ratio equal to the figures it divides, all of this run.
+        ref = latency[f"reference_{sync}_us"]
+        ref_cpu = latency[f"reference_cpu_us_per_send_{sync}"]
+        assert all(ref[k] > 0 for k in PERCENTILES)
+        _assert_cpu(ref_cpu)
+        for k in PERCENTILES:
+            assert latency[f"ratio_reference_{sync}"][k] == pytest.approx(
+                ref[k] / latency["raw_pingpong_us"][k], abs=0.005)
+            assert latency[f"over_reference_{sync}"][k] == pytest.approx(
+                latency[f"meshpost_{sync}_us"][k] / ref[k], abs=0.005)
+        for key, num, den in ((f"cpu_over_raw_{sync}", cpu_send, raw_cpu),
+                              (f"cpu_over_reference_{sync}", cpu_send, ref_cpu),
+                              (f"reference_cpu_over_raw_{sync}", ref_cpu, raw_cpu)):
+            assert latency[key] > 0
+            assert latency[key] == pytest.approx(num["total"] / den["total"], abs=0.005), key
+    # 100 timed sends after a warm-up of 200, each in both reference stores once, receipted
+    # and recorded (the scenario reads both stores back: `reference_problems`).
+    assert latency["reference_sends"] == 100
+    assert scenarios["pair-latency"]["verify"].count(
+        "reference 300 sent, receipted and recorded, stored once at the receiver") == 2
     timeline = scenarios["send-timeline"]["figures"]
     assert timeline["messages"] == 100 and timeline["sends"] == 100
     assert 0 < timeline["usual"] <= 100
@@ -98,12 +123,63 @@ def test_bench_runs_every_scenario_and_verifies_its_stores(short_tmp: Path) -> N
     summary = (out / "latest.md").read_text(encoding="utf-8")
     assert summary.startswith("# meshpost bench")
     assert "| pair-latency floor normal |" in summary
+    assert "| pair-latency reference normal |" in summary
+    assert "| pair-latency reference full |" in summary
+    assert "µs/round trip (A " in summary and "× the reference's" in summary
     assert "| mesh 3 nodes, saturated |" in summary and "× pair-throughput; CPU" in summary
     assert "| send-timeline normal |" in summary and "| A:commit< | A:commit> | commit |" in summary
     assert f"CPU {cpu['total']:.1f} µs/msg (A {cpu['A']:.1f}, B {cpu['B']:.1f})" in summary
     cpu_send = latency["cpu_us_per_send_normal"]
     assert (f"CPU {cpu_send['total']:,.0f} µs/send (A {cpu_send['A']:,.0f}, "
             f"B {cpu_send['B']:,.0f})") in summary
+
+
+PERCENTILES = ("p50", "p90", "p99", "p99.9")
+
+
+def _assert_cpu(cpu: dict[str, float]) -> None:
+    """Both processes worked; the total and each side's user/system split add up."""
+    assert cpu["A"] > 0 and cpu["B"] > 0, cpu
+    assert cpu["total"] == pytest.approx(cpu["A"] + cpu["B"], abs=0.02)
+    for side in ("A", "B"):
+        assert cpu[f"{side}_user"] >= 0 and cpu[f"{side}_sys"] >= 0
+        assert cpu[f"{side}_user"] + cpu[f"{side}_sys"] == pytest.approx(cpu[side], abs=0.02)
+
+
+@pytest.mark.parametrize(("statement", "says"), [
+    ("_REF_RECORD", "sender: 20 rows without their receipt recorded"),
+    ("_REF_SEND", "sender: 0 rows, 20 sent"),
+], ids=["no-receipt-record", "no-sender-row"])
+def test_the_reference_design_cannot_skip_a_commit_unnoticed(
+    monkeypatch: pytest.MonkeyPatch, statement: str, says: str,
+) -> None:
+    """The reference design's stores are read back after its run: a sender that skipped
+    its message's row or its receipt's record (a cheaper, dishonest reference) fails the
+    scenario, as a meshpost store would fail `verify_stores`. Real processes and stores."""
+    import io
+
+    from rich.console import Console
+
+    from meshpost import eventloop
+    from meshpost.bench import Bench, BenchOptions
+    from meshpost.bench.options import BenchError
+    from meshpost.bench.scenarios import pair_latency
+
+    bench = Bench(BenchOptions(scenarios=["pair-latency"], transport="ipc",
+                               loop=eventloop.choose(None)), Console(file=io.StringIO()))
+    try:
+        monkeypatch.setattr(pair_latency, "LATENCY_WARMUP", 10)
+        samples, cpu, check = pair_latency._reference(bench, 10, "normal")
+        assert len(samples) == 10 and cpu["A"] > 0 and cpu["B"] > 0
+        assert check.startswith("reference 20 sent")
+        # The same with one of the sender's statements doing nothing (binding its values).
+        skipped = "SELECT " + ", ".join("?" * getattr(pair_latency, statement).count("?"))
+        monkeypatch.setattr(pair_latency, statement, skipped)
+        with pytest.raises(BenchError, match=says):
+            pair_latency._reference(bench, 10, "normal")
+    finally:
+        bench.stop_processes()
+        bench.cleanup()
 
 
 def test_bench_mesh_hosts_nodes_per_process_sends_to_k_peers_and_measures_the_idle_mesh(

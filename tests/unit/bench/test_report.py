@@ -73,3 +73,37 @@ def test_the_loop_ping_pong_rows_name_the_loop_the_nodes_ran_on() -> None:
                     "pair-latency", figures=f)})}
         assert rows["pair-latency loop"].endswith(f"on the nodes' event loop ({says})")
         assert f"loop ping-pong ({says}) + the 2 commits" in rows["pair-latency floor normal"]
+
+
+def test_the_floor_rows_show_cpu_and_the_reference_design_with_meshpost_against_it() -> None:
+    """Issue 20 items 1 and 2 read off the table: CPU a round trip of both ping-pongs, the
+    reference design's row, and meshpost's CPU a send against both; results from before
+    the figures still render."""
+    lat = {"p50": 100.0, "p90": 120.0, "p99": 200.0, "p99.9": 300.0}
+    old = {"raw_pingpong_us": lat, "loop_pingpong_us": lat,
+           "ratio_loop": dict.fromkeys(lat, 1.0), "meshpost_normal_us": lat,
+           "ratio_normal": dict.fromkeys(lat, 1.0),
+           "cpu_us_per_send_normal": {"A": 400.0, "B": 262.0, "total": 662.0}}
+    new = {**old,
+           "raw_cpu_us_per_round_trip": {"A": 84.0, "B": 111.0, "total": 195.0},
+           "loop_cpu_us_per_round_trip": {"A": 120.0, "B": 111.0, "total": 231.0},
+           "reference_normal_us": lat, "ratio_reference_normal": dict.fromkeys(lat, 1.5),
+           "over_reference_normal": dict.fromkeys(lat, 2.0),
+           "reference_cpu_us_per_send_normal": {"A": 170.0, "B": 150.0, "total": 320.0},
+           "reference_cpu_over_raw_normal": 1.64, "cpu_over_raw_normal": 3.39,
+           "cpu_over_reference_normal": 2.07}
+    rows = {name: comparison for name, _, comparison in summary_rows(
+        {"pair-latency": ScenarioResult("pair-latency", figures=new)})}
+    assert rows["pair-latency raw"].endswith("; CPU 195 µs/round trip (A 84, B 111)")
+    assert rows["pair-latency loop"].endswith("; CPU 231 µs/round trip (A 120, B 111)")
+    assert "CPU 662 µs/send (A 400, B 262) = 3.4× raw's, 2.1× the reference's" in rows[
+        "pair-latency normal"]
+    assert rows["pair-latency reference normal"] == (
+        "1.5× / 1.5× / 1.5× / 1.5× raw: blocking pyzmq + sqlite3 WAL, the same 3 commits, one "
+        "at a time; CPU 320 µs/send (A 170, B 150) = 1.6× raw's; meshpost is 2.0× / 2.0× / "
+        "2.0× / 2.0× of it")
+    rows = {name: comparison for name, _, comparison in summary_rows(
+        {"pair-latency": ScenarioResult("pair-latency", figures=old)})}
+    assert rows["pair-latency raw"] == "pyzmq ping-pong p50/p90/p99/p99.9"
+    assert "pair-latency reference normal" not in rows
+    assert "the reference's" not in rows["pair-latency normal"]

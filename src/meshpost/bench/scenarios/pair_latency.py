@@ -207,7 +207,8 @@ def _reference(bench: Bench, sends: int, sync: str
     import zmq
 
     root = bench.root / f"reference-{sync}"
-    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root, ignore_errors=True)  # fresh stores: the check counts every row
+    root.mkdir(parents=True)
     task = bench.task(f"pair-latency {sync}: reference design (blocking pyzmq + sqlite3)",
                       sends)
     receiver = bench.child("pair-latency", [
