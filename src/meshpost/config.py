@@ -324,7 +324,7 @@ def default_data_dir(name: str) -> Path:
 #: `meshpost.roles.roles_from_options` reads (its ROLE_OPTIONS give each one's type).
 NODE_ROLE_KEYS = frozenset({"echo", "worker", "text_listen", "udp_listen", "text_idle_gap",
                             "discover", "discover_host", "beacon_to", "mesh",
-                            "beacon_interval"})
+                            "beacon_interval", "prefetch"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

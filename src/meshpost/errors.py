@@ -136,6 +136,17 @@ class InvalidLease(MeshpostError, kind="invalid_lease", exit_code=EXIT_USAGE):
         self.lease_s = lease_s
 
 
+class InvalidPrefetch(MeshpostError, kind="invalid_prefetch", exit_code=EXIT_USAGE):
+    """A worker's prefetch (tasks it takes at once) that is not a whole number from 1 to the
+    cap a ventilator honours."""
+
+    def __init__(self, prefetch: object, limit: int) -> None:
+        super().__init__(
+            f"{prefetch!r} is not a prefetch: give how many tasks the worker takes at once, "
+            f"a whole number from 1 to {limit}")
+        self.prefetch = prefetch
+
+
 class NodeClosed(MeshpostError, kind="node_closed", exit_code=EXIT_NOT_RUNNING):
     def __init__(self, name: str) -> None:
         super().__init__(f"node {name!r} is shut down; start it again to send")

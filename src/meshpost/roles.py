@@ -22,6 +22,7 @@ from meshpost.errors import ConfigError, InvalidName
 from meshpost.gateway import Gateway, GatewayConfig, parse_listen
 from meshpost.node import Message, Node
 from meshpost.protocol.header import is_valid_name
+from meshpost.protocol.workqueue import DEFAULT_MAX_INFLIGHT, MAX_PREFETCH, prefetch_ok
 
 #: The built-in handlers of `--worker QUEUE=HANDLER` (seed 002 upper-cases).
 BUILTIN_HANDLERS: dict[str, Callable[[str], str]] = {
@@ -43,6 +44,7 @@ ROLE_OPTIONS: dict[str, type | tuple[type, ...]] = {
     "beacon_to": list,
     "mesh": str,
     "beacon_interval": (int, float),
+    "prefetch": int,
 }
 #: Where discovery listens unless told (every interface, as it always has for `--discover`).
 DEFAULT_DISCOVER_HOST = "0.0.0.0"
@@ -85,6 +87,9 @@ class NodeRoles:
     echo: bool = False
     #: (queue, handler spec) per queue served (`--worker QUEUE=HANDLER`).
     workers: tuple[tuple[str, str], ...] = ()
+    #: Tasks each queue's handler runs at once, announced as the worker's prefetch: a
+    #: ventilator gives it at most that many unfinished (`--prefetch N`; docs/patterns.md).
+    prefetch: int = DEFAULT_MAX_INFLIGHT
     gateway: GatewayConfig = dataclasses.field(default_factory=GatewayConfig)
     discovery: DiscoveryConfig | None = None
 
@@ -105,6 +110,7 @@ def roles_from_options(options: Mapping[str, Any], *, where: str = "") -> NodeRo
     return NodeRoles(
         echo=bool(given.get("echo", False)),
         workers=tuple(parse_worker_flag(w) for w in given.get("worker", ())),
+        prefetch=_prefetch(given, prefix),
         gateway=_gateway(given),
         discovery=_discovery(given),
     )
@@ -124,6 +130,19 @@ def _type_name(key: str) -> str:
     names = {bool: "boolean (true/false)", list: "list", str: "string", int: "whole number",
              float: "number"}
     return " or ".join(dict.fromkeys(names[t] for t in types))
+
+
+def _prefetch(given: Mapping[str, Any], prefix: str) -> int:
+    prefetch = given.get("prefetch")
+    if prefetch is None:
+        return DEFAULT_MAX_INFLIGHT
+    if not given.get("worker"):
+        raise ConfigError(f"{prefix}--prefetch sets how many tasks a worker takes at once: it "
+                          "needs --worker QUEUE=HANDLER")
+    if not prefetch_ok(prefetch):
+        raise ConfigError(f"{prefix}--prefetch must be a whole number of tasks from 1 to "
+                          f"{MAX_PREFETCH}, not {prefetch}")
+    return int(prefetch)
 
 
 def _gateway(given: Mapping[str, Any]) -> GatewayConfig:
@@ -203,5 +222,5 @@ async def running(node: Node, roles: NodeRoles, *, public_key: bytes | None = No
             # own text, as a reply linked to it.
             node.on_request(_echo, direct=True)
         for queue, spec in roles.workers:
-            await node.serve_queue(queue, resolve_handler(spec))
+            await node.serve_queue(queue, resolve_handler(spec), max_inflight=roles.prefetch)
         yield gateway, discovery

@@ -311,6 +311,10 @@ def add_node(sub: Subcommands) -> None:
     p.add_argument("--worker", action="append", default=[], metavar="QUEUE=HANDLER",
                    help="serve a work queue with a handler: upper, lower, reverse, echo or "
                         "module:function (repeat)")
+    p.add_argument("--prefetch", type=int, metavar="N",
+                   help="tasks each --worker queue runs at once, announced to ventilators, "
+                        "which give it at most N unfinished (default 16, at most 1024; more "
+                        "for instant handlers, fewer for slow ones)")
     p.add_argument("--echo", action="store_true",
                    help="answer every message with its own text, as a reply linked to it")
     add_loop_option(p, "the node's process")

@@ -700,7 +700,11 @@ class Node:
         """Work for `queue` (`serve` already names running the node): every task sent to
         it here runs `handler(body)` (sync, run in a thread, or async), and the result goes
         to the task's sink, once per task message. Announced to every peer with a `serve`
-        record (stored and retried)."""
+        record (stored and retried) that carries `max_inflight` as this worker's prefetch:
+        it runs at most that many tasks at once, and a ventilator gives it at most that many
+        unfinished (1 to MAX_PREFETCH, 1,024; else `InvalidPrefetch`). The default, 16,
+        keeps slow tasks spread over the workers; an instant handler does more with more
+        (docs/benchmarks.md, work-queue)."""
         await self._queues.serve_queue(queue, handler, max_inflight=max_inflight)
 
     async def submit(self, queue: str, bodies: Sequence[str], *, sink: str,

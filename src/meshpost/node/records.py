@@ -407,6 +407,10 @@ class NodeStats:
     #: Task messages this worker stored but did not run: their sink is no peer of this node
     #: (`all`, a group, itself, an unknown name), so a result could go nowhere (19.4).
     tasks_refused: int = 0
+    #: Workers' `serve` records announcing a prefetch above MAX_PREFETCH (1,024): each worker
+    #: is given at most that many tasks at once (19.4). A prefetch of 0, a negative or not a
+    #: whole number is refused with its message (`invalid`, a violation).
+    prefetch_clamped: int = 0
 
     def note_store_retry(self, retry: StoreRetry | None) -> None:
         """Set the `store_retry_*` fields from the writer's episode under way (None: none)."""

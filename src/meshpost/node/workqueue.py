@@ -12,7 +12,7 @@ import contextlib
 import functools
 import inspect
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import meshpost.rules as rules
 from meshpost.errors import InvalidMessage, MeshpostError, MessageRejected
@@ -27,6 +27,7 @@ from meshpost.protocol.ratelimit import (
 )
 from meshpost.protocol.workqueue import (
     DEFAULT_MAX_INFLIGHT,
+    MAX_PREFETCH,
     CompletionRefused,
     DispatchTask,
     QueueStatus,
@@ -38,6 +39,8 @@ from meshpost.protocol.workqueue import (
     WorkerStatus,
     WorkQueueDispatcher,
     check_lease,
+    check_prefetch,
+    honoured_prefetch,
 )
 from meshpost.store import NewTask, QueueCounts
 from meshpost.store.patterns import OwedDone
@@ -57,6 +60,16 @@ WORKQUEUE_TICK_S = 0.5
 STORED_TASKS_BATCH = 500
 
 
+class ServeRecord(NamedTuple):
+    """A worker's latest `serve` record for one queue: its `version`, whether it says it
+    `serving`, and the `prefetch` it announced (None: none stated; as sent, the dispatcher
+    caps it)."""
+
+    version: int
+    serving: bool
+    prefetch: int | None = None
+
+
 class WorkQueues:
     """A node's work queues: `submit` (ventilator), `serve_queue` (worker), results (sink)."""
 
@@ -64,10 +77,12 @@ class WorkQueues:
         self._node = node
         # As a ventilator, one dispatcher per queue; as a worker, a handler per queue; as a
         # sink, the first result per task; everywhere, the workers each queue has (their
-        # latest `serve` record: version, serving).
+        # latest `serve` record: version, serving, prefetch).
         self.dispatchers: dict[str, WorkQueueDispatcher] = {}
-        self.workers_of: dict[str, dict[str, tuple[int, bool]]] = {}
-        self.serving: dict[str, tuple[TaskHandler, asyncio.Semaphore]] = {}
+        self.workers_of: dict[str, dict[str, ServeRecord]] = {}
+        #: Per queue served here: its handler, the room of its tasks run at once, and that
+        #: number (the prefetch its `serve` record announces).
+        self.serving: dict[str, tuple[TaskHandler, asyncio.Semaphore, int]] = {}
         #: The threads of each served queue's blocking handler, as many as its tasks in
         #: flight. Not the loop's default executor (`asyncio.to_thread`), which is shared:
         #: by every node of a host process, and by this node's own store reads. A peer's
@@ -91,13 +106,19 @@ class WorkQueues:
         #: (`completions_refused`), not logged line by line.
         self._refused_warnings = RateLimiter(rate_per_s=INPUT_WARNINGS_PER_S,
                                              burst=INPUT_WARNINGS_BURST)
+        #: Warnings of prefetches clamped (a peer announcing more than MAX_PREFETCH), paced
+        #: per peer the same way (`prefetch_clamped` counts each record).
+        self._prefetch_warnings = RateLimiter(rate_per_s=INPUT_WARNINGS_PER_S,
+                                              burst=INPUT_WARNINGS_BURST)
 
     def restore(self, results: Iterable[tuple[str, str, str]],
-                members: Iterable[tuple[str, str, bool, int]]) -> None:
-        """At start: the results stored (sink) and every worker's latest `serve` record."""
+                members: Iterable[tuple[str, str, bool, int, int | None]]) -> None:
+        """At start: the results stored (sink) and every worker's latest `serve` record
+        (with the prefetch it announced: a ventilator's restart keeps it)."""
         self.sink = ResultSink(results)
-        for queue, member, joined, version in members:
-            self.workers_of.setdefault(queue, {})[member] = (version, joined)
+        for queue, member, joined, version, prefetch in members:
+            self.workers_of.setdefault(queue, {})[member] = ServeRecord(version, joined,
+                                                                        prefetch)
 
     async def serve_queue(self, queue: str, handler: TaskHandler, *,
                           max_inflight: int = DEFAULT_MAX_INFLIGHT) -> None:
@@ -105,14 +126,18 @@ class WorkQueues:
         node._check_open()
         if not is_valid_name(queue):
             raise InvalidMessage(f"{queue!r} is not a queue name (1-63 of A-Z a-z 0-9 _ . -)")
-        self.serving[queue] = (handler, asyncio.Semaphore(max_inflight))
+        # The number this worker runs at once is the prefetch it announces: a ventilator
+        # gives it at most that many unfinished tasks (docs/protocol.md 19.4).
+        max_inflight = check_prefetch(max_inflight)
+        self.serving[queue] = (handler, asyncio.Semaphore(max_inflight), max_inflight)
         old = self._threads.pop(queue, None)
         if old is not None:
             old.shutdown(wait=False)
         self._threads[queue] = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_inflight, thread_name_prefix=f"meshpost-{node.name}-{queue}")
         node._spawn_handler(self._run_stored_tasks(queue), "stored-tasks")
-        header = PatternHeader(Kind.SERVE, "", queue, version=node.hlc.now())
+        header = PatternHeader(Kind.SERVE, "", queue, version=node.hlc.now(),
+                               prefetch=max_inflight)
         if node._links:
             await node._post("all", "serve", held=False, header=header)
 
@@ -175,8 +200,8 @@ class WorkQueues:
 
     def workers(self, queue: str) -> list[str]:
         links = self._node._links
-        return sorted(w for w, (_v, serving) in self.workers_of.get(queue, {}).items()
-                      if serving and w in links and links[w].reachable)
+        return sorted(w for w, record in self.workers_of.get(queue, {}).items()
+                      if record.serving and w in links and links[w].reachable)
 
     def queues(self) -> list[str]:
         """Every queue this node knows: submitted to, served here, or served by a peer."""
@@ -189,12 +214,14 @@ class WorkQueues:
         links = node._links
         dispatcher = self.dispatchers.get(queue)
         known = {w.name: w for w in dispatcher.workers()} if dispatcher is not None else {}
-        for worker, (_v, serving) in self.workers_of.get(queue, {}).items():
-            if serving and worker not in known and worker != node.name:
+        for worker, record in self.workers_of.get(queue, {}).items():
+            if record.serving and worker not in known and worker != node.name:
                 link = links.get(worker)
-                known[worker] = WorkerStatus(worker, link is not None and link.reachable)
+                known[worker] = WorkerStatus(worker, link is not None and link.reachable,
+                                             prefetch=honoured_prefetch(record.prefetch))
         if queue in self.serving:
-            known[node.name] = WorkerStatus(node.name, True)
+            known[node.name] = WorkerStatus(node.name, True,
+                                            prefetch=self.serving[queue][2])
         c = counts or QueueCounts()
         if dispatcher is None:
             return QueueStatus(queue, tuple(known[w] for w in sorted(known)), done=c.done,
@@ -217,11 +244,11 @@ class WorkQueues:
             dispatcher = self.dispatchers[queue] = WorkQueueDispatcher.restore(
                 queue, records, now, lease_s=lease_s or DEFAULT_LEASE_S,
                 ventilator=self._node.name)
-            # Every worker whose latest record says it serves: known, live once its link
-            # is up (`peer_event`).
-            for worker, (_v, serving) in self.workers_of.get(queue, {}).items():
-                if serving:
-                    dispatcher.worker_known(worker)
+            # Every worker whose latest record says it serves: known (with the prefetch
+            # it announced), live once its link is up (`peer_event`).
+            for worker, record in self.workers_of.get(queue, {}).items():
+                if record.serving:
+                    dispatcher.worker_known(worker, record.prefetch)
             log.info("[%s] queue %s: %d unfinished task(s) restored", self._node.name, queue,
                      len(records))
 
@@ -330,12 +357,12 @@ class WorkQueues:
             self.wakeup.set()  # the timer runs from now on
             node = self._node
             now = node.clock.monotonic()
-            for worker, (_v, serving) in self.workers_of.get(queue, {}).items():
+            for worker, record in self.workers_of.get(queue, {}).items():
                 link = node._links.get(worker)
-                if serving and link is not None and link.reachable:
-                    dispatcher.worker_up(worker, now)
-                elif serving:
-                    dispatcher.worker_known(worker)
+                if record.serving and link is not None and link.reachable:
+                    dispatcher.worker_up(worker, now, record.prefetch)
+                elif record.serving:
+                    dispatcher.worker_known(worker, record.prefetch)
         return dispatcher
 
     def on_stored(self, m: Envelope) -> None:
@@ -361,30 +388,50 @@ class WorkQueues:
                 dispatcher.completed(h.ref, node.clock.monotonic(), by=m.sender, ack=True)
                 self.wakeup.set()
         elif h.kind is Kind.SERVE:
-            self._serve_record(m.sender, h.queue, m.body == "serve", h.version)
+            self._serve_record(m.sender, h.queue,
+                               ServeRecord(h.version, m.body == "serve", h.prefetch))
 
-    def _serve_record(self, worker: str, queue: str, serving: bool, version: int) -> None:
+    def _serve_record(self, worker: str, queue: str, record: ServeRecord) -> None:
         """A worker's `serve`/`stop` record: the highest version wins (a stale one changes
-        nothing); only the worker speaks for itself (the record's sender)."""
+        nothing); only the worker speaks for itself (the record's sender). A prefetch above
+        MAX_PREFETCH is honoured as MAX_PREFETCH: counted (`prefetch_clamped`) and logged,
+        paced per peer."""
         node = self._node
         known = self.workers_of.setdefault(queue, {})
         old = known.get(worker)
-        if old is not None and (old[0], not old[1]) >= (version, not serving):
+        if old is not None and (old.version, not old.serving) >= (record.version,
+                                                                  not record.serving):
             return
         # The `members` row was written in the message's own transaction (store: derived
         # writes), so memory and store cannot disagree after a crash.
-        known[worker] = (version, serving)
+        known[worker] = record
+        if record.serving and record.prefetch is not None and record.prefetch > MAX_PREFETCH:
+            self._prefetch_clamped(worker, queue, record.prefetch)
         dispatcher = self.dispatchers.get(queue)
         if dispatcher is not None:
             now = node.clock.monotonic()
             link = node._links.get(worker)
-            if serving and link is not None and link.reachable:
-                dispatcher.worker_up(worker, now)
-            elif serving:
-                dispatcher.worker_known(worker)
+            if record.serving and link is not None and link.reachable:
+                dispatcher.worker_up(worker, now, record.prefetch)
+            elif record.serving:
+                dispatcher.worker_known(worker, record.prefetch)
             else:
                 dispatcher.worker_left(worker, now)
             self.wakeup.set()
+
+    def _prefetch_clamped(self, worker: str, queue: str, announced: int) -> None:
+        node = self._node
+        node.stats.prefetch_clamped += 1
+        decision = self._prefetch_warnings.check(worker, node.clock.monotonic())
+        if isinstance(decision, Allowed):
+            log.warning("[%s] %s serves queue %s announcing a prefetch of %d tasks at once: "
+                        "it is given at most %d (MAX_PREFETCH)", node.name, worker, queue,
+                        announced, MAX_PREFETCH)
+        elif decision.burst_started:
+            log.warning("[%s] %s announces prefetches above %d faster than %d at once and %g "
+                        "a second: each is clamped and counted (`prefetch_clamped`), logged "
+                        "at that rate", node.name, worker, MAX_PREFETCH,
+                        INPUT_WARNINGS_BURST, INPUT_WARNINGS_PER_S)
 
     def peer_event(self, peer: str, up: bool) -> None:
         """`peer` connected (`up`) or left/was lost: its dispatchers learn it."""
@@ -393,8 +440,9 @@ class WorkQueues:
         now = self._node.clock.monotonic()
         for queue, dispatcher in self.dispatchers.items():
             if up:
-                if self.workers_of.get(queue, {}).get(peer, (0, False))[1]:
-                    dispatcher.worker_up(peer, now)
+                record = self.workers_of.get(queue, {}).get(peer)
+                if record is not None and record.serving:
+                    dispatcher.worker_up(peer, now, record.prefetch)
             else:
                 dispatcher.worker_lost(peer, now)
         self.wakeup.set()
@@ -424,8 +472,8 @@ class WorkQueues:
             # (silent) gives its tasks back, even while nothing waits for a receipt from it.
             self._node.watch_peers({
                 worker for queue in self.dispatchers
-                for worker, (_version, serving) in self.workers_of.get(queue, {}).items()
-                if serving})
+                for worker, record in self.workers_of.get(queue, {}).items()
+                if record.serving})
             wait = min([WORKQUEUE_TICK_S, *(max(0.0, t - now) for t in due if t is not None)])
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
@@ -497,7 +545,7 @@ class WorkQueues:
         node = self._node
         h = m.header
         assert h is not None
-        handler, room = self.serving[h.queue]
+        handler, room, _prefetch = self.serving[h.queue]
         if h.sink not in node._links:
             # The result could go nowhere: not `all` or a group (one message id for many
             # peers, or a result to whoever is in a group), not this node, not a name that

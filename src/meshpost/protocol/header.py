@@ -25,9 +25,14 @@ NAME_REGEX = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 MAX_LEASE_MS = 24 * 3600 * 1000
 #: The most a header adds to an envelope on the wire: the array header (1), the longest kind
 #: (8), a ref of MAX_ID_LENGTH four-byte characters (3 + 256), two 63-character ASCII names
-#: (2 x 65), a lease up to a day (5) and two 9-byte integers (18) come to 421.
-#: ENVELOPE_OVERHEAD_BYTES went from 512 to 1,024 for it (docs/protocol.md 8.3).
-HEADER_MAX_BYTES = 421
+#: (2 x 65), a lease up to a day (5) and three 9-byte integers (27) come to 430 (421 before
+#: `prefetch`). ENVELOPE_OVERHEAD_BYTES went from 512 to 1,024 for it (docs/protocol.md 8.3).
+HEADER_MAX_BYTES = 430
+#: A worker's prefetch as the wire may carry it: a whole number from 1 (0, a negative, a
+#: string fail decoding: that message alone is rejected `invalid`). The ventilator caps what
+#: it honours (`protocol.workqueue.MAX_PREFETCH`), not the wire: a later version may raise
+#: that cap without its records being refused here.
+Prefetch = Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)]
 
 
 class Kind(enum.StrEnum):
@@ -40,7 +45,8 @@ class Kind(enum.StrEnum):
     DONE = "done"  # worker -> ventilator: the result is receipted by the sink; ref = task id
     GROUP = "group"  # one copy of a group/all message; ref = the logical message id
     MEMBER = "member"  # a group membership record; queue = group, body "join"/"leave", version
-    SERVE = "serve"  # a worker starts/stops serving queue; body "serve"/"stop", version set
+    SERVE = "serve"  # a worker starts/stops serving queue; body "serve"/"stop", version set;
+    # prefetch: how many unfinished tasks it takes at once (nil: not stated, 16)
 
 
 _Ref = Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)]
@@ -49,8 +55,8 @@ _OptName = Annotated[str, msgspec.Meta(pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0
 
 
 class PatternHeader(msgspec.Struct, array_like=True, frozen=True, gc=False):
-    """`[kind, ref, queue, sink, lease_ms, attempt, version]`: the trailing field of an
-    Envelope (`header: PatternHeader | None = None`).
+    """`[kind, ref, queue, sink, lease_ms, attempt, version, prefetch]`: the trailing field
+    of an Envelope (`header: PatternHeader | None = None`).
 
     Fields after `kind` have defaults, so a later version may append more and an older
     decoder still reads the array (msgspec ignores extra trailing elements of an array-like
@@ -66,6 +72,10 @@ class PatternHeader(msgspec.Struct, array_like=True, frozen=True, gc=False):
     lease_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_LEASE_MS)] = 0
     attempt: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)] = 0
     version: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)] = 0
+    #: A `serve` record's: how many unfinished tasks the worker takes at once (its handler's
+    #: concurrency). None (nil; absent in a header from before it, which has seven fields):
+    #: not stated, the ventilator's default. Other kinds carry nil; a receiver ignores it.
+    prefetch: Prefetch | None = None
 
 
 class UncheckedHeader(msgspec.Struct, array_like=True, frozen=True):
@@ -79,6 +89,9 @@ class UncheckedHeader(msgspec.Struct, array_like=True, frozen=True):
     lease_ms: int = 0
     attempt: int = 0
     version: int = 0
+    #: Any value: a string or a float here must not fail its whole batch's decoding, only
+    #: this message's check (`checked`), like a number out of range.
+    prefetch: object = None
 
     def checked(self) -> PatternHeader | UncheckedHeader:
         """The same header as a `PatternHeader` if it passes the checks, else itself."""
@@ -100,7 +113,8 @@ def header_problem(header: PatternHeader | UncheckedHeader) -> str | None:
     `UncheckedHeader` (a field out of range) is itself the problem."""
     if not isinstance(header, PatternHeader):
         return (f"pattern header {list(msgspec.structs.astuple(header))!r:.200} has a field "
-                "out of range (kind, a name, an id, or a number)")
+                "out of range (kind, a name, an id, a number, or a prefetch that is not a "
+                "whole number from 1)")
     kind = header.kind
     if kind in _NEEDS_REF and not header.ref:
         return f"a {kind} needs the id it refers to (ref)"

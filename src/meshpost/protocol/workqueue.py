@@ -19,13 +19,23 @@ from collections.abc import Iterable
 
 import msgspec
 
-from meshpost.errors import InvalidLease
+from meshpost.errors import InvalidLease, InvalidPrefetch
 from meshpost.protocol.header import MAX_LEASE_MS
 
-#: A worker takes this many unfinished tasks at a time unless told otherwise: enough to keep a
-#: fast handler busy while results and receipts travel, few enough that a worker that dies
-#: takes little work down with it (all of it is redelivered after its loss or lease).
+#: A worker takes this many unfinished tasks at a time unless its `serve` record states its
+#: own prefetch: enough to keep a fast handler busy while results and receipts travel, few
+#: enough that a worker that dies takes little work down with it (all of it is redelivered
+#: after its loss or lease), and that slow tasks spread over the workers (each one's queue
+#: at the end of a run is short).
 DEFAULT_MAX_INFLIGHT = 16
+#: The most unfinished tasks a ventilator gives one worker, whatever prefetch it announces
+#: (a larger one is clamped to it, counted and logged by the node). 1,024 is 8x the 128
+#: that doubles `bench work-queue`'s rate (docs/benchmarks.md): past the depth that keeps a
+#: handler busy, more only makes the worker's loss or stall hold more tasks for a lease, and
+#: a worker that announces more than it can take (by mistake or on purpose) keeps tasks
+#: from the others for as long. It also bounds the worker's own threads (one per task in
+#: flight, `Node.serve_queue`).
+MAX_PREFETCH = 1024
 #: The longest lease: a day, the most a task's header carries; a longer one would hide a dead
 #: worker's task that long.
 MAX_LEASE_S = MAX_LEASE_MS / 1000
@@ -37,6 +47,32 @@ def lease_ok(lease_s: object) -> bool:
     in flight for ever."""
     return (isinstance(lease_s, int | float) and not isinstance(lease_s, bool)
             and math.isfinite(lease_s) and 0 < lease_s <= MAX_LEASE_S)
+
+
+def prefetch_ok(prefetch: object) -> bool:
+    """The one rule for a prefetch a worker sets for itself (CLI, Python API): a whole
+    number from 1 to MAX_PREFETCH."""
+    return (isinstance(prefetch, int) and not isinstance(prefetch, bool)
+            and 1 <= prefetch <= MAX_PREFETCH)
+
+
+def check_prefetch(prefetch: int) -> int:
+    """`prefetch` if `prefetch_ok`, else `InvalidPrefetch` (a usage error, exit 2)."""
+    if not prefetch_ok(prefetch):
+        raise InvalidPrefetch(prefetch, MAX_PREFETCH)
+    return prefetch
+
+
+def honoured_prefetch(announced: int | None, default: int = DEFAULT_MAX_INFLIGHT) -> int:
+    """How many unfinished tasks a ventilator gives a worker that announced `announced`
+    (its `serve` record's `prefetch`; None: it stated none, e.g. an older version):
+    `default`, else min(announced, MAX_PREFETCH). The wire refuses 0 and below at decode
+    (`header.Prefetch`); here they are a bug of ours."""
+    if announced is None:
+        return default
+    if announced < 1:
+        raise ValueError(f"a prefetch is a whole number from 1, got {announced}")
+    return min(announced, MAX_PREFETCH)
 
 
 def check_lease(lease_s: float) -> float:
@@ -150,12 +186,15 @@ class TaskRecord(msgspec.Struct, frozen=True):
 
 class WorkerStatus(msgspec.Struct, frozen=True):
     """One worker of a queue as a node sees it: `live` (serving, link up), `suspect` (a
-    lease of its expired and it has finished nothing since), `in_flight` (tasks it holds)."""
+    lease of its expired and it has finished nothing since), `in_flight` (tasks it holds),
+    `prefetch` (the most it is given at once: its announced prefetch, capped, or the
+    default; a suspect worker gets one at a time whatever it is)."""
 
     name: str
     live: bool
     suspect: bool = False
     in_flight: int = 0
+    prefetch: int = DEFAULT_MAX_INFLIGHT
 
 
 class QueueStatus(msgspec.Struct, frozen=True):
@@ -213,6 +252,9 @@ class _Worker:
     inflight: set[str] = dataclasses.field(default_factory=set)
     #: When it was last given a task (a counter, not time): ties go to the longest idle.
     last_assigned: int = 0
+    #: The most unfinished tasks it is given at once (`honoured_prefetch` of what its latest
+    #: `serve` record announced).
+    room: int = DEFAULT_MAX_INFLIGHT
 
 
 class WorkQueueDispatcher:
@@ -220,7 +262,9 @@ class WorkQueueDispatcher:
     counts, leases.
 
     Each task goes to the live worker with the fewest unfinished tasks (ties: the one idle
-    longest), at most `max_inflight` per worker. A task whose lease expires, or whose worker
+    longest), at most its prefetch per worker: what its `serve` record announced (`prefetch`
+    of `worker_up` / `worker_known`), capped at MAX_PREFETCH, or `max_inflight` if it stated
+    none; one at a time while it is suspect. A task whose lease expires, or whose worker
     is lost or leaves, is queued again first in line and sent to another worker when one has
     room. `completed()` ends a task once; later reports of it return False.
     """
@@ -275,21 +319,27 @@ class WorkQueueDispatcher:
         self._waiting.append(task_id)
         self._dispatch(now)
 
-    def worker_up(self, worker: str, now: float) -> None:
-        """`worker` serves this queue and its link is up (announced, or back after a loss)."""
+    def worker_up(self, worker: str, now: float, prefetch: int | None = None) -> None:
+        """`worker` serves this queue and its link is up (announced, or back after a loss).
+        `prefetch`: what its latest `serve` record announced (None: nothing, the default)."""
+        room = honoured_prefetch(prefetch, self.max_inflight)
         state = self._workers.get(worker)
         if state is None:
-            self._workers[worker] = _Worker(worker, suspect=worker in self._walked_away)
-        elif not state.live:
-            state.live = True
-            state.suspect = False
+            self._workers[worker] = _Worker(worker, suspect=worker in self._walked_away,
+                                            room=room)
+        else:
+            state.room = room
+            if not state.live:
+                state.live = True
+                state.suspect = False
         self._dispatch(now)
 
-    def worker_known(self, worker: str) -> None:
+    def worker_known(self, worker: str, prefetch: int | None = None) -> None:
         """`worker` serves this queue but its link is down: it gets nothing until
         `worker_up`, and a task some other worker refused waits for it rather than being
-        abandoned (`rejected`)."""
-        self._workers.setdefault(worker, _Worker(worker, live=False))
+        abandoned (`rejected`). `prefetch` as for `worker_up`."""
+        room = honoured_prefetch(prefetch, self.max_inflight)
+        self._workers.setdefault(worker, _Worker(worker, live=False)).room = room
 
     def worker_lost(self, worker: str, now: float) -> None:
         """`worker`'s link went silent: its unfinished tasks go to others now."""
@@ -446,7 +496,7 @@ class WorkQueueDispatcher:
 
     def workers(self) -> list[WorkerStatus]:
         """Every worker this dispatcher knows (live or not), by name."""
-        return [WorkerStatus(w.name, w.live, w.suspect, len(w.inflight))
+        return [WorkerStatus(w.name, w.live, w.suspect, len(w.inflight), w.room)
                 for _, w in sorted(self._workers.items())]
 
     def leased(self) -> int:
@@ -496,8 +546,8 @@ class WorkQueueDispatcher:
             elif task.state is TaskState.ASSIGNED:
                 if task.worker is None:
                     raise ValueError(f"assigned task {task.task_id!r} has no worker")
-                worker = dispatcher._workers.setdefault(task.worker,
-                                                        _Worker(task.worker, live=False))
+                worker = dispatcher._workers.setdefault(
+                    task.worker, _Worker(task.worker, live=False, room=max_inflight))
                 worker.inflight.add(task.task_id)
                 task.lease_deadline = now + lease_s
                 task.leased = record.delivered
@@ -563,8 +613,8 @@ class WorkQueueDispatcher:
 
         Among the live workers: healthy ones only while there are any (a suspect one may be
         stalled); not `avoid` (the task's last worker, whose lease expired) while there is
-        another; then the one with the fewest unfinished tasks and room for one more (a
-        suspect one has room for a single probe), the longest idle first. A task waits
+        another; then the one with the fewest unfinished tasks and room for one more (its
+        prefetch; a suspect one has room for a single probe), the longest idle first. A task waits
         for a busy healthy worker rather than go back to one that failed it, and never
         goes to a worker in `refused` (its node rejected the task)."""
         live = [w for w in self._workers.values() if w.live and w.name not in refused]
@@ -573,7 +623,7 @@ class WorkQueueDispatcher:
             pool = [w for w in pool if w.name != avoid]
         best: _Worker | None = None
         for worker in pool:
-            room = 1 if worker.suspect else self.max_inflight
+            room = 1 if worker.suspect else worker.room
             if len(worker.inflight) >= room:
                 continue
             if best is None or (len(worker.inflight), worker.last_assigned) < (

@@ -61,11 +61,13 @@ _TASK_DONE = (
 #: a ventilator that is the sink the result itself is what finishes the task.
 _TASK_ACKED = _TASK_DONE + " AND sink != ?5"
 #: The last-writer-wins rank of docs/protocol.md (membership records), in SQL: a higher
-#: version wins; at equal versions a leave (joined 0) beats a join.
+#: version wins; at equal versions a leave (joined 0) beats a join. The winner's `prefetch`
+#: (a `serve` record's, as announced; NULL: not stated) comes with it (schema 8).
 _MERGE_MEMBER = (
-    "INSERT INTO members (namespace, name, member, joined, version, hlc)"
-    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, name, member) DO UPDATE SET"
-    " joined = excluded.joined, version = excluded.version, hlc = excluded.hlc"
+    "INSERT INTO members (namespace, name, member, joined, version, hlc, prefetch)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, name, member) DO UPDATE SET"
+    " joined = excluded.joined, version = excluded.version, hlc = excluded.hlc,"
+    " prefetch = excluded.prefetch"
     " WHERE excluded.version > members.version OR (excluded.version = members.version"
     " AND excluded.joined < members.joined)"
 )
@@ -202,16 +204,12 @@ class PatternTables:
                         (state, at_ns, worker, task_id))
 
     def merge_member(self, namespace: str, name: str, member: str, joined: bool,
-                     version: int, hlc: int) -> None:
+                     version: int, hlc: int, prefetch: int | None = None) -> None:
         """Keep the winning membership record per (namespace, name, member): the highest
-        version; at equal versions a leave (docs/protocol.md 19.6)."""
-        self._write(
-            "INSERT INTO members (namespace, name, member, joined, version, hlc)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, name, member) DO UPDATE SET"
-            " joined = excluded.joined, version = excluded.version, hlc = excluded.hlc"
-            " WHERE excluded.version > members.version OR (excluded.version = members.version"
-            " AND excluded.joined < members.joined)",
-            (namespace, name, member, int(joined), version, hlc))
+        version; at equal versions a leave (docs/protocol.md 19.6). `prefetch`: a `serve`
+        record's (None: not stated)."""
+        self._write(_MERGE_MEMBER,
+                    (namespace, name, member, int(joined), version, hlc, prefetch))
 
     # -- in the transaction of `Store.apply` ----------------------------------------------
 
@@ -243,9 +241,12 @@ class PatternTables:
         elif kind is Kind.MEMBER or kind is Kind.SERVE:
             # A record is the sender's about itself (a member speaks only for itself), so
             # the row is (queue, sender): our own when outgoing, the peer's when incoming.
+            # A `serve` record keeps its prefetch as announced (the ventilator caps it when
+            # it uses it); a `member` record has none.
             joined = m.body == ("join" if kind is Kind.MEMBER else "serve")
             execute(_MERGE_MEMBER, ("group" if kind is Kind.MEMBER else "queue", h.queue,
-                                    m.sender, int(joined), h.version, m.hlc))
+                                    m.sender, int(joined), h.version, m.hlc,
+                                    h.prefetch if kind is Kind.SERVE else None))
 
     # -- reads at start and for status -------------------------------------------------------
 
@@ -322,13 +323,15 @@ class PatternTables:
             refs = [r for (r,) in self._conn.execute(_UNSETTLED_REFS)]
         return [b for ref in refs for b in self.broadcasts(str(ref))]
 
-    def members(self, namespace: str) -> list[tuple[str, str, bool, int]]:
-        """(name, member, joined, version) of every record in `namespace`."""
+    def members(self, namespace: str) -> list[tuple[str, str, bool, int, int | None]]:
+        """(name, member, joined, version, prefetch) of every record in `namespace`
+        (prefetch: a `serve` record's as announced, None if it stated none)."""
         with translated(self.path):
             rows = self._conn.execute(
-                "SELECT name, member, joined, version FROM members WHERE namespace = ?",
-                (namespace,)).fetchall()
-        return [(str(n), str(m), bool(j), int(v)) for n, m, j, v in rows]
+                "SELECT name, member, joined, version, prefetch FROM members"
+                " WHERE namespace = ?", (namespace,)).fetchall()
+        return [(str(n), str(m), bool(j), int(v), None if p is None else int(p))
+                for n, m, j, v, p in rows]
 
     def _write(self, sql: str, params: Sequence[Any]) -> None:
         conn = self._conn

@@ -219,6 +219,14 @@ MIGRATIONS: tuple[str, ...] = (
                           WHERE c.peer = m.peer AND c.last_seq >= m.seq)
         AND r.first_seq <= m.seq;
     """,
+    # 7 -> 8: a worker's prefetch (docs/protocol.md 19.4): how many unfinished tasks it takes
+    # at once, as its latest `serve` record announced it (the header's `prefetch`, as sent:
+    # the ventilator caps it when it uses it). NULL: not stated (every row before this, every
+    # group record, a worker of an older version): the ventilator's default. Kept with the
+    # record so that a ventilator's restart keeps it; adding a NULL column rewrites nothing.
+    """
+    ALTER TABLE members ADD COLUMN prefetch INTEGER;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

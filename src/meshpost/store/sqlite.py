@@ -43,6 +43,7 @@ from meshpost.store.checksum import (
     envelope_bytes,
     envelope_encode_into,
     header_bytes,
+    header_decode,
 )
 from meshpost.store.connection import (
     BUSY_TIMEOUT_MS,
@@ -335,6 +336,17 @@ def _headed_row(m: Envelope) -> tuple[Any, ...]:
     crc = crc32(memoryview(envelope_bytes(m))[1:], CRC_OF_ARRAY7)
     return (m.id, m.seq, m.body, m.sent_at_ns, m.hlc, crc, str(h.kind), h.ref or None,
             h.queue or None, blob)
+
+
+def _same_header(blob: bytes | None, m: Envelope) -> bool:
+    """Whether the stored header `blob` is `m`'s: the same bytes, or (a row stored by an
+    older version, whose header had fewer fields: seven before `prefetch`) the same header
+    once decoded. A retransmission of a message stored before an upgrade is a duplicate,
+    not a conflict."""
+    h = m.header
+    if blob is None or h is None:
+        return blob is None and h is None
+    return blob == header_bytes(h) or header_decode(blob) == h
 
 
 # The records of a write are msgspec structs, not dataclasses: built in C, one costs a few
@@ -718,9 +730,8 @@ class Store:
             if row is not None:
                 # Receipting a retransmission again vouches for the stored copy: check it.
                 check_rows(self.path, [row[6:]])
-            header = None if m.header is None else header_bytes(m.header)
             if row is not None and row[:5] == ("in", m.sender, m.recipient, m.body,
-                                               m.sent_at_ns) and row[13] == header:
+                                               m.sent_at_ns) and _same_header(row[13], m):
                 committed.append(m.seq)
                 rowid = row[5]
                 if first_new is None or rowid < first_new or rowid in new_rows:
@@ -822,12 +833,13 @@ class Store:
                                       at_ns=at_ns)
 
     def merge_member(self, namespace: str, name: str, member: str, joined: bool,
-                     version: int, hlc: int) -> None:
+                     version: int, hlc: int, prefetch: int | None = None) -> None:
         """`PatternTables.merge_member`: keep the winning membership record."""
-        self._patterns.merge_member(namespace, name, member, joined, version, hlc)
+        self._patterns.merge_member(namespace, name, member, joined, version, hlc, prefetch)
 
-    def members(self, namespace: str) -> list[tuple[str, str, bool, int]]:
-        """`PatternTables.members`: (name, member, joined, version) in `namespace`."""
+    def members(self, namespace: str) -> list[tuple[str, str, bool, int, int | None]]:
+        """`PatternTables.members`: (name, member, joined, version, prefetch) in
+        `namespace`."""
         return self._patterns.members(namespace)
 
     def unfinished_tasks(self) -> dict[str, tuple[float | None, list[TaskRecord]]]:

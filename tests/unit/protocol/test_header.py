@@ -100,6 +100,40 @@ def test_a_longer_header_from_a_newer_version_decodes_without_its_extra_fields()
     assert msgspec.msgpack.decode(wire, type=PatternHeader) == TASK
 
 
+class SevenFieldHeader(msgspec.Struct, array_like=True, frozen=True):
+    """The header of a node from before `prefetch` (its seven fields, their checks)."""
+
+    kind: Kind
+    ref: str = ""
+    queue: str = ""
+    sink: str = ""
+    lease_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_LEASE_MS)] = 0
+    attempt: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)] = 0
+    version: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)] = 0
+
+
+SERVE = PatternHeader(Kind.SERVE, "", "upper", version=5, prefetch=128)
+
+
+def test_an_older_node_reads_a_serve_record_with_a_prefetch_as_the_record_it_knows() -> None:
+    """Its eighth element is ignored: the older ventilator gives the worker its default."""
+    old = msgspec.msgpack.decode(msgspec.msgpack.encode(SERVE), type=SevenFieldHeader)
+    assert old == SevenFieldHeader(Kind.SERVE, "", "upper", version=5)
+
+
+def test_a_serve_record_from_an_older_worker_states_no_prefetch() -> None:
+    wire = msgspec.msgpack.encode(SevenFieldHeader(Kind.SERVE, "", "upper", version=5))
+    header = msgspec.msgpack.decode(wire, type=PatternHeader)
+    assert header == PatternHeader(Kind.SERVE, "", "upper", version=5)
+    assert header.prefetch is None and header_problem(header) is None
+
+
+def test_a_header_without_prefetch_is_nil_in_its_eighth_place() -> None:
+    assert msgspec.msgpack.encode(TASK)[0] == 0x98
+    assert msgspec.msgpack.encode(TASK)[-1] == 0xC0
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(SERVE), type=PatternHeader) == SERVE
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -114,6 +148,12 @@ def test_a_longer_header_from_a_newer_version_decodes_without_its_extra_fields()
         ["task", "t", "q", "C", 1, -1],  # negative attempt
         ["member", "", "g", "", 0, 0, 2**64 - 1],  # version beyond SQLite's INTEGER
         ["task", 5],  # wrong type
+        ["serve", "", "q", "", 0, 0, 1, 0],  # a prefetch of 0
+        ["serve", "", "q", "", 0, 0, 1, -3],  # a negative prefetch
+        ["serve", "", "q", "", 0, 0, 1, 2**64 - 1],  # a prefetch beyond int64
+        ["serve", "", "q", "", 0, 0, 1, "128"],  # a prefetch that is a string
+        ["serve", "", "q", "", 0, 0, 1, 1.5],  # ... or a float
+        ["serve", "", "q", "", 0, 0, 1, True],  # ... or a boolean
     ],
 )
 def test_a_header_out_of_range_fails_while_decoding(bad: list[object]) -> None:
@@ -160,7 +200,7 @@ def test_a_well_formed_header_of_each_kind_has_no_problem(header: PatternHeader)
 
 def test_the_largest_header_is_header_max_bytes() -> None:
     largest = PatternHeader(Kind.REQUEST, "\U0001f600" * MAX_ID_LENGTH, "q" * 63, "s" * 63,
-                            MAX_LEASE_MS, INT64_MAX, INT64_MAX)
+                            MAX_LEASE_MS, INT64_MAX, INT64_MAX, INT64_MAX)
     wire = msgspec.msgpack.encode(largest)
     assert len(wire) == HEADER_MAX_BYTES
     assert msgspec.msgpack.decode(wire, type=PatternHeader) == largest

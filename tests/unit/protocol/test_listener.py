@@ -708,6 +708,29 @@ def test_a_batch_with_good_and_bad_headers_rejects_only_the_bad_ones() -> None:
     assert arrived.messages == [msg(1), good]
 
 
+def test_serve_records_with_a_prefetch_that_is_no_count_are_rejected_alone() -> None:
+    """0, a negative, beyond int64, a string, a float: each such `serve` record is refused
+    `invalid` by itself (a string in the header used to be a type the unchecked path could
+    not hold: the whole batch, the good messages too, would have been malformed); the plain
+    message and the good record beside them arrive."""
+    listener = connected()
+    serve = ["serve", "", "work", "", 0, 0, 7]
+    good = headed(2, PatternHeader(Kind.SERVE, "", "work", version=7, prefetch=64))
+    bad = [0, -1, 2**64 - 1, "many", 1.5]
+    wire = msgspec.msgpack.encode(
+        ["batch", WALL, [msgspec.structs.astuple(msg(1)), msgspec.structs.astuple(good),
+                         *([*msgspec.structs.astuple(msg(seq))[:7], [*serve, value]]
+                           for seq, value in enumerate(bad, start=3))]])
+    [reject] = receive(listener, "alice", wire, WALL + 5)
+    assert isinstance(reject, Reject)
+    assert (reject.code, reject.seqs) == (RejectCode.INVALID, [3, 4, 5, 6, 7])
+    assert "prefetch" in reject.detail
+    [arrived] = arrivals(listener)
+    assert arrived.messages == [msg(1), good]
+    assert arrived.messages[1].header is not None
+    assert arrived.messages[1].header.prefetch == 64
+
+
 def test_a_seven_field_envelope_from_an_older_node_arrives_without_header() -> None:
     listener = connected()
     wire = msgspec.msgpack.encode(["batch", WALL, [msgspec.structs.astuple(msg(1))[:7]]])

@@ -146,7 +146,27 @@ def test_membership_records_are_kept_in_their_message_transaction_by_rank(store:
     store.apply(WriteBatch(incoming=[[member("s1", 4, "serve", 3, kind=Kind.SERVE)]]), T0)
     assert store.member_records() == [MemberRecord("team", "B", False, 9, T0 + 9),
                                       MemberRecord("team", "V", True, 11, T0 + 11)]
-    assert store.members("queue") == [("team", "B", True, 3)]
+    assert store.members("queue") == [("team", "B", True, 3, None)]
+
+
+def test_a_serve_record_keeps_its_prefetch_with_it_by_rank(store: Store) -> None:
+    """The winning `serve` record's prefetch is kept (as announced: a ventilator caps it
+    when it uses it), in the record's own transaction; a stale record does not change it,
+    and a record that states none (an older worker) leaves none."""
+    def serve(msg_id: str, seq: int, version: int, prefetch: int | None,
+              body: str = "serve") -> Envelope:
+        return Envelope(msg_id, seq, "W1", "V", body, T0, T0 + version,
+                        PatternHeader(Kind.SERVE, queue="work", version=version,
+                                      prefetch=prefetch))
+
+    store.apply(WriteBatch(incoming=[[serve("s1", 1, 5, 64)]]), T0)
+    assert store.members("queue") == [("work", "W1", True, 5, 64)]
+    store.apply(WriteBatch(incoming=[[serve("s0", 2, 4, 2)]]), T0)  # older: ignored
+    assert store.members("queue") == [("work", "W1", True, 5, 64)]
+    store.apply(WriteBatch(incoming=[[serve("s2", 3, 6, 10**12)]]), T0)
+    assert store.members("queue") == [("work", "W1", True, 6, 10**12)]
+    store.apply(WriteBatch(incoming=[[serve("s3", 4, 7, None)]]), T0)
+    assert store.members("queue") == [("work", "W1", True, 7, None)]
 
 
 def test_unfinished_tasks_come_back_with_their_lease_and_delivery(store: Store) -> None:

@@ -1021,7 +1021,7 @@ def test_a_version_6_store_migrates_to_7_and_keeps_its_rows_and_checksums(
         assert (old.id, old.kind, old.ref) == (m.id, None, None)
     store = Store.open(data_dir, name="alice")  # the checksums pass, or this raises
     try:
-        assert store.execute_raw("PRAGMA user_version") == [(7,)]
+        assert store.execute_raw("PRAGMA user_version") == [(SCHEMA_VERSION,)]
         tables = {r[0] for r in store.execute_raw("SELECT name FROM sqlite_master")}
         assert {"tasks", "task_results", "members", "messages_ref"} <= tables
         assert store.execute_raw("SELECT kind, ref, queue, header FROM messages") == [
@@ -1031,6 +1031,60 @@ def test_a_version_6_store_migrates_to_7_and_keeps_its_rows_and_checksums(
     with StoreReader.for_data_dir(data_dir) as reader:
         [row] = reader.history()
         assert (row.id, row.body, row.kind, row.ref) == (m.id, m.body, None, None)
+
+
+class SevenFieldServe(msgspec.Struct, array_like=True, frozen=True):
+    """A `serve` header as a node from before `prefetch` encoded it (seven fields)."""
+
+    kind: str
+    ref: str = ""
+    queue: str = ""
+    sink: str = ""
+    lease_ms: int = 0
+    attempt: int = 0
+    version: int = 0
+
+
+def test_a_version_7_store_migrates_to_8_and_its_serve_records_state_no_prefetch(
+    data_dir: Path,
+) -> None:
+    """A worker's `serve` record stored at schema 7 (its header as seven fields, its
+    `members` row without prefetch): after the migration the checksums pass, the record
+    states no prefetch (the ventilator's default), and the worker's retransmission of that
+    message, whose header now decodes with an eighth field, is a duplicate, not a conflict
+    (the stored header bytes differ from today's encoding of the same header)."""
+    data_dir.mkdir(parents=True)
+    conn = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
+    conn.create_function("mp_checksum", 7, content_checksum, deterministic=True)
+    for version, script in enumerate(MIGRATIONS[:7], start=1):
+        conn.executescript(f"{script}; PRAGMA user_version = {version};")
+    m = incoming(1, body="serve")
+    blob = msgspec.msgpack.encode(SevenFieldServe("serve", "", "work", version=5))
+    conn.execute(
+        "INSERT INTO messages (id, direction, peer, sender, recipient, seq, body, sent_at_ns,"
+        " hlc, state, stored_at_ns, checksum, kind, ref, queue, header) VALUES"
+        " (?, 'in', ?, ?, ?, ?, ?, ?, ?, 'received', 3, ?, 'serve', NULL, 'work', ?)",
+        (m.id, m.sender, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc,
+         content_checksum(m.id, m.sender, m.recipient, m.seq, m.body, m.sent_at_ns, m.hlc,
+                          blob), blob))
+    conn.execute("INSERT INTO members (namespace, name, member, joined, version, hlc)"
+                 " VALUES ('queue', 'work', ?, 1, 5, ?)", (m.sender, m.hlc))
+    conn.close()
+    store = Store.open(data_dir, name="alice")  # the checksums pass, or this raises
+    try:
+        assert store.execute_raw("PRAGMA user_version") == [(8,)]
+        assert store.members("queue") == [("work", m.sender, True, 5, None)]
+        header = msgspec.msgpack.decode(blob, type=PatternHeader)
+        assert header.prefetch is None and msgspec.msgpack.encode(header) != blob
+        [again] = store.apply(WriteBatch(incoming=[[headed(m, header)]]), T)
+        assert (again.committed, again.duplicates, again.conflicts) == ([1], [1], [])
+        # A newer record of the worker brings its prefetch.
+        newer = Envelope("in-bob-2", 2, m.sender, m.recipient, "serve", T, m.hlc + 1,
+                         PatternHeader(Kind.SERVE, "", "work", version=6, prefetch=64))
+        store.apply(WriteBatch(incoming=[[newer]]), T)
+        assert store.members("queue") == [("work", m.sender, True, 6, 64)]
+    finally:
+        store.close()
 
 
 def test_headed_rows_keep_their_header_through_the_outbox_and_history(store: Store) -> None:

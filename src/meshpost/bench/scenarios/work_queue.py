@@ -1,5 +1,5 @@
 """`work-queue`: seed 002 on the mesh. Ventilator V, workers W1 and W2 (`--worker
-work=upper`) and sink S are real `meshpost node` processes; this process submits N tasks to V
+work=upper --prefetch 128`) and sink S are real `meshpost node` processes; this process submits N tasks to V
 through its control endpoint (`SubmitRequest`, as `meshpost task` does). Every hop is a
 receipted, stored message: the task V→W, the result W→S, the `done` W→V. The clock runs from
 the submit to S's commit of the last task's first result (its `stored_at_ns`); CPU is every
@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 
 QUEUE = "work"
 WORKERS = ("W1", "W2")
+#: The workers' prefetch (`--prefetch`): their handler is instant, so deep prefetch fills the
+#: cycle V -> W -> S -> W -> V and each hop's messages share batches (at the default 16 each
+#: message left nearly alone: docs/benchmarks.md, work-queue). Seed 002's sleeping workers
+#: (`meshpost pipeline demo`) keep the default, for balance.
+PREFETCH = 128
 #: A lease far above any task's time here: with no fault injected, a redelivery would only
 #: measure the machine's load, not the queue (the fault battery covers redelivery).
 LEASE_S = 120.0
@@ -89,7 +94,8 @@ def _meshpost_once(bench: Bench) -> dict[str, Any]:
         for worker in WORKERS:
             node = NodeProcess(worker, cluster.config_path, cluster.data_dir(worker),
                                root / "logs" / f"{worker}.log",
-                               extra_args=("--worker", f"{QUEUE}=upper"), env=bench.loop_env)
+                               extra_args=("--worker", f"{QUEUE}=upper",
+                                           "--prefetch", str(PREFETCH)), env=bench.loop_env)
             cluster.nodes[worker] = node.start()
         for worker in WORKERS:
             cluster.nodes[worker].wait_ready(READY_TIMEOUT_S)
