@@ -352,20 +352,23 @@ def render_history(
 
 
 def render_queues(queues: Sequence[QueueStatus]) -> str:
-    """`/queue`, `meshpost queue status`: per queue a line of workers (tasks in flight each;
-    `*` live, `?` suspect: a lease of its expired) and a line of task counts."""
+    """`/queue`, `meshpost queue status`: per queue a line of workers (tasks in flight each,
+    of the most it is given at once, its prefetch; `*` live, `?` suspect: a lease of its
+    expired) and a line of task counts."""
     if not queues:
         return "no work queues known here (none submitted to, served, or announced)"
     lines = []
     for q in queues:
         workers = ", ".join(
-            f"{clean(w.name)}{'*' if w.live else ''}{'?' if w.suspect else ''} ({w.in_flight})"
+            f"{clean(w.name)}{'*' if w.live else ''}{'?' if w.suspect else ''} "
+            f"({w.in_flight}/{w.prefetch})"
             for w in q.workers) or "none"
         lines.append(f"{clean(q.queue)}: workers {workers}")
         lines.append(f"  waiting {q.waiting} · in flight {q.in_flight} (leased {q.leased})"
                      f" · done {q.done} · redelivered {q.redelivered}"
                      f" · abandoned {q.abandoned} · results kept {q.results}")
-    return "\n".join([*lines, "(* live, ? suspect: a lease expired; in flight per worker)"])
+    return "\n".join([*lines, "(* live, ? suspect: a lease expired; tasks in flight/prefetch "
+                              "per worker)"])
 
 
 def render_stats(stats: NodeStats) -> str:

@@ -784,7 +784,7 @@ def test_queue_shows_workers_and_task_counts(node: FakeNode) -> None:
         shown = (await d.printed("^work: ")).splitlines()
         # B live with two tasks in flight, C not live and suspect with one.
         assert shown[:2] == [
-            "work: workers B* (2), C? (1)",
+            "work: workers B* (2/16), C? (1/16)",
             "  waiting 4 · in flight 3 (leased 2) · done 40 · redelivered 5 · abandoned 0"
             " · results kept 0"]
         d.type("/queue nothing\n")

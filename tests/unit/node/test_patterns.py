@@ -14,12 +14,12 @@ import pytest
 from tests.unit.node.support import PATIENCE_S, config, connected, node_pair, run, until
 
 from meshpost.clock import FakeClock
-from meshpost.errors import InvalidMessage, NoRecipients, RequestTimeout
+from meshpost.errors import InvalidMessage, InvalidPrefetch, NoRecipients, RequestTimeout
 from meshpost.node import BroadcastProgress, Message, Node, wait_receipt
 from meshpost.protocol import Batch, Envelope, decode
 from meshpost.protocol.groups import MemberRecord
 from meshpost.protocol.header import Kind, PatternHeader, reply_id, result_id
-from meshpost.protocol.workqueue import WorkerStatus
+from meshpost.protocol.workqueue import MAX_PREFETCH, WorkerStatus
 from meshpost.store import StoredMessage, StoreReader
 from meshpost.transport import MemoryNetwork
 
@@ -557,5 +557,59 @@ def test_a_fresh_task_message_starts_its_lease_at_the_receipt_and_its_rejection_
                 while await status() != (1, 1, 1):  # B, the only worker, refused it
                     await asyncio.sleep(0.01)
             held.set()
+
+    run(scenario)
+
+
+def test_a_worker_is_given_at_most_the_prefetch_it_announces(tmp_path: Path) -> None:
+    """B serves with max_inflight=3: its `serve` record says so, and A gives it 3 tasks of
+    10 while it holds them (A's default would have given 10, up to 16). A record announcing
+    more than MAX_PREFETCH is honoured as MAX_PREFETCH, counted and stored as announced."""
+    async def scenario() -> None:
+        async with node_pair(tmp_path) as (a, b, _net, _clock):
+            await until(lambda: connected(b))
+            gate = asyncio.Event()
+
+            async def held(body: str) -> str:
+                await gate.wait()
+                return body.upper()
+
+            await b.serve_queue("work", held, max_inflight=3)
+            await until(lambda: "B" in a._queues.workers_of.get("work", {}))
+            ids = await a.submit("work", [f"t{i}" for i in range(10)], sink="A", lease_s=60)
+            [status] = await a.queue_status("work")
+            assert [(w.name, w.in_flight, w.prefetch) for w in status.workers] == [
+                ("B", 3, 3)]
+            assert status.waiting == 7
+            [own] = await b.queue_status("work")
+            assert [(w.name, w.prefetch) for w in own.workers] == [("B", 3)]
+            gate.set()
+            await until(lambda: len(a.completed_tasks) == len(ids))
+
+            # A hand-made record beyond the cap: clamped, counted, kept as announced.
+            await b._post("A", "serve", held=False, header=PatternHeader(
+                Kind.SERVE, "", "work", version=b.hlc.now(), prefetch=10**12))
+            await until(lambda: a.snapshot_stats().prefetch_clamped == 1)
+            [status] = await a.queue_status("work")
+            assert [(w.name, w.prefetch) for w in status.workers] == [("B", MAX_PREFETCH)]
+            await a.flush()
+            assert ("work", "B", True, status_version(a), 10**12) in \
+                await a._writer.call(a._store.members, "queue")  # type: ignore[union-attr]
+
+    run(scenario)
+
+
+def status_version(node: Node) -> int:
+    """The version of B's latest `serve` record for `work` as `node` holds it."""
+    return node._queues.workers_of["work"]["B"].version
+
+
+def test_serve_queue_refuses_a_prefetch_out_of_range(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with node_pair(tmp_path) as (_a, b, _net, _clock):
+            for bad in (0, -1, MAX_PREFETCH + 1):
+                with pytest.raises(InvalidPrefetch, match="not a prefetch"):
+                    await b.serve_queue("work", str.upper, max_inflight=bad)
+            assert "work" not in b._queues.serving
 
     run(scenario)

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshpost.errors import InvalidLease
+from meshpost.errors import InvalidLease, InvalidPrefetch
 from meshpost.protocol.workqueue import (
+    DEFAULT_MAX_INFLIGHT,
+    MAX_PREFETCH,
     OWN_SINK,
     Action,
     CompletionRefused,
@@ -25,9 +27,13 @@ from meshpost.protocol.workqueue import (
     TaskRecord,
     TaskRedelivered,
     TaskState,
+    WorkerStatus,
     WorkQueueDispatcher,
     check_lease,
+    check_prefetch,
+    honoured_prefetch,
     lease_ok,
+    prefetch_ok,
 )
 
 LEASE_S = 10.0
@@ -342,9 +348,12 @@ def test_the_sink_remembers_results_across_a_restart() -> None:
 
 WORKERS = ("W0", "W1", "W2", "W3")
 worker = st.sampled_from(WORKERS)
+#: Prefetches a worker may announce (None: none stated, the dispatcher's max_inflight).
+prefetch = st.sampled_from([None, 1, 2, 5])
 operation = st.one_of(
     st.tuples(st.just("submit")),
     st.tuples(st.just("up"), worker),
+    st.tuples(st.just("up"), worker, prefetch),
     st.tuples(st.just("lost"), worker),
     st.tuples(st.just("left"), worker),
     st.tuples(st.just("deliver"), worker, st.integers(0, 50)),
@@ -370,18 +379,29 @@ class Mesh:
     completed: list[str] = dataclasses.field(default_factory=list)
     abandoned: list[str] = dataclasses.field(default_factory=list)
     acks: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    #: The prefetch each worker announced last (None: none, the default).
+    prefetches: dict[str, int | None] = dataclasses.field(default_factory=dict)
 
     def perform(self) -> None:
+        given: set[str] = set()
         for action in self.d.actions():
             if isinstance(action, DispatchTask):
                 assert action.worker in self.live, f"{action} went to a worker not up"
                 self.held[action.worker].append((action.task_id, action.attempt))
+                given.add(action.worker)
             elif isinstance(action, TaskCompleted):
                 self.completed.append(action.task_id)
             elif isinstance(action, TaskAbandoned):
                 self.abandoned.append(action.task_id)
+        status = {w.name: w for w in self.d.workers()}
         for name, count in self.d.inflight().items():
-            assert count <= self.d.max_inflight
+            # A worker is given tasks only up to its own prefetch (one while suspect). One
+            # that announces a smaller prefetch keeps what it holds and gets nothing new
+            # until it is below it.
+            room = honoured_prefetch(self.prefetches.get(name), self.d.max_inflight)
+            assert status[name].prefetch == room
+            if name in given:
+                assert count <= (1 if status[name].suspect else room), (name, count, room)
             if name not in self.live:
                 assert count == 0, f"{name} is down but holds {count} tasks"
 
@@ -403,7 +423,12 @@ class Mesh:
                 self.submitted += 1
             case ("up", str(name)):
                 self.live.add(name)
+                self.prefetches[name] = None
                 self.d.worker_up(name, self.now)
+            case ("up", str(name), announced):
+                self.live.add(name)
+                self.prefetches[name] = announced  # type: ignore[assignment]
+                self.d.worker_up(name, self.now, announced)  # type: ignore[arg-type]
             case ("lost", str(name)):
                 self.live.discard(name)
                 self.d.worker_lost(name, self.now)
@@ -560,3 +585,106 @@ def test_a_task_a_worker_refused_goes_to_another_and_is_abandoned_only_when_all_
     assert dispatched(d.actions()) == [("t1", "W", 2)]
     d.rejected("t1", "W", 3.0)  # every known worker refused it: nobody will take it
     assert d.actions() == [TaskAbandoned("t1", 2)] and d.state_of("t1") is None
+
+
+# -- each worker's prefetch ---------------------------------------------------------------------
+
+
+def test_each_worker_gets_at_most_the_prefetch_it_announced() -> None:
+    """W1 announced 1, W2 64, W3 nothing (an older version: the default, 16): 100 tasks
+    fill them in that measure, the rest wait, and W1 gets its next only once it finished
+    its one."""
+    d = dispatcher()
+    d.worker_up("W1", 0.0, 1)
+    d.worker_up("W2", 0.0, 64)
+    d.worker_up("W3", 0.0)
+    for i in range(100):
+        d.submit(f"t{i}", "x", "C", 0.0)
+    d.actions()
+    assert d.inflight() == {"W1": 1, "W2": 64, "W3": DEFAULT_MAX_INFLIGHT}
+    assert len(d.waiting()) == 100 - 1 - 64 - DEFAULT_MAX_INFLIGHT
+    assert [(w.name, w.prefetch) for w in d.workers()] == [
+        ("W1", 1), ("W2", 64), ("W3", DEFAULT_MAX_INFLIGHT)]
+    [w1_task] = [r.task_id for r in d.snapshot() if r.worker == "W1"]
+    assert d.completed(w1_task, 1.0, by="W1")
+    assert [w for _t, w, _a in dispatched(d.actions())] == ["W1"]
+    assert d.inflight()["W1"] == 1
+
+
+def test_a_prefetch_above_the_cap_is_honoured_as_the_cap() -> None:
+    d = dispatcher()
+    d.worker_up("M", 0.0, 10**12)
+    for i in range(MAX_PREFETCH + 10):
+        d.submit(f"t{i}", "x", "C", 0.0)
+    assert len(dispatched(d.actions())) == MAX_PREFETCH
+    assert d.workers() == [WorkerStatus("M", True, False, MAX_PREFETCH, MAX_PREFETCH)]
+    assert honoured_prefetch(MAX_PREFETCH + 1) == MAX_PREFETCH == honoured_prefetch(2**63 - 1)
+    assert honoured_prefetch(None) == DEFAULT_MAX_INFLIGHT and honoured_prefetch(None, 3) == 3
+
+
+def test_a_suspect_worker_gets_one_task_whatever_prefetch_it_announced() -> None:
+    d = dispatcher()
+    d.worker_up("W1", 0.0, 64)
+    d.submit("t0", "x", "C", 0.0)
+    d.actions()
+    d.on_timer(LEASE_S)  # its lease expires: suspect, and the only worker
+    for i in range(1, 10):
+        d.submit(f"t{i}", "x", "C", LEASE_S)
+    d.actions()
+    assert d.workers()[0].suspect and d.inflight() == {"W1": 1}
+    d.worker_up("W1", LEASE_S + 1, 128)  # a new record changes its room, not its suspicion
+    assert dispatched(d.actions()) == [] and d.inflight() == {"W1": 1}
+    [held] = [r.task_id for r in d.snapshot() if r.worker == "W1"]
+    assert d.completed(held, LEASE_S + 2, by="W1")  # it finished one: its full room again
+    assert len(dispatched(d.actions())) == 9 and d.inflight() == {"W1": 9}
+
+
+def test_a_new_record_changes_a_live_workers_room_both_ways() -> None:
+    """A worker that serves again with a smaller prefetch keeps what it holds and gets
+    nothing new until it is below it; a larger one takes more at once."""
+    d = dispatcher()
+    d.worker_up("W1", 0.0, 8)
+    for i in range(20):
+        d.submit(f"t{i}", "x", "C", 0.0)
+    assert len(dispatched(d.actions())) == 8
+    d.worker_up("W1", 1.0, 2)
+    held = [r.task_id for r in d.snapshot() if r.worker == "W1"]
+    for task_id in held[:6]:
+        assert d.completed(task_id, 2.0, by="W1")
+    assert dispatched(d.actions()) == [] and d.inflight() == {"W1": 2}
+    assert d.completed(held[6], 3.0, by="W1")
+    assert len(dispatched(d.actions())) == 1 and d.inflight() == {"W1": 2}
+    d.worker_up("W1", 4.0, 12)
+    assert len(dispatched(d.actions())) == 10 and d.inflight() == {"W1": 12}
+
+
+def test_a_restored_dispatcher_gives_known_workers_their_announced_prefetch() -> None:
+    """After a restart the node hands `worker_known` each worker's stored prefetch: the
+    worker holding its one task (prefetch 1) gets no more when it is up again."""
+    d = dispatcher()
+    d.worker_up("W1", 0.0, 1)
+    for i in range(5):
+        d.submit(f"t{i}", "x", "C", 0.0)
+    d.actions()
+    restored = WorkQueueDispatcher.restore("upper", d.snapshot(), 50.0, lease_s=LEASE_S)
+    restored.worker_known("W1", 1)
+    restored.worker_up("W1", 51.0, 1)
+    assert dispatched(restored.actions()) == [] and restored.inflight() == {"W1": 1}
+    assert restored.workers() == [WorkerStatus("W1", True, False, 1, 1)]
+
+
+@pytest.mark.parametrize("value", [0, -1, MAX_PREFETCH + 1, 10**12, 1.5, "8", True, None])
+def test_a_prefetch_a_worker_sets_for_itself_is_a_whole_number_up_to_the_cap(
+    value: object,
+) -> None:
+    assert not prefetch_ok(value)
+    with pytest.raises(InvalidPrefetch, match="not a prefetch"):
+        check_prefetch(value)  # type: ignore[arg-type]
+
+
+def test_the_dispatcher_refuses_a_prefetch_below_1_as_a_bug() -> None:
+    """The wire refuses 0 and below at decode (`header.Prefetch`): reaching the dispatcher
+    they are the node's bug, not a peer's input."""
+    with pytest.raises(ValueError, match="prefetch"):
+        dispatcher().worker_up("W1", 0.0, 0)
+    assert check_prefetch(1) == 1 and check_prefetch(MAX_PREFETCH) == MAX_PREFETCH

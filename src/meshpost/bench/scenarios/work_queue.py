@@ -1,11 +1,12 @@
 """`work-queue`: seed 002 on the mesh. Ventilator V, workers W1 and W2 (`--worker
-work=upper --prefetch 128`) and sink S are real `meshpost node` processes; this process submits N tasks to V
-through its control endpoint (`SubmitRequest`, as `meshpost task` does). Every hop is a
-receipted, stored message: the task V→W, the result W→S, the `done` W→V. The clock runs from
-the submit to S's commit of the last task's first result (its `stored_at_ns`); CPU is every
-node's, over the same span, per task. Then the outboxes drain and the four stores are read:
-each task stored once at V and once at the worker that did it, each task's result kept once at
-S (the right one), no task without a result; anything else fails the scenario.
+work=upper --prefetch 128`) and sink S are real `meshpost node` processes; this process
+submits N tasks to V through its control endpoint (`SubmitRequest`, as `meshpost task`
+does). Every hop is a receipted, stored message: the task V→W, the result W→S, the `done`
+W→V. The clock runs from the submit to S's commit of the last task's first result (its
+`stored_at_ns`); CPU is every node's, over the same span, per task. Then the outboxes drain
+and the four stores are read: each task stored once at V and once at the worker that did
+it, each task's result kept once at S (the right one), no task without a result; anything
+else fails the scenario.
 
 In the same run, seed 002 itself on raw pyzmq: a ventilator PUSH, two workers PULL →
 upper-case → PUSH, a sink PULL, four processes, the same tasks, body size and transport; no
