@@ -16,8 +16,9 @@ import pytest
 
 from meshpost.cli import CRASH_ENV
 from meshpost.cluster import LocalCluster, NodeProcess
-from meshpost.control import ControlClient, SubmitRequest, checked
+from meshpost.control import ControlClient, QueueStatusRequest, SubmitRequest, checked
 from meshpost.errors import EXIT_TIMEOUT
+from meshpost.protocol.workqueue import QueueStatus
 from meshpost.store import DB_FILENAME, StoredMessage, StoreReader
 from meshpost.verify import verify_stores
 from tests.integration.conftest import wait_until
@@ -267,3 +268,113 @@ def test_a_worker_killed_between_its_results_receipt_and_its_done_sends_the_done
     assert {t: body for t, _w, _m, body in _kept(cluster)} == expected
     report = verify_stores({n: cluster.data_dir(n) for n in ("V", "W", "S")})
     assert report.ok, report.problems
+
+
+#: Loaded into each worker through PYTHONPATH: a handler that holds every task until the test
+#: opens its gate (a file), so the tasks a ventilator gives a worker stay unfinished there
+#: for as long as the test looks (bounded: it lets them go after PATIENCE_S anyway).
+GATED_HANDLER = f'''
+import os
+import time
+
+
+def gated_upper(text):
+    gate = os.environ["MESHPOST_TEST_GATE"]
+    deadline = time.monotonic() + {PATIENCE_S}
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return text.upper()
+'''
+
+
+def _queue_status(cluster: LocalCluster, node: str = "V") -> QueueStatus:
+    with ControlClient(cluster.data_dir(node), name=node) as client:
+        reply = checked(client.request(QueueStatusRequest(queue="work"), timeout_s=PATIENCE_S))
+    [status] = reply.queues
+    return status
+
+
+def _held(status: QueueStatus) -> dict[str, tuple[bool, int, int]]:
+    """Per worker at the ventilator: (live, tasks in flight, the most it is given)."""
+    return {w.name: (w.live, w.in_flight, w.prefetch) for w in status.workers}
+
+
+def _most_held_at_once(data_dir: Path) -> dict[str, int]:
+    """From a ventilator's store, per worker, the most unfinished tasks it held at once: its
+    task messages and the `done`s it sent, in commit order (rowid), +1 and -1."""
+    db = sqlite3.connect(f"file:{data_dir / DB_FILENAME}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT direction, peer, kind, ref FROM messages WHERE kind IN"
+                          " ('task', 'done') ORDER BY rowid").fetchall()
+    finally:
+        db.close()
+    held: dict[str, set[str]] = {}
+    most: dict[str, int] = {}
+    for direction, peer, kind, ref in rows:
+        tasks = held.setdefault(peer, set())
+        if kind == "task" and direction == "out":
+            tasks.add(ref)
+        elif kind == "done" and direction == "in":
+            tasks.discard(ref)
+        most[peer] = max(most.get(peer, 0), len(tasks))
+    return most
+
+
+@pytest.mark.timeout(300)
+def test_each_worker_holds_at_most_the_prefetch_it_announced_across_a_ventilator_restart(
+    short_tmp: Path,
+) -> None:
+    """W1 serves with `--prefetch 1`, W2 with `--prefetch 64` (handlers held shut by a gate):
+    of 100 tasks V gives W1 one and W2 64 (before, 16 each), and a restarted V (kill -9)
+    still gives each what it announced: W1 gets no second task when its link comes back
+    (had V forgotten, it would have the default 16 at once). Once the gate opens every task
+    has one result, and V's store shows W1 never held two unfinished tasks at once."""
+    site = short_tmp / "site"
+    site.mkdir()
+    (site / "gate_handler.py").write_text(GATED_HANDLER, encoding="utf-8")
+    gate = short_tmp / "gate-open"
+    env = {"PYTHONPATH": os.pathsep.join([str(site), *filter(None, [
+        os.environ.get("PYTHONPATH")])]), "MESHPOST_TEST_GATE": str(gate)}
+    cluster = LocalCluster.create(short_tmp, 4, transport="ipc", names=["V", "W1", "W2", "S"],
+                                  options=FAST)
+    tasks = 100
+    try:
+        cluster.start(["V", "S"])
+        for worker, prefetch in (("W1", "1"), ("W2", "64")):
+            node = NodeProcess(worker, cluster.config_path, cluster.data_dir(worker),
+                               short_tmp / "logs" / f"{worker}.log", env=env,
+                               extra_args=("--worker", "work=gate_handler:gated_upper",
+                                           "--prefetch", prefetch))
+            cluster.nodes[worker] = node.start()
+            node.wait_ready()
+        wait_until(lambda: _held(_queue_status(cluster)) == {
+            "W1": (True, 0, 1), "W2": (True, 0, 64)}, PATIENCE_S,
+            "V to know both workers and their prefetch")
+        expected = _submit(cluster, [f"task {i}" for i in range(tasks)], lease_s=600.0)
+        # Dispatching is done by the time `submit` answers: each worker's room is full.
+        status = _queue_status(cluster)
+        assert _held(status) == {"W1": (True, 1, 1), "W2": (True, 64, 64)}
+        assert status.waiting == tasks - 65
+
+        cluster.nodes["V"].kill()  # kill -9 with every task unfinished
+        cluster.restart("V")
+        wait_until(lambda: {live for live, _n, _p in _held(_queue_status(cluster)).values()}
+                   == {True}, PATIENCE_S, "V, restarted, to see both workers live again")
+        # Up again, each worker was given what room it had at once: none.
+        status = _queue_status(cluster)
+        assert _held(status) == {"W1": (True, 1, 1), "W2": (True, 64, 64)}
+        assert status.waiting == tasks - 65
+
+        gate.touch()
+        wait_until(lambda: len(_kept(cluster)) >= tasks, PATIENCE_S, "every result")
+        wait_until(lambda: task_states(cluster.data_dir("V"))[0] == ["done"], PATIENCE_S,
+                   "every task done at the ventilator")
+        results = _kept(cluster)
+    finally:
+        gate.touch()
+        cluster.stop()
+    assert {t: body for t, _w, _m, body in results} == expected
+    most = _most_held_at_once(cluster.data_dir("V"))
+    assert most["W1"] == 1 and most["W2"] == 64, most
+    report = verify_stores({n: cluster.data_dir(n) for n in ("V", "W1", "W2", "S")})
+    assert report.ok, report
