@@ -325,6 +325,51 @@ def test_a_worker_that_serves_and_stops_again_and_again_gets_one_task_a_round(
     mesh.run(scenario)
 
 
+def test_a_worker_announcing_an_absurd_prefetch_is_clamped_counted_and_costs_no_message(
+    mesh_factory: MeshFactory,
+) -> None:
+    """M announces to V, by hand, 200 `serve` records of queue `work` with a prefetch of
+    10**12 (each a new version) while A streams 40 messages to V and a real worker W serves
+    the queue. V must keep each record (it is M's own word about itself), honour it as
+    MAX_PREFETCH (1,024), count each (`prefetch_clamped`), log them paced (never a line
+    each), and store every one of A's messages once. Then 40 tasks go to W and M by fewest
+    in flight: M, which runs nothing, holds its share until a short lease gives them to W,
+    and every task has W's result. (Before, the field did not exist: every worker got 16.)"""
+    mesh = mesh_factory(["V", "A", "W", "M"], real=["V", "A", "W"], node_args={"W": WORKER},
+                        seed=43)
+    records = 200
+
+    async def scenario() -> None:
+        await asyncio.to_thread(mesh.start_real, ["V", "A", "W"])
+        m = await mesh.start_inproc("M")
+        streaming = mesh.spawn_task(mesh.stream("A", "V", 40, tag="honest", concurrency=10))
+        handles = await asyncio.gather(*(
+            m._post("V", "serve", held=False, header=PatternHeader(
+                Kind.SERVE, queue="work", version=m.hlc.now(), prefetch=10**12))
+            for _ in range(records)))
+        await asyncio.wait_for(asyncio.gather(*(h.receipt for (h,) in handles)), PATIENCE_S)
+        await streaming
+        stats = (await mesh.status("V"))["stats"]
+        assert stats["prefetch_clamped"] == records, stats
+        log = mesh.log_text("V")
+        lines = log.count("announcing a prefetch of 1000000000000")
+        assert 1 <= lines < records and log.count("announces prefetches above 1024") == 1
+        queues = await mesh.control("V", QueueStatusRequest(queue="work"))
+        assert isinstance(queues, QueueStatusReply), queues
+        [work] = queues.queues
+        assert {w.name: w.prefetch for w in work.workers} == {"M": 1024, "W": 16}
+        tasks = await mesh.submit("V", "work", "V", [f"t{i}" for i in range(40)],
+                                  lease_s=2.0)
+        await until("every task done at V", lambda: all(
+            t.state == "done" for t in read_tables(mesh.data_dir("V")).tasks.values()))
+        kept = read_tables(mesh.data_dir("V")).kept
+        assert {kept[t.task_id].worker for t in tasks} == {"W"}
+        counts = await mesh.finish(assert_clean=False)
+        assert counts.accepted == counts.receipted == counts.stored == counts.attempted == 40
+
+    mesh.run(scenario)
+
+
 #: The flood's size per kind: enough to see derived state grow with it, small enough for CI.
 FLOOD = 600
 
@@ -604,7 +649,8 @@ def test_headers_the_document_does_not_allow_are_rejected_alone_and_counted(
     """M, a welcomed peer, sends V one batch of messages whose headers break 4.4.1 (an
     unknown kind, a reply or a done without its ref, a ref over 64 characters, queue names
     of odd bytes and of 100 characters, a task without a lease, a membership record of
-    version 0, numbers out of range) between messages whose headers are allowed (a longer
+    version 0, numbers out of range, a worker's prefetch of 0, below, a string) between
+    messages whose headers are allowed (a longer
     header of a later version, a reply whose ref is its own id, a request that names
     itself). Each bad one must be rejected `invalid` alone, never stored; every good one
     receipted and stored once; the violations counted and logged; and A's messages to V,
@@ -628,11 +674,17 @@ def test_headers_the_document_does_not_allow_are_rejected_alone_and_counted(
             "member of version 0": ["member", "", "team"],
             "version over 2**63-1": ["member", "", "team", "", 0, 0, 2**64 - 1],
             "empty kind": [""],
+            # A worker's prefetch (19.4) that is no count: refused, never clamped.
+            "prefetch 0": ["serve", "", "work", "", 0, 0, 1, 0],
+            "prefetch -5": ["serve", "", "work", "", 0, 0, 1, -5],
+            "prefetch a string": ["serve", "", "work", "", 0, 0, 1, "lots"],
+            "prefetch over 2**63-1": ["serve", "", "work", "", 0, 0, 1, 2**64 - 1],
         }
         envelopes = peer.envelopes("V", [f"m{i}" for i in range(len(bad) + 4)])
         good = {
-            # A later version's longer header: the extra fields are ignored (4.4.1).
-            envelopes[0].seq: ["request", "", "", "", 0, 0, 0, "later", 7],
+            # A later version's longer header: the extra fields are ignored (4.4.1), those
+            # after the eighth, `prefetch` (nil: not stated).
+            envelopes[0].seq: ["request", "", "", "", 0, 0, 0, None, "later", 7],
             envelopes[1].seq: ["reply", envelopes[1].id],  # a reply to itself
             envelopes[2].seq: ["request", envelopes[2].id],  # a request naming itself
             envelopes[3].seq: None,
