@@ -62,6 +62,11 @@ def test_flags_and_a_file_table_give_the_same_roles() -> None:
     ({"worker": ["work"]}, "QUEUE=HANDLER"),
     ({"worker": ["work=nope"]}, "unknown handler 'nope'"),
     ({"mesh": "lab"}, "need --discover"),
+    ({"prefetch": 8}, "--prefetch .* needs --worker"),
+    ({"worker": ["work=upper"], "prefetch": 0}, "from 1 to 1024, not 0"),
+    ({"worker": ["work=upper"], "prefetch": 1025}, "from 1 to 1024, not 1025"),
+    ({"worker": ["work=upper"], "prefetch": True}, "prefetch = True is not a whole number"),
+    ({"worker": ["work=upper"], "prefetch": "8"}, "prefetch = '8' is not a whole number"),
 ])
 def test_a_bad_table_is_a_config_error_naming_the_option(table: dict[str, Any],
                                                          why: str) -> None:
@@ -151,6 +156,23 @@ def test_meshpost_node_takes_its_tables_roles_with_its_flags_on_top(tmp_path: Pa
                                           discovery=DiscoveryConfig(port=6000))
     args = build_parser().parse_args(["node", "B", "--bind", "tcp://127.0.0.1:7001"])
     assert build_roles(args) == NodeRoles()
+
+
+def test_a_workers_prefetch_comes_from_its_flag_or_its_table(tmp_path: Path) -> None:
+    """`--prefetch N` (or `prefetch = N` in the node's table): how many tasks each queue the
+    node serves runs at once, announced to ventilators (docs/patterns.md); 16 unless given."""
+    from meshpost.cli import build_parser
+    from meshpost.cli.node import build_roles
+
+    path = tmp_path / "mesh.toml"
+    path.write_text('[nodes.B]\nbind = ["tcp://127.0.0.1:7001"]\nworker = ["work=upper"]\n'
+                    'prefetch = 64\n', encoding="utf-8")
+    args = build_parser().parse_args(["node", "B", "--config", str(path)])
+    assert build_roles(args) == NodeRoles(workers=(("work", "upper"),), prefetch=64)
+    args = build_parser().parse_args(["node", "B", "--config", str(path), "--prefetch", "1"])
+    assert build_roles(args).prefetch == 1
+    args = build_parser().parse_args(["node", "B", "--worker", "work=upper"])
+    assert build_roles(args).prefetch == 16
 
 
 @pytest.mark.parametrize(("table", "why"), [
