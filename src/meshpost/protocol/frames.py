@@ -42,7 +42,7 @@ RESUME_TOKEN_BYTES = 8
 ResumeToken = Annotated[bytes, msgspec.Meta(max_length=32)]
 #: The most an envelope adds to its body's bytes: the array header, an id of MAX_ID_LENGTH
 #: four-byte characters, two names of 63 ASCII characters, three 9-byte integers and the
-#: string headers come to 422; a pattern header adds at most HEADER_MAX_BYTES (421), so
+#: string headers come to 422; a pattern header adds at most HEADER_MAX_BYTES (430), so
 #: 1,024 (was 512 before headers: docs/protocol.md).
 ENVELOPE_OVERHEAD_BYTES = 1024
 #: The batch's own header (tag, tx time, array headers), and then some.
