@@ -67,11 +67,10 @@ def honoured_prefetch(announced: int | None, default: int = DEFAULT_MAX_INFLIGHT
     """How many unfinished tasks a ventilator gives a worker that announced `announced`
     (its `serve` record's `prefetch`; None: it stated none, e.g. an older version):
     `default`, else min(announced, MAX_PREFETCH). The wire refuses 0 and below at decode
-    (`header.Prefetch`); here they are a bug of ours."""
-    if announced is None:
+    (`header.Prefetch`), so only a store row changed by hand can hold one: it counts as
+    stating none (the default), rather than stopping the ventilator at start."""
+    if announced is None or announced < 1:
         return default
-    if announced < 1:
-        raise ValueError(f"a prefetch is a whole number from 1, got {announced}")
     return min(announced, MAX_PREFETCH)
 
 

@@ -620,6 +620,8 @@ def test_a_prefetch_above_the_cap_is_honoured_as_the_cap() -> None:
     assert d.workers() == [WorkerStatus("M", True, False, MAX_PREFETCH, MAX_PREFETCH)]
     assert honoured_prefetch(MAX_PREFETCH + 1) == MAX_PREFETCH == honoured_prefetch(2**63 - 1)
     assert honoured_prefetch(None) == DEFAULT_MAX_INFLIGHT and honoured_prefetch(None, 3) == 3
+    # Only a store row edited by hand holds one below 1: the default, not a failed start.
+    assert honoured_prefetch(0) == DEFAULT_MAX_INFLIGHT and honoured_prefetch(-7, 3) == 3
 
 
 def test_a_suspect_worker_gets_one_task_whatever_prefetch_it_announced() -> None:
@@ -682,9 +684,12 @@ def test_a_prefetch_a_worker_sets_for_itself_is_a_whole_number_up_to_the_cap(
         check_prefetch(value)  # type: ignore[arg-type]
 
 
-def test_the_dispatcher_refuses_a_prefetch_below_1_as_a_bug() -> None:
-    """The wire refuses 0 and below at decode (`header.Prefetch`): reaching the dispatcher
-    they are the node's bug, not a peer's input."""
-    with pytest.raises(ValueError, match="prefetch"):
-        dispatcher().worker_up("W1", 0.0, 0)
+def test_a_prefetch_below_1_restored_from_the_store_counts_as_none_stated() -> None:
+    """The wire refuses 0 and below at decode (`header.Prefetch`), so only a `members` row
+    edited by hand brings one back at start: the worker gets the default room, and the
+    ventilator starts (it raised before, and a node that cannot start serves nothing)."""
+    d = dispatcher()
+    d.worker_up("W1", 0.0, 0)
+    d.worker_known("W2", -3)
+    assert [w.prefetch for w in d.workers()] == [DEFAULT_MAX_INFLIGHT] * 2
     assert check_prefetch(1) == 1 and check_prefetch(MAX_PREFETCH) == MAX_PREFETCH
