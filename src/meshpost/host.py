@@ -15,10 +15,11 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -228,8 +229,12 @@ class NodeHost:
 
     async def _run(self, hosted: HostedNode) -> None:
         cfg = hosted.config
-        keys, peer_keys = self._keys.get(cfg.name, (None, None))
         try:
+            if cfg.secure and hosted.starts > 1:
+                # A restart reads the key files again, as a node process's start does (the
+                # keys may have changed since, `keys reload` or not).
+                self._keys.update(load_keys([cfg]))
+            keys, peer_keys = self._keys.get(cfg.name, (None, None))
             async with contextlib.AsyncExitStack() as stack:
                 async with self._gate:
                     # A secure node keeps a context of its own: ZAP's handler endpoint
@@ -238,7 +243,8 @@ class NodeHost:
                     # (test_hostile_hosted.py checks a key X lists is refused at Y).
                     node = await stack.enter_async_context(Node(
                         cfg, curve_keys=keys, peer_public_keys=peer_keys,
-                        zmq_context=None if cfg.secure else self.context))
+                        zmq_context=None if cfg.secure else self.context,
+                        authorized_keys_loader=_authorized_loader(cfg)))
                     await stack.enter_async_context(ControlServer(node, context=self.context))
                 # A role that cannot start (a gateway's port taken) fails this node only.
                 await stack.enter_async_context(running(
@@ -410,6 +416,30 @@ def node_roles(mesh: MeshConfig, names: Iterable[str]) -> dict[str, NodeRoles]:
     return {name: r for name, r in roles.items() if r != NodeRoles()}
 
 
+def reload_keys_on_hangup(loop: asyncio.AbstractEventLoop,
+                          nodes: Callable[[], Iterable[Node]]) -> set[asyncio.Task[Any]]:
+    """SIGHUP to this process: each node `nodes()` gives now reads its authorized_keys again
+    (`Node.reload_authorized_keys`, as `meshpost keys reload` asks one node to). Each node
+    logs what changed, or why it kept its keys. Returns the set holding the reloads under way
+    (a reference, so that none is collected mid-way)."""
+    import signal
+
+    running: set[asyncio.Task[Any]] = set()
+
+    async def reload(node: Node) -> None:
+        with contextlib.suppress(MeshpostError):  # logged by the node, its keys kept
+            await node.reload_authorized_keys()
+
+    def on_hangup() -> None:
+        for node in nodes():
+            task = loop.create_task(reload(node), name=f"{node.name}-reload-keys")
+            running.add(task)
+            task.add_done_callback(running.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    return running
+
+
 def load_keys(configs: Iterable[NodeConfig]) -> dict[str, tuple[tuple[bytes, bytes],
                                                                 dict[str, bytes]]]:
     """Each secure node's CURVE key pair and authorized peer keys, from its data dir."""
@@ -417,6 +447,15 @@ def load_keys(configs: Iterable[NodeConfig]) -> dict[str, tuple[tuple[bytes, byt
 
     return {c.name: (keys.load_own(c.data_dir, name=c.name), keys.load_authorized(c.data_dir))
             for c in configs if c.secure}
+
+
+def _authorized_loader(cfg: NodeConfig) -> Callable[[], dict[str, bytes]] | None:
+    """What reads a secure node's authorized_keys again (`Node.reload_authorized_keys`)."""
+    if not cfg.secure:
+        return None
+    from meshpost import keys
+
+    return functools.partial(keys.load_authorized, cfg.data_dir)
 
 
 async def run_host(configs: Sequence[NodeConfig], *, folder: Path | None,
@@ -436,6 +475,8 @@ async def run_host(configs: Sequence[NodeConfig], *, folder: Path | None,
         loop.add_signal_handler(sig, stop.set)
     async with NodeHost(configs, folder=folder, curve_keys=load_keys(configs),
                         roles=roles) as host:
+        reload_keys_on_hangup(loop, lambda: [h.node for h in host.nodes.values()
+                                             if h.node is not None and h.config.secure])
         if not host.serving:
             raise NodeNotStarted({h.name: h.error or h.state.value
                                   for h in host.nodes.values()})

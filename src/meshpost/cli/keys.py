@@ -1,5 +1,6 @@
-"""`meshpost keys generate|show`: a node's CURVE key pair for `--secure`, and the
-authorized_keys line its peers need. Key files belong to `meshpost.keys`."""
+"""`meshpost keys generate|show|reload`: a node's CURVE key pair for `--secure`, the
+authorized_keys line its peers need, and a running node told to read its authorized_keys
+again. Key files belong to `meshpost.keys`."""
 
 from __future__ import annotations
 
@@ -14,9 +15,32 @@ if TYPE_CHECKING:
     from meshpost.cli.common import Subcommands
 
 
+#: How long `keys reload` waits for the node's answer (it reads one small file).
+RELOAD_TIMEOUT_S = 30.0
+
+
+def reload_keys(args: argparse.Namespace) -> int:
+    """`meshpost keys reload --node A`: the running node A reads its authorized_keys again
+    and puts it in force; prints the names added, removed and changed. A file that would not
+    start the node is refused (exit 2, the node's message naming the lines), the keys in
+    force staying."""
+    from meshpost.control import ControlClient, ReloadKeysRequest, checked
+
+    with ControlClient(data_dir(args), name=args.node) as client:
+        reply = checked(client.request(ReloadKeysRequest(), timeout_s=RELOAD_TIMEOUT_S))
+    for what, names in (("added", reply.added), ("removed", reply.removed),
+                        ("changed", reply.changed)):
+        print(f"{what}: {', '.join(names) or '-'}")
+    if not (reply.added or reply.removed or reply.changed):
+        print(f"{args.node}: authorized_keys lists the keys already in force", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from meshpost import keys
 
+    if args.action == "reload":
+        return reload_keys(args)
     folder = data_dir(args)
     if args.action == "show":
         public = keys.load_public(folder, name=args.node)
@@ -44,4 +68,9 @@ def add_keys(sub: Subcommands) -> None:
     show = ksub.add_parser("show", help="print this node's authorized_keys line again")
     show.add_argument("--node", required=True, type=name_argument("node"), help=NODE_HELP)
     show.add_argument("--data", help=DATA_HELP)
+    reload = ksub.add_parser(
+        "reload", help="have the running node read its authorized_keys again (as SIGHUP does): "
+                       "added keys admitted, removed or changed ones cut, at once")
+    reload.add_argument("--node", required=True, type=name_argument("node"), help=NODE_HELP)
+    reload.add_argument("--data", help=DATA_HELP)
     p.set_defaults(func=cmd_keys)

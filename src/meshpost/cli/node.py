@@ -96,6 +96,7 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool,
     from meshpost import roles as node_roles
     from meshpost.control import ControlServer
     from meshpost.eventloop import loop_name
+    from meshpost.host import reload_keys_on_hangup
     from meshpost.node import CrashPoint, Node
 
     crash = os.environ.get(CRASH_ENV)
@@ -112,12 +113,20 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     curve_keys = peer_keys = None
+    loader = None
     if cfg.secure:
+        import functools
+
         from meshpost import keys
 
         curve_keys = keys.load_own(cfg.data_dir, name=cfg.name)
         peer_keys = keys.load_authorized(cfg.data_dir)
-    node = Node(cfg, crash_at=crash_at, curve_keys=curve_keys, peer_public_keys=peer_keys)
+        loader = functools.partial(keys.load_authorized, cfg.data_dir)
+    node = Node(cfg, crash_at=crash_at, curve_keys=curve_keys, peer_public_keys=peer_keys,
+                authorized_keys_loader=loader)
+    # SIGHUP: read authorized_keys again, as `meshpost keys reload` asks (a node without
+    # --secure logs that it has none; the default action would have ended the node).
+    reload_keys_on_hangup(loop, lambda: [node])
     async with (
         node,
         ControlServer(node),

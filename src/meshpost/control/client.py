@@ -36,6 +36,7 @@ from meshpost.control.messages import (
     GroupHistoryRequest,
     GroupReply,
     GroupRequest,
+    KeysReloadedReply,
     PeerRequest,
     PeersReply,
     PeersRequest,
@@ -43,6 +44,7 @@ from meshpost.control.messages import (
     ProbeRequest,
     QueueStatusReply,
     QueueStatusRequest,
+    ReloadKeysRequest,
     Reply,
     Request,
     SendReply,
@@ -192,6 +194,9 @@ class ControlClient:
                 timeout_s: float) -> GroupHistoryReply | ErrorReply: ...
     @overload
     def request(self, request: ProbeRequest, *, timeout_s: float) -> ProbeReply | ErrorReply: ...
+    @overload
+    def request(self, request: ReloadKeysRequest, *,
+                timeout_s: float) -> KeysReloadedReply | ErrorReply: ...
 
     def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request`, return its reply (an `ErrorReply` when the node refused it).
@@ -320,6 +325,9 @@ class AsyncControlClient:
     @overload
     async def request(self, request: ProbeRequest, *,
                       timeout_s: float) -> ProbeReply | ErrorReply: ...
+    @overload
+    async def request(self, request: ReloadKeysRequest, *,
+                      timeout_s: float) -> KeysReloadedReply | ErrorReply: ...
 
     async def request(self, request: Request, *, timeout_s: float) -> Reply:
         """Send `request` and wait for its reply; errors as `ControlClient.request`."""

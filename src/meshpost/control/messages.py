@@ -145,9 +145,16 @@ class GroupHistoryRequest(_Request, tag="group-history", frozen=True):
     wait_s: Seconds = 5.0
 
 
+class ReloadKeysRequest(_Request, tag="reload-keys", frozen=True):
+    """Secure mode: read authorized_keys again and put it in force (`Node.
+    reload_authorized_keys`); a file that would not start the node is a `config` error and
+    the keys in force stay."""
+
+
 Request = (SendRequest | PeersRequest | StatusRequest | EventsRequest | PeerRequest
            | SubmitRequest | TailRequest | BroadcastRequest | BroadcastStatusRequest
-           | GroupRequest | QueueStatusRequest | GroupHistoryRequest | ProbeRequest)
+           | GroupRequest | QueueStatusRequest | GroupHistoryRequest | ProbeRequest
+           | ReloadKeysRequest)
 
 
 # -- replies --------------------------------------------------------------------------------
@@ -283,6 +290,15 @@ class GroupHistoryReply(_Reply, tag="group-history", frozen=True):
     history: GroupHistory
 
 
+class KeysReloadedReply(_Reply, tag="keys-reloaded", frozen=True):
+    """The names (sorted) whose line a `reload-keys` added, removed, or changed the key of;
+    all empty: the file says what was in force."""
+
+    added: list[str] = []
+    removed: list[str] = []
+    changed: list[str] = []
+
+
 class ErrorReply(_Reply, tag="error", frozen=True):
     """The request failed: `kind` and `exit_code` come from the `MeshpostError` class."""
 
@@ -309,10 +325,10 @@ class ErrorReply(_Reply, tag="error", frozen=True):
 
 Reply = (SendReply | PeersReply | StatusReply | EventsReply | AnswerReply | SubmitReply
          | TailReply | BroadcastReply | GroupReply | QueueStatusReply | GroupHistoryReply
-         | ProbeReply | ErrorReply)
+         | ProbeReply | KeysReloadedReply | ErrorReply)
 R = TypeVar("R", SendReply, PeersReply, StatusReply, EventsReply, AnswerReply, SubmitReply,
             TailReply, BroadcastReply, GroupReply, QueueStatusReply, GroupHistoryReply,
-            ProbeReply)
+            ProbeReply, KeysReloadedReply)
 
 
 def checked(reply: R | ErrorReply) -> R:

@@ -42,6 +42,7 @@ from meshpost.control.messages import (
     GroupReply,
     GroupRequest,
     IncomingInfo,
+    KeysReloadedReply,
     PeerChangeInfo,
     PeerRequest,
     PeersReply,
@@ -51,6 +52,7 @@ from meshpost.control.messages import (
     QueueStatusReply,
     QueueStatusRequest,
     RefusedInfo,
+    ReloadKeysRequest,
     Reply,
     Request,
     SendReply,
@@ -492,6 +494,11 @@ class ControlServer:
                 return BroadcastReply(status=await self._broadcast_status(logical_id, seen,
                                                                           wait_s),
                                       id=request.id)
+            case ReloadKeysRequest():
+                changes = await node.reload_authorized_keys()
+                return KeysReloadedReply(added=list(changes.added),
+                                         removed=list(changes.removed),
+                                         changed=list(changes.changed), id=request.id)
         raise AssertionError(f"unhandled control request {request!r}")
 
     async def _status(self) -> dict[str, Any]:

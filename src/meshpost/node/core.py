@@ -100,6 +100,8 @@ from meshpost.transport import Transport, ZmqTransport
 if TYPE_CHECKING:
     import zmq.asyncio
 
+    from meshpost.transport.security import KeyChanges
+
 log = logging.getLogger(__name__)
 
 
@@ -193,8 +195,13 @@ class Node:
         curve_keys: tuple[bytes, bytes] | None = None,
         peer_public_keys: dict[str, bytes] | None = None,
         zmq_context: zmq.asyncio.Context | None = None,
+        authorized_keys_loader: Callable[[], dict[str, bytes]] | None = None,
     ) -> None:
         self.config = config
+        #: Secure mode: reads authorized_keys again, checked as at start (`keys.load_
+        #: authorized` of the data dir, given by whoever read it at start): see
+        #: `reload_authorized_keys`.
+        self._keys_loader = authorized_keys_loader
         #: The configured peers' names, made once (`config.peer_names` builds a list).
         self._configured_peers = frozenset(config.peer_names)
         #: The ZeroMQ context of the default transport (None: its own); a host of many
@@ -304,7 +311,10 @@ class Node:
             self._listener = Listener(
                 local_name=cfg.name,
                 local_node_id=store.node_id,
-                known_peers=cfg.peer_names,
+                # Under --secure a listed key proves its name: that name's Hello is a
+                # peer's, configured or not (its messages are stored and receipted).
+                known_peers=[*cfg.peer_names, *(self._peer_public_keys or {})]
+                if cfg.secure else cfg.peer_names,
                 max_message_bytes=cfg.max_message_bytes,
                 sync=cfg.sync,
                 exclusive=cfg.exclusive,
@@ -528,6 +538,37 @@ class Node:
     def members(self, group: str) -> list[str]:
         """The current members of `group` (this node included if it is one)."""
         return self._groups.members(group)
+
+    async def reload_authorized_keys(self) -> KeyChanges:
+        """Secure mode: read authorized_keys again, checked exactly as at start, and put it
+        in force at once (docs/protocol.md 2.3, "Changing keys under a running node"):
+        added keys are admitted, removed or changed ones admit no new connection and their
+        open connections' frames are dropped, a peer whose key went is no longer dialled
+        (what is queued for it stays queued) and one whose key changed is redialled with
+        it. Returns what changed. Raises `ConfigError` (naming the lines) for a file that
+        would not start the node, or for a node without --secure; the keys in force stay."""
+        self._check_open()
+        if not self.config.secure or self._keys_loader is None:
+            log.warning("[%s] asked to reload authorized_keys, but it runs without --secure",
+                        self.name)
+            raise ConfigError(f"node {self.name} runs without --secure: it has no "
+                              "authorized_keys to reload")
+        try:
+            keys = await asyncio.to_thread(self._keys_loader)
+        except ConfigError as exc:
+            log.error("[%s] authorized_keys not reloaded (the %d keys in force stay): %s",
+                      self.name, len(self._peer_public_keys or {}), exc)
+            raise
+        self._check_open()
+        transport, listener = self._transport, self._listener
+        assert transport is not None
+        assert listener is not None
+        changes = transport.set_peer_keys(keys)
+        self._peer_public_keys = keys
+        listener.known_peers = listener.known_peers | set(keys)
+        log.info("[%s] authorized_keys reloaded: %s (%d keys in force)", self.name,
+                 changes.describe(), len(keys))
+        return changes
 
     async def join(self, group: str) -> bool:
         """Join `group` from now on: a durable record, sent to every peer (retried until each
@@ -937,6 +978,7 @@ class Node:
             self.stats.inbound_dropped = self._transport.inbound_dropped
             self.stats.denied_connections = self._transport.denied_connections
             self.stats.handshakes_failed = self._transport.handshakes_failed
+            self.stats.frames_from_revoked = self._transport.frames_from_revoked
         self.stats.retransmissions = sum(link.retransmissions for link in self._links.values())
         self.stats.spurious_retransmissions = sum(
             link.spurious_retransmissions for link in self._links.values())

@@ -385,6 +385,10 @@ class NodeStats:
     #: not in authorized_keys (also in `denied_connections`), a client holding another key
     #: for this node (each logged, paced).
     handshakes_failed: int = 0
+    #: Secure mode: inbound frames dropped because the key their connection was admitted
+    #: with was removed or changed by a reload since (`meshpost keys reload`, SIGHUP): the
+    #: connection stays open (ZeroMQ cannot close one peer's), nothing it sends is taken.
+    frames_from_revoked: int = 0
     #: Request handlers that raised (the request stays unanswered; logged).
     handler_errors: int = 0
     #: Replies stored but linked to no request waiting here (late beyond memory, or from

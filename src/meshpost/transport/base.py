@@ -7,7 +7,10 @@ Rule: only the shape of the interface lives here (no sockets), so that a node ca
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from meshpost.transport.security import KeyChanges
 
 #: (routing identity, payload, authenticated user id or None) of a frame sent to our ROUTER.
 InboundHandler = Callable[[bytes, bytes, "str | None"], None]
@@ -54,6 +57,18 @@ class Transport(Protocol):
     def inbound_dropped(self) -> int:
         """Inbound frames dropped before the protocol saw them: not one part after the
         routing id, or from a connection whose routing id is over 255 bytes."""
+        ...
+
+    @property
+    def frames_from_revoked(self) -> int:
+        """Secure mode: inbound frames dropped because their connection's key was removed or
+        changed by `set_peer_keys` since it was admitted."""
+        ...
+
+    def set_peer_keys(self, peer_keys: dict[str, bytes]) -> KeyChanges:
+        """Secure mode: put `peer_keys` ({name: Z85 key}) in force for both directions at
+        once (admitted keys, each frame's sender, the keys peers are dialled with); return
+        what changed."""
         ...
 
     def bind(self, endpoints: Sequence[str]) -> list[str]:

@@ -11,7 +11,9 @@ import asyncio
 import dataclasses
 from collections.abc import Callable, Sequence
 
+from meshpost.errors import TransportError
 from meshpost.transport.base import DrainedHandler, InboundHandler, PeerFrameHandler
+from meshpost.transport.security import KeyChanges
 
 
 @dataclasses.dataclass
@@ -60,6 +62,7 @@ class MemoryTransport:
         self.handshakes_failed = 0  # (no handshakes here)
         self.inbound_dropped = 0  # (frames here are never multipart, ids never long)
         self.denied_connections = 0  # (no keys, no handshakes)
+        self.frames_from_revoked = 0  # (no keys to revoke)
         self._inbound_paused = False
         #: Inbound frames that came while paused or before `start` (ZeroMQ queues those too).
         self._held: list[tuple[bytes, bytes]] = []
@@ -136,6 +139,9 @@ class MemoryTransport:
 
     def redial(self, peer: str) -> None:
         pass  # an in-memory link cannot be left open but unread
+
+    def set_peer_keys(self, peer_keys: dict[str, bytes]) -> KeyChanges:
+        raise TransportError(f"{self.name} is an in-memory transport: it has no keys to set")
 
     def pause_inbound(self) -> None:
         self._inbound_paused = True

@@ -81,7 +81,7 @@ from meshpost.errors import EndpointInUse, InvalidEndpoint, TransportError
 from meshpost.transport.inbound import InboundGuard, PacedCount, default_inbound_cap
 from meshpost.transport.ipc import IpcPathLock, check_ipc_path_free, ipc_path, missing_folder
 from meshpost.transport.routing_ids import unpredictable_routing_ids
-from meshpost.transport.security import ZAP_DOMAIN, MeshAuthenticator
+from meshpost.transport.security import ZAP_DOMAIN, KeyChanges, MeshAuthenticator
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,15 @@ HANDSHAKE_IVL_MS = 5_000
 #: Ceiling for the raised descriptor limit when the hard limit is "unlimited".
 FD_LIMIT_CEILING = 1 << 20
 RECONNECT_IVL_MAX_MS = 1000
+#: Secure mode: a peer that refused our key (ZAP status 400) is dialled again after this,
+#: doubling per refusal up to AUTH_REDIAL_MAX_S. libzmq never dials again after a 400, and the
+#: peer may list our key later without a restart (`meshpost keys reload`); a handshake every
+#: 10 s costs it nothing it would notice.
+AUTH_REDIAL_INITIAL_S = 1.0
+AUTH_REDIAL_MAX_S = 10.0
+#: Keys a reload took away, remembered (key -> the name it was) only to say whose they were in
+#: the log; the oldest are forgotten past this.
+RETIRED_KEYS_KEPT = 1024
 #: Frames handled per reader callback before other callbacks get a turn (timers, other peers).
 DRAIN_BUDGET = 64
 #: Payload bytes the ROUTER's drain handles before the others get a turn (at least one frame
@@ -211,6 +220,11 @@ def _handshake_failure_reason(kind: int, value: int, name: str) -> str:
             "not the one in this node's authorized_keys, or the peer is not in secure mode")
 
 
+def _names_by_user_id(peer_keys: dict[str, bytes]) -> dict[str, str]:
+    """{key as a connection's `User-Id` has it (Z85 text): name} of `peer_keys`."""
+    return {key.decode("ascii", "replace"): name for name, key in peer_keys.items()}
+
+
 def raise_fd_limit() -> tuple[int, int]:
     """Raise this process's soft RLIMIT_NOFILE to its hard limit; return (before, after).
     Idempotent; a limit that cannot be raised is left as it is."""
@@ -254,7 +268,20 @@ class ZmqTransport:
         #: property (the node asks at every inbound frame; a property is a Python call).
         self.secure = curve_secret_key is not None
         self._curve_public = curve_public_key
-        self._peer_keys = peer_public_keys or {}
+        self._peer_keys = dict(peer_public_keys or {})
+        #: Secure mode: the name of each key in force, by the key as a connection's `User-Id`
+        #: has it (Z85 text): every inbound frame is looked up here (`_recv_router`).
+        self._names_by_user_id = _names_by_user_id(self._peer_keys)
+        #: Keys removed or replaced by `set_peer_keys`, with the name each was (for the log).
+        self._retired: dict[str, str] = {}
+        #: Frames read from a connection admitted under a key no longer in force.
+        self._revoked = PacedCount()
+        #: Secure mode: peers whose key is not (or no longer) listed: wanted (an endpoint),
+        #: never dialled until a reload lists a key for them again.
+        self._keyless: set[str] = set()
+        #: Peers that refused our key (ZAP 400): refusals in a row, and the timed redial.
+        self._auth_refusals: dict[str, int] = {}
+        self._auth_redials: dict[str, asyncio.TimerHandle] = {}
         #: The ZMQ_EVENTS reader of each open socket we read (`_events_reader`), forgotten
         #: before the socket is closed: a socket without one is closed.
         self._looks: dict[zmq.Socket[bytes], Callable[[], int]] = {}
@@ -425,11 +452,33 @@ class ZmqTransport:
             kind, value = event["event"], event["value"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshake_failures.pop(peer, None)
+                self._auth_refusals.pop(peer, None)
                 continue
             reason = _handshake_failure_reason(kind, value, self.name)
             if reason != self._handshake_failures.get(peer):
                 log.warning("[%s] secure handshake with %s failed: %s", self.name, peer, reason)
             self._handshake_failures[peer] = reason
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._redial_after_refusal(peer)
+
+    def _redial_after_refusal(self, peer: str) -> None:
+        """`peer` refused our key (ZAP 400), after which libzmq never dials again: redial
+        on a new DEALER after AUTH_REDIAL_INITIAL_S, doubling per refusal in a row up to
+        AUTH_REDIAL_MAX_S, so that a peer that lists our key later (a reload) hears from us.
+        """
+        sock = self._dealers.get(peer)
+        if self._loop is None or sock is None or peer in self._auth_redials:
+            return
+        refusals = self._auth_refusals.get(peer, 0)
+        self._auth_refusals[peer] = refusals + 1
+        delay_s = min(AUTH_REDIAL_MAX_S, AUTH_REDIAL_INITIAL_S * 2 ** min(refusals, 16))
+
+        def redial() -> None:
+            self._auth_redials.pop(peer, None)
+            if self._dealers.get(peer) is sock:  # not dropped or redialled meanwhile
+                self.redial(peer)
+
+        self._auth_redials[peer] = self._loop.call_later(delay_s, redial)
 
     def _dealer_drain(self, peer: str) -> Callable[[], None]:
         """The drain callback of `peer`'s DEALER, made once (sends schedule it often), with
@@ -598,13 +647,20 @@ class ZmqTransport:
         payload, more = frame.bytes, frame.more
         self._drained_bytes += len(payload)
         user_id: str | None = None
+        key: str | None = None
         if self._curve_secret is not None:
             with contextlib.suppress(zmq.ZMQError):
-                value = frame.get("User-Id")
-                user_id = value if isinstance(value, str) else None
+                value = frame.get("User-Id")  # the key ZAP admitted the connection with
+                key = value if isinstance(value, str) else None
+            # Who sent it is the key's name in the list in force now, not when the
+            # connection was admitted: a reload may have removed or replaced that key.
+            user_id = self._names_by_user_id.get(key) if key is not None else None
         if not more:
             if len(identity) > MAX_ROUTING_ID_BYTES:
                 self._drop_long_id(len(identity))
+                return None
+            if user_id is None and self._curve_secret is not None:
+                self._drop_revoked(key)
                 return None
             return identity, payload, user_id
         # [identity, payload] is all we send; anything longer is not ours to parse. The
@@ -632,6 +688,72 @@ class ZmqTransport:
     def inbound_dropped(self) -> int:
         return self._multipart.count + self._long_id.count
 
+    @property
+    def frames_from_revoked(self) -> int:
+        """Secure mode: inbound frames dropped because the key their connection was admitted
+        with is no longer in force (removed or changed by `set_peer_keys`)."""
+        return self._revoked.count
+
+    def _drop_revoked(self, key: str | None) -> None:
+        """Count (and log, paced) a frame whose connection's key was taken away."""
+        tail = self._revoked.add()
+        if tail is not None:
+            who = self._retired.get(key or "")
+            log.warning("[%s] dropped a frame from a connection admitted under %s, which is no "
+                        "longer in authorized_keys (keys reload): nothing it sends is taken%s",
+                        self.name, f"{who}'s old key {key}" if who else f"key {key}", tail)
+
+    def set_peer_keys(self, peer_keys: dict[str, bytes]) -> KeyChanges:
+        """Put `peer_keys` ({name: Z85 key}, checked by `keys.load_authorized`) in force at
+        once, for both directions, and say what changed. Inbound: the ZAP allowlist admits
+        exactly these keys from the next handshake on, and every frame from now on is taken
+        only if its connection's key is still listed (for that name). Outbound: a peer whose
+        key was removed is no longer dialled (its DEALER closed: the protocol's frames to it
+        are dropped, what the node queued for it stays queued); one whose key changed is
+        redialled with the new key; one that regains a key is dialled. Peers whose key did
+        not change are not touched."""
+        changes = KeyChanges.between(self._peer_keys, peer_keys)
+        if not self.secure or not changes:
+            self._peer_keys = dict(peer_keys)
+            return changes
+        for name in changes.cut:
+            old = self._peer_keys[name].decode("ascii")
+            self._retired.pop(old, None)
+            self._retired[old] = name
+            if len(self._retired) > RETIRED_KEYS_KEPT:
+                self._retired.pop(next(iter(self._retired)))
+        self._peer_keys = dict(peer_keys)
+        self._names_by_user_id = _names_by_user_id(self._peer_keys)
+        if self._authenticator is not None:
+            self._authenticator.replace(self._peer_keys)
+        for peer in changes.removed:
+            if peer in self._endpoints:
+                self._stop_dialling(peer)
+        for peer in (*changes.added, *changes.changed):
+            if peer not in self._endpoints:
+                continue
+            self._keyless.discard(peer)
+            self._handshake_failures.pop(peer, None)
+            self._auth_refusals.pop(peer, None)
+            if peer in self._dealers:
+                self.redial(peer)  # the old DEALER holds the old server key
+            else:
+                self._connect(peer, self._endpoints[peer])
+        return changes
+
+    def _stop_dialling(self, peer: str) -> None:
+        """`peer` has no key now: close its DEALER, keep its endpoint for a later key."""
+        self._close_dealer(peer, 0)
+        self._dealer_drains.pop(peer, None)
+        self._keyless.add(peer)
+        self._handshake_failures[peer] = (
+            f"not dialled: {peer} has no key in this node's authorized_keys (removed by a "
+            f"reload); messages to it stay queued until its line is back and the keys "
+            f"reloaded (`meshpost keys reload --node {self.name}`)")
+        log.warning("[%s] %s's key is no longer in authorized_keys: its link is not dialled "
+                    "until a key is listed again; what is queued for it stays queued",
+                    self.name, peer)
+
     def _drop_long_id(self, length: int) -> None:
         """Count (and log, at the multipart lines' pace) a frame whose connection named
         itself with a routing id of `length` bytes, over MAX_ROUTING_ID_BYTES."""
@@ -656,7 +778,17 @@ class ZmqTransport:
     # -- outbound -------------------------------------------------------------------------
 
     def add_peer(self, peer: str, endpoint: str) -> None:
-        """Connect a DEALER to `peer`; ZeroMQ reconnects it by itself from now on."""
+        """Connect a DEALER to `peer`; ZeroMQ reconnects it by itself from now on. In secure
+        mode a peer without a key (its line removed by a reload) is not dialled: it waits,
+        its endpoint kept, until `set_peer_keys` lists a key for it."""
+        if self.secure and peer not in self._peer_keys:
+            self._endpoints[peer] = endpoint
+            if peer not in self._keyless:
+                self._stop_dialling(peer)
+            return
+        self._connect(peer, endpoint)
+
+    def _connect(self, peer: str, endpoint: str) -> None:
         sock = self._dealer(peer, endpoint)
         self._dealers[peer] = sock
         self._looks[sock] = _events_reader(sock, self._own_context)
@@ -667,13 +799,17 @@ class ZmqTransport:
     def drop_peer(self, peer: str) -> None:
         """Close `peer`'s DEALER (its link is idle): frames already queued on it, such as the
         link's Close, still get `LINGER_MS` to leave. `add_peer` connects it again."""
-        if self._close_dealer(peer, LINGER_MS):
+        if self._close_dealer(peer, LINGER_MS) or peer in self._keyless:
             self._endpoints.pop(peer, None)
             self._dealer_drains.pop(peer, None)
             self._handshake_failures.pop(peer, None)
+            self._keyless.discard(peer)
 
     def _close_dealer(self, peer: str, linger_ms: int) -> bool:
         """Stop watching and close `peer`'s DEALER and its monitor; False if it has none."""
+        timer = self._auth_redials.pop(peer, None)
+        if timer is not None:
+            timer.cancel()
         old = self._dealers.pop(peer, None)
         if old is None:
             return False
@@ -811,6 +947,9 @@ class ZmqTransport:
         self._readers.clear()
         self._on_inbound = self._on_peer_frame = None
         self._looks.clear()  # before the sockets are closed (see `_events_reader`)
+        for timer in self._auth_redials.values():
+            timer.cancel()
+        self._auth_redials.clear()
         if self._authenticator is not None:
             self._authenticator.stop()
         for peer, monitor in self._monitors.items():
