@@ -360,7 +360,8 @@ def test_sighup_reloads_authorized_keys_as_the_command_does(pair: LocalCluster) 
 
 
 def test_hosted_secure_nodes_each_reload_their_own_keys(short_tmp: Path) -> None:
-    """Three nodes, A and B in one host process: removing C's line at A cuts C at A only."""
+    """Three nodes, A and B in one host process: removing C's line at A cuts C at A only;
+    a restart of A inside its host applies A's files as they are then (C's rotated key)."""
     cluster = LocalCluster.create(short_tmp, 3, transport="tcp", extra_args=["--secure"],
                                   options={"retransmit_max_s": 1.0}, per_process=2)
     keys.generate_mesh_keys({n: cluster.data_dir(n) for n in cluster.names})
@@ -380,5 +381,17 @@ def test_hosted_secure_nodes_each_reload_their_own_keys(short_tmp: Path) -> None
         wait_until(lambda: status(cluster, "C")["pending"] == 0, DELIVERY_S,
                    "C's message to A delivered once A lists C again")
         assert [r["direction"] for r in rows_of(cluster, "A", "to A while removed")] == ["in"]
+        # A restart inside the host reads the files again, as a node process's start does
+        # (it used the keys the host read when it started): C rotates its key, A's line is
+        # replaced without a reload, and A restarted in its host hears C's new key.
+        cluster.stop(["C"])
+        made = meshpost("keys", "generate", "--node", "C", "--data",
+                        str(cluster.data_dir("C")), "--force")
+        assert made.returncode == 0, made
+        drop_line(cluster.data_dir("A"), "C")
+        add_line(cluster.data_dir("A"), made.stdout.strip())
+        cluster.start(["C"])
+        cluster.restart("A")
+        delivered(cluster, "C", "A", "C's new key, to A restarted in its host")
     finally:
         cluster.stop()

@@ -70,3 +70,35 @@ def test_generated_public_keys_pass_the_check(tmp_path: Path) -> None:
     public = keys.generate(tmp_path / "A")
     assert keys.z85_key(public.decode()) == public
     assert keys.load_own(tmp_path / "A")[1] == public
+
+
+# -- what a reload changes (`transport.security.KeyChanges`) ----------------------------------
+
+def test_the_diff_of_two_lists_names_added_removed_and_changed_sorted() -> None:
+    from meshpost.transport.security import KeyChanges
+
+    k1, k2, k3, k4 = (zmq.curve_keypair()[0] for _ in range(4))
+    old = {"P": k1, "Q": k2, "B": k3}
+    new = {"P": k1, "Q": k4, "C": k3, "A": k2}
+    changes = KeyChanges.between(old, new)
+    assert changes == KeyChanges(added=("A", "C"), removed=("B",), changed=("Q",))
+    assert changes.cut == {"B", "Q"}
+    assert changes.describe() == "added A, C; removed B; changed Q"
+    assert changes  # something changed
+
+
+def test_the_same_list_again_is_no_change() -> None:
+    from meshpost.transport.security import KeyChanges
+
+    key = zmq.curve_keypair()[0]
+    same = KeyChanges.between({"P": key}, {"P": key})
+    assert not same and same.cut == frozenset() and same.describe() == "no change"
+
+
+def test_a_key_moved_to_another_name_is_one_name_removed_and_one_added() -> None:
+    """A key proves one name: moved, the old name's connections made with it are cut."""
+    from meshpost.transport.security import KeyChanges
+
+    key = zmq.curve_keypair()[0]
+    moved = KeyChanges.between({"P": key}, {"R": key})
+    assert (moved.added, moved.removed, moved.changed) == (("R",), ("P",), ())
