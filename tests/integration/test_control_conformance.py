@@ -313,6 +313,14 @@ def test_the_error_table_matches_what_the_node_answers(pair: Pair) -> None:
     error_of(a.call("probe", ANSWER_S, peers=[], wait_s=31.0), "bad_request", kinds["bad_request"])
 
 
+def test_reload_keys_at_a_node_without_secure_is_a_config_error(pair: Pair) -> None:
+    """14.5e: only a --secure node has authorized_keys to reload (the `keys-reloaded` reply's
+    fields are checked against a secure node in test_key_reload.py)."""
+    reply = pair.client("A").call("reload-keys", ANSWER_S)
+    error_of(reply, "config", doc_table("### 14.6")["config"])
+    assert "runs without --secure" in reply["message"], reply
+
+
 @pytest.mark.parametrize("fields", [
     {"type": "tail", "after": None, "sender": None, "limit": 1, "wait_s": float("nan")},
     {"type": "events", "wait_s": -1.0},

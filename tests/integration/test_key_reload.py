@@ -169,6 +169,29 @@ def test_a_connection_admitted_under_a_key_since_replaced_is_not_taken_as_its_na
     old.close()
 
 
+def test_a_key_given_to_another_name_speaks_for_neither_on_its_old_connection(
+    mesh: SecureMesh,
+) -> None:
+    """P's key K becomes R's (P's line replaced by `R K`): the connection K opened as P is
+    not P's any more (P's line is gone) nor R's (its Hello said P, its session is P's)."""
+    p = Flow(mesh, "P")
+    p.check("P, while K is P's")
+    path = mesh.data / keys.AUTHORIZED_KEYS
+    path.write_text(path.read_text().replace("P ", "R ", 1))
+    assert changes(reload(mesh.data, "N")) == {"added": "R", "removed": "P", "changed": "-"}
+    before = mesh.stats()["frames_from_revoked"]
+    (env,) = p.peer.envelopes("N", ["on P's session after K became R's"], first_seq=p.seq + 1)
+    p.peer.batch([env])
+    assert silent(p.peer)
+    wait_until(lambda: mesh.stats()["frames_from_revoked"] > before, ANSWER_S,
+               "N counting the frame of K's connection as P")
+    assert mesh.stored_from("P") == p.bodies
+    mesh.keys["R"] = mesh.keys["P"]
+    r = Flow(mesh, "R")  # K on a new connection is R now
+    r.check("R with K")
+    r.stored_once()
+
+
 def test_a_bad_authorized_keys_is_refused_with_exit_2_naming_the_line_and_the_keys_stay(
     mesh: SecureMesh,
 ) -> None:
@@ -271,7 +294,7 @@ def peer_of(cluster: LocalCluster, name: str, peer: str) -> dict[str, Any]:
 def test_a_revoked_peer_s_messages_stay_pending_and_arrive_once_when_its_key_is_back(
     pair: LocalCluster,
 ) -> None:
-    a, b = pair.data_dir("A"), pair.data_dir("B")
+    a = pair.data_dir("A")
     delivered(pair, "B", "A", "before")
     delivered(pair, "A", "B", "before, to B")
     line = drop_line(a, "B")

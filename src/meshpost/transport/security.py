@@ -1,10 +1,11 @@
 """CURVE authentication: ZAP through pyzmq's asyncio authenticator, failing closed.
 
 Rule: only keys on the allowlist get in, and each key maps to exactly one node name. A
-connection's `User-Id` is the key it was admitted with (Z85), and every frame's key is looked
-up in the allowlist in force when the frame is read: the name found is who sent it, and a key
-no longer there (removed or changed by a reload, `MeshAuthenticator.replace`) sends nothing
-more. Without a running authenticator no connection is accepted (`ZAP_ENFORCE_DOMAIN`).
+connection's `User-Id` is the authorized_keys line it was admitted by (`NAME Z85KEY`), and
+every frame's line is looked up in the list in force when the frame is read: its NAME is who
+sent it while that line is in force, and a line no longer there (its key removed, changed or
+given to another name by a reload, `MeshAuthenticator.replace`) sends nothing more. Without a
+running authenticator no connection is accepted (`ZAP_ENFORCE_DOMAIN`).
 """
 
 from __future__ import annotations
@@ -67,13 +68,19 @@ class _Allowlist:
         return allowed
 
 
+def user_id(name: str, key: bytes) -> str:
+    """The `User-Id` of a connection admitted as `name` with `key` (Z85): the line itself."""
+    return f"{name} {key.decode('ascii', 'replace')}"
+
+
 def names_by_key(peer_keys: Mapping[str, bytes]) -> dict[bytes, str]:
     """{Z85 key: name} of `peer_keys` ({name: Z85 key})."""
     return {key: name for name, key in peer_keys.items()}
 
 
 class MeshAuthenticator(AsyncioAuthenticator):
-    """ZAP handler that admits the mesh's peers; each connection's `User-Id` is its key."""
+    """ZAP handler that admits the mesh's peers; each connection's `User-Id` is the line
+    (`NAME Z85KEY`) that admitted it."""
 
     def __init__(self, context: zmq.asyncio.Context, peer_keys: Mapping[str, bytes], *,
                  on_denied: Callable[[str], None]) -> None:
@@ -91,6 +98,8 @@ class MeshAuthenticator(AsyncioAuthenticator):
         self.allowlist.names_by_key = names_by_key(peer_keys)
 
     def curve_user_id(self, client_public_key: bytes) -> str:
-        # The key, not the name: a name's key may change under a connection (a reload), and
-        # the transport must tell that connection's frames from the new key's.
-        return z85.encode(client_public_key).decode("ascii")
+        # The name and the key, not the name alone: a name's key may change under a
+        # connection, or a key go to another name (a reload), and the transport must tell
+        # that connection's frames from those of the line in force.
+        key = z85.encode(client_public_key)
+        return user_id(self.allowlist.names_by_key[key], key)

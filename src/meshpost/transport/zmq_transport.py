@@ -81,7 +81,7 @@ from meshpost.errors import EndpointInUse, InvalidEndpoint, TransportError
 from meshpost.transport.inbound import InboundGuard, PacedCount, default_inbound_cap
 from meshpost.transport.ipc import IpcPathLock, check_ipc_path_free, ipc_path, missing_folder
 from meshpost.transport.routing_ids import unpredictable_routing_ids
-from meshpost.transport.security import ZAP_DOMAIN, KeyChanges, MeshAuthenticator
+from meshpost.transport.security import ZAP_DOMAIN, KeyChanges, MeshAuthenticator, user_id
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,9 @@ RECONNECT_IVL_MAX_MS = 1000
 #: 10 s costs it nothing it would notice.
 AUTH_REDIAL_INITIAL_S = 1.0
 AUTH_REDIAL_MAX_S = 10.0
-#: Keys a reload took away, remembered (key -> the name it was) only to say whose they were in
-#: the log; the oldest are forgotten past this.
-RETIRED_KEYS_KEPT = 1024
+#: Lines a reload took away, remembered only to tell them in the log from lines never listed
+#: (a forged `User-Id`); the oldest are forgotten past this.
+RETIRED_LINES_KEPT = 1024
 #: Frames handled per reader callback before other callbacks get a turn (timers, other peers).
 DRAIN_BUDGET = 64
 #: Payload bytes the ROUTER's drain handles before the others get a turn (at least one frame
@@ -221,8 +221,8 @@ def _handshake_failure_reason(kind: int, value: int, name: str) -> str:
 
 
 def _names_by_user_id(peer_keys: dict[str, bytes]) -> dict[str, str]:
-    """{key as a connection's `User-Id` has it (Z85 text): name} of `peer_keys`."""
-    return {key.decode("ascii", "replace"): name for name, key in peer_keys.items()}
+    """{`User-Id` of a connection admitted by the line (`NAME Z85KEY`): NAME} of `peer_keys`."""
+    return {user_id(name, key): name for name, key in peer_keys.items()}
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -269,11 +269,11 @@ class ZmqTransport:
         self.secure = curve_secret_key is not None
         self._curve_public = curve_public_key
         self._peer_keys = dict(peer_public_keys or {})
-        #: Secure mode: the name of each key in force, by the key as a connection's `User-Id`
-        #: has it (Z85 text): every inbound frame is looked up here (`_recv_router`).
+        #: Secure mode: the name of each line in force, by the `User-Id` a connection admitted
+        #: by it has (`NAME Z85KEY`): every inbound frame is looked up here (`_recv_router`).
         self._names_by_user_id = _names_by_user_id(self._peer_keys)
-        #: Keys removed or replaced by `set_peer_keys`, with the name each was (for the log).
-        self._retired: dict[str, str] = {}
+        #: `User-Id`s of the lines `set_peer_keys` took away (an ordered set, for the log).
+        self._retired: dict[str, None] = {}
         #: Frames read from a connection admitted under a key no longer in force.
         self._revoked = PacedCount()
         #: Secure mode: peers whose key is not (or no longer) listed: wanted (an endpoint),
@@ -647,20 +647,20 @@ class ZmqTransport:
         payload, more = frame.bytes, frame.more
         self._drained_bytes += len(payload)
         user_id: str | None = None
-        key: str | None = None
+        line: str | None = None
         if self._curve_secret is not None:
             with contextlib.suppress(zmq.ZMQError):
-                value = frame.get("User-Id")  # the key ZAP admitted the connection with
-                key = value if isinstance(value, str) else None
-            # Who sent it is the key's name in the list in force now, not when the
-            # connection was admitted: a reload may have removed or replaced that key.
-            user_id = self._names_by_user_id.get(key) if key is not None else None
+                value = frame.get("User-Id")  # the line ZAP admitted the connection by
+                line = value if isinstance(value, str) else None
+            # Who sent it: that line's name while the line is in force, not merely when the
+            # connection was admitted (a reload may have removed or replaced it).
+            user_id = self._names_by_user_id.get(line) if line is not None else None
         if not more:
             if len(identity) > MAX_ROUTING_ID_BYTES:
                 self._drop_long_id(len(identity))
                 return None
             if user_id is None and self._curve_secret is not None:
-                self._drop_revoked(key)
+                self._drop_revoked(line)
                 return None
             return identity, payload, user_id
         # [identity, payload] is all we send; anything longer is not ours to parse. The
@@ -694,14 +694,16 @@ class ZmqTransport:
         with is no longer in force (removed or changed by `set_peer_keys`)."""
         return self._revoked.count
 
-    def _drop_revoked(self, key: str | None) -> None:
-        """Count (and log, paced) a frame whose connection's key was taken away."""
+    def _drop_revoked(self, line: str | None) -> None:
+        """Count (and log, paced) a frame whose connection's line was taken away."""
         tail = self._revoked.add()
         if tail is not None:
-            who = self._retired.get(key or "")
-            log.warning("[%s] dropped a frame from a connection admitted under %s, which is no "
-                        "longer in authorized_keys (keys reload): nothing it sends is taken%s",
-                        self.name, f"{who}'s old key {key}" if who else f"key {key}", tail)
+            name, _, key = (line or "").partition(" ")
+            known = line in self._retired
+            log.warning("[%s] dropped a frame from a connection admitted as %s with key %s, a "
+                        "line %s authorized_keys (keys reload): nothing it sends is taken%s",
+                        self.name, name or "?", key or "?",
+                        "no longer in" if known else "not in", tail)
 
     def set_peer_keys(self, peer_keys: dict[str, bytes]) -> KeyChanges:
         """Put `peer_keys` ({name: Z85 key}, checked by `keys.load_authorized`) in force at
@@ -717,10 +719,10 @@ class ZmqTransport:
             self._peer_keys = dict(peer_keys)
             return changes
         for name in changes.cut:
-            old = self._peer_keys[name].decode("ascii")
+            old = user_id(name, self._peer_keys[name])
             self._retired.pop(old, None)
-            self._retired[old] = name
-            if len(self._retired) > RETIRED_KEYS_KEPT:
+            self._retired[old] = None
+            if len(self._retired) > RETIRED_LINES_KEPT:
                 self._retired.pop(next(iter(self._retired)))
         self._peer_keys = dict(peer_keys)
         self._names_by_user_id = _names_by_user_id(self._peer_keys)
