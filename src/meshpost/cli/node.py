@@ -124,9 +124,14 @@ async def _run_node(cfg: NodeConfig, *, interactive: bool,
         loader = functools.partial(keys.load_authorized, cfg.data_dir)
     node = Node(cfg, crash_at=crash_at, curve_keys=curve_keys, peer_public_keys=peer_keys,
                 authorized_keys_loader=loader)
-    # SIGHUP: read authorized_keys again, as `meshpost keys reload` asks (a node without
-    # --secure logs that it has none; the default action would have ended the node).
-    reload_keys_on_hangup(loop, lambda: [node])
+    if interactive:
+        # The console's terminal closed: stop as on SIGTERM (committed, peers told), not
+        # the default action's abrupt end.
+        loop.add_signal_handler(signal.SIGHUP, on_signal, signal.SIGHUP)
+    else:
+        # Headless (a daemon's convention): read authorized_keys again, as `meshpost keys
+        # reload` asks (a node without --secure logs that it has none).
+        reload_keys_on_hangup(loop, lambda: [node])
     async with (
         node,
         ControlServer(node),
