@@ -53,7 +53,11 @@ Socket choices (the ZeroMQ traps the protocol designs around):
   accepted beyond the cap is shut down at once, so idle connections cannot take the
   descriptors the node's own sockets need;
 - frames of a connection whose routing id is over 255 bytes (ZMTP's bound; libzmq takes a
-  peer's id of any length) are dropped before the node names the connection by it.
+  peer's id of any length) are dropped before the node names the connection by it;
+- secure mode: a frame is taken only while the authorized_keys line that admitted its
+  connection (its `User-Id`) is in force, so a reload (`set_peer_keys`) cuts a removed or
+  replaced key's open connections without closing them (a ROUTER cannot close one peer's);
+  and a peer that refused our key (ZAP 400) is redialled by us, as libzmq never does.
 Left to libzmq 4.3.5 (tests/integration/adversarial/test_zmtp_attacks.py, a strict xfail):
 the parts of a message that never ends are queued without bound.
 """
@@ -690,8 +694,9 @@ class ZmqTransport:
 
     @property
     def frames_from_revoked(self) -> int:
-        """Secure mode: inbound frames dropped because the key their connection was admitted
-        with is no longer in force (removed or changed by `set_peer_keys`)."""
+        """Secure mode: inbound frames dropped because the line their connection was admitted
+        by is no longer in force (its key removed, changed or given to another name by
+        `set_peer_keys`)."""
         return self._revoked.count
 
     def _drop_revoked(self, line: str | None) -> None:
@@ -806,6 +811,7 @@ class ZmqTransport:
             self._dealer_drains.pop(peer, None)
             self._handshake_failures.pop(peer, None)
             self._keyless.discard(peer)
+            self._auth_refusals.pop(peer, None)
 
     def _close_dealer(self, peer: str, linger_ms: int) -> bool:
         """Stop watching and close `peer`'s DEALER and its monitor; False if it has none."""
