@@ -11,14 +11,17 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import ipaddress
 import logging
+import math
+import re
 import socket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
 
-from meshpost.config import NAME_PATTERN, validate_endpoint
+from meshpost.config import NAME_PATTERN, RESERVED_NAMES, validate_endpoint
 from meshpost.errors import InvalidEndpoint, MeshpostError, ProtocolError
 from meshpost.protocol import PROTOCOL_VERSION
 
@@ -40,8 +43,18 @@ DEFAULT_INTERVAL_S = 1.0
 DEFAULT_SILENCE_S = 5.0
 DEFAULT_MESH = "meshpost"
 #: Reports (clashes, unauthorized nodes) remembered for rate-limiting; a flood of made-up node
-#: ids only makes the log louder, never the memory larger.
+#: ids never makes the memory larger (and the log lines are paced: `_PacedLog`).
 _REPORTS_REMEMBERED = 1024
+#: At most this many nodes found by beacons: without --secure anyone on the LAN can make up
+#: names, and each found one is a link (memory, a dial, a copy of every message to `all`).
+DEFAULT_MAX_FOUND = 256
+#: A beacon's node id and key are logged and kept: printable, short, no control characters.
+NODE_ID_PATTERN = re.compile(r"[0-9A-Za-z_.-]{1,64}")
+KEY_PATTERN = re.compile(r"[0-9a-f]{32}")
+#: Log lines of one kind about others' beacons: this many at once, then one every
+#: LOG_EVERY_S saying how many were left out (a flood of beacons was a line each).
+LOG_BURST = 20
+LOG_EVERY_S = 10.0
 
 
 class BeaconError(ProtocolError):
@@ -161,6 +174,17 @@ class Unauthorized:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Refused:
+    """A beacon this node does not act on: `reason` says why (a reserved name, a name that is
+    a group here, an endpoint not at the beacon's source, no room for another node)."""
+
+    name: str
+    node_id: str
+    endpoint: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Silent:
     """A node not heard for `silent_s`."""
 
@@ -168,7 +192,7 @@ class Silent:
     silent_s: float
 
 
-Decision = Found | Moved | EndpointClaim | Heard | Clash | Unauthorized | Silent
+Decision = Found | Moved | EndpointClaim | Heard | Clash | Unauthorized | Refused | Silent
 
 
 @dataclasses.dataclass(slots=True)
@@ -181,6 +205,17 @@ class DiscoveryStats:
     clashes: int = 0
     #: Beacons naming a found node at another endpoint while it was heard at its own.
     endpoint_claims: int = 0
+    #: Beacons naming `all`, `me`, `*` or a group of this node.
+    names_refused: int = 0
+    #: Beacons whose endpoint is not at their source address (another host, a host name, an
+    #: ipc path from another machine): a node is never sent to dial where a beacon points.
+    endpoints_refused: int = 0
+    #: New names not found because `max_found` nodes were already (`DEFAULT_MAX_FOUND`).
+    directory_full: int = 0
+    #: Nodes found by beacons (at most `max_found`).
+    found: int = 0
+    #: Log lines about beacons left out by the pacing (`LOG_BURST`, `LOG_EVERY_S`).
+    lines_not_logged: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -189,6 +224,34 @@ class _Heard:
     endpoint: str
     last_heard: float
     silent: bool = False
+    #: When it last moved (`Directory.follow` moves a name at most once per `silence_s`).
+    moved_at: float = -math.inf
+
+
+def endpoint_problem(endpoint: str, source_ip: str) -> str | None:
+    """Why a node must not dial `endpoint` (a beacon's, its wildcard host replaced) for a beacon
+    from `source_ip`; None if it may. A beacon only says where its sender listens: a tcp
+    endpoint must be at the beacon's own source address (a wildcard host is), an ipc path
+    only in a beacon from this machine (loopback). Otherwise one datagram would have the node
+    dial a third party, a host name (a DNS query), or a local service (tcp://127.0.0.1:6379,
+    ipc:///run/...) for whoever sent it."""
+    if not (endpoint.isascii() and endpoint.isprintable()) or " " in endpoint:
+        return "an endpoint not in printable ASCII"
+    try:
+        validate_endpoint(endpoint, for_bind=False)
+        source = ipaddress.ip_address(source_ip)
+    except (InvalidEndpoint, ValueError) as exc:
+        return str(exc)
+    if endpoint.startswith("ipc://"):
+        return None if source.is_loopback else "an ipc path in a beacon from another machine"
+    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"its host {host!r} is a name, not the beacon's source address {source_ip}"
+    if address != source:
+        return f"its host is not the beacon's source address {source_ip}"
+    return None
 
 
 class Directory:
@@ -198,18 +261,37 @@ class Directory:
     it is a `Clash`, reported every `silence_s` at most, and never dialed. The endpoint a node
     is dialed at changes only once nothing came from the old one for `silence_s` (`Moved`):
     until then a beacon giving another endpoint is an `EndpointClaim`, reported as rarely.
+
+    Under --secure (`authorized` given) a name's key proves who answers it, not the node id a
+    beacon says (anyone can copy it, and the key's fingerprint, from the real node's beacon):
+    another node id under a found name is the same node as far as dialing goes (the endpoint
+    rules apply), so a beacon sent before the real node's cannot keep it out by its node id,
+    and `follow` moves a node whose endpoint never answered the handshake.
+
+    A beacon naming a configured peer (`configured`) only counts as hearing it: its endpoint
+    is the configuration's, and a beacon's node id is not pinned for it. At most `max_found`
+    names are found; a beacon for another is `Refused` (`directory_full`).
     """
 
     def __init__(
         self, *, mesh: str, name: str, node_id: str, silence_s: float = DEFAULT_SILENCE_S,
         authorized: Callable[[str, str | None], bool] | None = None,
+        max_found: int = DEFAULT_MAX_FOUND, configured: frozenset[str] = frozenset(),
+        is_group: Callable[[str], bool] | None = None,
     ) -> None:
         self.mesh, self.name, self.node_id = mesh, name, node_id
         self.silence_s = silence_s
+        self.max_found = max_found
+        self.configured = configured
         self._authorized = authorized
+        self._is_group = is_group
         self.stats = DiscoveryStats()
         self._heard: dict[str, _Heard] = {}
         self._reported: dict[tuple[str, str], float] = {}
+
+    @property
+    def secure(self) -> bool:
+        return self._authorized is not None
 
     def receive(self, data: bytes, source_ip: str, now: float) -> list[Decision]:
         try:
@@ -227,31 +309,53 @@ class Directory:
         if beacon.protocol != PROTOCOL_VERSION:
             self.stats.other_version += 1
             return []
-        if not NAME_PATTERN.fullmatch(beacon.name):
+        if (not NAME_PATTERN.fullmatch(beacon.name)
+                or not NODE_ID_PATTERN.fullmatch(beacon.node_id)
+                or (beacon.key is not None and not KEY_PATTERN.fullmatch(beacon.key))
+                or not (beacon.endpoint.isascii() and beacon.endpoint.isprintable())):
+            # Printable and short, as what is logged and kept must be (a node id or endpoint
+            # of escape sequences or bidi controls reached the log raw in a clash line).
             self.stats.garbage += 1
-            return []
-        endpoint = dial_endpoint(beacon.endpoint, source_ip)
-        try:
-            validate_endpoint(endpoint, for_bind=False)
-        except InvalidEndpoint:
-            self.stats.garbage += 1
-            return []
+            raise BeaconError("a name, node id, key or endpoint of the wrong form")
         if beacon.node_id == self.node_id:
             return []  # our own beacon, looped back
+        endpoint = dial_endpoint(beacon.endpoint, source_ip)
         if beacon.name == self.name:
             return self._clash(beacon.name, self.node_id, beacon, endpoint, now, ours=True)
+        if beacon.name.lower() in RESERVED_NAMES:
+            self.stats.names_refused += 1
+            return [Refused(beacon.name, beacon.node_id, endpoint,
+                            "a reserved word, never a node's name")]
         if self._authorized is not None and not self._authorized(beacon.name, beacon.key):
             self.stats.unauthorized += 1
             if self._first_in_period(("unauthorized", beacon.node_id), now):
                 return [Unauthorized(beacon.name, beacon.node_id)]
             return []
+        if beacon.name in self.configured:
+            # The configuration says where it is (a beacon never moves it) and check 6 of the
+            # listener who it is; a beacon's node id pinned for it would refuse the real one.
+            return [Heard(beacon.name, returned=False)]
+        problem = endpoint_problem(endpoint, source_ip)
+        if problem is not None:
+            self.stats.endpoints_refused += 1
+            return [Refused(beacon.name, beacon.node_id, endpoint, problem)]
         heard = self._heard.get(beacon.name)
-        if heard is not None and heard.node_id != beacon.node_id:
+        if heard is not None and heard.node_id != beacon.node_id and not self.secure:
             # Even if the name's holder went silent it keeps the name: messages queued for it
             # are its own, and a newcomer must not receive them.
             return self._clash(beacon.name, heard.node_id, beacon, endpoint, now, ours=False)
         if heard is None:
+            if self._is_group is not None and self._is_group(beacon.name):
+                # Found, the name would be a peer's and no longer the group's: `send team`
+                # would go to whoever beaconed "team".
+                self.stats.names_refused += 1
+                return [Refused(beacon.name, beacon.node_id, endpoint, "a group of this node")]
+            if len(self._heard) >= self.max_found:
+                self.stats.directory_full += 1
+                return [Refused(beacon.name, beacon.node_id, endpoint,
+                                f"{self.max_found} nodes found already (the most kept)")]
             self._heard[beacon.name] = _Heard(beacon.node_id, endpoint, now)
+            self.stats.found += 1
             return [Found(beacon.name, beacon.node_id, endpoint)]
         if heard.endpoint != endpoint:
             if now - heard.last_heard < self.silence_s:
@@ -261,11 +365,26 @@ class Directory:
                 if self._first_in_period((beacon.name, endpoint), now):
                     return [EndpointClaim(beacon.name, beacon.node_id, heard.endpoint, endpoint)]
                 return []
-            previous, heard.endpoint = heard.endpoint, endpoint
-            heard.silent, heard.last_heard = False, now
-            return [Moved(beacon.name, beacon.node_id, endpoint, previous)]
+            return [self._move(beacon.name, heard, beacon.node_id, endpoint, now)]
         returned, heard.silent, heard.last_heard = heard.silent, False, now
         return [Heard(beacon.name, returned)]
+
+    def _move(self, name: str, heard: _Heard, node_id: str, endpoint: str,
+              now: float) -> Moved:
+        previous, heard.endpoint, heard.node_id = heard.endpoint, endpoint, node_id
+        heard.silent, heard.last_heard, heard.moved_at = False, now, now
+        return Moved(name, node_id, endpoint, previous)
+
+    def follow(self, claim: EndpointClaim, now: float) -> Moved | None:
+        """Under --secure, move `claim`'s node to the endpoint it claims, when the caller saw
+        that the endpoint it is dialed at never answered the handshake (the key proves who
+        answers there); at most once per `silence_s` a name, so two endpoints beaconing one
+        name cost a redial per period, not one per beacon. None if not now."""
+        heard = self._heard.get(claim.name)
+        if (not self.secure or heard is None or heard.endpoint != claim.endpoint
+                or now - heard.moved_at < self.silence_s):
+            return None
+        return self._move(claim.name, heard, claim.node_id, claim.claimed, now)
 
     def _clash(self, name: str, known_id: str, beacon: Beacon, endpoint: str, now: float,
                *, ours: bool) -> list[Decision]:
@@ -309,6 +428,7 @@ class DiscoveryConfig:
     mesh: str = DEFAULT_MESH
     interval_s: float = DEFAULT_INTERVAL_S
     silence_s: float = DEFAULT_SILENCE_S
+    max_found: int = DEFAULT_MAX_FOUND
 
     @property
     def beacon_targets(self) -> tuple[tuple[str, int], ...]:
@@ -321,6 +441,31 @@ def parse_target(text: str) -> tuple[str, int]:
     if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise InvalidEndpoint(text, "expected HOST:PORT, e.g. 127.0.0.1:5671")
     return host.strip("[]"), int(port)
+
+
+class _PacedLog:
+    """Log lines of one kind about others' beacons: a token bucket of LOG_BURST lines, one
+    more every LOG_EVERY_S. A line that goes out says how many were left out before it."""
+
+    __slots__ = ("_tokens", "_unlogged", "_updated_at")
+
+    def __init__(self) -> None:
+        self._tokens = float(LOG_BURST)
+        self._updated_at = -math.inf
+        self._unlogged = 0
+
+    def allow(self, now: float) -> str | None:
+        """None if this line is left out; else what to add at its end."""
+        self._tokens = min(float(LOG_BURST),
+                           self._tokens + max(0.0, now - self._updated_at) / LOG_EVERY_S)
+        self._updated_at = max(self._updated_at, now)
+        if self._tokens < 1.0:
+            self._unlogged += 1
+            return None
+        self._tokens -= 1.0
+        tail = f" ({self._unlogged} such lines left out before this one)" if self._unlogged else ""
+        self._unlogged = 0
+        return tail
 
 
 class Discovery:
@@ -340,10 +485,19 @@ class Discovery:
                 return key is not None and prints.get(name) == key
 
         self.directory = Directory(mesh=config.mesh, name=node.name, node_id=node.node_id,
-                                   silence_s=config.silence_s, authorized=authorized)
+                                   silence_s=config.silence_s, authorized=authorized,
+                                   max_found=config.max_found,
+                                   configured=frozenset(p.name for p in node.config.peers),
+                                   is_group=node.is_group)
         self._transport: asyncio.DatagramTransport | None = None
         self._task: asyncio.Task[None] | None = None
         self.address: tuple[str, int] | None = None
+        self._paced: dict[str, _PacedLog] = {}
+        #: Whether an early beacon went out since the last regular one (at most one does).
+        self._answered = False
+        #: When each name last made a refused link ask again (`Node.peer_heard`): at most once
+        #: per beacon interval, whatever the number of beacons naming it.
+        self._retried: dict[str, float] = {}
 
     @property
     def stats(self) -> DiscoveryStats:
@@ -376,11 +530,15 @@ class Discovery:
         self._transport = transport
         self.address = transport.get_extra_info("sockname")[:2]
         self._task = asyncio.create_task(self._announce(), name=f"{self.node.name}-beacons")
+        # Seen while it runs (control `status` roles.discovery, `meshpost peers`), not only in
+        # the line at close: what beacons it refused is counted where its user looks.
+        self.node.add_role_counters("discovery", lambda: dataclasses.asdict(self.stats))
         log.info("[%s] discovery on udp %s:%d (mesh %r), beacons to %s", self.node.name,
                  *self.address, cfg.mesh,
                  ", ".join(f"{h}:{p}" for h, p in cfg.beacon_targets))
 
     async def close(self) -> None:
+        self.node.remove_role_counters("discovery")
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -395,71 +553,122 @@ class Discovery:
         return encode_beacon(Beacon(self.config.mesh, self.node.node_id, self.node.name,
                                     endpoint, PROTOCOL_VERSION, self._key))
 
+    def _send_beacon(self) -> None:
+        """Our beacon to our targets (never elsewhere: a beacon's source can be forged)."""
+        if self._transport is None:
+            return
+        data = self.beacon()
+        for target in self.config.beacon_targets:
+            try:
+                self._transport.sendto(data, target)
+            except OSError as exc:
+                log.debug("[%s] beacon to %s: %s", self.node.name, target, exc)
+
     async def _announce(self) -> None:
         loop = asyncio.get_running_loop()
-        data = self.beacon()
         while True:
-            if self._transport is not None:
-                for target in self.config.beacon_targets:
-                    try:
-                        self._transport.sendto(data, target)
-                    except OSError as exc:
-                        log.debug("[%s] beacon to %s: %s", self.node.name, target, exc)
-            self._act(self.directory.expire(loop.time()))
+            self._send_beacon()
+            self._answered = False
+            self._act(self.directory.expire(loop.time()), loop.time())
             await asyncio.sleep(self.config.interval_s)
 
     def received(self, data: bytes, addr: tuple[str, int]) -> None:
+        now = asyncio.get_running_loop().time()
         try:
-            decisions = self.directory.receive(data, addr[0], asyncio.get_running_loop().time())
+            decisions = self.directory.receive(data, addr[0], now)
         except BeaconError as exc:
-            log.debug("[%s] ignored datagram from %s: %s", self.node.name, addr, exc)
+            self._log(logging.INFO, "garbage", now, "[%s] ignored a datagram from %s: %s",
+                      self.node.name, addr[0], exc)
             return
-        if any(isinstance(d, Found | Moved) for d in decisions) and self._transport is not None:
-            # Answer a newcomer (or a node back elsewhere, maybe with a new memory) at once, so
-            # it knows us before our Hello reaches it.
-            self._transport.sendto(self.beacon(), addr)
-        self._act(decisions)
+        if any(isinstance(d, Found | Moved) for d in decisions) and not self._answered:
+            # Tell a newcomer (or a node back elsewhere, maybe with a new memory) about us at
+            # once, so it knows us before our Hello reaches it: an early beacon to our usual
+            # targets, at most one between two regular ones. Not to the datagram's source,
+            # which anyone can forge: a beacon would make us send to a victim of its choice.
+            self._answered = True
+            self._send_beacon()
+        self._act(decisions, now)
 
-    def _act(self, decisions: Sequence[Decision]) -> None:
+    def _log(self, level: int, kind: str, now: float, fmt: str, *args: object) -> None:
+        """Log a line about others' beacons, paced per `kind` (`_PacedLog`)."""
+        paced = self._paced.get(kind)
+        if paced is None:
+            paced = self._paced[kind] = _PacedLog()
+        tail = paced.allow(now)
+        if tail is None:
+            self.stats.lines_not_logged += 1
+            return
+        log.log(level, fmt + "%s", *args, tail)
+
+    def _peer_state(self, peer: str) -> str | None:
+        return next((p.state for p in self.node.peers() if p.name == peer), None)
+
+    def _act(self, decisions: Sequence[Decision], now: float) -> None:
         name = self.node.name
         for d in decisions:
             match d:
                 case Found(name=peer, node_id=node_id, endpoint=endpoint):
                     try:
-                        self.node.add_peer(peer, endpoint, node_id=node_id, found="beacon")
+                        # Under --secure the key proves who answers; a beacon's node id,
+                        # anyone's to copy, pinned for the name would refuse the real node.
+                        self.node.add_peer(peer, endpoint, found="beacon",
+                                           node_id=None if self.directory.secure else node_id)
                     except MeshpostError as exc:
-                        log.warning("[%s] cannot add discovered %s at %s: %s", name, peer,
-                                    endpoint, exc)
+                        self._log(logging.WARNING, "refused", now,
+                                  "[%s] cannot add discovered %s at %s: %s", name, peer,
+                                  endpoint, exc)
                 case Clash(name=peer, known_id=known, other_id=other, other_endpoint=where,
                            ours=True):
-                    log.error("[%s] name clash: another node (id %s at %s) also calls itself "
+                    self._log(logging.ERROR, "clash", now,
+                              "[%s] name clash: another node (id %s at %s) also calls itself "
                               "%r; this node is id %s. Rename one of them.", name, other,
                               where, peer, known)
                 case Clash(name=peer, known_id=known, other_id=other, other_endpoint=where):
-                    log.error("[%s] name clash: %r is node %s, and node %s at %s claims the "
+                    self._log(logging.ERROR, "clash", now,
+                              "[%s] name clash: %r is node %s, and node %s at %s claims the "
                               "name too; keeping %s, ignoring the other", name, peer, known,
                               other, where, known)
                 case Moved(name=peer, endpoint=endpoint, previous=previous):
-                    log.warning("[%s] %s is heard at %s now, nothing from %s for %gs: "
-                                "dialing it there", name, peer, endpoint, previous,
-                                self.directory.silence_s)
+                    self._log(logging.WARNING, "moved", now,
+                              "[%s] %s is heard at %s now, nothing from %s for %gs (or, under "
+                              "--secure, no handshake there): dialing it there", name, peer,
+                              endpoint, previous, self.directory.silence_s)
                     self.node.move_peer(peer, endpoint)
                 case EndpointClaim(name=peer, node_id=node_id, endpoint=endpoint,
                                    claimed=claimed):
-                    log.warning("[%s] a beacon says %s (node %s) is at %s, but %s is heard at "
-                                "%s: not followed (a node id is no proof; a node that moved is "
-                                "followed once nothing came from its old endpoint for %gs)",
-                                name, peer, node_id, claimed, peer, endpoint,
-                                self.directory.silence_s)
+                    if (self.directory.secure and self._peer_state(peer) == "connecting"
+                            and (moved := self.directory.follow(d, now)) is not None):
+                        # Under --secure the endpoint it is dialed at never answered the
+                        # handshake (a beacon that came before the real node's, with its
+                        # key's fingerprint): the key decides at the claimed one.
+                        self._act([moved], now)
+                        continue
+                    self._log(logging.WARNING, "claim", now,
+                              "[%s] a beacon says %s (node %s) is at %s, but %s is heard at "
+                              "%s: not followed (a node id is no proof; a node that moved is "
+                              "followed once nothing came from its old endpoint for %gs)",
+                              name, peer, node_id, claimed, peer, endpoint,
+                              self.directory.silence_s)
                 case Heard(name=peer, returned=returned):
                     if returned:
-                        log.info("[%s] %s is heard again", name, peer)
-                    self.node.peer_heard(peer)
+                        self._log(logging.INFO, "presence", now, "[%s] %s is heard again",
+                                  name, peer)
+                    if now - self._retried.get(peer, -math.inf) >= self.config.interval_s:
+                        # A copy of a node's beacon can come as often as anyone sends it; a
+                        # refused link asks again at most once a beacon interval for it.
+                        self._retried[peer] = now
+                        self.node.peer_heard(peer)
                 case Unauthorized(name=peer, node_id=node_id):
-                    log.warning("[%s] ignoring %s (node %s): its name and key are not in "
-                                "authorized_keys", name, peer, node_id)
+                    self._log(logging.WARNING, "unauthorized", now,
+                              "[%s] ignoring %s (node %s): its name and key are not in "
+                              "authorized_keys", name, peer, node_id)
+                case Refused(name=peer, node_id=node_id, endpoint=endpoint, reason=reason):
+                    self._log(logging.WARNING, "refused", now,
+                              "[%s] ignoring a beacon naming %s (node %s at %s): %s", name,
+                              peer, node_id, endpoint, reason)
                 case Silent(name=peer, silent_s=silent):
-                    log.info("[%s] no beacon from %s for %.1fs", name, peer, silent)
+                    self._log(logging.INFO, "presence", now, "[%s] no beacon from %s for %.1fs",
+                              name, peer, silent)
 
 
 class _BeaconProtocol(asyncio.DatagramProtocol):
@@ -484,6 +693,7 @@ __all__ = [
     "Found",
     "Heard",
     "Moved",
+    "Refused",
     "Silent",
     "Unauthorized",
     "decode_beacon",

@@ -14,6 +14,7 @@ from meshpost.discovery import (
     Found,
     Heard,
     Moved,
+    Refused,
     Silent,
     Unauthorized,
     decode_beacon,
@@ -69,14 +70,17 @@ def test_own_beacon_other_mesh_other_protocol_and_bad_names_are_ignored_and_coun
     assert d.receive(beacon("A", "a1"), "127.0.0.1", 0.0) == []
     assert d.receive(beacon(mesh="other"), "127.0.0.1", 0.0) == []
     assert d.receive(beacon(protocol=PROTOCOL_VERSION + 1), "127.0.0.1", 0.0) == []
-    assert d.receive(beacon(name="bad name"), "127.0.0.1", 0.0) == []
-    assert d.receive(beacon(endpoint="http://x"), "127.0.0.1", 0.0) == []
+    with pytest.raises(BeaconError):
+        d.receive(beacon(name="bad name"), "127.0.0.1", 0.0)
+    assert d.receive(beacon(endpoint="http://x"), "127.0.0.1", 0.0) == [
+        Refused("B", "b1", "http://x",
+                "invalid endpoint 'http://x': supported transports are tcp:// and ipc://")]
     with pytest.raises(BeaconError):
         d.receive(b"junk", "127.0.0.1", 0.0)
     with pytest.raises(BeaconError):
         d.receive(b"MPB\x07", "127.0.0.1", 0.0)
     s = d.stats
-    assert (s.other_mesh, s.other_version, s.garbage) == (1, 2, 3)
+    assert (s.other_mesh, s.other_version, s.garbage, s.endpoints_refused) == (1, 2, 2, 1)
 
 
 def test_a_second_node_claiming_a_known_name_is_a_clash_never_found() -> None:
@@ -145,3 +149,129 @@ def test_wildcard_endpoint_is_dialed_at_the_beacons_source() -> None:
     assert parse_target("127.0.0.1:5671") == ("127.0.0.1", 5671)
     with pytest.raises(InvalidEndpoint):
         parse_target("127.0.0.1")
+
+
+# -- hostile beacons (docs/reliability.md, "Hostile peers against discovery") ------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"node_id": "\x1b[2J\x1b[31mb1"},  # terminal escapes, in a clash line of the log
+        {"node_id": "b\u202e1"},  # a bidi override
+        {"node_id": "b" * 65},
+        {"node_id": ""},
+        {"key": "not a fingerprint"},
+        {"endpoint": "tcp://127.0.0.1:7002\n2026-12-06 INFO forged line"},
+        {"endpoint": "ipc:///tmp/x\u202e"},
+    ],
+)
+def test_a_node_id_key_or_endpoint_of_the_wrong_form_is_garbage(fields: dict[str, str]) -> None:
+    """What is logged or kept of a beacon is printable and short: before, a node id was any
+    string of up to 500 bytes and reached the log raw (a clash line prints it)."""
+    d = directory()
+    with pytest.raises(BeaconError):
+        d.receive(beacon(**fields), "127.0.0.1", 0.0)  # type: ignore[arg-type]
+    with pytest.raises(BeaconError):  # under our own name: the clash line printed it
+        d.receive(beacon("A", **fields), "127.0.0.1", 0.0)  # type: ignore[arg-type]
+    assert d.stats.garbage == 2
+    assert d.stats.clashes == 0
+
+
+def test_reserved_words_and_this_nodes_groups_are_never_found() -> None:
+    """Found under `team`, a stranger took what A sends to its group team (a peer's name wins
+    over a group's); found under `all` or `ALL`, a line a beacon said `add_peer` refused."""
+    d = directory(is_group=lambda name: name == "team")
+    for name in ("all", "ALL", "me", "team"):
+        decisions = d.receive(beacon(name), "127.0.0.1", 0.0)
+        assert [type(x) for x in decisions] == [Refused], name
+    assert d.stats.names_refused == 4
+    assert d.stats.found == 0
+    assert d.receive(beacon("teams"), "127.0.0.1", 0.0) == [
+        Found("teams", "b1", "tcp://127.0.0.1:7002")]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "source", "found"),
+    [
+        ("tcp://*:7000", "192.0.2.7", "tcp://192.0.2.7:7000"),
+        ("tcp://0.0.0.0:7000", "192.0.2.7", "tcp://192.0.2.7:7000"),
+        ("tcp://192.0.2.7:7000", "192.0.2.7", "tcp://192.0.2.7:7000"),
+        ("tcp://127.0.0.1:7000", "127.0.0.1", "tcp://127.0.0.1:7000"),
+        ("ipc:///tmp/mp/B/node.sock", "127.0.0.1", "ipc:///tmp/mp/B/node.sock"),
+        # A third party, a local service, a DNS name, a local socket: never dialed for a
+        # beacon from elsewhere.
+        ("tcp://192.0.2.99:25", "192.0.2.7", None),
+        ("tcp://127.0.0.1:6379", "192.0.2.7", None),
+        ("tcp://[::1]:6379", "192.0.2.7", None),
+        ("tcp://example.com:7000", "192.0.2.7", None),
+        ("tcp://localhost:7000", "127.0.0.1", None),
+        ("ipc:///run/docker.sock", "192.0.2.7", None),
+        ("tcp://127.0.0.2:7000", "127.0.0.1", None),
+    ],
+)
+def test_a_node_is_dialed_only_at_its_beacons_source(endpoint: str, source: str,
+                                                     found: str | None) -> None:
+    d = directory()
+    decisions = d.receive(beacon(endpoint=endpoint), source, 0.0)
+    if found is None:
+        assert [type(x) for x in decisions] == [Refused]
+        assert d.stats.endpoints_refused == 1
+    else:
+        assert decisions == [Found("B", "b1", found)]
+
+
+def test_at_most_max_found_nodes_are_found() -> None:
+    """Before, every made-up name was a peer: a link each (7 KB, a dial for the first eight,
+    a copy of every message to `all`), without bound."""
+    d = directory(max_found=3)
+    for i in range(3):
+        assert d.receive(beacon(f"n{i}", f"id{i}"), "127.0.0.1", 0.0)[0] == Found(
+            f"n{i}", f"id{i}", "tcp://127.0.0.1:7002")
+    refused = d.receive(beacon("n3", "id3"), "127.0.0.1", 0.0)
+    assert [type(x) for x in refused] == [Refused]
+    # Those found are still heard.
+    assert d.receive(beacon("n0", "id0"), "127.0.0.1", 1.0) == [Heard("n0", returned=False)]
+    assert (d.stats.found, d.stats.directory_full) == (3, 1)
+
+
+def test_a_beacon_naming_a_configured_peer_only_counts_as_hearing_it() -> None:
+    """Before, a beacon under a configured peer's name with a made-up node id was `Found`,
+    and `add_peer` pinned that node id for the name (although the link existed): the real
+    peer's Hellos were refused as a name clash until the node restarted. Under --secure too,
+    with the key's fingerprint copied from the real beacon."""
+    d = directory(configured=frozenset({"B"}))
+    assert d.receive(beacon(node_id="made-up", endpoint="tcp://127.0.0.1:9"), "127.0.0.1",
+                     0.0) == [Heard("B", returned=False)]
+    assert d.receive(beacon(), "127.0.0.1", 0.0) == [Heard("B", returned=False)]
+    assert d.stats.clashes == 0
+    assert d.stats.found == 0
+
+
+def test_under_secure_a_node_id_copied_before_the_real_node_cannot_keep_it_out() -> None:
+    """M beacons B's name and B's key fingerprint (both in B's beacons) with its own node id
+    and endpoint before A hears B. Before: B's own beacons were a clash, never dialed, for as
+    long as A ran. Now the key decides: B's endpoint is a claim, which the I/O side follows
+    (`follow`) when M's endpoint never answered the handshake, once a period at most."""
+    fp = key_fingerprint(b"k" * 32)
+    d = directory(authorized=lambda name, key: name == "B" and key == fp)
+    m_at, b_at = "tcp://127.0.0.1:7666", "tcp://127.0.0.1:7002"
+    assert d.receive(beacon(node_id="m1", endpoint=m_at, key=fp), "127.0.0.1", 0.0) == [
+        Found("B", "m1", m_at)]
+    claim = EndpointClaim("B", "b1", m_at, b_at)
+    assert d.receive(beacon(endpoint=b_at, key=fp), "127.0.0.1", 0.5) == [claim]
+    assert d.stats.clashes == 0
+    assert d.follow(claim, 0.5) == Moved("B", "b1", b_at, m_at)
+    # M's next beacon is a claim in turn; following it back waits a period.
+    back = EndpointClaim("B", "m1", b_at, m_at)
+    assert d.receive(beacon(node_id="m1", endpoint=m_at, key=fp), "127.0.0.1", 1.0) == [back]
+    assert d.follow(back, 1.0) is None
+    assert d.follow(back, 5.5) == Moved("B", "m1", m_at, b_at)
+
+
+def test_without_keys_follow_never_moves_a_node() -> None:
+    d = directory()
+    d.receive(beacon(), "127.0.0.1", 0.0)
+    claim = d.receive(beacon(endpoint="tcp://127.0.0.1:7010"), "127.0.0.1", 1.0)[0]
+    assert isinstance(claim, EndpointClaim)
+    assert d.follow(claim, 100.0) is None

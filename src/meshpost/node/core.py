@@ -570,6 +570,11 @@ class Node:
                  changes.describe(), len(keys))
         return changes
 
+    def is_group(self, name: str) -> bool:
+        """Whether `name` is a group here (configured or named by a record), not a node:
+        discovery finds no node under it, or `send NAME` would go to whoever beaconed it."""
+        return self._groups.is_group(name)
+
     async def join(self, group: str) -> bool:
         """Join `group` from now on: a durable record, sent to every peer (retried until each
         receipts it), so `@group` reaches this node. False if already a member. Messages sent
