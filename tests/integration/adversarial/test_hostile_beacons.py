@@ -1,0 +1,357 @@
+"""Hostile peers against discovery: a stranger on the LAN sends beacons by hand (a plain UDP
+socket on loopback) at real `meshpost node --discover` processes.
+
+The two rules: no input from a peer may cost another message (a dial, a datagram, a copy of a
+message, a log line per input), and a name or node id a peer chooses is never proof of who it
+is. docs/reliability.md, "Hostile peers against discovery", tells what each test found.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from meshpost import keys
+from meshpost.cluster import free_tcp_ports
+from meshpost.control import ControlClient, StatusRequest
+from meshpost.discovery import Beacon, encode_beacon, key_fingerprint
+from meshpost.protocol import PROTOCOL_VERSION
+from tests.integration.conftest import wait_until
+from tests.integration.test_discovery import (
+    DiscoveringNode,
+    LanOnLoopback,
+    bodies,
+    connected,
+    send,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+WAIT_S = 40.0
+#: `discovery.DEFAULT_MAX_FOUND` (a literal: the test also runs against code without it).
+MAX_FOUND = 256
+
+
+@pytest.fixture
+def lan(short_tmp: Path) -> Iterator[LanOnLoopback]:
+    net = LanOnLoopback(short_tmp, 4)
+    try:
+        yield net
+    finally:
+        net.stop()
+
+
+def forged(name: str, node_id: str, endpoint: str, *, key: str | None = None) -> bytes:
+    return encode_beacon(Beacon("meshpost", node_id, name, endpoint, PROTOCOL_VERSION, key))
+
+
+def status(node: DiscoveringNode) -> dict[str, Any]:
+    """What `meshpost peers --json` prints of `node` (its control `status`), without a
+    process a call: {"status": ..., "peers": [...]}."""
+    with ControlClient(node.data_dir, name=node.name) as client:
+        reply = client.request(StatusRequest(), timeout_s=10)
+    return {"status": reply.status, "peers": [msgspec.structs.asdict(p) for p in reply.peers]}
+
+
+def counters(node: DiscoveringNode) -> dict[str, int]:
+    """The node's discovery counters, as control `status` (roles.discovery) shows them."""
+    roles = status(node)["status"].get("roles") or {}
+    assert "discovery" in roles, f"no discovery counters in {node.name}'s status: {roles}"
+    found: dict[str, int] = roles["discovery"]
+    return found
+
+
+def names_read(node: DiscoveringNode) -> int:
+    """How many beacons `node` read: its counter; on code without it (the test run against
+    the code before the fix), the peers its beacons made."""
+    shown = status(node)
+    roles = shown["status"].get("roles") or {}
+    if "discovery" in roles:
+        return int(roles["discovery"]["beacons"])
+    return len(shown["peers"])
+
+
+def vm_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dead_port() -> int:
+    """A loopback TCP port nobody listens on (a dial there is refused at once)."""
+    return free_tcp_ports(1)[0]
+
+
+def test_a_flood_of_made_up_names_is_bounded_counted_and_paced(lan: LanOnLoopback) -> None:
+    """10,000 beacons, each a new name and node id, while A and B exchange. Before: each name
+    was a peer of A (a link, a dial for the first eight, a copy of every message to `all`),
+    two log lines each (`joined`, then `no beacon from`), and nothing in A's status said so.
+    Now at most MAX_FOUND names are found, the rest counted (`directory_full`) and
+    logged at a pace; B still receives what A sends."""
+    a, b = lan.node("A").start(), lan.node("B").start()
+    a.wait_ready()
+    b.wait_ready()
+    wait_until(lambda: connected(a) == {"B"} and connected(b) == {"A"}, WAIT_S,
+               "A and B connected by beacon")
+    assert a.process is not None
+    pid = a.process.pid
+    rss_before, cpu_before = vm_rss_kb(pid), cpu_s(pid)
+    lines_before = len(a.log().splitlines())
+    flood = 10_000
+    endpoint = f"tcp://127.0.0.1:{dead_port()}"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for i in range(flood):
+            s.sendto(forged(f"fake{i}", f"{i:016x}", endpoint), ("127.0.0.1",
+                                                                  lan.beacon_ports[0]))
+            if i % 200 == 199:
+                # Paced so that the kernel's receive buffer keeps most of them.
+                wait_until(lambda n=i: names_read(a) >= n * 0.5, WAIT_S, "A reading the flood")
+    wait_until(lambda: names_read(a) > flood // 2, WAIT_S, "A reading the flood")
+    rss_after, cpu_after = vm_rss_kb(pid), cpu_s(pid)
+    peers = {p["name"] for p in status(a)["peers"]}
+    new_lines = a.log().splitlines()[lines_before:]
+    print(f"flood of {flood} names: A read {names_read(a)}, VmRSS {rss_before} -> "
+          f"{rss_after} kB, CPU {cpu_after - cpu_before:.2f} s, {len(peers)} peers, "
+          f"{len(new_lines)} log lines")
+    assert len(peers) <= MAX_FOUND + 1
+    assert "B" in peers
+    seen = counters(a)
+    print(f"counters {seen}")
+    assert seen["found"] <= MAX_FOUND
+    assert seen["directory_full"] > 0
+    assert seen["found"] + seen["directory_full"] <= seen["beacons"]
+    # A's log: a `joined` line per name found (bounded by the cap), the refusals paced.
+    assert sum("joined" in line for line in new_lines) <= MAX_FOUND
+    refusals = [line for line in new_lines if "ignoring a beacon naming" in line]
+    assert 0 < len(refusals) < 100, len(refusals)
+    assert send(a, "B", "through the flood") == 0
+    assert bodies(b.data_dir, "in") == ["through the flood"]
+    assert a.alive()
+    # `meshpost peers --json` and its table show the counters too.
+    shown = subprocess.run(
+        [sys.executable, "-m", "meshpost", "peers", "--node", "A", "--data", str(a.data_dir),
+         "--json"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        env=dict(os.environ))
+    assert json.loads(shown.stdout)["status"]["roles"]["discovery"]["directory_full"] > 0
+    table = subprocess.run(
+        [sys.executable, "-m", "meshpost", "peers", "--node", "A", "--data", str(a.data_dir)],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        env=dict(os.environ))
+    assert "discovery:" in table.stdout and "directory_full" in table.stdout, table.stdout
+
+
+def test_a_beacon_cannot_send_a_node_to_dial_a_third_party(lan: LanOnLoopback) -> None:
+    """A beacon from 127.0.0.1 naming an endpoint at 127.0.0.2 (a third party: another
+    address than the beacon's own) or a host name. Before: A dialed it (a ZMTP greeting to
+    any port of any host a datagram named; a DNS query for a name). Now refused, counted."""
+    third_party = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    third_party.bind(("127.0.0.2", 0))
+    third_party.listen(16)
+    third_party.settimeout(0.05)
+    port = third_party.getsockname()[1]
+    a = lan.node("A").start()
+    a.wait_ready()
+    accepted: list[socket.socket] = []
+
+    def dialed() -> bool:
+        try:
+            conn, _ = third_party.accept()
+        except TimeoutError:
+            return False
+        accepted.append(conn)
+        return True
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for i, endpoint in enumerate((f"tcp://127.0.0.2:{port}", f"tcp://localhost:{port}")):
+                s.sendto(forged(f"victim{i}", f"{i:016x}", endpoint),
+                         ("127.0.0.1", lan.beacon_ports[0]))
+
+        def decided() -> bool:
+            roles = status(a)["status"].get("roles") or {}
+            return (dialed()
+                    or roles.get("discovery", {}).get("endpoints_refused", 0) >= 2)
+
+        wait_until(decided, WAIT_S, "A dialing the third party or refusing the beacons")
+        assert accepted == [], "A dialed the endpoint a stranger's beacon named"
+        assert counters(a)["endpoints_refused"] == 2
+        assert {p["name"] for p in status(a)["peers"]} == set()
+        assert "its host is not the beacon's source address 127.0.0.1" in a.log()
+    finally:
+        for conn in accepted:
+            conn.close()
+        third_party.close()
+
+
+def test_a_beacon_is_never_answered_at_its_source(lan: LanOnLoopback) -> None:
+    """A beacon's source address is anyone's to forge. Before, A answered each new name
+    with a beacon of its own to the datagram's source: one spoofed datagram (here 50 bytes)
+    sent A's beacon (59 bytes here; more with a longer name or a key) to any host and port the
+    sender chose, one per name made up. Now the early beacon goes to A's own targets only,
+    and at most one between two regular ones."""
+    a, b = lan.node("A").start(), lan.node("B").start()
+    a.wait_ready()
+    b.wait_ready()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as victim:
+        victim.bind(("127.0.0.1", 0))
+        victim.setblocking(False)
+        for i in range(20):
+            victim.sendto(forged(f"n{i}", f"{i:016x}", f"tcp://127.0.0.1:{dead_port()}"),
+                          ("127.0.0.1", lan.beacon_ports[0]))
+        wait_until(lambda: len({p["name"] for p in status(a)["peers"]} - {"B"}) == 20,
+                   WAIT_S, "A finding the 20 names")
+        answers: list[bytes] = []
+        while True:
+            try:
+                answers.append(victim.recv(2048))
+            except BlockingIOError:
+                break
+    assert answers == [], f"A sent {len(answers)} datagrams to the beacons' source"
+    # The early beacon reaches the nodes A beacons to: B still finds A.
+    wait_until(lambda: connected(a) == {"B"} and connected(b) == {"A"}, WAIT_S,
+               "A and B connected by beacon")
+
+
+def test_control_characters_in_a_beacon_never_reach_the_log_or_peers(
+    lan: LanOnLoopback,
+) -> None:
+    """Node ids and endpoints with terminal escapes, a bidi override, a newline forging a log
+    line, under A's own name (a clash line prints the other node id and endpoint) and under
+    new names. Before: the clash line carried them raw into A's log. Now such a beacon is
+    garbage, counted, and logged (paced) without its fields."""
+    a = lan.node("A").start()
+    a.wait_ready()
+    evil = ["\x1b[2J\x1b[31mPWNED", "b\u202e1", "x" * 300]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for node_id in evil:
+            for name in ("A", "newname"):
+                s.sendto(forged(name, node_id, "tcp://127.0.0.1:9"),
+                         ("127.0.0.1", lan.beacon_ports[0]))
+        s.sendto(forged("A", "ab12", "tcp://127.0.0.1:9\n2026-01-01 INFO forged"),
+                 ("127.0.0.1", lan.beacon_ports[0]))
+
+    def counted() -> bool:
+        roles = status(a)["status"].get("roles") or {}
+        return roles.get("discovery", {}).get("garbage", 0) >= 7 or "PWNED" in a.log()
+
+    wait_until(counted, WAIT_S, "A counting the beacons")
+    log = a.log()
+    for bad in ("\x1b", "\u202e", "PWNED", "INFO forged", "x" * 300):
+        assert bad not in log
+    assert counters(a)["garbage"] == 7
+    shown = json.dumps(status(a))
+    assert "PWNED" not in shown and "newname" not in shown
+
+
+def test_reserved_words_and_group_names_in_beacons_are_never_peers(
+    lan: LanOnLoopback,
+) -> None:
+    """A has group `team` (with X). Before: a beacon naming `team` made a peer of it, which
+    wins over the group: `send team` from A went to the stranger's endpoint as a direct
+    message; `all` and `me` each cost a `cannot add discovered` warning. Now refused,
+    counted (`names_refused`), and `team` stays A's group."""
+    a = lan.node("A")
+    a.extra_args = [*a.extra_args, "--peer", f"X=tcp://127.0.0.1:{dead_port()}",
+                    "--group", "team=X"]
+    a.start().wait_ready()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for i, name in enumerate(("team", "all", "ALL", "me")):
+            s.sendto(forged(name, f"{i:016x}", f"tcp://127.0.0.1:{dead_port()}"),
+                     ("127.0.0.1", lan.beacon_ports[0]))
+
+    def decided() -> bool:
+        shown = status(a)
+        roles = shown["status"].get("roles") or {}
+        return (roles.get("discovery", {}).get("names_refused", 0) >= 4
+                or "team" in {p["name"] for p in shown["peers"]})
+
+    wait_until(decided, WAIT_S, "A deciding on the beacons")
+    shown = status(a)
+    assert {p["name"] for p in shown["peers"]} == {"X"}
+    assert shown["status"]["groups"] == {"team": ["X"]}
+    assert counters(a)["names_refused"] == 4
+    assert "cannot add discovered" not in a.log()
+
+
+def test_a_beacon_naming_a_configured_peer_cannot_lock_it_out(lan: LanOnLoopback) -> None:
+    """A (discovering) and B know each other by --peer. A stranger beacons B's name with a
+    node id of its own. Before: A pinned that node id for B (`add_peer` of a known name did
+    so before finding it known): B's own Hellos were refused as a name clash for as long as
+    A ran, and B's messages to A never arrived. Now the beacon only counts as hearing B."""
+    a, b = lan.node("A"), lan.node("B")
+    a.extra_args = [*a.extra_args, "--peer", f"B={b.bind}"]
+    b.extra_args = ["--peer", f"A={a.bind}"]  # B runs without discovery
+    a.start().wait_ready()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(forged("B", "00000000deadbeef", f"tcp://127.0.0.1:{dead_port()}"),
+                 ("127.0.0.1", lan.beacon_ports[0]))
+        # Then a beacon of another name, from the same socket: once A shows it, A read both.
+        s.sendto(forged("marker", "0000000000000001", f"tcp://127.0.0.1:{dead_port()}"),
+                 ("127.0.0.1", lan.beacon_ports[0]))
+    wait_until(lambda: "marker" in {p["name"] for p in status(a)["peers"]}, WAIT_S,
+               "A reading the beacons")
+    b.start().wait_ready()
+    assert send(b, "A", "from the real B") == 0
+    assert bodies(a.data_dir, "in") == ["from the real B"]
+    assert send(a, "B", "to the real B") == 0
+    assert bodies(b.data_dir, "in") == ["to the real B"]
+    assert counters(a)["clashes"] == 0
+
+
+def test_under_secure_a_stranger_beaconing_first_cannot_keep_a_node_out(
+    lan: LanOnLoopback,
+) -> None:
+    """A and B run --secure and trust each other. Before B starts, M beacons B's name with
+    B's key fingerprint (public: in every beacon of B's, or computed from B's public key)
+    and an endpoint and node id of its own, 20 times a second, for the whole test. Before:
+    A found "B" at M's endpoint (the handshake there fails: M has not B's secret key), then
+    took the real B's beacons as a name clash and refused B's Hellos (M's node id pinned)
+    for as long as A ran. Now the key decides: B is welcomed, and A's link leaves M's
+    endpoint, which never answered the handshake, for B's."""
+    a, b = lan.node("A"), lan.node("B")
+    for node in (a, b):
+        node.extra_args = [*node.extra_args, "--secure"]
+    publics = keys.generate_mesh_keys({"A": a.data_dir, "B": b.data_dir})
+    fingerprint = key_fingerprint(publics["B"])
+    a.start().wait_ready()
+    beacon = forged("B", "0000000000000bad", f"tcp://127.0.0.1:{dead_port()}",
+                    key=fingerprint)
+    stop = threading.Event()
+
+    def forge() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            while True:
+                s.sendto(beacon, ("127.0.0.1", lan.beacon_ports[0]))
+                if stop.wait(0.05):
+                    return
+
+    forger = threading.Thread(target=forge, daemon=True)
+    forger.start()
+    try:
+        wait_until(lambda: "B" in {p["name"] for p in status(a)["peers"]}, WAIT_S,
+                   "A finding M's B")
+        b.start().wait_ready()
+        assert send(b, "A", "from the real B") == 0
+        assert send(a, "B", "to the real B") == 0
+    finally:
+        stop.set()
+        forger.join(5)
+    assert bodies(a.data_dir, "in") == ["from the real B"]
+    assert bodies(b.data_dir, "in") == ["to the real B"]
+    assert "name clash" not in a.log()
