@@ -428,7 +428,6 @@ class DiscoveryConfig:
     mesh: str = DEFAULT_MESH
     interval_s: float = DEFAULT_INTERVAL_S
     silence_s: float = DEFAULT_SILENCE_S
-    max_found: int = DEFAULT_MAX_FOUND
 
     @property
     def beacon_targets(self) -> tuple[tuple[str, int], ...]:
@@ -473,7 +472,8 @@ class Discovery:
 
     def __init__(self, node: Node, config: DiscoveryConfig, *,
                  public_key: bytes | None = None,
-                 authorized_keys: dict[str, bytes] | None = None) -> None:
+                 authorized_keys: dict[str, bytes] | None = None,
+                 max_found: int = DEFAULT_MAX_FOUND) -> None:
         self.node = node
         self.config = config
         self._key = key_fingerprint(public_key) if public_key is not None else None
@@ -486,7 +486,7 @@ class Discovery:
 
         self.directory = Directory(mesh=config.mesh, name=node.name, node_id=node.node_id,
                                    silence_s=config.silence_s, authorized=authorized,
-                                   max_found=config.max_found,
+                                   max_found=max_found,
                                    configured=frozenset(p.name for p in node.config.peers),
                                    is_group=node.is_group)
         self._transport: asyncio.DatagramTransport | None = None
