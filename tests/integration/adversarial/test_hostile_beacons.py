@@ -14,18 +14,21 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+import zmq
 
 from meshpost import keys
 from meshpost.cluster import free_tcp_ports
 from meshpost.control import ControlClient, StatusRequest
 from meshpost.discovery import Beacon, encode_beacon, key_fingerprint
 from meshpost.protocol import PROTOCOL_VERSION
+from tests.integration import wire_peer
 from tests.integration.conftest import wait_until
 from tests.integration.test_discovery import (
     DiscoveringNode,
@@ -355,3 +358,61 @@ def test_under_secure_a_stranger_beaconing_first_cannot_keep_a_node_out(
     assert bodies(a.data_dir, "in") == ["from the real B"]
     assert bodies(b.data_dir, "in") == ["to the real B"]
     assert "name clash" not in a.log()
+
+
+def test_copies_of_a_nodes_beacon_cannot_make_a_node_say_hello_once_each(
+    lan: LanOnLoopback,
+) -> None:
+    """C (a listener by hand, docs/protocol.md 6.3) refuses every Hello as `unknown-peer`, as
+    a node does that has not heard our beacon yet. A stranger sends A copies of C's beacon,
+    as fast as it can. Before: each copy made A's refused link ask again at once, a Hello to
+    C per datagram (a third party's traffic at a stranger's rate). Now at most once per
+    beacon interval (0.2 s here) for a name, however many copies come."""
+    ctx = zmq.Context()
+    c = ctx.socket(zmq.ROUTER)
+    c.setsockopt(zmq.LINGER, 0)
+    port = c.bind_to_random_port("tcp://127.0.0.1")
+    hellos: list[float] = []
+    stop = threading.Event()
+
+    def refuse_all() -> None:
+        while not stop.is_set():
+            if not c.poll(50):
+                continue
+            identity, data = c.recv_multipart()
+            if wire_peer.decode(data).tag == "hello":
+                hellos.append(time.monotonic())
+                c.send_multipart([identity, wire_peer.encode(
+                    "refuse", "unknown-peer", "'A' is not a peer of 'C'")])
+
+    listener = threading.Thread(target=refuse_all, daemon=True)
+    listener.start()
+    a = lan.node("A").start()
+    try:
+        a.wait_ready()
+        beacon = forged("C", "00000000000000cc", f"tcp://127.0.0.1:{port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(beacon, ("127.0.0.1", lan.beacon_ports[0]))
+            wait_until(lambda: any(p["name"] == "C" and p["state"] == "refused"
+                                   for p in status(a)["peers"]), WAIT_S, "C refusing A")
+            started, before = time.monotonic(), len(hellos)
+            copies = 2000
+            for i in range(copies):
+                s.sendto(beacon, ("127.0.0.1", lan.beacon_ports[0]))
+                if i % 100 == 99:
+                    time.sleep(0.01)  # the kernel's buffer keeps them
+            # A beacon of another name from the same socket: once A shows it, A read all.
+            s.sendto(forged("marker", "0000000000000001", f"tcp://127.0.0.1:{dead_port()}"),
+                     ("127.0.0.1", lan.beacon_ports[0]))
+            wait_until(lambda: "marker" in {p["name"] for p in status(a)["peers"]}, WAIT_S,
+                       "A reading the copies")
+            elapsed = time.monotonic() - started
+        during = len(hellos) - before
+        print(f"{copies} copies of C's beacon in {elapsed:.2f} s: {during} Hellos to C")
+        # One a beacon interval, plus the one due at the start and the regular retry.
+        assert during <= elapsed / 0.2 + 3, (during, elapsed)
+    finally:
+        stop.set()
+        listener.join(5)
+        c.close()
+        ctx.term()
