@@ -416,3 +416,68 @@ def test_copies_of_a_nodes_beacon_cannot_make_a_node_say_hello_once_each(
         listener.join(5)
         c.close()
         ctx.term()
+
+
+def test_a_node_started_under_a_flood_of_bad_beacons_finds_its_peer_and_logs_at_a_pace(
+    lan: LanOnLoopback,
+) -> None:
+    """A stranger sends every kind of bad beacon to A's port without pause, from before A
+    starts: junk, beacons of another format, mesh or protocol, names and node ids of the
+    wrong form, clashes with A's own name under a new node id each, `all`, endpoints at a
+    third party. A starts, finds B, exchanges. Before: a clash line per made-up node id (an
+    ERROR each) and a line per refused name, without bound. Now each kind is paced: 20
+    lines, then one every 10 s saying how many were left out; all counted."""
+    stop = threading.Event()
+    sent = [0]
+
+    def flood() -> None:
+        target = ("127.0.0.1", lan.beacon_ports[0])
+        kinds = [
+            lambda i: b"junk",
+            lambda i: b"MPB\x07" + bytes(20),
+            lambda i: encode_beacon(Beacon("other", f"{i:016x}", "X", "tcp://127.0.0.1:9",
+                                           PROTOCOL_VERSION, None)),
+            lambda i: encode_beacon(Beacon("meshpost", f"{i:016x}", "X", "tcp://127.0.0.1:9",
+                                           PROTOCOL_VERSION + 1, None)),
+            lambda i: forged("A", f"{i:016x}", "tcp://127.0.0.1:9"),
+            lambda i: forged("A", f"\x1b[{i}m", "tcp://127.0.0.1:9"),
+            lambda i: forged("all", f"{i:016x}", "tcp://127.0.0.1:9"),
+            lambda i: forged(f"x{i}", f"{i:016x}", f"tcp://127.0.0.2:{1 + i % 60000}"),
+        ]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            i = 0
+            while not stop.is_set():
+                s.sendto(kinds[i % len(kinds)](i), target)
+                i += 1
+                if i % 200 == 0:
+                    time.sleep(0.01)
+            sent[0] = i
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    started = time.monotonic()
+    try:
+        a, b = lan.node("A").start(), lan.node("B").start()
+        a.wait_ready()
+        b.wait_ready()
+        wait_until(lambda: connected(a) == {"B"} and connected(b) == {"A"}, WAIT_S,
+                   "A and B connected by beacon")
+        assert send(a, "B", "under the flood") == 0
+        wait_until(lambda: counters(a)["beacons"] > 5000, WAIT_S, "A reading the flood")
+    finally:
+        stop.set()
+        flooder.join(5)
+    elapsed = time.monotonic() - started
+    seen = counters(a)
+    lines = [line for line in a.log().splitlines()
+             if "name clash" in line or "ignoring a beacon" in line
+             or "ignored a datagram" in line]
+    print(f"{sent[0]} bad datagrams sent; A's counters {seen}; {len(lines)} lines about them")
+    assert bodies(b.data_dir, "in") == ["under the flood"]
+    assert {p["name"] for p in status(a)["peers"]} == {"B"}
+    # Three kinds of lines (clash, refused, garbage), each 20 at once, then one every 10 s.
+    assert len(lines) <= 3 * (20 + elapsed / 10 + 1), (len(lines), elapsed)
+    assert seen["clashes"] > 0 and seen["garbage"] > 0 and seen["names_refused"] > 0
+    assert seen["endpoints_refused"] > 0 and seen["other_mesh"] > 0
+    assert seen["other_version"] > 0
+    assert seen["lines_not_logged"] > 0
