@@ -239,12 +239,17 @@ def endpoint_problem(endpoint: str, source_ip: str) -> str | None:
         return "an endpoint not in printable ASCII"
     try:
         validate_endpoint(endpoint, for_bind=False)
+    except InvalidEndpoint as exc:
+        return str(exc)
+    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
+    if host == source_ip and endpoint.startswith("tcp://"):
+        return None  # the usual case, decided without `ipaddress` (a few microseconds)
+    try:
         source = ipaddress.ip_address(source_ip)
-    except (InvalidEndpoint, ValueError) as exc:
+    except ValueError as exc:
         return str(exc)
     if endpoint.startswith("ipc://"):
         return None if source.is_loopback else "an ipc path in a beacon from another machine"
-    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -335,11 +340,16 @@ class Directory:
             # The configuration says where it is (a beacon never moves it) and check 6 of the
             # listener who it is; a beacon's node id pinned for it would refuse the real one.
             return [Heard(beacon.name, returned=False)]
+        heard = self._heard.get(beacon.name)
+        if heard is not None and heard.endpoint == endpoint and heard.node_id == beacon.node_id:
+            # A found node again, where it was found (its endpoint checked then): the usual
+            # beacon, every second from every node, so the cheapest path.
+            returned, heard.silent, heard.last_heard = heard.silent, False, now
+            return [Heard(beacon.name, returned)]
         problem = endpoint_problem(endpoint, source_ip)
         if problem is not None:
             self.stats.endpoints_refused += 1
             return [Refused(beacon.name, beacon.node_id, endpoint, problem)]
-        heard = self._heard.get(beacon.name)
         if heard is not None and heard.node_id != beacon.node_id and not self.secure:
             # Even if the name's holder went silent it keeps the name: messages queued for it
             # are its own, and a newcomer must not receive them.
