@@ -610,9 +610,6 @@ class Discovery:
             return
         log.log(level, fmt + "%s", *args, tail)
 
-    def _peer_state(self, peer: str) -> str | None:
-        return next((p.state for p in self.node.peers() if p.name == peer), None)
-
     def _act(self, decisions: Sequence[Decision], now: float) -> None:
         name = self.node.name
         for d in decisions:
@@ -646,7 +643,7 @@ class Discovery:
                     self.node.move_peer(peer, endpoint)
                 case EndpointClaim(name=peer, node_id=node_id, endpoint=endpoint,
                                    claimed=claimed):
-                    if (self.directory.secure and self._peer_state(peer) == "connecting"
+                    if (self.directory.secure and self.node.peer_state(peer) == "connecting"
                             and (moved := self.directory.follow(d, now)) is not None):
                         # Under --secure the endpoint it is dialed at never answered the
                         # handshake (a beacon that came before the real node's, with its

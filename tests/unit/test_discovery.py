@@ -48,7 +48,15 @@ def test_beacon_bytes_are_magic_version_then_a_msgpack_array_and_round_trip() ->
 
 @pytest.mark.parametrize(
     "data", [b"", b"MPB", b"hello", b"MPB\x02" + b"\x90", b"MPB\x01\xc1", b"MPB\x01" + b"x" * 600,
-             b"MPB\x01\x93\xa1a\xa1b\xa1c"],
+             b"MPB\x01\x93\xa1a\xa1b\xa1c",
+             # Not UTF-8 in the node id; seven fields; a map, not an array; a str for the
+             # protocol; a protocol beyond 64 bits (msgpack has none: a float instead).
+             b"MPB\x01\x96\xa8meshpost\xa2\xff\xfe\xa1B\xa9tcp://x:1\x01\xc0",
+             b"MPB\x01\x97\xa8meshpost\xa2b1\xa1B\xa9tcp://x:1\x01\xc0\xc0",
+             b"MPB\x01\x81\xa4mesh\xa8meshpost",
+             b"MPB\x01\x96\xa8meshpost\xa2b1\xa1B\xa9tcp://x:1\xa11\xc0",
+             b"MPB\x01\x96\xa8meshpost\xa2b1\xa1B\xa9tcp://x:1\xcb\x47\xf0\x00\x00\x00\x00"
+             b"\x00\x00\xc0"],
 )
 def test_anything_but_a_beacon_raises_beacon_error(data: bytes) -> None:
     with pytest.raises(BeaconError):
@@ -275,3 +283,40 @@ def test_without_keys_follow_never_moves_a_node() -> None:
     claim = d.receive(beacon(endpoint="tcp://127.0.0.1:7010"), "127.0.0.1", 1.0)[0]
     assert isinstance(claim, EndpointClaim)
     assert d.follow(claim, 100.0) is None
+
+
+def test_a_protocol_at_msgspecs_limits_is_another_version() -> None:
+    d = directory()
+    for protocol in (2**64 - 1, -(2**63), 0):
+        assert d.receive(beacon(protocol=protocol), "127.0.0.1", 0.0) == []
+    assert d.stats.other_version == 3
+
+
+def test_a_beacon_of_the_largest_size_is_read_and_one_byte_more_is_not() -> None:
+    """512 bytes: a mesh name long enough to fill them (another mesh: counted, no state)."""
+    base = len(beacon(mesh=""))
+    for size, ok in ((512, True), (513, False)):
+        # A str of 256 bytes or more takes three bytes of header, two more than the empty
+        # mesh's one.
+        data = beacon(mesh="m" * (size - base - 2))
+        assert len(data) == size
+        d = directory()
+        if ok:
+            assert d.receive(data, "127.0.0.1", 0.0) == []
+            assert d.stats.other_mesh == 1
+        else:
+            with pytest.raises(BeaconError):
+                d.receive(data, "127.0.0.1", 0.0)
+
+
+def test_paced_log_lines_go_out_twenty_at_once_then_one_every_ten_seconds() -> None:
+    from meshpost.discovery import LOG_BURST, LOG_EVERY_S, _PacedLog
+
+    paced = _PacedLog()
+    assert [paced.allow(0.0) for _ in range(LOG_BURST)] == [""] * LOG_BURST
+    assert [paced.allow(1.0) for _ in range(1000)] == [None] * 1000
+    assert paced.allow(LOG_EVERY_S) == " (1000 such lines left out before this one)"
+    assert paced.allow(LOG_EVERY_S) is None
+    # Quiet for long enough, the burst is back.
+    assert paced.allow(LOG_EVERY_S * (LOG_BURST + 2)) == " (1 such lines left out before this one)"
+    assert paced.allow(LOG_EVERY_S * (LOG_BURST + 2)) == ""

@@ -570,6 +570,13 @@ class Node:
                  changes.describe(), len(keys))
         return changes
 
+    def peer_state(self, name: str) -> str | None:
+        """The state of the link to `name` (`PeerStatus.state`: idle, connecting, ready,
+        lost, left, refused), None for no peer: what `peers()` says of one, without the
+        others (discovery asks it for a beacon, so it must not cost a walk of every link)."""
+        link = self._links.get(name)
+        return None if link is None else link.state.value
+
     def is_group(self, name: str) -> bool:
         """Whether `name` is a group here (configured or named by a record), not a node:
         discovery finds no node under it, or `send NAME` would go to whoever beaconed it."""

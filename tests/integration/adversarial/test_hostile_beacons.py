@@ -322,41 +322,57 @@ def test_under_secure_a_stranger_beaconing_first_cannot_keep_a_node_out(
 ) -> None:
     """A and B run --secure and trust each other. Before B starts, M beacons B's name with
     B's key fingerprint (public: in every beacon of B's, or computed from B's public key)
-    and an endpoint and node id of its own, 20 times a second, for the whole test. Before:
-    A found "B" at M's endpoint (the handshake there fails: M has not B's secret key), then
-    took the real B's beacons as a name clash and refused B's Hellos (M's node id pinned)
-    for as long as A ran. Now the key decides: B is welcomed, and A's link leaves M's
-    endpoint, which never answered the handshake, for B's."""
+    and a node id of its own, 20 times a second for the whole test, at M's endpoint, where
+    a CURVE listener of M's own key answers. Before: A found "B" at M's endpoint, then took
+    the real B's beacons as a name clash and refused B's Hellos (M's node id pinned) for as
+    long as A ran. Now the key decides: a message A queues for B while only M's endpoint is
+    known stays pending (M cannot finish the handshake), B is welcomed, and A's link leaves
+    M's endpoint, which never answered the handshake, for B's: the message reaches B once."""
     a, b = lan.node("A"), lan.node("B")
     for node in (a, b):
         node.extra_args = [*node.extra_args, "--secure"]
     publics = keys.generate_mesh_keys({"A": a.data_dir, "B": b.data_dir})
     fingerprint = key_fingerprint(publics["B"])
-    a.start().wait_ready()
-    beacon = forged("B", "0000000000000bad", f"tcp://127.0.0.1:{dead_port()}",
-                    key=fingerprint)
+    ctx = zmq.Context()
+    m = ctx.socket(zmq.ROUTER)
+    m.setsockopt(zmq.LINGER, 0)
+    m_public, m_secret = zmq.curve_keypair()
+    m.curve_server = True
+    m.curve_publickey, m.curve_secretkey = m_public, m_secret
+    m_port = m.bind_to_random_port("tcp://127.0.0.1")
+    beacon = forged("B", "0000000000000bad", f"tcp://127.0.0.1:{m_port}", key=fingerprint)
     stop = threading.Event()
+    frames_at_m: list[list[bytes]] = []
 
     def forge() -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             while True:
                 s.sendto(beacon, ("127.0.0.1", lan.beacon_ports[0]))
+                while m.poll(0):
+                    frames_at_m.append(m.recv_multipart())
                 if stop.wait(0.05):
                     return
 
+    a.start().wait_ready()
     forger = threading.Thread(target=forge, daemon=True)
     forger.start()
     try:
         wait_until(lambda: "B" in {p["name"] for p in status(a)["peers"]}, WAIT_S,
                    "A finding M's B")
+        assert send(a, "B", "queued for the real B", timeout_s=1) == 3  # not receipted
         b.start().wait_ready()
         assert send(b, "A", "from the real B") == 0
+        wait_until(lambda: bodies(b.data_dir, "in") == ["queued for the real B"], WAIT_S,
+                   "the queued message at the real B")
         assert send(a, "B", "to the real B") == 0
     finally:
         stop.set()
         forger.join(5)
+        m.close()
+        ctx.term()
+    assert frames_at_m == []  # nothing of A's reached M
     assert bodies(a.data_dir, "in") == ["from the real B"]
-    assert bodies(b.data_dir, "in") == ["to the real B"]
+    assert bodies(b.data_dir, "in") == ["queued for the real B", "to the real B"]
     assert "name clash" not in a.log()
 
 
