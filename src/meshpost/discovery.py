@@ -271,7 +271,7 @@ class Directory:
     beacon says (anyone can copy it, and the key's fingerprint, from the real node's beacon):
     another node id under a found name is the same node as far as dialing goes (the endpoint
     rules apply), so a beacon sent before the real node's cannot keep it out by its node id,
-    and `follow` moves a node whose endpoint never answered the handshake.
+    and `follow` moves a node away from an endpoint where nothing answers.
 
     A beacon naming a configured peer (`configured`) only counts as hearing it: its endpoint
     is the configuration's, and a beacon's node id is not pinned for it. At most `max_found`
@@ -387,9 +387,9 @@ class Directory:
 
     def follow(self, claim: EndpointClaim, now: float) -> Moved | None:
         """Under --secure, move `claim`'s node to the endpoint it claims, when the caller saw
-        that the endpoint it is dialed at never answered the handshake (the key proves who
-        answers there); at most once per `silence_s` a name, so two endpoints beaconing one
-        name cost a redial per period, not one per beacon. None if not now."""
+        that nothing answers where it is dialed (the key proves who answers at the claimed
+        one); at most once per `silence_s` a name, so two endpoints beaconing one name cost a
+        redial per period, not one per beacon. None if not now."""
         heard = self._heard.get(claim.name)
         if (not self.secure or heard is None or heard.endpoint != claim.endpoint
                 or now - heard.moved_at < self.silence_s):
@@ -450,6 +450,13 @@ def parse_target(text: str) -> tuple[str, int]:
     if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise InvalidEndpoint(text, "expected HOST:PORT, e.g. 127.0.0.1:5671")
     return host.strip("[]"), int(port)
+
+
+#: Link states (`PeerStatus.state`) in which nothing answers where the link dials: under
+#: --secure a beacon giving the name another endpoint is followed from them (`follow`).
+#: Not `ready` (answered), `idle` (no connection: may have answered before), `refused` (the
+#: key holder answered, and refused).
+_NO_ANSWER = frozenset({"connecting", "lost", "left"})
 
 
 class _PacedLog:
@@ -638,16 +645,17 @@ class Discovery:
                 case Moved(name=peer, endpoint=endpoint, previous=previous):
                     self._log(logging.WARNING, "moved", now,
                               "[%s] %s is heard at %s now, nothing from %s for %gs (or, under "
-                              "--secure, no handshake there): dialing it there", name, peer,
+                              "--secure, no answer there): dialing it there", name, peer,
                               endpoint, previous, self.directory.silence_s)
                     self.node.move_peer(peer, endpoint)
                 case EndpointClaim(name=peer, node_id=node_id, endpoint=endpoint,
                                    claimed=claimed):
-                    if (self.directory.secure and self.node.peer_state(peer) == "connecting"
+                    if (self.directory.secure and self.node.peer_state(peer) in _NO_ANSWER
                             and (moved := self.directory.follow(d, now)) is not None):
-                        # Under --secure the endpoint it is dialed at never answered the
-                        # handshake (a beacon that came before the real node's, with its
-                        # key's fingerprint): the key decides at the claimed one.
+                        # Under --secure, where it is dialed nothing answers now (a beacon
+                        # that came before the real node's with its key's fingerprint, or
+                        # one that took a silent node's name elsewhere): the key decides at
+                        # the claimed endpoint.
                         self._act([moved], now)
                         continue
                     self._log(logging.WARNING, "claim", now,

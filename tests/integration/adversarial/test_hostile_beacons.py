@@ -376,6 +376,65 @@ def test_under_secure_a_stranger_beaconing_first_cannot_keep_a_node_out(
     assert "name clash" not in a.log()
 
 
+def test_under_secure_a_stranger_taking_a_silent_nodes_endpoint_gets_nothing(
+    lan: LanOnLoopback,
+) -> None:
+    """A and B run --secure, found each other. B stops; M beacons B's name, B's node id and
+    B's key fingerprint (all in B's beacons) at M's endpoint, where a CURVE listener of M's
+    own key answers. Once B is silent for `silence_s`, A follows "B" there (B may have moved;
+    without keys this is how a stranger takes what is queued for a silent node: docs/
+    reliability.md, left open). The handshake at M fails, so a message A queues for B stays
+    pending (nothing reaches M). B restarts at its own endpoint. Before: B's beacons were
+    claims against M's endpoint, never followed while M beaconed: the message never reached
+    B. Now A's link, which nothing answers at M's, follows B back; the message reaches B."""
+    a, b = lan.node("A"), lan.node("B")
+    for node in (a, b):
+        node.extra_args = [*node.extra_args, "--secure"]
+    publics = keys.generate_mesh_keys({"A": a.data_dir, "B": b.data_dir})
+    a.start().wait_ready()
+    b.start().wait_ready()
+    wait_until(lambda: connected(a) == {"B"} and connected(b) == {"A"}, WAIT_S,
+               "A and B connected over CURVE by beacon")
+    b_id = next(line.rsplit("node ", 1)[1].rstrip(")") for line in a.log().splitlines()
+                if "connected to B (node" in line)
+    b.stop()
+    ctx = zmq.Context()
+    m = ctx.socket(zmq.ROUTER)
+    m.setsockopt(zmq.LINGER, 0)
+    m.curve_server = True
+    m.curve_publickey, m.curve_secretkey = zmq.curve_keypair()
+    m_endpoint = f"tcp://127.0.0.1:{m.bind_to_random_port('tcp://127.0.0.1')}"
+    beacon = forged("B", b_id, m_endpoint, key=key_fingerprint(publics["B"]))
+    stop = threading.Event()
+    frames_at_m: list[list[bytes]] = []
+
+    def forge() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            while True:
+                s.sendto(beacon, ("127.0.0.1", lan.beacon_ports[0]))
+                while m.poll(0):
+                    frames_at_m.append(m.recv_multipart())
+                if stop.wait(0.05):
+                    return
+
+    forger = threading.Thread(target=forge, daemon=True)
+    forger.start()
+    try:
+        wait_until(lambda: f"B is heard at {m_endpoint} now" in a.log(), WAIT_S,
+                   "A following B's name to M's endpoint")
+        assert send(a, "B", "queued while B is away", timeout_s=1) == 3  # not receipted
+        b.process = None
+        b.start().wait_ready()
+        wait_until(lambda: bodies(b.data_dir, "in") == ["queued while B is away"], WAIT_S,
+                   "the queued message at the real B")
+    finally:
+        stop.set()
+        forger.join(5)
+        m.close()
+        ctx.term()
+    assert frames_at_m == []
+
+
 def test_copies_of_a_nodes_beacon_cannot_make_a_node_say_hello_once_each(
     lan: LanOnLoopback,
 ) -> None:
