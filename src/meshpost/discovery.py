@@ -8,6 +8,7 @@ beacon format and the `Directory` that judges beacons are pure; `Discovery` does
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -48,6 +49,10 @@ _REPORTS_REMEMBERED = 1024
 #: At most this many nodes found by beacons: without --secure anyone on the LAN can make up
 #: names, and each found one is a link (memory, a dial, a copy of every message to `all`).
 DEFAULT_MAX_FOUND = 256
+#: ... and at most this many from one source address (where it was first heard), so that one
+#: host cannot take all of them: one that cannot forge its source (no raw sockets) leaves the
+#: rest to the others. A machine of more discovering nodes needs --peer for the rest.
+DEFAULT_MAX_FOUND_PER_SOURCE = 64
 #: A beacon's node id and key are logged and kept: printable, short, no control characters.
 NODE_ID_PATTERN = re.compile(r"[0-9A-Za-z_.-]{1,64}")
 KEY_PATTERN = re.compile(r"[0-9a-f]{32}")
@@ -210,7 +215,8 @@ class DiscoveryStats:
     #: Beacons whose endpoint is not at their source address (another host, a host name, an
     #: ipc path from another machine): a node is never sent to dial where a beacon points.
     endpoints_refused: int = 0
-    #: New names not found because `max_found` nodes were already (`DEFAULT_MAX_FOUND`).
+    #: New names not found because `max_found` nodes were already (`DEFAULT_MAX_FOUND`), or
+    #: `max_found_per_source` from the beacon's source address.
     directory_full: int = 0
     #: Nodes found by beacons (at most `max_found`).
     found: int = 0
@@ -275,7 +281,8 @@ class Directory:
 
     A beacon naming a configured peer (`configured`) only counts as hearing it: its endpoint
     is the configuration's, and a beacon's node id is not pinned for it. At most `max_found`
-    names are found; a beacon for another is `Refused` (`directory_full`).
+    names are found, `max_found_per_source` of them first heard from one source address; a
+    beacon for another is `Refused` (`directory_full`).
     """
 
     def __init__(
@@ -283,10 +290,14 @@ class Directory:
         authorized: Callable[[str, str | None], bool] | None = None,
         max_found: int = DEFAULT_MAX_FOUND, configured: frozenset[str] = frozenset(),
         is_group: Callable[[str], bool] | None = None,
+        max_found_per_source: int = DEFAULT_MAX_FOUND_PER_SOURCE,
     ) -> None:
         self.mesh, self.name, self.node_id = mesh, name, node_id
         self.silence_s = silence_s
         self.max_found = max_found
+        self.max_found_per_source = max_found_per_source
+        #: Names found, by the source address they were first heard from.
+        self._found_from: collections.Counter[str] = collections.Counter()
         self.configured = configured
         self._authorized = authorized
         self._is_group = is_group
@@ -364,6 +375,12 @@ class Directory:
                 self.stats.directory_full += 1
                 return [Refused(beacon.name, beacon.node_id, endpoint,
                                 f"{self.max_found} nodes found already (the most kept)")]
+            if self._found_from[source_ip] >= self.max_found_per_source:
+                self.stats.directory_full += 1
+                return [Refused(beacon.name, beacon.node_id, endpoint,
+                                f"{self.max_found_per_source} nodes found from {source_ip} "
+                                "already (the most kept from one address)")]
+            self._found_from[source_ip] += 1
             self._heard[beacon.name] = _Heard(beacon.node_id, endpoint, now)
             self.stats.found += 1
             return [Found(beacon.name, beacon.node_id, endpoint)]

@@ -320,3 +320,15 @@ def test_paced_log_lines_go_out_twenty_at_once_then_one_every_ten_seconds() -> N
     # Quiet for long enough, the burst is back.
     assert paced.allow(LOG_EVERY_S * (LOG_BURST + 2)) == " (1 such lines left out before this one)"
     assert paced.allow(LOG_EVERY_S * (LOG_BURST + 2)) == ""
+
+
+def test_one_source_address_finds_at_most_its_share() -> None:
+    """A host that floods made-up names (at its own address: an endpoint must be there) fills
+    its share, not the directory: nodes at other addresses are still found."""
+    d = directory(max_found=10, max_found_per_source=3)
+    for i in range(5):
+        d.receive(beacon(f"fake{i}", f"f{i}", "tcp://*:7000"), "192.0.2.66", 0.0)
+    assert d.stats.found == 3
+    assert d.stats.directory_full == 2
+    assert d.receive(beacon("B", "b1", "tcp://*:7000"), "192.0.2.7", 0.0) == [
+        Found("B", "b1", "tcp://192.0.2.7:7000")]

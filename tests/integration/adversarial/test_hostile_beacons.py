@@ -41,8 +41,10 @@ from tests.integration.test_discovery import (
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 WAIT_S = 40.0
-#: `discovery.DEFAULT_MAX_FOUND` (a literal: the test also runs against code without it).
+#: `discovery.DEFAULT_MAX_FOUND` and `DEFAULT_MAX_FOUND_PER_SOURCE` (literals: the tests also
+#: run against code without them).
 MAX_FOUND = 256
+MAX_FOUND_PER_SOURCE = 64
 
 
 @pytest.fixture
@@ -105,8 +107,9 @@ def test_a_flood_of_made_up_names_is_bounded_counted_and_paced(lan: LanOnLoopbac
     """10,000 beacons, each a new name and node id, while A and B exchange. Before: each name
     was a peer of A (a link, a dial for the first eight, a copy of every message to `all`),
     two log lines each (`joined`, then `no beacon from`), and nothing in A's status said so.
-    Now at most MAX_FOUND names are found, the rest counted (`directory_full`) and
-    logged at a pace; B still receives what A sends."""
+    Now at most MAX_FOUND_PER_SOURCE names are found from one address (MAX_FOUND in all),
+    the rest counted (`directory_full`) and logged at a pace; B still receives what A
+    sends."""
     a, b = lan.node("A").start(), lan.node("B").start()
     a.wait_ready()
     b.wait_ready()
@@ -132,15 +135,15 @@ def test_a_flood_of_made_up_names_is_bounded_counted_and_paced(lan: LanOnLoopbac
     print(f"flood of {flood} names: A read {names_read(a)}, VmRSS {rss_before} -> "
           f"{rss_after} kB, CPU {cpu_after - cpu_before:.2f} s, {len(peers)} peers, "
           f"{len(new_lines)} log lines")
-    assert len(peers) <= MAX_FOUND + 1
+    assert len(peers) <= MAX_FOUND_PER_SOURCE  # B and the names, all from 127.0.0.1
     assert "B" in peers
     seen = counters(a)
     print(f"counters {seen}")
-    assert seen["found"] <= MAX_FOUND
+    assert seen["found"] <= MAX_FOUND_PER_SOURCE
     assert seen["directory_full"] > 0
     assert seen["found"] + seen["directory_full"] <= seen["beacons"]
     # A's log: a `joined` line per name found (bounded by the cap), the refusals paced.
-    assert sum("joined" in line for line in new_lines) <= MAX_FOUND
+    assert sum("joined" in line for line in new_lines) <= MAX_FOUND_PER_SOURCE
     refusals = [line for line in new_lines if "ignoring a beacon naming" in line]
     assert 0 < len(refusals) < 100, len(refusals)
     assert send(a, "B", "through the flood") == 0
@@ -157,6 +160,41 @@ def test_a_flood_of_made_up_names_is_bounded_counted_and_paced(lan: LanOnLoopbac
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
         env=dict(os.environ))
     assert "discovery:" in table.stdout and "directory_full" in table.stdout, table.stdout
+
+
+def test_a_host_flooding_made_up_names_leaves_room_for_nodes_at_other_addresses(
+    lan: LanOnLoopback,
+) -> None:
+    """A stranger at 127.0.0.1 sends 2,000 beacons of made-up names (each at its own address:
+    an endpoint must be the beacon's source). It fills its address's share of A's directory;
+    B, which listens and beacons at 127.0.0.2, is still found and exchanges with A."""
+    a = lan.node("A")
+    b_udp, b_tcp = lan.beacon_ports[1], lan.zmq_ports[1]
+    a.extra_args = [*a.extra_args, "--beacon-to", f"127.0.0.2:{b_udp}"]
+    a.start().wait_ready()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for i in range(2000):
+            s.sendto(forged(f"fake{i}", f"{i:016x}", "tcp://*:9"),
+                     ("127.0.0.1", lan.beacon_ports[0]))
+            if i % 200 == 199:
+                wait_until(lambda n=i: counters(a)["beacons"] >= n * 0.5, WAIT_S,
+                           "A reading the flood")
+    wait_until(lambda: counters(a)["directory_full"] > 0, WAIT_S, "A's share for 127.0.0.1 full")
+    b = DiscoveringNode(
+        "B", lan.root / "unused.toml", lan.root / "B", lan.root / "B.log",
+        extra_args=["--discover", str(b_udp), "--discover-host", "127.0.0.2",
+                    "--beacon-interval", "0.2", "--beacon-to", f"127.0.0.1:{lan.beacon_ports[0]}"],
+        bind=f"tcp://127.0.0.2:{b_tcp}")
+    lan.nodes.append(b)
+    b.start().wait_ready()
+    # A has more links than it dials at start (`dial_at_start`): its link to B opens on its
+    # first message; B's to A is up once each found the other.
+    wait_until(lambda: "B" in {p["name"] for p in status(a)["peers"]}
+               and connected(b) == {"A"}, WAIT_S, "A and B (at 127.0.0.2) finding each other")
+    assert send(a, "B", "past the flood") == 0
+    assert bodies(b.data_dir, "in") == ["past the flood"]
+    seen = counters(a)
+    assert seen["found"] == MAX_FOUND_PER_SOURCE + 1, seen
 
 
 def test_a_beacon_cannot_send_a_node_to_dial_a_third_party(lan: LanOnLoopback) -> None:
