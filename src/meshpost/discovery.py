@@ -218,7 +218,7 @@ class DiscoveryStats:
     #: New names not found because `max_found` nodes were already (`DEFAULT_MAX_FOUND`), or
     #: `max_found_per_source` from the beacon's source address.
     directory_full: int = 0
-    #: Nodes found by beacons (at most `max_found`).
+    #: Nodes found by beacons (at most `max_found`, `max_found_per_source` from one address).
     found: int = 0
     #: Log lines about beacons left out by the pacing (`LOG_BURST`, `LOG_EVERY_S`).
     lines_not_logged: int = 0
@@ -232,6 +232,11 @@ class _Heard:
     silent: bool = False
     #: When it last moved (`Directory.follow` moves a name at most once per `silence_s`).
     moved_at: float = -math.inf
+
+
+#: What the node whose beacon was refused for its endpoint's host should do.
+_BIND_ADVICE = ("if it is a node of ours, bind it at tcp://0.0.0.0:PORT or at the address "
+                "its beacons leave from")
 
 
 def endpoint_problem(endpoint: str, source_ip: str) -> str | None:
@@ -259,9 +264,10 @@ def endpoint_problem(endpoint: str, source_ip: str) -> str | None:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return f"its host {host!r} is a name, not the beacon's source address {source_ip}"
+        return (f"its host {host!r} is a name, not the beacon's source address {source_ip} "
+                f"({_BIND_ADVICE})")
     if address != source:
-        return f"its host is not the beacon's source address {source_ip}"
+        return f"its host is not the beacon's source address {source_ip} ({_BIND_ADVICE})"
     return None
 
 
