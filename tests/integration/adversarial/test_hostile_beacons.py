@@ -8,6 +8,7 @@ is. docs/reliability.md, "Hostile peers against discovery", tells what each test
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -36,6 +37,12 @@ from tests.integration.test_discovery import (
     bodies,
     connected,
     send,
+)
+from tests.integration.test_discovery_netns import BEACON_PORT as NETNS_BEACON_PORT
+from tests.integration.test_discovery_netns import SUBNET as NETNS_SUBNET
+from tests.integration.test_discovery_netns import (
+    NamespacedNode,
+    namespaces,  # noqa: F401 (a fixture, taken by name below)
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -594,3 +601,74 @@ def test_a_node_started_under_a_flood_of_bad_beacons_finds_its_peer_and_logs_at_
     assert seen["endpoints_refused"] > 0 and seen["other_mesh"] > 0
     assert seen["other_version"] > 0
     assert seen["lines_not_logged"] > 0
+
+
+def test_a_beacon_from_another_host_cannot_reach_a_nodes_local_services(
+    namespaces: list[str],  # noqa: F811 (the fixture imported above)
+    short_tmp: Path,
+) -> None:
+    """A runs in a network namespace of its own (10.213.77.1), with a service on its loopback
+    (127.0.0.1:PORT, as a database or a cache listens) and one on a unix socket. From another
+    namespace (another host of the LAN) a stranger beacons two names at those: `tcp://
+    127.0.0.1:PORT`, `ipc://PATH`. Before: A dialed both, its own local services, for a
+    datagram from elsewhere (a ZMTP greeting to each, and again at every reconnect). Now both
+    refused: a tcp endpoint must be at the beacon's source, an ipc path only from loopback."""
+    a_ns, stranger_ns = namespaces[0], namespaces[1]
+    accepted = short_tmp / "accepted"
+    service = subprocess.Popen(
+        ["ip", "netns", "exec", a_ns, sys.executable, "-c",
+         "import socket, sys\n"
+         "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(16)\n"
+         "print(s.getsockname()[1], flush=True)\n"
+         "while True:\n"
+         "    c, _ = s.accept()\n"
+         f"    open({str(accepted)!r}, 'a').write('tcp\\n')\n"],
+        stdout=subprocess.PIPE, text=True)
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix_path = short_tmp / "svc.sock"
+    unix.bind(str(unix_path))
+    unix.listen(16)
+    unix.settimeout(0.05)
+    a = NamespacedNode(
+        "A", short_tmp / "unused.toml", short_tmp / "A", short_tmp / "A.log",
+        extra_args=["--discover", str(NETNS_BEACON_PORT), "--beacon-interval", "0.2",
+                    "--insecure"],
+        bind="tcp://0.0.0.0:7000", netns=a_ns)
+    try:
+        assert service.stdout is not None
+        port = int(service.stdout.readline())
+        a.start().wait_ready()
+        beacons = [forged("cache", "00000000000000c1", f"tcp://127.0.0.1:{port}"),
+                   forged("docker", "00000000000000c2", f"ipc://{unix_path}")]
+        send_from = ("import socket, sys\n"
+                     "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                     "for h in sys.argv[1:]:\n"
+                     f"    s.sendto(bytes.fromhex(h), ('{NETNS_SUBNET}.1', {NETNS_BEACON_PORT}))\n")
+        done = subprocess.run(["ip", "netns", "exec", stranger_ns, sys.executable, "-c",
+                               send_from, *(b.hex() for b in beacons)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        unix_dialed: list[socket.socket] = []
+
+        def decided() -> bool:
+            with contextlib.suppress(TimeoutError):
+                unix_dialed.append(unix.accept()[0])
+            roles = status(a)["status"].get("roles") or {}
+            return (accepted.exists() or bool(unix_dialed)
+                    or roles.get("discovery", {}).get("endpoints_refused", 0) >= 2)
+
+        wait_until(decided, WAIT_S, "A dialing its local services or refusing the beacons")
+        for conn in unix_dialed:
+            conn.close()
+        assert not accepted.exists(), "A dialed its own loopback service for a remote beacon"
+        assert unix_dialed == [], "A dialed a local unix socket for a remote beacon"
+        assert {p["name"] for p in status(a)["peers"]} == set()
+        assert "an ipc path in a beacon from another machine" in a.log()
+    finally:
+        with contextlib.suppress(Exception):
+            a.stop()
+        service.kill()
+        service.wait(10)
+        if service.stdout is not None:
+            service.stdout.close()
+        unix.close()
