@@ -329,8 +329,11 @@ class Directory:
             self.stats.other_mesh += 1
             return []
         if beacon.protocol != PROTOCOL_VERSION:
+            # Said (paced, as garbage is): a node of another version on the LAN, or someone
+            # speaking for one, is worth an operator's look; ignored either way.
             self.stats.other_version += 1
-            return []
+            raise BeaconError(f"a beacon of protocol {beacon.protocol}; this node speaks "
+                              f"{PROTOCOL_VERSION} (a node of another meshpost version?)")
         if (not NAME_PATTERN.fullmatch(beacon.name)
                 or not NODE_ID_PATTERN.fullmatch(beacon.node_id)
                 or (beacon.key is not None and not KEY_PATTERN.fullmatch(beacon.key))

@@ -77,7 +77,9 @@ def test_own_beacon_other_mesh_other_protocol_and_bad_names_are_ignored_and_coun
     d = directory()
     assert d.receive(beacon("A", "a1"), "127.0.0.1", 0.0) == []
     assert d.receive(beacon(mesh="other"), "127.0.0.1", 0.0) == []
-    assert d.receive(beacon(protocol=PROTOCOL_VERSION + 1), "127.0.0.1", 0.0) == []
+    said = f"protocol {PROTOCOL_VERSION + 1}; this node speaks {PROTOCOL_VERSION}"
+    with pytest.raises(BeaconError, match=said):
+        d.receive(beacon(protocol=PROTOCOL_VERSION + 1), "127.0.0.1", 0.0)
     with pytest.raises(BeaconError):
         d.receive(beacon(name="bad name"), "127.0.0.1", 0.0)
     assert d.receive(beacon(endpoint="http://x"), "127.0.0.1", 0.0) == [
@@ -288,7 +290,8 @@ def test_without_keys_follow_never_moves_a_node() -> None:
 def test_a_protocol_at_msgspecs_limits_is_another_version() -> None:
     d = directory()
     for protocol in (2**64 - 1, -(2**63), 0):
-        assert d.receive(beacon(protocol=protocol), "127.0.0.1", 0.0) == []
+        with pytest.raises(BeaconError, match=f"protocol {protocol};"):
+            d.receive(beacon(protocol=protocol), "127.0.0.1", 0.0)
     assert d.stats.other_version == 3
 
 
