@@ -17,7 +17,7 @@ import logging
 import math
 import re
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -522,9 +522,18 @@ class Discovery:
         self._key = key_fingerprint(public_key) if public_key is not None else None
         authorized = None
         if authorized_keys is not None:
+            # The keys in force are the node's (`keys reload` and SIGHUP replace them while it
+            # runs), those given here only until it has some: a key added by a reload is
+            # found, a removed one is `Unauthorized`, as the handshake decides.
+            in_force: Mapping[str, bytes] = authorized_keys
             prints = {name: key_fingerprint(k) for name, k in authorized_keys.items()}
 
             def authorized(name: str, key: str | None) -> bool:
+                nonlocal in_force, prints
+                current = node.authorized_keys
+                if current is not None and current is not in_force:  # a reload: a new dict
+                    in_force = current
+                    prints = {n: key_fingerprint(k) for n, k in current.items()}
                 return key is not None and prints.get(name) == key
 
         self.directory = Directory(mesh=config.mesh, name=node.name, node_id=node.node_id,

@@ -234,6 +234,36 @@ def test_under_secure_only_nodes_with_an_authorized_key_are_dialed(lan: LanOnLoo
     assert bodies(a.data_dir, "in") == []
 
 
+def test_under_secure_a_key_added_by_reload_is_found_by_beacon(lan: LanOnLoopback) -> None:
+    """`keys reload` puts the keys in force for discovery too: M's beacons, ignored while A
+    did not list M's key, make M a peer found by beacon once A has reloaded it (before,
+    discovery kept the keys of A's start: A never found M, so never dialled it)."""
+    from meshpost import keys
+
+    a, m = lan.node("A"), lan.node("M")
+    for node in (a, m):
+        node.extra_args = [*node.extra_args, "--secure"]
+    publics = keys.generate_mesh_keys({"A": a.data_dir})
+    m_key = keys.generate(m.data_dir, name="M")
+    keys.write_authorized(m.data_dir, {**publics, "M": m_key})
+    for node in (a, m):
+        node.start()
+    for node in (a, m):
+        node.wait_ready()
+    wait_until(lambda: "ignoring M" in a.log(), WAIT_S, "A ignoring M's beacons")
+    assert "M" not in connected(a)
+    keys.write_authorized(a.data_dir, {"M": m_key})  # A's file listed no one
+    done = subprocess.run(
+        [sys.executable, "-m", "meshpost", "keys", "reload", "--node", "A", "--data",
+         str(a.data_dir)], capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "added: M"
+    wait_until(lambda: "M" in connected(a), WAIT_S, "A found M by beacon after the reload")
+    assert send(a, "M", "bienvenido") == 0
+    assert bodies(m.data_dir, "in") == ["bienvenido"]
+
+
 def test_a_node_restarted_at_another_port_is_followed_and_receives_what_was_queued(
     lan: LanOnLoopback,
 ) -> None:

@@ -24,7 +24,7 @@ import os
 import secrets
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import meshpost.probes as probes
@@ -569,6 +569,12 @@ class Node:
         log.info("[%s] authorized_keys reloaded: %s (%d keys in force)", self.name,
                  changes.describe(), len(keys))
         return changes
+
+    @property
+    def authorized_keys(self) -> Mapping[str, bytes] | None:
+        """Secure mode: the peers' public keys in force (name to Z85 key), which
+        `reload_authorized_keys` replaces (with a new mapping); None without --secure."""
+        return self._peer_public_keys
 
     def peer_state(self, name: str) -> str | None:
         """The state of the link to `name` (`PeerStatus.state`: idle, connecting, ready,
