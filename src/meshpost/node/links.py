@@ -153,10 +153,13 @@ class Links(Mapping[str, DialerLink]):
         transport, listener = node._transport, node._listener
         assert transport is not None
         assert listener is not None
+        if name in self._links:
+            # Known already (configured, or found before): nothing changes, its node id
+            # least of all. Pinned here, one beacon naming a configured peer with a made-up
+            # node id had that peer's own Hellos refused as a name clash.
+            return False
         if node_id is not None:
             listener.expected_node_ids[name] = node_id
-        if name in self._links:
-            return False
         self._new_link(name, endpoint, found,
                        lazy=len(self._links) >= node.config.dial_at_start)
         listener.known_peers = listener.known_peers | {name}

@@ -292,3 +292,21 @@ def test_a_lost_peer_is_redialled_only_if_still_silent_a_peer_timeout_later(
             await until(lambda: state_of(a, "B") == "ready")
 
     run(scenario)
+
+
+def test_add_peer_of_a_known_name_changes_nothing_not_even_its_node_id(tmp_path: Path) -> None:
+    """`add_peer` of a peer A already has (B, configured) returns False and pins no node id
+    for it: pinned, B's own Hellos would be refused as a name clash (whoever called it,
+    discovery with a beacon's made-up node id above all). A new name is pinned."""
+    async def scenario() -> None:
+        async with node_pair(tmp_path) as (a, _b, _net, _clock):
+            assert a.add_peer("B", "tcp://127.0.0.1:9", node_id="made-up") is False
+            listener = a._listener
+            assert listener is not None
+            assert "B" not in listener.expected_node_ids
+            assert a.add_peer("C", "tcp://127.0.0.1:9", node_id="c-1") is True
+            assert listener.expected_node_ids["C"] == "c-1"
+            (handle,) = await a.post("B", "still B")
+            assert (await wait_receipt(handle, PATIENCE_S)).to == "B"
+
+    run(scenario)
