@@ -451,8 +451,11 @@ class LocalCluster:
         node.wait_ready()
         return node
 
-    def stop(self, names: Iterable[str] | None = None) -> dict[str, int | None]:
-        """Stop the nodes (all by default); a host stops with all of its nodes."""
+    def stop(self, names: Iterable[str] | None = None, *,
+             timeout_s: float | None = None) -> dict[str, int | None]:
+        """Stop the nodes (all by default); a host stops with all of its nodes. Each process
+        is killed if it has not exited `timeout_s` after SIGTERM (default: `STOP_TIMEOUT_S`,
+        and more for a host of many nodes)."""
         codes: dict[str, int | None] = {}
         wanted = set(names or self.names)
         hosts = [(h, run) for h, run in self.host_names().items()
@@ -466,9 +469,9 @@ class LocalCluster:
         for node in nodes:
             node.terminate()
         for hname, run in hosts:
-            codes.update(dict.fromkeys(run, self.hosts[hname].stop()))
+            codes.update(dict.fromkeys(run, self.hosts[hname].stop(timeout_s)))
         for node in nodes:
-            codes[node.name] = node.stop()
+            codes[node.name] = (node.stop() if timeout_s is None else node.stop(timeout_s))
         return codes
 
     def save_state(self) -> Path:

@@ -138,7 +138,11 @@ class HostedMesh:
         while self.pending(running):
             assert time.monotonic() < deadline, f"outboxes not drained: {self.pending(running)}"
             time.sleep(0.1)
-        codes = self.cluster.stop()
+        # A clean exit is what counts here, not its speed: once, under a whole suite's load,
+        # the host of the flooded node took longer than `cluster stop`'s default 11.5 s (its
+        # close ends with a checkpoint of a WAL that holds the flood's 25 MB of batches) and
+        # was killed (-9). Alone, or beside two busy loops, it stops within a few seconds.
+        codes = self.cluster.stop(timeout_s=STOP_WAIT_S)
         assert all(code == 0 for code in codes.values()), codes
         stores = {n: self.data_dir(n) for n in running}
         counts = evaluate("hosted", self.ledger, stores, foreign_senders=set(foreign))
@@ -271,6 +275,8 @@ JUNK_FRAMES = 4 * 1_500
 MAX_SIZE_FRAMES = 12
 OVERSIZED_FRAMES = 3
 PEER_BATCHES = 12
+#: How long `finish` lets each process take to exit after SIGTERM before it counts as hung.
+STOP_WAIT_S = 60.0
 UNREAD_PINGS = 20_000
 ZMTP_PINGS = 2_000
 EXTRA_CONNECTIONS = 40
