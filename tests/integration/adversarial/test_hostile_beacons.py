@@ -362,6 +362,43 @@ def test_a_beacon_naming_a_configured_peer_cannot_lock_it_out(lan: LanOnLoopback
     assert counters(a)["clashes"] == 0
 
 
+@contextlib.contextmanager
+def a_stranger_beaconing(lan: LanOnLoopback, name: str, node_id: str,
+                         key: str) -> Iterator[tuple[str, list[list[bytes]]]]:
+    """M: a CURVE listener of a key of its own on loopback, and a thread beaconing `name`,
+    `node_id` and `key` (a fingerprint) at M's endpoint to the first slot's beacon port 20
+    times a second, until the block ends. Yields M's endpoint and what reached M (a list
+    the thread fills: it answers nothing)."""
+    ctx = zmq.Context()
+    m = ctx.socket(zmq.ROUTER)
+    m.setsockopt(zmq.LINGER, 0)
+    m.curve_server = True
+    m.curve_publickey, m.curve_secretkey = zmq.curve_keypair()
+    endpoint = f"tcp://127.0.0.1:{m.bind_to_random_port('tcp://127.0.0.1')}"
+    beacon = forged(name, node_id, endpoint, key=key)
+    stop = threading.Event()
+    frames_at_m: list[list[bytes]] = []
+
+    def forge() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            while True:
+                s.sendto(beacon, ("127.0.0.1", lan.beacon_ports[0]))
+                while m.poll(0):
+                    frames_at_m.append(m.recv_multipart())
+                if stop.wait(0.05):
+                    return
+
+    forger = threading.Thread(target=forge, daemon=True)
+    forger.start()
+    try:
+        yield endpoint, frames_at_m
+    finally:
+        stop.set()
+        forger.join(5)
+        m.close()
+        ctx.term()
+
+
 def test_under_secure_a_stranger_beaconing_first_cannot_keep_a_node_out(
     lan: LanOnLoopback,
 ) -> None:
@@ -377,31 +414,9 @@ def test_under_secure_a_stranger_beaconing_first_cannot_keep_a_node_out(
     for node in (a, b):
         node.extra_args = [*node.extra_args, "--secure"]
     publics = keys.generate_mesh_keys({"A": a.data_dir, "B": b.data_dir})
-    fingerprint = key_fingerprint(publics["B"])
-    ctx = zmq.Context()
-    m = ctx.socket(zmq.ROUTER)
-    m.setsockopt(zmq.LINGER, 0)
-    m_public, m_secret = zmq.curve_keypair()
-    m.curve_server = True
-    m.curve_publickey, m.curve_secretkey = m_public, m_secret
-    m_port = m.bind_to_random_port("tcp://127.0.0.1")
-    beacon = forged("B", "0000000000000bad", f"tcp://127.0.0.1:{m_port}", key=fingerprint)
-    stop = threading.Event()
-    frames_at_m: list[list[bytes]] = []
-
-    def forge() -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            while True:
-                s.sendto(beacon, ("127.0.0.1", lan.beacon_ports[0]))
-                while m.poll(0):
-                    frames_at_m.append(m.recv_multipart())
-                if stop.wait(0.05):
-                    return
-
     a.start().wait_ready()
-    forger = threading.Thread(target=forge, daemon=True)
-    forger.start()
-    try:
+    with a_stranger_beaconing(lan, "B", "0000000000000bad",
+                              key_fingerprint(publics["B"])) as (_, frames_at_m):
         wait_until(lambda: "B" in {p["name"] for p in status(a)["peers"]}, WAIT_S,
                    "A finding M's B")
         assert send(a, "B", "queued for the real B", timeout_s=1) == 3  # not receipted
@@ -410,11 +425,6 @@ def test_under_secure_a_stranger_beaconing_first_cannot_keep_a_node_out(
         wait_until(lambda: bodies(b.data_dir, "in") == ["queued for the real B"], WAIT_S,
                    "the queued message at the real B")
         assert send(a, "B", "to the real B") == 0
-    finally:
-        stop.set()
-        forger.join(5)
-        m.close()
-        ctx.term()
     assert frames_at_m == []  # nothing of A's reached M
     assert bodies(a.data_dir, "in") == ["from the real B"]
     assert bodies(b.data_dir, "in") == ["queued for the real B", "to the real B"]
@@ -443,28 +453,8 @@ def test_under_secure_a_stranger_taking_a_silent_nodes_endpoint_gets_nothing(
     b_id = next(line.rsplit("node ", 1)[1].rstrip(")") for line in a.log().splitlines()
                 if "connected to B (node" in line)
     b.stop()
-    ctx = zmq.Context()
-    m = ctx.socket(zmq.ROUTER)
-    m.setsockopt(zmq.LINGER, 0)
-    m.curve_server = True
-    m.curve_publickey, m.curve_secretkey = zmq.curve_keypair()
-    m_endpoint = f"tcp://127.0.0.1:{m.bind_to_random_port('tcp://127.0.0.1')}"
-    beacon = forged("B", b_id, m_endpoint, key=key_fingerprint(publics["B"]))
-    stop = threading.Event()
-    frames_at_m: list[list[bytes]] = []
-
-    def forge() -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            while True:
-                s.sendto(beacon, ("127.0.0.1", lan.beacon_ports[0]))
-                while m.poll(0):
-                    frames_at_m.append(m.recv_multipart())
-                if stop.wait(0.05):
-                    return
-
-    forger = threading.Thread(target=forge, daemon=True)
-    forger.start()
-    try:
+    with a_stranger_beaconing(lan, "B", b_id,
+                              key_fingerprint(publics["B"])) as (m_endpoint, frames_at_m):
         wait_until(lambda: f"B is heard at {m_endpoint} now" in a.log(), WAIT_S,
                    "A following B's name to M's endpoint")
         assert send(a, "B", "queued while B is away", timeout_s=1) == 3  # not receipted
@@ -472,11 +462,6 @@ def test_under_secure_a_stranger_taking_a_silent_nodes_endpoint_gets_nothing(
         b.start().wait_ready()
         wait_until(lambda: bodies(b.data_dir, "in") == ["queued while B is away"], WAIT_S,
                    "the queued message at the real B")
-    finally:
-        stop.set()
-        forger.join(5)
-        m.close()
-        ctx.term()
     assert frames_at_m == []
 
 
