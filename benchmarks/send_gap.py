@@ -77,6 +77,7 @@ from meshpost.protocol.codec import decode, encode
 from meshpost.protocol.frames import Batch
 from meshpost.store import Delivery, Store, WriteBatch
 from meshpost.store.checkpoints import INLINE_CHECKPOINT_PAGES
+from meshpost.store.connection import DB_FILENAME
 from meshpost.store.sqlite import PAGE_SIZE
 
 HERE = Path(__file__).resolve().parent
@@ -574,6 +575,175 @@ def check_reference(sends: int, sync: str, work: Path) -> dict[str, Any]:
     return {"A": cpu["A"], "B": cpu["B"], "p50": statistics.median(samples)}
 
 
+# -- the store step (2 -> 3) in parts: both sides' commits alone, in this process -----------
+
+#: Sub-steps from the reference's tables to `Store.apply`, 8 KiB pages in every one.
+STORE_STEPS = {
+    "s1": "reference tables (as rung 2)",
+    "s2": "meshpost's messages table, UNIQUE (sender, id) its only index; receipt an UPDATE",
+    "s3": "+ messages_hlc (the history's order)",
+    "s4": "+ messages_out_link (UNIQUE (peer, seq) of outgoing rows)",
+    "s5": "receipt a row of `receipts` (a range), not an UPDATE of the message",
+    "s6": "+ row checksums (envelope_checksum of each side's Envelope)",
+    "s7": "Store.apply (rung 3's commits)",
+}
+_MSG_INSERT = ("INSERT INTO messages (peer, sender, recipient, stored_at_ns, id, direction, seq,"
+               " body, sent_at_ns, hlc, state, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+               " ?, ?)")
+_MSG_RECORD = ("UPDATE messages SET state = 'delivered', receipt_stored_at_ns = ?,"
+               " receipt_received_at_ns = ?, receipt_arrived_at_ns = ?, receipt_sync = ?,"
+               " receipt_hlc = ? WHERE sender = 'A' AND id = ?")
+_RANGE_RECORD = ("INSERT INTO receipts (peer, last_seq, first_seq, stored_at_ns,"
+                 " received_at_ns, arrived_at_ns, sync, hlc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _meshpost_db(path: Path, sync: str, drop: tuple[str, ...]) -> Any:
+    """A stdlib connection to a store `Store.open` made (its schema and pragmas), with the
+    indexes in `drop` dropped."""
+    Store.open(path, name=path.name, sync=sync).close()
+    conn = sqlite3.connect(path / DB_FILENAME, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {sync.upper()}")
+    conn.execute(f"PRAGMA wal_autocheckpoint = {INLINE_CHECKPOINT_PAGES}")
+    conn.execute("PRAGMA ignore_check_constraints = ON")  # as Store.open's writer
+    for index in drop:
+        conn.execute(f"DROP INDEX {index}")
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
+    return conn
+
+
+def store_step(step: str, sends: int, sync: str, root: Path, cg_dir: Path | None
+               ) -> dict[str, Any]:
+    """`sends` pairs of commits (A's message with the previous receipt's record, then B's
+    row), back to back in this process: CPU µs a pair and instructions."""
+    from meshpost.store.checksum import envelope_checksum
+
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    wall = time.time_ns
+    a_store = b_store = a = b = None
+    if step == "s1":
+        _make_8k(root / "A.db", REFERENCE_OUTBOX)
+        _make_8k(root / "B.db", REFERENCE_INBOX)
+        a, b = reference_db(root / "A.db", sync), reference_db(root / "B.db", sync)
+        for conn in (a, b):
+            conn.execute(f"PRAGMA wal_autocheckpoint = {INLINE_CHECKPOINT_PAGES}")
+    elif step == "s7":
+        a_store, b_store = _open_store(root / "A", "A", sync), _open_store(root / "B", "B", sync)
+    else:
+        drop = {"s2": ("messages_hlc", "messages_out_link"), "s3": ("messages_out_link",)}
+        a = _meshpost_db(root / "A", sync, drop.get(step, ()))
+        b = _meshpost_db(root / "B", sync, drop.get(step, ()))
+    checksums = step == "s6"
+    t0 = c0 = 0.0
+    previous: tuple[str, int, int, int] | None = None  # id, seq, stored, arrived
+    record: list[Delivery] = []
+    for seq in range(1, LATENCY_WARMUP + sends + 1):
+        if seq == LATENCY_WARMUP + 1:
+            if cg_dir is not None:
+                ss.callgrind(os.getpid(), "-z")
+                ss.callgrind(os.getpid(), "-i", "on")
+            c0, t0 = time.process_time(), time.perf_counter()
+        now = wall()
+        mid = _mid(now)
+        if a_store is not None and b_store is not None:
+            message = Envelope(mid, seq, "A", "B", BODY, now, now)
+            a_store.apply(WriteBatch(outgoing=[message], deliveries=record), wall())
+            received = Envelope(mid, seq, "A", "B", BODY, now, now)
+            stored = wall()
+            b_store.apply(WriteBatch(incoming=[[received]]), stored)
+            receipt = ReceiptFrame([(seq, seq)], now, stored, stored, stored, stored, sync)
+            record = [Delivery("B", [seq], receipt, wall())]
+            continue
+        assert a is not None
+        assert b is not None
+        if step == "s1":
+            a.execute("BEGIN")
+            a.execute(_REF_SEND, (mid, seq, BODY, now))
+            if previous is not None:
+                a.execute(_REF_RECORD, (previous[2], previous[3], previous[0]))
+            a.execute("COMMIT")
+            stored = wall()
+            b.execute(_REF_INBOX_INSERT, (mid, seq, BODY, now, stored))
+        else:
+            # Each side's message as an Envelope (a node holds one anyway: the message it
+            # sends, the one it decoded), in s2-s5 too, so that s6 adds the checksum alone.
+            message = Envelope(mid, seq, "A", "B", BODY, now, now)
+            check = envelope_checksum(message) if checksums else 0
+            a.execute("BEGIN")
+            a.execute(_MSG_INSERT, ("B", "A", "B", wall(), mid, "out", seq, BODY, now, now,
+                                    "pending", check))
+            if previous is not None:
+                p_mid, p_seq, p_stored, p_arrived = previous
+                if step in ("s2", "s3", "s4"):
+                    a.execute(_MSG_RECORD, (p_stored, p_stored, p_arrived, sync, p_stored,
+                                            p_mid))
+                else:
+                    a.execute(_RANGE_RECORD, ("B", p_seq, p_seq, p_stored, p_stored, p_arrived,
+                                              sync, p_stored))
+            a.execute("COMMIT")
+            received = Envelope(mid, seq, "A", "B", BODY, now, now)
+            check = envelope_checksum(received) if checksums else 0
+            stored = wall()
+            b.execute(_MSG_INSERT + " ON CONFLICT (sender, id) DO NOTHING",
+                      ("A", "A", "B", stored, mid, "in", seq, BODY, now, now, "received",
+                       check))
+        previous = (mid, seq, stored, wall())
+    cpu, elapsed = time.process_time() - c0, time.perf_counter() - t0
+    out: dict[str, Any] = {"cpu": cpu * 1e6 / sends, "wall": elapsed * 1e6 / sends}
+    if cg_dir is not None:
+        ss.callgrind(os.getpid(), "-i", "off")
+        ss.callgrind(os.getpid(), "-d")
+        dumps = _dumps(cg_dir, f"A.{os.getpid()}", phase_dumps=True)
+        out["i"] = _instructions(dumps) / sends
+        out.update({f"o_{k}": v / sends for k, v in _by_object(dumps).items()})
+    # the last receipt's record, after the clock (as the ladder's)
+    if a_store is not None:
+        a_store.apply(WriteBatch(deliveries=record), wall())
+    elif step in ("s5", "s6") and a is not None and previous is not None:
+        p_mid, p_seq, p_stored, p_arrived = previous
+        a.execute(_RANGE_RECORD, ("B", p_seq, p_seq, p_stored, p_stored, p_arrived, sync,
+                                  p_stored))
+    for conn in (a, b):
+        if conn is not None:
+            conn.close()
+    for store in (a_store, b_store):
+        if store is not None:
+            store.close()
+    if step in ("s6", "s7"):  # the rows a node would have (checksums included): verify them
+        verify_all({"A": root / "A", "B": root / "B"}, expect_sent=LATENCY_WARMUP + sends)
+    elif step != "s1":  # no checksums (s2-s5): one row per send on each side
+        for side in ("A", "B"):
+            with contextlib.closing(sqlite3.connect(root / side / DB_FILENAME)) as conn:
+                rows = conn.execute("SELECT COUNT(DISTINCT id) FROM messages").fetchone()[0]
+                if rows != LATENCY_WARMUP + sends:
+                    raise RuntimeError(f"{step} {side}: {rows} rows")
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def store_table(rows: dict[str, dict[str, Any]], callgrind: bool) -> str:
+    head = "| step | CPU µs a pair of commits | Δ | wall µs |"
+    if callgrind:
+        head += " instructions | Δ | " + " | ".join(BUCKET_NAMES) + " |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    prev: dict[str, Any] | None = None
+    for name, r in rows.items():
+        delta = "" if prev is None else f"{r['cpu'] - prev['cpu']:+.1f}"
+        line = f"| {name} | {r['cpu']:.1f} | {delta} | {r['wall']:.1f} |"
+        if callgrind:
+            idelta = "" if prev is None else f"{r['i'] - prev['i']:+,.0f}"
+            line += f" {r['i']:,.0f} | {idelta} | "
+            if prev is None:
+                line += " | ".join(f"{r['o_' + b]:,.0f}" for b in BUCKET_NAMES) + " |"
+            else:
+                line += " | ".join(f"{r['o_' + b] - prev['o_' + b]:+,.0f}"
+                                   for b in BUCKET_NAMES) + " |"
+        lines.append(line)
+        prev = r
+    return "\n".join(lines)
+
+
 def _side(name: str) -> bool:
     """A side row (1r, 1f): its delta is from the row before it, and the next step's is not
     from it."""
@@ -626,6 +796,9 @@ def main() -> None:
     parser.add_argument("--callgrind", action="store_true")
     parser.add_argument("--check-reference", action="store_true",
                         help="also run pair-latency's _reference itself beside rung 1")
+    parser.add_argument("--store-steps", action="store_true",
+                        help="instead of the ladder: the store step (2 -> 3) in parts, both "
+                        "sides' commits alone in this process (s1-s7)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"),
                         help="event loop of rungs 5 and 6 (default: meshpost's own)")
     args = parser.parse_args()
@@ -634,6 +807,20 @@ def main() -> None:
     rungs = [int(r) for r in args.rungs.split(",")]
     work = Path(tempfile.mkdtemp(prefix="send-gap-", dir="/tmp"))
     runs: list[dict[str, dict[str, Any]]] = []
+    if args.store_steps:
+        try:
+            for i in range(args.repeat):
+                load = os.getloadavg()[0]
+                steps = {f"{k} {v}": store_step(k, args.sends, args.sync, work / k, cg_dir)
+                        for k, v in STORE_STEPS.items()}
+                runs.append(steps)
+                print(f"\nstore steps, run {i + 1}/{args.repeat}: {args.sends} pairs of "
+                      f"commits, sync={args.sync}, load {load:.2f} -> "
+                      f"{os.getloadavg()[0]:.2f}, {time.strftime('%H:%M')} UTC")
+                print(store_table(steps, cg_dir is not None), flush=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     try:
         for i in range(args.repeat):
             load = os.getloadavg()[0]
