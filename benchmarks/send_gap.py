@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -79,6 +80,14 @@ from meshpost.store import Delivery, Store, WriteBatch
 from meshpost.store.checkpoints import INLINE_CHECKPOINT_PAGES
 from meshpost.store.connection import DB_FILENAME
 from meshpost.store.sqlite import PAGE_SIZE
+from meshpost.transport.zmq_transport import (
+    _NOBLOCK,
+    _POLLIN,
+    _RECV,
+    _SEND,
+    _SNDMORE,
+    _events_reader,
+)
 
 HERE = Path(__file__).resolve().parent
 BODY = "x" * 100  # pair-latency's and single_send's default size
@@ -91,6 +100,7 @@ RUNGS = {
     5: "+ event loop both sides",
     6: "meshpost (two nodes)",
     7: "reference, one msgpack frame each way",  # a side row: shown as "1f", after rung 1
+    8: "+ meshpost's socket calls (backend send/recv, ZMQ_EVENTS via libzmq)",  # "5t"
 }
 #: What rung 7's frames hold: (id, seq, sent_at_ns, body) there, (id, stored_at_ns) back.
 _MSG = msgspec.msgpack.Decoder(tuple[str, int, int, str])
@@ -197,7 +207,24 @@ def receiver(rung: int, endpoint: str, root: Path, sync: str) -> None:
                             return
                         sock.send_multipart(reply, zmq.NOBLOCK)
 
+                events = _events_reader(sock, True)
+
+                def readable_direct() -> None:
+                    """Rung 8: as meshpost's transport reads and writes its ROUTER."""
+                    while events() & _POLLIN:
+                        identity = _RECV(sock, _NOBLOCK)
+                        payload = _RECV(sock, _NOBLOCK, copy=False).bytes
+                        reply = answer([identity, payload])
+                        if reply is None:
+                            if not done.done():
+                                done.set_result(None)
+                            return
+                        _SEND(sock, reply[0], _NOBLOCK | _SNDMORE)
+                        _SEND(sock, reply[1], _NOBLOCK)
+
                 fd = sock.getsockopt(zmq.FD)
+                if rung == 8:
+                    readable = readable_direct
                 loop.add_reader(fd, readable)
                 readable()
                 try:
@@ -344,13 +371,18 @@ def send_store(rung: int, dealer: zmq.Socket[bytes], store: Store, sends: int, s
     store.apply(WriteBatch(deliveries=record), wall())
 
 
-async def send_loop(dealer: Any, store: Store, sends: int, phase: Phase) -> None:
+async def send_loop(dealer: Any, store: Store, sends: int, phase: Phase,
+                    direct: bool = False) -> None:
     """Rung 5: rung 4 with the receipt read by the loop's reader callback on ZMQ_FD (drained
     until empty) and awaited as a future, as pair-latency's `_loop_pingpong` and meshpost's
-    transport read; the commit inline on the loop."""
+    transport read; the commit inline on the loop. `direct` (rung 8): the socket read and
+    written as meshpost's transport does (pyzmq's backend methods, ZMQ_EVENTS through
+    libzmq itself), not through pyzmq's `Socket` class."""
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[None] | None = None
     reply = b""
+    events = _events_reader(dealer, True)
+    send: Callable[[bytes, int], Any] = dealer.send
 
     def readable() -> None:
         nonlocal reply
@@ -358,6 +390,17 @@ async def send_loop(dealer: Any, store: Store, sends: int, phase: Phase) -> None
             reply = dealer.recv(zmq.NOBLOCK)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+
+    def readable_direct() -> None:
+        nonlocal reply
+        while events() & _POLLIN:
+            reply = _RECV(dealer, _NOBLOCK)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    if direct:
+        readable = readable_direct
+        send = functools.partial(_SEND, dealer)
 
     fd = dealer.getsockopt(zmq.FD)
     loop.add_reader(fd, readable)
@@ -373,7 +416,7 @@ async def send_loop(dealer: Any, store: Store, sends: int, phase: Phase) -> None
             mid = _mid(now)
             message = Envelope(mid, seq, "A", "B", BODY, now, now)
             store.apply(WriteBatch(outgoing=[message], deliveries=record), wall())
-            dealer.send(encode(Batch(now, [message])), zmq.NOBLOCK)
+            send(encode(Batch(now, [message])), _NOBLOCK)
             readable()  # the send may have consumed the descriptor's edge
             await waiter
             frame = decode(reply, max_bytes=MAX_FRAME)
@@ -433,7 +476,7 @@ def run_rung(rung: int, sends: int, sync: str, work: Path, cg_dir: Path | None,
             if rung in (3, 4):
                 send_store(rung, dealer, store, sends, sync, phase)
             else:
-                loop_runner(send_loop(dealer, store, sends, phase))
+                loop_runner(send_loop(dealer, store, sends, phase, direct=rung == 8))
             dealer.send_multipart([b"end"] if rung == 3 else [b""])
         stopped = proc.stdout.readline()
         if b"stopped" not in stopped:
@@ -791,8 +834,8 @@ def main() -> None:
     parser.add_argument("--sends", type=int, default=2000)
     parser.add_argument("--sync", default="normal", choices=("normal", "full", "off"))
     parser.add_argument("--repeat", type=int, default=1, help="ladders, rung after rung")
-    parser.add_argument("--rungs", default="1,7,2,3,4,5,6",
-                        help="in this order; 7 is the side row 1f")
+    parser.add_argument("--rungs", default="1,7,2,3,4,5,8,6",
+                        help="in this order; 7 is the side row 1f, 8 the rung 5t")
     parser.add_argument("--callgrind", action="store_true")
     parser.add_argument("--check-reference", action="store_true",
                         help="also run pair-latency's _reference itself beside rung 1")
@@ -826,7 +869,8 @@ def main() -> None:
             load = os.getloadavg()[0]
             rows: dict[str, dict[str, Any]] = {}
             for rung in rungs:
-                name = f"{'1f' if rung == 7 else rung} {RUNGS[rung]}"
+                label = {7: "1f", 8: "5t"}.get(rung, str(rung))
+                name = f"{label} {RUNGS[rung]}"
                 rows[name] = run_rung(rung, args.sends, args.sync, work, cg_dir, loop_runner)
                 if rung == 1 and args.check_reference and cg_dir is None:
                     rows["1r pair_latency._reference"] = check_reference(args.sends, args.sync,
