@@ -837,6 +837,9 @@ def main() -> None:
     parser.add_argument("--rungs", default="1,7,2,3,4,5,8,6",
                         help="in this order; 7 is the side row 1f, 8 the rung 5t")
     parser.add_argument("--callgrind", action="store_true")
+    parser.add_argument("--pause", type=float, default=2.0,
+                        help="seconds between rungs (the previous one's files and processes "
+                        "settle)")
     parser.add_argument("--check-reference", action="store_true",
                         help="also run pair-latency's _reference itself beside rung 1")
     parser.add_argument("--store-steps", action="store_true",
@@ -867,16 +870,25 @@ def main() -> None:
     try:
         for i in range(args.repeat):
             load = os.getloadavg()[0]
-            rows: dict[str, dict[str, Any]] = {}
-            for rung in rungs:
+            measured: dict[str, dict[str, Any]] = {}
+            # Every other ladder from its top down: what runs first (after the previous
+            # ladder's nodes and files went away) is not always the same rung.
+            for rung in rungs if i % 2 == 0 else rungs[::-1]:
+                time.sleep(args.pause)
                 label = {7: "1f", 8: "5t"}.get(rung, str(rung))
                 name = f"{label} {RUNGS[rung]}"
-                rows[name] = run_rung(rung, args.sends, args.sync, work, cg_dir, loop_runner)
+                measured[name] = run_rung(rung, args.sends, args.sync, work, cg_dir,
+                                          loop_runner)
                 if rung == 1 and args.check_reference and cg_dir is None:
-                    rows["1r pair_latency._reference"] = check_reference(args.sends, args.sync,
-                                                                         work)
+                    measured["1r pair_latency._reference"] = check_reference(
+                        args.sends, args.sync, work)
+            order = [n for r in rungs for n in measured
+                     if n.split()[0] == {7: "1f", 8: "5t"}.get(r, str(r))
+                     or (r == 1 and n.startswith("1r"))]
+            rows = {n: measured[n] for n in order}
             runs.append(rows)
-            print(f"\nrun {i + 1}/{args.repeat}: {args.sends} sends, sync={args.sync}, "
+            print(f"\nrun {i + 1}/{args.repeat} ({'up' if i % 2 == 0 else 'down'} the ladder): "
+                  f"{args.sends} sends, sync={args.sync}, "
                   f"load {load:.2f} -> {os.getloadavg()[0]:.2f}, {time.strftime('%H:%M')} UTC")
             print(table(rows, cg_dir is not None), flush=True)
             if cg_dir is not None:
