@@ -8,6 +8,8 @@ in this process and B (the receiver) a child process:
 1. reference: blocking pyzmq DEALER/ROUTER, stdlib sqlite3 WAL, one table a side with a TEXT
    id primary key, SQLite's default 4 KiB pages, the record of receipt N in the commit of
    message N+1 (pair-latency's SQL, `reference_db` and the `reference-receiver` role itself);
+   1f (rung 7, a side row): the same with one msgpack frame each way instead of its
+   multipart frames; 1r (`--check-reference`): pair-latency's `_reference` itself;
 2. the same with 8 KiB pages (meshpost's `PAGE_SIZE`): the files made before the reference's
    own code opens them;
 3. each side's commit by meshpost's `Store.apply` (its schema, triggers, checksums, indexes;
@@ -17,25 +19,31 @@ in this process and B (the receiver) a child process:
    decoded on B through `meshpost.protocol.codec`, a `ReceiptFrame` back the same way;
 5. 4 with both sides reading through the event loop (uvloop by default, as the nodes): the
    reader callback on ZMQ_FD drained until empty, a future per send (pair-latency's
-   `_loop_pingpong`), commits inline on the loop;
+   `_loop_pingpong`), commits inline on the loop; 5t (rung 8): the socket read and written
+   as meshpost's transport does (pyzmq's backend methods, ZMQ_EVENTS from libzmq);
 6. meshpost: two nodes, A in this process, B a `meshpost node` child
    (`benchmarks/single_send.py`'s own `drive`).
 
-Steps 3-5 commit with `Store.apply` alone, without the node's writer and its checkpoint
+Steps 3-5t commit with `Store.apply` alone, without the node's writer and its checkpoint
 thread: `Store.open` switches SQLite's autocheckpoint off, so these rungs switch it back on at
 `INLINE_CHECKPOINT_PAGES` (the node checkpoints on a thread of its own after that many pages
 when one send at a time commits on the loop); the WAL then stays as small as the node's.
 
 CPU a send is each process's own (every thread, `/proc/PID/task/*/schedstat`) over the timed
 sends, read by this process before the first and after the last (B then waits in its read).
-`--repeat R` runs the whole ladder R times, rung after rung (alternating); `--callgrind` runs
+Every store is verified after its rung. `--repeat R` runs the whole ladder R times, rung
+after rung, every other ladder top down, `--pause` seconds between rungs; `--callgrind` runs
 both processes of every rung under valgrind's callgrind, instrumentation on only for the
 timed sends, and prints instructions a send (load-insensitive). `--check-reference` also runs
 pair-latency's `_reference` itself (through a stand-in for the bench) beside rung 1, to show
-that rung 1 is the same design at the same cost.
+that rung 1 is the same design at the same cost. `--store-steps` measures the store step
+(2 -> 3) in parts instead: both sides' commits alone, in this process (s1-s7). Figures and
+their reading: docs/benchmarks.md, "Where a single send's CPU goes beyond the reference
+design".
 
-    .venv/bin/python benchmarks/send_gap.py --sends 2000 --repeat 3
+    .venv/bin/python benchmarks/send_gap.py --sends 3000 --repeat 4 --check-reference
     .venv/bin/python benchmarks/send_gap.py --sends 500 --callgrind
+    .venv/bin/python benchmarks/send_gap.py --store-steps --sends 1000 --callgrind
 """
 
 from __future__ import annotations
@@ -594,6 +602,8 @@ def run_meshpost(sends: int, sync: str, root: Path, cg_dir: Path | None,
                                       None))
     finally:
         cluster.stop()
+    verify_all({"A": cluster.data_dir("A"), "B": cluster.data_dir("B")},
+               expect_sent=ss.WARMUP + sends)
     out = {"A": result["cpu_A_us"], "B": result["cpu_B_us"], "p50": result["p50_us"]}
     if cg_dir is not None:
         _count(out, cg_dir, f"B6.{b.pid}", sends)
