@@ -246,12 +246,14 @@ _CLUSTER_PORT_ADVICE = ("a cluster's nodes share this machine: give a fixed port
 
 def cluster_roles(
     names: Sequence[str], *, echo: bool = False, worker: Sequence[str] = (),
-    text_listen: Sequence[str] = (), udp_listen: Sequence[str] = (),
+    prefetch: Sequence[str] = (), text_listen: Sequence[str] = (),
+    udp_listen: Sequence[str] = (),
 ) -> dict[str, dict[str, Any]]:
     """Each node's roles from `cluster up`'s role flags, as the keys of its `[nodes.NAME]`
     table (what `meshpost node` and `meshpost host` read; `meshpost.roles`): `echo` for
-    every node; each `worker` (`QUEUE=HANDLER`), `text_listen` and `udp_listen` value for
-    the nodes its `@NODES` suffix names (`A,C`, a range `B..D`; none: every node).
+    every node; each `worker` (`QUEUE=HANDLER`), `prefetch` (`N`: how many tasks those
+    workers take at once), `text_listen` and `udp_listen` value for the nodes its `@NODES`
+    suffix names (`A,C`, a range `B..D`; none: every node).
 
     Checked as `meshpost node` checks its flags; `ConfigError` for a node that is not in
     the cluster, a queue served twice by one node, two gateways of one kind on a node, or a
@@ -269,6 +271,17 @@ def cluster_roles(
                 raise ConfigError(f"--worker gives node {name} queue {queue!r} twice; a node "
                                   "serves a queue with one handler")
             served.append(spec)
+    for value in prefetch:
+        spec, chosen = _for_nodes(value, names, "--prefetch")
+        try:
+            count = int(spec)
+        except ValueError:
+            raise ConfigError(f"--prefetch {value!r}: N must be a whole number of tasks "
+                              "(1 to 1,024)") from None
+        if "@" not in value:  # every node that serves a queue (a node named must serve one)
+            chosen = [name for name in chosen if "worker" in tables.get(name, {})]
+        for name in chosen:  # the range and --worker are checked with the node's roles
+            tables.setdefault(name, {})["prefetch"] = count
     for flag, key, scheme, values in (("--text-listen", "text_listen", "tcp", text_listen),
                                       ("--udp-listen", "udp_listen", "udp", udp_listen)):
         for value in values:

@@ -79,6 +79,25 @@ def test_echo_is_every_nodes_and_a_worker_is_the_nodes_its_suffix_names() -> Non
     assert cluster_roles(NAMES) == {}
 
 
+def test_prefetch_goes_to_the_workers_it_names_or_to_every_worker() -> None:
+    tables = cluster_roles(NAMES, worker=["upper=upper@B,C"], prefetch=["128"])
+    assert tables == {"B": {"worker": ["upper=upper"], "prefetch": 128},
+                      "C": {"worker": ["upper=upper"], "prefetch": 128}}
+    tables = cluster_roles(NAMES, worker=["upper=upper@B,C"], prefetch=["1@C"])
+    assert tables["B"] == {"worker": ["upper=upper"]} and tables["C"]["prefetch"] == 1
+
+
+@pytest.mark.parametrize(("prefetch", "why"), [
+    (["lots"], "N must be a whole number"),
+    (["0@B"], "prefetch"),
+    (["2000@B"], "prefetch"),
+    (["8@A"], "prefetch"),  # A serves no queue
+])
+def test_a_prefetch_cluster_up_cannot_give_is_refused(prefetch: list[str], why: str) -> None:
+    with pytest.raises(ConfigError, match=why):
+        cluster_roles(NAMES, worker=["upper=upper@B,C"], prefetch=prefetch)
+
+
 def test_the_roles_are_written_into_the_node_tables_that_node_and_host_read(
     tmp_path: Path,
 ) -> None:

@@ -48,7 +48,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         return EXIT_OK
     # The role flags are checked before anything else (and before --replace stops anything).
     roles = local.cluster_roles(local.node_names(args.count), echo=args.echo,
-                                worker=args.worker, text_listen=args.text_listen,
+                                worker=args.worker, prefetch=args.prefetch,
+                                text_listen=args.text_listen,
                                 udp_listen=args.udp_listen)
     local.check_descriptors(args.count, args.per_process)  # before --replace stops anything
     from meshpost.eventloop import choose
@@ -215,6 +216,10 @@ def add_cluster(sub: Subcommands) -> None:
                     help="serve a work queue with a handler (upper, lower, reverse, echo or "
                          "module:function) on NODES (A,C or B..D; default every node); "
                          "repeat for more queues")
+    up.add_argument("--prefetch", action="append", default=[], metavar="N[@NODES]",
+                    help="the workers of NODES (default every node serving a queue) take at "
+                         "most N tasks at once and say so to the ventilators (1..1024; "
+                         "default 16)")
     up.add_argument("--text-listen", action="append", default=[],
                     metavar="tcp://HOST:PORT[@NODES]",
                     help="a plain TCP text gateway on NODES: a fixed port for one node only, "
