@@ -78,6 +78,7 @@ from meshpost.bench.scenarios.pair_latency import (
     _REF_RECORD,
     _REF_SEND,
     REFERENCE_OUTBOX,
+    reference_commit,
     reference_problems,
 )
 from meshpost.bench.support import emit, verify_all
@@ -316,13 +317,7 @@ def send_reference(dealer: zmq.Socket[bytes], conn: Any, sends: int, phase: Phas
         t = clock()
         now = wall()
         mid = _mid(now)
-        if record is None:
-            execute(_REF_SEND, (mid, seq, text, now))
-        else:
-            execute("BEGIN")
-            execute(_REF_SEND, (mid, seq, text, now))
-            execute(_REF_RECORD, record)
-            execute("COMMIT")
+        reference_commit(execute, mid, seq, text, now, record)
         if one_frame:
             dealer.send(_pack((mid, seq, now, text)))
             got, stored = _ACK.decode(dealer.recv())

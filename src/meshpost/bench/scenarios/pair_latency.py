@@ -195,6 +195,20 @@ _REF_RECORD = ("UPDATE outbox SET state = 'delivered', receipt_stored_at_ns = ?,
                "receipt_arrived_at_ns = ? WHERE id = ?")
 
 
+def reference_commit(execute: Callable[..., Any], mid: str, seq: int, text: str, now: int,
+                     record: tuple[int, int, str] | None) -> None:
+    """The reference sender's commit before a send: its message's row and, in the same
+    transaction, `record` (the last receipt's stored_at, arrival and id: receipt N rides the
+    commit of message N+1); the first send's row alone is its own autocommit."""
+    if record is None:
+        execute(_REF_SEND, (mid, seq, text, now))
+    else:
+        execute("BEGIN")
+        execute(_REF_SEND, (mid, seq, text, now))
+        execute(_REF_RECORD, record)
+        execute("COMMIT")
+
+
 def _reference(bench: Bench, sends: int, sync: str
 ) -> tuple[list[float], dict[str, float], str]:
     """Issue 20's reference design: synchronous pyzmq, SQLite WAL on both ends (stdlib
@@ -235,13 +249,7 @@ def _reference(bench: Bench, sends: int, sync: str
             t = clock()
             now = wall()
             mid = f"{now // 1_000_000:012x}{os.urandom(8).hex()}"
-            if record is None:
-                execute(_REF_SEND, (mid, seq, text, now))
-            else:
-                execute("BEGIN")
-                execute(_REF_SEND, (mid, seq, text, now))
-                execute(_REF_RECORD, record)
-                execute("COMMIT")
+            reference_commit(execute, mid, seq, text, now, record)
             dealer.send_multipart([b"m", mid.encode(), b"%d" % seq, b"%d" % now, payload])
             receipt, stored_at = dealer.recv_multipart()
             if receipt != mid.encode():
