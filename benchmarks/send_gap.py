@@ -79,6 +79,7 @@ from meshpost.bench.scenarios.pair_latency import (
     _REF_SEND,
     REFERENCE_OUTBOX,
     reference_commit,
+    reference_exchange,
     reference_problems,
 )
 from meshpost.bench.support import emit, verify_all
@@ -325,11 +326,7 @@ def send_reference(dealer: zmq.Socket[bytes], conn: Any, sends: int, phase: Phas
                 raise RuntimeError(f"receipt for {got!r}, sent {mid}")
             record = (stored, wall(), mid)
         else:
-            dealer.send_multipart([b"m", mid.encode(), b"%d" % seq, b"%d" % now, payload])
-            receipt, stored_at = dealer.recv_multipart()
-            if receipt != mid.encode():
-                raise RuntimeError(f"receipt for {receipt!r}, sent {mid}")
-            record = (int(stored_at), wall(), mid)
+            record = reference_exchange(dealer, mid, seq, now, payload)
         if seq > LATENCY_WARMUP:
             phase.samples.append((clock() - t) / 1000)
         sent.append(mid)

@@ -195,6 +195,17 @@ _REF_RECORD = ("UPDATE outbox SET state = 'delivered', receipt_stored_at_ns = ?,
                "receipt_arrived_at_ns = ? WHERE id = ?")
 
 
+def reference_exchange(dealer: Any, mid: str, seq: int, now: int,
+                       payload: bytes) -> tuple[int, int, str]:
+    """The reference sender's message (five parts) and its receipt (id, stored_at), checked;
+    returns the record of that receipt for the next commit (`reference_commit`)."""
+    dealer.send_multipart([b"m", mid.encode(), b"%d" % seq, b"%d" % now, payload])
+    receipt, stored_at = dealer.recv_multipart()
+    if receipt != mid.encode():
+        raise BenchError(f"reference design: receipt for {receipt!r}, sent {mid}")
+    return int(stored_at), time.time_ns(), mid
+
+
 def reference_commit(execute: Callable[..., Any], mid: str, seq: int, text: str, now: int,
                      record: tuple[int, int, str] | None) -> None:
     """The reference sender's commit before a send: its message's row and, in the same
@@ -250,11 +261,7 @@ def _reference(bench: Bench, sends: int, sync: str
             now = wall()
             mid = f"{now // 1_000_000:012x}{os.urandom(8).hex()}"
             reference_commit(execute, mid, seq, text, now, record)
-            dealer.send_multipart([b"m", mid.encode(), b"%d" % seq, b"%d" % now, payload])
-            receipt, stored_at = dealer.recv_multipart()
-            if receipt != mid.encode():
-                raise BenchError(f"reference design: receipt for {receipt!r}, sent {mid}")
-            record = (int(stored_at), wall(), mid)
+            record = reference_exchange(dealer, mid, seq, now, payload)
             if seq > LATENCY_WARMUP:
                 samples.append((clock() - t) / 1000)
                 if seq % 200 == 0:
